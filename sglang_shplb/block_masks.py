@@ -1,0 +1,131 @@
+"""Block masks of the patterns in :mod:`sglang_shplb.patterns`, in plain PyTorch.
+
+The one reference for which (query block, KV block) pairs a head computes. The profiler scores
+patterns with it, the kernels' index builders are tested against it, and the masked dense
+attention in :mod:`sglang_shplb.kernels.reference` turns it into outputs.
+
+Shapes: ``q [Hq, n, d]``, ``k [Hkv, n, d]`` (one sequence, RoPE applied); masks ``[Hq, nb, nb]`` bool,
+``nb = ceil(n / BLOCK)``, always lower-triangular and always holding the diagonal.
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+
+from .patterns import BLOCK, HeadBudget, Pattern
+
+
+def causal_block_mask(nb: int, device=None) -> torch.Tensor:
+    return torch.ones(nb, nb, dtype=torch.bool, device=device).tril()
+
+
+def pooled_block_scores(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """Estimator scores ``[Hq, nb, nb]``: mean-pooled q block · mean-pooled k block, scaled by 1/sqrt(d).
+
+    ``q [Hq, n, d]``, ``k [Hkv, n, d]``; query head h reads KV head ``h // (Hq // Hkv)``.
+    """
+    hq, n, d = q.shape
+    group = hq // k.shape[0]
+    nb = math.ceil(n / BLOCK)
+    qp = _block_mean(q, nb)
+    kp = _block_mean(k, nb).repeat_interleave(group, dim=0)
+    return qp @ kp.transpose(1, 2) / math.sqrt(d)
+
+
+def _block_mean(x: torch.Tensor, nb: int) -> torch.Tensor:
+    h, n, d = x.shape
+    pad = nb * BLOCK - n
+    xs = torch.nn.functional.pad(x.float(), (0, 0, 0, pad)).view(h, nb, BLOCK, d).sum(2)
+    counts = torch.full((nb,), float(BLOCK), device=x.device)
+    counts[-1] = BLOCK - pad
+    return xs / counts[None, :, None]
+
+
+def streaming_mask(budget: HeadBudget, nb: int, device=None) -> torch.Tensor:
+    qi = torch.arange(nb, device=device)[:, None]
+    kj = torch.arange(nb, device=device)[None, :]
+    return (kj <= qi) & ((kj < budget.sink_blocks) | (qi - kj < budget.window_blocks))
+
+
+def topk_mask(budget: HeadBudget, scores: torch.Tensor) -> torch.Tensor:
+    """``scores [nb, nb]`` (estimate or oracle block mass) → mask; block 0 and the diagonal forced."""
+    nb = scores.shape[-1]
+    causal = causal_block_mask(nb, scores.device)
+    forced = torch.zeros_like(causal)
+    forced[:, 0] = True
+    forced |= torch.eye(nb, dtype=torch.bool, device=scores.device)
+    s = scores.float().masked_fill(~causal, float("-inf")).masked_fill(forced, float("inf"))
+    k = torch.tensor([budget.blocks_for_query_block(i, nb) for i in range(nb)], device=scores.device)
+    order = s.argsort(dim=-1, descending=True)
+    rank = torch.empty_like(order)
+    rank.scatter_(-1, order, torch.arange(nb, device=scores.device).expand(nb, nb).contiguous())
+    return (rank < k[:, None]) & causal
+
+
+def vslash_mask(budget: HeadBudget, last_block_mass: torch.Tensor) -> torch.Tensor:
+    """``last_block_mass [nb]``: attention mass of the last query block on each KV block, the signal
+    MInference uses. Verticals: top blocks by that mass; slashes: top offsets ``nb - 1 - kj`` by it."""
+    nb = last_block_mass.shape[-1]
+    dev = last_block_mass.device
+    n = min(nb, budget.vslash_count(nb))
+    m = last_block_mass.float().clone()
+    vertical = torch.zeros(nb, dtype=torch.bool, device=dev)
+    vertical[m.topk(n).indices] = True
+    vertical[0] = True
+    # offset o = (nb - 1) - kj as seen from the last query block
+    by_offset = m.flip(0)
+    slash = torch.zeros(nb, dtype=torch.bool, device=dev)
+    slash[by_offset.topk(n).indices] = True
+    slash[0] = True
+    qi = torch.arange(nb, device=dev)[:, None]
+    kj = torch.arange(nb, device=dev)[None, :]
+    off = (qi - kj).clamp(min=0)
+    return (kj <= qi) & (vertical[None, :] | slash[off])
+
+
+def head_block_mask(budget: HeadBudget, nb: int, scores: torch.Tensor | None,
+                    last_block_mass: torch.Tensor | None) -> torch.Tensor:
+    """Mask ``[nb, nb]`` of one head. ``scores`` feeds top-k, ``last_block_mass`` vertical-slash."""
+    if budget.pattern is Pattern.DENSE:
+        return causal_block_mask(nb, None if scores is None else scores.device)
+    if budget.pattern is Pattern.STREAMING:
+        return streaming_mask(budget, nb, None if scores is None else scores.device)
+    if budget.pattern is Pattern.TOPK:
+        if scores is None:
+            raise ValueError("top-k needs block scores")
+        return topk_mask(budget, scores)
+    if last_block_mass is None:
+        raise ValueError("vertical-slash needs the last query block's block mass")
+    return vslash_mask(budget, last_block_mass)
+
+
+def last_block_mass(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """``[Hq, nb]``: mean attention probability mass of the last query block's queries per KV block."""
+    hq, n, d = q.shape
+    group = hq // k.shape[0]
+    nb = math.ceil(n / BLOCK)
+    start = (nb - 1) * BLOCK
+    kk = k.float().repeat_interleave(group, dim=0)
+    s = q[:, start:].float() @ kk.transpose(1, 2) / math.sqrt(d)  # [Hq, nq, n]
+    pos_q = torch.arange(start, n, device=q.device)[:, None]
+    s = s.masked_fill(torch.arange(n, device=q.device)[None, :] > pos_q, float("-inf"))
+    p = s.softmax(-1).mean(1)
+    return torch.nn.functional.pad(p, (0, nb * BLOCK - n)).view(hq, nb, BLOCK).sum(-1)
+
+
+def build_block_masks(budgets: Sequence[HeadBudget], q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """Masks ``[Hq, nb, nb]`` of every query head of one layer for one sequence, with the estimator
+    a kernel uses (pooled scores for top-k, last-block mass for vertical-slash)."""
+    hq, n, _ = q.shape
+    if len(budgets) != hq:
+        raise ValueError(f"{len(budgets)} budgets for {hq} query heads")
+    nb = math.ceil(n / BLOCK)
+    need_scores = any(b.pattern is Pattern.TOPK for b in budgets)
+    need_last = any(b.pattern is Pattern.VSLASH for b in budgets)
+    scores = pooled_block_scores(q, k) if need_scores else None
+    last = last_block_mass(q, k) if need_last else None
+    return torch.stack([
+        head_block_mask(b, nb, None if scores is None else scores[h], None if last is None else last[h])
+        .to(q.device) for h, b in enumerate(budgets)])

@@ -1,0 +1,138 @@
+"""Per-head sparse attention patterns and their budgets, at the granularity of 64-token blocks.
+
+Every consumer (profiler, cost model, kernels, SGLang backend) reads one definition from here.
+
+Geometry: a sequence of ``n`` tokens is cut into ``nb = ceil(n / BLOCK)`` blocks. Query block ``qi``
+may attend KV blocks ``kj <= qi`` (the diagonal block is causal inside). A pattern picks, for every
+query block, a subset of those KV blocks:
+
+* ``dense``      all ``kj <= qi``.
+* ``streaming``  (Λ-shape, StreamingLLM) ``kj < sink_blocks`` or ``qi - kj < window_blocks``.
+* ``topk``       block 0 and the diagonal block always, plus the best-scoring other blocks, in all
+                 ``k(qi) = min(qi + 1, max(min_blocks, ceil(fraction * (qi + 1))))`` blocks.
+                 Scores: mean-pooled q · mean-pooled k per block (what a kernel can afford,
+                 MInference/LServe) or, for profiling, the true attention mass (oracle).
+* ``vslash``     (MInference vertical-slash at block level) from the last query block's attention:
+                 the ``nv`` KV blocks with most mass (verticals) and the ``ns`` diagonal offsets
+                 ``qi - kj`` with most mass (slashes); ``nv = ns = max(min_blocks, ceil(fraction * nb / 2))``.
+                 Block 0 and offset 0 always.
+
+A budget is a function of the context length: streaming keeps a fixed number of tokens; top-k and
+vertical-slash keep a fraction of the blocks with a floor of ``min_blocks``.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from enum import Enum
+
+BLOCK = 64
+
+
+class Pattern(str, Enum):
+    DENSE = "dense"
+    STREAMING = "streaming"
+    TOPK = "topk"
+    VSLASH = "vslash"
+
+
+@dataclass(frozen=True)
+class HeadBudget:
+    """The budget of one query head. Fields that a pattern does not use stay at their defaults."""
+
+    pattern: Pattern = Pattern.DENSE
+    sink_blocks: int = 1
+    window_blocks: int = 0
+    fraction: float = 1.0
+    min_blocks: int = 4
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "pattern", Pattern(self.pattern))
+        if self.pattern is Pattern.STREAMING and (self.window_blocks < 1 or self.sink_blocks < 0):
+            raise ValueError(f"streaming needs window_blocks >= 1 and sink_blocks >= 0, got {self}")
+        if self.pattern in (Pattern.TOPK, Pattern.VSLASH):
+            if not 0.0 < self.fraction <= 1.0:
+                raise ValueError(f"{self.pattern.value} needs 0 < fraction <= 1, got {self.fraction}")
+            if self.min_blocks < 1:
+                raise ValueError(f"{self.pattern.value} needs min_blocks >= 1, got {self.min_blocks}")
+
+    # ---- constructors -------------------------------------------------------------------------
+    @staticmethod
+    def dense() -> "HeadBudget":
+        return HeadBudget(Pattern.DENSE)
+
+    @staticmethod
+    def streaming(sink_tokens: int, window_tokens: int) -> "HeadBudget":
+        return HeadBudget(Pattern.STREAMING, sink_blocks=math.ceil(sink_tokens / BLOCK),
+                          window_blocks=max(1, math.ceil(window_tokens / BLOCK)))
+
+    @staticmethod
+    def topk(fraction: float, min_blocks: int = 4) -> "HeadBudget":
+        return HeadBudget(Pattern.TOPK, fraction=fraction, min_blocks=min_blocks)
+
+    @staticmethod
+    def vslash(fraction: float, min_blocks: int = 4) -> "HeadBudget":
+        return HeadBudget(Pattern.VSLASH, fraction=fraction, min_blocks=min_blocks)
+
+    # ---- sizes ---------------------------------------------------------------------------------
+    def blocks_for_query_block(self, qi: int, nb: int) -> int:
+        """Number of KV blocks query block ``qi`` attends (of ``qi + 1`` causal ones), ``nb`` blocks in all."""
+        causal = qi + 1
+        if self.pattern is Pattern.DENSE:
+            return causal
+        if self.pattern is Pattern.STREAMING:
+            return min(causal, self.sink_blocks + self.window_blocks)  # upper bound; overlap near start
+        if self.pattern is Pattern.TOPK:
+            return min(causal, max(self.min_blocks, math.ceil(self.fraction * causal)))
+        n = self.vslash_count(nb)
+        return min(causal, 2 * n)  # upper bound; verticals and slashes may overlap
+
+    def vslash_count(self, nb: int) -> int:
+        return max(self.min_blocks, math.ceil(self.fraction * nb / 2))
+
+    def block_pairs(self, seq_len: int) -> int:
+        """(query block, KV block) pairs computed for a prefill of ``seq_len`` tokens: the work unit
+        of the cost model. Exact for dense and top-k, an upper bound for streaming/vslash overlap."""
+        nb = math.ceil(seq_len / BLOCK)
+        if self.pattern is Pattern.DENSE:
+            return nb * (nb + 1) // 2
+        if self.pattern is Pattern.STREAMING:
+            return _streaming_pairs(nb, self.sink_blocks, self.window_blocks)
+        return sum(self.blocks_for_query_block(qi, nb) for qi in range(nb))
+
+    def density(self, seq_len: int) -> float:
+        """Fraction of the causal block pairs this head computes at ``seq_len``."""
+        nb = math.ceil(seq_len / BLOCK)
+        return self.block_pairs(seq_len) / (nb * (nb + 1) // 2)
+
+    def decode_blocks(self, ctx_len: int) -> int:
+        """KV blocks one decode query reads at context ``ctx_len``."""
+        nb = math.ceil(ctx_len / BLOCK)
+        return self.blocks_for_query_block(nb - 1, nb)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["pattern"] = self.pattern.value
+        return d
+
+    @staticmethod
+    def from_dict(d: dict) -> "HeadBudget":
+        return HeadBudget(**d)
+
+    def describe(self) -> str:
+        if self.pattern is Pattern.DENSE:
+            return "dense"
+        if self.pattern is Pattern.STREAMING:
+            return f"stream(sink={self.sink_blocks * BLOCK},win={self.window_blocks * BLOCK})"
+        return f"{self.pattern.value}({self.fraction:.3g},min={self.min_blocks})"
+
+
+def _streaming_pairs(nb: int, s: int, w: int) -> int:
+    """Block pairs of a sink + window pattern over ``nb`` query blocks, in O(1).
+
+    window: sum_qi min(qi + 1, w); sinks outside the window: for qi >= w, min(s, qi - w + 1).
+    """
+    window = nb * (nb + 1) // 2 if nb <= w else w * (w + 1) // 2 + (nb - w) * w
+    m = max(0, nb - w)
+    sinks = m * (m + 1) // 2 if m <= s else s * (s + 1) // 2 + (m - s) * s
+    return window + sinks

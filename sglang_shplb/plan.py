@@ -1,0 +1,195 @@
+"""The plan file: schema-versioned JSON plus a safetensors file for the placement arrays.
+
+Layout of a plan directory (``save_plan`` writes both, ``load_plan`` reads either path)::
+
+    plan.json          schema_version, model identity, buckets, per-head budgets, placement
+                       summaries, meta; ``arrays`` names the safetensors file and its sha256
+    plan.safetensors   per (TP, bucket): ``place.tp{T}.b{i}.idx`` int32 [n, 3] (layer, rank, head)
+                       and ``place.tp{T}.b{i}.frac`` float64 [n, 2] (start, end of the query range)
+
+Never pickle. ``load_plan(path, model_config)`` checks everything a server relies on and raises a
+:class:`PlanError` subclass naming the mismatch.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from .buckets import Buckets
+from .model_spec import ModelSpec
+from .patterns import HeadBudget
+from .placement_types import Placement, PlacementCoverageError, check_coverage
+
+SCHEMA_VERSION = 1
+JSON_NAME = "plan.json"
+ARRAYS_NAME = "plan.safetensors"
+
+
+class PlanError(ValueError):
+    """A plan file that cannot be used; the message names the cause."""
+
+
+class PlanSchemaError(PlanError):
+    pass
+
+
+class PlanCorruptError(PlanError):
+    pass
+
+
+class PlanModelMismatchError(PlanError):
+    pass
+
+
+class PlanTPError(PlanError):
+    pass
+
+
+class PlanCoverageError(PlanError):
+    pass
+
+
+@dataclass
+class Plan:
+    model: ModelSpec
+    buckets: Buckets
+    budgets: list[list[HeadBudget]]  # [layer][query head]
+    placements: dict[int, list[Placement]] = field(default_factory=dict)  # tp -> one per bucket
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def tp_sizes(self) -> list[int]:
+        return sorted(self.placements)
+
+    def placement(self, tp: int, bucket: int) -> Placement:
+        if tp not in self.placements:
+            raise PlanTPError(f"plan has no placement for TP {tp} (it has TP {self.tp_sizes})")
+        return self.placements[tp][bucket]
+
+    def layer_budgets(self, layer: int) -> list[HeadBudget]:
+        return self.budgets[layer]
+
+    def mean_density(self, seq_len: int) -> float:
+        flat = [b for layer in self.budgets for b in layer]
+        return float(np.mean([b.density(seq_len) for b in flat]))
+
+
+def save_plan(plan: Plan, out_dir: str | Path) -> Path:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors: dict[str, torch.Tensor] = {}
+    placements_json: dict[str, list] = {}
+    for tp, per_bucket in sorted(plan.placements.items()):
+        entries = []
+        for b, p in enumerate(per_bucket):
+            rows = p.to_rows()
+            key = f"place.tp{tp}.b{b}"
+            tensors[key + ".idx"] = torch.tensor([r[:3] for r in rows], dtype=torch.int32).reshape(-1, 3)
+            tensors[key + ".frac"] = torch.tensor([r[3:] for r in rows], dtype=torch.float64).reshape(-1, 2)
+            entries.append({"bucket": b, "solver": p.solver, "key": key, "predicted": p.predicted})
+        placements_json[str(tp)] = entries
+    arrays_path = out / ARRAYS_NAME
+    save_file(tensors, str(arrays_path), metadata={"schema_version": str(SCHEMA_VERSION)})
+    doc = {
+        "schema_version": SCHEMA_VERSION,
+        "model": plan.model.to_dict(),
+        "buckets": list(plan.buckets.edges),
+        "budgets": [[b.to_dict() for b in layer] for layer in plan.budgets],
+        "placements": placements_json,
+        "meta": plan.meta,
+        "arrays": {"file": ARRAYS_NAME, "sha256": _sha256(arrays_path)},
+    }
+    path = out / JSON_NAME
+    path.write_text(json.dumps(doc, indent=1))
+    return path
+
+
+def load_plan(path: str | Path, model_config=None, tp: int | None = None) -> Plan:
+    """Read and validate a plan. ``model_config``: a ``transformers`` config, a dict, a checkpoint
+    directory or a :class:`ModelSpec`; when given, the plan must be for that model. ``tp``: when
+    given, the plan must hold a placement for that TP size in every bucket."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / JSON_NAME
+    if not path.exists():
+        raise PlanError(f"plan file {path} does not exist")
+    try:
+        doc = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise PlanCorruptError(f"plan file {path} is not valid JSON (truncated or corrupt): {e}") from None
+    if not isinstance(doc, dict) or "schema_version" not in doc:
+        raise PlanSchemaError(f"{path} has no schema_version: not a sglang_shplb plan")
+    if doc["schema_version"] != SCHEMA_VERSION:
+        raise PlanSchemaError(f"{path} has schema version {doc['schema_version']!r}; this sglang_shplb "
+                              f"reads version {SCHEMA_VERSION}")
+    try:
+        model = ModelSpec(**doc["model"])
+        buckets = Buckets(tuple(doc["buckets"]))
+        budgets = [[HeadBudget.from_dict(b) for b in layer] for layer in doc["budgets"]]
+        arrays_meta = doc["arrays"]
+        placements_doc = doc["placements"]
+    except (KeyError, TypeError, ValueError) as e:
+        raise PlanCorruptError(f"{path} is missing or has a malformed field: {e!r}") from None
+
+    if model_config is not None:
+        want = model_config if isinstance(model_config, ModelSpec) else ModelSpec.from_config(model_config)
+        _check_model(model, want, path)
+    if len(budgets) != model.num_layers or any(len(layer) != model.num_heads for layer in budgets):
+        raise PlanCorruptError(f"{path}: budgets are not {model.num_layers} layers x {model.num_heads} heads")
+
+    arrays_path = path.parent / arrays_meta["file"]
+    if not arrays_path.exists():
+        raise PlanCorruptError(f"{path} names array file {arrays_path}, which does not exist")
+    if _sha256(arrays_path) != arrays_meta["sha256"]:
+        raise PlanCorruptError(f"{arrays_path} does not match the checksum in {path} (corrupt, truncated or "
+                               f"from another plan)")
+    try:
+        tensors = load_file(str(arrays_path))
+    except Exception as e:  # safetensors raises its own error types
+        raise PlanCorruptError(f"{arrays_path} is not a readable safetensors file: {e}") from None
+
+    placements: dict[int, list[Placement]] = {}
+    for tp_key, entries in placements_doc.items():
+        tp_size = int(tp_key)
+        if len(entries) != len(buckets):
+            raise PlanCoverageError(f"{path}: TP {tp_size} has placements for {len(entries)} buckets, "
+                                    f"the plan has {len(buckets)}")
+        per_bucket = []
+        for b, e in enumerate(entries):
+            idx, frac = tensors[e["key"] + ".idx"].tolist(), tensors[e["key"] + ".frac"].tolist()
+            rows = [(i[0], i[1], i[2], f[0], f[1]) for i, f in zip(idx, frac)]
+            if any(not 0 <= r[1] < tp_size for r in rows) or any(not 0 <= r[0] < model.num_layers for r in rows):
+                raise PlanCoverageError(f"{path}: TP {tp_size} bucket {b} names a rank or layer out of range")
+            p = Placement.from_rows(tp_size, b, e["solver"], model.num_layers, rows, e.get("predicted", {}))
+            try:
+                check_coverage(p, model.num_heads)
+            except PlacementCoverageError as err:
+                raise PlanCoverageError(f"{path}: {err}") from None
+            per_bucket.append(p)
+        placements[tp_size] = per_bucket
+    plan = Plan(model, buckets, budgets, placements, doc.get("meta", {}))
+    if tp is not None and tp != 1 and tp not in placements:
+        raise PlanTPError(f"{path} has no placement for TP {tp}; it was solved for TP {plan.tp_sizes}. "
+                          f"Re-run `python -m sglang_shplb place --tp {tp}`.")
+    return plan
+
+
+def _check_model(have: ModelSpec, want: ModelSpec, path: Path) -> None:
+    for name in ("architecture", "num_layers", "num_heads", "num_kv_heads", "head_dim"):
+        a, b = getattr(have, name), getattr(want, name)
+        if a != b:
+            raise PlanModelMismatchError(f"{path} was made for another model: {name} is {a} in the plan, "
+                                         f"{b} in the model")
+    if have.config_hash != want.config_hash:
+        raise PlanModelMismatchError(f"{path} was made for another model: config hash {have.config_hash} in the "
+                                     f"plan, {want.config_hash} in the model (same shape, different config)")
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
