@@ -10,7 +10,8 @@ from pathlib import Path
 # (dtype, transformers version, file paths), so a plan survives a re-save of the checkpoint.
 _HASHED_KEYS = ("architectures", "model_type", "num_hidden_layers", "num_attention_heads",
                 "num_key_value_heads", "head_dim", "hidden_size", "intermediate_size",
-                "max_position_embeddings", "rope_theta", "rope_scaling", "vocab_size")
+                "max_position_embeddings", "rope_theta", "rope_scaling", "rope_parameters",
+                "vocab_size")
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,475 @@
+"""Benchmark: our sparse Triton kernels vs dense SDPA, FlashInfer dense and FlashInfer variable block-sparse.
+
+One process, competitors side by side, on a Llama-3-8B-shaped layer (32 q heads, 8 KV heads, d=128, bf16).
+Prefill at 8K..128K for densities 1/0.5/0.2/0.1/0.05 (top-k) and mixes; paged decode at 32K..128K.
+Writes JSON + PNG + log and the cost-model calibration tables (schema shplb-calibration/1).
+
+    PYTHONUNBUFFERED=1 python bench/kernels.py --out $OUT            # GPU
+    python bench/kernels.py --cpu-smoke --out /tmp/smoke               # logic check, Triton interpreter
+
+Timing: triton.testing.do_bench (CUDA events, L2 flushed before each run, median); fresh random inputs
+per context (> L2 at every size), outputs poisoned with NaN before the first run and checked after.
+Efficiency per head vs SDPA = density · t_SDPA / t (1.0 = as efficient per attended block as SDPA).
+Attended FLOPs = 4 · d · (attended (q, k) token pairs), summed over heads.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import math
+import os
+import sys
+import time
+
+if "--cpu-smoke" in sys.argv:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import torch  # noqa: E402
+
+from sglang_shplb.patterns import BLOCK, HeadBudget, Pattern  # noqa: E402
+from sglang_shplb.kernels import SparseDecode, build_block_index, sparse_prefill  # noqa: E402
+from sglang_shplb.kernels.reference import relative_error, reference_sparse_prefill  # noqa: E402
+
+LOG: list[str] = []
+
+
+def log(*a):
+    s = " ".join(str(x) for x in a)
+    print(s, flush=True)
+    LOG.append(s)
+
+
+def bench(fn, smoke: bool, rep_ms: int = 200) -> float:
+    """Median milliseconds."""
+    if smoke:
+        t = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t) * 1e3
+    import triton
+    return float(triton.testing.do_bench(fn, warmup=25, rep=rep_ms, return_mode="median"))
+
+
+def attended_pairs_tokens(index, n: int) -> list[int]:
+    """Attended (q, k) token pairs per head: full blocks count BLOCK², the diagonal BLOCK(BLOCK+1)/2,
+    the last partial row/column counted exactly."""
+    nb = math.ceil(n / BLOCK)
+    cnt = index.block_cnt[0, :, :nb].long()                   # [H, nb]
+    # approximate: every listed pair is a full block except the diagonal (exact when n % BLOCK == 0)
+    full = (cnt.sum(1) - nb) * BLOCK * BLOCK
+    diag = nb * BLOCK * (BLOCK + 1) // 2
+    return (full + diag).tolist()
+
+
+def block_pairs_of(index, n: int) -> list[int]:
+    nb = math.ceil(n / BLOCK)
+    return index.block_cnt[0, :, :nb].long().sum(1).tolist()
+
+
+def layer_sets(hq: int):
+    """name → budgets of the prefill configurations."""
+    sets = {"dense": [HeadBudget.dense()] * hq}
+    for f in (1.0, 0.5, 0.2, 0.1, 0.05):
+        sets[f"topk{f:g}"] = [HeadBudget.topk(f, 2)] * hq
+    sets["1dense+topk0.1"] = [HeadBudget.dense()] + [HeadBudget.topk(0.1, 2)] * (hq - 1)
+    sets["stream+topk0.1"] = [HeadBudget.streaming(128, 2048)] * (hq // 2) + [HeadBudget.topk(0.1, 2)] * (hq // 2)
+    sets["stream(128+2048)"] = [HeadBudget.streaming(128, 2048)] * hq
+    sets["vslash0.1"] = [HeadBudget.vslash(0.1, 2)] * hq
+    return sets
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="bench/results")
+    ap.add_argument("--cpu-smoke", action="store_true")
+    ap.add_argument("--ctx", default="8192,16384,32768,65536,131072")
+    ap.add_argument("--decode-ctx", default="32768,65536,131072")
+    ap.add_argument("--decode-batch", type=int, default=4)
+    ap.add_argument("--budget-s", type=float, default=480.0, help="stop adding contexts past this")
+    args = ap.parse_args()
+    smoke = args.cpu_smoke
+    t_start = time.time()
+    os.makedirs(args.out, exist_ok=True)
+    dev = "cpu" if smoke else "cuda"
+    if smoke:
+        hq, hkv, d, dtype = 4, 1, 64, torch.float32
+        ctxs, dctxs, dbatch = [200, 320], [300], 2
+    else:
+        hq, hkv, d, dtype = 32, 8, 128, torch.bfloat16
+        ctxs = [int(x) for x in args.ctx.split(",")]
+        dctxs = [int(x) for x in args.decode_ctx.split(",")]
+        dbatch = args.decode_batch
+    device_name = "cpu (Triton interpreter)" if smoke else torch.cuda.get_device_name()
+    today = _dt.date.today().isoformat()
+    log(f"# bench/kernels.py  device={device_name}  date={today}  torch={torch.__version__}")
+    try:
+        from sglang_shplb.kernels.flashinfer_wrappers import FlashInferSparsePrefill, import_flashinfer
+        fi = None if smoke else import_flashinfer()
+        if fi is not None:
+            log(f"flashinfer {fi.__version__}")
+    except ImportError as e:
+        fi = None
+        log(f"flashinfer unavailable: {e}")
+    import triton
+    log(f"triton {triton.__version__}")
+
+    # ---- ceilings ----------------------------------------------------------------------------
+    res = {"device": device_name, "date": today, "shape": dict(hq=hq, hkv=hkv, d=d, dtype=str(dtype)),
+           "prefill": [], "decode": [], "checks": []}
+    if not smoke:
+        x = torch.empty(1 << 30, dtype=torch.uint8, device=dev).random_()
+        y = torch.empty_like(x)
+        t = bench(lambda: y.copy_(x), smoke)
+        copy_bw = 2 * x.numel() / (t * 1e-3) / 1e9
+        del x, y
+        a = torch.randn(8192, 8192, device=dev, dtype=dtype)
+        t = bench(lambda: a @ a, smoke)
+        mm = 2 * 8192 ** 3 / (t * 1e-3) / 1e12
+        del a
+        log(f"copy bandwidth (read+write) {copy_bw:.0f} GB/s; bf16 matmul {mm:.0f} TFLOP/s")
+        res.update(copy_bw_gbs=copy_bw, matmul_tflops=mm)
+    else:
+        copy_bw = 1.0
+
+    # ---- pick a kernel config (warps, stages) at a mid size --------------------------------
+    cfg = dict(num_warps=None, num_stages=None)
+    if not smoke:
+        n = 16384
+        q = torch.randn(n, hq, d, device=dev, dtype=dtype)
+        k = torch.randn(n, hkv, d, device=dev, dtype=dtype)
+        v = torch.randn(n, hkv, d, device=dev, dtype=dtype)
+        cu = torch.tensor([0, n], dtype=torch.int32, device=dev)
+        kvl = torch.tensor([n], dtype=torch.int32, device=dev)
+        idx = build_block_index([HeadBudget.dense()] * hq, q, k, cu, kvl, n, cu_seqlens_k=cu)
+        best = None
+        for nw, ns in [(4, 2), (4, 3), (4, 4), (8, 2), (8, 3)]:
+            try:
+                t = bench(lambda: sparse_prefill(q, k, v, idx.block_idx, idx.block_cnt, idx.head_dense, cu, kvl, n,
+                                                 cu_seqlens_k=cu, num_warps=nw, num_stages=ns), smoke)
+            except Exception as e:  # noqa: BLE001
+                log(f"config warps={nw} stages={ns} failed: {type(e).__name__}: {str(e)[:200]}")
+                continue
+            log(f"config warps={nw} stages={ns}: dense 16K {t:.3f} ms")
+            if best is None or t < best[0]:
+                best = (t, nw, ns)
+        cfg = dict(num_warps=best[1], num_stages=best[2])
+        res["config"] = cfg
+        log(f"chosen config {cfg}")
+        del q, k, v
+
+    # ---- correctness on the device ----------------------------------------------------------
+    n = 300 if smoke else 4096 + 77
+    g = torch.Generator(device=dev).manual_seed(1)
+    q = torch.randn(n, hq, d, device=dev, dtype=dtype, generator=g)
+    k = torch.randn(n, hkv, d, device=dev, dtype=dtype, generator=g)
+    v = torch.randn(n, hkv, d, device=dev, dtype=dtype, generator=g)
+    cu = torch.tensor([0, n], dtype=torch.int32, device=dev)
+    kvl = torch.tensor([n], dtype=torch.int32, device=dev)
+    mix = ([HeadBudget.dense(), HeadBudget.streaming(128, 512), HeadBudget.topk(0.2, 2), HeadBudget.vslash(0.2, 2)]
+           * (hq // 4))
+    idx = build_block_index(mix, q, k, cu, kvl, n, cu_seqlens_k=cu)
+    o = torch.full_like(q, float("nan"))
+    sparse_prefill(q, k, v, idx.block_idx, idx.block_cnt, idx.head_dense, cu, kvl, n, cu_seqlens_k=cu, out=o, **cfg)
+    masks = [idx.masks(0, math.ceil(n / BLOCK)).to(dev)]
+    ref = reference_sparse_prefill(q, k, v, masks, cu, kvl, cu_seqlens_k=cu)
+    err = relative_error(o, ref)
+    log(f"check ours vs reference (mixed heads, n={n}): rel err {err:.2e}")
+    res["checks"].append({"what": "ours vs torch reference, mixed heads", "n": n, "rel_err": err})
+    if fi is not None:
+        w = FlashInferSparsePrefill(mix, hkv, d)
+        w.plan_masks(masks[0], n, dtype)
+        of = w.run(q, k, v)
+        err = relative_error(of, ref)
+        log(f"check flashinfer block-sparse vs reference: rel err {err:.2e}")
+        res["checks"].append({"what": "flashinfer VariableBlockSparse vs torch reference", "n": n, "rel_err": err})
+    del q, k, v, o, ref
+
+    calib, calib_fi = [], []
+    # ---- decode ------------------------------------------------------------------------------
+    dsets = {
+        "dense": [HeadBudget.dense()] * hq,
+        "stream(128+2048)": [HeadBudget.streaming(128, 2048)] * hq,
+        "topk0.1": [HeadBudget.topk(0.1, 4)] * hq,
+        "topk0.05": [HeadBudget.topk(0.05, 4)] * hq,
+        "stream+topk0.1": [HeadBudget.streaming(128, 2048)] * (hq // 2) + [HeadBudget.topk(0.1, 4)] * (hq // 2),
+    }
+    for n in dctxs:
+        if time.time() - t_start > args.budget_s:
+            log(f"time budget reached: skipping decode ctx {n}")
+            continue
+        bsz = dbatch
+        max_ctx = n + 64
+        pages_per_req = math.ceil(max_ctx / BLOCK)
+        pool = bsz * pages_per_req * BLOCK
+        # page-shuffled allocation: 64-token chunks of the pool in random order
+        perm = torch.randperm(bsz * pages_per_req, device=dev)
+        req_to_token = (perm.view(bsz, pages_per_req, 1) * BLOCK + torch.arange(BLOCK, device=dev)).view(bsz, -1)[:, :max_ctx].int().contiguous()
+        kb = torch.randn(pool, hkv, d, device=dev, dtype=dtype)
+        vb = torch.randn(pool, hkv, d, device=dev, dtype=dtype)
+        rpi = torch.arange(bsz, dtype=torch.int32, device=dev)
+        lens = torch.full((bsz,), n, dtype=torch.int32, device=dev)
+        q = torch.randn(bsz, hq, d, device=dev, dtype=dtype)
+        drow = {"ctx": n, "batch": bsz, "configs": []}
+        kv_bytes_dense = bsz * n * hkv * d * 2 * 2
+        if fi is not None:
+            try:
+                ws = torch.empty(128 << 20, dtype=torch.uint8, device=dev)
+                dw = fi.BatchDecodeWithPagedKVCacheWrapper(ws, "NHD")
+                indptr = torch.arange(0, bsz + 1, device=dev, dtype=torch.int32) * n
+                indices = req_to_token[:, :n].reshape(-1).contiguous()
+                last = torch.ones(bsz, dtype=torch.int32, device=dev)
+                dw.plan(indptr, indices, last, hq, hkv, d, 1, q_data_type=dtype, kv_data_type=dtype)
+                kc, vc = kb.view(pool, 1, hkv, d), vb.view(pool, 1, hkv, d)
+                tfi = bench(lambda: dw.run(q, (kc, vc)), smoke)
+                drow.update(flashinfer_dense_ms=tfi, flashinfer_dense_gbs=kv_bytes_dense / (tfi * 1e-3) / 1e9)
+                log(f"\n## decode ctx {n} batch {bsz}: flashinfer dense (page 1) {tfi:.4f} ms, "
+                    f"{drow['flashinfer_dense_gbs']:.0f} GB/s")
+            except Exception as e:  # noqa: BLE001
+                log(f"flashinfer decode failed: {type(e).__name__}: {str(e)[:200]}")
+        else:
+            log(f"\n## decode ctx {n} batch {bsz}")
+        for name, budgets in dsets.items():
+            try:
+                sd = SparseDecode(budgets, hkv, d, max_ctx, bsz, dtype=dtype, device=dev)
+                sd.build_summaries(kb, req_to_token, rpi, lens)
+                sd.plan(bsz)
+                o = torch.full_like(q, float("nan"))
+                sd.run(q, kb, vb, req_to_token, rpi, lens, reselect=True, out=o)
+                ok = bool(torch.isfinite(o).all())
+                t_sel = bench(lambda: sd.run(q, kb, vb, req_to_token, rpi, lens, reselect=True, out=o), smoke)
+                t_reuse = bench(lambda: sd.run(q, kb, vb, req_to_token, rpi, lens, reselect=False, out=o), smoke)
+                t_upd = bench(lambda: sd.update_summaries(kb, req_to_token, rpi, lens), smoke)
+            except Exception as e:  # noqa: BLE001
+                log(f"decode {name} failed: {type(e).__name__}: {str(e)[:200]}")
+                continue
+            # unique KV bytes per step: per KV head the union of its q heads' pages
+            nbytes = 0
+            npg = math.ceil(n / BLOCK)
+            g_ = hq // hkv
+            for b in range(bsz):
+                for hk in range(hkv):
+                    pages = set()
+                    for h in range(hk * g_, (hk + 1) * g_):
+                        bu = budgets[h]
+                        if bu.pattern is Pattern.DENSE:
+                            pages |= set(range(npg))
+                        elif bu.pattern is Pattern.STREAMING:
+                            pages |= set(range(min(bu.sink_blocks, npg))) | set(range(max(0, npg - bu.window_blocks), npg))
+                        else:
+                            c = int(sd.page_cnt[b, h])
+                            pages |= set(sd.page_idx[b, h, :c].tolist()) | {npg - 1}
+                    nbytes += len(pages) * BLOCK * d * 2 * 2
+            gbs = nbytes / (t_reuse * 1e-3) / 1e9
+            ent = {"name": name, "ms_reuse": t_reuse, "ms_select": t_sel, "ms_update_summaries": t_upd,
+                   "bytes": nbytes, "gbs": gbs, "frac_copy_bw": gbs / copy_bw, "all_written": ok,
+                   "nsplit": sd.nsplit}
+            line = (f"{name:18s} {t_reuse:8.4f} ms reuse, {t_sel:8.4f} ms with selection, update {t_upd:.4f} ms; "
+                    f"{nbytes / 1e6:8.1f} MB → {gbs:6.0f} GB/s ({gbs / copy_bw:.2f} of copy)")
+            if "flashinfer_dense_ms" in drow:
+                ent["speedup_vs_flashinfer_dense"] = drow["flashinfer_dense_ms"] / t_reuse
+                line += f"; {ent['speedup_vs_flashinfer_dense']:.2f}x vs flashinfer dense"
+            log(line)
+            drow["configs"].append(ent)
+            del sd
+        res["decode"].append(drow)
+        del kb, vb, req_to_token
+        if not smoke:
+            torch.cuda.empty_cache()
+        _dump(res, calib, calib_fi, args.out, device_name, today)
+
+    # ---- prefill -----------------------------------------------------------------------------
+    sets = layer_sets(hq)
+    for n in ctxs:
+        if time.time() - t_start > args.budget_s:
+            log(f"time budget reached: skipping prefill ctx {n}")
+            continue
+        q = torch.randn(n, hq, d, device=dev, dtype=dtype)
+        k = torch.randn(n, hkv, d, device=dev, dtype=dtype)
+        v = torch.randn(n, hkv, d, device=dev, dtype=dtype)
+        cu = torch.tensor([0, n], dtype=torch.int32, device=dev)
+        kvl = torch.tensor([n], dtype=torch.int32, device=dev)
+        causal_pairs_tok = n * (n + 1) // 2
+        dense_flops = 4 * d * causal_pairs_tok * hq
+        row = {"ctx": n}
+        # dense SDPA (flash and cuDNN), FlashInfer dense
+        t_sdpa = {}
+        if not smoke:
+            from torch.nn.attention import SDPBackend, sdpa_kernel
+            qq, kk, vv = (x.transpose(0, 1)[None] for x in (q, k, v))
+            for name, be in (("flash", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION)):
+                try:
+                    with sdpa_kernel([be]):
+                        f = lambda: torch.nn.functional.scaled_dot_product_attention(qq, kk, vv, is_causal=True, enable_gqa=True)  # noqa: E731
+                        f()
+                        t_sdpa[name] = bench(f, smoke)
+                except Exception as e:  # noqa: BLE001
+                    log(f"sdpa {name} failed: {type(e).__name__}: {str(e)[:150]}")
+            if fi is not None:
+                try:
+                    f = lambda: fi.single_prefill_with_kv_cache(q, k, v, causal=True)  # noqa: E731
+                    f()
+                    row["flashinfer_dense_ms"] = bench(f, smoke)
+                except Exception as e:  # noqa: BLE001
+                    log(f"flashinfer dense failed: {type(e).__name__}: {str(e)[:150]}")
+        else:
+            t_sdpa["torch"] = bench(lambda: reference_sparse_prefill(q, k, v, [torch.ones(hq, 5, 5, dtype=torch.bool).tril()[:, :math.ceil(n / BLOCK), :math.ceil(n / BLOCK)]], cu, kvl, cu_seqlens_k=cu), smoke)
+        sdpa_best = min(t_sdpa.values())
+        row["sdpa_ms"] = t_sdpa
+        row["sdpa_best_ms"] = sdpa_best
+        row["sdpa_tflops"] = dense_flops / (sdpa_best * 1e-3) / 1e12
+        if "flashinfer_dense_ms" in row:
+            row["flashinfer_dense_tflops"] = dense_flops / (row["flashinfer_dense_ms"] * 1e-3) / 1e12
+        log(f"\n## prefill ctx {n}: SDPA {', '.join(f'{a} {b:.3f} ms' for a, b in t_sdpa.items())} "
+            f"({row['sdpa_tflops']:.0f} TFLOP/s)" + (f"; flashinfer dense {row['flashinfer_dense_ms']:.3f} ms "
+                                                    f"({row['flashinfer_dense_tflops']:.0f} TFLOP/s)" if "flashinfer_dense_ms" in row else ""))
+        row["configs"] = []
+        for name, budgets in sets.items():
+            if time.time() - t_start > args.budget_s + 60:
+                log(f"time budget reached: skipping {name} at {n}")
+                continue
+            ent = {"name": name, "budgets": [b.describe() for b in budgets[:2]]}
+            try:
+                t_idx = bench(lambda: build_block_index(budgets, q, k, cu, kvl, n, cu_seqlens_k=cu), smoke, 100)
+                idx = build_block_index(budgets, q, k, cu, kvl, n, cu_seqlens_k=cu)
+                o = torch.full_like(q, float("nan"))
+                f = lambda: sparse_prefill(q, k, v, idx.block_idx, idx.block_cnt, idx.head_dense, cu, kvl, n,  # noqa: E731
+                                           cu_seqlens_k=cu, out=o, **cfg)
+                f()
+                ok = bool(torch.isfinite(o).all())
+                t = bench(f, smoke)
+            except Exception as e:  # noqa: BLE001
+                log(f"{name}: ours failed: {type(e).__name__}: {str(e)[:200]}")
+                continue
+            pairs_tok = attended_pairs_tokens(idx, n)
+            bp = block_pairs_of(idx, n)
+            dens = sum(pairs_tok) / (causal_pairs_tok * hq)
+            flops = 4 * d * sum(pairs_tok)
+            eff = dens * sdpa_best / t
+            ent.update(density=dens, ours_ms=t, index_ms=t_idx, ours_tflops=flops / (t * 1e-3) / 1e12,
+                       eff_vs_sdpa=eff, eff_vs_sdpa_with_index=dens * sdpa_best / (t + t_idx),
+                       block_pairs=sum(bp), all_written=ok)
+            line = (f"{name:18s} density {dens:.3f}  ours {t:8.3f} ms ({ent['ours_tflops']:4.0f} TFLOP/s, eff {eff:5.2f}; "
+                    f"+index {t_idx:.3f} ms → eff {ent['eff_vs_sdpa_with_index']:.2f})")
+            pats = {b.pattern for b in budgets}
+            if len(pats) == 1:
+                p = budgets[0].pattern
+                dens_rec = budgets[0].density(n) if p is not Pattern.VSLASH else sum(bp) / (hq * math.ceil(n / BLOCK) * (math.ceil(n / BLOCK) + 1) / 2)
+                calib.append({"pattern": p.value, "density": round(dens_rec, 6), "ctx_len": n, "head_dim": d,
+                              "gqa": hq // hkv, "num_heads": hq, "time_ms": t, "block_pairs": int(sum(bp)),
+                              "config": name, "index_ms": t_idx})
+            # FlashInfer variable block-sparse on the same masks
+            nnz_tok = sum(bp) * BLOCK
+            if fi is not None and nnz_tok < 1.2e9:
+                try:
+                    w = FlashInferSparsePrefill(budgets, hkv, d)
+                    nb = math.ceil(n / BLOCK)
+                    from sglang_shplb.kernels.flashinfer_wrappers import index_to_dense_mask
+                    w.plan_masks(index_to_dense_mask(idx, 0, nb), n, dtype)
+                    g_ = hq // hkv
+                    qh = q.transpose(0, 1).contiguous()
+                    kh = k.transpose(0, 1).repeat_interleave(g_, 0).contiguous()
+                    vh = v.transpose(0, 1).repeat_interleave(g_, 0).contiguous()
+                    ofi = w.wrapper.run(qh, kh, vh)
+                    errf = relative_error(ofi.transpose(0, 1), o.float())
+                    tf = bench(lambda: w.wrapper.run(qh, kh, vh), smoke)
+                    ent.update(flashinfer_ms=tf, flashinfer_eff_vs_sdpa=dens * sdpa_best / tf,
+                               flashinfer_vs_ours_rel_err=errf)
+                    line += f"  | flashinfer {tf:8.3f} ms (eff {dens * sdpa_best / tf:4.2f}, err vs ours {errf:.1e})"
+                    if len(pats) == 1:
+                        r = dict(calib[-1]); r["time_ms"] = tf; r.pop("index_ms", None)
+                        calib_fi.append(r)
+                    del w, qh, kh, vh, ofi
+                except Exception as e:  # noqa: BLE001
+                    log(f"{name}: flashinfer sparse failed: {type(e).__name__}: {str(e)[:200]}")
+            log(line)
+            row["configs"].append(ent)
+            del idx, o
+            if not smoke:
+                torch.cuda.empty_cache()
+        res["prefill"].append(row)
+        del q, k, v
+        if not smoke:
+            torch.cuda.empty_cache()
+        _dump(res, calib, calib_fi, args.out, device_name, today)
+
+    res["wall_s"] = time.time() - t_start
+    _dump(res, calib, calib_fi, args.out, device_name, today)
+    _plot(res, args.out)
+    _summary(res)
+
+
+def _dump(res, calib, calib_fi, out, device, today):
+    suffix = "_smoke" if device.startswith("cpu") else "_h100"
+    with open(os.path.join(out, f"kernels{suffix}.json"), "w") as f:
+        json.dump(res, f, indent=1)
+    for recs, nm, kern in ((calib, f"calibration{suffix}.json", "sglang_shplb triton sparse_prefill"),
+                           (calib_fi, f"calibration{suffix}_flashinfer.json",
+                            "flashinfer 0.6.15.post1 VariableBlockSparseAttentionWrapper")):
+        with open(os.path.join(out, nm), "w") as f:
+            json.dump({"schema": "shplb-calibration/1", "device": device, "date": today, "kernel": kern,
+                       "records": recs}, f, indent=1)
+    with open(os.path.join(out, f"kernels{suffix}.log"), "w") as f:
+        f.write("\n".join(LOG) + "\n")
+
+
+def _plot(res, out):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, ax = plt.subplots(1, 2, figsize=(12, 4.5))
+    names = sorted({c["name"] for r in res["prefill"] for c in r["configs"]})
+    for nm in names:
+        xs = [r["ctx"] for r in res["prefill"] for c in r["configs"] if c["name"] == nm]
+        ys = [c["eff_vs_sdpa"] for r in res["prefill"] for c in r["configs"] if c["name"] == nm]
+        ax[0].plot(xs, ys, marker="o", label=f"ours {nm}")
+        ys2 = [(r["ctx"], c.get("flashinfer_eff_vs_sdpa")) for r in res["prefill"] for c in r["configs"] if c["name"] == nm]
+        ys2 = [p for p in ys2 if p[1] is not None]
+        if ys2:
+            ax[0].plot([p[0] for p in ys2], [p[1] for p in ys2], ls="--", marker="x", alpha=0.6)
+    ax[0].axhline(0.85, color="k", lw=0.8)
+    ax[0].set_xscale("log", base=2)
+    ax[0].set_xlabel("context")
+    ax[0].set_ylabel("per-head efficiency vs SDPA (density·t_SDPA/t)")
+    ax[0].set_title("prefill (solid: ours, dashed: FlashInfer block-sparse)")
+    ax[0].legend(fontsize=6)
+    for nm in sorted({c["name"] for r in res["decode"] for c in r["configs"]}):
+        xs = [r["ctx"] for r in res["decode"] for c in r["configs"] if c["name"] == nm]
+        ys = [c["frac_copy_bw"] for r in res["decode"] for c in r["configs"] if c["name"] == nm]
+        ax[1].plot(xs, ys, marker="o", label=nm)
+    ax[1].axhline(0.8, color="k", lw=0.8)
+    ax[1].set_xscale("log", base=2)
+    ax[1].set_xlabel("context")
+    ax[1].set_ylabel("achieved / copy bandwidth")
+    ax[1].set_title("sparse paged decode")
+    ax[1].legend(fontsize=7)
+    fig.suptitle(f"{res['device']} {res['date']}")
+    fig.tight_layout()
+    suffix = "_smoke" if res["device"].startswith("cpu") else "_h100"
+    fig.savefig(os.path.join(out, f"kernels{suffix}.png"), dpi=110)
+
+
+def _summary(res):
+    log("\n# summary: per-head efficiency vs SDPA (ours kernel / FlashInfer block-sparse)")
+    names = [c["name"] for c in res["prefill"][0]["configs"]] if res["prefill"] else []
+    log("config".ljust(18) + "".join(f"{r['ctx'] // 1024:>14}K" for r in res["prefill"]))
+    for nm in names:
+        cells = []
+        for r in res["prefill"]:
+            c = next((c for c in r["configs"] if c["name"] == nm), None)
+            if c is None:
+                cells.append(" " * 15)
+                continue
+            fi = c.get("flashinfer_eff_vs_sdpa")
+            cells.append(f"{c['eff_vs_sdpa']:6.2f}/{fi:4.2f}".rjust(15) if fi is not None else f"{c['eff_vs_sdpa']:6.2f}/  - ".rjust(15))
+        log(nm.ljust(18) + "".join(cells))
+    for r in res["decode"]:
+        log(f"decode {r['ctx'] // 1024}K: " + ", ".join(f"{c['name']} {c['frac_copy_bw']:.2f}bw" for c in r["configs"]))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# GPU end-to-end on the lent H100, after the 4 bundle calls of ../shared/gpu/README.md (SGLang 0.5.17 in /tmp/site,
+# SmolLM2 in /tmp/smollm2). Installs this package offline into /tmp/site, then runs bench/serve_gpu.py.
+#   bash bench/serve_gpu.sh smollm2|llama8b|all
+set -uo pipefail
+export PYTHONPATH=/tmp/site NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+python3 -m pip install -q --no-index --no-deps --no-build-isolation --target /tmp/site . >/dev/null 2>&1 \
+  || python3 -m pip install -q --no-index --no-deps --no-build-isolation --target /tmp/site . 
+python3 -c "import importlib.metadata as m; print([e.value for e in m.entry_points(group='sglang.srt.plugins')])"
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+what=${1:-all}
+[ "$what" = smollm2 ] || [ "$what" = all ] && python3 bench/serve_gpu.py smollm2 --out "$OUT" 2>&1 | tee "$OUT/run_smollm2.log" | grep -v "^\[" 
+[ "$what" = llama8b ] || [ "$what" = all ] && python3 bench/serve_gpu.py llama8b --out "$OUT" 2>&1 | tee "$OUT/run_llama8b.log" | grep -v "^\["
+exit 0

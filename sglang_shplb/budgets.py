@@ -1,0 +1,153 @@
+"""Stage 2: head-adaptive budgets from the elasticity profile, and the stability of the need.
+
+Each deployable option (pattern, budget) has, per head, a recall: the worst over the profiled
+context lengths (a budget must hold at every length). Its cost is its density at the reference
+length (the longest profiled). Two ways to choose:
+
+* :func:`budgets_by_tau`: per head, the cheapest option with recall ≥ τ (dense if none).
+* :func:`budgets_by_density_target`: meet a mean-density target while maximising the worst head's
+  recall: binary search on the recall level r (each head takes its cheapest option with recall ≥ r;
+  feasible iff the mean density ≤ target — monotone in r, so the search is exact), then spend what
+  is left greedily on the best recall gain per unit of density.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .elasticity import Option, ProfileResult
+from .patterns import HeadBudget
+
+
+@dataclass
+class BudgetResult:
+    budgets: list[list[HeadBudget]]
+    choice: np.ndarray  # [layers, heads] index into the deployable options
+    recall: np.ndarray  # [layers, heads] worst-length recall of the chosen option
+    density: np.ndarray  # [layers, heads] density at ref_len
+    ref_len: int
+    mode: str
+
+    @property
+    def mean_density(self) -> float:
+        return float(self.density.mean())
+
+    @property
+    def min_recall(self) -> float:
+        return float(self.recall.min())
+
+    def pattern_counts(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for layer in self.budgets:
+            for b in layer:
+                out[b.pattern.value] = out.get(b.pattern.value, 0) + 1
+        return out
+
+
+def option_table(profile: ProfileResult, ref_len: int | None = None, calib_set: str | None = None):
+    """Deployable options, their densities ``[O]`` and worst-length recall ``[L, H, O]``."""
+    ref_len = ref_len or max(profile.lengths)
+    keep = [i for i, o in enumerate(profile.options) if o.deployable]
+    opts = [profile.options[i] for i in keep]
+    dens = np.array([o.budget.density(ref_len) for o in opts])
+    if calib_set is None:
+        per_len = profile.pooled("recall")
+    else:
+        per_len = {n: profile.recall[(calib_set, n)] for n in profile.lengths if (calib_set, n) in profile.recall}
+    worst = torch.stack(list(per_len.values())).min(0).values[..., keep].numpy()
+    return opts, dens, worst
+
+
+def _cheapest_at(dens: np.ndarray, recall: np.ndarray, level: float) -> np.ndarray:
+    """Per head, the index of the cheapest option with recall ≥ level (dense has recall 1)."""
+    ok = recall >= level - 1e-9
+    cost = np.where(ok, dens[None, None, :], np.inf)
+    return cost.argmin(-1)
+
+
+def _result(opts: list[Option], dens, worst, choice, ref_len, mode) -> BudgetResult:
+    L, H = choice.shape
+    budgets = [[opts[choice[li, h]].budget for h in range(H)] for li in range(L)]
+    rec = np.take_along_axis(worst, choice[..., None], -1)[..., 0]
+    return BudgetResult(budgets, choice, rec, dens[choice], ref_len, mode)
+
+
+def budgets_by_tau(profile: ProfileResult, tau: float = 0.95, ref_len: int | None = None) -> BudgetResult:
+    if not 0.0 < tau <= 1.0:
+        raise ValueError(f"tau must be in (0, 1], got {tau}")
+    opts, dens, worst = option_table(profile, ref_len)
+    _require_dense(opts)
+    return _result(opts, dens, worst, _cheapest_at(dens, worst, tau), ref_len or max(profile.lengths), f"tau={tau}")
+
+
+def budgets_by_density_target(profile: ProfileResult, target: float, ref_len: int | None = None) -> BudgetResult:
+    opts, dens, worst = option_table(profile, ref_len)
+    _require_dense(opts)
+    floor = _cheapest_at(dens, worst, 0.0)
+    if dens[floor].mean() > target + 1e-12:
+        raise ValueError(f"density target {target} is below the cheapest option of every head "
+                         f"({dens[floor].mean():.4f})")
+    levels = np.unique(worst)
+    lo, hi = 0, len(levels) - 1  # levels[lo] feasible
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if dens[_cheapest_at(dens, worst, levels[mid])].mean() <= target + 1e-12:
+            lo = mid
+        else:
+            hi = mid - 1
+    choice = _cheapest_at(dens, worst, levels[lo])
+    choice = _greedy_fill(choice, dens, worst, target)
+    return _result(opts, dens, worst, choice, ref_len or max(profile.lengths), f"density<={target}")
+
+
+def _greedy_fill(choice: np.ndarray, dens: np.ndarray, worst: np.ndarray, target: float) -> np.ndarray:
+    """Upgrade heads by best recall gain per extra density while the mean stays within target."""
+    choice = choice.copy()
+    L, H = choice.shape
+    budget = target * L * H - dens[choice].sum()
+    while True:
+        cur_d = dens[choice][..., None]
+        cur_r = np.take_along_axis(worst, choice[..., None], -1)
+        extra = dens[None, None, :] - cur_d
+        gain = worst - cur_r
+        ratio = np.where((extra > 1e-12) & (gain > 1e-9) & (extra <= budget + 1e-12), gain / np.maximum(extra, 1e-12), -1)
+        flat = int(ratio.argmax())
+        if ratio.flat[flat] <= 0:
+            return choice
+        li, h, o = np.unravel_index(flat, ratio.shape)
+        budget -= extra[li, h, o]
+        choice[li, h] = o
+
+
+def _require_dense(opts: list[Option]) -> None:
+    if not any(o.family == "dense" for o in opts):
+        raise ValueError("the profile has no dense option: every head needs a fallback")
+
+
+@dataclass
+class Stability:
+    spearman: float  # rank correlation of the needed density between calibration sets A and B
+    pvalue: float
+    need_a: np.ndarray  # [layers, heads] density each head needs on set A (at tau)
+    need_b: np.ndarray
+    same_family: float  # share of heads whose cheapest family agrees between the sets
+    tau: float
+
+
+def stability(profile: ProfileResult, tau: float = 0.95, ref_len: int | None = None) -> Stability:
+    """Is each head's need "heterogeneous yet stable"? Budgets chosen on set A vs on set B."""
+    from scipy.stats import spearmanr
+
+    sets = profile.sets
+    if len(sets) < 2:
+        raise ValueError("stability needs two calibration sets (profile with --sets A B)")
+    needs, fams = [], []
+    for s in sets[:2]:
+        opts, dens, worst = option_table(profile, ref_len, calib_set=s)
+        c = _cheapest_at(dens, worst, tau)
+        needs.append(dens[c])
+        fams.append(np.array([[opts[i].family for i in row] for row in c]))
+    rho, p = spearmanr(needs[0].ravel(), needs[1].ravel())
+    return Stability(float(rho), float(p), needs[0], needs[1], float((fams[0] == fams[1]).mean()), tau)

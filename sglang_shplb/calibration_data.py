@@ -1,0 +1,85 @@
+"""Calibration prompts, generated offline from text that ships with Python itself.
+
+The filler is the Python language reference (``pydoc_data.topics``, part of the standard library),
+cut into paragraphs. Into each document we insert a few "needles" (a passkey and key-value facts)
+at seeded depths and end with a retrieval question, so that retrieval heads have something to
+retrieve. Two disjoint sets (``"A"``, ``"B"``) draw from disjoint halves of the topics: the
+stability score compares the budgets each set asks for.
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+from pydoc_data.topics import topics as _TOPICS
+
+_NAMES = ["amber", "basalt", "cobalt", "dune", "ember", "fjord", "garnet", "harbor", "indigo", "juniper",
+          "kelp", "lumen", "marble", "nectar", "onyx", "prairie", "quartz", "russet", "sierra", "tundra"]
+
+
+@dataclass(frozen=True)
+class CalibrationPrompt:
+    name: str
+    input_ids: list[int]
+    answer: str
+
+
+def _paragraphs(calib_set: str) -> list[str]:
+    keys = sorted(_TOPICS)
+    if calib_set not in ("A", "B"):
+        raise ValueError(f"calibration set must be 'A' or 'B', got {calib_set!r}")
+    half = keys[0::2] if calib_set == "A" else keys[1::2]
+    paras = []
+    for key in half:
+        for p in _TOPICS[key].split("\n\n"):
+            p = " ".join(p.split())
+            if len(p) > 80:
+                paras.append(p)
+    return paras
+
+
+def make_prompt(tokenizer, length: int, calib_set: str = "A", seed: int = 0) -> CalibrationPrompt:
+    """A chat-formatted document of exactly ``length`` tokens (filler trimmed to fit) with needles
+    inside and a retrieval question at the end."""
+    rng = random.Random(f"{calib_set}-{length}-{seed}")
+    paras = _paragraphs(calib_set)
+    rng.shuffle(paras)
+    passkey = str(rng.randint(10000, 99999))
+    facts = {rng.choice(_NAMES) + "-" + str(i): str(rng.randint(100, 999)) for i in range(3)}
+    needles = [f"The pass key is {passkey}. Remember it. {passkey} is the pass key."] + \
+              [f"The value of the register {k} is {v}." for k, v in facts.items()]
+    question = "What is the pass key? Answer with the number only."
+
+    def render(body_paras: list[str]) -> list[int]:
+        messages = [{"role": "user", "content": "\n\n".join(body_paras) + "\n\n" + question}]
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                             return_dict=False)
+
+    # grow the filler until it passes the length, then trim whole paragraphs and finally tokens
+    body: list[str] = []
+    i = 0
+    while True:
+        body.append(paras[i % len(paras)])
+        i += 1
+        if i % 8 == 0 and len(render(body)) > length:
+            break
+    while len(render(body)) > length and len(body) > 1:
+        body.pop()
+    depths = sorted(rng.random() for _ in needles)
+    for d, needle in zip(depths, needles):
+        body.insert(int(d * len(body)), needle)
+    ids = render(body)
+    # the chat header ends where two renders with different bodies start to differ
+    a, b = render(["alpha"]), render(["omega"])
+    head = next(j for j, (x, y) in enumerate(zip(a, b)) if x != y)
+    if len(ids) > length:  # drop filler tokens right after the header
+        ids = ids[:head] + ids[head + len(ids) - length:]
+    elif len(ids) < length:  # or top up with filler there
+        filler = tokenizer.encode(paras[(i + 1) % len(paras)] + "\n\n", add_special_tokens=False)
+        pad = (filler * (1 + (length - len(ids)) // max(1, len(filler))))[: length - len(ids)]
+        ids = ids[:head] + pad + ids[head:]
+    return CalibrationPrompt(f"{calib_set}{seed}-{length}", ids, passkey)
+
+
+def calibration_prompts(tokenizer, lengths: list[int], calib_set: str, per_length: int = 1) -> list[CalibrationPrompt]:
+    return [make_prompt(tokenizer, n, calib_set, s) for n in lengths for s in range(per_length)]

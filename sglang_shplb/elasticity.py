@@ -1,0 +1,262 @@
+"""Stage 1: profile each head's sparsity elasticity on a real model.
+
+For every layer and query head we capture post-RoPE q and k (and v) inside the model's attention,
+and for every candidate budget (:func:`default_options`) measure, over sampled query rows:
+
+* **recall**: the attention mass (dense softmax) that falls in the blocks the pattern keeps;
+* **output error**: ``‖o_sparse − o_dense‖ / ‖o_dense‖`` where ``o_sparse`` renormalises attention
+  over the kept blocks (what a sparse kernel computes).
+
+Top-k is measured twice: with the oracle selection (true block mass, an upper bound) and with the
+pooled-q·k estimator a kernel can afford (this one feeds the budgets). Vertical-slash selects from
+the last query block's attention, as MInference does.
+
+Cost per head at ``n`` tokens with ``R`` sampled rows: one ``R×n`` score matrix and one block-wise
+``P·V`` (``R·n·d`` each); every option then costs ``R·nb·d`` on top.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from . import block_masks as bm
+from .patterns import BLOCK, HeadBudget, Pattern
+
+STREAM_WINDOWS = (64, 128, 256, 512, 1024, 2048)
+TOPK_FRACTIONS = (0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75)
+VSLASH_FRACTIONS = (0.05, 0.1, 0.2, 0.3, 0.5)
+
+
+@dataclass(frozen=True)
+class Option:
+    """One candidate (pattern, budget). ``family`` tells top-k oracle from estimator apart."""
+
+    family: str  # "dense" | "streaming" | "topk" | "topk_oracle" | "vslash"
+    budget: HeadBudget
+
+    @property
+    def deployable(self) -> bool:
+        """Can a kernel run it (the oracle needs the dense attention it wants to avoid)?"""
+        return self.family != "topk_oracle"
+
+    def label(self) -> str:
+        return ("oracle-" if self.family == "topk_oracle" else "") + self.budget.describe()
+
+
+def default_options(sink_tokens: int = BLOCK, min_blocks: int = 4) -> list[Option]:
+    opts = [Option("dense", HeadBudget.dense())]
+    opts += [Option("streaming", HeadBudget.streaming(sink_tokens, w)) for w in STREAM_WINDOWS]
+    opts += [Option("topk", HeadBudget.topk(f, min_blocks)) for f in TOPK_FRACTIONS]
+    opts += [Option("topk_oracle", HeadBudget.topk(f, min_blocks)) for f in TOPK_FRACTIONS]
+    opts += [Option("vslash", HeadBudget.vslash(f, min_blocks)) for f in VSLASH_FRACTIONS]
+    return opts
+
+
+def sample_rows(n: int, rows_per_block: int, seed: int = 0) -> torch.Tensor:
+    """Query rows to score: ``rows_per_block`` seeded rows of every block, and the whole last block
+    (vertical-slash reads it)."""
+    g = torch.Generator().manual_seed(seed)
+    nb = math.ceil(n / BLOCK)
+    rows = []
+    for b in range(nb - 1):
+        rows.append(b * BLOCK + torch.randperm(BLOCK, generator=g)[:rows_per_block])
+    rows.append(torch.arange((nb - 1) * BLOCK, n))
+    return torch.cat(rows).sort().values
+
+
+def layer_elasticity(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, options: list[Option],
+                     rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Recall and output error ``[Hq, len(options)]`` of one layer on one sequence.
+
+    ``q [Hq, n, d]``, ``k, v [Hkv, n, d]`` (post-RoPE), float32 on any device.
+    """
+    hq, n, d = q.shape
+    group = hq // k.shape[0]
+    nb = math.ceil(n / BLOCK)
+    pad = nb * BLOCK - n
+    rows = rows.to(q.device)
+    row_block = rows // BLOCK
+    last_rows = row_block == nb - 1
+    causal = torch.arange(n, device=q.device)[None, :] > rows[:, None]
+    est_scores = bm.pooled_block_scores(q, k) if any(o.family == "topk" for o in options) else None
+    recall = torch.zeros(hq, len(options))
+    err = torch.zeros(hq, len(options))
+    for h in range(hq):
+        kh, vh = k[h // group].float(), v[h // group].float()
+        s = (q[h, rows].float() @ kh.T) / math.sqrt(d)
+        p = s.masked_fill(causal, float("-inf")).softmax(-1)  # [R, n]
+        pb = torch.nn.functional.pad(p, (0, pad)).view(-1, nb, BLOCK)
+        mass = pb.sum(-1)  # [R, nb]
+        vb = torch.nn.functional.pad(vh, (0, 0, 0, pad)).view(nb, BLOCK, d)
+        ob = torch.einsum("rbt,btd->rbd", pb, vb)  # per-block partial outputs
+        dense_out = ob.sum(1)
+        dense_norm = dense_out.norm()
+        oracle = _mean_by_block(mass, row_block, nb)  # [nb, nb] true block mass per query block
+        last_mass = mass[last_rows].mean(0)
+        for j, opt in enumerate(options):
+            b = opt.budget
+            if b.pattern is Pattern.DENSE:
+                mask = bm.causal_block_mask(nb, q.device)
+            elif b.pattern is Pattern.STREAMING:
+                mask = bm.streaming_mask(b, nb, q.device)
+            elif b.pattern is Pattern.TOPK:
+                mask = bm.topk_mask(b, oracle if opt.family == "topk_oracle" else est_scores[h])
+            else:
+                mask = bm.vslash_mask(b, last_mass)
+            sel = mask[row_block].float()  # [R, nb]
+            kept = (mass * sel).sum(1)
+            out = torch.einsum("rb,rbd->rd", sel, ob) / kept.clamp_min(1e-30)[:, None]
+            recall[h, j] = kept.mean().item()
+            err[h, j] = ((out - dense_out).norm() / dense_norm).item()
+    return recall, err
+
+
+def _mean_by_block(mass: torch.Tensor, row_block: torch.Tensor, nb: int) -> torch.Tensor:
+    out = torch.zeros(nb, mass.shape[1], device=mass.device)
+    out.index_add_(0, row_block, mass)
+    cnt = torch.bincount(row_block, minlength=nb).clamp_min(1)
+    return out / cnt[:, None]
+
+
+@dataclass
+class ProfileResult:
+    """Mean recall/error over the prompts of each (calibration set, context length)."""
+
+    options: list[Option]
+    lengths: list[int]
+    num_layers: int
+    num_heads: int
+    # key (set, length) → [layers, heads, options]
+    recall: dict[tuple[str, int], torch.Tensor] = field(default_factory=dict)
+    err: dict[tuple[str, int], torch.Tensor] = field(default_factory=dict)
+    prompts: list[dict] = field(default_factory=list)
+
+    @property
+    def sets(self) -> list[str]:
+        return sorted({s for s, _ in self.recall})
+
+    def pooled(self, what: str = "recall") -> dict[int, torch.Tensor]:
+        """Per length, the mean over calibration sets: ``[layers, heads, options]``."""
+        src = self.recall if what == "recall" else self.err
+        return {n: torch.stack([src[(s, n)] for s in self.sets if (s, n) in src]).mean(0) for n in self.lengths}
+
+
+class ElasticityProfiler:
+    """Runs a Hugging Face causal LM on calibration prompts with a capturing attention function."""
+
+    ATTN_NAME = "shplb_elasticity"
+
+    def __init__(self, model, options: list[Option], rows_per_block: int = 8, progress=None):
+        from transformers import AttentionInterface
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        self.model = model
+        self.options = options
+        self.rows_per_block = rows_per_block
+        self.progress = progress
+        self._acc: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+        def capture(module, query, key, value, attention_mask, **kwargs):
+            # query [1, Hq, n, d], key/value [1, Hkv, n, d], RoPE applied
+            n = query.shape[2]
+            rows = sample_rows(n, self.rows_per_block, seed=n)
+            with torch.no_grad():
+                r, e = layer_elasticity(query[0], key[0], value[0], self.options, rows)
+            self._acc[module.layer_idx] = (r, e)
+            if self.progress is not None:
+                self.progress.update(1)
+            return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+        AttentionInterface.register(self.ATTN_NAME, capture)
+        model.set_attn_implementation(self.ATTN_NAME)
+
+    @torch.no_grad()
+    def run(self, input_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``[layers, heads, options]`` recall and error for one prompt."""
+        self._acc.clear()
+        dev = next(self.model.parameters()).device
+        self.model(torch.tensor([input_ids], device=dev), use_cache=False, logits_to_keep=1)
+        layers = sorted(self._acc)
+        return (torch.stack([self._acc[i][0] for i in layers]), torch.stack([self._acc[i][1] for i in layers]))
+
+
+def profile_model(model_dir, lengths: list[int], sets: tuple[str, ...] = ("A", "B"), per_length: int = 1,
+                  device: str = "cpu", rows_per_block: int = 4, num_layers: int | None = None,
+                  options: list[Option] | None = None, log=print) -> ProfileResult:
+    """Profile every head of the checkpoint at ``model_dir`` on generated calibration prompts.
+
+    ``num_layers`` truncates the model (tests); lengths above the model's context are refused.
+    """
+    from tqdm.auto import tqdm
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from .calibration_data import calibration_prompts
+
+    cfg = AutoConfig.from_pretrained(model_dir)
+    limit = getattr(cfg, "max_position_embeddings", None)
+    if limit and max(lengths) > limit:
+        raise ValueError(f"calibration length {max(lengths)} exceeds the model's context {limit}")
+    kwargs = {"num_hidden_layers": num_layers} if num_layers else {}
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, **kwargs).to(device).eval()
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    options = options or default_options()
+    n_layers, n_heads = model.config.num_hidden_layers, model.config.num_attention_heads
+    res = ProfileResult(options, sorted(lengths), n_layers, n_heads)
+    work = [(s, p) for s in sets for p in calibration_prompts(tok, sorted(lengths), s, per_length)]
+    bar = tqdm(total=len(work) * n_layers, desc="profiling heads", unit="layer")
+    prof = ElasticityProfiler(model, options, rows_per_block, progress=bar)
+    sums: dict[tuple[str, int], list] = {}
+    for s, p in work:
+        bar.set_postfix_str(f"set {s}, {len(p.input_ids)} tokens")
+        r, e = prof.run(p.input_ids)
+        sums.setdefault((s, len(p.input_ids)), []).append((r, e))
+        res.prompts.append({"set": s, "name": p.name, "tokens": len(p.input_ids)})
+    bar.close()
+    for key, vals in sums.items():
+        res.recall[key] = torch.stack([r for r, _ in vals]).mean(0)
+        res.err[key] = torch.stack([e for _, e in vals]).mean(0)
+    return res
+
+
+def save_profile(res: ProfileResult, out_dir) -> "Path":
+    import json
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {}
+    for (s, n), t in res.recall.items():
+        tensors[f"recall.{s}.{n}"] = t.contiguous()
+        tensors[f"err.{s}.{n}"] = res.err[(s, n)].contiguous()
+    save_file(tensors, str(out / "profile.safetensors"))
+    doc = {"schema": "shplb-profile/1", "num_layers": res.num_layers, "num_heads": res.num_heads,
+           "lengths": res.lengths, "options": [{"family": o.family, "budget": o.budget.to_dict()} for o in res.options],
+           "prompts": res.prompts}
+    path = out / "profile.json"
+    path.write_text(json.dumps(doc, indent=1))
+    return path
+
+
+def load_profile(path) -> ProfileResult:
+    import json
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if path.is_dir():
+        path = path / "profile.json"
+    doc = json.loads(path.read_text())
+    if doc.get("schema") != "shplb-profile/1":
+        raise ValueError(f"{path} is not a sglang_shplb profile (schema {doc.get('schema')!r})")
+    opts = [Option(o["family"], HeadBudget.from_dict(o["budget"])) for o in doc["options"]]
+    res = ProfileResult(opts, doc["lengths"], doc["num_layers"], doc["num_heads"], prompts=doc["prompts"])
+    for key, t in load_file(str(path.parent / "profile.safetensors")).items():
+        what, s, n = key.split(".")
+        (res.recall if what == "recall" else res.err)[(s, int(n))] = t
+    return res

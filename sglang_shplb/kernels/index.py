@@ -1,0 +1,297 @@
+"""Block indices for the sparse kernels, built on the device with torch ops only.
+
+Layout (padded, fixed shapes): for sequence ``b``, query head ``h`` and *absolute* query block ``qi``
+(``0 <= qi < NB``, ``NB = ceil(max_kv_len / BLOCK)``):
+
+* ``block_idx [B, Hq, NB, MAXK] int32``: the KV blocks it attends, ascending, so the diagonal ``qi`` is
+  always the last of the ``block_cnt`` valid entries (the kernel masks causally only there);
+* ``block_cnt [B, Hq, NB] int32``;
+* ``head_dense [Hq] int32``: 1 for dense heads, whose rows are not listed (the kernel walks ``0..qi``).
+
+``MAXK`` is a function of the budgets and ``NB`` alone (no host sync, no data-dependent shape), so the
+builders can run inside a captured CUDA graph. They reproduce :func:`sglang_shplb.block_masks.build_block_masks`
+(pooled q·k top-k, last-block-mass vertical-slash) for every sequence of a varlen batch.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Sequence
+
+import torch
+
+from ..patterns import BLOCK, HeadBudget, Pattern
+
+SUPPORTED_HEAD_DIMS = (64, 128)
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+@dataclass
+class BlockIndex:
+    block_idx: torch.Tensor   # [B, Hq, NB, MAXK] int32
+    block_cnt: torch.Tensor   # [B, Hq, NB] int32
+    head_dense: torch.Tensor  # [Hq] int32
+
+    @property
+    def num_blocks(self) -> int:
+        return self.block_cnt.shape[-1]
+
+    def masks(self, b: int, nb: int) -> torch.Tensor:
+        """Block mask ``[Hq, nb, nb]`` of sequence ``b`` (host-side, for tests and inspection)."""
+        hq = self.block_cnt.shape[1]
+        m = torch.zeros(hq, nb, nb, dtype=torch.bool)
+        idx = self.block_idx[b].cpu().long()
+        cnt = self.block_cnt[b].cpu()
+        causal = torch.ones(nb, nb, dtype=torch.bool).tril()
+        for h in range(hq):
+            if int(self.head_dense[h]):
+                m[h] = causal
+                continue
+            for qi in range(nb):
+                m[h, qi, idx[h, qi, :int(cnt[h, qi])]] = True
+        return m
+
+
+# ---------------------------------------------------------------------------------------------------
+# validation
+# ---------------------------------------------------------------------------------------------------
+def check_budgets(budgets: Sequence[HeadBudget], num_q_heads: int, num_kv_heads: int | None = None) -> None:
+    if len(budgets) != num_q_heads:
+        raise ValueError(f"{len(budgets)} budgets for {num_q_heads} query heads")
+    for h, b in enumerate(budgets):
+        if not isinstance(b, HeadBudget):
+            raise ValueError(f"budget of head {h} is {type(b).__name__}, not a HeadBudget")
+        if b.pattern is Pattern.STREAMING and (b.window_blocks < 1 or b.sink_blocks < 0):
+            raise ValueError(f"head {h}: streaming needs window_blocks >= 1, sink_blocks >= 0: {b}")
+        if b.pattern in (Pattern.TOPK, Pattern.VSLASH) and not (0.0 < b.fraction <= 1.0 and b.min_blocks >= 1):
+            raise ValueError(f"head {h}: {b.pattern.value} needs 0 < fraction <= 1 and min_blocks >= 1: {b}")
+    if num_kv_heads is not None and (num_kv_heads < 1 or num_q_heads % num_kv_heads):
+        raise ValueError(f"{num_q_heads} query heads are not a multiple of {num_kv_heads} KV heads")
+
+
+def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    if q.dim() != 3 or k.dim() != 3 or v.dim() != 3:
+        raise ValueError(f"q, k, v must be [tokens, heads, head_dim]; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    d = q.shape[-1]
+    if d not in SUPPORTED_HEAD_DIMS:
+        raise ValueError(f"head_dim {d} is not supported (only {SUPPORTED_HEAD_DIMS})")
+    if k.shape[-1] != d or v.shape[-1] != d:
+        raise ValueError(f"head_dim of q ({d}), k ({k.shape[-1]}) and v ({v.shape[-1]}) disagree")
+    if k.shape != v.shape:
+        raise ValueError(f"k {tuple(k.shape)} and v {tuple(v.shape)} disagree")
+    if q.dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"dtype {q.dtype} is not supported (only {SUPPORTED_DTYPES})")
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ValueError(f"dtypes disagree: q {q.dtype}, k {k.dtype}, v {v.dtype}")
+    if q.shape[1] % k.shape[1]:
+        raise ValueError(f"{q.shape[1]} query heads are not a multiple of {k.shape[1]} KV heads")
+    if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
+        raise ValueError("q, k, v need a contiguous last dimension")
+
+
+# ---------------------------------------------------------------------------------------------------
+# static parts (depend on budgets and NB only)
+# ---------------------------------------------------------------------------------------------------
+def max_blocks_per_row(budgets: Sequence[HeadBudget], nb: int) -> int:
+    """``MAXK``: the longest KV-block list of any non-dense head at ``nb`` blocks (≥ 1)."""
+    m = 1
+    for b in budgets:
+        if b.pattern is Pattern.VSLASH:
+            # top-n verticals plus forced block 0, top-n slashes plus forced offset 0: up to 2n + 2
+            # (HeadBudget.blocks_for_query_block's 2n is not a bound when the forced ones are not in the top n)
+            m = max(m, min(nb, 2 * b.vslash_count(nb) + 2))
+        elif b.pattern is not Pattern.DENSE:
+            m = max(m, b.blocks_for_query_block(nb - 1, nb))
+    return m
+
+
+@lru_cache(maxsize=256)
+def _topk_counts(budget: HeadBudget, nb: int) -> tuple[int, ...]:
+    return tuple(budget.blocks_for_query_block(qi, nb) for qi in range(nb))
+
+
+def streaming_index(budget: HeadBudget, nb: int, maxk: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[nb, maxk]`` indices, ``[nb]`` counts: sinks ``kj < s`` outside the window, then window ``qi-w+1..qi``."""
+    qi = torch.arange(nb, device=device)[:, None]
+    j = torch.arange(maxk, device=device)[None, :]
+    ws = (qi - budget.window_blocks + 1).clamp(min=0)
+    n_s = torch.minimum(ws, torch.full_like(ws, budget.sink_blocks))
+    cnt = n_s + (qi - ws + 1)
+    idx = torch.where(j < n_s, j, ws + j - n_s)
+    idx = torch.where(j < cnt, idx, torch.zeros_like(idx))
+    return idx.int(), cnt[:, 0].int()
+
+
+# ---------------------------------------------------------------------------------------------------
+# gathers (no host sync)
+# ---------------------------------------------------------------------------------------------------
+def _kv_locations(b_kv_lens, nb: int, cu_seqlens_k=None, req_to_token=None, req_pool_indices=None):
+    """Token rows ``[B, nb*BLOCK]`` of every position (clamped where invalid) and the valid mask."""
+    pos = torch.arange(nb * BLOCK, device=b_kv_lens.device)[None, :]
+    valid = pos < b_kv_lens[:, None]
+    if req_to_token is not None:
+        p = pos.clamp(max=req_to_token.shape[1] - 1).expand(b_kv_lens.shape[0], -1)
+        loc = torch.gather(req_to_token[req_pool_indices.long()].long(), 1, p)
+    else:
+        loc = cu_seqlens_k[:-1].long()[:, None] + pos
+    loc = torch.where(valid, loc, torch.zeros_like(loc))
+    return loc, valid
+
+
+def _pool(x: torch.Tensor, valid: torch.Tensor, nb: int) -> torch.Tensor:
+    """``x [B, nb*BLOCK, H, d]`` → block means ``[B, H, nb, d]`` in float32 (invalid rows excluded)."""
+    bsz, _, h, d = x.shape
+    xs = (x.float() * valid[:, :, None, None]).view(bsz, nb, BLOCK, h, d).sum(2)
+    cnt = valid.view(bsz, nb, BLOCK).sum(-1).clamp(min=1).float()
+    return (xs / cnt[:, :, None, None]).permute(0, 2, 1, 3)
+
+
+def build_block_index(budgets: Sequence[HeadBudget], q: torch.Tensor, k: torch.Tensor,
+                      cu_seqlens_q: torch.Tensor, kv_lens: torch.Tensor, max_kv_len: int, *,
+                      cu_seqlens_k: torch.Tensor | None = None, req_to_token: torch.Tensor | None = None,
+                      req_pool_indices: torch.Tensor | None = None) -> BlockIndex:
+    """Block index of a varlen (optionally chunked, optionally paged) batch, on ``q``'s device, sync-free.
+
+    ``q [total_q, Hq, d]``: the last ``n_q(b)`` positions of each sequence; ``k`` contiguous
+    ``[total_kv, Hkv, d]`` (``cu_seqlens_k``) or the token pool (``req_to_token``, ``req_pool_indices``).
+    ``max_kv_len`` (a host int, e.g. the planned maximum) fixes ``NB`` and ``MAXK``.
+    Top-k scores use the mean of the available queries of a block (all of them unless chunked)."""
+    hq, d = q.shape[1], q.shape[2]
+    check_budgets(budgets, hq, k.shape[1])
+    dev = q.device
+    bsz = kv_lens.shape[0]
+    nb = max(1, math.ceil(max_kv_len / BLOCK))
+    maxk = max_blocks_per_row(budgets, nb)
+    kv_lens = kv_lens.to(dev).long()
+    q_lens = (cu_seqlens_q[1:] - cu_seqlens_q[:-1]).to(dev).long()
+    prefix = kv_lens - q_lens
+    nb_b = (kv_lens + BLOCK - 1) // BLOCK                                   # [B]
+    idx = torch.zeros(bsz, hq, nb, maxk, dtype=torch.int32, device=dev)
+    cnt = torch.zeros(bsz, hq, nb, dtype=torch.int32, device=dev)
+    pats = [b.pattern for b in budgets]
+    dense = torch.tensor([p is Pattern.DENSE for p in pats], dtype=torch.int32, device=dev)
+    qi_ar = torch.arange(nb, device=dev)
+    for h, b in enumerate(budgets):
+        if b.pattern is Pattern.DENSE:
+            cnt[:, h] = (qi_ar + 1).int()
+        elif b.pattern is Pattern.STREAMING:
+            si, sc = streaming_index(b, nb, maxk, dev)
+            idx[:, h] = si
+            cnt[:, h] = sc
+    topk_heads = [h for h, p in enumerate(pats) if p is Pattern.TOPK]
+    vs_heads = [h for h, p in enumerate(pats) if p is Pattern.VSLASH]
+    if not topk_heads and not vs_heads:
+        return BlockIndex(idx, cnt, dense)
+
+    group = hq // k.shape[1]
+    loc, kvalid = _kv_locations(kv_lens, nb, cu_seqlens_k, req_to_token, req_pool_indices)
+    kg = k[loc.view(-1)].view(bsz, nb * BLOCK, k.shape[1], d)              # [B, nb*BLOCK, Hkv, d]
+    pos = torch.arange(nb * BLOCK, device=dev)[None, :]
+    qvalid = (pos >= prefix[:, None]) & (pos < kv_lens[:, None])
+    qrow = cu_seqlens_q[:-1].to(dev).long()[:, None] + pos - prefix[:, None]
+    qrow = torch.where(qvalid, qrow, torch.zeros_like(qrow))
+    causal = torch.ones(nb, nb, dtype=torch.bool, device=dev).tril()
+
+    if topk_heads:
+        # scores S[qi, kj] = mean(q in qi) · mean(k in kj) / sqrt(d); forced: kj = 0 and kj = qi
+        th = torch.tensor(topk_heads, device=dev)
+        qp = _pool(q[:, th][qrow.view(-1)].view(bsz, nb * BLOCK, len(topk_heads), d), qvalid, nb)
+        kp = _pool(kg, kvalid, nb)[:, th // group]                         # [B, T, nb, d]
+        s = (qp @ kp.transpose(-1, -2)) / math.sqrt(d)
+        # forced blocks rank first: the diagonal (+inf), then block 0 (max float); with k(qi) = 1 the
+        # diagonal wins (block_masks' tie of two +inf leaves that choice to argsort)
+        diag = torch.eye(nb, dtype=torch.bool, device=dev)
+        first = torch.zeros_like(causal)
+        first[:, 0] = True
+        s = s.masked_fill(~causal, float("-inf")).masked_fill(first, torch.finfo(torch.float32).max)
+        s = s.masked_fill(diag, float("inf"))
+        counts = torch.tensor([_topk_counts(budgets[h], nb) for h in topk_heads], device=dev)  # [T, nb]
+        kt = int(max(max(_topk_counts(budgets[h], nb)) for h in topk_heads))
+        top = s.topk(kt, dim=-1).indices                                   # [B, T, nb, kt]
+        keep = torch.arange(kt, device=dev) < counts[None, :, :, None]
+        top = torch.where(keep, top, torch.full_like(top, nb)).sort(-1).values
+        top = torch.where(keep, top, torch.zeros_like(top))               # counts are prefixes after sort
+        idx[:, th, :, :kt] = top.int()
+        cnt[:, th] = counts[None].int().expand(bsz, -1, -1)
+
+    if vs_heads:
+        vh = torch.tensor(vs_heads, device=dev)
+        last = nb_b - 1                                                     # last query block per sequence
+        lpos = last[:, None] * BLOCK + torch.arange(BLOCK, device=dev)[None, :]   # [B, BLOCK]
+        lvalid = (lpos < kv_lens[:, None]) & (lpos >= prefix[:, None])
+        lrow = torch.gather(qrow, 1, lpos.clamp(max=nb * BLOCK - 1))
+        ql = q[:, vh][lrow.view(-1)].view(bsz, BLOCK, len(vs_heads), d).float().transpose(1, 2)   # [B, V, BLOCK, d]
+        kl = kg[:, :, vh // group].float().permute(0, 2, 3, 1)              # [B, V, d, nb*BLOCK]
+        sc = (ql @ kl) / math.sqrt(d)                                      # [B, V, BLOCK, nb*BLOCK]
+        allowed = kvalid[:, None, None, :] & (pos[:, None, None, :] <= lpos[:, None, :, None])
+        sc = sc.masked_fill(~allowed, float("-inf"))
+        p = torch.softmax(sc, -1).nan_to_num(0.0) * lvalid[:, None, :, None]
+        p = p.sum(2) / lvalid.sum(-1).clamp(min=1)[:, None, None]          # mean over the block's queries
+        mass = p.view(bsz, len(vs_heads), nb, BLOCK).sum(-1)               # [B, V, nb]
+        jv = torch.arange(nb, device=dev)
+        bvalid = jv[None, :] < nb_b[:, None]                                # [B, nb]
+        mass = mass.masked_fill(~bvalid[:, None, :], float("-inf"))
+        frac = torch.tensor([budgets[h].fraction for h in vs_heads], dtype=torch.float64, device=dev)
+        minb = torch.tensor([budgets[h].min_blocks for h in vs_heads], dtype=torch.float64, device=dev)
+        n = torch.maximum(minb[None, :], torch.ceil(frac[None, :] * nb_b[:, None].double() / 2))
+        n = torch.minimum(n, nb_b[:, None].double()).long()                # [B, V]
+        nmax = min(nb, max(budgets[h].vslash_count(nb) for h in vs_heads))
+        keep = torch.arange(nmax, device=dev)[None, None, :] < n[:, :, None]
+        vert = torch.zeros(bsz, len(vs_heads), nb, dtype=torch.bool, device=dev)
+        vert.scatter_(-1, mass.topk(nmax, -1).indices, keep)
+        vert[..., 0] = True
+        src = (last[:, None] - jv[None, :]).clamp(min=0)                    # offset o reads block last - o
+        om = torch.gather(mass, 2, src[:, None, :].expand(-1, len(vs_heads), -1))
+        om = om.masked_fill(~bvalid[:, None, :], float("-inf"))
+        slash = torch.zeros_like(vert)
+        slash.scatter_(-1, om.topk(nmax, -1).indices, keep)
+        slash[..., 0] = True
+        off = (qi_ar[:, None] - jv[None, :]).clamp(min=0)                   # [nb, nb]
+        m = causal & (vert[:, :, None, :] | slash[:, :, off])              # [B, V, nb, nb]
+        vi, vc = mask_to_index(m, min(maxk, nb))
+        idx[:, vh, :, :vi.shape[-1]] = vi
+        cnt[:, vh] = vc
+    return BlockIndex(idx, cnt, dense)
+
+
+def mask_to_index(mask: torch.Tensor, maxk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Bool ``[..., nb, nb]`` → ascending indices ``[..., nb, maxk]`` int32 and counts ``[..., nb]`` int32
+    (sync-free; rows longer than ``maxk`` are truncated, which drops the diagonal: pass an upper bound)."""
+    nb = mask.shape[-1]
+    key = torch.where(mask, torch.arange(nb, device=mask.device), torch.full((), nb, device=mask.device))
+    vals = key.topk(min(maxk, nb), dim=-1, largest=False, sorted=True).values
+    cnt = mask.sum(-1).clamp(max=vals.shape[-1])
+    vals = torch.where(vals < nb, vals, torch.zeros_like(vals))
+    return vals.int(), cnt.int()
+
+
+def block_index_from_masks(masks: Sequence[torch.Tensor], device=None) -> BlockIndex:
+    """Explicit masks, one ``[Hq, nb_b, nb_b]`` per sequence → :class:`BlockIndex` (host-side checks:
+    lower triangular, diagonal present, no empty row). Every head is treated as listed (not dense)."""
+    if not masks:
+        raise ValueError("no masks")
+    hq = masks[0].shape[0]
+    nb = max(m.shape[-1] for m in masks)
+    padded = []
+    for b, m in enumerate(masks):
+        if m.dim() != 3 or m.shape[0] != hq or m.shape[1] != m.shape[2]:
+            raise ValueError(f"mask {b} has shape {tuple(m.shape)}, expected [{hq}, nb, nb]")
+        m = m.bool().cpu()
+        nbb = m.shape[-1]
+        if (m.sum(-1) == 0).any():
+            h, r = (m.sum(-1) == 0).nonzero()[0].tolist()
+            raise ValueError(f"mask {b}: head {h}, query block {r} attends no KV block (empty row)")
+        if (m & ~torch.ones(nbb, nbb, dtype=torch.bool).tril()).any():
+            raise ValueError(f"mask {b} is not lower-triangular (a query block attends a future block)")
+        if not m.diagonal(dim1=1, dim2=2).all():
+            raise ValueError(f"mask {b} misses a diagonal block (the kernels always compute it)")
+        p = torch.zeros(hq, nb, nb, dtype=torch.bool)
+        p[:, :nbb, :nbb] = m
+        p[:, nbb:, :] = torch.eye(nb, dtype=torch.bool)[nbb:]   # padding rows: diagonal only
+        padded.append(p)
+    mm = torch.stack(padded)
+    maxk = int(mm.sum(-1).max())
+    idx, cnt = mask_to_index(mm, maxk)
+    dev = device if device is not None else masks[0].device
+    return BlockIndex(idx.to(dev), cnt.to(dev), torch.zeros(hq, dtype=torch.int32, device=dev))

@@ -1,0 +1,133 @@
+"""PyTorch references for the sparse kernels: masked dense attention, in float32 (or float64).
+
+Layouts (SGLang's, token-major):
+
+* queries ``q [total_q, Hq, d]``, packed by ``cu_seqlens_q [B + 1]``; the queries of sequence ``b`` are the
+  *last* ``n_q(b)`` tokens of its ``n_kv(b)`` tokens (chunked prefill: ``prefix = n_kv - n_q`` tokens are
+  already in the cache). Block geometry uses absolute positions: token ``p`` is in block ``p // BLOCK``.
+* keys/values either contiguous ``k [total_kv, Hkv, d]`` packed by ``cu_seqlens_k`` or a paged token pool
+  ``k_buffer [pool, Hkv, d]`` read through ``req_to_token[req_pool_indices[b], pos]``.
+* block masks ``[Hq, nb, nb]`` per sequence (:mod:`sglang_shplb.block_masks`), ``nb = ceil(n_kv / BLOCK)``.
+
+Query head ``h`` reads KV head ``h // (Hq // Hkv)`` (GQA).
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+
+from ..patterns import BLOCK
+
+
+def _expand_block_mask(mask: torch.Tensor, n_kv: int, block: int = BLOCK) -> torch.Tensor:
+    """``[H, nb, nb]`` block mask → ``[H, n_kv, n_kv]`` token mask, token-causal everywhere."""
+    tok_blk = torch.arange(n_kv, device=mask.device) // block
+    m = mask[:, tok_blk][:, :, tok_blk]
+    causal = torch.ones(n_kv, n_kv, dtype=torch.bool, device=mask.device).tril()
+    return m & causal
+
+
+def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: torch.Tensor,
+                     sm_scale: float | None = None, block: int = BLOCK,
+                     compute_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """One sequence. ``q [n_q, Hq, d]`` (the last ``n_q`` positions), ``k, v [n_kv, Hkv, d]``,
+    ``block_mask [Hq, nb, nb]``. Returns ``[n_q, Hq, d]`` in ``compute_dtype``.
+
+    ``o_i = sum_j softmax_j(s_ij) v_j`` with ``s_ij = scale * q_i·k_j`` over the allowed j (block in the
+    mask and ``j <= i``)."""
+    n_q, hq, d = q.shape
+    n_kv, hkv, _ = k.shape
+    group = hq // hkv
+    scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(d)
+    qq = q.to(compute_dtype).transpose(0, 1)                                  # [Hq, n_q, d]
+    kk = k.to(compute_dtype).transpose(0, 1).repeat_interleave(group, 0)      # [Hq, n_kv, d]
+    vv = v.to(compute_dtype).transpose(0, 1).repeat_interleave(group, 0)
+    allowed = _expand_block_mask(block_mask.to(q.device), n_kv, block)[:, n_kv - n_q:]  # [Hq, n_q, n_kv]
+    s = (qq @ kk.transpose(1, 2)) * scale
+    s = s.masked_fill(~allowed, float("-inf"))
+    p = torch.softmax(s, dim=-1)
+    return (p @ vv).transpose(0, 1)
+
+
+def reference_sparse_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                             masks: Sequence[torch.Tensor], cu_seqlens_q: torch.Tensor,
+                             kv_lens: torch.Tensor, *, cu_seqlens_k: torch.Tensor | None = None,
+                             req_to_token: torch.Tensor | None = None,
+                             req_pool_indices: torch.Tensor | None = None,
+                             sm_scale: float | None = None) -> torch.Tensor:
+    """Varlen batch: ``masks[b] [Hq, nb_b, nb_b]``. KV contiguous (``cu_seqlens_k``) or paged
+    (``req_to_token`` + ``req_pool_indices``, ``k``/``v`` being the token pool). Returns float32 ``[total_q, Hq, d]``."""
+    cq = cu_seqlens_q.tolist()
+    lens = kv_lens.tolist()
+    out = torch.empty(q.shape, dtype=torch.float32, device=q.device)
+    for b in range(len(lens)):
+        kb, vb = gather_kv(k, v, b, lens[b], cu_seqlens_k, req_to_token, req_pool_indices)
+        out[cq[b]:cq[b + 1]] = masked_attention(q[cq[b]:cq[b + 1]], kb, vb, masks[b], sm_scale)
+    return out
+
+
+def gather_kv(k, v, b: int, n_kv: int, cu_seqlens_k=None, req_to_token=None, req_pool_indices=None):
+    """Keys/values ``[n_kv, Hkv, d]`` of sequence ``b`` from either layout."""
+    if req_to_token is not None:
+        loc = req_to_token[int(req_pool_indices[b]), :n_kv].long()
+        return k[loc], v[loc]
+    s = int(cu_seqlens_k[b])
+    return k[s:s + n_kv], v[s:s + n_kv]
+
+
+# ---------------------------------------------------------------------------------------------------
+# decode
+# ---------------------------------------------------------------------------------------------------
+def reference_page_summaries(k_buffer: torch.Tensor, req_to_token: torch.Tensor, req_pool_index: int,
+                             n: int, page: int = BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-page elementwise min / max of the keys of one request: ``[Hkv, n_pages, d]`` each."""
+    kk = k_buffer[req_to_token[req_pool_index, :n].long()].float()           # [n, Hkv, d]
+    npg = math.ceil(n / page)
+    mins, maxs = [], []
+    for p in range(npg):
+        blk = kk[p * page:(p + 1) * page]
+        mins.append(blk.amin(0))
+        maxs.append(blk.amax(0))
+    return torch.stack(mins, 1), torch.stack(maxs, 1)
+
+
+def quest_scores(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor) -> torch.Tensor:
+    """Upper bound of ``q·k`` over a page: ``sum_d max(q_d kmin_d, q_d kmax_d)``.
+    ``q [Hq, d]``, ``kmin/kmax [Hkv, P, d]`` → ``[Hq, P]``."""
+    group = q.shape[0] // kmin.shape[0]
+    lo = kmin.float().repeat_interleave(group, 0)
+    hi = kmax.float().repeat_interleave(group, 0)
+    qq = q.float()[:, None, :]
+    return torch.maximum(qq * lo, qq * hi).sum(-1)
+
+
+def reference_sparse_decode(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tensor,
+                            req_to_token: torch.Tensor, req_pool_indices: torch.Tensor,
+                            seq_lens: torch.Tensor, page_sets: Sequence[Sequence[Sequence[int]]],
+                            sm_scale: float | None = None, page: int = BLOCK) -> torch.Tensor:
+    """``q [B, Hq, d]`` (the token at position ``seq_lens[b] - 1``, already in the pool);
+    ``page_sets[b][h]``: the pages (64-token blocks of the sequence) head ``h`` reads. Float32 ``[B, Hq, d]``."""
+    bsz, hq, d = q.shape
+    hkv = k_buffer.shape[1]
+    group = hq // hkv
+    scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(d)
+    out = torch.empty(bsz, hq, d, dtype=torch.float32, device=q.device)
+    for b in range(bsz):
+        n = int(seq_lens[b])
+        loc = req_to_token[int(req_pool_indices[b]), :n].long()
+        kk, vv = k_buffer[loc].float(), v_buffer[loc].float()                # [n, Hkv, d]
+        for h in range(hq):
+            pos = torch.cat([torch.arange(p * page, min((p + 1) * page, n)) for p in sorted(set(page_sets[b][h]))])
+            s = (kk[pos, h // group] @ q[b, h].float()) * scale
+            out[b, h] = torch.softmax(s, 0) @ vv[pos, h // group]
+    return out
+
+
+def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """``‖out − ref‖ / ‖ref‖`` in float64; NaN anywhere → inf."""
+    o, r = out.double(), ref.double()
+    if not torch.isfinite(o).all():
+        return float("inf")
+    return float((o - r).norm() / r.norm().clamp_min(1e-30))

@@ -1,0 +1,179 @@
+"""Triton prefill / extend kernel: causal attention where each (sequence, query head, query block) reads
+its own list of 64-token KV blocks (:mod:`.index`).
+
+One program = one 64-row query block of one head. Flash attention with an online softmax in base 2:
+
+    s_j = (q · k_j) * scale * log2(e)
+    m'  = max(m, max_j s_j);   alpha = 2^(m - m');   p_j = 2^(s_j - m')
+    l   = alpha * l + sum_j p_j;   acc = alpha * acc + p · V;   m = m'
+    o   = acc / l
+
+Listed blocks are ascending, so the diagonal block is the last one: all earlier blocks lie fully inside
+``[0, n_kv)`` and before every query row, and only the diagonal needs the causal/bounds mask. Dense heads
+walk ``0..qi-1`` without index loads. Triton is imported on first use (tests set ``TRITON_INTERPRET=1``).
+"""
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+
+import torch
+
+from ..patterns import BLOCK
+
+LOG2E = 1.4426950408889634
+
+
+@lru_cache(maxsize=None)
+def _kernel():
+    from ._triton_compat import import_triton
+    triton, tl = import_triton()
+
+    @triton.jit
+    def _sparse_prefill_kernel(
+        Q, K, V, O,
+        stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
+        cu_q, kv_lens, cu_k, req_to_token, req_pool_idx, stride_r2t,
+        block_idx, block_cnt, head_dense,
+        s_bi_b, s_bi_h, s_bi_q, s_bc_b, s_bc_h,
+        qk_scale, HQ,
+        GROUP: tl.constexpr, BLOCK_M: tl.constexpr, D: tl.constexpr, PAGED: tl.constexpr,
+        DOT_F32: tl.constexpr,
+    ):
+        jq = tl.program_id(0)                     # query block, relative to the chunk's first block
+        bh = tl.program_id(1)
+        b = bh // HQ
+        h = bh % HQ
+        hk = h // GROUP
+        q_start = tl.load(cu_q + b)
+        n_q = tl.load(cu_q + b + 1) - q_start
+        n_kv = tl.load(kv_lens + b)
+        prefix = n_kv - n_q
+        qi = prefix // BLOCK_M + jq               # absolute query block
+        if qi * BLOCK_M < n_kv:
+            offs_d = tl.arange(0, D)
+            ar = tl.arange(0, BLOCK_M)
+            offs_m = qi * BLOCK_M + ar            # absolute positions of the rows
+            m_valid = (offs_m >= prefix) & (offs_m < n_kv)
+            q_rows = q_start + offs_m - prefix
+            q = tl.load(Q + q_rows[:, None] * stride_qt + h * stride_qh + offs_d[None, :],
+                        mask=m_valid[:, None], other=0.0)
+            if DOT_F32:  # the CPU interpreter's bf16 dot is wrong: compute in float32 there
+                q = q.to(tl.float32)
+            if PAGED:
+                r2t = req_to_token + tl.load(req_pool_idx + b).to(tl.int64) * stride_r2t
+                kv_base = 0
+            else:
+                r2t = req_to_token
+                kv_base = tl.load(cu_k + b)
+            dense = (tl.load(head_dense + h) != 0).to(tl.int32)
+            cnt = tl.load(block_cnt + b * s_bc_b + h * s_bc_h + qi)
+            n_iter = dense * qi + (1 - dense) * (cnt - 1)
+            idx_row = block_idx + b * s_bi_b + h * s_bi_h + qi * s_bi_q
+            k_ptr = K + hk * stride_kh + offs_d[None, :]
+            v_ptr = V + hk * stride_vh + offs_d[None, :]
+
+            m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+            l_i = tl.zeros([BLOCK_M], tl.float32)
+            acc = tl.zeros([BLOCK_M, D], tl.float32)
+            for it in range(0, n_iter):
+                kb = tl.load(idx_row + it, mask=dense == 0, other=0)
+                kb = dense * it + (1 - dense) * kb
+                offs_n = kb * BLOCK_M + ar
+                if PAGED:
+                    loc = tl.load(r2t + offs_n).to(tl.int64)
+                else:
+                    loc = (kv_base + offs_n).to(tl.int64)
+                k = tl.load(k_ptr + loc[:, None] * stride_kt)
+                if DOT_F32:
+                    k = k.to(tl.float32)
+                s = tl.dot(q, tl.trans(k)) * qk_scale
+                m_new = tl.maximum(m_i, tl.max(s, 1))
+                alpha = tl.math.exp2(m_i - m_new)
+                p = tl.math.exp2(s - m_new[:, None])
+                l_i = l_i * alpha + tl.sum(p, 1)
+                v = tl.load(v_ptr + loc[:, None] * stride_vt)
+                if DOT_F32:
+                    v = v.to(tl.float32)
+                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+                m_i = m_new
+            # diagonal block: token-causal and bounded by n_kv
+            offs_n = qi * BLOCK_M + ar
+            n_valid = offs_n < n_kv
+            if PAGED:
+                loc = tl.load(r2t + offs_n, mask=n_valid, other=0).to(tl.int64)
+            else:
+                loc = (kv_base + offs_n).to(tl.int64)
+            k = tl.load(k_ptr + loc[:, None] * stride_kt, mask=n_valid[:, None], other=0.0)
+            if DOT_F32:
+                k = k.to(tl.float32)
+            s = tl.dot(q, tl.trans(k)) * qk_scale
+            ok = n_valid[None, :] & (offs_n[None, :] <= offs_m[:, None])
+            s = tl.where(ok, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            alpha = tl.math.exp2(m_i - m_new)
+            p = tl.math.exp2(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            v = tl.load(v_ptr + loc[:, None] * stride_vt, mask=n_valid[:, None], other=0.0)
+            if DOT_F32:
+                v = v.to(tl.float32)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            o = acc / l_i[:, None]
+            tl.store(O + q_rows[:, None] * stride_ot + h * stride_oh + offs_d[None, :],
+                     o.to(O.dtype.element_ty), mask=m_valid[:, None])
+
+    return _sparse_prefill_kernel
+
+
+def sparse_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_idx: torch.Tensor,
+                   block_cnt: torch.Tensor, head_dense: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                   kv_lens: torch.Tensor, max_q_len: int, *, cu_seqlens_k: torch.Tensor | None = None,
+                   req_to_token: torch.Tensor | None = None, req_pool_indices: torch.Tensor | None = None,
+                   sm_scale: float | None = None, out: torch.Tensor | None = None,
+                   num_warps: int | None = None, num_stages: int | None = None) -> torch.Tensor:
+    """Sparse causal attention of a varlen, optionally chunked batch.
+
+    ``q [total_q, Hq, d]``; ``k, v``: contiguous ``[total_kv, Hkv, d]`` with ``cu_seqlens_k``, or the token
+    pool with ``req_to_token [R, max_ctx]`` and ``req_pool_indices [B]``. ``kv_lens [B]``: tokens per
+    sequence including the prefix; ``max_q_len``: a host bound on ``n_q`` (fixes the grid).
+    ``block_idx/block_cnt/head_dense``: :class:`.index.BlockIndex`. Returns ``[total_q, Hq, d]`` in q's dtype.
+    """
+    from .index import check_qkv
+    check_qkv(q, k, v)
+    paged = req_to_token is not None
+    if paged == (cu_seqlens_k is not None):
+        raise ValueError("give exactly one KV layout: cu_seqlens_k (contiguous) or req_to_token + req_pool_indices (paged)")
+    if paged and req_pool_indices is None:
+        raise ValueError("paged KV needs req_pool_indices")
+    bsz = kv_lens.shape[0]
+    hq, d = q.shape[1], q.shape[2]
+    if cu_seqlens_q.shape[0] != bsz + 1:
+        raise ValueError(f"cu_seqlens_q has {cu_seqlens_q.shape[0]} entries for {bsz} sequences")
+    if block_cnt.dim() != 3 or block_cnt.shape[:2] != (bsz, hq) or block_idx.shape[:3] != block_cnt.shape:
+        raise ValueError(f"block index shapes {tuple(block_idx.shape)} / {tuple(block_cnt.shape)} do not match "
+                         f"{bsz} sequences x {hq} heads")
+    if head_dense.shape != (hq,):
+        raise ValueError(f"head_dense has shape {tuple(head_dense.shape)}, expected ({hq},)")
+    scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(d)
+    o = out if out is not None else torch.empty_like(q)
+    block_idx = block_idx if block_idx.stride(-1) == 1 else block_idx.contiguous()
+    dummy = cu_seqlens_q
+    grid = (max(1, math.ceil(max_q_len / BLOCK) + 1), bsz * hq)   # +1: an unaligned prefix spans one more block
+    if num_warps is None:
+        num_warps = 4 if d <= 64 else 8
+    if num_stages is None:
+        num_stages = 3 if q.is_cuda else 1
+    _kernel()[grid](
+        q, k, v, o,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), o.stride(0), o.stride(1),
+        cu_seqlens_q, kv_lens, cu_seqlens_k if not paged else dummy,
+        req_to_token if paged else dummy, req_pool_indices if paged else dummy,
+        req_to_token.stride(0) if paged else 0,
+        block_idx, block_cnt, head_dense,
+        block_idx.stride(0), block_idx.stride(1), block_idx.stride(2), block_cnt.stride(0), block_cnt.stride(1),
+        scale * LOG2E, hq,
+        GROUP=hq // k.shape[1], BLOCK_M=BLOCK, D=d, PAGED=paged,
+        DOT_F32=(not q.is_cuda) and q.dtype == torch.bfloat16,
+        num_warps=num_warps, num_stages=num_stages,
+    )
+    return o

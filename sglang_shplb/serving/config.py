@@ -1,0 +1,55 @@
+"""Serving options of the shplb backend. They travel from the launcher (or a test) to SGLang's scheduler
+subprocesses as environment variables, which every spawned process inherits."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+ENV_PLAN = "SHPLB_PLAN"                      # path of the plan (directory or plan.json)
+ENV_DENSE_FALLBACK = "SHPLB_DENSE_FALLBACK"  # "1": no plan, every head dense (documented fallback)
+ENV_DENSE_BACKEND = "SHPLB_DENSE_BACKEND"    # stock backend for dense heads (default: torch_native on CPU, flashinfer on CUDA)
+ENV_GROUP_PREFILL = "SHPLB_GROUP_PREFILL_BY_BUCKET"  # "1": order the waiting queue so prefill batches share a bucket
+ENV_HIST_EVERY = "SHPLB_BUCKET_LOG_EVERY"    # log the bucket histogram every N batches (0: never)
+
+BACKEND_NAME = "shplb"
+
+
+@dataclass(frozen=True)
+class ServingConfig:
+    plan_path: str | None
+    dense_fallback: bool
+    dense_backend: str | None
+    group_prefill_by_bucket: bool
+    bucket_log_every: int
+
+    @staticmethod
+    def from_env(env=None) -> "ServingConfig":
+        env = os.environ if env is None else env
+        return ServingConfig(
+            plan_path=env.get(ENV_PLAN) or None,
+            dense_fallback=env.get(ENV_DENSE_FALLBACK, "0") == "1",
+            dense_backend=env.get(ENV_DENSE_BACKEND) or None,
+            group_prefill_by_bucket=env.get(ENV_GROUP_PREFILL, "0") == "1",
+            bucket_log_every=int(env.get(ENV_HIST_EVERY, "200")),
+        )
+
+    def to_env(self) -> dict[str, str]:
+        out = {ENV_DENSE_FALLBACK: "1" if self.dense_fallback else "0",
+               ENV_GROUP_PREFILL: "1" if self.group_prefill_by_bucket else "0",
+               ENV_HIST_EVERY: str(self.bucket_log_every)}
+        if self.plan_path:
+            out[ENV_PLAN] = str(self.plan_path)
+        if self.dense_backend:
+            out[ENV_DENSE_BACKEND] = self.dense_backend
+        return out
+
+
+def configure(plan: str | None = None, *, dense_fallback: bool = False, dense_backend: str | None = None,
+              group_prefill_by_bucket: bool = False, bucket_log_every: int = 200) -> ServingConfig:
+    """Set the options for servers started from this process (``sgl.Engine`` included)."""
+    cfg = ServingConfig(str(plan) if plan else None, dense_fallback, dense_backend, group_prefill_by_bucket,
+                        bucket_log_every)
+    for k in (ENV_PLAN, ENV_DENSE_BACKEND):
+        os.environ.pop(k, None)
+    os.environ.update(cfg.to_env())
+    return cfg

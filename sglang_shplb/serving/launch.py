@@ -1,0 +1,128 @@
+"""``python -m sglang_shplb.launch_server``: SGLang's launcher with a validated plan.
+
+Takes every ``sglang.launch_server`` flag plus ours (see ``--help``, group "sglang_shplb"). Order:
+parse all flags (an unknown flag exits 2 naming it); load and validate the plan against the model's
+config and TP size (exit 3 naming the cause; nothing of SGLang started); select
+``--attention-backend shplb``; hand over to SGLang's launcher in this process.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+EXIT_BAD_PLAN = 3
+EXIT_NO_PLAN = 4
+EXIT_BAD_ARGS = 2
+
+
+def add_shplb_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("sglang_shplb", "head-adaptive sparse attention (the shplb attention backend)")
+    g.add_argument("--shplb-plan", metavar="PATH", default=None,
+                   help="plan directory or plan.json made by `python -m sglang_shplb` for this model; "
+                        "validated before SGLang starts")
+    g.add_argument("--shplb-dense-fallback", action="store_true",
+                   help="run without a plan: every head dense through the shplb backend (a documented "
+                        "fallback; without it a missing plan is an error)")
+    g.add_argument("--shplb-dense-backend", default=None, metavar="NAME",
+                   help="stock SGLang backend for dense heads (default: torch_native on CPU, flashinfer on CUDA)")
+    g.add_argument("--shplb-group-prefill-by-bucket", action="store_true",
+                   help="scheduler policy: order waiting requests so a prefill batch shares one context bucket")
+    g.add_argument("--shplb-bucket-log-every", type=int, default=200, metavar="N",
+                   help="log the batch bucket histogram every N batches (0: never; exported as the metric "
+                        "sglang:shplb_bucket_batches_total with --enable-metrics)")
+
+
+def build_parser():
+    from sglang.srt.server_args import ServerArgs
+    parser = argparse.ArgumentParser(
+        prog="python -m sglang_shplb.launch_server",
+        description="SGLang 0.5.17 server with the shplb attention backend (per-head sparse budgets from a plan). "
+                    "Every `sglang.launch_server` flag is accepted.")
+    ServerArgs.add_cli_args(parser)
+    add_shplb_args(parser)
+    return parser
+
+
+_OURS = ("shplb_plan", "shplb_dense_fallback", "shplb_dense_backend", "shplb_group_prefill_by_bucket",
+         "shplb_bucket_log_every")
+
+
+def split_argv(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
+    """(our options, SGLang's argv with ``--attention-backend shplb``). Exits 2 on an unknown flag."""
+    parser = build_parser()
+    args = parser.parse_args(argv)  # full parse: unknown flags and bad values exit 2 with argparse's message
+    ours = argparse.Namespace(**{k: getattr(args, k) for k in _OURS})
+    ab = getattr(args, "attention_backend", None)
+    if ab not in (None, "shplb"):
+        parser.error(f"--attention-backend {ab}: this launcher serves with the shplb backend; choose the stock "
+                     f"backend for dense heads with --shplb-dense-backend {ab}")
+    rest, skip = [], 0
+    for i, a in enumerate(argv):
+        if skip:
+            skip -= 1
+            continue
+        name = a.split("=", 1)[0]
+        if name.replace("-", "_").lstrip("_") in _OURS:
+            if "=" not in a and name not in ("--shplb-dense-fallback", "--shplb-group-prefill-by-bucket"):
+                skip = 1
+            continue
+        if name == "--attention-backend":
+            if "=" not in a:
+                skip = 1
+            continue
+        rest.append(a)
+    return ours, rest + ["--attention-backend", "shplb"], args
+
+
+def validate_plan(plan_path: str, model_path: str, tp_size: int):
+    """Load + validate; raises PlanError with the cause."""
+    from ..plan import load_plan
+    return load_plan(plan_path, model_path, tp_size)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    from .version import SGLangVersionError, check_sglang_version
+    try:
+        check_sglang_version()
+    except SGLangVersionError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_BAD_ARGS
+    from sglang.srt.plugins import load_plugins
+    load_plugins()  # registers the shplb backend choice (the installed entry point) before parsing
+    from .plugin import register
+    register()       # when running from a source tree without the entry point installed
+    ours, sgl_argv, args = split_argv(argv)
+
+    from ..plan import PlanError
+    from .config import ServingConfig
+    if ours.shplb_plan:
+        try:
+            plan = validate_plan(ours.shplb_plan, args.model_path, int(args.tp_size or 1))
+        except PlanError as e:
+            print(f"error: plan rejected, server not started: {type(e).__name__}: {e}", file=sys.stderr)
+            return EXIT_BAD_PLAN
+        except (OSError, ValueError, KeyError) as e:
+            print(f"error: cannot validate the plan against {args.model_path}: {e}", file=sys.stderr)
+            return EXIT_BAD_PLAN
+        print(f"sglang_shplb: plan {ours.shplb_plan} OK for {plan.model.architecture} "
+              f"({plan.model.num_layers} layers x {plan.model.num_heads} heads, buckets {list(plan.buckets.edges)})",
+              file=sys.stderr)
+    elif not ours.shplb_dense_fallback:
+        print("error: no plan given. Pass --shplb-plan PATH (make one with `python -m sglang_shplb`), or "
+              "--shplb-dense-fallback to serve with every head dense.", file=sys.stderr)
+        return EXIT_NO_PLAN
+    cfg = ServingConfig(os.path.abspath(ours.shplb_plan) if ours.shplb_plan else None, ours.shplb_dense_fallback,
+                        ours.shplb_dense_backend, ours.shplb_group_prefill_by_bucket, ours.shplb_bucket_log_every)
+    os.environ.update(cfg.to_env())
+
+    from sglang.launch_server import run_server
+    from sglang.srt.server_args import prepare_server_args
+    from sglang.srt.utils import kill_process_tree
+    server_args = prepare_server_args(sgl_argv)
+    try:
+        run_server(server_args)
+    finally:
+        kill_process_tree(os.getpid(), include_parent=False)
+    return 0

@@ -1,0 +1,94 @@
+"""SGLang plugin entry point (group ``sglang.srt.plugins``, name ``shplb``).
+
+``register()`` runs in every SGLang process through ``load_plugins()`` (launcher, engine, each scheduler /
+TP worker). It registers the ``shplb`` attention backend and its CLI choice, and these HookRegistry hooks:
+
+* ``sglang.srt.utils.common.support_triton`` (AROUND): for ``shplb`` answer what the dense delegate
+  answers, so on CPU SGLang treats ``shplb`` like ``torch_native`` (no Triton cache-index kernels).
+* ``ForwardBatch.init_new`` (AFTER) and ``SchedulePolicy.calc_priority`` (AFTER): the context-bucket
+  hook and the group-prefill-by-bucket policy (:mod:`sglang_shplb.scheduler.bucket_hook`).
+* ``Scheduler.__init__`` (AFTER): turn the bucket hook on in schedulers that serve ``shplb``.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from .version import check_sglang_version
+
+logger = logging.getLogger(__name__)
+_registered = False
+
+
+def _dense_backend_for_current_device() -> str:
+    from sglang.srt.utils import is_cpu
+
+    from .config import ServingConfig
+    cfg = ServingConfig.from_env()
+    return cfg.dense_backend or ("torch_native" if is_cpu() else "flashinfer")
+
+
+def support_triton_hook(original_fn, backend, *args, **kwargs):
+    from .config import BACKEND_NAME
+    if backend == BACKEND_NAME:
+        backend = _dense_backend_for_current_device()
+    return original_fn(backend, *args, **kwargs)
+
+
+def _plan_buckets():
+    """Bucket edges of the configured plan (read from plan.json alone), or the default edges."""
+    from ..buckets import Buckets
+    from ..plan import JSON_NAME
+    from .config import ServingConfig
+    cfg = ServingConfig.from_env()
+    if cfg.plan_path:
+        p = Path(cfg.plan_path)
+        p = p / JSON_NAME if p.is_dir() else p
+        try:
+            return Buckets(tuple(json.loads(p.read_text())["buckets"]))
+        except Exception as e:  # the backend's load_plan reports the real error
+            logger.warning("shplb: could not read bucket edges from %s: %s", p, e)
+    return Buckets()
+
+
+def after_scheduler_init(result, sched, *args, **kwargs):
+    from ..scheduler.bucket_hook import configure_buckets
+    from .config import BACKEND_NAME, ServingConfig
+    sa = getattr(sched, "server_args", None)
+    if sa is None:
+        return None
+    names = {sa.attention_backend, getattr(sa, "prefill_attention_backend", None),
+             getattr(sa, "decode_attention_backend", None)}
+    if BACKEND_NAME not in names:
+        return None
+    cfg = ServingConfig.from_env()
+    stats = configure_buckets(_plan_buckets(), cfg.bucket_log_every, cfg.group_prefill_by_bucket,
+                              metrics=bool(getattr(sa, "enable_metrics", False)))
+    logger.info("shplb: bucket hook on (edges %s, group prefill by bucket: %s, metrics: %s)",
+                stats.buckets.edges, cfg.group_prefill_by_bucket, stats._counter is not None)
+    return None
+
+
+def register() -> None:
+    """Entry point named in pyproject: ``shplb = "sglang_shplb.serving.plugin:register"``."""
+    global _registered
+    if _registered:
+        return
+    check_sglang_version()
+    from sglang.srt.layers.attention.attention_registry import ATTENTION_BACKENDS, register_attention_backend
+    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
+    from sglang.srt.server_args import ATTENTION_BACKEND_CHOICES, add_attention_backend_choices
+
+    from ..scheduler.bucket_hook import install_hooks
+    from .backend import create_shplb_backend
+    from .config import BACKEND_NAME
+
+    if BACKEND_NAME not in ATTENTION_BACKENDS:
+        register_attention_backend(BACKEND_NAME)(create_shplb_backend)
+    if BACKEND_NAME not in ATTENTION_BACKEND_CHOICES:
+        add_attention_backend_choices([BACKEND_NAME])
+    HookRegistry.register("sglang.srt.utils.common.support_triton", support_triton_hook, HookType.AROUND)
+    HookRegistry.register("sglang.srt.managers.scheduler.Scheduler.__init__", after_scheduler_init, HookType.AFTER)
+    install_hooks()
+    _registered = True

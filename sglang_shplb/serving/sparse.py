@@ -1,0 +1,167 @@
+"""Sparse heads of one attention layer over SGLang's paged KV pool (no SGLang import: testable alone).
+
+Layout (SGLang's): ``q [T, H, d]`` packed by sequence; the queries of sequence ``b`` are the last
+``q_lens[b]`` of its ``seq_lens[b]`` tokens (prefill: all; chunked prefill / radix hit: after a cached
+prefix; decode: one). K/V live in the token pool ``k_buffer [pool, Hkv, d]`` and are read through
+``req_to_token[req_pool_indices[b], pos]``. ``budgets``: the rank-local heads' budgets, in local order.
+
+Which blocks a head computes is decided by :func:`sglang_shplb.kernels.index.build_block_index` (the
+kernels' index builder, which reproduces :func:`sglang_shplb.block_masks.build_block_masks` for a batch,
+chunked or not). The outputs come from the Triton kernel on CUDA and from masked dense attention
+(:func:`sglang_shplb.kernels.reference.masked_attention`) elsewhere. Streaming heads in decode take a
+fixed-shape gather path that is safe inside a captured CUDA graph.
+"""
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+from typing import Sequence
+
+import torch
+
+from ..patterns import BLOCK, HeadBudget, Pattern
+
+# A dense head is computed by the stock backend; inside the sparse index/kernel it is swapped for the
+# cheapest pattern (one diagonal block) and its output discarded.
+_CHEAP = HeadBudget(Pattern.STREAMING, sink_blocks=0, window_blocks=1)
+
+
+def sparse_heads(budgets: Sequence[HeadBudget]) -> list[int]:
+    return [h for h, b in enumerate(budgets) if b.pattern is not Pattern.DENSE]
+
+
+def _index_budgets(budgets: Sequence[HeadBudget]) -> list[HeadBudget]:
+    return [(_CHEAP if b.pattern is Pattern.DENSE else b) for b in budgets]
+
+
+def _masks_from_index(block_idx: torch.Tensor, block_cnt: torch.Tensor, b: int, heads: list[int],
+                      nb: int) -> torch.Tensor:
+    """Bool ``[len(heads), nb, nb]`` block masks of sequence ``b`` from a (padded) block index."""
+    idx = block_idx[b, heads, :nb].long()                       # [S, nb, maxk]
+    cnt = block_cnt[b, heads, :nb].long()                       # [S, nb]
+    keep = torch.arange(idx.shape[-1], device=idx.device)[None, None, :] < cnt[..., None]
+    m = torch.zeros(len(heads), nb, nb + 1, dtype=torch.bool, device=idx.device)
+    m.scatter_(-1, torch.where(keep, idx, torch.full_like(idx, nb)), True)
+    return m[..., :nb] & torch.ones(nb, nb, dtype=torch.bool, device=idx.device).tril()
+
+
+def sparse_attention(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tensor,
+                     req_to_token: torch.Tensor, req_pool_indices: torch.Tensor, seq_lens: torch.Tensor,
+                     q_lens: torch.Tensor, budgets: Sequence[HeadBudget], scale: float, out: torch.Tensor,
+                     *, max_kv_len: int | None = None, use_kernel: bool | None = None) -> torch.Tensor:
+    """Write the sparse heads' outputs into ``out [T, H, d]`` (dense heads' columns are left alone)."""
+    heads = sparse_heads(budgets)
+    if not heads or q.shape[0] == 0:
+        return out
+    from ..kernels.index import build_block_index
+
+    dev = q.device
+    seq_lens = seq_lens.to(dev)
+    q_lens = q_lens.to(dev)
+    cu_q = torch.zeros(q_lens.shape[0] + 1, dtype=torch.int32, device=dev)
+    cu_q[1:] = torch.cumsum(q_lens, 0)
+    if max_kv_len is None:
+        max_kv_len = int(seq_lens.max())
+    ib = _index_budgets(budgets)
+    bi = build_block_index(ib, q, k_buffer, cu_q, seq_lens, max_kv_len, req_to_token=req_to_token,
+                           req_pool_indices=req_pool_indices)
+    if use_kernel is None:
+        use_kernel = q.is_cuda
+    if use_kernel:
+        from ..kernels.triton_prefill import sparse_prefill
+        max_q = int(q_lens.max()) if not torch.cuda.is_current_stream_capturing() else 1
+        o = sparse_prefill(q, k_buffer, v_buffer, bi.block_idx, bi.block_cnt, bi.head_dense, cu_q, seq_lens,
+                           max_q, req_to_token=req_to_token, req_pool_indices=req_pool_indices, sm_scale=scale)
+        out[:, heads] = o[:, heads].to(out.dtype)
+        return out
+    from ..kernels.reference import masked_attention
+    group = q.shape[1] // k_buffer.shape[1]
+    kv_of = torch.tensor([h // group for h in heads], device=dev)
+    cq, lens = cu_q.tolist(), seq_lens.tolist()
+    for b, n in enumerate(lens):
+        if cq[b + 1] == cq[b]:
+            continue
+        loc = req_to_token[int(req_pool_indices[b]), :n].long()
+        kb, vb = k_buffer[loc][:, kv_of], v_buffer[loc][:, kv_of]          # [n, S, d]: one KV per sparse head
+        nb = math.ceil(n / BLOCK)
+        masks = _masks_from_index(bi.block_idx, bi.block_cnt, b, heads, nb)
+        ob = masked_attention(q[cq[b]:cq[b + 1]][:, heads], kb, vb, masks, scale)
+        out[cq[b]:cq[b + 1], heads] = ob.to(out.dtype)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# decode, graph-safe paths
+# ---------------------------------------------------------------------------------------------------
+@lru_cache(maxsize=64)
+def _stream_offsets(sink_blocks: int, window_blocks: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    return (torch.arange(sink_blocks * BLOCK, device=device),
+            torch.arange(window_blocks * BLOCK, device=device))
+
+
+def streaming_decode(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tensor, req_to_token: torch.Tensor,
+                     req_pool_indices: torch.Tensor, seq_lens: torch.Tensor, budgets: Sequence[HeadBudget],
+                     heads: Sequence[int], scale: float, out: torch.Tensor) -> torch.Tensor:
+    """One decode query per sequence (``q [B, H, d]``, at position ``seq_lens - 1``) for streaming heads:
+    fixed shapes, no host sync, so it can run inside a captured CUDA graph. The token-level result equals
+    the block-mask reference: sink blocks ``< sink_blocks`` plus the ``window_blocks`` blocks ending at the
+    query's block."""
+    dev = q.device
+    group = q.shape[1] // k_buffer.shape[1]
+    n = seq_lens.to(dev).long()
+    last_blk = (n - 1) // BLOCK
+    max_ctx = req_to_token.shape[1]
+    by_cfg: dict[tuple[int, int], list[int]] = {}
+    for h in heads:
+        b = budgets[h]
+        by_cfg.setdefault((b.sink_blocks, b.window_blocks), []).append(h)
+    rows = req_to_token[req_pool_indices.long()]                              # [B, max_ctx]
+    for (s, w), hs in by_cfg.items():
+        so, wo = _stream_offsets(s, w, str(dev))
+        wstart = (last_blk - w + 1) * BLOCK                                   # [B]
+        pw = wstart[:, None] + wo[None, :]                                    # [B, W*BLOCK]
+        ps = so[None, :].expand(n.shape[0], -1)
+        pos = torch.cat([ps, pw], 1)                                          # [B, P]
+        valid = (pos >= 0) & (pos < n[:, None])
+        valid[:, ps.shape[1]:] &= pw >= s * BLOCK                             # no double count of sinks
+        loc = torch.gather(rows, 1, pos.clamp(0, max_ctx - 1)).long()         # [B, P]
+        hs_t = torch.tensor(hs, device=dev) if not (q.is_cuda and torch.cuda.is_current_stream_capturing()) \
+            else _const_heads(tuple(hs), str(dev))
+        kvh = hs_t // group
+        kk = k_buffer[loc][:, :, kvh].float()                                 # [B, P, S, d]
+        vv = v_buffer[loc][:, :, kvh].float()
+        qq = q[:, hs_t].float()                                               # [B, S, d]
+        sc = torch.einsum("bsd,bpsd->bsp", qq, kk) * scale
+        sc = sc.masked_fill(~valid[:, None, :], float("-inf"))
+        p = torch.softmax(sc, -1)
+        out[:, hs_t] = torch.einsum("bsp,bpsd->bsd", p, vv).to(out.dtype)
+    return out
+
+
+@lru_cache(maxsize=256)
+def _const_heads(hs: tuple[int, ...], device: str) -> torch.Tensor:
+    return torch.tensor(hs, device=device)
+
+
+def sparse_decode(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tensor, req_to_token: torch.Tensor,
+                  req_pool_indices: torch.Tensor, seq_lens: torch.Tensor, budgets: Sequence[HeadBudget],
+                  scale: float, out: torch.Tensor, *, max_kv_len: int | None = None) -> torch.Tensor:
+    """Decode step (``q [B, H, d]``): streaming heads by :func:`streaming_decode`; top-k / vertical-slash
+    heads through the block index like a one-token chunk of prefill (not graph-safe yet)."""
+    heads = sparse_heads(budgets)
+    if not heads:
+        return out
+    stream = [h for h in heads if budgets[h].pattern is Pattern.STREAMING]
+    other = [h for h in heads if budgets[h].pattern is not Pattern.STREAMING]
+    if stream:
+        streaming_decode(q, k_buffer, v_buffer, req_to_token, req_pool_indices, seq_lens, budgets, stream, scale, out)
+    if other:
+        if q.is_cuda and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("shplb: top-k / vertical-slash heads cannot run inside a captured CUDA graph yet "
+                               "(their decode index needs the context length on the host); start the server "
+                               "with --disable-cuda-graph, or use a plan whose sparse heads are streaming")
+        only = [b if (h in other) else HeadBudget.dense() for h, b in enumerate(budgets)]
+        ones = torch.ones(q.shape[0], dtype=torch.int32, device=q.device)
+        sparse_attention(q, k_buffer, v_buffer, req_to_token, req_pool_indices, seq_lens, ones, only, scale, out,
+                         max_kv_len=max_kv_len)
+    return out

@@ -1,0 +1,49 @@
+"""Synthetic plans for tests and benchmarks (no profiling): budgets chosen by rule, placements for the
+given TP sizes by SGLang's contiguous slicing. Real plans come from ``python -m sglang_shplb``."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+from ..buckets import Buckets
+from ..model_spec import ModelSpec
+from ..patterns import HeadBudget
+from ..placement_types import LayerPlacement, Piece, Placement
+from ..plan import Plan, save_plan
+from .head_map import rank_heads
+
+
+def synthetic_plan(model_dir: str | Path, budget: Callable[[int, int, ModelSpec], HeadBudget],
+                   out_dir: str | Path, *, buckets: Buckets | None = None, tp_sizes=(1,),
+                   meta: dict | None = None) -> Path:
+    """``budget(layer, q_head, spec)`` → HeadBudget. Writes the plan to ``out_dir``; returns plan.json."""
+    spec = ModelSpec.from_config(model_dir)
+    buckets = buckets or Buckets()
+    budgets = [[budget(li, h, spec) for h in range(spec.num_heads)] for li in range(spec.num_layers)]
+    placements = {}
+    for tp in tp_sizes:
+        per_bucket = []
+        for b in range(len(buckets)):
+            layers = [LayerPlacement([[Piece(h) for h in rank_heads(spec.num_heads, tp, r, li, b)] for r in range(tp)])
+                      for li in range(spec.num_layers)]
+            per_bucket.append(Placement(tp, b, "contiguous", layers, {}))
+        placements[tp] = per_bucket
+    return save_plan(Plan(spec, buckets, budgets, placements, meta or {"source": "synthetic"}), out_dir)
+
+
+def dense_budget(layer: int, head: int, spec: ModelSpec) -> HeadBudget:
+    return HeadBudget.dense()
+
+
+def mixed_budget(sink_tokens: int = 64, window_tokens: int = 256, topk_fraction: float = 0.25,
+                 dense_kv_groups: int = 1) -> Callable[[int, int, ModelSpec], HeadBudget]:
+    """The first ``dense_kv_groups`` KV groups of every layer dense; of the rest, even KV groups streaming
+    (sink + window) and odd ones top-k at ``topk_fraction``. ``topk_fraction=None``: all streaming."""
+    def f(layer: int, head: int, spec: ModelSpec) -> HeadBudget:
+        g = spec.kv_head_of(head)
+        if g < dense_kv_groups:
+            return HeadBudget.dense()
+        if topk_fraction is None or g % 2 == 0:
+            return HeadBudget.streaming(sink_tokens, window_tokens)
+        return HeadBudget.topk(topk_fraction, min_blocks=2)
+    return f

@@ -1,0 +1,110 @@
+"""The layer placement problem and the share-space assignment every solver returns."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+#: ``assignment[g]`` = list of ``(head, share)`` computed on GPU ``g``; the shares of a head sum to 1.
+Assignment = list[list[tuple[int, float]]]
+
+@dataclass
+class LayerProblem:
+    """One layer: per-query-head costs (seconds), the GQA group size and the TP size, plus options.
+
+    A whole head ``h`` costs ``costs[h]``. A piece holding share ``s`` of a split head costs
+    ``fixed[h] + s * var[h]`` with ``fixed[h] = min(piece_overhead, costs[h])`` and
+    ``var[h] = costs[h] - fixed[h]``: every piece pays the fixed per-head cost again.
+
+    ``max_replicated_kv``: cap on KV-head copies beyond one per KV head in this layer (``None`` = no cap).
+    ``allow_split_heads``: may a head's query blocks be cut over several GPUs.
+    ``equal_heads``: every GPU computes the same number of whole query heads (needs ``H % tp == 0``).
+    """
+
+    costs: np.ndarray
+    group_size: int
+    tp: int
+    piece_overhead: float = 0.0
+    max_replicated_kv: int | None = None
+    allow_split_heads: bool = True
+    equal_heads: bool = False
+    time_limit: float = 10.0
+    fixed: np.ndarray = field(init=False, repr=False)
+    var: np.ndarray = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.costs = np.asarray(self.costs, dtype=np.float64)
+        if self.costs.ndim != 1 or len(self.costs) == 0:
+            raise ValueError("costs must be a non-empty 1-D array")
+        if np.any(self.costs < 0) or not np.all(np.isfinite(self.costs)):
+            raise ValueError("costs must be finite and non-negative")
+        if self.group_size < 1 or len(self.costs) % self.group_size:
+            raise ValueError(f"{len(self.costs)} query heads do not form groups of {self.group_size}")
+        if self.tp < 1:
+            raise ValueError(f"TP size must be >= 1, got {self.tp}")
+        if self.piece_overhead < 0:
+            raise ValueError("piece_overhead must be >= 0")
+        if self.max_replicated_kv is not None and self.max_replicated_kv < 0:
+            raise ValueError("max_replicated_kv must be >= 0 or None")
+        if self.equal_heads and len(self.costs) % self.tp:
+            raise ValueError(f"equal_heads needs the {len(self.costs)} query heads to divide by TP {self.tp}")
+        self.fixed = np.minimum(self.piece_overhead, self.costs)
+        self.var = self.costs - self.fixed
+
+    @property
+    def num_heads(self) -> int:
+        return len(self.costs)
+
+    @property
+    def num_kv(self) -> int:
+        return self.num_heads // self.group_size
+
+    def kv(self, h: int) -> int:
+        return h // self.group_size
+
+    def piece_cost(self, h: int, share: float) -> float:
+        return float(self.costs[h]) if share >= 1.0 - 1e-12 else float(self.fixed[h] + share * self.var[h])
+
+    def lower_bound(self) -> float:
+        """A makespan no placement beats: the mean load, and the largest head when heads stay whole."""
+        lb = float(self.costs.sum()) / self.tp
+        if not self.allow_split_heads or self.equal_heads:
+            lb = max(lb, float(self.costs.max()))
+        return lb
+
+
+@dataclass
+class SolverResult:
+    assignment: Assignment
+    optimal: bool | None = None  # True when proven optimal (exact solver); None for heuristics
+    bound: float | None = None  # a proven lower bound on the makespan, when known
+    info: dict = field(default_factory=dict)
+
+
+def share_loads(problem: LayerProblem, assignment: Assignment) -> np.ndarray:
+    """Per-GPU seconds of an assignment, in share space (before cutting into query blocks)."""
+    return np.array([sum(problem.piece_cost(h, s) for h, s in gpu) for gpu in assignment], dtype=np.float64)
+
+
+def replicas(problem: LayerProblem, assignment: Assignment) -> int:
+    copies = sum(len({problem.kv(h) for h, _ in gpu}) for gpu in assignment)
+    distinct = len({problem.kv(h) for gpu in assignment for h, _ in gpu})
+    return copies - distinct
+
+
+def num_pieces(assignment: Assignment) -> int:
+    return sum(len(g) for g in assignment)
+
+
+def feasible(problem: LayerProblem, assignment: Assignment) -> bool:
+    """Respects the replica cap, equal_heads and allow_split_heads."""
+    if problem.max_replicated_kv is not None and replicas(problem, assignment) > problem.max_replicated_kv:
+        return False
+    split = any(s < 1.0 - 1e-12 for g in assignment for _, s in g)
+    if split and (problem.equal_heads or not problem.allow_split_heads):
+        return False
+    if problem.equal_heads:
+        per = problem.num_heads // problem.tp
+        if any(len(g) != per for g in assignment):
+            return False
+    return True

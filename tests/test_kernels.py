@@ -1,0 +1,300 @@
+"""Sparse kernels vs the PyTorch reference, under Triton's CPU interpreter (tiny shapes)."""
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton
+
+import math  # noqa: E402
+import random  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from sglang_shplb.block_masks import build_block_masks  # noqa: E402
+from sglang_shplb.kernels import (SparseDecode, SparsePrefill, block_index_from_masks,  # noqa: E402
+                                  build_block_index, sparse_prefill)
+from sglang_shplb.kernels.reference import (quest_scores, reference_page_summaries,  # noqa: E402
+                                            reference_sparse_decode, reference_sparse_prefill,
+                                            relative_error)
+from sglang_shplb.kernels.triton_decode import decode_page_budget  # noqa: E402
+from sglang_shplb.patterns import BLOCK, HeadBudget, Pattern  # noqa: E402
+
+if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":  # pragma: no cover
+    pytest.skip("needs a GPU or TRITON_INTERPRET=1", allow_module_level=True)
+DEV = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
+TOL = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 2e-2}
+
+
+def random_budgets(hq: int, rng: random.Random) -> list[HeadBudget]:
+    out = []
+    for _ in range(hq):
+        p = rng.choice(list(Pattern))
+        if p is Pattern.DENSE:
+            out.append(HeadBudget.dense())
+        elif p is Pattern.STREAMING:
+            out.append(HeadBudget.streaming(rng.choice([0, 64, 128]), rng.choice([64, 128])))
+        elif p is Pattern.TOPK:
+            out.append(HeadBudget.topk(rng.choice([0.1, 0.3, 0.6]), rng.choice([2, 3])))  # min 1: see below
+        else:
+            out.append(HeadBudget.vslash(rng.choice([0.2, 0.5]), rng.choice([1, 2])))
+    return out
+
+
+def make_batch(lens, q_lens, hq, hkv, d, dtype, paged, seed):
+    """Varlen batch; ``q_lens[b] <= lens[b]`` (chunked prefill when smaller). KV contiguous or in a
+    scattered token pool."""
+    g = torch.Generator().manual_seed(seed)
+    tq = sum(q_lens)
+    q = torch.randn(tq, hq, d, generator=g).to(dtype)
+    cu_q = torch.tensor([0] + list(torch.tensor(q_lens).cumsum(0)), dtype=torch.int32)
+    kvl = torch.tensor(lens, dtype=torch.int32)
+    kw = {}
+    if paged:
+        max_ctx = max(lens) + 5
+        r = len(lens) + 2
+        pool = r * max_ctx + 37
+        k = torch.randn(pool, hkv, d, generator=g).to(dtype)
+        v = torch.randn(pool, hkv, d, generator=g).to(dtype)
+        req_to_token = torch.randperm(pool, generator=g)[:r * max_ctx].view(r, max_ctx).int()
+        rpi = torch.randperm(r, generator=g)[:len(lens)].int()
+        kw = dict(req_to_token=req_to_token, req_pool_indices=rpi)
+    else:
+        k = torch.randn(sum(lens), hkv, d, generator=g).to(dtype)
+        v = torch.randn(sum(lens), hkv, d, generator=g).to(dtype)
+        kw = dict(cu_seqlens_k=torch.tensor([0] + list(torch.tensor(lens).cumsum(0)), dtype=torch.int32))
+    return q, k, v, cu_q, kvl, kw
+
+
+def seq_kv(k, b, n, kw):
+    if "req_to_token" in kw:
+        return k[kw["req_to_token"][int(kw["req_pool_indices"][b]), :n].long()]
+    s = int(kw["cu_seqlens_k"][b])
+    return k[s:s + n]
+
+
+# ---------------------------------------------------------------------------------------------------
+# index builders agree with block_masks.build_block_masks
+# ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("group,paged,seed", [(1, False, 0), (4, True, 1), (8, False, 2), (4, False, 3)])
+def test_index_builders_match_block_masks(group, paged, seed):
+    rng = random.Random(seed)
+    hkv = 2 if group < 8 else 1
+    hq = hkv * group
+    lens = [rng.randint(65, 330) for _ in range(3)]
+    budgets = random_budgets(hq, rng)
+    q, k, v, cu_q, kvl, kw = make_batch(lens, lens, hq, hkv, 64, torch.float32, paged, seed)
+    idx = build_block_index(budgets, q, k, cu_q, kvl, max(lens) + 40, **kw)   # max_kv_len: a looser bound
+    for b, n in enumerate(lens):
+        ref = build_block_masks(budgets, q[cu_q[b]:cu_q[b + 1]].transpose(0, 1), seq_kv(k, b, n, kw).transpose(0, 1))
+        got = idx.masks(b, math.ceil(n / BLOCK))
+        assert torch.equal(got, ref), f"sequence {b}: heads {[(h, budgets[h]) for h in range(hq) if not torch.equal(got[h], ref[h])]}"
+
+
+def test_topk_min_blocks_1_keeps_the_diagonal():
+    # k(qi) = 1 leaves room for one of the two forced blocks: ours keeps the diagonal (block_masks'
+    # topk_mask leaves that tie to argsort)
+    q, k, v, cu_q, kvl, kw = make_batch([200], [200], 2, 1, 64, torch.float32, False, 9)
+    idx = build_block_index([HeadBudget.topk(0.1, 1)] * 2, q, k, cu_q, kvl, 200, **kw)
+    assert torch.equal(idx.block_cnt[0, :, :4], torch.ones(2, 4, dtype=torch.int32))
+    assert torch.equal(idx.block_idx[0, :, :4, 0], torch.arange(4).int().expand(2, 4))
+
+
+def test_vslash_rows_longer_than_2n_are_kept():
+    # n = vslash_count = 1 at nb = 11, but forced block 0 / offset 0 give rows of up to 2n + 2 = 4 blocks
+    n = 700
+    budgets = [HeadBudget.vslash(0.1, 1)] * 4
+    q, k, v, cu_q, kvl, kw = make_batch([n], [n], 4, 1, 64, torch.float32, False, 11)
+    idx = build_block_index(budgets, q, k, cu_q, kvl, n, **kw)
+    ref = build_block_masks(budgets, q.transpose(0, 1), k.transpose(0, 1))
+    assert ref.sum(-1).max() > 2 * budgets[0].vslash_count(ref.shape[-1])
+    assert torch.equal(idx.masks(0, ref.shape[-1]), ref)
+
+
+def test_index_rows_sorted_with_diagonal_last():
+    rng = random.Random(5)
+    budgets = random_budgets(8, rng)
+    q, k, v, cu_q, kvl, kw = make_batch([300], [300], 8, 2, 64, torch.float32, False, 5)
+    idx = build_block_index(budgets, q, k, cu_q, kvl, 300, **kw)
+    nb = math.ceil(300 / BLOCK)
+    for h in range(8):
+        if idx.head_dense[h]:
+            continue
+        for qi in range(nb):
+            row = idx.block_idx[0, h, qi, :idx.block_cnt[0, h, qi]].tolist()
+            assert row == sorted(set(row)) and row[-1] == qi
+
+
+# ---------------------------------------------------------------------------------------------------
+# prefill kernel vs reference
+# ---------------------------------------------------------------------------------------------------
+PREFILL_CASES = [
+    # lens, q_lens (chunked when smaller), hq, hkv, d, dtype, paged
+    ([200, 130, 65], [200, 130, 65], 4, 4, 64, torch.float32, False),      # GQA 1, varlen
+    ([190, 257], [190, 100], 8, 2, 64, torch.float32, True),               # GQA 4, paged, chunked
+    ([250], [70], 8, 1, 128, torch.bfloat16, True),                        # GQA 8, d=128, chunked, unaligned prefix
+    ([140, 77], [140, 77], 4, 1, 64, torch.float16, False),                # GQA 4, fp16
+    ([450], [450], 2, 1, 64, torch.float32, False),                        # long vslash rows (2n + 2)
+]
+
+
+@pytest.mark.parametrize("case", range(len(PREFILL_CASES)))
+def test_sparse_prefill_matches_reference(case):
+    lens, q_lens, hq, hkv, d, dtype, paged = PREFILL_CASES[case]
+    rng = random.Random(10 + case)
+    budgets = random_budgets(hq, rng)
+    budgets[0] = HeadBudget.dense()
+    if hq > 1:
+        budgets[1] = HeadBudget.topk(0.3, 1)
+    if lens == [450]:
+        budgets = [HeadBudget.vslash(0.1, 1)] * hq
+    q, k, v, cu_q, kvl, kw = make_batch(lens, q_lens, hq, hkv, d, dtype, paged, 100 + case)
+    sp = SparsePrefill(budgets, hkv, d).plan(cu_q, kvl, max(q_lens), max(lens), **kw)
+    out = torch.full_like(q, float("nan"))                                  # poison
+    sp.run(q, k, v, out=out)
+    masks = [sp.last_index.masks(b, math.ceil(n / BLOCK)) for b, n in enumerate(lens)]
+    ref = reference_sparse_prefill(q, k, v, masks, cu_q, kvl, **kw)
+    assert relative_error(out, ref) < TOL[dtype]
+
+
+def test_sparse_prefill_explicit_masks_and_scale():
+    rng = random.Random(7)
+    lens = [150, 64]
+    hq, hkv, d = 4, 2, 64
+    q, k, v, cu_q, kvl, kw = make_batch(lens, lens, hq, hkv, d, torch.float32, False, 7)
+    masks = []
+    for n in lens:
+        nb = math.ceil(n / BLOCK)
+        m = (torch.rand(hq, nb, nb, generator=torch.Generator().manual_seed(rng.randint(0, 99))) < 0.5).tril()
+        m |= torch.eye(nb, dtype=torch.bool)
+        masks.append(m)
+    index = block_index_from_masks(masks)
+    o = sparse_prefill(q, k, v, index.block_idx, index.block_cnt, index.head_dense, cu_q, kvl, max(lens),
+                       sm_scale=0.05, **kw)
+    ref = reference_sparse_prefill(q, k, v, masks, cu_q, kvl, sm_scale=0.05, **kw)
+    assert relative_error(o, ref) < 1e-4
+
+
+# ---------------------------------------------------------------------------------------------------
+# decode
+# ---------------------------------------------------------------------------------------------------
+def _decode_setup(seed, hq=8, hkv=2, d=64, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    max_ctx, r = 330, 4
+    pool = r * max_ctx + 50
+    k = torch.randn(pool, hkv, d, generator=g).to(dtype)
+    v = torch.randn(pool, hkv, d, generator=g).to(dtype)
+    req_to_token = torch.randperm(pool, generator=g)[:r * max_ctx].view(r, max_ctx).int()
+    return k, v, req_to_token, max_ctx, r
+
+
+def _expected_pages(budgets, q_b, k, req_to_token, rp, n, chosen=None):
+    """Reference page sets of one request; ``chosen[h]``: a reused selection of selected heads."""
+    npg = math.ceil(n / BLOCK)
+    lo, hi = reference_page_summaries(k, req_to_token, rp, n)
+    sc = quest_scores(q_b, lo, hi)
+    rows, picks = [], {}
+    for h, bu in enumerate(budgets):
+        if bu.pattern is Pattern.DENSE:
+            rows.append(list(range(npg)))
+        elif bu.pattern is Pattern.STREAMING:
+            rows.append(sorted(set(range(min(bu.sink_blocks, npg))) | set(range(max(0, npg - bu.window_blocks), npg))))
+        else:
+            if chosen is None:
+                s = sc[h, :npg - 1].clone()
+                if npg > 1:
+                    s[0] = float("inf")
+                picks[h] = s.argsort(descending=True)[:decode_page_budget(bu, npg) - 1].tolist()
+            else:
+                picks[h] = chosen[h]
+            rows.append(sorted({p for p in picks[h] if p < npg - 1} | {npg - 1}))
+    return rows, picks
+
+
+@pytest.mark.parametrize("group,dtype,grouped", [(4, torch.float32, False), (1, torch.bfloat16, False),
+                                                 (8, torch.float16, False), (4, torch.bfloat16, True)])
+def test_sparse_decode_with_page_reuse(group, dtype, grouped):
+    rng = random.Random(20 + group)
+    hkv = 2 if group < 8 else 1
+    hkv = 3 if grouped else hkv
+    hq = hkv * group
+    d = 64
+    k, v, req_to_token, max_ctx, r = _decode_setup(group, hq, hkv, d, dtype)
+    budgets = random_budgets(hq, rng)
+    budgets[0] = HeadBudget.topk(0.3, 2)
+    if grouped:  # KV head 1 all dense, KV head 2 one streaming budget: the group kernel reads them
+        budgets[group:2 * group] = [HeadBudget.dense()] * group
+        budgets[2 * group:] = [HeadBudget.streaming(64, 128)] * group
+    rpi = torch.tensor([2, 0, 3], dtype=torch.int32)
+    lens = torch.tensor([250, 64, 130], dtype=torch.int32)                  # 64 / 130: a page just filled / just begun
+    sd = SparseDecode(budgets, hkv, d, max_ctx, r, dtype=dtype, reselect_every=3)
+    sd.build_summaries(k, req_to_token, rpi, lens - 1)
+    sd.plan(3, nsplit=4)
+    assert (sd.groups[0] >= 0).sum() == (2 if grouped else int(sd.groups[0].ge(0).sum()))
+    chosen = None
+    for step in range(3):                                                   # select, then reuse twice
+        sd.update_summaries(k, req_to_token, rpi, lens)
+        for b in range(3):                                                  # summaries are exact
+            lo, hi = reference_page_summaries(k, req_to_token, int(rpi[b]), int(lens[b]))
+            np_ = lo.shape[1]
+            assert torch.equal(sd.kmin[int(rpi[b]), :, :np_].float(), lo)
+            assert torch.equal(sd.kmax[int(rpi[b]), :, :np_].float(), hi)
+        q = torch.randn(3, hq, d, generator=torch.Generator().manual_seed(step)).to(dtype)
+        out = sd.run(q, k, v, req_to_token, rpi, lens)
+        sets, new_chosen = [], []
+        for b in range(3):
+            rows, picks = _expected_pages(budgets, q[b], k, req_to_token, int(rpi[b]), int(lens[b]),
+                                          None if chosen is None else chosen[b])
+            sets.append(rows)
+            new_chosen.append(picks)
+        chosen = new_chosen
+        ref = reference_sparse_decode(q, k, v, req_to_token, rpi, lens, sets)
+        assert relative_error(out, ref) < TOL[dtype], f"step {step}"
+        lens = lens + 1
+
+
+# ---------------------------------------------------------------------------------------------------
+# errors
+# ---------------------------------------------------------------------------------------------------
+def test_bad_inputs_raise_value_error():
+    b4 = [HeadBudget.dense()] * 4
+    q, k, v, cu_q, kvl, kw = make_batch([100], [100], 4, 2, 64, torch.float32, False, 0)
+    with pytest.raises(ValueError, match="3 budgets for 4 query heads"):
+        build_block_index(b4[:3], q, k, cu_q, kvl, 100, **kw)
+    with pytest.raises(ValueError, match="not a HeadBudget"):
+        SparsePrefill(b4[:3] + ["dense"], 2, 64)
+    with pytest.raises(ValueError, match="fraction"):
+        HeadBudget.topk(1.5)
+    with pytest.raises(ValueError, match="head_dim"):
+        SparsePrefill(b4, 2, 96)
+    with pytest.raises(ValueError, match="multiple"):
+        SparsePrefill(b4, 3, 64)
+    sp = SparsePrefill(b4, 2, 64).plan(cu_q, kvl, 100, 100, **kw)
+    with pytest.raises(ValueError, match="dtype"):
+        sp.run(q.double(), k.double(), v.double())
+    with pytest.raises(ValueError, match="disagree"):
+        sp.run(q, k[:, :, :32].contiguous(), v)
+    with pytest.raises(ValueError, match="disagree"):
+        sp.run(q[:, :2], k, v)
+    with pytest.raises(ValueError, match="disagree"):
+        SparsePrefill(b4, 2, 64).plan(cu_q[:1], kvl, 100, 100, **kw)
+    m = torch.ones(4, 2, 2, dtype=torch.bool).tril()
+    m[1, 1] = False
+    with pytest.raises(ValueError, match="empty row|diagonal"):
+        block_index_from_masks([m])
+    m = torch.ones(4, 2, 2, dtype=torch.bool).tril()
+    m[2, 1, :] = False
+    with pytest.raises(ValueError, match="empty row"):
+        block_index_from_masks([m])
+    with pytest.raises(ValueError, match="lower-triangular"):
+        block_index_from_masks([torch.ones(4, 2, 2, dtype=torch.bool)])
+
+
+def test_flashinfer_missing_is_a_clear_error():
+    try:
+        import flashinfer  # noqa: F401
+        pytest.skip("flashinfer is installed")
+    except ImportError:
+        pass
+    from sglang_shplb.kernels.flashinfer_wrappers import FlashInferSparsePrefill, FlashInferUnavailable
+    with pytest.raises(FlashInferUnavailable, match=r"pip install sglang_shplb\[gpu\].*0\.6\.15\.post1"):
+        FlashInferSparsePrefill([HeadBudget.dense()] * 2, 1, 64, device="cpu")
+    assert issubclass(FlashInferUnavailable, ImportError)

@@ -1,0 +1,273 @@
+import itertools
+
+import numpy as np
+import pytest
+
+from sglang_shplb.buckets import Buckets
+from sglang_shplb.cost_model import CostModel, CostProfile
+from sglang_shplb.model_spec import ModelSpec
+from sglang_shplb.patterns import HeadBudget
+from sglang_shplb.placement import (baseline_replicated_kv, compare_solvers, cost_fraction_to_query_fraction,
+                                    evaluate_placement, placement_for, placement_for_length, sglang_kv_heads,
+                                    solve_layer, solve_plan_placements)
+from sglang_shplb.placement_types import Placement, check_coverage
+
+SOLVERS = ["contiguous", "lpt", "shplb", "shplb_exact"]
+
+
+def brute_force(costs, gs, G, cap=None, equal=False, unit="head"):
+    """Optimal makespan over whole heads (or whole groups) by enumeration."""
+    H = len(costs)
+    units = [[h] for h in range(H)] if unit == "head" else [list(range(k * gs, (k + 1) * gs)) for k in range(H // gs)]
+    best = np.inf
+    for assign in itertools.product(range(G), repeat=len(units)):
+        loads = np.zeros(G)
+        kv = [set() for _ in range(G)]
+        cnt = np.zeros(G, dtype=int)
+        for u, g in zip(units, assign):
+            for h in u:
+                loads[g] += costs[h]
+                kv[g].add(h // gs)
+                cnt[g] += 1
+        if cap is not None and sum(len(s) for s in kv) - H // gs > cap:
+            continue
+        if equal and np.any(cnt != H // G):
+            continue
+        best = min(best, loads.max())
+    return best
+
+
+def rand_costs(rng, H):
+    c = rng.uniform(0.1, 1.0, H)
+    c[rng.integers(H)] *= rng.uniform(1, 4)  # a heavy head
+    return c
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("H,gs,G", [(4, 2, 2), (6, 2, 3), (6, 3, 2), (6, 1, 3), (4, 4, 3)])
+def test_exact_equals_brute_force_whole_units(seed, H, gs, G):
+    rng = np.random.default_rng(seed)
+    c = rand_costs(rng, H)
+    for cap in (None, 0, 1):
+        opt = brute_force(c, gs, G, cap=cap)
+        r = solve_layer(c, gs, G, "shplb_exact", allow_split_heads=False, max_replicated_kv=cap)
+        assert r.optimal
+        assert r.slowest == pytest.approx(opt, rel=1e-5), (cap, r.slowest, opt)
+        if cap is not None:
+            assert r.replicated_kv <= cap
+        assert all(p.whole for g in r.placement.gpus for p in g)
+        # the heuristic is feasible and never below the optimum
+        h = solve_layer(c, gs, G, "shplb", allow_split_heads=False, max_replicated_kv=cap)
+        assert h.slowest >= opt * (1 - 1e-9)
+        if cap is not None:
+            assert h.replicated_kv <= cap
+    if H % G == 0:
+        opt = brute_force(c, gs, G, equal=True)
+        r = solve_layer(c, gs, G, "shplb_exact", equal_heads=True)
+        assert r.slowest == pytest.approx(opt, rel=1e-5)
+
+
+@pytest.mark.parametrize("seed", range(5))
+@pytest.mark.parametrize("H,gs,G", [(4, 2, 2), (6, 3, 4), (8, 2, 3), (9, 3, 8)])
+def test_exact_with_splits_reaches_lp_bound(seed, H, gs, G):
+    c = rand_costs(np.random.default_rng(seed), H)
+    r = solve_layer(c, gs, G, "shplb_exact", piece_overhead=0.0)
+    assert r.slowest == pytest.approx(c.sum() / G, rel=1e-4)
+    # with the fast heuristic: optimal up to its 0.1 % selection tolerance
+    h = solve_layer(c, gs, G, "shplb", piece_overhead=0.0)
+    assert h.slowest <= c.sum() / G * (1 + 1.5e-3)
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_lpt_within_four_thirds(seed):
+    rng = np.random.default_rng(seed)
+    gs, G = int(rng.integers(1, 4)), int(rng.integers(2, 4))
+    K = int(rng.integers(G + 1, 8))
+    c = rand_costs(rng, K * gs)
+    opt = brute_force(c, gs, G, unit="group")
+    r = solve_layer(c, gs, G, "lpt")
+    assert r.replicated_kv == 0
+    assert r.slowest <= (4 / 3 - 1 / (3 * G)) * opt * (1 + 1e-12)
+
+
+def test_exact_with_overhead_beats_or_ties_heuristic():
+    rng = np.random.default_rng(7)
+    c = rand_costs(rng, 8)
+    for cap in (None, 1):
+        e = solve_layer(c, 2, 3, "shplb_exact", piece_overhead=0.05, max_replicated_kv=cap)
+        h = solve_layer(c, 2, 3, "shplb", piece_overhead=0.05, max_replicated_kv=cap)
+        assert e.slowest <= h.slowest * (1 + 1e-6)
+        assert e.bound is not None and e.bound <= e.slowest * (1 + 1e-6)
+
+
+def test_contiguous_reproduces_sglang_slices():
+    r = solve_layer(np.ones(32), 4, 8, "contiguous")
+    assert [r.placement.heads_on(g) for g in range(8)] == [list(range(4 * g, 4 * g + 4)) for g in range(8)]
+    assert [r.placement.kv_heads_on(g, 4) for g in range(8)] == sglang_kv_heads(8, 8)
+    assert r.replicated_kv == 0
+    # TP > KV heads: SGLang replicates each KV head G / Hkv times, rank r holds KV head r * Hkv // G
+    for H, Hkv, G in [(32, 4, 8), (32, 2, 8), (16, 2, 4), (8, 1, 4)]:
+        gs = H // Hkv
+        r = solve_layer(np.ones(H), gs, G, "contiguous")
+        assert [r.placement.kv_heads_on(g, gs) for g in range(G)] == [[g * Hkv // G] for g in range(G)]
+        assert [r.placement.kv_heads_on(g, gs) for g in range(G)] == sglang_kv_heads(Hkv, G)
+        assert r.replicated_kv == G - Hkv == baseline_replicated_kv(H, Hkv, G)
+    # G <= Hkv: each rank Hkv / G consecutive KV heads
+    assert sglang_kv_heads(8, 2) == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    # heads not divisible by TP: near-even contiguous split (first H % G ranks one more)
+    r = solve_layer(np.ones(9), 3, 2, "contiguous")
+    assert [r.placement.heads_on(g) for g in range(2)] == [[0, 1, 2, 3, 4], [5, 6, 7, 8]]
+    r = solve_layer(np.ones(9), 3, 8, "contiguous")
+    assert [len(r.placement.heads_on(g)) for g in range(8)] == [2, 1, 1, 1, 1, 1, 1, 1]
+
+
+def _smol_like(num_layers=3, heads=9, kv=3, seed=0):
+    spec = ModelSpec("LlamaForCausalLM", num_layers, heads, kv, 64, 8192, "t")
+    rng = np.random.default_rng(seed)
+    budgets = []
+    for _ in range(num_layers):
+        layer = []
+        for h in range(heads):
+            u = rng.random()
+            layer.append(HeadBudget.dense() if u < 0.15 else HeadBudget.streaming(64, int(rng.integers(2, 20)) * 64)
+                         if u < 0.55 else HeadBudget.topk(float(rng.uniform(0.05, 0.3))))
+        budgets.append(layer)
+    return spec, budgets
+
+
+def _assert_blocks_once(p: Placement, num_heads: int, nbs=(1, 2, 3, 7, 64, 100, 129, 2048)):
+    check_coverage(p, num_heads)
+    for lp in p.layers:
+        for nb in nbs:
+            owned = {}
+            for r, g in enumerate(lp.gpus):
+                for piece in g:
+                    for blk in piece.blocks(nb):
+                        key = (piece.head, blk)
+                        assert key not in owned, f"block {key} owned twice at nb={nb}"
+                        owned[key] = r
+            assert len(owned) == num_heads * nb
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_every_block_owned_once_smollm2_shape(solver):
+    exact = solver == "shplb_exact"
+    spec, budgets = _smol_like(num_layers=1 if exact else 3)
+    buckets = Buckets((4096,) if exact else (4096, 8192, 16384))
+    pl = solve_plan_placements(spec, budgets, buckets, [2, 4, 8], CostModel.analytic(), solver, time_limit=0.5)
+    assert sorted(pl) == [2, 4, 8]
+    for tp, per in pl.items():
+        assert len(per) == len(buckets)
+        for b, p in enumerate(per):
+            assert p.tp == tp and p.bucket == b and p.predicted["seq_len"] == buckets.upper(b)
+            _assert_blocks_once(p, spec.num_heads)
+
+
+def test_split_pieces_carry_their_cost_share():
+    b = HeadBudget.dense()
+    n = 16384
+    # one dense head among light ones at TP 4: the dense head must be split
+    costs = np.array([10.0] + [0.5] * 7)
+    prof = [CostProfile.of(b, n)] + [CostProfile.of(HeadBudget.streaming(64, 512), n)] * 7
+    r = solve_layer(costs, 2, 4, "shplb", profiles=prof)
+    pieces = [p for g in r.placement.gpus for p in g if p.head == 0]
+    assert len(pieces) >= 2
+    assert r.slowest <= costs.sum() / 4 * 1.03
+    # query fractions follow the causal profile: dense pieces get shorter towards the end
+    q = cost_fraction_to_query_fraction(b, n, 0.5)
+    assert 0.69 < q < 0.72
+
+
+@pytest.mark.parametrize("solver", ["shplb", "shplb_exact"])
+@pytest.mark.parametrize("cap", [0, 1, 2])
+def test_replicated_kv_within_cap(solver, cap):
+    rng = np.random.default_rng(cap)
+    for H, gs, G in [(8, 2, 4), (9, 3, 2), (12, 4, 2), (8, 4, 3)]:
+        c = rand_costs(rng, H)
+        r = solve_layer(c, gs, G, solver, max_replicated_kv=cap, piece_overhead=0.01, time_limit=1.0)
+        assert r.replicated_kv <= cap
+        check_coverage(Placement(G, 0, solver, [r.placement]), H)
+
+
+def test_cap_in_whole_plan():
+    spec, budgets = _smol_like(num_layers=4, heads=32, kv=8, seed=3)
+    pl = solve_plan_placements(spec, budgets, Buckets((4096, 8192)), [2, 4, 8], CostModel.analytic(), "shplb",
+                               max_replicated_kv=1, kv_dtype_bytes=2)
+    for per in pl.values():
+        for p in per:
+            assert max(lp.replicated_kv(spec.group_size) for lp in p.layers) <= 1
+            assert p.predicted["max_replicated_kv_per_layer"] <= 1
+            assert p.predicted["replicated_kv_bytes_per_token"] == p.predicted["replicated_kv_heads"] * 2 * 64 * 2
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_deterministic(solver):
+    # (a time-limited MILP is not deterministic: the instance is small enough to be solved to optimality)
+    spec, budgets = _smol_like(num_layers=2, heads=6, kv=2, seed=5)
+    kw = dict(time_limit=30.0)
+    a = solve_plan_placements(spec, budgets, Buckets((4096, 8192)), [2, 3], CostModel.analytic(), solver, **kw)
+    b = solve_plan_placements(spec, budgets, Buckets((4096, 8192)), [2, 3], CostModel.analytic(), solver, **kw)
+    for tp in a:
+        for pa, pb in zip(a[tp], b[tp]):
+            assert pa.to_rows() == pb.to_rows()
+
+
+@pytest.mark.parametrize("seed", range(15))
+def test_shplb_never_worse_than_contiguous(seed):
+    spec, budgets = _smol_like(num_layers=2, heads=[9, 16, 32][seed % 3], kv=[3, 4, 8][seed % 3], seed=seed)
+    cm = CostModel.analytic()
+    for allow in (True, False):
+        rows = compare_solvers(spec, budgets, Buckets((16384, 32768)), [2, 4, 8], cm, ("contiguous", "lpt", "shplb"),
+                               allow_split_heads=allow)
+        for r in rows:
+            if r["solver"] == "shplb":
+                assert r["speedup_vs_contiguous"] >= 1 - 1e-12, r
+
+
+def test_equal_heads():
+    rng = np.random.default_rng(1)
+    c = rand_costs(rng, 16)
+    for solver in SOLVERS:
+        r = solve_layer(c, 4, 4, solver, equal_heads=True, time_limit=2.0)
+        assert all(len(g) == 4 and all(p.whole for p in g) for g in r.placement.gpus)
+    with pytest.raises(ValueError, match="equal_heads"):
+        solve_layer(np.ones(9), 3, 2, "shplb", equal_heads=True)
+
+
+def test_heavy_dense_head_is_split_at_tp8():
+    # 32 heads / 8 KV heads, one dense head costing more than a GPU's fair share
+    c = np.full(32, 1.0)
+    c[5] = 12.0
+    contiguous = solve_layer(c, 4, 8, "contiguous")
+    lpt = solve_layer(c, 4, 8, "lpt")
+    s = solve_layer(c, 4, 8, "shplb", piece_overhead=0.01)
+    assert lpt.slowest == contiguous.slowest == 15.0  # whole groups cannot help here
+    assert s.slowest < 0.4 * contiguous.slowest
+    assert s.slowest <= c.sum() / 8 + 8 * 0.01
+
+
+def test_evaluate_matches_predicted_and_lookup():
+    spec, budgets = _smol_like(num_layers=3, heads=16, kv=4, seed=2)
+    buckets = Buckets((4096, 8192, 16384))
+    cm = CostModel.analytic()
+    pl = solve_plan_placements(spec, budgets, buckets, [2, 4], cm)
+    p = placement_for(pl, 4, 2)
+    assert p is pl[4][2]
+    assert placement_for_length(pl, buckets, 4, 9000) is pl[4][2]
+    ev = evaluate_placement(p, spec, budgets, cm)
+    for k in ("slowest_s", "mean_s", "bubble", "replicated_kv_heads"):
+        assert ev.summary()[k] == pytest.approx(p.predicted[k], rel=1e-9)
+    assert ev.loads.shape == (3, 4)
+    # contiguous under the same evaluation is slower
+    base = solve_plan_placements(spec, budgets, buckets, [4], cm, "contiguous")[4][2]
+    assert evaluate_placement(base, spec, budgets, cm).slowest_s >= ev.slowest_s
+
+
+def test_bad_inputs():
+    with pytest.raises(ValueError, match="unknown solver"):
+        solve_layer(np.ones(4), 2, 2, "magic")
+    with pytest.raises(ValueError, match="groups"):
+        solve_layer(np.ones(5), 2, 2)
+    spec, budgets = _smol_like(num_layers=2)
+    with pytest.raises(TypeError, match="unknown placement options"):
+        solve_plan_placements(spec, budgets, Buckets((4096,)), [2], CostModel.analytic(), max_replicas=1)
