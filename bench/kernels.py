@@ -395,9 +395,9 @@ def main():
         _dump(res, calib, calib_fi, args.out, device_name, today)
 
     res["wall_s"] = time.time() - t_start
+    _summary(res)
     _dump(res, calib, calib_fi, args.out, device_name, today)
     _plot(res, args.out)
-    _summary(res)
 
 
 def _dump(res, calib, calib_fi, out, device, today):

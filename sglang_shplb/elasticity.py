@@ -132,6 +132,7 @@ class ProfileResult:
     recall: dict[tuple[str, int], torch.Tensor] = field(default_factory=dict)
     err: dict[tuple[str, int], torch.Tensor] = field(default_factory=dict)
     prompts: list[dict] = field(default_factory=list)
+    model: dict = field(default_factory=dict)  # ModelSpec.to_dict() of the profiled checkpoint
 
     @property
     def sets(self) -> list[str]:
@@ -204,7 +205,10 @@ def profile_model(model_dir, lengths: list[int], sets: tuple[str, ...] = ("A", "
     tok = AutoTokenizer.from_pretrained(model_dir)
     options = options or default_options()
     n_layers, n_heads = model.config.num_hidden_layers, model.config.num_attention_heads
-    res = ProfileResult(options, sorted(lengths), n_layers, n_heads)
+    from .model_spec import ModelSpec
+
+    res = ProfileResult(options, sorted(lengths), n_layers, n_heads,
+                        model=ModelSpec.from_config(model.config).to_dict())
     work = [(s, p) for s in sets for p in calibration_prompts(tok, sorted(lengths), s, per_length)]
     bar = tqdm(total=len(work) * n_layers, desc="profiling heads", unit="layer")
     prof = ElasticityProfiler(model, options, rows_per_block, progress=bar)
@@ -236,7 +240,7 @@ def save_profile(res: ProfileResult, out_dir) -> "Path":
     save_file(tensors, str(out / "profile.safetensors"))
     doc = {"schema": "shplb-profile/1", "num_layers": res.num_layers, "num_heads": res.num_heads,
            "lengths": res.lengths, "options": [{"family": o.family, "budget": o.budget.to_dict()} for o in res.options],
-           "prompts": res.prompts}
+           "prompts": res.prompts, "model": res.model}
     path = out / "profile.json"
     path.write_text(json.dumps(doc, indent=1))
     return path
@@ -255,7 +259,8 @@ def load_profile(path) -> ProfileResult:
     if doc.get("schema") != "shplb-profile/1":
         raise ValueError(f"{path} is not a sglang_shplb profile (schema {doc.get('schema')!r})")
     opts = [Option(o["family"], HeadBudget.from_dict(o["budget"])) for o in doc["options"]]
-    res = ProfileResult(opts, doc["lengths"], doc["num_layers"], doc["num_heads"], prompts=doc["prompts"])
+    res = ProfileResult(opts, doc["lengths"], doc["num_layers"], doc["num_heads"], prompts=doc["prompts"],
+                        model=doc.get("model", {}))
     for key, t in load_file(str(path.parent / "profile.safetensors")).items():
         what, s, n = key.split(".")
         (res.recall if what == "recall" else res.err)[(s, int(n))] = t

@@ -1,0 +1,264 @@
+"""``python -m sglang_shplb``: the offline planning pipeline.
+
+    plan     all stages on the embedded default model (or --model): profile → budget → place → report
+    profile  per-head sparsity elasticity on calibration prompts        → OUT/profile.{json,safetensors}
+    budget   head-adaptive budgets (+ stability) from a profile          → OUT/budgets.json
+    place    S-HPLB placements per TP size and context bucket            → OUT/plan.{json,safetensors}
+    report   text report and PNG plots of a plan                         → OUT/report.txt, OUT/*.png
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+DEFAULT_OUT = "./shplb-plan"
+
+
+def _add_model(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help="Hugging Face causal-LM checkpoint directory "
+                   "(default: the embedded SmolLM2-135M-Instruct, converted once into the cache)")
+    p.add_argument("--cache-dir", default=None, help="where the converted default model is kept "
+                   "(default $SHPLB_CACHE or ~/.cache/sglang_shplb)")
+
+
+def _add_out(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", default=DEFAULT_OUT, help=f"output folder (default {DEFAULT_OUT})")
+
+
+def _add_profile(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="cpu", help="torch device for the model (cpu: float32, cuda: bf16)")
+    p.add_argument("--lengths", type=int, nargs="+", default=[2048, 8192],
+                   help="calibration context lengths in tokens (at most the model's context; default 2048 8192)")
+    p.add_argument("--sets", nargs="+", default=["A", "B"], choices=["A", "B"],
+                   help="disjoint calibration sets; two are needed for the stability score")
+    p.add_argument("--per-length", type=int, default=1, help="prompts per length and set")
+    p.add_argument("--rows-per-block", type=int, default=4,
+                   help="query rows sampled per 64-token block for the recall/error estimates")
+    p.add_argument("--num-layers", type=int, default=None, help="truncate the model to its first N layers (tests)")
+
+
+def _add_budget(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tau", type=float, default=0.95, help="recall each head must keep (default 0.95)")
+    p.add_argument("--density-target", type=float, default=None,
+                   help="instead of --tau: meet this mean density while maximising the worst head's recall")
+
+
+def _add_place(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tp", type=int, nargs="+", default=[2, 4, 8], help="TP sizes to solve (default 2 4 8)")
+    p.add_argument("--buckets", type=int, nargs="+", default=[4096, 8192, 16384, 32768, 65536, 131072],
+                   help="context bucket upper edges, doubling powers of two (default 4K … 128K)")
+    p.add_argument("--solver", default="shplb", choices=["shplb", "shplb_exact", "lpt", "contiguous"],
+                   help="placement solver stored in the plan (default: the fast S-HPLB heuristic)")
+    p.add_argument("--calibration", default=None,
+                   help="cost-model calibration table (JSON, schema shplb-calibration/1, written by "
+                        "bench/kernels.py); default: the analytic cost model")
+    p.add_argument("--max-replicated-kv", default="auto",
+                   help="cap on extra KV-head copies per layer (memory): a number, 'auto' (TP - 1, what "
+                        "cutting heavy heads across GPU boundaries needs; the default) or 'none'")
+    p.add_argument("--no-split", action="store_true", help="place whole heads only (no query-block splits)")
+    p.add_argument("--equal-heads", action="store_true", help="every GPU gets the same number of query heads")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m sglang_shplb", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", metavar="COMMAND")
+    p = sub.add_parser("plan", help="run every stage (default command)")
+    _add_model(p), _add_out(p), _add_profile(p), _add_budget(p), _add_place(p)
+    p.add_argument("--eval-lengths", type=int, nargs="*", default=[2048, 4096],
+                   help="passkey prompt lengths for the dense-vs-sparse check (empty to skip)")
+    p = sub.add_parser("profile", help="stage 1: per-head sparsity elasticity")
+    _add_model(p), _add_out(p), _add_profile(p)
+    p = sub.add_parser("budget", help="stage 2: head-adaptive budgets from a profile")
+    p.add_argument("--profile", default=DEFAULT_OUT, help="folder or profile.json of the profile stage")
+    _add_out(p), _add_budget(p)
+    p = sub.add_parser("place", help="stage 3-5: cost model, placements, plan file")
+    p.add_argument("--budgets", default=DEFAULT_OUT, help="folder or budgets.json of the budget stage")
+    _add_out(p), _add_place(p)
+    p = sub.add_parser("report", help="stage 6: text report and plots")
+    p.add_argument("--plan", default=DEFAULT_OUT, help="folder or plan.json")
+    p.add_argument("--calibration", default=None, help="cost-model calibration table (as for place)")
+    _add_out(p)
+    return ap
+
+
+# ---- stages ---------------------------------------------------------------------------------------
+
+def cmd_profile(a) -> Path:
+    from .elasticity import profile_model, save_profile
+    from .model_store import resolve_model
+
+    model = resolve_model(a.model, a.cache_dir)
+    res = profile_model(model, a.lengths, tuple(a.sets), a.per_length, a.device, a.rows_per_block, a.num_layers)
+    res.model["checkpoint"] = str(model)
+    path = save_profile(res, a.out)
+    print(f"profile of {res.num_layers} layers x {res.num_heads} heads at {res.lengths} tokens → {path}")
+    return path
+
+
+def cmd_budget(a) -> Path:
+    from .budgets import budgets_by_density_target, budgets_by_tau, stability
+    from .elasticity import load_profile
+
+    prof = load_profile(a.profile)
+    res = (budgets_by_density_target(prof, a.density_target) if a.density_target is not None
+           else budgets_by_tau(prof, a.tau))
+    doc = {"schema": "shplb-budgets/1", "model": prof.model, "mode": res.mode, "ref_len": res.ref_len,
+           "tau": a.tau, "budgets": [[b.to_dict() for b in layer] for layer in res.budgets],
+           "recall": res.recall.round(5).tolist(), "density": res.density.round(5).tolist()}
+    if len(prof.sets) >= 2:
+        st = stability(prof, a.tau)
+        doc["stability"] = {"spearman": st.spearman, "pvalue": st.pvalue, "same_family": st.same_family,
+                            "tau": st.tau, "need_a": st.need_a.round(5).tolist(), "need_b": st.need_b.round(5).tolist()}
+        print(f"stability: Spearman rho {st.spearman:.3f} between calibration sets, same family {st.same_family:.0%}")
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "budgets.json"
+    path.write_text(json.dumps(doc))
+    print(f"budgets ({res.mode}): {res.pattern_counts()}, mean density {res.mean_density:.3f} at {res.ref_len} "
+          f"tokens, worst recall {res.min_recall:.3f} → {path}")
+    return path
+
+
+def _load_budgets(path) -> dict:
+    path = Path(path)
+    if path.is_dir():
+        path = path / "budgets.json"
+    doc = json.loads(path.read_text())
+    if doc.get("schema") != "shplb-budgets/1":
+        raise SystemExit(f"{path} is not a budgets file of the budget stage")
+    return doc
+
+
+def _cost_model(calibration):
+    from .cost_model import CostModel
+
+    return CostModel.from_calibration(calibration) if calibration else CostModel.analytic()
+
+
+def _solve_opts(a) -> dict:
+    opts = {}
+    cap = str(a.max_replicated_kv).lower()
+    if cap != "none":
+        if cap != "auto" and not cap.isdigit():
+            raise SystemExit(f"--max-replicated-kv must be a number, 'auto' or 'none', got {a.max_replicated_kv!r}")
+        opts["max_replicated_kv"] = cap if cap == "auto" else int(cap)
+    if a.no_split:
+        opts["allow_split_heads"] = False
+    if a.equal_heads:
+        opts["equal_heads"] = True
+    return opts
+
+
+def resolve_solve_opts(opts: dict, tp: int) -> dict:
+    """Placement options for one TP size (``max_replicated_kv='auto'`` → ``tp - 1``)."""
+    out = dict(opts)
+    if out.get("max_replicated_kv") == "auto":
+        out["max_replicated_kv"] = tp - 1
+    return out
+
+
+def cmd_place(a) -> Path:
+    from tqdm.auto import tqdm
+
+    from .buckets import Buckets
+    from .model_spec import ModelSpec
+    from .patterns import HeadBudget
+    from .placement import solve_plan_placements
+    from .plan import Plan, save_plan
+
+    doc = _load_budgets(a.budgets)
+    spec = ModelSpec(**{k: v for k, v in doc["model"].items() if k != "checkpoint"})
+    budgets = [[HeadBudget.from_dict(b) for b in layer] for layer in doc["budgets"]]
+    buckets = Buckets(tuple(a.buckets))
+    cost = _cost_model(a.calibration)
+    t0 = time.perf_counter()
+    placements = {}
+    for tp in tqdm(a.tp, desc="placing (TP size)"):
+        placements.update(solve_plan_placements(spec, budgets, buckets, [tp], cost, a.solver, kv_dtype_bytes=2,
+                                                **resolve_solve_opts(_solve_opts(a), tp)))
+    solve_s = time.perf_counter() - t0
+    meta = {"created": time.strftime("%Y-%m-%d %H:%M:%S"), "budget_mode": doc["mode"], "tau": doc.get("tau"),
+            "ref_len": doc["ref_len"], "solver": a.solver, "solve_s": solve_s, "cost_model": cost.to_dict(),
+            "solve_options": _solve_opts(a), "checkpoint": doc["model"].get("checkpoint")}
+    if "stability" in doc:
+        meta["stability"] = {k: doc["stability"][k] for k in ("spearman", "pvalue", "same_family", "tau")}
+    path = save_plan(Plan(spec, buckets, budgets, placements, meta), a.out)
+    for tp in a.tp:
+        sp = [p.predicted for p in placements[tp]]
+        print(f"TP {tp}: slowest GPU per bucket (ms) " + ", ".join(f"{x['slowest_s'] * 1e3:.2f}" for x in sp))
+    print(f"plan solved in {solve_s:.2f} s → {path}")
+    return path
+
+
+def cmd_report(a, quality=None) -> Path:
+    from .budgets import Stability
+    from .elasticity import load_profile
+    from .plan import load_plan
+    from .report import write_report
+
+    plan_path = Path(a.plan)
+    plan = load_plan(plan_path)
+    folder = plan_path if plan_path.is_dir() else plan_path.parent
+    profile = load_profile(folder) if (folder / "profile.json").exists() else None
+    stab = None
+    if (folder / "budgets.json").exists():
+        st = _load_budgets(folder).get("stability")
+        if st:
+            stab = Stability(st["spearman"], st["pvalue"], np.array(st["need_a"]), np.array(st["need_b"]),
+                             st["same_family"], st["tau"])
+    if quality is None and (folder / "quality.json").exists():
+        quality = json.loads((folder / "quality.json").read_text())
+    cost = _cost_model(a.calibration) if a.calibration else _cost_from_meta(plan)
+    return write_report(Path(a.out), plan, cost, None, profile, stab, quality,
+                        plan.meta.get("solve_options", {}))
+
+
+def _cost_from_meta(plan):
+    from .cost_model import CostModel
+
+    d = plan.meta.get("cost_model")
+    return CostModel.from_dict(d) if d else CostModel.analytic()
+
+
+def cmd_plan(a) -> Path:
+    from .model_store import resolve_model
+    from .quality import compare_dense_sparse
+
+    t0 = time.time()
+    model = resolve_model(a.model, a.cache_dir)
+    a.model = str(model)
+    print(f"[1/5] profile {model}")
+    a.profile = cmd_profile(a)
+    print("[2/5] budgets")
+    a.budgets = cmd_budget(a)
+    print("[3/5] placements")
+    plan_path = cmd_place(a)
+    quality = None
+    if a.eval_lengths:
+        print(f"[4/5] dense vs sparse on passkey prompts of {a.eval_lengths} tokens")
+        from .plan import load_plan
+        quality = compare_dense_sparse(model, load_plan(plan_path).budgets, a.eval_lengths,
+                                       device=a.device, num_layers=a.num_layers)
+        (Path(a.out) / "quality.json").write_text(json.dumps(quality, indent=1))
+    print("[5/5] report")
+    a.plan = plan_path.parent
+    report = cmd_report(a, quality)
+    print(f"done in {time.time() - t0:.0f} s: plan {plan_path}, report {report}")
+    return plan_path
+
+
+def main(argv=None) -> int:
+    ap = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
+        argv = ["plan", *argv]
+    a = ap.parse_args(argv)
+    {"plan": cmd_plan, "profile": cmd_profile, "budget": cmd_budget, "place": cmd_place,
+     "report": cmd_report}[a.cmd](a)
+    return 0
