@@ -9,7 +9,7 @@ query block, a subset of those KV blocks:
 * ``dense``      all ``kj <= qi``.
 * ``streaming``  (Λ-shape, StreamingLLM) ``kj < sink_blocks`` or ``qi - kj < window_blocks``.
 * ``topk``       block 0 and the diagonal block always, plus the best-scoring other blocks, in all
-                 ``k(qi) = min(qi + 1, max(min_blocks, ceil(fraction * (qi + 1))))`` blocks.
+                 ``k(qi) = min(qi + 1, max(min_blocks, 2, ceil(fraction * (qi + 1))))`` blocks.
                  Scores: mean-pooled q · mean-pooled k per block (what a kernel can afford,
                  MInference/LServe) or, for profiling, the true attention mass (oracle).
 * ``vslash``     (MInference vertical-slash at block level) from the last query block's attention:
@@ -83,9 +83,10 @@ class HeadBudget:
         if self.pattern is Pattern.STREAMING:
             return min(causal, self.sink_blocks + self.window_blocks)  # upper bound; overlap near start
         if self.pattern is Pattern.TOPK:
-            return min(causal, max(self.min_blocks, math.ceil(self.fraction * causal)))
+            # at least 2: block 0 and the diagonal are always kept
+            return min(causal, max(self.min_blocks, 2, math.ceil(self.fraction * causal)))
         n = self.vslash_count(nb)
-        return min(causal, 2 * n)  # upper bound; verticals and slashes may overlap
+        return min(causal, 2 * n + 2)  # upper bound: n verticals + block 0, n slashes + the diagonal
 
     def vslash_count(self, nb: int) -> int:
         return max(self.min_blocks, math.ceil(self.fraction * nb / 2))

@@ -1,0 +1,85 @@
+"""Budget selection: tau mode and the max-min density-target allocator, on synthetic profiles."""
+import itertools
+
+import numpy as np
+import pytest
+import torch
+
+from sglang_shplb.budgets import budgets_by_density_target, budgets_by_tau, option_table, stability
+from sglang_shplb.elasticity import Option, ProfileResult
+from sglang_shplb.patterns import HeadBudget
+
+
+def _profile(recall_a: np.ndarray, recall_b: np.ndarray | None = None, lengths=(2048, 8192)) -> ProfileResult:
+    opts = [Option("dense", HeadBudget.dense()),
+            Option("streaming", HeadBudget.streaming(64, 256)),
+            Option("topk", HeadBudget.topk(0.1, 2)),
+            Option("topk", HeadBudget.topk(0.3, 2)),
+            Option("topk_oracle", HeadBudget.topk(0.05, 2))]
+    L, H, _ = recall_a.shape
+    res = ProfileResult(opts, list(lengths), L, H)
+    for n in lengths:
+        res.recall[("A", n)] = torch.tensor(recall_a, dtype=torch.float32)
+        res.err[("A", n)] = torch.tensor(1 - recall_a, dtype=torch.float32)
+        if recall_b is not None:
+            res.recall[("B", n)] = torch.tensor(recall_b, dtype=torch.float32)
+            res.err[("B", n)] = torch.tensor(1 - recall_b, dtype=torch.float32)
+    return res
+
+
+def _random_recall(rng, L, H):
+    r = np.sort(rng.uniform(0.5, 1.0, size=(L, H, 4)), axis=-1)[..., ::-1]  # streaming < topk .1 < .3 ...
+    r = np.concatenate([np.ones((L, H, 1)), r[..., [3, 2, 1]], rng.uniform(0.9, 1.0, (L, H, 1))], -1)
+    return r
+
+
+def test_tau_picks_cheapest_option_meeting_tau():
+    rng = np.random.default_rng(0)
+    prof = _profile(_random_recall(rng, 3, 4))
+    res = budgets_by_tau(prof, 0.8)
+    opts, dens, worst = option_table(prof)
+    assert all(o.deployable for o in opts)  # the oracle never becomes a budget
+    for li in range(3):
+        for h in range(4):
+            ok = [j for j in range(len(opts)) if worst[li, h, j] >= 0.8]
+            assert res.density[li, h] == pytest.approx(min(dens[j] for j in ok))
+    assert res.min_recall >= 0.8
+
+
+def test_worst_length_counts():
+    r = np.full((1, 1, 5), 0.99)
+    prof = _profile(r)
+    prof.recall[("A", 2048)][0, 0, 1] = 0.5  # streaming fails at one length only
+    res = budgets_by_tau(prof, 0.9)
+    assert res.budgets[0][0].pattern.value != "streaming"
+
+
+def test_density_target_is_max_min_optimal_by_brute_force():
+    rng = np.random.default_rng(1)
+    prof = _profile(_random_recall(rng, 1, 4))
+    opts, dens, worst = option_table(prof)
+    for target in (0.25, 0.4, 0.6, 0.9):
+        if dens[np.argmin(np.where(True, dens, 0))] > target:
+            continue
+        res = budgets_by_density_target(prof, target)
+        assert res.mean_density <= target + 1e-9
+        best = max((min(worst[0, h, c[h]] for h in range(4))
+                    for c in itertools.product(range(len(opts)), repeat=4)
+                    if np.mean([dens[c[h]] for h in range(4)]) <= target + 1e-9), default=None)
+        assert res.min_recall == pytest.approx(best)
+
+
+def test_density_target_below_floor_is_refused():
+    prof = _profile(np.full((2, 2, 5), 0.9))
+    with pytest.raises(ValueError, match="below the cheapest"):
+        budgets_by_density_target(prof, 1e-4)
+
+
+def test_stability_detects_agreement_and_disagreement():
+    rng = np.random.default_rng(2)
+    r = _random_recall(rng, 6, 6)
+    same = stability(_profile(r, r.copy()), tau=0.8)
+    assert same.spearman == pytest.approx(1.0) and same.same_family == 1.0
+    shuffled = r.reshape(36, -1)[rng.permutation(36)].reshape(r.shape)
+    other = stability(_profile(r, shuffled), tau=0.8)
+    assert other.spearman < 0.9

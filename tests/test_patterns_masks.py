@@ -1,0 +1,87 @@
+"""Patterns, block masks and buckets: the shared geometry every other stage relies on."""
+import math
+
+import pytest
+import torch
+
+from sglang_shplb import block_masks as bm
+from sglang_shplb.buckets import Buckets
+from sglang_shplb.patterns import BLOCK, HeadBudget, Pattern
+
+
+@pytest.mark.parametrize("sink,window", [(0, 64), (64, 64), (64, 256), (128, 512), (256, 4096)])
+@pytest.mark.parametrize("n", [1, 64, 65, 300, 2047, 5000])
+def test_streaming_pairs_match_mask(sink, window, n):
+    b = HeadBudget.streaming(sink, window)
+    nb = math.ceil(n / BLOCK)
+    assert bm.streaming_mask(b, nb).sum().item() == b.block_pairs(n)
+
+
+@pytest.mark.parametrize("frac,minb", [(0.05, 1), (0.1, 4), (0.5, 2), (1.0, 1)])
+def test_topk_mask_size_and_forced_blocks(frac, minb):
+    torch.manual_seed(0)
+    n = 1000
+    q, k = torch.randn(4, n, 16), torch.randn(2, n, 16)
+    b = HeadBudget.topk(frac, minb)
+    m = bm.build_block_masks([b] * 4, q, k)
+    nb = m.shape[-1]
+    assert m.sum(dim=(1, 2)).tolist() == [b.block_pairs(n)] * 4
+    assert m[:, :, 0].all() and m.diagonal(dim1=1, dim2=2).all()
+    assert not m.triu(1).any()
+
+
+def test_dense_and_full_topk_are_causal():
+    n = 700
+    q, k = torch.randn(3, n, 8), torch.randn(1, n, 8)
+    m = bm.build_block_masks([HeadBudget.dense(), HeadBudget.topk(1.0, 1), HeadBudget.dense()], q, k)
+    causal = bm.causal_block_mask(m.shape[-1])
+    for h in range(3):
+        assert torch.equal(m[h], causal)
+
+
+def test_vslash_is_monotone_in_fraction():
+    torch.manual_seed(1)
+    n = 2000
+    q, k = torch.randn(1, n, 16), torch.randn(1, n, 16)
+    prev = None
+    for f in (0.05, 0.1, 0.3, 0.6, 1.0):
+        m = bm.build_block_masks([HeadBudget.vslash(f, 1)], q, k)[0]
+        if prev is not None:
+            assert (prev & ~m).sum() == 0  # a larger budget keeps every block the smaller one kept
+        prev = m
+
+
+def test_bad_budgets_raise():
+    with pytest.raises(ValueError):
+        HeadBudget.topk(0.0)
+    with pytest.raises(ValueError):
+        HeadBudget(Pattern.VSLASH, fraction=1.5)
+    with pytest.raises(ValueError):
+        HeadBudget(Pattern.STREAMING, window_blocks=0)
+    with pytest.raises(ValueError):
+        bm.build_block_masks([HeadBudget.dense()], torch.randn(2, 64, 8), torch.randn(1, 64, 8))
+
+
+def test_density_is_one_for_dense_and_falls_for_streaming():
+    s = HeadBudget.streaming(64, 512)
+    assert HeadBudget.dense().density(10_000) == 1.0
+    assert s.density(4096) > s.density(32768) > s.density(131072)
+
+
+@pytest.mark.parametrize("length,expect", [(1, 0), (4096, 0), (4097, 1), (8192, 1), (8193, 2),
+                                           (131072, 5), (131073, 5), (10**7, 5)])
+def test_bucket_index_at_edges(length, expect):
+    assert Buckets().index(length) == expect
+
+
+def test_bucket_index_matches_linear_scan():
+    b = Buckets((1024, 2048, 4096))
+    for n in range(1, 9000, 7):
+        want = next((i for i, e in enumerate(b.edges) if n <= e), len(b.edges) - 1)
+        assert b.index(n) == want
+
+
+@pytest.mark.parametrize("edges", [(), (1000, 2000), (1024, 4096), (0, 1)])
+def test_bad_bucket_edges(edges):
+    with pytest.raises(ValueError):
+        Buckets(edges)
