@@ -259,6 +259,10 @@ def main(argv=None) -> int:
     if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
         argv = ["plan", *argv]
     a = ap.parse_args(argv)
-    {"plan": cmd_plan, "profile": cmd_profile, "budget": cmd_budget, "place": cmd_place,
-     "report": cmd_report}[a.cmd](a)
+    try:
+        {"plan": cmd_plan, "profile": cmd_profile, "budget": cmd_budget, "place": cmd_place,
+         "report": cmd_report}[a.cmd](a)
+    except (FileNotFoundError, ValueError) as e:  # bad input: say what, no traceback
+        print(f"python -m sglang_shplb {a.cmd}: error: {e}", file=sys.stderr)
+        return 2
     return 0

@@ -1,0 +1,80 @@
+"""The CLI end to end on the real embedded model, truncated to two layers, with short prompts."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+from sglang_shplb.model_spec import ModelSpec
+from sglang_shplb.model_store import default_checkpoint
+from sglang_shplb.plan import PlanModelMismatchError, load_plan
+
+
+def _run(*args, check=True):
+    r = subprocess.run([sys.executable, "-m", "sglang_shplb", *args], capture_output=True, text=True, timeout=900)
+    if check and r.returncode != 0:
+        raise AssertionError(f"exit {r.returncode}\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
+    return r
+
+
+@pytest.mark.parametrize("cmd", ["plan", "profile", "budget", "place", "report"])
+def test_help(cmd):
+    out = _run(cmd, "--help").stdout
+    assert "--out" in out
+
+
+@pytest.fixture(scope="module")
+def planned(tmp_path_factory):
+    out = tmp_path_factory.mktemp("plan")
+    r = _run("plan", "--num-layers", "2", "--lengths", "256", "512", "--tp", "2", "4", "8",
+             "--buckets", "4096", "8192", "--eval-lengths", "512", "--out", str(out))
+    return out, r.stdout
+
+
+def test_plan_end_to_end(planned):
+    out, stdout = planned
+    for name in ("profile.json", "budgets.json", "plan.json", "plan.safetensors", "quality.json", "report.txt",
+                 "budgets_heatmap.png", "gpu_loads_tp4.png", "elasticity_curves.png", "stability.png",
+                 "speedup_by_bucket.png"):
+        assert (out / name).stat().st_size > 0, name
+    model = default_checkpoint()
+    cfg = json.loads((model / "config.json").read_text())
+    truncated = ModelSpec.from_config_dict(dict(cfg, num_hidden_layers=2))
+    plan = load_plan(out, truncated, tp=8)
+    assert plan.tp_sizes == [2, 4, 8] and len(plan.budgets) == 2 and len(plan.budgets[0]) == 9
+    with pytest.raises(PlanModelMismatchError, match="num_layers"):
+        load_plan(out, model)  # a plan of the 2-layer model is not a plan of the 30-layer one
+    report = (out / "report.txt").read_text()
+    for tp in (2, 4, 8):
+        assert f"TP {tp}:" in report
+    assert "Spearman" in report and "contiguous" in report and "shplb" in report
+    q = json.loads((out / "quality.json").read_text())
+    assert q[0]["tokens"] == 512 and isinstance(q[0]["top1_agree"], bool)
+
+
+def test_stages_one_by_one(planned, tmp_path):
+    out, _ = planned
+    _run("budget", "--profile", str(out), "--density-target", "0.6", "--out", str(tmp_path))
+    b = json.loads((tmp_path / "budgets.json").read_text())
+    assert b["mode"] == "density<=0.6"
+    dens = [d for layer in b["density"] for d in layer]
+    assert sum(dens) / len(dens) <= 0.6 + 1e-6
+    _run("place", "--budgets", str(tmp_path), "--tp", "4", "--buckets", "4096", "--solver", "shplb_exact",
+         "--out", str(tmp_path))
+    assert load_plan(tmp_path).placements[4][0].solver == "shplb_exact"
+    _run("report", "--plan", str(tmp_path), "--out", str(tmp_path / "rep"))
+    assert "TP 4:" in (tmp_path / "rep" / "report.txt").read_text()
+
+
+def test_bad_input(planned, tmp_path):
+    out, _ = planned
+    r = _run("place", "--budgets", str(out), "--max-replicated-kv", "lots", "--out", str(tmp_path), check=False)
+    assert r.returncode != 0 and "must be a number" in r.stderr
+    r = _run("profile", "--model", "/nonexistent", check=False)
+    assert r.returncode == 2 and "no config.json" in r.stderr
+    r = _run("budget", "--profile", str(out), "--density-target", "0.00001", "--out", str(tmp_path), check=False)
+    assert r.returncode == 2 and "below the cheapest" in r.stderr
+    r = _run("report", "--plan", str(tmp_path / "missing"), check=False)
+    assert r.returncode == 2 and "does not exist" in r.stderr
+    r = _run("place", "--buckets", "1000", "3000", "--budgets", str(out), check=False)
+    assert r.returncode == 2 and "powers of two" in r.stderr
