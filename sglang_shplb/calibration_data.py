@@ -83,3 +83,23 @@ def make_prompt(tokenizer, length: int, calib_set: str = "A", seed: int = 0) -> 
 
 def calibration_prompts(tokenizer, lengths: list[int], calib_set: str, per_length: int = 1) -> list[CalibrationPrompt]:
     return [make_prompt(tokenizer, n, calib_set, s) for n in lengths for s in range(per_length)]
+
+
+_FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
+
+
+def passkey_prompt(tokenizer, length: int, seed: int = 0) -> CalibrationPrompt:
+    """The classic passkey-retrieval prompt (repetitive filler, one passkey at a seeded depth), about
+    ``length`` tokens: the quality check's test, the one small models are known to pass densely."""
+    rng = random.Random(f"passkey-{length}-{seed}")
+    key = str(rng.randint(10000, 99999))
+    needle = f" The pass key is {key}. Remember it. {key} is the pass key. "
+    per = len(tokenizer.encode(_FILLER, add_special_tokens=False))
+    reps = max(1, (length - 80) // per)
+    at = int(rng.uniform(0.1, 0.9) * reps)
+    body = ("There is important info hidden inside a lot of irrelevant text. Find it and memorize it. "
+            + _FILLER * at + needle + _FILLER * (reps - at)
+            + "\nWhat is the pass key? The pass key is")
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": body}], add_generation_prompt=True,
+                                        tokenize=True, return_dict=False)
+    return CalibrationPrompt(f"passkey{seed}-{length}", ids, key)

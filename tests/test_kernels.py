@@ -90,12 +90,14 @@ def test_index_builders_match_block_masks(group, paged, seed):
 
 
 def test_topk_min_blocks_1_keeps_the_diagonal():
-    # k(qi) = 1 leaves room for one of the two forced blocks: ours keeps the diagonal (block_masks'
-    # topk_mask leaves that tie to argsort)
+    # HeadBudget.blocks_for_query_block gives top-k heads at least 2 blocks (block 0 and the diagonal),
+    # even with min_blocks=1: both forced blocks are listed, the diagonal last
     q, k, v, cu_q, kvl, kw = make_batch([200], [200], 2, 1, 64, torch.float32, False, 9)
     idx = build_block_index([HeadBudget.topk(0.1, 1)] * 2, q, k, cu_q, kvl, 200, **kw)
-    assert torch.equal(idx.block_cnt[0, :, :4], torch.ones(2, 4, dtype=torch.int32))
-    assert torch.equal(idx.block_idx[0, :, :4, 0], torch.arange(4).int().expand(2, 4))
+    assert torch.equal(idx.block_cnt[0, :, :4], torch.tensor([1, 2, 2, 2], dtype=torch.int32).expand(2, 4))
+    assert torch.equal(idx.block_idx[0, :, 0, 0], torch.zeros(2, dtype=torch.int32))
+    for qi in range(1, 4):
+        assert idx.block_idx[0, :, qi, :2].tolist() == [[0, qi]] * 2
 
 
 def test_vslash_rows_longer_than_2n_are_kept():

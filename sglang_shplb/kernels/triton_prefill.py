@@ -36,14 +36,16 @@ def _kernel():
         cu_q, kv_lens, cu_k, req_to_token, req_pool_idx, stride_r2t,
         block_idx, block_cnt, head_dense,
         s_bi_b, s_bi_h, s_bi_q, s_bc_b, s_bc_h,
-        qk_scale, HQ,
+        qk_scale, HQ, heads, NH,
         GROUP: tl.constexpr, BLOCK_M: tl.constexpr, D: tl.constexpr, PAGED: tl.constexpr,
-        DOT_F32: tl.constexpr,
+        DOT_F32: tl.constexpr, HEAD_MAP: tl.constexpr,
     ):
-        jq = tl.program_id(0)                     # query block, relative to the chunk's first block
+        jq = tl.num_programs(0) - 1 - tl.program_id(0)   # query block rel. to the chunk's first; longest rows first
         bh = tl.program_id(1)
-        b = bh // HQ
-        h = bh % HQ
+        b = bh // NH
+        h = bh % NH
+        if HEAD_MAP:
+            h = tl.load(heads + h)
         hk = h // GROUP
         q_start = tl.load(cu_q + b)
         n_q = tl.load(cu_q + b + 1) - q_start
@@ -130,13 +132,15 @@ def sparse_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_idx:
                    kv_lens: torch.Tensor, max_q_len: int, *, cu_seqlens_k: torch.Tensor | None = None,
                    req_to_token: torch.Tensor | None = None, req_pool_indices: torch.Tensor | None = None,
                    sm_scale: float | None = None, out: torch.Tensor | None = None,
-                   num_warps: int | None = None, num_stages: int | None = None) -> torch.Tensor:
+                   num_warps: int | None = None, num_stages: int | None = None,
+                   heads: torch.Tensor | None = None) -> torch.Tensor:
     """Sparse causal attention of a varlen, optionally chunked batch.
 
     ``q [total_q, Hq, d]``; ``k, v``: contiguous ``[total_kv, Hkv, d]`` with ``cu_seqlens_k``, or the token
     pool with ``req_to_token [R, max_ctx]`` and ``req_pool_indices [B]``. ``kv_lens [B]``: tokens per
     sequence including the prefix; ``max_q_len``: a host bound on ``n_q`` (fixes the grid).
     ``block_idx/block_cnt/head_dense``: :class:`.index.BlockIndex`. Returns ``[total_q, Hq, d]`` in q's dtype.
+    ``heads``: optional int32 tensor of the query heads to compute (others of ``out`` are left untouched).
     """
     from .index import check_qkv
     check_qkv(q, k, v)
@@ -158,11 +162,14 @@ def sparse_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_idx:
     o = out if out is not None else torch.empty_like(q)
     block_idx = block_idx if block_idx.stride(-1) == 1 else block_idx.contiguous()
     dummy = cu_seqlens_q
-    grid = (max(1, math.ceil(max_q_len / BLOCK) + 1), bsz * hq)   # +1: an unaligned prefix spans one more block
+    nh = hq if heads is None else int(heads.shape[0])
+    if nh == 0:
+        return o
+    grid = (max(1, math.ceil(max_q_len / BLOCK) + 1), bsz * nh)   # +1: an unaligned prefix spans one more block
     if num_warps is None:
-        num_warps = 4 if d <= 64 else 8
+        num_warps = 4   # H100, d=128: 4 warps (one warpgroup, 64-row wgmma) beat 8 by 1.9x (kernels_h100.log)
     if num_stages is None:
-        num_stages = 3 if q.is_cuda else 1
+        num_stages = 2 if q.is_cuda else 1
     _kernel()[grid](
         q, k, v, o,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), o.stride(0), o.stride(1),
@@ -171,9 +178,190 @@ def sparse_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_idx:
         req_to_token.stride(0) if paged else 0,
         block_idx, block_cnt, head_dense,
         block_idx.stride(0), block_idx.stride(1), block_idx.stride(2), block_cnt.stride(0), block_cnt.stride(1),
-        scale * LOG2E, hq,
+        scale * LOG2E, hq, heads if heads is not None else dummy, nh,
         GROUP=hq // k.shape[1], BLOCK_M=BLOCK, D=d, PAGED=paged,
-        DOT_F32=(not q.is_cuda) and q.dtype == torch.bfloat16,
+        DOT_F32=(not q.is_cuda) and q.dtype == torch.bfloat16, HEAD_MAP=heads is not None,
         num_warps=num_warps, num_stages=num_stages,
+    )
+    return o
+
+
+# ---------------------------------------------------------------------------------------------------
+# rule-based heads (dense, streaming): 128-row query tiles
+# ---------------------------------------------------------------------------------------------------
+RULE_DENSE_WINDOW = 1 << 30   # window_blocks of a dense head: every causal block is in the window
+
+
+@lru_cache(maxsize=None)
+def _rule_kernel(autotune: bool):
+    """One program = two consecutive 64-row query blocks (A = 2p, B = 2p + 1) of one head whose KV blocks
+    follow a rule: block ``kb`` is attended by query block ``qb`` iff ``kb <= qb`` and (``kb > qb - w`` or
+    ``kb < s``) (dense: ``s = 0``, ``w = inf``). The union of A's and B's lists is
+
+        sinks ``[0, min(s, wsA))`` (both) | ``wsA`` (A; B only if ``wsA >= wsB`` or a sink) |
+        ``(wsA, A)`` (both) | diagonal ``A``, ``B`` (causal),    ``wsX = max(0, X - w + 1)``
+
+    so a 128×64 tile is fully attended by all 128 rows except at ``wsA`` and the two diagonal blocks, which
+    carry a per-row mask. Same base-2 online softmax as :func:`_kernel`; masked tiles use a finite row
+    maximum so rows that have seen nothing yet stay NaN-free."""
+    from ._triton_compat import import_triton
+    triton, tl = import_triton()
+
+    @triton.jit
+    def _tile(acc, m_i, l_i, q, k_ptr, v_ptr, r2t, kv_base, kb, offs_m, qb, s_blk, w_blk, n_kv, stride_kt,
+              stride_vt, qk_scale,
+              BLOCK_N: tl.constexpr, PAGED: tl.constexpr, MASK: tl.constexpr, DOT_F32: tl.constexpr):
+        arn = tl.arange(0, BLOCK_N)
+        offs_n = kb * BLOCK_N + arn
+        if MASK:
+            n_valid = offs_n < n_kv
+            if PAGED:
+                loc = tl.load(r2t + offs_n, mask=n_valid, other=0).to(tl.int64)
+            else:
+                loc = (kv_base + offs_n).to(tl.int64)
+            k = tl.load(k_ptr + loc[:, None] * stride_kt, mask=n_valid[:, None], other=0.0)
+        else:
+            if PAGED:
+                loc = tl.load(r2t + offs_n).to(tl.int64)
+            else:
+                loc = (kv_base + offs_n).to(tl.int64)
+            k = tl.load(k_ptr + loc[:, None] * stride_kt)
+        if DOT_F32:
+            k = k.to(tl.float32)
+        s = tl.dot(q, tl.trans(k)) * qk_scale
+        if MASK:
+            row_ok = (kb <= qb) & ((kb > qb - w_blk) | (kb < s_blk))
+            ok = row_ok[:, None] & n_valid[None, :] & (offs_n[None, :] <= offs_m[:, None])
+            s = tl.where(ok, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        else:
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_use = m_new
+        alpha = tl.math.exp2(m_i - m_use)
+        p = tl.math.exp2(s - m_use[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if MASK:
+            v = tl.load(v_ptr + loc[:, None] * stride_vt, mask=n_valid[:, None], other=0.0)
+        else:
+            v = tl.load(v_ptr + loc[:, None] * stride_vt)
+        if DOT_F32:
+            v = v.to(tl.float32)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        return acc, m_new, l_i
+
+    def body(
+        Q, K, V, O,
+        stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
+        cu_q, kv_lens, cu_k, req_to_token, req_pool_idx, stride_r2t,
+        heads, sink_blocks, window_blocks, qk_scale, NH,
+        GROUP: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, PAGED: tl.constexpr,
+        DOT_F32: tl.constexpr,
+    ):
+        BLOCK_M: tl.constexpr = 2 * BLOCK_N
+        jp = tl.num_programs(0) - 1 - tl.program_id(0)   # longest rows first
+        bh = tl.program_id(1)
+        b = bh // NH
+        hs = bh % NH
+        h = tl.load(heads + hs)
+        s_blk = tl.load(sink_blocks + hs)
+        w_blk = tl.load(window_blocks + hs)
+        hk = h // GROUP
+        q_start = tl.load(cu_q + b)
+        n_q = tl.load(cu_q + b + 1) - q_start
+        n_kv = tl.load(kv_lens + b)
+        prefix = n_kv - n_q
+        qp = prefix // BLOCK_M + jp                       # absolute query pair
+        if qp * BLOCK_M < n_kv:
+            offs_d = tl.arange(0, D)
+            ar = tl.arange(0, BLOCK_M)
+            offs_m = qp * BLOCK_M + ar
+            qb = offs_m // BLOCK_N                        # query block of every row
+            m_valid = (offs_m >= prefix) & (offs_m < n_kv)
+            q_rows = q_start + offs_m - prefix
+            q = tl.load(Q + q_rows[:, None] * stride_qt + h * stride_qh + offs_d[None, :],
+                        mask=m_valid[:, None], other=0.0)
+            if DOT_F32:
+                q = q.to(tl.float32)
+            if PAGED:
+                r2t = req_to_token + tl.load(req_pool_idx + b).to(tl.int64) * stride_r2t
+                kv_base = 0
+            else:
+                r2t = req_to_token
+                kv_base = tl.load(cu_k + b)
+            k_ptr = K + hk * stride_kh + offs_d[None, :]
+            v_ptr = V + hk * stride_vh + offs_d[None, :]
+            blk_a = 2 * qp
+            ws_a = tl.maximum(blk_a - w_blk + 1, 0)
+            n_sink = tl.minimum(s_blk, ws_a)
+
+            m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+            l_i = tl.zeros([BLOCK_M], tl.float32)
+            acc = tl.zeros([BLOCK_M, D], tl.float32)
+            for kb in range(0, n_sink):                  # sinks outside A's window: all rows
+                acc, m_i, l_i = _tile(acc, m_i, l_i, q, k_ptr, v_ptr, r2t, kv_base, kb, offs_m, qb, s_blk, w_blk,
+                                      n_kv, stride_kt, stride_vt, qk_scale, BLOCK_N, PAGED, False, DOT_F32)
+            if ws_a < blk_a:                              # first window block: B may not see it
+                acc, m_i, l_i = _tile(acc, m_i, l_i, q, k_ptr, v_ptr, r2t, kv_base, ws_a, offs_m, qb, s_blk, w_blk,
+                                      n_kv, stride_kt, stride_vt, qk_scale, BLOCK_N, PAGED, True, DOT_F32)
+            for kb in range(ws_a + 1, blk_a):             # rest of the window: all rows
+                acc, m_i, l_i = _tile(acc, m_i, l_i, q, k_ptr, v_ptr, r2t, kv_base, kb, offs_m, qb, s_blk, w_blk,
+                                      n_kv, stride_kt, stride_vt, qk_scale, BLOCK_N, PAGED, False, DOT_F32)
+            acc, m_i, l_i = _tile(acc, m_i, l_i, q, k_ptr, v_ptr, r2t, kv_base, blk_a, offs_m, qb, s_blk, w_blk,
+                                  n_kv, stride_kt, stride_vt, qk_scale, BLOCK_N, PAGED, True, DOT_F32)
+            if (blk_a + 1) * BLOCK_N < n_kv:
+                acc, m_i, l_i = _tile(acc, m_i, l_i, q, k_ptr, v_ptr, r2t, kv_base, blk_a + 1, offs_m, qb, s_blk,
+                                      w_blk, n_kv, stride_kt, stride_vt, qk_scale, BLOCK_N, PAGED, True, DOT_F32)
+            o = acc / l_i[:, None]
+            tl.store(O + q_rows[:, None] * stride_ot + h * stride_oh + offs_d[None, :],
+                     o.to(O.dtype.element_ty), mask=m_valid[:, None])
+
+    kern = triton.jit(body)
+    if autotune:
+        cfgs = [triton.Config({}, num_warps=w, num_stages=st) for w, st in ((8, 2), (8, 3), (4, 2), (8, 4))]
+        kern = triton.autotune(cfgs, key=["D", "GROUP", "PAGED"])(kern)
+    return kern
+
+
+def rule_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: torch.Tensor,
+                 sink_blocks: torch.Tensor, window_blocks: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                 kv_lens: torch.Tensor, max_q_len: int, *, cu_seqlens_k: torch.Tensor | None = None,
+                 req_to_token: torch.Tensor | None = None, req_pool_indices: torch.Tensor | None = None,
+                 sm_scale: float | None = None, out: torch.Tensor | None = None,
+                 num_warps: int | None = None, num_stages: int | None = None) -> torch.Tensor:
+    """Dense / streaming heads with 128-row query tiles (no block index): query head ``heads[i]`` attends
+    KV block ``kb`` from query block ``qb`` iff ``kb <= qb`` and (``kb > qb - window_blocks[i]`` or
+    ``kb < sink_blocks[i]``); a dense head has ``sink 0, window RULE_DENSE_WINDOW``. Layouts as
+    :func:`sparse_prefill`; writes only ``out[:, heads]``. On CUDA the launch config is autotuned unless
+    ``num_warps``/``num_stages`` are given."""
+    from .index import check_qkv
+    check_qkv(q, k, v)
+    paged = req_to_token is not None
+    if paged == (cu_seqlens_k is not None):
+        raise ValueError("give exactly one KV layout: cu_seqlens_k (contiguous) or req_to_token + req_pool_indices (paged)")
+    if paged and req_pool_indices is None:
+        raise ValueError("paged KV needs req_pool_indices")
+    if not (heads.shape == sink_blocks.shape == window_blocks.shape) or heads.dim() != 1:
+        raise ValueError("heads, sink_blocks and window_blocks must be 1-D of one length")
+    bsz = kv_lens.shape[0]
+    hq, d = q.shape[1], q.shape[2]
+    scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(d)
+    o = out if out is not None else torch.empty_like(q)
+    nh = int(heads.shape[0])
+    if nh == 0:
+        return o
+    dummy = cu_seqlens_q
+    grid = (max(1, math.ceil(max_q_len / (2 * BLOCK)) + 1), bsz * nh)
+    tune = q.is_cuda and num_warps is None and num_stages is None
+    kw = {} if tune else dict(num_warps=num_warps or (8 if q.is_cuda else 4), num_stages=num_stages or (2 if q.is_cuda else 1))
+    _rule_kernel(tune)[grid](
+        q, k, v, o,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), o.stride(0), o.stride(1),
+        cu_seqlens_q, kv_lens, cu_seqlens_k if not paged else dummy,
+        req_to_token if paged else dummy, req_pool_indices if paged else dummy,
+        req_to_token.stride(0) if paged else 0,
+        heads, sink_blocks, window_blocks, scale * LOG2E, nh,
+        GROUP=hq // k.shape[1], BLOCK_N=BLOCK, D=d, PAGED=paged,
+        DOT_F32=(not q.is_cuda) and q.dtype == torch.bfloat16, **kw,
     )
     return o
