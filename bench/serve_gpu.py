@@ -102,8 +102,9 @@ def run_server(name, cmd, requests, out: Path, env):
     res = {"backend": name, "cmd": " ".join(cmd)}
     try:
         res["startup_s"] = round(wait_up(proc, log), 1)
-        # one warm-up request (JIT), not reported
-        generate_stream({"text": "Hello", "sampling_params": {"temperature": 0, "max_new_tokens": 4}})
+        # warm-up pass over every request (JIT builds of each shape), not reported; the radix cache is off
+        # (--disable-radix-cache), so the measured pass recomputes every prompt
+        res["warmup"] = [generate_stream(r["payload"])["ttft_s"] for r in requests]
         res["results"] = []
         for r in requests:
             o = generate_stream(r["payload"])
@@ -144,7 +145,7 @@ def main():
     ap.add_argument("--tokenizer", default="/tmp/smollm2")
     ap.add_argument("--out", default=os.environ.get("OUT", "/tmp/out"))
     ap.add_argument("--lengths", default=None)
-    ap.add_argument("--backends", default="flashinfer,shplb")
+    ap.add_argument("--backends", default="shplb,flashinfer")
     a = ap.parse_args()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -163,7 +164,8 @@ def main():
                          "payload": {"text": passkey_prompt(tok, n, key),
                                      "sampling_params": {"temperature": 0, "max_new_tokens": 64, "ignore_eos": True}}})
         common = ["--model-path", model, "--host", "127.0.0.1", "--port", str(PORT), "--mem-fraction-static", "0.5",
-                  "--disable-prefill-cuda-graph", "--cuda-graph-max-bs", "4", "--context-length", "8192"]
+                  "--disable-prefill-cuda-graph", "--cuda-graph-max-bs", "4", "--context-length", "8192",
+                  "--disable-radix-cache"]
     else:
         model = "/tmp/llama8b_cfg"
         Path(model).mkdir(exist_ok=True)
@@ -178,7 +180,8 @@ def main():
                                                                        "ignore_eos": True}}} for n in lengths]
         common = ["--model-path", model, "--load-format", "dummy", "--host", "127.0.0.1", "--port", str(PORT),
                   "--mem-fraction-static", "0.85", "--disable-prefill-cuda-graph", "--cuda-graph-max-bs", "4",
-                  "--context-length", "70000", "--chunked-prefill-size", "8192", "--max-running-requests", "4"]
+                  "--context-length", "70000", "--chunked-prefill-size", "8192", "--max-running-requests", "4",
+                  "--disable-radix-cache"]
     plan = make_plan(a.which, model, Path("/tmp/shplb_plans") / a.which)
     results = {"which": a.which, "lengths": lengths, "plan": str(plan), "runs": []}
     for backend in a.backends.split(","):

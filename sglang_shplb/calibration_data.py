@@ -99,7 +99,7 @@ def passkey_prompt(tokenizer, length: int, seed: int = 0) -> CalibrationPrompt:
     at = int(rng.uniform(0.1, 0.9) * reps)
     body = ("There is important info hidden inside a lot of irrelevant text. Find it and memorize it. "
             + _FILLER * at + needle + _FILLER * (reps - at)
-            + "\nWhat is the pass key? The pass key is")
+            + "\nWhat is the pass key?")
     ids = tokenizer.apply_chat_template([{"role": "user", "content": body}], add_generation_prompt=True,
                                         tokenize=True, return_dict=False)
     return CalibrationPrompt(f"passkey{seed}-{length}", ids, key)

@@ -3,15 +3,15 @@
 The sparse run replaces every layer's prefill attention by the plan's per-head budgets (block masks
 from :func:`sglang_shplb.block_masks.build_block_masks` with the kernels' estimators, computed by the
 masked-attention reference of :mod:`sglang_shplb.kernels.reference`). Decode steps of the answer stay
-dense here: the serving backend covers sparse decode. Prompts are the passkey documents of
-:mod:`sglang_shplb.calibration_data`, from a seed the profile did not use.
+dense here: the serving backend covers sparse decode. Prompts are classic passkey-retrieval prompts
+(:func:`sglang_shplb.calibration_data.passkey_prompt`), not the profile's calibration documents.
 """
 from __future__ import annotations
 
 import torch
 
 from .block_masks import build_block_masks
-from .calibration_data import make_prompt
+from .calibration_data import passkey_prompt
 from .kernels.reference import masked_attention
 from .patterns import HeadBudget
 
@@ -37,7 +37,7 @@ def _register(budgets: list[list[HeadBudget]]) -> None:
 
 
 @torch.no_grad()
-def compare_dense_sparse(model_dir, budgets: list[list[HeadBudget]], lengths: list[int], seed: int = 7,
+def compare_dense_sparse(model_dir, budgets: list[list[HeadBudget]], lengths: list[int], seed: int = 0,
                          max_new_tokens: int = 8, device: str = "cpu", num_layers: int | None = None,
                          log=print) -> list[dict]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -50,7 +50,7 @@ def compare_dense_sparse(model_dir, budgets: list[list[HeadBudget]], lengths: li
     _register(budgets)
     rows = []
     for n in lengths:
-        p = make_prompt(tok, n, "A", seed)
+        p = passkey_prompt(tok, n, seed)
         ids = torch.tensor([p.input_ids], device=device)
         out = {}
         for mode, impl in (("dense", "sdpa"), ("sparse", ATTN_NAME)):

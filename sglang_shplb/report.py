@@ -29,13 +29,15 @@ def _fmt_ms(s: float) -> str:
 def comparison_table(rows: list[dict], buckets: Buckets) -> str:
     out = []
     for tp in sorted({r["tp"] for r in rows}):
-        out.append(f"\nTP {tp}: predicted attention time per forward, summed over layers (ms)")
+        out.append(f"\nTP {tp}: predicted attention time per forward, summed over layers (ms); speedup = vs "
+                   f"contiguous placement of the same budgets, vs dense = vs all heads dense, contiguous")
         out.append(f"{'bucket':>8} {'solver':>11} {'slowest':>9} {'mean':>9} {'bubble':>7} {'speedup':>8} "
-                   f"{'KV repl.':>8} {'repl. KB/tok':>12}")
+                   f"{'vs dense':>8} {'KV repl.':>8} {'repl. KB/tok':>12}")
         for r in (r for r in rows if r["tp"] == tp):
             kb = r.get("replicated_kv_bytes_per_token", 0.0) / 1024
             out.append(f"{_len(buckets.upper(r['bucket'])):>8} {r['solver']:>11} {_fmt_ms(r['slowest_s'])} "
                        f"{_fmt_ms(r['mean_s'])} {r['bubble']:7.1%} {r['speedup_vs_contiguous']:7.2f}x "
+                       f"{r.get('speedup_vs_dense', float('nan')):7.2f}x "
                        f"{r['replicated_kv_heads']:8d} {kb:12.2f}")
     return "\n".join(out)
 
@@ -58,6 +60,12 @@ def write_report(out_dir: Path, plan: Plan, cost: CostModel, budgets: BudgetResu
 
     rows = [r for tp in tps for r in compare_solvers(spec, plan.budgets, bk, [tp], cost, ("contiguous", "lpt", "shplb"),
                                                       kv_dtype_bytes=2, **resolve_solve_opts(solve_opts or {}, tp))]
+    # the all-dense model under SGLang's contiguous heads: what serving costs without any of this
+    dense = [[HeadBudget.dense()] * spec.num_heads for _ in range(spec.num_layers)]
+    dense_slowest = {(r["tp"], r["bucket"]): r["slowest_s"]
+                     for r in compare_solvers(spec, dense, bk, tps, cost, ("contiguous",))}
+    for r in rows:
+        r["speedup_vs_dense"] = dense_slowest[(r["tp"], r["bucket"])] / r["slowest_s"]
     lines = [f"sglang_shplb plan report — {spec.architecture}, {spec.num_layers} layers, {spec.num_heads} q / "
              f"{spec.num_kv_heads} KV heads, head_dim {spec.head_dim}", f"cost model: {cost!r}"]
     counts: dict[str, int] = {}
@@ -160,11 +168,11 @@ def plot_speedups(rows: list[dict], bk: Buckets, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.5, 4))
-    for tp in sorted({r["tp"] for r in rows}):
+    for i, tp in enumerate(sorted({r["tp"] for r in rows})):
         for solver, style in (("lpt", "--"), ("shplb", "-")):
             sel = [r for r in rows if r["tp"] == tp and r["solver"] == solver]
             ax.plot([r["bucket"] for r in sel], [r["speedup_vs_contiguous"] for r in sel], style, marker="o",
-                    label=f"{solver} TP{tp}")
+                    color=f"C{i}", label=f"{solver} TP{tp}")
     ax.set_xticks(range(len(bk)))
     ax.set_xticklabels([_len(e) for e in bk.edges])
     ax.set_xlabel("context bucket")
@@ -179,6 +187,7 @@ def plot_speedups(rows: list[dict], bk: Buckets, path: Path) -> None:
 
 def plot_elasticity(profile: ProfileResult, path: Path, n_heads: int = 4) -> None:
     """Recall vs density per pattern family for the most and least elastic heads."""
+    import matplotlib
     import matplotlib.pyplot as plt
 
     ref = max(profile.lengths)
@@ -199,6 +208,7 @@ def plot_elasticity(profile: ProfileResult, path: Path, n_heads: int = 4) -> Non
             ax.plot(dens[idx], pooled[li, h, idx], marker=".", label=f)
         ax.set_title(f"layer {li} head {h}")
         ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_xlabel(f"density at {_len(ref)}")
         ax.axhline(0.95, color="grey", lw=0.8, ls=":")
     axes[0].set_ylabel("attention recall")

@@ -152,7 +152,8 @@ def test_sparse_prefill_matches_reference(case):
     sp = SparsePrefill(budgets, hkv, d).plan(cu_q, kvl, max(q_lens), max(lens), **kw)
     out = torch.full_like(q, float("nan"))                                  # poison
     sp.run(q, k, v, out=out)
-    masks = [sp.last_index.masks(b, math.ceil(n / BLOCK)) for b, n in enumerate(lens)]
+    index = sp.last_index if sp.last_index is not None else sp.index(q, k)
+    masks = [index.masks(b, math.ceil(n / BLOCK)) for b, n in enumerate(lens)]
     ref = reference_sparse_prefill(q, k, v, masks, cu_q, kvl, **kw)
     assert relative_error(out, ref) < TOL[dtype]
 
@@ -173,6 +174,41 @@ def test_sparse_prefill_explicit_masks_and_scale():
                        sm_scale=0.05, **kw)
     ref = reference_sparse_prefill(q, k, v, masks, cu_q, kvl, sm_scale=0.05, **kw)
     assert relative_error(o, ref) < 1e-4
+
+
+@pytest.mark.parametrize("paged", [False, True])
+def test_mixed_layer_dense_fast_path_and_rule_tiles(paged):
+    # dense heads: SDPA (no prefix) or the 128-row rule kernel (prefix); streaming edge cases (window of one
+    # block, sinks inside / outside the window) through the rule kernel; top-k through the index kernel.
+    # Dense heads are 3 + 1 per KV head: two SDPA groups.
+    hq, hkv, d = 8, 2, 64
+    budgets = [HeadBudget.dense(), HeadBudget.dense(), HeadBudget.dense(), HeadBudget.streaming(64, 64),
+               HeadBudget.dense(), HeadBudget.streaming(0, 128), HeadBudget.streaming(128, 64), HeadBudget.topk(0.3, 2)]
+    lens, q_lens = ([330, 200], [330, 200]) if not paged else ([330, 200], [330, 71])   # prefix 129: unaligned
+    q, k, v, cu_q, kvl, kw = make_batch(lens, q_lens, hq, hkv, d, torch.float32, paged, 40 + paged)
+    sp = SparsePrefill(budgets, hkv, d).plan(cu_q, kvl, max(q_lens), max(lens), **kw)
+    assert sp._dense_groups == [([4], [1], 1), ([0, 1, 2], [0], 3)]
+    index = sp.index(q, k)
+    masks = [index.masks(b, math.ceil(n / BLOCK)) for b, n in enumerate(lens)]
+    ref = reference_sparse_prefill(q, k, v, masks, cu_q, kvl, **kw)
+    modes = [(True, True), (False, False)] if paged else [(True, True), (False, True), (True, False)]
+    for use_sdpa, rule in modes:
+        out = torch.full_like(q, float("nan"))
+        sp.run(q, k, v, out=out, use_sdpa=use_sdpa, rule_tiles=rule)
+        assert relative_error(out, ref) < 1e-4, (use_sdpa, rule)
+    assert (sp._dense_segments(q, k) is None) == paged                      # a prefix: no SDPA
+
+
+def test_sparse_prefill_head_subset_leaves_other_heads():
+    q, k, v, cu_q, kvl, kw = make_batch([150], [150], 4, 2, 64, torch.float32, False, 8)
+    budgets = [HeadBudget.topk(0.5, 2)] * 4
+    idx = build_block_index(budgets, q, k, cu_q, kvl, 150, **kw)
+    out = torch.full_like(q, float("nan"))
+    sparse_prefill(q, k, v, idx.block_idx, idx.block_cnt, idx.head_dense, cu_q, kvl, 150, out=out,
+                   heads=torch.tensor([1, 3], dtype=torch.int32), **kw)
+    ref = reference_sparse_prefill(q, k, v, [idx.masks(0, 3)], cu_q, kvl, **kw)
+    assert torch.isnan(out[:, [0, 2]]).all()
+    assert relative_error(out[:, [1, 3]], ref[:, [1, 3]]) < 1e-4
 
 
 # ---------------------------------------------------------------------------------------------------

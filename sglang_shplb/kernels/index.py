@@ -140,11 +140,18 @@ def _kv_locations(b_kv_lens, nb: int, cu_seqlens_k=None, req_to_token=None, req_
 
 
 def _pool(x: torch.Tensor, valid: torch.Tensor, nb: int) -> torch.Tensor:
-    """``x [B, nb*BLOCK, H, d]`` → block means ``[B, H, nb, d]`` in float32 (invalid rows excluded)."""
+    """``x [B, nb*BLOCK, H, d]`` → block means ``[B, H, nb, d]`` in float32 (invalid rows excluded).
+    Masks in x's dtype and accumulates in float32 (no float32 copy of x)."""
     bsz, _, h, d = x.shape
-    xs = (x.float() * valid[:, :, None, None]).view(bsz, nb, BLOCK, h, d).sum(2)
+    xs = (x * valid[:, :, None, None].to(x.dtype)).view(bsz, nb, BLOCK, h, d).sum(2, dtype=torch.float32)
     cnt = valid.view(bsz, nb, BLOCK).sum(-1).clamp(min=1).float()
     return (xs / cnt[:, :, None, None]).permute(0, 2, 1, 3)
+
+
+@lru_cache(maxsize=64)
+def _topk_counts_tensor(budgets: tuple, nb: int, device: str) -> torch.Tensor:
+    """``[T, nb]`` per-row block counts of top-k heads, cached on the device (built once per shape)."""
+    return torch.tensor([_topk_counts(b, nb) for b in budgets], device=device)
 
 
 def build_block_index(budgets: Sequence[HeadBudget], q: torch.Tensor, k: torch.Tensor,
@@ -196,19 +203,22 @@ def build_block_index(budgets: Sequence[HeadBudget], q: torch.Tensor, k: torch.T
     if topk_heads:
         # scores S[qi, kj] = mean(q in qi) · mean(k in kj) / sqrt(d); forced: kj = 0 and kj = qi
         th = torch.tensor(topk_heads, device=dev)
-        qp = _pool(q[:, th][qrow.view(-1)].view(bsz, nb * BLOCK, len(topk_heads), d), qvalid, nb)
-        kp = _pool(kg, kvalid, nb)[:, th // group]                         # [B, T, nb, d]
-        s = (qp @ kp.transpose(-1, -2)) / math.sqrt(d)
+        qg = q if len(topk_heads) == hq else q.index_select(1, th)
+        qp = _pool(qg[qrow.view(-1)].view(bsz, nb * BLOCK, len(topk_heads), d), qvalid, nb)
+        kp = _pool(kg, kvalid, nb)                                         # [B, Hkv, nb, d]
+        kp = kp if (group == 1 and len(topk_heads) == hq) else kp[:, th // group]   # [B, T, nb, d]
+        # pooled scores: tensor cores in the input dtype (bf16 on the GPU), float32 result
+        sdt = q.dtype if q.is_cuda else torch.float32
+        s = torch.matmul(qp.to(sdt), kp.to(sdt).transpose(-1, -2)).float().mul_(1.0 / math.sqrt(d))
         # forced blocks rank first: the diagonal (+inf), then block 0 (max float); with k(qi) = 1 the
         # diagonal wins (block_masks' tie of two +inf leaves that choice to argsort)
-        diag = torch.eye(nb, dtype=torch.bool, device=dev)
-        first = torch.zeros_like(causal)
-        first[:, 0] = True
-        s = s.masked_fill(~causal, float("-inf")).masked_fill(first, torch.finfo(torch.float32).max)
-        s = s.masked_fill(diag, float("inf"))
-        counts = torch.tensor([_topk_counts(budgets[h], nb) for h in topk_heads], device=dev)  # [T, nb]
-        kt = int(max(max(_topk_counts(budgets[h], nb)) for h in topk_heads))
-        top = s.topk(kt, dim=-1).indices                                   # [B, T, nb, kt]
+        s.masked_fill_(~causal, float("-inf"))
+        s[..., 0] = torch.finfo(torch.float32).max
+        s.diagonal(dim1=-2, dim2=-1).fill_(float("inf"))
+        key = tuple(budgets[h] for h in topk_heads)
+        counts = _topk_counts_tensor(key, nb, str(dev))                    # [T, nb]
+        kt = int(max(max(_topk_counts(b, nb)) for b in set(key)))
+        top = s.topk(kt, dim=-1).indices                                   # [B, T, nb, kt], by score
         keep = torch.arange(kt, device=dev) < counts[None, :, :, None]
         top = torch.where(keep, top, torch.full_like(top, nb)).sort(-1).values
         top = torch.where(keep, top, torch.zeros_like(top))               # counts are prefixes after sort

@@ -250,6 +250,8 @@ def _rule_kernel(autotune: bool):
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         return acc, m_new, l_i
 
+    globals()["_rule_tile"] = _tile   # jit functions resolve callees through the module's globals
+
     def body(
         Q, K, V, O,
         stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
@@ -299,20 +301,20 @@ def _rule_kernel(autotune: bool):
             l_i = tl.zeros([BLOCK_M], tl.float32)
             acc = tl.zeros([BLOCK_M, D], tl.float32)
             for kb in range(0, n_sink):                  # sinks outside A's window: all rows
-                acc, m_i, l_i = _tile(acc, m_i, l_i, q, k_ptr, v_ptr, r2t, kv_base, kb, offs_m, qb, s_blk, w_blk,
+                acc, m_i, l_i = _rule_tile(acc, m_i, l_i, q, k_ptr, v_ptr, r2t, kv_base, kb, offs_m, qb, s_blk, w_blk,
                                       n_kv, stride_kt, stride_vt, qk_scale, BLOCK_N, PAGED, False, DOT_F32)
             if ws_a < blk_a:                              # first window block: B may not see it
-                acc, m_i, l_i = _tile(acc, m_i, l_i, q, k_ptr, v_ptr, r2t, kv_base, ws_a, offs_m, qb, s_blk, w_blk,
+                acc, m_i, l_i = _rule_tile(acc, m_i, l_i, q, k_ptr, v_ptr, r2t, kv_base, ws_a, offs_m, qb, s_blk, w_blk,
                                       n_kv, stride_kt, stride_vt, qk_scale, BLOCK_N, PAGED, True, DOT_F32)
             for kb in range(ws_a + 1, blk_a):             # rest of the window: all rows
-                acc, m_i, l_i = _tile(acc, m_i, l_i, q, k_ptr, v_ptr, r2t, kv_base, kb, offs_m, qb, s_blk, w_blk,
+                acc, m_i, l_i = _rule_tile(acc, m_i, l_i, q, k_ptr, v_ptr, r2t, kv_base, kb, offs_m, qb, s_blk, w_blk,
                                       n_kv, stride_kt, stride_vt, qk_scale, BLOCK_N, PAGED, False, DOT_F32)
-            acc, m_i, l_i = _tile(acc, m_i, l_i, q, k_ptr, v_ptr, r2t, kv_base, blk_a, offs_m, qb, s_blk, w_blk,
+            acc, m_i, l_i = _rule_tile(acc, m_i, l_i, q, k_ptr, v_ptr, r2t, kv_base, blk_a, offs_m, qb, s_blk, w_blk,
                                   n_kv, stride_kt, stride_vt, qk_scale, BLOCK_N, PAGED, True, DOT_F32)
             if (blk_a + 1) * BLOCK_N < n_kv:
-                acc, m_i, l_i = _tile(acc, m_i, l_i, q, k_ptr, v_ptr, r2t, kv_base, blk_a + 1, offs_m, qb, s_blk,
+                acc, m_i, l_i = _rule_tile(acc, m_i, l_i, q, k_ptr, v_ptr, r2t, kv_base, blk_a + 1, offs_m, qb, s_blk,
                                       w_blk, n_kv, stride_kt, stride_vt, qk_scale, BLOCK_N, PAGED, True, DOT_F32)
-            o = acc / l_i[:, None]
+            o = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]     # l = 0 only on rows not stored
             tl.store(O + q_rows[:, None] * stride_ot + h * stride_oh + offs_d[None, :],
                      o.to(O.dtype.element_ty), mask=m_valid[:, None])
 

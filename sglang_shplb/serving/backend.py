@@ -20,7 +20,7 @@ from sglang.srt.layers.attention.base_attn_backend import AttentionBackend
 from ..patterns import HeadBudget, Pattern
 from .config import BACKEND_NAME, ServingConfig
 from .head_map import rank_heads
-from .sparse import sparse_attention, sparse_decode, sparse_heads
+from .sparse import prepare_decode_constants, sparse_attention, sparse_decode, sparse_heads
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +69,7 @@ class ShplbAttnBackend(AttentionBackend):
             for li, layer in enumerate(self.plan.budgets):
                 local = [layer[h] for h in rank_heads(self.plan.model.num_heads, self.tp_size, self.tp_rank, li)]
                 self.layer_budgets[li] = local
+                prepare_decode_constants(local, self.device)
         n_sparse = sum(len(sparse_heads(b)) for b in self.layer_budgets.values())
         n_all = sum(len(b) for b in self.layer_budgets.values())
         logger.info("shplb backend: dense heads on %s, %d of %d rank-local heads sparse (plan %s), TP rank %d/%d",

@@ -125,8 +125,7 @@ def streaming_decode(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Te
         valid = (pos >= 0) & (pos < n[:, None])
         valid[:, ps.shape[1]:] &= pw >= s * BLOCK                             # no double count of sinks
         loc = torch.gather(rows, 1, pos.clamp(0, max_ctx - 1)).long()         # [B, P]
-        hs_t = torch.tensor(hs, device=dev) if not (q.is_cuda and torch.cuda.is_current_stream_capturing()) \
-            else _const_heads(tuple(hs), str(dev))
+        hs_t = _const_heads(tuple(hs), str(dev))
         kvh = hs_t // group
         kk = k_buffer[loc][:, :, kvh].float()                                 # [B, P, S, d]
         vv = v_buffer[loc][:, :, kvh].float()
@@ -138,9 +137,25 @@ def streaming_decode(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Te
     return out
 
 
-@lru_cache(maxsize=256)
+@lru_cache(maxsize=1024)
 def _const_heads(hs: tuple[int, ...], device: str) -> torch.Tensor:
+    if device.startswith("cuda") and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError("shplb: decode constants must be prepared before CUDA-graph capture "
+                           "(prepare_decode_constants)")
     return torch.tensor(hs, device=device)
+
+
+def prepare_decode_constants(budgets: Sequence[HeadBudget], device) -> None:
+    """Build, outside any CUDA-graph capture, the small constant tensors the graph-safe decode path of
+    these budgets reads (head lists, sink/window offsets); they are cached and reused by replays."""
+    dev = str(torch.device(device))
+    by_cfg: dict[tuple[int, int], list[int]] = {}
+    for h, b in enumerate(budgets):
+        if b.pattern is Pattern.STREAMING:
+            by_cfg.setdefault((b.sink_blocks, b.window_blocks), []).append(h)
+    for (s, w), hs in by_cfg.items():
+        _const_heads(tuple(hs), dev)
+        _stream_offsets(s, w, dev)
 
 
 def sparse_decode(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tensor, req_to_token: torch.Tensor,
