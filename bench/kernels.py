@@ -6,6 +6,8 @@ Writes JSON + PNG + log and the cost-model calibration tables (schema shplb-cali
 
     PYTHONUNBUFFERED=1 python bench/kernels.py --out $OUT            # GPU
     python bench/kernels.py --cpu-smoke --out /tmp/smoke               # logic check, Triton interpreter
+    PYTHONUNBUFFERED=1 python bench/kernels.py --quick --out $OUT    # round 2: API paths at 16K/32K/64K
+    python bench/kernels.py --quick --cpu-smoke --out /tmp/smoke       # its logic check
 
 Timing: triton.testing.do_bench (CUDA events, L2 flushed before each run, median); fresh random inputs
 per context (> L2 at every size), outputs poisoned with NaN before the first run and checked after.
@@ -30,7 +32,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import torch  # noqa: E402
 
 from sglang_shplb.patterns import BLOCK, HeadBudget, Pattern  # noqa: E402
-from sglang_shplb.kernels import SparseDecode, build_block_index, sparse_prefill  # noqa: E402
+from sglang_shplb.kernels import SparseDecode, SparsePrefill, build_block_index, sparse_prefill  # noqa: E402
+from sglang_shplb.kernels.triton_prefill import RULE_DENSE_WINDOW, rule_prefill  # noqa: E402
 from sglang_shplb.kernels.reference import relative_error, reference_sparse_prefill  # noqa: E402
 
 LOG: list[str] = []
@@ -88,7 +91,10 @@ def main():
     ap.add_argument("--decode-ctx", default="32768,65536,131072")
     ap.add_argument("--decode-batch", type=int, default=4)
     ap.add_argument("--budget-s", type=float, default=480.0, help="stop adding contexts past this")
+    ap.add_argument("--quick", action="store_true", help="round 2: SparsePrefill API paths, 16K/32K/64K")
     args = ap.parse_args()
+    if args.quick:
+        return quick(args)
     smoke = args.cpu_smoke
     t_start = time.time()
     os.makedirs(args.out, exist_ok=True)
@@ -469,6 +475,163 @@ def _summary(res):
         log(nm.ljust(18) + "".join(cells))
     for r in res["decode"]:
         log(f"decode {r['ctx'] // 1024}K: " + ", ".join(f"{c['name']} {c['frac_copy_bw']:.2f}bw" for c in r["configs"]))
+
+
+def quick(args):
+    """Round 2: the SparsePrefill paths (dense heads → SDPA, dense/streaming → 128-row rule kernel, top-k →
+    index kernel) against the round-1 path (every head through the 64-row index kernel) and SDPA."""
+    smoke = args.cpu_smoke
+    t_start = time.time()
+    os.makedirs(args.out, exist_ok=True)
+    dev = "cpu" if smoke else "cuda"
+    if smoke:
+        hq, hkv, d, dtype, ctxs = 4, 1, 64, torch.float32, [256, 320]
+    else:
+        hq, hkv, d, dtype, ctxs = 32, 8, 128, torch.bfloat16, [16384, 32768, 65536]
+        if args.ctx != "8192,16384,32768,65536,131072":
+            ctxs = [int(x) for x in args.ctx.split(",")]
+    device_name = "cpu (Triton interpreter)" if smoke else torch.cuda.get_device_name()
+    today = _dt.date.today().isoformat()
+    import triton
+    log(f"# bench/kernels.py --quick  device={device_name}  date={today}  torch={torch.__version__}  "
+        f"triton={triton.__version__}")
+    res = {"device": device_name, "date": today, "shape": dict(hq=hq, hkv=hkv, d=d, dtype=str(dtype)),
+           "checks": [], "prefill": []}
+    suffix = "_smoke" if smoke else "_h100"
+
+    def dump():
+        with open(os.path.join(args.out, f"kernels_round2{suffix}.json"), "w") as f:
+            json.dump(res, f, indent=1)
+        with open(os.path.join(args.out, f"kernels_round2{suffix}.log"), "w") as f:
+            f.write("\n".join(LOG) + "\n")
+
+    mix = ([HeadBudget.dense(), HeadBudget.streaming(128, 512), HeadBudget.topk(0.2, 2), HeadBudget.vslash(0.2, 2)]
+           * (hq // 4))
+    # ---- correctness on the device: API paths, contiguous single sequence and paged chunked varlen ----
+    for paged in (False, True):
+        g = torch.Generator(device=dev).manual_seed(3 + paged)
+        lens = [300, 200] if smoke else [4096 + 77, 3000]
+        q_lens = lens if not paged else [lens[0] - 129, lens[1]]
+        q = torch.randn(sum(q_lens), hq, d, device=dev, dtype=dtype, generator=g)
+        cu = torch.tensor([0, q_lens[0], sum(q_lens)], dtype=torch.int32, device=dev)
+        kvl = torch.tensor(lens, dtype=torch.int32, device=dev)
+        if paged:
+            pool = 2 * max(lens) + 99
+            kb = torch.randn(pool, hkv, d, device=dev, dtype=dtype, generator=g)
+            vb = torch.randn(pool, hkv, d, device=dev, dtype=dtype, generator=g)
+            r2t = torch.randperm(pool, device=dev)[:2 * max(lens)].view(2, -1).int()
+            kw = dict(req_to_token=r2t, req_pool_indices=torch.tensor([1, 0], dtype=torch.int32, device=dev))
+        else:
+            kb = torch.randn(sum(lens), hkv, d, device=dev, dtype=dtype, generator=g)
+            vb = torch.randn(sum(lens), hkv, d, device=dev, dtype=dtype, generator=g)
+            kw = dict(cu_seqlens_k=torch.tensor([0, lens[0], sum(lens)], dtype=torch.int32, device=dev))
+        sp = SparsePrefill(mix, hkv, d).plan(cu, kvl, max(q_lens), max(lens), q_lens_cpu=q_lens, kv_lens_cpu=lens, **kw)
+        o = torch.full_like(q, float("nan"))
+        sp.run(q, kb, vb, out=o)
+        idx = sp.index(q, kb)
+        masks = [idx.masks(b, math.ceil(n / BLOCK)).to(dev) for b, n in enumerate(lens)]
+        ref = reference_sparse_prefill(q, kb, vb, masks, cu, kvl, **kw)
+        err = relative_error(o, ref)
+        log(f"check SparsePrefill.run (mixed heads, {'paged, chunked' if paged else 'contiguous'}, lens {lens}, "
+            f"q_lens {q_lens}) vs reference: rel err {err:.2e}, all written {bool(torch.isfinite(o).all())}")
+        res["checks"].append({"what": f"SparsePrefill.run mixed, paged={paged}", "rel_err": err})
+        del q, kb, vb, o, ref
+    dump()
+
+    sets = {"dense": [HeadBudget.dense()] * hq,
+            "topk0.1": [HeadBudget.topk(0.1, 2)] * hq,
+            "1dense+topk0.1": [HeadBudget.dense()] + [HeadBudget.topk(0.1, 2)] * (hq - 1),
+            "stream+topk0.1": [HeadBudget.streaming(128, 2048)] * (hq // 2) + [HeadBudget.topk(0.1, 2)] * (hq // 2),
+            "stream(128+2048)": [HeadBudget.streaming(128, 2048)] * hq}
+    for n in ctxs:
+        if time.time() - t_start > args.budget_s:
+            log(f"time budget reached: skipping ctx {n}")
+            continue
+        q = torch.randn(n, hq, d, device=dev, dtype=dtype)
+        k = torch.randn(n, hkv, d, device=dev, dtype=dtype)
+        v = torch.randn(n, hkv, d, device=dev, dtype=dtype)
+        cu = torch.tensor([0, n], dtype=torch.int32, device=dev)
+        kvl = torch.tensor([n], dtype=torch.int32, device=dev)
+        causal_tok = n * (n + 1) // 2
+        dense_flops = 4 * d * causal_tok * hq
+        row = {"ctx": n, "configs": []}
+        if not smoke:
+            from torch.nn.attention import SDPBackend, sdpa_kernel
+            qq, kk, vv = (x.transpose(0, 1)[None] for x in (q, k, v))
+            t_sdpa = {}
+            for name, be in (("flash", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION)):
+                try:
+                    with sdpa_kernel([be]):
+                        f = lambda: torch.nn.functional.scaled_dot_product_attention(qq, kk, vv, is_causal=True, enable_gqa=True)  # noqa: E731
+                        f()
+                        t_sdpa[name] = bench(f, smoke)
+                except Exception as e:  # noqa: BLE001
+                    log(f"sdpa {name} failed: {type(e).__name__}: {str(e)[:150]}")
+            sdpa = min(t_sdpa.values())
+        else:
+            t_sdpa = {"none": 1.0}
+            sdpa = 1.0
+        row.update(sdpa_ms=t_sdpa, sdpa_best_ms=sdpa, sdpa_tflops=dense_flops / (sdpa * 1e-3) / 1e12)
+        log(f"\n## ctx {n}: SDPA {', '.join(f'{a} {b:.3f} ms' for a, b in t_sdpa.items())} "
+            f"({row['sdpa_tflops']:.0f} TFLOP/s)")
+        # the 128-row rule kernel on dense heads, no SDPA (what a prefix / paged-without-host-lengths gets)
+        allh = torch.arange(hq, dtype=torch.int32, device=dev)
+        z = torch.zeros(hq, dtype=torch.int32, device=dev)
+        wdense = torch.full((hq,), RULE_DENSE_WINDOW, dtype=torch.int32, device=dev)
+        o = torch.full_like(q, float("nan"))
+        f = lambda: rule_prefill(q, k, v, allh, z, wdense, cu, kvl, n, cu_seqlens_k=cu, out=o)  # noqa: E731
+        f()
+        ok = bool(torch.isfinite(o).all())
+        t = bench(f, smoke)
+        row["rule_dense_ms"] = t
+        log(f"rule kernel (128-row tiles), all heads dense: {t:.3f} ms ({dense_flops / (t * 1e-3) / 1e12:.0f} TFLOP/s, "
+            f"eff {sdpa / t:.2f}), all written {ok}")
+        if not smoke:
+            for nw, ns in ((8, 2), (8, 3), (4, 2)):
+                try:
+                    tt = bench(lambda: rule_prefill(q, k, v, allh, z, wdense, cu, kvl, n, cu_seqlens_k=cu, out=o,
+                                                    num_warps=nw, num_stages=ns), smoke)
+                    row[f"rule_dense_ms_w{nw}s{ns}"] = tt
+                    log(f"  rule dense warps={nw} stages={ns}: {tt:.3f} ms (eff {sdpa / tt:.2f})")
+                except Exception as e:  # noqa: BLE001
+                    log(f"  rule dense warps={nw} stages={ns} failed: {type(e).__name__}: {str(e)[:150]}")
+        for name, budgets in sets.items():
+            ent = {"name": name}
+            try:
+                sp = SparsePrefill(budgets, hkv, d).plan(cu, kvl, n, n, cu_seqlens_k=cu)
+                idx = sp.index(q, k)
+                t_idx = bench(lambda: sp.index(q, k), smoke, 100)
+                pairs = attended_pairs_tokens(idx, n)
+                dens = sum(pairs) / (causal_tok * hq)
+                o = torch.full_like(q, float("nan"))
+                sp.run(q, k, v, out=o)
+                ok = bool(torch.isfinite(o).all())
+                o1 = torch.full_like(q, float("nan"))
+                sparse_prefill(q, k, v, idx.block_idx, idx.block_cnt, idx.head_dense, cu, kvl, n, cu_seqlens_k=cu,
+                               out=o1)
+                err = relative_error(o, o1.float())
+                t_api = bench(lambda: sp.run(q, k, v, out=o), smoke)                   # index + kernels
+                t_r1 = bench(lambda: sparse_prefill(q, k, v, idx.block_idx, idx.block_cnt, idx.head_dense, cu, kvl, n,
+                                                    cu_seqlens_k=cu, out=o1), smoke)   # round-1 kernel path
+                t_api_k = t_api - (t_idx if sp.listed_heads else 0.0)
+            except Exception as e:  # noqa: BLE001
+                log(f"{name}: failed: {type(e).__name__}: {str(e)[:300]}")
+                continue
+            ent.update(density=dens, index_ms=t_idx, api_ms=t_api, api_kernels_ms=t_api_k, round1_kernel_ms=t_r1,
+                       eff_api_kernels=dens * sdpa / t_api_k, eff_round1=dens * sdpa / t_r1,
+                       eff_api_with_index=dens * sdpa / t_api, api_vs_round1_rel_err=err, all_written=ok)
+            log(f"{name:18s} density {dens:.3f}: run() {t_api:8.3f} ms = index {t_idx:.3f} + kernels {t_api_k:8.3f} "
+                f"(eff {ent['eff_api_kernels']:.2f}; with index {ent['eff_api_with_index']:.2f}) | round-1 64-row kernel "
+                f"{t_r1:8.3f} ms (eff {ent['eff_round1']:.2f}) | err vs round-1 {err:.1e}, written {ok}")
+            row["configs"].append(ent)
+            del sp, idx, o, o1
+            if not smoke:
+                torch.cuda.empty_cache()
+        res["prefill"].append(row)
+        del q, k, v
+        dump()
+    res["wall_s"] = time.time() - t_start
+    dump()
 
 
 if __name__ == "__main__":

@@ -105,9 +105,9 @@ def _profile_cached(budget: HeadBudget, nb: int) -> np.ndarray:
         w = np.minimum(causal, win) + np.minimum(s, np.maximum(0, qi - win + 1))
     elif p is Pattern.TOPK:
         k = np.ceil(budget.fraction * causal.astype(np.float64)).astype(np.int64)
-        w = np.minimum(causal, np.maximum(budget.min_blocks, k))
+        w = np.minimum(causal, np.maximum(max(budget.min_blocks, 2), k))  # block 0 + diagonal always
     else:
-        w = np.minimum(causal, 2 * budget.vslash_count(nb))
+        w = np.minimum(causal, 2 * budget.vslash_count(nb) + 2)  # as HeadBudget.blocks_for_query_block
     w = w.astype(np.float64)
     w.setflags(write=False)
     return w
@@ -124,13 +124,7 @@ def block_pairs(budget: HeadBudget, seq_len: int) -> int:
     """``budget.block_pairs(seq_len)``, vectorised and cached (the pure-Python sum is slow for top-k)."""
     if budget.pattern in (Pattern.DENSE, Pattern.STREAMING):
         return budget.block_pairs(seq_len)
-    nb = math.ceil(seq_len / BLOCK)
-    qi = np.arange(nb, dtype=np.int64)
-    causal = qi + 1
-    if budget.pattern is Pattern.TOPK:
-        k = np.ceil(budget.fraction * causal.astype(np.float64)).astype(np.int64)
-        return int(np.minimum(causal, np.maximum(budget.min_blocks, k)).sum())
-    return int(np.minimum(causal, 2 * budget.vslash_count(nb)).sum())
+    return int(query_block_pairs(budget, seq_len).sum())
 
 
 class CostProfile:

@@ -7,10 +7,10 @@ from typing import Sequence
 import torch
 
 from ..patterns import BLOCK, HeadBudget, Pattern
-from .index import BlockIndex, build_block_index, check_budgets, check_qkv
+from .index import BlockIndex, build_block_index, check_budgets, check_qkv, pair_union_index
 from .triton_decode import (alloc_page_summaries, build_page_summaries, decode_splits, group_modes, head_modes,
                             max_selected_pages, select_pages, sparse_decode, update_page_summaries)
-from .triton_prefill import RULE_DENSE_WINDOW, rule_prefill, sparse_prefill
+from .triton_prefill import RULE_DENSE_WINDOW, rule_prefill, sparse_prefill, union_prefill
 
 
 def _sdpa(qq, kk, vv, scale, gqa: bool):
@@ -171,9 +171,12 @@ class SparsePrefill:
                     out[qs:qs + n].index_copy_(1, qh_t, o.to(out.dtype))
 
     def run(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, index: BlockIndex | None = None,
-            out: torch.Tensor | None = None, use_sdpa: bool = True, rule_tiles: bool = True) -> torch.Tensor:
+            out: torch.Tensor | None = None, use_sdpa: bool = True, rule_tiles: bool = True,
+            union_tiles: bool = False) -> torch.Tensor:
         """``use_sdpa=False``: dense heads through the Triton kernels too; ``rule_tiles=False``: dense and
-        streaming heads through the block-index (64-row) kernel instead of the 128-row rule kernel."""
+        streaming heads through the block-index (64-row) kernel instead of the 128-row rule kernel;
+        ``union_tiles=True``: top-k / vertical-slash heads through the 128-row union kernel (pairs of query
+        blocks over the union of their lists: faster only when adjacent query blocks pick similar blocks)."""
         if not self._planned:
             raise ValueError("call plan() before run()")
         check_qkv(q, k, v)
@@ -202,7 +205,12 @@ class SparsePrefill:
         else:
             listed = sorted(triton_dense + self.stream_heads + self.listed_heads)
             rule = []
-        if listed:
+        if listed and union_tiles and rule_tiles:
+            lt = self._t(("listed", tuple(listed)), listed, q.device)
+            pi, pc, pf = pair_union_index(index.block_idx, index.block_cnt, lt)
+            union_prefill(q, k, v, lt, pi, pc, pf, self.cu_seqlens_q, self.kv_lens, self.max_q_len,
+                          sm_scale=self.sm_scale, out=o, **kvkw)
+        elif listed:
             sparse_prefill(q, k, v, index.block_idx, index.block_cnt, index.head_dense, self.cu_seqlens_q,
                            self.kv_lens, self.max_q_len, sm_scale=self.sm_scale, out=o,
                            heads=self._t(("listed", tuple(listed)), listed, q.device), **kvkw)

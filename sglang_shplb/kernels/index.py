@@ -265,6 +265,38 @@ def build_block_index(budgets: Sequence[HeadBudget], q: torch.Tensor, k: torch.T
     return BlockIndex(idx, cnt, dense)
 
 
+def pair_union_index(block_idx: torch.Tensor, block_cnt: torch.Tensor, heads: torch.Tensor):
+    """Pairs of query blocks (A = 2p, B = 2p + 1) for the 128-row union kernel, heads ``heads`` only.
+
+    Returns ``pair_idx [B, T, NP, 2*MAXK]`` int32, ascending, entries ``kb * 4 + (1 if A lists kb) + (2 if
+    B lists kb)`` over the union of the off-diagonal lists minus block A; ``pair_cnt [B, T, NP]``;
+    ``pair_flag [B, T, NP]``: 1 if B lists block A. Sync-free (two sorts)."""
+    bi = block_idx.index_select(1, heads.long()).long()
+    bc = block_cnt.index_select(1, heads.long()).long()
+    bsz, t, nb, mk = bi.shape
+    if nb % 2:
+        bi = torch.cat([bi, torch.zeros_like(bi[:, :, :1])], 2)
+        bc = torch.cat([bc, torch.zeros_like(bc[:, :, :1])], 2)
+        nb += 1
+    big = nb + 1
+    j = torch.arange(mk, device=bi.device)
+    pa = 2 * torch.arange(nb // 2, device=bi.device)[:, None]                   # block A of each pair
+    va = torch.where(j < bc[:, :, 0::2, None] - 1, bi[:, :, 0::2], big)
+    vb = torch.where(j < bc[:, :, 1::2, None] - 1, bi[:, :, 1::2], big)
+    flag = (vb == pa).any(-1)
+    vb = torch.where(vb == pa, big, vb)
+    key = torch.cat([va * 4 + 1, vb * 4 + 2], -1).sort(-1).values
+    val, src = key >> 2, key & 3
+    same = val[..., 1:] == val[..., :-1]
+    flags = src.clone()
+    flags[..., :-1] |= torch.where(same, src[..., 1:], torch.zeros_like(src[..., 1:]))
+    keep = val < big
+    keep[..., 1:] &= ~same
+    packed = torch.where(keep, val * 4 + flags, torch.full_like(val, big * 4)).sort(-1).values
+    packed = torch.where(packed >= big * 4, torch.zeros_like(packed), packed)
+    return packed.int(), keep.sum(-1).int(), flag.int()
+
+
 def mask_to_index(mask: torch.Tensor, maxk: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Bool ``[..., nb, nb]`` → ascending indices ``[..., nb, maxk]`` int32 and counts ``[..., nb]`` int32
     (sync-free; rows longer than ``maxk`` are truncated, which drops the diagonal: pass an upper bound)."""

@@ -208,7 +208,7 @@ def _rule_kernel(autotune: bool):
     triton, tl = import_triton()
 
     @triton.jit
-    def _tile(acc, m_i, l_i, q, k_ptr, v_ptr, r2t, kv_base, kb, offs_m, qb, s_blk, w_blk, n_kv, stride_kt,
+    def _tile(acc, m_i, l_i, q, k_ptr, v_ptr, r2t, kv_base, kb, offs_m, row_ok, n_kv, stride_kt,
               stride_vt, qk_scale,
               BLOCK_N: tl.constexpr, PAGED: tl.constexpr, MASK: tl.constexpr, DOT_F32: tl.constexpr):
         arn = tl.arange(0, BLOCK_N)
@@ -230,7 +230,6 @@ def _rule_kernel(autotune: bool):
             k = k.to(tl.float32)
         s = tl.dot(q, tl.trans(k)) * qk_scale
         if MASK:
-            row_ok = (kb <= qb) & ((kb > qb - w_blk) | (kb < s_blk))
             ok = row_ok[:, None] & n_valid[None, :] & (offs_n[None, :] <= offs_m[:, None])
             s = tl.where(ok, s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -301,28 +300,152 @@ def _rule_kernel(autotune: bool):
             l_i = tl.zeros([BLOCK_M], tl.float32)
             acc = tl.zeros([BLOCK_M, D], tl.float32)
             for kb in range(0, n_sink):                  # sinks outside A's window: all rows
-                acc, m_i, l_i = _rule_tile(acc, m_i, l_i, q, k_ptr, v_ptr, r2t, kv_base, kb, offs_m, qb, s_blk, w_blk,
-                                      n_kv, stride_kt, stride_vt, qk_scale, BLOCK_N, PAGED, False, DOT_F32)
+                acc, m_i, l_i = _rule_tile(acc, m_i, l_i, q, k_ptr, v_ptr, r2t, kv_base, kb, offs_m, m_valid,
+                                           n_kv, stride_kt, stride_vt, qk_scale, BLOCK_N, PAGED, False, DOT_F32)
+            ok_w = (ws_a <= qb) & ((ws_a > qb - w_blk) | (ws_a < s_blk))
+            ok_a = (blk_a <= qb) & ((blk_a > qb - w_blk) | (blk_a < s_blk))
+            ok_b = (blk_a + 1 <= qb) & ((blk_a + 1 > qb - w_blk) | (blk_a + 1 < s_blk))
             if ws_a < blk_a:                              # first window block: B may not see it
-                acc, m_i, l_i = _rule_tile(acc, m_i, l_i, q, k_ptr, v_ptr, r2t, kv_base, ws_a, offs_m, qb, s_blk, w_blk,
-                                      n_kv, stride_kt, stride_vt, qk_scale, BLOCK_N, PAGED, True, DOT_F32)
+                acc, m_i, l_i = _rule_tile(acc, m_i, l_i, q, k_ptr, v_ptr, r2t, kv_base, ws_a, offs_m, ok_w,
+                                           n_kv, stride_kt, stride_vt, qk_scale, BLOCK_N, PAGED, True, DOT_F32)
             for kb in range(ws_a + 1, blk_a):             # rest of the window: all rows
-                acc, m_i, l_i = _rule_tile(acc, m_i, l_i, q, k_ptr, v_ptr, r2t, kv_base, kb, offs_m, qb, s_blk, w_blk,
-                                      n_kv, stride_kt, stride_vt, qk_scale, BLOCK_N, PAGED, False, DOT_F32)
-            acc, m_i, l_i = _rule_tile(acc, m_i, l_i, q, k_ptr, v_ptr, r2t, kv_base, blk_a, offs_m, qb, s_blk, w_blk,
-                                  n_kv, stride_kt, stride_vt, qk_scale, BLOCK_N, PAGED, True, DOT_F32)
+                acc, m_i, l_i = _rule_tile(acc, m_i, l_i, q, k_ptr, v_ptr, r2t, kv_base, kb, offs_m, m_valid,
+                                           n_kv, stride_kt, stride_vt, qk_scale, BLOCK_N, PAGED, False, DOT_F32)
+            acc, m_i, l_i = _rule_tile(acc, m_i, l_i, q, k_ptr, v_ptr, r2t, kv_base, blk_a, offs_m, ok_a,
+                                       n_kv, stride_kt, stride_vt, qk_scale, BLOCK_N, PAGED, True, DOT_F32)
             if (blk_a + 1) * BLOCK_N < n_kv:
-                acc, m_i, l_i = _rule_tile(acc, m_i, l_i, q, k_ptr, v_ptr, r2t, kv_base, blk_a + 1, offs_m, qb, s_blk,
-                                      w_blk, n_kv, stride_kt, stride_vt, qk_scale, BLOCK_N, PAGED, True, DOT_F32)
+                acc, m_i, l_i = _rule_tile(acc, m_i, l_i, q, k_ptr, v_ptr, r2t, kv_base, blk_a + 1, offs_m, ok_b,
+                                           n_kv, stride_kt, stride_vt, qk_scale, BLOCK_N, PAGED, True, DOT_F32)
             o = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]     # l = 0 only on rows not stored
             tl.store(O + q_rows[:, None] * stride_ot + h * stride_oh + offs_d[None, :],
                      o.to(O.dtype.element_ty), mask=m_valid[:, None])
 
     kern = triton.jit(body)
     if autotune:
-        cfgs = [triton.Config({}, num_warps=w, num_stages=st) for w, st in ((8, 2), (8, 3), (4, 2), (8, 4))]
-        kern = triton.autotune(cfgs, key=["D", "GROUP", "PAGED"])(kern)
+        kern = triton.autotune(_pair_configs(triton), key=["D", "GROUP", "PAGED"])(kern)
     return kern
+
+
+def _pair_configs(triton):
+    return [triton.Config({}, num_warps=w, num_stages=st) for w, st in ((8, 2), (8, 3), (4, 2), (8, 4))]
+
+
+@lru_cache(maxsize=None)
+def _union_kernel(autotune: bool):
+    """Listed (top-k / vertical-slash) heads with 128-row tiles: one program = query blocks A = 2p and
+    B = 2p + 1 of one head, walking the UNION of their off-diagonal lists (:func:`.index.pair_union_index`:
+    entries ``kb * 4 + (1 if in A) + (2 if in B)``) with a per-row mask, then the diagonal blocks A (B's rows
+    only if B lists A) and B (causal). Worth it when adjacent query blocks pick similar KV blocks."""
+    from ._triton_compat import import_triton
+    triton, tl = import_triton()
+    _rule_kernel(False)   # defines _rule_tile
+
+    def body(
+        Q, K, V, O,
+        stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
+        cu_q, kv_lens, cu_k, req_to_token, req_pool_idx, stride_r2t,
+        heads, pidx, pcnt, pflag, s_pi_b, s_pi_h, s_pi_p, s_pc_b, s_pc_h, qk_scale, NH,
+        GROUP: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, PAGED: tl.constexpr,
+        DOT_F32: tl.constexpr,
+    ):
+        BLOCK_M: tl.constexpr = 2 * BLOCK_N
+        jp = tl.num_programs(0) - 1 - tl.program_id(0)
+        bh = tl.program_id(1)
+        b = bh // NH
+        hs = bh % NH
+        h = tl.load(heads + hs)
+        hk = h // GROUP
+        q_start = tl.load(cu_q + b)
+        n_q = tl.load(cu_q + b + 1) - q_start
+        n_kv = tl.load(kv_lens + b)
+        prefix = n_kv - n_q
+        qp = prefix // BLOCK_M + jp
+        if qp * BLOCK_M < n_kv:
+            offs_d = tl.arange(0, D)
+            ar = tl.arange(0, BLOCK_M)
+            offs_m = qp * BLOCK_M + ar
+            in_a = ar < BLOCK_N
+            m_valid = (offs_m >= prefix) & (offs_m < n_kv)
+            q_rows = q_start + offs_m - prefix
+            q = tl.load(Q + q_rows[:, None] * stride_qt + h * stride_qh + offs_d[None, :],
+                        mask=m_valid[:, None], other=0.0)
+            if DOT_F32:
+                q = q.to(tl.float32)
+            if PAGED:
+                r2t = req_to_token + tl.load(req_pool_idx + b).to(tl.int64) * stride_r2t
+                kv_base = 0
+            else:
+                r2t = req_to_token
+                kv_base = tl.load(cu_k + b)
+            k_ptr = K + hk * stride_kh + offs_d[None, :]
+            v_ptr = V + hk * stride_vh + offs_d[None, :]
+            cnt = tl.load(pcnt + b * s_pc_b + hs * s_pc_h + qp)
+            b_sees_a = tl.load(pflag + b * s_pc_b + hs * s_pc_h + qp) != 0
+            row = pidx + b * s_pi_b + hs * s_pi_h + qp * s_pi_p
+            m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+            l_i = tl.zeros([BLOCK_M], tl.float32)
+            acc = tl.zeros([BLOCK_M, D], tl.float32)
+            for it in range(0, cnt):
+                e = tl.load(row + it)
+                ok = tl.where(in_a, (e & 1) != 0, (e & 2) != 0)
+                acc, m_i, l_i = _rule_tile(acc, m_i, l_i, q, k_ptr, v_ptr, r2t, kv_base, e >> 2, offs_m, ok,
+                                           n_kv, stride_kt, stride_vt, qk_scale, BLOCK_N, PAGED, True, DOT_F32)
+            blk_a = 2 * qp
+            ok = in_a | b_sees_a
+            acc, m_i, l_i = _rule_tile(acc, m_i, l_i, q, k_ptr, v_ptr, r2t, kv_base, blk_a, offs_m, ok,
+                                       n_kv, stride_kt, stride_vt, qk_scale, BLOCK_N, PAGED, True, DOT_F32)
+            if (blk_a + 1) * BLOCK_N < n_kv:
+                acc, m_i, l_i = _rule_tile(acc, m_i, l_i, q, k_ptr, v_ptr, r2t, kv_base, blk_a + 1, offs_m, ar >= 0,
+                                           n_kv, stride_kt, stride_vt, qk_scale, BLOCK_N, PAGED, True, DOT_F32)
+            o = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+            tl.store(O + q_rows[:, None] * stride_ot + h * stride_oh + offs_d[None, :],
+                     o.to(O.dtype.element_ty), mask=m_valid[:, None])
+
+    kern = triton.jit(body)
+    if autotune:
+        kern = triton.autotune(_pair_configs(triton), key=["D", "GROUP", "PAGED"])(kern)
+    return kern
+
+
+def union_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: torch.Tensor, pair_idx: torch.Tensor,
+                  pair_cnt: torch.Tensor, pair_flag: torch.Tensor, cu_seqlens_q: torch.Tensor, kv_lens: torch.Tensor,
+                  max_q_len: int, *, cu_seqlens_k: torch.Tensor | None = None,
+                  req_to_token: torch.Tensor | None = None, req_pool_indices: torch.Tensor | None = None,
+                  sm_scale: float | None = None, out: torch.Tensor | None = None,
+                  num_warps: int | None = None, num_stages: int | None = None) -> torch.Tensor:
+    """Listed heads ``heads`` with 128-row tiles over :func:`.index.pair_union_index` (whose head axis is
+    ``heads``' order). Layouts as :func:`sparse_prefill`; writes only ``out[:, heads]``."""
+    from .index import check_qkv
+    check_qkv(q, k, v)
+    paged = req_to_token is not None
+    if paged == (cu_seqlens_k is not None):
+        raise ValueError("give exactly one KV layout: cu_seqlens_k (contiguous) or req_to_token + req_pool_indices (paged)")
+    bsz = kv_lens.shape[0]
+    hq, d = q.shape[1], q.shape[2]
+    nh = int(heads.shape[0])
+    if pair_cnt.shape[:2] != (bsz, nh) or pair_idx.shape[:3] != pair_cnt.shape or pair_flag.shape != pair_cnt.shape:
+        raise ValueError(f"pair index shapes {tuple(pair_idx.shape)} / {tuple(pair_cnt.shape)} do not match "
+                         f"{bsz} sequences x {nh} heads")
+    scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(d)
+    o = out if out is not None else torch.empty_like(q)
+    if nh == 0:
+        return o
+    dummy = cu_seqlens_q
+    grid = (max(1, math.ceil(max_q_len / (2 * BLOCK)) + 1), bsz * nh)
+    tune = q.is_cuda and num_warps is None and num_stages is None
+    kw = {} if tune else dict(num_warps=num_warps or (8 if q.is_cuda else 4), num_stages=num_stages or (2 if q.is_cuda else 1))
+    _union_kernel(tune)[grid](
+        q, k, v, o,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), o.stride(0), o.stride(1),
+        cu_seqlens_q, kv_lens, cu_seqlens_k if not paged else dummy,
+        req_to_token if paged else dummy, req_pool_indices if paged else dummy,
+        req_to_token.stride(0) if paged else 0,
+        heads, pair_idx, pair_cnt, pair_flag, pair_idx.stride(0), pair_idx.stride(1), pair_idx.stride(2),
+        pair_cnt.stride(0), pair_cnt.stride(1), scale * LOG2E, nh,
+        GROUP=hq // k.shape[1], BLOCK_N=BLOCK, D=d, PAGED=paged,
+        DOT_F32=(not q.is_cuda) and q.dtype == torch.bfloat16, **kw,
+    )
+    return o
 
 
 def rule_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: torch.Tensor,
