@@ -543,18 +543,25 @@ def quick(args):
             "1dense+topk0.1": [HeadBudget.dense()] + [HeadBudget.topk(0.1, 2)] * (hq - 1),
             "stream+topk0.1": [HeadBudget.streaming(128, 2048)] * (hq // 2) + [HeadBudget.topk(0.1, 2)] * (hq // 2),
             "stream(128+2048)": [HeadBudget.streaming(128, 2048)] * hq}
-    for n in ctxs:
+    corr_sets = {"topk0.1 corr": sets["topk0.1"], "stream+topk0.1 corr": sets["stream+topk0.1"]}
+    for n, data in [(n, "iid") for n in ctxs] + [(n, "corr") for n in ctxs]:
         if time.time() - t_start > args.budget_s:
-            log(f"time budget reached: skipping ctx {n}")
+            log(f"time budget reached: skipping ctx {n} ({data})")
             continue
         q = torch.randn(n, hq, d, device=dev, dtype=dtype)
         k = torch.randn(n, hkv, d, device=dev, dtype=dtype)
+        if data == "corr":
+            # heavy-hitter data: a per-head query direction and a per-KV-block key offset, so every query
+            # block ranks KV blocks alike (adjacent query blocks pick similar lists, as in real prefills)
+            nbk = math.ceil(n / BLOCK)
+            q += 2.0 * torch.randn(1, hq, d, device=dev, dtype=dtype)
+            k += torch.randn(nbk, 1, hkv, d, device=dev, dtype=dtype).expand(nbk, BLOCK, hkv, d).reshape(-1, hkv, d)[:n]
         v = torch.randn(n, hkv, d, device=dev, dtype=dtype)
         cu = torch.tensor([0, n], dtype=torch.int32, device=dev)
         kvl = torch.tensor([n], dtype=torch.int32, device=dev)
         causal_tok = n * (n + 1) // 2
         dense_flops = 4 * d * causal_tok * hq
-        row = {"ctx": n, "configs": []}
+        row = {"ctx": n, "data": data, "configs": []}
         if not smoke:
             from torch.nn.attention import SDPBackend, sdpa_kernel
             qq, kk, vv = (x.transpose(0, 1)[None] for x in (q, k, v))
@@ -575,6 +582,13 @@ def quick(args):
         log(f"\n## ctx {n}: SDPA {', '.join(f'{a} {b:.3f} ms' for a, b in t_sdpa.items())} "
             f"({row['sdpa_tflops']:.0f} TFLOP/s)")
         # the 128-row rule kernel on dense heads, no SDPA (what a prefix / paged-without-host-lengths gets)
+        if data == "corr":
+            for name, budgets in corr_sets.items():
+                _quick_config(res, row, name, budgets, q, k, v, cu, kvl, n, hkv, d, sdpa, causal_tok, smoke)
+            res["prefill"].append(row)
+            del q, k, v
+            dump()
+            continue
         allh = torch.arange(hq, dtype=torch.int32, device=dev)
         z = torch.zeros(hq, dtype=torch.int32, device=dev)
         wdense = torch.full((hq,), RULE_DENSE_WINDOW, dtype=torch.int32, device=dev)
@@ -596,42 +610,57 @@ def quick(args):
                 except Exception as e:  # noqa: BLE001
                     log(f"  rule dense warps={nw} stages={ns} failed: {type(e).__name__}: {str(e)[:150]}")
         for name, budgets in sets.items():
-            ent = {"name": name}
-            try:
-                sp = SparsePrefill(budgets, hkv, d).plan(cu, kvl, n, n, cu_seqlens_k=cu)
-                idx = sp.index(q, k)
-                t_idx = bench(lambda: sp.index(q, k), smoke, 100)
-                pairs = attended_pairs_tokens(idx, n)
-                dens = sum(pairs) / (causal_tok * hq)
-                o = torch.full_like(q, float("nan"))
-                sp.run(q, k, v, out=o)
-                ok = bool(torch.isfinite(o).all())
-                o1 = torch.full_like(q, float("nan"))
-                sparse_prefill(q, k, v, idx.block_idx, idx.block_cnt, idx.head_dense, cu, kvl, n, cu_seqlens_k=cu,
-                               out=o1)
-                err = relative_error(o, o1.float())
-                t_api = bench(lambda: sp.run(q, k, v, out=o), smoke)                   # index + kernels
-                t_r1 = bench(lambda: sparse_prefill(q, k, v, idx.block_idx, idx.block_cnt, idx.head_dense, cu, kvl, n,
-                                                    cu_seqlens_k=cu, out=o1), smoke)   # round-1 kernel path
-                t_api_k = t_api - (t_idx if sp.listed_heads else 0.0)
-            except Exception as e:  # noqa: BLE001
-                log(f"{name}: failed: {type(e).__name__}: {str(e)[:300]}")
-                continue
-            ent.update(density=dens, index_ms=t_idx, api_ms=t_api, api_kernels_ms=t_api_k, round1_kernel_ms=t_r1,
-                       eff_api_kernels=dens * sdpa / t_api_k, eff_round1=dens * sdpa / t_r1,
-                       eff_api_with_index=dens * sdpa / t_api, api_vs_round1_rel_err=err, all_written=ok)
-            log(f"{name:18s} density {dens:.3f}: run() {t_api:8.3f} ms = index {t_idx:.3f} + kernels {t_api_k:8.3f} "
-                f"(eff {ent['eff_api_kernels']:.2f}; with index {ent['eff_api_with_index']:.2f}) | round-1 64-row kernel "
-                f"{t_r1:8.3f} ms (eff {ent['eff_round1']:.2f}) | err vs round-1 {err:.1e}, written {ok}")
-            row["configs"].append(ent)
-            del sp, idx, o, o1
-            if not smoke:
-                torch.cuda.empty_cache()
+            _quick_config(res, row, name, budgets, q, k, v, cu, kvl, n, hkv, d, sdpa, causal_tok, smoke)
         res["prefill"].append(row)
         del q, k, v
         dump()
     res["wall_s"] = time.time() - t_start
     dump()
+
+
+def _quick_config(res, row, name, budgets, q, k, v, cu, kvl, n, hkv, d, sdpa, causal_tok, smoke):
+    hq = q.shape[1]
+    ent = {"name": name}
+    try:
+        sp = SparsePrefill(budgets, hkv, d).plan(cu, kvl, n, n, cu_seqlens_k=cu)
+        idx = sp.index(q, k)
+        t_idx = bench(lambda: sp.index(q, k), smoke, 100)
+        pairs = attended_pairs_tokens(idx, n)
+        dens = sum(pairs) / (causal_tok * hq)
+        o = torch.full_like(q, float("nan"))
+        sp.run(q, k, v, out=o)
+        ok = bool(torch.isfinite(o).all())
+        o1 = torch.full_like(q, float("nan"))
+        sparse_prefill(q, k, v, idx.block_idx, idx.block_cnt, idx.head_dense, cu, kvl, n, cu_seqlens_k=cu,
+                       out=o1)
+        err = relative_error(o, o1.float())
+        t_api = bench(lambda: sp.run(q, k, v, out=o), smoke)                   # index + kernels
+        t_r1 = bench(lambda: sparse_prefill(q, k, v, idx.block_idx, idx.block_cnt, idx.head_dense, cu, kvl, n,
+                                            cu_seqlens_k=cu, out=o1), smoke)   # round-1 kernel path
+        t_api_k = t_api - (t_idx if sp.listed_heads else 0.0)
+        if sp.listed_heads:
+            o2 = torch.full_like(q, float("nan"))
+            sp.run(q, k, v, out=o2, union_tiles=True)
+            ent["union_rel_err"] = relative_error(o2, o1.float())
+            ent["union_written"] = bool(torch.isfinite(o2).all())
+            t_u = bench(lambda: sp.run(q, k, v, out=o2, union_tiles=True), smoke) - t_idx
+            ent.update(union_kernels_ms=t_u, eff_union=dens * sdpa / t_u)
+            del o2
+    except Exception as e:  # noqa: BLE001
+        log(f"{name}: failed: {type(e).__name__}: {str(e)[:300]}")
+        return
+    ent.update(density=dens, index_ms=t_idx, api_ms=t_api, api_kernels_ms=t_api_k, round1_kernel_ms=t_r1,
+               eff_api_kernels=dens * sdpa / t_api_k, eff_round1=dens * sdpa / t_r1,
+               eff_api_with_index=dens * sdpa / t_api, api_vs_round1_rel_err=err, all_written=ok)
+    log(f"{name:18s} density {dens:.3f}: run() {t_api:8.3f} ms = index {t_idx:.3f} + kernels {t_api_k:8.3f} "
+        f"(eff {ent['eff_api_kernels']:.2f}; with index {ent['eff_api_with_index']:.2f}) | round-1 64-row kernel "
+        f"{t_r1:8.3f} ms (eff {ent['eff_round1']:.2f}) | err vs round-1 {err:.1e}, written {ok}"
+        + (f" | union 128-row kernels {ent['union_kernels_ms']:8.3f} ms (eff {ent['eff_union']:.2f}, "
+           f"err {ent['union_rel_err']:.1e}, written {ent['union_written']})" if "eff_union" in ent else ""))
+    row["configs"].append(ent)
+    del sp, idx, o, o1
+    if not smoke:
+        torch.cuda.empty_cache()
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 CPU_ENV = {"SGLANG_USE_CPU_ENGINE": "1", "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
 SERVER_FLAGS = ["--device", "cpu", "--dtype", "float32", "--max-total-tokens", "16384", "--sleep-on-idle",
-                "--host", "127.0.0.1", "--log-level", "warning"]
+                "--host", "127.0.0.1"]
 
 
 def model_dir() -> Path:

@@ -13,7 +13,7 @@ pytest.importorskip("sglang")
 
 from serving_helpers import ROOT, Server, env, model_dir, passkey_prompt  # noqa: E402
 
-from sglang_shplb.serving.testing import dense_budget, mixed_budget, synthetic_plan  # noqa: E402
+from sglang_shplb.serving.testing import dense_budget, synthetic_plan  # noqa: E402
 
 PROMPTS = ["<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n",
            "The three primary colors are",
@@ -29,8 +29,13 @@ def model():
 def plans(model, tmp_path_factory):
     d = tmp_path_factory.mktemp("plans")
     return {"dense": synthetic_plan(model, dense_budget, d / "dense").parent,
-            # KV group 0 dense; group 1 streaming (sink 64, window 128); group 2 top-k 25 %
-            "mixed": synthetic_plan(model, mixed_budget(64, 128, 0.25), d / "mixed").parent}
+            # every layer: KV group 0 dense, groups 1-2 (6 of 9 heads) top-k at 50 % of the blocks
+            "mixed": synthetic_plan(model, topk_budget, d / "mixed").parent}
+
+
+def topk_budget(layer, head, spec):
+    from sglang_shplb.patterns import HeadBudget
+    return HeadBudget.dense() if spec.kv_head_of(head) == 0 else HeadBudget.topk(0.5, min_blocks=2)
 
 
 def run_engine(model, backend, plan, prompts, max_new, tmp_path):
@@ -57,7 +62,7 @@ def test_dense_plan_equals_torch_native_token_for_token(model, plans, tmp_path):
 def server(model, plans, tmp_path_factory):
     log = tmp_path_factory.mktemp("srv") / "server.log"
     s = Server(["--model-path", str(model), "--shplb-plan", str(plans["mixed"]),
-                "--shplb-bucket-log-every", "1", "--context-length", "2048"], log)
+                "--shplb-bucket-log-every", "1", "--context-length", "2048", "--log-level", "info"], log)
     yield s
     s.stop()
 
@@ -69,7 +74,7 @@ def test_openai_client_and_passkey_with_plan_budgets(server, model):
     key = 68142
     prompt = passkey_prompt(tok, key)
     n = len(tok(prompt)["input_ids"])
-    assert n > 400, n  # long enough that streaming/top-k heads skip blocks (window 128 tokens)
+    assert n > 900, n  # ~17 blocks of 64: the top-k heads read about half of them
     client = openai.OpenAI(base_url=server.url + "/v1", api_key="none")
     t0 = time.time()
     r = client.completions.create(model="default", prompt=prompt, max_tokens=12, temperature=0)
@@ -78,7 +83,8 @@ def test_openai_client_and_passkey_with_plan_budgets(server, model):
                                        "What is the capital of France?"}], max_tokens=16, temperature=0)
     assert "Paris" in c.choices[0].message.content
     log = server.log.read_text()
-    assert "shplb backend" in log and "sparse" in log
+    assert "180 of 270 rank-local heads sparse" in log, log[-3000:]
+    assert "shplb bucket histogram" in log
     print(f"passkey prompt {n} tokens answered in {time.time() - t0:.2f}s")
 
 

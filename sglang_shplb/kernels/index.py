@@ -123,6 +123,16 @@ def streaming_index(budget: HeadBudget, nb: int, maxk: int, device=None) -> tupl
     return idx.int(), cnt[:, 0].int()
 
 
+@lru_cache(maxsize=256)
+def _cached_streaming_index(budget: HeadBudget, nb: int, maxk: int, device: str):
+    return streaming_index(budget, nb, maxk, device)
+
+
+@lru_cache(maxsize=256)
+def _cached_int_tensor(vals: tuple, device: str) -> torch.Tensor:
+    return torch.tensor(vals, dtype=torch.int32, device=device)
+
+
 # ---------------------------------------------------------------------------------------------------
 # gathers (no host sync)
 # ---------------------------------------------------------------------------------------------------
@@ -177,15 +187,21 @@ def build_block_index(budgets: Sequence[HeadBudget], q: torch.Tensor, k: torch.T
     idx = torch.zeros(bsz, hq, nb, maxk, dtype=torch.int32, device=dev)
     cnt = torch.zeros(bsz, hq, nb, dtype=torch.int32, device=dev)
     pats = [b.pattern for b in budgets]
-    dense = torch.tensor([p is Pattern.DENSE for p in pats], dtype=torch.int32, device=dev)
+    dense = _cached_int_tensor(tuple(int(p is Pattern.DENSE) for p in pats), str(dev))
     qi_ar = torch.arange(nb, device=dev)
+    # static heads: one indexed write per distinct budget (a per-head loop costs ~10 launches a head)
+    groups: dict[HeadBudget, list[int]] = {}
     for h, b in enumerate(budgets):
+        if b.pattern in (Pattern.DENSE, Pattern.STREAMING):
+            groups.setdefault(b, []).append(h)
+    for b, hs in groups.items():
+        ht = _cached_int_tensor(tuple(hs), str(dev)).long()
         if b.pattern is Pattern.DENSE:
-            cnt[:, h] = (qi_ar + 1).int()
-        elif b.pattern is Pattern.STREAMING:
-            si, sc = streaming_index(b, nb, maxk, dev)
-            idx[:, h] = si
-            cnt[:, h] = sc
+            cnt[:, ht] = (qi_ar + 1).int()
+        else:
+            si, sc = _cached_streaming_index(b, nb, maxk, str(dev))
+            idx[:, ht] = si
+            cnt[:, ht] = sc
     topk_heads = [h for h, p in enumerate(pats) if p is Pattern.TOPK]
     vs_heads = [h for h, p in enumerate(pats) if p is Pattern.VSLASH]
     if not topk_heads and not vs_heads:
@@ -202,7 +218,7 @@ def build_block_index(budgets: Sequence[HeadBudget], q: torch.Tensor, k: torch.T
 
     if topk_heads:
         # scores S[qi, kj] = mean(q in qi) · mean(k in kj) / sqrt(d); forced: kj = 0 and kj = qi
-        th = torch.tensor(topk_heads, device=dev)
+        th = _cached_int_tensor(tuple(topk_heads), str(dev)).long()
         qg = q if len(topk_heads) == hq else q.index_select(1, th)
         qp = _pool(qg[qrow.view(-1)].view(bsz, nb * BLOCK, len(topk_heads), d), qvalid, nb)
         kp = _pool(kg, kvalid, nb)                                         # [B, Hkv, nb, d]
