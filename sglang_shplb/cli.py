@@ -70,8 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="cmd", metavar="COMMAND")
     p = sub.add_parser("plan", help="run every stage (default command)")
     _add_model(p), _add_out(p), _add_profile(p), _add_budget(p), _add_place(p)
-    p.add_argument("--eval-lengths", type=int, nargs="*", default=[2048, 4096],
-                   help="passkey prompt lengths for the dense-vs-sparse check (empty to skip)")
+    p.add_argument("--eval-lengths", type=int, nargs="*", default=[2048],
+                   help="passkey prompt lengths for the dense-vs-sparse check (empty to skip; default 2048)")
+    p.add_argument("--eval-prompts", type=int, default=4, help="passkey prompts per length (default 4)")
     p = sub.add_parser("profile", help="stage 1: per-head sparsity elasticity")
     _add_model(p), _add_out(p), _add_profile(p)
     p = sub.add_parser("budget", help="stage 2: head-adaptive budgets from a profile")
@@ -243,7 +244,7 @@ def cmd_plan(a) -> Path:
     if a.eval_lengths:
         print(f"[4/5] dense vs sparse on passkey prompts of {a.eval_lengths} tokens")
         from .plan import load_plan
-        quality = compare_dense_sparse(model, load_plan(plan_path).budgets, a.eval_lengths,
+        quality = compare_dense_sparse(model, load_plan(plan_path).budgets, a.eval_lengths, a.eval_prompts,
                                        device=a.device, num_layers=a.num_layers)
         (Path(a.out) / "quality.json").write_text(json.dumps(quality, indent=1))
     print("[5/5] report")

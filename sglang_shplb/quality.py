@@ -37,7 +37,7 @@ def _register(budgets: list[list[HeadBudget]]) -> None:
 
 
 @torch.no_grad()
-def compare_dense_sparse(model_dir, budgets: list[list[HeadBudget]], lengths: list[int], seed: int = 0,
+def compare_dense_sparse(model_dir, budgets: list[list[HeadBudget]], lengths: list[int], prompts: int = 4,
                          max_new_tokens: int = 8, device: str = "cpu", num_layers: int | None = None,
                          log=print) -> list[dict]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -49,7 +49,7 @@ def compare_dense_sparse(model_dir, budgets: list[list[HeadBudget]], lengths: li
     tok = AutoTokenizer.from_pretrained(model_dir)
     _register(budgets)
     rows = []
-    for n in lengths:
+    for n, seed in ((n, s) for n in lengths for s in range(prompts)):
         p = passkey_prompt(tok, n, seed)
         ids = torch.tensor([p.input_ids], device=device)
         out = {}
@@ -60,11 +60,11 @@ def compare_dense_sparse(model_dir, budgets: list[list[HeadBudget]], lengths: li
             out[mode] = (tok.decode(gen.sequences[0, ids.shape[1]:], skip_special_tokens=True).strip(),
                          gen.logits[0][0].float())
         ld, ls = out["dense"][1], out["sparse"][1]
-        row = {"tokens": n, "answer": p.answer, "dense": out["dense"][0], "sparse": out["sparse"][0],
+        row = {"tokens": len(p.input_ids), "answer": p.answer, "dense": out["dense"][0], "sparse": out["sparse"][0],
                "dense_correct": p.answer in out["dense"][0], "sparse_correct": p.answer in out["sparse"][0],
                "top1_agree": bool(ld.argmax() == ls.argmax()),
                "logit_rel_diff": float((ld - ls).norm() / ld.norm())}
-        log(f"  {n} tokens: passkey {p.answer}, dense {row['dense']!r}, sparse {row['sparse']!r}")
+        log(f"  {len(p.input_ids)} tokens: passkey {p.answer}, dense {row['dense']!r}, sparse {row['sparse']!r}")
         rows.append(row)
     model.set_attn_implementation("sdpa")
     return rows

@@ -83,7 +83,11 @@ def write_report(out_dir: Path, plan: Plan, cost: CostModel, budgets: BudgetResu
                      f"(p {stab.pvalue:.1e}), same pattern family for {stab.same_family:.0%} of heads; needed "
                      f"density quartiles {np.percentile(stab.need_a, [25, 50, 75]).round(3).tolist()}")
     if quality:
-        lines.append("\nquality, dense vs sparse (plan budgets), same prompts, CPU float32:")
+        nd, ns = sum(q["dense_correct"] for q in quality), sum(q["sparse_correct"] for q in quality)
+        same = sum(q["dense"] == q["sparse"] for q in quality)
+        lines.append(f"\nquality, dense vs sparse prefill (plan budgets), same passkey prompts, same device and dtype: "
+                     f"passkey found dense {nd}/{len(quality)}, sparse {ns}/{len(quality)}; identical answers "
+                     f"{same}/{len(quality)}")
         for q in quality:
             lines.append(f"  {q['tokens']:>5} tokens  passkey {q['answer']}: dense {q['dense']!r:>10}  "
                          f"sparse {q['sparse']!r:>10}  next-token top-1 agree {q['top1_agree']}  "

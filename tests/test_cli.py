@@ -27,7 +27,7 @@ def test_help(cmd):
 def planned(tmp_path_factory):
     out = tmp_path_factory.mktemp("plan")
     r = _run("plan", "--num-layers", "2", "--lengths", "256", "512", "--tp", "2", "4", "8",
-             "--buckets", "4096", "8192", "--eval-lengths", "512", "--out", str(out))
+             "--buckets", "4096", "8192", "--eval-lengths", "512", "--eval-prompts", "1", "--out", str(out))
     return out, r.stdout
 
 
@@ -49,7 +49,7 @@ def test_plan_end_to_end(planned):
         assert f"TP {tp}:" in report
     assert "Spearman" in report and "contiguous" in report and "shplb" in report
     q = json.loads((out / "quality.json").read_text())
-    assert q[0]["tokens"] == 512 and isinstance(q[0]["top1_agree"], bool)
+    assert abs(q[0]["tokens"] - 512) < 100 and isinstance(q[0]["top1_agree"], bool)
 
 
 def test_stages_one_by_one(planned, tmp_path):

@@ -114,3 +114,14 @@ def test_bad_budgets_shape(saved):
     (saved / "plan.json").write_text(json.dumps(doc))
     with pytest.raises(PlanCorruptError, match="3 layers"):
         load_plan(saved)
+
+
+def test_import_refuses_another_sglang():
+    import subprocess
+    import sys
+    code = ("import importlib.metadata as m\n"
+            "real = m.version\n"
+            "m.version = lambda name: '0.5.21' if name == 'sglang' else real(name)\n"
+            "import sglang_shplb\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode != 0 and "supports SGLang 0.5.17 only; SGLang 0.5.21 is installed" in r.stderr

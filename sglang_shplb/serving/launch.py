@@ -1,9 +1,10 @@
 """``python -m sglang_shplb.launch_server``: SGLang's launcher with a validated plan.
 
 Takes every ``sglang.launch_server`` flag plus ours (see ``--help``, group "sglang_shplb"). Order:
-parse all flags (an unknown flag exits 2 naming it); load and validate the plan against the model's
-config and TP size (exit 3 naming the cause; nothing of SGLang started); select
-``--attention-backend shplb``; hand over to SGLang's launcher in this process.
+load and validate the plan against the model's config and TP size (exit 3 naming the cause; no plan and
+no ``--shplb-dense-fallback``: exit 4) before SGLang is even imported; parse every flag with SGLang's
+parser (an unknown flag exits 2 naming it); select ``--attention-backend shplb``; hand over to SGLang's
+launcher in this process.
 """
 from __future__ import annotations
 
@@ -81,6 +82,16 @@ def validate_plan(plan_path: str, model_path: str, tp_size: int):
     return load_plan(plan_path, model_path, tp_size)
 
 
+def _pre_parse(argv: list[str]) -> argparse.Namespace:
+    """Our flags plus the two SGLang flags the plan check needs, without importing SGLang."""
+    p = argparse.ArgumentParser(add_help=False)
+    add_shplb_args(p)
+    p.add_argument("--model-path", "--model", dest="model_path", default=None)
+    p.add_argument("--tp-size", "--tp", dest="tp_size", type=int, default=1)
+    ns, _ = p.parse_known_args(argv)
+    return ns
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     from .version import SGLangVersionError, check_sglang_version
@@ -89,34 +100,40 @@ def main(argv: list[str] | None = None) -> int:
     except SGLangVersionError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_ARGS
+    # 1. the plan, before anything of SGLang is imported or started
+    from ..plan import PlanError
+    from .config import ServingConfig
+    pre = None if any(a in ("-h", "--help") for a in argv) else _pre_parse(argv)
+    if pre is not None and pre.shplb_plan:
+        if not pre.model_path:
+            print("error: --model-path is required", file=sys.stderr)
+            return EXIT_BAD_ARGS
+        try:
+            plan = validate_plan(pre.shplb_plan, pre.model_path, int(pre.tp_size or 1))
+        except PlanError as e:
+            print(f"error: plan rejected, server not started: {type(e).__name__}: {e}", file=sys.stderr)
+            return EXIT_BAD_PLAN
+        except (OSError, ValueError, KeyError) as e:
+            print(f"error: cannot validate the plan against {pre.model_path}: {e}", file=sys.stderr)
+            return EXIT_BAD_PLAN
+        print(f"sglang_shplb: plan {pre.shplb_plan} OK for {plan.model.architecture} "
+              f"({plan.model.num_layers} layers x {plan.model.num_heads} heads, buckets {list(plan.buckets.edges)})",
+              file=sys.stderr)
+    elif pre is not None and not pre.shplb_dense_fallback:
+        print("error: no plan given. Pass --shplb-plan PATH (make one with `python -m sglang_shplb`), or "
+              "--shplb-dense-fallback to serve with every head dense.", file=sys.stderr)
+        return EXIT_NO_PLAN
+    # 2. every flag, with SGLang's parser (unknown flags exit 2 naming them)
     from sglang.srt.plugins import load_plugins
     load_plugins()  # registers the shplb backend choice (the installed entry point) before parsing
     from .plugin import register
     register()       # when running from a source tree without the entry point installed
     ours, sgl_argv, args = split_argv(argv)
-
-    from ..plan import PlanError
-    from .config import ServingConfig
-    if ours.shplb_plan:
-        try:
-            plan = validate_plan(ours.shplb_plan, args.model_path, int(args.tp_size or 1))
-        except PlanError as e:
-            print(f"error: plan rejected, server not started: {type(e).__name__}: {e}", file=sys.stderr)
-            return EXIT_BAD_PLAN
-        except (OSError, ValueError, KeyError) as e:
-            print(f"error: cannot validate the plan against {args.model_path}: {e}", file=sys.stderr)
-            return EXIT_BAD_PLAN
-        print(f"sglang_shplb: plan {ours.shplb_plan} OK for {plan.model.architecture} "
-              f"({plan.model.num_layers} layers x {plan.model.num_heads} heads, buckets {list(plan.buckets.edges)})",
-              file=sys.stderr)
-    elif not ours.shplb_dense_fallback:
-        print("error: no plan given. Pass --shplb-plan PATH (make one with `python -m sglang_shplb`), or "
-              "--shplb-dense-fallback to serve with every head dense.", file=sys.stderr)
-        return EXIT_NO_PLAN
     cfg = ServingConfig(os.path.abspath(ours.shplb_plan) if ours.shplb_plan else None, ours.shplb_dense_fallback,
                         ours.shplb_dense_backend, ours.shplb_group_prefill_by_bucket, ours.shplb_bucket_log_every)
     os.environ.update(cfg.to_env())
 
+    # 3. SGLang's launcher, in this process
     from sglang.launch_server import run_server
     from sglang.srt.server_args import prepare_server_args
     from sglang.srt.utils import kill_process_tree

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import importlib.metadata
 
-SUPPORTED_SGLANG = "0.5.17"
+from .. import SUPPORTED_SGLANG
 
 
 class SGLangVersionError(ImportError):
