@@ -38,7 +38,7 @@ def _register(budgets: list[list[HeadBudget]]) -> None:
 
 @torch.no_grad()
 def compare_dense_sparse(model_dir, budgets: list[list[HeadBudget]], lengths: list[int], prompts: int = 4,
-                         max_new_tokens: int = 8, device: str = "cpu", num_layers: int | None = None,
+                         max_new_tokens: int = 12, device: str = "cpu", num_layers: int | None = None,
                          log=print) -> list[dict]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
