@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-pytest.importorskip("sglang")
+import sglang  # noqa: F401  (tests/run.sh installs it; a missing SGLang must fail, not skip)
 
 from serving_helpers import ROOT, Server, env, model_dir, passkey_prompt  # noqa: E402
 

@@ -93,42 +93,6 @@ class ShplbAttnBackend(AttentionBackend):
         self.current_bucket = getattr(forward_batch, "shplb_bucket", 0)
         return self.inner.init_forward_metadata_out_graph(forward_batch, in_capture)
 
-    def init_forward_metadata_in_graph(self, forward_batch):
-        return self.inner.init_forward_metadata_in_graph(forward_batch)
-
-    def draft_extend_metadata_captured_in_graph(self):
-        return self.inner.draft_extend_metadata_captured_in_graph()
-
-    def prepare_full_cuda_graph_chunked_prefix(self, forward_batch, *, in_capture: bool):
-        return self.inner.prepare_full_cuda_graph_chunked_prefix(forward_batch, in_capture=in_capture)
-
-    def init_cuda_graph_state(self, *args, **kwargs):
-        return self.inner.init_cuda_graph_state(*args, **kwargs)
-
-    def init_forward_metadata_for_breakable_cuda_graph_capture(self, *args, **kwargs):
-        return self.inner.init_forward_metadata_for_breakable_cuda_graph_capture(*args, **kwargs)
-
-    def prepare_forward_metadata_for_breakable_cuda_graph_replay(self, *args, **kwargs):
-        return self.inner.prepare_forward_metadata_for_breakable_cuda_graph_replay(*args, **kwargs)
-
-    def get_cuda_graph_seq_len_fill_value(self):
-        return self.inner.get_cuda_graph_seq_len_fill_value()
-
-    def on_after_cuda_graph_warmup(self):
-        return self.inner.on_after_cuda_graph_warmup()
-
-    def verify_mask(self):
-        return self.inner.verify_mask()
-
-    def update_verify_buffers_to_fill_after_draft(self, *args, **kwargs):
-        return self.inner.update_verify_buffers_to_fill_after_draft(*args, **kwargs)
-
-    def get_indexer_metadata(self, *args, **kwargs):
-        return self.inner.get_indexer_metadata(*args, **kwargs)
-
-    def support_triton(self):
-        return self.inner.support_triton()
-
     @property
     def needs_cpu_seq_lens(self):  # type: ignore[override]
         return getattr(self.inner, "needs_cpu_seq_lens", True)
@@ -192,6 +156,22 @@ class ShplbAttnBackend(AttentionBackend):
         if not capturing:
             self.stats["decode_layers_sparse"] += 1
         return o
+
+
+# AttentionBackend defines these (raising NotImplementedError), so __getattr__ never sees them: hand each
+# to the stock backend explicitly.
+_DELEGATED = ('init_forward_metadata_in_graph', 'draft_extend_metadata_captured_in_graph', 'prepare_full_cuda_graph_chunked_prefix', 'init_cuda_graph_state', 'init_forward_metadata_for_breakable_cuda_graph_capture', 'prepare_forward_metadata_for_breakable_cuda_graph_replay', 'get_cuda_graph_seq_len_fill_value', 'on_after_cuda_graph_warmup', 'verify_mask', 'update_verify_buffers_to_fill_after_draft', 'get_indexer_metadata', 'support_triton')
+
+
+def _delegate(name: str):
+    def method(self, *args, **kwargs):
+        return getattr(self.inner, name)(*args, **kwargs)
+    method.__name__ = name
+    return method
+
+
+for _name in _DELEGATED:
+    setattr(ShplbAttnBackend, _name, _delegate(_name))
 
 
 def create_shplb_backend(runner):
