@@ -55,6 +55,23 @@ def bench(fn, smoke: bool, rep_ms: int = 200) -> float:
     return float(triton.testing.do_bench(fn, warmup=25, rep=rep_ms, return_mode="median"))
 
 
+def time_sdpa(q, k, v, smoke: bool) -> dict[str, float]:
+    """Causal GQA SDPA times (ms) of ``q [n, Hq, d]``, ``k, v [n, Hkv, d]`` per backend (flash, cuDNN)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    qq, kk, vv = (x.transpose(0, 1)[None] for x in (q, k, v))
+    t_sdpa = {}
+    for name, be in (("flash", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION)):
+        try:
+            with sdpa_kernel([be]):
+                f = lambda: torch.nn.functional.scaled_dot_product_attention(qq, kk, vv, is_causal=True, enable_gqa=True)  # noqa: E731
+                f()
+                t_sdpa[name] = bench(f, smoke)
+        except Exception as e:  # noqa: BLE001
+            log(f"sdpa {name} failed: {type(e).__name__}: {str(e)[:150]}")
+    return t_sdpa
+
+
 def attended_pairs_tokens(index, n: int) -> list[int]:
     """Attended (q, k) token pairs per head: full blocks count BLOCK², the diagonal BLOCK(BLOCK+1)/2,
     the last partial row/column counted exactly."""
@@ -302,16 +319,7 @@ def main():
         # dense SDPA (flash and cuDNN), FlashInfer dense
         t_sdpa = {}
         if not smoke:
-            from torch.nn.attention import SDPBackend, sdpa_kernel
-            qq, kk, vv = (x.transpose(0, 1)[None] for x in (q, k, v))
-            for name, be in (("flash", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION)):
-                try:
-                    with sdpa_kernel([be]):
-                        f = lambda: torch.nn.functional.scaled_dot_product_attention(qq, kk, vv, is_causal=True, enable_gqa=True)  # noqa: E731
-                        f()
-                        t_sdpa[name] = bench(f, smoke)
-                except Exception as e:  # noqa: BLE001
-                    log(f"sdpa {name} failed: {type(e).__name__}: {str(e)[:150]}")
+            t_sdpa = time_sdpa(q, k, v, smoke)
             if fi is not None:
                 try:
                     f = lambda: fi.single_prefill_with_kv_cache(q, k, v, causal=True)  # noqa: E731
@@ -563,17 +571,7 @@ def quick(args):
         dense_flops = 4 * d * causal_tok * hq
         row = {"ctx": n, "data": data, "configs": []}
         if not smoke:
-            from torch.nn.attention import SDPBackend, sdpa_kernel
-            qq, kk, vv = (x.transpose(0, 1)[None] for x in (q, k, v))
-            t_sdpa = {}
-            for name, be in (("flash", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION)):
-                try:
-                    with sdpa_kernel([be]):
-                        f = lambda: torch.nn.functional.scaled_dot_product_attention(qq, kk, vv, is_causal=True, enable_gqa=True)  # noqa: E731
-                        f()
-                        t_sdpa[name] = bench(f, smoke)
-                except Exception as e:  # noqa: BLE001
-                    log(f"sdpa {name} failed: {type(e).__name__}: {str(e)[:150]}")
+            t_sdpa = time_sdpa(q, k, v, smoke)
             sdpa = min(t_sdpa.values())
         else:
             t_sdpa = {"none": 1.0}

@@ -131,24 +131,23 @@ def assignment_to_layer(assign: Assignment, profiles: Profiles = None) -> LayerP
     return LayerPlacement(gpus)
 
 
-def layer_loads(lp: LayerPlacement, costs, piece_overhead: float = 0.0, profiles: Profiles = None) -> np.ndarray:
-    """Seconds per GPU of a layer placement: whole pieces cost ``costs[h]``, a piece of a split head
+def piece_load(p: Piece, costs, piece_overhead: float = 0.0, profiles: Profiles = None) -> float:
+    """Seconds of one piece: a whole head costs ``costs[h]``, a piece of a split head
     ``fixed + share * (costs[h] - fixed)``, its share from the head's cost profile (uniform if None)."""
+    c = float(costs[p.head])
+    if p.whole:
+        return c
+    prof = _profile(profiles, p.head)
+    share = prof.share(p.start, p.end) if prof is not None else p.end - p.start
+    fixed = min(piece_overhead, c)
+    return fixed + share * (c - fixed)
+
+
+def layer_loads(lp: LayerPlacement, costs, piece_overhead: float = 0.0, profiles: Profiles = None) -> np.ndarray:
+    """Seconds per GPU of a layer placement (the sum of :func:`piece_load` over its pieces)."""
     costs = np.asarray(costs, dtype=np.float64)
-    out = np.zeros(len(lp.gpus))
-    for g, pieces in enumerate(lp.gpus):
-        t = 0.0
-        for p in pieces:
-            c = float(costs[p.head])
-            if p.whole:
-                t += c
-                continue
-            prof = _profile(profiles, p.head)
-            share = prof.share(p.start, p.end) if prof is not None else p.end - p.start
-            fixed = min(piece_overhead, c)
-            t += fixed + share * (c - fixed)
-        out[g] = t
-    return out
+    return np.array([sum(piece_load(p, costs, piece_overhead, profiles) for p in pieces) for pieces in lp.gpus],
+                    dtype=np.float64)
 
 
 def solve_layer(costs, group_size: int, tp: int, solver: str = "shplb", *, profiles: Profiles = None,
@@ -219,7 +218,8 @@ class PlacementEval:
         return d
 
 
-def _layer_inputs(spec: ModelSpec, layer_budgets: list[HeadBudget], cost_model: CostModel, seq_len: int):
+def layer_inputs(spec: ModelSpec, layer_budgets: list[HeadBudget], cost_model: CostModel, seq_len: int):
+    """Per-head costs of one layer at ``seq_len`` and a lazy ``head -> CostProfile`` lookup."""
     costs = cost_model.layer_costs(layer_budgets, seq_len, spec.head_dim, spec.group_size)
     cache: dict[int, CostProfile] = {}
 
@@ -247,7 +247,7 @@ def evaluate_placement(placement: Placement, spec: ModelSpec, budgets: list[list
     reps = np.zeros(len(placement.layers), dtype=np.int64)
     pieces = 0
     for li, lp in enumerate(placement.layers):
-        costs, prof = _layer_inputs(spec, budgets[li], cost_model, seq_len)
+        costs, prof = layer_inputs(spec, budgets[li], cost_model, seq_len)
         loads[li] = layer_loads(lp, costs, cost_model.piece_overhead, prof)
         reps[li] = lp.replicated_kv(spec.group_size)
         pieces += sum(1 for g in lp.gpus for p in g if not p.whole)
@@ -276,7 +276,7 @@ def solve_plan_placements(spec: ModelSpec, budgets: list[list[HeadBudget]], buck
         layers, loads, reps, pieces, optimal = [], [], [], 0, []
         for li in range(spec.num_layers):
             if (b, li) not in inputs:
-                inputs[(b, li)] = _layer_inputs(spec, budgets[li], cost_model, seq_len)
+                inputs[(b, li)] = layer_inputs(spec, budgets[li], cost_model, seq_len)
             costs, prof = inputs[(b, li)]
             r = solve_layer(costs, spec.group_size, tp, solver, profiles=prof, **options)
             layers.append(r.placement)

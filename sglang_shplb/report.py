@@ -18,7 +18,8 @@ from .cost_model import CostModel
 from .elasticity import ProfileResult
 from .model_spec import ModelSpec
 from .patterns import HeadBudget, Pattern
-from .placement import compare_solvers, evaluate_placement, solve_plan_placements
+from .placement import (compare_solvers, evaluate_placement, layer_inputs, piece_load,
+                        solve_plan_placements)
 from .plan import Plan
 
 
@@ -144,25 +145,23 @@ def plot_gpu_loads(plan: Plan, cost: CostModel, tp: int, bucket: int, path: Path
     for ax, (name, p) in zip(axes, sols.items()):
         per_head = np.zeros((tp, spec.num_heads))
         for li, lp in enumerate(p.layers):
-            costs = cost.layer_costs(plan.budgets[li], seq_len, spec.head_dim, spec.group_size)
-            from .cost_model import CostProfile
+            costs, prof = layer_inputs(spec, plan.budgets[li], cost, seq_len)
             for r, g in enumerate(lp.gpus):
                 for piece in g:
-                    share = CostProfile.of(plan.budgets[li][piece.head], seq_len).share(piece.start, piece.end)
-                    per_head[r, piece.head] += costs[piece.head] * share + (0 if piece.whole else cost.piece_overhead)
+                    per_head[r, piece.head] += piece_load(piece, costs, cost.piece_overhead, prof)
         bottom = np.zeros(tp)
         for h in range(spec.num_heads):
             ax.bar(range(tp), per_head[:, h] * 1e3, bottom=bottom * 1e3, color=cmap(h % 20), width=0.7,
                    label=f"head {h}" if spec.num_heads <= 16 else None)
             bottom += per_head[:, h]
         ev = evaluate_placement(p, spec, plan.budgets, cost, seq_len)
-        ax.set_title(f"{name}: slowest {ev.slowest_s * 1e3:.2f} ms, bubble {ev.summary()['bubble']:.0%}")
+        ax.set_title(f"{name}: sum of per-layer slowest {ev.slowest_s * 1e3:.1f} ms\nbubble {ev.summary()['bubble']:.0%}", fontsize=10)
         ax.set_xlabel("GPU rank")
         ax.set_xticks(range(tp))
     axes[0].set_ylabel("predicted attention time, all layers (ms)")
     if spec.num_heads <= 16:
         axes[1].legend(fontsize=7, ncol=2, loc="upper right")
-    fig.suptitle(f"TP {tp}, bucket {_len(seq_len)}: per-GPU load stacked by query head")
+    fig.suptitle(f"TP {tp}, bucket {_len(seq_len)}: per-GPU load over all layers, stacked by query head")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

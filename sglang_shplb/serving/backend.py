@@ -124,9 +124,7 @@ class ShplbAttnBackend(AttentionBackend):
         budgets = self._budgets(layer)
         if budgets is None or layer.is_cross_attention:
             return o
-        hq, d = layer.tp_q_head_num, layer.qk_head_dim
-        q3 = q.reshape(-1, hq, d)
-        o3 = o.view(-1, hq, layer.v_head_dim)
+        q3, o3 = _per_head(q, o, layer)
         seq_lens_cpu = getattr(forward_batch, "seq_lens_cpu", None)
         max_kv = int(seq_lens_cpu.max()) if seq_lens_cpu is not None else None
         sparse_attention(q3, self.token_to_kv_pool.get_key_buffer(layer.layer_id),
@@ -142,9 +140,7 @@ class ShplbAttnBackend(AttentionBackend):
         budgets = self._budgets(layer)
         if budgets is None or layer.is_cross_attention:
             return o
-        hq, d = layer.tp_q_head_num, layer.qk_head_dim
-        q3 = q.reshape(-1, hq, d)
-        o3 = o.view(-1, hq, layer.v_head_dim)
+        q3, o3 = _per_head(q, o, layer)
         capturing = q.is_cuda and torch.cuda.is_current_stream_capturing()
         seq_lens_cpu = getattr(forward_batch, "seq_lens_cpu", None)
         max_kv = int(seq_lens_cpu.max()) if (seq_lens_cpu is not None and not capturing) else self.max_context
@@ -156,6 +152,12 @@ class ShplbAttnBackend(AttentionBackend):
         if not capturing:
             self.stats["decode_layers_sparse"] += 1
         return o
+
+
+def _per_head(q, o, layer):
+    """``[T, H, d]`` views of a layer's queries and of the stock backend's output (written in place)."""
+    hq = layer.tp_q_head_num
+    return q.reshape(-1, hq, layer.qk_head_dim), o.view(-1, hq, layer.v_head_dim)
 
 
 # AttentionBackend defines these (raising NotImplementedError), so __getattr__ never sees them: hand each
