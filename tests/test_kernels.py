@@ -12,10 +12,9 @@ import torch  # noqa: E402
 from sglang_shplb.block_masks import build_block_masks  # noqa: E402
 from sglang_shplb.kernels import (SparseDecode, SparsePrefill, block_index_from_masks,  # noqa: E402
                                   build_block_index, sparse_prefill)
-from sglang_shplb.kernels.reference import (quest_scores, reference_page_summaries,  # noqa: E402
+from sglang_shplb.kernels.reference import (reference_decode_pages, reference_page_summaries,  # noqa: E402
                                             reference_sparse_decode, reference_sparse_prefill,
                                             relative_error)
-from sglang_shplb.kernels.triton_decode import decode_page_budget  # noqa: E402
 from sglang_shplb.patterns import BLOCK, HeadBudget, Pattern  # noqa: E402
 
 if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":  # pragma: no cover
@@ -228,29 +227,6 @@ def _decode_setup(seed, hq=8, hkv=2, d=64, dtype=torch.float32):
     return k, v, req_to_token, max_ctx, r
 
 
-def _expected_pages(budgets, q_b, k, req_to_token, rp, n, chosen=None):
-    """Reference page sets of one request; ``chosen[h]``: a reused selection of selected heads."""
-    npg = math.ceil(n / BLOCK)
-    lo, hi = reference_page_summaries(k, req_to_token, rp, n)
-    sc = quest_scores(q_b, lo, hi)
-    rows, picks = [], {}
-    for h, bu in enumerate(budgets):
-        if bu.pattern is Pattern.DENSE:
-            rows.append(list(range(npg)))
-        elif bu.pattern is Pattern.STREAMING:
-            rows.append(sorted(set(range(min(bu.sink_blocks, npg))) | set(range(max(0, npg - bu.window_blocks), npg))))
-        else:
-            if chosen is None:
-                s = sc[h, :npg - 1].clone()
-                if npg > 1:
-                    s[0] = float("inf")
-                picks[h] = s.argsort(descending=True)[:decode_page_budget(bu, npg) - 1].tolist()
-            else:
-                picks[h] = chosen[h]
-            rows.append(sorted({p for p in picks[h] if p < npg - 1} | {npg - 1}))
-    return rows, picks
-
-
 @pytest.mark.parametrize("group,dtype,grouped", [(4, torch.float32, False), (1, torch.bfloat16, False),
                                                  (8, torch.float16, False), (4, torch.bfloat16, True)])
 def test_sparse_decode_with_page_reuse(group, dtype, grouped):
@@ -283,7 +259,7 @@ def test_sparse_decode_with_page_reuse(group, dtype, grouped):
         out = sd.run(q, k, v, req_to_token, rpi, lens)
         sets, new_chosen = [], []
         for b in range(3):
-            rows, picks = _expected_pages(budgets, q[b], k, req_to_token, int(rpi[b]), int(lens[b]),
+            rows, picks = reference_decode_pages(budgets, q[b], k, req_to_token, int(rpi[b]), int(lens[b]),
                                           None if chosen is None else chosen[b])
             sets.append(rows)
             new_chosen.append(picks)

@@ -18,7 +18,7 @@ from typing import Sequence
 
 import torch
 
-from ..patterns import BLOCK
+from ..patterns import BLOCK, HeadBudget, Pattern
 
 
 def _expand_block_mask(mask: torch.Tensor, n_kv: int, block: int = BLOCK) -> torch.Tensor:
@@ -101,6 +101,35 @@ def quest_scores(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor) -> tor
     hi = kmax.float().repeat_interleave(group, 0)
     qq = q.float()[:, None, :]
     return torch.maximum(qq * lo, qq * hi).sum(-1)
+
+
+def reference_decode_pages(budgets: Sequence[HeadBudget], q_b: torch.Tensor, k_buffer: torch.Tensor,
+                           req_to_token: torch.Tensor, req_pool_index: int, n: int,
+                           chosen: dict[int, list[int]] | None = None) -> tuple[list[list[int]], dict[int, list[int]]]:
+    """Pages each head of one request reads at a decode step (the token at ``n - 1``), per budget:
+    dense all, streaming sink + window, top-k / vertical-slash the best ``decode_page_budget - 1`` pages by
+    :func:`quest_scores` (page 0 forced) plus the current page. ``chosen[h]``: a reused earlier selection.
+    Returns the page lists and the selections made (for reuse)."""
+    from .triton_decode import decode_page_budget
+    npg = math.ceil(n / BLOCK)
+    lo, hi = reference_page_summaries(k_buffer, req_to_token, req_pool_index, n)
+    sc = quest_scores(q_b, lo, hi)
+    rows, picks = [], {}
+    for h, bu in enumerate(budgets):
+        if bu.pattern is Pattern.DENSE:
+            rows.append(list(range(npg)))
+        elif bu.pattern is Pattern.STREAMING:
+            rows.append(sorted(set(range(min(bu.sink_blocks, npg))) | set(range(max(0, npg - bu.window_blocks), npg))))
+        else:
+            if chosen is None:
+                s = sc[h, :npg - 1].clone()
+                if npg > 1:
+                    s[0] = float("inf")
+                picks[h] = s.argsort(descending=True)[:decode_page_budget(bu, npg) - 1].tolist()
+            else:
+                picks[h] = chosen[h]
+            rows.append(sorted({p for p in picks[h] if p < npg - 1} | {npg - 1}))
+    return rows, picks
 
 
 def reference_sparse_decode(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tensor,

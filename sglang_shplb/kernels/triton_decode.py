@@ -244,10 +244,12 @@ def alloc_page_summaries(num_req_slots: int, num_kv_heads: int, max_pages: int, 
 
 
 def build_page_summaries(k_buffer: torch.Tensor, req_to_token: torch.Tensor, req_pool_indices: torch.Tensor,
-                         seq_lens: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor) -> None:
-    """(Re)compute every page's min/max of the listed requests (after a prefill). In place."""
+                         seq_lens: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor,
+                         num_pages: int | None = None) -> None:
+    """(Re)compute the min/max of pages ``0 .. num_pages-1`` (default: all) of the listed requests (after a
+    prefill; ``num_pages`` ≥ the longest request's page count). In place."""
     bsz = req_pool_indices.shape[0]
-    maxp = kmin.shape[2]
+    maxp = kmin.shape[2] if num_pages is None else min(num_pages, kmin.shape[2])
     pos = torch.arange(maxp * BLOCK, device=k_buffer.device)[None, :]
     valid = pos < seq_lens.long()[:, None]
     loc = torch.gather(req_to_token[req_pool_indices.long()].long(), 1,
@@ -260,8 +262,8 @@ def build_page_summaries(k_buffer: torch.Tensor, req_to_token: torch.Tensor, req
     lo = lo.view(shp).amin(2).transpose(1, 2)
     hi = hi.view(shp).amax(2).transpose(1, 2)
     r = req_pool_indices.long()
-    kmin[r] = lo.to(kmin.dtype)
-    kmax[r] = hi.to(kmax.dtype)
+    kmin[r, :, :maxp] = lo.to(kmin.dtype)
+    kmax[r, :, :maxp] = hi.to(kmax.dtype)
 
 
 def update_page_summaries(k_buffer: torch.Tensor, req_to_token: torch.Tensor, req_pool_indices: torch.Tensor,
@@ -296,11 +298,11 @@ def select_pages(budgets: Sequence[HeadBudget], q: torch.Tensor, kmin: torch.Ten
         out = (torch.zeros(bsz, hq, maxsel, dtype=torch.int32, device=dev),
                torch.zeros(bsz, hq, dtype=torch.int32, device=dev))
     page_idx, page_cnt = out
-    sel = [h for h, b in enumerate(budgets) if b.pattern in (Pattern.TOPK, Pattern.VSLASH)]
     page_cnt.zero_()
-    if not sel:
+    consts = _selector_constants(tuple(budgets), str(dev))
+    if consts is None:
         return page_idx, page_cnt
-    sh = torch.tensor(sel, device=dev)
+    sh, frac, minb, isvs = consts
     r = req_pool_indices.long()
     lo = kmin[r][:, sh // group, :max_pages].float()                         # [B, S, P, d]
     hi = kmax[r][:, sh // group, :max_pages].float()
@@ -308,14 +310,10 @@ def select_pages(budgets: Sequence[HeadBudget], q: torch.Tensor, kmin: torch.Ten
     score = torch.maximum(qq * lo, qq * hi).sum(-1)                          # [B, S, P]
     npg = (seq_lens.long() + BLOCK - 1) // BLOCK                             # [B]
     pj = torch.arange(max_pages, device=dev)[None, None, :]
-    score = score.masked_fill(pj >= (npg - 1)[:, None, None], float("-inf"))
     score = score.masked_fill(pj == 0, float("inf")).masked_fill(pj >= (npg - 1)[:, None, None], float("-inf"))
     kt = min(maxsel, max_pages)
     top = score.topk(kt, dim=-1).indices.int()
     # counts: decode_page_budget(npg) - 1, vectorised over (B, S)
-    frac = torch.tensor([budgets[h].fraction for h in sel], dtype=torch.float64, device=dev)[None, :]
-    minb = torch.tensor([budgets[h].min_blocks for h in sel], dtype=torch.float64, device=dev)[None, :]
-    isvs = torch.tensor([budgets[h].pattern is Pattern.VSLASH for h in sel], device=dev)[None, :]
     npf = npg.double()[:, None]
     n_topk = torch.maximum(minb, torch.ceil(frac * npf))
     n_vs = 2 * torch.maximum(minb, torch.ceil(frac * npf / 2))
@@ -323,6 +321,22 @@ def select_pages(budgets: Sequence[HeadBudget], q: torch.Tensor, kmin: torch.Ten
     page_idx[:, sh, :kt] = top
     page_cnt[:, sh] = (total - 1).clamp(min=0, max=kt).int()
     return page_idx, page_cnt
+
+
+@lru_cache(maxsize=256)
+def _selector_constants(budgets: tuple[HeadBudget, ...], device: str):
+    """Device constants of :func:`select_pages` (selected heads, fractions, minimum counts, vslash flags),
+    made once per budget set: a captured CUDA graph may not create tensors from host lists."""
+    sel = [h for h, b in enumerate(budgets) if b.pattern in (Pattern.TOPK, Pattern.VSLASH)]
+    if not sel:
+        return None
+    if device.startswith("cuda") and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError("shplb: page-selection constants must be made before CUDA-graph capture "
+                           "(run one eager decode step first)")
+    return (torch.tensor(sel, device=device),
+            torch.tensor([budgets[h].fraction for h in sel], dtype=torch.float64, device=device)[None, :],
+            torch.tensor([budgets[h].min_blocks for h in sel], dtype=torch.float64, device=device)[None, :],
+            torch.tensor([budgets[h].pattern is Pattern.VSLASH for h in sel], device=device)[None, :])
 
 
 def decode_splits(max_pages: int, batch: int, num_heads: int, target_programs: int = 1056) -> int:

@@ -10,7 +10,9 @@ One program = one 64-row query block of one head. Flash attention with an online
 
 Listed blocks are ascending, so the diagonal block is the last one: all earlier blocks lie fully inside
 ``[0, n_kv)`` and before every query row, and only the diagonal needs the causal/bounds mask. Dense heads
-walk ``0..qi-1`` without index loads. Triton is imported on first use (tests set ``TRITON_INTERPRET=1``).
+walk ``0..qi-1`` without index loads. With ``kv_tile=128`` one step takes two listed blocks at once (their
+128 rows gathered into one tile: half the rescales, 64×128 MMAs); the result is the same. Triton is imported
+on first use (tests set ``TRITON_INTERPRET=1``).
 """
 from __future__ import annotations
 
@@ -25,21 +27,70 @@ LOG2E = 1.4426950408889634
 
 
 @lru_cache(maxsize=None)
-def _kernel():
+def _kernel(autotune: bool):
+    """The block-index kernel. ``BLOCK_N`` (constexpr) is the KV tile: 64 = one listed block per step;
+    128 = two listed blocks per step, their rows gathered into one 64×128 tile (half the rescales, twice the
+    MMA width), an odd leftover block paired with the diagonal in the last, masked tile."""
     from ._triton_compat import import_triton
     triton, tl = import_triton()
 
     @triton.jit
-    def _sparse_prefill_kernel(
+    def _listed(idx_row, j, dense):
+        # KV block of list entry j (dense heads: j itself, no index load)
+        return dense * j + (1 - dense) * tl.load(idx_row + j, mask=dense == 0, other=0)
+
+    @triton.jit
+    def _tile(acc, m_i, l_i, q, k_ptr, v_ptr, r2t, kv_base, offs_n, offs_m, n_kv, stride_kt, stride_vt,
+              qk_scale, BLOCK_N: tl.constexpr, FULL: tl.constexpr, PAGED: tl.constexpr, DOT_F32: tl.constexpr):
+        # one online-softmax step over the KV positions offs_n [BLOCK_N]: columns < FULL are whole listed
+        # blocks before every row (no mask), the others the diagonal (token-causal, < n_kv)
+        if FULL < BLOCK_N:
+            whole = tl.arange(0, BLOCK_N) < FULL
+            n_valid = whole | (offs_n < n_kv)
+            if PAGED:
+                loc = tl.load(r2t + offs_n, mask=n_valid, other=0).to(tl.int64)
+            else:
+                loc = (kv_base + offs_n).to(tl.int64)
+            k = tl.load(k_ptr + loc[:, None] * stride_kt, mask=n_valid[:, None], other=0.0)
+        else:
+            if PAGED:
+                loc = tl.load(r2t + offs_n).to(tl.int64)
+            else:
+                loc = (kv_base + offs_n).to(tl.int64)
+            k = tl.load(k_ptr + loc[:, None] * stride_kt)
+        if DOT_F32:  # the CPU interpreter's bf16 dot is wrong: compute in float32 there
+            k = k.to(tl.float32)
+        s = tl.dot(q, tl.trans(k)) * qk_scale
+        if FULL < BLOCK_N:   # every row keeps >= 1 column (the diagonal's first): m_new is finite
+            ok = n_valid[None, :] & (whole[None, :] | (offs_n[None, :] <= offs_m[:, None]))
+            s = tl.where(ok, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.math.exp2(m_i - m_new)
+        p = tl.math.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if FULL < BLOCK_N:
+            v = tl.load(v_ptr + loc[:, None] * stride_vt, mask=n_valid[:, None], other=0.0)
+        else:
+            v = tl.load(v_ptr + loc[:, None] * stride_vt)
+        if DOT_F32:
+            v = v.to(tl.float32)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        return acc, m_new, l_i
+
+    globals()["_index_listed"] = _listed   # jit functions resolve callees through the module's globals
+    globals()["_index_tile"] = _tile
+
+    def body(
         Q, K, V, O,
         stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
         cu_q, kv_lens, cu_k, req_to_token, req_pool_idx, stride_r2t,
         block_idx, block_cnt, head_dense,
         s_bi_b, s_bi_h, s_bi_q, s_bc_b, s_bc_h,
         qk_scale, HQ, heads, NH,
-        GROUP: tl.constexpr, BLOCK_M: tl.constexpr, D: tl.constexpr, PAGED: tl.constexpr,
-        DOT_F32: tl.constexpr, HEAD_MAP: tl.constexpr,
+        GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
+        PAGED: tl.constexpr, DOT_F32: tl.constexpr, HEAD_MAP: tl.constexpr,
     ):
+        PAIR: tl.constexpr = BLOCK_N // BLOCK_M         # listed blocks per KV tile (1 or 2)
         jq = tl.num_programs(0) - 1 - tl.program_id(0)   # query block rel. to the chunk's first; longest rows first
         bh = tl.program_id(1)
         b = bh // NH
@@ -55,12 +106,13 @@ def _kernel():
         if qi * BLOCK_M < n_kv:
             offs_d = tl.arange(0, D)
             ar = tl.arange(0, BLOCK_M)
+            arn = tl.arange(0, BLOCK_N)
             offs_m = qi * BLOCK_M + ar            # absolute positions of the rows
             m_valid = (offs_m >= prefix) & (offs_m < n_kv)
             q_rows = q_start + offs_m - prefix
             q = tl.load(Q + q_rows[:, None] * stride_qt + h * stride_qh + offs_d[None, :],
                         mask=m_valid[:, None], other=0.0)
-            if DOT_F32:  # the CPU interpreter's bf16 dot is wrong: compute in float32 there
+            if DOT_F32:
                 q = q.to(tl.float32)
             if PAGED:
                 r2t = req_to_token + tl.load(req_pool_idx + b).to(tl.int64) * stride_r2t
@@ -70,7 +122,7 @@ def _kernel():
                 kv_base = tl.load(cu_k + b)
             dense = (tl.load(head_dense + h) != 0).to(tl.int32)
             cnt = tl.load(block_cnt + b * s_bc_b + h * s_bc_h + qi)
-            n_iter = dense * qi + (1 - dense) * (cnt - 1)
+            n_off = dense * qi + (1 - dense) * (cnt - 1)     # off-diagonal blocks (the diagonal is listed last)
             idx_row = block_idx + b * s_bi_b + h * s_bi_h + qi * s_bi_q
             k_ptr = K + hk * stride_kh + offs_d[None, :]
             v_ptr = V + hk * stride_vh + offs_d[None, :]
@@ -78,53 +130,43 @@ def _kernel():
             m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
             l_i = tl.zeros([BLOCK_M], tl.float32)
             acc = tl.zeros([BLOCK_M, D], tl.float32)
-            for it in range(0, n_iter):
-                kb = tl.load(idx_row + it, mask=dense == 0, other=0)
-                kb = dense * it + (1 - dense) * kb
-                offs_n = kb * BLOCK_M + ar
-                if PAGED:
-                    loc = tl.load(r2t + offs_n).to(tl.int64)
+            for it in range(0, n_off // PAIR):
+                # column c of the tile: offset c % 64 of list entry PAIR*it + c // 64
+                kb = _index_listed(idx_row, PAIR * it, dense)
+                if PAIR == 2:
+                    kb = tl.where(arn < BLOCK_M, kb, _index_listed(idx_row, 2 * it + 1, dense))
+                acc, m_i, l_i = _index_tile(acc, m_i, l_i, q, k_ptr, v_ptr, r2t, kv_base, kb * BLOCK_M + arn % BLOCK_M,
+                                            offs_m, n_kv, stride_kt, stride_vt, qk_scale, BLOCK_N, BLOCK_N, PAGED,
+                                            DOT_F32)
+            # diagonal block qi, token-causal and bounded by n_kv; with PAIR 2 an odd leftover block shares its tile
+            if PAIR == 2:
+                if n_off % 2 == 1:
+                    kb = tl.where(arn < BLOCK_M, _index_listed(idx_row, n_off - 1, dense), qi)
+                    acc, m_i, l_i = _index_tile(acc, m_i, l_i, q, k_ptr, v_ptr, r2t, kv_base,
+                                                kb * BLOCK_M + arn % BLOCK_M, offs_m, n_kv, stride_kt, stride_vt,
+                                                qk_scale, BLOCK_N, BLOCK_M, PAGED, DOT_F32)
                 else:
-                    loc = (kv_base + offs_n).to(tl.int64)
-                k = tl.load(k_ptr + loc[:, None] * stride_kt)
-                if DOT_F32:
-                    k = k.to(tl.float32)
-                s = tl.dot(q, tl.trans(k)) * qk_scale
-                m_new = tl.maximum(m_i, tl.max(s, 1))
-                alpha = tl.math.exp2(m_i - m_new)
-                p = tl.math.exp2(s - m_new[:, None])
-                l_i = l_i * alpha + tl.sum(p, 1)
-                v = tl.load(v_ptr + loc[:, None] * stride_vt)
-                if DOT_F32:
-                    v = v.to(tl.float32)
-                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-                m_i = m_new
-            # diagonal block: token-causal and bounded by n_kv
-            offs_n = qi * BLOCK_M + ar
-            n_valid = offs_n < n_kv
-            if PAGED:
-                loc = tl.load(r2t + offs_n, mask=n_valid, other=0).to(tl.int64)
+                    acc, m_i, l_i = _index_tile(acc, m_i, l_i, q, k_ptr, v_ptr, r2t, kv_base, qi * BLOCK_M + ar,
+                                                offs_m, n_kv, stride_kt, stride_vt, qk_scale, BLOCK_M, 0, PAGED,
+                                                DOT_F32)
             else:
-                loc = (kv_base + offs_n).to(tl.int64)
-            k = tl.load(k_ptr + loc[:, None] * stride_kt, mask=n_valid[:, None], other=0.0)
-            if DOT_F32:
-                k = k.to(tl.float32)
-            s = tl.dot(q, tl.trans(k)) * qk_scale
-            ok = n_valid[None, :] & (offs_n[None, :] <= offs_m[:, None])
-            s = tl.where(ok, s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            alpha = tl.math.exp2(m_i - m_new)
-            p = tl.math.exp2(s - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            v = tl.load(v_ptr + loc[:, None] * stride_vt, mask=n_valid[:, None], other=0.0)
-            if DOT_F32:
-                v = v.to(tl.float32)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+                acc, m_i, l_i = _index_tile(acc, m_i, l_i, q, k_ptr, v_ptr, r2t, kv_base, qi * BLOCK_M + ar,
+                                            offs_m, n_kv, stride_kt, stride_vt, qk_scale, BLOCK_M, 0, PAGED, DOT_F32)
             o = acc / l_i[:, None]
             tl.store(O + q_rows[:, None] * stride_ot + h * stride_oh + offs_d[None, :],
                      o.to(O.dtype.element_ty), mask=m_valid[:, None])
 
-    return _sparse_prefill_kernel
+    kern = triton.jit(body)
+    if autotune:
+        kern = triton.autotune(_index_configs(triton), key=["D", "BLOCK_N", "PAGED"])(kern)
+    return kern
+
+
+INDEX_CONFIGS = ((4, 2), (4, 3), (8, 2), (8, 3))   # (num_warps, num_stages) tried by the autotuner on CUDA
+
+
+def _index_configs(triton):
+    return [triton.Config({}, num_warps=w, num_stages=st) for w, st in INDEX_CONFIGS]
 
 
 def sparse_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_idx: torch.Tensor,
@@ -133,7 +175,7 @@ def sparse_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_idx:
                    req_to_token: torch.Tensor | None = None, req_pool_indices: torch.Tensor | None = None,
                    sm_scale: float | None = None, out: torch.Tensor | None = None,
                    num_warps: int | None = None, num_stages: int | None = None,
-                   heads: torch.Tensor | None = None) -> torch.Tensor:
+                   heads: torch.Tensor | None = None, kv_tile: int = 64) -> torch.Tensor:
     """Sparse causal attention of a varlen, optionally chunked batch.
 
     ``q [total_q, Hq, d]``; ``k, v``: contiguous ``[total_kv, Hkv, d]`` with ``cu_seqlens_k``, or the token
@@ -141,8 +183,13 @@ def sparse_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_idx:
     sequence including the prefix; ``max_q_len``: a host bound on ``n_q`` (fixes the grid).
     ``block_idx/block_cnt/head_dense``: :class:`.index.BlockIndex`. Returns ``[total_q, Hq, d]`` in q's dtype.
     ``heads``: optional int32 tensor of the query heads to compute (others of ``out`` are left untouched).
+    ``kv_tile``: 64 (one listed block per step) or 128 (two listed blocks gathered into one 64×128 tile);
+    same result either way. On CUDA the launch config is autotuned (:data:`INDEX_CONFIGS`, per head_dim,
+    tile and layout) unless ``num_warps``/``num_stages`` are given.
     """
     from .index import check_qkv
+    if kv_tile not in (BLOCK, 2 * BLOCK):
+        raise ValueError(f"kv_tile must be {BLOCK} or {2 * BLOCK}, got {kv_tile}")
     check_qkv(q, k, v)
     paged = req_to_token is not None
     if paged == (cu_seqlens_k is not None):
@@ -166,11 +213,10 @@ def sparse_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_idx:
     if nh == 0:
         return o
     grid = (max(1, math.ceil(max_q_len / BLOCK) + 1), bsz * nh)   # +1: an unaligned prefix spans one more block
-    if num_warps is None:
-        num_warps = 4   # H100, d=128: 4 warps (one warpgroup, 64-row wgmma) beat 8 by 1.9x (kernels_h100.log)
-    if num_stages is None:
-        num_stages = 2 if q.is_cuda else 1
-    _kernel()[grid](
+    tune = q.is_cuda and num_warps is None and num_stages is None
+    # fixed: H100, d=128, 64-wide: 4 warps (one warpgroup, 64-row wgmma) beat 8 by 1.9x (kernels_h100.log)
+    kw = {} if tune else dict(num_warps=num_warps or 4, num_stages=num_stages or (2 if q.is_cuda else 1))
+    _kernel(tune)[grid](
         q, k, v, o,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), o.stride(0), o.stride(1),
         cu_seqlens_q, kv_lens, cu_seqlens_k if not paged else dummy,
@@ -179,9 +225,8 @@ def sparse_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_idx:
         block_idx, block_cnt, head_dense,
         block_idx.stride(0), block_idx.stride(1), block_idx.stride(2), block_cnt.stride(0), block_cnt.stride(1),
         scale * LOG2E, hq, heads if heads is not None else dummy, nh,
-        GROUP=hq // k.shape[1], BLOCK_M=BLOCK, D=d, PAGED=paged,
-        DOT_F32=(not q.is_cuda) and q.dtype == torch.bfloat16, HEAD_MAP=heads is not None,
-        num_warps=num_warps, num_stages=num_stages,
+        GROUP=hq // k.shape[1], BLOCK_M=BLOCK, BLOCK_N=kv_tile, D=d, PAGED=paged,
+        DOT_F32=(not q.is_cuda) and q.dtype == torch.bfloat16, HEAD_MAP=heads is not None, **kw,
     )
     return o
 

@@ -1,11 +1,17 @@
 """The ``shplb`` attention backend: SGLang's ``AttentionBackend`` with per-head budgets.
 
-Every layer runs the stock backend (``torch_native`` on CPU, ``flashinfer`` on CUDA, or
-``SHPLB_DENSE_BACKEND``) first: it writes the batch's K/V into the token pool and computes the dense
-heads on SGLang's fast path. Then the layer's sparse heads (the plan's budgets for the heads this rank
-holds, :mod:`.head_map`) are recomputed from the pool through ``req_to_token`` and their columns
-replaced (:mod:`.sparse`: Triton kernels on CUDA, PyTorch reference on CPU). Metadata, CUDA-graph state
-and everything else the runner asks of a backend are the stock backend's.
+A stock backend (``flashinfer`` on CUDA, ``torch_native`` on CPU, or ``SHPLB_DENSE_BACKEND``) is kept
+inside: layers whose heads (the plan's budgets for the heads this rank holds, :mod:`.head_map`) are all
+dense run on it unchanged, and its metadata, CUDA-graph state and everything else the runner asks of a
+backend are used as they are. A layer with sparse heads takes:
+
+* **on CUDA** the kernel path (:mod:`.kernel_path`): the backend writes the batch's K/V to the token pool
+  and runs *every* head of the layer on the sparse kernels (dense heads on SDPA / cuDNN or the dense
+  Triton tiles, streaming heads on the rule kernel, top-k / vertical-slash heads on the block-index kernel;
+  decode: one paged kernel with Quest page selection, CUDA-graph safe);
+* **on CPU** the reference path: the stock backend computes all heads and writes K/V, then the sparse
+  heads are recomputed from the pool through ``req_to_token`` by the PyTorch reference (:mod:`.sparse`)
+  and their columns replaced.
 """
 from __future__ import annotations
 
@@ -20,6 +26,7 @@ from sglang.srt.layers.attention.base_attn_backend import AttentionBackend
 from ..patterns import HeadBudget, Pattern
 from .config import BACKEND_NAME, ServingConfig
 from .head_map import rank_heads
+from .kernel_path import DecodeWorkspace, ExtendBatch, LayerKernels, layer_max_selected
 from .sparse import prepare_decode_constants, sparse_attention, sparse_decode, sparse_heads
 
 logger = logging.getLogger(__name__)
@@ -72,10 +79,36 @@ class ShplbAttnBackend(AttentionBackend):
                 prepare_decode_constants(local, self.device)
         n_sparse = sum(len(sparse_heads(b)) for b in self.layer_budgets.values())
         n_all = sum(len(b) for b in self.layer_budgets.values())
-        logger.info("shplb backend: dense heads on %s, %d of %d rank-local heads sparse (plan %s), TP rank %d/%d",
-                    self.dense_backend_name, n_sparse, n_all, self.cfg.plan_path or "none: dense fallback",
-                    self.tp_rank, self.tp_size)
+        self.kernels: dict[int, LayerKernels] = {}
+        self.decode_ws: DecodeWorkspace | None = None
+        self.extend_batch: ExtendBatch | None = None
+        if str(self.device).startswith("cuda"):
+            self._init_kernel_path(model_runner)
+        logger.info("shplb backend: %d of %d rank-local heads sparse (plan %s), TP rank %d/%d; all-dense layers "
+                    "on %s, layers with sparse heads on the %s path", n_sparse, n_all,
+                    self.cfg.plan_path or "none: dense fallback", self.tp_rank, self.tp_size,
+                    self.dense_backend_name, "kernel" if self.kernels else "reference")
         self.stats = {"extend_layers_sparse": 0, "decode_layers_sparse": 0}
+
+    def _init_kernel_path(self, model_runner) -> None:
+        if getattr(model_runner.server_args, "speculative_algorithm", None):
+            raise NotImplementedError("the shplb backend does not support speculative decoding yet")
+        mc = model_runner.model_config
+        hkv = mc.get_num_kv_heads(self.tp_size)
+        k0 = self.token_to_kv_pool.get_key_buffer(0)
+        slots = self.req_to_token_pool.req_to_token.shape[0]
+        for li, budgets in self.layer_budgets.items():
+            if sparse_heads(budgets):
+                self.kernels[li] = LayerKernels(budgets, hkv, mc.head_dim, self.max_context, slots, k0.dtype,
+                                                self.device)
+        if self.kernels:
+            max_sel = max(layer_max_selected(lk.budgets, self.max_context) for lk in self.kernels.values())
+            hq = len(next(iter(self.kernels.values())).budgets)
+            self.decode_ws = DecodeWorkspace(hq, mc.head_dim, math.ceil(self.max_context / 64), max_sel, self.device)
+            mib = sum(lk.summary_bytes for lk in self.kernels.values()) / 2**20
+            logger.info("shplb kernel path: %d layers, decode page summaries %.1f MiB (%d request slots x %d "
+                        "context; --max-running-requests bounds it)", len(self.kernels), mib, slots,
+                        self.max_context)
 
     # ---- everything but the forward passes is the stock backend's ---------------------------------
     def __getattr__(self, name):
@@ -87,7 +120,17 @@ class ShplbAttnBackend(AttentionBackend):
 
     def init_forward_metadata(self, forward_batch):
         self.current_bucket = getattr(forward_batch, "shplb_bucket", 0)
+        self.extend_batch = None
+        if self.kernels and forward_batch.forward_mode.is_extend() and forward_batch.extend_seq_lens_cpu:
+            self.extend_batch = ExtendBatch.build(
+                self.req_to_token_pool.req_to_token, forward_batch.req_pool_indices,
+                forward_batch.extend_seq_lens_cpu, forward_batch.seq_lens_cpu.tolist())
         return self.inner.init_forward_metadata(forward_batch)
+
+    def init_cuda_graph_state(self, max_bs: int, max_num_tokens: int):
+        self.inner.init_cuda_graph_state(max_bs, max_num_tokens)
+        if self.decode_ws is not None:
+            self.decode_ws.ensure(max_bs)
 
     def init_forward_metadata_out_graph(self, forward_batch, in_capture: bool = False):
         self.current_bucket = getattr(forward_batch, "shplb_bucket", 0)
@@ -119,7 +162,24 @@ class ShplbAttnBackend(AttentionBackend):
             return None
         return b if any(x.pattern is not Pattern.DENSE for x in b) else None
 
+    def _kernel_io(self, q, k, v, layer, forward_batch, save_kv_cache):
+        """Kernel path prologue: check the head map, write the new K/V to the pool, give ``[T, Hq, d]``
+        views of q and a fresh output."""
+        self._budgets(layer)
+        if save_kv_cache and k is not None:
+            self.token_to_kv_pool.set_kv_buffer(layer, forward_batch.out_cache_loc, k, v)
+        q3 = q.reshape(-1, layer.tp_q_head_num, layer.qk_head_dim)
+        return q3, q.new_empty(q3.shape[0], layer.tp_q_head_num, layer.v_head_dim)
+
     def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache=True, **kwargs):
+        lk = self.kernels.get(layer.layer_id)
+        if lk is not None and not layer.is_cross_attention and self.extend_batch is not None:
+            q3, o = self._kernel_io(q, k, v, layer, forward_batch, save_kv_cache)
+            lk.extend(q3, k.reshape(-1, lk.hkv, layer.qk_head_dim), v.reshape(-1, lk.hkv, layer.v_head_dim),
+                      self.token_to_kv_pool.get_key_buffer(layer.layer_id),
+                      self.token_to_kv_pool.get_value_buffer(layer.layer_id), self.extend_batch, layer.scaling, o)
+            self.stats["extend_layers_sparse"] += 1
+            return o.view(q3.shape[0], -1)
         o = self.inner.forward_extend(q, k, v, layer, forward_batch, save_kv_cache=save_kv_cache, **kwargs)
         budgets = self._budgets(layer)
         if budgets is None or layer.is_cross_attention:
@@ -136,6 +196,15 @@ class ShplbAttnBackend(AttentionBackend):
         return o
 
     def forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache=True, **kwargs):
+        lk = self.kernels.get(layer.layer_id)
+        if lk is not None and not layer.is_cross_attention:
+            q3, o = self._kernel_io(q, k, v, layer, forward_batch, save_kv_cache)
+            lk.decode(q3, self.token_to_kv_pool.get_key_buffer(layer.layer_id),
+                      self.token_to_kv_pool.get_value_buffer(layer.layer_id), self.req_to_token_pool.req_to_token,
+                      forward_batch.req_pool_indices, forward_batch.seq_lens, self.decode_ws, layer.scaling, o)
+            if not torch.cuda.is_current_stream_capturing():
+                self.stats["decode_layers_sparse"] += 1
+            return o.view(q3.shape[0], -1)
         o = self.inner.forward_decode(q, k, v, layer, forward_batch, save_kv_cache=save_kv_cache, **kwargs)
         budgets = self._budgets(layer)
         if budgets is None or layer.is_cross_attention:
@@ -162,7 +231,7 @@ def _per_head(q, o, layer):
 
 # AttentionBackend defines these (raising NotImplementedError), so __getattr__ never sees them: hand each
 # to the stock backend explicitly.
-_DELEGATED = ('init_forward_metadata_in_graph', 'draft_extend_metadata_captured_in_graph', 'prepare_full_cuda_graph_chunked_prefix', 'init_cuda_graph_state', 'init_forward_metadata_for_breakable_cuda_graph_capture', 'prepare_forward_metadata_for_breakable_cuda_graph_replay', 'get_cuda_graph_seq_len_fill_value', 'on_after_cuda_graph_warmup', 'verify_mask', 'update_verify_buffers_to_fill_after_draft', 'get_indexer_metadata', 'support_triton')
+_DELEGATED = ('init_forward_metadata_in_graph', 'draft_extend_metadata_captured_in_graph', 'prepare_full_cuda_graph_chunked_prefix', 'init_forward_metadata_for_breakable_cuda_graph_capture', 'prepare_forward_metadata_for_breakable_cuda_graph_replay', 'get_cuda_graph_seq_len_fill_value', 'on_after_cuda_graph_warmup', 'verify_mask', 'update_verify_buffers_to_fill_after_draft', 'get_indexer_metadata', 'support_triton')
 
 
 def _delegate(name: str):

@@ -1,0 +1,146 @@
+"""Every head of one attention layer on the sparse kernels, over SGLang's paged KV pool (no SGLang import).
+
+This is the GPU path of the ``shplb`` backend: it replaces the stock backend for a layer that has sparse
+heads, instead of letting the stock backend compute all heads and recomputing the sparse ones.
+
+* **Extend** (prefill, chunked prefill, radix prefix hit): :class:`~sglang_shplb.kernels.SparsePrefill`
+  for all heads of the layer. A batch without cached prefixes reads the new tokens' K/V directly
+  (contiguous layout; dense heads on torch SDPA / cuDNN); a batch with prefixes reads the pool through
+  ``req_to_token`` (dense heads on the 128-row Triton kernel). Layers with top-k / vertical-slash heads
+  then (re)build the per-page key min/max of the batch's requests for decode.
+* **Decode**: fold the new token into its page summary, choose the pages of top-k / vertical-slash heads
+  (Quest / LServe upper bound, :func:`~sglang_shplb.kernels.triton_decode.select_pages`), and run
+  :func:`~sglang_shplb.kernels.triton_decode.sparse_decode` for all heads (dense: every page; streaming:
+  sink + window pages). Fixed shapes and no host sync: safe inside a captured CUDA graph.
+
+Batch metadata is built once per forward (:class:`ExtendBatch`); decode scratch buffers are shared by all
+layers (:class:`DecodeWorkspace`), sized for the largest batch before graph capture.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from ..kernels.api import SparsePrefill
+from ..kernels.triton_decode import (alloc_page_summaries, build_page_summaries, decode_splits, group_modes,
+                                     head_modes, max_selected_pages, select_pages, sparse_decode,
+                                     update_page_summaries)
+from ..patterns import BLOCK, HeadBudget, Pattern
+
+
+@dataclass
+class ExtendBatch:
+    """One extend batch's metadata, shared by all layers (built on the host once per forward)."""
+    cu_seqlens_q: torch.Tensor       # [B + 1] int32, device
+    seq_lens: torch.Tensor           # [B] int32, device: tokens per sequence, prefix included
+    req_to_token: torch.Tensor       # [R, max_ctx] int32
+    req_pool_indices: torch.Tensor   # [B] int32, device
+    q_lens_cpu: list[int]
+    kv_lens_cpu: list[int]
+
+    @property
+    def has_prefix(self) -> bool:
+        return any(a != b for a, b in zip(self.q_lens_cpu, self.kv_lens_cpu))
+
+    @staticmethod
+    def build(req_to_token: torch.Tensor, req_pool_indices: torch.Tensor, q_lens_cpu: Sequence[int],
+              kv_lens_cpu: Sequence[int]) -> "ExtendBatch":
+        dev = req_pool_indices.device
+        ql, kl = [int(x) for x in q_lens_cpu], [int(x) for x in kv_lens_cpu]
+        if len(ql) != len(kl) or any(a < 1 or a > b for a, b in zip(ql, kl)):
+            raise ValueError(f"extend lengths disagree: q {ql} vs kv {kl}")
+        cu = torch.tensor([0] + ql, dtype=torch.int32).cumsum(0, dtype=torch.int32)
+        return ExtendBatch(cu.to(dev, non_blocking=True), torch.tensor(kl, dtype=torch.int32).to(dev, non_blocking=True),
+                           req_to_token, req_pool_indices.int(), ql, kl)
+
+
+class DecodeWorkspace:
+    """Scratch of the decode path shared by every layer: chosen pages and the split-K partial results.
+    Allocated for the largest batch up front (``ensure`` before CUDA-graph capture), then only sliced."""
+
+    def __init__(self, num_q_heads: int, head_dim: int, max_pages: int, max_sel: int, device) -> None:
+        self.hq, self.d, self.max_pages, self.max_sel, self.device = num_q_heads, head_dim, max_pages, max_sel, device
+        self.capacity = 0
+
+    def splits(self, bs: int) -> int:
+        return decode_splits(self.max_pages, bs, self.hq)
+
+    def ensure(self, max_bs: int) -> None:
+        if max_bs <= self.capacity:
+            return
+        if torch.device(self.device).type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(f"shplb: decode workspace holds {self.capacity} requests, the captured batch has "
+                               f"{max_bs}; it must be sized before capture (init_cuda_graph_state)")
+        rows = max(bs * self.hq * self.splits(bs) for bs in range(1, max_bs + 1))
+        self.page_idx = torch.zeros(max_bs, self.hq, self.max_sel, dtype=torch.int32, device=self.device)
+        self.page_cnt = torch.zeros(max_bs, self.hq, dtype=torch.int32, device=self.device)
+        self.mid_o = torch.empty(rows, self.d, dtype=torch.float32, device=self.device)
+        self.mid_l = torch.empty(rows, dtype=torch.float32, device=self.device)
+        self.capacity = max_bs
+
+
+def layer_max_selected(budgets: Sequence[HeadBudget], max_ctx: int) -> int:
+    return max_selected_pages(budgets, math.ceil(max_ctx / BLOCK))
+
+
+class LayerKernels:
+    """One layer's rank-local heads at their budgets, all on the kernels (see the module docstring)."""
+
+    def __init__(self, budgets: Sequence[HeadBudget], num_kv_heads: int, head_dim: int, max_ctx: int,
+                 num_req_slots: int, kv_dtype: torch.dtype, device) -> None:
+        self.budgets = list(budgets)
+        self.hq, self.hkv, self.d = len(budgets), num_kv_heads, head_dim
+        self.max_pages = math.ceil(max_ctx / BLOCK)
+        self.prefill = SparsePrefill(self.budgets, num_kv_heads, head_dim)
+        _, self.sink, self.window = head_modes(self.budgets, device)
+        self.mode, gmode, gsink, gwin = group_modes(self.budgets, num_kv_heads, device)
+        self.groups = (gmode, gsink, gwin)
+        self.selects = any(b.pattern in (Pattern.TOPK, Pattern.VSLASH) for b in self.budgets)
+        self.kmin = self.kmax = None
+        if self.selects:   # page summaries [R, Hkv, pages, d] x 2, indexed like req_to_token
+            self.kmin, self.kmax = alloc_page_summaries(num_req_slots, num_kv_heads, self.max_pages, head_dim,
+                                                        dtype=kv_dtype, device=device)
+
+    @property
+    def summary_bytes(self) -> int:
+        return 0 if self.kmin is None else 2 * self.kmin.numel() * self.kmin.element_size()
+
+    def extend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_buffer: torch.Tensor,
+               v_buffer: torch.Tensor, batch: ExtendBatch, scale: float, out: torch.Tensor) -> torch.Tensor:
+        """``q [T, Hq, d]``, ``k/v [T, Hkv, d]``: this batch's new tokens, already written to the pool."""
+        max_q, max_kv = max(batch.q_lens_cpu), max(batch.kv_lens_cpu)
+        sp = self.prefill
+        sp.sm_scale = scale
+        if batch.has_prefix:
+            sp.plan(batch.cu_seqlens_q, batch.seq_lens, max_q, max_kv, req_to_token=batch.req_to_token,
+                    req_pool_indices=batch.req_pool_indices, q_lens_cpu=batch.q_lens_cpu,
+                    kv_lens_cpu=batch.kv_lens_cpu)
+            sp.run(q, k_buffer, v_buffer, out=out)
+        else:
+            sp.plan(batch.cu_seqlens_q, batch.seq_lens, max_q, max_kv, cu_seqlens_k=batch.cu_seqlens_q,
+                    q_lens_cpu=batch.q_lens_cpu, kv_lens_cpu=batch.kv_lens_cpu)
+            sp.run(q, k, v, out=out)
+        if self.selects:
+            build_page_summaries(k_buffer, batch.req_to_token, batch.req_pool_indices, batch.seq_lens,
+                                 self.kmin, self.kmax, num_pages=math.ceil(max_kv / BLOCK))
+        return out
+
+    def decode(self, q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tensor, req_to_token: torch.Tensor,
+               req_pool_indices: torch.Tensor, seq_lens: torch.Tensor, ws: DecodeWorkspace, scale: float,
+               out: torch.Tensor) -> torch.Tensor:
+        """``q [B, Hq, d]``: the token at position ``seq_lens - 1``, already written to the pool."""
+        bs = q.shape[0]
+        ws.ensure(bs)
+        page_idx, page_cnt = ws.page_idx[:bs], ws.page_cnt[:bs]
+        if self.selects:
+            update_page_summaries(k_buffer, req_to_token, req_pool_indices, seq_lens, self.kmin, self.kmax)
+            select_pages(self.budgets, q, self.kmin, self.kmax, req_pool_indices, seq_lens, self.max_pages,
+                         out=(page_idx, page_cnt))
+        nsplit = ws.splits(bs)
+        rows = bs * self.hq * nsplit
+        return sparse_decode(q, k_buffer, v_buffer, req_to_token, req_pool_indices, seq_lens, self.mode, self.sink,
+                             self.window, page_idx, page_cnt, nsplit=nsplit, sm_scale=scale, out=out,
+                             workspace=(ws.mid_o[:rows], ws.mid_l[:rows]), groups=self.groups)

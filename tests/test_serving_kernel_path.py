@@ -1,0 +1,170 @@
+"""The backend's GPU path (:mod:`sglang_shplb.serving.kernel_path`: every head of a layer on the kernels,
+over SGLang's paged pool) against the dense single-device reference, under Triton's CPU interpreter.
+Extend without and with cached prefixes, page summaries built by extend and kept up by decode, decode
+steps for dense / streaming / top-k / vertical-slash heads, the shared decode workspace."""
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton
+
+import math  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from sglang_shplb.block_masks import build_block_masks  # noqa: E402
+from sglang_shplb.kernels.reference import (masked_attention, reference_decode_pages,  # noqa: E402
+                                            reference_page_summaries, reference_sparse_decode, relative_error)
+from sglang_shplb.patterns import BLOCK, HeadBudget  # noqa: E402
+from sglang_shplb.serving.kernel_path import (DecodeWorkspace, ExtendBatch, LayerKernels,  # noqa: E402
+                                              layer_max_selected)
+from sglang_shplb.serving.sparse import sparse_attention  # noqa: E402
+
+HQ, HKV, D = 6, 2, 64
+SCALE = 1 / math.sqrt(D)
+MAX_CTX, SLOTS, POOL = 1024, 4, 4096
+
+
+def budgets_mixed():
+    return [HeadBudget.dense(), HeadBudget.topk(0.3, min_blocks=2), HeadBudget.vslash(0.3, min_blocks=1),
+            HeadBudget.streaming(64, 128), HeadBudget.topk(0.5, min_blocks=2), HeadBudget.dense()]
+
+
+def budgets_positional():   # dense + streaming: masks depend on positions only
+    return [HeadBudget.dense()] * 3 + [HeadBudget.streaming(64, 128), HeadBudget.streaming(0, 64),
+                                       HeadBudget.streaming(128, 64)]
+
+
+class Pool:
+    """SGLang-like token pool: shuffled slots, slot 0 reserved, a req_to_token table."""
+
+    def __init__(self, seed=0):
+        g = torch.Generator().manual_seed(seed)
+        self.k = torch.zeros(POOL, HKV, D)
+        self.v = torch.zeros(POOL, HKV, D)
+        self.free = (torch.randperm(POOL - 1, generator=g) + 1).tolist()
+        self.req_to_token = torch.zeros(SLOTS, MAX_CTX, dtype=torch.int32)
+
+    def put(self, req, start, k, v):
+        slots = torch.tensor([self.free.pop() for _ in range(k.shape[0])])
+        self.k[slots], self.v[slots] = k, v
+        self.req_to_token[req, start:start + k.shape[0]] = slots.int()
+
+
+def seq(n, seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, HQ, D, generator=g), torch.randn(n, HKV, D, generator=g) * 2, torch.randn(n, HKV, D, generator=g)
+
+
+def reference(budgets, q, k, v):
+    return masked_attention(q, k, v, build_block_masks(budgets, q.transpose(0, 1), k.transpose(0, 1)), SCALE)
+
+
+def layer(budgets):
+    return LayerKernels(budgets, HKV, D, MAX_CTX, SLOTS, torch.float32, "cpu")
+
+
+def extend(lk, pool, reqs, qs, ks, vs, prefix_lens):
+    """Write the new tokens to the pool (as the backend does), then run the layer's extend."""
+    for r, p, k, v in zip(reqs, prefix_lens, ks, vs):
+        pool.put(r, p, k, v)
+    q_lens = [q.shape[0] for q in qs]
+    batch = ExtendBatch.build(pool.req_to_token, torch.tensor(reqs), q_lens, [p + n for p, n in zip(prefix_lens, q_lens)])
+    q = torch.cat(qs)
+    out = torch.full_like(q, float("nan"))
+    lk.extend(q, torch.cat(ks), torch.cat(vs), pool.k, pool.v, batch, SCALE, out)
+    return out
+
+
+@pytest.mark.parametrize("budgets", [budgets_mixed(), budgets_positional()], ids=["mixed", "positional"])
+def test_extend_batch_without_prefix_all_heads(budgets):
+    pool, lk = Pool(), layer(budgets)
+    lens = [200, 130, 64]
+    seqs = [seq(n, 1 + r) for r, n in enumerate(lens)]
+    out = extend(lk, pool, [2, 0, 1], [s[0] for s in seqs], [s[1] for s in seqs], [s[2] for s in seqs], [0, 0, 0])
+    ref = torch.cat([reference(budgets, *s) for s in seqs])
+    assert torch.isfinite(out).all(), "every head, dense ones included, is written by the kernel path"
+    assert relative_error(out, ref) < 1e-5
+    if budgets == budgets_mixed():   # the sparse heads really are sparse at this length
+        dense = torch.cat([reference([HeadBudget.dense()] * HQ, *s) for s in seqs])
+        assert relative_error(out[:, [1, 2, 3]], dense[:, [1, 2, 3]]) > 1e-2
+
+
+@pytest.mark.parametrize("prefix", [448, 448 + 17, 1])
+def test_extend_with_cached_prefix_positional(prefix):
+    """A radix hit / a later chunk: the rows equal the full-sequence reference's rows."""
+    budgets = budgets_positional()
+    n = 700
+    q, k, v = seq(n, 9)
+    pool, lk = Pool(seed=prefix), layer(budgets)
+    pool.put(0, 0, k[:prefix], v[:prefix])
+    out = extend(lk, pool, [0], [q[prefix:]], [k[prefix:]], [v[prefix:]], [prefix])
+    assert relative_error(out, reference(budgets, q, k, v)[prefix:]) < 1e-5
+
+
+def test_extend_with_prefix_mixed_matches_reference_path():
+    """Top-k / vertical-slash with a prefix: the kernels equal the backend's CPU reference path (same index
+    rule), and the dense heads equal dense attention."""
+    budgets = budgets_mixed()
+    n, prefix = 600, 256
+    q, k, v = seq(n, 4)
+    pool, lk = Pool(), layer(budgets)
+    pool.put(1, 0, k[:prefix], v[:prefix])
+    out = extend(lk, pool, [1], [q[prefix:]], [k[prefix:]], [v[prefix:]], [prefix])
+    ref = torch.full_like(out, float("nan"))
+    sparse_attention(q[prefix:], pool.k, pool.v, pool.req_to_token, torch.tensor([1]), torch.tensor([n]),
+                     torch.tensor([n - prefix]), budgets, SCALE, ref, use_kernel=False)
+    cols = [1, 2, 3, 4]
+    assert relative_error(out[:, cols], ref[:, cols]) < 1e-5
+    dense = reference([HeadBudget.dense()] * HQ, q, k, v)[prefix:]
+    assert relative_error(out[:, [0, 5]], dense[:, [0, 5]]) < 1e-5
+
+
+def test_decode_steps_keep_summaries_and_match_reference():
+    budgets = budgets_mixed()
+    pool, lk = Pool(), layer(budgets)
+    lens = [300, 64, 129]
+    reqs = [3, 0, 2]
+    full = [seq(n + 3, 20 + r) for r, n in enumerate(lens)]
+    extend(lk, pool, reqs, [f[0][:n] for f, n in zip(full, lens)], [f[1][:n] for f, n in zip(full, lens)],
+           [f[2][:n] for f, n in zip(full, lens)], [0, 0, 0])
+    ws = DecodeWorkspace(HQ, D, MAX_CTX // BLOCK, layer_max_selected(budgets, MAX_CTX), "cpu")
+    ws.ensure(8)
+    rpi = torch.tensor(reqs)
+    for step in range(3):
+        for i, (f, n) in enumerate(zip(full, lens)):   # the runner writes the new token's slot + K/V
+            pool.put(reqs[i], n + step, f[1][n + step:n + step + 1], f[2][n + step:n + step + 1])
+        seq_lens = torch.tensor([n + step + 1 for n in lens])
+        q = torch.stack([f[0][n + step] for f, n in zip(full, lens)])
+        out = torch.full_like(q, float("nan"))
+        lk.decode(q, pool.k, pool.v, pool.req_to_token, rpi, seq_lens, ws, SCALE, out)
+        sets = []
+        for b in range(3):
+            n = int(seq_lens[b])
+            lo, hi = reference_page_summaries(pool.k, pool.req_to_token, reqs[b], n)
+            assert torch.equal(lk.kmin[reqs[b], :, :lo.shape[1]], lo), "summaries follow the appended tokens"
+            assert torch.equal(lk.kmax[reqs[b], :, :hi.shape[1]], hi)
+            sets.append(reference_decode_pages(budgets, q[b], pool.k, pool.req_to_token, reqs[b], n)[0])
+        ref = reference_sparse_decode(q, pool.k, pool.v, pool.req_to_token, rpi, seq_lens, sets, SCALE)
+        assert relative_error(out, ref) < 1e-5, step
+        # dense heads read every page: they equal dense attention on the whole prefix
+        for b in range(3):
+            n = int(seq_lens[b])
+            loc = pool.req_to_token[reqs[b], :n].long()
+            s = (pool.k[loc, 0] @ q[b, 0]) * SCALE
+            assert torch.allclose(out[b, 0], torch.softmax(s, 0) @ pool.v[loc, 0], atol=1e-5)
+
+
+def test_layers_without_selected_heads_have_no_summaries_and_workspace_grows():
+    lk = layer(budgets_positional())
+    assert lk.kmin is None and lk.summary_bytes == 0
+    assert layer(budgets_mixed()).summary_bytes == 2 * SLOTS * HKV * (MAX_CTX // BLOCK) * D * 4
+    ws = DecodeWorkspace(HQ, D, MAX_CTX // BLOCK, 4, "cpu")
+    ws.ensure(2)
+    assert ws.capacity == 2 and ws.page_idx.shape == (2, HQ, 4)
+    ws.ensure(5)
+    assert ws.capacity == 5 and ws.mid_o.shape[0] >= 5 * HQ * ws.splits(5)
+
+
+def test_extend_batch_rejects_bad_lengths():
+    with pytest.raises(ValueError, match="disagree"):
+        ExtendBatch.build(torch.zeros(1, 8, dtype=torch.int32), torch.tensor([0]), [5], [4])
