@@ -1,9 +1,11 @@
 """GPU end-to-end: the same greedy requests against stock SGLang 0.5.17 (`--attention-backend flashinfer`)
-and `python -m sglang_shplb.launch_server` (`shplb`, dense heads on flashinfer, sparse heads on the Triton
-kernels), on one GPU. Reports answers, TTFT and decode tokens/s.
+and `python -m sglang_shplb.launch_server` (`shplb`: all-dense layers on flashinfer, layers with sparse heads
+on the kernel path), on one GPU. Reports answers, TTFT and decode tokens/s.
 
-  python bench/serve_gpu.py smollm2 --model /tmp/smollm2 --out $OUT        # 2K/4K/8K passkey prompts
-  python bench/serve_gpu.py llama8b --tokenizer /tmp/smollm2 --out $OUT    # Llama-3-8B shape, dummy weights, 16K-64K
+  python bench/serve_gpu.py smollm2 --model /tmp/smollm2 --out $OUT        # 2K/4K/8K passkey prompts,
+                                                                           # the profiled plan (bench/results/default_plan)
+  python bench/serve_gpu.py llama8b --tokenizer /tmp/smollm2 --out $OUT    # Llama-3-8B shape, dummy weights, 16K-64K,
+                                                                           # a mixed plan (dense / top-k / streaming)
 """
 from __future__ import annotations
 
@@ -119,16 +121,18 @@ def run_server(name, cmd, requests, out: Path, env):
     return res
 
 
+PROFILED_PLAN = HERE / "results" / "default_plan"
+
+
 def make_plan(kind, model_dir, out_dir):
-    from sglang_shplb.patterns import HeadBudget
-    from sglang_shplb.serving.testing import synthetic_plan
-    if kind == "smollm2":   # one dense KV group per layer; the others streaming (sink 64, window 512)
-        def f(li, h, spec):
-            return HeadBudget.dense() if spec.kv_head_of(h) == 0 else HeadBudget.streaming(64, 512)
-    else:                   # Llama-3-8B: KV group 0 dense; the rest streaming sink 128 + window 2048
-        def f(li, h, spec):
-            return HeadBudget.dense() if spec.kv_head_of(h) == 0 else HeadBudget.streaming(128, 2048)
-    return synthetic_plan(model_dir, f, out_dir, meta={"source": f"bench/serve_gpu.py {kind}"})
+    """SmolLM2: the plan profiled on this model (`python -m sglang_shplb plan`). Llama-3-8B shape (dummy
+    weights, nothing to profile): per layer KV group 0 dense (4 of 32 query heads), odd KV groups top-k at
+    10 % of the blocks, even ones streaming sink 128 + window 2048 tokens (3-12 % of 16K-64K)."""
+    if kind == "smollm2":
+        return PROFILED_PLAN / "plan.json"
+    from sglang_shplb.serving.testing import mixed_budget, synthetic_plan
+    return synthetic_plan(model_dir, mixed_budget(128, 2048, 0.1), out_dir,
+                          meta={"source": f"bench/serve_gpu.py {kind}"})
 
 
 LLAMA8B = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096,
