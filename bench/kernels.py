@@ -8,6 +8,8 @@ Writes JSON + PNG + log and the cost-model calibration tables (schema shplb-cali
     python bench/kernels.py --cpu-smoke --out /tmp/smoke               # logic check, Triton interpreter
     PYTHONUNBUFFERED=1 python bench/kernels.py --quick --out $OUT    # round 2: API paths at 16K/32K/64K
     python bench/kernels.py --quick --cpu-smoke --out /tmp/smoke       # its logic check
+    PYTHONUNBUFFERED=1 python bench/kernels.py --topk-variants --out $OUT   # 64- vs 128-wide KV tiles, 16K..64K
+    python bench/kernels.py --topk-variants --cpu-smoke --out /tmp/tv      # its logic check
 
 Timing: triton.testing.do_bench (CUDA events, L2 flushed before each run, median); fresh random inputs
 per context (> L2 at every size), outputs poisoned with NaN before the first run and checked after.
@@ -33,7 +35,7 @@ import torch  # noqa: E402
 
 from sglang_shplb.patterns import BLOCK, HeadBudget, Pattern  # noqa: E402
 from sglang_shplb.kernels import SparseDecode, SparsePrefill, build_block_index, sparse_prefill  # noqa: E402
-from sglang_shplb.kernels.triton_prefill import RULE_DENSE_WINDOW, rule_prefill  # noqa: E402
+from sglang_shplb.kernels.triton_prefill import INDEX_CONFIGS, RULE_DENSE_WINDOW, _kernel, rule_prefill  # noqa: E402
 from sglang_shplb.kernels.reference import relative_error, reference_sparse_prefill  # noqa: E402
 
 LOG: list[str] = []
@@ -109,9 +111,13 @@ def main():
     ap.add_argument("--decode-batch", type=int, default=4)
     ap.add_argument("--budget-s", type=float, default=480.0, help="stop adding contexts past this")
     ap.add_argument("--quick", action="store_true", help="round 2: SparsePrefill API paths, 16K/32K/64K")
+    ap.add_argument("--topk-variants", action="store_true",
+                    help="index kernel, 64- vs 128-wide KV tiles per launch config, top-k/vslash heads, 16K/32K/64K")
     args = ap.parse_args()
     if args.quick:
         return quick(args)
+    if args.topk_variants:
+        return topk_variants(args)
     smoke = args.cpu_smoke
     t_start = time.time()
     os.makedirs(args.out, exist_ok=True)
@@ -659,6 +665,142 @@ def _quick_config(res, row, name, budgets, q, k, v, cu, kvl, n, hkv, d, sdpa, ca
     del sp, idx, o, o1
     if not smoke:
         torch.cuda.empty_cache()
+
+
+def topk_variants(args):
+    """The block-index kernel on listed heads: 64-wide KV tiles (one listed block per step) vs 128-wide (two
+    blocks gathered per step), each at every config of ``INDEX_CONFIGS`` and autotuned, against SDPA."""
+    smoke = args.cpu_smoke
+    t_start = time.time()
+    os.makedirs(args.out, exist_ok=True)
+    dev = "cpu" if smoke else "cuda"
+    if smoke:
+        hq, hkv, d, dtype, ctxs = 4, 1, 64, torch.float32, [320]
+    else:
+        hq, hkv, d, dtype, ctxs = 32, 8, 128, torch.bfloat16, [16384, 32768, 65536]
+        if args.ctx != "8192,16384,32768,65536,131072":
+            ctxs = [int(x) for x in args.ctx.split(",")]
+    device_name = "cpu (Triton interpreter)" if smoke else torch.cuda.get_device_name()
+    today = _dt.date.today().isoformat()
+    import triton
+    log(f"# bench/kernels.py --topk-variants  device={device_name}  date={today}  torch={torch.__version__}  "
+        f"triton={triton.__version__}")
+    res = {"device": device_name, "date": today, "shape": dict(hq=hq, hkv=hkv, d=d, dtype=str(dtype)),
+           "configs": [list(c) for c in INDEX_CONFIGS], "checks": [], "prefill": []}
+    suffix = "_smoke" if smoke else "_h100"
+
+    def dump():
+        with open(os.path.join(args.out, f"topk_variants{suffix}.json"), "w") as f:
+            json.dump(res, f, indent=1)
+        with open(os.path.join(args.out, f"topk_variants{suffix}.log"), "w") as f:
+            f.write("\n".join(LOG) + "\n")
+
+    sets = {k: v for k, v in layer_sets(hq).items() if k in ("topk0.1", "topk0.2", "vslash0.1")}
+    # (name, kv_tile, launch kwargs): "auto" = no num_warps/num_stages (autotuned on CUDA)
+    variants = [(f"w{t}_{'auto' if c is None else f'nw{c[0]}s{c[1]}'}", t,
+                 {} if c is None else dict(num_warps=c[0], num_stages=c[1]))
+                for t in (64, 128) for c in list(INDEX_CONFIGS) + [None]]
+    base = "w64_nw4s2"                                               # the round-1 kernel and launch config
+
+    # ---- correctness vs the torch reference: a small chunked, paged, two-sequence batch ----
+    g = torch.Generator(device=dev).manual_seed(5)
+    lens = [300, 200] if smoke else [2048 + 77, 1500]
+    q_lens = [lens[0] - 129, lens[1]]
+    q = torch.randn(sum(q_lens), hq, d, device=dev, dtype=dtype, generator=g)
+    cu = torch.tensor([0, q_lens[0], sum(q_lens)], dtype=torch.int32, device=dev)
+    kvl = torch.tensor(lens, dtype=torch.int32, device=dev)
+    pool = 2 * max(lens) + 99
+    kb = torch.randn(pool, hkv, d, device=dev, dtype=dtype, generator=g)
+    vb = torch.randn(pool, hkv, d, device=dev, dtype=dtype, generator=g)
+    kw = dict(req_to_token=torch.randperm(pool, device=dev)[:2 * max(lens)].view(2, -1).int(),
+              req_pool_indices=torch.tensor([1, 0], dtype=torch.int32, device=dev))
+    mix = [HeadBudget.topk(0.2, 2), HeadBudget.vslash(0.2, 2), HeadBudget.dense(), HeadBudget.topk(0.1, 2)] * (hq // 4)
+    idx = build_block_index(mix, q, kb, cu, kvl, max(lens), **kw)
+    ref = reference_sparse_prefill(q, kb, vb, [idx.masks(b, math.ceil(n / BLOCK)).to(dev) for b, n in enumerate(lens)],
+                                   cu, kvl, **kw)
+    for tile in (64, 128):
+        o = torch.full_like(q, float("nan"))
+        sparse_prefill(q, kb, vb, idx.block_idx, idx.block_cnt, idx.head_dense, cu, kvl, max(q_lens), out=o,
+                       kv_tile=tile, **kw)
+        err = relative_error(o, ref)
+        log(f"check kv_tile={tile} (mixed heads, paged, chunked, lens {lens}, q_lens {q_lens}) vs reference: "
+            f"rel err {err:.2e}")
+        res["checks"].append({"what": f"kv_tile={tile} vs torch reference, mixed, paged, chunked", "rel_err": err})
+    del q, kb, vb, ref, idx
+    dump()
+
+    for n in ctxs:
+        if time.time() - t_start > args.budget_s:
+            log(f"time budget reached: skipping ctx {n}")
+            continue
+        q = torch.randn(n, hq, d, device=dev, dtype=dtype)
+        k = torch.randn(n, hkv, d, device=dev, dtype=dtype)
+        v = torch.randn(n, hkv, d, device=dev, dtype=dtype)
+        cu = torch.tensor([0, n], dtype=torch.int32, device=dev)
+        kvl = torch.tensor([n], dtype=torch.int32, device=dev)
+        causal_tok = n * (n + 1) // 2
+        dense_flops = 4 * d * causal_tok * hq
+        t_sdpa = time_sdpa(q, k, v, smoke) or {"none": 1.0}
+        sdpa = min(t_sdpa.values())
+        row = {"ctx": n, "sdpa_ms": t_sdpa, "sdpa_best_ms": sdpa, "sdpa_tflops": dense_flops / (sdpa * 1e-3) / 1e12,
+               "configs": []}
+        log(f"\n## ctx {n}: SDPA {', '.join(f'{a} {b:.3f} ms' for a, b in t_sdpa.items())} "
+            f"({row['sdpa_tflops']:.0f} TFLOP/s)")
+        for name, budgets in sets.items():
+            idx = build_block_index(budgets, q, k, cu, kvl, n, cu_seqlens_k=cu)
+            pairs = attended_pairs_tokens(idx, n)
+            nb = math.ceil(n / BLOCK)
+            dens = sum(pairs) / (causal_tok * hq)
+            ent = {"name": name, "density": dens, "block_density": sum(block_pairs_of(idx, n)) / (hq * nb * (nb + 1) // 2),
+                   "variants": {}}
+            flops = 4 * d * sum(pairs)
+            log(f"{name}: density {dens:.3f} (block pairs {ent['block_density']:.3f})")
+            o_base = None
+            for vname, tile, cfg in variants:
+                o = torch.full_like(q, float("nan"))
+                f = lambda: sparse_prefill(q, k, v, idx.block_idx, idx.block_cnt, idx.head_dense, cu, kvl, n,  # noqa: E731
+                                           cu_seqlens_k=cu, out=o, kv_tile=tile, **cfg)
+                try:
+                    f()
+                    written = bool(torch.isfinite(o).all())
+                    t = bench(f, smoke)
+                except Exception as e:  # noqa: BLE001
+                    log(f"  {vname}: failed: {type(e).__name__}: {str(e)[:200]}")
+                    continue
+                if vname == base:
+                    o_base = o
+                diff = float((o.float() - o_base.float()).abs().max()) if o_base is not None else float("nan")
+                ve = {"ms": t, "tflops": flops / (t * 1e-3) / 1e12, "eff_vs_sdpa": dens * sdpa / t,
+                      "max_abs_diff_vs_w64": diff, "all_written": written}
+                if not cfg and not smoke:
+                    best = getattr(_kernel(True), "best_config", None)
+                    ve["autotuned"] = str(best) if best is not None else None
+                ent["variants"][vname] = ve
+                log(f"  {vname:14s} {t:9.3f} ms  {ve['tflops']:5.0f} TFLOP/s  eff {ve['eff_vs_sdpa']:.3f}  "
+                    f"x{ent['variants'][base]['ms'] / t if base in ent['variants'] else float('nan'):.2f} vs {base}"
+                    f"  max|diff| vs {base} {diff:.1e}  written {written}"
+                    + (f"  ({ve['autotuned']})" if ve.get("autotuned") else ""))
+                if o is not o_base:
+                    del o
+            row["configs"].append(ent)
+            del idx, o_base
+            if not smoke:
+                torch.cuda.empty_cache()
+        res["prefill"].append(row)
+        del q, k, v
+        dump()
+    log("\n# summary: per-head efficiency vs SDPA (best config of each tile)")
+    for row in res["prefill"]:
+        for ent in row["configs"]:
+            cells = []
+            for tile in (64, 128):
+                vs = {a: b for a, b in ent["variants"].items() if a.startswith(f"w{tile}_")}
+                if vs:
+                    a, b = max(vs.items(), key=lambda x: x[1]["eff_vs_sdpa"])
+                    cells.append(f"{a} {b['eff_vs_sdpa']:.3f}")
+            log(f"{row['ctx']:6d} {ent['name']:10s} " + " | ".join(cells))
+    res["wall_s"] = time.time() - t_start
+    dump()
 
 
 if __name__ == "__main__":

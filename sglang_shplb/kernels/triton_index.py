@@ -25,7 +25,7 @@ builder keeps the lowest block ids among exactly tied scores), in two launches a
    * the k-th largest key ``v`` by a 32-step binary search on the key value, vectorised over the rows:
      keep ``lo <= v < hi`` with ``count(key >= lo) >= k > count(key >= hi)``;
    * selected: ``key > v`` plus the first ``k - count(key > v)`` blocks with ``key == v`` (ties: lowest id),
-     written in ascending order at positions ``cumsum(selected) - 1``; ``[k, MAXK)`` is zeroed and
+     written in ascending order at positions ``cumsum(selected) - 1`` (one packed scan); ``[k, MAXK)`` is zeroed and
      ``block_cnt = k``.
 
    ``k(qi)`` comes from ``index._topk_counts`` (per budget, a function of ``qi`` and ``NB`` only). Every
@@ -106,12 +106,15 @@ def _kernels():
         k_base = KP + ((b * HKV + hk) * NB).to(tl.int64) * D
         # S[r, kj] = qp[r] . kp[kj], accumulated over DC-wide chunks of d
         acc = tl.zeros([BM, NBP], tl.float32)
-        for c in tl.static_range(D // DC):
+        for c in range(0, D // DC):
             dd = c * DC + tl.arange(0, DC)
             qc = tl.load(q_base + rows[:, None] * D + dd[None, :], mask=row_ok[:, None], other=0.0)
             kc = tl.load(k_base + cols[None, :] * D + dd[:, None], mask=col_ok[None, :], other=0.0)   # [DC, NBP]
-            if CAST:   # GPU: round the pooled vectors to the input dtype, as build_block_index's matmul
-                acc += tl.dot(qc.to(CAST), kc.to(CAST))
+            # GPU: round the pooled vectors to the input dtype (1: bf16, 2: fp16), as build_block_index's matmul
+            if CAST == 1:
+                acc += tl.dot(qc.to(tl.bfloat16), kc.to(tl.bfloat16))
+            elif CAST == 2:
+                acc += tl.dot(qc.to(tl.float16), kc.to(tl.float16))
             elif IEEE:
                 acc += tl.dot(qc, kc, input_precision="ieee")
             else:
@@ -128,7 +131,7 @@ def _kernels():
         # binary search for v = the k-th largest key: count(key >= lo) >= k > count(key >= hi)
         lo = tl.full([BM], -2147483648, tl.int64)
         hi = tl.full([BM], 2147483648, tl.int64)
-        for _ in tl.static_range(32):
+        for _ in range(32):
             mid = (lo + hi) >> 1
             c_ge = tl.sum((key >= mid.to(tl.int32)[:, None]).to(tl.int32), 1)
             ok = c_ge >= kr
@@ -137,9 +140,12 @@ def _kernels():
         v = lo.to(tl.int32)[:, None]
         gt = key > v
         eq = key == v
-        n_gt = tl.sum(gt.to(tl.int32), 1)
-        sel = gt | (eq & (tl.cumsum(eq.to(tl.int32), 1) <= (kr - n_gt)[:, None]))
-        pos = tl.cumsum(sel.to(tl.int32), 1) - 1                     # ascending write positions
+        need = (kr - tl.sum(gt.to(tl.int32), 1))[:, None]           # tied blocks to take, lowest ids first
+        # one scan for both running counts: low 16 bits #(key > v), high 16 bits #(key == v) (NBP < 2^16)
+        run = tl.cumsum(gt.to(tl.int32) + (eq.to(tl.int32) << 16), 1)
+        n_eq = run >> 16
+        sel = gt | (eq & (n_eq <= need))
+        pos = (run & 0xFFFF) + tl.minimum(n_eq, need) - 1           # ascending write positions
         row_ptr = idx + b.to(tl.int64) * s_ib + h * s_ih + rows[:, None].to(tl.int64) * s_iq
         tl.store(row_ptr + pos, kj + 0 * pos, mask=sel & row_ok[:, None])
         tl.store(row_ptr + kj, 0 * pos, mask=(kj >= kr[:, None]) & (kj < MAXK) & row_ok[:, None])
@@ -167,12 +173,14 @@ def _num_warps(nbp: int, cuda: bool) -> int:
 def build_topk_index(budgets: Sequence[HeadBudget], q: torch.Tensor, k: torch.Tensor,
                      cu_seqlens_q: torch.Tensor, kv_lens: torch.Tensor, max_kv_len: int, *,
                      cu_seqlens_k: torch.Tensor | None = None, req_to_token: torch.Tensor | None = None,
-                     req_pool_indices: torch.Tensor | None = None, out: BlockIndex | None = None) -> BlockIndex:
+                     req_pool_indices: torch.Tensor | None = None, out: BlockIndex | None = None,
+                     num_warps: int | None = None) -> BlockIndex:
     """Fill the top-k heads' rows of a :class:`BlockIndex` (two Triton launches, no host sync).
 
     Arguments as :func:`.index.build_block_index`. ``out``: a BlockIndex of shape ``[B, Hq, NB, >= MAXK]``
     to fill in place (its other heads' rows are left untouched); when None, a zeroed one is allocated
-    (``head_dense`` set, rows of dense/streaming/vertical-slash heads left zero). Returns it."""
+    (``head_dense`` set, rows of dense/streaming/vertical-slash heads left zero). Returns it.
+    ``num_warps``: of the selection kernel (default: by ``NBP``, see :func:`_num_warps`)."""
     hq, d = q.shape[1], q.shape[2]
     check_budgets(budgets, hq, k.shape[1])
     if q.dim() != 3 or k.dim() != 3 or k.shape[-1] != d or d % DC or d & (d - 1):
@@ -215,16 +223,12 @@ def build_topk_index(budgets: Sequence[HeadBudget], q: torch.Tensor, k: torch.Te
         req_to_token.stride(0) if paged else 0, slot, nb, t,
         HKV=hkv, GROUP=group, D=d, BLOCK_N=BLOCK, PAGED=paged, num_warps=4 if cuda else 1)
     nbp = max(16, triton_next_pow2(nb))
-    cast = None
-    if cuda and q.dtype in (torch.bfloat16, torch.float16):
-        from ._triton_compat import import_triton
-        _, tl = import_triton()
-        cast = tl.bfloat16 if q.dtype == torch.bfloat16 else tl.float16
+    cast = {torch.bfloat16: 1, torch.float16: 2}.get(q.dtype, 0) if cuda else 0   # CPU: float32 like the reference
     bi, bc = out.block_idx, out.block_cnt
     select_k[(math.ceil(nb / BM), t, bsz)](
         qp, kp, heads, counts, bi, bc, bi.stride(0), bi.stride(1), bi.stride(2), bc.stride(0), bc.stride(1),
         nb, t, maxk, HKV=hkv, GROUP=group, D=d, BM=BM, NBP=nbp, DC=DC, CAST=cast, IEEE=cuda,
-        num_warps=_num_warps(nbp, cuda), num_stages=1)
+        num_warps=num_warps or _num_warps(nbp, cuda), num_stages=1)
     return out
 
 

@@ -86,7 +86,7 @@ def _kernel(autotune: bool):
         cu_q, kv_lens, cu_k, req_to_token, req_pool_idx, stride_r2t,
         block_idx, block_cnt, head_dense,
         s_bi_b, s_bi_h, s_bi_q, s_bc_b, s_bc_h,
-        qk_scale, HQ, heads, NH,
+        qk_scale, HQ, heads, NH, Q_BUCKET,   # Q_BUCKET: an autotune key only
         GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
         PAGED: tl.constexpr, DOT_F32: tl.constexpr, HEAD_MAP: tl.constexpr,
     ):
@@ -135,10 +135,10 @@ def _kernel(autotune: bool):
                 kb = _index_listed(idx_row, PAIR * it, dense)
                 if PAIR == 2:
                     kb = tl.where(arn < BLOCK_M, kb, _index_listed(idx_row, 2 * it + 1, dense))
-                acc, m_i, l_i = _index_tile(acc, m_i, l_i, q, k_ptr, v_ptr, r2t, kv_base, kb * BLOCK_M + arn % BLOCK_M,
-                                            offs_m, n_kv, stride_kt, stride_vt, qk_scale, BLOCK_N, BLOCK_N, PAGED,
-                                            DOT_F32)
-            # diagonal block qi, token-causal and bounded by n_kv; with PAIR 2 an odd leftover block shares its tile
+                acc, m_i, l_i = _index_tile(acc, m_i, l_i, q, k_ptr, v_ptr, r2t, kv_base,
+                                            kb * BLOCK_M + arn % BLOCK_M, offs_m, n_kv, stride_kt, stride_vt,
+                                            qk_scale, BLOCK_N, BLOCK_N, PAGED, DOT_F32)
+            # diagonal block qi, token-causal and bounded by n_kv (PAIR 2: an odd leftover block shares its tile)
             if PAIR == 2:
                 if n_off % 2 == 1:
                     kb = tl.where(arn < BLOCK_M, _index_listed(idx_row, n_off - 1, dense), qi)
@@ -158,7 +158,7 @@ def _kernel(autotune: bool):
 
     kern = triton.jit(body)
     if autotune:
-        kern = triton.autotune(_index_configs(triton), key=["D", "BLOCK_N", "PAGED"])(kern)
+        kern = triton.autotune(_index_configs(triton), key=["D", "BLOCK_N", "PAGED", "Q_BUCKET"])(kern)
     return kern
 
 
@@ -185,7 +185,7 @@ def sparse_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_idx:
     ``heads``: optional int32 tensor of the query heads to compute (others of ``out`` are left untouched).
     ``kv_tile``: 64 (one listed block per step) or 128 (two listed blocks gathered into one 64×128 tile);
     same result either way. On CUDA the launch config is autotuned (:data:`INDEX_CONFIGS`, per head_dim,
-    tile and layout) unless ``num_warps``/``num_stages`` are given.
+    tile, layout and power-of-2 bucket of ``max_q_len``) unless ``num_warps``/``num_stages`` are given.
     """
     from .index import check_qkv
     if kv_tile not in (BLOCK, 2 * BLOCK):
@@ -213,8 +213,12 @@ def sparse_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_idx:
     if nh == 0:
         return o
     grid = (max(1, math.ceil(max_q_len / BLOCK) + 1), bsz * nh)   # +1: an unaligned prefix spans one more block
-    tune = q.is_cuda and num_warps is None and num_stages is None
-    # fixed: H100, d=128, 64-wide: 4 warps (one warpgroup, 64-row wgmma) beat 8 by 1.9x (kernels_h100.log)
+    # autotuned per query length bucket (a tiny first call does not pick the config of long prompts); not
+    # while a CUDA graph is captured (the tuner times runs). Fixed: H100, d=128, 64-wide: 4 warps (one
+    # warpgroup, 64-row wgmma) beat 8 by 1.9x (kernels_h100.log)
+    tune = (q.is_cuda and num_warps is None and num_stages is None
+            and not torch.cuda.is_current_stream_capturing())
+    q_bucket = min(256, 1 << (grid[0] - 2).bit_length())     # query blocks, next power of 2, up to 16K rows
     kw = {} if tune else dict(num_warps=num_warps or 4, num_stages=num_stages or (2 if q.is_cuda else 1))
     _kernel(tune)[grid](
         q, k, v, o,
@@ -224,7 +228,7 @@ def sparse_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_idx:
         req_to_token.stride(0) if paged else 0,
         block_idx, block_cnt, head_dense,
         block_idx.stride(0), block_idx.stride(1), block_idx.stride(2), block_cnt.stride(0), block_cnt.stride(1),
-        scale * LOG2E, hq, heads if heads is not None else dummy, nh,
+        scale * LOG2E, hq, heads if heads is not None else dummy, nh, q_bucket,
         GROUP=hq // k.shape[1], BLOCK_M=BLOCK, BLOCK_N=kv_tile, D=d, PAGED=paged,
         DOT_F32=(not q.is_cuda) and q.dtype == torch.bfloat16, HEAD_MAP=heads is not None, **kw,
     )

@@ -1,0 +1,114 @@
+"""Triton top-k index builder (kernels/triton_index.py) vs build_block_index, under the CPU interpreter."""
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton
+
+import math  # noqa: E402
+import random  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from sglang_shplb.kernels import build_block_index  # noqa: E402
+from sglang_shplb.kernels.index import BlockIndex  # noqa: E402
+from sglang_shplb.kernels.triton_index import build_topk_index  # noqa: E402
+from sglang_shplb.patterns import BLOCK, HeadBudget, Pattern  # noqa: E402
+
+if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":  # pragma: no cover
+    pytest.skip("needs a GPU or TRITON_INTERPRET=1", allow_module_level=True)
+DEV = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
+
+
+def make_batch(lens, q_lens, hq, hkv, d, dtype, paged, seed):
+    """Varlen batch (chunked where ``q_lens[b] < lens[b]``); KV contiguous or in a scattered token pool."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(sum(q_lens), hq, d, generator=g).to(dtype)
+    cu_q = torch.tensor([0] + list(torch.tensor(q_lens).cumsum(0)), dtype=torch.int32)
+    kvl = torch.tensor(lens, dtype=torch.int32)
+    if paged:
+        max_ctx, r = max(lens) + 5, len(lens) + 2
+        pool = r * max_ctx + 37
+        k = torch.randn(pool, hkv, d, generator=g).to(dtype)
+        kw = dict(req_to_token=torch.randperm(pool, generator=g)[:r * max_ctx].view(r, max_ctx).int(),
+                  req_pool_indices=torch.randperm(r, generator=g)[:len(lens)].int())
+    else:
+        k = torch.randn(sum(lens), hkv, d, generator=g).to(dtype)
+        kw = dict(cu_seqlens_k=torch.tensor([0] + list(torch.tensor(lens).cumsum(0)), dtype=torch.int32))
+    mv = lambda x: x.to(DEV)  # noqa: E731
+    return mv(q), mv(k), mv(cu_q), mv(kvl), {n: mv(x) for n, x in kw.items()}
+
+
+def compare(budgets, lens, q_lens, got: BlockIndex, ref: BlockIndex, min_same: float = 1.0):
+    """Top-k rows: counts equal everywhere; indices equal on every row that has queries (rows without any
+    have all-zero pooled queries, so all scores tie and either builder may pick any ids: only checked for
+    validity there)."""
+    th = [h for h, b in enumerate(budgets) if b.pattern is Pattern.TOPK]
+    gi, gc, ri, rc = (x.cpu() for x in (got.block_idx, got.block_cnt, ref.block_idx, ref.block_cnt))
+    assert gi.shape == ri.shape and torch.equal(got.head_dense.cpu(), ref.head_dense.cpu())
+    assert torch.equal(gc[:, th], rc[:, th])
+    nb = gi.shape[2]
+    same = total = 0
+    for b, (n, nq) in enumerate(zip(lens, q_lens)):
+        first, last = (n - nq) // BLOCK, math.ceil(n / BLOCK)
+        for h in th:
+            for qi in range(nb):
+                c = int(gc[b, h, qi])
+                row = gi[b, h, qi, :c].tolist()
+                assert row == sorted(set(row)) and row[0] == 0 and row[-1] == qi, (b, h, qi, row)
+                assert not gi[b, h, qi, c:].any()
+                if first <= qi < last:
+                    same += len(set(row) & set(ri[b, h, qi, :c].tolist()))
+                    total += c
+    assert total and same / total >= min_same, f"{same}/{total} identical index entries"
+    return same / total
+
+
+CASES = [
+    # lens, q_lens (chunked when smaller), hq, hkv, d, dtype, paged, max_kv_len slack
+    ([200, 77], [200, 77], 3, 3, 64, torch.float32, False, 0),        # GQA 1, batch of 2, unaligned
+    ([300, 130], [300, 130], 6, 2, 64, torch.float32, True, 40),      # GQA 3, paged, looser max_kv_len
+    ([700, 190], [300, 190], 6, 2, 64, torch.float32, True, 0),       # GQA 3, chunked (prefix 400), paged
+    ([1100, 700], [1100, 700], 2, 2, 64, torch.float32, False, 0),    # 18 query blocks: 2 row tiles
+    ([1000, 333], [1000, 100], 6, 2, 128, torch.bfloat16, True, 0),   # bf16, d=128, chunked, paged
+]
+
+
+@pytest.mark.parametrize("case", range(len(CASES)))
+def test_topk_rows_match_build_block_index(case):
+    lens, q_lens, hq, hkv, d, dtype, paged, slack = CASES[case]
+    rng = random.Random(case)
+    opts = [HeadBudget.topk(0.1, 2), HeadBudget.topk(0.3, 3), HeadBudget.topk(0.6, 1), HeadBudget.topk(0.2, 5),
+            HeadBudget.dense(), HeadBudget.streaming(64, 128), HeadBudget.vslash(0.2, 1)]
+    budgets = [opts[h] if h < 4 else rng.choice(opts) for h in range(hq)]
+    q, k, cu_q, kvl, kw = make_batch(lens, q_lens, hq, hkv, d, dtype, paged, 100 + case)
+    mkl = max(lens) + slack
+    ref = build_block_index(budgets, q, k, cu_q, kvl, mkl, **kw)
+    got = build_topk_index(budgets, q, k, cu_q, kvl, mkl, **kw)
+    compare(budgets, lens, q_lens, got, ref, 0.99 if dtype == torch.bfloat16 else 1.0)
+    other = [h for h, b in enumerate(budgets) if b.pattern is not Pattern.TOPK]
+    assert not got.block_cnt[:, other].any() and not got.block_idx[:, other].any()
+
+
+def test_fills_out_in_place_and_leaves_other_heads():
+    budgets = [HeadBudget.topk(0.3, 2), HeadBudget.dense(), HeadBudget.streaming(64, 64), HeadBudget.topk(0.1, 4)]
+    lens = [390, 150]
+    q, k, cu_q, kvl, kw = make_batch(lens, lens, 4, 2, 64, torch.float32, False, 7)
+    ref = build_block_index(budgets, q, k, cu_q, kvl, 400, **kw)
+    out = BlockIndex(ref.block_idx.clone(), ref.block_cnt.clone(), ref.head_dense)
+    out.block_idx[:, [0, 3]] = -7
+    out.block_cnt[:, [0, 3]] = -1
+    res = build_topk_index(budgets, q, k, cu_q, kvl, 400, out=out, **kw)
+    assert res is out
+    compare(budgets, lens, lens, out, ref)
+    assert torch.equal(out.block_idx[:, 1:3], ref.block_idx[:, 1:3])
+    assert torch.equal(out.block_cnt[:, 1:3], ref.block_cnt[:, 1:3])
+    with pytest.raises(ValueError):
+        build_topk_index(budgets, q, k, cu_q, kvl, 900, out=out, **kw)     # NB of the out does not match
+
+
+def test_no_topk_heads_and_bad_layout():
+    q, k, cu_q, kvl, kw = make_batch([100], [100], 2, 1, 64, torch.float32, False, 3)
+    res = build_topk_index([HeadBudget.dense()] * 2, q, k, cu_q, kvl, 100, **kw)
+    assert not res.block_cnt.any() and res.head_dense.tolist() == [1, 1]
+    with pytest.raises(ValueError):
+        build_topk_index([HeadBudget.topk(0.1)] * 2, q, k, cu_q, kvl, 100)   # no KV layout
