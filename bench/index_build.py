@@ -118,7 +118,7 @@ def main():
         for layout in args.layouts.split(","):
             q, k, cu_q, kvl, kw = make_inputs(n, hq, hkv, d, dtype, dev, layout == "paged", g)
             for name, budgets in mixes.items():
-                f_ref = lambda: build_block_index(budgets, q, k, cu_q, kvl, n, **kw)  # noqa: E731
+                f_ref = lambda: build_block_index(budgets, q, k, cu_q, kvl, n, topk_builder="torch", **kw)  # noqa: E731
                 f_new = lambda: build_topk_index(budgets, q, k, cu_q, kvl, n, **kw)  # noqa: E731
                 ref, got = f_ref(), f_new()             # also compiles / warms up
                 agr = agreement(budgets, ref, got, n)

@@ -124,13 +124,24 @@ def run_server(name, cmd, requests, out: Path, env):
 PROFILED_PLAN = HERE / "results" / "default_plan"
 
 
-def make_plan(kind, model_dir, out_dir):
+def full_budget(layer, head, spec):
+    """Sparse patterns whose budgets cover the whole context (8K): every path of the kernel path runs, and
+    the answers must equal the stock backend's (up to bf16 rounding). Per KV group: dense, streaming with a
+    window of 8192 tokens, top-k of all blocks."""
+    from sglang_shplb.patterns import HeadBudget
+    g = spec.kv_head_of(head) % 3
+    return [HeadBudget.dense(), HeadBudget.streaming(0, 8192), HeadBudget.topk(1.0, min_blocks=1)][g]
+
+
+def make_plan(kind, model_dir, out_dir, full: bool = False):
     """SmolLM2: the plan profiled on this model (`python -m sglang_shplb plan`). Llama-3-8B shape (dummy
     weights, nothing to profile): per layer KV group 0 dense (4 of 32 query heads), odd KV groups top-k at
     10 % of the blocks, even ones streaming sink 128 + window 2048 tokens (3-12 % of 16K-64K)."""
+    from sglang_shplb.serving.testing import mixed_budget, synthetic_plan
+    if full:
+        return synthetic_plan(model_dir, full_budget, out_dir, meta={"source": "bench/serve_gpu.py full budgets"})
     if kind == "smollm2":
         return PROFILED_PLAN / "plan.json"
-    from sglang_shplb.serving.testing import mixed_budget, synthetic_plan
     return synthetic_plan(model_dir, mixed_budget(128, 2048, 0.1), out_dir,
                           meta={"source": f"bench/serve_gpu.py {kind}"})
 
@@ -149,7 +160,8 @@ def main():
     ap.add_argument("--tokenizer", default="/tmp/smollm2")
     ap.add_argument("--out", default=os.environ.get("OUT", "/tmp/out"))
     ap.add_argument("--lengths", default=None)
-    ap.add_argument("--backends", default="shplb,flashinfer")
+    ap.add_argument("--backends", default="shplb,shplb_full,flashinfer",
+                    help="shplb: the plan of make_plan; shplb_full: full budgets (must answer as flashinfer)")
     a = ap.parse_args()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -169,7 +181,7 @@ def main():
                                      "sampling_params": {"temperature": 0, "max_new_tokens": 64, "ignore_eos": True}}})
         common = ["--model-path", model, "--host", "127.0.0.1", "--port", str(PORT), "--mem-fraction-static", "0.5",
                   "--disable-prefill-cuda-graph", "--cuda-graph-max-bs", "4", "--context-length", "8192",
-                  "--disable-radix-cache"]
+                  "--disable-radix-cache", "--max-running-requests", "16"]
     else:
         model = "/tmp/llama8b_cfg"
         Path(model).mkdir(exist_ok=True)
@@ -189,8 +201,9 @@ def main():
     plan = make_plan(a.which, model, Path("/tmp/shplb_plans") / a.which)
     results = {"which": a.which, "lengths": lengths, "plan": str(plan), "runs": []}
     for backend in a.backends.split(","):
-        if backend == "shplb":
-            cmd = [py, "-m", "sglang_shplb.launch_server", *common, "--shplb-plan", str(plan.parent)]
+        if backend.startswith("shplb"):
+            p = plan if backend == "shplb" else make_plan(a.which, model, Path("/tmp/shplb_plans") / backend, True)
+            cmd = [py, "-m", "sglang_shplb.launch_server", *common, "--shplb-plan", str(p.parent)]
         else:
             cmd = [py, "-m", "sglang.launch_server", *common, "--attention-backend", backend]
         results["runs"].append(run_server(backend, cmd, reqs, out, env))

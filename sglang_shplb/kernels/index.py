@@ -167,13 +167,15 @@ def _topk_counts_tensor(budgets: tuple, nb: int, device: str) -> torch.Tensor:
 def build_block_index(budgets: Sequence[HeadBudget], q: torch.Tensor, k: torch.Tensor,
                       cu_seqlens_q: torch.Tensor, kv_lens: torch.Tensor, max_kv_len: int, *,
                       cu_seqlens_k: torch.Tensor | None = None, req_to_token: torch.Tensor | None = None,
-                      req_pool_indices: torch.Tensor | None = None) -> BlockIndex:
+                      req_pool_indices: torch.Tensor | None = None, topk_builder: str | None = None) -> BlockIndex:
     """Block index of a varlen (optionally chunked, optionally paged) batch, on ``q``'s device, sync-free.
 
     ``q [total_q, Hq, d]``: the last ``n_q(b)`` positions of each sequence; ``k`` contiguous
     ``[total_kv, Hkv, d]`` (``cu_seqlens_k``) or the token pool (``req_to_token``, ``req_pool_indices``).
     ``max_kv_len`` (a host int, e.g. the planned maximum) fixes ``NB`` and ``MAXK``.
-    Top-k scores use the mean of the available queries of a block (all of them unless chunked)."""
+    Top-k scores use the mean of the available queries of a block (all of them unless chunked).
+    ``topk_builder``: ``"triton"`` (the fused :func:`.triton_index.build_topk_index`, default on CUDA) or
+    ``"torch"`` (the torch ops below, default elsewhere) for the top-k heads' rows."""
     hq, d = q.shape[1], q.shape[2]
     check_budgets(budgets, hq, k.shape[1])
     dev = q.device
@@ -207,6 +209,18 @@ def build_block_index(budgets: Sequence[HeadBudget], q: torch.Tensor, k: torch.T
     if not topk_heads and not vs_heads:
         return BlockIndex(idx, cnt, dense)
 
+    if topk_builder is None:
+        topk_builder = "triton" if q.is_cuda else "torch"
+    if topk_builder not in ("triton", "torch"):
+        raise ValueError(f"topk_builder must be 'triton' or 'torch', got {topk_builder!r}")
+    if topk_heads and topk_builder == "triton":
+        from .triton_index import build_topk_index
+        build_topk_index(budgets, q, k, cu_seqlens_q, kv_lens, max_kv_len, cu_seqlens_k=cu_seqlens_k,
+                         req_to_token=req_to_token, req_pool_indices=req_pool_indices,
+                         out=BlockIndex(idx, cnt, dense))
+        topk_heads = []
+        if not vs_heads:
+            return BlockIndex(idx, cnt, dense)
     group = hq // k.shape[1]
     loc, kvalid = _kv_locations(kv_lens, nb, cu_seqlens_k, req_to_token, req_pool_indices)
     kg = k[loc.view(-1)].view(bsz, nb * BLOCK, k.shape[1], d)              # [B, nb*BLOCK, Hkv, d]

@@ -106,9 +106,9 @@ class ShplbAttnBackend(AttentionBackend):
             hq = len(next(iter(self.kernels.values())).budgets)
             self.decode_ws = DecodeWorkspace(hq, mc.head_dim, math.ceil(self.max_context / 64), max_sel, self.device)
             mib = sum(lk.summary_bytes for lk in self.kernels.values()) / 2**20
-            logger.info("shplb kernel path: %d layers, decode page summaries %.1f MiB (%d request slots x %d "
-                        "context; --max-running-requests bounds it)", len(self.kernels), mib, slots,
-                        self.max_context)
+            log = logger.warning if mib > 1024 else logger.info
+            log("shplb kernel path: %d layers, decode page summaries %.1f MiB (%d request slots x %d context; "
+                "--max-running-requests bounds it)", len(self.kernels), mib, slots, self.max_context)
 
     # ---- everything but the forward passes is the stock backend's ---------------------------------
     def __getattr__(self, name):
