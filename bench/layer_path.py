@@ -31,7 +31,8 @@ sys.path.insert(0, str(HERE.parent))
 import torch  # noqa: E402
 
 from sglang_shplb.patterns import BLOCK, HeadBudget, Pattern  # noqa: E402
-from sglang_shplb.serving.kernel_path import DecodeWorkspace, ExtendBatch, LayerKernels, layer_max_selected  # noqa: E402
+from sglang_shplb.serving.kernel_path import (DecodeWorkspace, ExtendBatch, LayerKernels,  # noqa: E402
+                                              layer_max_selected, selected_heads)
 
 SHAPES = {"smollm2": dict(layers=30, hq=9, hkv=3, d=64), "llama8b": dict(layers=32, hq=32, hkv=8, d=128)}
 
@@ -186,7 +187,8 @@ def main():
             qd = torch.randn(bs, hq, d, device=dev, dtype=dt)
             od = torch.empty_like(qd)
             wsd = DecodeWorkspace(hq, d, math.ceil(max_ctx / BLOCK),
-                                  max(layer_max_selected(lk.budgets, max_ctx) for lk in [dense_lk, *lks.values()]), dev)
+                                  max(layer_max_selected(lk.budgets, max_ctx) for lk in [dense_lk, *lks.values()]), dev,
+                                  max(selected_heads(lk.budgets) for lk in [dense_lk, *lks.values()]))
             wsd.ensure(bs)
 
             def step_ours():

@@ -16,7 +16,7 @@ from sglang_shplb.kernels.reference import (masked_attention, reference_decode_p
                                             reference_page_summaries, reference_sparse_decode, relative_error)
 from sglang_shplb.patterns import BLOCK, HeadBudget  # noqa: E402
 from sglang_shplb.serving.kernel_path import (DecodeWorkspace, ExtendBatch, LayerKernels,  # noqa: E402
-                                              layer_max_selected)
+                                              layer_max_selected, selected_heads)
 from sglang_shplb.serving.sparse import sparse_attention  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
@@ -131,7 +131,7 @@ def test_decode_steps_keep_summaries_and_match_reference():
     full = [seq(n + 3, 20 + r) for r, n in enumerate(lens)]
     extend(lk, pool, reqs, [f[0][:n] for f, n in zip(full, lens)], [f[1][:n] for f, n in zip(full, lens)],
            [f[2][:n] for f, n in zip(full, lens)], [0, 0, 0])
-    ws = DecodeWorkspace(HQ, D, MAX_CTX // BLOCK, layer_max_selected(budgets, MAX_CTX), DEV)
+    ws = DecodeWorkspace(HQ, D, MAX_CTX // BLOCK, layer_max_selected(budgets, MAX_CTX), DEV, selected_heads(budgets))
     ws.ensure(8)
     rpi = torch.tensor(reqs, device=DEV)
     for step in range(3):

@@ -299,10 +299,10 @@ def select_pages(budgets: Sequence[HeadBudget], q: torch.Tensor, kmin: torch.Ten
                torch.zeros(bsz, hq, dtype=torch.int32, device=dev))
     page_idx, page_cnt = out
     page_cnt.zero_()
-    consts = _selector_constants(tuple(budgets), str(dev))
+    consts = _selector_constants(tuple(budgets), str(dev), max_pages)
     if consts is None:
         return page_idx, page_cnt
-    sh, frac, minb, isvs = consts
+    sh, table = consts
     r = req_pool_indices.long()
     lo = kmin[r][:, sh // group, :max_pages].float()                         # [B, S, P, d]
     hi = kmax[r][:, sh // group, :max_pages].float()
@@ -313,30 +313,35 @@ def select_pages(budgets: Sequence[HeadBudget], q: torch.Tensor, kmin: torch.Ten
     score = score.masked_fill(pj == 0, float("inf")).masked_fill(pj >= (npg - 1)[:, None, None], float("-inf"))
     kt = min(maxsel, max_pages)
     top = score.topk(kt, dim=-1).indices.int()
-    # counts: decode_page_budget(npg) - 1, vectorised over (B, S)
-    npf = npg.double()[:, None]
-    n_topk = torch.maximum(minb, torch.ceil(frac * npf))
-    n_vs = 2 * torch.maximum(minb, torch.ceil(frac * npf / 2))
-    total = torch.minimum(torch.where(isvs, n_vs, n_topk), npf)
     page_idx[:, sh, :kt] = top
-    page_cnt[:, sh] = (total - 1).clamp(min=0, max=kt).int()
+    page_cnt[:, sh] = table[:, npg.clamp(max=max_pages)].t()                 # decode_count_table
     return page_idx, page_cnt
 
 
+def decode_count_table(budgets: Sequence[HeadBudget], max_pages: int) -> torch.Tensor:
+    """int32 ``[Hq, max_pages + 1]`` (host): pages a selected head lists at ``npg`` pages,
+    ``clamp(decode_page_budget(npg) - 1, 0, MAXSEL)`` (the kernel adds the current page); 0 for other heads
+    and at ``npg = 0``. The one count rule of :func:`select_pages` and the fused selector."""
+    kt = min(max_selected_pages(budgets, max_pages), max_pages)
+    table = torch.zeros(len(budgets), max_pages + 1, dtype=torch.int32)
+    for h, b in enumerate(budgets):
+        if b.pattern in (Pattern.TOPK, Pattern.VSLASH):
+            table[h, 1:] = torch.tensor([min(max(decode_page_budget(b, n) - 1, 0), kt)
+                                         for n in range(1, max_pages + 1)], dtype=torch.int32)
+    return table
+
+
 @lru_cache(maxsize=256)
-def _selector_constants(budgets: tuple[HeadBudget, ...], device: str):
-    """Device constants of :func:`select_pages` (selected heads, fractions, minimum counts, vslash flags),
-    made once per budget set: a captured CUDA graph may not create tensors from host lists."""
+def _selector_constants(budgets: tuple[HeadBudget, ...], device: str, max_pages: int):
+    """Device constants of :func:`select_pages` (selected heads, their count table), made once per budget
+    set: a captured CUDA graph may not create tensors from host lists."""
     sel = [h for h, b in enumerate(budgets) if b.pattern in (Pattern.TOPK, Pattern.VSLASH)]
     if not sel:
         return None
     if device.startswith("cuda") and torch.cuda.is_current_stream_capturing():
         raise RuntimeError("shplb: page-selection constants must be made before CUDA-graph capture "
                            "(run one eager decode step first)")
-    return (torch.tensor(sel, device=device),
-            torch.tensor([budgets[h].fraction for h in sel], dtype=torch.float64, device=device)[None, :],
-            torch.tensor([budgets[h].min_blocks for h in sel], dtype=torch.float64, device=device)[None, :],
-            torch.tensor([budgets[h].pattern is Pattern.VSLASH for h in sel], device=device)[None, :])
+    return torch.tensor(sel, device=device), decode_count_table(budgets, max_pages)[sel].to(device)
 
 
 def decode_splits(max_pages: int, batch: int, num_heads: int, target_programs: int = 1056) -> int:

@@ -26,7 +26,7 @@ from sglang.srt.layers.attention.base_attn_backend import AttentionBackend
 from ..patterns import HeadBudget, Pattern
 from .config import BACKEND_NAME, ServingConfig
 from .head_map import rank_heads
-from .kernel_path import DecodeWorkspace, ExtendBatch, LayerKernels, layer_max_selected
+from .kernel_path import DecodeWorkspace, ExtendBatch, LayerKernels, layer_max_selected, selected_heads
 from .sparse import prepare_decode_constants, sparse_attention, sparse_decode, sparse_heads
 
 logger = logging.getLogger(__name__)
@@ -104,7 +104,8 @@ class ShplbAttnBackend(AttentionBackend):
         if self.kernels:
             max_sel = max(layer_max_selected(lk.budgets, self.max_context) for lk in self.kernels.values())
             hq = len(next(iter(self.kernels.values())).budgets)
-            self.decode_ws = DecodeWorkspace(hq, mc.head_dim, math.ceil(self.max_context / 64), max_sel, self.device)
+            self.decode_ws = DecodeWorkspace(hq, mc.head_dim, math.ceil(self.max_context / 64), max_sel, self.device,
+                                             max(selected_heads(lk.budgets) for lk in self.kernels.values()))
             mib = sum(lk.summary_bytes for lk in self.kernels.values()) / 2**20
             log = logger.warning if mib > 1024 else logger.info
             log("shplb kernel path: %d layers, decode page summaries %.1f MiB (%d request slots x %d context; "

@@ -8,8 +8,9 @@ heads, instead of letting the stock backend compute all heads and recomputing th
   (contiguous layout; dense heads on torch SDPA / cuDNN); a batch with prefixes reads the pool through
   ``req_to_token`` (dense heads on the 128-row Triton kernel). Layers with top-k / vertical-slash heads
   then (re)build the per-page key min/max of the batch's requests for decode.
-* **Decode**: fold the new token into its page summary, choose the pages of top-k / vertical-slash heads
-  (Quest / LServe upper bound, :func:`~sglang_shplb.kernels.triton_decode.select_pages`), and run
+* **Decode**: fold the new token into its page summary and choose the pages of top-k / vertical-slash
+  heads (Quest / LServe upper bound; both in two Triton launches,
+  :func:`~sglang_shplb.kernels.triton_select.update_and_select_pages`), then run
   :func:`~sglang_shplb.kernels.triton_decode.sparse_decode` for all heads (dense: every page; streaming:
   sink + window pages). Fixed shapes and no host sync: safe inside a captured CUDA graph.
 
@@ -26,8 +27,8 @@ import torch
 
 from ..kernels.api import SparsePrefill
 from ..kernels.triton_decode import (alloc_page_summaries, build_page_summaries, decode_splits, group_modes,
-                                     head_modes, max_selected_pages, select_pages, sparse_decode,
-                                     update_page_summaries)
+                                     head_modes, max_selected_pages, sparse_decode)
+from ..kernels.triton_select import selector_consts, update_and_select_pages
 from ..patterns import BLOCK, HeadBudget, Pattern
 
 
@@ -61,8 +62,10 @@ class DecodeWorkspace:
     """Scratch of the decode path shared by every layer: chosen pages and the split-K partial results.
     Allocated for the largest batch up front (``ensure`` before CUDA-graph capture), then only sliced."""
 
-    def __init__(self, num_q_heads: int, head_dim: int, max_pages: int, max_sel: int, device) -> None:
+    def __init__(self, num_q_heads: int, head_dim: int, max_pages: int, max_sel: int, device,
+                 max_selected_heads: int = 1) -> None:
         self.hq, self.d, self.max_pages, self.max_sel, self.device = num_q_heads, head_dim, max_pages, max_sel, device
+        self.max_selected_heads = max(1, max_selected_heads)
         self.capacity = 0
 
     def splits(self, bs: int) -> int:
@@ -79,11 +82,17 @@ class DecodeWorkspace:
         self.page_cnt = torch.zeros(max_bs, self.hq, dtype=torch.int32, device=self.device)
         self.mid_o = torch.empty(rows, self.d, dtype=torch.float32, device=self.device)
         self.mid_l = torch.empty(rows, dtype=torch.float32, device=self.device)
+        self.scores = torch.empty(max_bs, self.max_selected_heads, self.max_pages, dtype=torch.float32,
+                                  device=self.device)     # page scores of the selected heads
         self.capacity = max_bs
 
 
 def layer_max_selected(budgets: Sequence[HeadBudget], max_ctx: int) -> int:
     return max_selected_pages(budgets, math.ceil(max_ctx / BLOCK))
+
+
+def selected_heads(budgets: Sequence[HeadBudget]) -> int:
+    return sum(b.pattern in (Pattern.TOPK, Pattern.VSLASH) for b in budgets)
 
 
 class LayerKernels:
@@ -98,11 +107,12 @@ class LayerKernels:
         _, self.sink, self.window = head_modes(self.budgets, device)
         self.mode, gmode, gsink, gwin = group_modes(self.budgets, num_kv_heads, device)
         self.groups = (gmode, gsink, gwin)
-        self.selects = any(b.pattern in (Pattern.TOPK, Pattern.VSLASH) for b in self.budgets)
+        self.selects = selected_heads(self.budgets) > 0
         self.kmin = self.kmax = None
         if self.selects:   # page summaries [R, Hkv, pages, d] x 2, indexed like req_to_token
             self.kmin, self.kmax = alloc_page_summaries(num_req_slots, num_kv_heads, self.max_pages, head_dim,
                                                         dtype=kv_dtype, device=device)
+            self.select_consts = selector_consts(self.budgets, device, self.max_pages)
 
     @property
     def summary_bytes(self) -> int:
@@ -136,9 +146,8 @@ class LayerKernels:
         ws.ensure(bs)
         page_idx, page_cnt = ws.page_idx[:bs], ws.page_cnt[:bs]
         if self.selects:
-            update_page_summaries(k_buffer, req_to_token, req_pool_indices, seq_lens, self.kmin, self.kmax)
-            select_pages(self.budgets, q, self.kmin, self.kmax, req_pool_indices, seq_lens, self.max_pages,
-                         out=(page_idx, page_cnt))
+            update_and_select_pages(q, k_buffer, req_to_token, req_pool_indices, seq_lens, self.kmin, self.kmax,
+                                    self.select_consts, self.max_pages, page_idx, page_cnt, scratch=ws.scores)
         nsplit = ws.splits(bs)
         rows = bs * self.hq * nsplit
         return sparse_decode(q, k_buffer, v_buffer, req_to_token, req_pool_indices, seq_lens, self.mode, self.sink,

@@ -1,0 +1,188 @@
+"""Fused page-summary update + Quest page selection for sparse paged decode: two Triton launches that do
+what :func:`~.triton_decode.update_page_summaries` followed by :func:`~.triton_decode.select_pages` do
+(about 40 small torch kernels per layer), fixed-shape and sync-free for CUDA graphs.
+
+* kernel A, grid ``(B, Hkv)``: fold the key at position ``seq_len - 1`` into its page's ``kmin/kmax``
+  (the first token of a page resets it). SGLang's CUDA-graph padding rows (slot 0, ``seq_len`` 1) only
+  rewrite page 0 of slot 0, which is never scored (page 0 is always forced).
+* kernel B, grid ``(B, Hq)``: for a top-k / vertical-slash head, score pages ``0 .. npg-2``
+  (``score_p = sum_d max(q_d kmin_pd, q_d kmax_pd)`` in fp32, page 0 = +inf) tile by tile into
+  ``scratch``, find the ``cnt``-th largest score by a 32-step bisection on an order-preserving int32
+  key, and write the ``cnt`` chosen page ids in ASCENDING order (ties at the threshold: lowest ids).
+  Other heads write ``page_cnt = 0`` (so the caller need not zero ``page_cnt``); their ``page_idx`` rows
+  and the entries past ``cnt`` are left untouched.
+
+Kernel B never reads the page kernel A writes (the current page ``npg-1`` is not scored).
+"""
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import NamedTuple, Sequence
+
+import torch
+
+from ..patterns import BLOCK, HeadBudget, Pattern
+from .triton_decode import decode_count_table, max_selected_pages
+
+
+@lru_cache(maxsize=None)
+def _kernels():
+    from ._triton_compat import import_triton
+    triton, tl = import_triton()
+
+    @triton.jit
+    def _update_kernel(K, KMIN, KMAX, R2T, RPI, SEQ,
+                       s_kt, s_kh, s_rt, s_mr, s_mh, s_mp, s_md,
+                       PAGE: tl.constexpr, D: tl.constexpr):
+        b = tl.program_id(0)
+        hk = tl.program_id(1)
+        r = tl.load(RPI + b).to(tl.int64)
+        pos = tl.load(SEQ + b).to(tl.int64) - 1
+        loc = tl.load(R2T + r * s_rt + pos).to(tl.int64)
+        offs = tl.arange(0, D)
+        # the key rounded to the summary dtype, compared in fp32 (exact: min/max of representable values)
+        k = tl.load(K + loc * s_kt + hk * s_kh + offs).to(KMIN.dtype.element_ty).to(tl.float32)
+        off = r * s_mr + hk * s_mh + (pos // PAGE) * s_mp + offs * s_md
+        first = (pos % PAGE) == 0
+        lo = tl.load(KMIN + off).to(tl.float32)
+        hi = tl.load(KMAX + off).to(tl.float32)
+        tl.store(KMIN + off, tl.where(first, k, tl.minimum(lo, k)).to(KMIN.dtype.element_ty))
+        tl.store(KMAX + off, tl.where(first, k, tl.maximum(hi, k)).to(KMAX.dtype.element_ty))
+
+    @triton.jit
+    def _select_kernel(Q, KMIN, KMAX, RPI, SEQ, SEL, CNT, SCR, PIDX, PCNT,
+                       s_qb, s_qh, s_mr, s_mh, s_mp, s_md, s_sb, s_ss, s_pb, s_ph, s_cb, s_ch, MAXP,
+                       GROUP: tl.constexpr, PAGE: tl.constexpr, D: tl.constexpr, TP: tl.constexpr,
+                       P2: tl.constexpr):
+        b = tl.program_id(0)
+        h = tl.program_id(1)
+        npg = (tl.load(SEQ + b).to(tl.int32) + PAGE - 1) // PAGE
+        nv = tl.minimum(npg - 1, MAXP)                          # candidates: pages 0 .. nv-1
+        # cnt = decode budget - 1 from the host-made table (select_pages' formula); 0 for other heads
+        cnt = tl.load(CNT + h * (MAXP + 1) + tl.minimum(tl.maximum(npg, 0), MAXP))
+        if cnt > 0:
+            s = tl.load(SEL + h)                                # row of this head in scratch
+            r = tl.load(RPI + b).to(tl.int64)
+            offs_d = tl.arange(0, D)
+            q = tl.load(Q + b * s_qb + h * s_qh + offs_d).to(tl.float32)
+            base = r * s_mr + (h // GROUP) * s_mh
+            scr = SCR + b * s_sb + s * s_ss
+            for t in range(0, tl.cdiv(nv, TP)):
+                p = t * TP + tl.arange(0, TP)
+                m = p < nv
+                off = base + p[:, None] * s_mp + offs_d[None, :] * s_md
+                lo = tl.load(KMIN + off, mask=m[:, None], other=0.0).to(tl.float32)
+                hi = tl.load(KMAX + off, mask=m[:, None], other=0.0).to(tl.float32)
+                sc = tl.sum(tl.maximum(q[None, :] * lo, q[None, :] * hi), axis=1)
+                tl.store(scr + p, tl.where(p == 0, float("inf"), sc), mask=m)
+            tl.debug_barrier()                                  # scores written by other threads
+            p = tl.arange(0, P2)
+            x = tl.load(scr + p, mask=p < nv, other=0.0)
+            # order-preserving int32 key: negative floats get their magnitude bits flipped
+            bits = x.to(tl.int32, bitcast=True)
+            key = tl.where(p < nv, bits ^ ((bits >> 31) & 0x7FFFFFFF), -2147483648)
+            # largest thr with #{key >= thr} >= cnt: bisection on [lo, hi] (int64, 2^32 values, 32 steps)
+            lo_t = tl.full([], -2147483648, tl.int64)
+            hi_t = tl.full([], 2147483647, tl.int64)
+            for _ in range(32):
+                mid = (lo_t + hi_t + 1) >> 1
+                ok = tl.sum((key >= mid.to(tl.int32)).to(tl.int32), axis=0) >= cnt
+                lo_t = tl.where(ok, mid, lo_t)
+                hi_t = tl.where(ok, hi_t, mid - 1)
+            thr = lo_t.to(tl.int32)
+            # all keys > thr (fewer than cnt), then the lowest page ids among keys == thr up to cnt
+            gt = key > thr
+            eq = key == thr
+            need = cnt - tl.sum(gt.to(tl.int32), axis=0)
+            keep = gt | (eq & (tl.cumsum(eq.to(tl.int32), axis=0) <= need))
+            slot = tl.cumsum(keep.to(tl.int32), axis=0) - 1        # ascending page ids
+            tl.store(PIDX + b * s_pb + h * s_ph + slot, p, mask=keep)
+        tl.store(PCNT + b * s_cb + h * s_ch, cnt)
+
+    return _update_kernel, _select_kernel
+
+
+class SelectConsts(NamedTuple):
+    """Device constants of :func:`update_and_select_pages` for one budget set (see :func:`selector_consts`)."""
+    sel: torch.Tensor        # int32 [Hq]: row of a selected head in scratch (0 .. S-1), -1 for the others
+    cnt_table: torch.Tensor  # int32 [Hq, max_pages + 1]: pages to list at npg pages (0 for other heads)
+    num_heads: int           # Hq
+    num_sel: int             # S, selected (top-k / vertical-slash) heads
+    maxsel: int              # MAXSEL = max_selected_pages(budgets, max_pages), width of page_idx
+    max_pages: int
+
+
+@lru_cache(maxsize=256)
+def _consts(budgets: tuple[HeadBudget, ...], device: str, max_pages: int) -> SelectConsts:
+    if device.startswith("cuda") and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError("shplb: page-selection constants must be made before CUDA-graph capture "
+                           "(call selector_consts(...) or run one eager decode step first)")
+    hq = len(budgets)
+    maxsel = max_selected_pages(budgets, max_pages)
+    sel = [h for h, b in enumerate(budgets) if b.pattern in (Pattern.TOPK, Pattern.VSLASH)]
+    row = [-1] * hq
+    for i, h in enumerate(sel):
+        row[h] = i
+    table = decode_count_table(budgets, max_pages)
+    return SelectConsts(torch.tensor(row, dtype=torch.int32, device=device), table.to(device),
+                        hq, len(sel), maxsel, max_pages)
+
+
+def selector_consts(budgets: Sequence[HeadBudget], device, max_pages: int) -> SelectConsts:
+    """Cached per ``(budgets, device, max_pages)``; build it before CUDA-graph capture (raises inside)."""
+    return _consts(tuple(budgets), str(torch.device(device)), int(max_pages))
+
+
+def select_scratch(batch: int, consts: SelectConsts, device=None) -> torch.Tensor:
+    """Score scratch of :func:`update_and_select_pages`: fp32 ``[batch, max(S, 1), max_pages]`` (any buffer
+    with at least these sizes and a unit last stride works; allocate it once for the largest graph batch)."""
+    return torch.empty(batch, max(consts.num_sel, 1), consts.max_pages, dtype=torch.float32,
+                       device=device if device is not None else consts.sel.device)
+
+
+def update_and_select_pages(q: torch.Tensor, k_buffer: torch.Tensor, req_to_token: torch.Tensor,
+                            req_pool_indices: torch.Tensor, seq_lens: torch.Tensor, kmin: torch.Tensor,
+                            kmax: torch.Tensor, consts: SelectConsts, max_pages: int, page_idx: torch.Tensor,
+                            page_cnt: torch.Tensor, scratch: torch.Tensor | None = None):
+    """``update_page_summaries(k_buffer, req_to_token, req_pool_indices, seq_lens, kmin, kmax)`` then
+    ``select_pages(budgets, q, kmin, kmax, req_pool_indices, seq_lens, max_pages, out=(page_idx, page_cnt))``
+    in two launches. ``q [B, Hq, d]``, ``k_buffer [T, Hkv, d]``, ``kmin/kmax [R, Hkv, >=max_pages, d]``,
+    ``page_idx [B, Hq, >=min(MAXSEL, max_pages)]``, ``page_cnt [B, Hq]`` (int32), ``consts`` from
+    :func:`selector_consts` (same ``max_pages``), ``scratch`` from :func:`select_scratch` (allocated here when
+    None). Same ``kmin/kmax`` and ``page_cnt`` as the torch pair; ``page_idx[b, h, :cnt]`` holds the same page
+    set in ascending order (exact ties: lowest page ids), entries past ``cnt`` and rows of non-selected heads
+    are not written. Every ``page_cnt`` entry is written (0 for non-selected heads). Assumes
+    ``1 <= seq_lens <= max_pages * 64``. No allocation (with ``scratch``), no host sync."""
+    bsz, hq, d = q.shape
+    hkv = k_buffer.shape[1]
+    if hq != consts.num_heads or hq % hkv or consts.max_pages != max_pages:
+        raise ValueError(f"consts are for {consts.num_heads} heads / {consts.max_pages} pages, "
+                         f"got q {tuple(q.shape)}, {hkv} KV heads, max_pages {max_pages}")
+    if kmin.shape != kmax.shape or kmin.stride() != kmax.stride() or kmin.shape[1] != hkv or kmin.shape[2] < max_pages:
+        raise ValueError(f"kmin {tuple(kmin.shape)} / kmax {tuple(kmax.shape)} do not match max_pages {max_pages}")
+    if page_idx.shape[:2] != (bsz, hq) or page_cnt.shape != (bsz, hq) or \
+            page_idx.shape[2] < min(consts.maxsel, max_pages):
+        raise ValueError(f"page_idx {tuple(page_idx.shape)} / page_cnt {tuple(page_cnt.shape)} do not fit "
+                         f"({bsz}, {hq}, {min(consts.maxsel, max_pages)})")
+    if k_buffer.stride(2) != 1 or q.stride(2) != 1 or req_to_token.stride(1) != 1 or page_idx.stride(2) != 1:
+        raise ValueError("k_buffer, q, req_to_token and page_idx need a unit last stride")
+    if d & (d - 1):
+        raise ValueError(f"head_dim must be a power of two, got {d}")
+    if scratch is None:
+        scratch = select_scratch(bsz, consts, q.device)
+    elif scratch.shape[0] < bsz or scratch.shape[1] < max(consts.num_sel, 1) or scratch.shape[2] < max_pages \
+            or scratch.dtype != torch.float32 or scratch.stride(2) != 1:
+        raise ValueError(f"scratch {tuple(scratch.shape)} {scratch.dtype} is smaller than select_scratch's")
+    upd, sel = _kernels()
+    upd[(bsz, hkv)](k_buffer, kmin, kmax, req_to_token, req_pool_indices, seq_lens,
+                    k_buffer.stride(0), k_buffer.stride(1), req_to_token.stride(0),
+                    kmin.stride(0), kmin.stride(1), kmin.stride(2), kmin.stride(3), PAGE=BLOCK, D=d)
+    p2 = 1 << max(0, (max_pages - 1).bit_length())
+    tp = min(p2, max(16, 4096 // d))                       # [TP, d] fp32 tiles of kmin and kmax
+    sel[(bsz, hq)](q, kmin, kmax, req_pool_indices, seq_lens, consts.sel, consts.cnt_table, scratch,
+                   page_idx, page_cnt, q.stride(0), q.stride(1),
+                   kmin.stride(0), kmin.stride(1), kmin.stride(2), kmin.stride(3),
+                   scratch.stride(0), scratch.stride(1), page_idx.stride(0), page_idx.stride(1),
+                   page_cnt.stride(0), page_cnt.stride(1), max_pages,
+                   GROUP=hq // hkv, PAGE=BLOCK, D=d, TP=tp, P2=p2)
+    return page_idx, page_cnt

@@ -1,0 +1,185 @@
+"""Fused page-summary update + page selection (triton_select) vs update_page_summaries + select_pages."""
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton
+
+import random  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from sglang_shplb.kernels.triton_decode import (alloc_page_summaries, build_page_summaries,  # noqa: E402
+                                                max_selected_pages, select_pages, update_page_summaries)
+from sglang_shplb.kernels.triton_select import (select_scratch, selector_consts,  # noqa: E402
+                                                update_and_select_pages)
+from sglang_shplb.patterns import BLOCK, HeadBudget, Pattern  # noqa: E402
+
+if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":  # pragma: no cover
+    pytest.skip("needs a GPU or TRITON_INTERPRET=1", allow_module_level=True)
+DEV = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
+MAXP = 13  # not a power of two: 832 tokens
+
+
+def random_budgets(hq, rng):
+    out = []
+    for i in range(hq):
+        p = [Pattern.TOPK, Pattern.VSLASH][i] if i < 2 else rng.choice(list(Pattern))
+        if p is Pattern.DENSE:
+            out.append(HeadBudget.dense())
+        elif p is Pattern.STREAMING:
+            out.append(HeadBudget.streaming(64, 128))
+        elif p is Pattern.TOPK:
+            out.append(HeadBudget.topk(rng.uniform(0.1, 0.6), rng.randint(1, 3)))
+        else:
+            out.append(HeadBudget.vslash(rng.uniform(0.1, 0.6), rng.randint(1, 3)))
+    rng.shuffle(out)
+    return out
+
+
+def setup(lens, hkv, group, d, dtype, seed):
+    """3 requests in scattered slots (never slot 0) of a scattered token pool, plus a CUDA-graph padding row
+    (slot 0, seq_len 1); summaries built over all tokens but the last (update folds it)."""
+    g = torch.Generator().manual_seed(seed)
+    r, width = 6, MAXP * BLOCK
+    pool = r * width + 11
+    k = torch.randn(pool, hkv, d, generator=g).to(dtype).to(DEV)
+    r2t = torch.randperm(pool, generator=g)[:r * width].view(r, width).int().to(DEV)
+    rpi = torch.cat([torch.randperm(r - 1, generator=g)[:len(lens)] + 1, torch.zeros(1, dtype=torch.long)])
+    rpi = rpi.int().to(DEV)
+    sl = torch.tensor(list(lens) + [1], dtype=torch.int32, device=DEV)
+    kmin, kmax = alloc_page_summaries(r, hkv, MAXP, d, dtype=dtype, device=DEV)
+    build_page_summaries(k, r2t, rpi, sl - 1, kmin, kmax)
+    for b in range(len(lens)):  # pages with no token yet hold stale data (a reused slot): the first token resets
+        p0 = (lens[b] - 1 + BLOCK - 1) // BLOCK
+        kmin[rpi[b], :, p0:] = torch.randn(kmin[rpi[b], :, p0:].shape, generator=g).to(dtype).to(DEV) - 3
+        kmax[rpi[b], :, p0:] = kmin[rpi[b], :, p0:] + 6
+    return g, k, r2t, rpi, sl, kmin, kmax
+
+
+@pytest.mark.parametrize("group,d,dtype,lens,seed", [
+    (1, 64, torch.float32, (1, 64, 700), 0),
+    (4, 128, torch.bfloat16, (65, 130, 128), 1),
+    (4, 64, torch.float32, (63, 129, 640), 2),
+    (1, 128, torch.bfloat16, (2, 192, 705), 3),
+])
+def test_update_and_select_matches_torch(group, d, dtype, lens, seed):
+    rng = random.Random(seed)
+    hkv = 2
+    hq = hkv * group
+    budgets = random_budgets(hq, rng)
+    g, k, r2t, rpi, sl, kmin, kmax = setup(lens, hkv, group, d, dtype, seed)
+    bsz = sl.shape[0]
+    consts = selector_consts(budgets, DEV, MAXP)
+    assert consts is selector_consts(list(budgets), torch.device(DEV), MAXP)  # cached
+    width = max_selected_pages(budgets, MAXP)
+    scratch = select_scratch(bsz + 2, consts)                                   # larger than needed is fine
+    kmin2, kmax2 = kmin.clone(), kmax.clone()
+    idx2 = torch.full((bsz, hq, width), -7, dtype=torch.int32, device=DEV)
+    cnt2 = torch.full((bsz, hq), 99, dtype=torch.int32, device=DEV)              # must all be rewritten
+    sel_heads = [h for h, b in enumerate(budgets) if b.pattern in (Pattern.TOPK, Pattern.VSLASH)]
+    for step in range(3):
+        q = torch.randn(bsz, hq, d, generator=g).to(dtype).to(DEV)
+        update_page_summaries(k, r2t, rpi, sl, kmin, kmax)
+        idx, cnt = select_pages(budgets, q, kmin, kmax, rpi, sl, MAXP)
+        update_and_select_pages(q, k, r2t, rpi, sl, kmin2, kmax2, consts, MAXP, idx2, cnt2, scratch)
+        assert torch.equal(kmin, kmin2) and torch.equal(kmax, kmax2), step
+        assert torch.equal(cnt, cnt2), (step, cnt, cnt2)
+        for b in range(bsz):
+            for h in sel_heads:
+                c = int(cnt[b, h])
+                want = sorted(idx[b, h, :c].tolist())
+                got = idx2[b, h, :c].tolist()
+                assert got == want, (step, b, h, got, want)                     # ascending, same set
+                assert c == 0 or got[0] == 0                                     # page 0 forced
+        assert int(cnt[:, sel_heads].sum()) > 0
+        sl = sl + 1                            # real requests append a token; the padding row stays at 1
+        sl[-1] = 1
+
+
+def test_no_selected_heads_and_no_host_tensors(monkeypatch):
+    """With one / no selected head, every count is written. No torch.tensor/as_tensor at call time."""
+    budgets = [HeadBudget.dense(), HeadBudget.streaming(64, 64), HeadBudget.topk(0.3, 1), HeadBudget.dense()]
+    for bud in (budgets, [HeadBudget.dense()] * 4):
+        g, k, r2t, rpi, sl, kmin, kmax = setup((1, 65, 300), 2, 2, 64, torch.float32, 5)
+        consts = selector_consts(bud, DEV, MAXP)
+        scratch = select_scratch(4, consts)
+        idx = torch.zeros(4, 4, max(1, consts.maxsel), dtype=torch.int32, device=DEV)
+        cnt = torch.full((4, 4), 5, dtype=torch.int32, device=DEV)
+        q = torch.randn(4, 4, 64, generator=g).to(DEV)
+
+        def boom(*a, **kw):
+            raise AssertionError("tensor made from host data at call time")
+        with monkeypatch.context() as m:
+            m.setattr(torch, "tensor", boom)
+            m.setattr(torch, "as_tensor", boom)
+            update_and_select_pages(q, k, r2t, rpi, sl, kmin, kmax, consts, MAXP, idx, cnt, scratch)
+        ref = select_pages(bud, q, kmin, kmax, rpi, sl, MAXP)[1]
+        assert torch.equal(cnt, ref)
+
+
+@pytest.mark.skipif(DEV != "cuda", reason="CUDA-graph capture needs a GPU")
+def test_cuda_graph_capture():  # pragma: no cover - GPU only
+    rng = random.Random(7)
+    budgets = random_budgets(8, rng)
+    g, k, r2t, rpi, sl, kmin, kmax = setup((5, 64, 700), 2, 4, 128, torch.bfloat16, 7)
+    consts = selector_consts(budgets, DEV, MAXP)
+    scratch = select_scratch(4, consts)
+    idx = torch.zeros(4, 8, consts.maxsel, dtype=torch.int32, device=DEV)
+    cnt = torch.zeros(4, 8, dtype=torch.int32, device=DEV)
+    q = torch.randn(4, 8, 128, device=DEV).bfloat16()
+    kmin2, kmax2 = kmin.clone(), kmax.clone()
+    update_and_select_pages(q, k, r2t, rpi, sl, kmin2, kmax2, consts, MAXP, idx, cnt, scratch)  # compile
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        update_and_select_pages(q, k, r2t, rpi, sl, kmin, kmax, consts, MAXP, idx, cnt, scratch)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(kmin, kmin2) and torch.equal(kmax, kmax2)                               # same as eager
+    ref = select_pages(budgets, q, kmin, kmax, rpi, sl, MAXP)[1]
+    assert torch.equal(cnt, ref)
+
+
+@pytest.mark.parametrize("d,all_tied", [(64, False), (128, False), (64, True)])
+def test_ties_negative_scores_several_tiles(d, all_tied):
+    """70 pages (2-5 score tiles), single-key pages (signed scores q.k) with exact duplicates: the chosen
+    pages are the top ``cnt`` by score, the lowest ids among exact ties, ascending, page 0 first."""
+    maxp, hkv, group = 70, 1, 4
+    g = torch.Generator().manual_seed(d)
+    budgets = [HeadBudget.topk(0.6, 1), HeadBudget.vslash(0.3, 2), HeadBudget.topk(0.1, 3), HeadBudget.dense()]
+    lens = [maxp * BLOCK, 1000, 64 * 35 + 1]
+    r = 4
+    k = torch.randn(r * maxp * BLOCK, hkv, d, generator=g).to(DEV)
+    r2t = torch.randperm(r * maxp * BLOCK, generator=g).view(r, -1).int().to(DEV)
+    rpi = torch.tensor([2, 1, 3], dtype=torch.int32, device=DEV)
+    sl = torch.tensor(lens, dtype=torch.int32, device=DEV)
+    kmin = torch.randn(r, hkv, maxp, d, generator=g).to(DEV)
+    kmin[:, :, 10:60:7] = kmin[:, :, 5:6]                                   # exact ties with page 5
+    kmin[:, :, 33] = kmin[:, :, 2]
+    if all_tied:
+        kmin[:] = kmin[:, :, :1]
+    kmax = kmin.clone()
+    kmin_r, kmax_r = kmin.clone(), kmax.clone()
+    consts = selector_consts(budgets, DEV, maxp)
+    idx = torch.zeros(3, 4, consts.maxsel, dtype=torch.int32, device=DEV)
+    cnt = torch.full((3, 4), -1, dtype=torch.int32, device=DEV)
+    q = torch.randn(3, 4, d, generator=g).to(DEV)
+    update_and_select_pages(q, k, r2t, rpi, sl, kmin, kmax, consts, maxp, idx, cnt)
+    update_page_summaries(k, r2t, rpi, sl, kmin_r, kmax_r)
+    assert torch.equal(kmin, kmin_r) and torch.equal(kmax, kmax_r)
+    ref_cnt = select_pages(budgets, q, kmin_r, kmax_r, rpi, sl, maxp)[1]
+    assert torch.equal(cnt, ref_cnt)
+    for b in range(3):
+        npg = (lens[b] + BLOCK - 1) // BLOCK
+        for h in range(3):
+            c = int(cnt[b, h])
+            assert c > 1
+            score = (q[b, h].float() * kmin[rpi[b], 0, :npg - 1].float()).sum(-1).tolist()   # q.k, page 0 forced
+            score[0] = float("inf")
+            got = idx[b, h, :c].tolist()
+            assert got == sorted(set(got)) and got[0] == 0 and got[-1] < npg - 1
+            rest = [p for p in range(npg - 1) if p not in got]
+            thr = min(score[p] for p in got)
+            assert all(score[p] <= thr + 1e-4 for p in rest)                      # top cnt (fp tolerance)
+            assert all(p > max(x for x in got if score[x] == score[p]) for p in rest if score[p] == thr)
+            if all_tied:
+                assert got == list(range(c))
