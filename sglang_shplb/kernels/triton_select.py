@@ -1,18 +1,20 @@
-"""Fused page-summary update + Quest page selection for sparse paged decode: two Triton launches that do
+"""Fused page-summary update + Quest page selection for sparse paged decode: three Triton launches that do
 what :func:`~.triton_decode.update_page_summaries` followed by :func:`~.triton_decode.select_pages` do
 (about 40 small torch kernels per layer), fixed-shape and sync-free for CUDA graphs.
 
 * kernel A, grid ``(B, Hkv)``: fold the key at position ``seq_len - 1`` into its page's ``kmin/kmax``
   (the first token of a page resets it). SGLang's CUDA-graph padding rows (slot 0, ``seq_len`` 1) only
   rewrite page 0 of slot 0, which is never scored (page 0 is always forced).
-* kernel B, grid ``(B, Hq)``: for a top-k / vertical-slash head, score pages ``0 .. npg-2``
-  (``score_p = sum_d max(q_d kmin_pd, q_d kmax_pd)`` in fp32, page 0 = +inf) tile by tile into
-  ``scratch``, find the ``cnt``-th largest score by a 32-step bisection on an order-preserving int32
-  key, and write the ``cnt`` chosen page ids in ASCENDING order (ties at the threshold: lowest ids).
+* kernel B, grid ``(B, Hq, page tiles)``: for a top-k / vertical-slash head, score one tile of pages
+  among ``0 .. npg-2`` (``score_p = sum_d max(q_d kmin_pd, q_d kmax_pd)`` in fp32, page 0 = +inf) into
+  ``scratch`` (one program per tile: a batch of one still fills the GPU);
+* kernel C, grid ``(B, Hq)``: find the ``cnt``-th largest score by a 32-step bisection on an
+  order-preserving int32 key, and write the ``cnt`` chosen page ids in ASCENDING order (ties at the
+  threshold: lowest ids).
   Other heads write ``page_cnt = 0`` (so the caller need not zero ``page_cnt``); their ``page_idx`` rows
   and the entries past ``cnt`` are left untouched.
 
-Kernel B never reads the page kernel A writes (the current page ``npg-1`` is not scored).
+Kernels B and C never read the page kernel A writes (the current page ``npg-1`` is not scored).
 """
 from __future__ import annotations
 
@@ -50,32 +52,46 @@ def _kernels():
         tl.store(KMAX + off, tl.where(first, k, tl.maximum(hi, k)).to(KMAX.dtype.element_ty))
 
     @triton.jit
-    def _select_kernel(Q, KMIN, KMAX, RPI, SEQ, SEL, CNT, SCR, PIDX, PCNT,
-                       s_qb, s_qh, s_mr, s_mh, s_mp, s_md, s_sb, s_ss, s_pb, s_ph, s_cb, s_ch, MAXP,
-                       GROUP: tl.constexpr, PAGE: tl.constexpr, D: tl.constexpr, TP: tl.constexpr,
-                       P2: tl.constexpr):
+    def _candidates(SEQ, CNT, b, h, MAXP, PAGE: tl.constexpr):
+        """(candidate pages nv = pages 0 .. npg-2, cnt = decode budget - 1 from the host-made table
+        decode_count_table; 0 for heads that do not select)."""
+        npg = (tl.load(SEQ + b).to(tl.int32) + PAGE - 1) // PAGE
+        cnt = tl.load(CNT + h * (MAXP + 1) + tl.minimum(tl.maximum(npg, 0), MAXP))
+        return tl.minimum(npg - 1, MAXP), cnt
+
+    globals()["_candidates"] = _candidates   # jit functions resolve callees through the module's globals
+
+    @triton.jit
+    def _score_kernel(Q, KMIN, KMAX, RPI, SEQ, SEL, CNT, SCR,
+                      s_qb, s_qh, s_mr, s_mh, s_mp, s_md, s_sb, s_ss, MAXP,
+                      GROUP: tl.constexpr, PAGE: tl.constexpr, D: tl.constexpr, TP: tl.constexpr):
+        # one tile of TP pages of one (request, selected head): score_p = sum_d max(q_d kmin_pd, q_d kmax_pd)
         b = tl.program_id(0)
         h = tl.program_id(1)
-        npg = (tl.load(SEQ + b).to(tl.int32) + PAGE - 1) // PAGE
-        nv = tl.minimum(npg - 1, MAXP)                          # candidates: pages 0 .. nv-1
-        # cnt = decode budget - 1 from the host-made table (select_pages' formula); 0 for other heads
-        cnt = tl.load(CNT + h * (MAXP + 1) + tl.minimum(tl.maximum(npg, 0), MAXP))
-        if cnt > 0:
+        t = tl.program_id(2)
+        nv, cnt = _candidates(SEQ, CNT, b, h, MAXP, PAGE)
+        if (cnt > 0) & (t * TP < nv):
             s = tl.load(SEL + h)                                # row of this head in scratch
             r = tl.load(RPI + b).to(tl.int64)
             offs_d = tl.arange(0, D)
             q = tl.load(Q + b * s_qb + h * s_qh + offs_d).to(tl.float32)
-            base = r * s_mr + (h // GROUP) * s_mh
-            scr = SCR + b * s_sb + s * s_ss
-            for t in range(0, tl.cdiv(nv, TP)):
-                p = t * TP + tl.arange(0, TP)
-                m = p < nv
-                off = base + p[:, None] * s_mp + offs_d[None, :] * s_md
-                lo = tl.load(KMIN + off, mask=m[:, None], other=0.0).to(tl.float32)
-                hi = tl.load(KMAX + off, mask=m[:, None], other=0.0).to(tl.float32)
-                sc = tl.sum(tl.maximum(q[None, :] * lo, q[None, :] * hi), axis=1)
-                tl.store(scr + p, tl.where(p == 0, float("inf"), sc), mask=m)
-            tl.debug_barrier()                                  # scores written by other threads
+            p = t * TP + tl.arange(0, TP)
+            m = p < nv
+            off = r * s_mr + (h // GROUP) * s_mh + p[:, None] * s_mp + offs_d[None, :] * s_md
+            lo = tl.load(KMIN + off, mask=m[:, None], other=0.0).to(tl.float32)
+            hi = tl.load(KMAX + off, mask=m[:, None], other=0.0).to(tl.float32)
+            sc = tl.sum(tl.maximum(q[None, :] * lo, q[None, :] * hi), axis=1)
+            tl.store(SCR + b * s_sb + s * s_ss + p, tl.where(p == 0, float("inf"), sc), mask=m)
+
+    @triton.jit
+    def _select_kernel(RPI, SEQ, SEL, CNT, SCR, PIDX, PCNT,
+                       s_sb, s_ss, s_pb, s_ph, s_cb, s_ch, MAXP, PAGE: tl.constexpr, P2: tl.constexpr):
+        # the cnt best scores of one (request, selected head), written as ascending page ids
+        b = tl.program_id(0)
+        h = tl.program_id(1)
+        nv, cnt = _candidates(SEQ, CNT, b, h, MAXP, PAGE)
+        if cnt > 0:
+            scr = SCR + b * s_sb + tl.load(SEL + h) * s_ss
             p = tl.arange(0, P2)
             x = tl.load(scr + p, mask=p < nv, other=0.0)
             # order-preserving int32 key: negative floats get their magnitude bits flipped
@@ -99,7 +115,7 @@ def _kernels():
             tl.store(PIDX + b * s_pb + h * s_ph + slot, p, mask=keep)
         tl.store(PCNT + b * s_cb + h * s_ch, cnt)
 
-    return _update_kernel, _select_kernel
+    return _update_kernel, _score_kernel, _select_kernel
 
 
 class SelectConsts(NamedTuple):
@@ -173,16 +189,17 @@ def update_and_select_pages(q: torch.Tensor, k_buffer: torch.Tensor, req_to_toke
     elif scratch.shape[0] < bsz or scratch.shape[1] < max(consts.num_sel, 1) or scratch.shape[2] < max_pages \
             or scratch.dtype != torch.float32 or scratch.stride(2) != 1:
         raise ValueError(f"scratch {tuple(scratch.shape)} {scratch.dtype} is smaller than select_scratch's")
-    upd, sel = _kernels()
+    upd, score, sel = _kernels()
     upd[(bsz, hkv)](k_buffer, kmin, kmax, req_to_token, req_pool_indices, seq_lens,
                     k_buffer.stride(0), k_buffer.stride(1), req_to_token.stride(0),
                     kmin.stride(0), kmin.stride(1), kmin.stride(2), kmin.stride(3), PAGE=BLOCK, D=d)
     p2 = 1 << max(0, (max_pages - 1).bit_length())
-    tp = min(p2, max(16, 4096 // d))                       # [TP, d] fp32 tiles of kmin and kmax
-    sel[(bsz, hq)](q, kmin, kmax, req_pool_indices, seq_lens, consts.sel, consts.cnt_table, scratch,
-                   page_idx, page_cnt, q.stride(0), q.stride(1),
-                   kmin.stride(0), kmin.stride(1), kmin.stride(2), kmin.stride(3),
+    tp = min(p2, max(16, 4096 // d))                       # [TP, d] fp32 tiles of kmin and kmax, one per program
+    score[(bsz, hq, -(-max_pages // tp))](
+        q, kmin, kmax, req_pool_indices, seq_lens, consts.sel, consts.cnt_table, scratch,
+        q.stride(0), q.stride(1), kmin.stride(0), kmin.stride(1), kmin.stride(2), kmin.stride(3),
+        scratch.stride(0), scratch.stride(1), max_pages, GROUP=hq // hkv, PAGE=BLOCK, D=d, TP=tp)
+    sel[(bsz, hq)](req_pool_indices, seq_lens, consts.sel, consts.cnt_table, scratch, page_idx, page_cnt,
                    scratch.stride(0), scratch.stride(1), page_idx.stride(0), page_idx.stride(1),
-                   page_cnt.stride(0), page_cnt.stride(1), max_pages,
-                   GROUP=hq // hkv, PAGE=BLOCK, D=d, TP=tp, P2=p2)
+                   page_cnt.stride(0), page_cnt.stride(1), max_pages, PAGE=BLOCK, P2=p2)
     return page_idx, page_cnt
