@@ -1,5 +1,5 @@
 """Attention of a whole forward pass, every layer at its plan's budgets, on the backend's kernel path
-(:class:`sglang_shplb.serving.kernel_path.LayerKernels`) vs dense competitors, side by side in one process.
+(:class:`sglang_shplb.kernels.paged_layer.LayerKernels`) vs dense competitors, side by side in one process.
 
 Prefill (one sequence of n tokens, no prefix): per layer, the kernel path (dense heads on SDPA/cuDNN,
 streaming on the rule kernel, top-k on the index kernel, index built on the GPU, decode page summaries
@@ -31,7 +31,7 @@ sys.path.insert(0, str(HERE.parent))
 import torch  # noqa: E402
 
 from sglang_shplb.patterns import BLOCK, HeadBudget, Pattern  # noqa: E402
-from sglang_shplb.serving.kernel_path import (DecodeWorkspace, ExtendBatch, LayerKernels,  # noqa: E402
+from sglang_shplb.kernels.paged_layer import (DecodeWorkspace, ExtendBatch, LayerKernels,  # noqa: E402
                                               layer_max_selected, selected_heads)
 
 SHAPES = {"smollm2": dict(layers=30, hq=9, hkv=3, d=64), "llama8b": dict(layers=32, hq=32, hkv=8, d=128)}

@@ -5,7 +5,7 @@ inside: layers whose heads (the plan's budgets for the heads this rank holds, :m
 dense run on it unchanged, and its metadata, CUDA-graph state and everything else the runner asks of a
 backend are used as they are. A layer with sparse heads takes:
 
-* **on CUDA** the kernel path (:mod:`.kernel_path`): the backend writes the batch's K/V to the token pool
+* **on CUDA** the kernel path (:mod:`sglang_shplb.kernels.paged_layer`): the backend writes the batch's K/V to the token pool
   and runs *every* head of the layer on the sparse kernels (dense heads on SDPA / cuDNN or the dense
   Triton tiles, streaming heads on the rule kernel, top-k / vertical-slash heads on the block-index kernel;
   decode: one paged kernel with Quest page selection, CUDA-graph safe);
@@ -26,7 +26,7 @@ from sglang.srt.layers.attention.base_attn_backend import AttentionBackend
 from ..patterns import HeadBudget, Pattern
 from .config import BACKEND_NAME, ServingConfig
 from .head_map import rank_heads
-from .kernel_path import DecodeWorkspace, ExtendBatch, LayerKernels, layer_max_selected, selected_heads
+from ..kernels.paged_layer import DecodeWorkspace, ExtendBatch, LayerKernels, layer_max_selected, selected_heads
 from .sparse import prepare_decode_constants, sparse_attention, sparse_decode, sparse_heads
 
 logger = logging.getLogger(__name__)

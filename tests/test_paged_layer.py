@@ -1,4 +1,4 @@
-"""The backend's GPU path (:mod:`sglang_shplb.serving.kernel_path`: every head of a layer on the kernels,
+"""The backend's GPU path (:mod:`sglang_shplb.kernels.paged_layer`: every head of a layer on the kernels,
 over SGLang's paged pool) against the dense single-device reference, under Triton's CPU interpreter.
 Extend without and with cached prefixes, page summaries built by extend and kept up by decode, decode
 steps for dense / streaming / top-k / vertical-slash heads, the shared decode workspace."""
@@ -15,7 +15,7 @@ from sglang_shplb.block_masks import build_block_masks  # noqa: E402
 from sglang_shplb.kernels.reference import (masked_attention, reference_decode_pages,  # noqa: E402
                                             reference_page_summaries, reference_sparse_decode, relative_error)
 from sglang_shplb.patterns import BLOCK, HeadBudget  # noqa: E402
-from sglang_shplb.serving.kernel_path import (DecodeWorkspace, ExtendBatch, LayerKernels,  # noqa: E402
+from sglang_shplb.kernels.paged_layer import (DecodeWorkspace, ExtendBatch, LayerKernels,  # noqa: E402
                                               layer_max_selected, selected_heads)
 from sglang_shplb.serving.sparse import sparse_attention  # noqa: E402
 

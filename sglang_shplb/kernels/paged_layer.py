@@ -25,10 +25,10 @@ from typing import Sequence
 
 import torch
 
-from ..kernels.api import SparsePrefill
-from ..kernels.triton_decode import (alloc_page_summaries, build_page_summaries, decode_splits, group_modes,
+from .api import SparsePrefill
+from .triton_decode import (alloc_page_summaries, build_page_summaries, decode_splits, group_modes,
                                      head_modes, max_selected_pages, sparse_decode)
-from ..kernels.triton_select import selector_consts, update_and_select_pages
+from .triton_select import selector_consts, update_and_select_pages
 from ..patterns import BLOCK, HeadBudget, Pattern
 
 
