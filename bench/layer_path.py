@@ -42,7 +42,7 @@ def plan_budgets(which: str) -> list[list[HeadBudget]]:
         data = json.loads((HERE / "results" / "default_plan" / "plan.json").read_text())
         return [[HeadBudget.from_dict(b) for b in layer] for layer in data["budgets"]]
     from sglang_shplb.model_spec import ModelSpec
-    from sglang_shplb.serving.testing import mixed_budget
+    from sglang_shplb.synthetic_plans import mixed_budget
     s = SHAPES[which]
     spec = ModelSpec("LlamaForCausalLM", s["layers"], s["hq"], s["hkv"], s["d"], 131072, "bench")
     f = mixed_budget(128, 2048, 0.1)

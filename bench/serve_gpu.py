@@ -137,7 +137,7 @@ def make_plan(kind, model_dir, out_dir, full: bool = False):
     """SmolLM2: the plan profiled on this model (`python -m sglang_shplb plan`). Llama-3-8B shape (dummy
     weights, nothing to profile): per layer KV group 0 dense (4 of 32 query heads), odd KV groups top-k at
     10 % of the blocks, even ones streaming sink 128 + window 2048 tokens (3-12 % of 16K-64K)."""
-    from sglang_shplb.serving.testing import mixed_budget, synthetic_plan
+    from sglang_shplb.synthetic_plans import mixed_budget, synthetic_plan
     if full:
         return synthetic_plan(model_dir, full_budget, out_dir, meta={"source": "bench/serve_gpu.py full budgets"})
     if kind == "smollm2":

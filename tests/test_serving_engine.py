@@ -13,7 +13,7 @@ import sglang  # noqa: F401  (tests/run.sh installs it; a missing SGLang must fa
 
 from serving_helpers import ROOT, Server, env, model_dir, passkey_prompt  # noqa: E402
 
-from sglang_shplb.serving.testing import dense_budget, synthetic_plan  # noqa: E402
+from sglang_shplb.synthetic_plans import dense_budget, synthetic_plan  # noqa: E402
 
 PROMPTS = ["<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n",
            "The three primary colors are",

@@ -2,7 +2,7 @@
 launcher (``python -m sglang_shplb.launch_server``). Importing it checks that SGLang 0.5.17 is installed.
 
 Modules: :mod:`.version` (the check), :mod:`.config` (options, passed to SGLang's subprocesses by
-environment), :mod:`.head_map` (the rank → heads mapping), :mod:`.sparse` (sparse heads over the
+environment), :mod:`.sparse` (sparse heads over the
 paged KV pool), :mod:`.backend` (the AttentionBackend), :mod:`.plugin` (entry point, hooks),
 :mod:`.launch` (CLI)."""
 from .version import SUPPORTED_SGLANG, SGLangVersionError, check_sglang_version

@@ -1,7 +1,7 @@
 """The ``shplb`` attention backend: SGLang's ``AttentionBackend`` with per-head budgets.
 
 A stock backend (``flashinfer`` on CUDA, ``torch_native`` on CPU, or ``SHPLB_DENSE_BACKEND``) is kept
-inside: layers whose heads (the plan's budgets for the heads this rank holds, :mod:`.head_map`) are all
+inside: layers whose heads (the plan's budgets for the heads this rank holds, :mod:`sglang_shplb.head_map`) are all
 dense run on it unchanged, and its metadata, CUDA-graph state and everything else the runner asks of a
 backend are used as they are. A layer with sparse heads takes:
 
@@ -25,7 +25,7 @@ from sglang.srt.layers.attention.base_attn_backend import AttentionBackend
 
 from ..patterns import HeadBudget, Pattern
 from .config import BACKEND_NAME, ServingConfig
-from .head_map import rank_heads
+from ..head_map import rank_heads
 from ..kernels.paged_layer import DecodeWorkspace, ExtendBatch, LayerKernels, layer_max_selected, selected_heads
 from .sparse import prepare_decode_constants, sparse_attention, sparse_decode, sparse_heads
 

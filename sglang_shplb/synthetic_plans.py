@@ -5,12 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
-from ..buckets import Buckets
-from ..model_spec import ModelSpec
-from ..patterns import HeadBudget
-from ..placement_types import LayerPlacement, Piece, Placement
-from ..plan import Plan, save_plan
+from .buckets import Buckets
 from .head_map import rank_heads
+from .model_spec import ModelSpec
+from .patterns import HeadBudget
+from .placement_types import LayerPlacement, Piece, Placement
+from .plan import Plan, save_plan
 
 
 def synthetic_plan(model_dir: str | Path, budget: Callable[[int, int, ModelSpec], HeadBudget],
