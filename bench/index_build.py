@@ -19,7 +19,6 @@ import json
 import math
 import os
 import sys
-import time
 
 if "--cpu-smoke" in sys.argv:
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -32,23 +31,7 @@ from sglang_shplb.kernels import build_block_index  # noqa: E402
 from sglang_shplb.kernels.triton_index import build_topk_index  # noqa: E402
 from sglang_shplb.patterns import BLOCK, HeadBudget, Pattern  # noqa: E402
 
-LOG: list[str] = []
-
-
-def log(*a):
-    s = " ".join(str(x) for x in a)
-    print(s, flush=True)
-    LOG.append(s)
-
-
-def bench(fn, smoke: bool, rep_ms: int) -> float:
-    """Median milliseconds (one timed call on the CPU smoke run)."""
-    if smoke:
-        t = time.perf_counter()
-        fn()
-        return (time.perf_counter() - t) * 1e3
-    import triton
-    return float(triton.testing.do_bench(fn, warmup=25, rep=rep_ms, return_mode="median"))
+from timing import LOG, bench, log  # noqa: E402  (bench/timing.py)
 
 
 def agreement(budgets, ref, got, n: int) -> dict:

@@ -38,23 +38,7 @@ from sglang_shplb.kernels import SparseDecode, SparsePrefill, build_block_index,
 from sglang_shplb.kernels.triton_prefill import INDEX_CONFIGS, RULE_DENSE_WINDOW, _kernel, rule_prefill  # noqa: E402
 from sglang_shplb.kernels.reference import relative_error, reference_sparse_prefill  # noqa: E402
 
-LOG: list[str] = []
-
-
-def log(*a):
-    s = " ".join(str(x) for x in a)
-    print(s, flush=True)
-    LOG.append(s)
-
-
-def bench(fn, smoke: bool, rep_ms: int = 200) -> float:
-    """Median milliseconds."""
-    if smoke:
-        t = time.perf_counter()
-        fn()
-        return (time.perf_counter() - t) * 1e3
-    import triton
-    return float(triton.testing.do_bench(fn, warmup=25, rep=rep_ms, return_mode="median"))
+from timing import LOG, bench, log  # noqa: E402  (bench/timing.py)
 
 
 def time_sdpa(q, k, v, smoke: bool) -> dict[str, float]:
@@ -72,6 +56,13 @@ def time_sdpa(q, k, v, smoke: bool) -> dict[str, float]:
         except Exception as e:  # noqa: BLE001
             log(f"sdpa {name} failed: {type(e).__name__}: {str(e)[:150]}")
     return t_sdpa
+
+
+def one_sequence(n: int, hq: int, hkv: int, d: int, dev, dtype):
+    """Fresh random ``q [n, Hq, d]``, ``k, v [n, Hkv, d]`` of one sequence, with its ``cu_seqlens`` and length."""
+    return (torch.randn(n, hq, d, device=dev, dtype=dtype), torch.randn(n, hkv, d, device=dev, dtype=dtype),
+            torch.randn(n, hkv, d, device=dev, dtype=dtype), torch.tensor([0, n], dtype=torch.int32, device=dev),
+            torch.tensor([n], dtype=torch.int32, device=dev))
 
 
 def attended_pairs_tokens(index, n: int) -> list[int]:
@@ -166,11 +157,7 @@ def main():
     cfg = dict(num_warps=None, num_stages=None)
     if not smoke:
         n = 16384
-        q = torch.randn(n, hq, d, device=dev, dtype=dtype)
-        k = torch.randn(n, hkv, d, device=dev, dtype=dtype)
-        v = torch.randn(n, hkv, d, device=dev, dtype=dtype)
-        cu = torch.tensor([0, n], dtype=torch.int32, device=dev)
-        kvl = torch.tensor([n], dtype=torch.int32, device=dev)
+        q, k, v, cu, kvl = one_sequence(n, hq, hkv, d, dev, dtype)
         idx = build_block_index([HeadBudget.dense()] * hq, q, k, cu, kvl, n, cu_seqlens_k=cu)
         best = None
         for nw, ns in [(4, 2), (4, 3), (4, 4), (8, 2), (8, 3)]:
@@ -314,11 +301,7 @@ def main():
         if time.time() - t_start > args.budget_s:
             log(f"time budget reached: skipping prefill ctx {n}")
             continue
-        q = torch.randn(n, hq, d, device=dev, dtype=dtype)
-        k = torch.randn(n, hkv, d, device=dev, dtype=dtype)
-        v = torch.randn(n, hkv, d, device=dev, dtype=dtype)
-        cu = torch.tensor([0, n], dtype=torch.int32, device=dev)
-        kvl = torch.tensor([n], dtype=torch.int32, device=dev)
+        q, k, v, cu, kvl = one_sequence(n, hq, hkv, d, dev, dtype)
         causal_pairs_tok = n * (n + 1) // 2
         dense_flops = 4 * d * causal_pairs_tok * hq
         row = {"ctx": n}
@@ -733,11 +716,7 @@ def topk_variants(args):
         if time.time() - t_start > args.budget_s:
             log(f"time budget reached: skipping ctx {n}")
             continue
-        q = torch.randn(n, hq, d, device=dev, dtype=dtype)
-        k = torch.randn(n, hkv, d, device=dev, dtype=dtype)
-        v = torch.randn(n, hkv, d, device=dev, dtype=dtype)
-        cu = torch.tensor([0, n], dtype=torch.int32, device=dev)
-        kvl = torch.tensor([n], dtype=torch.int32, device=dev)
+        q, k, v, cu, kvl = one_sequence(n, hq, hkv, d, dev, dtype)
         causal_tok = n * (n + 1) // 2
         dense_flops = 4 * d * causal_tok * hq
         t_sdpa = time_sdpa(q, k, v, smoke) or {"none": 1.0}

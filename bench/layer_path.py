@@ -49,6 +49,10 @@ def plan_budgets(which: str) -> list[list[HeadBudget]]:
     return [[f(li, h, spec) for h in range(s["hq"])] for li in range(s["layers"])]
 
 
+def show(kind: str, row: dict) -> None:
+    print(kind, json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}), flush=True)
+
+
 def sync():
     if torch.cuda.is_available():
         torch.cuda.synchronize()
@@ -171,8 +175,7 @@ def main():
         if "flashinfer_dense_ms" in row:
             row["speedup_vs_flashinfer"] = row["flashinfer_dense_ms"] / row["shplb_ms"]
         res["prefill"].append(row)
-        print("prefill", json.dumps({k_: (round(v_, 3) if isinstance(v_, float) else v_) for k_, v_ in row.items()}),
-              flush=True)
+        show("prefill", row)
 
         for bs in bss:
             rpi = torch.arange(bs, device=dev, dtype=torch.int64)
@@ -219,8 +222,7 @@ def main():
             if "flashinfer_dense_eager_ms" in drow:
                 drow["speedup_vs_flashinfer"] = drow["flashinfer_dense_eager_ms"] / drow["shplb_graph_ms"]
             res["decode"].append(drow)
-            print("decode", json.dumps({k_: (round(v_, 4) if isinstance(v_, float) else v_) for k_, v_ in drow.items()}),
-                  flush=True)
+            show("decode", drow)
         del kb, vb
         if dev == "cuda":
             torch.cuda.empty_cache()
