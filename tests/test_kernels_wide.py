@@ -50,7 +50,8 @@ def make_batch(lens, q_lens, hq, hkv, d, dtype, paged, seed):
         k = torch.randn(sum(lens), hkv, d, generator=g).to(dtype)
         v = torch.randn(sum(lens), hkv, d, generator=g).to(dtype)
         kw = dict(cu_seqlens_k=torch.tensor([0] + list(torch.tensor(lens).cumsum(0)), dtype=torch.int32))
-    return q, k, v, cu_q, kvl, kw
+    kw = {key: t.to(DEV) for key, t in kw.items()}
+    return q.to(DEV), k.to(DEV), v.to(DEV), cu_q.to(DEV), kvl.to(DEV), kw
 
 
 def off_diagonal_counts(index, lens) -> set[int]:
@@ -114,7 +115,7 @@ def test_wide_tile_every_list_length(paged):
                 pick = [torch.arange(c), torch.randperm(qi, generator=gen)[:c], torch.arange(qi - c, qi)][(qi + h) % 3]
                 m[h, qi, pick] = True
         masks.append(m)
-    index = block_index_from_masks(masks)
+    index = block_index_from_masks(masks, device=DEV)
     o64, o128 = run_both(q, k, v, index, cu_q, kvl, max(lens), kw, sm_scale=0.07)
     ref = reference_sparse_prefill(q, k, v, masks, cu_q, kvl, sm_scale=0.07, **kw)
     assert relative_error(o128, ref) < 1e-4
