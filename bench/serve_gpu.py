@@ -98,7 +98,15 @@ def stop(proc):
     time.sleep(3)
 
 
+def port_in_use(port: int) -> bool:
+    import socket
+    with socket.socket() as sk:
+        return sk.connect_ex(("127.0.0.1", port)) == 0
+
+
 def run_server(name, cmd, requests, out: Path, env):
+    if port_in_use(PORT):   # a server left over (e.g. killed by an outer timeout) would answer instead
+        raise RuntimeError(f"port {PORT} is already in use: stop the old server first")
     log = out / f"server_{name}.log"
     proc = start(cmd, log, env)
     res = {"backend": name, "cmd": " ".join(cmd)}
