@@ -172,9 +172,9 @@ def sparse_decode(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tenso
         streaming_decode(q, k_buffer, v_buffer, req_to_token, req_pool_indices, seq_lens, budgets, stream, scale, out)
     if other:
         if q.is_cuda and torch.cuda.is_current_stream_capturing():
-            raise RuntimeError("shplb: top-k / vertical-slash heads cannot run inside a captured CUDA graph yet "
-                               "(their decode index needs the context length on the host); start the server "
-                               "with --disable-cuda-graph, or use a plan whose sparse heads are streaming")
+            raise RuntimeError("shplb: the reference decode path of top-k / vertical-slash heads cannot run inside "
+                               "a captured CUDA graph (its index needs the context length on the host); on CUDA "
+                               "the backend's kernel path (sglang_shplb.kernels.paged_layer) decodes them")
         only = [b if (h in other) else HeadBudget.dense() for h, b in enumerate(budgets)]
         ones = torch.ones(q.shape[0], dtype=torch.int32, device=q.device)
         sparse_attention(q, k_buffer, v_buffer, req_to_token, req_pool_indices, seq_lens, ones, only, scale, out,
