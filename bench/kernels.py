@@ -474,15 +474,15 @@ def _summary(res):
         log(f"decode {r['ctx'] // 1024}K: " + ", ".join(f"{c['name']} {c['frac_copy_bw']:.2f}bw" for c in r["configs"]))
 
 
-def quick(args):
-    """Round 2: the SparsePrefill paths (dense heads → SDPA, dense/streaming → 128-row rule kernel, top-k →
-    index kernel) against the round-1 path (every head through the 64-row index kernel) and SDPA."""
+def mode_setup(args, flag: str, stem: str, smoke_ctxs: list[int]):
+    """What a ``--quick`` / ``--topk-variants`` run starts with: the layer shape (Llama-3-8B on the GPU, tiny on
+    the CPU smoke run), the contexts, the log header, the results dict and ``dump()`` writing it (JSON + log)
+    to ``--out/{stem}_{h100|smoke}``."""
     smoke = args.cpu_smoke
-    t_start = time.time()
     os.makedirs(args.out, exist_ok=True)
     dev = "cpu" if smoke else "cuda"
     if smoke:
-        hq, hkv, d, dtype, ctxs = 4, 1, 64, torch.float32, [256, 320]
+        hq, hkv, d, dtype, ctxs = 4, 1, 64, torch.float32, smoke_ctxs
     else:
         hq, hkv, d, dtype, ctxs = 32, 8, 128, torch.bfloat16, [16384, 32768, 65536]
         if args.ctx != "8192,16384,32768,65536,131072":
@@ -490,17 +490,25 @@ def quick(args):
     device_name = "cpu (Triton interpreter)" if smoke else torch.cuda.get_device_name()
     today = _dt.date.today().isoformat()
     import triton
-    log(f"# bench/kernels.py --quick  device={device_name}  date={today}  torch={torch.__version__}  "
+    log(f"# bench/kernels.py {flag}  device={device_name}  date={today}  torch={torch.__version__}  "
         f"triton={triton.__version__}")
     res = {"device": device_name, "date": today, "shape": dict(hq=hq, hkv=hkv, d=d, dtype=str(dtype)),
            "checks": [], "prefill": []}
-    suffix = "_smoke" if smoke else "_h100"
+    path = os.path.join(args.out, f"{stem}{'_smoke' if smoke else '_h100'}")
 
     def dump():
-        with open(os.path.join(args.out, f"kernels_round2{suffix}.json"), "w") as f:
+        with open(path + ".json", "w") as f:
             json.dump(res, f, indent=1)
-        with open(os.path.join(args.out, f"kernels_round2{suffix}.log"), "w") as f:
+        with open(path + ".log", "w") as f:
             f.write("\n".join(LOG) + "\n")
+    return smoke, dev, (hq, hkv, d, dtype), ctxs, res, dump
+
+
+def quick(args):
+    """Round 2: the SparsePrefill paths (dense heads → SDPA, dense/streaming → 128-row rule kernel, top-k →
+    index kernel) against the round-1 path (every head through the 64-row index kernel) and SDPA."""
+    t_start = time.time()
+    smoke, dev, (hq, hkv, d, dtype), ctxs, res, dump = mode_setup(args, "--quick", "kernels_round2", [256, 320])
 
     mix = ([HeadBudget.dense(), HeadBudget.streaming(128, 512), HeadBudget.topk(0.2, 2), HeadBudget.vslash(0.2, 2)]
            * (hq // 4))
@@ -653,30 +661,9 @@ def _quick_config(res, row, name, budgets, q, k, v, cu, kvl, n, hkv, d, sdpa, ca
 def topk_variants(args):
     """The block-index kernel on listed heads: 64-wide KV tiles (one listed block per step) vs 128-wide (two
     blocks gathered per step), each at every config of ``INDEX_CONFIGS`` and autotuned, against SDPA."""
-    smoke = args.cpu_smoke
     t_start = time.time()
-    os.makedirs(args.out, exist_ok=True)
-    dev = "cpu" if smoke else "cuda"
-    if smoke:
-        hq, hkv, d, dtype, ctxs = 4, 1, 64, torch.float32, [320]
-    else:
-        hq, hkv, d, dtype, ctxs = 32, 8, 128, torch.bfloat16, [16384, 32768, 65536]
-        if args.ctx != "8192,16384,32768,65536,131072":
-            ctxs = [int(x) for x in args.ctx.split(",")]
-    device_name = "cpu (Triton interpreter)" if smoke else torch.cuda.get_device_name()
-    today = _dt.date.today().isoformat()
-    import triton
-    log(f"# bench/kernels.py --topk-variants  device={device_name}  date={today}  torch={torch.__version__}  "
-        f"triton={triton.__version__}")
-    res = {"device": device_name, "date": today, "shape": dict(hq=hq, hkv=hkv, d=d, dtype=str(dtype)),
-           "configs": [list(c) for c in INDEX_CONFIGS], "checks": [], "prefill": []}
-    suffix = "_smoke" if smoke else "_h100"
-
-    def dump():
-        with open(os.path.join(args.out, f"topk_variants{suffix}.json"), "w") as f:
-            json.dump(res, f, indent=1)
-        with open(os.path.join(args.out, f"topk_variants{suffix}.log"), "w") as f:
-            f.write("\n".join(LOG) + "\n")
+    smoke, dev, (hq, hkv, d, dtype), ctxs, res, dump = mode_setup(args, "--topk-variants", "topk_variants", [320])
+    res["configs"] = [list(c) for c in INDEX_CONFIGS]
 
     sets = {k: v for k, v in layer_sets(hq).items() if k in ("topk0.1", "topk0.2", "vslash0.1")}
     # (name, kv_tile, launch kwargs): "auto" = no num_warps/num_stages (autotuned on CUDA)
