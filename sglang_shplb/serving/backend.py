@@ -137,22 +137,6 @@ class ShplbAttnBackend(AttentionBackend):
         self.current_bucket = getattr(forward_batch, "shplb_bucket", 0)
         return self.inner.init_forward_metadata_out_graph(forward_batch, in_capture)
 
-    @property
-    def needs_cpu_seq_lens(self):  # type: ignore[override]
-        return getattr(self.inner, "needs_cpu_seq_lens", True)
-
-    @property
-    def use_captured_forward_metadata_for_breakable_cuda_graph(self):  # type: ignore[override]
-        return getattr(self.inner, "use_captured_forward_metadata_for_breakable_cuda_graph", False)
-
-    @property
-    def supports_full_cuda_graph_chunked_prefix(self):  # type: ignore[override]
-        return getattr(self.inner, "supports_full_cuda_graph_chunked_prefix", False)
-
-    @property
-    def supports_ragged_verify_graph(self):  # type: ignore[override]
-        return getattr(self.inner, "supports_ragged_verify_graph", False)
-
     # ---- forward ----------------------------------------------------------------------------------
     def _budgets(self, layer) -> list[HeadBudget] | None:
         b = self.layer_budgets.get(layer.layer_id)
@@ -244,6 +228,19 @@ def _delegate(name: str):
 
 for _name in _DELEGATED:
     setattr(ShplbAttnBackend, _name, _delegate(_name))
+
+# Class attributes of AttentionBackend (so __getattr__ never sees them either): the stock backend's value,
+# or AttentionBackend's default when the stock backend has none.
+_DELEGATED_FLAGS = {"needs_cpu_seq_lens": True, "use_captured_forward_metadata_for_breakable_cuda_graph": False,
+                    "supports_full_cuda_graph_chunked_prefix": False, "supports_ragged_verify_graph": False}
+
+
+def _delegate_flag(name: str, default: bool) -> property:
+    return property(lambda self: getattr(self.inner, name, default), doc=f"the stock backend's {name}")
+
+
+for _name, _default in _DELEGATED_FLAGS.items():
+    setattr(ShplbAttnBackend, _name, _delegate_flag(_name, _default))
 
 
 def create_shplb_backend(runner):
