@@ -10,6 +10,8 @@ Writes JSON + PNG + log and the cost-model calibration tables (schema shplb-cali
     python bench/kernels.py --quick --cpu-smoke --out /tmp/smoke       # its logic check
     PYTHONUNBUFFERED=1 python bench/kernels.py --topk-variants --out $OUT   # 64- vs 128-wide KV tiles, 16K..64K
     python bench/kernels.py --topk-variants --cpu-smoke --out /tmp/tv      # its logic check
+    PYTHONUNBUFFERED=1 python bench/kernels.py --tiles --out $OUT   # round 4: tile-128 top-k, 128x128 TMA kernel
+    python bench/kernels.py --tiles --cpu-smoke --out /tmp/tiles     # its logic check
 
 Timing: triton.testing.do_bench (CUDA events, L2 flushed before each run, median); fresh random inputs
 per context (> L2 at every size), outputs poisoned with NaN before the first run and checked after.
@@ -35,7 +37,8 @@ import torch  # noqa: E402
 
 from sglang_shplb.patterns import BLOCK, HeadBudget, Pattern  # noqa: E402
 from sglang_shplb.kernels import SparseDecode, SparsePrefill, build_block_index, sparse_prefill  # noqa: E402
-from sglang_shplb.kernels.triton_prefill import INDEX_CONFIGS, RULE_DENSE_WINDOW, _kernel, rule_prefill  # noqa: E402
+from sglang_shplb.kernels.triton_prefill import (INDEX_CONFIGS, RULE_DENSE_WINDOW, TILE_CONFIGS, _kernel,  # noqa: E402
+                                                 _tile_kernel, rule_prefill, tile_prefill)
 from sglang_shplb.kernels.reference import relative_error, reference_sparse_prefill  # noqa: E402
 
 from timing import LOG, bench, log  # noqa: E402  (bench/timing.py)
@@ -104,7 +107,11 @@ def main():
     ap.add_argument("--quick", action="store_true", help="round 2: SparsePrefill API paths, 16K/32K/64K")
     ap.add_argument("--topk-variants", action="store_true",
                     help="index kernel, 64- vs 128-wide KV tiles per launch config, top-k/vslash heads, 16K/32K/64K")
+    ap.add_argument("--tiles", action="store_true",
+                    help="round 4: top-k at 128-token superblocks on the 128x128 (TMA) kernel vs 64-token top-k, SDPA")
     args = ap.parse_args()
+    if args.tiles:
+        return tiles(args)
     if args.quick:
         return quick(args)
     if args.topk_variants:
@@ -767,6 +774,178 @@ def topk_variants(args):
             log(f"{row['ctx']:6d} {ent['name']:10s} " + " | ".join(cells))
     res["wall_s"] = time.time() - t_start
     dump()
+
+
+def tiles(args):
+    """Round 4. Top-k heads at 128-token superblocks (``HeadBudget(tile=128)``) through the 128 x 128 tile
+    kernel (TMA loads; autotuned, each fixed config of ``TILE_CONFIGS``, and pointer loads), against top-k at
+    64-token blocks through the 64-row index kernel (autotuned), dense heads through the tile kernel and the
+    rule kernel, and SDPA (flash, cuDNN). Also the index build (64 vs 128) and ``SparsePrefill.run`` totals."""
+    t_start = time.time()
+    smoke, dev, (hq, hkv, d, dtype), ctxs, res, dump = mode_setup(args, "--tiles", "tiles", [384])
+    if not smoke and args.ctx == "8192,16384,32768,65536,131072":
+        ctxs = [16384, 32768, 65536, 131072]
+    res["tile_configs"] = [list(c) for c in TILE_CONFIGS]
+    T = 2 * BLOCK
+
+    # ---- correctness on the device: mixed tile-128 / 64 top-k + dense + streaming, chunked paged and contiguous ----
+    mix = [HeadBudget.topk(0.2, 2, tile=T), HeadBudget.dense(), HeadBudget.topk(0.1, 2, tile=T),
+           HeadBudget.topk(0.1, 2), HeadBudget.streaming(128, 512), HeadBudget.topk(0.05, 2, tile=T),
+           HeadBudget.vslash(0.2, 2), HeadBudget.topk(0.5, 2, tile=T)] * (hq // 8 if hq >= 8 else 1)
+    mix = mix[:hq]
+    for paged in (False, True):
+        g = torch.Generator(device=dev).manual_seed(11 + paged)
+        lens = [300, 200] if smoke else [4096 + 77, 3000]
+        q_lens = lens if not paged else [lens[0] - 129, lens[1]]
+        q = torch.randn(sum(q_lens), hq, d, device=dev, dtype=dtype, generator=g)
+        cu = torch.tensor([0, q_lens[0], sum(q_lens)], dtype=torch.int32, device=dev)
+        kvl = torch.tensor(lens, dtype=torch.int32, device=dev)
+        if paged:
+            pool = 2 * max(lens) + 99
+            kb = torch.randn(pool, hkv, d, device=dev, dtype=dtype, generator=g)
+            vb = torch.randn(pool, hkv, d, device=dev, dtype=dtype, generator=g)
+            kw = dict(req_to_token=torch.randperm(pool, device=dev)[:2 * max(lens)].view(2, -1).int(),
+                      req_pool_indices=torch.tensor([1, 0], dtype=torch.int32, device=dev))
+        else:
+            kb = torch.randn(sum(lens), hkv, d, device=dev, dtype=dtype, generator=g)
+            vb = torch.randn(sum(lens), hkv, d, device=dev, dtype=dtype, generator=g)
+            kw = dict(cu_seqlens_k=torch.tensor([0, lens[0], sum(lens)], dtype=torch.int32, device=dev))
+        sp = SparsePrefill(mix, hkv, d).plan(cu, kvl, max(q_lens), max(lens), **kw)
+        o = torch.full_like(q, float("nan"))
+        sp.run(q, kb, vb, out=o)
+        idx = sp.last_index
+        ref = reference_sparse_prefill(q, kb, vb, [idx.masks(b, math.ceil(n / BLOCK)).to(dev) for b, n in enumerate(lens)],
+                                       cu, kvl, **kw)
+        err = relative_error(o, ref)
+        it = build_block_index(mix, q, kb, cu, kvl, max(lens), topk_builder="torch", **kw)
+        nbs = [math.ceil(n / BLOCK) for n in lens]
+        same = sum(int((idx.block_idx[b, :, :nb] == it.block_idx[b, :, :nb]).sum()) for b, nb in enumerate(nbs))
+        tot = sum(idx.block_idx[b, :, :nb].numel() for b, nb in enumerate(nbs))
+        what = f"SparsePrefill.run, tile-128 top-k + others, {'paged chunked' if paged else 'contiguous varlen'}"
+        log(f"check {what} vs reference: rel err {err:.2e}; Triton vs torch index entries equal {same / tot:.4%}, "
+            f"counts equal {bool(torch.equal(idx.block_cnt, it.block_cnt))}")
+        res["checks"].append({"what": what, "rel_err": err, "index_entries_equal": same / tot,
+                              "counts_equal": bool(torch.equal(idx.block_cnt, it.block_cnt))})
+        del q, kb, vb, ref, idx, it, o
+    dump()
+
+    for n in ctxs:
+        if time.time() - t_start > args.budget_s:
+            log(f"time budget reached: skipping ctx {n}")
+            continue
+        q, k, v, cu, kvl = one_sequence(n, hq, hkv, d, dev, dtype)
+        causal_tok = n * (n + 1) // 2
+        t_sdpa = time_sdpa(q, k, v, smoke) or {"none": 1.0}
+        sdpa = min(t_sdpa.values())
+        row = {"ctx": n, "sdpa_ms": t_sdpa, "sdpa_best_ms": sdpa,
+               "sdpa_tflops": 4 * d * causal_tok * hq / (sdpa * 1e-3) / 1e12, "configs": []}
+        log(f"\n## ctx {n}: SDPA {', '.join(f'{a} {b:.3f} ms' for a, b in t_sdpa.items())} "
+            f"({row['sdpa_tflops']:.0f} TFLOP/s)")
+        heads = torch.arange(hq, dtype=torch.int32, device=dev)
+        for f in (0.05, 0.1, 0.2, 1.0):
+            for tile in (BLOCK, T):
+                budgets = [HeadBudget.topk(f, 2, tile=tile)] * hq if f < 1 else [HeadBudget.dense()] * hq
+                if f == 1.0 and tile == BLOCK:
+                    continue
+                name = f"topk{f:g}/{tile}" if f < 1 else "dense"
+                t_idx = bench(lambda: build_block_index(budgets, q, k, cu, kvl, n, cu_seqlens_k=cu), smoke)
+                idx = build_block_index(budgets, q, k, cu, kvl, n, cu_seqlens_k=cu)
+                pairs = attended_pairs_tokens(idx, n) if f < 1 else [causal_tok] * hq
+                dens = sum(pairs) / (causal_tok * hq)
+                flops = 4 * d * sum(pairs)
+                ent = {"name": name, "density": dens, "index_ms": t_idx, "variants": {}}
+                log(f"{name}: density {dens:.3f}, index build {t_idx:.3f} ms")
+                if tile == BLOCK:
+                    variants = [("index64_auto", lambda o: sparse_prefill(q, k, v, idx.block_idx, idx.block_cnt,
+                                 idx.head_dense, cu, kvl, n, cu_seqlens_k=cu, out=o), _kernel(True))]
+                else:
+                    mk = lambda **kw: (lambda o: tile_prefill(q, k, v, idx.block_idx, idx.block_cnt,  # noqa: E731
+                                       idx.head_dense, heads, cu, kvl, n, cu_seqlens_k=cu, out=o, **kw))
+                    variants = [("tile_tma_auto", mk(), _tile_kernel(True)),
+                                ("tile_ptr_auto", mk(tma=False), _tile_kernel(True))]
+                    if not smoke:
+                        variants += [(f"tile_tma_n{bn}w{w}s{st}", mk(block_n=bn, num_warps=w, num_stages=st), None)
+                                     for bn, w, st in TILE_CONFIGS]
+                        variants += [(f"tile_tma_ws_n{bn}w{w}s{st}", mk(block_n=bn, num_warps=w, num_stages=st,
+                                                                     warp_specialize=True), None)
+                                     for bn, w, st in ((128, 8, 2), (64, 4, 3))]
+                    if f == 1.0:
+                        rt = torch.zeros(hq, dtype=torch.int32, device=dev)
+                        wt = torch.full((hq,), RULE_DENSE_WINDOW, dtype=torch.int32, device=dev)
+                        variants.append(("rule128_auto", lambda o: rule_prefill(q, k, v, heads, rt, wt, cu, kvl, n,
+                                                                                cu_seqlens_k=cu, out=o), None))
+                o_first = None
+                for vname, fn, kern in variants:
+                    o = torch.full_like(q, float("nan"))
+                    try:
+                        fn(o)
+                        written = bool(torch.isfinite(o).all())
+                        t = bench(lambda: fn(o), smoke)
+                    except Exception as e:  # noqa: BLE001
+                        log(f"  {vname}: failed: {type(e).__name__}: {str(e)[:300]}")
+                        continue
+                    o_first = o if o_first is None else o_first
+                    diff = float((o.float() - o_first.float()).abs().max())
+                    ve = {"ms": t, "tflops": flops / (t * 1e-3) / 1e12, "eff_vs_sdpa": dens * sdpa / t,
+                          "max_abs_diff_vs_first": diff, "all_written": written}
+                    best = getattr(kern, "best_config", None) if (kern is not None and not smoke) else None
+                    if best is not None:
+                        ve["autotuned"] = str(best)
+                    ent["variants"][vname] = ve
+                    log(f"  {vname:22s} {t:9.3f} ms  {ve['tflops']:5.0f} TFLOP/s  eff {ve['eff_vs_sdpa']:.3f}  "
+                        f"max|diff| {diff:.1e}  written {written}" + (f"  ({best})" if best is not None else ""))
+                    if o is not o_first:
+                        del o
+                if f < 1:   # the API: index build + kernels (what a prefill pays), vs SDPA
+                    sp = SparsePrefill(budgets, hkv, d).plan(cu, kvl, n, n, cu_seqlens_k=cu)
+                    t_run = bench(lambda: sp.run(q, k, v, out=o_first), smoke)
+                    ent["run_ms"] = t_run
+                    ent["run_speedup_vs_sdpa"] = sdpa / t_run
+                    log(f"  SparsePrefill.run (index + kernel) {t_run:.3f} ms = {sdpa / t_run:.2f}x faster than SDPA")
+                row["configs"].append(ent)
+                del idx, o_first
+                if not smoke:
+                    torch.cuda.empty_cache()
+        res["prefill"].append(row)
+        del q, k, v
+        dump()
+    log("\n# summary: per-head efficiency vs SDPA (best variant), and run() speed-up vs SDPA")
+    for row in res["prefill"]:
+        for ent in row["configs"]:
+            a, b = max(ent["variants"].items(), key=lambda x: x[1]["eff_vs_sdpa"]) if ent["variants"] else ("-", {})
+            log(f"{row['ctx']:6d} {ent['name']:12s} best {a} eff {b.get('eff_vs_sdpa', float('nan')):.3f}"
+                + (f"; run() {ent['run_speedup_vs_sdpa']:.2f}x SDPA" if "run_speedup_vs_sdpa" in ent else ""))
+    res["wall_s"] = time.time() - t_start
+    dump()
+    if not smoke:
+        try:
+            _plot_tiles(res, args.out)
+        except ImportError as e:   # the GPU machine may lack matplotlib: plot from the JSON afterwards
+            log(f"no plot: {e}")
+
+
+def _plot_tiles(res, out):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    names = [e["name"] for e in res["prefill"][0]["configs"]] if res["prefill"] else []
+    for nm in names:
+        xs, ys = [], []
+        for row in res["prefill"]:
+            for e in row["configs"]:
+                if e["name"] == nm and e["variants"]:
+                    xs.append(row["ctx"] // 1024)
+                    ys.append(max(v["eff_vs_sdpa"] for v in e["variants"].values()))
+        ax.plot(xs, ys, marker="o", ls="-" if nm.endswith("/128") or nm == "dense" else "--", label=nm)
+    ax.axhline(0.85, color="gray", lw=0.8, ls=":")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("context (K tokens)")
+    ax.set_ylabel("per-head efficiency vs SDPA")
+    ax.set_title(f"prefill, {res['device']}, {res['date']}")
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "tiles_h100.png"), dpi=120)
 
 
 if __name__ == "__main__":

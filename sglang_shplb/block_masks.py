@@ -21,25 +21,26 @@ def causal_block_mask(nb: int, device=None) -> torch.Tensor:
     return torch.ones(nb, nb, dtype=torch.bool, device=device).tril()
 
 
-def pooled_block_scores(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+def pooled_block_scores(q: torch.Tensor, k: torch.Tensor, block: int = BLOCK) -> torch.Tensor:
     """Estimator scores ``[Hq, nb, nb]``: mean-pooled q block · mean-pooled k block, scaled by 1/sqrt(d).
 
-    ``q [Hq, n, d]``, ``k [Hkv, n, d]``; query head h reads KV head ``h // (Hq // Hkv)``.
+    ``q [Hq, n, d]``, ``k [Hkv, n, d]``; query head h reads KV head ``h // (Hq // Hkv)``; blocks of
+    ``block`` tokens (128: the superblocks of ``tile=128`` top-k heads).
     """
     hq, n, d = q.shape
     group = hq // k.shape[0]
-    nb = math.ceil(n / BLOCK)
-    qp = _block_mean(q, nb)
-    kp = _block_mean(k, nb).repeat_interleave(group, dim=0)
+    nb = math.ceil(n / block)
+    qp = _block_mean(q, nb, block)
+    kp = _block_mean(k, nb, block).repeat_interleave(group, dim=0)
     return qp @ kp.transpose(1, 2) / math.sqrt(d)
 
 
-def _block_mean(x: torch.Tensor, nb: int) -> torch.Tensor:
+def _block_mean(x: torch.Tensor, nb: int, block: int) -> torch.Tensor:
     h, n, d = x.shape
-    pad = nb * BLOCK - n
-    xs = torch.nn.functional.pad(x.float(), (0, 0, 0, pad)).view(h, nb, BLOCK, d).sum(2)
-    counts = torch.full((nb,), float(BLOCK), device=x.device)
-    counts[-1] = BLOCK - pad
+    pad = nb * block - n
+    xs = torch.nn.functional.pad(x.float(), (0, 0, 0, pad)).view(h, nb, block, d).sum(2)
+    counts = torch.full((nb,), float(block), device=x.device)
+    counts[-1] = block - pad
     return xs / counts[None, :, None]
 
 
@@ -49,19 +50,29 @@ def streaming_mask(budget: HeadBudget, nb: int, device=None) -> torch.Tensor:
     return (kj <= qi) & ((kj < budget.sink_blocks) | (qi - kj < budget.window_blocks))
 
 
-def topk_mask(budget: HeadBudget, scores: torch.Tensor) -> torch.Tensor:
-    """``scores [nb, nb]`` (estimate or oracle block mass) → mask; block 0 and the diagonal forced."""
-    nb = scores.shape[-1]
-    causal = causal_block_mask(nb, scores.device)
+def topk_mask(budget: HeadBudget, scores: torch.Tensor, nb: int | None = None) -> torch.Tensor:
+    """``scores [ns, ns]`` (estimate or oracle block mass, over blocks of ``budget.tile`` tokens) → mask
+    ``[nb, nb]`` over 64-token blocks; block 0 and the diagonal forced. ``tile=128``: query pair ``p``'s
+    superblocks expand to blocks ``2j, 2j+1`` of rows ``2p, 2p+1`` (causal); ``nb`` defaults to ``2 ns``."""
+    ns = scores.shape[-1]
+    causal = causal_block_mask(ns, scores.device)
     forced = torch.zeros_like(causal)
     forced[:, 0] = True
-    forced |= torch.eye(nb, dtype=torch.bool, device=scores.device)
+    forced |= torch.eye(ns, dtype=torch.bool, device=scores.device)
     s = scores.float().masked_fill(~causal, float("-inf")).masked_fill(forced, float("inf"))
-    k = torch.tensor([budget.blocks_for_query_block(i, nb) for i in range(nb)], device=scores.device)
+    if budget.tile == BLOCK:
+        k = [budget.blocks_for_query_block(i, ns) for i in range(ns)]
+    else:
+        k = [budget.superblocks_for_pair(p) for p in range(ns)]
     order = s.argsort(dim=-1, descending=True)
     rank = torch.empty_like(order)
-    rank.scatter_(-1, order, torch.arange(nb, device=scores.device).expand(nb, nb).contiguous())
-    return (rank < k[:, None]) & causal
+    rank.scatter_(-1, order, torch.arange(ns, device=scores.device).expand(ns, ns).contiguous())
+    m = (rank < torch.tensor(k, device=scores.device)[:, None]) & causal
+    if budget.tile == BLOCK:
+        return m
+    nb = 2 * ns if nb is None else nb
+    r = budget.tile // BLOCK
+    return m.repeat_interleave(r, 0).repeat_interleave(r, 1)[:nb, :nb] & causal_block_mask(nb, scores.device)
 
 
 def vslash_mask(budget: HeadBudget, last_block_mass: torch.Tensor) -> torch.Tensor:
@@ -87,7 +98,8 @@ def vslash_mask(budget: HeadBudget, last_block_mass: torch.Tensor) -> torch.Tens
 
 def head_block_mask(budget: HeadBudget, nb: int, scores: torch.Tensor | None,
                     last_block_mass: torch.Tensor | None) -> torch.Tensor:
-    """Mask ``[nb, nb]`` of one head. ``scores`` feeds top-k, ``last_block_mass`` vertical-slash."""
+    """Mask ``[nb, nb]`` of one head. ``scores`` (over blocks of ``budget.tile`` tokens) feeds top-k,
+    ``last_block_mass`` vertical-slash."""
     if budget.pattern is Pattern.DENSE:
         return causal_block_mask(nb, None if scores is None else scores.device)
     if budget.pattern is Pattern.STREAMING:
@@ -95,7 +107,7 @@ def head_block_mask(budget: HeadBudget, nb: int, scores: torch.Tensor | None,
     if budget.pattern is Pattern.TOPK:
         if scores is None:
             raise ValueError("top-k needs block scores")
-        return topk_mask(budget, scores)
+        return topk_mask(budget, scores, nb)
     if last_block_mass is None:
         raise ValueError("vertical-slash needs the last query block's block mass")
     return vslash_mask(budget, last_block_mass)
@@ -122,10 +134,9 @@ def build_block_masks(budgets: Sequence[HeadBudget], q: torch.Tensor, k: torch.T
     if len(budgets) != hq:
         raise ValueError(f"{len(budgets)} budgets for {hq} query heads")
     nb = math.ceil(n / BLOCK)
-    need_scores = any(b.pattern is Pattern.TOPK for b in budgets)
-    need_last = any(b.pattern is Pattern.VSLASH for b in budgets)
-    scores = pooled_block_scores(q, k) if need_scores else None
-    last = last_block_mass(q, k) if need_last else None
+    tiles = {b.tile for b in budgets if b.pattern is Pattern.TOPK}
+    scores = {t: pooled_block_scores(q, k, t) for t in tiles}
+    last = last_block_mass(q, k) if any(b.pattern is Pattern.VSLASH for b in budgets) else None
     return torch.stack([
-        head_block_mask(b, nb, None if scores is None else scores[h], None if last is None else last[h])
-        .to(q.device) for h, b in enumerate(budgets)])
+        head_block_mask(b, nb, scores[b.tile][h] if b.tile in scores else None,
+                        None if last is None else last[h]).to(q.device) for h, b in enumerate(budgets)])

@@ -103,6 +103,11 @@ def _profile_cached(budget: HeadBudget, nb: int) -> np.ndarray:
     elif p is Pattern.STREAMING:
         s, win = budget.sink_blocks, budget.window_blocks
         w = np.minimum(causal, win) + np.minimum(s, np.maximum(0, qi - win + 1))
+    elif p is Pattern.TOPK and budget.tile != BLOCK:   # as HeadBudget.superblocks_for_pair
+        pair = qi // 2 + 1
+        k2 = np.minimum(pair, np.maximum(max(-(-budget.min_blocks // 2), 2),
+                                         np.ceil(budget.fraction * pair.astype(np.float64)).astype(np.int64)))
+        w = np.minimum(causal, 2 * k2 - 1 + qi % 2)
     elif p is Pattern.TOPK:
         k = np.ceil(budget.fraction * causal.astype(np.float64)).astype(np.int64)
         w = np.minimum(causal, np.maximum(max(budget.min_blocks, 2), k))  # block 0 + diagonal always

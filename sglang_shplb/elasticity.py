@@ -45,11 +45,13 @@ class Option:
         return ("oracle-" if self.family == "topk_oracle" else "") + self.budget.describe()
 
 
-def default_options(sink_tokens: int = BLOCK, min_blocks: int = 4) -> list[Option]:
+def default_options(sink_tokens: int = BLOCK, min_blocks: int = 4,
+                    topk_tiles: tuple[int, ...] = (BLOCK,)) -> list[Option]:
+    """``topk_tiles``: selection granularities of the top-k options (``(64, 128)`` profiles both)."""
     opts = [Option("dense", HeadBudget.dense())]
     opts += [Option("streaming", HeadBudget.streaming(sink_tokens, w)) for w in STREAM_WINDOWS]
-    opts += [Option("topk", HeadBudget.topk(f, min_blocks)) for f in TOPK_FRACTIONS]
-    opts += [Option("topk_oracle", HeadBudget.topk(f, min_blocks)) for f in TOPK_FRACTIONS]
+    for fam in ("topk", "topk_oracle"):
+        opts += [Option(fam, HeadBudget.topk(f, min_blocks, t)) for t in topk_tiles for f in TOPK_FRACTIONS]
     opts += [Option("vslash", HeadBudget.vslash(f, min_blocks)) for f in VSLASH_FRACTIONS]
     return opts
 
@@ -80,7 +82,8 @@ def layer_elasticity(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, options:
     row_block = rows // BLOCK
     last_rows = row_block == nb - 1
     causal = torch.arange(n, device=q.device)[None, :] > rows[:, None]
-    est_scores = bm.pooled_block_scores(q, k) if any(o.family == "topk" for o in options) else None
+    tiles = {o.budget.tile for o in options if o.budget.pattern is Pattern.TOPK}
+    est_scores = {t: bm.pooled_block_scores(q, k, t) for t in tiles if any(o.family == "topk" for o in options)}
     recall = torch.zeros(hq, len(options))
     err = torch.zeros(hq, len(options))
     for h in range(hq):
@@ -93,7 +96,9 @@ def layer_elasticity(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, options:
         ob = torch.einsum("rbt,btd->rbd", pb, vb)  # per-block partial outputs
         dense_out = ob.sum(1)
         dense_norm = dense_out.norm()
-        oracle = _mean_by_block(mass, row_block, nb)  # [nb, nb] true block mass per query block
+        # true block mass per query block [nb, nb]; per query pair and KV superblock for tile-128 top-k
+        oracle = {t: _mean_by_block(torch.nn.functional.pad(mass, (0, -nb % (t // BLOCK))).view(len(rows), -1, t // BLOCK)
+                                    .sum(-1), row_block // (t // BLOCK), math.ceil(nb * BLOCK / t)) for t in tiles}
         last_mass = mass[last_rows].mean(0)
         for j, opt in enumerate(options):
             b = opt.budget
@@ -102,7 +107,7 @@ def layer_elasticity(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, options:
             elif b.pattern is Pattern.STREAMING:
                 mask = bm.streaming_mask(b, nb, q.device)
             elif b.pattern is Pattern.TOPK:
-                mask = bm.topk_mask(b, oracle if opt.family == "topk_oracle" else est_scores[h])
+                mask = bm.topk_mask(b, oracle[b.tile] if opt.family == "topk_oracle" else est_scores[b.tile][h], nb)
             else:
                 mask = bm.vslash_mask(b, last_mass)
             sel = mask[row_block].float()  # [R, nb]

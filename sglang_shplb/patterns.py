@@ -12,6 +12,9 @@ query block, a subset of those KV blocks:
                  ``k(qi) = min(qi + 1, max(min_blocks, 2, ceil(fraction * (qi + 1))))`` blocks.
                  Scores: mean-pooled q · mean-pooled k per block (what a kernel can afford,
                  MInference/LServe) or, for profiling, the true attention mass (oracle).
+                 ``tile=128``: the same rule over 128-token superblocks (query pairs ``2p, 2p+1`` pick
+                 one list of KV pairs ``2j, 2j+1``; ``min_blocks`` counts 64-token blocks), which a
+                 kernel computes with 128 x 128 tiles: coarser choice, higher per-block speed.
 * ``vslash``     (MInference vertical-slash at block level) from the last query block's attention:
                  the ``nv`` KV blocks with most mass (verticals) and the ``ns`` diagonal offsets
                  ``qi - kj`` with most mass (slashes); ``nv = ns = max(min_blocks, ceil(fraction * nb / 2))``.
@@ -27,6 +30,7 @@ from dataclasses import asdict, dataclass
 from enum import Enum
 
 BLOCK = 64
+TOPK_TILES = (BLOCK, 2 * BLOCK)   # top-k selection granularity: 64-token blocks or 128-token superblocks
 
 
 class Pattern(str, Enum):
@@ -45,9 +49,12 @@ class HeadBudget:
     window_blocks: int = 0
     fraction: float = 1.0
     min_blocks: int = 4
+    tile: int = BLOCK   # top-k only: selection granularity in tokens (TOPK_TILES)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "pattern", Pattern(self.pattern))
+        if self.tile not in TOPK_TILES or (self.tile != BLOCK and self.pattern is not Pattern.TOPK):
+            raise ValueError(f"tile must be one of {TOPK_TILES} (and {2 * BLOCK} only for top-k), got {self}")
         if self.pattern is Pattern.STREAMING and (self.window_blocks < 1 or self.sink_blocks < 0):
             raise ValueError(f"streaming needs window_blocks >= 1 and sink_blocks >= 0, got {self}")
         if self.pattern in (Pattern.TOPK, Pattern.VSLASH):
@@ -67,8 +74,8 @@ class HeadBudget:
                           window_blocks=max(1, math.ceil(window_tokens / BLOCK)))
 
     @staticmethod
-    def topk(fraction: float, min_blocks: int = 4) -> "HeadBudget":
-        return HeadBudget(Pattern.TOPK, fraction=fraction, min_blocks=min_blocks)
+    def topk(fraction: float, min_blocks: int = 4, tile: int = BLOCK) -> "HeadBudget":
+        return HeadBudget(Pattern.TOPK, fraction=fraction, min_blocks=min_blocks, tile=tile)
 
     @staticmethod
     def vslash(fraction: float, min_blocks: int = 4) -> "HeadBudget":
@@ -83,10 +90,17 @@ class HeadBudget:
         if self.pattern is Pattern.STREAMING:
             return min(causal, self.sink_blocks + self.window_blocks)  # upper bound; overlap near start
         if self.pattern is Pattern.TOPK:
+            if self.tile != BLOCK:   # superblocks of pair qi // 2; the even row lacks the diagonal's 2nd half
+                return min(causal, 2 * self.superblocks_for_pair(qi // 2) - 1 + qi % 2)
             # at least 2: block 0 and the diagonal are always kept
             return min(causal, max(self.min_blocks, 2, math.ceil(self.fraction * causal)))
         n = self.vslash_count(nb)
         return min(causal, 2 * n + 2)  # upper bound: n verticals + block 0, n slashes + the diagonal
+
+    def superblocks_for_pair(self, p: int) -> int:
+        """``tile=128`` top-k: 128-token superblocks that query pair ``p`` attends (of ``p + 1``), at least
+        superblock 0 and the diagonal one."""
+        return min(p + 1, max(math.ceil(self.min_blocks / 2), 2, math.ceil(self.fraction * (p + 1))))
 
     def vslash_count(self, nb: int) -> int:
         return max(self.min_blocks, math.ceil(self.fraction * nb / 2))
@@ -114,6 +128,8 @@ class HeadBudget:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["pattern"] = self.pattern.value
+        if self.tile == BLOCK:   # the default stays implicit: plans written before ``tile`` read the same
+            del d["tile"]
         return d
 
     @staticmethod
@@ -125,7 +141,8 @@ class HeadBudget:
             return "dense"
         if self.pattern is Pattern.STREAMING:
             return f"stream(sink={self.sink_blocks * BLOCK},win={self.window_blocks * BLOCK})"
-        return f"{self.pattern.value}({self.fraction:.3g},min={self.min_blocks})"
+        tile = "" if self.tile == BLOCK else f",tile={self.tile}"
+        return f"{self.pattern.value}({self.fraction:.3g},min={self.min_blocks}{tile})"
 
 
 def _streaming_pairs(nb: int, s: int, w: int) -> int:

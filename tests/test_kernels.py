@@ -31,7 +31,8 @@ def random_budgets(hq: int, rng: random.Random) -> list[HeadBudget]:
         elif p is Pattern.STREAMING:
             out.append(HeadBudget.streaming(rng.choice([0, 64, 128]), rng.choice([64, 128])))
         elif p is Pattern.TOPK:
-            out.append(HeadBudget.topk(rng.choice([0.1, 0.3, 0.6]), rng.choice([2, 3])))  # min 1: see below
+            out.append(HeadBudget.topk(rng.choice([0.1, 0.3, 0.6]), rng.choice([2, 3]),   # min 1: see below
+                                       tile=rng.choice([BLOCK, 2 * BLOCK])))
         else:
             out.append(HeadBudget.vslash(rng.choice([0.2, 0.5]), rng.choice([1, 2])))
     return out

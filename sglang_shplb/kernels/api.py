@@ -10,7 +10,7 @@ from ..patterns import BLOCK, HeadBudget, Pattern
 from .index import BlockIndex, build_block_index, check_budgets, check_qkv, pair_union_index
 from .triton_decode import (alloc_page_summaries, build_page_summaries, decode_splits, group_modes, head_modes,
                             max_selected_pages, select_pages, sparse_decode, update_page_summaries)
-from .triton_prefill import RULE_DENSE_WINDOW, rule_prefill, sparse_prefill, union_prefill
+from .triton_prefill import RULE_DENSE_WINDOW, rule_prefill, sparse_prefill, tile_prefill, union_prefill
 
 
 def _sdpa(qq, kk, vv, scale, gqa: bool):
@@ -44,7 +44,9 @@ class SparsePrefill:
       the shapes. Otherwise (a prefix, lengths only on the device) they go to the 128-row Triton kernel;
     * **streaming** heads (and dense heads not sent to SDPA): :func:`.triton_prefill.rule_prefill`,
       128-row query tiles, no index;
-    * **top-k / vertical-slash** heads: the block-index kernel :func:`.triton_prefill.sparse_prefill`.
+    * **top-k (``tile=128``)** heads: :func:`.triton_prefill.tile_prefill`, 128 x 128 tiles over superblock
+      lists (TMA loads of contiguous KV on sm90+);
+    * **top-k (``tile=64``) / vertical-slash** heads: the block-index kernel :func:`.triton_prefill.sparse_prefill`.
 
     ``run(..., index=BlockIndex)`` skips the index builders and runs every head through the block-index
     kernel (explicit masks: :func:`block_index_from_masks`).
@@ -65,6 +67,7 @@ class SparsePrefill:
         self.dense_heads = [h for h, b in enumerate(budgets) if b.pattern is Pattern.DENSE]
         self.stream_heads = [h for h, b in enumerate(budgets) if b.pattern is Pattern.STREAMING]
         self.listed_heads = [h for h, b in enumerate(budgets) if b.pattern in (Pattern.TOPK, Pattern.VSLASH)]
+        self.tile_heads = [h for h in self.listed_heads if budgets[h].tile != BLOCK]
         # dense heads grouped for SDPA: KV heads with the same number c of dense q heads share one call
         per_kv: dict[int, list[int]] = {}
         for h in self.dense_heads:
@@ -205,6 +208,12 @@ class SparsePrefill:
         else:
             listed = sorted(triton_dense + self.stream_heads + self.listed_heads)
             rule = []
+        tiled = [h for h in listed if h in self.tile_heads] if rule_tiles else []
+        if tiled:
+            tile_prefill(q, k, v, index.block_idx, index.block_cnt, index.head_dense,
+                         self._t(("tiled", tuple(tiled)), tiled, q.device), self.cu_seqlens_q, self.kv_lens,
+                         self.max_q_len, sm_scale=self.sm_scale, out=o, **kvkw)
+            listed = [h for h in listed if h not in tiled]
         if listed and union_tiles and rule_tiles:
             lt = self._t(("listed", tuple(listed)), listed, q.device)
             pi, pc, pf = pair_union_index(index.block_idx, index.block_cnt, lt)

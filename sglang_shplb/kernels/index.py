@@ -101,6 +101,9 @@ def max_blocks_per_row(budgets: Sequence[HeadBudget], nb: int) -> int:
             # top-n verticals plus forced block 0, top-n slashes plus forced offset 0: up to 2n + 2
             # (HeadBudget.blocks_for_query_block's 2n is not a bound when the forced ones are not in the top n)
             m = max(m, min(nb, 2 * b.vslash_count(nb) + 2))
+        elif b.pattern is Pattern.TOPK and b.tile != BLOCK:
+            # the builders write whole superblock pairs: room for 2 x superblocks of the last pair
+            m = max(m, 2 * b.superblocks_for_pair((nb - 1) // 2))
         elif b.pattern is not Pattern.DENSE:
             m = max(m, b.blocks_for_query_block(nb - 1, nb))
     return m
@@ -108,6 +111,10 @@ def max_blocks_per_row(budgets: Sequence[HeadBudget], nb: int) -> int:
 
 @lru_cache(maxsize=256)
 def _topk_counts(budget: HeadBudget, nb: int) -> tuple[int, ...]:
+    """Selected blocks per selection row: 64-token query blocks (``tile=64``, ``nb`` of them), or, for
+    ``tile=128``, 128-token superblocks per query pair (``nb`` = number of pairs)."""
+    if budget.tile != BLOCK:
+        return tuple(budget.superblocks_for_pair(p) for p in range(nb))
     return tuple(budget.blocks_for_query_block(qi, nb) for qi in range(nb))
 
 
@@ -149,13 +156,25 @@ def _kv_locations(b_kv_lens, nb: int, cu_seqlens_k=None, req_to_token=None, req_
     return loc, valid
 
 
-def _pool(x: torch.Tensor, valid: torch.Tensor, nb: int) -> torch.Tensor:
-    """``x [B, nb*BLOCK, H, d]`` → block means ``[B, H, nb, d]`` in float32 (invalid rows excluded).
+def _pool(x: torch.Tensor, valid: torch.Tensor, nb: int, block: int = BLOCK) -> torch.Tensor:
+    """``x [B, nb*block, H, d]`` → block means ``[B, H, nb, d]`` in float32 (invalid rows excluded).
     Masks in x's dtype and accumulates in float32 (no float32 copy of x)."""
     bsz, _, h, d = x.shape
-    xs = (x * valid[:, :, None, None].to(x.dtype)).view(bsz, nb, BLOCK, h, d).sum(2, dtype=torch.float32)
-    cnt = valid.view(bsz, nb, BLOCK).sum(-1).clamp(min=1).float()
+    xs = (x * valid[:, :, None, None].to(x.dtype)).view(bsz, nb, block, h, d).sum(2, dtype=torch.float32)
+    cnt = valid.view(bsz, nb, block).sum(-1).clamp(min=1).float()
     return (xs / cnt[:, :, None, None]).permute(0, 2, 1, 3)
+
+
+def expand_pair_rows(top: torch.Tensor, counts: torch.Tensor, nb: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``tile=128`` top-k: ascending superblocks ``top [..., NS, K2]`` (``counts [..., NS]`` valid, the
+    diagonal superblock last) → rows of the 64-token :class:`BlockIndex`: query blocks ``2p`` and ``2p + 1``
+    both list blocks ``2j, 2j + 1`` of every superblock ``j``, except that ``2p`` stops before ``2p + 1``
+    (causal). Returns ``idx [..., nb, 2 K2]`` (zero past the count) and ``cnt [..., nb]``."""
+    e = torch.stack([2 * top, 2 * top + 1], -1).flatten(-2)               # [..., NS, 2 K2]
+    c = torch.stack([2 * counts - 1, 2 * counts], -1)                     # [..., NS, 2]: rows 2p, 2p + 1
+    j = torch.arange(e.shape[-1], device=e.device)
+    idx = torch.where(j < c[..., None], e[..., None, :], torch.zeros_like(e[..., None, :]))   # [..., NS, 2, 2 K2]
+    return idx.flatten(-3, -2)[..., :nb, :], c.flatten(-2)[..., :nb]
 
 
 @lru_cache(maxsize=64)
@@ -222,38 +241,49 @@ def build_block_index(budgets: Sequence[HeadBudget], q: torch.Tensor, k: torch.T
         if not vs_heads:
             return BlockIndex(idx, cnt, dense)
     group = hq // k.shape[1]
-    loc, kvalid = _kv_locations(kv_lens, nb, cu_seqlens_k, req_to_token, req_pool_indices)
-    kg = k[loc.view(-1)].view(bsz, nb * BLOCK, k.shape[1], d)              # [B, nb*BLOCK, Hkv, d]
-    pos = torch.arange(nb * BLOCK, device=dev)[None, :]
+    # positions of whole superblocks when a tile-128 head is listed (the extra block is invalid)
+    nbx = nb + (nb % 2 if any(budgets[h].tile != BLOCK for h in topk_heads) else 0)
+    loc, kvalid = _kv_locations(kv_lens, nbx, cu_seqlens_k, req_to_token, req_pool_indices)
+    kg = k[loc.view(-1)].view(bsz, nbx * BLOCK, k.shape[1], d)              # [B, nbx*BLOCK, Hkv, d]
+    pos = torch.arange(nbx * BLOCK, device=dev)[None, :]
     qvalid = (pos >= prefix[:, None]) & (pos < kv_lens[:, None])
     qrow = cu_seqlens_q[:-1].to(dev).long()[:, None] + pos - prefix[:, None]
     qrow = torch.where(qvalid, qrow, torch.zeros_like(qrow))
     causal = torch.ones(nb, nb, dtype=torch.bool, device=dev).tril()
 
-    if topk_heads:
-        # scores S[qi, kj] = mean(q in qi) · mean(k in kj) / sqrt(d); forced: kj = 0 and kj = qi
-        th = _cached_int_tensor(tuple(topk_heads), str(dev)).long()
-        qg = q if len(topk_heads) == hq else q.index_select(1, th)
-        qp = _pool(qg[qrow.view(-1)].view(bsz, nb * BLOCK, len(topk_heads), d), qvalid, nb)
-        kp = _pool(kg, kvalid, nb)                                         # [B, Hkv, nb, d]
-        kp = kp if (group == 1 and len(topk_heads) == hq) else kp[:, th // group]   # [B, T, nb, d]
+    for tile in sorted({budgets[h].tile for h in topk_heads}):
+        # scores S[r, kj] = mean(q in row r) · mean(k in kj) / sqrt(d) over blocks of `tile` tokens;
+        # forced: kj = 0 and kj = r
+        heads_t = [h for h in topk_heads if budgets[h].tile == tile]
+        ns = nb if tile == BLOCK else nbx * BLOCK // tile
+        npos = ns * tile
+        th = _cached_int_tensor(tuple(heads_t), str(dev)).long()
+        qg = q if len(heads_t) == hq else q.index_select(1, th)
+        qp = _pool(qg[qrow[:, :npos].reshape(-1)].view(bsz, npos, len(heads_t), d), qvalid[:, :npos], ns, tile)
+        kp = _pool(kg[:, :npos], kvalid[:, :npos], ns, tile)              # [B, Hkv, ns, d]
+        kp = kp if (group == 1 and len(heads_t) == hq) else kp[:, th // group]   # [B, T, ns, d]
         # pooled scores: tensor cores in the input dtype (bf16 on the GPU), float32 result
         sdt = q.dtype if q.is_cuda else torch.float32
         s = torch.matmul(qp.to(sdt), kp.to(sdt).transpose(-1, -2)).float().mul_(1.0 / math.sqrt(d))
-        # forced blocks rank first: the diagonal (+inf), then block 0 (max float); with k(qi) = 1 the
+        # forced blocks rank first: the diagonal (+inf), then block 0 (max float); with k(r) = 1 the
         # diagonal wins (block_masks' tie of two +inf leaves that choice to argsort)
-        s.masked_fill_(~causal, float("-inf"))
+        s.masked_fill_(~torch.ones(ns, ns, dtype=torch.bool, device=dev).tril(), float("-inf"))
         s[..., 0] = torch.finfo(torch.float32).max
         s.diagonal(dim1=-2, dim2=-1).fill_(float("inf"))
-        key = tuple(budgets[h] for h in topk_heads)
-        counts = _topk_counts_tensor(key, nb, str(dev))                    # [T, nb]
-        kt = int(max(max(_topk_counts(b, nb)) for b in set(key)))
-        top = s.topk(kt, dim=-1).indices                                   # [B, T, nb, kt], by score
+        key = tuple(budgets[h] for h in heads_t)
+        counts = _topk_counts_tensor(key, ns, str(dev))                    # [T, ns]
+        kt = int(max(max(_topk_counts(b, ns)) for b in set(key)))
+        top = s.topk(kt, dim=-1).indices                                   # [B, T, ns, kt], by score
         keep = torch.arange(kt, device=dev) < counts[None, :, :, None]
-        top = torch.where(keep, top, torch.full_like(top, nb)).sort(-1).values
+        top = torch.where(keep, top, torch.full_like(top, ns)).sort(-1).values
         top = torch.where(keep, top, torch.zeros_like(top))               # counts are prefixes after sort
-        idx[:, th, :, :kt] = top.int()
-        cnt[:, th] = counts[None].int().expand(bsz, -1, -1)
+        if tile == BLOCK:
+            idx[:, th, :, :kt] = top.int()
+            cnt[:, th] = counts[None].int().expand(bsz, -1, -1)
+        else:
+            ei, ec = expand_pair_rows(top, counts[None].expand(bsz, -1, -1), nb)
+            idx[:, th, :, :ei.shape[-1]] = ei.int()
+            cnt[:, th] = ec.int()
 
     if vs_heads:
         vh = torch.tensor(vs_heads, device=dev)
@@ -262,9 +292,10 @@ def build_block_index(budgets: Sequence[HeadBudget], q: torch.Tensor, k: torch.T
         lvalid = (lpos < kv_lens[:, None]) & (lpos >= prefix[:, None])
         lrow = torch.gather(qrow, 1, lpos.clamp(max=nb * BLOCK - 1))
         ql = q[:, vh][lrow.view(-1)].view(bsz, BLOCK, len(vs_heads), d).float().transpose(1, 2)   # [B, V, BLOCK, d]
-        kl = kg[:, :, vh // group].float().permute(0, 2, 3, 1)              # [B, V, d, nb*BLOCK]
+        kl = kg[:, :nb * BLOCK, vh // group].float().permute(0, 2, 3, 1)   # [B, V, d, nb*BLOCK]
         sc = (ql @ kl) / math.sqrt(d)                                      # [B, V, BLOCK, nb*BLOCK]
-        allowed = kvalid[:, None, None, :] & (pos[:, None, None, :] <= lpos[:, None, :, None])
+        kv_ok, kv_pos = kvalid[:, :nb * BLOCK], pos[:, :nb * BLOCK]
+        allowed = kv_ok[:, None, None, :] & (kv_pos[:, None, None, :] <= lpos[:, None, :, None])
         sc = sc.masked_fill(~allowed, float("-inf"))
         p = torch.softmax(sc, -1).nan_to_num(0.0) * lvalid[:, None, :, None]
         p = p.sum(2) / lvalid.sum(-1).clamp(min=1)[:, None, None]          # mean over the block's queries

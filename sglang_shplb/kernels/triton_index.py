@@ -32,6 +32,10 @@ builder keeps the lowest block ids among exactly tied scores), in two launches a
    row ``qi < NB`` is written, including rows with no queries (all scores 0: the lowest ids win), as
    ``build_block_index`` does.
 
+``tile=128`` heads run the same two launches over 128-token superblocks (rows = query pairs ``p``) and the
+selection writes each chosen superblock ``j`` as blocks ``2j, 2j + 1`` into 64-token rows ``2p`` and
+``2p + 1`` (``EXPAND``; :func:`.index.expand_pair_rows` is the torch equivalent).
+
 Registers: a program holds a few ``[BM, NBP]`` tiles (``BM = 16``, the smallest ``tl.dot`` tile), so
 ``num_warps`` grows with ``NBP`` (16 warps at NBP = 2048, 128K context).
 """
@@ -90,9 +94,10 @@ def _kernels():
                 tl.store(QP + ((b * T + s) * NB + j).to(tl.int64) * D + offs_d, tl.sum(q.to(tl.float32), 0) / nq)
 
     @triton.jit
-    def _select_kernel(QP, KP, heads, counts, idx, cnt, s_ib, s_ih, s_iq, s_cb, s_ch, NB, T, MAXK,
+    def _select_kernel(QP, KP, heads, counts, idx, cnt, s_ib, s_ih, s_iq, s_cb, s_ch, NB, T, MAXK, NB64,
                        HKV: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, BM: tl.constexpr,
-                       NBP: tl.constexpr, DC: tl.constexpr, CAST: tl.constexpr, IEEE: tl.constexpr):
+                       NBP: tl.constexpr, DC: tl.constexpr, CAST: tl.constexpr, IEEE: tl.constexpr,
+                       EXPAND: tl.constexpr):
         tile = tl.program_id(0)
         s = tl.program_id(1)
         b = tl.program_id(2)
@@ -146,22 +151,35 @@ def _kernels():
         n_eq = run >> 16
         sel = gt | (eq & (n_eq <= need))
         pos = (run & 0xFFFF) + tl.minimum(n_eq, need) - 1           # ascending write positions
-        row_ptr = idx + b.to(tl.int64) * s_ib + h * s_ih + rows[:, None].to(tl.int64) * s_iq
-        tl.store(row_ptr + pos, kj + 0 * pos, mask=sel & row_ok[:, None])
-        tl.store(row_ptr + kj, 0 * pos, mask=(kj >= kr[:, None]) & (kj < MAXK) & row_ok[:, None])
-        tl.store(cnt + b.to(tl.int64) * s_cb + h * s_ch + rows, kr, mask=row_ok)
+        if EXPAND:
+            # rows are query pairs p and kj superblocks: 64-token rows 2p + x (x = 0, 1) list blocks 2kj and
+            # 2kj + 1 at 2 pos and 2 pos + 1, 2 k - 1 + x of them (row 2p stops before block 2p + 1)
+            for x in tl.static_range(2):
+                r = 2 * rows + x
+                r_ok = (r < NB64)[:, None]
+                c = 2 * kr[:, None] - 1 + x
+                row_ptr = idx + b.to(tl.int64) * s_ib + h * s_ih + r[:, None].to(tl.int64) * s_iq
+                for y in tl.static_range(2):
+                    tl.store(row_ptr + 2 * pos + y, 2 * kj + y + 0 * pos, mask=sel & r_ok & (2 * pos + y < c))
+                    tl.store(row_ptr + 2 * kj + y, 0 * pos, mask=(2 * kj + y >= c) & (2 * kj + y < MAXK) & r_ok)
+                tl.store(cnt + b.to(tl.int64) * s_cb + h * s_ch + r, 2 * kr - 1 + x, mask=r < NB64)
+        else:
+            row_ptr = idx + b.to(tl.int64) * s_ib + h * s_ih + rows[:, None].to(tl.int64) * s_iq
+            tl.store(row_ptr + pos, kj + 0 * pos, mask=sel & row_ok[:, None])
+            tl.store(row_ptr + kj, 0 * pos, mask=(kj >= kr[:, None]) & (kj < MAXK) & row_ok[:, None])
+            tl.store(cnt + b.to(tl.int64) * s_cb + h * s_ch + rows, kr, mask=row_ok)
 
     return _pool_kernel, _select_kernel
 
 
 @lru_cache(maxsize=64)
-def _head_maps(pats: tuple, device: str):
-    """(top-k heads ``[T]``, slot of each query head ``[Hq]`` (-1 if not top-k), ``head_dense [Hq]``)."""
-    topk = tuple(h for h, p in enumerate(pats) if p is Pattern.TOPK)
-    slot = tuple(topk.index(h) if h in topk else -1 for h in range(len(pats)))
+def _head_maps(kinds: tuple, tile: int, device: str):
+    """``kinds``: (pattern, tile) per query head → (top-k heads of this tile ``[T]``, slot of each query head
+    ``[Hq]`` (-1 if not one of them))."""
+    topk = tuple(h for h, (p, t) in enumerate(kinds) if p is Pattern.TOPK and t == tile)
+    slot = tuple(topk.index(h) if h in topk else -1 for h in range(len(kinds)))
     return (torch.tensor(topk, dtype=torch.int32, device=device),
-            torch.tensor(slot, dtype=torch.int32, device=device),
-            _cached_int_tensor(tuple(int(p is Pattern.DENSE) for p in pats), device))
+            torch.tensor(slot, dtype=torch.int32, device=device))
 
 
 def _num_warps(nbp: int, cuda: bool) -> int:
@@ -195,40 +213,42 @@ def build_topk_index(budgets: Sequence[HeadBudget], q: torch.Tensor, k: torch.Te
     bsz = kv_lens.shape[0]
     nb = max(1, math.ceil(max_kv_len / BLOCK))
     maxk = max_blocks_per_row(budgets, nb)
-    pats = tuple(b.pattern for b in budgets)
-    heads, slot, dense = _head_maps(pats, str(dev))
+    kinds = tuple((b.pattern, b.tile) for b in budgets)
     if out is None:
+        dense = _cached_int_tensor(tuple(int(b.pattern is Pattern.DENSE) for b in budgets), str(dev))
         out = BlockIndex(torch.zeros(bsz, hq, nb, maxk, dtype=torch.int32, device=dev),
                          torch.zeros(bsz, hq, nb, dtype=torch.int32, device=dev), dense)
     elif (out.block_cnt.shape != (bsz, hq, nb) or out.block_idx.shape[:3] != (bsz, hq, nb)
           or out.block_idx.shape[3] < maxk or out.block_idx.stride(-1) != 1):
         raise ValueError(f"out has shapes {tuple(out.block_idx.shape)} / {tuple(out.block_cnt.shape)}, "
                          f"expected [{bsz}, {hq}, {nb}, >= {maxk}] (last dim contiguous) / [{bsz}, {hq}, {nb}]")
-    t = heads.shape[0]
-    if t == 0:
-        return out
-    counts = _topk_counts_tensor(tuple(budgets[h] for h in range(hq) if pats[h] is Pattern.TOPK), nb, str(dev))
     hkv = k.shape[1]
     group = hq // hkv
-    kp = torch.empty(bsz, hkv, nb, d, dtype=torch.float32, device=dev)
-    qp = torch.empty(bsz, t, nb, d, dtype=torch.float32, device=dev)
     kv_lens = kv_lens.to(dev)
     dummy = cu_seqlens_q
     pool_k, select_k = _kernels()
     cuda = q.is_cuda
-    pool_k[(nb, bsz, hkv)](
-        q, k, qp, kp, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
-        cu_seqlens_q, kv_lens, cu_seqlens_k if not paged else dummy,
-        req_to_token if paged else dummy, req_pool_indices if paged else dummy,
-        req_to_token.stride(0) if paged else 0, slot, nb, t,
-        HKV=hkv, GROUP=group, D=d, BLOCK_N=BLOCK, PAGED=paged, num_warps=4 if cuda else 1)
-    nbp = max(16, triton_next_pow2(nb))
     cast = {torch.bfloat16: 1, torch.float16: 2}.get(q.dtype, 0) if cuda else 0   # CPU: float32 like the reference
     bi, bc = out.block_idx, out.block_cnt
-    select_k[(math.ceil(nb / BM), t, bsz)](
-        qp, kp, heads, counts, bi, bc, bi.stride(0), bi.stride(1), bi.stride(2), bc.stride(0), bc.stride(1),
-        nb, t, maxk, HKV=hkv, GROUP=group, D=d, BM=BM, NBP=nbp, DC=DC, CAST=cast, IEEE=cuda,
-        num_warps=num_warps or _num_warps(nbp, cuda), num_stages=1)
+    for tile in sorted({b.tile for b in budgets if b.pattern is Pattern.TOPK}):
+        heads, slot = _head_maps(kinds, tile, str(dev))
+        t = heads.shape[0]
+        ns = nb if tile == BLOCK else math.ceil(nb * BLOCK / tile)     # selection rows (and KV units)
+        counts = _topk_counts_tensor(tuple(b for b, kd in zip(budgets, kinds) if kd == (Pattern.TOPK, tile)),
+                                     ns, str(dev))
+        kp = torch.empty(bsz, hkv, ns, d, dtype=torch.float32, device=dev)
+        qp = torch.empty(bsz, t, ns, d, dtype=torch.float32, device=dev)
+        pool_k[(ns, bsz, hkv)](
+            q, k, qp, kp, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
+            cu_seqlens_q, kv_lens, cu_seqlens_k if not paged else dummy,
+            req_to_token if paged else dummy, req_pool_indices if paged else dummy,
+            req_to_token.stride(0) if paged else 0, slot, ns, t,
+            HKV=hkv, GROUP=group, D=d, BLOCK_N=tile, PAGED=paged, num_warps=4 if cuda else 1)
+        nbp = max(16, triton_next_pow2(ns))
+        select_k[(math.ceil(ns / BM), t, bsz)](
+            qp, kp, heads, counts, bi, bc, bi.stride(0), bi.stride(1), bi.stride(2), bc.stride(0), bc.stride(1),
+            ns, t, maxk, nb, HKV=hkv, GROUP=group, D=d, BM=BM, NBP=nbp, DC=DC, CAST=cast, IEEE=cuda,
+            EXPAND=tile != BLOCK, num_warps=num_warps or _num_warps(nbp, cuda), num_stages=1)
     return out
 
 

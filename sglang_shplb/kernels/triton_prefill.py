@@ -539,3 +539,235 @@ def rule_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: torch
         DOT_F32=(not q.is_cuda) and q.dtype == torch.bfloat16, **kw,
     )
     return o
+
+
+# ---------------------------------------------------------------------------------------------------
+# tile-128 top-k heads (and dense heads): 128 x 128 tiles over superblock lists, TMA loads
+# ---------------------------------------------------------------------------------------------------
+TILE = 2 * BLOCK
+
+
+@lru_cache(maxsize=None)
+def _tile_kernel(autotune: bool):
+    """One program = query pair ``p`` (rows ``128p .. 128p + 127``) of one head. A ``tile=128`` top-k head's
+    64-token rows ``2p`` and ``2p + 1`` list the same superblocks (:func:`.index.expand_pair_rows`): entries
+    ``2j, 2j + 1`` per superblock ``j``, then the diagonal. So the program reads every other entry of row
+    ``2p + 1`` (row ``2p`` when the sequence ends inside it) and runs, per superblock, the 128-row step
+
+        S = Q K_j^T * scale * log2(e);  m' = max(m, rowmax S);  P = 2^(S - m')
+        l = 2^(m - m') l + rowsum P;     acc = 2^(m - m') acc + P V_j
+
+    over ``128 / BLOCK_N`` KV steps, unmasked: superblocks before the diagonal lie before every row and
+    inside ``[0, n_kv)``. The diagonal superblock ``p`` comes last, masked causally and by ``n_kv``.
+    Dense heads walk superblocks ``0 .. p - 1`` without index loads. Contiguous KV on sm90+ is read with TMA
+    (``desc_k``/``desc_v``: 2-D descriptors over ``[tokens, Hkv * d]``), otherwise with pointer loads."""
+    from ._triton_compat import import_triton
+    triton, tl = import_triton()
+
+    @triton.jit
+    def _step(acc, m_i, l_i, q, k, v, qk_scale, ok, MASK: tl.constexpr):
+        # one online-softmax step; MASK: the diagonal (every row keeps >= 1 finite column overall).
+        # The scale folds into the max and one FMA (s * scale - m'), and P V accumulates into the rescaled
+        # acc inside the MMA (tl.dot's accumulator operand), as the Triton tutorial's fused attention does.
+        s = tl.dot(q, tl.trans(k))
+        if MASK:
+            s = tl.where(ok, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+        alpha = tl.math.exp2(m_i - m_new)
+        p = tl.math.exp2(s * qk_scale - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
+        return acc, m_new, l_i
+
+    globals()["_tile_step"] = _step   # jit functions resolve callees through the module's globals
+
+    def body(
+        Q, K, V, O, desc_k, desc_v,
+        stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
+        cu_q, kv_lens, cu_k, req_to_token, req_pool_idx, stride_r2t,
+        block_idx, block_cnt, head_dense, heads,
+        s_bi_b, s_bi_h, s_bi_q, s_bc_b, s_bc_h,
+        qk_scale, NH, Q_BUCKET,   # Q_BUCKET: an autotune key only
+        GROUP: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr, PAGED: tl.constexpr,
+        TMA: tl.constexpr, DOT_F32: tl.constexpr, WARP_SPEC: tl.constexpr,
+    ):
+        TILE: tl.constexpr = 128
+        SUB: tl.constexpr = TILE // BLOCK_N            # KV steps per superblock
+        jp = tl.num_programs(0) - 1 - tl.program_id(0)   # query pair rel. to the chunk's first; longest rows first
+        bh = tl.program_id(1)
+        b = bh // NH
+        h = tl.load(heads + bh % NH)
+        hk = h // GROUP
+        q_start = tl.load(cu_q + b)
+        n_q = tl.load(cu_q + b + 1) - q_start
+        n_kv = tl.load(kv_lens + b)
+        prefix = n_kv - n_q
+        p = prefix // TILE + jp                        # absolute query pair
+        if p * TILE < n_kv:
+            offs_d = tl.arange(0, D)
+            ar = tl.arange(0, TILE)
+            arn = tl.arange(0, BLOCK_N)
+            offs_m = p * TILE + ar
+            m_valid = (offs_m >= prefix) & (offs_m < n_kv)
+            q_rows = q_start + offs_m - prefix
+            q = tl.load(Q + q_rows[:, None] * stride_qt + h * stride_qh + offs_d[None, :],
+                        mask=m_valid[:, None], other=0.0)
+            if DOT_F32:  # the CPU interpreter's bf16 dot is wrong: compute in float32 there
+                q = q.to(tl.float32)
+            if PAGED:
+                r2t = req_to_token + tl.load(req_pool_idx + b).to(tl.int64) * stride_r2t
+                kv_base = 0
+            else:
+                r2t = req_to_token
+                kv_base = tl.load(cu_k + b)
+            k_ptr = K + hk * stride_kh + offs_d[None, :]
+            v_ptr = V + hk * stride_vh + offs_d[None, :]
+            dense = (tl.load(head_dense + h) != 0).to(tl.int32)
+            has_b = ((2 * p + 1) * (TILE // 2) < n_kv).to(tl.int32)     # row 2p + 1 exists
+            row = 2 * p + has_b
+            cnt = tl.load(block_cnt + b * s_bc_b + h * s_bc_h + row)
+            n_off = dense * p + (1 - dense) * ((cnt - 1 - has_b) // 2)  # superblocks before the diagonal
+            idx_row = block_idx + b * s_bi_b + h * s_bi_h + row * s_bi_q
+
+            m_i = tl.full([TILE], float("-inf"), tl.float32)
+            l_i = tl.zeros([TILE], tl.float32)
+            acc = tl.zeros([TILE, D], tl.float32)
+            for it in tl.range(0, n_off * SUB, warp_specialize=WARP_SPEC):
+                j = it // SUB
+                sb = dense * j + (1 - dense) * (tl.load(idx_row + 2 * j, mask=dense == 0, other=0) // 2)
+                start = sb * TILE + (it % SUB) * BLOCK_N
+                if TMA:
+                    k = desc_k.load([kv_base + start, hk * D])
+                    v = desc_v.load([kv_base + start, hk * D])
+                else:
+                    if PAGED:
+                        loc = tl.load(r2t + start + arn).to(tl.int64)
+                    else:
+                        loc = (kv_base + start + arn).to(tl.int64)
+                    k = tl.load(k_ptr + loc[:, None] * stride_kt)
+                    v = tl.load(v_ptr + loc[:, None] * stride_vt)
+                if DOT_F32:
+                    k = k.to(tl.float32)
+                    v = v.to(tl.float32)
+                acc, m_i, l_i = _tile_step(acc, m_i, l_i, q, k, v, qk_scale, 0, False)
+            # diagonal superblock p: token-causal and bounded by n_kv
+            for sub in tl.static_range(SUB):
+                offs_n = p * TILE + sub * BLOCK_N + arn
+                n_ok = offs_n < n_kv
+                if PAGED:
+                    loc = tl.load(r2t + offs_n, mask=n_ok, other=0).to(tl.int64)
+                else:
+                    loc = (kv_base + offs_n).to(tl.int64)
+                k = tl.load(k_ptr + loc[:, None] * stride_kt, mask=n_ok[:, None], other=0.0)
+                v = tl.load(v_ptr + loc[:, None] * stride_vt, mask=n_ok[:, None], other=0.0)
+                if DOT_F32:
+                    k = k.to(tl.float32)
+                    v = v.to(tl.float32)
+                ok = n_ok[None, :] & (offs_n[None, :] <= offs_m[:, None])
+                acc, m_i, l_i = _tile_step(acc, m_i, l_i, q, k, v, qk_scale, ok, True)
+            o = acc / l_i[:, None]
+            tl.store(O + q_rows[:, None] * stride_ot + h * stride_oh + offs_d[None, :],
+                     o.to(O.dtype.element_ty), mask=m_valid[:, None])
+
+    kern = triton.jit(body)
+    if autotune:
+        kern = triton.autotune(_tile_configs(triton), key=["D", "GROUP", "PAGED", "TMA", "Q_BUCKET"])(kern)
+    return kern
+
+
+TILE_CONFIGS = ((128, 8, 2), (128, 8, 3), (64, 8, 2), (64, 8, 3), (64, 4, 3))   # (BLOCK_N, warps, stages)
+
+
+def _tile_configs(triton):
+    def set_block(nargs):   # TMA descriptors load [BLOCK_N, d] boxes
+        for name in ("desc_k", "desc_v"):
+            if hasattr(nargs[name], "block_shape"):
+                nargs[name].block_shape = [nargs["BLOCK_N"], nargs["D"]]
+    return [triton.Config({"BLOCK_N": n}, num_warps=w, num_stages=st, pre_hook=set_block)
+            for n, w, st in TILE_CONFIGS]
+
+
+def _tma_layout_ok(k: torch.Tensor) -> bool:
+    # head rows of d elements back to back, 16-byte aligned token rows
+    return k.stride(1) == k.shape[2] and (k.stride(0) * k.element_size()) % 16 == 0 and k.data_ptr() % 16 == 0
+
+
+def tma_supported(k: torch.Tensor) -> bool:
+    """TMA loads of contiguous KV: sm90+ with Triton's host tensor descriptors, and a layout they can
+    address (``k.stride(1) == d``, 16-byte aligned rows)."""
+    if not k.is_cuda or torch.cuda.get_device_capability(k.device)[0] < 9:
+        return False
+    try:
+        from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: F401
+    except ImportError:  # pragma: no cover - old Triton
+        return False
+    return _tma_layout_ok(k)
+
+
+def tile_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_idx: torch.Tensor,
+                 block_cnt: torch.Tensor, head_dense: torch.Tensor, heads: torch.Tensor,
+                 cu_seqlens_q: torch.Tensor, kv_lens: torch.Tensor, max_q_len: int, *,
+                 cu_seqlens_k: torch.Tensor | None = None, req_to_token: torch.Tensor | None = None,
+                 req_pool_indices: torch.Tensor | None = None, sm_scale: float | None = None,
+                 out: torch.Tensor | None = None, tma: bool | None = None, block_n: int | None = None,
+                 num_warps: int | None = None, num_stages: int | None = None,
+                 warp_specialize: bool = False) -> torch.Tensor:
+    """Heads ``heads`` (int32) with 128 x 128 tiles: ``tile=128`` top-k heads of a :class:`.index.BlockIndex`
+    built by :func:`.index.build_block_index` (their rows list whole superblocks), and dense heads
+    (``head_dense``). Layouts and arguments as :func:`sparse_prefill`; writes only ``out[:, heads]``.
+    ``tma``: TMA loads of contiguous KV (default: when :func:`tma_supported`). On CUDA the launch config
+    (KV step ``BLOCK_N`` 64/128, warps, stages: :data:`TILE_CONFIGS`) is autotuned unless ``block_n``,
+    ``num_warps`` and ``num_stages`` are given. ``warp_specialize``: Triton's warp-specialised loop (an
+    experiment; the benchmark measures it)."""
+    from .index import check_qkv
+    check_qkv(q, k, v)
+    paged = req_to_token is not None
+    if paged == (cu_seqlens_k is not None):
+        raise ValueError("give exactly one KV layout: cu_seqlens_k (contiguous) or req_to_token + req_pool_indices (paged)")
+    if paged and req_pool_indices is None:
+        raise ValueError("paged KV needs req_pool_indices")
+    bsz = kv_lens.shape[0]
+    hq, d = q.shape[1], q.shape[2]
+    if block_cnt.dim() != 3 or block_cnt.shape[:2] != (bsz, hq) or block_idx.shape[:3] != block_cnt.shape:
+        raise ValueError(f"block index shapes {tuple(block_idx.shape)} / {tuple(block_cnt.shape)} do not match "
+                         f"{bsz} sequences x {hq} heads")
+    if block_n not in (None, BLOCK, TILE):
+        raise ValueError(f"block_n must be {BLOCK} or {TILE}, got {block_n}")
+    if tma is None:
+        tma = not paged and tma_supported(k) and tma_supported(v)
+    elif tma and (paged or not (_tma_layout_ok(k) and _tma_layout_ok(v))):   # (the interpreter emulates TMA)
+        raise ValueError("TMA needs contiguous KV with k.stride(1) == head_dim and 16-byte aligned rows")
+    scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(d)
+    o = out if out is not None else torch.empty_like(q)
+    nh = int(heads.shape[0])
+    if nh == 0:
+        return o
+    block_idx = block_idx if block_idx.stride(-1) == 1 else block_idx.contiguous()
+    dummy = cu_seqlens_q
+    if tma:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+        hkv = k.shape[1]
+        box = [block_n or TILE, d]
+        desc_k = TensorDescriptor(k, [k.shape[0], hkv * d], [k.stride(0), 1], box)
+        desc_v = TensorDescriptor(v, [v.shape[0], hkv * d], [v.stride(0), 1], box)
+    else:
+        desc_k = desc_v = dummy
+    grid = (max(1, math.ceil(max_q_len / TILE) + 1), bsz * nh)   # +1: an unaligned prefix spans one more pair
+    tune = (q.is_cuda and block_n is None and num_warps is None and num_stages is None
+            and not torch.cuda.is_current_stream_capturing())
+    q_bucket = min(128, 1 << (grid[0] - 2).bit_length())
+    kw = {} if tune else dict(BLOCK_N=block_n or (TILE if q.is_cuda else BLOCK), num_warps=num_warps or 8,
+                              num_stages=num_stages or (2 if q.is_cuda else 1))
+    _tile_kernel(tune)[grid](
+        q, k, v, o, desc_k, desc_v,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), o.stride(0), o.stride(1),
+        cu_seqlens_q, kv_lens, cu_seqlens_k if not paged else dummy,
+        req_to_token if paged else dummy, req_pool_indices if paged else dummy,
+        req_to_token.stride(0) if paged else 0,
+        block_idx, block_cnt, head_dense, heads,
+        block_idx.stride(0), block_idx.stride(1), block_idx.stride(2), block_cnt.stride(0), block_cnt.stride(1),
+        scale * LOG2E, nh, q_bucket,
+        GROUP=hq // k.shape[1], D=d, PAGED=paged, TMA=tma,
+        DOT_F32=(not q.is_cuda) and q.dtype == torch.bfloat16, WARP_SPEC=warp_specialize, **kw,
+    )
+    return o
