@@ -40,6 +40,9 @@ def _add_profile(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rows-per-block", type=int, default=4,
                    help="query rows sampled per 64-token block for the recall/error estimates")
     p.add_argument("--num-layers", type=int, default=None, help="truncate the model to its first N layers (tests)")
+    p.add_argument("--topk-tiles", type=int, nargs="+", default=[64], choices=[64, 128],
+                   help="top-k selection granularities to profile: 64-token blocks and/or 128-token superblocks "
+                        "(the 128 x 128 tile kernel; default 64)")
 
 
 def _add_budget(p: argparse.ArgumentParser) -> None:
@@ -95,7 +98,9 @@ def cmd_profile(a) -> Path:
     from .model_store import resolve_model
 
     model = resolve_model(a.model, a.cache_dir)
-    res = profile_model(model, a.lengths, tuple(a.sets), a.per_length, a.device, a.rows_per_block, a.num_layers)
+    from .elasticity import default_options
+    res = profile_model(model, a.lengths, tuple(a.sets), a.per_length, a.device, a.rows_per_block, a.num_layers,
+                        options=default_options(topk_tiles=tuple(a.topk_tiles)))
     res.model["checkpoint"] = str(model)
     path = save_profile(res, a.out)
     print(f"profile of {res.num_layers} layers x {res.num_heads} heads at {res.lengths} tokens → {path}")

@@ -22,6 +22,11 @@ from test_kernels import DEV, TOL, make_batch, seq_kv  # noqa: E402
 T128 = 2 * BLOCK
 
 
+def tol(dtype) -> float:
+    # compiled on a GPU, tl.dot of float32 runs in TF32 (10-bit mantissa): ~1e-3 relative
+    return 3e-3 if DEV == "cuda" and dtype == torch.float32 else TOL[dtype]
+
+
 def on_dev(q, k, v, cu_q, kvl, kw):
     """make_batch's tensors on DEV (the GPU when tests run compiled there)."""
     return (q.to(DEV), k.to(DEV), v.to(DEV), cu_q.to(DEV), kvl.to(DEV), {n: t.to(DEV) for n, t in kw.items()})
@@ -116,10 +121,10 @@ def test_tile_kernel_matches_reference(case):
     masks = [idx.masks(b, math.ceil(n / BLOCK)).to(DEV) for b, n in enumerate(lens)]
     ref = reference_sparse_prefill(q, k, v, masks, cu_q, kvl, **kw)
     assert torch.isnan(out[:, 0]).all()
-    assert relative_error(out[:, 1:], ref[:, 1:]) < TOL[dtype]
+    assert relative_error(out[:, 1:], ref[:, 1:]) < tol(dtype)
     # the 64-row index kernel reads the same rows (a tile-128 index is an ordinary BlockIndex)
     o64 = sparse_prefill(q, k, v, idx.block_idx, idx.block_cnt, idx.head_dense, cu_q, kvl, max(q_lens), **kw)
-    assert relative_error(o64[:, 1:], ref[:, 1:]) < TOL[dtype]
+    assert relative_error(o64[:, 1:], ref[:, 1:]) < tol(dtype)
 
 
 def test_sparse_prefill_api_routes_tile_heads():
@@ -135,7 +140,7 @@ def test_sparse_prefill_api_routes_tile_heads():
     sp.run(q, k, v, out=out)
     masks = [sp.last_index.masks(b, math.ceil(n / BLOCK)).to(DEV) for b, n in enumerate(lens)]
     ref = reference_sparse_prefill(q, k, v, masks, cu_q, kvl, **kw)
-    assert relative_error(out, ref) < 1e-4
+    assert relative_error(out, ref) < tol(torch.float32)
 
 
 def test_tile_kernel_bad_inputs():
