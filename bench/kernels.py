@@ -511,6 +511,27 @@ def mode_setup(args, flag: str, stem: str, smoke_ctxs: list[int]):
     return smoke, dev, (hq, hkv, d, dtype), ctxs, res, dump
 
 
+def check_batch(paged: bool, seed: int, smoke: bool, hq: int, hkv: int, d: int, dev, dtype):
+    """The device checks' two-sequence batch: contiguous varlen, or paged (scattered token pool) with the
+    first sequence chunked behind an unaligned 129-token prefix. Returns q, k, v, cu_seqlens_q, kv_lens,
+    lens, q_lens and the KV layout keywords."""
+    g = torch.Generator(device=dev).manual_seed(seed)
+    lens = [300, 200] if smoke else [4096 + 77, 3000]
+    q_lens = lens if not paged else [lens[0] - 129, lens[1]]
+    q = torch.randn(sum(q_lens), hq, d, device=dev, dtype=dtype, generator=g)
+    cu = torch.tensor([0, q_lens[0], sum(q_lens)], dtype=torch.int32, device=dev)
+    kvl = torch.tensor(lens, dtype=torch.int32, device=dev)
+    rows = 2 * max(lens) + 99 if paged else sum(lens)
+    kb = torch.randn(rows, hkv, d, device=dev, dtype=dtype, generator=g)
+    vb = torch.randn(rows, hkv, d, device=dev, dtype=dtype, generator=g)
+    if paged:
+        kw = dict(req_to_token=torch.randperm(rows, device=dev)[:2 * max(lens)].view(2, -1).int(),
+                  req_pool_indices=torch.tensor([1, 0], dtype=torch.int32, device=dev))
+    else:
+        kw = dict(cu_seqlens_k=torch.tensor([0, lens[0], sum(lens)], dtype=torch.int32, device=dev))
+    return q, kb, vb, cu, kvl, lens, q_lens, kw
+
+
 def quick(args):
     """Round 2: the SparsePrefill paths (dense heads → SDPA, dense/streaming → 128-row rule kernel, top-k →
     index kernel) against the round-1 path (every head through the 64-row index kernel) and SDPA."""
@@ -521,22 +542,7 @@ def quick(args):
            * (hq // 4))
     # ---- correctness on the device: API paths, contiguous single sequence and paged chunked varlen ----
     for paged in (False, True):
-        g = torch.Generator(device=dev).manual_seed(3 + paged)
-        lens = [300, 200] if smoke else [4096 + 77, 3000]
-        q_lens = lens if not paged else [lens[0] - 129, lens[1]]
-        q = torch.randn(sum(q_lens), hq, d, device=dev, dtype=dtype, generator=g)
-        cu = torch.tensor([0, q_lens[0], sum(q_lens)], dtype=torch.int32, device=dev)
-        kvl = torch.tensor(lens, dtype=torch.int32, device=dev)
-        if paged:
-            pool = 2 * max(lens) + 99
-            kb = torch.randn(pool, hkv, d, device=dev, dtype=dtype, generator=g)
-            vb = torch.randn(pool, hkv, d, device=dev, dtype=dtype, generator=g)
-            r2t = torch.randperm(pool, device=dev)[:2 * max(lens)].view(2, -1).int()
-            kw = dict(req_to_token=r2t, req_pool_indices=torch.tensor([1, 0], dtype=torch.int32, device=dev))
-        else:
-            kb = torch.randn(sum(lens), hkv, d, device=dev, dtype=dtype, generator=g)
-            vb = torch.randn(sum(lens), hkv, d, device=dev, dtype=dtype, generator=g)
-            kw = dict(cu_seqlens_k=torch.tensor([0, lens[0], sum(lens)], dtype=torch.int32, device=dev))
+        q, kb, vb, cu, kvl, lens, q_lens, kw = check_batch(paged, 3 + paged, smoke, hq, hkv, d, dev, dtype)
         sp = SparsePrefill(mix, hkv, d).plan(cu, kvl, max(q_lens), max(lens), q_lens_cpu=q_lens, kv_lens_cpu=lens, **kw)
         o = torch.full_like(q, float("nan"))
         sp.run(q, kb, vb, out=o)
@@ -794,22 +800,7 @@ def tiles(args):
            HeadBudget.vslash(0.2, 2), HeadBudget.topk(0.5, 2, tile=T)] * (hq // 8 if hq >= 8 else 1)
     mix = mix[:hq]
     for paged in (False, True):
-        g = torch.Generator(device=dev).manual_seed(11 + paged)
-        lens = [300, 200] if smoke else [4096 + 77, 3000]
-        q_lens = lens if not paged else [lens[0] - 129, lens[1]]
-        q = torch.randn(sum(q_lens), hq, d, device=dev, dtype=dtype, generator=g)
-        cu = torch.tensor([0, q_lens[0], sum(q_lens)], dtype=torch.int32, device=dev)
-        kvl = torch.tensor(lens, dtype=torch.int32, device=dev)
-        if paged:
-            pool = 2 * max(lens) + 99
-            kb = torch.randn(pool, hkv, d, device=dev, dtype=dtype, generator=g)
-            vb = torch.randn(pool, hkv, d, device=dev, dtype=dtype, generator=g)
-            kw = dict(req_to_token=torch.randperm(pool, device=dev)[:2 * max(lens)].view(2, -1).int(),
-                      req_pool_indices=torch.tensor([1, 0], dtype=torch.int32, device=dev))
-        else:
-            kb = torch.randn(sum(lens), hkv, d, device=dev, dtype=dtype, generator=g)
-            vb = torch.randn(sum(lens), hkv, d, device=dev, dtype=dtype, generator=g)
-            kw = dict(cu_seqlens_k=torch.tensor([0, lens[0], sum(lens)], dtype=torch.int32, device=dev))
+        q, kb, vb, cu, kvl, lens, q_lens, kw = check_batch(paged, 11 + paged, smoke, hq, hkv, d, dev, dtype)
         sp = SparsePrefill(mix, hkv, d).plan(cu, kvl, max(q_lens), max(lens), **kw)
         o = torch.full_like(q, float("nan"))
         sp.run(q, kb, vb, out=o)
