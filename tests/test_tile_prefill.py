@@ -154,3 +154,21 @@ def test_tile_kernel_bad_inputs():
         tile_prefill(*args, tma=True, **kw)                                  # paged KV has no TMA layout
     with pytest.raises(ValueError, match="block index shapes"):
         tile_prefill(q, k, v, idx.block_idx[:, :1], idx.block_cnt[:, :1], idx.head_dense, heads, cu_q, kvl, 200, **kw)
+
+
+def test_profiler_scores_tile_128_options():
+    from sglang_shplb.elasticity import default_options, layer_elasticity, sample_rows
+    g = torch.Generator().manual_seed(4)
+    n = 700
+    q, k, v = torch.randn(4, n, 64, generator=g), torch.randn(2, n, 64, generator=g), torch.randn(2, n, 64, generator=g)
+    opts = default_options(topk_tiles=(BLOCK, T128))
+    recall, err = layer_elasticity(q, k, v, opts, sample_rows(n, 4))
+    assert (recall <= 1 + 1e-5).all() and (recall > 0).all() and torch.isfinite(err).all()
+    for fam in ("topk", "topk_oracle"):
+        js = [j for j, o in enumerate(opts) if o.family == fam and o.budget.tile == T128]
+        fr = [opts[j].budget.fraction for j in js]
+        assert fr == sorted(fr) and len(js) >= 4
+        r = recall[:, js]
+        assert (r[:, 1:] >= r[:, :-1] - 1e-6).all()          # more superblocks never keep less mass
+    dense = [j for j, o in enumerate(opts) if o.family == "dense"][0]
+    assert torch.allclose(recall[:, dense], torch.ones(4))
