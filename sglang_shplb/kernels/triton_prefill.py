@@ -162,6 +162,23 @@ def _kernel(autotune: bool):
     return kern
 
 
+def _paged_layout(cu_seqlens_k, req_to_token, req_pool_indices) -> bool:
+    """True for the paged layout (``req_to_token`` + ``req_pool_indices``), False for contiguous KV
+    (``cu_seqlens_k``); a clear error for neither, both, or a pool without ``req_pool_indices``."""
+    paged = req_to_token is not None
+    if paged == (cu_seqlens_k is not None):
+        raise ValueError("give exactly one KV layout: cu_seqlens_k (contiguous) or req_to_token + req_pool_indices (paged)")
+    if paged and req_pool_indices is None:
+        raise ValueError("paged KV needs req_pool_indices")
+    return paged
+
+
+def _check_index_shapes(block_idx: torch.Tensor, block_cnt: torch.Tensor, bsz: int, hq: int) -> None:
+    if block_cnt.dim() != 3 or block_cnt.shape[:2] != (bsz, hq) or block_idx.shape[:3] != block_cnt.shape:
+        raise ValueError(f"block index shapes {tuple(block_idx.shape)} / {tuple(block_cnt.shape)} do not match "
+                         f"{bsz} sequences x {hq} heads")
+
+
 INDEX_CONFIGS = ((4, 2), (4, 3), (8, 2), (8, 3))   # (num_warps, num_stages) tried by the autotuner on CUDA
 
 
@@ -191,18 +208,12 @@ def sparse_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_idx:
     if kv_tile not in (BLOCK, 2 * BLOCK):
         raise ValueError(f"kv_tile must be {BLOCK} or {2 * BLOCK}, got {kv_tile}")
     check_qkv(q, k, v)
-    paged = req_to_token is not None
-    if paged == (cu_seqlens_k is not None):
-        raise ValueError("give exactly one KV layout: cu_seqlens_k (contiguous) or req_to_token + req_pool_indices (paged)")
-    if paged and req_pool_indices is None:
-        raise ValueError("paged KV needs req_pool_indices")
+    paged = _paged_layout(cu_seqlens_k, req_to_token, req_pool_indices)
     bsz = kv_lens.shape[0]
     hq, d = q.shape[1], q.shape[2]
     if cu_seqlens_q.shape[0] != bsz + 1:
         raise ValueError(f"cu_seqlens_q has {cu_seqlens_q.shape[0]} entries for {bsz} sequences")
-    if block_cnt.dim() != 3 or block_cnt.shape[:2] != (bsz, hq) or block_idx.shape[:3] != block_cnt.shape:
-        raise ValueError(f"block index shapes {tuple(block_idx.shape)} / {tuple(block_cnt.shape)} do not match "
-                         f"{bsz} sequences x {hq} heads")
+    _check_index_shapes(block_idx, block_cnt, bsz, hq)
     if head_dense.shape != (hq,):
         raise ValueError(f"head_dense has shape {tuple(head_dense.shape)}, expected ({hq},)")
     scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(d)
@@ -466,9 +477,7 @@ def union_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: torc
     ``heads``' order). Layouts as :func:`sparse_prefill`; writes only ``out[:, heads]``."""
     from .index import check_qkv
     check_qkv(q, k, v)
-    paged = req_to_token is not None
-    if paged == (cu_seqlens_k is not None):
-        raise ValueError("give exactly one KV layout: cu_seqlens_k (contiguous) or req_to_token + req_pool_indices (paged)")
+    paged = _paged_layout(cu_seqlens_k, req_to_token, req_pool_indices)
     bsz = kv_lens.shape[0]
     hq, d = q.shape[1], q.shape[2]
     nh = int(heads.shape[0])
@@ -510,11 +519,7 @@ def rule_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: torch
     ``num_warps``/``num_stages`` are given."""
     from .index import check_qkv
     check_qkv(q, k, v)
-    paged = req_to_token is not None
-    if paged == (cu_seqlens_k is not None):
-        raise ValueError("give exactly one KV layout: cu_seqlens_k (contiguous) or req_to_token + req_pool_indices (paged)")
-    if paged and req_pool_indices is None:
-        raise ValueError("paged KV needs req_pool_indices")
+    paged = _paged_layout(cu_seqlens_k, req_to_token, req_pool_indices)
     if not (heads.shape == sink_blocks.shape == window_blocks.shape) or heads.dim() != 1:
         raise ValueError("heads, sink_blocks and window_blocks must be 1-D of one length")
     bsz = kv_lens.shape[0]
@@ -721,16 +726,10 @@ def tile_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_idx: t
     experiment; the benchmark measures it)."""
     from .index import check_qkv
     check_qkv(q, k, v)
-    paged = req_to_token is not None
-    if paged == (cu_seqlens_k is not None):
-        raise ValueError("give exactly one KV layout: cu_seqlens_k (contiguous) or req_to_token + req_pool_indices (paged)")
-    if paged and req_pool_indices is None:
-        raise ValueError("paged KV needs req_pool_indices")
+    paged = _paged_layout(cu_seqlens_k, req_to_token, req_pool_indices)
     bsz = kv_lens.shape[0]
     hq, d = q.shape[1], q.shape[2]
-    if block_cnt.dim() != 3 or block_cnt.shape[:2] != (bsz, hq) or block_idx.shape[:3] != block_cnt.shape:
-        raise ValueError(f"block index shapes {tuple(block_idx.shape)} / {tuple(block_cnt.shape)} do not match "
-                         f"{bsz} sequences x {hq} heads")
+    _check_index_shapes(block_idx, block_cnt, bsz, hq)
     if block_n not in (None, BLOCK, TILE):
         raise ValueError(f"block_n must be {BLOCK} or {TILE}, got {block_n}")
     if tma is None:
