@@ -189,7 +189,7 @@ def main():
                     build_page_summaries(kb, r2t, rpi, seq - 1, lk.kmin, lk.kmax)
             qd = torch.randn(bs, hq, d, device=dev, dtype=dt)
             od = torch.empty_like(qd)
-            wsd = DecodeWorkspace(hq, d, math.ceil(max_ctx / BLOCK),
+            wsd = DecodeWorkspace(hq, hkv, d, math.ceil(max_ctx / BLOCK),
                                   max(layer_max_selected(lk.budgets, max_ctx) for lk in [dense_lk, *lks.values()]), dev,
                                   max(selected_heads(lk.budgets) for lk in [dense_lk, *lks.values()]))
             wsd.ensure(bs)

@@ -246,7 +246,8 @@ def test_sparse_decode_with_page_reuse(group, dtype, grouped):
     sd = SparseDecode(budgets, hkv, d, max_ctx, r, dtype=dtype, reselect_every=3)
     sd.build_summaries(k, req_to_token, rpi, lens - 1)
     sd.plan(3, nsplit=4)
-    assert (sd.groups[0] >= 0).sum() == (2 if grouped else int(sd.groups[0].ge(0).sum()))
+    if grouped:
+        assert sd.heads.gmode.tolist()[1:] == [0, 1]                    # ranges; KV head 0 walks a union list
     chosen = None
     for step in range(3):                                                   # select, then reuse twice
         sd.update_summaries(k, req_to_token, rpi, lens)
@@ -266,6 +267,15 @@ def test_sparse_decode_with_page_reuse(group, dtype, grouped):
         chosen = new_chosen
         ref = reference_sparse_decode(q, k, v, req_to_token, rpi, lens, sets)
         assert relative_error(out, ref) < TOL[dtype], f"step {step}"
+        sc = sd.scratch                                                     # each list-mode KV head's union
+        for b, hk in ((b, hk) for b in range(3) for hk in range(hkv) if sd.heads.gmode[hk] == 2):
+            heads = range(hk * group, (hk + 1) * group)
+            union = sorted(set().union(*(sets[b][h] for h in heads)))
+            c = int(sc.ucnt[b, hk])
+            assert sc.ulist[b, hk, :c].tolist() == union, (step, b, hk)
+            bits = [sum(1 << r for r, h in enumerate(heads) if p in sets[b][h]) for p in union]
+            assert sc.ubits[b, hk, :c].tolist() == bits
+        assert not sc.map.any(), "the union kernel leaves its byte map zero"
         lens = lens + 1
 
 

@@ -131,7 +131,7 @@ def test_decode_steps_keep_summaries_and_match_reference():
     full = [seq(n + 3, 20 + r) for r, n in enumerate(lens)]
     extend(lk, pool, reqs, [f[0][:n] for f, n in zip(full, lens)], [f[1][:n] for f, n in zip(full, lens)],
            [f[2][:n] for f, n in zip(full, lens)], [0, 0, 0])
-    ws = DecodeWorkspace(HQ, D, MAX_CTX // BLOCK, layer_max_selected(budgets, MAX_CTX), DEV, selected_heads(budgets))
+    ws = DecodeWorkspace(HQ, HKV, D, MAX_CTX // BLOCK, layer_max_selected(budgets, MAX_CTX), DEV, selected_heads(budgets))
     ws.ensure(8)
     rpi = torch.tensor(reqs, device=DEV)
     for step in range(3):
@@ -162,11 +162,13 @@ def test_layers_without_selected_heads_have_no_summaries_and_workspace_grows():
     lk = layer(budgets_positional())
     assert lk.kmin is None and lk.summary_bytes == 0
     assert layer(budgets_mixed()).summary_bytes == 2 * SLOTS * HKV * (MAX_CTX // BLOCK) * D * 4
-    ws = DecodeWorkspace(HQ, D, MAX_CTX // BLOCK, 4, DEV)
+    ws = DecodeWorkspace(HQ, HKV, D, MAX_CTX // BLOCK, 4, DEV)
     ws.ensure(2)
     assert ws.capacity == 2 and ws.page_idx.shape == (2, HQ, 4)
     ws.ensure(5)
-    assert ws.capacity == 5 and ws.mid_o.shape[0] >= 5 * HQ * ws.splits(5)
+    sc = ws.scratch(5)
+    assert ws.capacity == 5 and sc.batch >= 5 and sc.mid_o.shape[0] == sc.batch * HQ * sc.nsplit
+    assert ws.scratch(1).ulist.data_ptr() == sc.ulist.data_ptr()     # one set of union buffers
 
 
 def test_extend_batch_rejects_bad_lengths():

@@ -2,13 +2,13 @@
 builders, FlashInfer wrappers behind the same interface, and a PyTorch reference beside each."""
 from .api import SparseDecode, SparsePrefill
 from .index import BlockIndex, block_index_from_masks, build_block_index, mask_to_index, max_blocks_per_row
-from .triton_decode import (alloc_page_summaries, build_page_summaries, group_modes, head_modes, select_pages,
+from .triton_decode import (alloc_page_summaries, build_page_summaries, DecodeHeads, DecodeScratch, decode_heads, select_pages,
                             sparse_decode, update_page_summaries)
 from .triton_prefill import sparse_prefill
 
 __all__ = [
     "SparsePrefill", "SparseDecode", "BlockIndex", "build_block_index", "block_index_from_masks",
     "mask_to_index", "max_blocks_per_row", "sparse_prefill", "sparse_decode", "alloc_page_summaries",
-    "build_page_summaries", "update_page_summaries", "select_pages", "head_modes",
-    "group_modes",
+    "build_page_summaries", "update_page_summaries", "select_pages", "decode_heads",
+    "DecodeHeads", "DecodeScratch",
 ]

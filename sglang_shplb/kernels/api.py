@@ -8,7 +8,7 @@ import torch
 
 from ..patterns import BLOCK, HeadBudget, Pattern
 from .index import BlockIndex, build_block_index, check_budgets, check_qkv, pair_union_index
-from .triton_decode import (alloc_page_summaries, build_page_summaries, decode_splits, group_modes, head_modes,
+from .triton_decode import (DecodeScratch, alloc_page_summaries, build_page_summaries, decode_heads, decode_splits,
                             max_selected_pages, select_pages, sparse_decode, update_page_summaries)
 from .triton_prefill import RULE_DENSE_WINDOW, rule_prefill, sparse_prefill, tile_prefill, union_prefill
 
@@ -266,9 +266,7 @@ class SparseDecode:
         self.max_pages = math.ceil(max_ctx / BLOCK)
         self.sm_scale = sm_scale
         self.reselect_every = reselect_every
-        _, self.sink, self.window = head_modes(budgets, device)
-        self.mode, gmode, gsink, gwin = group_modes(budgets, num_kv_heads, device)
-        self.groups = (gmode, gsink, gwin)
+        self.heads = decode_heads(budgets, num_kv_heads, device)
         self.kmin, self.kmax = alloc_page_summaries(num_req_slots, num_kv_heads, self.max_pages, head_dim,
                                                     dtype=dtype, device=device)
         self.maxsel = max_selected_pages(budgets, self.max_pages)
@@ -284,11 +282,10 @@ class SparseDecode:
     def plan(self, batch_size: int, device=None, nsplit: int | None = None) -> "SparseDecode":
         dev = device if device is not None else self.kmin.device
         hq, d = self.num_q_heads, self.head_dim
-        self.nsplit = nsplit if nsplit is not None else decode_splits(self.max_pages, batch_size, hq)
+        nsplit = nsplit if nsplit is not None else decode_splits(self.max_pages, batch_size, self.num_kv_heads)
         self.page_idx = torch.zeros(batch_size, hq, self.maxsel, dtype=torch.int32, device=dev)
         self.page_cnt = torch.zeros(batch_size, hq, dtype=torch.int32, device=dev)
-        self.workspace = (torch.empty(batch_size * hq * self.nsplit, d, dtype=torch.float32, device=dev),
-                          torch.empty(batch_size * hq * self.nsplit, dtype=torch.float32, device=dev))
+        self.scratch = DecodeScratch(batch_size, hq, self.num_kv_heads, d, self.max_pages, nsplit, dev)
         self._step = 0
         return self
 
@@ -307,6 +304,5 @@ class SparseDecode:
         if reselect:
             self.select(q, req_pool_indices, seq_lens)
         self._step += 1
-        return sparse_decode(q, k_buffer, v_buffer, req_to_token, req_pool_indices, seq_lens, self.mode,
-                             self.sink, self.window, self.page_idx, self.page_cnt, nsplit=self.nsplit,
-                             sm_scale=self.sm_scale, out=out, workspace=self.workspace, groups=self.groups)
+        return sparse_decode(q, k_buffer, v_buffer, req_to_token, req_pool_indices, seq_lens, self.heads,
+                             self.page_idx, self.page_cnt, self.scratch, sm_scale=self.sm_scale, out=out)

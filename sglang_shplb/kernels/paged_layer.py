@@ -26,8 +26,8 @@ from typing import Sequence
 import torch
 
 from .api import SparsePrefill
-from .triton_decode import (alloc_page_summaries, build_page_summaries, decode_splits, group_modes,
-                                     head_modes, max_selected_pages, sparse_decode)
+from .triton_decode import (DecodeScratch, alloc_page_summaries, build_page_summaries, decode_heads, decode_splits,
+                           max_selected_pages, sparse_decode)
 from .triton_select import selector_consts, update_and_select_pages
 from ..patterns import BLOCK, HeadBudget, Pattern
 
@@ -59,17 +59,21 @@ class ExtendBatch:
 
 
 class DecodeWorkspace:
-    """Scratch of the decode path shared by every layer: chosen pages and the split-K partial results.
-    Allocated for the largest batch up front (``ensure`` before CUDA-graph capture), then only sliced."""
+    """Scratch of the decode path shared by every layer: chosen pages, page scores, and one
+    :class:`~.triton_decode.DecodeScratch` per batch size (split-K partials, union lists). Allocated for
+    every batch size up to the largest one up front (``ensure`` before CUDA-graph capture), then reused."""
 
-    def __init__(self, num_q_heads: int, head_dim: int, max_pages: int, max_sel: int, device,
+    def __init__(self, num_q_heads: int, num_kv_heads: int, head_dim: int, max_pages: int, max_sel: int, device,
                  max_selected_heads: int = 1) -> None:
-        self.hq, self.d, self.max_pages, self.max_sel, self.device = num_q_heads, head_dim, max_pages, max_sel, device
+        self.hq, self.hkv, self.d, self.max_pages, self.max_sel = num_q_heads, num_kv_heads, head_dim, max_pages, max_sel
+        self.device = device
         self.max_selected_heads = max(1, max_selected_heads)
         self.capacity = 0
+        self._scratch: dict[int, DecodeScratch] = {}
 
-    def splits(self, bs: int) -> int:
-        return decode_splits(self.max_pages, bs, self.hq)
+    def scratch(self, bs: int) -> DecodeScratch:
+        """The split-K / union scratch of batch size ``bs``; its split count is fixed per batch size."""
+        return self._scratch[decode_splits(self.max_pages, bs, self.hkv)]
 
     def ensure(self, max_bs: int) -> None:
         if max_bs <= self.capacity:
@@ -77,13 +81,15 @@ class DecodeWorkspace:
         if torch.device(self.device).type == "cuda" and torch.cuda.is_current_stream_capturing():
             raise RuntimeError(f"shplb: decode workspace holds {self.capacity} requests, the captured batch has "
                                f"{max_bs}; it must be sized before capture (init_cuda_graph_state)")
-        rows = max(bs * self.hq * self.splits(bs) for bs in range(1, max_bs + 1))
         self.page_idx = torch.zeros(max_bs, self.hq, self.max_sel, dtype=torch.int32, device=self.device)
         self.page_cnt = torch.zeros(max_bs, self.hq, dtype=torch.int32, device=self.device)
-        self.mid_o = torch.empty(rows, self.d, dtype=torch.float32, device=self.device)
-        self.mid_l = torch.empty(rows, dtype=torch.float32, device=self.device)
         self.scores = torch.empty(max_bs, self.max_selected_heads, self.max_pages, dtype=torch.float32,
                                   device=self.device)     # page scores of the selected heads
+        largest: dict[int, int] = {}                      # split count -> the largest batch that uses it
+        for bs in range(1, max_bs + 1):
+            largest[decode_splits(self.max_pages, bs, self.hkv)] = bs
+        full = DecodeScratch(max_bs, self.hq, self.hkv, self.d, self.max_pages, 1, self.device)
+        self._scratch = {ns: full.with_splits(bs, ns) for ns, bs in largest.items()}
         self.capacity = max_bs
 
 
@@ -104,9 +110,7 @@ class LayerKernels:
         self.hq, self.hkv, self.d = len(budgets), num_kv_heads, head_dim
         self.max_pages = math.ceil(max_ctx / BLOCK)
         self.prefill = SparsePrefill(self.budgets, num_kv_heads, head_dim)
-        _, self.sink, self.window = head_modes(self.budgets, device)
-        self.mode, gmode, gsink, gwin = group_modes(self.budgets, num_kv_heads, device)
-        self.groups = (gmode, gsink, gwin)
+        self.heads = decode_heads(self.budgets, num_kv_heads, device)
         self.selects = selected_heads(self.budgets) > 0
         self.kmin = self.kmax = None
         if self.selects:   # page summaries [R, Hkv, pages, d] x 2, indexed like req_to_token
@@ -148,8 +152,5 @@ class LayerKernels:
         if self.selects:
             update_and_select_pages(q, k_buffer, req_to_token, req_pool_indices, seq_lens, self.kmin, self.kmax,
                                     self.select_consts, self.max_pages, page_idx, page_cnt, scratch=ws.scores)
-        nsplit = ws.splits(bs)
-        rows = bs * self.hq * nsplit
-        return sparse_decode(q, k_buffer, v_buffer, req_to_token, req_pool_indices, seq_lens, self.mode, self.sink,
-                             self.window, page_idx, page_cnt, nsplit=nsplit, sm_scale=scale, out=out,
-                             workspace=(ws.mid_o[:rows], ws.mid_l[:rows]), groups=self.groups)
+        return sparse_decode(q, k_buffer, v_buffer, req_to_token, req_pool_indices, seq_lens, self.heads, page_idx,
+                             page_cnt, ws.scratch(bs), sm_scale=scale, out=out)

@@ -12,21 +12,29 @@ Per head a mode picks the pages (all computed in the kernel from ``seq_lens`` ex
 Page selection (LServe / Quest): per page and KV head the elementwise key min/max; a query's upper bound
 on ``q·k`` over a page is ``sum_d max(q_d kmin_d, q_d kmax_d)``; take the top pages, page 0 forced.
 
-Split-K (flash decoding): the page list of a head is cut into ``NSPLIT`` slices; each program keeps an
-online softmax over its slice and writes ``(acc / l, m + log2 l)``; :func:`_combine` merges the slices.
+GQA: one program serves the q heads of one KV head and loads each page once for all of them (the decode
+step is bound by KV bytes). A KV head whose q heads are all dense, or all streaming with one budget, walks
+a range of pages. Any other group walks the ascending union of its heads' pages, made each step by a small
+union kernel, with a bit mask per page of the heads that read it; the scores of the other heads are masked
+out, so every head attends exactly its own pages.
+
+Split-K (flash decoding): the page walk of a KV head is cut into ``NSPLIT`` slices; each program keeps an
+online softmax per q head over its slice and writes ``(acc / l, m + log2 l)``; ``_combine_kernel`` merges
+the slices.
 """
 from __future__ import annotations
 
 import math
 from functools import lru_cache
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import torch
 
 from ..patterns import BLOCK, HeadBudget, Pattern
 from .triton_prefill import LOG2E
 
-MODE_DENSE, MODE_STREAMING, MODE_SELECTED = 0, 1, 2
+MODE_DENSE, MODE_STREAMING, MODE_SELECTED = 0, 1, 2   # per q head
+MODE_LIST = 2                                        # per KV head: the union of its heads' pages
 
 
 @lru_cache(maxsize=None)
@@ -35,131 +43,119 @@ def _kernels():
     triton, tl = import_triton()
 
     @triton.jit
-    def _decode_kernel(
-        Q, K, V, MidO, MidL,
-        stride_qb, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
-        req_to_token, req_pool_idx, stride_r2t, seq_lens,
-        mode, sink, window, page_idx, page_cnt, s_pi_b, s_pi_h, s_pc_b,
-        qk_scale, HQ,
-        GROUP: tl.constexpr, NSPLIT: tl.constexpr, PAGE: tl.constexpr, D: tl.constexpr,
-    ):
-        bh = tl.program_id(0)
-        sp = tl.program_id(1)
-        b = bh // HQ
-        h = bh % HQ
-        hk = h // GROUP
-        n = tl.load(seq_lens + b)
-        npg = (n + PAGE - 1) // PAGE
-        md = tl.load(mode + h)
-        is_dense = (md == 0).to(tl.int32)
-        is_stream = (md == 1).to(tl.int32)
-        is_sel = (md == 2).to(tl.int32)
-        w_eff = tl.minimum(tl.load(window + h), npg)
-        n_s = tl.minimum(tl.load(sink + h), npg - w_eff)
-        cnt = tl.load(page_cnt + b * s_pc_b + h)
-        total = is_dense * npg + is_stream * (n_s + w_eff) + is_sel * (cnt + 1)
-        per = (total + NSPLIT - 1) // NSPLIT
-        j0 = sp * per
-        j1 = tl.minimum(j0 + per, total)
-        offs_d = tl.arange(0, D)
-        ar = tl.arange(0, PAGE)
-        q = tl.load(Q + b * stride_qb + h * stride_qh + offs_d).to(tl.float32) * qk_scale
-        r2t = req_to_token + tl.load(req_pool_idx + b).to(tl.int64) * stride_r2t
-        prow = page_idx + b * s_pi_b + h * s_pi_h
-        m_i = tl.full([1], -1.0e30, tl.float32)
-        l_i = tl.zeros([1], tl.float32)
-        acc = tl.zeros([D], tl.float32)
-        for j in range(j0, j1):
-            p_stream = tl.where(j < n_s, j, npg - w_eff + j - n_s)
-            listed = (is_sel == 1) & (j < cnt)
-            p_list = tl.load(prow + j, mask=listed, other=0)
-            p_sel = listed.to(tl.int32) * p_list + (1 - listed.to(tl.int32)) * (npg - 1)
-            pg = is_dense * j + is_stream * p_stream + is_sel * p_sel
-            skip = listed & ((p_list >= npg - 1) | (p_list < 0))
-            pos = pg * PAGE + ar
-            ok = (pos < n) & (skip == 0)
-            loc = tl.load(r2t + pos, mask=ok, other=0).to(tl.int64)
-            k = tl.load(K + loc[:, None] * stride_kt + hk * stride_kh + offs_d[None, :], mask=ok[:, None], other=0.0)
-            s = tl.sum(k.to(tl.float32) * q[None, :], 1)
-            s = tl.where(ok, s, -1.0e30)
-            m_new = tl.maximum(m_i, tl.max(s, 0))
-            alpha = tl.math.exp2(m_i - m_new)
-            p = tl.math.exp2(s - m_new)
-            p = tl.where(ok, p, 0.0)
-            v = tl.load(V + loc[:, None] * stride_vt + hk * stride_vh + offs_d[None, :], mask=ok[:, None], other=0.0)
-            l_i = l_i * alpha + tl.sum(p, 0)
-            acc = acc * alpha + tl.sum(p[:, None] * v.to(tl.float32), 0)
-            m_i = m_new
-        out = bh * NSPLIT + sp
-        l_safe = tl.maximum(l_i, 1e-30)
-        lse = tl.where(l_i > 0, m_i + tl.math.log2(l_safe), -1.0e30)
-        if md != 3:  # mode 3: the group kernel writes this head
-            tl.store(MidO + out * D + offs_d, acc / l_safe)
-            tl.store(MidL + out + tl.arange(0, 1), lse)
+    def _union_kernel(PIDX, PCNT, s_pi_b, s_pi_h, s_pc_b, seq_lens, mode, sink, window, gmode,
+                      MAP, s_map_b, ULIST, UBITS, UCNT, s_u_b, s_u_h, HKV, MAXP,
+                      GROUP: tl.constexpr, M2: tl.constexpr, TP: tl.constexpr, PAGE: tl.constexpr):
+        # the pages KV head hk of request b loads once for its GROUP q heads (list mode, gmode 2):
+        #   ULIST = ascending union of the heads' pages, UBITS[j] = bit r set iff q head hk*GROUP + r reads it
+        # per head: dense p < npg; streaming p < n_s or p >= npg - w; selected: listed p < npg-1, and npg-1.
+        # Listed pages are scattered into the zeroed byte map MAP [Hq, MAXP] first (and zeroed again on read).
+        b = tl.program_id(0)
+        hk = tl.program_id(1)
+        if tl.load(gmode + hk) == 2:
+            n = tl.load(seq_lens + b)
+            npg = (n + PAGE - 1) // PAGE
+            jj = tl.arange(0, M2)
+            for r in tl.static_range(GROUP):
+                h = hk * GROUP + r
+                cnt = tl.where(tl.load(mode + h) == 2, tl.load(PCNT + b * s_pc_b + h), 0)
+                pid = tl.load(PIDX + b * s_pi_b + h * s_pi_h + jj, mask=jj < cnt, other=-1)
+                ok = (jj < cnt) & (pid >= 0) & (pid < npg - 1)
+                tl.store(MAP + b * s_map_b + h * MAXP + pid, tl.full([M2], 1, tl.int8), mask=ok)
+            tl.debug_barrier()                  # the scattered bytes are visible to every thread below
+            base = 0
+            for t in range(0, npg, TP):
+                p = t + tl.arange(0, TP)
+                inr = p < npg
+                bits = tl.zeros([TP], tl.int32)
+                for r in tl.static_range(GROUP):
+                    h = hk * GROUP + r
+                    md = tl.load(mode + h)
+                    w_eff = tl.minimum(tl.load(window + h), npg)
+                    n_s = tl.minimum(tl.load(sink + h), npg - w_eff)
+                    mrow = MAP + b * s_map_b + h * MAXP + p
+                    listed = tl.load(mrow, mask=inr & (md == 2), other=0) != 0
+                    tl.store(mrow, tl.zeros([TP], tl.int8), mask=listed)
+                    use = (md == 0) | ((md == 1) & ((p < n_s) | (p >= npg - w_eff))) | \
+                          ((md == 2) & (listed | (p == npg - 1)))
+                    bits = bits | (use & inr).to(tl.int32) << r
+                nz = bits != 0
+                slot = base + tl.cumsum(nz.to(tl.int32), axis=0) - 1
+                off = b * s_u_b + hk * s_u_h + slot
+                tl.store(ULIST + off, p, mask=nz)
+                tl.store(UBITS + off, bits, mask=nz)
+                base += tl.sum(nz.to(tl.int32), axis=0)
+            tl.store(UCNT + b * HKV + hk, base)
 
     @triton.jit
     def _decode_group_kernel(
         Q, K, V, MidO, MidL,
         stride_qb, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
         req_to_token, req_pool_idx, stride_r2t, seq_lens,
-        gmode, gsink, gwindow, qk_scale, HQ, HKV,
+        gmode, gsink, gwindow, ULIST, UBITS, UCNT, s_u_b, s_u_h, qk_scale, HQ, HKV,
         GROUP: tl.constexpr, GP: tl.constexpr, NSPLIT: tl.constexpr, PAGE: tl.constexpr, D: tl.constexpr,
         DOT_F32: tl.constexpr,
     ):
-        # all GROUP q heads of KV head hk read the same pages (dense or one streaming budget): each page
-        # is loaded once for the group, S = Q_group · K^T on the tensor cores (rows padded to GP)
+        # the GROUP q heads of KV head hk share each page load: S = Q_group · K^T on the tensor cores (rows
+        # padded to GP), one online softmax per row. Pages: gmode 0 all, 1 one streaming budget (sink +
+        # window), 2 the union list of _union_kernel with a row mask per page (UBITS).
         bhk = tl.program_id(0)
         sp = tl.program_id(1)
         b = bhk // HKV
         hk = bhk % HKV
         md = tl.load(gmode + hk)
-        if md >= 0:
-            n = tl.load(seq_lens + b)
-            npg = (n + PAGE - 1) // PAGE
-            is_stream = (md == 1).to(tl.int32)
-            w_eff = tl.minimum(tl.load(gwindow + hk), npg)
-            n_s = tl.minimum(tl.load(gsink + hk), npg - w_eff)
-            total = (1 - is_stream) * npg + is_stream * (n_s + w_eff)
-            per = (total + NSPLIT - 1) // NSPLIT
-            j0 = sp * per
-            j1 = tl.minimum(j0 + per, total)
-            offs_d = tl.arange(0, D)
-            ar = tl.arange(0, PAGE)
-            rows = tl.arange(0, GP)
-            rvalid = rows < GROUP
-            hrow = hk * GROUP + rows
-            q = tl.load(Q + b * stride_qb + hrow[:, None] * stride_qh + offs_d[None, :], mask=rvalid[:, None], other=0.0)
-            if DOT_F32:  # the CPU interpreter's bf16 dot is wrong
-                q = q.to(tl.float32)
-            r2t = req_to_token + tl.load(req_pool_idx + b).to(tl.int64) * stride_r2t
-            m_i = tl.full([GP], -1.0e30, tl.float32)
-            l_i = tl.zeros([GP], tl.float32)
-            acc = tl.zeros([GP, D], tl.float32)
-            for j in range(j0, j1):
-                pg = (1 - is_stream) * j + is_stream * tl.where(j < n_s, j, npg - w_eff + j - n_s)
-                pos = pg * PAGE + ar
-                ok = pos < n
-                loc = tl.load(r2t + pos, mask=ok, other=0).to(tl.int64)
-                k = tl.load(K + loc[:, None] * stride_kt + hk * stride_kh + offs_d[None, :], mask=ok[:, None], other=0.0)
-                if DOT_F32:
-                    k = k.to(tl.float32)
-                s = tl.dot(q, tl.trans(k)).to(tl.float32) * qk_scale
-                s = tl.where(ok[None, :], s, -1.0e30)
-                m_new = tl.maximum(m_i, tl.max(s, 1))
-                alpha = tl.math.exp2(m_i - m_new)
-                p = tl.math.exp2(s - m_new[:, None])
-                p = tl.where(ok[None, :], p, 0.0)
-                v = tl.load(V + loc[:, None] * stride_vt + hk * stride_vh + offs_d[None, :], mask=ok[:, None], other=0.0)
-                if DOT_F32:
-                    v = v.to(tl.float32)
-                l_i = l_i * alpha + tl.sum(p, 1)
-                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v).to(tl.float32)
-                m_i = m_new
-            out = (b * HQ + hrow) * NSPLIT + sp
-            l_safe = tl.maximum(l_i, 1e-30)
-            tl.store(MidO + out[:, None] * D + offs_d[None, :], acc / l_safe[:, None], mask=rvalid[:, None])
-            lse = tl.where(l_i > 0, m_i + tl.math.log2(l_safe), -1.0e30)
-            tl.store(MidL + out, lse, mask=rvalid)
+        n = tl.load(seq_lens + b)
+        npg = (n + PAGE - 1) // PAGE
+        w_eff = tl.minimum(tl.load(gwindow + hk), npg)
+        n_s = tl.minimum(tl.load(gsink + hk), npg - w_eff)
+        u = b * s_u_b + hk * s_u_h
+        total = tl.where(md == 0, npg, tl.where(md == 1, n_s + w_eff, tl.load(UCNT + b * HKV + hk)))
+        per = (total + NSPLIT - 1) // NSPLIT
+        j0 = sp * per
+        j1 = tl.minimum(j0 + per, total)
+        offs_d = tl.arange(0, D)
+        ar = tl.arange(0, PAGE)
+        rows = tl.arange(0, GP)
+        rvalid = rows < GROUP
+        hrow = hk * GROUP + rows
+        q = tl.load(Q + b * stride_qb + hrow[:, None] * stride_qh + offs_d[None, :], mask=rvalid[:, None], other=0.0)
+        if DOT_F32:  # the CPU interpreter's bf16 dot is wrong
+            q = q.to(tl.float32)
+        r2t = req_to_token + tl.load(req_pool_idx + b).to(tl.int64) * stride_r2t
+        m_i = tl.full([GP], -1.0e30, tl.float32)
+        l_i = tl.zeros([GP], tl.float32)
+        acc = tl.zeros([GP, D], tl.float32)
+        for j in range(j0, j1):
+            if md == 2:
+                pg = tl.load(ULIST + u + j)
+                row_ok = ((tl.load(UBITS + u + j) >> rows) & 1) != 0
+            else:
+                pg = tl.where(md == 0, j, tl.where(j < n_s, j, npg - w_eff + j - n_s))
+                row_ok = rvalid
+            pos = pg * PAGE + ar
+            ok = pos < n
+            loc = tl.load(r2t + pos, mask=ok, other=0).to(tl.int64)
+            k = tl.load(K + loc[:, None] * stride_kt + hk * stride_kh + offs_d[None, :], mask=ok[:, None], other=0.0)
+            if DOT_F32:
+                k = k.to(tl.float32)
+            s = tl.dot(q, tl.trans(k)).to(tl.float32) * qk_scale
+            use = row_ok[:, None] & ok[None, :]
+            s = tl.where(use, s, -1.0e30)
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            alpha = tl.math.exp2(m_i - m_new)
+            p = tl.math.exp2(s - m_new[:, None])
+            p = tl.where(use, p, 0.0)
+            v = tl.load(V + loc[:, None] * stride_vt + hk * stride_vh + offs_d[None, :], mask=ok[:, None], other=0.0)
+            if DOT_F32:
+                v = v.to(tl.float32)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v).to(tl.float32)
+            m_i = m_new
+        out = (b * HQ + hrow) * NSPLIT + sp
+        l_safe = tl.maximum(l_i, 1e-30)
+        tl.store(MidO + out[:, None] * D + offs_d[None, :], acc / l_safe[:, None], mask=rvalid[:, None])
+        lse = tl.where(l_i > 0, m_i + tl.math.log2(l_safe), -1.0e30)
+        tl.store(MidL + out, lse, mask=rvalid)
 
     @triton.jit
     def _combine_kernel(MidO, MidL, O, stride_ob, stride_oh, HQ, NSPLIT: tl.constexpr, D: tl.constexpr):
@@ -177,11 +173,24 @@ def _kernels():
         res = tl.sum(o * w[:, None], 0) / tl.sum(w, 0)
         tl.store(O + b * stride_ob + h * stride_oh + offs_d, res.to(O.dtype.element_ty))
 
-    return _decode_kernel, _combine_kernel, _decode_group_kernel
+    return _union_kernel, _decode_group_kernel, _combine_kernel
 
 
-def head_modes(budgets: Sequence[HeadBudget], device=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``mode, sink_pages, window_pages`` int32 ``[Hq]``. Top-k and vertical-slash heads use the selector."""
+class DecodeHeads(NamedTuple):
+    """Device constants of one layer's decode (:func:`decode_heads`), made once per budget set."""
+    mode: torch.Tensor       # int32 [Hq]: 0 dense, 1 streaming, 2 selected (top-k / vertical-slash)
+    sink: torch.Tensor       # int32 [Hq]: streaming sink pages
+    window: torch.Tensor     # int32 [Hq]: streaming window pages
+    gmode: torch.Tensor      # int32 [Hkv]: 0 all dense, 1 one streaming budget, 2 the union list
+    gsink: torch.Tensor      # int32 [Hkv]
+    gwindow: torch.Tensor    # int32 [Hkv]
+    lists: bool              # some KV head is in list mode (the union kernel runs)
+
+
+def decode_heads(budgets: Sequence[HeadBudget], num_kv_heads: int, device=None) -> DecodeHeads:
+    """Per q head its page rule; per KV head how the group kernel walks its pages. A KV head whose q heads
+    are all dense, or all streaming with one budget, walks a range; any other group walks the union of its
+    heads' pages with a row mask per page, so that every page is loaded once for the group."""
     mode, sink, win = [], [], []
     for b in budgets:
         if b.pattern is Pattern.DENSE:
@@ -190,30 +199,18 @@ def head_modes(budgets: Sequence[HeadBudget], device=None) -> tuple[torch.Tensor
             mode.append(MODE_STREAMING); sink.append(b.sink_blocks); win.append(b.window_blocks)
         else:
             mode.append(MODE_SELECTED); sink.append(0); win.append(0)
-    mk = lambda x: torch.tensor(x, dtype=torch.int32, device=device)
-    return mk(mode), mk(sink), mk(win)
-
-
-def group_modes(budgets: Sequence[HeadBudget], num_kv_heads: int, device=None):
-    """KV heads whose q heads all read the same pages (all dense, or one streaming budget) go to the group
-    kernel: ``gmode [Hkv]`` (0 dense, 1 streaming, -1 not grouped), ``gsink``, ``gwindow``, and the per-head
-    ``mode`` with those heads set to 3 (skipped by the per-head kernel)."""
-    mode, sink, win = head_modes(budgets, device)
     g = len(budgets) // num_kv_heads
     gm, gs, gw = [], [], []
-    mode = mode.clone()
     for hk in range(num_kv_heads):
-        hs = budgets[hk * g:(hk + 1) * g]
-        if all(b.pattern is Pattern.DENSE for b in hs):
-            gm.append(0); gs.append(0); gw.append(0)
-        elif all(b.pattern is Pattern.STREAMING for b in hs) and len({(b.sink_blocks, b.window_blocks) for b in hs}) == 1:
-            gm.append(1); gs.append(hs[0].sink_blocks); gw.append(hs[0].window_blocks)
+        hs = range(hk * g, (hk + 1) * g)
+        if all(mode[h] == MODE_DENSE for h in hs):
+            gm.append(MODE_DENSE); gs.append(0); gw.append(0)
+        elif all(mode[h] == MODE_STREAMING for h in hs) and len({(sink[h], win[h]) for h in hs}) == 1:
+            gm.append(MODE_STREAMING); gs.append(sink[hk * g]); gw.append(win[hk * g])
         else:
-            gm.append(-1); gs.append(0); gw.append(0)
-            continue
-        mode[hk * g:(hk + 1) * g] = 3
-    mk = lambda x: torch.tensor(x, dtype=torch.int32, device=device)
-    return mode, mk(gm), mk(gs), mk(gw)
+            gm.append(MODE_LIST); gs.append(0); gw.append(0)
+    mk = lambda x: torch.tensor(x, dtype=torch.int32, device=device)  # noqa: E731
+    return DecodeHeads(mk(mode), mk(sink), mk(win), mk(gm), mk(gs), mk(gw), MODE_LIST in gm)
 
 
 def decode_page_budget(budget: HeadBudget, npages: int) -> int:
@@ -344,61 +341,91 @@ def _selector_constants(budgets: tuple[HeadBudget, ...], device: str, max_pages:
     return torch.tensor(sel, device=device), decode_count_table(budgets, max_pages)[sel].to(device)
 
 
-def decode_splits(max_pages: int, batch: int, num_heads: int, target_programs: int = 1056) -> int:
-    """Power-of-two split count so that about ``target_programs`` programs run (fixed per plan)."""
-    want = max(1, min(max_pages, math.ceil(target_programs / max(1, batch * num_heads))))
+def decode_splits(max_pages: int, batch: int, num_kv_heads: int, target_programs: int = 528) -> int:
+    """Power-of-two split count so that about ``target_programs`` group programs run (fixed per plan)."""
+    want = max(1, min(max_pages, math.ceil(target_programs / max(1, batch * num_kv_heads))))
     return 1 << (want - 1).bit_length() if want > 1 else 1
 
 
+class DecodeScratch:
+    """Scratch of :func:`sparse_decode` for up to ``batch`` requests: split-K partials ``mid_o [B·Hq·NSPLIT, d]``
+    / ``mid_l``, and the union lists of list-mode KV heads (``ulist/ubits [B, Hkv, max_pages]``, ``ucnt``,
+    the byte map ``[B, Hq, max_pages]``, zero between calls). Allocate once (before CUDA-graph capture);
+    every layer of one shape can share it, and :meth:`with_splits` shares its union buffers."""
+
+    def __init__(self, batch: int, num_q_heads: int, num_kv_heads: int, head_dim: int, max_pages: int,
+                 nsplit: int, device=None) -> None:
+        self.batch, self.hq, self.hkv, self.max_pages, self.nsplit = batch, num_q_heads, num_kv_heads, max_pages, nsplit
+        self._partials(head_dim, device)
+        self.ulist = torch.zeros(batch, num_kv_heads, max_pages, dtype=torch.int32, device=device)
+        self.ubits = torch.zeros(batch, num_kv_heads, max_pages, dtype=torch.int32, device=device)
+        self.ucnt = torch.zeros(batch, num_kv_heads, dtype=torch.int32, device=device)
+        self.map = torch.zeros(batch, num_q_heads, max_pages, dtype=torch.int8, device=device)
+
+    def _partials(self, head_dim: int, device) -> None:
+        rows = self.batch * self.hq * self.nsplit
+        self.mid_o = torch.empty(rows, head_dim, dtype=torch.float32, device=device)
+        self.mid_l = torch.empty(rows, dtype=torch.float32, device=device)
+
+    def with_splits(self, batch: int, nsplit: int) -> "DecodeScratch":
+        """Scratch for ``batch <= self.batch`` requests at ``nsplit`` splits, sharing this one's union buffers."""
+        if batch > self.batch:
+            raise ValueError(f"batch {batch} exceeds the scratch's {self.batch}")
+        s = DecodeScratch.__new__(DecodeScratch)
+        s.batch, s.hq, s.hkv, s.max_pages, s.nsplit = batch, self.hq, self.hkv, self.max_pages, nsplit
+        s._partials(self.mid_o.shape[1], self.mid_o.device)
+        s.ulist, s.ubits, s.ucnt, s.map = self.ulist, self.ubits, self.ucnt, self.map
+        return s
+
+
 def sparse_decode(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tensor, req_to_token: torch.Tensor,
-                  req_pool_indices: torch.Tensor, seq_lens: torch.Tensor, mode: torch.Tensor, sink: torch.Tensor,
-                  window: torch.Tensor, page_idx: torch.Tensor, page_cnt: torch.Tensor, *, nsplit: int = 8,
+                  req_pool_indices: torch.Tensor, seq_lens: torch.Tensor, heads: DecodeHeads,
+                  page_idx: torch.Tensor, page_cnt: torch.Tensor, scratch: DecodeScratch, *,
                   sm_scale: float | None = None, out: torch.Tensor | None = None,
-                  workspace: tuple[torch.Tensor, torch.Tensor] | None = None,
-                  groups: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
                   num_warps: int = 4, num_stages: int | None = None) -> torch.Tensor:
     """``q [B, Hq, d]`` (token at position ``seq_lens - 1``, already written to the pool) → ``[B, Hq, d]``.
-    ``mode/sink/window``: :func:`head_modes`; ``page_idx/page_cnt``: :func:`select_pages`. Sync-free.
-    ``groups = (gmode, gsink, gwindow)`` with ``mode`` from :func:`group_modes`: KV heads whose q heads share
-    their pages are read once per group by a second kernel."""
+    ``heads``: :func:`decode_heads`; ``page_idx/page_cnt``: :func:`select_pages` (or the fused selector);
+    ``scratch``: a :class:`DecodeScratch` for at least ``B`` requests. Each KV head's pages are loaded once
+    for its q heads. Sync-free, no allocation with ``out``."""
     from .index import check_qkv
     if q.dim() != 3:
         raise ValueError(f"decode q must be [batch, heads, head_dim], got {tuple(q.shape)}")
     check_qkv(q, k_buffer, v_buffer)
     bsz, hq, d = q.shape
+    hkv = k_buffer.shape[1]
+    nsplit = scratch.nsplit
     if nsplit < 1 or nsplit & (nsplit - 1):
         raise ValueError(f"nsplit must be a power of two, got {nsplit}")
     if page_idx.shape[:2] != (bsz, hq) or page_cnt.shape != (bsz, hq):
         raise ValueError(f"page_idx {tuple(page_idx.shape)} / page_cnt {tuple(page_cnt.shape)} do not match ({bsz}, {hq})")
-    if mode.shape != (hq,) or sink.shape != (hq,) or window.shape != (hq,):
-        raise ValueError("mode, sink and window must have one entry per query head")
+    if heads.mode.shape != (hq,) or heads.gmode.shape != (hkv,):
+        raise ValueError(f"decode heads are for {heads.mode.shape[0]} q / {heads.gmode.shape[0]} KV heads, "
+                         f"got {hq} / {hkv}")
+    if scratch.batch < bsz or scratch.hq != hq or scratch.hkv != hkv:
+        raise ValueError(f"scratch holds {scratch.batch} requests x {scratch.hq} / {scratch.hkv} heads, "
+                         f"got {bsz} x {hq} / {hkv}")
+    if page_idx.stride(2) != 1:
+        raise ValueError("page_idx needs a unit last stride")
     scale = (sm_scale if sm_scale is not None else 1.0 / math.sqrt(d)) * LOG2E
     o = out if out is not None else torch.empty_like(q)
-    if workspace is None:
-        mid_o = torch.empty(bsz * hq * nsplit, d, dtype=torch.float32, device=q.device)
-        mid_l = torch.empty(bsz * hq * nsplit, dtype=torch.float32, device=q.device)
-    else:
-        mid_o, mid_l = workspace
-    dec, comb, grp = _kernels()
+    union, grp, comb = _kernels()
     if num_stages is None:
         num_stages = 3 if q.is_cuda else 1
-    dec[(bsz * hq, nsplit)](
-        q, k_buffer, v_buffer, mid_o, mid_l,
+    g = hq // hkv
+    ul = scratch.ulist
+    if heads.lists:
+        maxp = scratch.max_pages
+        union[(bsz, hkv)](page_idx, page_cnt, page_idx.stride(0), page_idx.stride(1), page_cnt.stride(0), seq_lens,
+                          heads.mode, heads.sink, heads.window, heads.gmode,
+                          scratch.map, scratch.map.stride(0), ul, scratch.ubits, scratch.ucnt, ul.stride(0),
+                          ul.stride(1), hkv, maxp, GROUP=g, M2=max(16, 1 << (page_idx.shape[2] - 1).bit_length()),
+                          TP=min(1024, max(16, 1 << (maxp - 1).bit_length())), PAGE=BLOCK)
+    grp[(bsz * hkv, nsplit)](
+        q, k_buffer, v_buffer, scratch.mid_o, scratch.mid_l,
         q.stride(0), q.stride(1), k_buffer.stride(0), k_buffer.stride(1), v_buffer.stride(0), v_buffer.stride(1),
         req_to_token, req_pool_indices, req_to_token.stride(0), seq_lens,
-        mode, sink, window, page_idx, page_cnt, page_idx.stride(0), page_idx.stride(1), page_cnt.stride(0),
-        scale, hq, GROUP=hq // k_buffer.shape[1], NSPLIT=nsplit, PAGE=BLOCK, D=d,
-        num_warps=num_warps, num_stages=num_stages)
-    if groups is not None:
-        hkv = k_buffer.shape[1]
-        g = hq // hkv
-        grp[(bsz * hkv, nsplit)](
-            q, k_buffer, v_buffer, mid_o, mid_l,
-            q.stride(0), q.stride(1), k_buffer.stride(0), k_buffer.stride(1), v_buffer.stride(0), v_buffer.stride(1),
-            req_to_token, req_pool_indices, req_to_token.stride(0), seq_lens,
-            groups[0], groups[1], groups[2], scale, hq, hkv,
-            GROUP=g, GP=max(16, 1 << (g - 1).bit_length()), NSPLIT=nsplit, PAGE=BLOCK, D=d,
-            DOT_F32=(not q.is_cuda) and q.dtype == torch.bfloat16,
-            num_warps=num_warps, num_stages=num_stages)
-    comb[(bsz * hq,)](mid_o, mid_l, o, o.stride(0), o.stride(1), hq, NSPLIT=nsplit, D=d)
+        heads.gmode, heads.gsink, heads.gwindow, ul, scratch.ubits, scratch.ucnt, ul.stride(0), ul.stride(1),
+        scale, hq, hkv, GROUP=g, GP=max(16, 1 << (g - 1).bit_length()), NSPLIT=nsplit, PAGE=BLOCK, D=d,
+        DOT_F32=(not q.is_cuda) and q.dtype == torch.bfloat16, num_warps=num_warps, num_stages=num_stages)
+    comb[(bsz * hq,)](scratch.mid_o, scratch.mid_l, o, o.stride(0), o.stride(1), hq, NSPLIT=nsplit, D=d)
     return o

@@ -104,7 +104,7 @@ class ShplbAttnBackend(AttentionBackend):
         if self.kernels:
             max_sel = max(layer_max_selected(lk.budgets, self.max_context) for lk in self.kernels.values())
             hq = len(next(iter(self.kernels.values())).budgets)
-            self.decode_ws = DecodeWorkspace(hq, mc.head_dim, math.ceil(self.max_context / 64), max_sel, self.device,
+            self.decode_ws = DecodeWorkspace(hq, hkv, mc.head_dim, math.ceil(self.max_context / 64), max_sel, self.device,
                                              max(selected_heads(lk.budgets) for lk in self.kernels.values()))
             mib = sum(lk.summary_bytes for lk in self.kernels.values()) / 2**20
             log = logger.warning if mib > 1024 else logger.info
