@@ -38,10 +38,13 @@ from sglang_shplb.kernels.paged_layer import (DecodeWorkspace, LayerKernels, lay
                                               selected_heads)
 from sglang_shplb.kernels.reference import (reference_decode_pages, reference_sparse_decode,  # noqa: E402
                                             relative_error)
-from sglang_shplb.kernels.triton_decode import build_page_summaries, sparse_decode  # noqa: E402
+from sglang_shplb.kernels.triton_decode import DecodeScratch, build_page_summaries, sparse_decode  # noqa: E402
 from sglang_shplb.patterns import BLOCK, HeadBudget  # noqa: E402
 
 from timing import LOG, bench, log  # noqa: E402  (bench/timing.py)
+
+
+SWEPT = ("dense", "stream(128+2048)", "topk0.1", "plan: 1 dense, 4 stream, 3 topk0.1 groups")
 
 
 def budget_sets(hq: int, g: int) -> dict[str, list[HeadBudget]]:
@@ -76,7 +79,7 @@ def unique_pages(lk: LayerKernels, ws: DecodeWorkspace, seq_lens: torch.Tensor) 
     union lists from the workspace's counts)."""
     bsz = seq_lens.shape[0]
     gm, gs, gw = (x.tolist() for x in (lk.heads.gmode, lk.heads.gsink, lk.heads.gwindow))
-    ucnt = ws.scratch(bsz).ucnt[:bsz].tolist()
+    ucnt = ws.scratch.ucnt[:bsz].tolist()
     total = 0
     for b, n in enumerate(seq_lens.tolist()):
         npg = math.ceil(n / BLOCK)
@@ -153,6 +156,7 @@ def main():
     ap.add_argument("--max-layers", type=int, default=8)
     ap.add_argument("--kv-gb", type=float, default=24.0, help="K/V memory of the L layers at most")
     ap.add_argument("--budget-s", type=float, default=480.0, help="stop adding (ctx, batch) points past this")
+    ap.add_argument("--splits", default="", help="also time the reuse path of a few sets at these split counts")
     args = ap.parse_args()
     smoke = args.cpu_smoke
     t_start = time.time()
@@ -199,6 +203,7 @@ def main():
     dump()
 
     sets = budget_sets(hq, hq // hkv)
+    splits = [int(x) for x in args.splits.split(",") if x]
     scale = 1 / math.sqrt(d)
     for n in ctxs:
         for bsz in batches:
@@ -232,7 +237,7 @@ def main():
             for name, budgets in sets.items():
                 try:
                     ent = one_config(name, budgets, q_l, kb_l, vb_l, r2t, rpi, seq, ws, scale, hkv, d, max_ctx, dtype,
-                                     dev, smoke)
+                                     dev, smoke, splits if name in SWEPT else [])
                 except Exception as e:  # noqa: BLE001
                     log(f"{name}: failed: {type(e).__name__}: {str(e)[:300]}")
                     continue
@@ -248,6 +253,8 @@ def main():
                     ent["step_speedup_vs_ours_dense"] = row["configs"][0]["step_ms"] / ent["step_ms"]
                     line += f", vs our dense {ent['step_speedup_vs_ours_dense']:.2f}x"
                 log(line)
+                if "reuse_ms_by_nsplit" in ent:
+                    log("    reuse ms by nsplit: " + ", ".join(f"{x}: {t:.4f}" for x, t in ent["reuse_ms_by_nsplit"].items()))
                 row["configs"].append(ent)
             res["decode"].append(row)
             del kb_l, vb_l, q_l, ws
@@ -260,7 +267,8 @@ def main():
         plot(res, path + ".png")
 
 
-def one_config(name, budgets, q_l, kb_l, vb_l, r2t, rpi, seq, ws, scale, hkv, d, max_ctx, dtype, dev, smoke) -> dict:
+def one_config(name, budgets, q_l, kb_l, vb_l, r2t, rpi, seq, ws, scale, hkv, d, max_ctx, dtype, dev, smoke,
+               splits: list[int]) -> dict:
     bsz, L = seq.shape[0], len(q_l)
     lks = [LayerKernels(budgets, hkv, d, max_ctx, bsz, dtype, dev) for _ in range(L)]
     for lk, kb in zip(lks, kb_l):
@@ -279,19 +287,23 @@ def one_config(name, budgets, q_l, kb_l, vb_l, r2t, rpi, seq, ws, scale, hkv, d,
         lk.decode(q, kb, vb, r2t, rpi, seq, ws, scale, o)
         sel.append((ws.page_idx[:bsz].clone(), ws.page_cnt[:bsz].clone()))
         pages += unique_pages(lk, ws, seq)
-    sc = ws.scratch(bsz)
+    sc, ns = ws.scratch, lks[0].splits(bsz)
 
-    def reuse():
+    def reuse(sc=sc, ns=ns):
         for lk, q, kb, vb, o, (pi, pc) in zip(lks, q_l, kb_l, vb_l, outs, sel):
-            sparse_decode(q, kb, vb, r2t, rpi, seq, lk.heads, pi, pc, sc, sm_scale=scale, out=o)
+            sparse_decode(q, kb, vb, r2t, rpi, seq, lk.heads, pi, pc, sc, ns, sm_scale=scale, out=o)
     t_step = graph_ms(step, smoke) / L
     t_reuse = graph_ms(reuse, smoke) / L
     lk0, (pi0, pc0) = lks[0], sel[0]
-    t_eager = bench(lambda: sparse_decode(q_l[0], kb_l[0], vb_l[0], r2t, rpi, seq, lk0.heads, pi0, pc0, sc,
+    t_eager = bench(lambda: sparse_decode(q_l[0], kb_l[0], vb_l[0], r2t, rpi, seq, lk0.heads, pi0, pc0, sc, ns,
                                           sm_scale=scale, out=outs[0]), smoke)
-    return {"name": name, "budgets": sorted({b.describe() for b in budgets}), "bytes": pages * BLOCK * d * 2 * 2 // L,
-            "pages_per_layer": pages / L, "step_ms": t_step, "reuse_ms": t_reuse, "eager_reuse_ms": t_eager,
-            "all_written": written, "nsplit": sc.nsplit, "list_kv_heads": int((lk0.heads.gmode == 2).sum())}
+    ent = {"name": name, "budgets": sorted({b.describe() for b in budgets}), "bytes": pages * BLOCK * d * 2 * 2 // L,
+           "pages_per_layer": pages / L, "step_ms": t_step, "reuse_ms": t_reuse, "eager_reuse_ms": t_eager,
+           "all_written": written, "nsplit": ns, "list_kv_heads": int((lk0.heads.gmode == 2).sum())}
+    if splits:   # the reuse time at other split counts
+        big = DecodeScratch(bsz, q_l[0].shape[1], hkv, d, ws.max_pages, bsz * q_l[0].shape[1] * max(splits), dev)
+        ent["reuse_ms_by_nsplit"] = {x: graph_ms(lambda x=x: reuse(big, x), smoke) / L for x in splits}
+    return ent
 
 
 def graph_ms(fn, smoke: bool) -> float:

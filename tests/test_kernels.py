@@ -221,9 +221,9 @@ def _decode_setup(seed, hq=8, hkv=2, d=64, dtype=torch.float32):
     g = torch.Generator().manual_seed(seed)
     max_ctx, r = 330, 4
     pool = r * max_ctx + 50
-    k = torch.randn(pool, hkv, d, generator=g).to(dtype)
-    v = torch.randn(pool, hkv, d, generator=g).to(dtype)
-    req_to_token = torch.randperm(pool, generator=g)[:r * max_ctx].view(r, max_ctx).int()
+    k = torch.randn(pool, hkv, d, generator=g).to(DEV, dtype)
+    v = torch.randn(pool, hkv, d, generator=g).to(DEV, dtype)
+    req_to_token = torch.randperm(pool, generator=g)[:r * max_ctx].view(r, max_ctx).int().to(DEV)
     return k, v, req_to_token, max_ctx, r
 
 
@@ -241,9 +241,9 @@ def test_sparse_decode_with_page_reuse(group, dtype, grouped):
     if grouped:  # KV head 1 all dense, KV head 2 one streaming budget: the group kernel reads them
         budgets[group:2 * group] = [HeadBudget.dense()] * group
         budgets[2 * group:] = [HeadBudget.streaming(64, 128)] * group
-    rpi = torch.tensor([2, 0, 3], dtype=torch.int32)
-    lens = torch.tensor([250, 64, 130], dtype=torch.int32)                  # 64 / 130: a page just filled / just begun
-    sd = SparseDecode(budgets, hkv, d, max_ctx, r, dtype=dtype, reselect_every=3)
+    rpi = torch.tensor([2, 0, 3], dtype=torch.int32, device=DEV)
+    lens = torch.tensor([250, 64, 130], dtype=torch.int32, device=DEV)     # 64 / 130: a page just filled / just begun
+    sd = SparseDecode(budgets, hkv, d, max_ctx, r, dtype=dtype, device=DEV, reselect_every=3)
     sd.build_summaries(k, req_to_token, rpi, lens - 1)
     sd.plan(3, nsplit=4)
     if grouped:
@@ -256,7 +256,7 @@ def test_sparse_decode_with_page_reuse(group, dtype, grouped):
             np_ = lo.shape[1]
             assert torch.equal(sd.kmin[int(rpi[b]), :, :np_].float(), lo)
             assert torch.equal(sd.kmax[int(rpi[b]), :, :np_].float(), hi)
-        q = torch.randn(3, hq, d, generator=torch.Generator().manual_seed(step)).to(dtype)
+        q = torch.randn(3, hq, d, generator=torch.Generator().manual_seed(step)).to(DEV, dtype)
         out = sd.run(q, k, v, req_to_token, rpi, lens)
         sets, new_chosen = [], []
         for b in range(3):
@@ -266,7 +266,8 @@ def test_sparse_decode_with_page_reuse(group, dtype, grouped):
             new_chosen.append(picks)
         chosen = new_chosen
         ref = reference_sparse_decode(q, k, v, req_to_token, rpi, lens, sets)
-        assert relative_error(out, ref) < TOL[dtype], f"step {step}"
+        tol = 3e-3 if DEV == "cuda" and dtype == torch.float32 else TOL[dtype]   # the GPU's fp32 dot is TF32
+        assert relative_error(out, ref) < tol, f"step {step}"
         sc = sd.scratch                                                     # each list-mode KV head's union
         for b, hk in ((b, hk) for b in range(3) for hk in range(hkv) if sd.heads.gmode[hk] == 2):
             heads = range(hk * group, (hk + 1) * group)

@@ -341,59 +341,66 @@ def _selector_constants(budgets: tuple[HeadBudget, ...], device: str, max_pages:
     return torch.tensor(sel, device=device), decode_count_table(budgets, max_pages)[sel].to(device)
 
 
-def decode_splits(max_pages: int, batch: int, num_kv_heads: int, target_programs: int = 528) -> int:
-    """Power-of-two split count so that about ``target_programs`` group programs run (fixed per plan)."""
-    want = max(1, min(max_pages, math.ceil(target_programs / max(1, batch * num_kv_heads))))
+def decode_walk_pages(budgets: Sequence[HeadBudget], num_kv_heads: int, max_pages: int) -> int:
+    """The most pages one KV head's group kernel walks at ``max_pages`` pages: the length of its range, or
+    of its union list (at most the sum of its heads' pages). Sizes the split count of a layer."""
+    g = len(budgets) // num_kv_heads
+    heads = decode_heads(budgets, num_kv_heads)
+
+    def pages(b: HeadBudget) -> int:
+        if b.pattern is Pattern.DENSE:
+            return max_pages
+        if b.pattern is Pattern.STREAMING:
+            return b.sink_blocks + b.window_blocks
+        return decode_page_budget(b, max_pages)
+    walk = 1
+    for hk, m in enumerate(heads.gmode.tolist()):
+        hs = budgets[hk * g:(hk + 1) * g]
+        walk = max(walk, pages(hs[0]) if m != MODE_LIST else sum(pages(b) for b in hs))
+    return min(walk, max_pages)
+
+
+def decode_splits(walk_pages: int, batch: int, num_kv_heads: int, target_programs: int = 528,
+                  min_pages: int = 4) -> int:
+    """Power-of-two split count of the page walk: about ``target_programs`` group programs in all, and at
+    least ``min_pages`` pages per split of the longest walk (fixed per plan and batch size)."""
+    want = max(1, min(math.ceil(walk_pages / min_pages), math.ceil(target_programs / max(1, batch * num_kv_heads))))
     return 1 << (want - 1).bit_length() if want > 1 else 1
 
 
 class DecodeScratch:
-    """Scratch of :func:`sparse_decode` for up to ``batch`` requests: split-K partials ``mid_o [B·Hq·NSPLIT, d]``
-    / ``mid_l``, and the union lists of list-mode KV heads (``ulist/ubits [B, Hkv, max_pages]``, ``ucnt``,
-    the byte map ``[B, Hq, max_pages]``, zero between calls). Allocate once (before CUDA-graph capture);
-    every layer of one shape can share it, and :meth:`with_splits` shares its union buffers."""
+    """Scratch of :func:`sparse_decode` for up to ``batch`` requests: split-K partials (``partial_rows`` rows of
+    ``mid_o [., d]`` / ``mid_l``: ``batch · Hq · nsplit`` are used) and the union lists of list-mode KV heads
+    (``ulist/ubits [B, Hkv, max_pages]``, ``ucnt``, the byte map ``[B, Hq, max_pages]``, zero between calls).
+    Allocate once (before CUDA-graph capture); every layer of one shape can share it."""
 
     def __init__(self, batch: int, num_q_heads: int, num_kv_heads: int, head_dim: int, max_pages: int,
-                 nsplit: int, device=None) -> None:
-        self.batch, self.hq, self.hkv, self.max_pages, self.nsplit = batch, num_q_heads, num_kv_heads, max_pages, nsplit
-        self._partials(head_dim, device)
+                 partial_rows: int, device=None) -> None:
+        self.batch, self.hq, self.hkv, self.max_pages = batch, num_q_heads, num_kv_heads, max_pages
+        self.mid_o = torch.empty(partial_rows, head_dim, dtype=torch.float32, device=device)
+        self.mid_l = torch.empty(partial_rows, dtype=torch.float32, device=device)
         self.ulist = torch.zeros(batch, num_kv_heads, max_pages, dtype=torch.int32, device=device)
         self.ubits = torch.zeros(batch, num_kv_heads, max_pages, dtype=torch.int32, device=device)
         self.ucnt = torch.zeros(batch, num_kv_heads, dtype=torch.int32, device=device)
         self.map = torch.zeros(batch, num_q_heads, max_pages, dtype=torch.int8, device=device)
 
-    def _partials(self, head_dim: int, device) -> None:
-        rows = self.batch * self.hq * self.nsplit
-        self.mid_o = torch.empty(rows, head_dim, dtype=torch.float32, device=device)
-        self.mid_l = torch.empty(rows, dtype=torch.float32, device=device)
-
-    def with_splits(self, batch: int, nsplit: int) -> "DecodeScratch":
-        """Scratch for ``batch <= self.batch`` requests at ``nsplit`` splits, sharing this one's union buffers."""
-        if batch > self.batch:
-            raise ValueError(f"batch {batch} exceeds the scratch's {self.batch}")
-        s = DecodeScratch.__new__(DecodeScratch)
-        s.batch, s.hq, s.hkv, s.max_pages, s.nsplit = batch, self.hq, self.hkv, self.max_pages, nsplit
-        s._partials(self.mid_o.shape[1], self.mid_o.device)
-        s.ulist, s.ubits, s.ucnt, s.map = self.ulist, self.ubits, self.ucnt, self.map
-        return s
-
 
 def sparse_decode(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tensor, req_to_token: torch.Tensor,
                   req_pool_indices: torch.Tensor, seq_lens: torch.Tensor, heads: DecodeHeads,
-                  page_idx: torch.Tensor, page_cnt: torch.Tensor, scratch: DecodeScratch, *,
+                  page_idx: torch.Tensor, page_cnt: torch.Tensor, scratch: DecodeScratch, nsplit: int, *,
                   sm_scale: float | None = None, out: torch.Tensor | None = None,
                   num_warps: int = 4, num_stages: int | None = None) -> torch.Tensor:
     """``q [B, Hq, d]`` (token at position ``seq_lens - 1``, already written to the pool) → ``[B, Hq, d]``.
     ``heads``: :func:`decode_heads`; ``page_idx/page_cnt``: :func:`select_pages` (or the fused selector);
-    ``scratch``: a :class:`DecodeScratch` for at least ``B`` requests. Each KV head's pages are loaded once
-    for its q heads. Sync-free, no allocation with ``out``."""
+    ``scratch``: a :class:`DecodeScratch` for at least ``B`` requests and ``B · Hq · nsplit`` partial rows;
+    ``nsplit`` (a power of two, :func:`decode_splits`): slices of each KV head's page walk. Each KV head's
+    pages are loaded once for its q heads. Sync-free, no allocation with ``out``."""
     from .index import check_qkv
     if q.dim() != 3:
         raise ValueError(f"decode q must be [batch, heads, head_dim], got {tuple(q.shape)}")
     check_qkv(q, k_buffer, v_buffer)
     bsz, hq, d = q.shape
     hkv = k_buffer.shape[1]
-    nsplit = scratch.nsplit
     if nsplit < 1 or nsplit & (nsplit - 1):
         raise ValueError(f"nsplit must be a power of two, got {nsplit}")
     if page_idx.shape[:2] != (bsz, hq) or page_cnt.shape != (bsz, hq):
@@ -401,9 +408,9 @@ def sparse_decode(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tenso
     if heads.mode.shape != (hq,) or heads.gmode.shape != (hkv,):
         raise ValueError(f"decode heads are for {heads.mode.shape[0]} q / {heads.gmode.shape[0]} KV heads, "
                          f"got {hq} / {hkv}")
-    if scratch.batch < bsz or scratch.hq != hq or scratch.hkv != hkv:
-        raise ValueError(f"scratch holds {scratch.batch} requests x {scratch.hq} / {scratch.hkv} heads, "
-                         f"got {bsz} x {hq} / {hkv}")
+    if scratch.batch < bsz or scratch.hq != hq or scratch.hkv != hkv or scratch.mid_l.shape[0] < bsz * hq * nsplit:
+        raise ValueError(f"scratch holds {scratch.batch} requests x {scratch.hq} / {scratch.hkv} heads and "
+                         f"{scratch.mid_l.shape[0]} partial rows, got {bsz} x {hq} / {hkv} at {nsplit} splits")
     if page_idx.stride(2) != 1:
         raise ValueError("page_idx needs a unit last stride")
     scale = (sm_scale if sm_scale is not None else 1.0 / math.sqrt(d)) * LOG2E
