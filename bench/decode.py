@@ -287,22 +287,22 @@ def one_config(name, budgets, q_l, kb_l, vb_l, r2t, rpi, seq, ws, scale, hkv, d,
         lk.decode(q, kb, vb, r2t, rpi, seq, ws, scale, o)
         sel.append((ws.page_idx[:bsz].clone(), ws.page_cnt[:bsz].clone()))
         pages += unique_pages(lk, ws, seq)
-    sc, ns = ws.scratch, lks[0].splits(bsz)
+    sc, (ns, sp) = ws.scratch, lks[0].splits(bsz)
 
-    def reuse(sc=sc, ns=ns):
+    def reuse(sc=sc, ns=ns, sp=sp):
         for lk, q, kb, vb, o, (pi, pc) in zip(lks, q_l, kb_l, vb_l, outs, sel):
-            sparse_decode(q, kb, vb, r2t, rpi, seq, lk.heads, pi, pc, sc, ns, sm_scale=scale, out=o)
+            sparse_decode(q, kb, vb, r2t, rpi, seq, lk.heads, pi, pc, sc, ns, sp, sm_scale=scale, out=o)
     t_step = graph_ms(step, smoke) / L
     t_reuse = graph_ms(reuse, smoke) / L
     lk0, (pi0, pc0) = lks[0], sel[0]
-    t_eager = bench(lambda: sparse_decode(q_l[0], kb_l[0], vb_l[0], r2t, rpi, seq, lk0.heads, pi0, pc0, sc, ns,
+    t_eager = bench(lambda: sparse_decode(q_l[0], kb_l[0], vb_l[0], r2t, rpi, seq, lk0.heads, pi0, pc0, sc, ns, sp,
                                           sm_scale=scale, out=outs[0]), smoke)
     ent = {"name": name, "budgets": sorted({b.describe() for b in budgets}), "bytes": pages * BLOCK * d * 2 * 2 // L,
            "pages_per_layer": pages / L, "step_ms": t_step, "reuse_ms": t_reuse, "eager_reuse_ms": t_eager,
-           "all_written": written, "nsplit": ns, "list_kv_heads": int((lk0.heads.gmode == 2).sum())}
+           "all_written": written, "nsplit": ns, "split_pages": sp, "list_kv_heads": int((lk0.heads.gmode == 2).sum())}
     if splits:   # the reuse time at other split counts
         big = DecodeScratch(bsz, q_l[0].shape[1], hkv, d, ws.max_pages, bsz * q_l[0].shape[1] * max(splits), dev)
-        ent["reuse_ms_by_nsplit"] = {x: graph_ms(lambda x=x: reuse(big, x), smoke) / L for x in splits}
+        ent["reuse_ms_by_nsplit"] = {x: graph_ms(lambda x=x: reuse(big, x, 1), smoke) / L for x in splits}
     return ent
 
 

@@ -168,9 +168,25 @@ def test_layers_without_selected_heads_have_no_summaries_and_workspace_grows():
     ws.ensure(5)
     lk = layer(budgets_mixed())
     assert ws.capacity == 5 and ws.scratch.batch == 5
-    assert all(ws.scratch.mid_l.shape[0] >= bs * HQ * lk.splits(bs) for bs in range(1, 6))
+    assert all(ws.scratch.mid_l.shape[0] >= bs * HQ * lk.splits(bs)[0] for bs in range(1, 6))
 
 
 def test_extend_batch_rejects_bad_lengths():
     with pytest.raises(ValueError, match="disagree"):
         ExtendBatch.build(torch.zeros(1, 8, dtype=torch.int32, device=DEV), torch.tensor([0], device=DEV), [5], [4])
+
+
+def test_decode_splits_follow_the_walks_and_stay_within_the_workspace_bound():
+    from sglang_shplb.kernels.triton_decode import decode_splits, decode_walks, max_decode_splits
+    pages = 2048
+    walks = decode_walks(budgets_mixed(), HKV, pages)
+    assert walks == [pages, pages]                       # each KV group has a dense head
+    stream = decode_walks(budgets_positional()[3:] * 2, HKV, pages)
+    assert stream == [(1 + 2) + (0 + 1) + (2 + 1)] * 2     # a union list: at most the sum of sink + window pages
+    for walks in ([pages] * 8, [34] * 8, [pages, 34, 820, 34, 820, 34, 820, 34], [3, 1]):
+        for bs in (1, 2, 4, 16, 64, 160):
+            ns, sp = decode_splits(walks, bs)
+            assert ns & (ns - 1) == 0 and sp >= 8
+            assert ns <= max_decode_splits(pages, bs)
+            assert ns >= min(max(walks) / sp, 1)             # the longest walk fits in ns slices of sp pages
+            assert max(walks) <= ns * sp

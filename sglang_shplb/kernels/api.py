@@ -9,7 +9,7 @@ import torch
 from ..patterns import BLOCK, HeadBudget, Pattern
 from .index import BlockIndex, build_block_index, check_budgets, check_qkv, pair_union_index
 from .triton_decode import (DecodeScratch, alloc_page_summaries, build_page_summaries, decode_heads, decode_splits,
-                            decode_walk_pages,
+                            decode_walks,
                             max_selected_pages, select_pages, sparse_decode, update_page_summaries)
 from .triton_prefill import RULE_DENSE_WINDOW, rule_prefill, sparse_prefill, tile_prefill, union_prefill
 
@@ -283,8 +283,10 @@ class SparseDecode:
     def plan(self, batch_size: int, device=None, nsplit: int | None = None) -> "SparseDecode":
         dev = device if device is not None else self.kmin.device
         hq, d = self.num_q_heads, self.head_dim
-        walk = decode_walk_pages(self.budgets, self.num_kv_heads, self.max_pages)
-        self.nsplit = nsplit if nsplit is not None else decode_splits(walk, batch_size, self.num_kv_heads)
+        self.nsplit, self.split_pages = decode_splits(decode_walks(self.budgets, self.num_kv_heads, self.max_pages),
+                                                      batch_size)
+        if nsplit is not None:       # a fixed split count: the walks cut into nsplit even slices
+            self.nsplit, self.split_pages = nsplit, 1
         self.page_idx = torch.zeros(batch_size, hq, self.maxsel, dtype=torch.int32, device=dev)
         self.page_cnt = torch.zeros(batch_size, hq, dtype=torch.int32, device=dev)
         self.scratch = DecodeScratch(batch_size, hq, self.num_kv_heads, d, self.max_pages,
@@ -308,4 +310,5 @@ class SparseDecode:
             self.select(q, req_pool_indices, seq_lens)
         self._step += 1
         return sparse_decode(q, k_buffer, v_buffer, req_to_token, req_pool_indices, seq_lens, self.heads,
-                             self.page_idx, self.page_cnt, self.scratch, self.nsplit, sm_scale=self.sm_scale, out=out)
+                             self.page_idx, self.page_cnt, self.scratch, self.nsplit, self.split_pages,
+                             sm_scale=self.sm_scale, out=out)

@@ -27,7 +27,7 @@ import torch
 
 from .api import SparsePrefill
 from .triton_decode import (DecodeScratch, alloc_page_summaries, build_page_summaries, decode_heads, decode_splits,
-                           decode_walk_pages, max_selected_pages, sparse_decode)
+                           decode_walks, max_decode_splits, max_selected_pages, sparse_decode)
 from .triton_select import selector_consts, update_and_select_pages
 from ..patterns import BLOCK, HeadBudget, Pattern
 
@@ -61,8 +61,8 @@ class ExtendBatch:
 class DecodeWorkspace:
     """Scratch of the decode path shared by every layer: chosen pages, page scores, split-K partials and
     union lists (:class:`~.triton_decode.DecodeScratch`). Allocated for the largest batch up front
-    (``ensure`` before CUDA-graph capture), then only sliced. A layer splits its page walk
-    ``decode_splits(walk, bs, Hkv)`` ways; the partials are sized for the longest walk, ``max_pages``."""
+    (``ensure`` before CUDA-graph capture), then only sliced. The partials are sized for the most splits a
+    layer of ``max_pages`` pages can take (:func:`~.triton_decode.max_decode_splits`)."""
 
     def __init__(self, num_q_heads: int, num_kv_heads: int, head_dim: int, max_pages: int, max_sel: int, device,
                  max_selected_heads: int = 1) -> None:
@@ -81,7 +81,7 @@ class DecodeWorkspace:
         self.page_cnt = torch.zeros(max_bs, self.hq, dtype=torch.int32, device=self.device)
         self.scores = torch.empty(max_bs, self.max_selected_heads, self.max_pages, dtype=torch.float32,
                                   device=self.device)     # page scores of the selected heads
-        rows = max(bs * self.hq * decode_splits(self.max_pages, bs, self.hkv) for bs in range(1, max_bs + 1))
+        rows = max(bs * self.hq * max_decode_splits(self.max_pages, bs) for bs in range(1, max_bs + 1))
         self.scratch = DecodeScratch(max_bs, self.hq, self.hkv, self.d, self.max_pages, rows, self.device)
         self.capacity = max_bs
 
@@ -104,7 +104,7 @@ class LayerKernels:
         self.max_pages = math.ceil(max_ctx / BLOCK)
         self.prefill = SparsePrefill(self.budgets, num_kv_heads, head_dim)
         self.heads = decode_heads(self.budgets, num_kv_heads, device)
-        self.walk_pages = decode_walk_pages(self.budgets, num_kv_heads, self.max_pages)
+        self.walks = decode_walks(self.budgets, num_kv_heads, self.max_pages)
         self.selects = selected_heads(self.budgets) > 0
         self.kmin = self.kmax = None
         if self.selects:   # page summaries [R, Hkv, pages, d] x 2, indexed like req_to_token
@@ -147,8 +147,8 @@ class LayerKernels:
             update_and_select_pages(q, k_buffer, req_to_token, req_pool_indices, seq_lens, self.kmin, self.kmax,
                                     self.select_consts, self.max_pages, page_idx, page_cnt, scratch=ws.scores)
         return sparse_decode(q, k_buffer, v_buffer, req_to_token, req_pool_indices, seq_lens, self.heads, page_idx,
-                             page_cnt, ws.scratch, self.splits(bs), sm_scale=scale, out=out)
+                             page_cnt, ws.scratch, *self.splits(bs), sm_scale=scale, out=out)
 
-    def splits(self, bs: int) -> int:
-        """Split count of this layer's page walk at batch size ``bs``."""
-        return decode_splits(self.walk_pages, bs, self.hkv)
+    def splits(self, bs: int) -> tuple[int, int]:
+        """``(nsplit, split_pages)`` of this layer's page walks at batch size ``bs``."""
+        return decode_splits(self.walks, bs)

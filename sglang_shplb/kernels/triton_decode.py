@@ -92,13 +92,15 @@ def _kernels():
         Q, K, V, MidO, MidL,
         stride_qb, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
         req_to_token, req_pool_idx, stride_r2t, seq_lens,
-        gmode, gsink, gwindow, ULIST, UBITS, UCNT, s_u_b, s_u_h, qk_scale, HQ, HKV,
+        gmode, gsink, gwindow, ULIST, UBITS, UCNT, s_u_b, s_u_h, qk_scale, HQ, HKV, SPLIT_PAGES,
         GROUP: tl.constexpr, GP: tl.constexpr, NSPLIT: tl.constexpr, PAGE: tl.constexpr, D: tl.constexpr,
         DOT_F32: tl.constexpr,
     ):
         # the GROUP q heads of KV head hk share each page load: S = Q_group · K^T on the tensor cores (rows
         # padded to GP), one online softmax per row. Pages: gmode 0 all, 1 one streaming budget (sink +
-        # window), 2 the union list of _union_kernel with a row mask per page (UBITS).
+        # window), 2 the union list of _union_kernel with a row mask per page (UBITS). The walk of this
+        # (request, KV head) is cut into gs = ceil(total / SPLIT_PAGES) <= NSPLIT slices, so that long and
+        # short walks take programs in proportion to their pages; programs past gs only write lse = -inf.
         bhk = tl.program_id(0)
         sp = tl.program_id(1)
         b = bhk // HKV
@@ -110,7 +112,8 @@ def _kernels():
         n_s = tl.minimum(tl.load(gsink + hk), npg - w_eff)
         u = b * s_u_b + hk * s_u_h
         total = tl.where(md == 0, npg, tl.where(md == 1, n_s + w_eff, tl.load(UCNT + b * HKV + hk)))
-        per = (total + NSPLIT - 1) // NSPLIT
+        gs = tl.minimum(tl.maximum((total + SPLIT_PAGES - 1) // SPLIT_PAGES, 1), NSPLIT)
+        per = (total + gs - 1) // gs
         j0 = sp * per
         j1 = tl.minimum(j0 + per, total)
         offs_d = tl.arange(0, D)
@@ -153,7 +156,7 @@ def _kernels():
             m_i = m_new
         out = (b * HQ + hrow) * NSPLIT + sp
         l_safe = tl.maximum(l_i, 1e-30)
-        tl.store(MidO + out[:, None] * D + offs_d[None, :], acc / l_safe[:, None], mask=rvalid[:, None])
+        tl.store(MidO + out[:, None] * D + offs_d[None, :], acc / l_safe[:, None], mask=rvalid[:, None] & (l_i > 0)[:, None])
         lse = tl.where(l_i > 0, m_i + tl.math.log2(l_safe), -1.0e30)
         tl.store(MidL + out, lse, mask=rvalid)
 
@@ -168,8 +171,9 @@ def _kernels():
         lse = tl.load(MidL + bh * NSPLIT + offs_s)
         mx = tl.max(lse, 0)
         w = tl.math.exp2(lse - mx)
-        w = tl.where(lse > -1.0e29, w, 0.0)
-        o = tl.load(MidO + (bh * NSPLIT + offs_s)[:, None] * D + offs_d[None, :])
+        used = lse > -1.0e29                      # slices that attended something (others wrote no o)
+        w = tl.where(used, w, 0.0)
+        o = tl.load(MidO + (bh * NSPLIT + offs_s)[:, None] * D + offs_d[None, :], mask=used[:, None], other=0.0)
         res = tl.sum(o * w[:, None], 0) / tl.sum(w, 0)
         tl.store(O + b * stride_ob + h * stride_oh + offs_d, res.to(O.dtype.element_ty))
 
@@ -341,11 +345,11 @@ def _selector_constants(budgets: tuple[HeadBudget, ...], device: str, max_pages:
     return torch.tensor(sel, device=device), decode_count_table(budgets, max_pages)[sel].to(device)
 
 
-def decode_walk_pages(budgets: Sequence[HeadBudget], num_kv_heads: int, max_pages: int) -> int:
-    """The most pages one KV head's group kernel walks at ``max_pages`` pages: the length of its range, or
-    of its union list (at most the sum of its heads' pages). Sizes the split count of a layer."""
+def decode_walks(budgets: Sequence[HeadBudget], num_kv_heads: int, max_pages: int) -> list[int]:
+    """Per KV head, the most pages its group kernel walks at ``max_pages`` pages: the length of its range, or
+    of its union list (at most the sum of its heads' pages)."""
     g = len(budgets) // num_kv_heads
-    heads = decode_heads(budgets, num_kv_heads)
+    gmode = decode_heads(budgets, num_kv_heads).gmode.tolist()
 
     def pages(b: HeadBudget) -> int:
         if b.pattern is Pattern.DENSE:
@@ -353,19 +357,28 @@ def decode_walk_pages(budgets: Sequence[HeadBudget], num_kv_heads: int, max_page
         if b.pattern is Pattern.STREAMING:
             return b.sink_blocks + b.window_blocks
         return decode_page_budget(b, max_pages)
-    walk = 1
-    for hk, m in enumerate(heads.gmode.tolist()):
-        hs = budgets[hk * g:(hk + 1) * g]
-        walk = max(walk, pages(hs[0]) if m != MODE_LIST else sum(pages(b) for b in hs))
-    return min(walk, max_pages)
+    hs = [budgets[hk * g:(hk + 1) * g] for hk in range(num_kv_heads)]
+    return [min(max_pages, pages(h[0]) if m != MODE_LIST else sum(map(pages, h))) for h, m in zip(hs, gmode)]
 
 
-def decode_splits(walk_pages: int, batch: int, num_kv_heads: int, target_programs: int = 528,
-                  min_pages: int = 4) -> int:
-    """Power-of-two split count of the page walk: about ``target_programs`` group programs in all, and at
-    least ``min_pages`` pages per split of the longest walk (fixed per plan and batch size)."""
-    want = max(1, min(math.ceil(walk_pages / min_pages), math.ceil(target_programs / max(1, batch * num_kv_heads))))
-    return 1 << (want - 1).bit_length() if want > 1 else 1
+SPLIT_TARGET_PROGRAMS, SPLIT_MIN_PAGES = 2048, 8
+
+
+def _pow2(x: int) -> int:
+    return 1 << max(0, math.ceil(x) - 1).bit_length()
+
+
+def decode_splits(walks: Sequence[int], batch: int) -> tuple[int, int]:
+    """``(nsplit, split_pages)`` of a layer at batch size ``batch``: each (request, KV head) cuts its walk
+    into slices of about ``split_pages`` pages (at least ``SPLIT_MIN_PAGES``; about ``SPLIT_TARGET_PROGRAMS``
+    slices over the batch if every walk is full), at most ``nsplit`` (a power of two) of them."""
+    split_pages = max(SPLIT_MIN_PAGES, math.ceil(batch * sum(walks) / SPLIT_TARGET_PROGRAMS))
+    return _pow2(math.ceil(max(walks) / split_pages)), split_pages
+
+
+def max_decode_splits(max_pages: int, batch: int) -> int:
+    """An upper bound of :func:`decode_splits`' ``nsplit`` over every layer of ``max_pages`` pages."""
+    return _pow2(min(math.ceil(max_pages / SPLIT_MIN_PAGES), math.ceil(SPLIT_TARGET_PROGRAMS / batch)))
 
 
 class DecodeScratch:
@@ -387,13 +400,15 @@ class DecodeScratch:
 
 def sparse_decode(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tensor, req_to_token: torch.Tensor,
                   req_pool_indices: torch.Tensor, seq_lens: torch.Tensor, heads: DecodeHeads,
-                  page_idx: torch.Tensor, page_cnt: torch.Tensor, scratch: DecodeScratch, nsplit: int, *,
+                  page_idx: torch.Tensor, page_cnt: torch.Tensor, scratch: DecodeScratch, nsplit: int,
+                  split_pages: int, *,
                   sm_scale: float | None = None, out: torch.Tensor | None = None,
                   num_warps: int = 4, num_stages: int | None = None) -> torch.Tensor:
     """``q [B, Hq, d]`` (token at position ``seq_lens - 1``, already written to the pool) → ``[B, Hq, d]``.
     ``heads``: :func:`decode_heads`; ``page_idx/page_cnt``: :func:`select_pages` (or the fused selector);
     ``scratch``: a :class:`DecodeScratch` for at least ``B`` requests and ``B · Hq · nsplit`` partial rows;
-    ``nsplit`` (a power of two, :func:`decode_splits`): slices of each KV head's page walk. Each KV head's
+    ``nsplit, split_pages`` (:func:`decode_splits`): each KV head's page walk is cut into slices of about
+    ``split_pages`` pages, at most ``nsplit`` (a power of two) of them. Each KV head's
     pages are loaded once for its q heads. Sync-free, no allocation with ``out``."""
     from .index import check_qkv
     if q.dim() != 3:
@@ -401,8 +416,8 @@ def sparse_decode(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tenso
     check_qkv(q, k_buffer, v_buffer)
     bsz, hq, d = q.shape
     hkv = k_buffer.shape[1]
-    if nsplit < 1 or nsplit & (nsplit - 1):
-        raise ValueError(f"nsplit must be a power of two, got {nsplit}")
+    if nsplit < 1 or nsplit & (nsplit - 1) or split_pages < 1:
+        raise ValueError(f"nsplit must be a power of two and split_pages >= 1, got {nsplit}, {split_pages}")
     if page_idx.shape[:2] != (bsz, hq) or page_cnt.shape != (bsz, hq):
         raise ValueError(f"page_idx {tuple(page_idx.shape)} / page_cnt {tuple(page_cnt.shape)} do not match ({bsz}, {hq})")
     if heads.mode.shape != (hq,) or heads.gmode.shape != (hkv,):
@@ -432,7 +447,7 @@ def sparse_decode(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tenso
         q.stride(0), q.stride(1), k_buffer.stride(0), k_buffer.stride(1), v_buffer.stride(0), v_buffer.stride(1),
         req_to_token, req_pool_indices, req_to_token.stride(0), seq_lens,
         heads.gmode, heads.gsink, heads.gwindow, ul, scratch.ubits, scratch.ucnt, ul.stride(0), ul.stride(1),
-        scale, hq, hkv, GROUP=g, GP=max(16, 1 << (g - 1).bit_length()), NSPLIT=nsplit, PAGE=BLOCK, D=d,
+        scale, hq, hkv, split_pages, GROUP=g, GP=max(16, 1 << (g - 1).bit_length()), NSPLIT=nsplit, PAGE=BLOCK, D=d,
         DOT_F32=(not q.is_cuda) and q.dtype == torch.bfloat16, num_warps=num_warps, num_stages=num_stages)
     comb[(bsz * hq,)](scratch.mid_o, scratch.mid_l, o, o.stride(0), o.stride(1), hq, NSPLIT=nsplit, D=d)
     return o

@@ -1,20 +1,18 @@
-"""Fused page-summary update + Quest page selection for sparse paged decode: three Triton launches that do
+"""Fused page-summary update + Quest page selection for sparse paged decode: two Triton launches that do
 what :func:`~.triton_decode.update_page_summaries` followed by :func:`~.triton_decode.select_pages` do
 (about 40 small torch kernels per layer), fixed-shape and sync-free for CUDA graphs.
 
-* kernel A, grid ``(B, Hkv)``: fold the key at position ``seq_len - 1`` into its page's ``kmin/kmax``
-  (the first token of a page resets it). SGLang's CUDA-graph padding rows (slot 0, ``seq_len`` 1) only
-  rewrite page 0 of slot 0, which is never scored (page 0 is always forced).
-* kernel B, grid ``(B, Hq, page tiles)``: for a top-k / vertical-slash head, score one tile of pages
-  among ``0 .. npg-2`` (``score_p = sum_d max(q_d kmin_pd, q_d kmax_pd)`` in fp32, page 0 = +inf) into
-  ``scratch`` (one program per tile: a batch of one still fills the GPU);
-* kernel C, grid ``(B, Hq)``: find the ``cnt``-th largest score by a 32-step bisection on an
+* kernel A, grid ``(B, Hkv, page tiles)``: program ``(b, hk, 0)`` folds the key at position ``seq_len - 1``
+  into its page's ``kmin/kmax`` (the first token of a page resets it). Every program then loads one tile of
+  pages among ``0 .. npg-2`` of KV head ``hk`` once and scores it for each top-k / vertical-slash q head of
+  the group (``score_p = sum_d max(q_d kmin_pd, q_d kmax_pd)`` in fp32, page 0 = +inf) into ``scratch``.
+  The update writes page ``npg-1``, which is never scored, so the two parts do not race. SGLang's
+  CUDA-graph padding rows (slot 0, ``seq_len`` 1) only rewrite page 0 of slot 0, which is never scored.
+* kernel B, grid ``(B, Hq)``: find the ``cnt``-th largest score by a 32-step bisection on an
   order-preserving int32 key, and write the ``cnt`` chosen page ids in ASCENDING order (ties at the
   threshold: lowest ids).
   Other heads write ``page_cnt = 0`` (so the caller need not zero ``page_cnt``); their ``page_idx`` rows
   and the entries past ``cnt`` are left untouched.
-
-Kernels B and C never read the page kernel A writes (the current page ``npg-1`` is not scored).
 """
 from __future__ import annotations
 
@@ -33,25 +31,6 @@ def _kernels():
     triton, tl = import_triton()
 
     @triton.jit
-    def _update_kernel(K, KMIN, KMAX, R2T, RPI, SEQ,
-                       s_kt, s_kh, s_rt, s_mr, s_mh, s_mp, s_md,
-                       PAGE: tl.constexpr, D: tl.constexpr):
-        b = tl.program_id(0)
-        hk = tl.program_id(1)
-        r = tl.load(RPI + b).to(tl.int64)
-        pos = tl.load(SEQ + b).to(tl.int64) - 1
-        loc = tl.load(R2T + r * s_rt + pos).to(tl.int64)
-        offs = tl.arange(0, D)
-        # the key rounded to the summary dtype, compared in fp32 (exact: min/max of representable values)
-        k = tl.load(K + loc * s_kt + hk * s_kh + offs).to(KMIN.dtype.element_ty).to(tl.float32)
-        off = r * s_mr + hk * s_mh + (pos // PAGE) * s_mp + offs * s_md
-        first = (pos % PAGE) == 0
-        lo = tl.load(KMIN + off).to(tl.float32)
-        hi = tl.load(KMAX + off).to(tl.float32)
-        tl.store(KMIN + off, tl.where(first, k, tl.minimum(lo, k)).to(KMIN.dtype.element_ty))
-        tl.store(KMAX + off, tl.where(first, k, tl.maximum(hi, k)).to(KMAX.dtype.element_ty))
-
-    @triton.jit
     def _candidates(SEQ, CNT, b, h, MAXP, PAGE: tl.constexpr):
         """(candidate pages nv = pages 0 .. npg-2, cnt = decode budget - 1 from the host-made table
         decode_count_table; 0 for heads that do not select)."""
@@ -62,26 +41,39 @@ def _kernels():
     globals()["_candidates"] = _candidates   # jit functions resolve callees through the module's globals
 
     @triton.jit
-    def _score_kernel(Q, KMIN, KMAX, RPI, SEQ, SEL, CNT, SCR,
-                      s_qb, s_qh, s_mr, s_mh, s_mp, s_md, s_sb, s_ss, MAXP,
-                      GROUP: tl.constexpr, PAGE: tl.constexpr, D: tl.constexpr, TP: tl.constexpr):
-        # one tile of TP pages of one (request, selected head): score_p = sum_d max(q_d kmin_pd, q_d kmax_pd)
+    def _update_score_kernel(Q, K, KMIN, KMAX, R2T, RPI, SEQ, SEL, SCR,
+                             s_kt, s_kh, s_rt, s_qb, s_qh, s_mr, s_mh, s_mp, s_md, s_sb, s_ss, MAXP,
+                             GROUP: tl.constexpr, PAGE: tl.constexpr, D: tl.constexpr, TP: tl.constexpr):
         b = tl.program_id(0)
-        h = tl.program_id(1)
+        hk = tl.program_id(1)
         t = tl.program_id(2)
-        nv, cnt = _candidates(SEQ, CNT, b, h, MAXP, PAGE)
-        if (cnt > 0) & (t * TP < nv):
-            s = tl.load(SEL + h)                                # row of this head in scratch
-            r = tl.load(RPI + b).to(tl.int64)
-            offs_d = tl.arange(0, D)
-            q = tl.load(Q + b * s_qb + h * s_qh + offs_d).to(tl.float32)
-            p = t * TP + tl.arange(0, TP)
-            m = p < nv
-            off = r * s_mr + (h // GROUP) * s_mh + p[:, None] * s_mp + offs_d[None, :] * s_md
+        r = tl.load(RPI + b).to(tl.int64)
+        offs_d = tl.arange(0, D)
+        if t == 0:   # fold the new key into page npg-1 (rounded to the summary dtype, compared in fp32)
+            pos = tl.load(SEQ + b).to(tl.int64) - 1
+            loc = tl.load(R2T + r * s_rt + pos).to(tl.int64)
+            k = tl.load(K + loc * s_kt + hk * s_kh + offs_d).to(KMIN.dtype.element_ty).to(tl.float32)
+            off = r * s_mr + hk * s_mh + (pos // PAGE) * s_mp + offs_d * s_md
+            first = (pos % PAGE) == 0
+            lo = tl.load(KMIN + off).to(tl.float32)
+            hi = tl.load(KMAX + off).to(tl.float32)
+            tl.store(KMIN + off, tl.where(first, k, tl.minimum(lo, k)).to(KMIN.dtype.element_ty))
+            tl.store(KMAX + off, tl.where(first, k, tl.maximum(hi, k)).to(KMAX.dtype.element_ty))
+        nv = tl.minimum((tl.load(SEQ + b).to(tl.int32) + PAGE - 1) // PAGE - 1, MAXP)   # pages 0 .. npg-2
+        p = t * TP + tl.arange(0, TP)
+        m = p < nv
+        if t * TP < nv:
+            # one tile of the KV head's summaries, read once for the GROUP q heads
+            off = r * s_mr + hk * s_mh + p[:, None] * s_mp + offs_d[None, :] * s_md
             lo = tl.load(KMIN + off, mask=m[:, None], other=0.0).to(tl.float32)
             hi = tl.load(KMAX + off, mask=m[:, None], other=0.0).to(tl.float32)
-            sc = tl.sum(tl.maximum(q[None, :] * lo, q[None, :] * hi), axis=1)
-            tl.store(SCR + b * s_sb + s * s_ss + p, tl.where(p == 0, float("inf"), sc), mask=m)
+            for g in tl.static_range(GROUP):
+                h = hk * GROUP + g
+                s = tl.load(SEL + h)                                # row of this head in scratch, -1: none
+                if s >= 0:
+                    q = tl.load(Q + b * s_qb + h * s_qh + offs_d).to(tl.float32)
+                    sc = tl.sum(tl.maximum(q[None, :] * lo, q[None, :] * hi), axis=1)
+                    tl.store(SCR + b * s_sb + s * s_ss + p, tl.where(p == 0, float("inf"), sc), mask=m)
 
     @triton.jit
     def _select_kernel(RPI, SEQ, SEL, CNT, SCR, PIDX, PCNT,
@@ -115,7 +107,7 @@ def _kernels():
             tl.store(PIDX + b * s_pb + h * s_ph + slot, p, mask=keep)
         tl.store(PCNT + b * s_cb + h * s_ch, cnt)
 
-    return _update_kernel, _score_kernel, _select_kernel
+    return _update_score_kernel, _select_kernel
 
 
 class SelectConsts(NamedTuple):
@@ -189,16 +181,14 @@ def update_and_select_pages(q: torch.Tensor, k_buffer: torch.Tensor, req_to_toke
     elif scratch.shape[0] < bsz or scratch.shape[1] < max(consts.num_sel, 1) or scratch.shape[2] < max_pages \
             or scratch.dtype != torch.float32 or scratch.stride(2) != 1:
         raise ValueError(f"scratch {tuple(scratch.shape)} {scratch.dtype} is smaller than select_scratch's")
-    upd, score, sel = _kernels()
-    upd[(bsz, hkv)](k_buffer, kmin, kmax, req_to_token, req_pool_indices, seq_lens,
-                    k_buffer.stride(0), k_buffer.stride(1), req_to_token.stride(0),
-                    kmin.stride(0), kmin.stride(1), kmin.stride(2), kmin.stride(3), PAGE=BLOCK, D=d)
+    upd_score, sel = _kernels()
     p2 = 1 << max(0, (max_pages - 1).bit_length())
     tp = min(p2, max(16, 4096 // d))                       # [TP, d] fp32 tiles of kmin and kmax, one per program
-    score[(bsz, hq, -(-max_pages // tp))](
-        q, kmin, kmax, req_pool_indices, seq_lens, consts.sel, consts.cnt_table, scratch,
-        q.stride(0), q.stride(1), kmin.stride(0), kmin.stride(1), kmin.stride(2), kmin.stride(3),
-        scratch.stride(0), scratch.stride(1), max_pages, GROUP=hq // hkv, PAGE=BLOCK, D=d, TP=tp)
+    upd_score[(bsz, hkv, -(-max_pages // tp))](
+        q, k_buffer, kmin, kmax, req_to_token, req_pool_indices, seq_lens, consts.sel, scratch,
+        k_buffer.stride(0), k_buffer.stride(1), req_to_token.stride(0), q.stride(0), q.stride(1),
+        kmin.stride(0), kmin.stride(1), kmin.stride(2), kmin.stride(3), scratch.stride(0), scratch.stride(1),
+        max_pages, GROUP=hq // hkv, PAGE=BLOCK, D=d, TP=tp)
     sel[(bsz, hq)](req_pool_indices, seq_lens, consts.sel, consts.cnt_table, scratch, page_idx, page_cnt,
                    scratch.stride(0), scratch.stride(1), page_idx.stride(0), page_idx.stride(1),
                    page_cnt.stride(0), page_cnt.stride(1), max_pages, PAGE=BLOCK, P2=p2)
