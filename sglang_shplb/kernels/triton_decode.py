@@ -361,7 +361,9 @@ def decode_walks(budgets: Sequence[HeadBudget], num_kv_heads: int, max_pages: in
     return [min(max_pages, pages(h[0]) if m != MODE_LIST else sum(map(pages, h))) for h, m in zip(hs, gmode)]
 
 
-SPLIT_TARGET_PROGRAMS, SPLIT_MIN_PAGES = 2048, 8
+# Measured on an H100 (bench/decode.py, 2026-11-24): small batches want short slices (2-8 pages), large
+# ones about 2048 slices over the batch; more than 256 slices a walk only adds combine work.
+SPLIT_TARGET_PROGRAMS, SPLIT_MIN_PAGES, MAX_SPLITS = 2048, 2, 256
 
 
 def _pow2(x: int) -> int:
@@ -371,14 +373,15 @@ def _pow2(x: int) -> int:
 def decode_splits(walks: Sequence[int], batch: int) -> tuple[int, int]:
     """``(nsplit, split_pages)`` of a layer at batch size ``batch``: each (request, KV head) cuts its walk
     into slices of about ``split_pages`` pages (at least ``SPLIT_MIN_PAGES``; about ``SPLIT_TARGET_PROGRAMS``
-    slices over the batch if every walk is full), at most ``nsplit`` (a power of two) of them."""
+    slices over the batch if every walk is full), at most ``nsplit`` (a power of two, ``<= MAX_SPLITS``)."""
     split_pages = max(SPLIT_MIN_PAGES, math.ceil(batch * sum(walks) / SPLIT_TARGET_PROGRAMS))
-    return _pow2(math.ceil(max(walks) / split_pages)), split_pages
+    return min(MAX_SPLITS, _pow2(math.ceil(max(walks) / split_pages))), split_pages
 
 
 def max_decode_splits(max_pages: int, batch: int) -> int:
     """An upper bound of :func:`decode_splits`' ``nsplit`` over every layer of ``max_pages`` pages."""
-    return _pow2(min(math.ceil(max_pages / SPLIT_MIN_PAGES), math.ceil(SPLIT_TARGET_PROGRAMS / batch)))
+    return min(MAX_SPLITS, _pow2(min(math.ceil(max_pages / SPLIT_MIN_PAGES),
+                                     math.ceil(SPLIT_TARGET_PROGRAMS / batch))))
 
 
 class DecodeScratch:
