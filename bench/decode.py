@@ -108,7 +108,7 @@ def device_check(hq: int, hkv: int, d: int, dev, dtype, smoke: bool) -> dict:
                          selected_heads(budgets))
     ws.ensure(2)
     rpi = torch.tensor([1, 0], dtype=torch.int32, device=dev)     # request b lives in slot rpi[b]
-    seq = torch.tensor(lens, dtype=torch.int32, device=dev)
+    seq = torch.tensor(lens, dtype=torch.int64, device=dev)                # int64, as SGLang's seq_lens
     build_page_summaries(kb, r2t, rpi, seq - 1, lk.kmin, lk.kmax)
     out = torch.full_like(q, float("nan"))
     lk.decode(q, kb, vb, r2t, rpi, seq, ws, 1 / math.sqrt(d), out)

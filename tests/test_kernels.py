@@ -242,7 +242,8 @@ def test_sparse_decode_with_page_reuse(group, dtype, grouped):
         budgets[group:2 * group] = [HeadBudget.dense()] * group
         budgets[2 * group:] = [HeadBudget.streaming(64, 128)] * group
     rpi = torch.tensor([2, 0, 3], dtype=torch.int32, device=DEV)
-    lens = torch.tensor([250, 64, 130], dtype=torch.int32, device=DEV)     # 64 / 130: a page just filled / just begun
+    lens = torch.tensor([250, 64, 130], dtype=torch.int64 if grouped else torch.int32,   # SGLang's are int64
+                        device=DEV)                                        # 64 / 130: a page just filled / just begun
     sd = SparseDecode(budgets, hkv, d, max_ctx, r, dtype=dtype, device=DEV, reselect_every=3)
     sd.build_summaries(k, req_to_token, rpi, lens - 1)
     sd.plan(3, nsplit=4)

@@ -53,7 +53,7 @@ def _kernels():
         b = tl.program_id(0)
         hk = tl.program_id(1)
         if tl.load(gmode + hk) == 2:
-            n = tl.load(seq_lens + b)
+            n = tl.load(seq_lens + b).to(tl.int32)     # SGLang passes int64
             npg = (n + PAGE - 1) // PAGE
             jj = tl.arange(0, M2)
             for r in tl.static_range(GROUP):
@@ -106,7 +106,7 @@ def _kernels():
         b = bhk // HKV
         hk = bhk % HKV
         md = tl.load(gmode + hk)
-        n = tl.load(seq_lens + b)
+        n = tl.load(seq_lens + b).to(tl.int32)     # SGLang passes int64
         npg = (n + PAGE - 1) // PAGE
         w_eff = tl.minimum(tl.load(gwindow + hk), npg)
         n_s = tl.minimum(tl.load(gsink + hk), npg - w_eff)
