@@ -186,6 +186,6 @@ def test_decode_splits_follow_the_walks_and_stay_within_the_workspace_bound():
     for walks in ([pages] * 8, [34] * 8, [pages, 34, 820, 34, 820, 34, 820, 34], [3, 1]):
         for bs in (1, 2, 4, 16, 64, 160):
             ns, sp = decode_splits(walks, bs)
-            assert ns & (ns - 1) == 0 and sp >= 2 and ns <= 256
+            assert ns & (ns - 1) == 0 and sp >= 4 and ns <= 256
             assert ns <= max_decode_splits(pages, bs)
             assert max(walks) <= ns * sp or ns == 256         # the longest walk fits in ns slices of sp pages

@@ -361,9 +361,9 @@ def decode_walks(budgets: Sequence[HeadBudget], num_kv_heads: int, max_pages: in
     return [min(max_pages, pages(h[0]) if m != MODE_LIST else sum(map(pages, h))) for h, m in zip(hs, gmode)]
 
 
-# Measured on an H100 (bench/decode.py, 2026-11-24): small batches want short slices (2-8 pages), large
+# Measured on an H100 (bench/decode.py, layer_path.py, 2026-11-24): small batches want short slices (4-8 pages), large
 # ones about 2048 slices over the batch; more than 256 slices a walk only adds combine work.
-SPLIT_TARGET_PROGRAMS, SPLIT_MIN_PAGES, MAX_SPLITS = 2048, 2, 256
+SPLIT_TARGET_PROGRAMS, SPLIT_MIN_PAGES, MAX_SPLITS = 2048, 4, 256
 
 
 def _pow2(x: int) -> int:
