@@ -15,9 +15,9 @@ from sglang_shplb.kernels.reference import reference_sparse_prefill, relative_er
 from sglang_shplb.patterns import BLOCK, HeadBudget  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
-TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2}
+TOL = {torch.float32: 3e-3 if DEV == "cuda" else 1e-4, torch.bfloat16: 2e-2}   # the GPU's fp32 dot is TF32
 # 128-wide vs 64-wide: same math, another summation order (bf16: p is rounded to bf16 at other maxima)
-TOL_VS_64 = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
+TOL_VS_64 = {torch.float32: 3e-3 if DEV == "cuda" else 1e-5, torch.bfloat16: 1e-2}
 PAGE = 16   # pool page of the paged layout: a 64-token block spans 4 scattered pages
 
 
@@ -116,8 +116,8 @@ def test_wide_tile_every_list_length(paged):
     index = block_index_from_masks(masks, device=DEV)
     o64, o128 = run_both(q, k, v, index, cu_q, kvl, max(lens), kw, sm_scale=0.07)
     ref = reference_sparse_prefill(q, k, v, masks, cu_q, kvl, sm_scale=0.07, **kw)
-    assert relative_error(o128, ref) < 1e-4
-    assert relative_error(o128, o64) < 1e-5
+    assert relative_error(o128, ref) < TOL[torch.float32]
+    assert relative_error(o128, o64) < TOL_VS_64[torch.float32]
 
 
 def test_wide_tile_head_subset_and_dense_heads():
@@ -126,7 +126,7 @@ def test_wide_tile_head_subset_and_dense_heads():
     budgets = [HeadBudget.dense(), HeadBudget.topk(0.5, 2), HeadBudget.dense(), HeadBudget.vslash(0.5, 1)]
     q, k, v, cu_q, kvl, kw = make_batch(lens, lens, 4, 2, 64, torch.float32, False, 11)
     index = build_block_index(budgets, q, k, cu_q, kvl, 260, **kw)
-    heads = torch.tensor([0, 3], dtype=torch.int32)
+    heads = torch.tensor([0, 3], dtype=torch.int32, device=DEV)
     o64, o128 = run_both(q, k, v, index, cu_q, kvl, 260, kw, heads=heads)
     ref = reference_sparse_prefill(q, k, v, [index.masks(0, 5)], cu_q, kvl, **kw)
     assert torch.isnan(o128[:, [1, 2]]).all()
