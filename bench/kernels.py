@@ -13,6 +13,9 @@ Writes JSON + PNG + log and the cost-model calibration tables (schema shplb-cali
     PYTHONUNBUFFERED=1 python bench/kernels.py --tiles --out $OUT   # round 4: tile-128 top-k, 128x128 TMA kernel
     python bench/kernels.py --tiles --cpu-smoke --out /tmp/tiles     # its logic check
 
+Paged decode has its own benchmark, bench/decode.py (CUDA-graph timed, bytes vs copy bandwidth, vs FlashInfer's
+dense paged decode); the decode section here is round 1's eager measurement.
+
 Timing: triton.testing.do_bench (CUDA events, L2 flushed before each run, median); fresh random inputs
 per context (> L2 at every size), outputs poisoned with NaN before the first run and checked after.
 Efficiency per head vs SDPA = density · t_SDPA / t (1.0 = as efficient per attended block as SDPA).
