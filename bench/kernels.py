@@ -11,6 +11,7 @@ Writes JSON + PNG + log and the cost-model calibration tables (schema shplb-cali
     PYTHONUNBUFFERED=1 python bench/kernels.py --topk-variants --out $OUT   # 64- vs 128-wide KV tiles, 16K..64K
     python bench/kernels.py --topk-variants --cpu-smoke --out /tmp/tv      # its logic check
     PYTHONUNBUFFERED=1 python bench/kernels.py --tiles --out $OUT   # round 4: tile-128 top-k, 128x128 TMA kernel
+    python bench/kernels.py --tile-calibration TILES_JSON BASE_CALIBRATION --out DIR   # its cost-model records
     python bench/kernels.py --tiles --cpu-smoke --out /tmp/tiles     # its logic check
 
 Paged decode has its own benchmark, bench/decode.py (CUDA-graph timed, bytes vs copy bandwidth, vs FlashInfer's
@@ -112,7 +113,12 @@ def main():
                     help="index kernel, 64- vs 128-wide KV tiles per launch config, top-k/vslash heads, 16K/32K/64K")
     ap.add_argument("--tiles", action="store_true",
                     help="round 4: top-k at 128-token superblocks on the 128x128 (TMA) kernel vs 64-token top-k, SDPA")
+    ap.add_argument("--tile-calibration", nargs=2, metavar=("TILES_JSON", "BASE_CALIBRATION"),
+                    help="write --out/calibration_h100_tiles.json: BASE_CALIBRATION's records plus the tile-128 "
+                         "top-k records of a --tiles run (no GPU needed)")
     args = ap.parse_args()
+    if args.tile_calibration:
+        return write_tile_calibration(*args.tile_calibration, args.out)
     if args.tiles:
         return tiles(args)
     if args.quick:
@@ -916,6 +922,52 @@ def tiles(args):
             _plot_tiles(res, args.out)
         except ImportError as e:   # the GPU machine may lack matplotlib: plot from the JSON afterwards
             log(f"no plot: {e}")
+
+
+def tile_calibration_records(res: dict) -> list[dict]:
+    """Cost-model records (schema shplb-calibration/1) of the top-k rows of a ``--tiles`` result, both
+    granularities from the same run: 64-token blocks on the autotuned 64-row index kernel, ``tile`` 128 on the
+    autotuned 128 x 128 TMA kernel; the time is one call for all heads of the layer."""
+    from sglang_shplb.cost_model import block_pairs
+    sh = res["shape"]
+    recs = []
+    for row in res["prefill"]:
+        n = row["ctx"]
+        for c in row["configs"]:
+            if not c["name"].startswith("topk"):
+                continue
+            frac, tile = c["name"][4:].split("/")
+            variant = "index64_auto" if int(tile) == BLOCK else "tile_tma_auto"
+            if variant not in c["variants"]:
+                continue
+            b = HeadBudget.topk(float(frac), 2, tile=int(tile))
+            recs.append({"pattern": "topk", "tile": b.tile, "density": round(b.density(n), 6), "ctx_len": n,
+                         "head_dim": sh["d"], "gqa": sh["hq"] // sh["hkv"], "num_heads": sh["hq"],
+                         "time_ms": c["variants"][variant]["ms"], "block_pairs": block_pairs(b, n) * sh["hq"],
+                         "config": c["name"], "index_ms": c["index_ms"]})
+    return recs
+
+
+def write_tile_calibration(tiles_json: str, base_json: str, out: str) -> None:
+    """``base_json``'s records with its top-k ones replaced by both granularities of a ``--tiles`` run."""
+    res = json.load(open(tiles_json))
+    base = json.load(open(base_json))
+    recs = tile_calibration_records(res)
+    keep = [r for r in base["records"] if r["pattern"] != "topk"]
+    doc = dict(base, date=res["date"], records=keep + recs,
+               kernel=base["kernel"] + f"; top-k from a --tiles run ({res['date']}): 64-token blocks on the 64-row "
+                                       "index kernel, tile 128 on tile_prefill (128x128, TMA)")
+    from sglang_shplb.cost_model import CostModel
+    cm = CostModel.from_calibration(doc)                  # validates the schema
+    os.makedirs(out, exist_ok=True)
+    path = os.path.join(out, "calibration_h100_tiles.json")
+    with open(path, "w") as f:
+        json.dump(doc, f, indent=1)
+    b64, b128 = HeadBudget.topk(0.1, 2), HeadBudget.topk(0.1, 2, tile=2 * BLOCK)
+    for n in (16384, 65536, 131072):
+        t64, t128 = (cm.head_time(b, n, res["shape"]["d"], 4) * 1e3 for b in (b64, b128))
+        print(f"{n:>6d}: top-k 0.1 per head {t64:.3f} ms at 64-token blocks, {t128:.3f} ms at 128 ({t64 / t128:.2f}x)")
+    print(f"wrote {path}: {len(keep)} records kept + {len(recs)} top-k records")
 
 
 def _plot_tiles(res, out):

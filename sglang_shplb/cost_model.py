@@ -48,8 +48,12 @@ Written by the GPU kernel benchmark (``bench/kernels.py``)::
         "gqa": 4,              # query heads per KV head, >= 1
         "num_heads": 8,        # query heads in the timed call, all with this pattern/density, >= 1
         "time_ms": 1.234,      # time of ONE layer call over those num_heads heads, > 0
-        "block_pairs": 123456} # total (query block, KV block) pairs over those heads, >= 0
+        "block_pairs": 123456, # total (query block, KV block) pairs over those heads, >= 0
+        "tile": 128}           # optional, top-k only: selection granularity (HeadBudget.tile), default 64
      ]}
+
+Top-k records of ``tile`` 128 are fitted apart, under the key ``"topk@128"`` (the 128 x 128 tile kernel is
+faster per pair); a tile-128 head without such a fit falls back to the ``topk`` fit below.
 
 Fit: per ``(pattern, head_dim)`` (and per ``(pattern, head_dim, gqa)`` where several GQA ratios are
 present) a non-negative least-squares line ``time = a + b * block_pairs`` (seconds). When the records
@@ -73,7 +77,7 @@ from pathlib import Path
 import numpy as np
 from scipy.optimize import nnls
 
-from .patterns import BLOCK, HeadBudget, Pattern
+from .patterns import BLOCK, TOPK_TILES, HeadBudget, Pattern
 
 CALIBRATION_SCHEMA = "shplb-calibration/1"
 
@@ -205,7 +209,15 @@ def validate_calibration(doc) -> list[dict]:
             raise CalibrationError(f"record {i}: time_ms must be a positive number, got {r['time_ms']}")
         if r["block_pairs"] < 0:
             raise CalibrationError(f"record {i}: block_pairs must be >= 0, got {r['block_pairs']}")
+        tile = r.get("tile", BLOCK)
+        if isinstance(tile, bool) or tile not in (TOPK_TILES if r["pattern"] == "topk" else (BLOCK,)):
+            raise CalibrationError(f"record {i}: tile {tile!r} is not a tile of pattern {r['pattern']!r}")
     return records
+
+
+def fit_key(pattern: str, tile: int = BLOCK) -> str:
+    """The pattern name a calibration fit is kept under: ``topk@128`` for 128-token top-k, else the pattern."""
+    return pattern if tile == BLOCK else f"{pattern}@{tile}"
 
 
 @dataclass(frozen=True)
@@ -307,7 +319,7 @@ class CostModel:
         records = validate_calibration(doc)
         groups: dict[tuple, list[dict]] = {}
         for r in records:
-            groups.setdefault((r["pattern"], r["head_dim"]), []).append(r)
+            groups.setdefault((fit_key(r["pattern"], r.get("tile", BLOCK)), r["head_dim"]), []).append(r)
         fits: dict[tuple, LinearFit] = {}
         for (pat, d), recs in sorted(groups.items()):
             fits[(pat, d)] = fit_records(recs)
@@ -340,15 +352,19 @@ class CostModel:
             return f.per_head_fixed, f.b * head_dim / near
         return None
 
-    def coefficients(self, pattern: Pattern | str, head_dim: int, gqa: int = 1) -> tuple[float, float]:
-        """(fixed seconds per head, seconds per block pair) used for this pattern/head_dim/GQA ratio."""
+    def coefficients(self, pattern: Pattern | str, head_dim: int, gqa: int = 1,
+                     tile: int = BLOCK) -> tuple[float, float]:
+        """(fixed seconds per head, seconds per block pair) used for this pattern/head_dim/GQA ratio (and
+        top-k tile: a ``topk@128`` fit if calibrated, else the ``topk`` coefficients)."""
         pattern = Pattern(pattern).value
-        key = (pattern, head_dim, gqa)
+        key = (fit_key(pattern, tile), head_dim, gqa)
         hit = self._coef_cache.get(key)
         if hit is not None:
             return hit
         coef = None
-        if self.fits:
+        if tile != BLOCK:
+            coef = self._fit_coef(key[0], head_dim, gqa) or self.coefficients(pattern, head_dim, gqa)
+        elif self.fits:
             coef = self._fit_coef(pattern, head_dim, gqa)
             if coef is None:
                 dense = self._fit_coef("dense", head_dim, gqa)
@@ -362,7 +378,7 @@ class CostModel:
 
     def head_time(self, budget: HeadBudget, seq_len: int, head_dim: int, gqa: int = 1) -> float:
         """Seconds of one query head's attention for a prefill of ``seq_len`` tokens."""
-        fixed, per_pair = self.coefficients(budget.pattern, head_dim, gqa)
+        fixed, per_pair = self.coefficients(budget.pattern, head_dim, gqa, budget.tile)
         return fixed + per_pair * block_pairs(budget, seq_len)
 
     def layer_costs(self, budgets: list[HeadBudget], seq_len: int, head_dim: int, gqa: int = 1) -> np.ndarray:

@@ -87,6 +87,7 @@ def test_fit_is_nonnegative():
     (lambda d: d["records"][0].update(time_ms=-1.0), "time_ms"),
     (lambda d: d["records"][0].update(ctx_len="8192"), "ctx_len"),
     (lambda d: d["records"][0].update(density=1.5), "density"),
+    (lambda d: d["records"][0].update(tile=128), "not a tile of pattern 'dense'"),
 ])
 def test_bad_calibration_schema(mutate, msg):
     doc = _table([_rec("dense", 1000, 0.1), _rec("dense", 2000, 0.2)])
@@ -112,3 +113,18 @@ def test_cost_profile_query_fraction():
     stream = CostProfile.of(HeadBudget.streaming(64, 640), n)
     assert abs(stream.query_fraction(0.5) - 0.5) < 0.05  # about constant per block
     assert dense.query_fraction(0.0) == 0.0 and dense.query_fraction(1.0) == 1.0
+
+
+def test_tile128_topk_has_its_own_fit_and_falls_back_to_topk():
+    fast, slow = 2e-7, 3e-7                      # ms per pair: the 128-row kernel is faster
+    recs = [_rec("topk", p, slow * p) for p in (10_000, 500_000, 90_000)]
+    recs += [dict(_rec("topk", p, fast * p), tile=128) for p in (20_000, 400_000, 70_000)]
+    cm = CostModel.from_calibration(_table(recs))
+    assert set(cm.fits) == {("topk", 128), ("topk@128", 128)}
+    b64, b128 = HeadBudget.topk(0.1, 4), HeadBudget.topk(0.1, 4, tile=128)
+    assert cm.head_time(b64, 32768, 128, 4) == pytest.approx(slow * 1e-3 * block_pairs(b64, 32768))
+    assert cm.head_time(b128, 32768, 128, 4) == pytest.approx(fast * 1e-3 * block_pairs(b128, 32768))
+    # a table without tile-128 records prices a tile-128 head with the topk fit
+    only64 = CostModel.from_calibration(_table(recs[:3]))
+    assert only64.head_time(b128, 32768, 128, 4) == pytest.approx(slow * 1e-3 * block_pairs(b128, 32768))
+    assert CostModel.analytic().head_time(b128, 32768, 128) > 0
