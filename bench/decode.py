@@ -157,6 +157,7 @@ def main():
     ap.add_argument("--kv-gb", type=float, default=24.0, help="K/V memory of the L layers at most")
     ap.add_argument("--budget-s", type=float, default=480.0, help="stop adding (ctx, batch) points past this")
     ap.add_argument("--splits", default="", help="also time the reuse path of a few sets at these split counts")
+    ap.add_argument("--profile", action="store_true", help="also print each kernel's device time (torch.profiler)")
     args = ap.parse_args()
     smoke = args.cpu_smoke
     t_start = time.time()
@@ -237,7 +238,7 @@ def main():
             for name, budgets in sets.items():
                 try:
                     ent = one_config(name, budgets, q_l, kb_l, vb_l, r2t, rpi, seq, ws, scale, hkv, d, max_ctx, dtype,
-                                     dev, smoke, splits if name in SWEPT else [])
+                                     dev, smoke, splits if name in SWEPT else [], args.profile)
                 except Exception as e:  # noqa: BLE001
                     log(f"{name}: failed: {type(e).__name__}: {str(e)[:300]}")
                     continue
@@ -253,6 +254,8 @@ def main():
                     ent["step_speedup_vs_ours_dense"] = row["configs"][0]["step_ms"] / ent["step_ms"]
                     line += f", vs our dense {ent['step_speedup_vs_ours_dense']:.2f}x"
                 log(line)
+                if "kernel_us" in ent:
+                    log("    kernels (µs per layer): " + ", ".join(f"{k} {v:.1f}" for k, v in ent["kernel_us"].items()))
                 if "reuse_ms_by_nsplit" in ent:
                     log("    reuse ms by nsplit: " + ", ".join(f"{x}: {t:.4f}" for x, t in ent["reuse_ms_by_nsplit"].items()))
                 row["configs"].append(ent)
@@ -268,7 +271,7 @@ def main():
 
 
 def one_config(name, budgets, q_l, kb_l, vb_l, r2t, rpi, seq, ws, scale, hkv, d, max_ctx, dtype, dev, smoke,
-               splits: list[int]) -> dict:
+               splits: list[int], profile: bool = False) -> dict:
     bsz, L = seq.shape[0], len(q_l)
     lks = [LayerKernels(budgets, hkv, d, max_ctx, bsz, dtype, dev) for _ in range(L)]
     for lk, kb in zip(lks, kb_l):
@@ -300,6 +303,14 @@ def one_config(name, budgets, q_l, kb_l, vb_l, r2t, rpi, seq, ws, scale, hkv, d,
     ent = {"name": name, "budgets": sorted({b.describe() for b in budgets}), "bytes": pages * BLOCK * d * 2 * 2 // L,
            "pages_per_layer": pages / L, "step_ms": t_step, "reuse_ms": t_reuse, "eager_reuse_ms": t_eager,
            "all_written": written, "nsplit": ns, "split_pages": sp, "list_kv_heads": int((lk0.heads.gmode == 2).sum())}
+    if profile and not smoke:   # device time of each kernel of a step, per layer
+        from torch.profiler import ProfilerActivity
+        with torch.profiler.profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(10):
+                step()
+            torch.cuda.synchronize()
+        ent["kernel_us"] = {e.key[:40]: e.device_time_total / (10 * L) for e in prof.key_averages()
+                            if e.device_time_total > 0}
     if splits:   # the reuse time at other split counts
         big = DecodeScratch(bsz, q_l[0].shape[1], hkv, d, ws.max_pages, bsz * q_l[0].shape[1] * max(splits), dev)
         ent["reuse_ms_by_nsplit"] = {x: graph_ms(lambda x=x: reuse(big, x, 1), smoke) / L for x in splits}
