@@ -98,7 +98,7 @@ def _kernels():
             pref = tl.zeros([], tl.int32)
             need = cnt
             for ps in tl.static_range(4):
-                shift = 24 - 8 * ps
+                shift: tl.constexpr = 24 - 8 * ps
                 if ps == 0:
                     match = valid
                 else:
