@@ -8,8 +8,8 @@ what :func:`~.triton_decode.update_page_summaries` followed by :func:`~.triton_d
   the group (``score_p = sum_d max(q_d kmin_pd, q_d kmax_pd)`` in fp32, page 0 = +inf) into ``scratch``.
   The update writes page ``npg-1``, which is never scored, so the two parts do not race. SGLang's
   CUDA-graph padding rows (slot 0, ``seq_len`` 1) only rewrite page 0 of slot 0, which is never scored.
-* kernel B, grid ``(B, Hq)``: find the ``cnt``-th largest score by a 4-pass radix select (256-bin
-  histograms) on an order-preserving int32 key, and write the ``cnt`` chosen page ids in ASCENDING order (ties at the
+* kernel B, grid ``(B, Hq)``: find the ``cnt``-th largest score by a 32-step bisection on an
+  order-preserving int32 key, and write the ``cnt`` chosen page ids in ASCENDING order (ties at the
   threshold: lowest ids).
   Other heads write ``page_cnt = 0`` (so the caller need not zero ``page_cnt``); their ``page_idx`` rows
   and the entries past ``cnt`` are left untouched.
@@ -89,26 +89,15 @@ def _kernels():
             # order-preserving int32 key: negative floats get their magnitude bits flipped
             bits = x.to(tl.int32, bitcast=True)
             key = tl.where(p < nv, bits ^ ((bits >> 31) & 0x7FFFFFFF), -2147483648)
-            # thr = the cnt-th largest key, by a radix select over u = key with the sign bit flipped (the
-            # keys' order as unsigned): 4 passes, each fixes one byte of thr from a 256-bin histogram of the
-            # keys that share thr's bytes so far (#{match, digit >= d} >= need picks the largest such d)
-            u = key ^ -2147483648
-            valid = p < nv
-            bins = tl.arange(0, 256)
-            pref = tl.zeros([], tl.int32)
-            need = cnt
-            for ps in tl.static_range(4):
-                shift: tl.constexpr = 24 - 8 * ps
-                if ps == 0:
-                    match = valid
-                else:
-                    match = valid & ((u >> (shift + 8)) == (pref >> (shift + 8)))
-                hist = tl.histogram((u >> shift) & 255, 256, mask=match)
-                ge = tl.sum(hist, axis=0) - tl.cumsum(hist, axis=0) + hist
-                d = tl.maximum(tl.max(tl.where(ge >= need, bins, -1), axis=0), 0)
-                need -= tl.sum(tl.where(bins > d, hist, 0), axis=0)
-                pref = pref | (d << shift)
-            thr = pref ^ -2147483648
+            # largest thr with #{key >= thr} >= cnt: bisection on [lo, hi] (int64, 2^32 values, 32 steps)
+            lo_t = tl.full([], -2147483648, tl.int64)
+            hi_t = tl.full([], 2147483647, tl.int64)
+            for _ in range(32):
+                mid = (lo_t + hi_t + 1) >> 1
+                ok = tl.sum((key >= mid.to(tl.int32)).to(tl.int32), axis=0) >= cnt
+                lo_t = tl.where(ok, mid, lo_t)
+                hi_t = tl.where(ok, hi_t, mid - 1)
+            thr = lo_t.to(tl.int32)
             # all keys > thr (fewer than cnt), then the lowest page ids among keys == thr up to cnt
             gt = key > thr
             eq = key == thr
