@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import json
 import math
 import os
 import sys
@@ -41,7 +40,7 @@ from sglang_shplb.kernels.reference import (reference_decode_pages, reference_sp
 from sglang_shplb.kernels.triton_decode import DecodeScratch, build_page_summaries, sparse_decode  # noqa: E402
 from sglang_shplb.patterns import BLOCK, HeadBudget  # noqa: E402
 
-from timing import LOG, bench, log  # noqa: E402  (bench/timing.py)
+from timing import bench, log, results_writer  # noqa: E402  (bench/timing.py)
 
 
 SWEPT = ("dense", "stream(128+2048)", "topk0.1", "plan: 1 dense, 4 stream, 3 topk0.1 groups")
@@ -184,12 +183,7 @@ def main():
     res = {"device": device_name, "date": today, "shape": dict(hq=hq, hkv=hkv, d=d, dtype=str(dtype)),
            "checks": [], "decode": []}
     path = os.path.join(args.out, f"decode{'_smoke' if smoke else '_h100'}")
-
-    def dump():
-        with open(path + ".json", "w") as f:
-            json.dump(res, f, indent=1)
-        with open(path + ".log", "w") as f:
-            f.write("\n".join(LOG) + "\n")
+    dump = results_writer(res, path)
 
     if smoke:
         copy_bw = 1.0

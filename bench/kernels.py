@@ -45,7 +45,7 @@ from sglang_shplb.kernels.triton_prefill import (INDEX_CONFIGS, RULE_DENSE_WINDO
                                                  _tile_kernel, rule_prefill, tile_prefill)
 from sglang_shplb.kernels.reference import relative_error, reference_sparse_prefill  # noqa: E402
 
-from timing import LOG, bench, log  # noqa: E402  (bench/timing.py)
+from timing import LOG, bench, log, results_writer  # noqa: E402  (bench/timing.py)
 
 
 def time_sdpa(q, k, v, smoke: bool) -> dict[str, float]:
@@ -511,13 +511,7 @@ def mode_setup(args, flag: str, stem: str, smoke_ctxs: list[int]):
     res = {"device": device_name, "date": today, "shape": dict(hq=hq, hkv=hkv, d=d, dtype=str(dtype)),
            "checks": [], "prefill": []}
     path = os.path.join(args.out, f"{stem}{'_smoke' if smoke else '_h100'}")
-
-    def dump():
-        with open(path + ".json", "w") as f:
-            json.dump(res, f, indent=1)
-        with open(path + ".log", "w") as f:
-            f.write("\n".join(LOG) + "\n")
-    return smoke, dev, (hq, hkv, d, dtype), ctxs, res, dump
+    return smoke, dev, (hq, hkv, d, dtype), ctxs, res, results_writer(res, path)
 
 
 def check_batch(paged: bool, seed: int, smoke: bool, hq: int, hkv: int, d: int, dev, dtype):

@@ -21,3 +21,16 @@ def bench(fn, smoke: bool, rep_ms: int = 200) -> float:
         return (time.perf_counter() - t) * 1e3
     import triton
     return float(triton.testing.do_bench(fn, warmup=25, rep=rep_ms, return_mode="median"))
+
+
+def results_writer(res: dict, path: str):
+    """``dump()``: write ``res`` to ``path.json`` and the log so far to ``path.log`` (called after each step
+    of a benchmark, so that a run cut short still leaves its numbers)."""
+    import json
+
+    def dump() -> None:
+        with open(path + ".json", "w") as f:
+            json.dump(res, f, indent=1)
+        with open(path + ".log", "w") as f:
+            f.write("\n".join(LOG) + "\n")
+    return dump
