@@ -8,7 +8,7 @@ what :func:`~.triton_decode.update_page_summaries` followed by :func:`~.triton_d
   the group (``score_p = sum_d max(q_d kmin_pd, q_d kmax_pd)`` in fp32, page 0 = +inf) into ``scratch``.
   The update writes page ``npg-1``, which is never scored, so the two parts do not race. SGLang's
   CUDA-graph padding rows (slot 0, ``seq_len`` 1) only rewrite page 0 of slot 0, which is never scored.
-* kernel B, grid ``(B, Hq)``: find the ``cnt``-th largest score by an 8-step 16-way search on an
+* kernel B, grid ``(B, Hq)``: find the ``cnt``-th largest score by a 32-step bisection on an
   order-preserving int32 key, and write the ``cnt`` chosen page ids in ASCENDING order (ties at the
   threshold: lowest ids).
   Other heads write ``page_cnt = 0`` (so the caller need not zero ``page_cnt``); their ``page_idx`` rows
@@ -89,17 +89,14 @@ def _kernels():
             # order-preserving int32 key: negative floats get their magnitude bits flipped
             bits = x.to(tl.int32, bitcast=True)
             key = tl.where(p < nv, bits ^ ((bits >> 31) & 0x7FFFFFFF), -2147483648)
-            # largest thr with #{key >= thr} >= cnt, in [lo, hi] (int64, 2^32 values): a 16-way search,
-            # 15 thresholds counted at once per step, so 8 steps of one [P2, 16] reduction each cut 2^32 to 1
-            i = tl.arange(0, 16)
+            # largest thr with #{key >= thr} >= cnt: bisection on [lo, hi] (int64, 2^32 values, 32 steps)
             lo_t = tl.full([], -2147483648, tl.int64)
             hi_t = tl.full([], 2147483647, tl.int64)
-            for _ in range(8):
-                w = hi_t - lo_t + 1
-                cand = lo_t + (w * i + 15) // 16                   # cand[0] = lo, then 15 cut points
-                ge = tl.sum((key[:, None] >= cand.to(tl.int32)[None, :]).to(tl.int32), axis=0) >= cnt
-                lo_t = tl.max(tl.where(ge, cand, lo_t), axis=0)     # #{key >= t} falls as t grows
-                hi_t = tl.min(tl.where(ge, hi_t, cand - 1), axis=0)
+            for _ in range(32):
+                mid = (lo_t + hi_t + 1) >> 1
+                ok = tl.sum((key >= mid.to(tl.int32)).to(tl.int32), axis=0) >= cnt
+                lo_t = tl.where(ok, mid, lo_t)
+                hi_t = tl.where(ok, hi_t, mid - 1)
             thr = lo_t.to(tl.int32)
             # all keys > thr (fewer than cnt), then the lowest page ids among keys == thr up to cnt
             gt = key > thr
