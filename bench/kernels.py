@@ -1,7 +1,7 @@
 """Benchmark: our sparse Triton kernels vs dense SDPA, FlashInfer dense and FlashInfer variable block-sparse.
 
 One process, competitors side by side, on a Llama-3-8B-shaped layer (32 q heads, 8 KV heads, d=128, bf16).
-Prefill at 8K..128K for densities 1/0.5/0.2/0.1/0.05 (top-k) and mixes; paged decode at 32K..128K.
+Prefill at 8K..128K for densities 1/0.5/0.2/0.1/0.05 (top-k) and mixes.
 Writes JSON + PNG + log and the cost-model calibration tables (schema shplb-calibration/1).
 
     PYTHONUNBUFFERED=1 python bench/kernels.py --out $OUT            # GPU
@@ -15,7 +15,8 @@ Writes JSON + PNG + log and the cost-model calibration tables (schema shplb-cali
     python bench/kernels.py --tiles --cpu-smoke --out /tmp/tiles     # its logic check
 
 Paged decode has its own benchmark, bench/decode.py (CUDA-graph timed, bytes vs copy bandwidth, vs FlashInfer's
-dense paged decode); the decode section here is round 1's eager measurement.
+dense paged decode); round 1's eager decode numbers (kernels_h100.json, kernels.md) came from an earlier version
+of this file.
 
 Timing: triton.testing.do_bench (CUDA events, L2 flushed before each run, median); fresh random inputs
 per context (> L2 at every size), outputs poisoned with NaN before the first run and checked after.
@@ -40,7 +41,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import torch  # noqa: E402
 
 from sglang_shplb.patterns import BLOCK, HeadBudget, Pattern  # noqa: E402
-from sglang_shplb.kernels import SparseDecode, SparsePrefill, build_block_index, sparse_prefill  # noqa: E402
+from sglang_shplb.kernels import SparsePrefill, build_block_index, sparse_prefill  # noqa: E402
 from sglang_shplb.kernels.triton_prefill import (INDEX_CONFIGS, RULE_DENSE_WINDOW, TILE_CONFIGS, _kernel,  # noqa: E402
                                                  _tile_kernel, rule_prefill, tile_prefill)
 from sglang_shplb.kernels.reference import relative_error, reference_sparse_prefill  # noqa: E402
@@ -105,8 +106,6 @@ def main():
     ap.add_argument("--out", default="bench/results")
     ap.add_argument("--cpu-smoke", action="store_true")
     ap.add_argument("--ctx", default="8192,16384,32768,65536,131072")
-    ap.add_argument("--decode-ctx", default="32768,65536,131072")
-    ap.add_argument("--decode-batch", type=int, default=4)
     ap.add_argument("--budget-s", type=float, default=480.0, help="stop adding contexts past this")
     ap.add_argument("--quick", action="store_true", help="round 2: SparsePrefill API paths, 16K/32K/64K")
     ap.add_argument("--topk-variants", action="store_true",
@@ -131,12 +130,10 @@ def main():
     dev = "cpu" if smoke else "cuda"
     if smoke:
         hq, hkv, d, dtype = 4, 1, 64, torch.float32
-        ctxs, dctxs, dbatch = [200, 320], [300], 2
+        ctxs = [200, 320]
     else:
         hq, hkv, d, dtype = 32, 8, 128, torch.bfloat16
         ctxs = [int(x) for x in args.ctx.split(",")]
-        dctxs = [int(x) for x in args.decode_ctx.split(",")]
-        dbatch = args.decode_batch
     device_name = "cpu (Triton interpreter)" if smoke else torch.cuda.get_device_name()
     today = _dt.date.today().isoformat()
     log(f"# bench/kernels.py  device={device_name}  date={today}  torch={torch.__version__}")
@@ -153,21 +150,14 @@ def main():
 
     # ---- ceilings ----------------------------------------------------------------------------
     res = {"device": device_name, "date": today, "shape": dict(hq=hq, hkv=hkv, d=d, dtype=str(dtype)),
-           "prefill": [], "decode": [], "checks": []}
+           "prefill": [], "checks": []}
     if not smoke:
-        x = torch.empty(1 << 30, dtype=torch.uint8, device=dev).random_()
-        y = torch.empty_like(x)
-        t = bench(lambda: y.copy_(x), smoke)
-        copy_bw = 2 * x.numel() / (t * 1e-3) / 1e9
-        del x, y
         a = torch.randn(8192, 8192, device=dev, dtype=dtype)
         t = bench(lambda: a @ a, smoke)
         mm = 2 * 8192 ** 3 / (t * 1e-3) / 1e12
         del a
-        log(f"copy bandwidth (read+write) {copy_bw:.0f} GB/s; bf16 matmul {mm:.0f} TFLOP/s")
-        res.update(copy_bw_gbs=copy_bw, matmul_tflops=mm)
-    else:
-        copy_bw = 1.0
+        log(f"bf16 matmul {mm:.0f} TFLOP/s")
+        res.update(matmul_tflops=mm)
 
     # ---- pick a kernel config (warps, stages) at a mid size --------------------------------
     cfg = dict(num_warps=None, num_stages=None)
@@ -219,98 +209,6 @@ def main():
     del q, k, v, o, ref
 
     calib, calib_fi = [], []
-    # ---- decode ------------------------------------------------------------------------------
-    dsets = {
-        "dense": [HeadBudget.dense()] * hq,
-        "stream(128+2048)": [HeadBudget.streaming(128, 2048)] * hq,
-        "topk0.1": [HeadBudget.topk(0.1, 4)] * hq,
-        "topk0.05": [HeadBudget.topk(0.05, 4)] * hq,
-        "stream+topk0.1": [HeadBudget.streaming(128, 2048)] * (hq // 2) + [HeadBudget.topk(0.1, 4)] * (hq // 2),
-    }
-    for n in dctxs:
-        if time.time() - t_start > args.budget_s:
-            log(f"time budget reached: skipping decode ctx {n}")
-            continue
-        bsz = dbatch
-        max_ctx = n + 64
-        pages_per_req = math.ceil(max_ctx / BLOCK)
-        pool = bsz * pages_per_req * BLOCK
-        # page-shuffled allocation: 64-token chunks of the pool in random order
-        perm = torch.randperm(bsz * pages_per_req, device=dev)
-        req_to_token = (perm.view(bsz, pages_per_req, 1) * BLOCK + torch.arange(BLOCK, device=dev)).view(bsz, -1)[:, :max_ctx].int().contiguous()
-        kb = torch.randn(pool, hkv, d, device=dev, dtype=dtype)
-        vb = torch.randn(pool, hkv, d, device=dev, dtype=dtype)
-        rpi = torch.arange(bsz, dtype=torch.int32, device=dev)
-        lens = torch.full((bsz,), n, dtype=torch.int32, device=dev)
-        q = torch.randn(bsz, hq, d, device=dev, dtype=dtype)
-        drow = {"ctx": n, "batch": bsz, "configs": []}
-        kv_bytes_dense = bsz * n * hkv * d * 2 * 2
-        if fi is not None:
-            try:
-                ws = torch.empty(128 << 20, dtype=torch.uint8, device=dev)
-                dw = fi.BatchDecodeWithPagedKVCacheWrapper(ws, "NHD")
-                indptr = torch.arange(0, bsz + 1, device=dev, dtype=torch.int32) * n
-                indices = req_to_token[:, :n].reshape(-1).contiguous()
-                last = torch.ones(bsz, dtype=torch.int32, device=dev)
-                dw.plan(indptr, indices, last, hq, hkv, d, 1, q_data_type=dtype, kv_data_type=dtype)
-                kc, vc = kb.view(pool, 1, hkv, d), vb.view(pool, 1, hkv, d)
-                tfi = bench(lambda: dw.run(q, (kc, vc)), smoke)
-                drow.update(flashinfer_dense_ms=tfi, flashinfer_dense_gbs=kv_bytes_dense / (tfi * 1e-3) / 1e9)
-                log(f"\n## decode ctx {n} batch {bsz}: flashinfer dense (page 1) {tfi:.4f} ms, "
-                    f"{drow['flashinfer_dense_gbs']:.0f} GB/s")
-            except Exception as e:  # noqa: BLE001
-                log(f"flashinfer decode failed: {type(e).__name__}: {str(e)[:200]}")
-        else:
-            log(f"\n## decode ctx {n} batch {bsz}")
-        for name, budgets in dsets.items():
-            try:
-                sd = SparseDecode(budgets, hkv, d, max_ctx, bsz, dtype=dtype, device=dev)
-                sd.build_summaries(kb, req_to_token, rpi, lens)
-                sd.plan(bsz)
-                o = torch.full_like(q, float("nan"))
-                sd.run(q, kb, vb, req_to_token, rpi, lens, reselect=True, out=o)
-                ok = bool(torch.isfinite(o).all())
-                t_sel = bench(lambda: sd.run(q, kb, vb, req_to_token, rpi, lens, reselect=True, out=o), smoke)
-                t_reuse = bench(lambda: sd.run(q, kb, vb, req_to_token, rpi, lens, reselect=False, out=o), smoke)
-                t_upd = bench(lambda: sd.update_summaries(kb, req_to_token, rpi, lens), smoke)
-            except Exception as e:  # noqa: BLE001
-                log(f"decode {name} failed: {type(e).__name__}: {str(e)[:200]}")
-                continue
-            # unique KV bytes per step: per KV head the union of its q heads' pages
-            nbytes = 0
-            npg = math.ceil(n / BLOCK)
-            g_ = hq // hkv
-            for b in range(bsz):
-                for hk in range(hkv):
-                    pages = set()
-                    for h in range(hk * g_, (hk + 1) * g_):
-                        bu = budgets[h]
-                        if bu.pattern is Pattern.DENSE:
-                            pages |= set(range(npg))
-                        elif bu.pattern is Pattern.STREAMING:
-                            pages |= set(range(min(bu.sink_blocks, npg))) | set(range(max(0, npg - bu.window_blocks), npg))
-                        else:
-                            c = int(sd.page_cnt[b, h])
-                            pages |= set(sd.page_idx[b, h, :c].tolist()) | {npg - 1}
-                    nbytes += len(pages) * BLOCK * d * 2 * 2
-            gbs = nbytes / (t_reuse * 1e-3) / 1e9
-            ent = {"name": name, "ms_reuse": t_reuse, "ms_select": t_sel, "ms_update_summaries": t_upd,
-                   "bytes": nbytes, "gbs": gbs, "frac_copy_bw": gbs / copy_bw, "all_written": ok,
-                   "nsplit": sd.nsplit}
-            line = (f"{name:18s} {t_reuse:8.4f} ms reuse, {t_sel:8.4f} ms with selection, update {t_upd:.4f} ms; "
-                    f"{nbytes / 1e6:8.1f} MB → {gbs:6.0f} GB/s ({gbs / copy_bw:.2f} of copy)")
-            if "flashinfer_dense_ms" in drow:
-                ent["speedup_vs_flashinfer_dense"] = drow["flashinfer_dense_ms"] / t_reuse
-                line += f"; {ent['speedup_vs_flashinfer_dense']:.2f}x vs flashinfer dense"
-            log(line)
-            drow["configs"].append(ent)
-            del sd
-        res["decode"].append(drow)
-        del kb, vb, req_to_token
-        if not smoke:
-            torch.cuda.empty_cache()
-        _dump(res, calib, calib_fi, args.out, device_name, today)
-
     # ---- prefill -----------------------------------------------------------------------------
     sets = layer_sets(hq)
     for n in ctxs:
@@ -440,7 +338,8 @@ def _plot(res, out):
         import matplotlib.pyplot as plt
     except ImportError:
         return
-    fig, ax = plt.subplots(1, 2, figsize=(12, 4.5))
+    fig, ax = plt.subplots(1, 1, figsize=(7, 4.5))
+    ax = [ax]
     names = sorted({c["name"] for r in res["prefill"] for c in r["configs"]})
     for nm in names:
         xs = [r["ctx"] for r in res["prefill"] for c in r["configs"] if c["name"] == nm]
@@ -456,16 +355,6 @@ def _plot(res, out):
     ax[0].set_ylabel("per-head efficiency vs SDPA (density·t_SDPA/t)")
     ax[0].set_title("prefill (solid: ours, dashed: FlashInfer block-sparse)")
     ax[0].legend(fontsize=6)
-    for nm in sorted({c["name"] for r in res["decode"] for c in r["configs"]}):
-        xs = [r["ctx"] for r in res["decode"] for c in r["configs"] if c["name"] == nm]
-        ys = [c["frac_copy_bw"] for r in res["decode"] for c in r["configs"] if c["name"] == nm]
-        ax[1].plot(xs, ys, marker="o", label=nm)
-    ax[1].axhline(0.8, color="k", lw=0.8)
-    ax[1].set_xscale("log", base=2)
-    ax[1].set_xlabel("context")
-    ax[1].set_ylabel("achieved / copy bandwidth")
-    ax[1].set_title("sparse paged decode")
-    ax[1].legend(fontsize=7)
     fig.suptitle(f"{res['device']} {res['date']}")
     fig.tight_layout()
     suffix = "_smoke" if res["device"].startswith("cpu") else "_h100"
@@ -486,8 +375,6 @@ def _summary(res):
             fi = c.get("flashinfer_eff_vs_sdpa")
             cells.append(f"{c['eff_vs_sdpa']:6.2f}/{fi:4.2f}".rjust(15) if fi is not None else f"{c['eff_vs_sdpa']:6.2f}/  - ".rjust(15))
         log(nm.ljust(18) + "".join(cells))
-    for r in res["decode"]:
-        log(f"decode {r['ctx'] // 1024}K: " + ", ".join(f"{c['name']} {c['frac_copy_bw']:.2f}bw" for c in r["configs"]))
 
 
 def mode_setup(args, flag: str, stem: str, smoke_ctxs: list[int]):
