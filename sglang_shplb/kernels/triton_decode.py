@@ -191,10 +191,9 @@ class DecodeHeads(NamedTuple):
     lists: bool              # some KV head is in list mode (the union kernel runs)
 
 
-def decode_heads(budgets: Sequence[HeadBudget], num_kv_heads: int, device=None) -> DecodeHeads:
-    """Per q head its page rule; per KV head how the group kernel walks its pages. A KV head whose q heads
-    are all dense, or all streaming with one budget, walks a range; any other group walks the union of its
-    heads' pages with a row mask per page, so that every page is loaded once for the group."""
+def _page_rules(budgets: Sequence[HeadBudget], num_kv_heads: int) -> tuple[list[int], ...]:
+    """Host lists of :class:`DecodeHeads`: ``mode, sink, window`` per q head, ``gmode, gsink, gwindow`` per
+    KV head."""
     mode, sink, win = [], [], []
     for b in budgets:
         if b.pattern is Pattern.DENSE:
@@ -213,8 +212,16 @@ def decode_heads(budgets: Sequence[HeadBudget], num_kv_heads: int, device=None) 
             gm.append(MODE_STREAMING); gs.append(sink[hk * g]); gw.append(win[hk * g])
         else:
             gm.append(MODE_LIST); gs.append(0); gw.append(0)
+    return mode, sink, win, gm, gs, gw
+
+
+def decode_heads(budgets: Sequence[HeadBudget], num_kv_heads: int, device=None) -> DecodeHeads:
+    """Per q head its page rule; per KV head how the group kernel walks its pages. A KV head whose q heads
+    are all dense, or all streaming with one budget, walks a range; any other group walks the union of its
+    heads' pages with a row mask per page, so that every page is loaded once for the group."""
+    rules = _page_rules(budgets, num_kv_heads)
     mk = lambda x: torch.tensor(x, dtype=torch.int32, device=device)  # noqa: E731
-    return DecodeHeads(mk(mode), mk(sink), mk(win), mk(gm), mk(gs), mk(gw), MODE_LIST in gm)
+    return DecodeHeads(*map(mk, rules), MODE_LIST in rules[3])
 
 
 def decode_page_budget(budget: HeadBudget, npages: int) -> int:
@@ -349,7 +356,7 @@ def decode_walks(budgets: Sequence[HeadBudget], num_kv_heads: int, max_pages: in
     """Per KV head, the most pages its group kernel walks at ``max_pages`` pages: the length of its range, or
     of its union list (at most the sum of its heads' pages)."""
     g = len(budgets) // num_kv_heads
-    gmode = decode_heads(budgets, num_kv_heads).gmode.tolist()
+    gmode = _page_rules(budgets, num_kv_heads)[3]
 
     def pages(b: HeadBudget) -> int:
         if b.pattern is Pattern.DENSE:
