@@ -27,12 +27,58 @@ LOG2E = 1.4426950408889634
 
 
 @lru_cache(maxsize=None)
+def _shared_jit() -> None:
+    """jit helpers of the four prefill kernels, put in the module's globals (where jit functions resolve
+    their callees): a sequence's bounds, its query tile, its KV row table, the output store."""
+    from ._triton_compat import import_triton
+    triton, tl = import_triton()
+
+    @triton.jit
+    def _seq_bounds(cu_q, kv_lens, b):
+        """(first row of sequence b in Q, its KV length, the cached prefix before its queries)."""
+        q_start = tl.load(cu_q + b)
+        n_kv = tl.load(kv_lens + b)
+        return q_start, n_kv, n_kv - (tl.load(cu_q + b + 1) - q_start)
+
+    @triton.jit
+    def _q_tile(Q, q_start, offs_m, prefix, n_kv, h, stride_qt, stride_qh, offs_d, DOT_F32: tl.constexpr):
+        """The queries at absolute positions offs_m (zero outside [prefix, n_kv)), their rows in Q, the row mask."""
+        m_valid = (offs_m >= prefix) & (offs_m < n_kv)
+        q_rows = q_start + offs_m - prefix
+        q = tl.load(Q + q_rows[:, None] * stride_qt + h * stride_qh + offs_d[None, :],
+                    mask=m_valid[:, None], other=0.0)
+        if DOT_F32:  # the CPU interpreter's bf16 dot is wrong: compute in float32 there
+            q = q.to(tl.float32)
+        return q, q_rows, m_valid
+
+    @triton.jit
+    def _kv_rows(req_to_token, req_pool_idx, stride_r2t, cu_k, b, PAGED: tl.constexpr):
+        """(row table, row offset) of sequence b's K/V: its req_to_token row (paged), or the table as given
+        and the sequence's first KV row (contiguous)."""
+        r2t = req_to_token
+        kv_base = 0
+        if PAGED:
+            r2t = req_to_token + tl.load(req_pool_idx + b).to(tl.int64) * stride_r2t
+        else:
+            kv_base = tl.load(cu_k + b)
+        return r2t, kv_base
+
+    @triton.jit
+    def _store_o(O, o, q_rows, m_valid, h, stride_ot, stride_oh, offs_d):
+        tl.store(O + q_rows[:, None] * stride_ot + h * stride_oh + offs_d[None, :],
+                 o.to(O.dtype.element_ty), mask=m_valid[:, None])
+
+    globals().update(_seq_bounds=_seq_bounds, _q_tile=_q_tile, _kv_rows=_kv_rows, _store_o=_store_o)
+
+
+@lru_cache(maxsize=None)
 def _kernel(autotune: bool):
     """The block-index kernel. ``BLOCK_N`` (constexpr) is the KV tile: 64 = one listed block per step;
     128 = two listed blocks per step, their rows gathered into one 64×128 tile (half the rescales, twice the
     MMA width), an odd leftover block paired with the diagonal in the last, masked tile."""
     from ._triton_compat import import_triton
     triton, tl = import_triton()
+    _shared_jit()
 
     @triton.jit
     def _listed(idx_row, j, dense):
@@ -98,28 +144,15 @@ def _kernel(autotune: bool):
         if HEAD_MAP:
             h = tl.load(heads + h)
         hk = h // GROUP
-        q_start = tl.load(cu_q + b)
-        n_q = tl.load(cu_q + b + 1) - q_start
-        n_kv = tl.load(kv_lens + b)
-        prefix = n_kv - n_q
+        q_start, n_kv, prefix = _seq_bounds(cu_q, kv_lens, b)
         qi = prefix // BLOCK_M + jq               # absolute query block
         if qi * BLOCK_M < n_kv:
             offs_d = tl.arange(0, D)
             ar = tl.arange(0, BLOCK_M)
             arn = tl.arange(0, BLOCK_N)
             offs_m = qi * BLOCK_M + ar            # absolute positions of the rows
-            m_valid = (offs_m >= prefix) & (offs_m < n_kv)
-            q_rows = q_start + offs_m - prefix
-            q = tl.load(Q + q_rows[:, None] * stride_qt + h * stride_qh + offs_d[None, :],
-                        mask=m_valid[:, None], other=0.0)
-            if DOT_F32:
-                q = q.to(tl.float32)
-            if PAGED:
-                r2t = req_to_token + tl.load(req_pool_idx + b).to(tl.int64) * stride_r2t
-                kv_base = 0
-            else:
-                r2t = req_to_token
-                kv_base = tl.load(cu_k + b)
+            q, q_rows, m_valid = _q_tile(Q, q_start, offs_m, prefix, n_kv, h, stride_qt, stride_qh, offs_d, DOT_F32)
+            r2t, kv_base = _kv_rows(req_to_token, req_pool_idx, stride_r2t, cu_k, b, PAGED)
             dense = (tl.load(head_dense + h) != 0).to(tl.int32)
             cnt = tl.load(block_cnt + b * s_bc_b + h * s_bc_h + qi)
             n_off = dense * qi + (1 - dense) * (cnt - 1)     # off-diagonal blocks (the diagonal is listed last)
@@ -153,8 +186,7 @@ def _kernel(autotune: bool):
                 acc, m_i, l_i = _index_tile(acc, m_i, l_i, q, k_ptr, v_ptr, r2t, kv_base, qi * BLOCK_M + ar,
                                             offs_m, n_kv, stride_kt, stride_vt, qk_scale, BLOCK_M, 0, PAGED, DOT_F32)
             o = acc / l_i[:, None]
-            tl.store(O + q_rows[:, None] * stride_ot + h * stride_oh + offs_d[None, :],
-                     o.to(O.dtype.element_ty), mask=m_valid[:, None])
+            _store_o(O, o, q_rows, m_valid, h, stride_ot, stride_oh, offs_d)
 
     kern = triton.jit(body)
     if autotune:
@@ -266,6 +298,7 @@ def _rule_kernel(autotune: bool):
     maximum so rows that have seen nothing yet stay NaN-free."""
     from ._triton_compat import import_triton
     triton, tl = import_triton()
+    _shared_jit()
 
     @triton.jit
     def _tile(acc, m_i, l_i, q, k_ptr, v_ptr, r2t, kv_base, kb, offs_m, row_ok, n_kv, stride_kt,
@@ -328,28 +361,15 @@ def _rule_kernel(autotune: bool):
         s_blk = tl.load(sink_blocks + hs)
         w_blk = tl.load(window_blocks + hs)
         hk = h // GROUP
-        q_start = tl.load(cu_q + b)
-        n_q = tl.load(cu_q + b + 1) - q_start
-        n_kv = tl.load(kv_lens + b)
-        prefix = n_kv - n_q
+        q_start, n_kv, prefix = _seq_bounds(cu_q, kv_lens, b)
         qp = prefix // BLOCK_M + jp                       # absolute query pair
         if qp * BLOCK_M < n_kv:
             offs_d = tl.arange(0, D)
             ar = tl.arange(0, BLOCK_M)
             offs_m = qp * BLOCK_M + ar
             qb = offs_m // BLOCK_N                        # query block of every row
-            m_valid = (offs_m >= prefix) & (offs_m < n_kv)
-            q_rows = q_start + offs_m - prefix
-            q = tl.load(Q + q_rows[:, None] * stride_qt + h * stride_qh + offs_d[None, :],
-                        mask=m_valid[:, None], other=0.0)
-            if DOT_F32:
-                q = q.to(tl.float32)
-            if PAGED:
-                r2t = req_to_token + tl.load(req_pool_idx + b).to(tl.int64) * stride_r2t
-                kv_base = 0
-            else:
-                r2t = req_to_token
-                kv_base = tl.load(cu_k + b)
+            q, q_rows, m_valid = _q_tile(Q, q_start, offs_m, prefix, n_kv, h, stride_qt, stride_qh, offs_d, DOT_F32)
+            r2t, kv_base = _kv_rows(req_to_token, req_pool_idx, stride_r2t, cu_k, b, PAGED)
             k_ptr = K + hk * stride_kh + offs_d[None, :]
             v_ptr = V + hk * stride_vh + offs_d[None, :]
             blk_a = 2 * qp
@@ -377,8 +397,7 @@ def _rule_kernel(autotune: bool):
                 acc, m_i, l_i = _rule_tile(acc, m_i, l_i, q, k_ptr, v_ptr, r2t, kv_base, blk_a + 1, offs_m, ok_b,
                                            n_kv, stride_kt, stride_vt, qk_scale, BLOCK_N, PAGED, True, DOT_F32)
             o = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]     # l = 0 only on rows not stored
-            tl.store(O + q_rows[:, None] * stride_ot + h * stride_oh + offs_d[None, :],
-                     o.to(O.dtype.element_ty), mask=m_valid[:, None])
+            _store_o(O, o, q_rows, m_valid, h, stride_ot, stride_oh, offs_d)
 
     kern = triton.jit(body)
     if autotune:
@@ -398,7 +417,7 @@ def _union_kernel(autotune: bool):
     only if B lists A) and B (causal). Worth it when adjacent query blocks pick similar KV blocks."""
     from ._triton_compat import import_triton
     triton, tl = import_triton()
-    _rule_kernel(False)   # defines _rule_tile
+    _rule_kernel(False)   # defines _rule_tile and the shared helpers
 
     def body(
         Q, K, V, O,
@@ -415,28 +434,15 @@ def _union_kernel(autotune: bool):
         hs = bh % NH
         h = tl.load(heads + hs)
         hk = h // GROUP
-        q_start = tl.load(cu_q + b)
-        n_q = tl.load(cu_q + b + 1) - q_start
-        n_kv = tl.load(kv_lens + b)
-        prefix = n_kv - n_q
+        q_start, n_kv, prefix = _seq_bounds(cu_q, kv_lens, b)
         qp = prefix // BLOCK_M + jp
         if qp * BLOCK_M < n_kv:
             offs_d = tl.arange(0, D)
             ar = tl.arange(0, BLOCK_M)
             offs_m = qp * BLOCK_M + ar
             in_a = ar < BLOCK_N
-            m_valid = (offs_m >= prefix) & (offs_m < n_kv)
-            q_rows = q_start + offs_m - prefix
-            q = tl.load(Q + q_rows[:, None] * stride_qt + h * stride_qh + offs_d[None, :],
-                        mask=m_valid[:, None], other=0.0)
-            if DOT_F32:
-                q = q.to(tl.float32)
-            if PAGED:
-                r2t = req_to_token + tl.load(req_pool_idx + b).to(tl.int64) * stride_r2t
-                kv_base = 0
-            else:
-                r2t = req_to_token
-                kv_base = tl.load(cu_k + b)
+            q, q_rows, m_valid = _q_tile(Q, q_start, offs_m, prefix, n_kv, h, stride_qt, stride_qh, offs_d, DOT_F32)
+            r2t, kv_base = _kv_rows(req_to_token, req_pool_idx, stride_r2t, cu_k, b, PAGED)
             k_ptr = K + hk * stride_kh + offs_d[None, :]
             v_ptr = V + hk * stride_vh + offs_d[None, :]
             cnt = tl.load(pcnt + b * s_pc_b + hs * s_pc_h + qp)
@@ -458,8 +464,7 @@ def _union_kernel(autotune: bool):
                 acc, m_i, l_i = _rule_tile(acc, m_i, l_i, q, k_ptr, v_ptr, r2t, kv_base, blk_a + 1, offs_m, ar >= 0,
                                            n_kv, stride_kt, stride_vt, qk_scale, BLOCK_N, PAGED, True, DOT_F32)
             o = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
-            tl.store(O + q_rows[:, None] * stride_ot + h * stride_oh + offs_d[None, :],
-                     o.to(O.dtype.element_ty), mask=m_valid[:, None])
+            _store_o(O, o, q_rows, m_valid, h, stride_ot, stride_oh, offs_d)
 
     kern = triton.jit(body)
     if autotune:
@@ -568,6 +573,7 @@ def _tile_kernel(autotune: bool):
     (``desc_k``/``desc_v``: 2-D descriptors over ``[tokens, Hkv * d]``), otherwise with pointer loads."""
     from ._triton_compat import import_triton
     triton, tl = import_triton()
+    _shared_jit()
 
     @triton.jit
     def _step(acc, m_i, l_i, q, k, v, qk_scale, ok, MASK: tl.constexpr):
@@ -603,28 +609,15 @@ def _tile_kernel(autotune: bool):
         b = bh // NH
         h = tl.load(heads + bh % NH)
         hk = h // GROUP
-        q_start = tl.load(cu_q + b)
-        n_q = tl.load(cu_q + b + 1) - q_start
-        n_kv = tl.load(kv_lens + b)
-        prefix = n_kv - n_q
+        q_start, n_kv, prefix = _seq_bounds(cu_q, kv_lens, b)
         p = prefix // TILE + jp                        # absolute query pair
         if p * TILE < n_kv:
             offs_d = tl.arange(0, D)
             ar = tl.arange(0, TILE)
             arn = tl.arange(0, BLOCK_N)
             offs_m = p * TILE + ar
-            m_valid = (offs_m >= prefix) & (offs_m < n_kv)
-            q_rows = q_start + offs_m - prefix
-            q = tl.load(Q + q_rows[:, None] * stride_qt + h * stride_qh + offs_d[None, :],
-                        mask=m_valid[:, None], other=0.0)
-            if DOT_F32:  # the CPU interpreter's bf16 dot is wrong: compute in float32 there
-                q = q.to(tl.float32)
-            if PAGED:
-                r2t = req_to_token + tl.load(req_pool_idx + b).to(tl.int64) * stride_r2t
-                kv_base = 0
-            else:
-                r2t = req_to_token
-                kv_base = tl.load(cu_k + b)
+            q, q_rows, m_valid = _q_tile(Q, q_start, offs_m, prefix, n_kv, h, stride_qt, stride_qh, offs_d, DOT_F32)
+            r2t, kv_base = _kv_rows(req_to_token, req_pool_idx, stride_r2t, cu_k, b, PAGED)
             k_ptr = K + hk * stride_kh + offs_d[None, :]
             v_ptr = V + hk * stride_vh + offs_d[None, :]
             dense = (tl.load(head_dense + h) != 0).to(tl.int32)
@@ -671,8 +664,7 @@ def _tile_kernel(autotune: bool):
                 ok = n_ok[None, :] & (offs_n[None, :] <= offs_m[:, None])
                 acc, m_i, l_i = _tile_step(acc, m_i, l_i, q, k, v, qk_scale, ok, True)
             o = acc / l_i[:, None]
-            tl.store(O + q_rows[:, None] * stride_ot + h * stride_oh + offs_d[None, :],
-                     o.to(O.dtype.element_ty), mask=m_valid[:, None])
+            _store_o(O, o, q_rows, m_valid, h, stride_ot, stride_oh, offs_d)
 
     kern = triton.jit(body)
     if autotune:
