@@ -130,8 +130,8 @@ def test_wide_tile_head_subset_and_dense_heads():
     o64, o128 = run_both(q, k, v, index, cu_q, kvl, 260, kw, heads=heads)
     ref = reference_sparse_prefill(q, k, v, [index.masks(0, 5)], cu_q, kvl, **kw)
     assert torch.isnan(o128[:, [1, 2]]).all()
-    assert relative_error(o128[:, [0, 3]], ref[:, [0, 3]]) < 1e-4
-    assert relative_error(o128[:, [0, 3]], o64[:, [0, 3]]) < 1e-5
+    assert relative_error(o128[:, [0, 3]], ref[:, [0, 3]]) < TOL[torch.float32]
+    assert relative_error(o128[:, [0, 3]], o64[:, [0, 3]]) < TOL_VS_64[torch.float32]
 
 
 def test_bad_kv_tile_raises():
