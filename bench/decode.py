@@ -38,7 +38,7 @@ from sglang_shplb.kernels.paged_layer import (DecodeWorkspace, LayerKernels, lay
 from sglang_shplb.kernels.reference import (reference_decode_pages, reference_sparse_decode,  # noqa: E402
                                             relative_error)
 from sglang_shplb.kernels.triton_decode import DecodeScratch, build_page_summaries, sparse_decode  # noqa: E402
-from sglang_shplb.patterns import BLOCK, HeadBudget  # noqa: E402
+from sglang_shplb.core.patterns import BLOCK, HeadBudget  # noqa: E402
 
 from timing import bench, log, results_writer  # noqa: E402  (bench/timing.py)
 

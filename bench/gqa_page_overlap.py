@@ -24,11 +24,11 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import torch  # noqa: E402
 
-from sglang_shplb.calibration_data import make_prompt, passkey_prompt  # noqa: E402
+from sglang_shplb.planning.calibration_data import make_prompt, passkey_prompt  # noqa: E402
 from sglang_shplb.kernels.reference import quest_scores  # noqa: E402
 from sglang_shplb.kernels.triton_decode import decode_page_budget  # noqa: E402
-from sglang_shplb.model_store import default_checkpoint  # noqa: E402
-from sglang_shplb.patterns import BLOCK, HeadBudget  # noqa: E402
+from sglang_shplb.planning.model_store import default_checkpoint  # noqa: E402
+from sglang_shplb.core.patterns import BLOCK, HeadBudget  # noqa: E402
 
 FRACTIONS = (0.05, 0.1, 0.2)
 

@@ -29,7 +29,7 @@ import torch  # noqa: E402
 
 from sglang_shplb.kernels import build_block_index  # noqa: E402
 from sglang_shplb.kernels.triton_index import build_topk_index  # noqa: E402
-from sglang_shplb.patterns import BLOCK, HeadBudget, Pattern  # noqa: E402
+from sglang_shplb.core.patterns import BLOCK, HeadBudget, Pattern  # noqa: E402
 
 from timing import LOG, bench, log  # noqa: E402  (bench/timing.py)
 

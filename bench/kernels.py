@@ -40,7 +40,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import torch  # noqa: E402
 
-from sglang_shplb.patterns import BLOCK, HeadBudget, Pattern  # noqa: E402
+from sglang_shplb.core.patterns import BLOCK, HeadBudget, Pattern  # noqa: E402
 from sglang_shplb.kernels import SparsePrefill, build_block_index, sparse_prefill  # noqa: E402
 from sglang_shplb.kernels.triton_prefill import (INDEX_CONFIGS, RULE_DENSE_WINDOW, TILE_CONFIGS, _kernel,  # noqa: E402
                                                  _tile_kernel, rule_prefill, tile_prefill)
@@ -809,7 +809,7 @@ def tile_calibration_records(res: dict) -> list[dict]:
     """Cost-model records (schema shplb-calibration/1) of the top-k rows of a ``--tiles`` result, both
     granularities from the same run: 64-token blocks on the autotuned 64-row index kernel, ``tile`` 128 on the
     autotuned 128 x 128 TMA kernel; the time is one call for all heads of the layer."""
-    from sglang_shplb.cost_model import block_pairs
+    from sglang_shplb.planning.cost_model import block_pairs
     sh = res["shape"]
     recs = []
     for row in res["prefill"]:
@@ -838,7 +838,7 @@ def write_tile_calibration(tiles_json: str, base_json: str, out: str) -> None:
     doc = dict(base, date=res["date"], records=keep + recs,
                kernel=base["kernel"] + f"; top-k from a --tiles run ({res['date']}): 64-token blocks on the 64-row "
                                        "index kernel, tile 128 on tile_prefill (128x128, TMA)")
-    from sglang_shplb.cost_model import CostModel
+    from sglang_shplb.planning.cost_model import CostModel
     cm = CostModel.from_calibration(doc)                  # validates the schema
     os.makedirs(out, exist_ok=True)
     path = os.path.join(out, "calibration_h100_tiles.json")

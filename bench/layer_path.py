@@ -30,7 +30,7 @@ sys.path.insert(0, str(HERE.parent))
 
 import torch  # noqa: E402
 
-from sglang_shplb.patterns import BLOCK, HeadBudget, Pattern  # noqa: E402
+from sglang_shplb.core.patterns import BLOCK, HeadBudget, Pattern  # noqa: E402
 from sglang_shplb.kernels.paged_layer import (DecodeWorkspace, ExtendBatch, LayerKernels,  # noqa: E402
                                               layer_max_selected, selected_heads)
 
@@ -41,8 +41,8 @@ def plan_budgets(which: str) -> list[list[HeadBudget]]:
     if which == "smollm2":
         data = json.loads((HERE / "results" / "default_plan" / "plan.json").read_text())
         return [[HeadBudget.from_dict(b) for b in layer] for layer in data["budgets"]]
-    from sglang_shplb.model_spec import ModelSpec
-    from sglang_shplb.synthetic_plans import mixed_budget
+    from sglang_shplb.core.model_spec import ModelSpec
+    from sglang_shplb.planning.synthetic_plans import mixed_budget
     s = SHAPES[which]
     spec = ModelSpec("LlamaForCausalLM", s["layers"], s["hq"], s["hkv"], s["d"], 131072, "bench")
     f = mixed_budget(128, 2048, 0.1)

@@ -136,7 +136,7 @@ def full_budget(layer, head, spec):
     """Sparse patterns whose budgets cover the whole context (8K): every path of the kernel path runs, and
     the answers must equal the stock backend's (up to bf16 rounding). Per KV group: dense, streaming with a
     window of 8192 tokens, top-k of all blocks."""
-    from sglang_shplb.patterns import HeadBudget
+    from sglang_shplb.core.patterns import HeadBudget
     g = spec.kv_head_of(head) % 3
     return [HeadBudget.dense(), HeadBudget.streaming(0, 8192), HeadBudget.topk(1.0, min_blocks=1)][g]
 
@@ -145,7 +145,7 @@ def make_plan(kind, model_dir, out_dir, full: bool = False):
     """SmolLM2: the plan profiled on this model (`python -m sglang_shplb plan`). Llama-3-8B shape (dummy
     weights, nothing to profile): per layer KV group 0 dense (4 of 32 query heads), odd KV groups top-k at
     10 % of the blocks, even ones streaming sink 128 + window 2048 tokens (3-12 % of 16K-64K)."""
-    from sglang_shplb.synthetic_plans import mixed_budget, synthetic_plan
+    from sglang_shplb.planning.synthetic_plans import mixed_budget, synthetic_plan
     if full:
         return synthetic_plan(model_dir, full_budget, out_dir, meta={"source": "bench/serve_gpu.py full budgets"})
     if kind == "smollm2":

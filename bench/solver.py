@@ -28,11 +28,11 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sglang_shplb.buckets import Buckets  # noqa: E402
-from sglang_shplb.cost_model import CostModel, block_pairs  # noqa: E402
-from sglang_shplb.model_spec import ModelSpec  # noqa: E402
-from sglang_shplb.patterns import HeadBudget  # noqa: E402
-from sglang_shplb.placement import (compare_solvers, placement_for, placement_for_length,  # noqa: E402
+from sglang_shplb.core.buckets import Buckets  # noqa: E402
+from sglang_shplb.planning.cost_model import CostModel, block_pairs  # noqa: E402
+from sglang_shplb.core.model_spec import ModelSpec  # noqa: E402
+from sglang_shplb.core.patterns import HeadBudget  # noqa: E402
+from sglang_shplb.planning.place import (compare_solvers, placement_for, placement_for_length,  # noqa: E402
                                     solve_layer, solve_plan_placements)
 
 TPS = (2, 4, 8)

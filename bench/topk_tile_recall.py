@@ -15,9 +15,9 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from sglang_shplb.elasticity import default_options, profile_model  # noqa: E402
-from sglang_shplb.model_store import default_checkpoint  # noqa: E402
-from sglang_shplb.patterns import Pattern  # noqa: E402
+from sglang_shplb.planning.profile import default_options, profile_model  # noqa: E402
+from sglang_shplb.planning.model_store import default_checkpoint  # noqa: E402
+from sglang_shplb.core.patterns import Pattern  # noqa: E402
 
 
 def main() -> None:

@@ -1,8 +1,9 @@
 """sglang_shplb: head-adaptive sparse attention with S-HPLB head-parallel load balancing for SGLang.
 
-The planning core (this package's top-level modules) imports no SGLang; the SGLang surface lives in
-:mod:`sglang_shplb.serving`. Where SGLang is installed it must be the release we serve with: the check
-reads the installed distribution's version without importing SGLang.
+Parts by role: :mod:`.core` (the shared vocabulary), :mod:`.planning` (the offline pipeline),
+:mod:`.kernels` (device code and references), :mod:`.scheduler` (per-batch decisions) and
+:mod:`.serving` (SGLang glue). Only :mod:`.serving` and :mod:`.scheduler`'s hooks import SGLang.
+Where SGLang is installed it must be the release we serve with: the check reads the installed distribution's version without importing SGLang.
 """
 import importlib.metadata as _md
 

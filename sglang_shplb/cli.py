@@ -94,11 +94,11 @@ def build_parser() -> argparse.ArgumentParser:
 # ---- stages ---------------------------------------------------------------------------------------
 
 def cmd_profile(a) -> Path:
-    from .elasticity import profile_model, save_profile
-    from .model_store import resolve_model
+    from sglang_shplb.planning.profile import profile_model, save_profile
+    from sglang_shplb.planning.model_store import resolve_model
 
     model = resolve_model(a.model, a.cache_dir)
-    from .elasticity import default_options
+    from sglang_shplb.planning.profile import default_options
     res = profile_model(model, a.lengths, tuple(a.sets), a.per_length, a.device, a.rows_per_block, a.num_layers,
                         options=default_options(topk_tiles=tuple(a.topk_tiles)))
     res.model["checkpoint"] = str(model)
@@ -108,8 +108,8 @@ def cmd_profile(a) -> Path:
 
 
 def cmd_budget(a) -> Path:
-    from .budgets import budgets_by_density_target, budgets_by_tau, stability
-    from .elasticity import load_profile
+    from sglang_shplb.planning.budget import budgets_by_density_target, budgets_by_tau, stability
+    from sglang_shplb.planning.profile import load_profile
 
     prof = load_profile(a.profile)
     res = (budgets_by_density_target(prof, a.density_target) if a.density_target is not None
@@ -142,7 +142,7 @@ def _load_budgets(path) -> dict:
 
 
 def _cost_model(calibration):
-    from .cost_model import CostModel
+    from sglang_shplb.planning.cost_model import CostModel
 
     return CostModel.from_calibration(calibration) if calibration else CostModel.analytic()
 
@@ -161,22 +161,14 @@ def _solve_opts(a) -> dict:
     return opts
 
 
-def resolve_solve_opts(opts: dict, tp: int) -> dict:
-    """Placement options for one TP size (``max_replicated_kv='auto'`` → ``tp - 1``)."""
-    out = dict(opts)
-    if out.get("max_replicated_kv") == "auto":
-        out["max_replicated_kv"] = tp - 1
-    return out
-
-
 def cmd_place(a) -> Path:
     from tqdm.auto import tqdm
 
-    from .buckets import Buckets
-    from .model_spec import ModelSpec
-    from .patterns import HeadBudget
-    from .placement import solve_plan_placements
-    from .plan import Plan, save_plan
+    from sglang_shplb.core.buckets import Buckets
+    from sglang_shplb.core.model_spec import ModelSpec
+    from sglang_shplb.core.patterns import HeadBudget
+    from sglang_shplb.planning.place import resolve_solve_opts, solve_plan_placements
+    from sglang_shplb.core.plan import Plan, save_plan
 
     doc = _load_budgets(a.budgets)
     spec = ModelSpec(**{k: v for k, v in doc["model"].items() if k != "checkpoint"})
@@ -203,10 +195,10 @@ def cmd_place(a) -> Path:
 
 
 def cmd_report(a, quality=None) -> Path:
-    from .budgets import Stability
-    from .elasticity import load_profile
-    from .plan import load_plan
-    from .report import write_report
+    from sglang_shplb.planning.budget import Stability
+    from sglang_shplb.planning.profile import load_profile
+    from sglang_shplb.core.plan import load_plan
+    from sglang_shplb.planning.report import write_report
 
     plan_path = Path(a.plan)
     plan = load_plan(plan_path)
@@ -226,15 +218,15 @@ def cmd_report(a, quality=None) -> Path:
 
 
 def _cost_from_meta(plan):
-    from .cost_model import CostModel
+    from sglang_shplb.planning.cost_model import CostModel
 
     d = plan.meta.get("cost_model")
     return CostModel.from_dict(d) if d else CostModel.analytic()
 
 
 def cmd_plan(a) -> Path:
-    from .model_store import resolve_model
-    from .quality import compare_dense_sparse
+    from sglang_shplb.planning.model_store import resolve_model
+    from sglang_shplb.planning.quality import compare_dense_sparse
 
     t0 = time.time()
     model = resolve_model(a.model, a.cache_dir)
@@ -248,7 +240,7 @@ def cmd_plan(a) -> Path:
     quality = None
     if a.eval_lengths:
         print(f"[4/5] dense vs sparse on passkey prompts of {a.eval_lengths} tokens")
-        from .plan import load_plan
+        from sglang_shplb.core.plan import load_plan
         quality = compare_dense_sparse(model, load_plan(plan_path).budgets, a.eval_lengths, a.eval_prompts,
                                        device=a.device, num_layers=a.num_layers)
         (Path(a.out) / "quality.json").write_text(json.dumps(quality, indent=1))

@@ -21,7 +21,7 @@ def model_dir() -> Path:
     """SmolLM2-135M-Instruct as a HF checkpoint: $SHPLB_TEST_MODEL, else the lead's model_store."""
     if os.environ.get("SHPLB_TEST_MODEL"):
         return Path(os.environ["SHPLB_TEST_MODEL"])
-    from sglang_shplb.model_store import default_checkpoint
+    from sglang_shplb.planning.model_store import default_checkpoint
     return Path(default_checkpoint())
 
 

@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 import torch
 
-from sglang_shplb.budgets import budgets_by_density_target, budgets_by_tau, option_table, stability
-from sglang_shplb.elasticity import Option, ProfileResult
-from sglang_shplb.patterns import HeadBudget
+from sglang_shplb.planning.budget import budgets_by_density_target, budgets_by_tau, option_table, stability
+from sglang_shplb.planning.profile import Option, ProfileResult
+from sglang_shplb.core.patterns import HeadBudget
 
 
 def _profile(recall_a: np.ndarray, recall_b: np.ndarray | None = None, lengths=(2048, 8192)) -> ProfileResult:

@@ -5,9 +5,9 @@ import sys
 
 import pytest
 
-from sglang_shplb.model_spec import ModelSpec
-from sglang_shplb.model_store import default_checkpoint
-from sglang_shplb.plan import PlanModelMismatchError, load_plan
+from sglang_shplb.core.model_spec import ModelSpec
+from sglang_shplb.planning.model_store import default_checkpoint
+from sglang_shplb.core.plan import PlanModelMismatchError, load_plan
 
 
 def _run(*args, check=True):

@@ -4,9 +4,9 @@ import math
 import numpy as np
 import pytest
 
-from sglang_shplb.cost_model import (CALIBRATION_SCHEMA, CalibrationError, CostModel, CostProfile, block_pairs,
+from sglang_shplb.planning.cost_model import (CALIBRATION_SCHEMA, CalibrationError, CostModel, CostProfile, block_pairs,
                                      flops_per_pair, query_block_pairs)
-from sglang_shplb.patterns import HeadBudget
+from sglang_shplb.core.patterns import HeadBudget
 
 BUDGETS = [HeadBudget.dense(), HeadBudget.streaming(64, 1024), HeadBudget.streaming(0, 64),
            HeadBudget.topk(0.1), HeadBudget.topk(0.37, min_blocks=2), HeadBudget.vslash(0.2)]

@@ -4,9 +4,9 @@ import math
 import pytest
 import torch
 
-from sglang_shplb import block_masks as bm
-from sglang_shplb.elasticity import default_options, layer_elasticity, sample_rows
-from sglang_shplb.patterns import BLOCK
+from sglang_shplb.core import block_masks as bm
+from sglang_shplb.planning.profile import default_options, layer_elasticity, sample_rows
+from sglang_shplb.core.patterns import BLOCK
 
 
 def _direct(q, k, v, mask, rows):

@@ -10,13 +10,13 @@ import sys  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from sglang_shplb.block_masks import build_block_masks  # noqa: E402
+from sglang_shplb.core.block_masks import build_block_masks  # noqa: E402
 from sglang_shplb.kernels import (SparseDecode, SparsePrefill, block_index_from_masks,  # noqa: E402
                                   build_block_index, sparse_prefill)
 from sglang_shplb.kernels.reference import (reference_decode_pages, reference_page_summaries,  # noqa: E402
                                             reference_sparse_decode, reference_sparse_prefill,
                                             relative_error)
-from sglang_shplb.patterns import BLOCK, HeadBudget, Pattern  # noqa: E402
+from sglang_shplb.core.patterns import BLOCK, HeadBudget, Pattern  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
 TOL = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 2e-2}

@@ -12,7 +12,7 @@ import torch  # noqa: E402
 
 from sglang_shplb.kernels import block_index_from_masks, build_block_index, sparse_prefill  # noqa: E402
 from sglang_shplb.kernels.reference import reference_sparse_prefill, relative_error  # noqa: E402
-from sglang_shplb.patterns import BLOCK, HeadBudget  # noqa: E402
+from sglang_shplb.core.patterns import BLOCK, HeadBudget  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
 TOL = {torch.float32: 3e-3 if DEV == "cuda" else 1e-4, torch.bfloat16: 2e-2}   # the GPU's fp32 dot is TF32

@@ -11,13 +11,13 @@ import math  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from sglang_shplb.block_masks import build_block_masks  # noqa: E402
+from sglang_shplb.core.block_masks import build_block_masks  # noqa: E402
 from sglang_shplb.kernels.reference import (masked_attention, reference_decode_pages,  # noqa: E402
                                             reference_page_summaries, reference_sparse_decode, relative_error)
-from sglang_shplb.patterns import BLOCK, HeadBudget  # noqa: E402
+from sglang_shplb.core.patterns import BLOCK, HeadBudget  # noqa: E402
 from sglang_shplb.kernels.paged_layer import (DecodeWorkspace, ExtendBatch, LayerKernels,  # noqa: E402
                                               layer_max_selected, selected_heads)
-from sglang_shplb.serving.sparse import sparse_attention  # noqa: E402
+from sglang_shplb.kernels.layer_reference import sparse_attention  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
 TOL = 1e-5 if DEV == "cpu" else 1e-2     # the GPU's float32 tl.dot runs in TF32

@@ -4,9 +4,9 @@ import math
 import pytest
 import torch
 
-from sglang_shplb import block_masks as bm
-from sglang_shplb.buckets import Buckets
-from sglang_shplb.patterns import BLOCK, HeadBudget, Pattern
+from sglang_shplb.core import block_masks as bm
+from sglang_shplb.core.buckets import Buckets
+from sglang_shplb.core.patterns import BLOCK, HeadBudget, Pattern
 
 
 @pytest.mark.parametrize("sink,window", [(0, 64), (64, 64), (64, 256), (128, 512), (256, 4096)])

@@ -3,14 +3,14 @@ import itertools
 import numpy as np
 import pytest
 
-from sglang_shplb.buckets import Buckets
-from sglang_shplb.cost_model import CostModel, CostProfile
-from sglang_shplb.model_spec import ModelSpec
-from sglang_shplb.patterns import HeadBudget
-from sglang_shplb.placement import (baseline_replicated_kv, compare_solvers, cost_fraction_to_query_fraction,
+from sglang_shplb.core.buckets import Buckets
+from sglang_shplb.planning.cost_model import CostModel, CostProfile
+from sglang_shplb.core.model_spec import ModelSpec
+from sglang_shplb.core.patterns import HeadBudget
+from sglang_shplb.planning.place import (baseline_replicated_kv, compare_solvers, cost_fraction_to_query_fraction,
                                     evaluate_placement, placement_for, placement_for_length, sglang_kv_heads,
                                     solve_layer, solve_plan_placements)
-from sglang_shplb.placement_types import Placement, check_coverage
+from sglang_shplb.core.placement_types import Placement, check_coverage
 
 SOLVERS = ["contiguous", "lpt", "shplb", "shplb_exact"]
 

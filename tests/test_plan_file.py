@@ -4,12 +4,12 @@ import shutil
 
 import pytest
 
-from sglang_shplb.buckets import Buckets
-from sglang_shplb.cost_model import CostModel
-from sglang_shplb.model_spec import ModelSpec
-from sglang_shplb.patterns import HeadBudget
-from sglang_shplb.placement import solve_plan_placements
-from sglang_shplb.plan import (Plan, PlanCorruptError, PlanCoverageError, PlanError, PlanModelMismatchError,
+from sglang_shplb.core.buckets import Buckets
+from sglang_shplb.planning.cost_model import CostModel
+from sglang_shplb.core.model_spec import ModelSpec
+from sglang_shplb.core.patterns import HeadBudget
+from sglang_shplb.planning.place import solve_plan_placements
+from sglang_shplb.core.plan import (Plan, PlanCorruptError, PlanCoverageError, PlanError, PlanModelMismatchError,
                                PlanSchemaError, PlanTPError, load_plan, save_plan)
 
 CFG = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "num_hidden_layers": 3,

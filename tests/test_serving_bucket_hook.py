@@ -4,7 +4,7 @@ import types
 import pytest
 import torch
 
-from sglang_shplb.buckets import Buckets
+from sglang_shplb.core.buckets import Buckets
 from sglang_shplb.scheduler import bucket_hook as bh
 
 B = Buckets((4096, 8192, 16384, 32768))

@@ -13,7 +13,7 @@ import sglang  # noqa: F401  (tests/run.sh installs it; a missing SGLang must fa
 
 from serving_helpers import ROOT, Server, env, model_dir, passkey_prompt  # noqa: E402
 
-from sglang_shplb.synthetic_plans import dense_budget, synthetic_plan  # noqa: E402
+from sglang_shplb.planning.synthetic_plans import dense_budget, synthetic_plan  # noqa: E402
 
 PROMPTS = ["<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n",
            "The three primary colors are",
@@ -34,7 +34,7 @@ def plans(model, tmp_path_factory):
 
 
 def topk_budget(layer, head, spec):
-    from sglang_shplb.patterns import HeadBudget
+    from sglang_shplb.core.patterns import HeadBudget
     return HeadBudget.dense() if spec.kv_head_of(head) == 0 else HeadBudget.topk(0.5, min_blocks=2)
 
 

@@ -55,7 +55,7 @@ def test_launcher_splits_our_flags():
 
 
 def test_head_map_is_contiguous_slicing():
-    from sglang_shplb.head_map import rank_heads
+    from sglang_shplb.core.head_map import rank_heads
     assert rank_heads(32, 4, 1) == list(range(8, 16))
     with pytest.raises(ValueError):
         rank_heads(9, 2, 0)

@@ -7,10 +7,10 @@ import torch
 
 import sglang  # noqa: F401  (tests/run.sh installs it; a missing SGLang must fail, not skip)
 
-from sglang_shplb.block_masks import build_block_masks
+from sglang_shplb.core.block_masks import build_block_masks
 from sglang_shplb.kernels.reference import masked_attention
-from sglang_shplb.patterns import BLOCK, HeadBudget
-from sglang_shplb.serving.sparse import sparse_attention, sparse_decode
+from sglang_shplb.core.patterns import BLOCK, HeadBudget
+from sglang_shplb.kernels.layer_reference import sparse_attention, sparse_decode
 
 HQ, HKV, D = 6, 2, 64
 SCALE = 1 / math.sqrt(D)

@@ -9,13 +9,13 @@ import math  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from sglang_shplb.block_masks import build_block_masks  # noqa: E402
-from sglang_shplb.cost_model import query_block_pairs  # noqa: E402
+from sglang_shplb.core.block_masks import build_block_masks  # noqa: E402
+from sglang_shplb.planning.cost_model import query_block_pairs  # noqa: E402
 from sglang_shplb.kernels import SparsePrefill, build_block_index  # noqa: E402
 from sglang_shplb.kernels.index import expand_pair_rows  # noqa: E402
 from sglang_shplb.kernels.reference import reference_sparse_prefill, relative_error  # noqa: E402
 from sglang_shplb.kernels.triton_prefill import sparse_prefill, tile_prefill  # noqa: E402
-from sglang_shplb.patterns import BLOCK, HeadBudget  # noqa: E402
+from sglang_shplb.core.patterns import BLOCK, HeadBudget  # noqa: E402
 
 from test_kernels import DEV, TOL, make_batch, seq_kv  # noqa: E402
 
@@ -157,7 +157,7 @@ def test_tile_kernel_bad_inputs():
 
 
 def test_profiler_scores_tile_128_options():
-    from sglang_shplb.elasticity import default_options, layer_elasticity, sample_rows
+    from sglang_shplb.planning.profile import default_options, layer_elasticity, sample_rows
     g = torch.Generator().manual_seed(4)
     n = 700
     q, k, v = torch.randn(4, n, 64, generator=g), torch.randn(2, n, 64, generator=g), torch.randn(2, n, 64, generator=g)

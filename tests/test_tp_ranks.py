@@ -1,5 +1,5 @@
 """Tensor parallelism on CPU (torch.distributed, gloo): each rank takes the budgets of the heads it holds
-(:func:`sglang_shplb.head_map.rank_heads`), runs its slice of one layer on the kernel path
+(:func:`sglang_shplb.core.head_map.rank_heads`), runs its slice of one layer on the kernel path
 (:class:`sglang_shplb.kernels.paged_layer.LayerKernels`, Triton interpreter), and the gathered outputs
 equal the single-device run of all heads and the dense-mask reference."""
 import os
@@ -13,11 +13,11 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
 
-from sglang_shplb.block_masks import build_block_masks  # noqa: E402
-from sglang_shplb.head_map import rank_heads  # noqa: E402
+from sglang_shplb.core.block_masks import build_block_masks  # noqa: E402
+from sglang_shplb.core.head_map import rank_heads  # noqa: E402
 from sglang_shplb.kernels.paged_layer import ExtendBatch, LayerKernels  # noqa: E402
 from sglang_shplb.kernels.reference import masked_attention, relative_error  # noqa: E402
-from sglang_shplb.patterns import HeadBudget  # noqa: E402
+from sglang_shplb.core.patterns import HeadBudget  # noqa: E402
 
 HQ, HKV, D, N, TP = 8, 2, 64, 300, 2
 SCALE = 1 / math.sqrt(D)

@@ -12,7 +12,7 @@ import torch  # noqa: E402
 from sglang_shplb.kernels import build_block_index  # noqa: E402
 from sglang_shplb.kernels.index import BlockIndex  # noqa: E402
 from sglang_shplb.kernels.triton_index import build_topk_index  # noqa: E402
-from sglang_shplb.patterns import BLOCK, HeadBudget, Pattern  # noqa: E402
+from sglang_shplb.core.patterns import BLOCK, HeadBudget, Pattern  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
 

@@ -12,7 +12,7 @@ from sglang_shplb.kernels.triton_decode import (alloc_page_summaries, build_page
                                                 max_selected_pages, select_pages, update_page_summaries)
 from sglang_shplb.kernels.triton_select import (select_scratch, selector_consts,  # noqa: E402
                                                 update_and_select_pages)
-from sglang_shplb.patterns import BLOCK, HeadBudget, Pattern  # noqa: E402
+from sglang_shplb.core.patterns import BLOCK, HeadBudget, Pattern  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
 MAXP = 13  # not a power of two: 832 tokens

@@ -6,12 +6,12 @@ from typing import Sequence
 
 import torch
 
-from ..patterns import BLOCK, HeadBudget, Pattern
-from .index import BlockIndex, build_block_index, check_budgets, check_qkv, pair_union_index
-from .triton_decode import (DecodeScratch, alloc_page_summaries, build_page_summaries, decode_heads, decode_splits,
+from sglang_shplb.core.patterns import BLOCK, HeadBudget, Pattern
+from sglang_shplb.kernels.index import BlockIndex, build_block_index, check_budgets, check_qkv, pair_union_index
+from sglang_shplb.kernels.triton_decode import (DecodeScratch, alloc_page_summaries, build_page_summaries, decode_heads, decode_splits,
                             decode_walks,
                             max_selected_pages, select_pages, sparse_decode, update_page_summaries)
-from .triton_prefill import RULE_DENSE_WINDOW, rule_prefill, sparse_prefill, tile_prefill, union_prefill
+from sglang_shplb.kernels.triton_prefill import RULE_DENSE_WINDOW, rule_prefill, sparse_prefill, tile_prefill, union_prefill
 
 
 def _sdpa(qq, kk, vv, scale, gqa: bool):

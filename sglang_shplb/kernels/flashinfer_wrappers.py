@@ -10,8 +10,8 @@ from typing import Sequence
 
 import torch
 
-from ..patterns import BLOCK, HeadBudget
-from .index import BlockIndex, build_block_index, check_budgets, check_qkv
+from sglang_shplb.core.patterns import BLOCK, HeadBudget
+from sglang_shplb.kernels.index import BlockIndex, build_block_index, check_budgets, check_qkv
 
 FLASHINFER_VERSION = "0.6.15.post1"
 

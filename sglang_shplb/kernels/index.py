@@ -9,7 +9,7 @@ Layout (padded, fixed shapes): for sequence ``b``, query head ``h`` and *absolut
 * ``head_dense [Hq] int32``: 1 for dense heads, whose rows are not listed (the kernel walks ``0..qi``).
 
 ``MAXK`` is a function of the budgets and ``NB`` alone (no host sync, no data-dependent shape), so the
-builders can run inside a captured CUDA graph. They reproduce :func:`sglang_shplb.block_masks.build_block_masks`
+builders can run inside a captured CUDA graph. They reproduce :func:`sglang_shplb.core.block_masks.build_block_masks`
 (pooled q·k top-k, last-block-mass vertical-slash) for every sequence of a varlen batch.
 """
 from __future__ import annotations
@@ -21,7 +21,7 @@ from typing import Sequence
 
 import torch
 
-from ..patterns import BLOCK, HeadBudget, Pattern
+from sglang_shplb.core.patterns import BLOCK, HeadBudget, Pattern
 
 SUPPORTED_HEAD_DIMS = (64, 128)
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -233,7 +233,7 @@ def build_block_index(budgets: Sequence[HeadBudget], q: torch.Tensor, k: torch.T
     if topk_builder not in ("triton", "torch"):
         raise ValueError(f"topk_builder must be 'triton' or 'torch', got {topk_builder!r}")
     if topk_heads and topk_builder == "triton":
-        from .triton_index import build_topk_index
+        from sglang_shplb.kernels.triton_index import build_topk_index
         build_topk_index(budgets, q, k, cu_seqlens_q, kv_lens, max_kv_len, cu_seqlens_k=cu_seqlens_k,
                          req_to_token=req_to_token, req_pool_indices=req_pool_indices,
                          out=BlockIndex(idx, cnt, dense))

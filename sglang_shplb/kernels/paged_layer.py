@@ -25,11 +25,11 @@ from typing import Sequence
 
 import torch
 
-from .api import SparsePrefill
-from .triton_decode import (DecodeScratch, alloc_page_summaries, build_page_summaries, decode_heads, decode_splits,
+from sglang_shplb.kernels.api import SparsePrefill
+from sglang_shplb.kernels.triton_decode import (DecodeScratch, alloc_page_summaries, build_page_summaries, decode_heads, decode_splits,
                            decode_walks, max_decode_splits, max_selected_pages, sparse_decode)
-from .triton_select import selector_consts, update_and_select_pages
-from ..patterns import BLOCK, HeadBudget, Pattern
+from sglang_shplb.kernels.triton_select import selector_consts, update_and_select_pages
+from sglang_shplb.core.patterns import BLOCK, HeadBudget, Pattern
 
 
 @dataclass

@@ -7,7 +7,7 @@ Layouts (SGLang's, token-major):
   already in the cache). Block geometry uses absolute positions: token ``p`` is in block ``p // BLOCK``.
 * keys/values either contiguous ``k [total_kv, Hkv, d]`` packed by ``cu_seqlens_k`` or a paged token pool
   ``k_buffer [pool, Hkv, d]`` read through ``req_to_token[req_pool_indices[b], pos]``.
-* block masks ``[Hq, nb, nb]`` per sequence (:mod:`sglang_shplb.block_masks`), ``nb = ceil(n_kv / BLOCK)``.
+* block masks ``[Hq, nb, nb]`` per sequence (:mod:`sglang_shplb.core.block_masks`), ``nb = ceil(n_kv / BLOCK)``.
 
 Query head ``h`` reads KV head ``h // (Hq // Hkv)`` (GQA).
 """
@@ -18,7 +18,7 @@ from typing import Sequence
 
 import torch
 
-from ..patterns import BLOCK, HeadBudget, Pattern
+from sglang_shplb.core.patterns import BLOCK, HeadBudget, Pattern
 
 
 def _expand_block_mask(mask: torch.Tensor, n_kv: int, block: int = BLOCK) -> torch.Tensor:
@@ -110,7 +110,7 @@ def reference_decode_pages(budgets: Sequence[HeadBudget], q_b: torch.Tensor, k_b
     dense all, streaming sink + window, top-k / vertical-slash the best ``decode_page_budget - 1`` pages by
     :func:`quest_scores` (page 0 forced) plus the current page. ``chosen[h]``: a reused earlier selection.
     Returns the page lists and the selections made (for reuse)."""
-    from .triton_decode import decode_page_budget
+    from sglang_shplb.kernels.triton_decode import decode_page_budget
     npg = math.ceil(n / BLOCK)
     lo, hi = reference_page_summaries(k_buffer, req_to_token, req_pool_index, n)
     sc = quest_scores(q_b, lo, hi)

@@ -30,8 +30,8 @@ from typing import NamedTuple, Sequence
 
 import torch
 
-from ..patterns import BLOCK, HeadBudget, Pattern
-from .triton_prefill import LOG2E
+from sglang_shplb.core.patterns import BLOCK, HeadBudget, Pattern
+from sglang_shplb.kernels.triton_prefill import LOG2E
 
 MODE_DENSE, MODE_STREAMING, MODE_SELECTED = 0, 1, 2   # per q head
 MODE_LIST = 2                                        # per KV head: the union of its heads' pages
@@ -39,7 +39,7 @@ MODE_LIST = 2                                        # per KV head: the union of
 
 @lru_cache(maxsize=None)
 def _kernels():
-    from ._triton_compat import import_triton
+    from sglang_shplb.kernels._triton_compat import import_triton
     triton, tl = import_triton()
 
     @triton.jit
@@ -420,7 +420,7 @@ def sparse_decode(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tenso
     ``nsplit, split_pages`` (:func:`decode_splits`): each KV head's page walk is cut into slices of about
     ``split_pages`` pages, at most ``nsplit`` (a power of two) of them. Each KV head's
     pages are loaded once for its q heads. Sync-free, no allocation with ``out``."""
-    from .index import check_qkv
+    from sglang_shplb.kernels.index import check_qkv
     if q.dim() != 3:
         raise ValueError(f"decode q must be [batch, heads, head_dim], got {tuple(q.shape)}")
     check_qkv(q, k_buffer, v_buffer)

@@ -47,8 +47,8 @@ from typing import Sequence
 
 import torch
 
-from ..patterns import BLOCK, HeadBudget, Pattern
-from .index import (BlockIndex, _cached_int_tensor, _topk_counts_tensor, check_budgets,
+from sglang_shplb.core.patterns import BLOCK, HeadBudget, Pattern
+from sglang_shplb.kernels.index import (BlockIndex, _cached_int_tensor, _topk_counts_tensor, check_budgets,
                     max_blocks_per_row)
 
 BM = 16   # query blocks per selection program (tl.dot needs M >= 16)
@@ -57,7 +57,7 @@ DC = 16   # head-dim chunk of the score dots
 
 @lru_cache(maxsize=None)
 def _kernels():
-    from ._triton_compat import import_triton
+    from sglang_shplb.kernels._triton_compat import import_triton
     triton, tl = import_triton()
 
     @triton.jit

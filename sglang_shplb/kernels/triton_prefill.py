@@ -21,7 +21,7 @@ from functools import lru_cache
 
 import torch
 
-from ..patterns import BLOCK
+from sglang_shplb.core.patterns import BLOCK
 
 LOG2E = 1.4426950408889634
 
@@ -30,7 +30,7 @@ LOG2E = 1.4426950408889634
 def _shared_jit() -> None:
     """jit helpers of the four prefill kernels, put in the module's globals (where jit functions resolve
     their callees): a sequence's bounds, its query tile, its KV row table, the output store."""
-    from ._triton_compat import import_triton
+    from sglang_shplb.kernels._triton_compat import import_triton
     triton, tl = import_triton()
 
     @triton.jit
@@ -76,7 +76,7 @@ def _kernel(autotune: bool):
     """The block-index kernel. ``BLOCK_N`` (constexpr) is the KV tile: 64 = one listed block per step;
     128 = two listed blocks per step, their rows gathered into one 64×128 tile (half the rescales, twice the
     MMA width), an odd leftover block paired with the diagonal in the last, masked tile."""
-    from ._triton_compat import import_triton
+    from sglang_shplb.kernels._triton_compat import import_triton
     triton, tl = import_triton()
     _shared_jit()
 
@@ -236,7 +236,7 @@ def sparse_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_idx:
     same result either way. On CUDA the launch config is autotuned (:data:`INDEX_CONFIGS`, per head_dim,
     tile, layout and power-of-2 bucket of ``max_q_len``) unless ``num_warps``/``num_stages`` are given.
     """
-    from .index import check_qkv
+    from sglang_shplb.kernels.index import check_qkv
     if kv_tile not in (BLOCK, 2 * BLOCK):
         raise ValueError(f"kv_tile must be {BLOCK} or {2 * BLOCK}, got {kv_tile}")
     check_qkv(q, k, v)
@@ -296,7 +296,7 @@ def _rule_kernel(autotune: bool):
     so a 128×64 tile is fully attended by all 128 rows except at ``wsA`` and the two diagonal blocks, which
     carry a per-row mask. Same base-2 online softmax as :func:`_kernel`; masked tiles use a finite row
     maximum so rows that have seen nothing yet stay NaN-free."""
-    from ._triton_compat import import_triton
+    from sglang_shplb.kernels._triton_compat import import_triton
     triton, tl = import_triton()
     _shared_jit()
 
@@ -415,7 +415,7 @@ def _union_kernel(autotune: bool):
     B = 2p + 1 of one head, walking the UNION of their off-diagonal lists (:func:`.index.pair_union_index`:
     entries ``kb * 4 + (1 if in A) + (2 if in B)``) with a per-row mask, then the diagonal blocks A (B's rows
     only if B lists A) and B (causal). Worth it when adjacent query blocks pick similar KV blocks."""
-    from ._triton_compat import import_triton
+    from sglang_shplb.kernels._triton_compat import import_triton
     triton, tl = import_triton()
     _rule_kernel(False)   # defines _rule_tile and the shared helpers
 
@@ -480,7 +480,7 @@ def union_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: torc
                   num_warps: int | None = None, num_stages: int | None = None) -> torch.Tensor:
     """Listed heads ``heads`` with 128-row tiles over :func:`.index.pair_union_index` (whose head axis is
     ``heads``' order). Layouts as :func:`sparse_prefill`; writes only ``out[:, heads]``."""
-    from .index import check_qkv
+    from sglang_shplb.kernels.index import check_qkv
     check_qkv(q, k, v)
     paged = _paged_layout(cu_seqlens_k, req_to_token, req_pool_indices)
     bsz = kv_lens.shape[0]
@@ -522,7 +522,7 @@ def rule_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: torch
     ``kb < sink_blocks[i]``); a dense head has ``sink 0, window RULE_DENSE_WINDOW``. Layouts as
     :func:`sparse_prefill`; writes only ``out[:, heads]``. On CUDA the launch config is autotuned unless
     ``num_warps``/``num_stages`` are given."""
-    from .index import check_qkv
+    from sglang_shplb.kernels.index import check_qkv
     check_qkv(q, k, v)
     paged = _paged_layout(cu_seqlens_k, req_to_token, req_pool_indices)
     if not (heads.shape == sink_blocks.shape == window_blocks.shape) or heads.dim() != 1:
@@ -571,7 +571,7 @@ def _tile_kernel(autotune: bool):
     inside ``[0, n_kv)``. The diagonal superblock ``p`` comes last, masked causally and by ``n_kv``.
     Dense heads walk superblocks ``0 .. p - 1`` without index loads. Contiguous KV on sm90+ is read with TMA
     (``desc_k``/``desc_v``: 2-D descriptors over ``[tokens, Hkv * d]``), otherwise with pointer loads."""
-    from ._triton_compat import import_triton
+    from sglang_shplb.kernels._triton_compat import import_triton
     triton, tl = import_triton()
     _shared_jit()
 
@@ -716,7 +716,7 @@ def tile_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_idx: t
     (KV step ``BLOCK_N`` 64/128, warps, stages: :data:`TILE_CONFIGS`) is autotuned unless ``block_n``,
     ``num_warps`` and ``num_stages`` are given. ``warp_specialize``: Triton's warp-specialised loop (an
     experiment; the benchmark measures it)."""
-    from .index import check_qkv
+    from sglang_shplb.kernels.index import check_qkv
     check_qkv(q, k, v)
     paged = _paged_layout(cu_seqlens_k, req_to_token, req_pool_indices)
     bsz = kv_lens.shape[0]

@@ -21,13 +21,13 @@ from typing import NamedTuple, Sequence
 
 import torch
 
-from ..patterns import BLOCK, HeadBudget, Pattern
-from .triton_decode import decode_count_table, max_selected_pages
+from sglang_shplb.core.patterns import BLOCK, HeadBudget, Pattern
+from sglang_shplb.kernels.triton_decode import decode_count_table, max_selected_pages
 
 
 @lru_cache(maxsize=None)
 def _kernels():
-    from ._triton_compat import import_triton
+    from sglang_shplb.kernels._triton_compat import import_triton
     triton, tl = import_triton()
 
     @triton.jit

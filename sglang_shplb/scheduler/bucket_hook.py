@@ -16,7 +16,7 @@ import threading
 from collections import Counter
 from typing import Iterable
 
-from ..buckets import Buckets
+from sglang_shplb.core.buckets import Buckets
 
 logger = logging.getLogger(__name__)
 

@@ -5,10 +5,10 @@ Modules: :mod:`.version` (the check), :mod:`.config` (options, passed to SGLang'
 environment), :mod:`.sparse` (sparse heads over the
 paged KV pool), :mod:`.backend` (the AttentionBackend), :mod:`.plugin` (entry point, hooks),
 :mod:`.launch` (CLI)."""
-from .version import SUPPORTED_SGLANG, SGLangVersionError, check_sglang_version
+from sglang_shplb.serving.version import SUPPORTED_SGLANG, SGLangVersionError, check_sglang_version
 
 check_sglang_version()
 
-from .config import configure  # noqa: E402
+from sglang_shplb.serving.config import configure  # noqa: E402
 
 __all__ = ["SUPPORTED_SGLANG", "SGLangVersionError", "check_sglang_version", "configure"]

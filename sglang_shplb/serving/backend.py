@@ -1,7 +1,7 @@
 """The ``shplb`` attention backend: SGLang's ``AttentionBackend`` with per-head budgets.
 
 A stock backend (``flashinfer`` on CUDA, ``torch_native`` on CPU, or ``SHPLB_DENSE_BACKEND``) is kept
-inside: layers whose heads (the plan's budgets for the heads this rank holds, :mod:`sglang_shplb.head_map`) are all
+inside: layers whose heads (the plan's budgets for the heads this rank holds, :mod:`sglang_shplb.core.head_map`) are all
 dense run on it unchanged, and its metadata, CUDA-graph state and everything else the runner asks of a
 backend are used as they are. A layer with sparse heads takes:
 
@@ -23,11 +23,11 @@ import torch
 
 from sglang.srt.layers.attention.base_attn_backend import AttentionBackend
 
-from ..patterns import HeadBudget, Pattern
-from .config import BACKEND_NAME, ServingConfig
-from ..head_map import rank_heads
-from ..kernels.paged_layer import DecodeWorkspace, ExtendBatch, LayerKernels, layer_max_selected, selected_heads
-from .sparse import prepare_decode_constants, sparse_attention, sparse_decode, sparse_heads
+from sglang_shplb.core.patterns import HeadBudget, Pattern
+from sglang_shplb.serving.config import BACKEND_NAME, ServingConfig
+from sglang_shplb.core.head_map import rank_heads
+from sglang_shplb.kernels.paged_layer import DecodeWorkspace, ExtendBatch, LayerKernels, layer_max_selected, selected_heads
+from sglang_shplb.kernels.layer_reference import prepare_decode_constants, sparse_attention, sparse_decode, sparse_heads
 
 logger = logging.getLogger(__name__)
 
@@ -42,7 +42,7 @@ def default_dense_backend(device: str) -> str:
 
 def load_runner_plan(cfg: ServingConfig, model_path: str, tp_size: int):
     """The plan for this server, validated against the served model's config; None in dense fallback."""
-    from ..plan import load_plan
+    from sglang_shplb.core.plan import load_plan
     if cfg.plan_path:
         return load_plan(cfg.plan_path, model_path, tp_size)
     if cfg.dense_fallback:

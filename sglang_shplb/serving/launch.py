@@ -78,7 +78,7 @@ def split_argv(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
 
 def validate_plan(plan_path: str, model_path: str, tp_size: int):
     """Load + validate; raises PlanError with the cause."""
-    from ..plan import load_plan
+    from sglang_shplb.core.plan import load_plan
     return load_plan(plan_path, model_path, tp_size)
 
 
@@ -94,15 +94,15 @@ def _pre_parse(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    from .version import SGLangVersionError, check_sglang_version
+    from sglang_shplb.serving.version import SGLangVersionError, check_sglang_version
     try:
         check_sglang_version()
     except SGLangVersionError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_ARGS
     # 1. the plan, before anything of SGLang is imported or started
-    from ..plan import PlanError
-    from .config import ServingConfig
+    from sglang_shplb.core.plan import PlanError
+    from sglang_shplb.serving.config import ServingConfig
     pre = None if any(a in ("-h", "--help") for a in argv) else _pre_parse(argv)
     if pre is not None and pre.shplb_plan:
         if not pre.model_path:
@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     # 2. every flag, with SGLang's parser (unknown flags exit 2 naming them)
     from sglang.srt.plugins import load_plugins
     load_plugins()  # registers the shplb backend choice (the installed entry point) before parsing
-    from .plugin import register
+    from sglang_shplb.serving.plugin import register
     register()       # when running from a source tree without the entry point installed
     ours, sgl_argv, args = split_argv(argv)
     cfg = ServingConfig(os.path.abspath(ours.shplb_plan) if ours.shplb_plan else None, ours.shplb_dense_fallback,

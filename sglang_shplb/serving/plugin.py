@@ -15,7 +15,7 @@ import json
 import logging
 from pathlib import Path
 
-from .version import check_sglang_version
+from sglang_shplb.serving.version import check_sglang_version
 
 logger = logging.getLogger(__name__)
 _registered = False
@@ -24,13 +24,13 @@ _registered = False
 def _dense_backend_for_current_device() -> str:
     from sglang.srt.utils import is_cpu
 
-    from .config import ServingConfig
+    from sglang_shplb.serving.config import ServingConfig
     cfg = ServingConfig.from_env()
     return cfg.dense_backend or ("torch_native" if is_cpu() else "flashinfer")
 
 
 def support_triton_hook(original_fn, backend, *args, **kwargs):
-    from .config import BACKEND_NAME
+    from sglang_shplb.serving.config import BACKEND_NAME
     if backend == BACKEND_NAME:
         backend = _dense_backend_for_current_device()
     return original_fn(backend, *args, **kwargs)
@@ -38,9 +38,9 @@ def support_triton_hook(original_fn, backend, *args, **kwargs):
 
 def _plan_buckets():
     """Bucket edges of the configured plan (read from plan.json alone), or the default edges."""
-    from ..buckets import Buckets
-    from ..plan import JSON_NAME
-    from .config import ServingConfig
+    from sglang_shplb.core.buckets import Buckets
+    from sglang_shplb.core.plan import JSON_NAME
+    from sglang_shplb.serving.config import ServingConfig
     cfg = ServingConfig.from_env()
     if cfg.plan_path:
         p = Path(cfg.plan_path)
@@ -53,8 +53,8 @@ def _plan_buckets():
 
 
 def after_scheduler_init(result, sched, *args, **kwargs):
-    from ..scheduler.bucket_hook import configure_buckets
-    from .config import BACKEND_NAME, ServingConfig
+    from sglang_shplb.scheduler.bucket_hook import configure_buckets
+    from sglang_shplb.serving.config import BACKEND_NAME, ServingConfig
     sa = getattr(sched, "server_args", None)
     if sa is None:
         return None
@@ -80,9 +80,9 @@ def register() -> None:
     from sglang.srt.plugins.hook_registry import HookRegistry, HookType
     from sglang.srt.server_args import ATTENTION_BACKEND_CHOICES, add_attention_backend_choices
 
-    from ..scheduler.bucket_hook import install_hooks
-    from .backend import create_shplb_backend
-    from .config import BACKEND_NAME
+    from sglang_shplb.scheduler.bucket_hook import install_hooks
+    from sglang_shplb.serving.backend import create_shplb_backend
+    from sglang_shplb.serving.config import BACKEND_NAME
 
     if BACKEND_NAME not in ATTENTION_BACKENDS:
         register_attention_backend(BACKEND_NAME)(create_shplb_backend)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import importlib.metadata
 
-from .. import SUPPORTED_SGLANG
+from sglang_shplb import SUPPORTED_SGLANG
 
 
 class SGLangVersionError(ImportError):

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .common import Assignment, LayerProblem, SolverResult, feasible, num_pieces, replicas, share_loads
+from sglang_shplb.planning.solvers.common import Assignment, LayerProblem, SolverResult, feasible, num_pieces, replicas, share_loads
 
 _TOL = 1e-12
 #: ``shplb`` keeps, among candidates within this relative makespan of the best, the one with the fewest

@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import block_masks as bm
-from .patterns import BLOCK, HeadBudget, Pattern
+from sglang_shplb.core import block_masks as bm
+from sglang_shplb.core.patterns import BLOCK, HeadBudget, Pattern
 
 STREAM_WINDOWS = (64, 128, 256, 512, 1024, 2048)
 TOPK_FRACTIONS = (0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75)
@@ -198,7 +198,7 @@ def profile_model(model_dir, lengths: list[int], sets: tuple[str, ...] = ("A", "
     from tqdm.auto import tqdm
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from .calibration_data import calibration_prompts
+    from sglang_shplb.planning.calibration_data import calibration_prompts
 
     cfg = AutoConfig.from_pretrained(model_dir)
     limit = getattr(cfg, "max_position_embeddings", None)
@@ -210,7 +210,7 @@ def profile_model(model_dir, lengths: list[int], sets: tuple[str, ...] = ("A", "
     tok = AutoTokenizer.from_pretrained(model_dir)
     options = options or default_options()
     n_layers, n_heads = model.config.num_hidden_layers, model.config.num_attention_heads
-    from .model_spec import ModelSpec
+    from sglang_shplb.core.model_spec import ModelSpec
 
     res = ProfileResult(options, sorted(lengths), n_layers, n_heads,
                         model=ModelSpec.from_config(model.config).to_dict())

@@ -21,10 +21,10 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from .buckets import Buckets
-from .model_spec import ModelSpec
-from .patterns import HeadBudget
-from .placement_types import Placement, PlacementCoverageError, check_coverage
+from sglang_shplb.core.buckets import Buckets
+from sglang_shplb.core.model_spec import ModelSpec
+from sglang_shplb.core.patterns import HeadBudget
+from sglang_shplb.core.placement_types import Placement, PlacementCoverageError, check_coverage
 
 SCHEMA_VERSION = 1
 JSON_NAME = "plan.json"

@@ -5,12 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
-from .buckets import Buckets
-from .head_map import rank_heads
-from .model_spec import ModelSpec
-from .patterns import HeadBudget
-from .placement_types import LayerPlacement, Piece, Placement
-from .plan import Plan, save_plan
+from sglang_shplb.core.buckets import Buckets
+from sglang_shplb.core.head_map import rank_heads
+from sglang_shplb.core.model_spec import ModelSpec
+from sglang_shplb.core.patterns import HeadBudget
+from sglang_shplb.core.placement_types import LayerPlacement, Piece, Placement
+from sglang_shplb.core.plan import Plan, save_plan
 
 
 def synthetic_plan(model_dir: str | Path, budget: Callable[[int, int, ModelSpec], HeadBudget],

@@ -23,8 +23,8 @@ import numpy as np
 from scipy.optimize import Bounds, LinearConstraint, milp
 from scipy.sparse import csr_matrix
 
-from .common import Assignment, LayerProblem, SolverResult, share_loads
-from .greedy import solve_shplb
+from sglang_shplb.planning.solvers.common import Assignment, LayerProblem, SolverResult, share_loads
+from sglang_shplb.planning.solvers.greedy import solve_shplb
 
 EPS_COUNT = 1e-8
 

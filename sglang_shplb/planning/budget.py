@@ -17,8 +17,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .elasticity import Option, ProfileResult
-from .patterns import HeadBudget
+from sglang_shplb.planning.profile import Option, ProfileResult
+from sglang_shplb.core.patterns import HeadBudget
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""Block masks of the patterns in :mod:`sglang_shplb.patterns`, in plain PyTorch.
+"""Block masks of the patterns in :mod:`sglang_shplb.core.patterns`, in plain PyTorch.
 
 The one reference for which (query block, KV block) pairs a head computes. The profiler scores
 patterns with it, the kernels' index builders are tested against it, and the masked dense
@@ -14,7 +14,7 @@ from typing import Sequence
 
 import torch
 
-from .patterns import BLOCK, HeadBudget, Pattern
+from sglang_shplb.core.patterns import BLOCK, HeadBudget, Pattern
 
 
 def causal_block_mask(nb: int, device=None) -> torch.Tensor:

@@ -1,19 +1,19 @@
 """Dense vs sparse on the real model: the same prompts, device and dtype, greedy answers compared.
 
 The sparse run replaces every layer's prefill attention by the plan's per-head budgets (block masks
-from :func:`sglang_shplb.block_masks.build_block_masks` with the kernels' estimators, computed by the
+from :func:`sglang_shplb.core.block_masks.build_block_masks` with the kernels' estimators, computed by the
 masked-attention reference of :mod:`sglang_shplb.kernels.reference`). Decode steps of the answer stay
 dense here: the serving backend covers sparse decode. Prompts are classic passkey-retrieval prompts
-(:func:`sglang_shplb.calibration_data.passkey_prompt`), not the profile's calibration documents.
+(:func:`sglang_shplb.planning.calibration_data.passkey_prompt`), not the profile's calibration documents.
 """
 from __future__ import annotations
 
 import torch
 
-from .block_masks import build_block_masks
-from .calibration_data import passkey_prompt
-from .kernels.reference import masked_attention
-from .patterns import HeadBudget
+from sglang_shplb.core.block_masks import build_block_masks
+from sglang_shplb.planning.calibration_data import passkey_prompt
+from sglang_shplb.kernels.reference import masked_attention
+from sglang_shplb.core.patterns import HeadBudget
 
 ATTN_NAME = "shplb_sparse_prefill"
 

@@ -13,7 +13,7 @@ Public API
     callable ``h -> CostProfile``) used to cut split heads into query blocks; ``None`` = uniform.
 ``solve_plan_placements(spec, budgets, buckets, tp_sizes, cost_model, solver="shplb", **options)``
     ``-> dict[tp, list[Placement]]`` (one per bucket, solved at the bucket's upper edge), the form
-    :class:`~sglang_shplb.plan.Plan` stores; each ``Placement.predicted`` holds the summary below.
+    :class:`~sglang_shplb.core.plan.Plan` stores; each ``Placement.predicted`` holds the summary below.
 ``evaluate_placement(placement, spec, budgets, cost_model, seq_len=None, kv_dtype_bytes=None)``
     ``-> PlacementEval``: per-layer per-GPU loads of ANY placement (e.g. one loaded from a plan) and
     the summary: ``slowest_s`` (sum over layers of the slowest GPU), ``mean_s``, ``bubble`` (1 -
@@ -26,7 +26,7 @@ Public API
 ``cost_fraction_to_query_fraction(budget, seq_len, cost_fraction) -> float``
     The query-block boundary (a multiple of 1/nb) carrying ``cost_fraction`` of a head's cost.
 
-Work units and costs: see :mod:`sglang_shplb.solvers`. A whole head costs ``c[h]``; a piece with cost
+Work units and costs: see :mod:`sglang_shplb.planning.solvers`. A whole head costs ``c[h]``; a piece with cost
 share ``s`` costs ``fixed + s * (c[h] - fixed)``, ``fixed = min(piece_overhead, c[h])``. Shares are turned
 into query-block fractions with the head's causal cost profile at the bucket's representative length
 (the ``Piece`` fractions are multiples of ``1/nb`` there), and the loads reported are recomputed from the
@@ -44,14 +44,14 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from .buckets import Buckets
-from .cost_model import CostModel, CostProfile
-from .model_spec import ModelSpec
-from .patterns import HeadBudget
-from .placement_types import LayerPlacement, Piece, Placement
-from .solvers import SOLVERS, LayerProblem
-from .solvers.common import Assignment
-from .solvers.greedy import contiguous_heads, sglang_kv_heads  # noqa: F401  (re-exported)
+from sglang_shplb.core.buckets import Buckets
+from sglang_shplb.planning.cost_model import CostModel, CostProfile
+from sglang_shplb.core.model_spec import ModelSpec
+from sglang_shplb.core.patterns import HeadBudget
+from sglang_shplb.core.placement_types import LayerPlacement, Piece, Placement
+from sglang_shplb.planning.solvers import SOLVERS, LayerProblem
+from sglang_shplb.planning.solvers.common import Assignment
+from sglang_shplb.planning.solvers.greedy import contiguous_heads, sglang_kv_heads  # noqa: F401  (re-exported)
 
 SOLVER_NAMES = tuple(SOLVERS)
 _OPTION_NAMES = ("max_replicated_kv", "allow_split_heads", "equal_heads", "piece_overhead", "time_limit")
@@ -165,7 +165,7 @@ def solve_layer(costs, group_size: int, tp: int, solver: str = "shplb", *, profi
         # cutting into query blocks may cost a little: never return worse than SGLang's slicing when
         # that slicing meets the options
         base = SOLVERS["contiguous"](prob).assignment
-        from .solvers.common import feasible
+        from sglang_shplb.planning.solvers.common import feasible
         if feasible(prob, base):
             blp = assignment_to_layer(base, None)
             bl = layer_loads(blp, prob.costs, piece_overhead, None)
@@ -253,6 +253,14 @@ def evaluate_placement(placement: Placement, spec: ModelSpec, budgets: list[list
         pieces += sum(1 for g in lp.gpus for p in g if not p.whole)
     kvb = None if kv_dtype_bytes is None else 2.0 * spec.head_dim * kv_dtype_bytes
     return PlacementEval(loads, reps, pieces, kvb)
+
+
+def resolve_solve_opts(opts: dict, tp: int) -> dict:
+    """Placement options for one TP size (``max_replicated_kv='auto'`` → ``tp - 1``)."""
+    out = dict(opts)
+    if out.get("max_replicated_kv") == "auto":
+        out["max_replicated_kv"] = tp - 1
+    return out
 
 
 def solve_plan_placements(spec: ModelSpec, budgets: list[list[HeadBudget]], buckets: Buckets,

@@ -12,15 +12,15 @@ from pathlib import Path
 
 import numpy as np
 
-from .budgets import BudgetResult, Stability, option_table
-from .buckets import Buckets
-from .cost_model import CostModel
-from .elasticity import ProfileResult
-from .model_spec import ModelSpec
-from .patterns import HeadBudget, Pattern
-from .placement import (compare_solvers, evaluate_placement, layer_inputs, piece_load,
-                        solve_plan_placements)
-from .plan import Plan
+from sglang_shplb.planning.budget import BudgetResult, Stability, option_table
+from sglang_shplb.core.buckets import Buckets
+from sglang_shplb.planning.cost_model import CostModel
+from sglang_shplb.planning.profile import ProfileResult
+from sglang_shplb.core.model_spec import ModelSpec
+from sglang_shplb.core.patterns import HeadBudget, Pattern
+from sglang_shplb.planning.place import (compare_solvers, evaluate_placement, layer_inputs, piece_load,
+                                        resolve_solve_opts, solve_plan_placements)
+from sglang_shplb.core.plan import Plan
 
 
 def _fmt_ms(s: float) -> str:
@@ -57,7 +57,6 @@ def write_report(out_dir: Path, plan: Plan, cost: CostModel, budgets: BudgetResu
     out_dir.mkdir(parents=True, exist_ok=True)
     spec, bk = plan.model, plan.buckets
     tps = plan.tp_sizes
-    from .cli import resolve_solve_opts
 
     rows = [r for tp in tps for r in compare_solvers(spec, plan.budgets, bk, [tp], cost, ("contiguous", "lpt", "shplb"),
                                                       kv_dtype_bytes=2, **resolve_solve_opts(solve_opts or {}, tp))]

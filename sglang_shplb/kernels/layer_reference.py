@@ -6,7 +6,7 @@ prefix; decode: one). K/V live in the token pool ``k_buffer [pool, Hkv, d]`` and
 ``req_to_token[req_pool_indices[b], pos]``. ``budgets``: the rank-local heads' budgets, in local order.
 
 Which blocks a head computes is decided by :func:`sglang_shplb.kernels.index.build_block_index` (the
-kernels' index builder, which reproduces :func:`sglang_shplb.block_masks.build_block_masks` for a batch,
+kernels' index builder, which reproduces :func:`sglang_shplb.core.block_masks.build_block_masks` for a batch,
 chunked or not). The outputs come from the Triton kernel on CUDA and from masked dense attention
 (:func:`sglang_shplb.kernels.reference.masked_attention`) elsewhere. Streaming heads in decode take a
 fixed-shape gather path that is safe inside a captured CUDA graph.
@@ -19,7 +19,7 @@ from typing import Sequence
 
 import torch
 
-from ..patterns import BLOCK, HeadBudget, Pattern
+from sglang_shplb.core.patterns import BLOCK, HeadBudget, Pattern
 
 # A dense head is computed by the stock backend; inside the sparse index/kernel it is swapped for the
 # cheapest pattern (one diagonal block) and its output discarded.
@@ -53,7 +53,7 @@ def sparse_attention(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Te
     heads = sparse_heads(budgets)
     if not heads or q.shape[0] == 0:
         return out
-    from ..kernels.index import build_block_index
+    from sglang_shplb.kernels.index import build_block_index
 
     dev = q.device
     seq_lens = seq_lens.to(dev)
@@ -68,13 +68,13 @@ def sparse_attention(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Te
     if use_kernel is None:
         use_kernel = q.is_cuda
     if use_kernel:
-        from ..kernels.triton_prefill import sparse_prefill
+        from sglang_shplb.kernels.triton_prefill import sparse_prefill
         max_q = int(q_lens.max()) if not torch.cuda.is_current_stream_capturing() else 1
         o = sparse_prefill(q, k_buffer, v_buffer, bi.block_idx, bi.block_cnt, bi.head_dense, cu_q, seq_lens,
                            max_q, req_to_token=req_to_token, req_pool_indices=req_pool_indices, sm_scale=scale)
         out[:, heads] = o[:, heads].to(out.dtype)
         return out
-    from ..kernels.reference import masked_attention
+    from sglang_shplb.kernels.reference import masked_attention
     group = q.shape[1] // k_buffer.shape[1]
     kv_of = torch.tensor([h // group for h in heads], device=dev)
     cq, lens = cu_q.tolist(), seq_lens.tolist()

@@ -6,12 +6,12 @@
 * :mod:`.exact`   ``shplb_exact``: the MILP with ``scipy.optimize.milp``.
 
 An assignment is ``list[list[(head, share)]]``: for each GPU the heads it computes and the share of
-each head's variable cost it takes (1.0 = whole head). :mod:`sglang_shplb.placement` turns it into
-:class:`~sglang_shplb.placement_types.LayerPlacement` pieces of query blocks.
+each head's variable cost it takes (1.0 = whole head). :mod:`sglang_shplb.planning.place` turns it into
+:class:`~sglang_shplb.core.placement_types.LayerPlacement` pieces of query blocks.
 """
-from .common import Assignment, LayerProblem, share_loads
-from .exact import solve_exact
-from .greedy import solve_contiguous, solve_lpt, solve_shplb
+from sglang_shplb.planning.solvers.common import Assignment, LayerProblem, share_loads
+from sglang_shplb.planning.solvers.exact import solve_exact
+from sglang_shplb.planning.solvers.greedy import solve_contiguous, solve_lpt, solve_shplb
 
 SOLVERS = {
     "contiguous": solve_contiguous,

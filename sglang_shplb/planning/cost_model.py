@@ -77,7 +77,7 @@ from pathlib import Path
 import numpy as np
 from scipy.optimize import nnls
 
-from .patterns import BLOCK, TOPK_TILES, HeadBudget, Pattern
+from sglang_shplb.core.patterns import BLOCK, TOPK_TILES, HeadBudget, Pattern
 
 CALIBRATION_SCHEMA = "shplb-calibration/1"
 
@@ -138,7 +138,7 @@ def block_pairs(budget: HeadBudget, seq_len: int) -> int:
 
 class CostProfile:
     """Cumulative cost of a head's query blocks at one length: ``cum[i]`` = share of the head's variable
-    cost in query blocks ``[0, i)``. A :class:`~sglang_shplb.placement_types.Piece` ``[start, end)`` holds
+    cost in query blocks ``[0, i)``. A :class:`~sglang_shplb.core.placement_types.Piece` ``[start, end)`` holds
     blocks ``[round(start * nb), round(end * nb))`` and so the share ``cum[round(end nb)] - cum[round(start nb)]``."""
 
     __slots__ = ("nb", "cum")
