@@ -24,7 +24,7 @@ def synthetic_plan(model_dir: str | Path, budget: Callable[[int, int, ModelSpec]
     for tp in tp_sizes:
         per_bucket = []
         for b in range(len(buckets)):
-            layers = [LayerPlacement([[Piece(h) for h in rank_heads(spec.num_heads, tp, r, li, b)] for r in range(tp)])
+            layers = [LayerPlacement([[Piece(h) for h in rank_heads(spec.num_heads, tp, r)] for r in range(tp)])
                       for li in range(spec.num_layers)]
             per_bucket.append(Placement(tp, b, "contiguous", layers, {}))
         placements[tp] = per_bucket

@@ -1,0 +1,292 @@
+"""Head-parallel extend of one layer on one TP rank: compute the heads the plan keeps at home, ship the
+units it moves (q rows + the K/V prefix they read) to their target ranks, compute the units other ranks
+ship here, and return their outputs home before ``o_proj`` (no SGLang import; torch.distributed only).
+
+The schedule (:class:`sglang_shplb.scheduler.head_schedule.LayerSchedule`, read here through its
+attributes) fixes every buffer's size on every rank, so the exchange is two ``all_to_all_single`` calls
+with known splits (inputs, then outputs) on the TP group, no handshake. The inputs travel while the home
+heads compute (``async_op``). A moved unit is an extend chunk over a staged prefix: its K/V rows are put
+in a small staging pool with its own ``req_to_token`` table and computed by the same attention as the
+home heads (:func:`attend_heads`).
+
+Layouts: ``q [T, Hq_local, d]`` (this rank's home heads, local order), ``k_buffer/v_buffer [pool,
+Hkv_local, d]`` (SGLang's pool of this rank, the batch's new K/V already written), ``out [T, Hq_local,
+d]``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torch.distributed as dist
+
+from sglang_shplb.core.patterns import HeadBudget, Pattern
+
+# Inside a fused multi-head kernel call, heads not asked for run at this budget (one diagonal block per
+# query block) and their columns are dropped.
+CHEAP = HeadBudget(Pattern.STREAMING, sink_blocks=0, window_blocks=1)
+
+
+# ---------------------------------------------------------------------------------------------------
+# attention of some heads over a paged pool (extend semantics: the queries of request i are the last
+# q_lens[i] of its kv_lens[i] tokens)
+# ---------------------------------------------------------------------------------------------------
+def _dense_reference(q, k_buffer, v_buffer, req_to_token, req_pool_indices, q_lens, kv_lens, heads, group, scale,
+                     out) -> None:
+    """out[rows, h] = softmax(q k^T * scale + causal) v for each head in ``heads`` (query j of request i at
+    position kv_len - q_len + j sees keys 0..that position)."""
+    c = 0
+    for i, (n, L) in enumerate(zip(q_lens, kv_lens)):
+        loc = req_to_token[int(req_pool_indices[i]), :L].long()
+        for h in heads:
+            k, v = k_buffer[loc, h // group].float(), v_buffer[loc, h // group].float()   # [L, d]
+            s = q[c:c + n, h].float() @ k.T * scale                                       # [n, L]
+            pos = torch.arange(L - n, L, device=q.device)[:, None]
+            s = s.masked_fill(torch.arange(L, device=q.device)[None, :] > pos, float("-inf"))
+            out[c:c + n, h] = (torch.softmax(s, -1) @ v).to(out.dtype)
+        c += n
+
+
+_PREFILLS: dict = {}
+
+
+def attend_heads(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tensor, req_to_token: torch.Tensor,
+                 req_pool_indices: torch.Tensor, q_lens: Sequence[int], kv_lens: Sequence[int],
+                 budgets: Sequence[HeadBudget], heads: Sequence[int], scale: float, out: torch.Tensor) -> None:
+    """Write ``out[:, h]`` for ``h in heads`` (indices into ``budgets`` and q's head axis) at their budgets;
+    other columns are left alone. CUDA: one :class:`~sglang_shplb.kernels.api.SparsePrefill` call for all
+    heads (heads not asked for run at :data:`CHEAP`); elsewhere the PyTorch reference."""
+    heads = list(heads)
+    if not heads or q.shape[0] == 0:
+        return
+    dev = q.device
+    if q.is_cuda:
+        from sglang_shplb.kernels.api import SparsePrefill
+        want = set(heads)
+        bud = tuple(b if h in want else CHEAP for h, b in enumerate(budgets))
+        key = (bud, k_buffer.shape[1], q.shape[-1])
+        sp = _PREFILLS.get(key)
+        if sp is None:
+            sp = _PREFILLS[key] = SparsePrefill(list(bud), k_buffer.shape[1], q.shape[-1])
+        sp.sm_scale = scale
+        cu = torch.tensor([0, *q_lens], dtype=torch.int32).cumsum(0, dtype=torch.int32).to(dev)
+        kvl = torch.tensor(list(kv_lens), dtype=torch.int32).to(dev)
+        sp.plan(cu, kvl, max(q_lens), max(kv_lens), req_to_token=req_to_token, req_pool_indices=req_pool_indices,
+                q_lens_cpu=list(q_lens), kv_lens_cpu=list(kv_lens))
+        o = sp.run(q, k_buffer, v_buffer)
+        out[:, heads] = o[:, heads].to(out.dtype)
+        return
+    from sglang_shplb.kernels.layer_reference import sparse_attention
+    group = q.shape[1] // k_buffer.shape[1]
+    dense = [h for h in heads if budgets[h].pattern is Pattern.DENSE]
+    _dense_reference(q, k_buffer, v_buffer, req_to_token, req_pool_indices, q_lens, kv_lens, dense, group, scale, out)
+    want = set(heads)
+    only = [b if h in want else HeadBudget.dense() for h, b in enumerate(budgets)]
+    sparse_attention(q, k_buffer, v_buffer, req_to_token, req_pool_indices,
+                     torch.tensor(list(kv_lens), device=dev), torch.tensor(list(q_lens), device=dev), only, scale,
+                     out, max_kv_len=max(kv_lens))
+
+
+# ---------------------------------------------------------------------------------------------------
+# the executor
+# ---------------------------------------------------------------------------------------------------
+@dataclass
+class RankLayout:
+    """This rank's place in the TP group and the model's head geometry (global ids)."""
+    rank: int
+    tp: int
+    num_q_heads: int
+    num_kv_heads: int
+    head_dim: int
+
+    @property
+    def hq_local(self) -> int:
+        return self.num_q_heads // self.tp
+
+    @property
+    def q_base(self) -> int:
+        return self.rank * self.hq_local
+
+    def local_q(self, head: int) -> int:
+        return head - self.q_base
+
+    def local_kv(self, kv_head: int) -> int:
+        """Index of a home KV head in this rank's pool (KV heads replicated when TP > Hkv: one per rank)."""
+        hkv_local = max(1, self.num_kv_heads // self.tp)
+        return kv_head - (self.rank * self.num_kv_heads // self.tp if self.tp > self.num_kv_heads
+                          else self.rank * hkv_local)
+
+
+@dataclass
+class ExchangeStats:
+    units_moved: int = 0
+    bytes_sent: int = 0
+    bytes_received: int = 0
+
+
+def _gather_prefix(k_buffer, req_to_token, req_pool_indices, kv_local: int, lens) -> torch.Tensor:
+    """K (or V) rows ``[Σ lens, d]`` of one local KV head: positions ``[0, lens[i])`` of each request."""
+    parts = [k_buffer[req_to_token[int(req_pool_indices[i]), :L].long(), kv_local] for i, L in enumerate(lens) if L]
+    return torch.cat(parts) if parts else k_buffer.new_empty(0, k_buffer.shape[-1])
+
+
+def _staged_table(lens: Sequence[int], device) -> tuple[torch.Tensor, list[int]]:
+    """A ``req_to_token`` table over a staging pool holding the requests' prefixes back to back."""
+    width = max(max(lens), 1)
+    table = torch.zeros(len(lens), width, dtype=torch.int32, device=device)
+    first, c = [], 0
+    for i, L in enumerate(lens):
+        table[i, :L] = torch.arange(c, c + L, dtype=torch.int32, device=device)
+        first.append(c)
+        c += L
+    return table, first
+
+
+class HeadParallelExtend:
+    """Runs one layer's :class:`LayerSchedule` on this rank (see the module docstring)."""
+
+    def __init__(self, layout: RankLayout, group=None) -> None:
+        self.lay = layout
+        self.group = group
+        self.stats = ExchangeStats()
+
+    # -- the whole layer ----------------------------------------------------------------------------
+    def run(self, sched, budgets: Sequence[HeadBudget], q: torch.Tensor, k_buffer: torch.Tensor,
+            v_buffer: torch.Tensor, req_to_token: torch.Tensor, req_pool_indices: torch.Tensor, scale: float,
+            out: torch.Tensor) -> torch.Tensor:
+        """``budgets``: the layer's budgets of every q head (global order)."""
+        lay, r, d = self.lay, self.lay.rank, self.lay.head_dim
+        shape = sched.shape
+        send = self._pack_inputs(sched, q, k_buffer, v_buffer, req_to_token, req_pool_indices)
+        handle, recv, in_split = None, None, [sched.input_elems(s, r, d) for s in range(lay.tp)]
+        if sched.exchanges:
+            recv = q.new_empty(sum(in_split))
+            handle = dist.all_to_all_single(recv, send, in_split, [sched.input_elems(r, t, d) for t in range(lay.tp)],
+                                            group=self.group, async_op=True)
+        # home heads computed whole, over every row, while the inputs travel
+        whole = [lay.local_q(h) for h in sched.work.whole[r]]
+        local_budgets = list(budgets[lay.q_base:lay.q_base + lay.hq_local])
+        seq_lens = [p + e for p, e in zip(shape.prefix_lens, shape.extend_lens)]
+        live = [i for i, e in enumerate(shape.extend_lens) if e]
+        if whole and live:
+            attend_heads(q, k_buffer, v_buffer, req_to_token, req_pool_indices[live],
+                         [shape.extend_lens[i] for i in live], [seq_lens[i] for i in live], local_budgets, whole,
+                         scale, out)
+        # units whose home and target are this rank: staged from the home pool, no transfer
+        self._compute_units(sched, r, budgets, scale, out, q=q, k_buffer=k_buffer, v_buffer=v_buffer,
+                            req_to_token=req_to_token, req_pool_indices=req_pool_indices)
+        if handle is None:
+            return out
+        handle.wait()
+        # units shipped here, per home rank, outputs packed home-wise
+        back: list[torch.Tensor] = []
+        off = 0
+        for s in range(lay.tp):
+            n = in_split[s]
+            if s != r:
+                back.append(self._compute_units(sched, s, budgets, scale, None, recv=recv[off:off + n]))
+            else:
+                back.append(q.new_empty(0))
+            off += n
+        out_split = [sched.output_elems(r, t, d) for t in range(lay.tp)]
+        ret = q.new_empty(sum(out_split))
+        dist.all_to_all_single(ret, torch.cat(back), out_split, [sched.output_elems(s, r, d) for s in range(lay.tp)],
+                               group=self.group)
+        self._scatter_outputs(sched, ret, out_split, out)
+        self.stats.bytes_received += (recv.numel() + ret.numel()) * q.element_size()
+        return out
+
+    # -- inputs --------------------------------------------------------------------------------------
+    def _pack_inputs(self, sched, q, k_buffer, v_buffer, req_to_token, req_pool_indices) -> torch.Tensor:
+        lay, r = self.lay, self.lay.rank
+        parts: list[torch.Tensor] = []
+        for t in range(lay.tp):
+            if t == r:
+                continue
+            for b in sched.bundles_between(r, t):
+                kv = lay.local_kv(b.kv_head)
+                parts.append(_gather_prefix(k_buffer, req_to_token, req_pool_indices, kv, b.lens).reshape(-1))
+                parts.append(_gather_prefix(v_buffer, req_to_token, req_pool_indices, kv, b.lens).reshape(-1))
+            for ur in sched.unit_rows_between(r, t):
+                idx = torch.tensor(ur.token_index(sched.shape), dtype=torch.long, device=q.device)
+                parts.append(q[idx, lay.local_q(ur.unit.head)].reshape(-1))
+                self.stats.units_moved += 1
+        send = torch.cat(parts).to(q.dtype) if parts else q.new_empty(0)
+        self.stats.bytes_sent += send.numel() * q.element_size()
+        return send
+
+    # -- units ---------------------------------------------------------------------------------------
+    def _compute_units(self, sched, home: int, budgets, scale, out, *, recv=None, q=None, k_buffer=None,
+                       v_buffer=None, req_to_token=None, req_pool_indices=None) -> torch.Tensor | None:
+        """Compute the units ``home → this rank``. From this rank's own pool and q when ``recv`` is None
+        (outputs written into ``out``), else from the received buffer (outputs returned packed)."""
+        lay, d = self.lay, self.lay.head_dim
+        shape = sched.shape
+        rows = sched.unit_rows_between(home, lay.rank)
+        bundles = sched.bundles_between(home, lay.rank)
+        if not any(ur.n_rows for ur in rows):
+            return None if recv is None else (recv.new_empty(0))
+        dev = (recv if recv is not None else q).device
+        dtype = (recv if recv is not None else q).dtype
+        # staging pool: one slot per bundle (KV head); q rows per unit
+        off = 0
+        stage_k, stage_v, tables = [], [], {}
+        for b in bundles:
+            if recv is None:
+                kv = lay.local_kv(b.kv_head)
+                kk = _gather_prefix(k_buffer, req_to_token, req_pool_indices, kv, b.lens)
+                vv = _gather_prefix(v_buffer, req_to_token, req_pool_indices, kv, b.lens)
+            else:
+                n = b.tokens * d
+                kk, vv = recv[off:off + n].view(-1, d), recv[off + n:off + 2 * n].view(-1, d)
+                off += 2 * n
+            tables[b.kv_head] = (len(stage_k), kk, vv, b.lens)
+            stage_k.append(kk)
+            stage_v.append(vv)
+        q_rows: list[torch.Tensor] = []
+        for ur in rows:
+            if recv is None:
+                idx = torch.tensor(ur.token_index(shape), dtype=torch.long, device=dev)
+                q_rows.append(q[idx, lay.local_q(ur.unit.head)])
+            else:
+                n = ur.n_rows * d
+                q_rows.append(recv[off:off + n].view(-1, d))
+                off += n
+        results: list[torch.Tensor] = [torch.empty(0, d, dtype=dtype, device=dev)] * len(rows)
+        # one attention call per (KV head, row range): its q heads share rows and prefix
+        groups: dict[tuple, list[int]] = {}
+        for j, ur in enumerate(rows):
+            if ur.n_rows:
+                groups.setdefault((ur.unit.kv_head, ur.rows), []).append(j)
+        for (g, _), js in groups.items():
+            _, kk, vv, lens = tables[g]
+            ur0 = rows[js[0]]
+            reqs = ur0.requests()
+            kv_lens = ur0.kv_lens(shape)
+            table, first = _staged_table(lens, dev)
+            qq = torch.stack([q_rows[j] for j in js], 1)                           # [n, S, d]
+            oo = torch.empty_like(qq)
+            attend_heads(qq, kk[:, None], vv[:, None], table, torch.tensor(reqs, device=dev), ur0.q_lens(), kv_lens,
+                         [budgets[rows[j].unit.head] for j in js], range(len(js)), scale, oo)
+            for s, j in enumerate(js):
+                results[j] = oo[:, s]
+        if recv is None:
+            for ur, o in zip(rows, results):
+                if ur.n_rows:
+                    idx = torch.tensor(ur.token_index(shape), dtype=torch.long, device=dev)
+                    out[idx, lay.local_q(ur.unit.head)] = o.to(out.dtype)
+            return None
+        return torch.cat([o.reshape(-1) for o in results]) if results else recv.new_empty(0)
+
+    def _scatter_outputs(self, sched, ret: torch.Tensor, split: Sequence[int], out: torch.Tensor) -> None:
+        lay, d, off = self.lay, self.lay.head_dim, 0
+        for t in range(lay.tp):
+            if t == lay.rank:
+                continue
+            for ur in sched.unit_rows_between(lay.rank, t):
+                n = ur.n_rows * d
+                if n:
+                    idx = torch.tensor(ur.token_index(sched.shape), dtype=torch.long, device=out.device)
+                    out[idx, lay.local_q(ur.unit.head)] = ret[off:off + n].view(-1, d).to(out.dtype)
+                off += n

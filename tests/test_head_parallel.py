@@ -1,0 +1,225 @@
+"""The head-parallel extend (:mod:`sglang_shplb.kernels.head_parallel`) over torch.distributed (gloo) with
+2, 3 and 4 CPU processes, on q/k/v of real SmolLM2 layers and real prompts: moved whole GQA groups, split
+groups, split heavy heads (query-block pieces on several ranks), a batch of several lengths, chunked
+prefill. Every rank's output equals the single-process layer: the single-process sparse attention at the
+plan's budgets, and SDPA at full budgets (float32, atol 1e-5). A placement equal to the home slicing
+exchanges nothing and gives the single-process output exactly."""
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from functools import lru_cache
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from sglang_shplb.core.head_map import layer_work, rank_heads
+from sglang_shplb.core.patterns import HeadBudget
+from sglang_shplb.core.placement_types import LayerPlacement, Piece, Placement, check_coverage
+from sglang_shplb.kernels.head_parallel import HeadParallelExtend, RankLayout, attend_heads
+from sglang_shplb.scheduler.head_schedule import ExtendShape, layer_schedule
+
+D = 64
+SCALE = 1 / math.sqrt(D)
+LAYERS = (4, 12, 20)          # SmolLM2 layers whose heads make the test layers
+LENS = (700, 420, 260)        # tokens of the three prompts
+ATOL = 1e-5
+
+
+# ---- real q/k/v --------------------------------------------------------------------------------------
+@lru_cache(maxsize=1)
+def real_qkv() -> dict:
+    """Post-RoPE q [T, 9, d], k/v [T, 3, d] of LAYERS on three real prompts (SmolLM2, CPU float32)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    from sglang_shplb.planning.calibration_data import make_prompt
+    from sglang_shplb.planning.model_store import default_checkpoint
+
+    ckpt = default_checkpoint()
+    tok = AutoTokenizer.from_pretrained(ckpt)
+    model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval()
+    ids = torch.tensor(make_prompt(tok, max(LENS) + 80, "A", seed=7).input_ids)
+    out = {}
+    for i, n in enumerate(LENS):
+        x_ids = ids[i * 37:i * 37 + n][None]                # three different windows of real text
+        with torch.no_grad():
+            hs = model(x_ids, output_hidden_states=True).hidden_states
+            pos = torch.arange(n)[None]
+            for li in LAYERS:
+                layer = model.model.layers[li]
+                x = layer.input_layernorm(hs[li])
+                a = layer.self_attn
+                q = a.q_proj(x).view(1, n, -1, D).transpose(1, 2)
+                k = a.k_proj(x).view(1, n, -1, D).transpose(1, 2)
+                v = a.v_proj(x).view(1, n, -1, D).transpose(1, 2)
+                cos, sin = model.model.rotary_emb(x, pos)
+                q, k = apply_rotary_pos_emb(q, k, cos, sin)
+                out[(li, i)] = (q[0].transpose(0, 1).contiguous(), k[0].transpose(0, 1).contiguous(),
+                                v[0].transpose(0, 1).contiguous())
+    return out
+
+
+def layer_inputs(hq: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[int]]:
+    """A layer of ``hq`` q heads (``hq / 3`` KV heads) per request, taken from LAYERS in order: q/k/v per
+    request concatenated on the token axis."""
+    qkv = real_qkv()
+    qs, ks, vs = [], [], []
+    for i in range(len(LENS)):
+        q = torch.cat([qkv[(li, i)][0] for li in LAYERS], 1)[:, :hq]
+        k = torch.cat([qkv[(li, i)][1] for li in LAYERS], 1)[:, :hq // 3]
+        v = torch.cat([qkv[(li, i)][2] for li in LAYERS], 1)[:, :hq // 3]
+        qs.append(q), ks.append(k), vs.append(v)
+    return torch.cat(qs), torch.cat(ks), torch.cat(vs), list(LENS)
+
+
+def plan_budgets(hq: int) -> list[HeadBudget]:
+    """The committed default plan's budgets of LAYERS' heads (a mix of dense, streaming, top-k)."""
+    from sglang_shplb.core.plan import load_plan
+    plan = load_plan(os.path.join(os.path.dirname(__file__), "..", "bench", "results", "default_plan"))
+    return [b for li in LAYERS for b in plan.budgets[li]][:hq]
+
+
+# ---- placements --------------------------------------------------------------------------------------
+def placements(hq: int, tp: int) -> dict[str, LayerPlacement]:
+    """Home, moved whole groups, split groups, split heavy heads (pieces on every rank)."""
+    per, g = hq // tp, 3
+    home = [[Piece(h) for h in rank_heads(hq, tp, r)] for r in range(tp)]
+    rot = [[Piece(h) for h in rank_heads(hq, tp, (r + 1) % tp)] for r in range(tp)]
+    split = [list(x) for x in home]
+    moved = split[0].pop()                                   # the last q head of rank 0's group ...
+    split[tp - 1].append(moved)                              # ... computed on the last rank
+    pieces = [list(x) for x in home]
+    h = pieces[1].pop(0)                                     # a heavy head of rank 1 cut over every rank
+    cuts = [i / tp for i in range(tp + 1)]
+    cuts[1] = 0.3
+    for r in range(tp):
+        pieces[r].append(Piece(h.head, cuts[r], cuts[r + 1]))
+    h2 = pieces[0].pop(0)                                    # and rank 0's first head in two pieces
+    pieces[0].append(Piece(h2.head, 0.0, 0.55))
+    pieces[tp - 1].append(Piece(h2.head, 0.55, 1.0))
+    out = {"home": home, "groups": rot, "split_group": split, "pieces": pieces}
+    for name, gp in out.items():
+        check_coverage(Placement(tp, 0, name, [LayerPlacement(gp)]), hq)
+    assert per % 1 == 0 and g
+    return {k: LayerPlacement(v) for k, v in out.items()}
+
+
+# ---- a paged pool --------------------------------------------------------------------------------------
+def paged(k: torch.Tensor, v: torch.Tensor, lens: list[int]):
+    """K/V of the requests at shuffled pool slots; ``req_to_token`` rows 1..B (slot 0 unused)."""
+    n = k.shape[0]
+    slots = torch.randperm(n, generator=torch.Generator().manual_seed(3)) + 1
+    kb = torch.zeros(n + 1, *k.shape[1:])
+    vb = torch.zeros(n + 1, *v.shape[1:])
+    kb[slots], vb[slots] = k, v
+    r2t = torch.zeros(len(lens) + 1, max(lens), dtype=torch.int32)
+    c = 0
+    for i, L in enumerate(lens):
+        r2t[i + 1, :L] = slots[c:c + L].int()
+        c += L
+    return kb, vb, r2t, torch.arange(1, len(lens) + 1)
+
+
+def chunk_rows(lens: list[int], prefix: list[int], ext: list[int]) -> torch.Tensor:
+    """Token-axis rows of the new tokens [prefix, prefix + ext) of each request, in a batch of all tokens."""
+    starts = [sum(lens[:i]) for i in range(len(lens))]
+    return torch.cat([torch.arange(s + p, s + p + e) for s, p, e in zip(starts, prefix, ext)])
+
+
+# chunked prefill: each request in two chunks (the second over the first as prefix), then three 1-token steps
+def steps(lens: list[int]) -> list[tuple[list[int], list[int]]]:
+    first = [L // 2 + 13 for L in lens]
+    out = [([0] * len(lens), list(lens)), ([0] * len(lens), first), (first, [L - f - 3 for L, f in zip(lens, first)])]
+    out += [([L - 3 + j for L in lens], [1] * len(lens)) for j in range(3)]
+    return out
+
+
+def single_process(q, kb, vb, r2t, rpi, prefix, ext, budgets) -> torch.Tensor:
+    out = torch.zeros(sum(ext), q.shape[1], D)
+    attend_heads(q, kb, vb, r2t, rpi, ext, [p + e for p, e in zip(prefix, ext)], budgets, range(len(budgets)),
+                 SCALE, out)
+    return out
+
+
+def sdpa_rows(q, k, v, lens, prefix, ext) -> torch.Tensor:
+    """Dense causal attention of the new rows, independent of the package (GQA by repeat)."""
+    outs, c = [], 0
+    g = q.shape[1] // k.shape[1]
+    for L, p, e in zip(lens, prefix, ext):
+        qq = q[c:c + L].transpose(0, 1)
+        kk = k[c:c + L].repeat_interleave(g, 1).transpose(0, 1)
+        vv = v[c:c + L].repeat_interleave(g, 1).transpose(0, 1)
+        o = torch.nn.functional.scaled_dot_product_attention(qq, kk, vv, is_causal=True, scale=SCALE)
+        outs.append(o.transpose(0, 1)[p:p + e])
+        c += L
+    return torch.cat(outs)
+
+
+# ---- ranks -----------------------------------------------------------------------------------------
+def rank_main(rank: int, tp: int, hq: int, init_file: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=tp)
+    torch.set_num_threads(1)
+    q, k, v, lens = layer_inputs(hq)
+    kb, vb, r2t, rpi = paged(k, v, lens)
+    hkv = hq // 3
+    lay = RankLayout(rank, tp, hq, hkv, D)
+    mine = rank_heads(hq, tp, rank)
+    kv_mine = sorted({h // 3 for h in mine}) if tp <= hkv else [rank * hkv // tp]
+    for bname, budgets in (("plan", plan_budgets(hq)), ("dense", [HeadBudget.dense()] * hq)):
+        for pname, lp in placements(hq, tp).items():
+            work = layer_work(lp, hq, hkv, tp)
+            for prefix, ext in steps(lens):
+                rows = chunk_rows(lens, prefix, ext)
+                shape = ExtendShape.of(ext, [p + e for p, e in zip(prefix, ext)])
+                sched = layer_schedule(work, shape)
+                ex = HeadParallelExtend(lay, None)
+                out = torch.full((rows.numel(), len(mine), D), float("nan"))
+                ex.run(sched, budgets, q[rows][:, mine].contiguous(), kb[:, kv_mine].contiguous(),
+                       vb[:, kv_mine].contiguous(), r2t, rpi, SCALE, out)
+                ref = single_process(q[rows], kb, vb, r2t, rpi, prefix, ext, budgets)[:, mine]
+                where = f"rank {rank}/{tp} {bname} budgets, {pname} placement, prefix {prefix} ext {ext}"
+                assert not out.isnan().any(), f"{where}: rows left uncomputed"
+                if pname == "home":
+                    assert not sched.exchanges and ex.stats.bytes_sent == 0, where
+                    assert torch.equal(out, ref), f"{where}: home placement differs from the single process"
+                else:
+                    assert sched.exchanges, where
+                    err = (out - ref).abs().max().item()
+                    assert err < ATOL, f"{where}: max error {err:.2e} vs the single-process layer"
+                if bname == "dense":
+                    err = (out - sdpa_rows(q, k, v, lens, prefix, ext)[:, mine]).abs().max().item()
+                    assert err < ATOL, f"{where}: max error {err:.2e} vs SDPA"
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("tp,hq", [(2, 6), (3, 9), (4, 12)])
+def test_head_parallel_ranks_equal_the_single_process_layer(tp, hq):
+    real_qkv()  # convert / load once here, so a failure to load is reported plainly
+    with tempfile.TemporaryDirectory() as d:
+        mp.spawn(rank_main, args=(tp, hq, os.path.join(d, "init")), nprocs=tp, join=True)
+
+
+def test_schedule_computes_every_new_row_of_every_head_once():
+    hq, tp = 9, 3
+    for name, lp in placements(hq, tp).items():
+        work = layer_work(lp, hq, 3, tp)
+        for prefix, ext in steps([700, 420, 260]) + [([5, 0, 130], [64, 1, 200])]:
+            shape = ExtendShape.of(ext, [p + e for p, e in zip(prefix, ext)])
+            sched = layer_schedule(work, shape)
+            seen = torch.zeros(sum(ext), hq, dtype=torch.int32)
+            for r in range(tp):
+                for h in work.whole[r]:
+                    seen[:, h] += 1
+            for ur in sched.rows:
+                seen[ur.token_index(shape), ur.unit.head] += 1
+            assert (seen == 1).all(), f"{name}: rows computed {seen.unique().tolist()} times"
+            # bytes: inputs are q rows + K/V prefixes, outputs the q rows' outputs, all moved units only
+            moved = [ur for ur in sched.rows if ur.unit.moved]
+            q_rows = sum(ur.n_rows for ur in moved)
+            kv = sum(2 * b.tokens for b in sched.bundles if b.home != b.target)
+            assert sched.moved_elems(D, tp) == (2 * q_rows + kv) * D
+            assert (name == "home") == (not work.units)
