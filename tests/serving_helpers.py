@@ -49,14 +49,15 @@ def passkey_prompt(tok, key: int, reps: int = 40) -> str:
 
 
 class Server:
-    """``python -m sglang_shplb.launch_server`` in its own process group; killed as a group."""
+    """``python -m sglang_shplb.launch_server`` (or ``module``) in its own process group; killed as a group."""
 
-    def __init__(self, args: list[str], log: Path, timeout: float = 240):
+    def __init__(self, args: list[str], log: Path, timeout: float = 240, module: str = "sglang_shplb.launch_server",
+                 env_extra: dict | None = None):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = log
-        cmd = [sys.executable, "-m", "sglang_shplb.launch_server", *args, *SERVER_FLAGS, "--port", str(self.port)]
-        self.proc = subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env(),
+        cmd = [sys.executable, "-m", module, *args, *SERVER_FLAGS, "--port", str(self.port)]
+        self.proc = subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env(**(env_extra or {})),
                                      cwd=ROOT, start_new_session=True)
         t0 = time.time()
         while time.time() - t0 < timeout:

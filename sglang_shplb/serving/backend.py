@@ -23,9 +23,13 @@ import torch
 
 from sglang.srt.layers.attention.base_attn_backend import AttentionBackend
 
+from sglang_shplb.core.head_map import LayerWork, placement_work, rank_heads
 from sglang_shplb.core.patterns import HeadBudget, Pattern
+from sglang_shplb.kernels.head_parallel import HeadParallelExtend, RankLayout
+from sglang_shplb.scheduler.bucket_hook import ATTR as BUCKET_ATTR, batch_bucket
+from sglang_shplb.scheduler.head_schedule import ExtendShape, layer_schedule
 from sglang_shplb.serving.config import BACKEND_NAME, ServingConfig
-from sglang_shplb.core.head_map import rank_heads
+from sglang_shplb.serving.modes import check_supported
 from sglang_shplb.kernels.paged_layer import DecodeWorkspace, ExtendBatch, LayerKernels, layer_max_selected, selected_heads
 from sglang_shplb.kernels.layer_reference import prepare_decode_constants, sparse_attention, sparse_decode, sparse_heads
 
@@ -65,18 +69,25 @@ class ShplbAttnBackend(AttentionBackend):
         if self.dense_backend_name == BACKEND_NAME:
             raise ValueError("SHPLB_DENSE_BACKEND cannot be shplb itself")
         self.inner: AttentionBackend = ATTENTION_BACKENDS[self.dense_backend_name](model_runner)
-        self.tp_size = int(getattr(model_runner, "tp_size", 1))
-        self.tp_rank = int(getattr(model_runner, "tp_rank", 0))
+        check_supported(model_runner.server_args)
+        self.tp_size, self.tp_rank = model_runner.ps.tp_size, model_runner.ps.tp_rank
         self.max_context = int(model_runner.model_config.context_len)
         self.plan = plan if plan is not None else load_runner_plan(
             self.cfg, model_runner.model_config.model_path, self.tp_size)
         self.layer_budgets: dict[int, list[HeadBudget]] = {}
         self.current_bucket = 0
+        # per bucket, the layers' work under the plan's placement for this TP size (None: all at home)
+        self.work: list[tuple[LayerWork, ...] | None] = []
+        self.head_parallel: HeadParallelExtend | None = None
+        self.extend_shape: ExtendShape | None = None
         if self.plan is not None:
+            spec = self.plan.model
             for li, layer in enumerate(self.plan.budgets):
-                local = [layer[h] for h in rank_heads(self.plan.model.num_heads, self.tp_size, self.tp_rank, li)]
+                local = [layer[h] for h in rank_heads(spec.num_heads, self.tp_size, self.tp_rank)]
                 self.layer_budgets[li] = local
                 prepare_decode_constants(local, self.device)
+            if self.tp_size > 1:
+                self._init_head_parallel(model_runner)
         n_sparse = sum(len(sparse_heads(b)) for b in self.layer_budgets.values())
         n_all = sum(len(b) for b in self.layer_budgets.values())
         self.kernels: dict[int, LayerKernels] = {}
@@ -88,11 +99,24 @@ class ShplbAttnBackend(AttentionBackend):
                     "on %s, layers with sparse heads on the %s path", n_sparse, n_all,
                     self.cfg.plan_path or "none: dense fallback", self.tp_rank, self.tp_size,
                     self.dense_backend_name, "kernel" if self.kernels else "reference")
-        self.stats = {"extend_layers_sparse": 0, "decode_layers_sparse": 0}
+        self.stats = {"extend_layers_sparse": 0, "decode_layers_sparse": 0, "extend_layers_head_parallel": 0}
+
+    def _init_head_parallel(self, model_runner) -> None:
+        """Per bucket, the plan's placement for this TP size as layer work; the executor when any layer of
+        any bucket computes work away from home (on SGLang's TP group: NCCL on CUDA, gloo on CPU)."""
+        spec = self.plan.model
+        for b in range(len(self.plan.buckets)):
+            work = placement_work(self.plan.placement(self.tp_size, b), spec.num_heads, spec.num_kv_heads)
+            self.work.append(None if all(w.at_home for w in work) else work)
+        moved = [sum(not w.at_home for w in work) if work else 0 for work in self.work]
+        if any(moved):
+            from sglang.srt.distributed import get_tp_group
+            lay = RankLayout(self.tp_rank, self.tp_size, spec.num_heads, spec.num_kv_heads, spec.head_dim)
+            self.head_parallel = HeadParallelExtend(lay, get_tp_group().device_group)
+        logger.info("shplb head-parallel placement, TP rank %d/%d: layers computing work away from home per bucket "
+                    "%s", self.tp_rank, self.tp_size, dict(zip(self.plan.buckets.edges, moved)))
 
     def _init_kernel_path(self, model_runner) -> None:
-        if getattr(model_runner.server_args, "speculative_algorithm", None):
-            raise NotImplementedError("the shplb backend does not support speculative decoding yet")
         mc = model_runner.model_config
         hkv = mc.get_num_kv_heads(self.tp_size)
         k0 = self.token_to_kv_pool.get_key_buffer(0)
@@ -111,31 +135,109 @@ class ShplbAttnBackend(AttentionBackend):
             log("shplb kernel path: %d layers, decode page summaries %.1f MiB (%d request slots x %d context; "
                 "--max-running-requests bounds it)", len(self.kernels), mib, slots, self.max_context)
 
-    # ---- everything but the forward passes is the stock backend's ---------------------------------
-    def __getattr__(self, name):
-        # only reached for attributes this object does not have
-        inner = self.__dict__.get("inner")
-        if inner is None:
-            raise AttributeError(name)
-        return getattr(inner, name)
+    # ---- per-batch metadata ----------------------------------------------------------------------------
+    def _bucket(self, forward_batch) -> int:
+        """The batch's bucket: the hook's attribute, else (the decode CUDA-graph replay view) from its host
+        lengths, whose padding (the fill value) never exceeds the real maximum."""
+        b = getattr(forward_batch, BUCKET_ATTR, None)
+        if b is not None or self.plan is None:
+            return b or 0
+        return batch_bucket(self.plan.buckets, getattr(forward_batch, "seq_lens_cpu", None))
 
     def init_forward_metadata(self, forward_batch):
-        self.current_bucket = getattr(forward_batch, "shplb_bucket", 0)
-        self.extend_batch = None
-        if self.kernels and forward_batch.forward_mode.is_extend() and forward_batch.extend_seq_lens_cpu:
-            self.extend_batch = ExtendBatch.build(
-                self.req_to_token_pool.req_to_token, forward_batch.req_pool_indices,
-                forward_batch.extend_seq_lens_cpu, forward_batch.seq_lens_cpu.tolist())
+        self.current_bucket = self._bucket(forward_batch)
+        self.extend_batch = self.extend_shape = None
+        mode = forward_batch.forward_mode
+        if mode.is_extend() and forward_batch.extend_seq_lens_cpu:
+            seq_lens = forward_batch.seq_lens_cpu.tolist()
+            if self.kernels:
+                self.extend_batch = ExtendBatch.build(
+                    self.req_to_token_pool.req_to_token, forward_batch.req_pool_indices,
+                    forward_batch.extend_seq_lens_cpu, seq_lens)
+            if self.head_parallel is not None and self.work[self.current_bucket] is not None:
+                self.extend_shape = ExtendShape.of(forward_batch.extend_seq_lens_cpu, seq_lens)
+                self.head_parallel.stats.__init__()
         return self.inner.init_forward_metadata(forward_batch)
+
+    def init_forward_metadata_out_graph(self, forward_batch, in_capture: bool = False):
+        self.current_bucket = self._bucket(forward_batch)
+        return self.inner.init_forward_metadata_out_graph(forward_batch, in_capture)
 
     def init_cuda_graph_state(self, max_bs: int, max_num_tokens: int):
         self.inner.init_cuda_graph_state(max_bs, max_num_tokens)
         if self.decode_ws is not None:
             self.decode_ws.ensure(max_bs)
 
-    def init_forward_metadata_out_graph(self, forward_batch, in_capture: bool = False):
-        self.current_bucket = getattr(forward_batch, "shplb_bucket", 0)
-        return self.inner.init_forward_metadata_out_graph(forward_batch, in_capture)
+    # ---- delegated to the stock backend, spelled out (as SGLang's hybrid_attn_backend.py does) --------
+    def init_forward_metadata_in_graph(self, forward_batch):
+        return self.inner.init_forward_metadata_in_graph(forward_batch)
+
+    def draft_extend_metadata_captured_in_graph(self) -> bool:
+        return self.inner.draft_extend_metadata_captured_in_graph()
+
+    def prepare_full_cuda_graph_chunked_prefix(self, *args, **kwargs):
+        return self.inner.prepare_full_cuda_graph_chunked_prefix(*args, **kwargs)
+
+    def init_forward_metadata_for_breakable_cuda_graph_capture(self, *args, **kwargs):
+        return self.inner.init_forward_metadata_for_breakable_cuda_graph_capture(*args, **kwargs)
+
+    def prepare_forward_metadata_for_breakable_cuda_graph_replay(self, *args, **kwargs):
+        return self.inner.prepare_forward_metadata_for_breakable_cuda_graph_replay(*args, **kwargs)
+
+    def get_cuda_graph_seq_len_fill_value(self):
+        return self.inner.get_cuda_graph_seq_len_fill_value()
+
+    def on_after_cuda_graph_warmup(self):
+        return self.inner.on_after_cuda_graph_warmup()
+
+    def init_cpu_graph_state(self, *args, **kwargs):
+        return self.inner.init_cpu_graph_state(*args, **kwargs)
+
+    def init_forward_metadata_capture_cpu_graph(self, *args, **kwargs):
+        return self.inner.init_forward_metadata_capture_cpu_graph(*args, **kwargs)
+
+    def get_cpu_graph_seq_len_fill_value(self):
+        return self.inner.get_cpu_graph_seq_len_fill_value()
+
+    def verify_mask(self):
+        return self.inner.verify_mask()
+
+    def update_verify_buffers_to_fill_after_draft(self, *args, **kwargs):
+        return self.inner.update_verify_buffers_to_fill_after_draft(*args, **kwargs)
+
+    def get_indexer_metadata(self, layer_id: int, forward_batch):
+        return self.inner.get_indexer_metadata(layer_id, forward_batch)
+
+    def support_triton(self):
+        return self.inner.support_triton()
+
+    @property
+    def forward_metadata(self):
+        return self.inner.forward_metadata
+
+    @forward_metadata.setter
+    def forward_metadata(self, value):
+        self.inner.forward_metadata = value
+
+    @property
+    def max_context_len(self):
+        return self.inner.max_context_len
+
+    @property
+    def needs_cpu_seq_lens(self) -> bool:
+        return getattr(self.inner, "needs_cpu_seq_lens", True)
+
+    @property
+    def use_captured_forward_metadata_for_breakable_cuda_graph(self) -> bool:
+        return getattr(self.inner, "use_captured_forward_metadata_for_breakable_cuda_graph", False)
+
+    @property
+    def supports_full_cuda_graph_chunked_prefix(self) -> bool:
+        return getattr(self.inner, "supports_full_cuda_graph_chunked_prefix", False)
+
+    @property
+    def supports_ragged_verify_graph(self) -> bool:
+        return getattr(self.inner, "supports_ragged_verify_graph", False)
 
     # ---- forward ----------------------------------------------------------------------------------
     def _budgets(self, layer) -> list[HeadBudget] | None:
@@ -143,7 +245,8 @@ class ShplbAttnBackend(AttentionBackend):
         if b is None or len(b) != layer.tp_q_head_num:
             if b is not None:
                 raise RuntimeError(f"shplb: layer {layer.layer_id} has {layer.tp_q_head_num} heads on this rank, "
-                                   f"the plan's head map gives {len(b)}")
+                                   f"the plan's head map gives {len(b)} (SGLang padded the heads for TP "
+                                   f"{self.tp_size}?)")
             return None
         return b if any(x.pattern is not Pattern.DENSE for x in b) else None
 
@@ -157,6 +260,10 @@ class ShplbAttnBackend(AttentionBackend):
         return q3, q.new_empty(q3.shape[0], layer.tp_q_head_num, layer.v_head_dim)
 
     def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache=True, **kwargs):
+        if self.extend_shape is not None and not layer.is_cross_attention:
+            work = self.work[self.current_bucket][layer.layer_id]
+            if not work.at_home:
+                return self._extend_head_parallel(q, k, v, layer, forward_batch, save_kv_cache, work)
         lk = self.kernels.get(layer.layer_id)
         if lk is not None and not layer.is_cross_attention and self.extend_batch is not None:
             q3, o = self._kernel_io(q, k, v, layer, forward_batch, save_kv_cache)
@@ -179,6 +286,28 @@ class ShplbAttnBackend(AttentionBackend):
                          max_kv_len=max_kv)
         self.stats["extend_layers_sparse"] += 1
         return o
+
+    def _extend_head_parallel(self, q, k, v, layer, forward_batch, save_kv_cache, work: LayerWork):
+        """The plan moves work of this layer between ranks in this bucket: K/V to the home pool, then
+        :class:`~sglang_shplb.kernels.head_parallel.HeadParallelExtend` (home heads here, moved units on
+        their targets, outputs back home in home order for ``o_proj``)."""
+        q3, o = self._kernel_io(q, k, v, layer, forward_batch, save_kv_cache)
+        kb = self.token_to_kv_pool.get_key_buffer(layer.layer_id)
+        vb = self.token_to_kv_pool.get_value_buffer(layer.layer_id)
+        hp = self.head_parallel
+        hp.run(layer_schedule(work, self.extend_shape), self.plan.budgets[layer.layer_id], q3, kb, vb,
+               self.req_to_token_pool.req_to_token, forward_batch.req_pool_indices, layer.scaling, o)
+        lk = self.kernels.get(layer.layer_id)
+        if lk is not None and self.extend_batch is not None:
+            lk.summarize(kb, self.extend_batch)   # decode stays at home: its page summaries cover every home head
+        self.stats["extend_layers_head_parallel"] += 1
+        if layer.layer_id == self.plan.model.num_layers - 1:
+            st = hp.stats
+            logger.info("shplb head-parallel extend, TP rank %d: bucket %d, %d units sent away, %.1f KiB sent, "
+                        "%.1f KiB received over %d layers", self.tp_rank, self.current_bucket, st.units_moved,
+                        st.bytes_sent / 1024, st.bytes_received / 1024,
+                        sum(not w.at_home for w in self.work[self.current_bucket]))
+        return o.view(q3.shape[0], -1)
 
     def forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache=True, **kwargs):
         lk = self.kernels.get(layer.layer_id)
@@ -212,35 +341,6 @@ def _per_head(q, o, layer):
     """``[T, H, d]`` views of a layer's queries and of the stock backend's output (written in place)."""
     hq = layer.tp_q_head_num
     return q.reshape(-1, hq, layer.qk_head_dim), o.view(-1, hq, layer.v_head_dim)
-
-
-# AttentionBackend defines these (raising NotImplementedError), so __getattr__ never sees them: hand each
-# to the stock backend explicitly.
-_DELEGATED = ('init_forward_metadata_in_graph', 'draft_extend_metadata_captured_in_graph', 'prepare_full_cuda_graph_chunked_prefix', 'init_forward_metadata_for_breakable_cuda_graph_capture', 'prepare_forward_metadata_for_breakable_cuda_graph_replay', 'get_cuda_graph_seq_len_fill_value', 'on_after_cuda_graph_warmup', 'verify_mask', 'update_verify_buffers_to_fill_after_draft', 'get_indexer_metadata', 'support_triton')
-
-
-def _delegate(name: str):
-    def method(self, *args, **kwargs):
-        return getattr(self.inner, name)(*args, **kwargs)
-    method.__name__ = name
-    return method
-
-
-for _name in _DELEGATED:
-    setattr(ShplbAttnBackend, _name, _delegate(_name))
-
-# Class attributes of AttentionBackend (so __getattr__ never sees them either): the stock backend's value,
-# or AttentionBackend's default when the stock backend has none.
-_DELEGATED_FLAGS = {"needs_cpu_seq_lens": True, "use_captured_forward_metadata_for_breakable_cuda_graph": False,
-                    "supports_full_cuda_graph_chunked_prefix": False, "supports_ragged_verify_graph": False}
-
-
-def _delegate_flag(name: str, default: bool) -> property:
-    return property(lambda self: getattr(self.inner, name, default), doc=f"the stock backend's {name}")
-
-
-for _name, _default in _DELEGATED_FLAGS.items():
-    setattr(ShplbAttnBackend, _name, _delegate_flag(_name, _default))
 
 
 def create_shplb_backend(runner):

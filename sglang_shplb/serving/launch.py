@@ -77,9 +77,14 @@ def split_argv(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
 
 
 def validate_plan(plan_path: str, model_path: str, tp_size: int):
-    """Load + validate; raises PlanError with the cause."""
+    """Load + validate, the head map included; raises PlanError / HeadMapError with the cause."""
+    from sglang_shplb.core.head_map import placement_work
     from sglang_shplb.core.plan import load_plan
-    return load_plan(plan_path, model_path, tp_size)
+    plan = load_plan(plan_path, model_path, tp_size)
+    if tp_size > 1:
+        for b in range(len(plan.buckets)):
+            placement_work(plan.placement(tp_size, b), plan.model.num_heads, plan.model.num_kv_heads)
+    return plan
 
 
 def _pre_parse(argv: list[str]) -> argparse.Namespace:
@@ -101,8 +106,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_ARGS
     # 1. the plan, before anything of SGLang is imported or started
+    from sglang_shplb.core.head_map import HeadMapError
     from sglang_shplb.core.plan import PlanError
     from sglang_shplb.serving.config import ServingConfig
+    from sglang_shplb.serving.modes import UnsupportedModeError, check_supported
     pre = None if any(a in ("-h", "--help") for a in argv) else _pre_parse(argv)
     if pre is not None and pre.shplb_plan:
         if not pre.model_path:
@@ -110,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
             return EXIT_BAD_ARGS
         try:
             plan = validate_plan(pre.shplb_plan, pre.model_path, int(pre.tp_size or 1))
-        except PlanError as e:
+        except (PlanError, HeadMapError) as e:
             print(f"error: plan rejected, server not started: {type(e).__name__}: {e}", file=sys.stderr)
             return EXIT_BAD_PLAN
         except (OSError, ValueError, KeyError) as e:
@@ -138,6 +145,11 @@ def main(argv: list[str] | None = None) -> int:
     from sglang.srt.server_args import prepare_server_args
     from sglang.srt.utils import kill_process_tree
     server_args = prepare_server_args(sgl_argv)
+    try:
+        check_supported(server_args)
+    except UnsupportedModeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_BAD_ARGS
     try:
         run_server(server_args)
     finally:

@@ -11,9 +11,7 @@ TP worker). It registers the ``shplb`` attention backend and its CLI choice, and
 """
 from __future__ import annotations
 
-import json
 import logging
-from pathlib import Path
 
 from sglang_shplb.serving.version import check_sglang_version
 
@@ -37,18 +35,16 @@ def support_triton_hook(original_fn, backend, *args, **kwargs):
 
 
 def _plan_buckets():
-    """Bucket edges of the configured plan (read from plan.json alone), or the default edges."""
+    """Bucket edges of the configured plan (through the one plan reader), or the default edges."""
     from sglang_shplb.core.buckets import Buckets
-    from sglang_shplb.core.plan import JSON_NAME
+    from sglang_shplb.core.plan import PlanError, load_plan
     from sglang_shplb.serving.config import ServingConfig
     cfg = ServingConfig.from_env()
     if cfg.plan_path:
-        p = Path(cfg.plan_path)
-        p = p / JSON_NAME if p.is_dir() else p
         try:
-            return Buckets(tuple(json.loads(p.read_text())["buckets"]))
-        except Exception as e:  # the backend's load_plan reports the real error
-            logger.warning("shplb: could not read bucket edges from %s: %s", p, e)
+            return load_plan(cfg.plan_path).buckets
+        except PlanError as e:  # the backend's load_plan, with the model, reports it as the server's error
+            logger.warning("shplb: could not read bucket edges from %s: %s", cfg.plan_path, e)
     return Buckets()
 
 

@@ -1,0 +1,81 @@
+"""A real SGLang 0.5.17 server on CPU at TP 3 (gloo) with S-HPLB placements that move work between ranks.
+
+The TP-3 placement is the planner's own (``python -m sglang_shplb place --tp 3`` on the committed default
+plan's budgets): it moves work in 19 of 30 layers at the first bucket. Greedy answers must equal
+(a) at the plan's budgets, the TP-1 ``shplb`` server's on the same plan;
+(b) at full budgets with the same placement, the TP-3 ``torch_native`` server's.
+The TP-3 ``shplb`` server's log shows the units and bytes moved per batch. Slow (~8 min on 2 cores): run
+in the serving pytest invocation (tests/run.sh)."""
+from __future__ import annotations
+
+import re
+
+import pytest
+
+import sglang  # noqa: F401  (tests/run.sh installs it; a missing SGLang must fail, not skip)
+
+from serving_helpers import ROOT, Server, model_dir, passkey_prompt  # noqa: E402
+
+TP3_ENV = {"SGLANG_CPU_OMP_THREADS_BIND": "0|1|0", "OMP_NUM_THREADS": "1"}
+MAX_NEW = 12
+
+
+@pytest.fixture(scope="module")
+def model():
+    return model_dir()
+
+
+@pytest.fixture(scope="module")
+def plans(model, tmp_path_factory):
+    from sglang_shplb.cli import main
+    from sglang_shplb.core.patterns import HeadBudget
+    from sglang_shplb.core.plan import load_plan, save_plan
+
+    d = tmp_path_factory.mktemp("tp3plans")
+    assert main(["place", "--budgets", str(ROOT / "bench/results/default_plan"), "--tp", "3",
+                 "--out", str(d / "sparse")]) == 0
+    plan = load_plan(d / "sparse", model, 3)
+    plan.budgets = [[HeadBudget.dense() for _ in layer] for layer in plan.budgets]
+    save_plan(plan, d / "dense")
+    return {"sparse": d / "sparse", "dense": d / "dense"}
+
+
+@pytest.fixture(scope="module")
+def prompts(model):
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(model)
+    chat = "<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n"
+    return [chat.format("What is the capital of France?"), "The three primary colors are",
+            chat.format("Write a Python function that reverses a string."), passkey_prompt(tok, 40721)]
+
+
+def answers(args: list[str], prompts: list[str], log, env_extra=None, module="sglang_shplb.launch_server"):
+    s = Server(args + ["--context-length", "2048", "--log-level", "info"], log, timeout=420, module=module,
+               env_extra=env_extra)
+    try:
+        outs = []
+        for p in prompts:
+            code, body = s.post("/generate", {"text": p, "sampling_params": {"max_new_tokens": MAX_NEW,
+                                                                             "temperature": 0}})
+            assert code == 200, body
+            outs.append(body["output_ids"])
+        return outs, s.startup_s
+    finally:
+        s.stop()
+
+
+def test_tp3_head_parallel_server_answers_as_tp1_and_as_dense_tp3(model, plans, prompts, tmp_path):
+    m = ["--model-path", str(model)]
+    tp3 = m + ["--tp-size", "3"]
+    sparse3, t_up = answers(tp3 + ["--shplb-plan", str(plans["sparse"])], prompts, tmp_path / "sparse3.log", TP3_ENV)
+    log = (tmp_path / "sparse3.log").read_text()
+    moved = re.findall(r"shplb head-parallel extend, TP rank \d: bucket \d+, (\d+) units sent away, ([\d.]+) KiB sent",
+                       log)
+    assert moved and all(int(u) > 0 and float(b) > 0 for u, b in moved), log[-3000:]
+    print(f"TP-3 shplb server up in {t_up:.0f} s; per batch and rank: units, KiB sent {moved}")
+    sparse1, _ = answers(m + ["--shplb-plan", str(plans["sparse"])], prompts, tmp_path / "sparse1.log")
+    assert sparse3 == sparse1, (sparse3, sparse1)
+    dense3, _ = answers(tp3 + ["--shplb-plan", str(plans["dense"])], prompts, tmp_path / "dense3.log", TP3_ENV)
+    stock3, _ = answers(tp3 + ["--attention-backend", "torch_native"], prompts, tmp_path / "stock3.log", TP3_ENV,
+                        module="sglang.launch_server")
+    assert dense3 == stock3, (dense3, stock3)
