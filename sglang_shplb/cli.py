@@ -9,12 +9,9 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
-
-import numpy as np
 
 DEFAULT_OUT = "./shplb-plan"
 
@@ -59,7 +56,7 @@ def _add_place(p: argparse.ArgumentParser) -> None:
                    help="placement solver stored in the plan (default: the fast S-HPLB heuristic)")
     p.add_argument("--calibration", default=None,
                    help="cost-model calibration table (JSON, schema shplb-calibration/1, written by "
-                        "bench/kernels.py); default: the analytic cost model")
+                        "bench/prefill_sweep.py or bench/tile_calibration.py); default: the analytic cost model")
     p.add_argument("--max-replicated-kv", default="auto",
                    help="cap on extra KV-head copies per layer (memory): a number, 'auto' (TP - 1, what "
                         "cutting heavy heads across GPU boundaries needs; the default) or 'none'")
@@ -94,57 +91,32 @@ def build_parser() -> argparse.ArgumentParser:
 # ---- stages ---------------------------------------------------------------------------------------
 
 def cmd_profile(a) -> Path:
-    from sglang_shplb.planning.profile import profile_model, save_profile
     from sglang_shplb.planning.model_store import resolve_model
+    from sglang_shplb.planning.profile import default_options, profile_model, save_profile
 
     model = resolve_model(a.model, a.cache_dir)
-    from sglang_shplb.planning.profile import default_options
     res = profile_model(model, a.lengths, tuple(a.sets), a.per_length, a.device, a.rows_per_block, a.num_layers,
                         options=default_options(topk_tiles=tuple(a.topk_tiles)))
-    res.model["checkpoint"] = str(model)
     path = save_profile(res, a.out)
     print(f"profile of {res.num_layers} layers x {res.num_heads} heads at {res.lengths} tokens → {path}")
     return path
 
 
 def cmd_budget(a) -> Path:
-    from sglang_shplb.planning.budget import budgets_by_density_target, budgets_by_tau, stability
+    from sglang_shplb.planning.budget import BudgetsFile, choose_budgets, save_budgets, stability
     from sglang_shplb.planning.profile import load_profile
 
     prof = load_profile(a.profile)
-    res = (budgets_by_density_target(prof, a.density_target) if a.density_target is not None
-           else budgets_by_tau(prof, a.tau))
-    doc = {"schema": "shplb-budgets/1", "model": prof.model, "mode": res.mode, "ref_len": res.ref_len,
-           "tau": a.tau, "budgets": [[b.to_dict() for b in layer] for layer in res.budgets],
-           "recall": res.recall.round(5).tolist(), "density": res.density.round(5).tolist()}
+    res = choose_budgets(prof, a.tau, a.density_target)
+    stab = None
     if len(prof.sets) >= 2:
-        st = stability(prof, a.tau)
-        doc["stability"] = {"spearman": st.spearman, "pvalue": st.pvalue, "same_family": st.same_family,
-                            "tau": st.tau, "need_a": st.need_a.round(5).tolist(), "need_b": st.need_b.round(5).tolist()}
-        print(f"stability: Spearman rho {st.spearman:.3f} between calibration sets, same family {st.same_family:.0%}")
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / "budgets.json"
-    path.write_text(json.dumps(doc))
+        stab = stability(prof, a.tau)
+        print(f"stability: Spearman rho {stab.spearman:.3f} between calibration sets, same family "
+              f"{stab.same_family:.0%}")
+    path = save_budgets(BudgetsFile.of(prof, res, a.tau, stab), a.out)
     print(f"budgets ({res.mode}): {res.pattern_counts()}, mean density {res.mean_density:.3f} at {res.ref_len} "
           f"tokens, worst recall {res.min_recall:.3f} → {path}")
     return path
-
-
-def _load_budgets(path) -> dict:
-    path = Path(path)
-    if path.is_dir():
-        path = path / "budgets.json"
-    doc = json.loads(path.read_text())
-    if doc.get("schema") != "shplb-budgets/1":
-        raise SystemExit(f"{path} is not a budgets file of the budget stage")
-    return doc
-
-
-def _cost_model(calibration):
-    from sglang_shplb.planning.cost_model import CostModel
-
-    return CostModel.from_calibration(calibration) if calibration else CostModel.analytic()
 
 
 def _solve_opts(a) -> dict:
@@ -165,68 +137,33 @@ def cmd_place(a) -> Path:
     from tqdm.auto import tqdm
 
     from sglang_shplb.core.buckets import Buckets
-    from sglang_shplb.core.model_spec import ModelSpec
-    from sglang_shplb.core.patterns import HeadBudget
-    from sglang_shplb.planning.place import resolve_solve_opts, solve_plan_placements
-    from sglang_shplb.core.plan import Plan, save_plan
+    from sglang_shplb.core.plan import save_plan
+    from sglang_shplb.planning.budget import load_budgets
+    from sglang_shplb.planning.cost_model import load_cost_model
+    from sglang_shplb.planning.place import place_budgets
 
-    doc = _load_budgets(a.budgets)
-    spec = ModelSpec(**{k: v for k, v in doc["model"].items() if k != "checkpoint"})
-    budgets = [[HeadBudget.from_dict(b) for b in layer] for layer in doc["budgets"]]
+    budgets = load_budgets(a.budgets)
     buckets = Buckets(tuple(a.buckets))
-    cost = _cost_model(a.calibration)
-    t0 = time.perf_counter()
-    placements = {}
-    for tp in tqdm(a.tp, desc="placing (TP size)"):
-        placements.update(solve_plan_placements(spec, budgets, buckets, [tp], cost, a.solver, kv_dtype_bytes=2,
-                                                **resolve_solve_opts(_solve_opts(a), tp)))
-    solve_s = time.perf_counter() - t0
-    meta = {"created": time.strftime("%Y-%m-%d %H:%M:%S"), "budget_mode": doc["mode"], "tau": doc.get("tau"),
-            "ref_len": doc["ref_len"], "solver": a.solver, "solve_s": solve_s, "cost_model": cost.to_dict(),
-            "solve_options": _solve_opts(a), "checkpoint": doc["model"].get("checkpoint")}
-    if "stability" in doc:
-        meta["stability"] = {k: doc["stability"][k] for k in ("spearman", "pvalue", "same_family", "tau")}
-    path = save_plan(Plan(spec, buckets, budgets, placements, meta), a.out)
+    plan = place_budgets(budgets, buckets, a.tp, load_cost_model(a.calibration), a.solver, _solve_opts(a),
+                         progress=lambda tps: tqdm(tps, desc="placing (TP size)"))
+    path = save_plan(plan, a.out)
     for tp in a.tp:
-        sp = [p.predicted for p in placements[tp]]
+        sp = [p.predicted for p in plan.placements[tp]]
         print(f"TP {tp}: slowest GPU per bucket (ms) " + ", ".join(f"{x['slowest_s'] * 1e3:.2f}" for x in sp))
-    print(f"plan solved in {solve_s:.2f} s → {path}")
+    print(f"plan solved in {plan.meta['solve_s']:.2f} s → {path}")
     return path
 
 
 def cmd_report(a, quality=None) -> Path:
-    from sglang_shplb.planning.budget import Stability
-    from sglang_shplb.planning.profile import load_profile
-    from sglang_shplb.core.plan import load_plan
-    from sglang_shplb.planning.report import write_report
+    from sglang_shplb.planning.report import report_plan
 
-    plan_path = Path(a.plan)
-    plan = load_plan(plan_path)
-    folder = plan_path if plan_path.is_dir() else plan_path.parent
-    profile = load_profile(folder) if (folder / "profile.json").exists() else None
-    stab = None
-    if (folder / "budgets.json").exists():
-        st = _load_budgets(folder).get("stability")
-        if st:
-            stab = Stability(st["spearman"], st["pvalue"], np.array(st["need_a"]), np.array(st["need_b"]),
-                             st["same_family"], st["tau"])
-    if quality is None and (folder / "quality.json").exists():
-        quality = json.loads((folder / "quality.json").read_text())
-    cost = _cost_model(a.calibration) if a.calibration else _cost_from_meta(plan)
-    return write_report(Path(a.out), plan, cost, None, profile, stab, quality,
-                        plan.meta.get("solve_options", {}))
-
-
-def _cost_from_meta(plan):
-    from sglang_shplb.planning.cost_model import CostModel
-
-    d = plan.meta.get("cost_model")
-    return CostModel.from_dict(d) if d else CostModel.analytic()
+    return report_plan(a.plan, a.out, a.calibration, quality)
 
 
 def cmd_plan(a) -> Path:
+    from sglang_shplb.core.plan import load_plan
     from sglang_shplb.planning.model_store import resolve_model
-    from sglang_shplb.planning.quality import compare_dense_sparse
+    from sglang_shplb.planning.quality import compare_dense_sparse, save_quality
 
     t0 = time.time()
     model = resolve_model(a.model, a.cache_dir)
@@ -240,10 +177,9 @@ def cmd_plan(a) -> Path:
     quality = None
     if a.eval_lengths:
         print(f"[4/5] dense vs sparse on passkey prompts of {a.eval_lengths} tokens")
-        from sglang_shplb.core.plan import load_plan
         quality = compare_dense_sparse(model, load_plan(plan_path).budgets, a.eval_lengths, a.eval_prompts,
                                        device=a.device, num_layers=a.num_layers)
-        (Path(a.out) / "quality.json").write_text(json.dumps(quality, indent=1))
+        save_quality(quality, a.out)
     print("[5/5] report")
     a.plan = plan_path.parent
     report = cmd_report(a, quality)
@@ -257,9 +193,13 @@ def main(argv=None) -> int:
     if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
         argv = ["plan", *argv]
     a = ap.parse_args(argv)
+    from sglang_shplb.planning.budget import BudgetsFileError
+
     try:
         {"plan": cmd_plan, "profile": cmd_profile, "budget": cmd_budget, "place": cmd_place,
          "report": cmd_report}[a.cmd](a)
+    except BudgetsFileError as e:  # not the budget stage's file: the message alone, exit 1
+        raise SystemExit(str(e)) from None
     except (FileNotFoundError, ValueError) as e:  # bad input: say what, no traceback
         print(f"python -m sglang_shplb {a.cmd}: error: {e}", file=sys.stderr)
         return 2

@@ -1,11 +1,14 @@
 """Budget selection: tau mode and the max-min density-target allocator, on synthetic profiles."""
 import itertools
+import json
 
 import numpy as np
 import pytest
 import torch
 
-from sglang_shplb.planning.budget import budgets_by_density_target, budgets_by_tau, option_table, stability
+from sglang_shplb.planning.budget import (BudgetsFile, BudgetsFileError, budgets_by_density_target, budgets_by_tau,
+                                          choose_budgets, load_budgets, option_table, save_budgets, stability)
+from sglang_shplb.core.model_spec import ModelSpec
 from sglang_shplb.planning.profile import Option, ProfileResult
 from sglang_shplb.core.patterns import HeadBudget
 
@@ -83,3 +86,22 @@ def test_stability_detects_agreement_and_disagreement():
     shuffled = r.reshape(36, -1)[rng.permutation(36)].reshape(r.shape)
     other = stability(_profile(r, shuffled), tau=0.8)
     assert other.spearman < 0.9
+
+
+def test_budgets_file_round_trip(tmp_path):
+    rng = np.random.default_rng(3)
+    r = _random_recall(rng, 2, 3)
+    prof = _profile(r, r.copy())
+    prof.model = {**ModelSpec("LlamaForCausalLM", 2, 3, 1, 64, 8192, "t").to_dict(), "checkpoint": "/models/m"}
+    res = choose_budgets(prof, 0.8)
+    assert res.mode == "tau=0.8" and choose_budgets(prof, 0.8, density_target=0.9).mode == "density<=0.9"
+    path = save_budgets(BudgetsFile.of(prof, res, 0.8, stability(prof, 0.8)), tmp_path)
+    back = load_budgets(tmp_path)
+    assert path.name == "budgets.json" and back.budgets == res.budgets and back.mode == res.mode
+    assert back.spec.num_heads == 3 and back.model["checkpoint"] == "/models/m"
+    assert back.stability.spearman == pytest.approx(1.0)
+    np.testing.assert_allclose(back.density, res.density, atol=1e-5)
+    np.testing.assert_allclose(back.recall, res.recall, atol=1e-5)
+    (tmp_path / "other.json").write_text(json.dumps({"schema": "shplb-profile/1"}))
+    with pytest.raises(BudgetsFileError, match="not a budgets file"):
+        load_budgets(tmp_path / "other.json")

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from sglang_shplb.planning.cost_model import (CALIBRATION_SCHEMA, CalibrationError, CostModel, CostProfile, block_pairs,
-                                     flops_per_pair, query_block_pairs)
+                                     calibration_record, flops_per_pair, query_block_pairs, write_calibration)
 from sglang_shplb.core.patterns import HeadBudget
 
 BUDGETS = [HeadBudget.dense(), HeadBudget.streaming(64, 1024), HeadBudget.streaming(0, 64),
@@ -17,6 +17,14 @@ BUDGETS = [HeadBudget.dense(), HeadBudget.streaming(64, 1024), HeadBudget.stream
 def test_block_pairs_and_profile_match_patterns(b, n):
     assert block_pairs(b, n) == b.block_pairs(n)
     assert query_block_pairs(b, n).sum() == b.block_pairs(n)
+
+
+@pytest.mark.parametrize("b", BUDGETS + [HeadBudget.topk(0.2, 3, tile=128)], ids=lambda b: b.describe())
+@pytest.mark.parametrize("nb", [1, 2, 7, 64, 129])
+def test_vectorised_rule_is_the_scalar_rule(b, nb):
+    rows = b.blocks_for_query_blocks(np.arange(nb), nb)
+    assert rows.tolist() == [b.blocks_for_query_block(qi, nb) for qi in range(nb)]
+    assert query_block_pairs(b, nb * 64).tolist() == rows.tolist()
 
 
 def test_analytic_head_time():
@@ -128,3 +136,18 @@ def test_tile128_topk_has_its_own_fit_and_falls_back_to_topk():
     only64 = CostModel.from_calibration(_table(recs[:3]))
     assert only64.head_time(b128, 32768, 128, 4) == pytest.approx(slow * 1e-3 * block_pairs(b128, 32768))
     assert CostModel.analytic().head_time(b128, 32768, 128) > 0
+
+
+def test_calibration_writer_round_trip(tmp_path):
+    b64, b128 = HeadBudget.topk(0.1, 2), HeadBudget.topk(0.1, 2, tile=128)
+    recs = [calibration_record(b, n, 128, 4, 32, 0.5 * n / 16384, config="test")
+            for b in (b64, b128) for n in (16384, 32768)]
+    recs.append(calibration_record(HeadBudget.vslash(0.1, 2), 16384, 128, 4, 32, 0.3, pairs=123_456))
+    assert recs[0]["block_pairs"] == 32 * b64.block_pairs(16384) and recs[0]["tile"] == 64
+    assert recs[0]["density"] == round(b64.density(16384), 6) and recs[0]["config"] == "test"
+    assert recs[-1]["block_pairs"] == 123_456 and "tile" not in recs[-1]
+    path = write_calibration(tmp_path / "cal.json", "GPU", "2026-12-01", "test kernel", recs)
+    cm = CostModel.from_calibration(path)
+    assert set(cm.fits) == {("topk", 128), ("topk@128", 128), ("vslash", 128)}
+    with pytest.raises(CalibrationError, match="non-empty"):
+        write_calibration(tmp_path / "empty.json", "GPU", "2026-12-01", "test kernel", [])

@@ -7,9 +7,10 @@ from sglang_shplb.core.buckets import Buckets
 from sglang_shplb.planning.cost_model import CostModel, CostProfile
 from sglang_shplb.core.model_spec import ModelSpec
 from sglang_shplb.core.patterns import HeadBudget
+from sglang_shplb.planning.budget import BudgetsFile
 from sglang_shplb.planning.place import (baseline_replicated_kv, compare_solvers, cost_fraction_to_query_fraction,
-                                    evaluate_placement, placement_for, placement_for_length, sglang_kv_heads,
-                                    solve_layer, solve_plan_placements)
+                                    evaluate_placement, place_budgets, placement_for, placement_for_length,
+                                    sglang_kv_heads, solve_layer, solve_plan_placements)
 from sglang_shplb.core.placement_types import Placement, check_coverage
 
 SOLVERS = ["contiguous", "lpt", "shplb", "shplb_exact"]
@@ -261,6 +262,20 @@ def test_evaluate_matches_predicted_and_lookup():
     # contiguous under the same evaluation is slower
     base = solve_plan_placements(spec, budgets, buckets, [4], cm, "contiguous")[4][2]
     assert evaluate_placement(base, spec, budgets, cm).slowest_s >= ev.slowest_s
+
+
+def test_place_budgets_solves_each_tp_with_its_options():
+    spec, budgets = _smol_like(num_layers=2)
+    bf = BudgetsFile({**spec.to_dict(), "checkpoint": "/m"}, "tau=0.9", 8192, 0.9, budgets,
+                     np.ones((2, 9)), np.ones((2, 9)))
+    buckets, cm = Buckets((4096, 8192)), CostModel.analytic()
+    plan = place_budgets(bf, buckets, [2, 4], cm, "shplb", {"max_replicated_kv": "auto"})
+    for tp in (2, 4):
+        want = solve_plan_placements(spec, budgets, buckets, [tp], cm, max_replicated_kv=tp - 1, kv_dtype_bytes=2)[tp]
+        assert [p.layers for p in plan.placements[tp]] == [p.layers for p in want]
+    assert plan.model == spec and plan.budgets == budgets
+    assert plan.meta["solve_options"] == {"max_replicated_kv": "auto"} and plan.meta["checkpoint"] == "/m"
+    assert plan.meta["budget_mode"] == "tau=0.9" and "stability" not in plan.meta
 
 
 def test_bad_inputs():

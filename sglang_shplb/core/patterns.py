@@ -29,6 +29,8 @@ import math
 from dataclasses import asdict, dataclass
 from enum import Enum
 
+import numpy as np
+
 BLOCK = 64
 TOPK_TILES = (BLOCK, 2 * BLOCK)   # top-k selection granularity: 64-token blocks or 128-token superblocks
 
@@ -82,38 +84,48 @@ class HeadBudget:
         return HeadBudget(Pattern.VSLASH, fraction=fraction, min_blocks=min_blocks)
 
     # ---- sizes ---------------------------------------------------------------------------------
-    def blocks_for_query_block(self, qi: int, nb: int) -> int:
-        """Number of KV blocks query block ``qi`` attends (of ``qi + 1`` causal ones), ``nb`` blocks in all."""
+    def blocks_for_query_blocks(self, qi, nb: int) -> np.ndarray:
+        """The per-block rule, vectorised: KV blocks each query block of ``qi`` (an int or int array)
+        attends, of its ``qi + 1`` causal ones, ``nb`` blocks in all. Exact for dense, streaming (the window
+        plus the sinks outside it) and top-k; for vertical-slash an upper bound (n verticals + block 0,
+        n slashes + the diagonal)."""
+        qi = np.asarray(qi, dtype=np.int64)
         causal = qi + 1
         if self.pattern is Pattern.DENSE:
             return causal
         if self.pattern is Pattern.STREAMING:
-            return min(causal, self.sink_blocks + self.window_blocks)  # upper bound; overlap near start
+            return np.minimum(causal, self.sink_blocks + self.window_blocks)
         if self.pattern is Pattern.TOPK:
             if self.tile != BLOCK:   # superblocks of pair qi // 2; the even row lacks the diagonal's 2nd half
-                return min(causal, 2 * self.superblocks_for_pair(qi // 2) - 1 + qi % 2)
+                return np.minimum(causal, 2 * self.superblocks_for_pairs(qi // 2) - 1 + qi % 2)
             # at least 2: block 0 and the diagonal are always kept
-            return min(causal, max(self.min_blocks, 2, math.ceil(self.fraction * causal)))
-        n = self.vslash_count(nb)
-        return min(causal, 2 * n + 2)  # upper bound: n verticals + block 0, n slashes + the diagonal
+            return np.minimum(causal, np.maximum(max(self.min_blocks, 2), _ceil(self.fraction * causal)))
+        return np.minimum(causal, 2 * self.vslash_count(nb) + 2)
+
+    def blocks_for_query_block(self, qi: int, nb: int) -> int:
+        """:meth:`blocks_for_query_blocks` of the one query block ``qi``."""
+        return int(self.blocks_for_query_blocks(qi, nb))
+
+    def superblocks_for_pairs(self, p) -> np.ndarray:
+        """``tile=128`` top-k: 128-token superblocks that each query pair of ``p`` (an int or int array)
+        attends (of ``p + 1``), at least superblock 0 and the diagonal one."""
+        causal = np.asarray(p, dtype=np.int64) + 1
+        return np.minimum(causal, np.maximum(max(-(-self.min_blocks // 2), 2), _ceil(self.fraction * causal)))
 
     def superblocks_for_pair(self, p: int) -> int:
-        """``tile=128`` top-k: 128-token superblocks that query pair ``p`` attends (of ``p + 1``), at least
-        superblock 0 and the diagonal one."""
-        return min(p + 1, max(math.ceil(self.min_blocks / 2), 2, math.ceil(self.fraction * (p + 1))))
+        """:meth:`superblocks_for_pairs` of the one query pair ``p``."""
+        return int(self.superblocks_for_pairs(p))
 
     def vslash_count(self, nb: int) -> int:
         return max(self.min_blocks, math.ceil(self.fraction * nb / 2))
 
     def block_pairs(self, seq_len: int) -> int:
         """(query block, KV block) pairs computed for a prefill of ``seq_len`` tokens: the work unit
-        of the cost model. Exact for dense and top-k, an upper bound for streaming/vslash overlap."""
+        of the cost model: the sum of :meth:`blocks_for_query_blocks` (exact but for vertical-slash)."""
         nb = math.ceil(seq_len / BLOCK)
         if self.pattern is Pattern.DENSE:
             return nb * (nb + 1) // 2
-        if self.pattern is Pattern.STREAMING:
-            return _streaming_pairs(nb, self.sink_blocks, self.window_blocks)
-        return sum(self.blocks_for_query_block(qi, nb) for qi in range(nb))
+        return int(self.blocks_for_query_blocks(np.arange(nb), nb).sum())
 
     def density(self, seq_len: int) -> float:
         """Fraction of the causal block pairs this head computes at ``seq_len``."""
@@ -145,12 +157,6 @@ class HeadBudget:
         return f"{self.pattern.value}({self.fraction:.3g},min={self.min_blocks}{tile})"
 
 
-def _streaming_pairs(nb: int, s: int, w: int) -> int:
-    """Block pairs of a sink + window pattern over ``nb`` query blocks, in O(1).
 
-    window: sum_qi min(qi + 1, w); sinks outside the window: for qi >= w, min(s, qi - w + 1).
-    """
-    window = nb * (nb + 1) // 2 if nb <= w else w * (w + 1) // 2 + (nb - w) * w
-    m = max(0, nb - w)
-    sinks = m * (m + 1) // 2 if m <= s else s * (s + 1) // 2 + (m - s) * s
-    return window + sinks
+def _ceil(x: np.ndarray) -> np.ndarray:
+    return np.ceil(x).astype(np.int64)

@@ -9,16 +9,25 @@ length (the longest profiled). Two ways to choose:
   recall: binary search on the recall level r (each head takes its cheapest option with recall ≥ r;
   feasible iff the mean density ≤ target — monotone in r, so the search is exact), then spend what
   is left greedily on the best recall gain per unit of density.
+
+The stage's output is ``budgets.json`` (schema ``shplb-budgets/1``, :class:`BudgetsFile`): the model
+identity, the chosen budgets with their recall and density, and the stability of the need.
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 
-from sglang_shplb.planning.profile import Option, ProfileResult
+from sglang_shplb.core.model_spec import ModelSpec
 from sglang_shplb.core.patterns import HeadBudget
+from sglang_shplb.planning.profile import Option, ProfileResult
+
+BUDGETS_SCHEMA = "shplb-budgets/1"
+BUDGETS_NAME = "budgets.json"
 
 
 @dataclass
@@ -80,6 +89,13 @@ def budgets_by_tau(profile: ProfileResult, tau: float = 0.95, ref_len: int | Non
     opts, dens, worst = option_table(profile, ref_len)
     _require_dense(opts)
     return _result(opts, dens, worst, _cheapest_at(dens, worst, tau), ref_len or max(profile.lengths), f"tau={tau}")
+
+
+def choose_budgets(profile: ProfileResult, tau: float = 0.95, density_target: float | None = None) -> BudgetResult:
+    """:func:`budgets_by_density_target` when a target is given, else :func:`budgets_by_tau`."""
+    if density_target is not None:
+        return budgets_by_density_target(profile, density_target)
+    return budgets_by_tau(profile, tau)
 
 
 def budgets_by_density_target(profile: ProfileResult, target: float, ref_len: int | None = None) -> BudgetResult:
@@ -151,3 +167,71 @@ def stability(profile: ProfileResult, tau: float = 0.95, ref_len: int | None = N
         fams.append(np.array([[opts[i].family for i in row] for row in c]))
     rho, p = spearmanr(needs[0].ravel(), needs[1].ravel())
     return Stability(float(rho), float(p), needs[0], needs[1], float((fams[0] == fams[1]).mean()), tau)
+
+
+# ---- budgets.json ----------------------------------------------------------------------------------
+
+class BudgetsFileError(ValueError):
+    """A file that is not a ``budgets.json`` of the budget stage."""
+
+
+@dataclass
+class BudgetsFile:
+    """``budgets.json``: what the budget stage hands to the placement and the report."""
+
+    model: dict  # ModelSpec fields, plus "checkpoint" when the profile named one
+    mode: str
+    ref_len: int
+    tau: float
+    budgets: list[list[HeadBudget]]
+    recall: np.ndarray  # [layers, heads]
+    density: np.ndarray  # [layers, heads]
+    stability: Stability | None = None
+
+    @staticmethod
+    def of(profile: ProfileResult, res: BudgetResult, tau: float, stab: Stability | None) -> "BudgetsFile":
+        return BudgetsFile(profile.model, res.mode, res.ref_len, tau, res.budgets, res.recall, res.density, stab)
+
+    @property
+    def spec(self) -> ModelSpec:
+        return ModelSpec(**{k: v for k, v in self.model.items() if k != "checkpoint"})
+
+    def to_dict(self) -> dict:
+        doc = {"schema": BUDGETS_SCHEMA, "model": self.model, "mode": self.mode, "ref_len": self.ref_len,
+               "tau": self.tau, "budgets": [[b.to_dict() for b in layer] for layer in self.budgets],
+               "recall": self.recall.round(5).tolist(), "density": self.density.round(5).tolist()}
+        if self.stability is not None:
+            st = self.stability
+            doc["stability"] = {"spearman": st.spearman, "pvalue": st.pvalue, "same_family": st.same_family,
+                                "tau": st.tau, "need_a": st.need_a.round(5).tolist(),
+                                "need_b": st.need_b.round(5).tolist()}
+        return doc
+
+    @staticmethod
+    def from_dict(doc: dict) -> "BudgetsFile":
+        st = doc.get("stability")
+        stab = None if not st else Stability(st["spearman"], st["pvalue"], np.array(st["need_a"]),
+                                             np.array(st["need_b"]), st["same_family"], st["tau"])
+        return BudgetsFile(doc["model"], doc["mode"], doc["ref_len"], doc.get("tau"),
+                           [[HeadBudget.from_dict(b) for b in layer] for layer in doc["budgets"]],
+                           np.array(doc["recall"]), np.array(doc["density"]), stab)
+
+
+def save_budgets(budgets: BudgetsFile, out_dir) -> Path:
+    """Write ``out_dir/budgets.json``; return its path."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / BUDGETS_NAME
+    path.write_text(json.dumps(budgets.to_dict()))
+    return path
+
+
+def load_budgets(path) -> BudgetsFile:
+    """Read ``budgets.json`` (or the folder holding it); :class:`BudgetsFileError` if it is another file."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / BUDGETS_NAME
+    doc = json.loads(path.read_text())
+    if doc.get("schema") != BUDGETS_SCHEMA:
+        raise BudgetsFileError(f"{path} is not a budgets file of the budget stage")
+    return BudgetsFile.from_dict(doc)

@@ -34,7 +34,8 @@ traffic, not FLOPs). A calibration table may resolve it (fits are keyed by ``gqa
 
 Calibration table (:meth:`CostModel.from_calibration`), schema ``shplb-calibration/1``
 ------------------------------------------------------------------------------------
-Written by the GPU kernel benchmark (``bench/kernels.py``)::
+Written with :func:`calibration_record` and :func:`write_calibration` by the GPU kernel benchmarks
+(``bench/prefill_sweep.py``; ``bench/tile_calibration.py`` adds the 128-token top-k records)::
 
     {"schema": "shplb-calibration/1",
      "device": "NVIDIA H100 80GB HBM3",          # free text
@@ -99,41 +100,21 @@ class CalibrationError(ValueError):
 
 @functools.lru_cache(maxsize=4096)
 def _profile_cached(budget: HeadBudget, nb: int) -> np.ndarray:
-    qi = np.arange(nb, dtype=np.int64)
-    causal = qi + 1
-    p = budget.pattern
-    if p is Pattern.DENSE:
-        w = causal
-    elif p is Pattern.STREAMING:
-        s, win = budget.sink_blocks, budget.window_blocks
-        w = np.minimum(causal, win) + np.minimum(s, np.maximum(0, qi - win + 1))
-    elif p is Pattern.TOPK and budget.tile != BLOCK:   # as HeadBudget.superblocks_for_pair
-        pair = qi // 2 + 1
-        k2 = np.minimum(pair, np.maximum(max(-(-budget.min_blocks // 2), 2),
-                                         np.ceil(budget.fraction * pair.astype(np.float64)).astype(np.int64)))
-        w = np.minimum(causal, 2 * k2 - 1 + qi % 2)
-    elif p is Pattern.TOPK:
-        k = np.ceil(budget.fraction * causal.astype(np.float64)).astype(np.int64)
-        w = np.minimum(causal, np.maximum(max(budget.min_blocks, 2), k))  # block 0 + diagonal always
-    else:
-        w = np.minimum(causal, 2 * budget.vslash_count(nb) + 2)  # as HeadBudget.blocks_for_query_block
-    w = w.astype(np.float64)
+    w = budget.blocks_for_query_blocks(np.arange(nb), nb).astype(np.float64)
     w.setflags(write=False)
     return w
 
 
 def query_block_pairs(budget: HeadBudget, seq_len: int) -> np.ndarray:
-    """KV blocks attended by each query block of a prefill of ``seq_len`` tokens (read-only float array);
-    its sum is ``budget.block_pairs(seq_len)``."""
+    """KV blocks attended by each query block of a prefill of ``seq_len`` tokens (read-only float array,
+    :meth:`HeadBudget.blocks_for_query_blocks`); its sum is ``budget.block_pairs(seq_len)``."""
     return _profile_cached(budget, math.ceil(seq_len / BLOCK))
 
 
 @functools.lru_cache(maxsize=65536)
 def block_pairs(budget: HeadBudget, seq_len: int) -> int:
-    """``budget.block_pairs(seq_len)``, vectorised and cached (the pure-Python sum is slow for top-k)."""
-    if budget.pattern in (Pattern.DENSE, Pattern.STREAMING):
-        return budget.block_pairs(seq_len)
-    return int(query_block_pairs(budget, seq_len).sum())
+    """``budget.block_pairs(seq_len)``, cached (the planner asks it for every head, bucket and TP size)."""
+    return budget.block_pairs(seq_len)
 
 
 class CostProfile:
@@ -213,6 +194,31 @@ def validate_calibration(doc) -> list[dict]:
         if isinstance(tile, bool) or tile not in (TOPK_TILES if r["pattern"] == "topk" else (BLOCK,)):
             raise CalibrationError(f"record {i}: tile {tile!r} is not a tile of pattern {r['pattern']!r}")
     return records
+
+
+def calibration_record(budget: HeadBudget, ctx_len: int, head_dim: int, gqa: int, num_heads: int, time_ms: float,
+                       pairs: int | None = None, **notes) -> dict:
+    """One record: a layer call of ``num_heads`` heads, all with ``budget``, that took ``time_ms`` at
+    ``ctx_len`` tokens. ``pairs``: the block pairs the kernel computed over those heads (default the rule's,
+    ``num_heads * budget.block_pairs(ctx_len)``); the density is taken from them. ``notes``: free fields
+    kept beside the schema's (e.g. ``config``, ``index_ms``)."""
+    nb = math.ceil(ctx_len / BLOCK)
+    pairs = num_heads * block_pairs(budget, ctx_len) if pairs is None else int(pairs)
+    rec = {"pattern": budget.pattern.value, "density": round(pairs / (num_heads * nb * (nb + 1) // 2), 6),
+           "ctx_len": ctx_len, "head_dim": head_dim, "gqa": gqa, "num_heads": num_heads, "time_ms": time_ms,
+           "block_pairs": pairs}
+    if budget.pattern is Pattern.TOPK:
+        rec["tile"] = budget.tile
+    return {**rec, **notes}
+
+
+def write_calibration(path: str | Path, device: str, date: str, kernel: str, records: list[dict]) -> Path:
+    """Write a calibration table (schema ``shplb-calibration/1``) of ``records``, checked first."""
+    doc = {"schema": CALIBRATION_SCHEMA, "device": device, "date": date, "kernel": kernel, "records": records}
+    validate_calibration(doc)
+    path = Path(path)
+    path.write_text(json.dumps(doc, indent=1))
+    return path
 
 
 def fit_key(pattern: str, tile: int = BLOCK) -> str:
@@ -410,3 +416,14 @@ class CostModel:
 
     def __repr__(self) -> str:
         return f"CostModel({self.source}, piece_overhead={self.piece_overhead:.3g}s, fits={len(self.fits)})"
+
+
+def load_cost_model(calibration: str | Path | None) -> CostModel:
+    """The model fitted to the calibration table at ``calibration``, or the analytic default when None."""
+    return CostModel.from_calibration(calibration) if calibration else CostModel.analytic()
+
+
+def plan_cost_model(meta: dict) -> CostModel:
+    """The cost model a plan was solved with (its meta's ``cost_model``), or the analytic default."""
+    d = meta.get("cost_model")
+    return CostModel.from_dict(d) if d else CostModel.analytic()

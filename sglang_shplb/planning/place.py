@@ -21,6 +21,9 @@ Public API
     ``split_pieces``, ``replicated_kv_bytes_per_token`` (when ``kv_dtype_bytes`` is given).
 ``compare_solvers(spec, budgets, buckets, tp_sizes, cost_model, solvers=(...), **options) -> list[dict]``
     One row per (tp, bucket, solver) with that summary and ``speedup_vs_contiguous``: the report table.
+``place_budgets(budgets_file, buckets, tp_sizes, cost_model, solver="shplb", solve_options=None) -> Plan``
+    Stage 3-5 of the pipeline: the plan of a :class:`~sglang_shplb.planning.budget.BudgetsFile`, solved
+    per TP size with :func:`resolve_solve_opts`, its ``meta`` saying how.
 ``placement_for(plan_placements, tp, bucket)`` / ``placement_for_length(plan_placements, buckets, tp, n)``
     The per-batch lookup: a dict index (and ``Buckets.index``).
 ``cost_fraction_to_query_fraction(budget, seq_len, cost_fraction) -> float``
@@ -45,10 +48,12 @@ from typing import Callable, Sequence
 import numpy as np
 
 from sglang_shplb.core.buckets import Buckets
-from sglang_shplb.planning.cost_model import CostModel, CostProfile
 from sglang_shplb.core.model_spec import ModelSpec
 from sglang_shplb.core.patterns import HeadBudget
 from sglang_shplb.core.placement_types import LayerPlacement, Piece, Placement
+from sglang_shplb.core.plan import Plan
+from sglang_shplb.planning.budget import BudgetsFile
+from sglang_shplb.planning.cost_model import CostModel, CostProfile
 from sglang_shplb.planning.solvers import SOLVERS, LayerProblem
 from sglang_shplb.planning.solvers.common import Assignment
 from sglang_shplb.planning.solvers.greedy import contiguous_heads, sglang_kv_heads  # noqa: F401  (re-exported)
@@ -299,6 +304,30 @@ def solve_plan_placements(spec: ModelSpec, budgets: list[list[HeadBudget]], buck
             predicted["proven_optimal_layers"] = sum(1 for o in optimal if o)
         out.setdefault(tp, []).append(Placement(tp, b, solver, layers, predicted))
     return out
+
+
+def place_budgets(budgets: BudgetsFile, buckets: Buckets, tp_sizes: Sequence[int], cost_model: CostModel,
+                  solver: str = "shplb", solve_options: dict | None = None, *,
+                  progress: Callable | None = None) -> Plan:
+    """The plan of a budgets file: every TP size solved with ``resolve_solve_opts(solve_options, tp)``,
+    replicated KV bytes for a bf16 cache in ``predicted``; ``meta`` records the inputs, solver, options and
+    time. ``progress``: optional callable wrapping the TP sizes (e.g. ``tqdm``)."""
+    solve_options = dict(solve_options or {})
+    spec = budgets.spec
+    t0 = time.perf_counter()
+    placements: dict[int, list[Placement]] = {}
+    for tp in (progress(tp_sizes) if progress else tp_sizes):
+        placements.update(solve_plan_placements(spec, budgets.budgets, buckets, [tp], cost_model, solver,
+                                                kv_dtype_bytes=2, **resolve_solve_opts(solve_options, tp)))
+    meta = {"created": time.strftime("%Y-%m-%d %H:%M:%S"), "budget_mode": budgets.mode, "tau": budgets.tau,
+            "ref_len": budgets.ref_len, "solver": solver, "solve_s": time.perf_counter() - t0,
+            "cost_model": cost_model.to_dict(), "solve_options": solve_options,
+            "checkpoint": budgets.model.get("checkpoint")}
+    if budgets.stability is not None:
+        st = budgets.stability
+        meta["stability"] = {"spearman": st.spearman, "pvalue": st.pvalue, "same_family": st.same_family,
+                             "tau": st.tau}
+    return Plan(spec, buckets, budgets.budgets, placements, meta)
 
 
 def compare_solvers(spec: ModelSpec, budgets: list[list[HeadBudget]], buckets: Buckets, tp_sizes: Sequence[int],

@@ -137,7 +137,7 @@ class ProfileResult:
     recall: dict[tuple[str, int], torch.Tensor] = field(default_factory=dict)
     err: dict[tuple[str, int], torch.Tensor] = field(default_factory=dict)
     prompts: list[dict] = field(default_factory=list)
-    model: dict = field(default_factory=dict)  # ModelSpec.to_dict() of the profiled checkpoint
+    model: dict = field(default_factory=dict)  # ModelSpec.to_dict() of the profiled checkpoint, and its path
 
     @property
     def sets(self) -> list[str]:
@@ -213,7 +213,7 @@ def profile_model(model_dir, lengths: list[int], sets: tuple[str, ...] = ("A", "
     from sglang_shplb.core.model_spec import ModelSpec
 
     res = ProfileResult(options, sorted(lengths), n_layers, n_heads,
-                        model=ModelSpec.from_config(model.config).to_dict())
+                        model={**ModelSpec.from_config(model.config).to_dict(), "checkpoint": str(model_dir)})
     work = [(s, p) for s in sets for p in calibration_prompts(tok, sorted(lengths), s, per_length)]
     bar = tqdm(total=len(work) * n_layers, desc="profiling heads", unit="layer")
     prof = ElasticityProfiler(model, options, rows_per_block, progress=bar)

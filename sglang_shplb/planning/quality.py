@@ -5,8 +5,12 @@ from :func:`sglang_shplb.core.block_masks.build_block_masks` with the kernels' e
 masked-attention reference of :mod:`sglang_shplb.kernels.reference`). Decode steps of the answer stay
 dense here: the serving backend covers sparse decode. Prompts are classic passkey-retrieval prompts
 (:func:`sglang_shplb.planning.calibration_data.passkey_prompt`), not the profile's calibration documents.
+The rows are kept beside the plan as ``quality.json`` (:func:`save_quality`, :func:`load_quality`).
 """
 from __future__ import annotations
+
+import json
+from pathlib import Path
 
 import torch
 
@@ -16,6 +20,7 @@ from sglang_shplb.kernels.reference import masked_attention
 from sglang_shplb.core.patterns import HeadBudget
 
 ATTN_NAME = "shplb_sparse_prefill"
+QUALITY_NAME = "quality.json"
 
 
 def _register(budgets: list[list[HeadBudget]]) -> None:
@@ -68,3 +73,15 @@ def compare_dense_sparse(model_dir, budgets: list[list[HeadBudget]], lengths: li
         rows.append(row)
     model.set_attn_implementation("sdpa")
     return rows
+
+
+def save_quality(rows: list[dict], folder) -> Path:
+    path = Path(folder) / QUALITY_NAME
+    path.write_text(json.dumps(rows, indent=1))
+    return path
+
+
+def load_quality(folder) -> list[dict] | None:
+    """The rows of ``folder/quality.json``, or None when there is none."""
+    path = Path(folder) / QUALITY_NAME
+    return json.loads(path.read_text()) if path.exists() else None

@@ -12,15 +12,15 @@ from pathlib import Path
 
 import numpy as np
 
-from sglang_shplb.planning.budget import BudgetResult, Stability, option_table
 from sglang_shplb.core.buckets import Buckets
-from sglang_shplb.planning.cost_model import CostModel
-from sglang_shplb.planning.profile import ProfileResult
-from sglang_shplb.core.model_spec import ModelSpec
 from sglang_shplb.core.patterns import HeadBudget, Pattern
+from sglang_shplb.core.plan import Plan, load_plan
+from sglang_shplb.planning.budget import BUDGETS_NAME, BudgetResult, Stability, load_budgets
+from sglang_shplb.planning.cost_model import CostModel, load_cost_model, plan_cost_model
 from sglang_shplb.planning.place import (compare_solvers, evaluate_placement, layer_inputs, piece_load,
                                         resolve_solve_opts, solve_plan_placements)
-from sglang_shplb.core.plan import Plan
+from sglang_shplb.planning.profile import ProfileResult, load_profile
+from sglang_shplb.planning.quality import load_quality
 
 
 def _fmt_ms(s: float) -> str:
@@ -45,6 +45,21 @@ def comparison_table(rows: list[dict], buckets: Buckets) -> str:
 
 def _len(n: int) -> str:
     return f"{n // 1024}K" if n >= 1024 else str(n)
+
+
+def report_plan(plan_path, out_dir, calibration=None, quality: list[dict] | None = None) -> Path:
+    """The report of a plan with what its folder holds beside it (``profile.json``, the stability in
+    ``budgets.json``, ``quality.json`` unless ``quality`` is given), under the cost model of the
+    ``calibration`` table if given, else the one the plan was solved with."""
+    plan_path = Path(plan_path)
+    plan = load_plan(plan_path)
+    folder = plan_path if plan_path.is_dir() else plan_path.parent
+    profile = load_profile(folder) if (folder / "profile.json").exists() else None
+    stab = load_budgets(folder).stability if (folder / BUDGETS_NAME).exists() else None
+    if quality is None:
+        quality = load_quality(folder)
+    cost = load_cost_model(calibration) if calibration else plan_cost_model(plan.meta)
+    return write_report(Path(out_dir), plan, cost, None, profile, stab, quality, plan.meta.get("solve_options", {}))
 
 
 def write_report(out_dir: Path, plan: Plan, cost: CostModel, budgets: BudgetResult | None = None,
