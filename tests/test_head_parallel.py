@@ -19,7 +19,7 @@ import torch.multiprocessing as mp
 from sglang_shplb.core.head_map import layer_work, rank_heads
 from sglang_shplb.core.patterns import HeadBudget
 from sglang_shplb.core.placement_types import LayerPlacement, Piece, Placement, check_coverage
-from sglang_shplb.kernels.head_parallel import HeadParallelExtend, RankLayout, attend_heads
+from sglang_shplb.kernels.head_parallel import HeadParallelExtend, KVRows, RankLayout, attend_heads
 from sglang_shplb.scheduler.head_schedule import ExtendShape, layer_schedule
 
 D = 64
@@ -140,8 +140,8 @@ def steps(lens: list[int]) -> list[tuple[list[int], list[int]]]:
 
 def single_process(q, kb, vb, r2t, rpi, prefix, ext, budgets) -> torch.Tensor:
     out = torch.zeros(sum(ext), q.shape[1], D)
-    attend_heads(q, kb, vb, r2t, rpi, ext, [p + e for p, e in zip(prefix, ext)], budgets, range(len(budgets)),
-                 SCALE, out)
+    attend_heads(q, kb, vb, KVRows(r2t, rpi), ext, [p + e for p, e in zip(prefix, ext)], budgets,
+                 range(len(budgets)), SCALE, out)
     return out
 
 
@@ -178,8 +178,10 @@ def rank_main(rank: int, tp: int, hq: int, init_file: str) -> None:
                 sched = layer_schedule(work, shape)
                 ex = HeadParallelExtend(lay, None)
                 out = torch.full((rows.numel(), len(mine), D), float("nan"))
+                # a batch without prefixes hands the home heads its new K/V (the contiguous path)
+                new = {} if any(prefix) else {"k_new": k[rows][:, kv_mine], "v_new": v[rows][:, kv_mine]}
                 ex.run(sched, budgets, q[rows][:, mine].contiguous(), kb[:, kv_mine].contiguous(),
-                       vb[:, kv_mine].contiguous(), r2t, rpi, SCALE, out)
+                       vb[:, kv_mine].contiguous(), r2t, rpi, SCALE, out, **new)
                 ref = single_process(q[rows], kb, vb, r2t, rpi, prefix, ext, budgets)[:, mine]
                 where = f"rank {rank}/{tp} {bname} budgets, {pname} placement, prefix {prefix} ext {ext}"
                 assert not out.isnan().any(), f"{where}: rows left uncomputed"
@@ -215,7 +217,8 @@ def test_schedule_computes_every_new_row_of_every_head_once():
                 for h in work.whole[r]:
                     seen[:, h] += 1
             for ur in sched.rows:
-                seen[ur.token_index(shape), ur.unit.head] += 1
+                for a, b in ur.token_ranges(shape):
+                    seen[a:b, ur.unit.head] += 1
             assert (seen == 1).all(), f"{name}: rows computed {seen.unique().tolist()} times"
             # bytes: inputs are q rows + K/V prefixes, outputs the q rows' outputs, all moved units only
             moved = [ur for ur in sched.rows if ur.unit.moved]

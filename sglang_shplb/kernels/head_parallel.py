@@ -5,9 +5,9 @@ ship here, and return their outputs home before ``o_proj`` (no SGLang import; to
 The schedule (:class:`sglang_shplb.scheduler.head_schedule.LayerSchedule`, read here through its
 attributes) fixes every buffer's size on every rank, so the exchange is two ``all_to_all_single`` calls
 with known splits (inputs, then outputs) on the TP group, no handshake. The inputs travel while the home
-heads compute (``async_op``). A moved unit is an extend chunk over a staged prefix: its K/V rows are put
-in a small staging pool with its own ``req_to_token`` table and computed by the same attention as the
-home heads (:func:`attend_heads`).
+heads compute (``async_op``). A moved unit is an extend chunk over a staged prefix: its K/V rows arrive as
+the requests' prefixes back to back (:class:`KVRows`) and are computed by the same attention as the home
+heads (:func:`attend_heads`).
 
 Layouts: ``q [T, Hq_local, d]`` (this rank's home heads, local order), ``k_buffer/v_buffer [pool,
 Hkv_local, d]`` (SGLang's pool of this rank, the batch's new K/V already written), ``out [T, Hq_local,
@@ -29,63 +29,117 @@ CHEAP = HeadBudget(Pattern.STREAMING, sink_blocks=0, window_blocks=1)
 
 
 # ---------------------------------------------------------------------------------------------------
-# attention of some heads over a paged pool (extend semantics: the queries of request i are the last
-# q_lens[i] of its kv_lens[i] tokens)
+# attention of some heads (extend semantics: the queries of request i are the last q_lens[i] of its
+# kv_lens[i] tokens). Where request i's keys are: ``KVRows``
 # ---------------------------------------------------------------------------------------------------
-def _dense_reference(q, k_buffer, v_buffer, req_to_token, req_pool_indices, q_lens, kv_lens, heads, group, scale,
-                     out) -> None:
-    """out[rows, h] = softmax(q k^T * scale + causal) v for each head in ``heads`` (query j of request i at
-    position kv_len - q_len + j sees keys 0..that position)."""
+@dataclass(frozen=True)
+class KVRows:
+    """Request ``i``'s keys: paged, ``buffer[req_to_token[req_pool_indices[i], :kv_len]]`` (SGLang's pool), or
+    contiguous, ``buffer[starts[i] : starts[i] + kv_len]`` (a staged prefix, a batch's new tokens)."""
+    req_to_token: torch.Tensor | None = None
+    req_pool_indices: torch.Tensor | None = None
+    starts: tuple[int, ...] | None = None
+
+    @staticmethod
+    def back_to_back(lens: Sequence[int]) -> "KVRows":
+        starts, c = [], 0
+        for L in lens:
+            starts.append(c)
+            c += L
+        return KVRows(starts=tuple(starts))
+
+    def rows(self, i: int, kv_len: int, device) -> torch.Tensor | slice:
+        if self.starts is not None:
+            return slice(self.starts[i], self.starts[i] + kv_len)
+        return self.req_to_token[int(self.req_pool_indices[i]), :kv_len].long()
+
+    def paged(self, kv_lens: Sequence[int], device) -> tuple[torch.Tensor, torch.Tensor]:
+        """A ``(req_to_token, req_pool_indices)`` view of these rows for the paged kernels."""
+        if self.starts is None:
+            return self.req_to_token, self.req_pool_indices
+        table = torch.zeros(len(kv_lens), max(max(kv_lens), 1), dtype=torch.int32)
+        for i, L in enumerate(kv_lens):
+            table[i, :L] = torch.arange(self.starts[i], self.starts[i] + L, dtype=torch.int32)
+        return table.to(device), torch.arange(len(kv_lens), dtype=torch.int32, device=device)
+
+
+def _dense(q, k_buffer, v_buffer, kv: KVRows, q_lens, kv_lens, heads, scale, out) -> None:
+    """Dense causal attention of ``heads``, query j of request i at position ``kv_len - q_len + j``: torch SDPA
+    (cuDNN / flash on CUDA; lower-right causal when the queries follow a prefix), one call per (request, KV
+    head)."""
+    from torch.nn.attention.bias import causal_lower_right
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    group = q.shape[1] // k_buffer.shape[1]
+    by_kv: dict[int, list[int]] = {}
+    for h in heads:
+        by_kv.setdefault(h // group, []).append(h)
     c = 0
     for i, (n, L) in enumerate(zip(q_lens, kv_lens)):
-        loc = req_to_token[int(req_pool_indices[i]), :L].long()
-        for h in heads:
-            k, v = k_buffer[loc, h // group].float(), v_buffer[loc, h // group].float()   # [L, d]
-            s = q[c:c + n, h].float() @ k.T * scale                                       # [n, L]
-            pos = torch.arange(L - n, L, device=q.device)[:, None]
-            s = s.masked_fill(torch.arange(L, device=q.device)[None, :] > pos, float("-inf"))
-            out[c:c + n, h] = (torch.softmax(s, -1) @ v).to(out.dtype)
+        rows = kv.rows(i, L, q.device)
+        for g, hs in by_kv.items():
+            qq = q[c:c + n, hs].transpose(0, 1)[None]                                  # [1, S, n, d]
+            kk, vv = k_buffer[rows, g][None, None], v_buffer[rows, g][None, None]      # [1, 1, L, d]
+            if n == L:   # no prefix: top-left causal, GQA in the kernel (cuDNN / flash)
+                o = sdpa(qq, kk, vv, scale=scale, is_causal=True, enable_gqa=True)
+            else:        # after a prefix: lower-right causal (memory-efficient kernel), K/V per q head
+                shape = (1, len(hs), L, kk.shape[-1])
+                o = sdpa(qq, kk.expand(shape).contiguous(), vv.expand(shape).contiguous(), scale=scale,
+                         attn_mask=causal_lower_right(n, L))
+            out[c:c + n, hs] = o[0].transpose(0, 1).to(out.dtype)
         c += n
 
 
 _PREFILLS: dict = {}
 
 
-def attend_heads(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tensor, req_to_token: torch.Tensor,
-                 req_pool_indices: torch.Tensor, q_lens: Sequence[int], kv_lens: Sequence[int],
-                 budgets: Sequence[HeadBudget], heads: Sequence[int], scale: float, out: torch.Tensor) -> None:
+def _sparse_kernels(q, k_buffer, v_buffer, kv: KVRows, q_lens, kv_lens, budgets, heads, scale, out) -> None:
+    """Sparse heads on CUDA: one :class:`~sglang_shplb.kernels.api.SparsePrefill` call (heads not asked for
+    run at :data:`CHEAP` and are dropped)."""
+    from sglang_shplb.kernels.api import SparsePrefill
+    dev, want = q.device, set(heads)
+    bud = tuple(b if h in want else CHEAP for h, b in enumerate(budgets))
+    key = (bud, k_buffer.shape[1], q.shape[-1])
+    sp = _PREFILLS.get(key)
+    if sp is None:
+        sp = _PREFILLS[key] = SparsePrefill(list(bud), k_buffer.shape[1], q.shape[-1])
+    sp.sm_scale = scale
+    cu = torch.tensor([0, *q_lens], dtype=torch.int32).cumsum(0, dtype=torch.int32).to(dev)
+    kvl = torch.tensor(list(kv_lens), dtype=torch.int32).to(dev)
+    if kv.starts is not None and kv == KVRows.back_to_back(kv_lens):
+        cu_k = torch.tensor([0, *kv_lens], dtype=torch.int32).cumsum(0, dtype=torch.int32).to(dev)
+        sp.plan(cu, kvl, max(q_lens), max(kv_lens), cu_seqlens_k=cu_k, q_lens_cpu=list(q_lens),
+                kv_lens_cpu=list(kv_lens))
+    else:
+        r2t, rpi = kv.paged(kv_lens, dev)
+        sp.plan(cu, kvl, max(q_lens), max(kv_lens), req_to_token=r2t, req_pool_indices=rpi,
+                q_lens_cpu=list(q_lens), kv_lens_cpu=list(kv_lens))
+    o = sp.run(q, k_buffer, v_buffer)
+    out[:, heads] = o[:, heads].to(out.dtype)
+
+
+def attend_heads(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tensor, kv: KVRows,
+                 q_lens: Sequence[int], kv_lens: Sequence[int], budgets: Sequence[HeadBudget],
+                 heads: Sequence[int], scale: float, out: torch.Tensor) -> None:
     """Write ``out[:, h]`` for ``h in heads`` (indices into ``budgets`` and q's head axis) at their budgets;
-    other columns are left alone. CUDA: one :class:`~sglang_shplb.kernels.api.SparsePrefill` call for all
-    heads (heads not asked for run at :data:`CHEAP`); elsewhere the PyTorch reference."""
+    other columns are left alone. Dense heads: SDPA (:func:`_dense`); the others: the Triton kernels on
+    CUDA, the PyTorch reference elsewhere."""
     heads = list(heads)
     if not heads or q.shape[0] == 0:
         return
-    dev = q.device
+    dense = [h for h in heads if budgets[h].pattern is Pattern.DENSE]
+    sparse = [h for h in heads if budgets[h].pattern is not Pattern.DENSE]
+    if dense:
+        _dense(q, k_buffer, v_buffer, kv, q_lens, kv_lens, dense, scale, out)
+    if not sparse:
+        return
     if q.is_cuda:
-        from sglang_shplb.kernels.api import SparsePrefill
-        want = set(heads)
-        bud = tuple(b if h in want else CHEAP for h, b in enumerate(budgets))
-        key = (bud, k_buffer.shape[1], q.shape[-1])
-        sp = _PREFILLS.get(key)
-        if sp is None:
-            sp = _PREFILLS[key] = SparsePrefill(list(bud), k_buffer.shape[1], q.shape[-1])
-        sp.sm_scale = scale
-        cu = torch.tensor([0, *q_lens], dtype=torch.int32).cumsum(0, dtype=torch.int32).to(dev)
-        kvl = torch.tensor(list(kv_lens), dtype=torch.int32).to(dev)
-        sp.plan(cu, kvl, max(q_lens), max(kv_lens), req_to_token=req_to_token, req_pool_indices=req_pool_indices,
-                q_lens_cpu=list(q_lens), kv_lens_cpu=list(kv_lens))
-        o = sp.run(q, k_buffer, v_buffer)
-        out[:, heads] = o[:, heads].to(out.dtype)
+        _sparse_kernels(q, k_buffer, v_buffer, kv, q_lens, kv_lens, budgets, sparse, scale, out)
         return
     from sglang_shplb.kernels.layer_reference import sparse_attention
-    group = q.shape[1] // k_buffer.shape[1]
-    dense = [h for h in heads if budgets[h].pattern is Pattern.DENSE]
-    _dense_reference(q, k_buffer, v_buffer, req_to_token, req_pool_indices, q_lens, kv_lens, dense, group, scale, out)
-    want = set(heads)
-    only = [b if h in want else HeadBudget.dense() for h, b in enumerate(budgets)]
-    sparse_attention(q, k_buffer, v_buffer, req_to_token, req_pool_indices,
-                     torch.tensor(list(kv_lens), device=dev), torch.tensor(list(q_lens), device=dev), only, scale,
-                     out, max_kv_len=max(kv_lens))
+    r2t, rpi = kv.paged(kv_lens, q.device)
+    only = [b if h in sparse else HeadBudget.dense() for h, b in enumerate(budgets)]
+    sparse_attention(q, k_buffer, v_buffer, r2t, rpi, torch.tensor(list(kv_lens), device=q.device),
+                     torch.tensor(list(q_lens), device=q.device), only, scale, out, max_kv_len=max(kv_lens))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -125,22 +179,24 @@ class ExchangeStats:
     bytes_received: int = 0
 
 
+def _rows(x: torch.Tensor, ranges, head: int) -> torch.Tensor:
+    """``x[rows, head]`` for rows given as ``[start, stop)`` ranges: ``[n, d]`` (slices, no index tensor)."""
+    parts = [x[a:b, head] for a, b in ranges]
+    return parts[0] if len(parts) == 1 else torch.cat(parts) if parts else x.new_empty(0, x.shape[-1])
+
+
+def _put_rows(out: torch.Tensor, ranges, head: int, o: torch.Tensor) -> None:
+    """``out[rows, head] = o`` for rows given as ranges (``o [n, d]`` in range order)."""
+    c = 0
+    for a, b in ranges:
+        out[a:b, head] = o[c:c + b - a].to(out.dtype)
+        c += b - a
+
+
 def _gather_prefix(k_buffer, req_to_token, req_pool_indices, kv_local: int, lens) -> torch.Tensor:
     """K (or V) rows ``[Σ lens, d]`` of one local KV head: positions ``[0, lens[i])`` of each request."""
     parts = [k_buffer[req_to_token[int(req_pool_indices[i]), :L].long(), kv_local] for i, L in enumerate(lens) if L]
     return torch.cat(parts) if parts else k_buffer.new_empty(0, k_buffer.shape[-1])
-
-
-def _staged_table(lens: Sequence[int], device) -> tuple[torch.Tensor, list[int]]:
-    """A ``req_to_token`` table over a staging pool holding the requests' prefixes back to back."""
-    width = max(max(lens), 1)
-    table = torch.zeros(len(lens), width, dtype=torch.int32, device=device)
-    first, c = [], 0
-    for i, L in enumerate(lens):
-        table[i, :L] = torch.arange(c, c + L, dtype=torch.int32, device=device)
-        first.append(c)
-        c += L
-    return table, first
 
 
 class HeadParallelExtend:
@@ -154,11 +210,12 @@ class HeadParallelExtend:
     # -- the whole layer ----------------------------------------------------------------------------
     def run(self, sched, budgets: Sequence[HeadBudget], q: torch.Tensor, k_buffer: torch.Tensor,
             v_buffer: torch.Tensor, req_to_token: torch.Tensor, req_pool_indices: torch.Tensor, scale: float,
-            out: torch.Tensor) -> torch.Tensor:
-        """``budgets``: the layer's budgets of every q head (global order)."""
+            out: torch.Tensor, k_new: torch.Tensor | None = None, v_new: torch.Tensor | None = None) -> torch.Tensor:
+        """``budgets``: the layer's budgets of every q head (global order). ``k_new/v_new [T, Hkv_local,
+        d]``: the batch's new K/V; when no request has a cached prefix the home heads read them directly."""
         lay, r, d = self.lay, self.lay.rank, self.lay.head_dim
         shape = sched.shape
-        send = self._pack_inputs(sched, q, k_buffer, v_buffer, req_to_token, req_pool_indices)
+        send = self.pack_inputs(sched, q, k_buffer, v_buffer, req_to_token, req_pool_indices)
         handle, recv, in_split = None, None, [sched.input_elems(s, r, d) for s in range(lay.tp)]
         if sched.exchanges:
             recv = q.new_empty(sum(in_split))
@@ -170,11 +227,15 @@ class HeadParallelExtend:
         seq_lens = [p + e for p, e in zip(shape.prefix_lens, shape.extend_lens)]
         live = [i for i, e in enumerate(shape.extend_lens) if e]
         if whole and live:
-            attend_heads(q, k_buffer, v_buffer, req_to_token, req_pool_indices[live],
-                         [shape.extend_lens[i] for i in live], [seq_lens[i] for i in live], local_budgets, whole,
-                         scale, out)
+            q_lens, kv_lens = [shape.extend_lens[i] for i in live], [seq_lens[i] for i in live]
+            if k_new is not None and q_lens == kv_lens:
+                attend_heads(q, k_new, v_new, KVRows.back_to_back(kv_lens), q_lens, kv_lens, local_budgets, whole,
+                             scale, out)
+            else:
+                attend_heads(q, k_buffer, v_buffer, KVRows(req_to_token, req_pool_indices[live]), q_lens, kv_lens,
+                             local_budgets, whole, scale, out)
         # units whose home and target are this rank: staged from the home pool, no transfer
-        self._compute_units(sched, r, budgets, scale, out, q=q, k_buffer=k_buffer, v_buffer=v_buffer,
+        self.compute_units(sched, r, budgets, scale, out, q=q, k_buffer=k_buffer, v_buffer=v_buffer,
                             req_to_token=req_to_token, req_pool_indices=req_pool_indices)
         if handle is None:
             return out
@@ -185,7 +246,7 @@ class HeadParallelExtend:
         for s in range(lay.tp):
             n = in_split[s]
             if s != r:
-                back.append(self._compute_units(sched, s, budgets, scale, None, recv=recv[off:off + n]))
+                back.append(self.compute_units(sched, s, budgets, scale, None, recv=recv[off:off + n]))
             else:
                 back.append(q.new_empty(0))
             off += n
@@ -193,12 +254,12 @@ class HeadParallelExtend:
         ret = q.new_empty(sum(out_split))
         dist.all_to_all_single(ret, torch.cat(back), out_split, [sched.output_elems(s, r, d) for s in range(lay.tp)],
                                group=self.group)
-        self._scatter_outputs(sched, ret, out_split, out)
+        self.scatter_outputs(sched, ret, out_split, out)
         self.stats.bytes_received += (recv.numel() + ret.numel()) * q.element_size()
         return out
 
     # -- inputs --------------------------------------------------------------------------------------
-    def _pack_inputs(self, sched, q, k_buffer, v_buffer, req_to_token, req_pool_indices) -> torch.Tensor:
+    def pack_inputs(self, sched, q, k_buffer, v_buffer, req_to_token, req_pool_indices) -> torch.Tensor:
         lay, r = self.lay, self.lay.rank
         parts: list[torch.Tensor] = []
         for t in range(lay.tp):
@@ -209,15 +270,14 @@ class HeadParallelExtend:
                 parts.append(_gather_prefix(k_buffer, req_to_token, req_pool_indices, kv, b.lens).reshape(-1))
                 parts.append(_gather_prefix(v_buffer, req_to_token, req_pool_indices, kv, b.lens).reshape(-1))
             for ur in sched.unit_rows_between(r, t):
-                idx = torch.tensor(ur.token_index(sched.shape), dtype=torch.long, device=q.device)
-                parts.append(q[idx, lay.local_q(ur.unit.head)].reshape(-1))
+                parts.append(_rows(q, ur.token_ranges(sched.shape), lay.local_q(ur.unit.head)).reshape(-1))
                 self.stats.units_moved += 1
         send = torch.cat(parts).to(q.dtype) if parts else q.new_empty(0)
         self.stats.bytes_sent += send.numel() * q.element_size()
         return send
 
     # -- units ---------------------------------------------------------------------------------------
-    def _compute_units(self, sched, home: int, budgets, scale, out, *, recv=None, q=None, k_buffer=None,
+    def compute_units(self, sched, home: int, budgets, scale, out, *, recv=None, q=None, k_buffer=None,
                        v_buffer=None, req_to_token=None, req_pool_indices=None) -> torch.Tensor | None:
         """Compute the units ``home → this rank``. From this rank's own pool and q when ``recv`` is None
         (outputs written into ``out``), else from the received buffer (outputs returned packed)."""
@@ -229,9 +289,9 @@ class HeadParallelExtend:
             return None if recv is None else (recv.new_empty(0))
         dev = (recv if recv is not None else q).device
         dtype = (recv if recv is not None else q).dtype
-        # staging pool: one slot per bundle (KV head); q rows per unit
+        # staged K/V: one bundle per KV head, the requests' prefixes back to back; q rows per unit
         off = 0
-        stage_k, stage_v, tables = [], [], {}
+        staged: dict[int, tuple[torch.Tensor, torch.Tensor, tuple[int, ...]]] = {}
         for b in bundles:
             if recv is None:
                 kv = lay.local_kv(b.kv_head)
@@ -241,14 +301,11 @@ class HeadParallelExtend:
                 n = b.tokens * d
                 kk, vv = recv[off:off + n].view(-1, d), recv[off + n:off + 2 * n].view(-1, d)
                 off += 2 * n
-            tables[b.kv_head] = (len(stage_k), kk, vv, b.lens)
-            stage_k.append(kk)
-            stage_v.append(vv)
+            staged[b.kv_head] = (kk, vv, b.lens)
         q_rows: list[torch.Tensor] = []
         for ur in rows:
             if recv is None:
-                idx = torch.tensor(ur.token_index(shape), dtype=torch.long, device=dev)
-                q_rows.append(q[idx, lay.local_q(ur.unit.head)])
+                q_rows.append(_rows(q, ur.token_ranges(shape), lay.local_q(ur.unit.head)))
             else:
                 n = ur.n_rows * d
                 q_rows.append(recv[off:off + n].view(-1, d))
@@ -260,33 +317,28 @@ class HeadParallelExtend:
             if ur.n_rows:
                 groups.setdefault((ur.unit.kv_head, ur.rows), []).append(j)
         for (g, _), js in groups.items():
-            _, kk, vv, lens = tables[g]
+            kk, vv, lens = staged[g]
             ur0 = rows[js[0]]
-            reqs = ur0.requests()
-            kv_lens = ur0.kv_lens(shape)
-            table, first = _staged_table(lens, dev)
+            starts = KVRows.back_to_back(lens).starts
+            kv_rows = KVRows(starts=tuple(starts[i] for i in ur0.requests()))
             qq = torch.stack([q_rows[j] for j in js], 1)                           # [n, S, d]
             oo = torch.empty_like(qq)
-            attend_heads(qq, kk[:, None], vv[:, None], table, torch.tensor(reqs, device=dev), ur0.q_lens(), kv_lens,
+            attend_heads(qq, kk[:, None], vv[:, None], kv_rows, ur0.q_lens(), ur0.kv_lens(shape),
                          [budgets[rows[j].unit.head] for j in js], range(len(js)), scale, oo)
-            for s, j in enumerate(js):
-                results[j] = oo[:, s]
+            for i, j in enumerate(js):
+                results[j] = oo[:, i]
         if recv is None:
             for ur, o in zip(rows, results):
-                if ur.n_rows:
-                    idx = torch.tensor(ur.token_index(shape), dtype=torch.long, device=dev)
-                    out[idx, lay.local_q(ur.unit.head)] = o.to(out.dtype)
+                _put_rows(out, ur.token_ranges(shape), lay.local_q(ur.unit.head), o)
             return None
         return torch.cat([o.reshape(-1) for o in results]) if results else recv.new_empty(0)
 
-    def _scatter_outputs(self, sched, ret: torch.Tensor, split: Sequence[int], out: torch.Tensor) -> None:
+    def scatter_outputs(self, sched, ret: torch.Tensor, split: Sequence[int], out: torch.Tensor) -> None:
         lay, d, off = self.lay, self.lay.head_dim, 0
         for t in range(lay.tp):
             if t == lay.rank:
                 continue
             for ur in sched.unit_rows_between(lay.rank, t):
                 n = ur.n_rows * d
-                if n:
-                    idx = torch.tensor(ur.token_index(sched.shape), dtype=torch.long, device=out.device)
-                    out[idx, lay.local_q(ur.unit.head)] = ret[off:off + n].view(-1, d).to(out.dtype)
+                _put_rows(out, ur.token_ranges(sched.shape), lay.local_q(ur.unit.head), ret[off:off + n].view(-1, d))
                 off += n

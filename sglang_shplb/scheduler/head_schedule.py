@@ -66,9 +66,9 @@ class UnitRows:
     def requests(self) -> list[int]:
         return [i for i, (a, b) in enumerate(self.rows) if b > a]
 
-    def token_index(self, shape: ExtendShape) -> list[int]:
-        """Positions of the unit's rows on the batch's token axis."""
-        return [shape.offsets[i] + j for i, (a, b) in enumerate(self.rows) for j in range(a, b)]
+    def token_ranges(self, shape: ExtendShape) -> list[tuple[int, int]]:
+        """The unit's rows on the batch's token axis: one ``[start, stop)`` per request with rows."""
+        return [(shape.offsets[i] + a, shape.offsets[i] + b) for i, (a, b) in enumerate(self.rows) if b > a]
 
     def kv_lens(self, shape: ExtendShape) -> list[int]:
         return [shape.prefix_lens[i] + self.rows[i][1] for i in self.requests()]

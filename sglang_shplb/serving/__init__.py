@@ -2,9 +2,8 @@
 launcher (``python -m sglang_shplb.launch_server``). Importing it checks that SGLang 0.5.17 is installed.
 
 Modules: :mod:`.version` (the check), :mod:`.config` (options, passed to SGLang's subprocesses by
-environment), :mod:`.sparse` (sparse heads over the
-paged KV pool), :mod:`.backend` (the AttentionBackend), :mod:`.plugin` (entry point, hooks),
-:mod:`.launch` (CLI)."""
+environment), :mod:`.modes` (SGLang modes refused), :mod:`.backend` (the AttentionBackend), :mod:`.plugin`
+(entry point, hooks), :mod:`.launch` (CLI)."""
 from sglang_shplb.serving.version import SUPPORTED_SGLANG, SGLangVersionError, check_sglang_version
 
 check_sglang_version()

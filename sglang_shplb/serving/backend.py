@@ -10,14 +10,17 @@ backend are used as they are. A layer with sparse heads takes:
   Triton tiles, streaming heads on the rule kernel, top-k / vertical-slash heads on the block-index kernel;
   decode: one paged kernel with Quest page selection, CUDA-graph safe);
 * **on CPU** the reference path: the stock backend computes all heads and writes K/V, then the sparse
-  heads are recomputed from the pool through ``req_to_token`` by the PyTorch reference (:mod:`.sparse`)
-  and their columns replaced.
+  heads are recomputed from the pool through ``req_to_token`` by the PyTorch reference
+  (:mod:`sglang_shplb.kernels.layer_reference`) and their columns replaced.
+
+At TP ≥ 2, a layer whose placement (the plan's, for the batch's bucket) moves work between ranks runs its
+extend through :class:`~sglang_shplb.kernels.head_parallel.HeadParallelExtend` on SGLang's TP group (see
+``docs/serving.md``); decode stays on the home heads.
 """
 from __future__ import annotations
 
 import logging
 import math
-import os
 
 import torch
 
@@ -26,12 +29,12 @@ from sglang.srt.layers.attention.base_attn_backend import AttentionBackend
 from sglang_shplb.core.head_map import LayerWork, placement_work, rank_heads
 from sglang_shplb.core.patterns import HeadBudget, Pattern
 from sglang_shplb.kernels.head_parallel import HeadParallelExtend, RankLayout
+from sglang_shplb.kernels.layer_reference import prepare_decode_constants, sparse_attention, sparse_decode, sparse_heads
+from sglang_shplb.kernels.paged_layer import DecodeWorkspace, ExtendBatch, LayerKernels, layer_max_selected, selected_heads
 from sglang_shplb.scheduler.bucket_hook import ATTR as BUCKET_ATTR, batch_bucket
 from sglang_shplb.scheduler.head_schedule import ExtendShape, layer_schedule
 from sglang_shplb.serving.config import BACKEND_NAME, ServingConfig
 from sglang_shplb.serving.modes import check_supported
-from sglang_shplb.kernels.paged_layer import DecodeWorkspace, ExtendBatch, LayerKernels, layer_max_selected, selected_heads
-from sglang_shplb.kernels.layer_reference import prepare_decode_constants, sparse_attention, sparse_decode, sparse_heads
 
 logger = logging.getLogger(__name__)
 
@@ -295,8 +298,10 @@ class ShplbAttnBackend(AttentionBackend):
         kb = self.token_to_kv_pool.get_key_buffer(layer.layer_id)
         vb = self.token_to_kv_pool.get_value_buffer(layer.layer_id)
         hp = self.head_parallel
+        hkv = kb.shape[1]
         hp.run(layer_schedule(work, self.extend_shape), self.plan.budgets[layer.layer_id], q3, kb, vb,
-               self.req_to_token_pool.req_to_token, forward_batch.req_pool_indices, layer.scaling, o)
+               self.req_to_token_pool.req_to_token, forward_batch.req_pool_indices, layer.scaling, o,
+               k_new=k.reshape(-1, hkv, layer.qk_head_dim), v_new=v.reshape(-1, hkv, layer.v_head_dim))
         lk = self.kernels.get(layer.layer_id)
         if lk is not None and self.extend_batch is not None:
             lk.summarize(kb, self.extend_batch)   # decode stays at home: its page summaries cover every home head
