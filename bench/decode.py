@@ -8,7 +8,7 @@ flushed between replays (``triton.testing.do_bench``, median). Two times per bud
 
 * **step**: what a decode step costs in the server: fold the new key into the page summaries, choose the
   pages of top-k heads (fused Triton selector), build the union lists, the group kernel, split-K combine;
-* **reuse**: the same with the page selection kept from the step before (``SparseDecode(reselect_every>1)``).
+* **reuse**: the same with the page selection kept from the step before (``group_decode`` on the last pages).
 
 Bytes are the unique K/V bytes the kernel must read: per request and KV head, the pages of the union of its
 q heads' page sets (64 tokens · d · 2 B · K and V). Efficiency = (bytes / time) / copy bandwidth, the copy
@@ -37,7 +37,7 @@ from sglang_shplb.kernels.paged_layer import (DecodeWorkspace, LayerKernels, lay
                                               selected_heads)
 from sglang_shplb.kernels.reference import (reference_decode_pages, reference_sparse_decode,  # noqa: E402
                                             relative_error)
-from sglang_shplb.kernels.triton_decode import DecodeScratch, build_page_summaries, sparse_decode  # noqa: E402
+from sglang_shplb.kernels.triton_decode import DecodeScratch, build_page_summaries, group_decode  # noqa: E402
 from sglang_shplb.core.patterns import BLOCK, HeadBudget  # noqa: E402
 
 from timing import bench, log, results_writer  # noqa: E402  (bench/timing.py)
@@ -77,7 +77,7 @@ def unique_pages(lk: LayerKernels, ws: DecodeWorkspace, seq_lens: torch.Tensor) 
     """Pages the last decode of ``lk`` read, summed over requests and KV heads (ranges counted from the budgets,
     union lists from the workspace's counts)."""
     bsz = seq_lens.shape[0]
-    gm, gs, gw = (x.tolist() for x in (lk.heads.gmode, lk.heads.gsink, lk.heads.gwindow))
+    gm, gs, gw = (x.tolist() for x in (lk.page_rules.gmode, lk.page_rules.gsink, lk.page_rules.gwindow))
     ucnt = ws.scratch.ucnt[:bsz].tolist()
     total = 0
     for b, n in enumerate(seq_lens.tolist()):
@@ -288,15 +288,16 @@ def one_config(name, budgets, q_l, kb_l, vb_l, r2t, rpi, seq, ws, scale, hkv, d,
 
     def reuse(sc=sc, ns=ns, sp=sp):
         for lk, q, kb, vb, o, (pi, pc) in zip(lks, q_l, kb_l, vb_l, outs, sel):
-            sparse_decode(q, kb, vb, r2t, rpi, seq, lk.heads, pi, pc, sc, ns, sp, sm_scale=scale, out=o)
+            group_decode(q, kb, vb, r2t, rpi, seq, lk.page_rules, pi, pc, sc, ns, sp, sm_scale=scale, out=o)
     t_step = graph_ms(step, smoke) / L
     t_reuse = graph_ms(reuse, smoke) / L
     lk0, (pi0, pc0) = lks[0], sel[0]
-    t_eager = bench(lambda: sparse_decode(q_l[0], kb_l[0], vb_l[0], r2t, rpi, seq, lk0.heads, pi0, pc0, sc, ns, sp,
-                                          sm_scale=scale, out=outs[0]), smoke)
+    t_eager = bench(lambda: group_decode(q_l[0], kb_l[0], vb_l[0], r2t, rpi, seq, lk0.page_rules, pi0, pc0, sc, ns, sp,
+                                         sm_scale=scale, out=outs[0]), smoke)
     ent = {"name": name, "budgets": sorted({b.describe() for b in budgets}), "bytes": pages * BLOCK * d * 2 * 2 // L,
            "pages_per_layer": pages / L, "step_ms": t_step, "reuse_ms": t_reuse, "eager_reuse_ms": t_eager,
-           "all_written": written, "nsplit": ns, "split_pages": sp, "list_kv_heads": int((lk0.heads.gmode == 2).sum())}
+           "all_written": written, "nsplit": ns, "split_pages": sp,
+           "list_kv_heads": int((lk0.page_rules.gmode == 2).sum())}
     if profile and not smoke:   # device time of each kernel of a step, per layer
         from torch.profiler import ProfilerActivity
         with torch.profiler.profile(activities=[ProfilerActivity.CUDA]) as prof:

@@ -1,25 +1,20 @@
 """Sparse kernels vs the PyTorch reference, under Triton's CPU interpreter (tiny shapes)."""
-import os
+import math
+import random
+import sys
 
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton
+import pytest
+import torch
 
-import math  # noqa: E402
-import random  # noqa: E402
-import sys  # noqa: E402
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-from sglang_shplb.core.block_masks import build_block_masks  # noqa: E402
-from sglang_shplb.kernels import (SparseDecode, SparsePrefill, block_index_from_masks,  # noqa: E402
-                                  build_block_index, sparse_prefill)
-from sglang_shplb.kernels.reference import (reference_decode_pages, reference_page_summaries,  # noqa: E402
-                                            reference_sparse_decode, reference_sparse_prefill,
-                                            relative_error)
-from sglang_shplb.core.patterns import BLOCK, HeadBudget, Pattern  # noqa: E402
-
-DEV = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
-TOL = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 2e-2}
+from conftest import DEV, make_batch, seq_kv, tol
+from sglang_shplb.core.block_masks import build_block_masks
+from sglang_shplb.core.patterns import BLOCK, HeadBudget, Pattern
+from sglang_shplb.kernels import LayerHeads, SparsePrefill, block_index_from_masks, build_block_index, sparse_prefill
+from sglang_shplb.kernels.reference import (reference_decode_pages, reference_page_summaries,
+                                            reference_sparse_decode, reference_sparse_prefill, relative_error)
+from sglang_shplb.kernels.triton_decode import (DecodeScratch, alloc_page_summaries, build_page_summaries,
+                                                group_decode, max_selected_pages, page_rules, select_pages,
+                                                update_page_summaries)
 
 
 def random_budgets(hq: int, rng: random.Random) -> list[HeadBudget]:
@@ -38,38 +33,6 @@ def random_budgets(hq: int, rng: random.Random) -> list[HeadBudget]:
     return out
 
 
-def make_batch(lens, q_lens, hq, hkv, d, dtype, paged, seed):
-    """Varlen batch; ``q_lens[b] <= lens[b]`` (chunked prefill when smaller). KV contiguous or in a
-    scattered token pool."""
-    g = torch.Generator().manual_seed(seed)
-    tq = sum(q_lens)
-    q = torch.randn(tq, hq, d, generator=g).to(dtype)
-    cu_q = torch.tensor([0] + list(torch.tensor(q_lens).cumsum(0)), dtype=torch.int32)
-    kvl = torch.tensor(lens, dtype=torch.int32)
-    kw = {}
-    if paged:
-        max_ctx = max(lens) + 5
-        r = len(lens) + 2
-        pool = r * max_ctx + 37
-        k = torch.randn(pool, hkv, d, generator=g).to(dtype)
-        v = torch.randn(pool, hkv, d, generator=g).to(dtype)
-        req_to_token = torch.randperm(pool, generator=g)[:r * max_ctx].view(r, max_ctx).int()
-        rpi = torch.randperm(r, generator=g)[:len(lens)].int()
-        kw = dict(req_to_token=req_to_token, req_pool_indices=rpi)
-    else:
-        k = torch.randn(sum(lens), hkv, d, generator=g).to(dtype)
-        v = torch.randn(sum(lens), hkv, d, generator=g).to(dtype)
-        kw = dict(cu_seqlens_k=torch.tensor([0] + list(torch.tensor(lens).cumsum(0)), dtype=torch.int32))
-    return q, k, v, cu_q, kvl, kw
-
-
-def seq_kv(k, b, n, kw):
-    if "req_to_token" in kw:
-        return k[kw["req_to_token"][int(kw["req_pool_indices"][b]), :n].long()]
-    s = int(kw["cu_seqlens_k"][b])
-    return k[s:s + n]
-
-
 # ---------------------------------------------------------------------------------------------------
 # index builders agree with block_masks.build_block_masks
 # ---------------------------------------------------------------------------------------------------
@@ -83,7 +46,8 @@ def test_index_builders_match_block_masks(group, paged, seed):
     q, k, v, cu_q, kvl, kw = make_batch(lens, lens, hq, hkv, 64, torch.float32, paged, seed)
     idx = build_block_index(budgets, q, k, cu_q, kvl, max(lens) + 40, **kw)   # max_kv_len: a looser bound
     for b, n in enumerate(lens):
-        ref = build_block_masks(budgets, q[cu_q[b]:cu_q[b + 1]].transpose(0, 1), seq_kv(k, b, n, kw).transpose(0, 1))
+        qb, kb = q[cu_q[b]:cu_q[b + 1]].transpose(0, 1), seq_kv(k, b, n, kw).transpose(0, 1)
+        ref = build_block_masks(budgets, qb, kb).cpu()
         got = idx.masks(b, math.ceil(n / BLOCK))
         assert torch.equal(got, ref), f"sequence {b}: heads {[(h, budgets[h]) for h in range(hq) if not torch.equal(got[h], ref[h])]}"
 
@@ -93,8 +57,8 @@ def test_topk_min_blocks_1_keeps_the_diagonal():
     # even with min_blocks=1: both forced blocks are listed, the diagonal last
     q, k, v, cu_q, kvl, kw = make_batch([200], [200], 2, 1, 64, torch.float32, False, 9)
     idx = build_block_index([HeadBudget.topk(0.1, 1)] * 2, q, k, cu_q, kvl, 200, **kw)
-    assert torch.equal(idx.block_cnt[0, :, :4], torch.tensor([1, 2, 2, 2], dtype=torch.int32).expand(2, 4))
-    assert torch.equal(idx.block_idx[0, :, 0, 0], torch.zeros(2, dtype=torch.int32))
+    assert torch.equal(idx.block_cnt[0, :, :4].cpu(), torch.tensor([1, 2, 2, 2], dtype=torch.int32).expand(2, 4))
+    assert torch.equal(idx.block_idx[0, :, 0, 0].cpu(), torch.zeros(2, dtype=torch.int32))
     for qi in range(1, 4):
         assert idx.block_idx[0, :, qi, :2].tolist() == [[0, qi]] * 2
 
@@ -105,7 +69,7 @@ def test_vslash_rows_longer_than_2n_are_kept():
     budgets = [HeadBudget.vslash(0.1, 1)] * 4
     q, k, v, cu_q, kvl, kw = make_batch([n], [n], 4, 1, 64, torch.float32, False, 11)
     idx = build_block_index(budgets, q, k, cu_q, kvl, n, **kw)
-    ref = build_block_masks(budgets, q.transpose(0, 1), k.transpose(0, 1))
+    ref = build_block_masks(budgets, q.transpose(0, 1), k.transpose(0, 1)).cpu()
     assert ref.sum(-1).max() > 2 * budgets[0].vslash_count(ref.shape[-1])
     assert torch.equal(idx.masks(0, ref.shape[-1]), ref)
 
@@ -154,7 +118,7 @@ def test_sparse_prefill_matches_reference(case):
     index = sp.last_index if sp.last_index is not None else sp.index(q, k)
     masks = [index.masks(b, math.ceil(n / BLOCK)) for b, n in enumerate(lens)]
     ref = reference_sparse_prefill(q, k, v, masks, cu_q, kvl, **kw)
-    assert relative_error(out, ref) < TOL[dtype]
+    assert relative_error(out, ref) < tol(dtype)
 
 
 def test_sparse_prefill_explicit_masks_and_scale():
@@ -168,50 +132,112 @@ def test_sparse_prefill_explicit_masks_and_scale():
         m = (torch.rand(hq, nb, nb, generator=torch.Generator().manual_seed(rng.randint(0, 99))) < 0.5).tril()
         m |= torch.eye(nb, dtype=torch.bool)
         masks.append(m)
-    index = block_index_from_masks(masks)
+    index = block_index_from_masks(masks, device=DEV)
     o = sparse_prefill(q, k, v, index.block_idx, index.block_cnt, index.head_dense, cu_q, kvl, max(lens),
                        sm_scale=0.05, **kw)
     ref = reference_sparse_prefill(q, k, v, masks, cu_q, kvl, sm_scale=0.05, **kw)
-    assert relative_error(o, ref) < 1e-4
+    assert relative_error(o, ref) < tol(torch.float32)
 
 
 @pytest.mark.parametrize("paged", [False, True])
 def test_mixed_layer_dense_fast_path_and_rule_tiles(paged):
     # dense heads: SDPA (no prefix) or the 128-row rule kernel (prefix); streaming edge cases (window of one
-    # block, sinks inside / outside the window) through the rule kernel; top-k through the index kernel.
+    # block, sinks inside / outside the window) through the rule kernel; top-k through the index kernel;
+    # with an explicit index (run(index=)), every head through the index kernel.
     # Dense heads are 3 + 1 per KV head: two SDPA groups.
     hq, hkv, d = 8, 2, 64
     budgets = [HeadBudget.dense(), HeadBudget.dense(), HeadBudget.dense(), HeadBudget.streaming(64, 64),
                HeadBudget.dense(), HeadBudget.streaming(0, 128), HeadBudget.topk(0.3, 2), HeadBudget.vslash(0.3, 1)]
     lens, q_lens = ([270, 140], [270, 140]) if not paged else ([270, 200], [140, 71])   # prefixes 130, 129
     q, k, v, cu_q, kvl, kw = make_batch(lens, q_lens, hq, hkv, d, torch.float32, paged, 40 + paged)
-    sp = SparsePrefill(budgets, hkv, d).plan(cu_q, kvl, max(q_lens), max(lens), **kw)
+    host = dict(q_lens_cpu=q_lens, kv_lens_cpu=lens)                        # on the GPU too: SDPA without a sync
+    sp = SparsePrefill(budgets, hkv, d).plan(cu_q, kvl, max(q_lens), max(lens), **host, **kw)
     assert sp._dense_groups == [([4], [1], 1), ([0, 1, 2], [0], 3)]
     sp2 = SparsePrefill([HeadBudget.streaming(128, 64)] * 2 + [HeadBudget.topk(0.5, 2)] * 6, hkv, d).plan(
         cu_q, kvl, max(q_lens), max(lens), **kw)                             # sinks outside a 1-block window
-    # (use_sdpa, rule_tiles, union_tiles) per layer
-    runs = ([(sp, (True, True, True)), (sp2, (True, True, False))] if paged else
-            [(sp, (True, True, False)), (sp2, (True, False, False))])   # paged: rule kernel on dense heads
-    for s, (use_sdpa, rule, union) in runs:
+    for s in (sp, sp2):
         index = s.index(q, k)
         masks = [index.masks(b, math.ceil(n / BLOCK)) for b, n in enumerate(lens)]
         ref = reference_sparse_prefill(q, k, v, masks, cu_q, kvl, **kw)
-        out = torch.full_like(q, float("nan"))
-        s.run(q, k, v, out=out, use_sdpa=use_sdpa, rule_tiles=rule, union_tiles=union)
-        assert relative_error(out, ref) < 1e-4, (use_sdpa, rule, union)
+        for explicit in (None, index):
+            out = torch.full_like(q, float("nan"))
+            s.run(q, k, v, out=out, index=explicit)
+            assert relative_error(out, ref) < tol(torch.float32), (s.heads.budgets, explicit is None)
     assert (sp._dense_segments(q, k) is None) == paged                      # a prefix: no SDPA
 
 
-def test_sparse_prefill_head_subset_leaves_other_heads():
-    q, k, v, cu_q, kvl, kw = make_batch([150], [150], 4, 2, 64, torch.float32, False, 8)
-    budgets = [HeadBudget.topk(0.5, 2)] * 4
-    idx = build_block_index(budgets, q, k, cu_q, kvl, 150, **kw)
+@pytest.mark.parametrize("budgets,heads,n,seed", [
+    ([HeadBudget.topk(0.5, 2)] * 4, [1, 3], 150, 8),
+    ([HeadBudget.dense(), HeadBudget.topk(0.5, 2), HeadBudget.dense(), HeadBudget.vslash(0.5, 1)], [0, 3], 260, 11),
+], ids=["topk", "dense+vslash"])
+def test_sparse_prefill_head_subset_leaves_other_heads(budgets, heads, n, seed):
+    # heads= leaves the other heads untouched; dense heads walk 0..qi-1 (no index loads)
+    q, k, v, cu_q, kvl, kw = make_batch([n], [n], 4, 2, 64, torch.float32, False, seed)
+    idx = build_block_index(budgets, q, k, cu_q, kvl, n, **kw)
     out = torch.full_like(q, float("nan"))
-    sparse_prefill(q, k, v, idx.block_idx, idx.block_cnt, idx.head_dense, cu_q, kvl, 150, out=out,
-                   heads=torch.tensor([1, 3], dtype=torch.int32), **kw)
-    ref = reference_sparse_prefill(q, k, v, [idx.masks(0, 3)], cu_q, kvl, **kw)
-    assert torch.isnan(out[:, [0, 2]]).all()
-    assert relative_error(out[:, [1, 3]], ref[:, [1, 3]]) < 1e-4
+    sparse_prefill(q, k, v, idx.block_idx, idx.block_cnt, idx.head_dense, cu_q, kvl, n, out=out,
+                   heads=torch.tensor(heads, dtype=torch.int32, device=DEV), **kw)
+    ref = reference_sparse_prefill(q, k, v, [idx.masks(0, math.ceil(n / BLOCK))], cu_q, kvl, **kw)
+    others = [h for h in range(4) if h not in heads]
+    assert torch.isnan(out[:, others]).all()
+    assert relative_error(out[:, heads], ref[:, heads]) < tol(torch.float32)
+
+
+def every_kind(hq: int, rng: random.Random) -> list[HeadBudget]:
+    """Heads 0..3 top-k, vertical-slash, streaming, dense; the others drawn from these four kinds."""
+    kinds = [HeadBudget.topk(rng.choice([0.2, 0.4, 0.7]), rng.choice([1, 3])),
+             HeadBudget.vslash(rng.choice([0.3, 0.6]), rng.choice([1, 2])),
+             HeadBudget.streaming(rng.choice([0, 64]), rng.choice([64, 192])),
+             HeadBudget.dense()]
+    return [kinds[h % 4] if h < 4 else rng.choice(kinds) for h in range(hq)]
+
+
+INDEX_CASES = [
+    # lens, q_lens (chunked when smaller), hq, hkv, d, dtype, paged (16-token pool pages)
+    ([263, 141], [263, 141], 4, 4, 64, torch.float32, False),   # GQA 1, batch of 2, unaligned lengths
+    ([300, 90], [300, 90], 8, 2, 64, torch.bfloat16, True),     # GQA 4, bf16, scattered pages
+    ([331], [140], 8, 2, 64, torch.float32, True),              # chunked: prefix 191 (unaligned), paged
+    ([200, 150], [71, 150], 4, 1, 128, torch.bfloat16, False),  # d=128, GQA 4, chunked + whole in one batch
+]
+
+
+@pytest.mark.parametrize("case", range(len(INDEX_CASES)))
+def test_index_kernel_every_kind_matches_reference(case):
+    # the block-index kernel on the rows of every head kind (streaming and dense ones too)
+    lens, q_lens, hq, hkv, d, dtype, paged = INDEX_CASES[case]
+    budgets = every_kind(hq, random.Random(case))
+    q, k, v, cu_q, kvl, kw = make_batch(lens, q_lens, hq, hkv, d, dtype, paged, 50 + case, page=16)
+    index = build_block_index(budgets, q, k, cu_q, kvl, max(lens), **kw)
+    out = torch.full_like(q, float("nan"))
+    sparse_prefill(q, k, v, index.block_idx, index.block_cnt, index.head_dense, cu_q, kvl, max(q_lens), out=out, **kw)
+    masks = [index.masks(b, math.ceil(n / BLOCK)) for b, n in enumerate(lens)]
+    ref = reference_sparse_prefill(q, k, v, masks, cu_q, kvl, **kw)
+    assert relative_error(out, ref) < tol(dtype)
+
+
+@pytest.mark.parametrize("paged", [False, True])
+def test_index_kernel_every_list_length(paged):
+    # explicit masks: query block qi of head h lists (qi + h) % 5 off-diagonal blocks (0..4: the first ones,
+    # a scattered choice, the ones just before the diagonal) + a custom scale
+    lens, hq = [470, 333], 4
+    q, k, v, cu_q, kvl, kw = make_batch(lens, lens, hq, 2, 64, torch.float32, paged, 7 + paged, page=16)
+    gen = torch.Generator().manual_seed(3)
+    masks = []
+    for n in lens:
+        nb = math.ceil(n / BLOCK)
+        m = torch.eye(nb, dtype=torch.bool).expand(hq, nb, nb).clone()
+        for h in range(hq):
+            for qi in range(nb):
+                c = min((qi + h) % 5, qi)
+                pick = [torch.arange(c), torch.randperm(qi, generator=gen)[:c], torch.arange(qi - c, qi)][(qi + h) % 3]
+                m[h, qi, pick] = True
+        masks.append(m)
+    index = block_index_from_masks(masks, device=DEV)
+    out = torch.full_like(q, float("nan"))
+    sparse_prefill(q, k, v, index.block_idx, index.block_cnt, index.head_dense, cu_q, kvl, max(lens), out=out,
+                   sm_scale=0.07, **kw)
+    ref = reference_sparse_prefill(q, k, v, masks, cu_q, kvl, sm_scale=0.07, **kw)
+    assert relative_error(out, ref) < tol(torch.float32)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -229,7 +255,9 @@ def _decode_setup(seed, hq=8, hkv=2, d=64, dtype=torch.float32):
 
 @pytest.mark.parametrize("group,dtype,grouped", [(4, torch.float32, False), (1, torch.bfloat16, False),
                                                  (8, torch.float16, False), (4, torch.bfloat16, True)])
-def test_sparse_decode_with_page_reuse(group, dtype, grouped):
+def test_group_decode_with_page_reuse(group, dtype, grouped):
+    # the decode kernels with a page selection made once and reused for two steps while the sequences grow
+    # (the torch selector, select_pages; the serving path reselects every step: test_paged_layer)
     rng = random.Random(20 + group)
     hkv = 2 if group < 8 else 1
     hkv = 3 if grouped else hkv
@@ -244,40 +272,46 @@ def test_sparse_decode_with_page_reuse(group, dtype, grouped):
     rpi = torch.tensor([2, 0, 3], dtype=torch.int32, device=DEV)
     lens = torch.tensor([250, 64, 130], dtype=torch.int64 if grouped else torch.int32,   # SGLang's are int64
                         device=DEV)                                        # 64 / 130: a page just filled / just begun
-    sd = SparseDecode(budgets, hkv, d, max_ctx, r, dtype=dtype, device=DEV, reselect_every=3)
-    sd.build_summaries(k, req_to_token, rpi, lens - 1)
-    sd.plan(3, nsplit=4)
+    heads = LayerHeads.of(budgets, hkv, d)
+    max_pages = math.ceil(max_ctx / BLOCK)
+    rules = page_rules(heads, hkv, DEV)
+    kmin, kmax = alloc_page_summaries(r, hkv, max_pages, d, dtype=dtype, device=DEV)
+    build_page_summaries(k, req_to_token, rpi, lens - 1, kmin, kmax)
+    page_idx = torch.zeros(3, hq, max_selected_pages(heads, max_pages), dtype=torch.int32, device=DEV)
+    page_cnt = torch.zeros(3, hq, dtype=torch.int32, device=DEV)
+    nsplit = 4                                                              # each walk cut into 4 even slices
+    sc = DecodeScratch(3, hq, hkv, d, max_pages, 3 * hq * nsplit, DEV)
     if grouped:
-        assert sd.heads.gmode.tolist()[1:] == [0, 1]                    # ranges; KV head 0 walks a union list
+        assert rules.gmode.tolist()[1:] == [0, 1]                          # ranges; KV head 0 walks a union list
     chosen = None
     for step in range(3):                                                   # select, then reuse twice
-        sd.update_summaries(k, req_to_token, rpi, lens)
+        update_page_summaries(k, req_to_token, rpi, lens, kmin, kmax)
         for b in range(3):                                                  # summaries are exact
             lo, hi = reference_page_summaries(k, req_to_token, int(rpi[b]), int(lens[b]))
             np_ = lo.shape[1]
-            assert torch.equal(sd.kmin[int(rpi[b]), :, :np_].float(), lo)
-            assert torch.equal(sd.kmax[int(rpi[b]), :, :np_].float(), hi)
+            assert torch.equal(kmin[int(rpi[b]), :, :np_].float(), lo)
+            assert torch.equal(kmax[int(rpi[b]), :, :np_].float(), hi)
         q = torch.randn(3, hq, d, generator=torch.Generator().manual_seed(step)).to(DEV, dtype)
-        out = sd.run(q, k, v, req_to_token, rpi, lens)
+        if step == 0:
+            select_pages(heads, q, kmin, kmax, rpi, lens, max_pages, out=(page_idx, page_cnt))
+        out = group_decode(q, k, v, req_to_token, rpi, lens, rules, page_idx, page_cnt, sc, nsplit, 1)
         sets, new_chosen = [], []
         for b in range(3):
             rows, picks = reference_decode_pages(budgets, q[b], k, req_to_token, int(rpi[b]), int(lens[b]),
-                                          None if chosen is None else chosen[b])
+                                                 None if chosen is None else chosen[b])
             sets.append(rows)
             new_chosen.append(picks)
         chosen = new_chosen
         ref = reference_sparse_decode(q, k, v, req_to_token, rpi, lens, sets)
-        tol = 3e-3 if DEV == "cuda" and dtype == torch.float32 else TOL[dtype]   # the GPU's fp32 dot is TF32
-        assert relative_error(out, ref) < tol, f"step {step}"
-        sc = sd.scratch                                                     # each list-mode KV head's union
-        for b, hk in ((b, hk) for b in range(3) for hk in range(hkv) if sd.heads.gmode[hk] == 2):
-            heads = range(hk * group, (hk + 1) * group)
-            union = sorted(set().union(*(sets[b][h] for h in heads)))
+        assert relative_error(out, ref) < tol(dtype), f"step {step}"
+        for b, hk in ((b, hk) for b in range(3) for hk in range(hkv) if rules.gmode[hk] == 2):
+            group_heads = range(hk * group, (hk + 1) * group)               # each list-mode KV head's union
+            union = sorted(set().union(*(sets[b][h] for h in group_heads)))
             c = int(sc.ucnt[b, hk])
             assert sc.ulist[b, hk, :c].tolist() == union, (step, b, hk)
-            bits = [sum(1 << r for r, h in enumerate(heads) if p in sets[b][h]) for p in union]
+            bits = [sum(1 << r for r, h in enumerate(group_heads) if p in sets[b][h]) for p in union]
             assert sc.ubits[b, hk, :c].tolist() == bits
-        assert not sc.map.any(), "the union kernel leaves its byte map zero"
+        assert not sc.map.any(), "the page-union kernel leaves its byte map zero"
         lens = lens + 1
 
 

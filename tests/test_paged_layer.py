@@ -2,38 +2,23 @@
 over SGLang's paged pool) against the dense single-device reference, under Triton's CPU interpreter.
 Extend without and with cached prefixes, page summaries built by extend and kept up by decode, decode
 steps for dense / streaming / top-k / vertical-slash heads, the shared decode workspace."""
-import os
+import math
 
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton
+import pytest
+import torch
 
-import math  # noqa: E402
+from conftest import DEV, LAYER_TOL, budgets_mixed, budgets_positional, mask_reference, sequence
+from sglang_shplb.core.patterns import BLOCK, HeadBudget
+from sglang_shplb.kernels.layer_heads import LayerHeads
+from sglang_shplb.kernels.layer_reference import sparse_attention
+from sglang_shplb.kernels.paged_layer import (DecodeWorkspace, ExtendBatch, LayerKernels, layer_max_selected,
+                                              selected_heads)
+from sglang_shplb.kernels.reference import (reference_decode_pages, reference_page_summaries,
+                                            reference_sparse_decode, relative_error)
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-from sglang_shplb.core.block_masks import build_block_masks  # noqa: E402
-from sglang_shplb.kernels.reference import (masked_attention, reference_decode_pages,  # noqa: E402
-                                            reference_page_summaries, reference_sparse_decode, relative_error)
-from sglang_shplb.core.patterns import BLOCK, HeadBudget  # noqa: E402
-from sglang_shplb.kernels.paged_layer import (DecodeWorkspace, ExtendBatch, LayerKernels,  # noqa: E402
-                                              layer_max_selected, selected_heads)
-from sglang_shplb.kernels.layer_reference import sparse_attention  # noqa: E402
-
-DEV = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
-TOL = 1e-5 if DEV == "cpu" else 1e-2     # the GPU's float32 tl.dot runs in TF32
 HQ, HKV, D = 6, 2, 64
 SCALE = 1 / math.sqrt(D)
 MAX_CTX, SLOTS, POOL = 1024, 4, 4096
-
-
-def budgets_mixed():
-    return [HeadBudget.dense(), HeadBudget.topk(0.3, min_blocks=2), HeadBudget.vslash(0.3, min_blocks=1),
-            HeadBudget.streaming(64, 128), HeadBudget.topk(0.5, min_blocks=2), HeadBudget.dense()]
-
-
-def budgets_positional():   # dense + streaming: masks depend on positions only
-    return [HeadBudget.dense()] * 3 + [HeadBudget.streaming(64, 128), HeadBudget.streaming(0, 64),
-                                       HeadBudget.streaming(128, 64)]
 
 
 class Pool:
@@ -53,13 +38,11 @@ class Pool:
 
 
 def seq(n, seed):
-    g = torch.Generator().manual_seed(seed)
-    return tuple(x.to(DEV) for x in (torch.randn(n, HQ, D, generator=g), torch.randn(n, HKV, D, generator=g) * 2,
-                                     torch.randn(n, HKV, D, generator=g)))
+    return tuple(x.to(DEV) for x in sequence(n, HQ, HKV, D, seed))
 
 
 def reference(budgets, q, k, v):
-    return masked_attention(q, k, v, build_block_masks(budgets, q.transpose(0, 1), k.transpose(0, 1)), SCALE)
+    return mask_reference(budgets, q, k, v, SCALE)
 
 
 def layer(budgets):
@@ -86,7 +69,7 @@ def test_extend_batch_without_prefix_all_heads(budgets):
     out = extend(lk, pool, [2, 0, 1], [s[0] for s in seqs], [s[1] for s in seqs], [s[2] for s in seqs], [0, 0, 0])
     ref = torch.cat([reference(budgets, *s) for s in seqs])
     assert torch.isfinite(out).all(), "every head, dense ones included, is written by the kernel path"
-    assert relative_error(out, ref) < TOL
+    assert relative_error(out, ref) < LAYER_TOL
     if budgets == budgets_mixed():   # the sparse heads really are sparse at this length
         dense = torch.cat([reference([HeadBudget.dense()] * HQ, *s) for s in seqs])
         assert relative_error(out[:, [1, 2, 3]], dense[:, [1, 2, 3]]) > 1e-2
@@ -101,7 +84,7 @@ def test_extend_with_cached_prefix_positional(prefix):
     pool, lk = Pool(seed=prefix), layer(budgets)
     pool.put(0, 0, k[:prefix], v[:prefix])
     out = extend(lk, pool, [0], [q[prefix:]], [k[prefix:]], [v[prefix:]], [prefix])
-    assert relative_error(out, reference(budgets, q, k, v)[prefix:]) < TOL
+    assert relative_error(out, reference(budgets, q, k, v)[prefix:]) < LAYER_TOL
 
 
 def test_extend_with_prefix_mixed_matches_reference_path():
@@ -118,9 +101,9 @@ def test_extend_with_prefix_mixed_matches_reference_path():
                      torch.tensor([n], device=DEV), torch.tensor([n - prefix], device=DEV), budgets, SCALE, ref,
                      use_kernel=False)
     cols = [1, 2, 3, 4]
-    assert relative_error(out[:, cols], ref[:, cols]) < TOL
+    assert relative_error(out[:, cols], ref[:, cols]) < LAYER_TOL
     dense = reference([HeadBudget.dense()] * HQ, q, k, v)[prefix:]
-    assert relative_error(out[:, [0, 5]], dense[:, [0, 5]]) < TOL
+    assert relative_error(out[:, [0, 5]], dense[:, [0, 5]]) < LAYER_TOL
 
 
 def test_decode_steps_keep_summaries_and_match_reference():
@@ -149,18 +132,19 @@ def test_decode_steps_keep_summaries_and_match_reference():
             assert torch.equal(lk.kmax[reqs[b], :, :hi.shape[1]], hi)
             sets.append(reference_decode_pages(budgets, q[b], pool.k, pool.req_to_token, reqs[b], n)[0])
         ref = reference_sparse_decode(q, pool.k, pool.v, pool.req_to_token, rpi, seq_lens, sets, SCALE)
-        assert relative_error(out, ref) < TOL, step
+        assert relative_error(out, ref) < LAYER_TOL, step
         # dense heads read every page: they equal dense attention on the whole prefix
         for b in range(3):
             n = int(seq_lens[b])
             loc = pool.req_to_token[reqs[b], :n].long()
             s = (pool.k[loc, 0] @ q[b, 0]) * SCALE
-            assert torch.allclose(out[b, 0], torch.softmax(s, 0) @ pool.v[loc, 0], atol=TOL)
+            assert torch.allclose(out[b, 0], torch.softmax(s, 0) @ pool.v[loc, 0], atol=LAYER_TOL)
 
 
 def test_layers_without_selected_heads_have_no_summaries_and_workspace_grows():
     lk = layer(budgets_positional())
     assert lk.kmin is None and lk.summary_bytes == 0
+    assert lk.prefill.heads is lk.heads                  # the layer's heads classified once
     assert layer(budgets_mixed()).summary_bytes == 2 * SLOTS * HKV * (MAX_CTX // BLOCK) * D * 4
     ws = DecodeWorkspace(HQ, HKV, D, MAX_CTX // BLOCK, 4, DEV)
     ws.ensure(2)
@@ -179,9 +163,9 @@ def test_extend_batch_rejects_bad_lengths():
 def test_decode_splits_follow_the_walks_and_stay_within_the_workspace_bound():
     from sglang_shplb.kernels.triton_decode import decode_splits, decode_walks, max_decode_splits
     pages = 2048
-    walks = decode_walks(budgets_mixed(), HKV, pages)
+    walks = decode_walks(LayerHeads.of(budgets_mixed()), HKV, pages)
     assert walks == [pages, pages]                       # each KV group has a dense head
-    stream = decode_walks(budgets_positional()[3:] * 2, HKV, pages)
+    stream = decode_walks(LayerHeads.of(budgets_positional()[3:] * 2), HKV, pages)
     assert stream == [(1 + 2) + (0 + 1) + (2 + 1)] * 2     # a union list: at most the sum of sink + window pages
     for walks in ([pages] * 8, [34] * 8, [pages, 34, 820, 34, 820, 34, 820, 34], [3, 1]):
         for bs in (1, 2, 4, 16, 64, 160):

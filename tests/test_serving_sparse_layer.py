@@ -7,24 +7,14 @@ import torch
 
 import sglang  # noqa: F401  (tests/run.sh installs it; a missing SGLang must fail, not skip)
 
+from conftest import budgets_mixed, budgets_positional, mask_reference, sequence
 from sglang_shplb.core.block_masks import build_block_masks
-from sglang_shplb.kernels.reference import masked_attention
 from sglang_shplb.core.patterns import BLOCK, HeadBudget
 from sglang_shplb.kernels.layer_reference import sparse_attention, sparse_decode
+from sglang_shplb.kernels.reference import masked_attention
 
 HQ, HKV, D = 6, 2, 64
 SCALE = 1 / math.sqrt(D)
-
-
-def budgets_streaming():
-    # KV group 0 dense, group 1: two streaming configurations + one more streaming head
-    return [HeadBudget.dense()] * 3 + [HeadBudget.streaming(64, 128), HeadBudget.streaming(0, 64),
-                                       HeadBudget.streaming(128, 64)]
-
-
-def budgets_mixed():
-    return [HeadBudget.dense(), HeadBudget.topk(0.3, min_blocks=2), HeadBudget.vslash(0.3, min_blocks=1),
-            HeadBudget.streaming(64, 128), HeadBudget.topk(0.5, min_blocks=2), HeadBudget.dense()]
 
 
 def dense_full(q, k, v):
@@ -36,8 +26,7 @@ def dense_full(q, k, v):
 
 def reference(budgets, q, k, v):
     """The single-process sparse reference on one contiguous sequence (block_masks + masked attention)."""
-    masks = build_block_masks(budgets, q.transpose(0, 1), k.transpose(0, 1))
-    return masked_attention(q, k, v, masks, SCALE)
+    return mask_reference(budgets, q, k, v, SCALE)
 
 
 class Pool:
@@ -60,9 +49,7 @@ class Pool:
 
 
 def seq(n, seed):
-    g = torch.Generator().manual_seed(seed)
-    return (torch.randn(n, HQ, D, generator=g), torch.randn(n, HKV, D, generator=g) * 2,
-            torch.randn(n, HKV, D, generator=g))
+    return sequence(n, HQ, HKV, D, seed)
 
 
 def run_extend(pool, reqs, budgets, qs, prefix_lens, seq_lens):
@@ -77,7 +64,7 @@ def sparse_cols(budgets):
     return [h for h, b in enumerate(budgets) if b.pattern.value != "dense"]
 
 
-@pytest.mark.parametrize("budgets", [budgets_streaming(), budgets_mixed()], ids=["streaming", "mixed"])
+@pytest.mark.parametrize("budgets", [budgets_positional(), budgets_mixed()], ids=["streaming", "mixed"])
 def test_prefill_scattered_pages_batch(budgets):
     pool = Pool()
     lens = [300, 777, 64]
@@ -101,7 +88,7 @@ def test_prefill_scattered_pages_batch(budgets):
 def test_radix_prefix_hit_and_chunked_prefill_streaming():
     """With streaming budgets the masks depend on positions only, so every row of a chunk / a request with
     a cached prefix equals the same row of the full-sequence reference."""
-    budgets = budgets_streaming()
+    budgets = budgets_positional()
     cols = sparse_cols(budgets)
     n, p = 900, 448  # prefix not block aligned on purpose is tested below
     q, k, v = seq(n, 7)
@@ -130,7 +117,7 @@ def test_chunked_prefill_two_chunks_mixed_budgets_match_kernel_semantics():
     assert torch.isfinite(second[:, cols]).all()
 
 
-@pytest.mark.parametrize("budgets", [budgets_streaming(), budgets_mixed()], ids=["streaming", "mixed"])
+@pytest.mark.parametrize("budgets", [budgets_positional(), budgets_mixed()], ids=["streaming", "mixed"])
 def test_decode_step(budgets):
     cols = sparse_cols(budgets)
     lens = [1000, 130, 64, 65]
@@ -167,7 +154,7 @@ def test_decode_step(budgets):
 
 def test_decode_equals_one_token_extend():
     """Decode through the graph-safe streaming path == the same step as a one-token extend."""
-    budgets = budgets_streaming()
+    budgets = budgets_positional()
     cols = sparse_cols(budgets)
     pool = Pool()
     q, k, v = seq(700, 5)

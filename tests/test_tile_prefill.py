@@ -1,35 +1,20 @@
 """Top-k at 128-token superblocks (``HeadBudget(tile=128)``): count rule, masks, both index builders, and
 the 128 x 128 tile kernel (pointer and TMA loads) against the reference, under Triton's CPU interpreter."""
-import os
+import math
 
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton
+import pytest
+import torch
 
-import math  # noqa: E402
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-from sglang_shplb.core.block_masks import build_block_masks  # noqa: E402
-from sglang_shplb.planning.cost_model import query_block_pairs  # noqa: E402
-from sglang_shplb.kernels import SparsePrefill, build_block_index  # noqa: E402
-from sglang_shplb.kernels.index import expand_pair_rows  # noqa: E402
-from sglang_shplb.kernels.reference import reference_sparse_prefill, relative_error  # noqa: E402
-from sglang_shplb.kernels.triton_prefill import sparse_prefill, tile_prefill  # noqa: E402
-from sglang_shplb.core.patterns import BLOCK, HeadBudget  # noqa: E402
-
-from test_kernels import DEV, TOL, make_batch, seq_kv  # noqa: E402
+from conftest import DEV, make_batch, seq_kv, tol
+from sglang_shplb.core.block_masks import build_block_masks
+from sglang_shplb.core.patterns import BLOCK, HeadBudget
+from sglang_shplb.kernels import SparsePrefill, build_block_index
+from sglang_shplb.kernels.index import expand_pair_rows
+from sglang_shplb.kernels.reference import reference_sparse_prefill, relative_error
+from sglang_shplb.kernels.triton_prefill import sparse_prefill, tile_prefill
+from sglang_shplb.planning.cost_model import query_block_pairs
 
 T128 = 2 * BLOCK
-
-
-def tol(dtype) -> float:
-    # compiled on a GPU, tl.dot of float32 runs in TF32 (10-bit mantissa): ~1e-3 relative
-    return 3e-3 if DEV == "cuda" and dtype == torch.float32 else TOL[dtype]
-
-
-def on_dev(q, k, v, cu_q, kvl, kw):
-    """make_batch's tensors on DEV (the GPU when tests run compiled there)."""
-    return (q.to(DEV), k.to(DEV), v.to(DEV), cu_q.to(DEV), kvl.to(DEV), {n: t.to(DEV) for n, t in kw.items()})
 
 
 def test_budget_tile_rule_and_serialisation():
@@ -83,7 +68,7 @@ def test_triton_builder_matches_torch_builder(paged, chunked, group):
     lens = [333, 128, 257]
     q_lens = [100, 128, 257] if chunked else lens
     budgets = [HeadBudget.topk((0.1, 0.3, 0.6)[h % 3], 2 + h % 3, tile=(T128, BLOCK)[h % 2]) for h in range(hq)]
-    q, k, v, cu_q, kvl, kw = on_dev(*make_batch(lens, q_lens, hq, hkv, 64, torch.float32, paged, 5 + group))
+    q, k, v, cu_q, kvl, kw = make_batch(lens, q_lens, hq, hkv, 64, torch.float32, paged, 5 + group)
     a = build_block_index(budgets, q, k, cu_q, kvl, max(lens) + 70, topk_builder="torch", **kw)
     b = build_block_index(budgets, q, k, cu_q, kvl, max(lens) + 70, topk_builder="triton", **kw)
     assert torch.equal(a.block_cnt, b.block_cnt)
@@ -111,7 +96,7 @@ def test_tile_kernel_matches_reference(case):
     lens, q_lens, hq, hkv, d, dtype, paged, tma, block_n = TILE_CASES[case]
     budgets = [HeadBudget.dense() if h == 1 else HeadBudget.topk((0.1, 0.3, 0.6)[h % 3], 2, tile=T128)
                for h in range(hq)]
-    q, k, v, cu_q, kvl, kw = on_dev(*make_batch(lens, q_lens, hq, hkv, d, dtype, paged, 50 + case))
+    q, k, v, cu_q, kvl, kw = make_batch(lens, q_lens, hq, hkv, d, dtype, paged, 50 + case)
     idx = build_block_index(budgets, q, k, cu_q, kvl, max(lens), **kw)
     heads = torch.arange(1, hq, dtype=torch.int32, device=DEV)             # head 0 left alone
     out = torch.full_like(q, float("nan"))
@@ -133,9 +118,9 @@ def test_sparse_prefill_api_routes_tile_heads():
                HeadBudget.streaming(64, 128), HeadBudget.topk(0.5, 4, tile=T128), HeadBudget.vslash(0.3, 1),
                HeadBudget.dense(), HeadBudget.topk(0.05, 2, tile=T128)]
     lens, q_lens = [390, 200], [390, 71]
-    q, k, v, cu_q, kvl, kw = on_dev(*make_batch(lens, q_lens, hq, hkv, d, torch.float32, True, 77))
+    q, k, v, cu_q, kvl, kw = make_batch(lens, q_lens, hq, hkv, d, torch.float32, True, 77)
     sp = SparsePrefill(budgets, hkv, d).plan(cu_q, kvl, max(q_lens), max(lens), **kw)
-    assert sp.tile_heads == [1, 4, 7]
+    assert sp.heads.tiled == (1, 4, 7)
     out = torch.full_like(q, float("nan"))
     sp.run(q, k, v, out=out)
     masks = [sp.last_index.masks(b, math.ceil(n / BLOCK)).to(DEV) for b, n in enumerate(lens)]
@@ -146,7 +131,7 @@ def test_sparse_prefill_api_routes_tile_heads():
 def test_tile_kernel_bad_inputs():
     q, k, v, cu_q, kvl, kw = make_batch([200], [200], 2, 1, 64, torch.float32, True, 3)
     idx = build_block_index([HeadBudget.topk(0.3, 2, tile=T128)] * 2, q, k, cu_q, kvl, 200, **kw)
-    heads = torch.arange(2, dtype=torch.int32)
+    heads = torch.arange(2, dtype=torch.int32, device=DEV)
     args = (q, k, v, idx.block_idx, idx.block_cnt, idx.head_dense, heads, cu_q, kvl, 200)
     with pytest.raises(ValueError, match="block_n"):
         tile_prefill(*args, block_n=32, **kw)

@@ -2,22 +2,19 @@
 (:func:`sglang_shplb.core.head_map.rank_heads`), runs its slice of one layer on the kernel path
 (:class:`sglang_shplb.kernels.paged_layer.LayerKernels`, Triton interpreter), and the gathered outputs
 equal the single-device run of all heads and the dense-mask reference."""
+import math
 import os
+import tempfile
 
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 
-import math  # noqa: E402
-import tempfile  # noqa: E402
-
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
-import torch.multiprocessing as mp  # noqa: E402
-
-from sglang_shplb.core.block_masks import build_block_masks  # noqa: E402
-from sglang_shplb.core.head_map import rank_heads  # noqa: E402
-from sglang_shplb.kernels.paged_layer import ExtendBatch, LayerKernels  # noqa: E402
-from sglang_shplb.kernels.reference import masked_attention, relative_error  # noqa: E402
-from sglang_shplb.core.patterns import HeadBudget  # noqa: E402
+from conftest import mask_reference, sequence
+from sglang_shplb.core.head_map import rank_heads
+from sglang_shplb.core.patterns import HeadBudget
+from sglang_shplb.kernels.paged_layer import ExtendBatch, LayerKernels
+from sglang_shplb.kernels.reference import relative_error
 
 HQ, HKV, D, N, TP = 8, 2, 64, 300, 2
 SCALE = 1 / math.sqrt(D)
@@ -26,8 +23,7 @@ BUDGETS = [HeadBudget.dense(), HeadBudget.topk(0.3, 2), HeadBudget.streaming(64,
 
 
 def inputs():
-    g = torch.Generator().manual_seed(0)
-    return torch.randn(N, HQ, D, generator=g), torch.randn(N, HKV, D, generator=g) * 2, torch.randn(N, HKV, D, generator=g)
+    return sequence(N, HQ, HKV, D, 0)
 
 
 def run_layer(budgets, q, k, v):
@@ -63,6 +59,5 @@ def test_tp2_ranks_compose_to_the_single_device_layer():
     q, k, v = inputs()
     single = run_layer(BUDGETS, q, k, v)
     assert torch.allclose(gathered, single, atol=1e-5), "TP ranks' heads differ from the single-device run"
-    ref = masked_attention(q, k, v, build_block_masks(BUDGETS, q.transpose(0, 1), k.transpose(0, 1)), SCALE)
-    assert relative_error(gathered, ref) < 1e-5
+    assert relative_error(gathered, mask_reference(BUDGETS, q, k, v, SCALE)) < 1e-5
     assert rank_heads(HQ, TP, 1) == [4, 5, 6, 7]

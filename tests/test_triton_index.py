@@ -1,39 +1,15 @@
 """Triton top-k index builder (kernels/triton_index.py) vs build_block_index, under the CPU interpreter."""
-import os
+import math
+import random
 
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton
+import pytest
+import torch
 
-import math  # noqa: E402
-import random  # noqa: E402
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-from sglang_shplb.kernels import build_block_index  # noqa: E402
-from sglang_shplb.kernels.index import BlockIndex  # noqa: E402
-from sglang_shplb.kernels.triton_index import build_topk_index  # noqa: E402
-from sglang_shplb.core.patterns import BLOCK, HeadBudget, Pattern  # noqa: E402
-
-DEV = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
-
-
-def make_batch(lens, q_lens, hq, hkv, d, dtype, paged, seed):
-    """Varlen batch (chunked where ``q_lens[b] < lens[b]``); KV contiguous or in a scattered token pool."""
-    g = torch.Generator().manual_seed(seed)
-    q = torch.randn(sum(q_lens), hq, d, generator=g).to(dtype)
-    cu_q = torch.tensor([0] + list(torch.tensor(q_lens).cumsum(0)), dtype=torch.int32)
-    kvl = torch.tensor(lens, dtype=torch.int32)
-    if paged:
-        max_ctx, r = max(lens) + 5, len(lens) + 2
-        pool = r * max_ctx + 37
-        k = torch.randn(pool, hkv, d, generator=g).to(dtype)
-        kw = dict(req_to_token=torch.randperm(pool, generator=g)[:r * max_ctx].view(r, max_ctx).int(),
-                  req_pool_indices=torch.randperm(r, generator=g)[:len(lens)].int())
-    else:
-        k = torch.randn(sum(lens), hkv, d, generator=g).to(dtype)
-        kw = dict(cu_seqlens_k=torch.tensor([0] + list(torch.tensor(lens).cumsum(0)), dtype=torch.int32))
-    mv = lambda x: x.to(DEV)  # noqa: E731
-    return mv(q), mv(k), mv(cu_q), mv(kvl), {n: mv(x) for n, x in kw.items()}
+from conftest import make_batch
+from sglang_shplb.core.patterns import BLOCK, HeadBudget, Pattern
+from sglang_shplb.kernels import build_block_index
+from sglang_shplb.kernels.block_index import BlockIndex
+from sglang_shplb.kernels.triton_index import build_topk_index
 
 
 def compare(budgets, lens, q_lens, got: BlockIndex, ref: BlockIndex, min_same: float = 1.0):
@@ -78,7 +54,7 @@ def test_topk_rows_match_build_block_index(case):
     opts = [HeadBudget.topk(0.1, 2), HeadBudget.topk(0.3, 3), HeadBudget.topk(0.6, 1), HeadBudget.topk(0.2, 5),
             HeadBudget.dense(), HeadBudget.streaming(64, 128), HeadBudget.vslash(0.2, 1)]
     budgets = [opts[h] if h < 4 else rng.choice(opts) for h in range(hq)]
-    q, k, cu_q, kvl, kw = make_batch(lens, q_lens, hq, hkv, d, dtype, paged, 100 + case)
+    q, k, _, cu_q, kvl, kw = make_batch(lens, q_lens, hq, hkv, d, dtype, paged, 100 + case)
     mkl = max(lens) + slack
     ref = build_block_index(budgets, q, k, cu_q, kvl, mkl, topk_builder="torch", **kw)
     got = build_topk_index(budgets, q, k, cu_q, kvl, mkl, **kw)
@@ -95,7 +71,7 @@ def test_topk_rows_match_build_block_index(case):
 def test_fills_out_in_place_and_leaves_other_heads():
     budgets = [HeadBudget.topk(0.3, 2), HeadBudget.dense(), HeadBudget.streaming(64, 64), HeadBudget.topk(0.1, 4)]
     lens = [390, 150]
-    q, k, cu_q, kvl, kw = make_batch(lens, lens, 4, 2, 64, torch.float32, False, 7)
+    q, k, _, cu_q, kvl, kw = make_batch(lens, lens, 4, 2, 64, torch.float32, False, 7)
     ref = build_block_index(budgets, q, k, cu_q, kvl, 400, topk_builder="torch", **kw)
     out = BlockIndex(ref.block_idx.clone(), ref.block_cnt.clone(), ref.head_dense)
     out.block_idx[:, [0, 3]] = -7
@@ -110,7 +86,7 @@ def test_fills_out_in_place_and_leaves_other_heads():
 
 
 def test_no_topk_heads_and_bad_layout():
-    q, k, cu_q, kvl, kw = make_batch([100], [100], 2, 1, 64, torch.float32, False, 3)
+    q, k, _, cu_q, kvl, kw = make_batch([100], [100], 2, 1, 64, torch.float32, False, 3)
     res = build_topk_index([HeadBudget.dense()] * 2, q, k, cu_q, kvl, 100, **kw)
     assert not res.block_cnt.any() and res.head_dense.tolist() == [1, 1]
     with pytest.raises(ValueError):

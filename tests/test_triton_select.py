@@ -1,20 +1,16 @@
 """Fused page-summary update + page selection (triton_select) vs update_page_summaries + select_pages."""
-import os
+import random
 
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton
+import pytest
+import torch
 
-import random  # noqa: E402
+from conftest import DEV
+from sglang_shplb.core.patterns import BLOCK, HeadBudget, Pattern
+from sglang_shplb.kernels.layer_heads import LayerHeads
+from sglang_shplb.kernels.triton_decode import (alloc_page_summaries, build_page_summaries, max_selected_pages,
+                                                select_pages, update_page_summaries)
+from sglang_shplb.kernels.triton_select import select_scratch, selector_consts, update_and_select_pages
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-from sglang_shplb.kernels.triton_decode import (alloc_page_summaries, build_page_summaries,  # noqa: E402
-                                                max_selected_pages, select_pages, update_page_summaries)
-from sglang_shplb.kernels.triton_select import (select_scratch, selector_consts,  # noqa: E402
-                                                update_and_select_pages)
-from sglang_shplb.core.patterns import BLOCK, HeadBudget, Pattern  # noqa: E402
-
-DEV = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
 MAXP = 13  # not a power of two: 832 tokens
 
 
@@ -64,32 +60,31 @@ def test_update_and_select_matches_torch(group, d, dtype, lens, seed):
     rng = random.Random(seed)
     hkv = 2
     hq = hkv * group
-    budgets = random_budgets(hq, rng)
+    heads = LayerHeads.of(random_budgets(hq, rng))
     g, k, r2t, rpi, sl, kmin, kmax = setup(lens, hkv, group, d, dtype, seed)
     bsz = sl.shape[0]
-    consts = selector_consts(budgets, DEV, MAXP)
-    assert consts is selector_consts(list(budgets), torch.device(DEV), MAXP)  # cached
-    width = max_selected_pages(budgets, MAXP)
+    consts = selector_consts(heads, DEV, MAXP)
+    assert consts is selector_consts(LayerHeads.of(list(heads.budgets)), torch.device(DEV), MAXP)  # cached
+    width = max_selected_pages(heads, MAXP)
     scratch = select_scratch(bsz + 2, consts)                                   # larger than needed is fine
     kmin2, kmax2 = kmin.clone(), kmax.clone()
     idx2 = torch.full((bsz, hq, width), -7, dtype=torch.int32, device=DEV)
     cnt2 = torch.full((bsz, hq), 99, dtype=torch.int32, device=DEV)              # must all be rewritten
-    sel_heads = [h for h, b in enumerate(budgets) if b.pattern in (Pattern.TOPK, Pattern.VSLASH)]
     for step in range(3):
         q = torch.randn(bsz, hq, d, generator=g).to(dtype).to(DEV)
         update_page_summaries(k, r2t, rpi, sl, kmin, kmax)
-        idx, cnt = select_pages(budgets, q, kmin, kmax, rpi, sl, MAXP)
+        idx, cnt = select_pages(heads, q, kmin, kmax, rpi, sl, MAXP)
         update_and_select_pages(q, k, r2t, rpi, sl, kmin2, kmax2, consts, MAXP, idx2, cnt2, scratch)
         assert torch.equal(kmin, kmin2) and torch.equal(kmax, kmax2), step
         assert torch.equal(cnt, cnt2), (step, cnt, cnt2)
         for b in range(bsz):
-            for h in sel_heads:
+            for h in heads.selected:
                 c = int(cnt[b, h])
                 want = sorted(idx[b, h, :c].tolist())
                 got = idx2[b, h, :c].tolist()
                 assert got == want, (step, b, h, got, want)                     # ascending, same set
                 assert c == 0 or got[0] == 0                                     # page 0 forced
-        assert int(cnt[:, sel_heads].sum()) > 0
+        assert int(cnt[:, list(heads.selected)].sum()) > 0
         sl = sl + 1                            # real requests append a token; the padding row stays at 1
         sl[-1] = 1
 
@@ -98,8 +93,9 @@ def test_no_selected_heads_and_no_host_tensors(monkeypatch):
     """With one / no selected head, every count is written. No torch.tensor/as_tensor at call time."""
     budgets = [HeadBudget.dense(), HeadBudget.streaming(64, 64), HeadBudget.topk(0.3, 1), HeadBudget.dense()]
     for bud in (budgets, [HeadBudget.dense()] * 4):
+        heads = LayerHeads.of(bud)
         g, k, r2t, rpi, sl, kmin, kmax = setup((1, 65, 300), 2, 2, 64, torch.float32, 5)
-        consts = selector_consts(bud, DEV, MAXP)
+        consts = selector_consts(heads, DEV, MAXP)
         scratch = select_scratch(4, consts)
         idx = torch.zeros(4, 4, max(1, consts.maxsel), dtype=torch.int32, device=DEV)
         cnt = torch.full((4, 4), 5, dtype=torch.int32, device=DEV)
@@ -111,16 +107,16 @@ def test_no_selected_heads_and_no_host_tensors(monkeypatch):
             m.setattr(torch, "tensor", boom)
             m.setattr(torch, "as_tensor", boom)
             update_and_select_pages(q, k, r2t, rpi, sl, kmin, kmax, consts, MAXP, idx, cnt, scratch)
-        ref = select_pages(bud, q, kmin, kmax, rpi, sl, MAXP)[1]
+        ref = select_pages(heads, q, kmin, kmax, rpi, sl, MAXP)[1]
         assert torch.equal(cnt, ref)
 
 
 @pytest.mark.skipif(DEV != "cuda", reason="CUDA-graph capture needs a GPU")
 def test_cuda_graph_capture():  # pragma: no cover - GPU only
     rng = random.Random(7)
-    budgets = random_budgets(8, rng)
+    heads = LayerHeads.of(random_budgets(8, rng))
     g, k, r2t, rpi, sl, kmin, kmax = setup((5, 64, 700), 2, 4, 128, torch.bfloat16, 7)
-    consts = selector_consts(budgets, DEV, MAXP)
+    consts = selector_consts(heads, DEV, MAXP)
     scratch = select_scratch(4, consts)
     idx = torch.zeros(4, 8, consts.maxsel, dtype=torch.int32, device=DEV)
     cnt = torch.zeros(4, 8, dtype=torch.int32, device=DEV)
@@ -133,7 +129,7 @@ def test_cuda_graph_capture():  # pragma: no cover - GPU only
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(kmin, kmin2) and torch.equal(kmax, kmax2)                               # same as eager
-    ref = select_pages(budgets, q, kmin, kmax, rpi, sl, MAXP)[1]
+    ref = select_pages(heads, q, kmin, kmax, rpi, sl, MAXP)[1]
     assert torch.equal(cnt, ref)
 
 
@@ -143,7 +139,8 @@ def test_ties_negative_scores_several_tiles(d, all_tied):
     pages are the top ``cnt`` by score, the lowest ids among exact ties, ascending, page 0 first."""
     maxp, hkv, group = 70, 1, 4
     g = torch.Generator().manual_seed(d)
-    budgets = [HeadBudget.topk(0.6, 1), HeadBudget.vslash(0.3, 2), HeadBudget.topk(0.1, 3), HeadBudget.dense()]
+    heads = LayerHeads.of([HeadBudget.topk(0.6, 1), HeadBudget.vslash(0.3, 2), HeadBudget.topk(0.1, 3),
+                           HeadBudget.dense()])
     lens = [maxp * BLOCK, 1000, 64 * 35 + 1]
     r = 4
     k = torch.randn(r * maxp * BLOCK, hkv, d, generator=g).to(DEV)
@@ -157,14 +154,14 @@ def test_ties_negative_scores_several_tiles(d, all_tied):
         kmin[:] = kmin[:, :, :1]
     kmax = kmin.clone()
     kmin_r, kmax_r = kmin.clone(), kmax.clone()
-    consts = selector_consts(budgets, DEV, maxp)
+    consts = selector_consts(heads, DEV, maxp)
     idx = torch.zeros(3, 4, consts.maxsel, dtype=torch.int32, device=DEV)
     cnt = torch.full((3, 4), -1, dtype=torch.int32, device=DEV)
     q = torch.randn(3, 4, d, generator=g).to(DEV)
     update_and_select_pages(q, k, r2t, rpi, sl, kmin, kmax, consts, maxp, idx, cnt)
     update_page_summaries(k, r2t, rpi, sl, kmin_r, kmax_r)
     assert torch.equal(kmin, kmin_r) and torch.equal(kmax, kmax_r)
-    ref_cnt = select_pages(budgets, q, kmin_r, kmax_r, rpi, sl, maxp)[1]
+    ref_cnt = select_pages(heads, q, kmin_r, kmax_r, rpi, sl, maxp)[1]
     assert torch.equal(cnt, ref_cnt)
     for b in range(3):
         npg = (lens[b] + BLOCK - 1) // BLOCK

@@ -1,17 +1,17 @@
-"""FlashInfer-like plan()/run() objects over the Triton kernels."""
+"""A FlashInfer-like plan()/run() object over the Triton prefill kernels (the decode front end is
+:meth:`.paged_layer.LayerKernels.decode`)."""
 from __future__ import annotations
 
-import math
 from typing import Sequence
 
 import torch
 
-from sglang_shplb.core.patterns import BLOCK, HeadBudget, Pattern
-from sglang_shplb.kernels.index import BlockIndex, build_block_index, check_budgets, check_qkv, pair_union_index
-from sglang_shplb.kernels.triton_decode import (DecodeScratch, alloc_page_summaries, build_page_summaries, decode_heads, decode_splits,
-                            decode_walks,
-                            max_selected_pages, select_pages, sparse_decode, update_page_summaries)
-from sglang_shplb.kernels.triton_prefill import RULE_DENSE_WINDOW, rule_prefill, sparse_prefill, tile_prefill, union_prefill
+from sglang_shplb.core.patterns import HeadBudget
+from sglang_shplb.kernels.block_index import BlockIndex
+from sglang_shplb.kernels.checks import check_qkv
+from sglang_shplb.kernels.index import build_block_index
+from sglang_shplb.kernels.layer_heads import LayerHeads
+from sglang_shplb.kernels.triton_prefill import RULE_DENSE_WINDOW, rule_prefill, sparse_prefill, tile_prefill
 
 
 def _sdpa(qq, kk, vv, scale, gqa: bool):
@@ -37,7 +37,7 @@ class SparsePrefill:
     >>> sp.plan(cu_seqlens_q, kv_lens, max_q_len, max_kv_len, cu_seqlens_k=cu_k)   # or req_to_token=..., req_pool_indices=...
     >>> o = sp.run(q, k, v)        # builds the block index on the device (no host sync), then the kernels
 
-    Heads are split by kind, all writing one ``out`` tensor:
+    Heads are split by kind (:class:`.layer_heads.LayerHeads`), all writing one ``out`` tensor:
 
     * **dense** heads go to torch SDPA (cuDNN / flash, grouped per KV head with ``enable_gqa``) for every
       sequence without a prefix, when the per-sequence lengths are known on the host: from CPU
@@ -55,23 +55,17 @@ class SparsePrefill:
 
     def __init__(self, budgets: Sequence[HeadBudget], num_kv_heads: int, head_dim: int,
                  sm_scale: float | None = None) -> None:
-        check_budgets(budgets, len(budgets), num_kv_heads)
-        if head_dim not in (64, 128):
-            raise ValueError(f"head_dim {head_dim} is not supported (only 64 and 128)")
-        self.budgets = list(budgets)
-        self.num_q_heads = len(budgets)
+        self.heads = heads = LayerHeads.of(budgets, num_kv_heads, head_dim)
+        self.num_q_heads = heads.num_heads
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
         self.sm_scale = sm_scale
-        self.all_dense = all(b.pattern is Pattern.DENSE for b in budgets)
+        # the block-index kernel's heads: the selected ones but the tile-128 top-k heads (the tile kernel's)
+        self.indexed = [h for h in heads.selected if h not in heads.tiled]
         g = self.num_q_heads // num_kv_heads
-        self.dense_heads = [h for h, b in enumerate(budgets) if b.pattern is Pattern.DENSE]
-        self.stream_heads = [h for h, b in enumerate(budgets) if b.pattern is Pattern.STREAMING]
-        self.listed_heads = [h for h, b in enumerate(budgets) if b.pattern in (Pattern.TOPK, Pattern.VSLASH)]
-        self.tile_heads = [h for h in self.listed_heads if budgets[h].tile != BLOCK]
         # dense heads grouped for SDPA: KV heads with the same number c of dense q heads share one call
         per_kv: dict[int, list[int]] = {}
-        for h in self.dense_heads:
+        for h in heads.dense:
             per_kv.setdefault(h // g, []).append(h)
         by_c: dict[int, tuple[list[int], list[int]]] = {}
         for kvh, hs in sorted(per_kv.items()):
@@ -121,8 +115,6 @@ class SparsePrefill:
                                                              (len(q_lens_cpu) != bsz or len(kv_lens_cpu) != bsz)):
             raise ValueError("give both q_lens_cpu and kv_lens_cpu, one entry per sequence")
         self._host_lens = None if q_lens_cpu is None else (list(map(int, q_lens_cpu)), list(map(int, kv_lens_cpu)))
-        self._sdpa_ok = (self.all_dense and bsz == 1 and self.cu_seqlens_k is not None
-                         and self.max_q_len == self.max_kv_len)
         self._planned = True
         return self
 
@@ -175,12 +167,7 @@ class SparsePrefill:
                     out[qs:qs + n].index_copy_(1, qh_t, o.to(out.dtype))
 
     def run(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, index: BlockIndex | None = None,
-            out: torch.Tensor | None = None, use_sdpa: bool = True, rule_tiles: bool = True,
-            union_tiles: bool = False) -> torch.Tensor:
-        """``use_sdpa=False``: dense heads through the Triton kernels too; ``rule_tiles=False``: dense and
-        streaming heads through the block-index (64-row) kernel instead of the 128-row rule kernel;
-        ``union_tiles=True``: top-k / vertical-slash heads through the 128-row union kernel (pairs of query
-        blocks over the union of their lists: faster only when adjacent query blocks pick similar blocks)."""
+            out: torch.Tensor | None = None) -> torch.Tensor:
         if not self._planned:
             raise ValueError("call plan() before run()")
         check_qkv(q, k, v)
@@ -194,40 +181,25 @@ class SparsePrefill:
             self.last_index = index
             return sparse_prefill(q, k, v, index.block_idx, index.block_cnt, index.head_dense, self.cu_seqlens_q,
                                   self.kv_lens, self.max_q_len, sm_scale=self.sm_scale, out=o, **kvkw)
-        segs = self._dense_segments(q, k) if (use_sdpa and self.dense_heads) else None
-        triton_dense = [] if segs is not None else self.dense_heads
-        if self.listed_heads or not rule_tiles:
-            index = build_block_index(self.budgets, q, k, self.cu_seqlens_q, self.kv_lens, self.max_kv_len, **kvkw)
-            self.last_index = index
-        else:
-            self.last_index = None
+        heads = self.heads
+        segs = self._dense_segments(q, k) if heads.dense else None
+        self.last_index = index = (build_block_index(heads.budgets, q, k, self.cu_seqlens_q, self.kv_lens,
+                                                     self.max_kv_len, **kvkw) if heads.selected else None)
         if segs is not None:
             self._run_dense_sdpa(q, k, v, o, segs)
-        if rule_tiles:
-            listed = self.listed_heads
-            rule = sorted(triton_dense + self.stream_heads)
-        else:
-            listed = sorted(triton_dense + self.stream_heads + self.listed_heads)
-            rule = []
-        tiled = [h for h in listed if h in self.tile_heads] if rule_tiles else []
-        if tiled:
+        if heads.tiled:
             tile_prefill(q, k, v, index.block_idx, index.block_cnt, index.head_dense,
-                         self._t(("tiled", tuple(tiled)), tiled, q.device), self.cu_seqlens_q, self.kv_lens,
+                         self._t(("tiled", heads.tiled), heads.tiled, q.device), self.cu_seqlens_q, self.kv_lens,
                          self.max_q_len, sm_scale=self.sm_scale, out=o, **kvkw)
-            listed = [h for h in listed if h not in tiled]
-        if listed and union_tiles and rule_tiles:
-            lt = self._t(("listed", tuple(listed)), listed, q.device)
-            pi, pc, pf = pair_union_index(index.block_idx, index.block_cnt, lt)
-            union_prefill(q, k, v, lt, pi, pc, pf, self.cu_seqlens_q, self.kv_lens, self.max_q_len,
-                          sm_scale=self.sm_scale, out=o, **kvkw)
-        elif listed:
+        if self.indexed:
             sparse_prefill(q, k, v, index.block_idx, index.block_cnt, index.head_dense, self.cu_seqlens_q,
                            self.kv_lens, self.max_q_len, sm_scale=self.sm_scale, out=o,
-                           heads=self._t(("listed", tuple(listed)), listed, q.device), **kvkw)
+                           heads=self._t(("listed", tuple(self.indexed)), self.indexed, q.device), **kvkw)
+        rule = sorted(heads.streaming + (heads.dense if segs is None else ()))
         if rule:
-            sinks = [0 if self.budgets[h].pattern is Pattern.DENSE else self.budgets[h].sink_blocks for h in rule]
-            wins = [RULE_DENSE_WINDOW if self.budgets[h].pattern is Pattern.DENSE else self.budgets[h].window_blocks
-                    for h in rule]
+            # a dense head is the rule (sink 0, window RULE_DENSE_WINDOW)
+            sinks = [0 if h in heads.dense else heads.budgets[h].sink_blocks for h in rule]
+            wins = [RULE_DENSE_WINDOW if h in heads.dense else heads.budgets[h].window_blocks for h in rule]
             key = tuple(rule)
             rule_prefill(q, k, v, self._t(("rule", key), rule, q.device), self._t(("sink", key), sinks, q.device),
                          self._t(("win", key), wins, q.device), self.cu_seqlens_q, self.kv_lens, self.max_q_len,
@@ -236,79 +208,6 @@ class SparsePrefill:
 
     def index(self, q: torch.Tensor, k: torch.Tensor) -> BlockIndex:
         """The block index of every head (dense heads unlisted), e.g. to inspect or to compare masks."""
-        return build_block_index(self.budgets, q, k, self.cu_seqlens_q, self.kv_lens, self.max_kv_len,
+        return build_block_index(self.heads.budgets, q, k, self.cu_seqlens_q, self.kv_lens, self.max_kv_len,
                                  cu_seqlens_k=self.cu_seqlens_k, req_to_token=self.req_to_token,
                                  req_pool_indices=self.req_pool_indices)
-
-
-class SparseDecode:
-    """Sparse paged decode with per-head budgets and a reusable query-aware page selection.
-
-    >>> sd = SparseDecode(budgets, num_kv_heads=8, head_dim=128, max_ctx=131072, num_req_slots=R, dtype=torch.bfloat16, device="cuda")
-    >>> sd.build_summaries(k_buffer, req_to_token, req_pool_indices, seq_lens)        # after prefill
-    >>> sd.plan(batch_size)                                                          # fixed shapes: graph-capturable
-    >>> o = sd.run(q, k_buffer, v_buffer, req_to_token, req_pool_indices, seq_lens, reselect=True)
-    >>> # next step: append the token, then sd.update_summaries(...) and run(..., reselect=False) to reuse pages
-
-    ``run(..., reselect=None)`` reselects every ``reselect_every`` steps (1 = every step)."""
-
-    def __init__(self, budgets: Sequence[HeadBudget], num_kv_heads: int, head_dim: int, max_ctx: int,
-                 num_req_slots: int, dtype=torch.bfloat16, device=None, sm_scale: float | None = None,
-                 reselect_every: int = 1) -> None:
-        check_budgets(budgets, len(budgets), num_kv_heads)
-        if head_dim not in (64, 128):
-            raise ValueError(f"head_dim {head_dim} is not supported (only 64 and 128)")
-        if reselect_every < 1:
-            raise ValueError(f"reselect_every must be >= 1, got {reselect_every}")
-        self.budgets = list(budgets)
-        self.num_q_heads = len(budgets)
-        self.num_kv_heads = num_kv_heads
-        self.head_dim = head_dim
-        self.max_pages = math.ceil(max_ctx / BLOCK)
-        self.sm_scale = sm_scale
-        self.reselect_every = reselect_every
-        self.heads = decode_heads(budgets, num_kv_heads, device)
-        self.kmin, self.kmax = alloc_page_summaries(num_req_slots, num_kv_heads, self.max_pages, head_dim,
-                                                    dtype=dtype, device=device)
-        self.maxsel = max_selected_pages(budgets, self.max_pages)
-        self._step = 0
-        self.page_idx = self.page_cnt = None
-
-    def build_summaries(self, k_buffer, req_to_token, req_pool_indices, seq_lens) -> None:
-        build_page_summaries(k_buffer, req_to_token, req_pool_indices, seq_lens, self.kmin, self.kmax)
-
-    def update_summaries(self, k_buffer, req_to_token, req_pool_indices, seq_lens) -> None:
-        update_page_summaries(k_buffer, req_to_token, req_pool_indices, seq_lens, self.kmin, self.kmax)
-
-    def plan(self, batch_size: int, device=None, nsplit: int | None = None) -> "SparseDecode":
-        dev = device if device is not None else self.kmin.device
-        hq, d = self.num_q_heads, self.head_dim
-        self.nsplit, self.split_pages = decode_splits(decode_walks(self.budgets, self.num_kv_heads, self.max_pages),
-                                                      batch_size)
-        if nsplit is not None:       # a fixed split count: the walks cut into nsplit even slices
-            self.nsplit, self.split_pages = nsplit, 1
-        self.page_idx = torch.zeros(batch_size, hq, self.maxsel, dtype=torch.int32, device=dev)
-        self.page_cnt = torch.zeros(batch_size, hq, dtype=torch.int32, device=dev)
-        self.scratch = DecodeScratch(batch_size, hq, self.num_kv_heads, d, self.max_pages,
-                                     batch_size * hq * self.nsplit, dev)
-        self._step = 0
-        return self
-
-    def select(self, q, req_pool_indices, seq_lens) -> None:
-        select_pages(self.budgets, q, self.kmin, self.kmax, req_pool_indices, seq_lens, self.max_pages,
-                     out=(self.page_idx, self.page_cnt))
-
-    def run(self, q, k_buffer, v_buffer, req_to_token, req_pool_indices, seq_lens, *,
-            reselect: bool | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
-        if self.page_idx is None:
-            raise ValueError("call plan() before run()")
-        if q.shape[0] != self.page_idx.shape[0]:
-            raise ValueError(f"batch {q.shape[0]} differs from the planned {self.page_idx.shape[0]}")
-        if reselect is None:
-            reselect = self._step % self.reselect_every == 0
-        if reselect:
-            self.select(q, req_pool_indices, seq_lens)
-        self._step += 1
-        return sparse_decode(q, k_buffer, v_buffer, req_to_token, req_pool_indices, seq_lens, self.heads,
-                             self.page_idx, self.page_cnt, self.scratch, self.nsplit, self.split_pages,
-                             sm_scale=self.sm_scale, out=out)

@@ -11,7 +11,10 @@ from typing import Sequence
 import torch
 
 from sglang_shplb.core.patterns import BLOCK, HeadBudget
-from sglang_shplb.kernels.index import BlockIndex, build_block_index, check_budgets, check_qkv
+from sglang_shplb.kernels.block_index import BlockIndex
+from sglang_shplb.kernels.checks import check_qkv
+from sglang_shplb.kernels.index import build_block_index
+from sglang_shplb.kernels.layer_heads import LayerHeads
 
 FLASHINFER_VERSION = "0.6.15.post1"
 
@@ -50,7 +53,7 @@ class FlashInferSparsePrefill:
     def __init__(self, budgets: Sequence[HeadBudget], num_kv_heads: int, head_dim: int,
                  workspace_bytes: int = 128 << 20, device="cuda") -> None:
         fi = import_flashinfer()
-        check_budgets(budgets, len(budgets), num_kv_heads)
+        LayerHeads.of(budgets, num_kv_heads)
         self.budgets = list(budgets)
         self.num_q_heads = len(budgets)
         self.num_kv_heads = num_kv_heads

@@ -1,129 +1,31 @@
-"""Block indices for the sparse kernels, built on the device with torch ops only.
+"""Block indices for the sparse kernels (:mod:`.block_index`), built on the device with torch ops only.
 
-Layout (padded, fixed shapes): for sequence ``b``, query head ``h`` and *absolute* query block ``qi``
-(``0 <= qi < NB``, ``NB = ceil(max_kv_len / BLOCK)``):
-
-* ``block_idx [B, Hq, NB, MAXK] int32``: the KV blocks it attends, ascending, so the diagonal ``qi`` is
-  always the last of the ``block_cnt`` valid entries (the kernel masks causally only there);
-* ``block_cnt [B, Hq, NB] int32``;
-* ``head_dense [Hq] int32``: 1 for dense heads, whose rows are not listed (the kernel walks ``0..qi``).
-
-``MAXK`` is a function of the budgets and ``NB`` alone (no host sync, no data-dependent shape), so the
-builders can run inside a captured CUDA graph. They reproduce :func:`sglang_shplb.core.block_masks.build_block_masks`
-(pooled q·k top-k, last-block-mass vertical-slash) for every sequence of a varlen batch.
+The builders reproduce :func:`sglang_shplb.core.block_masks.build_block_masks` (pooled q·k top-k,
+last-block-mass vertical-slash) for every sequence of a varlen batch, sync-free and at fixed shapes; the
+top-k rows come from the fused :func:`.triton_index.build_topk_index` on CUDA.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from functools import lru_cache
 from typing import Sequence
 
 import torch
 
-from sglang_shplb.core.patterns import BLOCK, HeadBudget, Pattern
-
-SUPPORTED_HEAD_DIMS = (64, 128)
-SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
-
-@dataclass
-class BlockIndex:
-    block_idx: torch.Tensor   # [B, Hq, NB, MAXK] int32
-    block_cnt: torch.Tensor   # [B, Hq, NB] int32
-    head_dense: torch.Tensor  # [Hq] int32
-
-    @property
-    def num_blocks(self) -> int:
-        return self.block_cnt.shape[-1]
-
-    def masks(self, b: int, nb: int) -> torch.Tensor:
-        """Block mask ``[Hq, nb, nb]`` of sequence ``b`` (host-side, for tests and inspection)."""
-        hq = self.block_cnt.shape[1]
-        m = torch.zeros(hq, nb, nb, dtype=torch.bool)
-        idx = self.block_idx[b].cpu().long()
-        cnt = self.block_cnt[b].cpu()
-        causal = torch.ones(nb, nb, dtype=torch.bool).tril()
-        for h in range(hq):
-            if int(self.head_dense[h]):
-                m[h] = causal
-                continue
-            for qi in range(nb):
-                m[h, qi, idx[h, qi, :int(cnt[h, qi])]] = True
-        return m
+from sglang_shplb.core.patterns import BLOCK, HeadBudget
+from sglang_shplb.kernels.block_index import (BlockIndex, empty_index, int_tensor, max_blocks_per_row, topk_counts,
+                                              topk_counts_tensor)
+from sglang_shplb.kernels.layer_heads import LayerHeads
+from sglang_shplb.kernels.triton_index import build_topk_index
 
 
-# ---------------------------------------------------------------------------------------------------
-# validation
-# ---------------------------------------------------------------------------------------------------
-def check_budgets(budgets: Sequence[HeadBudget], num_q_heads: int, num_kv_heads: int | None = None) -> None:
-    if len(budgets) != num_q_heads:
-        raise ValueError(f"{len(budgets)} budgets for {num_q_heads} query heads")
-    for h, b in enumerate(budgets):
-        if not isinstance(b, HeadBudget):
-            raise ValueError(f"budget of head {h} is {type(b).__name__}, not a HeadBudget")
-        if b.pattern is Pattern.STREAMING and (b.window_blocks < 1 or b.sink_blocks < 0):
-            raise ValueError(f"head {h}: streaming needs window_blocks >= 1, sink_blocks >= 0: {b}")
-        if b.pattern in (Pattern.TOPK, Pattern.VSLASH) and not (0.0 < b.fraction <= 1.0 and b.min_blocks >= 1):
-            raise ValueError(f"head {h}: {b.pattern.value} needs 0 < fraction <= 1 and min_blocks >= 1: {b}")
-    if num_kv_heads is not None and (num_kv_heads < 1 or num_q_heads % num_kv_heads):
-        raise ValueError(f"{num_q_heads} query heads are not a multiple of {num_kv_heads} KV heads")
-
-
-def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-    if q.dim() != 3 or k.dim() != 3 or v.dim() != 3:
-        raise ValueError(f"q, k, v must be [tokens, heads, head_dim]; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
-    d = q.shape[-1]
-    if d not in SUPPORTED_HEAD_DIMS:
-        raise ValueError(f"head_dim {d} is not supported (only {SUPPORTED_HEAD_DIMS})")
-    if k.shape[-1] != d or v.shape[-1] != d:
-        raise ValueError(f"head_dim of q ({d}), k ({k.shape[-1]}) and v ({v.shape[-1]}) disagree")
-    if k.shape != v.shape:
-        raise ValueError(f"k {tuple(k.shape)} and v {tuple(v.shape)} disagree")
-    if q.dtype not in SUPPORTED_DTYPES:
-        raise ValueError(f"dtype {q.dtype} is not supported (only {SUPPORTED_DTYPES})")
-    if k.dtype != q.dtype or v.dtype != q.dtype:
-        raise ValueError(f"dtypes disagree: q {q.dtype}, k {k.dtype}, v {v.dtype}")
-    if q.shape[1] % k.shape[1]:
-        raise ValueError(f"{q.shape[1]} query heads are not a multiple of {k.shape[1]} KV heads")
-    if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
-        raise ValueError("q, k, v need a contiguous last dimension")
-
-
-# ---------------------------------------------------------------------------------------------------
-# static parts (depend on budgets and NB only)
-# ---------------------------------------------------------------------------------------------------
-def max_blocks_per_row(budgets: Sequence[HeadBudget], nb: int) -> int:
-    """``MAXK``: the longest KV-block list of any non-dense head at ``nb`` blocks (≥ 1)."""
-    m = 1
-    for b in budgets:
-        if b.pattern is Pattern.VSLASH:
-            # top-n verticals plus forced block 0, top-n slashes plus forced offset 0: up to 2n + 2
-            # (HeadBudget.blocks_for_query_block's 2n is not a bound when the forced ones are not in the top n)
-            m = max(m, min(nb, 2 * b.vslash_count(nb) + 2))
-        elif b.pattern is Pattern.TOPK and b.tile != BLOCK:
-            # the builders write whole superblock pairs: room for 2 x superblocks of the last pair
-            m = max(m, 2 * b.superblocks_for_pair((nb - 1) // 2))
-        elif b.pattern is not Pattern.DENSE:
-            m = max(m, b.blocks_for_query_block(nb - 1, nb))
-    return m
-
-
-@lru_cache(maxsize=256)
-def _topk_counts(budget: HeadBudget, nb: int) -> tuple[int, ...]:
-    """Selected blocks per selection row: 64-token query blocks (``tile=64``, ``nb`` of them), or, for
-    ``tile=128``, 128-token superblocks per query pair (``nb`` = number of pairs)."""
-    if budget.tile != BLOCK:
-        return tuple(budget.superblocks_for_pair(p) for p in range(nb))
-    return tuple(budget.blocks_for_query_block(qi, nb) for qi in range(nb))
-
-
-def streaming_index(budget: HeadBudget, nb: int, maxk: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+def streaming_index(sink_blocks: int, window_blocks: int, nb: int, maxk: int,
+                    device=None) -> tuple[torch.Tensor, torch.Tensor]:
     """``[nb, maxk]`` indices, ``[nb]`` counts: sinks ``kj < s`` outside the window, then window ``qi-w+1..qi``."""
     qi = torch.arange(nb, device=device)[:, None]
     j = torch.arange(maxk, device=device)[None, :]
-    ws = (qi - budget.window_blocks + 1).clamp(min=0)
-    n_s = torch.minimum(ws, torch.full_like(ws, budget.sink_blocks))
+    ws = (qi - window_blocks + 1).clamp(min=0)
+    n_s = torch.minimum(ws, torch.full_like(ws, sink_blocks))
     cnt = n_s + (qi - ws + 1)
     idx = torch.where(j < n_s, j, ws + j - n_s)
     idx = torch.where(j < cnt, idx, torch.zeros_like(idx))
@@ -131,13 +33,8 @@ def streaming_index(budget: HeadBudget, nb: int, maxk: int, device=None) -> tupl
 
 
 @lru_cache(maxsize=256)
-def _cached_streaming_index(budget: HeadBudget, nb: int, maxk: int, device: str):
-    return streaming_index(budget, nb, maxk, device)
-
-
-@lru_cache(maxsize=256)
-def _cached_int_tensor(vals: tuple, device: str) -> torch.Tensor:
-    return torch.tensor(vals, dtype=torch.int32, device=device)
+def _cached_streaming_index(sink_blocks: int, window_blocks: int, nb: int, maxk: int, device: str):
+    return streaming_index(sink_blocks, window_blocks, nb, maxk, device)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -177,12 +74,6 @@ def expand_pair_rows(top: torch.Tensor, counts: torch.Tensor, nb: int) -> tuple[
     return idx.flatten(-3, -2)[..., :nb, :], c.flatten(-2)[..., :nb]
 
 
-@lru_cache(maxsize=64)
-def _topk_counts_tensor(budgets: tuple, nb: int, device: str) -> torch.Tensor:
-    """``[T, nb]`` per-row block counts of top-k heads, cached on the device (built once per shape)."""
-    return torch.tensor([_topk_counts(b, nb) for b in budgets], device=device)
-
-
 def build_block_index(budgets: Sequence[HeadBudget], q: torch.Tensor, k: torch.Tensor,
                       cu_seqlens_q: torch.Tensor, kv_lens: torch.Tensor, max_kv_len: int, *,
                       cu_seqlens_k: torch.Tensor | None = None, req_to_token: torch.Tensor | None = None,
@@ -196,7 +87,7 @@ def build_block_index(budgets: Sequence[HeadBudget], q: torch.Tensor, k: torch.T
     ``topk_builder``: ``"triton"`` (the fused :func:`.triton_index.build_topk_index`, default on CUDA) or
     ``"torch"`` (the torch ops below, default elsewhere) for the top-k heads' rows."""
     hq, d = q.shape[1], q.shape[2]
-    check_budgets(budgets, hq, k.shape[1])
+    heads = LayerHeads.of(budgets, k.shape[1], num_q_heads=hq)
     dev = q.device
     bsz = kv_lens.shape[0]
     nb = max(1, math.ceil(max_kv_len / BLOCK))
@@ -205,44 +96,34 @@ def build_block_index(budgets: Sequence[HeadBudget], q: torch.Tensor, k: torch.T
     q_lens = (cu_seqlens_q[1:] - cu_seqlens_q[:-1]).to(dev).long()
     prefix = kv_lens - q_lens
     nb_b = (kv_lens + BLOCK - 1) // BLOCK                                   # [B]
-    idx = torch.zeros(bsz, hq, nb, maxk, dtype=torch.int32, device=dev)
-    cnt = torch.zeros(bsz, hq, nb, dtype=torch.int32, device=dev)
-    pats = [b.pattern for b in budgets]
-    dense = _cached_int_tensor(tuple(int(p is Pattern.DENSE) for p in pats), str(dev))
+    out = empty_index(heads, bsz, nb, maxk, dev)
+    idx, cnt = out.block_idx, out.block_cnt
     qi_ar = torch.arange(nb, device=dev)
-    # static heads: one indexed write per distinct budget (a per-head loop costs ~10 launches a head)
-    groups: dict[HeadBudget, list[int]] = {}
-    for h, b in enumerate(budgets):
-        if b.pattern in (Pattern.DENSE, Pattern.STREAMING):
-            groups.setdefault(b, []).append(h)
-    for b, hs in groups.items():
-        ht = _cached_int_tensor(tuple(hs), str(dev)).long()
-        if b.pattern is Pattern.DENSE:
-            cnt[:, ht] = (qi_ar + 1).int()
-        else:
-            si, sc = _cached_streaming_index(b, nb, maxk, str(dev))
-            idx[:, ht] = si
-            cnt[:, ht] = sc
-    topk_heads = [h for h, p in enumerate(pats) if p is Pattern.TOPK]
-    vs_heads = [h for h, p in enumerate(pats) if p is Pattern.VSLASH]
-    if not topk_heads and not vs_heads:
-        return BlockIndex(idx, cnt, dense)
+    # static heads: one indexed write per kind and streaming rule (a per-head loop costs ~10 launches a head)
+    if heads.dense:
+        cnt[:, int_tensor(heads.dense, str(dev)).long()] = (qi_ar + 1).int()
+    for (sink, window), hs in heads.streaming_rules.items():
+        ht = int_tensor(hs, str(dev)).long()
+        si, sc = _cached_streaming_index(sink, window, nb, maxk, str(dev))
+        idx[:, ht] = si
+        cnt[:, ht] = sc
+    if not heads.selected:
+        return out
 
     if topk_builder is None:
         topk_builder = "triton" if q.is_cuda else "torch"
     if topk_builder not in ("triton", "torch"):
         raise ValueError(f"topk_builder must be 'triton' or 'torch', got {topk_builder!r}")
-    if topk_heads and topk_builder == "triton":
-        from sglang_shplb.kernels.triton_index import build_topk_index
+    topk_by_tile = heads.topk_by_tile                                       # the top-k rows built below
+    if heads.topk and topk_builder == "triton":
         build_topk_index(budgets, q, k, cu_seqlens_q, kv_lens, max_kv_len, cu_seqlens_k=cu_seqlens_k,
-                         req_to_token=req_to_token, req_pool_indices=req_pool_indices,
-                         out=BlockIndex(idx, cnt, dense))
-        topk_heads = []
-        if not vs_heads:
-            return BlockIndex(idx, cnt, dense)
+                         req_to_token=req_to_token, req_pool_indices=req_pool_indices, out=out)
+        topk_by_tile = {}
+        if not heads.vslash:
+            return out
     group = hq // k.shape[1]
     # positions of whole superblocks when a tile-128 head is listed (the extra block is invalid)
-    nbx = nb + (nb % 2 if any(budgets[h].tile != BLOCK for h in topk_heads) else 0)
+    nbx = nb + (nb % 2 if any(tile != BLOCK for tile in topk_by_tile) else 0)
     loc, kvalid = _kv_locations(kv_lens, nbx, cu_seqlens_k, req_to_token, req_pool_indices)
     kg = k[loc.view(-1)].view(bsz, nbx * BLOCK, k.shape[1], d)              # [B, nbx*BLOCK, Hkv, d]
     pos = torch.arange(nbx * BLOCK, device=dev)[None, :]
@@ -251,13 +132,12 @@ def build_block_index(budgets: Sequence[HeadBudget], q: torch.Tensor, k: torch.T
     qrow = torch.where(qvalid, qrow, torch.zeros_like(qrow))
     causal = torch.ones(nb, nb, dtype=torch.bool, device=dev).tril()
 
-    for tile in sorted({budgets[h].tile for h in topk_heads}):
+    for tile, heads_t in topk_by_tile.items():
         # scores S[r, kj] = mean(q in row r) · mean(k in kj) / sqrt(d) over blocks of `tile` tokens;
         # forced: kj = 0 and kj = r
-        heads_t = [h for h in topk_heads if budgets[h].tile == tile]
         ns = nb if tile == BLOCK else nbx * BLOCK // tile
         npos = ns * tile
-        th = _cached_int_tensor(tuple(heads_t), str(dev)).long()
+        th = int_tensor(heads_t, str(dev)).long()
         qg = q if len(heads_t) == hq else q.index_select(1, th)
         qp = _pool(qg[qrow[:, :npos].reshape(-1)].view(bsz, npos, len(heads_t), d), qvalid[:, :npos], ns, tile)
         kp = _pool(kg[:, :npos], kvalid[:, :npos], ns, tile)              # [B, Hkv, ns, d]
@@ -271,8 +151,8 @@ def build_block_index(budgets: Sequence[HeadBudget], q: torch.Tensor, k: torch.T
         s[..., 0] = torch.finfo(torch.float32).max
         s.diagonal(dim1=-2, dim2=-1).fill_(float("inf"))
         key = tuple(budgets[h] for h in heads_t)
-        counts = _topk_counts_tensor(key, ns, str(dev))                    # [T, ns]
-        kt = int(max(max(_topk_counts(b, ns)) for b in set(key)))
+        counts = topk_counts_tensor(key, ns, str(dev))                     # [T, ns]
+        kt = int(max(max(topk_counts(b, ns)) for b in set(key)))
         top = s.topk(kt, dim=-1).indices                                   # [B, T, ns, kt], by score
         keep = torch.arange(kt, device=dev) < counts[None, :, :, None]
         top = torch.where(keep, top, torch.full_like(top, ns)).sort(-1).values
@@ -285,7 +165,8 @@ def build_block_index(budgets: Sequence[HeadBudget], q: torch.Tensor, k: torch.T
             idx[:, th, :, :ei.shape[-1]] = ei.int()
             cnt[:, th] = ec.int()
 
-    if vs_heads:
+    if heads.vslash:
+        vs_heads = heads.vslash
         vh = torch.tensor(vs_heads, device=dev)
         last = nb_b - 1                                                     # last query block per sequence
         lpos = last[:, None] * BLOCK + torch.arange(BLOCK, device=dev)[None, :]   # [B, BLOCK]
@@ -323,39 +204,7 @@ def build_block_index(budgets: Sequence[HeadBudget], q: torch.Tensor, k: torch.T
         vi, vc = mask_to_index(m, min(maxk, nb))
         idx[:, vh, :, :vi.shape[-1]] = vi
         cnt[:, vh] = vc
-    return BlockIndex(idx, cnt, dense)
-
-
-def pair_union_index(block_idx: torch.Tensor, block_cnt: torch.Tensor, heads: torch.Tensor):
-    """Pairs of query blocks (A = 2p, B = 2p + 1) for the 128-row union kernel, heads ``heads`` only.
-
-    Returns ``pair_idx [B, T, NP, 2*MAXK]`` int32, ascending, entries ``kb * 4 + (1 if A lists kb) + (2 if
-    B lists kb)`` over the union of the off-diagonal lists minus block A; ``pair_cnt [B, T, NP]``;
-    ``pair_flag [B, T, NP]``: 1 if B lists block A. Sync-free (two sorts)."""
-    bi = block_idx.index_select(1, heads.long()).long()
-    bc = block_cnt.index_select(1, heads.long()).long()
-    bsz, t, nb, mk = bi.shape
-    if nb % 2:
-        bi = torch.cat([bi, torch.zeros_like(bi[:, :, :1])], 2)
-        bc = torch.cat([bc, torch.zeros_like(bc[:, :, :1])], 2)
-        nb += 1
-    big = nb + 1
-    j = torch.arange(mk, device=bi.device)
-    pa = 2 * torch.arange(nb // 2, device=bi.device)[:, None]                   # block A of each pair
-    va = torch.where(j < bc[:, :, 0::2, None] - 1, bi[:, :, 0::2], big)
-    vb = torch.where(j < bc[:, :, 1::2, None] - 1, bi[:, :, 1::2], big)
-    flag = (vb == pa).any(-1)
-    vb = torch.where(vb == pa, big, vb)
-    key = torch.cat([va * 4 + 1, vb * 4 + 2], -1).sort(-1).values
-    val, src = key >> 2, key & 3
-    same = val[..., 1:] == val[..., :-1]
-    flags = src.clone()
-    flags[..., :-1] |= torch.where(same, src[..., 1:], torch.zeros_like(src[..., 1:]))
-    keep = val < big
-    keep[..., 1:] &= ~same
-    packed = torch.where(keep, val * 4 + flags, torch.full_like(val, big * 4)).sort(-1).values
-    packed = torch.where(packed >= big * 4, torch.zeros_like(packed), packed)
-    return packed.int(), keep.sum(-1).int(), flag.int()
+    return out
 
 
 def mask_to_index(mask: torch.Tensor, maxk: int) -> tuple[torch.Tensor, torch.Tensor]:

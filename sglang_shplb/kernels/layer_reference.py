@@ -20,6 +20,7 @@ from typing import Sequence
 import torch
 
 from sglang_shplb.core.patterns import BLOCK, HeadBudget, Pattern
+from sglang_shplb.kernels.layer_heads import LayerHeads
 
 # A dense head is computed by the stock backend; inside the sparse index/kernel it is swapped for the
 # cheapest pattern (one diagonal block) and its output discarded.
@@ -27,11 +28,8 @@ _CHEAP = HeadBudget(Pattern.STREAMING, sink_blocks=0, window_blocks=1)
 
 
 def sparse_heads(budgets: Sequence[HeadBudget]) -> list[int]:
-    return [h for h, b in enumerate(budgets) if b.pattern is not Pattern.DENSE]
-
-
-def _index_budgets(budgets: Sequence[HeadBudget]) -> list[HeadBudget]:
-    return [(_CHEAP if b.pattern is Pattern.DENSE else b) for b in budgets]
+    """The heads this path computes: every head but the dense ones (the stock backend's)."""
+    return list(LayerHeads.of(budgets).sparse)
 
 
 def _masks_from_index(block_idx: torch.Tensor, block_cnt: torch.Tensor, b: int, heads: list[int],
@@ -50,7 +48,8 @@ def sparse_attention(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Te
                      q_lens: torch.Tensor, budgets: Sequence[HeadBudget], scale: float, out: torch.Tensor,
                      *, max_kv_len: int | None = None, use_kernel: bool | None = None) -> torch.Tensor:
     """Write the sparse heads' outputs into ``out [T, H, d]`` (dense heads' columns are left alone)."""
-    heads = sparse_heads(budgets)
+    layer = LayerHeads.of(budgets)
+    heads = list(layer.sparse)
     if not heads or q.shape[0] == 0:
         return out
     from sglang_shplb.kernels.index import build_block_index
@@ -62,7 +61,7 @@ def sparse_attention(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Te
     cu_q[1:] = torch.cumsum(q_lens, 0)
     if max_kv_len is None:
         max_kv_len = int(seq_lens.max())
-    ib = _index_budgets(budgets)
+    ib = [_CHEAP if h in layer.dense else b for h, b in enumerate(budgets)]
     bi = build_block_index(ib, q, k_buffer, cu_q, seq_lens, max_kv_len, req_to_token=req_to_token,
                            req_pool_indices=req_pool_indices)
     if use_kernel is None:
@@ -100,9 +99,9 @@ def _stream_offsets(sink_blocks: int, window_blocks: int, device: str) -> tuple[
 
 
 def streaming_decode(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tensor, req_to_token: torch.Tensor,
-                     req_pool_indices: torch.Tensor, seq_lens: torch.Tensor, budgets: Sequence[HeadBudget],
-                     heads: Sequence[int], scale: float, out: torch.Tensor) -> torch.Tensor:
-    """One decode query per sequence (``q [B, H, d]``, at position ``seq_lens - 1``) for streaming heads:
+                     req_pool_indices: torch.Tensor, seq_lens: torch.Tensor, heads: LayerHeads, scale: float,
+                     out: torch.Tensor) -> torch.Tensor:
+    """One decode query per sequence (``q [B, H, d]``, at position ``seq_lens - 1``) for the streaming heads:
     fixed shapes, no host sync, so it can run inside a captured CUDA graph. The token-level result equals
     the block-mask reference: sink blocks ``< sink_blocks`` plus the ``window_blocks`` blocks ending at the
     query's block."""
@@ -111,12 +110,8 @@ def streaming_decode(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Te
     n = seq_lens.to(dev).long()
     last_blk = (n - 1) // BLOCK
     max_ctx = req_to_token.shape[1]
-    by_cfg: dict[tuple[int, int], list[int]] = {}
-    for h in heads:
-        b = budgets[h]
-        by_cfg.setdefault((b.sink_blocks, b.window_blocks), []).append(h)
     rows = req_to_token[req_pool_indices.long()]                              # [B, max_ctx]
-    for (s, w), hs in by_cfg.items():
+    for (s, w), hs in heads.streaming_rules.items():
         so, wo = _stream_offsets(s, w, str(dev))
         wstart = (last_blk - w + 1) * BLOCK                                   # [B]
         pw = wstart[:, None] + wo[None, :]                                    # [B, W*BLOCK]
@@ -125,7 +120,7 @@ def streaming_decode(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Te
         valid = (pos >= 0) & (pos < n[:, None])
         valid[:, ps.shape[1]:] &= pw >= s * BLOCK                             # no double count of sinks
         loc = torch.gather(rows, 1, pos.clamp(0, max_ctx - 1)).long()         # [B, P]
-        hs_t = _const_heads(tuple(hs), str(dev))
+        hs_t = _const_heads(hs, str(dev))
         kvh = hs_t // group
         kk = k_buffer[loc][:, :, kvh].float()                                 # [B, P, S, d]
         vv = v_buffer[loc][:, :, kvh].float()
@@ -149,12 +144,8 @@ def prepare_decode_constants(budgets: Sequence[HeadBudget], device) -> None:
     """Build, outside any CUDA-graph capture, the small constant tensors the graph-safe decode path of
     these budgets reads (head lists, sink/window offsets); they are cached and reused by replays."""
     dev = str(torch.device(device))
-    by_cfg: dict[tuple[int, int], list[int]] = {}
-    for h, b in enumerate(budgets):
-        if b.pattern is Pattern.STREAMING:
-            by_cfg.setdefault((b.sink_blocks, b.window_blocks), []).append(h)
-    for (s, w), hs in by_cfg.items():
-        _const_heads(tuple(hs), dev)
+    for (s, w), hs in LayerHeads.of(budgets).streaming_rules.items():
+        _const_heads(hs, dev)
         _stream_offsets(s, w, dev)
 
 
@@ -163,19 +154,15 @@ def sparse_decode(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tenso
                   scale: float, out: torch.Tensor, *, max_kv_len: int | None = None) -> torch.Tensor:
     """Decode step (``q [B, H, d]``): streaming heads by :func:`streaming_decode`; top-k / vertical-slash
     heads through the block index like a one-token chunk of prefill (not graph-safe yet)."""
-    heads = sparse_heads(budgets)
-    if not heads:
-        return out
-    stream = [h for h in heads if budgets[h].pattern is Pattern.STREAMING]
-    other = [h for h in heads if budgets[h].pattern is not Pattern.STREAMING]
-    if stream:
-        streaming_decode(q, k_buffer, v_buffer, req_to_token, req_pool_indices, seq_lens, budgets, stream, scale, out)
-    if other:
+    heads = LayerHeads.of(budgets)
+    if heads.streaming:
+        streaming_decode(q, k_buffer, v_buffer, req_to_token, req_pool_indices, seq_lens, heads, scale, out)
+    if heads.selected:
         if q.is_cuda and torch.cuda.is_current_stream_capturing():
             raise RuntimeError("shplb: the reference decode path of top-k / vertical-slash heads cannot run inside "
                                "a captured CUDA graph (its index needs the context length on the host); on CUDA "
                                "the backend's kernel path (sglang_shplb.kernels.paged_layer) decodes them")
-        only = [b if (h in other) else HeadBudget.dense() for h, b in enumerate(budgets)]
+        only = [b if h in heads.selected else HeadBudget.dense() for h, b in enumerate(budgets)]
         ones = torch.ones(q.shape[0], dtype=torch.int32, device=q.device)
         sparse_attention(q, k_buffer, v_buffer, req_to_token, req_pool_indices, seq_lens, ones, only, scale, out,
                          max_kv_len=max_kv_len)

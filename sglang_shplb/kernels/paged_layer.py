@@ -11,11 +11,12 @@ heads, instead of letting the stock backend compute all heads and recomputing th
 * **Decode**: fold the new token into its page summary and choose the pages of top-k / vertical-slash
   heads (Quest / LServe upper bound; both in two Triton launches,
   :func:`~sglang_shplb.kernels.triton_select.update_and_select_pages`), then run
-  :func:`~sglang_shplb.kernels.triton_decode.sparse_decode` for all heads (dense: every page; streaming:
+  :func:`~sglang_shplb.kernels.triton_decode.group_decode` for all heads (dense: every page; streaming:
   sink + window pages). Fixed shapes and no host sync: safe inside a captured CUDA graph.
 
-Batch metadata is built once per forward (:class:`ExtendBatch`); decode scratch buffers are shared by all
-layers (:class:`DecodeWorkspace`), sized for the largest batch before graph capture.
+The layer's heads are classified once (:class:`~sglang_shplb.kernels.layer_heads.LayerHeads`) and handed to
+every kernel front end. Batch metadata is built once per forward (:class:`ExtendBatch`); decode scratch
+buffers are shared by all layers (:class:`DecodeWorkspace`), sized for the largest batch before graph capture.
 """
 from __future__ import annotations
 
@@ -25,11 +26,13 @@ from typing import Sequence
 
 import torch
 
+from sglang_shplb.core.patterns import BLOCK, HeadBudget
 from sglang_shplb.kernels.api import SparsePrefill
-from sglang_shplb.kernels.triton_decode import (DecodeScratch, alloc_page_summaries, build_page_summaries, decode_heads, decode_splits,
-                           decode_walks, max_decode_splits, max_selected_pages, sparse_decode)
+from sglang_shplb.kernels.layer_heads import LayerHeads
+from sglang_shplb.kernels.triton_decode import (DecodeScratch, alloc_page_summaries, build_page_summaries,
+                                                decode_splits, decode_walks, group_decode, max_decode_splits,
+                                                max_selected_pages, page_rules)
 from sglang_shplb.kernels.triton_select import selector_consts, update_and_select_pages
-from sglang_shplb.core.patterns import BLOCK, HeadBudget, Pattern
 
 
 @dataclass
@@ -87,11 +90,13 @@ class DecodeWorkspace:
 
 
 def layer_max_selected(budgets: Sequence[HeadBudget], max_ctx: int) -> int:
-    return max_selected_pages(budgets, math.ceil(max_ctx / BLOCK))
+    """Width of a layer's ``page_idx`` at context ``max_ctx`` (:func:`~.triton_decode.max_selected_pages`)."""
+    return max_selected_pages(LayerHeads.of(budgets), math.ceil(max_ctx / BLOCK))
 
 
 def selected_heads(budgets: Sequence[HeadBudget]) -> int:
-    return sum(b.pattern in (Pattern.TOPK, Pattern.VSLASH) for b in budgets)
+    """How many of a layer's heads select their pages (top-k, vertical-slash)."""
+    return len(LayerHeads.of(budgets).selected)
 
 
 class LayerKernels:
@@ -100,17 +105,18 @@ class LayerKernels:
     def __init__(self, budgets: Sequence[HeadBudget], num_kv_heads: int, head_dim: int, max_ctx: int,
                  num_req_slots: int, kv_dtype: torch.dtype, device) -> None:
         self.budgets = list(budgets)
+        self.heads = LayerHeads.of(budgets, num_kv_heads, head_dim)
         self.hq, self.hkv, self.d = len(budgets), num_kv_heads, head_dim
         self.max_pages = math.ceil(max_ctx / BLOCK)
         self.prefill = SparsePrefill(self.budgets, num_kv_heads, head_dim)
-        self.heads = decode_heads(self.budgets, num_kv_heads, device)
-        self.walks = decode_walks(self.budgets, num_kv_heads, self.max_pages)
-        self.selects = selected_heads(self.budgets) > 0
+        self.page_rules = page_rules(self.heads, num_kv_heads, device)
+        self.walks = decode_walks(self.heads, num_kv_heads, self.max_pages)
+        self.selects = bool(self.heads.selected)
         self.kmin = self.kmax = None
         if self.selects:   # page summaries [R, Hkv, pages, d] x 2, indexed like req_to_token
             self.kmin, self.kmax = alloc_page_summaries(num_req_slots, num_kv_heads, self.max_pages, head_dim,
                                                         dtype=kv_dtype, device=device)
-            self.select_consts = selector_consts(self.budgets, device, self.max_pages)
+            self.select_consts = selector_consts(self.heads, device, self.max_pages)
 
     @property
     def summary_bytes(self) -> int:
@@ -131,10 +137,14 @@ class LayerKernels:
             sp.plan(batch.cu_seqlens_q, batch.seq_lens, max_q, max_kv, cu_seqlens_k=batch.cu_seqlens_q,
                     q_lens_cpu=batch.q_lens_cpu, kv_lens_cpu=batch.kv_lens_cpu)
             sp.run(q, k, v, out=out)
+        self.summarize(k_buffer, batch)
+        return out
+
+    def summarize(self, k_buffer: torch.Tensor, batch: ExtendBatch) -> None:
+        """(Re)build the per-page key min/max of the batch's requests, which decode's page selection reads."""
         if self.selects:
             build_page_summaries(k_buffer, batch.req_to_token, batch.req_pool_indices, batch.seq_lens,
-                                 self.kmin, self.kmax, num_pages=math.ceil(max_kv / BLOCK))
-        return out
+                                 self.kmin, self.kmax, num_pages=math.ceil(max(batch.kv_lens_cpu) / BLOCK))
 
     def decode(self, q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tensor, req_to_token: torch.Tensor,
                req_pool_indices: torch.Tensor, seq_lens: torch.Tensor, ws: DecodeWorkspace, scale: float,
@@ -146,8 +156,8 @@ class LayerKernels:
         if self.selects:
             update_and_select_pages(q, k_buffer, req_to_token, req_pool_indices, seq_lens, self.kmin, self.kmax,
                                     self.select_consts, self.max_pages, page_idx, page_cnt, scratch=ws.scores)
-        return sparse_decode(q, k_buffer, v_buffer, req_to_token, req_pool_indices, seq_lens, self.heads, page_idx,
-                             page_cnt, ws.scratch, *self.splits(bs), sm_scale=scale, out=out)
+        return group_decode(q, k_buffer, v_buffer, req_to_token, req_pool_indices, seq_lens, self.page_rules,
+                            page_idx, page_cnt, ws.scratch, *self.splits(bs), sm_scale=scale, out=out)
 
     def splits(self, bs: int) -> tuple[int, int]:
         """``(nsplit, split_pages)`` of this layer's page walks at batch size ``bs``."""

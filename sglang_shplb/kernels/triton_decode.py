@@ -15,7 +15,7 @@ on ``q·k`` over a page is ``sum_d max(q_d kmin_d, q_d kmax_d)``; take the top p
 GQA: one program serves the q heads of one KV head and loads each page once for all of them (the decode
 step is bound by KV bytes). A KV head whose q heads are all dense, or all streaming with one budget, walks
 a range of pages. Any other group walks the ascending union of its heads' pages, made each step by a small
-union kernel, with a bit mask per page of the heads that read it; the scores of the other heads are masked
+page-union kernel, with a bit mask per page of the heads that read it; the scores of the other heads are masked
 out, so every head attends exactly its own pages.
 
 Split-K (flash decoding): the page walk of a KV head is cut into ``NSPLIT`` slices; each program keeps an
@@ -31,6 +31,8 @@ from typing import NamedTuple, Sequence
 import torch
 
 from sglang_shplb.core.patterns import BLOCK, HeadBudget, Pattern
+from sglang_shplb.kernels.checks import check_qkv
+from sglang_shplb.kernels.layer_heads import LayerHeads
 from sglang_shplb.kernels.triton_prefill import LOG2E
 
 MODE_DENSE, MODE_STREAMING, MODE_SELECTED = 0, 1, 2   # per q head
@@ -43,7 +45,7 @@ def _kernels():
     triton, tl = import_triton()
 
     @triton.jit
-    def _union_kernel(PIDX, PCNT, s_pi_b, s_pi_h, s_pc_b, seq_lens, mode, sink, window, gmode,
+    def _page_union_kernel(PIDX, PCNT, s_pi_b, s_pi_h, s_pc_b, seq_lens, mode, sink, window, gmode,
                       MAP, s_map_b, ULIST, UBITS, UCNT, s_u_b, s_u_h, HKV, MAXP,
                       GROUP: tl.constexpr, M2: tl.constexpr, TP: tl.constexpr, PAGE: tl.constexpr):
         # the pages KV head hk of request b loads once for its GROUP q heads (list mode, gmode 2):
@@ -98,7 +100,7 @@ def _kernels():
     ):
         # the GROUP q heads of KV head hk share each page load: S = Q_group · K^T on the tensor cores (rows
         # padded to GP), one online softmax per row. Pages: gmode 0 all, 1 one streaming budget (sink +
-        # window), 2 the union list of _union_kernel with a row mask per page (UBITS). The walk of this
+        # window), 2 the union list of _page_union_kernel with a row mask per page (UBITS). The walk of this
         # (request, KV head) is cut into gs = ceil(total / SPLIT_PAGES) <= NSPLIT slices, so that long and
         # short walks take programs in proportion to their pages; programs past gs only write lse = -inf.
         bhk = tl.program_id(0)
@@ -177,51 +179,48 @@ def _kernels():
         res = tl.sum(o * w[:, None], 0) / tl.sum(w, 0)
         tl.store(O + b * stride_ob + h * stride_oh + offs_d, res.to(O.dtype.element_ty))
 
-    return _union_kernel, _decode_group_kernel, _combine_kernel
+    return _page_union_kernel, _decode_group_kernel, _combine_kernel
 
 
-class DecodeHeads(NamedTuple):
-    """Device constants of one layer's decode (:func:`decode_heads`), made once per budget set."""
+class PageRules(NamedTuple):
+    """Device constants of one layer's decode (:func:`page_rules`): which pages each head reads and how each
+    KV head walks them; made once per layer."""
     mode: torch.Tensor       # int32 [Hq]: 0 dense, 1 streaming, 2 selected (top-k / vertical-slash)
     sink: torch.Tensor       # int32 [Hq]: streaming sink pages
     window: torch.Tensor     # int32 [Hq]: streaming window pages
     gmode: torch.Tensor      # int32 [Hkv]: 0 all dense, 1 one streaming budget, 2 the union list
     gsink: torch.Tensor      # int32 [Hkv]
     gwindow: torch.Tensor    # int32 [Hkv]
-    lists: bool              # some KV head is in list mode (the union kernel runs)
+    lists: bool              # some KV head is in list mode (the page-union kernel runs)
 
 
-def _page_rules(budgets: Sequence[HeadBudget], num_kv_heads: int) -> tuple[list[int], ...]:
-    """Host lists of :class:`DecodeHeads`: ``mode, sink, window`` per q head, ``gmode, gsink, gwindow`` per
+def _host_page_rules(heads: LayerHeads, num_kv_heads: int) -> tuple[list[int], ...]:
+    """Host lists of :class:`PageRules`: ``mode, sink, window`` per q head, ``gmode, gsink, gwindow`` per
     KV head."""
-    mode, sink, win = [], [], []
-    for b in budgets:
-        if b.pattern is Pattern.DENSE:
-            mode.append(MODE_DENSE); sink.append(0); win.append(0)
-        elif b.pattern is Pattern.STREAMING:
-            mode.append(MODE_STREAMING); sink.append(b.sink_blocks); win.append(b.window_blocks)
-        else:
-            mode.append(MODE_SELECTED); sink.append(0); win.append(0)
-    g = len(budgets) // num_kv_heads
+    mode, sink, win = [MODE_SELECTED] * heads.num_heads, [0] * heads.num_heads, [0] * heads.num_heads
+    for h in heads.dense:
+        mode[h] = MODE_DENSE
+    for (s, w), hs in heads.streaming_rules.items():
+        for h in hs:
+            mode[h], sink[h], win[h] = MODE_STREAMING, s, w
     gm, gs, gw = [], [], []
-    for hk in range(num_kv_heads):
-        hs = range(hk * g, (hk + 1) * g)
+    for hs in heads.kv_groups(num_kv_heads):
         if all(mode[h] == MODE_DENSE for h in hs):
             gm.append(MODE_DENSE); gs.append(0); gw.append(0)
         elif all(mode[h] == MODE_STREAMING for h in hs) and len({(sink[h], win[h]) for h in hs}) == 1:
-            gm.append(MODE_STREAMING); gs.append(sink[hk * g]); gw.append(win[hk * g])
+            gm.append(MODE_STREAMING); gs.append(sink[hs[0]]); gw.append(win[hs[0]])
         else:
             gm.append(MODE_LIST); gs.append(0); gw.append(0)
     return mode, sink, win, gm, gs, gw
 
 
-def decode_heads(budgets: Sequence[HeadBudget], num_kv_heads: int, device=None) -> DecodeHeads:
+def page_rules(heads: LayerHeads, num_kv_heads: int, device=None) -> PageRules:
     """Per q head its page rule; per KV head how the group kernel walks its pages. A KV head whose q heads
     are all dense, or all streaming with one budget, walks a range; any other group walks the union of its
     heads' pages with a row mask per page, so that every page is loaded once for the group."""
-    rules = _page_rules(budgets, num_kv_heads)
+    rules = _host_page_rules(heads, num_kv_heads)
     mk = lambda x: torch.tensor(x, dtype=torch.int32, device=device)  # noqa: E731
-    return DecodeHeads(*map(mk, rules), MODE_LIST in rules[3])
+    return PageRules(*map(mk, rules), MODE_LIST in rules[3])
 
 
 def decode_page_budget(budget: HeadBudget, npages: int) -> int:
@@ -231,13 +230,9 @@ def decode_page_budget(budget: HeadBudget, npages: int) -> int:
     return budget.decode_blocks(npages * BLOCK)
 
 
-def max_selected_pages(budgets: Sequence[HeadBudget], max_pages: int) -> int:
+def max_selected_pages(heads: LayerHeads, max_pages: int) -> int:
     """``MAXSEL``: width of ``page_idx`` (the listed pages, the current one excluded), ≥ 1."""
-    m = 1
-    for b in budgets:
-        if b.pattern in (Pattern.TOPK, Pattern.VSLASH):
-            m = max(m, decode_page_budget(b, max_pages) - 1)
-    return m
+    return max([1] + [decode_page_budget(heads.budgets[h], max_pages) - 1 for h in heads.selected])
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -289,7 +284,7 @@ def update_page_summaries(k_buffer: torch.Tensor, req_to_token: torch.Tensor, re
     kmax[r, :, page] = torch.where(first, knew, torch.maximum(cur_hi, knew))
 
 
-def select_pages(budgets: Sequence[HeadBudget], q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor,
+def select_pages(heads: LayerHeads, q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor,
                  req_pool_indices: torch.Tensor, seq_lens: torch.Tensor, max_pages: int,
                  out: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Query-aware page choice of the selected (top-k / vertical-slash) heads.
@@ -301,13 +296,13 @@ def select_pages(budgets: Sequence[HeadBudget], q: torch.Tensor, kmin: torch.Ten
     hkv = kmin.shape[1]
     group = hq // hkv
     dev = q.device
-    maxsel = max_selected_pages(budgets, max_pages)
+    maxsel = max_selected_pages(heads, max_pages)
     if out is None:
         out = (torch.zeros(bsz, hq, maxsel, dtype=torch.int32, device=dev),
                torch.zeros(bsz, hq, dtype=torch.int32, device=dev))
     page_idx, page_cnt = out
     page_cnt.zero_()
-    consts = _selector_constants(tuple(budgets), str(dev), max_pages)
+    consts = _selector_constants(heads, str(dev), max_pages)
     if consts is None:
         return page_idx, page_cnt
     sh, table = consts
@@ -326,46 +321,43 @@ def select_pages(budgets: Sequence[HeadBudget], q: torch.Tensor, kmin: torch.Ten
     return page_idx, page_cnt
 
 
-def decode_count_table(budgets: Sequence[HeadBudget], max_pages: int) -> torch.Tensor:
+def decode_count_table(heads: LayerHeads, max_pages: int) -> torch.Tensor:
     """int32 ``[Hq, max_pages + 1]`` (host): pages a selected head lists at ``npg`` pages,
     ``clamp(decode_page_budget(npg) - 1, 0, MAXSEL)`` (the kernel adds the current page); 0 for other heads
     and at ``npg = 0``. The one count rule of :func:`select_pages` and the fused selector."""
-    kt = min(max_selected_pages(budgets, max_pages), max_pages)
-    table = torch.zeros(len(budgets), max_pages + 1, dtype=torch.int32)
-    for h, b in enumerate(budgets):
-        if b.pattern in (Pattern.TOPK, Pattern.VSLASH):
-            table[h, 1:] = torch.tensor([min(max(decode_page_budget(b, n) - 1, 0), kt)
-                                         for n in range(1, max_pages + 1)], dtype=torch.int32)
+    kt = min(max_selected_pages(heads, max_pages), max_pages)
+    table = torch.zeros(heads.num_heads, max_pages + 1, dtype=torch.int32)
+    for h in heads.selected:
+        table[h, 1:] = torch.tensor([min(max(decode_page_budget(heads.budgets[h], n) - 1, 0), kt)
+                                     for n in range(1, max_pages + 1)], dtype=torch.int32)
     return table
 
 
 @lru_cache(maxsize=256)
-def _selector_constants(budgets: tuple[HeadBudget, ...], device: str, max_pages: int):
-    """Device constants of :func:`select_pages` (selected heads, their count table), made once per budget
-    set: a captured CUDA graph may not create tensors from host lists."""
-    sel = [h for h, b in enumerate(budgets) if b.pattern in (Pattern.TOPK, Pattern.VSLASH)]
+def _selector_constants(heads: LayerHeads, device: str, max_pages: int):
+    """Device constants of :func:`select_pages` (selected heads, their count table), made once per layer:
+    a captured CUDA graph may not create tensors from host lists."""
+    sel = list(heads.selected)
     if not sel:
         return None
     if device.startswith("cuda") and torch.cuda.is_current_stream_capturing():
         raise RuntimeError("shplb: page-selection constants must be made before CUDA-graph capture "
                            "(run one eager decode step first)")
-    return torch.tensor(sel, device=device), decode_count_table(budgets, max_pages)[sel].to(device)
+    return torch.tensor(sel, device=device), decode_count_table(heads, max_pages)[sel].to(device)
 
 
-def decode_walks(budgets: Sequence[HeadBudget], num_kv_heads: int, max_pages: int) -> list[int]:
+def decode_walks(heads: LayerHeads, num_kv_heads: int, max_pages: int) -> list[int]:
     """Per KV head, the most pages its group kernel walks at ``max_pages`` pages: the length of its range, or
     of its union list (at most the sum of its heads' pages)."""
-    g = len(budgets) // num_kv_heads
-    gmode = _page_rules(budgets, num_kv_heads)[3]
-
-    def pages(b: HeadBudget) -> int:
-        if b.pattern is Pattern.DENSE:
-            return max_pages
-        if b.pattern is Pattern.STREAMING:
-            return b.sink_blocks + b.window_blocks
-        return decode_page_budget(b, max_pages)
-    hs = [budgets[hk * g:(hk + 1) * g] for hk in range(num_kv_heads)]
-    return [min(max_pages, pages(h[0]) if m != MODE_LIST else sum(map(pages, h))) for h, m in zip(hs, gmode)]
+    gmode = _host_page_rules(heads, num_kv_heads)[3]
+    pages = [max_pages] * heads.num_heads                                   # dense: every page
+    for (s, w), hs in heads.streaming_rules.items():
+        for h in hs:
+            pages[h] = s + w
+    for h in heads.selected:
+        pages[h] = decode_page_budget(heads.budgets[h], max_pages)
+    return [min(max_pages, pages[hs[0]] if m != MODE_LIST else sum(pages[h] for h in hs))
+            for hs, m in zip(heads.kv_groups(num_kv_heads), gmode)]
 
 
 # Measured on an H100 (bench/decode.py, layer_path.py, 2026-11-24): small batches want short slices (4-8 pages), large
@@ -392,7 +384,7 @@ def max_decode_splits(max_pages: int, batch: int) -> int:
 
 
 class DecodeScratch:
-    """Scratch of :func:`sparse_decode` for up to ``batch`` requests: split-K partials (``partial_rows`` rows of
+    """Scratch of :func:`group_decode` for up to ``batch`` requests: split-K partials (``partial_rows`` rows of
     ``mid_o [., d]`` / ``mid_l``: ``batch · Hq · nsplit`` are used) and the union lists of list-mode KV heads
     (``ulist/ubits [B, Hkv, max_pages]``, ``ucnt``, the byte map ``[B, Hq, max_pages]``, zero between calls).
     Allocate once (before CUDA-graph capture); every layer of one shape can share it."""
@@ -408,19 +400,19 @@ class DecodeScratch:
         self.map = torch.zeros(batch, num_q_heads, max_pages, dtype=torch.int8, device=device)
 
 
-def sparse_decode(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tensor, req_to_token: torch.Tensor,
-                  req_pool_indices: torch.Tensor, seq_lens: torch.Tensor, heads: DecodeHeads,
-                  page_idx: torch.Tensor, page_cnt: torch.Tensor, scratch: DecodeScratch, nsplit: int,
-                  split_pages: int, *,
-                  sm_scale: float | None = None, out: torch.Tensor | None = None,
-                  num_warps: int = 4, num_stages: int | None = None) -> torch.Tensor:
-    """``q [B, Hq, d]`` (token at position ``seq_lens - 1``, already written to the pool) → ``[B, Hq, d]``.
-    ``heads``: :func:`decode_heads`; ``page_idx/page_cnt``: :func:`select_pages` (or the fused selector);
+def group_decode(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tensor, req_to_token: torch.Tensor,
+                 req_pool_indices: torch.Tensor, seq_lens: torch.Tensor, rules: PageRules,
+                 page_idx: torch.Tensor, page_cnt: torch.Tensor, scratch: DecodeScratch, nsplit: int,
+                 split_pages: int, *,
+                 sm_scale: float | None = None, out: torch.Tensor | None = None,
+                 num_warps: int = 4, num_stages: int | None = None) -> torch.Tensor:
+    """The decode kernels (page union, group kernel, split-K combine): ``q [B, Hq, d]`` (token at position
+    ``seq_lens - 1``, already written to the pool) → ``[B, Hq, d]``.
+    ``rules``: :func:`page_rules`; ``page_idx/page_cnt``: :func:`select_pages` (or the fused selector);
     ``scratch``: a :class:`DecodeScratch` for at least ``B`` requests and ``B · Hq · nsplit`` partial rows;
     ``nsplit, split_pages`` (:func:`decode_splits`): each KV head's page walk is cut into slices of about
     ``split_pages`` pages, at most ``nsplit`` (a power of two) of them. Each KV head's
     pages are loaded once for its q heads. Sync-free, no allocation with ``out``."""
-    from sglang_shplb.kernels.index import check_qkv
     if q.dim() != 3:
         raise ValueError(f"decode q must be [batch, heads, head_dim], got {tuple(q.shape)}")
     check_qkv(q, k_buffer, v_buffer)
@@ -430,8 +422,8 @@ def sparse_decode(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tenso
         raise ValueError(f"nsplit must be a power of two and split_pages >= 1, got {nsplit}, {split_pages}")
     if page_idx.shape[:2] != (bsz, hq) or page_cnt.shape != (bsz, hq):
         raise ValueError(f"page_idx {tuple(page_idx.shape)} / page_cnt {tuple(page_cnt.shape)} do not match ({bsz}, {hq})")
-    if heads.mode.shape != (hq,) or heads.gmode.shape != (hkv,):
-        raise ValueError(f"decode heads are for {heads.mode.shape[0]} q / {heads.gmode.shape[0]} KV heads, "
+    if rules.mode.shape != (hq,) or rules.gmode.shape != (hkv,):
+        raise ValueError(f"page rules are for {rules.mode.shape[0]} q / {rules.gmode.shape[0]} KV heads, "
                          f"got {hq} / {hkv}")
     if scratch.batch < bsz or scratch.hq != hq or scratch.hkv != hkv or scratch.mid_l.shape[0] < bsz * hq * nsplit:
         raise ValueError(f"scratch holds {scratch.batch} requests x {scratch.hq} / {scratch.hkv} heads and "
@@ -445,10 +437,10 @@ def sparse_decode(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tenso
         num_stages = 3 if q.is_cuda else 1
     g = hq // hkv
     ul = scratch.ulist
-    if heads.lists:
+    if rules.lists:
         maxp = scratch.max_pages
         union[(bsz, hkv)](page_idx, page_cnt, page_idx.stride(0), page_idx.stride(1), page_cnt.stride(0), seq_lens,
-                          heads.mode, heads.sink, heads.window, heads.gmode,
+                          rules.mode, rules.sink, rules.window, rules.gmode,
                           scratch.map, scratch.map.stride(0), ul, scratch.ubits, scratch.ucnt, ul.stride(0),
                           ul.stride(1), hkv, maxp, GROUP=g, M2=max(16, 1 << (page_idx.shape[2] - 1).bit_length()),
                           TP=min(1024, max(16, 1 << (maxp - 1).bit_length())), PAGE=BLOCK)
@@ -456,7 +448,7 @@ def sparse_decode(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tenso
         q, k_buffer, v_buffer, scratch.mid_o, scratch.mid_l,
         q.stride(0), q.stride(1), k_buffer.stride(0), k_buffer.stride(1), v_buffer.stride(0), v_buffer.stride(1),
         req_to_token, req_pool_indices, req_to_token.stride(0), seq_lens,
-        heads.gmode, heads.gsink, heads.gwindow, ul, scratch.ubits, scratch.ucnt, ul.stride(0), ul.stride(1),
+        rules.gmode, rules.gsink, rules.gwindow, ul, scratch.ubits, scratch.ucnt, ul.stride(0), ul.stride(1),
         scale, hq, hkv, split_pages, GROUP=g, GP=max(16, 1 << (g - 1).bit_length()), NSPLIT=nsplit, PAGE=BLOCK, D=d,
         DOT_F32=(not q.is_cuda) and q.dtype == torch.bfloat16, num_warps=num_warps, num_stages=num_stages)
     comb[(bsz * hq,)](scratch.mid_o, scratch.mid_l, o, o.stride(0), o.stride(1), hq, NSPLIT=nsplit, D=d)

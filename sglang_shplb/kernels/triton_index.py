@@ -1,4 +1,4 @@
-"""Fused, sync-free Triton builder of the TOP-K heads' rows of a :class:`.index.BlockIndex`.
+"""Fused, sync-free Triton builder of the TOP-K heads' rows of a :class:`.block_index.BlockIndex`.
 
 Same output as the top-k part of :func:`.index.build_block_index` (ties may resolve differently: this
 builder keeps the lowest block ids among exactly tied scores), in two launches and no big intermediate:
@@ -28,7 +28,7 @@ builder keeps the lowest block ids among exactly tied scores), in two launches a
      written in ascending order at positions ``cumsum(selected) - 1`` (one packed scan); ``[k, MAXK)`` is zeroed and
      ``block_cnt = k``.
 
-   ``k(qi)`` comes from ``index._topk_counts`` (per budget, a function of ``qi`` and ``NB`` only). Every
+   ``k(qi)`` comes from ``block_index.topk_counts`` (per budget, a function of ``qi`` and ``NB`` only). Every
    row ``qi < NB`` is written, including rows with no queries (all scores 0: the lowest ids win), as
    ``build_block_index`` does.
 
@@ -47,9 +47,9 @@ from typing import Sequence
 
 import torch
 
-from sglang_shplb.core.patterns import BLOCK, HeadBudget, Pattern
-from sglang_shplb.kernels.index import (BlockIndex, _cached_int_tensor, _topk_counts_tensor, check_budgets,
-                    max_blocks_per_row)
+from sglang_shplb.core.patterns import BLOCK, HeadBudget
+from sglang_shplb.kernels.block_index import BlockIndex, empty_index, max_blocks_per_row, topk_counts_tensor
+from sglang_shplb.kernels.layer_heads import LayerHeads
 
 BM = 16   # query blocks per selection program (tl.dot needs M >= 16)
 DC = 16   # head-dim chunk of the score dots
@@ -173,11 +173,10 @@ def _kernels():
 
 
 @lru_cache(maxsize=64)
-def _head_maps(kinds: tuple, tile: int, device: str):
-    """``kinds``: (pattern, tile) per query head → (top-k heads of this tile ``[T]``, slot of each query head
-    ``[Hq]`` (-1 if not one of them))."""
-    topk = tuple(h for h, (p, t) in enumerate(kinds) if p is Pattern.TOPK and t == tile)
-    slot = tuple(topk.index(h) if h in topk else -1 for h in range(len(kinds)))
+def _head_maps(heads: LayerHeads, tile: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(top-k heads of this tile ``[T]``, slot of each query head ``[Hq]`` (-1 if not one of them))."""
+    topk = heads.topk_by_tile[tile]
+    slot = tuple(topk.index(h) if h in topk else -1 for h in range(heads.num_heads))
     return (torch.tensor(topk, dtype=torch.int32, device=device),
             torch.tensor(slot, dtype=torch.int32, device=device))
 
@@ -200,7 +199,7 @@ def build_topk_index(budgets: Sequence[HeadBudget], q: torch.Tensor, k: torch.Te
     (``head_dense`` set, rows of dense/streaming/vertical-slash heads left zero). Returns it.
     ``num_warps``: of the selection kernel (default: by ``NBP``, see :func:`_num_warps`)."""
     hq, d = q.shape[1], q.shape[2]
-    check_budgets(budgets, hq, k.shape[1])
+    heads = LayerHeads.of(budgets, k.shape[1], num_q_heads=hq)
     if q.dim() != 3 or k.dim() != 3 or k.shape[-1] != d or d % DC or d & (d - 1):
         raise ValueError(f"q [tokens, Hq, d] and k [tokens, Hkv, d] with d a power of two >= {DC}; "
                          f"got {tuple(q.shape)}, {tuple(k.shape)}")
@@ -213,11 +212,8 @@ def build_topk_index(budgets: Sequence[HeadBudget], q: torch.Tensor, k: torch.Te
     bsz = kv_lens.shape[0]
     nb = max(1, math.ceil(max_kv_len / BLOCK))
     maxk = max_blocks_per_row(budgets, nb)
-    kinds = tuple((b.pattern, b.tile) for b in budgets)
     if out is None:
-        dense = _cached_int_tensor(tuple(int(b.pattern is Pattern.DENSE) for b in budgets), str(dev))
-        out = BlockIndex(torch.zeros(bsz, hq, nb, maxk, dtype=torch.int32, device=dev),
-                         torch.zeros(bsz, hq, nb, dtype=torch.int32, device=dev), dense)
+        out = empty_index(heads, bsz, nb, maxk, dev)
     elif (out.block_cnt.shape != (bsz, hq, nb) or out.block_idx.shape[:3] != (bsz, hq, nb)
           or out.block_idx.shape[3] < maxk or out.block_idx.stride(-1) != 1):
         raise ValueError(f"out has shapes {tuple(out.block_idx.shape)} / {tuple(out.block_cnt.shape)}, "
@@ -230,12 +226,11 @@ def build_topk_index(budgets: Sequence[HeadBudget], q: torch.Tensor, k: torch.Te
     cuda = q.is_cuda
     cast = {torch.bfloat16: 1, torch.float16: 2}.get(q.dtype, 0) if cuda else 0   # CPU: float32 like the reference
     bi, bc = out.block_idx, out.block_cnt
-    for tile in sorted({b.tile for b in budgets if b.pattern is Pattern.TOPK}):
-        heads, slot = _head_maps(kinds, tile, str(dev))
-        t = heads.shape[0]
+    for tile, topk in heads.topk_by_tile.items():
+        topk_t, slot = _head_maps(heads, tile, str(dev))
+        t = len(topk)
         ns = nb if tile == BLOCK else math.ceil(nb * BLOCK / tile)     # selection rows (and KV units)
-        counts = _topk_counts_tensor(tuple(b for b, kd in zip(budgets, kinds) if kd == (Pattern.TOPK, tile)),
-                                     ns, str(dev))
+        counts = topk_counts_tensor(tuple(budgets[h] for h in topk), ns, str(dev))
         kp = torch.empty(bsz, hkv, ns, d, dtype=torch.float32, device=dev)
         qp = torch.empty(bsz, t, ns, d, dtype=torch.float32, device=dev)
         pool_k[(ns, bsz, hkv)](
@@ -246,7 +241,7 @@ def build_topk_index(budgets: Sequence[HeadBudget], q: torch.Tensor, k: torch.Te
             HKV=hkv, GROUP=group, D=d, BLOCK_N=tile, PAGED=paged, num_warps=4 if cuda else 1)
         nbp = max(16, triton_next_pow2(ns))
         select_k[(math.ceil(ns / BM), t, bsz)](
-            qp, kp, heads, counts, bi, bc, bi.stride(0), bi.stride(1), bi.stride(2), bc.stride(0), bc.stride(1),
+            qp, kp, topk_t, counts, bi, bc, bi.stride(0), bi.stride(1), bi.stride(2), bc.stride(0), bc.stride(1),
             ns, t, maxk, nb, HKV=hkv, GROUP=group, D=d, BM=BM, NBP=nbp, DC=DC, CAST=cast, IEEE=cuda,
             EXPAND=tile != BLOCK, num_warps=num_warps or _num_warps(nbp, cuda), num_stages=1)
     return out

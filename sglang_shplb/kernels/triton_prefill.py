@@ -10,9 +10,9 @@ One program = one 64-row query block of one head. Flash attention with an online
 
 Listed blocks are ascending, so the diagonal block is the last one: all earlier blocks lie fully inside
 ``[0, n_kv)`` and before every query row, and only the diagonal needs the causal/bounds mask. Dense heads
-walk ``0..qi-1`` without index loads. With ``kv_tile=128`` one step takes two listed blocks at once (their
-128 rows gathered into one tile: half the rescales, 64×128 MMAs); the result is the same. Triton is imported
-on first use (tests set ``TRITON_INTERPRET=1``).
+walk ``0..qi-1`` without index loads. Dense and streaming heads have a 128-row kernel of their own
+(:func:`rule_prefill`, no index), and top-k heads of 128-token superblocks one of 128 x 128 tiles
+(:func:`tile_prefill`). Triton is imported on first use (tests set ``TRITON_INTERPRET=1``).
 """
 from __future__ import annotations
 
@@ -22,13 +22,14 @@ from functools import lru_cache
 import torch
 
 from sglang_shplb.core.patterns import BLOCK
+from sglang_shplb.kernels.checks import check_qkv
 
 LOG2E = 1.4426950408889634
 
 
 @lru_cache(maxsize=None)
 def _shared_jit() -> None:
-    """jit helpers of the four prefill kernels, put in the module's globals (where jit functions resolve
+    """jit helpers of the three prefill kernels, put in the module's globals (where jit functions resolve
     their callees): a sequence's bounds, its query tile, its KV row table, the output store."""
     from sglang_shplb.kernels._triton_compat import import_triton
     triton, tl = import_triton()
@@ -73,9 +74,8 @@ def _shared_jit() -> None:
 
 @lru_cache(maxsize=None)
 def _kernel(autotune: bool):
-    """The block-index kernel. ``BLOCK_N`` (constexpr) is the KV tile: 64 = one listed block per step;
-    128 = two listed blocks per step, their rows gathered into one 64×128 tile (half the rescales, twice the
-    MMA width), an odd leftover block paired with the diagonal in the last, masked tile."""
+    """The block-index kernel: one listed 64-token KV block per step (the 128-wide tile of two listed blocks
+    lost its benchmark, ``bench/results/kernels_round3.md``)."""
     from sglang_shplb.kernels._triton_compat import import_triton
     triton, tl = import_triton()
     _shared_jit()
@@ -87,12 +87,11 @@ def _kernel(autotune: bool):
 
     @triton.jit
     def _tile(acc, m_i, l_i, q, k_ptr, v_ptr, r2t, kv_base, offs_n, offs_m, n_kv, stride_kt, stride_vt,
-              qk_scale, BLOCK_N: tl.constexpr, FULL: tl.constexpr, PAGED: tl.constexpr, DOT_F32: tl.constexpr):
-        # one online-softmax step over the KV positions offs_n [BLOCK_N]: columns < FULL are whole listed
-        # blocks before every row (no mask), the others the diagonal (token-causal, < n_kv)
-        if FULL < BLOCK_N:
-            whole = tl.arange(0, BLOCK_N) < FULL
-            n_valid = whole | (offs_n < n_kv)
+              qk_scale, MASK: tl.constexpr, PAGED: tl.constexpr, DOT_F32: tl.constexpr):
+        # one online-softmax step over the KV positions offs_n: a whole listed block before every row (no
+        # mask), or MASK: the diagonal block (token-causal, < n_kv)
+        if MASK:
+            n_valid = offs_n < n_kv
             if PAGED:
                 loc = tl.load(r2t + offs_n, mask=n_valid, other=0).to(tl.int64)
             else:
@@ -107,14 +106,14 @@ def _kernel(autotune: bool):
         if DOT_F32:  # the CPU interpreter's bf16 dot is wrong: compute in float32 there
             k = k.to(tl.float32)
         s = tl.dot(q, tl.trans(k)) * qk_scale
-        if FULL < BLOCK_N:   # every row keeps >= 1 column (the diagonal's first): m_new is finite
-            ok = n_valid[None, :] & (whole[None, :] | (offs_n[None, :] <= offs_m[:, None]))
+        if MASK:   # every row keeps >= 1 column (the diagonal's first): m_new is finite
+            ok = n_valid[None, :] & (offs_n[None, :] <= offs_m[:, None])
             s = tl.where(ok, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.math.exp2(m_i - m_new)
         p = tl.math.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        if FULL < BLOCK_N:
+        if MASK:
             v = tl.load(v_ptr + loc[:, None] * stride_vt, mask=n_valid[:, None], other=0.0)
         else:
             v = tl.load(v_ptr + loc[:, None] * stride_vt)
@@ -133,10 +132,9 @@ def _kernel(autotune: bool):
         block_idx, block_cnt, head_dense,
         s_bi_b, s_bi_h, s_bi_q, s_bc_b, s_bc_h,
         qk_scale, HQ, heads, NH, Q_BUCKET,   # Q_BUCKET: an autotune key only
-        GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
+        GROUP: tl.constexpr, BLOCK_M: tl.constexpr, D: tl.constexpr,
         PAGED: tl.constexpr, DOT_F32: tl.constexpr, HEAD_MAP: tl.constexpr,
     ):
-        PAIR: tl.constexpr = BLOCK_N // BLOCK_M         # listed blocks per KV tile (1 or 2)
         jq = tl.num_programs(0) - 1 - tl.program_id(0)   # query block rel. to the chunk's first; longest rows first
         bh = tl.program_id(1)
         b = bh // NH
@@ -149,7 +147,6 @@ def _kernel(autotune: bool):
         if qi * BLOCK_M < n_kv:
             offs_d = tl.arange(0, D)
             ar = tl.arange(0, BLOCK_M)
-            arn = tl.arange(0, BLOCK_N)
             offs_m = qi * BLOCK_M + ar            # absolute positions of the rows
             q, q_rows, m_valid = _q_tile(Q, q_start, offs_m, prefix, n_kv, h, stride_qt, stride_qh, offs_d, DOT_F32)
             r2t, kv_base = _kv_rows(req_to_token, req_pool_idx, stride_r2t, cu_k, b, PAGED)
@@ -163,34 +160,19 @@ def _kernel(autotune: bool):
             m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
             l_i = tl.zeros([BLOCK_M], tl.float32)
             acc = tl.zeros([BLOCK_M, D], tl.float32)
-            for it in range(0, n_off // PAIR):
-                # column c of the tile: offset c % 64 of list entry PAIR*it + c // 64
-                kb = _index_listed(idx_row, PAIR * it, dense)
-                if PAIR == 2:
-                    kb = tl.where(arn < BLOCK_M, kb, _index_listed(idx_row, 2 * it + 1, dense))
-                acc, m_i, l_i = _index_tile(acc, m_i, l_i, q, k_ptr, v_ptr, r2t, kv_base,
-                                            kb * BLOCK_M + arn % BLOCK_M, offs_m, n_kv, stride_kt, stride_vt,
-                                            qk_scale, BLOCK_N, BLOCK_N, PAGED, DOT_F32)
-            # diagonal block qi, token-causal and bounded by n_kv (PAIR 2: an odd leftover block shares its tile)
-            if PAIR == 2:
-                if n_off % 2 == 1:
-                    kb = tl.where(arn < BLOCK_M, _index_listed(idx_row, n_off - 1, dense), qi)
-                    acc, m_i, l_i = _index_tile(acc, m_i, l_i, q, k_ptr, v_ptr, r2t, kv_base,
-                                                kb * BLOCK_M + arn % BLOCK_M, offs_m, n_kv, stride_kt, stride_vt,
-                                                qk_scale, BLOCK_N, BLOCK_M, PAGED, DOT_F32)
-                else:
-                    acc, m_i, l_i = _index_tile(acc, m_i, l_i, q, k_ptr, v_ptr, r2t, kv_base, qi * BLOCK_M + ar,
-                                                offs_m, n_kv, stride_kt, stride_vt, qk_scale, BLOCK_M, 0, PAGED,
-                                                DOT_F32)
-            else:
-                acc, m_i, l_i = _index_tile(acc, m_i, l_i, q, k_ptr, v_ptr, r2t, kv_base, qi * BLOCK_M + ar,
-                                            offs_m, n_kv, stride_kt, stride_vt, qk_scale, BLOCK_M, 0, PAGED, DOT_F32)
+            for it in range(0, n_off):
+                kb = _index_listed(idx_row, it, dense)
+                acc, m_i, l_i = _index_tile(acc, m_i, l_i, q, k_ptr, v_ptr, r2t, kv_base, kb * BLOCK_M + ar,
+                                            offs_m, n_kv, stride_kt, stride_vt, qk_scale, False, PAGED, DOT_F32)
+            # diagonal block qi, token-causal and bounded by n_kv
+            acc, m_i, l_i = _index_tile(acc, m_i, l_i, q, k_ptr, v_ptr, r2t, kv_base, qi * BLOCK_M + ar,
+                                        offs_m, n_kv, stride_kt, stride_vt, qk_scale, True, PAGED, DOT_F32)
             o = acc / l_i[:, None]
             _store_o(O, o, q_rows, m_valid, h, stride_ot, stride_oh, offs_d)
 
     kern = triton.jit(body)
     if autotune:
-        kern = triton.autotune(_index_configs(triton), key=["D", "BLOCK_N", "PAGED", "Q_BUCKET"])(kern)
+        kern = triton.autotune(_index_configs(triton), key=["D", "PAGED", "Q_BUCKET"])(kern)
     return kern
 
 
@@ -224,21 +206,17 @@ def sparse_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_idx:
                    req_to_token: torch.Tensor | None = None, req_pool_indices: torch.Tensor | None = None,
                    sm_scale: float | None = None, out: torch.Tensor | None = None,
                    num_warps: int | None = None, num_stages: int | None = None,
-                   heads: torch.Tensor | None = None, kv_tile: int = 64) -> torch.Tensor:
+                   heads: torch.Tensor | None = None) -> torch.Tensor:
     """Sparse causal attention of a varlen, optionally chunked batch.
 
     ``q [total_q, Hq, d]``; ``k, v``: contiguous ``[total_kv, Hkv, d]`` with ``cu_seqlens_k``, or the token
     pool with ``req_to_token [R, max_ctx]`` and ``req_pool_indices [B]``. ``kv_lens [B]``: tokens per
     sequence including the prefix; ``max_q_len``: a host bound on ``n_q`` (fixes the grid).
-    ``block_idx/block_cnt/head_dense``: :class:`.index.BlockIndex`. Returns ``[total_q, Hq, d]`` in q's dtype.
-    ``heads``: optional int32 tensor of the query heads to compute (others of ``out`` are left untouched).
-    ``kv_tile``: 64 (one listed block per step) or 128 (two listed blocks gathered into one 64×128 tile);
-    same result either way. On CUDA the launch config is autotuned (:data:`INDEX_CONFIGS`, per head_dim,
-    tile, layout and power-of-2 bucket of ``max_q_len``) unless ``num_warps``/``num_stages`` are given.
+    ``block_idx/block_cnt/head_dense``: :class:`.block_index.BlockIndex`. Returns ``[total_q, Hq, d]`` in
+    q's dtype. ``heads``: optional int32 tensor of the query heads to compute (others of ``out`` are left
+    untouched). On CUDA the launch config is autotuned (:data:`INDEX_CONFIGS`, per head_dim, layout and
+    power-of-2 bucket of ``max_q_len``) unless ``num_warps``/``num_stages`` are given.
     """
-    from sglang_shplb.kernels.index import check_qkv
-    if kv_tile not in (BLOCK, 2 * BLOCK):
-        raise ValueError(f"kv_tile must be {BLOCK} or {2 * BLOCK}, got {kv_tile}")
     check_qkv(q, k, v)
     paged = _paged_layout(cu_seqlens_k, req_to_token, req_pool_indices)
     bsz = kv_lens.shape[0]
@@ -272,7 +250,7 @@ def sparse_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_idx:
         block_idx, block_cnt, head_dense,
         block_idx.stride(0), block_idx.stride(1), block_idx.stride(2), block_cnt.stride(0), block_cnt.stride(1),
         scale * LOG2E, hq, heads if heads is not None else dummy, nh, q_bucket,
-        GROUP=hq // k.shape[1], BLOCK_M=BLOCK, BLOCK_N=kv_tile, D=d, PAGED=paged,
+        GROUP=hq // k.shape[1], BLOCK_M=BLOCK, D=d, PAGED=paged,
         DOT_F32=(not q.is_cuda) and q.dtype == torch.bfloat16, HEAD_MAP=heads is not None, **kw,
     )
     return o
@@ -409,108 +387,6 @@ def _pair_configs(triton):
     return [triton.Config({}, num_warps=w, num_stages=st) for w, st in ((8, 2), (8, 3), (4, 2), (8, 4))]
 
 
-@lru_cache(maxsize=None)
-def _union_kernel(autotune: bool):
-    """Listed (top-k / vertical-slash) heads with 128-row tiles: one program = query blocks A = 2p and
-    B = 2p + 1 of one head, walking the UNION of their off-diagonal lists (:func:`.index.pair_union_index`:
-    entries ``kb * 4 + (1 if in A) + (2 if in B)``) with a per-row mask, then the diagonal blocks A (B's rows
-    only if B lists A) and B (causal). Worth it when adjacent query blocks pick similar KV blocks."""
-    from sglang_shplb.kernels._triton_compat import import_triton
-    triton, tl = import_triton()
-    _rule_kernel(False)   # defines _rule_tile and the shared helpers
-
-    def body(
-        Q, K, V, O,
-        stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
-        cu_q, kv_lens, cu_k, req_to_token, req_pool_idx, stride_r2t,
-        heads, pidx, pcnt, pflag, s_pi_b, s_pi_h, s_pi_p, s_pc_b, s_pc_h, qk_scale, NH,
-        GROUP: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, PAGED: tl.constexpr,
-        DOT_F32: tl.constexpr,
-    ):
-        BLOCK_M: tl.constexpr = 2 * BLOCK_N
-        jp = tl.num_programs(0) - 1 - tl.program_id(0)
-        bh = tl.program_id(1)
-        b = bh // NH
-        hs = bh % NH
-        h = tl.load(heads + hs)
-        hk = h // GROUP
-        q_start, n_kv, prefix = _seq_bounds(cu_q, kv_lens, b)
-        qp = prefix // BLOCK_M + jp
-        if qp * BLOCK_M < n_kv:
-            offs_d = tl.arange(0, D)
-            ar = tl.arange(0, BLOCK_M)
-            offs_m = qp * BLOCK_M + ar
-            in_a = ar < BLOCK_N
-            q, q_rows, m_valid = _q_tile(Q, q_start, offs_m, prefix, n_kv, h, stride_qt, stride_qh, offs_d, DOT_F32)
-            r2t, kv_base = _kv_rows(req_to_token, req_pool_idx, stride_r2t, cu_k, b, PAGED)
-            k_ptr = K + hk * stride_kh + offs_d[None, :]
-            v_ptr = V + hk * stride_vh + offs_d[None, :]
-            cnt = tl.load(pcnt + b * s_pc_b + hs * s_pc_h + qp)
-            b_sees_a = tl.load(pflag + b * s_pc_b + hs * s_pc_h + qp) != 0
-            row = pidx + b * s_pi_b + hs * s_pi_h + qp * s_pi_p
-            m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-            l_i = tl.zeros([BLOCK_M], tl.float32)
-            acc = tl.zeros([BLOCK_M, D], tl.float32)
-            for it in range(0, cnt):
-                e = tl.load(row + it)
-                ok = tl.where(in_a, (e & 1) != 0, (e & 2) != 0)
-                acc, m_i, l_i = _rule_tile(acc, m_i, l_i, q, k_ptr, v_ptr, r2t, kv_base, e >> 2, offs_m, ok,
-                                           n_kv, stride_kt, stride_vt, qk_scale, BLOCK_N, PAGED, True, DOT_F32)
-            blk_a = 2 * qp
-            ok = in_a | b_sees_a
-            acc, m_i, l_i = _rule_tile(acc, m_i, l_i, q, k_ptr, v_ptr, r2t, kv_base, blk_a, offs_m, ok,
-                                       n_kv, stride_kt, stride_vt, qk_scale, BLOCK_N, PAGED, True, DOT_F32)
-            if (blk_a + 1) * BLOCK_N < n_kv:
-                acc, m_i, l_i = _rule_tile(acc, m_i, l_i, q, k_ptr, v_ptr, r2t, kv_base, blk_a + 1, offs_m, ar >= 0,
-                                           n_kv, stride_kt, stride_vt, qk_scale, BLOCK_N, PAGED, True, DOT_F32)
-            o = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
-            _store_o(O, o, q_rows, m_valid, h, stride_ot, stride_oh, offs_d)
-
-    kern = triton.jit(body)
-    if autotune:
-        kern = triton.autotune(_pair_configs(triton), key=["D", "GROUP", "PAGED"])(kern)
-    return kern
-
-
-def union_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: torch.Tensor, pair_idx: torch.Tensor,
-                  pair_cnt: torch.Tensor, pair_flag: torch.Tensor, cu_seqlens_q: torch.Tensor, kv_lens: torch.Tensor,
-                  max_q_len: int, *, cu_seqlens_k: torch.Tensor | None = None,
-                  req_to_token: torch.Tensor | None = None, req_pool_indices: torch.Tensor | None = None,
-                  sm_scale: float | None = None, out: torch.Tensor | None = None,
-                  num_warps: int | None = None, num_stages: int | None = None) -> torch.Tensor:
-    """Listed heads ``heads`` with 128-row tiles over :func:`.index.pair_union_index` (whose head axis is
-    ``heads``' order). Layouts as :func:`sparse_prefill`; writes only ``out[:, heads]``."""
-    from sglang_shplb.kernels.index import check_qkv
-    check_qkv(q, k, v)
-    paged = _paged_layout(cu_seqlens_k, req_to_token, req_pool_indices)
-    bsz = kv_lens.shape[0]
-    hq, d = q.shape[1], q.shape[2]
-    nh = int(heads.shape[0])
-    if pair_cnt.shape[:2] != (bsz, nh) or pair_idx.shape[:3] != pair_cnt.shape or pair_flag.shape != pair_cnt.shape:
-        raise ValueError(f"pair index shapes {tuple(pair_idx.shape)} / {tuple(pair_cnt.shape)} do not match "
-                         f"{bsz} sequences x {nh} heads")
-    scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(d)
-    o = out if out is not None else torch.empty_like(q)
-    if nh == 0:
-        return o
-    dummy = cu_seqlens_q
-    grid = (max(1, math.ceil(max_q_len / (2 * BLOCK)) + 1), bsz * nh)
-    tune = q.is_cuda and num_warps is None and num_stages is None
-    kw = {} if tune else dict(num_warps=num_warps or (8 if q.is_cuda else 4), num_stages=num_stages or (2 if q.is_cuda else 1))
-    _union_kernel(tune)[grid](
-        q, k, v, o,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), o.stride(0), o.stride(1),
-        cu_seqlens_q, kv_lens, cu_seqlens_k if not paged else dummy,
-        req_to_token if paged else dummy, req_pool_indices if paged else dummy,
-        req_to_token.stride(0) if paged else 0,
-        heads, pair_idx, pair_cnt, pair_flag, pair_idx.stride(0), pair_idx.stride(1), pair_idx.stride(2),
-        pair_cnt.stride(0), pair_cnt.stride(1), scale * LOG2E, nh,
-        GROUP=hq // k.shape[1], BLOCK_N=BLOCK, D=d, PAGED=paged,
-        DOT_F32=(not q.is_cuda) and q.dtype == torch.bfloat16, **kw,
-    )
-    return o
-
-
 def rule_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: torch.Tensor,
                  sink_blocks: torch.Tensor, window_blocks: torch.Tensor, cu_seqlens_q: torch.Tensor,
                  kv_lens: torch.Tensor, max_q_len: int, *, cu_seqlens_k: torch.Tensor | None = None,
@@ -522,7 +398,6 @@ def rule_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: torch
     ``kb < sink_blocks[i]``); a dense head has ``sink 0, window RULE_DENSE_WINDOW``. Layouts as
     :func:`sparse_prefill`; writes only ``out[:, heads]``. On CUDA the launch config is autotuned unless
     ``num_warps``/``num_stages`` are given."""
-    from sglang_shplb.kernels.index import check_qkv
     check_qkv(q, k, v)
     paged = _paged_layout(cu_seqlens_k, req_to_token, req_pool_indices)
     if not (heads.shape == sink_blocks.shape == window_blocks.shape) or heads.dim() != 1:
@@ -600,7 +475,7 @@ def _tile_kernel(autotune: bool):
         s_bi_b, s_bi_h, s_bi_q, s_bc_b, s_bc_h,
         qk_scale, NH, Q_BUCKET,   # Q_BUCKET: an autotune key only
         GROUP: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr, PAGED: tl.constexpr,
-        TMA: tl.constexpr, DOT_F32: tl.constexpr, WARP_SPEC: tl.constexpr,
+        TMA: tl.constexpr, DOT_F32: tl.constexpr,
     ):
         TILE: tl.constexpr = 128
         SUB: tl.constexpr = TILE // BLOCK_N            # KV steps per superblock
@@ -630,7 +505,7 @@ def _tile_kernel(autotune: bool):
             m_i = tl.full([TILE], float("-inf"), tl.float32)
             l_i = tl.zeros([TILE], tl.float32)
             acc = tl.zeros([TILE, D], tl.float32)
-            for it in tl.range(0, n_off * SUB, warp_specialize=WARP_SPEC):
+            for it in range(0, n_off * SUB):
                 j = it // SUB
                 sb = dense * j + (1 - dense) * (tl.load(idx_row + 2 * j, mask=dense == 0, other=0) // 2)
                 start = sb * TILE + (it % SUB) * BLOCK_N
@@ -707,16 +582,13 @@ def tile_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_idx: t
                  cu_seqlens_k: torch.Tensor | None = None, req_to_token: torch.Tensor | None = None,
                  req_pool_indices: torch.Tensor | None = None, sm_scale: float | None = None,
                  out: torch.Tensor | None = None, tma: bool | None = None, block_n: int | None = None,
-                 num_warps: int | None = None, num_stages: int | None = None,
-                 warp_specialize: bool = False) -> torch.Tensor:
-    """Heads ``heads`` (int32) with 128 x 128 tiles: ``tile=128`` top-k heads of a :class:`.index.BlockIndex`
-    built by :func:`.index.build_block_index` (their rows list whole superblocks), and dense heads
-    (``head_dense``). Layouts and arguments as :func:`sparse_prefill`; writes only ``out[:, heads]``.
-    ``tma``: TMA loads of contiguous KV (default: when :func:`tma_supported`). On CUDA the launch config
-    (KV step ``BLOCK_N`` 64/128, warps, stages: :data:`TILE_CONFIGS`) is autotuned unless ``block_n``,
-    ``num_warps`` and ``num_stages`` are given. ``warp_specialize``: Triton's warp-specialised loop (an
-    experiment; the benchmark measures it)."""
-    from sglang_shplb.kernels.index import check_qkv
+                 num_warps: int | None = None, num_stages: int | None = None) -> torch.Tensor:
+    """Heads ``heads`` (int32) with 128 x 128 tiles: ``tile=128`` top-k heads of a
+    :class:`.block_index.BlockIndex` built by :func:`.index.build_block_index` (their rows list whole
+    superblocks), and dense heads (``head_dense``). Layouts and arguments as :func:`sparse_prefill`; writes
+    only ``out[:, heads]``. ``tma``: TMA loads of contiguous KV (default: when :func:`tma_supported`). On CUDA
+    the launch config (KV step ``BLOCK_N`` 64/128, warps, stages: :data:`TILE_CONFIGS`) is autotuned unless
+    ``block_n``, ``num_warps`` and ``num_stages`` are given."""
     check_qkv(q, k, v)
     paged = _paged_layout(cu_seqlens_k, req_to_token, req_pool_indices)
     bsz = kv_lens.shape[0]
@@ -759,6 +631,6 @@ def tile_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_idx: t
         block_idx.stride(0), block_idx.stride(1), block_idx.stride(2), block_cnt.stride(0), block_cnt.stride(1),
         scale * LOG2E, nh, q_bucket,
         GROUP=hq // k.shape[1], D=d, PAGED=paged, TMA=tma,
-        DOT_F32=(not q.is_cuda) and q.dtype == torch.bfloat16, WARP_SPEC=warp_specialize, **kw,
+        DOT_F32=(not q.is_cuda) and q.dtype == torch.bfloat16, **kw,
     )
     return o

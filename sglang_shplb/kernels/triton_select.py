@@ -17,11 +17,12 @@ what :func:`~.triton_decode.update_page_summaries` followed by :func:`~.triton_d
 from __future__ import annotations
 
 from functools import lru_cache
-from typing import NamedTuple, Sequence
+from typing import NamedTuple
 
 import torch
 
-from sglang_shplb.core.patterns import BLOCK, HeadBudget, Pattern
+from sglang_shplb.core.patterns import BLOCK
+from sglang_shplb.kernels.layer_heads import LayerHeads
 from sglang_shplb.kernels.triton_decode import decode_count_table, max_selected_pages
 
 
@@ -111,34 +112,31 @@ def _kernels():
 
 
 class SelectConsts(NamedTuple):
-    """Device constants of :func:`update_and_select_pages` for one budget set (see :func:`selector_consts`)."""
+    """Device constants of :func:`update_and_select_pages` for one layer (see :func:`selector_consts`)."""
     sel: torch.Tensor        # int32 [Hq]: row of a selected head in scratch (0 .. S-1), -1 for the others
     cnt_table: torch.Tensor  # int32 [Hq, max_pages + 1]: pages to list at npg pages (0 for other heads)
     num_heads: int           # Hq
     num_sel: int             # S, selected (top-k / vertical-slash) heads
-    maxsel: int              # MAXSEL = max_selected_pages(budgets, max_pages), width of page_idx
+    maxsel: int              # MAXSEL = max_selected_pages(heads, max_pages), width of page_idx
     max_pages: int
 
 
 @lru_cache(maxsize=256)
-def _consts(budgets: tuple[HeadBudget, ...], device: str, max_pages: int) -> SelectConsts:
+def _consts(heads: LayerHeads, device: str, max_pages: int) -> SelectConsts:
     if device.startswith("cuda") and torch.cuda.is_current_stream_capturing():
         raise RuntimeError("shplb: page-selection constants must be made before CUDA-graph capture "
                            "(call selector_consts(...) or run one eager decode step first)")
-    hq = len(budgets)
-    maxsel = max_selected_pages(budgets, max_pages)
-    sel = [h for h, b in enumerate(budgets) if b.pattern in (Pattern.TOPK, Pattern.VSLASH)]
-    row = [-1] * hq
-    for i, h in enumerate(sel):
+    row = [-1] * heads.num_heads
+    for i, h in enumerate(heads.selected):
         row[h] = i
-    table = decode_count_table(budgets, max_pages)
-    return SelectConsts(torch.tensor(row, dtype=torch.int32, device=device), table.to(device),
-                        hq, len(sel), maxsel, max_pages)
+    return SelectConsts(torch.tensor(row, dtype=torch.int32, device=device),
+                        decode_count_table(heads, max_pages).to(device), heads.num_heads, len(heads.selected),
+                        max_selected_pages(heads, max_pages), max_pages)
 
 
-def selector_consts(budgets: Sequence[HeadBudget], device, max_pages: int) -> SelectConsts:
-    """Cached per ``(budgets, device, max_pages)``; build it before CUDA-graph capture (raises inside)."""
-    return _consts(tuple(budgets), str(torch.device(device)), int(max_pages))
+def selector_consts(heads: LayerHeads, device, max_pages: int) -> SelectConsts:
+    """Cached per ``(heads, device, max_pages)``; build it before CUDA-graph capture (raises inside)."""
+    return _consts(heads, str(torch.device(device)), int(max_pages))
 
 
 def select_scratch(batch: int, consts: SelectConsts, device=None) -> torch.Tensor:
@@ -153,7 +151,7 @@ def update_and_select_pages(q: torch.Tensor, k_buffer: torch.Tensor, req_to_toke
                             kmax: torch.Tensor, consts: SelectConsts, max_pages: int, page_idx: torch.Tensor,
                             page_cnt: torch.Tensor, scratch: torch.Tensor | None = None):
     """``update_page_summaries(k_buffer, req_to_token, req_pool_indices, seq_lens, kmin, kmax)`` then
-    ``select_pages(budgets, q, kmin, kmax, req_pool_indices, seq_lens, max_pages, out=(page_idx, page_cnt))``
+    ``select_pages(heads, q, kmin, kmax, req_pool_indices, seq_lens, max_pages, out=(page_idx, page_cnt))``
     in two launches. ``q [B, Hq, d]``, ``k_buffer [T, Hkv, d]``, ``kmin/kmax [R, Hkv, >=max_pages, d]``,
     ``page_idx [B, Hq, >=min(MAXSEL, max_pages)]``, ``page_cnt [B, Hq]`` (int32), ``consts`` from
     :func:`selector_consts` (same ``max_pages``), ``scratch`` from :func:`select_scratch` (allocated here when
