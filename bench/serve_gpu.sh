@@ -14,7 +14,7 @@ what=${1:-all}
 shift || true
 if [ "$what" = tests ]; then
   TRITON_INTERPRET=0 python3 -m pytest -q -p no:cacheprovider tests/test_paged_layer.py tests/test_triton_index.py \
-    tests/test_triton_select.py tests/test_kernels_wide.py \
+    tests/test_triton_select.py tests/test_kernels.py \
     2>&1 | tee "$OUT/gpu_tests.log" | tail -40
   exit 0
 fi

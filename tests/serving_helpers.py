@@ -34,7 +34,9 @@ def free_port() -> int:
 
 
 def env(**extra) -> dict:
-    e = dict(os.environ)
+    """The servers' environment: this one, minus the kernel tests' interpreter switch (conftest.py), plus
+    SGLang's CPU engine."""
+    e = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     e.update(CPU_ENV)
     e.update(extra)
     return e
