@@ -2,12 +2,14 @@
 
 A 32-layer, 32 query / 8 KV head, head_dim 128 model with seeded heterogeneous budgets (per layer one or
 two dense heads, the others streaming or top-k at 5-20 % of the blocks), buckets 4K ... 128K, TP 2/4/8,
-analytic cost model (H100 defaults). Measures:
+analytic cost model (H100 defaults) with its transfer term (370 GB/s links, 50 us per unit: work moved
+off its home rank pays both). All on the CPU. Measures:
 
-1. time to re-solve every bucket x layer x TP size with ``shplb`` (goal < 1 s);
+1. time to re-solve every bucket x layer x TP size with ``shplb`` (goal about 1 s);
 2. the per-batch placement lookup (goal < 50 us);
-3. each solver's slowest-GPU time against ``shplb_exact`` (MILP, time-limited) on a subset of layers;
-4. the contiguous / LPT / S-HPLB table per TP size and bucket.
+3. each solver's slowest-GPU time (compute + unit overhead + exposed transfer) against ``shplb_exact``
+   (the compute MILP, time-limited, priced with the transfer term) on a subset of layers;
+4. the contiguous / LPT / S-HPLB table per TP size and bucket, with units and bytes moved per layer.
 
 Writes ``bench/results/solver.md`` and ``bench/results/solver.json``.
 Usage: ``python bench/solver.py [--exact-time-limit S] [--exact-layers 0,8,16,24] [--out bench/results]``
@@ -32,8 +34,8 @@ from sglang_shplb.core.buckets import Buckets  # noqa: E402
 from sglang_shplb.planning.cost_model import CostModel, block_pairs  # noqa: E402
 from sglang_shplb.core.model_spec import ModelSpec  # noqa: E402
 from sglang_shplb.core.patterns import HeadBudget  # noqa: E402
-from sglang_shplb.planning.place import (compare_solvers, placement_for, placement_for_length,  # noqa: E402
-                                    solve_layer, solve_plan_placements)
+from sglang_shplb.planning.place import (compare_solvers, layer_inputs, placement_for,  # noqa: E402
+                                         placement_for_length, solve_layer, solve_plan_placements)
 
 TPS = (2, 4, 8)
 
@@ -90,7 +92,9 @@ def main() -> None:
              f"Model: {spec.num_layers} layers, {spec.num_heads} q / {spec.num_kv_heads} KV heads, d={spec.head_dim}; "
              f"seeded budgets (1-2 dense heads per layer, others streaming 0.5K-4K window or top-k 5-20 %). "
              f"Buckets {', '.join(f'{e // 1024}K' for e in buckets.edges)}; TP {', '.join(map(str, TPS))}; "
-             f"analytic cost model (H100 defaults, piece overhead {cm.piece_overhead * 1e6:.0f} us). "
+             f"analytic cost model (H100 defaults, piece overhead {cm.piece_overhead * 1e6:.0f} us; transfer term: "
+             f"{cm.link_bytes_per_s / 1e9:.0f} GB/s links, {cm.unit_overhead_s * 1e6:.0f} us per unit off the "
+             f"single-rank path). "
              f"Machine: {out['machine']}.", ""]
     dens = {e: float(np.mean([b.density(e) for layer in budgets for b in layer])) for e in buckets.edges}
     out["mean_density"] = dens
@@ -110,7 +114,7 @@ def main() -> None:
         warm.append(time.perf_counter() - t0)
     n_layer_solves = len(TPS) * len(buckets) * spec.num_layers
     out["resolve_s"] = {"cold": cold, "warm_min": min(warm), "layer_solves": n_layer_solves}
-    lines += ["## Re-solve all buckets with `shplb` (goal < 1 s)", "",
+    lines += ["## Re-solve all buckets with `shplb` (goal about 1 s)", "",
               f"{n_layer_solves} layer problems ({len(TPS)} TP sizes x {len(buckets)} buckets x {spec.num_layers} layers):",
               f"- cold (costs computed, caches empty): {cold:.3f} s",
               f"- warm (cost caches filled), best of 3: {min(warm):.3f} s "
@@ -134,19 +138,21 @@ def main() -> None:
         for b in ex_buckets:
             L = buckets.upper(b)
             sums = {s: 0.0 for s in solvers}
+            units = {s: 0 for s in solvers}
             bound, proven, t_ex, t_h = 0.0, 0, 0.0, 0.0
             for li in ex_layers:
-                costs = cm.layer_costs(budgets[li], L, spec.head_dim, spec.group_size)
+                costs, prof = layer_inputs(spec, budgets[li], cm, L)
+                kw = dict(profiles=prof, transfer=cm.transfer(L, spec.head_dim), piece_overhead=cm.piece_overhead)
                 for s in solvers:
                     t0 = time.perf_counter()
                     if s == "shplb_exact":
                         with quiet_stdout():
-                            r = solve_layer(costs, spec.group_size, tp, s, piece_overhead=cm.piece_overhead,
-                                            time_limit=args.exact_time_limit)
+                            r = solve_layer(costs, spec.group_size, tp, s, time_limit=args.exact_time_limit, **kw)
                     else:
-                        r = solve_layer(costs, spec.group_size, tp, s, piece_overhead=cm.piece_overhead)
+                        r = solve_layer(costs, spec.group_size, tp, s, **kw)
                     dt = time.perf_counter() - t0
                     sums[s] += r.slowest
+                    units[s] += int(r.times.units.sum())
                     if s == "shplb_exact":
                         t_ex += dt
                         proven += bool(r.optimal)
@@ -154,22 +160,25 @@ def main() -> None:
                     elif s == "shplb":
                         t_h += dt
             row = {"tp": tp, "bucket": b, "seq_len": L, "layers": ex_layers, **{f"{s}_s": v for s, v in sums.items()},
-                   "exact_bound_s": bound, "exact_proven": proven, "exact_time_s": t_ex, "shplb_time_s": t_h}
+                   **{f"{s}_units": v for s, v in units.items()}, "exact_bound_s": bound, "exact_proven": proven, "exact_time_s": t_ex, "shplb_time_s": t_h}
             rows3.append(row)
             print(f"exact TP{tp} {L // 1024}K: " + " ".join(f"{s}={v * 1e3:.3f}ms" for s, v in sums.items())
                   + f" bound={bound * 1e3:.3f}ms proven {proven}/{len(ex_layers)}", flush=True)
     out["vs_exact"] = rows3
     lines += ["## Slowest-GPU time vs the exact MILP", "",
-              f"Sum over layers {ex_layers} of the slowest GPU's predicted attention time; `shplb_exact` with a "
-              f"{args.exact_time_limit:g} s limit per layer (proven = layers solved to optimality; bound = the "
-              f"MILP's proven lower bound). Ratios are to `shplb_exact`.", "",
-              "| TP | bucket | exact (ms) | bound (ms) | proven | contiguous | lpt | shplb | shplb gap to bound | exact time (s) | shplb time (ms) |",
-              "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+              f"Sum over layers {ex_layers} of the slowest GPU's predicted time (compute + unit overhead + exposed "
+              f"transfer); `shplb_exact` is the compute MILP with a {args.exact_time_limit:g} s limit per layer, its "
+              f"GPUs renumbered to keep work home, priced with the transfer term (proven = layers solved to compute "
+              f"optimality; bound = the MILP's proven lower bound on compute, so on the time too). Ratios are to "
+              f"`shplb_exact`; units = work units off the single-rank path over those layers.", "",
+              "| TP | bucket | exact (ms) | bound (ms) | proven | contiguous | lpt | shplb | shplb gap to bound | units exact / shplb | exact time (s) | shplb time (ms) |",
+              "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows3:
         e = r["shplb_exact_s"]
         lines.append(f"| {r['tp']} | {r['seq_len'] // 1024}K | {e * 1e3:.3f} | {r['exact_bound_s'] * 1e3:.3f} | "
                      f"{r['exact_proven']}/{len(ex_layers)} | {r['contiguous_s'] / e:.3f} | {r['lpt_s'] / e:.3f} | "
-                     f"{r['shplb_s'] / e:.4f} | {r['shplb_s'] / r['exact_bound_s'] - 1:.2%} | {r['exact_time_s']:.1f} | "
+                     f"{r['shplb_s'] / e:.4f} | {r['shplb_s'] / r['exact_bound_s'] - 1:.2%} | "
+                     f"{r['shplb_exact_units']} / {r['shplb_units']} | {r['exact_time_s']:.1f} | "
                      f"{r['shplb_time_s'] * 1e3:.1f} |")
     lines.append("")
 
@@ -187,15 +196,19 @@ def main() -> None:
     rows.sort(key=lambda r: (r["tp"], r["bucket"]))
     out["table"] = rows
     lines += ["## Contiguous vs LPT vs S-HPLB, all 32 layers", "",
-              "Predicted attention time per prefill (sum over layers of the slowest GPU), bubble = 1 - mean/slowest, "
-              "replicated KV = extra KV-head copies summed over layers (bytes per token at bf16). `shplb` is uncapped "
-              f"(it replicates KV freely for the last 0.1 %); `shplb cap {args.cap}` allows at most {args.cap} extra "
-              f"KV-head copies per layer (re-solved in {out['resolve_s']['capped']:.2f} s).", "",
-              "| TP | bucket | solver | slowest (ms) | mean (ms) | bubble | speedup | replicated KV (heads / B per token) | split pieces |",
-              "|---:|---:|---|---:|---:|---:|---:|---:|---:|"]
+              "Predicted attention time per prefill (sum over layers of the slowest GPU: compute + unit overhead + "
+              "exposed transfer; exposed = the transfer part), bubble = 1 - mean/slowest, units and MiB moved per "
+              "layer (mean / max over layers), replicated KV = extra KV-head copies summed over layers (bytes per "
+              f"token at bf16). `shplb` is uncapped; `shplb cap {args.cap}` allows at most {args.cap} extra KV-head "
+              f"copies per layer (re-solved in {out['resolve_s']['capped']:.2f} s).", "",
+              "| TP | bucket | solver | slowest (ms) | mean (ms) | exposed (ms) | bubble | speedup | units / layer | MiB / layer | replicated KV (heads / B per token) | split pieces |",
+              "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
+        units, mib = r["units_per_layer"], [x / 2**20 for x in r["moved_bytes_per_layer"]]
         lines.append(f"| {r['tp']} | {r['seq_len'] // 1024}K | {r['solver']} | {r['slowest_s'] * 1e3:.3f} | "
-                     f"{r['mean_s'] * 1e3:.3f} | {r['bubble']:.1%} | {r['speedup_vs_contiguous']:.2f}x | "
+                     f"{r['mean_s'] * 1e3:.3f} | {r['transfer_s'] * 1e3:.3f} | {r['bubble']:.1%} | "
+                     f"{r['speedup_vs_contiguous']:.2f}x | {np.mean(units):.1f} / {max(units)} | "
+                     f"{np.mean(mib):.1f} / {max(mib):.0f} | "
                      f"{r['replicated_kv_heads']} / {r['replicated_kv_bytes_per_token']:.0f} | {r['split_pieces']} |")
     lines.append("")
 

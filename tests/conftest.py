@@ -82,3 +82,29 @@ def budgets_positional():
     """Six heads, two KV groups: KV group 0 dense, group 1 streaming (three rules): masks of positions only."""
     return [HeadBudget.dense()] * 3 + [HeadBudget.streaming(64, 128), HeadBudget.streaming(0, 64),
                                        HeadBudget.streaming(128, 64)]
+
+
+def moving_placements(hq: int, tp: int, group: int = 3) -> dict:
+    """One layer's placements of ``hq`` q heads (``group`` per KV head) on ``tp`` ranks, by name: ``home``
+    (SGLang's slicing), ``groups`` (every rank computes the next rank's heads), ``split_group`` (rank 0's
+    last head on the last rank), ``pieces`` (a head of rank 1 cut over every rank, rank 0's first head in two
+    pieces). Each covers every (head, query block) once."""
+    from sglang_shplb.core.head_map import rank_heads
+    from sglang_shplb.core.placement_types import LayerPlacement, Piece, Placement, check_coverage
+
+    home = [[Piece(h) for h in rank_heads(hq, tp, r)] for r in range(tp)]
+    rot = [[Piece(h) for h in rank_heads(hq, tp, (r + 1) % tp)] for r in range(tp)]
+    split = [list(x) for x in home]
+    split[tp - 1].append(split[0].pop())
+    pieces = [list(x) for x in home]
+    h = pieces[1].pop(0).head
+    cuts = [0.0, 0.3] + [i / tp for i in range(2, tp + 1)]
+    for r in range(tp):
+        pieces[r].append(Piece(h, cuts[r], cuts[r + 1]))
+    h2 = pieces[0].pop(0).head
+    pieces[0].append(Piece(h2, 0.0, 0.55))
+    pieces[tp - 1].append(Piece(h2, 0.55, 1.0))
+    out = {"home": home, "groups": rot, "split_group": split, "pieces": pieces}
+    for name, gp in out.items():
+        check_coverage(Placement(tp, 0, name, [LayerPlacement(gp)]), hq)
+    return {k: LayerPlacement(v) for k, v in out.items()}

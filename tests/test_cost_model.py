@@ -151,3 +151,24 @@ def test_calibration_writer_round_trip(tmp_path):
     assert set(cm.fits) == {("topk", 128), ("topk@128", 128), ("vslash", 128)}
     with pytest.raises(CalibrationError, match="non-empty"):
         write_calibration(tmp_path / "empty.json", "GPU", "2026-12-01", "test kernel", [])
+
+
+def test_transfer_term_defaults_round_trip_and_rows():
+    from sglang_shplb.planning.cost_model import (DEFAULT_LINK_BYTES_PER_S, DEFAULT_UNIT_OVERHEAD_S, Transfer,
+                                                  load_cost_model)
+    cm = CostModel.analytic()
+    assert (cm.link_bytes_per_s, cm.unit_overhead_s) == (DEFAULT_LINK_BYTES_PER_S, DEFAULT_UNIT_OVERHEAD_S)
+    assert (DEFAULT_LINK_BYTES_PER_S, DEFAULT_UNIT_OVERHEAD_S) == (370e9, 50e-6)
+    d = json.loads(json.dumps(CostModel.analytic(link_bytes_per_s=1e11, unit_overhead_s=1e-5).to_dict()))
+    back = CostModel.from_dict(d)
+    assert (back.link_bytes_per_s, back.unit_overhead_s) == (1e11, 1e-5)
+    for key in ("link_bytes_per_s", "unit_overhead_s"):  # plans solved before the transfer term: the defaults
+        d.pop(key)
+    assert CostModel.from_dict(d).transfer(4096, 64) == Transfer(4096, 64, 370e9, 50e-6, 2)
+    assert load_cost_model(None, link_bytes_per_s=2e11).link_bytes_per_s == 2e11
+    with pytest.raises(ValueError, match="link bandwidth"):
+        CostModel.analytic(link_bytes_per_s=0)
+    t = cm.transfer(1000, 128)
+    # 1000 tokens = 16 query blocks; the tail [0.5, 1) owns blocks 8..15: rows 512..999
+    assert t.rows(0.5, 1.0) == (512, 1000) and t.rows(0.0, 0.5) == (0, 512) and t.rows(0.99, 1.0) == (0, 0)
+    assert t.seconds(370e9 / 2) == pytest.approx(1.0)

@@ -16,9 +16,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from conftest import moving_placements
+
 from sglang_shplb.core.head_map import layer_work, rank_heads
 from sglang_shplb.core.patterns import HeadBudget
-from sglang_shplb.core.placement_types import LayerPlacement, Piece, Placement, check_coverage
 from sglang_shplb.kernels.head_parallel import HeadParallelExtend, KVRows, RankLayout, attend_heads
 from sglang_shplb.scheduler.head_schedule import ExtendShape, layer_schedule
 
@@ -83,31 +84,6 @@ def plan_budgets(hq: int) -> list[HeadBudget]:
     return [b for li in LAYERS for b in plan.budgets[li]][:hq]
 
 
-# ---- placements --------------------------------------------------------------------------------------
-def placements(hq: int, tp: int) -> dict[str, LayerPlacement]:
-    """Home, moved whole groups, split groups, split heavy heads (pieces on every rank)."""
-    per, g = hq // tp, 3
-    home = [[Piece(h) for h in rank_heads(hq, tp, r)] for r in range(tp)]
-    rot = [[Piece(h) for h in rank_heads(hq, tp, (r + 1) % tp)] for r in range(tp)]
-    split = [list(x) for x in home]
-    moved = split[0].pop()                                   # the last q head of rank 0's group ...
-    split[tp - 1].append(moved)                              # ... computed on the last rank
-    pieces = [list(x) for x in home]
-    h = pieces[1].pop(0)                                     # a heavy head of rank 1 cut over every rank
-    cuts = [i / tp for i in range(tp + 1)]
-    cuts[1] = 0.3
-    for r in range(tp):
-        pieces[r].append(Piece(h.head, cuts[r], cuts[r + 1]))
-    h2 = pieces[0].pop(0)                                    # and rank 0's first head in two pieces
-    pieces[0].append(Piece(h2.head, 0.0, 0.55))
-    pieces[tp - 1].append(Piece(h2.head, 0.55, 1.0))
-    out = {"home": home, "groups": rot, "split_group": split, "pieces": pieces}
-    for name, gp in out.items():
-        check_coverage(Placement(tp, 0, name, [LayerPlacement(gp)]), hq)
-    assert per % 1 == 0 and g
-    return {k: LayerPlacement(v) for k, v in out.items()}
-
-
 # ---- a paged pool --------------------------------------------------------------------------------------
 def paged(k: torch.Tensor, v: torch.Tensor, lens: list[int]):
     """K/V of the requests at shuffled pool slots; ``req_to_token`` rows 1..B (slot 0 unused)."""
@@ -170,7 +146,7 @@ def rank_main(rank: int, tp: int, hq: int, init_file: str) -> None:
     mine = rank_heads(hq, tp, rank)
     kv_mine = sorted({h // 3 for h in mine}) if tp <= hkv else [rank * hkv // tp]
     for bname, budgets in (("plan", plan_budgets(hq)), ("dense", [HeadBudget.dense()] * hq)):
-        for pname, lp in placements(hq, tp).items():
+        for pname, lp in moving_placements(hq, tp).items():
             work = layer_work(lp, hq, hkv, tp)
             for prefix, ext in steps(lens):
                 rows = chunk_rows(lens, prefix, ext)
@@ -207,7 +183,7 @@ def test_head_parallel_ranks_equal_the_single_process_layer(tp, hq):
 
 def test_schedule_computes_every_new_row_of_every_head_once():
     hq, tp = 9, 3
-    for name, lp in placements(hq, tp).items():
+    for name, lp in moving_placements(hq, tp).items():
         work = layer_work(lp, hq, 3, tp)
         for prefix, ext in steps([700, 420, 260]) + [([5, 0, 130], [64, 1, 200])]:
             shape = ExtendShape.of(ext, [p + e for p, e in zip(prefix, ext)])

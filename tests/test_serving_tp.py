@@ -1,7 +1,7 @@
 """A real SGLang 0.5.17 server on CPU at TP 3 (gloo) with S-HPLB placements that move work between ranks.
 
-The TP-3 placement is the planner's own (``python -m sglang_shplb place --tp 3`` on the committed default
-plan's budgets): it moves work in 19 of 30 layers at the first bucket. Greedy answers must equal
+The TP-3 placement moves work in every layer (whole GQA groups, a split group, heads cut into query-block
+pieces over every rank, in turn) at the committed default plan's budgets. Greedy answers must equal
 (a) at the plan's budgets, the TP-1 ``shplb`` server's on the same plan;
 (b) at full budgets with the same placement, the TP-3 ``torch_native`` server's.
 The TP-3 ``shplb`` server's log shows the units and bytes moved per batch. Slow (~8 min on 2 cores): run
@@ -27,14 +27,21 @@ def model():
 
 @pytest.fixture(scope="module")
 def plans(model, tmp_path_factory):
-    from sglang_shplb.cli import main
+    """The committed default plan's budgets with a TP-3 placement that moves work in every layer and bucket
+    (whole GQA groups, a split group, heads cut into query-block pieces over every rank, in turn), and the
+    same placement at full budgets."""
+    from conftest import moving_placements
+
     from sglang_shplb.core.patterns import HeadBudget
+    from sglang_shplb.core.placement_types import Placement
     from sglang_shplb.core.plan import load_plan, save_plan
 
     d = tmp_path_factory.mktemp("tp3plans")
-    assert main(["place", "--budgets", str(ROOT / "bench/results/default_plan"), "--tp", "3",
-                 "--out", str(d / "sparse")]) == 0
-    plan = load_plan(d / "sparse", model, 3)
+    plan = load_plan(ROOT / "bench/results/default_plan", model)
+    kinds = [lp for name, lp in moving_placements(plan.model.num_heads, 3).items() if name != "home"]
+    layers = [kinds[li % len(kinds)] for li in range(plan.model.num_layers)]
+    plan.placements[3] = [Placement(3, b, "test_moving", layers) for b in range(len(plan.buckets))]
+    save_plan(plan, d / "sparse")
     plan.budgets = [[HeadBudget.dense() for _ in layer] for layer in plan.budgets]
     save_plan(plan, d / "dense")
     return {"sparse": d / "sparse", "dense": d / "dense"}

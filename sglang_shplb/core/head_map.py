@@ -42,8 +42,24 @@ def rank_heads(num_q_heads: int, tp_size: int, tp_rank: int) -> list[int]:
     return list(range(tp_rank * per, (tp_rank + 1) * per))
 
 
+def home_heads(num_q_heads: int, tp_size: int) -> list[list[int]]:
+    """Query heads at home on every rank: :func:`rank_heads` of each rank when TP divides the heads (the
+    only case the runtime serves, :func:`check_tp`); otherwise, for planning, the near-even contiguous
+    split of ``numpy.array_split`` (the first ``Hq % tp`` ranks one head more; ranks beyond ``Hq`` none)."""
+    base, extra = divmod(num_q_heads, tp_size)
+    out, h = [], 0
+    for r in range(tp_size):
+        n = base + (r < extra)
+        out.append(list(range(h, h + n)))
+        h += n
+    return out
+
+
 def home_rank(head: int, num_q_heads: int, tp_size: int) -> int:
-    return head // (num_q_heads // tp_size)
+    """The rank whose :func:`home_heads` hold ``head``."""
+    base, extra = divmod(num_q_heads, tp_size)
+    big = extra * (base + 1)
+    return head // (base + 1) if head < big else extra + (head - big) // base
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,23 @@ they come from (estimates for an H100 SXM, bf16; replace them with a calibration
   partial waves, launch share); the order of a kernel launch on H100. ``piece_overhead`` (cost of each
   extra piece when a head is split across GPUs) defaults to the same 5 us.
 
+Transfer term (:class:`Transfer`, :meth:`CostModel.transfer`)
+--------------------------------------------------------------
+Work placed away from its home rank (SGLang's contiguous head slicing, :mod:`sglang_shplb.core.head_map`)
+is a *unit*: its q rows and the K/V prefix they read travel home → target, its outputs back
+(:mod:`sglang_shplb.core.exchange` counts the elements). Two numbers price that:
+
+* ``link_bytes_per_s`` 370e9 (per direction): about what NCCL's all-to-all reaches between GPUs of one
+  H100/H200 NVLink-4 node (450 GB/s per direction nominal; nccl-tests ``alltoall_perf`` bus bandwidth
+  on 8 x H100 SXM is about 350-380 GB/s at large messages). An estimate: pass a value measured on the
+  machine (``place --link-gbps``) where one exists.
+* ``unit_overhead_s`` 50 us: fixed executor time of one unit (staging copies, an extra attention call,
+  its share of the two collectives). An assumption, to be fitted on the GPU (``place --unit-overhead-us``).
+
+Both are stored in :meth:`CostModel.to_dict`, so a plan records what it was solved with. The planner
+prices a layer at the bucket's representative length, one request, no cached prefix
+(:mod:`sglang_shplb.planning.solvers.objective` has the per-rank formula).
+
 GQA ratio: prefill attention is compute bound, so the analytic model ignores the GQA ratio (it changes KV
 traffic, not FLOPs). A calibration table may resolve it (fits are keyed by ``gqa`` when several are given).
 
@@ -78,6 +95,7 @@ from pathlib import Path
 import numpy as np
 from scipy.optimize import nnls
 
+from sglang_shplb.core.exchange import piece_rows
 from sglang_shplb.core.patterns import BLOCK, TOPK_TILES, HeadBudget, Pattern
 
 CALIBRATION_SCHEMA = "shplb-calibration/1"
@@ -85,6 +103,10 @@ CALIBRATION_SCHEMA = "shplb-calibration/1"
 #: Analytic throughputs (TFLOP/s), see the module docstring for their sources.
 DEFAULT_THROUGHPUT_TFLOPS: dict[str, float] = {"dense": 600.0, "streaming": 450.0, "topk": 300.0, "vslash": 250.0}
 DEFAULT_PER_HEAD_OVERHEAD_S = 5e-6
+#: Transfer term defaults (see the module docstring): NCCL all-to-all over H100/H200 NVLink, per direction,
+#: and the fixed executor cost of one unit of work away from the single-rank path (to be fitted).
+DEFAULT_LINK_BYTES_PER_S = 370e9
+DEFAULT_UNIT_OVERHEAD_S = 50e-6
 
 
 def flops_per_pair(head_dim: int) -> float:
@@ -272,6 +294,30 @@ def fit_records(records: list[dict]) -> LinearFit:
     return LinearFit(a, b, c, heads_ref, len(t), float(np.sqrt(np.mean((pred - t) ** 2))))
 
 
+# ---- the transfer term -------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Transfer:
+    """What moving work off its home rank costs in one layer prefilling ``seq_len`` tokens (one request,
+    no cached prefix): elements of ``dtype_bytes`` over a link of ``link_bytes_per_s`` per direction, and
+    ``unit_overhead_s`` per unit."""
+
+    seq_len: int
+    head_dim: int
+    link_bytes_per_s: float = DEFAULT_LINK_BYTES_PER_S
+    unit_overhead_s: float = DEFAULT_UNIT_OVERHEAD_S
+    dtype_bytes: int = 2
+
+    def rows(self, start: float, end: float) -> tuple[int, int]:
+        """Rows ``[lo, hi)`` the query-block range ``[start, end)`` of a head computes: q rows and outputs
+        ``hi - lo`` each, the K/V prefix it reads ``hi`` tokens (:func:`~sglang_shplb.core.exchange.piece_rows`)."""
+        return piece_rows(start, end, 0, self.seq_len)
+
+    def seconds(self, elems: int) -> float:
+        """Seconds ``elems`` elements take over one link direction."""
+        return elems * self.dtype_bytes / self.link_bytes_per_s
+
+
 # ---- the model -----------------------------------------------------------------------------------------
 
 class CostModel:
@@ -280,14 +326,21 @@ class CostModel:
     ``head_time(budget, seq_len, head_dim, gqa)`` is the total time of a whole head, including its fixed
     cost; :attr:`piece_overhead` is the fixed cost every piece pays when a head is cut into query-block
     pieces on several GPUs (a piece with cost share ``s`` costs ``piece_overhead + s * (head_time -
-    piece_overhead)``).
+    piece_overhead)``); :meth:`transfer` prices work moved off its home rank (``link_bytes_per_s``,
+    ``unit_overhead_s``: the module docstring).
     """
 
     def __init__(self, throughput_tflops: dict[str, float] | None = None,
                  per_head_overhead_s: float = DEFAULT_PER_HEAD_OVERHEAD_S,
                  piece_overhead_s: float | None = None,
                  fits: dict[tuple, LinearFit] | None = None, source: str = "analytic",
-                 calibration_info: dict | None = None):
+                 calibration_info: dict | None = None, link_bytes_per_s: float = DEFAULT_LINK_BYTES_PER_S,
+                 unit_overhead_s: float = DEFAULT_UNIT_OVERHEAD_S):
+        if not link_bytes_per_s > 0 or unit_overhead_s < 0:
+            raise ValueError(f"link bandwidth must be > 0 and unit overhead >= 0, got {link_bytes_per_s} B/s, "
+                             f"{unit_overhead_s} s")
+        self.link_bytes_per_s = float(link_bytes_per_s)
+        self.unit_overhead_s = float(unit_overhead_s)
         self.throughput_tflops = dict(DEFAULT_THROUGHPUT_TFLOPS)
         if throughput_tflops:
             unknown = set(throughput_tflops) - set(self.throughput_tflops)
@@ -308,8 +361,9 @@ class CostModel:
     @classmethod
     def analytic(cls, throughput_tflops: dict[str, float] | None = None,
                  per_head_overhead_s: float = DEFAULT_PER_HEAD_OVERHEAD_S,
-                 piece_overhead_s: float | None = None) -> "CostModel":
-        return cls(throughput_tflops, per_head_overhead_s, piece_overhead_s)
+                 piece_overhead_s: float | None = None, **transfer_kw) -> "CostModel":
+        """The analytic model; ``transfer_kw``: ``link_bytes_per_s``, ``unit_overhead_s``."""
+        return cls(throughput_tflops, per_head_overhead_s, piece_overhead_s, **transfer_kw)
 
     @classmethod
     def from_calibration(cls, path_or_doc, piece_overhead_s: float | None = None, **analytic_kw) -> "CostModel":
@@ -391,6 +445,10 @@ class CostModel:
         """``head_time`` of every head of a layer, as a float64 array."""
         return np.array([self.head_time(b, seq_len, head_dim, gqa) for b in budgets], dtype=np.float64)
 
+    def transfer(self, seq_len: int, head_dim: int, dtype_bytes: int = 2) -> Transfer:
+        """The transfer term of a layer prefilling ``seq_len`` tokens with this model's link and unit cost."""
+        return Transfer(seq_len, head_dim, self.link_bytes_per_s, self.unit_overhead_s, dtype_bytes)
+
     # ---- serialisation ---------------------------------------------------------------------------------
     def to_dict(self) -> dict:
         """JSON-serialisable description (for the plan's meta)."""
@@ -399,6 +457,8 @@ class CostModel:
             "throughput_tflops": self.throughput_tflops,
             "per_head_overhead_s": self.per_head_overhead_s,
             "piece_overhead_s": self.piece_overhead,
+            "link_bytes_per_s": self.link_bytes_per_s,
+            "unit_overhead_s": self.unit_overhead_s,
             "calibration": self.calibration_info,
             "fits": [{"key": list(k), **f.to_dict()} for k, f in sorted(self.fits.items(), key=lambda kv: str(kv[0]))],
         }
@@ -412,15 +472,21 @@ class CostModel:
             f.pop("per_head_fixed", None)
             fits[key] = LinearFit(**f)
         return cls(d.get("throughput_tflops"), d.get("per_head_overhead_s", DEFAULT_PER_HEAD_OVERHEAD_S),
-                   d.get("piece_overhead_s"), fits, d.get("source", "analytic"), d.get("calibration"))
+                   d.get("piece_overhead_s"), fits, d.get("source", "analytic"), d.get("calibration"),
+                   d.get("link_bytes_per_s", DEFAULT_LINK_BYTES_PER_S),
+                   d.get("unit_overhead_s", DEFAULT_UNIT_OVERHEAD_S))
 
     def __repr__(self) -> str:
-        return f"CostModel({self.source}, piece_overhead={self.piece_overhead:.3g}s, fits={len(self.fits)})"
+        return (f"CostModel({self.source}, piece_overhead={self.piece_overhead:.3g}s, fits={len(self.fits)}, "
+                f"link {self.link_bytes_per_s / 1e9:.0f} GB/s, unit overhead {self.unit_overhead_s * 1e6:.0f} us)")
 
 
-def load_cost_model(calibration: str | Path | None) -> CostModel:
-    """The model fitted to the calibration table at ``calibration``, or the analytic default when None."""
-    return CostModel.from_calibration(calibration) if calibration else CostModel.analytic()
+def load_cost_model(calibration: str | Path | None, **transfer_kw) -> CostModel:
+    """The model fitted to the calibration table at ``calibration``, or the analytic default when None;
+    ``transfer_kw``: ``link_bytes_per_s``, ``unit_overhead_s`` (defaults: the module docstring)."""
+    if calibration:
+        return CostModel.from_calibration(calibration, **transfer_kw)
+    return CostModel.analytic(**transfer_kw)
 
 
 def plan_cost_model(meta: dict) -> CostModel:

@@ -3,22 +3,28 @@ context-length bucket, minimising the slowest GPU's predicted attention time.
 
 Public API
 ----------
-``solve_layer(costs, group_size, tp, solver="shplb", *, profiles=None, **options) -> LayerResult``
-    One layer, from per-head costs (seconds). ``solver`` is ``"contiguous"`` (SGLang's slicing),
-    ``"lpt"`` (greedy over whole GQA groups), ``"shplb"`` (fast heuristic) or ``"shplb_exact"`` (MILP).
-    Options: ``max_replicated_kv`` (int or None: cap on extra KV-head copies in the layer),
-    ``allow_split_heads`` (bool, default True), ``equal_heads`` (bool: same number of whole heads per
-    GPU; ValueError when H % tp != 0), ``piece_overhead`` (seconds every extra piece of a split head
-    pays), ``time_limit`` (seconds, exact solver). ``profiles``: per-head :class:`CostProfile` (or a
-    callable ``h -> CostProfile``) used to cut split heads into query blocks; ``None`` = uniform.
+``solve_layer(costs, group_size, tp, solver="shplb", *, profiles=None, transfer=None, **options) -> LayerResult``
+    One layer, from per-head costs (seconds). ``solver`` is ``"contiguous"`` (SGLang's slicing, the
+    home placement), ``"lpt"`` (greedy over whole GQA groups), ``"shplb"`` (home-aware heuristic) or
+    ``"shplb_exact"`` (compute MILP). Options: ``max_replicated_kv`` (int or None: cap on extra KV-head
+    copies in the layer), ``allow_split_heads`` (bool, default True), ``equal_heads`` (bool: same number
+    of whole heads per GPU; ValueError when H % tp != 0), ``piece_overhead`` (seconds every extra piece
+    of a split head pays), ``time_limit`` (seconds, exact solver). ``profiles``: per-head
+    :class:`CostProfile` (or a callable ``h -> CostProfile``) used to cut split heads into query blocks;
+    ``None`` = uniform. ``transfer``: the :class:`~sglang_shplb.planning.cost_model.Transfer` term
+    (``CostModel.transfer(seq_len, head_dim)``); ``None`` = compute only. The result's loads are the
+    per-rank times of :mod:`sglang_shplb.planning.solvers.objective`.
 ``solve_plan_placements(spec, budgets, buckets, tp_sizes, cost_model, solver="shplb", **options)``
     ``-> dict[tp, list[Placement]]`` (one per bucket, solved at the bucket's upper edge), the form
     :class:`~sglang_shplb.core.plan.Plan` stores; each ``Placement.predicted`` holds the summary below.
 ``evaluate_placement(placement, spec, budgets, cost_model, seq_len=None, kv_dtype_bytes=None)``
     ``-> PlacementEval``: per-layer per-GPU loads of ANY placement (e.g. one loaded from a plan) and
-    the summary: ``slowest_s`` (sum over layers of the slowest GPU), ``mean_s``, ``bubble`` (1 -
-    mean/slowest), ``replicated_kv_heads`` (summed over layers), ``max_replicated_kv_per_layer``,
-    ``split_pieces``, ``replicated_kv_bytes_per_token`` (when ``kv_dtype_bytes`` is given).
+    the summary: ``slowest_s`` (sum over layers of the slowest GPU's time: compute + unit overhead +
+    exposed transfer), ``mean_s``, ``bubble`` (1 - mean/slowest), ``compute_slowest_s`` (compute only),
+    ``transfer_s`` (sum over layers of the largest exposed transfer of a rank), ``replicated_kv_heads``
+    (summed over layers), ``max_replicated_kv_per_layer``, ``split_pieces``, ``units_per_layer`` and
+    ``moved_bytes_per_layer`` (lists, one per layer), ``replicated_kv_bytes_per_token`` (when
+    ``kv_dtype_bytes`` is given).
 ``compare_solvers(spec, budgets, buckets, tp_sizes, cost_model, solvers=(...), **options) -> list[dict]``
     One row per (tp, bucket, solver) with that summary and ``speedup_vs_contiguous``: the report table.
 ``place_budgets(budgets_file, buckets, tp_sizes, cost_model, solver="shplb", solve_options=None) -> Plan``
@@ -33,7 +39,10 @@ Work units and costs: see :mod:`sglang_shplb.planning.solvers`. A whole head cos
 share ``s`` costs ``fixed + s * (c[h] - fixed)``, ``fixed = min(piece_overhead, c[h])``. Shares are turned
 into query-block fractions with the head's causal cost profile at the bucket's representative length
 (the ``Piece`` fractions are multiples of ``1/nb`` there), and the loads reported are recomputed from the
-resulting pieces, so they include that rounding.
+resulting pieces, so they include that rounding. Work away from its home rank (a unit of
+:mod:`sglang_shplb.core.head_map`) adds the cost model's unit overhead and its exposed transfer at that
+length (:mod:`sglang_shplb.planning.solvers.objective`); a placement equal to home has neither, and the
+runtime runs it on the single-rank path.
 
 KV memory: a GPU holding any piece of a head needs its KV head; copies beyond one per KV head are
 replicas. SGLang's own layout replicates KV heads when ``tp > Hkv`` (``contiguous`` counts those);
@@ -48,20 +57,21 @@ from typing import Callable, Sequence
 import numpy as np
 
 from sglang_shplb.core.buckets import Buckets
+from sglang_shplb.core.head_map import home_heads
 from sglang_shplb.core.model_spec import ModelSpec
 from sglang_shplb.core.patterns import HeadBudget
-from sglang_shplb.core.placement_types import LayerPlacement, Piece, Placement
+from sglang_shplb.core.placement_types import LayerPlacement, Placement
 from sglang_shplb.core.plan import Plan
 from sglang_shplb.planning.budget import BudgetsFile
-from sglang_shplb.planning.cost_model import CostModel, CostProfile
+from sglang_shplb.planning.cost_model import CostModel, CostProfile, Transfer
 from sglang_shplb.planning.solvers import SOLVERS, LayerProblem
-from sglang_shplb.planning.solvers.common import Assignment
-from sglang_shplb.planning.solvers.greedy import contiguous_heads, sglang_kv_heads  # noqa: F401  (re-exported)
+from sglang_shplb.planning.solvers.common import LayerTimes, Profiles, feasible
+from sglang_shplb.planning.solvers.greedy import sglang_kv_heads  # noqa: F401  (re-exported)
+from sglang_shplb.planning.solvers.objective import (assignment_to_layer, layer_times,  # noqa: F401
+                                                     piece_load)  # (piece_load re-exported)
 
 SOLVER_NAMES = tuple(SOLVERS)
 _OPTION_NAMES = ("max_replicated_kv", "allow_split_heads", "equal_heads", "piece_overhead", "time_limit")
-
-Profiles = Sequence[CostProfile] | Callable[[int], CostProfile] | None
 
 
 # ---- one layer -----------------------------------------------------------------------------------------
@@ -69,12 +79,17 @@ Profiles = Sequence[CostProfile] | Callable[[int], CostProfile] | None
 @dataclass
 class LayerResult:
     placement: LayerPlacement
-    loads: np.ndarray  # seconds per GPU, from the pieces
+    times: LayerTimes  # per rank compute and time (compute + unit overhead + exposed transfer), units, bytes
     replicated_kv: int
     solver: str
     optimal: bool | None = None  # exact solver: proven optimal
-    bound: float | None = None  # exact solver: proven lower bound on the makespan (share space)
+    bound: float | None = None  # exact solver: proven lower bound on the compute makespan (share space)
     info: dict = field(default_factory=dict)
+
+    @property
+    def loads(self) -> np.ndarray:
+        """Seconds per GPU, from the pieces: the objective's per-rank times."""
+        return self.times.total
 
     @property
     def slowest(self) -> float:
@@ -91,93 +106,40 @@ class LayerResult:
 
     def objective(self) -> dict:
         return {"solver": self.solver, "slowest_s": self.slowest, "mean_s": self.mean, "bubble": self.bubble,
+                "compute_slowest_s": float(self.times.compute.max()), "units": int(self.times.units.sum()),
+                "moved_units": self.times.moved_units, "moved_bytes": self.times.moved_bytes,
                 "replicated_kv": self.replicated_kv, "optimal": self.optimal}
 
     def __str__(self) -> str:
-        return (f"{self.solver}: slowest {self.slowest * 1e6:.1f} us, mean {self.mean * 1e6:.1f} us, "
-                f"bubble {self.bubble:.1%}, replicated KV {self.replicated_kv}")
-
-
-def _profile(profiles: Profiles, h: int) -> CostProfile | None:
-    if profiles is None:
-        return None
-    return profiles(h) if callable(profiles) else profiles[h]
-
-
-def assignment_to_layer(assign: Assignment, profiles: Profiles = None) -> LayerPlacement:
-    """Cut share-space assignments into query-block pieces. Pieces of a head are laid out in GPU order;
-    a boundary is the query-block fraction whose cumulative cost is nearest the cumulative share; pieces
-    that round to nothing are dropped (their share goes to the neighbour)."""
-    gpus: list[list[Piece]] = [[] for _ in assign]
-    split: dict[int, list[tuple[int, float]]] = {}
-    for g, gpu in enumerate(assign):
-        for h, s in gpu:
-            if s >= 1.0 - 1e-12:
-                gpus[g].append(Piece(h))
-            else:
-                split.setdefault(h, []).append((g, s))
-    for h in sorted(split):
-        parts = split[h]
-        prof = _profile(profiles, h)
-        total = sum(s for _, s in parts)
-        cum, bounds = 0.0, [0.0]
-        for _, s in parts[:-1]:
-            cum += s / total
-            bounds.append(prof.query_fraction(cum) if prof is not None else cum)
-        bounds.append(1.0)
-        kept = [(g, a, b) for (g, _), a, b in zip(parts, bounds, bounds[1:]) if b > a]
-        # re-tile: dropped pieces leave gaps; give each kept piece the range up to the next kept start
-        for i, (g, a, _) in enumerate(kept):
-            start = 0.0 if i == 0 else a
-            end = kept[i + 1][1] if i + 1 < len(kept) else 1.0
-            gpus[g].append(Piece(h) if (start == 0.0 and end == 1.0) else Piece(h, start, end))
-    for g in gpus:
-        g.sort(key=lambda p: (p.head, p.start))
-    return LayerPlacement(gpus)
-
-
-def piece_load(p: Piece, costs, piece_overhead: float = 0.0, profiles: Profiles = None) -> float:
-    """Seconds of one piece: a whole head costs ``costs[h]``, a piece of a split head
-    ``fixed + share * (costs[h] - fixed)``, its share from the head's cost profile (uniform if None)."""
-    c = float(costs[p.head])
-    if p.whole:
-        return c
-    prof = _profile(profiles, p.head)
-    share = prof.share(p.start, p.end) if prof is not None else p.end - p.start
-    fixed = min(piece_overhead, c)
-    return fixed + share * (c - fixed)
-
-
-def layer_loads(lp: LayerPlacement, costs, piece_overhead: float = 0.0, profiles: Profiles = None) -> np.ndarray:
-    """Seconds per GPU of a layer placement (the sum of :func:`piece_load` over its pieces)."""
-    costs = np.asarray(costs, dtype=np.float64)
-    return np.array([sum(piece_load(p, costs, piece_overhead, profiles) for p in pieces) for pieces in lp.gpus],
-                    dtype=np.float64)
+        return (f"{self.solver}: slowest {self.slowest * 1e6:.1f} us (compute {self.times.compute.max() * 1e6:.1f}), "
+                f"mean {self.mean * 1e6:.1f} us, bubble {self.bubble:.1%}, {int(self.times.units.sum())} units "
+                f"({self.times.moved_units} moved, {self.times.moved_bytes / 2**20:.2f} MiB), "
+                f"replicated KV {self.replicated_kv}")
 
 
 def solve_layer(costs, group_size: int, tp: int, solver: str = "shplb", *, profiles: Profiles = None,
-                max_replicated_kv: int | None = None, allow_split_heads: bool = True, equal_heads: bool = False,
-                piece_overhead: float = 0.0, time_limit: float = 10.0) -> LayerResult:
+                transfer: Transfer | None = None, max_replicated_kv: int | None = None,
+                allow_split_heads: bool = True, equal_heads: bool = False, piece_overhead: float = 0.0,
+                time_limit: float = 10.0) -> LayerResult:
     """Place one layer's query heads on ``tp`` GPUs (see the module docstring). Deterministic."""
     if solver not in SOLVERS:
         raise ValueError(f"unknown solver {solver!r}; choose from {list(SOLVERS)}")
     prob = LayerProblem(np.asarray(costs, dtype=np.float64), group_size, tp, piece_overhead, max_replicated_kv,
-                        allow_split_heads, equal_heads, time_limit)
+                        allow_split_heads, equal_heads, time_limit, profiles, transfer)
     res = SOLVERS[solver](prob)
-    lp = assignment_to_layer(res.assignment, profiles)
-    loads = layer_loads(lp, prob.costs, piece_overhead, profiles)
-    if solver in ("shplb", "shplb_exact"):
-        # cutting into query blocks may cost a little: never return worse than SGLang's slicing when
-        # that slicing meets the options
+    lp = res.placement or assignment_to_layer(res.assignment, profiles)
+    times = layer_times(lp, prob) if res.times is None else res.times
+    if solver == "shplb_exact":
+        # the MILP is transfer-unaware and its shares are rounded to query blocks: never return worse than
+        # SGLang's slicing when that slicing meets the options (shplb guards itself)
         base = SOLVERS["contiguous"](prob).assignment
-        from sglang_shplb.planning.solvers.common import feasible
         if feasible(prob, base):
-            blp = assignment_to_layer(base, None)
-            bl = layer_loads(blp, prob.costs, piece_overhead, None)
-            if bl.max() < loads.max() * (1 - 1e-12):
-                lp, loads = blp, bl
+            blp = assignment_to_layer(base)
+            bt = layer_times(blp, prob)
+            if bt.key() < times.key():
+                lp, times = blp, bt
                 res.info["fallback"] = "contiguous"
-    return LayerResult(lp, loads, lp.replicated_kv(group_size), solver, res.optimal, res.bound, res.info)
+    return LayerResult(lp, times, lp.replicated_kv(group_size), solver, res.optimal, res.bound, res.info)
 
 
 def cost_fraction_to_query_fraction(budget: HeadBudget, seq_len: int, cost_fraction: float) -> float:
@@ -191,7 +153,7 @@ def baseline_replicated_kv(num_heads: int, num_kv_heads: int, tp: int) -> int:
     """Replicated KV heads per layer of SGLang's contiguous layout (``max(0, tp - Hkv)`` when tp divides
     the heads; the contiguous near-even split's count otherwise)."""
     gs = num_heads // num_kv_heads
-    copies = sum(len({h // gs for h in heads}) for heads in contiguous_heads(num_heads, tp))
+    copies = sum(len({h // gs for h in heads}) for heads in home_heads(num_heads, tp))
     return copies - num_kv_heads
 
 
@@ -199,10 +161,25 @@ def baseline_replicated_kv(num_heads: int, num_kv_heads: int, tp: int) -> int:
 
 @dataclass
 class PlacementEval:
-    loads: np.ndarray  # [layers, tp] seconds
+    """A placement's layers under :func:`~sglang_shplb.planning.solvers.objective.layer_times`, and its
+    KV replicas and split pieces."""
+    layers: list[LayerTimes]
     replicated_kv: np.ndarray  # [layers]
     split_pieces: int
     kv_bytes_per_head_token: float | None = None
+
+    @staticmethod
+    def of(placements: Sequence[LayerPlacement], times: Sequence[LayerTimes], group_size: int,
+           kv_dtype_bytes: int | None, head_dim: int) -> "PlacementEval":
+        reps = np.array([lp.replicated_kv(group_size) for lp in placements], dtype=np.int64)
+        pieces = sum(1 for lp in placements for g in lp.gpus for p in g if not p.whole)
+        return PlacementEval(list(times), reps, pieces,
+                             None if kv_dtype_bytes is None else 2.0 * head_dim * kv_dtype_bytes)
+
+    @property
+    def loads(self) -> np.ndarray:
+        """[layers, tp] seconds: compute + unit overhead + exposed transfer."""
+        return np.array([t.total for t in self.layers])
 
     @property
     def slowest_s(self) -> float:
@@ -215,6 +192,10 @@ class PlacementEval:
     def summary(self) -> dict:
         slow, mean = self.slowest_s, self.mean_s
         d = {"slowest_s": slow, "mean_s": mean, "bubble": 0.0 if slow <= 0 else 1.0 - mean / slow,
+             "compute_slowest_s": float(sum(t.compute.max() for t in self.layers)),
+             "transfer_s": float(sum(t.exposed.max() for t in self.layers)),
+             "units_per_layer": [int(t.units.sum()) for t in self.layers],
+             "moved_bytes_per_layer": [t.moved_bytes for t in self.layers],
              "replicated_kv_heads": int(self.replicated_kv.sum()),
              "max_replicated_kv_per_layer": int(self.replicated_kv.max()) if len(self.replicated_kv) else 0,
              "split_pieces": self.split_pieces}
@@ -243,21 +224,19 @@ def _check_budgets(spec: ModelSpec, budgets) -> None:
 def evaluate_placement(placement: Placement, spec: ModelSpec, budgets: list[list[HeadBudget]],
                        cost_model: CostModel, seq_len: int | None = None,
                        kv_dtype_bytes: int | None = None) -> PlacementEval:
-    """Per-GPU loads of any placement under ``cost_model`` at ``seq_len`` (default: the length stored in
-    ``placement.predicted['seq_len']``)."""
+    """Per-GPU times of any placement under ``cost_model`` (its transfer term included) at ``seq_len``
+    (default: the length stored in ``placement.predicted['seq_len']``)."""
     _check_budgets(spec, budgets)
     if seq_len is None:
         seq_len = int(placement.predicted["seq_len"])
-    loads = np.zeros((len(placement.layers), placement.tp))
-    reps = np.zeros(len(placement.layers), dtype=np.int64)
-    pieces = 0
+    transfer = cost_model.transfer(seq_len, spec.head_dim)
+    times = []
     for li, lp in enumerate(placement.layers):
         costs, prof = layer_inputs(spec, budgets[li], cost_model, seq_len)
-        loads[li] = layer_loads(lp, costs, cost_model.piece_overhead, prof)
-        reps[li] = lp.replicated_kv(spec.group_size)
-        pieces += sum(1 for g in lp.gpus for p in g if not p.whole)
-    kvb = None if kv_dtype_bytes is None else 2.0 * spec.head_dim * kv_dtype_bytes
-    return PlacementEval(loads, reps, pieces, kvb)
+        prob = LayerProblem(costs, spec.group_size, placement.tp, cost_model.piece_overhead, profiles=prof,
+                            transfer=transfer)
+        times.append(layer_times(lp, prob))
+    return PlacementEval.of(placement.layers, times, spec.group_size, kv_dtype_bytes, spec.head_dim)
 
 
 def resolve_solve_opts(opts: dict, tp: int) -> dict:
@@ -273,8 +252,9 @@ def solve_plan_placements(spec: ModelSpec, budgets: list[list[HeadBudget]], buck
                           kv_dtype_bytes: int | None = None, progress: Callable | None = None,
                           **options) -> dict[int, list[Placement]]:
     """Solve every (TP size, bucket, layer). Options as :func:`solve_layer`; ``piece_overhead`` defaults to
-    ``cost_model.piece_overhead``. ``kv_dtype_bytes`` (e.g. 2 for bf16) adds the replicated KV bytes per
-    token to ``predicted``. ``progress``: optional callable wrapping an iterable (e.g. ``tqdm``)."""
+    ``cost_model.piece_overhead``, the transfer term is ``cost_model.transfer`` at the bucket's length.
+    ``kv_dtype_bytes`` (e.g. 2 for bf16) adds the replicated KV bytes per token to ``predicted``.
+    ``progress``: optional callable wrapping an iterable (e.g. ``tqdm``)."""
     _check_budgets(spec, budgets)
     unknown = set(options) - set(_OPTION_NAMES)
     if unknown:
@@ -285,20 +265,18 @@ def solve_plan_placements(spec: ModelSpec, budgets: list[list[HeadBudget]], buck
     jobs = [(tp, b) for tp in tp_sizes for b in range(len(buckets))]
     for tp, b in (progress(jobs) if progress else jobs):
         seq_len = buckets.upper(b)
+        transfer = cost_model.transfer(seq_len, spec.head_dim)
         t0 = time.perf_counter()
-        layers, loads, reps, pieces, optimal = [], [], [], 0, []
+        results = []
         for li in range(spec.num_layers):
             if (b, li) not in inputs:
                 inputs[(b, li)] = layer_inputs(spec, budgets[li], cost_model, seq_len)
             costs, prof = inputs[(b, li)]
-            r = solve_layer(costs, spec.group_size, tp, solver, profiles=prof, **options)
-            layers.append(r.placement)
-            loads.append(r.loads)
-            reps.append(r.replicated_kv)
-            pieces += sum(1 for g in r.placement.gpus for p in g if not p.whole)
-            optimal.append(r.optimal)
-        ev = PlacementEval(np.array(loads), np.array(reps), pieces,
-                           None if kv_dtype_bytes is None else 2.0 * spec.head_dim * kv_dtype_bytes)
+            results.append(solve_layer(costs, spec.group_size, tp, solver, profiles=prof, transfer=transfer,
+                                       **options))
+        layers = [r.placement for r in results]
+        ev = PlacementEval.of(layers, [r.times for r in results], spec.group_size, kv_dtype_bytes, spec.head_dim)
+        optimal = [r.optimal for r in results]
         predicted = {"seq_len": seq_len, **ev.summary(), "solve_s": time.perf_counter() - t0}
         if solver == "shplb_exact":
             predicted["proven_optimal_layers"] = sum(1 for o in optimal if o)

@@ -1,8 +1,9 @@
 """Stage 6: the text report and PNG plots of a plan.
 
 Text: per TP size and bucket, contiguous vs LPT vs S-HPLB predicted slowest/mean GPU attention time
-(summed over layers), bubble fraction, predicted speedup over contiguous, replicated KV heads and
-bytes; the budgets' pattern mix and density; the stability of the head needs.
+(summed over layers; compute + unit overhead + exposed transfer), bubble fraction, predicted speedup over
+contiguous, units and bytes moved per layer, replicated KV heads and bytes; the budgets' pattern mix and
+density; the stability of the head needs.
 Plots: budget heatmap (layers × heads), per-GPU stacked loads contiguous vs S-HPLB, elasticity curves
 of a few heads, stability scatter, predicted speedup per bucket.
 """
@@ -30,15 +31,20 @@ def _fmt_ms(s: float) -> str:
 def comparison_table(rows: list[dict], buckets: Buckets) -> str:
     out = []
     for tp in sorted({r["tp"] for r in rows}):
-        out.append(f"\nTP {tp}: predicted attention time per forward, summed over layers (ms); speedup = vs "
-                   f"contiguous placement of the same budgets, vs dense = vs all heads dense, contiguous")
-        out.append(f"{'bucket':>8} {'solver':>11} {'slowest':>9} {'mean':>9} {'bubble':>7} {'speedup':>8} "
-                   f"{'vs dense':>8} {'KV repl.':>8} {'repl. KB/tok':>12}")
+        out.append(f"\nTP {tp}: predicted attention time per forward, summed over layers (ms), each layer's slowest "
+                   f"rank: compute + unit overhead + exposed transfer (of which transfer: exposed); speedup = vs "
+                   f"contiguous placement of the same budgets, vs dense = vs all heads dense, contiguous; units and "
+                   f"MiB moved per layer: mean (max) over layers")
+        out.append(f"{'bucket':>8} {'solver':>11} {'slowest':>9} {'mean':>9} {'exposed':>9} {'bubble':>7} "
+                   f"{'speedup':>8} {'vs dense':>8} {'units/layer':>12} {'MiB/layer':>15} {'KV repl.':>8} "
+                   f"{'repl. KB/tok':>12}")
         for r in (r for r in rows if r["tp"] == tp):
             kb = r.get("replicated_kv_bytes_per_token", 0.0) / 1024
+            units, mib = r["units_per_layer"], [b / 2**20 for b in r["moved_bytes_per_layer"]]
             out.append(f"{_len(buckets.upper(r['bucket'])):>8} {r['solver']:>11} {_fmt_ms(r['slowest_s'])} "
-                       f"{_fmt_ms(r['mean_s'])} {r['bubble']:7.1%} {r['speedup_vs_contiguous']:7.2f}x "
-                       f"{r.get('speedup_vs_dense', float('nan')):7.2f}x "
+                       f"{_fmt_ms(r['mean_s'])} {_fmt_ms(r['transfer_s'])} {r['bubble']:7.1%} "
+                       f"{r['speedup_vs_contiguous']:7.2f}x {r.get('speedup_vs_dense', float('nan')):7.2f}x "
+                       f"{np.mean(units):5.1f} ({max(units):4d}) {np.mean(mib):7.1f} ({max(mib):5.0f}) "
                        f"{r['replicated_kv_heads']:8d} {kb:12.2f}")
     return "\n".join(out)
 
@@ -169,7 +175,8 @@ def plot_gpu_loads(plan: Plan, cost: CostModel, tp: int, bucket: int, path: Path
                    label=f"head {h}" if spec.num_heads <= 16 else None)
             bottom += per_head[:, h]
         ev = evaluate_placement(p, spec, plan.budgets, cost, seq_len)
-        ax.set_title(f"{name}: sum of per-layer slowest {ev.slowest_s * 1e3:.1f} ms\nbubble {ev.summary()['bubble']:.0%}", fontsize=10)
+        ax.set_title(f"{name}: sum of per-layer slowest {ev.slowest_s * 1e3:.1f} ms (bars: compute)\n"
+                     f"bubble {ev.summary()['bubble']:.0%}", fontsize=10)
         ax.set_xlabel("GPU rank")
         ax.set_xticks(range(tp))
     axes[0].set_ylabel("predicted attention time, all layers (ms)")

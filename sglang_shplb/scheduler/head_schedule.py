@@ -17,16 +17,17 @@ Exchange layout (elements of the activation dtype), per (home ``s``, target ``t 
 inputs ``s → t``: for each KV bundle (KV head ``g``, prefix ``L_i = max`` row end of its units), K then V
 rows ``[Σ L_i, d]``; then each unit's q rows ``[n_u, d]`` (unit order of the layer work);
 outputs ``t → s``: each unit's output rows ``[n_u, d]`` in the same order.
+
+The row, bundle and element rules are :mod:`sglang_shplb.core.exchange`'s, which the planner's transfer
+term counts with too.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from functools import cached_property, lru_cache
 
+from sglang_shplb.core.exchange import exchange_elems, kv_bundle_lens, piece_rows
 from sglang_shplb.core.head_map import LayerWork, Unit
-from sglang_shplb.core.patterns import BLOCK
-from sglang_shplb.core.placement_types import Piece
 
 
 @dataclass(frozen=True)
@@ -91,13 +92,8 @@ class KVBundle:
 
 
 def unit_rows(unit: Unit, shape: ExtendShape) -> UnitRows:
-    rows = []
-    for p, e in zip(shape.prefix_lens, shape.extend_lens):
-        s = p + e
-        blocks = Piece(unit.head, unit.start, unit.end).blocks(math.ceil(s / BLOCK))
-        lo, hi = max(blocks.start * BLOCK, p), min(blocks.stop * BLOCK, s)
-        rows.append((lo - p, hi - p) if hi > lo else (0, 0))
-    return UnitRows(unit, tuple(rows))
+    return UnitRows(unit, tuple(piece_rows(unit.start, unit.end, p, p + e)
+                                for p, e in zip(shape.prefix_lens, shape.extend_lens)))
 
 
 @dataclass(frozen=True)
@@ -117,15 +113,17 @@ class LayerSchedule:
         """Elements ``home`` sends ``target`` before compute (0 when home == target)."""
         if home == target:
             return 0
-        kv = sum(2 * b.tokens for b in self.bundles_between(home, target))
-        q = sum(r.n_rows for r in self.unit_rows_between(home, target))
-        return (kv + q) * head_dim
+        return self._elems(home, target, head_dim)[0]
 
     def output_elems(self, home: int, target: int, head_dim: int) -> int:
         """Elements ``target`` returns to ``home`` after compute."""
         if home == target:
             return 0
-        return sum(r.n_rows for r in self.unit_rows_between(home, target)) * head_dim
+        return self._elems(home, target, head_dim)[1]
+
+    def _elems(self, home: int, target: int, head_dim: int) -> tuple[int, int]:
+        return exchange_elems(sum(r.n_rows for r in self.unit_rows_between(home, target)),
+                              sum(b.tokens for b in self.bundles_between(home, target)), head_dim)
 
     @property
     def exchanges(self) -> bool:
@@ -141,12 +139,6 @@ class LayerSchedule:
 @lru_cache(maxsize=4096)
 def layer_schedule(work: LayerWork, shape: ExtendShape) -> LayerSchedule:
     rows = tuple(unit_rows(u, shape) for u in work.units)
-    lens: dict[tuple[int, int, int], list[int]] = {}
-    for r in rows:
-        u = r.unit
-        cur = lens.setdefault((u.home, u.target, u.kv_head), [0] * len(shape.extend_lens))
-        for i, (a, b) in enumerate(r.rows):
-            if b > a:
-                cur[i] = max(cur[i], shape.prefix_lens[i] + b)
-    bundles = tuple(KVBundle(h, t, g, tuple(v)) for (h, t, g), v in sorted(lens.items()))
+    lens = kv_bundle_lens((((r.unit.home, r.unit.target, r.unit.kv_head), r.rows) for r in rows), shape.prefix_lens)
+    bundles = tuple(KVBundle(h, t, g, v) for (h, t, g), v in sorted(lens.items()))
     return LayerSchedule(work, shape, rows, bundles)

@@ -2,11 +2,26 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Callable, Sequence
 
 import numpy as np
+from scipy.optimize import linear_sum_assignment
+
+from sglang_shplb.core.head_map import home_rank
+from sglang_shplb.core.placement_types import LayerPlacement
+from sglang_shplb.planning.cost_model import CostProfile, Transfer
 
 #: ``assignment[g]`` = list of ``(head, share)`` computed on GPU ``g``; the shares of a head sum to 1.
 Assignment = list[list[tuple[int, float]]]
+#: per-head causal cost profiles (a sequence, or a callable ``head -> CostProfile``); None = uniform
+Profiles = Sequence[CostProfile] | Callable[[int], CostProfile] | None
+
+def profile_of(profiles: Profiles, h: int) -> CostProfile | None:
+    if profiles is None:
+        return None
+    return profiles(h) if callable(profiles) else profiles[h]
+
 
 @dataclass
 class LayerProblem:
@@ -19,6 +34,9 @@ class LayerProblem:
     ``max_replicated_kv``: cap on KV-head copies beyond one per KV head in this layer (``None`` = no cap).
     ``allow_split_heads``: may a head's query blocks be cut over several GPUs.
     ``equal_heads``: every GPU computes the same number of whole query heads (needs ``H % tp == 0``).
+    ``profiles``: the heads' causal cost profiles, to cut shares into query blocks (None = uniform).
+    ``transfer``: the price of work away from its home rank (None: compute only, as without a length);
+    :mod:`.objective` has the per-rank time every placement is judged by.
     """
 
     costs: np.ndarray
@@ -29,6 +47,8 @@ class LayerProblem:
     allow_split_heads: bool = True
     equal_heads: bool = False
     time_limit: float = 10.0
+    profiles: Profiles = field(default=None, repr=False)
+    transfer: Transfer | None = None
     fixed: np.ndarray = field(init=False, repr=False)
     var: np.ndarray = field(init=False, repr=False)
 
@@ -62,6 +82,14 @@ class LayerProblem:
     def kv(self, h: int) -> int:
         return h // self.group_size
 
+    @cached_property
+    def home(self) -> list[int]:
+        """Home rank of every head (:func:`~sglang_shplb.core.head_map.home_rank`)."""
+        return [home_rank(h, self.num_heads, self.tp) for h in range(self.num_heads)]
+
+    def profile(self, h: int) -> CostProfile | None:
+        return profile_of(self.profiles, h)
+
     def piece_cost(self, h: int, share: float) -> float:
         return float(self.costs[h]) if share >= 1.0 - 1e-12 else float(self.fixed[h] + share * self.var[h])
 
@@ -73,9 +101,38 @@ class LayerProblem:
         return lb
 
 
+@dataclass(frozen=True)
+class LayerTimes:
+    """A layer placement priced by :func:`~.objective.layer_times`: per rank ``compute`` and ``total``
+    (``T_r``) seconds and the units it computes (moved or not); the moved units and the bytes crossing
+    links (inputs and outputs, all ranks)."""
+
+    compute: np.ndarray
+    total: np.ndarray
+    units: np.ndarray
+    moved_units: int
+    moved_bytes: int
+    unit_overhead_s: float
+
+    @property
+    def slowest(self) -> float:
+        return float(self.total.max())
+
+    @property
+    def exposed(self) -> np.ndarray:
+        """Per rank: transfer seconds not hidden behind home compute."""
+        return np.maximum(self.total - self.compute - self.units * self.unit_overhead_s, 0.0)
+
+    def key(self) -> tuple[float, int, int]:
+        """Order of preference: the objective, then fewer units, then fewer bytes."""
+        return self.slowest, int(self.units.sum()), self.moved_bytes
+
+
 @dataclass
 class SolverResult:
     assignment: Assignment
+    placement: LayerPlacement | None = None  # the query-block pieces, when the solver cut them itself
+    times: LayerTimes | None = None  # the placement's times, when the solver priced it
     optimal: bool | None = None  # True when proven optimal (exact solver); None for heuristics
     bound: float | None = None  # a proven lower bound on the makespan, when known
     info: dict = field(default_factory=dict)
@@ -94,6 +151,20 @@ def replicas(problem: LayerProblem, assignment: Assignment) -> int:
 
 def num_pieces(assignment: Assignment) -> int:
     return sum(len(g) for g in assignment)
+
+
+def relabel_to_home(problem: LayerProblem, assignment: Assignment) -> Assignment:
+    """The same assignment with its GPUs renumbered so that the most cost stays on its home rank (GPUs
+    are interchangeable for compute; a head away from home is a unit that moves)."""
+    keep = np.zeros((problem.tp, problem.tp))
+    for g, gpu in enumerate(assignment):
+        for h, s in gpu:
+            keep[g, problem.home[h]] += problem.piece_cost(h, s)
+    gpus, ranks = linear_sum_assignment(keep, maximize=True)
+    out: Assignment = [[] for _ in assignment]
+    for g, r in zip(gpus, ranks):
+        out[r] = list(assignment[g])
+    return out
 
 
 def feasible(problem: LayerProblem, assignment: Assignment) -> bool:

@@ -16,6 +16,10 @@ among placements of equal makespan, one with fewer pieces and replicas.
 
 Costs are scaled so the mean GPU load is 1. On a time limit the best solution found is returned
 (``optimal`` False, ``bound`` the proven lower bound); if none was found, the heuristic's.
+
+The MILP is transfer-unaware: it minimises compute only (``optimal`` and ``bound`` are about that), its
+GPUs are then renumbered to keep the most work home (:func:`~.common.relabel_to_home`), and the result is
+priced like any other with the transfer term (:mod:`.objective`) by the caller.
 """
 from __future__ import annotations
 
@@ -23,19 +27,19 @@ import numpy as np
 from scipy.optimize import Bounds, LinearConstraint, milp
 from scipy.sparse import csr_matrix
 
-from sglang_shplb.planning.solvers.common import Assignment, LayerProblem, SolverResult, share_loads
-from sglang_shplb.planning.solvers.greedy import solve_shplb
+from sglang_shplb.planning.solvers.common import Assignment, LayerProblem, SolverResult, relabel_to_home, share_loads
+from sglang_shplb.planning.solvers.home import solve_shplb
 
 EPS_COUNT = 1e-8
 
 
 def solve_exact(p: LayerProblem) -> SolverResult:
     H, G, K = p.num_heads, p.tp, p.num_kv
-    heur = solve_shplb(p).assignment
-    ub = float(share_loads(p, heur).max())
+    heur = solve_shplb(p)
+    ub = float(share_loads(p, heur.assignment).max())
     total = float(p.costs.sum())
     if total <= 0.0:
-        return SolverResult(heur, optimal=True, bound=0.0)
+        return SolverResult(heur.assignment, heur.placement, heur.times, optimal=True, bound=0.0)
     scale = total / G
     var, fixed = p.var / scale, p.fixed / scale
 
@@ -103,7 +107,8 @@ def solve_exact(p: LayerProblem) -> SolverResult:
     bound = getattr(res, "mip_dual_bound", None)
     bound = None if bound is None or not np.isfinite(bound) else max(0.0, float(bound) - EPS_COUNT * (2 * nx)) * scale
     if res.x is None:
-        return SolverResult(heur, optimal=False, bound=bound, info={"status": int(res.status), "fallback": "shplb"})
+        return SolverResult(heur.assignment, heur.placement, heur.times, optimal=False, bound=bound,
+                            info={"status": int(res.status), "fallback": "shplb"})
     x = res.x[:nx].reshape(H, G)
     assign: Assignment = [[] for _ in range(G)]
     for h in range(H):
@@ -115,7 +120,9 @@ def solve_exact(p: LayerProblem) -> SolverResult:
     optimal = res.status == 0
     m = float(share_loads(p, assign).max())
     if m > ub * (1 + 1e-9):  # rounding of a time-limited solution lost against the heuristic
-        return SolverResult(heur, optimal=False, bound=bound, info={"status": int(res.status), "fallback": "shplb"})
+        return SolverResult(heur.assignment, heur.placement, heur.times, optimal=False, bound=bound,
+                            info={"status": int(res.status), "fallback": "shplb"})
     if optimal:
         bound = m / (1 + 1e-6) if bound is None else bound
-    return SolverResult(assign, optimal=optimal, bound=bound, info={"status": int(res.status), "milp_T": float(res.x[iT]) * scale})
+    return SolverResult(relabel_to_home(p, assign), optimal=optimal, bound=bound,
+                        info={"status": int(res.status), "milp_T": float(res.x[iT]) * scale})
