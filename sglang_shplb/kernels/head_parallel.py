@@ -63,11 +63,31 @@ class KVRows:
         return table.to(device), torch.arange(len(kv_lens), dtype=torch.int32, device=device)
 
 
+def _flash_with_lse(q, k, v, causal: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """FlashAttention's output and log-sum-exp ``[B, H, Lq]`` (natural log), from torch's own kernels."""
+    if q.is_cuda:
+        o, lse = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, causal, False, scale=scale)[:2]
+    else:
+        o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, scale=scale)[:2]
+    return o, lse
+
+
+def _after_prefix(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """Queries ``[1, H, n, d]`` that are the last n of ``L`` keys (lower-right causal), on FlashAttention:
+    keys ``[0, L - n)`` are all visible, keys ``[L - n, L)`` form a top-left causal square; the two partial
+    softmaxes merge by their log-sum-exps: ``o = Σ_i o_i e^{lse_i - m} / Σ_i e^{lse_i - m}``."""
+    p = k.shape[2] - q.shape[2]
+    o1, l1 = _flash_with_lse(q, k[:, :, :p], v[:, :, :p], False, scale)
+    o2, l2 = _flash_with_lse(q, k[:, :, p:], v[:, :, p:], True, scale)
+    m = torch.maximum(l1, l2)
+    w1, w2 = torch.exp(l1 - m)[..., None], torch.exp(l2 - m)[..., None]
+    return ((o1.float() * w1 + o2.float() * w2) / (w1 + w2)).to(q.dtype)
+
+
 def _dense(q, k_buffer, v_buffer, kv: KVRows, q_lens, kv_lens, heads, scale, out) -> None:
     """Dense causal attention of ``heads``, query j of request i at position ``kv_len - q_len + j``: torch SDPA
-    (cuDNN / flash on CUDA; lower-right causal when the queries follow a prefix), one call per (request, KV
+    (cuDNN / flash on CUDA) without a prefix, :func:`_after_prefix` after one; one call per (request, KV
     head)."""
-    from torch.nn.attention.bias import causal_lower_right
     sdpa = torch.nn.functional.scaled_dot_product_attention
     group = q.shape[1] // k_buffer.shape[1]
     by_kv: dict[int, list[int]] = {}
@@ -81,10 +101,9 @@ def _dense(q, k_buffer, v_buffer, kv: KVRows, q_lens, kv_lens, heads, scale, out
             kk, vv = k_buffer[rows, g][None, None], v_buffer[rows, g][None, None]      # [1, 1, L, d]
             if n == L:   # no prefix: top-left causal, GQA in the kernel (cuDNN / flash)
                 o = sdpa(qq, kk, vv, scale=scale, is_causal=True, enable_gqa=True)
-            else:        # after a prefix: lower-right causal (memory-efficient kernel), K/V per q head
+            else:
                 shape = (1, len(hs), L, kk.shape[-1])
-                o = sdpa(qq, kk.expand(shape).contiguous(), vv.expand(shape).contiguous(), scale=scale,
-                         attn_mask=causal_lower_right(n, L))
+                o = _after_prefix(qq, kk.expand(shape).contiguous(), vv.expand(shape).contiguous(), scale)
             out[c:c + n, hs] = o[0].transpose(0, 1).to(out.dtype)
         c += n
 
