@@ -5,6 +5,7 @@
     budget   head-adaptive budgets (+ stability) from a profile          → OUT/budgets.json
     place    S-HPLB placements per TP size and context bucket            → OUT/plan.{json,safetensors}
     report   text report and PNG plots of a plan                         → OUT/report.txt, OUT/*.png
+    eval     dense vs plan answers through real SGLang servers           → OUT/eval.{json,png}
 """
 from __future__ import annotations
 
@@ -14,6 +15,9 @@ import time
 from pathlib import Path
 
 DEFAULT_OUT = "./shplb-plan"
+# stage -> (its input option, the file it reads there, the stage that writes that file)
+STAGE_INPUTS = {"budget": ("profile", "profile.json", "profile"), "place": ("budgets", "budgets.json", "budget"),
+                "report": ("plan", "plan.json", "place")}
 
 
 def _add_model(p: argparse.ArgumentParser) -> None:
@@ -23,8 +27,11 @@ def _add_model(p: argparse.ArgumentParser) -> None:
                    "(default $SHPLB_CACHE or ~/.cache/sglang_shplb)")
 
 
-def _add_out(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", default=DEFAULT_OUT, help=f"output folder (default {DEFAULT_OUT})")
+def _add_out(p: argparse.ArgumentParser, after_input: bool = False) -> None:
+    if after_input:
+        p.add_argument("--out", default=None, help="output folder (default: the input's folder)")
+    else:
+        p.add_argument("--out", default=DEFAULT_OUT, help=f"output folder (default {DEFAULT_OUT})")
 
 
 def _add_profile(p: argparse.ArgumentParser) -> None:
@@ -32,10 +39,10 @@ def _add_profile(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lengths", type=int, nargs="+", default=[2048, 8192],
                    help="calibration context lengths in tokens (at most the model's context; default 2048 8192)")
     p.add_argument("--sets", nargs="+", default=["A", "B"], choices=["A", "B"],
-                   help="disjoint calibration sets; two are needed for the stability score")
-    p.add_argument("--per-length", type=int, default=1, help="prompts per length and set")
+                   help="disjoint calibration sets; two are needed for the stability score (default A B)")
+    p.add_argument("--per-length", type=int, default=1, help="prompts per length and set (default 1)")
     p.add_argument("--rows-per-block", type=int, default=4,
-                   help="query rows sampled per 64-token block for the recall/error estimates")
+                   help="query rows sampled per 64-token block for the recall/error estimates (default 4)")
     p.add_argument("--num-layers", type=int, default=None, help="truncate the model to its first N layers (tests)")
     p.add_argument("--topk-tiles", type=int, nargs="+", default=[64], choices=[64, 128],
                    help="top-k selection granularities to profile: 64-token blocks and/or 128-token superblocks "
@@ -49,19 +56,31 @@ def _add_budget(p: argparse.ArgumentParser) -> None:
 
 
 def _add_place(p: argparse.ArgumentParser) -> None:
+    from sglang_shplb.planning.cost_model import DEFAULT_LINK_BYTES_PER_S, DEFAULT_UNIT_OVERHEAD_S
+
     p.add_argument("--tp", type=int, nargs="+", default=[2, 4, 8], help="TP sizes to solve (default 2 4 8)")
     p.add_argument("--buckets", type=int, nargs="+", default=[4096, 8192, 16384, 32768, 65536, 131072],
                    help="context bucket upper edges, doubling powers of two (default 4K … 128K)")
     p.add_argument("--solver", default="shplb", choices=["shplb", "shplb_exact", "lpt", "contiguous"],
-                   help="placement solver stored in the plan (default: the fast S-HPLB heuristic)")
+                   help="placement solver stored in the plan (default: the fast, home-aware S-HPLB heuristic)")
     p.add_argument("--calibration", default=None,
                    help="cost-model calibration table (JSON, schema shplb-calibration/1, written by "
                         "bench/prefill_sweep.py or bench/tile_calibration.py); default: the analytic cost model")
     p.add_argument("--max-replicated-kv", default="auto",
                    help="cap on extra KV-head copies per layer (memory): a number, 'auto' (TP - 1, what "
                         "cutting heavy heads across GPU boundaries needs; the default) or 'none'")
+    p.add_argument("--time-limit", type=float, default=2.0,
+                   help="shplb_exact: seconds per layer MILP; on the limit the best placement found is kept, "
+                        "never worse than shplb (default %(default)g)")
     p.add_argument("--no-split", action="store_true", help="place whole heads only (no query-block splits)")
     p.add_argument("--equal-heads", action="store_true", help="every GPU gets the same number of query heads")
+    p.add_argument("--link-gbps", type=float, default=DEFAULT_LINK_BYTES_PER_S / 1e9,
+                   help="GPU-to-GPU link bandwidth per direction, GB/s (1e9 bytes/s), that work moved off its "
+                        "home rank pays (default %(default)g: NCCL all-to-all over H100/H200 NVLink; pass a "
+                        "measured value where one exists)")
+    p.add_argument("--unit-overhead-us", type=float, default=DEFAULT_UNIT_OVERHEAD_S * 1e6,
+                   help="fixed executor time of each unit of work away from the single-rank path, microseconds "
+                        "(default %(default)g: an assumption, to be fitted on the GPU)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -76,15 +95,31 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("profile", help="stage 1: per-head sparsity elasticity")
     _add_model(p), _add_out(p), _add_profile(p)
     p = sub.add_parser("budget", help="stage 2: head-adaptive budgets from a profile")
-    p.add_argument("--profile", default=DEFAULT_OUT, help="folder or profile.json of the profile stage")
-    _add_out(p), _add_budget(p)
+    p.add_argument("--profile", default=DEFAULT_OUT,
+                   help=f"folder or profile.json of the profile stage (default {DEFAULT_OUT})")
+    _add_out(p, after_input=True), _add_budget(p)
     p = sub.add_parser("place", help="stage 3-5: cost model, placements, plan file")
-    p.add_argument("--budgets", default=DEFAULT_OUT, help="folder or budgets.json of the budget stage")
-    _add_out(p), _add_place(p)
+    p.add_argument("--budgets", default=DEFAULT_OUT,
+                   help=f"folder or budgets.json of the budget stage (default {DEFAULT_OUT})")
+    _add_out(p, after_input=True), _add_place(p)
     p = sub.add_parser("report", help="stage 6: text report and plots")
-    p.add_argument("--plan", default=DEFAULT_OUT, help="folder or plan.json")
+    p.add_argument("--plan", default=DEFAULT_OUT, help=f"folder or plan.json (default {DEFAULT_OUT})")
     p.add_argument("--calibration", default=None, help="cost-model calibration table (as for place)")
-    _add_out(p)
+    _add_out(p, after_input=True)
+    from sglang_shplb.evaluation.tasks import TASKS
+
+    p = sub.add_parser("eval", help="dense vs sparse answers on long-context tasks through real SGLang servers")
+    p.add_argument("--plan", default=DEFAULT_OUT,
+                   help=f"folder or plan.json of the plan to serve (default {DEFAULT_OUT})")
+    _add_model(p)
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                   help="cpu: float32, dense on torch_native; cuda: bfloat16, dense on flashinfer")
+    p.add_argument("--lengths", type=int, nargs="+", default=None,
+                   help="prompt lengths in tokens (default 2K, 4K, ... under the model's limit, and the limit)")
+    p.add_argument("--per-task", type=int, default=20, help="prompts per task and length (default 20)")
+    p.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS), help="tasks (default all)")
+    p.add_argument("--out", default=None, help="output folder (default: the plan's folder)")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="answer tokens, all tasks (default: per task)")
     return ap
 
 
@@ -130,6 +165,8 @@ def _solve_opts(a) -> dict:
         opts["allow_split_heads"] = False
     if a.equal_heads:
         opts["equal_heads"] = True
+    if a.solver == "shplb_exact":
+        opts["time_limit"] = a.time_limit
     return opts
 
 
@@ -144,12 +181,30 @@ def cmd_place(a) -> Path:
 
     budgets = load_budgets(a.budgets)
     buckets = Buckets(tuple(a.buckets))
-    plan = place_budgets(budgets, buckets, a.tp, load_cost_model(a.calibration), a.solver, _solve_opts(a),
-                         progress=lambda tps: tqdm(tps, desc="placing (TP size)"))
+    if not a.link_gbps > 0 or a.unit_overhead_us < 0:
+        raise SystemExit(f"--link-gbps must be > 0 and --unit-overhead-us >= 0, got {a.link_gbps}, "
+                         f"{a.unit_overhead_us}")
+    cost = load_cost_model(a.calibration, link_bytes_per_s=a.link_gbps * 1e9, unit_overhead_s=a.unit_overhead_us * 1e-6)
+    bar = tqdm(total=len(a.tp) * len(buckets), desc="placing")
+
+    def progress(jobs):
+        for tp, b in jobs:
+            bar.set_postfix_str(f"TP {tp}, bucket {buckets.upper(b)}")
+            yield tp, b
+            bar.update()
+
+    plan = place_budgets(budgets, buckets, a.tp, cost, a.solver, _solve_opts(a), progress=progress)
+    bar.close()
     path = save_plan(plan, a.out)
     for tp in a.tp:
         sp = [p.predicted for p in plan.placements[tp]]
-        print(f"TP {tp}: slowest GPU per bucket (ms) " + ", ".join(f"{x['slowest_s'] * 1e3:.2f}" for x in sp))
+        print(f"TP {tp}: slowest GPU per bucket (ms) " + ", ".join(f"{x['slowest_s'] * 1e3:.2f}" for x in sp)
+              + "; units per layer " + ", ".join(f"{sum(x['units_per_layer']) / len(x['units_per_layer']):.1f}"
+                                                 for x in sp))
+        if a.solver == "shplb_exact":
+            proven = sum(x["proven_optimal_layers"] for x in sp)
+            print(f"  {proven} of {len(sp) * plan.model.num_layers} layer MILPs proven optimal; the others stopped "
+                  f"at --time-limit {a.time_limit:g} s with their best placement")
     print(f"plan solved in {plan.meta['solve_s']:.2f} s → {path}")
     return path
 
@@ -157,7 +212,19 @@ def cmd_place(a) -> Path:
 def cmd_report(a, quality=None) -> Path:
     from sglang_shplb.planning.report import report_plan
 
-    return report_plan(a.plan, a.out, a.calibration, quality)
+    path = report_plan(a.plan, a.out, a.calibration, quality)
+    if a.cmd == "report":
+        print("(no --model: the report cannot check that the plan is for the model you will serve)")
+    print(f"report and plots → {path.parent}")
+    return path
+
+
+def cmd_eval(a) -> Path:
+    from sglang_shplb.evaluation.runner import EvalConfig, run_eval
+
+    return run_eval(EvalConfig(plan=Path(a.plan), model=a.model, cache_dir=a.cache_dir, device=a.device,
+                               lengths=a.lengths, per_task=a.per_task, tasks=a.tasks, out=a.out,
+                               max_new_tokens=a.max_new_tokens))
 
 
 def cmd_plan(a) -> Path:
@@ -193,11 +260,20 @@ def main(argv=None) -> int:
     if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
         argv = ["plan", *argv]
     a = ap.parse_args(argv)
+    if a.cmd in STAGE_INPUTS:
+        option, name, writer = STAGE_INPUTS[a.cmd]
+        given = Path(getattr(a, option))
+        expected = given if given.is_file() else given / name
+        if not expected.is_file():
+            print(f"python -m sglang_shplb {a.cmd}: error: --{option} {given}: {expected} does not exist "
+                  f"(the {writer} stage writes it: python -m sglang_shplb {writer} --out FOLDER)", file=sys.stderr)
+            return 2
+        a.out = a.out or str(expected.parent)
     from sglang_shplb.planning.budget import BudgetsFileError
 
     try:
         {"plan": cmd_plan, "profile": cmd_profile, "budget": cmd_budget, "place": cmd_place,
-         "report": cmd_report}[a.cmd](a)
+         "report": cmd_report, "eval": cmd_eval}[a.cmd](a)
     except BudgetsFileError as e:  # not the budget stage's file: the message alone, exit 1
         raise SystemExit(str(e)) from None
     except (FileNotFoundError, ValueError) as e:  # bad input: say what, no traceback

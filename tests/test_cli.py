@@ -1,10 +1,12 @@
 """The CLI end to end on the real embedded model, truncated to two layers, with short prompts."""
 import json
+import shutil
 import subprocess
 import sys
 
 import pytest
 
+from sglang_shplb.cli import build_parser, main
 from sglang_shplb.core.model_spec import ModelSpec
 from sglang_shplb.planning.model_store import default_checkpoint
 from sglang_shplb.core.plan import PlanModelMismatchError, load_plan
@@ -59,9 +61,10 @@ def test_stages_one_by_one(planned, tmp_path):
     assert b["mode"] == "density<=0.6"
     dens = [d for layer in b["density"] for d in layer]
     assert sum(dens) / len(dens) <= 0.6 + 1e-6
-    _run("place", "--budgets", str(tmp_path), "--tp", "4", "--buckets", "4096", "--solver", "shplb_exact",
-         "--out", str(tmp_path))
+    r = _run("place", "--budgets", str(tmp_path), "--tp", "4", "--buckets", "4096", "--solver", "shplb_exact",
+             "--out", str(tmp_path))
     assert load_plan(tmp_path).placements[4][0].solver == "shplb_exact"
+    assert "TP 4, bucket 4096" in r.stderr and "proven optimal" in r.stdout and "Highs" not in r.stdout + r.stderr
     _run("report", "--plan", str(tmp_path), "--out", str(tmp_path / "rep"))
     assert "TP 4:" in (tmp_path / "rep" / "report.txt").read_text()
 
@@ -78,3 +81,53 @@ def test_bad_input(planned, tmp_path):
     assert r.returncode == 2 and "does not exist" in r.stderr
     r = _run("place", "--buckets", "1000", "3000", "--budgets", str(out), check=False)
     assert r.returncode == 2 and "powers of two" in r.stderr
+
+
+@pytest.mark.parametrize("cmd, option", [("budget", "--profile"), ("place", "--budgets"), ("report", "--plan"),
+                                         ("profile", "--per-length"), ("profile", "--rows-per-block"),
+                                         ("profile", "--sets"), ("plan", "--sets"), ("budget", "--out")])
+def test_help_states_the_default(cmd, option):
+    sub = next(a for a in build_parser()._actions if a.dest == "cmd").choices[cmd]
+    (action,) = [a for a in sub._actions if option in a.option_strings]
+    assert "default" in action.help, action.help
+
+
+@pytest.mark.parametrize("cmd, option, name, writer", [("budget", "--profile", "profile.json", "profile"),
+                                                       ("place", "--budgets", "budgets.json", "budget"),
+                                                       ("report", "--plan", "plan.json", "place")])
+def test_missing_input_names_the_stage_and_file(cmd, option, name, writer, capsys):
+    assert main([cmd, option, "/nonexistent"]) == 2
+    err = capsys.readouterr().err
+    assert f"/nonexistent/{name} does not exist" in err and f"the {writer} stage" in err and "Errno" not in err
+
+
+def test_every_stage_writes_beside_its_input(planned, tmp_path, monkeypatch, capsys):
+    """budget, place and report without --out write into their input's folder, and say where."""
+    out, _ = planned
+    folder, cwd = tmp_path / "mine", tmp_path / "cwd"
+    folder.mkdir(), cwd.mkdir()
+    for name in ("profile.json", "profile.safetensors"):
+        shutil.copy(out / name, folder / name)
+    monkeypatch.chdir(cwd)
+    assert main(["budget", "--profile", str(folder)]) == 0
+    assert main(["place", "--budgets", str(folder / "budgets.json"), "--tp", "2", "--buckets", "4096"]) == 0
+    assert main(["report", "--plan", str(folder)]) == 0
+    stdout = capsys.readouterr().out
+    assert f"report and plots → {folder}" in stdout and "cannot check" in stdout
+    for name in ("budgets.json", "plan.json", "report.txt", "gpu_loads_tp2.png"):
+        assert (folder / name).exists(), name
+    assert list(cwd.iterdir()) == []
+
+
+def test_milp_output_is_silenced(capfd):
+    """HiGHS writes some messages to the file descriptors directly, past ``disp=False``."""
+    import os
+
+    from sglang_shplb.planning.solvers.exact import _solver_output_silenced
+
+    with _solver_output_silenced():
+        os.write(1, b"HighsMipSolverData::transformNewIntegerFeasibleSolution\n")
+        os.write(2, b"HighsMipSolverData\n")
+    os.write(1, b"after\n")
+    out, err = capfd.readouterr()
+    assert out == "after\n" and err == ""

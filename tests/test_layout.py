@@ -19,7 +19,8 @@ ROOT = Path(__file__).resolve().parents[1] / PACKAGE
 #: part -> the parts (besides itself) it may import; a part not listed here may import any part
 ALLOWED = {"core": set(), "kernels": {"core"}, "scheduler": {"core", "kernels"}}
 #: part -> the parts it never imports
-FORBIDDEN = {"serving": {"planning"}, "planning": {"serving", "scheduler"}}
+FORBIDDEN = {"serving": {"planning"}, "planning": {"serving", "scheduler"},
+             "evaluation": {"serving", "scheduler", "kernels"}}  # the eval drives servers as subprocesses
 
 
 def _modules() -> dict[str, Path]:

@@ -1,8 +1,11 @@
 """Plan file round trip and every kind of bad plan file → its specific error."""
+import hashlib
 import json
 import shutil
 
 import pytest
+import torch
+from safetensors.torch import load_file, save_file
 
 from sglang_shplb.core.buckets import Buckets
 from sglang_shplb.planning.cost_model import CostModel
@@ -114,6 +117,120 @@ def test_bad_budgets_shape(saved):
     (saved / "plan.json").write_text(json.dumps(doc))
     with pytest.raises(PlanCorruptError, match="3 layers"):
         load_plan(saved)
+
+
+def _edit_json(saved, fn) -> None:
+    doc = json.loads((saved / "plan.json").read_text())
+    fn(doc)
+    (saved / "plan.json").write_text(json.dumps(doc))
+
+
+def _reseal(saved) -> None:
+    """Record the array file's current checksum, so that the load gets past the checksum to the arrays."""
+    digest = hashlib.sha256((saved / "plan.safetensors").read_bytes()).hexdigest()
+    _edit_json(saved, lambda doc: doc["arrays"].update(sha256=digest))
+
+
+def _edit_arrays(fn):
+    def mutate(saved, other):
+        tensors = load_file(str(saved / "plan.safetensors"))
+        fn(tensors)
+        save_file(tensors, str(saved / "plan.safetensors"))
+        _reseal(saved)
+    return mutate
+
+
+def _set(name, fn):
+    return _edit_arrays(lambda t: t.__setitem__(name, fn(t[name])))
+
+
+def _put(tensor, row, col, value):
+    tensor = tensor.clone()
+    tensor[row, col] = value
+    return tensor
+
+
+def _truncate(saved, other, reseal):
+    data = (saved / "plan.safetensors").read_bytes()
+    (saved / "plan.safetensors").write_bytes(data[: len(data) // 2])
+    if reseal:
+        _reseal(saved)
+
+
+def _swap(saved, other, reseal):
+    shutil.copy(other / "plan.safetensors", saved / "plan.safetensors")
+    if reseal:
+        _reseal(saved)
+
+
+IDX, FRAC = "place.tp4.b1.idx", "place.tp4.b1.frac"
+MUTATIONS = {  # name -> (mutate(saved, other plan), the PlanError subclass, the message must contain)
+    "drop idx": (_edit_arrays(lambda t: t.pop(IDX)), PlanCorruptError, IDX),
+    "drop frac": (_edit_arrays(lambda t: t.pop(FRAC)), PlanCorruptError, FRAC),
+    "extra array": (_edit_arrays(lambda t: t.__setitem__("x", torch.zeros(1))), PlanCorruptError, "'x'"),
+    "idx flattened": (_set(IDX, lambda a: a.reshape(-1)), PlanCorruptError, "schema"),
+    "idx extra dim": (_set(IDX, lambda a: a[..., None]), PlanCorruptError, "schema"),
+    "frac extra dim": (_set(FRAC, lambda a: a[None]), PlanCorruptError, "schema"),
+    "idx transposed": (_set(IDX, lambda a: a.T.contiguous()), PlanCorruptError, "schema"),
+    "frac transposed": (_set(FRAC, lambda a: a.T.contiguous()), PlanCorruptError, "schema"),
+    "idx int64": (_set(IDX, lambda a: a.long()), PlanCorruptError, "int32"),
+    "idx float": (_set(IDX, lambda a: a.double()), PlanCorruptError, "int32"),
+    "frac float32": (_set(FRAC, lambda a: a.float()), PlanCorruptError, "float64"),
+    "rows differ": (_set(FRAC, lambda a: a[:-1].contiguous()), PlanCorruptError, "rows"),
+    "frac nan": (_set(FRAC, lambda a: _put(a, 0, 1, float("nan"))), PlanCorruptError, "non-finite"),
+    "frac inf": (_set(FRAC, lambda a: _put(a, 0, 1, float("inf"))), PlanCorruptError, "non-finite"),
+    "frac end > 1": (_set(FRAC, lambda a: _put(a, 0, 1, 1.5)), PlanCorruptError, "start < end"),
+    "frac start < 0": (_set(FRAC, lambda a: _put(a, 0, 0, -0.5)), PlanCorruptError, "start < end"),
+    "frac start = end": (_set(FRAC, lambda a: _put(a, 0, 0, float(a[0, 1]))), PlanCorruptError, "start < end"),
+    "layer out of range": (_set(IDX, lambda a: _put(a, 0, 0, 3)), PlanCorruptError, "layer"),
+    "layer negative": (_set(IDX, lambda a: _put(a, 0, 0, -1)), PlanCorruptError, "layer"),
+    "rank out of range": (_set(IDX, lambda a: _put(a, 0, 1, 4)), PlanCorruptError, "rank"),
+    "head out of range": (_set(IDX, lambda a: _put(a, 0, 2, 9)), PlanCorruptError, "head"),
+    "row dropped": (_edit_arrays(lambda t: t.update({IDX: t[IDX][1:].contiguous(), FRAC: t[FRAC][1:].contiguous()})),
+                    PlanCoverageError, "TP 4 bucket 1"),
+    "truncated": (lambda s, o: _truncate(s, o, False), PlanCorruptError, "checksum"),
+    "truncated, resealed": (lambda s, o: _truncate(s, o, True), PlanCorruptError, "readable"),
+    "swapped": (lambda s, o: _swap(s, o, False), PlanCorruptError, "checksum"),
+    "swapped, resealed": (lambda s, o: _swap(s, o, True), PlanCorruptError, "missing"),
+    "no arrays entry": (lambda s, o: _edit_json(s, lambda d: d.pop("arrays")), PlanCorruptError, "arrays"),
+    "arrays outside the folder": (lambda s, o: _edit_json(s, lambda d: d["arrays"].update(file="../plan.safetensors")),
+                                  PlanCorruptError, "file name"),
+    "placements not an object": (lambda s, o: _edit_json(s, lambda d: d.update(placements=[])), PlanCorruptError,
+                                 "placements"),
+    "TP key not a number": (lambda s, o: _edit_json(s, lambda d: d["placements"].update(two=[])), PlanCorruptError,
+                            "'two'"),
+    "buckets not a list": (lambda s, o: _edit_json(s, lambda d: d["placements"].update({"2": "x"})),
+                           PlanCorruptError, "'2'"),
+    "entry key not a string": (lambda s, o: _edit_json(s, lambda d: d["placements"]["4"][1].update(key=7)),
+                               PlanCorruptError, "key: str"),
+    "predicted not a dict": (lambda s, o: _edit_json(s, lambda d: d["placements"]["4"][1].update(predicted=[])),
+                             PlanCorruptError, "predicted"),
+    "model count a string": (lambda s, o: _edit_json(s, lambda d: d["model"].update(num_layers="3")),
+                             PlanCorruptError, "num_layers"),
+    "model field missing": (lambda s, o: _edit_json(s, lambda d: d["model"].pop("num_heads")), PlanCorruptError,
+                            "num_heads"),
+    "budgets layer not a list": (lambda s, o: _edit_json(s, lambda d: d["budgets"].__setitem__(0, 5)),
+                                 PlanCorruptError, "malformed"),
+}
+
+
+@pytest.fixture(scope="module")
+def other_plan(tmp_path_factory):
+    """A different plan (TP 2 only, other buckets) whose files can be swapped in."""
+    plan = _plan()
+    plan.placements = {2: solve_plan_placements(plan.model, plan.budgets, Buckets((2048,)), [2], CostModel.analytic(),
+                                                "shplb")[2]}
+    plan.buckets = Buckets((2048,))
+    return save_plan(plan, tmp_path_factory.mktemp("other")).parent
+
+
+@pytest.mark.parametrize("name", list(MUTATIONS))
+def test_every_mutation_is_refused_with_its_error(saved, other_plan, name):
+    mutate, error, words = MUTATIONS[name]
+    mutate(saved, other_plan)
+    with pytest.raises(PlanError) as info:  # any other exception type fails the test
+        load_plan(saved, CFG, tp=4)
+    assert type(info.value) is error and words in str(info.value), repr(info.value)
 
 
 def test_import_refuses_another_sglang():

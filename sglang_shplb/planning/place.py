@@ -289,14 +289,15 @@ def place_budgets(budgets: BudgetsFile, buckets: Buckets, tp_sizes: Sequence[int
                   progress: Callable | None = None) -> Plan:
     """The plan of a budgets file: every TP size solved with ``resolve_solve_opts(solve_options, tp)``,
     replicated KV bytes for a bf16 cache in ``predicted``; ``meta`` records the inputs, solver, options and
-    time. ``progress``: optional callable wrapping the TP sizes (e.g. ``tqdm``)."""
+    time. ``progress``: optional callable wrapping each TP size's (TP size, bucket) jobs."""
     solve_options = dict(solve_options or {})
     spec = budgets.spec
     t0 = time.perf_counter()
     placements: dict[int, list[Placement]] = {}
-    for tp in (progress(tp_sizes) if progress else tp_sizes):
+    for tp in tp_sizes:
         placements.update(solve_plan_placements(spec, budgets.budgets, buckets, [tp], cost_model, solver,
-                                                kv_dtype_bytes=2, **resolve_solve_opts(solve_options, tp)))
+                                                kv_dtype_bytes=2, progress=progress,
+                                                **resolve_solve_opts(solve_options, tp)))
     meta = {"created": time.strftime("%Y-%m-%d %H:%M:%S"), "budget_mode": budgets.mode, "tau": budgets.tau,
             "ref_len": budgets.ref_len, "solver": solver, "solve_s": time.perf_counter() - t0,
             "cost_model": cost_model.to_dict(), "solve_options": solve_options,

@@ -52,6 +52,11 @@ def compare_dense_sparse(model_dir, budgets: list[list[HeadBudget]], lengths: li
     if len(budgets) != model.config.num_hidden_layers:
         raise ValueError(f"{len(budgets)} budget layers for a model of {model.config.num_hidden_layers} layers")
     tok = AutoTokenizer.from_pretrained(model_dir)
+    # EOS/PAD come from the model's generation config, never the tokenizer (a GGUF-converted tokenizer can
+    # name the BOS as its EOS); the explicit all-ones mask keeps generate from masking any prompt token.
+    gen_cfg = model.generation_config
+    eos = gen_cfg.eos_token_id
+    pad_id = gen_cfg.pad_token_id if gen_cfg.pad_token_id is not None else (eos[0] if isinstance(eos, list) else eos)
     _register(budgets)
     rows = []
     for n, seed in ((n, s) for n in lengths for s in range(prompts)):
@@ -60,8 +65,9 @@ def compare_dense_sparse(model_dir, budgets: list[list[HeadBudget]], lengths: li
         out = {}
         for mode, impl in (("dense", "sdpa"), ("sparse", ATTN_NAME)):
             model.set_attn_implementation(impl)
-            gen = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False, return_dict_in_generate=True,
-                                 output_logits=True, pad_token_id=tok.eos_token_id)
+            gen = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                                 do_sample=False, return_dict_in_generate=True, output_logits=True,
+                                 pad_token_id=pad_id)
             out[mode] = (tok.decode(gen.sequences[0, ids.shape[1]:], skip_special_tokens=True).strip(),
                          gen.logits[0][0].float())
         ld, ls = out["dense"][1], out["sparse"][1]

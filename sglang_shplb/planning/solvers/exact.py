@@ -23,6 +23,10 @@ priced like any other with the transfer term (:mod:`.objective`) by the caller.
 """
 from __future__ import annotations
 
+import os
+import sys
+from contextlib import contextmanager
+
 import numpy as np
 from scipy.optimize import Bounds, LinearConstraint, milp
 from scipy.sparse import csr_matrix
@@ -31,6 +35,24 @@ from sglang_shplb.planning.solvers.common import Assignment, LayerProblem, Solve
 from sglang_shplb.planning.solvers.home import solve_shplb
 
 EPS_COUNT = 1e-8
+
+
+@contextmanager
+def _solver_output_silenced():
+    """HiGHS prints some internal messages straight to the process's stdout/stderr, whatever ``disp`` says:
+    both file descriptors go to /dev/null for the solve."""
+    sys.stdout.flush(), sys.stderr.flush()
+    saved = {fd: os.dup(fd) for fd in (1, 2)}
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        for fd in saved:
+            os.dup2(devnull, fd)
+        yield
+    finally:
+        for fd, copy in saved.items():
+            os.dup2(copy, fd)
+            os.close(copy)
+        os.close(devnull)
 
 
 def solve_exact(p: LayerProblem) -> SolverResult:
@@ -101,9 +123,10 @@ def solve_exact(p: LayerProblem) -> SolverResult:
         integrality[:nx] = 0
     upper = np.ones(n)
     upper[iT] = ub / scale * (1 + 1e-6) + 1e-9
-    res = milp(c, constraints=LinearConstraint(A, lo, hi), integrality=integrality,
-               bounds=Bounds(np.zeros(n), upper),
-               options={"time_limit": float(p.time_limit), "mip_rel_gap": 1e-6, "presolve": True})
+    with _solver_output_silenced():
+        res = milp(c, constraints=LinearConstraint(A, lo, hi), integrality=integrality,
+                   bounds=Bounds(np.zeros(n), upper),
+                   options={"time_limit": float(p.time_limit), "mip_rel_gap": 1e-6, "presolve": True})
     bound = getattr(res, "mip_dual_bound", None)
     bound = None if bound is None or not np.isfinite(bound) else max(0.0, float(bound) - EPS_COUNT * (2 * nx)) * scale
     if res.x is None:

@@ -1,0 +1,130 @@
+"""The two servers the eval compares, each a real SGLang HTTP server in a process group of its own.
+
+dense:  ``python -m sglang.launch_server --attention-backend torch_native`` (CPU) / ``flashinfer`` (CUDA)
+sparse: ``python -m sglang_shplb.launch_server --shplb-plan PLAN`` (the shplb backend: sparse prefill and
+        decode per the plan; its dense heads run on the same stock backend)
+
+Same model, device, dtype and flags otherwise; the radix cache is off so every prompt is a cold
+prefill on both. Generation is greedy (temperature 0) and streamed: TTFT is the time from sending the
+request to the first streamed chunk, as the client sees it (HTTP included).
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+DENSE_BACKEND = {"cpu": "torch_native", "cuda": "flashinfer"}
+DTYPE = {"cpu": "float32", "cuda": "bfloat16"}
+
+
+@dataclass(frozen=True)
+class ServerSpec:
+    name: str                 # "dense" or "sparse"
+    module: str               # the launcher module, run as ``python -m``
+    args: tuple[str, ...]
+    env: dict[str, str] = field(default_factory=dict)
+
+    def command(self, port: int) -> list[str]:
+        return [sys.executable, "-m", self.module, *self.args, "--host", "127.0.0.1", "--port", str(port)]
+
+
+@dataclass(frozen=True)
+class Generation:
+    text: str
+    ttft_s: float
+    latency_s: float
+    output_tokens: int
+
+
+def server_specs(model: Path, plan: Path, device: str, dtype: str, context_length: int) -> list[ServerSpec]:
+    """dense and sparse, same flags but the backend."""
+    common = ["--model-path", str(model), "--device", device, "--dtype", dtype, "--context-length",
+              str(context_length), "--disable-radix-cache", "--random-seed", "0"]
+    env = {"TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
+    if device == "cpu":  # SGLang's CPU engine; a KV pool sized for one request at a time
+        common += ["--max-total-tokens", str(2 * context_length), "--sleep-on-idle"]
+        env["SGLANG_USE_CPU_ENGINE"] = "1"
+    return [ServerSpec("dense", "sglang.launch_server", (*common, "--attention-backend", DENSE_BACKEND[device]), env),
+            ServerSpec("sparse", "sglang_shplb.launch_server", (*common, "--shplb-plan", str(plan)), env)]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """A started server; ``with Server(spec, log) as s: s.generate(...)`` stops it (the whole group)."""
+
+    def __init__(self, spec: ServerSpec, log: Path, timeout_s: float = 900):
+        self.spec, self.log, self.port = spec, log, _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        log.parent.mkdir(parents=True, exist_ok=True)
+        with open(log, "w") as out:
+            self.proc = subprocess.Popen(spec.command(self.port), stdout=out, stderr=subprocess.STDOUT,
+                                         env={**os.environ, **spec.env}, start_new_session=True)
+        t0 = time.time()
+        while not self._healthy():
+            if self.proc.poll() is not None or time.time() - t0 > timeout_s:
+                self.stop()
+                raise RuntimeError(f"{spec.name} server ({spec.module}) did not start: see {log}\n"
+                                   f"{log.read_text()[-3000:]}")
+            time.sleep(2)
+        self.startup_s = time.time() - t0
+
+    def _healthy(self) -> bool:
+        try:
+            with urllib.request.urlopen(self.url + "/health_generate", timeout=60) as r:
+                return r.status == 200
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            return False
+
+    def generate(self, input_ids: list[int], max_new_tokens: int, timeout_s: float = 1800) -> Generation:
+        payload = {"input_ids": input_ids, "stream": True,
+                   "sampling_params": {"temperature": 0, "max_new_tokens": max_new_tokens}}
+        req = urllib.request.Request(self.url + "/generate", data=json.dumps(payload).encode(),
+                                     headers={"Content-Type": "application/json"})
+        t0, ttft, last = time.perf_counter(), None, None
+        with urllib.request.urlopen(req, timeout=timeout_s) as r:
+            for line in r:
+                if not line.startswith(b"data: ") or line.strip() == b"data: [DONE]":
+                    continue
+                chunk = json.loads(line[6:])
+                if "error" in chunk:
+                    raise RuntimeError(f"{self.spec.name} server: {chunk['error']}")
+                ttft = ttft if ttft is not None else time.perf_counter() - t0
+                last = chunk
+        if last is None:
+            raise RuntimeError(f"{self.spec.name} server streamed no output")
+        return Generation(last["text"], ttft, time.perf_counter() - t0,
+                          int(last.get("meta_info", {}).get("completion_tokens", 0)))
+
+    def stop(self) -> None:
+        try:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            self.proc.wait(30)
+        except ProcessLookupError:
+            return
+        except subprocess.TimeoutExpired:
+            pass
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)  # whatever of the group is left
+        except ProcessLookupError:
+            pass
+        self.proc.wait()
+
+    def __enter__(self) -> "Server":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
