@@ -102,7 +102,8 @@ def _other_depths(rng: random.Random, depth: float, n: int, gap: float = 0.05) -
     (closer needles would push each other off their depths)."""
     taken = [depth]
     while len(taken) <= n:
-        if all(abs((d := round(rng.uniform(0.05, 0.95), 3)) - t) >= gap for t in taken):
+        d = round(rng.uniform(0.05, 0.95), 3)
+        if all(abs(d - t) >= gap for t in taken):
             taken.append(d)
     return taken[1:]
 
