@@ -48,7 +48,7 @@ class KVRows:
             c += L
         return KVRows(starts=tuple(starts))
 
-    def rows(self, i: int, kv_len: int, device) -> torch.Tensor | slice:
+    def rows(self, i: int, kv_len: int) -> torch.Tensor | slice:
         if self.starts is not None:
             return slice(self.starts[i], self.starts[i] + kv_len)
         return self.req_to_token[int(self.req_pool_indices[i]), :kv_len].long()
@@ -95,7 +95,7 @@ def _dense(q, k_buffer, v_buffer, kv: KVRows, q_lens, kv_lens, heads, scale, out
         by_kv.setdefault(h // group, []).append(h)
     c = 0
     for i, (n, L) in enumerate(zip(q_lens, kv_lens)):
-        rows = kv.rows(i, L, q.device)
+        rows = kv.rows(i, L)
         for g, hs in by_kv.items():
             qq = q[c:c + n, hs].transpose(0, 1)[None]                                  # [1, S, n, d]
             kk, vv = k_buffer[rows, g][None, None], v_buffer[rows, g][None, None]      # [1, 1, L, d]
@@ -185,14 +185,14 @@ class RankLayout:
         return head - self.q_base
 
     def local_kv(self, kv_head: int) -> int:
-        """Index of a home KV head in this rank's pool (KV heads replicated when TP > Hkv: one per rank)."""
-        hkv_local = max(1, self.num_kv_heads // self.tp)
-        return kv_head - (self.rank * self.num_kv_heads // self.tp if self.tp > self.num_kv_heads
-                          else self.rank * hkv_local)
+        """Index of a home KV head in this rank's pool: rank r's first KV head is ``r Hkv / TP`` (rounded
+        down: when TP > Hkv each KV head is replicated and a rank holds one)."""
+        return kv_head - self.rank * self.num_kv_heads // self.tp
 
 
 @dataclass
 class ExchangeStats:
+    """What this rank shipped in the current batch (the backend logs it after the last layer)."""
     units_moved: int = 0
     bytes_sent: int = 0
     bytes_received: int = 0

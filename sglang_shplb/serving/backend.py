@@ -28,7 +28,7 @@ from sglang.srt.layers.attention.base_attn_backend import AttentionBackend
 
 from sglang_shplb.core.head_map import LayerWork, placement_work, rank_heads
 from sglang_shplb.core.patterns import HeadBudget, Pattern
-from sglang_shplb.kernels.head_parallel import HeadParallelExtend, RankLayout
+from sglang_shplb.kernels.head_parallel import ExchangeStats, HeadParallelExtend, RankLayout
 from sglang_shplb.kernels.layer_reference import prepare_decode_constants, sparse_attention, sparse_decode, sparse_heads
 from sglang_shplb.kernels.paged_layer import DecodeWorkspace, ExtendBatch, LayerKernels, layer_max_selected, selected_heads
 from sglang_shplb.scheduler.bucket_hook import ATTR as BUCKET_ATTR, batch_bucket
@@ -159,7 +159,7 @@ class ShplbAttnBackend(AttentionBackend):
                     forward_batch.extend_seq_lens_cpu, seq_lens)
             if self.head_parallel is not None and self.work[self.current_bucket] is not None:
                 self.extend_shape = ExtendShape.of(forward_batch.extend_seq_lens_cpu, seq_lens)
-                self.head_parallel.stats.__init__()
+                self.head_parallel.stats = ExchangeStats()   # the log line counts this batch
         return self.inner.init_forward_metadata(forward_batch)
 
     def init_forward_metadata_out_graph(self, forward_batch, in_capture: bool = False):
