@@ -3,7 +3,8 @@
 Text: per TP size and bucket, contiguous vs LPT vs S-HPLB predicted slowest/mean GPU attention time
 (summed over layers; compute + unit overhead + exposed transfer), bubble fraction, predicted speedup over
 contiguous, units and bytes moved per layer, replicated KV heads and bytes; the budgets' pattern mix and
-density; the stability of the head needs.
+density; the stability of the head needs; the eval summary when ``eval.json`` sits beside the plan
+(``python -m sglang_shplb eval``).
 Plots: budget heatmap (layers × heads), per-GPU stacked loads contiguous vs S-HPLB, elasticity curves
 of a few heads, stability scatter, predicted speedup per bucket.
 """
@@ -16,6 +17,7 @@ import numpy as np
 from sglang_shplb.core.buckets import Buckets
 from sglang_shplb.core.patterns import HeadBudget, Pattern
 from sglang_shplb.core.plan import Plan, load_plan
+from sglang_shplb.evaluation.summary import load_eval, summary_lines
 from sglang_shplb.planning.budget import BUDGETS_NAME, BudgetResult, Stability, load_budgets
 from sglang_shplb.planning.cost_model import CostModel, load_cost_model, plan_cost_model
 from sglang_shplb.planning.place import (compare_solvers, evaluate_placement, layer_inputs, piece_load,
@@ -55,7 +57,7 @@ def _len(n: int) -> str:
 
 def report_plan(plan_path, out_dir, calibration=None, quality: list[dict] | None = None) -> Path:
     """The report of a plan with what its folder holds beside it (``profile.json``, the stability in
-    ``budgets.json``, ``quality.json`` unless ``quality`` is given), under the cost model of the
+    ``budgets.json``, ``quality.json`` unless ``quality`` is given, ``eval.json``), under the cost model of the
     ``calibration`` table if given, else the one the plan was solved with."""
     plan_path = Path(plan_path)
     plan = load_plan(plan_path)
@@ -65,12 +67,14 @@ def report_plan(plan_path, out_dir, calibration=None, quality: list[dict] | None
     if quality is None:
         quality = load_quality(folder)
     cost = load_cost_model(calibration) if calibration else plan_cost_model(plan.meta)
-    return write_report(Path(out_dir), plan, cost, None, profile, stab, quality, plan.meta.get("solve_options", {}))
+    return write_report(Path(out_dir), plan, cost, None, profile, stab, quality, plan.meta.get("solve_options", {}),
+                        evaluation=load_eval(folder))
 
 
 def write_report(out_dir: Path, plan: Plan, cost: CostModel, budgets: BudgetResult | None = None,
                  profile: ProfileResult | None = None, stab: Stability | None = None,
-                 quality: list[dict] | None = None, solve_opts: dict | None = None, log=print) -> Path:
+                 quality: list[dict] | None = None, solve_opts: dict | None = None, log=print,
+                 evaluation: dict | None = None) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -113,6 +117,8 @@ def write_report(out_dir: Path, plan: Plan, cost: CostModel, budgets: BudgetResu
             lines.append(f"  {q['tokens']:>5} tokens  passkey {q['answer']}: dense {q['dense']!r:>10}  "
                          f"sparse {q['sparse']!r:>10}  next-token top-1 agree {q['top1_agree']}  "
                          f"last-logit rel. diff {q['logit_rel_diff']:.3f}")
+    if evaluation:
+        lines += ["", *summary_lines(evaluation)]
     lines.append(comparison_table(rows, bk))
     text = "\n".join(lines) + "\n"
     (out_dir / "report.txt").write_text(text)
