@@ -15,6 +15,7 @@ from serving_helpers import model_dir
 from sglang_shplb.cli import build_parser, main
 from sglang_shplb.core.plan import PlanModelMismatchError
 from sglang_shplb.evaluation.corpus import load_corpus
+from sglang_shplb.evaluation.progress import Progress, answer_key
 from sglang_shplb.evaluation.runner import EvalConfig, default_lengths, run_eval
 from sglang_shplb.evaluation.scoring import score
 from sglang_shplb.evaluation.summary import load_eval, paired_interval, plot_accuracy, summarize, summary_lines
@@ -191,3 +192,17 @@ def test_summary_table_plot_and_json(tmp_path):
     plot_accuracy(doc, tmp_path / "eval.png")
     assert (tmp_path / "eval.png").stat().st_size > 10_000
     assert load_eval(tmp_path) is None
+
+
+def test_progress_resumes_what_was_answered(tmp_path):
+    key = answer_key(["python", "-m", "sglang_shplb.launch_server"], "plan-sha", [1, 2, 3], 12)
+    assert key != answer_key(["python", "-m", "sglang_shplb.launch_server"], "other-plan", [1, 2, 3], 12)
+    assert key != answer_key(["python", "-m", "sglang_shplb.launch_server"], "plan-sha", [1, 2, 3], 13)
+    p = Progress.open(tmp_path)
+    p.add(key, {"answer": " 1234567."})
+    with open(p.path, "a") as f:
+        f.write('{"key": "cut sho')  # the line a killed run was writing
+    again = Progress.open(tmp_path)
+    assert again.answers == {key: {"answer": " 1234567."}}
+    again.finish()
+    assert not p.path.exists() and Progress.open(tmp_path).answers == {}

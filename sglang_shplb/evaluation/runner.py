@@ -3,16 +3,19 @@
 :func:`run_eval` checks the plan against the model (a plan for another model is refused), generates the
 prompts (:mod:`.tasks`), starts the dense server, answers every prompt, stops it, does the same on the
 shplb server (:mod:`.servers`), scores the answers (:mod:`.scoring`) and writes ``eval.json`` and
-``eval.png`` (:mod:`.summary`) into the output folder (default: the plan's).
+``eval.png`` (:mod:`.summary`) into the output folder (default: the plan's). Answers are kept as they come
+(:mod:`.progress`): run the same command again after a stop and it resumes.
 """
 from __future__ import annotations
 
+import hashlib
 import sys
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
 from sglang_shplb.core.plan import JSON_NAME, load_plan
+from sglang_shplb.evaluation.progress import Progress, answer_key
 from sglang_shplb.evaluation.scoring import score
 from sglang_shplb.evaluation.servers import DENSE_BACKEND, DTYPE, Server, server_specs
 from sglang_shplb.evaluation.summary import PLOT_NAME, plot_accuracy, save_eval, summary_doc, summary_lines
@@ -58,8 +61,7 @@ def _lengths(cfg: EvalConfig, limit: int) -> list[int]:
 
 def _answer(server: Server, prompt: EvalPrompt, cfg: EvalConfig) -> dict:
     g = server.generate(prompt.input_ids, _max_new(prompt, cfg))
-    return {"answer": g.text, "score": score(g.text, prompt.refs, TASKS[prompt.task].scoring), "ttft_s": g.ttft_s,
-            "latency_s": g.latency_s, "output_tokens": g.output_tokens}
+    return {"answer": g.text, "ttft_s": g.ttft_s, "latency_s": g.latency_s, "output_tokens": g.output_tokens}
 
 
 def run_eval(cfg: EvalConfig, log=print) -> Path:
@@ -82,17 +84,29 @@ def run_eval(cfg: EvalConfig, log=print) -> Path:
     rows = [{"task": p.task, "length": p.length, "index": p.index, "depth": p.depth, "tokens": len(p.input_ids),
              "refs": p.refs} for p in prompts]
     specs = server_specs(model, plan_file, cfg.device, dtype, context)
+    plan_digest = hashlib.sha256(plan_file.read_bytes()).hexdigest()  # plan.json holds the arrays' sha256
+    keys = {s.name: [answer_key(s.command(0), plan_digest if s.name == "sparse" else None, p.input_ids,
+                                _max_new(p, cfg)) for p in prompts] for s in specs}
+    progress = Progress.open(out)
+    reused = sum(k in progress.answers for ks in keys.values() for k in ks)
+    if reused:
+        log(f"resuming: {reused} answers from {progress.path}")
     startup = {}
-    with tqdm(total=len(specs) * len(prompts), desc="eval", unit="prompt") as bar:
+    with tqdm(total=len(specs) * len(prompts), initial=reused, desc="eval", unit="prompt") as bar:
         for spec in specs:
-            bar.set_description(f"eval: starting the {spec.name} server")
-            with Server(spec, out / "eval_logs" / f"{spec.name}.log") as server:
-                startup[spec.name] = server.startup_s
-                server.generate(min(prompts, key=lambda p: p.length).input_ids, 2)  # first-request costs, untimed
-                bar.set_description(f"eval {spec.name}")
-                for p, row in zip(prompts, rows):
-                    row[spec.name] = _answer(server, p, cfg)
-                    bar.update()
+            todo = [(p, k) for p, k in zip(prompts, keys[spec.name]) if k not in progress.answers]
+            if todo:
+                bar.set_description(f"eval: starting the {spec.name} server")
+                with Server(spec, out / "eval_logs" / f"{spec.name}.log") as server:
+                    startup[spec.name] = server.startup_s
+                    server.generate(min(prompts, key=lambda p: p.length).input_ids, 2)  # first-request costs, untimed
+                    bar.set_description(f"eval {spec.name}")
+                    for p, k in todo:
+                        progress.add(k, _answer(server, p, cfg))
+                        bar.update()
+            for p, row, k in zip(prompts, rows, keys[spec.name]):
+                a = progress.answers[k]
+                row[spec.name] = {"score": score(a["answer"], p.refs, TASKS[p.task].scoring), **a}
     doc = {"schema": SCHEMA, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
            "argv": sys.argv, "model": str(model), "plan": str(plan_file.parent),
            "settings": {"device": cfg.device, "dtype": dtype, "dense_backend": DENSE_BACKEND[cfg.device],
@@ -105,5 +119,6 @@ def run_eval(cfg: EvalConfig, log=print) -> Path:
     path = save_eval(doc, out)
     plot_accuracy(doc, out / PLOT_NAME)
     log("\n".join(summary_lines(doc)))
+    progress.finish()
     log(f"eval written to {path} and {out / PLOT_NAME}")
     return path
