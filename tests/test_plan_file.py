@@ -3,6 +3,7 @@ import hashlib
 import json
 import shutil
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -26,7 +27,9 @@ def _plan() -> Plan:
     budgets = [[mix[(li + h) % 4] for h in range(9)] for li in range(3)]
     buckets = Buckets((4096, 8192))
     pl = solve_plan_placements(spec, budgets, buckets, [2, 4], CostModel.analytic(), "shplb")
-    return Plan(spec, buckets, budgets, pl, {"note": "test"})
+    stock = np.zeros((2, 2, 3), dtype=bool)
+    stock[0, 0, [0, 2]] = stock[1, 1, 1] = True   # [phase, bucket, layer]
+    return Plan(spec, buckets, budgets, pl, {"note": "test"}, stock)
 
 
 @pytest.fixture
@@ -45,6 +48,8 @@ def test_round_trip(tmp_path):
         for a, b in zip(orig.placements[tp], back.placements[tp]):
             assert a.to_rows() == b.to_rows()
             assert a.predicted == b.predicted
+    assert np.array_equal(back.stock, orig.stock) and back.stock.dtype == np.bool_
+    assert back.stock_layers("prefill", 0) == {0, 2} and back.stock_layers("decode", 1) == {1}
     assert load_plan(saved / "plan.json").meta == {"note": "test"}
 
 
@@ -163,7 +168,7 @@ def _swap(saved, other, reseal):
         _reseal(saved)
 
 
-IDX, FRAC = "place.tp4.b1.idx", "place.tp4.b1.frac"
+IDX, FRAC, STOCK = "place.tp4.b1.idx", "place.tp4.b1.frac", "stock"
 MUTATIONS = {  # name -> (mutate(saved, other plan), the PlanError subclass, the message must contain)
     "drop idx": (_edit_arrays(lambda t: t.pop(IDX)), PlanCorruptError, IDX),
     "drop frac": (_edit_arrays(lambda t: t.pop(FRAC)), PlanCorruptError, FRAC),
@@ -211,6 +216,26 @@ MUTATIONS = {  # name -> (mutate(saved, other plan), the PlanError subclass, the
                             "num_heads"),
     "budgets layer not a list": (lambda s, o: _edit_json(s, lambda d: d["budgets"].__setitem__(0, 5)),
                                  PlanCorruptError, "malformed"),
+    # the stock array [phase, bucket, layer] and its JSON entry
+    "drop stock": (_edit_arrays(lambda t: t.pop(STOCK)), PlanCorruptError, "stock layers) is missing"),
+    "stock uint8": (_set(STOCK, lambda a: a.to(torch.uint8)), PlanCorruptError, "torch.bool"),
+    "stock int8": (_set(STOCK, lambda a: a.to(torch.int8)), PlanCorruptError, "torch.bool"),
+    "stock a bucket short": (_set(STOCK, lambda a: a[:, :1].contiguous()), PlanCorruptError, "[2, 2, 3]"),
+    "stock a layer extra": (_set(STOCK, lambda a: torch.cat([a, a[..., :1]], -1)), PlanCorruptError, "[2, 2, 3]"),
+    "stock one phase": (_set(STOCK, lambda a: a[:1].contiguous()), PlanCorruptError, "[2, 2, 3]"),
+    "stock transposed": (_set(STOCK, lambda a: a.transpose(0, 2).contiguous()), PlanCorruptError, "[2, 2, 3]"),
+    "stock flattened": (_set(STOCK, lambda a: a.reshape(-1)), PlanCorruptError, "[2, 2, 3]"),
+    "stock not named": (lambda s, o: _edit_json(s, lambda d: d.pop("stock")), PlanCorruptError, "['stock']"),
+    "stock entry not an object": (lambda s, o: _edit_json(s, lambda d: d.update(stock="stock")), PlanCorruptError,
+                                  "`stock` must be"),
+    "stock entry null": (lambda s, o: _edit_json(s, lambda d: d.update(stock=None)), PlanCorruptError,
+                         "`stock` must be"),
+    "stock phases swapped": (lambda s, o: _edit_json(s, lambda d: d["stock"].update(phases=["decode", "prefill"])),
+                             PlanCorruptError, "`stock` must be"),
+    "stock key another array": (lambda s, o: _edit_json(s, lambda d: d["stock"].update(key=IDX)), PlanCorruptError,
+                                "`stock` must be"),
+    "stock entry extra field": (lambda s, o: _edit_json(s, lambda d: d["stock"].update(margin=0.9)),
+                                PlanCorruptError, "`stock` must be"),
 }
 
 
@@ -221,6 +246,7 @@ def other_plan(tmp_path_factory):
     plan.placements = {2: solve_plan_placements(plan.model, plan.budgets, Buckets((2048,)), [2], CostModel.analytic(),
                                                 "shplb")[2]}
     plan.buckets = Buckets((2048,))
+    plan.stock = np.ones((2, 1, 3), dtype=bool)
     return save_plan(plan, tmp_path_factory.mktemp("other")).parent
 
 
@@ -231,6 +257,16 @@ def test_every_mutation_is_refused_with_its_error(saved, other_plan, name):
     with pytest.raises(PlanError) as info:  # any other exception type fails the test
         load_plan(saved, CFG, tp=4)
     assert type(info.value) is error and words in str(info.value), repr(info.value)
+
+
+def test_plan_written_before_the_stock_array_loads_as_all_sparse(tmp_path):
+    plan = _plan()
+    plan.stock = None
+    save_plan(plan, tmp_path / "old")
+    assert "stock" not in json.loads((tmp_path / "old" / "plan.json").read_text())
+    assert "stock" not in load_file(str(tmp_path / "old" / "plan.safetensors"))
+    back = load_plan(tmp_path / "old", CFG, tp=4)
+    assert back.stock is None and not back.stock_layers("prefill", 0) and not back.stock_layers("decode", 1)
 
 
 def test_import_refuses_another_sglang():

@@ -5,7 +5,16 @@ Layout of a plan directory (``save_plan`` writes both, ``load_plan`` reads eithe
     plan.json          schema_version, model identity, buckets, per-head budgets, placement
                        summaries, meta; ``arrays`` names the safetensors file and its sha256
     plan.safetensors   per (TP, bucket): ``place.tp{T}.b{i}.idx`` int32 [n, 3] (layer, rank, head)
-                       and ``place.tp{T}.b{i}.frac`` float64 [n, 2] (start, end of the query range)
+                       and ``place.tp{T}.b{i}.frac`` float64 [n, 2] (start, end of the query range);
+                       ``stock`` bool [2, buckets, layers]: per phase (:data:`PHASES`: prefill, decode),
+                       bucket and layer, True where the server runs the stock backend for the whole layer
+                       (sparse does not pay there, :mod:`sglang_shplb.planning.stock_decision`)
+
+The ``stock`` array is optional within schema version 1: the JSON's ``stock`` entry
+(``{"key": "stock", "phases": ["prefill", "decode"]}``) names it, and a plan written before it existed
+(no entry, no array) loads with ``Plan.stock = None``, which means every layer sparse in every bucket:
+exactly how such a plan was served before. A plan that names the array must hold a valid one, and an
+array the JSON does not name is refused like any other unnamed array.
 
 Never pickle. ``load_plan(path, model_config)`` checks everything a server relies on and raises a
 :class:`PlanError` subclass naming the mismatch.
@@ -27,6 +36,9 @@ from sglang_shplb.core.patterns import HeadBudget
 from sglang_shplb.core.placement_types import Placement, PlacementCoverageError, check_coverage
 
 SCHEMA_VERSION = 1
+#: the phases of the ``stock`` array, in its first axis' order (extend / prefill, then decode)
+PHASES = ("prefill", "decode")
+STOCK_KEY = "stock"
 JSON_NAME = "plan.json"
 ARRAYS_NAME = "plan.safetensors"
 
@@ -62,6 +74,9 @@ class Plan:
     budgets: list[list[HeadBudget]]  # [layer][query head]
     placements: dict[int, list[Placement]] = field(default_factory=dict)  # tp -> one per bucket
     meta: dict = field(default_factory=dict)
+    #: bool [len(PHASES), buckets, layers]: True = that layer runs the stock backend in that phase and bucket;
+    #: None (a plan written before the array) = every layer sparse everywhere
+    stock: np.ndarray | None = None
 
     @property
     def tp_sizes(self) -> list[int]:
@@ -79,6 +94,13 @@ class Plan:
         flat = [b for layer in self.budgets for b in layer]
         return float(np.mean([b.density(seq_len) for b in flat]))
 
+    def stock_layers(self, phase: str, bucket: int) -> frozenset[int]:
+        """The layers that run the stock backend in ``phase`` (one of :data:`PHASES`) for batches of
+        ``bucket``; empty when the plan has no ``stock`` array."""
+        if self.stock is None:
+            return frozenset()
+        return frozenset(int(li) for li in np.flatnonzero(self.stock[PHASES.index(phase), bucket]))
+
 
 def save_plan(plan: Plan, out_dir: str | Path) -> Path:
     out = Path(out_dir)
@@ -94,6 +116,13 @@ def save_plan(plan: Plan, out_dir: str | Path) -> Path:
             tensors[key + ".frac"] = torch.tensor([r[3:] for r in rows], dtype=torch.float64).reshape(-1, 2)
             entries.append({"bucket": b, "solver": p.solver, "key": key, "predicted": p.predicted})
         placements_json[str(tp)] = entries
+    if plan.stock is not None:
+        stock = np.asarray(plan.stock)
+        want = (len(PHASES), len(plan.buckets), plan.model.num_layers)
+        if stock.dtype != np.bool_ or stock.shape != want:
+            raise ValueError(f"Plan.stock must be bool {list(want)} (phases, buckets, layers), got {stock.dtype} "
+                             f"{list(stock.shape)}")
+        tensors[STOCK_KEY] = torch.from_numpy(stock.copy())
     arrays_path = out / ARRAYS_NAME
     save_file(tensors, str(arrays_path), metadata={"schema_version": str(SCHEMA_VERSION)})
     doc = {
@@ -105,6 +134,8 @@ def save_plan(plan: Plan, out_dir: str | Path) -> Path:
         "meta": plan.meta,
         "arrays": {"file": ARRAYS_NAME, "sha256": _sha256(arrays_path)},
     }
+    if plan.stock is not None:
+        doc["stock"] = {"key": STOCK_KEY, "phases": list(PHASES)}
     path = out / JSON_NAME
     path.write_text(json.dumps(doc, indent=1))
     return path
@@ -182,10 +213,14 @@ def load_plan(path: str | Path, model_config=None, tp: int | None = None) -> Pla
                 raise PlanCoverageError(f"{path}: {err}") from None
             per_bucket.append(p)
         placements[tp_size] = per_bucket
+    stock = None
+    if "stock" in doc:
+        stock = _stock_array(doc["stock"], tensors, model, buckets, arrays_path, path)
+        named.add(doc["stock"]["key"])
     if set(tensors) != named:
         raise PlanCorruptError(f"{arrays_path} holds arrays {sorted(set(tensors) - named)} that {path} does not "
                                f"name (from another plan?)")
-    plan = Plan(model, buckets, budgets, placements, doc.get("meta", {}))
+    plan = Plan(model, buckets, budgets, placements, doc.get("meta", {}), stock)
     if tp is not None and tp != 1 and tp not in placements:
         raise PlanTPError(f"{path} has no placement for TP {tp}; it was solved for TP {plan.tp_sizes}. "
                           f"Re-run `python -m sglang_shplb place --tp {tp}`.")
@@ -233,6 +268,25 @@ def _placement_rows(tensors: dict[str, torch.Tensor], key: str, tp: int, model: 
         if not ((idx[:, col] >= 0) & (idx[:, col] < bound)).all():
             raise PlanCorruptError(f"{where}: {key}.idx names a {name} outside [0, {bound})")
     return [(i[0], i[1], i[2], f[0], f[1]) for i, f in zip(idx.tolist(), frac.tolist())]
+
+
+def _stock_array(entry, tensors: dict[str, torch.Tensor], model: ModelSpec, buckets: Buckets, arrays_path: Path,
+                 path: Path) -> np.ndarray:
+    """The ``stock`` array after checking it and its JSON entry against the schema: the entry is
+    ``{"key": "stock", "phases": ["prefill", "decode"]}``, the array bool [phases, buckets, layers]."""
+    if not (isinstance(entry, dict) and set(entry) == {"key", "phases"} and entry["key"] == STOCK_KEY
+            and entry["phases"] == list(PHASES)):
+        raise PlanCorruptError(f"{path}: `stock` must be {{key: {STOCK_KEY!r}, phases: {list(PHASES)}}}, "
+                               f"got {entry!r}")
+    key = entry["key"]
+    if key not in tensors:
+        raise PlanCorruptError(f"{path}: array {key} (the stock layers) is missing from {arrays_path}")
+    t = tensors[key]
+    want = [len(PHASES), len(buckets), model.num_layers]
+    if t.dtype != torch.bool or list(t.shape) != want:
+        raise PlanCorruptError(f"{path}: array {key} is {t.dtype} {list(t.shape)}, the schema says torch.bool "
+                               f"{want} (phases, buckets, layers)")
+    return t.numpy().copy()
 
 
 def _check_model(have: ModelSpec, want: ModelSpec, path: Path) -> None:

@@ -27,9 +27,13 @@ Public API
     ``kv_dtype_bytes`` is given).
 ``compare_solvers(spec, budgets, buckets, tp_sizes, cost_model, solvers=(...), **options) -> list[dict]``
     One row per (tp, bucket, solver) with that summary and ``speedup_vs_contiguous``: the report table.
-``place_budgets(budgets_file, buckets, tp_sizes, cost_model, solver="shplb", solve_options=None) -> Plan``
+``place_budgets(budgets_file, buckets, tp_sizes, cost_model, solver="shplb", solve_options=None,
+stock_options=None) -> Plan``
     Stage 3-5 of the pipeline: the plan of a :class:`~sglang_shplb.planning.budget.BudgetsFile`, solved
-    per TP size with :func:`resolve_solve_opts`, its ``meta`` saying how.
+    per TP size with :func:`resolve_solve_opts`, its ``meta`` saying how; its ``stock`` array (where the
+    server runs the stock backend for a whole layer, per phase and bucket) from
+    :func:`~sglang_shplb.planning.stock_decision.decide_stock` with ``stock_options``
+    (``meta['stock_decision']`` records them).
 ``placement_for(plan_placements, tp, bucket)`` / ``placement_for_length(plan_placements, buckets, tp, n)``
     The per-batch lookup: a dict index (and ``Buckets.index``).
 ``cost_fraction_to_query_fraction(budget, seq_len, cost_fraction) -> float``
@@ -69,6 +73,7 @@ from sglang_shplb.planning.solvers.common import LayerTimes, Profiles, feasible
 from sglang_shplb.planning.solvers.greedy import sglang_kv_heads  # noqa: F401  (re-exported)
 from sglang_shplb.planning.solvers.objective import (assignment_to_layer, layer_times,  # noqa: F401
                                                      piece_load)  # (piece_load re-exported)
+from sglang_shplb.planning.stock_decision import StockOptions, decide_stock
 
 SOLVER_NAMES = tuple(SOLVERS)
 _OPTION_NAMES = ("max_replicated_kv", "allow_split_heads", "equal_heads", "piece_overhead", "time_limit")
@@ -286,10 +291,13 @@ def solve_plan_placements(spec: ModelSpec, budgets: list[list[HeadBudget]], buck
 
 def place_budgets(budgets: BudgetsFile, buckets: Buckets, tp_sizes: Sequence[int], cost_model: CostModel,
                   solver: str = "shplb", solve_options: dict | None = None, *,
-                  progress: Callable | None = None) -> Plan:
+                  progress: Callable | None = None, stock_options: StockOptions | None = None) -> Plan:
     """The plan of a budgets file: every TP size solved with ``resolve_solve_opts(solve_options, tp)``,
     replicated KV bytes for a bf16 cache in ``predicted``; ``meta`` records the inputs, solver, options and
-    time. ``progress``: optional callable wrapping each TP size's (TP size, bucket) jobs."""
+    time. ``progress``: optional callable wrapping each TP size's (TP size, bucket) jobs. ``stock_options``
+    (default :class:`StockOptions()`: margin 0.95): the layers run on the stock backend per phase and
+    bucket (``enabled=False``: none)."""
+    stock_options = stock_options or StockOptions()
     solve_options = dict(solve_options or {})
     spec = budgets.spec
     t0 = time.perf_counter()
@@ -298,15 +306,16 @@ def place_budgets(budgets: BudgetsFile, buckets: Buckets, tp_sizes: Sequence[int
         placements.update(solve_plan_placements(spec, budgets.budgets, buckets, [tp], cost_model, solver,
                                                 kv_dtype_bytes=2, progress=progress,
                                                 **resolve_solve_opts(solve_options, tp)))
+    decision = decide_stock(spec, budgets.budgets, buckets, cost_model, stock_options)
     meta = {"created": time.strftime("%Y-%m-%d %H:%M:%S"), "budget_mode": budgets.mode, "tau": budgets.tau,
             "ref_len": budgets.ref_len, "solver": solver, "solve_s": time.perf_counter() - t0,
             "cost_model": cost_model.to_dict(), "solve_options": solve_options,
-            "checkpoint": budgets.model.get("checkpoint")}
+            "checkpoint": budgets.model.get("checkpoint"), "stock_decision": stock_options.to_dict()}
     if budgets.stability is not None:
         st = budgets.stability
         meta["stability"] = {"spearman": st.spearman, "pvalue": st.pvalue, "same_family": st.same_family,
                              "tau": st.tau}
-    return Plan(spec, buckets, budgets.budgets, placements, meta)
+    return Plan(spec, buckets, budgets.budgets, placements, meta, decision.stock)
 
 
 def compare_solvers(spec: ModelSpec, budgets: list[list[HeadBudget]], buckets: Buckets, tp_sizes: Sequence[int],

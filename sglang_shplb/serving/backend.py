@@ -16,6 +16,16 @@ backend are used as they are. A layer with sparse heads takes:
 At TP ≥ 2, a layer whose placement (the plan's, for the batch's bucket) moves work between ranks runs its
 extend through :class:`~sglang_shplb.kernels.head_parallel.HeadParallelExtend` on SGLang's TP group (see
 ``docs/serving.md``); decode stays on the home heads.
+
+**Stock layers.** Where the plan marks a layer stock for a phase and the batch's bucket (``Plan.stock``,
+:mod:`sglang_shplb.planning.stock_decision`: sparse does not pay there), the whole layer runs on the stock
+backend, before any head-parallel or kernel path. A layer that decodes sparse in some bucket keeps its
+decode page summaries current through stock steps (rebuilt after a stock extend, the new token folded in
+after an eager stock decode), so a batch that grows into a sparse bucket selects from complete summaries.
+A captured decode CUDA graph is shared by every bucket (SGLang captures one per batch size, at the fill
+length, and replays it for any length), so inside a graph a layer runs stock only where the plan marks it
+stock for decode in *every* bucket; layers whose decode choice depends on the bucket run sparse in graphs,
+as before this array existed, and follow the plan per bucket in eager decode.
 """
 from __future__ import annotations
 
@@ -31,6 +41,7 @@ from sglang_shplb.core.patterns import HeadBudget, Pattern
 from sglang_shplb.kernels.head_parallel import ExchangeStats, HeadParallelExtend, RankLayout
 from sglang_shplb.kernels.layer_reference import prepare_decode_constants, sparse_attention, sparse_decode, sparse_heads
 from sglang_shplb.kernels.paged_layer import DecodeWorkspace, ExtendBatch, LayerKernels, layer_max_selected, selected_heads
+from sglang_shplb.kernels.triton_decode import update_page_summaries
 from sglang_shplb.scheduler.bucket_hook import ATTR as BUCKET_ATTR, batch_bucket
 from sglang_shplb.scheduler.head_schedule import ExtendShape, layer_schedule
 from sglang_shplb.serving.config import BACKEND_NAME, ServingConfig
@@ -79,6 +90,17 @@ class ShplbAttnBackend(AttentionBackend):
             self.cfg, model_runner.model_config.model_path, self.tp_size)
         self.layer_budgets: dict[int, list[HeadBudget]] = {}
         self.current_bucket = 0
+        # per phase, per bucket: the layers that run the stock backend (the plan's stock array)
+        nb = len(self.plan.buckets) if self.plan is not None else 1
+        self.stock_layers = {ph: [self.plan.stock_layers(ph, b) if self.plan is not None else frozenset()
+                                  for b in range(nb)] for ph in ("prefill", "decode")}
+        # inside a captured decode graph (shared by all buckets): stock only where stock in every bucket
+        self.graph_decode_stock = frozenset.intersection(*self.stock_layers["decode"])
+        # layers that decode sparse in some bucket: their page summaries must stay current through stock steps
+        self.summarized_layers = frozenset(range(self.plan.model.num_layers) if self.plan is not None else ()) \
+            - self.graph_decode_stock
+        self.stock_extend = self.stock_layers["prefill"][0]
+        self.stock_decode = self.stock_layers["decode"][0]
         # per bucket, the layers' work under the plan's placement for this TP size (None: all at home)
         self.work: list[tuple[LayerWork, ...] | None] = []
         self.head_parallel: HeadParallelExtend | None = None
@@ -102,7 +124,14 @@ class ShplbAttnBackend(AttentionBackend):
                     "on %s, layers with sparse heads on the %s path", n_sparse, n_all,
                     self.cfg.plan_path or "none: dense fallback", self.tp_rank, self.tp_size,
                     self.dense_backend_name, "kernel" if self.kernels else "reference")
-        self.stats = {"extend_layers_sparse": 0, "decode_layers_sparse": 0, "extend_layers_head_parallel": 0}
+        self.stats = {"extend_layers_sparse": 0, "decode_layers_sparse": 0, "extend_layers_head_parallel": 0,
+                      "extend_layers_stock": 0, "decode_layers_stock": 0}
+        if self.plan is not None and self.plan.stock is not None:
+            logger.info("shplb stock fallback: layers on %s per bucket, prefill %s, decode %s; in decode CUDA "
+                        "graphs %d layers stock (those stock in every bucket)", self.dense_backend_name,
+                        {e: len(s) for e, s in zip(self.plan.buckets.edges, self.stock_layers["prefill"])},
+                        {e: len(s) for e, s in zip(self.plan.buckets.edges, self.stock_layers["decode"])},
+                        len(self.graph_decode_stock))
 
     def _init_head_parallel(self, model_runner) -> None:
         """Per bucket, the plan's placement for this TP size as layer work; the executor when any layer of
@@ -147,8 +176,13 @@ class ShplbAttnBackend(AttentionBackend):
             return b or 0
         return batch_bucket(self.plan.buckets, getattr(forward_batch, "seq_lens_cpu", None))
 
+    def _set_bucket(self, forward_batch) -> None:
+        b = self.current_bucket = self._bucket(forward_batch)
+        self.stock_extend = self.stock_layers["prefill"][b]
+        self.stock_decode = self.stock_layers["decode"][b]
+
     def init_forward_metadata(self, forward_batch):
-        self.current_bucket = self._bucket(forward_batch)
+        self._set_bucket(forward_batch)
         self.extend_batch = self.extend_shape = None
         mode = forward_batch.forward_mode
         if mode.is_extend() and forward_batch.extend_seq_lens_cpu:
@@ -163,7 +197,7 @@ class ShplbAttnBackend(AttentionBackend):
         return self.inner.init_forward_metadata(forward_batch)
 
     def init_forward_metadata_out_graph(self, forward_batch, in_capture: bool = False):
-        self.current_bucket = self._bucket(forward_batch)
+        self._set_bucket(forward_batch)
         return self.inner.init_forward_metadata_out_graph(forward_batch, in_capture)
 
     def init_cuda_graph_state(self, max_bs: int, max_num_tokens: int):
@@ -263,6 +297,8 @@ class ShplbAttnBackend(AttentionBackend):
         return q3, q.new_empty(q3.shape[0], layer.tp_q_head_num, layer.v_head_dim)
 
     def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache=True, **kwargs):
+        if layer.layer_id in self.stock_extend and not layer.is_cross_attention:
+            return self._extend_stock(q, k, v, layer, forward_batch, save_kv_cache, **kwargs)
         if self.extend_shape is not None and not layer.is_cross_attention:
             work = self.work[self.current_bucket][layer.layer_id]
             if not work.at_home:
@@ -290,6 +326,30 @@ class ShplbAttnBackend(AttentionBackend):
         self.stats["extend_layers_sparse"] += 1
         return o
 
+    def _extend_stock(self, q, k, v, layer, forward_batch, save_kv_cache, **kwargs):
+        """The plan marks this layer stock for prefill in this bucket: the stock backend for every head, then
+        (kernel path, a layer that decodes sparse somewhere) its decode page summaries rebuilt from the pool."""
+        o = self.inner.forward_extend(q, k, v, layer, forward_batch, save_kv_cache=save_kv_cache, **kwargs)
+        lk = self.kernels.get(layer.layer_id)
+        if lk is not None and self.extend_batch is not None and layer.layer_id in self.summarized_layers:
+            lk.summarize(self.token_to_kv_pool.get_key_buffer(layer.layer_id), self.extend_batch)
+        self.stats["extend_layers_stock"] += 1
+        return o
+
+    def _decode_stock(self, q, k, v, layer, forward_batch, save_kv_cache, capturing, **kwargs):
+        """The stock backend for every head of a decode layer; on the kernel path, outside a graph, the new
+        token folded into the page summaries of a layer that decodes sparse in some bucket."""
+        o = self.inner.forward_decode(q, k, v, layer, forward_batch, save_kv_cache=save_kv_cache, **kwargs)
+        lk = self.kernels.get(layer.layer_id)
+        if lk is not None and lk.selects and not capturing and layer.layer_id in self.summarized_layers:
+            bs = forward_batch.req_pool_indices.shape[0]
+            update_page_summaries(self.token_to_kv_pool.get_key_buffer(layer.layer_id),
+                                  self.req_to_token_pool.req_to_token, forward_batch.req_pool_indices,
+                                  forward_batch.seq_lens[:bs], lk.kmin, lk.kmax)
+        if not capturing:
+            self.stats["decode_layers_stock"] += 1
+        return o
+
     def _extend_head_parallel(self, q, k, v, layer, forward_batch, save_kv_cache, work: LayerWork):
         """The plan moves work of this layer between ranks in this bucket: K/V to the home pool, then
         :class:`~sglang_shplb.kernels.head_parallel.HeadParallelExtend` (home heads here, moved units on
@@ -315,6 +375,10 @@ class ShplbAttnBackend(AttentionBackend):
         return o.view(q3.shape[0], -1)
 
     def forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache=True, **kwargs):
+        capturing = q.is_cuda and torch.cuda.is_current_stream_capturing()
+        if layer.layer_id in (self.graph_decode_stock if capturing else self.stock_decode) \
+                and not layer.is_cross_attention:
+            return self._decode_stock(q, k, v, layer, forward_batch, save_kv_cache, capturing, **kwargs)
         lk = self.kernels.get(layer.layer_id)
         if lk is not None and not layer.is_cross_attention:
             q3, o = self._kernel_io(q, k, v, layer, forward_batch, save_kv_cache)
@@ -329,7 +393,6 @@ class ShplbAttnBackend(AttentionBackend):
         if budgets is None or layer.is_cross_attention:
             return o
         q3, o3 = _per_head(q, o, layer)
-        capturing = q.is_cuda and torch.cuda.is_current_stream_capturing()
         seq_lens_cpu = getattr(forward_batch, "seq_lens_cpu", None)
         max_kv = int(seq_lens_cpu.max()) if (seq_lens_cpu is not None and not capturing) else self.max_context
         bs = forward_batch.req_pool_indices.shape[0]

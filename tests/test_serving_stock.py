@@ -1,0 +1,62 @@
+"""A real SGLang 0.5.17 server on CPU with a plan whose every layer is marked stock (issue 15, item 1):
+greedy tokens equal the stock ``torch_native`` server's, though the plan's budgets are sparse.
+
+The plan is the committed default plan (SmolLM2-135M; 136 streaming and 56 top-k heads of 270) with its
+``stock`` array set for every phase, bucket and layer. Slow (two servers, ~3 min on 2 cores): run in the
+serving pytest invocation (tests/run.sh)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import sglang  # noqa: F401  (tests/run.sh installs it; a missing SGLang must fail, not skip)
+
+from serving_helpers import ROOT, Server, model_dir, passkey_prompt  # noqa: E402
+
+MAX_NEW = 12
+
+
+@pytest.fixture(scope="module")
+def model():
+    return model_dir()
+
+
+@pytest.fixture(scope="module")
+def all_stock_plan(model, tmp_path_factory):
+    from sglang_shplb.core.plan import PHASES, load_plan, save_plan
+
+    plan = load_plan(ROOT / "bench/results/default_plan", model)
+    assert any(b.pattern.value != "dense" for layer in plan.budgets for b in layer)
+    plan.stock = np.ones((len(PHASES), len(plan.buckets), plan.model.num_layers), dtype=bool)
+    return save_plan(plan, tmp_path_factory.mktemp("stockplan") / "plan").parent
+
+
+def answers(args: list[str], prompts: list[str], log, module="sglang_shplb.launch_server"):
+    s = Server(args + ["--context-length", "2048", "--log-level", "info"], log, timeout=420, module=module)
+    try:
+        outs = []
+        for p in prompts:
+            code, body = s.post("/generate", {"text": p, "sampling_params": {"max_new_tokens": MAX_NEW,
+                                                                             "temperature": 0}})
+            assert code == 200, body
+            outs.append(body["output_ids"])
+        return outs
+    finally:
+        s.stop()
+
+
+def test_all_stock_plan_gives_the_stock_backends_tokens(model, all_stock_plan, tmp_path):
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(model)
+    chat = "<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n"
+    # the passkey prompt (~900 tokens) is long enough that the plan's sparse budgets would change the answer
+    prompts = [chat.format("What is the capital of France?"), "The three primary colors are",
+               passkey_prompt(tok, 52817)]
+    m = ["--model-path", str(model)]
+    ours = answers(m + ["--shplb-plan", str(all_stock_plan)], prompts, tmp_path / "shplb.log")
+    log = (tmp_path / "shplb.log").read_text()
+    assert "shplb stock fallback: layers on torch_native per bucket" in log, log[-3000:]
+    assert "prefill {4096: 30, 8192: 30" in log and "decode {4096: 30, 8192: 30" in log, log[-3000:]
+    stock = answers(m + ["--attention-backend", "torch_native"], prompts, tmp_path / "stock.log",
+                    module="sglang.launch_server")
+    assert ours == stock, (ours, stock)
