@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -50,9 +51,17 @@ def _add_profile(p: argparse.ArgumentParser) -> None:
 
 
 def _add_budget(p: argparse.ArgumentParser) -> None:
+    from sglang_shplb.planning.budget import NEEDLE_SCALE
+
     p.add_argument("--tau", type=float, default=0.95, help="recall each head must keep (default 0.95)")
     p.add_argument("--density-target", type=float, default=None,
                    help="instead of --tau: meet this mean density while maximising the worst head's recall")
+    p.add_argument("--recall-rows", default="needle", choices=["needle", "question", "all"],
+                   help="recall a budget must keep: all sampled rows' (all, the method before 2026-12-02), also "
+                        "the question rows' (question), also the answer needle's share weighted by the head's "
+                        "needle mass (needle, default)")
+    p.add_argument("--needle-scale", type=float, default=NEEDLE_SCALE,
+                   help=f"needle mass from which a head must keep all of its needle share (default {NEEDLE_SCALE})")
 
 
 def _add_place(p: argparse.ArgumentParser) -> None:
@@ -81,6 +90,26 @@ def _add_place(p: argparse.ArgumentParser) -> None:
     p.add_argument("--unit-overhead-us", type=float, default=DEFAULT_UNIT_OVERHEAD_S * 1e6,
                    help="fixed executor time of each unit of work away from the single-rank path, microseconds "
                         "(default %(default)g: an assumption, to be fitted on the GPU)")
+    _add_stock(p)
+
+
+def _add_stock(p: argparse.ArgumentParser) -> None:
+    from sglang_shplb.planning import stock_decision as sd
+
+    p.add_argument("--sparse-margin", type=float, default=sd.DEFAULT_MARGIN,
+                   help="a layer runs sparse in a (phase, bucket) only where its predicted sparse time is at most "
+                        "this times the stock backend's; elsewhere the server runs the stock backend for the whole "
+                        "layer (default %(default)g)")
+    p.add_argument("--no-stock-fallback", action="store_true",
+                   help="mark no layer stock: every layer with sparse heads runs sparse in every bucket")
+    p.add_argument("--prefill-layer-overhead-us", type=float, default=sd.DEFAULT_PREFILL_LAYER_OVERHEAD_S * 1e6,
+                   help="host and launch time the sparse prefill path adds per layer, microseconds (default "
+                        "%(default)g: measured on H100, planning/stock_decision.py)")
+    p.add_argument("--decode-layer-overhead-us", type=float, default=sd.DEFAULT_DECODE_LAYER_OVERHEAD_S * 1e6,
+                   help="launch time the sparse decode path adds per layer, microseconds (default %(default)g: "
+                        "fitted to H100 decode, planning/stock_decision.py)")
+    p.add_argument("--hbm-gbps", type=float, default=sd.DEFAULT_HBM_BYTES_PER_S / 1e9,
+                   help="KV read bandwidth of decode, GB/s (default %(default)g: H100, measured)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -109,8 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
     from sglang_shplb.evaluation.tasks import TASKS
 
     p = sub.add_parser("eval", help="dense vs sparse answers on long-context tasks through real SGLang servers")
-    p.add_argument("--plan", default=DEFAULT_OUT,
-                   help=f"folder or plan.json of the plan to serve (default {DEFAULT_OUT})")
+    p.add_argument("--plan", nargs="+", default=[DEFAULT_OUT],
+                   help=f"folder or plan.json of the plan to serve; several plans share one dense run "
+                        f"(default {DEFAULT_OUT})")
     _add_model(p)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
                    help="cpu: float32, dense on torch_native; cuda: bfloat16, dense on flashinfer")
@@ -118,8 +148,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="prompt lengths in tokens (default 2K, 4K, ... under the model's limit, and the limit)")
     p.add_argument("--per-task", type=int, default=20, help="prompts per task and length (default 20)")
     p.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS), help="tasks (default all)")
-    p.add_argument("--out", default=None, help="output folder (default: the plan's folder)")
+    p.add_argument("--out", default=None,
+                   help="output folder (default: the plan's folder; with several plans, OUT/<plan folder name>)")
     p.add_argument("--max-new-tokens", type=int, default=None, help="answer tokens, all tasks (default: per task)")
+    p.add_argument("--concurrency", type=int, default=1,
+                   help="requests in flight per server (default 1: TTFT of a lone request)")
+    p.add_argument("--parallel-servers", action="store_true",
+                   help="start and query all servers at once (a GPU that holds them all; set their memory "
+                        "with --server-args)")
+    p.add_argument("--server-args", default="",
+                   help="more SGLang flags for every server, one string (e.g. '--mem-fraction-static 0.15')")
     return ap
 
 
@@ -142,12 +180,13 @@ def cmd_budget(a) -> Path:
     from sglang_shplb.planning.profile import load_profile
 
     prof = load_profile(a.profile)
-    res = choose_budgets(prof, a.tau, a.density_target)
+    res = choose_budgets(prof, a.tau, a.density_target, a.recall_rows, a.needle_scale)
     stab = None
     if len(prof.sets) >= 2:
-        stab = stability(prof, a.tau)
-        print(f"stability: Spearman rho {stab.spearman:.3f} between calibration sets, same family "
-              f"{stab.same_family:.0%}")
+        stab = stability(prof, a.tau, rows=a.recall_rows, needle_scale=a.needle_scale)
+        from sglang_shplb.planning.report import stability_text
+
+        print(f"stability between calibration sets: {stability_text(stab)}, same family {stab.same_family:.0%}")
     path = save_budgets(BudgetsFile.of(prof, res, a.tau, stab), a.out)
     print(f"budgets ({res.mode}): {res.pattern_counts()}, mean density {res.mean_density:.3f} at {res.ref_len} "
           f"tokens, worst recall {res.min_recall:.3f} → {path}")
@@ -168,6 +207,17 @@ def _solve_opts(a) -> dict:
     if a.solver == "shplb_exact":
         opts["time_limit"] = a.time_limit
     return opts
+
+
+def _stock_opts(a):
+    from sglang_shplb.planning.stock_decision import StockOptions
+
+    try:
+        return StockOptions(margin=a.sparse_margin, prefill_layer_overhead_s=a.prefill_layer_overhead_us * 1e-6,
+                            decode_layer_overhead_s=a.decode_layer_overhead_us * 1e-6,
+                            hbm_bytes_per_s=a.hbm_gbps * 1e9, enabled=not a.no_stock_fallback)
+    except ValueError as e:
+        raise SystemExit(f"--sparse-margin / --*-layer-overhead-us / --hbm-gbps: {e}") from None
 
 
 def cmd_place(a) -> Path:
@@ -193,9 +243,14 @@ def cmd_place(a) -> Path:
             yield tp, b
             bar.update()
 
-    plan = place_budgets(budgets, buckets, a.tp, cost, a.solver, _solve_opts(a), progress=progress)
+    plan = place_budgets(budgets, buckets, a.tp, cost, a.solver, _solve_opts(a), progress=progress,
+                         stock_options=_stock_opts(a))
     bar.close()
     path = save_plan(plan, a.out)
+    for phase in ("prefill", "decode"):
+        print(f"{phase}: layers on the stock backend per bucket " + ", ".join(
+            f"{buckets.upper(b)}: {len(plan.stock_layers(phase, b))}/{plan.model.num_layers}"
+            for b in range(len(buckets))) + (" (--no-stock-fallback)" if a.no_stock_fallback else ""))
     for tp in a.tp:
         sp = [p.predicted for p in plan.placements[tp]]
         print(f"TP {tp}: slowest GPU per bucket (ms) " + ", ".join(f"{x['slowest_s'] * 1e3:.2f}" for x in sp)
@@ -219,12 +274,13 @@ def cmd_report(a, quality=None) -> Path:
     return path
 
 
-def cmd_eval(a) -> Path:
+def cmd_eval(a) -> list[Path]:
     from sglang_shplb.evaluation.runner import EvalConfig, run_eval
 
-    return run_eval(EvalConfig(plan=Path(a.plan), model=a.model, cache_dir=a.cache_dir, device=a.device,
-                               lengths=a.lengths, per_task=a.per_task, tasks=a.tasks, out=a.out,
-                               max_new_tokens=a.max_new_tokens))
+    return run_eval(EvalConfig(plans=[Path(p) for p in a.plan], model=a.model, cache_dir=a.cache_dir,
+                               device=a.device, lengths=a.lengths, per_task=a.per_task, tasks=a.tasks, out=a.out,
+                               max_new_tokens=a.max_new_tokens, concurrency=a.concurrency,
+                               parallel_servers=a.parallel_servers, server_args=tuple(shlex.split(a.server_args))))
 
 
 def cmd_plan(a) -> Path:

@@ -58,7 +58,7 @@ def test_stages_one_by_one(planned, tmp_path):
     out, _ = planned
     _run("budget", "--profile", str(out), "--density-target", "0.6", "--out", str(tmp_path))
     b = json.loads((tmp_path / "budgets.json").read_text())
-    assert b["mode"] == "density<=0.6"
+    assert b["mode"] == "density<=0.6, needle rows"
     dens = [d for layer in b["density"] for d in layer]
     assert sum(dens) / len(dens) <= 0.6 + 1e-6
     r = _run("place", "--budgets", str(tmp_path), "--tp", "4", "--buckets", "4096", "--solver", "shplb_exact",

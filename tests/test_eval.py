@@ -142,7 +142,7 @@ def test_a_plan_for_another_model_is_refused(plan, tmp_path, capsys):
     config["num_hidden_layers"] -= 1
     (other / "config.json").write_text(json.dumps(config))
     with pytest.raises(PlanModelMismatchError, match="num_layers"):
-        run_eval(EvalConfig(plan=plan, model=other, lengths=[1024], per_task=1, out=tmp_path / "out"))
+        run_eval(EvalConfig(plans=[plan], model=other, lengths=[1024], per_task=1, out=tmp_path / "out"))
     assert main(["eval", "--plan", str(plan), "--model", str(other), "--lengths", "1024"]) == 2
     assert "made for another model" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()  # refused before any server or file
@@ -150,7 +150,7 @@ def test_a_plan_for_another_model_is_refused(plan, tmp_path, capsys):
 
 def test_lengths_past_the_model_limit_are_refused(plan, tmp_path):
     with pytest.raises(ValueError, match="exceed the model's context"):
-        run_eval(EvalConfig(plan=plan, model=model_dir(), lengths=[8192], per_task=1, out=tmp_path))
+        run_eval(EvalConfig(plans=[plan], model=model_dir(), lengths=[8192], per_task=1, out=tmp_path))
     assert default_lengths(8192) == [2048, 4096, 8064]
     assert default_lengths(131072)[-2:] == [65536, 130944]
 
@@ -159,7 +159,11 @@ def test_cli_flags():
     a = build_parser().parse_args(["eval", "--plan", "P", "--device", "cuda", "--lengths", "2048", "4096",
                                    "--per-task", "3", "--tasks", "passkey", "vt", "--max-new-tokens", "8"])
     assert (a.cmd, a.plan, a.device, a.lengths, a.per_task, a.tasks, a.max_new_tokens, a.out) == \
-        ("eval", "P", "cuda", [2048, 4096], 3, ["passkey", "vt"], 8, None)
+        ("eval", ["P"], "cuda", [2048, 4096], 3, ["passkey", "vt"], 8, None)
+    a = build_parser().parse_args(["eval", "--plan", "P", "Q", "--concurrency", "16", "--parallel-servers",
+                                   "--server-args", "--mem-fraction-static 0.1"])
+    assert (a.plan, a.concurrency, a.parallel_servers, a.server_args) == (["P", "Q"], 16, True,
+                                                                          "--mem-fraction-static 0.1")
     with pytest.raises(SystemExit):
         build_parser().parse_args(["eval", "--tasks", "niah_single_9"])
 
@@ -206,3 +210,24 @@ def test_progress_resumes_what_was_answered(tmp_path):
     assert again.answers == {key: {"answer": " 1234567."}}
     again.finish()
     assert not p.path.exists() and Progress.open(tmp_path).answers == {}
+
+
+def test_server_specs_one_dense_and_a_sparse_server_per_plan(tmp_path):
+    from sglang_shplb.evaluation.servers import server_specs
+
+    dense, sparse = server_specs(tmp_path, [tmp_path / "a" / "plan.json", tmp_path / "b" / "plan.json"], "cuda",
+                                 "bfloat16", 8200, concurrency=16, extra=("--mem-fraction-static", "0.1"))
+    assert [s.name for s in sparse] == ["sparse:a", "sparse:b"]
+    assert "--attention-backend" in dense.args and "--shplb-plan" not in dense.args
+    for s in sparse:  # the same flags but the backend
+        assert s.args[:-2] == dense.args[:-2] and s.args[-2] == "--shplb-plan"
+    assert dense.args[dense.args.index("--max-running-requests") + 1] == "16"
+    assert dense.args[dense.args.index("--cuda-graph-max-bs") + 1] == "16" and "--disable-prefill-cuda-graph" in dense.args
+    assert dense.args[-4:-2] == ("--mem-fraction-static", "0.1")
+    _, (one,) = server_specs(tmp_path, [tmp_path / "a" / "plan.json"], "cpu", "float32", 2048)
+    assert one.name == "sparse" and one.env["SGLANG_USE_CPU_ENGINE"] == "1"
+
+
+def test_two_plans_in_one_folder_are_refused(plan, tmp_path):
+    with pytest.raises(ValueError, match="same plan folder"):
+        run_eval(EvalConfig(plans=[plan, plan / "plan.json"], model=model_dir(), lengths=[1024], per_task=1))

@@ -2,7 +2,7 @@
 
 dense:  ``python -m sglang.launch_server --attention-backend torch_native`` (CPU) / ``flashinfer`` (CUDA)
 sparse: ``python -m sglang_shplb.launch_server --shplb-plan PLAN`` (the shplb backend: sparse prefill and
-        decode per the plan; its dense heads run on the same stock backend)
+        decode per the plan; its dense heads run on the same stock backend), one per plan
 
 Same model, device, dtype and flags otherwise; the radix cache is off so every prompt is a cold
 prefill on both. Generation is greedy (temperature 0) and streamed: TTFT is the time from sending the
@@ -45,16 +45,24 @@ class Generation:
     output_tokens: int
 
 
-def server_specs(model: Path, plan: Path, device: str, dtype: str, context_length: int) -> list[ServerSpec]:
-    """dense and sparse, same flags but the backend."""
+def server_specs(model: Path, plans: list[Path], device: str, dtype: str, context_length: int, concurrency: int = 1,
+                 extra: tuple[str, ...] = ()) -> tuple[ServerSpec, list[ServerSpec]]:
+    """The dense server and one sparse server per plan: the same flags but the backend. Sparse servers are
+    named ``sparse`` (one plan) or ``sparse:<plan folder>``."""
     common = ["--model-path", str(model), "--device", device, "--dtype", dtype, "--context-length",
-              str(context_length), "--disable-radix-cache", "--random-seed", "0"]
+              str(context_length), "--disable-radix-cache", "--random-seed", "0",
+              "--max-running-requests", str(max(concurrency, 1))]
     env = {"TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
-    if device == "cpu":  # SGLang's CPU engine; a KV pool sized for one request at a time
-        common += ["--max-total-tokens", str(2 * context_length), "--sleep-on-idle"]
+    if device == "cpu":  # SGLang's CPU engine; a KV pool sized for the requests in flight
+        common += ["--max-total-tokens", str((concurrency + 1) * context_length), "--sleep-on-idle"]
         env["SGLANG_USE_CPU_ENGINE"] = "1"
-    return [ServerSpec("dense", "sglang.launch_server", (*common, "--attention-backend", DENSE_BACKEND[device]), env),
-            ServerSpec("sparse", "sglang_shplb.launch_server", (*common, "--shplb-plan", str(plan)), env)]
+    else:  # the prefill graph capture of every size takes minutes (shared/gpu/README.md); decode graphs stay
+        common += ["--disable-prefill-cuda-graph", "--cuda-graph-max-bs", str(max(8, concurrency))]
+    common += list(extra)
+    dense = ServerSpec("dense", "sglang.launch_server", (*common, "--attention-backend", DENSE_BACKEND[device]), env)
+    names = ["sparse"] if len(plans) == 1 else [f"sparse:{Path(p).parent.name}" for p in plans]
+    return dense, [ServerSpec(n, "sglang_shplb.launch_server", (*common, "--shplb-plan", str(p)), env)
+                   for n, p in zip(names, plans)]
 
 
 def _free_port() -> int:

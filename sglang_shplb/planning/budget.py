@@ -1,8 +1,19 @@
 """Stage 2: head-adaptive budgets from the elasticity profile, and the stability of the need.
 
 Each deployable option (pattern, budget) has, per head, a recall: the worst over the profiled
-context lengths (a budget must hold at every length). Its cost is its density at the reference
-length (the longest profiled). Two ways to choose:
+context lengths (a budget must hold at every length) of what ``rows`` names (see
+:mod:`sglang_shplb.planning.profile` for the metrics):
+
+* ``"all"``: the attention mass kept over all sampled rows (the method until 2026-12-02). It lets a head
+  that carries retrieval become a streaming head: its local rows keep 0.95 of their mass while its
+  question rows lose the needle. That plan lost the passkey in bf16.
+* ``"question"``: the worse of that and the mass kept on the question rows.
+* ``"needle"`` (default): the worst of those and the needle recall weighted by the head's needle mass,
+  ``1 − min(1, m / needle_scale) · (1 − needle recall)``: a head whose question rows put ``m`` ≥
+  ``needle_scale`` of their attention on the answer's needle (a retrieval head) must keep that share of
+  the needle, a head that barely looks at it is not held to it.
+
+Its cost is its density at the reference length (the longest profiled). Two ways to choose:
 
 * :func:`budgets_by_tau`: per head, the cheapest option with recall ≥ τ (dense if none).
 * :func:`budgets_by_density_target`: meet a mean-density target while maximising the worst head's
@@ -55,17 +66,42 @@ class BudgetResult:
         return out
 
 
-def option_table(profile: ProfileResult, ref_len: int | None = None, calib_set: str | None = None):
-    """Deployable options, their densities ``[O]`` and worst-length recall ``[L, H, O]``."""
+ROWS = ("needle", "question", "all")
+#: needle mass from which a head must keep its whole needle share (see the module docstring)
+NEEDLE_SCALE = 0.1
+
+
+def _per_length(profile: ProfileResult, what: str, calib_set: str | None) -> list[torch.Tensor]:
+    if calib_set is None:
+        return list(profile.pooled(what).values())
+    src = getattr(profile, what)
+    return [src[(calib_set, n)] for n in profile.lengths if (calib_set, n) in src]
+
+
+def option_table(profile: ProfileResult, ref_len: int | None = None, calib_set: str | None = None,
+                 rows: str = "needle", needle_scale: float = NEEDLE_SCALE):
+    """Deployable options, their densities ``[O]`` and the recall ``[L, H, O]`` named by ``rows``, the
+    worst over lengths."""
+    if rows not in ROWS:
+        raise ValueError(f"rows must be one of {ROWS}, got {rows!r}")
+    missing = {"question": ["qrecall"], "needle": ["qrecall", "nrecall"]}.get(rows, [])
+    if any(not getattr(profile, m) for m in missing):
+        raise ValueError(f"this profile has no {rows}-row recall (it predates it): profile again, or choose "
+                         f"budgets on all rows (--recall-rows all)")
+    if not needle_scale > 0:
+        raise ValueError(f"needle_scale must be > 0, got {needle_scale}")
     ref_len = ref_len or max(profile.lengths)
     keep = [i for i, o in enumerate(profile.options) if o.deployable]
     opts = [profile.options[i] for i in keep]
     dens = np.array([o.budget.density(ref_len) for o in opts])
-    if calib_set is None:
-        per_len = profile.pooled("recall")
-    else:
-        per_len = {n: profile.recall[(calib_set, n)] for n in profile.lengths if (calib_set, n) in profile.recall}
-    worst = torch.stack(list(per_len.values())).min(0).values[..., keep].numpy()
+    per_len = _per_length(profile, "recall", calib_set)
+    if rows in ("question", "needle"):
+        per_len += _per_length(profile, "qrecall", calib_set)
+    if rows == "needle":
+        for m, r in zip(_per_length(profile, "nmass", calib_set), _per_length(profile, "nrecall", calib_set)):
+            weight = (m / needle_scale).clamp(max=1.0)[..., None]
+            per_len.append(1 - weight * (1 - r))
+    worst = torch.stack(per_len).min(0).values[..., keep].numpy()
     return opts, dens, worst
 
 
@@ -83,23 +119,27 @@ def _result(opts: list[Option], dens, worst, choice, ref_len, mode) -> BudgetRes
     return BudgetResult(budgets, choice, rec, dens[choice], ref_len, mode)
 
 
-def budgets_by_tau(profile: ProfileResult, tau: float = 0.95, ref_len: int | None = None) -> BudgetResult:
+def budgets_by_tau(profile: ProfileResult, tau: float = 0.95, ref_len: int | None = None,
+                   rows: str = "needle", needle_scale: float = NEEDLE_SCALE) -> BudgetResult:
     if not 0.0 < tau <= 1.0:
         raise ValueError(f"tau must be in (0, 1], got {tau}")
-    opts, dens, worst = option_table(profile, ref_len)
+    opts, dens, worst = option_table(profile, ref_len, rows=rows, needle_scale=needle_scale)
     _require_dense(opts)
-    return _result(opts, dens, worst, _cheapest_at(dens, worst, tau), ref_len or max(profile.lengths), f"tau={tau}")
+    return _result(opts, dens, worst, _cheapest_at(dens, worst, tau), ref_len or max(profile.lengths),
+                   f"tau={tau}, {rows} rows")
 
 
-def choose_budgets(profile: ProfileResult, tau: float = 0.95, density_target: float | None = None) -> BudgetResult:
+def choose_budgets(profile: ProfileResult, tau: float = 0.95, density_target: float | None = None,
+                   rows: str = "needle", needle_scale: float = NEEDLE_SCALE) -> BudgetResult:
     """:func:`budgets_by_density_target` when a target is given, else :func:`budgets_by_tau`."""
     if density_target is not None:
-        return budgets_by_density_target(profile, density_target)
-    return budgets_by_tau(profile, tau)
+        return budgets_by_density_target(profile, density_target, rows=rows, needle_scale=needle_scale)
+    return budgets_by_tau(profile, tau, rows=rows, needle_scale=needle_scale)
 
 
-def budgets_by_density_target(profile: ProfileResult, target: float, ref_len: int | None = None) -> BudgetResult:
-    opts, dens, worst = option_table(profile, ref_len)
+def budgets_by_density_target(profile: ProfileResult, target: float, ref_len: int | None = None,
+                              rows: str = "needle", needle_scale: float = NEEDLE_SCALE) -> BudgetResult:
+    opts, dens, worst = option_table(profile, ref_len, rows=rows, needle_scale=needle_scale)
     _require_dense(opts)
     floor = _cheapest_at(dens, worst, 0.0)
     if dens[floor].mean() > target + 1e-12:
@@ -115,7 +155,7 @@ def budgets_by_density_target(profile: ProfileResult, target: float, ref_len: in
             hi = mid - 1
     choice = _cheapest_at(dens, worst, levels[lo])
     choice = _greedy_fill(choice, dens, worst, target)
-    return _result(opts, dens, worst, choice, ref_len or max(profile.lengths), f"density<={target}")
+    return _result(opts, dens, worst, choice, ref_len or max(profile.lengths), f"density<={target}, {rows} rows")
 
 
 def _greedy_fill(choice: np.ndarray, dens: np.ndarray, worst: np.ndarray, target: float) -> np.ndarray:
@@ -152,7 +192,8 @@ class Stability:
     tau: float
 
 
-def stability(profile: ProfileResult, tau: float = 0.95, ref_len: int | None = None) -> Stability:
+def stability(profile: ProfileResult, tau: float = 0.95, ref_len: int | None = None,
+              rows: str = "needle", needle_scale: float = NEEDLE_SCALE) -> Stability:
     """Is each head's need "heterogeneous yet stable"? Budgets chosen on set A vs on set B."""
     from scipy.stats import spearmanr
 
@@ -161,11 +202,14 @@ def stability(profile: ProfileResult, tau: float = 0.95, ref_len: int | None = N
         raise ValueError("stability needs two calibration sets (profile with --sets A B)")
     needs, fams = [], []
     for s in sets[:2]:
-        opts, dens, worst = option_table(profile, ref_len, calib_set=s)
+        opts, dens, worst = option_table(profile, ref_len, calib_set=s, rows=rows, needle_scale=needle_scale)
         c = _cheapest_at(dens, worst, tau)
         needs.append(dens[c])
         fams.append(np.array([[opts[i].family for i in row] for row in c]))
-    rho, p = spearmanr(needs[0].ravel(), needs[1].ravel())
+    if any(np.ptp(n) == 0 for n in needs):  # a need that does not vary has no rank correlation (no scipy warning)
+        rho, p = float("nan"), float("nan")
+    else:
+        rho, p = spearmanr(needs[0].ravel(), needs[1].ravel())
     return Stability(float(rho), float(p), needs[0], needs[1], float((fams[0] == fams[1]).mean()), tau)
 
 

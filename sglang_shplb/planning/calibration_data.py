@@ -22,6 +22,20 @@ class CalibrationPrompt:
     name: str
     input_ids: list[int]
     answer: str
+    needles: tuple[tuple[int, int], ...] = ()  # token ranges [start, end) of the needles; the first holds the answer
+
+
+def needle_spans(tokenizer, input_ids: list[int], needles: list[str]) -> tuple[tuple[int, int], ...]:
+    """Where each needle's tokens stand in ``input_ids``: its tokens without the first and last (which
+    merge with their neighbours differently in context), found as a run; a needle not found is an error."""
+    spans = []
+    for text in needles:
+        core = tokenizer.encode(text, add_special_tokens=False)[1:-1]
+        at = next((i for i in range(len(input_ids) - len(core) + 1) if input_ids[i:i + len(core)] == core), None)
+        if at is None:
+            raise ValueError(f"needle {text!r} not found in the prompt's tokens")
+        spans.append((at, at + len(core)))
+    return tuple(spans)
 
 
 def _paragraphs(calib_set: str) -> list[str]:
@@ -55,7 +69,16 @@ def make_prompt(tokenizer, length: int, calib_set: str = "A", seed: int = 0) -> 
         return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
                                              return_dict=False)
 
-    # grow the filler until it passes the length, then trim whole paragraphs and finally tokens
+    depths = sorted(rng.random() for _ in needles)
+
+    def with_needles(filler: list[str]) -> list[str]:
+        out = list(filler)
+        for d, needle in zip(depths, needles):
+            out.insert(int(d * len(filler)) + needles.index(needle), needle)
+        return out
+
+    # grow the filler until it passes the length, then drop whole paragraphs until the document with its
+    # needles fits, and top up with filler tokens (the needles are never cut)
     body: list[str] = []
     i = 0
     while True:
@@ -63,12 +86,9 @@ def make_prompt(tokenizer, length: int, calib_set: str = "A", seed: int = 0) -> 
         i += 1
         if i % 8 == 0 and len(render(body)) > length:
             break
-    while len(render(body)) > length and len(body) > 1:
+    while len(render(with_needles(body))) > length and len(body) > 1:
         body.pop()
-    depths = sorted(rng.random() for _ in needles)
-    for d, needle in zip(depths, needles):
-        body.insert(int(d * len(body)), needle)
-    ids = render(body)
+    ids = render(with_needles(body))
     # the chat header ends where two renders with different bodies start to differ
     a, b = render(["alpha"]), render(["omega"])
     head = next(j for j, (x, y) in enumerate(zip(a, b)) if x != y)
@@ -78,7 +98,7 @@ def make_prompt(tokenizer, length: int, calib_set: str = "A", seed: int = 0) -> 
         filler = tokenizer.encode(paras[(i + 1) % len(paras)] + "\n\n", add_special_tokens=False)
         pad = (filler * (1 + (length - len(ids)) // max(1, len(filler))))[: length - len(ids)]
         ids = ids[:head] + pad + ids[head:]
-    return CalibrationPrompt(f"{calib_set}{seed}-{length}", ids, passkey)
+    return CalibrationPrompt(f"{calib_set}{seed}-{length}", ids, passkey, needle_spans(tokenizer, ids, needles))
 
 
 def calibration_prompts(tokenizer, lengths: list[int], calib_set: str, per_length: int = 1) -> list[CalibrationPrompt]:
