@@ -15,7 +15,24 @@ solver). Dense competitors per rank (its ``Hq / TP`` heads): cuDNN SDPA and Flas
 One prompt of n tokens, no prefix, bf16; outputs of the emulated ranks are checked against one
 single-GPU call of all heads (max abs diff printed).
 
+Placement ``shplb`` is solved with ``--calibration`` (a kernel table, or a move calibration record of
+:mod:`sglang_shplb.planning.move_calibration`: per-unit overhead, gather bandwidth, moved-piece
+efficiency, fitted from an earlier run's per-rank times); ``shplb_prior`` with ``--compare-calibration``
+(default the kernel table alone, the planner before the move calibration; emulated only when it differs).
+Every rank's record holds what the fit needs (measured: home, local units, units shipped here, pack,
+scatter; predicted: its home heads' and each unit's cost-model seconds, the bytes it gathers), and the
+run ends with a refit written to ``OUT/move_calibration_<gpu>.json`` (residuals printed).
+``--fit FILE...`` refits from earlier result files alone (placements re-solved and checked against the
+recorded units and bytes), no GPU.
+
+Decode stays on the home heads: per TP the pages each rank reads per step (slowest / mean), what they
+would be if decode followed the prefill placement, and the bytes per token a replica side pool would
+need for that (K + V of every KV head copied to a rank that computes its moved q heads, per layer and
+for the model's layers).
+
   python bench/head_parallel.py --out $OUT                     # Llama-3-8B and 70B shapes, 32K-128K, TP 2/4/8
+  python bench/head_parallel.py --quick --out $OUT             # 8B + 70B, 64K/128K, TP 4/8 (about 5 min, H200)
+  python bench/head_parallel.py --fit bench/results/head_parallel_h200.json --out bench/results   # refit only
   TRITON_INTERPRET=1 python bench/head_parallel.py --cpu-smoke --out /tmp/hp   # logic check on the CPU
 """
 from __future__ import annotations
@@ -35,17 +52,25 @@ import torch  # noqa: E402
 from timing import bench, device_name, device_tag, flashinfer_or_none, log, results_writer  # noqa: E402
 
 from sglang_shplb.core.buckets import Buckets  # noqa: E402
-from sglang_shplb.core.head_map import layer_work, rank_heads  # noqa: E402
+from sglang_shplb.core.head_map import home_rank, layer_work, rank_heads  # noqa: E402
 from sglang_shplb.core.model_spec import ModelSpec  # noqa: E402
 from sglang_shplb.core.patterns import HeadBudget  # noqa: E402
 from sglang_shplb.core.placement_types import LayerPlacement, Piece  # noqa: E402
-from sglang_shplb.kernels.head_parallel import HeadParallelExtend, KVRows, RankLayout, attend_heads  # noqa: E402
-from sglang_shplb.planning.cost_model import CostModel  # noqa: E402
+from sglang_shplb.kernels.head_parallel import (HeadParallelExtend, KVRows, RankLayout, attend_heads,  # noqa: E402
+                                                piece_backend)
+from sglang_shplb.planning.cost_model import load_cost_model  # noqa: E402
+from sglang_shplb.planning.move_calibration import (RankRecord, fit_moves, format_fit,  # noqa: E402
+                                                    rank_predictions, write_move_calibration)
 from sglang_shplb.planning.place import resolve_solve_opts, solve_plan_placements  # noqa: E402
 from sglang_shplb.planning.synthetic_plans import mixed_budget  # noqa: E402
 from sglang_shplb.scheduler.head_schedule import ExtendShape, layer_schedule  # noqa: E402
 
 SHAPES = {"llama8b": (32, 8, 128), "llama70b": (64, 8, 128), "smoke": (8, 4, 64)}
+LAYERS = {"llama8b": 32, "llama70b": 80, "smoke": 2}
+KERNEL_TABLE = HERE / "results" / "calibration_h100_tiles.json"
+MOVE_CALIBRATION = HERE / "results" / "move_calibration_h200.json"
+QUICK = {"shapes": "llama8b,llama70b", "ctx": "65536,131072", "tp": "4,8", "plans": "mixed,profiled", "reps": 20,
+         "time_budget_s": 270}
 
 
 def plan_budgets(which: str, hq: int, hkv: int, seed: int) -> list[HeadBudget]:
@@ -62,13 +87,48 @@ def plan_budgets(which: str, hq: int, hkv: int, seed: int) -> list[HeadBudget]:
     return [pool[int(i)] for i in torch.randint(len(pool), (hq,), generator=g)]
 
 
-def placements(budgets, hq, hkv, d, tp, n, cost) -> dict[str, LayerPlacement]:
+def solve(budgets, hq, hkv, d, tp, n, cost) -> LayerPlacement:
+    """The planner's ``shplb`` placement of one layer under ``cost`` at the bucket holding ``n``."""
     spec = ModelSpec("LlamaForCausalLM", 1, hq, hkv, d, 131072, "bench")
     edge = 1 << (n - 1).bit_length()
     solved = solve_plan_placements(spec, [budgets], Buckets((edge,)), [tp], cost, "shplb",
                                    **resolve_solve_opts({"max_replicated_kv": "auto"}, tp))
+    return solved[tp][0].layers[0]
+
+
+def placements(budgets, hq, hkv, d, tp, n, cost, prior=None) -> dict[str, LayerPlacement]:
+    """``contiguous`` (home), ``shplb`` (solved with ``cost``) and, with ``prior``, ``shplb_prior`` (solved
+    with that model) when it differs from ``shplb``."""
     home = LayerPlacement([[Piece(h) for h in rank_heads(hq, tp, r)] for r in range(tp)])
-    return {"contiguous": home, "shplb": solved[tp][0].layers[0]}
+    out = {"contiguous": home, "shplb": solve(budgets, hq, hkv, d, tp, n, cost)}
+    if prior is not None:
+        lp = solve(budgets, hq, hkv, d, tp, n, prior)
+        if lp != out["shplb"]:
+            out["shplb_prior"] = lp
+    return out
+
+
+def predicted_ms(lp, budgets, hq, hkv, d, tp, n, cost) -> list[float]:
+    """Per-rank times of ``lp`` under ``cost``'s objective, in measured milliseconds (the cost model's
+    seconds times the move calibration's compute scale, 1 without one; the home call's fixed part left
+    out: the same on every rank)."""
+    from sglang_shplb.planning.place import layer_inputs
+    from sglang_shplb.planning.solvers import LayerProblem, layer_times
+    spec = ModelSpec("LlamaForCausalLM", 1, hq, hkv, d, 131072, "bench")
+    costs, prof = layer_inputs(spec, budgets, cost, n)
+    prob = LayerProblem(costs, hq // hkv, tp, cost.piece_overhead, profiles=prof, transfer=cost.transfer(n, d))
+    sigma = (cost.move_calibration or {}).get("compute_scale") or 1.0
+    return [float(x) * sigma * 1e3 for x in layer_times(lp, prob).total]
+
+
+def forced_moves(hq: int, tp: int) -> LayerPlacement:
+    """Home, except rank 0's first head split (its query blocks [0.5, 1) on rank 1, a dense piece after a
+    prefix when the head is dense) and its second head moved whole to rank 1 (the smoke run's moves)."""
+    gpus = [[Piece(h) for h in rank_heads(hq, tp, r)] for r in range(tp)]
+    h0, h1 = gpus[0][0].head, gpus[0][1].head
+    gpus[0] = [Piece(h0, 0.0, 0.5)] + gpus[0][2:]
+    gpus[1] = sorted(gpus[1] + [Piece(h0, 0.5, 1.0), Piece(h1)], key=lambda p: (p.head, p.start))
+    return LayerPlacement(gpus)
 
 
 def emulate(lp, budgets, q, k, v, tp, scale, smoke, link_gbps, reps) -> dict:
@@ -112,11 +172,6 @@ def emulate(lp, budgets, q, k, v, tp, scale, smoke, link_gbps, reps) -> dict:
             hps[r].compute_units(sched, r, budgets, scale, outs[r], q=qs[r], k_buffer=ks[r], v_buffer=vs[r],
                                  req_to_token=r2t, req_pool_indices=rpi)
 
-        def units(r=r):
-            for s in range(tp):
-                if s != r:
-                    hps[r].compute_units(sched, s, budgets, scale, None, recv=recv_from(s, r))
-
         home()
         local_units()
         hp.scatter_outputs(sched, ret, split, outs[r])
@@ -127,9 +182,16 @@ def emulate(lp, budgets, q, k, v, tp, scale, smoke, link_gbps, reps) -> dict:
         moved_out = sum(sched.input_elems(r, t_, d) for t_ in range(tp)) * q.element_size()
         back_in = sum(sched.output_elems(r, t_, d) for t_ in range(tp)) * q.element_size()
         back_out = sum(sched.output_elems(s, r, d) for s in range(tp)) * q.element_size()
-        if sched.exchanges:
+        # timed only where there is something to do (a rank with nothing takes the timer's floor)
+        if moved_out:
             t["pack_ms"] = bench(lambda r=r: hps[r].pack_inputs(sched, qs[r], ks[r], vs[r], r2t, rpi), smoke, reps)
-            t["units_ms"] = bench(units, smoke, reps)
+        srcs = [s for s in range(tp) if s != r and any(ur.n_rows for ur in sched.unit_rows_between(s, r))]
+        if srcs:  # the units each home ships here, timed per home (their sum is the rank's units time)
+            per = {s: bench(lambda s=s, r=r: hps[r].compute_units(sched, s, budgets, scale, None, recv=recv_from(s, r)),
+                            smoke, reps) for s in srcs}
+            t["units_from_ms"] = {str(s): v for s, v in per.items()}
+            t["units_ms"] = sum(per.values())
+        if back_in:
             t["scatter_ms"] = bench(lambda: hp.scatter_outputs(sched, ret, split, outs[r]), smoke, reps)
         t["link_in_ms"] = max(moved_in, moved_out) / bw * 1e3
         t["link_out_ms"] = max(back_in, back_out) / bw * 1e3
@@ -148,20 +210,47 @@ def emulate(lp, budgets, q, k, v, tp, scale, smoke, link_gbps, reps) -> dict:
             "units_moved": len(work.moved_units()), "out": torch.cat(outs, 1)}
 
 
-def decode_balance(budgets, hq, hkv, tp, n) -> dict:
+def decode_balance(budgets, hq, hkv, tp, n, lp=None, d=128, layers=1, elem=2) -> dict:
     """Decode stays at home: pages each rank's KV groups read per step at context ``n`` (the group's union of
-    its heads' pages lies between its largest head's and the sum, capped at all pages), slowest / mean."""
+    its heads' pages lies between its largest head's and the sum, capped at all pages), slowest / mean.
+    With ``lp`` (a prefill placement): the same if decode followed it (each rank reads the pages of the q
+    heads it computes whole or in part, per KV group), and the replica side pool that would need: every KV
+    head copied to each rank other than its home that computes one of its q heads, ``2 d elem`` bytes per
+    token per copy (K and V), per layer and for ``layers`` layers."""
     from sglang_shplb.kernels.triton_decode import decode_page_budget
     pages = -(-n // 64)
     g = hq // hkv
-    lo, hi = [0.0] * tp, [0.0] * tp
-    for kv in range(hkv):
-        per = [decode_page_budget(budgets[h], pages) for h in range(kv * g, (kv + 1) * g)]
-        r = (kv * g) // (hq // tp)
-        lo[r] += max(per)
-        hi[r] += min(pages, sum(per))
-    return {"pages_per_rank_low": lo, "pages_per_rank_high": hi,
-            "slowest_over_mean_low": max(lo) / (sum(lo) / tp), "slowest_over_mean_high": max(hi) / (sum(hi) / tp)}
+    per_head = [decode_page_budget(b, pages) for b in budgets]
+
+    def balance(groups_on: list[dict[int, list[int]]]) -> tuple[list[float], list[float]]:
+        lo, hi = [0.0] * tp, [0.0] * tp
+        for r, groups in enumerate(groups_on):
+            for hs in groups.values():
+                lo[r] += max(per_head[h] for h in hs)
+                hi[r] += min(pages, sum(per_head[h] for h in hs))
+        return lo, hi
+
+    home = [{} for _ in range(tp)]
+    for h in range(hq):
+        home[home_rank(h, hq, tp)].setdefault(h // g, []).append(h)
+    lo, hi = balance(home)
+    out = {"pages_per_rank_low": lo, "pages_per_rank_high": hi,
+           "slowest_over_mean_low": max(lo) / (sum(lo) / tp), "slowest_over_mean_high": max(hi) / (sum(hi) / tp)}
+    if lp is not None:
+        placed = [{} for _ in range(tp)]
+        copies = 0
+        for r, pieces in enumerate(lp.gpus):
+            for h in sorted({pc.head for pc in pieces}):
+                placed[r].setdefault(h // g, []).append(h)
+            copies += sum(1 for kv in placed[r] if all(home_rank(h, hq, tp) != r for h in range(kv * g, (kv + 1) * g)))
+        plo, phi = balance(placed)
+        per_tok = copies * 2 * d * elem
+        out.update({"placed_slowest_over_mean_low": max(plo) / (sum(plo) / tp),
+                    "placed_slowest_over_mean_high": max(phi) / (sum(phi) / tp),
+                    "side_pool_kv_copies_per_layer": copies, "side_pool_bytes_per_token_per_layer": per_tok,
+                    "side_pool_bytes_per_token": per_tok * layers,
+                    "side_pool_bytes_at_n": per_tok * layers * n})
+    return out
 
 
 def chunked_reship(lp, hq, hkv, tp, n, chunk, d, elem) -> dict:
@@ -193,34 +282,132 @@ def dense_per_rank(q, k, v, tp, scale, smoke, reps, flashinfer) -> dict:
     return row
 
 
-def main() -> None:
+def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", default="llama8b,llama70b")
     ap.add_argument("--ctx", default="32768,65536,131072")
     ap.add_argument("--tp", default="2,4,8")
     ap.add_argument("--plans", default="mixed,profiled")
+    ap.add_argument("--quick", action="store_true",
+                    help="llama8b + llama70b at 64K / 128K, TP 4 / 8, both plans, 20 ms per timing (about 5 min "
+                         "on one H200); overrides --shapes --ctx --tp --plans --reps")
     ap.add_argument("--link-gbps", type=float, default=370.0, help="per-direction link bandwidth (GB/s)")
-    ap.add_argument("--calibration", default=str(HERE / "results" / "calibration_h100_tiles.json"),
-                    help="cost-model calibration the solver places with")
+    ap.add_argument("--calibration", default=str(MOVE_CALIBRATION if MOVE_CALIBRATION.exists() else KERNEL_TABLE),
+                    help="cost model the shplb placement is solved with: a kernel table (shplb-calibration/1) or a "
+                         "move calibration record (shplb-move-calibration/1, naming its kernel table); default "
+                         "%(default)s")
+    ap.add_argument("--compare-calibration", default=str(KERNEL_TABLE),
+                    help="also solve and emulate shplb_prior with this cost model when its placement differs "
+                         "(default: the kernel table alone; '' to skip)")
     ap.add_argument("--reps", type=int, default=60, help="milliseconds of repeats per timing")
+    ap.add_argument("--time-budget-s", type=float, default=None,
+                    help="start no new row after this many seconds (the fit and the files are still written)")
     ap.add_argument("--chunk", type=int, default=8192, help="chunked-prefill size for the re-shipping count")
     ap.add_argument("--out", default="/tmp/out")
     ap.add_argument("--cpu-smoke", action="store_true", help="tiny shapes on the CPU (Triton interpreter)")
-    a = ap.parse_args()
+    ap.add_argument("--fit", nargs="+", default=None, metavar="JSON",
+                    help="no run: refit the move calibration from these result files (their placements "
+                         "re-solved with --compare-calibration's kernel table when they lack predictions)")
+    a = ap.parse_args(argv)
+    if a.quick:
+        a.shapes, a.ctx, a.tp, a.plans, a.reps = QUICK["shapes"], QUICK["ctx"], QUICK["tp"], QUICK["plans"], QUICK["reps"]
+        a.time_budget_s = a.time_budget_s or QUICK["time_budget_s"]
+    return a
+
+
+def records_of(row: dict) -> list[RankRecord]:
+    """The fit's per-rank records of one result row (every placement with predictions)."""
+    out = []
+    for name in ("contiguous", "shplb", "shplb_prior"):
+        e = row.get(name)
+        if not isinstance(e, dict) or "ranks" not in e:
+            continue
+        for r, t in enumerate(e["ranks"]):
+            if "pred" in t:
+                out.append(RankRecord.from_dict({**t["pred"], **t,
+                                                 "tag": f"{row['shape']} {row['plan']} {row['n']} TP{row['tp']} {name}"}))
+    return out
+
+
+def fit_and_write(recs: list[RankRecord], out: Path, tag: str, device: str, sources: list[str],
+                  kernel_table: str) -> dict | None:
+    try:
+        fit = fit_moves(recs)
+    except ValueError as e:
+        log(f"move calibration: no fit ({e})")
+        return None
+    log("move calibration fit (per-rank times; model in the docstring of sglang_shplb/planning/move_calibration.py):")
+    log(format_fit(fit))
+    path = out / f"move_calibration_{tag}.json"
+    kt = Path(kernel_table).resolve()
+    try:
+        kt_rel = str(kt.relative_to(path.resolve().parent))
+    except ValueError:
+        kt_rel = str(kt)
+    rec = fit.record(device, time.strftime("%Y-%m-%d"), sources, kt_rel)
+    write_move_calibration(path, rec)
+    log(f"wrote {path}")
+    return rec
+
+
+def refit(files: list[str], out: Path, kernel_table: str) -> None:
+    """``--fit``: records of earlier runs (predictions re-derived from re-solved placements where absent)."""
+    cost = load_cost_model(kernel_table)
+    recs, device = [], None
+    for f in files:
+        res = json.loads(Path(f).read_text())
+        device = device or res.get("device")
+        for row in res["rows"]:
+            if any("pred" in t for t in row.get("shplb", {}).get("ranks", [])):
+                recs += records_of(row)
+                continue
+            hq, hkv, d = SHAPES[row["shape"]]
+            budgets = plan_budgets(row["plan"], hq, hkv, seed=row["n"])
+            lps = {"contiguous": placements(budgets, hq, hkv, d, row["tp"], row["n"], cost)["contiguous"],
+                   "shplb": solve(budgets, hq, hkv, d, row["tp"], row["n"], cost)}
+            work = layer_work(lps["shplb"], hq, hkv, row["tp"])
+            moved = layer_schedule(work, ExtendShape((0,), (row["n"],))).moved_elems(d, row["tp"]) * 2
+            if (len(work.moved_units()), moved) != (row["shplb"]["units_moved"], row["shplb"]["moved_bytes"]):
+                log(f"{f}: {row['shape']} {row['plan']} {row['n']} TP{row['tp']}: re-solved placement differs "
+                    f"from the recorded one (units, bytes); left out")
+                continue
+            for name, lp in lps.items():
+                preds = rank_predictions(lp, budgets, cost, row["n"], hkv, row["tp"], d)
+                for r, (t, p) in enumerate(zip(row[name]["ranks"], preds)):
+                    recs.append(RankRecord.from_dict({**p, **t, "tag": f"{row['shape']} {row['plan']} {row['n']} "
+                                                                       f"TP{row['tp']} {name}"}))
+    out.mkdir(parents=True, exist_ok=True)
+    log(f"refit from {len(recs)} rank records of {files}")
+    fit_and_write(recs, out, device_tag(device or "gpu"), device or "?", [str(f) for f in files], kernel_table)
+
+
+def main(argv=None) -> None:
+    a = parse_args(argv)
+    out = Path(a.out)
+    if a.fit:
+        refit(a.fit, out, a.compare_calibration or str(KERNEL_TABLE))
+        return
     smoke = a.cpu_smoke
     dev, dt = ("cpu", torch.float32) if smoke else ("cuda", torch.bfloat16)
     shapes = ["smoke"] if smoke else a.shapes.split(",")
     ctxs = [256] if smoke else [int(x) for x in a.ctx.split(",")]
     tps = [2] if smoke else [int(x) for x in a.tp.split(",")]
-    cost = CostModel.from_calibration(a.calibration)
+    cost = load_cost_model(a.calibration)
+    prior = load_cost_model(a.compare_calibration) if a.compare_calibration else None
+    kernel_table = (cost.calibration_info or {}).get("path") or str(KERNEL_TABLE)
     flashinfer = flashinfer_or_none(smoke)
     name = device_name(smoke)
     tag = device_tag(name)
-    out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    res = {"device": name, "date": time.strftime("%Y-%m-%d"), "link_gbps": a.link_gbps, "rows": []}
+    res = {"device": name, "date": time.strftime("%Y-%m-%d"), "link_gbps": a.link_gbps, "argv": sys.argv[1:],
+           "cost_model": cost.to_dict(), "prior_cost_model": None if prior is None else prior.to_dict(),
+           "piece_backend": piece_backend(torch.zeros(1, 1, SHAPES[shapes[0]][2], device=dev, dtype=dt)),
+           "rows": []}
     dump = results_writer(res, str(out / f"head_parallel_{tag}"))
-    log(f"head-parallel emulation on {name}; links at {a.link_gbps} GB/s per direction (assumed)")
+    log(f"head-parallel emulation on {name}; links at {a.link_gbps} GB/s per direction (assumed); shplb solved "
+        f"with {cost!r}" + (f"; shplb_prior with {prior!r}" if prior is not None else "")
+        + f"; dense pieces after a prefix on {res['piece_backend']}")
+    t_start = time.perf_counter()
     for shape in shapes:
         hq, hkv, d = SHAPES[shape]
         scale = d ** -0.5
@@ -236,21 +423,36 @@ def main() -> None:
                 for tp in tps:
                     if hq % tp:
                         continue
+                    if a.time_budget_s is not None and time.perf_counter() - t_start > a.time_budget_s:
+                        log(f"{shape} n={n} {plan} TP{tp}: skipped (past --time-budget-s {a.time_budget_s:.0f})")
+                        continue
                     row = {"shape": shape, "n": n, "plan": plan, "tp": tp}
-                    lps = placements(budgets, hq, hkv, d, tp, n, cost)
+                    lps = placements(budgets, hq, hkv, d, tp, n, cost, prior)
+                    if smoke:  # tiny shapes: no placement moves anything; run a hand-made one that does
+                        lps["shplb_prior"] = forced_moves(hq, tp)
                     for pname, lp in lps.items():
                         e = emulate(lp, budgets, q, k, v, tp, scale, smoke, a.link_gbps, a.reps)
                         row[f"{pname}_max_abs_diff"] = float((e.pop("out").float() - ref.float()).abs().max())
+                        preds = rank_predictions(lp, budgets, cost, n, hkv, tp, d, q.element_size())
+                        for t, p in zip(e["ranks"], preds):
+                            t["pred"] = p
+                        e["pieces"] = [[[pc.head, pc.start, pc.end] for pc in gpu] for gpu in lp.gpus]
+                        e["predicted_rank_ms"] = predicted_ms(lp, budgets, hq, hkv, d, tp, n, cost)
+                        e["predicted_slowest_ms"] = max(e["predicted_rank_ms"])
                         row[pname] = e
                     row.update(dense_per_rank(q, k, v, tp, scale, smoke, a.reps, flashinfer))
-                    row["decode"] = decode_balance(budgets, hq, hkv, tp, n)
+                    row["decode"] = decode_balance(budgets, hq, hkv, tp, n, lps["shplb"], d, LAYERS[shape],
+                                                   q.element_size())
                     row["chunked_prefill"] = chunked_reship(lps["shplb"], hq, hkv, tp, n, a.chunk, d, q.element_size())
                     s = row["shplb"]["slowest_ms"]
                     row["speedup_vs_contiguous"] = row["contiguous"]["slowest_ms"] / s
                     row["speedup_vs_dense_sdpa"] = row["sdpa_ms"] / s
+                    if "shplb_prior" in row:
+                        row["speedup_vs_prior"] = row["shplb_prior"]["slowest_ms"] / s
                     if "flashinfer_ms" in row:
                         row["speedup_vs_flashinfer"] = row["flashinfer_ms"] / s
                     res["rows"].append(row)
+                    dec = row["decode"]
                     log(f"{shape} n={n} {plan} TP{tp}: slowest ms contiguous {row['contiguous']['slowest_ms']:.2f} "
                         f"shplb {s:.2f} (slowest/mean {row['shplb']['slowest_over_mean']:.2f}, compute "
                         f"{row['shplb']['compute_slowest_over_mean']:.2f}; contiguous "
@@ -258,12 +460,40 @@ def main() -> None:
                         f" MiB in {row['shplb']['units_moved']} units; x{row['speedup_vs_contiguous']:.2f} vs "
                         f"contiguous, x{row['speedup_vs_dense_sdpa']:.2f} vs dense SDPA"
                         + (f", x{row['speedup_vs_flashinfer']:.2f} vs FlashInfer" if "flashinfer_ms" in row else "")
-                        + f"; max|diff| {row['shplb_max_abs_diff']:.3g}; decode slowest/mean (home) "
-                        f"{row['decode']['slowest_over_mean_low']:.2f}-{row['decode']['slowest_over_mean_high']:.2f}; "
-                        f"chunked prefill moves {row['chunked_prefill']['chunked_bytes'] / 2**20:.0f} MiB vs "
-                        f"{row['chunked_prefill']['one_shot_bytes'] / 2**20:.0f} MiB one-shot")
+                        + (f"; shplb_prior {row['shplb_prior']['slowest_ms']:.2f} ms ({row['shplb_prior']['units_moved']}"
+                           f" units, slowest/mean {row['shplb_prior']['slowest_over_mean']:.2f}): x"
+                           f"{row['speedup_vs_prior']:.2f}" if "shplb_prior" in row else "; shplb_prior = shplb")
+                        + f"; max|diff| {row['shplb_max_abs_diff']:.3g}; the calibrated objective predicted "
+                        + ", ".join(f"{p} {row[p]['predicted_slowest_ms']:.2f}" for p in lps) + " ms")
+                    log(f"  decode TP{tp} (home) slowest/mean {dec['slowest_over_mean_low']:.2f}-"
+                        f"{dec['slowest_over_mean_high']:.2f}; following the prefill placement "
+                        f"{dec['placed_slowest_over_mean_low']:.2f}-{dec['placed_slowest_over_mean_high']:.2f} with a "
+                        f"side pool of {dec['side_pool_kv_copies_per_layer']} KV-head copies per layer = "
+                        f"{dec['side_pool_bytes_per_token_per_layer']} B/token/layer, "
+                        f"{dec['side_pool_bytes_per_token'] / 2**10:.0f} KiB/token over {LAYERS[shape]} layers, "
+                        f"{dec['side_pool_bytes_at_n'] / 2**30:.2f} GiB at {n} tokens; chunked prefill moves "
+                        f"{row['chunked_prefill']['chunked_bytes'] / 2**20:.0f} MiB vs "
+                        f"{row['chunked_prefill']['one_shot_bytes'] / 2**20:.0f} MiB one-shot "
+                        f"[{time.perf_counter() - t_start:.0f} s]")
                     dump()
+            del q, k, v
+    recs = [r for row in res["rows"] for r in records_of(row)]
+    res["move_calibration"] = fit_and_write(recs, out, tag, name, [str(out / f"head_parallel_{tag}.json")], kernel_table)
+    log(f"done in {time.perf_counter() - t_start:.0f} s")
+    dump()
+    summary(res)
     plot(res, out / f"head_parallel_{tag}.png")
+
+
+def summary(res: dict) -> None:
+    """Per (shape, plan, TP): S-HPLB over contiguous and over the prior placement, slowest/mean, decode."""
+    log("summary: shape plan n TP | x contiguous | x prior | slowest/mean (compute) | units | decode home / placed")
+    for r in res["rows"]:
+        e, dec = r["shplb"], r["decode"]
+        log(f"  {r['shape']:8s} {r['plan']:8s} {r['n'] // 1024:4d}K TP{r['tp']} | {r['speedup_vs_contiguous']:.2f} | "
+            f"{r.get('speedup_vs_prior', 1.0):.2f} | {e['slowest_over_mean']:.2f} ({e['compute_slowest_over_mean']:.2f})"
+            f" | {e['units_moved']} | {dec['slowest_over_mean_low']:.2f}-{dec['slowest_over_mean_high']:.2f} / "
+            f"{dec['placed_slowest_over_mean_low']:.2f}-{dec['placed_slowest_over_mean_high']:.2f}")
 
 
 def plot(res: dict, path: Path) -> None:

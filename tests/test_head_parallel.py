@@ -202,3 +202,61 @@ def test_schedule_computes_every_new_row_of_every_head_once():
             kv = sum(2 * b.tokens for b in sched.bundles if b.home != b.target)
             assert sched.moved_elems(D, tp) == (2 * q_rows + kv) * D
             assert (name == "home") == (not work.units)
+
+
+# ---- a dense piece after a prefix: two partial softmaxes merged by log-sum-exp --------------------------
+def lower_right_reference(q, k, v, scale):
+    """q [S, n, d] as the last n of k/v's L rows: explicit float64 softmax with a lower-right causal mask."""
+    S, n, _ = q.shape
+    L = k.shape[0]
+    s = torch.einsum("snd,ld->snl", q.double(), k.double()) * scale
+    s = s.masked_fill(~torch.ones(n, L, dtype=torch.bool).tril(L - n), float("-inf"))
+    return torch.einsum("snl,ld->snd", torch.softmax(s, -1), v.double())
+
+
+@pytest.mark.parametrize("S,n,L", [(1, 64, 64), (3, 50, 130), (4, 1, 300), (2, 200, 201), (4, 128, 1024)])
+def test_piece_after_prefix_equals_the_dense_reference(S, n, L):
+    """The split (prefix rectangle with the S heads folded into its rows + causal square) and the
+    log-sum-exp merge equal one lower-right causal softmax, on every backend this machine runs (math and
+    flash on the CPU; cuDNN where CUDA is present)."""
+    from sglang_shplb.kernels.head_parallel import PIECE_BACKENDS, piece_after_prefix, piece_backend
+    g = torch.Generator().manual_seed(S * 1000 + n + L)
+    q, k, v = (torch.randn(S, n, D, generator=g), torch.randn(L, D, generator=g), torch.randn(L, D, generator=g))
+    ref = lower_right_reference(q, k, v, SCALE)
+    for backend in ("math", "flash"):
+        got = piece_after_prefix(q, k, v, SCALE, backend)
+        assert got.shape == (S, n, D) and got.dtype == torch.float32
+        assert (got.double() - ref).abs().max().item() < ATOL, backend
+    if torch.cuda.is_available():
+        dev = torch.device("cuda")
+        qc, kc, vc = (x.to(dev, torch.bfloat16) for x in (q, k, v))
+        ref = lower_right_reference(qc.float().cpu(), kc.float().cpu(), vc.float().cpu(), SCALE)
+        assert piece_backend(qc) == "cudnn"   # its one-time check passed (else the pieces run on flash)
+        for backend in PIECE_BACKENDS:
+            got = piece_after_prefix(qc, kc, vc, SCALE, backend).cpu()
+            assert (got.double() - ref).abs().max().item() < 2e-2, backend
+
+
+def test_dense_heads_after_a_prefix_through_attend_heads():
+    """``attend_heads`` on staged prefixes (a moved dense unit's path) equals the reference, per backend."""
+    from sglang_shplb.kernels.head_parallel import PIECE_BACKENDS
+    g = torch.Generator().manual_seed(5)
+    lens, qlens = [300, 97], [120, 97]          # request 0 after a 180-token prefix, request 1 without one
+    q = torch.randn(sum(qlens), 6, D, generator=g)
+    k, v = torch.randn(sum(lens), 2, D, generator=g), torch.randn(sum(lens), 2, D, generator=g)
+    budgets = [HeadBudget.dense()] * 6
+    for backend in PIECE_BACKENDS[1:]:
+        os.environ["SHPLB_PIECE_BACKEND"] = backend
+        try:
+            out = torch.zeros_like(q)
+            attend_heads(q, k, v, KVRows.back_to_back(lens), qlens, lens, budgets, [0, 2, 3, 5], SCALE, out)
+        finally:
+            del os.environ["SHPLB_PIECE_BACKEND"]
+        c, kc = 0, 0
+        for L, n in zip(lens, qlens):
+            for h in (0, 2, 3, 5):
+                ref = lower_right_reference(q[c:c + n, [h]].transpose(0, 1), k[kc:kc + L, h // 3], v[kc:kc + L, h // 3],
+                                            SCALE)[0]
+                assert (out[c:c + n, h].double() - ref).abs().max().item() < ATOL, (backend, L, h)
+            assert (out[c:c + n, [1, 4]] == 0).all()
+            c, kc = c + n, kc + L

@@ -63,31 +63,115 @@ class KVRows:
         return table.to(device), torch.arange(len(kv_lens), dtype=torch.int32, device=device)
 
 
-def _flash_with_lse(q, k, v, causal: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """FlashAttention's output and log-sum-exp ``[B, H, Lq]`` (natural log), from torch's own kernels."""
-    if q.is_cuda:
-        o, lse = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, causal, False, scale=scale)[:2]
-    else:
-        o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, scale=scale)[:2]
-    return o, lse
+# ---------------------------------------------------------------------------------------------------
+# a dense piece over a prefix: queries [p, L) of a head (its rows of a moved / split unit, or an extend
+# chunk) over keys [0, L), causal with the diagonal at the lower right
+# ---------------------------------------------------------------------------------------------------
+#: which kernel computes the two halves of a dense piece after a prefix: "cudnn" (CUDA, bf16/fp16: the
+#: kernel whole dense heads run on), "flash" (torch's FlashAttention-2 on CUDA / its CPU flash kernel), or
+#: "math" (explicit softmax, the reference). ``SHPLB_PIECE_BACKEND`` forces one; on CUDA cuDNN is taken
+#: after a one-time check against "math" (:func:`piece_backend`), else flash.
+PIECE_BACKENDS = ("cudnn", "flash", "math")
+_CUDNN_OK: dict = {}
+#: natural-log units per unit of the log-sum-exp cuDNN returns (1: natural log, as torch documents; the
+#: one-time check also accepts base 2, ln 2)
+_CUDNN_LSE_SCALE = [1.0]
 
 
-def _after_prefix(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-    """Queries ``[1, H, n, d]`` that are the last n of ``L`` keys (lower-right causal), on FlashAttention:
-    keys ``[0, L - n)`` are all visible, keys ``[L - n, L)`` form a top-left causal square; the two partial
-    softmaxes merge by their log-sum-exps: ``o = Σ_i o_i e^{lse_i - m} / Σ_i e^{lse_i - m}``."""
-    p = k.shape[2] - q.shape[2]
-    o1, l1 = _flash_with_lse(q, k[:, :, :p], v[:, :, :p], False, scale)
-    o2, l2 = _flash_with_lse(q, k[:, :, p:], v[:, :, p:], True, scale)
-    m = torch.maximum(l1, l2)
-    w1, w2 = torch.exp(l1 - m)[..., None], torch.exp(l2 - m)[..., None]
-    return ((o1.float() * w1 + o2.float() * w2) / (w1 + w2)).to(q.dtype)
+def _attention_with_lse(q, k, v, causal: bool, scale: float, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention output ``[B, H, Lq, d]`` and its log-sum-exp ``[B, H, Lq]`` (float32, natural log of
+    ``Σ_j exp(scale q·k_j)`` over the visible keys). ``causal``: top-left aligned (query i sees keys
+    ``[0, i]``; with ``Lq == Lk`` that is also lower-right)."""
+    if backend == "cudnn":
+        o, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, causal, False,
+                                                                     scale=scale)[:2]
+        return o, lse.reshape(lse.shape[:3]).float() * _CUDNN_LSE_SCALE[0]
+    if backend == "flash":
+        if q.is_cuda:
+            o, lse = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, causal, False, scale=scale)[:2]
+        else:
+            o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, scale=scale)[:2]
+        return o, lse.float()
+    s = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
+    if causal:
+        s = s.masked_fill(torch.ones(s.shape[-2:], dtype=torch.bool, device=s.device).triu(1), float("-inf"))
+    lse = torch.logsumexp(s, -1)
+    return torch.matmul(torch.exp(s - lse[..., None]), v.float()).to(q.dtype), lse
+
+
+def piece_after_prefix(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                       backend: str) -> torch.Tensor:
+    """Dense attention of ``S`` q heads sharing one KV head, queries the last ``n`` of ``L`` keys (lower-right
+    causal): ``q [S, n, d]``, ``k/v [L, d]`` → ``[S, n, d]`` (float32).
+
+    Math. With ``p = L - n``, query ``i`` (position ``p + i``) sees keys ``[0, p + i]``: all of the prefix
+    ``P = [0, p)`` and the top-left causal square ``D = [p, p + i]``. For a key set ``X`` let
+    ``l_X = log Σ_{j∈X} e^{s_j}`` and ``o_X = Σ_{j∈X} e^{s_j - l_X} v_j`` (``s_j = scale q·k_j``); then over
+    ``P ∪ D``: ``o = (e^{l_P} o_P + e^{l_D} o_D) / (e^{l_P} + e^{l_D}) = o_D + σ(l_P - l_D) (o_P - o_D)``
+    (``σ`` the logistic function; no overflow). ``P`` is a rectangle with no mask, so the ``S`` heads are
+    folded into its query axis (``[1, 1, S n, d]`` against one K/V head: no GQA expansion); ``D`` is one
+    ``[1, S, n, d]`` causal call (its ``n`` K/V rows expanded to the ``S`` heads). Each part is one kernel
+    call of ``backend`` (:data:`PIECE_BACKENDS`) returning its log-sum-exp."""
+    S, n, d = q.shape
+    L = k.shape[0]
+    p = L - n
+    kd = k[p:][None, None].expand(1, S, n, d).contiguous()
+    vd = v[p:][None, None].expand(1, S, n, d).contiguous()
+    o2, l2 = _attention_with_lse(q[None].contiguous(), kd, vd, True, scale, backend)
+    if p == 0:
+        return o2[0].float()
+    kp, vp = k[:p], v[:p]
+    if not kp.is_contiguous():
+        kp, vp = kp.contiguous(), vp.contiguous()
+    o1, l1 = _attention_with_lse(q.reshape(1, 1, S * n, d), kp[None, None], vp[None, None], False, scale, backend)
+    w = torch.sigmoid(l1.view(S, n) - l2[0])[..., None]
+    o2 = o2[0].float()
+    return o2 + w * (o1.view(S, n, d).float() - o2)
+
+
+def piece_backend(q: torch.Tensor) -> str:
+    """The backend of :func:`piece_after_prefix` for ``q``'s device and dtype (see :data:`PIECE_BACKENDS`)."""
+    import os
+    forced = os.environ.get("SHPLB_PIECE_BACKEND")
+    if forced:
+        if forced not in PIECE_BACKENDS:
+            raise ValueError(f"SHPLB_PIECE_BACKEND={forced!r}; choose from {PIECE_BACKENDS}")
+        return forced
+    if not q.is_cuda:
+        return "flash" if q.dtype in (torch.float32, torch.bfloat16) else "math"
+    if q.dtype not in (torch.float16, torch.bfloat16):
+        return "math"
+    key = (q.device.index, q.dtype, q.shape[-1])
+    if key not in _CUDNN_OK:
+        _CUDNN_OK[key] = _check_cudnn(q.device, q.dtype, q.shape[-1])
+    return "cudnn" if _CUDNN_OK[key] else "flash"
+
+
+def _check_cudnn(device, dtype, d: int) -> bool:
+    """cuDNN's split + merge equals the math reference on a small piece (once per device, dtype, head dim),
+    its log-sum-exp read as natural log (or else base 2); otherwise flash is used."""
+    import math
+    try:
+        g = torch.Generator(device=device).manual_seed(0)
+        q = torch.randn(2, 96, d, device=device, dtype=dtype, generator=g) * 2
+        k = torch.randn(224, d, device=device, dtype=dtype, generator=g)
+        v = torch.randn(224, d, device=device, dtype=dtype, generator=g)
+        ref = piece_after_prefix(q, k, v, d ** -0.5, "math")
+        for unit in (1.0, math.log(2.0)):
+            _CUDNN_LSE_SCALE[0] = unit
+            if bool((piece_after_prefix(q, k, v, d ** -0.5, "cudnn") - ref).abs().max() < 2e-2):
+                return True
+        _CUDNN_LSE_SCALE[0] = 1.0
+        return False
+    except (RuntimeError, NotImplementedError):
+        _CUDNN_LSE_SCALE[0] = 1.0
+        return False
 
 
 def _dense(q, k_buffer, v_buffer, kv: KVRows, q_lens, kv_lens, heads, scale, out) -> None:
     """Dense causal attention of ``heads``, query j of request i at position ``kv_len - q_len + j``: torch SDPA
-    (cuDNN / flash on CUDA) without a prefix, :func:`_after_prefix` after one; one call per (request, KV
-    head)."""
+    (cuDNN / flash on CUDA, GQA in the kernel) without a prefix, :func:`piece_after_prefix` after one (cuDNN
+    on CUDA); one call per (request, KV head)."""
     sdpa = torch.nn.functional.scaled_dot_product_attention
     group = q.shape[1] // k_buffer.shape[1]
     by_kv: dict[int, list[int]] = {}
@@ -97,14 +181,20 @@ def _dense(q, k_buffer, v_buffer, kv: KVRows, q_lens, kv_lens, heads, scale, out
     for i, (n, L) in enumerate(zip(q_lens, kv_lens)):
         rows = kv.rows(i, L)
         for g, hs in by_kv.items():
-            qq = q[c:c + n, hs].transpose(0, 1)[None]                                  # [1, S, n, d]
-            kk, vv = k_buffer[rows, g][None, None], v_buffer[rows, g][None, None]      # [1, 1, L, d]
+            qq = q[c:c + n, hs].transpose(0, 1)                                        # [S, n, d]
+            kk, vv = k_buffer[rows, g], v_buffer[rows, g]                             # [L, d]
             if n == L:   # no prefix: top-left causal, GQA in the kernel (cuDNN / flash)
-                o = sdpa(qq, kk, vv, scale=scale, is_causal=True, enable_gqa=True)
+                o = sdpa(qq[None], kk[None, None], vv[None, None], scale=scale, is_causal=True, enable_gqa=True)[0]
             else:
-                shape = (1, len(hs), L, kk.shape[-1])
-                o = _after_prefix(qq, kk.expand(shape).contiguous(), vv.expand(shape).contiguous(), scale)
-            out[c:c + n, hs] = o[0].transpose(0, 1).to(out.dtype)
+                backend = piece_backend(qq)
+                try:
+                    o = piece_after_prefix(qq, kk, vv, scale, backend)
+                except RuntimeError:
+                    if backend != "cudnn":
+                        raise
+                    _CUDNN_OK[(qq.device.index, qq.dtype, qq.shape[-1])] = False  # a shape cuDNN refuses
+                    o = piece_after_prefix(qq, kk, vv, scale, "flash")
+            out[c:c + n, hs] = o.transpose(0, 1).to(out.dtype)
         c += n
 
 
@@ -212,10 +302,23 @@ def _put_rows(out: torch.Tensor, ranges, head: int, o: torch.Tensor) -> None:
         c += b - a
 
 
-def _gather_prefix(k_buffer, req_to_token, req_pool_indices, kv_local: int, lens) -> torch.Tensor:
-    """K (or V) rows ``[Σ lens, d]`` of one local KV head: positions ``[0, lens[i])`` of each request."""
-    parts = [k_buffer[req_to_token[int(req_pool_indices[i]), :L].long(), kv_local] for i, L in enumerate(lens) if L]
-    return torch.cat(parts) if parts else k_buffer.new_empty(0, k_buffer.shape[-1])
+def _gather_prefix(k_buffer, req_to_token, req_pool_indices, kv_local: int, lens,
+                   out: torch.Tensor | None = None) -> torch.Tensor:
+    """K (or V) rows ``[Σ lens, d]`` of one local KV head: positions ``[0, lens[i])`` of each request, one
+    ``index_select`` per request, written into ``out [Σ lens, d]`` when given (no second copy)."""
+    if out is None:
+        out = k_buffer.new_empty(sum(lens), k_buffer.shape[-1])
+    src, c = k_buffer[:, kv_local], 0
+    for i, L in enumerate(lens):
+        if not L:
+            continue
+        idx = req_to_token[int(req_pool_indices[i]), :L].long()
+        if out.dtype == src.dtype:
+            torch.index_select(src, 0, idx, out=out[c:c + L])
+        else:
+            out[c:c + L].copy_(src.index_select(0, idx))
+        c += L
+    return out
 
 
 class HeadParallelExtend:
@@ -279,19 +382,26 @@ class HeadParallelExtend:
 
     # -- inputs --------------------------------------------------------------------------------------
     def pack_inputs(self, sched, q, k_buffer, v_buffer, req_to_token, req_pool_indices) -> torch.Tensor:
-        lay, r = self.lay, self.lay.rank
-        parts: list[torch.Tensor] = []
+        """The send buffer (the layout of :mod:`sglang_shplb.scheduler.head_schedule`), every K/V prefix and
+        q row gathered straight into its place."""
+        lay, r, d = self.lay, self.lay.rank, self.lay.head_dim
+        send = q.new_empty(sum(sched.input_elems(r, t, d) for t in range(lay.tp)))
+        off = 0
         for t in range(lay.tp):
             if t == r:
                 continue
             for b in sched.bundles_between(r, t):
-                kv = lay.local_kv(b.kv_head)
-                parts.append(_gather_prefix(k_buffer, req_to_token, req_pool_indices, kv, b.lens).reshape(-1))
-                parts.append(_gather_prefix(v_buffer, req_to_token, req_pool_indices, kv, b.lens).reshape(-1))
+                kv, n = lay.local_kv(b.kv_head), b.tokens * d
+                _gather_prefix(k_buffer, req_to_token, req_pool_indices, kv, b.lens, send[off:off + n].view(-1, d))
+                _gather_prefix(v_buffer, req_to_token, req_pool_indices, kv, b.lens,
+                               send[off + n:off + 2 * n].view(-1, d))
+                off += 2 * n
             for ur in sched.unit_rows_between(r, t):
-                parts.append(_rows(q, ur.token_ranges(sched.shape), lay.local_q(ur.unit.head)).reshape(-1))
+                h = lay.local_q(ur.unit.head)
+                for a, b in ur.token_ranges(sched.shape):
+                    send[off:off + (b - a) * d].view(-1, d).copy_(q[a:b, h])
+                    off += (b - a) * d
                 self.stats.units_moved += 1
-        send = torch.cat(parts).to(q.dtype) if parts else q.new_empty(0)
         self.stats.bytes_sent += send.numel() * q.element_size()
         return send
 

@@ -40,9 +40,19 @@ is a *unit*: its q rows and the K/V prefix they read travel home → target, its
   on 8 x H100 SXM is about 350-380 GB/s at large messages). An estimate: pass a value measured on the
   machine (``place --link-gbps``) where one exists.
 * ``unit_overhead_s`` 50 us: fixed executor time of one unit (staging copies, an extra attention call,
-  its share of the two collectives). An assumption, to be fitted on the GPU (``place --unit-overhead-us``).
+  its share of the two collectives). An assumption where no move calibration is given
+  (``place --unit-overhead-us``).
+* ``gather_bytes_per_s`` (default None: gathers not priced): bytes per second of the staging gathers a
+  rank runs before the exchange (the K/V prefixes of its units out of the paged pool, their q rows);
+* ``piece_efficiency`` (default 1): a unit's compute is ``piece / piece_efficiency`` (the executor's
+  pieces run below the home's fused call per FLOP: ``< 1``).
 
-Both are stored in :meth:`CostModel.to_dict`, so a plan records what it was solved with. The planner
+The last three are fitted on a device from the head-parallel benchmark's per-rank times
+(:mod:`sglang_shplb.planning.move_calibration`, a record of schema ``shplb-move-calibration/1``, e.g.
+``bench/results/move_calibration_h200.json``); :func:`load_cost_model` reads such a record in place of a
+kernel table (it names the kernel table it was fitted against) and sets them, in this model's seconds.
+
+All are stored in :meth:`CostModel.to_dict`, so a plan records what it was solved with. The planner
 prices a layer at the bucket's representative length, one request, no cached prefix
 (:mod:`sglang_shplb.planning.solvers.objective` has the per-rank formula).
 
@@ -107,6 +117,9 @@ DEFAULT_PER_HEAD_OVERHEAD_S = 5e-6
 #: and the fixed executor cost of one unit of work away from the single-rank path (to be fitted).
 DEFAULT_LINK_BYTES_PER_S = 370e9
 DEFAULT_UNIT_OVERHEAD_S = 50e-6
+#: Without a move calibration: the staging gathers are not priced and moved pieces run as fast as home heads.
+DEFAULT_GATHER_BYTES_PER_S: float | None = None
+DEFAULT_PIECE_EFFICIENCY = 1.0
 
 
 def flops_per_pair(head_dim: int) -> float:
@@ -307,6 +320,8 @@ class Transfer:
     link_bytes_per_s: float = DEFAULT_LINK_BYTES_PER_S
     unit_overhead_s: float = DEFAULT_UNIT_OVERHEAD_S
     dtype_bytes: int = 2
+    gather_bytes_per_s: float | None = DEFAULT_GATHER_BYTES_PER_S
+    piece_efficiency: float = DEFAULT_PIECE_EFFICIENCY
 
     def rows(self, start: float, end: float) -> tuple[int, int]:
         """Rows ``[lo, hi)`` the query-block range ``[start, end)`` of a head computes: q rows and outputs
@@ -316,6 +331,14 @@ class Transfer:
     def seconds(self, elems: int) -> float:
         """Seconds ``elems`` elements take over one link direction."""
         return elems * self.dtype_bytes / self.link_bytes_per_s
+
+    def gather_seconds(self, elems: int) -> float:
+        """Seconds the staging gathers of ``elems`` elements take (0 when gathers are not priced)."""
+        return 0.0 if self.gather_bytes_per_s is None else elems * self.dtype_bytes / self.gather_bytes_per_s
+
+    def unit_compute_extra(self, compute: float) -> float:
+        """What ``compute`` seconds of units cost beyond the cost model's: ``compute (1 / eff - 1)``."""
+        return 0.0 if self.piece_efficiency == 1.0 else compute * (1.0 / self.piece_efficiency - 1.0)
 
 
 # ---- the model -----------------------------------------------------------------------------------------
@@ -335,12 +358,20 @@ class CostModel:
                  piece_overhead_s: float | None = None,
                  fits: dict[tuple, LinearFit] | None = None, source: str = "analytic",
                  calibration_info: dict | None = None, link_bytes_per_s: float = DEFAULT_LINK_BYTES_PER_S,
-                 unit_overhead_s: float = DEFAULT_UNIT_OVERHEAD_S):
+                 unit_overhead_s: float = DEFAULT_UNIT_OVERHEAD_S,
+                 gather_bytes_per_s: float | None = DEFAULT_GATHER_BYTES_PER_S,
+                 piece_efficiency: float = DEFAULT_PIECE_EFFICIENCY, move_calibration: dict | None = None):
         if not link_bytes_per_s > 0 or unit_overhead_s < 0:
             raise ValueError(f"link bandwidth must be > 0 and unit overhead >= 0, got {link_bytes_per_s} B/s, "
                              f"{unit_overhead_s} s")
+        if (gather_bytes_per_s is not None and not gather_bytes_per_s > 0) or not piece_efficiency > 0:
+            raise ValueError(f"gather bandwidth must be > 0 or None and piece efficiency > 0, got "
+                             f"{gather_bytes_per_s} B/s, {piece_efficiency}")
         self.link_bytes_per_s = float(link_bytes_per_s)
         self.unit_overhead_s = float(unit_overhead_s)
+        self.gather_bytes_per_s = None if gather_bytes_per_s is None else float(gather_bytes_per_s)
+        self.piece_efficiency = float(piece_efficiency)
+        self.move_calibration = dict(move_calibration or {})
         self.throughput_tflops = dict(DEFAULT_THROUGHPUT_TFLOPS)
         if throughput_tflops:
             unknown = set(throughput_tflops) - set(self.throughput_tflops)
@@ -447,7 +478,8 @@ class CostModel:
 
     def transfer(self, seq_len: int, head_dim: int, dtype_bytes: int = 2) -> Transfer:
         """The transfer term of a layer prefilling ``seq_len`` tokens with this model's link and unit cost."""
-        return Transfer(seq_len, head_dim, self.link_bytes_per_s, self.unit_overhead_s, dtype_bytes)
+        return Transfer(seq_len, head_dim, self.link_bytes_per_s, self.unit_overhead_s, dtype_bytes,
+                        self.gather_bytes_per_s, self.piece_efficiency)
 
     # ---- serialisation ---------------------------------------------------------------------------------
     def to_dict(self) -> dict:
@@ -459,6 +491,9 @@ class CostModel:
             "piece_overhead_s": self.piece_overhead,
             "link_bytes_per_s": self.link_bytes_per_s,
             "unit_overhead_s": self.unit_overhead_s,
+            "gather_bytes_per_s": self.gather_bytes_per_s,
+            "piece_efficiency": self.piece_efficiency,
+            "move_calibration": self.move_calibration,
             "calibration": self.calibration_info,
             "fits": [{"key": list(k), **f.to_dict()} for k, f in sorted(self.fits.items(), key=lambda kv: str(kv[0]))],
         }
@@ -474,19 +509,101 @@ class CostModel:
         return cls(d.get("throughput_tflops"), d.get("per_head_overhead_s", DEFAULT_PER_HEAD_OVERHEAD_S),
                    d.get("piece_overhead_s"), fits, d.get("source", "analytic"), d.get("calibration"),
                    d.get("link_bytes_per_s", DEFAULT_LINK_BYTES_PER_S),
-                   d.get("unit_overhead_s", DEFAULT_UNIT_OVERHEAD_S))
+                   d.get("unit_overhead_s", DEFAULT_UNIT_OVERHEAD_S),
+                   d.get("gather_bytes_per_s", DEFAULT_GATHER_BYTES_PER_S),
+                   d.get("piece_efficiency", DEFAULT_PIECE_EFFICIENCY), d.get("move_calibration"))
 
     def __repr__(self) -> str:
+        g = "free" if self.gather_bytes_per_s is None else f"{self.gather_bytes_per_s / 1e9:.0f} GB/s"
         return (f"CostModel({self.source}, piece_overhead={self.piece_overhead:.3g}s, fits={len(self.fits)}, "
-                f"link {self.link_bytes_per_s / 1e9:.0f} GB/s, unit overhead {self.unit_overhead_s * 1e6:.0f} us)")
+                f"link {self.link_bytes_per_s / 1e9:.0f} GB/s, unit overhead {self.unit_overhead_s * 1e6:.0f} us, "
+                f"gathers {g}, piece efficiency {self.piece_efficiency:.3g})")
+
+
+# ---- move calibration records (schema ``shplb-move-calibration/1``, written by
+# :mod:`sglang_shplb.planning.move_calibration`) ---------------------------------------------------------
+
+MOVE_CALIBRATION_SCHEMA = "shplb-move-calibration/1"
+
+
+def validate_move_calibration(doc) -> dict:
+    """Check a move calibration record's schema and terms (ValueError naming the problem)."""
+    if not isinstance(doc, dict) or doc.get("schema") != MOVE_CALIBRATION_SCHEMA:
+        raise ValueError(f"not a {MOVE_CALIBRATION_SCHEMA} record")
+    for k in ("compute_scale", "unit_overhead_s", "piece_efficiency"):
+        v = doc.get(k)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not (v > 0 or (k == "unit_overhead_s" and v == 0)):
+            raise ValueError(f"move calibration field {k!r} must be a positive number, got {v!r}")
+    g = doc.get("gather_bytes_per_s")
+    if g is not None and (isinstance(g, bool) or not isinstance(g, (int, float)) or not g > 0):
+        raise ValueError(f"move calibration 'gather_bytes_per_s' must be > 0 or null, got {g!r}")
+    return doc
+
+
+def is_move_calibration(doc) -> bool:
+    return isinstance(doc, dict) and doc.get("schema") == MOVE_CALIBRATION_SCHEMA
+
+
+def model_terms(doc: dict) -> dict:
+    """A move calibration's terms in this model's seconds (:mod:`sglang_shplb.planning.move_calibration`:
+    measured times over the compute scale ``sigma``): ``unit_overhead_s``,
+    ``gather_bytes_per_s`` (None: free), ``piece_efficiency``."""
+    validate_move_calibration(doc)
+    s = float(doc["compute_scale"])
+    g = doc.get("gather_bytes_per_s")
+    return {"unit_overhead_s": float(doc["unit_overhead_s"]) / s,
+            "gather_bytes_per_s": None if g is None else float(g) * s,
+            "piece_efficiency": float(doc["piece_efficiency"])}
+
+
+def kernel_calibration_path(doc: dict, where: str | Path | None) -> Path | None:
+    """The kernel table a move calibration was fitted against (relative to the record's folder), or None."""
+    k = doc.get("kernel_calibration")
+    if not k:
+        return None
+    p = Path(k)
+    if not p.is_absolute() and where is not None:
+        p = Path(where).parent / p
+    return p
 
 
 def load_cost_model(calibration: str | Path | None, **transfer_kw) -> CostModel:
     """The model fitted to the calibration table at ``calibration``, or the analytic default when None;
-    ``transfer_kw``: ``link_bytes_per_s``, ``unit_overhead_s`` (defaults: the module docstring)."""
-    if calibration:
-        return CostModel.from_calibration(calibration, **transfer_kw)
-    return CostModel.analytic(**transfer_kw)
+    ``transfer_kw``: ``link_bytes_per_s``, ``unit_overhead_s``, ``gather_bytes_per_s``, ``piece_efficiency``
+    (defaults: the module docstring).
+
+    ``calibration`` may also be a move calibration (schema ``shplb-move-calibration/1``,
+    :mod:`sglang_shplb.planning.move_calibration`): the kernel table it names is loaded (the analytic model
+    when it names none) and its unit overhead, gather bandwidth and piece efficiency are set, in that
+    model's seconds. A ``transfer_kw`` value given explicitly overrides the record's, except ``None`` or a
+    value equal to the documented default (what a command line passes when the flag is not given)."""
+    if not calibration:
+        return CostModel.analytic(**{k: v for k, v in transfer_kw.items() if v is not None})
+    try:
+        doc = json.loads(Path(calibration).read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CalibrationError(f"cannot read calibration table {calibration}: {e}") from None
+    if not is_move_calibration(doc):
+        return CostModel.from_calibration(calibration,
+                                          **{k: v for k, v in transfer_kw.items() if v is not None})
+    try:
+        terms = model_terms(doc)
+    except ValueError as e:
+        raise CalibrationError(f"move calibration {calibration}: {e}") from None
+    defaults = {"link_bytes_per_s": DEFAULT_LINK_BYTES_PER_S, "unit_overhead_s": DEFAULT_UNIT_OVERHEAD_S,
+                "gather_bytes_per_s": DEFAULT_GATHER_BYTES_PER_S, "piece_efficiency": DEFAULT_PIECE_EFFICIENCY}
+    for k, v in transfer_kw.items():
+        if v is not None and v != defaults.get(k):
+            terms[k] = v
+        elif k not in terms and v is not None:
+            terms[k] = v
+    info = {"path": str(calibration), **{k: doc.get(k) for k in ("device", "date", "compute_scale",
+                                                                    "unit_overhead_s", "gather_bytes_per_s",
+                                                                    "piece_efficiency", "kernel_calibration")}}
+    kernel = kernel_calibration_path(doc, calibration)
+    if kernel is None:
+        return CostModel.analytic(move_calibration=info, **terms)
+    return CostModel.from_calibration(kernel, move_calibration=info, **terms)
 
 
 def plan_cost_model(meta: dict) -> CostModel:

@@ -17,7 +17,8 @@ considers, for the slowest rank ``a``:
 * with ``equal_heads``, only swaps of one of its whole heads with a cheaper whole head of one of the two
   least loaded ranks (they keep the head counts).
 
-Candidates are ranked by an estimate (compute, unit overhead, a split's outputs over the link); the two
+Candidates are ranked by an estimate (compute, a unit's compute at the calibrated piece efficiency, unit
+overhead, a split's outputs over the link; gathers are left to the exact prices); the two
 best whole-piece moves and the two best splits within the replica cap are priced exactly (per-rank sums
 kept incrementally with the rules of :mod:`.objective` and :mod:`sglang_shplb.core.exchange`), and the
 one leaving the least time above the level on the ranks it touches, then the lowest of them, then fewer
@@ -48,8 +49,9 @@ GRID = 4096
 EXACT_PER_KIND = 2
 
 Seg = tuple[float, float, int]  # query-block range [start, end) of a head (Piece fractions) on a rank
-# per-rank sums: compute, home compute, units, q rows sent as home, K/V sent, q rows received, K/V received
-_C, _HC, _N, _HR, _HKV, _TR, _TKV = range(7)
+# per-rank sums: compute, home compute, units, q rows sent as home, K/V sent, q rows received, K/V received,
+# compute of the units it computes, K/V it gathers from its pool (bundles shipped and local)
+_C, _HC, _N, _HR, _HKV, _TR, _TKV, _UC, _ST = range(9)
 
 
 class _Heads:
@@ -107,12 +109,13 @@ class _Search:
         self.p, self.hd, self.t, self.split = p, heads, p.transfer, False
         self.cut_heads = False  # whether a split move was applied
         self.u = 0.0 if p.transfer is None else p.transfer.unit_overhead_s
+        self.k = 1.0 if p.transfer is None else 1.0 / p.transfer.piece_efficiency  # a unit's compute factor
         H, G = p.num_heads, p.tp
         self.segs = [list(s) for s in segs]
         self.peers: dict[tuple[int, int], list[int]] = {}
         for h in range(H):
             self.peers.setdefault((heads.home[h], heads.kv[h]), []).append(h)
-        self.acc = [[0.0, 0.0, 0, 0, 0, 0, 0] for _ in range(G)]
+        self.acc = [[0.0, 0.0, 0, 0, 0, 0, 0, 0.0, 0] for _ in range(G)]
         self.terms = [self._terms(h, self.segs[h]) for h in range(H)]
         self.kvcnt: list[dict[int, int]] = [{} for _ in range(G)]
         for h in range(H):
@@ -123,8 +126,10 @@ class _Search:
         self.bundles = {key: self._bundle(key, {}) for key in self.peers}
         for (c, _), lens in self.bundles.items():
             for g, n in lens.items():
-                self.acc[c][_HKV] += n
-                self.acc[g][_TKV] += n
+                self.acc[c][_ST] += n
+                if g != c:
+                    self.acc[c][_HKV] += n
+                    self.acc[g][_TKV] += n
         self.T = [self._time(self.acc[r]) for r in range(G)]
 
     def fork(self, split: bool) -> "_Search":
@@ -137,15 +142,16 @@ class _Search:
 
     # ---- pricing --------------------------------------------------------------------------------------
     def _terms(self, h: int, segs: list[Seg]) -> list[tuple]:
-        """Per piece of ``h``: (rank, cost, at home, is a unit, q rows moved, K/V tokens it reads)."""
+        """Per piece of ``h``: (rank, cost, at home, is a unit, q rows moved, K/V tokens it reads; the last
+        two 0 for a whole head at home, the rows 0 for a unit at home)."""
         hd, home, out = self.hd, self.hd.home[h], []
         for x, y, r in segs:
-            whole = x == 0.0 and y == 1.0
+            unit = not (x == 0.0 and y == 1.0 and r == home)
             rows = end = 0
-            if r != home and self.t is not None:
+            if unit and self.t is not None:
                 a, b = hd.rows(x, y)
-                rows, end = b - a, (b if b > a else 0)
-            out.append((r, hd.cost(h, x, y), r == home, not (whole and r == home), rows, end))
+                rows, end = (b - a if r != home else 0), (b if b > a else 0)
+            out.append((r, hd.cost(h, x, y), r == home, unit, rows, end))
         return out
 
     def _add_terms(self, acc, h: int, terms, sign: int) -> None:
@@ -155,21 +161,24 @@ class _Search:
             if at_home:
                 acc[r][_HC] += sign * cost
             acc[r][_N] += sign * unit
+            if unit:
+                acc[r][_UC] += sign * cost
             if rows:
                 acc[home][_HR] += sign * rows
                 acc[r][_TR] += sign * rows
 
     def _bundle(self, key: tuple[int, int], new_terms: dict) -> dict[int, int]:
-        """K/V tokens the home of ``key`` stages per target for that KV head (the largest row end)."""
+        """K/V tokens the home of ``key`` stages per target (itself for its local units) for that KV head
+        (the largest row end)."""
         lens: dict[int, int] = {}
         for h in self.peers[key]:
-            for r, _, at_home, _, _, end in new_terms.get(h, self.terms[h]):
-                if not at_home and end:
+            for r, _, _, unit, _, end in new_terms.get(h, self.terms[h]):
+                if unit and end:
                     lens[r] = max(lens.get(r, 0), end)
         return lens
 
     def _time(self, a) -> float:
-        return rank_time(self.t, a[_C], a[_HC], a[_N], a[_HR], a[_HKV], a[_TR], a[_TKV])
+        return rank_time(self.t, a[_C], a[_HC], a[_N], a[_HR], a[_HKV], a[_TR], a[_TKV], a[_UC], a[_ST])
 
     @staticmethod
     def _sent(a) -> int:
@@ -213,8 +222,10 @@ class _Search:
             for g in old.keys() | new.keys():
                 dl = new.get(g, 0) - old.get(g, 0)
                 if dl:
-                    d(key[0])[_HKV] += dl
-                    d(g)[_TKV] += dl
+                    d(key[0])[_ST] += dl
+                    if g != key[0]:
+                        d(key[0])[_HKV] += dl
+                        d(g)[_TKV] += dl
             new_bundles[key] = new
         times = {r: self._time(a) for r, a in delta.items()}
         units = sum(a[_N] - self.acc[r][_N] for r, a in delta.items())
@@ -290,7 +301,7 @@ class _Search:
             for h, seg, term in mine:
                 receivers = order if hd.home[h] in order or hd.home[h] == a else order + [hd.home[h]]
                 for b in receivers:
-                    e = max(Ta - term[1], T[b] + term[1] + self.u)
+                    e = max(Ta - term[1] * (self.k if term[3] else 1.0), T[b] + term[1] * self.k + self.u)
                     if e < Ta - eps:
                         est.append((e, len(est), ("move", ((h, seg, b),))))
             groups: dict[int, list[int]] = {}
@@ -300,7 +311,7 @@ class _Search:
                 if len(hs) == self.p.group_size and all(self.segs[h] == [(0.0, 1.0, a)] for h in hs):
                     gc = sum(hd.c[h] for h in hs)
                     for b in order:
-                        e = max(Ta - gc, T[b] + gc + len(hs) * self.u)
+                        e = max(Ta - gc, T[b] + gc * self.k + len(hs) * self.u)
                         if e < Ta - eps:
                             est.append((e, len(est), ("move", tuple((h, (0.0, 1.0, a), b) for h in hs))))
         else:  # equal_heads: swaps only
