@@ -162,7 +162,8 @@ def run_eval(cfg: EvalConfig, log=print) -> list[Path]:
     dtype = cfg.dtype or DTYPE[cfg.device]
     lengths = _lengths(cfg, AutoConfig.from_pretrained(model).max_position_embeddings)
     tokenizer = AutoTokenizer.from_pretrained(model)
-    prompts = eval_prompts(tokenizer, cfg.tasks, lengths, cfg.per_task)
+    with tqdm(total=len(cfg.tasks) * len(lengths) * cfg.per_task, desc="eval: generating prompts", unit="prompt") as bar:
+        prompts = eval_prompts(tokenizer, cfg.tasks, lengths, cfg.per_task, bar.update)
     context = max(len(p.input_ids) + _max_new(p, cfg) for p in prompts) + 8
     dense, sparse = server_specs(model, plan_files, cfg.device, dtype, context, cfg.concurrency, cfg.server_args)
 
