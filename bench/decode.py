@@ -2,9 +2,12 @@
 and our dense decode, side by side in one process, with bytes read and achieved bandwidth vs copy bandwidth.
 
 Llama-3-8B-shaped layer (32 q / 8 KV heads, d=128, bf16), batch B of requests at context n, SGLang's token
-pool (page size 1) with 64-token chunks scattered at random. ``L`` layers, each with its own K/V buffers (as
-many as fit in ~24 GB, at most 8), are captured in one CUDA graph; the time per layer is replay / L, with L2
-flushed between replays (``triton.testing.do_bench``, median). Two times per budget set:
+pool with ``--page-size 64`` (what the kernel path needs: its decode page summaries are indexed by 64-slot
+pool page): each request's 64-token pages are whole pool pages handed out in random order (pool page 0
+unused). FlashInfer reads the same pool through per-token indices (page size 1 in its wrapper, as SGLang
+runs it). ``L`` layers, each with its own K/V buffers (as many as fit in ~24 GB, at most 8), are captured
+in one CUDA graph; the time per layer is replay / L, with L2 flushed between replays
+(``triton.testing.do_bench``, median). Two times per budget set:
 
 * **step**: what a decode step costs in the server: fold the new key into the page summaries, choose the
   pages of top-k heads (fused Triton selector), build the union lists, the group kernel, split-K combine;
@@ -66,11 +69,15 @@ def budget_sets(hq: int, g: int) -> dict[str, list[HeadBudget]]:
     }
 
 
-def scattered_pool(bsz: int, max_ctx: int, dev) -> torch.Tensor:
-    """``req_to_token [bsz, max_ctx]``: 64-token chunks of the pool in random order (slot 0 unused)."""
+def scattered_pool(bsz: int, max_ctx: int, dev) -> tuple[torch.Tensor, int]:
+    """``req_to_token [bsz, max_ctx]`` and the pool's token count: SGLang's pool with ``--page-size 64``, each
+    request's page ``j`` (positions ``64j .. 64j+63``) one whole 64-slot pool page, the pages handed out in
+    random order (scattered and shuffled across requests, pool page 0 unused, as SGLang reserves slot 0).
+    The pool holds every page of every request: ``(bsz * ceil(max_ctx / 64) + 1) * 64`` slots."""
     pages = math.ceil(max_ctx / BLOCK)
     perm = torch.randperm(bsz * pages, device=dev) + 1
-    return (perm.view(bsz, pages, 1) * BLOCK + torch.arange(BLOCK, device=dev)).view(bsz, -1)[:, :max_ctx].int()
+    r2t = (perm.view(bsz, pages, 1) * BLOCK + torch.arange(BLOCK, device=dev)).view(bsz, -1)[:, :max_ctx].int()
+    return r2t, (bsz * pages + 1) * BLOCK
 
 
 def unique_pages(lk: LayerKernels, ws: DecodeWorkspace, seq_lens: torch.Tensor) -> int:
@@ -93,8 +100,7 @@ def device_check(hq: int, hkv: int, d: int, dev, dtype, smoke: bool) -> dict:
     g = hq // hkv
     lens = [300, 130] if smoke else [4096 + 77, 3000]
     max_ctx = max(lens) + 64
-    r2t = scattered_pool(2, max_ctx, dev)
-    pool = int(r2t.max()) + 1
+    r2t, pool = scattered_pool(2, max_ctx, dev)
     gen = torch.Generator(device=dev).manual_seed(7)
     kb = torch.randn(pool, hkv, d, device=dev, dtype=dtype, generator=gen)
     vb = torch.randn(pool, hkv, d, device=dev, dtype=dtype, generator=gen)
@@ -102,7 +108,7 @@ def device_check(hq: int, hkv: int, d: int, dev, dtype, smoke: bool) -> dict:
     budgets = budget_sets(hq, g)["stream+topk0.1 in a group"]
     budgets[0] = HeadBudget.dense()
     budgets[1] = HeadBudget.vslash(0.1, 2)
-    lk = LayerKernels(budgets, hkv, d, max_ctx, 2, dtype, dev)
+    lk = LayerKernels(budgets, hkv, d, max_ctx, dtype, dev, pool_tokens=pool)
     ws = DecodeWorkspace(hq, hkv, d, math.ceil(max_ctx / BLOCK), layer_max_selected(budgets, max_ctx), dev,
                          selected_heads(budgets))
     ws.ensure(2)
@@ -208,8 +214,7 @@ def main():
             max_ctx = n + BLOCK
             kv_layer = bsz * n * hkv * d * 2 * 2
             L = 1 if smoke else max(1, min(args.max_layers, int(args.kv_gb * 1e9 // kv_layer)))
-            r2t = scattered_pool(bsz, max_ctx, dev)
-            pool = int(r2t.max()) + 1
+            r2t, pool = scattered_pool(bsz, max_ctx, dev)
             kb_l = [torch.randn(pool, hkv, d, device=dev, dtype=dtype) for _ in range(L)]
             vb_l = [torch.randn(pool, hkv, d, device=dev, dtype=dtype) for _ in range(L)]
             q_l = [torch.randn(bsz, hq, d, device=dev, dtype=dtype) for _ in range(L)]
@@ -267,7 +272,7 @@ def main():
 def one_config(name, budgets, q_l, kb_l, vb_l, r2t, rpi, seq, ws, scale, hkv, d, max_ctx, dtype, dev, smoke,
                splits: list[int], profile: bool = False) -> dict:
     bsz, L = seq.shape[0], len(q_l)
-    lks = [LayerKernels(budgets, hkv, d, max_ctx, bsz, dtype, dev) for _ in range(L)]
+    lks = [LayerKernels(budgets, hkv, d, max_ctx, dtype, dev, pool_tokens=kb_l[0].shape[0]) for _ in range(L)]
     for lk, kb in zip(lks, kb_l):
         if lk.kmin is not None:
             build_page_summaries(kb, r2t, rpi, seq - 1, lk.kmin, lk.kmax)

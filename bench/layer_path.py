@@ -11,6 +11,10 @@ Decode (batch B, each at context n): every layer's decode step captured in one C
 page summaries, page selection, the paged sparse kernel), vs the same graph with all heads dense (our
 paged kernel), vs FlashInfer's dense paged decode per layer (eager loop).
 
+KV pool: SGLang's token pool with ``--page-size 64`` (what the kernel path needs: the decode page summaries
+are indexed by 64-slot pool page), each request's 64-token pages whole pool pages handed out in shuffled
+order, pool page 0 unused; the pool holds every page of every request slot.
+
   python bench/layer_path.py smollm2 --out $OUT        # SmolLM2 shape, the profiled plan
   python bench/layer_path.py llama8b --out $OUT        # Llama-3-8B shape, the serving bench's mixed plan
   TRITON_INTERPRET=1 python bench/layer_path.py smollm2 --cpu-smoke --out /tmp/lp   # logic check on the CPU
@@ -47,6 +51,16 @@ def plan_budgets(which: str) -> list[list[HeadBudget]]:
     spec = ModelSpec("LlamaForCausalLM", s["layers"], s["hq"], s["hkv"], s["d"], 131072, "bench")
     f = mixed_budget(128, 2048, 0.1)
     return [[f(li, h, spec) for h in range(s["hq"])] for li in range(s["layers"])]
+
+
+def paged_pool(slots: int, max_ctx: int, dev, seed: int = 0) -> tuple[torch.Tensor, int]:
+    """``req_to_token [slots, max_ctx]`` and the pool's token count, as SGLang's pool lays it out with
+    ``--page-size 64``: positions ``64j .. 64j+63`` of a request are the 64 slots of one pool page, the pages
+    of all requests handed out in shuffled order (pool page 0 unused, as SGLang reserves slot 0)."""
+    pages = math.ceil(max_ctx / BLOCK)
+    perm = torch.randperm(slots * pages, generator=torch.Generator().manual_seed(seed)).to(dev) + 1
+    r2t = (perm.view(slots, pages, 1) * BLOCK + torch.arange(BLOCK, device=dev)).view(slots, -1)[:, :max_ctx]
+    return r2t.int().contiguous(), (slots * pages + 1) * BLOCK
 
 
 def show(kind: str, row: dict) -> None:
@@ -115,8 +129,9 @@ def main():
     bss = [int(x) for x in a.batch.split(",")]
     slots = max(bss) + 1
     sparse_layers = [li for li in range(L) if any(b.pattern is not Pattern.DENSE for b in budgets[li])]
-    lks = {li: LayerKernels(budgets[li], hkv, d, max_ctx, slots, dt, dev) for li in sparse_layers}
-    dense_lk = LayerKernels([HeadBudget.dense()] * hq, hkv, d, max_ctx, slots, dt, dev)
+    r2t, pool = paged_pool(slots, max_ctx, dev)
+    lks = {li: LayerKernels(budgets[li], hkv, d, max_ctx, dt, dev, pool_tokens=pool) for li in sparse_layers}
+    dense_lk = LayerKernels([HeadBudget.dense()] * hq, hkv, d, max_ctx, dt, dev, pool_tokens=pool)
     try:
         import flashinfer
     except Exception as e:  # noqa: BLE001
@@ -133,10 +148,8 @@ def main():
         q = torch.randn(n, hq, d, device=dev, dtype=dt)
         k = torch.randn(n, hkv, d, device=dev, dtype=dt)
         v = torch.randn(n, hkv, d, device=dev, dtype=dt)
-        pool = slots * max_ctx + 1
         kb = torch.randn(pool, hkv, d, device=dev, dtype=dt)
         vb = torch.randn(pool, hkv, d, device=dev, dtype=dt)
-        r2t = (torch.arange(slots * max_ctx, device=dev, dtype=torch.int32) + 1).view(slots, max_ctx)
         kb[r2t[0, :n].long()] = k
         vb[r2t[0, :n].long()] = v
         batch = ExtendBatch.build(r2t, torch.tensor([0], device=dev), [n], [n])
@@ -223,7 +236,7 @@ def main():
                 drow["speedup_vs_flashinfer"] = drow["flashinfer_dense_eager_ms"] / drow["shplb_graph_ms"]
             res["decode"].append(drow)
             show("decode", drow)
-        del kb, vb
+        kb = vb = None   # free the pool before the next context (the closures above hold the names)
         if dev == "cuda":
             torch.cuda.empty_cache()
     out_dir = Path(a.out)

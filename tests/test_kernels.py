@@ -244,12 +244,16 @@ def test_index_kernel_every_list_length(paged):
 # decode
 # ---------------------------------------------------------------------------------------------------
 def _decode_setup(seed, hq=8, hkv=2, d=64, dtype=torch.float32):
+    """A token pool of 64-slot pages handed out in random order (SGLang with --page-size 64)."""
     g = torch.Generator().manual_seed(seed)
     max_ctx, r = 330, 4
-    pool = r * max_ctx + 50
+    pages = math.ceil(max_ctx / BLOCK)
+    units = r * pages + 3
+    pool = units * BLOCK
     k = torch.randn(pool, hkv, d, generator=g).to(DEV, dtype)
     v = torch.randn(pool, hkv, d, generator=g).to(DEV, dtype)
-    req_to_token = torch.randperm(pool, generator=g)[:r * max_ctx].view(r, max_ctx).int().to(DEV)
+    first = torch.randperm(units, generator=g)[:r * pages].view(r, pages, 1) * BLOCK
+    req_to_token = (first + torch.arange(BLOCK)).view(r, -1)[:, :max_ctx].int().to(DEV)
     return k, v, req_to_token, max_ctx, r
 
 
@@ -275,7 +279,7 @@ def test_group_decode_with_page_reuse(group, dtype, grouped):
     heads = LayerHeads.of(budgets, hkv, d)
     max_pages = math.ceil(max_ctx / BLOCK)
     rules = page_rules(heads, hkv, DEV)
-    kmin, kmax = alloc_page_summaries(r, hkv, max_pages, d, dtype=dtype, device=DEV)
+    kmin, kmax = alloc_page_summaries(k.shape[0], hkv, d, dtype=dtype, device=DEV)
     build_page_summaries(k, req_to_token, rpi, lens - 1, kmin, kmax)
     page_idx = torch.zeros(3, hq, max_selected_pages(heads, max_pages), dtype=torch.int32, device=DEV)
     page_cnt = torch.zeros(3, hq, dtype=torch.int32, device=DEV)
@@ -289,11 +293,12 @@ def test_group_decode_with_page_reuse(group, dtype, grouped):
         for b in range(3):                                                  # summaries are exact
             lo, hi = reference_page_summaries(k, req_to_token, int(rpi[b]), int(lens[b]))
             np_ = lo.shape[1]
-            assert torch.equal(kmin[int(rpi[b]), :, :np_].float(), lo)
-            assert torch.equal(kmax[int(rpi[b]), :, :np_].float(), hi)
+            pid = req_to_token[int(rpi[b]), ::BLOCK][:np_].long() // BLOCK      # the request's pool pages
+            assert torch.equal(kmin[pid].transpose(0, 1).float(), lo)
+            assert torch.equal(kmax[pid].transpose(0, 1).float(), hi)
         q = torch.randn(3, hq, d, generator=torch.Generator().manual_seed(step)).to(DEV, dtype)
         if step == 0:
-            select_pages(heads, q, kmin, kmax, rpi, lens, max_pages, out=(page_idx, page_cnt))
+            select_pages(heads, q, kmin, kmax, req_to_token, rpi, lens, max_pages, out=(page_idx, page_cnt))
         out = group_decode(q, k, v, req_to_token, rpi, lens, rules, page_idx, page_cnt, sc, nsplit, 1)
         sets, new_chosen = [], []
         for b in range(3):

@@ -22,17 +22,25 @@ MAX_CTX, SLOTS, POOL = 1024, 4, 4096
 
 
 class Pool:
-    """SGLang-like token pool: shuffled slots, slot 0 reserved, a req_to_token table."""
+    """SGLang-like token pool with ``--page-size 64``: 64-slot pages handed out in shuffled order (page 0
+    reserved), position ``p`` of a request at slot ``64 * page[p // 64] + p % 64``, a req_to_token table."""
 
     def __init__(self, seed=0):
         g = torch.Generator().manual_seed(seed)
         self.k = torch.zeros(POOL, HKV, D, device=DEV)
         self.v = torch.zeros(POOL, HKV, D, device=DEV)
-        self.free = (torch.randperm(POOL - 1, generator=g) + 1).tolist()
+        self.free = (torch.randperm(POOL // BLOCK - 1, generator=g) + 1).tolist()
+        self.pages = {}
         self.req_to_token = torch.zeros(SLOTS, MAX_CTX, dtype=torch.int32, device=DEV)
 
     def put(self, req, start, k, v):
-        slots = torch.tensor([self.free.pop() for _ in range(k.shape[0])], device=DEV)
+        pages = self.pages.setdefault(req, [])
+        slots = []
+        for p in range(start, start + k.shape[0]):
+            if p // BLOCK == len(pages):
+                pages.append(self.free.pop())
+            slots.append(pages[p // BLOCK] * BLOCK + p % BLOCK)
+        slots = torch.tensor(slots, device=DEV)
         self.k[slots], self.v[slots] = k, v
         self.req_to_token[req, start:start + k.shape[0]] = slots.int()
 
@@ -46,7 +54,7 @@ def reference(budgets, q, k, v):
 
 
 def layer(budgets):
-    return LayerKernels(budgets, HKV, D, MAX_CTX, SLOTS, torch.float32, DEV)
+    return LayerKernels(budgets, HKV, D, MAX_CTX, torch.float32, DEV, pool_tokens=POOL)
 
 
 def extend(lk, pool, reqs, qs, ks, vs, prefix_lens):
@@ -128,8 +136,9 @@ def test_decode_steps_keep_summaries_and_match_reference():
         for b in range(3):
             n = int(seq_lens[b])
             lo, hi = reference_page_summaries(pool.k, pool.req_to_token, reqs[b], n)
-            assert torch.equal(lk.kmin[reqs[b], :, :lo.shape[1]], lo), "summaries follow the appended tokens"
-            assert torch.equal(lk.kmax[reqs[b], :, :hi.shape[1]], hi)
+            pid = pool.req_to_token[reqs[b], :n:BLOCK].long() // BLOCK       # the request's pool pages
+            assert torch.equal(lk.kmin[pid].transpose(0, 1), lo), "summaries follow the appended tokens"
+            assert torch.equal(lk.kmax[pid].transpose(0, 1), hi)
             sets.append(reference_decode_pages(budgets, q[b], pool.k, pool.req_to_token, reqs[b], n)[0])
         ref = reference_sparse_decode(q, pool.k, pool.v, pool.req_to_token, rpi, seq_lens, sets, SCALE)
         assert relative_error(out, ref) < LAYER_TOL, step
@@ -145,7 +154,7 @@ def test_layers_without_selected_heads_have_no_summaries_and_workspace_grows():
     lk = layer(budgets_positional())
     assert lk.kmin is None and lk.summary_bytes == 0
     assert lk.prefill.heads is lk.heads                  # the layer's heads classified once
-    assert layer(budgets_mixed()).summary_bytes == 2 * SLOTS * HKV * (MAX_CTX // BLOCK) * D * 4
+    assert layer(budgets_mixed()).summary_bytes == 2 * (POOL // BLOCK + 1) * HKV * D * 4   # pool pages + scratch
     ws = DecodeWorkspace(HQ, HKV, D, MAX_CTX // BLOCK, 4, DEV)
     ws.ensure(2)
     assert ws.capacity == 2 and ws.page_idx.shape == (2, HQ, 4)

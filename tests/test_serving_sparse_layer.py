@@ -1,5 +1,6 @@
 """One attention layer of the shplb backend (its sparse path over SGLang's paged pool) against the
 single-process sparse reference: scattered pages, radix prefix hit, chunked prefill, decode step."""
+import dataclasses
 import math
 
 import pytest
@@ -12,6 +13,13 @@ from sglang_shplb.core.block_masks import build_block_masks
 from sglang_shplb.core.patterns import BLOCK, HeadBudget
 from sglang_shplb.kernels.layer_reference import sparse_attention, sparse_decode
 from sglang_shplb.kernels.reference import masked_attention
+
+
+def at_decode(budgets):
+    """The budgets whose prefill rule, at a query block's last row, is what decode reads: a streaming
+    head's window grows by the query's block (``HeadBudget.decode_window_blocks``)."""
+    return [dataclasses.replace(b, window_blocks=b.decode_window_blocks) if b.pattern.value == "streaming" else b
+            for b in budgets]
 
 HQ, HKV, D = 6, 2, 64
 SCALE = 1 / math.sqrt(D)
@@ -128,7 +136,7 @@ def test_decode_step(budgets):
         pool.put(r, 0, k, v)
         qd.append(q[-1:])
         if all(b.pattern.value in ("dense", "streaming") for b in budgets):
-            refs.append(reference(budgets, q, k, v)[-1:])
+            refs.append(reference(at_decode(budgets), q, k, v)[-1:])
         else:  # a one-token chunk: the block index sees only that query (kernels' rule)
             nb = math.ceil(n / BLOCK)
             qq = torch.zeros_like(q)
@@ -148,12 +156,13 @@ def test_decode_step(budgets):
         st = [h for h in cols if budgets[h].pattern.value == "streaming"]
         for r, n in enumerate(lens):
             qf, kf, vf = seq(n, 10 + r)
-            ref = reference([budgets[h] if h in st else HeadBudget.dense() for h in range(HQ)], qf, kf, vf)
+            ref = reference(at_decode([budgets[h] if h in st else HeadBudget.dense() for h in range(HQ)]), qf, kf, vf)
             assert torch.allclose(out[r, st], ref[-1, st], atol=2e-5, rtol=1e-4)
 
 
 def test_decode_equals_one_token_extend():
-    """Decode through the graph-safe streaming path == the same step as a one-token extend."""
+    """Decode through the graph-safe streaming path == the same step as a one-token extend with the decode
+    window (and != with the prefill window, which a token at a block's start would see almost nothing of)."""
     budgets = budgets_positional()
     cols = sparse_cols(budgets)
     pool = Pool()
@@ -161,5 +170,7 @@ def test_decode_equals_one_token_extend():
     pool.put(0, 0, k, v)
     a = torch.full((1, HQ, D), float("nan"))
     sparse_decode(q[-1:], pool.k, pool.v, pool.req_to_token, torch.tensor([0]), torch.tensor([700]), budgets, SCALE, a)
-    b = run_extend(pool, [0], budgets, [q[-1:]], [699], [700])
+    b = run_extend(pool, [0], at_decode(budgets), [q[-1:]], [699], [700])
     assert torch.allclose(a[:, cols], b[:, cols], atol=2e-5)
+    c = run_extend(pool, [0], budgets, [q[-1:]], [699], [700])
+    assert not torch.allclose(a[:, cols], c[:, cols], atol=2e-5)

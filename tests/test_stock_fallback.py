@@ -112,11 +112,11 @@ def test_decode_model_bytes():
     sp, st = layer_times("decode", layer, 64 * 100, SPEC, COST, o)
     per_page = 64 * 64 * 2 * 2 / o.hbm_bytes_per_s
     assert st == pytest.approx(o.decode_base_s + 3 * 100 * per_page)
-    assert sp == pytest.approx(o.decode_base_s + 3 * 3 * per_page)       # 1 sink + 2 window pages per group
+    assert sp == pytest.approx(o.decode_base_s + 3 * 4 * per_page)       # 1 sink + 2 + 1 window pages per group
     both = StockOptions(prefill_layer_overhead_s=0.0, decode_layer_overhead_s=5e-6, decode_batch=4)
     sp4, st4 = layer_times("decode", layer, 64 * 100, SPEC, COST, both)
     assert st4 == pytest.approx(o.decode_base_s + 4 * 3 * 100 * per_page)
-    assert sp4 == pytest.approx(o.decode_base_s + 5e-6 + 4 * 3 * 3 * per_page)
+    assert sp4 == pytest.approx(o.decode_base_s + 5e-6 + 4 * 3 * 4 * per_page)
 
 
 @pytest.mark.parametrize("budget", [HeadBudget.topk(0.2, min_blocks=4), HeadBudget.topk(0.3, min_blocks=2, tile=128),

@@ -28,7 +28,7 @@ def inputs():
 
 def run_layer(budgets, q, k, v):
     """One sequence, no prefix, its tokens at pool slots 1..N of a one-request pool."""
-    lk = LayerKernels(budgets, k.shape[1], D, 1024, 2, torch.float32, "cpu")
+    lk = LayerKernels(budgets, k.shape[1], D, 1024, torch.float32, "cpu", pool_tokens=N + 1)
     kb = torch.zeros(N + 1, k.shape[1], D)
     vb = torch.zeros(N + 1, k.shape[1], D)
     kb[1:], vb[1:] = k, v

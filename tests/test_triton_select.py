@@ -30,23 +30,31 @@ def random_budgets(hq, rng):
     return out
 
 
+def paged_table(r, pages, g, spare=11):
+    """``req_to_token [r, pages * 64]`` over a pool of 64-slot pages handed out in random order
+    (``--page-size 64``), and the pool's size in tokens."""
+    units = r * pages + spare
+    first = torch.randperm(units, generator=g)[:r * pages].view(r, pages, 1) * BLOCK
+    return (first + torch.arange(BLOCK)).view(r, -1).int().to(DEV), units * BLOCK
+
+
 def setup(lens, hkv, group, d, dtype, seed):
-    """3 requests in scattered slots (never slot 0) of a scattered token pool, plus a CUDA-graph padding row
-    (slot 0, seq_len 1); summaries built over all tokens but the last (update folds it)."""
+    """3 requests in scattered slots (never slot 0) of a pool of scattered 64-slot pages, plus a CUDA-graph
+    padding row (slot 0, seq_len 1); summaries built over all tokens but the last (update folds it)."""
     g = torch.Generator().manual_seed(seed)
-    r, width = 6, MAXP * BLOCK
-    pool = r * width + 11
+    r = 6
+    r2t, pool = paged_table(r, MAXP, g)
     k = torch.randn(pool, hkv, d, generator=g).to(dtype).to(DEV)
-    r2t = torch.randperm(pool, generator=g)[:r * width].view(r, width).int().to(DEV)
     rpi = torch.cat([torch.randperm(r - 1, generator=g)[:len(lens)] + 1, torch.zeros(1, dtype=torch.long)])
     rpi = rpi.int().to(DEV)
     sl = torch.tensor(list(lens) + [1], dtype=torch.int32, device=DEV)
-    kmin, kmax = alloc_page_summaries(r, hkv, MAXP, d, dtype=dtype, device=DEV)
+    kmin, kmax = alloc_page_summaries(pool, hkv, d, dtype=dtype, device=DEV)
     build_page_summaries(k, r2t, rpi, sl - 1, kmin, kmax)
-    for b in range(len(lens)):  # pages with no token yet hold stale data (a reused slot): the first token resets
+    for b in range(len(lens)):  # pages with no token yet hold stale data (a reused page): the first token resets
         p0 = (lens[b] - 1 + BLOCK - 1) // BLOCK
-        kmin[rpi[b], :, p0:] = torch.randn(kmin[rpi[b], :, p0:].shape, generator=g).to(dtype).to(DEV) - 3
-        kmax[rpi[b], :, p0:] = kmin[rpi[b], :, p0:] + 6
+        pid = r2t[rpi[b], p0 * BLOCK::BLOCK].long() // BLOCK
+        kmin[pid] = torch.randn(kmin[pid].shape, generator=g).to(dtype).to(DEV) - 3
+        kmax[pid] = kmin[pid] + 6
     return g, k, r2t, rpi, sl, kmin, kmax
 
 
@@ -73,9 +81,10 @@ def test_update_and_select_matches_torch(group, d, dtype, lens, seed):
     for step in range(3):
         q = torch.randn(bsz, hq, d, generator=g).to(dtype).to(DEV)
         update_page_summaries(k, r2t, rpi, sl, kmin, kmax)
-        idx, cnt = select_pages(heads, q, kmin, kmax, rpi, sl, MAXP)
+        idx, cnt = select_pages(heads, q, kmin, kmax, r2t, rpi, sl, MAXP)
         update_and_select_pages(q, k, r2t, rpi, sl, kmin2, kmax2, consts, MAXP, idx2, cnt2, scratch)
-        assert torch.equal(kmin, kmin2) and torch.equal(kmax, kmax2), step
+        # every pool page alike (the last row is the scratch row: what lands there is unspecified)
+        assert torch.equal(kmin[:-1], kmin2[:-1]) and torch.equal(kmax[:-1], kmax2[:-1]), step
         assert torch.equal(cnt, cnt2), (step, cnt, cnt2)
         for b in range(bsz):
             for h in heads.selected:
@@ -107,7 +116,7 @@ def test_no_selected_heads_and_no_host_tensors(monkeypatch):
             m.setattr(torch, "tensor", boom)
             m.setattr(torch, "as_tensor", boom)
             update_and_select_pages(q, k, r2t, rpi, sl, kmin, kmax, consts, MAXP, idx, cnt, scratch)
-        ref = select_pages(heads, q, kmin, kmax, rpi, sl, MAXP)[1]
+        ref = select_pages(heads, q, kmin, kmax, r2t, rpi, sl, MAXP)[1]
         assert torch.equal(cnt, ref)
 
 
@@ -129,7 +138,7 @@ def test_cuda_graph_capture():  # pragma: no cover - GPU only
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(kmin, kmin2) and torch.equal(kmax, kmax2)                               # same as eager
-    ref = select_pages(heads, q, kmin, kmax, rpi, sl, MAXP)[1]
+    ref = select_pages(heads, q, kmin, kmax, r2t, rpi, sl, MAXP)[1]
     assert torch.equal(cnt, ref)
 
 
@@ -143,15 +152,17 @@ def test_ties_negative_scores_several_tiles(d, all_tied):
                            HeadBudget.dense()])
     lens = [maxp * BLOCK, 1000, 64 * 35 + 1]
     r = 4
-    k = torch.randn(r * maxp * BLOCK, hkv, d, generator=g).to(DEV)
-    r2t = torch.randperm(r * maxp * BLOCK, generator=g).view(r, -1).int().to(DEV)
+    r2t, pool = paged_table(r, maxp, g, spare=0)
+    k = torch.randn(pool, hkv, d, generator=g).to(DEV)
     rpi = torch.tensor([2, 1, 3], dtype=torch.int32, device=DEV)
     sl = torch.tensor(lens, dtype=torch.int32, device=DEV)
-    kmin = torch.randn(r, hkv, maxp, d, generator=g).to(DEV)
-    kmin[:, :, 10:60:7] = kmin[:, :, 5:6]                                   # exact ties with page 5
-    kmin[:, :, 33] = kmin[:, :, 2]
+    slot_min = torch.randn(r, hkv, maxp, d, generator=g).to(DEV)          # per request slot, then into pool pages
+    slot_min[:, :, 10:60:7] = slot_min[:, :, 5:6]                          # exact ties with page 5
+    slot_min[:, :, 33] = slot_min[:, :, 2]
     if all_tied:
-        kmin[:] = kmin[:, :, :1]
+        slot_min[:] = slot_min[:, :, :1]
+    kmin = alloc_page_summaries(pool, hkv, d, dtype=torch.float32, device=DEV)[0]
+    kmin[r2t[:, ::BLOCK].long().flatten() // BLOCK] = slot_min.transpose(1, 2).flatten(0, 1)
     kmax = kmin.clone()
     kmin_r, kmax_r = kmin.clone(), kmax.clone()
     consts = selector_consts(heads, DEV, maxp)
@@ -160,15 +171,15 @@ def test_ties_negative_scores_several_tiles(d, all_tied):
     q = torch.randn(3, 4, d, generator=g).to(DEV)
     update_and_select_pages(q, k, r2t, rpi, sl, kmin, kmax, consts, maxp, idx, cnt)
     update_page_summaries(k, r2t, rpi, sl, kmin_r, kmax_r)
-    assert torch.equal(kmin, kmin_r) and torch.equal(kmax, kmax_r)
-    ref_cnt = select_pages(heads, q, kmin_r, kmax_r, rpi, sl, maxp)[1]
+    assert torch.equal(kmin[:-1], kmin_r[:-1]) and torch.equal(kmax[:-1], kmax_r[:-1])
+    ref_cnt = select_pages(heads, q, kmin_r, kmax_r, r2t, rpi, sl, maxp)[1]
     assert torch.equal(cnt, ref_cnt)
     for b in range(3):
         npg = (lens[b] + BLOCK - 1) // BLOCK
         for h in range(3):
             c = int(cnt[b, h])
             assert c > 1
-            score = (q[b, h].float() * kmin[rpi[b], 0, :npg - 1].float()).sum(-1).tolist()   # q.k, page 0 forced
+            score = (q[b, h].float() * slot_min[rpi[b], 0, :npg - 1].float()).sum(-1).tolist()   # q.k, page 0 forced
             score[0] = float("inf")
             got = idx[b, h, :c].tolist()
             assert got == sorted(set(got)) and got[0] == 0 and got[-1] < npg - 1

@@ -102,9 +102,8 @@ def streaming_decode(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Te
                      req_pool_indices: torch.Tensor, seq_lens: torch.Tensor, heads: LayerHeads, scale: float,
                      out: torch.Tensor) -> torch.Tensor:
     """One decode query per sequence (``q [B, H, d]``, at position ``seq_lens - 1``) for the streaming heads:
-    fixed shapes, no host sync, so it can run inside a captured CUDA graph. The token-level result equals
-    the block-mask reference: sink blocks ``< sink_blocks`` plus the ``window_blocks`` blocks ending at the
-    query's block."""
+    fixed shapes, no host sync, so it can run inside a captured CUDA graph. Sink blocks ``< sink_blocks``
+    plus the query's block and the ``window_blocks`` before it (:attr:`HeadBudget.decode_window_blocks`)."""
     dev = q.device
     group = q.shape[1] // k_buffer.shape[1]
     n = seq_lens.to(dev).long()
@@ -112,8 +111,9 @@ def streaming_decode(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Te
     max_ctx = req_to_token.shape[1]
     rows = req_to_token[req_pool_indices.long()]                              # [B, max_ctx]
     for (s, w), hs in heads.streaming_rules.items():
-        so, wo = _stream_offsets(s, w, str(dev))
-        wstart = (last_blk - w + 1) * BLOCK                                   # [B]
+        wd = heads.budgets[hs[0]].decode_window_blocks
+        so, wo = _stream_offsets(s, wd, str(dev))
+        wstart = (last_blk - wd + 1) * BLOCK                                  # [B]
         pw = wstart[:, None] + wo[None, :]                                    # [B, W*BLOCK]
         ps = so[None, :].expand(n.shape[0], -1)
         pos = torch.cat([ps, pw], 1)                                          # [B, P]
@@ -144,9 +144,10 @@ def prepare_decode_constants(budgets: Sequence[HeadBudget], device) -> None:
     """Build, outside any CUDA-graph capture, the small constant tensors the graph-safe decode path of
     these budgets reads (head lists, sink/window offsets); they are cached and reused by replays."""
     dev = str(torch.device(device))
-    for (s, w), hs in LayerHeads.of(budgets).streaming_rules.items():
+    heads = LayerHeads.of(budgets)
+    for (s, w), hs in heads.streaming_rules.items():
         _const_heads(hs, dev)
-        _stream_offsets(s, w, dev)
+        _stream_offsets(s, heads.budgets[hs[0]].decode_window_blocks, dev)
 
 
 def sparse_decode(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tensor, req_to_token: torch.Tensor,

@@ -7,7 +7,10 @@ heads, instead of letting the stock backend compute all heads and recomputing th
   for all heads of the layer. A batch without cached prefixes reads the new tokens' K/V directly
   (contiguous layout; dense heads on torch SDPA / cuDNN); a batch with prefixes reads the pool through
   ``req_to_token`` (dense heads on the 128-row Triton kernel). Layers with top-k / vertical-slash heads
-  then (re)build the per-page key min/max of the batch's requests for decode.
+  then (re)build the per-page key min/max of the batch's requests for decode. These page summaries are
+  indexed by KV-pool page (one row per 64 pool slots, ``--page-size 64``; a request's page ``j`` is pool
+  page ``req_to_token[req, 64j] // 64``), so they cost 1/64 of the layer's K+V whatever the number of
+  request slots.
 * **Decode**: fold the new token into its page summary and choose the pages of top-k / vertical-slash
   heads (Quest / LServe upper bound; both in two Triton launches,
   :func:`~sglang_shplb.kernels.triton_select.update_and_select_pages`), then run
@@ -100,10 +103,13 @@ def selected_heads(budgets: Sequence[HeadBudget]) -> int:
 
 
 class LayerKernels:
-    """One layer's rank-local heads at their budgets, all on the kernels (see the module docstring)."""
+    """One layer's rank-local heads at their budgets, all on the kernels (see the module docstring).
+    ``pool_tokens``: slots of SGLang's token pool (the K buffer's first dimension), which the decode page
+    summaries cover page by page; the pool must hand out 64-slot pages (``--page-size 64``). ``decode=False``:
+    the layer never decodes on the kernels (stock in every decode bucket), so it keeps no summaries."""
 
     def __init__(self, budgets: Sequence[HeadBudget], num_kv_heads: int, head_dim: int, max_ctx: int,
-                 num_req_slots: int, kv_dtype: torch.dtype, device) -> None:
+                 kv_dtype: torch.dtype, device, *, pool_tokens: int, decode: bool = True) -> None:
         self.budgets = list(budgets)
         self.heads = LayerHeads.of(budgets, num_kv_heads, head_dim)
         self.hq, self.hkv, self.d = len(budgets), num_kv_heads, head_dim
@@ -113,8 +119,8 @@ class LayerKernels:
         self.walks = decode_walks(self.heads, num_kv_heads, self.max_pages)
         self.selects = bool(self.heads.selected)
         self.kmin = self.kmax = None
-        if self.selects:   # page summaries [R, Hkv, pages, d] x 2, indexed like req_to_token
-            self.kmin, self.kmax = alloc_page_summaries(num_req_slots, num_kv_heads, self.max_pages, head_dim,
+        if self.selects and decode:   # page summaries [pool pages + 1, Hkv, d] x 2, indexed by pool page
+            self.kmin, self.kmax = alloc_page_summaries(pool_tokens, num_kv_heads, head_dim,
                                                         dtype=kv_dtype, device=device)
             self.select_consts = selector_consts(self.heads, device, self.max_pages)
 
@@ -141,8 +147,9 @@ class LayerKernels:
         return out
 
     def summarize(self, k_buffer: torch.Tensor, batch: ExtendBatch) -> None:
-        """(Re)build the per-page key min/max of the batch's requests, which decode's page selection reads."""
-        if self.selects:
+        """(Re)build the key min/max of the pool pages that hold the batch's requests, which decode's page
+        selection reads (through ``req_to_token``)."""
+        if self.kmin is not None:
             build_page_summaries(k_buffer, batch.req_to_token, batch.req_pool_indices, batch.seq_lens,
                                  self.kmin, self.kmax, num_pages=math.ceil(max(batch.kv_lens_cpu) / BLOCK))
 
@@ -154,6 +161,8 @@ class LayerKernels:
         ws.ensure(bs)
         page_idx, page_cnt = ws.page_idx[:bs], ws.page_cnt[:bs]
         if self.selects:
+            if self.kmin is None:
+                raise RuntimeError("shplb: this layer was built without decode page summaries (decode=False)")
             update_and_select_pages(q, k_buffer, req_to_token, req_pool_indices, seq_lens, self.kmin, self.kmax,
                                     self.select_consts, self.max_pages, page_idx, page_cnt, scratch=ws.scores)
         return group_decode(q, k_buffer, v_buffer, req_to_token, req_pool_indices, seq_lens, self.page_rules,

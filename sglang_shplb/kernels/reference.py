@@ -119,7 +119,7 @@ def reference_decode_pages(budgets: Sequence[HeadBudget], q_b: torch.Tensor, k_b
         if bu.pattern is Pattern.DENSE:
             rows.append(list(range(npg)))
         elif bu.pattern is Pattern.STREAMING:
-            rows.append(sorted(set(range(min(bu.sink_blocks, npg))) | set(range(max(0, npg - bu.window_blocks), npg))))
+            rows.append(sorted(set(range(min(bu.sink_blocks, npg))) | set(range(max(0, npg - bu.decode_window_blocks), npg))))
         else:
             if chosen is None:
                 s = sc[h, :npg - 1].clone()

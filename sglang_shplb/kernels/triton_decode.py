@@ -4,7 +4,9 @@ Pages are the 64-token blocks of a sequence (positions ``64p .. 64p+63`` read th
 Per head a mode picks the pages (all computed in the kernel from ``seq_lens`` except the selected list):
 
 * 0 dense:      pages ``0 .. np-1``
-* 1 streaming:  sink pages ``0 .. s-1`` (outside the window) and window pages ``np-w .. np-1``
+* 1 streaming:  sink pages ``0 .. s-1`` (outside the window) and window pages ``np-w .. np-1``, ``w`` the
+                budget's :attr:`~sglang_shplb.core.patterns.HeadBudget.decode_window_blocks` (its prefill
+                window plus the query's page)
 * 2 selected:   ``page_cnt`` pages of ``page_idx`` (chosen by :func:`select_pages`) plus the current page
                 ``np-1`` always (a listed copy of it, or a listed page past the end, is skipped), so a
                 selection can be reused for several steps while the sequence grows.
@@ -200,9 +202,9 @@ def _host_page_rules(heads: LayerHeads, num_kv_heads: int) -> tuple[list[int], .
     mode, sink, win = [MODE_SELECTED] * heads.num_heads, [0] * heads.num_heads, [0] * heads.num_heads
     for h in heads.dense:
         mode[h] = MODE_DENSE
-    for (s, w), hs in heads.streaming_rules.items():
+    for (s, _), hs in heads.streaming_rules.items():
         for h in hs:
-            mode[h], sink[h], win[h] = MODE_STREAMING, s, w
+            mode[h], sink[h], win[h] = MODE_STREAMING, s, heads.budgets[h].decode_window_blocks
     gm, gs, gw = [], [], []
     for hs in heads.kv_groups(num_kv_heads):
         if all(mode[h] == MODE_DENSE for h in hs):
@@ -236,23 +238,54 @@ def max_selected_pages(heads: LayerHeads, max_pages: int) -> int:
 
 
 # ---------------------------------------------------------------------------------------------------
-# page summaries (torch ops, sync-free)
+# page summaries (torch ops, sync-free), indexed by KV-pool page
 # ---------------------------------------------------------------------------------------------------
-def alloc_page_summaries(num_req_slots: int, num_kv_heads: int, max_pages: int, head_dim: int,
+# The summaries of a layer are ``kmin, kmax [pool_pages + 1, Hkv, d]``: one row per 64-slot page of SGLang's
+# token pool (``--page-size 64``: the tokens at positions ``64j .. 64j+63`` of a request live in the 64 slots
+# of one pool page), so their size follows the pool, not the number of request slots. A request's page ``j``
+# is pool page ``req_to_token[req, 64j] // 64``; a prefix page shared through the radix cache has one summary
+# for every request that holds it. The last row is a scratch row that takes the writes of pages a request
+# does not hold (past its length, CUDA-graph padding rows), so no write lands on another request's page.
+def pool_pages(pool_tokens: int) -> int:
+    """64-token pages of a token pool of ``pool_tokens`` slots (the K buffer's first dimension)."""
+    return -(-int(pool_tokens) // BLOCK)
+
+
+def page_summary_bytes_per_token(num_kv_heads: int, head_dim: int, dtype=torch.bfloat16) -> float:
+    """Summary bytes one layer spends per pool token: ``2 · Hkv · d · elem / 64`` (1/64 of its K+V)."""
+    return 2 * num_kv_heads * head_dim * torch.empty((), dtype=dtype).element_size() / BLOCK
+
+
+def alloc_page_summaries(pool_tokens: int, num_kv_heads: int, head_dim: int,
                          dtype=torch.bfloat16, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """``kmin, kmax [R, Hkv, max_pages, d]``, indexed by ``req_pool_indices`` like ``req_to_token``."""
-    shape = (num_req_slots, num_kv_heads, max_pages, head_dim)
+    """``kmin, kmax [pool_pages(pool_tokens) + 1, Hkv, d]``: one row per pool page, the last a scratch row."""
+    shape = (pool_pages(pool_tokens) + 1, num_kv_heads, head_dim)
     return (torch.full(shape, float("inf"), dtype=dtype, device=device),
             torch.full(shape, float("-inf"), dtype=dtype, device=device))
+
+
+def request_pool_pages(req_to_token: torch.Tensor, req_pool_indices: torch.Tensor, seq_lens: torch.Tensor,
+                       num_pages: int, scratch_page: int, held: torch.Tensor | None = None) -> torch.Tensor:
+    """int64 ``[B, num_pages]``: the pool page of each request's pages ``0 .. num_pages-1``
+    (``req_to_token[req, 64j] // 64``), ``scratch_page`` where ``held`` is False (default: pages past
+    ``seq_lens``). Sync-free."""
+    j = torch.arange(num_pages, device=req_to_token.device)
+    first = (j * BLOCK).clamp(max=req_to_token.shape[1] - 1)
+    pid = req_to_token[req_pool_indices.long()][:, first].long() // BLOCK       # [B, P]
+    if held is None:
+        held = j[None, :] * BLOCK < seq_lens.long()[:, None]
+    return torch.where(held, pid, torch.full_like(pid, scratch_page))
 
 
 def build_page_summaries(k_buffer: torch.Tensor, req_to_token: torch.Tensor, req_pool_indices: torch.Tensor,
                          seq_lens: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor,
                          num_pages: int | None = None) -> None:
-    """(Re)compute the min/max of pages ``0 .. num_pages-1`` (default: all) of the listed requests (after a
-    prefill; ``num_pages`` ≥ the longest request's page count). In place."""
+    """(Re)compute the min/max of the pool pages that hold the listed requests' pages ``0 .. num_pages-1``
+    (default: all of ``req_to_token``'s width; ``num_pages`` ≥ the longest request's page count), after a
+    prefill. Pages a request does not hold write the scratch row. In place, sync-free."""
     bsz = req_pool_indices.shape[0]
-    maxp = kmin.shape[2] if num_pages is None else min(num_pages, kmin.shape[2])
+    width = -(-req_to_token.shape[1] // BLOCK)
+    maxp = width if num_pages is None else min(num_pages, width)
     pos = torch.arange(maxp * BLOCK, device=k_buffer.device)[None, :]
     valid = pos < seq_lens.long()[:, None]
     loc = torch.gather(req_to_token[req_pool_indices.long()].long(), 1,
@@ -262,32 +295,37 @@ def build_page_summaries(k_buffer: torch.Tensor, req_to_token: torch.Tensor, req
     lo = torch.where(v, kk, torch.full((), float("inf"), dtype=kk.dtype, device=kk.device))
     hi = torch.where(v, kk, torch.full((), float("-inf"), dtype=kk.dtype, device=kk.device))
     shp = (bsz, maxp, BLOCK) + tuple(kk.shape[2:])
-    lo = lo.view(shp).amin(2).transpose(1, 2)
-    hi = hi.view(shp).amax(2).transpose(1, 2)
-    r = req_pool_indices.long()
-    kmin[r, :, :maxp] = lo.to(kmin.dtype)
-    kmax[r, :, :maxp] = hi.to(kmax.dtype)
+    lo = lo.view(shp).amin(2)                                                # [B, P, Hkv, d]
+    hi = hi.view(shp).amax(2)
+    pid = request_pool_pages(req_to_token, req_pool_indices, seq_lens, maxp, kmin.shape[0] - 1)
+    kmin[pid.flatten()] = lo.flatten(0, 1).to(kmin.dtype)   # a shared prefix page: the same values twice
+    kmax[pid.flatten()] = hi.flatten(0, 1).to(kmax.dtype)
 
 
 def update_page_summaries(k_buffer: torch.Tensor, req_to_token: torch.Tensor, req_pool_indices: torch.Tensor,
                           seq_lens: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor) -> None:
-    """Fold the token just appended (position ``seq_lens - 1``) into its page's min/max. In place;
-    the first token of a page resets the page."""
+    """Fold the token just appended (position ``seq_lens - 1``) into its pool page's min/max. In place;
+    the first token of a page resets the page. Rows with ``seq_lens < 2`` (CUDA-graph padding: a decoded
+    token is never at position 0, extend summarizes it) write the scratch row."""
     r = req_pool_indices.long()
     pos = seq_lens.long() - 1
-    page = pos // BLOCK
-    knew = k_buffer[req_to_token[r, pos].long()].to(kmin.dtype)             # [B, Hkv, d]
+    posc = pos.clamp(min=0)
+    page = req_to_token[r, posc // BLOCK * BLOCK].long() // BLOCK
+    page = torch.where(pos >= 1, page, torch.full_like(page, kmin.shape[0] - 1))
+    knew = k_buffer[req_to_token[r, posc].long()].to(kmin.dtype)             # [B, Hkv, d]
     first = (pos % BLOCK == 0)[:, None, None]
-    cur_lo = kmin[r, :, page]                                               # [B, Hkv, d]
-    cur_hi = kmax[r, :, page]
-    kmin[r, :, page] = torch.where(first, knew, torch.minimum(cur_lo, knew))
-    kmax[r, :, page] = torch.where(first, knew, torch.maximum(cur_hi, knew))
+    cur_lo = kmin[page]                                                     # [B, Hkv, d]
+    cur_hi = kmax[page]
+    kmin[page] = torch.where(first, knew, torch.minimum(cur_lo, knew))
+    kmax[page] = torch.where(first, knew, torch.maximum(cur_hi, knew))
 
 
 def select_pages(heads: LayerHeads, q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor,
-                 req_pool_indices: torch.Tensor, seq_lens: torch.Tensor, max_pages: int,
-                 out: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Query-aware page choice of the selected (top-k / vertical-slash) heads.
+                 req_to_token: torch.Tensor, req_pool_indices: torch.Tensor, seq_lens: torch.Tensor,
+                 max_pages: int, out: tuple[torch.Tensor, torch.Tensor] | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Query-aware page choice of the selected (top-k / vertical-slash) heads, from the pool-page summaries
+    ``kmin/kmax [pool_pages + 1, Hkv, d]`` (:func:`alloc_page_summaries`) read through ``req_to_token``.
 
     ``page_idx [B, Hq, MAXSEL]`` int32, ``page_cnt [B, Hq]`` int32: the best pages by
     ``sum_d max(q_d kmin_d, q_d kmax_d)`` among ``0 .. np-2`` (page 0 forced), ``decode_page_budget - 1``
@@ -306,13 +344,15 @@ def select_pages(heads: LayerHeads, q: torch.Tensor, kmin: torch.Tensor, kmax: t
     if consts is None:
         return page_idx, page_cnt
     sh, table = consts
-    r = req_pool_indices.long()
-    lo = kmin[r][:, sh // group, :max_pages].float()                         # [B, S, P, d]
-    hi = kmax[r][:, sh // group, :max_pages].float()
-    qq = q[:, sh].float()[:, :, None, :]
-    score = torch.maximum(qq * lo, qq * hi).sum(-1)                          # [B, S, P]
     npg = (seq_lens.long() + BLOCK - 1) // BLOCK                             # [B]
     pj = torch.arange(max_pages, device=dev)[None, None, :]
+    # the candidates 0 .. npg-2 through req_to_token (other pages read the scratch row, then are masked)
+    pid = request_pool_pages(req_to_token, req_pool_indices, seq_lens, max_pages, kmin.shape[0] - 1,
+                             held=pj[0] < (npg - 1)[:, None])
+    lo = kmin[pid][:, :, sh // group].transpose(1, 2).float()                 # [B, S, P, d]
+    hi = kmax[pid][:, :, sh // group].transpose(1, 2).float()
+    qq = q[:, sh].float()[:, :, None, :]
+    score = torch.maximum(qq * lo, qq * hi).sum(-1)                          # [B, S, P]
     score = score.masked_fill(pj == 0, float("inf")).masked_fill(pj >= (npg - 1)[:, None, None], float("-inf"))
     kt = min(maxsel, max_pages)
     top = score.topk(kt, dim=-1).indices.int()

@@ -6,8 +6,10 @@ what :func:`~.triton_decode.update_page_summaries` followed by :func:`~.triton_d
   into its page's ``kmin/kmax`` (the first token of a page resets it). Every program then loads one tile of
   pages among ``0 .. npg-2`` of KV head ``hk`` once and scores it for each top-k / vertical-slash q head of
   the group (``score_p = sum_d max(q_d kmin_pd, q_d kmax_pd)`` in fp32, page 0 = +inf) into ``scratch``.
-  The update writes page ``npg-1``, which is never scored, so the two parts do not race. SGLang's
-  CUDA-graph padding rows (slot 0, ``seq_len`` 1) only rewrite page 0 of slot 0, which is never scored.
+  The summaries are indexed by KV-pool page (:func:`~.triton_decode.alloc_page_summaries`): page ``j`` of a
+  request is pool page ``req_to_token[req, 64j] // 64``. The update writes page ``npg-1``, which is never
+  scored and which no other request holds (a partial page is not shared), so the two parts do not race.
+  SGLang's CUDA-graph padding rows (``seq_len`` ≤ 1) write nothing and score nothing.
 * kernel B, grid ``(B, Hq)``: find the ``cnt``-th largest score by a 32-step bisection on an
   order-preserving int32 key, and write the ``cnt`` chosen page ids in ASCENDING order (ties at the
   threshold: lowest ids).
@@ -43,8 +45,9 @@ def _kernels():
 
     @triton.jit
     def _update_score_kernel(Q, K, KMIN, KMAX, R2T, RPI, SEQ, SEL, SCR,
-                             s_kt, s_kh, s_rt, s_qb, s_qh, s_mr, s_mh, s_mp, s_md, s_sb, s_ss, MAXP,
+                             s_kt, s_kh, s_rt, s_qb, s_qh, s_mp, s_mh, s_md, s_sb, s_ss, MAXP,
                              GROUP: tl.constexpr, PAGE: tl.constexpr, D: tl.constexpr, TP: tl.constexpr):
+        # KMIN/KMAX [pool pages + 1, Hkv, D]: a request's page j is pool page R2T[r, j*PAGE] // PAGE
         b = tl.program_id(0)
         hk = tl.program_id(1)
         t = tl.program_id(2)
@@ -52,20 +55,23 @@ def _kernels():
         offs_d = tl.arange(0, D)
         if t == 0:   # fold the new key into page npg-1 (rounded to the summary dtype, compared in fp32)
             pos = tl.load(SEQ + b).to(tl.int64) - 1
-            loc = tl.load(R2T + r * s_rt + pos).to(tl.int64)
-            k = tl.load(K + loc * s_kt + hk * s_kh + offs_d).to(KMIN.dtype.element_ty).to(tl.float32)
-            off = r * s_mr + hk * s_mh + (pos // PAGE) * s_mp + offs_d * s_md
-            first = (pos % PAGE) == 0
-            lo = tl.load(KMIN + off).to(tl.float32)
-            hi = tl.load(KMAX + off).to(tl.float32)
-            tl.store(KMIN + off, tl.where(first, k, tl.minimum(lo, k)).to(KMIN.dtype.element_ty))
-            tl.store(KMAX + off, tl.where(first, k, tl.maximum(hi, k)).to(KMAX.dtype.element_ty))
+            if pos >= 1:   # seq_len < 2: a CUDA-graph padding row (a decoded token is never at position 0)
+                loc = tl.load(R2T + r * s_rt + pos).to(tl.int64)
+                k = tl.load(K + loc * s_kt + hk * s_kh + offs_d).to(KMIN.dtype.element_ty).to(tl.float32)
+                pg = tl.load(R2T + r * s_rt + (pos // PAGE) * PAGE).to(tl.int64) // PAGE
+                off = pg * s_mp + hk * s_mh + offs_d * s_md
+                first = (pos % PAGE) == 0
+                lo = tl.load(KMIN + off).to(tl.float32)
+                hi = tl.load(KMAX + off).to(tl.float32)
+                tl.store(KMIN + off, tl.where(first, k, tl.minimum(lo, k)).to(KMIN.dtype.element_ty))
+                tl.store(KMAX + off, tl.where(first, k, tl.maximum(hi, k)).to(KMAX.dtype.element_ty))
         nv = tl.minimum((tl.load(SEQ + b).to(tl.int32) + PAGE - 1) // PAGE - 1, MAXP)   # pages 0 .. npg-2
         p = t * TP + tl.arange(0, TP)
         m = p < nv
         if t * TP < nv:
-            # one tile of the KV head's summaries, read once for the GROUP q heads
-            off = r * s_mr + hk * s_mh + p[:, None] * s_mp + offs_d[None, :] * s_md
+            # one tile of the KV head's summaries (pool pages through req_to_token), read once for the GROUP q heads
+            pg = tl.load(R2T + r * s_rt + p.to(tl.int64) * PAGE, mask=m, other=0).to(tl.int64) // PAGE
+            off = pg[:, None] * s_mp + hk * s_mh + offs_d[None, :] * s_md
             lo = tl.load(KMIN + off, mask=m[:, None], other=0.0).to(tl.float32)
             hi = tl.load(KMAX + off, mask=m[:, None], other=0.0).to(tl.float32)
             for g in tl.static_range(GROUP):
@@ -151,8 +157,9 @@ def update_and_select_pages(q: torch.Tensor, k_buffer: torch.Tensor, req_to_toke
                             kmax: torch.Tensor, consts: SelectConsts, max_pages: int, page_idx: torch.Tensor,
                             page_cnt: torch.Tensor, scratch: torch.Tensor | None = None):
     """``update_page_summaries(k_buffer, req_to_token, req_pool_indices, seq_lens, kmin, kmax)`` then
-    ``select_pages(heads, q, kmin, kmax, req_pool_indices, seq_lens, max_pages, out=(page_idx, page_cnt))``
-    in two launches. ``q [B, Hq, d]``, ``k_buffer [T, Hkv, d]``, ``kmin/kmax [R, Hkv, >=max_pages, d]``,
+    ``select_pages(heads, q, kmin, kmax, req_to_token, req_pool_indices, seq_lens, max_pages,
+    out=(page_idx, page_cnt))``
+    in two launches. ``q [B, Hq, d]``, ``k_buffer [T, Hkv, d]``, ``kmin/kmax [pool pages + 1, Hkv, d]``,
     ``page_idx [B, Hq, >=min(MAXSEL, max_pages)]``, ``page_cnt [B, Hq]`` (int32), ``consts`` from
     :func:`selector_consts` (same ``max_pages``), ``scratch`` from :func:`select_scratch` (allocated here when
     None). Same ``kmin/kmax`` and ``page_cnt`` as the torch pair; ``page_idx[b, h, :cnt]`` holds the same page
@@ -164,8 +171,9 @@ def update_and_select_pages(q: torch.Tensor, k_buffer: torch.Tensor, req_to_toke
     if hq != consts.num_heads or hq % hkv or consts.max_pages != max_pages:
         raise ValueError(f"consts are for {consts.num_heads} heads / {consts.max_pages} pages, "
                          f"got q {tuple(q.shape)}, {hkv} KV heads, max_pages {max_pages}")
-    if kmin.shape != kmax.shape or kmin.stride() != kmax.stride() or kmin.shape[1] != hkv or kmin.shape[2] < max_pages:
-        raise ValueError(f"kmin {tuple(kmin.shape)} / kmax {tuple(kmax.shape)} do not match max_pages {max_pages}")
+    if kmin.dim() != 3 or kmin.shape != kmax.shape or kmin.stride() != kmax.stride() or kmin.shape[1:] != (hkv, d):
+        raise ValueError(f"kmin {tuple(kmin.shape)} / kmax {tuple(kmax.shape)} are not pool-page summaries "
+                         f"[pool pages + 1, {hkv}, {d}]")
     if page_idx.shape[:2] != (bsz, hq) or page_cnt.shape != (bsz, hq) or \
             page_idx.shape[2] < min(consts.maxsel, max_pages):
         raise ValueError(f"page_idx {tuple(page_idx.shape)} / page_cnt {tuple(page_cnt.shape)} do not fit "
@@ -185,7 +193,7 @@ def update_and_select_pages(q: torch.Tensor, k_buffer: torch.Tensor, req_to_toke
     upd_score[(bsz, hkv, -(-max_pages // tp))](
         q, k_buffer, kmin, kmax, req_to_token, req_pool_indices, seq_lens, consts.sel, scratch,
         k_buffer.stride(0), k_buffer.stride(1), req_to_token.stride(0), q.stride(0), q.stride(1),
-        kmin.stride(0), kmin.stride(1), kmin.stride(2), kmin.stride(3), scratch.stride(0), scratch.stride(1),
+        kmin.stride(0), kmin.stride(1), kmin.stride(2), scratch.stride(0), scratch.stride(1),
         max_pages, GROUP=hq // hkv, PAGE=BLOCK, D=d, TP=tp)
     sel[(bsz, hq)](req_pool_indices, seq_lens, consts.sel, consts.cnt_table, scratch, page_idx, page_cnt,
                    scratch.stride(0), scratch.stride(1), page_idx.stride(0), page_idx.stride(1),

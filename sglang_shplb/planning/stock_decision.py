@@ -149,7 +149,7 @@ def group_pages(budgets: Sequence[HeadBudget], npages: int) -> int:
     if any(b.pattern is Pattern.DENSE for b in budgets):
         return npages
     stream = [b for b in budgets if b.pattern is Pattern.STREAMING]
-    union = max((b.sink_blocks for b in stream), default=0) + max((b.window_blocks for b in stream), default=0)
+    union = max((b.sink_blocks for b in stream), default=0) + max((b.decode_window_blocks for b in stream), default=0)
     union += sum(decode_pages(b, npages) for b in budgets if b.pattern is not Pattern.STREAMING)
     return min(npages, union)
 

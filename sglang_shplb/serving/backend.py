@@ -26,6 +26,15 @@ A captured decode CUDA graph is shared by every bucket (SGLang captures one per 
 length, and replays it for any length), so inside a graph a layer runs stock only where the plan marks it
 stock for decode in *every* bucket; layers whose decode choice depends on the bucket run sparse in graphs,
 as before this array existed, and follow the plan per bucket in eager decode.
+
+**Decode page summaries** (kernel path): per layer that decodes with top-k / vertical-slash heads, the key
+min/max of every 64-slot page of SGLang's KV pool (``kmin/kmax [pool pages + 1, Hkv, d]``, read through
+``req_to_token``), 1/64 of the layer's K+V and independent of ``--max-running-requests``. They need the pool
+to hand out 64-token pages: the backend refuses another ``--page-size`` there (``python -m
+sglang_shplb.launch_server`` sets ``--page-size 64`` when none is given). Their bytes are counted in SGLang's
+per-token cell size (an AFTER hook on ``DefaultPoolConfigurator._compute_cell_size``, registered by the
+plugin's ``register()`` before SGLang applies hooks, and when this module is imported), so the pool shrinks
+by what they take instead of eating the slack.
 """
 from __future__ import annotations
 
@@ -39,9 +48,11 @@ from sglang.srt.layers.attention.base_attn_backend import AttentionBackend
 from sglang_shplb.core.head_map import LayerWork, placement_work, rank_heads
 from sglang_shplb.core.patterns import HeadBudget, Pattern
 from sglang_shplb.kernels.head_parallel import ExchangeStats, HeadParallelExtend, RankLayout
+from sglang_shplb.kernels.layer_heads import LayerHeads
 from sglang_shplb.kernels.layer_reference import prepare_decode_constants, sparse_attention, sparse_decode, sparse_heads
-from sglang_shplb.kernels.paged_layer import DecodeWorkspace, ExtendBatch, LayerKernels, layer_max_selected, selected_heads
-from sglang_shplb.kernels.triton_decode import update_page_summaries
+from sglang_shplb.kernels.paged_layer import (DecodeWorkspace, ExtendBatch, LayerKernels, layer_max_selected,
+                                              selected_heads)
+from sglang_shplb.kernels.triton_decode import page_summary_bytes_per_token, update_page_summaries
 from sglang_shplb.scheduler.bucket_hook import ATTR as BUCKET_ATTR, batch_bucket
 from sglang_shplb.scheduler.head_schedule import ExtendShape, layer_schedule
 from sglang_shplb.serving.config import BACKEND_NAME, ServingConfig
@@ -52,6 +63,82 @@ logger = logging.getLogger(__name__)
 
 class ShplbPlanMissingError(RuntimeError):
     pass
+
+
+SUMMARY_PAGE_SIZE = 64   # the decode page summaries cover 64-slot pages of the KV pool (core.patterns.BLOCK)
+CELL_SIZE_TARGET = "sglang.srt.model_executor.pool_configurator.DefaultPoolConfigurator._compute_cell_size"
+
+
+class ShplbPageSizeError(ValueError):
+    pass
+
+
+def summary_layers(plan) -> frozenset[int]:
+    """Layers whose decode page summaries the kernel path keeps: a top-k / vertical-slash head on some TP rank
+    (every rank budgets the same set, so their pool sizes agree) and sparse decode in some bucket."""
+    if plan is None:
+        return frozenset()
+    sel = {li for li, layer in enumerate(plan.budgets) if any(b.pattern in (Pattern.TOPK, Pattern.VSLASH)
+                                                              for b in layer)}
+    always_stock = frozenset.intersection(*(plan.stock_layers("decode", b) for b in range(len(plan.buckets))))
+    return frozenset(sel) - always_stock
+
+
+def summary_cell_bytes(plan, num_kv_heads: int, head_dim: int, kv_dtype: torch.dtype) -> int:
+    """Decode page-summary bytes per pool token on one rank (all layers): added to SGLang's cell size."""
+    return math.ceil(len(summary_layers(plan)) * page_summary_bytes_per_token(num_kv_heads, head_dim, kv_dtype))
+
+
+def _serves_shplb(server_args) -> bool:
+    return BACKEND_NAME in {getattr(server_args, a, None) for a in
+                            ("attention_backend", "decode_attention_backend", "prefill_attention_backend")}
+
+
+def cell_size_with_summaries(result, configurator, kvc, num_layers, *args, **kwargs):
+    """AFTER hook on ``DefaultPoolConfigurator._compute_cell_size``: a ``shplb`` server on CUDA (the kernel
+    path) adds its decode page summaries to the per-token cell size, so the pool is sized with them."""
+    sa = kvc.server_args
+    if not result or not _serves_shplb(sa) or not str(getattr(sa, "device", "") or "").startswith("cuda"):
+        return None
+    cfg = ServingConfig.from_env()
+    if not cfg.plan_path:
+        return None
+    from sglang.srt.runtime_context import get_parallel
+    from sglang_shplb.core.plan import load_plan
+    plan = load_plan(cfg.plan_path)
+    mc = kvc.model_config
+    extra = summary_cell_bytes(plan, mc.get_num_kv_heads(get_parallel().attn_tp_size), mc.head_dim,
+                               kvc.kv_cache_dtype)
+    if extra:
+        logger.info("shplb: KV cell size %d + %d bytes per token for the decode page summaries of %d layers",
+                    result, extra, len(summary_layers(plan)))
+    return result + extra if extra else None
+
+
+_budget_hook_registered = False
+
+
+def register_summary_budget_hook() -> None:
+    """Register :func:`cell_size_with_summaries` with SGLang's HookRegistry (idempotent). The plugin's
+    ``register()`` calls it in every SGLang process, before ``load_plugins()`` applies the hooks and long
+    before the pool is sized; importing this module also calls it (below), for code that builds the backend
+    without the plugin."""
+    global _budget_hook_registered
+    if _budget_hook_registered:
+        return
+    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
+    HookRegistry.register(CELL_SIZE_TARGET, cell_size_with_summaries, HookType.AFTER)
+    _budget_hook_registered = True
+
+
+def check_summary_page_size(page_size, what: str = "the shplb kernel path") -> None:
+    """The decode page summaries are indexed by 64-slot pool page: refuse any other ``--page-size``."""
+    if int(page_size or 1) != SUMMARY_PAGE_SIZE:
+        raise ShplbPageSizeError(
+            f"{what} decodes top-k / vertical-slash heads from page summaries indexed by KV-pool page and needs "
+            f"--page-size {SUMMARY_PAGE_SIZE} (got --page-size {page_size or 1}): start the server with "
+            f"--page-size {SUMMARY_PAGE_SIZE} (python -m sglang_shplb.launch_server sets it when the flag is "
+            f"not given)")
 
 
 def default_dense_backend(device: str) -> str:
@@ -152,20 +239,24 @@ class ShplbAttnBackend(AttentionBackend):
         mc = model_runner.model_config
         hkv = mc.get_num_kv_heads(self.tp_size)
         k0 = self.token_to_kv_pool.get_key_buffer(0)
-        slots = self.req_to_token_pool.req_to_token.shape[0]
+        pool_tokens = k0.shape[0]
+        keep = summary_layers(self.plan)   # the layers budgeted by cell_size_with_summaries
+        if any(LayerHeads.of(b).selected for li, b in self.layer_budgets.items() if li in keep):
+            check_summary_page_size(getattr(model_runner, "page_size", None)
+                                    or getattr(model_runner.server_args, "page_size", None))
         for li, budgets in self.layer_budgets.items():
             if sparse_heads(budgets):
-                self.kernels[li] = LayerKernels(budgets, hkv, mc.head_dim, self.max_context, slots, k0.dtype,
-                                                self.device)
+                self.kernels[li] = LayerKernels(budgets, hkv, mc.head_dim, self.max_context, k0.dtype, self.device,
+                                                pool_tokens=pool_tokens, decode=li in keep)
         if self.kernels:
             max_sel = max(layer_max_selected(lk.budgets, self.max_context) for lk in self.kernels.values())
             hq = len(next(iter(self.kernels.values())).budgets)
             self.decode_ws = DecodeWorkspace(hq, hkv, mc.head_dim, math.ceil(self.max_context / 64), max_sel, self.device,
                                              max(selected_heads(lk.budgets) for lk in self.kernels.values()))
             mib = sum(lk.summary_bytes for lk in self.kernels.values()) / 2**20
-            log = logger.warning if mib > 1024 else logger.info
-            log("shplb kernel path: %d layers, decode page summaries %.1f MiB (%d request slots x %d context; "
-                "--max-running-requests bounds it)", len(self.kernels), mib, slots, self.max_context)
+            logger.info("shplb kernel path: %d layers, decode page summaries %.1f MiB for %d layers (%d pool "
+                        "tokens / %d per page; counted in the KV cell size)", len(self.kernels), mib,
+                        sum(lk.kmin is not None for lk in self.kernels.values()), pool_tokens, SUMMARY_PAGE_SIZE)
 
     # ---- per-batch metadata ----------------------------------------------------------------------------
     def _bucket(self, forward_batch) -> int:
@@ -341,7 +432,7 @@ class ShplbAttnBackend(AttentionBackend):
         token folded into the page summaries of a layer that decodes sparse in some bucket."""
         o = self.inner.forward_decode(q, k, v, layer, forward_batch, save_kv_cache=save_kv_cache, **kwargs)
         lk = self.kernels.get(layer.layer_id)
-        if lk is not None and lk.selects and not capturing and layer.layer_id in self.summarized_layers:
+        if lk is not None and lk.kmin is not None and not capturing and layer.layer_id in self.summarized_layers:
             bs = forward_batch.req_pool_indices.shape[0]
             update_page_summaries(self.token_to_kv_pool.get_key_buffer(layer.layer_id),
                                   self.req_to_token_pool.req_to_token, forward_batch.req_pool_indices,
@@ -413,3 +504,6 @@ def _per_head(q, o, layer):
 
 def create_shplb_backend(runner):
     return ShplbAttnBackend(runner)
+
+
+register_summary_budget_hook()   # also on import (tests and direct users rely on it); plugin.register() calls it too

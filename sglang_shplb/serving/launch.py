@@ -3,8 +3,10 @@
 Takes every ``sglang.launch_server`` flag plus ours (see ``--help``, group "sglang_shplb"). Order:
 load and validate the plan against the model's config and TP size (exit 3 naming the cause; no plan and
 no ``--shplb-dense-fallback``: exit 4) before SGLang is even imported; parse every flag with SGLang's
-parser (an unknown flag exits 2 naming it); select ``--attention-backend shplb``; hand over to SGLang's
-launcher in this process.
+parser (an unknown flag exits 2 naming it); select ``--attention-backend shplb``; on CUDA, when the plan
+decodes top-k / vertical-slash heads, add ``--page-size 64`` if no page size is given (their decode page
+summaries are indexed by 64-slot KV-pool page) and refuse another one (exit 2 naming the flag); hand over
+to SGLang's launcher in this process.
 """
 from __future__ import annotations
 
@@ -76,6 +78,25 @@ def split_argv(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     return ours, rest + ["--attention-backend", "shplb"], args
 
 
+def page_size_args(plan, args: argparse.Namespace, argv: list[str]) -> list[str]:
+    """``["--page-size", "64"]`` when the plan keeps decode page summaries on the CUDA kernel path and no
+    ``--page-size`` is given; ``[]`` when none is needed or 64 is given. Raises ``ShplbPageSizeError``
+    (naming the flag) for another page size."""
+    from sglang_shplb.serving.backend import SUMMARY_PAGE_SIZE, check_summary_page_size, summary_layers
+    if plan is None or not summary_layers(plan):
+        return []
+    device = getattr(args, "device", None)
+    if device is None:
+        import torch
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if not str(device).startswith("cuda"):
+        return []                                  # the CPU reference path computes its summaries per step
+    if any(a == "--page-size" or a.startswith("--page-size=") for a in argv):
+        check_summary_page_size(getattr(args, "page_size", None), "this plan")
+        return []
+    return ["--page-size", str(SUMMARY_PAGE_SIZE)]
+
+
 def validate_plan(plan_path: str, model_path: str, tp_size: int):
     """Load + validate, the head map included; raises PlanError / HeadMapError with the cause."""
     from sglang_shplb.core.head_map import placement_work
@@ -111,6 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     from sglang_shplb.serving.config import ServingConfig
     from sglang_shplb.serving.modes import UnsupportedModeError, check_supported
     pre = None if any(a in ("-h", "--help") for a in argv) else _pre_parse(argv)
+    plan = None
     if pre is not None and pre.shplb_plan:
         if not pre.model_path:
             print("error: --model-path is required", file=sys.stderr)
@@ -139,6 +161,16 @@ def main(argv: list[str] | None = None) -> int:
     cfg = ServingConfig(os.path.abspath(ours.shplb_plan) if ours.shplb_plan else None, ours.shplb_dense_fallback,
                         ours.shplb_dense_backend, ours.shplb_group_prefill_by_bucket, ours.shplb_bucket_log_every)
     os.environ.update(cfg.to_env())
+    from sglang_shplb.serving.backend import ShplbPageSizeError
+    try:
+        extra = page_size_args(plan, args, argv)
+    except ShplbPageSizeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_BAD_ARGS
+    if extra:
+        print("sglang_shplb: --page-size 64 (the plan decodes top-k / vertical-slash heads from page summaries "
+              "indexed by 64-slot KV-pool page)", file=sys.stderr)
+        sgl_argv = sgl_argv + extra
 
     # 3. SGLang's launcher, in this process
     from sglang.launch_server import run_server

@@ -8,6 +8,9 @@ TP worker). It registers the ``shplb`` attention backend and its CLI choice, and
 * ``ForwardBatch.init_new`` (AFTER) and ``SchedulePolicy.calc_priority`` (AFTER): the context-bucket
   hook and the group-prefill-by-bucket policy (:mod:`sglang_shplb.scheduler.bucket_hook`).
 * ``Scheduler.__init__`` (AFTER): turn the bucket hook on in schedulers that serve ``shplb``.
+* ``DefaultPoolConfigurator._compute_cell_size`` (AFTER): count the decode page summaries in SGLang's per-token
+  KV cell size (:func:`sglang_shplb.serving.backend.register_summary_budget_hook`), so the pool is sized with
+  them. Registered here explicitly, before ``load_plugins()`` applies the hooks (idempotent).
 """
 from __future__ import annotations
 
@@ -77,7 +80,7 @@ def register() -> None:
     from sglang.srt.server_args import ATTENTION_BACKEND_CHOICES, add_attention_backend_choices
 
     from sglang_shplb.scheduler.bucket_hook import install_hooks
-    from sglang_shplb.serving.backend import create_shplb_backend
+    from sglang_shplb.serving.backend import create_shplb_backend, register_summary_budget_hook
     from sglang_shplb.serving.config import BACKEND_NAME
 
     if BACKEND_NAME not in ATTENTION_BACKENDS:
@@ -87,4 +90,5 @@ def register() -> None:
     HookRegistry.register("sglang.srt.utils.common.support_triton", support_triton_hook, HookType.AROUND)
     HookRegistry.register("sglang.srt.managers.scheduler.Scheduler.__init__", after_scheduler_init, HookType.AFTER)
     install_hooks()
+    register_summary_budget_hook()   # idempotent: a no-op when importing backend already registered it
     _registered = True

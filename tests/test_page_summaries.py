@@ -1,0 +1,272 @@
+"""Decode page summaries indexed by KV-pool page (issue 15, item 5), under Triton's CPU interpreter.
+
+The summaries of a layer are one row per 64-slot page of SGLang's token pool (``--page-size 64``), read
+through ``req_to_token`` (page ``j`` of a request is pool page ``req_to_token[req, 64j] // 64``), instead of
+``[request slots, Hkv, pages per request, d]``. Here: for a batch whose pages are scattered in the pool (a
+prefix page shared by two requests, as the radix cache shares it, and a CUDA-graph padding row whose stale
+``req_to_token`` row points at live pages) the pool-page summaries equal the slot-indexed ones of the
+reference path, select the same pages and give the same decode output; their memory follows the pool, not
+``--max-running-requests``, and is counted in SGLang's per-token cell size; another page size is refused
+with the flag named."""
+import argparse
+import math
+import types
+
+import pytest
+import torch
+
+from conftest import DEV, LAYER_TOL, budgets_mixed, sequence
+from sglang_shplb.core.buckets import Buckets
+from sglang_shplb.core.patterns import BLOCK, HeadBudget
+from sglang_shplb.kernels.layer_heads import LayerHeads
+from sglang_shplb.kernels.paged_layer import (DecodeWorkspace, ExtendBatch, LayerKernels, layer_max_selected,
+                                              selected_heads)
+from sglang_shplb.kernels.reference import (reference_decode_pages, reference_page_summaries,
+                                            reference_sparse_decode, relative_error)
+from sglang_shplb.kernels.triton_decode import (alloc_page_summaries, build_page_summaries, select_pages,
+                                                update_page_summaries)
+
+HQ, HKV, D = 6, 2, 64
+SCALE = 1 / math.sqrt(D)
+MAX_CTX, SLOTS, POOL = 1024, 6, 64 * 64
+
+
+class PagedPool:
+    """SGLang's pool with ``--page-size 64``: 64-slot pages handed out in shuffled order (page 0 reserved for
+    padding), position ``p`` of a request at slot ``64 * pages[p // 64] + p % 64``; ``share`` gives a request
+    another's first pages (a radix-cache prefix hit)."""
+
+    def __init__(self, seed=0):
+        g = torch.Generator().manual_seed(seed)
+        self.k = torch.zeros(POOL, HKV, D, device=DEV)
+        self.v = torch.zeros(POOL, HKV, D, device=DEV)
+        self.free = (torch.randperm(POOL // BLOCK - 1, generator=g) + 1).tolist()
+        self.pages: dict[int, list[int]] = {}
+        self.req_to_token = torch.zeros(SLOTS, MAX_CTX, dtype=torch.int32, device=DEV)
+
+    def share(self, req, other, npages):
+        self.pages[req] = list(self.pages[other][:npages])
+        self.req_to_token[req, :npages * BLOCK] = self.req_to_token[other, :npages * BLOCK]
+
+    def put(self, req, start, k, v):
+        pages = self.pages.setdefault(req, [])
+        slots = []
+        for p in range(start, start + k.shape[0]):
+            if p // BLOCK == len(pages):
+                pages.append(self.free.pop())
+            slots.append(pages[p // BLOCK] * BLOCK + p % BLOCK)
+        slots = torch.tensor(slots, device=DEV)
+        self.k[slots], self.v[slots] = k.to(DEV), v.to(DEV)
+        self.req_to_token[req, start:start + k.shape[0]] = slots.int()
+
+
+def slot_summaries(pool, reqs, lens):
+    """The old layout, as the reference path computes it: ``[slots, Hkv, pages, d]`` per request slot."""
+    lo = torch.full((SLOTS, HKV, MAX_CTX // BLOCK, D), float("inf"))
+    hi = torch.full_like(lo, float("-inf"))
+    for r, n in zip(reqs, lens):
+        a, b = reference_page_summaries(pool.k, pool.req_to_token, r, n)
+        lo[r, :, :a.shape[1]], hi[r, :, :b.shape[1]] = a.cpu(), b.cpu()
+    return lo, hi
+
+
+def by_slot(kmin, pool, r, n):
+    """Pool-page summaries seen as request ``r``'s ``[Hkv, pages, d]`` (through req_to_token)."""
+    pid = pool.req_to_token[r, :n:BLOCK].long() // BLOCK
+    return kmin[pid].transpose(0, 1).cpu().float()
+
+
+def test_pool_page_summaries_equal_the_slot_indexed_ones_and_decode_the_same():
+    budgets = budgets_mixed()
+    heads = LayerHeads.of(budgets)
+    pool = PagedPool()
+    lk = LayerKernels(budgets, HKV, D, MAX_CTX, torch.float32, DEV, pool_tokens=POOL)
+    # request 3: 300 tokens; request 1: shares its first 2 pages (128-token radix hit) and extends to 260;
+    # request 4: 129 tokens. Slot 0 is free but its req_to_token row still names request 3's pages, shifted.
+    seqs = {3: sequence(303, HQ, HKV, D, 1), 1: sequence(263, HQ, HKV, D, 2), 4: sequence(132, HQ, HKV, D, 3)}
+    seqs[1] = tuple(torch.cat([s3[:128], s1[128:]]) for s3, s1 in zip(seqs[3], seqs[1]))   # the shared prefix
+    lens = {3: 300, 1: 260, 4: 129}
+    pool.put(3, 0, seqs[3][1][:300], seqs[3][2][:300])
+    pool.share(1, 3, 2)
+    pool.put(1, 128, seqs[1][1][128:260], seqs[1][2][128:260])
+    pool.put(4, 0, seqs[4][1][:129], seqs[4][2][:129])
+    pool.req_to_token[0, :192] = pool.req_to_token[3, 64:256]          # stale: slot 0's page 0 = request 3's page 1
+    reqs = [3, 1, 4]
+    # one extend of the three (request 1 with its cached prefix): builds the summaries of their pool pages
+    q_lens = [300, 132, 129]
+    batch = ExtendBatch.build(pool.req_to_token, torch.tensor(reqs, device=DEV), q_lens, [lens[r] for r in reqs])
+    lk.summarize(pool.k, batch)
+    ws = DecodeWorkspace(HQ, HKV, D, MAX_CTX // BLOCK, layer_max_selected(budgets, MAX_CTX), DEV,
+                         selected_heads(budgets))
+    ws.ensure(4)
+    rpi = torch.tensor(reqs + [0], device=DEV)                         # + a CUDA-graph padding row
+    for step in range(3):                                               # 300 -> 301..303: no page boundary
+        for r in reqs:
+            n = lens[r] + step
+            pool.put(r, n, seqs[r][1][n:n + 1], seqs[r][2][n:n + 1])
+        n_now = [lens[r] + step + 1 for r in reqs]
+        seq_lens = torch.tensor(n_now + [1], device=DEV)
+        q = torch.stack([seqs[r][0][n - 1] for r, n in zip(reqs, n_now)] + [seqs[3][0][0]]).to(DEV)
+        # the torch pair (update + select) on a copy of the summaries, then the fused kernels of the layer
+        kmin_t, kmax_t = lk.kmin.clone(), lk.kmax.clone()
+        update_page_summaries(pool.k, pool.req_to_token, rpi, seq_lens, kmin_t, kmax_t)
+        idx_t, cnt_t = select_pages(heads, q, kmin_t, kmax_t, pool.req_to_token, rpi, seq_lens, lk.max_pages)
+        out = torch.full_like(q, float("nan"))
+        lk.decode(q, pool.k, pool.v, pool.req_to_token, rpi, seq_lens, ws, SCALE, out)
+        assert torch.equal(lk.kmin[:-1], kmin_t[:-1]) and torch.equal(lk.kmax[:-1], kmax_t[:-1])
+        # 1. the same summaries as the slot-indexed layout, for every request (the padding row wrote nothing)
+        lo, hi = slot_summaries(pool, reqs, n_now)
+        for r, n in zip(reqs, n_now):
+            npg = math.ceil(n / BLOCK)
+            assert torch.equal(by_slot(lk.kmin, pool, r, n), lo[r, :, :npg]), (step, r)
+            assert torch.equal(by_slot(lk.kmax, pool, r, n), hi[r, :, :npg]), (step, r)
+        # 2. the same pages as the reference's selection from the slot-indexed summaries
+        sets = []
+        for b, (r, n) in enumerate(zip(reqs, n_now)):
+            rows, _ = reference_decode_pages(budgets, q[b], pool.k, pool.req_to_token, r, n)
+            sets.append(rows)
+            npg = math.ceil(n / BLOCK)
+            for h in heads.selected:
+                c = int(ws.page_cnt[b, h])
+                assert c == int(cnt_t[b, h]) and c > 0
+                got = set(ws.page_idx[b, h, :c].tolist()) | {npg - 1}
+                assert got == set(rows[h]), (step, r, h)
+                assert set(idx_t[b, h, :c].tolist()) | {npg - 1} == set(rows[h])
+        # 3. the same decode output as the reference path
+        ref = reference_sparse_decode(q[:3], pool.k, pool.v, pool.req_to_token, rpi[:3], seq_lens[:3], sets, SCALE)
+        assert relative_error(out[:3], ref) < LAYER_TOL, step
+    # the shared prefix pages are one summary for both requests
+    assert pool.pages[1][:2] == pool.pages[3][:2]
+
+
+def test_a_new_page_resets_and_pages_past_the_length_are_not_written():
+    """Crossing a page boundary in decode resets the fresh pool page (stale data from an earlier owner), and
+    a rebuild for a short request never writes the pages its stale req_to_token entries name."""
+    pool = PagedPool(seed=3)
+    k, v = sequence(130, HQ, HKV, D, 5)[1:]
+    pool.put(2, 0, k[:128], v[:128])
+    kmin, kmax = alloc_page_summaries(POOL, HKV, D, dtype=torch.float32, device=DEV)
+    kmin.fill_(-5.0), kmax.fill_(5.0)                                   # stale everywhere
+    pool.req_to_token[2, 128:192] = pool.req_to_token[2, :64]          # stale entries past the length
+    build_page_summaries(pool.k, pool.req_to_token, torch.tensor([2], device=DEV), torch.tensor([128], device=DEV),
+                         kmin, kmax)
+    lo, hi = reference_page_summaries(pool.k, pool.req_to_token, 2, 128)
+    assert torch.equal(by_slot(kmin, pool, 2, 128), lo) and torch.equal(by_slot(kmax, pool, 2, 128), hi)
+    pool.put(2, 128, k[128:129], v[128:129])                            # position 128: a new page
+    fresh = pool.pages[2][2]
+    update_page_summaries(pool.k, pool.req_to_token, torch.tensor([2], device=DEV), torch.tensor([129], device=DEV),
+                          kmin, kmax)
+    assert torch.equal(kmin[fresh], k[128].to(DEV)) and torch.equal(kmax[fresh], k[128].to(DEV))
+    untouched = [p for p in range(POOL // BLOCK) if p not in pool.pages[2]]
+    assert (kmin[untouched] == -5).all() and (kmax[untouched] == 5).all()
+
+
+# ---- memory ----------------------------------------------------------------------------------------------
+
+class _Pool:
+    def __init__(self, tokens):
+        self.k = torch.zeros(tokens, 3, D, dtype=torch.bfloat16)
+
+    def get_key_buffer(self, li):
+        return self.k
+
+
+def _plan(stock=None):
+    from sglang_shplb.core.plan import Plan
+    from sglang_shplb.core.model_spec import ModelSpec
+    from sglang_shplb.planning.cost_model import CostModel
+    from sglang_shplb.planning.place import solve_plan_placements
+    spec = ModelSpec.from_config({"architectures": ["LlamaForCausalLM"], "model_type": "llama",
+                                  "num_hidden_layers": 4, "num_attention_heads": 9, "num_key_value_heads": 3,
+                                  "hidden_size": 576, "head_dim": 64, "max_position_embeddings": 8192,
+                                  "vocab_size": 100})
+    top, dense, stream = HeadBudget.topk(0.2, 2), HeadBudget.dense(), HeadBudget.streaming(64, 128)
+    budgets = [[top] * 3 + [dense] * 6, [stream] * 3 + [dense] * 6, [dense] * 6 + [top] * 3, [top] * 9]
+    buckets = Buckets((4096, 8192))
+    pl = solve_plan_placements(spec, budgets, buckets, [1], CostModel.analytic(), "contiguous")
+    return Plan(spec, buckets, budgets, pl, {}, stock)
+
+
+def _backend_with_kernels(monkeypatch, plan, req_slots, pool_tokens, page_size=64):
+    """The backend's kernel-path setup on the CPU (as on CUDA): what it allocates for ``req_slots`` request
+    slots and a pool of ``pool_tokens``."""
+    from sglang_shplb.serving import backend as be_mod
+    be = object.__new__(be_mod.ShplbAttnBackend)
+    be.plan, be.max_context, be.device = plan, 8192, "cpu"
+    be.layer_budgets = dict(enumerate(plan.budgets))
+    be.kernels, be.decode_ws = {}, None
+    be.token_to_kv_pool = _Pool(pool_tokens)
+    be.req_to_token_pool = types.SimpleNamespace(req_to_token=torch.zeros(req_slots, 8192, dtype=torch.int32))
+    runner = types.SimpleNamespace(
+        page_size=page_size, server_args=types.SimpleNamespace(page_size=page_size),
+        model_config=types.SimpleNamespace(get_num_kv_heads=lambda tp: 3, head_dim=D))
+    be.tp_size = 1
+    be._init_kernel_path(runner)
+    return be
+
+
+def test_summary_memory_follows_the_pool_not_the_running_requests(monkeypatch):
+    plan = _plan()
+    tokens = 64 * 100 + 64
+    small = _backend_with_kernels(monkeypatch, plan, 5, tokens)
+    large = _backend_with_kernels(monkeypatch, plan, 4097, tokens)
+    per_layer = 2 * (tokens // 64 + 1) * 3 * D * 2                      # kmin + kmax, bf16, + the scratch row
+    for be in (small, large):
+        assert {li for li, lk in be.kernels.items() if lk.kmin is not None} == {0, 2, 3}
+        assert sum(lk.summary_bytes for lk in be.kernels.values()) == 3 * per_layer
+        assert all(lk.kmin.shape == (tokens // 64 + 1, 3, D) for lk in be.kernels.values() if lk.kmin is not None)
+    # the old layout: 2 x slots x Hkv x pages x d per layer, 4097 slots at 8K context (SmolLM2's default)
+    assert 2 * 4097 * 3 * (8192 // 64) * D * 2 > 1000 * per_layer
+    # a layer stock in every decode bucket keeps none
+    import numpy as np
+    stock = np.zeros((2, 2, 4), dtype=bool)
+    stock[1, :, 3] = True
+    be = _backend_with_kernels(monkeypatch, _plan(stock), 5, tokens)
+    assert {li for li, lk in be.kernels.items() if lk.kmin is not None} == {0, 2}
+
+
+def test_summary_bytes_are_counted_in_the_cell_size(monkeypatch):
+    from sglang_shplb.core import plan as plan_mod
+    from sglang_shplb.serving import backend as be_mod
+    import sglang.srt.runtime_context as rc
+    plan = _plan()
+    assert be_mod.summary_layers(plan) == frozenset({0, 2, 3})
+    assert be_mod.summary_cell_bytes(plan, 3, 64, torch.bfloat16) == 3 * 12      # 2 x 3 x 64 x 2 B / 64 per layer
+    monkeypatch.setattr(plan_mod, "load_plan", lambda path, *a, **k: plan)
+    monkeypatch.setattr(rc, "get_parallel", lambda: types.SimpleNamespace(attn_tp_size=1))
+    monkeypatch.setenv("SHPLB_PLAN", "/some/plan")
+    mc = types.SimpleNamespace(get_num_kv_heads=lambda tp: 3, head_dim=64)
+
+    def kvc(device="cuda", backend="shplb"):
+        return types.SimpleNamespace(server_args=types.SimpleNamespace(attention_backend=backend, device=device),
+                                     model_config=mc, kv_cache_dtype=torch.bfloat16)
+    cell = 4 * 3 * 128 * 2                                               # K+V of 4 layers, bf16
+    assert be_mod.cell_size_with_summaries(cell, None, kvc(), 4) == cell + 36
+    assert be_mod.cell_size_with_summaries(cell, None, kvc(device="cpu"), 4) is None   # reference path
+    assert be_mod.cell_size_with_summaries(cell, None, kvc(backend="flashinfer"), 4) is None
+    from sglang.srt.plugins.hook_registry import HookRegistry
+    assert any(h is be_mod.cell_size_with_summaries for _, h, _ in HookRegistry._hooks[be_mod.CELL_SIZE_TARGET])
+
+
+# ---- page size -------------------------------------------------------------------------------------------
+
+def test_another_page_size_is_refused_naming_the_flag(monkeypatch):
+    from sglang_shplb.serving.backend import ShplbPageSizeError, check_summary_page_size
+    from sglang_shplb.serving.launch import page_size_args
+    check_summary_page_size(64)
+    for ps in (None, 1, 16, 128):
+        with pytest.raises(ShplbPageSizeError, match="--page-size 64"):
+            check_summary_page_size(ps)
+    with pytest.raises(ShplbPageSizeError, match=r"--page-size 64 \(got --page-size 1\)"):
+        _backend_with_kernels(monkeypatch, _plan(), 5, 64 * 10, page_size=1)
+    plan = _plan()
+    ns = lambda **kw: argparse.Namespace(**{"device": "cuda", "page_size": None, **kw})  # noqa: E731
+    assert page_size_args(plan, ns(), []) == ["--page-size", "64"]                 # set when not given
+    assert page_size_args(plan, ns(page_size=64), ["--page-size", "64"]) == []
+    with pytest.raises(ShplbPageSizeError, match="--page-size 64"):
+        page_size_args(plan, ns(page_size=16), ["--page-size=16"])
+    assert page_size_args(plan, ns(device="cpu", page_size=1), ["--page-size", "1"]) == []   # CPU reference path
+    no_select = _plan()
+    no_select.budgets = [[HeadBudget.streaming(64, 128)] * 9] * 4
+    assert page_size_args(no_select, ns(page_size=1), ["--page-size", "1"]) == []
+    assert page_size_args(None, ns(), []) == []
