@@ -156,6 +156,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--parallel-servers", action="store_true",
                    help="start and query all servers at once (a GPU that holds them all; set their memory "
                         "with --server-args)")
+    p.add_argument("--dense-backend", default=None,
+                   help="the dense server's attention backend, also the shplb servers' stock backend "
+                        "(default torch_native on CPU, flashinfer on CUDA)")
     p.add_argument("--server-args", default="",
                    help="more SGLang flags for every server, one string (e.g. '--mem-fraction-static 0.15')")
     return ap
@@ -280,7 +283,8 @@ def cmd_eval(a) -> list[Path]:
     return run_eval(EvalConfig(plans=[Path(p) for p in a.plan], model=a.model, cache_dir=a.cache_dir,
                                device=a.device, lengths=a.lengths, per_task=a.per_task, tasks=a.tasks, out=a.out,
                                max_new_tokens=a.max_new_tokens, concurrency=a.concurrency,
-                               parallel_servers=a.parallel_servers, server_args=tuple(shlex.split(a.server_args))))
+                               parallel_servers=a.parallel_servers, server_args=tuple(shlex.split(a.server_args)),
+                               dense_backend=a.dense_backend))
 
 
 def cmd_plan(a) -> Path:

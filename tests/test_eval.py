@@ -225,7 +225,10 @@ def test_server_specs_one_dense_and_a_sparse_server_per_plan(tmp_path):
     assert dense.args[dense.args.index("--cuda-graph-max-bs") + 1] == "16" and "--disable-prefill-cuda-graph" in dense.args
     assert dense.args[-4:-2] == ("--mem-fraction-static", "0.1")
     _, (one,) = server_specs(tmp_path, [tmp_path / "a" / "plan.json"], "cpu", "float32", 2048)
-    assert one.name == "sparse" and one.env["SGLANG_USE_CPU_ENGINE"] == "1"
+    assert one.name == "sparse" and one.env["SGLANG_USE_CPU_ENGINE"] == "1" and "--shplb-dense-backend" not in one.args
+    dense, (one,) = server_specs(tmp_path, [tmp_path / "a" / "plan.json"], "cuda", "bfloat16", 2048, dense_backend="triton")
+    assert dense.args[-2:] == ("--attention-backend", "triton")
+    assert one.args[one.args.index("--shplb-dense-backend") + 1] == "triton"
 
 
 def test_two_plans_in_one_folder_are_refused(plan, tmp_path):

@@ -48,6 +48,7 @@ class EvalConfig:
     concurrency: int = 1                # requests in flight per server (1: TTFT of a lone request)
     parallel_servers: bool = False      # start and query every server at once (one GPU holds them all)
     server_args: tuple[str, ...] = ()   # more SGLang flags for every server (e.g. --mem-fraction-static 0.2)
+    dense_backend: str | None = None    # None: torch_native on CPU, flashinfer on CUDA (also the shplb stock one)
 
 
 def default_lengths(limit: int) -> list[int]:
@@ -165,7 +166,9 @@ def run_eval(cfg: EvalConfig, log=print) -> list[Path]:
     with tqdm(total=len(cfg.tasks) * len(lengths) * cfg.per_task, desc="eval: generating prompts", unit="prompt") as bar:
         prompts = eval_prompts(tokenizer, cfg.tasks, lengths, cfg.per_task, bar.update)
     context = max(len(p.input_ids) + _max_new(p, cfg) for p in prompts) + 8
-    dense, sparse = server_specs(model, plan_files, cfg.device, dtype, context, cfg.concurrency, cfg.server_args)
+    dense_backend = cfg.dense_backend or DENSE_BACKEND[cfg.device]
+    dense, sparse = server_specs(model, plan_files, cfg.device, dtype, context, cfg.concurrency, cfg.server_args,
+                                 dense_backend)
 
     def keys(spec: ServerSpec, plan_file: Path | None) -> list[str]:
         digest = None if plan_file is None else hashlib.sha256(plan_file.read_bytes()).hexdigest()  # holds arrays' sha256
@@ -191,7 +194,7 @@ def run_eval(cfg: EvalConfig, log=print) -> list[Path]:
                  "refs": p.refs, "dense": d, "sparse": s} for p, d, s in zip(prompts, dense_answers, answers(side))]
         doc = {"schema": SCHEMA, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                "argv": sys.argv, "model": str(model), "plan": str(plan_file.parent),
-               "settings": {"device": cfg.device, "dtype": dtype, "dense_backend": DENSE_BACKEND[cfg.device],
+               "settings": {"device": cfg.device, "dtype": dtype, "dense_backend": dense_backend,
                             "greedy": True, "radix_cache": False, "context_length": context, "lengths": lengths,
                             "per_task": cfg.per_task, "tasks": cfg.tasks, "max_new_tokens": cfg.max_new_tokens,
                             "concurrency": cfg.concurrency, "parallel_servers": cfg.parallel_servers,

@@ -46,9 +46,11 @@ class Generation:
 
 
 def server_specs(model: Path, plans: list[Path], device: str, dtype: str, context_length: int, concurrency: int = 1,
-                 extra: tuple[str, ...] = ()) -> tuple[ServerSpec, list[ServerSpec]]:
+                 extra: tuple[str, ...] = (), dense_backend: str | None = None) -> tuple[ServerSpec, list[ServerSpec]]:
     """The dense server and one sparse server per plan: the same flags but the backend. Sparse servers are
-    named ``sparse`` (one plan) or ``sparse:<plan folder>``."""
+    named ``sparse`` (one plan) or ``sparse:<plan folder>``. ``dense_backend`` (default
+    :data:`DENSE_BACKEND` of the device) is the dense server's backend and the sparse servers' stock one."""
+    dense_backend = dense_backend or DENSE_BACKEND[device]
     common = ["--model-path", str(model), "--device", device, "--dtype", dtype, "--context-length",
               str(context_length), "--disable-radix-cache", "--random-seed", "0",
               "--max-running-requests", str(max(concurrency, 1))]
@@ -59,9 +61,10 @@ def server_specs(model: Path, plans: list[Path], device: str, dtype: str, contex
     else:  # the prefill graph capture of every size takes minutes (shared/gpu/README.md); decode graphs stay
         common += ["--disable-prefill-cuda-graph", "--cuda-graph-max-bs", str(max(8, concurrency))]
     common += list(extra)
-    dense = ServerSpec("dense", "sglang.launch_server", (*common, "--attention-backend", DENSE_BACKEND[device]), env)
+    dense = ServerSpec("dense", "sglang.launch_server", (*common, "--attention-backend", dense_backend), env)
     names = ["sparse"] if len(plans) == 1 else [f"sparse:{Path(p).parent.name}" for p in plans]
-    return dense, [ServerSpec(n, "sglang_shplb.launch_server", (*common, "--shplb-plan", str(p)), env)
+    stock = () if dense_backend == DENSE_BACKEND[device] else ("--shplb-dense-backend", dense_backend)
+    return dense, [ServerSpec(n, "sglang_shplb.launch_server", (*common, *stock, "--shplb-plan", str(p)), env)
                    for n, p in zip(names, plans)]
 
 
