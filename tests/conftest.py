@@ -12,7 +12,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 import torch  # noqa: E402
 
 from sglang_shplb.core.block_masks import build_block_masks  # noqa: E402
-from sglang_shplb.core.patterns import HeadBudget  # noqa: E402
+from sglang_shplb.core.patterns import BLOCK, HeadBudget  # noqa: E402
 from sglang_shplb.kernels.reference import masked_attention  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
@@ -23,6 +23,46 @@ LAYER_TOL = 1e-5 if DEV == "cpu" else 1e-2                               # a flo
 def tol(dtype: torch.dtype) -> float:
     """:data:`TOL`; compiled on a GPU, ``tl.dot`` of float32 runs in TF32 (10-bit mantissa): ~1e-3 relative."""
     return 3e-3 if DEV == "cuda" and dtype == torch.float32 else TOL[dtype]
+
+
+class PagedPool:
+    """SGLang's token pool with ``--page-size 64``: 64-slot pages handed out in shuffled order (page 0 reserved
+    for padding), position ``p`` of a request at slot ``64 * pages[p // 64] + p % 64``, a ``req_to_token``
+    table; ``share`` gives a request another's first pages (a radix-cache prefix hit)."""
+
+    def __init__(self, pool_tokens: int, slots: int, max_ctx: int, hkv: int, d: int, seed: int = 0):
+        g = torch.Generator().manual_seed(seed)
+        self.k = torch.zeros(pool_tokens, hkv, d, device=DEV)
+        self.v = torch.zeros(pool_tokens, hkv, d, device=DEV)
+        self.free = (torch.randperm(pool_tokens // BLOCK - 1, generator=g) + 1).tolist()
+        self.pages: dict[int, list[int]] = {}
+        self.req_to_token = torch.zeros(slots, max_ctx, dtype=torch.int32, device=DEV)
+
+    def share(self, req, other, npages):
+        self.pages[req] = list(self.pages[other][:npages])
+        self.req_to_token[req, :npages * BLOCK] = self.req_to_token[other, :npages * BLOCK]
+
+    def put(self, req, start, k, v):
+        pages = self.pages.setdefault(req, [])
+        slots = []
+        for p in range(start, start + k.shape[0]):
+            if p // BLOCK == len(pages):
+                pages.append(self.free.pop())
+            slots.append(pages[p // BLOCK] * BLOCK + p % BLOCK)
+        slots = torch.tensor(slots, device=DEV)
+        self.k[slots], self.v[slots] = k.to(DEV), v.to(DEV)
+        self.req_to_token[req, start:start + k.shape[0]] = slots.int()
+
+
+def random_pieces(rng, tp: int, heads: int = 32) -> list[list[tuple[float, float, int]]]:
+    """Per head 1-3 query-block pieces ``(start, end, rank)`` with random cuts on a 1/1024 grid and ranks:
+    placements to price two ways."""
+    segs = []
+    for _ in range(heads):
+        cuts = sorted(set(rng.integers(1, 1024, rng.integers(0, 3)).tolist()))
+        bounds = [0.0] + [c / 1024 for c in cuts] + [1.0]
+        segs.append([(x, y, int(rng.integers(tp))) for x, y in zip(bounds, bounds[1:])])
+    return segs
 
 
 def make_batch(lens, q_lens, hq, hkv, d, dtype, paged, seed, page=1):

@@ -15,6 +15,7 @@ import types
 import pytest
 import torch
 
+import conftest
 from conftest import DEV, LAYER_TOL, budgets_mixed, sequence
 from sglang_shplb.core.buckets import Buckets
 from sglang_shplb.core.patterns import BLOCK, HeadBudget
@@ -31,33 +32,8 @@ SCALE = 1 / math.sqrt(D)
 MAX_CTX, SLOTS, POOL = 1024, 6, 64 * 64
 
 
-class PagedPool:
-    """SGLang's pool with ``--page-size 64``: 64-slot pages handed out in shuffled order (page 0 reserved for
-    padding), position ``p`` of a request at slot ``64 * pages[p // 64] + p % 64``; ``share`` gives a request
-    another's first pages (a radix-cache prefix hit)."""
-
-    def __init__(self, seed=0):
-        g = torch.Generator().manual_seed(seed)
-        self.k = torch.zeros(POOL, HKV, D, device=DEV)
-        self.v = torch.zeros(POOL, HKV, D, device=DEV)
-        self.free = (torch.randperm(POOL // BLOCK - 1, generator=g) + 1).tolist()
-        self.pages: dict[int, list[int]] = {}
-        self.req_to_token = torch.zeros(SLOTS, MAX_CTX, dtype=torch.int32, device=DEV)
-
-    def share(self, req, other, npages):
-        self.pages[req] = list(self.pages[other][:npages])
-        self.req_to_token[req, :npages * BLOCK] = self.req_to_token[other, :npages * BLOCK]
-
-    def put(self, req, start, k, v):
-        pages = self.pages.setdefault(req, [])
-        slots = []
-        for p in range(start, start + k.shape[0]):
-            if p // BLOCK == len(pages):
-                pages.append(self.free.pop())
-            slots.append(pages[p // BLOCK] * BLOCK + p % BLOCK)
-        slots = torch.tensor(slots, device=DEV)
-        self.k[slots], self.v[slots] = k.to(DEV), v.to(DEV)
-        self.req_to_token[req, start:start + k.shape[0]] = slots.int()
+def make_pool(seed=0) -> "conftest.PagedPool":
+    return conftest.PagedPool(POOL, SLOTS, MAX_CTX, HKV, D, seed)
 
 
 def slot_summaries(pool, reqs, lens):
@@ -79,7 +55,7 @@ def by_slot(kmin, pool, r, n):
 def test_pool_page_summaries_equal_the_slot_indexed_ones_and_decode_the_same():
     budgets = budgets_mixed()
     heads = LayerHeads.of(budgets)
-    pool = PagedPool()
+    pool = make_pool()
     lk = LayerKernels(budgets, HKV, D, MAX_CTX, torch.float32, DEV, pool_tokens=POOL)
     # request 3: 300 tokens; request 1: shares its first 2 pages (128-token radix hit) and extends to 260;
     # request 4: 129 tokens. Slot 0 is free but its req_to_token row still names request 3's pages, shifted.
@@ -142,7 +118,7 @@ def test_pool_page_summaries_equal_the_slot_indexed_ones_and_decode_the_same():
 def test_a_new_page_resets_and_pages_past_the_length_are_not_written():
     """Crossing a page boundary in decode resets the fresh pool page (stale data from an earlier owner), and
     a rebuild for a short request never writes the pages its stale req_to_token entries name."""
-    pool = PagedPool(seed=3)
+    pool = make_pool(seed=3)
     k, v = sequence(130, HQ, HKV, D, 5)[1:]
     pool.put(2, 0, k[:128], v[:128])
     kmin, kmax = alloc_page_summaries(POOL, HKV, D, dtype=torch.float32, device=DEV)

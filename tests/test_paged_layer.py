@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+import conftest
 from conftest import DEV, LAYER_TOL, budgets_mixed, budgets_positional, mask_reference, sequence
 from sglang_shplb.core.patterns import BLOCK, HeadBudget
 from sglang_shplb.kernels.layer_heads import LayerHeads
@@ -21,28 +22,8 @@ SCALE = 1 / math.sqrt(D)
 MAX_CTX, SLOTS, POOL = 1024, 4, 4096
 
 
-class Pool:
-    """SGLang-like token pool with ``--page-size 64``: 64-slot pages handed out in shuffled order (page 0
-    reserved), position ``p`` of a request at slot ``64 * page[p // 64] + p % 64``, a req_to_token table."""
-
-    def __init__(self, seed=0):
-        g = torch.Generator().manual_seed(seed)
-        self.k = torch.zeros(POOL, HKV, D, device=DEV)
-        self.v = torch.zeros(POOL, HKV, D, device=DEV)
-        self.free = (torch.randperm(POOL // BLOCK - 1, generator=g) + 1).tolist()
-        self.pages = {}
-        self.req_to_token = torch.zeros(SLOTS, MAX_CTX, dtype=torch.int32, device=DEV)
-
-    def put(self, req, start, k, v):
-        pages = self.pages.setdefault(req, [])
-        slots = []
-        for p in range(start, start + k.shape[0]):
-            if p // BLOCK == len(pages):
-                pages.append(self.free.pop())
-            slots.append(pages[p // BLOCK] * BLOCK + p % BLOCK)
-        slots = torch.tensor(slots, device=DEV)
-        self.k[slots], self.v[slots] = k, v
-        self.req_to_token[req, start:start + k.shape[0]] = slots.int()
+def make_pool(seed=0) -> "conftest.PagedPool":
+    return conftest.PagedPool(POOL, SLOTS, MAX_CTX, HKV, D, seed)
 
 
 def seq(n, seed):
@@ -71,7 +52,7 @@ def extend(lk, pool, reqs, qs, ks, vs, prefix_lens):
 
 @pytest.mark.parametrize("budgets", [budgets_mixed(), budgets_positional()], ids=["mixed", "positional"])
 def test_extend_batch_without_prefix_all_heads(budgets):
-    pool, lk = Pool(), layer(budgets)
+    pool, lk = make_pool(), layer(budgets)
     lens = [200, 130, 64]
     seqs = [seq(n, 1 + r) for r, n in enumerate(lens)]
     out = extend(lk, pool, [2, 0, 1], [s[0] for s in seqs], [s[1] for s in seqs], [s[2] for s in seqs], [0, 0, 0])
@@ -89,7 +70,7 @@ def test_extend_with_cached_prefix_positional(prefix):
     budgets = budgets_positional()
     n = 700
     q, k, v = seq(n, 9)
-    pool, lk = Pool(seed=prefix), layer(budgets)
+    pool, lk = make_pool(seed=prefix), layer(budgets)
     pool.put(0, 0, k[:prefix], v[:prefix])
     out = extend(lk, pool, [0], [q[prefix:]], [k[prefix:]], [v[prefix:]], [prefix])
     assert relative_error(out, reference(budgets, q, k, v)[prefix:]) < LAYER_TOL
@@ -101,7 +82,7 @@ def test_extend_with_prefix_mixed_matches_reference_path():
     budgets = budgets_mixed()
     n, prefix = 600, 256
     q, k, v = seq(n, 4)
-    pool, lk = Pool(), layer(budgets)
+    pool, lk = make_pool(), layer(budgets)
     pool.put(1, 0, k[:prefix], v[:prefix])
     out = extend(lk, pool, [1], [q[prefix:]], [k[prefix:]], [v[prefix:]], [prefix])
     ref = torch.full_like(out, float("nan"))
@@ -116,7 +97,7 @@ def test_extend_with_prefix_mixed_matches_reference_path():
 
 def test_decode_steps_keep_summaries_and_match_reference():
     budgets = budgets_mixed()
-    pool, lk = Pool(), layer(budgets)
+    pool, lk = make_pool(), layer(budgets)
     lens = [300, 64, 129]
     reqs = [3, 0, 2]
     full = [seq(n + 3, 20 + r) for r, n in enumerate(lens)]

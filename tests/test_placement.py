@@ -3,6 +3,8 @@ import itertools
 import numpy as np
 import pytest
 
+from conftest import random_pieces
+
 from sglang_shplb.core.buckets import Buckets
 from sglang_shplb.planning.cost_model import CostModel, CostProfile
 from sglang_shplb.core.model_spec import ModelSpec
@@ -409,11 +411,7 @@ def test_search_prices_like_the_objective():
         costs, prof, tr = _one_heavy(tp)
         p = LayerProblem(costs, 4, tp, 5e-6, profiles=prof, transfer=tr)
         for _ in range(5):
-            segs = []
-            for h in range(32):
-                cuts = sorted(set(rng.integers(1, 1024, rng.integers(0, 3)).tolist()))
-                bounds = [0.0] + [c / 1024 for c in cuts] + [1.0]
-                segs.append([(x, y, int(rng.integers(tp))) for x, y in zip(bounds, bounds[1:])])
+            segs = random_pieces(rng, tp)
             search = _Search(p, _Heads(p), segs)
             assert search.T == pytest.approx(layer_times(_placement(segs, tp), p).total.tolist(), rel=1e-12, abs=1e-15)
 

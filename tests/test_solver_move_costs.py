@@ -4,6 +4,8 @@ and a costlier move makes the solver move less."""
 import numpy as np
 import pytest
 
+from conftest import random_pieces
+
 from sglang_shplb.core.exchange import exchange_elems
 from sglang_shplb.core.head_map import layer_work
 from sglang_shplb.core.model_spec import ModelSpec
@@ -55,11 +57,7 @@ def test_search_prices_like_the_objective_with_move_terms(tp):
     rng = np.random.default_rng(tp)
     p = LayerProblem(costs, gs, tp, 5e-6, profiles=prof, transfer=tr(300e-6, 150e9, 0.6))
     for _ in range(6):
-        segs = []
-        for h in range(32):
-            cuts = sorted(set(rng.integers(1, 1024, rng.integers(0, 3)).tolist()))
-            bounds = [0.0] + [c / 1024 for c in cuts] + [1.0]
-            segs.append([(x, y, int(rng.integers(tp))) for x, y in zip(bounds, bounds[1:])])
+        segs = random_pieces(rng, tp)
         search = _Search(p, _Heads(p), segs)
         want = layer_times(_placement(segs, tp), p).total.tolist()
         assert search.T == pytest.approx(want, rel=1e-12, abs=1e-15)
