@@ -1,9 +1,12 @@
 """Dense vs sparse on the real model: the same prompts, device and dtype, greedy answers compared.
 
-The sparse run replaces every layer's prefill attention by the plan's per-head budgets (block masks
-from :func:`sglang_shplb.core.block_masks.build_block_masks` with the kernels' estimators, computed by the
-masked-attention reference of :mod:`sglang_shplb.kernels.reference`). Decode steps of the answer stay
-dense here: the serving backend covers sparse decode. Prompts are classic passkey-retrieval prompts
+The sparse run replaces every layer's attention by the plan's per-head budgets: prefill by block masks
+(:func:`sglang_shplb.core.block_masks.build_block_masks` with the kernels' estimators, computed by the
+masked-attention reference of :mod:`sglang_shplb.kernels.reference`), and each decode step of the answer
+by the server's own decode reference (:func:`sglang_shplb.kernels.layer_reference.sparse_decode`, over the
+model's KV cache laid out as one request in a token pool). Decode must be in the check: a decode rule that
+loses the question (a streaming window that, at a block's first token, held only that token) wrecked
+answers whose sparse prefill alone was right. Prompts are classic passkey-retrieval prompts
 (:func:`sglang_shplb.planning.calibration_data.passkey_prompt`), not the profile's calibration documents.
 The rows are kept beside the plan as ``quality.json`` (:func:`save_quality`, :func:`load_quality`).
 """
@@ -16,6 +19,7 @@ import torch
 
 from sglang_shplb.core.block_masks import build_block_masks
 from sglang_shplb.planning.calibration_data import passkey_prompt
+from sglang_shplb.kernels.layer_reference import sparse_decode
 from sglang_shplb.kernels.reference import masked_attention
 from sglang_shplb.core.patterns import HeadBudget
 
@@ -28,8 +32,15 @@ def _register(budgets: list[list[HeadBudget]]) -> None:
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     def sparse(module, query, key, value, attention_mask, **kwargs):
-        if query.shape[2] == 1:  # decode step: dense
-            return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+        if query.shape[2] == 1:  # decode step: the serving reference over the cache as a token pool
+            out, _ = sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)  # [1, 1, H, d]
+            n = key.shape[2]
+            one = torch.zeros(1, dtype=torch.long, device=query.device)
+            sparse_decode(query[0].transpose(0, 1).contiguous(), key[0].transpose(0, 1).contiguous(),
+                          value[0].transpose(0, 1).contiguous(),
+                          torch.arange(n, device=query.device, dtype=torch.int32)[None], one, one + n,
+                          budgets[module.layer_idx], kwargs.get("scaling") or module.scaling, out[0])
+            return out, None
         q, k, v = query[0].transpose(0, 1), key[0].transpose(0, 1), value[0].transpose(0, 1)  # [n, H, d]
         masks = build_block_masks(budgets[module.layer_idx], query[0], key[0])
         group = q.shape[1] // k.shape[1]
