@@ -49,7 +49,7 @@ def test_plan_end_to_end(planned):
     report = (out / "report.txt").read_text()
     for tp in (2, 4, 8):
         assert f"TP {tp}:" in report
-    assert "Spearman" in report and "contiguous" in report and "shplb" in report
+    assert "stability (set A vs set B" in report and "contiguous" in report and "shplb" in report
     q = json.loads((out / "quality.json").read_text())
     assert abs(q[0]["tokens"] - 512) < 100 and isinstance(q[0]["top1_agree"], bool)
 
