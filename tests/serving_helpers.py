@@ -93,3 +93,20 @@ class Server:
                 os.killpg(self.proc.pid, signal.SIGKILL)
             except Exception:
                 pass
+
+
+def greedy_answers(args: list[str], prompts: list[str], log: Path, max_new: int, env_extra: dict | None = None,
+                   module: str = "sglang_shplb.launch_server") -> tuple[list[list[int]], float]:
+    """Start a server (2K context), take its greedy output ids for each prompt, stop it; with its startup seconds."""
+    s = Server(args + ["--context-length", "2048", "--log-level", "info"], log, timeout=420, module=module,
+               env_extra=env_extra)
+    try:
+        outs = []
+        for p in prompts:
+            code, body = s.post("/generate", {"text": p, "sampling_params": {"max_new_tokens": max_new,
+                                                                             "temperature": 0}})
+            assert code == 200, body
+            outs.append(body["output_ids"])
+        return outs, s.startup_s
+    finally:
+        s.stop()

@@ -11,7 +11,7 @@ import pytest
 
 import sglang  # noqa: F401  (tests/run.sh installs it; a missing SGLang must fail, not skip)
 
-from serving_helpers import ROOT, Server, model_dir, passkey_prompt  # noqa: E402
+from serving_helpers import ROOT, greedy_answers, model_dir, passkey_prompt  # noqa: E402
 
 MAX_NEW = 12
 
@@ -32,17 +32,7 @@ def all_stock_plan(model, tmp_path_factory):
 
 
 def answers(args: list[str], prompts: list[str], log, module="sglang_shplb.launch_server"):
-    s = Server(args + ["--context-length", "2048", "--log-level", "info"], log, timeout=420, module=module)
-    try:
-        outs = []
-        for p in prompts:
-            code, body = s.post("/generate", {"text": p, "sampling_params": {"max_new_tokens": MAX_NEW,
-                                                                             "temperature": 0}})
-            assert code == 200, body
-            outs.append(body["output_ids"])
-        return outs
-    finally:
-        s.stop()
+    return greedy_answers(args, prompts, log, MAX_NEW, module=module)[0]
 
 
 def test_all_stock_plan_gives_the_stock_backends_tokens(model, all_stock_plan, tmp_path):

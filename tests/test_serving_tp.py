@@ -14,7 +14,7 @@ import pytest
 
 import sglang  # noqa: F401  (tests/run.sh installs it; a missing SGLang must fail, not skip)
 
-from serving_helpers import ROOT, Server, model_dir, passkey_prompt  # noqa: E402
+from serving_helpers import ROOT, greedy_answers, model_dir, passkey_prompt  # noqa: E402
 
 TP3_ENV = {"SGLANG_CPU_OMP_THREADS_BIND": "0|1|0", "OMP_NUM_THREADS": "1"}
 MAX_NEW = 12
@@ -57,18 +57,7 @@ def prompts(model):
 
 
 def answers(args: list[str], prompts: list[str], log, env_extra=None, module="sglang_shplb.launch_server"):
-    s = Server(args + ["--context-length", "2048", "--log-level", "info"], log, timeout=420, module=module,
-               env_extra=env_extra)
-    try:
-        outs = []
-        for p in prompts:
-            code, body = s.post("/generate", {"text": p, "sampling_params": {"max_new_tokens": MAX_NEW,
-                                                                             "temperature": 0}})
-            assert code == 200, body
-            outs.append(body["output_ids"])
-        return outs, s.startup_s
-    finally:
-        s.stop()
+    return greedy_answers(args, prompts, log, MAX_NEW, env_extra, module)
 
 
 def test_tp3_head_parallel_server_answers_as_tp1_and_as_dense_tp3(model, plans, prompts, tmp_path):
