@@ -73,8 +73,8 @@ def make_prompt(tokenizer, length: int, calib_set: str = "A", seed: int = 0) -> 
 
     def with_needles(filler: list[str]) -> list[str]:
         out = list(filler)
-        for d, needle in zip(depths, needles):
-            out.insert(int(d * len(filler)) + needles.index(needle), needle)
+        for j, (d, needle) in enumerate(zip(depths, needles)):  # + j: the needles inserted before it
+            out.insert(int(d * len(filler)) + j, needle)
         return out
 
     # grow the filler until it passes the length, then drop whole paragraphs until the document with its
