@@ -10,7 +10,7 @@ in one CUDA graph; the time per layer is replay / L, with L2 flushed between rep
 (``triton.testing.do_bench``, median). Two times per budget set:
 
 * **step**: what a decode step costs in the server: fold the new key into the page summaries, choose the
-  pages of top-k heads (fused Triton selector), build the union lists, the group kernel, split-K combine;
+  pages of top-k heads (fused Triton selector), build the union lists, the group kernel (split-K combine in it);
 * **reuse**: the same with the page selection kept from the step before (``group_decode`` on the last pages).
 
 Bytes are the unique K/V bytes the kernel must read: per request and KV head, the pages of the union of its
@@ -254,7 +254,8 @@ def main():
                     line += f", vs our dense {ent['step_speedup_vs_ours_dense']:.2f}x"
                 log(line)
                 if "kernel_us" in ent:
-                    log("    kernels (µs per layer): " + ", ".join(f"{k} {v:.1f}" for k, v in ent["kernel_us"].items()))
+                    log(f"    kernels ({ent['launches_per_layer']:.1f} launches, µs per layer): "
+                        + ", ".join(f"{k} {v:.1f}" for k, v in ent["kernel_us"].items()))
                 if "reuse_ms_by_nsplit" in ent:
                     log("    reuse ms by nsplit: " + ", ".join(f"{x}: {t:.4f}" for x, t in ent["reuse_ms_by_nsplit"].items()))
                 row["configs"].append(ent)
@@ -309,8 +310,9 @@ def one_config(name, budgets, q_l, kb_l, vb_l, r2t, rpi, seq, ws, scale, hkv, d,
             for _ in range(10):
                 step()
             torch.cuda.synchronize()
-        ent["kernel_us"] = {e.key[:40]: e.device_time_total / (10 * L) for e in prof.key_averages()
-                            if e.device_time_total > 0}
+        kern = [e for e in prof.key_averages() if e.device_time_total > 0]
+        ent["kernel_us"] = {e.key[:40]: e.device_time_total / (10 * L) for e in kern}
+        ent["launches_per_layer"] = sum(e.count for e in kern) / (10 * L)
     if splits:   # the reuse time at other split counts
         big = DecodeScratch(bsz, q_l[0].shape[1], hkv, d, ws.max_pages, bsz * q_l[0].shape[1] * max(splits), dev)
         ent["reuse_ms_by_nsplit"] = {x: graph_ms(lambda x=x: reuse(big, x, 1), smoke) / L for x in splits}

@@ -15,7 +15,8 @@ heads, instead of letting the stock backend compute all heads and recomputing th
   heads (Quest / LServe upper bound; both in two Triton launches,
   :func:`~sglang_shplb.kernels.triton_select.update_and_select_pages`), then run
   :func:`~sglang_shplb.kernels.triton_decode.group_decode` for all heads (dense: every page; streaming:
-  sink + window pages). Fixed shapes and no host sync: safe inside a captured CUDA graph.
+  sink + window pages; one launch with its split-K combine, after a page-union launch when a KV group mixes
+  budgets). Fixed shapes and no host sync: safe inside a captured CUDA graph.
 
 The layer's heads are classified once (:class:`~sglang_shplb.kernels.layer_heads.LayerHeads`) and handed to
 every kernel front end. Batch metadata is built once per forward (:class:`ExtendBatch`); decode scratch

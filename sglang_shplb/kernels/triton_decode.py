@@ -21,8 +21,9 @@ page-union kernel, with a bit mask per page of the heads that read it; the score
 out, so every head attends exactly its own pages.
 
 Split-K (flash decoding): the page walk of a KV head is cut into ``NSPLIT`` slices; each program keeps an
-online softmax per q head over its slice and writes ``(acc / l, m + log2 l)``; ``_combine_kernel`` merges
-the slices.
+online softmax per q head over its slice. A walk of one slice writes the output; otherwise each slice writes
+``(acc / l, m + log2 l)`` and counts itself in an atomic counter of its (request, KV head), and the last slice
+to finish merges the partials (one launch, no separate combine) and zeroes the counter for the next call.
 """
 from __future__ import annotations
 
@@ -93,8 +94,8 @@ def _kernels():
 
     @triton.jit
     def _decode_group_kernel(
-        Q, K, V, MidO, MidL,
-        stride_qb, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+        Q, K, V, O, MidO, MidL, DONE,
+        stride_qb, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ob, stride_oh,
         req_to_token, req_pool_idx, stride_r2t, seq_lens,
         gmode, gsink, gwindow, ULIST, UBITS, UCNT, s_u_b, s_u_h, qk_scale, HQ, HKV, SPLIT_PAGES,
         GROUP: tl.constexpr, GP: tl.constexpr, NSPLIT: tl.constexpr, PAGE: tl.constexpr, D: tl.constexpr,
@@ -104,7 +105,9 @@ def _kernels():
         # padded to GP), one online softmax per row. Pages: gmode 0 all, 1 one streaming budget (sink +
         # window), 2 the union list of _page_union_kernel with a row mask per page (UBITS). The walk of this
         # (request, KV head) is cut into gs = ceil(total / SPLIT_PAGES) <= NSPLIT slices, so that long and
-        # short walks take programs in proportion to their pages; programs past gs only write lse = -inf.
+        # short walks take programs in proportion to their pages; programs past gs do nothing.
+        # gs == 1: the program writes O. Else each slice writes its partial (MidO, MidL) and counts itself
+        # in DONE[b, hk]; the last of the gs to count merges the gs partials into O and zeroes DONE again.
         bhk = tl.program_id(0)
         sp = tl.program_id(1)
         b = bhk // HKV
@@ -158,30 +161,38 @@ def _kernels():
             l_i = l_i * alpha + tl.sum(p, 1)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v).to(tl.float32)
             m_i = m_new
-        out = (b * HQ + hrow) * NSPLIT + sp
         l_safe = tl.maximum(l_i, 1e-30)
-        tl.store(MidO + out[:, None] * D + offs_d[None, :], acc / l_safe[:, None], mask=rvalid[:, None] & (l_i > 0)[:, None])
-        lse = tl.where(l_i > 0, m_i + tl.math.log2(l_safe), -1.0e30)
-        tl.store(MidL + out, lse, mask=rvalid)
+        o_ptr = O + b * stride_ob + hrow[:, None] * stride_oh + offs_d[None, :]
+        if gs == 1:
+            if sp == 0:
+                tl.store(o_ptr, (acc / l_safe[:, None]).to(O.dtype.element_ty), mask=rvalid[:, None])
+        elif sp < gs:
+            mid = (b * HQ + hrow) * NSPLIT
+            tl.store(MidO + (mid + sp)[:, None] * D + offs_d[None, :], acc / l_safe[:, None],
+                     mask=rvalid[:, None] & (l_i > 0)[:, None])
+            tl.store(MidL + mid + sp, tl.where(l_i > 0, m_i + tl.math.log2(l_safe), -1.0e30), mask=rvalid)
+            tl.debug_barrier()     # every thread's partial is written before the release below
+            done = tl.atomic_add(DONE + bhk, 1, sem="acq_rel", scope="gpu")
+            if done == gs - 1:     # the last slice: the acquire makes the other slices' partials visible
+                # o = sum_s 2^(lse_s - M) o_s / sum_s 2^(lse_s - M), in slice order (the same whichever
+                # program is last); slices that attended nothing for a row wrote lse = -inf and no o
+                mx = tl.full([GP], -1.0e30, tl.float32)
+                for t in range(0, gs):
+                    mx = tl.maximum(mx, tl.load(MidL + mid + t, mask=rvalid, other=-1.0e30, cache_modifier=".cg"))
+                den = tl.zeros([GP], tl.float32)
+                num = tl.zeros([GP, D], tl.float32)
+                for t in range(0, gs):
+                    lse = tl.load(MidL + mid + t, mask=rvalid, other=-1.0e30, cache_modifier=".cg")
+                    used = lse > -1.0e29
+                    w = tl.where(used, tl.math.exp2(lse - mx), 0.0)
+                    o_t = tl.load(MidO + (mid + t)[:, None] * D + offs_d[None, :], mask=(rvalid & used)[:, None],
+                                  other=0.0, cache_modifier=".cg")
+                    den += w
+                    num += o_t * w[:, None]
+                tl.store(o_ptr, (num / tl.maximum(den, 1e-30)[:, None]).to(O.dtype.element_ty), mask=rvalid[:, None])
+                tl.store(DONE + bhk, 0)   # the next launch (next layer, next step, graph replay) starts at 0
 
-    @triton.jit
-    def _combine_kernel(MidO, MidL, O, stride_ob, stride_oh, HQ, NSPLIT: tl.constexpr, D: tl.constexpr):
-        # o = sum_s 2^(lse_s - M) o_s / sum_s 2^(lse_s - M)
-        bh = tl.program_id(0)
-        b = bh // HQ
-        h = bh % HQ
-        offs_s = tl.arange(0, NSPLIT)
-        offs_d = tl.arange(0, D)
-        lse = tl.load(MidL + bh * NSPLIT + offs_s)
-        mx = tl.max(lse, 0)
-        w = tl.math.exp2(lse - mx)
-        used = lse > -1.0e29                      # slices that attended something (others wrote no o)
-        w = tl.where(used, w, 0.0)
-        o = tl.load(MidO + (bh * NSPLIT + offs_s)[:, None] * D + offs_d[None, :], mask=used[:, None], other=0.0)
-        res = tl.sum(o * w[:, None], 0) / tl.sum(w, 0)
-        tl.store(O + b * stride_ob + h * stride_oh + offs_d, res.to(O.dtype.element_ty))
-
-    return _page_union_kernel, _decode_group_kernel, _combine_kernel
+    return _page_union_kernel, _decode_group_kernel
 
 
 class PageRules(NamedTuple):
@@ -425,9 +436,11 @@ def max_decode_splits(max_pages: int, batch: int) -> int:
 
 class DecodeScratch:
     """Scratch of :func:`group_decode` for up to ``batch`` requests: split-K partials (``partial_rows`` rows of
-    ``mid_o [., d]`` / ``mid_l``: ``batch · Hq · nsplit`` are used) and the union lists of list-mode KV heads
+    ``mid_o [., d]`` / ``mid_l``: ``batch · Hq · nsplit`` are used), the finished-slice counters ``done [B, Hkv]``
+    (zero between calls: the last slice of a walk zeroes its counter) and the union lists of list-mode KV heads
     (``ulist/ubits [B, Hkv, max_pages]``, ``ucnt``, the byte map ``[B, Hq, max_pages]``, zero between calls).
-    Allocate once (before CUDA-graph capture); every layer of one shape can share it."""
+    Allocate once (before CUDA-graph capture); every layer of one shape can share it (the launches of one
+    stream run one after the other)."""
 
     def __init__(self, batch: int, num_q_heads: int, num_kv_heads: int, head_dim: int, max_pages: int,
                  partial_rows: int, device=None) -> None:
@@ -437,6 +450,7 @@ class DecodeScratch:
         self.ulist = torch.zeros(batch, num_kv_heads, max_pages, dtype=torch.int32, device=device)
         self.ubits = torch.zeros(batch, num_kv_heads, max_pages, dtype=torch.int32, device=device)
         self.ucnt = torch.zeros(batch, num_kv_heads, dtype=torch.int32, device=device)
+        self.done = torch.zeros(batch, num_kv_heads, dtype=torch.int32, device=device)
         self.map = torch.zeros(batch, num_q_heads, max_pages, dtype=torch.int8, device=device)
 
 
@@ -446,7 +460,8 @@ def group_decode(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tensor
                  split_pages: int, *,
                  sm_scale: float | None = None, out: torch.Tensor | None = None,
                  num_warps: int = 4, num_stages: int | None = None) -> torch.Tensor:
-    """The decode kernels (page union, group kernel, split-K combine): ``q [B, Hq, d]`` (token at position
+    """The decode kernels (page union when some KV head walks a list, then the group kernel with its split-K
+    combine): ``q [B, Hq, d]`` (token at position
     ``seq_lens - 1``, already written to the pool) → ``[B, Hq, d]``.
     ``rules``: :func:`page_rules`; ``page_idx/page_cnt``: :func:`select_pages` (or the fused selector);
     ``scratch``: a :class:`DecodeScratch` for at least ``B`` requests and ``B · Hq · nsplit`` partial rows;
@@ -472,7 +487,7 @@ def group_decode(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tensor
         raise ValueError("page_idx needs a unit last stride")
     scale = (sm_scale if sm_scale is not None else 1.0 / math.sqrt(d)) * LOG2E
     o = out if out is not None else torch.empty_like(q)
-    union, grp, comb = _kernels()
+    union, grp = _kernels()
     if num_stages is None:
         num_stages = 3 if q.is_cuda else 1
     g = hq // hkv
@@ -485,11 +500,11 @@ def group_decode(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tensor
                           ul.stride(1), hkv, maxp, GROUP=g, M2=max(16, 1 << (page_idx.shape[2] - 1).bit_length()),
                           TP=min(1024, max(16, 1 << (maxp - 1).bit_length())), PAGE=BLOCK)
     grp[(bsz * hkv, nsplit)](
-        q, k_buffer, v_buffer, scratch.mid_o, scratch.mid_l,
+        q, k_buffer, v_buffer, o, scratch.mid_o, scratch.mid_l, scratch.done,
         q.stride(0), q.stride(1), k_buffer.stride(0), k_buffer.stride(1), v_buffer.stride(0), v_buffer.stride(1),
+        o.stride(0), o.stride(1),
         req_to_token, req_pool_indices, req_to_token.stride(0), seq_lens,
         rules.gmode, rules.gsink, rules.gwindow, ul, scratch.ubits, scratch.ucnt, ul.stride(0), ul.stride(1),
         scale, hq, hkv, split_pages, GROUP=g, GP=max(16, 1 << (g - 1).bit_length()), NSPLIT=nsplit, PAGE=BLOCK, D=d,
         DOT_F32=(not q.is_cuda) and q.dtype == torch.bfloat16, num_warps=num_warps, num_stages=num_stages)
-    comb[(bsz * hq,)](scratch.mid_o, scratch.mid_l, o, o.stride(0), o.stride(1), hq, NSPLIT=nsplit, D=d)
     return o
