@@ -3,6 +3,7 @@
     plan     all stages on the embedded default model (or --model): profile → budget → place → report
     profile  per-head sparsity elasticity on calibration prompts        → OUT/profile.{json,safetensors}
     budget   head-adaptive budgets (+ stability) from a profile          → OUT/budgets.json
+    refine   budgets re-spent on the heads whose sparsity changes answers → OUT/budgets.json, refine.json
     place    S-HPLB placements per TP size and context bucket            → OUT/plan.{json,safetensors}
     report   text report and PNG plots of a plan                         → OUT/report.txt, OUT/*.png
     eval     dense vs plan answers through real SGLang servers           → OUT/eval.{json,png}
@@ -18,6 +19,7 @@ from pathlib import Path
 DEFAULT_OUT = "./shplb-plan"
 # stage -> (its input option, the file it reads there, the stage that writes that file)
 STAGE_INPUTS = {"budget": ("profile", "profile.json", "profile"), "place": ("budgets", "budgets.json", "budget"),
+                "refine": ("budgets", "budgets.json", "budget"),
                 "report": ("plan", "plan.json", "place")}
 
 
@@ -62,6 +64,27 @@ def _add_budget(p: argparse.ArgumentParser) -> None:
                         "needle mass (needle, default)")
     p.add_argument("--needle-scale", type=float, default=NEEDLE_SCALE,
                    help=f"needle mass from which a head must keep all of its needle share (default {NEEDLE_SCALE})")
+
+
+def _add_refine(p: argparse.ArgumentParser, in_plan: bool) -> None:
+    if in_plan:
+        p.add_argument("--refine-to", type=float, default=None, metavar="DENSITY",
+                       help="after the budget stage, spend density up to DENSITY (mean, at the longest profiled "
+                            "length) on the heads whose sparsity changes the model's answers (the refine stage; "
+                            "default: no refinement)")
+    else:
+        p.add_argument("--density-target", type=float, default=None,
+                       help="mean density to reach (at the budgets' reference length)")
+        p.add_argument("--until-match", action="store_true",
+                       help="go on until the plan is right on every held-in prompt where dense is "
+                            "(up to --max-density)")
+        p.add_argument("--max-density", type=float, default=1.0, help="never past this mean density (default 1)")
+    p.add_argument("--refine-step", type=float, default=0.05,
+                   help="mean density spent per round; sensitivities are measured again after each "
+                        "(default %(default)g)")
+    p.add_argument("--refine-prompts", type=int, default=8, help="held-in prompts (default %(default)d)")
+    p.add_argument("--refine-lengths", type=int, nargs="+", default=[2048, 4096],
+                   help="held-in prompt lengths, cycled (default 2048 4096)")
 
 
 def _add_place(p: argparse.ArgumentParser) -> None:
@@ -117,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", metavar="COMMAND")
     p = sub.add_parser("plan", help="run every stage (default command)")
-    _add_model(p), _add_out(p), _add_profile(p), _add_budget(p), _add_place(p)
+    _add_model(p), _add_out(p), _add_profile(p), _add_budget(p), _add_refine(p, in_plan=True), _add_place(p)
     p.add_argument("--eval-lengths", type=int, nargs="*", default=[2048],
                    help="passkey prompt lengths for the dense-vs-sparse check (empty to skip; default 2048)")
     p.add_argument("--eval-prompts", type=int, default=4, help="passkey prompts per length (default 4)")
@@ -127,6 +150,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--profile", default=DEFAULT_OUT,
                    help=f"folder or profile.json of the profile stage (default {DEFAULT_OUT})")
     _add_out(p, after_input=True), _add_budget(p)
+    p = sub.add_parser("refine", help="stage 2b: budgets re-spent on the heads whose sparsity changes answers")
+    p.add_argument("--budgets", default=DEFAULT_OUT,
+                   help=f"folder or budgets.json of the budget stage (default {DEFAULT_OUT})")
+    p.add_argument("--profile", default=None, help="folder or profile.json the budgets were chosen from "
+                   "(default: the budgets' folder)")
+    p.add_argument("--out", required=True, help="output folder (never the input's: the budgets it refines stay)")
+    p.add_argument("--device", default="cpu", help="torch device for the model (cpu: float32, cuda: bf16)")
+    p.add_argument("--num-layers", type=int, default=None, help="truncate the model to its first N layers (tests)")
+    _add_model(p), _add_refine(p, in_plan=False)
     p = sub.add_parser("place", help="stage 3-5: cost model, placements, plan file")
     p.add_argument("--budgets", default=DEFAULT_OUT,
                    help=f"folder or budgets.json of the budget stage (default {DEFAULT_OUT})")
@@ -193,6 +225,34 @@ def cmd_budget(a) -> Path:
     path = save_budgets(BudgetsFile.of(prof, res, a.tau, stab), a.out)
     print(f"budgets ({res.mode}): {res.pattern_counts()}, mean density {res.mean_density:.3f} at {res.ref_len} "
           f"tokens, worst recall {res.min_recall:.3f} → {path}")
+    return path
+
+
+def cmd_refine(a, density_target=None, until_match=None) -> Path:
+    from sglang_shplb.planning import refine as rf
+    from sglang_shplb.planning.budget import load_budgets, save_budgets
+    from sglang_shplb.planning.model_store import resolve_model
+    from sglang_shplb.planning.profile import load_profile
+
+    budgets = load_budgets(a.budgets)
+    source = Path(a.budgets) if Path(a.budgets).is_dir() else Path(a.budgets).parent
+    if Path(a.out).resolve() == source.resolve() and a.cmd == "refine":
+        raise ValueError(f"--out {a.out} is the budgets' folder: refine writes beside, never over, its input")
+    profile = load_profile(a.profile or source)
+    model, tok = rf.load_model(resolve_model(a.model, a.cache_dir), a.device, a.num_layers)
+    held = rf.held_in_prompts(tok, a.refine_lengths, a.refine_prompts)
+    print(f"refine: {len(held)} held-in prompts of {sorted({len(h.input_ids) for h in held})} tokens, dense answers")
+    held = rf.dense_answers(model, tok, held)
+    res = rf.refine_budgets(model, tok, budgets, profile, held,
+                            density_target if density_target is not None else a.density_target, a.refine_step,
+                            a.until_match if until_match is None else until_match,
+                            getattr(a, "max_density", 1.0))
+    path = save_budgets(rf.refined_file(budgets, res), a.out)
+    log = rf.save_refine(res, held, a.out)
+    last = res.rounds[-1]
+    print(f"refined budgets: mean density {budgets.density.mean():.3f} → {last.density:.3f} in "
+          f"{len(res.rounds) - 1} rounds; held-in: plan right on {last.sparse_correct}, dense on "
+          f"{res.dense_correct} of {res.prompts} → {path} ({log.name})")
     return path
 
 
@@ -299,6 +359,10 @@ def cmd_plan(a) -> Path:
     a.profile = cmd_profile(a)
     print("[2/5] budgets")
     a.budgets = cmd_budget(a)
+    if a.refine_to is not None:
+        print(f"[2b/5] refine the budgets up to density {a.refine_to} on the model's answers")
+        a.profile, a.budgets = a.profile.parent, a.budgets.parent
+        a.budgets = cmd_refine(a, density_target=a.refine_to, until_match=False)
     print("[3/5] placements")
     plan_path = cmd_place(a)
     quality = None
@@ -332,7 +396,7 @@ def main(argv=None) -> int:
     from sglang_shplb.planning.budget import BudgetsFileError
 
     try:
-        {"plan": cmd_plan, "profile": cmd_profile, "budget": cmd_budget, "place": cmd_place,
+        {"plan": cmd_plan, "profile": cmd_profile, "budget": cmd_budget, "refine": cmd_refine, "place": cmd_place,
          "report": cmd_report, "eval": cmd_eval}[a.cmd](a)
     except BudgetsFileError as e:  # not the budget stage's file: the message alone, exit 1
         raise SystemExit(str(e)) from None

@@ -27,7 +27,9 @@ ATTN_NAME = "shplb_sparse_prefill"
 QUALITY_NAME = "quality.json"
 
 
-def _register(budgets: list[list[HeadBudget]]) -> None:
+def register_sparse_attention(budgets: list[list[HeadBudget]]) -> None:
+    """Register ``ATTN_NAME`` with transformers: the plan's sparse prefill (block masks) and decode (the
+    server's rule) for ``model.set_attn_implementation(ATTN_NAME)``."""
     from transformers import AttentionInterface
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
@@ -68,7 +70,7 @@ def compare_dense_sparse(model_dir, budgets: list[list[HeadBudget]], lengths: li
     gen_cfg = model.generation_config
     eos = gen_cfg.eos_token_id
     pad_id = gen_cfg.pad_token_id if gen_cfg.pad_token_id is not None else (eos[0] if isinstance(eos, list) else eos)
-    _register(budgets)
+    register_sparse_attention(budgets)
     rows = []
     for n, seed in ((n, s) for n in lengths for s in range(prompts)):
         p = passkey_prompt(tok, n, seed)

@@ -1,0 +1,286 @@
+"""Stage 2b: budgets refined on the model's answers (which heads' sparsity changes what the model says).
+
+The budget stage prices a head's options by attention recall, what a head drops; it cannot see what the
+drop does to the answer. This stage measures that on the real model, in the serving dtype, and spends
+the density there (DuoAttention's gated heads, to first order):
+
+* **Gate.** Each query head's output becomes ``o_h = s_h + α_h (d_h − s_h)``: ``s_h`` its output under
+  its current budget (the kernels' estimators and masks, :func:`build_block_masks`), ``d_h`` its dense
+  output; ``α = 0`` is the plan as it is.
+* **Loss.** On held-in prompts (calibration-style documents, :func:`held_in_prompts`: the profile's text
+  with seeds the profile never used, never the eval's text or needles) the dense model's own greedy answer
+  is teacher-forced, and the loss is ``KL(dense ‖ gated)`` of the next-token distributions over the answer
+  tokens: zero when the plan answers like dense.
+* **Sensitivity.** ``S_h = max(0, −∂loss/∂α_h)`` at ``α = 0``, summed over the prompts: how much making
+  head ``h`` dense would lower the loss, to first order. One backward pass per prompt gives all heads.
+* **Allocation.** Option ``o`` of head ``h`` closes ``(R_ho − R_hc) / (1 − R_hc)`` of the head's recall gap
+  (``R`` the budget stage's recall table, ``c`` the current option), so its predicted gain is ``S_h`` times
+  that; heads are upgraded greedily by gain per unit of extra mean density, ``step`` of density per round,
+  with the sensitivities measured again after each round (upgrading one head changes what the others
+  matter), until the density target.
+* **Validation.** After each round the held-in prompts are answered greedily by dense and by the plan
+  (sparse prefill and the server's sparse decode rule, :func:`register_sparse_attention`); a prompt is
+  kept when the plan is right wherever dense is. With ``until_match`` the rounds go on past the target
+  until every held-in prompt is kept (or ``max_density``).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from sglang_shplb.core.block_masks import build_block_masks
+from sglang_shplb.core.patterns import HeadBudget
+from sglang_shplb.kernels.reference import masked_attention
+from sglang_shplb.planning.budget import BudgetsFile, option_table
+from sglang_shplb.planning.calibration_data import CalibrationPrompt, make_prompt
+from sglang_shplb.planning.profile import ProfileResult
+from sglang_shplb.planning.quality import ATTN_NAME, register_sparse_attention
+
+GATED_NAME = "shplb_gated"
+REFINE_NAME = "refine.json"
+#: held-in prompts use seeds from here on (the profile's prompts use 0 .. per_length - 1)
+HELD_IN_SEED = 1000
+ANSWER_TOKENS = 12
+
+
+@dataclass
+class HeldIn:
+    prompt: CalibrationPrompt
+    answer_ids: list[int]      # the dense model's greedy answer (up to and with its first EOS)
+    dense_answer: str
+    dense_logprobs: torch.Tensor  # [A, vocab] float32, the dense next-token log-probs over the answer
+
+    @property
+    def dense_correct(self) -> bool:
+        return self.prompt.answer in self.dense_answer
+
+
+@dataclass
+class Round:
+    density: float                 # mean density at the reference length after this round
+    loss: float                    # KL summed over the held-in prompts before this round's upgrades
+    upgraded: int                  # heads upgraded in this round
+    kept: int                      # held-in prompts where the plan is right wherever dense is
+    sparse_correct: int
+    answers: list[str] = field(default_factory=list)
+
+
+@dataclass
+class RefineResult:
+    budgets: list[list[HeadBudget]]
+    choice: np.ndarray             # [L, H] option index
+    recall: np.ndarray
+    density: np.ndarray
+    sensitivity: np.ndarray        # [L, H] of the last round measured
+    rounds: list[Round]
+    dense_correct: int
+    prompts: int
+
+
+def held_in_prompts(tokenizer, lengths: list[int], count: int) -> list[CalibrationPrompt]:
+    """``count`` calibration-style documents, lengths cycling, sets A/B alternating, seeds from
+    :data:`HELD_IN_SEED` (disjoint from the profile's)."""
+    return [make_prompt(tokenizer, lengths[i % len(lengths)], "AB"[i % 2], HELD_IN_SEED + i) for i in range(count)]
+
+
+def load_model(model_dir, device: str, num_layers: int | None = None):
+    """The checkpoint in the serving dtype of ``device`` (float32 on CPU, bf16 on CUDA) and its tokenizer."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kwargs = {"num_hidden_layers": num_layers} if num_layers else {}
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, **kwargs).to(device).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model, AutoTokenizer.from_pretrained(model_dir)
+
+
+def _eos_ids(model) -> set[int]:
+    eos = model.generation_config.eos_token_id
+    return set(eos if isinstance(eos, list) else [eos])
+
+
+def _generate(model, ids: list[int], max_new: int) -> list[int]:
+    x = torch.tensor([ids], device=model.device)
+    eos = _eos_ids(model)
+    gen = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=max_new, do_sample=False,
+                         pad_token_id=min(eos))[0, len(ids):].tolist()
+    end = next((i + 1 for i, t in enumerate(gen) if t in eos), len(gen))
+    return gen[:end]
+
+
+def _answer_logprobs(model, ids: list[int], answer: list[int]) -> torch.Tensor:
+    """``[A, vocab]`` log-probs of the next token at each answer position, teacher-forced."""
+    x = torch.tensor([ids + answer], device=model.device)
+    logits = model(input_ids=x, logits_to_keep=len(answer) + 1, use_cache=False).logits[0, :len(answer)]
+    return torch.log_softmax(logits.float(), -1)
+
+
+@torch.no_grad()
+def dense_answers(model, tokenizer, prompts: list[CalibrationPrompt], max_new: int = ANSWER_TOKENS) -> list[HeldIn]:
+    model.set_attn_implementation("sdpa")
+    out = []
+    for p in prompts:
+        ans = _generate(model, p.input_ids, max_new)
+        out.append(HeldIn(p, ans, tokenizer.decode(ans, skip_special_tokens=True).strip(),
+                          _answer_logprobs(model, p.input_ids, ans)))
+    return out
+
+
+def _register_gated(budgets: list[list[HeadBudget]], alpha: torch.Tensor) -> None:
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    def gated(module, query, key, value, attention_mask, **kwargs):
+        dense, _ = sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)  # [1, n, H, d]
+        q, k, v = query[0].transpose(0, 1), key[0].transpose(0, 1), value[0].transpose(0, 1)  # [n, H, d]
+        with torch.no_grad():
+            masks = build_block_masks(budgets[module.layer_idx], query[0], key[0])
+        group = q.shape[1] // k.shape[1]
+        sparse = torch.cat([masked_attention(q[:, g * group:(g + 1) * group], k[:, g:g + 1], v[:, g:g + 1],
+                                             masks[g * group:(g + 1) * group], kwargs.get("scaling"))
+                            for g in range(k.shape[1])], dim=1)[None]                         # [1, n, H, d]
+        a = alpha[module.layer_idx][None, None, :, None]
+        return (sparse + a * (dense.float() - sparse)).to(query.dtype), None
+
+    AttentionInterface.register(GATED_NAME, gated)
+
+
+def gate_sensitivity(model, budgets: list[list[HeadBudget]], held: list[HeldIn]) -> tuple[np.ndarray, float]:
+    """``S [L, H]`` (see the module docstring) and the loss at ``α = 0``, summed over ``held``."""
+    cfg = model.config
+    alpha = torch.zeros(cfg.num_hidden_layers, cfg.num_attention_heads, device=model.device, requires_grad=True)
+    _register_gated(budgets, alpha)
+    model.set_attn_implementation(GATED_NAME)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()  # checkpointing is active in training mode only; SmolLM2/Llama attention has no dropout
+    total = 0.0
+    try:
+        for h in held:
+            lp = _answer_logprobs(model, h.prompt.input_ids, h.answer_ids)
+            ref = h.dense_logprobs.to(lp.device)
+            loss = (ref.exp() * (ref - lp)).sum()
+            loss.backward()
+            total += loss.item()
+    finally:
+        model.eval()
+        model.gradient_checkpointing_disable()
+        model.set_attn_implementation("sdpa")
+    return (-alpha.grad).clamp(min=0).cpu().numpy(), total
+
+
+@torch.no_grad()
+def sparse_answers(model, tokenizer, budgets: list[list[HeadBudget]], held: list[HeldIn]) -> list[str]:
+    """Greedy answers with the plan's sparse prefill and the server's sparse decode rule."""
+    register_sparse_attention(budgets)
+    model.set_attn_implementation(ATTN_NAME)
+    try:
+        return [tokenizer.decode(_generate(model, h.prompt.input_ids, len(h.answer_ids) or 1),
+                                 skip_special_tokens=True).strip() for h in held]
+    finally:
+        model.set_attn_implementation("sdpa")
+
+
+def upgrade(choice: np.ndarray, dens: np.ndarray, recall: np.ndarray, sens: np.ndarray, spend: float) -> np.ndarray:
+    """Spend ``spend`` of mean density on the best predicted gain per unit of density (module docstring):
+    gain of option ``o`` for head ``h`` = ``sens[h] · (R[h,o] − R[h,c]) / (1 − R[h,c])``. Pure."""
+    choice = choice.copy()
+    L, H = choice.shape
+    budget = spend * L * H
+    while True:
+        cur_r = np.take_along_axis(recall, choice[..., None], -1)
+        extra = dens[None, None, :] - dens[choice][..., None]
+        closed = (recall - cur_r) / np.maximum(1.0 - cur_r, 1e-6)
+        gain = sens[..., None] * closed
+        ratio = np.where((extra > 1e-12) & (gain > 0) & (extra <= budget + 1e-12), gain / np.maximum(extra, 1e-12), -1)
+        flat = int(ratio.argmax())
+        if ratio.flat[flat] <= 0:
+            return choice
+        li, h, o = np.unravel_index(flat, ratio.shape)
+        budget -= extra[li, h, o]
+        choice[li, h] = o
+
+
+def option_choice(budgets: list[list[HeadBudget]], opts) -> np.ndarray:
+    """The option index of every head's budget; a budget that is not one of the profile's options is refused."""
+    index = {o.budget: i for i, o in enumerate(opts)}
+    try:
+        return np.array([[index[b] for b in layer] for layer in budgets])
+    except KeyError as e:
+        raise ValueError(f"budget {e.args[0]} is not one of the profile's options: refine budgets made from "
+                         f"this profile") from None
+
+
+def refine_budgets(model, tokenizer, budgets: BudgetsFile, profile: ProfileResult, held: list[HeldIn],
+                   density_target: float | None = None, step: float = 0.05, until_match: bool = False,
+                   max_density: float = 1.0, log=print) -> RefineResult:
+    if density_target is None and not until_match:
+        raise ValueError("give a density target, or until_match")
+    if not step > 0:
+        raise ValueError(f"step must be > 0, got {step}")
+    mode = budgets.mode
+    rows = "all" if "all rows" in mode else "question" if "question rows" in mode else "needle"
+    opts, dens, recall = option_table(profile, budgets.ref_len, rows=rows)
+    cfg = model.config
+    if (len(budgets.budgets), len(budgets.budgets[0])) != (cfg.num_hidden_layers, cfg.num_attention_heads):
+        raise ValueError(f"budgets for {len(budgets.budgets)} x {len(budgets.budgets[0])} heads, the model has "
+                         f"{cfg.num_hidden_layers} x {cfg.num_attention_heads}")
+    choice = option_choice(budgets.budgets, opts)
+    target = min(max_density, density_target if density_target is not None else max_density)
+    if dens[choice].mean() > target + 1e-9:
+        raise ValueError(f"the budgets' mean density {dens[choice].mean():.3f} is already above the target {target}")
+    rounds: list[Round] = []
+    sens = np.zeros(choice.shape)
+    dense_ok = [h.dense_correct for h in held]
+
+    def validate(loss: float, upgraded: int) -> Round:
+        plan = [[opts[c].budget for c in row] for row in choice]
+        answers = sparse_answers(model, tokenizer, plan, held)
+        right = [h.prompt.answer in a for h, a in zip(held, answers)]
+        r = Round(float(dens[choice].mean()), loss, upgraded, sum(s or not d for s, d in zip(right, dense_ok)),
+                  sum(right), answers)
+        log(f"  refine round {len(rounds)}: density {r.density:.3f}, loss before {loss:.3f}, {upgraded} heads "
+            f"upgraded; held-in kept {r.kept}/{len(held)}, sparse right {r.sparse_correct}, dense right "
+            f"{sum(dense_ok)}")
+        return r
+
+    rounds.append(validate(float("nan"), 0))
+    while True:
+        done_target = density_target is None or dens[choice].mean() >= density_target - 1e-6
+        done_match = not until_match or rounds[-1].kept == len(held)
+        if (done_target and done_match) or dens[choice].mean() >= max_density - 1e-6:
+            break
+        left = (density_target if not done_target else max_density) - dens[choice].mean()
+        plan = [[opts[c].budget for c in row] for row in choice]
+        sens, loss = gate_sensitivity(model, plan, held)
+        new = upgrade(choice, dens, recall, sens, min(step, left))
+        changed = int((new != choice).sum())
+        if changed == 0:
+            log("  refine: no upgrade has a predicted gain within the density left; stopping")
+            break
+        choice = new
+        rounds.append(validate(loss, changed))
+    L, H = choice.shape
+    final = [[opts[choice[li, h]].budget for h in range(H)] for li in range(L)]
+    rec = np.take_along_axis(recall, choice[..., None], -1)[..., 0]
+    return RefineResult(final, choice, rec, dens[choice], sens, rounds, sum(dense_ok), len(held))
+
+
+def refined_file(budgets: BudgetsFile, res: RefineResult) -> BudgetsFile:
+    return BudgetsFile(budgets.model, f"{budgets.mode}, refined to {res.rounds[-1].density:.3f} on answers",
+                       budgets.ref_len, budgets.tau, res.budgets, res.recall, res.density, budgets.stability)
+
+
+def save_refine(res: RefineResult, held: list[HeldIn], folder) -> Path:
+    path = Path(folder) / REFINE_NAME
+    doc = {"prompts": [{"name": h.prompt.name, "tokens": len(h.prompt.input_ids), "answer": h.prompt.answer,
+                        "dense": h.dense_answer} for h in held],
+           "dense_correct": res.dense_correct, "rounds": [asdict(r) for r in res.rounds],
+           "sensitivity": np.round(res.sensitivity, 6).tolist()}
+    path.write_text(json.dumps(doc, indent=1, allow_nan=True))
+    return path
+

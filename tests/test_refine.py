@@ -1,0 +1,121 @@
+"""The refine stage: gate sensitivities on the real (truncated) model, the greedy upgrade, the CLI."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from sglang_shplb.core.patterns import HeadBudget
+from sglang_shplb.planning import refine as rf
+from sglang_shplb.planning.model_store import default_checkpoint
+
+LAYERS = 2
+
+
+def _run(*args, check=True):
+    r = subprocess.run([sys.executable, "-m", "sglang_shplb", *args], capture_output=True, text=True, timeout=900)
+    if check and r.returncode != 0:
+        raise AssertionError(f"exit {r.returncode}\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
+    return r
+
+
+def test_upgrade_spends_on_gain_per_density():
+    dens = np.array([0.1, 0.4, 1.0])                       # options: cheap, middle, dense
+    recall = np.tile(np.array([0.5, 0.9, 1.0]), (1, 3, 1))  # [L=1, H=3, O]
+    choice = np.zeros((1, 3), dtype=int)
+    sens = np.array([[0.0, 1.0, 3.0]])
+    new = rf.upgrade(choice, dens, recall, sens, spend=0.9 / 3)  # 0.9 of total density: one dense upgrade
+    assert new[0, 0] == 0                                   # no sensitivity, no upgrade
+    assert new[0, 2] == 2 and new[0, 1] == 0                # the most sensitive head, its best ratio (dense)
+    assert dens[new].sum() - dens[choice].sum() <= 0.9 + 1e-9
+    assert (rf.upgrade(choice, dens, recall, sens, spend=0.0) == choice).all()
+    # a head whose recall is already whole gains nothing from a denser option
+    assert (rf.upgrade(choice, dens, np.ones_like(recall), sens, spend=1.0) == choice).all()
+
+
+def test_option_choice_refuses_a_budget_of_another_profile():
+    from sglang_shplb.planning.profile import default_options
+
+    opts = default_options()
+    with pytest.raises(ValueError, match="not one of the profile's options"):
+        rf.option_choice([[HeadBudget.topk(0.123)]], opts)
+    assert rf.option_choice([[opts[0].budget, opts[-1].budget]], opts).tolist() == [[0, len(opts) - 1]]
+
+
+@pytest.fixture(scope="module")
+def small():
+    torch.manual_seed(0)
+    model, tok = rf.load_model(default_checkpoint(), "cpu", LAYERS)
+    held = rf.dense_answers(model, tok, rf.held_in_prompts(tok, [384], 2), max_new=4)
+    return model, tok, held
+
+
+def test_held_in_prompts_are_not_the_profiles(small):
+    from sglang_shplb.planning.calibration_data import calibration_prompts
+
+    _, tok, held = small
+    profiled = calibration_prompts(tok, [384], "A", 2) + calibration_prompts(tok, [384], "B", 2)
+    assert not {h.prompt.answer for h in held} & {p.answer for p in profiled}
+    assert {h.prompt.name[0] for h in held} == {"A", "B"}
+
+
+def test_gate_is_zero_at_dense_and_matches_a_finite_difference(small):
+    model, _, held = small
+    dense = [[HeadBudget.dense()] * 9 for _ in range(LAYERS)]
+    sens, loss = rf.gate_sensitivity(model, dense, held)
+    assert loss < 1e-3 and sens.max() < 1e-3                # sparse == dense: nothing to gain
+    stream = [[HeadBudget.streaming(64, 64)] * 9 for _ in range(LAYERS)]
+    sens, loss = rf.gate_sensitivity(model, stream, held)
+    assert loss > 1e-3 and sens.max() > 0
+    # first order: opening the most sensitive head's gate by eps lowers the loss by about S * eps
+    li, h = np.unravel_index(sens.argmax(), sens.shape)
+    eps = 0.05
+    alpha = torch.zeros(LAYERS, 9)
+    alpha[li, h] = eps
+    rf._register_gated(stream, alpha)
+    model.set_attn_implementation(rf.GATED_NAME)
+    with torch.no_grad():
+        moved = sum(float((x.dense_logprobs.exp() * (x.dense_logprobs - rf._answer_logprobs(
+            model, x.prompt.input_ids, x.answer_ids))).sum()) for x in held)
+    model.set_attn_implementation("sdpa")
+    assert loss - moved == pytest.approx(sens[li, h] * eps, rel=0.3)
+
+
+@pytest.fixture(scope="module")
+def budgets_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("refine")
+    _run("profile", "--num-layers", str(LAYERS), "--lengths", "256", "512", "--sets", "A", "--out", str(out))
+    _run("budget", "--profile", str(out), "--density-target", "0.45", "--out", str(out))
+    return out
+
+
+def test_refine_stage_end_to_end(budgets_dir, tmp_path):
+    r = _run("refine", "--budgets", str(budgets_dir), "--num-layers", str(LAYERS), "--density-target", "0.7",
+             "--refine-step", "0.1", "--refine-prompts", "2", "--refine-lengths", "384", "--out", str(tmp_path))
+    before = json.loads((budgets_dir / "budgets.json").read_text())
+    after = json.loads((tmp_path / "budgets.json").read_text())
+    mean = lambda d: float(np.mean(d["density"]))  # noqa: E731
+    assert mean(before) <= 0.45 + 1e-6 < mean(after) <= 0.7 + 1e-6
+    assert "refined to" in after["mode"] and after["model"] == before["model"]
+    log = json.loads((tmp_path / "refine.json").read_text())
+    assert len(log["rounds"]) >= 2 and log["rounds"][0]["upgraded"] == 0
+    assert all(r2["upgraded"] > 0 for r2 in log["rounds"][1:])
+    assert np.array(log["sensitivity"]).shape == (LAYERS, 9)
+    assert "held-in" in r.stdout
+    # the place stage takes the refined budgets
+    _run("place", "--budgets", str(tmp_path), "--tp", "3", "--buckets", "4096", "--out", str(tmp_path))
+    assert (tmp_path / "plan.json").is_file()
+
+
+def test_refine_refuses_bad_input(budgets_dir, tmp_path):
+    r = _run("refine", "--budgets", str(budgets_dir), "--num-layers", str(LAYERS), "--density-target", "0.7",
+             "--out", str(budgets_dir), check=False)
+    assert r.returncode == 2 and "never over" in r.stderr
+    r = _run("refine", "--budgets", str(budgets_dir), "--num-layers", str(LAYERS), "--density-target", "0.1",
+             "--refine-prompts", "1", "--refine-lengths", "384", "--out", str(tmp_path), check=False)
+    assert r.returncode == 2 and "already above the target" in r.stderr
+    r = _run("refine", "--budgets", str(budgets_dir), "--num-layers", "3", "--density-target", "0.7",
+             "--refine-prompts", "1", "--refine-lengths", "384", "--out", str(tmp_path), check=False)
+    assert r.returncode == 2 and "the model has" in r.stderr
