@@ -43,7 +43,7 @@ from sglang_shplb.kernels.reference import (reference_decode_pages, reference_sp
 from sglang_shplb.kernels.triton_decode import DecodeScratch, build_page_summaries, group_decode  # noqa: E402
 from sglang_shplb.core.patterns import BLOCK, HeadBudget  # noqa: E402
 
-from timing import bench, log, results_writer  # noqa: E402  (bench/timing.py)
+from timing import bench, device_tag, log, results_writer  # noqa: E402  (bench/timing.py)
 
 
 SWEPT = ("dense", "stream(128+2048)", "topk0.1", "plan: 1 dense, 4 stream, 3 topk0.1 groups")
@@ -188,7 +188,7 @@ def main():
             log(f"flashinfer unavailable: {e}")
     res = {"device": device_name, "date": today, "shape": dict(hq=hq, hkv=hkv, d=d, dtype=str(dtype)),
            "checks": [], "decode": []}
-    path = os.path.join(args.out, f"decode{'_smoke' if smoke else '_h100'}")
+    path = os.path.join(args.out, f"decode_{device_tag(device_name)}")
     dump = results_writer(res, path)
 
     if smoke:
