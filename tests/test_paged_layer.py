@@ -160,6 +160,10 @@ def test_decode_splits_follow_the_walks_and_stay_within_the_workspace_bound():
     for walks in ([pages] * 8, [34] * 8, [pages, 34, 820, 34, 820, 34, 820, 34], [3, 1]):
         for bs in (1, 2, 4, 16, 64, 160):
             ns, sp = decode_splits(walks, bs)
-            assert ns & (ns - 1) == 0 and sp >= 4 and ns <= 256
+            assert ns & (ns - 1) == 0 and sp >= 1 and ns <= 64
             assert ns <= max_decode_splits(pages, bs)
-            assert max(walks) <= ns * sp or ns == 256         # the longest walk fits in ns slices of sp pages
+            assert max(walks) <= ns * sp < max(walks) + ns    # the longest walk is cut into ns slices of sp pages
+            if max(walks) >= 64:
+                assert ns >= 8                               # a long walk is never cut into fewer than 8
+    assert decode_splits([pages] * 8, 1) == (32, 64)         # batch 1: ~256 programs over the batch
+    assert decode_splits([256] * 8, 1) == (32, 8) and decode_splits([256] * 8, 16) == (8, 32)

@@ -411,9 +411,11 @@ def decode_walks(heads: LayerHeads, num_kv_heads: int, max_pages: int) -> list[i
             for hs, m in zip(heads.kv_groups(num_kv_heads), gmode)]
 
 
-# Measured on an H100 (bench/decode.py, layer_path.py, 2026-11-24): small batches want short slices (4-8 pages), large
-# ones about 2048 slices over the batch; more than 256 slices a walk only adds combine work.
-SPLIT_TARGET_PROGRAMS, SPLIT_MIN_PAGES, MAX_SPLITS = 2048, 4, 256
+# Measured on an H200 with the combine in the group kernel (bench/decode.py --splits, 2026-12-02,
+# bench/results/decode_fused): the best cut puts about 256 programs' worth of pages over the batch (8-32 pages a
+# slice: 32 slices of a dense walk at batch 1, 8 at batch 4-16), never fewer than 8 slices of a long walk, and no
+# more than 64 (the last slice merges them one by one).
+SPLIT_TARGET_PROGRAMS, SPLIT_MIN_PAGES, MIN_SPLITS, MAX_SPLITS = 256, 8, 8, 64
 
 
 def _pow2(x: int) -> int:
@@ -421,17 +423,22 @@ def _pow2(x: int) -> int:
 
 
 def decode_splits(walks: Sequence[int], batch: int) -> tuple[int, int]:
-    """``(nsplit, split_pages)`` of a layer at batch size ``batch``: each (request, KV head) cuts its walk
-    into slices of about ``split_pages`` pages (at least ``SPLIT_MIN_PAGES``; about ``SPLIT_TARGET_PROGRAMS``
-    slices over the batch if every walk is full), at most ``nsplit`` (a power of two, ``<= MAX_SPLITS``)."""
-    split_pages = max(SPLIT_MIN_PAGES, math.ceil(batch * sum(walks) / SPLIT_TARGET_PROGRAMS))
-    return min(MAX_SPLITS, _pow2(math.ceil(max(walks) / split_pages))), split_pages
+    """``(nsplit, split_pages)`` of a layer at batch size ``batch``: the longest walk is cut into ``nsplit`` slices
+    (a power of two in ``[min(MIN_SPLITS, its pages / SPLIT_MIN_PAGES), MAX_SPLITS]``) of ``split_pages`` pages,
+    about ``max(SPLIT_MIN_PAGES, batch · sum(walks) / SPLIT_TARGET_PROGRAMS)``; shorter walks take slices of
+    the same size, so programs follow pages."""
+    longest = max(walks)
+    size = max(SPLIT_MIN_PAGES, math.ceil(batch * sum(walks) / SPLIT_TARGET_PROGRAMS))
+    floor = min(MIN_SPLITS, _pow2(math.ceil(longest / SPLIT_MIN_PAGES)))
+    nsplit = min(MAX_SPLITS, max(floor, _pow2(math.ceil(longest / size))))
+    return nsplit, max(1, math.ceil(longest / nsplit))
 
 
 def max_decode_splits(max_pages: int, batch: int) -> int:
-    """An upper bound of :func:`decode_splits`' ``nsplit`` over every layer of ``max_pages`` pages."""
-    return min(MAX_SPLITS, _pow2(min(math.ceil(max_pages / SPLIT_MIN_PAGES),
-                                     math.ceil(SPLIT_TARGET_PROGRAMS / batch))))
+    """An upper bound of :func:`decode_splits`' ``nsplit`` over every layer of ``max_pages`` pages (the slice size is
+    at least ``batch · longest / SPLIT_TARGET_PROGRAMS``)."""
+    return min(MAX_SPLITS, _pow2(math.ceil(max_pages / SPLIT_MIN_PAGES)),
+               max(MIN_SPLITS, _pow2(math.ceil(SPLIT_TARGET_PROGRAMS / batch))))
 
 
 class DecodeScratch:
