@@ -208,3 +208,26 @@ def test_install_script_turns_the_expected_pip_conflicts_into_one_line(tmp_path)
     r = subprocess.run(["bash", str(SCRIPT), "--summarise-pip-log", str(log)], capture_output=True, text=True,
                        timeout=60)
     assert r.stderr.splitlines() == [expected[0], "foo 1.0 requires bar, which is not installed."]  # not hidden
+
+
+def test_report_shows_sparse_vs_stock_per_phase_and_bucket(written):
+    from sglang_shplb.planning.stock_decision import sparse_vs_stock
+
+    out, plan = written
+    text = (out / "report.txt").read_text().split("sparse vs the stock backend")[1].split("\nTP ")[0]
+    lines = [ln for ln in text.splitlines() if re.match(r"\s+(prefill|decode)\s", ln)]
+    rows = sparse_vs_stock(plan)
+    assert len(lines) == len(rows) == 2 * len(plan.buckets)
+    for ln, r in zip(lines, rows):   # the numbers are the decision's, in ms
+        assert f"sparse {r['sparse_s'] * 1e3:9.3f}" in ln and f"{r['n_stock']} layers stock" in ln
+
+
+def test_refine_rounds_in_the_report():
+    from sglang_shplb.planning.report import refine_lines
+
+    doc = {"prompts": [{}] * 4, "dense_correct": 3,
+           "rounds": [{"density": 0.2, "upgraded": 0, "sparse_correct": 1, "kept": 2},
+                      {"density": 0.3, "upgraded": 17, "sparse_correct": 3, "kept": 4}]}
+    lines = refine_lines(doc)
+    assert "4 held-in prompts, dense right on 3" in lines[0]
+    assert "round 1: mean density 0.300, 17 heads upgraded, plan right on 3" in lines[2] and "4/4" in lines[2]

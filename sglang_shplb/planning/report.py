@@ -15,6 +15,7 @@ would not run: its speedups are marked ``*`` with a footnote in the text and the
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +32,8 @@ from sglang_shplb.planning.place import (compare_solvers, evaluate_placement, la
                                         resolve_solve_opts, solve_plan_placements)
 from sglang_shplb.planning.profile import ProfileResult, load_profile
 from sglang_shplb.planning.quality import load_quality
+from sglang_shplb.planning.refine import REFINE_NAME
+from sglang_shplb.planning.stock_decision import sparse_vs_stock
 
 
 def _fmt_ms(s: float) -> str:
@@ -102,6 +105,29 @@ def comparison_table(rows: list[dict], buckets: Buckets, spec: ModelSpec | None 
     return "\n".join(out)
 
 
+def stock_table(rows: list[dict]) -> str:
+    """The plan's sparse-vs-stock decision (:func:`~sglang_shplb.planning.stock_decision.sparse_vs_stock`): per
+    phase and bucket, the predicted attention time of one forward (TP 1) with every layer sparse, every layer
+    on the stock backend, and as served (stock where the plan marks a layer)."""
+    out = ["\nsparse vs the stock backend, predicted attention ms per forward at TP 1 (prefill: one request; "
+           "decode: one step), every layer sparse / every layer stock / as served, layers on stock:"]
+    for r in rows:
+        out.append(f"  {r['phase']:>7} {_len(r['upper']):>5}: sparse {_fmt_ms(r['sparse_s']):>9}  stock "
+                   f"{_fmt_ms(r['stock_s']):>9}  served {_fmt_ms(r['served_s']):>9}  ({r['n_stock']} layers stock, "
+                   f"x{r['stock_s'] / r['served_s']:.2f} vs stock)")
+    return "\n".join(out)
+
+
+def refine_lines(doc: dict) -> list[str]:
+    """The refine stage's rounds (``refine.json``): density, held-in prompts kept and right."""
+    n = len(doc["prompts"])
+    out = [f"\nbudgets refined on answers ({n} held-in prompts, dense right on {doc['dense_correct']}):"]
+    for i, r in enumerate(doc["rounds"]):
+        out.append(f"  round {i}: mean density {r['density']:.3f}, {r['upgraded']} heads upgraded, plan right on "
+                   f"{r['sparse_correct']}, kept (right wherever dense is) {r['kept']}/{n}")
+    return out
+
+
 def _len(n: int) -> str:
     return f"{n // 1024}K" if n >= 1024 else str(n)
 
@@ -118,14 +144,16 @@ def report_plan(plan_path, out_dir, calibration=None, quality: list[dict] | None
     if quality is None:
         quality = load_quality(folder)
     cost = load_cost_model(calibration) if calibration else plan_cost_model(plan.meta)
+    refine = folder / REFINE_NAME
     return write_report(Path(out_dir), plan, cost, None, profile, stab, quality, plan.meta.get("solve_options", {}),
-                        evaluation=load_eval(folder))
+                        evaluation=load_eval(folder),
+                        refine=json.loads(refine.read_text()) if refine.is_file() else None)
 
 
 def write_report(out_dir: Path, plan: Plan, cost: CostModel, budgets: BudgetResult | None = None,
                  profile: ProfileResult | None = None, stab: Stability | None = None,
                  quality: list[dict] | None = None, solve_opts: dict | None = None, log=print,
-                 evaluation: dict | None = None) -> Path:
+                 evaluation: dict | None = None, refine: dict | None = None) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -168,8 +196,11 @@ def write_report(out_dir: Path, plan: Plan, cost: CostModel, budgets: BudgetResu
             lines.append(f"  {q['tokens']:>5} tokens  passkey {q['answer']}: dense {q['dense']!r:>10}  "
                          f"sparse {q['sparse']!r:>10}  next-token top-1 agree {q['top1_agree']}  "
                          f"last-logit rel. diff {q['logit_rel_diff']:.3f}")
+    if refine:
+        lines += refine_lines(refine)
     if evaluation:
         lines += ["", *summary_lines(evaluation)]
+    lines.append(stock_table(sparse_vs_stock(plan)))
     note = tp_footnote(spec, tps)
     if note:
         lines.append(note)
