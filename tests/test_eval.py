@@ -48,6 +48,13 @@ def test_generators_are_deterministic(tok, prompts):
     assert make_prompt(tok, "passkey", 1024, 1).input_ids != make_prompt(tok, "passkey", 1024, 0).input_ids
 
 
+def test_worker_processes_make_the_same_prompts_in_order(tok, prompts):
+    calls = []
+    some = [p for p in prompts if p.length == 1024 and p.task in ("passkey", "cwe", "qa")]
+    par = eval_prompts(tok, ["passkey", "cwe", "qa"], [1024], len(DEPTHS), lambda: calls.append(1), workers=2)
+    assert [p.input_ids for p in par] == [p.input_ids for p in some] and len(calls) == len(some)
+
+
 def test_lengths_within_two_percent(prompts):
     for p in prompts:
         assert 0.98 * p.length <= len(p.input_ids) <= p.length, (p.name, len(p.input_ids))

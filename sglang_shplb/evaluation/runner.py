@@ -12,6 +12,7 @@ settings record both). Answers are kept as they come
 from __future__ import annotations
 
 import hashlib
+import os
 import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -164,7 +165,8 @@ def run_eval(cfg: EvalConfig, log=print) -> list[Path]:
     lengths = _lengths(cfg, AutoConfig.from_pretrained(model).max_position_embeddings)
     tokenizer = AutoTokenizer.from_pretrained(model)
     with tqdm(total=len(cfg.tasks) * len(lengths) * cfg.per_task, desc="eval: generating prompts", unit="prompt") as bar:
-        prompts = eval_prompts(tokenizer, cfg.tasks, lengths, cfg.per_task, bar.update)
+        prompts = eval_prompts(tokenizer, cfg.tasks, lengths, cfg.per_task, bar.update,
+                               workers=min(8, os.cpu_count() or 1) if len(cfg.tasks) * len(lengths) * cfg.per_task > 16 else 1)
     context = max(len(p.input_ids) + _max_new(p, cfg) for p in prompts) + 8
     dense_backend = cfg.dense_backend or DENSE_BACKEND[cfg.device]
     dense, sparse = server_specs(model, plan_files, cfg.device, dtype, context, cfg.concurrency, cfg.server_args,

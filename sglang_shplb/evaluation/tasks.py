@@ -311,13 +311,40 @@ def make_prompt(tokenizer, task: str, length: int, index: int) -> EvalPrompt:
     return _needle_prompt(tokenizer, TASKS[task], length, index)
 
 
+_WORKER_TOKENIZER = None
+
+
+def _init_worker(tokenizer) -> None:
+    global _WORKER_TOKENIZER
+    _WORKER_TOKENIZER = tokenizer
+
+
+def _worker_prompt(job: tuple[str, int, int]) -> EvalPrompt:
+    return make_prompt(_WORKER_TOKENIZER, *job)
+
+
 def eval_prompts(tokenizer, tasks: list[str], lengths: list[int], per_task: int,
-                 progress: Callable[[], None] | None = None) -> list[EvalPrompt]:
+                 progress: Callable[[], None] | None = None, workers: int = 1) -> list[EvalPrompt]:
     """``per_task`` prompts per task and length, depths cycling through :data:`DEPTHS`; ``progress`` is
-    called after each (fitting a prompt to its length tokenizes it several times: ~0.5 s at 8K)."""
+    called after each (fitting a prompt to its length tokenizes it several times: ~0.5-1 s at 8K), ``workers``
+    processes make them (the same prompts, in the same order, for any number)."""
+    jobs = [(t, n, i) for t in tasks for n in lengths for i in range(per_task)]
+    if workers <= 1:
+        made = (make_prompt(tokenizer, *job) for job in jobs)
+        pool = None
+    else:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        pool = ProcessPoolExecutor(workers, multiprocessing.get_context("spawn"), _init_worker, (tokenizer,))
+        made = pool.map(_worker_prompt, jobs, chunksize=max(1, len(jobs) // (8 * workers)))
     out = []
-    for t, n, i in ((t, n, i) for t in tasks for n in lengths for i in range(per_task)):
-        out.append(make_prompt(tokenizer, t, n, i))
-        if progress is not None:
-            progress()
+    try:
+        for p in made:
+            out.append(p)
+            if progress is not None:
+                progress()
+    finally:
+        if pool is not None:
+            pool.shutdown()
     return out
