@@ -21,12 +21,11 @@ import torch
 from sglang_shplb.core.patterns import BLOCK, HeadBudget, Pattern
 
 
-def _expand_block_mask(mask: torch.Tensor, n_kv: int, block: int = BLOCK) -> torch.Tensor:
-    """``[H, nb, nb]`` block mask → ``[H, n_kv, n_kv]`` token mask, token-causal everywhere."""
-    tok_blk = torch.arange(n_kv, device=mask.device) // block
-    m = mask[:, tok_blk][:, :, tok_blk]
-    causal = torch.ones(n_kv, n_kv, dtype=torch.bool, device=mask.device).tril()
-    return m & causal
+def _expand_block_mask(mask: torch.Tensor, n_kv: int, n_q: int, block: int = BLOCK) -> torch.Tensor:
+    """``[H, nb, nb]`` block mask → ``[H, n_q, n_kv]`` token mask of the last ``n_q`` positions, token-causal."""
+    kpos = torch.arange(n_kv, device=mask.device)
+    qpos = kpos[n_kv - n_q:]
+    return mask[:, qpos // block][:, :, kpos // block] & (kpos[None, :] <= qpos[:, None])
 
 
 def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: torch.Tensor,
@@ -44,7 +43,7 @@ def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_ma
     qq = q.to(compute_dtype).transpose(0, 1)                                  # [Hq, n_q, d]
     kk = k.to(compute_dtype).transpose(0, 1).repeat_interleave(group, 0)      # [Hq, n_kv, d]
     vv = v.to(compute_dtype).transpose(0, 1).repeat_interleave(group, 0)
-    allowed = _expand_block_mask(block_mask.to(q.device), n_kv, block)[:, n_kv - n_q:]  # [Hq, n_q, n_kv]
+    allowed = _expand_block_mask(block_mask.to(q.device), n_kv, n_q, block)   # [Hq, n_q, n_kv]
     s = (qq @ kk.transpose(1, 2)) * scale
     s = s.masked_fill(~allowed, float("-inf"))
     p = torch.softmax(s, dim=-1)
