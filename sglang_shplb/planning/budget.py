@@ -160,15 +160,22 @@ def budgets_by_density_target(profile: ProfileResult, target: float, ref_len: in
 
 def _greedy_fill(choice: np.ndarray, dens: np.ndarray, worst: np.ndarray, target: float) -> np.ndarray:
     """Upgrade heads by best recall gain per extra density while the mean stays within target."""
+    def gain(choice: np.ndarray) -> np.ndarray:
+        return worst - np.take_along_axis(worst, choice[..., None], -1)
+
+    return greedy_upgrade(choice, dens, target - dens[choice].mean(), gain)
+
+
+def greedy_upgrade(choice: np.ndarray, dens: np.ndarray, spend: float, gain) -> np.ndarray:
+    """Move heads ``[L, H]`` to other options, best ``gain(choice) [L, H, O]`` per unit of extra density first,
+    while the mean density added stays within ``spend``. Pure."""
     choice = choice.copy()
     L, H = choice.shape
-    budget = target * L * H - dens[choice].sum()
+    budget = spend * L * H
     while True:
-        cur_d = dens[choice][..., None]
-        cur_r = np.take_along_axis(worst, choice[..., None], -1)
-        extra = dens[None, None, :] - cur_d
-        gain = worst - cur_r
-        ratio = np.where((extra > 1e-12) & (gain > 1e-9) & (extra <= budget + 1e-12), gain / np.maximum(extra, 1e-12), -1)
+        extra = dens[None, None, :] - dens[choice][..., None]
+        g = gain(choice)
+        ratio = np.where((extra > 1e-12) & (g > 1e-9) & (extra <= budget + 1e-12), g / np.maximum(extra, 1e-12), -1)
         flat = int(ratio.argmax())
         if ratio.flat[flat] <= 0:
             return choice

@@ -35,7 +35,7 @@ import torch
 from sglang_shplb.core.block_masks import build_block_masks
 from sglang_shplb.core.patterns import HeadBudget
 from sglang_shplb.kernels.reference import masked_attention
-from sglang_shplb.planning.budget import BudgetsFile, option_table
+from sglang_shplb.planning.budget import BudgetsFile, greedy_upgrade, option_table
 from sglang_shplb.planning.calibration_data import CalibrationPrompt, make_prompt
 from sglang_shplb.planning.profile import ProfileResult
 from sglang_shplb.planning.quality import ATTN_NAME, register_sparse_attention
@@ -188,21 +188,11 @@ def sparse_answers(model, tokenizer, budgets: list[list[HeadBudget]], held: list
 def upgrade(choice: np.ndarray, dens: np.ndarray, recall: np.ndarray, sens: np.ndarray, spend: float) -> np.ndarray:
     """Spend ``spend`` of mean density on the best predicted gain per unit of density (module docstring):
     gain of option ``o`` for head ``h`` = ``sens[h] · (R[h,o] − R[h,c]) / (1 − R[h,c])``. Pure."""
-    choice = choice.copy()
-    L, H = choice.shape
-    budget = spend * L * H
-    while True:
-        cur_r = np.take_along_axis(recall, choice[..., None], -1)
-        extra = dens[None, None, :] - dens[choice][..., None]
-        closed = (recall - cur_r) / np.maximum(1.0 - cur_r, 1e-6)
-        gain = sens[..., None] * closed
-        ratio = np.where((extra > 1e-12) & (gain > 0) & (extra <= budget + 1e-12), gain / np.maximum(extra, 1e-12), -1)
-        flat = int(ratio.argmax())
-        if ratio.flat[flat] <= 0:
-            return choice
-        li, h, o = np.unravel_index(flat, ratio.shape)
-        budget -= extra[li, h, o]
-        choice[li, h] = o
+    def gain(choice: np.ndarray) -> np.ndarray:
+        cur = np.take_along_axis(recall, choice[..., None], -1)
+        return sens[..., None] * (recall - cur) / np.maximum(1.0 - cur, 1e-6)
+
+    return greedy_upgrade(choice, dens, spend, gain)
 
 
 def option_choice(budgets: list[list[HeadBudget]], opts) -> np.ndarray:
