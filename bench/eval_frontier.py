@@ -92,7 +92,7 @@ def main() -> None:
         fl = first_loss(rows, m)
         lines.append(f"\nbudgets on {m} rows, the highest density at which the task loses more than {LOSS_POINTS:g} "
                      f"points (95 % interval below): "
-                     + ", ".join(f"{t} {'no plan measured' if d is None else f'{d:.2f}'}" for t, d in fl.items()))
+                     + ", ".join(f"{t} {'none of the measured plans' if d is None else f'{d:.2f}'}" for t, d in fl.items()))
     text = "\n".join(lines)
     print(text)
     a.out.mkdir(parents=True, exist_ok=True)
