@@ -119,3 +119,14 @@ def test_refine_refuses_bad_input(budgets_dir, tmp_path):
     r = _run("refine", "--budgets", str(budgets_dir), "--num-layers", "3", "--density-target", "0.7",
              "--refine-prompts", "1", "--refine-lengths", "384", "--out", str(tmp_path), check=False)
     assert r.returncode == 2 and "the model has" in r.stderr
+
+
+def test_plan_refine_to_runs_the_stage_and_reports_it(tmp_path):
+    r = _run("plan", "--num-layers", str(LAYERS), "--lengths", "256", "512", "--sets", "A", "--tp", "3",
+             "--buckets", "4096", "--eval-lengths", "--density-target", "0.45", "--refine-to", "0.6",
+             "--refine-prompts", "1", "--refine-lengths", "384", "--out", str(tmp_path))
+    assert "[2b/5] refine" in r.stdout
+    after = json.loads((tmp_path / "budgets.json").read_text())
+    assert "refined to" in after["mode"] and 0.45 < float(np.mean(after["density"])) <= 0.6 + 1e-6
+    assert (tmp_path / "refine.json").is_file()
+    assert "budgets refined on answers (1 held-in prompts" in (tmp_path / "report.txt").read_text()
