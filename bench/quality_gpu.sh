@@ -24,9 +24,15 @@ if [ "$what" = start ]; then
   [ "${1:-}" = -- ] && shift
   mkdir -p "$RUN"; cp -r "$profile" "$RUN/profile"
   printf '%q ' "$@" > "$RUN/eval_flags"
+  printf '%s\n' "$plans" "${specs[@]}" > "$RUN/specs"
   python3 -m pip install -q --no-index --no-deps --no-build-isolation --target /tmp/site "$HERE" >/dev/null 2>&1
-  (
+  setsid nohup bash "$HERE/bench/quality_gpu.sh" drive > "$RUN/driver.out" 2>&1 < /dev/null &
+  echo $! > "$RUN/pid"
+  sleep 5; collect; exit 0
+fi
+if [ "$what" = drive ]; then  # the detached part of start (it outlives the call)
     cd "$HERE"
+    { read -r plans; mapfile -t specs; } < "$RUN/specs"
     python3 -m sglang.launch_server --model-path /tmp/smollm2 --attention-backend flashinfer --host 127.0.0.1 \
       --port 30999 --mem-fraction-static 0.1 --disable-prefill-cuda-graph --cuda-graph-max-bs 8 > "$RUN/jit_warm.log" 2>&1 &
     warm=$!
@@ -54,9 +60,7 @@ if [ "$what" = start ]; then
     eval "bash bench/eval_gpu.sh start $(printf '%s\n' "${evalplans[@]}" | sort -u | tr '\n' ' ') -- $(cat "$RUN/eval_flags")" \
       >> "$RUN/driver.log" 2>&1
     echo "eval started $(date -u +%T)" >> "$RUN/driver.log"
-  ) > "$RUN/driver.out" 2>&1 < /dev/null &
-  echo $! > "$RUN/pid"
-  sleep 5; collect; exit 0
+    exit 0
 fi
 if [ "$what" = wait ]; then
   end=$(( $(date +%s) + ${1:-500} ))
