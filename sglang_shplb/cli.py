@@ -231,7 +231,7 @@ def cmd_budget(a) -> Path:
 def cmd_refine(a, density_target=None, until_match=None) -> Path:
     from sglang_shplb.planning import refine as rf
     from sglang_shplb.planning.budget import load_budgets, save_budgets
-    from sglang_shplb.planning.model_store import resolve_model
+    from sglang_shplb.planning.model_store import load_model, resolve_model
     from sglang_shplb.planning.profile import load_profile
 
     budgets = load_budgets(a.budgets)
@@ -239,7 +239,7 @@ def cmd_refine(a, density_target=None, until_match=None) -> Path:
     if Path(a.out).resolve() == source.resolve() and a.cmd == "refine":
         raise ValueError(f"--out {a.out} is the budgets' folder: refine writes beside, never over, its input")
     profile = load_profile(a.profile or source)
-    model, tok = rf.load_model(resolve_model(a.model, a.cache_dir), a.device, a.num_layers)
+    model, tok = load_model(resolve_model(a.model, a.cache_dir), a.device, a.num_layers)
     held = rf.held_in_prompts(tok, a.refine_lengths, a.refine_prompts)
     print(f"refine: {len(held)} held-in prompts of {sorted({len(h.input_ids) for h in held})} tokens, dense answers")
     held = rf.dense_answers(model, tok, held)

@@ -9,7 +9,7 @@ import torch
 
 from sglang_shplb.core.patterns import HeadBudget
 from sglang_shplb.planning import refine as rf
-from sglang_shplb.planning.model_store import default_checkpoint
+from sglang_shplb.planning.model_store import default_checkpoint, load_model
 
 LAYERS = 2
 
@@ -47,7 +47,7 @@ def test_option_choice_refuses_a_budget_of_another_profile():
 @pytest.fixture(scope="module")
 def small():
     torch.manual_seed(0)
-    model, tok = rf.load_model(default_checkpoint(), "cpu", LAYERS)
+    model, tok = load_model(default_checkpoint(), "cpu", LAYERS)
     held = rf.dense_answers(model, tok, rf.held_in_prompts(tok, [384], 2), max_new=4)
     return model, tok, held
 

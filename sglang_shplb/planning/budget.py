@@ -112,11 +112,15 @@ def _cheapest_at(dens: np.ndarray, recall: np.ndarray, level: float) -> np.ndarr
     return cost.argmin(-1)
 
 
-def _result(opts: list[Option], dens, worst, choice, ref_len, mode) -> BudgetResult:
-    L, H = choice.shape
-    budgets = [[opts[choice[li, h]].budget for h in range(H)] for li in range(L)]
+def budgets_of(opts: list[Option], choice: np.ndarray) -> list[list[HeadBudget]]:
+    """The budgets ``[L][H]`` of the option indices ``choice [L, H]``."""
+    return [[opts[c].budget for c in row] for row in choice]
+
+
+def budget_result(opts: list[Option], dens, worst, choice, ref_len, mode) -> BudgetResult:
+    """The result of choosing option ``choice [L, H]`` from :func:`option_table`'s ``opts, dens, worst``."""
     rec = np.take_along_axis(worst, choice[..., None], -1)[..., 0]
-    return BudgetResult(budgets, choice, rec, dens[choice], ref_len, mode)
+    return BudgetResult(budgets_of(opts, choice), choice, rec, dens[choice], ref_len, mode)
 
 
 def budgets_by_tau(profile: ProfileResult, tau: float = 0.95, ref_len: int | None = None,
@@ -125,7 +129,7 @@ def budgets_by_tau(profile: ProfileResult, tau: float = 0.95, ref_len: int | Non
         raise ValueError(f"tau must be in (0, 1], got {tau}")
     opts, dens, worst = option_table(profile, ref_len, rows=rows, needle_scale=needle_scale)
     _require_dense(opts)
-    return _result(opts, dens, worst, _cheapest_at(dens, worst, tau), ref_len or max(profile.lengths),
+    return budget_result(opts, dens, worst, _cheapest_at(dens, worst, tau), ref_len or max(profile.lengths),
                    f"tau={tau}, {rows} rows")
 
 
@@ -155,7 +159,7 @@ def budgets_by_density_target(profile: ProfileResult, target: float, ref_len: in
             hi = mid - 1
     choice = _cheapest_at(dens, worst, levels[lo])
     choice = _greedy_fill(choice, dens, worst, target)
-    return _result(opts, dens, worst, choice, ref_len or max(profile.lengths), f"density<={target}, {rows} rows")
+    return budget_result(opts, dens, worst, choice, ref_len or max(profile.lengths), f"density<={target}, {rows} rows")
 
 
 def _greedy_fill(choice: np.ndarray, dens: np.ndarray, worst: np.ndarray, target: float) -> np.ndarray:

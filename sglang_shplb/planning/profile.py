@@ -249,18 +249,16 @@ def profile_model(model_dir, lengths: list[int], sets: tuple[str, ...] = ("A", "
     ``num_layers`` truncates the model (tests); lengths above the model's context are refused.
     """
     from tqdm.auto import tqdm
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig
 
     from sglang_shplb.planning.calibration_data import calibration_prompts
+    from sglang_shplb.planning.model_store import load_model
 
     cfg = AutoConfig.from_pretrained(model_dir)
     limit = getattr(cfg, "max_position_embeddings", None)
     if limit and max(lengths) > limit:
         raise ValueError(f"calibration length {max(lengths)} exceeds the model's context {limit}")
-    kwargs = {"num_hidden_layers": num_layers} if num_layers else {}
-    dtype = torch.float32 if device == "cpu" else torch.bfloat16
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, **kwargs).to(device).eval()
-    tok = AutoTokenizer.from_pretrained(model_dir)
+    model, tok = load_model(model_dir, device, num_layers)
     options = options or default_options()
     n_layers, n_heads = model.config.num_hidden_layers, model.config.num_attention_heads
     from sglang_shplb.core.model_spec import ModelSpec

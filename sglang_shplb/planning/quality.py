@@ -43,15 +43,23 @@ def register_sparse_attention(budgets: list[list[HeadBudget]]) -> None:
                           torch.arange(n, device=query.device, dtype=torch.int32)[None], one, one + n,
                           budgets[module.layer_idx], kwargs.get("scaling") or module.scaling, out[0])
             return out, None
-        q, k, v = query[0].transpose(0, 1), key[0].transpose(0, 1), value[0].transpose(0, 1)  # [n, H, d]
-        masks = build_block_masks(budgets[module.layer_idx], query[0], key[0])
-        group = q.shape[1] // k.shape[1]
-        out = torch.cat([masked_attention(q[:, g * group:(g + 1) * group], k[:, g:g + 1], v[:, g:g + 1],
-                                          masks[g * group:(g + 1) * group], kwargs.get("scaling"))
-                         for g in range(k.shape[1])], dim=1)
-        return out.to(query.dtype)[None], None
+        return masked_prefill(budgets[module.layer_idx], query, key, value, kwargs.get("scaling")).to(query.dtype), None
 
     AttentionInterface.register(ATTN_NAME, sparse)
+
+
+def masked_prefill(budgets: list[HeadBudget], query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                   scaling: float | None) -> torch.Tensor:
+    """One layer's prefill under its budgets, from transformers' attention inputs (``query [1, H, n, d]``,
+    ``key/value [1, Hkv, n, d]``): the kernels' block masks (no gradient through their choice), masked dense
+    attention per KV group. Returns float32 ``[1, n, H, d]``, differentiable in q, k, v."""
+    q, k, v = query[0].transpose(0, 1), key[0].transpose(0, 1), value[0].transpose(0, 1)  # [n, H, d]
+    with torch.no_grad():
+        masks = build_block_masks(budgets, query[0], key[0])
+    group = q.shape[1] // k.shape[1]
+    return torch.cat([masked_attention(q[:, g * group:(g + 1) * group], k[:, g:g + 1], v[:, g:g + 1],
+                                       masks[g * group:(g + 1) * group], scaling)
+                      for g in range(k.shape[1])], dim=1)[None]
 
 
 @torch.no_grad()

@@ -32,13 +32,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sglang_shplb.core.block_masks import build_block_masks
 from sglang_shplb.core.patterns import HeadBudget
-from sglang_shplb.kernels.reference import masked_attention
-from sglang_shplb.planning.budget import BudgetsFile, greedy_upgrade, option_table
+from sglang_shplb.planning.budget import BudgetResult, BudgetsFile, budget_result, budgets_of, greedy_upgrade, option_table
 from sglang_shplb.planning.calibration_data import CalibrationPrompt, make_prompt
 from sglang_shplb.planning.profile import ProfileResult
-from sglang_shplb.planning.quality import ATTN_NAME, register_sparse_attention
+from sglang_shplb.planning.quality import ATTN_NAME, masked_prefill, register_sparse_attention
 
 GATED_NAME = "shplb_gated"
 REFINE_NAME = "refine.json"
@@ -71,10 +69,7 @@ class Round:
 
 @dataclass
 class RefineResult:
-    budgets: list[list[HeadBudget]]
-    choice: np.ndarray             # [L, H] option index
-    recall: np.ndarray
-    density: np.ndarray
+    result: BudgetResult           # the refined budgets, their recall and density
     sensitivity: np.ndarray        # [L, H] of the last round measured
     rounds: list[Round]
     dense_correct: int
@@ -85,18 +80,6 @@ def held_in_prompts(tokenizer, lengths: list[int], count: int) -> list[Calibrati
     """``count`` calibration-style documents, lengths cycling, sets A/B alternating, seeds from
     :data:`HELD_IN_SEED` (disjoint from the profile's)."""
     return [make_prompt(tokenizer, lengths[i % len(lengths)], "AB"[i % 2], HELD_IN_SEED + i) for i in range(count)]
-
-
-def load_model(model_dir, device: str, num_layers: int | None = None):
-    """The checkpoint in the serving dtype of ``device`` (float32 on CPU, bf16 on CUDA) and its tokenizer."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    kwargs = {"num_hidden_layers": num_layers} if num_layers else {}
-    dtype = torch.float32 if device == "cpu" else torch.bfloat16
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, **kwargs).to(device).eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model, AutoTokenizer.from_pretrained(model_dir)
 
 
 def _eos_ids(model) -> set[int]:
@@ -137,13 +120,7 @@ def _register_gated(budgets: list[list[HeadBudget]], alpha: torch.Tensor) -> Non
 
     def gated(module, query, key, value, attention_mask, **kwargs):
         dense, _ = sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)  # [1, n, H, d]
-        q, k, v = query[0].transpose(0, 1), key[0].transpose(0, 1), value[0].transpose(0, 1)  # [n, H, d]
-        with torch.no_grad():
-            masks = build_block_masks(budgets[module.layer_idx], query[0], key[0])
-        group = q.shape[1] // k.shape[1]
-        sparse = torch.cat([masked_attention(q[:, g * group:(g + 1) * group], k[:, g:g + 1], v[:, g:g + 1],
-                                             masks[g * group:(g + 1) * group], kwargs.get("scaling"))
-                            for g in range(k.shape[1])], dim=1)[None]                         # [1, n, H, d]
+        sparse = masked_prefill(budgets[module.layer_idx], query, key, value, kwargs.get("scaling"))
         a = alpha[module.layer_idx][None, None, :, None]
         return (sparse + a * (dense.float() - sparse)).to(query.dtype), None
 
@@ -228,8 +205,7 @@ def refine_budgets(model, tokenizer, budgets: BudgetsFile, profile: ProfileResul
     dense_ok = [h.dense_correct for h in held]
 
     def validate(loss: float, upgraded: int) -> Round:
-        plan = [[opts[c].budget for c in row] for row in choice]
-        answers = sparse_answers(model, tokenizer, plan, held)
+        answers = sparse_answers(model, tokenizer, budgets_of(opts, choice), held)
         right = [h.prompt.answer in a for h, a in zip(held, answers)]
         r = Round(float(dens[choice].mean()), loss, upgraded, sum(s or not d for s, d in zip(right, dense_ok)),
                   sum(right), answers)
@@ -245,8 +221,7 @@ def refine_budgets(model, tokenizer, budgets: BudgetsFile, profile: ProfileResul
         if (done_target and done_match) or dens[choice].mean() >= max_density - 1e-6:
             break
         left = (density_target if not done_target else max_density) - dens[choice].mean()
-        plan = [[opts[c].budget for c in row] for row in choice]
-        sens, loss = gate_sensitivity(model, plan, held)
+        sens, loss = gate_sensitivity(model, budgets_of(opts, choice), held)
         new = upgrade(choice, dens, recall, sens, min(step, left))
         changed = int((new != choice).sum())
         if changed == 0:
@@ -254,15 +229,14 @@ def refine_budgets(model, tokenizer, budgets: BudgetsFile, profile: ProfileResul
             break
         choice = new
         rounds.append(validate(loss, changed))
-    L, H = choice.shape
-    final = [[opts[choice[li, h]].budget for h in range(H)] for li in range(L)]
-    rec = np.take_along_axis(recall, choice[..., None], -1)[..., 0]
-    return RefineResult(final, choice, rec, dens[choice], sens, rounds, sum(dense_ok), len(held))
+    result = budget_result(opts, dens, recall, choice, budgets.ref_len,
+                           f"{budgets.mode}, refined to {rounds[-1].density:.3f} on answers")
+    return RefineResult(result, sens, rounds, sum(dense_ok), len(held))
 
 
 def refined_file(budgets: BudgetsFile, res: RefineResult) -> BudgetsFile:
-    return BudgetsFile(budgets.model, f"{budgets.mode}, refined to {res.rounds[-1].density:.3f} on answers",
-                       budgets.ref_len, budgets.tau, res.budgets, res.recall, res.density, budgets.stability)
+    r = res.result
+    return BudgetsFile(budgets.model, r.mode, r.ref_len, budgets.tau, r.budgets, r.recall, r.density, budgets.stability)
 
 
 def save_refine(res: RefineResult, held: list[HeldIn], folder) -> Path:
