@@ -6,6 +6,9 @@
 #            = NAME:START:until:MAX  refine until the held-in answers match dense, at most MAX
 #       then place each for TP 3 (every layer sparse) and run bench/eval_gpu.sh on the refined plans and
 #       the START plans; while refining, a stock server builds FlashInfer's JIT kernels once.
+#       Environment: REFINE_PROMPTS (held-in prompts, default 12); EVAL_START_PLANS=0 (do not evaluate the
+#       START plans again); EXTRA_PLANS="DIR..." (placed plans evaluated beside); PREFILL_ONLY=1 (each refined
+#       plan also placed with --stock-decode as NAME_prefill and evaluated: its sparse prefill alone).
 #   bash bench/quality_gpu.sh wait SECONDS
 # Results: $OUT/refine_h200.tgz (refined plans, their refine.json, logs), then eval_gpu.sh's $OUT/eval_h200.tgz.
 set -uo pipefail
@@ -25,6 +28,9 @@ if [ "$what" = start ]; then
   mkdir -p "$RUN"; cp -r "$profile" "$RUN/profile"
   printf '%q ' "$@" > "$RUN/eval_flags"
   printf '%s\n' "$plans" "${specs[@]}" > "$RUN/specs"
+  printf 'REFINE_PROMPTS=%q EVAL_START_PLANS=%q PREFILL_ONLY=%q\n' "${REFINE_PROMPTS:-12}" "${EVAL_START_PLANS:-1}" \
+    "${PREFILL_ONLY:-0}" > "$RUN/knobs"
+  mkdir -p "$RUN/extra"; for d in ${EXTRA_PLANS:-}; do cp -r "$d" "$RUN/extra/"; done
   python3 -m pip install -q --no-index --no-deps --no-build-isolation --target /tmp/site "$HERE" >/dev/null 2>&1
   setsid nohup bash "$HERE/bench/quality_gpu.sh" drive > "$RUN/driver.out" 2>&1 < /dev/null &
   echo $! > "$RUN/pid"
@@ -33,6 +39,7 @@ fi
 if [ "$what" = drive ]; then  # the detached part of start (it outlives the call)
     cd "$HERE"
     { read -r plans; mapfile -t specs; } < "$RUN/specs"
+    source "$RUN/knobs"
     python3 -m sglang.launch_server --model-path /tmp/smollm2 --attention-backend flashinfer --host 127.0.0.1 \
       --port 30999 --mem-fraction-static 0.1 --disable-prefill-cuda-graph --cuda-graph-max-bs 8 > "$RUN/jit_warm.log" 2>&1 &
     warm=$!
@@ -42,18 +49,22 @@ if [ "$what" = drive ]; then  # the detached part of start (it outlives the call
       flags=(--density-target "$kind")
       [ "$kind" = until ] && flags=(--until-match --max-density "$max")
       ( timeout 900 python3 -m sglang_shplb refine --budgets "$plans/$start" --profile "$RUN/profile" \
-          --model /tmp/smollm2 --device cuda "${flags[@]}" --refine-prompts 12 --refine-lengths 2048 4096 8000 \
-          --out "$RUN/$name" > "$RUN/$name.log" 2>&1 \
+          --model /tmp/smollm2 --device cuda "${flags[@]}" --refine-prompts "$REFINE_PROMPTS" \
+          --refine-lengths 2048 4096 8000 --out "$RUN/$name" > "$RUN/$name.log" 2>&1 \
         && python3 -m sglang_shplb place --budgets "$RUN/$name" --tp 3 --no-stock-fallback --out "$RUN/$name" \
-          >> "$RUN/$name.log" 2>&1 ) &
+          >> "$RUN/$name.log" 2>&1 \
+        && if [ "$PREFILL_ONLY" = 1 ]; then python3 -m sglang_shplb place --budgets "$RUN/$name" --tp 3 \
+          --no-stock-fallback --stock-decode --out "$RUN/${name}_prefill" >> "$RUN/$name.log" 2>&1 \
+          && cp "$RUN/$name/budgets.json" "$RUN/$name/refine.json" "$RUN/${name}_prefill/"; fi ) &
       pids+=($!)
-      evalplans+=("$plans/$start")
+      [ "$EVAL_START_PLANS" = 1 ] && evalplans+=("$plans/$start")
     done
     wait "${pids[@]}"
     for spec in "${specs[@]}"; do
       name=${spec%%:*}
-      [ -f "$RUN/$name/plan.json" ] && evalplans+=("$RUN/$name")
+      for d in "$RUN/$name" "$RUN/${name}_prefill"; do [ -f "$d/plan.json" ] && evalplans+=("$d"); done
     done
+    for d in "$RUN"/extra/*/; do [ -f "$d/plan.json" ] && evalplans+=("${d%/}"); done
     until grep -q "fired up and ready\|Traceback" "$RUN/jit_warm.log" || ! kill -0 $warm 2>/dev/null; do sleep 5; done
     kill $warm; wait $warm 2>/dev/null
     echo "refine done $(date -u +%T); eval of: $(printf '%s ' $(printf '%s\n' "${evalplans[@]}" | sort -u))" >> "$RUN/driver.log"

@@ -124,7 +124,10 @@ def _add_stock(p: argparse.ArgumentParser) -> None:
                         "this times the stock backend's; elsewhere the server runs the stock backend for the whole "
                         "layer (default %(default)g)")
     p.add_argument("--no-stock-fallback", action="store_true",
-                   help="mark no layer stock: every layer with sparse heads runs sparse in every bucket")
+                   help="mark no layer stock by the times: every layer with sparse heads runs sparse in every "
+                        "bucket (but the phase --stock-decode names)")
+    p.add_argument("--stock-decode", action="store_true",
+                   help="decode on the stock backend in every bucket and layer: sparse prefill only")
     p.add_argument("--prefill-layer-overhead-us", type=float, default=sd.DEFAULT_PREFILL_LAYER_OVERHEAD_S * 1e6,
                    help="host and launch time the sparse prefill path adds per layer, microseconds (default "
                         "%(default)g: measured on H100, planning/stock_decision.py)")
@@ -278,7 +281,8 @@ def _stock_opts(a):
     try:
         return StockOptions(margin=a.sparse_margin, prefill_layer_overhead_s=a.prefill_layer_overhead_us * 1e-6,
                             decode_layer_overhead_s=a.decode_layer_overhead_us * 1e-6,
-                            hbm_bytes_per_s=a.hbm_gbps * 1e9, enabled=not a.no_stock_fallback)
+                            hbm_bytes_per_s=a.hbm_gbps * 1e9, enabled=not a.no_stock_fallback,
+                            stock_phases=("decode",) if a.stock_decode else ())
     except ValueError as e:
         raise SystemExit(f"--sparse-margin / --*-layer-overhead-us / --hbm-gbps: {e}") from None
 

@@ -61,6 +61,26 @@ def test_held_in_prompts_are_not_the_profiles(small):
     assert {h.prompt.name[0] for h in held} == {"A", "B"}
 
 
+def test_held_in_prompts_ask_pass_keys_and_registers(small):
+    from sglang_shplb.planning.calibration_data import make_prompt
+
+    _, tok, _ = small
+    held = rf.held_in_prompts(tok, [384], 4)
+    assert [len(p.name.split("-", 2)) for p in held] == [2, 2, 3, 3]   # pass key, pass key, register, register
+    for p in held[2:]:
+        register = p.name.split("-", 2)[2]   # "A1002-384-amber-0" -> "amber-0"
+        needle = tok.decode(p.input_ids[p.needles[0][0]:p.needles[0][1]])
+        assert register.split("-")[0] in needle and p.answer in needle   # the asked register's needle first
+        assert f"register {register}?" in tok.decode(p.input_ids)
+    # the same document asked two ways: same needles (all of them), different answers
+    a = make_prompt(tok, 384, "B", 1003, "passkey")
+    b = make_prompt(tok, 384, "B", 1003, "register")
+    assert a.answer != b.answer and sorted(a.needles) != [] and len(a.needles) == len(b.needles)
+    with pytest.raises(ValueError, match="calibration question"):
+        make_prompt(tok, 384, "A", 0, "capital")
+    assert rf.answered("412", "It is 412.") and not rf.answered("412", "41234") and not rf.answered("412", "1412")
+
+
 def test_gate_is_zero_at_dense_and_matches_a_finite_difference(small):
     model, _, held = small
     dense = [[HeadBudget.dense()] * 9 for _ in range(LAYERS)]

@@ -1,6 +1,7 @@
 """Where sparse pays (issue 15, item 1): the pure stock decision at its edges, the plan's ``stock`` array
 (round trip, old plans), ``place`` computing it, and the backend running the stock backend for a layer the
 plan marks stock (CPU reference path, a fake stock backend: the output is exactly the stock one's)."""
+import json
 import math
 import types
 
@@ -195,6 +196,14 @@ def test_place_budgets_writes_the_decision_and_no_stock_fallback_disables_it():
     assert on.meta["stock_decision"]["margin"] == 0.95 and on.stock.any()
     off = place_budgets(bf, plan.buckets, [2], COST, "contiguous", stock_options=StockOptions(enabled=False))
     assert off.stock is not None and not off.stock.any() and off.meta["stock_decision"]["enabled"] is False
+    # sparse prefill only: decode stock everywhere, prefill as the times say (here: nothing, fallback off)
+    pre = place_budgets(bf, plan.buckets, [2], COST, "contiguous",
+                        stock_options=StockOptions(enabled=False, stock_phases=("decode",)))
+    assert pre.stock[PHASES.index("decode")].all() and not pre.stock[PHASES.index("prefill")].any()
+    again = StockOptions.from_dict(json.loads(json.dumps(pre.meta["stock_decision"])))
+    assert again.stock_phases == ("decode",)
+    with pytest.raises(ValueError, match="stock phases"):
+        StockOptions(stock_phases=("verify",))
 
 
 def test_cli_flags():
@@ -202,7 +211,8 @@ def test_cli_flags():
     a = build_parser().parse_args(["place", "--sparse-margin", "0.8", "--no-stock-fallback",
                                    "--decode-layer-overhead-us", "7"])
     o = _stock_opts(a)
-    assert (o.margin, o.enabled, o.decode_layer_overhead_s) == (0.8, False, 7e-6)
+    assert (o.margin, o.enabled, o.decode_layer_overhead_s, o.stock_phases) == (0.8, False, 7e-6, ())
+    assert _stock_opts(build_parser().parse_args(["place", "--stock-decode"])).stock_phases == ("decode",)
     o = _stock_opts(build_parser().parse_args(["plan"]))
     d = StockOptions()
     assert (o.margin, o.enabled) == (0.95, True)

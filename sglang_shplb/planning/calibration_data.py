@@ -52,9 +52,18 @@ def _paragraphs(calib_set: str) -> list[str]:
     return paras
 
 
-def make_prompt(tokenizer, length: int, calib_set: str = "A", seed: int = 0) -> CalibrationPrompt:
+#: what a calibration document asks at its end: the pass key, or the value of one of its registers (a
+#: key-value lookup among distractors)
+QUESTIONS = ("passkey", "register")
+
+
+def make_prompt(tokenizer, length: int, calib_set: str = "A", seed: int = 0,
+                question: str = "passkey") -> CalibrationPrompt:
     """A chat-formatted document of exactly ``length`` tokens (filler trimmed to fit) with needles
-    inside and a retrieval question at the end."""
+    inside and a retrieval question at the end (:data:`QUESTIONS`); the answer's needle is the first of
+    ``needles``. The needles and their depths do not depend on ``question``."""
+    if question not in QUESTIONS:
+        raise ValueError(f"calibration question must be one of {QUESTIONS}, got {question!r}")
     rng = random.Random(f"{calib_set}-{length}-{seed}")
     paras = _paragraphs(calib_set)
     rng.shuffle(paras)
@@ -62,10 +71,14 @@ def make_prompt(tokenizer, length: int, calib_set: str = "A", seed: int = 0) -> 
     facts = {rng.choice(_NAMES) + "-" + str(i): str(rng.randint(100, 999)) for i in range(3)}
     needles = [f"The pass key is {passkey}. Remember it. {passkey} is the pass key."] + \
               [f"The value of the register {k} is {v}." for k, v in facts.items()]
-    question = "What is the pass key? Answer with the number only."
+    asked = random.Random(f"{calib_set}-{length}-{seed}-register").choice(sorted(facts))
+    if question == "passkey":
+        answer, ask = passkey, "What is the pass key? Answer with the number only."
+    else:
+        answer, ask = facts[asked], f"What is the value of the register {asked}? Answer with the number only."
 
     def render(body_paras: list[str]) -> list[int]:
-        messages = [{"role": "user", "content": "\n\n".join(body_paras) + "\n\n" + question}]
+        messages = [{"role": "user", "content": "\n\n".join(body_paras) + "\n\n" + ask}]
         return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
                                              return_dict=False)
 
@@ -98,7 +111,12 @@ def make_prompt(tokenizer, length: int, calib_set: str = "A", seed: int = 0) -> 
         filler = tokenizer.encode(paras[(i + 1) % len(paras)] + "\n\n", add_special_tokens=False)
         pad = (filler * (1 + (length - len(ids)) // max(1, len(filler))))[: length - len(ids)]
         ids = ids[:head] + pad + ids[head:]
-    return CalibrationPrompt(f"{calib_set}{seed}-{length}", ids, passkey, needle_spans(tokenizer, ids, needles))
+    spans = needle_spans(tokenizer, ids, needles)
+    if question == "register":   # the asked register's needle first
+        at = 1 + list(facts).index(asked)
+        spans = (spans[at],) + spans[:at] + spans[at + 1:]
+        return CalibrationPrompt(f"{calib_set}{seed}-{length}-{asked}", ids, answer, spans)
+    return CalibrationPrompt(f"{calib_set}{seed}-{length}", ids, answer, spans)
 
 
 def calibration_prompts(tokenizer, lengths: list[int], calib_set: str, per_length: int = 1) -> list[CalibrationPrompt]:

@@ -26,6 +26,7 @@ the density there (DuoAttention's gated heads, to first order):
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -34,7 +35,7 @@ import torch
 
 from sglang_shplb.core.patterns import HeadBudget
 from sglang_shplb.planning.budget import BudgetResult, BudgetsFile, budget_result, budgets_of, greedy_upgrade, option_table
-from sglang_shplb.planning.calibration_data import CalibrationPrompt, make_prompt
+from sglang_shplb.planning.calibration_data import QUESTIONS, CalibrationPrompt, make_prompt
 from sglang_shplb.planning.profile import ProfileResult
 from sglang_shplb.planning.quality import ATTN_NAME, masked_prefill, register_sparse_attention
 
@@ -54,7 +55,7 @@ class HeldIn:
 
     @property
     def dense_correct(self) -> bool:
-        return self.prompt.answer in self.dense_answer
+        return answered(self.prompt.answer, self.dense_answer)
 
 
 @dataclass
@@ -77,9 +78,16 @@ class RefineResult:
 
 
 def held_in_prompts(tokenizer, lengths: list[int], count: int) -> list[CalibrationPrompt]:
-    """``count`` calibration-style documents, lengths cycling, sets A/B alternating, seeds from
-    :data:`HELD_IN_SEED` (disjoint from the profile's)."""
-    return [make_prompt(tokenizer, lengths[i % len(lengths)], "AB"[i % 2], HELD_IN_SEED + i) for i in range(count)]
+    """``count`` calibration-style documents, lengths cycling, sets A/B alternating, questions (pass key,
+    register lookup: :data:`~sglang_shplb.planning.calibration_data.QUESTIONS`) alternating in pairs, seeds
+    from :data:`HELD_IN_SEED` (disjoint from the profile's)."""
+    return [make_prompt(tokenizer, lengths[i % len(lengths)], "AB"[i % 2], HELD_IN_SEED + i,
+                        QUESTIONS[(i // 2) % len(QUESTIONS)]) for i in range(count)]
+
+
+def answered(answer: str, text: str) -> bool:
+    """``answer`` (a number) stands in ``text`` as a whole number, not inside a longer one."""
+    return re.search(rf"(?<![0-9]){re.escape(answer)}(?![0-9])", text) is not None
 
 
 def _eos_ids(model) -> set[int]:
@@ -206,7 +214,7 @@ def refine_budgets(model, tokenizer, budgets: BudgetsFile, profile: ProfileResul
 
     def validate(loss: float, upgraded: int) -> Round:
         answers = sparse_answers(model, tokenizer, budgets_of(opts, choice), held)
-        right = [h.prompt.answer in a for h, a in zip(held, answers)]
+        right = [answered(h.prompt.answer, a) for h, a in zip(held, answers)]
         r = Round(float(dens[choice].mean()), loss, upgraded, sum(s or not d for s, d in zip(right, dense_ok)),
                   sum(right), answers)
         log(f"  refine round {len(rounds)}: density {r.density:.3f}, loss before {loss:.3f}, {upgraded} heads "

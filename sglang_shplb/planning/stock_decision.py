@@ -98,8 +98,14 @@ class StockOptions:
     kv_dtype_bytes: int = 2
     at: str = "lower"
     enabled: bool = True
+    #: phases whose every layer runs the stock backend whatever the times (``("decode",)``: sparse prefill
+    #: only, MInference's split); ``enabled=False`` does not clear them
+    stock_phases: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "stock_phases", tuple(self.stock_phases))
+        if not set(self.stock_phases) <= set(PHASES):
+            raise ValueError(f"stock phases must be among {PHASES}, got {self.stock_phases}")
         if not 0.0 < self.margin <= 1.0:
             raise ValueError(f"the sparse margin must be in (0, 1] (sparse must take at most margin x stock), "
                              f"got {self.margin}")
@@ -197,7 +203,8 @@ class StockDecision:
 def decide_stock(spec: ModelSpec, budgets: Sequence[Sequence[HeadBudget]], buckets: Buckets, cost_model: CostModel,
                  options: StockOptions = StockOptions()) -> StockDecision:
     """Every (phase, bucket, layer): :func:`layer_times` then :func:`choose_stock`. Pure. With
-    ``options.enabled`` False nothing is marked stock (the times are still given)."""
+    ``options.enabled`` False nothing is marked stock (the times are still given) but the phases of
+    ``options.stock_phases``, which are stock in every bucket and layer."""
     if len(budgets) != spec.num_layers or any(len(layer) != spec.num_heads for layer in budgets):
         raise ValueError(f"budgets must be {spec.num_layers} layers x {spec.num_heads} heads")
     shape = (len(PHASES), len(buckets), spec.num_layers)
@@ -209,7 +216,7 @@ def decide_stock(spec: ModelSpec, budgets: Sequence[Sequence[HeadBudget]], bucke
             for li, layer in enumerate(budgets):
                 sp, st = layer_times(phase, layer, n, spec, cost_model, options)
                 sparse_s[p, b, li], stock_s[p, b, li] = sp, st
-                stock[p, b, li] = options.enabled and choose_stock(sp, st, options.margin)
+                stock[p, b, li] = phase in options.stock_phases or (options.enabled and choose_stock(sp, st, options.margin))
     return StockDecision(stock, sparse_s, stock_s, lengths, options)
 
 
