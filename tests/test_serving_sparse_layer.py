@@ -9,10 +9,9 @@ import torch
 import sglang  # noqa: F401  (tests/run.sh installs it; a missing SGLang must fail, not skip)
 
 from conftest import budgets_mixed, budgets_positional, mask_reference, sequence
-from sglang_shplb.core.block_masks import build_block_masks
 from sglang_shplb.core.patterns import BLOCK, HeadBudget
 from sglang_shplb.kernels.layer_reference import sparse_attention, sparse_decode
-from sglang_shplb.kernels.reference import masked_attention
+from sglang_shplb.kernels.reference import masked_attention, reference_decode_pages, reference_sparse_decode
 
 
 def at_decode(budgets):
@@ -137,21 +136,22 @@ def test_decode_step(budgets):
         qd.append(q[-1:])
         if all(b.pattern.value in ("dense", "streaming") for b in budgets):
             refs.append(reference(at_decode(budgets), q, k, v)[-1:])
-        else:  # a one-token chunk: the block index sees only that query (kernels' rule)
-            nb = math.ceil(n / BLOCK)
-            qq = torch.zeros_like(q)
-            qq[-1] = q[-1]
-            masks = build_block_masks(budgets, q.transpose(0, 1), k.transpose(0, 1))
-            refs.append(None)
+        else:  # top-k / vertical-slash heads: the CUDA kernel path's Quest pages (reference_decode_pages)
+            pages, _ = reference_decode_pages(budgets, q[-1], pool.k, pool.req_to_token, r, n)
+            refs.append(("pages", pages))
     q = torch.cat(qd)
     out = torch.full_like(q, float("nan"))
     sparse_decode(q, pool.k, pool.v, pool.req_to_token, torch.arange(len(lens)), torch.tensor(lens), budgets,
                   SCALE, out)
     assert torch.isfinite(out[:, cols]).all()
     for b, ref in enumerate(refs):
-        if ref is not None:
+        if isinstance(ref, tuple):   # every head by the GPU rule's page sets: the reference decode of those pages
+            want = reference_sparse_decode(q[b:b + 1], pool.k, pool.v, pool.req_to_token, torch.tensor([b]),
+                                           torch.tensor([lens[b]]), [ref[1]], SCALE)
+            assert torch.allclose(out[b, cols], want[0, cols], atol=2e-5, rtol=1e-4), b
+        else:
             assert torch.allclose(out[b, cols], ref[0, cols], atol=2e-5, rtol=1e-4), b
-    if refs[0] is None:
+    if isinstance(refs[0], tuple):
         # streaming heads of the mixed plan still match the full reference row exactly
         st = [h for h in cols if budgets[h].pattern.value == "streaming"]
         for r, n in enumerate(lens):

@@ -9,7 +9,8 @@ Which blocks a head computes is decided by :func:`sglang_shplb.kernels.index.bui
 kernels' index builder, which reproduces :func:`sglang_shplb.core.block_masks.build_block_masks` for a batch,
 chunked or not). The outputs come from the Triton kernel on CUDA and from masked dense attention
 (:func:`sglang_shplb.kernels.reference.masked_attention`) elsewhere. Streaming heads in decode take a
-fixed-shape gather path that is safe inside a captured CUDA graph.
+fixed-shape gather path that is safe inside a captured CUDA graph; top-k / vertical-slash heads in decode
+select pages by the CUDA kernel path's Quest rule (:func:`selected_decode`).
 """
 from __future__ import annotations
 
@@ -152,19 +153,40 @@ def prepare_decode_constants(budgets: Sequence[HeadBudget], device) -> None:
 
 def sparse_decode(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tensor, req_to_token: torch.Tensor,
                   req_pool_indices: torch.Tensor, seq_lens: torch.Tensor, budgets: Sequence[HeadBudget],
-                  scale: float, out: torch.Tensor, *, max_kv_len: int | None = None) -> torch.Tensor:
+                  scale: float, out: torch.Tensor) -> torch.Tensor:
     """Decode step (``q [B, H, d]``): streaming heads by :func:`streaming_decode`; top-k / vertical-slash
-    heads through the block index like a one-token chunk of prefill (not graph-safe yet)."""
+    heads by :func:`selected_decode` (not graph-safe)."""
     heads = LayerHeads.of(budgets)
     if heads.streaming:
         streaming_decode(q, k_buffer, v_buffer, req_to_token, req_pool_indices, seq_lens, heads, scale, out)
     if heads.selected:
         if q.is_cuda and torch.cuda.is_current_stream_capturing():
             raise RuntimeError("shplb: the reference decode path of top-k / vertical-slash heads cannot run inside "
-                               "a captured CUDA graph (its index needs the context length on the host); on CUDA "
+                               "a captured CUDA graph (it reads the context length on the host); on CUDA "
                                "the backend's kernel path (sglang_shplb.kernels.paged_layer) decodes them")
-        only = [b if h in heads.selected else HeadBudget.dense() for h, b in enumerate(budgets)]
-        ones = torch.ones(q.shape[0], dtype=torch.int32, device=q.device)
-        sparse_attention(q, k_buffer, v_buffer, req_to_token, req_pool_indices, seq_lens, ones, only, scale, out,
-                         max_kv_len=max_kv_len)
+        selected_decode(q, k_buffer, v_buffer, req_to_token, req_pool_indices, seq_lens, budgets, heads.selected,
+                        scale, out)
+    return out
+
+
+def selected_decode(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tensor, req_to_token: torch.Tensor,
+                    req_pool_indices: torch.Tensor, seq_lens: torch.Tensor, budgets: Sequence[HeadBudget],
+                    selected: Sequence[int], scale: float, out: torch.Tensor) -> torch.Tensor:
+    """Top-k / vertical-slash heads at a decode step by the CUDA kernel path's rule (Quest: the pages with the
+    best ``sum_d max(q_d kmin_d, q_d kmax_d)``, page 0 forced, ``decode_page_budget - 1`` of them, plus the
+    current page; :func:`~sglang_shplb.kernels.reference.reference_decode_pages`), so the CPU server, the
+    quality check and the refine stage decode as the GPU server does. Softmax over the chosen pages' keys."""
+    from sglang_shplb.kernels.reference import reference_decode_pages
+
+    group = q.shape[1] // k_buffer.shape[1]
+    for b in range(q.shape[0]):
+        n, r = int(seq_lens[b]), int(req_pool_indices[b])
+        pages, _ = reference_decode_pages(budgets, q[b], k_buffer, req_to_token, r, n)
+        loc = req_to_token[r, :n].long()
+        for h in selected:
+            pos = (torch.tensor(pages[h], device=q.device)[:, None] * BLOCK
+                   + torch.arange(BLOCK, device=q.device)[None, :]).flatten()
+            rows = loc[pos[pos < n]]
+            kk, vv = k_buffer[rows, h // group].float(), v_buffer[rows, h // group].float()
+            out[b, h] = (torch.softmax(kk @ q[b, h].float() * scale, 0) @ vv).to(out.dtype)
     return out

@@ -84,12 +84,10 @@ def reference_page_summaries(k_buffer: torch.Tensor, req_to_token: torch.Tensor,
     """Per-page elementwise min / max of the keys of one request: ``[Hkv, n_pages, d]`` each."""
     kk = k_buffer[req_to_token[req_pool_index, :n].long()].float()           # [n, Hkv, d]
     npg = math.ceil(n / page)
-    mins, maxs = [], []
-    for p in range(npg):
-        blk = kk[p * page:(p + 1) * page]
-        mins.append(blk.amin(0))
-        maxs.append(blk.amax(0))
-    return torch.stack(mins, 1), torch.stack(maxs, 1)
+    pad = npg * page - n                                                     # the last page's empty slots
+    lo = torch.cat([kk, kk.new_full((pad,) + kk.shape[1:], float("inf"))]).view(npg, page, *kk.shape[1:])
+    hi = torch.cat([kk, kk.new_full((pad,) + kk.shape[1:], float("-inf"))]).view(npg, page, *kk.shape[1:])
+    return lo.amin(1).transpose(0, 1), hi.amax(1).transpose(0, 1)
 
 
 def quest_scores(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor) -> torch.Tensor:

@@ -484,13 +484,11 @@ class ShplbAttnBackend(AttentionBackend):
         if budgets is None or layer.is_cross_attention:
             return o
         q3, o3 = _per_head(q, o, layer)
-        seq_lens_cpu = getattr(forward_batch, "seq_lens_cpu", None)
-        max_kv = int(seq_lens_cpu.max()) if (seq_lens_cpu is not None and not capturing) else self.max_context
         bs = forward_batch.req_pool_indices.shape[0]
         sparse_decode(q3[:bs], self.token_to_kv_pool.get_key_buffer(layer.layer_id),
                       self.token_to_kv_pool.get_value_buffer(layer.layer_id),
                       self.req_to_token_pool.req_to_token, forward_batch.req_pool_indices,
-                      forward_batch.seq_lens, budgets, layer.scaling, o3[:bs], max_kv_len=max_kv)
+                      forward_batch.seq_lens, budgets, layer.scaling, o3[:bs])
         if not capturing:
             self.stats["decode_layers_sparse"] += 1
         return o
