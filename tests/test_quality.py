@@ -46,3 +46,34 @@ def test_the_check_decodes_through_the_servers_decode_reference(monkeypatch):
     # 2 decode steps (the first token comes from prefill) x 2 layers, the cache one token longer each step
     assert calls == [(n + 1, n + 1, ("streaming",) * 9), (n + 1, n + 1, ("topk",) * 9),
                      (n + 2, n + 2, ("streaming",) * 9), (n + 2, n + 2, ("topk",) * 9)]
+
+
+def test_teacher_forced_answer_rows_attend_by_the_servers_decode_rule():
+    """masked_prefill(decode_from=P): rows before P are the prefill masks' rows, rows from P on equal the
+    serving decode path (layer_reference.sparse_decode over the cache) step by step; no decode rows, no change."""
+    import torch
+
+    from sglang_shplb.kernels.layer_reference import sparse_decode
+    from sglang_shplb.planning.quality import masked_prefill
+
+    torch.manual_seed(0)
+    n, P, hq, hkv, d = 300, 290, 6, 2, 16
+    q, k, v = torch.randn(1, hq, n, d), torch.randn(1, hkv, n, d), torch.randn(1, hkv, n, d)
+    k[0, :, 40] *= 6                                    # a key the Quest pages must find
+    budgets = [HeadBudget.topk(0.05, 2), HeadBudget.streaming(64, 64), HeadBudget.dense(),
+               HeadBudget.topk(0.2, 2), HeadBudget.streaming(64, 128), HeadBudget.topk(0.05, 3)]
+    scale = d ** -0.5
+    full = masked_prefill(budgets, q, k, v, scale)[0]
+    mixed = masked_prefill(budgets, q, k, v, scale, decode_from=P)[0]
+    assert torch.allclose(mixed[:P], full[:P], atol=1e-5)
+    assert torch.allclose(masked_prefill(budgets, q, k, v, scale, decode_from=n)[0], full, atol=1e-6)
+    kk, vv = k[0].transpose(0, 1).contiguous(), v[0].transpose(0, 1).contiguous()    # pool [n, Hkv, d]
+    for t in range(P, n):
+        out = torch.zeros(1, hq, d)
+        one = torch.zeros(1, dtype=torch.long)
+        sparse_decode(q[0, :, t][None], kk, vv, torch.arange(n, dtype=torch.int32)[None], one,
+                      torch.tensor([t + 1]), budgets, scale, out)
+        sparse = [h for h, b in enumerate(budgets) if b.pattern.value != "dense"]   # the stock backend does dense
+        assert torch.allclose(mixed[t, sparse], out[0, sparse], atol=1e-5), t
+    assert torch.allclose(mixed[P:, 2], full[P:, 2], atol=1e-5)   # a dense head is dense in both
+    assert not torch.allclose(mixed[P:], full[P:], atol=1e-3)   # the rules differ: the test can tell them apart

@@ -94,11 +94,15 @@ def test_gate_is_zero_at_dense_and_matches_a_finite_difference(small):
     eps = 0.05
     alpha = torch.zeros(LAYERS, 9)
     alpha[li, h] = eps
-    rf._register_gated(stream, alpha)
+    prompt = {}
+    rf._register_gated(stream, alpha, prompt)
     model.set_attn_implementation(rf.GATED_NAME)
+    moved = 0.0
     with torch.no_grad():
-        moved = sum(float((x.dense_logprobs.exp() * (x.dense_logprobs - rf._answer_logprobs(
-            model, x.prompt.input_ids, x.answer_ids))).sum()) for x in held)
+        for x in held:   # the answer rows by the decode rule, as gate_sensitivity has them
+            prompt["len"] = len(x.prompt.input_ids)
+            moved += float((x.dense_logprobs.exp() * (x.dense_logprobs - rf._answer_logprobs(
+                model, x.prompt.input_ids, x.answer_ids))).sum())
     model.set_attn_implementation("sdpa")
     assert loss - moved == pytest.approx(sens[li, h] * eps, rel=0.3)
 

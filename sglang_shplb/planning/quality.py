@@ -20,8 +20,8 @@ import torch
 from sglang_shplb.core.block_masks import build_block_masks
 from sglang_shplb.planning.calibration_data import passkey_prompt
 from sglang_shplb.kernels.layer_reference import sparse_decode
-from sglang_shplb.kernels.reference import masked_attention
-from sglang_shplb.core.patterns import HeadBudget
+from sglang_shplb.kernels.reference import masked_attention, reference_decode_pages
+from sglang_shplb.core.patterns import BLOCK, HeadBudget
 
 ATTN_NAME = "shplb_sparse_prefill"
 QUALITY_NAME = "quality.json"
@@ -49,17 +49,51 @@ def register_sparse_attention(budgets: list[list[HeadBudget]]) -> None:
 
 
 def masked_prefill(budgets: list[HeadBudget], query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                   scaling: float | None) -> torch.Tensor:
+                   scaling: float | None, decode_from: int | None = None) -> torch.Tensor:
     """One layer's prefill under its budgets, from transformers' attention inputs (``query [1, H, n, d]``,
     ``key/value [1, Hkv, n, d]``): the kernels' block masks (no gradient through their choice), masked dense
-    attention per KV group. Returns float32 ``[1, n, H, d]``, differentiable in q, k, v."""
+    attention per KV group. Rows from ``decode_from`` on (teacher-forced answer tokens, which the server feeds
+    one decode step each) follow the decode rule instead (:func:`decode_rows`). Returns float32 ``[1, n, H,
+    d]``, differentiable in q, k, v."""
     q, k, v = query[0].transpose(0, 1), key[0].transpose(0, 1), value[0].transpose(0, 1)  # [n, H, d]
+    n = q.shape[0]
+    stop = n if decode_from is None else min(max(decode_from, 0), n)
     with torch.no_grad():
         masks = build_block_masks(budgets, query[0], key[0])
     group = q.shape[1] // k.shape[1]
-    return torch.cat([masked_attention(q[:, g * group:(g + 1) * group], k[:, g:g + 1], v[:, g:g + 1],
-                                       masks[g * group:(g + 1) * group], scaling)
-                      for g in range(k.shape[1])], dim=1)[None]
+    out = torch.cat([masked_attention(q[:stop, g * group:(g + 1) * group], k[:stop, g:g + 1], v[:stop, g:g + 1],
+                                      masks[g * group:(g + 1) * group], scaling)
+                     for g in range(k.shape[1])], dim=1)
+    if stop < n:
+        out = torch.cat([out, decode_rows(budgets, q, k, v, stop, scaling)])
+    return out[None]
+
+
+def decode_rows(budgets: list[HeadBudget], q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int,
+                scaling: float | None) -> torch.Tensor:
+    """Rows ``start .. n-1`` of ``q [n, H, d]`` over ``k/v [n, Hkv, d]``, each as the decode step at its
+    position (context ``t + 1``): the pages of the server's decode rule
+    (:func:`~sglang_shplb.kernels.reference.reference_decode_pages`: Quest pages for top-k / vertical-slash,
+    sink + decode window for streaming, all for dense; chosen without gradient), softmax over their keys up
+    to ``t``. Float32 ``[n - start, H, d]``, differentiable in q, k, v."""
+    n, hq, d = q.shape
+    group = hq // k.shape[1]
+    scale = scaling if scaling is not None else d ** -0.5
+    table = torch.arange(n, dtype=torch.int32, device=q.device)[None]
+    kk = k.float().repeat_interleave(group, 1)                               # [n, H, d]
+    vv = v.float().repeat_interleave(group, 1)
+    slot = torch.arange(BLOCK, device=q.device)
+    rows = []
+    for t in range(start, n):
+        allowed = torch.zeros(hq, n, dtype=torch.bool, device=q.device)
+        with torch.no_grad():
+            pages, _ = reference_decode_pages(budgets, q[t], k, table, 0, t + 1)
+            for h, ps in enumerate(pages):
+                pos = (torch.tensor(ps, device=q.device)[:, None] * BLOCK + slot).flatten()
+                allowed[h, pos[pos <= t]] = True
+        s = torch.einsum("hd,nhd->hn", q[t].float(), kk) * scale
+        rows.append(torch.einsum("hn,nhd->hd", torch.softmax(s.masked_fill(~allowed, float("-inf")), -1), vv))
+    return torch.stack(rows)
 
 
 @torch.no_grad()

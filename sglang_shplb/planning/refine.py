@@ -10,7 +10,9 @@ the density there (DuoAttention's gated heads, to first order):
 * **Loss.** On held-in prompts (calibration-style documents, :func:`held_in_prompts`: the profile's text
   with seeds the profile never used, never the eval's text or needles) the dense model's own greedy answer
   is teacher-forced, and the loss is ``KL(dense ‖ gated)`` of the next-token distributions over the answer
-  tokens: zero when the plan answers like dense.
+  tokens: zero when the plan answers like dense. The prompt's rows attend by the prefill masks, the answer's
+  rows by the server's decode rule (the server feeds each answer token as one decode step; sparse decode
+  cost 4-12 points of the eval's needle tasks on the H200, ``bench/results/eval_h200_round3``).
 * **Sensitivity.** ``S_h = max(0, −∂loss/∂α_h)`` at ``α = 0``, summed over the prompts: how much making
   head ``h`` dense would lower the loss, to first order. One backward pass per prompt gives all heads.
 * **Allocation.** Option ``o`` of head ``h`` closes ``(R_ho − R_hc) / (1 − R_hc)`` of the head's recall gap
@@ -122,13 +124,16 @@ def dense_answers(model, tokenizer, prompts: list[CalibrationPrompt], max_new: i
     return out
 
 
-def _register_gated(budgets: list[list[HeadBudget]], alpha: torch.Tensor) -> None:
+def _register_gated(budgets: list[list[HeadBudget]], alpha: torch.Tensor, prompt: dict) -> None:
+    """``prompt["len"]``: the prompt's length in the forward to come; the answer rows after it take the
+    decode rule (:func:`masked_prefill`'s ``decode_from``)."""
     from transformers import AttentionInterface
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     def gated(module, query, key, value, attention_mask, **kwargs):
         dense, _ = sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)  # [1, n, H, d]
-        sparse = masked_prefill(budgets[module.layer_idx], query, key, value, kwargs.get("scaling"))
+        sparse = masked_prefill(budgets[module.layer_idx], query, key, value, kwargs.get("scaling"),
+                                decode_from=prompt["len"])
         a = alpha[module.layer_idx][None, None, :, None]
         return (sparse + a * (dense.float() - sparse)).to(query.dtype), None
 
@@ -139,13 +144,15 @@ def gate_sensitivity(model, budgets: list[list[HeadBudget]], held: list[HeldIn])
     """``S [L, H]`` (see the module docstring) and the loss at ``α = 0``, summed over ``held``."""
     cfg = model.config
     alpha = torch.zeros(cfg.num_hidden_layers, cfg.num_attention_heads, device=model.device, requires_grad=True)
-    _register_gated(budgets, alpha)
+    prompt = {"len": None}
+    _register_gated(budgets, alpha, prompt)
     model.set_attn_implementation(GATED_NAME)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()  # checkpointing is active in training mode only; SmolLM2/Llama attention has no dropout
     total = 0.0
     try:
         for h in held:
+            prompt["len"] = len(h.prompt.input_ids)
             lp = _answer_logprobs(model, h.prompt.input_ids, h.answer_ids)
             ref = h.dense_logprobs.to(lp.device)
             loss = (ref.exp() * (ref - lp)).sum()
