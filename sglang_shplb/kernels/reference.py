@@ -102,14 +102,19 @@ def quest_scores(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor) -> tor
 
 def reference_decode_pages(budgets: Sequence[HeadBudget], q_b: torch.Tensor, k_buffer: torch.Tensor,
                            req_to_token: torch.Tensor, req_pool_index: int, n: int,
-                           chosen: dict[int, list[int]] | None = None) -> tuple[list[list[int]], dict[int, list[int]]]:
+                           chosen: dict[int, list[int]] | None = None,
+                           summaries: tuple[torch.Tensor, torch.Tensor] | None = None
+                           ) -> tuple[list[list[int]], dict[int, list[int]]]:
     """Pages each head of one request reads at a decode step (the token at ``n - 1``), per budget:
     dense all, streaming sink + window, top-k / vertical-slash the best ``decode_page_budget - 1`` pages by
     :func:`quest_scores` (page 0 forced) plus the current page. ``chosen[h]``: a reused earlier selection.
-    Returns the page lists and the selections made (for reuse)."""
+    ``summaries``: :func:`reference_page_summaries` of this request at any length ≥ ``n`` (only the pages
+    complete at ``n`` are scored, and those do not change as the request grows). Returns the page lists and
+    the selections made (for reuse)."""
     from sglang_shplb.kernels.triton_decode import decode_page_budget
     npg = math.ceil(n / BLOCK)
-    lo, hi = reference_page_summaries(k_buffer, req_to_token, req_pool_index, n)
+    lo, hi = summaries or reference_page_summaries(k_buffer, req_to_token, req_pool_index, n)
+    lo, hi = lo[:, :npg], hi[:, :npg]
     sc = quest_scores(q_b, lo, hi)
     rows, picks = [], {}
     for h, bu in enumerate(budgets):

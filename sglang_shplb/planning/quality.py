@@ -20,7 +20,7 @@ import torch
 from sglang_shplb.core.block_masks import build_block_masks
 from sglang_shplb.planning.calibration_data import passkey_prompt
 from sglang_shplb.kernels.layer_reference import sparse_decode
-from sglang_shplb.kernels.reference import masked_attention, reference_decode_pages
+from sglang_shplb.kernels.reference import masked_attention, reference_decode_pages, reference_page_summaries
 from sglang_shplb.core.patterns import BLOCK, HeadBudget
 
 ATTN_NAME = "shplb_sparse_prefill"
@@ -79,21 +79,21 @@ def decode_rows(budgets: list[HeadBudget], q: torch.Tensor, k: torch.Tensor, v: 
     n, hq, d = q.shape
     group = hq // k.shape[1]
     scale = scaling if scaling is not None else d ** -0.5
-    table = torch.arange(n, dtype=torch.int32, device=q.device)[None]
+    npg = -(-n // BLOCK)
+    with torch.no_grad():   # which pages each (row, head) reads: [R, H, pages] → key positions [R, H, n]
+        table = torch.arange(n, dtype=torch.int32, device=q.device)[None]
+        summaries = reference_page_summaries(k, table, 0, n)   # once: a row scores its complete pages only
+        pages = torch.zeros(n - start, hq, npg, dtype=torch.bool)
+        for r, t in enumerate(range(start, n)):
+            for h, ps in enumerate(reference_decode_pages(budgets, q[t], k, table, 0, t + 1, summaries=summaries)[0]):
+                pages[r, h, ps] = True
+        pos = torch.arange(n, device=q.device)
+        allowed = pages.to(q.device).repeat_interleave(BLOCK, -1)[..., :n] \
+            & (pos[None, :] <= torch.arange(start, n, device=q.device)[:, None])[:, None, :]
     kk = k.float().repeat_interleave(group, 1)                               # [n, H, d]
     vv = v.float().repeat_interleave(group, 1)
-    slot = torch.arange(BLOCK, device=q.device)
-    rows = []
-    for t in range(start, n):
-        allowed = torch.zeros(hq, n, dtype=torch.bool, device=q.device)
-        with torch.no_grad():
-            pages, _ = reference_decode_pages(budgets, q[t], k, table, 0, t + 1)
-            for h, ps in enumerate(pages):
-                pos = (torch.tensor(ps, device=q.device)[:, None] * BLOCK + slot).flatten()
-                allowed[h, pos[pos <= t]] = True
-        s = torch.einsum("hd,nhd->hn", q[t].float(), kk) * scale
-        rows.append(torch.einsum("hn,nhd->hd", torch.softmax(s.masked_fill(~allowed, float("-inf")), -1), vv))
-    return torch.stack(rows)
+    s = torch.einsum("rhd,nhd->rhn", q[start:].float(), kk) * scale
+    return torch.einsum("rhn,nhd->rhd", torch.softmax(s.masked_fill(~allowed, float("-inf")), -1), vv)
 
 
 @torch.no_grad()
