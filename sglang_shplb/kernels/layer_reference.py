@@ -175,18 +175,14 @@ def selected_decode(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Ten
     """Top-k / vertical-slash heads at a decode step by the CUDA kernel path's rule (Quest: the pages with the
     best ``sum_d max(q_d kmin_d, q_d kmax_d)``, page 0 forced, ``decode_page_budget - 1`` of them, plus the
     current page; :func:`~sglang_shplb.kernels.reference.reference_decode_pages`), so the CPU server, the
-    quality check and the refine stage decode as the GPU server does. Softmax over the chosen pages' keys."""
-    from sglang_shplb.kernels.reference import reference_decode_pages
+    quality check and the refine stage decode as the GPU server does. Softmax over the chosen pages' keys
+    (:func:`~sglang_shplb.kernels.reference.reference_sparse_decode`)."""
+    from sglang_shplb.kernels.reference import reference_decode_pages, reference_sparse_decode
 
-    group = q.shape[1] // k_buffer.shape[1]
-    for b in range(q.shape[0]):
-        n, r = int(seq_lens[b]), int(req_pool_indices[b])
-        pages, _ = reference_decode_pages(budgets, q[b], k_buffer, req_to_token, r, n)
-        loc = req_to_token[r, :n].long()
-        for h in selected:
-            pos = (torch.tensor(pages[h], device=q.device)[:, None] * BLOCK
-                   + torch.arange(BLOCK, device=q.device)[None, :]).flatten()
-            rows = loc[pos[pos < n]]
-            kk, vv = k_buffer[rows, h // group].float(), v_buffer[rows, h // group].float()
-            out[b, h] = (torch.softmax(kk @ q[b, h].float() * scale, 0) @ vv).to(out.dtype)
+    pages = [reference_decode_pages(budgets, q[b], k_buffer, req_to_token, int(req_pool_indices[b]),
+                                    int(seq_lens[b]))[0] for b in range(q.shape[0])]
+    heads = list(selected)
+    ref = reference_sparse_decode(q, k_buffer, v_buffer, req_to_token, req_pool_indices, seq_lens, pages, scale,
+                                  heads=heads)
+    out[:, heads] = ref[:, heads].to(out.dtype)
     return out

@@ -137,19 +137,21 @@ def reference_decode_pages(budgets: Sequence[HeadBudget], q_b: torch.Tensor, k_b
 def reference_sparse_decode(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tensor,
                             req_to_token: torch.Tensor, req_pool_indices: torch.Tensor,
                             seq_lens: torch.Tensor, page_sets: Sequence[Sequence[Sequence[int]]],
-                            sm_scale: float | None = None, page: int = BLOCK) -> torch.Tensor:
+                            sm_scale: float | None = None, page: int = BLOCK,
+                            heads: Sequence[int] | None = None) -> torch.Tensor:
     """``q [B, Hq, d]`` (the token at position ``seq_lens[b] - 1``, already in the pool);
-    ``page_sets[b][h]``: the pages (64-token blocks of the sequence) head ``h`` reads. Float32 ``[B, Hq, d]``."""
+    ``page_sets[b][h]``: the pages (64-token blocks of the sequence) head ``h`` reads. Float32 ``[B, Hq, d]``:
+    the rows of ``heads`` (default all), zeros elsewhere."""
     bsz, hq, d = q.shape
     hkv = k_buffer.shape[1]
     group = hq // hkv
     scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(d)
-    out = torch.empty(bsz, hq, d, dtype=torch.float32, device=q.device)
+    out = torch.zeros(bsz, hq, d, dtype=torch.float32, device=q.device)
     for b in range(bsz):
         n = int(seq_lens[b])
         loc = req_to_token[int(req_pool_indices[b]), :n].long()
         kk, vv = k_buffer[loc].float(), v_buffer[loc].float()                # [n, Hkv, d]
-        for h in range(hq):
+        for h in (range(hq) if heads is None else heads):
             pos = torch.cat([torch.arange(p * page, min((p + 1) * page, n)) for p in sorted(set(page_sets[b][h]))])
             s = (kk[pos, h // group] @ q[b, h].float()) * scale
             out[b, h] = torch.softmax(s, 0) @ vv[pos, h // group]
