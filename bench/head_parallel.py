@@ -49,7 +49,7 @@ sys.path.insert(0, str(HERE))
 
 import torch  # noqa: E402
 
-from timing import bench, device_name, device_tag, flashinfer_or_none, log, results_writer  # noqa: E402
+from timing import bench, device_name, device_tag, flashinfer_or_none, host_syncs, log, results_writer  # noqa: E402
 
 from sglang_shplb.core.buckets import Buckets  # noqa: E402
 from sglang_shplb.core.head_map import home_rank, layer_work, rank_heads  # noqa: E402
@@ -176,6 +176,11 @@ def emulate(lp, budgets, q, k, v, tp, scale, smoke, link_gbps, reps) -> dict:
         local_units()
         hp.scatter_outputs(sched, ret, split, outs[r])
         t = {"home_ms": bench(home, smoke, reps), "whole_heads": len(whole)}
+        if not smoke:  # after the warm-up calls: the executor's steady state should never wait for the GPU
+            t["host_syncs"] = sum(host_syncs(lambda r=r: (
+                home(), local_units(), hps[r].pack_inputs(sched, qs[r], ks[r], vs[r], r2t, rpi),
+                [hps[r].compute_units(sched, s, budgets, scale, None, recv=recv_from(s, r)) for s in range(tp) if s != r],
+                hps[r].scatter_outputs(sched, ret, split, outs[r]))).values())
         if any(u.home == u.target == r for u in work.units):
             t["local_units_ms"] = bench(local_units, smoke, reps)
         moved_in = sum(sched.input_elems(s, r, d) for s in range(tp)) * q.element_size()
@@ -487,13 +492,15 @@ def main(argv=None) -> None:
 
 def summary(res: dict) -> None:
     """Per (shape, plan, TP): S-HPLB over contiguous and over the prior placement, slowest/mean, decode."""
-    log("summary: shape plan n TP | x contiguous | x prior | slowest/mean (compute) | units | decode home / placed")
+    log("summary: shape plan n TP | x contiguous | x prior | slowest/mean (compute) | units | decode home / placed"
+        " | host syncs (most on a rank)")
     for r in res["rows"]:
         e, dec = r["shplb"], r["decode"]
         log(f"  {r['shape']:8s} {r['plan']:8s} {r['n'] // 1024:4d}K TP{r['tp']} | {r['speedup_vs_contiguous']:.2f} | "
             f"{r.get('speedup_vs_prior', 1.0):.2f} | {e['slowest_over_mean']:.2f} ({e['compute_slowest_over_mean']:.2f})"
             f" | {e['units_moved']} | {dec['slowest_over_mean_low']:.2f}-{dec['slowest_over_mean_high']:.2f} / "
-            f"{dec['placed_slowest_over_mean_low']:.2f}-{dec['placed_slowest_over_mean_high']:.2f}")
+            f"{dec['placed_slowest_over_mean_low']:.2f}-{dec['placed_slowest_over_mean_high']:.2f}"
+            f" | {max(x.get('host_syncs', 0) for x in e['ranks'])}")
 
 
 def plot(res: dict, path: Path) -> None:

@@ -34,6 +34,8 @@ sys.path.insert(0, str(HERE.parent))
 
 import torch  # noqa: E402
 
+from timing import host_syncs  # noqa: E402
+
 from sglang_shplb.core.patterns import BLOCK, HeadBudget, Pattern  # noqa: E402
 from sglang_shplb.kernels.paged_layer import (DecodeWorkspace, ExtendBatch, LayerKernels,  # noqa: E402
                                               layer_max_selected, selected_heads)
@@ -167,6 +169,8 @@ def main():
                 sdpa(q, k, v, scale)
 
         row = {"n": n, "shplb_ms": wall_ms(ours, a.reps), "sdpa_dense_ms": wall_ms(dense, a.reps)}
+        if dev == "cuda":   # where a forward's attention waits for the GPU (after the warm-up above)
+            row["host_syncs"] = host_syncs(ours)
         if flashinfer is not None:
             ws = torch.empty(256 << 20, dtype=torch.uint8, device=dev)
             w = flashinfer.BatchPrefillWithRaggedKVCacheWrapper(ws, "NHD")

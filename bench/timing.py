@@ -25,6 +25,34 @@ def bench(fn, smoke: bool, rep_ms: int = 200) -> float:
     return float(triton.testing.do_bench(fn, warmup=25, rep=rep_ms, return_mode="median"))
 
 
+def host_syncs(fn) -> dict[str, int]:
+    """Where ``fn`` makes the host wait for the GPU: ``{"file:line function": count}`` of the innermost frame of
+    this package that asked (CUDA's sync debug mode; it documents that it may miss some syncs)."""
+    import traceback
+    import warnings
+
+    import torch
+    found: dict[str, int] = {}
+
+    def record(message, category, filename, lineno, file=None, line=None) -> None:
+        if "synchroniz" not in str(message) or "prototype" in str(message):
+            return
+        ours = [f for f in traceback.extract_stack()[:-1] if "sglang_shplb" in f.filename]
+        where = f"{ours[-1].filename.split('sglang_shplb/')[-1]}:{ours[-1].lineno} {ours[-1].name}" if ours else "?"
+        found[where] = found.get(where, 0) + 1
+
+    torch.cuda.synchronize()
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = record
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return found
+
+
 def results_writer(res: dict, path: str):
     """``dump()``: write ``res`` to ``path.json`` and the log so far to ``path.log`` (called after each step
     of a benchmark, so that a run cut short still leaves its numbers)."""

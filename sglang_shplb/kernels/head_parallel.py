@@ -51,7 +51,7 @@ class KVRows:
     def rows(self, i: int, kv_len: int) -> torch.Tensor | slice:
         if self.starts is not None:
             return slice(self.starts[i], self.starts[i] + kv_len)
-        return self.req_to_token[int(self.req_pool_indices[i]), :kv_len].long()
+        return pool_rows(self.req_to_token, self.req_pool_indices, i, kv_len)
 
     def paged(self, kv_lens: Sequence[int], device) -> tuple[torch.Tensor, torch.Tensor]:
         """A ``(req_to_token, req_pool_indices)`` view of these rows for the paged kernels."""
@@ -60,7 +60,38 @@ class KVRows:
         table = torch.zeros(len(kv_lens), max(max(kv_lens), 1), dtype=torch.int32)
         for i, L in enumerate(kv_lens):
             table[i, :L] = torch.arange(self.starts[i], self.starts[i] + L, dtype=torch.int32)
-        return table.to(device), torch.arange(len(kv_lens), dtype=torch.int32, device=device)
+        return to_device(table, device), torch.arange(len(kv_lens), dtype=torch.int32, device=device)
+
+
+# No host synchronisation on the executor's path: a sync in the middle of a layer drains the GPU queue and
+# exposes the host's launch time that follows it. Host-built tensors travel with non-blocking copies; pool
+# rows are read with a device index (``bench/head_parallel.py`` runs the executor under CUDA's sync check).
+def to_device(x: torch.Tensor, device) -> torch.Tensor:
+    """A host tensor on ``device`` without waiting for the stream (pinned staging on CUDA)."""
+    if torch.device(device).type != "cuda":
+        return x.to(device)
+    return x.pin_memory().to(device, non_blocking=True)
+
+
+_HEAD_INDEX: dict = {}
+
+
+def head_index(heads: Sequence[int], device) -> slice | torch.Tensor:
+    """``heads`` as an index of a head axis: a slice when they are consecutive, else a device tensor (cached;
+    a Python list as an index is copied to the device with a sync on every use)."""
+    hs = tuple(int(h) for h in heads)
+    if hs == tuple(range(hs[0], hs[0] + len(hs))):
+        return slice(hs[0], hs[0] + len(hs))
+    key = (hs, str(device))
+    if key not in _HEAD_INDEX:
+        _HEAD_INDEX[key] = to_device(torch.tensor(hs, dtype=torch.long), device)
+    return _HEAD_INDEX[key]
+
+
+def pool_rows(req_to_token: torch.Tensor, req_pool_indices: torch.Tensor, i: int, n: int) -> torch.Tensor:
+    """Pool indices of request ``i``'s first ``n`` tokens, ``req_to_token[req_pool_indices[i], :n]`` (int64),
+    indexed on the device (``int(req_pool_indices[i])`` would synchronise)."""
+    return req_to_token[req_pool_indices[i:i + 1].long(), :n][0].long()
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -181,6 +212,7 @@ def _dense(q, k_buffer, v_buffer, kv: KVRows, q_lens, kv_lens, heads, scale, out
     for i, (n, L) in enumerate(zip(q_lens, kv_lens)):
         rows = kv.rows(i, L)
         for g, hs in by_kv.items():
+            hs = head_index(hs, q.device)
             qq = q[c:c + n, hs].transpose(0, 1)                                        # [S, n, d]
             kk, vv = k_buffer[rows, g], v_buffer[rows, g]                             # [L, d]
             if n == L:   # no prefix: top-left causal, GQA in the kernel (cuDNN / flash)
@@ -212,10 +244,10 @@ def _sparse_kernels(q, k_buffer, v_buffer, kv: KVRows, q_lens, kv_lens, budgets,
     if sp is None:
         sp = _PREFILLS[key] = SparsePrefill(list(bud), k_buffer.shape[1], q.shape[-1])
     sp.sm_scale = scale
-    cu = torch.tensor([0, *q_lens], dtype=torch.int32).cumsum(0, dtype=torch.int32).to(dev)
-    kvl = torch.tensor(list(kv_lens), dtype=torch.int32).to(dev)
+    cu = to_device(torch.tensor([0, *q_lens], dtype=torch.int32).cumsum(0, dtype=torch.int32), dev)
+    kvl = to_device(torch.tensor(list(kv_lens), dtype=torch.int32), dev)
     if kv.starts is not None and kv == KVRows.back_to_back(kv_lens):
-        cu_k = torch.tensor([0, *kv_lens], dtype=torch.int32).cumsum(0, dtype=torch.int32).to(dev)
+        cu_k = to_device(torch.tensor([0, *kv_lens], dtype=torch.int32).cumsum(0, dtype=torch.int32), dev)
         sp.plan(cu, kvl, max(q_lens), max(kv_lens), cu_seqlens_k=cu_k, q_lens_cpu=list(q_lens),
                 kv_lens_cpu=list(kv_lens))
     else:
@@ -223,7 +255,8 @@ def _sparse_kernels(q, k_buffer, v_buffer, kv: KVRows, q_lens, kv_lens, budgets,
         sp.plan(cu, kvl, max(q_lens), max(kv_lens), req_to_token=r2t, req_pool_indices=rpi,
                 q_lens_cpu=list(q_lens), kv_lens_cpu=list(kv_lens))
     o = sp.run(q, k_buffer, v_buffer)
-    out[:, heads] = o[:, heads].to(out.dtype)
+    hs = head_index(heads, dev)
+    out[:, hs] = o[:, hs].to(out.dtype)
 
 
 def attend_heads(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tensor, kv: KVRows,
@@ -312,7 +345,7 @@ def _gather_prefix(k_buffer, req_to_token, req_pool_indices, kv_local: int, lens
     for i, L in enumerate(lens):
         if not L:
             continue
-        idx = req_to_token[int(req_pool_indices[i]), :L].long()
+        idx = pool_rows(req_to_token, req_pool_indices, i, L)
         if out.dtype == src.dtype:
             torch.index_select(src, 0, idx, out=out[c:c + L])
         else:
@@ -354,7 +387,9 @@ class HeadParallelExtend:
                 attend_heads(q, k_new, v_new, KVRows.back_to_back(kv_lens), q_lens, kv_lens, local_budgets, whole,
                              scale, out)
             else:
-                attend_heads(q, k_buffer, v_buffer, KVRows(req_to_token, req_pool_indices[live]), q_lens, kv_lens,
+                rpi = req_pool_indices if len(live) == len(shape.extend_lens) else \
+                    req_pool_indices[to_device(torch.tensor(live), req_pool_indices.device)]
+                attend_heads(q, k_buffer, v_buffer, KVRows(req_to_token, rpi), q_lens, kv_lens,
                              local_budgets, whole, scale, out)
         # units whose home and target are this rank: staged from the home pool, no transfer
         self.compute_units(sched, r, budgets, scale, out, q=q, k_buffer=k_buffer, v_buffer=v_buffer,
