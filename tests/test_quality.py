@@ -49,8 +49,9 @@ def test_the_check_decodes_through_the_servers_decode_reference(monkeypatch):
 
 
 def test_teacher_forced_answer_rows_attend_by_the_servers_decode_rule():
-    """masked_prefill(decode_from=P): rows before P are the prefill masks' rows, rows from P on equal the
-    serving decode path (layer_reference.sparse_decode over the cache) step by step; no decode rows, no change."""
+    """masked_prefill(decode_from=P): rows before P are the prefill of the prompt alone (the answer rows
+    never enter the prompt's block estimates), rows from P on equal the serving decode path
+    (layer_reference.sparse_decode over the cache) step by step; no decode rows, no change."""
     import torch
 
     from sglang_shplb.kernels.layer_reference import sparse_decode
@@ -60,12 +61,20 @@ def test_teacher_forced_answer_rows_attend_by_the_servers_decode_rule():
     n, P, hq, hkv, d = 300, 290, 6, 2, 16
     q, k, v = torch.randn(1, hq, n, d), torch.randn(1, hkv, n, d), torch.randn(1, hkv, n, d)
     k[0, :, 40] *= 6                                    # a key the Quest pages must find
+    # head 5 (top-k, one selected block per row): its last prompt rows point at a key in block 3, the answer
+    # rows at one in block 2; a last query block pooled over prompt + answer rows would pick block 2
+    u, w = torch.randn(d), torch.randn(d)
+    k[0, 1, 150], k[0, 1, 200] = 30 * u, 30 * w
+    q[0, 5, 256:P] = w
+    q[0, 5, P:] = 50 * u
     budgets = [HeadBudget.topk(0.05, 2), HeadBudget.streaming(64, 64), HeadBudget.dense(),
                HeadBudget.topk(0.2, 2), HeadBudget.streaming(64, 128), HeadBudget.topk(0.05, 3)]
     scale = d ** -0.5
     full = masked_prefill(budgets, q, k, v, scale)[0]
     mixed = masked_prefill(budgets, q, k, v, scale, decode_from=P)[0]
-    assert torch.allclose(mixed[:P], full[:P], atol=1e-5)
+    prompt_only = masked_prefill(budgets, q[:, :, :P], k[:, :, :P], v[:, :, :P], scale)[0]
+    assert torch.allclose(mixed[:P], prompt_only, atol=1e-5)
+    assert not torch.allclose(full[256:P, 5], prompt_only[256:, 5], atol=1e-3)   # the answer rows would change it
     assert torch.allclose(masked_prefill(budgets, q, k, v, scale, decode_from=n)[0], full, atol=1e-6)
     kk, vv = k[0].transpose(0, 1).contiguous(), v[0].transpose(0, 1).contiguous()    # pool [n, Hkv, d]
     for t in range(P, n):

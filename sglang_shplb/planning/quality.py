@@ -58,8 +58,8 @@ def masked_prefill(budgets: list[HeadBudget], query: torch.Tensor, key: torch.Te
     q, k, v = query[0].transpose(0, 1), key[0].transpose(0, 1), value[0].transpose(0, 1)  # [n, H, d]
     n = q.shape[0]
     stop = n if decode_from is None else min(max(decode_from, 0), n)
-    with torch.no_grad():
-        masks = build_block_masks(budgets, query[0], key[0])
+    with torch.no_grad():   # the prompt's masks from the prompt alone, as the server builds them
+        masks = build_block_masks(budgets, query[0, :, :stop], key[0, :, :stop])
     group = q.shape[1] // k.shape[1]
     out = torch.cat([masked_attention(q[:stop, g * group:(g + 1) * group], k[:stop, g:g + 1], v[:stop, g:g + 1],
                                       masks[g * group:(g + 1) * group], scaling)
