@@ -61,17 +61,32 @@ def test_held_in_prompts_are_not_the_profiles(small):
     assert {h.prompt.name[0] for h in held} == {"A", "B"}
 
 
-def test_held_in_prompts_ask_pass_keys_and_registers(small):
-    from sglang_shplb.planning.calibration_data import make_prompt
+def test_held_in_prompts_ask_pass_keys_registers_and_facts(small):
+    from sglang_shplb.planning.calibration_data import FACTS, make_prompt
 
     _, tok, _ = small
-    held = rf.held_in_prompts(tok, [384], 4)
-    assert [len(p.name.split("-", 2)) for p in held] == [2, 2, 3, 3]   # pass key, pass key, register, register
-    for p in held[2:]:
+    held = rf.held_in_prompts(tok, [384], 6)
+    assert [len(p.input_ids) for p in held] == [384] * 6
+    # pass key, pass key, register, register, fact, fact
+    assert [len(p.name.split("-", 2)) for p in held] == [2, 2, 3, 3, 3, 3]
+    assert all(p.name.endswith("-lighthouse") for p in held[4:])
+    for p in held[2:4]:
         register = p.name.split("-", 2)[2]   # "A1002-384-amber-0" -> "amber-0"
         needle = tok.decode(p.input_ids[p.needles[0][0]:p.needles[0][1]])
         assert register.split("-")[0] in needle and p.answer in needle   # the asked register's needle first
         assert f"register {register}?" in tok.decode(p.input_ids)
+    for p in held[4:]:
+        name = p.name.split("-")[2].capitalize()   # "A1004-384-amber-lighthouse" -> "Amber"
+        text = tok.decode(p.input_ids)
+        asked = tok.decode(p.input_ids[p.needles[0][0]:p.needles[0][1]])
+        block = tok.decode(p.input_ids[p.needles[1][0]:p.needles[1][1]])
+        assert name in asked and p.answer in asked and asked in block    # the asked fact first, inside its block
+        assert block.count("lighthouse is painted") == FACTS and text.count("lighthouse is painted") == FACTS
+        assert f"What colour is the {name} lighthouse painted?" in text and p.answer.isalpha()
+        assert len(p.needles) == 2 + 4            # the fact, the block, the pass key and three registers
+    # the fact list is added to the same document: its pass key stays
+    key = make_prompt(tok, 384, "B", 1005, "passkey").answer
+    assert f"pass key is {key}" in tok.decode(make_prompt(tok, 384, "B", 1005, "facts").input_ids)
     # the same document asked two ways: same needles (all of them), different answers
     a = make_prompt(tok, 384, "B", 1003, "passkey")
     b = make_prompt(tok, 384, "B", 1003, "register")
@@ -79,6 +94,7 @@ def test_held_in_prompts_ask_pass_keys_and_registers(small):
     with pytest.raises(ValueError, match="calibration question"):
         make_prompt(tok, 384, "A", 0, "capital")
     assert rf.answered("412", "It is 412.") and not rf.answered("412", "41234") and not rf.answered("412", "1412")
+    assert rf.answered("teal", "Teal.") and not rf.answered("teal", "steal") and not rf.answered("teal", "teals")
 
 
 def test_gate_is_zero_at_dense_and_matches_a_finite_difference(small):

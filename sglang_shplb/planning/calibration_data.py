@@ -52,16 +52,30 @@ def _paragraphs(calib_set: str) -> list[str]:
     return paras
 
 
-#: what a calibration document asks at its end: the pass key, or the value of one of its registers (a
-#: key-value lookup among distractors)
-QUESTIONS = ("passkey", "register")
+#: what a calibration document asks at its end: the pass key, the value of one of its registers (a
+#: key-value lookup among distractors), or a word from a short list of facts inserted as one block (the
+#: eval's qa task reads such a list; its names, words and wording are not these)
+QUESTIONS = ("passkey", "register", "facts")
+_COLOURS = ["crimson", "scarlet", "teal", "olive", "violet", "ochre", "silver", "ivory", "maroon", "navy",
+            "saffron", "azure"]
+FACTS = 5
+
+
+def _fact_list(rng: random.Random) -> tuple[str, list[str], int]:
+    """A block of :data:`FACTS` lighthouse colours, its sentences, and the index of the asked one."""
+    names = rng.sample(_NAMES, FACTS)
+    colours = rng.sample(_COLOURS, FACTS)
+    facts = [f"The {n.capitalize()} lighthouse is painted {c}." for n, c in zip(names, colours)]
+    block = "From the harbour log, the colours of the lighthouses: " + " ".join(facts) + " That is the whole log."
+    return block, facts, rng.randrange(FACTS)
 
 
 def make_prompt(tokenizer, length: int, calib_set: str = "A", seed: int = 0,
                 question: str = "passkey") -> CalibrationPrompt:
     """A chat-formatted document of exactly ``length`` tokens (filler trimmed to fit) with needles
     inside and a retrieval question at the end (:data:`QUESTIONS`); the answer's needle is the first of
-    ``needles``. The needles and their depths do not depend on ``question``."""
+    ``needles``. The pass key and register needles and their depths do not depend on ``question``;
+    ``"facts"`` adds one block of facts at a depth of its own (drawn apart, so the other draws stay)."""
     if question not in QUESTIONS:
         raise ValueError(f"calibration question must be one of {QUESTIONS}, got {question!r}")
     rng = random.Random(f"{calib_set}-{length}-{seed}")
@@ -72,10 +86,18 @@ def make_prompt(tokenizer, length: int, calib_set: str = "A", seed: int = 0,
     needles = [f"The pass key is {passkey}. Remember it. {passkey} is the pass key."] + \
               [f"The value of the register {k} is {v}." for k, v in facts.items()]
     asked = random.Random(f"{calib_set}-{length}-{seed}-register").choice(sorted(facts))
+    extra: list[tuple[float, str]] = []
     if question == "passkey":
         answer, ask = passkey, "What is the pass key? Answer with the number only."
-    else:
+    elif question == "register":
         answer, ask = facts[asked], f"What is the value of the register {asked}? Answer with the number only."
+    else:
+        frng = random.Random(f"{calib_set}-{length}-{seed}-facts")
+        block, sentences, at = _fact_list(frng)
+        extra = [(frng.random(), block)]
+        name = sentences[at].split()[1]
+        answer = sentences[at].split()[-1].rstrip(".")
+        ask = f"What colour is the {name} lighthouse painted? Answer with the colour only."
 
     def render(body_paras: list[str]) -> list[int]:
         messages = [{"role": "user", "content": "\n\n".join(body_paras) + "\n\n" + ask}]
@@ -83,10 +105,11 @@ def make_prompt(tokenizer, length: int, calib_set: str = "A", seed: int = 0,
                                              return_dict=False)
 
     depths = sorted(rng.random() for _ in needles)
+    placed = sorted(list(zip(depths, needles)) + extra)
 
     def with_needles(filler: list[str]) -> list[str]:
         out = list(filler)
-        for j, (d, needle) in enumerate(zip(depths, needles)):  # + j: the needles inserted before it
+        for j, (d, needle) in enumerate(placed):  # + j: the needles inserted before it
             out.insert(int(d * len(filler)) + j, needle)
         return out
 
@@ -116,6 +139,9 @@ def make_prompt(tokenizer, length: int, calib_set: str = "A", seed: int = 0,
         at = 1 + list(facts).index(asked)
         spans = (spans[at],) + spans[:at] + spans[at + 1:]
         return CalibrationPrompt(f"{calib_set}{seed}-{length}-{asked}", ids, answer, spans)
+    if question == "facts":      # the asked fact first, then the block, then the other needles
+        spans = needle_spans(tokenizer, ids, [sentences[at], block]) + spans
+        return CalibrationPrompt(f"{calib_set}{seed}-{length}-{name.lower()}-lighthouse", ids, answer, spans)
     return CalibrationPrompt(f"{calib_set}{seed}-{length}", ids, answer, spans)
 
 

@@ -81,15 +81,16 @@ class RefineResult:
 
 def held_in_prompts(tokenizer, lengths: list[int], count: int) -> list[CalibrationPrompt]:
     """``count`` calibration-style documents, lengths cycling, sets A/B alternating, questions (pass key,
-    register lookup: :data:`~sglang_shplb.planning.calibration_data.QUESTIONS`) alternating in pairs, seeds
-    from :data:`HELD_IN_SEED` (disjoint from the profile's)."""
+    register lookup, a word from a fact list: :data:`~sglang_shplb.planning.calibration_data.QUESTIONS`)
+    cycling in pairs, seeds from :data:`HELD_IN_SEED` (disjoint from the profile's)."""
     return [make_prompt(tokenizer, lengths[i % len(lengths)], "AB"[i % 2], HELD_IN_SEED + i,
                         QUESTIONS[(i // 2) % len(QUESTIONS)]) for i in range(count)]
 
 
 def answered(answer: str, text: str) -> bool:
-    """``answer`` (a number) stands in ``text`` as a whole number, not inside a longer one."""
-    return re.search(rf"(?<![0-9]){re.escape(answer)}(?![0-9])", text) is not None
+    """``answer`` (a number or a word) stands in ``text`` whole, not inside a longer number or word (case
+    ignored)."""
+    return re.search(rf"(?<![0-9A-Za-z]){re.escape(answer)}(?![0-9A-Za-z])", text, re.IGNORECASE) is not None
 
 
 def _eos_ids(model) -> set[int]:
