@@ -137,6 +137,31 @@ def test_a_new_page_resets_and_pages_past_the_length_are_not_written():
     assert (kmin[untouched] == -5).all() and (kmax[untouched] == 5).all()
 
 
+def test_a_batch_builds_its_page_rows_once_for_every_layer():
+    """ExtendBatch.summary_rows is built by the first layer and reused: two layers (two K pools) summarised
+    through the kept rows equal each layer summarised alone, for a batch of two requests of other lengths."""
+    pool = make_pool(seed=4)
+    lens = [200, 70]
+    for req, n in enumerate(lens):
+        k, v = sequence(n, HQ, HKV, D, 10 + req)[1:]
+        pool.put(req + 1, 0, k, v)
+    other_k = torch.randn_like(pool.k)                                  # the second layer's pool
+    rpi = torch.tensor([1, 2], device=DEV)
+    batch = ExtendBatch.build(pool.req_to_token, rpi, lens, lens)
+    for kb in (pool.k, other_k):
+        alone = alloc_page_summaries(POOL, HKV, D, dtype=torch.float32, device=DEV)
+        kept = alloc_page_summaries(POOL, HKV, D, dtype=torch.float32, device=DEV)
+        build_page_summaries(kb, pool.req_to_token, rpi, batch.seq_lens, *alone)
+        build_page_summaries(kb, pool.req_to_token, rpi, batch.seq_lens, *kept,
+                             rows=batch.summary_rows(kept[0].shape[0] - 1))
+        assert torch.equal(alone[0], kept[0]) and torch.equal(alone[1], kept[1])
+        for req, n in enumerate(lens):
+            lo, hi = reference_page_summaries(kb, pool.req_to_token, req + 1, n)
+            assert torch.equal(by_slot(kept[0], pool, req + 1, n), lo)
+            assert torch.equal(by_slot(kept[1], pool, req + 1, n), hi)
+    assert len(batch._summary_rows) == 1                                # built once, kept for the second layer
+
+
 # ---- memory ----------------------------------------------------------------------------------------------
 
 class _Pool:

@@ -60,6 +60,11 @@ def empty_index(heads: LayerHeads, bsz: int, nb: int, maxk: int, device) -> Bloc
 
 def max_blocks_per_row(budgets: Sequence[HeadBudget], nb: int) -> int:
     """``MAXK``: the longest KV-block list of any non-dense head at ``nb`` blocks (≥ 1)."""
+    return _max_blocks_per_row(tuple(budgets), nb)
+
+
+@lru_cache(maxsize=1024)   # every layer of every batch asks (host time of the prefill path)
+def _max_blocks_per_row(budgets: tuple[HeadBudget, ...], nb: int) -> int:
     m = 1
     for b in budgets:
         if b.pattern is Pattern.VSLASH:
@@ -90,6 +95,7 @@ def topk_counts_tensor(budgets: tuple[HeadBudget, ...], nb: int, device: str) ->
 
 
 @lru_cache(maxsize=256)
-def int_tensor(vals: tuple[int, ...], device: str) -> torch.Tensor:
-    """int32 tensor of ``vals`` on ``device``, cached (head lists and flags of the builders)."""
-    return torch.tensor(vals, dtype=torch.int32, device=device)
+def int_tensor(vals: tuple[int, ...], device: str, dtype: torch.dtype = torch.int32) -> torch.Tensor:
+    """Tensor of ``vals`` on ``device`` (int32, or ``dtype``: int64 for an index), cached (head lists and flags
+    of the builders)."""
+    return torch.tensor(vals, dtype=dtype, device=device)

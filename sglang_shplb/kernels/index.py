@@ -101,9 +101,9 @@ def build_block_index(budgets: Sequence[HeadBudget], q: torch.Tensor, k: torch.T
     qi_ar = torch.arange(nb, device=dev)
     # static heads: one indexed write per kind and streaming rule (a per-head loop costs ~10 launches a head)
     if heads.dense:
-        cnt[:, int_tensor(heads.dense, str(dev)).long()] = (qi_ar + 1).int()
+        cnt[:, int_tensor(heads.dense, str(dev), torch.long)] = (qi_ar + 1).int()
     for (sink, window), hs in heads.streaming_rules.items():
-        ht = int_tensor(hs, str(dev)).long()
+        ht = int_tensor(hs, str(dev), torch.long)
         si, sc = _cached_streaming_index(sink, window, nb, maxk, str(dev))
         idx[:, ht] = si
         cnt[:, ht] = sc
@@ -137,7 +137,7 @@ def build_block_index(budgets: Sequence[HeadBudget], q: torch.Tensor, k: torch.T
         # forced: kj = 0 and kj = r
         ns = nb if tile == BLOCK else nbx * BLOCK // tile
         npos = ns * tile
-        th = int_tensor(heads_t, str(dev)).long()
+        th = int_tensor(heads_t, str(dev), torch.long)
         qg = q if len(heads_t) == hq else q.index_select(1, th)
         qp = _pool(qg[qrow[:, :npos].reshape(-1)].view(bsz, npos, len(heads_t), d), qvalid[:, :npos], ns, tile)
         kp = _pool(kg[:, :npos], kvalid[:, :npos], ns, tile)              # [B, Hkv, ns, d]

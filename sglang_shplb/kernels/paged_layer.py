@@ -25,7 +25,7 @@ buffers are shared by all layers (:class:`DecodeWorkspace`), sized for the large
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
@@ -33,9 +33,9 @@ import torch
 from sglang_shplb.core.patterns import BLOCK, HeadBudget
 from sglang_shplb.kernels.api import SparsePrefill
 from sglang_shplb.kernels.layer_heads import LayerHeads
-from sglang_shplb.kernels.triton_decode import (DecodeScratch, alloc_page_summaries, build_page_summaries,
+from sglang_shplb.kernels.triton_decode import (DecodeScratch, SummaryRows, alloc_page_summaries, build_page_summaries,
                                                 decode_splits, decode_walks, group_decode, max_decode_splits,
-                                                max_selected_pages, page_rules)
+                                                max_selected_pages, page_rules, summary_rows)
 from sglang_shplb.kernels.triton_select import selector_consts, update_and_select_pages
 
 
@@ -48,10 +48,19 @@ class ExtendBatch:
     req_pool_indices: torch.Tensor   # [B] int32, device
     q_lens_cpu: list[int]
     kv_lens_cpu: list[int]
+    _summary_rows: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def has_prefix(self) -> bool:
         return any(a != b for a, b in zip(self.q_lens_cpu, self.kv_lens_cpu))
+
+    def summary_rows(self, scratch_page: int) -> SummaryRows:
+        """Where this batch's request pages are (:func:`~.triton_decode.summary_rows`), built on the first
+        layer that summarizes and kept for the others."""
+        if scratch_page not in self._summary_rows:
+            self._summary_rows[scratch_page] = summary_rows(self.req_to_token, self.req_pool_indices, self.seq_lens,
+                                                            scratch_page, math.ceil(max(self.kv_lens_cpu) / BLOCK))
+        return self._summary_rows[scratch_page]
 
     @staticmethod
     def build(req_to_token: torch.Tensor, req_pool_indices: torch.Tensor, q_lens_cpu: Sequence[int],
@@ -152,7 +161,7 @@ class LayerKernels:
         selection reads (through ``req_to_token``)."""
         if self.kmin is not None:
             build_page_summaries(k_buffer, batch.req_to_token, batch.req_pool_indices, batch.seq_lens,
-                                 self.kmin, self.kmax, num_pages=math.ceil(max(batch.kv_lens_cpu) / BLOCK))
+                                 self.kmin, self.kmax, rows=batch.summary_rows(self.kmin.shape[0] - 1))
 
     def decode(self, q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tensor, req_to_token: torch.Tensor,
                req_pool_indices: torch.Tensor, seq_lens: torch.Tensor, ws: DecodeWorkspace, scale: float,

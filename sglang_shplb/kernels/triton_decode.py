@@ -28,6 +28,7 @@ to finish merges the partials (one launch, no separate combine) and zeroes the c
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from functools import lru_cache
 from typing import NamedTuple, Sequence
 
@@ -288,29 +289,48 @@ def request_pool_pages(req_to_token: torch.Tensor, req_pool_indices: torch.Tenso
     return torch.where(held, pid, torch.full_like(pid, scratch_page))
 
 
-def build_page_summaries(k_buffer: torch.Tensor, req_to_token: torch.Tensor, req_pool_indices: torch.Tensor,
-                         seq_lens: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor,
-                         num_pages: int | None = None) -> None:
-    """(Re)compute the min/max of the pool pages that hold the listed requests' pages ``0 .. num_pages-1``
-    (default: all of ``req_to_token``'s width; ``num_pages`` ≥ the longest request's page count), after a
-    prefill. Pages a request does not hold write the scratch row. In place, sync-free."""
+@dataclass(frozen=True)
+class SummaryRows:
+    """Where a batch's request pages are in the pool (:func:`summary_rows`): the same for every layer of a
+    forward, so built once per batch."""
+    locs: torch.Tensor      # [B, P * 64] int64: pool slot of each position (0 past the request's length)
+    valid: torch.Tensor     # [B, P * 64, 1, 1] bool: the position is in the request
+    pages: torch.Tensor     # [B * P] int64: pool page of each request page (the scratch row past its length)
+
+
+def summary_rows(req_to_token: torch.Tensor, req_pool_indices: torch.Tensor, seq_lens: torch.Tensor,
+                 scratch_page: int, num_pages: int | None = None) -> SummaryRows:
+    """The listed requests' pages ``0 .. num_pages-1`` (default: all of ``req_to_token``'s width). Sync-free."""
     bsz = req_pool_indices.shape[0]
     width = -(-req_to_token.shape[1] // BLOCK)
     maxp = width if num_pages is None else min(num_pages, width)
-    pos = torch.arange(maxp * BLOCK, device=k_buffer.device)[None, :]
+    pos = torch.arange(maxp * BLOCK, device=req_to_token.device)[None, :]
     valid = pos < seq_lens.long()[:, None]
     loc = torch.gather(req_to_token[req_pool_indices.long()].long(), 1,
                        pos.clamp(max=req_to_token.shape[1] - 1).expand(bsz, -1))
-    kk = k_buffer[torch.where(valid, loc, torch.zeros_like(loc))]            # [B, P*64, Hkv, d]
-    v = valid[:, :, None, None]
-    lo = torch.where(v, kk, torch.full((), float("inf"), dtype=kk.dtype, device=kk.device))
-    hi = torch.where(v, kk, torch.full((), float("-inf"), dtype=kk.dtype, device=kk.device))
-    shp = (bsz, maxp, BLOCK) + tuple(kk.shape[2:])
+    pages = request_pool_pages(req_to_token, req_pool_indices, seq_lens, maxp, scratch_page)
+    return SummaryRows(torch.where(valid, loc, torch.zeros_like(loc)), valid[:, :, None, None], pages.flatten())
+
+
+def build_page_summaries(k_buffer: torch.Tensor, req_to_token: torch.Tensor, req_pool_indices: torch.Tensor,
+                         seq_lens: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor,
+                         num_pages: int | None = None, rows: SummaryRows | None = None) -> None:
+    """(Re)compute the min/max of the pool pages that hold the listed requests' pages ``0 .. num_pages-1``
+    (default: all of ``req_to_token``'s width; ``num_pages`` ≥ the longest request's page count), after a
+    prefill. Pages a request does not hold write the scratch row. ``rows``: :func:`summary_rows` of these
+    arguments (with the scratch row ``kmin.shape[0] - 1``), when the caller keeps them for every layer. In
+    place, sync-free."""
+    if rows is None:
+        rows = summary_rows(req_to_token, req_pool_indices, seq_lens, kmin.shape[0] - 1, num_pages)
+    bsz, npos = rows.locs.shape
+    kk = k_buffer[rows.locs]                                                 # [B, P*64, Hkv, d]
+    lo = torch.where(rows.valid, kk, torch.full((), float("inf"), dtype=kk.dtype, device=kk.device))
+    hi = torch.where(rows.valid, kk, torch.full((), float("-inf"), dtype=kk.dtype, device=kk.device))
+    shp = (bsz, npos // BLOCK, BLOCK) + tuple(kk.shape[2:])
     lo = lo.view(shp).amin(2)                                                # [B, P, Hkv, d]
     hi = hi.view(shp).amax(2)
-    pid = request_pool_pages(req_to_token, req_pool_indices, seq_lens, maxp, kmin.shape[0] - 1)
-    kmin[pid.flatten()] = lo.flatten(0, 1).to(kmin.dtype)   # a shared prefix page: the same values twice
-    kmax[pid.flatten()] = hi.flatten(0, 1).to(kmax.dtype)
+    kmin[rows.pages] = lo.flatten(0, 1).to(kmin.dtype)   # a shared prefix page: the same values twice
+    kmax[rows.pages] = hi.flatten(0, 1).to(kmax.dtype)
 
 
 def update_page_summaries(k_buffer: torch.Tensor, req_to_token: torch.Tensor, req_pool_indices: torch.Tensor,
