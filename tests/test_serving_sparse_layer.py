@@ -10,7 +10,7 @@ import sglang  # noqa: F401  (tests/run.sh installs it; a missing SGLang must fa
 
 from conftest import budgets_mixed, budgets_positional, mask_reference, sequence
 from sglang_shplb.core.patterns import BLOCK, HeadBudget
-from sglang_shplb.kernels.layer_reference import sparse_attention, sparse_decode
+from sglang_shplb.kernels.layer_reference import gathered_block_attention, sparse_attention, sparse_decode
 from sglang_shplb.kernels.reference import masked_attention, reference_decode_pages, reference_sparse_decode
 
 
@@ -174,3 +174,26 @@ def test_decode_equals_one_token_extend():
     assert torch.allclose(a[:, cols], b[:, cols], atol=2e-5)
     c = run_extend(pool, [0], budgets, [q[-1:]], [699], [700])
     assert not torch.allclose(a[:, cols], c[:, cols], atol=2e-5)
+
+
+def test_gathered_block_attention_equals_the_masked_reference():
+    """The CPU path's per-query-block gather equals masked dense attention under the index's block mask:
+    a prefix (the queries are the last rows), a repeated block counted once, a listed block after the query
+    block ignored, padding slots past the count ignored, a short last block."""
+    torch.manual_seed(0)
+    n, n_q, d = 300, 200, 16                       # blocks 0..4, queries from row 100 (block 1) on
+    q, k, v = torch.randn(n_q, d), torch.randn(n, d), torch.randn(n, d)
+    nb = math.ceil(n / BLOCK)
+    idx = torch.tensor([[0, 0, 0, 0], [0, 1, 1, 3], [2, 0, 4, 9], [1, 3, 2, 2], [4, 0, 2, 7]])
+    cnt = torch.tensor([1, 4, 2, 3, 3])            # row 2 lists blocks 2, 0 (4 past the count); row 1 repeats 1
+    mask = torch.zeros(nb, nb, dtype=torch.bool)
+    for i in range(nb):
+        mask[i, idx[i, :cnt[i]]] = True
+    mask &= torch.ones(nb, nb, dtype=torch.bool).tril()           # row 1's block 3 comes after it: ignored
+    ref = masked_attention(q[:, None], k[:, None], v[:, None], mask[None], 0.3)[:, 0]
+    got = gathered_block_attention(q, k, v, idx, cnt, 0.3)
+    assert got.shape == (n_q, d) and torch.allclose(got, ref, atol=1e-5)
+    # the mask matters: with every block listed the answer is dense attention, not this
+    full = gathered_block_attention(q, k, v, torch.arange(nb).expand(nb, nb), torch.full((nb,), nb), 0.3)
+    dense = masked_attention(q[:, None], k[:, None], v[:, None], torch.ones(1, nb, nb, dtype=torch.bool).tril(), 0.3)
+    assert torch.allclose(full, dense[:, 0], atol=1e-5) and not torch.allclose(got, full, atol=1e-3)

@@ -7,8 +7,9 @@ prefix; decode: one). K/V live in the token pool ``k_buffer [pool, Hkv, d]`` and
 
 Which blocks a head computes is decided by :func:`sglang_shplb.kernels.index.build_block_index` (the
 kernels' index builder, which reproduces :func:`sglang_shplb.core.block_masks.build_block_masks` for a batch,
-chunked or not). The outputs come from the Triton kernel on CUDA and from masked dense attention
-(:func:`sglang_shplb.kernels.reference.masked_attention`) elsewhere. Streaming heads in decode take a
+chunked or not). The outputs come from the Triton kernel on CUDA and elsewhere from attention over each
+query block's gathered KV blocks (:func:`gathered_block_attention`, equal to the masked dense reference
+:func:`sglang_shplb.kernels.reference.masked_attention`). Streaming heads in decode take a
 fixed-shape gather path that is safe inside a captured CUDA graph; top-k / vertical-slash heads in decode
 select pages by the CUDA kernel path's Quest rule (:func:`selected_decode`).
 """
@@ -31,17 +32,6 @@ _CHEAP = HeadBudget(Pattern.STREAMING, sink_blocks=0, window_blocks=1)
 def sparse_heads(budgets: Sequence[HeadBudget]) -> list[int]:
     """The heads this path computes: every head but the dense ones (the stock backend's)."""
     return list(LayerHeads.of(budgets).sparse)
-
-
-def _masks_from_index(block_idx: torch.Tensor, block_cnt: torch.Tensor, b: int, heads: list[int],
-                      nb: int) -> torch.Tensor:
-    """Bool ``[len(heads), nb, nb]`` block masks of sequence ``b`` from a (padded) block index."""
-    idx = block_idx[b, heads, :nb].long()                       # [S, nb, maxk]
-    cnt = block_cnt[b, heads, :nb].long()                       # [S, nb]
-    keep = torch.arange(idx.shape[-1], device=idx.device)[None, None, :] < cnt[..., None]
-    m = torch.zeros(len(heads), nb, nb + 1, dtype=torch.bool, device=idx.device)
-    m.scatter_(-1, torch.where(keep, idx, torch.full_like(idx, nb)), True)
-    return m[..., :nb] & torch.ones(nb, nb, dtype=torch.bool, device=idx.device).tril()
 
 
 def sparse_attention(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tensor,
@@ -74,20 +64,56 @@ def sparse_attention(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Te
                            max_q, req_to_token=req_to_token, req_pool_indices=req_pool_indices, sm_scale=scale)
         out[:, heads] = o[:, heads].to(out.dtype)
         return out
-    from sglang_shplb.kernels.reference import masked_attention
     group = q.shape[1] // k_buffer.shape[1]
-    kv_of = torch.tensor([h // group for h in heads], device=dev)
     cq, lens = cu_q.tolist(), seq_lens.tolist()
     for b, n in enumerate(lens):
         if cq[b + 1] == cq[b]:
             continue
         loc = req_to_token[int(req_pool_indices[b]), :n].long()
-        kb, vb = k_buffer[loc][:, kv_of], v_buffer[loc][:, kv_of]          # [n, S, d]: one KV per sparse head
         nb = math.ceil(n / BLOCK)
-        masks = _masks_from_index(bi.block_idx, bi.block_cnt, b, heads, nb)
-        ob = masked_attention(q[cq[b]:cq[b + 1]][:, heads], kb, vb, masks, scale)
-        out[cq[b]:cq[b + 1], heads] = ob.to(out.dtype)
+        for h in heads:
+            out[cq[b]:cq[b + 1], h] = gathered_block_attention(
+                q[cq[b]:cq[b + 1], h], k_buffer[loc, h // group], v_buffer[loc, h // group],
+                bi.block_idx[b, h, :nb], bi.block_cnt[b, h, :nb], scale).to(out.dtype)
     return out
+
+
+def gathered_block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_idx: torch.Tensor,
+                             block_cnt: torch.Tensor, scale: float) -> torch.Tensor:
+    """One head of one sequence, only its listed KV blocks (the CPU path; the same result as
+    :func:`~sglang_shplb.kernels.reference.masked_attention` under the index's block mask, at a cost that
+    follows the blocks listed instead of ``n²``).
+
+    ``q [n_q, d]``: the last ``n_q`` of ``n`` positions; ``k, v [n, d]``; ``block_idx [nb, MAXK]``,
+    ``block_cnt [nb]``: query block ``i`` reads blocks ``block_idx[i, :block_cnt[i]]`` (a repeat counts
+    once, blocks after ``i`` none), token-causal. Per query block: gather its blocks' keys ``K_i [m·64, d]``,
+    ``o = softmax(scale q K_iᵀ + mask) V_i``. Float32 ``[n_q, d]``."""
+    n_q, d = q.shape
+    n = k.shape[0]
+    nb = block_idx.shape[0]
+    first = (n - n_q) // BLOCK                                          # the first query block
+    idx, cnt = block_idx[first:].long(), block_cnt[first:].long()       # [R, MAXK], [R]
+    m = max(1, int(cnt.max()))
+    idx = idx[:, :m]
+    slot = torch.arange(m)
+    rows = first + torch.arange(nb - first)                             # query block of each row
+    repeat = ((idx[:, :, None] == idx[:, None, :]) & (slot[None, :] < slot[:, None])[None]).any(-1)
+    use = (slot[None] < cnt[:, None]) & ~repeat & (idx <= rows[:, None])   # [R, m]
+    pad = torch.zeros(nb * BLOCK - n, d, dtype=torch.float32)
+    kb = torch.cat([k.float(), pad]).view(nb, BLOCK, d)
+    vb = torch.cat([v.float(), pad]).view(nb, BLOCK, d)
+    safe = torch.where(use, idx, torch.zeros_like(idx))
+    ks, vs = kb[safe].flatten(1, 2), vb[safe].flatten(1, 2)            # [R, m·64, d]
+    kpos = (safe[:, :, None] * BLOCK + torch.arange(BLOCK)).flatten(1)  # [R, m·64]
+    qpos = rows[:, None] * BLOCK + torch.arange(BLOCK)                  # [R, 64]
+    start = n - n_q - first * BLOCK                                     # q's first row inside the first block
+    qq = torch.zeros((nb - first) * BLOCK, d, dtype=torch.float32)
+    qq[start:start + n_q] = q.float()
+    allowed = use.repeat_interleave(BLOCK, 1)[:, None, :] & (kpos[:, None, :] <= qpos[:, :, None]) \
+        & (kpos < n)[:, None, :]                                        # [R, 64, m·64]
+    s = (qq.view(-1, BLOCK, d) @ ks.transpose(1, 2)) * scale
+    o = torch.softmax(s.masked_fill(~allowed, float("-inf")), -1) @ vs   # [R, 64, d]
+    return o.flatten(0, 1)[start:start + n_q]
 
 
 # ---------------------------------------------------------------------------------------------------
