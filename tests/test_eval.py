@@ -20,7 +20,8 @@ from sglang_shplb.evaluation.runner import EvalConfig, default_lengths, run_eval
 from sglang_shplb.evaluation.scoring import score
 from sglang_shplb.evaluation.summary import load_eval, paired_interval, plot_accuracy, summarize, summary_lines
 from sglang_shplb.evaluation.tasks import DEPTHS, TASKS, common_word_frequency, eval_prompts, make_prompt
-from sglang_shplb.planning.calibration_data import QUESTIONS, calibration_prompts, make_prompt, passkey_prompt
+from sglang_shplb.planning import calibration_data
+from sglang_shplb.planning.calibration_data import QUESTIONS, calibration_prompts, passkey_prompt
 from sglang_shplb.planning.synthetic_plans import dense_budget, synthetic_plan
 
 NEEDLE_TASKS = [t for t in TASKS if t != "cwe"]
@@ -126,7 +127,8 @@ def test_eval_and_calibration_share_no_text_or_needles(tok, prompts):
     assert not _shingles(corpus) & calib_topics  # the haystacks: no run of 8 words in common
     calib = [tok.decode(p.input_ids) for s in "AB" for p in calibration_prompts(tok, [1024, 2048], s, 2)]
     calib += [tok.decode(passkey_prompt(tok, 1024, s).input_ids) for s in range(4)]
-    calib += [tok.decode(make_prompt(tok, 1024, "AB"[s % 2], 1000 + s, question).input_ids)   # refine's held-in
+    # refine's held-in prompts, every question they ask
+    calib += [tok.decode(calibration_data.make_prompt(tok, 1024, "AB"[s % 2], 1000 + s, question).input_ids)
               for question in QUESTIONS for s in range(2)]
     calib_shingles = set().union(*map(_shingles, calib))
     for p in prompts:
