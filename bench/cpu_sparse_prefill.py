@@ -7,7 +7,8 @@ side by side in one process:
 * ``gathered``: :func:`sglang_shplb.kernels.layer_reference.sparse_attention` (each query block attends its
   gathered KV blocks: the path the CPU server runs);
 * ``masked``: the masked dense reference (:func:`sglang_shplb.kernels.reference.masked_attention` under the
-  same block index: the path the CPU server ran before);
+  heads' block masks, :func:`sglang_shplb.core.block_masks.build_block_masks`: the path the CPU server ran
+  before, which turned the index into those masks);
 * ``sdpa``: torch SDPA over all heads, dense (what the stock ``torch_native`` backend computes).
 
 Prints milliseconds (median of ``--reps``), the ratios, and the largest difference between the two sparse
@@ -18,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import platform
 import statistics
 import sys
@@ -30,8 +30,8 @@ sys.path.insert(0, str(HERE.parent))
 
 import torch  # noqa: E402
 
-from sglang_shplb.core.patterns import BLOCK, HeadBudget  # noqa: E402
-from sglang_shplb.kernels.index import build_block_index  # noqa: E402
+from sglang_shplb.core.block_masks import build_block_masks  # noqa: E402
+from sglang_shplb.core.patterns import HeadBudget  # noqa: E402
 from sglang_shplb.kernels.layer_heads import LayerHeads  # noqa: E402
 from sglang_shplb.kernels.layer_reference import sparse_attention  # noqa: E402
 from sglang_shplb.kernels.reference import masked_attention  # noqa: E402
@@ -53,19 +53,10 @@ def median_ms(fn, reps: int) -> float:
 
 
 def masked(q, k, v, heads, scale):
-    """The old CPU path: the block index as an n x n token mask, masked dense attention."""
-    n = q.shape[0]
-    nb = math.ceil(n / BLOCK)
-    cheap = [HeadBudget.streaming(0, BLOCK) if b.pattern.value == "dense" else b for b in BUDGETS]
-    bi = build_block_index(cheap, q, k, torch.tensor([0, n], dtype=torch.int32), torch.tensor([n]), n,
-                           cu_seqlens_k=torch.tensor([0, n], dtype=torch.int32))
-    idx, cnt = bi.block_idx[0, heads, :nb].long(), bi.block_cnt[0, heads, :nb].long()
-    keep = torch.arange(idx.shape[-1])[None, None, :] < cnt[..., None]
-    m = torch.zeros(len(heads), nb, nb + 1, dtype=torch.bool)
-    m.scatter_(-1, torch.where(keep, idx, torch.full_like(idx, nb)), True)
-    m = m[..., :nb] & torch.ones(nb, nb, dtype=torch.bool).tril()
+    """The old CPU path: the heads' block masks as an n x n token mask, masked dense attention."""
     kv = [h // (HQ // HKV) for h in heads]
-    return masked_attention(q[:, heads], k[:, kv], v[:, kv], m, scale)
+    masks = build_block_masks(BUDGETS, q.transpose(0, 1), k.transpose(0, 1))[heads]
+    return masked_attention(q[:, heads], k[:, kv], v[:, kv], masks, scale)
 
 
 def main(argv=None) -> None:

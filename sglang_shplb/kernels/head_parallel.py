@@ -22,10 +22,8 @@ import torch
 import torch.distributed as dist
 
 from sglang_shplb.core.patterns import HeadBudget, Pattern
-
-# Inside a fused multi-head kernel call, heads not asked for run at this budget (one diagonal block per
-# query block) and their columns are dropped.
-CHEAP = HeadBudget(Pattern.STREAMING, sink_blocks=0, window_blocks=1)
+from sglang_shplb.kernels.block_index import int_tensor
+from sglang_shplb.kernels.layer_reference import CHEAP, sparse_attention
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -73,19 +71,13 @@ def to_device(x: torch.Tensor, device) -> torch.Tensor:
     return x.pin_memory().to(device, non_blocking=True)
 
 
-_HEAD_INDEX: dict = {}
-
-
 def head_index(heads: Sequence[int], device) -> slice | torch.Tensor:
-    """``heads`` as an index of a head axis: a slice when they are consecutive, else a device tensor (cached;
-    a Python list as an index is copied to the device with a sync on every use)."""
+    """``heads`` as an index of a head axis: a slice when they are consecutive, else a cached device tensor
+    (a Python list as an index is copied to the device with a sync on every use)."""
     hs = tuple(int(h) for h in heads)
     if hs == tuple(range(hs[0], hs[0] + len(hs))):
         return slice(hs[0], hs[0] + len(hs))
-    key = (hs, str(device))
-    if key not in _HEAD_INDEX:
-        _HEAD_INDEX[key] = to_device(torch.tensor(hs, dtype=torch.long), device)
-    return _HEAD_INDEX[key]
+    return int_tensor(hs, str(device), torch.long)
 
 
 def pool_rows(req_to_token: torch.Tensor, req_pool_indices: torch.Tensor, i: int, n: int) -> torch.Tensor:
@@ -277,7 +269,6 @@ def attend_heads(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tensor
     if q.is_cuda:
         _sparse_kernels(q, k_buffer, v_buffer, kv, q_lens, kv_lens, budgets, sparse, scale, out)
         return
-    from sglang_shplb.kernels.layer_reference import sparse_attention
     r2t, rpi = kv.paged(kv_lens, q.device)
     only = [b if h in sparse else HeadBudget.dense() for h, b in enumerate(budgets)]
     sparse_attention(q, k_buffer, v_buffer, r2t, rpi, torch.tensor(list(kv_lens), device=q.device),

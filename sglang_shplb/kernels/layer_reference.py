@@ -24,9 +24,9 @@ import torch
 from sglang_shplb.core.patterns import BLOCK, HeadBudget, Pattern
 from sglang_shplb.kernels.layer_heads import LayerHeads
 
-# A dense head is computed by the stock backend; inside the sparse index/kernel it is swapped for the
-# cheapest pattern (one diagonal block) and its output discarded.
-_CHEAP = HeadBudget(Pattern.STREAMING, sink_blocks=0, window_blocks=1)
+#: A head whose output a sparse call does not keep (a dense head, which the stock backend computes; a head
+#: of another rank's call) runs inside the sparse index/kernel at the cheapest pattern, one diagonal block.
+CHEAP = HeadBudget(Pattern.STREAMING, sink_blocks=0, window_blocks=1)
 
 
 def sparse_heads(budgets: Sequence[HeadBudget]) -> list[int]:
@@ -52,7 +52,7 @@ def sparse_attention(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Te
     cu_q[1:] = torch.cumsum(q_lens, 0)
     if max_kv_len is None:
         max_kv_len = int(seq_lens.max())
-    ib = [_CHEAP if h in layer.dense else b for h, b in enumerate(budgets)]
+    ib = [CHEAP if h in layer.dense else b for h, b in enumerate(budgets)]
     bi = build_block_index(ib, q, k_buffer, cu_q, seq_lens, max_kv_len, req_to_token=req_to_token,
                            req_pool_indices=req_pool_indices)
     if use_kernel is None:
@@ -70,10 +70,11 @@ def sparse_attention(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Te
         if cq[b + 1] == cq[b]:
             continue
         loc = req_to_token[int(req_pool_indices[b]), :n].long()
+        kb, vb = k_buffer[loc], v_buffer[loc]                               # [n, Hkv, d], once per request
         nb = math.ceil(n / BLOCK)
         for h in heads:
             out[cq[b]:cq[b + 1], h] = gathered_block_attention(
-                q[cq[b]:cq[b + 1], h], k_buffer[loc, h // group], v_buffer[loc, h // group],
+                q[cq[b]:cq[b + 1], h], kb[:, h // group], vb[:, h // group],
                 bi.block_idx[b, h, :nb], bi.block_cnt[b, h, :nb], scale).to(out.dtype)
     return out
 

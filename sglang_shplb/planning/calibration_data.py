@@ -61,13 +61,14 @@ _COLOURS = ["crimson", "scarlet", "teal", "olive", "violet", "ochre", "silver", 
 FACTS = 5
 
 
-def _fact_list(rng: random.Random) -> tuple[str, list[str], int]:
-    """A block of :data:`FACTS` lighthouse colours, its sentences, and the index of the asked one."""
-    names = rng.sample(_NAMES, FACTS)
+def _fact_list(rng: random.Random) -> tuple[str, str, str, str]:
+    """A block of :data:`FACTS` lighthouse colours, and the asked fact: its sentence, lighthouse and colour."""
+    names = [n.capitalize() for n in rng.sample(_NAMES, FACTS)]
     colours = rng.sample(_COLOURS, FACTS)
-    facts = [f"The {n.capitalize()} lighthouse is painted {c}." for n, c in zip(names, colours)]
+    facts = [f"The {n} lighthouse is painted {c}." for n, c in zip(names, colours)]
     block = "From the harbour log, the colours of the lighthouses: " + " ".join(facts) + " That is the whole log."
-    return block, facts, rng.randrange(FACTS)
+    at = rng.randrange(FACTS)
+    return block, facts[at], names[at], colours[at]
 
 
 def make_prompt(tokenizer, length: int, calib_set: str = "A", seed: int = 0,
@@ -93,10 +94,8 @@ def make_prompt(tokenizer, length: int, calib_set: str = "A", seed: int = 0,
         answer, ask = facts[asked], f"What is the value of the register {asked}? Answer with the number only."
     else:
         frng = random.Random(f"{calib_set}-{length}-{seed}-facts")
-        block, sentences, at = _fact_list(frng)
+        block, sentence, name, answer = _fact_list(frng)
         extra = [(frng.random(), block)]
-        name = sentences[at].split()[1]
-        answer = sentences[at].split()[-1].rstrip(".")
         ask = f"What colour is the {name} lighthouse painted? Answer with the colour only."
 
     def render(body_paras: list[str]) -> list[int]:
@@ -140,7 +139,7 @@ def make_prompt(tokenizer, length: int, calib_set: str = "A", seed: int = 0,
         spans = (spans[at],) + spans[:at] + spans[at + 1:]
         return CalibrationPrompt(f"{calib_set}{seed}-{length}-{asked}", ids, answer, spans)
     if question == "facts":      # the asked fact first, then the block, then the other needles
-        spans = needle_spans(tokenizer, ids, [sentences[at], block]) + spans
+        spans = needle_spans(tokenizer, ids, [sentence, block]) + spans
         return CalibrationPrompt(f"{calib_set}{seed}-{length}-{name.lower()}-lighthouse", ids, answer, spans)
     return CalibrationPrompt(f"{calib_set}{seed}-{length}", ids, answer, spans)
 
