@@ -3,7 +3,7 @@ for the q heads of a KV head (the union of their Quest selections), so its bytes
 ``f`` (every head of the group picks the same pages) and ``G · f`` (disjoint picks, what random inputs give).
 
 SmolLM2-135M-Instruct (CPU, float32, 9 q / 3 KV heads, G = 3), prompts from the calibration set and a passkey
-prompt; for the last ``--queries`` positions of each prompt, every head picks ``decode_page_budget - 1`` pages by
+prompt; for the last ``--queries`` positions of each prompt, every head picks ``HeadBudget.decode_pages - 1`` pages by
 the Quest bound over the 64-token pages before the current one (page 0 forced), as the decode kernel does.
 Per top-k fraction: the union's pages / the pages of one head (1 = full overlap, G = disjoint), and the
 union's share of the dense bytes.
@@ -26,7 +26,6 @@ import torch  # noqa: E402
 
 from sglang_shplb.planning.calibration_data import make_prompt, passkey_prompt  # noqa: E402
 from sglang_shplb.kernels.reference import quest_scores  # noqa: E402
-from sglang_shplb.kernels.triton_decode import decode_page_budget  # noqa: E402
 from sglang_shplb.planning.model_store import default_checkpoint  # noqa: E402
 from sglang_shplb.core.patterns import BLOCK, HeadBudget  # noqa: E402
 
@@ -55,7 +54,7 @@ def group_union_stats(q: torch.Tensor, k: torch.Tensor, queries: int) -> dict[fl
         sc[:, 0] = float("inf")
         order = sc.argsort(dim=1, descending=True)
         for f in FRACTIONS:
-            cnt = min(npg - 1, decode_page_budget(HeadBudget.topk(f, 4), npg) - 1)
+            cnt = min(npg - 1, HeadBudget.topk(f, 4).decode_pages(npg) - 1)
             for hk in range(hkv):
                 picks = order[hk * g:(hk + 1) * g, :cnt]
                 out[f].append((cnt, int(torch.unique(picks).numel()), npg - 1))

@@ -222,10 +222,9 @@ def decode_balance(budgets, hq, hkv, tp, n, lp=None, d=128, layers=1, elem=2) ->
     heads it computes whole or in part, per KV group), and the replica side pool that would need: every KV
     head copied to each rank other than its home that computes one of its q heads, ``2 d elem`` bytes per
     token per copy (K and V), per layer and for ``layers`` layers."""
-    from sglang_shplb.kernels.triton_decode import decode_page_budget
     pages = -(-n // 64)
     g = hq // hkv
-    per_head = [decode_page_budget(b, pages) for b in budgets]
+    per_head = [b.decode_pages(pages) for b in budgets]
 
     def balance(groups_on: list[dict[int, list[int]]]) -> tuple[list[float], list[float]]:
         lo, hi = [0.0] * tp, [0.0] * tp

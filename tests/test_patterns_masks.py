@@ -6,7 +6,7 @@ import torch
 
 from sglang_shplb.core import block_masks as bm
 from sglang_shplb.core.buckets import Buckets
-from sglang_shplb.core.patterns import BLOCK, HeadBudget, Pattern
+from sglang_shplb.core.patterns import BLOCK, DECODE_MIN_PAGES, HeadBudget, Pattern
 
 
 @pytest.mark.parametrize("sink,window", [(0, 64), (64, 64), (64, 256), (128, 512), (256, 4096)])
@@ -85,3 +85,30 @@ def test_bucket_index_matches_linear_scan():
 def test_bad_bucket_edges(edges):
     with pytest.raises(ValueError):
         Buckets(edges)
+
+
+@pytest.mark.parametrize("budget", [HeadBudget.topk(0.05, min_blocks=4), HeadBudget.topk(0.3, min_blocks=2, tile=128),
+                                    HeadBudget.vslash(0.1, min_blocks=2), HeadBudget.streaming(128, 512),
+                                    HeadBudget.dense()])
+@pytest.mark.parametrize("npages", [1, 3, 16, 32, 125, 2048])
+def test_decode_pages(budget, npages):
+    """Dense reads every page, streaming its sinks and window plus the query's block; top-k / vertical-slash
+    read their prefill count of the last query block, but never fewer than DECODE_MIN_PAGES (nor more than
+    there are)."""
+    got = budget.decode_pages(npages)
+    if budget.pattern is Pattern.DENSE:
+        assert got == npages
+    elif budget.pattern is Pattern.STREAMING:
+        assert got == min(npages, budget.sink_blocks + budget.window_blocks + 1)
+    else:
+        sparse = (2 * budget.vslash_count(npages) if budget.pattern is Pattern.VSLASH
+                  else budget.blocks_for_query_block(npages - 1, npages))
+        assert got == min(npages, max(sparse, DECODE_MIN_PAGES))
+        assert got >= min(npages, DECODE_MIN_PAGES)
+
+
+def test_decode_floor_binds_short_and_not_long():
+    b = HeadBudget.topk(0.05, min_blocks=4)
+    assert b.blocks_for_query_block(31, 32) == 4 and b.decode_pages(32) == DECODE_MIN_PAGES   # 2K: 4 -> 16 pages
+    assert b.decode_pages(2048) == b.blocks_for_query_block(2047, 2048) == 103               # 128K: its fraction
+    assert HeadBudget.dense().decode_pages(0) == 0

@@ -17,8 +17,7 @@ from sglang_shplb.core.patterns import HeadBudget
 from sglang_shplb.core.plan import PHASES, Plan, load_plan, save_plan
 from sglang_shplb.planning.cost_model import CostModel
 from sglang_shplb.planning.place import solve_plan_placements
-from sglang_shplb.planning.stock_decision import (StockOptions, choose_stock, decide_stock, decode_pages,
-                                                  layer_times, sparse_vs_stock)
+from sglang_shplb.planning.stock_decision import StockOptions, choose_stock, decide_stock, layer_times, sparse_vs_stock
 
 CFG = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "num_hidden_layers": 4,
        "num_attention_heads": 9, "num_key_value_heads": 3, "hidden_size": 576, "head_dim": 64,
@@ -118,17 +117,6 @@ def test_decode_model_bytes():
     sp4, st4 = layer_times("decode", layer, 64 * 100, SPEC, COST, both)
     assert st4 == pytest.approx(o.decode_base_s + 4 * 3 * 100 * per_page)
     assert sp4 == pytest.approx(o.decode_base_s + 5e-6 + 4 * 3 * 4 * per_page)
-
-
-@pytest.mark.parametrize("budget", [HeadBudget.topk(0.2, min_blocks=4), HeadBudget.topk(0.3, min_blocks=2, tile=128),
-                                    HeadBudget.vslash(0.1, min_blocks=2), HeadBudget.streaming(128, 512), DENSE])
-@pytest.mark.parametrize("npages", [1, 3, 64, 1000])
-def test_decode_pages_is_the_kernels_page_budget(budget, npages):
-    from sglang_shplb.kernels.triton_decode import decode_page_budget
-    if budget.pattern.value in ("topk", "vslash"):
-        assert decode_pages(budget, npages) == decode_page_budget(budget, npages)
-    else:
-        assert decode_pages(budget, npages) == budget.decode_blocks(npages * 64)
 
 
 # ---- the plan file ---------------------------------------------------------------------------------------

@@ -33,6 +33,12 @@ import numpy as np
 
 BLOCK = 64
 TOPK_TILES = (BLOCK, 2 * BLOCK)   # top-k selection granularity: 64-token blocks or 128-token superblocks
+#: Fewest pages a top-k / vertical-slash head reads at a decode step: 1024 tokens, a fixed token budget in the
+#: range Quest runs with (Tang et al. 2024, 256-4096 tokens). Quest picks ``pages - 2`` of them (page 0 and the current
+#: page are forced): the prefill count of a small fraction, e.g. 4 pages at 2K, left 2 picks, and SmolLM2's
+#: plan at density 0.30 lost 13.7 pass-key points with sparse decode against 3.9 with stock decode
+#: (``bench/results/eval_h200_round4``). Above 16K tokens at a 0.1 fraction the floor does not bind.
+DECODE_MIN_PAGES = 16
 
 
 class Pattern(str, Enum):
@@ -141,12 +147,23 @@ class HeadBudget:
         density 0.3): 0 of 4 answers right with the prefill window at decode, 4 of 4 (as dense) with this."""
         return self.window_blocks + 1
 
-    def decode_blocks(self, ctx_len: int) -> int:
-        """KV blocks one decode query reads at context ``ctx_len``."""
-        nb = math.ceil(ctx_len / BLOCK)
+    def decode_pages(self, npages: int) -> int:
+        """Pages (64-token blocks) one decode query reads at ``npages`` pages, the current one included: dense
+        all, streaming its sinks and :attr:`decode_window_blocks`, top-k its prefill count of the last query
+        block, vertical-slash ``2 * vslash_count``; top-k and vertical-slash at least
+        :data:`DECODE_MIN_PAGES` (a Quest-style token budget). The one rule of the decode kernels, the CPU
+        reference, the refine gate and the stock decision."""
+        if npages <= 0:
+            return 0
+        if self.pattern is Pattern.DENSE:
+            return npages
         if self.pattern is Pattern.STREAMING:
-            return min(nb, self.sink_blocks + self.decode_window_blocks)
-        return self.blocks_for_query_block(nb - 1, nb)
+            return min(npages, self.sink_blocks + self.decode_window_blocks)
+        if self.pattern is Pattern.VSLASH:
+            sparse = 2 * self.vslash_count(npages)
+        else:
+            sparse = self.blocks_for_query_block(npages - 1, npages)
+        return min(npages, max(sparse, DECODE_MIN_PAGES))
 
     def to_dict(self) -> dict:
         d = asdict(self)

@@ -200,7 +200,7 @@ def selected_decode(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Ten
                     req_pool_indices: torch.Tensor, seq_lens: torch.Tensor, budgets: Sequence[HeadBudget],
                     selected: Sequence[int], scale: float, out: torch.Tensor) -> torch.Tensor:
     """Top-k / vertical-slash heads at a decode step by the CUDA kernel path's rule (Quest: the pages with the
-    best ``sum_d max(q_d kmin_d, q_d kmax_d)``, page 0 forced, ``decode_page_budget - 1`` of them, plus the
+    best ``sum_d max(q_d kmin_d, q_d kmax_d)``, page 0 forced, ``HeadBudget.decode_pages - 1`` of them, plus the
     current page; :func:`~sglang_shplb.kernels.reference.reference_decode_pages`), so the CPU server, the
     quality check and the refine stage decode as the GPU server does. Softmax over the chosen pages' keys
     (:func:`~sglang_shplb.kernels.reference.reference_sparse_decode`)."""

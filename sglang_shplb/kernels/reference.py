@@ -106,12 +106,11 @@ def reference_decode_pages(budgets: Sequence[HeadBudget], q_b: torch.Tensor, k_b
                            summaries: tuple[torch.Tensor, torch.Tensor] | None = None
                            ) -> tuple[list[list[int]], dict[int, list[int]]]:
     """Pages each head of one request reads at a decode step (the token at ``n - 1``), per budget:
-    dense all, streaming sink + window, top-k / vertical-slash the best ``decode_page_budget - 1`` pages by
+    dense all, streaming sink + window, top-k / vertical-slash the best ``HeadBudget.decode_pages - 1`` pages by
     :func:`quest_scores` (page 0 forced) plus the current page. ``chosen[h]``: a reused earlier selection.
     ``summaries``: :func:`reference_page_summaries` of this request at any length ≥ ``n`` (only the pages
     complete at ``n`` are scored, and those do not change as the request grows). Returns the page lists and
     the selections made (for reuse)."""
-    from sglang_shplb.kernels.triton_decode import decode_page_budget
     npg = math.ceil(n / BLOCK)
     lo, hi = summaries or reference_page_summaries(k_buffer, req_to_token, req_pool_index, n)
     lo, hi = lo[:, :npg], hi[:, :npg]
@@ -127,7 +126,7 @@ def reference_decode_pages(budgets: Sequence[HeadBudget], q_b: torch.Tensor, k_b
                 s = sc[h, :npg - 1].clone()
                 if npg > 1:
                     s[0] = float("inf")
-                picks[h] = s.argsort(descending=True)[:decode_page_budget(bu, npg) - 1].tolist()
+                picks[h] = s.argsort(descending=True)[:bu.decode_pages(npg) - 1].tolist()
             else:
                 picks[h] = chosen[h]
             rows.append(sorted({p for p in picks[h] if p < npg - 1} | {npg - 1}))

@@ -34,7 +34,7 @@ from typing import NamedTuple, Sequence
 
 import torch
 
-from sglang_shplb.core.patterns import BLOCK, HeadBudget, Pattern
+from sglang_shplb.core.patterns import BLOCK
 from sglang_shplb.kernels.checks import check_qkv
 from sglang_shplb.kernels.layer_heads import LayerHeads
 from sglang_shplb.kernels.triton_prefill import LOG2E
@@ -237,16 +237,9 @@ def page_rules(heads: LayerHeads, num_kv_heads: int, device=None) -> PageRules:
     return PageRules(*map(mk, rules), MODE_LIST in rules[3])
 
 
-def decode_page_budget(budget: HeadBudget, npages: int) -> int:
-    """Pages one decode query of a selected head reads in all (the current page included)."""
-    if budget.pattern is Pattern.VSLASH:
-        return min(npages, 2 * budget.vslash_count(npages))
-    return budget.decode_blocks(npages * BLOCK)
-
-
 def max_selected_pages(heads: LayerHeads, max_pages: int) -> int:
     """``MAXSEL``: width of ``page_idx`` (the listed pages, the current one excluded), ≥ 1."""
-    return max([1] + [decode_page_budget(heads.budgets[h], max_pages) - 1 for h in heads.selected])
+    return max([1] + [heads.budgets[h].decode_pages(max_pages) - 1 for h in heads.selected])
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -359,7 +352,7 @@ def select_pages(heads: LayerHeads, q: torch.Tensor, kmin: torch.Tensor, kmax: t
     ``kmin/kmax [pool_pages + 1, Hkv, d]`` (:func:`alloc_page_summaries`) read through ``req_to_token``.
 
     ``page_idx [B, Hq, MAXSEL]`` int32, ``page_cnt [B, Hq]`` int32: the best pages by
-    ``sum_d max(q_d kmin_d, q_d kmax_d)`` among ``0 .. np-2`` (page 0 forced), ``decode_page_budget - 1``
+    ``sum_d max(q_d kmin_d, q_d kmax_d)`` among ``0 .. np-2`` (page 0 forced), ``HeadBudget.decode_pages - 1``
     of them; the kernel adds the current page. Rows of other heads hold count 0. Sync-free."""
     bsz, hq, d = q.shape
     hkv = kmin.shape[1]
@@ -394,12 +387,12 @@ def select_pages(heads: LayerHeads, q: torch.Tensor, kmin: torch.Tensor, kmax: t
 
 def decode_count_table(heads: LayerHeads, max_pages: int) -> torch.Tensor:
     """int32 ``[Hq, max_pages + 1]`` (host): pages a selected head lists at ``npg`` pages,
-    ``clamp(decode_page_budget(npg) - 1, 0, MAXSEL)`` (the kernel adds the current page); 0 for other heads
+    ``clamp(decode_pages(npg) - 1, 0, MAXSEL)`` (the kernel adds the current page); 0 for other heads
     and at ``npg = 0``. The one count rule of :func:`select_pages` and the fused selector."""
     kt = min(max_selected_pages(heads, max_pages), max_pages)
     table = torch.zeros(heads.num_heads, max_pages + 1, dtype=torch.int32)
     for h in heads.selected:
-        table[h, 1:] = torch.tensor([min(max(decode_page_budget(heads.budgets[h], n) - 1, 0), kt)
+        table[h, 1:] = torch.tensor([min(max(heads.budgets[h].decode_pages(n) - 1, 0), kt)
                                      for n in range(1, max_pages + 1)], dtype=torch.int32)
     return table
 
@@ -426,7 +419,7 @@ def decode_walks(heads: LayerHeads, num_kv_heads: int, max_pages: int) -> list[i
         for h in hs:
             pages[h] = s + w
     for h in heads.selected:
-        pages[h] = decode_page_budget(heads.budgets[h], max_pages)
+        pages[h] = heads.budgets[h].decode_pages(max_pages)
     return [min(max_pages, pages[hs[0]] if m != MODE_LIST else sum(pages[h] for h in hs))
             for hs, m in zip(heads.kv_groups(num_kv_heads), gmode)]
 

@@ -49,8 +49,8 @@ Decode is bound by the KV bytes read. Per layer, ``decode_batch`` requests of co
 ``pages_g``, the pages the group kernel loads for KV head ``g`` (each page once per group): ``npages`` when a
 head of the group is dense; else ``min(npages, streaming union + sum of the selected heads' pages)`` with
 the streaming union ``max sink + max window`` (the sink pages and the window pages of every streaming head
-overlap) and a top-k / vertical-slash head's pages :func:`decode_pages` (the kernel's
-``decode_page_budget``), assumed disjoint: an upper bound on what sparse reads. Defaults fitted to
+overlap) and a top-k / vertical-slash head's pages ``HeadBudget.decode_pages`` (the
+kernels' rule), assumed disjoint: an upper bound on what sparse reads. Defaults fitted to
 ``bench/results/layer_path_llama8b.json`` (H100, CUDA graphs, batch 1, 16K-64K): dense decode is about
 ``11.7 us + bytes / 2.9 TB/s`` per layer (``decode_base_s`` 10 us, ``hbm_bytes_per_s`` 3.0e12) and the
 sparse path's selection, union and combine launches add about 18 us per layer
@@ -136,17 +136,6 @@ def bucket_length(buckets: Buckets, bucket: int, at: str = "lower") -> int:
     return buckets.lower(bucket) if at == "lower" else buckets.upper(bucket)
 
 
-def decode_pages(budget: HeadBudget, npages: int) -> int:
-    """Pages one decode query of a head reads at ``npages`` pages, the current one included (the kernel's
-    ``sglang_shplb.kernels.triton_decode.decode_page_budget`` for top-k / vertical-slash; dense: all;
-    streaming: sink + window)."""
-    if npages <= 0:
-        return 0
-    if budget.pattern is Pattern.VSLASH:
-        return min(npages, 2 * budget.vslash_count(npages))
-    return budget.decode_blocks(npages * BLOCK)
-
-
 def group_pages(budgets: Sequence[HeadBudget], npages: int) -> int:
     """Pages the decode kernel loads for one KV group (its query heads' budgets), each page once: all when a
     head is dense, else the streaming union plus the selected heads' pages, capped at ``npages``."""
@@ -156,7 +145,7 @@ def group_pages(budgets: Sequence[HeadBudget], npages: int) -> int:
         return npages
     stream = [b for b in budgets if b.pattern is Pattern.STREAMING]
     union = max((b.sink_blocks for b in stream), default=0) + max((b.decode_window_blocks for b in stream), default=0)
-    union += sum(decode_pages(b, npages) for b in budgets if b.pattern is not Pattern.STREAMING)
+    union += sum(b.decode_pages(npages) for b in budgets if b.pattern is not Pattern.STREAMING)
     return min(npages, union)
 
 
