@@ -62,6 +62,9 @@ def _add_budget(p: argparse.ArgumentParser) -> None:
                    help="recall a budget must keep: all sampled rows' (all, the method before 2026-12-02), also "
                         "the question rows' (question), also the answer needle's share weighted by the head's "
                         "needle mass (needle, default)")
+    p.add_argument("--topk-min-blocks", type=int, default=0,
+                   help="top-k heads keep at least this many 64-token blocks per query block (default 0: the "
+                        "profile's floor, 4); refine keeps the floor of the budgets it starts from")
     p.add_argument("--needle-scale", type=float, default=NEEDLE_SCALE,
                    help=f"needle mass from which a head must keep all of its needle share (default {NEEDLE_SCALE})")
 
@@ -218,7 +221,9 @@ def cmd_budget(a) -> Path:
     from sglang_shplb.planning.profile import load_profile
 
     prof = load_profile(a.profile)
-    res = choose_budgets(prof, a.tau, a.density_target, a.recall_rows, a.needle_scale)
+    if a.topk_min_blocks < 0:
+        raise SystemExit(f"--topk-min-blocks must be >= 0, got {a.topk_min_blocks}")
+    res = choose_budgets(prof, a.tau, a.density_target, a.recall_rows, a.needle_scale, a.topk_min_blocks)
     stab = None
     if len(prof.sets) >= 2:
         stab = stability(prof, a.tau, rows=a.recall_rows, needle_scale=a.needle_scale)

@@ -172,3 +172,25 @@ def test_needle_recall_counts_as_much_as_the_head_looks_at_the_needle():
     np.testing.assert_allclose(loose[0, :, 1], [0.5, 0.95, 0.97], atol=1e-6)
     with pytest.raises(ValueError, match="needle_scale"):
         option_table(prof, needle_scale=0)
+
+
+def test_topk_floor_lifts_topk_options_only_and_is_kept_in_the_budgets():
+    from sglang_shplb.core.patterns import Pattern
+    from sglang_shplb.planning.budget import topk_floor
+
+    rng = np.random.default_rng(3)
+    prof = _profile(_random_recall(rng, 4, 6))
+    opts, dens, worst = option_table(prof)
+    lifted, ldens, lworst = option_table(prof, topk_min_blocks=16)
+    for o, lo, d, ld in zip(opts, lifted, dens, ldens):
+        if o.budget.pattern is Pattern.TOPK:
+            assert lo.budget.min_blocks == 16 and lo.budget.fraction == o.budget.fraction and ld > d
+        else:
+            assert lo == o and ld == d
+    assert (lworst == worst).all()  # the profiled recall: a lower bound of the floored option's
+    res = budgets_by_density_target(prof, 0.5, topk_min_blocks=16)
+    assert res.mean_density <= 0.5 + 1e-9 and res.mode.endswith("top-k >= 16 blocks")
+    tops = [b for row in res.budgets for b in row if b.pattern is Pattern.TOPK]
+    assert tops and all(b.min_blocks == 16 for b in tops) and topk_floor(res.budgets) == 16
+    assert topk_floor([[HeadBudget.dense(), HeadBudget.streaming(64, 256)]]) == 0
+    assert "top-k" not in budgets_by_tau(prof, 0.9).mode

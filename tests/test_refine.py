@@ -1,6 +1,7 @@
 """The refine stage: gate sensitivities on the real (truncated) model, the greedy upgrade, the CLI."""
 import json
 import subprocess
+from dataclasses import replace
 import sys
 
 import numpy as np
@@ -170,3 +171,27 @@ def test_plan_refine_to_runs_the_stage_and_reports_it(tmp_path):
     assert "refined to" in after["mode"] and 0.45 < float(np.mean(after["density"])) <= 0.6 + 1e-6
     assert (tmp_path / "refine.json").is_file()
     assert "budgets refined on answers (1 held-in prompts" in (tmp_path / "report.txt").read_text()
+
+
+def test_refine_keeps_the_top_k_floor_of_its_budgets(small, budgets_dir, tmp_path):
+    from sglang_shplb.core.patterns import Pattern
+    from sglang_shplb.planning.budget import load_budgets, option_table
+    from sglang_shplb.planning.profile import load_profile
+
+    model, tok, held = small
+    profile = load_profile(budgets_dir)
+    start = load_budgets(budgets_dir)
+    # one head on a top-k option lifted to 6 blocks: refine must read the floor off the budgets
+    opts, _, _ = option_table(profile, topk_min_blocks=6)
+    topk = next(o.budget for o in opts if o.budget.pattern is Pattern.TOPK)
+    start.budgets[0][0] = topk
+    res = rf.refine_budgets(model, tok, start, profile, held, density_target=0.9, step=0.2, log=lambda *_: None)
+    tops = [b for row in res.result.budgets for b in row if b.pattern is Pattern.TOPK]
+    assert res.rounds[-1].density > res.rounds[0].density
+    assert all(b.min_blocks == 6 for b in tops)
+    start.budgets[0][0] = replace(topk, min_blocks=5)  # a floor the options cannot be lifted to match
+    start.budgets[0][1] = topk
+    with pytest.raises(ValueError, match="not one of the profile's options"):
+        rf.refine_budgets(model, tok, start, profile, held, density_target=0.9, log=lambda *_: None)
+    r = _run("budget", "--profile", str(budgets_dir), "--topk-min-blocks", "-1", "--out", str(tmp_path), check=False)
+    assert r.returncode != 0 and "--topk-min-blocks" in r.stderr

@@ -13,7 +13,11 @@ context lengths (a budget must hold at every length) of what ``rows`` names (see
   ``needle_scale`` of their attention on the answer's needle (a retrieval head) must keep that share of
   the needle, a head that barely looks at it is not held to it.
 
-Its cost is its density at the reference length (the longest profiled). Two ways to choose:
+Its cost is its density at the reference length (the longest profiled). ``topk_min_blocks`` lifts every
+top-k option's floor of blocks per query block (:func:`with_topk_floor`): a top-k head then keeps at least
+that many blocks, which costs little at 8K and most at 2K, where a 2–5 % budget keeps only the profile's
+4 blocks and lost QA answers (``bench/pattern_ablation.py``). The floored option keeps a superset of the
+profiled option's blocks, so the profiled recall is a lower bound of its recall. Two ways to choose:
 
 * :func:`budgets_by_tau`: per head, the cheapest option with recall ≥ τ (dense if none).
 * :func:`budgets_by_density_target`: meet a mean-density target while maximising the worst head's
@@ -27,14 +31,14 @@ identity, the chosen budgets with their recall and density, and the stability of
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from sglang_shplb.core.model_spec import ModelSpec
-from sglang_shplb.core.patterns import HeadBudget
+from sglang_shplb.core.patterns import HeadBudget, Pattern
 from sglang_shplb.planning.profile import Option, ProfileResult
 
 BUDGETS_SCHEMA = "shplb-budgets/1"
@@ -78,10 +82,24 @@ def _per_length(profile: ProfileResult, what: str, calib_set: str | None) -> lis
     return [src[(calib_set, n)] for n in profile.lengths if (calib_set, n) in src]
 
 
+def with_topk_floor(option: Option, min_blocks: int) -> Option:
+    """The option with its top-k floor lifted to ``min_blocks`` blocks (other patterns unchanged)."""
+    b = option.budget
+    if b.pattern is not Pattern.TOPK or b.min_blocks >= min_blocks:
+        return option
+    return replace(option, budget=replace(b, min_blocks=min_blocks))
+
+
+def topk_floor(budgets: list[list[HeadBudget]]) -> int:
+    """The smallest floor of the budgets' top-k heads (0 without top-k heads): the ``topk_min_blocks`` they
+    were chosen with."""
+    return min((b.min_blocks for row in budgets for b in row if b.pattern is Pattern.TOPK), default=0)
+
+
 def option_table(profile: ProfileResult, ref_len: int | None = None, calib_set: str | None = None,
-                 rows: str = "needle", needle_scale: float = NEEDLE_SCALE):
-    """Deployable options, their densities ``[O]`` and the recall ``[L, H, O]`` named by ``rows``, the
-    worst over lengths."""
+                 rows: str = "needle", needle_scale: float = NEEDLE_SCALE, topk_min_blocks: int = 0):
+    """Deployable options (top-k floors lifted to ``topk_min_blocks``), their densities ``[O]`` and the
+    recall ``[L, H, O]`` named by ``rows``, the worst over lengths."""
     if rows not in ROWS:
         raise ValueError(f"rows must be one of {ROWS}, got {rows!r}")
     missing = {"question": ["qrecall"], "needle": ["qrecall", "nrecall"]}.get(rows, [])
@@ -92,7 +110,7 @@ def option_table(profile: ProfileResult, ref_len: int | None = None, calib_set: 
         raise ValueError(f"needle_scale must be > 0, got {needle_scale}")
     ref_len = ref_len or max(profile.lengths)
     keep = [i for i, o in enumerate(profile.options) if o.deployable]
-    opts = [profile.options[i] for i in keep]
+    opts = [with_topk_floor(profile.options[i], topk_min_blocks) for i in keep]
     dens = np.array([o.budget.density(ref_len) for o in opts])
     per_len = _per_length(profile, "recall", calib_set)
     if rows in ("question", "needle"):
@@ -123,27 +141,35 @@ def budget_result(opts: list[Option], dens, worst, choice, ref_len, mode) -> Bud
     return BudgetResult(budgets_of(opts, choice), choice, rec, dens[choice], ref_len, mode)
 
 
+def _mode(what: str, rows: str, topk_min_blocks: int) -> str:
+    return f"{what}, {rows} rows" + (f", top-k >= {topk_min_blocks} blocks" if topk_min_blocks else "")
+
+
 def budgets_by_tau(profile: ProfileResult, tau: float = 0.95, ref_len: int | None = None,
-                   rows: str = "needle", needle_scale: float = NEEDLE_SCALE) -> BudgetResult:
+                   rows: str = "needle", needle_scale: float = NEEDLE_SCALE, topk_min_blocks: int = 0) -> BudgetResult:
     if not 0.0 < tau <= 1.0:
         raise ValueError(f"tau must be in (0, 1], got {tau}")
-    opts, dens, worst = option_table(profile, ref_len, rows=rows, needle_scale=needle_scale)
+    opts, dens, worst = option_table(profile, ref_len, rows=rows, needle_scale=needle_scale,
+                                     topk_min_blocks=topk_min_blocks)
     _require_dense(opts)
     return budget_result(opts, dens, worst, _cheapest_at(dens, worst, tau), ref_len or max(profile.lengths),
-                   f"tau={tau}, {rows} rows")
+                         _mode(f"tau={tau}", rows, topk_min_blocks))
 
 
 def choose_budgets(profile: ProfileResult, tau: float = 0.95, density_target: float | None = None,
-                   rows: str = "needle", needle_scale: float = NEEDLE_SCALE) -> BudgetResult:
+                   rows: str = "needle", needle_scale: float = NEEDLE_SCALE, topk_min_blocks: int = 0) -> BudgetResult:
     """:func:`budgets_by_density_target` when a target is given, else :func:`budgets_by_tau`."""
     if density_target is not None:
-        return budgets_by_density_target(profile, density_target, rows=rows, needle_scale=needle_scale)
-    return budgets_by_tau(profile, tau, rows=rows, needle_scale=needle_scale)
+        return budgets_by_density_target(profile, density_target, rows=rows, needle_scale=needle_scale,
+                                         topk_min_blocks=topk_min_blocks)
+    return budgets_by_tau(profile, tau, rows=rows, needle_scale=needle_scale, topk_min_blocks=topk_min_blocks)
 
 
 def budgets_by_density_target(profile: ProfileResult, target: float, ref_len: int | None = None,
-                              rows: str = "needle", needle_scale: float = NEEDLE_SCALE) -> BudgetResult:
-    opts, dens, worst = option_table(profile, ref_len, rows=rows, needle_scale=needle_scale)
+                              rows: str = "needle", needle_scale: float = NEEDLE_SCALE,
+                              topk_min_blocks: int = 0) -> BudgetResult:
+    opts, dens, worst = option_table(profile, ref_len, rows=rows, needle_scale=needle_scale,
+                                     topk_min_blocks=topk_min_blocks)
     _require_dense(opts)
     floor = _cheapest_at(dens, worst, 0.0)
     if dens[floor].mean() > target + 1e-12:
@@ -159,7 +185,8 @@ def budgets_by_density_target(profile: ProfileResult, target: float, ref_len: in
             hi = mid - 1
     choice = _cheapest_at(dens, worst, levels[lo])
     choice = _greedy_fill(choice, dens, worst, target)
-    return budget_result(opts, dens, worst, choice, ref_len or max(profile.lengths), f"density<={target}, {rows} rows")
+    return budget_result(opts, dens, worst, choice, ref_len or max(profile.lengths),
+                         _mode(f"density<={target}", rows, topk_min_blocks))
 
 
 def _greedy_fill(choice: np.ndarray, dens: np.ndarray, worst: np.ndarray, target: float) -> np.ndarray:

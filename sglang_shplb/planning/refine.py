@@ -36,7 +36,8 @@ import numpy as np
 import torch
 
 from sglang_shplb.core.patterns import HeadBudget
-from sglang_shplb.planning.budget import BudgetResult, BudgetsFile, budget_result, budgets_of, greedy_upgrade, option_table
+from sglang_shplb.planning.budget import (BudgetResult, BudgetsFile, budget_result, budgets_of, greedy_upgrade,
+                                          option_table, topk_floor)
 from sglang_shplb.planning.calibration_data import QUESTIONS, CalibrationPrompt, make_prompt
 from sglang_shplb.planning.profile import ProfileResult
 from sglang_shplb.planning.quality import ATTN_NAME, masked_prefill, register_sparse_attention
@@ -207,7 +208,8 @@ def refine_budgets(model, tokenizer, budgets: BudgetsFile, profile: ProfileResul
         raise ValueError(f"step must be > 0, got {step}")
     mode = budgets.mode
     rows = "all" if "all rows" in mode else "question" if "question rows" in mode else "needle"
-    opts, dens, recall = option_table(profile, budgets.ref_len, rows=rows)
+    # the options with the top-k floor the budgets were chosen with, so upgrades keep it
+    opts, dens, recall = option_table(profile, budgets.ref_len, rows=rows, topk_min_blocks=topk_floor(budgets.budgets))
     cfg = model.config
     if (len(budgets.budgets), len(budgets.budgets[0])) != (cfg.num_hidden_layers, cfg.num_attention_heads):
         raise ValueError(f"budgets for {len(budgets.budgets)} x {len(budgets.budgets[0])} heads, the model has "
