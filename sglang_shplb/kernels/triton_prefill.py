@@ -23,6 +23,7 @@ import torch
 
 from sglang_shplb.core.patterns import BLOCK
 from sglang_shplb.kernels.checks import check_qkv
+from sglang_shplb.kernels.tuned import tuned_config
 
 LOG2E = 1.4426950408889634
 
@@ -237,10 +238,12 @@ def sparse_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_idx:
     # autotuned per query length bucket (a tiny first call does not pick the config of long prompts); not
     # while a CUDA graph is captured (the tuner times runs). Fixed: H100, d=128, 64-wide: 4 warps (one
     # warpgroup, 64-row wgmma) beat 8 by 1.9x (kernels_h100.log)
-    tune = (q.is_cuda and num_warps is None and num_stages is None
-            and not torch.cuda.is_current_stream_capturing())
     q_bucket = min(256, 1 << (grid[0] - 2).bit_length())     # query blocks, next power of 2, up to 16K rows
-    kw = {} if tune else dict(num_warps=num_warps or 4, num_stages=num_stages or (2 if q.is_cuda else 1))
+    fixed = num_warps is not None or num_stages is not None
+    shipped = None if fixed else tuned_config("index", (d, paged, q_bucket), q)
+    tune = (q.is_cuda and not fixed and shipped is None and not torch.cuda.is_current_stream_capturing())
+    kw = ({} if tune else shipped.launch_kwargs() if shipped is not None
+          else dict(num_warps=num_warps or 4, num_stages=num_stages or (2 if q.is_cuda else 1)))
     _kernel(tune)[grid](
         q, k, v, o,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), o.stride(0), o.stride(1),
@@ -383,8 +386,11 @@ def _rule_kernel(autotune: bool):
     return kern
 
 
+RULE_CONFIGS = ((8, 2), (8, 3), (4, 2), (8, 4))   # (num_warps, num_stages) tried by the autotuner on CUDA
+
+
 def _pair_configs(triton):
-    return [triton.Config({}, num_warps=w, num_stages=st) for w, st in ((8, 2), (8, 3), (4, 2), (8, 4))]
+    return [triton.Config({}, num_warps=w, num_stages=st) for w, st in RULE_CONFIGS]
 
 
 def rule_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: torch.Tensor,
@@ -411,8 +417,11 @@ def rule_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: torch
         return o
     dummy = cu_seqlens_q
     grid = (max(1, math.ceil(max_q_len / (2 * BLOCK)) + 1), bsz * nh)
-    tune = q.is_cuda and num_warps is None and num_stages is None
-    kw = {} if tune else dict(num_warps=num_warps or (8 if q.is_cuda else 4), num_stages=num_stages or (2 if q.is_cuda else 1))
+    fixed = num_warps is not None or num_stages is not None
+    shipped = None if fixed else tuned_config("rule", (d, hq // k.shape[1], paged), q)
+    tune = q.is_cuda and not fixed and shipped is None and not torch.cuda.is_current_stream_capturing()
+    kw = ({} if tune else shipped.launch_kwargs() if shipped is not None
+          else dict(num_warps=num_warps or (8 if q.is_cuda else 4), num_stages=num_stages or (2 if q.is_cuda else 1)))
     _rule_kernel(tune)[grid](
         q, k, v, o,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), o.stride(0), o.stride(1),
@@ -607,20 +616,22 @@ def tile_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_idx: t
         return o
     block_idx = block_idx if block_idx.stride(-1) == 1 else block_idx.contiguous()
     dummy = cu_seqlens_q
+    grid = (max(1, math.ceil(max_q_len / TILE) + 1), bsz * nh)   # +1: an unaligned prefix spans one more pair
+    q_bucket = min(128, 1 << (grid[0] - 2).bit_length())
+    fixed = block_n is not None or num_warps is not None or num_stages is not None
+    shipped = None if fixed else tuned_config("tile", (d, hq // k.shape[1], paged, tma, q_bucket), q)
+    tune = q.is_cuda and not fixed and shipped is None and not torch.cuda.is_current_stream_capturing()
+    kw = ({} if tune else shipped.launch_kwargs() if shipped is not None
+          else dict(BLOCK_N=block_n or (TILE if q.is_cuda else BLOCK), num_warps=num_warps or 8,
+                    num_stages=num_stages or (2 if q.is_cuda else 1)))
     if tma:
         from triton.tools.tensor_descriptor import TensorDescriptor
         hkv = k.shape[1]
-        box = [block_n or TILE, d]
+        box = [kw.get("BLOCK_N", TILE), d]   # autotuned: the config's pre_hook resets the box
         desc_k = TensorDescriptor(k, [k.shape[0], hkv * d], [k.stride(0), 1], box)
         desc_v = TensorDescriptor(v, [v.shape[0], hkv * d], [v.stride(0), 1], box)
     else:
         desc_k = desc_v = dummy
-    grid = (max(1, math.ceil(max_q_len / TILE) + 1), bsz * nh)   # +1: an unaligned prefix spans one more pair
-    tune = (q.is_cuda and block_n is None and num_warps is None and num_stages is None
-            and not torch.cuda.is_current_stream_capturing())
-    q_bucket = min(128, 1 << (grid[0] - 2).bit_length())
-    kw = {} if tune else dict(BLOCK_N=block_n or (TILE if q.is_cuda else BLOCK), num_warps=num_warps or 8,
-                              num_stages=num_stages or (2 if q.is_cuda else 1))
     _tile_kernel(tune)[grid](
         q, k, v, o, desc_k, desc_v,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), o.stride(0), o.stride(1),
