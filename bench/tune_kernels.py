@@ -74,17 +74,16 @@ def tune(out: str, install: bool) -> None:
                 t = time.time()
                 _call(shape, n, paged)()
                 print(f"tuned {shape:13s} {'paged' if paged else 'contig':6s} n={n:6d}  {time.time() - t:6.2f} s", flush=True)
-    table = table_from_autotuners({"index": _kernel(True), "rule": _rule_kernel(True), "tile": _tile_kernel(True)}, gpu,
-                                  {"triton": triton.__version__, "torch": torch.__version__})
-    n_cfg = {k: len(v["configs"]) for k, v in table["kernels"].items()}
-    print(f"{gpu}: {n_cfg} configs tuned in {time.time() - t0:.0f} s", flush=True)
-    text = json.dumps(table, indent=1, sort_keys=True) + "\n"
-    os.makedirs(out, exist_ok=True)
-    for folder in [out] + ([str(TUNED_DIR)] if install else []):
-        os.makedirs(folder, exist_ok=True)
-        with open(os.path.join(folder, f"{gpu_slug(gpu)}.json"), "w") as f:
-            f.write(text)
-        print(f"wrote {os.path.join(folder, gpu_slug(gpu) + '.json')}")
+        # written after each shape, so a run stopped midway leaves the shapes it finished
+        table = table_from_autotuners({"index": _kernel(True), "rule": _rule_kernel(True), "tile": _tile_kernel(True)},
+                                      gpu, {"triton": triton.__version__, "torch": torch.__version__})
+        n_cfg = {k: len(v["configs"]) for k, v in table["kernels"].items()}
+        print(f"{gpu}: {n_cfg} configs tuned in {time.time() - t0:.0f} s", flush=True)
+        text = json.dumps(table, indent=1, sort_keys=True) + "\n"
+        for folder in [out] + ([str(TUNED_DIR)] if install else []):
+            os.makedirs(folder, exist_ok=True)
+            with open(os.path.join(folder, f"{gpu_slug(gpu)}.json"), "w") as f:
+                f.write(text)
 
 
 def first_calls(shape: str) -> None:

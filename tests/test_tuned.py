@@ -1,0 +1,51 @@
+"""Shipped launch configs of the prefill kernels (kernels/tuned.py): the table round trip from Triton's
+autotuner caches, its refusals, and the CPU path never reading it."""
+import json
+
+import pytest
+import torch
+import triton
+
+from sglang_shplb.kernels import tuned
+
+
+class _Tuner:   # what table_from_autotuners reads of triton.autotune's object: its cache
+    def __init__(self, cache):
+        self.cache = cache
+
+
+def _table(gpu="NVIDIA H200"):
+    bf = "torch.bfloat16"
+    return tuned.table_from_autotuners({
+        "index": _Tuner({(128, True, 64, bf, "torch.int32"): triton.Config({}, num_warps=4, num_stages=3)}),
+        "rule": _Tuner({(64, 3, False, bf): triton.Config({}, num_warps=8, num_stages=4)}),
+        "tile": _Tuner({(128, 4, True, False, 16, bf): triton.Config({"BLOCK_N": 64}, num_warps=8, num_stages=3)}),
+    }, gpu, {"triton": triton.__version__})
+
+
+def test_table_round_trip_keys_by_values_and_q_dtype(tmp_path):
+    (tmp_path / "nvidia_h200.json").write_text(json.dumps(_table()))
+    t = tuned.load_table("NVIDIA H200", tmp_path)
+    assert t["index"] == {"128,1,64,bfloat16": tuned.LaunchConfig(4, 3)}
+    assert t["rule"]["64,3,0,bfloat16"].launch_kwargs() == {"num_warps": 8, "num_stages": 4}
+    assert t["tile"]["128,4,1,0,16,bfloat16"].launch_kwargs() == {"num_warps": 8, "num_stages": 3, "BLOCK_N": 64}
+    assert tuned.key_string((128, True, 64), torch.float16) == "128,1,64,float16"
+    assert tuned.load_table("NVIDIA H100 80GB HBM3", tmp_path) == {}   # no table for that GPU
+
+
+@pytest.mark.parametrize("edit, match", [
+    (lambda t: t.update(version=99), "version"),
+    (lambda t: t.update(gpu="NVIDIA H100"), "not 'NVIDIA H200'"),
+    (lambda t: t["kernels"]["tile"].update(key=["D", "GROUP"]), "keyed by"),
+])
+def test_a_wrong_table_is_refused(tmp_path, edit, match):
+    t = _table()
+    edit(t)
+    (tmp_path / "nvidia_h200.json").write_text(json.dumps(t))
+    tuned.load_table.cache_clear()
+    with pytest.raises(ValueError, match=match):
+        tuned.load_table("NVIDIA H200", tmp_path)
+
+
+def test_cpu_tensors_never_read_a_table():
+    assert tuned.tuned_config("tile", (64, 3, 0, 0, 1), torch.zeros(1)) is None
