@@ -1,5 +1,6 @@
 """Shipped launch configs of the prefill kernels (kernels/tuned.py): the table round trip from Triton's
-autotuner caches, its refusals, and the CPU path never reading it."""
+autotuner caches, its refusals, the CPU path never reading it, and every shipped config being one the
+autotuner could have chosen."""
 import json
 
 import pytest
@@ -7,6 +8,7 @@ import torch
 import triton
 
 from sglang_shplb.kernels import tuned
+from sglang_shplb.kernels.triton_prefill import INDEX_CONFIGS, RULE_CONFIGS, TILE_CONFIGS
 
 
 class _Tuner:   # what table_from_autotuners reads of triton.autotune's object: its cache
@@ -49,3 +51,20 @@ def test_a_wrong_table_is_refused(tmp_path, edit, match):
 
 def test_cpu_tensors_never_read_a_table():
     assert tuned.tuned_config("tile", (64, 3, 0, 0, 1), torch.zeros(1)) is None
+
+
+def test_shipped_tables_hold_only_configs_the_autotuner_tries():
+    tables = sorted(tuned.TUNED_DIR.glob("*.json"))
+    assert tables, "no tuned table ships with the package"
+    allowed = {"index": {(w, s, None) for w, s in INDEX_CONFIGS}, "rule": {(w, s, None) for w, s in RULE_CONFIGS},
+               "tile": {(w, s, n) for n, w, s in TILE_CONFIGS}}
+    for path in tables:
+        gpu = json.loads(path.read_text())["gpu"]
+        assert tuned.gpu_slug(gpu) == path.stem
+        table = tuned.load_table(gpu)
+        assert set(table) == set(tuned.KERNEL_KEYS)
+        for kernel, configs in table.items():
+            assert configs, f"{path.name}: no configs for {kernel}"
+            for key, cfg in configs.items():
+                assert len(key.split(",")) == len(tuned.KERNEL_KEYS[kernel]) + 1
+                assert (cfg.num_warps, cfg.num_stages, cfg.block_n) in allowed[kernel], (path.name, kernel, key)
