@@ -89,7 +89,7 @@ def tune(out: str, install: bool) -> None:
 def first_calls(shape: str) -> None:
     """Child of ``--cold``: the first and second call at every length (short to long), as JSON on stdout."""
     import torch
-    from sglang_shplb.kernels.tuned import load_table
+    from sglang_shplb.kernels.tuned import load_table, tables_enabled
     gpu = torch.cuda.get_device_name()
     rows = []
     for paged in (True, False):
@@ -101,7 +101,7 @@ def first_calls(shape: str) -> None:
             t = time.time()
             run()
             rows.append(dict(paged=paged, n=n, first_s=first, warm_s=time.time() - t))
-    table = load_table(gpu) if os.environ.get("SHPLB_TUNED_CONFIGS", "1") != "0" else {}
+    table = load_table(gpu) if tables_enabled() else {}
     print(json.dumps(dict(gpu=gpu, shape=shape, tables=bool(table), rows=rows)))
 
 

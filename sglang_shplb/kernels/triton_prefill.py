@@ -23,7 +23,7 @@ import torch
 
 from sglang_shplb.core.patterns import BLOCK
 from sglang_shplb.kernels.checks import check_qkv
-from sglang_shplb.kernels.tuned import tuned_config
+from sglang_shplb.kernels.tuned import KERNEL_KEYS, tuned_config
 
 LOG2E = 1.4426950408889634
 
@@ -173,8 +173,23 @@ def _kernel(autotune: bool):
 
     kern = triton.jit(body)
     if autotune:
-        kern = triton.autotune(_index_configs(triton), key=["D", "PAGED", "Q_BUCKET"])(kern)
+        kern = triton.autotune(_index_configs(triton), key=list(KERNEL_KEYS["index"]))(kern)
     return kern
+
+
+def _launch(kernel: str, key: tuple, q: torch.Tensor, given: dict[str, int | None],
+            default: dict[str, int]) -> tuple[bool, dict[str, int]]:
+    """``(autotune, launch kwargs)`` of a prefill kernel: the caller's ``given`` values when any is set (the others
+    from ``default``); else the shipped config of autotune key ``key`` on q's GPU (:mod:`.tuned`); else Triton's
+    autotuner on CUDA, but not while a CUDA graph is captured (the tuner times runs); else ``default``."""
+    if any(v is not None for v in given.values()):
+        return False, {name: given[name] or value for name, value in default.items()}
+    shipped = tuned_config(kernel, key, q)
+    if shipped is not None:
+        return False, shipped.launch_kwargs()
+    if q.is_cuda and not torch.cuda.is_current_stream_capturing():
+        return True, {}
+    return False, default
 
 
 def _paged_layout(cu_seqlens_k, req_to_token, req_pool_indices) -> bool:
@@ -239,11 +254,8 @@ def sparse_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_idx:
     # while a CUDA graph is captured (the tuner times runs). Fixed: H100, d=128, 64-wide: 4 warps (one
     # warpgroup, 64-row wgmma) beat 8 by 1.9x (kernels_h100.log)
     q_bucket = min(256, 1 << (grid[0] - 2).bit_length())     # query blocks, next power of 2, up to 16K rows
-    fixed = num_warps is not None or num_stages is not None
-    shipped = None if fixed else tuned_config("index", (d, paged, q_bucket), q)
-    tune = (q.is_cuda and not fixed and shipped is None and not torch.cuda.is_current_stream_capturing())
-    kw = ({} if tune else shipped.launch_kwargs() if shipped is not None
-          else dict(num_warps=num_warps or 4, num_stages=num_stages or (2 if q.is_cuda else 1)))
+    tune, kw = _launch("index", (d, paged, q_bucket), q, dict(num_warps=num_warps, num_stages=num_stages),
+                       dict(num_warps=4, num_stages=2 if q.is_cuda else 1))
     _kernel(tune)[grid](
         q, k, v, o,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), o.stride(0), o.stride(1),
@@ -382,7 +394,7 @@ def _rule_kernel(autotune: bool):
 
     kern = triton.jit(body)
     if autotune:
-        kern = triton.autotune(_pair_configs(triton), key=["D", "GROUP", "PAGED"])(kern)
+        kern = triton.autotune(_pair_configs(triton), key=list(KERNEL_KEYS["rule"]))(kern)
     return kern
 
 
@@ -417,11 +429,8 @@ def rule_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: torch
         return o
     dummy = cu_seqlens_q
     grid = (max(1, math.ceil(max_q_len / (2 * BLOCK)) + 1), bsz * nh)
-    fixed = num_warps is not None or num_stages is not None
-    shipped = None if fixed else tuned_config("rule", (d, hq // k.shape[1], paged), q)
-    tune = q.is_cuda and not fixed and shipped is None and not torch.cuda.is_current_stream_capturing()
-    kw = ({} if tune else shipped.launch_kwargs() if shipped is not None
-          else dict(num_warps=num_warps or (8 if q.is_cuda else 4), num_stages=num_stages or (2 if q.is_cuda else 1)))
+    tune, kw = _launch("rule", (d, hq // k.shape[1], paged), q, dict(num_warps=num_warps, num_stages=num_stages),
+                       dict(num_warps=8 if q.is_cuda else 4, num_stages=2 if q.is_cuda else 1))
     _rule_kernel(tune)[grid](
         q, k, v, o,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), o.stride(0), o.stride(1),
@@ -552,7 +561,7 @@ def _tile_kernel(autotune: bool):
 
     kern = triton.jit(body)
     if autotune:
-        kern = triton.autotune(_tile_configs(triton), key=["D", "GROUP", "PAGED", "TMA", "Q_BUCKET"])(kern)
+        kern = triton.autotune(_tile_configs(triton), key=list(KERNEL_KEYS["tile"]))(kern)
     return kern
 
 
@@ -618,12 +627,9 @@ def tile_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_idx: t
     dummy = cu_seqlens_q
     grid = (max(1, math.ceil(max_q_len / TILE) + 1), bsz * nh)   # +1: an unaligned prefix spans one more pair
     q_bucket = min(128, 1 << (grid[0] - 2).bit_length())
-    fixed = block_n is not None or num_warps is not None or num_stages is not None
-    shipped = None if fixed else tuned_config("tile", (d, hq // k.shape[1], paged, tma, q_bucket), q)
-    tune = q.is_cuda and not fixed and shipped is None and not torch.cuda.is_current_stream_capturing()
-    kw = ({} if tune else shipped.launch_kwargs() if shipped is not None
-          else dict(BLOCK_N=block_n or (TILE if q.is_cuda else BLOCK), num_warps=num_warps or 8,
-                    num_stages=num_stages or (2 if q.is_cuda else 1)))
+    tune, kw = _launch("tile", (d, hq // k.shape[1], paged, tma, q_bucket), q,
+                       dict(BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages),
+                       dict(BLOCK_N=TILE if q.is_cuda else BLOCK, num_warps=8, num_stages=2 if q.is_cuda else 1))
     if tma:
         from triton.tools.tensor_descriptor import TensorDescriptor
         hkv = k.shape[1]

@@ -26,7 +26,7 @@ import torch
 
 TUNED_DIR = Path(__file__).parent / "tuned"
 TABLE_VERSION = 1
-# the autotune keys of each kernel, in the order its triton.autotune lists them (the dtype of q follows)
+# the autotune keys of each kernel (its triton.autotune in triton_prefill takes them from here); q's dtype follows
 KERNEL_KEYS: dict[str, tuple[str, ...]] = {
     "index": ("D", "PAGED", "Q_BUCKET"),
     "rule": ("D", "GROUP", "PAGED"),
@@ -56,7 +56,7 @@ def key_string(values: tuple, dtype: torch.dtype | str) -> str:
     return ",".join([str(int(v)) for v in values] + [str(dtype).replace("torch.", "")])
 
 
-def _enabled() -> bool:
+def tables_enabled() -> bool:
     return os.environ.get("SHPLB_TUNED_CONFIGS", "1") not in ("0", "")
 
 
@@ -84,9 +84,14 @@ def load_table(gpu_name: str, folder: Path = TUNED_DIR) -> dict[str, dict[str, L
 def tuned_config(kernel: str, values: tuple, q: torch.Tensor) -> LaunchConfig | None:
     """The shipped config of ``kernel`` at autotune key ``values`` (in :data:`KERNEL_KEYS` order) for q's GPU
     and dtype, or None (not on CUDA, no table for this GPU, key not tuned, tables turned off)."""
-    if not q.is_cuda or not _enabled():
+    if not q.is_cuda or not tables_enabled():
         return None
-    return load_table(torch.cuda.get_device_name(q.device)).get(kernel, {}).get(key_string(values, q.dtype))
+    return load_table(_device_name(q.device.index)).get(kernel, {}).get(key_string(values, q.dtype))
+
+
+@lru_cache(maxsize=None)
+def _device_name(index: int) -> str:   # once per device, not per kernel launch
+    return torch.cuda.get_device_name(index)
 
 
 def table_from_autotuners(autotuners: dict[str, Any], gpu_name: str, versions: dict[str, str]) -> dict:
