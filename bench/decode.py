@@ -4,9 +4,10 @@ and our dense decode, side by side in one process, with bytes read and achieved 
 Llama-3-8B-shaped layer (32 q / 8 KV heads, d=128, bf16), batch B of requests at context n, SGLang's token
 pool with ``--page-size 64`` (what the kernel path needs: its decode page summaries are indexed by 64-slot
 pool page): each request's 64-token pages are whole pool pages handed out in random order (pool page 0
-unused). FlashInfer reads the same pool through per-token indices (page size 1 in its wrapper, as SGLang
-runs it). ``L`` layers, each with its own K/V buffers (as many as fit in ~24 GB, at most 8), are captured
-in one CUDA graph; the time per layer is replay / L, with L2 flushed between replays
+unused); our kernel reads one index per page (``pool_page_size=64``, as the server does at ``--page-size 64``).
+FlashInfer reads the same pool through per-token indices (page size 1 in its wrapper, as SGLang runs it).
+``L`` layers, each with its own K/V buffers (as many as fit in ~24 GB, at most 8), are captured in one CUDA
+graph; the time per layer is replay / L, with L2 flushed between replays
 (``triton.testing.do_bench``, median). Two times per budget set:
 
 * **step**: what a decode step costs in the server: fold the new key into the page summaries, choose the
@@ -108,7 +109,7 @@ def device_check(hq: int, hkv: int, d: int, dev, dtype, smoke: bool) -> dict:
     budgets = budget_sets(hq, g)["stream+topk0.1 in a group"]
     budgets[0] = HeadBudget.dense()
     budgets[1] = HeadBudget.vslash(0.1, 2)
-    lk = LayerKernels(budgets, hkv, d, max_ctx, dtype, dev, pool_tokens=pool)
+    lk = LayerKernels(budgets, hkv, d, max_ctx, dtype, dev, pool_tokens=pool, pool_page_size=BLOCK)
     ws = DecodeWorkspace(hq, hkv, d, math.ceil(max_ctx / BLOCK), layer_max_selected(budgets, max_ctx), dev,
                          selected_heads(budgets))
     ws.ensure(2)
@@ -273,7 +274,8 @@ def main():
 def one_config(name, budgets, q_l, kb_l, vb_l, r2t, rpi, seq, ws, scale, hkv, d, max_ctx, dtype, dev, smoke,
                splits: list[int], profile: bool = False) -> dict:
     bsz, L = seq.shape[0], len(q_l)
-    lks = [LayerKernels(budgets, hkv, d, max_ctx, dtype, dev, pool_tokens=kb_l[0].shape[0]) for _ in range(L)]
+    lks = [LayerKernels(budgets, hkv, d, max_ctx, dtype, dev, pool_tokens=kb_l[0].shape[0], pool_page_size=BLOCK)
+           for _ in range(L)]
     for lk, kb in zip(lks, kb_l):
         if lk.kmin is not None:
             build_page_summaries(kb, r2t, rpi, seq - 1, lk.kmin, lk.kmax)
@@ -294,12 +296,13 @@ def one_config(name, budgets, q_l, kb_l, vb_l, r2t, rpi, seq, ws, scale, hkv, d,
 
     def reuse(sc=sc, ns=ns, sp=sp):
         for lk, q, kb, vb, o, (pi, pc) in zip(lks, q_l, kb_l, vb_l, outs, sel):
-            group_decode(q, kb, vb, r2t, rpi, seq, lk.page_rules, pi, pc, sc, ns, sp, sm_scale=scale, out=o)
+            group_decode(q, kb, vb, r2t, rpi, seq, lk.page_rules, pi, pc, sc, ns, sp, sm_scale=scale, out=o,
+                         pool_page_size=lk.pool_page_size)
     t_step = graph_ms(step, smoke) / L
     t_reuse = graph_ms(reuse, smoke) / L
     lk0, (pi0, pc0) = lks[0], sel[0]
     t_eager = bench(lambda: group_decode(q_l[0], kb_l[0], vb_l[0], r2t, rpi, seq, lk0.page_rules, pi0, pc0, sc, ns, sp,
-                                         sm_scale=scale, out=outs[0]), smoke)
+                                         sm_scale=scale, out=outs[0], pool_page_size=lk0.pool_page_size), smoke)
     ent = {"name": name, "budgets": sorted({b.describe() for b in budgets}), "bytes": pages * BLOCK * d * 2 * 2 // L,
            "pages_per_layer": pages / L, "step_ms": t_step, "reuse_ms": t_reuse, "eager_reuse_ms": t_eager,
            "all_written": written, "nsplit": ns, "split_pages": sp,

@@ -13,7 +13,8 @@ paged kernel), vs FlashInfer's dense paged decode per layer (eager loop).
 
 KV pool: SGLang's token pool with ``--page-size 64`` (what the kernel path needs: the decode page summaries
 are indexed by 64-slot pool page), each request's 64-token pages whole pool pages handed out in shuffled
-order, pool page 0 unused; the pool holds every page of every request slot.
+order, pool page 0 unused; the pool holds every page of every request slot. Decode reads it one index per page
+(``pool_page_size=64``).
 
   python bench/layer_path.py smollm2 --out $OUT        # SmolLM2 shape, the profiled plan
   python bench/layer_path.py llama8b --out $OUT        # Llama-3-8B shape, the serving bench's mixed plan
@@ -132,8 +133,10 @@ def main():
     slots = max(bss) + 1
     sparse_layers = [li for li in range(L) if any(b.pattern is not Pattern.DENSE for b in budgets[li])]
     r2t, pool = paged_pool(slots, max_ctx, dev)
-    lks = {li: LayerKernels(budgets[li], hkv, d, max_ctx, dt, dev, pool_tokens=pool) for li in sparse_layers}
-    dense_lk = LayerKernels([HeadBudget.dense()] * hq, hkv, d, max_ctx, dt, dev, pool_tokens=pool)
+    lks = {li: LayerKernels(budgets[li], hkv, d, max_ctx, dt, dev, pool_tokens=pool, pool_page_size=BLOCK)
+           for li in sparse_layers}
+    dense_lk = LayerKernels([HeadBudget.dense()] * hq, hkv, d, max_ctx, dt, dev, pool_tokens=pool,
+                            pool_page_size=BLOCK)
     try:
         import flashinfer
     except Exception as e:  # noqa: BLE001

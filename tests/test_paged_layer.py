@@ -34,8 +34,8 @@ def reference(budgets, q, k, v):
     return mask_reference(budgets, q, k, v, SCALE)
 
 
-def layer(budgets):
-    return LayerKernels(budgets, HKV, D, MAX_CTX, torch.float32, DEV, pool_tokens=POOL)
+def layer(budgets, pool_page_size=1):
+    return LayerKernels(budgets, HKV, D, MAX_CTX, torch.float32, DEV, pool_tokens=POOL, pool_page_size=pool_page_size)
 
 
 def extend(lk, pool, reqs, qs, ks, vs, prefix_lens):
@@ -95,9 +95,11 @@ def test_extend_with_prefix_mixed_matches_reference_path():
     assert relative_error(out[:, [0, 5]], dense[:, [0, 5]]) < LAYER_TOL
 
 
-def test_decode_steps_keep_summaries_and_match_reference():
+@pytest.mark.parametrize("pool_page", [1, BLOCK], ids=["per_token", "pool_pages"])
+def test_decode_steps_keep_summaries_and_match_reference(pool_page):
+    """Decode steps over the page-64 pool, its slots read per token or one per page (``pool_page_size``)."""
     budgets = budgets_mixed()
-    pool, lk = make_pool(), layer(budgets)
+    pool, lk = make_pool(), layer(budgets, pool_page)
     lens = [300, 64, 129]
     reqs = [3, 0, 2]
     full = [seq(n + 3, 20 + r) for r, n in enumerate(lens)]

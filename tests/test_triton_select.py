@@ -1,4 +1,5 @@
-"""Fused page-summary update + page selection (triton_select) vs update_page_summaries + select_pages."""
+"""Fused page-summary update + page selection (+ union lists) (triton_select) vs update_page_summaries +
+select_pages (+ the page-union kernel)."""
 import random
 
 import pytest
@@ -7,8 +8,9 @@ import torch
 from conftest import DEV
 from sglang_shplb.core.patterns import BLOCK, HeadBudget, Pattern
 from sglang_shplb.kernels.layer_heads import LayerHeads
-from sglang_shplb.kernels.triton_decode import (alloc_page_summaries, build_page_summaries, max_selected_pages,
-                                                select_pages, update_page_summaries)
+from sglang_shplb.kernels.triton_decode import (DecodeScratch, alloc_page_summaries, build_page_summaries,
+                                                group_decode, max_selected_pages, page_rules, select_pages,
+                                                update_page_summaries)
 from sglang_shplb.kernels.triton_select import select_scratch, selector_consts, update_and_select_pages
 
 MAXP = 13  # not a power of two: 832 tokens
@@ -74,7 +76,7 @@ def test_update_and_select_matches_torch(group, d, dtype, lens, seed):
     consts = selector_consts(heads, DEV, MAXP)
     assert consts is selector_consts(LayerHeads.of(list(heads.budgets)), torch.device(DEV), MAXP)  # cached
     width = max_selected_pages(heads, MAXP)
-    scratch = select_scratch(bsz + 2, consts)                                   # larger than needed is fine
+    scratch = select_scratch(bsz + 2, consts, hkv)                                   # larger than needed is fine
     kmin2, kmax2 = kmin.clone(), kmax.clone()
     idx2 = torch.full((bsz, hq, width), -7, dtype=torch.int32, device=DEV)
     cnt2 = torch.full((bsz, hq), 99, dtype=torch.int32, device=DEV)              # must all be rewritten
@@ -105,7 +107,7 @@ def test_no_selected_heads_and_no_host_tensors(monkeypatch):
         heads = LayerHeads.of(bud)
         g, k, r2t, rpi, sl, kmin, kmax = setup((1, 65, 300), 2, 2, 64, torch.float32, 5)
         consts = selector_consts(heads, DEV, MAXP)
-        scratch = select_scratch(4, consts)
+        scratch = select_scratch(4, consts, 2)
         idx = torch.zeros(4, 4, max(1, consts.maxsel), dtype=torch.int32, device=DEV)
         cnt = torch.full((4, 4), 5, dtype=torch.int32, device=DEV)
         q = torch.randn(4, 4, 64, generator=g).to(DEV)
@@ -126,7 +128,7 @@ def test_cuda_graph_capture():  # pragma: no cover - GPU only
     heads = LayerHeads.of(random_budgets(8, rng))
     g, k, r2t, rpi, sl, kmin, kmax = setup((5, 64, 700), 2, 4, 128, torch.bfloat16, 7)
     consts = selector_consts(heads, DEV, MAXP)
-    scratch = select_scratch(4, consts)
+    scratch = select_scratch(4, consts, 2)
     idx = torch.zeros(4, 8, consts.maxsel, dtype=torch.int32, device=DEV)
     cnt = torch.zeros(4, 8, dtype=torch.int32, device=DEV)
     q = torch.randn(4, 8, 128, device=DEV).bfloat16()
@@ -189,3 +191,46 @@ def test_ties_negative_scores_several_tiles(d, all_tied):
             assert all(p > max(x for x in got if score[x] == score[p]) for p in rest if score[p] == thr)
             if all_tied:
                 assert got == list(range(c))
+
+
+@pytest.mark.parametrize("group,seed", [(4, 11), (3, 12), (1, 13)])
+def test_union_lists_match_page_union_kernel(group, seed):
+    """With ``union``, the one launch also writes the union lists of list-mode KV heads: the same lists,
+    bit masks and counts as the page-union launch of group_decode on the same selection, for groups that
+    mix dense, streaming and selected heads; the counters are zero again after each call."""
+    rng = random.Random(seed)
+    hkv = 3
+    hq = hkv * group
+    budgets = random_budgets(hq, rng)
+    if group > 1:   # one group all streaming (a range walk), one mixing dense + streaming (a list, no selection)
+        budgets[:group] = [HeadBudget.streaming(64, 128)] * group
+        budgets[group:2 * group] = [HeadBudget.dense()] + [HeadBudget.streaming(64, 64)] * (group - 1)
+        budgets[2 * group] = HeadBudget.topk(0.3, 2)
+    heads = LayerHeads.of(budgets)
+    rules = page_rules(heads, hkv, DEV)
+    assert rules.lists
+    g, k, r2t, rpi, sl, kmin, kmax = setup((700, 65, 640), hkv, group, 64, torch.float32, seed)
+    bsz = sl.shape[0]
+    consts = selector_consts(heads, DEV, MAXP)
+    width = max(1, max_selected_pages(heads, MAXP))
+    sel_scr = select_scratch(bsz, consts, hkv)
+    fused, plain = (DecodeScratch(bsz, hq, hkv, 64, MAXP, bsz * hq * 2, DEV) for _ in range(2))
+    for step in range(2):
+        q = torch.randn(bsz, hq, 64, generator=g).to(DEV)
+        idx = torch.zeros(bsz, hq, width, dtype=torch.int32, device=DEV)
+        cnt = torch.zeros(bsz, hq, dtype=torch.int32, device=DEV)
+        update_and_select_pages(q, k, r2t, rpi, sl, kmin, kmax, consts, MAXP, idx, cnt, sel_scr,
+                                union=(rules, fused))
+        assert int(sel_scr.done.abs().sum()) == 0
+        # the page-union launch of group_decode on the same selection (its output is not compared here)
+        group_decode(q, k, k, r2t, rpi, sl, rules, idx, cnt, plain, 1, MAXP)
+        for b in range(bsz):
+            for hk in range(hkv):
+                if int(rules.gmode[hk]) != 2:
+                    continue
+                n = int(plain.ucnt[b, hk])
+                assert n > 0 and int(fused.ucnt[b, hk]) == n, (step, b, hk)
+                assert torch.equal(fused.ulist[b, hk, :n], plain.ulist[b, hk, :n]), (step, b, hk)
+                assert torch.equal(fused.ubits[b, hk, :n], plain.ubits[b, hk, :n]), (step, b, hk)
+        sl = sl + 1
+        sl[-1] = 1

@@ -12,11 +12,12 @@ heads, instead of letting the stock backend compute all heads and recomputing th
   page ``req_to_token[req, 64j] // 64``), so they cost 1/64 of the layer's K+V whatever the number of
   request slots.
 * **Decode**: fold the new token into its page summary and choose the pages of top-k / vertical-slash
-  heads (Quest / LServe upper bound; both in two Triton launches,
-  :func:`~sglang_shplb.kernels.triton_select.update_and_select_pages`), then run
+  heads (Quest / LServe upper bound) and build the union lists of KV groups that mix budgets, all in one
+  Triton launch (:func:`~sglang_shplb.kernels.triton_select.update_and_select_pages`), then run
   :func:`~sglang_shplb.kernels.triton_decode.group_decode` for all heads (dense: every page; streaming:
   sink + window pages; one launch with its split-K combine, after a page-union launch when a KV group mixes
-  budgets). Fixed shapes and no host sync: safe inside a captured CUDA graph.
+  budgets), which with ``--page-size 64`` loads one pool slot per page (``pool_page_size``) instead of one per
+  token. Fixed shapes and no host sync: safe inside a captured CUDA graph.
 
 The layer's heads are classified once (:class:`~sglang_shplb.kernels.layer_heads.LayerHeads`) and handed to
 every kernel front end. Batch metadata is built once per forward (:class:`ExtendBatch`); decode scratch
@@ -36,7 +37,7 @@ from sglang_shplb.kernels.layer_heads import LayerHeads
 from sglang_shplb.kernels.triton_decode import (DecodeScratch, SummaryRows, alloc_page_summaries, build_page_summaries,
                                                 decode_splits, decode_walks, group_decode, max_decode_splits,
                                                 max_selected_pages, page_rules, summary_rows)
-from sglang_shplb.kernels.triton_select import selector_consts, update_and_select_pages
+from sglang_shplb.kernels.triton_select import SelectScratch, selector_consts, update_and_select_pages
 
 
 @dataclass
@@ -95,8 +96,9 @@ class DecodeWorkspace:
                                f"{max_bs}; it must be sized before capture (init_cuda_graph_state)")
         self.page_idx = torch.zeros(max_bs, self.hq, self.max_sel, dtype=torch.int32, device=self.device)
         self.page_cnt = torch.zeros(max_bs, self.hq, dtype=torch.int32, device=self.device)
-        self.scores = torch.empty(max_bs, self.max_selected_heads, self.max_pages, dtype=torch.float32,
-                                  device=self.device)     # page scores of the selected heads
+        self.select = SelectScratch(     # page scores of the selected heads, finished score tiles
+            torch.empty(max_bs, self.max_selected_heads, self.max_pages, dtype=torch.float32, device=self.device),
+            torch.zeros(max_bs, self.hkv, dtype=torch.int32, device=self.device))
         rows = max(bs * self.hq * max_decode_splits(self.max_pages, bs) for bs in range(1, max_bs + 1))
         self.scratch = DecodeScratch(max_bs, self.hq, self.hkv, self.d, self.max_pages, rows, self.device)
         self.capacity = max_bs
@@ -116,11 +118,16 @@ class LayerKernels:
     """One layer's rank-local heads at their budgets, all on the kernels (see the module docstring).
     ``pool_tokens``: slots of SGLang's token pool (the K buffer's first dimension), which the decode page
     summaries cover page by page; the pool must hand out 64-slot pages (``--page-size 64``). ``decode=False``:
-    the layer never decodes on the kernels (stock in every decode bucket), so it keeps no summaries."""
+    the layer never decodes on the kernels (stock in every decode bucket), so it keeps no summaries.
+    ``pool_page_size``: the pool's page size as decode reads it (:func:`~.triton_decode.group_decode`): 64 when
+    each 64-token page of a request is 64 consecutive slots (one index load per page), 1 for any layout
+    (one per token; a server whose plan selects no pages may run with ``--page-size 1``)."""
 
     def __init__(self, budgets: Sequence[HeadBudget], num_kv_heads: int, head_dim: int, max_ctx: int,
-                 kv_dtype: torch.dtype, device, *, pool_tokens: int, decode: bool = True) -> None:
+                 kv_dtype: torch.dtype, device, *, pool_tokens: int, decode: bool = True,
+                 pool_page_size: int = 1) -> None:
         self.budgets = list(budgets)
+        self.pool_page_size = pool_page_size
         self.heads = LayerHeads.of(budgets, num_kv_heads, head_dim)
         self.hq, self.hkv, self.d = len(budgets), num_kv_heads, head_dim
         self.max_pages = math.ceil(max_ctx / BLOCK)
@@ -174,9 +181,11 @@ class LayerKernels:
             if self.kmin is None:
                 raise RuntimeError("shplb: this layer was built without decode page summaries (decode=False)")
             update_and_select_pages(q, k_buffer, req_to_token, req_pool_indices, seq_lens, self.kmin, self.kmax,
-                                    self.select_consts, self.max_pages, page_idx, page_cnt, scratch=ws.scores)
+                                    self.select_consts, self.max_pages, page_idx, page_cnt, scratch=ws.select,
+                                    union=(self.page_rules, ws.scratch))
         return group_decode(q, k_buffer, v_buffer, req_to_token, req_pool_indices, seq_lens, self.page_rules,
-                            page_idx, page_cnt, ws.scratch, *self.splits(bs), sm_scale=scale, out=out)
+                            page_idx, page_cnt, ws.scratch, *self.splits(bs), sm_scale=scale, out=out,
+                            pool_page_size=self.pool_page_size, union_built=self.selects)
 
     def splits(self, bs: int) -> tuple[int, int]:
         """``(nsplit, split_pages)`` of this layer's page walks at batch size ``bs``."""

@@ -1,6 +1,9 @@
 """Sparse paged decode: one new token per request against the paged KV cache, per-head budgets.
 
 Pages are the 64-token blocks of a sequence (positions ``64p .. 64p+63`` read through ``req_to_token``).
+With SGLang's ``--page-size 64`` a page is one 64-slot pool page, slots ``loc0 .. loc0+63`` with
+``loc0 = req_to_token[req, 64p]``: the kernel then loads that one index per page and addresses K/V from it
+(``pool_page_size=64``); with page size 1 it gathers the 64 slots of each page from ``req_to_token``.
 Per head a mode picks the pages (all computed in the kernel from ``seq_lens`` except the selected list):
 
 * 0 dense:      pages ``0 .. np-1``
@@ -16,14 +19,18 @@ on ``q·k`` over a page is ``sum_d max(q_d kmin_d, q_d kmax_d)``; take the top p
 
 GQA: one program serves the q heads of one KV head and loads each page once for all of them (the decode
 step is bound by KV bytes). A KV head whose q heads are all dense, or all streaming with one budget, walks
-a range of pages. Any other group walks the ascending union of its heads' pages, made each step by a small
-page-union kernel, with a bit mask per page of the heads that read it; the scores of the other heads are masked
+a range of pages. Any other group walks the ascending union of its heads' pages, made each step by the
+page-selection launch (:mod:`~.triton_select`) or a small page-union kernel, with a bit mask per page of
+the heads that read it; the scores of the other heads are masked
 out, so every head attends exactly its own pages.
 
 Split-K (flash decoding): the page walk of a KV head is cut into ``NSPLIT`` slices; each program keeps an
 online softmax per q head over its slice. A walk of one slice writes the output; otherwise each slice writes
 ``(acc / l, m + log2 l)`` and counts itself in an atomic counter of its (request, KV head), and the last slice
 to finish merges the partials (one launch, no separate combine) and zeroes the counter for the next call.
+
+The page walk has one loop per kind of walk (list or range), with no branch inside, so that the software
+pipeliner (``num_stages``) can prefetch the next page while the current one is computed.
 """
 from __future__ import annotations
 
@@ -94,19 +101,52 @@ def _kernels():
             tl.store(UCNT + b * HKV + hk, base)
 
     @triton.jit
+    def _decode_page(m_i, l_i, acc, q, K, V, r2t, pg, row_ok, n, hk, stride_kt, stride_kh, stride_vt, stride_vh,
+                     qk_scale, ar, offs_d, PAGE: tl.constexpr, CONTIG: tl.constexpr, DOT_F32: tl.constexpr):
+        # one page pg of the walk: positions pos = PAGE*pg + ar (those >= n masked), rows row_ok
+        #   S = Q K^T * scale,  m' = max(m, rowmax S),  P = 2^(S - m'),  l' = 2^(m - m') l + rowsum P,
+        #   acc' = 2^(m - m') acc + P V
+        # slots: CONTIG (a whole pool page) loc0 + ar with loc0 = r2t[PAGE*pg], one index load; else r2t[pos]
+        pos = pg * PAGE + ar
+        ok = pos < n
+        if CONTIG:
+            loc = tl.load(r2t + pg * PAGE).to(tl.int64) + ar
+        else:
+            loc = tl.load(r2t + pos, mask=ok, other=0).to(tl.int64)
+        k = tl.load(K + loc[:, None] * stride_kt + hk * stride_kh + offs_d[None, :], mask=ok[:, None], other=0.0)
+        if DOT_F32:
+            k = k.to(tl.float32)
+        s = tl.dot(q, tl.trans(k)).to(tl.float32) * qk_scale
+        use = row_ok[:, None] & ok[None, :]
+        s = tl.where(use, s, -1.0e30)
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.math.exp2(m_i - m_new)
+        p = tl.math.exp2(s - m_new[:, None])
+        p = tl.where(use, p, 0.0)
+        v = tl.load(V + loc[:, None] * stride_vt + hk * stride_vh + offs_d[None, :], mask=ok[:, None], other=0.0)
+        if DOT_F32:
+            v = v.to(tl.float32)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v).to(tl.float32)
+        return m_new, l_i, acc
+
+    globals()["_decode_page"] = _decode_page   # jit functions resolve callees through the module's globals
+
+    @triton.jit
     def _decode_group_kernel(
         Q, K, V, O, MidO, MidL, DONE,
         stride_qb, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ob, stride_oh,
         req_to_token, req_pool_idx, stride_r2t, seq_lens,
         gmode, gsink, gwindow, ULIST, UBITS, UCNT, s_u_b, s_u_h, qk_scale, HQ, HKV, SPLIT_PAGES,
         GROUP: tl.constexpr, GP: tl.constexpr, NSPLIT: tl.constexpr, PAGE: tl.constexpr, D: tl.constexpr,
-        DOT_F32: tl.constexpr,
+        CONTIG: tl.constexpr, DOT_F32: tl.constexpr,
     ):
         # the GROUP q heads of KV head hk share each page load: S = Q_group · K^T on the tensor cores (rows
         # padded to GP), one online softmax per row. Pages: gmode 0 all, 1 one streaming budget (sink +
         # window), 2 the union list of _page_union_kernel with a row mask per page (UBITS). The walk of this
         # (request, KV head) is cut into gs = ceil(total / SPLIT_PAGES) <= NSPLIT slices, so that long and
         # short walks take programs in proportion to their pages; programs past gs do nothing.
+        # CONTIG: the pool holds each 64-token page in 64 consecutive slots (one index load per page).
         # gs == 1: the program writes O. Else each slice writes its partial (MidO, MidL) and counts itself
         # in DONE[b, hk]; the last of the gs to count merges the gs partials into O and zeroes DONE again.
         bhk = tl.program_id(0)
@@ -136,32 +176,18 @@ def _kernels():
         m_i = tl.full([GP], -1.0e30, tl.float32)
         l_i = tl.zeros([GP], tl.float32)
         acc = tl.zeros([GP, D], tl.float32)
-        for j in range(j0, j1):
-            if md == 2:
+        # two loops, no branch inside: the software pipeliner (num_stages) prefetches the next page
+        if md == 2:
+            for j in range(j0, j1):
                 pg = tl.load(ULIST + u + j)
                 row_ok = ((tl.load(UBITS + u + j) >> rows) & 1) != 0
-            else:
+                m_i, l_i, acc = _decode_page(m_i, l_i, acc, q, K, V, r2t, pg, row_ok, n, hk, stride_kt, stride_kh,
+                                             stride_vt, stride_vh, qk_scale, ar, offs_d, PAGE, CONTIG, DOT_F32)
+        else:
+            for j in range(j0, j1):
                 pg = tl.where(md == 0, j, tl.where(j < n_s, j, npg - w_eff + j - n_s))
-                row_ok = rvalid
-            pos = pg * PAGE + ar
-            ok = pos < n
-            loc = tl.load(r2t + pos, mask=ok, other=0).to(tl.int64)
-            k = tl.load(K + loc[:, None] * stride_kt + hk * stride_kh + offs_d[None, :], mask=ok[:, None], other=0.0)
-            if DOT_F32:
-                k = k.to(tl.float32)
-            s = tl.dot(q, tl.trans(k)).to(tl.float32) * qk_scale
-            use = row_ok[:, None] & ok[None, :]
-            s = tl.where(use, s, -1.0e30)
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            alpha = tl.math.exp2(m_i - m_new)
-            p = tl.math.exp2(s - m_new[:, None])
-            p = tl.where(use, p, 0.0)
-            v = tl.load(V + loc[:, None] * stride_vt + hk * stride_vh + offs_d[None, :], mask=ok[:, None], other=0.0)
-            if DOT_F32:
-                v = v.to(tl.float32)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v).to(tl.float32)
-            m_i = m_new
+                m_i, l_i, acc = _decode_page(m_i, l_i, acc, q, K, V, r2t, pg, rvalid, n, hk, stride_kt, stride_kh,
+                                             stride_vt, stride_vh, qk_scale, ar, offs_d, PAGE, CONTIG, DOT_F32)
         l_safe = tl.maximum(l_i, 1e-30)
         o_ptr = O + b * stride_ob + hrow[:, None] * stride_oh + offs_d[None, :]
         if gs == 1:
@@ -478,7 +504,8 @@ def group_decode(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tensor
                  req_pool_indices: torch.Tensor, seq_lens: torch.Tensor, rules: PageRules,
                  page_idx: torch.Tensor, page_cnt: torch.Tensor, scratch: DecodeScratch, nsplit: int,
                  split_pages: int, *,
-                 sm_scale: float | None = None, out: torch.Tensor | None = None,
+                 sm_scale: float | None = None, out: torch.Tensor | None = None, pool_page_size: int = 1,
+                 union_built: bool = False,
                  num_warps: int = 4, num_stages: int | None = None) -> torch.Tensor:
     """The decode kernels (page union when some KV head walks a list, then the group kernel with its split-K
     combine): ``q [B, Hq, d]`` (token at position
@@ -487,12 +514,20 @@ def group_decode(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tensor
     ``scratch``: a :class:`DecodeScratch` for at least ``B`` requests and ``B · Hq · nsplit`` partial rows;
     ``nsplit, split_pages`` (:func:`decode_splits`): each KV head's page walk is cut into slices of about
     ``split_pages`` pages, at most ``nsplit`` (a power of two) of them. Each KV head's
-    pages are loaded once for its q heads. Sync-free, no allocation with ``out``."""
+    pages are loaded once for its q heads. ``pool_page_size``: 1 reads each token's slot from
+    ``req_to_token`` (any pool layout); 64 (SGLang's ``--page-size 64``) reads one slot per page, the page's
+    64 tokens being the 64 consecutive slots from there (not checked: a pool of another layout gives wrong
+    results). ``union_built``: the union lists are already in ``scratch`` (written by the selector launch,
+    :func:`~.triton_select.update_and_select_pages` with ``union``), so the page-union launch is skipped.
+    Sync-free, no allocation with ``out``."""
     if q.dim() != 3:
         raise ValueError(f"decode q must be [batch, heads, head_dim], got {tuple(q.shape)}")
     check_qkv(q, k_buffer, v_buffer)
     bsz, hq, d = q.shape
     hkv = k_buffer.shape[1]
+    if pool_page_size not in (1, BLOCK):
+        raise ValueError(f"pool_page_size must be 1 (per-token slots) or {BLOCK} (contiguous pool pages), "
+                         f"got {pool_page_size}")
     if nsplit < 1 or nsplit & (nsplit - 1) or split_pages < 1:
         raise ValueError(f"nsplit must be a power of two and split_pages >= 1, got {nsplit}, {split_pages}")
     if page_idx.shape[:2] != (bsz, hq) or page_cnt.shape != (bsz, hq):
@@ -512,7 +547,7 @@ def group_decode(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tensor
         num_stages = 3 if q.is_cuda else 1
     g = hq // hkv
     ul = scratch.ulist
-    if rules.lists:
+    if rules.lists and not union_built:
         maxp = scratch.max_pages
         union[(bsz, hkv)](page_idx, page_cnt, page_idx.stride(0), page_idx.stride(1), page_cnt.stride(0), seq_lens,
                           rules.mode, rules.sink, rules.window, rules.gmode,
@@ -526,5 +561,6 @@ def group_decode(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tensor
         req_to_token, req_pool_indices, req_to_token.stride(0), seq_lens,
         rules.gmode, rules.gsink, rules.gwindow, ul, scratch.ubits, scratch.ucnt, ul.stride(0), ul.stride(1),
         scale, hq, hkv, split_pages, GROUP=g, GP=max(16, 1 << (g - 1).bit_length()), NSPLIT=nsplit, PAGE=BLOCK, D=d,
-        DOT_F32=(not q.is_cuda) and q.dtype == torch.bfloat16, num_warps=num_warps, num_stages=num_stages)
+        CONTIG=pool_page_size == BLOCK, DOT_F32=(not q.is_cuda) and q.dtype == torch.bfloat16,
+        num_warps=num_warps, num_stages=num_stages)
     return o

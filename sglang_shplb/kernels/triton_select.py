@@ -1,20 +1,25 @@
-"""Fused page-summary update + Quest page selection for sparse paged decode: two Triton launches that do
-what :func:`~.triton_decode.update_page_summaries` followed by :func:`~.triton_decode.select_pages` do
-(about 40 small torch kernels per layer), fixed-shape and sync-free for CUDA graphs.
+"""Fused page-summary update + Quest page selection (+ the union lists) for sparse paged decode: one Triton
+launch that does what :func:`~.triton_decode.update_page_summaries` followed by
+:func:`~.triton_decode.select_pages` do (about 40 small torch kernels per layer), and optionally the page-union
+launch of :func:`~.triton_decode.group_decode`; fixed-shape and sync-free for CUDA graphs.
 
-* kernel A, grid ``(B, Hkv, page tiles)``: program ``(b, hk, 0)`` folds the key at position ``seq_len - 1``
-  into its page's ``kmin/kmax`` (the first token of a page resets it). Every program then loads one tile of
-  pages among ``0 .. npg-2`` of KV head ``hk`` once and scores it for each top-k / vertical-slash q head of
-  the group (``score_p = sum_d max(q_d kmin_pd, q_d kmax_pd)`` in fp32, page 0 = +inf) into ``scratch``.
+Grid ``(B, Hkv, page tiles)``:
+
+* program ``(b, hk, 0)`` folds the key at position ``seq_len - 1`` into its page's ``kmin/kmax`` (the first
+  token of a page resets it). Every program then loads one tile of pages among ``0 .. npg-2`` of KV head
+  ``hk`` once and scores it for each top-k / vertical-slash q head of the group
+  (``score_p = sum_d max(q_d kmin_pd, q_d kmax_pd)`` in fp32, page 0 = +inf) into ``scratch``.
   The summaries are indexed by KV-pool page (:func:`~.triton_decode.alloc_page_summaries`): page ``j`` of a
   request is pool page ``req_to_token[req, 64j] // 64``. The update writes page ``npg-1``, which is never
   scored and which no other request holds (a partial page is not shared), so the two parts do not race.
   SGLang's CUDA-graph padding rows (``seq_len`` ≤ 1) write nothing and score nothing.
-* kernel B, grid ``(B, Hq)``: find the ``cnt``-th largest score by a 32-step bisection on an
-  order-preserving int32 key, and write the ``cnt`` chosen page ids in ASCENDING order (ties at the
-  threshold: lowest ids).
-  Other heads write ``page_cnt = 0`` (so the caller need not zero ``page_cnt``); their ``page_idx`` rows
-  and the entries past ``cnt`` are left untouched.
+* each program then counts itself in an atomic counter of its (request, KV head) (as the split-K combine of
+  the decode kernel does); the last tile program to finish selects for all the group's q heads at once: per
+  head the ``cnt``-th largest score by a 32-step bisection on an order-preserving int32 key (rows = heads),
+  the ``cnt`` chosen page ids written in ASCENDING order (ties at the threshold: lowest ids). Other heads
+  write ``page_cnt = 0`` (so the caller need not zero ``page_cnt``); their ``page_idx`` rows and the
+  entries past ``cnt`` are left untouched. With the union on, the same program writes the group's union
+  list (pages and per-head bit masks) when the KV head walks a list, and zeroes the counter.
 """
 from __future__ import annotations
 
@@ -25,7 +30,8 @@ import torch
 
 from sglang_shplb.core.patterns import BLOCK
 from sglang_shplb.kernels.layer_heads import LayerHeads
-from sglang_shplb.kernels.triton_decode import decode_count_table, max_selected_pages
+from sglang_shplb.kernels.triton_decode import (DecodeScratch, PageRules, decode_count_table,
+                                                max_selected_pages)
 
 
 @lru_cache(maxsize=None)
@@ -34,19 +40,72 @@ def _kernels():
     triton, tl = import_triton()
 
     @triton.jit
-    def _candidates(SEQ, CNT, b, h, MAXP, PAGE: tl.constexpr):
-        """(candidate pages nv = pages 0 .. npg-2, cnt = decode budget - 1 from the host-made table
-        decode_count_table; 0 for heads that do not select)."""
+    def _select_group(SEQ, SEL, CNT, SCR, PIDX, PCNT, MODE, SINK, WIN, GMODE, ULIST, UBITS, UCNT,
+                      s_sb, s_ss, s_pb, s_ph, s_cb, s_ch, s_ub, s_uh, b, hk, HKV, MAXP,
+                      GROUP: tl.constexpr, GP2: tl.constexpr, PAGE: tl.constexpr, P2: tl.constexpr,
+                      UNION: tl.constexpr):
+        # rows = the GROUP q heads of KV head hk (padded to GP2), columns = pages 0 .. P2-1
+        rows = tl.arange(0, GP2)
+        rv = rows < GROUP
+        h = hk * GROUP + rows
         npg = (tl.load(SEQ + b).to(tl.int32) + PAGE - 1) // PAGE
-        cnt = tl.load(CNT + h * (MAXP + 1) + tl.minimum(tl.maximum(npg, 0), MAXP))
-        return tl.minimum(npg - 1, MAXP), cnt
+        nv = tl.minimum(npg - 1, MAXP)                                          # candidates 0 .. npg-2
+        # pages to list (decode budget - 1, decode_count_table; 0 for heads that do not select)
+        cnt = tl.load(CNT + h * (MAXP + 1) + tl.minimum(tl.maximum(npg, 0), MAXP), mask=rv, other=0)
+        p = tl.arange(0, P2)
+        act = cnt > 0                                                          # selecting rows (SEL >= 0)
+        srow = tl.load(SEL + h, mask=rv, other=0)
+        valid = act[:, None] & (p < nv)[None, :]
+        x = tl.load(SCR + b * s_sb + srow[:, None] * s_ss + p[None, :], mask=valid, other=0.0,
+                    cache_modifier=".cg")
+        # order-preserving int32 key: negative floats get their magnitude bits flipped
+        bits = x.to(tl.int32, bitcast=True)
+        key = tl.where(valid, bits ^ ((bits >> 31) & 0x7FFFFFFF), -2147483648)
+        # per row the largest thr with #{key >= thr} >= cnt: bisection on [lo, hi] (int64, 32 steps)
+        lo_t = tl.full([GP2], -2147483648, tl.int64)
+        hi_t = tl.full([GP2], 2147483647, tl.int64)
+        for _ in range(32):
+            mid = (lo_t + hi_t + 1) >> 1
+            ok = tl.sum((key >= mid.to(tl.int32)[:, None]).to(tl.int32), axis=1) >= cnt
+            lo_t = tl.where(ok, mid, lo_t)
+            hi_t = tl.where(ok, hi_t, mid - 1)
+        thr = lo_t.to(tl.int32)[:, None]
+        # all keys > thr (fewer than cnt), then the lowest page ids among keys == thr up to cnt
+        gt = key > thr
+        eq = key == thr
+        need = cnt - tl.sum(gt.to(tl.int32), axis=1)
+        keep = (gt | (eq & (tl.cumsum(eq.to(tl.int32), axis=1) <= need[:, None]))) & act[:, None]
+        slot = tl.cumsum(keep.to(tl.int32), axis=1) - 1                      # ascending page ids
+        tl.store(PIDX + b * s_pb + h[:, None] * s_ph + slot, p[None, :] + 0 * slot, mask=keep)
+        tl.store(PCNT + b * s_cb + h * s_ch, cnt, mask=rv)
+        if UNION:
+            if tl.load(GMODE + hk) == 2:
+                # the group's union list (as _page_union_kernel): page p, bit r set iff head hk*GROUP + r
+                # reads it: dense p < npg; streaming p < n_s or p >= npg - w; selected: kept, and npg - 1
+                md = tl.load(MODE + h, mask=rv, other=-1)[:, None]
+                w_eff = tl.minimum(tl.load(WIN + h, mask=rv, other=0), npg)
+                n_s = tl.minimum(tl.load(SINK + h, mask=rv, other=0), npg - w_eff)
+                pp = p[None, :]
+                use = (md == 0) | ((md == 1) & ((pp < n_s[:, None]) | (pp >= (npg - w_eff)[:, None]))) | \
+                      ((md == 2) & (keep | (pp == npg - 1)))
+                use = use & (pp < npg) & rv[:, None]
+                ub = tl.sum(use.to(tl.int32) << rows[:, None], axis=0)           # distinct bits: sum = or
+                nz = ub != 0
+                us = tl.cumsum(nz.to(tl.int32), axis=0) - 1
+                off = b * s_ub + hk * s_uh + us
+                tl.store(ULIST + off, p, mask=nz)
+                tl.store(UBITS + off, ub, mask=nz)
+                tl.store(UCNT + b * HKV + hk, tl.sum(nz.to(tl.int32), axis=0))
 
-    globals()["_candidates"] = _candidates   # jit functions resolve callees through the module's globals
+    globals()["_select_group"] = _select_group   # jit functions resolve callees through the module's globals
 
     @triton.jit
-    def _update_score_kernel(Q, K, KMIN, KMAX, R2T, RPI, SEQ, SEL, SCR,
-                             s_kt, s_kh, s_rt, s_qb, s_qh, s_mp, s_mh, s_md, s_sb, s_ss, MAXP,
-                             GROUP: tl.constexpr, PAGE: tl.constexpr, D: tl.constexpr, TP: tl.constexpr):
+    def _update_select_kernel(Q, K, KMIN, KMAX, R2T, RPI, SEQ, SEL, CNT, SCR, DONE, PIDX, PCNT,
+                              MODE, SINK, WIN, GMODE, ULIST, UBITS, UCNT,
+                              s_kt, s_kh, s_rt, s_qb, s_qh, s_mp, s_mh, s_md, s_sb, s_ss,
+                              s_pb, s_ph, s_cb, s_ch, s_ub, s_uh, HKV, MAXP, NT,
+                              GROUP: tl.constexpr, GP2: tl.constexpr, PAGE: tl.constexpr, D: tl.constexpr,
+                              TP: tl.constexpr, P2: tl.constexpr, UNION: tl.constexpr):
         # KMIN/KMAX [pool pages + 1, Hkv, D]: a request's page j is pool page R2T[r, j*PAGE] // PAGE
         b = tl.program_id(0)
         hk = tl.program_id(1)
@@ -81,40 +140,17 @@ def _kernels():
                     q = tl.load(Q + b * s_qb + h * s_qh + offs_d).to(tl.float32)
                     sc = tl.sum(tl.maximum(q[None, :] * lo, q[None, :] * hi), axis=1)
                     tl.store(SCR + b * s_sb + s * s_ss + p, tl.where(p == 0, float("inf"), sc), mask=m)
+        # the last of the NT tile programs of (b, hk) to finish selects for the group's heads (and builds
+        # its union list); the release/acquire pair makes the other tiles' scores visible to it
+        tl.debug_barrier()
+        done = tl.atomic_add(DONE + b * HKV + hk, 1, sem="acq_rel", scope="gpu")
+        if done == NT - 1:
+            _select_group(SEQ, SEL, CNT, SCR, PIDX, PCNT, MODE, SINK, WIN, GMODE, ULIST, UBITS, UCNT,
+                          s_sb, s_ss, s_pb, s_ph, s_cb, s_ch, s_ub, s_uh, b, hk, HKV, MAXP,
+                          GROUP, GP2, PAGE, P2, UNION)
+            tl.store(DONE + b * HKV + hk, 0)   # the next launch (next layer, next step, graph replay) starts at 0
 
-    @triton.jit
-    def _select_kernel(RPI, SEQ, SEL, CNT, SCR, PIDX, PCNT,
-                       s_sb, s_ss, s_pb, s_ph, s_cb, s_ch, MAXP, PAGE: tl.constexpr, P2: tl.constexpr):
-        # the cnt best scores of one (request, selected head), written as ascending page ids
-        b = tl.program_id(0)
-        h = tl.program_id(1)
-        nv, cnt = _candidates(SEQ, CNT, b, h, MAXP, PAGE)
-        if cnt > 0:
-            scr = SCR + b * s_sb + tl.load(SEL + h) * s_ss
-            p = tl.arange(0, P2)
-            x = tl.load(scr + p, mask=p < nv, other=0.0)
-            # order-preserving int32 key: negative floats get their magnitude bits flipped
-            bits = x.to(tl.int32, bitcast=True)
-            key = tl.where(p < nv, bits ^ ((bits >> 31) & 0x7FFFFFFF), -2147483648)
-            # largest thr with #{key >= thr} >= cnt: bisection on [lo, hi] (int64, 2^32 values, 32 steps)
-            lo_t = tl.full([], -2147483648, tl.int64)
-            hi_t = tl.full([], 2147483647, tl.int64)
-            for _ in range(32):
-                mid = (lo_t + hi_t + 1) >> 1
-                ok = tl.sum((key >= mid.to(tl.int32)).to(tl.int32), axis=0) >= cnt
-                lo_t = tl.where(ok, mid, lo_t)
-                hi_t = tl.where(ok, hi_t, mid - 1)
-            thr = lo_t.to(tl.int32)
-            # all keys > thr (fewer than cnt), then the lowest page ids among keys == thr up to cnt
-            gt = key > thr
-            eq = key == thr
-            need = cnt - tl.sum(gt.to(tl.int32), axis=0)
-            keep = gt | (eq & (tl.cumsum(eq.to(tl.int32), axis=0) <= need))
-            slot = tl.cumsum(keep.to(tl.int32), axis=0) - 1        # ascending page ids
-            tl.store(PIDX + b * s_pb + h * s_ph + slot, p, mask=keep)
-        tl.store(PCNT + b * s_cb + h * s_ch, cnt)
-
-    return _update_score_kernel, _select_kernel
+    return _update_select_kernel
 
 
 class SelectConsts(NamedTuple):
@@ -145,21 +181,31 @@ def selector_consts(heads: LayerHeads, device, max_pages: int) -> SelectConsts:
     return _consts(heads, str(torch.device(device)), int(max_pages))
 
 
-def select_scratch(batch: int, consts: SelectConsts, device=None) -> torch.Tensor:
-    """Score scratch of :func:`update_and_select_pages`: fp32 ``[batch, max(S, 1), max_pages]`` (any buffer
-    with at least these sizes and a unit last stride works; allocate it once for the largest graph batch)."""
-    return torch.empty(batch, max(consts.num_sel, 1), consts.max_pages, dtype=torch.float32,
-                       device=device if device is not None else consts.sel.device)
+class SelectScratch(NamedTuple):
+    """Scratch of :func:`update_and_select_pages` (:func:`select_scratch`)."""
+    scores: torch.Tensor     # fp32 [batch, max(S, 1), max_pages]: page scores of the selected heads
+    done: torch.Tensor       # int32 [batch, Hkv]: finished score tiles per (request, KV head), zero between calls
+
+
+def select_scratch(batch: int, consts: SelectConsts, num_kv_heads: int, device=None) -> SelectScratch:
+    """Scratch of :func:`update_and_select_pages` for up to ``batch`` requests (allocate it once, before CUDA-graph
+    capture, for the largest graph batch; larger buffers work)."""
+    dev = device if device is not None else consts.sel.device
+    return SelectScratch(torch.empty(batch, max(consts.num_sel, 1), consts.max_pages, dtype=torch.float32, device=dev),
+                         torch.zeros(batch, num_kv_heads, dtype=torch.int32, device=dev))
 
 
 def update_and_select_pages(q: torch.Tensor, k_buffer: torch.Tensor, req_to_token: torch.Tensor,
                             req_pool_indices: torch.Tensor, seq_lens: torch.Tensor, kmin: torch.Tensor,
                             kmax: torch.Tensor, consts: SelectConsts, max_pages: int, page_idx: torch.Tensor,
-                            page_cnt: torch.Tensor, scratch: torch.Tensor | None = None):
+                            page_cnt: torch.Tensor, scratch: SelectScratch | None = None,
+                            union: tuple[PageRules, DecodeScratch] | None = None):
     """``update_page_summaries(k_buffer, req_to_token, req_pool_indices, seq_lens, kmin, kmax)`` then
     ``select_pages(heads, q, kmin, kmax, req_to_token, req_pool_indices, seq_lens, max_pages,
-    out=(page_idx, page_cnt))``
-    in two launches. ``q [B, Hq, d]``, ``k_buffer [T, Hkv, d]``, ``kmin/kmax [pool pages + 1, Hkv, d]``,
+    out=(page_idx, page_cnt))`` in one launch; with ``union = (rules, decode_scratch)`` also the union lists
+    of the layer's list-mode KV heads that :func:`~.triton_decode.group_decode` reads (what its page-union
+    launch makes; then call it with ``union_built=True``).
+    ``q [B, Hq, d]``, ``k_buffer [T, Hkv, d]``, ``kmin/kmax [pool pages + 1, Hkv, d]``,
     ``page_idx [B, Hq, >=min(MAXSEL, max_pages)]``, ``page_cnt [B, Hq]`` (int32), ``consts`` from
     :func:`selector_consts` (same ``max_pages``), ``scratch`` from :func:`select_scratch` (allocated here when
     None). Same ``kmin/kmax`` and ``page_cnt`` as the torch pair; ``page_idx[b, h, :cnt]`` holds the same page
@@ -183,19 +229,36 @@ def update_and_select_pages(q: torch.Tensor, k_buffer: torch.Tensor, req_to_toke
     if d & (d - 1):
         raise ValueError(f"head_dim must be a power of two, got {d}")
     if scratch is None:
-        scratch = select_scratch(bsz, consts, q.device)
-    elif scratch.shape[0] < bsz or scratch.shape[1] < max(consts.num_sel, 1) or scratch.shape[2] < max_pages \
-            or scratch.dtype != torch.float32 or scratch.stride(2) != 1:
-        raise ValueError(f"scratch {tuple(scratch.shape)} {scratch.dtype} is smaller than select_scratch's")
-    upd_score, sel = _kernels()
+        scratch = select_scratch(bsz, consts, hkv, q.device)
+    sc = scratch.scores
+    if sc.shape[0] < bsz or sc.shape[1] < max(consts.num_sel, 1) or sc.shape[2] < max_pages \
+            or sc.dtype != torch.float32 or sc.stride(2) != 1 or scratch.done.shape[0] < bsz \
+            or scratch.done.shape[1] != hkv or not scratch.done.is_contiguous():
+        raise ValueError(f"scratch {tuple(sc.shape)} {sc.dtype} / done {tuple(scratch.done.shape)} is smaller "
+                         "than select_scratch's")
+    if union is not None:
+        rules, ds = union
+        if rules.mode.shape != (hq,) or rules.gmode.shape != (hkv,) or ds.batch < bsz or ds.hkv != hkv \
+                or ds.max_pages < max_pages:
+            raise ValueError(f"union: page rules for {rules.mode.shape[0]} / {rules.gmode.shape[0]} heads or a "
+                             f"decode scratch for {ds.batch} x {ds.hkv} x {ds.max_pages} pages do not fit "
+                             f"{bsz} x {hq} / {hkv} x {max_pages}")
+        umode, usink, uwin, ugm = rules.mode, rules.sink, rules.window, rules.gmode
+        ulist, ubits, ucnt = ds.ulist, ds.ubits, ds.ucnt
+    else:      # unused (UNION=False): any int32 tensors
+        umode = usink = uwin = ugm = ulist = ubits = ucnt = consts.sel
+    kern = _kernels()
+    group = hq // hkv
     p2 = 1 << max(0, (max_pages - 1).bit_length())
     tp = min(p2, max(16, 4096 // d))                       # [TP, d] fp32 tiles of kmin and kmax, one per program
-    upd_score[(bsz, hkv, -(-max_pages // tp))](
-        q, k_buffer, kmin, kmax, req_to_token, req_pool_indices, seq_lens, consts.sel, scratch,
+    nt = -(-max_pages // tp)
+    kern[(bsz, hkv, nt)](
+        q, k_buffer, kmin, kmax, req_to_token, req_pool_indices, seq_lens, consts.sel, consts.cnt_table, sc,
+        scratch.done, page_idx, page_cnt, umode, usink, uwin, ugm, ulist, ubits, ucnt,
         k_buffer.stride(0), k_buffer.stride(1), req_to_token.stride(0), q.stride(0), q.stride(1),
-        kmin.stride(0), kmin.stride(1), kmin.stride(2), scratch.stride(0), scratch.stride(1),
-        max_pages, GROUP=hq // hkv, PAGE=BLOCK, D=d, TP=tp)
-    sel[(bsz, hq)](req_pool_indices, seq_lens, consts.sel, consts.cnt_table, scratch, page_idx, page_cnt,
-                   scratch.stride(0), scratch.stride(1), page_idx.stride(0), page_idx.stride(1),
-                   page_cnt.stride(0), page_cnt.stride(1), max_pages, PAGE=BLOCK, P2=p2)
+        kmin.stride(0), kmin.stride(1), kmin.stride(2), sc.stride(0), sc.stride(1),
+        page_idx.stride(0), page_idx.stride(1), page_cnt.stride(0), page_cnt.stride(1),
+        ulist.stride(0) if union is not None else 0, ulist.stride(1) if union is not None else 0,
+        hkv, max_pages, nt, GROUP=group, GP2=max(2, 1 << (group - 1).bit_length()), PAGE=BLOCK, D=d, TP=tp, P2=p2,
+        UNION=union is not None)
     return page_idx, page_cnt

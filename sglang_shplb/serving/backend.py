@@ -46,7 +46,7 @@ import torch
 from sglang.srt.layers.attention.base_attn_backend import AttentionBackend
 
 from sglang_shplb.core.head_map import LayerWork, placement_work, rank_heads
-from sglang_shplb.core.patterns import HeadBudget, Pattern
+from sglang_shplb.core.patterns import BLOCK, HeadBudget, Pattern
 from sglang_shplb.kernels.head_parallel import ExchangeStats, HeadParallelExtend, RankLayout
 from sglang_shplb.kernels.layer_heads import LayerHeads
 from sglang_shplb.kernels.layer_reference import prepare_decode_constants, sparse_attention, sparse_decode, sparse_heads
@@ -241,13 +241,15 @@ class ShplbAttnBackend(AttentionBackend):
         k0 = self.token_to_kv_pool.get_key_buffer(0)
         pool_tokens = k0.shape[0]
         keep = summary_layers(self.plan)   # the layers budgeted by cell_size_with_summaries
+        page_size = getattr(model_runner, "page_size", None) or getattr(model_runner.server_args, "page_size", None)
         if any(LayerHeads.of(b).selected for li, b in self.layer_budgets.items() if li in keep):
-            check_summary_page_size(getattr(model_runner, "page_size", None)
-                                    or getattr(model_runner.server_args, "page_size", None))
+            check_summary_page_size(page_size)
+        # decode reads one slot per 64-slot pool page (--page-size 64), else one per token
+        pool_page = BLOCK if int(page_size or 1) == BLOCK else 1
         for li, budgets in self.layer_budgets.items():
             if sparse_heads(budgets):
                 self.kernels[li] = LayerKernels(budgets, hkv, mc.head_dim, self.max_context, k0.dtype, self.device,
-                                                pool_tokens=pool_tokens, decode=li in keep)
+                                                pool_tokens=pool_tokens, decode=li in keep, pool_page_size=pool_page)
         if self.kernels:
             max_sel = max(layer_max_selected(lk.budgets, self.max_context) for lk in self.kernels.values())
             hq = len(next(iter(self.kernels.values())).budgets)
