@@ -15,8 +15,8 @@ heads, instead of letting the stock backend compute all heads and recomputing th
   heads (Quest / LServe upper bound) and build the union lists of KV groups that mix budgets, all in one
   Triton launch (:func:`~sglang_shplb.kernels.triton_select.update_and_select_pages`), then run
   :func:`~sglang_shplb.kernels.triton_decode.group_decode` for all heads (dense: every page; streaming:
-  sink + window pages; one launch with its split-K combine, after a page-union launch when a KV group mixes
-  budgets), which with ``--page-size 64`` loads one pool slot per page (``pool_page_size``) instead of one per
+  sink + window pages; one launch with its split-K combine; a layer that selects no pages but has a KV group
+  mixing budgets runs a page-union launch first), which with ``--page-size 64`` loads one pool slot per page (``pool_page_size``) instead of one per
   token. Fixed shapes and no host sync: safe inside a captured CUDA graph.
 
 The layer's heads are classified once (:class:`~sglang_shplb.kernels.layer_heads.LayerHeads`) and handed to
