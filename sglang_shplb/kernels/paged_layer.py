@@ -16,8 +16,8 @@ heads, instead of letting the stock backend compute all heads and recomputing th
   Triton launch (:func:`~sglang_shplb.kernels.triton_select.update_and_select_pages`), then run
   :func:`~sglang_shplb.kernels.triton_decode.group_decode` for all heads (dense: every page; streaming:
   sink + window pages; one launch with its split-K combine; a layer that selects no pages but has a KV group
-  mixing budgets runs a page-union launch first), which with ``--page-size 64`` loads one pool slot per page (``pool_page_size``) instead of one per
-  token. Fixed shapes and no host sync: safe inside a captured CUDA graph.
+  mixing budgets runs a page-union launch first), which with ``--page-size 64`` loads one pool slot per page
+  (``pool_page_size``) instead of one per token. Fixed shapes and no host sync: safe inside a captured CUDA graph.
 
 The layer's heads are classified once (:class:`~sglang_shplb.kernels.layer_heads.LayerHeads`) and handed to
 every kernel front end. Batch metadata is built once per forward (:class:`ExtendBatch`); decode scratch
@@ -96,9 +96,7 @@ class DecodeWorkspace:
                                f"{max_bs}; it must be sized before capture (init_cuda_graph_state)")
         self.page_idx = torch.zeros(max_bs, self.hq, self.max_sel, dtype=torch.int32, device=self.device)
         self.page_cnt = torch.zeros(max_bs, self.hq, dtype=torch.int32, device=self.device)
-        self.select = SelectScratch(     # page scores of the selected heads, finished score tiles
-            torch.empty(max_bs, self.max_selected_heads, self.max_pages, dtype=torch.float32, device=self.device),
-            torch.zeros(max_bs, self.hkv, dtype=torch.int32, device=self.device))
+        self.select = SelectScratch.alloc(max_bs, self.max_selected_heads, self.max_pages, self.hkv, self.device)
         rows = max(bs * self.hq * max_decode_splits(self.max_pages, bs) for bs in range(1, max_bs + 1))
         self.scratch = DecodeScratch(max_bs, self.hq, self.hkv, self.d, self.max_pages, rows, self.device)
         self.capacity = max_bs

@@ -56,6 +56,23 @@ def _kernels():
     triton, tl = import_triton()
 
     @triton.jit
+    def _stream_span(sink, window, npg):
+        # a streaming walk at npg pages: the last w = min(window, npg) pages and the first min(sink, npg - w)
+        w_eff = tl.minimum(window, npg)
+        return tl.minimum(sink, npg - w_eff), w_eff
+
+    @triton.jit
+    def _reads_page(md, n_s, w_eff, listed, p, npg):
+        # whether a head of mode md reads page p < npg: dense every page; streaming p < n_s or p >= npg - w;
+        # selected its listed pages and the current page npg - 1
+        return (md == 0) | ((md == 1) & ((p < n_s) | (p >= npg - w_eff))) | ((md == 2) & (listed | (p == npg - 1)))
+
+    # jit functions resolve callees through the module's globals (triton_select's kernel calls these too);
+    # Triton wants triton.language among the globals of a jit function (its interpreter checks it when a kernel
+    # of another module calls one of these before any kernel of this module ran)
+    globals().update(_stream_span=_stream_span, _reads_page=_reads_page, tl=tl)
+
+    @triton.jit
     def _page_union_kernel(PIDX, PCNT, s_pi_b, s_pi_h, s_pc_b, seq_lens, mode, sink, window, gmode,
                       MAP, s_map_b, ULIST, UBITS, UCNT, s_u_b, s_u_h, HKV, MAXP,
                       GROUP: tl.constexpr, M2: tl.constexpr, TP: tl.constexpr, PAGE: tl.constexpr):
@@ -84,13 +101,11 @@ def _kernels():
                 for r in tl.static_range(GROUP):
                     h = hk * GROUP + r
                     md = tl.load(mode + h)
-                    w_eff = tl.minimum(tl.load(window + h), npg)
-                    n_s = tl.minimum(tl.load(sink + h), npg - w_eff)
+                    n_s, w_eff = _stream_span(tl.load(sink + h), tl.load(window + h), npg)
                     mrow = MAP + b * s_map_b + h * MAXP + p
                     listed = tl.load(mrow, mask=inr & (md == 2), other=0) != 0
                     tl.store(mrow, tl.zeros([TP], tl.int8), mask=listed)
-                    use = (md == 0) | ((md == 1) & ((p < n_s) | (p >= npg - w_eff))) | \
-                          ((md == 2) & (listed | (p == npg - 1)))
+                    use = _reads_page(md, n_s, w_eff, listed, p, npg)
                     bits = bits | (use & inr).to(tl.int32) << r
                 nz = bits != 0
                 slot = base + tl.cumsum(nz.to(tl.int32), axis=0) - 1
@@ -156,8 +171,7 @@ def _kernels():
         md = tl.load(gmode + hk)
         n = tl.load(seq_lens + b).to(tl.int32)     # SGLang passes int64
         npg = (n + PAGE - 1) // PAGE
-        w_eff = tl.minimum(tl.load(gwindow + hk), npg)
-        n_s = tl.minimum(tl.load(gsink + hk), npg - w_eff)
+        n_s, w_eff = _stream_span(tl.load(gsink + hk), tl.load(gwindow + hk), npg)
         u = b * s_u_b + hk * s_u_h
         total = tl.where(md == 0, npg, tl.where(md == 1, n_s + w_eff, tl.load(UCNT + b * HKV + hk)))
         gs = tl.minimum(tl.maximum((total + SPLIT_PAGES - 1) // SPLIT_PAGES, 1), NSPLIT)

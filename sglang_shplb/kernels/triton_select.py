@@ -29,6 +29,7 @@ from typing import NamedTuple
 import torch
 
 from sglang_shplb.core.patterns import BLOCK
+from sglang_shplb.kernels import triton_decode
 from sglang_shplb.kernels.layer_heads import LayerHeads
 from sglang_shplb.kernels.triton_decode import (DecodeScratch, PageRules, decode_count_table,
                                                 max_selected_pages)
@@ -38,6 +39,8 @@ from sglang_shplb.kernels.triton_decode import (DecodeScratch, PageRules, decode
 def _kernels():
     from sglang_shplb.kernels._triton_compat import import_triton
     triton, tl = import_triton()
+    triton_decode._kernels()   # defines the page rule the union lists follow (_stream_span, _reads_page)
+    globals().update(_stream_span=triton_decode._stream_span, _reads_page=triton_decode._reads_page)
 
     @triton.jit
     def _select_group(SEQ, SEL, CNT, SCR, PIDX, PCNT, MODE, SINK, WIN, GMODE, ULIST, UBITS, UCNT,
@@ -81,14 +84,12 @@ def _kernels():
         if UNION:
             if tl.load(GMODE + hk) == 2:
                 # the group's union list (as _page_union_kernel): page p, bit r set iff head hk*GROUP + r
-                # reads it: dense p < npg; streaming p < n_s or p >= npg - w; selected: kept, and npg - 1
+                # reads it (triton_decode's page rule, the kept pages as the selected heads' list)
                 md = tl.load(MODE + h, mask=rv, other=-1)[:, None]
-                w_eff = tl.minimum(tl.load(WIN + h, mask=rv, other=0), npg)
-                n_s = tl.minimum(tl.load(SINK + h, mask=rv, other=0), npg - w_eff)
+                n_s, w_eff = _stream_span(tl.load(SINK + h, mask=rv, other=0), tl.load(WIN + h, mask=rv, other=0),
+                                          npg)
                 pp = p[None, :]
-                use = (md == 0) | ((md == 1) & ((pp < n_s[:, None]) | (pp >= (npg - w_eff)[:, None]))) | \
-                      ((md == 2) & (keep | (pp == npg - 1)))
-                use = use & (pp < npg) & rv[:, None]
+                use = _reads_page(md, n_s[:, None], w_eff[:, None], keep, pp, npg) & (pp < npg) & rv[:, None]
                 ub = tl.sum(use.to(tl.int32) << rows[:, None], axis=0)           # distinct bits: sum = or
                 nz = ub != 0
                 us = tl.cumsum(nz.to(tl.int32), axis=0) - 1
@@ -186,13 +187,19 @@ class SelectScratch(NamedTuple):
     scores: torch.Tensor     # fp32 [batch, max(S, 1), max_pages]: page scores of the selected heads
     done: torch.Tensor       # int32 [batch, Hkv]: finished score tiles per (request, KV head), zero between calls
 
+    @staticmethod
+    def alloc(batch: int, num_selected: int, max_pages: int, num_kv_heads: int, device) -> "SelectScratch":
+        """For up to ``batch`` requests, ``num_selected`` selected heads and ``max_pages`` pages (the counters
+        start at zero; each call leaves them so)."""
+        return SelectScratch(torch.empty(batch, max(num_selected, 1), max_pages, dtype=torch.float32, device=device),
+                             torch.zeros(batch, num_kv_heads, dtype=torch.int32, device=device))
+
 
 def select_scratch(batch: int, consts: SelectConsts, num_kv_heads: int, device=None) -> SelectScratch:
     """Scratch of :func:`update_and_select_pages` for up to ``batch`` requests (allocate it once, before CUDA-graph
     capture, for the largest graph batch; larger buffers work)."""
-    dev = device if device is not None else consts.sel.device
-    return SelectScratch(torch.empty(batch, max(consts.num_sel, 1), consts.max_pages, dtype=torch.float32, device=dev),
-                         torch.zeros(batch, num_kv_heads, dtype=torch.int32, device=dev))
+    return SelectScratch.alloc(batch, consts.num_sel, consts.max_pages, num_kv_heads,
+                               device if device is not None else consts.sel.device)
 
 
 def update_and_select_pages(q: torch.Tensor, k_buffer: torch.Tensor, req_to_token: torch.Tensor,

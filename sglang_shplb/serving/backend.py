@@ -46,7 +46,7 @@ import torch
 from sglang.srt.layers.attention.base_attn_backend import AttentionBackend
 
 from sglang_shplb.core.head_map import LayerWork, placement_work, rank_heads
-from sglang_shplb.core.patterns import BLOCK, HeadBudget, Pattern
+from sglang_shplb.core.patterns import HeadBudget, Pattern
 from sglang_shplb.kernels.head_parallel import ExchangeStats, HeadParallelExtend, RankLayout
 from sglang_shplb.kernels.layer_heads import LayerHeads
 from sglang_shplb.kernels.layer_reference import prepare_decode_constants, sparse_attention, sparse_decode, sparse_heads
@@ -245,7 +245,7 @@ class ShplbAttnBackend(AttentionBackend):
         if any(LayerHeads.of(b).selected for li, b in self.layer_budgets.items() if li in keep):
             check_summary_page_size(page_size)
         # decode reads one slot per 64-slot pool page (--page-size 64), else one per token
-        pool_page = BLOCK if int(page_size or 1) == BLOCK else 1
+        pool_page = SUMMARY_PAGE_SIZE if int(page_size or 1) == SUMMARY_PAGE_SIZE else 1
         for li, budgets in self.layer_budgets.items():
             if sparse_heads(budgets):
                 self.kernels[li] = LayerKernels(budgets, hkv, mc.head_dim, self.max_context, k0.dtype, self.device,
