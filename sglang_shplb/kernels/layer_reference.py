@@ -96,19 +96,20 @@ def gathered_block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     idx, cnt = block_idx[first:].long(), block_cnt[first:].long()       # [R, MAXK], [R]
     m = max(1, int(cnt.max()))
     idx = idx[:, :m]
-    slot = torch.arange(m)
-    rows = first + torch.arange(nb - first)                             # query block of each row
+    dev = q.device
+    slot = torch.arange(m, device=dev)
+    rows = first + torch.arange(nb - first, device=dev)                 # query block of each row
     repeat = ((idx[:, :, None] == idx[:, None, :]) & (slot[None, :] < slot[:, None])[None]).any(-1)
     use = (slot[None] < cnt[:, None]) & ~repeat & (idx <= rows[:, None])   # [R, m]
-    pad = torch.zeros(nb * BLOCK - n, d, dtype=torch.float32)
+    pad = torch.zeros(nb * BLOCK - n, d, dtype=torch.float32, device=dev)
     kb = torch.cat([k.float(), pad]).view(nb, BLOCK, d)
     vb = torch.cat([v.float(), pad]).view(nb, BLOCK, d)
     safe = torch.where(use, idx, torch.zeros_like(idx))
     ks, vs = kb[safe].flatten(1, 2), vb[safe].flatten(1, 2)            # [R, m·64, d]
-    kpos = (safe[:, :, None] * BLOCK + torch.arange(BLOCK)).flatten(1)  # [R, m·64]
-    qpos = rows[:, None] * BLOCK + torch.arange(BLOCK)                  # [R, 64]
+    kpos = (safe[:, :, None] * BLOCK + torch.arange(BLOCK, device=dev)).flatten(1)   # [R, m·64]
+    qpos = rows[:, None] * BLOCK + torch.arange(BLOCK, device=dev)       # [R, 64]
     start = n - n_q - first * BLOCK                                     # q's first row inside the first block
-    qq = torch.zeros((nb - first) * BLOCK, d, dtype=torch.float32)
+    qq = torch.zeros((nb - first) * BLOCK, d, dtype=torch.float32, device=dev)
     qq[start:start + n_q] = q.float()
     allowed = use.repeat_interleave(BLOCK, 1)[:, None, :] & (kpos[:, None, :] <= qpos[:, :, None]) \
         & (kpos < n)[:, None, :]                                        # [R, 64, m·64]

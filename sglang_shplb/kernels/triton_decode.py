@@ -215,22 +215,19 @@ def _kernels():
             tl.debug_barrier()     # every thread's partial is written before the release below
             done = tl.atomic_add(DONE + bhk, 1, sem="acq_rel", scope="gpu")
             if done == gs - 1:     # the last slice: the acquire makes the other slices' partials visible
-                # o = sum_s 2^(lse_s - M) o_s / sum_s 2^(lse_s - M), in slice order (the same whichever
-                # program is last); slices that attended nothing for a row wrote lse = -inf and no o
-                mx = tl.full([GP], -1.0e30, tl.float32)
-                for t in range(0, gs):
-                    mx = tl.maximum(mx, tl.load(MidL + mid + t, mask=rvalid, other=-1.0e30, cache_modifier=".cg"))
-                den = tl.zeros([GP], tl.float32)
-                num = tl.zeros([GP, D], tl.float32)
-                for t in range(0, gs):
-                    lse = tl.load(MidL + mid + t, mask=rvalid, other=-1.0e30, cache_modifier=".cg")
+                # per row o = sum_s 2^(lse_s - M) o_s / sum_s 2^(lse_s - M), the gs partials loaded at once (a
+                # [NSPLIT, D] tile per row: no chain of dependent loads); slices that attended nothing for a row
+                # wrote lse = -inf and no o. The same result whichever program is last.
+                ts = tl.arange(0, NSPLIT)
+                for r in tl.static_range(GROUP):
+                    mrow = (b * HQ + hk * GROUP + r) * NSPLIT + ts
+                    lse = tl.load(MidL + mrow, mask=ts < gs, other=-1.0e30, cache_modifier=".cg")
                     used = lse > -1.0e29
-                    w = tl.where(used, tl.math.exp2(lse - mx), 0.0)
-                    o_t = tl.load(MidO + (mid + t)[:, None] * D + offs_d[None, :], mask=(rvalid & used)[:, None],
-                                  other=0.0, cache_modifier=".cg")
-                    den += w
-                    num += o_t * w[:, None]
-                tl.store(o_ptr, (num / tl.maximum(den, 1e-30)[:, None]).to(O.dtype.element_ty), mask=rvalid[:, None])
+                    w = tl.where(used, tl.math.exp2(lse - tl.max(lse, 0)), 0.0)
+                    o_t = tl.load(MidO + mrow[:, None] * D + offs_d[None, :], mask=used[:, None], other=0.0,
+                                  cache_modifier=".cg")
+                    o_r = tl.sum(o_t * w[:, None], 0) / tl.maximum(tl.sum(w, 0), 1e-30)
+                    tl.store(O + b * stride_ob + (hk * GROUP + r) * stride_oh + offs_d, o_r.to(O.dtype.element_ty))
                 tl.store(DONE + bhk, 0)   # the next launch (next layer, next step, graph replay) starts at 0
 
     return _page_union_kernel, _decode_group_kernel

@@ -64,14 +64,17 @@ def _kernels():
         # order-preserving int32 key: negative floats get their magnitude bits flipped
         bits = x.to(tl.int32, bitcast=True)
         key = tl.where(valid, bits ^ ((bits >> 31) & 0x7FFFFFFF), -2147483648)
-        # per row the largest thr with #{key >= thr} >= cnt: bisection on [lo, hi] (int64, 32 steps)
+        # per row a thr whose kept set {key > thr} + the lowest-id {key == thr} is the cnt largest: bisection on
+        # [lo, hi] (int64) for the largest thr with #{key >= thr} >= cnt, at most 32 steps; a row stops early
+        # once #{key >= mid} == cnt exactly (then {key >= mid} is that set; about log2(pages) + a few steps)
         lo_t = tl.full([GP2], -2147483648, tl.int64)
-        hi_t = tl.full([GP2], 2147483647, tl.int64)
-        for _ in range(32):
+        hi_t = tl.where(act, tl.full([GP2], 2147483647, tl.int64), lo_t)      # rows that do not select: done
+        while tl.max(hi_t - lo_t, axis=0) > 0:
             mid = (lo_t + hi_t + 1) >> 1
-            ok = tl.sum((key >= mid.to(tl.int32)[:, None]).to(tl.int32), axis=1) >= cnt
+            c = tl.sum((key >= mid.to(tl.int32)[:, None]).to(tl.int32), axis=1)
+            ok = c >= cnt
             lo_t = tl.where(ok, mid, lo_t)
-            hi_t = tl.where(ok, hi_t, mid - 1)
+            hi_t = tl.where(c == cnt, mid, tl.where(ok, hi_t, mid - 1))
         thr = lo_t.to(tl.int32)[:, None]
         # all keys > thr (fewer than cnt), then the lowest page ids among keys == thr up to cnt
         gt = key > thr
@@ -202,11 +205,19 @@ def select_scratch(batch: int, consts: SelectConsts, num_kv_heads: int, device=N
                                device if device is not None else consts.sel.device)
 
 
+def select_warps(p2: int, batch: int) -> int:
+    """Warps of the selector launch at ``p2`` pages (the page count rounded up to a power of two) and ``batch``
+    requests: the last tile program of each (request, KV head) bisects ``[group, p2]`` keys alone. Measured on an
+    H200 (2026-12-03, Llama-3-8B layer, 16K / 64K, ``max_pages`` 257-2048): 8 warps 4-24 % faster than 4 at
+    batch 1 from 512 pages, 4 better at batch 4 (more programs share the SMs); 16 slower everywhere."""
+    return 8 if p2 >= 512 and batch <= 2 else 4
+
+
 def update_and_select_pages(q: torch.Tensor, k_buffer: torch.Tensor, req_to_token: torch.Tensor,
                             req_pool_indices: torch.Tensor, seq_lens: torch.Tensor, kmin: torch.Tensor,
                             kmax: torch.Tensor, consts: SelectConsts, max_pages: int, page_idx: torch.Tensor,
                             page_cnt: torch.Tensor, scratch: SelectScratch | None = None,
-                            union: tuple[PageRules, DecodeScratch] | None = None):
+                            union: tuple[PageRules, DecodeScratch] | None = None, num_warps: int | None = None):
     """``update_page_summaries(k_buffer, req_to_token, req_pool_indices, seq_lens, kmin, kmax)`` then
     ``select_pages(heads, q, kmin, kmax, req_to_token, req_pool_indices, seq_lens, max_pages,
     out=(page_idx, page_cnt))`` in one launch; with ``union = (rules, decode_scratch)`` also the union lists
@@ -267,5 +278,5 @@ def update_and_select_pages(q: torch.Tensor, k_buffer: torch.Tensor, req_to_toke
         page_idx.stride(0), page_idx.stride(1), page_cnt.stride(0), page_cnt.stride(1),
         ulist.stride(0) if union is not None else 0, ulist.stride(1) if union is not None else 0,
         hkv, max_pages, nt, GROUP=group, GP2=max(2, 1 << (group - 1).bit_length()), PAGE=BLOCK, D=d, TP=tp, P2=p2,
-        UNION=union is not None)
+        UNION=union is not None, num_warps=num_warps or select_warps(p2, bsz))
     return page_idx, page_cnt
