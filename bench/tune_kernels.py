@@ -59,7 +59,25 @@ def _call(shape: str, n: int, paged: bool):
     return run
 
 
-def tune(out: str, install: bool) -> None:
+def merged(table: dict, folder: str) -> dict:
+    """``table`` with the configs of the table already in ``folder`` for this GPU (same schema, GPU and key
+    layout) whose keys it lacks: tuning some shapes keeps the shapes tuned before."""
+    from sglang_shplb.kernels.tuned import gpu_slug
+    path = os.path.join(folder, f"{gpu_slug(table['gpu'])}.json")
+    if not os.path.exists(path):
+        return table
+    with open(path) as f:
+        old = json.load(f)
+    if old.get("version") != table["version"] or old.get("gpu") != table["gpu"]:
+        return table
+    for kernel, entry in old["kernels"].items():
+        new = table["kernels"].setdefault(kernel, {"key": entry["key"], "configs": {}})
+        if new["key"] == entry["key"]:
+            new["configs"] = {**entry["configs"], **new["configs"]}
+    return table
+
+
+def tune(out: str, install: bool, shapes: list[str]) -> None:
     os.environ["SHPLB_TUNED_CONFIGS"] = "0"
     import torch
     import triton
@@ -68,7 +86,7 @@ def tune(out: str, install: bool) -> None:
 
     gpu = torch.cuda.get_device_name()
     t0 = time.time()
-    for shape in SHAPES:
+    for shape in shapes:
         for paged in (True, False):
             for n in reversed(LENGTHS):   # long first: the rule kernel's key has no length, tune it on long work
                 t = time.time()
@@ -79,6 +97,8 @@ def tune(out: str, install: bool) -> None:
                                       gpu, {"triton": triton.__version__, "torch": torch.__version__})
         n_cfg = {k: len(v["configs"]) for k, v in table["kernels"].items()}
         print(f"{gpu}: {n_cfg} configs tuned in {time.time() - t0:.0f} s", flush=True)
+        if install:
+            table = merged(table, str(TUNED_DIR))
         text = json.dumps(table, indent=1, sort_keys=True) + "\n"
         for folder in [out] + ([str(TUNED_DIR)] if install else []):
             os.makedirs(folder, exist_ok=True)
@@ -137,15 +157,20 @@ def main() -> None:
     ap.add_argument("--out", default="bench/results/tuned")
     ap.add_argument("--install", action="store_true", help="also write the table into sglang_shplb/kernels/tuned/")
     ap.add_argument("--cold", action="store_true", help="measure first calls with an empty Triton cache, tables off / on")
-    ap.add_argument("--shapes", default="smollm2,llama8b", help="--cold: shapes to measure")
+    ap.add_argument("--shapes", default=None, help=f"shapes to tune (default all: {','.join(SHAPES)}) or, with --cold, "
+                    "to measure (default smollm2,llama8b)")
     ap.add_argument("--first-calls", metavar="SHAPE", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.first_calls:
         first_calls(a.first_calls)
     elif a.cold:
-        cold(a.out, a.shapes.split(","))
+        cold(a.out, (a.shapes or "smollm2,llama8b").split(","))
     else:
-        tune(a.out, a.install)
+        shapes = a.shapes.split(",") if a.shapes else list(SHAPES)
+        unknown = sorted(set(shapes) - set(SHAPES))
+        if unknown:
+            raise SystemExit(f"unknown shapes {unknown}; known: {sorted(SHAPES)}")
+        tune(a.out, a.install, shapes)
 
 
 if __name__ == "__main__":
