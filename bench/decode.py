@@ -11,9 +11,7 @@ graph; the time per layer is replay / L, with L2 flushed between replays
 (``triton.testing.do_bench``, median). Two times per budget set:
 
 * **step**: what a decode step costs in the server: fold the new key into the page summaries, choose the
-  pages of top-k heads (fused Triton selector), build the union lists, the group kernel (split-K combine in it),
-  with the dense / streaming KV heads' half of the group kernel on a side stream beside the selection; a layer
-  that mixes the two is also timed with everything on one stream ("step on one stream");
+  pages of top-k heads (fused Triton selector), build the union lists, the group kernel (split-K combine in it);
 * **reuse**: the same with the page selection kept from the step before (``group_decode`` on the last pages).
 
 Bytes are the unique K/V bytes the kernel must read: per request and KV head, the pages of the union of its
@@ -249,8 +247,6 @@ def main():
                            step_frac_copy_bw=ent["bytes"] / (ent["step_ms"] * 1e-3) / 1e9 / copy_bw)
                 line = (f"{name:42s} {ent['bytes'] / 1e6:8.1f} MB  reuse {ent['reuse_ms']:.4f} ms ({ent['frac_copy_bw']:.2f} bw)"
                         f"  step {ent['step_ms']:.4f} ms ({ent['step_frac_copy_bw']:.2f} bw)  eager reuse {ent['eager_reuse_ms']:.4f} ms")
-                if ent["step_one_stream_ms"] is not None:
-                    line += f"  step on one stream {ent['step_one_stream_ms']:.4f} ms"
                 if "flashinfer_dense_ms" in row:
                     ent["step_speedup_vs_flashinfer_dense"] = row["flashinfer_dense_ms"] / ent["step_ms"]
                     line += f"  | step vs flashinfer dense {ent['step_speedup_vs_flashinfer_dense']:.2f}x"
@@ -303,20 +299,13 @@ def one_config(name, budgets, q_l, kb_l, vb_l, r2t, rpi, seq, ws, scale, hkv, d,
             group_decode(q, kb, vb, r2t, rpi, seq, lk.page_rules, pi, pc, sc, ns, sp, sm_scale=scale, out=o,
                          pool_page_size=lk.pool_page_size)
     t_step = graph_ms(step, smoke) / L
-    t_serial = None
-    if any(lk.overlap for lk in lks) and not smoke:   # the same step with both halves on one stream
-        for lk in lks:
-            lk.overlap = False
-        t_serial = graph_ms(step, smoke) / L
-        for lk in lks:
-            lk.overlap = True
     t_reuse = graph_ms(reuse, smoke) / L
     lk0, (pi0, pc0) = lks[0], sel[0]
     t_eager = bench(lambda: group_decode(q_l[0], kb_l[0], vb_l[0], r2t, rpi, seq, lk0.page_rules, pi0, pc0, sc, ns, sp,
                                          sm_scale=scale, out=outs[0], pool_page_size=lk0.pool_page_size), smoke)
     ent = {"name": name, "budgets": sorted({b.describe() for b in budgets}), "bytes": pages * BLOCK * d * 2 * 2 // L,
            "pages_per_layer": pages / L, "step_ms": t_step, "reuse_ms": t_reuse, "eager_reuse_ms": t_eager,
-           "step_one_stream_ms": t_serial, "all_written": written, "nsplit": ns, "split_pages": sp,
+           "all_written": written, "nsplit": ns, "split_pages": sp,
            "list_kv_heads": int((lk0.page_rules.gmode == 2).sum())}
     if profile and not smoke:   # device time of each kernel of a step, per layer
         from torch.profiler import ProfilerActivity

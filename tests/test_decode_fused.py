@@ -7,7 +7,6 @@ KV group that mixes dense, streaming and top-k heads (the union-list walk) next 
 
 Contiguous pool pages (``pool_page_size=64``, SGLang's ``--page-size 64``): one ``req_to_token`` load per page
 gives the per-token gather's output exactly, for list, dense and streaming walks, one slice or several."""
-import functools
 import math
 
 import pytest
@@ -117,17 +116,6 @@ def test_contiguous_pool_pages_equal_the_per_token_gather(nsplit):
     assert relative_error(run(firsts, 1), ref) > 0.1
     assert torch.equal(run(firsts, BLOCK), contig)
     assert not sc.done.any()
-    # the range half (dense, streaming KV heads) and the list half write disjoint rows that make up the whole
-    # (what LayerKernels.decode runs on two streams); each leaves the other's rows untouched
-    halves = torch.full_like(contig, float("nan"))
-    half = functools.partial(group_decode, q, k, v, r2t, rpi, seq_lens, rules, page_idx, page_cnt, sc, nsplit, 1,
-                             pool_page_size=BLOCK, out=halves)
-    half(kv_heads="range")
-    assert torch.isfinite(halves[:, GROUP:]).all() and torch.isnan(halves[:, :GROUP]).all()
-    half(kv_heads="list")
-    assert torch.equal(halves, contig)
-    with pytest.raises(ValueError, match="kv_heads must be one of"):
-        group_decode(q, k, v, r2t, rpi, seq_lens, rules, page_idx, page_cnt, sc, nsplit, 1, kv_heads="dense")
 
 
 def test_pool_page_size_other_than_1_or_64_is_refused():

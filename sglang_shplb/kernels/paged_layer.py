@@ -17,10 +17,7 @@ heads, instead of letting the stock backend compute all heads and recomputing th
   :func:`~sglang_shplb.kernels.triton_decode.group_decode` for all heads (dense: every page; streaming:
   sink + window pages; one launch with its split-K combine; a layer that selects no pages but has a KV group
   mixing budgets runs a page-union launch first), which with ``--page-size 64`` loads one pool slot per page
-  (``pool_page_size``) instead of one per token. On CUDA, the KV heads that walk a range (dense, streaming) need
-  no selection: their half of the group kernel runs on a side stream beside the selector (``overlap``; at
-  batch 1 every launch is latency-bound, so the two halves share the GPU). Fixed shapes and no host sync: safe
-  inside a captured CUDA graph (the side stream forks from and joins the capturing stream).
+  (``pool_page_size``) instead of one per token. Fixed shapes and no host sync: safe inside a captured CUDA graph.
 
 The layer's heads are classified once (:class:`~sglang_shplb.kernels.layer_heads.LayerHeads`) and handed to
 every kernel front end. Batch metadata is built once per forward (:class:`ExtendBatch`); decode scratch
@@ -28,7 +25,6 @@ buffers are shared by all layers (:class:`DecodeWorkspace`), sized for the large
 """
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -40,7 +36,7 @@ from sglang_shplb.kernels.api import SparsePrefill
 from sglang_shplb.kernels.layer_heads import LayerHeads
 from sglang_shplb.kernels.triton_decode import (DecodeScratch, SummaryRows, alloc_page_summaries, build_page_summaries,
                                                 decode_splits, decode_walks, group_decode, max_decode_splits,
-                                                max_selected_pages, page_rules, summary_rows, MODE_LIST)
+                                                max_selected_pages, page_rules, summary_rows)
 from sglang_shplb.kernels.triton_select import SelectScratch, selector_consts, update_and_select_pages
 
 
@@ -91,8 +87,6 @@ class DecodeWorkspace:
         self.device = device
         self.max_selected_heads = max(1, max_selected_heads)
         self.capacity = 0
-        # the stream the range-walking KV heads decode on beside the page selection (LayerKernels.decode)
-        self.side_stream = torch.cuda.Stream(device=device) if torch.device(device).type == "cuda" else None
 
     def ensure(self, max_bs: int) -> None:
         if max_bs <= self.capacity:
@@ -125,13 +119,11 @@ class LayerKernels:
     the layer never decodes on the kernels (stock in every decode bucket), so it keeps no summaries.
     ``pool_page_size``: the pool's page size as decode reads it (:func:`~.triton_decode.group_decode`): 64 when
     each 64-token page of a request is 64 consecutive slots (one index load per page), 1 for any layout
-    (one per token; a server whose plan selects no pages may run with ``--page-size 1``). ``overlap``: on CUDA,
-    decode the range-walking KV heads on the workspace's side stream while the pages are selected (see the
-    module docstring; ``bench/decode.py`` times both)."""
+    (one per token; a server whose plan selects no pages may run with ``--page-size 1``)."""
 
     def __init__(self, budgets: Sequence[HeadBudget], num_kv_heads: int, head_dim: int, max_ctx: int,
                  kv_dtype: torch.dtype, device, *, pool_tokens: int, decode: bool = True,
-                 pool_page_size: int = 1, overlap: bool = True) -> None:
+                 pool_page_size: int = 1) -> None:
         self.budgets = list(budgets)
         self.pool_page_size = pool_page_size
         self.heads = LayerHeads.of(budgets, num_kv_heads, head_dim)
@@ -141,8 +133,6 @@ class LayerKernels:
         self.page_rules = page_rules(self.heads, num_kv_heads, device)
         self.walks = decode_walks(self.heads, num_kv_heads, self.max_pages)
         self.selects = bool(self.heads.selected)
-        # some KV heads walk a range and others a selected list: the two can run side by side
-        self.overlap = overlap and self.selects and any(m != MODE_LIST for m in self.page_rules.gmode.tolist())
         self.kmin = self.kmax = None
         if self.selects and decode:   # page summaries [pool pages + 1, Hkv, d] x 2, indexed by pool page
             self.kmin, self.kmax = alloc_page_summaries(pool_tokens, num_kv_heads, head_dim,
@@ -185,26 +175,15 @@ class LayerKernels:
         bs = q.shape[0]
         ws.ensure(bs)
         page_idx, page_cnt = ws.page_idx[:bs], ws.page_cnt[:bs]
-        walk = functools.partial(group_decode, q, k_buffer, v_buffer, req_to_token, req_pool_indices, seq_lens,
-                                 self.page_rules, page_idx, page_cnt, ws.scratch, *self.splits(bs), sm_scale=scale,
-                                 out=out, pool_page_size=self.pool_page_size)
-        if not self.selects:
-            return walk()
-        if self.kmin is None:
-            raise RuntimeError("shplb: this layer was built without decode page summaries (decode=False)")
-        side = ws.side_stream if self.overlap and q.is_cuda else None
-        if side is not None:   # dense / streaming KV heads: no selection to wait for
-            main = torch.cuda.current_stream()
-            side.wait_stream(main)
-            with torch.cuda.stream(side):
-                walk(kv_heads="range")
-        update_and_select_pages(q, k_buffer, req_to_token, req_pool_indices, seq_lens, self.kmin, self.kmax,
-                                self.select_consts, self.max_pages, page_idx, page_cnt, scratch=ws.select,
-                                union=(self.page_rules, ws.scratch))
-        walk(union_built=True, kv_heads="all" if side is None else "list")
-        if side is not None:
-            main.wait_stream(side)
-        return out
+        if self.selects:
+            if self.kmin is None:
+                raise RuntimeError("shplb: this layer was built without decode page summaries (decode=False)")
+            update_and_select_pages(q, k_buffer, req_to_token, req_pool_indices, seq_lens, self.kmin, self.kmax,
+                                    self.select_consts, self.max_pages, page_idx, page_cnt, scratch=ws.select,
+                                    union=(self.page_rules, ws.scratch))
+        return group_decode(q, k_buffer, v_buffer, req_to_token, req_pool_indices, seq_lens, self.page_rules,
+                            page_idx, page_cnt, ws.scratch, *self.splits(bs), sm_scale=scale, out=out,
+                            pool_page_size=self.pool_page_size, union_built=self.selects)
 
     def splits(self, bs: int) -> tuple[int, int]:
         """``(nsplit, split_pages)`` of this layer's page walks at batch size ``bs``."""

@@ -154,7 +154,7 @@ def _kernels():
         req_to_token, req_pool_idx, stride_r2t, seq_lens,
         gmode, gsink, gwindow, ULIST, UBITS, UCNT, s_u_b, s_u_h, qk_scale, HQ, HKV, SPLIT_PAGES,
         GROUP: tl.constexpr, GP: tl.constexpr, NSPLIT: tl.constexpr, PAGE: tl.constexpr, D: tl.constexpr,
-        CONTIG: tl.constexpr, DOT_F32: tl.constexpr, KV_HEADS: tl.constexpr,
+        CONTIG: tl.constexpr, DOT_F32: tl.constexpr,
     ):
         # the GROUP q heads of KV head hk share each page load: S = Q_group · K^T on the tensor cores (rows
         # padded to GP), one online softmax per row. Pages: gmode 0 all, 1 one streaming budget (sink +
@@ -169,70 +169,66 @@ def _kernels():
         b = bhk // HKV
         hk = bhk % HKV
         md = tl.load(gmode + hk)
-        # KV_HEADS: 0 every KV head, 1 the range-walking ones (gmode 0 / 1), 2 the list-walking ones (gmode 2)
-        run = (KV_HEADS == 0) | ((KV_HEADS == 1) & (md != 2)) | ((KV_HEADS == 2) & (md == 2))
-        if run:
-            n = tl.load(seq_lens + b).to(tl.int32)     # SGLang passes int64
-            npg = (n + PAGE - 1) // PAGE
-            n_s, w_eff = _stream_span(tl.load(gsink + hk), tl.load(gwindow + hk), npg)
-            u = b * s_u_b + hk * s_u_h
-            total = tl.where(md == 0, npg, tl.where(md == 1, n_s + w_eff, tl.load(UCNT + b * HKV + hk)))
-            gs = tl.minimum(tl.maximum((total + SPLIT_PAGES - 1) // SPLIT_PAGES, 1), NSPLIT)
-            per = (total + gs - 1) // gs
-            j0 = sp * per
-            j1 = tl.minimum(j0 + per, total)
-            offs_d = tl.arange(0, D)
-            ar = tl.arange(0, PAGE)
-            rows = tl.arange(0, GP)
-            rvalid = rows < GROUP
-            hrow = hk * GROUP + rows
-            q = tl.load(Q + b * stride_qb + hrow[:, None] * stride_qh + offs_d[None, :], mask=rvalid[:, None],
-                        other=0.0)
-            if DOT_F32:  # the CPU interpreter's bf16 dot is wrong
-                q = q.to(tl.float32)
-            r2t = req_to_token + tl.load(req_pool_idx + b).to(tl.int64) * stride_r2t
-            m_i = tl.full([GP], -1.0e30, tl.float32)
-            l_i = tl.zeros([GP], tl.float32)
-            acc = tl.zeros([GP, D], tl.float32)
-            # two loops, no branch inside: the software pipeliner (num_stages) prefetches the next page
-            if md == 2:
-                for j in range(j0, j1):
-                    pg = tl.load(ULIST + u + j)
-                    row_ok = ((tl.load(UBITS + u + j) >> rows) & 1) != 0
-                    m_i, l_i, acc = _decode_page(m_i, l_i, acc, q, K, V, r2t, pg, row_ok, n, hk, stride_kt, stride_kh,
-                                                 stride_vt, stride_vh, qk_scale, ar, offs_d, PAGE, CONTIG, DOT_F32)
-            else:
-                for j in range(j0, j1):
-                    pg = tl.where(md == 0, j, tl.where(j < n_s, j, npg - w_eff + j - n_s))
-                    m_i, l_i, acc = _decode_page(m_i, l_i, acc, q, K, V, r2t, pg, rvalid, n, hk, stride_kt, stride_kh,
-                                                 stride_vt, stride_vh, qk_scale, ar, offs_d, PAGE, CONTIG, DOT_F32)
-            l_safe = tl.maximum(l_i, 1e-30)
-            o_ptr = O + b * stride_ob + hrow[:, None] * stride_oh + offs_d[None, :]
-            if gs == 1:
-                if sp == 0:
-                    tl.store(o_ptr, (acc / l_safe[:, None]).to(O.dtype.element_ty), mask=rvalid[:, None])
-            elif sp < gs:
-                mid = (b * HQ + hrow) * NSPLIT
-                tl.store(MidO + (mid + sp)[:, None] * D + offs_d[None, :], acc / l_safe[:, None],
-                         mask=rvalid[:, None] & (l_i > 0)[:, None])
-                tl.store(MidL + mid + sp, tl.where(l_i > 0, m_i + tl.math.log2(l_safe), -1.0e30), mask=rvalid)
-                tl.debug_barrier()     # every thread's partial is written before the release below
-                done = tl.atomic_add(DONE + bhk, 1, sem="acq_rel", scope="gpu")
-                if done == gs - 1:     # the last slice: the acquire makes the other slices' partials visible
-                    # per row o = sum_s 2^(lse_s - M) o_s / sum_s 2^(lse_s - M), the gs partials loaded at once (a
-                    # [NSPLIT, D] tile per row: no chain of dependent loads); slices that attended nothing for a row
-                    # wrote lse = -inf and no o. The same result whichever program is last.
-                    ts = tl.arange(0, NSPLIT)
-                    for r in tl.static_range(GROUP):
-                        mrow = (b * HQ + hk * GROUP + r) * NSPLIT + ts
-                        lse = tl.load(MidL + mrow, mask=ts < gs, other=-1.0e30, cache_modifier=".cg")
-                        used = lse > -1.0e29
-                        w = tl.where(used, tl.math.exp2(lse - tl.max(lse, 0)), 0.0)
-                        o_t = tl.load(MidO + mrow[:, None] * D + offs_d[None, :], mask=used[:, None], other=0.0,
-                                      cache_modifier=".cg")
-                        o_r = tl.sum(o_t * w[:, None], 0) / tl.maximum(tl.sum(w, 0), 1e-30)
-                        tl.store(O + b * stride_ob + (hk * GROUP + r) * stride_oh + offs_d, o_r.to(O.dtype.element_ty))
-                    tl.store(DONE + bhk, 0)   # the next launch (next layer, next step, graph replay) starts at 0
+        n = tl.load(seq_lens + b).to(tl.int32)     # SGLang passes int64
+        npg = (n + PAGE - 1) // PAGE
+        n_s, w_eff = _stream_span(tl.load(gsink + hk), tl.load(gwindow + hk), npg)
+        u = b * s_u_b + hk * s_u_h
+        total = tl.where(md == 0, npg, tl.where(md == 1, n_s + w_eff, tl.load(UCNT + b * HKV + hk)))
+        gs = tl.minimum(tl.maximum((total + SPLIT_PAGES - 1) // SPLIT_PAGES, 1), NSPLIT)
+        per = (total + gs - 1) // gs
+        j0 = sp * per
+        j1 = tl.minimum(j0 + per, total)
+        offs_d = tl.arange(0, D)
+        ar = tl.arange(0, PAGE)
+        rows = tl.arange(0, GP)
+        rvalid = rows < GROUP
+        hrow = hk * GROUP + rows
+        q = tl.load(Q + b * stride_qb + hrow[:, None] * stride_qh + offs_d[None, :], mask=rvalid[:, None], other=0.0)
+        if DOT_F32:  # the CPU interpreter's bf16 dot is wrong
+            q = q.to(tl.float32)
+        r2t = req_to_token + tl.load(req_pool_idx + b).to(tl.int64) * stride_r2t
+        m_i = tl.full([GP], -1.0e30, tl.float32)
+        l_i = tl.zeros([GP], tl.float32)
+        acc = tl.zeros([GP, D], tl.float32)
+        # two loops, no branch inside: the software pipeliner (num_stages) prefetches the next page
+        if md == 2:
+            for j in range(j0, j1):
+                pg = tl.load(ULIST + u + j)
+                row_ok = ((tl.load(UBITS + u + j) >> rows) & 1) != 0
+                m_i, l_i, acc = _decode_page(m_i, l_i, acc, q, K, V, r2t, pg, row_ok, n, hk, stride_kt, stride_kh,
+                                             stride_vt, stride_vh, qk_scale, ar, offs_d, PAGE, CONTIG, DOT_F32)
+        else:
+            for j in range(j0, j1):
+                pg = tl.where(md == 0, j, tl.where(j < n_s, j, npg - w_eff + j - n_s))
+                m_i, l_i, acc = _decode_page(m_i, l_i, acc, q, K, V, r2t, pg, rvalid, n, hk, stride_kt, stride_kh,
+                                             stride_vt, stride_vh, qk_scale, ar, offs_d, PAGE, CONTIG, DOT_F32)
+        l_safe = tl.maximum(l_i, 1e-30)
+        o_ptr = O + b * stride_ob + hrow[:, None] * stride_oh + offs_d[None, :]
+        if gs == 1:
+            if sp == 0:
+                tl.store(o_ptr, (acc / l_safe[:, None]).to(O.dtype.element_ty), mask=rvalid[:, None])
+        elif sp < gs:
+            mid = (b * HQ + hrow) * NSPLIT
+            tl.store(MidO + (mid + sp)[:, None] * D + offs_d[None, :], acc / l_safe[:, None],
+                     mask=rvalid[:, None] & (l_i > 0)[:, None])
+            tl.store(MidL + mid + sp, tl.where(l_i > 0, m_i + tl.math.log2(l_safe), -1.0e30), mask=rvalid)
+            tl.debug_barrier()     # every thread's partial is written before the release below
+            done = tl.atomic_add(DONE + bhk, 1, sem="acq_rel", scope="gpu")
+            if done == gs - 1:     # the last slice: the acquire makes the other slices' partials visible
+                # per row o = sum_s 2^(lse_s - M) o_s / sum_s 2^(lse_s - M), the gs partials loaded at once (a
+                # [NSPLIT, D] tile per row: no chain of dependent loads); slices that attended nothing for a row
+                # wrote lse = -inf and no o. The same result whichever program is last.
+                ts = tl.arange(0, NSPLIT)
+                for r in tl.static_range(GROUP):
+                    mrow = (b * HQ + hk * GROUP + r) * NSPLIT + ts
+                    lse = tl.load(MidL + mrow, mask=ts < gs, other=-1.0e30, cache_modifier=".cg")
+                    used = lse > -1.0e29
+                    w = tl.where(used, tl.math.exp2(lse - tl.max(lse, 0)), 0.0)
+                    o_t = tl.load(MidO + mrow[:, None] * D + offs_d[None, :], mask=used[:, None], other=0.0,
+                                  cache_modifier=".cg")
+                    o_r = tl.sum(o_t * w[:, None], 0) / tl.maximum(tl.sum(w, 0), 1e-30)
+                    tl.store(O + b * stride_ob + (hk * GROUP + r) * stride_oh + offs_d, o_r.to(O.dtype.element_ty))
+                tl.store(DONE + bhk, 0)   # the next launch (next layer, next step, graph replay) starts at 0
 
     return _page_union_kernel, _decode_group_kernel
 
@@ -515,15 +511,12 @@ class DecodeScratch:
         self.map = torch.zeros(batch, num_q_heads, max_pages, dtype=torch.int8, device=device)
 
 
-KV_HEAD_SETS = {"all": 0, "range": 1, "list": 2}   # group_decode's kv_heads -> the kernel's KV_HEADS
-
-
 def group_decode(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tensor, req_to_token: torch.Tensor,
                  req_pool_indices: torch.Tensor, seq_lens: torch.Tensor, rules: PageRules,
                  page_idx: torch.Tensor, page_cnt: torch.Tensor, scratch: DecodeScratch, nsplit: int,
                  split_pages: int, *,
                  sm_scale: float | None = None, out: torch.Tensor | None = None, pool_page_size: int = 1,
-                 union_built: bool = False, kv_heads: str = "all",
+                 union_built: bool = False,
                  num_warps: int = 4, num_stages: int | None = None) -> torch.Tensor:
     """The decode kernels (page union when some KV head walks a list, then the group kernel with its split-K
     combine): ``q [B, Hq, d]`` (token at position
@@ -537,16 +530,12 @@ def group_decode(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tensor
     64 tokens being the 64 consecutive slots from there (not checked: a pool of another layout gives wrong
     results). ``union_built``: the union lists are already in ``scratch`` (written by the selector launch,
     :func:`~.triton_select.update_and_select_pages` with ``union``), so the page-union launch is skipped.
-    ``kv_heads``: ``"all"``, or only the KV heads that walk a range (``"range"``: dense, one streaming budget) or a
-    union list (``"list"``); the other heads' rows of ``out`` are not written, so the two halves can run on two
-    streams (the range half needs no page selection). Sync-free, no allocation with ``out``."""
+    Sync-free, no allocation with ``out``."""
     if q.dim() != 3:
         raise ValueError(f"decode q must be [batch, heads, head_dim], got {tuple(q.shape)}")
     check_qkv(q, k_buffer, v_buffer)
     bsz, hq, d = q.shape
     hkv = k_buffer.shape[1]
-    if kv_heads not in KV_HEAD_SETS:
-        raise ValueError(f"kv_heads must be one of {tuple(KV_HEAD_SETS)}, got {kv_heads!r}")
     if pool_page_size not in (1, BLOCK):
         raise ValueError(f"pool_page_size must be 1 (per-token slots) or {BLOCK} (contiguous pool pages), "
                          f"got {pool_page_size}")
@@ -569,7 +558,7 @@ def group_decode(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tensor
         num_stages = 3 if q.is_cuda else 1
     g = hq // hkv
     ul = scratch.ulist
-    if rules.lists and not union_built and kv_heads != "range":
+    if rules.lists and not union_built:
         maxp = scratch.max_pages
         union[(bsz, hkv)](page_idx, page_cnt, page_idx.stride(0), page_idx.stride(1), page_cnt.stride(0), seq_lens,
                           rules.mode, rules.sink, rules.window, rules.gmode,
@@ -584,5 +573,5 @@ def group_decode(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tensor
         rules.gmode, rules.gsink, rules.gwindow, ul, scratch.ubits, scratch.ucnt, ul.stride(0), ul.stride(1),
         scale, hq, hkv, split_pages, GROUP=g, GP=max(16, 1 << (g - 1).bit_length()), NSPLIT=nsplit, PAGE=BLOCK, D=d,
         CONTIG=pool_page_size == BLOCK, DOT_F32=(not q.is_cuda) and q.dtype == torch.bfloat16,
-        KV_HEADS=KV_HEAD_SETS[kv_heads], num_warps=num_warps, num_stages=num_stages)
+        num_warps=num_warps, num_stages=num_stages)
     return o
