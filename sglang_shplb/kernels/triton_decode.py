@@ -116,23 +116,27 @@ def _kernels():
             tl.store(UCNT + b * HKV + hk, base)
 
     @triton.jit
-    def _decode_page(m_i, l_i, acc, q, K, V, r2t, pg, row_ok, n, hk, stride_kt, stride_kh, stride_vt, stride_vh,
-                     qk_scale, ar, offs_d, PAGE: tl.constexpr, CONTIG: tl.constexpr, DOT_F32: tl.constexpr):
-        # one page pg of the walk: positions pos = PAGE*pg + ar (those >= n masked), rows row_ok
+    def _decode_pages(m_i, l_i, acc, q, K, V, r2t, pg, pv, row_ok, n, hk, stride_kt, stride_kh, stride_vt, stride_vh,
+                      qk_scale, ar, offs_d, PAGE: tl.constexpr, PB: tl.constexpr, CONTIG: tl.constexpr,
+                      DOT_F32: tl.constexpr):
+        # PB pages pg [PB] of the walk as one tile of PB*PAGE tokens (pv: pages inside the walk): positions
+        # PAGE*pg + ar (those >= n masked), row r of the group reads page i iff row_ok[r, i]
         #   S = Q K^T * scale,  m' = max(m, rowmax S),  P = 2^(S - m'),  l' = 2^(m - m') l + rowsum P,
         #   acc' = 2^(m - m') acc + P V
-        # slots: CONTIG (a whole pool page) loc0 + ar with loc0 = r2t[PAGE*pg], one index load; else r2t[pos]
-        pos = pg * PAGE + ar
-        ok = pos < n
+        # slots: CONTIG (whole pool pages) r2t[PAGE*pg] + ar, one index load per page; else r2t[pos]
+        pos2 = pg[:, None] * PAGE + ar[None, :]
+        ok2 = pv[:, None] & (pos2 < n)
+        ok = tl.reshape(ok2, [PB * PAGE])
         if CONTIG:
-            loc = tl.load(r2t + pg * PAGE).to(tl.int64) + ar
+            base = tl.load(r2t + pg * PAGE, mask=pv, other=0).to(tl.int64)
+            loc = tl.reshape(base[:, None] + ar[None, :], [PB * PAGE])
         else:
-            loc = tl.load(r2t + pos, mask=ok, other=0).to(tl.int64)
+            loc = tl.load(r2t + tl.reshape(pos2, [PB * PAGE]), mask=ok, other=0).to(tl.int64)
         k = tl.load(K + loc[:, None] * stride_kt + hk * stride_kh + offs_d[None, :], mask=ok[:, None], other=0.0)
         if DOT_F32:
             k = k.to(tl.float32)
         s = tl.dot(q, tl.trans(k)).to(tl.float32) * qk_scale
-        use = row_ok[:, None] & ok[None, :]
+        use = tl.reshape(row_ok[:, :, None] & ok2[None, :, :], [row_ok.shape[0], PB * PAGE])
         s = tl.where(use, s, -1.0e30)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.math.exp2(m_i - m_new)
@@ -145,7 +149,7 @@ def _kernels():
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v).to(tl.float32)
         return m_new, l_i, acc
 
-    globals()["_decode_page"] = _decode_page   # jit functions resolve callees through the module's globals
+    globals()["_decode_pages"] = _decode_pages   # jit functions resolve callees through the module's globals
 
     @triton.jit
     def _decode_group_kernel(
@@ -154,7 +158,7 @@ def _kernels():
         req_to_token, req_pool_idx, stride_r2t, seq_lens,
         gmode, gsink, gwindow, ULIST, UBITS, UCNT, s_u_b, s_u_h, qk_scale, HQ, HKV, SPLIT_PAGES,
         GROUP: tl.constexpr, GP: tl.constexpr, NSPLIT: tl.constexpr, PAGE: tl.constexpr, D: tl.constexpr,
-        CONTIG: tl.constexpr, DOT_F32: tl.constexpr,
+        CONTIG: tl.constexpr, DOT_F32: tl.constexpr, PB: tl.constexpr,
     ):
         # the GROUP q heads of KV head hk share each page load: S = Q_group · K^T on the tensor cores (rows
         # padded to GP), one online softmax per row. Pages: gmode 0 all, 1 one streaming budget (sink +
@@ -190,18 +194,25 @@ def _kernels():
         m_i = tl.full([GP], -1.0e30, tl.float32)
         l_i = tl.zeros([GP], tl.float32)
         acc = tl.zeros([GP, D], tl.float32)
-        # two loops, no branch inside: the software pipeliner (num_stages) prefetches the next page
+        # two loops, no branch inside, PB pages a step (one chain of dependent loads per PB pages)
+        pb = tl.arange(0, PB)
         if md == 2:
-            for j in range(j0, j1):
-                pg = tl.load(ULIST + u + j)
-                row_ok = ((tl.load(UBITS + u + j) >> rows) & 1) != 0
-                m_i, l_i, acc = _decode_page(m_i, l_i, acc, q, K, V, r2t, pg, row_ok, n, hk, stride_kt, stride_kh,
-                                             stride_vt, stride_vh, qk_scale, ar, offs_d, PAGE, CONTIG, DOT_F32)
+            for j in range(j0, j1, PB):
+                jj = j + pb
+                pv = jj < j1
+                pg = tl.load(ULIST + u + jj, mask=pv, other=0)
+                row_ok = ((tl.load(UBITS + u + jj, mask=pv, other=0)[None, :] >> rows[:, None]) & 1) != 0
+                m_i, l_i, acc = _decode_pages(m_i, l_i, acc, q, K, V, r2t, pg, pv, row_ok, n, hk, stride_kt,
+                                              stride_kh, stride_vt, stride_vh, qk_scale, ar, offs_d, PAGE, PB, CONTIG,
+                                              DOT_F32)
         else:
-            for j in range(j0, j1):
-                pg = tl.where(md == 0, j, tl.where(j < n_s, j, npg - w_eff + j - n_s))
-                m_i, l_i, acc = _decode_page(m_i, l_i, acc, q, K, V, r2t, pg, rvalid, n, hk, stride_kt, stride_kh,
-                                             stride_vt, stride_vh, qk_scale, ar, offs_d, PAGE, CONTIG, DOT_F32)
+            for j in range(j0, j1, PB):
+                jj = j + pb
+                pv = jj < j1
+                pg = tl.where(md == 0, jj, tl.where(jj < n_s, jj, npg - w_eff + jj - n_s))
+                m_i, l_i, acc = _decode_pages(m_i, l_i, acc, q, K, V, r2t, pg, pv, rvalid[:, None] & pv[None, :], n,
+                                              hk, stride_kt, stride_kh, stride_vt, stride_vh, qk_scale, ar, offs_d,
+                                              PAGE, PB, CONTIG, DOT_F32)
         l_safe = tl.maximum(l_i, 1e-30)
         o_ptr = O + b * stride_ob + hrow[:, None] * stride_oh + offs_d[None, :]
         if gs == 1:
@@ -511,12 +522,17 @@ class DecodeScratch:
         self.map = torch.zeros(batch, num_q_heads, max_pages, dtype=torch.int8, device=device)
 
 
+#: Pages the group kernel loads per step of its walk (one [pages x 64, d] K / V tile): fewer chains of dependent loads
+#: (page index -> slot -> K) per walk, which bound decode at batch 1.
+DECODE_PAGES_PER_STEP = 2
+
+
 def group_decode(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tensor, req_to_token: torch.Tensor,
                  req_pool_indices: torch.Tensor, seq_lens: torch.Tensor, rules: PageRules,
                  page_idx: torch.Tensor, page_cnt: torch.Tensor, scratch: DecodeScratch, nsplit: int,
                  split_pages: int, *,
                  sm_scale: float | None = None, out: torch.Tensor | None = None, pool_page_size: int = 1,
-                 union_built: bool = False,
+                 union_built: bool = False, pages_per_step: int = DECODE_PAGES_PER_STEP,
                  num_warps: int = 4, num_stages: int | None = None) -> torch.Tensor:
     """The decode kernels (page union when some KV head walks a list, then the group kernel with its split-K
     combine): ``q [B, Hq, d]`` (token at position
@@ -539,6 +555,8 @@ def group_decode(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tensor
     if pool_page_size not in (1, BLOCK):
         raise ValueError(f"pool_page_size must be 1 (per-token slots) or {BLOCK} (contiguous pool pages), "
                          f"got {pool_page_size}")
+    if pages_per_step < 1 or pages_per_step & (pages_per_step - 1):
+        raise ValueError(f"pages_per_step must be a power of two, got {pages_per_step}")
     if nsplit < 1 or nsplit & (nsplit - 1) or split_pages < 1:
         raise ValueError(f"nsplit must be a power of two and split_pages >= 1, got {nsplit}, {split_pages}")
     if page_idx.shape[:2] != (bsz, hq) or page_cnt.shape != (bsz, hq):
@@ -572,6 +590,6 @@ def group_decode(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tensor
         req_to_token, req_pool_indices, req_to_token.stride(0), seq_lens,
         rules.gmode, rules.gsink, rules.gwindow, ul, scratch.ubits, scratch.ucnt, ul.stride(0), ul.stride(1),
         scale, hq, hkv, split_pages, GROUP=g, GP=max(16, 1 << (g - 1).bit_length()), NSPLIT=nsplit, PAGE=BLOCK, D=d,
-        CONTIG=pool_page_size == BLOCK, DOT_F32=(not q.is_cuda) and q.dtype == torch.bfloat16,
+        CONTIG=pool_page_size == BLOCK, DOT_F32=(not q.is_cuda) and q.dtype == torch.bfloat16, PB=pages_per_step,
         num_warps=num_warps, num_stages=num_stages)
     return o
