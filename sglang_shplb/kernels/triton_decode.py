@@ -475,7 +475,8 @@ def decode_walks(heads: LayerHeads, num_kv_heads: int, max_pages: int) -> list[i
 # Measured on an H200 with the combine in the group kernel (bench/decode.py --splits, 2026-12-02,
 # bench/results/decode_fused): the best cut puts about 256 programs' worth of pages over the batch (8-32 pages a
 # slice: 32 slices of a dense walk at batch 1, 8 at batch 4-16), never fewer than 8 slices of a long walk, and no
-# more than 64 (the last slice merges them one by one).
+# more than 64. Re-checked with the combine as one tile (bench/decode_sweep.py, 2026-12-03): the rule's cut is the
+# best of 16 / 32 / 64 / 128 slices or within 2 % of it at 16K / 64K, batch 1 / 4.
 SPLIT_TARGET_PROGRAMS, SPLIT_MIN_PAGES, MIN_SPLITS, MAX_SPLITS = 256, 8, 8, 64
 
 
@@ -522,8 +523,9 @@ class DecodeScratch:
         self.map = torch.zeros(batch, num_q_heads, max_pages, dtype=torch.int8, device=device)
 
 
-#: Pages the group kernel loads per step of its walk (one [pages x 64, d] K / V tile): fewer chains of dependent loads
-#: (page index -> slot -> K) per walk, which bound decode at batch 1.
+#: Pages the group kernel loads per step of its walk (one [pages x 64, d] K / V tile, fewer chains of dependent loads
+#: page index -> slot -> K). H200 sweep (``bench/decode_sweep.py``, 2026-12-03, Llama-3-8B layer, 16K / 64K, batch 1 / 4,
+#: at the rule's split): 2 pages from 9 % faster to 4 % slower than 1 (faster in 6 of 8 cells), 4 pages 6-60 % slower.
 DECODE_PAGES_PER_STEP = 2
 
 
