@@ -1,0 +1,119 @@
+"""Which heads' sparse decode changes the answers (report, never assert): one plan's sparse prefill, its decode
+rule applied to some head classes only, in-process (transformers + the serving reference path of decode),
+greedy, against dense on the same eval prompts. CPU float32 (or CUDA bf16 with ``--device cuda``).
+
+Variants (prefill always follows the plan):
+
+* ``stock``: every head dense at decode (``place --stock-decode``);
+* ``sparse``: the plan's decode rule (what the server runs);
+* ``stream_dense``: streaming heads dense at decode, the rest as the plan;
+* ``sel_dense``: top-k / vertical-slash heads dense at decode, the rest as the plan;
+* ``stream_quest16``: streaming heads pick 16 pages at decode by Quest scores (page 0 and the current one
+  forced), like a top-k head at its decode floor, instead of their sink + window;
+* ``floor32``: the plan with ``DECODE_MIN_PAGES`` 32 instead of 16.
+
+    python bench/decode_ablation.py --plan bench/results/eval_h200_round5/plans/refined5_d30 --task passkey \
+        --length 2048 --per-task 20 --variants stock,sparse,stream_dense,sel_dense --out bench/results/eval_cpu
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import torch  # noqa: E402
+
+from sglang_shplb.core import patterns  # noqa: E402
+from sglang_shplb.core.patterns import HeadBudget, Pattern  # noqa: E402
+from sglang_shplb.core.plan import load_plan  # noqa: E402
+from sglang_shplb.evaluation.scoring import score  # noqa: E402
+from sglang_shplb.evaluation.tasks import TASKS, eval_prompts  # noqa: E402
+from sglang_shplb.kernels.layer_reference import sparse_decode  # noqa: E402
+from sglang_shplb.planning.model_store import load_model, resolve_model  # noqa: E402
+from sglang_shplb.planning.quality import masked_prefill  # noqa: E402
+from sglang_shplb.planning.refine import _generate  # noqa: E402
+
+DENSE = HeadBudget.dense()
+QUEST16 = HeadBudget.topk(1 / 1024, 2)   # at decode: max(2, ...) pages, lifted to DECODE_MIN_PAGES = 16
+
+
+def decode_budgets(variant: str, plan: list[list[HeadBudget]]) -> list[list[HeadBudget]]:
+    swap = {"stock": lambda h: DENSE,
+            "stream_dense": lambda h: DENSE if h.pattern is Pattern.STREAMING else h,
+            "sel_dense": lambda h: DENSE if h.pattern in (Pattern.TOPK, Pattern.VSLASH) else h,
+            "stream_quest16": lambda h: QUEST16 if h.pattern is Pattern.STREAMING else h}.get(variant, lambda h: h)
+    return [[swap(h) for h in layer] for layer in plan]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--plan", required=True)
+    ap.add_argument("--task", default="passkey", choices=sorted(TASKS))
+    ap.add_argument("--length", type=int, default=2048)
+    ap.add_argument("--per-task", type=int, default=20)
+    ap.add_argument("--variants", default="stock,sparse,stream_dense,sel_dense")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--out", default=None, help="folder for decode_ablation_<task>_<length>.json")
+    a = ap.parse_args()
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    plan = load_plan(a.plan)
+    prefill = [plan.layer_budgets(layer) for layer in range(plan.model.num_layers)]
+    model, tok = load_model(resolve_model(None), a.device)
+    prompts = eval_prompts(tok, [a.task], [a.length], a.per_task)
+    max_new = TASKS[a.task].max_new_tokens
+    state = {"decode": prefill}
+
+    def attention(module, query, key, value, attention_mask, **kwargs):
+        scale = kwargs.get("scaling") or module.scaling
+        if query.shape[2] == 1:   # a decode step: the serving reference over the cache as one request's pool
+            out, _ = sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+            n = key.shape[2]
+            one = torch.zeros(1, dtype=torch.long, device=query.device)
+            sparse_decode(query[0].transpose(0, 1).contiguous(), key[0].transpose(0, 1).contiguous(),
+                          value[0].transpose(0, 1).contiguous(),
+                          torch.arange(n, dtype=torch.int32, device=query.device)[None], one, one + n,
+                          state["decode"][module.layer_idx], scale, out[0])
+            return out, None
+        return masked_prefill(prefill[module.layer_idx], query, key, value, scale).to(query.dtype), None
+
+    AttentionInterface.register("shplb_decode_ablation", attention)
+
+    def answers() -> list[str]:
+        return [tok.decode(_generate(model, p.input_ids, max_new), skip_special_tokens=True).strip() for p in prompts]
+
+    model.set_attn_implementation("sdpa")
+    dense = answers()
+    rows = {"dense": {"answers": dense, "acc": sum(score(x, p.refs, TASKS[a.task].scoring)
+                                                     for x, p in zip(dense, prompts)) / len(prompts)}}
+    print(f"dense          acc {rows['dense']['acc']:.3f}  (n {len(prompts)}, {a.task} at {a.length})", flush=True)
+    model.set_attn_implementation("shplb_decode_ablation")
+    for v in a.variants.split(","):
+        t = time.time()
+        patterns.DECODE_MIN_PAGES = 32 if v == "floor32" else 16
+        state["decode"] = decode_budgets(v, prefill)
+        got = answers()
+        acc = sum(score(x, p.refs, TASKS[a.task].scoring) for x, p in zip(got, prompts)) / len(prompts)
+        same = sum(x == y for x, y in zip(got, dense))
+        rows[v] = {"answers": got, "acc": acc, "identical_to_dense": same}
+        print(f"{v:14s} acc {acc:.3f}  − dense {100 * (acc - rows['dense']['acc']):+.1f} points, "
+              f"identical {same}/{len(prompts)}  ({time.time() - t:.0f} s)", flush=True)
+    patterns.DECODE_MIN_PAGES = 16
+    if a.out:
+        os.makedirs(a.out, exist_ok=True)
+        path = os.path.join(a.out, f"decode_ablation_{a.task}_{a.length}.json")
+        with open(path, "w") as f:
+            json.dump({"plan": a.plan, "task": a.task, "length": a.length, "per_task": a.per_task,
+                       "device": a.device, "dtype": str(next(model.parameters()).dtype),
+                       "date": _dt.date.today().isoformat(), "rows": rows}, f, indent=1)
+        print("wrote", path)
+
+
+if __name__ == "__main__":
+    main()
