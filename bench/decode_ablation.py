@@ -1,5 +1,6 @@
 """Which heads' sparse decode changes the answers (report, never assert): one plan's sparse prefill, its decode
-rule applied to some head classes only, in-process (transformers + the serving reference path of decode),
+rule applied to some head classes only, in-process (transformers + the serving reference path of decode,
+:func:`~sglang_shplb.planning.quality.register_sparse_attention` as refine uses it),
 greedy, against dense on the same eval prompts. CPU float32 (or CUDA bf16 with ``--device cuda``).
 
 Variants (prefill always follows the plan):
@@ -26,16 +27,13 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-import torch  # noqa: E402
-
 from sglang_shplb.core import patterns  # noqa: E402
 from sglang_shplb.core.patterns import HeadBudget, Pattern  # noqa: E402
 from sglang_shplb.core.plan import load_plan  # noqa: E402
 from sglang_shplb.evaluation.scoring import score  # noqa: E402
 from sglang_shplb.evaluation.tasks import TASKS, eval_prompts  # noqa: E402
-from sglang_shplb.kernels.layer_reference import sparse_decode  # noqa: E402
 from sglang_shplb.planning.model_store import load_model, resolve_model  # noqa: E402
-from sglang_shplb.planning.quality import masked_prefill  # noqa: E402
+from sglang_shplb.planning.quality import ATTN_NAME, register_sparse_attention  # noqa: E402
 from sglang_shplb.planning.refine import _generate  # noqa: E402
 
 DENSE = HeadBudget.dense()
@@ -60,30 +58,11 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--out", default=None, help="folder for decode_ablation_<task>_<length>.json")
     a = ap.parse_args()
-    from transformers import AttentionInterface
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
     plan = load_plan(a.plan)
     prefill = [plan.layer_budgets(layer) for layer in range(plan.model.num_layers)]
     model, tok = load_model(resolve_model(None), a.device)
     prompts = eval_prompts(tok, [a.task], [a.length], a.per_task)
     max_new = TASKS[a.task].max_new_tokens
-    state = {"decode": prefill}
-
-    def attention(module, query, key, value, attention_mask, **kwargs):
-        scale = kwargs.get("scaling") or module.scaling
-        if query.shape[2] == 1:   # a decode step: the serving reference over the cache as one request's pool
-            out, _ = sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-            n = key.shape[2]
-            one = torch.zeros(1, dtype=torch.long, device=query.device)
-            sparse_decode(query[0].transpose(0, 1).contiguous(), key[0].transpose(0, 1).contiguous(),
-                          value[0].transpose(0, 1).contiguous(),
-                          torch.arange(n, dtype=torch.int32, device=query.device)[None], one, one + n,
-                          state["decode"][module.layer_idx], scale, out[0])
-            return out, None
-        return masked_prefill(prefill[module.layer_idx], query, key, value, scale).to(query.dtype), None
-
-    AttentionInterface.register("shplb_decode_ablation", attention)
 
     def answers() -> list[str]:
         return [tok.decode(_generate(model, p.input_ids, max_new), skip_special_tokens=True).strip() for p in prompts]
@@ -93,18 +72,19 @@ def main() -> None:
     rows = {"dense": {"answers": dense, "acc": sum(score(x, p.refs, TASKS[a.task].scoring)
                                                      for x, p in zip(dense, prompts)) / len(prompts)}}
     print(f"dense          acc {rows['dense']['acc']:.3f}  (n {len(prompts)}, {a.task} at {a.length})", flush=True)
-    model.set_attn_implementation("shplb_decode_ablation")
+    floor = patterns.DECODE_MIN_PAGES
     for v in a.variants.split(","):
         t = time.time()
-        patterns.DECODE_MIN_PAGES = 32 if v == "floor32" else 16
-        state["decode"] = decode_budgets(v, prefill)
+        patterns.DECODE_MIN_PAGES = 32 if v == "floor32" else floor
+        register_sparse_attention(prefill, decode_budgets(v, prefill))
+        model.set_attn_implementation(ATTN_NAME)
         got = answers()
         acc = sum(score(x, p.refs, TASKS[a.task].scoring) for x, p in zip(got, prompts)) / len(prompts)
         same = sum(x == y for x, y in zip(got, dense))
         rows[v] = {"answers": got, "acc": acc, "identical_to_dense": same}
         print(f"{v:14s} acc {acc:.3f}  − dense {100 * (acc - rows['dense']['acc']):+.1f} points, "
               f"identical {same}/{len(prompts)}  ({time.time() - t:.0f} s)", flush=True)
-    patterns.DECODE_MIN_PAGES = 16
+    patterns.DECODE_MIN_PAGES = floor
     if a.out:
         os.makedirs(a.out, exist_ok=True)
         path = os.path.join(a.out, f"decode_ablation_{a.task}_{a.length}.json")

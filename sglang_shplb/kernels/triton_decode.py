@@ -29,8 +29,9 @@ online softmax per q head over its slice. A walk of one slice writes the output;
 ``(acc / l, m + log2 l)`` and counts itself in an atomic counter of its (request, KV head), and the last slice
 to finish merges the partials (one launch, no separate combine) and zeroes the counter for the next call.
 
-The page walk has one loop per kind of walk (list or range), with no branch inside, so that the software
-pipeliner (``num_stages``) can prefetch the next page while the current one is computed.
+The page walk has one loop per kind of walk (list or range), with no branch inside, and takes
+``pages_per_step`` pages per step as one K / V tile (one chain of dependent loads, page index -> slot -> K,
+per step).
 """
 from __future__ import annotations
 

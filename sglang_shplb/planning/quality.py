@@ -27,9 +27,12 @@ ATTN_NAME = "shplb_sparse_prefill"
 QUALITY_NAME = "quality.json"
 
 
-def register_sparse_attention(budgets: list[list[HeadBudget]]) -> None:
+def register_sparse_attention(budgets: list[list[HeadBudget]],
+                              decode_budgets: list[list[HeadBudget]] | None = None) -> None:
     """Register ``ATTN_NAME`` with transformers: the plan's sparse prefill (block masks) and decode (the
-    server's rule) for ``model.set_attn_implementation(ATTN_NAME)``."""
+    server's rule) for ``model.set_attn_implementation(ATTN_NAME)``; ``decode_budgets`` (default ``budgets``)
+    are the budgets the decode steps follow."""
+    decode_budgets = budgets if decode_budgets is None else decode_budgets
     from transformers import AttentionInterface
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
@@ -41,7 +44,7 @@ def register_sparse_attention(budgets: list[list[HeadBudget]]) -> None:
             sparse_decode(query[0].transpose(0, 1).contiguous(), key[0].transpose(0, 1).contiguous(),
                           value[0].transpose(0, 1).contiguous(),
                           torch.arange(n, device=query.device, dtype=torch.int32)[None], one, one + n,
-                          budgets[module.layer_idx], kwargs.get("scaling") or module.scaling, out[0])
+                          decode_budgets[module.layer_idx], kwargs.get("scaling") or module.scaling, out[0])
             return out, None
         return masked_prefill(budgets[module.layer_idx], query, key, value, kwargs.get("scaling")).to(query.dtype), None
 
