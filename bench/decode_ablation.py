@@ -11,7 +11,9 @@ Variants (prefill always follows the plan):
 * ``sel_dense``: top-k / vertical-slash heads dense at decode, the rest as the plan;
 * ``stream_quest16``: streaming heads pick 16 pages at decode by Quest scores (page 0 and the current one
   forced), like a top-k head at its decode floor, instead of their sink + window;
-* ``floor32``: the plan with ``DECODE_MIN_PAGES`` 32 instead of 16.
+* ``floor32``: the plan with ``DECODE_MIN_PAGES`` 32 instead of 16;
+* ``sparse_everyN``: the plan's decode rule with page selections kept for ``N`` steps (``sparse`` keeps them for
+  ``DECODE_RESELECT_EVERY``, the server's default; ``sparse_every1`` selects at every step).
 
     python bench/decode_ablation.py --plan bench/results/eval_h200_round5/plans/refined5_d30 --task passkey \
         --length 2048 --per-task 20 --variants stock,sparse,stream_dense,sel_dense --out bench/results/eval_cpu
@@ -76,12 +78,13 @@ def main() -> None:
     for v in a.variants.split(","):
         t = time.time()
         patterns.DECODE_MIN_PAGES = 32 if v == "floor32" else floor
-        register_sparse_attention(prefill, decode_budgets(v, prefill))
+        every = int(v[len("sparse_every"):]) if v.startswith("sparse_every") else patterns.DECODE_RESELECT_EVERY
+        register_sparse_attention(prefill, decode_budgets(v, prefill), reselect_every=every)
         model.set_attn_implementation(ATTN_NAME)
         got = answers()
         acc = sum(score(x, p.refs, TASKS[a.task].scoring) for x, p in zip(got, prompts)) / len(prompts)
         same = sum(x == y for x, y in zip(got, dense))
-        rows[v] = {"answers": got, "acc": acc, "identical_to_dense": same}
+        rows[v] = {"answers": got, "acc": acc, "identical_to_dense": same, "reselect_every": every}
         print(f"{v:14s} acc {acc:.3f}  − dense {100 * (acc - rows['dense']['acc']):+.1f} points, "
               f"identical {same}/{len(prompts)}  ({time.time() - t:.0f} s)", flush=True)
     patterns.DECODE_MIN_PAGES = floor

@@ -194,6 +194,7 @@ def _backend_with_kernels(monkeypatch, plan, req_slots, pool_tokens, page_size=6
     from sglang_shplb.serving import backend as be_mod
     be = object.__new__(be_mod.ShplbAttnBackend)
     be.plan, be.max_context, be.device = plan, 8192, "cpu"
+    be.cfg = be_mod.ServingConfig.from_env({})
     be.layer_budgets = dict(enumerate(plan.budgets))
     be.kernels, be.decode_ws = {}, None
     be.token_to_kv_pool = _Pool(pool_tokens)
@@ -216,6 +217,11 @@ def test_summary_memory_follows_the_pool_not_the_running_requests(monkeypatch):
         assert {li for li, lk in be.kernels.items() if lk.kmin is not None} == {0, 2, 3}
         assert sum(lk.summary_bytes for lk in be.kernels.values()) == 3 * per_layer
         assert all(lk.kmin.shape == (tokens // 64 + 1, 3, D) for lk in be.kernels.values() if lk.kmin is not None)
+    # kept page selections: per request slot and selected head one bit per page (8K: 128 pages, 4 words)
+    for be, slots in ((small, 5), (large, 4097)):
+        for lk in be.kernels.values():
+            if lk.kmin is not None:
+                assert lk.kept.bits.shape == (slots, len(lk.heads.selected), 4) and lk.kept.stamp.shape == (slots, 3)
     # the old layout: 2 x slots x Hkv x pages x d per layer, 4097 slots at 8K context (SmolLM2's default)
     assert 2 * 4097 * 3 * (8192 // 64) * D * 2 > 1000 * per_layer
     # a layer stock in every decode bucket keeps none

@@ -34,9 +34,9 @@ def test_the_check_decodes_through_the_servers_decode_reference(monkeypatch):
     calls = []
     real = quality.sparse_decode
 
-    def spy(q, k_buffer, v_buffer, req_to_token, req_pool_indices, seq_lens, budgets, scale, out, **kw):
+    def spy(q, k_buffer, v_buffer, req_to_token, req_pool_indices, seq_lens, budgets, scale, out, *rest, **kw):
         calls.append((int(seq_lens[0]), k_buffer.shape[0], tuple(b.pattern.value for b in budgets)))
-        return real(q, k_buffer, v_buffer, req_to_token, req_pool_indices, seq_lens, budgets, scale, out, **kw)
+        return real(q, k_buffer, v_buffer, req_to_token, req_pool_indices, seq_lens, budgets, scale, out, *rest, **kw)
 
     monkeypatch.setattr(quality, "sparse_decode", spy)
     budgets = [[HeadBudget.streaming(64, 64)] * 9, [HeadBudget.topk(0.2, 2)] * 9]
@@ -55,6 +55,7 @@ def test_teacher_forced_answer_rows_attend_by_the_servers_decode_rule():
     import torch
 
     from sglang_shplb.kernels.layer_reference import sparse_decode
+    from sglang_shplb.kernels.reference import SelectionMemory
     from sglang_shplb.planning.quality import masked_prefill
 
     torch.manual_seed(0)
@@ -77,11 +78,12 @@ def test_teacher_forced_answer_rows_attend_by_the_servers_decode_rule():
     assert not torch.allclose(full[256:P, 5], prompt_only[256:, 5], atol=1e-3)   # the answer rows would change it
     assert torch.allclose(masked_prefill(budgets, q, k, v, scale, decode_from=n)[0], full, atol=1e-6)
     kk, vv = k[0].transpose(0, 1).contiguous(), v[0].transpose(0, 1).contiguous()    # pool [n, Hkv, d]
+    memory = SelectionMemory()          # the server's kept selections (DECODE_RESELECT_EVERY steps)
     for t in range(P, n):
         out = torch.zeros(1, hq, d)
         one = torch.zeros(1, dtype=torch.long)
         sparse_decode(q[0, :, t][None], kk, vv, torch.arange(n, dtype=torch.int32)[None], one,
-                      torch.tensor([t + 1]), budgets, scale, out)
+                      torch.tensor([t + 1]), budgets, scale, out, memory, 0)
         sparse = [h for h, b in enumerate(budgets) if b.pattern.value != "dense"]   # the stock backend does dense
         assert torch.allclose(mixed[t, sparse], out[0, sparse], atol=1e-5), t
     assert torch.allclose(mixed[P:, 2], full[P:, 2], atol=1e-5)   # a dense head is dense in both

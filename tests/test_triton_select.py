@@ -11,7 +11,10 @@ from sglang_shplb.kernels.layer_heads import LayerHeads
 from sglang_shplb.kernels.triton_decode import (DecodeScratch, alloc_page_summaries, build_page_summaries,
                                                 group_decode, max_selected_pages, page_rules, select_pages,
                                                 update_page_summaries)
-from sglang_shplb.kernels.triton_select import select_scratch, selector_consts, update_and_select_pages
+from sglang_shplb.kernels import triton_select
+from sglang_shplb.kernels.reference import SelectionMemory, reference_decode_pages
+from sglang_shplb.kernels.triton_select import (KeptSelections, select_scratch, selector_consts,
+                                                update_and_select_pages)
 
 MAXP = 13  # not a power of two: 832 tokens
 
@@ -98,6 +101,53 @@ def test_update_and_select_matches_torch(group, d, dtype, lens, seed):
         assert int(cnt[:, list(heads.selected)].sum()) > 0
         sl = sl + 1                            # real requests append a token; the padding row stays at 1
         sl[-1] = 1
+
+
+@pytest.mark.parametrize("every", [3, 4])
+def test_kept_selections_follow_the_reference_rule(monkeypatch, every):
+    """Over decode steps that cross page boundaries, with a fresh random query each step: the pages the fused
+    selector gives with kept selections equal the reference's with a SelectionMemory (core.patterns.reselect_due),
+    which differ from selecting anew at some step (so reuse happened); forgetting a slot selects anew."""
+    from sglang_shplb.core import patterns
+    monkeypatch.setattr(patterns, "DECODE_MIN_PAGES", 3)     # small budgets, so a selection is a strict subset
+    maxp, hkv, group, d = 24, 2, 2, 64
+    heads = LayerHeads.of([HeadBudget.topk(0.2, 1), HeadBudget.dense(), HeadBudget.streaming(64, 64),
+                           HeadBudget.vslash(0.15, 1)])
+    g = torch.Generator().manual_seed(7)
+    r2t, pool = paged_table(5, maxp, g)
+    k = torch.randn(pool, hkv, d, generator=g).to(DEV)
+    rpi = torch.tensor([3, 1, 0], dtype=torch.int32, device=DEV)            # slot 0: a CUDA-graph padding row
+    sl = torch.tensor([120, 250, 1], dtype=torch.int32, device=DEV)
+    kmin, kmax = alloc_page_summaries(pool, hkv, d, device=DEV)
+    build_page_summaries(k, r2t, rpi, sl - 1, kmin, kmax)
+    consts = selector_consts(heads, DEV, maxp)
+    kept = KeptSelections.alloc(r2t.shape[0], consts.num_sel, maxp, hkv, every, DEV)
+    scratch = select_scratch(3, consts, hkv)
+    idx = torch.zeros(3, 4, max(1, consts.maxsel), dtype=torch.int32, device=DEV)
+    cnt = torch.zeros(3, 4, dtype=torch.int32, device=DEV)
+    memory = SelectionMemory(every)
+    reused = 0
+    try:
+        for step in range(12):
+            if step == 7:                                                 # slot 3 refilled by an extend
+                kept.forget(rpi[:1])
+                memory.forget([3])
+            q = torch.randn(3, 4, d, generator=g).to(DEV)
+            update_and_select_pages(q, k, r2t, rpi, sl, kmin, kmax, consts, maxp, idx, cnt, scratch, kept=kept)
+            for b in range(2):
+                n, slot = int(sl[b]), int(rpi[b])
+                want = memory.pages(0, heads.budgets, q[b], k, r2t, slot, n)
+                anew = reference_decode_pages(heads.budgets, q[b], k, r2t, slot, n)[0]
+                npg = -(-n // BLOCK)
+                for h in heads.selected:
+                    got = sorted(set(idx[b, h, :int(cnt[b, h])].tolist()) | {npg - 1})
+                    assert got == want[h], (step, b, h, got, want[h])
+                    reused += want[h] != anew[h]
+            sl = sl + 1
+            sl[-1] = 1
+    finally:
+        triton_select._consts.cache_clear()                               # tables made under the patched floor
+    assert reused > 0
 
 
 def test_no_selected_heads_and_no_host_tensors(monkeypatch):

@@ -39,6 +39,22 @@ TOPK_TILES = (BLOCK, 2 * BLOCK)   # top-k selection granularity: 64-token blocks
 #: plan at density 0.30 lost 13.7 pass-key points with sparse decode against 3.9 with stock decode
 #: (``bench/results/eval_h200_round4``). Above 16K tokens at a 0.1 fraction the floor does not bind.
 DECODE_MIN_PAGES = 16
+#: Decode steps a top-k / vertical-slash head keeps the pages it chose (LServe's reusable page selector, Yang et al.
+#: 2025, which reuses a selection across 4 consecutive queries): selecting costs a launch that bisects every page's
+#: score, which at batch 1 weighs as much as the pages read (``bench/decode.py --profile``). A step selects anew
+#: when :func:`reselect_due`; 1 selects at every step.
+DECODE_RESELECT_EVERY = 4
+
+
+def reselect_due(n: int, n_sel: int, every: int) -> bool:
+    """Whether a decode step at context ``n`` (the new token at ``n - 1``) selects its pages anew, the kept selection
+    having been made at context ``n_sel`` (0: none). Anew at every step when ``every <= 1``; otherwise when there
+    is no selection, the request is not the one that made it (``n < n_sel``), it is ``every`` steps old, or the
+    page count changed since (the current page moved, so the candidates, the streaming windows and the forced
+    current page did too). The one rule of the fused selector (which mirrors it in Triton), the CPU reference and
+    the refine gate."""
+    return (every <= 1 or n_sel <= 0 or n < n_sel or n - n_sel >= every
+            or -(-n // BLOCK) != -(-n_sel // BLOCK))
 
 
 class Pattern(str, Enum):

@@ -23,6 +23,7 @@ import torch
 
 from sglang_shplb.core.patterns import BLOCK, HeadBudget, Pattern
 from sglang_shplb.kernels.layer_heads import LayerHeads
+from sglang_shplb.kernels.reference import SelectionMemory, reference_decode_pages, reference_sparse_decode
 
 #: A head whose output a sparse call does not keep (a dense head, which the stock backend computes; a head
 #: of another rank's call) runs inside the sparse index/kernel at the cheapest pattern, one diagonal block.
@@ -181,9 +182,10 @@ def prepare_decode_constants(budgets: Sequence[HeadBudget], device) -> None:
 
 def sparse_decode(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tensor, req_to_token: torch.Tensor,
                   req_pool_indices: torch.Tensor, seq_lens: torch.Tensor, budgets: Sequence[HeadBudget],
-                  scale: float, out: torch.Tensor) -> torch.Tensor:
+                  scale: float, out: torch.Tensor, memory: SelectionMemory | None = None,
+                  layer: int = 0) -> torch.Tensor:
     """Decode step (``q [B, H, d]``): streaming heads by :func:`streaming_decode`; top-k / vertical-slash
-    heads by :func:`selected_decode` (not graph-safe)."""
+    heads by :func:`selected_decode` (not graph-safe), keeping selections in ``memory`` (key ``layer``)."""
     heads = LayerHeads.of(budgets)
     if heads.streaming:
         streaming_decode(q, k_buffer, v_buffer, req_to_token, req_pool_indices, seq_lens, heads, scale, out)
@@ -193,22 +195,26 @@ def sparse_decode(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tenso
                                "a captured CUDA graph (it reads the context length on the host); on CUDA "
                                "the backend's kernel path (sglang_shplb.kernels.paged_layer) decodes them")
         selected_decode(q, k_buffer, v_buffer, req_to_token, req_pool_indices, seq_lens, budgets, heads.selected,
-                        scale, out)
+                        scale, out, memory, layer)
     return out
 
 
 def selected_decode(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tensor, req_to_token: torch.Tensor,
                     req_pool_indices: torch.Tensor, seq_lens: torch.Tensor, budgets: Sequence[HeadBudget],
-                    selected: Sequence[int], scale: float, out: torch.Tensor) -> torch.Tensor:
+                    selected: Sequence[int], scale: float, out: torch.Tensor, memory: SelectionMemory | None = None,
+                    layer: int = 0) -> torch.Tensor:
     """Top-k / vertical-slash heads at a decode step by the CUDA kernel path's rule (Quest: the pages with the
     best ``sum_d max(q_d kmin_d, q_d kmax_d)``, page 0 forced, ``HeadBudget.decode_pages - 1`` of them, plus the
-    current page; :func:`~sglang_shplb.kernels.reference.reference_decode_pages`), so the CPU server, the
+    current page; :func:`~sglang_shplb.kernels.reference.reference_decode_pages`; with ``memory``, a selection
+    kept for the steps :func:`~sglang_shplb.core.patterns.reselect_due` allows), so the CPU server, the
     quality check and the refine stage decode as the GPU server does. Softmax over the chosen pages' keys
-    (:func:`~sglang_shplb.kernels.reference.reference_sparse_decode`)."""
-    from sglang_shplb.kernels.reference import reference_decode_pages, reference_sparse_decode
-
-    pages = [reference_decode_pages(budgets, q[b], k_buffer, req_to_token, int(req_pool_indices[b]),
-                                    int(seq_lens[b]))[0] for b in range(q.shape[0])]
+    (:func:`~sglang_shplb.kernels.reference.reference_sparse_decode`). Without ``memory`` every step selects."""
+    if memory is None:
+        pages = [reference_decode_pages(budgets, q[b], k_buffer, req_to_token, int(req_pool_indices[b]),
+                                        int(seq_lens[b]))[0] for b in range(q.shape[0])]
+    else:
+        pages = [memory.pages(layer, budgets, q[b], k_buffer, req_to_token, int(req_pool_indices[b]),
+                              int(seq_lens[b])) for b in range(q.shape[0])]
     heads = list(selected)
     ref = reference_sparse_decode(q, k_buffer, v_buffer, req_to_token, req_pool_indices, seq_lens, pages, scale,
                                   heads=heads)

@@ -18,6 +18,9 @@ heads, instead of letting the stock backend compute all heads and recomputing th
   sink + window pages; one launch with its split-K combine; a layer that selects no pages but has a KV group
   mixing budgets runs a page-union launch first), which with ``--page-size 64`` loads one pool slot per page
   (``pool_page_size``) instead of one per token. Fixed shapes and no host sync: safe inside a captured CUDA graph.
+  A selection is kept per request slot for ``reselect_every`` steps
+  (:class:`~sglang_shplb.kernels.triton_select.KeptSelections`, :func:`~sglang_shplb.core.patterns.reselect_due`):
+  the steps between skip the scoring and the bisection. An extend forgets the selections of its requests' slots.
 
 The layer's heads are classified once (:class:`~sglang_shplb.kernels.layer_heads.LayerHeads`) and handed to
 every kernel front end. Batch metadata is built once per forward (:class:`ExtendBatch`); decode scratch
@@ -31,13 +34,13 @@ from typing import Sequence
 
 import torch
 
-from sglang_shplb.core.patterns import BLOCK, HeadBudget
+from sglang_shplb.core.patterns import BLOCK, DECODE_RESELECT_EVERY, HeadBudget
 from sglang_shplb.kernels.api import SparsePrefill
 from sglang_shplb.kernels.layer_heads import LayerHeads
 from sglang_shplb.kernels.triton_decode import (DecodeScratch, SummaryRows, alloc_page_summaries, build_page_summaries,
                                                 decode_splits, decode_walks, group_decode, max_decode_splits,
                                                 max_selected_pages, page_rules, summary_rows)
-from sglang_shplb.kernels.triton_select import SelectScratch, selector_consts, update_and_select_pages
+from sglang_shplb.kernels.triton_select import KeptSelections, SelectScratch, selector_consts, update_and_select_pages
 
 
 @dataclass
@@ -119,11 +122,14 @@ class LayerKernels:
     the layer never decodes on the kernels (stock in every decode bucket), so it keeps no summaries.
     ``pool_page_size``: the pool's page size as decode reads it (:func:`~.triton_decode.group_decode`): 64 when
     each 64-token page of a request is 64 consecutive slots (one index load per page), 1 for any layout
-    (one per token; a server whose plan selects no pages may run with ``--page-size 1``)."""
+    (one per token; a server whose plan selects no pages may run with ``--page-size 1``). ``request_slots``:
+    rows of ``req_to_token``, for the selections kept ``reselect_every`` decode steps (None, or ``reselect_every``
+    1: every step selects)."""
 
     def __init__(self, budgets: Sequence[HeadBudget], num_kv_heads: int, head_dim: int, max_ctx: int,
                  kv_dtype: torch.dtype, device, *, pool_tokens: int, decode: bool = True,
-                 pool_page_size: int = 1) -> None:
+                 pool_page_size: int = 1, request_slots: int | None = None,
+                 reselect_every: int = DECODE_RESELECT_EVERY) -> None:
         self.budgets = list(budgets)
         self.pool_page_size = pool_page_size
         self.heads = LayerHeads.of(budgets, num_kv_heads, head_dim)
@@ -134,14 +140,22 @@ class LayerKernels:
         self.walks = decode_walks(self.heads, num_kv_heads, self.max_pages)
         self.selects = bool(self.heads.selected)
         self.kmin = self.kmax = None
+        self.kept: KeptSelections | None = None
         if self.selects and decode:   # page summaries [pool pages + 1, Hkv, d] x 2, indexed by pool page
             self.kmin, self.kmax = alloc_page_summaries(pool_tokens, num_kv_heads, head_dim,
                                                         dtype=kv_dtype, device=device)
             self.select_consts = selector_consts(self.heads, device, self.max_pages)
+            if request_slots and reselect_every > 1:
+                self.kept = KeptSelections.alloc(request_slots, len(self.heads.selected), self.max_pages,
+                                                 num_kv_heads, reselect_every, device)
 
     @property
     def summary_bytes(self) -> int:
         return 0 if self.kmin is None else 2 * self.kmin.numel() * self.kmin.element_size()
+
+    @property
+    def kept_bytes(self) -> int:
+        return 0 if self.kept is None else self.kept.nbytes
 
     def extend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_buffer: torch.Tensor,
                v_buffer: torch.Tensor, batch: ExtendBatch, scale: float, out: torch.Tensor) -> torch.Tensor:
@@ -163,10 +177,12 @@ class LayerKernels:
 
     def summarize(self, k_buffer: torch.Tensor, batch: ExtendBatch) -> None:
         """(Re)build the key min/max of the pool pages that hold the batch's requests, which decode's page
-        selection reads (through ``req_to_token``)."""
+        selection reads (through ``req_to_token``), and forget the selections their slots kept."""
         if self.kmin is not None:
             build_page_summaries(k_buffer, batch.req_to_token, batch.req_pool_indices, batch.seq_lens,
                                  self.kmin, self.kmax, rows=batch.summary_rows(self.kmin.shape[0] - 1))
+        if self.kept is not None:
+            self.kept.forget(batch.req_pool_indices)
 
     def decode(self, q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tensor, req_to_token: torch.Tensor,
                req_pool_indices: torch.Tensor, seq_lens: torch.Tensor, ws: DecodeWorkspace, scale: float,
@@ -180,7 +196,7 @@ class LayerKernels:
                 raise RuntimeError("shplb: this layer was built without decode page summaries (decode=False)")
             update_and_select_pages(q, k_buffer, req_to_token, req_pool_indices, seq_lens, self.kmin, self.kmax,
                                     self.select_consts, self.max_pages, page_idx, page_cnt, scratch=ws.select,
-                                    union=(self.page_rules, ws.scratch))
+                                    union=(self.page_rules, ws.scratch), kept=self.kept)
         return group_decode(q, k_buffer, v_buffer, req_to_token, req_pool_indices, seq_lens, self.page_rules,
                             page_idx, page_cnt, ws.scratch, *self.splits(bs), sm_scale=scale, out=out,
                             pool_page_size=self.pool_page_size, union_built=self.selects)

@@ -18,7 +18,7 @@ from typing import Sequence
 
 import torch
 
-from sglang_shplb.core.patterns import BLOCK, HeadBudget, Pattern
+from sglang_shplb.core.patterns import BLOCK, DECODE_RESELECT_EVERY, HeadBudget, Pattern, reselect_due
 
 
 def _expand_block_mask(mask: torch.Tensor, n_kv: int, n_q: int, block: int = BLOCK) -> torch.Tensor:
@@ -131,6 +131,37 @@ def reference_decode_pages(budgets: Sequence[HeadBudget], q_b: torch.Tensor, k_b
                 picks[h] = chosen[h]
             rows.append(sorted({p for p in picks[h] if p < npg - 1} | {npg - 1}))
     return rows, picks
+
+
+class SelectionMemory:
+    """The page selections decode steps keep (:func:`~sglang_shplb.core.patterns.reselect_due`), per (layer, request
+    slot): what the fused selector keeps per pool slot on the GPU, for the reference decode path. ``every``: steps a
+    selection is kept (1: select at every step). :meth:`forget` the slots an extend (re)fills."""
+
+    def __init__(self, every: int = DECODE_RESELECT_EVERY) -> None:
+        self.every = int(every)
+        self.kept: dict[tuple[int, int], tuple[int, dict[int, list[int]]]] = {}   # (layer, slot) -> (n_sel, picks)
+
+    def forget(self, slots: Sequence[int] | None = None) -> None:
+        """Drop the selections of these request slots (all when None)."""
+        if slots is None:
+            self.kept.clear()
+            return
+        gone = {int(s) for s in slots}
+        self.kept = {key: val for key, val in self.kept.items() if key[1] not in gone}
+
+    def pages(self, layer: int, budgets: Sequence[HeadBudget], q_b: torch.Tensor, k_buffer: torch.Tensor,
+              req_to_token: torch.Tensor, slot: int, n: int,
+              summaries: tuple[torch.Tensor, torch.Tensor] | None = None) -> list[list[int]]:
+        """:func:`reference_decode_pages` of request slot ``slot`` at context ``n``, with the selection kept from an
+        earlier step where the rule allows."""
+        prev = self.kept.get((layer, slot))
+        reuse = prev is not None and not reselect_due(n, prev[0], self.every)
+        rows, picks = reference_decode_pages(budgets, q_b, k_buffer, req_to_token, slot, n,
+                                             chosen=prev[1] if reuse else None, summaries=summaries)
+        if not reuse:
+            self.kept[(layer, slot)] = (n, picks)
+        return rows
 
 
 def reference_sparse_decode(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tensor,

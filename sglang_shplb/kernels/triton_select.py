@@ -20,6 +20,10 @@ Grid ``(B, Hkv, page tiles)``:
   write ``page_cnt = 0`` (so the caller need not zero ``page_cnt``); their ``page_idx`` rows and the
   entries past ``cnt`` are left untouched. With the union on, the same program writes the group's union
   list (pages and per-head bit masks) when the KV head walks a list, and zeroes the counter.
+* with kept selections (:class:`KeptSelections`, LServe's reusable page selector), a (request, KV head) whose
+  selection is not due (:func:`~sglang_shplb.core.patterns.reselect_due` on its request slot's stamp) skips the
+  scoring and the bisection: the last program takes the pages the slot kept (a bit mask per selected head) and
+  builds the same outputs from them; a fresh selection is kept with the context it was made at.
 """
 from __future__ import annotations
 
@@ -28,7 +32,7 @@ from typing import NamedTuple
 
 import torch
 
-from sglang_shplb.core.patterns import BLOCK
+from sglang_shplb.core.patterns import BLOCK, DECODE_RESELECT_EVERY
 from sglang_shplb.kernels import triton_decode
 from sglang_shplb.kernels.layer_heads import LayerHeads
 from sglang_shplb.kernels.triton_decode import (DecodeScratch, PageRules, decode_count_table,
@@ -43,11 +47,18 @@ def _kernels():
     globals().update(_stream_span=triton_decode._stream_span, _reads_page=triton_decode._reads_page)
 
     @triton.jit
-    def _select_group(SEQ, SEL, CNT, SCR, PIDX, PCNT, MODE, SINK, WIN, GMODE, ULIST, UBITS, UCNT,
-                      s_sb, s_ss, s_pb, s_ph, s_cb, s_ch, s_ub, s_uh, b, hk, HKV, MAXP,
+    def _reselect_due(n, n_sel, every, PAGE: tl.constexpr):
+        # core.patterns.reselect_due: no kept selection, another request's, `every` steps old, or the page count moved
+        return (every <= 1) | (n_sel <= 0) | (n < n_sel) | (n - n_sel >= every) | \
+            ((n + PAGE - 1) // PAGE != (n_sel + PAGE - 1) // PAGE)
+
+    @triton.jit
+    def _select_group(SEQ, SEL, CNT, SCR, PIDX, PCNT, MODE, SINK, WIN, GMODE, ULIST, UBITS, UCNT, KBITS, KSTAMP,
+                      s_sb, s_ss, s_pb, s_ph, s_cb, s_ch, s_ub, s_uh, s_kr, s_ks, s_kt, b, hk, r, fresh, HKV, MAXP,
                       GROUP: tl.constexpr, GP2: tl.constexpr, PAGE: tl.constexpr, P2: tl.constexpr,
-                      UNION: tl.constexpr):
-        # rows = the GROUP q heads of KV head hk (padded to GP2), columns = pages 0 .. P2-1
+                      UNION: tl.constexpr, KEEP: tl.constexpr, BW: tl.constexpr):
+        # rows = the GROUP q heads of KV head hk (padded to GP2), columns = pages 0 .. P2-1. fresh: select anew
+        # (else, KEEP, the rows take the pages request slot r kept, as bit masks of BW-page words)
         rows = tl.arange(0, GP2)
         rv = rows < GROUP
         h = hk * GROUP + rows
@@ -68,7 +79,7 @@ def _kernels():
         # [lo, hi] (int64) for the largest thr with #{key >= thr} >= cnt, at most 32 steps; a row stops early
         # once #{key >= mid} == cnt exactly (then {key >= mid} is that set; about log2(pages) + a few steps)
         lo_t = tl.full([GP2], -2147483648, tl.int64)
-        hi_t = tl.where(act, tl.full([GP2], 2147483647, tl.int64), lo_t)      # rows that do not select: done
+        hi_t = tl.where(act & fresh, tl.full([GP2], 2147483647, tl.int64), lo_t)   # rows that do not select: done
         while tl.max(hi_t - lo_t, axis=0) > 0:
             mid = (lo_t + hi_t + 1) >> 1
             c = tl.sum((key >= mid.to(tl.int32)[:, None]).to(tl.int32), axis=1)
@@ -81,6 +92,16 @@ def _kernels():
         eq = key == thr
         need = cnt - tl.sum(gt.to(tl.int32), axis=1)
         keep = (gt | (eq & (tl.cumsum(eq.to(tl.int32), axis=1) <= need[:, None]))) & act[:, None]
+        if KEEP:
+            kw = KBITS + r * s_kr + srow[:, None] * s_ks
+            held = tl.load(kw + (p // BW)[None, :], mask=valid & (fresh == 0), other=0)
+            keep = tl.where(fresh, keep, (((held >> (p % BW)[None, :]) & 1) != 0) & valid)
+            n = tl.load(SEQ + b).to(tl.int32)
+            if fresh & (n >= 2):   # keep this selection (CUDA-graph padding rows, seq_len < 2, keep nothing)
+                bits = tl.reshape(keep.to(tl.int32) << (p % BW)[None, :], [GP2, P2 // BW, BW])
+                words = tl.sum(bits, axis=2)                                       # distinct bits: sum = or
+                tl.store(kw + tl.arange(0, P2 // BW)[None, :], words, mask=act[:, None])
+                tl.store(KSTAMP + r * s_kt + hk, n)
         slot = tl.cumsum(keep.to(tl.int32), axis=1) - 1                      # ascending page ids
         tl.store(PIDX + b * s_pb + h[:, None] * s_ph + slot, p[None, :] + 0 * slot, mask=keep)
         tl.store(PCNT + b * s_cb + h * s_ch, cnt, mask=rv)
@@ -101,15 +122,16 @@ def _kernels():
                 tl.store(UBITS + off, ub, mask=nz)
                 tl.store(UCNT + b * HKV + hk, tl.sum(nz.to(tl.int32), axis=0))
 
-    globals()["_select_group"] = _select_group   # jit functions resolve callees through the module's globals
+    globals().update(_select_group=_select_group, _reselect_due=_reselect_due)   # jit callees resolve via globals
 
     @triton.jit
     def _update_select_kernel(Q, K, KMIN, KMAX, R2T, RPI, SEQ, SEL, CNT, SCR, DONE, PIDX, PCNT,
-                              MODE, SINK, WIN, GMODE, ULIST, UBITS, UCNT,
+                              MODE, SINK, WIN, GMODE, ULIST, UBITS, UCNT, KBITS, KSTAMP,
                               s_kt, s_kh, s_rt, s_qb, s_qh, s_mp, s_mh, s_md, s_sb, s_ss,
-                              s_pb, s_ph, s_cb, s_ch, s_ub, s_uh, HKV, MAXP, NT,
+                              s_pb, s_ph, s_cb, s_ch, s_ub, s_uh, s_kr, s_ks, s_kst, HKV, MAXP, NT, EVERY,
                               GROUP: tl.constexpr, GP2: tl.constexpr, PAGE: tl.constexpr, D: tl.constexpr,
-                              TP: tl.constexpr, P2: tl.constexpr, UNION: tl.constexpr):
+                              TP: tl.constexpr, P2: tl.constexpr, UNION: tl.constexpr, KEEP: tl.constexpr,
+                              BW: tl.constexpr):
         # KMIN/KMAX [pool pages + 1, Hkv, D]: a request's page j is pool page R2T[r, j*PAGE] // PAGE
         b = tl.program_id(0)
         hk = tl.program_id(1)
@@ -128,10 +150,14 @@ def _kernels():
                 hi = tl.load(KMAX + off).to(tl.float32)
                 tl.store(KMIN + off, tl.where(first, k, tl.minimum(lo, k)).to(KMIN.dtype.element_ty))
                 tl.store(KMAX + off, tl.where(first, k, tl.maximum(hi, k)).to(KMAX.dtype.element_ty))
-        nv = tl.minimum((tl.load(SEQ + b).to(tl.int32) + PAGE - 1) // PAGE - 1, MAXP)   # pages 0 .. npg-2
+        n = tl.load(SEQ + b).to(tl.int32)
+        nv = tl.minimum((n + PAGE - 1) // PAGE - 1, MAXP)                            # pages 0 .. npg-2
+        fresh = n > -1
+        if KEEP:   # a kept selection that is still due skips the scoring and the bisection
+            fresh = _reselect_due(n, tl.load(KSTAMP + r * s_kst + hk), EVERY, PAGE)
         p = t * TP + tl.arange(0, TP)
         m = p < nv
-        if t * TP < nv:
+        if (t * TP < nv) & fresh:
             # one tile of the KV head's summaries (pool pages through req_to_token), read once for the GROUP q heads
             pg = tl.load(R2T + r * s_rt + p.to(tl.int64) * PAGE, mask=m, other=0).to(tl.int64) // PAGE
             off = pg[:, None] * s_mp + hk * s_mh + offs_d[None, :] * s_md
@@ -149,9 +175,9 @@ def _kernels():
         tl.debug_barrier()
         done = tl.atomic_add(DONE + b * HKV + hk, 1, sem="acq_rel", scope="gpu")
         if done == NT - 1:
-            _select_group(SEQ, SEL, CNT, SCR, PIDX, PCNT, MODE, SINK, WIN, GMODE, ULIST, UBITS, UCNT,
-                          s_sb, s_ss, s_pb, s_ph, s_cb, s_ch, s_ub, s_uh, b, hk, HKV, MAXP,
-                          GROUP, GP2, PAGE, P2, UNION)
+            _select_group(SEQ, SEL, CNT, SCR, PIDX, PCNT, MODE, SINK, WIN, GMODE, ULIST, UBITS, UCNT, KBITS, KSTAMP,
+                          s_sb, s_ss, s_pb, s_ph, s_cb, s_ch, s_ub, s_uh, s_kr, s_ks, s_kst, b, hk, r, fresh, HKV, MAXP,
+                          GROUP, GP2, PAGE, P2, UNION, KEEP, BW)
             tl.store(DONE + b * HKV + hk, 0)   # the next launch (next layer, next step, graph replay) starts at 0
 
     return _update_select_kernel
@@ -205,6 +231,39 @@ def select_scratch(batch: int, consts: SelectConsts, num_kv_heads: int, device=N
                                device if device is not None else consts.sel.device)
 
 
+def _pow2_pages(max_pages: int) -> int:
+    return 1 << max(0, (max_pages - 1).bit_length())
+
+
+class KeptSelections(NamedTuple):
+    """The page selections one layer keeps between decode steps, per request slot (a row of ``req_to_token``):
+    what :func:`update_and_select_pages` reuses while :func:`~sglang_shplb.core.patterns.reselect_due` allows.
+    ``bits [slots, S, words]``: bit ``p % BW`` of word ``p // BW`` set iff selected head row ``s`` kept page ``p``
+    (``BW = min(32, P2)``, ``P2`` the page count rounded up to a power of two); ``stamp [slots, Hkv]``: the context
+    at which the slot's KV head chose them (0: none). :meth:`forget` the slots an extend (re)fills."""
+    bits: torch.Tensor       # int32 [slots, max(S, 1), P2 / BW]
+    stamp: torch.Tensor      # int32 [slots, Hkv]
+    every: int               # steps a selection is kept (> 1)
+
+    @staticmethod
+    def alloc(slots: int, num_selected: int, max_pages: int, num_kv_heads: int,
+              every: int = DECODE_RESELECT_EVERY, device=None) -> "KeptSelections":
+        if every < 2:
+            raise ValueError(f"kept selections need every >= 2 (1 selects at every step), got {every}")
+        p2 = _pow2_pages(max_pages)
+        return KeptSelections(torch.zeros(slots, max(num_selected, 1), p2 // min(32, p2), dtype=torch.int32,
+                                          device=device),
+                              torch.zeros(slots, num_kv_heads, dtype=torch.int32, device=device), int(every))
+
+    def forget(self, slots: torch.Tensor) -> None:
+        """Drop the selections of these request slots (device indices, sync-free)."""
+        self.stamp.index_fill_(0, slots.long(), 0)
+
+    @property
+    def nbytes(self) -> int:
+        return self.bits.numel() * 4 + self.stamp.numel() * 4
+
+
 def select_warps(p2: int, batch: int) -> int:
     """Warps of the selector launch at ``p2`` pages (the page count rounded up to a power of two) and ``batch``
     requests: the last tile program of each (request, KV head) bisects ``[group, p2]`` keys alone. Measured on an
@@ -217,7 +276,8 @@ def update_and_select_pages(q: torch.Tensor, k_buffer: torch.Tensor, req_to_toke
                             req_pool_indices: torch.Tensor, seq_lens: torch.Tensor, kmin: torch.Tensor,
                             kmax: torch.Tensor, consts: SelectConsts, max_pages: int, page_idx: torch.Tensor,
                             page_cnt: torch.Tensor, scratch: SelectScratch | None = None,
-                            union: tuple[PageRules, DecodeScratch] | None = None, num_warps: int | None = None):
+                            union: tuple[PageRules, DecodeScratch] | None = None, num_warps: int | None = None,
+                            kept: KeptSelections | None = None):
     """``update_page_summaries(k_buffer, req_to_token, req_pool_indices, seq_lens, kmin, kmax)`` then
     ``select_pages(heads, q, kmin, kmax, req_to_token, req_pool_indices, seq_lens, max_pages,
     out=(page_idx, page_cnt))`` in one launch; with ``union = (rules, decode_scratch)`` also the union lists
@@ -228,7 +288,9 @@ def update_and_select_pages(q: torch.Tensor, k_buffer: torch.Tensor, req_to_toke
     :func:`selector_consts` (same ``max_pages``), ``scratch`` from :func:`select_scratch` (allocated here when
     None). Same ``kmin/kmax`` and ``page_cnt`` as the torch pair; ``page_idx[b, h, :cnt]`` holds the same page
     set in ascending order (exact ties: lowest page ids), entries past ``cnt`` and rows of non-selected heads
-    are not written. Every ``page_cnt`` entry is written (0 for non-selected heads). Assumes
+    are not written. Every ``page_cnt`` entry is written (0 for non-selected heads). ``kept``: a
+    :class:`KeptSelections` of this layer (same heads and ``max_pages``): a (request, KV head) whose kept selection is
+    not due reuses it instead of selecting (every output as if selected then); None selects at every call. Assumes
     ``1 <= seq_lens <= max_pages * 64``. No allocation (with ``scratch``), no host sync."""
     bsz, hq, d = q.shape
     hkv = k_buffer.shape[1]
@@ -265,18 +327,32 @@ def update_and_select_pages(q: torch.Tensor, k_buffer: torch.Tensor, req_to_toke
         ulist, ubits, ucnt = ds.ulist, ds.ubits, ds.ucnt
     else:      # unused (UNION=False): any int32 tensors
         umode = usink = uwin = ugm = ulist = ubits = ucnt = consts.sel
+    p2 = _pow2_pages(max_pages)
+    if kept is not None:
+        kb = kept.bits
+        if kb.shape[0] != req_to_token.shape[0] or kb.shape[1] < max(consts.num_sel, 1) \
+                or kb.shape[2] != p2 // min(32, p2) or kept.stamp.shape != (kb.shape[0], hkv) \
+                or not kb.is_contiguous() or not kept.stamp.is_contiguous():
+            raise ValueError(f"kept selections {tuple(kb.shape)} / stamp {tuple(kept.stamp.shape)} do not fit "
+                             f"{req_to_token.shape[0]} request slots x {consts.num_sel} heads x {p2} pages, {hkv} KV heads")
+        kstamp, every = kept.stamp, kept.every
+    else:      # unused (KEEP=False)
+        kb = kstamp = consts.sel
+        every = 1
     kern = _kernels()
     group = hq // hkv
-    p2 = 1 << max(0, (max_pages - 1).bit_length())
     tp = min(p2, max(16, 4096 // d))                       # [TP, d] fp32 tiles of kmin and kmax, one per program
     nt = -(-max_pages // tp)
     kern[(bsz, hkv, nt)](
         q, k_buffer, kmin, kmax, req_to_token, req_pool_indices, seq_lens, consts.sel, consts.cnt_table, sc,
-        scratch.done, page_idx, page_cnt, umode, usink, uwin, ugm, ulist, ubits, ucnt,
+        scratch.done, page_idx, page_cnt, umode, usink, uwin, ugm, ulist, ubits, ucnt, kb, kstamp,
         k_buffer.stride(0), k_buffer.stride(1), req_to_token.stride(0), q.stride(0), q.stride(1),
         kmin.stride(0), kmin.stride(1), kmin.stride(2), sc.stride(0), sc.stride(1),
         page_idx.stride(0), page_idx.stride(1), page_cnt.stride(0), page_cnt.stride(1),
         ulist.stride(0) if union is not None else 0, ulist.stride(1) if union is not None else 0,
-        hkv, max_pages, nt, GROUP=group, GP2=max(2, 1 << (group - 1).bit_length()), PAGE=BLOCK, D=d, TP=tp, P2=p2,
-        UNION=union is not None, num_warps=num_warps or select_warps(p2, bsz))
+        kb.stride(0) if kept is not None else 0, kb.stride(1) if kept is not None else 0,
+        kstamp.stride(0) if kept is not None else 0,
+        hkv, max_pages, nt, every, GROUP=group, GP2=max(2, 1 << (group - 1).bit_length()), PAGE=BLOCK, D=d, TP=tp,
+        P2=p2, UNION=union is not None, KEEP=kept is not None, BW=min(32, p2),
+        num_warps=num_warps or select_warps(p2, bsz))
     return page_idx, page_cnt

@@ -20,21 +20,24 @@ import torch
 from sglang_shplb.core.block_masks import build_block_masks
 from sglang_shplb.planning.calibration_data import passkey_prompt
 from sglang_shplb.kernels.layer_reference import sparse_decode
-from sglang_shplb.kernels.reference import masked_attention, reference_decode_pages, reference_page_summaries
-from sglang_shplb.core.patterns import BLOCK, HeadBudget
+from sglang_shplb.kernels.reference import SelectionMemory, masked_attention, reference_page_summaries
+from sglang_shplb.core.patterns import BLOCK, DECODE_RESELECT_EVERY, HeadBudget
 
 ATTN_NAME = "shplb_sparse_prefill"
 QUALITY_NAME = "quality.json"
 
 
 def register_sparse_attention(budgets: list[list[HeadBudget]],
-                              decode_budgets: list[list[HeadBudget]] | None = None) -> None:
+                              decode_budgets: list[list[HeadBudget]] | None = None,
+                              reselect_every: int = DECODE_RESELECT_EVERY) -> None:
     """Register ``ATTN_NAME`` with transformers: the plan's sparse prefill (block masks) and decode (the
-    server's rule) for ``model.set_attn_implementation(ATTN_NAME)``; ``decode_budgets`` (default ``budgets``)
-    are the budgets the decode steps follow."""
+    server's rule, page selections kept for ``reselect_every`` steps) for
+    ``model.set_attn_implementation(ATTN_NAME)``; ``decode_budgets`` (default ``budgets``) are the budgets the
+    decode steps follow. One request at a time: a prefill starts a new one."""
     decode_budgets = budgets if decode_budgets is None else decode_budgets
     from transformers import AttentionInterface
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    memory = SelectionMemory(reselect_every)
 
     def sparse(module, query, key, value, attention_mask, **kwargs):
         if query.shape[2] == 1:  # decode step: the serving reference over the cache as a token pool
@@ -44,8 +47,10 @@ def register_sparse_attention(budgets: list[list[HeadBudget]],
             sparse_decode(query[0].transpose(0, 1).contiguous(), key[0].transpose(0, 1).contiguous(),
                           value[0].transpose(0, 1).contiguous(),
                           torch.arange(n, device=query.device, dtype=torch.int32)[None], one, one + n,
-                          decode_budgets[module.layer_idx], kwargs.get("scaling") or module.scaling, out[0])
+                          decode_budgets[module.layer_idx], kwargs.get("scaling") or module.scaling, out[0],
+                          memory, module.layer_idx)
             return out, None
+        memory.forget()
         return masked_prefill(budgets[module.layer_idx], query, key, value, kwargs.get("scaling")).to(query.dtype), None
 
     AttentionInterface.register(ATTN_NAME, sparse)
@@ -73,12 +78,13 @@ def masked_prefill(budgets: list[HeadBudget], query: torch.Tensor, key: torch.Te
 
 
 def decode_rows(budgets: list[HeadBudget], q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int,
-                scaling: float | None) -> torch.Tensor:
+                scaling: float | None, reselect_every: int = DECODE_RESELECT_EVERY) -> torch.Tensor:
     """Rows ``start .. n-1`` of ``q [n, H, d]`` over ``k/v [n, Hkv, d]``, each as the decode step at its
     position (context ``t + 1``): the pages of the server's decode rule
     (:func:`~sglang_shplb.kernels.reference.reference_decode_pages`: Quest pages for top-k / vertical-slash,
-    sink + decode window for streaming, all for dense; chosen without gradient), softmax over their keys up
-    to ``t``. Float32 ``[n - start, H, d]``, differentiable in q, k, v."""
+    kept for ``reselect_every`` steps as the server keeps them, sink + decode window for streaming, all for
+    dense; chosen without gradient), softmax over their keys up to ``t``. Float32 ``[n - start, H, d]``,
+    differentiable in q, k, v."""
     n, hq, d = q.shape
     group = hq // k.shape[1]
     scale = scaling if scaling is not None else d ** -0.5
@@ -87,8 +93,9 @@ def decode_rows(budgets: list[HeadBudget], q: torch.Tensor, k: torch.Tensor, v: 
         table = torch.arange(n, dtype=torch.int32, device=q.device)[None]
         summaries = reference_page_summaries(k, table, 0, n)   # once: a row scores its complete pages only
         pages = torch.zeros(n - start, hq, npg, dtype=torch.bool)
+        memory = SelectionMemory(reselect_every)
         for r, t in enumerate(range(start, n)):
-            for h, ps in enumerate(reference_decode_pages(budgets, q[t], k, table, 0, t + 1, summaries=summaries)[0]):
+            for h, ps in enumerate(memory.pages(0, budgets, q[t], k, table, 0, t + 1, summaries=summaries)):
                 pages[r, h, ps] = True
         pos = torch.arange(n, device=q.device)
         allowed = pages.to(q.device).repeat_interleave(BLOCK, -1)[..., :n] \

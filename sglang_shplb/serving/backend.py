@@ -50,6 +50,7 @@ from sglang_shplb.core.patterns import HeadBudget, Pattern
 from sglang_shplb.kernels.head_parallel import ExchangeStats, HeadParallelExtend, RankLayout
 from sglang_shplb.kernels.layer_heads import LayerHeads
 from sglang_shplb.kernels.layer_reference import prepare_decode_constants, sparse_attention, sparse_decode, sparse_heads
+from sglang_shplb.kernels.reference import SelectionMemory
 from sglang_shplb.kernels.paged_layer import (DecodeWorkspace, ExtendBatch, LayerKernels, layer_max_selected,
                                               selected_heads)
 from sglang_shplb.kernels.triton_decode import page_summary_bytes_per_token, update_page_summaries
@@ -203,6 +204,8 @@ class ShplbAttnBackend(AttentionBackend):
         n_sparse = sum(len(sparse_heads(b)) for b in self.layer_budgets.values())
         n_all = sum(len(b) for b in self.layer_budgets.values())
         self.kernels: dict[int, LayerKernels] = {}
+        # the reference path's kept page selections (the kernel path keeps them on the device, per layer)
+        self.selections = SelectionMemory(self.cfg.decode_reselect_every)
         self.decode_ws: DecodeWorkspace | None = None
         self.extend_batch: ExtendBatch | None = None
         if str(self.device).startswith("cuda"):
@@ -249,7 +252,9 @@ class ShplbAttnBackend(AttentionBackend):
         for li, budgets in self.layer_budgets.items():
             if sparse_heads(budgets):
                 self.kernels[li] = LayerKernels(budgets, hkv, mc.head_dim, self.max_context, k0.dtype, self.device,
-                                                pool_tokens=pool_tokens, decode=li in keep, pool_page_size=pool_page)
+                                                pool_tokens=pool_tokens, decode=li in keep, pool_page_size=pool_page,
+                                                request_slots=self.req_to_token_pool.req_to_token.shape[0],
+                                                reselect_every=self.cfg.decode_reselect_every)
         if self.kernels:
             max_sel = max(layer_max_selected(lk.budgets, self.max_context) for lk in self.kernels.values())
             hq = len(next(iter(self.kernels.values())).budgets)
@@ -257,8 +262,11 @@ class ShplbAttnBackend(AttentionBackend):
                                              max(selected_heads(lk.budgets) for lk in self.kernels.values()))
             mib = sum(lk.summary_bytes for lk in self.kernels.values()) / 2**20
             logger.info("shplb kernel path: %d layers, decode page summaries %.1f MiB for %d layers (%d pool "
-                        "tokens / %d per page; counted in the KV cell size)", len(self.kernels), mib,
-                        sum(lk.kmin is not None for lk in self.kernels.values()), pool_tokens, SUMMARY_PAGE_SIZE)
+                        "tokens / %d per page; counted in the KV cell size); page selections kept %d decode steps "
+                        "(%.1f MiB for %d request slots)", len(self.kernels), mib,
+                        sum(lk.kmin is not None for lk in self.kernels.values()), pool_tokens, SUMMARY_PAGE_SIZE,
+                        self.cfg.decode_reselect_every, sum(lk.kept_bytes for lk in self.kernels.values()) / 2**20,
+                        self.req_to_token_pool.req_to_token.shape[0])
 
     # ---- per-batch metadata ----------------------------------------------------------------------------
     def _bucket(self, forward_batch) -> int:
@@ -280,6 +288,8 @@ class ShplbAttnBackend(AttentionBackend):
         mode = forward_batch.forward_mode
         if mode.is_extend() and forward_batch.extend_seq_lens_cpu:
             seq_lens = forward_batch.seq_lens_cpu.tolist()
+            if not self.kernels and self.selections.kept:   # the slots this batch (re)fills
+                self.selections.forget(forward_batch.req_pool_indices.tolist())
             if self.kernels:
                 self.extend_batch = ExtendBatch.build(
                     self.req_to_token_pool.req_to_token, forward_batch.req_pool_indices,
@@ -490,7 +500,7 @@ class ShplbAttnBackend(AttentionBackend):
         sparse_decode(q3[:bs], self.token_to_kv_pool.get_key_buffer(layer.layer_id),
                       self.token_to_kv_pool.get_value_buffer(layer.layer_id),
                       self.req_to_token_pool.req_to_token, forward_batch.req_pool_indices,
-                      forward_batch.seq_lens, budgets, layer.scaling, o3[:bs])
+                      forward_batch.seq_lens, budgets, layer.scaling, o3[:bs], self.selections, layer.layer_id)
         if not capturing:
             self.stats["decode_layers_sparse"] += 1
         return o

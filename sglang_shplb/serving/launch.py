@@ -14,6 +14,8 @@ import argparse
 import os
 import sys
 
+from sglang_shplb.core.patterns import DECODE_RESELECT_EVERY
+
 EXIT_BAD_PLAN = 3
 EXIT_NO_PLAN = 4
 EXIT_BAD_ARGS = 2
@@ -34,6 +36,17 @@ def add_shplb_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--shplb-bucket-log-every", type=int, default=200, metavar="N",
                    help="log the batch bucket histogram every N batches (0: never; exported as the metric "
                         "sglang:shplb_bucket_batches_total with --enable-metrics)")
+    g.add_argument("--shplb-decode-reselect-every", type=_positive_int, default=DECODE_RESELECT_EVERY, metavar="N",
+                   help="decode steps a top-k / vertical-slash head keeps the pages it selected (LServe's "
+                        "reusable page selector; the steps between skip the selection launch's scoring); 1: "
+                        "select at every step (default %(default)s)")
+
+
+def _positive_int(text: str) -> int:
+    v = int(text)
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
+    return v
 
 
 def build_parser():
@@ -48,7 +61,7 @@ def build_parser():
 
 
 _OURS = ("shplb_plan", "shplb_dense_fallback", "shplb_dense_backend", "shplb_group_prefill_by_bucket",
-         "shplb_bucket_log_every")
+         "shplb_bucket_log_every", "shplb_decode_reselect_every")
 
 
 def split_argv(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
@@ -159,7 +172,8 @@ def main(argv: list[str] | None = None) -> int:
     register()       # when running from a source tree without the entry point installed
     ours, sgl_argv, args = split_argv(argv)
     cfg = ServingConfig(os.path.abspath(ours.shplb_plan) if ours.shplb_plan else None, ours.shplb_dense_fallback,
-                        ours.shplb_dense_backend, ours.shplb_group_prefill_by_bucket, ours.shplb_bucket_log_every)
+                        ours.shplb_dense_backend, ours.shplb_group_prefill_by_bucket, ours.shplb_bucket_log_every,
+                        ours.shplb_decode_reselect_every)
     os.environ.update(cfg.to_env())
     from sglang_shplb.serving.backend import ShplbPageSizeError
     try:
