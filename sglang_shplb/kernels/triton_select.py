@@ -44,7 +44,7 @@ def _kernels():
     from sglang_shplb.kernels._triton_compat import import_triton
     triton, tl = import_triton()
     triton_decode._kernels()   # defines the page rule the union lists follow (_stream_span, _reads_page)
-    globals().update(_stream_span=triton_decode._stream_span, _reads_page=triton_decode._reads_page)
+    globals().update(_stream_span=triton_decode._stream_span, _reads_page=triton_decode._reads_page, tl=tl)
 
     @triton.jit
     def _reselect_due(n, n_sel, every, PAGE: tl.constexpr):
@@ -98,8 +98,8 @@ def _kernels():
             keep = tl.where(fresh, keep, (((held >> (p % BW)[None, :]) & 1) != 0) & valid)
             n = tl.load(SEQ + b).to(tl.int32)
             if fresh & (n >= 2):   # keep this selection (CUDA-graph padding rows, seq_len < 2, keep nothing)
-                bits = tl.reshape(keep.to(tl.int32) << (p % BW)[None, :], [GP2, P2 // BW, BW])
-                words = tl.sum(bits, axis=2)                                       # distinct bits: sum = or
+                kbits = tl.reshape(keep.to(tl.int32) << (p % BW)[None, :], [GP2, P2 // BW, BW])
+                words = tl.sum(kbits, axis=2)                                      # distinct bits: sum = or
                 tl.store(kw + tl.arange(0, P2 // BW)[None, :], words, mask=act[:, None])
                 tl.store(KSTAMP + r * s_kt + hk, n)
         slot = tl.cumsum(keep.to(tl.int32), axis=1) - 1                      # ascending page ids
