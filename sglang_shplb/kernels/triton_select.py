@@ -22,8 +22,9 @@ Grid ``(B, Hkv, page tiles)``:
   list (pages and per-head bit masks) when the KV head walks a list, and zeroes the counter.
 * with kept selections (:class:`KeptSelections`, LServe's reusable page selector), a (request, KV head) whose
   selection is not due (:func:`~sglang_shplb.core.patterns.reselect_due` on its request slot's stamp) skips the
-  scoring and the bisection: the last program takes the pages the slot kept (a bit mask per selected head) and
-  builds the same outputs from them; a fresh selection is kept with the context it was made at.
+  scoring, the bisection and the wait for the other tiles: its first tile program takes the pages the slot kept
+  (a bit mask per selected head) and builds the same outputs from them; a fresh selection is kept with the
+  context it was made at.
 """
 from __future__ import annotations
 
@@ -70,7 +71,7 @@ def _kernels():
         act = cnt > 0                                                          # selecting rows (SEL >= 0)
         srow = tl.load(SEL + h, mask=rv, other=0)
         valid = act[:, None] & (p < nv)[None, :]
-        x = tl.load(SCR + b * s_sb + srow[:, None] * s_ss + p[None, :], mask=valid, other=0.0,
+        x = tl.load(SCR + b * s_sb + srow[:, None] * s_ss + p[None, :], mask=valid & fresh, other=0.0,
                     cache_modifier=".cg")
         # order-preserving int32 key: negative floats get their magnitude bits flipped
         bits = x.to(tl.int32, bitcast=True)
@@ -170,15 +171,20 @@ def _kernels():
                     q = tl.load(Q + b * s_qb + h * s_qh + offs_d).to(tl.float32)
                     sc = tl.sum(tl.maximum(q[None, :] * lo, q[None, :] * hi), axis=1)
                     tl.store(SCR + b * s_sb + s * s_ss + p, tl.where(p == 0, float("inf"), sc), mask=m)
-        # the last of the NT tile programs of (b, hk) to finish selects for the group's heads (and builds
-        # its union list); the release/acquire pair makes the other tiles' scores visible to it
-        tl.debug_barrier()
-        done = tl.atomic_add(DONE + b * HKV + hk, 1, sem="acq_rel", scope="gpu")
-        if done == NT - 1:
-            _select_group(SEQ, SEL, CNT, SCR, PIDX, PCNT, MODE, SINK, WIN, GMODE, ULIST, UBITS, UCNT, KBITS, KSTAMP,
-                          s_sb, s_ss, s_pb, s_ph, s_cb, s_ch, s_ub, s_uh, s_kr, s_ks, s_kst, b, hk, r, fresh, HKV, MAXP,
-                          GROUP, GP2, PAGE, P2, UNION, KEEP, BW)
-            tl.store(DONE + b * HKV + hk, 0)   # the next launch (next layer, next step, graph replay) starts at 0
+        if fresh:
+            # the last of the NT tile programs of (b, hk) to finish selects for the group's heads (and builds
+            # its union list); the release/acquire pair makes the other tiles' scores visible to it
+            tl.debug_barrier()
+            done = tl.atomic_add(DONE + b * HKV + hk, 1, sem="acq_rel", scope="gpu")
+            if done == NT - 1:
+                _select_group(SEQ, SEL, CNT, SCR, PIDX, PCNT, MODE, SINK, WIN, GMODE, ULIST, UBITS, UCNT, KBITS,
+                              KSTAMP, s_sb, s_ss, s_pb, s_ph, s_cb, s_ch, s_ub, s_uh, s_kr, s_ks, s_kst, b, hk, r,
+                              fresh, HKV, MAXP, GROUP, GP2, PAGE, P2, UNION, KEEP, BW)
+                tl.store(DONE + b * HKV + hk, 0)   # the next launch (next layer, next step, replay) starts at 0
+        elif t == 0:   # a kept selection: no scores to wait for; the first tile builds the outputs from it
+            _select_group(SEQ, SEL, CNT, SCR, PIDX, PCNT, MODE, SINK, WIN, GMODE, ULIST, UBITS, UCNT, KBITS,
+                          KSTAMP, s_sb, s_ss, s_pb, s_ph, s_cb, s_ch, s_ub, s_uh, s_kr, s_ks, s_kst, b, hk, r,
+                          fresh, HKV, MAXP, GROUP, GP2, PAGE, P2, UNION, KEEP, BW)
 
     return _update_select_kernel
 
