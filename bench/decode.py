@@ -16,7 +16,9 @@ graph; the time per layer is replay / L, with L2 flushed between replays
   the selector launch folds the key and rebuilds the union lists from the kept pages, without scoring or
   bisecting; **amortized** = (step + (R - 1) · kept) / R, a step in R selecting (R = ``--reselect-every``; a
   page boundary also selects, once every 64 steps, not counted);
-* **reuse**: the group kernel alone on the last selection (no selector launch; a lower bound).
+* **reuse**: the group kernel alone on the last selection (no selector launch; a lower bound);
+* **routed dense**: the same launches with the layer's route flag set (``LayerKernels.route``: how a decode CUDA
+  graph shared by every bucket runs a bucket the plan marks stock), every head on every page.
 
 Bytes are the unique K/V bytes the kernel must read: per request and KV head, the pages of the union of its
 q heads' page sets (64 tokens · d · 2 B · K and V). Efficiency = (bytes / time) / copy bandwidth, the copy
@@ -259,6 +261,10 @@ def main():
                 if row["configs"] and row["configs"][0]["name"] == "dense":
                     ent["step_speedup_vs_ours_dense"] = row["configs"][0]["step_ms"] / ent["step_ms"]
                     line += f", vs our dense {ent['step_speedup_vs_ours_dense']:.2f}x"
+                line += f"\n{'':42s} routed dense {ent['routed_dense_ms']:.4f} ms"
+                if row["configs"] and row["configs"][0]["name"] == "dense":
+                    ent["routed_dense_vs_ours_dense"] = row["configs"][0]["step_ms"] / ent["routed_dense_ms"]
+                    line += f" ({ent['routed_dense_vs_ours_dense']:.2f}x our dense)"
                 if "kept_ms" in ent:
                     line += (f"\n{'':42s} kept {ent['kept_ms']:.4f} ms, amortized over {ent['reselect_every']} steps "
                              f"{ent['amortized_ms']:.4f} ms")
@@ -340,6 +346,12 @@ def one_config(name, budgets, q_l, kb_l, vb_l, r2t, rpi, seq, ws, scale, hkv, d,
         ent.update(kept_ms=t_kept, reselect_every=reselect_every, kept_equals_step=same,
                    amortized_ms=(t_step + (reselect_every - 1) * t_kept) / reselect_every)
         del kls
+    route = torch.ones(1, dtype=torch.int32, device=dev)
+    for lk in lks:
+        lk.route = route
+    ent["routed_dense_ms"] = graph_ms(step, smoke) / L
+    for lk in lks:
+        lk.route = None
     if profile and not smoke:   # device time of each kernel of a step, per layer
         from torch.profiler import ProfilerActivity
         with torch.profiler.profile(activities=[ProfilerActivity.CUDA]) as prof:

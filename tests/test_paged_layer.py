@@ -169,3 +169,46 @@ def test_decode_splits_follow_the_walks_and_stay_within_the_workspace_bound():
                 assert ns >= 8                               # a long walk is never cut into fewer than 8
     assert decode_splits([pages] * 8, 1) == (32, 64)         # batch 1: ~256 programs over the batch
     assert decode_splits([256] * 8, 1) == (32, 8) and decode_splits([256] * 8, 16) == (8, 32)
+
+
+def test_decode_route_switches_dense_and_sparse_on_the_same_launches():
+    """``LayerKernels.route`` (a device flag the server writes per batch, read inside a shared CUDA graph): at 1
+    every head attends every page (dense reference) while the summaries keep following the tokens; at 0 the
+    plan's rule with kept selections (the reference with a SelectionMemory). Steps alternate the route."""
+    from sglang_shplb.kernels.reference import SelectionMemory
+    budgets = budgets_mixed()
+    pool = make_pool()
+    lk = LayerKernels(budgets, HKV, D, MAX_CTX, torch.float32, DEV, pool_tokens=POOL, pool_page_size=BLOCK,
+                      request_slots=SLOTS, reselect_every=3)
+    lk.route = torch.zeros(1, dtype=torch.int32, device=DEV)
+    lens, reqs = [300, 129], [3, 1]
+    full = [seq(n + 6, 40 + r) for r, n in enumerate(lens)]
+    extend(lk, pool, reqs, [f[0][:n] for f, n in zip(full, lens)], [f[1][:n] for f, n in zip(full, lens)],
+           [f[2][:n] for f, n in zip(full, lens)], [0, 0])
+    ws = DecodeWorkspace(HQ, HKV, D, MAX_CTX // BLOCK, layer_max_selected(budgets, MAX_CTX), DEV, selected_heads(budgets))
+    ws.ensure(2)
+    rpi = torch.tensor(reqs, device=DEV)
+    memory = SelectionMemory(3)
+    dense = [HeadBudget.dense()] * HQ
+    for step, route in enumerate([0, 1, 0, 0, 1, 0]):
+        lk.route.fill_(route)
+        for i, (f, n) in enumerate(zip(full, lens)):
+            pool.put(reqs[i], n + step, f[1][n + step:n + step + 1], f[2][n + step:n + step + 1])
+        seq_lens = torch.tensor([n + step + 1 for n in lens], device=DEV)
+        q = torch.stack([f[0][n + step] for f, n in zip(full, lens)])
+        out = torch.full_like(q, float("nan"))
+        lk.decode(q, pool.k, pool.v, pool.req_to_token, rpi, seq_lens, ws, SCALE, out)
+        sets = []
+        for b in range(2):
+            n = int(seq_lens[b])
+            lo, hi = reference_page_summaries(pool.k, pool.req_to_token, reqs[b], n)
+            pid = pool.req_to_token[reqs[b], :n:BLOCK].long() // BLOCK
+            assert torch.equal(lk.kmin[pid].transpose(0, 1), lo) and torch.equal(lk.kmax[pid].transpose(0, 1), hi)
+            sets.append(reference_decode_pages(dense, q[b], pool.k, pool.req_to_token, reqs[b], n)[0] if route else
+                        memory.pages(0, budgets, q[b], pool.k, pool.req_to_token, reqs[b], n))
+        ref = reference_sparse_decode(q, pool.k, pool.v, pool.req_to_token, rpi, seq_lens, sets, SCALE)
+        assert relative_error(out, ref) < LAYER_TOL, (step, route)
+    sparse = reference_sparse_decode(q, pool.k, pool.v, pool.req_to_token, rpi, seq_lens,
+                                     [reference_decode_pages(dense, q[b], pool.k, pool.req_to_token, reqs[b],
+                                                             int(seq_lens[b]))[0] for b in range(2)], SCALE)
+    assert relative_error(out, sparse) > 10 * LAYER_TOL   # the last (sparse) step differs from dense: the test can tell

@@ -37,9 +37,9 @@ import torch
 from sglang_shplb.core.patterns import BLOCK, DECODE_RESELECT_EVERY, HeadBudget
 from sglang_shplb.kernels.api import SparsePrefill
 from sglang_shplb.kernels.layer_heads import LayerHeads
-from sglang_shplb.kernels.triton_decode import (DecodeScratch, SummaryRows, alloc_page_summaries, build_page_summaries,
-                                                decode_splits, decode_walks, group_decode, max_decode_splits,
-                                                max_selected_pages, page_rules, summary_rows)
+from sglang_shplb.kernels.triton_decode import (SPLIT_MIN_PAGES, DecodeScratch, SummaryRows, alloc_page_summaries,
+                                                build_page_summaries, decode_splits, decode_walks, group_decode,
+                                                max_decode_splits, max_selected_pages, page_rules, summary_rows)
 from sglang_shplb.kernels.triton_select import KeptSelections, SelectScratch, selector_consts, update_and_select_pages
 
 
@@ -141,6 +141,9 @@ class LayerKernels:
         self.selects = bool(self.heads.selected)
         self.kmin = self.kmax = None
         self.kept: KeptSelections | None = None
+        #: an int32 device scalar the server writes per batch (None: always sparse): nonzero runs the decode step
+        #: dense on the same launches, so a decode CUDA graph shared by every bucket follows the bucket's route
+        self.route: torch.Tensor | None = None
         if self.selects and decode:   # page summaries [pool pages + 1, Hkv, d] x 2, indexed by pool page
             self.kmin, self.kmax = alloc_page_summaries(pool_tokens, num_kv_heads, head_dim,
                                                         dtype=kv_dtype, device=device)
@@ -196,10 +199,14 @@ class LayerKernels:
                 raise RuntimeError("shplb: this layer was built without decode page summaries (decode=False)")
             update_and_select_pages(q, k_buffer, req_to_token, req_pool_indices, seq_lens, self.kmin, self.kmax,
                                     self.select_consts, self.max_pages, page_idx, page_cnt, scratch=ws.select,
-                                    union=(self.page_rules, ws.scratch), kept=self.kept)
+                                    union=(self.page_rules, ws.scratch), kept=self.kept, route=self.route)
+        nsplit, split_pages = self.splits(bs)
+        if self.route is not None:   # enough slices for a dense walk too (at least SPLIT_MIN_PAGES pages each)
+            nsplit = max(nsplit, decode_splits([self.max_pages] * self.hkv, bs)[0])
         return group_decode(q, k_buffer, v_buffer, req_to_token, req_pool_indices, seq_lens, self.page_rules,
-                            page_idx, page_cnt, ws.scratch, *self.splits(bs), sm_scale=scale, out=out,
-                            pool_page_size=self.pool_page_size, union_built=self.selects)
+                            page_idx, page_cnt, ws.scratch, nsplit, split_pages, sm_scale=scale, out=out,
+                            pool_page_size=self.pool_page_size, union_built=self.selects, route=self.route,
+                            dense_split_pages=SPLIT_MIN_PAGES)
 
     def splits(self, bs: int) -> tuple[int, int]:
         """``(nsplit, split_pages)`` of this layer's page walks at batch size ``bs``."""

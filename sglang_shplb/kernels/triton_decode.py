@@ -157,15 +157,17 @@ def _kernels():
         Q, K, V, O, MidO, MidL, DONE,
         stride_qb, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ob, stride_oh,
         req_to_token, req_pool_idx, stride_r2t, seq_lens,
-        gmode, gsink, gwindow, ULIST, UBITS, UCNT, s_u_b, s_u_h, qk_scale, HQ, HKV, SPLIT_PAGES,
+        gmode, gsink, gwindow, ULIST, UBITS, UCNT, s_u_b, s_u_h, qk_scale, HQ, HKV, SPLIT_PAGES, ROUTE, DENSE_SPLIT_PAGES,
         GROUP: tl.constexpr, GP: tl.constexpr, NSPLIT: tl.constexpr, PAGE: tl.constexpr, D: tl.constexpr,
-        CONTIG: tl.constexpr, DOT_F32: tl.constexpr, PB: tl.constexpr,
+        CONTIG: tl.constexpr, DOT_F32: tl.constexpr, PB: tl.constexpr, HAS_ROUTE: tl.constexpr,
     ):
         # the GROUP q heads of KV head hk share each page load: S = Q_group · K^T on the tensor cores (rows
         # padded to GP), one online softmax per row. Pages: gmode 0 all, 1 one streaming budget (sink +
         # window), 2 the union list of _page_union_kernel with a row mask per page (UBITS). The walk of this
         # (request, KV head) is cut into gs = ceil(total / SPLIT_PAGES) <= NSPLIT slices, so that long and
         # short walks take programs in proportion to their pages; programs past gs do nothing.
+        # HAS_ROUTE: a device flag ROUTE read at run time (a captured CUDA graph serves every bucket) makes the
+        # step dense (gmode 0 for every KV head, slices of DENSE_SPLIT_PAGES pages).
         # CONTIG: the pool holds each 64-token page in 64 consecutive slots (one index load per page).
         # gs == 1: the program writes O. Else each slice writes its partial (MidO, MidL) and counts itself
         # in DONE[b, hk]; the last of the gs to count merges the gs partials into O and zeroes DONE again.
@@ -174,12 +176,17 @@ def _kernels():
         b = bhk // HKV
         hk = bhk % HKV
         md = tl.load(gmode + hk)
+        split_pages = SPLIT_PAGES
+        if HAS_ROUTE:   # ROUTE != 0: this step runs the layer dense (every KV head walks all its pages)
+            dense = tl.load(ROUTE) != 0
+            md = tl.where(dense, 0, md)
+            split_pages = tl.where(dense, DENSE_SPLIT_PAGES, SPLIT_PAGES)
         n = tl.load(seq_lens + b).to(tl.int32)     # SGLang passes int64
         npg = (n + PAGE - 1) // PAGE
         n_s, w_eff = _stream_span(tl.load(gsink + hk), tl.load(gwindow + hk), npg)
         u = b * s_u_b + hk * s_u_h
         total = tl.where(md == 0, npg, tl.where(md == 1, n_s + w_eff, tl.load(UCNT + b * HKV + hk)))
-        gs = tl.minimum(tl.maximum((total + SPLIT_PAGES - 1) // SPLIT_PAGES, 1), NSPLIT)
+        gs = tl.minimum(tl.maximum((total + split_pages - 1) // split_pages, 1), NSPLIT)
         per = (total + gs - 1) // gs
         j0 = sp * per
         j1 = tl.minimum(j0 + per, total)
@@ -536,7 +543,8 @@ def group_decode(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tensor
                  split_pages: int, *,
                  sm_scale: float | None = None, out: torch.Tensor | None = None, pool_page_size: int = 1,
                  union_built: bool = False, pages_per_step: int = DECODE_PAGES_PER_STEP,
-                 num_warps: int = 4, num_stages: int | None = None) -> torch.Tensor:
+                 num_warps: int = 4, num_stages: int | None = None, route: torch.Tensor | None = None,
+                 dense_split_pages: int | None = None) -> torch.Tensor:
     """The decode kernels (page union when some KV head walks a list, then the group kernel with its split-K
     combine): ``q [B, Hq, d]`` (token at position
     ``seq_lens - 1``, already written to the pool) → ``[B, Hq, d]``.
@@ -549,7 +557,9 @@ def group_decode(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tensor
     64 tokens being the 64 consecutive slots from there (not checked: a pool of another layout gives wrong
     results). ``union_built``: the union lists are already in ``scratch`` (written by the selector launch,
     :func:`~.triton_select.update_and_select_pages` with ``union``), so the page-union launch is skipped.
-    Sync-free, no allocation with ``out``."""
+    ``route``: an int32 device scalar read when the kernel runs; nonzero runs every head dense (all pages, slices
+    of ``dense_split_pages`` pages; ``nsplit`` must cover both cuts), so one captured CUDA graph takes the sparse
+    or the dense route per replay. Sync-free, no allocation with ``out``."""
     if q.dim() != 3:
         raise ValueError(f"decode q must be [batch, heads, head_dim], got {tuple(q.shape)}")
     check_qkv(q, k_buffer, v_buffer)
@@ -572,6 +582,8 @@ def group_decode(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tensor
                          f"{scratch.mid_l.shape[0]} partial rows, got {bsz} x {hq} / {hkv} at {nsplit} splits")
     if page_idx.stride(2) != 1:
         raise ValueError("page_idx needs a unit last stride")
+    if route is not None and (route.numel() != 1 or route.dtype != torch.int32 or not dense_split_pages):
+        raise ValueError("route must be one int32 device element, with dense_split_pages >= 1")
     scale = (sm_scale if sm_scale is not None else 1.0 / math.sqrt(d)) * LOG2E
     o = out if out is not None else torch.empty_like(q)
     union, grp = _kernels()
@@ -592,7 +604,8 @@ def group_decode(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tensor
         o.stride(0), o.stride(1),
         req_to_token, req_pool_indices, req_to_token.stride(0), seq_lens,
         rules.gmode, rules.gsink, rules.gwindow, ul, scratch.ubits, scratch.ucnt, ul.stride(0), ul.stride(1),
-        scale, hq, hkv, split_pages, GROUP=g, GP=max(16, 1 << (g - 1).bit_length()), NSPLIT=nsplit, PAGE=BLOCK, D=d,
+        scale, hq, hkv, split_pages, route if route is not None else rules.gmode, dense_split_pages or 1,
+        GROUP=g, GP=max(16, 1 << (g - 1).bit_length()), NSPLIT=nsplit, PAGE=BLOCK, D=d,
         CONTIG=pool_page_size == BLOCK, DOT_F32=(not q.is_cuda) and q.dtype == torch.bfloat16, PB=pages_per_step,
-        num_warps=num_warps, num_stages=num_stages)
+        HAS_ROUTE=route is not None, num_warps=num_warps, num_stages=num_stages)
     return o

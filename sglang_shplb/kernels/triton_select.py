@@ -127,12 +127,12 @@ def _kernels():
 
     @triton.jit
     def _update_select_kernel(Q, K, KMIN, KMAX, R2T, RPI, SEQ, SEL, CNT, SCR, DONE, PIDX, PCNT,
-                              MODE, SINK, WIN, GMODE, ULIST, UBITS, UCNT, KBITS, KSTAMP,
+                              MODE, SINK, WIN, GMODE, ULIST, UBITS, UCNT, KBITS, KSTAMP, ROUTE,
                               s_kt, s_kh, s_rt, s_qb, s_qh, s_mp, s_mh, s_md, s_sb, s_ss,
                               s_pb, s_ph, s_cb, s_ch, s_ub, s_uh, s_kr, s_ks, s_kst, HKV, MAXP, NT, EVERY,
                               GROUP: tl.constexpr, GP2: tl.constexpr, PAGE: tl.constexpr, D: tl.constexpr,
                               TP: tl.constexpr, P2: tl.constexpr, UNION: tl.constexpr, KEEP: tl.constexpr,
-                              BW: tl.constexpr):
+                              BW: tl.constexpr, HAS_ROUTE: tl.constexpr):
         # KMIN/KMAX [pool pages + 1, Hkv, D]: a request's page j is pool page R2T[r, j*PAGE] // PAGE
         b = tl.program_id(0)
         hk = tl.program_id(1)
@@ -156,6 +156,10 @@ def _kernels():
         fresh = n > -1
         if KEEP:   # a kept selection that is still due skips the scoring and the bisection
             fresh = _reselect_due(n, tl.load(KSTAMP + r * s_kst + hk), EVERY, PAGE)
+        go = n > -1
+        if HAS_ROUTE:   # the step runs the layer dense: the summary update above only
+            go = tl.load(ROUTE) == 0
+        fresh = fresh & go
         p = t * TP + tl.arange(0, TP)
         m = p < nv
         if (t * TP < nv) & fresh:
@@ -181,7 +185,7 @@ def _kernels():
                               KSTAMP, s_sb, s_ss, s_pb, s_ph, s_cb, s_ch, s_ub, s_uh, s_kr, s_ks, s_kst, b, hk, r,
                               fresh, HKV, MAXP, GROUP, GP2, PAGE, P2, UNION, KEEP, BW)
                 tl.store(DONE + b * HKV + hk, 0)   # the next launch (next layer, next step, replay) starts at 0
-        elif t == 0:   # a kept selection: no scores to wait for; the first tile builds the outputs from it
+        elif (t == 0) & go:   # a kept selection: no scores to wait for; the first tile builds the outputs from it
             _select_group(SEQ, SEL, CNT, SCR, PIDX, PCNT, MODE, SINK, WIN, GMODE, ULIST, UBITS, UCNT, KBITS,
                           KSTAMP, s_sb, s_ss, s_pb, s_ph, s_cb, s_ch, s_ub, s_uh, s_kr, s_ks, s_kst, b, hk, r,
                           fresh, HKV, MAXP, GROUP, GP2, PAGE, P2, UNION, KEEP, BW)
@@ -283,7 +287,7 @@ def update_and_select_pages(q: torch.Tensor, k_buffer: torch.Tensor, req_to_toke
                             kmax: torch.Tensor, consts: SelectConsts, max_pages: int, page_idx: torch.Tensor,
                             page_cnt: torch.Tensor, scratch: SelectScratch | None = None,
                             union: tuple[PageRules, DecodeScratch] | None = None, num_warps: int | None = None,
-                            kept: KeptSelections | None = None):
+                            kept: KeptSelections | None = None, route: torch.Tensor | None = None):
     """``update_page_summaries(k_buffer, req_to_token, req_pool_indices, seq_lens, kmin, kmax)`` then
     ``select_pages(heads, q, kmin, kmax, req_to_token, req_pool_indices, seq_lens, max_pages,
     out=(page_idx, page_cnt))`` in one launch; with ``union = (rules, decode_scratch)`` also the union lists
@@ -296,7 +300,9 @@ def update_and_select_pages(q: torch.Tensor, k_buffer: torch.Tensor, req_to_toke
     set in ascending order (exact ties: lowest page ids), entries past ``cnt`` and rows of non-selected heads
     are not written. Every ``page_cnt`` entry is written (0 for non-selected heads). ``kept``: a
     :class:`KeptSelections` of this layer (same heads and ``max_pages``): a (request, KV head) whose kept selection is
-    not due reuses it instead of selecting (every output as if selected then); None selects at every call. Assumes
+    not due reuses it instead of selecting (every output as if selected then); None selects at every call.
+    ``route``: an int32 device scalar read when the kernel runs (:func:`~.triton_decode.group_decode`'s); nonzero
+    folds the new key into the summaries and selects nothing (the outputs are not written). Assumes
     ``1 <= seq_lens <= max_pages * 64``. No allocation (with ``scratch``), no host sync."""
     bsz, hq, d = q.shape
     hkv = k_buffer.shape[1]
@@ -352,6 +358,7 @@ def update_and_select_pages(q: torch.Tensor, k_buffer: torch.Tensor, req_to_toke
     kern[(bsz, hkv, nt)](
         q, k_buffer, kmin, kmax, req_to_token, req_pool_indices, seq_lens, consts.sel, consts.cnt_table, sc,
         scratch.done, page_idx, page_cnt, umode, usink, uwin, ugm, ulist, ubits, ucnt, kb, kstamp,
+        route if route is not None else consts.sel,
         k_buffer.stride(0), k_buffer.stride(1), req_to_token.stride(0), q.stride(0), q.stride(1),
         kmin.stride(0), kmin.stride(1), kmin.stride(2), sc.stride(0), sc.stride(1),
         page_idx.stride(0), page_idx.stride(1), page_cnt.stride(0), page_cnt.stride(1),
@@ -359,6 +366,6 @@ def update_and_select_pages(q: torch.Tensor, k_buffer: torch.Tensor, req_to_toke
         kb.stride(0) if kept is not None else 0, kb.stride(1) if kept is not None else 0,
         kstamp.stride(0) if kept is not None else 0,
         hkv, max_pages, nt, every, GROUP=group, GP2=max(2, 1 << (group - 1).bit_length()), PAGE=BLOCK, D=d, TP=tp,
-        P2=p2, UNION=union is not None, KEEP=kept is not None, BW=min(32, p2),
+        P2=p2, UNION=union is not None, KEEP=kept is not None, BW=min(32, p2), HAS_ROUTE=route is not None,
         num_warps=num_warps or select_warps(p2, bsz))
     return page_idx, page_cnt
