@@ -277,3 +277,25 @@ def test_another_page_size_is_refused_naming_the_flag(monkeypatch):
     no_select.budgets = [[HeadBudget.streaming(64, 128)] * 9] * 4
     assert page_size_args(no_select, ns(page_size=1), ["--page-size", "1"]) == []
     assert page_size_args(None, ns(), []) == []
+
+
+def test_layers_stock_in_some_decode_buckets_follow_the_bucket_in_graphs(monkeypatch):
+    """A kernel-path layer stock for decode in one bucket and sparse in the other gets a route flag, written per
+    batch from its bucket (a shared decode CUDA graph then runs it dense where the plan says stock); a layer stock
+    in every bucket stays on the stock backend in graphs; the others have no flag."""
+    import types
+
+    import numpy as np
+    stock = np.zeros((2, 2, 4), dtype=bool)
+    stock[1, 0, [0, 2]] = True          # decode, bucket 0: layers 0 and 2 stock
+    stock[1, :, 3] = True               # layer 3 stock in every decode bucket
+    be = _backend_with_kernels(monkeypatch, _plan(stock), 5, 64 * 40)
+    be.stock_layers = {"prefill": [frozenset(), frozenset()], "decode": [frozenset({0, 2, 3}), frozenset({3})]}
+    be.graph_decode_stock = frozenset({3})
+    be._init_decode_routes()
+    assert be.kernels[0].route is not None and be.kernels[2].route is not None
+    assert be.kernels[1].route is None and be.kernels[3].route is None
+    for bucket, want in ((0, [1, 0, 1, 1]), (1, [0, 0, 0, 1])):
+        be._set_bucket(types.SimpleNamespace(shplb_bucket=bucket))
+        assert be.decode_route.tolist() == want
+        assert int(be.kernels[0].route) == want[0] and int(be.kernels[2].route) == want[2]

@@ -208,8 +208,10 @@ class ShplbAttnBackend(AttentionBackend):
         self.selections = SelectionMemory(self.cfg.decode_reselect_every)
         self.decode_ws: DecodeWorkspace | None = None
         self.extend_batch: ExtendBatch | None = None
+        self.route_by_bucket: torch.Tensor | None = None
         if str(self.device).startswith("cuda"):
             self._init_kernel_path(model_runner)
+            self._init_decode_routes()
         logger.info("shplb backend: %d of %d rank-local heads sparse (plan %s), TP rank %d/%d; all-dense layers "
                     "on %s, layers with sparse heads on the %s path", n_sparse, n_all,
                     self.cfg.plan_path or "none: dense fallback", self.tp_rank, self.tp_size,
@@ -277,10 +279,31 @@ class ShplbAttnBackend(AttentionBackend):
             return b or 0
         return batch_bucket(self.plan.buckets, getattr(forward_batch, "seq_lens_cpu", None))
 
+    def _init_decode_routes(self) -> None:
+        """Kernel-path layers stock for decode in some buckets but not all: inside a decode CUDA graph (shared by
+        every bucket) they run the kernel path with a route flag per layer, written per batch from the bucket
+        (:attr:`LayerKernels.route`; dense on the same launches where the plan marks the layer stock)."""
+        routed = [li for li in self.kernels if li not in self.graph_decode_stock
+                  and any(li in s for s in self.stock_layers["decode"])]
+        if not routed:
+            return
+        table = torch.zeros(len(self.stock_layers["decode"]), self.plan.model.num_layers, dtype=torch.int32)
+        for b, stock in enumerate(self.stock_layers["decode"]):
+            table[b, sorted(stock)] = 1
+        self.route_by_bucket = table.to(self.device)
+        self.decode_route = torch.zeros(self.plan.model.num_layers, dtype=torch.int32, device=self.device)
+        for li in routed:
+            self.kernels[li].route = self.decode_route[li:li + 1]
+        logger.info("shplb decode routes: %d layers follow the bucket inside decode CUDA graphs (dense on the kernel "
+                    "path where the plan marks them stock)", len(routed))
+
     def _set_bucket(self, forward_batch) -> None:
         b = self.current_bucket = self._bucket(forward_batch)
         self.stock_extend = self.stock_layers["prefill"][b]
         self.stock_decode = self.stock_layers["decode"][b]
+        if self.route_by_bucket is not None and not (self.decode_route.is_cuda
+                                                     and torch.cuda.is_current_stream_capturing()):
+            self.decode_route.copy_(self.route_by_bucket[b])   # before the replay, on its stream; never captured
 
     def init_forward_metadata(self, forward_batch):
         self._set_bucket(forward_batch)
