@@ -95,6 +95,25 @@ def test_extend_with_prefix_mixed_matches_reference_path():
     assert relative_error(out[:, [0, 5]], dense[:, [0, 5]]) < LAYER_TOL
 
 
+def decode_step(lk, pool, reqs, full, lens, step, ws):
+    """Decode step ``step`` of the requests ``reqs`` (their tokens ``full``, prompts of ``lens``): the runner writes
+    the new token's slot + K/V, then the layer decodes; checks that the page summaries follow the tokens.
+    Returns ``(seq_lens, q, out)``."""
+    for i, (f, n) in enumerate(zip(full, lens)):
+        pool.put(reqs[i], n + step, f[1][n + step:n + step + 1], f[2][n + step:n + step + 1])
+    seq_lens = torch.tensor([n + step + 1 for n in lens], device=DEV)
+    q = torch.stack([f[0][n + step] for f, n in zip(full, lens)])
+    out = torch.full_like(q, float("nan"))
+    lk.decode(q, pool.k, pool.v, pool.req_to_token, torch.tensor(reqs, device=DEV), seq_lens, ws, SCALE, out)
+    for b, r in enumerate(reqs):
+        n = int(seq_lens[b])
+        lo, hi = reference_page_summaries(pool.k, pool.req_to_token, r, n)
+        pid = pool.req_to_token[r, :n:BLOCK].long() // BLOCK       # the request's pool pages
+        assert torch.equal(lk.kmin[pid].transpose(0, 1), lo), "summaries follow the appended tokens"
+        assert torch.equal(lk.kmax[pid].transpose(0, 1), hi)
+    return seq_lens, q, out
+
+
 @pytest.mark.parametrize("pool_page", [1, BLOCK], ids=["per_token", "pool_pages"])
 def test_decode_steps_keep_summaries_and_match_reference(pool_page):
     """Decode steps over the page-64 pool, its slots read per token or one per page (``pool_page_size``)."""
@@ -109,19 +128,10 @@ def test_decode_steps_keep_summaries_and_match_reference(pool_page):
     ws.ensure(8)
     rpi = torch.tensor(reqs, device=DEV)
     for step in range(3):
-        for i, (f, n) in enumerate(zip(full, lens)):   # the runner writes the new token's slot + K/V
-            pool.put(reqs[i], n + step, f[1][n + step:n + step + 1], f[2][n + step:n + step + 1])
-        seq_lens = torch.tensor([n + step + 1 for n in lens], device=DEV)
-        q = torch.stack([f[0][n + step] for f, n in zip(full, lens)])
-        out = torch.full_like(q, float("nan"))
-        lk.decode(q, pool.k, pool.v, pool.req_to_token, rpi, seq_lens, ws, SCALE, out)
+        seq_lens, q, out = decode_step(lk, pool, reqs, full, lens, step, ws)
         sets = []
         for b in range(3):
             n = int(seq_lens[b])
-            lo, hi = reference_page_summaries(pool.k, pool.req_to_token, reqs[b], n)
-            pid = pool.req_to_token[reqs[b], :n:BLOCK].long() // BLOCK       # the request's pool pages
-            assert torch.equal(lk.kmin[pid].transpose(0, 1), lo), "summaries follow the appended tokens"
-            assert torch.equal(lk.kmax[pid].transpose(0, 1), hi)
             sets.append(reference_decode_pages(budgets, q[b], pool.k, pool.req_to_token, reqs[b], n)[0])
         ref = reference_sparse_decode(q, pool.k, pool.v, pool.req_to_token, rpi, seq_lens, sets, SCALE)
         assert relative_error(out, ref) < LAYER_TOL, step
@@ -192,23 +202,15 @@ def test_decode_route_switches_dense_and_sparse_on_the_same_launches():
     dense = [HeadBudget.dense()] * HQ
     for step, route in enumerate([0, 1, 0, 0, 1, 0]):
         lk.route.fill_(route)
-        for i, (f, n) in enumerate(zip(full, lens)):
-            pool.put(reqs[i], n + step, f[1][n + step:n + step + 1], f[2][n + step:n + step + 1])
-        seq_lens = torch.tensor([n + step + 1 for n in lens], device=DEV)
-        q = torch.stack([f[0][n + step] for f, n in zip(full, lens)])
-        out = torch.full_like(q, float("nan"))
-        lk.decode(q, pool.k, pool.v, pool.req_to_token, rpi, seq_lens, ws, SCALE, out)
+        seq_lens, q, out = decode_step(lk, pool, reqs, full, lens, step, ws)
         sets = []
         for b in range(2):
             n = int(seq_lens[b])
-            lo, hi = reference_page_summaries(pool.k, pool.req_to_token, reqs[b], n)
-            pid = pool.req_to_token[reqs[b], :n:BLOCK].long() // BLOCK
-            assert torch.equal(lk.kmin[pid].transpose(0, 1), lo) and torch.equal(lk.kmax[pid].transpose(0, 1), hi)
             sets.append(reference_decode_pages(dense, q[b], pool.k, pool.req_to_token, reqs[b], n)[0] if route else
                         memory.pages(0, budgets, q[b], pool.k, pool.req_to_token, reqs[b], n))
         ref = reference_sparse_decode(q, pool.k, pool.v, pool.req_to_token, rpi, seq_lens, sets, SCALE)
         assert relative_error(out, ref) < LAYER_TOL, (step, route)
-    sparse = reference_sparse_decode(q, pool.k, pool.v, pool.req_to_token, rpi, seq_lens,
+    all_pages = reference_sparse_decode(q, pool.k, pool.v, pool.req_to_token, rpi, seq_lens,
                                      [reference_decode_pages(dense, q[b], pool.k, pool.req_to_token, reqs[b],
                                                              int(seq_lens[b]))[0] for b in range(2)], SCALE)
-    assert relative_error(out, sparse) > 10 * LAYER_TOL   # the last (sparse) step differs from dense: the test can tell
+    assert relative_error(out, all_pages) > 10 * LAYER_TOL   # the last (sparse) step differs from dense: the test can tell
