@@ -157,7 +157,8 @@ def _kernels():
         Q, K, V, O, MidO, MidL, DONE,
         stride_qb, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ob, stride_oh,
         req_to_token, req_pool_idx, stride_r2t, seq_lens,
-        gmode, gsink, gwindow, ULIST, UBITS, UCNT, s_u_b, s_u_h, qk_scale, HQ, HKV, SPLIT_PAGES, ROUTE, DENSE_SPLIT_PAGES,
+        gmode, gsink, gwindow, ULIST, UBITS, UCNT, s_u_b, s_u_h, qk_scale, HQ, HKV, SPLIT_PAGES, ROUTE,
+        DENSE_SPLIT_PAGES,
         GROUP: tl.constexpr, GP: tl.constexpr, NSPLIT: tl.constexpr, PAGE: tl.constexpr, D: tl.constexpr,
         CONTIG: tl.constexpr, DOT_F32: tl.constexpr, PB: tl.constexpr, HAS_ROUTE: tl.constexpr,
     ):

@@ -63,7 +63,8 @@ def _kernels():
         rows = tl.arange(0, GP2)
         rv = rows < GROUP
         h = hk * GROUP + rows
-        npg = (tl.load(SEQ + b).to(tl.int32) + PAGE - 1) // PAGE
+        n = tl.load(SEQ + b).to(tl.int32)
+        npg = (n + PAGE - 1) // PAGE
         nv = tl.minimum(npg - 1, MAXP)                                          # candidates 0 .. npg-2
         # pages to list (decode budget - 1, decode_count_table; 0 for heads that do not select)
         cnt = tl.load(CNT + h * (MAXP + 1) + tl.minimum(tl.maximum(npg, 0), MAXP), mask=rv, other=0)
@@ -97,7 +98,6 @@ def _kernels():
             kw = KBITS + r * s_kr + srow[:, None] * s_ks
             held = tl.load(kw + (p // BW)[None, :], mask=valid & (fresh == 0), other=0)
             keep = tl.where(fresh, keep, (((held >> (p % BW)[None, :]) & 1) != 0) & valid)
-            n = tl.load(SEQ + b).to(tl.int32)
             if fresh & (n >= 2):   # keep this selection (CUDA-graph padding rows, seq_len < 2, keep nothing)
                 kbits = tl.reshape(keep.to(tl.int32) << (p % BW)[None, :], [GP2, P2 // BW, BW])
                 words = tl.sum(kbits, axis=2)                                      # distinct bits: sum = or
@@ -245,6 +245,11 @@ def _pow2_pages(max_pages: int) -> int:
     return 1 << max(0, (max_pages - 1).bit_length())
 
 
+def _word_pages(p2: int) -> int:
+    """``BW``: pages per int32 word of :class:`KeptSelections` at ``p2`` pages (a power of two)."""
+    return min(32, p2)
+
+
 class KeptSelections(NamedTuple):
     """The page selections one layer keeps between decode steps, per request slot (a row of ``req_to_token``):
     what :func:`update_and_select_pages` reuses while :func:`~sglang_shplb.core.patterns.reselect_due` allows.
@@ -261,7 +266,7 @@ class KeptSelections(NamedTuple):
         if every < 2:
             raise ValueError(f"kept selections need every >= 2 (1 selects at every step), got {every}")
         p2 = _pow2_pages(max_pages)
-        return KeptSelections(torch.zeros(slots, max(num_selected, 1), p2 // min(32, p2), dtype=torch.int32,
+        return KeptSelections(torch.zeros(slots, max(num_selected, 1), p2 // _word_pages(p2), dtype=torch.int32,
                                           device=device),
                               torch.zeros(slots, num_kv_heads, dtype=torch.int32, device=device), int(every))
 
@@ -343,10 +348,11 @@ def update_and_select_pages(q: torch.Tensor, k_buffer: torch.Tensor, req_to_toke
     if kept is not None:
         kb = kept.bits
         if kb.shape[0] != req_to_token.shape[0] or kb.shape[1] < max(consts.num_sel, 1) \
-                or kb.shape[2] != p2 // min(32, p2) or kept.stamp.shape != (kb.shape[0], hkv) \
+                or kb.shape[2] != p2 // _word_pages(p2) or kept.stamp.shape != (kb.shape[0], hkv) \
                 or not kb.is_contiguous() or not kept.stamp.is_contiguous():
             raise ValueError(f"kept selections {tuple(kb.shape)} / stamp {tuple(kept.stamp.shape)} do not fit "
-                             f"{req_to_token.shape[0]} request slots x {consts.num_sel} heads x {p2} pages, {hkv} KV heads")
+                             f"{req_to_token.shape[0]} request slots x {consts.num_sel} heads x {p2} pages, "
+                             f"{hkv} KV heads")
         kstamp, every = kept.stamp, kept.every
     else:      # unused (KEEP=False)
         kb = kstamp = consts.sel
@@ -366,6 +372,6 @@ def update_and_select_pages(q: torch.Tensor, k_buffer: torch.Tensor, req_to_toke
         kb.stride(0) if kept is not None else 0, kb.stride(1) if kept is not None else 0,
         kstamp.stride(0) if kept is not None else 0,
         hkv, max_pages, nt, every, GROUP=group, GP2=max(2, 1 << (group - 1).bit_length()), PAGE=BLOCK, D=d, TP=tp,
-        P2=p2, UNION=union is not None, KEEP=kept is not None, BW=min(32, p2), HAS_ROUTE=route is not None,
+        P2=p2, UNION=union is not None, KEEP=kept is not None, BW=_word_pages(p2), HAS_ROUTE=route is not None,
         num_warps=num_warps or select_warps(p2, bsz))
     return page_idx, page_cnt
