@@ -1,11 +1,29 @@
-"""GPU end-to-end: the same greedy requests against stock SGLang 0.5.17 (`--attention-backend flashinfer`)
-and `python -m sglang_shplb.launch_server` (`shplb`: all-dense layers on flashinfer, layers with sparse heads
-on the kernel path), on one GPU. Reports answers, TTFT and decode tokens/s.
+"""End-to-end serving, stock SGLang 0.5.17 against ``python -m sglang_shplb.launch_server``, over a grid of prompt
+lengths and batch sizes: TTFT and decode tokens/s as a client sees them, with the ratios (report, never assert).
 
-  python bench/serve_gpu.py smollm2 --model /tmp/smollm2 --out $OUT        # 2K/4K/8K passkey prompts,
-                                                                           # the profiled plan (bench/results/default_plan)
-  python bench/serve_gpu.py llama8b --tokenizer /tmp/smollm2 --out $OUT    # Llama-3-8B shape, dummy weights, 16K-64K,
-                                                                           # a mixed plan (dense / top-k / streaming)
+    python bench/serve_gpu.py llama8b --servers flashinfer,shplb_sparse,shplb --out $OUT   # Llama-3-8B shape, dummy
+    python bench/serve_gpu.py smollm2 --servers flashinfer,shplb --out $OUT                # SmolLM2, pass-key prompts
+    python bench/serve_gpu.py smollm2 --cpu-smoke --out /tmp/smoke                          # the logic, on this CPU
+    python bench/serve_gpu.py --plot RUN.json [RUN.json ...] --out DIR                     # table + PNG from results
+
+Servers (one at a time, the same flags but the backend):
+
+* ``flashinfer``: ``sglang.launch_server --attention-backend flashinfer`` (``torch_native`` with ``--cpu-smoke``);
+* ``shplb``: the plan as ``place`` ships it, layers marked stock per phase and bucket where the cost model does
+  not predict sparse to win (``planning/stock_decision.py``; the server runs the stock backend there);
+* ``shplb_sparse``: the same budgets, every layer with sparse heads sparse in every bucket (where sparse loses).
+
+Plans. Llama-3-8B shape (dummy weights, nothing to profile): per layer KV group 0 dense (4 of 32 query heads),
+odd KV groups top-k at 10 % of the blocks, even ones streaming sink 128 + window 2048 tokens. SmolLM2 (8K
+context): the round-5 plan at density 0.30 (``bench/results/eval_h200_round5/plans/refined5_d30``, the
+budgets the quality eval measured), placed for TP 1.
+
+Method: per (length, batch) cell, ``batch`` requests of ``length`` prompt tokens sent at once, greedy,
+``ignore_eos``, ``--new-tokens`` tokens each, radix cache off; one warm-up pass over the whole grid first (its
+TTFTs are kept: the first request of a shape pays Triton compiles and FlashInfer plans), then the measured pass.
+TTFT: mean over the batch of send → first streamed chunk. Decode tokens/s: mean over the batch of
+``(tokens - 1) / (end - first chunk)``, one request's rate while the batch decodes together. Cells with
+``length * batch`` above ``--max-batch-tokens`` are skipped (KV memory). ``startup_s``: launch to healthy.
 """
 from __future__ import annotations
 
@@ -13,215 +31,225 @@ import argparse
 import json
 import os
 import random
-import signal
-import subprocess
 import sys
 import time
-import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-PORT = 30000
-FILLER = ("The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. ")
+from sglang_shplb.evaluation.servers import Server, server_specs  # noqa: E402
+
+ROUND5_BUDGETS = HERE / "results" / "eval_h200_round5" / "plans" / "refined5_d30"
+FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
+LLAMA8B = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096,
+           "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
+           "head_dim": 128, "rope_theta": 500000.0, "rms_norm_eps": 1e-5, "vocab_size": 128256,
+           "hidden_act": "silu", "tie_word_embeddings": False, "bos_token_id": 1, "eos_token_id": 2,
+           "torch_dtype": "bfloat16"}
 
 
-def passkey_prompt(tok, target_tokens: int, key: int, depth: float = 0.5) -> str:
+def passkey_ids(tok, target_tokens: int, key: int, depth: float = 0.5) -> list[int]:
+    """A pass-key prompt of about ``target_tokens`` tokens, the key at ``depth``."""
     unit = len(tok(FILLER)["input_ids"])
     n = max(1, (target_tokens - 80) // unit)
     parts = [FILLER] * n
     parts.insert(int(n * depth), f"The pass key is {key}. Remember it. {key} is the pass key. ")
-    body = "".join(parts)
-    msg = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize it.\n"
-           f"{body}\nWhat is the pass key? The pass key is")
-    return msg
+    text = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize it.\n"
+            f"{''.join(parts)}\nWhat is the pass key? The pass key is")
+    return tok(text)["input_ids"]
 
 
-def wait_up(proc, log, timeout=420):
+def cells(lengths: list[int], batches: list[int], max_batch_tokens: int) -> list[tuple[int, int]]:
+    return [(n, b) for b in batches for n in lengths if n * b <= max_batch_tokens]
+
+
+def run_cell(server: Server, prompts: list[list[int]], new_tokens: int) -> dict:
+    """``len(prompts)`` requests sent at once; per-request TTFT and decode rate, and their means."""
+    with ThreadPoolExecutor(len(prompts)) as pool:
+        gens = list(pool.map(lambda ids: server.generate(ids, new_tokens, ignore_eos=True), prompts))
+    rates = [(g.output_tokens - 1) / (g.latency_s - g.ttft_s) for g in gens
+             if g.output_tokens > 1 and g.latency_s > g.ttft_s]
+    return {"ttft_s": sum(g.ttft_s for g in gens) / len(gens), "ttft_max_s": max(g.ttft_s for g in gens),
+            "decode_tok_s": sum(rates) / len(rates) if rates else float("nan"),
+            "tokens": [g.output_tokens for g in gens], "texts": [g.text[:120] for g in gens]}
+
+
+def serve_grid(name: str, spec, grid: dict, new_tokens: int, out: Path) -> dict:
+    """One server over the grid: warm-up pass, measured pass. Errors are recorded, not raised."""
+    res = {"server": name, "cmd": " ".join(spec.command(0)), "cells": []}
     t0 = time.time()
-    while time.time() - t0 < timeout:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited rc={proc.returncode}; log tail:\n{Path(log).read_text()[-3000:]}")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{PORT}/health_generate", timeout=30) as r:
-                if r.status == 200:
-                    return time.time() - t0
-        except Exception:
-            pass
-        time.sleep(2)
-    raise RuntimeError("server did not come up")
-
-
-def generate_stream(payload: dict) -> dict:
-    payload = dict(payload, stream=True)
-    req = urllib.request.Request(f"http://127.0.0.1:{PORT}/generate", data=json.dumps(payload).encode(),
-                                 headers={"Content-Type": "application/json"})
-    t0 = time.perf_counter()
-    first = last = None
-    text, meta = "", {}
-    with urllib.request.urlopen(req, timeout=600) as r:
-        for raw in r:
-            line = raw.decode().strip()
-            if not line.startswith("data:"):
-                continue
-            data = line[5:].strip()
-            if data == "[DONE]":
-                break
-            obj = json.loads(data)
-            now = time.perf_counter()
-            if first is None:
-                first = now
-            last = now
-            text, meta = obj.get("text", text), obj.get("meta_info", meta)
-    n = int(meta.get("completion_tokens", 0))
-    ttft = first - t0
-    dec = (n - 1) / (last - first) if n > 1 and last > first else float("nan")
-    return {"text": text, "ttft_s": round(ttft, 4), "decode_tok_s": round(dec, 1), "completion_tokens": n,
-            "prompt_tokens": meta.get("prompt_tokens")}
-
-
-def start(cmd, log, env):
-    f = open(log, "w")
-    return subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-
-
-def stop(proc):
     try:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(30)
-    except Exception:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except Exception:
-            pass
-    time.sleep(3)
-
-
-def port_in_use(port: int) -> bool:
-    import socket
-    with socket.socket() as sk:
-        return sk.connect_ex(("127.0.0.1", port)) == 0
-
-
-def run_server(name, cmd, requests, out: Path, env):
-    if port_in_use(PORT):   # a server left over (e.g. killed by an outer timeout) would answer instead
-        raise RuntimeError(f"port {PORT} is already in use: stop the old server first")
-    log = out / f"server_{name}.log"
-    proc = start(cmd, log, env)
-    res = {"backend": name, "cmd": " ".join(cmd)}
-    try:
-        res["startup_s"] = round(wait_up(proc, log), 1)
-        # warm-up pass over every request (JIT builds of each shape), not reported; the radix cache is off
-        # (--disable-radix-cache), so the measured pass recomputes every prompt
-        res["warmup"] = [generate_stream(r["payload"])["ttft_s"] for r in requests]
-        res["results"] = []
-        for r in requests:
-            o = generate_stream(r["payload"])
-            o.update({k: v for k, v in r.items() if k != "payload"})
-            res["results"].append(o)
-            print(name, json.dumps({k: v for k, v in o.items() if k != "text"}), repr(o["text"][:80]), flush=True)
-    except Exception as e:
+        with Server(spec, out / f"server_{name}.log", timeout_s=900) as s:
+            res["startup_s"] = round(s.startup_s, 1)
+            print(f"{name}: healthy after {s.startup_s:.0f} s", flush=True)
+            warm = {key: run_cell(s, c["prompts"], new_tokens)["ttft_s"] for key, c in grid.items()}
+            for (n, b), c in grid.items():
+                cell = {"length": n, "batch": b, "prompt_tokens": len(c["prompts"][0]), "first_ttft_s": warm[(n, b)],
+                        **run_cell(s, c["prompts"], new_tokens)}
+                if c["keys"]:
+                    cell["passkey_found"] = [str(k) in t for k, t in zip(c["keys"], cell["texts"])]
+                res["cells"].append(cell)
+                print(f"{name} n={n:>6} b={b:>2}: ttft {cell['ttft_s']:.4f} s (first {cell['first_ttft_s']:.3f}), "
+                      f"decode {cell['decode_tok_s']:.1f} tok/s", flush=True)
+    except Exception as e:   # a failed server is a result too; the next one still runs
         res["error"] = f"{type(e).__name__}: {e}"[-3000:]
-        print(name, "ERROR", res["error"], flush=True)
-    finally:
-        stop(proc)
+        print(f"{name}: ERROR {res['error']}", flush=True)
+    res["wall_s"] = round(time.time() - t0, 1)
     return res
 
 
-PROFILED_PLAN = HERE / "results" / "default_plan"
+def build_grid(which: str, tok, lengths, batches, max_batch_tokens) -> dict:
+    """(length, batch) → ``{"prompts", "keys"}``. Llama-3-8B: random token ids (no keys); SmolLM2: pass-key
+    prompts, a key per request."""
+    rng = random.Random(0)
+    grid = {}
+    for n, b in cells(lengths, batches, max_batch_tokens):
+        if which == "llama8b":
+            grid[(n, b)] = {"prompts": [[rng.randint(1000, 40000) for _ in range(n)] for _ in range(b)], "keys": None}
+        else:
+            keys = [rng.randint(10000, 99999) for _ in range(b)]
+            grid[(n, b)] = {"prompts": [passkey_ids(tok, n, k) for k in keys], "keys": keys}
+    return grid
 
 
-def full_budget(layer, head, spec):
-    """Sparse patterns whose budgets cover the whole context (8K): every path of the kernel path runs, and
-    the answers must equal the stock backend's (up to bf16 rounding). Per KV group: dense, streaming with a
-    window of 8192 tokens, top-k of all blocks."""
-    from sglang_shplb.core.patterns import HeadBudget
-    g = spec.kv_head_of(head) % 3
-    return [HeadBudget.dense(), HeadBudget.streaming(0, 8192), HeadBudget.topk(1.0, min_blocks=1)][g]
+def make_plans(which: str, model: Path, out: Path) -> dict[str, Path]:
+    """The ``shplb`` (stock where sparse does not pay) and ``shplb_sparse`` plans' folders."""
+    from sglang_shplb.planning.stock_decision import StockOptions
+    plans = {}
+    if which == "llama8b":
+        from sglang_shplb.planning.synthetic_plans import mixed_budget, synthetic_plan
+        for name, stock in (("shplb", StockOptions()), ("shplb_sparse", None)):
+            plans[name] = synthetic_plan(model, mixed_budget(128, 2048, 0.1), out / f"plan_{name}", stock=stock,
+                                         meta={"source": f"bench/serve_gpu.py llama8b {name}"}).parent
+        return plans
+    from sglang_shplb.cli import main as cli
+    for name, flags in (("shplb", []), ("shplb_sparse", ["--no-stock-fallback"])):
+        cli(["place", "--budgets", str(ROUND5_BUDGETS), "--tp", "1", "--out", str(out / f"plan_{name}"), *flags])
+        plans[name] = out / f"plan_{name}"
+    return plans
 
 
-def make_plan(kind, model_dir, out_dir, full: bool = False):
-    """SmolLM2: the plan profiled on this model (`python -m sglang_shplb plan`). Llama-3-8B shape (dummy
-    weights, nothing to profile): per layer KV group 0 dense (4 of 32 query heads), odd KV groups top-k at
-    10 % of the blocks, even ones streaming sink 128 + window 2048 tokens (3-12 % of 16K-64K)."""
-    from sglang_shplb.planning.synthetic_plans import mixed_budget, synthetic_plan
-    if full:
-        return synthetic_plan(model_dir, full_budget, out_dir, meta={"source": "bench/serve_gpu.py full budgets"})
-    if kind == "smollm2":
-        return PROFILED_PLAN / "plan.json"
-    return synthetic_plan(model_dir, mixed_budget(128, 2048, 0.1), out_dir,
-                          meta={"source": f"bench/serve_gpu.py {kind}"})
-
-
-LLAMA8B = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096,
-           "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
-           "head_dim": 128, "max_position_embeddings": 131072, "rope_theta": 500000.0, "rms_norm_eps": 1e-5,
-           "vocab_size": 128256, "hidden_act": "silu", "tie_word_embeddings": False, "bos_token_id": 1,
-           "eos_token_id": 2, "torch_dtype": "bfloat16"}
-
-
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("which", choices=["smollm2", "llama8b"])
-    ap.add_argument("--model", default="/tmp/smollm2")
-    ap.add_argument("--tokenizer", default="/tmp/smollm2")
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("which", nargs="?", choices=["smollm2", "llama8b"])
+    ap.add_argument("--model", default="/tmp/smollm2", help="SmolLM2 checkpoint; its tokenizer serves llama8b too")
     ap.add_argument("--out", default=os.environ.get("OUT", "/tmp/out"))
-    ap.add_argument("--lengths", default=None)
-    ap.add_argument("--backends", default="shplb,shplb_full,flashinfer",
-                    help="shplb: the plan of make_plan; shplb_full: full budgets (must answer as flashinfer)")
+    ap.add_argument("--lengths", default=None, help="prompt tokens, comma-separated")
+    ap.add_argument("--batches", default="1,4,16")
+    ap.add_argument("--max-batch-tokens", type=int, default=262144)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--servers", default="flashinfer,shplb_sparse,shplb")
+    ap.add_argument("--cpu-smoke", action="store_true", help="CPU, float32, torch_native, tiny grid: the logic")
+    ap.add_argument("--plot", nargs="+", default=None, help="result JSONs: print the ratio table, write a PNG")
     a = ap.parse_args()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ)
-    py = sys.executable
-    if a.which == "smollm2":
-        from transformers import AutoTokenizer
-        tok = AutoTokenizer.from_pretrained(a.model)
-        model = a.model
-        lengths = [int(x) for x in (a.lengths or "2048,4096,8000").split(",")]
-        rng = random.Random(0)
-        reqs = []
-        for n in lengths:
-            key = rng.randint(10000, 99999)
-            reqs.append({"target_tokens": n, "passkey": key,
-                         "payload": {"text": passkey_prompt(tok, n, key),
-                                     "sampling_params": {"temperature": 0, "max_new_tokens": 64, "ignore_eos": True}}})
-        common = ["--model-path", model, "--host", "127.0.0.1", "--port", str(PORT), "--mem-fraction-static", "0.5",
-                  "--disable-prefill-cuda-graph", "--cuda-graph-max-bs", "4", "--context-length", "8192",
-                  "--disable-radix-cache", "--max-running-requests", "16"]
-    else:
-        model = "/tmp/llama8b_cfg"
-        Path(model).mkdir(exist_ok=True)
-        (Path(model) / "config.json").write_text(json.dumps(LLAMA8B))
-        for f in Path(a.tokenizer).iterdir():
+    if a.plot:
+        report([json.loads(Path(p).read_text()) for p in a.plot], out)
+        return
+    if a.which is None:
+        ap.error("which model: smollm2 or llama8b")
+    from transformers import AutoTokenizer
+    if a.cpu_smoke:
+        from sglang_shplb.planning.model_store import resolve_model
+        a.model = str(resolve_model(None))
+    tok = AutoTokenizer.from_pretrained(a.model)
+    device = "cpu" if a.cpu_smoke else "cuda"
+    default_lengths = {"llama8b": "2048,4096,8192,16384,32768,65536,131072", "smollm2": "2048,4096,8000"}
+    lengths = [int(x) for x in (a.lengths or ("256,512" if a.cpu_smoke else default_lengths[a.which])).split(",")]
+    batches = [int(x) for x in ("1,2" if a.cpu_smoke else a.batches).split(",")]
+    model = Path(a.model)
+    extra: tuple[str, ...] = ()
+    if a.which == "llama8b":
+        model = out / "llama8b_cfg"
+        model.mkdir(exist_ok=True)
+        ctx = max(lengths) + 2 * a.new_tokens
+        (model / "config.json").write_text(json.dumps({**LLAMA8B, "max_position_embeddings": ctx}))
+        for f in Path(a.model).iterdir():
             if f.name.startswith(("tokenizer", "special_tokens", "chat_template")):
-                (Path(model) / f.name).write_bytes(f.read_bytes())
-        lengths = [int(x) for x in (a.lengths or "16384,32768,65536").split(",")]
-        rng = random.Random(0)
-        reqs = [{"target_tokens": n, "payload": {"input_ids": [rng.randint(1000, 40000) for _ in range(n)],
-                                                   "sampling_params": {"temperature": 0, "max_new_tokens": 64,
-                                                                       "ignore_eos": True}}} for n in lengths]
-        common = ["--model-path", model, "--load-format", "dummy", "--host", "127.0.0.1", "--port", str(PORT),
-                  "--mem-fraction-static", "0.85", "--disable-prefill-cuda-graph", "--cuda-graph-max-bs", "4",
-                  "--context-length", "70000", "--chunked-prefill-size", "8192", "--max-running-requests", "4",
-                  "--disable-radix-cache"]
-    plan = make_plan(a.which, model, Path("/tmp/shplb_plans") / a.which)
-    results = {"which": a.which, "lengths": lengths, "plan": str(plan), "runs": []}
-    for backend in a.backends.split(","):
-        if backend.startswith("shplb"):
-            p = plan if backend == "shplb" else make_plan(a.which, model, Path("/tmp/shplb_plans") / backend, True)
-            cmd = [py, "-m", "sglang_shplb.launch_server", *common, "--shplb-plan", str(p.parent)]
-        else:
-            cmd = [py, "-m", "sglang.launch_server", *common, "--attention-backend", backend]
-        results["runs"].append(run_server(backend, cmd, reqs, out, env))
-        (out / f"serve_gpu_{a.which}.json").write_text(json.dumps(results, indent=1))
-    if a.which == "smollm2":
-        for run in results["runs"]:
-            for r in run.get("results", []):
-                r["passkey_found"] = str(r["passkey"]) in r["text"]
-        (out / f"serve_gpu_{a.which}.json").write_text(json.dumps(results, indent=1))
-    print("DONE", out / f"serve_gpu_{a.which}.json")
+                (model / f.name).write_bytes(f.read_bytes())
+        extra = ("--load-format", "dummy", "--mem-fraction-static", "0.85", "--chunked-prefill-size", "8192")
+    else:
+        ctx = 8192
+        if not a.cpu_smoke:
+            extra = ("--mem-fraction-static", "0.5")
+    grid = build_grid(a.which, tok, lengths, batches, a.max_batch_tokens)
+    plans = make_plans(a.which, model, out)
+    conc = max(batches)
+    result = {"which": a.which, "device": device, "lengths": lengths, "batches": batches,
+              "new_tokens": a.new_tokens, "date": time.strftime("%Y-%m-%d %H:%M"), "plans": {k: str(v) for k, v in
+                                                                                            plans.items()},
+              "runs": []}
+    path = out / f"serve_{a.which}{'_cpu_smoke' if a.cpu_smoke else ''}.json"
+    for name in a.servers.split(","):
+        if name not in ("flashinfer", "shplb", "shplb_sparse"):
+            ap.error(f"unknown server {name!r}")
+        plan = plans.get(name, plans["shplb"])
+        dense, (sparse,) = server_specs(model, [plan], device, "float32" if a.cpu_smoke else "bfloat16", ctx,
+                                        concurrency=conc, extra=extra)
+        spec = dense if name == "flashinfer" else sparse
+        result["runs"].append(serve_grid(name, spec, grid, a.new_tokens, out))
+        path.write_text(json.dumps(result, indent=1))
+    print("wrote", path, flush=True)
+    report([result], out)
+
+
+def report(results: list[dict], out: Path) -> None:
+    """Per (length, batch): each server's TTFT and decode rate, and each shplb server's ratios to the stock one
+    (TTFT: stock / shplb; decode: shplb / stock; > 1 = shplb faster). A PNG of the ratios per model."""
+    for res in results:
+        runs = {r["server"]: {(c["length"], c["batch"]): c for c in r.get("cells", [])} for r in res["runs"]}
+        stock = runs.get("flashinfer", {})
+        others = [k for k in runs if k != "flashinfer"]
+        print(f"\n{res['which']} ({res['device']}, {res['date']}): TTFT s / decode tok/s; ratios > 1 = shplb faster")
+        print("| length | batch | flashinfer | " + " | ".join(f"{k} | × TTFT | × decode" for k in others) + " |")
+        for key in sorted(stock):
+            row = [f"{key[0]}", f"{key[1]}", f"{stock[key]['ttft_s']:.3f} / {stock[key]['decode_tok_s']:.0f}"]
+            for k in others:
+                c = runs[k].get(key)
+                if c is None:
+                    row += ["–", "–", "–"]
+                    continue
+                row += [f"{c['ttft_s']:.3f} / {c['decode_tok_s']:.0f}", f"{stock[key]['ttft_s'] / c['ttft_s']:.2f}",
+                        f"{c['decode_tok_s'] / stock[key]['decode_tok_s']:.2f}"]
+            print("| " + " | ".join(row) + " |")
+        for r in res["runs"]:
+            print(f"{r['server']}: startup {r.get('startup_s', '–')} s, wall {r.get('wall_s')} s"
+                  + (f", ERROR {r['error'][:200]}" if "error" in r else ""))
+        plot(res, runs, out)
+
+
+def plot(res: dict, runs: dict, out: Path) -> None:
+    try:
+        import matplotlib
+    except ImportError:   # the lent GPU has none: plot here with --plot
+        print("no matplotlib: no PNG", flush=True)
+        return
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    stock = runs.get("flashinfer", {})
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, what, f in ((axes[0], "TTFT speed-up (flashinfer / shplb)", lambda s, c: s["ttft_s"] / c["ttft_s"]),
+                        (axes[1], "decode tok/s ratio (shplb / flashinfer)",
+                         lambda s, c: c["decode_tok_s"] / s["decode_tok_s"])):
+        for k, cells_ in runs.items():
+            if k == "flashinfer":
+                continue
+            for b in sorted({key[1] for key in cells_}):
+                keys = sorted(key for key in cells_ if key[1] == b and key in stock)
+                ax.plot([key[0] for key in keys], [f(stock[key], cells_[key]) for key in keys], marker="o",
+                        linestyle="-" if k == "shplb" else "--", label=f"{k}, batch {b}")
+        ax.axhline(1.0, color="k", lw=0.8)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("prompt tokens")
+        ax.set_title(what, fontsize=10)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"{res['which']}: shplb vs stock SGLang ({res['device']}, {res['date']})", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(out / f"serve_{res['which']}_{res['device']}.png", dpi=110)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

@@ -100,9 +100,11 @@ class Server:
         except (urllib.error.URLError, ConnectionError, TimeoutError):
             return False
 
-    def generate(self, input_ids: list[int], max_new_tokens: int, timeout_s: float = 1800) -> Generation:
+    def generate(self, input_ids: list[int], max_new_tokens: int, timeout_s: float = 1800,
+                 ignore_eos: bool = False) -> Generation:
+        """Greedy, streamed. ``ignore_eos``: always ``max_new_tokens`` tokens (timing runs)."""
         payload = {"input_ids": input_ids, "stream": True,
-                   "sampling_params": {"temperature": 0, "max_new_tokens": max_new_tokens}}
+                   "sampling_params": {"temperature": 0, "max_new_tokens": max_new_tokens, "ignore_eos": ignore_eos}}
         req = urllib.request.Request(self.url + "/generate", data=json.dumps(payload).encode(),
                                      headers={"Content-Type": "application/json"})
         t0, ttft, last = time.perf_counter(), None, None

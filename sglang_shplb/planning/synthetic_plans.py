@@ -11,12 +11,16 @@ from sglang_shplb.core.model_spec import ModelSpec
 from sglang_shplb.core.patterns import HeadBudget
 from sglang_shplb.core.placement_types import LayerPlacement, Piece, Placement
 from sglang_shplb.core.plan import Plan, save_plan
+from sglang_shplb.planning.cost_model import CostModel
+from sglang_shplb.planning.stock_decision import StockOptions, decide_stock
 
 
 def synthetic_plan(model_dir: str | Path, budget: Callable[[int, int, ModelSpec], HeadBudget],
                    out_dir: str | Path, *, buckets: Buckets | None = None, tp_sizes=(1,),
-                   meta: dict | None = None) -> Path:
-    """``budget(layer, q_head, spec)`` → HeadBudget. Writes the plan to ``out_dir``; returns plan.json."""
+                   meta: dict | None = None, stock: StockOptions | None = None) -> Path:
+    """``budget(layer, q_head, spec)`` → HeadBudget. Writes the plan to ``out_dir``; returns plan.json.
+    ``stock``: mark the layers where sparse does not pay as ``place`` does (the analytic cost model);
+    ``None``: every layer with sparse heads runs sparse in every bucket."""
     spec = ModelSpec.from_config(model_dir)
     buckets = buckets or Buckets()
     budgets = [[budget(li, h, spec) for h in range(spec.num_heads)] for li in range(spec.num_layers)]
@@ -28,7 +32,13 @@ def synthetic_plan(model_dir: str | Path, budget: Callable[[int, int, ModelSpec]
                       for li in range(spec.num_layers)]
             per_bucket.append(Placement(tp, b, "contiguous", layers, {}))
         placements[tp] = per_bucket
-    return save_plan(Plan(spec, buckets, budgets, placements, meta or {"source": "synthetic"}), out_dir)
+    meta = dict(meta or {"source": "synthetic"})
+    marks = None
+    if stock is not None:
+        cost_model = CostModel.analytic()
+        marks = decide_stock(spec, budgets, buckets, cost_model, stock).stock
+        meta.update(cost_model=cost_model.to_dict(), stock_decision=stock.to_dict())
+    return save_plan(Plan(spec, buckets, budgets, placements, meta, marks), out_dir)
 
 
 def dense_budget(layer: int, head: int, spec: ModelSpec) -> HeadBudget:
