@@ -21,8 +21,9 @@ budgets the quality eval measured), placed for TP 1.
 Method: per (length, batch) cell, ``batch`` requests of ``length`` prompt tokens sent at once, greedy,
 ``ignore_eos``, ``--new-tokens`` tokens each, radix cache off; one warm-up pass over the whole grid first (its
 TTFTs are kept: the first request of a shape pays Triton compiles and FlashInfer plans), then the measured pass.
-TTFT: mean over the batch of send → first streamed chunk. Decode tokens/s: mean over the batch of
-``(tokens - 1) / (end - first chunk)``, one request's rate while the batch decodes together. Cells with
+TTFT: mean over the batch of send → first streamed chunk. Decode tokens/s: one request's rate while the whole
+batch decodes (``run_cell``: the window between the last first chunk and the first end; SGLang interleaves the
+other requests' prefill chunks with the first ones' decode before it). Cells with
 ``length * batch`` above ``--max-batch-tokens`` are skipped (KV memory). ``startup_s``: launch to healthy.
 """
 from __future__ import annotations
@@ -65,14 +66,27 @@ def cells(lengths: list[int], batches: list[int], max_batch_tokens: int) -> list
     return [(n, b) for b in batches for n in lengths if n * b <= max_batch_tokens]
 
 
+def tokens_by(g, t: float) -> int:
+    """Tokens request ``g`` had streamed by absolute time ``t`` (perf_counter)."""
+    return max((n for dt, n in g.chunks if g.sent_at + dt <= t), default=0)
+
+
 def run_cell(server: Server, prompts: list[list[int]], new_tokens: int) -> dict:
-    """``len(prompts)`` requests sent at once; per-request TTFT and decode rate, and their means."""
+    """``len(prompts)`` requests sent at once. ``decode_tok_s``: one request's rate while the whole batch decodes,
+    i.e. the tokens all requests streamed between the last first-chunk and the first end, over that window,
+    divided by the batch (at batch 1, ``(tokens - 1) / (end - first chunk)``); without such a window (a request
+    ended before another began) NaN. ``decode_client_tok_s``: each request's ``(tokens - 1) / (end - first
+    chunk)``, averaged: what a client sees, other requests' prefill chunks included."""
     with ThreadPoolExecutor(len(prompts)) as pool:
         gens = list(pool.map(lambda ids: server.generate(ids, new_tokens, ignore_eos=True), prompts))
+    start = max(g.sent_at + g.chunks[0][0] for g in gens)
+    end = min(g.sent_at + g.chunks[-1][0] for g in gens)
+    together = sum(tokens_by(g, end) - tokens_by(g, start) for g in gens)
     rates = [(g.output_tokens - 1) / (g.latency_s - g.ttft_s) for g in gens
              if g.output_tokens > 1 and g.latency_s > g.ttft_s]
     return {"ttft_s": sum(g.ttft_s for g in gens) / len(gens), "ttft_max_s": max(g.ttft_s for g in gens),
-            "decode_tok_s": sum(rates) / len(rates) if rates else float("nan"),
+            "decode_tok_s": together / (end - start) / len(gens) if end > start and together else float("nan"),
+            "decode_client_tok_s": sum(rates) / len(rates) if rates else float("nan"),
             "tokens": [g.output_tokens for g in gens], "texts": [g.text[:120] for g in gens]}
 
 

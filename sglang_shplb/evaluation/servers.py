@@ -43,6 +43,8 @@ class Generation:
     ttft_s: float
     latency_s: float
     output_tokens: int
+    sent_at: float = 0.0                          # time.perf_counter() when the request was sent
+    chunks: tuple[tuple[float, int], ...] = ()    # per streamed chunk: (seconds after sending, tokens so far)
 
 
 def server_specs(model: Path, plans: list[Path], device: str, dtype: str, context_length: int, concurrency: int = 1,
@@ -107,7 +109,7 @@ class Server:
                    "sampling_params": {"temperature": 0, "max_new_tokens": max_new_tokens, "ignore_eos": ignore_eos}}
         req = urllib.request.Request(self.url + "/generate", data=json.dumps(payload).encode(),
                                      headers={"Content-Type": "application/json"})
-        t0, ttft, last = time.perf_counter(), None, None
+        t0, ttft, last, chunks = time.perf_counter(), None, None, []
         with urllib.request.urlopen(req, timeout=timeout_s) as r:
             for line in r:
                 if not line.startswith(b"data: ") or line.strip() == b"data: [DONE]":
@@ -115,12 +117,14 @@ class Server:
                 chunk = json.loads(line[6:])
                 if "error" in chunk:
                     raise RuntimeError(f"{self.spec.name} server: {chunk['error']}")
-                ttft = ttft if ttft is not None else time.perf_counter() - t0
+                now = time.perf_counter() - t0
+                ttft = ttft if ttft is not None else now
+                chunks.append((now, int(chunk.get("meta_info", {}).get("completion_tokens", 0))))
                 last = chunk
         if last is None:
             raise RuntimeError(f"{self.spec.name} server streamed no output")
         return Generation(last["text"], ttft, time.perf_counter() - t0,
-                          int(last.get("meta_info", {}).get("completion_tokens", 0)))
+                          int(last.get("meta_info", {}).get("completion_tokens", 0)), t0, tuple(chunks))
 
     def stop(self) -> None:
         try:
