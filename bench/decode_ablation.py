@@ -6,11 +6,13 @@ greedy, against dense on the same eval prompts. CPU float32 (or CUDA bf16 with `
 Variants (prefill always follows the plan):
 
 * ``stock``: every head dense at decode (``place --stock-decode``);
-* ``sparse``: the plan's decode rule (what the server runs);
+* ``sparse``: the server's decode rule (``core.patterns.decode_budgets``: streaming heads below the decode floor
+  read Quest pages);
+* ``stream_window``: the rule before that: every streaming head reads its sinks and decode window only;
 * ``stream_dense``: streaming heads dense at decode, the rest as the plan;
 * ``sel_dense``: top-k / vertical-slash heads dense at decode, the rest as the plan;
-* ``stream_quest16``: streaming heads pick 16 pages at decode by Quest scores (page 0 and the current one
-  forced), like a top-k head at its decode floor, instead of their sink + window;
+* ``stream_quest16``: every streaming head picks 16 pages at decode by Quest scores (page 0 and the current one
+  forced), like a top-k head at its decode floor, instead of its sink + window, whatever its window;
 * ``floor32``: the plan with ``DECODE_MIN_PAGES`` 32 instead of 16;
 * ``sparse_everyN``: the plan's decode rule with page selections kept for ``N`` steps (``sparse`` keeps them for
   ``DECODE_RESELECT_EVERY``, the server's default; ``sparse_every1`` selects at every step).
@@ -39,14 +41,16 @@ from sglang_shplb.planning.quality import ATTN_NAME, register_sparse_attention  
 from sglang_shplb.planning.refine import _generate  # noqa: E402
 
 DENSE = HeadBudget.dense()
-QUEST16 = HeadBudget.topk(1 / 1024, 2)   # at decode: max(2, ...) pages, lifted to DECODE_MIN_PAGES = 16
 
 
 def decode_budgets(variant: str, plan: list[list[HeadBudget]]) -> list[list[HeadBudget]]:
+    at_decode = patterns.decode_budget
     swap = {"stock": lambda h: DENSE,
+            "stream_window": lambda h: h,
             "stream_dense": lambda h: DENSE if h.pattern is Pattern.STREAMING else h,
-            "sel_dense": lambda h: DENSE if h.pattern in (Pattern.TOPK, Pattern.VSLASH) else h,
-            "stream_quest16": lambda h: QUEST16 if h.pattern is Pattern.STREAMING else h}.get(variant, lambda h: h)
+            "sel_dense": lambda h: DENSE if h.pattern in (Pattern.TOPK, Pattern.VSLASH) else at_decode(h),
+            "stream_quest16": lambda h: patterns.STREAMING_AT_DECODE if h.pattern is Pattern.STREAMING else h,
+            }.get(variant, at_decode)
     return [[swap(h) for h in layer] for layer in plan]
 
 

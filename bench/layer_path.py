@@ -37,7 +37,7 @@ import torch  # noqa: E402
 
 from timing import host_syncs  # noqa: E402
 
-from sglang_shplb.core.patterns import BLOCK, DECODE_RESELECT_EVERY, HeadBudget, Pattern  # noqa: E402
+from sglang_shplb.core.patterns import BLOCK, DECODE_RESELECT_EVERY, HeadBudget, Pattern, decode_budgets  # noqa: E402
 from sglang_shplb.kernels.paged_layer import (DecodeWorkspace, ExtendBatch, LayerKernels,  # noqa: E402
                                               layer_max_selected, selected_heads)
 
@@ -133,11 +133,13 @@ def main():
     slots = max(bss) + 1
     sparse_layers = [li for li in range(L) if any(b.pattern is not Pattern.DENSE for b in budgets[li])]
     r2t, pool = paged_pool(slots, max_ctx, dev)
-    lks = {li: LayerKernels(budgets[li], hkv, d, max_ctx, dt, dev, pool_tokens=pool, pool_page_size=BLOCK)
-           for li in sparse_layers}
+    # decode follows the server's decode budgets (short-window streaming heads on Quest pages)
+    lks = {li: LayerKernels(budgets[li], hkv, d, max_ctx, dt, dev, pool_tokens=pool, pool_page_size=BLOCK,
+                            decode_budgets=decode_budgets(budgets[li])) for li in sparse_layers}
     # the server's kept page selections (DECODE_RESELECT_EVERY steps): timed as a step that keeps its selection
     kept_lks = {li: LayerKernels(budgets[li], hkv, d, max_ctx, dt, dev, pool_tokens=pool, pool_page_size=BLOCK,
-                                 request_slots=slots) for li in sparse_layers}
+                                 request_slots=slots, decode_budgets=decode_budgets(budgets[li]))
+                for li in sparse_layers}
     dense_lk = LayerKernels([HeadBudget.dense()] * hq, hkv, d, max_ctx, dt, dev, pool_tokens=pool,
                             pool_page_size=BLOCK)
     try:
@@ -213,8 +215,8 @@ def main():
             qd = torch.randn(bs, hq, d, device=dev, dtype=dt)
             od = torch.empty_like(qd)
             wsd = DecodeWorkspace(hq, hkv, d, math.ceil(max_ctx / BLOCK),
-                                  max(layer_max_selected(lk.budgets, max_ctx) for lk in [dense_lk, *lks.values()]), dev,
-                                  max(selected_heads(lk.budgets) for lk in [dense_lk, *lks.values()]))
+                                  max(layer_max_selected(lk.decode_budgets, max_ctx) for lk in [dense_lk, *lks.values()]), dev,
+                                  max(selected_heads(lk.decode_budgets) for lk in [dense_lk, *lks.values()]))
             wsd.ensure(bs)
 
             def step_ours():

@@ -172,7 +172,7 @@ class _Pool:
         return self.k
 
 
-def _plan(stock=None):
+def _plan(stock=None, stream=HeadBudget.streaming(64, 1024)):
     from sglang_shplb.core.plan import Plan
     from sglang_shplb.core.model_spec import ModelSpec
     from sglang_shplb.planning.cost_model import CostModel
@@ -181,7 +181,7 @@ def _plan(stock=None):
                                   "num_hidden_layers": 4, "num_attention_heads": 9, "num_key_value_heads": 3,
                                   "hidden_size": 576, "head_dim": 64, "max_position_embeddings": 8192,
                                   "vocab_size": 100})
-    top, dense, stream = HeadBudget.topk(0.2, 2), HeadBudget.dense(), HeadBudget.streaming(64, 128)
+    top, dense = HeadBudget.topk(0.2, 2), HeadBudget.dense()
     budgets = [[top] * 3 + [dense] * 6, [stream] * 3 + [dense] * 6, [dense] * 6 + [top] * 3, [top] * 9]
     buckets = Buckets((4096, 8192))
     pl = solve_plan_placements(spec, budgets, buckets, [1], CostModel.analytic(), "contiguous")
@@ -255,6 +255,20 @@ def test_summary_bytes_are_counted_in_the_cell_size(monkeypatch):
     assert any(h is be_mod.cell_size_with_summaries for _, h, _ in HookRegistry._hooks[be_mod.CELL_SIZE_TARGET])
 
 
+def test_streaming_heads_below_the_decode_floor_keep_summaries(monkeypatch):
+    """A layer of streaming heads whose windows are below the decode floor selects pages at decode
+    (core.patterns.decode_budget): it keeps page summaries, counted in the cell size; prefill keeps the rule."""
+    from sglang_shplb.serving import backend as be_mod
+    plan = _plan(stream=HeadBudget.streaming(64, 128))
+    assert be_mod.summary_layers(plan) == frozenset({0, 1, 2, 3})
+    assert be_mod.summary_cell_bytes(plan, 3, 64, torch.bfloat16) == 4 * 12
+    be = _backend_with_kernels(monkeypatch, plan, 5, 64 * 100 + 64)
+    lk = be.kernels[1]
+    assert lk.kmin is not None and lk.heads.streaming == (0, 1, 2) and lk.decode_heads.selected == (0, 1, 2)
+    assert [b.pattern.value for b in be.layer_decode_budgets[1][:3]] == ["topk"] * 3
+    assert lk.kept.bits.shape[1] == 3
+
+
 # ---- page size -------------------------------------------------------------------------------------------
 
 def test_another_page_size_is_refused_naming_the_flag(monkeypatch):
@@ -274,7 +288,7 @@ def test_another_page_size_is_refused_naming_the_flag(monkeypatch):
         page_size_args(plan, ns(page_size=16), ["--page-size=16"])
     assert page_size_args(plan, ns(device="cpu", page_size=1), ["--page-size", "1"]) == []   # CPU reference path
     no_select = _plan()
-    no_select.budgets = [[HeadBudget.streaming(64, 128)] * 9] * 4
+    no_select.budgets = [[HeadBudget.streaming(64, 1024)] * 9] * 4   # windows at the decode floor: no selection
     assert page_size_args(no_select, ns(page_size=1), ["--page-size", "1"]) == []
     assert page_size_args(None, ns(), []) == []
 

@@ -9,7 +9,8 @@ import torch
 
 import conftest
 from conftest import DEV, LAYER_TOL, budgets_mixed, budgets_positional, mask_reference, sequence
-from sglang_shplb.core.patterns import BLOCK, HeadBudget
+from sglang_shplb.core import patterns
+from sglang_shplb.core.patterns import BLOCK, HeadBudget, decode_budgets
 from sglang_shplb.kernels.layer_heads import LayerHeads
 from sglang_shplb.kernels.layer_reference import sparse_attention
 from sglang_shplb.kernels.paged_layer import (DecodeWorkspace, ExtendBatch, LayerKernels, layer_max_selected,
@@ -141,6 +142,35 @@ def test_decode_steps_keep_summaries_and_match_reference(pool_page):
             loc = pool.req_to_token[reqs[b], :n].long()
             s = (pool.k[loc, 0] @ q[b, 0]) * SCALE
             assert torch.allclose(out[b, 0], torch.softmax(s, 0) @ pool.v[loc, 0], atol=LAYER_TOL)
+
+
+def test_streaming_heads_below_the_decode_floor_decode_on_quest_pages(monkeypatch):
+    """The server's decode rule (``decode_budgets``): the layer prefills by the streaming rules and decodes its
+    short-window streaming heads as top-k heads at the decode floor, on the kernels as in the reference. The
+    floor is 8 pages here, so that at 16 pages Quest chooses half of them."""
+    monkeypatch.setattr(patterns, "DECODE_MIN_PAGES", 8)
+    budgets = budgets_positional()
+    at_decode = decode_budgets(budgets)
+    assert at_decode[:3] == budgets[:3] and all(b.pattern.value == "topk" for b in at_decode[3:])
+    pool = make_pool(1)
+    lk = LayerKernels(budgets, HKV, D, MAX_CTX, torch.float32, DEV, pool_tokens=POOL, decode_budgets=at_decode)
+    assert lk.heads.streaming == (3, 4, 5) and lk.decode_heads.selected == (3, 4, 5) and lk.kmin is not None
+    lens, reqs = [1000, 700], [1, 3]
+    full = [seq(n + 2, 40 + r) for r, n in enumerate(lens)]
+    out = extend(lk, pool, reqs, [f[0][:n] for f, n in zip(full, lens)], [f[1][:n] for f, n in zip(full, lens)],
+                 [f[2][:n] for f, n in zip(full, lens)], [0, 0])
+    ref = torch.cat([reference(budgets, *(x[:n] for x in f)) for f, n in zip(full, lens)])
+    assert relative_error(out, ref) < LAYER_TOL                 # prefill: the streaming rules
+    ws = DecodeWorkspace(HQ, HKV, D, MAX_CTX // BLOCK, layer_max_selected(at_decode, MAX_CTX), DEV,
+                         selected_heads(at_decode))
+    rpi = torch.tensor(reqs, device=DEV)
+    for step in range(2):
+        seq_lens, q, out = decode_step(lk, pool, reqs, full, lens, step, ws)
+        sets = [reference_decode_pages(at_decode, q[b], pool.k, pool.req_to_token, reqs[b], int(seq_lens[b]))[0]
+                for b in range(2)]
+        assert all(len(sets[b][h]) == min(8, -(-int(seq_lens[b]) // BLOCK)) for b in range(2) for h in (3, 4, 5))
+        ref = reference_sparse_decode(q, pool.k, pool.v, pool.req_to_token, rpi, seq_lens, sets, SCALE)
+        assert relative_error(out, ref) < LAYER_TOL, step
 
 
 def test_layers_without_selected_heads_have_no_summaries_and_workspace_grows():

@@ -39,7 +39,9 @@ def test_the_check_decodes_through_the_servers_decode_reference(monkeypatch):
         return real(q, k_buffer, v_buffer, req_to_token, req_pool_indices, seq_lens, budgets, scale, out, *rest, **kw)
 
     monkeypatch.setattr(quality, "sparse_decode", spy)
-    budgets = [[HeadBudget.streaming(64, 64)] * 9, [HeadBudget.topk(0.2, 2)] * 9]
+    # layer 0: streaming heads whose window reaches the decode floor (they decode as streaming); layer 1: heads
+    # below it, which the server's rule (core.patterns.decode_budget) decodes as top-k at the floor
+    budgets = [[HeadBudget.streaming(64, 1024)] * 9, [HeadBudget.streaming(64, 64)] * 9]
     (row,) = compare_dense_sparse(default_checkpoint(), budgets, [256], prompts=1, max_new_tokens=3, num_layers=2,
                                   log=lambda *_: None)
     n = row["tokens"]
@@ -54,6 +56,7 @@ def test_teacher_forced_answer_rows_attend_by_the_servers_decode_rule():
     (layer_reference.sparse_decode over the cache) step by step; no decode rows, no change."""
     import torch
 
+    from sglang_shplb.core.patterns import decode_budgets
     from sglang_shplb.kernels.layer_reference import sparse_decode
     from sglang_shplb.kernels.reference import SelectionMemory
     from sglang_shplb.planning.quality import masked_prefill
@@ -79,11 +82,13 @@ def test_teacher_forced_answer_rows_attend_by_the_servers_decode_rule():
     assert torch.allclose(masked_prefill(budgets, q, k, v, scale, decode_from=n)[0], full, atol=1e-6)
     kk, vv = k[0].transpose(0, 1).contiguous(), v[0].transpose(0, 1).contiguous()    # pool [n, Hkv, d]
     memory = SelectionMemory()          # the server's kept selections (DECODE_RESELECT_EVERY steps)
+    at_decode = decode_budgets(budgets)   # the streaming heads' windows are below the floor: Quest pages
+    assert [b.pattern.value for b in at_decode] == ["topk", "topk", "dense", "topk", "topk", "topk"]
     for t in range(P, n):
         out = torch.zeros(1, hq, d)
         one = torch.zeros(1, dtype=torch.long)
         sparse_decode(q[0, :, t][None], kk, vv, torch.arange(n, dtype=torch.int32)[None], one,
-                      torch.tensor([t + 1]), budgets, scale, out, memory, 0)
+                      torch.tensor([t + 1]), at_decode, scale, out, memory, 0)
         sparse = [h for h, b in enumerate(budgets) if b.pattern.value != "dense"]   # the stock backend does dense
         assert torch.allclose(mixed[t, sparse], out[0, sparse], atol=1e-5), t
     assert torch.allclose(mixed[P:, 2], full[P:, 2], atol=1e-5)   # a dense head is dense in both

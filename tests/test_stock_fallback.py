@@ -13,7 +13,7 @@ import sglang  # noqa: F401  (tests/run.sh installs it; a missing SGLang must fa
 
 from sglang_shplb.core.buckets import Buckets
 from sglang_shplb.core.model_spec import ModelSpec
-from sglang_shplb.core.patterns import HeadBudget
+from sglang_shplb.core.patterns import DECODE_MIN_PAGES, HeadBudget
 from sglang_shplb.core.plan import PHASES, Plan, load_plan, save_plan
 from sglang_shplb.planning.cost_model import CostModel
 from sglang_shplb.planning.place import solve_plan_placements
@@ -106,17 +106,23 @@ def test_sparse_layer_pays_at_long_lengths_only():
 
 
 def test_decode_model_bytes():
-    """Decode: stock reads every page of every KV head; a group of streaming heads reads sink + window."""
-    layer = [HeadBudget.streaming(64, 128)] * 9
+    """Decode: stock reads every page of every KV head; a group of streaming heads reads sink + window; a
+    streaming head below the decode floor reads DECODE_MIN_PAGES Quest pages (the server's decode rule)."""
+    layer = [HeadBudget.streaming(64, 1024)] * 9
     o = NO_OVERHEAD
     sp, st = layer_times("decode", layer, 64 * 100, SPEC, COST, o)
     per_page = 64 * 64 * 2 * 2 / o.hbm_bytes_per_s
     assert st == pytest.approx(o.decode_base_s + 3 * 100 * per_page)
-    assert sp == pytest.approx(o.decode_base_s + 3 * 4 * per_page)       # 1 sink + 2 + 1 window pages per group
+    assert sp == pytest.approx(o.decode_base_s + 3 * 18 * per_page)      # 1 sink + 16 + 1 window pages per group
     both = StockOptions(prefill_layer_overhead_s=0.0, decode_layer_overhead_s=5e-6, decode_batch=4)
     sp4, st4 = layer_times("decode", layer, 64 * 100, SPEC, COST, both)
     assert st4 == pytest.approx(o.decode_base_s + 4 * 3 * 100 * per_page)
-    assert sp4 == pytest.approx(o.decode_base_s + 5e-6 + 4 * 3 * 4 * per_page)
+    assert sp4 == pytest.approx(o.decode_base_s + 5e-6 + 4 * 3 * 18 * per_page)
+    short = [HeadBudget.streaming(64, 128)] * 9                           # 1 + 2 + 1 pages < the floor
+    sp_short, _ = layer_times("decode", short, 64 * 100, SPEC, COST, o)
+    assert sp_short == pytest.approx(o.decode_base_s + 3 * 3 * DECODE_MIN_PAGES * per_page)
+    sp_tiny, _ = layer_times("decode", short, 64 * 20, SPEC, COST, o)     # 3 x 16 pages capped at the 20 there are
+    assert sp_tiny == pytest.approx(o.decode_base_s + 3 * 20 * per_page)
 
 
 # ---- the plan file ---------------------------------------------------------------------------------------

@@ -28,6 +28,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 from enum import Enum
+from typing import Sequence
 
 import numpy as np
 
@@ -204,3 +205,27 @@ class HeadBudget:
 
 def _ceil(x: np.ndarray) -> np.ndarray:
     return np.ceil(x).astype(np.int64)
+
+
+#: What a streaming head whose sinks and decode window hold fewer than :data:`DECODE_MIN_PAGES` pages decodes
+#: with (:func:`decode_budget`): a top-k head at the decode floor, Quest's pages (page 0 and the current page
+#: forced, the rest by the key-summary bound); its fraction is below one page per 1024, so the floor decides.
+STREAMING_AT_DECODE = HeadBudget.topk(1 / 1024, min_blocks=2)
+
+
+def decode_budget(b: HeadBudget) -> HeadBudget:
+    """The budget head ``b`` decodes with: its own, but a streaming head whose sinks and
+    :attr:`~HeadBudget.decode_window_blocks` hold fewer than :data:`DECODE_MIN_PAGES` pages decodes as
+    :data:`STREAMING_AT_DECODE`, the token budget every selected head has at decode. A short window holds no
+    needle when an answer is written: on the round-5 plan at density 0.30 (157 of 270 heads streaming, windows
+    of 64-1024 tokens), sparse decode lost 20 pass-key points at 2K against dense where stock decode lost 10,
+    and these heads reading 16 Quest pages instead gave the 10 back (``bench/decode_ablation.py``, variants
+    ``sparse`` vs ``stream_quest16``, CPU float32, 20 prompts). Prefill keeps the streaming rule."""
+    if b.pattern is Pattern.STREAMING and b.sink_blocks + b.decode_window_blocks < DECODE_MIN_PAGES:
+        return STREAMING_AT_DECODE
+    return b
+
+
+def decode_budgets(layer: Sequence[HeadBudget]) -> list[HeadBudget]:
+    """:func:`decode_budget` of every head of a layer: the budgets the server's decode follows."""
+    return [decode_budget(b) for b in layer]

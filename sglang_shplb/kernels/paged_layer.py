@@ -124,21 +124,27 @@ class LayerKernels:
     each 64-token page of a request is 64 consecutive slots (one index load per page), 1 for any layout
     (one per token; a server whose plan selects no pages may run with ``--page-size 1``). ``request_slots``:
     rows of ``req_to_token``, for the selections kept ``reselect_every`` decode steps (None, or ``reselect_every``
-    1: every step selects)."""
+    1: every step selects). ``decode_budgets`` (default ``budgets``): the budgets decode follows; the server
+    passes :func:`~sglang_shplb.core.patterns.decode_budgets` of the layer."""
 
     def __init__(self, budgets: Sequence[HeadBudget], num_kv_heads: int, head_dim: int, max_ctx: int,
                  kv_dtype: torch.dtype, device, *, pool_tokens: int, decode: bool = True,
                  pool_page_size: int = 1, request_slots: int | None = None,
-                 reselect_every: int = DECODE_RESELECT_EVERY) -> None:
+                 reselect_every: int = DECODE_RESELECT_EVERY,
+                 decode_budgets: Sequence[HeadBudget] | None = None) -> None:
         self.budgets = list(budgets)
+        self.decode_budgets = self.budgets if decode_budgets is None else list(decode_budgets)
+        if len(self.decode_budgets) != len(self.budgets):
+            raise ValueError(f"{len(self.decode_budgets)} decode budgets for {len(self.budgets)} heads")
         self.pool_page_size = pool_page_size
         self.heads = LayerHeads.of(budgets, num_kv_heads, head_dim)
+        dh = self.decode_heads = LayerHeads.of(self.decode_budgets, num_kv_heads, head_dim)
         self.hq, self.hkv, self.d = len(budgets), num_kv_heads, head_dim
         self.max_pages = math.ceil(max_ctx / BLOCK)
         self.prefill = SparsePrefill(self.budgets, num_kv_heads, head_dim)
-        self.page_rules = page_rules(self.heads, num_kv_heads, device)
-        self.walks = decode_walks(self.heads, num_kv_heads, self.max_pages)
-        self.selects = bool(self.heads.selected)
+        self.page_rules = page_rules(dh, num_kv_heads, device)
+        self.walks = decode_walks(dh, num_kv_heads, self.max_pages)
+        self.selects = bool(dh.selected)
         self.kmin = self.kmax = None
         self.kept: KeptSelections | None = None
         #: an int32 device scalar the server writes per batch (None: always sparse): nonzero runs the decode step
@@ -147,9 +153,9 @@ class LayerKernels:
         if self.selects and decode:   # page summaries [pool pages + 1, Hkv, d] x 2, indexed by pool page
             self.kmin, self.kmax = alloc_page_summaries(pool_tokens, num_kv_heads, head_dim,
                                                         dtype=kv_dtype, device=device)
-            self.select_consts = selector_consts(self.heads, device, self.max_pages)
+            self.select_consts = selector_consts(dh, device, self.max_pages)
             if request_slots and reselect_every > 1:
-                self.kept = KeptSelections.alloc(request_slots, len(self.heads.selected), self.max_pages,
+                self.kept = KeptSelections.alloc(request_slots, len(dh.selected), self.max_pages,
                                                  num_kv_heads, reselect_every, device)
 
     @property

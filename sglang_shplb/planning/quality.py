@@ -22,6 +22,7 @@ from sglang_shplb.planning.calibration_data import passkey_prompt
 from sglang_shplb.kernels.layer_reference import sparse_decode
 from sglang_shplb.kernels.reference import SelectionMemory, masked_attention, reference_page_summaries
 from sglang_shplb.core.patterns import BLOCK, DECODE_RESELECT_EVERY, HeadBudget
+from sglang_shplb.core.patterns import decode_budgets as at_decode
 
 ATTN_NAME = "shplb_sparse_prefill"
 QUALITY_NAME = "quality.json"
@@ -32,9 +33,10 @@ def register_sparse_attention(budgets: list[list[HeadBudget]],
                               reselect_every: int = DECODE_RESELECT_EVERY) -> None:
     """Register ``ATTN_NAME`` with transformers: the plan's sparse prefill (block masks) and decode (the
     server's rule, page selections kept for ``reselect_every`` steps) for
-    ``model.set_attn_implementation(ATTN_NAME)``; ``decode_budgets`` (default ``budgets``) are the budgets the
-    decode steps follow. One request at a time: a prefill starts a new one."""
-    decode_budgets = budgets if decode_budgets is None else decode_budgets
+    ``model.set_attn_implementation(ATTN_NAME)``; ``decode_budgets`` (default: the server's,
+    :func:`~sglang_shplb.core.patterns.decode_budgets` of each layer) are the budgets the decode steps follow.
+    One request at a time: a prefill starts a new one."""
+    decode_budgets = [at_decode(layer) for layer in budgets] if decode_budgets is None else decode_budgets
     from transformers import AttentionInterface
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
     memory = SelectionMemory(reselect_every)
@@ -73,7 +75,7 @@ def masked_prefill(budgets: list[HeadBudget], query: torch.Tensor, key: torch.Te
                                       masks[g * group:(g + 1) * group], scaling)
                      for g in range(k.shape[1])], dim=1)
     if stop < n:
-        out = torch.cat([out, decode_rows(budgets, q, k, v, stop, scaling)])
+        out = torch.cat([out, decode_rows(at_decode(budgets), q, k, v, stop, scaling)])
     return out[None]
 
 

@@ -50,7 +50,8 @@ Decode is bound by the KV bytes read. Per layer, ``decode_batch`` requests of co
 head of the group is dense; else ``min(npages, streaming union + sum of the selected heads' pages)`` with
 the streaming union ``max sink + max window`` (the sink pages and the window pages of every streaming head
 overlap) and a top-k / vertical-slash head's pages ``HeadBudget.decode_pages`` (the
-kernels' rule), assumed disjoint: an upper bound on what sparse reads. Defaults fitted to
+kernels' rule), assumed disjoint: an upper bound on what sparse reads. The budgets are those decode follows
+(:func:`~sglang_shplb.core.patterns.decode_budgets`: a streaming head below the decode floor reads Quest pages). Defaults fitted to
 ``bench/results/layer_path_llama8b.json`` (H100, CUDA graphs, batch 1, 16K-64K): dense decode is about
 ``11.7 us + bytes / 2.9 TB/s`` per layer (``decode_base_s`` 10 us, ``hbm_bytes_per_s`` 3.0e12) and the
 sparse path's selection, union and combine launches add about 18 us per layer
@@ -73,7 +74,7 @@ import numpy as np
 
 from sglang_shplb.core.buckets import Buckets
 from sglang_shplb.core.model_spec import ModelSpec
-from sglang_shplb.core.patterns import BLOCK, HeadBudget, Pattern
+from sglang_shplb.core.patterns import BLOCK, HeadBudget, Pattern, decode_budgets
 from sglang_shplb.core.plan import PHASES, Plan
 from sglang_shplb.planning.cost_model import CostModel, plan_cost_model
 
@@ -166,7 +167,8 @@ def layer_times(phase: str, budgets: Sequence[HeadBudget], seq_len: int, spec: M
     gs = spec.group_size
     if len(budgets) % gs:
         raise ValueError(f"{len(budgets)} heads do not make whole KV groups of {gs}")
-    groups = [budgets[i:i + gs] for i in range(0, len(budgets), gs)]
+    at_decode = decode_budgets(budgets)
+    groups = [at_decode[i:i + gs] for i in range(0, len(budgets), gs)]
     per_page = options.decode_batch * BLOCK * spec.head_dim * 2 * options.kv_dtype_bytes / options.hbm_bytes_per_s
     stock = options.decode_base_s + len(groups) * npages * per_page
     sparse = (options.decode_base_s + options.decode_layer_overhead_s

@@ -40,13 +40,14 @@ from __future__ import annotations
 
 import logging
 import math
+from functools import cached_property
 
 import torch
 
 from sglang.srt.layers.attention.base_attn_backend import AttentionBackend
 
 from sglang_shplb.core.head_map import LayerWork, placement_work, rank_heads
-from sglang_shplb.core.patterns import HeadBudget, Pattern
+from sglang_shplb.core.patterns import HeadBudget, Pattern, decode_budgets
 from sglang_shplb.kernels.head_parallel import ExchangeStats, HeadParallelExtend, RankLayout
 from sglang_shplb.kernels.layer_heads import LayerHeads
 from sglang_shplb.kernels.layer_reference import prepare_decode_constants, sparse_attention, sparse_decode, sparse_heads
@@ -75,12 +76,13 @@ class ShplbPageSizeError(ValueError):
 
 
 def summary_layers(plan) -> frozenset[int]:
-    """Layers whose decode page summaries the kernel path keeps: a top-k / vertical-slash head on some TP rank
+    """Layers whose decode page summaries the kernel path keeps: a head that selects its pages at decode
+    (top-k, vertical-slash, a streaming head below the decode floor: :func:`~sglang_shplb.core.patterns.decode_budget`) on some TP rank
     (every rank budgets the same set, so their pool sizes agree) and sparse decode in some bucket."""
     if plan is None:
         return frozenset()
     sel = {li for li, layer in enumerate(plan.budgets) if any(b.pattern in (Pattern.TOPK, Pattern.VSLASH)
-                                                              for b in layer)}
+                                                              for b in decode_budgets(layer))}
     always_stock = frozenset.intersection(*(plan.stock_layers("decode", b) for b in range(len(plan.buckets))))
     return frozenset(sel) - always_stock
 
@@ -136,7 +138,8 @@ def check_summary_page_size(page_size, what: str = "the shplb kernel path") -> N
     """The decode page summaries are indexed by 64-slot pool page: refuse any other ``--page-size``."""
     if int(page_size or 1) != SUMMARY_PAGE_SIZE:
         raise ShplbPageSizeError(
-            f"{what} decodes top-k / vertical-slash heads from page summaries indexed by KV-pool page and needs "
+            f"{what} selects decode pages (top-k, vertical-slash, short-window streaming heads) from page summaries "
+                f"indexed by KV-pool page and needs "
             f"--page-size {SUMMARY_PAGE_SIZE} (got --page-size {page_size or 1}): start the server with "
             f"--page-size {SUMMARY_PAGE_SIZE} (python -m sglang_shplb.launch_server sets it when the flag is "
             f"not given)")
@@ -198,7 +201,8 @@ class ShplbAttnBackend(AttentionBackend):
             for li, layer in enumerate(self.plan.budgets):
                 local = [layer[h] for h in rank_heads(spec.num_heads, self.tp_size, self.tp_rank)]
                 self.layer_budgets[li] = local
-                prepare_decode_constants(local, self.device)
+            for budgets in self.layer_decode_budgets.values():
+                prepare_decode_constants(budgets, self.device)
             if self.tp_size > 1:
                 self._init_head_parallel(model_runner)
         n_sparse = sum(len(sparse_heads(b)) for b in self.layer_budgets.values())
@@ -247,7 +251,7 @@ class ShplbAttnBackend(AttentionBackend):
         pool_tokens = k0.shape[0]
         keep = summary_layers(self.plan)   # the layers budgeted by cell_size_with_summaries
         page_size = getattr(model_runner, "page_size", None) or getattr(model_runner.server_args, "page_size", None)
-        if any(LayerHeads.of(b).selected for li, b in self.layer_budgets.items() if li in keep):
+        if any(LayerHeads.of(b).selected for li, b in self.layer_decode_budgets.items() if li in keep):
             check_summary_page_size(page_size)
         # decode reads one slot per 64-slot pool page (--page-size 64), else one per token
         pool_page = SUMMARY_PAGE_SIZE if int(page_size or 1) == SUMMARY_PAGE_SIZE else 1
@@ -256,12 +260,13 @@ class ShplbAttnBackend(AttentionBackend):
                 self.kernels[li] = LayerKernels(budgets, hkv, mc.head_dim, self.max_context, k0.dtype, self.device,
                                                 pool_tokens=pool_tokens, decode=li in keep, pool_page_size=pool_page,
                                                 request_slots=self.req_to_token_pool.req_to_token.shape[0],
-                                                reselect_every=self.cfg.decode_reselect_every)
+                                                reselect_every=self.cfg.decode_reselect_every,
+                                                decode_budgets=self.layer_decode_budgets[li])
         if self.kernels:
-            max_sel = max(layer_max_selected(lk.budgets, self.max_context) for lk in self.kernels.values())
+            max_sel = max(layer_max_selected(lk.decode_budgets, self.max_context) for lk in self.kernels.values())
             hq = len(next(iter(self.kernels.values())).budgets)
             self.decode_ws = DecodeWorkspace(hq, hkv, mc.head_dim, math.ceil(self.max_context / 64), max_sel, self.device,
-                                             max(selected_heads(lk.budgets) for lk in self.kernels.values()))
+                                             max(selected_heads(lk.decode_budgets) for lk in self.kernels.values()))
             mib = sum(lk.summary_bytes for lk in self.kernels.values()) / 2**20
             logger.info("shplb kernel path: %d layers, decode page summaries %.1f MiB for %d layers (%d pool "
                         "tokens / %d per page; counted in the KV cell size); page selections kept %d decode steps "
@@ -403,6 +408,12 @@ class ShplbAttnBackend(AttentionBackend):
         return getattr(self.inner, "supports_ragged_verify_graph", False)
 
     # ---- forward ----------------------------------------------------------------------------------
+    @cached_property
+    def layer_decode_budgets(self) -> dict[int, list[HeadBudget]]:
+        """What decode follows per layer: :func:`~sglang_shplb.core.patterns.decode_budgets` of the rank-local
+        budgets (a streaming head below the decode floor selects Quest pages)."""
+        return {li: decode_budgets(b) for li, b in self.layer_budgets.items()}
+
     def _budgets(self, layer) -> list[HeadBudget] | None:
         b = self.layer_budgets.get(layer.layer_id)
         if b is None or len(b) != layer.tp_q_head_num:
@@ -515,15 +526,15 @@ class ShplbAttnBackend(AttentionBackend):
                 self.stats["decode_layers_sparse"] += 1
             return o.view(q3.shape[0], -1)
         o = self.inner.forward_decode(q, k, v, layer, forward_batch, save_kv_cache=save_kv_cache, **kwargs)
-        budgets = self._budgets(layer)
-        if budgets is None or layer.is_cross_attention:
+        if self._budgets(layer) is None or layer.is_cross_attention:
             return o
         q3, o3 = _per_head(q, o, layer)
         bs = forward_batch.req_pool_indices.shape[0]
         sparse_decode(q3[:bs], self.token_to_kv_pool.get_key_buffer(layer.layer_id),
                       self.token_to_kv_pool.get_value_buffer(layer.layer_id),
                       self.req_to_token_pool.req_to_token, forward_batch.req_pool_indices,
-                      forward_batch.seq_lens, budgets, layer.scaling, o3[:bs], self.selections, layer.layer_id)
+                      forward_batch.seq_lens, self.layer_decode_budgets[layer.layer_id], layer.scaling, o3[:bs],
+                      self.selections, layer.layer_id)
         if not capturing:
             self.stats["decode_layers_sparse"] += 1
         return o
