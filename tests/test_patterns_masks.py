@@ -112,3 +112,18 @@ def test_decode_floor_binds_short_and_not_long():
     assert b.blocks_for_query_block(31, 32) == 4 and b.decode_pages(32) == DECODE_MIN_PAGES   # 2K: 4 -> 16 pages
     assert b.decode_pages(2048) == b.blocks_for_query_block(2047, 2048) == 103               # 128K: its fraction
     assert HeadBudget.dense().decode_pages(0) == 0
+
+
+def test_streaming_heads_below_the_decode_floor_decode_as_quest_heads():
+    """decode_budget: a streaming head whose sinks + decode window (window + the query's block) hold fewer than
+    DECODE_MIN_PAGES pages decodes as a top-k head reading exactly the floor; at the floor or above, and every
+    other pattern, keep their budget."""
+    from sglang_shplb.core.patterns import STREAMING_AT_DECODE, decode_budget, decode_budgets
+    below = HeadBudget.streaming(64, 64 * (DECODE_MIN_PAGES - 3))    # 1 + 13 + 1 = 15 pages
+    at = HeadBudget.streaming(64, 64 * (DECODE_MIN_PAGES - 2))       # 1 + 14 + 1 = 16 pages
+    assert below.sink_blocks + below.decode_window_blocks == DECODE_MIN_PAGES - 1
+    assert decode_budget(below) is STREAMING_AT_DECODE and decode_budget(at) is at
+    for b in (HeadBudget.dense(), HeadBudget.topk(0.01, 2), HeadBudget.vslash(0.1, 1)):
+        assert decode_budget(b) is b
+    assert [STREAMING_AT_DECODE.decode_pages(n) for n in (1, 8, 16, 17, 512, 2048)] == [1, 8, 16, 16, 16, 16]
+    assert decode_budgets([below, at]) == [STREAMING_AT_DECODE, at]

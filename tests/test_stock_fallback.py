@@ -378,3 +378,22 @@ def test_backend_follows_the_plan_per_phase_bucket_and_layer(monkeypatch):
     be, _ = _backend(monkeypatch, plan)
     assert be.graph_decode_stock == frozenset({2})
     assert be.summarized_layers == frozenset({0, 1, 3})
+
+
+def test_a_synthetic_plan_can_carry_the_stock_decision(tmp_path):
+    """``synthetic_plan(stock=...)`` marks what ``decide_stock`` marks with the analytic cost model (the serving
+    bench's Llama-3-8B plan as ``place`` would ship it); without it no layer is stock."""
+    from sglang_shplb.planning.synthetic_plans import mixed_budget, synthetic_plan
+    cfg = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "num_hidden_layers": 2,
+           "num_attention_heads": 32, "num_key_value_heads": 8, "hidden_size": 4096, "head_dim": 128,
+           "max_position_embeddings": 131072, "vocab_size": 100}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    budget = mixed_budget(128, 2048, 0.1)
+    marked = load_plan(synthetic_plan(tmp_path, budget, tmp_path / "a", stock=StockOptions()).parent)
+    plain = load_plan(synthetic_plan(tmp_path, budget, tmp_path / "b").parent)
+    spec = ModelSpec.from_config(tmp_path)
+    want = decide_stock(spec, marked.budgets, marked.buckets, CostModel.analytic(), StockOptions()).stock
+    assert np.array_equal(marked.stock, want) and want.any() and not want.all()
+    assert StockOptions.from_dict(marked.meta["stock_decision"]) == StockOptions()
+    assert plain.stock is None
+

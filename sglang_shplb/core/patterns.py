@@ -217,10 +217,10 @@ def decode_budget(b: HeadBudget) -> HeadBudget:
     """The budget head ``b`` decodes with: its own, but a streaming head whose sinks and
     :attr:`~HeadBudget.decode_window_blocks` hold fewer than :data:`DECODE_MIN_PAGES` pages decodes as
     :data:`STREAMING_AT_DECODE`, the token budget every selected head has at decode. A short window holds no
-    needle when an answer is written: on the round-5 plan at density 0.30 (157 of 270 heads streaming, windows
-    of 64-1024 tokens), sparse decode lost 20 pass-key points at 2K against dense where stock decode lost 10,
-    and these heads reading 16 Quest pages instead gave the 10 back (``bench/decode_ablation.py``, variants
-    ``sparse`` vs ``stream_quest16``, CPU float32, 20 prompts). Prefill keeps the streaming rule."""
+    needle when an answer is written. Round 5's plan at density 0.30 (218 of 270 heads streaming, 137 of them
+    below the floor), pass key at 2K, CPU float32, 20 prompts: with sinks + window at decode it lost 20 points
+    against dense where stock decode lost 10; with this rule 15, in-process and through the real CPU servers
+    (``bench/results/eval_cpu/README.md``, ``decode_floor/``). Prefill keeps the streaming rule."""
     if b.pattern is Pattern.STREAMING and b.sink_blocks + b.decode_window_blocks < DECODE_MIN_PAGES:
         return STREAMING_AT_DECODE
     return b
