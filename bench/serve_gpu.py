@@ -41,25 +41,14 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
 from sglang_shplb.evaluation.servers import Server, server_specs  # noqa: E402
+from sglang_shplb.planning.calibration_data import passkey_prompt  # noqa: E402
 
 ROUND5_BUDGETS = HERE / "results" / "eval_h200_round5" / "plans" / "refined5_d30"
-FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
 LLAMA8B = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096,
            "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
            "head_dim": 128, "rope_theta": 500000.0, "rms_norm_eps": 1e-5, "vocab_size": 128256,
            "hidden_act": "silu", "tie_word_embeddings": False, "bos_token_id": 1, "eos_token_id": 2,
            "torch_dtype": "bfloat16"}
-
-
-def passkey_ids(tok, target_tokens: int, key: int, depth: float = 0.5) -> list[int]:
-    """A pass-key prompt of about ``target_tokens`` tokens, the key at ``depth``."""
-    unit = len(tok(FILLER)["input_ids"])
-    n = max(1, (target_tokens - 80) // unit)
-    parts = [FILLER] * n
-    parts.insert(int(n * depth), f"The pass key is {key}. Remember it. {key} is the pass key. ")
-    text = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize it.\n"
-            f"{''.join(parts)}\nWhat is the pass key? The pass key is")
-    return tok(text)["input_ids"]
 
 
 def cells(lengths: list[int], batches: list[int], max_batch_tokens: int) -> list[tuple[int, int]]:
@@ -115,16 +104,16 @@ def serve_grid(name: str, spec, grid: dict, new_tokens: int, out: Path) -> dict:
 
 
 def build_grid(which: str, tok, lengths, batches, max_batch_tokens) -> dict:
-    """(length, batch) → ``{"prompts", "keys"}``. Llama-3-8B: random token ids (no keys); SmolLM2: pass-key
-    prompts, a key per request."""
+    """(length, batch) → ``{"prompts", "keys"}``. Llama-3-8B: random token ids (no keys); SmolLM2: the quality
+    check's pass-key prompt (``calibration_data.passkey_prompt``), seeds ``0 .. batch-1``: a key per request."""
     rng = random.Random(0)
     grid = {}
     for n, b in cells(lengths, batches, max_batch_tokens):
         if which == "llama8b":
             grid[(n, b)] = {"prompts": [[rng.randint(1000, 40000) for _ in range(n)] for _ in range(b)], "keys": None}
         else:
-            keys = [rng.randint(10000, 99999) for _ in range(b)]
-            grid[(n, b)] = {"prompts": [passkey_ids(tok, n, k) for k in keys], "keys": keys}
+            ps = [passkey_prompt(tok, n, seed) for seed in range(b)]   # the quality check's prompt, a key each
+            grid[(n, b)] = {"prompts": [p.input_ids for p in ps], "keys": [p.answer for p in ps]}
     return grid
 
 

@@ -81,8 +81,7 @@ def summary_layers(plan) -> frozenset[int]:
     (every rank budgets the same set, so their pool sizes agree) and sparse decode in some bucket."""
     if plan is None:
         return frozenset()
-    sel = {li for li, layer in enumerate(plan.budgets) if any(b.pattern in (Pattern.TOPK, Pattern.VSLASH)
-                                                              for b in decode_budgets(layer))}
+    sel = {li for li, layer in enumerate(plan.budgets) if LayerHeads.of(decode_budgets(layer)).selected}
     always_stock = frozenset.intersection(*(plan.stock_layers("decode", b) for b in range(len(plan.buckets))))
     return frozenset(sel) - always_stock
 
@@ -139,7 +138,7 @@ def check_summary_page_size(page_size, what: str = "the shplb kernel path") -> N
     if int(page_size or 1) != SUMMARY_PAGE_SIZE:
         raise ShplbPageSizeError(
             f"{what} selects decode pages (top-k, vertical-slash, short-window streaming heads) from page summaries "
-                f"indexed by KV-pool page and needs "
+            f"indexed by KV-pool page and needs "
             f"--page-size {SUMMARY_PAGE_SIZE} (got --page-size {page_size or 1}): start the server with "
             f"--page-size {SUMMARY_PAGE_SIZE} (python -m sglang_shplb.launch_server sets it when the flag is "
             f"not given)")
