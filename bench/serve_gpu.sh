@@ -3,6 +3,7 @@
 # SmolLM2 in /tmp/smollm2). Installs this package offline into /tmp/site, then runs bench/serve_gpu.py.
 #   bash bench/serve_gpu.sh serve|tests|all
 # serve: the Llama-3-8B shape then SmolLM2, each against stock FlashInfer (bench/serve_gpu.py's grid).
+#   SERVERS (default shplb,flashinfer): which servers, in order; add shplb_sparse when the device time allows.
 # tests: the kernel-path and kernel tests compiled on the GPU (the machine's own pytest).
 set -uo pipefail
 export PYTHONPATH=/tmp/site NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
@@ -13,8 +14,8 @@ python3 -c "import importlib.metadata as m; print([e.value for e in m.entry_poin
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 what=${1:-serve}
 if [ "$what" = serve ] || [ "$what" = all ]; then
-  python3 bench/serve_gpu.py llama8b --out "$OUT" --servers flashinfer,shplb_sparse,shplb
-  python3 bench/serve_gpu.py smollm2 --out "$OUT" --servers flashinfer,shplb,shplb_sparse
+  python3 bench/serve_gpu.py llama8b --out "$OUT" --servers "${SERVERS:-shplb,flashinfer}"
+  python3 bench/serve_gpu.py smollm2 --out "$OUT" --servers "${SERVERS:-shplb,flashinfer}"
 fi
 if [ "$what" = tests ] || [ "$what" = all ]; then
   TRITON_INTERPRET=0 python3 -m pytest -q -p no:cacheprovider tests/test_paged_layer.py tests/test_triton_index.py \
