@@ -14,8 +14,8 @@ python3 -c "import importlib.metadata as m; print([e.value for e in m.entry_poin
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 what=${1:-serve}
 if [ "$what" = serve ] || [ "$what" = all ]; then
-  python3 bench/serve_gpu.py llama8b --out "$OUT" --servers "${SERVERS:-shplb,flashinfer}"
-  python3 bench/serve_gpu.py smollm2 --out "$OUT" --servers "${SERVERS:-shplb,flashinfer}"
+  python3 bench/serve_gpu.py llama8b --out "$OUT/llama8b" --servers "${SERVERS:-shplb,flashinfer}"
+  python3 bench/serve_gpu.py smollm2 --out "$OUT/smollm2" --servers "${SERVERS:-shplb,flashinfer}"
 fi
 if [ "$what" = tests ] || [ "$what" = all ]; then
   TRITON_INTERPRET=0 python3 -m pytest -q -p no:cacheprovider tests/test_paged_layer.py tests/test_triton_index.py \
