@@ -169,6 +169,9 @@ def main():
     ap.add_argument("--kv-gb", type=float, default=24.0, help="K/V memory of the L layers at most")
     ap.add_argument("--budget-s", type=float, default=480.0, help="stop adding (ctx, batch) points past this")
     ap.add_argument("--splits", default="", help="also time the reuse path of a few sets at these split counts")
+    ap.add_argument("--server-ctx", type=int, default=0,
+                    help="size the layer's decode (pages, selection width, splits) for a server of this context "
+                         "length, as `--context-length` does in SGLang (default: each point's n + 64)")
     ap.add_argument("--profile", action="store_true", help="also print each kernel's device time (torch.profiler)")
     ap.add_argument("--reselect-every", type=int, default=DECODE_RESELECT_EVERY,
                     help="R of the kept / amortized times (default %(default)s, the server's)")
@@ -220,7 +223,7 @@ def main():
             if time.time() - t_start > args.budget_s:
                 log(f"time budget reached: skipping ctx {n} batch {bsz}")
                 continue
-            max_ctx = n + BLOCK
+            max_ctx = max(n + BLOCK, args.server_ctx)
             kv_layer = bsz * n * hkv * d * 2 * 2
             L = 1 if smoke else max(1, min(args.max_layers, int(args.kv_gb * 1e9 // kv_layer)))
             r2t, pool = scattered_pool(bsz, max_ctx, dev)
@@ -229,8 +232,8 @@ def main():
             q_l = [torch.randn(bsz, hq, d, device=dev, dtype=dtype) for _ in range(L)]
             rpi = torch.arange(bsz, dtype=torch.int32, device=dev)
             seq = torch.full((bsz,), n, dtype=torch.int32, device=dev)
-            row = {"ctx": n, "batch": bsz, "layers": L, "dense_kv_bytes": kv_layer, "configs": []}
-            log(f"\n## decode ctx {n} batch {bsz} ({L} layers in the graph, {kv_layer / 1e6:.0f} MB dense K/V per layer)")
+            row = {"ctx": n, "max_ctx": max_ctx, "batch": bsz, "layers": L, "dense_kv_bytes": kv_layer, "configs": []}
+            log(f"\n## decode ctx {n} batch {bsz}, sized for {max_ctx} tokens ({L} layers in the graph, {kv_layer / 1e6:.0f} MB dense K/V per layer)")
             if fi is not None:
                 try:
                     t, how, _ = flashinfer_dense(fi, q_l, kb_l, vb_l, r2t, n, hq, hkv, d, dtype, dev)
