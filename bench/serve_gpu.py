@@ -23,7 +23,8 @@ Method: per (length, batch) cell, ``batch`` requests of ``length`` prompt tokens
 TTFTs are kept: the first request of a shape pays Triton compiles and FlashInfer plans), then the measured pass.
 TTFT: mean over the batch of send → first streamed chunk. Decode tokens/s: one request's rate while the whole
 batch decodes (``run_cell``: the window between the last first chunk and the first end; SGLang interleaves the
-other requests' prefill chunks with the first ones' decode before it). Cells with
+other requests' prefill chunks with the first ones' decode before it; where no such window exists, each request's
+rate after the last first chunk). Cells with
 ``length * batch`` above ``--max-batch-tokens`` are skipped (KV memory). ``startup_s``: launch to healthy.
 """
 from __future__ import annotations
@@ -60,21 +61,35 @@ def tokens_by(g, t: float) -> int:
     return max((n for dt, n in g.chunks if g.sent_at + dt <= t), default=0)
 
 
+def batch_decode_rate(gens) -> tuple[str, float]:
+    """``(decode_window, decode_tok_s)`` of requests sent at once: one request's rate while the whole batch
+    decodes, i.e. the tokens all requests streamed between the last first-chunk and the first end, over that
+    window, divided by the batch (at batch 1, ``(tokens - 1) / (end - first chunk)``; window "batch"). Without
+    such a window (a request ended before the last one began), each request still streaming after the last
+    first-chunk counts its own rate from then to its end, averaged (window "tail": no prefill chunk runs then,
+    but fewer than the batch may decode); NaN if none is."""
+    start = max(g.sent_at + g.chunks[0][0] for g in gens)
+    ends = [g.sent_at + g.chunks[-1][0] for g in gens]
+    end = min(ends)
+    together = sum(tokens_by(g, end) - tokens_by(g, start) for g in gens)
+    if end > start and together:
+        return "batch", together / (end - start) / len(gens)
+    tail = [(g.output_tokens - tokens_by(g, start)) / (e - start) for g, e in zip(gens, ends)
+            if e > start and g.output_tokens > tokens_by(g, start)]
+    return "tail", sum(tail) / len(tail) if tail else float("nan")
+
+
 def run_cell(server: Server, prompts: list[list[int]], new_tokens: int) -> dict:
-    """``len(prompts)`` requests sent at once. ``decode_tok_s``: one request's rate while the whole batch decodes,
-    i.e. the tokens all requests streamed between the last first-chunk and the first end, over that window,
-    divided by the batch (at batch 1, ``(tokens - 1) / (end - first chunk)``); without such a window (a request
-    ended before another began) NaN. ``decode_client_tok_s``: each request's ``(tokens - 1) / (end - first
-    chunk)``, averaged: what a client sees, other requests' prefill chunks included."""
+    """``len(prompts)`` requests sent at once: TTFT, :func:`batch_decode_rate`, and ``decode_client_tok_s``: each
+    request's ``(tokens - 1) / (end - first chunk)``, averaged: what a client sees, other requests' prefill chunks
+    included."""
     with ThreadPoolExecutor(len(prompts)) as pool:
         gens = list(pool.map(lambda ids: server.generate(ids, new_tokens, ignore_eos=True), prompts))
-    start = max(g.sent_at + g.chunks[0][0] for g in gens)
-    end = min(g.sent_at + g.chunks[-1][0] for g in gens)
-    together = sum(tokens_by(g, end) - tokens_by(g, start) for g in gens)
+    window, decode = batch_decode_rate(gens)
     rates = [(g.output_tokens - 1) / (g.latency_s - g.ttft_s) for g in gens
              if g.output_tokens > 1 and g.latency_s > g.ttft_s]
     return {"ttft_s": sum(g.ttft_s for g in gens) / len(gens), "ttft_max_s": max(g.ttft_s for g in gens),
-            "decode_tok_s": together / (end - start) / len(gens) if end > start and together else float("nan"),
+            "decode_tok_s": decode, "decode_window": window,
             "decode_client_tok_s": sum(rates) / len(rates) if rates else float("nan"),
             "tokens": [g.output_tokens for g in gens], "texts": [g.text[:120] for g in gens]}
 

@@ -135,10 +135,10 @@ def _add_stock(p: argparse.ArgumentParser) -> None:
                    help="host and launch time the sparse prefill path adds per layer, microseconds (default "
                         "%(default)g: measured on H100, planning/stock_decision.py)")
     p.add_argument("--decode-layer-overhead-us", type=float, default=sd.DEFAULT_DECODE_LAYER_OVERHEAD_S * 1e6,
-                   help="launch time the sparse decode path adds per layer, microseconds (default %(default)g: "
-                        "fitted to H100 decode, planning/stock_decision.py)")
+                   help="time the sparse decode path adds per layer, microseconds (default %(default)g: "
+                        "fitted to served decode on an H200, planning/stock_decision.py)")
     p.add_argument("--hbm-gbps", type=float, default=sd.DEFAULT_HBM_BYTES_PER_S / 1e9,
-                   help="KV read bandwidth of decode, GB/s (default %(default)g: H100, measured)")
+                   help="KV read bandwidth of decode, GB/s (default %(default)g: FlashInfer's on an H200, measured)")
 
 
 def build_parser() -> argparse.ArgumentParser:

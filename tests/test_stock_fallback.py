@@ -76,24 +76,30 @@ def test_one_cheap_streaming_head_among_dense_ones():
 
 
 def test_small_heads_decode_stock_where_a_llama8b_shape_decodes_sparse():
-    """Decode reads little KV with 3 KV heads of 64: the sparse path's fixed cost does not pay below 128K."""
+    """Decode reads little KV with 3 KV heads of 64: the sparse path's fixed cost (90 us per layer, the served
+    H200 fit) never pays up to 256K; 8 KV heads of 128 pay from the bucket judged at 128K."""
     layer = [HeadBudget.streaming(64, 256)] * 9
-    dec = decide_stock(SPEC, [layer] * 4, Buckets((32768, 65536, 131072, 262144)), COST, StockOptions())
-    assert dec.stock[1, :3].all() and not dec.stock[1, 3].any()     # decode: sparse from 128K on
-    assert not dec.stock[0, 1:].any()                                 # prefill pays at 32K+
-    llama = decide_stock(LLAMA8B, [[HeadBudget.streaming(64, 256)] * 32] * 4, Buckets((32768, 65536)), COST)
-    assert not llama.stock[1, 1].any()                                # 8 KV heads of 128: sparse at 32K
+    edges = (32768, 65536, 131072, 262144)
+    dec = decide_stock(SPEC, [layer] * 4, Buckets(edges), COST, StockOptions())
+    assert dec.stock[1].all()                                          # decode: stock everywhere
+    assert not dec.stock[0, 1:].any()                                  # prefill pays at 32K+
+    llama = decide_stock(LLAMA8B, [[HeadBudget.streaming(64, 256)] * 32] * 4, Buckets(edges), COST)
+    assert llama.stock[1, :3].all() and not llama.stock[1, 3].any()   # judged at 65,537 stock, 131,073 sparse
+    # the earlier fit (18 us, 3 TB/s) had it sparse from the 64K bucket (judged at 32,769)
+    old = decide_stock(LLAMA8B, [[HeadBudget.streaming(64, 256)] * 32] * 4, Buckets(edges), COST,
+                       StockOptions(decode_layer_overhead_s=18e-6, hbm_bytes_per_s=3.0e12))
+    assert old.stock[1, 0].all() and not old.stock[1, 1:].any()
 
 
 def test_sparse_layer_pays_at_long_lengths_only():
     spec = LLAMA8B
     layer = [HeadBudget.streaming(64, 256)] * 32
-    buckets = Buckets((4096, 8192, 16384, 32768, 65536))
+    buckets = Buckets((4096, 8192, 16384, 32768, 65536, 131072, 262144))
     dec = decide_stock(spec, [layer] * 4, buckets, COST, StockOptions())
-    assert dec.lengths == [1, 4097, 8193, 16385, 32769]     # judged at each bucket's shortest length
+    assert dec.lengths == [1, 4097, 8193, 16385, 32769, 65537, 131073]   # judged at each bucket's shortest length
     for p in range(len(PHASES)):
         assert dec.stock[p, 0].all()                         # one token: nothing to win
-        assert not dec.stock[p, -1].any()                    # 32K+ tokens, 5 of 512 blocks: sparse
+        assert not dec.stock[p, -1].any()                    # 128K+ tokens, 5 of 2048 blocks: sparse
         # a layer never goes back to stock as buckets get longer
         first_sparse = [int(np.argmin(dec.stock[p, :, li])) for li in range(4)]
         for li, b in enumerate(first_sparse):

@@ -52,11 +52,15 @@ the streaming union ``max sink + max window`` (the sink pages and the window pag
 overlap) and a top-k / vertical-slash head's pages ``HeadBudget.decode_pages`` (the
 kernels' rule), assumed disjoint: an upper bound on what sparse reads. The budgets are those decode follows
 (:func:`~sglang_shplb.core.patterns.decode_budgets`: a streaming head below the decode floor reads Quest pages). Defaults fitted to
-``bench/results/layer_path_llama8b.json`` (H100, CUDA graphs, batch 1, 16K-64K): dense decode is about
-``11.7 us + bytes / 2.9 TB/s`` per layer (``decode_base_s`` 10 us, ``hbm_bytes_per_s`` 3.0e12) and the
-sparse path's selection, union and combine launches add about 18 us per layer
-(``decode_layer_overhead_s``, ``place --decode-layer-overhead-us``). ``decode_batch`` 1 is the case where
-that fixed cost weighs most (the conservative one).
+the served decode on an H200 (``bench/results/serve_h200/2026-12-03-run2``: Llama-3-8B shape, CUDA graphs,
+batch 1, a 131,200-token server): FlashInfer's step grows by the KV bytes at about 4.3 TB/s
+(``hbm_bytes_per_s``; ``decode_base_s`` 10 us), and the sparse step costs about 90 us per layer more than the
+bytes it reads, the same at 32K, 64K and 128K (``decode_layer_overhead_s``, ``place
+--decode-layer-overhead-us``): the selection and the group kernel are sized for the server's context, not the
+request's (``bench/decode.py --server-ctx``: 103.7 us per layer sized for 131K against 53.5 us sized for 32K,
+same request). The earlier fit (``bench/results/layer_path_llama8b.json``, H100, a 16K-64K context: 18 us,
+3.0 TB/s) made the plan decode sparse from the 64K bucket, where the server then decoded 0.73-0.83x as fast as
+FlashInfer. ``decode_batch`` 1 is the case where that fixed cost weighs most (the conservative one).
 
 TP: the decision is per layer for the whole model (every rank must take the same path in a layer); sparse
 and stock split over the ranks alike, so it is made at TP 1.
@@ -80,9 +84,9 @@ from sglang_shplb.planning.cost_model import CostModel, plan_cost_model
 
 DEFAULT_MARGIN = 0.95
 DEFAULT_PREFILL_LAYER_OVERHEAD_S = 1e-3
-DEFAULT_DECODE_LAYER_OVERHEAD_S = 18e-6
+DEFAULT_DECODE_LAYER_OVERHEAD_S = 90e-6
 DEFAULT_DECODE_BASE_S = 10e-6
-DEFAULT_HBM_BYTES_PER_S = 3.0e12
+DEFAULT_HBM_BYTES_PER_S = 4.3e12
 _DENSE = HeadBudget.dense()
 
 
