@@ -43,12 +43,12 @@ def paged_table(r, pages, g, spare=11):
     return (first + torch.arange(BLOCK)).view(r, -1).int().to(DEV), units * BLOCK
 
 
-def setup(lens, hkv, group, d, dtype, seed):
+def setup(lens, hkv, group, d, dtype, seed, maxp=MAXP):
     """3 requests in scattered slots (never slot 0) of a pool of scattered 64-slot pages, plus a CUDA-graph
     padding row (slot 0, seq_len 1); summaries built over all tokens but the last (update folds it)."""
     g = torch.Generator().manual_seed(seed)
     r = 6
-    r2t, pool = paged_table(r, MAXP, g)
+    r2t, pool = paged_table(r, maxp, g)
     k = torch.randn(pool, hkv, d, generator=g).to(dtype).to(DEV)
     rpi = torch.cat([torch.randperm(r - 1, generator=g)[:len(lens)] + 1, torch.zeros(1, dtype=torch.long)])
     rpi = rpi.int().to(DEV)
@@ -69,16 +69,16 @@ def setup(lens, hkv, group, d, dtype, seed):
     (4, 64, torch.float32, (63, 129, 640), 2),
     (1, 128, torch.bfloat16, (2, 192, 705), 3),
 ])
-def test_update_and_select_matches_torch(group, d, dtype, lens, seed):
+def test_update_and_select_matches_torch(group, d, dtype, lens, seed, maxp=MAXP):
     rng = random.Random(seed)
     hkv = 2
     hq = hkv * group
     heads = LayerHeads.of(random_budgets(hq, rng))
-    g, k, r2t, rpi, sl, kmin, kmax = setup(lens, hkv, group, d, dtype, seed)
+    g, k, r2t, rpi, sl, kmin, kmax = setup(lens, hkv, group, d, dtype, seed, maxp)
     bsz = sl.shape[0]
-    consts = selector_consts(heads, DEV, MAXP)
-    assert consts is selector_consts(LayerHeads.of(list(heads.budgets)), torch.device(DEV), MAXP)  # cached
-    width = max_selected_pages(heads, MAXP)
+    consts = selector_consts(heads, DEV, maxp)
+    assert consts is selector_consts(LayerHeads.of(list(heads.budgets)), torch.device(DEV), maxp)  # cached
+    width = max_selected_pages(heads, maxp)
     scratch = select_scratch(bsz + 2, consts, hkv)                                   # larger than needed is fine
     kmin2, kmax2 = kmin.clone(), kmax.clone()
     idx2 = torch.full((bsz, hq, width), -7, dtype=torch.int32, device=DEV)
@@ -86,8 +86,8 @@ def test_update_and_select_matches_torch(group, d, dtype, lens, seed):
     for step in range(3):
         q = torch.randn(bsz, hq, d, generator=g).to(dtype).to(DEV)
         update_page_summaries(k, r2t, rpi, sl, kmin, kmax)
-        idx, cnt = select_pages(heads, q, kmin, kmax, r2t, rpi, sl, MAXP)
-        update_and_select_pages(q, k, r2t, rpi, sl, kmin2, kmax2, consts, MAXP, idx2, cnt2, scratch)
+        idx, cnt = select_pages(heads, q, kmin, kmax, r2t, rpi, sl, maxp)
+        update_and_select_pages(q, k, r2t, rpi, sl, kmin2, kmax2, consts, maxp, idx2, cnt2, scratch)
         # every pool page alike (the last row is the scratch row: what lands there is unspecified)
         assert torch.equal(kmin[:-1], kmin2[:-1]) and torch.equal(kmax[:-1], kmax2[:-1]), step
         assert torch.equal(cnt, cnt2), (step, cnt, cnt2)
@@ -103,21 +103,34 @@ def test_update_and_select_matches_torch(group, d, dtype, lens, seed):
         sl[-1] = 1
 
 
-@pytest.mark.parametrize("every", [3, 4])
-def test_kept_selections_follow_the_reference_rule(monkeypatch, every):
+@pytest.mark.parametrize("group,d,dtype,seed", [(2, 64, torch.float32, 4), (4, 128, torch.bfloat16, 5)])
+def test_narrower_widths_match_torch(monkeypatch, group, d, dtype, seed):
+    """A layer sized for 100 pages (P2 128) selects a request of up to 32 pages over 32 columns, up to 64 over
+    64, longer ones over 128 (``_select_fit``; the narrowest width lowered from 256 to 32 so that small shapes
+    reach it): the pages equal the reference's in each range, over steps that cross 2048 tokens."""
+    monkeypatch.setattr(triton_select, "MIN_SELECT_WIDTH", 32)
+    assert (triton_select._narrower(128, 4), triton_select._narrower(128, 2)) == (32, 64)
+    test_update_and_select_matches_torch(group, d, dtype, (2047, 3000, 6200), seed, maxp=100)
+
+
+@pytest.mark.parametrize("every,maxp,lens", [(3, 24, (120, 250)), (4, 24, (120, 250)), (3, 100, (2043, 4090))])
+def test_kept_selections_follow_the_reference_rule(monkeypatch, every, maxp, lens):
     """Over decode steps that cross page boundaries, with a fresh random query each step: the pages the fused
     selector gives with kept selections equal the reference's with a SelectionMemory (core.patterns.reselect_due),
-    which differ from selecting anew at some step (so reuse happened); forgetting a slot selects anew."""
+    which differ from selecting anew at some step (so reuse happened); forgetting a slot selects anew. At 100
+    pages (narrowest width lowered to 32) the first request moves from the 32-column width to the 64-column one
+    at 2049 tokens and the second from 64 to 128 at 4097, their kept words written at one width, read at it."""
     from sglang_shplb.core import patterns
     monkeypatch.setattr(patterns, "DECODE_MIN_PAGES", 3)     # small budgets, so a selection is a strict subset
-    maxp, hkv, group, d = 24, 2, 2, 64
+    monkeypatch.setattr(triton_select, "MIN_SELECT_WIDTH", 32)
+    hkv, group, d = 2, 2, 64
     heads = LayerHeads.of([HeadBudget.topk(0.2, 1), HeadBudget.dense(), HeadBudget.streaming(64, 64),
                            HeadBudget.vslash(0.15, 1)])
     g = torch.Generator().manual_seed(7)
     r2t, pool = paged_table(5, maxp, g)
     k = torch.randn(pool, hkv, d, generator=g).to(DEV)
     rpi = torch.tensor([3, 1, 0], dtype=torch.int32, device=DEV)            # slot 0: a CUDA-graph padding row
-    sl = torch.tensor([120, 250, 1], dtype=torch.int32, device=DEV)
+    sl = torch.tensor([*lens, 1], dtype=torch.int32, device=DEV)
     kmin, kmax = alloc_page_summaries(pool, hkv, d, device=DEV)
     build_page_summaries(k, r2t, rpi, sl - 1, kmin, kmax)
     consts = selector_consts(heads, DEV, maxp)

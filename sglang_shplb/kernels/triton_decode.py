@@ -161,12 +161,15 @@ def _kernels():
         DENSE_SPLIT_PAGES,
         GROUP: tl.constexpr, GP: tl.constexpr, NSPLIT: tl.constexpr, PAGE: tl.constexpr, D: tl.constexpr,
         CONTIG: tl.constexpr, DOT_F32: tl.constexpr, PB: tl.constexpr, HAS_ROUTE: tl.constexpr,
+        MINSP: tl.constexpr,
     ):
         # the GROUP q heads of KV head hk share each page load: S = Q_group · K^T on the tensor cores (rows
         # padded to GP), one online softmax per row. Pages: gmode 0 all, 1 one streaming budget (sink +
         # window), 2 the union list of _page_union_kernel with a row mask per page (UBITS). The walk of this
-        # (request, KV head) is cut into gs = ceil(total / SPLIT_PAGES) <= NSPLIT slices, so that long and
-        # short walks take programs in proportion to their pages; programs past gs do nothing.
+        # (request, KV head) is cut into gs = ceil(total / split) <= NSPLIT slices, so that long and short walks
+        # take programs in proportion to their pages; programs past gs do nothing. split = SPLIT_PAGES, the host's
+        # cut at the layer's most pages (decode_splits), shrunk to ceil(npg / NSPLIT) >= MINSP for a request of
+        # npg pages: a server sized for 128K keeps all NSPLIT programs busy on a 32K request.
         # HAS_ROUTE: a device flag ROUTE read at run time (a captured CUDA graph serves every bucket) makes the
         # step dense (gmode 0 for every KV head, slices of DENSE_SPLIT_PAGES pages).
         # CONTIG: the pool holds each 64-token page in 64 consecutive slots (one index load per page).
@@ -184,6 +187,7 @@ def _kernels():
             split_pages = tl.where(dense, DENSE_SPLIT_PAGES, SPLIT_PAGES)
         n = tl.load(seq_lens + b).to(tl.int32)     # SGLang passes int64
         npg = (n + PAGE - 1) // PAGE
+        split_pages = tl.minimum(split_pages, tl.maximum(MINSP, (npg + NSPLIT - 1) // NSPLIT))
         n_s, w_eff = _stream_span(tl.load(gsink + hk), tl.load(gwindow + hk), npg)
         u = b * s_u_b + hk * s_u_h
         total = tl.where(md == 0, npg, tl.where(md == 1, n_s + w_eff, tl.load(UCNT + b * HKV + hk)))
@@ -497,7 +501,8 @@ def decode_splits(walks: Sequence[int], batch: int) -> tuple[int, int]:
     """``(nsplit, split_pages)`` of a layer at batch size ``batch``: the longest walk is cut into ``nsplit`` slices
     (a power of two in ``[min(MIN_SPLITS, its pages / SPLIT_MIN_PAGES), MAX_SPLITS]``) of ``split_pages`` pages,
     about ``max(SPLIT_MIN_PAGES, batch · sum(walks) / SPLIT_TARGET_PROGRAMS)``; shorter walks take slices of
-    the same size, so programs follow pages."""
+    the same size, so programs follow pages. The group kernel shrinks the slices of a request shorter than the
+    layer's most pages to ``max(SPLIT_MIN_PAGES, its pages / nsplit)`` (never larger than ``split_pages``)."""
     longest = max(walks)
     size = max(SPLIT_MIN_PAGES, math.ceil(batch * sum(walks) / SPLIT_TARGET_PROGRAMS))
     floor = min(MIN_SPLITS, _pow2(math.ceil(longest / SPLIT_MIN_PAGES)))
@@ -608,5 +613,5 @@ def group_decode(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tensor
         scale, hq, hkv, split_pages, route if route is not None else rules.gmode, dense_split_pages or 1,
         GROUP=g, GP=max(16, 1 << (g - 1).bit_length()), NSPLIT=nsplit, PAGE=BLOCK, D=d,
         CONTIG=pool_page_size == BLOCK, DOT_F32=(not q.is_cuda) and q.dtype == torch.bfloat16, PB=pages_per_step,
-        HAS_ROUTE=route is not None, num_warps=num_warps, num_stages=num_stages)
+        HAS_ROUTE=route is not None, MINSP=SPLIT_MIN_PAGES, num_warps=num_warps, num_stages=num_stages)
     return o

@@ -123,7 +123,33 @@ def _kernels():
                 tl.store(UBITS + off, ub, mask=nz)
                 tl.store(UCNT + b * HKV + hk, tl.sum(nz.to(tl.int32), axis=0))
 
-    globals().update(_select_group=_select_group, _reselect_due=_reselect_due)   # jit callees resolve via globals
+    @triton.jit
+    def _select_fit(SEQ, SEL, CNT, SCR, PIDX, PCNT, MODE, SINK, WIN, GMODE, ULIST, UBITS, UCNT, KBITS, KSTAMP,
+                    s_sb, s_ss, s_pb, s_ph, s_cb, s_ch, s_ub, s_uh, s_kr, s_ks, s_kt, b, hk, r, fresh, HKV, MAXP,
+                    GROUP: tl.constexpr, GP2: tl.constexpr, PAGE: tl.constexpr, P2: tl.constexpr,
+                    P2A: tl.constexpr, P2B: tl.constexpr, UNION: tl.constexpr, KEEP: tl.constexpr,
+                    BW: tl.constexpr):
+        # the bisection, the kept bits and the union list cost in proportion to their columns: a request of npg
+        # pages takes the narrowest of P2A <= P2B <= P2 (the layer's most pages, rounded up) that holds them, so
+        # a server sized for 128K selects for a 32K request over 1024 columns, not 4096 (bench/decode.py
+        # --server-ctx). The kept words keep their width BW: a narrower call writes the first P2A / BW of them,
+        # and the width changes only with npg, which selects anew.
+        npg = (tl.load(SEQ + b).to(tl.int32) + PAGE - 1) // PAGE
+        if npg <= P2A:
+            _select_group(SEQ, SEL, CNT, SCR, PIDX, PCNT, MODE, SINK, WIN, GMODE, ULIST, UBITS, UCNT, KBITS, KSTAMP,
+                          s_sb, s_ss, s_pb, s_ph, s_cb, s_ch, s_ub, s_uh, s_kr, s_ks, s_kt, b, hk, r, fresh, HKV,
+                          MAXP, GROUP, GP2, PAGE, P2A, UNION, KEEP, BW)
+        elif npg <= P2B:
+            _select_group(SEQ, SEL, CNT, SCR, PIDX, PCNT, MODE, SINK, WIN, GMODE, ULIST, UBITS, UCNT, KBITS, KSTAMP,
+                          s_sb, s_ss, s_pb, s_ph, s_cb, s_ch, s_ub, s_uh, s_kr, s_ks, s_kt, b, hk, r, fresh, HKV,
+                          MAXP, GROUP, GP2, PAGE, P2B, UNION, KEEP, BW)
+        else:
+            _select_group(SEQ, SEL, CNT, SCR, PIDX, PCNT, MODE, SINK, WIN, GMODE, ULIST, UBITS, UCNT, KBITS, KSTAMP,
+                          s_sb, s_ss, s_pb, s_ph, s_cb, s_ch, s_ub, s_uh, s_kr, s_ks, s_kt, b, hk, r, fresh, HKV,
+                          MAXP, GROUP, GP2, PAGE, P2, UNION, KEEP, BW)
+
+    globals().update(_select_group=_select_group, _select_fit=_select_fit,   # jit callees resolve via globals
+                     _reselect_due=_reselect_due)
 
     @triton.jit
     def _update_select_kernel(Q, K, KMIN, KMAX, R2T, RPI, SEQ, SEL, CNT, SCR, DONE, PIDX, PCNT,
@@ -131,8 +157,8 @@ def _kernels():
                               s_kt, s_kh, s_rt, s_qb, s_qh, s_mp, s_mh, s_md, s_sb, s_ss,
                               s_pb, s_ph, s_cb, s_ch, s_ub, s_uh, s_kr, s_ks, s_kst, HKV, MAXP, NT, EVERY,
                               GROUP: tl.constexpr, GP2: tl.constexpr, PAGE: tl.constexpr, D: tl.constexpr,
-                              TP: tl.constexpr, P2: tl.constexpr, UNION: tl.constexpr, KEEP: tl.constexpr,
-                              BW: tl.constexpr, HAS_ROUTE: tl.constexpr):
+                              TP: tl.constexpr, P2: tl.constexpr, P2A: tl.constexpr, P2B: tl.constexpr,
+                              UNION: tl.constexpr, KEEP: tl.constexpr, BW: tl.constexpr, HAS_ROUTE: tl.constexpr):
         # KMIN/KMAX [pool pages + 1, Hkv, D]: a request's page j is pool page R2T[r, j*PAGE] // PAGE
         b = tl.program_id(0)
         hk = tl.program_id(1)
@@ -181,14 +207,14 @@ def _kernels():
             tl.debug_barrier()
             done = tl.atomic_add(DONE + b * HKV + hk, 1, sem="acq_rel", scope="gpu")
             if done == NT - 1:
-                _select_group(SEQ, SEL, CNT, SCR, PIDX, PCNT, MODE, SINK, WIN, GMODE, ULIST, UBITS, UCNT, KBITS,
-                              KSTAMP, s_sb, s_ss, s_pb, s_ph, s_cb, s_ch, s_ub, s_uh, s_kr, s_ks, s_kst, b, hk, r,
-                              fresh, HKV, MAXP, GROUP, GP2, PAGE, P2, UNION, KEEP, BW)
+                _select_fit(SEQ, SEL, CNT, SCR, PIDX, PCNT, MODE, SINK, WIN, GMODE, ULIST, UBITS, UCNT, KBITS,
+                            KSTAMP, s_sb, s_ss, s_pb, s_ph, s_cb, s_ch, s_ub, s_uh, s_kr, s_ks, s_kst, b, hk, r,
+                            fresh, HKV, MAXP, GROUP, GP2, PAGE, P2, P2A, P2B, UNION, KEEP, BW)
                 tl.store(DONE + b * HKV + hk, 0)   # the next launch (next layer, next step, replay) starts at 0
         elif (t == 0) & go:   # a kept selection: no scores to wait for; the first tile builds the outputs from it
-            _select_group(SEQ, SEL, CNT, SCR, PIDX, PCNT, MODE, SINK, WIN, GMODE, ULIST, UBITS, UCNT, KBITS,
-                          KSTAMP, s_sb, s_ss, s_pb, s_ph, s_cb, s_ch, s_ub, s_uh, s_kr, s_ks, s_kst, b, hk, r,
-                          fresh, HKV, MAXP, GROUP, GP2, PAGE, P2, UNION, KEEP, BW)
+            _select_fit(SEQ, SEL, CNT, SCR, PIDX, PCNT, MODE, SINK, WIN, GMODE, ULIST, UBITS, UCNT, KBITS,
+                        KSTAMP, s_sb, s_ss, s_pb, s_ph, s_cb, s_ch, s_ub, s_uh, s_kr, s_ks, s_kst, b, hk, r,
+                        fresh, HKV, MAXP, GROUP, GP2, PAGE, P2, P2A, P2B, UNION, KEEP, BW)
 
     return _update_select_kernel
 
@@ -243,6 +269,16 @@ def select_scratch(batch: int, consts: SelectConsts, num_kv_heads: int, device=N
 
 def _pow2_pages(max_pages: int) -> int:
     return 1 << max(0, (max_pages - 1).bit_length())
+
+
+# the narrowest selection width _select_fit calls (columns; a multiple of every _word_pages)
+MIN_SELECT_WIDTH = 256
+
+
+def _narrower(p2: int, factor: int) -> int:
+    """A narrower width of :func:`_select_fit` for ``p2`` pages: ``p2 / factor``, at least
+    ``min(MIN_SELECT_WIDTH, p2)``."""
+    return max(p2 // factor, min(MIN_SELECT_WIDTH, p2))
 
 
 def _word_pages(p2: int) -> int:
@@ -372,6 +408,6 @@ def update_and_select_pages(q: torch.Tensor, k_buffer: torch.Tensor, req_to_toke
         kb.stride(0) if kept is not None else 0, kb.stride(1) if kept is not None else 0,
         kstamp.stride(0) if kept is not None else 0,
         hkv, max_pages, nt, every, GROUP=group, GP2=max(2, 1 << (group - 1).bit_length()), PAGE=BLOCK, D=d, TP=tp,
-        P2=p2, UNION=union is not None, KEEP=kept is not None, BW=_word_pages(p2), HAS_ROUTE=route is not None,
+        P2=p2, P2A=_narrower(p2, 4), P2B=_narrower(p2, 2), UNION=union is not None, KEEP=kept is not None, BW=_word_pages(p2), HAS_ROUTE=route is not None,
         num_warps=num_warps or select_warps(p2, bsz))
     return page_idx, page_cnt
