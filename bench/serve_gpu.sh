@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # GPU end-to-end on the lent GPU, after the bundle calls of ../shared/gpu/README.md (SGLang 0.5.17 in /tmp/site,
 # SmolLM2 in /tmp/smollm2). Installs this package offline into /tmp/site, then runs bench/serve_gpu.py.
-#   bash bench/serve_gpu.sh serve|tests|all
+#   bash bench/serve_gpu.sh serve|decode|tests|all
 # serve: the Llama-3-8B shape then SmolLM2, each against stock FlashInfer (bench/serve_gpu.py's grid).
 #   SERVERS (default shplb,flashinfer): which servers, in order; add shplb_sparse when the device time allows.
+# decode: bench/decode.py sized for a 131,200-token server (as serve's) against sized for each request.
 # tests: the kernel-path and kernel tests compiled on the GPU (the machine's own pytest).
 set -uo pipefail
 export PYTHONPATH=/tmp/site NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
@@ -16,6 +17,10 @@ what=${1:-serve}
 if [ "$what" = serve ] || [ "$what" = all ]; then
   python3 bench/serve_gpu.py llama8b --out "$OUT/llama8b" --servers "${SERVERS:-shplb,flashinfer}"
   python3 bench/serve_gpu.py smollm2 --out "$OUT/smollm2" --servers "${SERVERS:-shplb,flashinfer}"
+fi
+if [ "$what" = decode ] || [ "$what" = all ]; then
+  python3 bench/decode.py --ctx 32768,65536 --batch 1,4 --server-ctx 131200 --budget-s 240 --out "$OUT/decode_server_ctx"
+  python3 bench/decode.py --ctx 32768,65536 --batch 1,4 --budget-s 240 --out "$OUT/decode_request_ctx"
 fi
 if [ "$what" = tests ] || [ "$what" = all ]; then
   TRITON_INTERPRET=0 python3 -m pytest -q -p no:cacheprovider tests/test_paged_layer.py tests/test_triton_index.py \
