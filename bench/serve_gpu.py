@@ -11,7 +11,11 @@ Servers (one at a time, the same flags but the backend):
 * ``flashinfer``: ``sglang.launch_server --attention-backend flashinfer`` (``torch_native`` with ``--cpu-smoke``);
 * ``shplb``: the plan as ``place`` ships it, layers marked stock per phase and bucket where the cost model does
   not predict sparse to win (``planning/stock_decision.py``; the server runs the stock backend there);
-* ``shplb_sparse``: the same budgets, every layer with sparse heads sparse in every bucket (where sparse loses).
+* ``shplb_sparse``: the same budgets, every layer with sparse heads sparse in every bucket (where sparse loses);
+* ``shplb_routed`` (Llama-3-8B only): the same budgets with the stock decision's earlier decode fit (18 us per
+  layer, 3 TB/s), which decodes stock up to the 32K bucket and sparse above: every layer's decode route follows
+  the bucket inside the decode CUDA graphs (conditional branches, ``serving/graph_branch.py``), so its stock
+  buckets show what the branches cost against FlashInfer's own graph.
 
 Plans. Llama-3-8B shape (dummy weights, nothing to profile): per layer KV group 0 dense (4 of 32 query heads),
 odd KV groups top-k at 10 % of the blocks, even ones streaming sink 128 + window 2048 tokens. SmolLM2 (8K
@@ -133,12 +137,14 @@ def build_grid(which: str, tok, lengths, batches, max_batch_tokens) -> dict:
 
 
 def make_plans(which: str, model: Path, out: Path) -> dict[str, Path]:
-    """The ``shplb`` (stock where sparse does not pay) and ``shplb_sparse`` plans' folders."""
+    """The ``shplb`` (stock where sparse does not pay), ``shplb_sparse`` and (Llama-3-8B) ``shplb_routed`` plans'
+    folders."""
     from sglang_shplb.planning.stock_decision import StockOptions
     plans = {}
     if which == "llama8b":
         from sglang_shplb.planning.synthetic_plans import mixed_budget, synthetic_plan
-        for name, stock in (("shplb", StockOptions()), ("shplb_sparse", None)):
+        routed = StockOptions(decode_layer_overhead_s=18e-6, hbm_bytes_per_s=3.0e12)   # the fit before 2026-12-03
+        for name, stock in (("shplb", StockOptions()), ("shplb_sparse", None), ("shplb_routed", routed)):
             plans[name] = synthetic_plan(model, mixed_budget(128, 2048, 0.1), out / f"plan_{name}", stock=stock,
                                          meta={"source": f"bench/serve_gpu.py llama8b {name}"}).parent
         return plans
@@ -202,8 +208,8 @@ def main() -> None:
               "runs": []}
     path = out / f"serve_{a.which}{'_cpu_smoke' if a.cpu_smoke else ''}.json"
     for name in a.servers.split(","):
-        if name not in ("flashinfer", "shplb", "shplb_sparse"):
-            ap.error(f"unknown server {name!r}")
+        if name not in plans and name != "flashinfer":
+            ap.error(f"unknown server {name!r} for {a.which}: flashinfer, {', '.join(plans)}")
         plan = plans.get(name, plans["shplb"])
         dense, (sparse,) = server_specs(model, [plan], device, "float32" if a.cpu_smoke else "bfloat16", ctx,
                                         concurrency=conc, extra=extra)

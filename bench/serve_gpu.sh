@@ -3,7 +3,8 @@
 # SmolLM2 in /tmp/smollm2). Installs this package offline into /tmp/site, then runs bench/serve_gpu.py.
 #   bash bench/serve_gpu.sh serve|decode|tests|all
 # serve: the Llama-3-8B shape then SmolLM2, each against stock FlashInfer (bench/serve_gpu.py's grid).
-#   SERVERS (default shplb,flashinfer): which servers, in order; add shplb_sparse when the device time allows.
+#   LLAMA_SERVERS, SMOL_SERVERS (default shplb,flashinfer): which servers, in order; add shplb_routed (Llama-3-8B:
+#   decode routes that follow the bucket, the graph branches) or shplb_sparse when the device time allows.
 # decode: bench/decode.py sized for a 131,200-token server (as serve's) against sized for each request.
 # tests: the kernel-path and kernel tests compiled on the GPU (the machine's own pytest).
 set -uo pipefail
@@ -15,8 +16,8 @@ python3 -c "import importlib.metadata as m; print([e.value for e in m.entry_poin
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 what=${1:-serve}
 if [ "$what" = serve ] || [ "$what" = all ]; then
-  python3 bench/serve_gpu.py llama8b --out "$OUT/llama8b" --servers "${SERVERS:-shplb,flashinfer}"
-  python3 bench/serve_gpu.py smollm2 --out "$OUT/smollm2" --servers "${SERVERS:-shplb,flashinfer}"
+  python3 bench/serve_gpu.py llama8b --out "$OUT/llama8b" --servers "${LLAMA_SERVERS:-shplb,flashinfer}"
+  python3 bench/serve_gpu.py smollm2 --out "$OUT/smollm2" --servers "${SMOL_SERVERS:-shplb,flashinfer}"
 fi
 if [ "$what" = decode ] || [ "$what" = all ]; then
   python3 bench/decode.py --ctx 32768,65536 --batch 1,4 --server-ctx 131200 --budget-s 240 --out "$OUT/decode_server_ctx"

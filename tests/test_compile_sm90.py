@@ -28,16 +28,18 @@ def compile_decode_kernels() -> None:
     sel = dict(Q="*bf16", K="*bf16", KMIN="*bf16", KMAX="*bf16", R2T=i32, RPI=i32, SEQ="*i64", SEL=i32, CNT=i32,
                SCR="*fp32", DONE=i32, PIDX=i32, PCNT=i32, MODE=i32, SINK=i32, WIN=i32, GMODE=i32, ULIST=i32,
                UBITS=i32, UCNT=i32, KBITS=i32, KSTAMP=i32, ROUTE=i32)
-    for keep, route in ((False, False), (True, False), (True, True)):
-        for p2 in (16, 256):
-            assert _compile(triton_select._kernels(), sel, dict(GROUP=4, GP2=4, PAGE=64, D=128, TP=32, P2=p2,
-                                                                UNION=True, KEEP=keep, BW=min(32, p2),
-                                                                HAS_ROUTE=route))
+    for keep, route, p2 in ((False, False, 16), (False, False, 1024), (True, False, 16), (True, True, 256),
+                            (True, True, 1024)):
+        assert _compile(triton_select._kernels(), sel, dict(GROUP=4, GP2=4, PAGE=64, D=128, TP=32, P2=p2,
+                                                            P2A=triton_select._narrower(p2, 4),
+                                                            P2B=triton_select._narrower(p2, 2), UNION=True, KEEP=keep,
+                                                            BW=min(32, p2), HAS_ROUTE=route))
     union, grp = triton_decode._kernels()
     assert _compile(grp, dict(Q="*bf16", K="*bf16", V="*bf16", O="*bf16", MidO="*fp32", MidL="*fp32", DONE=i32,
                               req_to_token=i32, req_pool_idx=i32, seq_lens="*i64", gmode=i32, gsink=i32,
                               gwindow=i32, ULIST=i32, UBITS=i32, UCNT=i32, qk_scale="fp32", ROUTE=i32),
-                    dict(GROUP=4, GP=16, NSPLIT=32, PAGE=64, D=128, CONTIG=True, DOT_F32=False, PB=2, HAS_ROUTE=True))
+                    dict(GROUP=4, GP=16, NSPLIT=32, PAGE=64, D=128, CONTIG=True, DOT_F32=False, PB=2, HAS_ROUTE=True,
+                         MINSP=triton_decode.SPLIT_MIN_PAGES))
     assert _compile(union, dict(PIDX=i32, PCNT=i32, seq_lens="*i64", mode=i32, sink=i32, window=i32, gmode=i32,
                                 MAP="*i8", ULIST=i32, UBITS=i32, UCNT=i32), dict(GROUP=4, M2=64, TP=1024, PAGE=64))
     print("compiled for sm_90")
