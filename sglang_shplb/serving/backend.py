@@ -318,7 +318,8 @@ class ShplbAttnBackend(AttentionBackend):
         b = self.current_bucket = self._bucket(forward_batch)
         self.stock_extend = self.stock_layers["prefill"][b]
         self.stock_decode = self.stock_layers["decode"][b]
-        if (self.route_by_bucket is None and self.branches is None) or torch.cuda.is_current_stream_capturing():
+        if (self.route_by_bucket is None and self.branches is None) or (
+                str(self.device).startswith("cuda") and torch.cuda.is_current_stream_capturing()):
             return
         if self.route_by_bucket is not None:   # before the replay, on its stream; never captured
             self.decode_route.copy_(self.route_by_bucket[b])
