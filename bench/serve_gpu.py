@@ -98,8 +98,19 @@ def run_cell(server: Server, prompts: list[list[int]], new_tokens: int) -> dict:
             "tokens": [g.output_tokens for g in gens], "texts": [g.text[:120] for g in gens]}
 
 
-def serve_grid(name: str, spec, grid: dict, new_tokens: int, out: Path) -> dict:
-    """One server over the grid: warm-up pass, measured pass. Errors are recorded, not raised."""
+def stock_layers_by_phase(plan_dir: Path, prompt_tokens: int, new_tokens: int) -> dict[str, int]:
+    """How many layers the plan runs on the stock backend for a prompt of ``prompt_tokens``: in prefill (the
+    prompt's bucket) and in decode (the bucket of its last token), so a table says which route a cell measured."""
+    from sglang_shplb.core.plan import load_plan
+    plan = load_plan(plan_dir)
+    return {"prefill": len(plan.stock_layers("prefill", plan.buckets.index(prompt_tokens))),
+            "decode": len(plan.stock_layers("decode", plan.buckets.index(prompt_tokens + new_tokens))),
+            "layers": plan.model.num_layers}
+
+
+def serve_grid(name: str, spec, grid: dict, new_tokens: int, out: Path, plan_dir: Path | None = None) -> dict:
+    """One server over the grid: warm-up pass, measured pass. Errors are recorded, not raised. ``plan_dir``
+    (shplb servers): each cell records its stock layers per phase (:func:`stock_layers_by_phase`)."""
     res = {"server": name, "cmd": " ".join(spec.command(0)), "cells": []}
     t0 = time.time()
     try:
@@ -110,6 +121,8 @@ def serve_grid(name: str, spec, grid: dict, new_tokens: int, out: Path) -> dict:
             for (n, b), c in grid.items():
                 cell = {"length": n, "batch": b, "prompt_tokens": len(c["prompts"][0]), "first_ttft_s": warm[(n, b)],
                         **run_cell(s, c["prompts"], new_tokens)}
+                if plan_dir is not None:
+                    cell["stock_layers"] = stock_layers_by_phase(plan_dir, n, new_tokens)
                 if c["keys"]:
                     cell["passkey_found"] = [str(k) in t for k, t in zip(c["keys"], cell["texts"])]
                 res["cells"].append(cell)
@@ -214,15 +227,17 @@ def main() -> None:
         dense, (sparse,) = server_specs(model, [plan], device, "float32" if a.cpu_smoke else "bfloat16", ctx,
                                         concurrency=conc, extra=extra)
         spec = dense if name == "flashinfer" else sparse
-        result["runs"].append(serve_grid(name, spec, grid, a.new_tokens, out))
+        result["runs"].append(serve_grid(name, spec, grid, a.new_tokens, out,
+                                         None if name == "flashinfer" else Path(plan)))
         path.write_text(json.dumps(result, indent=1))
     print("wrote", path, flush=True)
     report([result], out)
 
 
 def report(results: list[dict], out: Path) -> None:
-    """Per (length, batch): each server's TTFT and decode rate, and each shplb server's ratios to the stock one
-    (TTFT: stock / shplb; decode: shplb / stock; > 1 = shplb faster). A PNG of the ratios per model."""
+    """Per (length, batch): each server's TTFT and decode rate (with the layers its plan ran stock, prefill /
+    decode, where recorded), and each shplb server's ratios to the stock one (TTFT: stock / shplb; decode:
+    shplb / stock; > 1 = shplb faster). A PNG of the ratios per model."""
     for res in results:
         runs = {r["server"]: {(c["length"], c["batch"]): c for c in r.get("cells", [])} for r in res["runs"]}
         stock = runs.get("flashinfer", {})
@@ -236,8 +251,10 @@ def report(results: list[dict], out: Path) -> None:
                 if c is None:
                     row += ["–", "–", "–"]
                     continue
-                row += [f"{c['ttft_s']:.3f} / {c['decode_tok_s']:.0f}", f"{stock[key]['ttft_s'] / c['ttft_s']:.2f}",
-                        f"{c['decode_tok_s'] / stock[key]['decode_tok_s']:.2f}"]
+                sl = c.get("stock_layers")
+                route = f" (stock layers {sl['prefill']} / {sl['decode']} of {sl['layers']})" if sl else ""
+                row += [f"{c['ttft_s']:.3f} / {c['decode_tok_s']:.0f}{route}",
+                        f"{stock[key]['ttft_s'] / c['ttft_s']:.2f}", f"{c['decode_tok_s'] / stock[key]['decode_tok_s']:.2f}"]
             print("| " + " | ".join(row) + " |")
         for r in res["runs"]:
             print(f"{r['server']}: startup {r.get('startup_s', '–')} s, wall {r.get('wall_s')} s"
