@@ -94,6 +94,14 @@ def topk_counts_tensor(budgets: tuple[HeadBudget, ...], nb: int, device: str) ->
     return torch.tensor([topk_counts(b, nb) for b in budgets], device=device)
 
 
+def to_device(x: torch.Tensor, device) -> torch.Tensor:
+    """A host tensor on ``device`` without waiting for the stream: pinned staging on CUDA (a copy from pageable
+    memory first waits for all the stream's work, which drains the queue and exposes the launches after it)."""
+    if torch.device(device).type != "cuda":
+        return x.to(device)
+    return x.pin_memory().to(device, non_blocking=True)
+
+
 @lru_cache(maxsize=256)
 def int_tensor(vals: tuple[int, ...], device: str, dtype: torch.dtype = torch.int32) -> torch.Tensor:
     """Tensor of ``vals`` on ``device`` (int32, or ``dtype``: int64 for an index), cached (head lists and flags

@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 
 from sglang_shplb.core.patterns import HeadBudget, Pattern
-from sglang_shplb.kernels.block_index import int_tensor
+from sglang_shplb.kernels.block_index import int_tensor, to_device
 from sglang_shplb.kernels.layer_reference import CHEAP, sparse_attention
 
 
@@ -62,15 +62,9 @@ class KVRows:
 
 
 # No host synchronisation on the executor's path: a sync in the middle of a layer drains the GPU queue and
-# exposes the host's launch time that follows it. Host-built tensors travel with non-blocking copies; pool
-# rows are read with a device index (``bench/head_parallel.py`` runs the executor under CUDA's sync check).
-def to_device(x: torch.Tensor, device) -> torch.Tensor:
-    """A host tensor on ``device`` without waiting for the stream (pinned staging on CUDA)."""
-    if torch.device(device).type != "cuda":
-        return x.to(device)
-    return x.pin_memory().to(device, non_blocking=True)
-
-
+# exposes the host's launch time that follows it. Host-built tensors travel with non-blocking copies
+# (``block_index.to_device``); pool rows are read with a device index (``bench/head_parallel.py`` runs the
+# executor under CUDA's sync check).
 def head_index(heads: Sequence[int], device) -> slice | torch.Tensor:
     """``heads`` as an index of a head axis: a slice when they are consecutive, else a cached device tensor
     (a Python list as an index is copied to the device with a sync on every use)."""

@@ -36,6 +36,7 @@ import torch
 
 from sglang_shplb.core.patterns import BLOCK, DECODE_RESELECT_EVERY, HeadBudget
 from sglang_shplb.kernels.api import SparsePrefill
+from sglang_shplb.kernels.block_index import to_device
 from sglang_shplb.kernels.layer_heads import LayerHeads
 from sglang_shplb.kernels.triton_decode import (SPLIT_MIN_PAGES, DecodeScratch, SummaryRows, alloc_page_summaries,
                                                 build_page_summaries, decode_splits, decode_walks, group_decode,
@@ -74,7 +75,7 @@ class ExtendBatch:
         if len(ql) != len(kl) or any(a < 1 or a > b for a, b in zip(ql, kl)):
             raise ValueError(f"extend lengths disagree: q {ql} vs kv {kl}")
         cu = torch.tensor([0] + ql, dtype=torch.int32).cumsum(0, dtype=torch.int32)
-        return ExtendBatch(cu.to(dev, non_blocking=True), torch.tensor(kl, dtype=torch.int32).to(dev, non_blocking=True),
+        return ExtendBatch(to_device(cu, dev), to_device(torch.tensor(kl, dtype=torch.int32), dev),
                            req_to_token, req_pool_indices.int(), ql, kl)
 
 
