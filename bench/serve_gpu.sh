@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # GPU end-to-end on the lent GPU, after the bundle calls of ../shared/gpu/README.md (SGLang 0.5.17 in /tmp/site,
 # SmolLM2 in /tmp/smollm2). Installs this package offline into /tmp/site, then runs bench/serve_gpu.py.
-#   bash bench/serve_gpu.sh serve|decode|tests|all
+#   bash bench/serve_gpu.sh serve|decode|tests|routed|all   (all: the four in this order)
 # serve: the Llama-3-8B shape then SmolLM2, each against stock FlashInfer (bench/serve_gpu.py's grid).
-#   LLAMA_SERVERS, SMOL_SERVERS (default shplb,flashinfer): which servers, in order; add shplb_routed (Llama-3-8B:
-#   decode routes that follow the bucket, the graph branches) or shplb_sparse when the device time allows.
+#   LLAMA_SERVERS, SMOL_SERVERS (default shplb,flashinfer): which servers, in order (shplb_sparse too if time allows).
 # decode: bench/decode.py sized for a 131,200-token server (as serve's) against sized for each request.
 # tests: the kernel-path and kernel tests compiled on the GPU (the machine's own pytest).
+# routed: the Llama-3-8B shape with a plan whose decode route follows the bucket (the CUDA-graph branches) against
+#   stock FlashInfer, last because it is the one most likely to fail (a failed server is recorded, not fatal).
 set -uo pipefail
 export PYTHONPATH=/tmp/site NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -20,11 +21,14 @@ if [ "$what" = serve ] || [ "$what" = all ]; then
   python3 bench/serve_gpu.py smollm2 --out "$OUT/smollm2" --servers "${SMOL_SERVERS:-shplb,flashinfer}"
 fi
 if [ "$what" = decode ] || [ "$what" = all ]; then
-  python3 bench/decode.py --ctx 32768,65536 --batch 1,4 --server-ctx 131200 --budget-s 240 --out "$OUT/decode_server_ctx"
-  python3 bench/decode.py --ctx 32768,65536 --batch 1,4 --budget-s 240 --out "$OUT/decode_request_ctx"
+  python3 bench/decode.py --ctx 32768,65536 --batch 1,4 --server-ctx 131200 --budget-s 90 --out "$OUT/decode_server_ctx"
+  python3 bench/decode.py --ctx 32768,65536 --batch 1,4 --budget-s 90 --out "$OUT/decode_request_ctx"
 fi
 if [ "$what" = tests ] || [ "$what" = all ]; then
   TRITON_INTERPRET=0 python3 -m pytest -q -p no:cacheprovider tests/test_paged_layer.py tests/test_triton_index.py \
-    tests/test_triton_select.py tests/test_decode_fused.py tests/test_kernels.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -40
+    tests/test_triton_select.py tests/test_decode_fused.py tests/test_kernels.py tests/test_graph_branch.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -40
+fi
+if [ "$what" = routed ] || [ "$what" = all ]; then
+  python3 bench/serve_gpu.py llama8b --out "$OUT/llama8b_routed" --servers shplb_routed,flashinfer
 fi
 exit 0
