@@ -408,6 +408,7 @@ def update_and_select_pages(q: torch.Tensor, k_buffer: torch.Tensor, req_to_toke
         kb.stride(0) if kept is not None else 0, kb.stride(1) if kept is not None else 0,
         kstamp.stride(0) if kept is not None else 0,
         hkv, max_pages, nt, every, GROUP=group, GP2=max(2, 1 << (group - 1).bit_length()), PAGE=BLOCK, D=d, TP=tp,
-        P2=p2, P2A=_narrower(p2, 4), P2B=_narrower(p2, 2), UNION=union is not None, KEEP=kept is not None, BW=_word_pages(p2), HAS_ROUTE=route is not None,
+        P2=p2, P2A=_narrower(p2, 4), P2B=_narrower(p2, 2), UNION=union is not None, KEEP=kept is not None,
+        BW=_word_pages(p2), HAS_ROUTE=route is not None,
         num_warps=num_warps or select_warps(p2, bsz))
     return page_idx, page_cnt

@@ -493,15 +493,21 @@ class ShplbAttnBackend(AttentionBackend):
         """The stock backend for every head of a decode layer; on the kernel path, outside a graph, the new
         token folded into the page summaries of a layer that decodes sparse in some bucket."""
         o = self.inner.forward_decode(q, k, v, layer, forward_batch, save_kv_cache=save_kv_cache, **kwargs)
-        lk = self.kernels.get(layer.layer_id)
-        if lk is not None and lk.kmin is not None and not capturing and layer.layer_id in self.summarized_layers:
-            bs = forward_batch.req_pool_indices.shape[0]
-            update_page_summaries(self.token_to_kv_pool.get_key_buffer(layer.layer_id),
-                                  self.req_to_token_pool.req_to_token, forward_batch.req_pool_indices,
-                                  forward_batch.seq_lens[:bs], lk.kmin, lk.kmax)
+        if not capturing and layer.layer_id in self.summarized_layers:
+            self._fold_new_token(layer, forward_batch)
         if not capturing:
             self.stats["decode_layers_stock"] += 1
         return o
+
+    def _fold_new_token(self, layer, forward_batch) -> None:
+        """A stock decode step of a kernel-path layer with page summaries: the new token's key folded into its
+        page's summary, so a later sparse step selects from complete summaries."""
+        lk = self.kernels.get(layer.layer_id)
+        if lk is None or lk.kmin is None:
+            return
+        rpi = forward_batch.req_pool_indices
+        update_page_summaries(self.token_to_kv_pool.get_key_buffer(layer.layer_id), self.req_to_token_pool.req_to_token,
+                              rpi, forward_batch.seq_lens[:rpi.shape[0]], lk.kmin, lk.kmax)
 
     def _extend_head_parallel(self, q, k, v, layer, forward_batch, save_kv_cache, work: LayerWork):
         """The plan moves work of this layer between ranks in this bucket: K/V to the home pool, then
@@ -535,13 +541,12 @@ class ShplbAttnBackend(AttentionBackend):
         lk = self.kernels[li]
         q3, o = self._kernel_io(q, k, v, layer, forward_batch, save_kv_cache)
         kb, vb = self.token_to_kv_pool.get_key_buffer(li), self.token_to_kv_pool.get_value_buffer(li)
-        r2t, rpi = self.req_to_token_pool.req_to_token, forward_batch.req_pool_indices
         with captured_if(self.branches.stock(li)):
             o.copy_(self.inner.forward_decode(q, k, v, layer, forward_batch, save_kv_cache=False, **kwargs).view_as(o))
-            if lk.kmin is not None:
-                update_page_summaries(kb, r2t, rpi, forward_batch.seq_lens[:rpi.shape[0]], lk.kmin, lk.kmax)
+            self._fold_new_token(layer, forward_batch)
         with captured_if(self.branches.sparse(li)):
-            lk.decode(q3, kb, vb, r2t, rpi, forward_batch.seq_lens, self.decode_ws, layer.scaling, o)
+            lk.decode(q3, kb, vb, self.req_to_token_pool.req_to_token, forward_batch.req_pool_indices,
+                      forward_batch.seq_lens, self.decode_ws, layer.scaling, o)
         return o.view(q3.shape[0], -1)
 
     def forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache=True, **kwargs):
