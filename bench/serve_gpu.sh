@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU end-to-end on the lent GPU, after the bundle calls of ../shared/gpu/README.md (SGLang 0.5.17 in /tmp/site,
 # SmolLM2 in /tmp/smollm2). Installs this package offline into /tmp/site, then runs bench/serve_gpu.py.
-#   bash bench/serve_gpu.sh serve|decode|tests|routed|all   (all: the four in this order)
+#   bash bench/serve_gpu.sh MODE[,MODE...]   (llama8b, smollm2, serve = both, decode, tests, routed; all = serve,decode,tests,routed)
 # serve: the Llama-3-8B shape then SmolLM2, each against stock FlashInfer (bench/serve_gpu.py's grid).
 #   LLAMA_SERVERS, SMOL_SERVERS (default shplb,flashinfer): which servers, in order (shplb_sparse too if time allows).
 # decode: bench/decode.py sized for a 131,200-token server (as serve's) against sized for each request.
@@ -15,20 +15,21 @@ python3 -m pip install -q --no-index --no-deps --no-build-isolation --target /tm
   || python3 -m pip install -q --no-index --no-deps --no-build-isolation --target /tmp/site --upgrade .
 python3 -c "import importlib.metadata as m; print([e.value for e in m.entry_points(group='sglang.srt.plugins')])"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
-what=${1:-serve}
-if [ "$what" = serve ] || [ "$what" = all ]; then
-  python3 bench/serve_gpu.py llama8b --out "$OUT/llama8b" --servers "${LLAMA_SERVERS:-shplb,flashinfer}"
-  python3 bench/serve_gpu.py smollm2 --out "$OUT/smollm2" --servers "${SMOL_SERVERS:-shplb,flashinfer}"
-fi
-if [ "$what" = decode ] || [ "$what" = all ]; then
-  python3 bench/decode.py --ctx 32768,65536 --batch 1,4 --server-ctx 131200 --budget-s 90 --out "$OUT/decode_server_ctx"
-  python3 bench/decode.py --ctx 32768,65536 --batch 1,4 --budget-s 90 --out "$OUT/decode_request_ctx"
-fi
-if [ "$what" = tests ] || [ "$what" = all ]; then
-  TRITON_INTERPRET=0 python3 -m pytest -q -p no:cacheprovider tests/test_paged_layer.py tests/test_triton_index.py \
-    tests/test_triton_select.py tests/test_decode_fused.py tests/test_kernels.py tests/test_graph_branch.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -40
-fi
-if [ "$what" = routed ] || [ "$what" = all ]; then
-  python3 bench/serve_gpu.py llama8b --out "$OUT/llama8b_routed" --servers shplb_routed,flashinfer
-fi
+# modes, comma-separated, run in the order given: serve = llama8b,smollm2; all = serve,decode,tests,routed
+what=${1:-serve}; what=${what//all/serve,decode,tests,routed}; what=${what//serve/llama8b,smollm2}
+for w in ${what//,/ }; do
+  case "$w" in
+    llama8b) python3 bench/serve_gpu.py llama8b --out "$OUT/llama8b" --servers "${LLAMA_SERVERS:-shplb,flashinfer}" ;;
+    smollm2) python3 bench/serve_gpu.py smollm2 --out "$OUT/smollm2" --servers "${SMOL_SERVERS:-shplb,flashinfer}" ;;
+    decode)
+      python3 bench/decode.py --ctx 32768,65536 --batch 1,4 --server-ctx 131200 --budget-s 90 --out "$OUT/decode_server_ctx"
+      python3 bench/decode.py --ctx 32768,65536 --batch 1,4 --budget-s 90 --out "$OUT/decode_request_ctx" ;;
+    tests)
+      TRITON_INTERPRET=0 python3 -m pytest -q -p no:cacheprovider tests/test_paged_layer.py tests/test_triton_index.py \
+        tests/test_triton_select.py tests/test_decode_fused.py tests/test_kernels.py tests/test_graph_branch.py 2>&1 \
+        | tee "$OUT/gpu_tests.log" | tail -40 ;;
+    routed) python3 bench/serve_gpu.py llama8b --out "$OUT/llama8b_routed" --servers "${ROUTED_SERVERS:-shplb_routed,flashinfer}" ;;
+    *) echo "serve_gpu.sh: unknown mode $w (llama8b, smollm2, serve, decode, tests, routed, all)" >&2; exit 2 ;;
+  esac
+done
 exit 0
