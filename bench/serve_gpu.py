@@ -37,6 +37,7 @@ import argparse
 import json
 import os
 import random
+import statistics
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -108,9 +109,22 @@ def stock_layers_by_phase(plan_dir: Path, prompt_tokens: int, new_tokens: int) -
             "layers": plan.model.num_layers}
 
 
-def serve_grid(name: str, spec, grid: dict, new_tokens: int, out: Path, plan_dir: Path | None = None) -> dict:
-    """One server over the grid: warm-up pass, measured pass. Errors are recorded, not raised. ``plan_dir``
-    (shplb servers): each cell records its stock layers per phase (:func:`stock_layers_by_phase`)."""
+def median_cell(passes: list[dict]) -> dict:
+    """One cell over ``repeats`` measured passes: the last pass's record with ``ttft_s`` and ``decode_tok_s``
+    replaced by their medians over the passes (NaN rates left out), and every pass's values kept
+    (``ttft_all_s``, ``decode_all_tok_s``)."""
+    ttft = [p["ttft_s"] for p in passes]
+    rates = [p["decode_tok_s"] for p in passes if p["decode_tok_s"] == p["decode_tok_s"]]
+    return {**passes[-1], "ttft_s": statistics.median(ttft),
+            "decode_tok_s": statistics.median(rates) if rates else float("nan"),
+            "ttft_all_s": ttft, "decode_all_tok_s": [p["decode_tok_s"] for p in passes]}
+
+
+def serve_grid(name: str, spec, grid: dict, new_tokens: int, out: Path, plan_dir: Path | None = None,
+               repeats: int = 1) -> dict:
+    """One server over the grid: warm-up pass, ``repeats`` measured passes (each over the whole grid; per cell
+    the medians, :func:`median_cell`). Errors are recorded, not raised. ``plan_dir`` (shplb servers): each cell
+    records its stock layers per phase (:func:`stock_layers_by_phase`)."""
     res = {"server": name, "cmd": " ".join(spec.command(0)), "cells": []}
     t0 = time.time()
     try:
@@ -118,9 +132,10 @@ def serve_grid(name: str, spec, grid: dict, new_tokens: int, out: Path, plan_dir
             res["startup_s"] = round(s.startup_s, 1)
             print(f"{name}: healthy after {s.startup_s:.0f} s", flush=True)
             warm = {key: run_cell(s, c["prompts"], new_tokens)["ttft_s"] for key, c in grid.items()}
+            passes = [{key: run_cell(s, c["prompts"], new_tokens) for key, c in grid.items()} for _ in range(repeats)]
             for (n, b), c in grid.items():
                 cell = {"length": n, "batch": b, "prompt_tokens": len(c["prompts"][0]), "first_ttft_s": warm[(n, b)],
-                        **run_cell(s, c["prompts"], new_tokens)}
+                        **median_cell([p[(n, b)] for p in passes])}
                 if plan_dir is not None:
                     cell["stock_layers"] = stock_layers_by_phase(plan_dir, n, new_tokens)
                 if c["keys"]:
@@ -178,13 +193,16 @@ def main() -> None:
     ap.add_argument("--max-batch-tokens", type=int, default=262144)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--servers", default="flashinfer,shplb_sparse,shplb")
+    ap.add_argument("--repeats", type=int, default=None,
+                    help="measured passes per server (medians per cell); default 1 for llama8b, 5 for smollm2, "
+                         "whose steps of a few ms vary from pass to pass")
     ap.add_argument("--cpu-smoke", action="store_true", help="CPU, float32, torch_native, tiny grid: the logic")
     ap.add_argument("--plot", nargs="+", default=None, help="result JSONs: print the ratio table, write a PNG")
     a = ap.parse_args()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     if a.plot:
-        report([json.loads(Path(p).read_text()) for p in a.plot], out)
+        report(merge_results([json.loads(Path(p).read_text()) for p in a.plot]), out)
         return
     if a.which is None:
         ap.error("which model: smollm2 or llama8b")
@@ -228,10 +246,22 @@ def main() -> None:
                                         concurrency=conc, extra=extra)
         spec = dense if name == "flashinfer" else sparse
         result["runs"].append(serve_grid(name, spec, grid, a.new_tokens, out,
-                                         None if name == "flashinfer" else Path(plan)))
+                                         None if name == "flashinfer" else Path(plan),
+                                         a.repeats or (1 if a.which == "llama8b" else 5)))
         path.write_text(json.dumps(result, indent=1))
     print("wrote", path, flush=True)
     report([result], out)
+
+
+def merge_results(results: list[dict]) -> list[dict]:
+    """Result files of one model (e.g. a run of the stock server and a later run of another shplb server on the same
+    machine) merged into one, runs in the order given (a server's first run kept); models kept apart."""
+    merged: dict[str, dict] = {}
+    for res in results:
+        m = merged.setdefault(res["which"], {**res, "runs": []})
+        have = {r["server"] for r in m["runs"]}
+        m["runs"] += [r for r in res["runs"] if r["server"] not in have]
+    return list(merged.values())
 
 
 def report(results: list[dict], out: Path) -> None:
@@ -268,9 +298,12 @@ def plot(res: dict, runs: dict, out: Path) -> None:
     except ImportError:   # the lent GPU has none: plot here with --plot
         print("no matplotlib: no PNG", flush=True)
         return
+    stock = runs.get("flashinfer", {})
+    if not stock:
+        print("no flashinfer run to compare with: no PNG (merge with one: --plot A.json B.json)", flush=True)
+        return
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    stock = runs.get("flashinfer", {})
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for ax, what, f in ((axes[0], "TTFT speed-up (flashinfer / shplb)", lambda s, c: s["ttft_s"] / c["ttft_s"]),
                         (axes[1], "decode tok/s ratio (shplb / flashinfer)",

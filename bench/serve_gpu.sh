@@ -26,7 +26,7 @@ for w in ${what//,/ }; do
       python3 bench/decode.py --ctx 32768,65536 --batch 1,4 --budget-s 90 --out "$OUT/decode_request_ctx" ;;
     tests)
       TRITON_INTERPRET=0 python3 -m pytest -q -p no:cacheprovider tests/test_paged_layer.py tests/test_triton_index.py \
-        tests/test_triton_select.py tests/test_decode_fused.py tests/test_kernels.py tests/test_graph_branch.py 2>&1 \
+        tests/test_triton_select.py tests/test_decode_fused.py tests/test_kernels.py 2>&1 \
         | tee "$OUT/gpu_tests.log" | tail -40 ;;
     routed) python3 bench/serve_gpu.py llama8b --out "$OUT/llama8b_routed" --servers "${ROUTED_SERVERS:-shplb_routed,flashinfer}" ;;
     *) echo "serve_gpu.sh: unknown mode $w (llama8b, smollm2, serve, decode, tests, routed, all)" >&2; exit 2 ;;

@@ -7,7 +7,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
-from serve_gpu import batch_decode_rate  # noqa: E402
+from serve_gpu import batch_decode_rate, median_cell, merge_results  # noqa: E402
 
 from sglang_shplb.evaluation.servers import Generation  # noqa: E402
 
@@ -36,3 +36,23 @@ def test_no_common_window_falls_back_to_each_request_after_the_last_prefill():
     assert window == "tail" and rate == pytest.approx(10 / 0.5)   # the late one alone: 10 tokens in 0.5 s
     window, rate = batch_decode_rate([gen(0.0, 0.5, 1, 0.1), gen(0.0, 2.0, 1, 0.1)])
     assert window == "tail" and math.isnan(rate)                   # nobody decodes after the last first token
+
+
+def test_median_cell_takes_medians_over_passes_and_skips_nan_rates():
+    passes = [{"ttft_s": t, "decode_tok_s": r, "texts": [str(i)]}
+              for i, (t, r) in enumerate([(0.30, 100.0), (0.10, float("nan")), (0.20, 300.0), (0.90, 200.0)])]
+    cell = median_cell(passes)
+    assert cell["ttft_s"] == 0.25   # median of 0.1, 0.2, 0.3, 0.9
+    assert cell["decode_tok_s"] == 200.0   # median of 100, 300, 200: the NaN pass left out
+    assert cell["texts"] == ["3"] and cell["ttft_all_s"] == [0.30, 0.10, 0.20, 0.90]
+    assert math.isnan(median_cell([{"ttft_s": 1.0, "decode_tok_s": float("nan")}])["decode_tok_s"])
+
+
+def test_merge_results_joins_runs_of_one_model_and_keeps_the_first_run_of_a_server():
+    a = {"which": "llama8b", "date": "d1", "runs": [{"server": "shplb", "n": 1}, {"server": "flashinfer", "n": 1}]}
+    b = {"which": "llama8b", "date": "d2", "runs": [{"server": "shplb_routed", "n": 2}, {"server": "shplb", "n": 2}]}
+    c = {"which": "smollm2", "date": "d3", "runs": [{"server": "shplb", "n": 3}]}
+    merged = merge_results([a, b, c])
+    assert [m["which"] for m in merged] == ["llama8b", "smollm2"]
+    assert [(r["server"], r["n"]) for r in merged[0]["runs"]] == [("shplb", 1), ("flashinfer", 1), ("shplb_routed", 2)]
+    assert merged[0]["date"] == "d1" and merged[1]["runs"] == c["runs"]

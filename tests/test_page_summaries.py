@@ -306,10 +306,7 @@ def test_layers_stock_in_some_decode_buckets_follow_the_bucket_in_graphs(monkeyp
     be = _backend_with_kernels(monkeypatch, _plan(stock), 5, 64 * 40)
     be.stock_layers = {"prefill": [frozenset(), frozenset()], "decode": [frozenset({0, 2, 3}), frozenset({3})]}
     be.graph_decode_stock = frozenset({3})
-    from sglang_shplb.serving import backend
-    monkeypatch.setattr(backend, "branches_supported", lambda: False)   # this torch captures no conditional nodes
     be._init_decode_routes()
-    assert be.branches is None
     assert be.kernels[0].route is not None and be.kernels[2].route is not None
     assert be.kernels[1].route is None and be.kernels[3].route is None
     for bucket, want in ((0, [1, 0, 1, 1]), (1, [0, 0, 0, 1])):
@@ -318,30 +315,10 @@ def test_layers_stock_in_some_decode_buckets_follow_the_bucket_in_graphs(monkeyp
         assert int(be.kernels[0].route) == want[0] and int(be.kernels[2].route) == want[2]
 
 
-def test_routed_layers_take_graph_branches_where_torch_captures_them(monkeypatch):
-    """Where torch captures conditional nodes, the same routed layers get branch flags instead of a route flag
-    (the kernel path stays unrouted: its sparse branch runs the sparse step), written per batch from the bucket;
-    ``--shplb-decode-route-flag`` (the config switch) keeps the route flag."""
-    import dataclasses
-    import types
-
-    import numpy as np
-    stock = np.zeros((2, 2, 4), dtype=bool)
-    stock[1, 0, [0, 2]] = True
-    stock[1, :, 3] = True
-    be = _backend_with_kernels(monkeypatch, _plan(stock), 5, 64 * 40)
-    be.stock_layers = {"prefill": [frozenset(), frozenset()], "decode": [frozenset({0, 2, 3}), frozenset({3})]}
-    be.graph_decode_stock = frozenset({3})
-    from sglang_shplb.serving import backend
-    monkeypatch.setattr(backend, "branches_supported", lambda: True)
-    be._init_decode_routes()
-    assert be.branches is not None and be.branches.layers == {0, 2} and be.route_by_bucket is None
-    assert all(lk.route is None for lk in be.kernels.values())
-    for bucket, stock_now in ((0, {0, 2}), (1, set())):
-        be._set_bucket(types.SimpleNamespace(shplb_bucket=bucket))
-        for li in (0, 2):
-            assert bool(be.branches.stock(li)) == (li in stock_now) != bool(be.branches.sparse(li))
-    be.branches = None
-    be.cfg = dataclasses.replace(be.cfg, decode_graph_branches=False)
-    be._init_decode_routes()
-    assert be.branches is None and be.kernels[0].route is not None
+def test_routed_layers_are_stock_in_some_buckets_not_all():
+    from sglang_shplb.serving.backend import routed_layers
+    stock_by_bucket = [frozenset({0, 1, 2}), frozenset({0, 1}), frozenset({0})]
+    # 0: stock everywhere (captured on the stock backend), 3: sparse everywhere
+    assert routed_layers(stock_by_bucket, [0, 1, 2, 3]) == {1, 2}
+    assert routed_layers([frozenset({1})] * 3, [0, 1]) == frozenset()       # one route per layer: none routed
+    assert routed_layers([], [0, 1]) == frozenset()

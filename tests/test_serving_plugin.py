@@ -49,9 +49,6 @@ def test_launcher_splits_our_flags():
                                    "--shplb-group-prefill-by-bucket", "--port", "1234"])
     assert ours.shplb_plan == "p" and ours.shplb_dense_backend == "triton" and ours.shplb_group_prefill_by_bucket
     assert rest == ["--model-path", "m", "--port", "1234", "--attention-backend", "shplb"]
-    assert ours.shplb_decode_route_flag is False
-    ours, rest, _ = split_argv(["--model-path", "m", "--shplb-plan", "p", "--shplb-decode-route-flag"])
-    assert ours.shplb_decode_route_flag and "--shplb-decode-route-flag" not in rest
     with pytest.raises(SystemExit) as e:
         split_argv(["--model-path", "m", "--attention-backend", "triton"])
     assert e.value.code == 2

@@ -24,11 +24,11 @@ decode page summaries current through stock steps (rebuilt after a stock extend,
 after an eager stock decode), so a batch that grows into a sparse bucket selects from complete summaries.
 A captured decode CUDA graph is shared by every bucket (SGLang captures one per batch size, at the fill
 length, and replays it for any length). A layer stock for decode in *every* bucket is captured on the stock
-backend; a layer whose decode choice depends on the bucket is captured with both routes as conditional
-branches (:mod:`~sglang_shplb.serving.graph_branch`: the stock backend's decode under its stock flag, the
-kernel path under its sparse flag, the flags written per replay from the bucket), or, where torch cannot
-capture conditional nodes or ``--shplb-decode-route-flag`` is given, on the kernel path with a route flag
-(dense on our Triton kernel where the bucket marks it stock). Eager decode follows the plan per bucket.
+backend; a layer whose decode choice depends on the bucket is captured on the kernel path with a route flag
+(dense on our Triton kernel where the bucket marks it stock: :meth:`ShplbAttnBackend._init_decode_routes`).
+Eager decode follows the plan per bucket. (CUDA conditional nodes, which would let such a layer run the stock
+backend's own decode in its stock buckets, are not captured by torch 2.11, the one SGLang 0.5.17 pins:
+``bench/results/serve_h200/2026-12-04``.)
 
 **Decode page summaries** (kernel path): per layer that decodes with top-k / vertical-slash heads, the key
 min/max of every 64-slot page of SGLang's KV pool (``kmin/kmax [pool pages + 1, Hkv, d]``, read through
@@ -44,6 +44,7 @@ from __future__ import annotations
 import logging
 import math
 from functools import cached_property
+from typing import Iterable, Sequence
 
 import torch
 
@@ -61,7 +62,6 @@ from sglang_shplb.kernels.triton_decode import page_summary_bytes_per_token, upd
 from sglang_shplb.scheduler.bucket_hook import ATTR as BUCKET_ATTR, batch_bucket
 from sglang_shplb.scheduler.head_schedule import ExtendShape, layer_schedule
 from sglang_shplb.serving.config import BACKEND_NAME, ServingConfig
-from sglang_shplb.serving.graph_branch import DecodeBranches, branches_supported, captured_if, routed_layers
 from sglang_shplb.serving.modes import check_supported
 
 logger = logging.getLogger(__name__)
@@ -216,7 +216,6 @@ class ShplbAttnBackend(AttentionBackend):
         self.decode_ws: DecodeWorkspace | None = None
         self.extend_batch: ExtendBatch | None = None
         self.route_by_bucket: torch.Tensor | None = None
-        self.branches: DecodeBranches | None = None
         if str(self.device).startswith("cuda"):
             self._init_kernel_path(model_runner)
             self._init_decode_routes()
@@ -290,19 +289,11 @@ class ShplbAttnBackend(AttentionBackend):
 
     def _init_decode_routes(self) -> None:
         """Kernel-path layers stock for decode in some buckets but not all (:func:`routed_layers`): inside a decode
-        CUDA graph (shared by every bucket) they take both routes as conditional branches (:class:`DecodeBranches`,
-        :meth:`_decode_branches`), or, without conditional nodes or with ``--shplb-decode-route-flag``, the kernel
-        path with a route flag per layer, written per batch from the bucket (:attr:`LayerKernels.route`; dense on
-        the same launches where the plan marks the layer stock)."""
+        CUDA graph (shared by every bucket) they take the kernel path with a route flag per layer, written per
+        batch from the bucket (:attr:`LayerKernels.route`; dense on the same launches where the plan marks the
+        layer stock)."""
         routed = routed_layers(self.stock_layers["decode"], self.kernels)
         if not routed:
-            return
-        if self.cfg.decode_graph_branches and branches_supported():
-            self.branches = DecodeBranches(self.stock_layers["decode"], routed, self.plan.model.num_layers,
-                                           self.device)
-            logger.info("shplb decode routes: %d layers follow the bucket inside decode CUDA graphs as conditional "
-                        "branches (%s where the plan marks them stock, the kernel path elsewhere)", len(routed),
-                        self.dense_backend_name)
             return
         table = torch.zeros(len(self.stock_layers["decode"]), self.plan.model.num_layers, dtype=torch.int32)
         for b, stock in enumerate(self.stock_layers["decode"]):
@@ -318,13 +309,10 @@ class ShplbAttnBackend(AttentionBackend):
         b = self.current_bucket = self._bucket(forward_batch)
         self.stock_extend = self.stock_layers["prefill"][b]
         self.stock_decode = self.stock_layers["decode"][b]
-        if (self.route_by_bucket is None and self.branches is None) or (
+        if self.route_by_bucket is None or (
                 str(self.device).startswith("cuda") and torch.cuda.is_current_stream_capturing()):
             return
-        if self.route_by_bucket is not None:   # before the replay, on its stream; never captured
-            self.decode_route.copy_(self.route_by_bucket[b])
-        if self.branches is not None:
-            self.branches.set_bucket(b)
+        self.decode_route.copy_(self.route_by_bucket[b])   # before the replay, on its stream; never captured
 
     def init_forward_metadata(self, forward_batch):
         self._set_bucket(forward_batch)
@@ -533,27 +521,8 @@ class ShplbAttnBackend(AttentionBackend):
                         sum(not w.at_home for w in self.work[self.current_bucket]))
         return o.view(q3.shape[0], -1)
 
-    def _decode_branches(self, q, k, v, layer, forward_batch, save_kv_cache, **kwargs):
-        """Capturing a decode graph, a layer whose route follows the bucket (:meth:`_init_decode_routes`): the
-        new K/V written once, then under the layer's stock flag the stock backend's decode (and the new token
-        folded into the page summaries), under its sparse flag the kernel path, both into one output."""
-        li = layer.layer_id
-        lk = self.kernels[li]
-        q3, o = self._kernel_io(q, k, v, layer, forward_batch, save_kv_cache)
-        kb, vb = self.token_to_kv_pool.get_key_buffer(li), self.token_to_kv_pool.get_value_buffer(li)
-        with captured_if(self.branches.stock(li)):
-            o.copy_(self.inner.forward_decode(q, k, v, layer, forward_batch, save_kv_cache=False, **kwargs).view_as(o))
-            self._fold_new_token(layer, forward_batch)
-        with captured_if(self.branches.sparse(li)):
-            lk.decode(q3, kb, vb, self.req_to_token_pool.req_to_token, forward_batch.req_pool_indices,
-                      forward_batch.seq_lens, self.decode_ws, layer.scaling, o)
-        return o.view(q3.shape[0], -1)
-
     def forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache=True, **kwargs):
         capturing = q.is_cuda and torch.cuda.is_current_stream_capturing()
-        if capturing and self.branches is not None and layer.layer_id in self.branches.layers \
-                and not layer.is_cross_attention:
-            return self._decode_branches(q, k, v, layer, forward_batch, save_kv_cache, **kwargs)
         if layer.layer_id in (self.graph_decode_stock if capturing else self.stock_decode) \
                 and not layer.is_cross_attention:
             return self._decode_stock(q, k, v, layer, forward_batch, save_kv_cache, capturing, **kwargs)
@@ -579,6 +548,13 @@ class ShplbAttnBackend(AttentionBackend):
         if not capturing:
             self.stats["decode_layers_sparse"] += 1
         return o
+
+
+def routed_layers(stock_by_bucket: Sequence[frozenset[int]], layers: Iterable[int]) -> frozenset[int]:
+    """Of ``layers``, those stock for decode in some buckets but not in all (their route follows the bucket)."""
+    always = frozenset.intersection(*stock_by_bucket) if stock_by_bucket else frozenset()
+    some = frozenset().union(*stock_by_bucket) if stock_by_bucket else frozenset()
+    return frozenset(li for li in layers if li in some and li not in always)
 
 
 def _per_head(q, o, layer):

@@ -40,11 +40,6 @@ def add_shplb_args(parser: argparse.ArgumentParser) -> None:
                    help="decode steps a top-k / vertical-slash head keeps the pages it selected (LServe's "
                         "reusable page selector; the steps between skip the selection launch's scoring); 1: "
                         "select at every step (default %(default)s)")
-    g.add_argument("--shplb-decode-route-flag", action="store_true",
-                   help="a layer the plan decodes stock in some buckets and sparse in others runs, inside decode "
-                        "CUDA graphs, the kernel path with a route flag (dense on our Triton kernel where stock) "
-                        "instead of conditional graph branches (the stock backend's decode where stock); the "
-                        "branches need CUDA >= 12.4 and are used by default where torch captures them")
 
 
 def _positive_int(text: str) -> int:
@@ -66,7 +61,7 @@ def build_parser():
 
 
 _OURS = ("shplb_plan", "shplb_dense_fallback", "shplb_dense_backend", "shplb_group_prefill_by_bucket",
-         "shplb_bucket_log_every", "shplb_decode_reselect_every", "shplb_decode_route_flag")
+         "shplb_bucket_log_every", "shplb_decode_reselect_every")
 
 
 def split_argv(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
@@ -178,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     ours, sgl_argv, args = split_argv(argv)
     cfg = ServingConfig(os.path.abspath(ours.shplb_plan) if ours.shplb_plan else None, ours.shplb_dense_fallback,
                         ours.shplb_dense_backend, ours.shplb_group_prefill_by_bucket, ours.shplb_bucket_log_every,
-                        ours.shplb_decode_reselect_every, not ours.shplb_decode_route_flag)
+                        ours.shplb_decode_reselect_every)
     os.environ.update(cfg.to_env())
     from sglang_shplb.serving.backend import ShplbPageSizeError
     try:
