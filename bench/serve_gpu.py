@@ -13,9 +13,9 @@ Servers (one at a time, the same flags but the backend):
   not predict sparse to win (``planning/stock_decision.py``; the server runs the stock backend there);
 * ``shplb_sparse``: the same budgets, every layer with sparse heads sparse in every bucket (where sparse loses);
 * ``shplb_routed`` (Llama-3-8B only): the same budgets with the stock decision's earlier decode fit (18 us per
-  layer, 3 TB/s), which decodes stock up to the 32K bucket and sparse above: every layer's decode route follows
-  the bucket inside the decode CUDA graphs (conditional branches, ``serving/graph_branch.py``), so its stock
-  buckets show what the branches cost against FlashInfer's own graph.
+  layer, 3 TB/s), which decodes stock up to the 16K bucket and sparse from the 32K one: every layer's decode route
+  follows the bucket inside the decode CUDA graphs by a route flag (our dense Triton decode where stock), so its
+  stock buckets show what the flag costs against FlashInfer's own graph, its sparse ones the sparse decode.
 
 Plans. Llama-3-8B shape (dummy weights, nothing to profile): per layer KV group 0 dense (4 of 32 query heads),
 odd KV groups top-k at 10 % of the blocks, even ones streaming sink 128 + window 2048 tokens. SmolLM2 (8K
