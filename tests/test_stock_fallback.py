@@ -403,3 +403,35 @@ def test_a_synthetic_plan_can_carry_the_stock_decision(tmp_path):
     assert StockOptions.from_dict(marked.meta["stock_decision"]) == StockOptions()
     assert plain.stock is None
 
+
+
+def test_one_set_of_marks_holds_at_every_tp_size_the_plan_is_placed_for(tmp_path):
+    """At TP 8 the mixed Llama-3-8B plan's slowest rank holds the dense KV group, so even without fixed costs
+    neither phase gains there (the rank's sparse time equals its stock time): a plan placed for TP 1 and 8
+    runs those layers stock where TP 1 alone runs them sparse; the report recomputes the same marks."""
+    from sglang_shplb.planning.stock_decision import rank_times
+    from sglang_shplb.planning.synthetic_plans import mixed_budget, synthetic_plan
+    cfg = dict(CFG, num_attention_heads=32, num_key_value_heads=8, head_dim=128, hidden_size=4096,
+               num_hidden_layers=2, max_position_embeddings=131072)
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    opts = StockOptions(prefill_layer_overhead_s=0.0, decode_layer_overhead_s=0.0, decode_batch=4)
+    tp1 = load_plan(synthetic_plan(tmp_path, mixed_budget(128, 2048, 0.1), tmp_path / "a", stock=opts).parent)
+    both = load_plan(synthetic_plan(tmp_path, mixed_budget(128, 2048, 0.1), tmp_path / "b", stock=opts,
+                                    tp_sizes=(1, 8)).parent)
+    last = len(tp1.buckets) - 1
+    for phase in PHASES:
+        assert tp1.stock_layers(phase, last) == frozenset(), phase          # sparse pays at TP 1, 128K
+        assert both.stock_layers(phase, last) == frozenset({0, 1}), phase   # not on the dense group's rank
+    assert (both.stock >= tp1.stock).all()                                   # TP 8 only adds marks
+    rows = sparse_vs_stock(both, COST, opts)
+    assert [r["n_stock"] for r in rows] == [int(both.stock[PHASES.index(r["phase"]), r["bucket"]].sum()) for r in rows]
+    assert np.array_equal(decide_stock(both.model, both.budgets, both.buckets, COST, opts, both.placements).stock,
+                          both.stock)
+    # decode at TP 8, 128K: rank 0 reads every page of its (dense) KV group, the stock time per rank exactly
+    layer = both.budgets[0]
+    sp, st = rank_times("decode", layer, 131072, both.model, COST, 8, opts)
+    assert sp == pytest.approx(st)
+    sp1, st1 = rank_times("decode", layer, 131072, both.model, COST, 1, opts)
+    assert (sp1, st1) == layer_times("decode", layer, 131072, both.model, COST, opts) and sp1 < 0.5 * st1
+    with pytest.raises(ValueError, match="per-rank loads"):
+        rank_times("prefill", layer, 131072, both.model, COST, 8, opts)

@@ -306,7 +306,7 @@ def place_budgets(budgets: BudgetsFile, buckets: Buckets, tp_sizes: Sequence[int
         placements.update(solve_plan_placements(spec, budgets.budgets, buckets, [tp], cost_model, solver,
                                                 kv_dtype_bytes=2, progress=progress,
                                                 **resolve_solve_opts(solve_options, tp)))
-    decision = decide_stock(spec, budgets.budgets, buckets, cost_model, stock_options)
+    decision = decide_stock(spec, budgets.budgets, buckets, cost_model, stock_options, placements)
     meta = {"created": time.strftime("%Y-%m-%d %H:%M:%S"), "budget_mode": budgets.mode, "tau": budgets.tau,
             "ref_len": budgets.ref_len, "solver": solver, "solve_s": time.perf_counter() - t0,
             "cost_model": cost_model.to_dict(), "solve_options": solve_options,

@@ -36,7 +36,7 @@ def synthetic_plan(model_dir: str | Path, budget: Callable[[int, int, ModelSpec]
     marks = None
     if stock is not None:
         cost_model = CostModel.analytic()
-        marks = decide_stock(spec, budgets, buckets, cost_model, stock).stock
+        marks = decide_stock(spec, budgets, buckets, cost_model, stock, placements).stock
         meta.update(cost_model=cost_model.to_dict(), stock_decision=stock.to_dict())
     return save_plan(Plan(spec, buckets, budgets, placements, meta, marks), out_dir)
 
