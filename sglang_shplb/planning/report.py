@@ -108,9 +108,11 @@ def comparison_table(rows: list[dict], buckets: Buckets, spec: ModelSpec | None 
 def stock_table(rows: list[dict]) -> str:
     """The plan's sparse-vs-stock decision (:func:`~sglang_shplb.planning.stock_decision.sparse_vs_stock`): per
     phase and bucket, the predicted attention time of one forward (TP 1) with every layer sparse, every layer
-    on the stock backend, and as served (stock where the plan marks a layer)."""
+    on the stock backend, and as served (stock where the plan marks a layer; the marks also hold at the plan's
+    other TP sizes, so a layer may be stock where TP 1 alone would run it sparse)."""
     out = ["\nsparse vs the stock backend, predicted attention ms per forward at TP 1 (prefill: one request; "
-           "decode: one step), every layer sparse / every layer stock / as served, layers on stock:"]
+           "decode: one step), every layer sparse / every layer stock / as served, layers on stock (marks that "
+           "hold at every TP size placed):"]
     for r in rows:
         out.append(f"  {r['phase']:>7} {_len(r['upper']):>5}: sparse {_fmt_ms(r['sparse_s']):>9}  stock "
                    f"{_fmt_ms(r['stock_s']):>9}  served {_fmt_ms(r['served_s']):>9}  ({r['n_stock']} layers stock, "
