@@ -128,7 +128,7 @@ def serve_grid(name: str, spec, grid: dict, new_tokens: int, out: Path, plan_dir
     res = {"server": name, "cmd": " ".join(spec.command(0)), "cells": []}
     t0 = time.time()
     try:
-        with Server(spec, out / f"server_{name}.log", timeout_s=900) as s:
+        with Server(spec, out / f"server_{name.replace('#', '_')}.log", timeout_s=900) as s:
             res["startup_s"] = round(s.startup_s, 1)
             print(f"{name}: healthy after {s.startup_s:.0f} s", flush=True)
             warm = {key: run_cell(s, c["prompts"], new_tokens)["ttft_s"] for key, c in grid.items()}
@@ -239,18 +239,26 @@ def main() -> None:
               "runs": []}
     path = out / f"serve_{a.which}{'_cpu_smoke' if a.cpu_smoke else ''}.json"
     for name in a.servers.split(","):
-        if name not in plans and name != "flashinfer":
-            ap.error(f"unknown server {name!r} for {a.which}: flashinfer, {', '.join(plans)}")
-        plan = plans.get(name, plans["shplb"])
+        kind = server_kind(name)
+        if kind not in plans and kind != "flashinfer":
+            ap.error(f"unknown server {name!r} for {a.which}: flashinfer, {', '.join(plans)} (a repeat: NAME#2)")
+        plan = plans.get(kind, plans["shplb"])
         dense, (sparse,) = server_specs(model, [plan], device, "float32" if a.cpu_smoke else "bfloat16", ctx,
                                         concurrency=conc, extra=extra)
-        spec = dense if name == "flashinfer" else sparse
+        spec = dense if kind == "flashinfer" else sparse
         result["runs"].append(serve_grid(name, spec, grid, a.new_tokens, out,
-                                         None if name == "flashinfer" else Path(plan),
+                                         None if kind == "flashinfer" else Path(plan),
                                          a.repeats or (1 if a.which == "llama8b" else 5)))
         path.write_text(json.dumps(result, indent=1))
     print("wrote", path, flush=True)
     report([result], out)
+
+
+def server_kind(name: str) -> str:
+    """``flashinfer#2`` → ``flashinfer``: a server run again later in the same process (``--servers
+    flashinfer,shplb,flashinfer#2``); the report lists it as a competitor of the first ``flashinfer`` run, so
+    its ratios (an A/A comparison) show how far two runs of the same server differ: the noise floor."""
+    return name.split("#", 1)[0]
 
 
 def merge_results(results: list[dict]) -> list[dict]:
@@ -314,7 +322,8 @@ def plot(res: dict, runs: dict, out: Path) -> None:
             for b in sorted({key[1] for key in cells_}):
                 keys = sorted(key for key in cells_ if key[1] == b and key in stock)
                 ax.plot([key[0] for key in keys], [f(stock[key], cells_[key]) for key in keys], marker="o",
-                        linestyle="-" if k == "shplb" else "--", label=f"{k}, batch {b}")
+                        linestyle="-" if k == "shplb" else ":" if server_kind(k) == "flashinfer" else "--",
+                        label=f"{k}, batch {b}")
         ax.axhline(1.0, color="k", lw=0.8)
         ax.set_xscale("log", base=2)
         ax.set_xlabel("prompt tokens")

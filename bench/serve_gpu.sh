@@ -3,7 +3,8 @@
 # SmolLM2 in /tmp/smollm2). Installs this package offline into /tmp/site, then runs bench/serve_gpu.py.
 #   bash bench/serve_gpu.sh MODE[,MODE...]   (llama8b, smollm2, serve = both, decode, tests, routed; all = serve,decode,tests,routed)
 # serve: the Llama-3-8B shape then SmolLM2, each against stock FlashInfer (bench/serve_gpu.py's grid).
-#   LLAMA_SERVERS, SMOL_SERVERS (default shplb,flashinfer): which servers, in order (shplb_sparse too if time allows).
+#   LLAMA_SERVERS (default shplb,flashinfer), SMOL_SERVERS (default flashinfer,shplb,flashinfer#2: the stock server
+#   again after ours, whose ratios to the first are the noise floor): which servers, in order.
 # decode: bench/decode.py sized for a 131,200-token server (as serve's) against sized for each request.
 # tests: the kernel-path and kernel tests compiled on the GPU (the machine's own pytest).
 # routed: the Llama-3-8B shape with a plan whose decode route follows the bucket (the CUDA-graph branches) against
@@ -20,7 +21,7 @@ what=${1:-serve}; what=${what//all/serve,decode,tests,routed}; what=${what//serv
 for w in ${what//,/ }; do
   case "$w" in
     llama8b) python3 bench/serve_gpu.py llama8b --out "$OUT/llama8b" --servers "${LLAMA_SERVERS:-shplb,flashinfer}" ;;
-    smollm2) python3 bench/serve_gpu.py smollm2 --out "$OUT/smollm2" --servers "${SMOL_SERVERS:-shplb,flashinfer}" ;;
+    smollm2) python3 bench/serve_gpu.py smollm2 --out "$OUT/smollm2" --servers "${SMOL_SERVERS:-flashinfer,shplb,flashinfer#2}" ;;
     decode)
       python3 bench/decode.py --ctx 32768,65536 --batch 1,4 --server-ctx 131200 --budget-s 90 --out "$OUT/decode_server_ctx"
       python3 bench/decode.py --ctx 32768,65536 --batch 1,4 --budget-s 90 --out "$OUT/decode_request_ctx" ;;

@@ -7,7 +7,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
-from serve_gpu import batch_decode_rate, median_cell, merge_results  # noqa: E402
+from serve_gpu import batch_decode_rate, median_cell, merge_results, server_kind  # noqa: E402
 
 from sglang_shplb.evaluation.servers import Generation  # noqa: E402
 
@@ -56,3 +56,7 @@ def test_merge_results_joins_runs_of_one_model_and_keeps_the_first_run_of_a_serv
     assert [m["which"] for m in merged] == ["llama8b", "smollm2"]
     assert [(r["server"], r["n"]) for r in merged[0]["runs"]] == [("shplb", 1), ("flashinfer", 1), ("shplb_routed", 2)]
     assert merged[0]["date"] == "d1" and merged[1]["runs"] == c["runs"]
+
+
+def test_a_repeated_server_is_its_kind_again():
+    assert [server_kind(n) for n in ("flashinfer#2", "shplb", "shplb_routed#3")] == ["flashinfer", "shplb", "shplb_routed"]
