@@ -38,7 +38,7 @@ from sglang_shplb.evaluation.scoring import score  # noqa: E402
 from sglang_shplb.evaluation.tasks import TASKS, eval_prompts  # noqa: E402
 from sglang_shplb.planning.model_store import load_model, resolve_model  # noqa: E402
 from sglang_shplb.planning.quality import ATTN_NAME, register_sparse_attention  # noqa: E402
-from sglang_shplb.planning.refine import _generate  # noqa: E402
+from sglang_shplb.planning.refine import generate_greedy  # noqa: E402
 
 DENSE = HeadBudget.dense()
 
@@ -71,7 +71,7 @@ def main() -> None:
     max_new = TASKS[a.task].max_new_tokens
 
     def answers() -> list[str]:
-        return [tok.decode(_generate(model, p.input_ids, max_new), skip_special_tokens=True).strip() for p in prompts]
+        return [tok.decode(generate_greedy(model, p.input_ids, max_new), skip_special_tokens=True).strip() for p in prompts]
 
     model.set_attn_implementation("sdpa")
     dense = answers()

@@ -23,7 +23,7 @@ from sglang_shplb.evaluation.scoring import score
 from sglang_shplb.evaluation.tasks import TASKS, make_prompt
 from sglang_shplb.planning.model_store import default_checkpoint, load_model
 from sglang_shplb.planning.quality import ATTN_NAME, masked_prefill, register_sparse_attention
-from sglang_shplb.planning.refine import _generate
+from sglang_shplb.planning.refine import generate_greedy
 
 PREFILL_ONLY = "shplb_prefill_only"
 ANSWER_TOKENS = 24
@@ -53,7 +53,7 @@ def register_prefill_only(budgets: list[list[HeadBudget]]) -> None:
 def answers(model, tok, prompts, attn: str) -> list[str]:
     model.set_attn_implementation(attn)
     try:
-        return [tok.decode(_generate(model, p.input_ids, ANSWER_TOKENS), skip_special_tokens=True).strip()
+        return [tok.decode(generate_greedy(model, p.input_ids, ANSWER_TOKENS), skip_special_tokens=True).strip()
                 for p in prompts]
     finally:
         model.set_attn_implementation("sdpa")

@@ -435,3 +435,16 @@ def test_one_set_of_marks_holds_at_every_tp_size_the_plan_is_placed_for(tmp_path
     assert (sp1, st1) == layer_times("decode", layer, 131072, both.model, COST, opts) and sp1 < 0.5 * st1
     with pytest.raises(ValueError, match="per-rank loads"):
         rank_times("prefill", layer, 131072, both.model, COST, 8, opts)
+
+
+def test_stock_everywhere_is_the_layers_stock_in_every_bucket():
+    from sglang_shplb.core.plan import always_stock
+    assert always_stock([{0, 1, 2}, frozenset({1, 2}), [2, 1]]) == {1, 2}
+    assert always_stock([]) == frozenset()
+    buckets = Buckets((4096, 8192))
+    stock = np.zeros((len(PHASES), 2, SPEC.num_layers), dtype=bool)
+    stock[1, :, 3] = True
+    stock[1, 0, 1] = True
+    plan = Plan(SPEC, buckets, [[DENSE] * SPEC.num_heads] * SPEC.num_layers, {}, {}, stock)
+    assert plan.stock_everywhere("decode") == {3} and plan.stock_everywhere("prefill") == frozenset()
+    assert Plan(SPEC, buckets, plan.budgets, {}, {}, None).stock_everywhere("decode") == frozenset()

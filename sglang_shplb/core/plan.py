@@ -101,6 +101,15 @@ class Plan:
             return frozenset()
         return frozenset(int(li) for li in np.flatnonzero(self.stock[PHASES.index(phase), bucket]))
 
+    def stock_everywhere(self, phase: str) -> frozenset[int]:
+        """The layers that run the stock backend in ``phase`` in every bucket (one route for any batch)."""
+        return always_stock([self.stock_layers(phase, b) for b in range(len(self.buckets))])
+
+
+def always_stock(stock_by_bucket) -> frozenset[int]:
+    """The layers stock in every bucket of ``stock_by_bucket`` (per bucket, a set of layers; none: empty)."""
+    return frozenset.intersection(*map(frozenset, stock_by_bucket)) if len(stock_by_bucket) else frozenset()
+
 
 def save_plan(plan: Plan, out_dir: str | Path) -> Path:
     out = Path(out_dir)

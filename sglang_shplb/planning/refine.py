@@ -99,7 +99,8 @@ def _eos_ids(model) -> set[int]:
     return set(eos if isinstance(eos, list) else [eos])
 
 
-def _generate(model, ids: list[int], max_new: int) -> list[int]:
+def generate_greedy(model, ids: list[int], max_new: int) -> list[int]:
+    """Greedy continuation of ``ids`` (at most ``max_new`` tokens, up to and including the first EOS)."""
     x = torch.tensor([ids], device=model.device)
     eos = _eos_ids(model)
     gen = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=max_new, do_sample=False,
@@ -120,7 +121,7 @@ def dense_answers(model, tokenizer, prompts: list[CalibrationPrompt], max_new: i
     model.set_attn_implementation("sdpa")
     out = []
     for p in prompts:
-        ans = _generate(model, p.input_ids, max_new)
+        ans = generate_greedy(model, p.input_ids, max_new)
         out.append(HeldIn(p, ans, tokenizer.decode(ans, skip_special_tokens=True).strip(),
                           _answer_logprobs(model, p.input_ids, ans)))
     return out
@@ -173,7 +174,7 @@ def sparse_answers(model, tokenizer, budgets: list[list[HeadBudget]], held: list
     register_sparse_attention(budgets)
     model.set_attn_implementation(ATTN_NAME)
     try:
-        return [tokenizer.decode(_generate(model, h.prompt.input_ids, len(h.answer_ids) or 1),
+        return [tokenizer.decode(generate_greedy(model, h.prompt.input_ids, len(h.answer_ids) or 1),
                                  skip_special_tokens=True).strip() for h in held]
     finally:
         model.set_attn_implementation("sdpa")

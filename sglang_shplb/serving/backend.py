@@ -51,6 +51,7 @@ import torch
 from sglang.srt.layers.attention.base_attn_backend import AttentionBackend
 
 from sglang_shplb.core.head_map import LayerWork, placement_work, rank_heads
+from sglang_shplb.core.plan import always_stock
 from sglang_shplb.core.patterns import HeadBudget, Pattern, decode_budgets
 from sglang_shplb.kernels.head_parallel import ExchangeStats, HeadParallelExtend, RankLayout
 from sglang_shplb.kernels.layer_heads import LayerHeads
@@ -86,8 +87,7 @@ def summary_layers(plan) -> frozenset[int]:
     if plan is None:
         return frozenset()
     sel = {li for li, layer in enumerate(plan.budgets) if LayerHeads.of(decode_budgets(layer)).selected}
-    always_stock = frozenset.intersection(*(plan.stock_layers("decode", b) for b in range(len(plan.buckets))))
-    return frozenset(sel) - always_stock
+    return frozenset(sel) - plan.stock_everywhere("decode")
 
 
 def summary_cell_bytes(plan, num_kv_heads: int, head_dim: int, kv_dtype: torch.dtype) -> int:
@@ -189,7 +189,7 @@ class ShplbAttnBackend(AttentionBackend):
         self.stock_layers = {ph: [self.plan.stock_layers(ph, b) if self.plan is not None else frozenset()
                                   for b in range(nb)] for ph in ("prefill", "decode")}
         # inside a captured decode graph (shared by all buckets): stock only where stock in every bucket
-        self.graph_decode_stock = frozenset.intersection(*self.stock_layers["decode"])
+        self.graph_decode_stock = always_stock(self.stock_layers["decode"])
         # layers that decode sparse in some bucket: their page summaries must stay current through stock steps
         self.summarized_layers = frozenset(range(self.plan.model.num_layers) if self.plan is not None else ()) \
             - self.graph_decode_stock
@@ -552,8 +552,8 @@ class ShplbAttnBackend(AttentionBackend):
 
 def routed_layers(stock_by_bucket: Sequence[frozenset[int]], layers: Iterable[int]) -> frozenset[int]:
     """Of ``layers``, those stock for decode in some buckets but not in all (their route follows the bucket)."""
-    always = frozenset.intersection(*stock_by_bucket) if stock_by_bucket else frozenset()
-    some = frozenset().union(*stock_by_bucket) if stock_by_bucket else frozenset()
+    always = always_stock(stock_by_bucket)
+    some = frozenset().union(*stock_by_bucket)
     return frozenset(li for li in layers if li in some and li not in always)
 
 
