@@ -221,6 +221,9 @@ def test_cli_flags():
     assert o.hbm_bytes_per_s == pytest.approx(d.hbm_bytes_per_s)
     with pytest.raises(SystemExit, match="margin"):
         _stock_opts(build_parser().parse_args(["place", "--sparse-margin", "1.5"]))
+    assert o.decode_batch == 1 and _stock_opts(build_parser().parse_args(["place", "--decode-batch", "4"])).decode_batch == 4
+    with pytest.raises(SystemExit, match="decode_batch"):
+        _stock_opts(build_parser().parse_args(["place", "--decode-batch", "0"]))
 
 
 # ---- the backend on the CPU reference path ---------------------------------------------------------------
