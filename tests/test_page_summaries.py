@@ -188,21 +188,22 @@ def _plan(stock=None, stream=HeadBudget.streaming(64, 1024)):
     return Plan(spec, buckets, budgets, pl, {}, stock)
 
 
-def _backend_with_kernels(monkeypatch, plan, req_slots, pool_tokens, page_size=64):
+def _backend_with_kernels(monkeypatch, plan, req_slots, pool_tokens, page_size=64, max_context=8192):
     """The backend's kernel-path setup on the CPU (as on CUDA): what it allocates for ``req_slots`` request
     slots and a pool of ``pool_tokens``."""
     from sglang_shplb.serving import backend as be_mod
     be = object.__new__(be_mod.ShplbAttnBackend)
-    be.plan, be.max_context, be.device, be.dense_backend_name = plan, 8192, "cpu", "flashinfer"
+    be.plan, be.max_context, be.device, be.dense_backend_name = plan, max_context, "cpu", "flashinfer"
     be.cfg = be_mod.ServingConfig.from_env({})
     be.layer_budgets = dict(enumerate(plan.budgets))
-    be.kernels, be.decode_ws, be.route_by_bucket, be.branches = {}, None, None, None
+    be.kernels, be.decode_ws, be.route_by_bucket = {}, None, None
     be.token_to_kv_pool = _Pool(pool_tokens)
     be.req_to_token_pool = types.SimpleNamespace(req_to_token=torch.zeros(req_slots, 8192, dtype=torch.int32))
     runner = types.SimpleNamespace(
         page_size=page_size, server_args=types.SimpleNamespace(page_size=page_size),
         model_config=types.SimpleNamespace(get_num_kv_heads=lambda tp: 3, head_dim=D))
     be.tp_size = 1
+    be._init_stock_layers()
     be._init_kernel_path(runner)
     return be
 
@@ -242,7 +243,7 @@ def test_summary_bytes_are_counted_in_the_cell_size(monkeypatch):
     monkeypatch.setattr(plan_mod, "load_plan", lambda path, *a, **k: plan)
     monkeypatch.setattr(rc, "get_parallel", lambda: types.SimpleNamespace(attn_tp_size=1))
     monkeypatch.setenv("SHPLB_PLAN", "/some/plan")
-    mc = types.SimpleNamespace(get_num_kv_heads=lambda tp: 3, head_dim=64)
+    mc = types.SimpleNamespace(get_num_kv_heads=lambda tp: 3, head_dim=64, context_len=8192)
 
     def kvc(device="cuda", backend="shplb"):
         return types.SimpleNamespace(server_args=types.SimpleNamespace(attention_backend=backend, device=device),
@@ -304,8 +305,7 @@ def test_layers_stock_in_some_decode_buckets_follow_the_bucket_in_graphs(monkeyp
     stock[1, 0, [0, 2]] = True          # decode, bucket 0: layers 0 and 2 stock
     stock[1, :, 3] = True               # layer 3 stock in every decode bucket
     be = _backend_with_kernels(monkeypatch, _plan(stock), 5, 64 * 40)
-    be.stock_layers = {"prefill": [frozenset(), frozenset()], "decode": [frozenset({0, 2, 3}), frozenset({3})]}
-    be.graph_decode_stock = frozenset({3})
+    assert be.stock_layers["decode"] == [frozenset({0, 2, 3}), frozenset({3})] and be.graph_decode_stock == {3}
     be._init_decode_routes()
     assert be.kernels[0].route is not None and be.kernels[2].route is not None
     assert be.kernels[1].route is None and be.kernels[3].route is None
@@ -322,3 +322,30 @@ def test_routed_layers_are_stock_in_some_buckets_not_all():
     assert routed_layers(stock_by_bucket, [0, 1, 2, 3]) == {1, 2}
     assert routed_layers([frozenset({1})] * 3, [0, 1]) == frozenset()       # one route per layer: none routed
     assert routed_layers([], [0, 1]) == frozenset()
+
+
+def test_buckets_above_the_servers_context_do_not_count(monkeypatch):
+    """A plan that decodes sparse only in its last bucket (4K-8K) served at a 4K context: every layer is stock in
+    each bucket the server can meet, so decode graphs run the stock backend everywhere, no layer keeps page
+    summaries (none counted in the cell size, no --page-size needed) and layers stock in both phases there get no
+    kernels; at the plan's full 8K context the same plan keeps them."""
+    import numpy as np
+    from sglang_shplb.serving import backend as be_mod
+    from sglang_shplb.serving.launch import page_size_args
+    stock = np.zeros((2, 2, 4), dtype=bool)
+    stock[:, 0, :] = True               # bucket 0 (up to 4K): every layer stock in both phases
+    stock[0, 1, 2] = True               # bucket 1: layer 2 prefills stock
+    plan = _plan(stock)
+    assert list(plan.reachable_buckets(4096)) == [0] and list(plan.reachable_buckets(4097)) == [0, 1]
+    assert list(plan.reachable_buckets(None)) == [0, 1]
+    assert be_mod.summary_layers(plan, 4096) == frozenset() and be_mod.summary_layers(plan, 8192) == {0, 2, 3}
+    assert be_mod.summary_cell_bytes(plan, 3, 64, torch.bfloat16, 4096) == 0
+    full = _backend_with_kernels(monkeypatch, plan, 5, 64 * 40)
+    assert full.graph_decode_stock == frozenset() and set(full.kernels) == {0, 1, 2, 3}
+    short = _backend_with_kernels(monkeypatch, plan, 5, 64 * 40, page_size=1, max_context=4096)   # no page check
+    assert short.graph_decode_stock == {0, 1, 2, 3} and short.summarized_layers == frozenset()
+    assert short.kernels == {} and short.decode_ws is None
+    assert short.stock_everywhere["prefill"] == {0, 1, 2, 3}
+    ns = types.SimpleNamespace
+    assert page_size_args(plan, ns(device="cuda", page_size=None, context_length=4096), []) == []
+    assert page_size_args(plan, ns(device="cuda", page_size=None, context_length=None), []) == ["--page-size", "64"]

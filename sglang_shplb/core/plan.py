@@ -101,9 +101,15 @@ class Plan:
             return frozenset()
         return frozenset(int(li) for li in np.flatnonzero(self.stock[PHASES.index(phase), bucket]))
 
-    def stock_everywhere(self, phase: str) -> frozenset[int]:
-        """The layers that run the stock backend in ``phase`` in every bucket (one route for any batch)."""
-        return always_stock([self.stock_layers(phase, b) for b in range(len(self.buckets))])
+    def reachable_buckets(self, max_context: int | None = None) -> range:
+        """The buckets a server of context length ``max_context`` can meet (a batch's bucket is that of its
+        longest context, at most ``max_context``); all of them when ``None``."""
+        return range(len(self.buckets) if max_context is None else self.buckets.index(max_context) + 1)
+
+    def stock_everywhere(self, phase: str, max_context: int | None = None) -> frozenset[int]:
+        """The layers that run the stock backend in ``phase`` in every bucket a server of context length
+        ``max_context`` can meet (one route for any batch there)."""
+        return always_stock([self.stock_layers(phase, b) for b in self.reachable_buckets(max_context)])
 
 
 def always_stock(stock_by_bucket) -> frozenset[int]:

@@ -26,7 +26,9 @@ A captured decode CUDA graph is shared by every bucket (SGLang captures one per 
 length, and replays it for any length). A layer stock for decode in *every* bucket is captured on the stock
 backend; a layer whose decode choice depends on the bucket is captured on the kernel path with a route flag
 (dense on our Triton kernel where the bucket marks it stock: :meth:`ShplbAttnBackend._init_decode_routes`).
-Eager decode follows the plan per bucket. (CUDA conditional nodes, which would let such a layer run the stock
+Eager decode follows the plan per bucket. Buckets above the one of the server's context length never occur and
+do not count: a layer stock in every bucket the server can meet is captured on the stock backend, keeps no page
+summaries, and (stock in both phases there) gets no kernels. (CUDA conditional nodes, which would let such a layer run the stock
 backend's own decode in its stock buckets, are not captured by torch 2.11, the one SGLang 0.5.17 pins:
 ``bench/results/serve_h200/2026-12-04``.)
 
@@ -80,19 +82,22 @@ class ShplbPageSizeError(ValueError):
     pass
 
 
-def summary_layers(plan) -> frozenset[int]:
+def summary_layers(plan, max_context: int | None = None) -> frozenset[int]:
     """Layers whose decode page summaries the kernel path keeps: a head that selects its pages at decode
     (top-k, vertical-slash, a streaming head below the decode floor: :func:`~sglang_shplb.core.patterns.decode_budget`) on some TP rank
-    (every rank budgets the same set, so their pool sizes agree) and sparse decode in some bucket."""
+    (every rank budgets the same set, so their pool sizes agree) and sparse decode in some bucket a server of
+    context length ``max_context`` can meet (all buckets when ``None``)."""
     if plan is None:
         return frozenset()
     sel = {li for li, layer in enumerate(plan.budgets) if LayerHeads.of(decode_budgets(layer)).selected}
-    return frozenset(sel) - plan.stock_everywhere("decode")
+    return frozenset(sel) - plan.stock_everywhere("decode", max_context)
 
 
-def summary_cell_bytes(plan, num_kv_heads: int, head_dim: int, kv_dtype: torch.dtype) -> int:
+def summary_cell_bytes(plan, num_kv_heads: int, head_dim: int, kv_dtype: torch.dtype,
+                       max_context: int | None = None) -> int:
     """Decode page-summary bytes per pool token on one rank (all layers): added to SGLang's cell size."""
-    return math.ceil(len(summary_layers(plan)) * page_summary_bytes_per_token(num_kv_heads, head_dim, kv_dtype))
+    return math.ceil(len(summary_layers(plan, max_context))
+                     * page_summary_bytes_per_token(num_kv_heads, head_dim, kv_dtype))
 
 
 def _serves_shplb(server_args) -> bool:
@@ -114,10 +119,10 @@ def cell_size_with_summaries(result, configurator, kvc, num_layers, *args, **kwa
     plan = load_plan(cfg.plan_path)
     mc = kvc.model_config
     extra = summary_cell_bytes(plan, mc.get_num_kv_heads(get_parallel().attn_tp_size), mc.head_dim,
-                               kvc.kv_cache_dtype)
+                               kvc.kv_cache_dtype, int(mc.context_len))
     if extra:
         logger.info("shplb: KV cell size %d + %d bytes per token for the decode page summaries of %d layers",
-                    result, extra, len(summary_layers(plan)))
+                    result, extra, len(summary_layers(plan, int(mc.context_len))))
     return result + extra if extra else None
 
 
@@ -184,17 +189,7 @@ class ShplbAttnBackend(AttentionBackend):
             self.cfg, model_runner.model_config.model_path, self.tp_size)
         self.layer_budgets: dict[int, list[HeadBudget]] = {}
         self.current_bucket = 0
-        # per phase, per bucket: the layers that run the stock backend (the plan's stock array)
-        nb = len(self.plan.buckets) if self.plan is not None else 1
-        self.stock_layers = {ph: [self.plan.stock_layers(ph, b) if self.plan is not None else frozenset()
-                                  for b in range(nb)] for ph in ("prefill", "decode")}
-        # inside a captured decode graph (shared by all buckets): stock only where stock in every bucket
-        self.graph_decode_stock = always_stock(self.stock_layers["decode"])
-        # layers that decode sparse in some bucket: their page summaries must stay current through stock steps
-        self.summarized_layers = frozenset(range(self.plan.model.num_layers) if self.plan is not None else ()) \
-            - self.graph_decode_stock
-        self.stock_extend = self.stock_layers["prefill"][0]
-        self.stock_decode = self.stock_layers["decode"][0]
+        self._init_stock_layers()
         # per bucket, the layers' work under the plan's placement for this TP size (None: all at home)
         self.work: list[tuple[LayerWork, ...] | None] = []
         self.head_parallel: HeadParallelExtend | None = None
@@ -232,6 +227,24 @@ class ShplbAttnBackend(AttentionBackend):
                         {e: len(s) for e, s in zip(self.plan.buckets.edges, self.stock_layers["decode"])},
                         len(self.graph_decode_stock))
 
+    def _init_stock_layers(self) -> None:
+        """Per phase and bucket the layers the plan runs on the stock backend, and what follows from them for the
+        buckets this server can meet (none above the one of its context length, :meth:`Plan.reachable_buckets`):
+        the layers stock in every one of them per phase (inside a captured decode graph, shared by all buckets,
+        a layer runs stock only if so) and the layers whose page summaries must stay current through stock
+        steps (those that decode sparse in some reachable bucket)."""
+        nb = len(self.plan.buckets) if self.plan is not None else 1
+        self.stock_layers = {ph: [self.plan.stock_layers(ph, b) if self.plan is not None else frozenset()
+                                  for b in range(nb)] for ph in ("prefill", "decode")}
+        self.reachable = self.plan.reachable_buckets(self.max_context) if self.plan is not None else range(1)
+        self.stock_everywhere = {ph: always_stock([self.stock_layers[ph][b] for b in self.reachable])
+                                 for ph in ("prefill", "decode")}
+        self.graph_decode_stock = self.stock_everywhere["decode"]
+        self.summarized_layers = frozenset(range(self.plan.model.num_layers) if self.plan is not None else ()) \
+            - self.graph_decode_stock
+        self.stock_extend = self.stock_layers["prefill"][0]
+        self.stock_decode = self.stock_layers["decode"][0]
+
     def _init_head_parallel(self, model_runner) -> None:
         """Per bucket, the plan's placement for this TP size as layer work; the executor when any layer of
         any bucket computes work away from home (on SGLang's TP group: NCCL on CUDA, gloo on CPU)."""
@@ -252,14 +265,16 @@ class ShplbAttnBackend(AttentionBackend):
         hkv = mc.get_num_kv_heads(self.tp_size)
         k0 = self.token_to_kv_pool.get_key_buffer(0)
         pool_tokens = k0.shape[0]
-        keep = summary_layers(self.plan)   # the layers budgeted by cell_size_with_summaries
+        keep = summary_layers(self.plan, self.max_context)   # the layers budgeted by cell_size_with_summaries
+        # a layer stock in both phases in every bucket this server can meet never takes the kernel path
+        never = self.stock_everywhere["prefill"] & self.stock_everywhere["decode"]
         page_size = getattr(model_runner, "page_size", None) or getattr(model_runner.server_args, "page_size", None)
         if any(LayerHeads.of(b).selected for li, b in self.layer_decode_budgets.items() if li in keep):
             check_summary_page_size(page_size)
         # decode reads one slot per 64-slot pool page (--page-size 64), else one per token
         pool_page = SUMMARY_PAGE_SIZE if int(page_size or 1) == SUMMARY_PAGE_SIZE else 1
         for li, budgets in self.layer_budgets.items():
-            if sparse_heads(budgets):
+            if sparse_heads(budgets) and li not in never:
                 self.kernels[li] = LayerKernels(budgets, hkv, mc.head_dim, self.max_context, k0.dtype, self.device,
                                                 pool_tokens=pool_tokens, decode=li in keep, pool_page_size=pool_page,
                                                 request_slots=self.req_to_token_pool.req_to_token.shape[0],
@@ -292,7 +307,7 @@ class ShplbAttnBackend(AttentionBackend):
         CUDA graph (shared by every bucket) they take the kernel path with a route flag per layer, written per
         batch from the bucket (:attr:`LayerKernels.route`; dense on the same launches where the plan marks the
         layer stock)."""
-        routed = routed_layers(self.stock_layers["decode"], self.kernels)
+        routed = routed_layers([self.stock_layers["decode"][b] for b in self.reachable], self.kernels)
         if not routed:
             return
         table = torch.zeros(len(self.stock_layers["decode"]), self.plan.model.num_layers, dtype=torch.int32)

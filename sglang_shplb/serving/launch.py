@@ -96,7 +96,7 @@ def page_size_args(plan, args: argparse.Namespace, argv: list[str]) -> list[str]
     ``--page-size`` is given; ``[]`` when none is needed or 64 is given. Raises ``ShplbPageSizeError``
     (naming the flag) for another page size."""
     from sglang_shplb.serving.backend import SUMMARY_PAGE_SIZE, check_summary_page_size, summary_layers
-    if plan is None or not summary_layers(plan):
+    if plan is None or not summary_layers(plan, getattr(args, "context_length", None) or plan.model.max_context):
         return []
     device = getattr(args, "device", None)
     if device is None:
