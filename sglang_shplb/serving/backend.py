@@ -217,7 +217,7 @@ class ShplbAttnBackend(AttentionBackend):
         logger.info("shplb backend: %d of %d rank-local heads sparse (plan %s), TP rank %d/%d; all-dense layers "
                     "on %s, layers with sparse heads on the %s path", n_sparse, n_all,
                     self.cfg.plan_path or "none: dense fallback", self.tp_rank, self.tp_size,
-                    self.dense_backend_name, "kernel" if self.kernels else "reference")
+                    self.dense_backend_name, "kernel" if str(self.device).startswith("cuda") else "reference")
         self.stats = {"extend_layers_sparse": 0, "decode_layers_sparse": 0, "extend_layers_head_parallel": 0,
                       "extend_layers_stock": 0, "decode_layers_stock": 0}
         if self.plan is not None and self.plan.stock is not None:
