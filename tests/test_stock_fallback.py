@@ -428,8 +428,10 @@ def test_one_set_of_marks_holds_at_every_tp_size_the_plan_is_placed_for(tmp_path
     assert (both.stock >= tp1.stock).all()                                   # TP 8 only adds marks
     rows = sparse_vs_stock(both, COST, opts)
     assert [r["n_stock"] for r in rows] == [int(both.stock[PHASES.index(r["phase"]), r["bucket"]].sum()) for r in rows]
-    assert np.array_equal(decide_stock(both.model, both.budgets, both.buckets, COST, opts, both.placements).stock,
-                          both.stock)
+    from sglang_shplb.planning.place import decide_stock_at_tps
+    assert np.array_equal(decide_stock_at_tps(both.model, both.budgets, both.buckets, COST, opts,
+                                              both.placements).stock, both.stock)
+    assert not np.array_equal(decide_stock(both.model, both.budgets, both.buckets, COST, opts).stock, both.stock)
     # decode at TP 8, 128K: rank 0 reads every page of its (dense) KV group, the stock time per rank exactly
     layer = both.budgets[0]
     sp, st = rank_times("decode", layer, 131072, both.model, COST, 8, opts)

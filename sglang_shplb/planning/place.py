@@ -73,7 +73,7 @@ from sglang_shplb.planning.solvers.common import LayerTimes, Profiles, feasible
 from sglang_shplb.planning.solvers.greedy import sglang_kv_heads  # noqa: F401  (re-exported)
 from sglang_shplb.planning.solvers.objective import (assignment_to_layer, layer_times,  # noqa: F401
                                                      piece_load)  # (piece_load re-exported)
-from sglang_shplb.planning.stock_decision import StockOptions, decide_stock
+from sglang_shplb.planning.stock_decision import StockDecision, StockOptions, decide_stock, servable, stock_at_tp
 
 SOLVER_NAMES = tuple(SOLVERS)
 _OPTION_NAMES = ("max_replicated_kv", "allow_split_heads", "equal_heads", "piece_overhead", "time_limit")
@@ -289,6 +289,21 @@ def solve_plan_placements(spec: ModelSpec, budgets: list[list[HeadBudget]], buck
     return out
 
 
+def decide_stock_at_tps(spec: ModelSpec, budgets: list[list[HeadBudget]], buckets: Buckets, cost_model: CostModel,
+                        options: StockOptions, placements: dict[int, list[Placement]]) -> StockDecision:
+    """:func:`~sglang_shplb.planning.stock_decision.decide_stock` (TP 1), plus the marks at every TP size above 1
+    of ``placements`` that SGLang can serve (:func:`~sglang_shplb.planning.stock_decision.stock_at_tp`: prefill
+    from each bucket's placement loads, transfer included): a layer is sparse only where it wins at each."""
+    dec = decide_stock(spec, budgets, buckets, cost_model, options)
+    if not options.enabled:
+        return dec
+    for tp in sorted(t for t in placements if t > 1 and servable(spec, t)):
+        loads = np.stack([evaluate_placement(placements[tp][b], spec, budgets, cost_model, seq_len=n).loads
+                          if n > 0 else np.zeros((spec.num_layers, tp)) for b, n in enumerate(dec.lengths)])
+        dec.stock |= stock_at_tp(spec, budgets, dec.lengths, cost_model, options, tp, loads)
+    return dec
+
+
 def place_budgets(budgets: BudgetsFile, buckets: Buckets, tp_sizes: Sequence[int], cost_model: CostModel,
                   solver: str = "shplb", solve_options: dict | None = None, *,
                   progress: Callable | None = None, stock_options: StockOptions | None = None) -> Plan:
@@ -306,7 +321,7 @@ def place_budgets(budgets: BudgetsFile, buckets: Buckets, tp_sizes: Sequence[int
         placements.update(solve_plan_placements(spec, budgets.budgets, buckets, [tp], cost_model, solver,
                                                 kv_dtype_bytes=2, progress=progress,
                                                 **resolve_solve_opts(solve_options, tp)))
-    decision = decide_stock(spec, budgets.budgets, buckets, cost_model, stock_options, placements)
+    decision = decide_stock_at_tps(spec, budgets.budgets, buckets, cost_model, stock_options, placements)
     meta = {"created": time.strftime("%Y-%m-%d %H:%M:%S"), "budget_mode": budgets.mode, "tau": budgets.tau,
             "ref_len": budgets.ref_len, "solver": solver, "solve_s": time.perf_counter() - t0,
             "cost_model": cost_model.to_dict(), "solve_options": solve_options,

@@ -70,9 +70,11 @@ and the fixed per-layer costs (``prefill_layer_overhead_s``, ``decode_layer_over
 ``t`` (TP sizes SGLang cannot serve the model at, :func:`~sglang_shplb.core.head_map.check_tp`, are left out):
 prefill at the plan's placement for (``t``, bucket) (the solver's per-rank loads, moved work and its
 transfer included: :func:`~sglang_shplb.planning.place.evaluate_placement`), decode at home (SGLang's
-contiguous slicing; decode never moves work), the pages of each rank's own heads. A plan placed for TP 1 only
-is decided exactly as before; ``bench/decode_balance.py`` shows why this matters for decode (at batch 4 the
-mixed Llama-3-8B plan decodes 1.9x faster than dense at TP 1 and 128K but 0.72x / 0.45x at TP 4 / 8).
+contiguous slicing; decode never moves work), the pages of each rank's own heads
+(:func:`stock_at_tp`; :func:`~sglang_shplb.planning.place.decide_stock_at_tps` adds its marks to
+:func:`decide_stock`'s). A plan placed for TP 1 only is decided as before; ``bench/decode_balance.py`` shows
+why this matters for decode (at batch 4 the mixed Llama-3-8B plan decodes 1.9x faster than dense at TP 1 and
+128K but 0.72x / 0.45x at TP 4 / 8). The report's times are TP 1's.
 
 The report's table: :func:`sparse_vs_stock` (per bucket and phase: predicted sparse time, stock time, the
 layers marked stock, and the time of the plan as served).
@@ -86,6 +88,7 @@ from typing import Sequence
 import numpy as np
 
 from sglang_shplb.core.buckets import Buckets
+from sglang_shplb.core.head_map import HeadMapError, check_tp, rank_heads
 from sglang_shplb.core.model_spec import ModelSpec
 from sglang_shplb.core.patterns import BLOCK, HeadBudget, Pattern, decode_budgets
 from sglang_shplb.core.plan import PHASES, Plan
@@ -202,7 +205,6 @@ def rank_times(phase: str, budgets: Sequence[HeadBudget], seq_len: int, spec: Mo
         if prefill_rank_s is None or len(prefill_rank_s) != tp:
             raise ValueError(f"prefill at TP {tp} needs the placement's {tp} per-rank loads")
         return max(prefill_rank_s) + options.prefill_layer_overhead_s, stock1 / tp
-    from sglang_shplb.core.head_map import rank_heads
     npages, gs = math.ceil(seq_len / BLOCK), spec.group_size
     per_page = options.decode_batch * BLOCK * spec.head_dim * 2 * options.kv_dtype_bytes / options.hbm_bytes_per_s
     at_decode = decode_budgets(budgets)
@@ -233,12 +235,11 @@ class StockDecision:
 
 
 def decide_stock(spec: ModelSpec, budgets: Sequence[Sequence[HeadBudget]], buckets: Buckets, cost_model: CostModel,
-                 options: StockOptions = StockOptions(), placements: dict | None = None) -> StockDecision:
-    """Every (phase, bucket, layer): :func:`layer_times` then :func:`choose_stock`; with ``placements`` (the plan's,
-    ``{tp: [Placement per bucket]}``) also at every TP size above 1 (:func:`rank_times`), a layer stock where it
-    is stock at any of them. Pure. The times given are TP 1's. With ``options.enabled`` False nothing is marked
-    stock (the times are still given) but the phases of ``options.stock_phases``, which are stock in every
-    bucket and layer."""
+                 options: StockOptions = StockOptions()) -> StockDecision:
+    """Every (phase, bucket, layer) at TP 1: :func:`layer_times` then :func:`choose_stock`. Pure. With
+    ``options.enabled`` False nothing is marked stock (the times are still given) but the phases of
+    ``options.stock_phases``, which are stock in every bucket and layer. The marks at the plan's other TP sizes
+    (:func:`stock_at_tp`) are added by :func:`~sglang_shplb.planning.place.decide_stock_at_tps`."""
     if len(budgets) != spec.num_layers or any(len(layer) != spec.num_heads for layer in budgets):
         raise ValueError(f"budgets must be {spec.num_layers} layers x {spec.num_heads} heads")
     shape = (len(PHASES), len(buckets), spec.num_layers)
@@ -251,16 +252,12 @@ def decide_stock(spec: ModelSpec, budgets: Sequence[Sequence[HeadBudget]], bucke
                 sp, st = layer_times(phase, layer, n, spec, cost_model, options)
                 sparse_s[p, b, li], stock_s[p, b, li] = sp, st
                 stock[p, b, li] = phase in options.stock_phases or (options.enabled and choose_stock(sp, st, options.margin))
-    if options.enabled:
-        for tp in sorted(t for t in (placements or {}) if t > 1 and _servable(spec, t)):
-            stock |= _stock_at_tp(spec, budgets, lengths, cost_model, options, tp, placements[tp])
     return StockDecision(stock, sparse_s, stock_s, lengths, options)
 
 
-def _servable(spec: ModelSpec, tp: int) -> bool:
+def servable(spec: ModelSpec, tp: int) -> bool:
     """Whether SGLang can serve the model at TP ``tp`` without padding heads (the server refuses the others, so
     their placements, solved for the report, do not constrain the marks)."""
-    from sglang_shplb.core.head_map import HeadMapError, check_tp
     try:
         check_tp(spec.num_heads, spec.num_kv_heads, tp)
     except HeadMapError:
@@ -268,17 +265,17 @@ def _servable(spec: ModelSpec, tp: int) -> bool:
     return True
 
 
-def _stock_at_tp(spec: ModelSpec, budgets, lengths: list[int], cost_model: CostModel, options: StockOptions,
-                 tp: int, placements) -> np.ndarray:
-    """The marks at TP ``tp`` alone (:func:`rank_times`), prefill from the placement of each bucket."""
-    from sglang_shplb.planning.place import evaluate_placement   # place imports this module
+def stock_at_tp(spec: ModelSpec, budgets: Sequence[Sequence[HeadBudget]], lengths: Sequence[int],
+                cost_model: CostModel, options: StockOptions, tp: int, prefill_loads: np.ndarray) -> np.ndarray:
+    """The marks ``[phases, buckets, layers]`` at TP ``tp`` alone (:func:`rank_times`); ``prefill_loads[b, li]``:
+    the per-rank sparse prefill seconds of layer ``li`` under the plan's placement for (``tp``, bucket ``b``)
+    at ``lengths[b]``."""
     stock = np.zeros((len(PHASES), len(lengths), spec.num_layers), dtype=bool)
     for b, n in enumerate(lengths):
-        loads = evaluate_placement(placements[b], spec, [list(x) for x in budgets], cost_model, seq_len=n).loads \
-            if n > 0 else np.zeros((spec.num_layers, tp))
         for li, layer in enumerate(budgets):
             for p, phase in enumerate(PHASES):
-                sp, st = rank_times(phase, layer, n, spec, cost_model, tp, options, loads[li] if phase == "prefill" else None)
+                sp, st = rank_times(phase, layer, n, spec, cost_model, tp, options,
+                                    prefill_loads[b, li] if phase == "prefill" else None)
                 stock[p, b, li] = choose_stock(sp, st, options.margin)
     return stock
 
@@ -295,7 +292,7 @@ def sparse_vs_stock(plan: Plan, cost_model: CostModel | None = None,
     if options is None:
         options = StockOptions.from_dict({k: v for k, v in (plan.meta.get("stock_decision") or {}).items()
                                           if k in StockOptions.__dataclass_fields__})
-    dec = decide_stock(plan.model, plan.budgets, plan.buckets, cost_model, options, plan.placements)
+    dec = decide_stock(plan.model, plan.budgets, plan.buckets, cost_model, options)
     rows = []
     for b in range(len(plan.buckets)):
         for p, phase in enumerate(PHASES):

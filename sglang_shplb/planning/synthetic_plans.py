@@ -12,7 +12,8 @@ from sglang_shplb.core.patterns import HeadBudget
 from sglang_shplb.core.placement_types import LayerPlacement, Piece, Placement
 from sglang_shplb.core.plan import Plan, save_plan
 from sglang_shplb.planning.cost_model import CostModel
-from sglang_shplb.planning.stock_decision import StockOptions, decide_stock
+from sglang_shplb.planning.place import decide_stock_at_tps
+from sglang_shplb.planning.stock_decision import StockOptions
 
 
 def synthetic_plan(model_dir: str | Path, budget: Callable[[int, int, ModelSpec], HeadBudget],
@@ -36,7 +37,7 @@ def synthetic_plan(model_dir: str | Path, budget: Callable[[int, int, ModelSpec]
     marks = None
     if stock is not None:
         cost_model = CostModel.analytic()
-        marks = decide_stock(spec, budgets, buckets, cost_model, stock, placements).stock
+        marks = decide_stock_at_tps(spec, budgets, buckets, cost_model, stock, placements).stock
         meta.update(cost_model=cost_model.to_dict(), stock_decision=stock.to_dict())
     return save_plan(Plan(spec, buckets, budgets, placements, meta, marks), out_dir)
 
