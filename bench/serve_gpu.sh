@@ -7,6 +7,8 @@
 #   again after ours, whose ratios to the first are the noise floor): which servers, in order.
 # decode: bench/decode.py sized for a 131,200-token server (as serve's) against sized for each request.
 # tests: the kernel-path and kernel tests compiled on the GPU (the machine's own pytest).
+# cold: bench/cold_start.py on SmolLM2's all-sparse plan (after smollm2, which writes it): what our kernels add to a
+#   fresh server's start and first requests, with and without the shipped launch configs.
 # routed: the Llama-3-8B shape with a plan whose decode route follows the bucket (the CUDA-graph branches) against
 #   stock FlashInfer, last because it is the one most likely to fail (a failed server is recorded, not fatal).
 set -uo pipefail
@@ -30,7 +32,9 @@ for w in ${what//,/ }; do
         tests/test_triton_select.py tests/test_decode_fused.py tests/test_kernels.py 2>&1 \
         | tee "$OUT/gpu_tests.log" | tail -40 ;;
     routed) python3 bench/serve_gpu.py llama8b --out "$OUT/llama8b_routed" --servers "${ROUTED_SERVERS:-shplb_routed,flashinfer}" ;;
-    *) echo "serve_gpu.sh: unknown mode $w (llama8b, smollm2, serve, decode, tests, routed, all)" >&2; exit 2 ;;
+    cold)   # after smollm2 (its plans): stock vs shplb with every sparse layer on our kernels, empty Triton caches
+      python3 bench/cold_start.py --model /tmp/smollm2 --plan "$OUT/smollm2/plan_shplb_sparse" --out "$OUT/cold_start" ;;
+    *) echo "serve_gpu.sh: unknown mode $w (llama8b, smollm2, serve, decode, tests, routed, cold, all)" >&2; exit 2 ;;
   esac
 done
 exit 0
