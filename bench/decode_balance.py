@@ -7,9 +7,9 @@ Decode stays on SGLang's home slicing: rank ``r`` of TP ``t`` holds the contiguo
 replicates KV heads and is skipped). A dense KV group reads every page while a streaming one reads its sink +
 window, so ranks read different numbers of pages, and per layer the step waits for the slowest rank.
 
-Model: :func:`~sglang_shplb.planning.stock_decision.layer_times` (``phase="decode"``) applied to one rank's
-heads, with :func:`~sglang_shplb.planning.stock_decision.group_pages` over the
-:func:`~sglang_shplb.core.patterns.decode_budgets`. A bucket is judged at its upper edge ``L``
+Model: :func:`~sglang_shplb.planning.stock_decision.rank_decode_times` (the decode model of
+:func:`~sglang_shplb.planning.stock_decision.layer_times` on one rank's heads, pages by ``group_pages`` over the
+:func:`~sglang_shplb.core.patterns.decode_budgets`). A bucket is judged at its upper edge ``L``
 (``npages = ceil(L / 64)``). Per rank of a layer::
 
     sparse = decode_base_s + decode_layer_overhead_s + pages_r * per_page
@@ -61,12 +61,11 @@ HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE.parent), str(HERE)]
 
 from sglang_shplb.core.buckets import Buckets  # noqa: E402
-from sglang_shplb.core.head_map import rank_heads  # noqa: E402
 from sglang_shplb.core.model_spec import ModelSpec  # noqa: E402
-from sglang_shplb.core.patterns import BLOCK, HeadBudget, decode_budgets  # noqa: E402
+from sglang_shplb.core.patterns import BLOCK, HeadBudget  # noqa: E402
 from sglang_shplb.core.plan import load_plan  # noqa: E402
 from sglang_shplb.planning.cost_model import CostModel  # noqa: E402
-from sglang_shplb.planning.stock_decision import StockOptions, decide_stock, group_pages, layer_times  # noqa: E402
+from sglang_shplb.planning.stock_decision import StockOptions, decide_stock, rank_decode_times  # noqa: E402
 
 Budgets = Sequence[Sequence[HeadBudget]]
 
@@ -103,18 +102,6 @@ class PlanInput:
     tp_sizes: tuple[int, ...]
 
 
-def rank_times(layer: Sequence[HeadBudget], seq_len: int, spec: ModelSpec, tp: int,
-               options: StockOptions) -> list[tuple[float, float, int]]:
-    """Per rank of one layer: ``(sparse_s, dense_s, pages)`` of its home heads (whole KV groups)."""
-    npages, gs, out = math.ceil(seq_len / BLOCK), spec.group_size, []
-    for r in range(tp):
-        heads = [layer[h] for h in rank_heads(spec.num_heads, tp, r)]
-        sparse, dense = layer_times("decode", heads, seq_len, spec, None, options)  # decode ignores the cost model
-        at_decode = decode_budgets(heads)
-        out.append((sparse, dense, sum(group_pages(at_decode[i:i + gs], npages) for i in range(0, len(heads), gs))))
-    return out
-
-
 def decode_balance(plan_budgets: Budgets, spec: ModelSpec, buckets: Buckets,
                    stock_layers_by_bucket: Sequence[Collection[int]], tp: int,
                    options: StockOptions = StockOptions()) -> list[Row]:
@@ -124,7 +111,7 @@ def decode_balance(plan_budgets: Budgets, spec: ModelSpec, buckets: Buckets,
     rows = []
     for b in range(len(buckets)):
         L, stock = buckets.upper(b), stock_layers_by_bucket[b]
-        per_layer = [rank_times(layer, L, spec, tp, options) for layer in plan_budgets]
+        per_layer = [rank_decode_times(layer, L, spec, tp, options) for layer in plan_budgets]
         sp = [[x[0] for x in ranks] for ranks in per_layer]
         pages = [[x[2] for x in ranks] for ranks in per_layer]
         dense = [max(x[1] for x in ranks) for ranks in per_layer]   # dense is balanced: every rank the same

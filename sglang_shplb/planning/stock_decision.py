@@ -179,17 +179,36 @@ def layer_times(phase: str, budgets: Sequence[HeadBudget], seq_len: int, spec: M
         stock = float(cost_model.layer_costs([_DENSE] * len(budgets), seq_len, spec.head_dim,
                                              spec.group_size).sum())
         return sparse + options.prefill_layer_overhead_s, stock
-    npages = math.ceil(seq_len / BLOCK)
     gs = spec.group_size
     if len(budgets) % gs:
         raise ValueError(f"{len(budgets)} heads do not make whole KV groups of {gs}")
     at_decode = decode_budgets(budgets)
-    groups = [at_decode[i:i + gs] for i in range(0, len(budgets), gs)]
-    per_page = options.decode_batch * BLOCK * spec.head_dim * 2 * options.kv_dtype_bytes / options.hbm_bytes_per_s
-    stock = options.decode_base_s + len(groups) * npages * per_page
-    sparse = (options.decode_base_s + options.decode_layer_overhead_s
-              + sum(group_pages(g, npages) for g in groups) * per_page)
+    sparse, stock, _ = decode_group_times([at_decode[i:i + gs] for i in range(0, len(budgets), gs)],
+                                          math.ceil(seq_len / BLOCK), spec, options)
     return sparse, stock
+
+
+def decode_group_times(groups: Sequence[Sequence[HeadBudget]], npages: int, spec: ModelSpec,
+                       options: StockOptions) -> tuple[float, float, int]:
+    """``(sparse_s, stock_s, pages)`` of one decode step over ``groups`` (per KV head, the decode budgets of its
+    query heads here) at ``npages`` pages (module docstring): pages read sparse by :func:`group_pages`."""
+    per_page = options.decode_batch * BLOCK * spec.head_dim * 2 * options.kv_dtype_bytes / options.hbm_bytes_per_s
+    pages = sum(group_pages(g, npages) for g in groups)
+    stock = options.decode_base_s + len(groups) * npages * per_page
+    return options.decode_base_s + options.decode_layer_overhead_s + pages * per_page, stock, pages
+
+
+def rank_decode_times(budgets: Sequence[HeadBudget], seq_len: int, spec: ModelSpec, tp: int,
+                      options: StockOptions = StockOptions()) -> list[tuple[float, float, int]]:
+    """Per rank of TP ``tp``, :func:`decode_group_times` of one layer's home heads (SGLang's contiguous slice;
+    a rank holding part of a replicated KV group reads that group for its own heads)."""
+    gs, at_decode, out = spec.group_size, decode_budgets(budgets), []
+    for r in range(tp):
+        groups: dict[int, list[HeadBudget]] = {}
+        for h in rank_heads(spec.num_heads, tp, r):
+            groups.setdefault(h // gs, []).append(at_decode[h])
+        out.append(decode_group_times(list(groups.values()), math.ceil(seq_len / BLOCK), spec, options))
+    return out
 
 
 def rank_times(phase: str, budgets: Sequence[HeadBudget], seq_len: int, spec: ModelSpec, cost_model: CostModel,
@@ -198,25 +217,15 @@ def rank_times(phase: str, budgets: Sequence[HeadBudget], seq_len: int, spec: Mo
     """``(sparse_s, stock_s)`` of one layer at TP ``tp`` (module docstring): the slowest rank's sparse time and a
     rank's stock time. Prefill takes the per-rank sparse loads of the plan's placement (``prefill_rank_s``,
     seconds, without the fixed overhead, which is added); decode the home heads of each rank."""
-    _, stock1 = layer_times(phase, budgets, seq_len, spec, cost_model, options)
     if seq_len <= 0:
         return 0.0, 0.0
     if phase == "prefill":
         if prefill_rank_s is None or len(prefill_rank_s) != tp:
             raise ValueError(f"prefill at TP {tp} needs the placement's {tp} per-rank loads")
+        _, stock1 = layer_times(phase, budgets, seq_len, spec, cost_model, options)
         return max(prefill_rank_s) + options.prefill_layer_overhead_s, stock1 / tp
-    npages, gs = math.ceil(seq_len / BLOCK), spec.group_size
-    per_page = options.decode_batch * BLOCK * spec.head_dim * 2 * options.kv_dtype_bytes / options.hbm_bytes_per_s
-    at_decode = decode_budgets(budgets)
-    sparse, stock = 0.0, 0.0
-    for r in range(tp):
-        groups: dict[int, list[HeadBudget]] = {}
-        for h in rank_heads(spec.num_heads, tp, r):
-            groups.setdefault(h // gs, []).append(at_decode[h])
-        pages = sum(group_pages(g, npages) for g in groups.values())
-        sparse = max(sparse, options.decode_base_s + options.decode_layer_overhead_s + pages * per_page)
-        stock = max(stock, options.decode_base_s + len(groups) * npages * per_page)
-    return sparse, stock
+    ranks = rank_decode_times(budgets, seq_len, spec, tp, options)
+    return max(x[0] for x in ranks), max(x[1] for x in ranks)
 
 
 @dataclass
