@@ -192,6 +192,9 @@ def main() -> None:
     ap.add_argument("--batches", default="1,4,16")
     ap.add_argument("--max-batch-tokens", type=int, default=262144)
     ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--context-length", type=int, default=None,
+                    help="llama8b: the servers' context (default: the longest prompt + 2 x new tokens); short prompts "
+                         "with the full grid's context measure the stock buckets of the server the full grid runs")
     ap.add_argument("--servers", default="flashinfer,shplb_sparse,shplb")
     ap.add_argument("--repeats", type=int, default=None,
                     help="measured passes per server (medians per cell); default 1 for llama8b, 5 for smollm2, "
@@ -220,7 +223,7 @@ def main() -> None:
     if a.which == "llama8b":
         model = out / "llama8b_cfg"
         model.mkdir(exist_ok=True)
-        ctx = max(lengths) + 2 * a.new_tokens
+        ctx = a.context_length or max(lengths) + 2 * a.new_tokens
         (model / "config.json").write_text(json.dumps({**LLAMA8B, "max_position_embeddings": ctx}))
         for f in Path(a.model).iterdir():
             if f.name.startswith(("tokenizer", "special_tokens", "chat_template")):

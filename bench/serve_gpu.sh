@@ -3,11 +3,12 @@
 # SmolLM2 in /tmp/smollm2). Installs this package offline into /tmp/site, then runs bench/serve_gpu.py.
 #   bash bench/serve_gpu.sh MODE[,MODE...]   (llama8b, smollm2, serve = both, decode, tests, routed; all = serve,decode,tests,routed)
 # serve: the Llama-3-8B shape then SmolLM2, each against stock FlashInfer (bench/serve_gpu.py's grid).
-#   LLAMA_SERVERS (default shplb,flashinfer), SMOL_SERVERS (default flashinfer,shplb,flashinfer#2: the stock server
+#   LLAMA_SERVERS (default shplb,flashinfer), LLAMA_FLAGS (more bench/serve_gpu.py flags, e.g. "--lengths 2048,4096
+#   --context-length 131200 --repeats 3"), SMOL_SERVERS (default flashinfer,shplb,flashinfer#2: the stock server
 #   again after ours, whose ratios to the first are the noise floor): which servers, in order.
 # decode: bench/decode.py sized for a 131,200-token server (as serve's) against sized for each request.
 # tests: the kernel-path and kernel tests compiled on the GPU (the machine's own pytest).
-# cold: bench/cold_start.py on SmolLM2's all-sparse plan (after smollm2, which writes it): what our kernels add to a
+# cold: bench/cold_start.py on SmolLM2's all-sparse plan (after smollm2, which writes it; or COLD_PLAN): what our kernels add to a
 #   fresh server's start and first requests, with and without the shipped launch configs.
 # routed: the Llama-3-8B shape with a plan whose decode route follows the bucket (the CUDA-graph branches) against
 #   stock FlashInfer, last because it is the one most likely to fail (a failed server is recorded, not fatal).
@@ -22,7 +23,8 @@ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 what=${1:-serve}; what=${what//all/serve,decode,tests,routed}; what=${what//serve/llama8b,smollm2}
 for w in ${what//,/ }; do
   case "$w" in
-    llama8b) python3 bench/serve_gpu.py llama8b --out "$OUT/llama8b" --servers "${LLAMA_SERVERS:-shplb,flashinfer}" ;;
+    llama8b) python3 bench/serve_gpu.py llama8b --out "$OUT/llama8b" --servers "${LLAMA_SERVERS:-shplb,flashinfer}" \
+               ${LLAMA_FLAGS:-} ;;
     smollm2) python3 bench/serve_gpu.py smollm2 --out "$OUT/smollm2" --servers "${SMOL_SERVERS:-flashinfer,shplb,flashinfer#2}" ;;
     decode)
       python3 bench/decode.py --ctx 32768,65536 --batch 1,4 --server-ctx 131200 --budget-s 90 --out "$OUT/decode_server_ctx"
@@ -33,7 +35,8 @@ for w in ${what//,/ }; do
         | tee "$OUT/gpu_tests.log" | tail -40 ;;
     routed) python3 bench/serve_gpu.py llama8b --out "$OUT/llama8b_routed" --servers "${ROUTED_SERVERS:-shplb_routed,flashinfer}" ;;
     cold)   # after smollm2 (its plans): stock vs shplb with every sparse layer on our kernels, empty Triton caches
-      python3 bench/cold_start.py --model /tmp/smollm2 --plan "$OUT/smollm2/plan_shplb_sparse" --out "$OUT/cold_start" ;;
+      python3 bench/cold_start.py --model /tmp/smollm2 --plan "${COLD_PLAN:-$OUT/smollm2/plan_shplb_sparse}" \
+        --out "$OUT/cold_start" ;;
     *) echo "serve_gpu.sh: unknown mode $w (llama8b, smollm2, serve, decode, tests, routed, cold, all)" >&2; exit 2 ;;
   esac
 done

@@ -211,6 +211,7 @@ class ShplbAttnBackend(AttentionBackend):
         self.decode_ws: DecodeWorkspace | None = None
         self.extend_batch: ExtendBatch | None = None
         self.route_by_bucket: torch.Tensor | None = None
+        self.kernel_extend_buckets: frozenset[int] = frozenset()
         if str(self.device).startswith("cuda"):
             self._init_kernel_path(model_runner)
             self._init_decode_routes()
@@ -280,6 +281,10 @@ class ShplbAttnBackend(AttentionBackend):
                                                 request_slots=self.req_to_token_pool.req_to_token.shape[0],
                                                 reselect_every=self.cfg.decode_reselect_every,
                                                 decode_budgets=self.layer_decode_budgets[li])
+        # buckets whose extend batches reach a kernel (a sparse layer, or summaries rebuilt after a stock one)
+        self.kernel_extend_buckets = frozenset(
+            b for b in range(len(self.stock_layers["prefill"]))
+            if (self.kernels.keys() - self.stock_layers["prefill"][b]) or (self.kernels.keys() & self.summarized_layers))
         if self.kernels:
             max_sel = max(layer_max_selected(lk.decode_budgets, self.max_context) for lk in self.kernels.values())
             hq = len(next(iter(self.kernels.values())).budgets)
@@ -337,7 +342,7 @@ class ShplbAttnBackend(AttentionBackend):
             seq_lens = forward_batch.seq_lens_cpu.tolist()
             if not self.kernels and self.selections.kept:   # the slots this batch (re)fills
                 self.selections.forget(forward_batch.req_pool_indices.tolist())
-            if self.kernels:
+            if self.current_bucket in self.kernel_extend_buckets:
                 self.extend_batch = ExtendBatch.build(
                     self.req_to_token_pool.req_to_token, forward_batch.req_pool_indices,
                     forward_batch.extend_seq_lens_cpu, seq_lens)
