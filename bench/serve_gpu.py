@@ -46,6 +46,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
+from sglang_shplb.core.plan import load_plan  # noqa: E402
 from sglang_shplb.evaluation.servers import Server, server_specs  # noqa: E402
 from sglang_shplb.planning.calibration_data import passkey_prompt  # noqa: E402
 
@@ -99,11 +100,9 @@ def run_cell(server: Server, prompts: list[list[int]], new_tokens: int) -> dict:
             "tokens": [g.output_tokens for g in gens], "texts": [g.text[:120] for g in gens]}
 
 
-def stock_layers_by_phase(plan_dir: Path, prompt_tokens: int, new_tokens: int) -> dict[str, int]:
+def stock_layers_by_phase(plan, prompt_tokens: int, new_tokens: int) -> dict[str, int]:
     """How many layers the plan runs on the stock backend for a prompt of ``prompt_tokens``: in prefill (the
     prompt's bucket) and in decode (the bucket of its last token), so a table says which route a cell measured."""
-    from sglang_shplb.core.plan import load_plan
-    plan = load_plan(plan_dir)
     return {"prefill": len(plan.stock_layers("prefill", plan.buckets.index(prompt_tokens))),
             "decode": len(plan.stock_layers("decode", plan.buckets.index(prompt_tokens + new_tokens))),
             "layers": plan.model.num_layers}
@@ -126,6 +125,7 @@ def serve_grid(name: str, spec, grid: dict, new_tokens: int, out: Path, plan_dir
     the medians, :func:`median_cell`). Errors are recorded, not raised. ``plan_dir`` (shplb servers): each cell
     records its stock layers per phase (:func:`stock_layers_by_phase`)."""
     res = {"server": name, "cmd": " ".join(spec.command(0)), "cells": []}
+    plan = load_plan(plan_dir) if plan_dir is not None else None
     t0 = time.time()
     try:
         with Server(spec, out / f"server_{name.replace('#', '_')}.log", timeout_s=900) as s:
@@ -136,8 +136,8 @@ def serve_grid(name: str, spec, grid: dict, new_tokens: int, out: Path, plan_dir
             for (n, b), c in grid.items():
                 cell = {"length": n, "batch": b, "prompt_tokens": len(c["prompts"][0]), "first_ttft_s": warm[(n, b)],
                         **median_cell([p[(n, b)] for p in passes])}
-                if plan_dir is not None:
-                    cell["stock_layers"] = stock_layers_by_phase(plan_dir, n, new_tokens)
+                if plan is not None:
+                    cell["stock_layers"] = stock_layers_by_phase(plan, n, new_tokens)
                 if c["keys"]:
                     cell["passkey_found"] = [str(k) in t for k, t in zip(c["keys"], cell["texts"])]
                 res["cells"].append(cell)

@@ -239,7 +239,7 @@ def test_summary_bytes_are_counted_in_the_cell_size(monkeypatch):
     import sglang.srt.runtime_context as rc
     plan = _plan()
     assert be_mod.summary_layers(plan) == frozenset({0, 2, 3})
-    assert be_mod.summary_cell_bytes(plan, 3, 64, torch.bfloat16) == 3 * 12      # 2 x 3 x 64 x 2 B / 64 per layer
+    assert be_mod.summary_cell_bytes(be_mod.summary_layers(plan), 3, 64, torch.bfloat16) == 3 * 12      # 2 x 3 x 64 x 2 B / 64 per layer
     monkeypatch.setattr(plan_mod, "load_plan", lambda path, *a, **k: plan)
     monkeypatch.setattr(rc, "get_parallel", lambda: types.SimpleNamespace(attn_tp_size=1))
     monkeypatch.setenv("SHPLB_PLAN", "/some/plan")
@@ -262,7 +262,7 @@ def test_streaming_heads_below_the_decode_floor_keep_summaries(monkeypatch):
     from sglang_shplb.serving import backend as be_mod
     plan = _plan(stream=HeadBudget.streaming(64, 128))
     assert be_mod.summary_layers(plan) == frozenset({0, 1, 2, 3})
-    assert be_mod.summary_cell_bytes(plan, 3, 64, torch.bfloat16) == 4 * 12
+    assert be_mod.summary_cell_bytes(be_mod.summary_layers(plan), 3, 64, torch.bfloat16) == 4 * 12
     be = _backend_with_kernels(monkeypatch, plan, 5, 64 * 100 + 64)
     lk = be.kernels[1]
     assert lk.kmin is not None and lk.heads.streaming == (0, 1, 2) and lk.decode_heads.selected == (0, 1, 2)
@@ -339,7 +339,7 @@ def test_buckets_above_the_servers_context_do_not_count(monkeypatch):
     assert list(plan.reachable_buckets(4096)) == [0] and list(plan.reachable_buckets(4097)) == [0, 1]
     assert list(plan.reachable_buckets(None)) == [0, 1]
     assert be_mod.summary_layers(plan, 4096) == frozenset() and be_mod.summary_layers(plan, 8192) == {0, 2, 3}
-    assert be_mod.summary_cell_bytes(plan, 3, 64, torch.bfloat16, 4096) == 0
+    assert be_mod.summary_cell_bytes(be_mod.summary_layers(plan, 4096), 3, 64, torch.bfloat16) == 0
     full = _backend_with_kernels(monkeypatch, plan, 5, 64 * 40)
     assert full.graph_decode_stock == frozenset() and set(full.kernels) == {0, 1, 2, 3}
     short = _backend_with_kernels(monkeypatch, plan, 5, 64 * 40, page_size=1, max_context=4096)   # no page check

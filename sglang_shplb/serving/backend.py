@@ -93,11 +93,10 @@ def summary_layers(plan, max_context: int | None = None) -> frozenset[int]:
     return frozenset(sel) - plan.stock_everywhere("decode", max_context)
 
 
-def summary_cell_bytes(plan, num_kv_heads: int, head_dim: int, kv_dtype: torch.dtype,
-                       max_context: int | None = None) -> int:
-    """Decode page-summary bytes per pool token on one rank (all layers): added to SGLang's cell size."""
-    return math.ceil(len(summary_layers(plan, max_context))
-                     * page_summary_bytes_per_token(num_kv_heads, head_dim, kv_dtype))
+def summary_cell_bytes(layers: frozenset[int], num_kv_heads: int, head_dim: int, kv_dtype: torch.dtype) -> int:
+    """Decode page-summary bytes per pool token on one rank for ``layers`` (:func:`summary_layers`): added to
+    SGLang's cell size."""
+    return math.ceil(len(layers) * page_summary_bytes_per_token(num_kv_heads, head_dim, kv_dtype))
 
 
 def _serves_shplb(server_args) -> bool:
@@ -118,11 +117,12 @@ def cell_size_with_summaries(result, configurator, kvc, num_layers, *args, **kwa
     from sglang_shplb.core.plan import load_plan
     plan = load_plan(cfg.plan_path)
     mc = kvc.model_config
-    extra = summary_cell_bytes(plan, mc.get_num_kv_heads(get_parallel().attn_tp_size), mc.head_dim,
-                               kvc.kv_cache_dtype, int(mc.context_len))
+    layers = summary_layers(plan, int(mc.context_len))
+    extra = summary_cell_bytes(layers, mc.get_num_kv_heads(get_parallel().attn_tp_size), mc.head_dim,
+                               kvc.kv_cache_dtype)
     if extra:
         logger.info("shplb: KV cell size %d + %d bytes per token for the decode page summaries of %d layers",
-                    result, extra, len(summary_layers(plan, int(mc.context_len))))
+                    result, extra, len(layers))
     return result + extra if extra else None
 
 
@@ -238,8 +238,8 @@ class ShplbAttnBackend(AttentionBackend):
         self.stock_layers = {ph: [self.plan.stock_layers(ph, b) if self.plan is not None else frozenset()
                                   for b in range(nb)] for ph in ("prefill", "decode")}
         self.reachable = self.plan.reachable_buckets(self.max_context) if self.plan is not None else range(1)
-        self.stock_everywhere = {ph: always_stock([self.stock_layers[ph][b] for b in self.reachable])
-                                 for ph in ("prefill", "decode")}
+        self.stock_everywhere = {ph: self.plan.stock_everywhere(ph, self.max_context) if self.plan is not None
+                                 else frozenset() for ph in ("prefill", "decode")}
         self.graph_decode_stock = self.stock_everywhere["decode"]
         self.summarized_layers = frozenset(range(self.plan.model.num_layers) if self.plan is not None else ()) \
             - self.graph_decode_stock
