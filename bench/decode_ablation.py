@@ -13,6 +13,8 @@ Variants (prefill always follows the plan):
 * ``sel_dense``: top-k / vertical-slash heads dense at decode, the rest as the plan;
 * ``stream_quest16``: every streaming head picks 16 pages at decode by Quest scores (page 0 and the current one
   forced), like a top-k head at its decode floor, instead of its sink + window, whatever its window;
+* ``stream_questw``: every streaming head picks as many pages by Quest scores as its sinks and decode window
+  hold (at least 16; page 0 and the current one forced): the window's token budget, placed by content;
 * ``floor32``: the plan with ``DECODE_MIN_PAGES`` 32 instead of 16;
 * ``sparse_everyN``: the plan's decode rule with page selections kept for ``N`` steps (``sparse`` keeps them for
   ``DECODE_RESELECT_EVERY``, the server's default; ``sparse_every1`` selects at every step).
@@ -50,6 +52,8 @@ def decode_budgets(variant: str, plan: list[list[HeadBudget]]) -> list[list[Head
             "stream_dense": lambda h: DENSE if h.pattern is Pattern.STREAMING else h,
             "sel_dense": lambda h: DENSE if h.pattern in (Pattern.TOPK, Pattern.VSLASH) else at_decode(h),
             "stream_quest16": lambda h: patterns.STREAMING_AT_DECODE if h.pattern is Pattern.STREAMING else h,
+            "stream_questw": lambda h: HeadBudget.topk(1 / 1024, min_blocks=h.sink_blocks + h.decode_window_blocks)
+            if h.pattern is Pattern.STREAMING else h,
             }.get(variant, at_decode)
     return [[swap(h) for h in layer] for layer in plan]
 
@@ -62,11 +66,12 @@ def main() -> None:
     ap.add_argument("--per-task", type=int, default=20)
     ap.add_argument("--variants", default="stock,sparse,stream_dense,sel_dense")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--model", default=None, help="checkpoint directory (default: the embedded SmolLM2)")
     ap.add_argument("--out", default=None, help="folder for decode_ablation_<task>_<length>.json")
     a = ap.parse_args()
     plan = load_plan(a.plan)
     prefill = [plan.layer_budgets(layer) for layer in range(plan.model.num_layers)]
-    model, tok = load_model(resolve_model(None), a.device)
+    model, tok = load_model(resolve_model(a.model), a.device)
     prompts = eval_prompts(tok, [a.task], [a.length], a.per_task)
     max_new = TASKS[a.task].max_new_tokens
 

@@ -8,6 +8,7 @@
 #   again after ours, whose ratios to the first are the noise floor): which servers, in order.
 # decode: bench/decode.py sized for a 131,200-token server (as serve's) against sized for each request.
 # tests: the kernel-path and kernel tests compiled on the GPU (the machine's own pytest).
+# ablate: bench/decode_ablation.py on the GPU in bf16 (ABLATE_TASK, default multivalue, at 2K).
 # cold: bench/cold_start.py on SmolLM2's all-sparse plan (after smollm2, which writes it; or COLD_PLAN): what our kernels add to a
 #   fresh server's start and first requests, with and without the shipped launch configs.
 # routed: the Llama-3-8B shape with a plan whose decode route follows the bucket (the CUDA-graph branches) against
@@ -34,10 +35,15 @@ for w in ${what//,/ }; do
         tests/test_triton_select.py tests/test_decode_fused.py tests/test_kernels.py 2>&1 \
         | tee "$OUT/gpu_tests.log" | tail -40 ;;
     routed) python3 bench/serve_gpu.py llama8b --out "$OUT/llama8b_routed" --servers "${ROUTED_SERVERS:-shplb_routed,flashinfer}" ;;
+    ablate)   # which heads' sparse decode loses the multi-value needle in bf16 (in-process, the round-5 plan at 0.30)
+      python3 bench/decode_ablation.py --device cuda --model /tmp/smollm2 \
+        --plan bench/results/eval_h200_round5/plans/refined5_d30 --task "${ABLATE_TASK:-multivalue}" --length 2048 \
+        --per-task 34 --variants stock,sparse,stream_dense,sel_dense,stream_quest16,stream_questw,floor32 \
+        --out "$OUT/decode_ablation" ;;
     cold)   # after smollm2 (its plans): stock vs shplb with every sparse layer on our kernels, empty Triton caches
       python3 bench/cold_start.py --model /tmp/smollm2 --plan "${COLD_PLAN:-$OUT/smollm2/plan_shplb_sparse}" \
         --out "$OUT/cold_start" ;;
-    *) echo "serve_gpu.sh: unknown mode $w (llama8b, smollm2, serve, decode, tests, routed, cold, all)" >&2; exit 2 ;;
+    *) echo "serve_gpu.sh: unknown mode $w (llama8b, smollm2, serve, decode, tests, routed, ablate, cold, all)" >&2; exit 2 ;;
   esac
 done
 exit 0
