@@ -15,7 +15,7 @@ from serving_helpers import model_dir
 from sglang_shplb.cli import build_parser, main
 from sglang_shplb.core.plan import PlanModelMismatchError
 from sglang_shplb.evaluation.corpus import load_corpus
-from sglang_shplb.evaluation.progress import Progress, answer_key
+from sglang_shplb.evaluation.progress import Progress, answer_key, package_digest, software_id
 from sglang_shplb.evaluation.runner import EvalConfig, default_lengths, run_eval
 from sglang_shplb.evaluation.scoring import score
 from sglang_shplb.evaluation.summary import load_eval, paired_interval, plot_accuracy, summarize, summary_lines
@@ -213,6 +213,7 @@ def test_progress_resumes_what_was_answered(tmp_path):
     key = answer_key(["python", "-m", "sglang_shplb.launch_server"], "plan-sha", [1, 2, 3], 12)
     assert key != answer_key(["python", "-m", "sglang_shplb.launch_server"], "other-plan", [1, 2, 3], 12)
     assert key != answer_key(["python", "-m", "sglang_shplb.launch_server"], "plan-sha", [1, 2, 3], 13)
+    assert key != answer_key(["python", "-m", "sglang_shplb.launch_server"], "plan-sha", [1, 2, 3], 12, "sglang 0.5.17")
     p = Progress.open(tmp_path)
     p.add(key, {"answer": " 1234567."})
     with open(p.path, "a") as f:
@@ -245,3 +246,25 @@ def test_server_specs_one_dense_and_a_sparse_server_per_plan(tmp_path):
 def test_two_plans_in_one_folder_are_refused(plan, tmp_path):
     with pytest.raises(ValueError, match="same plan folder"):
         run_eval(EvalConfig(plans=[plan, plan / "plan.json"], model=model_dir(), lengths=[1024], per_task=1))
+
+
+def test_answers_of_changed_code_are_not_resumed(tmp_path):
+    """A sparse server's answers depend on this package's code, which neither the command line nor the plan shows:
+    the key changes with any source or launch-config table under the package, not with caches."""
+    pkg = tmp_path / "pkg"
+    (pkg / "kernels" / "tuned").mkdir(parents=True)
+    (pkg / "patterns.py").write_text("DECODE_MIN_PAGES = 16\n")
+    (pkg / "kernels" / "tuned" / "h200.json").write_text("{}")
+    before = package_digest(pkg)
+    assert package_digest(pkg) == before
+    (pkg / "__pycache__").mkdir()
+    (pkg / "__pycache__" / "patterns.cpython-311.pyc").write_bytes(b"\0")
+    (pkg / "notes.txt").write_text("not code")
+    assert package_digest(pkg) == before
+    (pkg / "patterns.py").write_text("DECODE_MIN_PAGES = 32\n")
+    assert package_digest(pkg) != before
+    (pkg / "patterns.py").write_text("DECODE_MIN_PAGES = 16\n")
+    (pkg / "kernels" / "tuned" / "h200.json").write_text('{"k": 1}')
+    assert package_digest(pkg) != before
+    assert software_id(True).startswith(software_id(False) + ", sglang_shplb ")
+    assert package_digest() in software_id(True)

@@ -2,9 +2,10 @@
 where it stopped when run again.
 
 Each answer is one line of ``eval_progress.jsonl`` in the output folder, under a key that hashes what
-decides it: the server's command line, for the sparse server the plan file's contents, the prompt's
-tokens and the answer length. A run reuses the answers whose key it would ask for and removes the
-file once ``eval.json`` is written.
+decides it: the server's command line, the SGLang release, for the sparse server the plan file's contents and
+this package's code (:func:`package_digest`: a changed decode rule changes answers that neither the command
+line nor the plan shows), the prompt's tokens and the answer length. A run reuses the answers whose key it
+would ask for and removes the file once ``eval.json`` is written.
 """
 from __future__ import annotations
 
@@ -16,8 +17,30 @@ from pathlib import Path
 PROGRESS_NAME = "eval_progress.jsonl"
 
 
-def answer_key(command: list[str], plan_digest: str | None, input_ids: list[int], max_new_tokens: int) -> str:
-    return hashlib.sha256(json.dumps([command, plan_digest, input_ids, max_new_tokens]).encode()).hexdigest()
+def answer_key(command: list[str], plan_digest: str | None, input_ids: list[int], max_new_tokens: int,
+               software: str | None = None) -> str:
+    """The key of one answer; ``software``: what else decides it (:func:`software_id`)."""
+    return hashlib.sha256(json.dumps([command, plan_digest, input_ids, max_new_tokens, software]).encode()).hexdigest()
+
+
+def package_digest(root: Path | None = None) -> str:
+    """sha256 over the Python sources and JSON tables (the shipped launch configs) under ``root`` (default: this
+    package), path by path."""
+    root = Path(root) if root is not None else Path(__file__).resolve().parents[1]
+    h = hashlib.sha256()
+    for f in sorted(x for x in root.rglob("*") if x.suffix in (".py", ".json") and "__pycache__" not in x.parts):
+        h.update(str(f.relative_to(root)).encode() + b"\0" + f.read_bytes() + b"\0")
+    return h.hexdigest()
+
+
+def software_id(with_package: bool) -> str:
+    """The SGLang release a server runs, and for a ``shplb`` server this package's code (:func:`package_digest`)."""
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        sglang = version("sglang")
+    except PackageNotFoundError:
+        sglang = "none"
+    return f"sglang {sglang}" + (f", sglang_shplb {package_digest()}" if with_package else "")
 
 
 @dataclass

@@ -22,7 +22,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from sglang_shplb.core.plan import JSON_NAME, load_plan
-from sglang_shplb.evaluation.progress import Progress, answer_key
+from sglang_shplb.evaluation.progress import Progress, answer_key, software_id
 from sglang_shplb.evaluation.scoring import score
 from sglang_shplb.evaluation.servers import DENSE_BACKEND, DTYPE, Server, ServerSpec, server_specs
 from sglang_shplb.evaluation.summary import PLOT_NAME, plot_accuracy, save_eval, summary_doc, summary_lines
@@ -174,7 +174,8 @@ def run_eval(cfg: EvalConfig, log=print) -> list[Path]:
 
     def keys(spec: ServerSpec, plan_file: Path | None) -> list[str]:
         digest = None if plan_file is None else hashlib.sha256(plan_file.read_bytes()).hexdigest()  # holds arrays' sha256
-        return [answer_key(spec.command(0), digest, p.input_ids, _max_new(p, cfg)) for p in prompts]
+        software = software_id(with_package=plan_file is not None)
+        return [answer_key(spec.command(0), digest, p.input_ids, _max_new(p, cfg), software) for p in prompts]
 
     sides = [_Side(dense, outs[0] / "eval_logs" / "dense.log", keys(dense, None))]
     sides += [_Side(s, o / "eval_logs" / "sparse.log", keys(s, f)) for s, o, f in zip(sparse, outs, plan_files)]
