@@ -15,6 +15,11 @@ Variants (prefill always follows the plan):
   forced), like a top-k head at its decode floor, instead of its sink + window, whatever its window;
 * ``stream_questw``: every streaming head picks as many pages by Quest scores as its sinks and decode window
   hold (at least 16; page 0 and the current one forced): the window's token budget, placed by content;
+* ``stream_short_dense``: streaming heads whose sinks and window hold fewer than ``DECODE_MIN_PAGES`` pages (those
+  the rule sends to Quest pages) dense at decode, the rest by the rule;
+* ``stream_long_dense``: the other streaming heads (sinks and window of ``DECODE_MIN_PAGES`` pages or more, which the
+  rule leaves on their window) dense at decode, the rest by the rule;
+* ``stream_dense@A-B``: streaming heads of layers ``A``..``B`` (inclusive) dense at decode, the rest by the rule;
 * ``floor32``: the plan with ``DECODE_MIN_PAGES`` 32 instead of 16;
 * ``sparse_everyN``: the plan's decode rule with page selections kept for ``N`` steps (``sparse`` keeps them for
   ``DECODE_RESELECT_EVERY``, the server's default; ``sparse_every1`` selects at every step).
@@ -34,28 +39,44 @@ import time
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from sglang_shplb.core import patterns  # noqa: E402
-from sglang_shplb.core.patterns import HeadBudget, Pattern  # noqa: E402
+from sglang_shplb.core.patterns import BLOCK, HeadBudget, Pattern  # noqa: E402
 from sglang_shplb.core.plan import load_plan  # noqa: E402
 from sglang_shplb.evaluation.scoring import score  # noqa: E402
+from sglang_shplb.evaluation.summary import paired_interval  # noqa: E402
 from sglang_shplb.evaluation.tasks import TASKS, eval_prompts  # noqa: E402
 from sglang_shplb.planning.model_store import load_model, resolve_model  # noqa: E402
 from sglang_shplb.planning.quality import ATTN_NAME, register_sparse_attention  # noqa: E402
 from sglang_shplb.planning.refine import generate_greedy  # noqa: E402
 
 DENSE = HeadBudget.dense()
+REF_LENGTH = 8192   # the length the issue's density goals are stated at
+
+
+def decode_density(at_decode: list[list[HeadBudget]], length: int) -> float:
+    """Mean over heads of the share of a ``length``-token context's pages one decode step reads."""
+    pages = -(-length // BLOCK)
+    heads = [h for layer in at_decode for h in layer]
+    return sum(h.decode_pages(pages) for h in heads) / (len(heads) * pages)
 
 
 def decode_budgets(variant: str, plan: list[list[HeadBudget]]) -> list[list[HeadBudget]]:
     at_decode = patterns.decode_budget
+    layers = range(len(plan))
+    if variant.startswith("stream_dense@"):
+        first, last = (int(x) for x in variant.split("@")[1].split("-"))
+        layers, variant = range(first, last + 1), "stream_dense"
+    short = lambda h: h.sink_blocks + h.decode_window_blocks < patterns.DECODE_MIN_PAGES  # noqa: E731
     swap = {"stock": lambda h: DENSE,
             "stream_window": lambda h: h,
-            "stream_dense": lambda h: DENSE if h.pattern is Pattern.STREAMING else h,
+            "stream_dense": lambda h: DENSE if h.pattern is Pattern.STREAMING else at_decode(h),
+            "stream_short_dense": lambda h: DENSE if h.pattern is Pattern.STREAMING and short(h) else at_decode(h),
+            "stream_long_dense": lambda h: DENSE if h.pattern is Pattern.STREAMING and not short(h) else at_decode(h),
             "sel_dense": lambda h: DENSE if h.pattern in (Pattern.TOPK, Pattern.VSLASH) else at_decode(h),
             "stream_quest16": lambda h: patterns.STREAMING_AT_DECODE if h.pattern is Pattern.STREAMING else h,
             "stream_questw": lambda h: HeadBudget.topk(1 / 1024, min_blocks=h.sink_blocks + h.decode_window_blocks)
             if h.pattern is Pattern.STREAMING else h,
             }.get(variant, at_decode)
-    return [[swap(h) for h in layer] for layer in plan]
+    return [[swap(h) if i in layers else at_decode(h) for h in layer] for i, layer in enumerate(plan)]
 
 
 def main() -> None:
@@ -78,24 +99,33 @@ def main() -> None:
     def answers() -> list[str]:
         return [tok.decode(generate_greedy(model, p.input_ids, max_new), skip_special_tokens=True).strip() for p in prompts]
 
+    def scores(got: list[str]) -> list[float]:
+        return [score(x, p.refs, TASKS[a.task].scoring) for x, p in zip(got, prompts)]
+
     model.set_attn_implementation("sdpa")
     dense = answers()
-    rows = {"dense": {"answers": dense, "acc": sum(score(x, p.refs, TASKS[a.task].scoring)
-                                                     for x, p in zip(dense, prompts)) / len(prompts)}}
+    base = scores(dense)
+    rows = {"dense": {"answers": dense, "scores": base, "acc": sum(base) / len(base)}}
     print(f"dense          acc {rows['dense']['acc']:.3f}  (n {len(prompts)}, {a.task} at {a.length})", flush=True)
     floor = patterns.DECODE_MIN_PAGES
     for v in a.variants.split(","):
         t = time.time()
         patterns.DECODE_MIN_PAGES = 32 if v == "floor32" else floor
         every = int(v[len("sparse_every"):]) if v.startswith("sparse_every") else patterns.DECODE_RESELECT_EVERY
-        register_sparse_attention(prefill, decode_budgets(v, prefill), reselect_every=every)
+        at_decode = decode_budgets(v, prefill)
+        register_sparse_attention(prefill, at_decode, reselect_every=every)
         model.set_attn_implementation(ATTN_NAME)
         got = answers()
-        acc = sum(score(x, p.refs, TASKS[a.task].scoring) for x, p in zip(got, prompts)) / len(prompts)
+        sc = scores(got)
+        acc = sum(sc) / len(sc)
+        lo, hi = paired_interval(base, sc)
         same = sum(x == y for x, y in zip(got, dense))
-        rows[v] = {"answers": got, "acc": acc, "identical_to_dense": same, "reselect_every": every}
-        print(f"{v:14s} acc {acc:.3f}  − dense {100 * (acc - rows['dense']['acc']):+.1f} points, "
-              f"identical {same}/{len(prompts)}  ({time.time() - t:.0f} s)", flush=True)
+        density = {n: decode_density(at_decode, n) for n in sorted({a.length, REF_LENGTH})}
+        rows[v] = {"answers": got, "scores": sc, "acc": acc, "diff_interval": [lo, hi], "identical_to_dense": same,
+                   "reselect_every": every, "decode_density": density}
+        print(f"{v:14s} acc {acc:.3f}  − dense {100 * (acc - rows['dense']['acc']):+.1f} points "
+              f"[{100 * lo:+.1f}, {100 * hi:+.1f}], identical {same}/{len(prompts)}, decode density "
+              + " / ".join(f"{d:.3f} at {n}" for n, d in density.items()) + f"  ({time.time() - t:.0f} s)", flush=True)
     patterns.DECODE_MIN_PAGES = floor
     if a.out:
         os.makedirs(a.out, exist_ok=True)

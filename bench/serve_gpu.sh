@@ -38,7 +38,8 @@ for w in ${what//,/ }; do
     ablate)   # which heads' sparse decode loses the multi-value needle in bf16 (in-process, the round-5 plan at 0.30)
       python3 bench/decode_ablation.py --device cuda --model /tmp/smollm2 \
         --plan bench/results/eval_h200_round5/plans/refined5_d30 --task "${ABLATE_TASK:-multivalue}" --length 2048 \
-        --per-task 34 --variants stock,sparse,stream_dense,sel_dense,stream_quest16,stream_questw,floor32 \
+        --per-task 34 \
+        --variants stock,sparse,stream_dense,sel_dense,stream_short_dense,stream_long_dense,stream_dense@0-14,stream_dense@15-29,stream_dense@22-29 \
         --out "$OUT/decode_ablation" ;;
     cold)   # after smollm2 (its plans): stock vs shplb with every sparse layer on our kernels, empty Triton caches
       python3 bench/cold_start.py --model /tmp/smollm2 --plan "${COLD_PLAN:-$OUT/smollm2/plan_shplb_sparse}" \
