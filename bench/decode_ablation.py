@@ -65,7 +65,7 @@ def decode_budgets(variant: str, plan: list[list[HeadBudget]]) -> list[list[Head
     if variant.startswith("stream_dense@"):
         first, last = (int(x) for x in variant.split("@")[1].split("-"))
         layers, variant = range(first, last + 1), "stream_dense"
-    short = lambda h: h.sink_blocks + h.decode_window_blocks < patterns.DECODE_MIN_PAGES  # noqa: E731
+    short = lambda h: at_decode(h).pattern is not Pattern.STREAMING  # noqa: E731  (the rule sends it to Quest pages)
     swap = {"stock": lambda h: DENSE,
             "stream_window": lambda h: h,
             "stream_dense": lambda h: DENSE if h.pattern is Pattern.STREAMING else at_decode(h),
