@@ -70,6 +70,8 @@ def _add_budget(p: argparse.ArgumentParser) -> None:
 
 
 def _add_refine(p: argparse.ArgumentParser, in_plan: bool) -> None:
+    from sglang_shplb.planning.calibration_data import QUESTIONS
+
     if in_plan:
         p.add_argument("--refine-to", type=float, default=None, metavar="DENSITY",
                        help="after the budget stage, spend density up to DENSITY (mean, at the longest profiled "
@@ -88,6 +90,8 @@ def _add_refine(p: argparse.ArgumentParser, in_plan: bool) -> None:
     p.add_argument("--refine-prompts", type=int, default=8, help="held-in prompts (default %(default)d)")
     p.add_argument("--refine-lengths", type=int, nargs="+", default=[2048, 4096],
                    help="held-in prompt lengths, cycled (default 2048 4096)")
+    p.add_argument("--refine-questions", nargs="+", default=list(QUESTIONS), choices=QUESTIONS,
+                   help="what the held-in prompts ask, cycled in pairs (default: all of them)")
 
 
 def _add_place(p: argparse.ArgumentParser) -> None:
@@ -252,7 +256,7 @@ def cmd_refine(a, density_target=None, until_match=None) -> Path:
         raise ValueError(f"--out {a.out} is the budgets' folder: refine writes beside, never over, its input")
     profile = load_profile(a.profile or source)
     model, tok = load_model(resolve_model(a.model, a.cache_dir), a.device, a.num_layers)
-    held = rf.held_in_prompts(tok, a.refine_lengths, a.refine_prompts)
+    held = rf.held_in_prompts(tok, a.refine_lengths, a.refine_prompts, tuple(a.refine_questions))
     print(f"refine: {len(held)} held-in prompts of {sorted({len(h.input_ids) for h in held})} tokens, dense answers")
     held = rf.dense_answers(model, tok, held)
     res = rf.refine_budgets(model, tok, budgets, profile, held,

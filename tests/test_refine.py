@@ -62,21 +62,41 @@ def test_held_in_prompts_are_not_the_profiles(small):
     assert {h.prompt.name[0] for h in held} == {"A", "B"}
 
 
-def test_held_in_prompts_ask_pass_keys_registers_and_facts(small):
-    from sglang_shplb.planning.calibration_data import FACTS, make_prompt
+def test_held_in_prompts_ask_pass_keys_registers_facts_and_values(small):
+    from sglang_shplb.planning.calibration_data import FACTS, VALUES, make_prompt
 
     _, tok, _ = small
-    held = rf.held_in_prompts(tok, [384], 6)
-    assert [len(p.input_ids) for p in held] == [384] * 6
-    # pass key, pass key, register, register, fact, fact
-    assert [len(p.name.split("-", 2)) for p in held] == [2, 2, 3, 3, 3, 3]
-    assert all(p.name.endswith("-lighthouse") for p in held[4:])
+    held = rf.held_in_prompts(tok, [384], 8)
+    assert [len(p.input_ids) for p in held] == [384] * 8
+    # pass key, pass key, register, register, fact, fact, values, values
+    assert [len(p.name.split("-", 2)) for p in held] == [2, 2, 3, 3, 3, 3, 3, 3]
+    assert all(p.name.endswith("-lighthouse") for p in held[4:6])
+    for p in held[6:]:
+        register = p.name.split("-", 2)[2].removesuffix("-values")   # "A1006-384-amber-42-values" -> "amber-42"
+        text = tok.decode(p.input_ids)
+        assert len(p.answers) == VALUES == len(set(p.answers)) and p.answer == ", ".join(p.answers)
+        assert text.count(f"values of the register {register} is") == VALUES
+        assert f"What are all the values of the register {register}?" in text
+        needles = [tok.decode(p.input_ids[a:b]) for a, b in p.needles[:VALUES]]
+        assert [n.rsplit(" ", 1)[1] for n in needles] == list(p.answers)    # its needles first, in order
+        assert [a for a, _ in p.needles[:VALUES]] == sorted(a for a, _ in p.needles[:VALUES])
+        assert all(register in n for n in needles) and len(p.needles) == VALUES + 4
+        # all values named, in any wording; one missing or inside a longer number is not a reply
+        a, b, c = p.answers
+        assert rf.replied(p, f"The values are {c}, {a} and {b}.")
+        assert not rf.replied(p, f"{a}, {b}") and not rf.replied(p, f"{a}, {b}, {c}7")
+    # a chosen set of questions, cycled in pairs
+    chosen = rf.held_in_prompts(tok, [384], 4, ("values", "passkey"))
+    assert [p.name.endswith("-values") for p in chosen] == [True, True, False, False]
+    # the values are added to the same document: its pass key and registers stay
+    doc = tok.decode(make_prompt(tok, 384, "A", 1006, "values").input_ids)
+    assert f"pass key is {make_prompt(tok, 384, 'A', 1006, 'passkey').answer}" in doc
     for p in held[2:4]:
         register = p.name.split("-", 2)[2]   # "A1002-384-amber-0" -> "amber-0"
         needle = tok.decode(p.input_ids[p.needles[0][0]:p.needles[0][1]])
         assert register.split("-")[0] in needle and p.answer in needle   # the asked register's needle first
         assert f"register {register}?" in tok.decode(p.input_ids)
-    for p in held[4:]:
+    for p in held[4:6]:
         name = p.name.split("-")[2].capitalize()   # "A1004-384-amber-lighthouse" -> "Amber"
         text = tok.decode(p.input_ids)
         asked = tok.decode(p.input_ids[p.needles[0][0]:p.needles[0][1]])

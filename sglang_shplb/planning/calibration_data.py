@@ -21,8 +21,13 @@ _NAMES = ["amber", "basalt", "cobalt", "dune", "ember", "fjord", "garnet", "harb
 class CalibrationPrompt:
     name: str
     input_ids: list[int]
-    answer: str
+    answer: str                                # one value, or several joined by ", " (``"values"``)
     needles: tuple[tuple[int, int], ...] = ()  # token ranges [start, end) of the needles; the first holds the answer
+
+    @property
+    def answers(self) -> tuple[str, ...]:
+        """The values a right reply names, each of them."""
+        return tuple(self.answer.split(", "))
 
 
 def needle_spans(tokenizer, input_ids: list[int], needles: list[str]) -> tuple[tuple[int, int], ...]:
@@ -53,9 +58,12 @@ def _paragraphs(calib_set: str) -> list[str]:
 
 
 #: what a calibration document asks at its end: the pass key, the value of one of its registers (a
-#: key-value lookup among distractors), or a word from a short list of facts inserted as one block (the
-#: eval's qa task reads such a list; its names, words and wording are not these)
-QUESTIONS = ("passkey", "register", "facts")
+#: key-value lookup among distractors), a word from a short list of facts inserted as one block (the
+#: eval's qa task reads such a list; its names, words and wording are not these), or every value one
+#: register took (:data:`VALUES` needles at depths of their own: the answer copies several needles in
+#: turn, so its later tokens read what the first did not; the eval's multivalue task asks 7-digit
+#: "special magic numbers", never registers)
+QUESTIONS = ("passkey", "register", "facts", "values")
 _COLOURS = ["crimson", "scarlet", "teal", "olive", "violet", "ochre", "silver", "ivory", "maroon", "navy",
             "saffron", "azure"]
 FACTS = 5
@@ -71,12 +79,25 @@ def _fact_list(rng: random.Random) -> tuple[str, str, str, str]:
     return block, facts[at], names[at], colours[at]
 
 
+VALUES = 3
+
+
+def _values_needles(rng: random.Random) -> tuple[str, list[str], list[str]]:
+    """A register of its own (not one of the document's three) and :data:`VALUES` distinct values it took,
+    one needle each."""
+    register = f"{rng.choice(_NAMES)}-{rng.randint(10, 99)}"
+    values = [str(v) for v in rng.sample(range(100, 1000), VALUES)]
+    return register, values, [f"One of the values of the register {register} is {v}." for v in values]
+
+
 def make_prompt(tokenizer, length: int, calib_set: str = "A", seed: int = 0,
                 question: str = "passkey") -> CalibrationPrompt:
     """A chat-formatted document of exactly ``length`` tokens (filler trimmed to fit) with needles
     inside and a retrieval question at the end (:data:`QUESTIONS`); the answer's needle is the first of
     ``needles``. The pass key and register needles and their depths do not depend on ``question``;
-    ``"facts"`` adds one block of facts at a depth of its own (drawn apart, so the other draws stay)."""
+    ``"facts"`` adds one block of facts at a depth of its own, ``"values"`` its needles at depths of their
+    own (drawn apart, so the other draws stay); the answer of ``"values"`` is the values in document order,
+    joined by ", " (:attr:`CalibrationPrompt.answers`), its needles first in that order."""
     if question not in QUESTIONS:
         raise ValueError(f"calibration question must be one of {QUESTIONS}, got {question!r}")
     rng = random.Random(f"{calib_set}-{length}-{seed}")
@@ -92,11 +113,19 @@ def make_prompt(tokenizer, length: int, calib_set: str = "A", seed: int = 0,
         answer, ask = passkey, "What is the pass key? Answer with the number only."
     elif question == "register":
         answer, ask = facts[asked], f"What is the value of the register {asked}? Answer with the number only."
-    else:
+    elif question == "facts":
         frng = random.Random(f"{calib_set}-{length}-{seed}-facts")
         block, sentence, name, answer = _fact_list(frng)
         extra = [(frng.random(), block)]
         ask = f"What colour is the {name} lighthouse painted? Answer with the colour only."
+    else:
+        vrng = random.Random(f"{calib_set}-{length}-{seed}-values")
+        register, values, value_needles = _values_needles(vrng)
+        extra = sorted((vrng.random(), n) for n in value_needles)   # in document order
+        value_needles = [n for _, n in extra]
+        answer = ", ".join(n.rsplit(" ", 1)[1].rstrip(".") for n in value_needles)
+        ask = (f"What are all the values of the register {register}? Answer with the numbers only, "
+               f"separated by commas.")
 
     def render(body_paras: list[str]) -> list[int]:
         messages = [{"role": "user", "content": "\n\n".join(body_paras) + "\n\n" + ask}]
@@ -141,6 +170,9 @@ def make_prompt(tokenizer, length: int, calib_set: str = "A", seed: int = 0,
     if question == "facts":      # the asked fact first, then the block, then the other needles
         spans = needle_spans(tokenizer, ids, [sentence, block]) + spans
         return CalibrationPrompt(f"{calib_set}{seed}-{length}-{name.lower()}-lighthouse", ids, answer, spans)
+    if question == "values":     # the values' needles first, in document order
+        spans = needle_spans(tokenizer, ids, value_needles) + spans
+        return CalibrationPrompt(f"{calib_set}{seed}-{length}-{register}-values", ids, answer, spans)
     return CalibrationPrompt(f"{calib_set}{seed}-{length}", ids, answer, spans)
 
 

@@ -46,7 +46,7 @@ GATED_NAME = "shplb_gated"
 REFINE_NAME = "refine.json"
 #: held-in prompts use seeds from here on (the profile's prompts use 0 .. per_length - 1)
 HELD_IN_SEED = 1000
-ANSWER_TOKENS = 12
+ANSWER_TOKENS = 32  # a reply to "values" runs to ~25 tokens
 
 
 @dataclass
@@ -58,7 +58,7 @@ class HeldIn:
 
     @property
     def dense_correct(self) -> bool:
-        return answered(self.prompt.answer, self.dense_answer)
+        return replied(self.prompt, self.dense_answer)
 
 
 @dataclass
@@ -80,18 +80,25 @@ class RefineResult:
     prompts: int
 
 
-def held_in_prompts(tokenizer, lengths: list[int], count: int) -> list[CalibrationPrompt]:
+def held_in_prompts(tokenizer, lengths: list[int], count: int,
+                    questions: tuple[str, ...] = QUESTIONS) -> list[CalibrationPrompt]:
     """``count`` calibration-style documents, lengths cycling, sets A/B alternating, questions (pass key,
-    register lookup, a word from a fact list: :data:`~sglang_shplb.planning.calibration_data.QUESTIONS`)
-    cycling in pairs, seeds from :data:`HELD_IN_SEED` (disjoint from the profile's)."""
+    register lookup, a word from a fact list, every value of a register:
+    :data:`~sglang_shplb.planning.calibration_data.QUESTIONS`, or those of ``questions``) cycling in pairs,
+    seeds from :data:`HELD_IN_SEED` (disjoint from the profile's)."""
     return [make_prompt(tokenizer, lengths[i % len(lengths)], "AB"[i % 2], HELD_IN_SEED + i,
-                        QUESTIONS[(i // 2) % len(QUESTIONS)]) for i in range(count)]
+                        questions[(i // 2) % len(questions)]) for i in range(count)]
 
 
 def answered(answer: str, text: str) -> bool:
     """``answer`` (a number or a word) stands in ``text`` whole, not inside a longer number or word (case
     ignored)."""
     return re.search(rf"(?<![0-9A-Za-z]){re.escape(answer)}(?![0-9A-Za-z])", text, re.IGNORECASE) is not None
+
+
+def replied(prompt: CalibrationPrompt, text: str) -> bool:
+    """``text`` names every value the prompt asks for (:func:`answered`)."""
+    return all(answered(a, text) for a in prompt.answers)
 
 
 def _eos_ids(model) -> set[int]:
@@ -225,7 +232,7 @@ def refine_budgets(model, tokenizer, budgets: BudgetsFile, profile: ProfileResul
 
     def validate(loss: float, upgraded: int) -> Round:
         answers = sparse_answers(model, tokenizer, budgets_of(opts, choice), held)
-        right = [answered(h.prompt.answer, a) for h, a in zip(held, answers)]
+        right = [replied(h.prompt, a) for h, a in zip(held, answers)]
         r = Round(float(dens[choice].mean()), loss, upgraded, sum(s or not d for s, d in zip(right, dense_ok)),
                   sum(right), answers)
         log(f"  refine round {len(rounds)}: density {r.density:.3f}, loss before {loss:.3f}, {upgraded} heads "
