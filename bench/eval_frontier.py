@@ -60,7 +60,7 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
             x = [r["density"] for r in sel]
             y = [r["diff"] for r in sel]
             err = [[r["diff"] - r["ci_low"] for r in sel], [r["ci_high"] - r["diff"] for r in sel]]
-            ax.errorbar(x, y, yerr=err, marker=marker, capsize=3, label=m)  # the plans named m_d30, m_tau95, ...: one budget method
+            ax.errorbar(x, y, yerr=err, marker=marker, capsize=3, label=m)
         dense = next(r["dense"] for r in rows if r["task"] == task)
         ax.axhline(0, color="gray", lw=0.8)
         ax.axhline(-LOSS_POINTS, color="gray", lw=0.8, ls=":")
