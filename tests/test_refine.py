@@ -34,6 +34,12 @@ def test_upgrade_spends_on_gain_per_density():
     assert (rf.upgrade(choice, dens, recall, sens, spend=0.0) == choice).all()
     # a head whose recall is already whole gains nothing from a denser option
     assert (rf.upgrade(choice, dens, np.ones_like(recall), sens, spend=1.0) == choice).all()
+    # what fits: the cheapest upgrade adds (0.4 - 0.1) / 3 = 0.1 of mean density; a head at dense has none
+    from sglang_shplb.planning.budget import upgrades_within
+    assert not upgrades_within(choice, dens, 0.099)[1].any()
+    assert upgrades_within(choice, dens, 0.1)[1].sum() == 3
+    assert upgrades_within(np.array([[2, 2, 2]]), dens, 1.0)[1].sum() == 0
+    assert (rf.upgrade(choice, dens, recall, sens, spend=0.099) == choice).all()
 
 
 def test_option_choice_refuses_a_budget_of_another_profile():

@@ -197,21 +197,27 @@ def _greedy_fill(choice: np.ndarray, dens: np.ndarray, worst: np.ndarray, target
     return greedy_upgrade(choice, dens, target - dens[choice].mean(), gain)
 
 
+def upgrades_within(choice: np.ndarray, dens: np.ndarray, spend: float) -> tuple[np.ndarray, np.ndarray]:
+    """``[L, H, O]``: the density each head's move to each option adds, and whether that move is an upgrade
+    whose added mean density fits in ``spend``."""
+    extra = dens[None, None, :] - dens[choice][..., None]
+    return extra, (extra > 1e-12) & (extra <= spend * choice.size + 1e-12)
+
+
 def greedy_upgrade(choice: np.ndarray, dens: np.ndarray, spend: float, gain) -> np.ndarray:
     """Move heads ``[L, H]`` to other options, best ``gain(choice) [L, H, O]`` per unit of extra density first,
     while the mean density added stays within ``spend``. Pure."""
     choice = choice.copy()
-    L, H = choice.shape
-    budget = spend * L * H
+    left = spend
     while True:
-        extra = dens[None, None, :] - dens[choice][..., None]
+        extra, fits = upgrades_within(choice, dens, left)
         g = gain(choice)
-        ratio = np.where((extra > 1e-12) & (g > 1e-9) & (extra <= budget + 1e-12), g / np.maximum(extra, 1e-12), -1)
+        ratio = np.where(fits & (g > 1e-9), g / np.maximum(extra, 1e-12), -1)
         flat = int(ratio.argmax())
         if ratio.flat[flat] <= 0:
             return choice
         li, h, o = np.unravel_index(flat, ratio.shape)
-        budget -= extra[li, h, o]
+        left -= extra[li, h, o] / choice.size
         choice[li, h] = o
 
 

@@ -37,7 +37,7 @@ import torch
 
 from sglang_shplb.core.patterns import HeadBudget
 from sglang_shplb.planning.budget import (BudgetResult, BudgetsFile, budget_result, budgets_of, greedy_upgrade,
-                                          option_table, topk_floor)
+                                          option_table, topk_floor, upgrades_within)
 from sglang_shplb.planning.calibration_data import QUESTIONS, CalibrationPrompt, make_prompt
 from sglang_shplb.planning.profile import ProfileResult
 from sglang_shplb.planning.quality import ATTN_NAME, masked_prefill, register_sparse_attention
@@ -247,6 +247,9 @@ def refine_budgets(model, tokenizer, budgets: BudgetsFile, profile: ProfileResul
         if (done_target and done_match) or dens[choice].mean() >= max_density - 1e-6:
             break
         left = (density_target if not done_target else max_density) - dens[choice].mean()
+        if not upgrades_within(choice, dens, min(step, left))[1].any():
+            log(f"  refine: no head's upgrade fits in the density left ({left:.4f}); stopping")
+            break
         sens, loss = gate_sensitivity(model, budgets_of(opts, choice), held)
         new = upgrade(choice, dens, recall, sens, min(step, left))
         changed = int((new != choice).sum())
