@@ -82,12 +82,12 @@ def _fact_list(rng: random.Random) -> tuple[str, str, str, str]:
 VALUES = 3
 
 
-def _values_needles(rng: random.Random) -> tuple[str, list[str], list[str]]:
+def _values_needles(rng: random.Random) -> tuple[str, list[tuple[str, str]]]:
     """A register of its own (not one of the document's three) and :data:`VALUES` distinct values it took,
-    one needle each."""
+    each with its needle."""
     register = f"{rng.choice(_NAMES)}-{rng.randint(10, 99)}"
     values = [str(v) for v in rng.sample(range(100, 1000), VALUES)]
-    return register, values, [f"One of the values of the register {register} is {v}." for v in values]
+    return register, [(v, f"One of the values of the register {register} is {v}.") for v in values]
 
 
 def make_prompt(tokenizer, length: int, calib_set: str = "A", seed: int = 0,
@@ -120,10 +120,11 @@ def make_prompt(tokenizer, length: int, calib_set: str = "A", seed: int = 0,
         ask = f"What colour is the {name} lighthouse painted? Answer with the colour only."
     else:
         vrng = random.Random(f"{calib_set}-{length}-{seed}-values")
-        register, values, value_needles = _values_needles(vrng)
-        extra = sorted((vrng.random(), n) for n in value_needles)   # in document order
-        value_needles = [n for _, n in extra]
-        answer = ", ".join(n.rsplit(" ", 1)[1].rstrip(".") for n in value_needles)
+        register, pairs = _values_needles(vrng)
+        at = sorted((vrng.random(), v, n) for v, n in pairs)   # in document order
+        extra = [(d, n) for d, _, n in at]
+        value_needles = [n for _, _, n in at]
+        answer = ", ".join(v for _, v, _ in at)
         ask = (f"What are all the values of the register {register}? Answer with the numbers only, "
                f"separated by commas.")
 
