@@ -6,7 +6,8 @@
 #            = NAME:START:until:MAX  refine until the held-in answers match dense, at most MAX
 #       then place each for TP 3 (every layer sparse) and run bench/eval_gpu.sh on the refined plans and
 #       the START plans; while refining, a stock server builds FlashInfer's JIT kernels once.
-#       Environment: REFINE_PROMPTS (held-in prompts, default 12); EVAL_START_PLANS=0 (do not evaluate the
+#       Environment: REFINE_PROMPTS (held-in prompts, default 12); REFINE_QUESTIONS="passkey keepers ..." (what
+#       they ask, default refine's); EVAL_START_PLANS=0 (do not evaluate the
 #       START plans again); EXTRA_PLANS="DIR..." (placed plans evaluated beside); PREFILL_ONLY=1 (each refined
 #       plan also placed with --stock-decode as NAME_prefill and evaluated: its sparse prefill alone).
 #   bash bench/quality_gpu.sh wait SECONDS
@@ -28,8 +29,8 @@ if [ "$what" = start ]; then
   mkdir -p "$RUN"; cp -r "$profile" "$RUN/profile"
   printf '%q ' "$@" > "$RUN/eval_flags"
   printf '%s\n' "$plans" "${specs[@]}" > "$RUN/specs"
-  printf 'REFINE_PROMPTS=%q EVAL_START_PLANS=%q PREFILL_ONLY=%q\n' "${REFINE_PROMPTS:-12}" "${EVAL_START_PLANS:-1}" \
-    "${PREFILL_ONLY:-0}" > "$RUN/knobs"
+  printf 'REFINE_PROMPTS=%q REFINE_QUESTIONS=%q EVAL_START_PLANS=%q PREFILL_ONLY=%q\n' "${REFINE_PROMPTS:-12}" \
+    "${REFINE_QUESTIONS:-}" "${EVAL_START_PLANS:-1}" "${PREFILL_ONLY:-0}" > "$RUN/knobs"
   mkdir -p "$RUN/extra"; for d in ${EXTRA_PLANS:-}; do cp -r "$d" "$RUN/extra/"; done
   python3 -m pip install -q --no-index --no-deps --no-build-isolation --target /tmp/site "$HERE" >/dev/null 2>&1
   setsid nohup bash "$HERE/bench/quality_gpu.sh" drive > "$RUN/driver.out" 2>&1 < /dev/null &
@@ -50,6 +51,7 @@ if [ "$what" = drive ]; then  # the detached part of start (it outlives the call
       [ "$kind" = until ] && flags=(--until-match --max-density "$max")
       ( timeout 900 python3 -m sglang_shplb refine --budgets "$plans/$start" --profile "$RUN/profile" \
           --model /tmp/smollm2 --device cuda "${flags[@]}" --refine-prompts "$REFINE_PROMPTS" \
+          ${REFINE_QUESTIONS:+--refine-questions $REFINE_QUESTIONS} \
           --refine-lengths 2048 4096 8000 --out "$RUN/$name" > "$RUN/$name.log" 2>&1 \
         && python3 -m sglang_shplb place --budgets "$RUN/$name" --tp 3 --no-stock-fallback --out "$RUN/$name" \
           >> "$RUN/$name.log" 2>&1 \

@@ -70,7 +70,7 @@ def _add_budget(p: argparse.ArgumentParser) -> None:
 
 
 def _add_refine(p: argparse.ArgumentParser, in_plan: bool) -> None:
-    from sglang_shplb.planning.calibration_data import QUESTIONS
+    from sglang_shplb.planning.calibration_data import DEFAULT_QUESTIONS, QUESTIONS
 
     if in_plan:
         p.add_argument("--refine-to", type=float, default=None, metavar="DENSITY",
@@ -90,8 +90,8 @@ def _add_refine(p: argparse.ArgumentParser, in_plan: bool) -> None:
     p.add_argument("--refine-prompts", type=int, default=8, help="held-in prompts (default %(default)d)")
     p.add_argument("--refine-lengths", type=int, nargs="+", default=[2048, 4096],
                    help="held-in prompt lengths, cycled (default 2048 4096)")
-    p.add_argument("--refine-questions", nargs="+", default=list(QUESTIONS), choices=QUESTIONS,
-                   help="what the held-in prompts ask, cycled in pairs (default: all of them)")
+    p.add_argument("--refine-questions", nargs="+", default=list(DEFAULT_QUESTIONS), choices=QUESTIONS,
+                   help="what the held-in prompts ask, cycled in pairs (default: %(default)s)")
 
 
 def _add_place(p: argparse.ArgumentParser) -> None:

@@ -1,5 +1,6 @@
 """The refine stage: gate sensitivities on the real (truncated) model, the greedy upgrade, the CLI."""
 import json
+import re
 import subprocess
 from dataclasses import replace
 import sys
@@ -111,6 +112,22 @@ def test_held_in_prompts_ask_pass_keys_registers_facts_and_values(small):
         assert block.count("lighthouse is painted") == FACTS and text.count("lighthouse is painted") == FACTS
         assert f"What colour is the {name} lighthouse painted?" in text and p.answer.isalpha()
         assert len(p.needles) == 2 + 4            # the fact, the block, the pass key and three registers
+    # keepers: the same kind of block, the answer an invented name of several tokens, copied whole
+    from sglang_shplb.planning.calibration_data import _KEEPER_SYLLABLES
+    keepers = rf.held_in_prompts(tok, [384], 4, ("keepers",))
+    assert len({p.answer for p in keepers}) == 4 and all(p.name.endswith("-keeper") for p in keepers)
+    for p in keepers:
+        name = p.name.split("-")[2].capitalize()   # "A1000-384-amber-keeper" -> "Amber"
+        text = tok.decode(p.input_ids)
+        asked = tok.decode(p.input_ids[p.needles[0][0]:p.needles[0][1]])
+        block = tok.decode(p.input_ids[p.needles[1][0]:p.needles[1][1]])
+        assert name in asked and p.answer in asked and asked in block and len(p.needles) == 2 + 4
+        assert block.count("lighthouse is ") == FACTS and "painted" not in block
+        assert len(set(re.findall(r"lighthouse is (\w+)\.", block))) == FACTS     # distinct keepers
+        assert f"Who is the keeper of the {name} lighthouse?" in text
+        assert re.fullmatch("(" + "|".join(_KEEPER_SYLLABLES) + "){2,3}", p.answer.lower())
+        assert len(tok.encode(" " + p.answer, add_special_tokens=False)) >= 2
+        assert rf.replied(p, f"The keeper is {p.answer}.") and not rf.replied(p, f"The keeper is {p.answer}ik.")
     # the fact list is added to the same document: its pass key stays
     key = make_prompt(tok, 384, "B", 1005, "passkey").answer
     assert f"pass key is {key}" in tok.decode(make_prompt(tok, 384, "B", 1005, "facts").input_ids)
@@ -197,6 +214,28 @@ def test_plan_refine_to_runs_the_stage_and_reports_it(tmp_path):
     assert "refined to" in after["mode"] and 0.45 < float(np.mean(after["density"])) <= 0.6 + 1e-6
     assert (tmp_path / "refine.json").is_file()
     assert "budgets refined on answers (1 held-in prompts" in (tmp_path / "report.txt").read_text()
+
+
+def test_refine_skips_a_round_for_a_sliver_of_density(small, budgets_dir, monkeypatch):
+    from sglang_shplb.planning.budget import load_budgets
+    from sglang_shplb.planning.profile import load_profile
+
+    model, tok, held = small
+    start, profile = load_budgets(budgets_dir), load_profile(budgets_dir)
+    first = rf.refine_budgets(model, tok, start, profile, held, density_target=0.9, step=0.2,
+                              log=lambda *_: None).rounds[0].density
+
+    def no_pass(*_):
+        raise AssertionError("a sensitivity pass for less than a tenth of a step")
+
+    monkeypatch.setattr(rf, "gate_sensitivity", no_pass)
+    lines = []
+    res = rf.refine_budgets(model, tok, start, profile, held, density_target=first + 0.09 * 0.2, step=0.2,
+                            log=lines.append)
+    assert len(res.rounds) == 1 and "under 0.1 of a round's step" in lines[-1]
+    with pytest.raises(AssertionError, match="tenth"):   # at a tenth of a step or more, the round runs
+        rf.refine_budgets(model, tok, start, profile, held, density_target=first + 0.11 * 0.2, step=0.2,
+                          log=lambda *_: None)
 
 
 def test_refine_keeps_the_top_k_floor_of_its_budgets(small, budgets_dir, tmp_path):

@@ -59,24 +59,48 @@ def _paragraphs(calib_set: str) -> list[str]:
 
 #: what a calibration document asks at its end: the pass key, the value of one of its registers (a
 #: key-value lookup among distractors), a word from a short list of facts inserted as one block (the
-#: eval's qa task reads such a list; its names, words and wording are not these), or every value one
+#: eval's qa task reads such a list; its names, words and wording are not these), every value one
 #: register took (:data:`VALUES` needles at depths of their own: the answer copies several needles in
 #: turn, so its later tokens read what the first did not; the eval's multivalue task asks 7-digit
-#: "special magic numbers", never registers)
-QUESTIONS = ("passkey", "register", "facts", "values")
+#: "special magic numbers", never registers), or the keeper of a lighthouse from such a list (an invented
+#: name of several tokens, copied whole, as the eval's qa answers an invented town name; the keepers'
+#: syllables are not the eval's)
+QUESTIONS = ("passkey", "register", "facts", "values", "keepers")
+#: the questions refine's held-in prompts ask unless told: those of the last refine measured in bf16
+#: (``bench/results/eval_h200_round7``); ``"keepers"`` is asked on request until it is measured there
+DEFAULT_QUESTIONS = ("passkey", "register", "facts", "values")
 _COLOURS = ["crimson", "scarlet", "teal", "olive", "violet", "ochre", "silver", "ivory", "maroon", "navy",
             "saffron", "azure"]
+#: a keeper's name is two or three of these (none of them is one of the eval's qa syllables)
+_KEEPER_SYLLABLES = ("bra", "vost", "el", "nim", "tor", "ush", "pra", "lev", "ik", "gosk", "ard", "wen", "hul",
+                     "ost", "rin", "tav")
 FACTS = 5
 
 
-def _fact_list(rng: random.Random) -> tuple[str, str, str, str]:
-    """A block of :data:`FACTS` lighthouse colours, and the asked fact: its sentence, lighthouse and colour."""
+def _keepers(rng: random.Random) -> list[str]:
+    """:data:`FACTS` distinct invented names."""
+    names: list[str] = []
+    while len(names) < FACTS:
+        name = "".join(rng.choice(_KEEPER_SYLLABLES) for _ in range(rng.randint(2, 3))).capitalize()
+        if name not in names:
+            names.append(name)
+    return names
+
+
+def _fact_list(rng: random.Random, question: str) -> tuple[str, str, str, str]:
+    """A block of :data:`FACTS` lighthouses with their colours (``"facts"``) or keepers (``"keepers"``), and
+    the asked fact: its sentence, lighthouse and colour or keeper."""
     names = [n.capitalize() for n in rng.sample(_NAMES, FACTS)]
-    colours = rng.sample(_COLOURS, FACTS)
-    facts = [f"The {n} lighthouse is painted {c}." for n, c in zip(names, colours)]
-    block = "From the harbour log, the colours of the lighthouses: " + " ".join(facts) + " That is the whole log."
+    if question == "facts":
+        answers = rng.sample(_COLOURS, FACTS)
+        facts = [f"The {n} lighthouse is painted {c}." for n, c in zip(names, answers)]
+    else:
+        answers = _keepers(rng)
+        facts = [f"The keeper of the {n} lighthouse is {k}." for n, k in zip(names, answers)]
+    what = "colours" if question == "facts" else "keepers"
+    block = f"From the harbour log, the {what} of the lighthouses: " + " ".join(facts) + " That is the whole log."
     at = rng.randrange(FACTS)
-    return block, facts[at], names[at], colours[at]
+    return block, facts[at], names[at], answers[at]
 
 
 VALUES = 3
@@ -113,11 +137,12 @@ def make_prompt(tokenizer, length: int, calib_set: str = "A", seed: int = 0,
         answer, ask = passkey, "What is the pass key? Answer with the number only."
     elif question == "register":
         answer, ask = facts[asked], f"What is the value of the register {asked}? Answer with the number only."
-    elif question == "facts":
-        frng = random.Random(f"{calib_set}-{length}-{seed}-facts")
-        block, sentence, name, answer = _fact_list(frng)
+    elif question in ("facts", "keepers"):
+        frng = random.Random(f"{calib_set}-{length}-{seed}-{question}")
+        block, sentence, name, answer = _fact_list(frng, question)
         extra = [(frng.random(), block)]
-        ask = f"What colour is the {name} lighthouse painted? Answer with the colour only."
+        ask = (f"What colour is the {name} lighthouse painted? Answer with the colour only." if question == "facts"
+               else f"Who is the keeper of the {name} lighthouse? Answer with the name only.")
     else:
         vrng = random.Random(f"{calib_set}-{length}-{seed}-values")
         register, pairs = _values_needles(vrng)
@@ -168,9 +193,10 @@ def make_prompt(tokenizer, length: int, calib_set: str = "A", seed: int = 0,
         at = 1 + list(facts).index(asked)
         spans = (spans[at],) + spans[:at] + spans[at + 1:]
         return CalibrationPrompt(f"{calib_set}{seed}-{length}-{asked}", ids, answer, spans)
-    if question == "facts":      # the asked fact first, then the block, then the other needles
+    if question in ("facts", "keepers"):   # the asked fact first, then the block, then the other needles
         spans = needle_spans(tokenizer, ids, [sentence, block]) + spans
-        return CalibrationPrompt(f"{calib_set}{seed}-{length}-{name.lower()}-lighthouse", ids, answer, spans)
+        suffix = "lighthouse" if question == "facts" else "keeper"
+        return CalibrationPrompt(f"{calib_set}{seed}-{length}-{name.lower()}-{suffix}", ids, answer, spans)
     if question == "values":     # the values' needles first, in document order
         spans = needle_spans(tokenizer, ids, value_needles) + spans
         return CalibrationPrompt(f"{calib_set}{seed}-{length}-{register}-values", ids, answer, spans)

@@ -19,7 +19,7 @@ the density there (DuoAttention's gated heads, to first order):
   (``R`` the budget stage's recall table, ``c`` the current option), so its predicted gain is ``S_h`` times
   that; heads are upgraded greedily by gain per unit of extra mean density, ``step`` of density per round,
   with the sensitivities measured again after each round (upgrading one head changes what the others
-  matter), until the density target.
+  matter), until the density target (or until less than :data:`LAST_ROUND_MIN` of a step is left).
 * **Validation.** After each round the held-in prompts are answered greedily by dense and by the plan
   (sparse prefill and the server's sparse decode rule, :func:`register_sparse_attention`); a prompt is
   kept when the plan is right wherever dense is. With ``until_match`` the rounds go on past the target
@@ -38,7 +38,7 @@ import torch
 from sglang_shplb.core.patterns import HeadBudget
 from sglang_shplb.planning.budget import (BudgetResult, BudgetsFile, budget_result, budgets_of, greedy_upgrade,
                                           option_table, topk_floor, upgrades_within)
-from sglang_shplb.planning.calibration_data import QUESTIONS, CalibrationPrompt, make_prompt
+from sglang_shplb.planning.calibration_data import DEFAULT_QUESTIONS, CalibrationPrompt, make_prompt
 from sglang_shplb.planning.profile import ProfileResult
 from sglang_shplb.planning.quality import ATTN_NAME, masked_prefill, register_sparse_attention
 
@@ -47,6 +47,9 @@ REFINE_NAME = "refine.json"
 #: held-in prompts use seeds from here on (the profile's prompts use 0 .. per_length - 1)
 HELD_IN_SEED = 1000
 ANSWER_TOKENS = 32  # a reply to "values" runs to ~25 tokens
+#: refine stops when the density left is under this fraction of a round's step: a sensitivity pass costs
+#: as much for one head's upgrade as for fifty (round 7 spent its third pass on 0.00005 of density)
+LAST_ROUND_MIN = 0.1
 
 
 @dataclass
@@ -81,11 +84,11 @@ class RefineResult:
 
 
 def held_in_prompts(tokenizer, lengths: list[int], count: int,
-                    questions: tuple[str, ...] = QUESTIONS) -> list[CalibrationPrompt]:
-    """``count`` calibration-style documents, lengths cycling, sets A/B alternating, questions (pass key,
-    register lookup, a word from a fact list, every value of a register:
-    :data:`~sglang_shplb.planning.calibration_data.QUESTIONS`, or those of ``questions``) cycling in pairs,
-    seeds from :data:`HELD_IN_SEED` (disjoint from the profile's)."""
+                    questions: tuple[str, ...] = DEFAULT_QUESTIONS) -> list[CalibrationPrompt]:
+    """``count`` calibration-style documents, lengths cycling, sets A/B alternating, ``questions`` cycling in
+    pairs (:data:`~sglang_shplb.planning.calibration_data.QUESTIONS` names them all: pass key, register
+    lookup, a word from a fact list, every value of a register, a lighthouse's keeper), seeds from
+    :data:`HELD_IN_SEED` (disjoint from the profile's)."""
     return [make_prompt(tokenizer, lengths[i % len(lengths)], "AB"[i % 2], HELD_IN_SEED + i,
                         questions[(i // 2) % len(questions)]) for i in range(count)]
 
@@ -247,6 +250,9 @@ def refine_budgets(model, tokenizer, budgets: BudgetsFile, profile: ProfileResul
         if (done_target and done_match) or dens[choice].mean() >= max_density - 1e-6:
             break
         left = (density_target if not done_target else max_density) - dens[choice].mean()
+        if left < LAST_ROUND_MIN * step:
+            log(f"  refine: the density left ({left:.4f}) is under {LAST_ROUND_MIN:g} of a round's step; stopping")
+            break
         if not upgrades_within(choice, dens, min(step, left))[1].any():
             log(f"  refine: no head's upgrade fits in the density left ({left:.4f}); stopping")
             break
