@@ -4,6 +4,8 @@
 #   bash bench/quality_gpu.sh start PROFILE PLANS_DIR SPEC... [-- eval flags]
 #       SPEC = NAME:START:TARGET  refine PLANS_DIR/START up to mean density TARGET into NAME
 #            = NAME:START:until:MAX  refine until the held-in answers match dense, at most MAX
+#       NAME@Q1,Q2,...  (in either form): the held-in prompts of this one ask questions Q1, Q2, ... (an A/B of
+#       question sets in one run; the plan is named NAME)
 #       then place each for TP 3 (every layer sparse) and run bench/eval_gpu.sh on the refined plans and
 #       the START plans; while refining, a stock server builds FlashInfer's JIT kernels once.
 #       Environment: REFINE_PROMPTS (held-in prompts, default 12); REFINE_QUESTIONS="passkey keepers ..." (what
@@ -47,11 +49,13 @@ if [ "$what" = drive ]; then  # the detached part of start (it outlives the call
     pids=(); evalplans=()
     for spec in "${specs[@]}"; do
       IFS=: read -r name start kind max <<< "$spec"
+      questions=$REFINE_QUESTIONS
+      if [[ $name == *@* ]]; then questions=${name#*@}; questions=${questions//,/ }; name=${name%%@*}; fi
       flags=(--density-target "$kind")
       [ "$kind" = until ] && flags=(--until-match --max-density "$max")
       ( timeout 900 python3 -m sglang_shplb refine --budgets "$plans/$start" --profile "$RUN/profile" \
           --model /tmp/smollm2 --device cuda "${flags[@]}" --refine-prompts "$REFINE_PROMPTS" \
-          ${REFINE_QUESTIONS:+--refine-questions $REFINE_QUESTIONS} \
+          ${questions:+--refine-questions $questions} \
           --refine-lengths 2048 4096 8000 --out "$RUN/$name" > "$RUN/$name.log" 2>&1 \
         && python3 -m sglang_shplb place --budgets "$RUN/$name" --tp 3 --no-stock-fallback --out "$RUN/$name" \
           >> "$RUN/$name.log" 2>&1 \
@@ -63,7 +67,7 @@ if [ "$what" = drive ]; then  # the detached part of start (it outlives the call
     done
     wait "${pids[@]}"
     for spec in "${specs[@]}"; do
-      name=${spec%%:*}
+      name=${spec%%:*}; name=${name%%@*}
       for d in "$RUN/$name" "$RUN/${name}_prefill"; do [ -f "$d/plan.json" ] && evalplans+=("$d"); done
     done
     for d in "$RUN"/extra/*/; do [ -f "$d/plan.json" ] && evalplans+=("${d%/}"); done
