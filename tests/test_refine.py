@@ -141,6 +141,24 @@ def test_held_in_prompts_ask_pass_keys_registers_facts_and_values(small):
     assert rf.answered("teal", "Teal.") and not rf.answered("teal", "steal") and not rf.answered("teal", "teals")
 
 
+def test_answer_budget_holds_each_questions_answer_sentence(small):
+    from sglang_shplb.planning.calibration_data import QUESTIONS
+
+    _, tok, _ = small
+    assert set(rf.ANSWER_TOKENS) == set(QUESTIONS)
+    for q in QUESTIONS:
+        for p in rf.held_in_prompts(tok, [384], 2, (q,)):
+            what = (p.name.split("-", 2) + [""])[2:]   # "A1002-384-amber-0" -> ["amber-0"]; a pass key [""]
+            sentence = {"passkey": f"The pass key is {p.answer}.",
+                        "register": f"The value of the register {what[0]} is {p.answer}.",
+                        "facts": f"The {what[0].split('-')[0].capitalize()} lighthouse is painted {p.answer}.",
+                        "keepers": f"The keeper of the {what[0].split('-')[0].capitalize()} lighthouse is {p.answer}.",
+                        "values": f"The values of the register {what[0].removesuffix('-values')} are "
+                                  f"{', '.join(p.answers[:-1])} and {p.answers[-1]}."}[q]
+            assert p.question == q and rf.replied(p, sentence)
+            assert len(tok.encode(sentence, add_special_tokens=False)) + 1 <= rf.ANSWER_TOKENS[q], sentence  # + EOS
+
+
 def test_gate_is_zero_at_dense_and_matches_a_finite_difference(small):
     model, _, held = small
     dense = [[HeadBudget.dense()] * 9 for _ in range(LAYERS)]

@@ -23,6 +23,7 @@ class CalibrationPrompt:
     input_ids: list[int]
     answer: str                                # one value, or several joined by ", " (``"values"``)
     needles: tuple[tuple[int, int], ...] = ()  # token ranges [start, end) of the needles; the first holds the answer
+    question: str = "passkey"                  # what it asks (:data:`QUESTIONS`)
 
     @property
     def answers(self) -> tuple[str, ...]:
@@ -192,14 +193,14 @@ def make_prompt(tokenizer, length: int, calib_set: str = "A", seed: int = 0,
     if question == "register":   # the asked register's needle first
         at = 1 + list(facts).index(asked)
         spans = (spans[at],) + spans[:at] + spans[at + 1:]
-        return CalibrationPrompt(f"{calib_set}{seed}-{length}-{asked}", ids, answer, spans)
+        return CalibrationPrompt(f"{calib_set}{seed}-{length}-{asked}", ids, answer, spans, question)
     if question in ("facts", "keepers"):   # the asked fact first, then the block, then the other needles
         spans = needle_spans(tokenizer, ids, [sentence, block]) + spans
         suffix = "lighthouse" if question == "facts" else "keeper"
-        return CalibrationPrompt(f"{calib_set}{seed}-{length}-{name.lower()}-{suffix}", ids, answer, spans)
+        return CalibrationPrompt(f"{calib_set}{seed}-{length}-{name.lower()}-{suffix}", ids, answer, spans, question)
     if question == "values":     # the values' needles first, in document order
         spans = needle_spans(tokenizer, ids, value_needles) + spans
-        return CalibrationPrompt(f"{calib_set}{seed}-{length}-{register}-values", ids, answer, spans)
+        return CalibrationPrompt(f"{calib_set}{seed}-{length}-{register}-values", ids, answer, spans, question)
     return CalibrationPrompt(f"{calib_set}{seed}-{length}", ids, answer, spans)
 
 

@@ -9,10 +9,11 @@ the density there (DuoAttention's gated heads, to first order):
   output; ``α = 0`` is the plan as it is.
 * **Loss.** On held-in prompts (calibration-style documents, :func:`held_in_prompts`: the profile's text
   with seeds the profile never used, never the eval's text or needles) the dense model's own greedy answer
-  is teacher-forced, and the loss is ``KL(dense ‖ gated)`` of the next-token distributions over the answer
-  tokens: zero when the plan answers like dense. The prompt's rows attend by the prefill masks, the answer's
-  rows by the server's decode rule (the server feeds each answer token as one decode step; sparse decode
-  cost 4-12 points of the eval's needle tasks on the H200, ``bench/results/eval_h200_round3``).
+  is teacher-forced (:data:`ANSWER_TOKENS` of it, per question), and the loss is ``KL(dense ‖ gated)`` of
+  the next-token distributions over the answer tokens: zero when the plan answers like dense. The prompt's
+  rows attend by the prefill masks, the answer's rows by the server's decode rule (the server feeds each
+  answer token as one decode step; sparse decode cost 4-12 points of the eval's needle tasks on the H200,
+  ``bench/results/eval_h200_round3``).
 * **Sensitivity.** ``S_h = max(0, −∂loss/∂α_h)`` at ``α = 0``, summed over the prompts: how much making
   head ``h`` dense would lower the loss, to first order. One backward pass per prompt gives all heads.
 * **Allocation.** Option ``o`` of head ``h`` closes ``(R_ho − R_hc) / (1 − R_hc)`` of the head's recall gap
@@ -46,7 +47,10 @@ GATED_NAME = "shplb_gated"
 REFINE_NAME = "refine.json"
 #: held-in prompts use seeds from here on (the profile's prompts use 0 .. per_length - 1)
 HELD_IN_SEED = 1000
-ANSWER_TOKENS = 32  # a reply to "values" runs to ~25 tokens
+#: how much of the dense answer is teacher-forced, per question: its answer sentence and a few tokens more
+#: ("The value of the register harbor-70 is 422." is 15 tokens, a reply to "values" ~25); what the model
+#: rambles on after it says nothing of retrieval and would dominate the KL (round 7 forced 32 for all)
+ANSWER_TOKENS = {"passkey": 14, "register": 18, "facts": 12, "keepers": 16, "values": 32}
 #: refine stops when the density left is under this fraction of a round's step: a sensitivity pass costs
 #: as much for one head's upgrade as for fifty (round 7 spent its third pass on 0.00005 of density)
 LAST_ROUND_MIN = 0.1
@@ -127,11 +131,12 @@ def _answer_logprobs(model, ids: list[int], answer: list[int]) -> torch.Tensor:
 
 
 @torch.no_grad()
-def dense_answers(model, tokenizer, prompts: list[CalibrationPrompt], max_new: int = ANSWER_TOKENS) -> list[HeldIn]:
+def dense_answers(model, tokenizer, prompts: list[CalibrationPrompt], max_new: int | None = None) -> list[HeldIn]:
+    """The dense model's greedy answers, :data:`ANSWER_TOKENS` of the prompt's question (or ``max_new``)."""
     model.set_attn_implementation("sdpa")
     out = []
     for p in prompts:
-        ans = generate_greedy(model, p.input_ids, max_new)
+        ans = generate_greedy(model, p.input_ids, max_new or ANSWER_TOKENS[p.question])
         out.append(HeldIn(p, ans, tokenizer.decode(ans, skip_special_tokens=True).strip(),
                           _answer_logprobs(model, p.input_ids, ans)))
     return out
