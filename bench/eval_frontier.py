@@ -90,7 +90,7 @@ def main() -> None:
                      f"| {r['diff']:+.1f} [{r['ci_low']:+.1f}, {r['ci_high']:+.1f}] | {r['identical']} |")
     for m in dict.fromkeys(r["method"] for r in rows):
         fl = first_loss(rows, m)
-        lines.append(f"\nbudgets on {m} rows, the highest density at which the task loses more than {LOSS_POINTS:g} "
+        lines.append(f"\nmethod {m}: the highest density at which the task loses more than {LOSS_POINTS:g} "
                      f"points (95 % interval below): "
                      + ", ".join(f"{t} {'none of the measured plans' if d is None else f'{d:.2f}'}" for t, d in fl.items()))
     text = "\n".join(lines)
