@@ -120,9 +120,9 @@ def make_prompt(tokenizer, length: int, calib_set: str = "A", seed: int = 0,
     """A chat-formatted document of exactly ``length`` tokens (filler trimmed to fit) with needles
     inside and a retrieval question at the end (:data:`QUESTIONS`); the answer's needle is the first of
     ``needles``. The pass key and register needles and their depths do not depend on ``question``;
-    ``"facts"`` adds one block of facts at a depth of its own, ``"values"`` its needles at depths of their
-    own (drawn apart, so the other draws stay); the answer of ``"values"`` is the values in document order,
-    joined by ", " (:attr:`CalibrationPrompt.answers`), its needles first in that order."""
+    ``"facts"`` and ``"keepers"`` add one block of facts at a depth of its own, ``"values"`` its needles at
+    depths of their own (drawn apart, so the other draws stay); the answer of ``"values"`` is the values in
+    document order, joined by ", " (:attr:`CalibrationPrompt.answers`), its needles first in that order."""
     if question not in QUESTIONS:
         raise ValueError(f"calibration question must be one of {QUESTIONS}, got {question!r}")
     rng = random.Random(f"{calib_set}-{length}-{seed}")
