@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
+from typing import Callable
 
 from pydoc_data.topics import topics as _TOPICS
 
@@ -88,18 +89,33 @@ def _keepers(rng: random.Random) -> list[str]:
     return names
 
 
-def _fact_list(rng: random.Random, question: str) -> tuple[str, str, str, str]:
-    """A block of :data:`FACTS` lighthouses with their colours (``"facts"``) or keepers (``"keepers"``), and
-    the asked fact: its sentence, lighthouse and colour or keeper."""
+@dataclass(frozen=True)
+class _FactList:
+    what: str        # the block's heading: "the {what} of the lighthouses"
+    sentence: str    # one fact, of lighthouse {n} and answer {a}
+    ask: str         # the question about lighthouse {n}
+    suffix: str      # the prompt's name ends "-{lighthouse}-{suffix}"
+    draw: Callable[[random.Random], list[str]]   # the FACTS distinct answers
+
+
+#: the questions that read a block of lighthouse facts: a colour (a common word) or a keeper (an invented name)
+_FACT_LISTS = {
+    "facts": _FactList("colours", "The {n} lighthouse is painted {a}.",
+                       "What colour is the {n} lighthouse painted? Answer with the colour only.", "lighthouse",
+                       lambda rng: rng.sample(_COLOURS, FACTS)),
+    "keepers": _FactList("keepers", "The keeper of the {n} lighthouse is {a}.",
+                         "Who is the keeper of the {n} lighthouse? Answer with the name only.", "keeper",
+                         _keepers),
+}
+
+
+def _fact_list(rng: random.Random, kind: _FactList) -> tuple[str, str, str, str]:
+    """A block of :data:`FACTS` lighthouses with their colours or keepers (``kind``), and the asked fact: its
+    sentence, lighthouse and answer."""
     names = [n.capitalize() for n in rng.sample(_NAMES, FACTS)]
-    if question == "facts":
-        answers = rng.sample(_COLOURS, FACTS)
-        facts = [f"The {n} lighthouse is painted {c}." for n, c in zip(names, answers)]
-    else:
-        answers = _keepers(rng)
-        facts = [f"The keeper of the {n} lighthouse is {k}." for n, k in zip(names, answers)]
-    what = "colours" if question == "facts" else "keepers"
-    block = f"From the harbour log, the {what} of the lighthouses: " + " ".join(facts) + " That is the whole log."
+    answers = kind.draw(rng)
+    facts = [kind.sentence.format(n=n, a=a) for n, a in zip(names, answers)]
+    block = f"From the harbour log, the {kind.what} of the lighthouses: " + " ".join(facts) + " That is the whole log."
     at = rng.randrange(FACTS)
     return block, facts[at], names[at], answers[at]
 
@@ -138,12 +154,11 @@ def make_prompt(tokenizer, length: int, calib_set: str = "A", seed: int = 0,
         answer, ask = passkey, "What is the pass key? Answer with the number only."
     elif question == "register":
         answer, ask = facts[asked], f"What is the value of the register {asked}? Answer with the number only."
-    elif question in ("facts", "keepers"):
+    elif question in _FACT_LISTS:
         frng = random.Random(f"{calib_set}-{length}-{seed}-{question}")
-        block, sentence, name, answer = _fact_list(frng, question)
+        block, sentence, name, answer = _fact_list(frng, _FACT_LISTS[question])
         extra = [(frng.random(), block)]
-        ask = (f"What colour is the {name} lighthouse painted? Answer with the colour only." if question == "facts"
-               else f"Who is the keeper of the {name} lighthouse? Answer with the name only.")
+        ask = _FACT_LISTS[question].ask.format(n=name)
     else:
         vrng = random.Random(f"{calib_set}-{length}-{seed}-values")
         register, pairs = _values_needles(vrng)
@@ -194,10 +209,10 @@ def make_prompt(tokenizer, length: int, calib_set: str = "A", seed: int = 0,
         at = 1 + list(facts).index(asked)
         spans = (spans[at],) + spans[:at] + spans[at + 1:]
         return CalibrationPrompt(f"{calib_set}{seed}-{length}-{asked}", ids, answer, spans, question)
-    if question in ("facts", "keepers"):   # the asked fact first, then the block, then the other needles
+    if question in _FACT_LISTS:   # the asked fact first, then the block, then the other needles
         spans = needle_spans(tokenizer, ids, [sentence, block]) + spans
-        suffix = "lighthouse" if question == "facts" else "keeper"
-        return CalibrationPrompt(f"{calib_set}{seed}-{length}-{name.lower()}-{suffix}", ids, answer, spans, question)
+        return CalibrationPrompt(f"{calib_set}{seed}-{length}-{name.lower()}-{_FACT_LISTS[question].suffix}", ids,
+                                 answer, spans, question)
     if question == "values":     # the values' needles first, in document order
         spans = needle_spans(tokenizer, ids, value_needles) + spans
         return CalibrationPrompt(f"{calib_set}{seed}-{length}-{register}-values", ids, answer, spans, question)
