@@ -14,7 +14,10 @@ from sglang_shplb.core.patterns import BLOCK, DECODE_MIN_PAGES, HeadBudget, Patt
 def test_streaming_pairs_match_mask(sink, window, n):
     b = HeadBudget.streaming(sink, window)
     nb = math.ceil(n / BLOCK)
-    assert bm.streaming_mask(b, nb).sum().item() == b.block_pairs(n)
+    m = bm.streaming_mask(b, nb)
+    # the dense tail: the last query block's row counts every block
+    assert m.sum().item() - m[-1].sum().item() + nb == b.block_pairs(n)
+    assert b.row_pairs(nb).tolist() == m[:-1].sum(-1).tolist() + [nb]
 
 
 @pytest.mark.parametrize("frac,minb", [(0.05, 1), (0.1, 4), (0.5, 2), (1.0, 1)])
@@ -25,7 +28,7 @@ def test_topk_mask_size_and_forced_blocks(frac, minb):
     b = HeadBudget.topk(frac, minb)
     m = bm.build_block_masks([b] * 4, q, k)
     nb = m.shape[-1]
-    assert m.sum(dim=(1, 2)).tolist() == [b.block_pairs(n)] * 4
+    assert (m.sum(dim=(1, 2)) - m[:, -1].sum(-1) + nb).tolist() == [b.block_pairs(n)] * 4   # + the dense tail
     assert m[:, :, 0].all() and m.diagonal(dim1=1, dim2=2).all()
     assert not m.triu(1).any()
 

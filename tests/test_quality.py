@@ -53,10 +53,11 @@ def test_the_check_decodes_through_the_servers_decode_reference(monkeypatch):
 def test_teacher_forced_answer_rows_attend_by_the_servers_decode_rule():
     """masked_prefill(decode_from=P): rows before P are the prefill of the prompt alone (the answer rows
     never enter the prompt's block estimates), rows from P on equal the serving decode path
-    (layer_reference.sparse_decode over the cache) step by step; no decode rows, no change."""
+    (layer_reference.sparse_decode over the cache) step by step; no decode rows, no change. The prompt's
+    last DENSE_TAIL rows are dense."""
     import torch
 
-    from sglang_shplb.core.patterns import decode_budgets
+    from sglang_shplb.core.patterns import DENSE_TAIL, decode_budgets
     from sglang_shplb.kernels.layer_reference import sparse_decode
     from sglang_shplb.kernels.reference import SelectionMemory
     from sglang_shplb.planning.quality import masked_prefill
@@ -78,7 +79,14 @@ def test_teacher_forced_answer_rows_attend_by_the_servers_decode_rule():
     mixed = masked_prefill(budgets, q, k, v, scale, decode_from=P)[0]
     prompt_only = masked_prefill(budgets, q[:, :, :P], k[:, :, :P], v[:, :, :P], scale)[0]
     assert torch.allclose(mixed[:P], prompt_only, atol=1e-5)
-    assert not torch.allclose(full[256:P, 5], prompt_only[256:, 5], atol=1e-3)   # the answer rows would change it
+    # the prompt's last DENSE_TAIL rows (all of the block that holds P, whose pooled estimate the answer rows
+    # would join) are dense in every head; the rows before them follow the budgets
+    dense = torch.nn.functional.scaled_dot_product_attention(
+        q[:, :, :P], k[:, :, :P].repeat_interleave(hq // hkv, 1), v[:, :, :P].repeat_interleave(hq // hkv, 1),
+        is_causal=True, scale=scale)[0].transpose(0, 1)
+    assert P - DENSE_TAIL < 256
+    assert torch.allclose(prompt_only[P - DENSE_TAIL:], dense[P - DENSE_TAIL:], atol=1e-5)
+    assert not torch.allclose(prompt_only[:P - DENSE_TAIL, 5], dense[:P - DENSE_TAIL, 5], atol=1e-3)
     assert torch.allclose(masked_prefill(budgets, q, k, v, scale, decode_from=n)[0], full, atol=1e-6)
     kk, vv = k[0].transpose(0, 1).contiguous(), v[0].transpose(0, 1).contiguous()    # pool [n, Hkv, d]
     memory = SelectionMemory()          # the server's kept selections (DECODE_RESELECT_EVERY steps)
@@ -92,4 +100,3 @@ def test_teacher_forced_answer_rows_attend_by_the_servers_decode_rule():
         sparse = [h for h, b in enumerate(budgets) if b.pattern.value != "dense"]   # the stock backend does dense
         assert torch.allclose(mixed[t, sparse], out[0, sparse], atol=1e-5), t
     assert torch.allclose(mixed[P:, 2], full[P:, 2], atol=1e-5)   # a dense head is dense in both
-    assert not torch.allclose(mixed[P:], full[P:], atol=1e-3)   # the rules differ: the test can tell them apart

@@ -185,7 +185,7 @@ def _check_cudnn(device, dtype, d: int) -> bool:
         return False
 
 
-def _dense(q, k_buffer, v_buffer, kv: KVRows, q_lens, kv_lens, heads, scale, out) -> None:
+def dense_heads(q, k_buffer, v_buffer, kv: KVRows, q_lens, kv_lens, heads, scale, out) -> None:
     """Dense causal attention of ``heads``, query j of request i at position ``kv_len - q_len + j``: torch SDPA
     (cuDNN / flash on CUDA, GQA in the kernel) without a prefix, :func:`piece_after_prefix` after one (cuDNN
     on CUDA); one call per (request, KV head)."""
@@ -249,7 +249,7 @@ def attend_heads(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tensor
                  q_lens: Sequence[int], kv_lens: Sequence[int], budgets: Sequence[HeadBudget],
                  heads: Sequence[int], scale: float, out: torch.Tensor) -> None:
     """Write ``out[:, h]`` for ``h in heads`` (indices into ``budgets`` and q's head axis) at their budgets;
-    other columns are left alone. Dense heads: SDPA (:func:`_dense`); the others: the Triton kernels on
+    other columns are left alone. Dense heads: SDPA (:func:`dense_heads`); the others: the Triton kernels on
     CUDA, the PyTorch reference elsewhere."""
     heads = list(heads)
     if not heads or q.shape[0] == 0:
@@ -257,7 +257,7 @@ def attend_heads(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tensor
     dense = [h for h in heads if budgets[h].pattern is Pattern.DENSE]
     sparse = [h for h in heads if budgets[h].pattern is not Pattern.DENSE]
     if dense:
-        _dense(q, k_buffer, v_buffer, kv, q_lens, kv_lens, dense, scale, out)
+        dense_heads(q, k_buffer, v_buffer, kv, q_lens, kv_lens, dense, scale, out)
     if not sparse:
         return
     if q.is_cuda:

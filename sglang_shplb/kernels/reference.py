@@ -18,7 +18,7 @@ from typing import Sequence
 
 import torch
 
-from sglang_shplb.core.patterns import BLOCK, DECODE_RESELECT_EVERY, HeadBudget, Pattern, reselect_due
+from sglang_shplb.core.patterns import BLOCK, DECODE_RESELECT_EVERY, HeadBudget, Pattern, reselect_due, tail_rows
 
 
 def _expand_block_mask(mask: torch.Tensor, n_kv: int, n_q: int, block: int = BLOCK) -> torch.Tensor:
@@ -48,6 +48,17 @@ def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_ma
     s = s.masked_fill(~allowed, float("-inf"))
     p = torch.softmax(s, dim=-1)
     return (p @ vv).transpose(0, 1)
+
+
+def dense_tail_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sm_scale: float | None = None) -> torch.Tensor:
+    """The dense tail of one sequence (:data:`~sglang_shplb.core.patterns.DENSE_TAIL`; the reference of
+    :func:`sglang_shplb.kernels.dense_tail.dense_tail`): ``q [n, Hq, d]``, ``k, v [n, Hkv, d]`` → float32
+    ``[t, Hq, d]``, its last ``t = tail_rows(n)`` queries over every key up to their own, differentiable."""
+    n = q.shape[0]
+    t = tail_rows(n)
+    nb = math.ceil(n / BLOCK)
+    causal = torch.ones(nb, nb, dtype=torch.bool, device=q.device).tril().expand(q.shape[1], nb, nb)
+    return masked_attention(q[n - t:], k, v, causal, sm_scale)
 
 
 def reference_sparse_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

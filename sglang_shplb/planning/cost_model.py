@@ -135,14 +135,14 @@ class CalibrationError(ValueError):
 
 @functools.lru_cache(maxsize=4096)
 def _profile_cached(budget: HeadBudget, nb: int) -> np.ndarray:
-    w = budget.blocks_for_query_blocks(np.arange(nb), nb).astype(np.float64)
+    w = budget.row_pairs(nb).astype(np.float64)
     w.setflags(write=False)
     return w
 
 
 def query_block_pairs(budget: HeadBudget, seq_len: int) -> np.ndarray:
     """KV blocks attended by each query block of a prefill of ``seq_len`` tokens (read-only float array,
-    :meth:`HeadBudget.blocks_for_query_blocks`); its sum is ``budget.block_pairs(seq_len)``."""
+    :meth:`HeadBudget.row_pairs`, the dense tail included); its sum is ``budget.block_pairs(seq_len)``."""
     return _profile_cached(budget, math.ceil(seq_len / BLOCK))
 
 

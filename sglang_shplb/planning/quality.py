@@ -20,7 +20,8 @@ import torch
 from sglang_shplb.core.block_masks import build_block_masks
 from sglang_shplb.planning.calibration_data import passkey_prompt
 from sglang_shplb.kernels.layer_reference import sparse_decode
-from sglang_shplb.kernels.reference import SelectionMemory, masked_attention, reference_page_summaries
+from sglang_shplb.kernels.reference import (SelectionMemory, dense_tail_rows, masked_attention,
+                                            reference_page_summaries)
 from sglang_shplb.core.patterns import BLOCK, DECODE_RESELECT_EVERY, HeadBudget
 from sglang_shplb.core.patterns import decode_budgets as at_decode
 
@@ -62,7 +63,8 @@ def masked_prefill(budgets: list[HeadBudget], query: torch.Tensor, key: torch.Te
                    scaling: float | None, decode_from: int | None = None) -> torch.Tensor:
     """One layer's prefill under its budgets, from transformers' attention inputs (``query [1, H, n, d]``,
     ``key/value [1, Hkv, n, d]``): the kernels' block masks (no gradient through their choice), masked dense
-    attention per KV group. Rows from ``decode_from`` on (teacher-forced answer tokens, which the server feeds
+    attention per KV group, the prompt's :data:`~sglang_shplb.core.patterns.DENSE_TAIL` rows dense (as the server
+    computes them). Rows from ``decode_from`` on (teacher-forced answer tokens, which the server feeds
     one decode step each) follow the decode rule instead (:func:`decode_rows`). Returns float32 ``[1, n, H,
     d]``, differentiable in q, k, v."""
     q, k, v = query[0].transpose(0, 1), key[0].transpose(0, 1), value[0].transpose(0, 1)  # [n, H, d]
@@ -74,6 +76,8 @@ def masked_prefill(budgets: list[HeadBudget], query: torch.Tensor, key: torch.Te
     out = torch.cat([masked_attention(q[:stop, g * group:(g + 1) * group], k[:stop, g:g + 1], v[:stop, g:g + 1],
                                       masks[g * group:(g + 1) * group], scaling)
                      for g in range(k.shape[1])], dim=1)
+    tail = dense_tail_rows(q[:stop], k[:stop], v[:stop], scaling)   # the prompt's last rows attend densely
+    out = torch.cat([out[:stop - tail.shape[0]], tail])
     if stop < n:
         out = torch.cat([out, decode_rows(at_decode(budgets), q, k, v, stop, scaling)])
     return out[None]

@@ -13,6 +13,10 @@ backend are used as they are. A layer with sparse heads takes:
   heads are recomputed from the pool through ``req_to_token`` by the PyTorch reference
   (:mod:`sglang_shplb.kernels.layer_reference`) and their columns replaced.
 
+On either path, after the sparse heads are written, every request's last query rows (the dense tail,
+:data:`~sglang_shplb.core.patterns.DENSE_TAIL`: the question a prompt ends with) are recomputed dense in those
+heads (:mod:`sglang_shplb.kernels.dense_tail`).
+
 At TP ≥ 2, a layer whose placement (the plan's, for the batch's bucket) moves work between ranks runs its
 extend through :class:`~sglang_shplb.kernels.head_parallel.HeadParallelExtend` on SGLang's TP group (see
 ``docs/serving.md``); decode stays on the home heads.
@@ -55,7 +59,8 @@ from sglang.srt.layers.attention.base_attn_backend import AttentionBackend
 from sglang_shplb.core.head_map import LayerWork, placement_work, rank_heads
 from sglang_shplb.core.plan import always_stock
 from sglang_shplb.core.patterns import HeadBudget, Pattern, decode_budgets
-from sglang_shplb.kernels.head_parallel import ExchangeStats, HeadParallelExtend, RankLayout
+from sglang_shplb.kernels.dense_tail import dense_tail
+from sglang_shplb.kernels.head_parallel import ExchangeStats, HeadParallelExtend, KVRows, RankLayout
 from sglang_shplb.kernels.layer_heads import LayerHeads
 from sglang_shplb.kernels.layer_reference import prepare_decode_constants, sparse_attention, sparse_decode, sparse_heads
 from sglang_shplb.kernels.reference import SelectionMemory
@@ -470,6 +475,7 @@ class ShplbAttnBackend(AttentionBackend):
             lk.extend(q3, k.reshape(-1, lk.hkv, layer.qk_head_dim), v.reshape(-1, lk.hkv, layer.v_head_dim),
                       self.token_to_kv_pool.get_key_buffer(layer.layer_id),
                       self.token_to_kv_pool.get_value_buffer(layer.layer_id), self.extend_batch, layer.scaling, o)
+            self._dense_tail(q3, o, layer, forward_batch)
             self.stats["extend_layers_sparse"] += 1
             return o.view(q3.shape[0], -1)
         o = self.inner.forward_extend(q, k, v, layer, forward_batch, save_kv_cache=save_kv_cache, **kwargs)
@@ -484,8 +490,23 @@ class ShplbAttnBackend(AttentionBackend):
                          self.req_to_token_pool.req_to_token, forward_batch.req_pool_indices,
                          forward_batch.seq_lens, forward_batch.extend_seq_lens, budgets, layer.scaling, o3,
                          max_kv_len=max_kv)
+        self._dense_tail(q3, o3, layer, forward_batch)
         self.stats["extend_layers_sparse"] += 1
         return o
+
+    def _dense_tail(self, q3, o3, layer, forward_batch) -> None:
+        """Every request's last :data:`~sglang_shplb.core.patterns.DENSE_TAIL` query rows in this layer's sparse
+        heads (home heads on this rank) recomputed dense over the pool (:func:`~sglang_shplb.kernels.dense_tail.
+        dense_tail`), after whichever route wrote them."""
+        heads = sparse_heads(self.layer_budgets.get(layer.layer_id) or [])
+        if not heads:
+            return
+        kv_lens = forward_batch.seq_lens_cpu.tolist()
+        q_lens = list(forward_batch.extend_seq_lens_cpu)
+        dense_tail(q3, self.token_to_kv_pool.get_key_buffer(layer.layer_id),
+                   self.token_to_kv_pool.get_value_buffer(layer.layer_id),
+                   KVRows(self.req_to_token_pool.req_to_token, forward_batch.req_pool_indices), q_lens, kv_lens,
+                   heads, layer.scaling, o3)
 
     def _extend_stock(self, q, k, v, layer, forward_batch, save_kv_cache, **kwargs):
         """The plan marks this layer stock for prefill in this bucket: the stock backend for every head, then
@@ -529,6 +550,7 @@ class ShplbAttnBackend(AttentionBackend):
         hp.run(layer_schedule(work, self.extend_shape), self.plan.budgets[layer.layer_id], q3, kb, vb,
                self.req_to_token_pool.req_to_token, forward_batch.req_pool_indices, layer.scaling, o,
                k_new=k.reshape(-1, hkv, layer.qk_head_dim), v_new=v.reshape(-1, hkv, layer.v_head_dim))
+        self._dense_tail(q3, o, layer, forward_batch)
         lk = self.kernels.get(layer.layer_id)
         if lk is not None and self.extend_batch is not None:
             lk.summarize(kb, self.extend_batch)   # decode stays at home: its page summaries cover every home head

@@ -1,0 +1,100 @@
+"""The dense tail (``patterns.DENSE_TAIL``): the last query rows of every request of an extend attend to every
+key in every head. The serving function (:func:`sglang_shplb.kernels.dense_tail.dense_tail`, over SGLang's
+paged pool) against its reference (:func:`sglang_shplb.kernels.reference.dense_tail_rows`) and against SDPA;
+the refine / quality reference (``quality.masked_prefill``) keeps the budgets before the tail."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from sglang_shplb.core.patterns import DENSE_TAIL, HeadBudget, tail_rows
+from sglang_shplb.kernels.dense_tail import dense_tail, tail_positions
+from sglang_shplb.kernels.head_parallel import KVRows
+from sglang_shplb.kernels.reference import dense_tail_rows
+
+
+def test_tail_positions_of_a_packed_batch():
+    rows, tails = tail_positions([100, 30, 64])
+    assert tails == [DENSE_TAIL, 30, DENSE_TAIL] == [tail_rows(n) for n in (100, 30, 64)]
+    assert rows == list(range(100 - DENSE_TAIL, 100)) + list(range(100, 130)) + list(range(130, 194))
+
+
+def test_dense_tail_over_a_scattered_pool_with_a_prefix():
+    """Two requests in a scattered pool: one without a prefix (150 new tokens), one extend of 40 tokens after a
+    260-token prefix (all 40 are its tail). Heads 0, 2, 5 of 6 (2 KV heads): their tail rows equal the reference
+    and SDPA; every other row and head keeps what was there."""
+    torch.manual_seed(0)
+    hq, hkv, d = 6, 2, 32
+    scale = d ** -0.5
+    lens, q_lens = [150, 300], [150, 40]
+    pool = 1000
+    kb, vb = torch.randn(pool, hkv, d), torch.randn(pool, hkv, d)
+    perm = torch.randperm(pool)
+    req_to_token = torch.zeros(4, 512, dtype=torch.int32)
+    req_to_token[1, :150] = perm[:150].int()
+    req_to_token[3, :300] = perm[150:450].int()
+    rpi = torch.tensor([1, 3], dtype=torch.int32)
+    q_full = [torch.randn(n, hq, d) for n in lens]                       # every position's query
+    q = torch.cat([qf[n - m:] for qf, n, m in zip(q_full, lens, q_lens)])  # the extend's queries
+    out = torch.randn(q.shape[0], hq, d)
+    before = out.clone()
+    heads = [0, 2, 5]
+    dense_tail(q, kb, vb, KVRows(req_to_token, rpi), q_lens, lens, heads, scale, out)
+    rows, tails = tail_positions(q_lens)
+    assert tails == [DENSE_TAIL, 40]
+    c = 0
+    for i, (n, m) in enumerate(zip(lens, q_lens)):
+        loc = req_to_token[int(rpi[i]), :n].long()
+        t = tail_rows(m)                                                   # the extend's tail, not the sequence's
+        ref = dense_tail_rows(q_full[i], kb[loc], vb[loc], scale)[-t:]     # [t, hq, d]
+        got = out[c + m - t:c + m]
+        assert torch.allclose(got[:, heads], ref[:, heads], atol=1e-5)
+        # SDPA, the whole sequence causal: its last t rows
+        kk, vv = kb[loc].transpose(0, 1), vb[loc].transpose(0, 1)
+        sd = torch.nn.functional.scaled_dot_product_attention(q_full[i].transpose(0, 1), kk, vv, is_causal=True,
+                                                              scale=scale, enable_gqa=True).transpose(0, 1)
+        assert torch.allclose(got[:, heads], sd[n - t:, heads], atol=1e-5)
+        c += m
+    untouched = torch.ones(q.shape[0], hq, dtype=torch.bool)
+    untouched[torch.tensor(rows)[:, None], torch.tensor(heads)[None, :]] = False
+    assert torch.equal(out[untouched], before[untouched])
+    assert not torch.allclose(out[~untouched], before[~untouched])
+
+
+def test_masked_prefill_keeps_the_budgets_before_the_tail():
+    """quality.masked_prefill (the refine gate's and the in-process check's prefill): rows before the tail
+    follow the streaming budget (and differ from dense), the tail rows equal dense; a prompt shorter than
+    the tail is dense throughout."""
+    from sglang_shplb.core.block_masks import build_block_masks
+    from sglang_shplb.kernels.reference import masked_attention
+    from sglang_shplb.planning.quality import masked_prefill
+
+    torch.manual_seed(1)
+    hq, hkv, d = 4, 2, 16
+    scale = d ** -0.5
+    budgets = [HeadBudget.streaming(64, 64)] * 2 + [HeadBudget.topk(0.1, 2)] * 2
+    for n in (400, DENSE_TAIL - 20):
+        q, k, v = torch.randn(1, hq, n, d), torch.randn(1, hkv, n, d), torch.randn(1, hkv, n, d)
+        got = masked_prefill(budgets, q, k, v, scale)[0]                      # [n, hq, d]
+        dense = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale,
+                                                                 enable_gqa=True)[0].transpose(0, 1)
+        t = tail_rows(n)
+        assert torch.allclose(got[n - t:], dense[n - t:], atol=1e-5)
+        if n > t:
+            masks = build_block_masks(budgets, q[0], k[0])
+            sparse = masked_attention(q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1), masks, scale)
+            assert torch.allclose(got[:n - t], sparse[:n - t], atol=1e-5)
+            assert not torch.allclose(got[:n - t], dense[:n - t], atol=1e-3)
+
+
+def test_the_tail_is_counted_in_the_density():
+    """block_pairs counts the tail as one full query-block row: a streaming head at 8K reads 2 + 1 blocks a
+    row, and the tail adds the last row's missing ones."""
+    b = HeadBudget.streaming(64, 128)
+    n = 8192
+    nb = math.ceil(n / 64)
+    plain = int(b.blocks_for_query_blocks(torch.arange(nb).numpy(), nb).sum())
+    assert b.block_pairs(n) == plain - b.blocks_for_query_block(nb - 1, nb) + nb
+    assert b.density(n) > plain / (nb * (nb + 1) // 2)
+    assert HeadBudget.dense().density(n) == 1.0
