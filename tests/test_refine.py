@@ -137,6 +137,11 @@ def test_held_in_prompts_ask_pass_keys_registers_facts_and_values(small):
     assert a.answer != b.answer and sorted(a.needles) != [] and len(a.needles) == len(b.needles)
     with pytest.raises(ValueError, match="calibration question"):
         make_prompt(tok, 384, "A", 0, "capital")
+    # too short for the needles: refused, never a prompt with a needle cut (384 tokens for seed 1005's facts)
+    with pytest.raises(ValueError, match="too short for the 'facts' question"):
+        make_prompt(tok, 384, "A", 1005, "facts")
+    with pytest.raises(ValueError, match="too short"):
+        make_prompt(tok, 100, "A", 0, "passkey")
     assert rf.answered("412", "It is 412.") and not rf.answered("412", "41234") and not rf.answered("412", "1412")
     assert rf.answered("teal", "Teal.") and not rf.answered("teal", "steal") and not rf.answered("teal", "teals")
 

@@ -195,6 +195,9 @@ def make_prompt(tokenizer, length: int, calib_set: str = "A", seed: int = 0,
     while len(render(with_needles(body))) > length and len(body) > 1:
         body.pop()
     ids = render(with_needles(body))
+    if len(ids) > length and len(body) == 1:   # one paragraph is left, after the needles: trimming would cut them
+        raise ValueError(f"a calibration prompt of {length} tokens is too short for the {question!r} question: its "
+                         f"needles and question alone take {len(render(with_needles([])))} tokens; ask for more")
     # the chat header ends where two renders with different bodies start to differ
     a, b = render(["alpha"]), render(["omega"])
     head = next(j for j, (x, y) in enumerate(zip(a, b)) if x != y)
