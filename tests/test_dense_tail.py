@@ -9,15 +9,19 @@ import math
 import torch
 
 from sglang_shplb.core.patterns import DENSE_TAIL, HeadBudget, tail_rows
-from sglang_shplb.kernels.dense_tail import dense_tail, tail_positions
+from sglang_shplb.kernels.dense_tail import dense_tail
 from sglang_shplb.kernels.head_parallel import KVRows
 from sglang_shplb.kernels.reference import dense_tail_rows
 
 
-def test_tail_positions_of_a_packed_batch():
-    rows, tails = tail_positions([100, 30, 64])
-    assert tails == [DENSE_TAIL, 30, DENSE_TAIL] == [tail_rows(n) for n in (100, 30, 64)]
-    assert rows == list(range(100 - DENSE_TAIL, 100)) + list(range(100, 130)) + list(range(130, 194))
+def tail_positions(q_lens):
+    """Rows of a packed batch in the tail (each request's last tail_rows(n)), and the tail lengths."""
+    rows, tails, c = [], [], 0
+    for n in q_lens:
+        rows += range(c + n - tail_rows(n), c + n)
+        tails.append(tail_rows(n))
+        c += n
+    return rows, tails
 
 
 def test_dense_tail_over_a_scattered_pool_with_a_prefix():

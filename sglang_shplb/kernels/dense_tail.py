@@ -1,7 +1,8 @@
 """The dense tail (:data:`~sglang_shplb.core.patterns.DENSE_TAIL`): the last query rows of every request of an
 extend batch recomputed with dense attention over all the request's keys, in the heads asked for, on top of
-what the sparse kernels wrote (their cost: ``tail`` rows x ``kv_len`` keys per head, 1.6 % of a dense head at
-8K, 0.05 % at 128K; torch SDPA / cuDNN through :func:`.head_parallel.dense_heads`). No SGLang import."""
+what the sparse kernels wrote. Cost: ``tail`` rows x ``kv_len`` keys per head (1.6 % of a dense head at 8K, 0.05 %
+at 128K), in two attention calls per request for all heads (:func:`.head_parallel.piece_after_prefix`, cuDNN on
+CUDA), whatever the head count. No SGLang import."""
 from __future__ import annotations
 
 from typing import Sequence
@@ -9,19 +10,17 @@ from typing import Sequence
 import torch
 
 from sglang_shplb.core.patterns import tail_rows
-from sglang_shplb.kernels.block_index import to_device
-from sglang_shplb.kernels.head_parallel import KVRows, dense_heads, head_index
+from sglang_shplb.kernels.head_parallel import KVRows, dense_piece, head_index
 
 
-def tail_positions(q_lens: Sequence[int]) -> tuple[list[int], list[int]]:
-    """Rows of a packed ``[sum(q_lens), ...]`` batch in the tail, and each request's tail length."""
-    rows, tails, c = [], [], 0
-    for n in q_lens:
-        t = tail_rows(n)
-        rows.extend(range(c + n - t, c + n))
-        tails.append(t)
-        c += n
-    return rows, tails
+def _request_tail(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """``q [t, Hq, d]``, the last ``t`` of ``L`` positions; ``k/v [L, Hkv, d]`` → float32 ``[t, Hq, d]``, every head
+    dense (one grouped :func:`.head_parallel.dense_piece`)."""
+    t, hq, d = q.shape
+    hkv = k.shape[1]
+    qg = q.transpose(0, 1).reshape(hkv, hq // hkv, t, d)
+    o = dense_piece(qg, k.transpose(0, 1), v.transpose(0, 1), scale)
+    return o.reshape(hq, t, d).transpose(0, 1)
 
 
 def dense_tail(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tensor, kv: KVRows,
@@ -33,8 +32,11 @@ def dense_tail(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tensor, 
     heads = list(heads)
     if not heads or q.shape[0] == 0:
         return
-    rows, tails = tail_positions(q_lens)
-    idx = to_device(torch.tensor(rows, dtype=torch.long), q.device)
-    tail_out = out.index_select(0, idx)
-    dense_heads(q.index_select(0, idx), k_buffer, v_buffer, kv, tails, kv_lens, heads, scale, tail_out)
-    out.index_copy_(0, idx, tail_out)
+    hs = head_index(heads, q.device)
+    c = 0
+    for i, (n, L) in enumerate(zip(q_lens, kv_lens)):
+        t = tail_rows(n)
+        rows = kv.rows(i, L)
+        o = _request_tail(q[c + n - t:c + n], k_buffer[rows], v_buffer[rows], scale)
+        out[c + n - t:c + n, hs] = o[:, hs].to(out.dtype)
+        c += n

@@ -119,31 +119,35 @@ def _attention_with_lse(q, k, v, causal: bool, scale: float, backend: str) -> tu
 def piece_after_prefix(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
                        backend: str) -> torch.Tensor:
     """Dense attention of ``S`` q heads sharing one KV head, queries the last ``n`` of ``L`` keys (lower-right
-    causal): ``q [S, n, d]``, ``k/v [L, d]`` → ``[S, n, d]`` (float32).
+    causal): ``q [S, n, d]``, ``k/v [L, d]`` → ``[S, n, d]`` (float32); or of ``G`` such KV groups at once,
+    ``q [G, S, n, d]``, ``k/v [G, L, d]`` → ``[G, S, n, d]``.
 
     Math. With ``p = L - n``, query ``i`` (position ``p + i``) sees keys ``[0, p + i]``: all of the prefix
     ``P = [0, p)`` and the top-left causal square ``D = [p, p + i]``. For a key set ``X`` let
     ``l_X = log Σ_{j∈X} e^{s_j}`` and ``o_X = Σ_{j∈X} e^{s_j - l_X} v_j`` (``s_j = scale q·k_j``); then over
     ``P ∪ D``: ``o = (e^{l_P} o_P + e^{l_D} o_D) / (e^{l_P} + e^{l_D}) = o_D + σ(l_P - l_D) (o_P - o_D)``
-    (``σ`` the logistic function; no overflow). ``P`` is a rectangle with no mask, so the ``S`` heads are
-    folded into its query axis (``[1, 1, S n, d]`` against one K/V head: no GQA expansion); ``D`` is one
-    ``[1, S, n, d]`` causal call (its ``n`` K/V rows expanded to the ``S`` heads). Each part is one kernel
+    (``σ`` the logistic function; no overflow). ``P`` is a rectangle with no mask, so each group's ``S`` heads
+    are folded into its query axis (``[1, G, S n, d]`` against the ``G`` K/V heads: no GQA expansion); ``D`` is
+    one ``[1, G S, n, d]`` causal call (its ``n`` K/V rows expanded to the heads). Each part is one kernel
     call of ``backend`` (:data:`PIECE_BACKENDS`) returning its log-sum-exp."""
-    S, n, d = q.shape
-    L = k.shape[0]
+    grouped = q.dim() == 4
+    if not grouped:
+        q, k, v = q[None], k[None], v[None]
+    G, S, n, d = q.shape
+    L = k.shape[1]
     p = L - n
-    kd = k[p:][None, None].expand(1, S, n, d).contiguous()
-    vd = v[p:][None, None].expand(1, S, n, d).contiguous()
-    o2, l2 = _attention_with_lse(q[None].contiguous(), kd, vd, True, scale, backend)
-    if p == 0:
-        return o2[0].float()
-    kp, vp = k[:p], v[:p]
-    if not kp.is_contiguous():
-        kp, vp = kp.contiguous(), vp.contiguous()
-    o1, l1 = _attention_with_lse(q.reshape(1, 1, S * n, d), kp[None, None], vp[None, None], False, scale, backend)
-    w = torch.sigmoid(l1.view(S, n) - l2[0])[..., None]
-    o2 = o2[0].float()
-    return o2 + w * (o1.view(S, n, d).float() - o2)
+    kd = k[:, p:, None].expand(G, n, S, d).transpose(1, 2).reshape(1, G * S, n, d)
+    vd = v[:, p:, None].expand(G, n, S, d).transpose(1, 2).reshape(1, G * S, n, d)
+    o2, l2 = _attention_with_lse(q.reshape(1, G * S, n, d), kd, vd, True, scale, backend)
+    o2 = o2.view(G, S, n, d).float()
+    if p > 0:
+        kp, vp = k[:, :p], v[:, :p]
+        if not kp.is_contiguous():
+            kp, vp = kp.contiguous(), vp.contiguous()
+        o1, l1 = _attention_with_lse(q.reshape(1, G, S * n, d), kp[None], vp[None], False, scale, backend)
+        w = torch.sigmoid(l1.view(G, S, n) - l2.view(G, S, n))[..., None]
+        o2 = o2 + w * (o1.view(G, S, n, d).float() - o2)
+    return o2 if grouped else o2[0]
 
 
 def piece_backend(q: torch.Tensor) -> str:
@@ -162,6 +166,19 @@ def piece_backend(q: torch.Tensor) -> str:
     if key not in _CUDNN_OK:
         _CUDNN_OK[key] = _check_cudnn(q.device, q.dtype, q.shape[-1])
     return "cudnn" if _CUDNN_OK[key] else "flash"
+
+
+def dense_piece(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """:func:`piece_after_prefix` on :func:`piece_backend`'s kernel; a shape cuDNN refuses goes to flash, and
+    cuDNN is not tried again for that device, dtype and head dim."""
+    backend = piece_backend(q)
+    try:
+        return piece_after_prefix(q, k, v, scale, backend)
+    except RuntimeError:
+        if backend != "cudnn":
+            raise
+        _CUDNN_OK[(q.device.index, q.dtype, q.shape[-1])] = False
+        return piece_after_prefix(q, k, v, scale, "flash")
 
 
 def _check_cudnn(device, dtype, d: int) -> bool:
@@ -204,14 +221,7 @@ def dense_heads(q, k_buffer, v_buffer, kv: KVRows, q_lens, kv_lens, heads, scale
             if n == L:   # no prefix: top-left causal, GQA in the kernel (cuDNN / flash)
                 o = sdpa(qq[None], kk[None, None], vv[None, None], scale=scale, is_causal=True, enable_gqa=True)[0]
             else:
-                backend = piece_backend(qq)
-                try:
-                    o = piece_after_prefix(qq, kk, vv, scale, backend)
-                except RuntimeError:
-                    if backend != "cudnn":
-                        raise
-                    _CUDNN_OK[(qq.device.index, qq.dtype, qq.shape[-1])] = False  # a shape cuDNN refuses
-                    o = piece_after_prefix(qq, kk, vv, scale, "flash")
+                o = dense_piece(qq, kk, vv, scale)
             out[c:c + n, hs] = o.transpose(0, 1).to(out.dtype)
         c += n
 
