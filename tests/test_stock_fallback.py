@@ -65,7 +65,7 @@ def test_one_cheap_streaming_head_among_dense_ones():
     n = 16384
     sp, st = layer_times("prefill", layer, n, SPEC, COST, NO_OVERHEAD)
     ratio = sp / st
-    assert 8 / 9 < ratio < 0.9                             # it saves (almost) one head in nine
+    assert 8 / 9 < ratio < 0.902   # it saves (almost) one head in nine: the dense tail's row is 1/256 of a head
     assert choose_stock(sp, st, ratio + 1e-9) is False and choose_stock(sp, st, ratio - 1e-9) is True
     assert choose_stock(sp, st, 0.95) is False             # sparse pays without the per-layer overhead ...
     sp1, st1 = layer_times("prefill", layer, n, SPEC, COST, StockOptions())
