@@ -1,6 +1,6 @@
 """The dense tail (:data:`~sglang_shplb.core.patterns.DENSE_TAIL`): the last query rows of every request of an
 extend batch recomputed with dense attention over all the request's keys, in the heads asked for, on top of
-what the sparse kernels wrote. Cost: ``tail`` rows x ``kv_len`` keys per head (1.6 % of a dense head at 8K, 0.05 %
+what the sparse kernels wrote. Cost: ``tail`` rows x ``kv_len`` keys per head (1.6 % of a dense head at 8K, 0.1 %
 at 128K), in two attention calls per request for all heads (:func:`.head_parallel.piece_after_prefix`, cuDNN on
 CUDA), whatever the head count. No SGLang import."""
 from __future__ import annotations
