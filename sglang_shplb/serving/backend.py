@@ -215,6 +215,7 @@ class ShplbAttnBackend(AttentionBackend):
         self.selections = SelectionMemory(self.cfg.decode_reselect_every)
         self.decode_ws: DecodeWorkspace | None = None
         self.extend_batch: ExtendBatch | None = None
+        self.extend_lens: tuple[list[int], list[int]] | None = None   # (q, kv) host lengths of this extend batch
         self.route_by_bucket: torch.Tensor | None = None
         self.kernel_extend_buckets: frozenset[int] = frozenset()
         if str(self.device).startswith("cuda"):
@@ -341,10 +342,11 @@ class ShplbAttnBackend(AttentionBackend):
 
     def init_forward_metadata(self, forward_batch):
         self._set_bucket(forward_batch)
-        self.extend_batch = self.extend_shape = None
+        self.extend_batch = self.extend_shape = self.extend_lens = None
         mode = forward_batch.forward_mode
         if mode.is_extend() and forward_batch.extend_seq_lens_cpu:
             seq_lens = forward_batch.seq_lens_cpu.tolist()
+            self.extend_lens = (list(forward_batch.extend_seq_lens_cpu), seq_lens)   # host lengths, once a forward
             if not self.kernels and self.selections.kept:   # the slots this batch (re)fills
                 self.selections.forget(forward_batch.req_pool_indices.tolist())
             if self.current_bucket in self.kernel_extend_buckets:
@@ -501,8 +503,7 @@ class ShplbAttnBackend(AttentionBackend):
         heads = sparse_heads(self.layer_budgets.get(layer.layer_id) or [])
         if not heads:
             return
-        kv_lens = forward_batch.seq_lens_cpu.tolist()
-        q_lens = list(forward_batch.extend_seq_lens_cpu)
+        q_lens, kv_lens = self.extend_lens
         dense_tail(q3, self.token_to_kv_pool.get_key_buffer(layer.layer_id),
                    self.token_to_kv_pool.get_value_buffer(layer.layer_id),
                    KVRows(self.req_to_token_pool.req_to_token, forward_batch.req_pool_indices), q_lens, kv_lens,
