@@ -2,10 +2,12 @@
 real code path (:class:`sglang_shplb.kernels.head_parallel.HeadParallelExtend`), competitors side by side.
 
 Per rank ``r`` of a placement, the time of a layer is
-``pack + max(home + local units, link_in) + units shipped here + link_out + scatter``:
+``pack + max(home + local units, link_in) + units shipped here + link_out + scatter + tail``:
 ``pack`` gathers the q rows and K/V prefixes it ships (real copies), ``home`` runs the heads it keeps whole
 (one SparsePrefill call, dense heads on cuDNN), ``units`` runs the pieces shipped to it on their staged
-prefixes, ``scatter`` writes returned outputs into its home columns. The links are not real (one GPU): their
+prefixes, ``scatter`` writes returned outputs into its home columns, ``tail`` recomputes the last
+:data:`~sglang_shplb.core.patterns.DENSE_TAIL` rows of its home sparse heads dense (as the backend does after
+the exchange; :mod:`sglang_shplb.kernels.dense_tail`). The links are not real (one GPU): their
 time is bytes / ``--link-gbps`` per direction (default 370 GB/s, about what NCCL all-to-all reaches over
 H100/H200 NVLink; state it when quoting), the inputs overlapping the home heads as the executor does
 (``async_op``), the outputs exposed. The slowest rank is the layer's time.
@@ -56,8 +58,10 @@ from sglang_shplb.core.head_map import home_rank, layer_work, rank_heads  # noqa
 from sglang_shplb.core.model_spec import ModelSpec  # noqa: E402
 from sglang_shplb.core.patterns import HeadBudget  # noqa: E402
 from sglang_shplb.core.placement_types import LayerPlacement, Piece  # noqa: E402
+from sglang_shplb.kernels.dense_tail import dense_tail  # noqa: E402
 from sglang_shplb.kernels.head_parallel import (HeadParallelExtend, KVRows, RankLayout, attend_heads,  # noqa: E402
                                                 piece_backend)
+from sglang_shplb.kernels.layer_reference import sparse_heads  # noqa: E402
 from sglang_shplb.planning.cost_model import load_cost_model  # noqa: E402
 from sglang_shplb.planning.move_calibration import (RankRecord, fit_moves, format_fit,  # noqa: E402
                                                     rank_predictions, write_move_calibration)
@@ -172,10 +176,16 @@ def emulate(lp, budgets, q, k, v, tp, scale, smoke, link_gbps, reps) -> dict:
             hps[r].compute_units(sched, r, budgets, scale, outs[r], q=qs[r], k_buffer=ks[r], v_buffer=vs[r],
                                  req_to_token=r2t, req_pool_indices=rpi)
 
+        def tail(r=r, local=local):  # the backend's dense tail: home sparse heads, after the exchange
+            dense_tail(qs[r], ks[r], vs[r], KVRows.back_to_back([n]), [n], [n], sparse_heads(local), scale, outs[r])
+
         home()
         local_units()
         hp.scatter_outputs(sched, ret, split, outs[r])
+        tail()
         t = {"home_ms": bench(home, smoke, reps), "whole_heads": len(whole)}
+        if sparse_heads(local):
+            t["tail_ms"] = bench(tail, smoke, reps)
         if not smoke:  # after the warm-up calls: the executor's steady state should never wait for the GPU
             t["host_syncs"] = sum(host_syncs(lambda r=r: (
                 home(), local_units(), hps[r].pack_inputs(sched, qs[r], ks[r], vs[r], r2t, rpi),
@@ -200,10 +210,11 @@ def emulate(lp, budgets, q, k, v, tp, scale, smoke, link_gbps, reps) -> dict:
             t["scatter_ms"] = bench(lambda: hp.scatter_outputs(sched, ret, split, outs[r]), smoke, reps)
         t["link_in_ms"] = max(moved_in, moved_out) / bw * 1e3
         t["link_out_ms"] = max(back_in, back_out) / bw * 1e3
-        t["compute_ms"] = t["home_ms"] + t.get("local_units_ms", 0.0) + t.get("units_ms", 0.0)
+        t["compute_ms"] = (t["home_ms"] + t.get("local_units_ms", 0.0) + t.get("units_ms", 0.0)
+                           + t.get("tail_ms", 0.0))
         t["total_ms"] = (t.get("pack_ms", 0.0) + max(t["home_ms"] + t.get("local_units_ms", 0.0), t["link_in_ms"])
                          + t.get("units_ms", 0.0)
-                         + t["link_out_ms"] + t.get("scatter_ms", 0.0))
+                         + t["link_out_ms"] + t.get("scatter_ms", 0.0) + t.get("tail_ms", 0.0))
         t["bytes_in"], t["bytes_out"] = moved_in + back_in, moved_out + back_out
         ranks.append(t)
     slow = max(x["total_ms"] for x in ranks)
@@ -424,6 +435,7 @@ def main(argv=None) -> None:
                 budgets = plan_budgets(plan, hq, hkv, seed=n)
                 ref = torch.zeros_like(q)
                 attend_heads(q, k, v, KVRows.back_to_back([n]), [n], [n], budgets, range(hq), scale, ref)
+                dense_tail(q, k, v, KVRows.back_to_back([n]), [n], [n], sparse_heads(budgets), scale, ref)
                 for tp in tps:
                     if hq % tp:
                         continue
