@@ -266,7 +266,7 @@ def cmd_refine(a, density_target=None, until_match=None) -> Path:
     path = save_budgets(rf.refined_file(budgets, res), a.out)
     log = rf.save_refine(res, held, a.out)
     last = res.rounds[-1]
-    print(f"refined budgets: mean density {budgets.density.mean():.3f} → {last.density:.3f} in "
+    print(f"refined budgets: mean density {res.rounds[0].density:.3f} → {last.density:.3f} in "
           f"{len(res.rounds) - 1} rounds; held-in: plan right on {last.sparse_correct}, dense on "
           f"{res.dense_correct} of {res.prompts} → {path} ({log.name})")
     return path

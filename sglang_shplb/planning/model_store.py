@@ -118,14 +118,14 @@ def resolve_model(model: str | Path | None, cache: str | Path | None = None, log
     return path
 
 
-def load_model(model_dir, device: str = "cpu", num_layers: int | None = None):
-    """The checkpoint at ``model_dir`` in the serving dtype of ``device`` (float32 on CPU, bf16 on CUDA), frozen
-    and in eval mode, and its tokenizer; ``num_layers`` truncates it (tests)."""
+def load_model(model_dir, device: str = "cpu", num_layers: int | None = None, dtype=None):
+    """The checkpoint at ``model_dir`` in the serving dtype of ``device`` (float32 on CPU, bf16 on CUDA) or in
+    ``dtype``, frozen and in eval mode, and its tokenizer; ``num_layers`` truncates it (tests)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     kwargs = {"num_hidden_layers": num_layers} if num_layers else {}
-    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    dtype = dtype or (torch.float32 if device == "cpu" else torch.bfloat16)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, **kwargs).to(device).eval()
     for p in model.parameters():
         p.requires_grad_(False)
