@@ -108,6 +108,12 @@ def replied(prompt: CalibrationPrompt, text: str) -> bool:
     return all(answered(a, text) for a in prompt.answers)
 
 
+def _progress(items: list, desc: str):
+    """A progress bar over the held-in prompts (a round takes minutes per prompt set on a CPU thread)."""
+    from tqdm.auto import tqdm
+    return tqdm(items, desc=desc, unit="prompt", leave=False)
+
+
 def _eos_ids(model) -> set[int]:
     eos = model.generation_config.eos_token_id
     return set(eos if isinstance(eos, list) else [eos])
@@ -135,7 +141,7 @@ def dense_answers(model, tokenizer, prompts: list[CalibrationPrompt], max_new: i
     """The dense model's greedy answers, :data:`ANSWER_TOKENS` of the prompt's question (or ``max_new``)."""
     model.set_attn_implementation("sdpa")
     out = []
-    for p in prompts:
+    for p in _progress(prompts, "refine: dense answers"):
         ans = generate_greedy(model, p.input_ids, max_new or ANSWER_TOKENS[p.question])
         out.append(HeldIn(p, ans, tokenizer.decode(ans, skip_special_tokens=True).strip(),
                           _answer_logprobs(model, p.input_ids, ans)))
@@ -169,7 +175,7 @@ def gate_sensitivity(model, budgets: list[list[HeadBudget]], held: list[HeldIn])
     model.train()  # checkpointing is active in training mode only; SmolLM2/Llama attention has no dropout
     total = 0.0
     try:
-        for h in held:
+        for h in _progress(held, "refine: head sensitivities"):
             prompt["len"] = len(h.prompt.input_ids)
             lp = _answer_logprobs(model, h.prompt.input_ids, h.answer_ids)
             ref = h.dense_logprobs.to(lp.device)
@@ -190,7 +196,8 @@ def sparse_answers(model, tokenizer, budgets: list[list[HeadBudget]], held: list
     model.set_attn_implementation(ATTN_NAME)
     try:
         return [tokenizer.decode(generate_greedy(model, h.prompt.input_ids, len(h.answer_ids) or 1),
-                                 skip_special_tokens=True).strip() for h in held]
+                                 skip_special_tokens=True).strip()
+                for h in _progress(held, "refine: sparse answers")]
     finally:
         model.set_attn_implementation("sdpa")
 
