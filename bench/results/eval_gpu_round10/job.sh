@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Round 10's one detached GPU job (after the bundle calls of ../../../../shared/gpu/README.md), in order:
+# Round 10's one detached GPU job (after the bundle calls of ../../../../shared/gpu/README.md), in order
+# (`job.sh eval`: step 1 without the refine, four tasks):
 # 1. issue 14: a bf16 refine to 0.30 at 8K with the dense tail counted, evaluated through real servers beside
 #    round 8's two plans re-placed with the tail and round 9's float32 CPU refine (cpu9_d30);
 # 2. issue 15: the Llama-3-8B shape at 64K / 128K, batch 1, `shplb` (sparse prefill now with the tail) vs FlashInfer;
@@ -10,13 +11,17 @@ export PYTHONPATH=/tmp/site NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=
 export OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 echo "quality start $(date -u +%T)"
-REFINE_PROMPTS=24 EVAL_START_PLANS=0 PREFILL_ONLY=0 \
-  EXTRA_PLANS="bench/results/eval_h200_round8/tail/refined8_d30_tail bench/results/eval_h200_round8/tail/needle_d20_tail bench/results/eval_cpu/round9/cpu9_d30" \
-  bash bench/quality_gpu.sh start bench/results/eval_h200/profile bench/results/eval_h200_round5/plans \
-    refined9_d30:needle_d20_min16:0.3 \
-    -- --per-task 34 --concurrency 16 --parallel-servers --server-args "--mem-fraction-static 0.99 --max-total-tokens 200000"
-while kill -0 "$(cat /tmp/refine_run/pid)" 2>/dev/null; do sleep 10; done
-echo "refine driver ended $(date -u +%T)"
+tail_plans="bench/results/eval_h200_round8/tail/refined8_d30_tail bench/results/eval_h200_round8/tail/needle_d20_tail bench/results/eval_cpu/round9/cpu9_d30"
+eval_flags=(--per-task 34 --concurrency 16 --parallel-servers --server-args "--mem-fraction-static 0.99 --max-total-tokens 200000")
+if [ "${1:-refine}" = refine ]; then
+  REFINE_PROMPTS=24 EVAL_START_PLANS=0 PREFILL_ONLY=0 EXTRA_PLANS="$tail_plans" \
+    bash bench/quality_gpu.sh start bench/results/eval_h200/profile bench/results/eval_h200_round5/plans \
+      refined9_d30:needle_d20_min16:0.3 -- "${eval_flags[@]}"
+  while kill -0 "$(cat /tmp/refine_run/pid)" 2>/dev/null; do sleep 10; done
+  echo "refine driver ended $(date -u +%T)"
+else  # `job.sh eval`: no refine, the three plans with the tail on the four tasks dense SmolLM2 can do
+  bash bench/eval_gpu.sh start $tail_plans -- "${eval_flags[@]}" --tasks passkey multikey multivalue qa
+fi
 if [ -f /tmp/eval_run/pid ]; then
   while kill -0 "$(cat /tmp/eval_run/pid)" 2>/dev/null; do sleep 10; done
 fi
