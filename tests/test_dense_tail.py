@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
 from sglang_shplb.core.patterns import DENSE_TAIL, HeadBudget, tail_rows
@@ -24,10 +25,12 @@ def tail_positions(q_lens):
     return rows, tails
 
 
-def test_dense_tail_over_a_scattered_pool_with_a_prefix():
+@pytest.mark.parametrize("heads", [[0, 2, 5], [4, 3], [1]])
+def test_dense_tail_over_a_scattered_pool_with_a_prefix(heads):
     """Two requests in a scattered pool: one without a prefix (150 new tokens), one extend of 40 tokens after a
-    260-token prefix (all 40 are its tail). Heads 0, 2, 5 of 6 (2 KV heads): their tail rows equal the reference
-    and SDPA; every other row and head keeps what was there."""
+    260-token prefix (all 40 are its tail). Tail heads of 6 (2 KV heads), in both groups or in one (the other
+    group is not computed), out of order: their tail rows equal the reference and SDPA; every other row and
+    head keeps what was there."""
     torch.manual_seed(0)
     hq, hkv, d = 6, 2, 32
     scale = d ** -0.5
@@ -43,7 +46,6 @@ def test_dense_tail_over_a_scattered_pool_with_a_prefix():
     q = torch.cat([qf[n - m:] for qf, n, m in zip(q_full, lens, q_lens)])  # the extend's queries
     out = torch.randn(q.shape[0], hq, d)
     before = out.clone()
-    heads = [0, 2, 5]
     dense_tail(q, kb, vb, KVRows(req_to_token, rpi), q_lens, lens, heads, scale, out)
     rows, tails = tail_positions(q_lens)
     assert tails == [DENSE_TAIL, 40]

@@ -1,8 +1,8 @@
 """The dense tail (:data:`~sglang_shplb.core.patterns.DENSE_TAIL`): the last query rows of every request of an
 extend batch recomputed with dense attention over all the request's keys, in the heads asked for, on top of
 what the sparse kernels wrote. Cost: ``tail`` rows x ``kv_len`` keys per head (1.6 % of a dense head at 8K, 0.1 %
-at 128K), in two attention calls per request for all heads (:func:`.head_parallel.piece_after_prefix`, cuDNN on
-CUDA), whatever the head count. No SGLang import."""
+at 128K), in two attention calls per request for the KV groups that hold a tail head (:func:`.head_parallel.
+piece_after_prefix`, cuDNN on CUDA), whatever the head count. No SGLang import."""
 from __future__ import annotations
 
 from typing import Sequence
@@ -32,11 +32,16 @@ def dense_tail(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tensor, 
     heads = list(heads)
     if not heads or q.shape[0] == 0:
         return
-    hs = head_index(heads, q.device)
+    group = q.shape[1] // k_buffer.shape[1]
+    groups = sorted({h // group for h in heads})      # only the KV groups that hold a tail head are computed
+    q_cols = [g * group + j for g in groups for j in range(group)]
+    dev = q.device
+    hs, qs, gs = head_index(heads, dev), head_index(q_cols, dev), head_index(groups, dev)
+    picked = head_index([q_cols.index(h) for h in heads], dev)   # the tail heads among ``q_cols``
     c = 0
     for i, (n, L) in enumerate(zip(q_lens, kv_lens)):
         t = tail_rows(n)
         rows = kv.rows(i, L)
-        o = _request_tail(q[c + n - t:c + n], k_buffer[rows], v_buffer[rows], scale)
-        out[c + n - t:c + n, hs] = o[:, hs].to(out.dtype)
+        o = _request_tail(q[c + n - t:c + n, qs], k_buffer[rows][:, gs], v_buffer[rows][:, gs], scale)
+        out[c + n - t:c + n, hs] = o[:, picked].to(out.dtype)
         c += n
