@@ -66,6 +66,12 @@ def test_dense_tail_over_a_scattered_pool_with_a_prefix(heads):
     untouched[torch.tensor(rows)[:, None], torch.tensor(heads)[None, :]] = False
     assert torch.equal(out[untouched], before[untouched])
     assert not torch.allclose(out[~untouched], before[~untouched])
+    if torch.cuda.is_available():   # the serving device and dtype (cuDNN pieces): within bf16 of the CPU's float32
+        dev = torch.device("cuda")
+        out_c = before.to(dev, torch.bfloat16)
+        dense_tail(q.to(dev, torch.bfloat16), kb.to(dev, torch.bfloat16), vb.to(dev, torch.bfloat16),
+                   KVRows(req_to_token.to(dev), rpi.to(dev)), q_lens, lens, heads, scale, out_c)
+        assert (out_c.float().cpu() - out).abs().max().item() < 3e-2
 
 
 def test_masked_prefill_keeps_the_budgets_before_the_tail():
