@@ -75,3 +75,41 @@ def test_dense_tail_over_a_scattered_pool_with_a_prefix(heads):
         dense_tail(qb.to(dev), kbb.to(dev), vbb.to(dev), KVRows(req_to_token.to(dev), rpi.to(dev)), q_lens, lens,
                    heads, scale, got)
         assert (got.float().cpu() - want).abs().max().item() < 2e-2
+
+
+def test_masked_prefill_keeps_the_budgets_before_the_tail():
+    """quality.masked_prefill (the refine gate's and the in-process check's prefill): rows before the tail
+    follow the streaming budget (and differ from dense), the tail rows equal dense; a prompt shorter than
+    the tail is dense throughout."""
+    from sglang_shplb.core.block_masks import build_block_masks
+    from sglang_shplb.kernels.reference import masked_attention
+    from sglang_shplb.planning.quality import masked_prefill
+
+    torch.manual_seed(1)
+    hq, hkv, d = 4, 2, 16
+    scale = d ** -0.5
+    budgets = [HeadBudget.streaming(64, 64)] * 2 + [HeadBudget.topk(0.1, 2)] * 2
+    for n in (400, DENSE_TAIL - 20):
+        q, k, v = torch.randn(1, hq, n, d), torch.randn(1, hkv, n, d), torch.randn(1, hkv, n, d)
+        got = masked_prefill(budgets, q, k, v, scale)[0]                      # [n, hq, d]
+        dense = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale,
+                                                                 enable_gqa=True)[0].transpose(0, 1)
+        t = tail_rows(n)
+        assert torch.allclose(got[n - t:], dense[n - t:], atol=1e-5)
+        if n > t:
+            masks = build_block_masks(budgets, q[0], k[0])
+            sparse = masked_attention(q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1), masks, scale)
+            assert torch.allclose(got[:n - t], sparse[:n - t], atol=1e-5)
+            assert not torch.allclose(got[:n - t], dense[:n - t], atol=1e-3)
+
+
+def test_the_tail_is_counted_in_the_density():
+    """block_pairs counts the tail as one full query-block row: a streaming head at 8K reads 2 + 1 blocks a
+    row, and the tail adds the last row's missing ones."""
+    b = HeadBudget.streaming(64, 128)
+    n = 8192
+    nb = math.ceil(n / 64)
+    plain = int(b.blocks_for_query_blocks(torch.arange(nb).numpy(), nb).sum())
+    assert b.block_pairs(n) == plain - b.blocks_for_query_block(nb - 1, nb) + nb
+    assert b.density(n) > plain / (nb * (nb + 1) // 2)
+    assert HeadBudget.dense().density(n) == 1.0
