@@ -25,14 +25,14 @@ def tail_positions(q_lens):
     return rows, tails
 
 
-@pytest.mark.parametrize("heads", [[0, 2, 5], [4, 3], [1]])
-def test_dense_tail_over_a_scattered_pool_with_a_prefix(heads):
+@pytest.mark.parametrize("hkv,heads", [(2, [0, 2, 5]), (2, [4, 3]), (2, [1]), (3, [5, 0])])
+def test_dense_tail_over_a_scattered_pool_with_a_prefix(hkv, heads):
     """Two requests in a scattered pool: one without a prefix (150 new tokens), one extend of 40 tokens after a
-    260-token prefix (all 40 are its tail). Tail heads of 6 (2 KV heads), in both groups or in one (the other
-    group is not computed), out of order: their tail rows equal the reference and SDPA; every other row and
+    260-token prefix (all 40 are its tail). Tail heads of 6 (2 or 3 KV heads), in every group, in one, or in
+    two groups that are not neighbours (the others are not computed), out of order: their tail rows equal the reference and SDPA; every other row and
     head keeps what was there."""
     torch.manual_seed(0)
-    hq, hkv, d = 6, 2, 32
+    hq, d = 6, 32
     scale = d ** -0.5
     lens, q_lens = [150, 300], [150, 40]
     pool = 1000

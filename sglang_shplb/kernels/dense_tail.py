@@ -23,6 +23,14 @@ def _request_tail(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: floa
     return o.reshape(hq, t, d).transpose(0, 1)
 
 
+def _gather(buf: torch.Tensor, rows: torch.Tensor | slice, groups: torch.Tensor | slice) -> torch.Tensor:
+    """``buf[rows][:, groups]`` in one gather: a pool index tensor and a group index tensor are broadcast
+    against each other, so the prefix is not first copied with every KV group."""
+    if isinstance(rows, torch.Tensor) and isinstance(groups, torch.Tensor):
+        return buf[rows[:, None], groups]
+    return buf[rows, groups]
+
+
 def dense_tail(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tensor, kv: KVRows,
                q_lens: Sequence[int], kv_lens: Sequence[int], heads: Sequence[int], scale: float,
                out: torch.Tensor) -> None:
@@ -42,6 +50,6 @@ def dense_tail(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tensor, 
     for i, (n, L) in enumerate(zip(q_lens, kv_lens)):
         t = tail_rows(n)
         rows = kv.rows(i, L)
-        o = _request_tail(q[c + n - t:c + n, qs], k_buffer[rows][:, gs], v_buffer[rows][:, gs], scale)
+        o = _request_tail(q[c + n - t:c + n, qs], _gather(k_buffer, rows, gs), _gather(v_buffer, rows, gs), scale)
         out[c + n - t:c + n, hs] = o[:, picked].to(out.dtype)
         c += n
