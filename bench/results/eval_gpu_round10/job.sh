@@ -11,7 +11,7 @@ export PYTHONPATH=/tmp/site NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=
 export OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 echo "quality start $(date -u +%T)"
-tail_plans="bench/results/eval_h200_round8/tail/refined8_d30_tail bench/results/eval_h200_round8/tail/needle_d20_tail bench/results/eval_cpu/round9/cpu9_d30"
+tail_plans="bench/results/eval_h200_round8/tail/refined8_d30_tail bench/results/eval_h200_round8/tail/needle_d20_tail bench/results/eval_cpu/round9/cpu9_d30 bench/results/eval_cpu/round10/cpu10_d25"
 eval_flags=(--per-task 34 --concurrency 16 --parallel-servers --server-args "--mem-fraction-static 0.99 --max-total-tokens 200000")
 if [ "${1:-refine}" = refine ]; then
   REFINE_PROMPTS=24 EVAL_START_PLANS=0 PREFILL_ONLY=0 EXTRA_PLANS="$tail_plans" \
