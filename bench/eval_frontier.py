@@ -74,10 +74,21 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     fig.savefig(path, dpi=130)
 
 
+def card_tag(settings: dict) -> str:
+    """``NVIDIA H100 80GB HBM3`` → ``h100``; an eval without the record: ``h200`` on cuda (every GPU eval before
+    2026-12-05 ran on an H200), else the device."""
+    if settings["device"] != "cuda":
+        return re.sub(r"[^a-z0-9]+", "", settings["device"])
+    m = re.search(r"\b([A-Z]\d{2,4})\b", settings.get("accelerator", ""))
+    return m.group(1).lower() if m else "h200"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("plans", type=Path, help="folder of plan folders, each with an eval.json")
     ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--card", help="the card's short name for the PNG (h100, h200); default: from the eval's "
+                                   "recorded accelerator (evals before 2026-12-05 recorded none: h200 for cuda)")
     a = ap.parse_args()
     runs = {p.name: doc for p in sorted(a.plans.iterdir()) if (doc := load_eval(p)) is not None}
     if not runs:
@@ -97,9 +108,9 @@ def main() -> None:
     print(text)
     a.out.mkdir(parents=True, exist_ok=True)
     (a.out / "frontier.md").write_text(text + "\n")
-    gpu = re.sub(r"[^a-z0-9]+", "", s.get("device", "")) or "device"
-    plot(rows, a.out / f"frontier_{'h200' if s['device'] == 'cuda' else gpu}.png",
-         f"SmolLM2, {s['device']} {s['dtype']}, dense {s['dense_backend']} vs shplb, all lengths pooled")
+    plot(rows, a.out / f"frontier_{a.card or card_tag(s)}.png",
+         f"SmolLM2, {s.get('accelerator', s['device'])} {s['dtype']}, dense {s['dense_backend']} vs shplb, "
+         "all lengths pooled")
 
 
 if __name__ == "__main__":

@@ -207,6 +207,9 @@ def test_summary_table_plot_and_json(tmp_path):
     plot_accuracy(doc, tmp_path / "eval.png")
     assert (tmp_path / "eval.png").stat().st_size > 10_000
     assert load_eval(tmp_path) is None
+    assert text.startswith("eval (2026-12-02): cpu float32")      # an eval from before the card was recorded
+    doc["settings"] = {**doc["settings"], "device": "cuda", "accelerator": "NVIDIA H100 80GB HBM3"}
+    assert summary_lines(doc)[0].startswith("eval (2026-12-02): cuda (NVIDIA H100 80GB HBM3) float32")
 
 
 def test_progress_resumes_what_was_answered(tmp_path):

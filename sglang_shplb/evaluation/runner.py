@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import platform
+import subprocess
 import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -32,6 +34,19 @@ from sglang_shplb.planning.model_store import resolve_model
 SCHEMA = "shplb-eval/1"
 #: tokens kept free at the model's limit for the answer (the longest task answer is 48 tokens)
 HEADROOM = 128
+
+
+def accelerator_name(device: str) -> str:
+    """The card the servers ran on (``nvidia-smi``'s first name, so this process opens no CUDA context beside
+    the servers'), or the CPU's model; recorded with the results, since bf16 numbers differ by card."""
+    if device == "cuda":
+        try:
+            out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
+                                 text=True, timeout=30, check=True).stdout
+            return out.splitlines()[0].strip()
+        except (OSError, subprocess.SubprocessError, IndexError):
+            return "cuda (nvidia-smi unavailable)"
+    return platform.processor() or platform.machine()
 
 
 @dataclass
@@ -191,13 +206,14 @@ def run_eval(cfg: EvalConfig, log=print) -> list[Path]:
                 for p, k in zip(prompts, side.keys)]
 
     dense_answers = answers(sides[0])
+    accelerator = accelerator_name(cfg.device)
     paths = []
     for side, plan, plan_file, out in zip(sides[1:], plans, plan_files, outs):
         rows = [{"task": p.task, "length": p.length, "index": p.index, "depth": p.depth, "tokens": len(p.input_ids),
                  "refs": p.refs, "dense": d, "sparse": s} for p, d, s in zip(prompts, dense_answers, answers(side))]
         doc = {"schema": SCHEMA, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                "argv": sys.argv, "model": str(model), "plan": str(plan_file.parent),
-               "settings": {"device": cfg.device, "dtype": dtype, "dense_backend": dense_backend,
+               "settings": {"device": cfg.device, "accelerator": accelerator, "dtype": dtype, "dense_backend": dense_backend,
                             "greedy": True, "radix_cache": False, "context_length": context, "lengths": lengths,
                             "per_task": cfg.per_task, "tasks": cfg.tasks, "max_new_tokens": cfg.max_new_tokens,
                             "concurrency": cfg.concurrency, "parallel_servers": cfg.parallel_servers,

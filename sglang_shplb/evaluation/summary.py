@@ -68,7 +68,8 @@ def _k(n: int) -> str:
 def summary_lines(doc: dict) -> list[str]:
     """The eval's text table: accuracy per task x length, paired difference and interval, TTFT."""
     s = doc["settings"]
-    lines = [f"eval ({doc['date']}): {s['device']} {s['dtype']}, dense {s['dense_backend']} vs shplb with plan "
+    card = f" ({s['accelerator']})" if "accelerator" in s else ""   # recorded since 2026-12-05
+    lines = [f"eval ({doc['date']}): {s['device']}{card} {s['dtype']}, dense {s['dense_backend']} vs shplb with plan "
              f"{doc['plan']}, same prompts, greedy; accuracy in points (RULER string match), diff = sparse - dense "
              f"with a 95 % paired bootstrap interval",
              "mean density of the plan per length: " + ", ".join(f"{_k(int(n))} {d:.3f}"
