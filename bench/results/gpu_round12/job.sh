@@ -7,7 +7,7 @@
 #          round 10's cpu10_d25 (0.252, within -2 on four tasks in round 11), all six tasks (vt / cwe for cpu10_d25
 #          were never run in bf16)
 #   hp     issue 13: bench/head_parallel.py --quick, whose ranks time the tail (never run on a GPU)
-# Everything lands in $OUT (default /tmp/out); poll.sh tars it; "job done" ends the poll.
+# Everything lands in $OUT (default /tmp/out); bench/gpu_poll.sh tars it and stops at "job done".
 set -uo pipefail
 export PYTHONPATH=/tmp/site NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
 export OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
