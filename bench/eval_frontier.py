@@ -17,7 +17,13 @@ from sglang_shplb.evaluation.summary import load_eval, paired_interval
 LOSS_POINTS = 2.0  # the issue's bar: within 2 points of dense
 
 
-def frontier(runs: dict[str, dict]) -> list[dict]:
+def method_of(plan: str, methods: dict[str, str]) -> str:
+    """The budget method a plan belongs to: as named with ``--method PLAN=METHOD``, else the plan's name less a
+    ``_d30`` / ``_tau95`` suffix."""
+    return methods.get(plan) or re.sub(r"_(tau\d+|d\d+)$", "", plan)
+
+
+def frontier(runs: dict[str, dict], methods: dict[str, str] | None = None) -> list[dict]:
     """One row per (plan, task): density at the longest length, dense and sparse accuracy over every
     length, the paired difference and its interval, and whether the interval excludes -LOSS_POINTS."""
     rows = []
@@ -27,7 +33,7 @@ def frontier(runs: dict[str, dict]) -> list[dict]:
             sel = [r for r in doc["rows"] if r["task"] == task]
             ds, ss = [r["dense"]["score"] for r in sel], [r["sparse"]["score"] for r in sel]
             lo, hi = paired_interval(ds, ss)
-            rows.append({"plan": name, "method": re.sub(r"_(tau\d+|d\d+)$", "", name), "task": task,
+            rows.append({"plan": name, "method": method_of(name, methods or {}), "task": task,
                          "density": doc["density"][longest], "n": len(sel), "dense": 100 * np.mean(ds),
                          "sparse": 100 * np.mean(ss), "diff": 100 * (np.mean(ss) - np.mean(ds)),
                          "ci_low": 100 * lo, "ci_high": 100 * hi,
@@ -89,11 +95,14 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--card", help="the card's short name for the PNG (h100, h200); default: from the eval's "
                                    "recorded accelerator (evals before 2026-12-05 recorded none: h200 for cuda)")
+    ap.add_argument("--method", action="append", default=[], metavar="PLAN=METHOD",
+                    help="count PLAN as one point of METHOD (plans made the same way at other densities)")
     a = ap.parse_args()
+    methods = dict(m.split("=", 1) for m in a.method)
     runs = {p.name: doc for p in sorted(a.plans.iterdir()) if (doc := load_eval(p)) is not None}
     if not runs:
         raise SystemExit(f"no eval.json under {a.plans}")
-    rows = frontier(runs)
+    rows = frontier(runs, methods)
     s = next(iter(runs.values()))["settings"]
     lines = [f"| plan | task | density | n | dense | sparse | diff [95 % CI] | identical |", "|---|---|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: (r["task"], r["method"], -r["density"])):

@@ -22,3 +22,9 @@ def test_first_loss_is_the_highest_losing_density():
             for d, lose in [(0.2, True), (0.25, True), (0.3, False)]]
     rows.append({"method": "m", "task": "qa", "density": 0.2, "loses": False})
     assert ef.first_loss(rows, "m") == {"passkey": 0.25, "qa": None}
+
+
+def test_method_of_groups_plans_named_apart():
+    assert ef.method_of("needle_d20", {}) == "needle" and ef.method_of("all_tau95", {}) == "all"
+    assert ef.method_of("cpu10_d25", {"cpu10_d25": "refined"}) == "refined"
+    assert ef.method_of("cpu9_d30", {"cpu10_d25": "refined"}) == "cpu9"
