@@ -213,7 +213,8 @@ def run_eval(cfg: EvalConfig, log=print) -> list[Path]:
                  "refs": p.refs, "dense": d, "sparse": s} for p, d, s in zip(prompts, dense_answers, answers(side))]
         doc = {"schema": SCHEMA, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                "argv": sys.argv, "model": str(model), "plan": str(plan_file.parent),
-               "settings": {"device": cfg.device, "accelerator": accelerator, "dtype": dtype, "dense_backend": dense_backend,
+               "settings": {"device": cfg.device, "accelerator": accelerator, "dtype": dtype,
+                            "dense_backend": dense_backend,
                             "greedy": True, "radix_cache": False, "context_length": context, "lengths": lengths,
                             "per_task": cfg.per_task, "tasks": cfg.tasks, "max_new_tokens": cfg.max_new_tokens,
                             "concurrency": cfg.concurrency, "parallel_servers": cfg.parallel_servers,
