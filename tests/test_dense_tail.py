@@ -29,8 +29,8 @@ def tail_positions(q_lens):
 def test_dense_tail_over_a_scattered_pool_with_a_prefix(hkv, heads):
     """Two requests in a scattered pool: one without a prefix (150 new tokens), one extend of 40 tokens after a
     260-token prefix (all 40 are its tail). Tail heads of 6 (2 or 3 KV heads), in every group, in one, or in
-    two groups that are not neighbours (the others are not computed), out of order: their tail rows equal the reference and SDPA; every other row and
-    head keeps what was there."""
+    two groups that are not neighbours (the others are not computed), out of order: their tail rows equal the
+    reference and SDPA; every other row and head keeps what was there."""
     torch.manual_seed(0)
     hq, d = 6, 32
     scale = d ** -0.5
