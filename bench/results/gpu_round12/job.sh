@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Round 12's detached GPU job, after the bundle calls (../eval_gpu_round10/README.md, 22 MiB parts). Steps, in
+# Round 12's detached GPU job, after the bundle calls (../eval_gpu_round10/README.md; 20 MiB parts since round 12). Steps, in
 # order (name a subset as arguments; default all):
 #   serve  issue 15: Llama-3-8B shape, 64K / 128K, batch 1, FlashInfer first, then `shplb` (with the dense tail);
 #          round 11 measured only the `shplb` half (../serve_h100_round11/)
