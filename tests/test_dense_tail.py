@@ -8,9 +8,10 @@ import math
 
 import pytest
 import torch
+from conftest import DEV, tol
 
 from sglang_shplb.core.patterns import DENSE_TAIL, HeadBudget, tail_rows
-from sglang_shplb.kernels.dense_tail import dense_tail
+from sglang_shplb.kernels.dense_tail import dense_tail, gathered_tail
 from sglang_shplb.kernels.head_parallel import KVRows
 from sglang_shplb.kernels.reference import dense_tail_rows
 
@@ -113,3 +114,58 @@ def test_the_tail_is_counted_in_the_density():
     assert b.block_pairs(n) == plain - b.blocks_for_query_block(nb - 1, nb) + nb
     assert b.density(n) > plain / (nb * (nb + 1) // 2)
     assert HeadBudget.dense().density(n) == 1.0
+
+
+@pytest.mark.parametrize("hkv,heads,dtype", [(2, [0, 2, 5], torch.float32), (3, [4], torch.float32),
+                                             (2, [5, 1, 0, 3], torch.bfloat16)])
+def test_triton_tail_equals_the_torch_route(hkv, heads, dtype):
+    """The CUDA route (:func:`triton_tail.tail_attention`: keys read in place through ``req_to_token``, split
+    into slices and merged) against the torch route (:func:`gathered_tail`, float32) on the same inputs: three
+    requests in a scattered pool (150 new tokens; 40 after a 260-token prefix; 7 after a 393-token prefix,
+    shorter than one 64-key step), heads in and out of order, one head alone (its keys cut into more slices);
+    tail rows equal, nothing else written."""
+    from sglang_shplb.kernels.triton_tail import BLOCK_N, _sm_count, tail_attention, tail_slices
+
+    torch.manual_seed(2)
+    hq, d = 6, 32
+    scale = d ** -0.5
+    lens, q_lens = [150, 300, 400], [150, 40, 7]
+    pool = 1200
+    kb, vb = torch.randn(pool, hkv, d).to(dtype), torch.randn(pool, hkv, d).to(dtype)
+    perm = torch.randperm(pool)
+    req_to_token = torch.zeros(5, 512, dtype=torch.int32)
+    req_to_token[4, :150] = perm[:150].int()
+    req_to_token[0, :300] = perm[150:450].int()
+    req_to_token[2, :400] = perm[450:850].int()
+    rpi = torch.tensor([4, 0, 2], dtype=torch.int32)
+    q = torch.randn(sum(q_lens), hq, d).to(dtype)
+    before = torch.randn(q.shape[0], hq, d).to(dtype)
+    want, got = before.float(), before.to(DEV, copy=True)
+    gathered_tail(q.float(), kb.float(), vb.float(), KVRows(req_to_token, rpi), q_lens, lens, heads, scale, want)
+    tail_attention(*(x.to(DEV) for x in (q, kb, vb, req_to_token, rpi)), q_lens, lens, heads, scale, got)
+    got = got.cpu()
+    slice_len, ns = tail_slices(len(lens) * len(heads), max(lens), _sm_count(DEV))
+    assert ns >= 2 and slice_len % BLOCK_N == 0          # the merge is exercised
+    rows, _ = tail_positions(q_lens)
+    touched = torch.zeros(q.shape[0], hq, dtype=torch.bool)
+    touched[torch.tensor(rows)[:, None], torch.tensor(heads)[None, :]] = True
+    assert (got.float()[touched] - want[touched]).abs().max().item() < tol(dtype)   # TF32 dots on a GPU
+    assert torch.equal(got[~touched], before[~touched])
+    assert not torch.allclose(got.float()[touched], before.float()[touched])
+
+
+def test_tail_slices_fill_the_gpu_and_cover_the_keys():
+    """Slices are whole 64-key steps, cover the longest request, and give about two programs per SM when the
+    keys allow it; a short request is one slice."""
+    from sglang_shplb.kernels.triton_tail import BLOCK_N, PROGRAMS_PER_SM, tail_slices
+
+    for tiles, kv, sms in [(28, 65536, 132), (4, 131072, 132), (256, 8192, 132), (1, 100, 132), (6, 300, 4)]:
+        slice_len, ns = tail_slices(tiles, kv, sms)
+        assert slice_len % BLOCK_N == 0 and slice_len >= BLOCK_N
+        assert ns * slice_len >= kv > (ns - 1) * slice_len                  # covered, no empty slice
+        want = -(-PROGRAMS_PER_SM * sms // tiles)
+        steps = -(-kv // BLOCK_N)
+        assert 1 <= ns <= want
+        assert tiles * ns >= min(PROGRAMS_PER_SM * sms, tiles * steps) / 2  # at least half the target
+    assert tail_slices(28, 65536, 132) == (103 * BLOCK_N, 10)               # TP 1 Llama-8B, 7 sparse groups
+    assert tail_slices(512, 8192, 132) == (8192, 1)                         # enough tiles: no split

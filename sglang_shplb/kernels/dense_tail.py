@@ -1,8 +1,10 @@
 """The dense tail (:data:`~sglang_shplb.core.patterns.DENSE_TAIL`): the last query rows of every request of an
 extend batch recomputed with dense attention over all the request's keys, in the heads asked for, on top of
-what the sparse kernels wrote. Cost: ``tail`` rows x ``kv_len`` keys per head (1.6 % of a dense head at 8K, 0.1 %
-at 128K), in two attention calls per request for the KV groups that hold a tail head (:func:`.head_parallel.
-piece_after_prefix`, cuDNN on CUDA), whatever the head count. No SGLang import."""
+what the sparse kernels wrote: ``tail`` rows x ``kv_len`` keys per head (1.6 % of a dense head's FLOPs at 8K,
+0.1 % at 128K). On CUDA two Triton launches for the whole batch read the keys in place and split them
+(:func:`.triton_tail.tail_attention`); elsewhere, and as its reference, two attention calls per request for the KV
+groups that hold a tail head over their gathered keys (:func:`.head_parallel.piece_after_prefix`). No SGLang
+import."""
 from __future__ import annotations
 
 from typing import Sequence
@@ -11,6 +13,7 @@ import torch
 
 from sglang_shplb.core.patterns import tail_rows
 from sglang_shplb.kernels.head_parallel import KVRows, dense_piece, head_index
+from sglang_shplb.kernels.triton_tail import tail_attention
 
 
 def _request_tail(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
@@ -36,10 +39,23 @@ def dense_tail(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tensor, 
                out: torch.Tensor) -> None:
     """Overwrite ``out [T, H, d]`` at the tail rows of every request, columns ``heads``: dense causal attention
     of those queries (``q [T, H, d]``, request ``i``'s last ``q_lens[i]`` of ``kv_lens[i]`` positions) over
-    the request's keys (``kv``: where they are in ``k_buffer/v_buffer``). Host lengths: no device sync."""
+    the request's keys (``kv``: where they are in ``k_buffer/v_buffer``). Host lengths: no device sync. CUDA:
+    :func:`.triton_tail.tail_attention`; elsewhere :func:`gathered_tail`."""
     heads = list(heads)
     if not heads or q.shape[0] == 0:
         return
+    if q.is_cuda:
+        tail_attention(q, k_buffer, v_buffer, *kv.paged(kv_lens, q.device), q_lens, kv_lens, heads, scale, out)
+    else:
+        gathered_tail(q, k_buffer, v_buffer, kv, q_lens, kv_lens, heads, scale, out)
+
+
+def gathered_tail(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tensor, kv: KVRows,
+                  q_lens: Sequence[int], kv_lens: Sequence[int], heads: Sequence[int], scale: float,
+                  out: torch.Tensor) -> None:
+    """:func:`dense_tail` per request over the gathered keys of the KV groups that hold a tail head, in two
+    attention calls (prefix, diagonal; cuDNN on CUDA): the CPU route and the Triton route's reference."""
+    heads = list(heads)
     group = q.shape[1] // k_buffer.shape[1]
     groups = sorted({h // group for h in heads})      # only the KV groups that hold a tail head are computed
     q_cols = [g * group + j for g in groups for j in range(group)]
