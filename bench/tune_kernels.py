@@ -82,7 +82,7 @@ def tune(out: str, install: bool, shapes: list[str]) -> None:
     import torch
     import triton
     from sglang_shplb.kernels.triton_prefill import _kernel, _rule_kernel, _tile_kernel
-    from sglang_shplb.kernels.tuned import TUNED_DIR, gpu_slug, table_from_autotuners
+    from sglang_shplb.kernels.tuned import TUNED_DIR, device_identity, gpu_slug, table_from_autotuners
 
     gpu = torch.cuda.get_device_name()
     t0 = time.time()
@@ -94,7 +94,8 @@ def tune(out: str, install: bool, shapes: list[str]) -> None:
                 print(f"tuned {shape:13s} {'paged' if paged else 'contig':6s} n={n:6d}  {time.time() - t:6.2f} s", flush=True)
         # written after each shape, so a run stopped midway leaves the shapes it finished
         table = table_from_autotuners({"index": _kernel(True), "rule": _rule_kernel(True), "tile": _tile_kernel(True)},
-                                      gpu, {"triton": triton.__version__, "torch": torch.__version__})
+                                      gpu, {"triton": triton.__version__, "torch": torch.__version__},
+                                      capability=device_identity(torch.cuda.current_device())[1])
         n_cfg = {k: len(v["configs"]) for k, v in table["kernels"].items()}
         print(f"{gpu}: {n_cfg} configs tuned in {time.time() - t0:.0f} s", flush=True)
         if install:
@@ -109,8 +110,8 @@ def tune(out: str, install: bool, shapes: list[str]) -> None:
 def first_calls(shape: str) -> None:
     """Child of ``--cold``: the first and second call at every length (short to long), as JSON on stdout."""
     import torch
-    from sglang_shplb.kernels.tuned import load_table, tables_enabled
-    gpu = torch.cuda.get_device_name()
+    from sglang_shplb.kernels.tuned import TUNED_DIR, device_identity, load_table, tables_enabled
+    gpu, capability = device_identity(torch.cuda.current_device())
     rows = []
     for paged in (True, False):
         for n in LENGTHS:
@@ -121,7 +122,7 @@ def first_calls(shape: str) -> None:
             t = time.time()
             run()
             rows.append(dict(paged=paged, n=n, first_s=first, warm_s=time.time() - t))
-    table = load_table(gpu) if tables_enabled() else {}
+    table = load_table(gpu, TUNED_DIR, capability) if tables_enabled() else {}
     print(json.dumps(dict(gpu=gpu, shape=shape, tables=bool(table), rows=rows)))
 
 

@@ -37,7 +37,7 @@ def test_table_round_trip_keys_by_values_and_q_dtype(tmp_path):
 
 @pytest.mark.parametrize("edit, match", [
     (lambda t: t.update(version=99), "version"),
-    (lambda t: t.update(gpu="NVIDIA H100"), "not 'NVIDIA H200'"),
+    (lambda t: t.update(gpu="NVIDIA H100"), "is for 'NVIDIA H100', not the GPU its file name says"),
     (lambda t: t["kernels"]["tile"].update(key=["D", "GROUP"]), "keyed by"),
 ])
 def test_a_wrong_table_is_refused(tmp_path, edit, match):
@@ -68,3 +68,41 @@ def test_shipped_tables_hold_only_configs_the_autotuner_tries():
             for key, cfg in configs.items():
                 assert len(key.split(",")) == len(tuned.KERNEL_KEYS[kernel]) + 1
                 assert (cfg.num_warps, cfg.num_stages, cfg.block_n) in allowed[kernel], (path.name, kernel, key)
+
+
+def test_a_gpu_without_a_table_takes_one_of_its_compute_capability(tmp_path):
+    """An H100 (no table of its own) reads the H200's table when both are sm 9.0, and nothing for another
+    capability or a table that names none; its own table, once there, wins; the note the server logs says
+    which table and why."""
+    h200 = _table()
+    h200["capability"] = "9.0"
+    (tmp_path / "nvidia_h200.json").write_text(json.dumps(h200))
+    (tmp_path / "nvidia_a100_sxm4_80gb.json").write_text(json.dumps(_table("NVIDIA A100-SXM4-80GB")))  # no capability
+    tuned.load_table.cache_clear()
+    h100 = "NVIDIA H100 80GB HBM3"
+    assert tuned.table_path(h100, "9.0", tmp_path).name == "nvidia_h200.json"
+    assert tuned.load_table(h100, tmp_path, "9.0") == tuned.load_table("NVIDIA H200", tmp_path)
+    assert tuned.load_table(h100, tmp_path, "8.0") == {}          # the A100 table names no capability
+    assert tuned.load_table(h100, tmp_path) == {}                 # no capability known: no borrowing
+    own = _table(h100)
+    own["kernels"]["rule"]["configs"] = {"64,3,0,bfloat16": {"num_warps": 4, "num_stages": 2}}
+    (tmp_path / "nvidia_h100_80gb_hbm3.json").write_text(json.dumps(own))
+    tuned.load_table.cache_clear()
+    assert tuned.load_table(h100, tmp_path, "9.0")["rule"]["64,3,0,bfloat16"] == tuned.LaunchConfig(4, 2)
+
+
+def test_table_note_names_the_table_and_why(monkeypatch):
+    h200 = tuned.table_note("NVIDIA H200", "9.0")
+    assert h200 == "launch configs from nvidia_h200.json"
+    assert "nvidia_h200.json" in tuned.table_note("NVIDIA H100 80GB HBM3", "9.0")
+    assert "same compute capability 9.0" in tuned.table_note("NVIDIA H100 80GB HBM3", "9.0")
+    assert "autotuned on first use" in tuned.table_note("NVIDIA A100-SXM4-80GB", "8.0")
+    monkeypatch.setenv("SHPLB_TUNED_CONFIGS", "0")
+    assert "off" in tuned.table_note("NVIDIA H200", "9.0")
+
+
+def test_tables_record_their_capability():
+    assert _table().get("capability") is None
+    assert tuned.table_from_autotuners({}, "NVIDIA H200", {}, capability="9.0")["capability"] == "9.0"
+    for path in sorted(tuned.TUNED_DIR.glob("*.json")):   # every shipped table can serve its GPU's siblings
+        assert json.loads(path.read_text()).get("capability"), path.name

@@ -67,6 +67,7 @@ from sglang_shplb.kernels.reference import SelectionMemory
 from sglang_shplb.kernels.paged_layer import (DecodeWorkspace, ExtendBatch, LayerKernels, layer_max_selected,
                                               selected_heads)
 from sglang_shplb.kernels.triton_decode import page_summary_bytes_per_token, update_page_summaries
+from sglang_shplb.kernels.tuned import device_identity, table_note
 from sglang_shplb.scheduler.bucket_hook import ATTR as BUCKET_ATTR, batch_bucket
 from sglang_shplb.scheduler.head_schedule import ExtendShape, layer_schedule
 from sglang_shplb.serving.config import BACKEND_NAME, ServingConfig
@@ -221,6 +222,7 @@ class ShplbAttnBackend(AttentionBackend):
         if str(self.device).startswith("cuda"):
             self._init_kernel_path(model_runner)
             self._init_decode_routes()
+            logger.info("shplb: %s", table_note(*device_identity(torch.cuda.current_device())))
         logger.info("shplb backend: %d of %d rank-local heads sparse (plan %s), TP rank %d/%d; all-dense layers "
                     "on %s, layers with sparse heads on the %s path", n_sparse, n_all,
                     self.cfg.plan_path or "none: dense fallback", self.tp_rank, self.tp_size,

@@ -1,23 +1,24 @@
 #!/usr/bin/env bash
 # Round 13's detached GPU job, after the bundle calls (../gpu_round12/README.md: 16 MiB parts). Steps, in order
 # (name a subset as arguments; default all):
-#   tune   issue 15: the launch-config table for this GPU (bench/tune_kernels.py --install, Llama-3-8B and SmolLM2
-#          layouts), so that the servers below start from it (round 12's first 64K request took 25 s on an H100)
 #   serve  issue 15: Llama-3-8B shape, 32K / 64K / 128K, batch 1, FlashInfer first, then `shplb`, with the dense
-#          tail now on Triton (round 12: 1.84x / 2.33x at 64K / 128K with the cuDNN tail)
+#          tail now on Triton (round 12: 1.84x / 2.33x at 64K / 128K with the cuDNN tail); on an H100 the server
+#          reads the H200's launch-config table (same sm 9.0; round 12's first 64K request autotuned for 25 s)
 #   hp     issue 13: bench/head_parallel.py --quick with the Triton tail (round 12: tail 0.9-2.1 ms per rank)
 #   tail   bench/tail.py (the tail's two routes), quick
+#   tune   issue 15: this GPU's own launch-config table (bench/tune_kernels.py, Llama-3-8B and SmolLM2 layouts;
+#          last, so that `serve` measured the borrowed table): commit $OUT/tuned/<gpu>.json into the package
 # Everything lands in $OUT (default /tmp/out); bench/gpu_poll.sh tars it and stops at "job done".
 set -uo pipefail
 export PYTHONPATH=/tmp/site NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
 export OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-steps=${*:-tune serve hp tail}
+steps=${*:-serve hp tail tune}
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 for step in $steps; do
   echo "$step start $(date -u +%T)"
   case $step in
     tune)
-      python3 bench/tune_kernels.py --shapes llama8b,smollm2 --install --out "$OUT/tuned" \
+      python3 bench/tune_kernels.py --shapes llama8b,smollm2 --out "$OUT/tuned" \
         > "$OUT/tune_run.log" 2>&1 ;;
     serve)
       LLAMA_SERVERS=flashinfer,shplb LLAMA_FLAGS="--lengths 32768,65536,131072 --batches 1 --context-length 131200" \
@@ -27,7 +28,7 @@ for step in $steps; do
         --out "$OUT/hp" > "$OUT/hp_run.log" 2>&1 ;;
     tail)
       python3 bench/tail.py --out "$OUT/tail" > "$OUT/tail_run.log" 2>&1 ;;
-    *) echo "unknown step $step (tune, serve, hp, tail)"; exit 2 ;;
+    *) echo "unknown step $step (serve, hp, tail, tune)"; exit 2 ;;
   esac
   echo "$step done $(date -u +%T)"
 done
