@@ -13,7 +13,8 @@ keys of a (request, head) are cut into ``NS`` slices (flash decoding with a 64-r
   written into ``out`` at the request's tail rows, that head.
 
 Row ``r`` of request ``b`` (``L`` keys, ``t`` tail rows) is position ``L - t + r``: it reads keys ``0 ..
-L - t + r``. The math reference is ``dense_tail``'s torch route (per request, cuDNN / SDPA pieces)."""
+L - t + r``. Its reference is :func:`sglang_shplb.kernels.dense_tail.gathered_tail` (per request, SDPA / cuDNN
+pieces over the gathered keys)."""
 from __future__ import annotations
 
 from functools import lru_cache
