@@ -84,7 +84,7 @@ def tune(out: str, install: bool, shapes: list[str]) -> None:
     from sglang_shplb.kernels.triton_prefill import _kernel, _rule_kernel, _tile_kernel
     from sglang_shplb.kernels.tuned import TUNED_DIR, device_identity, gpu_slug, table_from_autotuners
 
-    gpu = torch.cuda.get_device_name()
+    gpu, capability = device_identity(torch.cuda.current_device())
     t0 = time.time()
     for shape in shapes:
         for paged in (True, False):
@@ -95,7 +95,7 @@ def tune(out: str, install: bool, shapes: list[str]) -> None:
         # written after each shape, so a run stopped midway leaves the shapes it finished
         table = table_from_autotuners({"index": _kernel(True), "rule": _rule_kernel(True), "tile": _tile_kernel(True)},
                                       gpu, {"triton": triton.__version__, "torch": torch.__version__},
-                                      capability=device_identity(torch.cuda.current_device())[1])
+                                      capability=capability)
         n_cfg = {k: len(v["configs"]) for k, v in table["kernels"].items()}
         print(f"{gpu}: {n_cfg} configs tuned in {time.time() - t0:.0f} s", flush=True)
         if install:

@@ -165,7 +165,8 @@ def test_tail_slices_fill_the_gpu_and_cover_the_keys():
         assert ns * slice_len >= kv > (ns - 1) * slice_len                  # covered, no empty slice
         want = -(-PROGRAMS_PER_SM * sms // tiles)
         steps = -(-kv // BLOCK_N)
-        assert 1 <= ns <= want
+        assert ns <= want, "more slices than the programs-per-SM target asks for"
+        assert ns <= steps, "a slice without a 64-key step"
         assert tiles * ns >= min(PROGRAMS_PER_SM * sms, tiles * steps) / 2  # at least half the target
     assert tail_slices(28, 65536, 132) == (103 * BLOCK_N, 10)               # TP 1 Llama-8B, 7 sparse groups
     assert tail_slices(512, 8192, 132) == (8192, 1)                         # enough tiles: no split

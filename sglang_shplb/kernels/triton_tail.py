@@ -18,6 +18,7 @@ pieces over the gathered keys)."""
 from __future__ import annotations
 
 from functools import lru_cache
+from itertools import accumulate
 from typing import Sequence
 
 import torch
@@ -149,6 +150,14 @@ def tail_slices(num_tiles: int, max_kv: int, sms: int) -> tuple[int, int]:
     return slice_len, -(-max(max_kv, 1) // slice_len)
 
 
+@lru_cache(maxsize=8)
+def _batch_lens(q_lens: tuple[int, ...], kv_lens: tuple[int, ...], device: str) -> torch.Tensor:
+    """``[3, B]`` int32 on ``device``: each request's last q row + 1, tail rows, keys. Built once per batch (every
+    layer of a forward passes the same lengths), copied without a sync."""
+    qend = list(accumulate(q_lens))
+    return to_device(torch.tensor([qend, [tail_rows(n) for n in q_lens], list(kv_lens)], dtype=torch.int32), device)
+
+
 def tail_attention(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tensor, req_to_token: torch.Tensor,
                    req_pool_indices: torch.Tensor, q_lens: Sequence[int], kv_lens: Sequence[int],
                    heads: Sequence[int], scale: float, out: torch.Tensor) -> None:
@@ -164,12 +173,7 @@ def tail_attention(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tens
     dev = q.device
     d = q.shape[-1]
     group = q.shape[1] // k_buffer.shape[1]
-    qend, c = [], 0
-    for n in q_lens:
-        c += n
-        qend.append(c)
-    lens = to_device(torch.tensor([list(qend), [tail_rows(n) for n in q_lens], list(kv_lens)], dtype=torch.int32),
-                     dev)
+    lens = _batch_lens(tuple(q_lens), tuple(kv_lens), str(dev))
     b, nh = len(q_lens), len(heads)
     slice_len, ns = tail_slices(b * nh, max(kv_lens), _sm_count(str(dev)))
     block_d = max(16, 1 << (d - 1).bit_length())
