@@ -53,30 +53,34 @@ def _add_profile(p: argparse.ArgumentParser) -> None:
 
 
 def _add_budget(p: argparse.ArgumentParser) -> None:
-    from sglang_shplb.planning.budget import NEEDLE_SCALE
+    from sglang_shplb.planning.budget import DEFAULT_DENSITY_TARGET, DEFAULT_TOPK_MIN_BLOCKS, NEEDLE_SCALE
 
-    p.add_argument("--tau", type=float, default=0.95, help="recall each head must keep (default 0.95)")
     p.add_argument("--density-target", type=float, default=None,
-                   help="instead of --tau: meet this mean density while maximising the worst head's recall")
+                   help="meet this mean density (at the longest profiled length) while maximising the worst head's "
+                        f"recall (default {DEFAULT_DENSITY_TARGET} unless --tau is given)")
+    p.add_argument("--tau", type=float, default=None,
+                   help="instead of a density target: the cheapest option keeping this recall, head by head")
     p.add_argument("--recall-rows", default="needle", choices=["needle", "question", "all"],
                    help="recall a budget must keep: all sampled rows' (all, the method before 2026-12-02), also "
                         "the question rows' (question), also the answer needle's share weighted by the head's "
                         "needle mass (needle, default)")
-    p.add_argument("--topk-min-blocks", type=int, default=0,
-                   help="top-k heads keep at least this many 64-token blocks per query block (default 0: the "
-                        "profile's floor, 4); refine keeps the floor of the budgets it starts from")
+    p.add_argument("--topk-min-blocks", type=int, default=DEFAULT_TOPK_MIN_BLOCKS,
+                   help="top-k heads keep at least this many 64-token blocks per query block (default "
+                        "%(default)d; 0: the profile's floor, 4); refine keeps the floor of the budgets it starts from")
     p.add_argument("--needle-scale", type=float, default=NEEDLE_SCALE,
                    help=f"needle mass from which a head must keep all of its needle share (default {NEEDLE_SCALE})")
 
 
 def _add_refine(p: argparse.ArgumentParser, in_plan: bool) -> None:
     from sglang_shplb.planning.calibration_data import DEFAULT_QUESTIONS, QUESTIONS
+    from sglang_shplb.planning.refine import DEFAULT_REFINE_LENGTHS, DEFAULT_REFINE_PROMPTS, DEFAULT_REFINE_TO
 
     if in_plan:
-        p.add_argument("--refine-to", type=float, default=None, metavar="DENSITY",
+        p.add_argument("--refine-to", type=float, default=DEFAULT_REFINE_TO, metavar="DENSITY",
                        help="after the budget stage, spend density up to DENSITY (mean, at the longest profiled "
                             "length) on the heads whose sparsity changes the model's answers (the refine stage; "
-                            "default: no refinement)")
+                            "default %(default)g; skipped where the budgets are already that dense)")
+        p.add_argument("--no-refine", action="store_true", help="skip the refine stage (the budgets as chosen)")
     else:
         p.add_argument("--density-target", type=float, default=None,
                        help="mean density to reach (at the budgets' reference length)")
@@ -87,9 +91,10 @@ def _add_refine(p: argparse.ArgumentParser, in_plan: bool) -> None:
     p.add_argument("--refine-step", type=float, default=0.05,
                    help="mean density spent per round; sensitivities are measured again after each "
                         "(default %(default)g)")
-    p.add_argument("--refine-prompts", type=int, default=8, help="held-in prompts (default %(default)d)")
-    p.add_argument("--refine-lengths", type=int, nargs="+", default=[2048, 4096],
-                   help="held-in prompt lengths, cycled (default 2048 4096)")
+    p.add_argument("--refine-prompts", type=int, default=DEFAULT_REFINE_PROMPTS,
+                   help="held-in prompts (default %(default)d)")
+    p.add_argument("--refine-lengths", type=int, nargs="+", default=list(DEFAULT_REFINE_LENGTHS),
+                   help="held-in prompt lengths, cycled (default %(default)s)")
     p.add_argument("--refine-questions", nargs="+", default=list(DEFAULT_QUESTIONS), choices=QUESTIONS,
                    help="what the held-in prompts ask, cycled in pairs (default: %(default)s)")
 
@@ -224,6 +229,18 @@ def cmd_profile(a) -> Path:
     return path
 
 
+def budget_rule(a) -> tuple[float, float | None]:
+    """(tau, density target) of the budget stage: the rule asked for, else the default recipe's density target.
+    tau is also the stability report's threshold."""
+    from sglang_shplb.planning.budget import DEFAULT_DENSITY_TARGET, DEFAULT_TAU
+
+    if a.tau is not None and a.density_target is not None:
+        raise SystemExit(f"--tau {a.tau} and --density-target {a.density_target} are two budget rules: give one")
+    if a.tau is not None:
+        return a.tau, None
+    return DEFAULT_TAU, DEFAULT_DENSITY_TARGET if a.density_target is None else a.density_target
+
+
 def cmd_budget(a) -> Path:
     from sglang_shplb.planning.budget import BudgetsFile, choose_budgets, save_budgets, stability
     from sglang_shplb.planning.profile import load_profile
@@ -231,14 +248,15 @@ def cmd_budget(a) -> Path:
     prof = load_profile(a.profile)
     if a.topk_min_blocks < 0:
         raise SystemExit(f"--topk-min-blocks must be >= 0, got {a.topk_min_blocks}")
-    res = choose_budgets(prof, a.tau, a.density_target, a.recall_rows, a.needle_scale, a.topk_min_blocks)
+    tau, density_target = budget_rule(a)
+    res = choose_budgets(prof, tau, density_target, a.recall_rows, a.needle_scale, a.topk_min_blocks)
     stab = None
     if len(prof.sets) >= 2:
-        stab = stability(prof, a.tau, rows=a.recall_rows, needle_scale=a.needle_scale)
+        stab = stability(prof, tau, rows=a.recall_rows, needle_scale=a.needle_scale)
         from sglang_shplb.planning.report import stability_text
 
         print(f"stability between calibration sets: {stability_text(stab)}, same family {stab.same_family:.0%}")
-    path = save_budgets(BudgetsFile.of(prof, res, a.tau, stab), a.out)
+    path = save_budgets(BudgetsFile.of(prof, res, tau, stab), a.out)
     print(f"budgets ({res.mode}): {res.pattern_counts()}, mean density {res.mean_density:.3f} at {res.ref_len} "
           f"tokens, worst recall {res.min_recall:.3f} → {path}")
     return path
@@ -367,6 +385,7 @@ def cmd_eval(a) -> list[Path]:
 
 def cmd_plan(a) -> Path:
     from sglang_shplb.core.plan import load_plan
+    from sglang_shplb.planning.budget import load_budgets
     from sglang_shplb.planning.model_store import resolve_model
     from sglang_shplb.planning.quality import compare_dense_sparse, save_quality
 
@@ -377,8 +396,14 @@ def cmd_plan(a) -> Path:
     a.profile = cmd_profile(a)
     print("[2/5] budgets")
     a.budgets = cmd_budget(a)
-    if a.refine_to is not None:
-        print(f"[2b/5] refine the budgets up to density {a.refine_to} on the model's answers")
+    density = float(load_budgets(a.budgets).density.mean())
+    if a.no_refine:
+        print("[2b/5] refine skipped (--no-refine)")
+    elif density >= a.refine_to - 1e-9:
+        print(f"[2b/5] refine skipped: the budgets' mean density {density:.3f} is already at or above --refine-to "
+              f"{a.refine_to}")
+    else:
+        print(f"[2b/5] refine the budgets from density {density:.3f} up to {a.refine_to} on the model's answers")
         a.profile, a.budgets = a.profile.parent, a.budgets.parent
         a.budgets = cmd_refine(a, density_target=a.refine_to, until_match=False)
     print("[3/5] placements")

@@ -28,13 +28,15 @@ def test_help(cmd):
 @pytest.fixture(scope="module")
 def planned(tmp_path_factory):
     out = tmp_path_factory.mktemp("plan")
-    r = _run("plan", "--num-layers", "2", "--lengths", "256", "512", "--tp", "2", "4", "8",
+    # 512-token prompts cannot meet the default density target (0.2): the tau rule, and refine skips itself
+    r = _run("plan", "--num-layers", "2", "--lengths", "256", "512", "--tau", "0.95", "--tp", "2", "4", "8",
              "--buckets", "4096", "8192", "--eval-lengths", "512", "--eval-prompts", "1", "--out", str(out))
     return out, r.stdout
 
 
 def test_plan_end_to_end(planned):
     out, stdout = planned
+    assert "refine skipped: the budgets' mean density" in stdout   # tau 0.95 at 512 tokens is above 0.25
     for name in ("profile.json", "budgets.json", "plan.json", "plan.safetensors", "quality.json", "report.txt",
                  "budgets_heatmap.png", "gpu_loads_tp4.png", "elasticity_curves.png", "stability.png",
                  "speedup_by_bucket.png"):
@@ -58,7 +60,7 @@ def test_stages_one_by_one(planned, tmp_path):
     out, _ = planned
     _run("budget", "--profile", str(out), "--density-target", "0.6", "--out", str(tmp_path))
     b = json.loads((tmp_path / "budgets.json").read_text())
-    assert b["mode"] == "density<=0.6, needle rows"
+    assert b["mode"] == "density<=0.6, needle rows, top-k >= 16 blocks"   # the default floor
     dens = [d for layer in b["density"] for d in layer]
     assert sum(dens) / len(dens) <= 0.6 + 1e-6
     r = _run("place", "--budgets", str(tmp_path), "--tp", "4", "--buckets", "4096", "--solver", "shplb_exact",
@@ -77,6 +79,11 @@ def test_bad_input(planned, tmp_path):
     assert r.returncode == 2 and "no config.json" in r.stderr
     r = _run("budget", "--profile", str(out), "--density-target", "0.00001", "--out", str(tmp_path), check=False)
     assert r.returncode == 2 and "below the cheapest" in r.stderr
+    r = _run("budget", "--profile", str(out), "--out", str(tmp_path), check=False)  # the default target, 512 tokens
+    assert r.returncode == 2 and "below the cheapest" in r.stderr and "the tau rule" in r.stderr
+    r = _run("budget", "--profile", str(out), "--tau", "0.9", "--density-target", "0.5", "--out", str(tmp_path),
+             check=False)
+    assert r.returncode != 0 and "two budget rules" in r.stderr
     r = _run("report", "--plan", str(tmp_path / "missing"), check=False)
     assert r.returncode == 2 and "does not exist" in r.stderr
     r = _run("place", "--buckets", "1000", "3000", "--budgets", str(out), check=False)
@@ -109,7 +116,7 @@ def test_every_stage_writes_beside_its_input(planned, tmp_path, monkeypatch, cap
     for name in ("profile.json", "profile.safetensors"):
         shutil.copy(out / name, folder / name)
     monkeypatch.chdir(cwd)
-    assert main(["budget", "--profile", str(folder)]) == 0
+    assert main(["budget", "--profile", str(folder), "--tau", "0.9"]) == 0
     assert main(["place", "--budgets", str(folder / "budgets.json"), "--tp", "2", "--buckets", "4096"]) == 0
     assert main(["report", "--plan", str(folder)]) == 0
     stdout = capsys.readouterr().out
@@ -131,3 +138,18 @@ def test_milp_output_is_silenced(capfd):
     os.write(1, b"after\n")
     out, err = capfd.readouterr()
     assert out == "after\n" and err == ""
+
+
+def test_plan_defaults_to_the_measured_recipe():
+    """No rule asked for: a density target, the top-k floor and refine (the recipe bench/results/eval_* measured);
+    --tau switches to the recall rule, --no-refine skips refine."""
+    from sglang_shplb.cli import budget_rule
+    from sglang_shplb.planning.budget import DEFAULT_DENSITY_TARGET, DEFAULT_TAU, DEFAULT_TOPK_MIN_BLOCKS
+    from sglang_shplb.planning.refine import DEFAULT_REFINE_TO
+
+    a = build_parser().parse_args(["plan"])
+    assert budget_rule(a) == (DEFAULT_TAU, DEFAULT_DENSITY_TARGET) and DEFAULT_DENSITY_TARGET < DEFAULT_REFINE_TO
+    assert a.topk_min_blocks == DEFAULT_TOPK_MIN_BLOCKS and a.refine_to == DEFAULT_REFINE_TO and not a.no_refine
+    assert budget_rule(build_parser().parse_args(["plan", "--tau", "0.9"])) == (0.9, None)
+    assert budget_rule(build_parser().parse_args(["budget", "--density-target", "0.3"])) == (DEFAULT_TAU, 0.3)
+    assert build_parser().parse_args(["plan", "--no-refine"]).no_refine

@@ -73,6 +73,14 @@ class BudgetResult:
 ROWS = ("needle", "question", "all")
 #: needle mass from which a head must keep its whole needle share (see the module docstring)
 NEEDLE_SCALE = 0.1
+#: the default recipe of the budget stage (``plan`` and ``budget`` without --tau / --density-target): a mean
+#: density target at the longest profiled length, top-k heads kept at >= 16 blocks per query block; ``plan`` then
+#: refines it on answers (:data:`sglang_shplb.planning.refine.DEFAULT_REFINE_TO`). Measured against dense through
+#: real servers in bench/results/eval_* (the tau rule alone lost the pass key at 4K, eval_cpu round 12)
+DEFAULT_DENSITY_TARGET = 0.2
+DEFAULT_TOPK_MIN_BLOCKS = 16
+#: the recall rule's threshold where --tau is asked for without a value, and the stability report's
+DEFAULT_TAU = 0.95
 
 
 def _per_length(profile: ProfileResult, what: str, calib_set: str | None) -> list[torch.Tensor]:
@@ -145,7 +153,7 @@ def _mode(what: str, rows: str, topk_min_blocks: int) -> str:
     return f"{what}, {rows} rows" + (f", top-k >= {topk_min_blocks} blocks" if topk_min_blocks else "")
 
 
-def budgets_by_tau(profile: ProfileResult, tau: float = 0.95, ref_len: int | None = None,
+def budgets_by_tau(profile: ProfileResult, tau: float = DEFAULT_TAU, ref_len: int | None = None,
                    rows: str = "needle", needle_scale: float = NEEDLE_SCALE, topk_min_blocks: int = 0) -> BudgetResult:
     if not 0.0 < tau <= 1.0:
         raise ValueError(f"tau must be in (0, 1], got {tau}")
@@ -156,7 +164,7 @@ def budgets_by_tau(profile: ProfileResult, tau: float = 0.95, ref_len: int | Non
                          _mode(f"tau={tau}", rows, topk_min_blocks))
 
 
-def choose_budgets(profile: ProfileResult, tau: float = 0.95, density_target: float | None = None,
+def choose_budgets(profile: ProfileResult, tau: float = DEFAULT_TAU, density_target: float | None = None,
                    rows: str = "needle", needle_scale: float = NEEDLE_SCALE, topk_min_blocks: int = 0) -> BudgetResult:
     """:func:`budgets_by_density_target` when a target is given, else :func:`budgets_by_tau`."""
     if density_target is not None:
@@ -174,7 +182,7 @@ def budgets_by_density_target(profile: ProfileResult, target: float, ref_len: in
     floor = _cheapest_at(dens, worst, 0.0)
     if dens[floor].mean() > target + 1e-12:
         raise ValueError(f"density target {target} is below the cheapest option of every head "
-                         f"({dens[floor].mean():.4f})")
+                         f"({dens[floor].mean():.4f}): ask for a higher target, or the tau rule")
     levels = np.unique(worst)
     lo, hi = 0, len(levels) - 1  # levels[lo] feasible
     while lo < hi:
@@ -236,7 +244,7 @@ class Stability:
     tau: float
 
 
-def stability(profile: ProfileResult, tau: float = 0.95, ref_len: int | None = None,
+def stability(profile: ProfileResult, tau: float = DEFAULT_TAU, ref_len: int | None = None,
               rows: str = "needle", needle_scale: float = NEEDLE_SCALE) -> Stability:
     """Is each head's need "heterogeneous yet stable"? Budgets chosen on set A vs on set B."""
     from scipy.stats import spearmanr

@@ -26,7 +26,7 @@ from sglang_shplb.core.model_spec import ModelSpec
 from sglang_shplb.core.patterns import HeadBudget, Pattern
 from sglang_shplb.core.plan import Plan, load_plan
 from sglang_shplb.evaluation.summary import load_eval, summary_lines
-from sglang_shplb.planning.budget import BUDGETS_NAME, BudgetResult, Stability, load_budgets
+from sglang_shplb.planning.budget import BUDGETS_NAME, DEFAULT_TAU, BudgetResult, Stability, load_budgets
 from sglang_shplb.planning.cost_model import CostModel, load_cost_model, plan_cost_model
 from sglang_shplb.planning.place import (compare_solvers, evaluate_placement, layer_inputs, piece_load,
                                         resolve_solve_opts, solve_plan_placements)
@@ -218,7 +218,7 @@ def write_report(out_dir: Path, plan: Plan, cost: CostModel, budgets: BudgetResu
                    resolve_solve_opts(solve_opts or {}, tp_show))
     plot_speedups(rows, bk, out_dir / "speedup_by_bucket.png", spec)
     if profile is not None:
-        plot_elasticity(profile, out_dir / "elasticity_curves.png", tau=stab.tau if stab is not None else 0.95)
+        plot_elasticity(profile, out_dir / "elasticity_curves.png", tau=stab.tau if stab is not None else DEFAULT_TAU)
     if stab is not None:
         plot_stability(stab, out_dir / "stability.png")
     return out_dir / "report.txt"
@@ -364,7 +364,7 @@ def plot_speedups(rows: list[dict], bk: Buckets, path: Path, spec: ModelSpec | N
     return fig
 
 
-def plot_elasticity(profile: ProfileResult, path: Path, n_heads: int = 4, tau: float = 0.95):
+def plot_elasticity(profile: ProfileResult, path: Path, n_heads: int = 4, tau: float = DEFAULT_TAU):
     """Recall vs density per pattern family for the least to the most elastic heads; the dotted line is the
     recall target ``tau``. Returns the Figure (saved and closed)."""
     import matplotlib.pyplot as plt

@@ -6,8 +6,9 @@
 #          reads the H200's launch-config table (same sm 9.0; round 12's first 64K request autotuned for 25 s)
 #   hp     issue 13: bench/head_parallel.py --quick with the Triton tail (round 12: tail 0.9-2.1 ms per rank)
 #   tail   bench/tail.py (the tail's two routes), quick
-#   eval   issue 14: the plan `python -m sglang_shplb plan` now makes by default (bench/results/default_plan:
-#          density target 0.2, top-k floor 16, refined on answers to 0.25, all on the CPU in float32) in bf16,
+#   eval   issue 14: the budgets `python -m sglang_shplb plan` now makes by default (bench/results/default_plan:
+#          density target 0.2, top-k floor 16, refined on answers to 0.25, all on the CPU in float32), placed
+#          with every layer sparse (eval_cpu/round13/default13_sparse; the default plan itself is stock at <= 32K), in bf16,
 #          all six tasks, 34 per task and length; beside it the old default (default_plan_tau95: tau 0.95 on
 #          recall, 0.486 at 8K), whose only bf16 figures predate the decode fix
 #   tune   issue 15: this GPU's own launch-config table (bench/tune_kernels.py, Llama-3-8B and SmolLM2 layouts;
@@ -31,7 +32,7 @@ for step in $steps; do
       python3 bench/head_parallel.py --quick --compare-calibration "" --time-budget-s 240 \
         --out "$OUT/hp" > "$OUT/hp_run.log" 2>&1 ;;
     eval)
-      bash bench/eval_gpu.sh start bench/results/default_plan bench/results/default_plan_tau95 -- \
+      bash bench/eval_gpu.sh start bench/results/eval_cpu/round13/default13_sparse bench/results/default_plan_tau95 -- \
         --per-task 34 --concurrency 16 --parallel-servers --server-args "--mem-fraction-static 0.99 --max-total-tokens 200000"
       while [ -f /tmp/eval_run/pid ] && kill -0 "$(cat /tmp/eval_run/pid)" 2>/dev/null; do sleep 10; done
       bash bench/eval_gpu.sh wait 1 > /dev/null 2>&1 ;;   # collect: $OUT/eval_h200.tgz
