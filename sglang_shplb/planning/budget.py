@@ -79,7 +79,7 @@ NEEDLE_SCALE = 0.1
 #: real servers in bench/results/eval_* (the tau rule alone lost the pass key at 4K, eval_cpu round 12)
 DEFAULT_DENSITY_TARGET = 0.2
 DEFAULT_TOPK_MIN_BLOCKS = 16
-#: the recall rule's threshold where --tau is asked for without a value, and the stability report's
+#: the recall rule's threshold in this module's functions, and the stability report's (``plan`` / ``budget``)
 DEFAULT_TAU = 0.95
 
 
