@@ -7,7 +7,7 @@ the same dense answers without serving them again (CPU time: a float32 dense ser
 
 Only what would be asked again is seeded: the earlier run's settings regenerate its prompts (each row's token
 count and references are checked against them), and each dense answer is filed under the key the new run asks
-for (:func:`sglang_shplb.evaluation.progress.answer_key`): the dense server's command line as the earlier run
+for (:func:`sglang_shplb.evaluation.runner.answer_keys`): the dense server's command line as the earlier run
 recorded it, this Python, the installed SGLang release, the prompt's tokens and its answer length. A new run
 with other lengths, tasks or flags derives another command line (its context length, its pool), finds no key,
 and serves dense itself. The eval's JSON then records ``startup_s.dense = null``: no dense server ran.
@@ -20,9 +20,10 @@ from pathlib import Path
 
 from transformers import AutoTokenizer
 
-from sglang_shplb.evaluation.progress import Progress, answer_key, software_id
+from sglang_shplb.evaluation.progress import Progress
+from sglang_shplb.evaluation.runner import EvalConfig, answer_keys
 from sglang_shplb.evaluation.servers import ServerSpec
-from sglang_shplb.evaluation.tasks import TASKS, eval_prompts
+from sglang_shplb.evaluation.tasks import eval_prompts
 
 
 def seed(old: Path, out: Path) -> int:
@@ -35,13 +36,12 @@ def seed(old: Path, out: Path) -> int:
     rows = {(r["task"], r["length"], r["index"]): r for r in doc["rows"]}
     if len(rows) != len(prompts):
         raise SystemExit(f"{old}: {len(rows)} rows, its settings make {len(prompts)} prompts")
-    progress, software = Progress.open(out), software_id(with_package=False)
-    for p in prompts:
+    progress = Progress.open(out)
+    keys = answer_keys(dense, None, prompts, EvalConfig(plans=[], max_new_tokens=st["max_new_tokens"]))
+    for p, key in zip(prompts, keys):
         row = rows[(p.task, p.length, p.index)]
         if row["tokens"] != len(p.input_ids) or row["refs"] != p.refs:
             raise SystemExit(f"{old}: {p.task} {p.length} #{p.index} is not the prompt these settings make now")
-        max_new = st["max_new_tokens"] or TASKS[p.task].max_new_tokens
-        key = answer_key(dense.command(0), None, p.input_ids, max_new, software)
         progress.add(key, {k: v for k, v in row["dense"].items() if k != "score"})
     return len(prompts)
 

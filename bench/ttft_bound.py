@@ -27,6 +27,8 @@ import numpy as np
 
 from sglang_shplb.core.patterns import BLOCK, HeadBudget, Pattern
 
+DENSE = HeadBudget.dense()
+
 
 def chunk_ends(n: int, chunk: int) -> list[int]:
     """Query blocks that end a chunk of a prefill of ``n`` tokens in ``chunk``-token chunks (the last included)."""
@@ -35,15 +37,12 @@ def chunk_ends(n: int, chunk: int) -> list[int]:
     return sorted({min(nb, e) - 1 for e in range(per, nb + per, per)})
 
 
-def pairs(budget: HeadBudget | None, n: int, chunk: int) -> int:
-    """(query block, key block) pairs of one head over a chunked prefill of ``n`` tokens; ``None``: dense."""
+def pairs(budget: HeadBudget, n: int, chunk: int) -> int:
+    """(query block, key block) pairs of one head over a chunked prefill of ``n`` tokens."""
     nb = -(-n // BLOCK)
-    causal = np.arange(1, nb + 1)
-    if budget is None or budget.pattern is Pattern.DENSE:
-        return int(causal.sum())
-    rows = np.minimum(budget.blocks_for_query_blocks(np.arange(nb), nb), causal)
-    ends = chunk_ends(n, chunk)
-    rows[ends] = causal[ends]   # the dense tail: each chunk's last rows over every key
+    rows = budget.blocks_for_query_blocks(np.arange(nb), nb)
+    ends = np.array(chunk_ends(n, chunk))
+    rows[ends] = ends + 1       # the dense tail: each chunk's last rows over every key
     return int(rows.sum())
 
 
@@ -51,7 +50,7 @@ def fit(ns: list[int], ts: list[float], chunk: int) -> tuple[float, float, float
     """``(c, a, b)`` of ``t = c + a n + b P(n)`` by least squares; with two lengths only, ``c = 0``."""
     if len(ns) < 2:
         raise SystemExit(f"FlashInfer ran {len(ns)} length(s) at batch 1: the fit needs two or more")
-    x = np.array([[1.0, n, pairs(None, n, chunk)] for n in ns])[:, (0 if len(ns) > 2 else 1):]
+    x = np.array([[1.0, n, pairs(DENSE, n, chunk)] for n in ns])[:, (0 if len(ns) > 2 else 1):]
     coef = np.linalg.lstsq(x, np.array(ts), rcond=None)[0]
     c, a, b = ([0.0] * (3 - len(coef))) + [float(v) for v in coef]
     return c, a, b
@@ -59,7 +58,7 @@ def fit(ns: list[int], ts: list[float], chunk: int) -> tuple[float, float, float
 
 def shares(budgets: list[list[HeadBudget]], n: int, chunk: int) -> tuple[float, float]:
     """``(D, S)``: the dense heads' share of all heads and the sparse heads' summed pair shares, per head."""
-    full = pairs(None, n, chunk)
+    full = pairs(DENSE, n, chunk)
     flat = [b for layer in budgets for b in layer]
     dense = sum(b.pattern is Pattern.DENSE for b in flat)
     sparse = sum(pairs(b, n, chunk) / full for b in flat if b.pattern is not Pattern.DENSE)
@@ -87,7 +86,7 @@ def bound_rows(doc: dict, budgets: list[list[HeadBudget]], goals: dict[int, floa
     for n in sorted(set(fi) | set(ours)):
         if n < show_from:
             continue
-        rest, attn = c + a * n, b * pairs(None, n, chunk)
+        rest, attn = c + a * n, b * pairs(DENSE, n, chunk)
         d, s = shares(budgets, n, chunk)
         row = {"length": n, "flashinfer_s": fi.get(n), "fit_s": rest + attn, "rest_s": rest, "attention_s": attn,
                "dense_share": d, "sparse_pair_share": s, "bound_e1_s": rest + attn * (d + s),

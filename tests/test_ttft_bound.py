@@ -30,7 +30,7 @@ def test_pairs_in_one_chunk_are_the_cost_models(n):
     """One chunk: the head's pairs are HeadBudget.block_pairs (the last query block over every key); dense heads
     the whole causal triangle; 4K chunks add a dense tail row per chunk where the pattern skips keys."""
     nb = -(-n // 64)
-    assert tb.pairs(None, n, n) == nb * (nb + 1) // 2
+    assert tb.pairs(tb.DENSE, n, n) == nb * (nb + 1) // 2
     for h in _heads():
         assert tb.pairs(h, n, n) == h.block_pairs(n)
         extra = tb.pairs(h, n, 4096) - tb.pairs(h, n, n)
@@ -40,7 +40,7 @@ def test_pairs_in_one_chunk_are_the_cost_models(n):
 def test_fit_recovers_a_known_curve():
     c, a, b = 0.01, 2e-5, 6e-6
     ns = [2048, 8192, 32768, 131072]
-    ts = [c + a * n + b * tb.pairs(None, n, 8192) for n in ns]
+    ts = [c + a * n + b * tb.pairs(tb.DENSE, n, 8192) for n in ns]
     got = tb.fit(ns, ts, 8192)
     assert np.allclose(got, (c, a, b), rtol=1e-6)
     _, a2, b2 = tb.fit(ns[-2:], ts[-2:], 8192)         # two lengths: c = 0, the rest absorbs it
@@ -51,7 +51,7 @@ def test_bound_rows_price_the_goal():
     """Sparse heads at the dense efficiency give the e = 1 bound; a goal above the free-sparse bound needs no e."""
     ns = [16384, 32768, 65536, 131072]
     c, a, b, chunk = 0.0, 2e-5, 6e-6, 8192
-    fi = [{"length": n, "batch": 1, "ttft_s": c + a * n + b * tb.pairs(None, n, chunk)} for n in ns]
+    fi = [{"length": n, "batch": 1, "ttft_s": c + a * n + b * tb.pairs(tb.DENSE, n, chunk)} for n in ns]
     budgets = [[HeadBudget.dense()] + _heads() * 3 + [_heads()[1]]]          # 1 dense of 8
     ours = [{"length": n, "batch": 1, "ttft_s": r["ttft_s"] / 2} for n, r in zip(ns, fi)]
     doc = {"runs": [{"server": "flashinfer", "cmd": f"x --chunked-prefill-size {chunk}", "cells": fi},

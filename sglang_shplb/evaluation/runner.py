@@ -90,6 +90,14 @@ def _answer(server: Server, prompt: EvalPrompt, cfg: EvalConfig) -> dict:
     return {"answer": g.text, "ttft_s": g.ttft_s, "latency_s": g.latency_s, "output_tokens": g.output_tokens}
 
 
+def answer_keys(spec: ServerSpec, plan_file: Path | None, prompts: list[EvalPrompt], cfg: EvalConfig) -> list[str]:
+    """The progress key of each prompt's answer on ``spec``'s server (:func:`answer_key`); ``plan_file``: the
+    sparse server's plan (None: the dense server)."""
+    digest = None if plan_file is None else hashlib.sha256(plan_file.read_bytes()).hexdigest()  # holds arrays' sha256
+    software = software_id(with_package=plan_file is not None)
+    return [answer_key(spec.command(0), digest, p.input_ids, _max_new(p, cfg), software) for p in prompts]
+
+
 @dataclass
 class _Side:
     """One server of the run: its spec, where it logs, and the answer key of each prompt."""
@@ -187,13 +195,9 @@ def run_eval(cfg: EvalConfig, log=print) -> list[Path]:
     dense, sparse = server_specs(model, plan_files, cfg.device, dtype, context, cfg.concurrency, cfg.server_args,
                                  dense_backend)
 
-    def keys(spec: ServerSpec, plan_file: Path | None) -> list[str]:
-        digest = None if plan_file is None else hashlib.sha256(plan_file.read_bytes()).hexdigest()  # holds arrays' sha256
-        software = software_id(with_package=plan_file is not None)
-        return [answer_key(spec.command(0), digest, p.input_ids, _max_new(p, cfg), software) for p in prompts]
-
-    sides = [_Side(dense, outs[0] / "eval_logs" / "dense.log", keys(dense, None))]
-    sides += [_Side(s, o / "eval_logs" / "sparse.log", keys(s, f)) for s, o, f in zip(sparse, outs, plan_files)]
+    sides = [_Side(dense, outs[0] / "eval_logs" / "dense.log", answer_keys(dense, None, prompts, cfg))]
+    sides += [_Side(s, o / "eval_logs" / "sparse.log", answer_keys(s, f, prompts, cfg))
+              for s, o, f in zip(sparse, outs, plan_files)]
     progress = Progress.open(outs[0])
     reused = sum(k in progress.answers for side in sides for k in side.keys)
     if reused:
