@@ -9,3 +9,5 @@ mkdir -p $W && cp -r bench/results/eval_cpu/round13/default13_sparse bench/resul
 cd $W
 python -m sglang_shplb eval --plan default13_sparse cpu10_d25 --device cpu --lengths 2048 --per-task 60 \
   --tasks multivalue --out $W/mv60
+# then, 00:38-00:56 UTC, the pass key at 2K the same way (the default budgets only), commit 625c052's eval:
+python -m sglang_shplb eval --plan default13_sparse --device cpu --lengths 2048 --per-task 60 --tasks passkey --out $W/pk60
