@@ -11,3 +11,5 @@ python -m sglang_shplb eval --plan default13_sparse cpu10_d25 --device cpu --len
   --tasks multivalue --out $W/mv60
 # then, 00:38-00:56 UTC, the pass key at 2K the same way (the default budgets only), commit 625c052's eval:
 python -m sglang_shplb eval --plan default13_sparse --device cpu --lengths 2048 --per-task 60 --tasks passkey --out $W/pk60
+# and, 01:14-01:30 UTC, the fact-list question at 2K (commit 4545ac4's eval):
+python -m sglang_shplb eval --plan default13_sparse --device cpu --lengths 2048 --per-task 60 --tasks qa --out $W/qa60
