@@ -55,8 +55,9 @@ ANSWER_TOKENS = {"passkey": 14, "register": 18, "facts": 12, "keepers": 16, "val
 #: as much for one head's upgrade as for fifty (round 7 spent its third pass on 0.00005 of density)
 LAST_ROUND_MIN = 0.1
 #: ``plan``'s default refine: one round from the budget stage's density target to this mean density (at the
-#: longest profiled length) on 16 held-in prompts of 2048 tokens (19 minutes of the 2-core CPU in the default run of 2026-12-05; the recipe of the plans that
-#: kept every eval task within 2 points, bench/results/eval_cpu round 10-12, eval_h100_round11/12)
+#: longest profiled length) on 16 held-in prompts of 2048 tokens (19 minutes of the 2-core CPU in the default run
+#: of 2026-12-05; the recipe of the plans that kept every eval task within 2 points, bench/results/eval_cpu
+#: rounds 10-14, eval_h100_round11-13)
 DEFAULT_REFINE_TO = 0.25
 DEFAULT_REFINE_PROMPTS = 16
 DEFAULT_REFINE_LENGTHS = (2048,)
