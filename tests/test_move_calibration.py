@@ -90,6 +90,8 @@ def test_record_loads_into_the_cost_model(tmp_path):
     rec = fit.record("GPU X", "2026-12-02", ["a.json"], str(KERNEL_TABLE))
     assert rec["schema"] == MOVE_CALIBRATION_SCHEMA
     path = write_move_calibration(tmp_path / "move.json", rec)
+    # the absolute kernel table path is written relative to the record's folder
+    assert not Path(json.loads(path.read_text())["kernel_calibration"]).is_absolute()
     cm = load_cost_model(path)
     kernel = load_cost_model(KERNEL_TABLE)
     # kernel fits from the named table; move terms in its seconds (measured / sigma)

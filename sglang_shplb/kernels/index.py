@@ -167,7 +167,7 @@ def build_block_index(budgets: Sequence[HeadBudget], q: torch.Tensor, k: torch.T
 
     if heads.vslash:
         vs_heads = heads.vslash
-        vh = torch.tensor(vs_heads, device=dev)
+        vh, frac, minb = _vslash_consts(tuple(budgets[h] for h in vs_heads), tuple(vs_heads), str(dev))
         last = nb_b - 1                                                     # last query block per sequence
         lpos = last[:, None] * BLOCK + torch.arange(BLOCK, device=dev)[None, :]   # [B, BLOCK]
         lvalid = (lpos < kv_lens[:, None]) & (lpos >= prefix[:, None])
@@ -184,8 +184,6 @@ def build_block_index(budgets: Sequence[HeadBudget], q: torch.Tensor, k: torch.T
         jv = torch.arange(nb, device=dev)
         bvalid = jv[None, :] < nb_b[:, None]                                # [B, nb]
         mass = mass.masked_fill(~bvalid[:, None, :], float("-inf"))
-        frac = torch.tensor([budgets[h].fraction for h in vs_heads], dtype=torch.float64, device=dev)
-        minb = torch.tensor([budgets[h].min_blocks for h in vs_heads], dtype=torch.float64, device=dev)
         n = torch.maximum(minb[None, :], torch.ceil(frac[None, :] * nb_b[:, None].double() / 2))
         n = torch.minimum(n, nb_b[:, None].double()).long()                # [B, V]
         nmax = min(nb, max(budgets[h].vslash_count(nb) for h in vs_heads))
@@ -205,6 +203,16 @@ def build_block_index(budgets: Sequence[HeadBudget], q: torch.Tensor, k: torch.T
         idx[:, vh, :, :vi.shape[-1]] = vi
         cnt[:, vh] = vc
     return out
+
+
+@lru_cache(maxsize=256)
+def _vslash_consts(budgets: tuple[HeadBudget, ...], heads: tuple[int, ...], device: str):
+    """The vertical-slash heads' ids, fractions and block floors on ``device``, made once per layer: a copy
+    from a host list waits for the stream (three such copies per call cost ~1.7 ms a layer on an H100,
+    ``bench/results/home_calls``)."""
+    return (torch.tensor(heads, device=device),
+            torch.tensor([b.fraction for b in budgets], dtype=torch.float64, device=device),
+            torch.tensor([b.min_blocks for b in budgets], dtype=torch.float64, device=device))
 
 
 def mask_to_index(mask: torch.Tensor, maxk: int) -> tuple[torch.Tensor, torch.Tensor]:

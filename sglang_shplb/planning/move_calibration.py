@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -197,8 +198,13 @@ def format_fit(fit: MoveFit) -> str:
 # ---- the record (read by :func:`~sglang_shplb.planning.cost_model.load_cost_model`) -----------------------
 
 def write_move_calibration(path: str | Path, record: dict) -> Path:
+    """Write ``record`` to ``path``, its ``kernel_calibration`` made relative to ``path``'s folder (the
+    record then travels with its kernel table, e.g. from a GPU machine's checkout into the repository)."""
     validate_move_calibration(record)
     path = Path(path)
+    kernel = record.get("kernel_calibration")
+    if kernel and Path(kernel).is_absolute():
+        record = {**record, "kernel_calibration": os.path.relpath(kernel, path.resolve().parent)}
     path.write_text(json.dumps(record, indent=1) + "\n")
     return path
 

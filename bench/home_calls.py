@@ -1,0 +1,144 @@
+"""Where does a rank's home call spend its time, and what does the cost model miss? Each rank's home heads of
+the head-parallel benchmark's plans (``head_parallel.plan_budgets``, contiguous placement) timed whole and
+by part, next to the cost model's prediction of each part.
+
+Per rank: ``home`` (the executor's call: :func:`~sglang_shplb.kernels.head_parallel.attend_heads` over all
+its heads), ``dense`` (its dense heads alone, cuDNN), ``sparse`` (its other heads alone: index build +
+kernels), ``index`` (the block-index build alone), and one call per sparse budget present (its heads of that
+budget alone). Then, per distinct sparse budget of the cell, calls of 1 and 2 heads of it alone (a
+per-call cost shows as ``t(1) > t(2) / 2``; the rank's other heads run at the executor's ``CHEAP`` budget, as
+heads moved away do, which adds a little). Predicted ms: the sum of the cost model's ``head_time`` of
+the part's heads times the move calibration's compute scale.
+
+  python bench/home_calls.py --out $OUT                                        # GPU, ~2 min
+  TRITON_INTERPRET=1 python bench/home_calls.py --cpu-smoke --out /tmp/hc      # logic check
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE))
+
+import torch  # noqa: E402
+
+from head_parallel import SHAPES, plan_budgets  # noqa: E402
+from timing import bench, device_name, device_tag, host_syncs, log, results_writer  # noqa: E402
+
+from sglang_shplb.core.head_map import rank_heads  # noqa: E402
+from sglang_shplb.core.patterns import Pattern  # noqa: E402
+from sglang_shplb.kernels.head_parallel import KVRows, attend_heads  # noqa: E402
+from sglang_shplb.kernels.index import build_block_index  # noqa: E402
+from sglang_shplb.planning.cost_model import load_cost_model  # noqa: E402
+
+CALIBRATION = HERE / "results" / "head_parallel" / "move_calibration_round13_h100.json"
+
+
+def parts(budgets) -> dict[str, list[int]]:
+    """The rank's heads by part: ``dense``, ``sparse`` and one entry per distinct sparse budget."""
+    out = {"home": list(range(len(budgets))),
+           "dense": [h for h, b in enumerate(budgets) if b.pattern is Pattern.DENSE],
+           "sparse": [h for h, b in enumerate(budgets) if b.pattern is not Pattern.DENSE]}
+    for b in sorted({b for b in budgets if b.pattern is not Pattern.DENSE}, key=lambda b: b.describe()):
+        out[b.describe()] = [h for h, x in enumerate(budgets) if x == b]
+    return out
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shapes", default="llama8b,llama70b")
+    ap.add_argument("--ctx", default="65536,131072")
+    ap.add_argument("--tp", default="4,8")
+    ap.add_argument("--plans", default="profiled,mixed")
+    ap.add_argument("--calibration", default=str(CALIBRATION))
+    ap.add_argument("--reps", type=int, default=30, help="milliseconds of repeats per timing")
+    ap.add_argument("--out", default="/tmp/out")
+    ap.add_argument("--cpu-smoke", action="store_true")
+    a = ap.parse_args(argv)
+    smoke = a.cpu_smoke
+    dev, dt = ("cpu", torch.float32) if smoke else ("cuda", torch.bfloat16)
+    shapes = ["smoke"] if smoke else a.shapes.split(",")
+    ctxs = [256] if smoke else [int(x) for x in a.ctx.split(",")]
+    tps = [2] if smoke else [int(x) for x in a.tp.split(",")]
+    cost = load_cost_model(a.calibration)
+    sigma = (cost.move_calibration or {}).get("compute_scale") or 1.0
+    name = device_name(smoke)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    res = {"device": name, "date": time.strftime("%Y-%m-%d"), "argv": sys.argv[1:], "calibration": a.calibration,
+           "compute_scale": sigma, "cells": []}
+    dump = results_writer(res, str(out / f"home_calls_{device_tag(name)}"))
+    log(f"home calls on {name}; predictions: {cost!r} x compute scale {sigma:.3f}")
+    for shape in shapes:
+        hq, hkv, d = SHAPES[shape]
+        scale = d ** -0.5
+        for n in ctxs:
+            g = torch.Generator(device=dev).manual_seed(n)
+            q = torch.randn(n, hq, d, device=dev, dtype=dt, generator=g)
+            k = torch.randn(n, hkv, d, device=dev, dtype=dt, generator=g)
+            v = torch.randn(n, hkv, d, device=dev, dtype=dt, generator=g)
+            cu = torch.tensor([0, n], dtype=torch.int32, device=dev)
+            kvl = torch.tensor([n], dtype=torch.int32, device=dev)
+            rows = KVRows.back_to_back([n])
+            for plan in a.plans.split(","):
+                budgets = plan_budgets(plan, hq, hkv, seed=n)
+                for tp in tps:
+                    cell = {"shape": shape, "n": n, "plan": plan, "tp": tp, "ranks": []}
+                    log(f"\n## {shape} n={n} {plan} TP{tp}: part, heads, measured ms, predicted ms, ratio")
+                    for r in range(tp):
+                        qh = rank_heads(hq, tp, r)
+                        kvs = sorted({h // (hq // hkv) for h in qh})
+                        qs, ks, vs = q[:, qh].contiguous(), k[:, kvs].contiguous(), v[:, kvs].contiguous()
+                        local = budgets[qh[0]:qh[-1] + 1]
+                        o = torch.zeros_like(qs)
+                        rec = {"rank": r, "budgets": [b.describe() for b in local], "parts": {}}
+                        for part, hs in parts(local).items():
+                            if not hs:
+                                continue
+                            t = bench(lambda hs=hs: attend_heads(qs, ks, vs, rows, [n], [n], local, hs, scale, o),
+                                      smoke, a.reps)
+                            p = sum(cost.head_time(local[h], n, d, hq // hkv) for h in hs) * sigma * 1e3
+                            rec["parts"][part] = {"heads": len(hs), "ms": t, "pred_ms": p}
+                            log(f"rank {r} {part:28s} {len(hs):2d} {t:8.3f} {p:8.3f} {t / p:6.2f}")
+                        if rec["parts"].get("sparse"):
+                            t = bench(lambda: build_block_index(local, qs, ks, cu, kvl, n, cu_seqlens_k=cu), smoke,
+                                      a.reps)
+                            syncs = {} if smoke else host_syncs(
+                                lambda: build_block_index(local, qs, ks, cu, kvl, n, cu_seqlens_k=cu))
+                            rec["parts"]["index"] = {"ms": t, "host_syncs": syncs}
+                            log(f"rank {r} {'index':28s}    {t:8.3f}" + (f"  host syncs {syncs}" if syncs else ""))
+                        cell["ranks"].append(rec)
+                    cell["alone"] = alone(budgets, q, k, v, hq, hkv, tp, n, scale, cost, sigma, smoke, a.reps)
+                    res["cells"].append(cell)
+                    dump()
+            del q, k, v
+    dump()
+
+
+def alone(budgets, q, k, v, hq, hkv, tp, n, scale, cost, sigma, smoke, reps) -> dict:
+    """Each distinct sparse budget of the layer in a rank's layout, 1 and 2 heads of it, the others idle."""
+    d = q.shape[-1]
+    qh = rank_heads(hq, tp, 0)
+    kvs = sorted({h // (hq // hkv) for h in qh})
+    qs, ks, vs = q[:, qh].contiguous(), k[:, kvs].contiguous(), v[:, kvs].contiguous()
+    o = torch.zeros_like(qs)
+    out = {}
+    for b in sorted({b for b in budgets if b.pattern is not Pattern.DENSE}, key=lambda b: b.describe()):
+        local = [b] * len(qh)
+        row = {}
+        for m in (1, 2):
+            t = bench(lambda m=m: attend_heads(qs, ks, vs, KVRows.back_to_back([n]), [n], [n], local,
+                                               list(range(m)), scale, o), smoke, reps)
+            row[m] = {"ms": t, "pred_ms": m * cost.head_time(b, n, d, hq // hkv) * sigma * 1e3}
+        out[b.describe()] = row
+        log(f"alone {b.describe():28s} 1 head {row[1]['ms']:8.3f} (pred {row[1]['pred_ms']:.3f})  "
+            f"2 heads {row[2]['ms']:8.3f} (pred {row[2]['pred_ms']:.3f})")
+    return out
+
+
+if __name__ == "__main__":
+    main()
