@@ -12,9 +12,9 @@ HP_CAL=${HP_CAL:-bench/results/head_parallel/move_calibration_round13_h100.json}
 for step in "$@"; do
   t0=$(date +%s)
   case $step in
-    home) python3 bench/home_calls.py --shapes ${HOME_SHAPES:-llama8b,llama70b} --out $O/home > $O/home_run.log 2>&1 ;;
+    home) python3 bench/home_calls.py --shapes ${HOME_SHAPES:-llama8b,llama70b} ${HOME_ARGS:-} --out $O/home > $O/home_run.log 2>&1 ;;
     tune) python3 bench/tune_kernels.py --shapes llama8b,smollm2 --out $O/tuned > $O/tune_run.log 2>&1 ;;
-    hp) python3 bench/head_parallel.py --shapes ${HP_SHAPES:-llama8b,llama70b} --ctx 65536,131072 --tp 4,8 --plans ${HP_PLANS:-profiled} \
+    hp) python3 bench/head_parallel.py --shapes ${HP_SHAPES:-llama8b,llama70b} --ctx ${HP_CTX:-65536,131072} --tp 4,8 --plans ${HP_PLANS:-profiled} \
           --reps 20 --compare-calibration "" --calibration $HP_CAL --time-budget-s ${HP_BUDGET:-200} \
           --out $O/hp${HP_TAG:-} > $O/hp${HP_TAG:-}_run.log 2>&1 ;;
     tail) python3 bench/tail.py --out $O/tail > $O/tail_run.log 2>&1 ;;
