@@ -91,6 +91,23 @@ def plan_budgets(which: str, hq: int, hkv: int, seed: int) -> list[HeadBudget]:
     return [pool[int(i)] for i in torch.randint(len(pool), (hq,), generator=g)]
 
 
+def run_grid(a: argparse.Namespace) -> tuple:
+    """``(smoke, device, dtype, shapes, contexts, TP sizes)`` of a run: ``--cpu-smoke``'s tiny grid on the CPU
+    in float32, else ``--shapes`` / ``--ctx`` / ``--tp`` on CUDA in bf16."""
+    smoke = a.cpu_smoke
+    dev, dt = ("cpu", torch.float32) if smoke else ("cuda", torch.bfloat16)
+    if smoke:
+        return smoke, dev, dt, ["smoke"], [256], [2]
+    return (smoke, dev, dt, a.shapes.split(","), [int(x) for x in a.ctx.split(",")],
+            [int(x) for x in a.tp.split(",")])
+
+
+def layer_qkv(n: int, hq: int, hkv: int, d: int, dev, dt) -> tuple:
+    """One prompt's q ``[n, hq, d]``, k and v ``[n, hkv, d]``, random, seeded by ``n``."""
+    g = torch.Generator(device=dev).manual_seed(n)
+    return tuple(torch.randn(n, h, d, device=dev, dtype=dt, generator=g) for h in (hq, hkv, hkv))
+
+
 def solve(budgets, hq, hkv, d, tp, n, cost) -> LayerPlacement:
     """The planner's ``shplb`` placement of one layer under ``cost`` at the bucket holding ``n``."""
     spec = ModelSpec("LlamaForCausalLM", 1, hq, hkv, d, 131072, "bench")
@@ -402,11 +419,7 @@ def main(argv=None) -> None:
     if a.fit:
         refit(a.fit, out, a.compare_calibration or str(KERNEL_TABLE))
         return
-    smoke = a.cpu_smoke
-    dev, dt = ("cpu", torch.float32) if smoke else ("cuda", torch.bfloat16)
-    shapes = ["smoke"] if smoke else a.shapes.split(",")
-    ctxs = [256] if smoke else [int(x) for x in a.ctx.split(",")]
-    tps = [2] if smoke else [int(x) for x in a.tp.split(",")]
+    smoke, dev, dt, shapes, ctxs, tps = run_grid(a)
     cost = load_cost_model(a.calibration)
     prior = load_cost_model(a.compare_calibration) if a.compare_calibration else None
     kernel_table = (cost.calibration_info or {}).get("path") or str(KERNEL_TABLE)
@@ -427,10 +440,7 @@ def main(argv=None) -> None:
         hq, hkv, d = SHAPES[shape]
         scale = d ** -0.5
         for n in ctxs:
-            g = torch.Generator(device=dev).manual_seed(n)
-            q = torch.randn(n, hq, d, device=dev, dtype=dt, generator=g)
-            k = torch.randn(n, hkv, d, device=dev, dtype=dt, generator=g)
-            v = torch.randn(n, hkv, d, device=dev, dtype=dt, generator=g)
+            q, k, v = layer_qkv(n, hq, hkv, d, dev, dt)
             for plan in a.plans.split(","):
                 budgets = plan_budgets(plan, hq, hkv, seed=n)
                 ref = torch.zeros_like(q)

@@ -26,7 +26,7 @@ sys.path.insert(0, str(HERE))
 
 import torch  # noqa: E402
 
-from head_parallel import SHAPES, plan_budgets  # noqa: E402
+from head_parallel import SHAPES, layer_qkv, plan_budgets, run_grid  # noqa: E402
 from timing import bench, device_name, device_tag, host_syncs, log, results_writer  # noqa: E402
 
 from sglang_shplb.core.head_map import rank_heads  # noqa: E402
@@ -59,11 +59,7 @@ def main(argv=None) -> None:
     ap.add_argument("--out", default="/tmp/out")
     ap.add_argument("--cpu-smoke", action="store_true")
     a = ap.parse_args(argv)
-    smoke = a.cpu_smoke
-    dev, dt = ("cpu", torch.float32) if smoke else ("cuda", torch.bfloat16)
-    shapes = ["smoke"] if smoke else a.shapes.split(",")
-    ctxs = [256] if smoke else [int(x) for x in a.ctx.split(",")]
-    tps = [2] if smoke else [int(x) for x in a.tp.split(",")]
+    smoke, dev, dt, shapes, ctxs, tps = run_grid(a)
     cost = load_cost_model(a.calibration)
     sigma = (cost.move_calibration or {}).get("compute_scale") or 1.0
     name = device_name(smoke)
@@ -77,10 +73,7 @@ def main(argv=None) -> None:
         hq, hkv, d = SHAPES[shape]
         scale = d ** -0.5
         for n in ctxs:
-            g = torch.Generator(device=dev).manual_seed(n)
-            q = torch.randn(n, hq, d, device=dev, dtype=dt, generator=g)
-            k = torch.randn(n, hkv, d, device=dev, dtype=dt, generator=g)
-            v = torch.randn(n, hkv, d, device=dev, dtype=dt, generator=g)
+            q, k, v = layer_qkv(n, hq, hkv, d, dev, dt)
             cu = torch.tensor([0, n], dtype=torch.int32, device=dev)
             kvl = torch.tensor([n], dtype=torch.int32, device=dev)
             rows = KVRows.back_to_back([n])
