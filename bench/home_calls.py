@@ -8,7 +8,8 @@ kernels), ``index`` (the block-index build alone), and one call per sparse budge
 budget alone). Then, per distinct sparse budget of the cell, calls of 1 and 2 heads of it alone (a
 per-call cost shows as ``t(1) > t(2) / 2``; the rank's other heads run at the executor's ``CHEAP`` budget, as
 heads moved away do, which adds a little). Predicted ms: the sum of the cost model's ``head_time`` of
-the part's heads times the move calibration's compute scale.
+the part's heads times the move calibration's compute scale. The run ends with the home call's miss by kind of
+rank (:func:`by_class`: whether it holds top-k and vertical-slash heads, whose index it builds).
 
   python bench/home_calls.py --out $OUT                                        # GPU, ~2 min
   TRITON_INTERPRET=1 python bench/home_calls.py --cpu-smoke --out /tmp/hc      # logic check
@@ -24,6 +25,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from head_parallel import SHAPES, layer_qkv, plan_budgets, run_grid  # noqa: E402
@@ -109,7 +111,32 @@ def main(argv=None) -> None:
                     res["cells"].append(cell)
                     dump()
             del q, k, v
+    res["by_class"] = by_class(res["cells"])
     dump()
+
+
+def rank_class(budgets: list[str]) -> str:
+    """A rank's kind of home call: which indexed patterns (top-k, vertical-slash) its heads include."""
+    kinds = [k for k in ("topk", "vslash") if any(b.startswith(k) for b in budgets)]
+    return "+".join(kinds) or "no index"
+
+
+def by_class(cells: list[dict]) -> dict:
+    """The home call's measured minus predicted ms over every rank of every cell, per :func:`rank_class`
+    (median and measured / predicted ratio): where the cost model misses, by kind of rank."""
+    groups: dict[str, list[tuple[float, float]]] = {}
+    for c in cells:
+        for r in c["ranks"]:
+            h = r["parts"]["home"]
+            groups.setdefault(rank_class(r["budgets"]), []).append((h["ms"], h["pred_ms"]))
+    out = {}
+    log("\n## home call minus prediction, by kind of rank: n, median ms, median measured / predicted")
+    for k, v in sorted(groups.items()):
+        m = np.array(v)
+        out[k] = {"n": len(v), "median_residual_ms": float(np.median(m[:, 0] - m[:, 1])),
+                  "median_ratio": float(np.median(m[:, 0] / m[:, 1]))}
+        log(f"{k:12s} {len(v):3d} {out[k]['median_residual_ms']:+8.3f} {out[k]['median_ratio']:6.2f}")
+    return out
 
 
 def alone(budgets, q, k, v, hq, hkv, tp, n, scale, cost, sigma, smoke, reps) -> dict:
