@@ -9,7 +9,8 @@ off its home rank pays both). All on the CPU. Measures:
 2. the per-batch placement lookup (goal < 50 us);
 3. each solver's slowest-GPU time (compute + unit overhead + exposed transfer) against ``shplb_exact``
    (the compute MILP, time-limited, priced with the transfer term) on a subset of layers;
-4. the contiguous / LPT / S-HPLB table per TP size and bucket, with units and bytes moved per layer.
+4. the contiguous / LPT / S-HPLB table per TP size and bucket, with units and bytes moved per layer;
+5. the search widths ``shplb`` runs, each alone and together, on the head-parallel benchmark's layers.
 
 Writes ``bench/results/solver.md`` and ``bench/results/solver.json``.
 Usage: ``python bench/solver.py [--exact-time-limit S] [--exact-layers 0,8,16,24] [--out bench/results]``
@@ -29,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from sglang_shplb.core.buckets import Buckets  # noqa: E402
 from sglang_shplb.planning.cost_model import CostModel, block_pairs  # noqa: E402
@@ -56,6 +58,56 @@ def make_model(seed: int = 0):
                 layer.append(HeadBudget.topk(float(rng.uniform(0.05, 0.2))))
         budgets.append(layer)
     return spec, budgets
+
+
+def hp_problems():
+    """The head-parallel benchmark's layer problems (``bench/head_parallel.py``: both plans, both shapes, 32K /
+    64K / 128K, TP 2 / 4 / 8) under its default move calibration (H200) and the H100 refit of round 13."""
+    from head_parallel import MOVE_CALIBRATION, SHAPES, plan_budgets
+    from sglang_shplb.planning.cost_model import load_cost_model
+    from sglang_shplb.planning.solvers import LayerProblem
+    cals = (MOVE_CALIBRATION, MOVE_CALIBRATION.parent / "head_parallel" / "move_calibration_round13_h100.json")
+    for cal in cals:
+        cost = load_cost_model(cal)
+        for shape in ("llama8b", "llama70b"):
+            hq, hkv, d = SHAPES[shape]
+            spec = ModelSpec("LlamaForCausalLM", 1, hq, hkv, d, 131072, "bench")
+            for n in (32768, 65536, 131072):
+                for plan in ("mixed", "profiled"):
+                    costs, prof = layer_inputs(spec, plan_budgets(plan, hq, hkv, seed=n), cost, n)
+                    for tp in TPS:
+                        yield (cal.name, shape, n, plan, tp), LayerProblem(
+                            costs, hq // hkv, tp, cost.piece_overhead, profiles=prof, transfer=cost.transfer(n, d))
+
+
+def search_widths(out: dict) -> list[str]:
+    """``shplb`` with each search width of ``home.EXACT_PER_KIND`` alone against all of them (what it runs)."""
+    from sglang_shplb.planning.solvers import home
+    probs = list(hp_problems())
+    widths = home.EXACT_PER_KIND
+    runs = {}
+    for w in [(e,) for e in widths] + [widths]:
+        home.EXACT_PER_KIND = w
+        t0 = time.perf_counter()
+        runs[w] = (np.array([max(home.solve_shplb(p).times.total) for _, p in probs]), time.perf_counter() - t0)
+    home.EXACT_PER_KIND = widths
+    base = runs[widths[:1]][0]
+    rows = []
+    lines = ["## Search widths on the head-parallel benchmark's layers", "",
+             f"{len(probs)} layer problems of `bench/head_parallel.py` (mixed and profiled plans, Llama-3-8B and 70B "
+             f"shapes, 32K / 64K / 128K, TP {', '.join(map(str, TPS))}; its default move calibration and round 13's "
+             f"H100 refit). `shplb` runs one search per width of `EXACT_PER_KIND` (moves of each kind priced exactly "
+             f"per step) and keeps the best; each width alone, against width {widths[0]}:", "",
+             "| widths | better | worse | lowest ratio | geometric mean | time (s) |", "|---|---:|---:|---:|---:|---:|"]
+    for w, (v, t) in runs.items():
+        r = v / base
+        rows.append({"widths": list(w), "better": int((r < 1 - 1e-9).sum()), "worse": int((r > 1 + 1e-9).sum()),
+                     "min_ratio": float(r.min()), "geomean": float(np.exp(np.log(r).mean())), "time_s": t})
+        lines.append(f"| {', '.join(map(str, w))} | {rows[-1]['better']} | {rows[-1]['worse']} | {r.min():.3f} | "
+                     f"{rows[-1]['geomean']:.4f} | {t:.2f} |")
+        print(f"widths {w}: better {rows[-1]['better']} worse {rows[-1]['worse']} min {r.min():.3f}", flush=True)
+    out["search_widths"] = rows
+    return lines + [""]
 
 
 @contextlib.contextmanager
@@ -211,6 +263,8 @@ def main() -> None:
                      f"{np.mean(mib):.1f} / {max(mib):.0f} | "
                      f"{r['replicated_kv_heads']} / {r['replicated_kv_bytes_per_token']:.0f} | {r['split_pieces']} |")
     lines.append("")
+
+    lines += search_widths(out)
 
     outdir = Path(args.out)
     outdir.mkdir(parents=True, exist_ok=True)

@@ -116,3 +116,31 @@ def test_cost_model_round_trips_move_terms():
     old = CostModel.from_dict(d).transfer(N, 128)
     assert (old.gather_bytes_per_s, old.piece_efficiency) == (None, 1.0)
     assert CostProfile.of(HeadBudget.dense(), 128).nb == 2
+
+
+def test_the_wider_search_is_kept_where_it_wins_and_never_costs(monkeypatch):
+    """``shplb`` keeps the best of its search widths: on the 70B shape's mixed layer at 32K, TP 4, under the
+    H100 move calibration of round 13, the width-4 search finds a placement 17 % faster than width 2's; the
+    pair is never worse than width 2 alone (the serving benchmark's shapes and lengths)."""
+    from pathlib import Path
+
+    from sglang_shplb.planning.cost_model import load_cost_model
+    from sglang_shplb.planning.solvers import home
+    cal = Path(__file__).resolve().parents[1] / "bench/results/head_parallel/move_calibration_round13_h100.json"
+    cm = load_cost_model(cal)
+    spec = ModelSpec("LlamaForCausalLM", 1, 64, 8, 128, 131072, "t")
+    f = mixed_budget(128, 2048, 0.1)
+
+    def slowest(n, tp, hq):
+        sp = ModelSpec("LlamaForCausalLM", 1, hq, 8, 128, 131072, "t")
+        costs, prof = layer_inputs(sp, [f(0, h, sp) for h in range(hq)], cm, n)
+        p = LayerProblem(costs, hq // 8, tp, cm.piece_overhead, profiles=prof, transfer=cm.transfer(n, 128))
+        return max(home.solve_shplb(p).times.total)
+
+    assert home.EXACT_PER_KIND[0] == 2 and 4 in home.EXACT_PER_KIND
+    cells = [(n, tp, hq) for n in (32768, 65536, 131072) for tp in (2, 4, 8) for hq in (32, spec.num_heads)]
+    both = {c: slowest(*c) for c in cells}
+    monkeypatch.setattr(home, "EXACT_PER_KIND", (2,))
+    narrow = {c: slowest(*c) for c in cells}
+    assert all(both[c] <= narrow[c] * (1 + 1e-12) for c in cells)
+    assert both[(32768, 4, 64)] < 0.9 * narrow[(32768, 4, 64)]

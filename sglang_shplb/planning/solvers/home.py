@@ -18,8 +18,8 @@ considers, for the slowest rank ``a``:
   least loaded ranks (they keep the head counts).
 
 Candidates are ranked by an estimate (compute, a unit's compute at the calibrated piece efficiency, unit
-overhead, a split's outputs over the link; gathers are left to the exact prices); the two
-best whole-piece moves and the two best splits within the replica cap are priced exactly (per-rank sums
+overhead, a split's outputs over the link; gathers are left to the exact prices); the ``e``
+best whole-piece moves and the ``e`` best splits within the replica cap are priced exactly (per-rank sums
 kept incrementally with the rules of :mod:`.objective` and :mod:`sglang_shplb.core.exchange`), and the
 one leaving the least time above the level on the ranks it touches, then the lowest of them, then fewer
 units, then fewer moved rows, is applied (least excess rather than lowest maximum: a move that sheds
@@ -29,7 +29,9 @@ much but lifts its receiver far above the level leaves a new bottleneck).
 False`` returns; it guards the former, whose greedy path can end worse), prices home and the best state
 each search passed through with :func:`.objective.layer_times`, and returns the best (objective, then
 fewer units, then fewer bytes): never worse than home, nor than the no-split result, nor than any state
-it considered. When home breaks the replica cap (TP above the KV heads), both start from ``lpt``.
+it considered. It does so for each ``e`` of :data:`EXACT_PER_KIND` (2 and 4: a step that prices more
+moves is not always better in the end, being greedy), so it is never worse than the ``e = 2`` search alone.
+When home breaks the replica cap (TP above the KV heads), the searches start from ``lpt``.
 """
 from __future__ import annotations
 
@@ -44,9 +46,11 @@ from sglang_shplb.planning.solvers.objective import layer_times, rank_time
 
 #: query-block grid of a head without a cost profile (uniform cost along its queries)
 GRID = 4096
-#: moves of each kind (whole pieces, splits) priced exactly per step: the best by the estimate within
-#: the replica cap
-EXACT_PER_KIND = 2
+#: moves of each kind (whole pieces, splits) priced exactly per step (the best by the estimate within the
+#: replica cap), one search per value, the best kept: the wider step is better on 7 of the head-parallel
+#: benchmark's 72 layer problems (up to 17 % lower) and, being greedy, worse on a few others
+#: (``bench/results/solver.md``, "Search widths")
+EXACT_PER_KIND = (2, 4)
 
 Seg = tuple[float, float, int]  # query-block range [start, end) of a head (Piece fractions) on a rank
 # per-rank sums: compute, home compute, units, q rows sent as home, K/V sent, q rows received, K/V received,
@@ -106,7 +110,7 @@ class _Search:
     """Local search from ``segs`` (per head, its pieces in query order); see the module docstring."""
 
     def __init__(self, p: LayerProblem, heads: _Heads, segs: list[list[Seg]]):
-        self.p, self.hd, self.t, self.split = p, heads, p.transfer, False
+        self.p, self.hd, self.t, self.split, self.exact = p, heads, p.transfer, False, EXACT_PER_KIND[0]
         self.cut_heads = False  # whether a split move was applied
         self.u = 0.0 if p.transfer is None else p.transfer.unit_overhead_s
         self.k = 1.0 if p.transfer is None else 1.0 / p.transfer.piece_efficiency  # a unit's compute factor
@@ -132,10 +136,11 @@ class _Search:
                     self.acc[g][_TKV] += n
         self.T = [self._time(self.acc[r]) for r in range(G)]
 
-    def fork(self, split: bool) -> "_Search":
-        """An independent copy of this state that moves with or without splits."""
+    def fork(self, split: bool, exact: int) -> "_Search":
+        """An independent copy of this state that moves with or without splits, pricing ``exact`` moves of
+        each kind per step."""
         s = copy.copy(self)
-        s.split, s.cut_heads = split, False
+        s.split, s.cut_heads, s.exact = split, False, exact
         s.segs, s.terms, s.T, s.bundles = list(self.segs), list(self.terms), list(self.T), dict(self.bundles)
         s.acc, s.kvcnt = [list(a) for a in self.acc], [dict(d) for d in self.kvcnt]
         return s
@@ -341,7 +346,7 @@ class _Search:
                 est += sorted(shapes)[:1]
         best, priced = None, {"move": 0, "split": 0}
         for _, _, move in sorted(est):
-            if priced[move[0]] == EXACT_PER_KIND:
+            if priced[move[0]] == self.exact:
                 continue
             counted = False
             for res in self._price(move, a):
@@ -420,13 +425,14 @@ def solve_shplb(p: LayerProblem) -> SolverResult:
     # end worse. When the split search cut no head it took that very path, so it is not run again.
     modes = (["split"] if p.allow_split_heads and not p.equal_heads else []) + ["whole"]
     cands = [(name, segs)]
-    for mode in modes:
-        run = search.fork(mode == "split")
-        found = run.run(steps)
-        if all(found != s for _, s in cands):
-            cands.append((f"{name}+{mode}", found))
-        if mode == "split" and not run.cut_heads:
-            break
+    for exact in EXACT_PER_KIND:
+        for mode in modes:
+            run = search.fork(mode == "split", exact)
+            found = run.run(steps)
+            if all(found != s for _, s in cands):
+                cands.append((f"{name}+{mode}" + ("" if exact == EXACT_PER_KIND[0] else f"@{exact}"), found))
+            if mode == "split" and not run.cut_heads:
+                break
     priced = []
     for i, (n, s) in enumerate(cands):
         lp = _placement(s, p.tp)
