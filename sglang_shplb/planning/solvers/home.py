@@ -48,8 +48,8 @@ from sglang_shplb.planning.solvers.objective import layer_times, rank_time
 GRID = 4096
 #: moves of each kind (whole pieces, splits) priced exactly per step (the best by the estimate within the
 #: replica cap), one search per value, the best kept: the wider step is better on 7 of the head-parallel
-#: benchmark's 72 layer problems (up to 17 % lower) and, being greedy, worse on a few others
-#: (``bench/results/solver.md``, "Search widths")
+#: benchmark's 72 layer problems, up to 17 % lower (``bench/results/solver.md``, "Search widths"), but being
+#: greedy it can also end worse (one layer of the solver benchmark's model in a trial, by 1.3 %)
 EXACT_PER_KIND = (2, 4)
 
 Seg = tuple[float, float, int]  # query-block range [start, end) of a head (Piece fractions) on a rank
