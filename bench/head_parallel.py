@@ -73,6 +73,8 @@ SHAPES = {"llama8b": (32, 8, 128), "llama70b": (64, 8, 128), "smoke": (8, 4, 64)
 LAYERS = {"llama8b": 32, "llama70b": 80, "smoke": 2}
 KERNEL_TABLE = HERE / "results" / "calibration_h100_tiles.json"
 MOVE_CALIBRATION = HERE / "results" / "move_calibration_h200.json"
+#: round 13's refit on an H100 (not the default)
+H100_REFIT = HERE / "results" / "head_parallel" / "move_calibration_round13_h100.json"
 QUICK = {"shapes": "llama8b,llama70b", "ctx": "65536,131072", "tp": "4,8", "plans": "mixed,profiled", "reps": 20,
          "time_budget_s": 270}
 
@@ -106,6 +108,15 @@ def layer_qkv(n: int, hq: int, hkv: int, d: int, dev, dt) -> tuple:
     """One prompt's q ``[n, hq, d]``, k and v ``[n, hkv, d]``, random, seeded by ``n``."""
     g = torch.Generator(device=dev).manual_seed(n)
     return tuple(torch.randn(n, h, d, device=dev, dtype=dt, generator=g) for h in (hq, hkv, hkv))
+
+
+def rank_qkv(q, k, v, tp: int, r: int) -> tuple:
+    """Rank ``r``'s share of one layer's inputs under SGLang's slicing: its q heads and the KV heads they
+    read, each contiguous."""
+    hq, hkv = q.shape[1], k.shape[1]
+    qh = rank_heads(hq, tp, r)
+    kv = sorted({h // (hq // hkv) for h in qh}) if tp <= hkv else [r * hkv // tp]
+    return q[:, qh].contiguous(), k[:, kv].contiguous(), v[:, kv].contiguous()
 
 
 def solve(budgets, hq, hkv, d, tp, n, cost) -> LayerPlacement:
@@ -163,11 +174,7 @@ def emulate(lp, budgets, q, k, v, tp, scale, smoke, link_gbps, reps) -> dict:
     r2t, rpi = torch.arange(n, dtype=torch.int32, device=dev)[None], torch.zeros(1, dtype=torch.long, device=dev)
     lays = [RankLayout(r, tp, hq, hkv, d) for r in range(tp)]
     hps = [HeadParallelExtend(lay, None) for lay in lays]
-    kvs = [sorted({h // (hq // hkv) for h in rank_heads(hq, tp, r)}) if tp <= hkv else [r * hkv // tp]
-           for r in range(tp)]
-    qs = [q[:, rank_heads(hq, tp, r)].contiguous() for r in range(tp)]
-    ks = [k[:, kv].contiguous() for kv in kvs]
-    vs = [v[:, kv].contiguous() for kv in kvs]
+    qs, ks, vs = (list(x) for x in zip(*(rank_qkv(q, k, v, tp, r) for r in range(tp))))
     outs = [torch.zeros_like(x) for x in qs]
     sends = [hps[r].pack_inputs(sched, qs[r], ks[r], vs[r], r2t, rpi) for r in range(tp)]
 

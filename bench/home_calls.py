@@ -28,7 +28,7 @@ sys.path.insert(0, str(HERE))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from head_parallel import SHAPES, layer_qkv, plan_budgets, run_grid  # noqa: E402
+from head_parallel import H100_REFIT, SHAPES, layer_qkv, plan_budgets, rank_qkv, run_grid  # noqa: E402
 from timing import bench, device_name, device_tag, host_syncs, log, results_writer  # noqa: E402
 
 from sglang_shplb.core.head_map import rank_heads  # noqa: E402
@@ -36,9 +36,6 @@ from sglang_shplb.core.patterns import Pattern  # noqa: E402
 from sglang_shplb.kernels.head_parallel import KVRows, attend_heads  # noqa: E402
 from sglang_shplb.kernels.index import build_block_index  # noqa: E402
 from sglang_shplb.planning.cost_model import load_cost_model  # noqa: E402
-
-CALIBRATION = HERE / "results" / "head_parallel" / "move_calibration_round13_h100.json"
-
 
 def parts(budgets) -> dict[str, list[int]]:
     """The rank's heads by part: ``dense``, ``sparse`` and one entry per distinct sparse budget."""
@@ -56,7 +53,7 @@ def main(argv=None) -> None:
     ap.add_argument("--ctx", default="65536,131072")
     ap.add_argument("--tp", default="4,8")
     ap.add_argument("--plans", default="profiled,mixed")
-    ap.add_argument("--calibration", default=str(CALIBRATION))
+    ap.add_argument("--calibration", default=str(H100_REFIT))
     ap.add_argument("--reps", type=int, default=30, help="milliseconds of repeats per timing")
     ap.add_argument("--out", default="/tmp/out")
     ap.add_argument("--cpu-smoke", action="store_true")
@@ -86,8 +83,7 @@ def main(argv=None) -> None:
                     log(f"\n## {shape} n={n} {plan} TP{tp}: part, heads, measured ms, predicted ms, ratio")
                     for r in range(tp):
                         qh = rank_heads(hq, tp, r)
-                        kvs = sorted({h // (hq // hkv) for h in qh})
-                        qs, ks, vs = q[:, qh].contiguous(), k[:, kvs].contiguous(), v[:, kvs].contiguous()
+                        qs, ks, vs = rank_qkv(q, k, v, tp, r)
                         local = budgets[qh[0]:qh[-1] + 1]
                         o = torch.zeros_like(qs)
                         rec = {"rank": r, "budgets": [b.describe() for b in local], "parts": {}}
@@ -107,7 +103,7 @@ def main(argv=None) -> None:
                             rec["parts"]["index"] = {"ms": t, "host_syncs": syncs}
                             log(f"rank {r} {'index':28s}    {t:8.3f}" + (f"  host syncs {syncs}" if syncs else ""))
                         cell["ranks"].append(rec)
-                    cell["alone"] = alone(budgets, q, k, v, hq, hkv, tp, n, scale, cost, sigma, smoke, a.reps)
+                    cell["alone"] = alone(budgets, q, k, v, tp, rows, scale, cost, sigma, smoke, a.reps)
                     res["cells"].append(cell)
                     dump()
             del q, k, v
@@ -139,21 +135,19 @@ def by_class(cells: list[dict]) -> dict:
     return out
 
 
-def alone(budgets, q, k, v, hq, hkv, tp, n, scale, cost, sigma, smoke, reps) -> dict:
+def alone(budgets, q, k, v, tp, rows, scale, cost, sigma, smoke, reps) -> dict:
     """Each distinct sparse budget of the layer in a rank's layout, 1 and 2 heads of it, the others idle."""
-    d = q.shape[-1]
-    qh = rank_heads(hq, tp, 0)
-    kvs = sorted({h // (hq // hkv) for h in qh})
-    qs, ks, vs = q[:, qh].contiguous(), k[:, kvs].contiguous(), v[:, kvs].contiguous()
+    n, hq, d = q.shape
+    qs, ks, vs = rank_qkv(q, k, v, tp, 0)
     o = torch.zeros_like(qs)
     out = {}
     for b in sorted({b for b in budgets if b.pattern is not Pattern.DENSE}, key=lambda b: b.describe()):
-        local = [b] * len(qh)
+        local = [b] * qs.shape[1]
         row = {}
         for m in (1, 2):
-            t = bench(lambda m=m: attend_heads(qs, ks, vs, KVRows.back_to_back([n]), [n], [n], local,
-                                               list(range(m)), scale, o), smoke, reps)
-            row[m] = {"ms": t, "pred_ms": m * cost.head_time(b, n, d, hq // hkv) * sigma * 1e3}
+            t = bench(lambda m=m: attend_heads(qs, ks, vs, rows, [n], [n], local, list(range(m)), scale, o),
+                      smoke, reps)
+            row[m] = {"ms": t, "pred_ms": m * cost.head_time(b, n, d, hq // k.shape[1]) * sigma * 1e3}
         out[b.describe()] = row
         log(f"alone {b.describe():28s} 1 head {row[1]['ms']:8.3f} (pred {row[1]['pred_ms']:.3f})  "
             f"2 heads {row[2]['ms']:8.3f} (pred {row[2]['pred_ms']:.3f})")

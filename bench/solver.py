@@ -63,11 +63,10 @@ def make_model(seed: int = 0):
 def hp_problems():
     """The head-parallel benchmark's layer problems (``bench/head_parallel.py``: both plans, both shapes, 32K /
     64K / 128K, TP 2 / 4 / 8) under its default move calibration (H200) and the H100 refit of round 13."""
-    from head_parallel import MOVE_CALIBRATION, SHAPES, plan_budgets
+    from head_parallel import H100_REFIT, MOVE_CALIBRATION, SHAPES, plan_budgets
     from sglang_shplb.planning.cost_model import load_cost_model
     from sglang_shplb.planning.solvers import LayerProblem
-    cals = (MOVE_CALIBRATION, MOVE_CALIBRATION.parent / "head_parallel" / "move_calibration_round13_h100.json")
-    for cal in cals:
+    for cal in (MOVE_CALIBRATION, H100_REFIT):
         cost = load_cost_model(cal)
         for shape in ("llama8b", "llama70b"):
             hq, hkv, d = SHAPES[shape]
