@@ -59,8 +59,8 @@ from sglang_shplb.core.model_spec import ModelSpec  # noqa: E402
 from sglang_shplb.core.patterns import HeadBudget  # noqa: E402
 from sglang_shplb.core.placement_types import LayerPlacement, Piece  # noqa: E402
 from sglang_shplb.kernels.dense_tail import dense_tail  # noqa: E402
-from sglang_shplb.kernels.head_parallel import (HeadParallelExtend, KVRows, RankLayout, attend_heads,  # noqa: E402
-                                                piece_backend)
+from sglang_shplb.kernels.dense_pieces import piece_backend  # noqa: E402
+from sglang_shplb.kernels.head_parallel import HeadParallelExtend, KVRows, RankLayout, attend_heads  # noqa: E402
 from sglang_shplb.kernels.layer_reference import sparse_heads  # noqa: E402
 from sglang_shplb.planning.cost_model import load_cost_model  # noqa: E402
 from sglang_shplb.planning.move_calibration import (RankRecord, fit_moves, format_fit,  # noqa: E402

@@ -219,7 +219,7 @@ def test_piece_after_prefix_equals_the_dense_reference(S, n, L):
     """The split (prefix rectangle with the S heads folded into its rows + causal square) and the
     log-sum-exp merge equal one lower-right causal softmax, on every backend this machine runs (math and
     flash on the CPU; cuDNN where CUDA is present)."""
-    from sglang_shplb.kernels.head_parallel import PIECE_BACKENDS, piece_after_prefix, piece_backend
+    from sglang_shplb.kernels.dense_pieces import PIECE_BACKENDS, piece_after_prefix, piece_backend
     g = torch.Generator().manual_seed(S * 1000 + n + L)
     q, k, v = (torch.randn(S, n, D, generator=g), torch.randn(L, D, generator=g), torch.randn(L, D, generator=g))
     ref = lower_right_reference(q, k, v, SCALE)
@@ -239,7 +239,7 @@ def test_piece_after_prefix_equals_the_dense_reference(S, n, L):
 
 def test_dense_heads_after_a_prefix_through_attend_heads():
     """``attend_heads`` on staged prefixes (a moved dense unit's path) equals the reference, per backend."""
-    from sglang_shplb.kernels.head_parallel import PIECE_BACKENDS
+    from sglang_shplb.kernels.dense_pieces import PIECE_BACKENDS
     g = torch.Generator().manual_seed(5)
     lens, qlens = [300, 97], [120, 97]          # request 0 after a 180-token prefix, request 1 without one
     q = torch.randn(sum(qlens), 6, D, generator=g)

@@ -141,9 +141,10 @@ def test_sparse_prefill_explicit_masks_and_scale():
 
 @pytest.mark.parametrize("paged", [False, True])
 def test_mixed_layer_dense_fast_path_and_rule_tiles(paged):
-    # dense heads: SDPA (no prefix) or the 128-row rule kernel (prefix); streaming edge cases (window of one
-    # block, sinks inside / outside the window) through the rule kernel; top-k through the index kernel;
-    # with an explicit index (run(index=)), every head through the index kernel.
+    # dense heads: SDPA (no prefix), two attention calls merged (a prefix), or, lengths only on the device,
+    # the 128-row rule kernel; streaming edge cases (window of one block, sinks inside / outside the window)
+    # through the rule kernel; top-k through the index kernel; with an explicit index (run(index=)), every
+    # head through the index kernel.
     # Dense heads are 3 + 1 per KV head: two SDPA groups.
     hq, hkv, d = 8, 2, 64
     budgets = [HeadBudget.dense(), HeadBudget.dense(), HeadBudget.dense(), HeadBudget.streaming(64, 64),
@@ -155,15 +156,22 @@ def test_mixed_layer_dense_fast_path_and_rule_tiles(paged):
     assert sp._dense_groups == [([4], [1], 1), ([0, 1, 2], [0], 3)]
     sp2 = SparsePrefill([HeadBudget.streaming(128, 64)] * 2 + [HeadBudget.topk(0.5, 2)] * 6, hkv, d).plan(
         cu_q, kvl, max(q_lens), max(lens), **kw)                             # sinks outside a 1-block window
+    refs = {}
     for s in (sp, sp2):
         index = s.index(q, k)
         masks = [index.masks(b, math.ceil(n / BLOCK)) for b, n in enumerate(lens)]
-        ref = reference_sparse_prefill(q, k, v, masks, cu_q, kvl, **kw)
+        ref = refs[id(s)] = reference_sparse_prefill(q, k, v, masks, cu_q, kvl, **kw)
         for explicit in (None, index):
             out = torch.full_like(q, float("nan"))
             s.run(q, k, v, out=out, index=explicit)
             assert relative_error(out, ref) < tol(torch.float32), (s.heads.budgets, explicit is None)
-    assert (sp._dense_segments(q, k) is None) == paged                      # a prefix: no SDPA
+    segs = sp._dense_segments(q, k)
+    assert [(n, L) for _, n, L, _ in segs] == list(zip(q_lens, lens))      # prefixes too: no rule kernel
+    sp._host_lens = None                                                    # lengths only on the device
+    assert sp._dense_segments(q, k) is None
+    out = torch.full_like(q, float("nan"))
+    sp.run(q, k, v, out=out)                                                # dense heads on the rule kernel
+    assert relative_error(out, refs[id(sp)]) < tol(torch.float32)
 
 
 @pytest.mark.parametrize("budgets,heads,n,seed", [

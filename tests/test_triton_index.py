@@ -109,3 +109,23 @@ def test_block_index_makes_no_tensor_from_host_lists_after_the_first_call(monkey
     again = build_block_index(budgets, q, k, cu, kvl, 400, **kw)
     assert made == []
     assert torch.equal(first.block_idx, again.block_idx) and torch.equal(first.block_cnt, again.block_cnt)
+
+
+@pytest.mark.parametrize("tile", [BLOCK, 2 * BLOCK])
+def test_query_rows_only_equal_the_full_build_where_the_kernels_read(tile):
+    """``max_q_len``: the rows of each sequence's query blocks equal the full build (tile 64 and the tile-128
+    pairs, a prefix not a multiple of 128: its first query pair starts a block early); the rows before them
+    are left as allocated (count 0), so the selection ran on those rows only."""
+    budgets = [HeadBudget.topk(0.3, 2, tile=tile), HeadBudget.dense(), HeadBudget.topk(0.1, 3, tile=tile)] * 2
+    lens, q_lens = [1000, 333, 260], [200, 100, 260]          # prefixes 800, 233, none
+    q, k, _, cu_q, kvl, kw = make_batch(lens, q_lens, 6, 2, 64, torch.float32, True, 31)
+    full = build_topk_index(budgets, q, k, cu_q, kvl, max(lens), **kw)
+    got = build_topk_index(budgets, q, k, cu_q, kvl, max(lens), max_q_len=max(q_lens), **kw)
+    th = [0, 2, 3, 5]
+    for b, (n, nq) in enumerate(zip(lens, q_lens)):
+        first = (n - nq) // tile * (tile // BLOCK)           # the row of the (pair holding the) first query
+        rows = slice(first, math.ceil(n / BLOCK))
+        assert torch.equal(got.block_cnt[b, th, rows], full.block_cnt[b, th, rows]), b
+        assert torch.equal(got.block_idx[b, th, rows], full.block_idx[b, th, rows]), b
+        assert not got.block_cnt[b, th, :first].any(), b
+        assert first == 0 or full.block_cnt[b, th, :first].all()

@@ -9,6 +9,7 @@ import torch
 from sglang_shplb.core.patterns import HeadBudget
 from sglang_shplb.kernels.block_index import BlockIndex
 from sglang_shplb.kernels.checks import check_qkv
+from sglang_shplb.kernels.dense_pieces import dense_piece, gather_rows, piece_backend
 from sglang_shplb.kernels.index import build_block_index
 from sglang_shplb.kernels.layer_heads import LayerHeads
 from sglang_shplb.kernels.triton_prefill import RULE_DENSE_WINDOW, rule_prefill, sparse_prefill, tile_prefill
@@ -39,10 +40,11 @@ class SparsePrefill:
 
     Heads are split by kind (:class:`.layer_heads.LayerHeads`), all writing one ``out`` tensor:
 
-    * **dense** heads go to torch SDPA (cuDNN / flash, grouped per KV head with ``enable_gqa``) for every
-      sequence without a prefix, when the per-sequence lengths are known on the host: from CPU
-      ``cu_seqlens_q``/``kv_lens``, from ``plan(..., q_lens_cpu=, kv_lens_cpu=)``, or for one sequence from
-      the shapes. Otherwise (a prefix, lengths only on the device) they go to the 128-row Triton kernel;
+    * **dense** heads go to torch SDPA (cuDNN / flash, grouped per KV head with ``enable_gqa``) when the
+      per-sequence lengths are known on the host: from CPU ``cu_seqlens_q``/``kv_lens``, from
+      ``plan(..., q_lens_cpu=, kv_lens_cpu=)``, or for one sequence from the shapes; a sequence with a cached
+      prefix (chunked prefill, a radix hit) as two cuDNN calls merged (:func:`.dense_pieces.dense_piece`).
+      Otherwise (lengths only on the device, a prefix in float32 on CUDA) they go to the 128-row Triton kernel;
     * **streaming** heads (and dense heads not sent to SDPA): :func:`.triton_prefill.rule_prefill`,
       128-row query tiles, no index;
     * **top-k (``tile=128``)** heads: :func:`.triton_prefill.tile_prefill`, 128 x 128 tiles over superblock
@@ -119,8 +121,9 @@ class SparsePrefill:
         return self
 
     def _dense_segments(self, q, k):
-        """``[(q_start, n, kv_rows)]`` for SDPA (kv_rows: a slice or a device index tensor), or None when
-        some sequence has a prefix or the lengths are unknown on the host."""
+        """``[(q_start, n_q, n_kv, kv_rows)]`` of the sequences with queries (kv_rows: a slice or a device index
+        tensor over all ``n_kv`` keys), or None when the lengths are unknown on the host, or when a sequence has
+        a prefix and :func:`.dense_pieces.piece_backend` has no kernel for ``q`` (e.g. float32 on CUDA)."""
         if self._host_lens is not None:
             ql, kl = self._host_lens
         elif self.kv_lens.shape[0] == 1 and self.max_q_len == self.max_kv_len == q.shape[0]:
@@ -129,38 +132,45 @@ class SparsePrefill:
                 return None
         else:
             return None
-        if any(a != b for a, b in zip(ql, kl)):
-            return None
         if self.cu_seqlens_k is not None and k.shape[0] != sum(kl):
             return None                                # not packed: cu_seqlens_k unknown on the host
+        if any(n != L for n, L in zip(ql, kl)) and piece_backend(q) == "math":
+            return None    # no kernel returns a log-sum-exp for this dtype: the rule kernel reads the prefix in place
         segs, qs, ks = [], 0, 0
-        for b, n in enumerate(ql):
+        for b, (n, L) in enumerate(zip(ql, kl)):
             if n > 0:
                 if self.req_to_token is not None:
-                    rows = self.req_to_token[self.req_pool_indices[b:b + 1].long(), :n].view(-1).long()
+                    rows = self.req_to_token[self.req_pool_indices[b:b + 1].long(), :L].view(-1).long()
                 else:
-                    rows = slice(ks, ks + n)
-                segs.append((qs, n, rows))
+                    rows = slice(ks, ks + L)
+                segs.append((qs, n, L, rows))
             qs += n
-            ks += kl[b]
+            ks += L
         return segs
 
     def _run_dense_sdpa(self, q, k, v, out, segs) -> None:
+        """Dense heads per sequence: one causal SDPA call per group without a prefix (GQA in the kernel); after
+        a prefix, :func:`.dense_pieces.dense_piece` (prefix and new rows as two cuDNN calls, merged)."""
         hq, hkv = self.num_q_heads, self.num_kv_heads
+        scale = self.sm_scale if self.sm_scale is not None else self.head_dim ** -0.5
         for gi, (qh, kvh, c) in enumerate(self._dense_groups):
             all_q = qh == list(range(hq))
             all_kv = kvh == list(range(hkv))
             qh_t = self._t(("qh", gi), qh, q.device) if not all_q else None
-            kv_t = self._t(("kvsel", gi), kvh, q.device) if not all_kv else None
-            for qs, n, rows in segs:
+            kv_t = self._t(("kvsel", gi), kvh, q.device) if not all_kv else slice(None)
+            for qs, n, L, rows in segs:
                 qb = q[qs:qs + n]
-                kb, vb = k[rows], v[rows]
                 if qh_t is not None:
                     qb = qb.index_select(1, qh_t)
-                if kv_t is not None:
-                    kb, vb = kb.index_select(1, kv_t), vb.index_select(1, kv_t)
-                o = _sdpa(qb.transpose(0, 1)[None], kb.transpose(0, 1)[None], vb.transpose(0, 1)[None],
-                          self.sm_scale, c > 1)[0].transpose(0, 1)
+                kb, vb = gather_rows(k, rows, kv_t), gather_rows(v, rows, kv_t)     # [L, G, d]
+                if n == L:
+                    o = _sdpa(qb.transpose(0, 1)[None], kb.transpose(0, 1)[None], vb.transpose(0, 1)[None],
+                              self.sm_scale, c > 1)[0].transpose(0, 1)
+                else:
+                    g = len(kvh)
+                    o = dense_piece(qb.view(n, g, c, -1).permute(1, 2, 0, 3), kb.transpose(0, 1),
+                                    vb.transpose(0, 1), scale)                   # [G, c, n, d]
+                    o = o.permute(2, 0, 1, 3).reshape(n, g * c, -1)
                 if qh_t is None:
                     out[qs:qs + n].copy_(o)
                 else:
@@ -184,7 +194,8 @@ class SparsePrefill:
         heads = self.heads
         segs = self._dense_segments(q, k) if heads.dense else None
         self.last_index = index = (build_block_index(heads.budgets, q, k, self.cu_seqlens_q, self.kv_lens,
-                                                     self.max_kv_len, **kvkw) if heads.selected else None)
+                                                     self.max_kv_len, max_q_len=self.max_q_len, **kvkw)
+                                   if heads.selected else None)
         if segs is not None:
             self._run_dense_sdpa(q, k, v, o, segs)
         if heads.tiled:

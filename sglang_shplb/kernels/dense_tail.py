@@ -3,7 +3,7 @@ extend batch recomputed with dense attention over all the request's keys, in the
 what the sparse kernels wrote: ``tail`` rows x ``kv_len`` keys per head (1.6 % of a dense head's FLOPs at 8K,
 0.1 % at 128K). On CUDA two Triton launches for the whole batch read the keys in place and split them
 (:func:`.triton_tail.tail_attention`); elsewhere, and as its reference, two attention calls per request for the KV
-groups that hold a tail head over their gathered keys (:func:`.head_parallel.piece_after_prefix`). No SGLang
+groups that hold a tail head over their gathered keys (:func:`.dense_pieces.piece_after_prefix`). No SGLang
 import."""
 from __future__ import annotations
 
@@ -12,26 +12,19 @@ from typing import Sequence
 import torch
 
 from sglang_shplb.core.patterns import tail_rows
-from sglang_shplb.kernels.head_parallel import KVRows, dense_piece, head_index
+from sglang_shplb.kernels.dense_pieces import dense_piece, gather_rows
+from sglang_shplb.kernels.head_parallel import KVRows, head_index
 from sglang_shplb.kernels.triton_tail import tail_attention
 
 
 def _request_tail(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
     """``q [t, Hq, d]``, the last ``t`` of ``L`` positions; ``k/v [L, Hkv, d]`` → float32 ``[t, Hq, d]``, every head
-    dense (one grouped :func:`.head_parallel.dense_piece`)."""
+    dense (one grouped :func:`.dense_pieces.dense_piece`)."""
     t, hq, d = q.shape
     hkv = k.shape[1]
     qg = q.transpose(0, 1).reshape(hkv, hq // hkv, t, d)
     o = dense_piece(qg, k.transpose(0, 1), v.transpose(0, 1), scale)
     return o.reshape(hq, t, d).transpose(0, 1)
-
-
-def _gather(buf: torch.Tensor, rows: torch.Tensor | slice, groups: torch.Tensor | slice) -> torch.Tensor:
-    """``buf[rows][:, groups]`` in one gather: a pool index tensor and a group index tensor are broadcast
-    against each other, so the prefix is not first copied with every KV group."""
-    if isinstance(rows, torch.Tensor) and isinstance(groups, torch.Tensor):
-        return buf[rows[:, None], groups]
-    return buf[rows, groups]
 
 
 def dense_tail(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tensor, kv: KVRows,
@@ -66,6 +59,7 @@ def gathered_tail(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tenso
     for i, (n, L) in enumerate(zip(q_lens, kv_lens)):
         t = tail_rows(n)
         rows = kv.rows(i, L)
-        o = _request_tail(q[c + n - t:c + n, qs], _gather(k_buffer, rows, gs), _gather(v_buffer, rows, gs), scale)
+        o = _request_tail(q[c + n - t:c + n, qs], gather_rows(k_buffer, rows, gs), gather_rows(v_buffer, rows, gs),
+                          scale)
         out[c + n - t:c + n, hs] = o[:, picked].to(out.dtype)
         c += n

@@ -23,6 +23,7 @@ import torch.distributed as dist
 
 from sglang_shplb.core.patterns import HeadBudget, Pattern
 from sglang_shplb.kernels.block_index import int_tensor, to_device
+from sglang_shplb.kernels.dense_pieces import dense_piece
 from sglang_shplb.kernels.layer_reference import CHEAP, sparse_attention
 
 
@@ -80,131 +81,9 @@ def pool_rows(req_to_token: torch.Tensor, req_pool_indices: torch.Tensor, i: int
     return req_to_token[req_pool_indices[i:i + 1].long(), :n][0].long()
 
 
-# ---------------------------------------------------------------------------------------------------
-# a dense piece over a prefix: queries [p, L) of a head (its rows of a moved / split unit, or an extend
-# chunk) over keys [0, L), causal with the diagonal at the lower right
-# ---------------------------------------------------------------------------------------------------
-#: which kernel computes the two halves of a dense piece after a prefix: "cudnn" (CUDA, bf16/fp16: the
-#: kernel whole dense heads run on), "flash" (torch's FlashAttention-2 on CUDA / its CPU flash kernel), or
-#: "math" (explicit softmax, the reference). ``SHPLB_PIECE_BACKEND`` forces one; on CUDA cuDNN is taken
-#: after a one-time check against "math" (:func:`piece_backend`), else flash.
-PIECE_BACKENDS = ("cudnn", "flash", "math")
-_CUDNN_OK: dict = {}
-#: natural-log units per unit of the log-sum-exp cuDNN returns (1: natural log, as torch documents; the
-#: one-time check also accepts base 2, ln 2)
-_CUDNN_LSE_SCALE = [1.0]
-
-
-def _attention_with_lse(q, k, v, causal: bool, scale: float, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Attention output ``[B, H, Lq, d]`` and its log-sum-exp ``[B, H, Lq]`` (float32, natural log of
-    ``Σ_j exp(scale q·k_j)`` over the visible keys). ``causal``: top-left aligned (query i sees keys
-    ``[0, i]``; with ``Lq == Lk`` that is also lower-right)."""
-    if backend == "cudnn":
-        o, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, causal, False,
-                                                                     scale=scale)[:2]
-        return o, lse.reshape(lse.shape[:3]).float() * _CUDNN_LSE_SCALE[0]
-    if backend == "flash":
-        if q.is_cuda:
-            o, lse = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, causal, False, scale=scale)[:2]
-        else:
-            o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, scale=scale)[:2]
-        return o, lse.float()
-    s = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
-    if causal:
-        s = s.masked_fill(torch.ones(s.shape[-2:], dtype=torch.bool, device=s.device).triu(1), float("-inf"))
-    lse = torch.logsumexp(s, -1)
-    return torch.matmul(torch.exp(s - lse[..., None]), v.float()).to(q.dtype), lse
-
-
-def piece_after_prefix(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
-                       backend: str) -> torch.Tensor:
-    """Dense attention of ``S`` q heads sharing one KV head, queries the last ``n`` of ``L`` keys (lower-right
-    causal): ``q [S, n, d]``, ``k/v [L, d]`` → ``[S, n, d]`` (float32); or of ``G`` such KV groups at once,
-    ``q [G, S, n, d]``, ``k/v [G, L, d]`` → ``[G, S, n, d]``.
-
-    Math. With ``p = L - n``, query ``i`` (position ``p + i``) sees keys ``[0, p + i]``: all of the prefix
-    ``P = [0, p)`` and the top-left causal square ``D = [p, p + i]``. For a key set ``X`` let
-    ``l_X = log Σ_{j∈X} e^{s_j}`` and ``o_X = Σ_{j∈X} e^{s_j - l_X} v_j`` (``s_j = scale q·k_j``); then over
-    ``P ∪ D``: ``o = (e^{l_P} o_P + e^{l_D} o_D) / (e^{l_P} + e^{l_D}) = o_D + σ(l_P - l_D) (o_P - o_D)``
-    (``σ`` the logistic function; no overflow). ``P`` is a rectangle with no mask, so each group's ``S`` heads
-    are folded into its query axis (``[1, G, S n, d]`` against the ``G`` K/V heads: no GQA expansion); ``D`` is
-    one ``[1, G S, n, d]`` causal call (its ``n`` K/V rows expanded to the heads). Each part is one kernel
-    call of ``backend`` (:data:`PIECE_BACKENDS`) returning its log-sum-exp."""
-    grouped = q.dim() == 4
-    if not grouped:
-        q, k, v = q[None], k[None], v[None]
-    G, S, n, d = q.shape
-    L = k.shape[1]
-    p = L - n
-    kd = k[:, p:, None].expand(G, n, S, d).transpose(1, 2).reshape(1, G * S, n, d)
-    vd = v[:, p:, None].expand(G, n, S, d).transpose(1, 2).reshape(1, G * S, n, d)
-    o2, l2 = _attention_with_lse(q.reshape(1, G * S, n, d), kd, vd, True, scale, backend)
-    o2 = o2.view(G, S, n, d).float()
-    if p > 0:
-        kp, vp = k[:, :p], v[:, :p]
-        if not kp.is_contiguous():
-            kp, vp = kp.contiguous(), vp.contiguous()
-        o1, l1 = _attention_with_lse(q.reshape(1, G, S * n, d), kp[None], vp[None], False, scale, backend)
-        w = torch.sigmoid(l1.view(G, S, n) - l2.view(G, S, n))[..., None]
-        o2 = o2 + w * (o1.view(G, S, n, d).float() - o2)
-    return o2 if grouped else o2[0]
-
-
-def piece_backend(q: torch.Tensor) -> str:
-    """The backend of :func:`piece_after_prefix` for ``q``'s device and dtype (see :data:`PIECE_BACKENDS`)."""
-    import os
-    forced = os.environ.get("SHPLB_PIECE_BACKEND")
-    if forced:
-        if forced not in PIECE_BACKENDS:
-            raise ValueError(f"SHPLB_PIECE_BACKEND={forced!r}; choose from {PIECE_BACKENDS}")
-        return forced
-    if not q.is_cuda:
-        return "flash" if q.dtype in (torch.float32, torch.bfloat16) else "math"
-    if q.dtype not in (torch.float16, torch.bfloat16):
-        return "math"
-    key = (q.device.index, q.dtype, q.shape[-1])
-    if key not in _CUDNN_OK:
-        _CUDNN_OK[key] = _check_cudnn(q.device, q.dtype, q.shape[-1])
-    return "cudnn" if _CUDNN_OK[key] else "flash"
-
-
-def dense_piece(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-    """:func:`piece_after_prefix` on :func:`piece_backend`'s kernel; a shape cuDNN refuses goes to flash, and
-    cuDNN is not tried again for that device, dtype and head dim."""
-    backend = piece_backend(q)
-    try:
-        return piece_after_prefix(q, k, v, scale, backend)
-    except RuntimeError:
-        if backend != "cudnn":
-            raise
-        _CUDNN_OK[(q.device.index, q.dtype, q.shape[-1])] = False
-        return piece_after_prefix(q, k, v, scale, "flash")
-
-
-def _check_cudnn(device, dtype, d: int) -> bool:
-    """cuDNN's split + merge equals the math reference on a small piece (once per device, dtype, head dim),
-    its log-sum-exp read as natural log (or else base 2); otherwise flash is used."""
-    import math
-    try:
-        g = torch.Generator(device=device).manual_seed(0)
-        q = torch.randn(2, 96, d, device=device, dtype=dtype, generator=g) * 2
-        k = torch.randn(224, d, device=device, dtype=dtype, generator=g)
-        v = torch.randn(224, d, device=device, dtype=dtype, generator=g)
-        ref = piece_after_prefix(q, k, v, d ** -0.5, "math")
-        for unit in (1.0, math.log(2.0)):
-            _CUDNN_LSE_SCALE[0] = unit
-            if bool((piece_after_prefix(q, k, v, d ** -0.5, "cudnn") - ref).abs().max() < 2e-2):
-                return True
-        _CUDNN_LSE_SCALE[0] = 1.0
-        return False
-    except (RuntimeError, NotImplementedError):
-        _CUDNN_LSE_SCALE[0] = 1.0
-        return False
-
-
 def dense_heads(q, k_buffer, v_buffer, kv: KVRows, q_lens, kv_lens, heads, scale, out) -> None:
     """Dense causal attention of ``heads``, query j of request i at position ``kv_len - q_len + j``: torch SDPA
-    (cuDNN / flash on CUDA, GQA in the kernel) without a prefix, :func:`piece_after_prefix` after one (cuDNN
+    (cuDNN / flash on CUDA, GQA in the kernel) without a prefix, :func:`.dense_pieces.piece_after_prefix` after one (cuDNN
     on CUDA); one call per (request, KV head)."""
     sdpa = torch.nn.functional.scaled_dot_product_attention
     group = q.shape[1] // k_buffer.shape[1]

@@ -77,7 +77,8 @@ def expand_pair_rows(top: torch.Tensor, counts: torch.Tensor, nb: int) -> tuple[
 def build_block_index(budgets: Sequence[HeadBudget], q: torch.Tensor, k: torch.Tensor,
                       cu_seqlens_q: torch.Tensor, kv_lens: torch.Tensor, max_kv_len: int, *,
                       cu_seqlens_k: torch.Tensor | None = None, req_to_token: torch.Tensor | None = None,
-                      req_pool_indices: torch.Tensor | None = None, topk_builder: str | None = None) -> BlockIndex:
+                      req_pool_indices: torch.Tensor | None = None, topk_builder: str | None = None,
+                      max_q_len: int | None = None) -> BlockIndex:
     """Block index of a varlen (optionally chunked, optionally paged) batch, on ``q``'s device, sync-free.
 
     ``q [total_q, Hq, d]``: the last ``n_q(b)`` positions of each sequence; ``k`` contiguous
@@ -85,7 +86,9 @@ def build_block_index(budgets: Sequence[HeadBudget], q: torch.Tensor, k: torch.T
     ``max_kv_len`` (a host int, e.g. the planned maximum) fixes ``NB`` and ``MAXK``.
     Top-k scores use the mean of the available queries of a block (all of them unless chunked).
     ``topk_builder``: ``"triton"`` (the fused :func:`.triton_index.build_topk_index`, default on CUDA) or
-    ``"torch"`` (the torch ops below, default elsewhere) for the top-k heads' rows."""
+    ``"torch"`` (the torch ops below, default elsewhere) for the top-k heads' rows. ``max_q_len`` (a host bound
+    on the queries per sequence): the Triton builder then builds only the rows the prefill kernels read (the
+    query blocks); rows of blocks without queries are then unspecified."""
     hq, d = q.shape[1], q.shape[2]
     heads = LayerHeads.of(budgets, k.shape[1], num_q_heads=hq)
     dev = q.device
@@ -117,7 +120,7 @@ def build_block_index(budgets: Sequence[HeadBudget], q: torch.Tensor, k: torch.T
     topk_by_tile = heads.topk_by_tile                                       # the top-k rows built below
     if heads.topk and topk_builder == "triton":
         build_topk_index(budgets, q, k, cu_seqlens_q, kv_lens, max_kv_len, cu_seqlens_k=cu_seqlens_k,
-                         req_to_token=req_to_token, req_pool_indices=req_pool_indices, out=out)
+                         req_to_token=req_to_token, req_pool_indices=req_pool_indices, out=out, max_q_len=max_q_len)
         topk_by_tile = {}
         if not heads.vslash:
             return out

@@ -30,7 +30,9 @@ builder keeps the lowest block ids among exactly tied scores), in two launches a
 
    ``k(qi)`` comes from ``block_index.topk_counts`` (per budget, a function of ``qi`` and ``NB`` only). Every
    row ``qi < NB`` is written, including rows with no queries (all scores 0: the lowest ids win), as
-   ``build_block_index`` does.
+   ``build_block_index`` does; or, given ``max_q_len``, only the rows the prefill kernels read: a chunk of
+   ``n_q`` queries after a prefix ``p`` reads rows ``p // tile`` to ``(p + n_q - 1) // tile``, so the last 8K
+   chunk of a 128K prefill selects 129 of its 1,024 superblock rows instead of all of them.
 
 ``tile=128`` heads run the same two launches over 128-token superblocks (rows = query pairs ``p``) and the
 selection writes each chosen superblock ``j`` as blocks ``2j, 2j + 1`` into 64-token rows ``2p`` and
@@ -95,18 +97,21 @@ def _kernels():
 
     @triton.jit
     def _select_kernel(QP, KP, heads, counts, idx, cnt, s_ib, s_ih, s_iq, s_cb, s_ch, NB, T, MAXK, NB64,
-                       HKV: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, BM: tl.constexpr,
-                       NBP: tl.constexpr, DC: tl.constexpr, CAST: tl.constexpr, IEEE: tl.constexpr,
-                       EXPAND: tl.constexpr):
+                       cu_q, kv_lens, UNIT, HKV: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr,
+                       BM: tl.constexpr, NBP: tl.constexpr, DC: tl.constexpr, CAST: tl.constexpr,
+                       IEEE: tl.constexpr, EXPAND: tl.constexpr, QUERY_ROWS: tl.constexpr):
         tile = tl.program_id(0)
         s = tl.program_id(1)
         b = tl.program_id(2)
         h = tl.load(heads + s)
         hk = h // GROUP
-        rows = tile * BM + tl.arange(0, BM)                          # query blocks qi
+        row0 = 0
+        if QUERY_ROWS:   # rows from the one holding the sequence's first query (UNIT tokens a row)
+            row0 = (tl.load(kv_lens + b) - (tl.load(cu_q + b + 1) - tl.load(cu_q + b))) // UNIT
+        rows = row0 + tile * BM + tl.arange(0, BM)                   # query blocks qi
         row_ok = rows < NB
         cols = tl.arange(0, NBP)                                     # KV blocks kj
-        col_ok = (cols < NB) & (cols < tile * BM + BM)               # causal for some row of the tile
+        col_ok = (cols < NB) & (cols < row0 + tile * BM + BM)        # causal for some row of the tile
         q_base = QP + ((b * T + s) * NB).to(tl.int64) * D
         k_base = KP + ((b * HKV + hk) * NB).to(tl.int64) * D
         # S[r, kj] = qp[r] . kp[kj], accumulated over DC-wide chunks of d
@@ -191,13 +196,15 @@ def build_topk_index(budgets: Sequence[HeadBudget], q: torch.Tensor, k: torch.Te
                      cu_seqlens_q: torch.Tensor, kv_lens: torch.Tensor, max_kv_len: int, *,
                      cu_seqlens_k: torch.Tensor | None = None, req_to_token: torch.Tensor | None = None,
                      req_pool_indices: torch.Tensor | None = None, out: BlockIndex | None = None,
-                     num_warps: int | None = None) -> BlockIndex:
+                     num_warps: int | None = None, max_q_len: int | None = None) -> BlockIndex:
     """Fill the top-k heads' rows of a :class:`BlockIndex` (two Triton launches, no host sync).
 
     Arguments as :func:`.index.build_block_index`. ``out``: a BlockIndex of shape ``[B, Hq, NB, >= MAXK]``
     to fill in place (its other heads' rows are left untouched); when None, a zeroed one is allocated
     (``head_dense`` set, rows of dense/streaming/vertical-slash heads left zero). Returns it.
-    ``num_warps``: of the selection kernel (default: by ``NBP``, see :func:`_num_warps`)."""
+    ``num_warps``: of the selection kernel (default: by ``NBP``, see :func:`_num_warps`). ``max_q_len``: a host
+    bound on the queries per sequence; given, only the rows the prefill kernels read are built (the query
+    blocks of each sequence, from the one holding its first query), else every row ``qi < NB``."""
     hq, d = q.shape[1], q.shape[2]
     heads = LayerHeads.of(budgets, k.shape[1], num_q_heads=hq)
     if q.dim() != 3 or k.dim() != 3 or k.shape[-1] != d or d % DC or d & (d - 1):
@@ -240,10 +247,12 @@ def build_topk_index(budgets: Sequence[HeadBudget], q: torch.Tensor, k: torch.Te
             req_to_token.stride(0) if paged else 0, slot, ns, t,
             HKV=hkv, GROUP=group, D=d, BLOCK_N=tile, PAGED=paged, num_warps=4 if cuda else 1)
         nbp = max(16, triton_next_pow2(ns))
-        select_k[(math.ceil(ns / BM), t, bsz)](
+        rows = ns if max_q_len is None else min(ns, math.ceil(max_q_len / tile) + 1)   # +1: an unaligned prefix
+        select_k[(math.ceil(rows / BM), t, bsz)](
             qp, kp, topk_t, counts, bi, bc, bi.stride(0), bi.stride(1), bi.stride(2), bc.stride(0), bc.stride(1),
-            ns, t, maxk, nb, HKV=hkv, GROUP=group, D=d, BM=BM, NBP=nbp, DC=DC, CAST=cast, IEEE=cuda,
-            EXPAND=tile != BLOCK, num_warps=num_warps or _num_warps(nbp, cuda), num_stages=1)
+            ns, t, maxk, nb, cu_seqlens_q, kv_lens, tile, HKV=hkv, GROUP=group, D=d, BM=BM, NBP=nbp, DC=DC,
+            CAST=cast, IEEE=cuda, EXPAND=tile != BLOCK, QUERY_ROWS=max_q_len is not None,
+            num_warps=num_warps or _num_warps(nbp, cuda), num_stages=1)
     return out
 
 

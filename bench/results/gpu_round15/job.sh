@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Round 15's bare-machine call (no SGLang bundle): the steps named on the command line, in order, results under
+# /tmp/out (bench/gpu_poll.sh brings them back). Run detached from the repository root:
+#   (setsid nohup bash bench/results/gpu_round15/job.sh tests chunked vsprof > /tmp/run.log 2>&1 < /dev/null &)
+set -u
+export PYTHONPATH=$PWD TRITON_INTERPRET=0 PYTHONUNBUFFERED=1
+O=/tmp/out
+mkdir -p $O
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee $O/gpu.txt
+for step in "$@"; do
+  t0=$(date +%s)
+  case $step in
+    tests) python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_triton_index.py \
+             tests/test_tile_prefill.py > $O/gpu_tests.log 2>&1
+           python3 -m pytest -q -p no:cacheprovider tests/test_head_parallel.py -k "piece or after_a_prefix" \
+             >> $O/gpu_tests.log 2>&1 ;;
+    chunked) python3 bench/chunked_prefill.py llama8b --ctx ${CP_CTX:-32768,65536,131072} --out $O/chunked \
+               > $O/chunked_run.log 2>&1 ;;
+    vsprof) python3 bench/results/gpu_round15/vslash_profile.py > $O/vslash_profile.log 2>&1 ;;
+    *) echo "unknown step $step" ;;
+  esac
+  echo "step $step rc=$? $(( $(date +%s) - t0 )) s"
+done
+echo "job done"
