@@ -1,9 +1,11 @@
-"""Benchmark: top-k block index, torch ``build_block_index`` vs fused Triton ``build_topk_index``.
+"""Benchmark: top-k and vertical-slash block index, torch ``build_block_index(builder="torch")`` vs the fused
+Triton builders (``builder="triton"``: ``build_topk_index``, ``build_vslash_index``).
 
 One process, side by side, on a Llama-3-8B-shaped layer (32 q heads, 8 KV heads, d=128, bf16), one sequence
 of 16K/32K/64K/128K tokens (full prefill), KV contiguous (``cu_seqlens_k``) and paged (scattered pages
-through ``req_to_token``), head mixes: all 32 heads top-k 0.1, and 8 dense + 24 top-k 0.1 (every 4th head
-dense). Checks that the top-k rows agree (fraction of identical index entries position by position, and
+through ``req_to_token``), head mixes: all 32 heads top-k 0.1, 8 dense + 24 top-k 0.1 (every 4th head
+dense), one vertical-slash head 0.1 + 31 streaming (a TP rank of the profiled plan), all 32 vertical-slash.
+Checks that the selected heads' rows agree (fraction of identical index entries position by position, and
 of identical (query block, KV block) pairs as sets; exact counts) and writes JSON + log to ``--out``.
 
     PYTHONUNBUFFERED=1 python bench/index_build.py --out $OUT                        # GPU
@@ -35,8 +37,10 @@ from timing import LOG, bench, log  # noqa: E402  (bench/timing.py)
 
 
 def agreement(budgets, ref, got, n: int) -> dict:
-    """Top-k heads, query blocks of the sequence: identical entries (positional), identical pairs (sets)."""
-    th = torch.tensor([h for h, b in enumerate(budgets) if b.pattern is Pattern.TOPK], device=ref.block_cnt.device)
+    """Top-k and vertical-slash heads, query blocks of the sequence: identical entries (positional), identical
+    pairs (sets)."""
+    th = torch.tensor([h for h, b in enumerate(budgets) if b.pattern in (Pattern.TOPK, Pattern.VSLASH)],
+                      device=ref.block_cnt.device)
     nbb = math.ceil(n / BLOCK)
     ri, gi = ref.block_idx[0, th, :nbb].long(), got.block_idx[0, th, :nbb].long()
     rc, gc = ref.block_cnt[0, th, :nbb].long(), got.block_cnt[0, th, :nbb].long()
@@ -74,7 +78,8 @@ def main():
     ap.add_argument("--ctx", default="16384,32768,65536,131072")
     ap.add_argument("--layouts", default="contiguous,paged")
     ap.add_argument("--rep", type=int, default=200, help="do_bench rep (ms)")
-    ap.add_argument("--warps", default="auto", help="selection-kernel num_warps variants to time, e.g. auto,8,16,32")
+    ap.add_argument("--warps", default="auto", help="top-k selection-kernel num_warps variants to time, e.g. auto,8,16")
+    ap.add_argument("--mixes", default=None, help="comma-separated subset of the head mixes")
     args = ap.parse_args()
     smoke = args.cpu_smoke
     if smoke:
@@ -92,7 +97,11 @@ def main():
     mixes = {
         "topk0.1_all": [HeadBudget.topk(0.1)] * hq,
         "dense_every4th+topk0.1": [HeadBudget.dense() if h % 4 == 0 else HeadBudget.topk(0.1) for h in range(hq)],
+        "vslash0.1_one+stream": [HeadBudget.vslash(0.1, 4)] + [HeadBudget.streaming(64, 2048)] * (hq - 1),
+        "vslash0.1_all": [HeadBudget.vslash(0.1, 4)] * hq,
     }
+    if args.mixes:
+        mixes = {k: v for k, v in mixes.items() if k in args.mixes.split(",")}
     rows = []
     g = torch.Generator(device=dev).manual_seed(0)
     log(f"{'ctx':>7} {'layout':>10} {'mix':>24} {'torch ms':>9} {'triton ms':>9} {'speedup':>8} "
@@ -101,8 +110,8 @@ def main():
         for layout in args.layouts.split(","):
             q, k, cu_q, kvl, kw = make_inputs(n, hq, hkv, d, dtype, dev, layout == "paged", g)
             for name, budgets in mixes.items():
-                f_ref = lambda: build_block_index(budgets, q, k, cu_q, kvl, n, topk_builder="torch", **kw)  # noqa: E731
-                f_new = lambda: build_topk_index(budgets, q, k, cu_q, kvl, n, **kw)  # noqa: E731
+                f_ref = lambda: build_block_index(budgets, q, k, cu_q, kvl, n, builder="torch", **kw)  # noqa: E731
+                f_new = lambda: build_block_index(budgets, q, k, cu_q, kvl, n, builder="triton", **kw)  # noqa: E731
                 ref, got = f_ref(), f_new()             # also compiles / warms up
                 agr = agreement(budgets, ref, got, n)
                 del ref, got
@@ -110,7 +119,7 @@ def main():
                 t_new = bench(f_new, smoke, args.rep)
                 rec = {"ctx": n, "layout": layout, "mix": name, "torch_ms": t_ref, "triton_ms": t_new,
                        "speedup": t_ref / t_new, **agr}
-                for w in [x for x in args.warps.split(",") if x != "auto"]:
+                for w in [x for x in args.warps.split(",") if x != "auto" and "topk" in name]:
                     f_w = lambda w=int(w): build_topk_index(budgets, q, k, cu_q, kvl, n, num_warps=w, **kw)  # noqa: E731
                     f_w()
                     rec[f"triton_ms_warps{w}"] = bench(f_w, smoke, args.rep)

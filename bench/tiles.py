@@ -74,7 +74,7 @@ def check(run: PrefillRun) -> None:
         idx = sp.last_index
         masks = [idx.masks(b, math.ceil(n / BLOCK)).to(run.dev) for b, n in enumerate(lens)]
         err = relative_error(o, reference_sparse_prefill(q, kb, vb, masks, cu, kvl, **kw))
-        it = build_block_index(mix, q, kb, cu, kvl, max(lens), topk_builder="torch", **kw)
+        it = build_block_index(mix, q, kb, cu, kvl, max(lens), builder="torch", **kw)
         nbs = [math.ceil(n / BLOCK) for n in lens]
         same = sum(int((idx.block_idx[b, :, :nb] == it.block_idx[b, :, :nb]).sum()) for b, nb in enumerate(nbs))
         tot = sum(idx.block_idx[b, :, :nb].numel() for b, nb in enumerate(nbs))

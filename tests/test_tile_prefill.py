@@ -69,8 +69,8 @@ def test_triton_builder_matches_torch_builder(paged, chunked, group):
     q_lens = [100, 128, 257] if chunked else lens
     budgets = [HeadBudget.topk((0.1, 0.3, 0.6)[h % 3], 2 + h % 3, tile=(T128, BLOCK)[h % 2]) for h in range(hq)]
     q, k, v, cu_q, kvl, kw = make_batch(lens, q_lens, hq, hkv, 64, torch.float32, paged, 5 + group)
-    a = build_block_index(budgets, q, k, cu_q, kvl, max(lens) + 70, topk_builder="torch", **kw)
-    b = build_block_index(budgets, q, k, cu_q, kvl, max(lens) + 70, topk_builder="triton", **kw)
+    a = build_block_index(budgets, q, k, cu_q, kvl, max(lens) + 70, builder="torch", **kw)
+    b = build_block_index(budgets, q, k, cu_q, kvl, max(lens) + 70, builder="triton", **kw)
     assert torch.equal(a.block_cnt, b.block_cnt)
     for s, n in enumerate(lens):   # rows past a sequence's end have no scores (ties): not compared
         nb = math.ceil(n / BLOCK)

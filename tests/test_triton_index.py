@@ -56,13 +56,13 @@ def test_topk_rows_match_build_block_index(case):
     budgets = [opts[h] if h < 4 else rng.choice(opts) for h in range(hq)]
     q, k, _, cu_q, kvl, kw = make_batch(lens, q_lens, hq, hkv, d, dtype, paged, 100 + case)
     mkl = max(lens) + slack
-    ref = build_block_index(budgets, q, k, cu_q, kvl, mkl, topk_builder="torch", **kw)
+    ref = build_block_index(budgets, q, k, cu_q, kvl, mkl, builder="torch", **kw)
     got = build_topk_index(budgets, q, k, cu_q, kvl, mkl, **kw)
     compare(budgets, lens, q_lens, got, ref, 0.99 if dtype == torch.bfloat16 else 1.0)
     other = [h for h, b in enumerate(budgets) if b.pattern is not Pattern.TOPK]
     assert not got.block_cnt[:, other].any() and not got.block_idx[:, other].any()
     # build_block_index's own switch: top-k rows from Triton, every other head's rows as before
-    full = build_block_index(budgets, q, k, cu_q, kvl, mkl, topk_builder="triton", **kw)
+    full = build_block_index(budgets, q, k, cu_q, kvl, mkl, builder="triton", **kw)
     compare(budgets, lens, q_lens, full, ref, 0.99 if dtype == torch.bfloat16 else 1.0)
     assert torch.equal(full.block_idx[:, other], ref.block_idx[:, other])
     assert torch.equal(full.block_cnt[:, other], ref.block_cnt[:, other])
@@ -72,7 +72,7 @@ def test_fills_out_in_place_and_leaves_other_heads():
     budgets = [HeadBudget.topk(0.3, 2), HeadBudget.dense(), HeadBudget.streaming(64, 64), HeadBudget.topk(0.1, 4)]
     lens = [390, 150]
     q, k, _, cu_q, kvl, kw = make_batch(lens, lens, 4, 2, 64, torch.float32, False, 7)
-    ref = build_block_index(budgets, q, k, cu_q, kvl, 400, topk_builder="torch", **kw)
+    ref = build_block_index(budgets, q, k, cu_q, kvl, 400, builder="torch", **kw)
     out = BlockIndex(ref.block_idx.clone(), ref.block_cnt.clone(), ref.head_dense)
     out.block_idx[:, [0, 3]] = -7
     out.block_cnt[:, [0, 3]] = -1
@@ -91,8 +91,8 @@ def test_no_topk_heads_and_bad_layout():
     assert not res.block_cnt.any() and res.head_dense.tolist() == [1, 1]
     with pytest.raises(ValueError):
         build_topk_index([HeadBudget.topk(0.1)] * 2, q, k, cu_q, kvl, 100)   # no KV layout
-    with pytest.raises(ValueError, match="topk_builder"):
-        build_block_index([HeadBudget.topk(0.1)] * 2, q, k, cu_q, kvl, 100, topk_builder="cuda", **kw)
+    with pytest.raises(ValueError, match="builder"):
+        build_block_index([HeadBudget.topk(0.1)] * 2, q, k, cu_q, kvl, 100, builder="cuda", **kw)
 
 
 def test_block_index_makes_no_tensor_from_host_lists_after_the_first_call(monkeypatch):

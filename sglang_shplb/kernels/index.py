@@ -1,8 +1,9 @@
 """Block indices for the sparse kernels (:mod:`.block_index`), built on the device with torch ops only.
 
 The builders reproduce :func:`sglang_shplb.core.block_masks.build_block_masks` (pooled q·k top-k,
-last-block-mass vertical-slash) for every sequence of a varlen batch, sync-free and at fixed shapes; the
-top-k rows come from the fused :func:`.triton_index.build_topk_index` on CUDA.
+last-block-mass vertical-slash) for every sequence of a varlen batch, sync-free and at fixed shapes; on CUDA
+the top-k and vertical-slash rows come from the fused Triton builders (:func:`.triton_index.build_topk_index`,
+:func:`.triton_vslash.build_vslash_index`), and the torch ops here are their reference and the CPU route.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from sglang_shplb.kernels.block_index import (BlockIndex, empty_index, int_tenso
                                               topk_counts_tensor)
 from sglang_shplb.kernels.layer_heads import LayerHeads
 from sglang_shplb.kernels.triton_index import build_topk_index
+from sglang_shplb.kernels.triton_vslash import build_vslash_index
 
 
 def streaming_index(sink_blocks: int, window_blocks: int, nb: int, maxk: int,
@@ -77,7 +79,7 @@ def expand_pair_rows(top: torch.Tensor, counts: torch.Tensor, nb: int) -> tuple[
 def build_block_index(budgets: Sequence[HeadBudget], q: torch.Tensor, k: torch.Tensor,
                       cu_seqlens_q: torch.Tensor, kv_lens: torch.Tensor, max_kv_len: int, *,
                       cu_seqlens_k: torch.Tensor | None = None, req_to_token: torch.Tensor | None = None,
-                      req_pool_indices: torch.Tensor | None = None, topk_builder: str | None = None,
+                      req_pool_indices: torch.Tensor | None = None, builder: str | None = None,
                       max_q_len: int | None = None) -> BlockIndex:
     """Block index of a varlen (optionally chunked, optionally paged) batch, on ``q``'s device, sync-free.
 
@@ -85,10 +87,10 @@ def build_block_index(budgets: Sequence[HeadBudget], q: torch.Tensor, k: torch.T
     ``[total_kv, Hkv, d]`` (``cu_seqlens_k``) or the token pool (``req_to_token``, ``req_pool_indices``).
     ``max_kv_len`` (a host int, e.g. the planned maximum) fixes ``NB`` and ``MAXK``.
     Top-k scores use the mean of the available queries of a block (all of them unless chunked).
-    ``topk_builder``: ``"triton"`` (the fused :func:`.triton_index.build_topk_index`, default on CUDA) or
-    ``"torch"`` (the torch ops below, default elsewhere) for the top-k heads' rows. ``max_q_len`` (a host bound
-    on the queries per sequence): the Triton builder then builds only the rows the prefill kernels read (the
-    query blocks); rows of blocks without queries are then unspecified."""
+    ``builder``: ``"triton"`` (the fused top-k and vertical-slash builders, default on CUDA) or ``"torch"`` (the
+    torch ops below, default elsewhere) for the top-k and vertical-slash heads' rows. ``max_q_len`` (a host
+    bound on the queries per sequence): the Triton builders then build only the rows the prefill kernels read
+    (the query blocks); rows of blocks without queries are then unspecified."""
     hq, d = q.shape[1], q.shape[2]
     heads = LayerHeads.of(budgets, k.shape[1], num_q_heads=hq)
     dev = q.device
@@ -113,17 +115,19 @@ def build_block_index(budgets: Sequence[HeadBudget], q: torch.Tensor, k: torch.T
     if not heads.selected:
         return out
 
-    if topk_builder is None:
-        topk_builder = "triton" if q.is_cuda else "torch"
-    if topk_builder not in ("triton", "torch"):
-        raise ValueError(f"topk_builder must be 'triton' or 'torch', got {topk_builder!r}")
+    if builder is None:
+        builder = "triton" if q.is_cuda else "torch"
+    if builder not in ("triton", "torch"):
+        raise ValueError(f"builder must be 'triton' or 'torch', got {builder!r}")
+    if builder == "triton":
+        kv = dict(cu_seqlens_k=cu_seqlens_k, req_to_token=req_to_token, req_pool_indices=req_pool_indices, out=out,
+                  max_q_len=max_q_len)
+        if heads.topk:
+            build_topk_index(budgets, q, k, cu_seqlens_q, kv_lens, max_kv_len, **kv)
+        if heads.vslash:
+            build_vslash_index(budgets, q, k, cu_seqlens_q, kv_lens, max_kv_len, **kv)
+        return out
     topk_by_tile = heads.topk_by_tile                                       # the top-k rows built below
-    if heads.topk and topk_builder == "triton":
-        build_topk_index(budgets, q, k, cu_seqlens_q, kv_lens, max_kv_len, cu_seqlens_k=cu_seqlens_k,
-                         req_to_token=req_to_token, req_pool_indices=req_pool_indices, out=out, max_q_len=max_q_len)
-        topk_by_tile = {}
-        if not heads.vslash:
-            return out
     group = hq // k.shape[1]
     # positions of whole superblocks when a tile-128 head is listed (the extra block is invalid)
     nbx = nb + (nb % 2 if any(tile != BLOCK for tile in topk_by_tile) else 0)

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Round 15's bare-machine call (no SGLang bundle): the steps named on the command line, in order, results under
 # /tmp/out (bench/gpu_poll.sh brings them back). Run detached from the repository root:
-#   (setsid nohup bash bench/results/gpu_round15/job.sh tests chunked vsprof > /tmp/run.log 2>&1 < /dev/null &)
+#   (setsid nohup bash bench/results/gpu_round15/job.sh chunked index tests home > /tmp/run.log 2>&1 < /dev/null &)
 set -u
 export PYTHONPATH=$PWD TRITON_INTERPRET=0 PYTHONUNBUFFERED=1
 O=/tmp/out
@@ -16,7 +16,9 @@ for step in "$@"; do
              >> $O/gpu_tests.log 2>&1 ;;
     chunked) python3 bench/chunked_prefill.py llama8b --ctx ${CP_CTX:-32768,65536,131072} --out $O/chunked \
                > $O/chunked_run.log 2>&1 ;;
-    vsprof) python3 bench/results/gpu_round15/vslash_profile.py > $O/vslash_profile.log 2>&1 ;;
+    index) python3 bench/index_build.py --ctx ${IB_CTX:-16384,65536,131072} --layouts paged --out $O/index \
+             > $O/index_run.log 2>&1 ;;
+    home) python3 bench/home_calls.py --shapes ${HOME_SHAPES:-llama8b,llama70b} --out $O/home > $O/home_run.log 2>&1 ;;
     *) echo "unknown step $step" ;;
   esac
   echo "step $step rc=$? $(( $(date +%s) - t0 )) s"
