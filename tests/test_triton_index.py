@@ -129,3 +129,35 @@ def test_query_rows_only_equal_the_full_build_where_the_kernels_read(tile):
         assert torch.equal(got.block_idx[b, th, rows], full.block_idx[b, th, rows]), b
         assert not got.block_cnt[b, th, :first].any(), b
         assert first == 0 or full.block_cnt[b, th, :first].all()
+
+
+VSLASH_CASES = [
+    # lens, q_lens, hq, hkv, d, dtype, paged
+    ([700, 190], [300, 190], 6, 2, 64, torch.float32, True),      # chunked (prefix 400), paged, GQA 3
+    ([450, 130], [450, 130], 6, 2, 64, torch.float32, False),     # contiguous varlen
+    ([1100, 333], [1100, 100], 4, 2, 128, torch.bfloat16, True),  # bf16, d=128, 2 mass chunks, chunked
+]
+
+
+@pytest.mark.parametrize("case", range(len(VSLASH_CASES)))
+def test_vslash_rows_match_the_torch_builder(case):
+    """The fused vertical-slash builder gives the torch builder's rows exactly (no tied masses on random inputs),
+    and with ``max_q_len`` the same rows where the kernels read, none before them."""
+    from sglang_shplb.kernels.triton_vslash import build_vslash_index
+    lens, q_lens, hq, hkv, d, dtype, paged = VSLASH_CASES[case]
+    budgets = [HeadBudget.vslash(0.2, 2), HeadBudget.dense(), HeadBudget.vslash(0.1, 1), HeadBudget.topk(0.3, 2),
+               HeadBudget.streaming(64, 64), HeadBudget.vslash(0.5, 3)][:hq]
+    vh = [h for h, b in enumerate(budgets) if b.pattern is Pattern.VSLASH]
+    q, k, _, cu_q, kvl, kw = make_batch(lens, q_lens, hq, hkv, d, dtype, paged, 60 + case)
+    ref = build_block_index(budgets, q, k, cu_q, kvl, max(lens), builder="torch", **kw)
+    got = build_vslash_index(budgets, q, k, cu_q, kvl, max(lens), **kw)
+    assert torch.equal(got.block_cnt[:, vh], ref.block_cnt[:, vh])
+    assert torch.equal(got.block_idx[:, vh], ref.block_idx[:, vh])
+    others = [h for h in range(hq) if h not in vh]
+    assert not got.block_cnt[:, others].any()
+    rows_only = build_vslash_index(budgets, q, k, cu_q, kvl, max(lens), max_q_len=max(q_lens), **kw)
+    for b, (n, nq) in enumerate(zip(lens, q_lens)):
+        first = (n - nq) // BLOCK
+        rows = slice(first, math.ceil(n / BLOCK))
+        assert torch.equal(rows_only.block_idx[b, vh, rows], ref.block_idx[b, vh, rows])
+        assert not rows_only.block_cnt[b, vh, :first].any()
