@@ -214,9 +214,8 @@ def build_block_index(budgets: Sequence[HeadBudget], q: torch.Tensor, k: torch.T
 
 @lru_cache(maxsize=256)
 def _vslash_consts(budgets: tuple[HeadBudget, ...], heads: tuple[int, ...], device: str):
-    """The vertical-slash heads' ids, fractions and block floors on ``device``, made once per layer: a copy
-    from a host list waits for the stream, and the host then launches the rest with the GPU idle (made per
-    call, these three cost 1.7-1.9 ms per index build on an H100, ``bench/results/home_calls``)."""
+    """The vertical-slash heads' ids, fractions and block floors on ``device``, made once per layer (a tensor made
+    from a host list on CUDA waits for the stream)."""
     return (torch.tensor(heads, device=device),
             torch.tensor([b.fraction for b in budgets], dtype=torch.float64, device=device),
             torch.tensor([b.min_blocks for b in budgets], dtype=torch.float64, device=device))
