@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Round 15's bare-machine call (no SGLang bundle): the steps named on the command line, in order, results under
 # /tmp/out (bench/gpu_poll.sh brings them back). Run detached from the repository root:
-#   (setsid nohup bash bench/results/gpu_round15/job.sh chunked index tests home > /tmp/run.log 2>&1 < /dev/null &)
+#   (setsid nohup bash bench/results/gpu_round15/job.sh chunked index home tests > /tmp/run.log 2>&1 < /dev/null &)
 set -u
 export PYTHONPATH=$PWD TRITON_INTERPRET=0 PYTHONUNBUFFERED=1
 O=/tmp/out
