@@ -11,7 +11,7 @@ for step in "$@"; do
   t0=$(date +%s)
   case $step in
     tests) python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_triton_index.py \
-             tests/test_tile_prefill.py > $O/gpu_tests.log 2>&1
+             tests/test_tile_prefill.py ${TESTS_K:+-k "$TESTS_K"} > $O/gpu_tests.log 2>&1
            python3 -m pytest -q -p no:cacheprovider tests/test_head_parallel.py -k "piece or after_a_prefix" \
              >> $O/gpu_tests.log 2>&1 ;;
     chunked) python3 bench/chunked_prefill.py llama8b --ctx ${CP_CTX:-32768,65536,131072} --out $O/chunked \
