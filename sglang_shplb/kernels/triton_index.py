@@ -32,7 +32,7 @@ builder keeps the lowest block ids among exactly tied scores), in two launches a
    row ``qi < NB`` is written, including rows with no queries (all scores 0: the lowest ids win), as
    ``build_block_index`` does; or, given ``max_q_len``, only the rows the prefill kernels read: a chunk of
    ``n_q`` queries after a prefix ``p`` reads rows ``p // tile`` to ``(p + n_q - 1) // tile``, so the last 8K
-   chunk of a 128K prefill selects 129 of its 1,024 superblock rows instead of all of them.
+   chunk of a 128K prefill selects 65 of its 1,024 superblock rows instead of all of them.
 
 ``tile=128`` heads run the same two launches over 128-token superblocks (rows = query pairs ``p``) and the
 selection writes each chosen superblock ``j`` as blocks ``2j, 2j + 1`` into 64-token rows ``2p`` and
