@@ -1,4 +1,4 @@
-"""The decode kernels compile for Hopper (sm_90) on this CPU machine: Triton's interpreter, which the other kernel
+"""The decode kernels and the vertical-slash index builder compile for Hopper (sm_90) on this CPU machine: Triton's interpreter, which the other kernel
 tests run under, accepts code its compiler rejects (a name missing from a jit function's globals, a variable
 re-bound with another shape inside an ``if``), which then fails only on the GPU. This compiles the launches the
 decode path makes (AST -> TTIR -> PTX -> cubin with the ptxas Triton ships), no GPU needed, in a fresh process:
@@ -45,13 +45,30 @@ def compile_decode_kernels() -> None:
     print("compiled for sm_90")
 
 
-def test_decode_kernels_compile_for_sm90(tmp_path):
+def compile_vslash_kernels() -> None:
+    from sglang_shplb.kernels import triton_vslash
+    i32, f32 = "*i32", "*fp32"
+    stats, mass, pick, rows = triton_vslash._kernels()
+    kv = dict(Q="*bf16", K="*bf16", heads=i32, M=f32, L=f32, MASS=f32, cu_q=i32, kv_lens=i32, cu_k=i32,
+              req_to_token=i32, req_pool_idx=i32, qk_scale="fp32")
+    for paged in (False, True):
+        common = dict(GROUP=4, D=128, CB=triton_vslash.CB, PAGED=paged, F32=False)
+        assert _compile(stats, kv, common)
+        assert _compile(mass, kv, dict(common, NCHP=128))
+    assert _compile(pick, dict(MASS=f32, ntab=i32, VERT="*i8", SLASH="*i8", kv_lens=i32), dict(NBP=2048))
+    assert _compile(rows, dict(VERT="*i8", SLASH="*i8", heads=i32, idx=i32, cnt=i32, cu_q=i32, kv_lens=i32),
+                    dict(BM=triton_vslash.BM, NBP=2048, QUERY_ROWS=True))
+    print("compiled for sm_90")
+
+
+@pytest.mark.parametrize("which", ["decode", "vslash"])
+def test_kernels_compile_for_sm90(tmp_path, which):
     env = dict(os.environ, TRITON_INTERPRET="0", TRITON_CACHE_DIR=str(tmp_path),   # a real compile, no cache hit
                PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    r = subprocess.run([sys.executable, os.path.abspath(__file__)], env=env, capture_output=True, text=True,
+    r = subprocess.run([sys.executable, os.path.abspath(__file__), which], env=env, capture_output=True, text=True,
                        timeout=600)
     assert r.returncode == 0 and "compiled for sm_90" in r.stdout, r.stderr[-3000:]
 
 
 if __name__ == "__main__":
-    compile_decode_kernels()
+    {"decode": compile_decode_kernels, "vslash": compile_vslash_kernels}[sys.argv[1]]()
