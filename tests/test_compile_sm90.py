@@ -48,13 +48,13 @@ def compile_decode_kernels() -> None:
 def compile_vslash_kernels() -> None:
     from sglang_shplb.kernels import triton_vslash
     i32, f32 = "*i32", "*fp32"
-    stats, mass, pick, rows = triton_vslash._kernels()
+    mass, pick, rows = triton_vslash._kernels()
     kv = dict(Q="*bf16", K="*bf16", heads=i32, M=f32, L=f32, MASS=f32, cu_q=i32, kv_lens=i32, cu_k=i32,
               req_to_token=i32, req_pool_idx=i32, qk_scale="fp32")
     for paged in (False, True):
-        common = dict(GROUP=4, D=128, CB=triton_vslash.CB, PAGED=paged, F32=False)
-        assert _compile(stats, kv, common)
-        assert _compile(mass, kv, dict(common, NCHP=128))
+        for stats in (True, False):
+            assert _compile(mass, kv, dict(GROUP=4, D=128, CB=triton_vslash.CB, NCHP=128, PAGED=paged, F32=False,
+                                           STATS=stats))
     assert _compile(pick, dict(MASS=f32, ntab=i32, VERT="*i8", SLASH="*i8", kv_lens=i32), dict(NBP=2048))
     assert _compile(rows, dict(VERT="*i8", SLASH="*i8", heads=i32, idx=i32, cnt=i32, cu_q=i32, kv_lens=i32),
                     dict(BM=triton_vslash.BM, NBP=2048, QUERY_ROWS=True))

@@ -192,6 +192,33 @@ def _num_warps(nbp: int, cuda: bool) -> int:
     return 4 if nbp <= 256 else 8 if nbp <= 1024 else 16
 
 
+def builder_frame(budgets: Sequence[HeadBudget], q: torch.Tensor, k: torch.Tensor, kv_lens: torch.Tensor,
+                  max_kv_len: int, cu_seqlens_k, req_to_token, req_pool_indices,
+                  out: BlockIndex | None) -> tuple[LayerHeads, bool, int, int, BlockIndex]:
+    """What the Triton index builders share before their launches: the checks of ``q``, ``k``, the KV layout and
+    ``out``, then ``(heads, paged, NB, MAXK, out)`` (``out`` allocated, zeroed, when None)."""
+    hq, d = q.shape[1], q.shape[2]
+    heads = LayerHeads.of(budgets, k.shape[1], num_q_heads=hq)
+    if q.dim() != 3 or k.dim() != 3 or k.shape[-1] != d or d % DC or d & (d - 1):
+        raise ValueError(f"q [tokens, Hq, d] and k [tokens, Hkv, d] with d a power of two >= {DC}; "
+                         f"got {tuple(q.shape)}, {tuple(k.shape)}")
+    if q.stride(-1) != 1 or k.stride(-1) != 1:
+        raise ValueError("q and k need a contiguous last dimension")
+    paged = req_to_token is not None
+    if paged == (cu_seqlens_k is not None) or (paged and req_pool_indices is None):
+        raise ValueError("give exactly one KV layout: cu_seqlens_k, or req_to_token + req_pool_indices")
+    bsz = kv_lens.shape[0]
+    nb = max(1, math.ceil(max_kv_len / BLOCK))
+    maxk = max_blocks_per_row(budgets, nb)
+    if out is None:
+        out = empty_index(heads, bsz, nb, maxk, q.device)
+    elif (out.block_cnt.shape != (bsz, hq, nb) or out.block_idx.shape[:3] != (bsz, hq, nb)
+          or out.block_idx.shape[3] < maxk or out.block_idx.stride(-1) != 1):
+        raise ValueError(f"out has shapes {tuple(out.block_idx.shape)} / {tuple(out.block_cnt.shape)}, "
+                         f"expected [{bsz}, {hq}, {nb}, >= {maxk}] (last dim contiguous) / [{bsz}, {hq}, {nb}]")
+    return heads, paged, nb, maxk, out
+
+
 def build_topk_index(budgets: Sequence[HeadBudget], q: torch.Tensor, k: torch.Tensor,
                      cu_seqlens_q: torch.Tensor, kv_lens: torch.Tensor, max_kv_len: int, *,
                      cu_seqlens_k: torch.Tensor | None = None, req_to_token: torch.Tensor | None = None,
@@ -205,26 +232,11 @@ def build_topk_index(budgets: Sequence[HeadBudget], q: torch.Tensor, k: torch.Te
     ``num_warps``: of the selection kernel (default: by ``NBP``, see :func:`_num_warps`). ``max_q_len``: a host
     bound on the queries per sequence; given, only the rows the prefill kernels read are built (the query
     blocks of each sequence, from the one holding its first query), else every row ``qi < NB``."""
+    heads, paged, nb, maxk, out = builder_frame(budgets, q, k, kv_lens, max_kv_len, cu_seqlens_k, req_to_token,
+                                                req_pool_indices, out)
     hq, d = q.shape[1], q.shape[2]
-    heads = LayerHeads.of(budgets, k.shape[1], num_q_heads=hq)
-    if q.dim() != 3 or k.dim() != 3 or k.shape[-1] != d or d % DC or d & (d - 1):
-        raise ValueError(f"q [tokens, Hq, d] and k [tokens, Hkv, d] with d a power of two >= {DC}; "
-                         f"got {tuple(q.shape)}, {tuple(k.shape)}")
-    if q.stride(-1) != 1 or k.stride(-1) != 1:
-        raise ValueError("q and k need a contiguous last dimension")
-    paged = req_to_token is not None
-    if paged == (cu_seqlens_k is not None) or (paged and req_pool_indices is None):
-        raise ValueError("give exactly one KV layout: cu_seqlens_k, or req_to_token + req_pool_indices")
     dev = q.device
     bsz = kv_lens.shape[0]
-    nb = max(1, math.ceil(max_kv_len / BLOCK))
-    maxk = max_blocks_per_row(budgets, nb)
-    if out is None:
-        out = empty_index(heads, bsz, nb, maxk, dev)
-    elif (out.block_cnt.shape != (bsz, hq, nb) or out.block_idx.shape[:3] != (bsz, hq, nb)
-          or out.block_idx.shape[3] < maxk or out.block_idx.stride(-1) != 1):
-        raise ValueError(f"out has shapes {tuple(out.block_idx.shape)} / {tuple(out.block_cnt.shape)}, "
-                         f"expected [{bsz}, {hq}, {nb}, >= {maxk}] (last dim contiguous) / [{bsz}, {hq}, {nb}]")
     hkv = k.shape[1]
     group = hq // hkv
     kv_lens = kv_lens.to(dev)

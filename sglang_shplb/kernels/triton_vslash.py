@@ -12,10 +12,10 @@ on every key ``t``::
 Four launches per layer instead of ~40 torch ops (whose host time, ~1-3 ms a layer on an H100, the GPU sat
 idle through: ``bench/results/home_calls/round15_h100.log``):
 
-1. ``_stats_kernel``, one program per (chunk of ``CB`` KV blocks, head, sequence): each query row's running max
-   ``m_c`` and sum ``l_c = Σ 2^(s log2e - m_c)`` over the chunk (base 2, as the prefill kernels);
-2. ``_mass_kernel``, same grid: ``M = max_c m_c``, ``L = Σ_c l_c 2^(m_c - M)``, the chunk's scores again
-   (two passes over K: 4 GFLOP a head at 128K, nothing next to the attention), ``mass[j]``;
+1. ``_mass_kernel(STATS=True)``, one program per (chunk of ``CB`` KV blocks, head, sequence): each query row's
+   running max ``m_c`` and sum ``l_c = Σ 2^(s log2e - m_c)`` over the chunk (base 2, as the prefill kernels);
+2. ``_mass_kernel(STATS=False)``, same grid: ``M = max_c m_c``, ``L = Σ_c l_c 2^(m_c - M)``, the chunk's scores
+   again (two passes over K: 4 GFLOP a head at 128K, nothing next to the attention), ``mass[j]``;
 3. ``_pick_kernel``, one program per (head, sequence): ``n = min(nb_b, vslash_count(nb_b))`` (a table made once
    per layer); verticals = the top ``n`` blocks by mass, and block 0; slashes = the top ``n`` offsets ``o`` by
    ``mass[last - o]``, and offset 0; each top ``n`` by a 32-step binary search on order-preserving int32 keys
@@ -33,9 +33,8 @@ from typing import Sequence
 import torch
 
 from sglang_shplb.core.patterns import BLOCK, HeadBudget
-from sglang_shplb.kernels.block_index import BlockIndex, empty_index, int_tensor, max_blocks_per_row
-from sglang_shplb.kernels.layer_heads import LayerHeads
-from sglang_shplb.kernels.triton_index import triton_next_pow2
+from sglang_shplb.kernels.block_index import BlockIndex, int_tensor
+from sglang_shplb.kernels.triton_index import builder_frame, triton_next_pow2
 
 CB = 16            # KV blocks per program of the two mass passes (1,024 keys)
 BM = 16            # query blocks per program of the row writer
@@ -80,35 +79,11 @@ def _kernels():
         return tl.where(kval[None, :] & (kpos[None, :] <= qpos[:, None]), s, float("-inf"))
 
     @triton.jit
-    def _stats_kernel(Q, K, heads, M, L, stride_qt, stride_qh, stride_kt, stride_kh, cu_q, kv_lens, cu_k,
-                      req_to_token, req_pool_idx, stride_r2t, qk_scale, V, NCH, GROUP: tl.constexpr,
-                      D: tl.constexpr, CB: tl.constexpr, PAGED: tl.constexpr, F32: tl.constexpr):
-        c = tl.program_id(0)
-        v = tl.program_id(1)
-        b = tl.program_id(2)
-        h = tl.load(heads + v)
-        q, qpos, qval, n_kv = _last_block(Q, cu_q, kv_lens, b, h, stride_qt, stride_qh, D, F32)
-        r2t_row = req_to_token
-        if PAGED:
-            r2t_row = req_to_token + tl.load(req_pool_idx + b).to(tl.int64) * stride_r2t
-        m_i = tl.full([64], float("-inf"), tl.float32)
-        l_i = tl.zeros([64], tl.float32)
-        for jj in range(CB):
-            s = _scores(q, qpos, K, c * CB + jj, n_kv, h // GROUP, b, cu_k, r2t_row, stride_kt, stride_kh,
-                        qk_scale, D, PAGED, F32)
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)     # a row with nothing visible yet
-            l_i = l_i * tl.math.exp2(m_i - m_safe) + tl.sum(tl.math.exp2(s - m_safe[:, None]), 1)
-            m_i = m_new
-        base = ((b * V + v) * NCH + c).to(tl.int64) * 64 + tl.arange(0, 64)
-        tl.store(M + base, m_i)
-        tl.store(L + base, l_i)
-
-    @triton.jit
     def _mass_kernel(Q, K, heads, M, L, MASS, stride_qt, stride_qh, stride_kt, stride_kh, cu_q, kv_lens, cu_k,
                      req_to_token, req_pool_idx, stride_r2t, qk_scale, V, NCH, NB, GROUP: tl.constexpr,
                      D: tl.constexpr, CB: tl.constexpr, NCHP: tl.constexpr, PAGED: tl.constexpr,
-                     F32: tl.constexpr):
+                     F32: tl.constexpr, STATS: tl.constexpr):
+        """STATS: pass 1, the chunk's per-row max and sum into M, L; else pass 2, its blocks' mass."""
         c = tl.program_id(0)
         v = tl.program_id(1)
         b = tl.program_id(2)
@@ -117,23 +92,37 @@ def _kernels():
         r2t_row = req_to_token
         if PAGED:
             r2t_row = req_to_token + tl.load(req_pool_idx + b).to(tl.int64) * stride_r2t
-        # the whole row's max and sum from every chunk's partials
-        cs = tl.arange(0, NCHP)
-        part = ((b * V + v) * NCH + cs).to(tl.int64)[:, None] * 64 + tl.arange(0, 64)[None, :]
-        m_c = tl.load(M + part, mask=(cs < NCH)[:, None], other=float("-inf"))
-        l_c = tl.load(L + part, mask=(cs < NCH)[:, None], other=0.0)
-        m_row = tl.max(m_c, 0)
-        m_safe = tl.where(m_row == float("-inf"), 0.0, m_row)
-        l_row = tl.sum(l_c * tl.math.exp2(m_c - m_safe[None, :]), 0)
-        # p / L, averaged over the valid queries
-        w = tl.where(qval & (l_row > 0), 1.0 / tl.where(l_row > 0, l_row, 1.0), 0.0)
-        w = w / tl.maximum(tl.sum(qval.to(tl.float32), 0), 1.0)
-        for jj in range(CB):
-            j = c * CB + jj
-            s = _scores(q, qpos, K, j, n_kv, h // GROUP, b, cu_k, r2t_row, stride_kt, stride_kh, qk_scale,
-                        D, PAGED, F32)
-            p = tl.math.exp2(s - m_safe[:, None]) * w[:, None]
-            tl.store(MASS + (b * V + v).to(tl.int64) * NB + j, tl.sum(tl.sum(p, 1), 0), mask=j < NB)
+        if STATS:
+            m_i = tl.full([64], float("-inf"), tl.float32)
+            l_i = tl.zeros([64], tl.float32)
+            for jj in range(CB):
+                s = _scores(q, qpos, K, c * CB + jj, n_kv, h // GROUP, b, cu_k, r2t_row, stride_kt, stride_kh,
+                            qk_scale, D, PAGED, F32)
+                m_new = tl.maximum(m_i, tl.max(s, 1))
+                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)     # a row with nothing visible yet
+                l_i = l_i * tl.math.exp2(m_i - m_safe) + tl.sum(tl.math.exp2(s - m_safe[:, None]), 1)
+                m_i = m_new
+            base = ((b * V + v) * NCH + c).to(tl.int64) * 64 + tl.arange(0, 64)
+            tl.store(M + base, m_i)
+            tl.store(L + base, l_i)
+        else:
+            # the whole row's max and sum from every chunk's partials
+            cs = tl.arange(0, NCHP)
+            part = ((b * V + v) * NCH + cs).to(tl.int64)[:, None] * 64 + tl.arange(0, 64)[None, :]
+            m_c = tl.load(M + part, mask=(cs < NCH)[:, None], other=float("-inf"))
+            l_c = tl.load(L + part, mask=(cs < NCH)[:, None], other=0.0)
+            m_row = tl.max(m_c, 0)
+            m_safe = tl.where(m_row == float("-inf"), 0.0, m_row)
+            l_row = tl.sum(l_c * tl.math.exp2(m_c - m_safe[None, :]), 0)
+            # p / L, averaged over the valid queries
+            w = tl.where(qval & (l_row > 0), 1.0 / tl.where(l_row > 0, l_row, 1.0), 0.0)
+            w = w / tl.maximum(tl.sum(qval.to(tl.float32), 0), 1.0)
+            for jj in range(CB):
+                j = c * CB + jj
+                s = _scores(q, qpos, K, j, n_kv, h // GROUP, b, cu_k, r2t_row, stride_kt, stride_kh, qk_scale,
+                            D, PAGED, F32)
+                p = tl.math.exp2(s - m_safe[:, None]) * w[:, None]
+                tl.store(MASS + (b * V + v).to(tl.int64) * NB + j, tl.sum(tl.sum(p, 1), 0), mask=j < NB)
 
     @triton.jit
     def _top_n(x, n, NBP: tl.constexpr):
@@ -196,7 +185,7 @@ def _kernels():
 
     # jit functions find their callees in the module's globals
     globals().update(_last_block=_last_block, _scores=_scores, _top_n=_top_n)
-    return _stats_kernel, _mass_kernel, _pick_kernel, _rows_kernel
+    return _mass_kernel, _pick_kernel, _rows_kernel
 
 
 @lru_cache(maxsize=64)
@@ -218,17 +207,11 @@ def build_vslash_index(budgets: Sequence[HeadBudget], q: torch.Tensor, k: torch.
     Arguments as :func:`.triton_index.build_topk_index` (``out`` filled in place, other heads' rows untouched;
     ``max_q_len``: only the query blocks' rows). ``scale``: of the scores (default ``1/sqrt(d)``, the
     reference's)."""
+    heads, paged, nb, maxk, out = builder_frame(budgets, q, k, kv_lens, max_kv_len, cu_seqlens_k, req_to_token,
+                                                req_pool_indices, out)
     hq, d = q.shape[1], q.shape[2]
-    heads = LayerHeads.of(budgets, k.shape[1], num_q_heads=hq)
-    paged = req_to_token is not None
-    if paged == (cu_seqlens_k is not None) or (paged and req_pool_indices is None):
-        raise ValueError("give exactly one KV layout: cu_seqlens_k, or req_to_token + req_pool_indices")
     dev = q.device
     bsz = kv_lens.shape[0]
-    nb = max(1, math.ceil(max_kv_len / BLOCK))
-    maxk = max_blocks_per_row(budgets, nb)
-    if out is None:
-        out = empty_index(heads, bsz, nb, maxk, dev)
     if not heads.vslash:
         return out
     vs = tuple(heads.vslash)
@@ -245,13 +228,13 @@ def build_vslash_index(budgets: Sequence[HeadBudget], q: torch.Tensor, k: torch.
     kv_args = (cu_seqlens_q, kv_lens, cu_seqlens_k if not paged else dummy, req_to_token if paged else dummy,
                req_pool_indices if paged else dummy, req_to_token.stride(0) if paged else 0)
     qk = (scale if scale is not None else d ** -0.5) * LOG2E
-    stats_k, mass_k, pick_k, rows_k = _kernels()
+    mass_k, pick_k, rows_k = _kernels()
     warps = 4 if q.is_cuda else 1
-    strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1))
-    stats_k[(nch, nv, bsz)](q, k, vh, stats[0], stats[1], *strides, *kv_args, qk, nv, nch, GROUP=group, D=d,
-                            CB=CB, PAGED=paged, F32=f32, num_warps=warps)
-    mass_k[(nch, nv, bsz)](q, k, vh, stats[0], stats[1], mass, *strides, *kv_args, qk, nv, nch, nb, GROUP=group,
-                           D=d, CB=CB, NCHP=max(2, triton_next_pow2(nch)), PAGED=paged, F32=f32, num_warps=warps)
+    args = (q, k, vh, stats[0], stats[1], mass, q.stride(0), q.stride(1), k.stride(0), k.stride(1), *kv_args, qk,
+            nv, nch, nb)
+    for first in (True, False):
+        mass_k[(nch, nv, bsz)](*args, GROUP=group, D=d, CB=CB, NCHP=max(2, triton_next_pow2(nch)), PAGED=paged,
+                               F32=f32, STATS=first, num_warps=warps)
     pick_k[(nv, bsz)](mass, ntab, picks[0], picks[1], kv_lens, nv, nb, nb + 1, NBP=nbp,
                       num_warps=(4 if nbp <= 1024 else 8) if q.is_cuda else 1)
     rows = nb if max_q_len is None else min(nb, math.ceil(max_q_len / BLOCK) + 1)
