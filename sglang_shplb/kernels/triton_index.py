@@ -186,7 +186,8 @@ def _head_maps(heads: LayerHeads, tile: int, device: str) -> tuple[torch.Tensor,
             torch.tensor(slot, dtype=torch.int32, device=device))
 
 
-def _num_warps(nbp: int, cuda: bool) -> int:
+def column_warps(nbp: int, cuda: bool) -> int:
+    """Warps of a program holding ``[BM, NBP]`` tiles (the top-k selection, the vertical-slash rows)."""
     if not cuda:
         return 1
     return 4 if nbp <= 256 else 8 if nbp <= 1024 else 16
@@ -219,6 +220,13 @@ def builder_frame(budgets: Sequence[HeadBudget], q: torch.Tensor, k: torch.Tenso
     return heads, paged, nb, maxk, out
 
 
+def launched_rows(rows: int, max_q_len: int | None, unit: int) -> int:
+    """How many of a sequence's ``rows`` selection rows (``unit`` tokens each) a builder launches: all of them, or,
+    given ``max_q_len``, the ones the prefill kernels read, ``ceil(max_q_len / unit) + 1`` from the row holding
+    the first query (+1: an unaligned prefix spans one more row; the kernels' grids count the same)."""
+    return rows if max_q_len is None else min(rows, math.ceil(max_q_len / unit) + 1)
+
+
 def build_topk_index(budgets: Sequence[HeadBudget], q: torch.Tensor, k: torch.Tensor,
                      cu_seqlens_q: torch.Tensor, kv_lens: torch.Tensor, max_kv_len: int, *,
                      cu_seqlens_k: torch.Tensor | None = None, req_to_token: torch.Tensor | None = None,
@@ -229,7 +237,7 @@ def build_topk_index(budgets: Sequence[HeadBudget], q: torch.Tensor, k: torch.Te
     Arguments as :func:`.index.build_block_index`. ``out``: a BlockIndex of shape ``[B, Hq, NB, >= MAXK]``
     to fill in place (its other heads' rows are left untouched); when None, a zeroed one is allocated
     (``head_dense`` set, rows of dense/streaming/vertical-slash heads left zero). Returns it.
-    ``num_warps``: of the selection kernel (default: by ``NBP``, see :func:`_num_warps`). ``max_q_len``: a host
+    ``num_warps``: of the selection kernel (default: by ``NBP``, see :func:`column_warps`). ``max_q_len``: a host
     bound on the queries per sequence; given, only the rows the prefill kernels read are built (the query
     blocks of each sequence, from the one holding its first query), else every row ``qi < NB``."""
     heads, paged, nb, maxk, out = builder_frame(budgets, q, k, kv_lens, max_kv_len, cu_seqlens_k, req_to_token,
@@ -259,12 +267,11 @@ def build_topk_index(budgets: Sequence[HeadBudget], q: torch.Tensor, k: torch.Te
             req_to_token.stride(0) if paged else 0, slot, ns, t,
             HKV=hkv, GROUP=group, D=d, BLOCK_N=tile, PAGED=paged, num_warps=4 if cuda else 1)
         nbp = max(16, triton_next_pow2(ns))
-        rows = ns if max_q_len is None else min(ns, math.ceil(max_q_len / tile) + 1)   # +1: an unaligned prefix
-        select_k[(math.ceil(rows / BM), t, bsz)](
+        select_k[(math.ceil(launched_rows(ns, max_q_len, tile) / BM), t, bsz)](
             qp, kp, topk_t, counts, bi, bc, bi.stride(0), bi.stride(1), bi.stride(2), bc.stride(0), bc.stride(1),
             ns, t, maxk, nb, cu_seqlens_q, kv_lens, tile, HKV=hkv, GROUP=group, D=d, BM=BM, NBP=nbp, DC=DC,
             CAST=cast, IEEE=cuda, EXPAND=tile != BLOCK, QUERY_ROWS=max_q_len is not None,
-            num_warps=num_warps or _num_warps(nbp, cuda), num_stages=1)
+            num_warps=num_warps or column_warps(nbp, cuda), num_stages=1)
     return out
 
 

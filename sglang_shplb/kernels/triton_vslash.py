@@ -34,7 +34,7 @@ import torch
 
 from sglang_shplb.core.patterns import BLOCK, HeadBudget
 from sglang_shplb.kernels.block_index import BlockIndex, int_tensor
-from sglang_shplb.kernels.triton_index import builder_frame, triton_next_pow2
+from sglang_shplb.kernels.triton_index import builder_frame, column_warps, launched_rows, triton_next_pow2
 
 CB = 16            # KV blocks per program of the two mass passes (1,024 keys)
 BM = 16            # query blocks per program of the row writer
@@ -237,10 +237,9 @@ def build_vslash_index(budgets: Sequence[HeadBudget], q: torch.Tensor, k: torch.
                                F32=f32, STATS=first, num_warps=warps)
     pick_k[(nv, bsz)](mass, ntab, picks[0], picks[1], kv_lens, nv, nb, nb + 1, NBP=nbp,
                       num_warps=(4 if nbp <= 1024 else 8) if q.is_cuda else 1)
-    rows = nb if max_q_len is None else min(nb, math.ceil(max_q_len / BLOCK) + 1)
     bi, bc = out.block_idx, out.block_cnt
-    rows_k[(math.ceil(rows / BM), nv, bsz)](
+    rows_k[(math.ceil(launched_rows(nb, max_q_len, BLOCK) / BM), nv, bsz)](
         picks[0], picks[1], vh, bi, bc, bi.stride(0), bi.stride(1), bi.stride(2), bc.stride(0), bc.stride(1),
         cu_seqlens_q, kv_lens, nv, nb, min(maxk, nb), BM=BM, NBP=nbp, QUERY_ROWS=max_q_len is not None,
-        num_warps=(4 if nbp <= 256 else 8 if nbp <= 1024 else 16) if q.is_cuda else 1)
+        num_warps=column_warps(nbp, q.is_cuda))
     return out
