@@ -12,6 +12,7 @@ the part's heads times the move calibration's compute scale. The run ends with t
 rank (:func:`by_class`: whether it holds top-k and vertical-slash heads, whose index it builds).
 
   python bench/home_calls.py --out $OUT                                        # GPU, ~2 min
+  python bench/home_calls.py --shapes llama8b --ctx 65536 --kernels --out $OUT # + device time by kernel
   TRITON_INTERPRET=1 python bench/home_calls.py --cpu-smoke --out /tmp/hc      # logic check
 """
 from __future__ import annotations
@@ -56,6 +57,8 @@ def main(argv=None) -> None:
     ap.add_argument("--calibration", default=str(H100_REFIT))
     ap.add_argument("--reps", type=int, default=30, help="milliseconds of repeats per timing")
     ap.add_argument("--out", default="/tmp/out")
+    ap.add_argument("--kernels", action="store_true",
+                    help="also record each part's device time by kernel (torch.profiler; GPU only)")
     ap.add_argument("--cpu-smoke", action="store_true")
     a = ap.parse_args(argv)
     smoke, dev, dt, shapes, ctxs, tps = run_grid(a)
@@ -95,6 +98,9 @@ def main(argv=None) -> None:
                             p = sum(cost.head_time(local[h], n, d, hq // hkv) for h in hs) * sigma * 1e3
                             rec["parts"][part] = {"heads": len(hs), "ms": t, "pred_ms": p}
                             log(f"rank {r} {part:28s} {len(hs):2d} {t:8.3f} {p:8.3f} {t / p:6.2f}")
+                            if a.kernels and not smoke and part in ("home", "sparse"):
+                                rec["parts"][part]["kernel_ms"] = kernel_ms(
+                                    lambda hs=hs: attend_heads(qs, ks, vs, rows, [n], [n], local, hs, scale, o))
                         if rec["parts"].get("sparse"):
                             t = bench(lambda: build_block_index(local, qs, ks, cu, kvl, n, cu_seqlens_k=cu), smoke,
                                       a.reps)
@@ -109,6 +115,22 @@ def main(argv=None) -> None:
             del q, k, v
     res["by_class"] = by_class(res["cells"])
     dump()
+
+
+def kernel_ms(fn, calls: int = 10) -> dict[str, float]:
+    """Device time per call of each kernel ``fn`` launches (torch.profiler), logged largest first: which
+    launch a rank's miss sits in."""
+    from torch.profiler import ProfilerActivity
+    fn()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    kern = sorted((e for e in prof.key_averages() if e.device_time_total > 0), key=lambda e: -e.device_time_total)
+    out = {e.key[:60]: e.device_time_total / calls / 1e3 for e in kern}
+    log("    kernels (ms per call): " + ", ".join(f"{k} {v:.3f}" for k, v in list(out.items())[:8]))
+    return out
 
 
 def rank_class(budgets: list[str]) -> str:
