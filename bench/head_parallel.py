@@ -250,6 +250,16 @@ def emulate(lp, budgets, q, k, v, tp, scale, smoke, link_gbps, reps) -> dict:
             "units_moved": len(work.moved_units()), "out": torch.cat(outs, 1)}
 
 
+def worst_heads(diff: torch.Tensor, budgets, top: int = 4) -> list[dict]:
+    """The heads whose output differs most from the single-device call (``diff [n, hq, d]``, absolute): head,
+    budget, max |diff|, the row where it is, and how many rows differ by more than 0.05."""
+    per_row = diff.amax(-1)                                                    # [n, hq]
+    m, at = per_row.max(0)
+    order = m.argsort(descending=True)[:top].tolist()
+    return [{"head": h, "budget": budgets[h].describe(), "max": float(m[h]), "row": int(at[h]),
+             "rows_over_0.05": int((per_row[:, h] > 0.05).sum())} for h in order if float(m[h]) > 0]
+
+
 def decode_balance(budgets, hq, hkv, tp, n, lp=None, d=128, layers=1, elem=2) -> dict:
     """Decode stays at home: pages each rank's KV groups read per step at context ``n`` (the group's union of
     its heads' pages lies between its largest head's and the sum, capped at all pages), slowest / mean.
@@ -465,7 +475,9 @@ def main(argv=None) -> None:
                         lps["shplb_prior"] = forced_moves(hq, tp)
                     for pname, lp in lps.items():
                         e = emulate(lp, budgets, q, k, v, tp, scale, smoke, a.link_gbps, a.reps)
-                        row[f"{pname}_max_abs_diff"] = float((e.pop("out").float() - ref.float()).abs().max())
+                        diff = (e.pop("out").float() - ref.float()).abs()
+                        row[f"{pname}_max_abs_diff"] = float(diff.max())
+                        row[f"{pname}_worst_heads"] = worst_heads(diff, budgets)
                         preds = rank_predictions(lp, budgets, cost, n, hkv, tp, d, q.element_size())
                         for t, p in zip(e["ranks"], preds):
                             t["pred"] = p
@@ -502,6 +514,10 @@ def main(argv=None) -> None:
                            f"{row['speedup_vs_prior']:.2f}" if "shplb_prior" in row else "; shplb_prior = shplb")
                         + f"; max|diff| {row['shplb_max_abs_diff']:.3g}; the calibrated objective predicted "
                         + ", ".join(f"{p} {row[p]['predicted_slowest_ms']:.2f}" for p in lps) + " ms")
+                    if row["contiguous_max_abs_diff"] > 0.05:
+                        log("  heads differing most from the single-device call (contiguous): " + "; ".join(
+                            f"{w['head']} {w['budget']} {w['max']:.3g} at row {w['row']} ({w['rows_over_0.05']} rows "
+                            f"> 0.05)" for w in row["contiguous_worst_heads"]))
                     log(f"  decode TP{tp} (home) slowest/mean {dec['slowest_over_mean_low']:.2f}-"
                         f"{dec['slowest_over_mean_high']:.2f}; following the prefill placement "
                         f"{dec['placed_slowest_over_mean_low']:.2f}-{dec['placed_slowest_over_mean_high']:.2f} with a "
