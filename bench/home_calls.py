@@ -58,7 +58,8 @@ def main(argv=None) -> None:
     ap.add_argument("--reps", type=int, default=30, help="milliseconds of repeats per timing")
     ap.add_argument("--out", default="/tmp/out")
     ap.add_argument("--kernels", action="store_true",
-                    help="also record each part's device time by kernel (torch.profiler; GPU only)")
+                    help="also record each part's device time by kernel (torch.profiler; GPU only) and write a cProfile "
+                         "of each rank's home call (host time by function) to host_<cell>_r<rank>.txt")
     ap.add_argument("--cpu-smoke", action="store_true")
     a = ap.parse_args(argv)
     smoke, dev, dt, shapes, ctxs, tps = run_grid(a)
@@ -99,8 +100,11 @@ def main(argv=None) -> None:
                             rec["parts"][part] = {"heads": len(hs), "ms": t, "pred_ms": p}
                             log(f"rank {r} {part:28s} {len(hs):2d} {t:8.3f} {p:8.3f} {t / p:6.2f}")
                             if a.kernels and not smoke and part in ("home", "sparse"):
-                                rec["parts"][part]["kernel_ms"] = kernel_ms(
-                                    lambda hs=hs: attend_heads(qs, ks, vs, rows, [n], [n], local, hs, scale, o))
+                                call = (lambda hs=hs: attend_heads(qs, ks, vs, rows, [n], [n], local, hs, scale, o))
+                                rec["parts"][part]["kernel_ms"] = kernel_ms(call)
+                                if part == "home":
+                                    rec["parts"][part]["host_ms"] = host_profile(
+                                        call, out / f"host_{shape}_{n}_{plan}_tp{tp}_r{r}.txt")
                         if rec["parts"].get("sparse"):
                             t = bench(lambda: build_block_index(local, qs, ks, cu, kvl, n, cu_seqlens_k=cu), smoke,
                                       a.reps)
@@ -131,6 +135,29 @@ def kernel_ms(fn, calls: int = 10) -> dict[str, float]:
     out = {e.key[:60]: e.device_time_total / calls / 1e3 for e in kern}
     log("    kernels (ms per call): " + ", ".join(f"{k} {v:.3f}" for k, v in list(out.items())[:8]))
     return out
+
+
+def host_profile(fn, path: Path, calls: int = 50) -> float:
+    """Host milliseconds per call of ``fn`` (the GPU left to run behind it; synchronised once at the end), and
+    a cProfile of those calls by function, written to ``path``: where a host-bound rank's time goes."""
+    import cProfile
+    import io
+    import pstats
+    fn()
+    torch.cuda.synchronize()
+    prof = cProfile.Profile()
+    t = time.perf_counter()
+    prof.enable()
+    for _ in range(calls):
+        fn()
+    prof.disable()
+    host = (time.perf_counter() - t) / calls * 1e3
+    torch.cuda.synchronize()
+    buf = io.StringIO()
+    pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(40)
+    path.write_text(f"host ms per call (under cProfile): {host:.3f}\n" + buf.getvalue())
+    log(f"    host ms per call (under cProfile) {host:.3f} -> {path.name}")
+    return host
 
 
 def rank_class(budgets: list[str]) -> str:

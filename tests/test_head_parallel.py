@@ -260,3 +260,16 @@ def test_dense_heads_after_a_prefix_through_attend_heads():
                 assert (out[c:c + n, h].double() - ref).abs().max().item() < ATOL, (backend, L, h)
             assert (out[c:c + n, [1, 4]] == 0).all()
             c, kc = c + n, kc + L
+
+
+def test_contiguous_rows_as_a_page_table():
+    """``KVRows.paged`` of contiguous rows (a staged prefix, requests not back to back): row ``i`` lists its
+    ``kv_lens[i]`` positions from ``starts[i]`` and zeros after, and reading keys through it gives the rows."""
+    kv = KVRows(starts=(5, 0, 40))
+    lens = [3, 4, 2]
+    table, rpi = kv.paged(lens, "cpu")
+    assert table.dtype == torch.int32 and rpi.tolist() == [0, 1, 2]
+    assert table.tolist() == [[5, 6, 7, 0], [0, 1, 2, 3], [40, 41, 0, 0]]
+    k = torch.randn(48, 2, 8)
+    for i, L in enumerate(lens):
+        assert torch.equal(k[table[rpi[i], :L].long()], k[kv.rows(i, L)])

@@ -16,6 +16,7 @@ d]``.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Sequence
 
 import torch
@@ -56,10 +57,18 @@ class KVRows:
         """A ``(req_to_token, req_pool_indices)`` view of these rows for the paged kernels."""
         if self.starts is None:
             return self.req_to_token, self.req_pool_indices
-        table = torch.zeros(len(kv_lens), max(max(kv_lens), 1), dtype=torch.int32)
-        for i, L in enumerate(kv_lens):
-            table[i, :L] = torch.arange(self.starts[i], self.starts[i] + L, dtype=torch.int32)
-        return to_device(table, device), torch.arange(len(kv_lens), dtype=torch.int32, device=device)
+        return contiguous_table(self.starts, tuple(int(L) for L in kv_lens), str(device))
+
+
+@lru_cache(maxsize=16)
+def contiguous_table(starts: tuple[int, ...], kv_lens: tuple[int, ...], device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(req_to_token, req_pool_indices)`` of contiguous rows: row ``i`` lists ``starts[i] + j`` for ``j <
+    kv_lens[i]`` (0 after), built on the device from two small host lists and kept (a table built on the host
+    costs a copy of every position, each call)."""
+    s, n = (to_device(torch.tensor(x, dtype=torch.int32), device) for x in (starts, kv_lens))
+    j = torch.arange(max(max(kv_lens), 1), dtype=torch.int32, device=device)[None, :]
+    table = torch.where(j < n[:, None], s[:, None] + j, torch.zeros_like(j))
+    return table, torch.arange(len(kv_lens), dtype=torch.int32, device=device)
 
 
 # No host synchronisation on the executor's path: a sync in the middle of a layer drains the GPU queue and
@@ -108,6 +117,15 @@ def dense_heads(q, k_buffer, v_buffer, kv: KVRows, q_lens, kv_lens, heads, scale
 _PREFILLS: dict = {}
 
 
+@lru_cache(maxsize=64)
+def lens_tensors(q_lens: tuple[int, ...], kv_lens: tuple[int, ...], device: str) -> tuple[torch.Tensor, ...]:
+    """``cu_seqlens_q``, ``kv_lens`` and ``cu_seqlens_k`` (keys back to back) on the device, int32, copied
+    without waiting and kept per batch shape (every layer of a forward asks for the same ones)."""
+    def cum(x):
+        return torch.tensor([0, *x], dtype=torch.int32).cumsum(0, dtype=torch.int32)
+    return tuple(to_device(t, device) for t in (cum(q_lens), torch.tensor(kv_lens, dtype=torch.int32), cum(kv_lens)))
+
+
 def _sparse_kernels(q, k_buffer, v_buffer, kv: KVRows, q_lens, kv_lens, budgets, heads, scale, out) -> None:
     """Sparse heads on CUDA: one :class:`~sglang_shplb.kernels.api.SparsePrefill` call (heads not asked for
     run at :data:`CHEAP` and are dropped)."""
@@ -119,10 +137,8 @@ def _sparse_kernels(q, k_buffer, v_buffer, kv: KVRows, q_lens, kv_lens, budgets,
     if sp is None:
         sp = _PREFILLS[key] = SparsePrefill(list(bud), k_buffer.shape[1], q.shape[-1])
     sp.sm_scale = scale
-    cu = to_device(torch.tensor([0, *q_lens], dtype=torch.int32).cumsum(0, dtype=torch.int32), dev)
-    kvl = to_device(torch.tensor(list(kv_lens), dtype=torch.int32), dev)
+    cu, kvl, cu_k = lens_tensors(tuple(map(int, q_lens)), tuple(map(int, kv_lens)), str(dev))
     if kv.starts is not None and kv == KVRows.back_to_back(kv_lens):
-        cu_k = to_device(torch.tensor([0, *kv_lens], dtype=torch.int32).cumsum(0, dtype=torch.int32), dev)
         sp.plan(cu, kvl, max(q_lens), max(kv_lens), cu_seqlens_k=cu_k, q_lens_cpu=list(q_lens),
                 kv_lens_cpu=list(kv_lens))
     else:
