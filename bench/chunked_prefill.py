@@ -15,6 +15,7 @@ Per context: the sum over its chunks of the median time of each call (``triton.t
 layer, and ratios. Checks: the two ``shplb`` routes agree, and ``shplb``'s dense heads equal the dense run's.
 
     PYTHONUNBUFFERED=1 python bench/chunked_prefill.py llama8b --out $OUT            # GPU
+    python bench/chunked_prefill.py llama8b --profile --ctx 131072 --out $OUT       # + the last chunk by kernel
     TRITON_INTERPRET=1 python bench/chunked_prefill.py llama8b --cpu-smoke --out /tmp/cp   # logic check (CPU)
 """
 from __future__ import annotations
@@ -43,6 +44,35 @@ def chunks(n: int, size: int) -> list[tuple[int, int]]:
     return [(p, min(size, n - p)) for p in range(0, n, size)]
 
 
+def profile_chunk(fn, plan, calls: int = 10) -> dict:
+    """One chunk's ``shplb`` call (``plan()`` first: the loop left it planned for another route): wall ms
+    (``do_bench``), the device ms of each kernel per call (torch.profiler) and their sum, and host ms per call
+    (``calls`` issued back to back, one synchronise at the end): where the chunk's time goes, and whether the
+    host keeps the GPU fed."""
+    import time
+    from torch.profiler import ProfilerActivity
+    plan()
+    wall = bench(fn, False)
+    fn()
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    host = (time.perf_counter() - t) / calls * 1e3
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    kern = sorted((e for e in prof.key_averages() if e.device_time_total > 0), key=lambda e: -e.device_time_total)
+    ms = {e.key[:60]: e.device_time_total / calls / 1e3 for e in kern}
+    launches = sum(e.count for e in kern) / calls
+    log(f"  last chunk: wall {wall:.3f} ms, kernels {sum(ms.values()):.3f} ms in {launches:.0f} launches, host "
+        f"{host:.3f} ms; " + ", ".join(f"{k} {v:.3f}" for k, v in list(ms.items())[:10]))
+    return {"wall_ms": wall, "kernel_ms": ms, "kernels_total_ms": sum(ms.values()), "launches": launches,
+            "host_ms": host}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("which", choices=sorted(SHAPES))
@@ -50,6 +80,8 @@ def main() -> None:
     ap.add_argument("--chunk", type=int, default=8192, help="SGLang's --chunked-prefill-size")
     ap.add_argument("--layer", type=int, default=0, help="which layer's budgets (the mixed plan's are all alike)")
     ap.add_argument("--out", default="/tmp/out")
+    ap.add_argument("--profile", action="store_true",
+                    help="also profile the last chunk of each context (GPU): device time by kernel, host time")
     ap.add_argument("--cpu-smoke", action="store_true", help="tiny shapes on the CPU (Triton interpreter)")
     a = ap.parse_args()
     s = SHAPES[a.which]
@@ -119,6 +151,9 @@ def main() -> None:
                        q_data_type=dt, sm_scale=scale)
                 tot["flashinfer"] += bench(lambda: w.run(q, (kb[:, None], vb[:, None])), a.cpu_smoke)
         row = {"n": n, "chunks": len(chunks(n, a.chunk)), **{k + "_ms": v for k, v in tot.items()},
+               **({"last_chunk": profile_chunk(lambda: sparse.run(q, kb, vb, out=o1),
+                                               lambda: sparse.plan(cu, kvl, m, L, **paged, **host))}
+                  if a.profile and not a.cpu_smoke else {}),
                "rule_dense_over_shplb": tot["rule_dense"] / tot["shplb"],
                "index_all_over_query_rows": tot["index_all_rows"] / tot["index_query_rows"],
                "dense_cudnn_over_shplb": tot["dense_cudnn"] / tot["shplb"],

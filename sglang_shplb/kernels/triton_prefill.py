@@ -126,7 +126,7 @@ def _kernel(autotune: bool):
     globals()["_index_listed"] = _listed   # jit functions resolve callees through the module's globals
     globals()["_index_tile"] = _tile
 
-    def body(
+    def _index_prefill_kernel(
         Q, K, V, O,
         stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
         cu_q, kv_lens, cu_k, req_to_token, req_pool_idx, stride_r2t,
@@ -171,7 +171,7 @@ def _kernel(autotune: bool):
             o = acc / l_i[:, None]
             _store_o(O, o, q_rows, m_valid, h, stride_ot, stride_oh, offs_d)
 
-    kern = triton.jit(body)
+    kern = triton.jit(_index_prefill_kernel)
     if autotune:
         kern = triton.autotune(_index_configs(triton), key=list(KERNEL_KEYS["index"]))(kern)
     return kern
@@ -337,7 +337,7 @@ def _rule_kernel(autotune: bool):
 
     globals()["_rule_tile"] = _tile   # jit functions resolve callees through the module's globals
 
-    def body(
+    def _rule_prefill_kernel(
         Q, K, V, O,
         stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
         cu_q, kv_lens, cu_k, req_to_token, req_pool_idx, stride_r2t,
@@ -392,7 +392,7 @@ def _rule_kernel(autotune: bool):
             o = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]     # l = 0 only on rows not stored
             _store_o(O, o, q_rows, m_valid, h, stride_ot, stride_oh, offs_d)
 
-    kern = triton.jit(body)
+    kern = triton.jit(_rule_prefill_kernel)
     if autotune:
         kern = triton.autotune(_pair_configs(triton), key=list(KERNEL_KEYS["rule"]))(kern)
     return kern
@@ -485,7 +485,7 @@ def _tile_kernel(autotune: bool):
 
     globals()["_tile_step"] = _step   # jit functions resolve callees through the module's globals
 
-    def body(
+    def _tile_prefill_kernel(
         Q, K, V, O, desc_k, desc_v,
         stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
         cu_q, kv_lens, cu_k, req_to_token, req_pool_idx, stride_r2t,
@@ -559,7 +559,7 @@ def _tile_kernel(autotune: bool):
             o = acc / l_i[:, None]
             _store_o(O, o, q_rows, m_valid, h, stride_ot, stride_oh, offs_d)
 
-    kern = triton.jit(body)
+    kern = triton.jit(_tile_prefill_kernel)
     if autotune:
         kern = triton.autotune(_tile_configs(triton), key=list(KERNEL_KEYS["tile"]))(kern)
     return kern
