@@ -25,7 +25,9 @@ budgets the quality eval measured), placed for TP 1.
 Method: per (length, batch) cell, ``batch`` requests of ``length`` prompt tokens sent at once, greedy,
 ``ignore_eos``, ``--new-tokens`` tokens each, radix cache off; one warm-up pass over the whole grid first (its
 TTFTs are kept: the first request of a shape pays Triton compiles and FlashInfer plans), then the measured pass.
-TTFT: mean over the batch of send → first streamed chunk. Decode tokens/s: one request's rate while the whole
+TTFT: mean over the batch of send → first streamed chunk. ``--fresh-lengths K``: per cell K more requests,
+each at a length no earlier request had (the prompt cut from the front), each timed once: a shape's first
+request is what real traffic pays, where lengths rarely repeat. Decode tokens/s: one request's rate while the whole
 batch decodes (``run_cell``: the window between the last first chunk and the first end; SGLang interleaves the
 other requests' prefill chunks with the first ones' decode before it; where no such window exists, each request's
 rate after the last first chunk). Cells with
@@ -119,11 +121,21 @@ def median_cell(passes: list[dict]) -> dict:
             "ttft_all_s": ttft, "decode_all_tok_s": [p["decode_tok_s"] for p in passes]}
 
 
+def fresh_offsets(n: int, k: int) -> list[int]:
+    """Tokens to cut from the front of a cell's prompts for ``k`` lengths no cell of the grid uses: ``61 + j
+    step`` with ``step`` a multiple of 64 (``n / 16`` rounded), so every length is 61 short of a multiple of 64
+    (never a whole pool page, block or chunk), none below half of ``n``."""
+    step = 64 * max(1, n // 1024)
+    return [o for o in (61 + step * j for j in range(k)) if o < n // 2]
+
+
 def serve_grid(name: str, spec, grid: dict, new_tokens: int, out: Path, plan_dir: Path | None = None,
-               repeats: int = 1) -> dict:
+               repeats: int = 1, fresh: int = 0) -> dict:
     """One server over the grid: warm-up pass, ``repeats`` measured passes (each over the whole grid; per cell
-    the medians, :func:`median_cell`). Errors are recorded, not raised. ``plan_dir`` (shplb servers): each cell
-    records its stock layers per phase (:func:`stock_layers_by_phase`)."""
+    the medians, :func:`median_cell`), then, with ``fresh``, per cell that many requests at lengths the server
+    has not served (:func:`fresh_offsets`), each timed once (``fresh_ttft_s``: what a shape's first request
+    pays, as in real traffic whose lengths rarely repeat). Errors are recorded, not raised. ``plan_dir`` (shplb
+    servers): each cell records its stock layers per phase (:func:`stock_layers_by_phase`)."""
     res = {"server": name, "cmd": " ".join(spec.command(0)), "cells": []}
     plan = load_plan(plan_dir) if plan_dir is not None else None
     t0 = time.time()
@@ -140,9 +152,16 @@ def serve_grid(name: str, spec, grid: dict, new_tokens: int, out: Path, plan_dir
                     cell["stock_layers"] = stock_layers_by_phase(plan, n, new_tokens)
                 if c["keys"]:
                     cell["passkey_found"] = [str(k) in t for k, t in zip(c["keys"], cell["texts"])]
+                if fresh:
+                    offs = fresh_offsets(n, fresh)
+                    cell["fresh_lengths"] = [n - o for o in offs]
+                    cell["fresh_ttft_s"] = [run_cell(s, [p[o:] for p in c["prompts"]], new_tokens)["ttft_s"]
+                                            for o in offs]
                 res["cells"].append(cell)
                 print(f"{name} n={n:>6} b={b:>2}: ttft {cell['ttft_s']:.4f} s (first {cell['first_ttft_s']:.3f}), "
-                      f"decode {cell['decode_tok_s']:.1f} tok/s", flush=True)
+                      f"decode {cell['decode_tok_s']:.1f} tok/s"
+                      + (f"; fresh lengths ttft {', '.join(f'{t:.3f}' for t in cell['fresh_ttft_s'])} s"
+                         if cell.get("fresh_ttft_s") else ""), flush=True)
     except Exception as e:   # a failed server is a result too; the next one still runs
         res["error"] = f"{type(e).__name__}: {e}"[-3000:]
         print(f"{name}: ERROR {res['error']}", flush=True)
@@ -199,6 +218,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=None,
                     help="measured passes per server (medians per cell); default 1 for llama8b, 5 for smollm2, "
                          "whose steps of a few ms vary from pass to pass")
+    ap.add_argument("--fresh-lengths", type=int, default=0,
+                    help="per cell, this many more requests at lengths never served before, timed once each")
     ap.add_argument("--cpu-smoke", action="store_true", help="CPU, float32, torch_native, tiny grid: the logic")
     ap.add_argument("--plot", nargs="+", default=None, help="result JSONs: print the ratio table, write a PNG")
     a = ap.parse_args()
@@ -251,7 +272,7 @@ def main() -> None:
         spec = dense if kind == "flashinfer" else sparse
         result["runs"].append(serve_grid(name, spec, grid, a.new_tokens, out,
                                          None if kind == "flashinfer" else Path(plan),
-                                         a.repeats or (1 if a.which == "llama8b" else 5)))
+                                         a.repeats or (1 if a.which == "llama8b" else 5), a.fresh_lengths))
         path.write_text(json.dumps(result, indent=1))
     print("wrote", path, flush=True)
     report([result], out)
@@ -297,6 +318,14 @@ def report(results: list[dict], out: Path) -> None:
                 row += [f"{c['ttft_s']:.3f} / {c['decode_tok_s']:.0f}{route}",
                         f"{stock[key]['ttft_s'] / c['ttft_s']:.2f}", f"{c['decode_tok_s'] / stock[key]['decode_tok_s']:.2f}"]
             print("| " + " | ".join(row) + " |")
+        fresh = {k: {key: c["fresh_ttft_s"] for key, c in v.items() if c.get("fresh_ttft_s")} for k, v in runs.items()}
+        if any(fresh.values()):
+            print("fresh lengths (never served before), median TTFT s; × = flashinfer / shplb")
+            for key in sorted(fresh.get("flashinfer", {})):
+                st = statistics.median(fresh["flashinfer"][key])
+                print(f"| {key[0]} | {key[1]} | flashinfer {st:.3f} | " + " | ".join(
+                    f"{k} {statistics.median(fresh[k][key]):.3f} ({st / statistics.median(fresh[k][key]):.2f}×)"
+                    for k in others if key in fresh.get(k, {})) + " |")
         for r in res["runs"]:
             print(f"{r['server']}: startup {r.get('startup_s', '–')} s, wall {r.get('wall_s')} s"
                   + (f", ERROR {r['error'][:200]}" if "error" in r else ""))

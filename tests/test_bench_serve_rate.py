@@ -7,7 +7,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
-from serve_gpu import batch_decode_rate, median_cell, merge_results, server_kind  # noqa: E402
+from serve_gpu import batch_decode_rate, fresh_offsets, median_cell, merge_results, server_kind  # noqa: E402
 
 from sglang_shplb.evaluation.servers import Generation  # noqa: E402
 
@@ -60,3 +60,14 @@ def test_merge_results_joins_runs_of_one_model_and_keeps_the_first_run_of_a_serv
 
 def test_a_repeated_server_is_its_kind_again():
     assert [server_kind(n) for n in ("flashinfer#2", "shplb", "shplb_routed#3")] == ["flashinfer", "shplb", "shplb_routed"]
+
+
+@pytest.mark.parametrize("n", [2048, 65536, 131072])
+def test_fresh_lengths_are_new_shapes(n):
+    """``--fresh-lengths``: lengths below the cell's, apart, none a multiple of 64 (a pool page, a block) or of
+    SGLang's 8192-token chunk, none under half the cell's, so a server meets each one for the first time."""
+    offs = fresh_offsets(n, 4)
+    lens = [n - o for o in offs]
+    assert len(offs) == 4 and len(set(lens)) == 4
+    assert all(n // 2 < L < n and L % 64 and L % 8192 for L in lens)
+    assert fresh_offsets(300, 4) == [61, 125]     # short cells keep the offsets that stay above half

@@ -1,0 +1,129 @@
+"""Benchmark: what a chunk costs the first time its shape is seen, route by route. Real traffic rarely repeats a
+prompt length, so the last chunk of almost every prompt has a query count the process has not met; a kernel
+that builds or compiles per shape (a cuDNN execution plan, a Triton specialisation) pays that on the request.
+
+One Llama-3-8B-shaped layer, the serving benchmark's mixed plan, the chunk that ends a prompt of ``n`` tokens
+(SGLang's chunked prefill: a prefix of whole ``--chunk`` chunks in the paged pool, ``m = n - prefix`` new
+rows). After one warm-up length, for each length of ``--lengths`` (never two alike) and each route: the first
+call (synchronised wall clock) and the steady call (``triton.testing.do_bench``), ms, and first - steady:
+
+* ``shplb``: :class:`sglang_shplb.kernels.SparsePrefill` as the server plans it (dense heads as merged cuDNN
+  pieces, the index for the query rows only);
+* ``cudnn pieces`` / ``flash pieces``: the dense KV group alone through :func:`.dense_pieces.piece_after_prefix`
+  on cuDNN, and on torch's FlashAttention-2 (no per-shape plan);
+* ``flashinfer``: FlashInfer's paged prefill of every head (plan + run: the stock backend), where installed.
+
+    python bench/first_call.py --out $OUT                                             # GPU, ~1 min
+    TRITON_INTERPRET=1 python bench/first_call.py --cpu-smoke --out /tmp/fc           # logic check (CPU)
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import os
+import sys
+import time
+
+if "--cpu-smoke" in sys.argv:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import torch  # noqa: E402
+
+from layer_path import SHAPES, paged_pool, plan_budgets  # noqa: E402  (bench/layer_path.py)
+from timing import bench, device_tag, flashinfer_or_none, log, results_writer  # noqa: E402  (bench/timing.py)
+
+from sglang_shplb.core.patterns import Pattern  # noqa: E402
+from sglang_shplb.kernels import SparsePrefill  # noqa: E402
+from sglang_shplb.kernels.dense_pieces import piece_after_prefix  # noqa: E402
+
+
+def first_and_steady(fn, smoke: bool) -> tuple[float, float]:
+    """Wall ms of ``fn``'s first call (the device synchronised before and after) and its steady time."""
+    sync = torch.cuda.synchronize if torch.cuda.is_available() and not smoke else (lambda: None)
+    sync()
+    t = time.perf_counter()
+    fn()
+    sync()
+    first = (time.perf_counter() - t) * 1e3
+    return first, bench(fn, smoke)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--lengths", default="65597,66594,67591,98365,131011",
+                    help="prompt lengths, each new to the process (the first chunk of a warm-up length runs first)")
+    ap.add_argument("--warmup-length", type=int, default=40960)
+    ap.add_argument("--chunk", type=int, default=8192, help="SGLang's --chunked-prefill-size")
+    ap.add_argument("--out", default="/tmp/out")
+    ap.add_argument("--cpu-smoke", action="store_true", help="tiny shapes on the CPU (Triton interpreter)")
+    a = ap.parse_args()
+    s = SHAPES["llama8b"]
+    hq, hkv, d = s["hq"], s["hkv"], s["d"]
+    budgets = plan_budgets("llama8b")[0]
+    lengths = [int(x) for x in a.lengths.split(",")]
+    dev, dt = "cuda", torch.bfloat16
+    if a.cpu_smoke:
+        lengths, a.warmup_length, a.chunk, dev, dt = [261, 390], 200, 128, "cpu", torch.float32
+    group = hq // hkv
+    dense_q = [h for h, b in enumerate(budgets) if b.pattern is Pattern.DENSE]
+    dense_kv = sorted({h // group for h in dense_q})
+    r2t, pool = paged_pool(1, max(lengths + [a.warmup_length]) + 64, dev)
+    rpi = torch.zeros(1, dtype=torch.int32, device=dev)
+    g = torch.Generator(device=dev).manual_seed(0)
+    kb = torch.randn(pool, hkv, d, device=dev, dtype=dt, generator=g)
+    vb = torch.randn(pool, hkv, d, device=dev, dtype=dt, generator=g)
+    fi = flashinfer_or_none(a.cpu_smoke)
+    ws = torch.empty(256 << 20, dtype=torch.uint8, device=dev) if fi is not None else None
+    name = torch.cuda.get_device_name() if dev == "cuda" else "cpu (smoke)"
+    res = {"device": name, "date": _dt.date.today().isoformat(), "chunk": a.chunk, "torch": torch.__version__,
+           "warmup_length": a.warmup_length, "rows": []}
+    os.makedirs(a.out, exist_ok=True)
+    dump = results_writer(res, os.path.join(a.out, f"first_call_{device_tag(name)}"))
+    sp = SparsePrefill(budgets, hkv, d, sm_scale=d ** -0.5)
+    backends = ["flash"] if a.cpu_smoke else ["cudnn", "flash"]
+    log(f"# bench/first_call.py  device={name}  date={res['date']}  chunk={a.chunk}  {dt}; ms: first call, steady, "
+        f"first - steady")
+
+    def routes(n: int) -> dict:
+        p = (n - 1) // a.chunk * a.chunk
+        m = n - p
+        q = torch.randn(m, hq, d, device=dev, dtype=dt, generator=g)
+        cu = torch.tensor([0, m], dtype=torch.int32, device=dev)
+        kvl = torch.tensor([n], dtype=torch.int32, device=dev)
+        rows = r2t[0, :n].long()
+        qd = q[:, dense_q].view(m, len(dense_kv), group, d).permute(1, 2, 0, 3)       # [G, S, m, d]
+        kd, vd = (x[rows][:, dense_kv].transpose(0, 1).contiguous() for x in (kb, vb))  # [G, n, d]
+        out = {"shplb": lambda: (sp.plan(cu, kvl, m, n, req_to_token=r2t, req_pool_indices=rpi, q_lens_cpu=[m],
+                                         kv_lens_cpu=[n]), sp.run(q, kb, vb))}
+        for be in backends:
+            out[f"{be} pieces"] = lambda be=be: piece_after_prefix(qd, kd, vd, d ** -0.5, be)
+        if fi is not None:
+            def flashinfer():
+                w = fi.BatchPrefillWithPagedKVCacheWrapper(ws, "NHD")
+                w.plan(cu, torch.tensor([0, n], dtype=torch.int32, device=dev), r2t[0, :n].contiguous(),
+                       torch.ones(1, dtype=torch.int32, device=dev), hq, hkv, d, 1, causal=True, q_data_type=dt,
+                       sm_scale=d ** -0.5)
+                return w.run(q, (kb[:, None], vb[:, None]))
+            out["flashinfer"] = flashinfer
+        return {"prefix": p, "queries": m, "calls": out}
+
+    for fn in routes(a.warmup_length)["calls"].values():   # compiles, autotuning, first cuDNN plans
+        first_and_steady(fn, a.cpu_smoke)
+    for n in lengths:
+        r = routes(n)
+        row = {"n": n, "prefix": r["prefix"], "queries": r["queries"]}
+        for route, fn in r["calls"].items():
+            first, steady = first_and_steady(fn, a.cpu_smoke)
+            row[route] = {"first_ms": first, "steady_ms": steady, "extra_ms": first - steady}
+        res["rows"].append(row)
+        log(f"n={n:7d} (prefix {r['prefix']}, {r['queries']} rows): " + "; ".join(
+            f"{k} {v['first_ms']:.2f} / {v['steady_ms']:.2f} / {v['extra_ms']:+.2f}" for k, v in row.items()
+            if isinstance(v, dict)))
+        dump()
+    dump()
+
+
+if __name__ == "__main__":
+    main()

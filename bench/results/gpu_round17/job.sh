@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Round 17's GPU job (written 2026-12-06, not yet run). After the bundle calls (../gpu_round13/README.md: slimmed
+# tree, 50 MiB parts), detached from the repository root, results under /tmp/out:
+#   (setsid nohup bash bench/results/gpu_round17/job.sh > /tmp/run.log 2>&1 < /dev/null &); bash bench/gpu_poll.sh 540 "round17 done"
+# Steps (name a subset as arguments; default all, in this order):
+#   first    bench/first_call.py: the last chunk of prompts whose lengths the process has not seen, first call vs
+#            steady, per route (shplb, the dense pieces on cuDNN and on flash, FlashInfer): does a new shape cost
+#            cuDNN an execution plan per call (round 16: a first request at a new length +4.4-4.8 s, round 13's
+#            +2.5-4.1 s without cuDNN pieces), ~1 min, no server
+#   fresh    issue 15, "never slower" in real traffic: Llama-3-8B shape at 32K / 64K / 128K, batch 1, FlashInfer then
+#            shplb, plus 3 requests per cell at lengths neither server has seen (--fresh-lengths 3), ~10 min
+#   profile  bench/chunked_prefill.py --profile at 64K / 128K: the served route's last chunk by kernel (round 16
+#            profiled the Triton-dense route by mistake), ~1.5 min
+set -u
+steps=${*:-first fresh profile}
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
+O=/tmp/out
+mkdir -p $O
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee $O/gpu.txt
+for step in $steps; do
+  t0=$(date +%s)
+  case $step in
+    first) PYTHONPATH=/tmp/site:$PWD python3 bench/first_call.py --out $O/first > $O/first_run.log 2>&1 ;;
+    fresh) OUT=$O LLAMA_SERVERS=flashinfer,shplb \
+             LLAMA_FLAGS="--lengths 32768,65536,131072 --batches 1 --context-length 131200 --fresh-lengths 3" \
+             bash bench/serve_gpu.sh llama8b > $O/fresh_run.log 2>&1 ;;
+    profile) PYTHONPATH=$PWD python3 bench/chunked_prefill.py llama8b --profile --ctx 65536,131072 --out $O/profile \
+               > $O/profile_run.log 2>&1 ;;
+    *) echo "unknown step $step (first, fresh, profile)" ;;
+  esac
+  echo "round17 step $step rc=$? $(( $(date +%s) - t0 )) s"
+done
+echo "round17 done"
