@@ -33,7 +33,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import torch  # noqa: E402
 
 from layer_path import SHAPES, paged_pool, plan_budgets  # noqa: E402  (bench/layer_path.py)
-from timing import bench, device_tag, flashinfer_or_none, log, results_writer  # noqa: E402  (bench/timing.py)
+from timing import bench, device_tag, flashinfer_or_none, kernel_ms, log, results_writer  # noqa: E402  (bench/timing.py)
 
 from sglang_shplb.core.patterns import HeadBudget, Pattern  # noqa: E402
 from sglang_shplb.kernels import SparsePrefill, build_block_index  # noqa: E402
@@ -50,7 +50,6 @@ def profile_chunk(fn, plan, calls: int = 10) -> dict:
     (``calls`` issued back to back, one synchronise at the end): where the chunk's time goes, and whether the
     host keeps the GPU fed."""
     import time
-    from torch.profiler import ProfilerActivity
     plan()
     wall = bench(fn, False)
     fn()
@@ -60,17 +59,10 @@ def profile_chunk(fn, plan, calls: int = 10) -> dict:
         fn()
     host = (time.perf_counter() - t) / calls * 1e3
     torch.cuda.synchronize()
-    with torch.profiler.profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(calls):
-            fn()
-        torch.cuda.synchronize()
-    kern = sorted((e for e in prof.key_averages() if e.device_time_total > 0), key=lambda e: -e.device_time_total)
-    ms = {e.key[:60]: e.device_time_total / calls / 1e3 for e in kern}
-    launches = sum(e.count for e in kern) / calls
-    log(f"  last chunk: wall {wall:.3f} ms, kernels {sum(ms.values()):.3f} ms in {launches:.0f} launches, host "
+    ms = kernel_ms(fn, calls)
+    log(f"  last chunk: wall {wall:.3f} ms, kernels {sum(ms.values()):.3f} ms, host "
         f"{host:.3f} ms; " + ", ".join(f"{k} {v:.3f}" for k, v in list(ms.items())[:10]))
-    return {"wall_ms": wall, "kernel_ms": ms, "kernels_total_ms": sum(ms.values()), "launches": launches,
-            "host_ms": host}
+    return {"wall_ms": wall, "kernel_ms": ms, "kernels_total_ms": sum(ms.values()), "host_ms": host}
 
 
 def main() -> None:

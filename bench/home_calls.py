@@ -30,7 +30,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from head_parallel import H100_REFIT, SHAPES, layer_qkv, plan_budgets, rank_qkv, run_grid  # noqa: E402
-from timing import bench, device_name, device_tag, host_syncs, log, results_writer  # noqa: E402
+from timing import bench, device_name, device_tag, host_syncs, kernel_ms, log, results_writer  # noqa: E402
 
 from sglang_shplb.core.head_map import rank_heads  # noqa: E402
 from sglang_shplb.core.patterns import Pattern  # noqa: E402
@@ -101,7 +101,7 @@ def main(argv=None) -> None:
                             log(f"rank {r} {part:28s} {len(hs):2d} {t:8.3f} {p:8.3f} {t / p:6.2f}")
                             if a.kernels and not smoke and part in ("home", "sparse"):
                                 call = (lambda hs=hs: attend_heads(qs, ks, vs, rows, [n], [n], local, hs, scale, o))
-                                rec["parts"][part]["kernel_ms"] = kernel_ms(call)
+                                rec["parts"][part]["kernel_ms"] = rank_kernels(call)
                                 if part == "home":
                                     rec["parts"][part]["host_ms"] = host_profile(
                                         call, out / f"host_{shape}_{n}_{plan}_tp{tp}_r{r}.txt")
@@ -121,18 +121,9 @@ def main(argv=None) -> None:
     dump()
 
 
-def kernel_ms(fn, calls: int = 10) -> dict[str, float]:
-    """Device time per call of each kernel ``fn`` launches (torch.profiler), logged largest first: which
-    launch a rank's miss sits in."""
-    from torch.profiler import ProfilerActivity
-    fn()
-    torch.cuda.synchronize()
-    with torch.profiler.profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(calls):
-            fn()
-        torch.cuda.synchronize()
-    kern = sorted((e for e in prof.key_averages() if e.device_time_total > 0), key=lambda e: -e.device_time_total)
-    out = {e.key[:60]: e.device_time_total / calls / 1e3 for e in kern}
+def rank_kernels(fn) -> dict[str, float]:
+    """:func:`timing.kernel_ms` of ``fn``, logged: which launch a rank's miss sits in."""
+    out = kernel_ms(fn)
     log("    kernels (ms per call): " + ", ".join(f"{k} {v:.3f}" for k, v in list(out.items())[:8]))
     return out
 

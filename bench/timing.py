@@ -53,6 +53,21 @@ def host_syncs(fn) -> dict[str, int]:
     return found
 
 
+def kernel_ms(fn, calls: int = 10) -> dict[str, float]:
+    """Device milliseconds per call of each kernel ``fn`` launches (torch.profiler over ``calls`` calls after
+    one warm-up call), largest first."""
+    import torch
+    from torch.profiler import ProfilerActivity
+    fn()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    kern = sorted((e for e in prof.key_averages() if e.device_time_total > 0), key=lambda e: -e.device_time_total)
+    return {e.key[:60]: e.device_time_total / calls / 1e3 for e in kern}
+
+
 def results_writer(res: dict, path: str):
     """``dump()``: write ``res`` to ``path.json`` and the log so far to ``path.log`` (called after each step
     of a benchmark, so that a run cut short still leaves its numbers)."""
