@@ -13,7 +13,11 @@ call (synchronised wall clock) and the steady call (``triton.testing.do_bench``)
   on cuDNN, and on torch's FlashAttention-2 (no per-shape plan);
 * ``flashinfer``: FlashInfer's paged prefill of every head (plan + run: the stock backend), where installed.
 
+torch reads ``TORCH_CUDNN_SDPA_AVOID_RECOMPILE`` once per process (the server sets it to 1,
+:func:`sglang_shplb.serving.launch.bucketed_cudnn_plans`): run the script once with it unset and once with 1.
+
     python bench/first_call.py --out $OUT                                             # GPU, ~1 min
+    TORCH_CUDNN_SDPA_AVOID_RECOMPILE=1 python bench/first_call.py --out $OUT          # cuDNN plans by length bucket
     TRITON_INTERPRET=1 python bench/first_call.py --cpu-smoke --out /tmp/fc           # logic check (CPU)
 """
 from __future__ import annotations
@@ -36,7 +40,7 @@ from timing import bench, device_tag, flashinfer_or_none, log, results_writer  #
 
 from sglang_shplb.core.patterns import Pattern  # noqa: E402
 from sglang_shplb.kernels import SparsePrefill  # noqa: E402
-from sglang_shplb.kernels.dense_pieces import piece_after_prefix  # noqa: E402
+from sglang_shplb.kernels.dense_pieces import CUDNN_BUCKETED_PLANS_ENV, piece_after_prefix  # noqa: E402
 
 
 def first_and_steady(fn, smoke: bool) -> tuple[float, float]:
@@ -77,14 +81,16 @@ def main() -> None:
     fi = flashinfer_or_none(a.cpu_smoke)
     ws = torch.empty(256 << 20, dtype=torch.uint8, device=dev) if fi is not None else None
     name = torch.cuda.get_device_name() if dev == "cuda" else "cpu (smoke)"
+    bucketed = os.environ.get(CUDNN_BUCKETED_PLANS_ENV, "")
     res = {"device": name, "date": _dt.date.today().isoformat(), "chunk": a.chunk, "torch": torch.__version__,
-           "warmup_length": a.warmup_length, "rows": []}
+           "warmup_length": a.warmup_length, CUDNN_BUCKETED_PLANS_ENV: bucketed, "rows": []}
     os.makedirs(a.out, exist_ok=True)
-    dump = results_writer(res, os.path.join(a.out, f"first_call_{device_tag(name)}"))
+    tag = device_tag(name) + ("_bucketed" if bucketed == "1" else "")
+    dump = results_writer(res, os.path.join(a.out, f"first_call_{tag}"))
     sp = SparsePrefill(budgets, hkv, d, sm_scale=d ** -0.5)
     backends = ["flash"] if a.cpu_smoke else ["cudnn", "flash"]
-    log(f"# bench/first_call.py  device={name}  date={res['date']}  chunk={a.chunk}  {dt}; ms: first call, steady, "
-        f"first - steady")
+    log(f"# bench/first_call.py  device={name}  date={res['date']}  chunk={a.chunk}  {dt}  "
+        f"{CUDNN_BUCKETED_PLANS_ENV}={bucketed or 'unset'}; ms: first call, steady, first - steady")
 
     def routes(n: int) -> dict:
         p = (n - 1) // a.chunk * a.chunk

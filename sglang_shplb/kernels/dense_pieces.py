@@ -11,6 +11,11 @@ import torch
 #: "math" (explicit softmax, the reference). ``SHPLB_PIECE_BACKEND`` forces one; on CUDA cuDNN is taken
 #: after a one-time check against "math" (:func:`piece_backend`), else flash.
 PIECE_BACKENDS = ("cudnn", "flash", "math")
+#: torch's switch (read once per process, at its first cuDNN attention call) that keys cuDNN's attention
+#: plans by power-of-two sequence buckets for token-major (BSHD) operands without a bias, instead of building
+#: a plan, hundreds of ms, for every new (query, key) length: in serving, the last chunk of almost every prompt
+#: has a length not seen before. ``sglang_shplb.launch_server`` sets it unless it is set.
+CUDNN_BUCKETED_PLANS_ENV = "TORCH_CUDNN_SDPA_AVOID_RECOMPILE"
 _CUDNN_OK: dict = {}
 #: natural-log units per unit of the log-sum-exp cuDNN returns (1: natural log, as torch documents; the
 #: one-time check also accepts base 2, ln 2)
@@ -38,6 +43,12 @@ def _attention_with_lse(q, k, v, causal: bool, scale: float, backend: str) -> tu
     return torch.matmul(torch.exp(s - lse[..., None]), v.float()).to(q.dtype), lse
 
 
+def _bshd(x: torch.Tensor) -> torch.Tensor:
+    """``x [T, H, d]`` (token-major, as SGLang's pool and q hold rows) as the ``[1, H, T, d]`` operand of an
+    attention kernel, memory left token-major (BSHD): copied only when ``x`` is not contiguous."""
+    return x.contiguous().transpose(0, 1)[None]
+
+
 def piece_after_prefix(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
                        backend: str) -> torch.Tensor:
     """Dense attention of ``S`` q heads sharing one KV head, queries the last ``n`` of ``L`` keys (lower-right
@@ -49,26 +60,30 @@ def piece_after_prefix(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale:
     ``l_X = log Σ_{j∈X} e^{s_j}`` and ``o_X = Σ_{j∈X} e^{s_j - l_X} v_j`` (``s_j = scale q·k_j``); then over
     ``P ∪ D``: ``o = (e^{l_P} o_P + e^{l_D} o_D) / (e^{l_P} + e^{l_D}) = o_D + σ(l_P - l_D) (o_P - o_D)``
     (``σ`` the logistic function; no overflow). ``P`` is a rectangle with no mask, so each group's ``S`` heads
-    are folded into its query axis (``[1, G, S n, d]`` against the ``G`` K/V heads: no GQA expansion); ``D`` is
-    one ``[1, G S, n, d]`` causal call (its ``n`` K/V rows expanded to the heads). Each part is one kernel
-    call of ``backend`` (:data:`PIECE_BACKENDS`) returning its log-sum-exp."""
+    are folded into its query axis (``S n`` rows against the ``G`` K/V heads: no GQA expansion); ``D`` is one
+    causal call over the ``G S`` heads (its ``n`` K/V rows expanded to them). Each part is one kernel call of
+    ``backend`` (:data:`PIECE_BACKENDS`) returning its log-sum-exp. Every operand is laid out token-major
+    (BSHD: ``[1, H, T, d]`` whose ``transpose(1, 2)`` is contiguous), the layout in which torch's cuDNN
+    attention keys its execution plans by power-of-two sequence buckets under
+    :data:`CUDNN_BUCKETED_PLANS_ENV` instead of building one per new length."""
     grouped = q.dim() == 4
     if not grouped:
         q, k, v = q[None], k[None], v[None]
     G, S, n, d = q.shape
     L = k.shape[1]
     p = L - n
-    kd = k[:, p:, None].expand(G, n, S, d).transpose(1, 2).reshape(1, G * S, n, d)
-    vd = v[:, p:, None].expand(G, n, S, d).transpose(1, 2).reshape(1, G * S, n, d)
-    o2, l2 = _attention_with_lse(q.reshape(1, G * S, n, d), kd, vd, True, scale, backend)
-    o2 = o2.view(G, S, n, d).float()
+    kd = k[:, p:, None].expand(G, n, S, d).permute(1, 0, 2, 3).reshape(n, G * S, d)      # [n, G S, d]
+    vd = v[:, p:, None].expand(G, n, S, d).permute(1, 0, 2, 3).reshape(n, G * S, d)
+    o2, l2 = _attention_with_lse(_bshd(q.permute(2, 0, 1, 3).reshape(n, G * S, d)), _bshd(kd), _bshd(vd), True,
+                                 scale, backend)
+    o2 = o2[0].transpose(0, 1).reshape(n, G, S, d).permute(1, 2, 0, 3).float()           # [G, S, n, d]
     if p > 0:
-        kp, vp = k[:, :p], v[:, :p]
-        if not kp.is_contiguous():
-            kp, vp = kp.contiguous(), vp.contiguous()
-        o1, l1 = _attention_with_lse(q.reshape(1, G, S * n, d), kp[None], vp[None], False, scale, backend)
-        w = torch.sigmoid(l1.view(G, S, n) - l2.view(G, S, n))[..., None]
-        o2 = o2 + w * (o1.view(G, S, n, d).float() - o2)
+        qp = q.permute(1, 2, 0, 3).reshape(S * n, G, d)                                 # rows (s, i) per group
+        o1, l1 = _attention_with_lse(_bshd(qp), _bshd(k[:, :p].transpose(0, 1)), _bshd(v[:, :p].transpose(0, 1)),
+                                     False, scale, backend)
+        o1 = o1[0].transpose(0, 1).reshape(S, n, G, d).permute(2, 0, 1, 3)             # [G, S, n, d]
+        w = torch.sigmoid(l1.reshape(G, S, n) - l2.reshape(G, S, n))[..., None]
+        o2 = o2 + w * (o1.float() - o2)
     return o2 if grouped else o2[0]
 
 

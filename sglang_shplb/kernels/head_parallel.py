@@ -104,10 +104,11 @@ def dense_heads(q, k_buffer, v_buffer, kv: KVRows, q_lens, kv_lens, heads, scale
         rows = kv.rows(i, L)
         for g, hs in by_kv.items():
             hs = head_index(hs, q.device)
-            qq = q[c:c + n, hs].transpose(0, 1)                                        # [S, n, d]
+            qq = q[c:c + n, hs].contiguous().transpose(0, 1)                           # [S, n, d], token-major
             kk, vv = k_buffer[rows, g], v_buffer[rows, g]                             # [L, d]
-            if n == L:   # no prefix: top-left causal, GQA in the kernel (cuDNN / flash)
-                o = sdpa(qq[None], kk[None, None], vv[None, None], scale=scale, is_causal=True, enable_gqa=True)[0]
+            if n == L:   # no prefix: top-left causal, GQA in the kernel (cuDNN / flash); operands token-major
+                o = sdpa(qq[None], kk.contiguous()[None, None], vv.contiguous()[None, None], scale=scale,
+                         is_causal=True, enable_gqa=True)[0]
             else:
                 o = dense_piece(qq, kk, vv, scale)
             out[c:c + n, hs] = o.transpose(0, 1).to(out.dtype)

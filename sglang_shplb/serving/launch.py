@@ -5,8 +5,9 @@ load and validate the plan against the model's config and TP size (exit 3 naming
 no ``--shplb-dense-fallback``: exit 4) before SGLang is even imported; parse every flag with SGLang's
 parser (an unknown flag exits 2 naming it); select ``--attention-backend shplb``; on CUDA, when the plan
 decodes top-k / vertical-slash heads, add ``--page-size 64`` if no page size is given (their decode page
-summaries are indexed by 64-slot KV-pool page) and refuse another one (exit 2 naming the flag); hand over
-to SGLang's launcher in this process.
+summaries are indexed by 64-slot KV-pool page) and refuse another one (exit 2 naming the flag); unless set,
+set ``TORCH_CUDNN_SDPA_AVOID_RECOMPILE=1`` (:func:`bucketed_cudnn_plans`); hand over to SGLang's launcher in
+this process.
 """
 from __future__ import annotations
 
@@ -131,6 +132,19 @@ def _pre_parse(argv: list[str]) -> argparse.Namespace:
     return ns
 
 
+def bucketed_cudnn_plans(environ) -> str | None:
+    """Set :data:`~sglang_shplb.kernels.dense_pieces.CUDNN_BUCKETED_PLANS_ENV` to 1 in ``environ`` (this process
+    and the scheduler processes SGLang starts from it) unless the user set it; the line to log, or None. Our
+    dense heads run on torch's cuDNN attention, which otherwise builds an execution plan for every new
+    sequence length, on the request that brings it."""
+    from sglang_shplb.kernels.dense_pieces import CUDNN_BUCKETED_PLANS_ENV
+    if CUDNN_BUCKETED_PLANS_ENV in environ:
+        return None
+    environ[CUDNN_BUCKETED_PLANS_ENV] = "1"
+    return (f"sglang_shplb: {CUDNN_BUCKETED_PLANS_ENV}=1 (cuDNN attention plans by power-of-two length bucket, "
+            f"not one per new length; set it to 0 to opt out)")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     from sglang_shplb.serving.version import SGLangVersionError, check_sglang_version
@@ -175,6 +189,9 @@ def main(argv: list[str] | None = None) -> int:
                         ours.shplb_dense_backend, ours.shplb_group_prefill_by_bucket, ours.shplb_bucket_log_every,
                         ours.shplb_decode_reselect_every)
     os.environ.update(cfg.to_env())
+    note = bucketed_cudnn_plans(os.environ)
+    if note:
+        print(note, file=sys.stderr)
     from sglang_shplb.serving.backend import ShplbPageSizeError
     try:
         extra = page_size_args(plan, args, argv)

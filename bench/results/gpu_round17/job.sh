@@ -6,7 +6,9 @@
 #   first    bench/first_call.py: the last chunk of prompts whose lengths the process has not seen, first call vs
 #            steady, per route (shplb, the dense pieces on cuDNN and on flash, FlashInfer): does a new shape cost
 #            cuDNN an execution plan per call (round 16: a first request at a new length +4.4-4.8 s, round 13's
-#            +2.5-4.1 s without cuDNN pieces), ~1 min, no server
+#            +2.5-4.1 s without cuDNN pieces), and does TORCH_CUDNN_SDPA_AVOID_RECOMPILE=1 (token-major operands,
+#            plans by power-of-two length; the launcher sets it since 2026-12-06) remove it at what steady cost;
+#            once with it 0, once 1, ~2 min, no server
 #   fresh    issue 15, "never slower" in real traffic: Llama-3-8B shape at 32K / 64K / 128K, batch 1, FlashInfer then
 #            shplb, plus 3 requests per cell at lengths neither server has seen (--fresh-lengths 3), ~10 min
 #   profile  bench/chunked_prefill.py --profile at 64K / 128K: the served route's last chunk by kernel (round 16
@@ -23,7 +25,10 @@ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee $O/gpu.txt
 for step in $steps; do
   t0=$(date +%s)
   case $step in
-    first) PYTHONPATH=/tmp/site:$PWD python3 bench/first_call.py --out $O/first > $O/first_run.log 2>&1 ;;
+    first) PYTHONPATH=/tmp/site:$PWD TORCH_CUDNN_SDPA_AVOID_RECOMPILE=0 python3 bench/first_call.py --out $O/first \
+             > $O/first_run.log 2>&1
+           PYTHONPATH=/tmp/site:$PWD TORCH_CUDNN_SDPA_AVOID_RECOMPILE=1 python3 bench/first_call.py --out $O/first \
+             >> $O/first_run.log 2>&1 ;;
     fresh) OUT=$O LLAMA_SERVERS=flashinfer,shplb \
              LLAMA_FLAGS="--lengths 32768,65536,131072 --batches 1 --context-length 131200 --fresh-lengths 3" \
              bash bench/serve_gpu.sh llama8b > $O/fresh_run.log 2>&1 ;;
