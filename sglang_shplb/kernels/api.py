@@ -9,26 +9,10 @@ import torch
 from sglang_shplb.core.patterns import HeadBudget
 from sglang_shplb.kernels.block_index import BlockIndex
 from sglang_shplb.kernels.checks import check_qkv
-from sglang_shplb.kernels.dense_pieces import dense_piece, gather_rows, piece_backend
+from sglang_shplb.kernels.dense_pieces import causal_sdpa, dense_piece, gather_rows, piece_backend
 from sglang_shplb.kernels.index import build_block_index
 from sglang_shplb.kernels.layer_heads import LayerHeads
 from sglang_shplb.kernels.triton_prefill import RULE_DENSE_WINDOW, rule_prefill, sparse_prefill, tile_prefill
-
-
-def _sdpa(qq, kk, vv, scale, gqa: bool):
-    """torch SDPA, causal, preferring cuDNN then flash on CUDA (the fastest dense kernels on an H100)."""
-    f = torch.nn.functional.scaled_dot_product_attention
-    if qq.is_cuda:
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-        order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
-                 SDPBackend.MATH]
-        try:
-            ctx = sdpa_kernel(order, set_priority=True)
-        except TypeError:  # pragma: no cover - torch < 2.6
-            ctx = sdpa_kernel(order)
-        with ctx:
-            return f(qq, kk, vv, is_causal=True, scale=scale, enable_gqa=gqa)
-    return f(qq, kk, vv, is_causal=True, scale=scale, enable_gqa=gqa)
 
 
 class SparsePrefill:
@@ -164,8 +148,8 @@ class SparsePrefill:
                     qb = qb.index_select(1, qh_t)
                 kb, vb = gather_rows(k, rows, kv_t), gather_rows(v, rows, kv_t)     # [L, G, d]
                 if n == L:
-                    o = _sdpa(qb.transpose(0, 1)[None], kb.transpose(0, 1)[None], vb.transpose(0, 1)[None],
-                              self.sm_scale, c > 1)[0].transpose(0, 1)
+                    o = causal_sdpa(qb.transpose(0, 1)[None], kb.transpose(0, 1)[None], vb.transpose(0, 1)[None],
+                                    self.sm_scale, c > 1)[0].transpose(0, 1)
                 else:
                     g = len(kvh)
                     o = dense_piece(qb.view(n, g, c, -1).permute(1, 2, 0, 3), kb.transpose(0, 1),

@@ -105,6 +105,26 @@ def piece_backend(q: torch.Tensor) -> str:
     return "cudnn" if _CUDNN_OK[key] else "flash"
 
 
+def causal_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None, gqa: bool) -> torch.Tensor:
+    """torch SDPA, top-left causal, ``q [1, Hq, n, d]`` against ``k/v [1, Hkv, n, d]`` (GQA when ``gqa``): on CUDA
+    cuDNN first, then flash, where :func:`piece_backend` took cuDNN (its one-time check against the reference
+    passed), else flash first; on the CPU torch's choice. Token-major operands keep cuDNN's plans bucketed by
+    length (:data:`CUDNN_BUCKETED_PLANS_ENV`)."""
+    f = torch.nn.functional.scaled_dot_product_attention
+    if not q.is_cuda:
+        return f(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    order = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+    if piece_backend(q) == "cudnn":
+        order.insert(0, SDPBackend.CUDNN_ATTENTION)
+    try:
+        ctx = sdpa_kernel(order, set_priority=True)
+    except TypeError:  # pragma: no cover - torch < 2.6
+        ctx = sdpa_kernel(order)
+    with ctx:
+        return f(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
+
+
 def dense_piece(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
     """:func:`piece_after_prefix` on :func:`piece_backend`'s kernel; a shape cuDNN refuses goes to flash, and
     cuDNN is not tried again for that device, dtype and head dim."""

@@ -24,7 +24,7 @@ import torch.distributed as dist
 
 from sglang_shplb.core.patterns import HeadBudget, Pattern
 from sglang_shplb.kernels.block_index import int_tensor, to_device
-from sglang_shplb.kernels.dense_pieces import dense_piece
+from sglang_shplb.kernels.dense_pieces import causal_sdpa, dense_piece
 from sglang_shplb.kernels.layer_reference import CHEAP, sparse_attention
 
 
@@ -94,7 +94,6 @@ def dense_heads(q, k_buffer, v_buffer, kv: KVRows, q_lens, kv_lens, heads, scale
     """Dense causal attention of ``heads``, query j of request i at position ``kv_len - q_len + j``: torch SDPA
     (cuDNN / flash on CUDA, GQA in the kernel) without a prefix, :func:`.dense_pieces.piece_after_prefix` after one (cuDNN
     on CUDA); one call per (request, KV head)."""
-    sdpa = torch.nn.functional.scaled_dot_product_attention
     group = q.shape[1] // k_buffer.shape[1]
     by_kv: dict[int, list[int]] = {}
     for h in heads:
@@ -107,8 +106,7 @@ def dense_heads(q, k_buffer, v_buffer, kv: KVRows, q_lens, kv_lens, heads, scale
             qq = q[c:c + n, hs].contiguous().transpose(0, 1)                           # [S, n, d], token-major
             kk, vv = k_buffer[rows, g], v_buffer[rows, g]                             # [L, d]
             if n == L:   # no prefix: top-left causal, GQA in the kernel (cuDNN / flash); operands token-major
-                o = sdpa(qq[None], kk.contiguous()[None, None], vv.contiguous()[None, None], scale=scale,
-                         is_causal=True, enable_gqa=True)[0]
+                o = causal_sdpa(qq[None], kk.contiguous()[None, None], vv.contiguous()[None, None], scale, True)[0]
             else:
                 o = dense_piece(qq, kk, vv, scale)
             out[c:c + n, hs] = o.transpose(0, 1).to(out.dtype)
