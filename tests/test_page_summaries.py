@@ -349,4 +349,3 @@ def test_buckets_above_the_servers_context_do_not_count(monkeypatch):
     ns = types.SimpleNamespace
     assert page_size_args(plan, ns(device="cuda", page_size=None, context_length=4096), []) == []
     assert page_size_args(plan, ns(device="cuda", page_size=None, context_length=None), []) == ["--page-size", "64"]
-
