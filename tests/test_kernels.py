@@ -375,3 +375,33 @@ def test_flashinfer_missing_is_a_clear_error(monkeypatch):
     with pytest.raises(FlashInferUnavailable, match=r"pip install sglang_shplb\[gpu\].*0\.6\.15\.post1"):
         FlashInferSparsePrefill([HeadBudget.dense()] * 2, 1, 64, device="cpu")
     assert issubclass(FlashInferUnavailable, ImportError)
+
+
+def test_dense_heads_hand_attention_kernels_token_major_operands(monkeypatch):
+    """Every operand the dense-head routes of ``SparsePrefill`` pass to an attention kernel (the first chunk's
+    SDPA, both pieces after a prefix) is token-major, ``x.transpose(1, 2).is_contiguous()``: the layout in
+    which torch's cuDNN attention keys its plans by length bucket under TORCH_CUDNN_SDPA_AVOID_RECOMPILE=1
+    instead of building one for every new length. Outputs stay the reference's."""
+    import sglang_shplb.kernels.api as api
+    import sglang_shplb.kernels.dense_pieces as dp
+    seen = []
+
+    def record(name, f):
+        def wrapped(q, k, v, *a, **kw):
+            seen.append((name, [x.dim() == 4 and x.transpose(1, 2).is_contiguous() for x in (q, k, v)]))
+            return f(q, k, v, *a, **kw)
+        return wrapped
+
+    monkeypatch.setattr(api, "causal_sdpa", record("first chunk", dp.causal_sdpa))
+    monkeypatch.setattr(dp, "_attention_with_lse", record("piece", dp._attention_with_lse))
+    hq, hkv, d = 8, 2, 64
+    budgets = [HeadBudget.dense()] * 3 + [HeadBudget.streaming(64, 64)] + [HeadBudget.dense()] * 4
+    for lens, q_lens in (([200], [200]), ([270], [140])):            # no prefix; a 130-token prefix
+        q, k, v, cu_q, kvl, kw = make_batch(lens, q_lens, hq, hkv, d, torch.float32, True, 3)
+        sp = SparsePrefill(budgets, hkv, d).plan(cu_q, kvl, max(q_lens), max(lens), q_lens_cpu=q_lens,
+                                                 kv_lens_cpu=lens, **kw)
+        index = sp.index(q, k)
+        ref = reference_sparse_prefill(q, k, v, [index.masks(0, math.ceil(lens[0] / BLOCK))], cu_q, kvl, **kw)
+        assert relative_error(sp.run(q, k, v), ref) < tol(torch.float32)
+    kinds = {name for name, _ in seen}
+    assert kinds == {"first chunk", "piece"} and all(all(ok) for _, ok in seen), seen
