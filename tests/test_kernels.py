@@ -382,7 +382,6 @@ def test_dense_heads_hand_attention_kernels_token_major_operands(monkeypatch):
     SDPA, both pieces after a prefix) is token-major, ``x.transpose(1, 2).is_contiguous()``: the layout in
     which torch's cuDNN attention keys its plans by length bucket under TORCH_CUDNN_SDPA_AVOID_RECOMPILE=1
     instead of building one for every new length. Outputs stay the reference's."""
-    import sglang_shplb.kernels.api as api
     import sglang_shplb.kernels.dense_pieces as dp
     seen = []
 
@@ -392,7 +391,7 @@ def test_dense_heads_hand_attention_kernels_token_major_operands(monkeypatch):
             return f(q, k, v, *a, **kw)
         return wrapped
 
-    monkeypatch.setattr(api, "causal_sdpa", record("first chunk", dp.causal_sdpa))
+    monkeypatch.setattr(dp, "causal_sdpa", record("first chunk", dp.causal_sdpa))
     monkeypatch.setattr(dp, "_attention_with_lse", record("piece", dp._attention_with_lse))
     hq, hkv, d = 8, 2, 64
     budgets = [HeadBudget.dense()] * 3 + [HeadBudget.streaming(64, 64)] + [HeadBudget.dense()] * 4

@@ -9,7 +9,7 @@ import torch
 from sglang_shplb.core.patterns import HeadBudget
 from sglang_shplb.kernels.block_index import BlockIndex
 from sglang_shplb.kernels.checks import check_qkv
-from sglang_shplb.kernels.dense_pieces import causal_sdpa, dense_piece, gather_rows, piece_backend
+from sglang_shplb.kernels.dense_pieces import dense_heads_by_group, piece_backend
 from sglang_shplb.kernels.index import build_block_index
 from sglang_shplb.kernels.layer_heads import LayerHeads
 from sglang_shplb.kernels.triton_prefill import RULE_DENSE_WINDOW, rule_prefill, sparse_prefill, tile_prefill
@@ -133,32 +133,15 @@ class SparsePrefill:
         return segs
 
     def _run_dense_sdpa(self, q, k, v, out, segs) -> None:
-        """Dense heads per sequence: one causal SDPA call per group without a prefix (GQA in the kernel); after
-        a prefix, :func:`.dense_pieces.dense_piece` (prefix and new rows as two cuDNN calls, merged)."""
+        """Dense heads per sequence and group of KV heads with as many dense q heads
+        (:func:`.dense_pieces.dense_heads_by_group`: cuDNN SDPA without a prefix, two merged cuDNN calls after
+        one)."""
         hq, hkv = self.num_q_heads, self.num_kv_heads
         scale = self.sm_scale if self.sm_scale is not None else self.head_dim ** -0.5
-        for gi, (qh, kvh, c) in enumerate(self._dense_groups):
-            all_q = qh == list(range(hq))
-            all_kv = kvh == list(range(hkv))
-            qh_t = self._t(("qh", gi), qh, q.device) if not all_q else None
-            kv_t = self._t(("kvsel", gi), kvh, q.device) if not all_kv else slice(None)
-            for qs, n, L, rows in segs:
-                qb = q[qs:qs + n]
-                if qh_t is not None:
-                    qb = qb.index_select(1, qh_t)
-                kb, vb = gather_rows(k, rows, kv_t), gather_rows(v, rows, kv_t)     # [L, G, d]
-                if n == L:
-                    o = causal_sdpa(qb.transpose(0, 1)[None], kb.transpose(0, 1)[None], vb.transpose(0, 1)[None],
-                                    self.sm_scale, c > 1)[0].transpose(0, 1)
-                else:
-                    g = len(kvh)
-                    o = dense_piece(qb.view(n, g, c, -1).permute(1, 2, 0, 3), kb.transpose(0, 1),
-                                    vb.transpose(0, 1), scale)                   # [G, c, n, d]
-                    o = o.permute(2, 0, 1, 3).reshape(n, g * c, -1)
-                if qh_t is None:
-                    out[qs:qs + n].copy_(o)
-                else:
-                    out[qs:qs + n].index_copy_(1, qh_t, o.to(out.dtype))
+        groups = [(slice(None) if qh == list(range(hq)) else self._t(("qh", gi), qh, q.device),
+                   slice(None) if kvh == list(range(hkv)) else self._t(("kvsel", gi), kvh, q.device), c)
+                  for gi, (qh, kvh, c) in enumerate(self._dense_groups)]
+        dense_heads_by_group(q, k, v, out, segs, groups, scale)
 
     def run(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, index: BlockIndex | None = None,
             out: torch.Tensor | None = None) -> torch.Tensor:

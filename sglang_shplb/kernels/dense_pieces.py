@@ -159,6 +159,31 @@ def _check_cudnn(device, dtype, d: int) -> bool:
         return False
 
 
+def dense_heads_by_group(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, segs, groups,
+                         scale: float) -> None:
+    """Dense causal attention of some heads, written into ``out [T, Hq, d]``: per group ``(q heads, KV heads,
+    c)`` of ``groups`` (``c`` q heads per KV head, the q heads ordered by KV head; each index a slice, or a
+    device index tensor) and per sequence ``(q_start, n, L, kv_rows)`` of ``segs`` (its queries are the last
+    ``n`` of its ``L`` keys, ``kv_rows`` where those keys are in ``k``/``v``): one causal :func:`causal_sdpa`
+    call without a prefix (GQA in the kernel), one :func:`dense_piece` after one (the prefix and the new rows
+    as two calls, merged). Operands token-major."""
+    for qh, kvh, c in groups:
+        for qs, n, L, rows in segs:
+            qb = q[qs:qs + n, qh].contiguous()                                        # [n, g c, d]
+            kb, vb = gather_rows(k, rows, kvh), gather_rows(v, rows, kvh)             # [L, g, d]
+            if n == L:
+                o = causal_sdpa(_bshd(qb), _bshd(kb), _bshd(vb), scale, c > 1)[0].transpose(0, 1)
+            else:
+                g = kb.shape[1]
+                o = dense_piece(qb.view(n, g, c, -1).permute(1, 2, 0, 3), kb.transpose(0, 1), vb.transpose(0, 1),
+                                scale)                                                 # [g, c, n, d]
+                o = o.permute(2, 0, 1, 3).reshape(n, g * c, -1)
+            if isinstance(qh, slice):
+                out[qs:qs + n, qh] = o.to(out.dtype)
+            else:
+                out[qs:qs + n].index_copy_(1, qh, o.to(out.dtype))
+
+
 def gather_rows(buf: torch.Tensor, rows: torch.Tensor | slice, groups: torch.Tensor | slice) -> torch.Tensor:
     """``buf[rows][:, groups]`` (``[len(rows), G, d]``) in one gather: a pool index tensor and a group index
     tensor are broadcast against each other, so the prefix is not first copied with every KV group."""

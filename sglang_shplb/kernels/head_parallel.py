@@ -24,7 +24,7 @@ import torch.distributed as dist
 
 from sglang_shplb.core.patterns import HeadBudget, Pattern
 from sglang_shplb.kernels.block_index import int_tensor, to_device
-from sglang_shplb.kernels.dense_pieces import causal_sdpa, dense_piece
+from sglang_shplb.kernels.dense_pieces import dense_heads_by_group
 from sglang_shplb.kernels.layer_reference import CHEAP, sparse_attention
 
 
@@ -91,26 +91,20 @@ def pool_rows(req_to_token: torch.Tensor, req_pool_indices: torch.Tensor, i: int
 
 
 def dense_heads(q, k_buffer, v_buffer, kv: KVRows, q_lens, kv_lens, heads, scale, out) -> None:
-    """Dense causal attention of ``heads``, query j of request i at position ``kv_len - q_len + j``: torch SDPA
-    (cuDNN / flash on CUDA, GQA in the kernel) without a prefix, :func:`.dense_pieces.piece_after_prefix` after one (cuDNN
-    on CUDA); one call per (request, KV head)."""
+    """Dense causal attention of ``heads``, query j of request i at position ``kv_len - q_len + j``, per request
+    and KV head (:func:`.dense_pieces.dense_heads_by_group`: cuDNN / flash SDPA without a prefix, two merged
+    calls after one)."""
     group = q.shape[1] // k_buffer.shape[1]
     by_kv: dict[int, list[int]] = {}
     for h in heads:
         by_kv.setdefault(h // group, []).append(h)
-    c = 0
+    groups = [(head_index(hs, q.device), slice(g, g + 1), len(hs)) for g, hs in by_kv.items()]
+    segs, c = [], 0
     for i, (n, L) in enumerate(zip(q_lens, kv_lens)):
-        rows = kv.rows(i, L)
-        for g, hs in by_kv.items():
-            hs = head_index(hs, q.device)
-            qq = q[c:c + n, hs].contiguous().transpose(0, 1)                           # [S, n, d], token-major
-            kk, vv = k_buffer[rows, g], v_buffer[rows, g]                             # [L, d]
-            if n == L:   # no prefix: top-left causal, GQA in the kernel (cuDNN / flash); operands token-major
-                o = causal_sdpa(qq[None], kk.contiguous()[None, None], vv.contiguous()[None, None], scale, True)[0]
-            else:
-                o = dense_piece(qq, kk, vv, scale)
-            out[c:c + n, hs] = o.transpose(0, 1).to(out.dtype)
+        if n:
+            segs.append((c, n, L, kv.rows(i, L)))
         c += n
+    dense_heads_by_group(q, k_buffer, v_buffer, out, segs, groups, scale)
 
 
 _PREFILLS: dict = {}
