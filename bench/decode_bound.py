@@ -17,13 +17,17 @@ decode rate in a ``bench/serve_gpu.py`` result, with the pages the plan's decode
 """
 from __future__ import annotations
 
-import argparse
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
 
-from sglang_shplb.core.patterns import BLOCK, HeadBudget, decode_budget
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from ttft_bound import bound_parser, goals_of, write_bound  # noqa: E402  (bench/ttft_bound.py)
+
+from sglang_shplb.core.patterns import BLOCK, HeadBudget, decode_budget  # noqa: E402
 
 
 def rates(doc: dict, server: str) -> dict[int, float]:
@@ -98,25 +102,13 @@ def table(res: dict) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("serve_json", type=Path, help="a bench/serve_gpu.py result with a flashinfer run (batch 1)")
-    ap.add_argument("plan_json", type=Path, help="the plan.json the shplb server ran (its budgets)")
-    ap.add_argument("--goal", action="append", default=[], metavar="LENGTH:RATIO",
-                    help="a decode ratio over FlashInfer to check (default 16384:1 and 65536:1.6, issue 15's)")
-    ap.add_argument("--out", type=Path, default=None, help="folder for decode_bound_<stem>.json and .md")
-    a = ap.parse_args()
-    goals = dict((int(n), float(r)) for n, r in (g.split(":") for g in a.goal or ["16384:1", "65536:1.6"]))
+    a = bound_parser(__doc__.split("\n\n")[0], "a decode ratio over FlashInfer to check (default 16384:1 and "
+                     "65536:1.6, issue 15's)", "decode_bound").parse_args()
     doc = json.loads(a.serve_json.read_text())
     plan = json.loads(a.plan_json.read_text())
     budgets = [[HeadBudget.from_dict(b) for b in layer] for layer in plan["budgets"]]
-    res = bound_rows(doc, budgets, int(plan["model"]["num_kv_heads"]), goals)
-    res.update(serve_json=str(a.serve_json), plan_json=str(a.plan_json), date=doc.get("date"))
-    text = table(res)
-    print(text)
-    if a.out:
-        a.out.mkdir(parents=True, exist_ok=True)
-        (a.out / f"decode_bound_{a.serve_json.stem}.json").write_text(json.dumps(res, indent=1))
-        (a.out / f"decode_bound_{a.serve_json.stem}.md").write_text(text + "\n")
+    res = bound_rows(doc, budgets, int(plan["model"]["num_kv_heads"]), goals_of(a.goal, ["16384:1", "65536:1.6"]))
+    write_bound(res, table(res), a, doc, "decode_bound")
 
 
 if __name__ == "__main__":

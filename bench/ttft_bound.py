@@ -125,29 +125,45 @@ def table(res: dict) -> str:
     return "\n".join(out)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("serve_json", type=Path, help="a bench/serve_gpu.py result with flashinfer and shplb runs")
+def bound_parser(description: str, goal_help: str, out_prefix: str) -> argparse.ArgumentParser:
+    """The arguments the bound scripts share: a ``bench/serve_gpu.py`` result, the plan its ``shplb`` server
+    ran, goals (``--goal LENGTH:RATIO``, repeatable) and ``--out``."""
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("serve_json", type=Path, help="a bench/serve_gpu.py result with a flashinfer run (batch 1)")
     ap.add_argument("plan_json", type=Path, help="the plan.json the shplb server ran (its budgets)")
-    ap.add_argument("--goal", action="append", default=[], metavar="LENGTH:RATIO",
-                    help="a TTFT ratio over FlashInfer to price (default 65536:2.3 and 131072:3, issue 15's)")
-    ap.add_argument("--show-from", type=int, default=32768,
-                    help="lengths shown, from (default %(default)d: the benchmark's plan runs stock prefill to 16K); "
-                         "every FlashInfer length is fitted")
-    ap.add_argument("--out", type=Path, default=None, help="folder for bound_<stem>.json and .md")
-    a = ap.parse_args()
-    goals = dict((int(n), float(r)) for n, r in (g.split(":") for g in a.goal or ["65536:2.3", "131072:3"]))
-    doc = json.loads(a.serve_json.read_text())
-    budgets = [[HeadBudget.from_dict(b) for b in layer] for layer in json.loads(a.plan_json.read_text())["budgets"]]
-    res = bound_rows(doc, budgets, goals, a.show_from)
+    ap.add_argument("--goal", action="append", default=[], metavar="LENGTH:RATIO", help=goal_help)
+    ap.add_argument("--out", type=Path, default=None, help=f"folder for {out_prefix}_<stem>.json and .md")
+    return ap
+
+
+def goals_of(given: list[str], default: list[str]) -> dict[int, float]:
+    """``["65536:2.3", ...]`` → ``{65536: 2.3, ...}`` (``default`` when none is given)."""
+    return dict((int(n), float(r)) for n, r in (g.split(":") for g in given or default))
+
+
+def write_bound(res: dict, text: str, a: argparse.Namespace, doc: dict, out_prefix: str) -> None:
+    """Print the table; with ``--out``, write ``<out_prefix>_<stem>.json`` (the rows and their sources) and
+    ``.md`` (the table)."""
     res.update(serve_json=str(a.serve_json), plan_json=str(a.plan_json), date=doc.get("date"))
-    text = table(res)
     print(text)
     if a.out:
         a.out.mkdir(parents=True, exist_ok=True)
         stem = a.serve_json.stem
-        (a.out / f"bound_{stem}.json").write_text(json.dumps(res, indent=1))
-        (a.out / f"bound_{stem}.md").write_text(text + "\n")
+        (a.out / f"{out_prefix}_{stem}.json").write_text(json.dumps(res, indent=1))
+        (a.out / f"{out_prefix}_{stem}.md").write_text(text + "\n")
+
+
+def main() -> None:
+    ap = bound_parser(__doc__.split("\n\n")[0], "a TTFT ratio over FlashInfer to price (default 65536:2.3 and "
+                      "131072:3, issue 15's)", "bound")
+    ap.add_argument("--show-from", type=int, default=32768,
+                    help="lengths shown, from (default %(default)d: the benchmark's plan runs stock prefill to 16K); "
+                         "every FlashInfer length is fitted")
+    a = ap.parse_args()
+    doc = json.loads(a.serve_json.read_text())
+    budgets = [[HeadBudget.from_dict(b) for b in layer] for layer in json.loads(a.plan_json.read_text())["budgets"]]
+    res = bound_rows(doc, budgets, goals_of(a.goal, ["65536:2.3", "131072:3"]), a.show_from)
+    write_bound(res, table(res), a, doc, "bound")
 
 
 if __name__ == "__main__":
