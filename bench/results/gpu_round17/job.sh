@@ -27,9 +27,9 @@ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee $O/gpu.txt
 for step in $steps; do
   t0=$(date +%s)
   case $step in
-    first) PYTHONPATH=/tmp/site:$PWD TORCH_CUDNN_SDPA_AVOID_RECOMPILE=0 python3 bench/first_call.py --out $O/first \
+    first) PYTHONPATH=$PWD:/tmp/site TORCH_CUDNN_SDPA_AVOID_RECOMPILE=0 python3 bench/first_call.py --out $O/first \
              > $O/first_run.log 2>&1
-           PYTHONPATH=/tmp/site:$PWD TORCH_CUDNN_SDPA_AVOID_RECOMPILE=1 python3 bench/first_call.py --out $O/first \
+           PYTHONPATH=$PWD:/tmp/site TORCH_CUDNN_SDPA_AVOID_RECOMPILE=1 python3 bench/first_call.py --out $O/first \
              >> $O/first_run.log 2>&1 ;;
     fresh) OUT=$O LLAMA_SERVERS=flashinfer,shplb \
              LLAMA_FLAGS="--lengths 32768,65536,131072 --batches 1 --context-length 131200 --fresh-lengths 3" \
