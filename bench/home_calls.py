@@ -30,7 +30,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from head_parallel import H100_REFIT, SHAPES, layer_qkv, plan_budgets, rank_qkv, run_grid  # noqa: E402
-from timing import bench, device_name, device_tag, host_syncs, kernel_ms, log, results_writer  # noqa: E402
+from timing import bench, device_gaps, device_name, device_tag, host_syncs, kernel_ms, log, results_writer  # noqa: E402
 
 from sglang_shplb.core.head_map import rank_heads  # noqa: E402
 from sglang_shplb.core.patterns import Pattern  # noqa: E402
@@ -58,8 +58,9 @@ def main(argv=None) -> None:
     ap.add_argument("--reps", type=int, default=30, help="milliseconds of repeats per timing")
     ap.add_argument("--out", default="/tmp/out")
     ap.add_argument("--kernels", action="store_true",
-                    help="also record each part's device time by kernel (torch.profiler; GPU only) and write a cProfile "
-                         "of each rank's home call (host time by function) to host_<cell>_r<rank>.txt")
+                    help="also record each part's device time by kernel (torch.profiler; GPU only), write a cProfile "
+                         "of each rank's home call (host time by function) to host_<cell>_r<rank>.txt, and time "
+                         "its device span, busy time and idle gaps as do_bench sees it (timing.device_gaps)")
     ap.add_argument("--cpu-smoke", action="store_true")
     a = ap.parse_args(argv)
     smoke, dev, dt, shapes, ctxs, tps = run_grid(a)
@@ -105,6 +106,13 @@ def main(argv=None) -> None:
                                 if part == "home":
                                     rec["parts"][part]["host_ms"] = host_profile(
                                         call, out / f"host_{shape}_{n}_{plan}_tp{tp}_r{r}.txt")
+                                    try:     # a diagnostic: a profiler that cannot tell is reported, not fatal
+                                        g = rec["parts"][part]["device_gaps"] = device_gaps(call)
+                                        log(f"    device timeline (host ahead, L2 flushed): span {g['span_ms']:.3f} "
+                                            f"ms, busy {g['busy_ms']:.3f}, gaps {g['gaps_ms']:.3f}")
+                                    except Exception as e:  # noqa: BLE001
+                                        rec["parts"][part]["device_gaps"] = {"error": repr(e)[:300]}
+                                        log(f"    device timeline: {e!r}")
                         if rec["parts"].get("sparse"):
                             t = bench(lambda: build_block_index(local, qs, ks, cu, kvl, n, cu_seqlens_k=cu), smoke,
                                       a.reps)

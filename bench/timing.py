@@ -68,6 +68,44 @@ def kernel_ms(fn, calls: int = 10) -> dict[str, float]:
     return {e.key[:60]: e.device_time_total / calls / 1e3 for e in kern}
 
 
+def span_and_busy(intervals: list[tuple[float, float]]) -> tuple[float, float]:
+    """``(last end - first start, length of the union)`` of ``(start, end)`` intervals sorted by start."""
+    if not intervals:
+        return 0.0, 0.0
+    busy, end = 0.0, float("-inf")
+    for a, b in intervals:
+        busy += max(0.0, b - max(a, end))
+        end = max(end, b)
+    return end - intervals[0][0], busy
+
+
+def device_gaps(fn, calls: int = 5) -> dict[str, float]:
+    """``fn``'s device timeline as ``triton.testing.do_bench`` times it: the host ahead of the GPU (a queued sleep
+    kernel gives it 25 ms to issue ``fn``) and the L2 flushed just before. Medians over ``calls`` of: ``span_ms``
+    (first start to last end of ``fn``'s device work), ``busy_ms`` (the union of its kernels and copies) and
+    ``gaps_ms`` (span - busy: the device idle inside ``fn`` though every launch was queued)."""
+    import statistics
+
+    import torch
+    from torch.profiler import DeviceType, ProfilerActivity
+    flush = torch.empty(256 << 20, dtype=torch.int8, device="cuda")
+    fn()
+    out: dict[str, list[float]] = {"span_ms": [], "busy_ms": [], "gaps_ms": []}
+    for _ in range(calls):
+        torch.cuda.synchronize()
+        with torch.profiler.profile(activities=[ProfilerActivity.CUDA]) as prof:
+            torch.cuda._sleep(50_000_000)
+            flush.zero_()
+            fn()
+            torch.cuda.synchronize()
+        ev = sorted((e.time_range.start, e.time_range.end) for e in prof.events() if e.device_type == DeviceType.CUDA)
+        span, busy = span_and_busy(ev[2:])    # the sleep and the flush come first
+        out["span_ms"].append(span / 1e3)
+        out["busy_ms"].append(busy / 1e3)
+        out["gaps_ms"].append((span - busy) / 1e3)
+    return {k: statistics.median(v) for k, v in out.items()}
+
+
 def results_writer(res: dict, path: str):
     """``dump()``: write ``res`` to ``path.json`` and the log so far to ``path.log`` (called after each step
     of a benchmark, so that a run cut short still leaves its numbers)."""

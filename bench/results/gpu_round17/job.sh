@@ -13,13 +13,16 @@
 #            shplb, plus 3 requests per cell at lengths neither server has seen (--fresh-lengths 3), ~10 min
 #   profile  bench/chunked_prefill.py --profile at 64K / 128K: the served route's last chunk by kernel (round 16
 #            profiled the Triton-dense route by mistake), ~1.5 min
+#   kern     issue 13: bench/home_calls.py --kernels at llama8b 64K TP 4 (profiled), now with each home call's device
+#            timeline as do_bench sees it (span, busy, idle gaps): what fills rank 1's 0.58 ms that is neither
+#            kernel nor host time (round 16), ~1 min
 #   tests    the dense-head tests compiled on the GPU with TORCH_CUDNN_SDPA_AVOID_RECOMPILE=1 (cuDNN's ragged path,
 #            which the server now takes; the one-time cuDNN check falls back to flash if it disagrees), ~3 min
 #   hp       issue 13: bench/head_parallel.py, placements solved with round 16's refit (fitted on the corrected
 #            run; on the CPU it changes 15 of the 16 cells' placements) against round 13's (shplb_prior), side by
 #            side, ~4 min
 set -u
-steps=${*:-first tests fresh profile hp}
+steps=${*:-first kern tests fresh profile hp}
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
 O=/tmp/out
 mkdir -p $O
@@ -36,6 +39,8 @@ for step in $steps; do
              bash bench/serve_gpu.sh llama8b > $O/fresh_run.log 2>&1 ;;
     profile) PYTHONPATH=$PWD python3 bench/chunked_prefill.py llama8b --profile --ctx 65536,131072 --out $O/profile \
                > $O/profile_run.log 2>&1 ;;
+    kern) HOME_SHAPES=llama8b HOME_ARGS="--ctx 65536 --tp 4 --plans profiled --kernels" \
+            bash bench/results/gpu_round14/job.sh home ;;
     tests) PYTHONPATH=$PWD TRITON_INTERPRET=0 TORCH_CUDNN_SDPA_AVOID_RECOMPILE=1 python3 -m pytest -q -p no:cacheprovider \
              tests/test_kernels.py tests/test_head_parallel.py -k "piece or prefix or dense or tail or matches_reference" \
              > $O/gpu_tests.log 2>&1 ;;
@@ -44,7 +49,7 @@ for step in $steps; do
           --calibration bench/results/head_parallel/move_calibration_round16_fixed_h100.json \
           --compare-calibration bench/results/head_parallel/move_calibration_round13_h100.json \
           --out $O/hp > $O/hp_run.log 2>&1 ;;
-    *) echo "unknown step $step (first, tests, fresh, profile, hp)" ;;
+    *) echo "unknown step $step (first, kern, tests, fresh, profile, hp)" ;;
   esac
   echo "round17 step $step rc=$? $(( $(date +%s) - t0 )) s"
 done
