@@ -49,6 +49,21 @@ def test_launcher_splits_our_flags():
                                    "--shplb-group-prefill-by-bucket", "--port", "1234"])
     assert ours.shplb_plan == "p" and ours.shplb_dense_backend == "triton" and ours.shplb_group_prefill_by_bucket
     assert rest == ["--model-path", "m", "--port", "1234", "--attention-backend", "shplb"]
+    assert not ours.shplb_no_warmup
+    ours, rest, _ = split_argv(["--model-path", "m", "--shplb-no-warmup"])
+    assert ours.shplb_no_warmup and "--shplb-no-warmup" not in rest
+
+
+def test_warmup_switch_reaches_the_scheduler_processes_env():
+    from sglang_shplb.serving.config import ENV_WARMUP, ServingConfig
+    on = ServingConfig.from_env({})
+    assert on.warmup and on.to_env()[ENV_WARMUP] == "1"
+    off = ServingConfig.from_env({ENV_WARMUP: "0"})
+    assert not off.warmup and ServingConfig.from_env(off.to_env()) == off
+
+
+def test_launcher_refuses_our_flags_misused():
+    from sglang_shplb.serving.launch import split_argv
     with pytest.raises(SystemExit) as e:
         split_argv(["--model-path", "m", "--attention-backend", "triton"])
     assert e.value.code == 2

@@ -170,6 +170,14 @@ class LayerKernels:
     def extend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_buffer: torch.Tensor,
                v_buffer: torch.Tensor, batch: ExtendBatch, scale: float, out: torch.Tensor) -> torch.Tensor:
         """``q [T, Hq, d]``, ``k/v [T, Hkv, d]``: this batch's new tokens, already written to the pool."""
+        self.prefill_batch(q, k, v, k_buffer, v_buffer, batch, scale, out)
+        self.summarize(k_buffer, batch)
+        return out
+
+    def prefill_batch(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_buffer: torch.Tensor,
+                      v_buffer: torch.Tensor, batch: ExtendBatch, scale: float, out: torch.Tensor) -> None:
+        """The attention of :meth:`extend` without the summaries: a batch with a cached prefix reads the pool
+        (paged), one without reads the new tokens (contiguous)."""
         max_q, max_kv = max(batch.q_lens_cpu), max(batch.kv_lens_cpu)
         sp = self.prefill
         sp.sm_scale = scale
@@ -182,8 +190,6 @@ class LayerKernels:
             sp.plan(batch.cu_seqlens_q, batch.seq_lens, max_q, max_kv, cu_seqlens_k=batch.cu_seqlens_q,
                     q_lens_cpu=batch.q_lens_cpu, kv_lens_cpu=batch.kv_lens_cpu)
             sp.run(q, k, v, out=out)
-        self.summarize(k_buffer, batch)
-        return out
 
     def summarize(self, k_buffer: torch.Tensor, batch: ExtendBatch) -> None:
         """(Re)build the key min/max of the pool pages that hold the batch's requests, which decode's page

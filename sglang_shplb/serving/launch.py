@@ -41,6 +41,10 @@ def add_shplb_args(parser: argparse.ArgumentParser) -> None:
                    help="decode steps a top-k / vertical-slash head keeps the pages it selected (LServe's "
                         "reusable page selector; the steps between skip the selection launch's scoring); 1: "
                         "select at every step (default %(default)s)")
+    g.add_argument("--shplb-no-warmup", action="store_true",
+                   help="skip the start-up warm-up of the sparse extend kernels (CUDA: every distinct layer run "
+                        "once per query / prefix length bucket, so that no request pays a Triton compile or a "
+                        "cuDNN plan); they then compile on first use")
 
 
 def _positive_int(text: str) -> int:
@@ -62,7 +66,7 @@ def build_parser():
 
 
 _OURS = ("shplb_plan", "shplb_dense_fallback", "shplb_dense_backend", "shplb_group_prefill_by_bucket",
-         "shplb_bucket_log_every", "shplb_decode_reselect_every")
+         "shplb_bucket_log_every", "shplb_decode_reselect_every", "shplb_no_warmup")
 
 
 def split_argv(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
@@ -187,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     ours, sgl_argv, args = split_argv(argv)
     cfg = ServingConfig(os.path.abspath(ours.shplb_plan) if ours.shplb_plan else None, ours.shplb_dense_fallback,
                         ours.shplb_dense_backend, ours.shplb_group_prefill_by_bucket, ours.shplb_bucket_log_every,
-                        ours.shplb_decode_reselect_every)
+                        ours.shplb_decode_reselect_every, not ours.shplb_no_warmup)
     os.environ.update(cfg.to_env())
     note = bucketed_cudnn_plans(os.environ)
     if note:

@@ -21,6 +21,8 @@
 #   hp       issue 13: bench/head_parallel.py, placements solved with round 16's refit (fitted on the corrected
 #            run; on the CPU it changes 15 of the 16 cells' placements) against round 13's (shplb_prior), side by
 #            side, ~4 min
+#   wtest    the start-up warm-up (sglang_shplb/kernels/warmup.py, added after first/kern/tests/profile ran) and the
+#            token-major test compiled on the GPU, before a server takes it, ~1 min
 set -u
 steps=${*:-first kern tests fresh profile hp}
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
@@ -49,7 +51,9 @@ for step in $steps; do
           --calibration bench/results/head_parallel/move_calibration_round16_fixed_h100.json \
           --compare-calibration bench/results/head_parallel/move_calibration_round13_h100.json \
           --out $O/hp > $O/hp_run.log 2>&1 ;;
-    *) echo "unknown step $step (first, kern, tests, fresh, profile, hp)" ;;
+    wtest) PYTHONPATH=$PWD:/tmp/site TRITON_INTERPRET=0 python3 -m pytest -q -p no:cacheprovider tests/test_warmup.py \
+             tests/test_kernels.py -k "warm or token_major or distinct or grid" > $O/wtest.log 2>&1 ;;
+    *) echo "unknown step $step (first, kern, tests, fresh, profile, hp, wtest)" ;;
   esac
   echo "round17 step $step rc=$? $(( $(date +%s) - t0 )) s"
 done

@@ -1,0 +1,130 @@
+"""Warm the extend path up before serving: run every distinct layer's prefill kernels once at each shape bucket a
+server can meet, so that no request pays for a compile or an execution plan.
+
+Why (``bench/first_call.py``, H100, 2026-12-06, Llama-3-8B-shaped layer, the last chunk of a prompt of a length
+the process had not seen): the first call at a new power of two of the key count cost 0.88 s more than the
+steady call (Triton compiles the index builder's selection for the wider row), and each new power-of-two pair
+of (query rows, prefix) 60–125 ms (cuDNN builds an execution plan per length bucket; 1.1–3.1 s per new exact
+length before ``TORCH_CUDNN_SDPA_AVOID_RECOMPILE=1``). Those buckets are few, so they are all met here:
+
+* query rows ``m``: one per power-of-two bucket up to the longest extend (the chunked-prefill size);
+* prefix ``p``: 0 (a first chunk: contiguous keys, one causal SDPA) and one per power-of-two bucket from
+  :data:`MIN_PREFIX` (a later chunk or a radix hit: paged keys, two cuDNN pieces) with ``p + m`` within the
+  context length (:func:`warmup_shapes`);
+* layers: one per kernel signature (the pattern and selection tile of each head, in order: what the kernels'
+  compile-time constants and the dense groups' shapes follow), among those that take the kernel path in the
+  bucket of ``p + m``.
+
+cuDNN keys a piece's plan by the buckets of ``m`` and ``p``; Triton compiles the selection per power of two of
+the ``p + m`` keys' blocks: the grid meets every bucket of both that a chunk of at most ``max_q`` rows after a
+prefix of 0 or at least :data:`MIN_PREFIX` tokens can fall in (shorter prefixes, radix hits only, are not
+warmed). The keys live in a
+scratch pool whose pages all point into ``pool_slots`` slots (values are random; only shapes and strides
+matter), and a scratch output: the server's pool, summaries and kept selections are not touched. No SGLang."""
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+
+import torch
+
+from sglang_shplb.core.patterns import BLOCK
+from sglang_shplb.kernels.dense_tail import dense_tail
+from sglang_shplb.kernels.head_parallel import KVRows
+from sglang_shplb.kernels.paged_layer import ExtendBatch, LayerKernels
+
+#: the shortest cached prefix warmed (one 128-token superblock: shorter ones share its buckets)
+MIN_PREFIX = 2 * BLOCK
+
+
+def pow2_ceil(n: int) -> int:
+    """The power-of-two bucket of ``n >= 1``: the least power of two ``>= n``."""
+    return 1 << (n - 1).bit_length()
+
+
+def bucket_lengths(lo: int, hi: int) -> list[int]:
+    """One length of each power-of-two bucket met by ``[lo, hi]`` (``1 <= lo <= hi``): the bucket's power of
+    two, but ``hi`` for the last (``hi`` not a power of two: its bucket's power of two is out of range)."""
+    out, x = [], pow2_ceil(lo)
+    while x < hi:
+        out.append(x)
+        x *= 2
+    return out + [hi]
+
+
+def warmup_shapes(max_q: int, max_kv: int, min_prefix: int = MIN_PREFIX) -> list[tuple[int, int]]:
+    """``(query rows m, prefix p)`` pairs meeting every pair of power-of-two buckets (of ``m``, of ``p``) that a
+    chunk of ``1 <= m <= max_q`` rows after a prefix of 0 or ``min_prefix <= p <= max_kv - m`` tokens can fall
+    in: per bucket of ``m`` its largest length, and per bucket of ``p`` the largest prefix that fits beside it
+    (beside the bucket's smallest ``m`` when none fits beside the largest); ordered by ``p + m``."""
+    if max_q < 1 or max_kv < 1:
+        raise ValueError(f"need max_q >= 1 and max_kv >= 1, got {max_q}, {max_kv}")
+    shapes = set()
+    for m_hi in bucket_lengths(1, min(max_q, max_kv)):
+        m_lo = pow2_ceil(m_hi) // 2 + 1 if m_hi > 1 else 1        # the bucket's smallest length
+        shapes.add((m_hi, 0))
+        if max_kv - m_lo < min_prefix:
+            continue
+        for bound in bucket_lengths(min_prefix, max_kv - m_lo):
+            lo = max(min_prefix, pow2_ceil(bound) // 2 + 1)        # the prefix bucket's smallest length
+            m = next(x for x in (m_hi, m_lo) if min(bound, max_kv - x) >= lo)
+            shapes.add((m, min(bound, max_kv - m)))
+    return sorted(shapes, key=lambda s: (s[0] + s[1], s[0]))
+
+
+def kernel_signature(layer: LayerKernels) -> tuple:
+    """What the prefill kernels of ``layer`` compile and plan for: each head's pattern and selection tile."""
+    return tuple((b.pattern, b.tile) for b in layer.budgets)
+
+
+def distinct_layers(layers: Sequence[LayerKernels]) -> list[LayerKernels]:
+    """The first layer of each :func:`kernel_signature`, in order."""
+    seen: dict[tuple, LayerKernels] = {}
+    for lk in layers:
+        seen.setdefault(kernel_signature(lk), lk)
+    return list(seen.values())
+
+
+def warm_up_extend(layers_at: Callable[[int], Sequence[LayerKernels]], shapes: Sequence[tuple[int, int]],
+                   dtype: torch.dtype, device, *, r2t_cols: int, scale: float, pool_slots: int = 4096,
+                   log: Callable[[str], None] | None = None, seed: int = 0) -> dict:
+    """Run :meth:`.LayerKernels.prefill_batch` and the dense tail of each of ``distinct_layers(layers_at(p + m))``
+    at every ``(m, p)`` of ``shapes`` (one request; a request-pool table of ``r2t_cols`` columns, as the
+    server's, so that its stride matches). ``log`` gets a line per tenth of the grid. Returns counts and the
+    wall time."""
+    t0 = time.perf_counter()
+    g = torch.Generator(device=device).manual_seed(seed)
+    todo = [(m, p, distinct_layers(layers_at(p + m))) for m, p in shapes]
+    todo = [t for t in todo if t[2]]
+    if not todo:
+        return {"shapes": 0, "calls": 0, "seconds": 0.0}
+    hkv, d = todo[0][2][0].hkv, todo[0][2][0].d
+    max_len = max(m + p for m, p, _ in todo)
+    if max_len > r2t_cols:
+        raise ValueError(f"warm-up shapes reach {max_len} tokens, the request table has {r2t_cols} columns")
+    slots = min(pool_slots, max_len)
+    k_buf = torch.randn(slots, hkv, d, device=device, dtype=dtype, generator=g)
+    v_buf = torch.randn(slots, hkv, d, device=device, dtype=dtype, generator=g)
+    r2t = torch.zeros(1, r2t_cols, dtype=torch.int32, device=device)
+    r2t[0, :max_len] = torch.arange(max_len, device=device, dtype=torch.int32) % slots
+    rpi = torch.zeros(1, dtype=torch.int32, device=device)
+    kv_rows = KVRows(r2t, rpi)
+    calls, step = 0, max(1, len(todo) // 10)
+    for i, (m, p, layers) in enumerate(todo):
+        batch = ExtendBatch.build(r2t, rpi, [m], [p + m])
+        rows = slice(0, m) if m <= slots else torch.arange(m, device=device) % slots
+        k, v = k_buf[rows], v_buf[rows]                 # the new tokens (read as such without a prefix)
+        for lk in layers:
+            q = torch.randn(m, lk.hq, d, device=device, dtype=dtype, generator=g)
+            out = torch.empty_like(q)
+            lk.prefill_batch(q, k, v, k_buf, v_buf, batch, scale, out)
+            dense_tail(q, k_buf, v_buf, kv_rows, [m], [p + m], lk.heads.sparse, scale, out)
+            calls += 1
+        if log is not None and ((i + 1) % step == 0 or i + 1 == len(todo)):
+            if str(device).startswith("cuda"):
+                torch.cuda.synchronize(device)
+            log(f"shplb warm-up: {i + 1}/{len(todo)} shapes (up to {m} rows after a {p}-token prefix), "
+                f"{calls} layer calls, {time.perf_counter() - t0:.1f} s")
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize(device)
+    return {"shapes": len(todo), "calls": calls, "seconds": time.perf_counter() - t0}

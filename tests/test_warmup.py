@@ -1,0 +1,139 @@
+"""The start-up warm-up of the extend kernels (:mod:`sglang_shplb.kernels.warmup`): its shape grid meets every
+bucket a served chunk can fall in, it runs each distinct layer on the real kernels (Triton interpreter / CPU
+pieces here) without touching the layers' state, and the backend warms only the layers each bucket runs on
+the kernels."""
+import math
+import types
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import DEV
+from sglang_shplb.core.patterns import BLOCK, HeadBudget
+from sglang_shplb.kernels import dense_pieces
+from sglang_shplb.kernels.paged_layer import ExtendBatch, LayerKernels
+from sglang_shplb.kernels.warmup import (MIN_PREFIX, bucket_lengths, distinct_layers, pow2_ceil, warm_up_extend,
+                                         warmup_shapes)
+
+
+def _keys(m: int, p: int) -> tuple:
+    """The caches a chunk of ``m`` rows after a ``p``-token prefix reads: cuDNN's (bucket of m, bucket of p),
+    Triton's selection width for 64- and 128-token blocks of the ``p + m`` keys."""
+    n = p + m
+    return pow2_ceil(m), pow2_ceil(p) if p else 0, pow2_ceil(math.ceil(n / BLOCK)), pow2_ceil(math.ceil(n / 128))
+
+
+@pytest.mark.parametrize("max_q,max_kv", [(128, 1024), (100, 1000), (300, 777), (8192, 131200)])
+def test_grid_meets_every_bucket_of_a_served_chunk(max_q, max_kv):
+    grid = warmup_shapes(max_q, max_kv)
+    assert len(set(grid)) == len(grid) and all(m <= max_q and m + p <= max_kv for m, p in grid)
+    assert [m + p for m, p in grid] == sorted(m + p for m, p in grid)
+    cudnn = {_keys(m, p)[:2] for m, p in grid}
+    width = {_keys(m, p)[2] for m, p in grid} | {_keys(m, p)[3] for m, p in grid}
+    step = max(1, max_q // 97)
+    for m in list(range(1, max_q + 1, step)) + [max_q]:
+        for p in [0] + list(range(MIN_PREFIX, max_kv - m + 1, max(1, max_kv // 89))) + [max_kv - m]:
+            if p and p < MIN_PREFIX:
+                continue
+            key = _keys(m, p)
+            assert key[:2] in cudnn, (m, p)
+            assert key[2] in width and key[3] in width, (m, p)
+
+
+def test_grid_edges():
+    assert bucket_lengths(1, 1) == [1] and bucket_lengths(3, 3) == [3] and bucket_lengths(5, 64) == [8, 16, 32, 64]
+    assert bucket_lengths(128, 1000) == [128, 256, 512, 1000]
+    assert warmup_shapes(4, 4) == [(1, 0), (2, 0), (4, 0)]                 # no room for a prefix
+    assert (64, 512) in warmup_shapes(64, 1000) and (64, 936) in warmup_shapes(64, 1000)
+    with pytest.raises(ValueError):
+        warmup_shapes(0, 10)
+
+
+HKV, D = 2, 64
+DT = torch.bfloat16 if DEV == "cuda" else torch.float32   # a dtype whose dense pieces have a kernel on DEV
+MIXED = [HeadBudget.dense(), HeadBudget.topk(0.3, min_blocks=2), HeadBudget.vslash(0.3, min_blocks=1),
+         HeadBudget.streaming(64, 128), HeadBudget.topk(0.5, min_blocks=2), HeadBudget.dense()]
+
+
+def _layer(budgets, ctx=1024, hkv=HKV):
+    return LayerKernels(budgets, hkv, D, ctx, DT, DEV, pool_tokens=2048)
+
+
+def test_distinct_layers_by_pattern_and_tile():
+    a, b = _layer(MIXED), _layer([HeadBudget.topk(0.1, min_blocks=1) if x.pattern.name == "TOPK" else x
+                                  for x in MIXED])       # other top-k budgets: the same kernels
+    c = _layer([HeadBudget.dense()] * 3 + [HeadBudget.streaming(64, 64)] * 3)
+    t = _layer([HeadBudget.topk(0.3, min_blocks=2, tile=128) if x.pattern.name == "TOPK" else x for x in MIXED])
+    assert distinct_layers([a, b, c, a, t]) == [a, c, t]
+
+
+def test_warm_up_runs_each_distinct_layer_on_the_kernels_and_leaves_the_layers_alone(monkeypatch):
+    layers = [_layer(MIXED), _layer(MIXED), _layer([HeadBudget.dense()] * 3 + [HeadBudget.streaming(64, 64)] * 3)]
+    before = [lk.kmin.clone() for lk in layers if lk.kmin is not None]
+    pieces = []
+    real = dense_pieces.piece_after_prefix
+    monkeypatch.setattr(dense_pieces, "piece_after_prefix",
+                        lambda q, k, v, *a: pieces.append((q.shape[-2], k.shape[-2])) or real(q, k, v, *a))
+    shapes = warmup_shapes(64, 400)
+    lines = []
+    res = warm_up_extend(lambda n: layers if n <= 300 else layers[2:], shapes, DT, DEV, r2t_cols=512,
+                         scale=D ** -0.5, log=lines.append)
+    want = sum(2 if m + p <= 300 else 1 for m, p in shapes)
+    assert res["shapes"] == len(shapes) and res["calls"] == want
+    # every shape with a prefix cut the dense heads into pieces over exactly that prefix
+    assert {(m, p + m) for m, p in shapes if p} <= set(pieces)
+    assert lines and lines[-1].startswith(f"shplb warm-up: {len(shapes)}/{len(shapes)} shapes")
+    assert all(torch.equal(x, lk.kmin) for x, lk in zip(before, [lk for lk in layers if lk.kmin is not None]))
+    # nothing to warm: no shapes, no allocation
+    assert warm_up_extend(lambda n: [], shapes, DT, DEV, r2t_cols=512, scale=1.0)["shapes"] == 0
+    with pytest.raises(ValueError, match="512 columns"):
+        warm_up_extend(lambda n: layers, warmup_shapes(64, 1000), DT, DEV, r2t_cols=512, scale=1.0)
+
+
+def test_warmed_layer_still_matches_a_cold_one():
+    """The warm-up runs the same objects the server then serves with: a layer warmed first gives the output of
+    a fresh one on a real batch with a prefix."""
+    warm, cold = _layer(MIXED), _layer(MIXED)
+    warm_up_extend(lambda n: [warm], warmup_shapes(32, 300), DT, DEV, r2t_cols=512, scale=D ** -0.5)
+    g = torch.Generator().manual_seed(3)
+    n, m = 290, 70
+    kb, vb = (torch.randn(n, HKV, D, generator=g).to(DEV, DT) for _ in range(2))
+    r2t = torch.zeros(1, 512, dtype=torch.int32, device=DEV)
+    r2t[0, :n] = torch.randperm(n, generator=g).int().to(DEV)
+    batch = ExtendBatch.build(r2t, torch.zeros(1, dtype=torch.int32, device=DEV), [m], [n])
+    q = torch.randn(m, len(MIXED), D, generator=g).to(DEV, DT)
+    outs = []
+    for lk in (warm, cold):
+        out = torch.empty_like(q)
+        lk.prefill_batch(q, kb[r2t[0, n - m:n].long()], vb[r2t[0, n - m:n].long()], kb, vb, batch, D ** -0.5, out)
+        outs.append(out)
+    assert torch.equal(outs[0], outs[1])
+
+
+def test_backend_warms_the_layers_each_bucket_runs_on_the_kernels(monkeypatch):
+    """Glue: queries up to the chunked-prefill size, prefixes up to the context length, and at each length only
+    the kernel-path layers the plan does not mark stock for prefill in that length's bucket."""
+    from test_stock_fallback import HKV as SMOL_HKV, NL, _backend, _sparse_plan
+    import sglang_shplb.kernels.warmup as wu
+    plan = _sparse_plan()                                     # buckets 256 / 512 / 1024, context 1024
+    plan.stock = np.zeros((2, 3, NL), dtype=bool)
+    plan.stock[0, 0, :2] = True                               # prefill up to 256 tokens: layers 0, 1 stock
+    plan.stock[0, 2, 3] = True                                # above 512: layer 3 stock
+    be, _ = _backend(monkeypatch, plan)
+    be.kernels = {li: _layer(plan.budgets[li], hkv=SMOL_HKV) for li in range(NL)}
+    seen = []
+    monkeypatch.setattr(LayerKernels, "prefill_batch",
+                        lambda self, q, k, v, kb, vb, batch, scale, out: seen.append((self, batch.kv_lens_cpu[0])))
+    monkeypatch.setattr(wu, "dense_tail", lambda *a, **k: None)
+    be._warm_up(types.SimpleNamespace(server_args=types.SimpleNamespace(chunked_prefill_size=128)))
+    by_len = {}
+    for lk, n in seen:
+        by_len.setdefault(n, []).append(lk)
+    assert sorted(by_len) == sorted({m + p for m, p in warmup_shapes(128, 1024)})
+    for n, lks in by_len.items():
+        b = plan.buckets.index(n)
+        want = [li for li in range(NL) if not plan.stock[0, b, li]]
+        # every layer of the plan has the same kernels: the first non-stock one stands for them all
+        assert lks == [be.kernels[want[0]]] * (len(lks)), n
+    assert max(n for n in by_len) <= 1024 and max(m for m, _ in warmup_shapes(128, 1024)) == 128
