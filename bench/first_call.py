@@ -18,6 +18,7 @@ torch reads ``TORCH_CUDNN_SDPA_AVOID_RECOMPILE`` once per process (the server se
 
     python bench/first_call.py --out $OUT                                             # GPU, ~1 min
     TORCH_CUDNN_SDPA_AVOID_RECOMPILE=1 python bench/first_call.py --out $OUT          # cuDNN plans by length bucket
+    TORCH_CUDNN_SDPA_AVOID_RECOMPILE=1 python bench/first_call.py --warm-up --out $OUT  # after the server's warm-up
     TRITON_INTERPRET=1 python bench/first_call.py --cpu-smoke --out /tmp/fc           # logic check (CPU)
 """
 from __future__ import annotations
@@ -39,7 +40,8 @@ from layer_path import SHAPES, paged_pool, plan_budgets  # noqa: E402  (bench/la
 from timing import bench, device_tag, flashinfer_or_none, log, results_writer  # noqa: E402  (bench/timing.py)
 
 from sglang_shplb.core.patterns import Pattern  # noqa: E402
-from sglang_shplb.kernels import SparsePrefill  # noqa: E402
+from sglang_shplb.kernels.paged_layer import LayerKernels  # noqa: E402
+from sglang_shplb.kernels.warmup import extend_warmup, warm_up_extend  # noqa: E402
 from sglang_shplb.kernels.dense_pieces import CUDNN_BUCKETED_PLANS_ENV, piece_after_prefix  # noqa: E402
 
 
@@ -62,6 +64,9 @@ def main() -> None:
     ap.add_argument("--chunk", type=int, default=8192, help="SGLang's --chunked-prefill-size")
     ap.add_argument("--out", default="/tmp/out")
     ap.add_argument("--cpu-smoke", action="store_true", help="tiny shapes on the CPU (Triton interpreter)")
+    ap.add_argument("--warm-up", action="store_true",
+                    help="first run the server's start-up warm-up (sglang_shplb.kernels.warmup) on the shplb layer, "
+                         "for chunks of up to --chunk rows within the longest length: what a first call still costs")
     a = ap.parse_args()
     s = SHAPES["llama8b"]
     hq, hkv, d = s["hq"], s["hkv"], s["d"]
@@ -85,9 +90,12 @@ def main() -> None:
     res = {"device": name, "date": _dt.date.today().isoformat(), "chunk": a.chunk, "torch": torch.__version__,
            "warmup_length": a.warmup_length, CUDNN_BUCKETED_PLANS_ENV: bucketed, "rows": []}
     os.makedirs(a.out, exist_ok=True)
-    tag = device_tag(name) + ("_bucketed" if bucketed == "1" else "")
+    tag = device_tag(name) + ("_bucketed" if bucketed == "1" else "") + ("_warm" if a.warm_up else "")
     dump = results_writer(res, os.path.join(a.out, f"first_call_{tag}"))
-    sp = SparsePrefill(budgets, hkv, d, sm_scale=d ** -0.5)
+    lk = LayerKernels(budgets, hkv, d, max(lengths + [a.warmup_length]), dt, dev, pool_tokens=pool, decode=False)
+    sp = lk.prefill                       # the object the warm-up runs and the server serves with
+    sp.sm_scale = d ** -0.5
+    res["warm_up"] = None
     backends = ["flash"] if a.cpu_smoke else ["cudnn", "flash"]
     log(f"# bench/first_call.py  device={name}  date={res['date']}  chunk={a.chunk}  {dt}  "
         f"{CUDNN_BUCKETED_PLANS_ENV}={bucketed or 'unset'}; ms: first call, steady, first - steady")
@@ -117,6 +125,10 @@ def main() -> None:
 
     for fn in routes(a.warmup_length)["calls"].values():   # compiles, autotuning, first cuDNN plans
         first_and_steady(fn, a.cpu_smoke)
+    if a.warm_up:
+        shapes, planned = extend_warmup(a.chunk, max(lengths))
+        res["warm_up"] = warm_up_extend(lambda n: [lk], shapes, dt, dev, r2t_cols=r2t.shape[1], scale=d ** -0.5,
+                                        planned=planned, log=log)
     for n in lengths:
         r = routes(n)
         row = {"n": n, "prefix": r["prefix"], "queries": r["queries"]}

@@ -59,7 +59,7 @@ from sglang_shplb.core.model_spec import ModelSpec  # noqa: E402
 from sglang_shplb.core.patterns import HeadBudget  # noqa: E402
 from sglang_shplb.core.placement_types import LayerPlacement, Piece  # noqa: E402
 from sglang_shplb.kernels.dense_tail import dense_tail  # noqa: E402
-from sglang_shplb.kernels.dense_pieces import piece_backend  # noqa: E402
+from sglang_shplb.kernels.dense_pieces import causal_sdpa, piece_backend  # noqa: E402
 from sglang_shplb.kernels.head_parallel import HeadParallelExtend, KVRows, RankLayout, attend_heads  # noqa: E402
 from sglang_shplb.kernels.layer_reference import sparse_heads  # noqa: E402
 from sglang_shplb.planning.cost_model import load_cost_model  # noqa: E402
@@ -320,15 +320,18 @@ def chunked_reship(lp, hq, hkv, tp, n, chunk, d, elem) -> dict:
 
 
 def dense_per_rank(q, k, v, tp, scale, smoke, reps, flashinfer) -> dict:
-    """One rank's dense share (Hq / TP heads and their KV heads): cuDNN SDPA, FlashInfer ragged prefill."""
+    """One rank's dense share (Hq / TP heads and their KV heads): SDPA through the routine the dense heads of every
+    placement take (:func:`.dense_pieces.causal_sdpa`: cuDNN first where its one-time check passed; the plain
+    ``scaled_dot_product_attention`` call with torch's own backend choice, used before, took 1.6-1.9x longer in
+    round 17 than in round 16 with the same code on an H100, for a reason not found), FlashInfer ragged
+    prefill."""
     n, hq, d = q.shape
     hkv = k.shape[1]
     hs = rank_heads(hq, tp, 0)
     kv = sorted({h // (hq // hkv) for h in hs}) if tp <= hkv else [0]
     qq, kk, vv = q[:, hs].contiguous(), k[:, kv].contiguous(), v[:, kv].contiguous()
-    sdpa = torch.nn.functional.scaled_dot_product_attention
-    row = {"sdpa_ms": bench(lambda: sdpa(qq.transpose(0, 1)[None], kk.transpose(0, 1)[None], vv.transpose(0, 1)[None],
-                                         is_causal=True, scale=scale, enable_gqa=True), smoke, reps)}
+    row = {"sdpa_ms": bench(lambda: causal_sdpa(qq.transpose(0, 1)[None], kk.transpose(0, 1)[None],
+                                                vv.transpose(0, 1)[None], scale, True), smoke, reps)}
     if flashinfer is not None:
         ws = torch.empty(256 << 20, dtype=torch.uint8, device=q.device)
         w = flashinfer.BatchPrefillWithRaggedKVCacheWrapper(ws, "NHD")

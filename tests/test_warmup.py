@@ -13,8 +13,8 @@ from conftest import DEV
 from sglang_shplb.core.patterns import BLOCK, HeadBudget
 from sglang_shplb.kernels import dense_pieces
 from sglang_shplb.kernels.paged_layer import ExtendBatch, LayerKernels
-from sglang_shplb.kernels.warmup import (MIN_PREFIX, bucket_lengths, distinct_layers, pow2_ceil, warm_up_extend,
-                                         warmup_shapes)
+from sglang_shplb.kernels.warmup import (MIN_PREFIX, bucket_lengths, chunk_shapes, distinct_layers, extend_warmup,
+                                         pow2_ceil, warm_up_extend, warmup_shapes)
 
 
 def _keys(m: int, p: int) -> tuple:
@@ -48,6 +48,31 @@ def test_grid_edges():
     assert (64, 512) in warmup_shapes(64, 1000) and (64, 936) in warmup_shapes(64, 1000)
     with pytest.raises(ValueError):
         warmup_shapes(0, 10)
+
+
+def test_chunk_shapes_and_what_a_server_warms():
+    assert chunk_shapes(8192, 32768) == [(8192, 0), (8192, 8192), (8192, 16384), (8192, 24576)]
+    assert chunk_shapes(8192, 131200)[-1] == (8192, 122880) and chunk_shapes(100, 99) == []
+    shapes, planned = extend_warmup(128, 1000)
+    assert planned == frozenset(chunk_shapes(128, 1000)) and planned <= set(shapes)
+    assert set(shapes) == set(warmup_shapes(128, 1000)) | planned and len(set(shapes)) == len(shapes)
+    assert [m + p for m, p in shapes] == sorted(m + p for m, p in shapes)
+    with pytest.raises(ValueError):
+        chunk_shapes(0, 10)
+
+
+def test_forced_pieces_overrides_and_restores():
+    q = torch.zeros(1, 2, 64, dtype=torch.float32)
+    usual = dense_pieces.piece_backend(q)
+    with dense_pieces.forced_pieces("math"):
+        assert dense_pieces.piece_backend(q) == "math"
+        with dense_pieces.forced_pieces("flash"):
+            assert dense_pieces.piece_backend(q) == "flash"
+        assert dense_pieces.piece_backend(q) == "math"
+    assert dense_pieces.piece_backend(q) == usual
+    with pytest.raises(ValueError, match="choose from"):
+        with dense_pieces.forced_pieces("xformers"):
+            pass
 
 
 HKV, D = 2, 64
@@ -85,6 +110,16 @@ def test_warm_up_runs_each_distinct_layer_on_the_kernels_and_leaves_the_layers_a
     assert {(m, p + m) for m, p in shapes if p} <= set(pieces)
     assert lines and lines[-1].startswith(f"shplb warm-up: {len(shapes)}/{len(shapes)} shapes")
     assert all(torch.equal(x, lk.kmin) for x, lk in zip(before, [lk for lk in layers if lk.kmin is not None]))
+    # only the planned shapes reach cuDNN's plans (their usual backend); the others take flash pieces
+    forced = []
+    real_prefill = LayerKernels.prefill_batch
+    monkeypatch.setattr(LayerKernels, "prefill_batch", lambda self, q, k, v, kb, vb, batch, *a: forced.append(
+        ((q.shape[0], batch.kv_lens_cpu[0] - q.shape[0]), dense_pieces._FORCED[0]))
+        or real_prefill(self, q, k, v, kb, vb, batch, *a))
+    planned = {(64, 0), (64, 128)}
+    warm_up_extend(lambda n: layers[:1], shapes, DT, DEV, r2t_cols=512, scale=D ** -0.5, planned=planned)
+    assert forced == [(s, None if s in planned else "flash") for s in shapes]
+    assert dense_pieces._FORCED[0] is None
     # nothing to warm: no shapes, no allocation
     assert warm_up_extend(lambda n: [], shapes, DT, DEV, r2t_cols=512, scale=1.0)["shapes"] == 0
     with pytest.raises(ValueError, match="512 columns"):
@@ -130,10 +165,10 @@ def test_backend_warms_the_layers_each_bucket_runs_on_the_kernels(monkeypatch):
     by_len = {}
     for lk, n in seen:
         by_len.setdefault(n, []).append(lk)
-    assert sorted(by_len) == sorted({m + p for m, p in warmup_shapes(128, 1024)})
+    assert sorted(by_len) == sorted({m + p for m, p in extend_warmup(128, 1024)[0]})
     for n, lks in by_len.items():
         b = plan.buckets.index(n)
         want = [li for li in range(NL) if not plan.stock[0, b, li]]
         # every layer of the plan has the same kernels: the first non-stock one stands for them all
         assert lks == [be.kernels[want[0]]] * (len(lks)), n
-    assert max(n for n in by_len) <= 1024 and max(m for m, _ in warmup_shapes(128, 1024)) == 128
+    assert max(n for n in by_len) == 1024 and max(m for m, _ in extend_warmup(128, 1024)[0]) == 128

@@ -4,6 +4,8 @@ log-sum-exp, merged. This is how SGLang's FlashInfer backend runs an extend over
 ``merge_state``), here on cuDNN so that dense heads keep cuDNN's speed after a prefix. No SGLang import."""
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 
 #: which kernel computes the two halves of a dense piece after a prefix: "cudnn" (CUDA, bf16/fp16: the
@@ -17,6 +19,8 @@ PIECE_BACKENDS = ("cudnn", "flash", "math")
 #: has a length not seen before. ``sglang_shplb.launch_server`` sets it unless it is set.
 CUDNN_BUCKETED_PLANS_ENV = "TORCH_CUDNN_SDPA_AVOID_RECOMPILE"
 _CUDNN_OK: dict = {}
+#: the backend :func:`forced_pieces` sets for a block of code (None: the usual choice)
+_FORCED: list[str | None] = [None]
 #: natural-log units per unit of the log-sum-exp cuDNN returns (1: natural log, as torch documents; the
 #: one-time check also accepts base 2, ln 2)
 _CUDNN_LSE_SCALE = [1.0]
@@ -90,7 +94,7 @@ def piece_after_prefix(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale:
 def piece_backend(q: torch.Tensor) -> str:
     """The backend of :func:`piece_after_prefix` for ``q``'s device and dtype (see :data:`PIECE_BACKENDS`)."""
     import os
-    forced = os.environ.get("SHPLB_PIECE_BACKEND")
+    forced = _FORCED[0] or os.environ.get("SHPLB_PIECE_BACKEND")
     if forced:
         if forced not in PIECE_BACKENDS:
             raise ValueError(f"SHPLB_PIECE_BACKEND={forced!r}; choose from {PIECE_BACKENDS}")
@@ -103,6 +107,18 @@ def piece_backend(q: torch.Tensor) -> str:
     if key not in _CUDNN_OK:
         _CUDNN_OK[key] = _check_cudnn(q.device, q.dtype, q.shape[-1])
     return "cudnn" if _CUDNN_OK[key] else "flash"
+
+
+@contextmanager
+def forced_pieces(backend: str):
+    """Within the block, :func:`piece_backend` answers ``backend`` (one of :data:`PIECE_BACKENDS`)."""
+    if backend not in PIECE_BACKENDS:
+        raise ValueError(f"piece backend {backend!r}; choose from {PIECE_BACKENDS}")
+    prev, _FORCED[0] = _FORCED[0], backend
+    try:
+        yield
+    finally:
+        _FORCED[0] = prev
 
 
 def causal_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None, gqa: bool) -> torch.Tensor:

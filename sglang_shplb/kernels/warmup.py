@@ -1,34 +1,40 @@
 """Warm the extend path up before serving: run every distinct layer's prefill kernels once at each shape bucket a
-server can meet, so that no request pays for a compile or an execution plan.
+server can meet, so that no request pays for a Triton compile, and build cuDNN's plans of the shapes every long
+prompt passes through.
 
 Why (``bench/first_call.py``, H100, 2026-12-06, Llama-3-8B-shaped layer, the last chunk of a prompt of a length
-the process had not seen): the first call at a new power of two of the key count cost 0.88 s more than the
-steady call (Triton compiles the index builder's selection for the wider row), and each new power-of-two pair
-of (query rows, prefix) 60–125 ms (cuDNN builds an execution plan per length bucket; 1.1–3.1 s per new exact
-length before ``TORCH_CUDNN_SDPA_AVOID_RECOMPILE=1``). Those buckets are few, so they are all met here:
+the process had not seen, ``TORCH_CUDNN_SDPA_AVOID_RECOMPILE=1``): the first call at a new power of two of the
+key count cost 0.88 s more than the steady call (Triton compiles the index builder's selection for the wider
+row), and each new chunk shape 59–125 ms (cuDNN builds an execution plan: the merged pieces after a prefix, which
+return a log-sum-exp, got one per exact shape there, not one per power-of-two bucket). After a warm-up that ran
+every shape of the grid below on cuDNN (~350 plans), a new shape cost cuDNN 0.72–1.08 s instead (98,365 tokens:
+59 ms before, 723 ms after); with the pieces on flash during the warm-up, 0.12–0.15 s. So:
 
-* query rows ``m``: one per power-of-two bucket up to the longest extend (the chunked-prefill size);
-* prefix ``p``: 0 (a first chunk: contiguous keys, one causal SDPA) and one per power-of-two bucket from
-  :data:`MIN_PREFIX` (a later chunk or a radix hit: paged keys, two cuDNN pieces) with ``p + m`` within the
-  context length (:func:`warmup_shapes`);
+* **Triton**, every bucket (:func:`warmup_shapes`), the dense pieces on flash (:func:`.dense_pieces.forced_pieces`):
+  query rows ``m`` one per power-of-two bucket up to the longest extend (the chunked-prefill size); prefix ``p``
+  0 (a first chunk: contiguous keys) and one per power-of-two bucket from :data:`MIN_PREFIX` (a later chunk or a
+  radix hit: paged keys) with ``p + m`` within the context length. Triton compiles per power of two of the
+  ``p + m`` keys' blocks and per launch config of the ``m`` rows' bucket: the grid meets every one that a chunk
+  of at most ``max_q`` rows after a prefix of 0 or at least :data:`MIN_PREFIX` tokens can fall in;
+* **cuDNN**, the chunk-aligned shapes only (:func:`chunk_shapes`): ``m`` the chunk size after ``p`` = 0, 1, 2, …
+  chunks, every chunk of a long prompt but its last;
 * layers: one per kernel signature (the pattern and selection tile of each head, in order: what the kernels'
   compile-time constants and the dense groups' shapes follow), among those that take the kernel path in the
   bucket of ``p + m``.
 
-cuDNN keys a piece's plan by the buckets of ``m`` and ``p``; Triton compiles the selection per power of two of
-the ``p + m`` keys' blocks: the grid meets every bucket of both that a chunk of at most ``max_q`` rows after a
-prefix of 0 or at least :data:`MIN_PREFIX` tokens can fall in (shorter prefixes, radix hits only, are not
-warmed). The keys live in a
-scratch pool whose pages all point into ``pool_slots`` slots (values are random; only shapes and strides
-matter), and a scratch output: the server's pool, summaries and kept selections are not touched. No SGLang."""
+The keys live in a scratch pool whose pages all point into ``pool_slots`` slots (values are random; only shapes
+and strides matter), and a scratch output: the server's pool, summaries and kept selections are not touched.
+No SGLang."""
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
+from contextlib import nullcontext
 
 import torch
 
 from sglang_shplb.core.patterns import BLOCK
+from sglang_shplb.kernels.dense_pieces import forced_pieces
 from sglang_shplb.kernels.dense_tail import dense_tail
 from sglang_shplb.kernels.head_parallel import KVRows
 from sglang_shplb.kernels.paged_layer import ExtendBatch, LayerKernels
@@ -72,6 +78,23 @@ def warmup_shapes(max_q: int, max_kv: int, min_prefix: int = MIN_PREFIX) -> list
     return sorted(shapes, key=lambda s: (s[0] + s[1], s[0]))
 
 
+def chunk_shapes(chunk: int, max_kv: int) -> list[tuple[int, int]]:
+    """``(chunk, k * chunk)`` for every ``k >= 0`` with ``(k + 1) * chunk <= max_kv``: the shapes of every chunk
+    of a prompt but its last under SGLang's chunked prefill."""
+    if chunk < 1:
+        raise ValueError(f"chunk must be >= 1, got {chunk}")
+    return [(chunk, k * chunk) for k in range(max_kv // chunk)]
+
+
+def extend_warmup(max_q: int, max_kv: int) -> tuple[list[tuple[int, int]], frozenset[tuple[int, int]]]:
+    """What a server with chunks of ``max_q`` rows and ``max_kv`` tokens of context warms: every shape of
+    :func:`warmup_shapes` and :func:`chunk_shapes` (ordered by ``p + m``), and the chunk shapes as the ones
+    planned on cuDNN (``warm_up_extend(..., planned=)``)."""
+    planned = chunk_shapes(max_q, max_kv)
+    return sorted(set(warmup_shapes(max_q, max_kv)) | set(planned), key=lambda s: (s[0] + s[1], s[0])), \
+        frozenset(planned)
+
+
 def kernel_signature(layer: LayerKernels) -> tuple:
     """What the prefill kernels of ``layer`` compile and plan for: each head's pattern and selection tile."""
     return tuple((b.pattern, b.tile) for b in layer.budgets)
@@ -86,12 +109,14 @@ def distinct_layers(layers: Sequence[LayerKernels]) -> list[LayerKernels]:
 
 
 def warm_up_extend(layers_at: Callable[[int], Sequence[LayerKernels]], shapes: Sequence[tuple[int, int]],
-                   dtype: torch.dtype, device, *, r2t_cols: int, scale: float, pool_slots: int = 4096,
+                   dtype: torch.dtype, device, *, r2t_cols: int, scale: float,
+                   planned: Collection[tuple[int, int]] = (), pool_slots: int = 4096,
                    log: Callable[[str], None] | None = None, seed: int = 0) -> dict:
     """Run :meth:`.LayerKernels.prefill_batch` and the dense tail of each of ``distinct_layers(layers_at(p + m))``
     at every ``(m, p)`` of ``shapes`` (one request; a request-pool table of ``r2t_cols`` columns, as the
-    server's, so that its stride matches). ``log`` gets a line per tenth of the grid. Returns counts and the
-    wall time."""
+    server's, so that its stride matches): the shapes in ``planned`` with the dense pieces on their usual
+    backend (cuDNN on a GPU: its plans are built), the others on flash. ``log`` gets a line per tenth of the
+    grid. Returns counts and the wall time."""
     t0 = time.perf_counter()
     g = torch.Generator(device=device).manual_seed(seed)
     todo = [(m, p, distinct_layers(layers_at(p + m))) for m, p in shapes]
@@ -114,12 +139,13 @@ def warm_up_extend(layers_at: Callable[[int], Sequence[LayerKernels]], shapes: S
         batch = ExtendBatch.build(r2t, rpi, [m], [p + m])
         rows = slice(0, m) if m <= slots else torch.arange(m, device=device) % slots
         k, v = k_buf[rows], v_buf[rows]                 # the new tokens (read as such without a prefix)
-        for lk in layers:
-            q = torch.randn(m, lk.hq, d, device=device, dtype=dtype, generator=g)
-            out = torch.empty_like(q)
-            lk.prefill_batch(q, k, v, k_buf, v_buf, batch, scale, out)
-            dense_tail(q, k_buf, v_buf, kv_rows, [m], [p + m], lk.heads.sparse, scale, out)
-            calls += 1
+        with nullcontext() if (m, p) in planned else forced_pieces("flash"):
+            for lk in layers:
+                q = torch.randn(m, lk.hq, d, device=device, dtype=dtype, generator=g)
+                out = torch.empty_like(q)
+                lk.prefill_batch(q, k, v, k_buf, v_buf, batch, scale, out)
+                dense_tail(q, k_buf, v_buf, kv_rows, [m], [p + m], lk.heads.sparse, scale, out)
+                calls += 1
         if log is not None and ((i + 1) % step == 0 or i + 1 == len(todo)):
             if str(device).startswith("cuda"):
                 torch.cuda.synchronize(device)

@@ -68,7 +68,7 @@ from sglang_shplb.kernels.paged_layer import (DecodeWorkspace, ExtendBatch, Laye
                                               selected_heads)
 from sglang_shplb.kernels.triton_decode import page_summary_bytes_per_token, update_page_summaries
 from sglang_shplb.kernels.tuned import device_identity, table_note
-from sglang_shplb.kernels.warmup import distinct_layers, warm_up_extend, warmup_shapes
+from sglang_shplb.kernels.warmup import distinct_layers, extend_warmup, warm_up_extend
 from sglang_shplb.scheduler.bucket_hook import ATTR as BUCKET_ATTR, batch_bucket
 from sglang_shplb.scheduler.head_schedule import ExtendShape, layer_schedule
 from sglang_shplb.serving.config import BACKEND_NAME, ServingConfig
@@ -312,8 +312,8 @@ class ShplbAttnBackend(AttentionBackend):
     def _warm_up(self, model_runner) -> None:
         """Every shape bucket an extend batch of this server can fall in, met once before serving
         (:mod:`sglang_shplb.kernels.warmup`): queries up to the chunked-prefill size, prefixes up to the context
-        length, per bucket the kernel-path layers the plan does not run stock there. The head-parallel route
-        (work moved between ranks) is not warmed."""
+        length, per bucket the kernel-path layers the plan does not run stock there; cuDNN's plans for the
+        chunk-aligned shapes only. The head-parallel route (work moved between ranks) is not warmed."""
         sa = model_runner.server_args
         chunk = int(getattr(sa, "chunked_prefill_size", 0) or 0)
         max_q = min(chunk, self.max_context) if chunk > 0 else self.max_context
@@ -323,13 +323,14 @@ class ShplbAttnBackend(AttentionBackend):
             return [lk for li, lk in sorted(self.kernels.items()) if li not in stock[edges.index(n)]]
 
         k0 = self.token_to_kv_pool.get_key_buffer(0)
-        shapes = warmup_shapes(max_q, self.max_context)
+        shapes, planned = extend_warmup(max_q, self.max_context)
         logger.info("shplb warm-up: %d (query rows, prefix) shape buckets up to %d rows and %d tokens, %d layer "
                     "signatures (--shplb-no-warmup skips it)", len(shapes), max_q, self.max_context,
                     len(distinct_layers(list(self.kernels.values()))))
         res = warm_up_extend(layers_at, shapes, k0.dtype, self.device,
                              r2t_cols=self.req_to_token_pool.req_to_token.shape[1],
-                             scale=next(iter(self.kernels.values())).d ** -0.5, log=logger.info)
+                             scale=next(iter(self.kernels.values())).d ** -0.5, planned=planned,
+                             log=logger.info)
         torch.cuda.empty_cache()
         logger.info("shplb warm-up done: %d shapes, %d layer calls in %.1f s", res["shapes"], res["calls"],
                     res["seconds"])
