@@ -172,3 +172,26 @@ def test_backend_warms_the_layers_each_bucket_runs_on_the_kernels(monkeypatch):
         # every layer of the plan has the same kernels: the first non-stock one stands for them all
         assert lks == [be.kernels[want[0]]] * (len(lks)), n
     assert max(n for n in by_len) == 1024 and max(m for m, _ in extend_warmup(128, 1024)[0]) == 128
+
+
+def test_backend_serves_when_the_warm_up_runs_out_of_memory(monkeypatch, caplog):
+    """Out of GPU memory in the warm-up (the pool took it) is a warning, not a failed start: the server then
+    compiles on first use."""
+    from test_stock_fallback import HKV as SMOL_HKV, NL, _backend, _sparse_plan
+    import sglang_shplb.serving.backend as be_mod
+    be, _ = _backend(monkeypatch, _sparse_plan())
+    be.kernels = {li: _layer(be.plan.budgets[li], hkv=SMOL_HKV) for li in range(NL)}
+
+    def oom(*a, **k):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    monkeypatch.setattr(be_mod, "warm_up_extend", oom)
+    with caplog.at_level("WARNING"):
+        be._warm_up(types.SimpleNamespace(server_args=types.SimpleNamespace(chunked_prefill_size=128)))
+    assert "warm-up stopped, out of GPU memory (CUDA out of memory. Tried to allocate 2.00 GiB)" in caplog.text
+    assert len(be.kernels) == NL
+
+    def broken(*a, **k):
+        raise RuntimeError("a kernel bug")
+    monkeypatch.setattr(be_mod, "warm_up_extend", broken)
+    with pytest.raises(RuntimeError, match="a kernel bug"):       # anything else is not swallowed
+        be._warm_up(types.SimpleNamespace(server_args=types.SimpleNamespace(chunked_prefill_size=128)))

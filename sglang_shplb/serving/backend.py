@@ -327,10 +327,16 @@ class ShplbAttnBackend(AttentionBackend):
         logger.info("shplb warm-up: %d (query rows, prefix) shape buckets up to %d rows and %d tokens, %d layer "
                     "signatures (--shplb-no-warmup skips it)", len(shapes), max_q, self.max_context,
                     len(distinct_layers(list(self.kernels.values()))))
-        res = warm_up_extend(layers_at, shapes, k0.dtype, self.device,
-                             r2t_cols=self.req_to_token_pool.req_to_token.shape[1],
-                             scale=next(iter(self.kernels.values())).d ** -0.5, planned=planned,
-                             log=logger.info)
+        try:
+            res = warm_up_extend(layers_at, shapes, k0.dtype, self.device,
+                                 r2t_cols=self.req_to_token_pool.req_to_token.shape[1],
+                                 scale=next(iter(self.kernels.values())).d ** -0.5, planned=planned,
+                                 log=logger.info)
+        except torch.cuda.OutOfMemoryError as e:   # the pool took the memory: serve, compiling on first use
+            torch.cuda.empty_cache()
+            logger.warning("shplb warm-up stopped, out of GPU memory (%s); kernels not met yet compile on first "
+                           "use. A lower --mem-fraction-static leaves room for it.", str(e).splitlines()[0])
+            return
         torch.cuda.empty_cache()
         logger.info("shplb warm-up done: %d shapes, %d layer calls in %.1f s", res["shapes"], res["calls"],
                     res["seconds"])
