@@ -90,7 +90,13 @@ def test_distinct_layers_by_pattern_and_tile():
                                   for x in MIXED])       # other top-k budgets: the same kernels
     c = _layer([HeadBudget.dense()] * 3 + [HeadBudget.streaming(64, 64)] * 3)
     t = _layer([HeadBudget.topk(0.3, min_blocks=2, tile=128) if x.pattern.name == "TOPK" else x for x in MIXED])
-    assert distinct_layers([a, b, c, a, t]) == [a, c, t]
+    # the same kinds and dense grouping on other heads: the same kernels (head lists travel as tensors)
+    r = _layer([MIXED[i] for i in (0, 1, 3, 2, 4, 5)])
+    # the vertical-slash head made streaming (two streaming heads, no vertical-slash one): other kernels
+    s = _layer([HeadBudget.streaming(64, 64) if x.pattern.name == "VSLASH" else x for x in MIXED])
+    # two dense heads on one KV head instead of one on each: other dense calls
+    g = _layer([MIXED[i] for i in (0, 5, 1, 2, 3, 4)])
+    assert distinct_layers([a, b, c, a, t, r, s, g]) == [a, c, t, s, g]
 
 
 def test_warm_up_runs_each_distinct_layer_on_the_kernels_and_leaves_the_layers_alone(monkeypatch):

@@ -18,9 +18,8 @@ every shape of the grid below on cuDNN (~350 plans), a new shape cost cuDNN 0.72
   of at most ``max_q`` rows after a prefix of 0 or at least :data:`MIN_PREFIX` tokens can fall in;
 * **cuDNN**, the chunk-aligned shapes only (:func:`chunk_shapes`): ``m`` the chunk size after ``p`` = 0, 1, 2, …
   chunks, every chunk of a long prompt but its last;
-* layers: one per kernel signature (the pattern and selection tile of each head, in order: what the kernels'
-  compile-time constants and the dense groups' shapes follow), among those that take the kernel path in the
-  bucket of ``p + m``.
+* layers: one per :func:`kernel_signature` (what the kernels' compile-time constants, integer specialisations
+  and the dense calls' shapes follow), among those that take the kernel path in the bucket of ``p + m``.
 
 The keys live in a scratch pool whose pages all point into ``pool_slots`` slots (values are random; only shapes
 and strides matter), and a scratch output: the server's pool, summaries and kept selections are not touched.
@@ -28,6 +27,7 @@ No SGLang."""
 from __future__ import annotations
 
 import time
+from collections import Counter
 from collections.abc import Callable, Collection, Sequence
 from contextlib import nullcontext
 
@@ -95,9 +95,21 @@ def extend_warmup(max_q: int, max_kv: int) -> tuple[list[tuple[int, int]], froze
         frozenset(planned)
 
 
+def _int_class(n: int) -> int:
+    """How Triton specialises an integer argument: 0 (none), 1, a multiple of 16 (16), or another value (2)."""
+    return 0 if n == 0 else 1 if n == 1 else 16 if n % 16 == 0 else 2
+
+
 def kernel_signature(layer: LayerKernels) -> tuple:
-    """What the prefill kernels of ``layer`` compile and plan for: each head's pattern and selection tile."""
-    return tuple((b.pattern, b.tile) for b in layer.budgets)
+    """What the prefill kernels of ``layer`` compile and plan for, beyond the shape every layer shares: the dense
+    heads' grouping (``(c, KV heads with c dense q heads)``: the shapes of the dense calls) and, per kernel's
+    head list (streaming, block-index, top-k at 64 and 128 tokens, vertical-slash), its length as Triton
+    specialises integers. The budgets' values (windows, fractions) and which heads they are travel as tensors."""
+    h = layer.heads
+    per_kv = Counter(x // (layer.hq // layer.hkv) for x in h.dense)
+    groups = tuple(sorted(Counter(per_kv.values()).items()))
+    top64 = [x for x in h.topk if x not in h.tiled]
+    return groups, tuple(_int_class(len(x)) for x in (h.streaming, top64 + list(h.vslash), top64, h.tiled, h.vslash))
 
 
 def distinct_layers(layers: Sequence[LayerKernels]) -> list[LayerKernels]:
