@@ -100,6 +100,7 @@ def test_distinct_layers_by_pattern_and_tile():
 
 
 def test_warm_up_runs_each_distinct_layer_on_the_kernels_and_leaves_the_layers_alone(monkeypatch):
+    monkeypatch.setattr(dense_pieces, "_CUDNN_KEPT", [None])
     layers = [_layer(MIXED), _layer(MIXED), _layer([HeadBudget.dense()] * 3 + [HeadBudget.streaming(64, 64)] * 3)]
     before = [lk.kmin.clone() for lk in layers if lk.kmin is not None]
     pieces = []
@@ -123,9 +124,13 @@ def test_warm_up_runs_each_distinct_layer_on_the_kernels_and_leaves_the_layers_a
         ((q.shape[0], batch.kv_lens_cpu[0] - q.shape[0]), dense_pieces._FORCED[0]))
         or real_prefill(self, q, k, v, kb, vb, batch, *a))
     planned = {(64, 0), (64, 128)}
-    warm_up_extend(lambda n: layers[:1], shapes, DT, DEV, r2t_cols=512, scale=D ** -0.5, planned=planned)
+    res = warm_up_extend(lambda n: layers[:1], shapes, DT, DEV, r2t_cols=512, scale=D ** -0.5, planned=planned)
     assert forced == [(s, None if s in planned else "flash") for s in shapes]
     assert dense_pieces._FORCED[0] is None
+    # the dense calls of the planned shapes, and only those, are what cuDNN is then kept to: (64, 0) is a causal
+    # SDPA of the dense heads, (64, 128) a merged piece over 192 keys (on the CPU the dense tail's calls too)
+    calls = {(kind, q[-2], k[-2]) for kind, q, k, _ in res["cudnn_shapes"]}
+    assert {("sdpa", 64, 64), ("piece", 64, 192)} <= calls <= {("sdpa", 64, 64), ("piece", 64, 192), ("piece", 64, 64)}
     # nothing to warm: no shapes, no allocation
     assert warm_up_extend(lambda n: [], shapes, DT, DEV, r2t_cols=512, scale=1.0)["shapes"] == 0
     with pytest.raises(ValueError, match="512 columns"):
@@ -157,6 +162,7 @@ def test_backend_warms_the_layers_each_bucket_runs_on_the_kernels(monkeypatch):
     the kernel-path layers the plan does not mark stock for prefill in that length's bucket."""
     from test_stock_fallback import HKV as SMOL_HKV, NL, _backend, _sparse_plan
     import sglang_shplb.kernels.warmup as wu
+    import sglang_shplb.serving.backend as be_mod
     plan = _sparse_plan()                                     # buckets 256 / 512 / 1024, context 1024
     plan.stock = np.zeros((2, 3, NL), dtype=bool)
     plan.stock[0, 0, :2] = True                               # prefill up to 256 tokens: layers 0, 1 stock
@@ -167,7 +173,11 @@ def test_backend_warms_the_layers_each_bucket_runs_on_the_kernels(monkeypatch):
     monkeypatch.setattr(LayerKernels, "prefill_batch",
                         lambda self, q, k, v, kb, vb, batch, scale, out: seen.append((self, batch.kv_lens_cpu[0])))
     monkeypatch.setattr(wu, "dense_tail", lambda *a, **k: None)
+    monkeypatch.setattr(dense_pieces, "_CUDNN_KEPT", [None])
+    kept = []
+    monkeypatch.setattr(be_mod, "keep_cudnn_to", kept.append)
     be._warm_up(types.SimpleNamespace(server_args=types.SimpleNamespace(chunked_prefill_size=128)))
+    assert kept == [frozenset()]          # prefill_batch is stood in for: no dense call, nothing planned
     by_len = {}
     for lk, n in seen:
         by_len.setdefault(n, []).append(lk)
@@ -201,3 +211,33 @@ def test_backend_serves_when_the_warm_up_runs_out_of_memory(monkeypatch, caplog)
     monkeypatch.setattr(be_mod, "warm_up_extend", broken)
     with pytest.raises(RuntimeError, match="a kernel bug"):       # anything else is not swallowed
         be._warm_up(types.SimpleNamespace(server_args=types.SimpleNamespace(chunked_prefill_size=128)))
+
+
+def test_cudnn_kept_to_the_warmed_shapes(monkeypatch):
+    """After ``keep_cudnn_to``, a dense piece of a shape outside the set runs on flash where it would have run on
+    cuDNN, one inside stays on cuDNN; ``None`` lifts it. (cuDNN itself is stood in for on the CPU: the backend
+    each call asks for is what is checked.)"""
+    monkeypatch.setattr(dense_pieces, "_CUDNN_KEPT", [None])
+    asked = []
+    real = dense_pieces._attention_with_lse
+    monkeypatch.setattr(dense_pieces, "_attention_with_lse", lambda q, k, v, causal, scale, backend: asked.append(
+        backend) or real(q, k, v, causal, scale, "flash" if backend == "cudnn" else backend))
+    monkeypatch.setattr(dense_pieces, "piece_backend", lambda q: "cudnn")
+    g = torch.Generator().manual_seed(0)
+    q1, q2 = torch.randn(2, 3, 40, 64, generator=g), torch.randn(2, 3, 56, 64, generator=g)
+    k, v = torch.randn(2, 200, 64, generator=g), torch.randn(2, 200, 64, generator=g)
+    with dense_pieces.recording_shapes() as seen:
+        want1 = dense_pieces.dense_piece(q1, k, v, 0.125)
+    assert asked == ["cudnn", "cudnn"] and len(seen) == 1
+    dense_pieces.keep_cudnn_to(seen)
+    asked.clear()
+    got1 = dense_pieces.dense_piece(q1, k, v, 0.125)
+    got2 = dense_pieces.dense_piece(q2, k, v, 0.125)
+    assert asked == ["cudnn", "cudnn", "flash", "flash"]
+    assert torch.equal(got1, want1)
+    ref2 = dense_pieces.piece_after_prefix(q2, k, v, 0.125, "math")
+    assert (got2 - ref2).abs().max() < 1e-4
+    dense_pieces.keep_cudnn_to(None)
+    asked.clear()
+    dense_pieces.dense_piece(q2, k, v, 0.125)
+    assert asked == ["cudnn", "cudnn"]

@@ -13,14 +13,19 @@ import torch
 #: "math" (explicit softmax, the reference). ``SHPLB_PIECE_BACKEND`` forces one; on CUDA cuDNN is taken
 #: after a one-time check against "math" (:func:`piece_backend`), else flash.
 PIECE_BACKENDS = ("cudnn", "flash", "math")
-#: torch's switch (read once per process, at its first cuDNN attention call) that keys cuDNN's attention
-#: plans by power-of-two sequence buckets for token-major (BSHD) operands without a bias, instead of building
-#: a plan, hundreds of ms, for every new (query, key) length: in serving, the last chunk of almost every prompt
-#: has a length not seen before. ``sglang_shplb.launch_server`` sets it unless it is set.
+#: torch's switch (read once per process, at its first cuDNN attention call), documented to key cuDNN's
+#: attention plans by power-of-two sequence buckets for token-major (BSHD) operands without a bias instead of
+#: building one per new length. ``sglang_shplb.launch_server`` sets it unless it is set. Measured (H100,
+#: 2026-12-06): a new chunk shape cost a merged piece 1.1-3.1 s without it, 59-125 ms with it, so plans were
+#: still built per shape; the server therefore also keeps cuDNN to its warm-up's shapes (:func:`keep_cudnn_to`).
 CUDNN_BUCKETED_PLANS_ENV = "TORCH_CUDNN_SDPA_AVOID_RECOMPILE"
 _CUDNN_OK: dict = {}
 #: the backend :func:`forced_pieces` sets for a block of code (None: the usual choice)
 _FORCED: list[str | None] = [None]
+#: the call shapes (:func:`_shape_key`) cuDNN may build a plan for, None: any (:func:`keep_cudnn_to`)
+_CUDNN_KEPT: list[frozenset | None] = [None]
+#: the sets :func:`recording_shapes` fills, innermost last
+_RECORDING: list[set] = []
 #: natural-log units per unit of the log-sum-exp cuDNN returns (1: natural log, as torch documents; the
 #: one-time check also accepts base 2, ln 2)
 _CUDNN_LSE_SCALE = [1.0]
@@ -67,9 +72,8 @@ def piece_after_prefix(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale:
     are folded into its query axis (``S n`` rows against the ``G`` K/V heads: no GQA expansion); ``D`` is one
     causal call over the ``G S`` heads (its ``n`` K/V rows expanded to them). Each part is one kernel call of
     ``backend`` (:data:`PIECE_BACKENDS`) returning its log-sum-exp. Every operand is laid out token-major
-    (BSHD: ``[1, H, T, d]`` whose ``transpose(1, 2)`` is contiguous), the layout in which torch's cuDNN
-    attention keys its execution plans by power-of-two sequence buckets under
-    :data:`CUDNN_BUCKETED_PLANS_ENV` instead of building one per new length."""
+    (BSHD: ``[1, H, T, d]`` whose ``transpose(1, 2)`` is contiguous), the layout
+    :data:`CUDNN_BUCKETED_PLANS_ENV` asks for."""
     grouped = q.dim() == 4
     if not grouped:
         q, k, v = q[None], k[None], v[None]
@@ -121,17 +125,49 @@ def forced_pieces(backend: str):
         _FORCED[0] = prev
 
 
+def _shape_key(kind: str, q: torch.Tensor, k: torch.Tensor) -> tuple:
+    """What a cuDNN attention plan is built for: the call (``"piece"``: :func:`dense_piece`, ``"sdpa"``:
+    :func:`causal_sdpa`), the operands' shapes and dtype."""
+    return kind, tuple(q.shape), tuple(k.shape), q.dtype
+
+
+def _cudnn_may_plan(key: tuple) -> bool:
+    for seen in _RECORDING:
+        seen.add(key)
+    return _CUDNN_KEPT[0] is None or key in _CUDNN_KEPT[0]
+
+
+@contextmanager
+def recording_shapes():
+    """Collect the :func:`_shape_key` of every dense call made inside the block (whatever backend runs it)."""
+    seen: set = set()
+    _RECORDING.append(seen)
+    try:
+        yield seen
+    finally:
+        _RECORDING.remove(seen)
+
+
+def keep_cudnn_to(keys: frozenset | None) -> None:
+    """From now on cuDNN runs only the dense calls whose :func:`_shape_key` is in ``keys`` (None: any); the others
+    run on flash. A server calls it after its warm-up with the shapes the warm-up planned: on an H100
+    (2026-12-06, round 17) every new shape cost cuDNN a plan even with ``TORCH_CUDNN_SDPA_AVOID_RECOMPILE=1``
+    (59-152 ms; 0.72-1.08 s once ~350 plans existed), and serving meets a new last-chunk shape with almost
+    every prompt length, while flash costs that chunk's dense heads a few percent more or less and no plan."""
+    _CUDNN_KEPT[0] = None if keys is None else frozenset(keys)
+
+
 def causal_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None, gqa: bool) -> torch.Tensor:
     """torch SDPA, top-left causal, ``q [1, Hq, n, d]`` against ``k/v [1, Hkv, n, d]`` (GQA when ``gqa``): on CUDA
     cuDNN first, then flash, where :func:`piece_backend` took cuDNN (its one-time check against the reference
-    passed), else flash first; on the CPU torch's choice. Token-major operands keep cuDNN's plans bucketed by
-    length (:data:`CUDNN_BUCKETED_PLANS_ENV`)."""
+    passed) and :func:`keep_cudnn_to` keeps this shape, else flash first; on the CPU torch's choice."""
     f = torch.nn.functional.scaled_dot_product_attention
+    cudnn = _cudnn_may_plan(_shape_key("sdpa", q, k))
     if not q.is_cuda:
         return f(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
     from torch.nn.attention import SDPBackend, sdpa_kernel
     order = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
-    if piece_backend(q) == "cudnn":
+    if cudnn and piece_backend(q) == "cudnn":
         order.insert(0, SDPBackend.CUDNN_ATTENTION)
     try:
         ctx = sdpa_kernel(order, set_priority=True)
@@ -142,9 +178,12 @@ def causal_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float 
 
 
 def dense_piece(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-    """:func:`piece_after_prefix` on :func:`piece_backend`'s kernel; a shape cuDNN refuses goes to flash, and
-    cuDNN is not tried again for that device, dtype and head dim."""
+    """:func:`piece_after_prefix` on :func:`piece_backend`'s kernel (flash where :func:`keep_cudnn_to` keeps cuDNN
+    from this shape); a shape cuDNN refuses goes to flash, and cuDNN is not tried again for that device, dtype
+    and head dim."""
     backend = piece_backend(q)
+    if not _cudnn_may_plan(_shape_key("piece", q, k)) and backend == "cudnn":
+        backend = "flash"
     try:
         return piece_after_prefix(q, k, v, scale, backend)
     except RuntimeError:

@@ -17,7 +17,8 @@ every shape of the grid below on cuDNN (~350 plans), a new shape cost cuDNN 0.72
   ``p + m`` keys' blocks and per launch config of the ``m`` rows' bucket: the grid meets every one that a chunk
   of at most ``max_q`` rows after a prefix of 0 or at least :data:`MIN_PREFIX` tokens can fall in;
 * **cuDNN**, the chunk-aligned shapes only (:func:`chunk_shapes`): ``m`` the chunk size after ``p`` = 0, 1, 2, …
-  chunks, every chunk of a long prompt but its last;
+  chunks, every chunk of a long prompt but its last. The server then keeps cuDNN to those shapes
+  (:func:`.dense_pieces.keep_cudnn_to`): the dense heads of any other chunk run on flash, which builds no plan;
 * layers: one per :func:`kernel_signature` (what the kernels' compile-time constants, integer specialisations
   and the dense calls' shapes follow), among those that take the kernel path in the bucket of ``p + m``.
 
@@ -29,12 +30,11 @@ from __future__ import annotations
 import time
 from collections import Counter
 from collections.abc import Callable, Collection, Sequence
-from contextlib import nullcontext
 
 import torch
 
 from sglang_shplb.core.patterns import BLOCK
-from sglang_shplb.kernels.dense_pieces import forced_pieces
+from sglang_shplb.kernels.dense_pieces import forced_pieces, recording_shapes
 from sglang_shplb.kernels.dense_tail import dense_tail
 from sglang_shplb.kernels.head_parallel import KVRows
 from sglang_shplb.kernels.paged_layer import ExtendBatch, LayerKernels
@@ -126,15 +126,16 @@ def warm_up_extend(layers_at: Callable[[int], Sequence[LayerKernels]], shapes: S
                    log: Callable[[str], None] | None = None, seed: int = 0) -> dict:
     """Run :meth:`.LayerKernels.prefill_batch` and the dense tail of each of ``distinct_layers(layers_at(p + m))``
     at every ``(m, p)`` of ``shapes`` (one request; a request-pool table of ``r2t_cols`` columns, as the
-    server's, so that its stride matches): the shapes in ``planned`` with the dense pieces on their usual
+    server's, so that its stride matches): the shapes in ``planned`` with the dense calls on their usual
     backend (cuDNN on a GPU: its plans are built), the others on flash. ``log`` gets a line per tenth of the
-    grid. Returns counts and the wall time."""
+    grid. Returns counts, the wall time and ``cudnn_shapes``: the dense calls' shape keys of the planned shapes
+    (for :func:`.dense_pieces.keep_cudnn_to`)."""
     t0 = time.perf_counter()
     g = torch.Generator(device=device).manual_seed(seed)
     todo = [(m, p, distinct_layers(layers_at(p + m))) for m, p in shapes]
     todo = [t for t in todo if t[2]]
     if not todo:
-        return {"shapes": 0, "calls": 0, "seconds": 0.0}
+        return {"shapes": 0, "calls": 0, "seconds": 0.0, "cudnn_shapes": frozenset()}
     hkv, d = todo[0][2][0].hkv, todo[0][2][0].d
     max_len = max(m + p for m, p, _ in todo)
     if max_len > r2t_cols:
@@ -146,18 +147,19 @@ def warm_up_extend(layers_at: Callable[[int], Sequence[LayerKernels]], shapes: S
     r2t[0, :max_len] = torch.arange(max_len, device=device, dtype=torch.int32) % slots
     rpi = torch.zeros(1, dtype=torch.int32, device=device)
     kv_rows = KVRows(r2t, rpi)
-    calls, step = 0, max(1, len(todo) // 10)
+    calls, step, kept = 0, max(1, len(todo) // 10), set()
     for i, (m, p, layers) in enumerate(todo):
         batch = ExtendBatch.build(r2t, rpi, [m], [p + m])
         rows = slice(0, m) if m <= slots else torch.arange(m, device=device) % slots
         k, v = k_buf[rows], v_buf[rows]                 # the new tokens (read as such without a prefix)
-        with nullcontext() if (m, p) in planned else forced_pieces("flash"):
+        with recording_shapes() if (m, p) in planned else forced_pieces("flash") as seen:
             for lk in layers:
                 q = torch.randn(m, lk.hq, d, device=device, dtype=dtype, generator=g)
                 out = torch.empty_like(q)
                 lk.prefill_batch(q, k, v, k_buf, v_buf, batch, scale, out)
                 dense_tail(q, k_buf, v_buf, kv_rows, [m], [p + m], lk.heads.sparse, scale, out)
                 calls += 1
+        kept |= seen or set()
         if log is not None and ((i + 1) % step == 0 or i + 1 == len(todo)):
             if str(device).startswith("cuda"):
                 torch.cuda.synchronize(device)
@@ -165,4 +167,5 @@ def warm_up_extend(layers_at: Callable[[int], Sequence[LayerKernels]], shapes: S
                 f"{calls} layer calls, {time.perf_counter() - t0:.1f} s")
     if str(device).startswith("cuda"):
         torch.cuda.synchronize(device)
-    return {"shapes": len(todo), "calls": calls, "seconds": time.perf_counter() - t0}
+    return {"shapes": len(todo), "calls": calls, "seconds": time.perf_counter() - t0,
+            "cudnn_shapes": frozenset(kept)}

@@ -59,6 +59,7 @@ from sglang.srt.layers.attention.base_attn_backend import AttentionBackend
 from sglang_shplb.core.head_map import LayerWork, placement_work, rank_heads
 from sglang_shplb.core.plan import always_stock
 from sglang_shplb.core.patterns import HeadBudget, Pattern, decode_budgets
+from sglang_shplb.kernels.dense_pieces import keep_cudnn_to
 from sglang_shplb.kernels.dense_tail import dense_tail
 from sglang_shplb.kernels.head_parallel import ExchangeStats, HeadParallelExtend, KVRows, RankLayout
 from sglang_shplb.kernels.layer_heads import LayerHeads
@@ -313,7 +314,8 @@ class ShplbAttnBackend(AttentionBackend):
         """Every shape bucket an extend batch of this server can fall in, met once before serving
         (:mod:`sglang_shplb.kernels.warmup`): queries up to the chunked-prefill size, prefixes up to the context
         length, per bucket the kernel-path layers the plan does not run stock there; cuDNN's plans for the
-        chunk-aligned shapes only. The head-parallel route (work moved between ranks) is not warmed."""
+        chunk-aligned shapes only, and cuDNN kept to them from then on (:func:`~sglang_shplb.kernels.dense_pieces.
+        keep_cudnn_to`). The head-parallel route (work moved between ranks) is not warmed."""
         sa = model_runner.server_args
         chunk = int(getattr(sa, "chunked_prefill_size", 0) or 0)
         max_q = min(chunk, self.max_context) if chunk > 0 else self.max_context
@@ -338,8 +340,10 @@ class ShplbAttnBackend(AttentionBackend):
                            "use. A lower --mem-fraction-static leaves room for it.", str(e).splitlines()[0])
             return
         torch.cuda.empty_cache()
-        logger.info("shplb warm-up done: %d shapes, %d layer calls in %.1f s", res["shapes"], res["calls"],
-                    res["seconds"])
+        keep_cudnn_to(res["cudnn_shapes"])
+        logger.info("shplb warm-up done: %d shapes, %d layer calls in %.1f s; cuDNN kept to the %d dense-call "
+                    "shapes it planned (the chunk-aligned ones), other dense calls on flash", res["shapes"],
+                    res["calls"], res["seconds"], len(res["cudnn_shapes"]))
 
     # ---- per-batch metadata ----------------------------------------------------------------------------
     def _bucket(self, forward_batch) -> int:
