@@ -42,7 +42,7 @@ from timing import bench, device_tag, flashinfer_or_none, log, results_writer  #
 from sglang_shplb.core.patterns import Pattern  # noqa: E402
 from sglang_shplb.kernels.paged_layer import LayerKernels  # noqa: E402
 from sglang_shplb.kernels.warmup import extend_warmup, warm_up_extend  # noqa: E402
-from sglang_shplb.kernels.dense_pieces import CUDNN_BUCKETED_PLANS_ENV, piece_after_prefix  # noqa: E402
+from sglang_shplb.kernels.dense_pieces import CUDNN_BUCKETED_PLANS_ENV, keep_cudnn_to, piece_after_prefix  # noqa: E402
 
 
 def first_and_steady(fn, smoke: bool) -> tuple[float, float]:
@@ -66,7 +66,8 @@ def main() -> None:
     ap.add_argument("--cpu-smoke", action="store_true", help="tiny shapes on the CPU (Triton interpreter)")
     ap.add_argument("--warm-up", action="store_true",
                     help="first run the server's start-up warm-up (sglang_shplb.kernels.warmup) on the shplb layer, "
-                         "for chunks of up to --chunk rows within the longest length: what a first call still costs")
+                         "for chunks of up to --chunk rows within the longest length, and keep cuDNN to its shapes "
+                         "as the server does: what a first call still costs")
     a = ap.parse_args()
     s = SHAPES["llama8b"]
     hq, hkv, d = s["hq"], s["hkv"], s["d"]
@@ -127,8 +128,10 @@ def main() -> None:
         first_and_steady(fn, a.cpu_smoke)
     if a.warm_up:
         shapes, planned = extend_warmup(a.chunk, max(lengths))
-        res["warm_up"] = warm_up_extend(lambda n: [lk], shapes, dt, dev, r2t_cols=r2t.shape[1], scale=d ** -0.5,
-                                        planned=planned, log=log)
+        w = warm_up_extend(lambda n: [lk], shapes, dt, dev, r2t_cols=r2t.shape[1], scale=d ** -0.5,
+                           planned=planned, log=log)
+        keep_cudnn_to(w["cudnn_shapes"])   # as the server does: other shapes' dense calls on flash
+        res["warm_up"] = {k: (len(x) if k == "cudnn_shapes" else x) for k, x in w.items()}
     for n in lengths:
         r = routes(n)
         row = {"n": n, "prefix": r["prefix"], "queries": r["queries"]}

@@ -4,9 +4,10 @@
 #   (setsid nohup bash bench/results/gpu_round18/job.sh > /tmp/run.log 2>&1 < /dev/null &); bash bench/gpu_poll.sh 540 "round18 done"
 # Steps (name a subset as arguments; default all, in this order):
 #   first   bench/first_call.py --warm-up with TORCH_CUDNN_SDPA_AVOID_RECOMPILE=1: the warm-up as the server now runs
-#           it (every shape with the pieces on flash, cuDNN plans for the chunk-aligned shapes only) and then the
-#           last chunk at never-seen lengths: round 17 measured +0.72-1.08 s per new shape after an all-cuDNN
-#           warm-up and +0.06-0.13 s without one; the goal is the latter or less, ~2 min, no server
+#           it (every shape with the pieces on flash, cuDNN plans for the chunk-aligned shapes only, then cuDNN kept
+#           to those) and the last chunk at never-seen lengths: round 17 measured +0.72-1.08 s per new shape after
+#           an all-cuDNN warm-up, +0.06-0.13 s without one, +5-22 ms with every piece on flash; expected: the
+#           last, with the chunk-aligned 65,536 on cuDNN, ~2 min, no server
 #   fresh   the server grid (Llama-3-8B shape, 32K / 64K / 128K, batch 1) with 3 never-served lengths per cell,
 #           FlashInfer then shplb: round 17's server (all-cuDNN warm-up) paid ~1 s at 2 of 9 such lengths and
 #           +2.0 s on its first 128K request, ~10 min
