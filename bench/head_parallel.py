@@ -51,7 +51,8 @@ sys.path.insert(0, str(HERE))
 
 import torch  # noqa: E402
 
-from timing import bench, device_name, device_tag, flashinfer_or_none, host_syncs, log, results_writer  # noqa: E402
+from timing import (bench, device_name, device_tag, flashinfer_or_none, host_syncs, kernel_ms, log,  # noqa: E402
+                    results_writer)
 
 from sglang_shplb.core.buckets import Buckets  # noqa: E402
 from sglang_shplb.core.head_map import home_rank, layer_work, rank_heads  # noqa: E402
@@ -330,8 +331,11 @@ def dense_per_rank(q, k, v, tp, scale, smoke, reps, flashinfer) -> dict:
     hs = rank_heads(hq, tp, 0)
     kv = sorted({h // (hq // hkv) for h in hs}) if tp <= hkv else [0]
     qq, kk, vv = q[:, hs].contiguous(), k[:, kv].contiguous(), v[:, kv].contiguous()
-    row = {"sdpa_ms": bench(lambda: causal_sdpa(qq.transpose(0, 1)[None], kk.transpose(0, 1)[None],
-                                                vv.transpose(0, 1)[None], scale, True), smoke, reps)}
+    def sdpa():
+        return causal_sdpa(qq.transpose(0, 1)[None], kk.transpose(0, 1)[None], vv.transpose(0, 1)[None], scale, True)
+    row = {"sdpa_ms": bench(sdpa, smoke, reps)}
+    if not smoke:   # which kernels the competitor ran, so that a backend change shows in the record
+        row["sdpa_kernels"] = {k: round(v, 4) for k, v in list(kernel_ms(sdpa, 3).items())[:3]}
     if flashinfer is not None:
         ws = torch.empty(256 << 20, dtype=torch.uint8, device=q.device)
         w = flashinfer.BatchPrefillWithRaggedKVCacheWrapper(ws, "NHD")
@@ -496,6 +500,9 @@ def main(argv=None) -> None:
                         e["predicted_slowest_ms"] = max(e["predicted_rank_ms"])
                         row[pname] = e
                     row.update(dense_per_rank(q, k, v, tp, scale, smoke, a.reps, flashinfer))
+                    if row.get("sdpa_kernels"):
+                        log("  dense SDPA competitor's kernels (ms per call): " + ", ".join(
+                            f"{k} {v:.3f}" for k, v in row["sdpa_kernels"].items()))
                     row["decode"] = decode_balance(budgets, hq, hkv, tp, n, lps["shplb"], d, LAYERS[shape],
                                                    q.element_size())
                     row["chunked_prefill"] = chunked_reship(lps["shplb"], hq, hkv, tp, n, a.chunk, d, q.element_size())
