@@ -38,20 +38,16 @@ from sglang_shplb.kernels.dense_pieces import forced_pieces, recording_shapes
 from sglang_shplb.kernels.dense_tail import dense_tail
 from sglang_shplb.kernels.head_parallel import KVRows
 from sglang_shplb.kernels.paged_layer import ExtendBatch, LayerKernels
+from sglang_shplb.kernels.triton_index import triton_next_pow2
 
 #: the shortest cached prefix warmed (one 128-token superblock: shorter ones share its buckets)
 MIN_PREFIX = 2 * BLOCK
 
 
-def pow2_ceil(n: int) -> int:
-    """The power-of-two bucket of ``n >= 1``: the least power of two ``>= n``."""
-    return 1 << (n - 1).bit_length()
-
-
 def bucket_lengths(lo: int, hi: int) -> list[int]:
     """One length of each power-of-two bucket met by ``[lo, hi]`` (``1 <= lo <= hi``): the bucket's power of
     two, but ``hi`` for the last (``hi`` not a power of two: its bucket's power of two is out of range)."""
-    out, x = [], pow2_ceil(lo)
+    out, x = [], triton_next_pow2(lo)
     while x < hi:
         out.append(x)
         x *= 2
@@ -67,12 +63,12 @@ def warmup_shapes(max_q: int, max_kv: int, min_prefix: int = MIN_PREFIX) -> list
         raise ValueError(f"need max_q >= 1 and max_kv >= 1, got {max_q}, {max_kv}")
     shapes = set()
     for m_hi in bucket_lengths(1, min(max_q, max_kv)):
-        m_lo = pow2_ceil(m_hi) // 2 + 1 if m_hi > 1 else 1        # the bucket's smallest length
+        m_lo = triton_next_pow2(m_hi) // 2 + 1 if m_hi > 1 else 1        # the bucket's smallest length
         shapes.add((m_hi, 0))
         if max_kv - m_lo < min_prefix:
             continue
         for bound in bucket_lengths(min_prefix, max_kv - m_lo):
-            lo = max(min_prefix, pow2_ceil(bound) // 2 + 1)        # the prefix bucket's smallest length
+            lo = max(min_prefix, triton_next_pow2(bound) // 2 + 1)        # the prefix bucket's smallest length
             m = next(x for x in (m_hi, m_lo) if min(bound, max_kv - x) >= lo)
             shapes.add((m, min(bound, max_kv - m)))
     return sorted(shapes, key=lambda s: (s[0] + s[1], s[0]))
