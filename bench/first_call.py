@@ -20,10 +20,13 @@ torch reads ``TORCH_CUDNN_SDPA_AVOID_RECOMPILE`` once per process (the server se
     TORCH_CUDNN_SDPA_AVOID_RECOMPILE=1 python bench/first_call.py --out $OUT          # cuDNN plans by length bucket
     TORCH_CUDNN_SDPA_AVOID_RECOMPILE=1 python bench/first_call.py --warm-up --out $OUT  # after the server's warm-up
     TRITON_INTERPRET=1 python bench/first_call.py --cpu-smoke --out /tmp/fc           # logic check (CPU)
+
+``--diagnose`` adds, per first call, the Triton kernels it compiled and the functions of most self time.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as _dt
 import os
 import sys
@@ -45,14 +48,50 @@ from sglang_shplb.kernels.warmup import extend_warmup, warm_up_extend  # noqa: E
 from sglang_shplb.kernels.dense_pieces import CUDNN_BUCKETED_PLANS_ENV, keep_cudnn_to, piece_after_prefix  # noqa: E402
 
 
-def first_and_steady(fn, smoke: bool) -> tuple[float, float]:
-    """Wall ms of ``fn``'s first call (the device synchronised before and after) and its steady time."""
+class FirstCallCauses:
+    """What a first call spent its time on (``--diagnose``): the Triton kernels it compiled (Triton's
+    ``jit_post_compile_hook``: name and argument specialisations) and the functions of most self time
+    (cProfile; a cuDNN plan shows as the aten op's own time, a Triton compile as its compiler's calls)."""
+
+    def __init__(self):
+        import cProfile
+        self.profile, self.compiled = cProfile.Profile(), []
+
+    def __enter__(self):
+        try:
+            import triton
+            self._knobs = triton.knobs.runtime
+            self._knobs.jit_post_compile_hook = lambda **kw: self.compiled.append(kw["repr"])
+        except (ImportError, AttributeError):
+            self._knobs = None
+        self.profile.enable()
+        return self
+
+    def __exit__(self, *exc):
+        self.profile.disable()
+        if self._knobs is not None:
+            self._knobs.jit_post_compile_hook = None
+
+    def summary(self, top: int = 6) -> dict:
+        import pstats
+        st = pstats.Stats(self.profile).stats       # {(file, line, name): (cc, nc, tottime, cumtime, callers)}
+        rows = sorted(((v[2], f"{os.path.basename(k[0])}:{k[2]}") for k, v in st.items()), reverse=True)
+        return {"compiled": self.compiled, "self_ms": [(name, round(t * 1e3, 1)) for t, name in rows[:top]]}
+
+
+def first_and_steady(fn, smoke: bool, diagnose: dict | None = None) -> tuple[float, float]:
+    """Wall ms of ``fn``'s first call (the device synchronised before and after) and its steady time; with a
+    ``diagnose`` dict, :class:`FirstCallCauses`'s summary of the first call is stored in it."""
     sync = torch.cuda.synchronize if torch.cuda.is_available() and not smoke else (lambda: None)
     sync()
+    causes = FirstCallCauses() if diagnose is not None else None
     t = time.perf_counter()
-    fn()
-    sync()
-    first = (time.perf_counter() - t) * 1e3
+    with causes if causes is not None else contextlib.nullcontext():
+        fn()
+        sync()
+    first = (time.perf_counter() - t) * 1e3       # with --diagnose, cProfile's overhead included
+    if causes is not None:
+        diagnose.update(causes.summary())
     return first, bench(fn, smoke)
 
 
@@ -68,6 +107,9 @@ def main() -> None:
                     help="first run the server's start-up warm-up (sglang_shplb.kernels.warmup) on the shplb layer, "
                          "for chunks of up to --chunk rows within the longest length, and keep cuDNN to its shapes "
                          "as the server does: what a first call still costs")
+    ap.add_argument("--diagnose", action="store_true",
+                    help="per first call, the Triton kernels it compiled and the functions of most self time "
+                         "(in the JSON, and logged for the shplb route)")
     a = ap.parse_args()
     s = SHAPES["llama8b"]
     hq, hkv, d = s["hq"], s["hkv"], s["d"]
@@ -136,8 +178,14 @@ def main() -> None:
         r = routes(n)
         row = {"n": n, "prefix": r["prefix"], "queries": r["queries"]}
         for route, fn in r["calls"].items():
-            first, steady = first_and_steady(fn, a.cpu_smoke)
+            causes = {} if a.diagnose else None
+            first, steady = first_and_steady(fn, a.cpu_smoke, causes)
             row[route] = {"first_ms": first, "steady_ms": steady, "extra_ms": first - steady}
+            if causes:
+                row[route]["causes"] = causes
+                if route == "shplb":
+                    log(f"  n={n} shplb first call: compiled {causes['compiled'] or 'nothing'}; "
+                        f"most self time {causes['self_ms']}")
         res["rows"].append(row)
         log(f"n={n:7d} (prefix {r['prefix']}, {r['queries']} rows): " + "; ".join(
             f"{k} {v['first_ms']:.2f} / {v['steady_ms']:.2f} / {v['extra_ms']:+.2f}" for k, v in row.items()

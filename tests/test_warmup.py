@@ -2,6 +2,7 @@
 bucket a served chunk can fall in, it runs each distinct layer on the real kernels (Triton interpreter / CPU
 pieces here) without touching the layers' state, and the backend warms only the layers each bucket runs on
 the kernels."""
+import inspect
 import math
 import types
 
@@ -242,3 +243,65 @@ def test_cudnn_kept_to_the_warmed_shapes(monkeypatch):
     asked.clear()
     dense_pieces.dense_piece(q2, k, v, 0.125)
     assert asked == ["cudnn", "cudnn"]
+
+
+def _specialisation(fn, args: tuple, kwargs: dict) -> tuple:
+    """What Triton 3.6 compiles a launch of the jit function ``fn`` for, emulated from the interpreter's launch:
+    the constexprs and launch config by value; per other argument, an integer's class (1, a multiple of 16,
+    other; none where ``do_not_specialize`` names it, only "is 1" where ``do_not_specialize_on_alignment`` does),
+    a pointer's 16-byte alignment."""
+    params = list(inspect.signature(fn.fn).parameters.values())
+    names = [p.name for p in params]
+
+    def named(key):
+        return {names[x] if isinstance(x, int) else x for x in (fn.kwargs.get(key) or ())}
+    free, unaligned = named("do_not_specialize"), named("do_not_specialize_on_alignment")
+    bound = dict(zip(names, args)) | kwargs
+    spec = [fn.fn.__name__]
+    for p in params:
+        v = bound.get(p.name)
+        if "constexpr" in str(p.annotation) or isinstance(v, bool) or v is None:
+            spec.append((p.name, v))
+        elif isinstance(v, torch.Tensor):
+            spec.append((p.name, p.name in free or v.data_ptr() % 16 == 0))
+        elif isinstance(v, int):
+            spec.append((p.name, None if p.name in free else v == 1 if p.name in unaligned else
+                         0 if v == 0 else 1 if v == 1 else 16 if v % 16 == 0 else 2))
+    return tuple(spec) + tuple(sorted((k, v) for k, v in kwargs.items() if k not in names))
+
+
+def test_a_new_length_compiles_nothing_the_warm_up_did_not(monkeypatch):
+    """After the warm-up, the extend kernels at chunk lengths it never ran launch only specialisations it did
+    (emulated: :func:`_specialisation`, with the GPU's Triton index builders and the shipped H100 launch
+    configs), so no served request pays for a Triton compile. Round 18 (H100, ``bench/first_call.py
+    --diagnose``): each miss cost a first call 0.6-1.0 s, from lengths (the selection's row widths, index
+    strides) that are multiples of 16 at the warm-up's shapes and not at most served ones."""
+    import triton.runtime.interpreter as interp
+    from sglang_shplb.kernels import api, triton_prefill, tuned
+    if not isinstance(triton_prefill._kernel(False), interp.InterpretedFunction):
+        pytest.skip("reads the launches of Triton's interpreter (TRITON_INTERPRET=1, as in CI)")
+    table = tuned.load_table("NVIDIA H100 80GB HBM3", tuned.TUNED_DIR, "9.0")
+    monkeypatch.setattr(triton_prefill, "tuned_config", lambda kernel, values, q: table.get(kernel, {}).get(
+        tuned.key_string(values, torch.bfloat16)))
+    build = api.build_block_index
+    monkeypatch.setattr(api, "build_block_index", lambda *a, **kw: build(*a, **kw | {"builder": "triton"}))
+    launched = []
+    monkeypatch.setattr(interp.InterpretedFunction, "run", lambda self, *args, grid, warmup, **kw: launched.append(
+        _specialisation(self, args, kw)))                 # recorded, not run: the shapes are all that matter
+    max_q, max_kv = 512, 8192
+    lk = _layer(MIXED[:4] + [HeadBudget.topk(0.3, min_blocks=2, tile=128), MIXED[5]], ctx=max_kv)  # every kernel
+    shapes, planned = extend_warmup(max_q, max_kv)
+    warm_up_extend(lambda n: [lk], shapes, DT, DEV, r2t_cols=max_kv, scale=D ** -0.5, planned=planned)
+    warmed, n_warm = set(launched), len(launched)
+    served = [(m, p) for m in (1, 2, 3, 13, 16, 17, 47, 64, 65, 100, 255, 256, 300, 511, 512)
+              for p in [0] + list(range(MIN_PREFIX, max_kv - m + 1, 307)) + [max_kv - m]]
+    for m, p in served:
+        del launched[:]
+        warm_up_extend(lambda n: [lk], [(m, p)], DT, DEV, r2t_cols=max_kv, scale=D ** -0.5)
+        assert launched, (m, p)
+        missed = [s for s in launched if s not in warmed]
+        assert not missed, f"a chunk of {m} rows after {p} tokens compiles " + "; ".join(
+            f"{s[0]}, unlike the nearest warmed launch in " + str(min(
+                ([(a, b) for a, b in zip(s, w) if a != b] for w in warmed if w[0] == s[0]), key=len, default="all"))
+            for s in missed)
+    assert n_warm > len(shapes)

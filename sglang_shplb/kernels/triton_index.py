@@ -52,6 +52,7 @@ import torch
 from sglang_shplb.core.patterns import BLOCK, HeadBudget
 from sglang_shplb.kernels.block_index import BlockIndex, empty_index, max_blocks_per_row, topk_counts_tensor
 from sglang_shplb.kernels.layer_heads import LayerHeads
+from sglang_shplb.kernels.triton_jit import length_free_jit
 
 BM = 16   # query blocks per selection program (tl.dot needs M >= 16)
 DC = 16   # head-dim chunk of the score dots
@@ -62,7 +63,7 @@ def _kernels():
     from sglang_shplb.kernels._triton_compat import import_triton
     triton, tl = import_triton()
 
-    @triton.jit
+    @length_free_jit(triton)
     def _pool_kernel(Q, K, QP, KP, stride_qt, stride_qh, stride_kt, stride_kh,
                      cu_q, kv_lens, cu_k, req_to_token, req_pool_idx, stride_r2t, head_slot, NB, T,
                      HKV: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -95,7 +96,7 @@ def _kernels():
                             mask=qval[:, None], other=0.0)
                 tl.store(QP + ((b * T + s) * NB + j).to(tl.int64) * D + offs_d, tl.sum(q.to(tl.float32), 0) / nq)
 
-    @triton.jit
+    @length_free_jit(triton)
     def _select_kernel(QP, KP, heads, counts, idx, cnt, s_ib, s_ih, s_iq, s_cb, s_ch, NB, T, MAXK, NB64,
                        cu_q, kv_lens, UNIT, HKV: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr,
                        BM: tl.constexpr, NBP: tl.constexpr, DC: tl.constexpr, CAST: tl.constexpr,

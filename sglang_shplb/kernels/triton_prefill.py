@@ -24,6 +24,7 @@ import torch
 from sglang_shplb.core.patterns import BLOCK
 from sglang_shplb.kernels.checks import check_qkv
 from sglang_shplb.kernels.tuned import KERNEL_KEYS, tuned_config
+from sglang_shplb.kernels.triton_jit import length_free_jit
 
 LOG2E = 1.4426950408889634
 
@@ -171,7 +172,7 @@ def _kernel(autotune: bool):
             o = acc / l_i[:, None]
             _store_o(O, o, q_rows, m_valid, h, stride_ot, stride_oh, offs_d)
 
-    kern = triton.jit(_index_prefill_kernel)
+    kern = length_free_jit(triton)(_index_prefill_kernel)
     if autotune:
         kern = triton.autotune(_index_configs(triton), key=list(KERNEL_KEYS["index"]))(kern)
     return kern
@@ -559,7 +560,7 @@ def _tile_kernel(autotune: bool):
             o = acc / l_i[:, None]
             _store_o(O, o, q_rows, m_valid, h, stride_ot, stride_oh, offs_d)
 
-    kern = triton.jit(_tile_prefill_kernel)
+    kern = length_free_jit(triton)(_tile_prefill_kernel)
     if autotune:
         kern = triton.autotune(_tile_configs(triton), key=list(KERNEL_KEYS["tile"]))(kern)
     return kern

@@ -26,6 +26,7 @@ import torch
 from sglang_shplb.core.patterns import DENSE_TAIL, tail_rows
 from sglang_shplb.kernels.block_index import int_tensor, to_device
 from sglang_shplb.kernels.triton_prefill import LOG2E
+from sglang_shplb.kernels.triton_jit import length_free_jit
 
 BLOCK_N = 64          # keys per step
 PROGRAMS_PER_SM = 2   # slices are chosen so that the first launch has about this many programs per SM
@@ -36,7 +37,7 @@ def _kernels():
     from sglang_shplb.kernels._triton_compat import import_triton
     triton, tl = import_triton()
 
-    @triton.jit
+    @length_free_jit(triton)
     def _tail_slice_kernel(Q, K, V, R2T, RPI, QEND, TLEN, KVLEN, HEADS, ACC, ML, scale_log2, slice_len,
                            stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_r2t,
                            NS, GROUP: tl.constexpr, D: tl.constexpr,
@@ -95,7 +96,7 @@ def _kernels():
             tl.store(ML + base * 2 * BLOCK_M + r, m_i)
             tl.store(ML + base * 2 * BLOCK_M + BLOCK_M + r, l_i)
 
-    @triton.jit
+    @length_free_jit(triton)
     def _tail_merge_kernel(ACC, ML, OUT, QEND, TLEN, KVLEN, HEADS, slice_len, stride_ot, stride_oh, NS,
                            D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
         # program (b, j): merge the slices of request b, head HEADS[j] that hold keys (cdiv(L, slice_len));

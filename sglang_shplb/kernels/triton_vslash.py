@@ -35,6 +35,7 @@ import torch
 from sglang_shplb.core.patterns import BLOCK, HeadBudget
 from sglang_shplb.kernels.block_index import BlockIndex, int_tensor
 from sglang_shplb.kernels.triton_index import builder_frame, column_warps, launched_rows, triton_next_pow2
+from sglang_shplb.kernels.triton_jit import length_free_jit
 
 CB = 16            # KV blocks per program of the two mass passes (1,024 keys)
 BM = 16            # query blocks per program of the row writer
@@ -78,7 +79,7 @@ def _kernels():
         s = tl.dot(q, tl.trans(k)) * qk_scale
         return tl.where(kval[None, :] & (kpos[None, :] <= qpos[:, None]), s, float("-inf"))
 
-    @triton.jit
+    @length_free_jit(triton)
     def _mass_kernel(Q, K, heads, M, L, MASS, stride_qt, stride_qh, stride_kt, stride_kh, cu_q, kv_lens, cu_k,
                      req_to_token, req_pool_idx, stride_r2t, qk_scale, V, NCH, NB, GROUP: tl.constexpr,
                      D: tl.constexpr, CB: tl.constexpr, NCHP: tl.constexpr, PAGED: tl.constexpr,
@@ -144,7 +145,7 @@ def _kernels():
         take = gt | (eq & (tl.cumsum(eq.to(tl.int32), 1) <= need[:, None]))
         return tl.reshape(take, [NBP])
 
-    @triton.jit
+    @length_free_jit(triton)
     def _pick_kernel(MASS, ntab, VERT, SLASH, kv_lens, V, NB, NTAB_W, NBP: tl.constexpr):
         v = tl.program_id(0)
         b = tl.program_id(1)
@@ -158,7 +159,7 @@ def _kernels():
         tl.store(VERT + out, (_top_n(mass, n, NBP) | (j == 0)).to(tl.int8))
         tl.store(SLASH + out, (_top_n(by_offset, n, NBP) | (j == 0)).to(tl.int8))
 
-    @triton.jit
+    @length_free_jit(triton)
     def _rows_kernel(VERT, SLASH, heads, idx, cnt, s_ib, s_ih, s_iq, s_cb, s_ch, cu_q, kv_lens, V, NB, MAXW,
                      BM: tl.constexpr, NBP: tl.constexpr, QUERY_ROWS: tl.constexpr):
         tile = tl.program_id(0)
