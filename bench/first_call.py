@@ -48,43 +48,86 @@ from sglang_shplb.kernels.warmup import extend_warmup, warm_up_extend  # noqa: E
 from sglang_shplb.kernels.dense_pieces import CUDNN_BUCKETED_PLANS_ENV, keep_cudnn_to, piece_after_prefix  # noqa: E402
 
 
-class FirstCallCauses:
-    """What a first call spent its time on (``--diagnose``): the Triton kernels it compiled (Triton's
-    ``jit_post_compile_hook``: name and argument specialisations) and the functions of most self time
-    (cProfile; a cuDNN plan shows as the aten op's own time, a Triton compile as its compiler's calls)."""
+class CompileLog:
+    """The Triton kernels compiled inside the block (Triton's ``jit_post_compile_hook``): per compile the kernel's
+    name and what it was compiled for (argument types and specialisations, constexprs, launch options), as
+    ``(name, frozenset of "field=value" tokens)``."""
 
     def __init__(self):
-        import cProfile
-        self.profile, self.compiled = cProfile.Profile(), []
+        self.compiled: list[tuple[str, frozenset]] = []
+
+    def _hook(self, **kw):
+        try:
+            c = kw["compile"]
+            tokens = [f"{k}={v}" for k, v in c["signature"].items()] + [f"const {k}={v}" for k, v in
+                                                                          c["constants"].items()]
+            tokens += [f"attrs={c['configs']}"] + [f"{k}={c[k]}" for k in ("num_warps", "num_stages", "num_ctas")]
+            self.compiled.append((kw["fn"].name, frozenset(tokens)))
+        except (KeyError, AttributeError) as e:     # another Triton's hook arguments: keep the repr
+            self.compiled.append((str(kw.get("repr")), frozenset({f"hook arguments not read: {e!r}"})))
 
     def __enter__(self):
         try:
             import triton
             self._knobs = triton.knobs.runtime
-            self._knobs.jit_post_compile_hook = lambda **kw: self.compiled.append(kw["repr"])
+            self._knobs.jit_post_compile_hook = self._hook
         except (ImportError, AttributeError):
             self._knobs = None
+        return self
+
+    def __exit__(self, *exc):
+        if self._knobs is not None:
+            self._knobs.jit_post_compile_hook = None
+
+    def unlike(self, earlier: "CompileLog") -> list[str]:
+        """Per compile here: its kernel and what sets it apart from the nearest compile of that kernel in
+        ``earlier`` (tokens only here / only there), or that ``earlier`` never compiled the kernel."""
+        out = []
+        for name, tokens in self.compiled:
+            seen = [t for n, t in earlier.compiled if n == name]
+            if not seen:
+                out.append(f"{name} (never compiled before)")
+                continue
+            near = min(seen, key=lambda t: len(t ^ tokens))
+            out.append(f"{name}: {sorted(tokens - near)} where the nearest earlier compile had {sorted(near - tokens)}")
+        return out
+
+
+class FirstCallCauses(CompileLog):
+    """What a first call spent its time on (``--diagnose``): the Triton kernels it compiled (:class:`CompileLog`)
+    and the functions of most self time (cProfile; a cuDNN plan shows as the aten op's own time, a Triton compile
+    as its compiler's calls)."""
+
+    def __init__(self, earlier: CompileLog | None = None):
+        import cProfile
+        super().__init__()
+        self.profile, self.earlier = cProfile.Profile(), earlier
+
+    def __enter__(self):
+        super().__enter__()
         self.profile.enable()
         return self
 
     def __exit__(self, *exc):
         self.profile.disable()
-        if self._knobs is not None:
-            self._knobs.jit_post_compile_hook = None
+        super().__exit__(*exc)
 
     def summary(self, top: int = 6) -> dict:
         import pstats
         st = pstats.Stats(self.profile).stats       # {(file, line, name): (cc, nc, tottime, cumtime, callers)}
         rows = sorted(((v[2], f"{os.path.basename(k[0])}:{k[2]}") for k, v in st.items()), reverse=True)
-        return {"compiled": self.compiled, "self_ms": [(name, round(t * 1e3, 1)) for t, name in rows[:top]]}
+        return {"compiled": self.unlike(self.earlier or CompileLog()),
+                "self_ms": [(name, round(t * 1e3, 1)) for t, name in rows[:top]]}
 
 
-def first_and_steady(fn, smoke: bool, diagnose: dict | None = None) -> tuple[float, float]:
+def first_and_steady(fn, smoke: bool, diagnose: dict | None = None,
+                     earlier: CompileLog | None = None) -> tuple[float, float]:
     """Wall ms of ``fn``'s first call (the device synchronised before and after) and its steady time; with a
-    ``diagnose`` dict, :class:`FirstCallCauses`'s summary of the first call is stored in it."""
+    ``diagnose`` dict, :class:`FirstCallCauses`'s summary of the first call (its compiles against ``earlier``'s)
+    is stored in it."""
     sync = torch.cuda.synchronize if torch.cuda.is_available() and not smoke else (lambda: None)
     sync()
-    causes = FirstCallCauses() if diagnose is not None else None
+    causes = FirstCallCauses(earlier) if diagnose is not None else None
     t = time.perf_counter()
     with causes if causes is not None else contextlib.nullcontext():
         fn()
@@ -166,12 +209,15 @@ def main() -> None:
             out["flashinfer"] = flashinfer
         return {"prefix": p, "queries": m, "calls": out}
 
-    for fn in routes(a.warmup_length)["calls"].values():   # compiles, autotuning, first cuDNN plans
-        first_and_steady(fn, a.cpu_smoke)
+    compiled = CompileLog()                 # what the warm-up length and the warm-up compiled (--diagnose)
+    with compiled if a.diagnose else contextlib.nullcontext():
+        for fn in routes(a.warmup_length)["calls"].values():   # compiles, autotuning, first cuDNN plans
+            first_and_steady(fn, a.cpu_smoke)
     if a.warm_up:
         shapes, planned = extend_warmup(a.chunk, max(lengths))
-        w = warm_up_extend(lambda n: [lk], shapes, dt, dev, r2t_cols=r2t.shape[1], scale=d ** -0.5,
-                           planned=planned, log=log)
+        with compiled if a.diagnose else contextlib.nullcontext():
+            w = warm_up_extend(lambda n: [lk], shapes, dt, dev, r2t_cols=r2t.shape[1], scale=d ** -0.5,
+                               planned=planned, log=log)
         keep_cudnn_to(w["cudnn_shapes"])   # as the server does: other shapes' dense calls on flash
         res["warm_up"] = {k: (len(x) if k == "cudnn_shapes" else x) for k, x in w.items()}
     for n in lengths:
@@ -179,7 +225,7 @@ def main() -> None:
         row = {"n": n, "prefix": r["prefix"], "queries": r["queries"]}
         for route, fn in r["calls"].items():
             causes = {} if a.diagnose else None
-            first, steady = first_and_steady(fn, a.cpu_smoke, causes)
+            first, steady = first_and_steady(fn, a.cpu_smoke, causes, compiled)
             row[route] = {"first_ms": first, "steady_ms": steady, "extra_ms": first - steady}
             if causes:
                 row[route]["causes"] = causes

@@ -249,7 +249,7 @@ def _specialisation(fn, args: tuple, kwargs: dict) -> tuple:
     """What Triton 3.6 compiles a launch of the jit function ``fn`` for, emulated from the interpreter's launch:
     the constexprs and launch config by value; per other argument, an integer's class (1, a multiple of 16,
     other; none where ``do_not_specialize`` names it, only "is 1" where ``do_not_specialize_on_alignment`` does),
-    a pointer's 16-byte alignment."""
+    a pointer's element type and 16-byte alignment."""
     params = list(inspect.signature(fn.fn).parameters.values())
     names = [p.name for p in params]
 
@@ -263,7 +263,7 @@ def _specialisation(fn, args: tuple, kwargs: dict) -> tuple:
         if "constexpr" in str(p.annotation) or isinstance(v, bool) or v is None:
             spec.append((p.name, v))
         elif isinstance(v, torch.Tensor):
-            spec.append((p.name, p.name in free or v.data_ptr() % 16 == 0))
+            spec.append((p.name, v.dtype, p.name in free or v.data_ptr() % 16 == 0))
         elif isinstance(v, int):
             spec.append((p.name, None if p.name in free else v == 1 if p.name in unaligned else
                          0 if v == 0 else 1 if v == 1 else 16 if v % 16 == 0 else 2))
