@@ -216,7 +216,7 @@ def main() -> None:
     if a.warm_up:
         shapes, planned = extend_warmup(a.chunk, max(lengths))
         with compiled if a.diagnose else contextlib.nullcontext():
-            w = warm_up_extend(lambda n: [lk], shapes, dt, dev, r2t_cols=r2t.shape[1], scale=d ** -0.5,
+            w = warm_up_extend(lambda n: [lk], shapes, dt, dev, r2t_cols=r2t.stride(0), scale=d ** -0.5,
                                planned=planned, log=log)
         keep_cudnn_to(w["cudnn_shapes"])   # as the server does: other shapes' dense calls on flash
         res["warm_up"] = {k: (len(x) if k == "cudnn_shapes" else x) for k, x in w.items()}

@@ -123,8 +123,9 @@ def warm_up_extend(layers_at: Callable[[int], Sequence[LayerKernels]], shapes: S
                    planned: Collection[tuple[int, int]] = (), pool_slots: int = 4096,
                    log: Callable[[str], None] | None = None, seed: int = 0) -> dict:
     """Run :meth:`.LayerKernels.prefill_batch` and the dense tail of each of ``distinct_layers(layers_at(p + m))``
-    at every ``(m, p)`` of ``shapes`` (one request; a request-pool table of ``r2t_cols`` columns, as the
-    server's, so that its stride matches): the shapes in ``planned`` with the dense calls on their usual
+    at every ``(m, p)`` of ``shapes`` (one request; a request-pool table of ``r2t_cols`` columns: pass the row
+    stride of the table served from, which the kernels take as an argument that Triton specialises — a
+    benchmark whose table was a view with a wider stride paid a compile per launch config, round 19): the shapes in ``planned`` with the dense calls on their usual
     backend (cuDNN on a GPU: its plans are built), the others on flash. ``log`` gets a line per tenth of the
     grid. Returns counts, the wall time and ``cudnn_shapes``: the dense calls' shape keys of the planned shapes
     (for :func:`.dense_pieces.keep_cudnn_to`)."""

@@ -331,7 +331,7 @@ class ShplbAttnBackend(AttentionBackend):
                     len(distinct_layers(list(self.kernels.values()))))
         try:
             res = warm_up_extend(layers_at, shapes, k0.dtype, self.device,
-                                 r2t_cols=self.req_to_token_pool.req_to_token.shape[1],
+                                 r2t_cols=self.req_to_token_pool.req_to_token.stride(0),
                                  scale=next(iter(self.kernels.values())).d ** -0.5, planned=planned,
                                  log=logger.info)
         except torch.cuda.OutOfMemoryError as e:   # the pool took the memory: serve, compiling on first use
