@@ -47,6 +47,8 @@ def test_all_stock_plan_gives_the_stock_backends_tokens(model, all_stock_plan, t
     log = (tmp_path / "shplb.log").read_text()
     assert "shplb stock fallback: layers on torch_native per bucket" in log, log[-3000:]
     assert "prefill {4096: 30, 8192: 30" in log and "decode {4096: 30, 8192: 30" in log, log[-3000:]
+    # SGLang found and ran the stock-path warm-up the launcher named in --warmups (a no-op off CUDA)
+    assert "shplb stock-path warm-up: skipped on cpu" in log and "Could not find custom warmup" not in log, log[-3000:]
     stock = answers(m + ["--attention-backend", "torch_native"], prompts, tmp_path / "stock.log",
                     module="sglang.launch_server")
     assert ours == stock, (ours, stock)

@@ -42,9 +42,10 @@ def add_shplb_args(parser: argparse.ArgumentParser) -> None:
                         "reusable page selector; the steps between skip the selection launch's scoring); 1: "
                         "select at every step (default %(default)s)")
     g.add_argument("--shplb-no-warmup", action="store_true",
-                   help="skip the start-up warm-up of the sparse extend kernels (CUDA: every distinct layer run "
+                   help="skip the start-up warm-ups (CUDA): of the sparse extend kernels (every distinct layer run "
                         "once per query / prefix length bucket, so that no request pays a Triton compile or a "
-                        "cuDNN plan); they then compile on first use")
+                        "cuDNN plan) and of the stock backend's layers (one request through SGLang's --warmups, "
+                        "so that none pays FlashInfer's JIT); they then compile on first use")
 
 
 def _positive_int(text: str) -> int:
@@ -194,6 +195,10 @@ def main(argv: list[str] | None = None) -> int:
                         ours.shplb_dense_backend, ours.shplb_group_prefill_by_bucket, ours.shplb_bucket_log_every,
                         ours.shplb_decode_reselect_every, not ours.shplb_no_warmup)
     os.environ.update(cfg.to_env())
+    if cfg.warmup:
+        from sglang_shplb.serving import stock_warmup
+        stock_warmup.register()                       # SGLang runs it before serving (--warmups)
+        sgl_argv = stock_warmup.with_warmup(sgl_argv)
     note = bucketed_cudnn_plans(os.environ)
     if note:
         print(note, file=sys.stderr)
