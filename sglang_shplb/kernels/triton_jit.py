@@ -20,6 +20,11 @@ LENGTH_ARGS = frozenset({
 })
 
 
+def int_specialisation(n: int) -> int:
+    """The class Triton (3.6) compiles an integer argument for: 0 (zero), 1, 16 (a multiple of 16), 2 (other)."""
+    return 0 if n == 0 else 1 if n == 1 else 16 if n % 16 == 0 else 2
+
+
 def length_free_jit(triton) -> Callable[[Callable], Any]:
     """``triton.jit`` with the kernel's :data:`LENGTH_ARGS` not specialised (``do_not_specialize``)."""
     def jit(fn: Callable) -> Any:

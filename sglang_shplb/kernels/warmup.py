@@ -41,6 +41,7 @@ from sglang_shplb.kernels.dense_tail import dense_tail
 from sglang_shplb.kernels.head_parallel import KVRows
 from sglang_shplb.kernels.paged_layer import ExtendBatch, LayerKernels
 from sglang_shplb.kernels.triton_index import triton_next_pow2
+from sglang_shplb.kernels.triton_jit import int_specialisation
 
 #: the shortest cached prefix warmed (one 128-token superblock: shorter ones share its buckets)
 MIN_PREFIX = 2 * BLOCK
@@ -93,11 +94,6 @@ def extend_warmup(max_q: int, max_kv: int) -> tuple[list[tuple[int, int]], froze
         frozenset(planned)
 
 
-def _int_class(n: int) -> int:
-    """How Triton specialises an integer argument: 0 (none), 1, a multiple of 16 (16), or another value (2)."""
-    return 0 if n == 0 else 1 if n == 1 else 16 if n % 16 == 0 else 2
-
-
 def kernel_signature(layer: LayerKernels) -> tuple:
     """What the prefill kernels of ``layer`` compile and plan for, beyond the shape every layer shares: the dense
     heads' grouping (``(c, KV heads with c dense q heads)``: the shapes of the dense calls) and, per kernel's
@@ -107,7 +103,7 @@ def kernel_signature(layer: LayerKernels) -> tuple:
     per_kv = Counter(x // (layer.hq // layer.hkv) for x in h.dense)
     groups = tuple(sorted(Counter(per_kv.values()).items()))
     top64 = [x for x in h.topk if x not in h.tiled]
-    return groups, tuple(_int_class(len(x)) for x in (h.streaming, top64 + list(h.vslash), top64, h.tiled, h.vslash))
+    return groups, tuple(int_specialisation(len(x)) for x in (h.streaming, top64 + list(h.vslash), top64, h.tiled, h.vslash))
 
 
 def distinct_layers(layers: Sequence[LayerKernels]) -> list[LayerKernels]:
@@ -124,9 +120,10 @@ def warm_up_extend(layers_at: Callable[[int], Sequence[LayerKernels]], shapes: S
                    log: Callable[[str], None] | None = None, seed: int = 0) -> dict:
     """Run :meth:`.LayerKernels.prefill_batch` and the dense tail of each of ``distinct_layers(layers_at(p + m))``
     at every ``(m, p)`` of ``shapes`` (one request; a request-pool table of ``r2t_cols`` columns: pass the row
-    stride of the table served from, which the kernels take as an argument that Triton specialises — a
-    benchmark whose table was a view with a wider stride paid a compile per launch config, round 19): the shapes in ``planned`` with the dense calls on their usual
-    backend (cuDNN on a GPU: its plans are built), the others on flash. ``log`` gets a line per tenth of the
+    stride of the table served from, which the kernels take as an argument that Triton specialises; a
+    benchmark whose table was a view with a wider stride paid a compile per launch config, round 19): the
+    shapes in ``planned`` with the dense calls on their usual backend (cuDNN on a GPU: its plans are built),
+    the others on flash. ``log`` gets a line per tenth of the
     grid. Returns counts, the wall time and ``cudnn_shapes``: the dense calls' shape keys of the planned shapes
     (for :func:`.dense_pieces.keep_cudnn_to`)."""
     t0 = time.perf_counter()
