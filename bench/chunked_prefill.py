@@ -71,6 +71,8 @@ def main() -> None:
     ap.add_argument("--ctx", default="32768,65536,131072")
     ap.add_argument("--chunk", type=int, default=8192, help="SGLang's --chunked-prefill-size")
     ap.add_argument("--layer", type=int, default=0, help="which layer's budgets (the mixed plan's are all alike)")
+    ap.add_argument("--topk-tile", type=int, default=64, choices=[64, 128],
+                    help="the mixed plan's top-k selection tile (128: query pairs over 128-token superblocks)")
     ap.add_argument("--out", default="/tmp/out")
     ap.add_argument("--profile", action="store_true",
                     help="also profile the last chunk of each context (GPU): device time by kernel, host time")
@@ -78,7 +80,7 @@ def main() -> None:
     a = ap.parse_args()
     s = SHAPES[a.which]
     hq, hkv, d = s["hq"], s["hkv"], s["d"]
-    budgets = plan_budgets(a.which)[a.layer]
+    budgets = plan_budgets(a.which, a.topk_tile)[a.layer]
     ctxs = [int(x) for x in a.ctx.split(",")]
     dev, dt = "cuda", torch.bfloat16
     if a.cpu_smoke:
@@ -91,12 +93,13 @@ def main() -> None:
     name = torch.cuda.get_device_name() if dev == "cuda" else "cpu (smoke)"
     kinds = {k: sum(b.pattern is k for b in budgets) for k in Pattern}
     res = {"which": a.which, "device": name, "date": _dt.date.today().isoformat(), "chunk": a.chunk,
-           "torch": torch.__version__, "layer": a.layer,
+           "torch": torch.__version__, "layer": a.layer, "topk_tile": a.topk_tile,
            "heads": {k.value: n for k, n in kinds.items() if n}, "rows": []}
     os.makedirs(a.out, exist_ok=True)
-    dump = results_writer(res, os.path.join(a.out, f"chunked_prefill_{a.which}_{device_tag(name)}"))
+    tile = "" if a.topk_tile == 64 else f"_tile{a.topk_tile}"
+    dump = results_writer(res, os.path.join(a.out, f"chunked_prefill_{a.which}{tile}_{device_tag(name)}"))
     log(f"# bench/chunked_prefill.py  {a.which}  device={name}  date={res['date']}  chunk={a.chunk}  "
-        f"heads {res['heads']}  {dt}")
+        f"heads {res['heads']}  top-k tile {a.topk_tile}  {dt}")
     sparse = SparsePrefill(budgets, hkv, d, sm_scale=scale)
     dense = SparsePrefill([HeadBudget.dense()] * hq, hkv, d, sm_scale=scale)
     dense_heads = [h for h, b in enumerate(budgets) if b.pattern is Pattern.DENSE]

@@ -44,7 +44,9 @@ from sglang_shplb.kernels.paged_layer import (DecodeWorkspace, ExtendBatch, Laye
 SHAPES = {"smollm2": dict(layers=30, hq=9, hkv=3, d=64), "llama8b": dict(layers=32, hq=32, hkv=8, d=128)}
 
 
-def plan_budgets(which: str) -> list[list[HeadBudget]]:
+def plan_budgets(which: str, topk_tile: int = BLOCK) -> list[list[HeadBudget]]:
+    """The default plan's budgets (SmolLM2), or the serving benchmark's mixed plan (``topk_tile``: its top-k
+    heads' selection tile)."""
     if which == "smollm2":
         data = json.loads((HERE / "results" / "default_plan" / "plan.json").read_text())
         return [[HeadBudget.from_dict(b) for b in layer] for layer in data["budgets"]]
@@ -52,7 +54,7 @@ def plan_budgets(which: str) -> list[list[HeadBudget]]:
     from sglang_shplb.planning.synthetic_plans import mixed_budget
     s = SHAPES[which]
     spec = ModelSpec("LlamaForCausalLM", s["layers"], s["hq"], s["hkv"], s["d"], 131072, "bench")
-    f = mixed_budget(128, 2048, 0.1)
+    f = mixed_budget(128, 2048, 0.1, topk_tile=topk_tile)
     return [[f(li, h, spec) for h in range(s["hq"])] for li in range(s["layers"])]
 
 

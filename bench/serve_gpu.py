@@ -12,6 +12,8 @@ Servers (one at a time, the same flags but the backend):
 * ``shplb``: the plan as ``place`` ships it, layers marked stock per phase and bucket where the cost model does
   not predict sparse to win (``planning/stock_decision.py``; the server runs the stock backend there);
 * ``shplb_sparse``: the same budgets, every layer with sparse heads sparse in every bucket (where sparse loses);
+* ``shplb_tile128`` (Llama-3-8B only): ``shplb`` with its top-k heads selecting per 128-row query pair among
+  128-token superblocks (``HeadBudget.topk(..., tile=128)``, the 128 x 128 tile kernel) instead of 64-token blocks;
 * ``shplb_routed`` (Llama-3-8B only): the same budgets with the stock decision's earlier decode fit (18 us per
   layer, 3 TB/s), which decodes stock up to the 16K bucket and sparse from the 32K one: every layer's decode route
   follows the bucket inside the decode CUDA graphs by a route flag (our dense Triton decode where stock), so its
@@ -32,15 +34,20 @@ batch decodes (``run_cell``: the window between the last first chunk and the fir
 other requests' prefill chunks with the first ones' decode before it; where no such window exists, each request's
 rate after the last first chunk). Cells with
 ``length * batch`` above ``--max-batch-tokens`` are skipped (KV memory). ``startup_s``: launch to healthy.
+``--fresh-caches``: each server starts with empty Triton and FlashInfer JIT caches (new ``TRITON_CACHE_DIR``
+and ``FLASHINFER_WORKSPACE_BASE``), as on a fresh machine; ``cold_s`` = ``startup_s`` plus what the warm-up
+pass's first requests took over the measured ones (:func:`cold_start_s`).
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import random
 import statistics
 import sys
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -48,6 +55,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
+from sglang_shplb.core.patterns import BLOCK  # noqa: E402
 from sglang_shplb.core.plan import load_plan  # noqa: E402
 from sglang_shplb.evaluation.servers import Server, server_specs  # noqa: E402
 from sglang_shplb.planning.calibration_data import passkey_prompt  # noqa: E402
@@ -191,9 +199,10 @@ def make_plans(which: str, model: Path, out: Path) -> dict[str, Path]:
     if which == "llama8b":
         from sglang_shplb.planning.synthetic_plans import mixed_budget, synthetic_plan
         routed = StockOptions(decode_layer_overhead_s=18e-6, hbm_bytes_per_s=3.0e12)   # the fit before 2026-12-03
-        for name, stock in (("shplb", StockOptions()), ("shplb_sparse", None), ("shplb_routed", routed)):
-            plans[name] = synthetic_plan(model, mixed_budget(128, 2048, 0.1), out / f"plan_{name}", stock=stock,
-                                         meta={"source": f"bench/serve_gpu.py llama8b {name}"}).parent
+        for name, stock, tile in (("shplb", StockOptions(), BLOCK), ("shplb_sparse", None, BLOCK),
+                                  ("shplb_routed", routed, BLOCK), ("shplb_tile128", StockOptions(), 2 * BLOCK)):
+            plans[name] = synthetic_plan(model, mixed_budget(128, 2048, 0.1, topk_tile=tile), out / f"plan_{name}",
+                                         stock=stock, meta={"source": f"bench/serve_gpu.py llama8b {name}"}).parent
         return plans
     from sglang_shplb.cli import main as cli
     for name, flags in (("shplb", []), ("shplb_sparse", ["--no-stock-fallback"])):
@@ -220,6 +229,8 @@ def main() -> None:
                          "whose steps of a few ms vary from pass to pass")
     ap.add_argument("--fresh-lengths", type=int, default=0,
                     help="per cell, this many more requests at lengths never served before, timed once each")
+    ap.add_argument("--fresh-caches", action="store_true",
+                    help="each server with empty Triton and FlashInfer JIT caches (a fresh machine's cold start)")
     ap.add_argument("--cpu-smoke", action="store_true", help="CPU, float32, torch_native, tiny grid: the logic")
     ap.add_argument("--plot", nargs="+", default=None, help="result JSONs: print the ratio table, write a PNG")
     a = ap.parse_args()
@@ -270,9 +281,14 @@ def main() -> None:
         dense, (sparse,) = server_specs(model, [plan], device, "float32" if a.cpu_smoke else "bfloat16", ctx,
                                         concurrency=conc, extra=extra)
         spec = dense if kind == "flashinfer" else sparse
-        result["runs"].append(serve_grid(name, spec, grid, a.new_tokens, out,
-                                         None if kind == "flashinfer" else Path(plan),
-                                         a.repeats or (1 if a.which == "llama8b" else 5), a.fresh_lengths))
+        with tempfile.TemporaryDirectory() as caches:
+            if a.fresh_caches:
+                spec = dataclasses.replace(spec, env={**spec.env, "TRITON_CACHE_DIR": f"{caches}/triton",
+                                                      "FLASHINFER_WORKSPACE_BASE": f"{caches}/flashinfer"})
+            run = serve_grid(name, spec, grid, a.new_tokens, out, None if kind == "flashinfer" else Path(plan),
+                             a.repeats or (1 if a.which == "llama8b" else 5), a.fresh_lengths)
+        run["fresh_caches"] = a.fresh_caches
+        result["runs"].append(run)
         path.write_text(json.dumps(result, indent=1))
     print("wrote", path, flush=True)
     report([result], out)
@@ -283,6 +299,14 @@ def server_kind(name: str) -> str:
     flashinfer,shplb,flashinfer#2``); the report lists it as a competitor of the first ``flashinfer`` run, so
     its ratios (an A/A comparison) show how far two runs of the same server differ: the noise floor."""
     return name.split("#", 1)[0]
+
+
+def cold_start_s(run: dict) -> float | None:
+    """A server's cold start: launch to healthy plus what each cell's first request (the warm-up pass) took over
+    its measured TTFT; None without a startup time (a failed server)."""
+    if "startup_s" not in run:
+        return None
+    return run["startup_s"] + sum(max(0.0, c["first_ttft_s"] - c["ttft_s"]) for c in run.get("cells", []))
 
 
 def merge_results(results: list[dict]) -> list[dict]:
@@ -326,8 +350,13 @@ def report(results: list[dict], out: Path) -> None:
                 print(f"| {key[0]} | {key[1]} | flashinfer {st:.3f} | " + " | ".join(
                     f"{k} {statistics.median(fresh[k][key]):.3f} ({st / statistics.median(fresh[k][key]):.2f}×)"
                     for k in others if key in fresh.get(k, {})) + " |")
+        stock_cold = next((cold_start_s(r) for r in res["runs"] if r["server"] == "flashinfer"), None)
         for r in res["runs"]:
-            print(f"{r['server']}: startup {r.get('startup_s', '–')} s, wall {r.get('wall_s')} s"
+            cold = cold_start_s(r)
+            cold_txt = "" if cold is None else (
+                f", cold start {cold:.1f} s" + (" (empty caches)" if r.get("fresh_caches") else "")
+                + (f", {cold / stock_cold:.2f}x flashinfer's" if stock_cold and r["server"] != "flashinfer" else ""))
+            print(f"{r['server']}: startup {r.get('startup_s', '–')} s, wall {r.get('wall_s')} s{cold_txt}"
                   + (f", ERROR {r['error'][:200]}" if "error" in r else ""))
         plot(res, runs, out)
 

@@ -1,4 +1,5 @@
-"""``bench/serve_gpu.py``'s decode rate of a batch sent at once, on hand-made stream timings."""
+"""``bench/serve_gpu.py``'s decode rate of a batch sent at once, on hand-made stream timings; its cold-start sum and
+its Llama-3-8B plans."""
 import math
 import sys
 from pathlib import Path
@@ -7,8 +8,11 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
-from serve_gpu import batch_decode_rate, fresh_offsets, median_cell, merge_results, server_kind  # noqa: E402
+from serve_gpu import (batch_decode_rate, cold_start_s, fresh_offsets, make_plans, median_cell,  # noqa: E402
+                       merge_results, server_kind)
 
+from sglang_shplb.core.patterns import Pattern  # noqa: E402
+from sglang_shplb.core.plan import load_plan  # noqa: E402
 from sglang_shplb.evaluation.servers import Generation  # noqa: E402
 
 
@@ -71,3 +75,22 @@ def test_fresh_lengths_are_new_shapes(n):
     assert len(offs) == 4 and len(set(lens)) == 4
     assert all(n // 2 < L < n and L % 64 and L % 8192 for L in lens)
     assert fresh_offsets(300, 4) == [61, 125]     # short cells keep the offsets that stay above half
+
+
+def test_cold_start_is_startup_plus_what_first_requests_took_over_the_measured_ones():
+    run = {"startup_s": 100.0, "cells": [{"first_ttft_s": 9.0, "ttft_s": 1.0}, {"first_ttft_s": 2.0, "ttft_s": 2.5}]}
+    assert cold_start_s(run) == 108.0          # +8 s on the first cell; a first request faster than steady adds 0
+    assert cold_start_s({"server": "x", "error": "died"}) is None
+
+
+def test_the_tile128_llama_plan_differs_from_shplb_in_its_top_k_tile_only(tmp_path):
+    model = tmp_path / "llama8b_cfg"
+    model.mkdir()
+    import serve_gpu
+    (model / "config.json").write_text(__import__("json").dumps({**serve_gpu.LLAMA8B, "max_position_embeddings": 131200}))
+    plans = {k: load_plan(v) for k, v in make_plans("llama8b", model, tmp_path).items()}
+    base, tiled = plans["shplb"].budgets, plans["shplb_tile128"].budgets
+    pairs = [(a, b) for la, lb in zip(base, tiled) for a, b in zip(la, lb)]
+    assert sum(a.pattern is Pattern.TOPK for a, _ in pairs) == 32 * 16   # 4 top-k KV groups of 4 heads a layer
+    for a, b in pairs:
+        assert (b.tile, b.pattern, b.fraction) == ((128 if a.pattern is Pattern.TOPK else 64), a.pattern, a.fraction)

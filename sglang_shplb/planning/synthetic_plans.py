@@ -8,7 +8,7 @@ from typing import Callable
 from sglang_shplb.core.buckets import Buckets
 from sglang_shplb.core.head_map import rank_heads
 from sglang_shplb.core.model_spec import ModelSpec
-from sglang_shplb.core.patterns import HeadBudget
+from sglang_shplb.core.patterns import BLOCK, HeadBudget
 from sglang_shplb.core.placement_types import LayerPlacement, Piece, Placement
 from sglang_shplb.core.plan import Plan, save_plan
 from sglang_shplb.planning.cost_model import CostModel
@@ -47,14 +47,15 @@ def dense_budget(layer: int, head: int, spec: ModelSpec) -> HeadBudget:
 
 
 def mixed_budget(sink_tokens: int = 64, window_tokens: int = 256, topk_fraction: float = 0.25,
-                 dense_kv_groups: int = 1) -> Callable[[int, int, ModelSpec], HeadBudget]:
+                 dense_kv_groups: int = 1, topk_tile: int = BLOCK) -> Callable[[int, int, ModelSpec], HeadBudget]:
     """The first ``dense_kv_groups`` KV groups of every layer dense; of the rest, even KV groups streaming
-    (sink + window) and odd ones top-k at ``topk_fraction``. ``topk_fraction=None``: all streaming."""
+    (sink + window) and odd ones top-k at ``topk_fraction`` selecting ``topk_tile``-token blocks (128: per
+    query pair, the 128 x 128 tile kernel). ``topk_fraction=None``: all streaming."""
     def f(layer: int, head: int, spec: ModelSpec) -> HeadBudget:
         g = spec.kv_head_of(head)
         if g < dense_kv_groups:
             return HeadBudget.dense()
         if topk_fraction is None or g % 2 == 0:
             return HeadBudget.streaming(sink_tokens, window_tokens)
-        return HeadBudget.topk(topk_fraction, min_blocks=2)
+        return HeadBudget.topk(topk_fraction, min_blocks=2, tile=topk_tile)
     return f
