@@ -12,7 +12,8 @@ server runs it: every chunk after the first reads its prefix from the paged pool
 * FlashInfer's paged prefill of every head (the stock backend's kernel), where FlashInfer is installed.
 
 Per context: the sum over its chunks of the median time of each call (``triton.testing.do_bench``), ms per
-layer, and ratios. Checks: the two ``shplb`` routes agree, and ``shplb``'s dense heads equal the dense run's.
+layer, and ratios (each chunk's times kept in the JSON, ``chunk_ms``). Checks: the two ``shplb`` routes agree,
+and ``shplb``'s dense heads equal the dense run's.
 
     PYTHONUNBUFFERED=1 python bench/chunked_prefill.py llama8b --out $OUT            # GPU
     python bench/chunked_prefill.py llama8b --profile --ctx 131072 --out $OUT       # + the last chunk by kernel
@@ -111,9 +112,9 @@ def main() -> None:
         kb = torch.randn(pool, hkv, d, device=dev, dtype=dt, generator=g)
         vb = torch.randn(pool, hkv, d, device=dev, dtype=dt, generator=g)
         q_all = torch.randn(n, hq, d, device=dev, dtype=dt, generator=g)
-        tot = dict(shplb=0.0, rule_dense=0.0, index_query_rows=0.0, index_all_rows=0.0, dense_cudnn=0.0)
+        per = {k: [] for k in ("shplb", "rule_dense", "index_query_rows", "index_all_rows", "dense_cudnn")}
         if fi is not None:
-            tot["flashinfer"] = 0.0
+            per["flashinfer"] = []
         diff_routes = diff_dense = 0.0
         for p, m in chunks(n, a.chunk):
             L = p + m
@@ -124,19 +125,19 @@ def main() -> None:
             host = dict(q_lens_cpu=[m], kv_lens_cpu=[L])
             o1, o2, o3 = (torch.empty_like(q) for _ in range(3))
             sparse.plan(cu, kvl, m, L, **paged, **host)
-            tot["shplb"] += bench(lambda: sparse.run(q, kb, vb, out=o1), a.cpu_smoke)
+            per["shplb"].append(bench(lambda: sparse.run(q, kb, vb, out=o1), a.cpu_smoke))
             sparse.run(q, kb, vb, out=o1)
             dense.plan(cu, kvl, m, L, **paged, **host)
-            tot["dense_cudnn"] += bench(lambda: dense.run(q, kb, vb, out=o3), a.cpu_smoke)
+            per["dense_cudnn"].append(bench(lambda: dense.run(q, kb, vb, out=o3), a.cpu_smoke))
             dense.run(q, kb, vb, out=o3)
             sparse.plan(cu, kvl, m, L, **paged)     # no host lengths: dense heads on the Triton rule kernel
             if a.cpu_smoke:
                 sparse._host_lens = None             # the CPU derives them from its tensors
-            tot["rule_dense"] += bench(lambda: sparse.run(q, kb, vb, out=o2), a.cpu_smoke)
+            per["rule_dense"].append(bench(lambda: sparse.run(q, kb, vb, out=o2), a.cpu_smoke))
             sparse.run(q, kb, vb, out=o2)
             for key, mq in (("index_query_rows", m), ("index_all_rows", None)):
-                tot[key] += bench(lambda: build_block_index(budgets, q, kb, cu, kvl, L, max_q_len=mq, **paged),
-                                  a.cpu_smoke)
+                per[key].append(bench(lambda: build_block_index(budgets, q, kb, cu, kvl, L, max_q_len=mq, **paged),
+                                      a.cpu_smoke))
             diff_routes = max(diff_routes, float((o1.float() - o2.float()).abs().max()))
             diff_dense = max(diff_dense, float((o1[:, dense_heads].float() - o3[:, dense_heads].float()).abs().max()))
             if fi is not None:
@@ -144,8 +145,10 @@ def main() -> None:
                 w.plan(cu, torch.tensor([0, L], dtype=torch.int32, device=dev), r2t[0, :L].contiguous(),
                        torch.ones(1, dtype=torch.int32, device=dev), hq, hkv, d, 1, causal=True,
                        q_data_type=dt, sm_scale=scale)
-                tot["flashinfer"] += bench(lambda: w.run(q, (kb[:, None], vb[:, None])), a.cpu_smoke)
+                per["flashinfer"].append(bench(lambda: w.run(q, (kb[:, None], vb[:, None])), a.cpu_smoke))
+        tot = {k: sum(v) for k, v in per.items()}
         row = {"n": n, "chunks": len(chunks(n, a.chunk)), **{k + "_ms": v for k, v in tot.items()},
+               "chunk_ms": per,
                **({"last_chunk": profile_chunk(lambda: sparse.run(q, kb, vb, out=o1),
                                                lambda: sparse.plan(cu, kvl, m, L, **paged, **host))}
                   if a.profile and not a.cpu_smoke else {}),
