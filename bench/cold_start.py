@@ -5,8 +5,9 @@ launch configs (``sglang_shplb/kernels/tuned/``), each with an empty Triton cach
 
 Per server: seconds to healthy (``/health_generate``), then the first request at each length (short to long,
 as a new server meets them: Triton compiles and autotunes there) and a second one (warm). "cold" is startup
-plus the first requests' TTFT beyond the warm ones. FlashInfer's own JIT cache is left as it is (warm after
-one start on the machine): this measures what our kernels add. Report only.
+plus the first requests' TTFT beyond the warm ones (``serve_gpu.cold_start_s``). FlashInfer's own JIT cache is
+left as it is (warm after one start on the machine): this measures what our kernels add. Report only.
+``serve_gpu.py --fresh-caches`` measures the whole cold start of any servers, FlashInfer's JIT included.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from serve_gpu import cold_start_s  # noqa: E402  (bench/serve_gpu.py)
 from sglang_shplb.evaluation.servers import Server, server_specs  # noqa: E402
 
 
@@ -47,8 +49,8 @@ def main() -> None:
                     first = s.generate(ids, 8).ttft_s
                     warm = s.generate(ids, 8).ttft_s
                     row["requests"].append(dict(tokens=n, first_ttft_s=first, warm_ttft_s=warm))
-        row["first_extra_s"] = sum(r["first_ttft_s"] - r["warm_ttft_s"] for r in row["requests"])
-        row["cold_s"] = row["startup_s"] + row["first_extra_s"]
+        row["cold_s"] = cold_start_s(row["startup_s"], [(r["first_ttft_s"], r["warm_ttft_s"]) for r in row["requests"]])
+        row["first_extra_s"] = row["cold_s"] - row["startup_s"]
         rows.append(row)
         per_length = ", ".join(f"{r['tokens']}: {r['first_ttft_s']:.2f}/{r['warm_ttft_s']:.3f} s" for r in row["requests"])
         print(f"{name:24s} startup {row['startup_s']:6.1f} s  first requests +{row['first_extra_s']:6.1f} s  "

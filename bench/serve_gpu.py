@@ -35,8 +35,8 @@ other requests' prefill chunks with the first ones' decode before it; where no s
 rate after the last first chunk). Cells with
 ``length * batch`` above ``--max-batch-tokens`` are skipped (KV memory). ``startup_s``: launch to healthy.
 ``--fresh-caches``: each server starts with empty Triton and FlashInfer JIT caches (new ``TRITON_CACHE_DIR``
-and ``FLASHINFER_WORKSPACE_BASE``), as on a fresh machine; ``cold_s`` = ``startup_s`` plus what the warm-up
-pass's first requests took over the measured ones (:func:`cold_start_s`).
+and ``FLASHINFER_WORKSPACE_BASE``), as on a fresh machine; the report's cold start is ``startup_s`` plus what
+the warm-up pass's first requests took over the measured ones (:func:`cold_start_s`).
 """
 from __future__ import annotations
 
@@ -301,12 +301,18 @@ def server_kind(name: str) -> str:
     return name.split("#", 1)[0]
 
 
-def cold_start_s(run: dict) -> float | None:
-    """A server's cold start: launch to healthy plus what each cell's first request (the warm-up pass) took over
-    its measured TTFT; None without a startup time (a failed server)."""
+def cold_start_s(startup_s: float, first_and_steady: list[tuple[float, float]]) -> float:
+    """A server's cold start: launch to healthy plus what each shape's first request took over its steady TTFT
+    (a first request faster than steady adds nothing)."""
+    return startup_s + sum(max(0.0, first - steady) for first, steady in first_and_steady)
+
+
+def run_cold_start_s(run: dict) -> float | None:
+    """:func:`cold_start_s` of a server's grid run (first request: the warm-up pass; steady: the measured TTFT);
+    None without a startup time (a failed server)."""
     if "startup_s" not in run:
         return None
-    return run["startup_s"] + sum(max(0.0, c["first_ttft_s"] - c["ttft_s"]) for c in run.get("cells", []))
+    return cold_start_s(run["startup_s"], [(c["first_ttft_s"], c["ttft_s"]) for c in run.get("cells", [])])
 
 
 def merge_results(results: list[dict]) -> list[dict]:
@@ -350,9 +356,9 @@ def report(results: list[dict], out: Path) -> None:
                 print(f"| {key[0]} | {key[1]} | flashinfer {st:.3f} | " + " | ".join(
                     f"{k} {statistics.median(fresh[k][key]):.3f} ({st / statistics.median(fresh[k][key]):.2f}×)"
                     for k in others if key in fresh.get(k, {})) + " |")
-        stock_cold = next((cold_start_s(r) for r in res["runs"] if r["server"] == "flashinfer"), None)
+        stock_cold = next((run_cold_start_s(r) for r in res["runs"] if r["server"] == "flashinfer"), None)
         for r in res["runs"]:
-            cold = cold_start_s(r)
+            cold = run_cold_start_s(r)
             cold_txt = "" if cold is None else (
                 f", cold start {cold:.1f} s" + (" (empty caches)" if r.get("fresh_caches") else "")
                 + (f", {cold / stock_cold:.2f}x flashinfer's" if stock_cold and r["server"] != "flashinfer" else ""))

@@ -9,7 +9,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
 from serve_gpu import (batch_decode_rate, cold_start_s, fresh_offsets, make_plans, median_cell,  # noqa: E402
-                       merge_results, server_kind)
+                       merge_results, run_cold_start_s, server_kind)
 
 from sglang_shplb.core.patterns import Pattern  # noqa: E402
 from sglang_shplb.core.plan import load_plan  # noqa: E402
@@ -79,8 +79,8 @@ def test_fresh_lengths_are_new_shapes(n):
 
 def test_cold_start_is_startup_plus_what_first_requests_took_over_the_measured_ones():
     run = {"startup_s": 100.0, "cells": [{"first_ttft_s": 9.0, "ttft_s": 1.0}, {"first_ttft_s": 2.0, "ttft_s": 2.5}]}
-    assert cold_start_s(run) == 108.0          # +8 s on the first cell; a first request faster than steady adds 0
-    assert cold_start_s({"server": "x", "error": "died"}) is None
+    assert run_cold_start_s(run) == 108.0 == cold_start_s(100.0, [(9.0, 1.0), (2.0, 2.5)])   # +8 s, then +0 (faster)
+    assert run_cold_start_s({"server": "x", "error": "died"}) is None
 
 
 def test_the_tile128_llama_plan_differs_from_shplb_in_its_top_k_tile_only(tmp_path):
