@@ -1,5 +1,6 @@
 """``bench/serve_gpu.py``'s decode rate of a batch sent at once, on hand-made stream timings; its cold-start sum and
 its Llama-3-8B plans."""
+import json
 import math
 import sys
 from pathlib import Path
@@ -8,7 +9,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
-from serve_gpu import (batch_decode_rate, cold_start_s, fresh_offsets, make_plans, median_cell,  # noqa: E402
+from serve_gpu import (LLAMA8B, batch_decode_rate, cold_start_s, fresh_offsets, make_plans, median_cell,  # noqa: E402
                        merge_results, run_cold_start_s, server_kind)
 
 from sglang_shplb.core.patterns import Pattern  # noqa: E402
@@ -86,8 +87,7 @@ def test_cold_start_is_startup_plus_what_first_requests_took_over_the_measured_o
 def test_the_tile128_llama_plan_differs_from_shplb_in_its_top_k_tile_only(tmp_path):
     model = tmp_path / "llama8b_cfg"
     model.mkdir()
-    import serve_gpu
-    (model / "config.json").write_text(__import__("json").dumps({**serve_gpu.LLAMA8B, "max_position_embeddings": 131200}))
+    (model / "config.json").write_text(json.dumps({**LLAMA8B, "max_position_embeddings": 131200}))
     plans = {k: load_plan(v) for k, v in make_plans("llama8b", model, tmp_path).items()}
     base, tiled = plans["shplb"].budgets, plans["shplb_tile128"].budgets
     pairs = [(a, b) for la, lb in zip(base, tiled) for a, b in zip(la, lb)]
