@@ -21,8 +21,9 @@ Servers (one at a time, the same flags but the backend):
 
 Plans. Llama-3-8B shape (dummy weights, nothing to profile): per layer KV group 0 dense (4 of 32 query heads),
 odd KV groups top-k at 10 % of the blocks, even ones streaming sink 128 + window 2048 tokens. SmolLM2 (8K
-context): the round-5 plan at density 0.30 (``bench/results/eval_h200_round5/plans/refined5_d30``, the
-budgets the quality eval measured), placed for TP 1.
+context): the budgets of ``python -m sglang_shplb plan`` with no flags (``bench/results/default_plan``, density
+0.25, measured on answers in ``bench/results/eval_h100_round13``), placed for TP 1. (Until 2026-12-06 the round-5
+plan at 0.30, ``eval_h200_round5/plans/refined5_d30``, which the GPU runs' slimmed tree no longer carries.)
 
 Method: per (length, batch) cell, ``batch`` requests of ``length`` prompt tokens sent at once, greedy,
 ``ignore_eos``, ``--new-tokens`` tokens each, radix cache off; one warm-up pass over the whole grid first (its
@@ -60,7 +61,7 @@ from sglang_shplb.core.plan import load_plan  # noqa: E402
 from sglang_shplb.evaluation.servers import Server, server_specs  # noqa: E402
 from sglang_shplb.planning.calibration_data import passkey_prompt  # noqa: E402
 
-ROUND5_BUDGETS = HERE / "results" / "eval_h200_round5" / "plans" / "refined5_d30"
+DEFAULT_BUDGETS = HERE / "results" / "default_plan"
 LLAMA8B = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096,
            "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
            "head_dim": 128, "rope_theta": 500000.0, "rms_norm_eps": 1e-5, "vocab_size": 128256,
@@ -206,7 +207,7 @@ def make_plans(which: str, model: Path, out: Path) -> dict[str, Path]:
         return plans
     from sglang_shplb.cli import main as cli
     for name, flags in (("shplb", []), ("shplb_sparse", ["--no-stock-fallback"])):
-        cli(["place", "--budgets", str(ROUND5_BUDGETS), "--tp", "1", "--out", str(out / f"plan_{name}"), *flags])
+        cli(["place", "--budgets", str(DEFAULT_BUDGETS), "--tp", "1", "--out", str(out / f"plan_{name}"), *flags])
         plans[name] = out / f"plan_{name}"
     return plans
 

@@ -94,3 +94,14 @@ def test_the_tile128_llama_plan_differs_from_shplb_in_its_top_k_tile_only(tmp_pa
     assert sum(a.pattern is Pattern.TOPK for a, _ in pairs) == 32 * 16   # 4 top-k KV groups of 4 heads a layer
     for a, b in pairs:
         assert (b.tile, b.pattern, b.fraction) == ((128 if a.pattern is Pattern.TOPK else 64), a.pattern, a.fraction)
+
+
+def test_the_smollm2_plans_place_the_shipped_default_budgets(tmp_path):
+    """The GPU runs carry ``bench/results/default_plan`` (not the older eval plans): both SmolLM2 plans place its
+    budgets, ``shplb`` with the stock decision, ``shplb_sparse`` without."""
+    from serve_gpu import DEFAULT_BUDGETS
+    plans = {k: load_plan(v) for k, v in make_plans("smollm2", tmp_path, tmp_path).items()}
+    shipped = json.loads((DEFAULT_BUDGETS / "budgets.json").read_text())["budgets"]
+    for plan in plans.values():
+        assert [[b.to_dict() for b in layer] for layer in plan.budgets] == shipped
+    assert plans["shplb"].stock_layers("prefill", 0) and not plans["shplb_sparse"].stock_layers("prefill", 0)
