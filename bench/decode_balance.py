@@ -45,7 +45,7 @@ Plans (defaults): ``llama8b``, the mixed plan of ``bench/serve_gpu.py llama8b`` 
 dense, odd groups top-k 10 %, even ones sink 128 + window 2048; stock marks by ``decide_stock`` with
 ``StockOptions()``, as ``synthetic_plan`` makes them), TP 1-8; ``smollm2_round5``, the budgets
 ``bench/results/eval_h200_round5/plans/refined5_d30`` with the stock marks ``place`` gives them by default (as
-``serve_gpu.py smollm2`` serves them), TP 1 and 3; ``default_plan``, ``bench/results/default_plan`` as stored.
+``serve_gpu.py smollm2`` served them until 2026-12-06), TP 1 and 3; ``default_plan``, ``bench/results/default_plan`` as stored.
 """
 from __future__ import annotations
 
@@ -139,7 +139,7 @@ def default_plans() -> list[PlanInput]:
     spec = ModelSpec.from_config_dict({**serve_gpu.LLAMA8B, "max_position_embeddings": 131072 + 2 * 64})
     f = mixed_budget(128, 2048, 0.1)   # as serve_gpu.make_plans
     llama = [[f(li, h, spec) for h in range(spec.num_heads)] for li in range(spec.num_layers)]
-    r5 = load_budgets(serve_gpu.ROUND5_BUDGETS)
+    r5 = load_budgets(HERE / "results" / "eval_h200_round5" / "plans" / "refined5_d30")
     plan = load_plan(HERE / "results" / "default_plan")
     return [with_stock("llama8b", spec, llama, (1, 2, 4, 8)),
             with_stock("smollm2_round5", r5.spec, r5.budgets, (1, 3)),
