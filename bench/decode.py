@@ -68,7 +68,7 @@ def budget_sets(hq: int, g: int) -> dict[str, list[HeadBudget]]:
         "topk0.05": [t05] * hq,
         "topk 0.05/0.1/0.2 in a group": [(t05, t1, t2, t1)[r % 4] for r in range(hq)],
         "stream+topk0.1 in a group": [(st, t1)[(r % g) * 2 // g] for r in range(hq)],
-        # the serving bench's plan (synthetic_plans.mixed_budget(128, 2048, 0.1)): KV group 0 dense,
+        # the serving bench's plan (synthetic_plans.serving_bench_budget()): KV group 0 dense,
         # even groups streaming, odd groups top-k 0.1
         "plan: 1 dense, 4 stream, 3 topk0.1 groups": [
             HeadBudget.dense() if h // g == 0 else (st if (h // g) % 2 == 0 else HeadBudget.topk(0.1, 2))

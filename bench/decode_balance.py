@@ -45,7 +45,8 @@ Plans (defaults): ``llama8b``, the mixed plan of ``bench/serve_gpu.py llama8b`` 
 dense, odd groups top-k 10 %, even ones sink 128 + window 2048; stock marks by ``decide_stock`` with
 ``StockOptions()``, as ``synthetic_plan`` makes them), TP 1-8; ``smollm2_round5``, the budgets
 ``bench/results/eval_h200_round5/plans/refined5_d30`` with the stock marks ``place`` gives them by default (as
-``serve_gpu.py smollm2`` served them until 2026-12-06), TP 1 and 3; ``default_plan``, ``bench/results/default_plan`` as stored.
+``serve_gpu.py smollm2`` served them until 2026-12-06), TP 1 and 3; ``default_plan``,
+``bench/results/default_plan`` as stored.
 """
 from __future__ import annotations
 
@@ -134,10 +135,10 @@ def with_stock(name: str, spec: ModelSpec, budgets: Budgets, tp_sizes: tuple[int
 def default_plans() -> list[PlanInput]:
     import serve_gpu
     from sglang_shplb.planning.budget import load_budgets
-    from sglang_shplb.planning.synthetic_plans import mixed_budget
+    from sglang_shplb.planning.synthetic_plans import serving_bench_budget
 
     spec = ModelSpec.from_config_dict({**serve_gpu.LLAMA8B, "max_position_embeddings": 131072 + 2 * 64})
-    f = mixed_budget(128, 2048, 0.1)   # as serve_gpu.make_plans
+    f = serving_bench_budget()
     llama = [[f(li, h, spec) for h in range(spec.num_heads)] for li in range(spec.num_layers)]
     r5 = load_budgets(HERE / "results" / "eval_h200_round5" / "plans" / "refined5_d30")
     plan = load_plan(HERE / "results" / "default_plan")

@@ -67,7 +67,7 @@ from sglang_shplb.planning.cost_model import load_cost_model  # noqa: E402
 from sglang_shplb.planning.move_calibration import (RankRecord, fit_moves, format_fit,  # noqa: E402
                                                     rank_predictions, write_move_calibration)
 from sglang_shplb.planning.place import resolve_solve_opts, solve_plan_placements  # noqa: E402
-from sglang_shplb.planning.synthetic_plans import mixed_budget  # noqa: E402
+from sglang_shplb.planning.synthetic_plans import serving_bench_budget  # noqa: E402
 from sglang_shplb.scheduler.head_schedule import ExtendShape, layer_schedule  # noqa: E402
 
 SHAPES = {"llama8b": (32, 8, 128), "llama70b": (64, 8, 128), "smoke": (8, 4, 64)}
@@ -86,7 +86,7 @@ def plan_budgets(which: str, hq: int, hkv: int, seed: int) -> list[HeadBudget]:
     plan's 270 budgets, so the mix of dense / streaming / top-k heads is the profile's."""
     spec = ModelSpec("LlamaForCausalLM", 1, hq, hkv, 128, 131072, "bench")
     if which == "mixed":
-        f = mixed_budget(128, 2048, 0.1)
+        f = serving_bench_budget()
         return [f(0, h, spec) for h in range(hq)]
     data = json.loads((HERE / "results" / "default_plan" / "plan.json").read_text())
     pool = [HeadBudget.from_dict(b) for layer in data["budgets"] for b in layer]

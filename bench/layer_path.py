@@ -51,10 +51,10 @@ def plan_budgets(which: str, topk_tile: int = BLOCK) -> list[list[HeadBudget]]:
         data = json.loads((HERE / "results" / "default_plan" / "plan.json").read_text())
         return [[HeadBudget.from_dict(b) for b in layer] for layer in data["budgets"]]
     from sglang_shplb.core.model_spec import ModelSpec
-    from sglang_shplb.planning.synthetic_plans import mixed_budget
+    from sglang_shplb.planning.synthetic_plans import serving_bench_budget
     s = SHAPES[which]
     spec = ModelSpec("LlamaForCausalLM", s["layers"], s["hq"], s["hkv"], s["d"], 131072, "bench")
-    f = mixed_budget(128, 2048, 0.1, topk_tile=topk_tile)
+    f = serving_bench_budget(topk_tile)
     return [[f(li, h, spec) for h in range(s["hq"])] for li in range(s["layers"])]
 
 

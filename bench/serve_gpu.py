@@ -198,11 +198,11 @@ def make_plans(which: str, model: Path, out: Path) -> dict[str, Path]:
     from sglang_shplb.planning.stock_decision import StockOptions
     plans = {}
     if which == "llama8b":
-        from sglang_shplb.planning.synthetic_plans import mixed_budget, synthetic_plan
+        from sglang_shplb.planning.synthetic_plans import serving_bench_budget, synthetic_plan
         routed = StockOptions(decode_layer_overhead_s=18e-6, hbm_bytes_per_s=3.0e12)   # the fit before 2026-12-03
         for name, stock, tile in (("shplb", StockOptions(), BLOCK), ("shplb_sparse", None, BLOCK),
                                   ("shplb_routed", routed, BLOCK), ("shplb_tile128", StockOptions(), 2 * BLOCK)):
-            plans[name] = synthetic_plan(model, mixed_budget(128, 2048, 0.1, topk_tile=tile), out / f"plan_{name}",
+            plans[name] = synthetic_plan(model, serving_bench_budget(tile), out / f"plan_{name}",
                                          stock=stock, meta={"source": f"bench/serve_gpu.py llama8b {name}"}).parent
         return plans
     from sglang_shplb.cli import main as cli

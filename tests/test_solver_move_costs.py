@@ -15,7 +15,7 @@ from sglang_shplb.planning.place import layer_inputs, solve_layer
 from sglang_shplb.planning.solvers import LayerProblem, layer_times
 from sglang_shplb.planning.solvers.home import _Heads, _placement, _Search
 from sglang_shplb.planning.solvers.objective import rank_time
-from sglang_shplb.planning.synthetic_plans import mixed_budget
+from sglang_shplb.planning.synthetic_plans import serving_bench_budget
 
 N = 65536
 
@@ -23,7 +23,7 @@ N = 65536
 def mixed_layer(hq=32, hkv=8, n=N):
     """The serving benchmark's mixed plan (KV group 0 dense) on a Llama shape: costs, profiles."""
     spec = ModelSpec("LlamaForCausalLM", 1, hq, hkv, 128, 131072, "t")
-    f = mixed_budget(128, 2048, 0.1)
+    f = serving_bench_budget()
     bud = [f(0, h, spec) for h in range(hq)]
     costs, prof = layer_inputs(spec, bud, CostModel.analytic(), n)
     return costs, prof, hq // hkv
@@ -128,7 +128,7 @@ def test_the_wider_search_is_kept_where_it_wins_and_never_costs(monkeypatch):
     from sglang_shplb.planning.solvers import home
     cal = Path(__file__).resolve().parents[1] / "bench/results/head_parallel/move_calibration_round13_h100.json"
     cm = load_cost_model(cal)
-    f = mixed_budget(128, 2048, 0.1)
+    f = serving_bench_budget()
 
     def slowest(n, tp, hq):
         sp = ModelSpec("LlamaForCausalLM", 1, hq, 8, 128, 131072, "t")

@@ -392,12 +392,12 @@ def test_backend_follows_the_plan_per_phase_bucket_and_layer(monkeypatch):
 def test_a_synthetic_plan_can_carry_the_stock_decision(tmp_path):
     """``synthetic_plan(stock=...)`` marks what ``decide_stock`` marks with the analytic cost model (the serving
     bench's Llama-3-8B plan as ``place`` would ship it); without it no layer is stock."""
-    from sglang_shplb.planning.synthetic_plans import mixed_budget, synthetic_plan
+    from sglang_shplb.planning.synthetic_plans import serving_bench_budget, synthetic_plan
     cfg = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "num_hidden_layers": 2,
            "num_attention_heads": 32, "num_key_value_heads": 8, "hidden_size": 4096, "head_dim": 128,
            "max_position_embeddings": 131072, "vocab_size": 100}
     (tmp_path / "config.json").write_text(json.dumps(cfg))
-    budget = mixed_budget(128, 2048, 0.1)
+    budget = serving_bench_budget()
     marked = load_plan(synthetic_plan(tmp_path, budget, tmp_path / "a", stock=StockOptions()).parent)
     plain = load_plan(synthetic_plan(tmp_path, budget, tmp_path / "b").parent)
     spec = ModelSpec.from_config(tmp_path)
@@ -413,13 +413,13 @@ def test_one_set_of_marks_holds_at_every_tp_size_the_plan_is_placed_for(tmp_path
     neither phase gains there (the rank's sparse time equals its stock time): a plan placed for TP 1 and 8
     runs those layers stock where TP 1 alone runs them sparse; the report recomputes the same marks."""
     from sglang_shplb.planning.stock_decision import rank_times
-    from sglang_shplb.planning.synthetic_plans import mixed_budget, synthetic_plan
+    from sglang_shplb.planning.synthetic_plans import serving_bench_budget, synthetic_plan
     cfg = dict(CFG, num_attention_heads=32, num_key_value_heads=8, head_dim=128, hidden_size=4096,
                num_hidden_layers=2, max_position_embeddings=131072)
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     opts = StockOptions(prefill_layer_overhead_s=0.0, decode_layer_overhead_s=0.0, decode_batch=4)
-    tp1 = load_plan(synthetic_plan(tmp_path, mixed_budget(128, 2048, 0.1), tmp_path / "a", stock=opts).parent)
-    both = load_plan(synthetic_plan(tmp_path, mixed_budget(128, 2048, 0.1), tmp_path / "b", stock=opts,
+    tp1 = load_plan(synthetic_plan(tmp_path, serving_bench_budget(), tmp_path / "a", stock=opts).parent)
+    both = load_plan(synthetic_plan(tmp_path, serving_bench_budget(), tmp_path / "b", stock=opts,
                                     tp_sizes=(1, 8)).parent)
     last = len(tp1.buckets) - 1
     for phase in PHASES:

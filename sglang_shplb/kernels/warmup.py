@@ -103,7 +103,8 @@ def kernel_signature(layer: LayerKernels) -> tuple:
     per_kv = Counter(x // (layer.hq // layer.hkv) for x in h.dense)
     groups = tuple(sorted(Counter(per_kv.values()).items()))
     top64 = [x for x in h.topk if x not in h.tiled]
-    return groups, tuple(int_specialisation(len(x)) for x in (h.streaming, top64 + list(h.vslash), top64, h.tiled, h.vslash))
+    heads = (h.streaming, top64 + list(h.vslash), top64, h.tiled, h.vslash)
+    return groups, tuple(int_specialisation(len(x)) for x in heads)
 
 
 def distinct_layers(layers: Sequence[LayerKernels]) -> list[LayerKernels]:

@@ -59,3 +59,10 @@ def mixed_budget(sink_tokens: int = 64, window_tokens: int = 256, topk_fraction:
             return HeadBudget.streaming(sink_tokens, window_tokens)
         return HeadBudget.topk(topk_fraction, min_blocks=2, tile=topk_tile)
     return f
+
+
+def serving_bench_budget(topk_tile: int = BLOCK) -> Callable[[int, int, ModelSpec], HeadBudget]:
+    """The serving benchmark's mixed plan (``bench/serve_gpu.py llama8b``, and every benchmark and test that
+    compares with it): KV group 0 dense, then streaming (sink 128 + window 2048 tokens) and top-k 10 % groups in
+    turn; ``topk_tile``: the top-k heads' selection tile."""
+    return mixed_budget(128, 2048, 0.1, topk_tile=topk_tile)
