@@ -25,7 +25,9 @@ Every rank's record holds what the fit needs (measured: home, local units, units
 scatter; predicted: its home heads' and each unit's cost-model seconds, the bytes it gathers), and the
 run ends with a refit written to ``OUT/move_calibration_<gpu>.json`` (residuals printed).
 ``--fit FILE...`` refits from earlier result files alone (placements re-solved and checked against the
-recorded units and bytes), no GPU.
+recorded units and bytes), no GPU. ``--feedback N`` closes the loop per cell instead: up to N re-solves with the
+heads' costs scaled by the measured ranks' mispricing (:mod:`sglang_shplb.planning.rank_feedback`), each
+emulated; the best is ``shplb_feedback``.
 
 Decode stays on the home heads: per TP the pages each rank reads per step (slowest / mean), what they
 would be if decode followed the prefill placement, and the bytes per token a replica side pool would
@@ -49,6 +51,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from timing import (bench, device_name, device_tag, flashinfer_or_none, host_syncs, kernel_ms, log,  # noqa: E402
@@ -66,7 +69,9 @@ from sglang_shplb.kernels.layer_reference import sparse_heads  # noqa: E402
 from sglang_shplb.planning.cost_model import load_cost_model  # noqa: E402
 from sglang_shplb.planning.move_calibration import (RankRecord, fit_moves, format_fit,  # noqa: E402
                                                     rank_predictions, write_move_calibration)
-from sglang_shplb.planning.place import resolve_solve_opts, solve_plan_placements  # noqa: E402
+from sglang_shplb.planning.place import layer_inputs, resolve_solve_opts, solve_plan_placements  # noqa: E402
+from sglang_shplb.planning.rank_feedback import head_cost_scale  # noqa: E402
+from sglang_shplb.planning.solvers import LayerProblem, layer_times  # noqa: E402
 from sglang_shplb.planning.synthetic_plans import serving_bench_budget  # noqa: E402
 from sglang_shplb.scheduler.head_schedule import ExtendShape, layer_schedule  # noqa: E402
 
@@ -120,11 +125,13 @@ def rank_qkv(q, k, v, tp: int, r: int) -> tuple:
     return q[:, qh].contiguous(), k[:, kv].contiguous(), v[:, kv].contiguous()
 
 
-def solve(budgets, hq, hkv, d, tp, n, cost) -> LayerPlacement:
-    """The planner's ``shplb`` placement of one layer under ``cost`` at the bucket holding ``n``."""
+def solve(budgets, hq, hkv, d, tp, n, cost, scale=None) -> LayerPlacement:
+    """The planner's ``shplb`` placement of one layer under ``cost`` at the bucket holding ``n`` (its head costs
+    times ``scale``, measured feedback, when given)."""
     spec = ModelSpec("LlamaForCausalLM", 1, hq, hkv, d, 131072, "bench")
     edge = 1 << (n - 1).bit_length()
     solved = solve_plan_placements(spec, [budgets], Buckets((edge,)), [tp], cost, "shplb",
+                                   head_scale=None if scale is None else lambda *_: scale,
                                    **resolve_solve_opts({"max_replicated_kv": "auto"}, tp))
     return solved[tp][0].layers[0]
 
@@ -141,17 +148,58 @@ def placements(budgets, hq, hkv, d, tp, n, cost, prior=None) -> dict[str, LayerP
     return out
 
 
-def predicted_ms(lp, budgets, hq, hkv, d, tp, n, cost) -> list[float]:
-    """Per-rank times of ``lp`` under ``cost``'s objective, in measured milliseconds (the cost model's
-    seconds times the move calibration's compute scale, 1 without one; the home call's fixed part left
-    out: the same on every rank)."""
-    from sglang_shplb.planning.place import layer_inputs
-    from sglang_shplb.planning.solvers import LayerProblem, layer_times
+def layer_problem(budgets, hq, hkv, d, tp, n, cost, scale=None) -> LayerProblem:
+    """One layer's placement problem at ``n`` under ``cost`` (head costs times ``scale`` when given)."""
     spec = ModelSpec("LlamaForCausalLM", 1, hq, hkv, d, 131072, "bench")
-    costs, prof = layer_inputs(spec, budgets, cost, n)
-    prob = LayerProblem(costs, hq // hkv, tp, cost.piece_overhead, profiles=prof, transfer=cost.transfer(n, d))
-    sigma = (cost.move_calibration or {}).get("compute_scale") or 1.0
-    return [float(x) * sigma * 1e3 for x in layer_times(lp, prob).total]
+    costs, prof = layer_inputs(spec, budgets, cost, n, scale)
+    return LayerProblem(costs, hq // hkv, tp, cost.piece_overhead, profiles=prof, transfer=cost.transfer(n, d))
+
+
+def ms_per_model_s(cost) -> float:
+    """Measured milliseconds per second of the cost model (the move calibration's compute scale, 1 without
+    one)."""
+    return ((cost.move_calibration or {}).get("compute_scale") or 1.0) * 1e3
+
+
+def predicted_ms(lp, budgets, hq, hkv, d, tp, n, cost, scale=None) -> list[float]:
+    """Per-rank times of ``lp`` under ``cost``'s objective, in measured milliseconds (the home call's fixed
+    part left out: the same on every rank)."""
+    prob = layer_problem(budgets, hq, hkv, d, tp, n, cost, scale)
+    return [float(x) * ms_per_model_s(cost) for x in layer_times(lp, prob).total]
+
+
+def feedback_rounds(budgets, q, k, v, ref, tp, sm_scale, smoke, a, cost, first: tuple) -> list[dict]:
+    """``--feedback``: from ``first = (placement, its emulation)`` (the open-loop ``shplb``), up to
+    ``a.feedback`` rounds of measured feedback (:mod:`sglang_shplb.planning.rank_feedback`): the heads' costs
+    are scaled by what the last placement's measured ranks say the cost model missed, the layer re-solved and
+    emulated again and checked against ``ref`` (the single-device layer). Stops early when the solve returns a
+    placement already measured. One record per round: its placement and emulation (with the scale it was
+    solved with)."""
+    n, hq, d = q.shape[0], q.shape[1], q.shape[2]
+    hkv = k.shape[1]
+    lp, e = first
+    scale = np.ones(hq)
+    seen = [lp]
+    out = []
+    for i in range(a.feedback):
+        prob = layer_problem(budgets, hq, hkv, d, tp, n, cost, scale)
+        measured = [t["total_ms"] / ms_per_model_s(cost) for t in e["ranks"]]
+        scale = scale * head_cost_scale(lp, prob, measured)
+        lp = solve(budgets, hq, hkv, d, tp, n, cost, scale)
+        if lp in seen:
+            log(f"  feedback round {i + 1}: the solve returns a placement already measured; stop")
+            break
+        seen.append(lp)
+        e = emulate(lp, budgets, q, k, v, tp, sm_scale, smoke, a.link_gbps, a.reps)
+        e["max_abs_diff"] = float((e.pop("out").float() - ref.float()).abs().max())
+        e["pieces"] = [[[pc.head, pc.start, pc.end] for pc in gpu] for gpu in lp.gpus]
+        e["predicted_rank_ms"] = predicted_ms(lp, budgets, hq, hkv, d, tp, n, cost, scale)
+        e["head_scale"] = [round(float(x), 4) for x in scale]
+        log(f"  feedback round {i + 1}: slowest {e['slowest_ms']:.2f} ms (slowest/mean {e['slowest_over_mean']:.2f}, "
+            f"compute {e['compute_slowest_over_mean']:.2f}), {e['units_moved']} units, max|diff| "
+            f"{e['max_abs_diff']:.3g}; head scale {min(scale):.2f}-{max(scale):.2f}")
+        out.append({"lp": lp, "e": e})
+    return out
 
 
 def forced_moves(hq: int, tp: int) -> LayerPlacement:
@@ -368,6 +416,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--chunk", type=int, default=8192, help="chunked-prefill size for the re-shipping count")
     ap.add_argument("--out", default="/tmp/out")
     ap.add_argument("--cpu-smoke", action="store_true", help="tiny shapes on the CPU (Triton interpreter)")
+    ap.add_argument("--feedback", type=int, default=0, metavar="N",
+                    help="after the open-loop shplb placement, up to N rounds of measured feedback "
+                         "(sglang_shplb/planning/rank_feedback.py): re-solve with the heads' costs scaled by "
+                         "what the measured ranks say the cost model missed, emulate again; the best round is "
+                         "reported as shplb_feedback")
     ap.add_argument("--fit", nargs="+", default=None, metavar="JSON",
                     help="no run: refit the move calibration from these result files (their placements "
                          "re-solved with --compare-calibration's kernel table when they lack predictions)")
@@ -499,6 +552,13 @@ def main(argv=None) -> None:
                         e["predicted_rank_ms"] = predicted_ms(lp, budgets, hq, hkv, d, tp, n, cost)
                         e["predicted_slowest_ms"] = max(e["predicted_rank_ms"])
                         row[pname] = e
+                    if a.feedback:
+                        rounds = feedback_rounds(budgets, q, k, v, ref, tp, scale, smoke, a, cost,
+                                                 (lps["shplb"], row["shplb"]))
+                        row["feedback"] = [r["e"] for r in rounds]
+                        best = min([row["shplb"]] + row["feedback"], key=lambda e: e["slowest_ms"])
+                        row["feedback_best_round"] = ([row["shplb"]] + row["feedback"]).index(best)
+                        row["shplb_feedback"] = best
                     row.update(dense_per_rank(q, k, v, tp, scale, smoke, a.reps, flashinfer))
                     if row.get("sdpa_kernels"):
                         log("  dense SDPA competitor's kernels (ms per call): " + ", ".join(
@@ -514,6 +574,16 @@ def main(argv=None) -> None:
                         x["compute_ms"] for x in row["contiguous"]["ranks"])
                     if "shplb_prior" in row:
                         row["speedup_vs_prior"] = row["shplb_prior"]["slowest_ms"] / s
+                    if "shplb_feedback" in row:
+                        fb = row["shplb_feedback"]["slowest_ms"]
+                        row["feedback_vs_contiguous"] = row["contiguous"]["slowest_ms"] / fb
+                        row["feedback_vs_dense_sdpa"] = row["sdpa_ms"] / fb
+                        log(f"  with feedback (best of {len(row['feedback']) + 1}, round "
+                            f"{row['feedback_best_round']}): slowest {fb:.2f} ms, slowest/mean "
+                            f"{row['shplb_feedback']['slowest_over_mean']:.2f} (compute "
+                            f"{row['shplb_feedback']['compute_slowest_over_mean']:.2f}), x"
+                            f"{row['feedback_vs_contiguous']:.2f} vs contiguous, x{row['feedback_vs_dense_sdpa']:.2f} "
+                            f"vs dense SDPA")
                     if "flashinfer_ms" in row:
                         row["speedup_vs_flashinfer"] = row["flashinfer_ms"] / s
                     res["rows"].append(row)
@@ -566,7 +636,11 @@ def summary(res: dict) -> None:
             f"({r.get('bound_vs_dense_sdpa', float('nan')):.2f}) | {e['slowest_over_mean']:.2f} ({e['compute_slowest_over_mean']:.2f})"
             f" | {e['units_moved']} | {dec['slowest_over_mean_low']:.2f}-{dec['slowest_over_mean_high']:.2f} / "
             f"{dec['placed_slowest_over_mean_low']:.2f}-{dec['placed_slowest_over_mean_high']:.2f}"
-            f" | {max(x.get('host_syncs', 0) for x in e['ranks'])}")
+            f" | {max(x.get('host_syncs', 0) for x in e['ranks'])}"
+            + (f" | feedback: x{r['feedback_vs_contiguous']:.2f} contiguous, x{r['feedback_vs_dense_sdpa']:.2f} dense, "
+               f"slowest/mean {r['shplb_feedback']['slowest_over_mean']:.2f} "
+               f"({r['shplb_feedback']['compute_slowest_over_mean']:.2f}), round {r['feedback_best_round']}"
+               if "shplb_feedback" in r else ""))
 
 
 def plot(res: dict, path: Path) -> None:

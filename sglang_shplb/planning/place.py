@@ -209,9 +209,13 @@ class PlacementEval:
         return d
 
 
-def layer_inputs(spec: ModelSpec, layer_budgets: list[HeadBudget], cost_model: CostModel, seq_len: int):
-    """Per-head costs of one layer at ``seq_len`` and a lazy ``head -> CostProfile`` lookup."""
+def layer_inputs(spec: ModelSpec, layer_budgets: list[HeadBudget], cost_model: CostModel, seq_len: int,
+                 scale: np.ndarray | None = None):
+    """Per-head costs of one layer at ``seq_len`` (times ``scale``, per-head multipliers from measured feedback,
+    :mod:`.rank_feedback`) and a lazy ``head -> CostProfile`` lookup."""
     costs = cost_model.layer_costs(layer_budgets, seq_len, spec.head_dim, spec.group_size)
+    if scale is not None:
+        costs = costs * np.asarray(scale, dtype=np.float64)
     cache: dict[int, CostProfile] = {}
 
     def profile(h: int) -> CostProfile:
@@ -255,11 +259,13 @@ def resolve_solve_opts(opts: dict, tp: int) -> dict:
 def solve_plan_placements(spec: ModelSpec, budgets: list[list[HeadBudget]], buckets: Buckets,
                           tp_sizes: Sequence[int], cost_model: CostModel, solver: str = "shplb", *,
                           kv_dtype_bytes: int | None = None, progress: Callable | None = None,
+                          head_scale: Callable[[int, int, int], np.ndarray | None] | None = None,
                           **options) -> dict[int, list[Placement]]:
     """Solve every (TP size, bucket, layer). Options as :func:`solve_layer`; ``piece_overhead`` defaults to
     ``cost_model.piece_overhead``, the transfer term is ``cost_model.transfer`` at the bucket's length.
     ``kv_dtype_bytes`` (e.g. 2 for bf16) adds the replicated KV bytes per token to ``predicted``.
-    ``progress``: optional callable wrapping an iterable (e.g. ``tqdm``)."""
+    ``progress``: optional callable wrapping an iterable (e.g. ``tqdm``). ``head_scale(tp, bucket, layer)``:
+    per-head cost multipliers from measured feedback (:mod:`.rank_feedback`), or None for the model's costs."""
     _check_budgets(spec, budgets)
     unknown = set(options) - set(_OPTION_NAMES)
     if unknown:
@@ -274,9 +280,13 @@ def solve_plan_placements(spec: ModelSpec, budgets: list[list[HeadBudget]], buck
         t0 = time.perf_counter()
         results = []
         for li in range(spec.num_layers):
-            if (b, li) not in inputs:
-                inputs[(b, li)] = layer_inputs(spec, budgets[li], cost_model, seq_len)
-            costs, prof = inputs[(b, li)]
+            scale = head_scale(tp, b, li) if head_scale is not None else None
+            if scale is not None:
+                costs, prof = layer_inputs(spec, budgets[li], cost_model, seq_len, scale)
+            else:
+                if (b, li) not in inputs:
+                    inputs[(b, li)] = layer_inputs(spec, budgets[li], cost_model, seq_len)
+                costs, prof = inputs[(b, li)]
             results.append(solve_layer(costs, spec.group_size, tp, solver, profiles=prof, transfer=transfer,
                                        **options))
         layers = [r.placement for r in results]
