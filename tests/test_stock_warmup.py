@@ -13,6 +13,10 @@ def test_prompt_is_a_chunk_and_a_page_within_the_context_and_vocabulary():
     ids = warmup_prompt_ids(8192, 131200, 128256)
     assert len(ids) == 8192 + BLOCK and all(0 <= x < 128256 for x in ids) and len(set(ids)) > 1000
     assert len(warmup_prompt_ids(8192, 2048, 49152)) == 2046           # two new tokens fit
+    # below the scheduler's limit (SmolLM2 on an H100, round 21: context 8,192, limit 8,186, and a prompt of
+    # 8,190 tokens made SGLang refuse the request and the server fail its start-up)
+    assert len(warmup_prompt_ids(8192, 8192, 49152, 8186)) == 8185
+    assert len(warmup_prompt_ids(8192, 131200, 128256, 131194)) == 8192 + BLOCK
     assert len(warmup_prompt_ids(None, 131200, 100)) == stock_warmup.UNCHUNKED_PROMPT + BLOCK
     assert len(warmup_prompt_ids(-1, 131200, 100)) == stock_warmup.UNCHUNKED_PROMPT + BLOCK
     assert max(warmup_prompt_ids(8192, 131200, 100)) < 100
@@ -26,14 +30,19 @@ def test_joins_the_users_warmups():
     assert with_warmup(["--warmups=a,b"]) == [f"--warmups=a,b,{WARMUP_NAME}"]
 
 
-def _manager(device: str, sent: list):
+def _manager(device: str, sent: list, chunk: int = 256, max_req_input_len: int = 2042):
+    """A stand-in for SGLang's tokenizer manager that refuses prompts as its scheduler does
+    (``managers/utils.py: validate_input_length``)."""
     async def generate_request(req, request):
+        if len(req.input_ids) >= max_req_input_len:
+            raise ValueError(f"Input length ({len(req.input_ids)} tokens) exceeds the maximum allowed length")
         sent.append(req)
         for _ in range(2):
             yield {"text": ""}
     return types.SimpleNamespace(
-        server_args=types.SimpleNamespace(device=device, chunked_prefill_size=256), context_len=2048,
-        model_config=types.SimpleNamespace(vocab_size=49152), generate_request=generate_request)
+        server_args=types.SimpleNamespace(device=device, chunked_prefill_size=chunk), context_len=2048,
+        max_req_input_len=max_req_input_len, model_config=types.SimpleNamespace(vocab_size=49152),
+        generate_request=generate_request)
 
 
 def test_sends_one_greedy_request_on_cuda_and_none_elsewhere(caplog):
@@ -47,6 +56,9 @@ def test_sends_one_greedy_request_on_cuda_and_none_elsewhere(caplog):
     assert "shplb stock-path warm-up: a 320-token prompt and 2 new tokens" in caplog.text
     asyncio.run(stock_warmup.warm_stock_paths("null", _manager("cpu", sent)))
     assert len(sent) == 1 and "skipped on cpu" in caplog.text
+    # a chunk as long as the context: the prompt stays under the scheduler's limit
+    asyncio.run(stock_warmup.warm_stock_paths("null", _manager("cuda", sent, chunk=8192)))
+    assert len(sent) == 2 and len(sent[1].input_ids) == 2041
 
 
 def test_registered_under_its_name_in_sglangs_registry():

@@ -25,12 +25,17 @@ WARMUP_NAME = "shplb_stock_paths"
 UNCHUNKED_PROMPT = 4096
 
 
-def warmup_prompt_ids(chunk: int | None, context_len: int, vocab_size: int) -> list[int]:
+def warmup_prompt_ids(chunk: int | None, context_len: int, vocab_size: int,
+                      max_input_len: int | None = None) -> list[int]:
     """Token ids of the warm-up prompt: one chunk and one page (``chunk + BLOCK`` tokens; ``UNCHUNKED_PROMPT``
-    when chunking is off), within ``context_len`` less the two new tokens; spread over the vocabulary,
-    deterministic."""
+    when chunking is off), within ``context_len`` less the two new tokens and below the scheduler's
+    ``max_input_len`` (SGLang's ``max_req_input_len``: it refuses a prompt of that length or more, and it is a
+    few tokens under the context, e.g. 8,186 for SmolLM2's 8,192); spread over the vocabulary, deterministic."""
     n = (chunk if chunk and chunk > 0 else UNCHUNKED_PROMPT) + BLOCK
-    n = max(1, min(n, context_len - 2))
+    n = min(n, context_len - 2)
+    if max_input_len:
+        n = min(n, max_input_len - 1)
+    n = max(1, n)
     step = 7919                                  # a prime: consecutive ids spread over the vocabulary
     return [(1 + i * step) % vocab_size for i in range(n)]
 
@@ -60,7 +65,7 @@ async def warm_stock_paths(disaggregation_mode: str, tokenizer_manager) -> None:
         logger.info(f"shplb stock-path warm-up: skipped on {sa.device} (no JIT to warm there)")
         return
     ids = warmup_prompt_ids(sa.chunked_prefill_size, tokenizer_manager.context_len,
-                            tokenizer_manager.model_config.vocab_size)
+                            tokenizer_manager.model_config.vocab_size, tokenizer_manager.max_req_input_len)
     req = GenerateReqInput(input_ids=ids, sampling_params={"max_new_tokens": 2, "temperature": 0.0})
     if disaggregation_mode != "null":      # as SGLang's own warm-ups do for a prefill server
         from sglang.srt.disaggregation.utils import FAKE_BOOTSTRAP_HOST
