@@ -171,7 +171,8 @@ def predicted_ms(lp, budgets, hq, hkv, d, tp, n, cost, scale=None) -> list[float
 def feedback_rounds(budgets, q, k, v, ref, tp, sm_scale, smoke, a, cost, first: tuple) -> list[dict]:
     """``--feedback``: from ``first = (placement, its emulation)`` (the open-loop ``shplb``), up to
     ``a.feedback`` rounds of measured feedback (:mod:`sglang_shplb.planning.rank_feedback`): the heads' costs
-    are scaled by what the last placement's measured ranks say the cost model missed, the layer re-solved and
+    are scaled by what the last placement's measured ranks (their attention calls: home, units, tail; round 21
+    used the whole rank time, staging included) say the cost model missed, the layer re-solved and
     emulated again and checked against ``ref`` (the single-device layer). Stops early when the solve returns a
     placement already measured. One record per round: its placement and emulation (with the scale it was
     solved with)."""
@@ -183,8 +184,8 @@ def feedback_rounds(budgets, q, k, v, ref, tp, sm_scale, smoke, a, cost, first: 
     out = []
     for i in range(a.feedback):
         prob = layer_problem(budgets, hq, hkv, d, tp, n, cost, scale)
-        measured = [t["total_ms"] / ms_per_model_s(cost) for t in e["ranks"]]
-        scale = scale * head_cost_scale(lp, prob, measured)
+        busy = [t["compute_ms"] / ms_per_model_s(cost) for t in e["ranks"]]   # the rank's attention calls
+        scale = scale * head_cost_scale(lp, prob, busy)
         lp = solve(budgets, hq, hkv, d, tp, n, cost, scale)
         if lp in seen:
             log(f"  feedback round {i + 1}: the solve returns a placement already measured; stop")
@@ -192,6 +193,8 @@ def feedback_rounds(budgets, q, k, v, ref, tp, sm_scale, smoke, a, cost, first: 
         seen.append(lp)
         e = emulate(lp, budgets, q, k, v, tp, sm_scale, smoke, a.link_gbps, a.reps)
         e["max_abs_diff"] = float((e.pop("out").float() - ref.float()).abs().max())
+        for t, p in zip(e["ranks"], rank_predictions(lp, budgets, cost, n, hkv, tp, d, q.element_size())):
+            t["pred"] = p
         e["pieces"] = [[[pc.head, pc.start, pc.end] for pc in gpu] for gpu in lp.gpus]
         e["predicted_rank_ms"] = predicted_ms(lp, budgets, hq, hkv, d, tp, n, cost, scale)
         e["head_scale"] = [round(float(x), 4) for x in scale]
@@ -434,8 +437,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 def records_of(row: dict) -> list[RankRecord]:
     """The fit's per-rank records of one result row (every placement with predictions)."""
     out = []
-    for name in ("contiguous", "shplb", "shplb_prior"):
-        e = row.get(name)
+    placed = [(name, row.get(name)) for name in ("contiguous", "shplb", "shplb_prior")]
+    placed += [(f"feedback{i + 1}", e) for i, e in enumerate(row.get("feedback", []))]
+    for name, e in placed:
         if not isinstance(e, dict) or "ranks" not in e:
             continue
         for r, t in enumerate(e["ranks"]):

@@ -57,22 +57,38 @@ def test_closed_loop_balances_a_device_the_model_misprices():
     true = model * rng.uniform(1.0, 1.8, hq)
     tr = Transfer(n, 128, 370e9, 5e-6)
 
-    def device(lp):  # what the device measures: the true costs' objective plus a fixed part on every rank
-        return layer_times(lp, LayerProblem(true, g, tp, transfer=tr)).total + 3e-5
+    def device(lp):  # the true times of every rank's attention calls and its whole time, a fixed part added
+        t = layer_times(lp, LayerProblem(true, g, tp, transfer=tr))
+        return t.busy + 3e-5, t.total + 3e-5
 
     def solve(costs):
         return solve_layer(costs, g, tp, "shplb", transfer=tr, max_replicated_kv=tp - 1).placement
 
     lp = solve(model)
-    m = device(lp)
+    busy, m = device(lp)
     open_loop = m.max() / m.mean()
     scale, best = np.ones(hq), m.max()
     for _ in range(4):
-        scale = scale * head_cost_scale(lp, LayerProblem(model * scale, g, tp, transfer=tr), m)
+        scale = scale * head_cost_scale(lp, LayerProblem(model * scale, g, tp, transfer=tr), busy)
         lp = solve(model * scale)
-        m = device(lp)
+        busy, m = device(lp)
         best = min(best, m.max())
     assert open_loop > 1.08
     assert best == m.max() and m.max() / m.mean() <= 1.05
     ideal = layer_times(solve(true), LayerProblem(true, g, tp, transfer=tr)).total.max() + 3e-5
     assert best <= ideal * 1.02
+
+
+def test_staging_the_model_misprices_is_not_charged_to_heads():
+    """A home whose gathers take 3x the predicted time, its kernels as predicted: no head changes price (charging
+    the home's whole time would make its heads dearer and ship more from it, round 21)."""
+    hq, g, tp, n = 16, 4, 4, 65536
+    costs = np.where(np.arange(hq) // g == 0, 4e-4, 0.5e-4)
+    tr = Transfer(n, 128, 370e9, 5e-6, gather_bytes_per_s=400e9)
+    prob = LayerProblem(costs, g, tp, transfer=tr, max_replicated_kv=tp - 1)
+    lp = solve_layer(costs, g, tp, "shplb", transfer=tr, max_replicated_kv=tp - 1).placement
+    t = layer_times(lp, prob)
+    assert t.moved_units > 0 and np.all(t.busy >= t.compute) and np.any(t.total > t.busy)
+    slow_gathers = LayerProblem(costs, g, tp, transfer=Transfer(n, 128, 370e9, 5e-6, gather_bytes_per_s=400e9 / 3))
+    assert layer_times(lp, slow_gathers).total.max() > t.total.max()      # the device is slower, by staging
+    assert np.allclose(head_cost_scale(lp, prob, layer_times(lp, slow_gathers).busy + 1e-5), 1.0)

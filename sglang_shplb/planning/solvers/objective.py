@@ -130,4 +130,7 @@ def layer_times(lp: LayerPlacement, p: LayerProblem) -> LayerTimes:
                       for r in range(G)])
     moved_bytes = 0 if t is None else t.dtype_bytes * sum(
         sum(exchange_elems(int(rows[0, r]), int(kv[0, r]), t.head_dim)) for r in range(G))
-    return LayerTimes(compute, total, units, len(moved), moved_bytes, 0.0 if t is None else t.unit_overhead_s)
+    busy = compute if t is None else np.array([compute[r] + t.unit_compute_extra(float(unit_c[r]))
+                                               + units[r] * t.unit_overhead_s for r in range(G)])
+    return LayerTimes(compute, total, units, len(moved), moved_bytes, 0.0 if t is None else t.unit_overhead_s,
+                      busy)
