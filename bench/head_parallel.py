@@ -151,8 +151,9 @@ def placements(budgets, hq, hkv, d, tp, n, cost, prior=None) -> dict[str, LayerP
 def layer_problem(budgets, hq, hkv, d, tp, n, cost, scale=None) -> LayerProblem:
     """One layer's placement problem at ``n`` under ``cost`` (head costs times ``scale`` when given)."""
     spec = ModelSpec("LlamaForCausalLM", 1, hq, hkv, d, 131072, "bench")
-    costs, prof = layer_inputs(spec, budgets, cost, n, scale)
-    return LayerProblem(costs, hq // hkv, tp, cost.piece_overhead, profiles=prof, transfer=cost.transfer(n, d))
+    costs, prof = layer_inputs(spec, budgets, cost, n)
+    return LayerProblem(costs if scale is None else costs * scale, hq // hkv, tp, cost.piece_overhead,
+                        profiles=prof, transfer=cost.transfer(n, d))
 
 
 def ms_per_model_s(cost) -> float:
@@ -168,14 +169,28 @@ def predicted_ms(lp, budgets, hq, hkv, d, tp, n, cost, scale=None) -> list[float
     return [float(x) * ms_per_model_s(cost) for x in layer_times(lp, prob).total]
 
 
+def emulate_checked(lp, budgets, q, k, v, ref, tp, sm_scale, smoke, a, cost, scale=None) -> tuple[dict, torch.Tensor]:
+    """:func:`emulate` of ``lp`` and its absolute difference from ``ref`` (the single-device layer), the emulation
+    holding the cost model's per-rank predictions (``pred``, for the move-calibration fit), the pieces and the
+    objective's per-rank milliseconds (head costs times ``scale`` when given)."""
+    n, hq, d, hkv = q.shape[0], q.shape[1], q.shape[2], k.shape[1]
+    e = emulate(lp, budgets, q, k, v, tp, sm_scale, smoke, a.link_gbps, a.reps)
+    diff = (e.pop("out").float() - ref.float()).abs()
+    for t, p in zip(e["ranks"], rank_predictions(lp, budgets, cost, n, hkv, tp, d, q.element_size())):
+        t["pred"] = p
+    e["pieces"] = [[[pc.head, pc.start, pc.end] for pc in gpu] for gpu in lp.gpus]
+    e["predicted_rank_ms"] = predicted_ms(lp, budgets, hq, hkv, d, tp, n, cost, scale)
+    e["predicted_slowest_ms"] = max(e["predicted_rank_ms"])
+    return e, diff
+
+
 def feedback_rounds(budgets, q, k, v, ref, tp, sm_scale, smoke, a, cost, first: tuple) -> list[dict]:
     """``--feedback``: from ``first = (placement, its emulation)`` (the open-loop ``shplb``), up to
     ``a.feedback`` rounds of measured feedback (:mod:`sglang_shplb.planning.rank_feedback`): the heads' costs
     are scaled by what the last placement's measured ranks (their attention calls: home, units, tail; round 21
     used the whole rank time, staging included) say the cost model missed, the layer re-solved and
     emulated again and checked against ``ref`` (the single-device layer). Stops early when the solve returns a
-    placement already measured. One record per round: its placement and emulation (with the scale it was
-    solved with)."""
+    placement already measured. One emulation per round (with the scale it was solved with)."""
     n, hq, d = q.shape[0], q.shape[1], q.shape[2]
     hkv = k.shape[1]
     lp, e = first
@@ -191,17 +206,13 @@ def feedback_rounds(budgets, q, k, v, ref, tp, sm_scale, smoke, a, cost, first: 
             log(f"  feedback round {i + 1}: the solve returns a placement already measured; stop")
             break
         seen.append(lp)
-        e = emulate(lp, budgets, q, k, v, tp, sm_scale, smoke, a.link_gbps, a.reps)
-        e["max_abs_diff"] = float((e.pop("out").float() - ref.float()).abs().max())
-        for t, p in zip(e["ranks"], rank_predictions(lp, budgets, cost, n, hkv, tp, d, q.element_size())):
-            t["pred"] = p
-        e["pieces"] = [[[pc.head, pc.start, pc.end] for pc in gpu] for gpu in lp.gpus]
-        e["predicted_rank_ms"] = predicted_ms(lp, budgets, hq, hkv, d, tp, n, cost, scale)
+        e, diff = emulate_checked(lp, budgets, q, k, v, ref, tp, sm_scale, smoke, a, cost, scale)
+        e["max_abs_diff"] = float(diff.max())
         e["head_scale"] = [round(float(x), 4) for x in scale]
         log(f"  feedback round {i + 1}: slowest {e['slowest_ms']:.2f} ms (slowest/mean {e['slowest_over_mean']:.2f}, "
             f"compute {e['compute_slowest_over_mean']:.2f}), {e['units_moved']} units, max|diff| "
             f"{e['max_abs_diff']:.3g}; head scale {min(scale):.2f}-{max(scale):.2f}")
-        out.append({"lp": lp, "e": e})
+        out.append(e)
     return out
 
 
@@ -545,21 +556,13 @@ def main(argv=None) -> None:
                     if smoke:  # tiny shapes: no placement moves anything; run a hand-made one that does
                         lps["shplb_prior"] = forced_moves(hq, tp)
                     for pname, lp in lps.items():
-                        e = emulate(lp, budgets, q, k, v, tp, scale, smoke, a.link_gbps, a.reps)
-                        diff = (e.pop("out").float() - ref.float()).abs()
+                        e, diff = emulate_checked(lp, budgets, q, k, v, ref, tp, scale, smoke, a, cost)
                         row[f"{pname}_max_abs_diff"] = float(diff.max())
                         row[f"{pname}_worst_heads"] = worst_heads(diff, budgets)
-                        preds = rank_predictions(lp, budgets, cost, n, hkv, tp, d, q.element_size())
-                        for t, p in zip(e["ranks"], preds):
-                            t["pred"] = p
-                        e["pieces"] = [[[pc.head, pc.start, pc.end] for pc in gpu] for gpu in lp.gpus]
-                        e["predicted_rank_ms"] = predicted_ms(lp, budgets, hq, hkv, d, tp, n, cost)
-                        e["predicted_slowest_ms"] = max(e["predicted_rank_ms"])
                         row[pname] = e
                     if a.feedback:
-                        rounds = feedback_rounds(budgets, q, k, v, ref, tp, scale, smoke, a, cost,
-                                                 (lps["shplb"], row["shplb"]))
-                        row["feedback"] = [r["e"] for r in rounds]
+                        row["feedback"] = feedback_rounds(budgets, q, k, v, ref, tp, scale, smoke, a, cost,
+                                                          (lps["shplb"], row["shplb"]))
                         best = min([row["shplb"]] + row["feedback"], key=lambda e: e["slowest_ms"])
                         row["feedback_best_round"] = ([row["shplb"]] + row["feedback"]).index(best)
                         row["shplb_feedback"] = best

@@ -209,13 +209,9 @@ class PlacementEval:
         return d
 
 
-def layer_inputs(spec: ModelSpec, layer_budgets: list[HeadBudget], cost_model: CostModel, seq_len: int,
-                 scale: np.ndarray | None = None):
-    """Per-head costs of one layer at ``seq_len`` (times ``scale``, per-head multipliers from measured feedback,
-    :mod:`.rank_feedback`) and a lazy ``head -> CostProfile`` lookup."""
+def layer_inputs(spec: ModelSpec, layer_budgets: list[HeadBudget], cost_model: CostModel, seq_len: int):
+    """Per-head costs of one layer at ``seq_len`` and a lazy ``head -> CostProfile`` lookup."""
     costs = cost_model.layer_costs(layer_budgets, seq_len, spec.head_dim, spec.group_size)
-    if scale is not None:
-        costs = costs * np.asarray(scale, dtype=np.float64)
     cache: dict[int, CostProfile] = {}
 
     def profile(h: int) -> CostProfile:
@@ -280,13 +276,12 @@ def solve_plan_placements(spec: ModelSpec, budgets: list[list[HeadBudget]], buck
         t0 = time.perf_counter()
         results = []
         for li in range(spec.num_layers):
+            if (b, li) not in inputs:
+                inputs[(b, li)] = layer_inputs(spec, budgets[li], cost_model, seq_len)
+            costs, prof = inputs[(b, li)]
             scale = head_scale(tp, b, li) if head_scale is not None else None
             if scale is not None:
-                costs, prof = layer_inputs(spec, budgets[li], cost_model, seq_len, scale)
-            else:
-                if (b, li) not in inputs:
-                    inputs[(b, li)] = layer_inputs(spec, budgets[li], cost_model, seq_len)
-                costs, prof = inputs[(b, li)]
+                costs = costs * np.asarray(scale, dtype=np.float64)
             results.append(solve_layer(costs, spec.group_size, tp, solver, profiles=prof, transfer=transfer,
                                        **options))
         layers = [r.placement for r in results]

@@ -106,8 +106,7 @@ class LayerTimes:
     """A layer placement priced by :func:`~.objective.layer_times`: per rank ``compute`` and ``total``
     (``T_r``) seconds and the units it computes (moved or not); the moved units and the bytes crossing
     links (inputs and outputs, all ranks); per rank ``busy``: the time of its attention calls, ``compute``
-    plus its units' overhead and efficiency loss (``T_r`` less the gathers and the exposed links; ``compute``
-    when not given)."""
+    plus its units' overhead and efficiency loss (``T_r`` less the gathers and the exposed links)."""
 
     compute: np.ndarray
     total: np.ndarray
@@ -115,11 +114,7 @@ class LayerTimes:
     moved_units: int
     moved_bytes: int
     unit_overhead_s: float
-    busy: np.ndarray | None = None
-
-    def __post_init__(self) -> None:
-        if self.busy is None:
-            object.__setattr__(self, "busy", self.compute)
+    busy: np.ndarray
 
     @property
     def slowest(self) -> float:
