@@ -38,6 +38,14 @@ for the model's layers).
   python bench/head_parallel.py --quick --out $OUT             # 8B + 70B, 64K/128K, TP 4/8 (about 5 min, H200)
   python bench/head_parallel.py --fit bench/results/head_parallel_h200.json --out bench/results   # refit only
   TRITON_INTERPRET=1 python bench/head_parallel.py --cpu-smoke --out /tmp/hp   # logic check on the CPU
+
+``--plan DIR`` measures a plan's own layers instead (its budgets, model shape and bucket edges; ``--ctx`` names
+bucket edges, ``--tp`` the TP sizes, ``--layers`` a subset) with ``--feedback N`` rounds each, and writes the
+best round's multipliers per (TP, bucket, layer) to a head-scales file (:mod:`sglang_shplb.planning.rank_feedback`)
+that ``python -m sglang_shplb place --head-scales FILE`` solves the served plan with (the same ``--calibration``):
+
+  python bench/head_parallel.py --plan bench/results/default_plan --ctx 8192 --tp 3 --feedback 2 \
+      --calibration bench/results/calibration_h100_tiles.json --out $OUT   # -> $OUT/head_scales_<gpu>.json
 """
 from __future__ import annotations
 
@@ -208,7 +216,7 @@ def feedback_rounds(budgets, q, k, v, ref, tp, sm_scale, smoke, a, cost, first: 
         seen.append(lp)
         e, diff = emulate_checked(lp, budgets, q, k, v, ref, tp, sm_scale, smoke, a, cost, scale)
         e["max_abs_diff"] = float(diff.max())
-        e["head_scale"] = [round(float(x), 4) for x in scale]
+        e["head_scale"] = [float(x) for x in scale]
         log(f"  feedback round {i + 1}: slowest {e['slowest_ms']:.2f} ms (slowest/mean {e['slowest_over_mean']:.2f}, "
             f"compute {e['compute_slowest_over_mean']:.2f}), {e['units_moved']} units, max|diff| "
             f"{e['max_abs_diff']:.3g}; head scale {min(scale):.2f}-{max(scale):.2f}")
@@ -435,10 +443,16 @@ def parse_args(argv=None) -> argparse.Namespace:
                          "(sglang_shplb/planning/rank_feedback.py): re-solve with the heads' costs scaled by "
                          "what the measured ranks say the cost model missed, emulate again; the best round is "
                          "reported as shplb_feedback")
+    ap.add_argument("--plan", default=None, metavar="DIR",
+                    help="measure this plan's layers (its budgets and shape) at --ctx (bucket edges of the plan) and "
+                         "--tp with --feedback N rounds each, and write the head-scales file for place --head-scales")
+    ap.add_argument("--layers", default=None, help="with --plan: the layers to measure, comma-separated (default all)")
     ap.add_argument("--fit", nargs="+", default=None, metavar="JSON",
                     help="no run: refit the move calibration from these result files (their placements "
                          "re-solved with --compare-calibration's kernel table when they lack predictions)")
     a = ap.parse_args(argv)
+    if a.plan and a.feedback < 1:
+        ap.error("--plan measures feedback rounds: give --feedback N (N >= 1)")
     if a.quick:
         a.shapes, a.ctx, a.tp, a.plans, a.reps = QUICK["shapes"], QUICK["ctx"], QUICK["tp"], QUICK["plans"], QUICK["reps"]
         a.time_budget_s = a.time_budget_s or QUICK["time_budget_s"]
@@ -518,6 +532,9 @@ def main(argv=None) -> None:
     if a.fit:
         refit(a.fit, out, a.compare_calibration or str(KERNEL_TABLE))
         return
+    if a.plan:
+        plan_feedback(a, out)
+        return
     smoke, dev, dt, shapes, ctxs, tps = run_grid(a)
     cost = load_cost_model(a.calibration)
     prior = load_cost_model(a.compare_calibration) if a.compare_calibration else None
@@ -542,9 +559,7 @@ def main(argv=None) -> None:
             q, k, v = layer_qkv(n, hq, hkv, d, dev, dt)
             for plan in a.plans.split(","):
                 budgets = plan_budgets(plan, hq, hkv, seed=n)
-                ref = torch.zeros_like(q)
-                attend_heads(q, k, v, KVRows.back_to_back([n]), [n], [n], budgets, range(hq), scale, ref)
-                dense_tail(q, k, v, KVRows.back_to_back([n]), [n], [n], sparse_heads(budgets), scale, ref)
+                ref = single_device_layer(q, k, v, budgets)
                 for tp in tps:
                     if hq % tp:
                         continue
@@ -630,6 +645,80 @@ def main(argv=None) -> None:
     dump()
     summary(res)
     plot(res, out / f"head_parallel_{tag}.png")
+
+
+def single_device_layer(q, k, v, budgets) -> torch.Tensor:
+    """One layer's attention of every head on one device: the reference every emulated placement is checked
+    against (sparse heads' last rows recomputed dense, as the backend does)."""
+    n, hq, d = q.shape
+    ref = torch.zeros_like(q)
+    attend_heads(q, k, v, KVRows.back_to_back([n]), [n], [n], budgets, range(hq), d ** -0.5, ref)
+    dense_tail(q, k, v, KVRows.back_to_back([n]), [n], [n], sparse_heads(budgets), d ** -0.5, ref)
+    return ref
+
+
+def plan_feedback(a: argparse.Namespace, out: Path) -> None:
+    """``--plan``: per (TP, bucket edge, layer) of the plan, the open-loop placement and ``--feedback`` rounds
+    emulated; the best round's multipliers (ones when the open loop was best) written as a head-scales file."""
+    from sglang_shplb.core.plan import load_plan
+    from sglang_shplb.planning.rank_feedback import save_head_scales
+
+    plan = load_plan(a.plan)
+    spec, smoke = plan.model, a.cpu_smoke
+    hq, hkv, d = spec.num_heads, spec.num_kv_heads, spec.head_dim
+    dev, dt = ("cpu", torch.float32) if smoke else ("cuda", torch.bfloat16)
+    ctxs, tps = [int(x) for x in a.ctx.split(",")], [int(x) for x in a.tp.split(",")]
+    layers = range(spec.num_layers) if a.layers is None else [int(x) for x in a.layers.split(",")]
+    bad = [f"--ctx {n}: not a bucket edge of the plan {list(plan.buckets.edges)}" for n in ctxs
+           if n not in plan.buckets.edges or n > spec.max_context]
+    bad += [f"--tp {tp}: needs 2 <= TP dividing the {hq} query heads" for tp in tps if tp < 2 or hq % tp]
+    bad += [f"--layers {li}: the plan has {spec.num_layers}" for li in layers if not 0 <= li < spec.num_layers]
+    if bad:
+        raise SystemExit("head_parallel.py --plan: " + "; ".join(bad))
+    cost = load_cost_model(a.calibration)
+    name = device_name(smoke)
+    res = {"device": name, "date": time.strftime("%Y-%m-%d"), "argv": sys.argv[1:], "plan": a.plan,
+           "link_gbps": a.link_gbps, "cost_model": cost.to_dict(), "rows": []}
+    tag = device_tag(name)
+    out.mkdir(parents=True, exist_ok=True)
+    dump = results_writer(res, str(out / f"plan_feedback_{tag}"))
+    log(f"plan feedback on {name}: {a.plan} ({spec.num_layers} layers, {hq} q / {hkv} KV heads, d {d}), layers "
+        f"{list(layers)}, TP {tps}, {ctxs} tokens, {a.feedback} rounds; solved with {cost!r}")
+    t0, entries = time.perf_counter(), []
+    for n in ctxs:
+        q, k, v = layer_qkv(n, hq, hkv, d, dev, dt)
+        for li in layers:
+            budgets = plan.budgets[li]
+            ref = single_device_layer(q, k, v, budgets)
+            for tp in tps:
+                lp = solve(budgets, hq, hkv, d, tp, n, cost)
+                e, diff = emulate_checked(lp, budgets, q, k, v, ref, tp, d ** -0.5, smoke, a, cost)
+                e["max_abs_diff"] = float(diff.max())
+                rounds = [e] + feedback_rounds(budgets, q, k, v, ref, tp, d ** -0.5, smoke, a, cost, (lp, e))
+                best = min(range(len(rounds)), key=lambda i: rounds[i]["slowest_ms"])
+                scale = rounds[best].get("head_scale", [1.0] * hq)
+                entries.append({"tp": tp, "seq_len": n, "layer": li, "scale": scale, "best_round": best,
+                                "slowest_ms": [r["slowest_ms"] for r in rounds],
+                                "compute_slowest_over_mean": [r["compute_slowest_over_mean"] for r in rounds],
+                                "max_abs_diff": max(r["max_abs_diff"] for r in rounds)})
+                res["rows"].append({"tp": tp, "n": n, "layer": li, "rounds": rounds})
+                log(f"layer {li} TP{tp} n={n}: slowest ms " + " -> ".join(f"{r['slowest_ms']:.3f}" for r in rounds)
+                    + f" (best round {best}); max|diff| {entries[-1]['max_abs_diff']:.3g} "
+                    f"[{time.perf_counter() - t0:.0f} s]")
+                dump()
+        del q, k, v
+    path = save_head_scales(out / f"head_scales_{tag}.json", spec, plan.budgets, cost.to_dict(), entries,
+                            device=name, date=res["date"], command="bench/head_parallel.py " + " ".join(sys.argv[1:]),
+                            link_gbps=a.link_gbps)
+    for tp in tps:
+        for n in ctxs:
+            es = [e for e in entries if e["tp"] == tp and e["seq_len"] == n]
+            opened, best = sum(e["slowest_ms"][0] for e in es), sum(min(e["slowest_ms"]) for e in es)
+            log(f"TP{tp} n={n}: slowest rank summed over {len(es)} layers {opened:.2f} ms open loop, {best:.2f} ms "
+                f"with feedback (x{opened / best:.3f}); {sum(e['best_round'] > 0 for e in es)} layers changed")
+    res["head_scales"] = str(path)
+    dump()
+    log(f"head scales -> {path} ({len(entries)} entries) in {time.perf_counter() - t0:.0f} s")
 
 
 def summary(res: dict) -> None:

@@ -125,6 +125,10 @@ def _add_place(p: argparse.ArgumentParser) -> None:
     p.add_argument("--unit-overhead-us", type=float, default=DEFAULT_UNIT_OVERHEAD_S * 1e6,
                    help="fixed executor time of each unit of work away from the single-rank path, microseconds "
                         "(default %(default)g: an assumption, to be fitted on the GPU)")
+    p.add_argument("--head-scales", default=None, metavar="JSON",
+                   help="measured per-head cost multipliers (schema shplb-head-scales/1, written by "
+                        "bench/head_parallel.py --plan on a GPU against the same cost model): the placement corrects "
+                        "the cost model's prices where the device measured them")
     _add_stock(p)
 
 
@@ -334,6 +338,15 @@ def cmd_place(a) -> Path:
         raise SystemExit(f"--link-gbps must be > 0 and --unit-overhead-us >= 0, got {a.link_gbps}, "
                          f"{a.unit_overhead_us}")
     cost = load_cost_model(a.calibration, link_bytes_per_s=a.link_gbps * 1e9, unit_overhead_s=a.unit_overhead_us * 1e-6)
+    head_scales = None
+    if a.head_scales:
+        from sglang_shplb.planning.rank_feedback import HeadScalesError, load_head_scales
+        try:
+            head_scales = load_head_scales(a.head_scales, budgets.spec, budgets.budgets, buckets, cost.to_dict())
+        except HeadScalesError as e:
+            raise SystemExit(f"--head-scales: {e}") from None
+        print(f"--head-scales: {head_scales[1]['entries']} measured (TP, bucket, layer) cost corrections from "
+              f"{head_scales[1].get('device', 'an unnamed device')}")
     bar = tqdm(total=len(a.tp) * len(buckets), desc="placing")
 
     def progress(jobs):
@@ -343,7 +356,7 @@ def cmd_place(a) -> Path:
             bar.update()
 
     plan = place_budgets(budgets, buckets, a.tp, cost, a.solver, _solve_opts(a), progress=progress,
-                         stock_options=_stock_opts(a))
+                         stock_options=_stock_opts(a), head_scales=head_scales)
     bar.close()
     path = save_plan(plan, a.out)
     for phase in ("prefill", "decode"):

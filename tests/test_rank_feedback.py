@@ -2,13 +2,20 @@
 gives, and the closed loop on a device whose true head costs differ from the model's."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
+from sglang_shplb.core.buckets import Buckets
+from sglang_shplb.core.model_spec import ModelSpec
+from sglang_shplb.core.patterns import HeadBudget
 from sglang_shplb.core.placement_types import LayerPlacement, Piece
-from sglang_shplb.planning.cost_model import Transfer
-from sglang_shplb.planning.place import solve_layer
-from sglang_shplb.planning.rank_feedback import ALPHA_RANGE, head_cost_scale, rank_mispricing
+from sglang_shplb.planning.budget import BudgetsFile
+from sglang_shplb.planning.cost_model import CostModel, Transfer
+from sglang_shplb.planning.place import layer_inputs, place_budgets, solve_layer
+from sglang_shplb.planning.rank_feedback import (ALPHA_RANGE, HeadScalesError, cost_fingerprint, head_cost_scale,
+                                                 load_head_scales, rank_mispricing, save_head_scales)
 from sglang_shplb.planning.solvers import LayerProblem, layer_times
 
 
@@ -92,3 +99,74 @@ def test_staging_the_model_misprices_is_not_charged_to_heads():
     slow_gathers = LayerProblem(costs, g, tp, transfer=Transfer(n, 128, 370e9, 5e-6, gather_bytes_per_s=400e9 / 3))
     assert layer_times(lp, slow_gathers).total.max() > t.total.max()      # the device is slower, by staging
     assert np.allclose(head_cost_scale(lp, prob, layer_times(lp, slow_gathers).busy + 1e-5), 1.0)
+
+
+# --- the head-scales file: measured multipliers for a served plan (place --head-scales) ---
+
+def _small_plan_inputs():
+    spec = ModelSpec("LlamaForCausalLM", 2, 8, 2, 64, 65536, "x")
+    rng = np.random.default_rng(3)
+    budgets = [[HeadBudget.dense() if h // 4 == 0 else HeadBudget.topk(float(rng.uniform(0.05, 0.3)), 16)
+                for h in range(8)] for _ in range(2)]
+    return spec, budgets, Buckets((32768, 65536)), CostModel.analytic()
+
+
+def test_head_scales_round_trip_and_refusals(tmp_path):
+    spec, budgets, buckets, cm = _small_plan_inputs()
+    scale = [1.0, 1.5, 1.0, 1.0, 0.7, 0.7, 1.0, 1.0]
+    path = save_head_scales(tmp_path / "s.json", spec, budgets, cm.to_dict(),
+                            [{"tp": 2, "seq_len": 65536, "layer": 1, "scale": scale, "best_round": 1}], device="GPU X")
+    head_scale, summary = load_head_scales(path, spec, budgets, buckets, cm.to_dict())
+    assert np.array_equal(head_scale(2, 1, 1), scale)
+    assert head_scale(2, 0, 1) is None and head_scale(4, 1, 1) is None and head_scale(2, 1, 0) is None
+    assert summary["entries"] == 1 and summary["device"] == "GPU X" and summary["file"] == "s.json"
+    # a cost model read from another path prices alike: accepted
+    moved = {**cm.to_dict(), "calibration": {"path": "/elsewhere/t.json"}}
+    assert cost_fingerprint(moved) == cost_fingerprint({**cm.to_dict(), "calibration": {"path": "t.json"}})
+
+    def refused(match, *, entries=None, spec_=spec, budgets_=budgets, cost_=cm.to_dict(), doc=None):
+        p = tmp_path / "bad.json"
+        if doc is not None:
+            p.write_text(json.dumps(doc))
+        else:
+            save_head_scales(p, spec, budgets, cm.to_dict(), entries or [{"tp": 2, "seq_len": 65536, "layer": 0,
+                                                                         "scale": scale}])
+        with pytest.raises(HeadScalesError, match=match):
+            load_head_scales(p, spec_, budgets_, buckets, cost_)
+
+    refused("schema", doc={"schema": "other"})
+    refused("shaped", spec_=ModelSpec("LlamaForCausalLM", 2, 8, 4, 64, 65536, "x"))
+    other = [list(layer) for layer in budgets]
+    other[0][5] = HeadBudget.dense()
+    refused("other budgets", budgets_=other)
+    refused("another cost model", cost_=CostModel.analytic(link_bytes_per_s=100e9).to_dict())
+    refused("not a bucket edge", entries=[{"tp": 2, "seq_len": 40000, "layer": 0, "scale": scale}])
+    refused("TP must be", entries=[{"tp": 1, "seq_len": 65536, "layer": 0, "scale": scale}])
+    refused("layer in", entries=[{"tp": 2, "seq_len": 65536, "layer": 2, "scale": scale}])
+    refused("finite positive", entries=[{"tp": 2, "seq_len": 65536, "layer": 0, "scale": [0.0] + scale[1:]}])
+    refused("twice", entries=[{"tp": 2, "seq_len": 65536, "layer": 0, "scale": scale}] * 2)
+    with pytest.raises(ValueError, match="multipliers for"):
+        save_head_scales(tmp_path / "x.json", spec, budgets, cm.to_dict(),
+                         [{"tp": 2, "seq_len": 65536, "layer": 0, "scale": scale[:3]}])
+
+
+def test_place_solves_the_measured_layers_with_their_multipliers(tmp_path):
+    """A file that finds one rank's heads 2x dearer than priced changes that layer's placement (and only the
+    (TP, bucket, layer) it names) to what the solver gives those scaled costs; the plan records the file."""
+    spec, budgets, buckets, cm = _small_plan_inputs()
+    bf = BudgetsFile({**spec.to_dict(), "checkpoint": "/m"}, "tau=0.9", 8192, 0.9, budgets,
+                     np.ones((2, 8)), np.ones((2, 8)))
+    scale = np.array([2.0] * 4 + [1.0] * 4)
+    path = save_head_scales(tmp_path / "s.json", spec, budgets, cm.to_dict(),
+                            [{"tp": 2, "seq_len": 65536, "layer": 0, "scale": scale.tolist()}])
+    hs = load_head_scales(path, spec, budgets, buckets, cm.to_dict())
+    plain = place_budgets(bf, buckets, [2], cm, "shplb", {"max_replicated_kv": "auto"})
+    fed = place_budgets(bf, buckets, [2], cm, "shplb", {"max_replicated_kv": "auto"}, head_scales=hs)
+    assert fed.meta["head_scales"]["entries"] == 1 and plain.meta["head_scales"] is None
+    assert fed.placements[2][1].layers[0] != plain.placements[2][1].layers[0]
+    assert fed.placements[2][1].layers[1] == plain.placements[2][1].layers[1]
+    assert fed.placements[2][0].layers == plain.placements[2][0].layers
+    costs, prof = layer_inputs(spec, budgets[0], cm, 65536)
+    want = solve_layer(costs * scale, spec.group_size, 2, "shplb", profiles=prof, transfer=cm.transfer(65536, 64),
+                       piece_overhead=cm.piece_overhead, max_replicated_kv=1).placement
+    assert fed.placements[2][1].layers[0] == want

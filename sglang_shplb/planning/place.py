@@ -311,12 +311,15 @@ def decide_stock_at_tps(spec: ModelSpec, budgets: list[list[HeadBudget]], bucket
 
 def place_budgets(budgets: BudgetsFile, buckets: Buckets, tp_sizes: Sequence[int], cost_model: CostModel,
                   solver: str = "shplb", solve_options: dict | None = None, *,
-                  progress: Callable | None = None, stock_options: StockOptions | None = None) -> Plan:
+                  progress: Callable | None = None, stock_options: StockOptions | None = None,
+                  head_scales: tuple[Callable, dict] | None = None) -> Plan:
     """The plan of a budgets file: every TP size solved with ``resolve_solve_opts(solve_options, tp)``,
     replicated KV bytes for a bf16 cache in ``predicted``; ``meta`` records the inputs, solver, options and
     time. ``progress``: optional callable wrapping each TP size's (TP size, bucket) jobs. ``stock_options``
     (default :class:`StockOptions()`: margin 0.95): the layers run on the stock backend per phase and
-    bucket (``enabled=False``: none)."""
+    bucket (``enabled=False``: none). ``head_scales``: ``(head_scale, summary)`` of
+    :func:`~sglang_shplb.planning.rank_feedback.load_head_scales` (measured feedback; the summary goes in
+    ``meta['head_scales']``)."""
     stock_options = stock_options or StockOptions()
     solve_options = dict(solve_options or {})
     spec = budgets.spec
@@ -325,12 +328,14 @@ def place_budgets(budgets: BudgetsFile, buckets: Buckets, tp_sizes: Sequence[int
     for tp in tp_sizes:
         placements.update(solve_plan_placements(spec, budgets.budgets, buckets, [tp], cost_model, solver,
                                                 kv_dtype_bytes=2, progress=progress,
+                                                head_scale=head_scales[0] if head_scales else None,
                                                 **resolve_solve_opts(solve_options, tp)))
     decision = decide_stock_at_tps(spec, budgets.budgets, buckets, cost_model, stock_options, placements)
     meta = {"created": time.strftime("%Y-%m-%d %H:%M:%S"), "budget_mode": budgets.mode, "tau": budgets.tau,
             "ref_len": budgets.ref_len, "solver": solver, "solve_s": time.perf_counter() - t0,
             "cost_model": cost_model.to_dict(), "solve_options": solve_options,
-            "checkpoint": budgets.model.get("checkpoint"), "stock_decision": stock_options.to_dict()}
+            "checkpoint": budgets.model.get("checkpoint"), "stock_decision": stock_options.to_dict(),
+            "head_scales": head_scales[1] if head_scales else None}
     if budgets.stability is not None:
         st = budgets.stability
         meta["stability"] = {"spearman": st.spearman, "pvalue": st.pvalue, "same_family": st.same_family,

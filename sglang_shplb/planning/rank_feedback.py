@@ -20,12 +20,26 @@ Staging (the gathers a home makes to ship work) and link time are not charged: t
 (:mod:`.move_calibration`). Charging them to the heads a rank computes points the wrong way: a home slow from
 shipping would look dear, and the next solve would ship more from it. Round 21 charged whole rank times and saw
 this (H100, llama70b 64K mixed TP 8: a home's gathers 2.11 ms against 0.80 predicted, then more moved off it).
+
+A served plan takes the multipliers from a **head-scales file** (:func:`save_head_scales`, JSON, schema
+:data:`HEAD_SCALES_SCHEMA`): ``bench/head_parallel.py --plan`` measures the plan's own layers on a GPU, and
+``place --head-scales`` solves with them (:func:`load_head_scales`). The file names the model's shape and the
+cost model and budgets it was measured with; placing with others is refused, since the multipliers correct that
+model's prices of those heads and nothing else.
 """
 from __future__ import annotations
 
-from typing import Sequence
+import hashlib
+import json
+import math
+from pathlib import Path
+from typing import Callable, Sequence
 
 import numpy as np
+
+from sglang_shplb.core.buckets import Buckets
+from sglang_shplb.core.model_spec import ModelSpec
+from sglang_shplb.core.patterns import HeadBudget
 
 from sglang_shplb.core.placement_types import LayerPlacement
 from sglang_shplb.planning.solvers import LayerProblem, layer_times
@@ -59,3 +73,98 @@ def head_cost_scale(lp: LayerPlacement, prob: LayerProblem, measured_busy: Seque
             num[pc.head] += c * alpha[r]
             den[pc.head] += c
     return np.where(den > 0, num / np.maximum(den, 1e-300), 1.0)
+
+
+HEAD_SCALES_SCHEMA = "shplb-head-scales/1"
+
+
+class HeadScalesError(ValueError):
+    """A head-scales file that does not fit the plan being placed; the message names the cause."""
+
+
+def cost_fingerprint(cost_dict: dict) -> str:
+    """sha256 of a cost model's description (``CostModel.to_dict()``) without its file paths: two models price
+    alike exactly when their fingerprints agree, wherever their calibration files were read from."""
+    def strip(x):
+        if isinstance(x, dict):
+            return {k: strip(v) for k, v in sorted(x.items()) if k != "path"}
+        return [strip(v) for v in x] if isinstance(x, (list, tuple)) else x
+    return hashlib.sha256(json.dumps(strip(cost_dict), sort_keys=True).encode()).hexdigest()
+
+
+def budgets_fingerprint(budgets: Sequence[Sequence[HeadBudget]]) -> str:
+    """sha256 of a model's per-layer budgets: the heads the multipliers were measured on."""
+    doc = [[b.to_dict() for b in layer] for layer in budgets]
+    return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
+
+
+def _shape(spec: ModelSpec) -> dict:
+    return {"num_layers": spec.num_layers, "num_heads": spec.num_heads, "num_kv_heads": spec.num_kv_heads,
+            "head_dim": spec.head_dim}
+
+
+def save_head_scales(path: str | Path, spec: ModelSpec, budgets: Sequence[Sequence[HeadBudget]], cost_dict: dict,
+                     entries: Sequence[dict], **provenance) -> Path:
+    """Write a head-scales file measured on ``budgets`` priced by ``cost_dict``. ``entries``: ``{"tp", "seq_len", "layer", "scale": one multiplier per query
+    head}`` (more keys are kept as the record); ``provenance`` (device, date, command, ...) goes in as is."""
+    for e in entries:
+        if len(e["scale"]) != spec.num_heads:
+            raise ValueError(f"entry {e['tp'], e['seq_len'], e['layer']}: {len(e['scale'])} multipliers for "
+                             f"{spec.num_heads} query heads")
+    doc = {"schema": HEAD_SCALES_SCHEMA, "model": _shape(spec), "budgets_fingerprint": budgets_fingerprint(budgets),
+           "cost_model": cost_dict, "cost_fingerprint": cost_fingerprint(cost_dict), **provenance,
+           "entries": [{**e, "scale": [float(x) for x in e["scale"]]} for e in entries]}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(doc, indent=1))
+    return path
+
+
+def load_head_scales(path: str | Path, spec: ModelSpec, budgets: Sequence[Sequence[HeadBudget]], buckets: Buckets,
+                     cost_dict: dict) -> tuple[Callable[[int, int, int], np.ndarray | None], dict]:
+    """``(head_scale, summary)`` from a head-scales file, checked against the model, its budgets, the plan's
+    buckets and the cost model being placed with (:class:`HeadScalesError` naming the mismatch). ``head_scale(tp, bucket,
+    layer)`` (what ``solve_plan_placements`` takes) gives the file's multipliers, or None where it measured
+    nothing (the model's costs). ``summary`` is for the plan's meta: the file's name, fingerprint, provenance
+    and entry count."""
+    path = Path(path)
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise HeadScalesError(f"{path}: not a readable head-scales file ({e})") from None
+    if not isinstance(doc, dict) or doc.get("schema") != HEAD_SCALES_SCHEMA:
+        raise HeadScalesError(f"{path}: schema must be {HEAD_SCALES_SCHEMA!r}, got "
+                              f"{doc.get('schema') if isinstance(doc, dict) else type(doc).__name__!r}")
+    if doc.get("model") != _shape(spec):
+        raise HeadScalesError(f"{path}: measured on a model shaped {doc.get('model')}, the plan's is {_shape(spec)}")
+    if doc.get("budgets_fingerprint") != budgets_fingerprint(budgets):
+        raise HeadScalesError(f"{path}: measured on other budgets than these (the multipliers belong to the heads "
+                              f"they were measured on); measure this plan's layers again")
+    if doc.get("cost_fingerprint") != cost_fingerprint(cost_dict):
+        raise HeadScalesError(
+            f"{path}: measured against another cost model (file: {doc.get('cost_model', {}).get('source')}, "
+            f"calibration {(doc.get('cost_model', {}).get('calibration') or {}).get('path')}); place with the "
+            f"same --calibration / --link-gbps / --unit-overhead-us as the measurement, or measure again")
+    table: dict[tuple[int, int, int], np.ndarray] = {}
+    for e in doc.get("entries", []):
+        key = (e.get("tp"), e.get("seq_len"), e.get("layer"))
+        if e.get("seq_len") not in buckets.edges:
+            raise HeadScalesError(f"{path}: entry {key} is at {e.get('seq_len')} tokens, not a bucket edge of "
+                                  f"the plan ({list(buckets.edges)})")
+        if not (isinstance(e.get("tp"), int) and e["tp"] >= 2 and isinstance(e.get("layer"), int)
+                and 0 <= e["layer"] < spec.num_layers):
+            raise HeadScalesError(f"{path}: entry {key}: TP must be >= 2 and the layer in [0, {spec.num_layers})")
+        s = e.get("scale")
+        if not (isinstance(s, list) and len(s) == spec.num_heads
+                and all(isinstance(x, (int, float)) and math.isfinite(x) and x > 0 for x in s)):
+            raise HeadScalesError(f"{path}: entry {key}: scale must be {spec.num_heads} finite positive numbers")
+        if key in table:
+            raise HeadScalesError(f"{path}: entry {key} appears twice")
+        table[key] = np.asarray(s, dtype=np.float64)
+
+    def head_scale(tp: int, bucket: int, layer: int) -> np.ndarray | None:
+        return table.get((tp, buckets.upper(bucket), layer))
+
+    summary = {"file": path.name, "cost_fingerprint": doc["cost_fingerprint"], "entries": len(table),
+               **{k: doc[k] for k in ("device", "date", "command") if k in doc}}
+    return head_scale, summary
