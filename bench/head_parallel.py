@@ -691,6 +691,9 @@ def plan_feedback(a: argparse.Namespace, out: Path) -> None:
             budgets = plan.budgets[li]
             ref = single_device_layer(q, k, v, budgets)
             for tp in tps:
+                if a.time_budget_s is not None and time.perf_counter() - t0 > a.time_budget_s:
+                    log(f"layer {li} TP{tp} n={n}: skipped (past --time-budget-s {a.time_budget_s:.0f})")
+                    continue
                 lp = solve(budgets, hq, hkv, d, tp, n, cost)
                 e, diff = emulate_checked(lp, budgets, q, k, v, ref, tp, d ** -0.5, smoke, a, cost)
                 e["max_abs_diff"] = float(diff.max())

@@ -170,3 +170,52 @@ def test_place_solves_the_measured_layers_with_their_multipliers(tmp_path):
     want = solve_layer(costs * scale, spec.group_size, 2, "shplb", profiles=prof, transfer=cm.transfer(65536, 64),
                        piece_overhead=cm.piece_overhead, max_replicated_kv=1).placement
     assert fed.placements[2][1].layers[0] == want
+
+
+def test_bench_measures_a_plan_and_place_solves_with_what_it_wrote(tmp_path):
+    """bench/head_parallel.py --plan on the committed SmolLM2 budgets (CPU, Triton interpreter, 256 tokens, TP 3):
+    the file it writes is accepted by place with the same calibration, whose placements are the ones the bench
+    measured best; another calibration is refused, naming the flag."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from sglang_shplb.core.plan import load_plan
+
+    root = Path(__file__).resolve().parents[1]
+    budgets, table = root / "bench/results/default_plan", root / "bench/results/calibration_h100_tiles.json"
+
+    def run(*args, check=True):
+        r = subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=root)
+        assert not check or r.returncode == 0, r.stderr[-3000:]
+        return r
+
+    place = ["-m", "sglang_shplb", "place", "--budgets", str(budgets), "--tp", "3", "--buckets", "256"]
+    run(*place, "--calibration", str(table), "--out", str(tmp_path / "plan"))
+    run("bench/head_parallel.py", "--cpu-smoke", "--plan", str(tmp_path / "plan"), "--ctx", "256", "--tp", "3",
+        "--layers", "0,7", "--feedback", "1", "--reps", "1", "--calibration", str(table), "--out", str(tmp_path / "m"))
+    scales = tmp_path / "m" / "head_scales_smoke.json"
+    doc = json.loads(scales.read_text())
+    assert [(e["tp"], e["seq_len"], e["layer"]) for e in doc["entries"]] == [(3, 256, 0), (3, 256, 7)]
+    assert all(e["max_abs_diff"] < 1e-4 for e in doc["entries"])            # float32, against one device
+    run(*place, "--calibration", str(table), "--head-scales", str(scales), "--out", str(tmp_path / "fed"))
+    plan = load_plan(tmp_path / "fed")
+    assert plan.meta["head_scales"]["entries"] == 2
+    measured = json.loads((tmp_path / "m" / "plan_feedback_smoke.json").read_text())["rows"]
+    for row, e in zip(measured, doc["entries"]):
+        best = row["rounds"][e["best_round"]]["pieces"]
+        got = plan.placements[3][0].layers[row["layer"]]
+        assert [[[p.head, p.start, p.end] for p in g] for g in got.gpus] == best
+    r = run(*place, "--head-scales", str(scales), "--out", str(tmp_path / "x"), check=False)   # analytic model
+    assert r.returncode != 0 and "--head-scales" in r.stderr and "another cost model" in r.stderr
+    r = run("bench/head_parallel.py", "--cpu-smoke", "--plan", str(tmp_path / "plan"), "--ctx", "300", "--tp", "2",
+            "--feedback", "1", "--out", str(tmp_path / "m2"), check=False)
+    assert r.returncode != 0 and "not a bucket edge" in r.stderr and "dividing the 9 query heads" in r.stderr
+
+
+def test_cost_fingerprint_ignores_unit_conversion_rounding_only():
+    cm = CostModel.analytic()
+    same = CostModel.analytic(unit_overhead_s=cm.unit_overhead_s * 1e6 * 1e-6)   # what --unit-overhead-us gives
+    assert cost_fingerprint(same.to_dict()) == cost_fingerprint(cm.to_dict())
+    assert cost_fingerprint(CostModel.analytic(unit_overhead_s=cm.unit_overhead_s * 1.001).to_dict()) \
+        != cost_fingerprint(cm.to_dict())

@@ -83,11 +83,15 @@ class HeadScalesError(ValueError):
 
 
 def cost_fingerprint(cost_dict: dict) -> str:
-    """sha256 of a cost model's description (``CostModel.to_dict()``) without its file paths: two models price
-    alike exactly when their fingerprints agree, wherever their calibration files were read from."""
+    """sha256 of a cost model's description (``CostModel.to_dict()``) without its file paths and with its numbers
+    to 12 significant digits: two models price alike when their fingerprints agree, wherever their calibration
+    files were read from and however a flag's units were converted (``--unit-overhead-us 50`` gives 5e-05 s
+    within a rounding)."""
     def strip(x):
         if isinstance(x, dict):
             return {k: strip(v) for k, v in sorted(x.items()) if k != "path"}
+        if isinstance(x, float):
+            return float(f"{x:.12g}")
         return [strip(v) for v in x] if isinstance(x, (list, tuple)) else x
     return hashlib.sha256(json.dumps(strip(cost_dict), sort_keys=True).encode()).hexdigest()
 
