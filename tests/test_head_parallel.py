@@ -273,3 +273,27 @@ def test_contiguous_rows_as_a_page_table():
     k = torch.randn(48, 2, 8)
     for i, L in enumerate(lens):
         assert torch.equal(k[table[rpi[i], :L].long()], k[kv.rows(i, L)])
+
+
+@pytest.mark.parametrize("budget", [HeadBudget.dense(), HeadBudget.streaming(64, 128), HeadBudget.topk(0.3, 2),
+                                    HeadBudget.topk(0.3, 2, tile=128), HeadBudget.vslash(0.2, 2)],
+                         ids=lambda b: b.pattern.value + ("128" if b.tile != 64 else ""))
+def test_a_piece_equals_the_whole_head_exactly_where_the_budget_is_splittable(budget):
+    """The first query blocks of a head computed alone (a piece ending before the sequence does, as a moved unit
+    runs it) against the same rows of the whole head, real SmolLM2 q/k/v: equal (float32) for every pattern the
+    planner may cut, and different for vertical-slash, whose blocks come from the sequence's last query block
+    (:attr:`HeadBudget.splittable`; round 22 found it on the GPU: 1.2 off in bf16)."""
+    q, k, v, lens = layer_inputs(3)
+    n = lens[0]
+    q, k, v = q[:n], k[:n], v[:n]
+    whole = torch.zeros(n, 3, D)
+    attend_heads(q, k, v, KVRows.back_to_back([n]), [n], [n], [budget] * 3, range(3), SCALE, whole)
+    for c in (3 * 64, 5 * 64 + 17):
+        piece = torch.zeros(c, 3, D)
+        attend_heads(q[:c].contiguous(), k[:c].contiguous(), v[:c].contiguous(), KVRows.back_to_back([c]), [c], [c],
+                     [budget] * 3, range(3), SCALE, piece)
+        diff = (piece - whole[:c]).abs().max().item()
+        if budget.splittable:
+            assert diff < ATOL, (c, diff)
+        else:
+            assert diff > 1e-2, (c, diff)

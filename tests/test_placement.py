@@ -433,3 +433,28 @@ def test_plan_records_the_transfer_term_and_cli_flags():
     assert (a.link_gbps, a.unit_overhead_us) == (370.0, 50.0)
     a = build_parser().parse_args(["place", "--link-gbps", "100", "--unit-overhead-us", "20"])
     assert (a.link_gbps, a.unit_overhead_us) == (100.0, 20.0)
+
+
+@pytest.mark.parametrize("solver", ["shplb", "shplb_exact"])
+def test_whole_heads_are_never_cut(solver):
+    """One heavy head: cutting it balances TP 2; marked whole, it stays on one rank and the layer waits for it."""
+    costs = [8.0] + [1.0] * 7
+    free = solve_layer(costs, 4, 2, solver, max_replicated_kv=1)
+    assert any(not p.whole for g in free.placement.gpus for p in g if p.head == 0)
+    kept = solve_layer(costs, 4, 2, solver, max_replicated_kv=1, whole_heads={0})
+    assert sum(p.head == 0 for g in kept.placement.gpus for p in g) == 1
+    assert kept.times.compute.max() >= 8.0 > free.times.compute.max()
+
+
+def test_the_default_plan_is_placed_without_cutting_vertical_slash_heads():
+    """The committed SmolLM2 budgets at TP 2 / 4 / 8 over every bucket: the planner cut vertical-slash heads there
+    before 2026-12-06 (layer 9 at TP 2, 64K); now none of them is cut, and some other head still is."""
+    from pathlib import Path
+
+    from sglang_shplb.core.plan import load_plan
+    plan = load_plan(Path(__file__).resolve().parents[1] / "bench/results/default_plan")
+    placed = solve_plan_placements(plan.model, plan.budgets, plan.buckets, [2, 4, 8], CostModel.analytic(), "shplb",
+                                   max_replicated_kv=1)
+    cut = [(plan.budgets[li][p.head].pattern.value) for ps in placed.values() for pl in ps
+           for li, lp in enumerate(pl.layers) for g in lp.gpus for p in g if not p.whole]
+    assert cut and "vslash" not in cut

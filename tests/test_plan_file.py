@@ -278,3 +278,21 @@ def test_import_refuses_another_sglang():
             "import sglang_shplb\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode != 0 and "supports SGLang 0.5.17 only; SGLang 0.5.21 is installed" in r.stderr
+
+
+def test_a_served_placement_that_cuts_a_vertical_slash_head_is_refused(tmp_path):
+    """A plan written before the planner kept vertical-slash heads whole: refused at the TP it would be served at
+    (its answers would differ from TP 1's), loadable offline and at TP 1, where no placement runs."""
+    from sglang_shplb.core.placement_types import Piece
+    plan = _plan()
+    li, h = next((li, h) for li in range(3) for h in range(9) if not plan.budgets[li][h].splittable)
+    lp = plan.placements[2][1].layers[li]
+    home = next(g for g in lp.gpus if any(p.head == h for p in g))
+    other = next(g for g in lp.gpus if g is not home)
+    home[:] = [p for p in home if p.head != h] + [Piece(h, 0.0, 0.5)]
+    other.append(Piece(h, 0.5, 1.0))
+    save_plan(plan, tmp_path / "old")
+    with pytest.raises(PlanCoverageError, match=f"TP 2 bucket 1: layer {li} cuts head {h} \\(vslash\\)"):
+        load_plan(tmp_path / "old", CFG, tp=2)
+    assert load_plan(tmp_path / "old", CFG, tp=4).placements[2][1].layers[li] == lp
+    load_plan(tmp_path / "old"), load_plan(tmp_path / "old", CFG, tp=1)

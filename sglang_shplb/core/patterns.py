@@ -203,6 +203,15 @@ class HeadBudget:
             sparse = self.blocks_for_query_block(npages - 1, npages)
         return min(npages, max(sparse, DECODE_MIN_PAGES))
 
+    @property
+    def splittable(self) -> bool:
+        """May a placement cut this head's query blocks over ranks (each piece an extend chunk over a staged
+        prefix)? Not a vertical-slash head: its verticals and slashes come from the attention of the sequence's
+        last query block, and a piece ending earlier would choose its own (H100, round 22: a piece of such a
+        head, emulated, differed from the single-device layer by 1.2 in bf16). Every other pattern selects per
+        query block (top-k) or by position (streaming, dense), the same in any piece."""
+        return self.pattern is not Pattern.VSLASH
+
     def to_dict(self) -> dict:
         d = asdict(self)
         d["pattern"] = self.pattern.value

@@ -239,7 +239,25 @@ def load_plan(path: str | Path, model_config=None, tp: int | None = None) -> Pla
     if tp is not None and tp != 1 and tp not in placements:
         raise PlanTPError(f"{path} has no placement for TP {tp}; it was solved for TP {plan.tp_sizes}. "
                           f"Re-run `python -m sglang_shplb place --tp {tp}`.")
+    if tp is not None and tp != 1:
+        _check_uncut(placements[tp], budgets, path)
     return plan
+
+
+def _check_uncut(placements: list[Placement], budgets: list[list[HeadBudget]], path: Path) -> None:
+    """The placements a server at their TP size runs never cut a head that is not
+    :attr:`~sglang_shplb.core.patterns.HeadBudget.splittable` (the planner never does; a plan written before
+    2026-12-06 may, and would answer unlike TP 1)."""
+    for p in placements:
+        cut = sorted({(li, pc.head) for li, lp in enumerate(p.layers) for g in lp.gpus for pc in g
+                      if not pc.whole and not budgets[li][pc.head].splittable})
+        if cut:
+            li, h = cut[0]
+            raise PlanCoverageError(
+                f"{path}: TP {p.tp} bucket {p.bucket}: layer {li} cuts head {h} ({budgets[li][h].pattern.value}) "
+                f"over ranks ({len(cut)} such heads in that bucket); a vertical-slash head chooses its blocks from "
+                f"the sequence's last query block, so it must be computed whole. Re-place the plan "
+                f"(python -m sglang_shplb place).")
 
 
 def _check_model_fields(model: ModelSpec, path: Path) -> None:

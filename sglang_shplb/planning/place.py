@@ -125,12 +125,13 @@ class LayerResult:
 def solve_layer(costs, group_size: int, tp: int, solver: str = "shplb", *, profiles: Profiles = None,
                 transfer: Transfer | None = None, max_replicated_kv: int | None = None,
                 allow_split_heads: bool = True, equal_heads: bool = False, piece_overhead: float = 0.0,
-                time_limit: float = 10.0) -> LayerResult:
-    """Place one layer's query heads on ``tp`` GPUs (see the module docstring). Deterministic."""
+                time_limit: float = 10.0, whole_heads=frozenset()) -> LayerResult:
+    """Place one layer's query heads on ``tp`` GPUs (see the module docstring); ``whole_heads`` are never cut
+    (:func:`whole_heads`). Deterministic."""
     if solver not in SOLVERS:
         raise ValueError(f"unknown solver {solver!r}; choose from {list(SOLVERS)}")
     prob = LayerProblem(np.asarray(costs, dtype=np.float64), group_size, tp, piece_overhead, max_replicated_kv,
-                        allow_split_heads, equal_heads, time_limit, profiles, transfer)
+                        allow_split_heads, equal_heads, time_limit, profiles, transfer, frozenset(whole_heads))
     res = SOLVERS[solver](prob)
     lp = res.placement or assignment_to_layer(res.assignment, profiles)
     times = layer_times(lp, prob) if res.times is None else res.times
@@ -221,6 +222,11 @@ def layer_inputs(spec: ModelSpec, layer_budgets: list[HeadBudget], cost_model: C
     return costs, profile
 
 
+def whole_heads(layer_budgets: Sequence[HeadBudget]) -> frozenset[int]:
+    """The heads of a layer no placement may cut (:attr:`HeadBudget.splittable`)."""
+    return frozenset(h for h, b in enumerate(layer_budgets) if not b.splittable)
+
+
 def _check_budgets(spec: ModelSpec, budgets) -> None:
     if len(budgets) != spec.num_layers or any(len(b) != spec.num_heads for b in budgets):
         raise ValueError(f"budgets must be {spec.num_layers} layers x {spec.num_heads} heads")
@@ -283,7 +289,7 @@ def solve_plan_placements(spec: ModelSpec, budgets: list[list[HeadBudget]], buck
             if scale is not None:
                 costs = costs * np.asarray(scale, dtype=np.float64)
             results.append(solve_layer(costs, spec.group_size, tp, solver, profiles=prof, transfer=transfer,
-                                       **options))
+                                       whole_heads=whole_heads(budgets[li]), **options))
         layers = [r.placement for r in results]
         ev = PlacementEval.of(layers, [r.times for r in results], spec.group_size, kv_dtype_bytes, spec.head_dim)
         optimal = [r.optimal for r in results]

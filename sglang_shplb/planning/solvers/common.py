@@ -32,7 +32,8 @@ class LayerProblem:
     ``var[h] = costs[h] - fixed[h]``: every piece pays the fixed per-head cost again.
 
     ``max_replicated_kv``: cap on KV-head copies beyond one per KV head in this layer (``None`` = no cap).
-    ``allow_split_heads``: may a head's query blocks be cut over several GPUs.
+    ``allow_split_heads``: may a head's query blocks be cut over several GPUs; ``whole_heads``: heads never cut
+    even then (:attr:`~sglang_shplb.core.patterns.HeadBudget.splittable`).
     ``equal_heads``: every GPU computes the same number of whole query heads (needs ``H % tp == 0``).
     ``profiles``: the heads' causal cost profiles, to cut shares into query blocks (None = uniform).
     ``transfer``: the price of work away from its home rank (None: compute only, as without a length);
@@ -49,6 +50,7 @@ class LayerProblem:
     time_limit: float = 10.0
     profiles: Profiles = field(default=None, repr=False)
     transfer: Transfer | None = None
+    whole_heads: frozenset[int] = frozenset()
     fixed: np.ndarray = field(init=False, repr=False)
     var: np.ndarray = field(init=False, repr=False)
 
@@ -68,6 +70,9 @@ class LayerProblem:
             raise ValueError("max_replicated_kv must be >= 0 or None")
         if self.equal_heads and len(self.costs) % self.tp:
             raise ValueError(f"equal_heads needs the {len(self.costs)} query heads to divide by TP {self.tp}")
+        self.whole_heads = frozenset(int(h) for h in self.whole_heads)
+        if any(not 0 <= h < len(self.costs) for h in self.whole_heads):
+            raise ValueError(f"whole_heads {sorted(self.whole_heads)} out of range for {len(self.costs)} heads")
         self.fixed = np.minimum(self.piece_overhead, self.costs)
         self.var = self.costs - self.fixed
 
@@ -90,14 +95,19 @@ class LayerProblem:
     def profile(self, h: int) -> CostProfile | None:
         return profile_of(self.profiles, h)
 
+    def may_cut(self, h: int) -> bool:
+        """May a placement cut head ``h`` (the options and :attr:`whole_heads`)?"""
+        return self.allow_split_heads and not self.equal_heads and h not in self.whole_heads
+
     def piece_cost(self, h: int, share: float) -> float:
         return float(self.costs[h]) if share >= 1.0 - 1e-12 else float(self.fixed[h] + share * self.var[h])
 
     def lower_bound(self) -> float:
         """A makespan no placement beats: the mean load, and the largest head when heads stay whole."""
         lb = float(self.costs.sum()) / self.tp
-        if not self.allow_split_heads or self.equal_heads:
-            lb = max(lb, float(self.costs.max()))
+        uncut = [h for h in range(self.num_heads) if not self.may_cut(h)]
+        if uncut:
+            lb = max(lb, float(self.costs[uncut].max()))
         return lb
 
 
@@ -170,11 +180,10 @@ def relabel_to_home(problem: LayerProblem, assignment: Assignment) -> Assignment
 
 
 def feasible(problem: LayerProblem, assignment: Assignment) -> bool:
-    """Respects the replica cap, equal_heads and allow_split_heads."""
+    """Respects the replica cap, equal_heads, allow_split_heads and whole_heads."""
     if problem.max_replicated_kv is not None and replicas(problem, assignment) > problem.max_replicated_kv:
         return False
-    split = any(s < 1.0 - 1e-12 for g in assignment for _, s in g)
-    if split and (problem.equal_heads or not problem.allow_split_heads):
+    if any(s < 1.0 - 1e-12 and not problem.may_cut(h) for g in assignment for h, s in g):
         return False
     if problem.equal_heads:
         per = problem.num_heads // problem.tp

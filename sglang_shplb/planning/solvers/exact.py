@@ -119,8 +119,9 @@ def solve_exact(p: LayerProblem) -> SolverResult:
     c[2 * nx:iT] = EPS_COUNT
     integrality = np.ones(n)
     integrality[iT] = 0
-    if p.allow_split_heads and not p.equal_heads:
-        integrality[:nx] = 0
+    for h in range(H):
+        if p.may_cut(h):
+            integrality[ix(h, 0):ix(h, 0) + G] = 0
     upper = np.ones(n)
     upper[iT] = ub / scale * (1 + 1e-6) + 1e-9
     with _solver_output_silenced():

@@ -10,7 +10,8 @@ considers, for the slowest rank ``a``:
 * moving one of its pieces whole to one of the two least loaded ranks, or back to the piece's home, or a
   whole GQA group it holds (every head whole) to one of those ranks (what a replica cap of 0 allows);
 * with ``allow_split_heads``, moving a head range ``[lo, k)`` or a tail ``[k, hi)`` (whichever the
-  estimate below prefers) of the query blocks of one of its two heaviest pieces to the least loaded
+  estimate below prefers) of the query blocks of one of its two heaviest cuttable pieces (not of
+  ``whole_heads``) to the least loaded
   rank. The size: shed ``a`` down to the level (the mean rank time, with the units the move adds) when
   the receiver has room below it, else level the two; solved on the head's cost profile from a compute
   estimate, then once more from the exact prices of that cut (and the mean they give);
@@ -330,7 +331,7 @@ class _Search:
                             if cost2 < term[1] and e < Ta - eps:
                                 est.append((e, len(est), ("move", ((h, seg, b), (h2, seg2, a)))))
         if self.split:
-            for h, seg, term in sorted(mine, key=lambda x: (-x[2][1], x[0]))[:2]:
+            for h, seg, term in sorted([m for m in mine if self.p.may_cut(m[0])], key=lambda x: (-x[2][1], x[0]))[:2]:
                 if hd.var[h] <= 0:
                     continue
                 b, new = order[0], 1 if term[3] else 2  # a whole head at home becomes two units
