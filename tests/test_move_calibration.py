@@ -179,3 +179,7 @@ def test_bench_pure_parts():
            "shplb": {"ranks": [{"home_ms": 1.0, "units_ms": 0.5, "pred": p} for p in preds]}}
     recs = hp.records_of(row)
     assert len(recs) == tp and recs[1].part(local=False) and recs[0].part(local=True)
+    # the best feedback round is the fastest whose output matched the single-device layer; the open loop counts
+    rounds = [{"slowest_ms": 3.0}, {"slowest_ms": 2.0}, {"slowest_ms": 2.5}, {"slowest_ms": 1.0}]
+    assert hp.best_checked(rounds, [1e-3, 1e-3, 1e-3, 1.2]) == 1
+    assert hp.best_checked(rounds[:1] + rounds[3:], [0.5, 1.2]) == 0
