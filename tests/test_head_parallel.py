@@ -78,10 +78,14 @@ def layer_inputs(hq: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, lis
 
 
 def plan_budgets(hq: int) -> list[HeadBudget]:
-    """The committed default plan's budgets of LAYERS' heads (a mix of dense, streaming, top-k)."""
+    """The committed default plan's budgets of LAYERS' heads (a mix of dense, streaming, top-k), but head 2 (rank
+    0's last at every TP tested: moved whole by the ``groups`` and ``split_group`` placements, never cut) takes the
+    plan's first vertical-slash budget, which may move only whole (:attr:`HeadBudget.splittable`)."""
     from sglang_shplb.core.plan import load_plan
     plan = load_plan(os.path.join(os.path.dirname(__file__), "..", "bench", "results", "default_plan"))
-    return [b for li in LAYERS for b in plan.budgets[li]][:hq]
+    out = [b for li in LAYERS for b in plan.budgets[li]][:hq]
+    out[2] = next(b for layer in plan.budgets for b in layer if not b.splittable)
+    return out
 
 
 # ---- a paged pool --------------------------------------------------------------------------------------
@@ -147,6 +151,7 @@ def rank_main(rank: int, tp: int, hq: int, init_file: str) -> None:
     kv_mine = sorted({h // 3 for h in mine}) if tp <= hkv else [rank * hkv // tp]
     for bname, budgets in (("plan", plan_budgets(hq)), ("dense", [HeadBudget.dense()] * hq)):
         for pname, lp in moving_placements(hq, tp).items():
+            assert all(g.whole or budgets[g.head].splittable for gpu in lp.gpus for g in gpu)
             work = layer_work(lp, hq, hkv, tp)
             for prefix, ext in steps(lens):
                 rows = chunk_rows(lens, prefix, ext)
