@@ -14,7 +14,7 @@ from conftest import DEV
 from sglang_shplb.core.patterns import BLOCK, HeadBudget
 from sglang_shplb.kernels import dense_pieces
 from sglang_shplb.kernels.paged_layer import ExtendBatch, LayerKernels
-from sglang_shplb.kernels.warmup import (MIN_PREFIX, bucket_lengths, chunk_shapes, distinct_layers, extend_warmup,
+from sglang_shplb.kernels.warmup import (MIN_PREFIX, POOL_INDEX_DTYPE, bucket_lengths, chunk_shapes, distinct_layers, extend_warmup,
                                          warm_up_extend, warmup_shapes)
 from sglang_shplb.kernels.triton_index import triton_next_pow2 as pow2_ceil
 from sglang_shplb.kernels.triton_jit import int_specialisation
@@ -306,3 +306,20 @@ def test_a_new_length_compiles_nothing_the_warm_up_did_not(monkeypatch):
                 ([(a, b) for a, b in zip(s, w) if a != b] for w in warmed if w[0] == s[0]), key=len, default="all"))
             for s in missed)
     assert n_warm > len(shapes)
+
+
+def test_the_tail_reads_pool_indices_of_one_dtype_in_the_warm_up_and_in_serving(monkeypatch):
+    """Triton compiles per pointer dtype: the dense tail's request-pool indices have one dtype in the warm-up and in
+    the backend's forward (SGLang's int64). Until 2026-12-06 the warm-up's were int32, and a server's first sparse
+    forward compiled the int64 variant of the tail kernel (+0.55-0.72 s once, H100 rounds 20-22)."""
+    from test_stock_fallback import _run, _sparse_plan
+    import sglang_shplb.kernels.warmup as wu
+    import sglang_shplb.serving.backend as be_mod
+    seen = {}
+    for name, mod in (("warm-up", wu), ("serving", be_mod)):
+        real = mod.dense_tail
+        monkeypatch.setattr(mod, "dense_tail", lambda q, kb, vb, kv, *a, real=real, name=name:
+                            seen.setdefault(name, set()).add(kv.req_pool_indices.dtype) or real(q, kb, vb, kv, *a))
+    warm_up_extend(lambda n: [_layer(MIXED)], [(64, 128)], DT, DEV, r2t_cols=512, scale=D ** -0.5)
+    _run(monkeypatch, _sparse_plan())
+    assert seen == {"warm-up": {POOL_INDEX_DTYPE}, "serving": {POOL_INDEX_DTYPE}}

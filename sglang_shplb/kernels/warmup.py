@@ -22,7 +22,9 @@ every shape of the grid below on cuDNN (~350 plans), a new shape cost cuDNN 0.72
   chunks, every chunk of a long prompt but its last. The server then keeps cuDNN to those shapes
   (:func:`.dense_pieces.keep_cudnn_to`): the dense heads of any other chunk run on flash, which builds no plan;
 * layers: one per :func:`kernel_signature` (what the kernels' compile-time constants, integer specialisations
-  and the dense calls' shapes follow), among those that take the kernel path in the bucket of ``p + m``.
+  and the dense calls' shapes follow), among those that take the kernel path in the bucket of ``p + m``;
+* the request-pool indices in the dtype serving passes (:data:`POOL_INDEX_DTYPE`): Triton compiles per pointer
+  dtype too.
 
 The keys live in a scratch pool whose pages all point into ``pool_slots`` slots (values are random; only shapes
 and strides matter), and a scratch output: the server's pool, summaries and kept selections are not touched.
@@ -45,6 +47,11 @@ from sglang_shplb.kernels.triton_jit import int_specialisation
 
 #: the shortest cached prefix warmed (one 128-token superblock: shorter ones share its buckets)
 MIN_PREFIX = 2 * BLOCK
+#: the dtype of the request-pool indices the dense tail's Triton kernel reads, in the warm-up and in serving:
+#: SGLang's ``ForwardBatch.req_pool_indices`` (int64, ``mem_cache/allocation.py``). Triton compiles per pointer
+#: dtype, and the warm-up's int32 indices (until 2026-12-06) left the server's first sparse forward to compile the
+#: int64 variant: the +0.55-0.72 s first sparse request of rounds 20-22, cached on disk for the next server.
+POOL_INDEX_DTYPE = torch.int64
 
 
 def bucket_lengths(lo: int, hi: int) -> list[int]:
@@ -142,7 +149,7 @@ def warm_up_extend(layers_at: Callable[[int], Sequence[LayerKernels]], shapes: S
     v_buf = torch.randn(slots, hkv, d, device=device, dtype=dtype, generator=g)
     r2t = torch.zeros(1, r2t_cols, dtype=torch.int32, device=device)
     r2t[0, :max_len] = torch.arange(max_len, device=device, dtype=torch.int32) % slots
-    rpi = torch.zeros(1, dtype=torch.int32, device=device)
+    rpi = torch.zeros(1, dtype=POOL_INDEX_DTYPE, device=device)
     kv_rows = KVRows(r2t, rpi)
     calls, step, kept = 0, max(1, len(todo) // 10), set()
     for i, (m, p, layers) in enumerate(todo):

@@ -69,7 +69,7 @@ from sglang_shplb.kernels.paged_layer import (DecodeWorkspace, ExtendBatch, Laye
                                               selected_heads)
 from sglang_shplb.kernels.triton_decode import page_summary_bytes_per_token, update_page_summaries
 from sglang_shplb.kernels.tuned import device_identity, table_note
-from sglang_shplb.kernels.warmup import distinct_layers, extend_warmup, warm_up_extend
+from sglang_shplb.kernels.warmup import POOL_INDEX_DTYPE, distinct_layers, extend_warmup, warm_up_extend
 from sglang_shplb.scheduler.bucket_hook import ATTR as BUCKET_ATTR, batch_bucket
 from sglang_shplb.scheduler.head_schedule import ExtendShape, layer_schedule
 from sglang_shplb.serving.config import BACKEND_NAME, ServingConfig
@@ -547,8 +547,8 @@ class ShplbAttnBackend(AttentionBackend):
         q_lens, kv_lens = self.extend_lens
         dense_tail(q3, self.token_to_kv_pool.get_key_buffer(layer.layer_id),
                    self.token_to_kv_pool.get_value_buffer(layer.layer_id),
-                   KVRows(self.req_to_token_pool.req_to_token, forward_batch.req_pool_indices), q_lens, kv_lens,
-                   heads, layer.scaling, o3)
+                   KVRows(self.req_to_token_pool.req_to_token, forward_batch.req_pool_indices.to(POOL_INDEX_DTYPE)),
+                   q_lens, kv_lens, heads, layer.scaling, o3)   # the warm-up's dtype (SGLang's: no copy)
 
     def _extend_stock(self, q, k, v, layer, forward_batch, save_kv_cache, **kwargs):
         """The plan marks this layer stock for prefill in this bucket: the stock backend for every head, then
