@@ -14,8 +14,8 @@ from conftest import DEV
 from sglang_shplb.core.patterns import BLOCK, HeadBudget
 from sglang_shplb.kernels import dense_pieces
 from sglang_shplb.kernels.paged_layer import ExtendBatch, LayerKernels
-from sglang_shplb.kernels.warmup import (MIN_PREFIX, POOL_INDEX_DTYPE, bucket_lengths, chunk_shapes, distinct_layers, extend_warmup,
-                                         warm_up_extend, warmup_shapes)
+from sglang_shplb.kernels.warmup import (MIN_PREFIX, POOL_INDEX_DTYPE, bucket_lengths, chunk_shapes, distinct_layers,
+                                         extend_warmup, warm_up_extend, warmup_shapes)
 from sglang_shplb.kernels.triton_index import triton_next_pow2 as pow2_ceil
 from sglang_shplb.kernels.triton_jit import int_specialisation
 

@@ -255,8 +255,8 @@ def _check_uncut(placements: list[Placement], budgets: list[list[HeadBudget]], p
             li, h = cut[0]
             raise PlanCoverageError(
                 f"{path}: TP {p.tp} bucket {p.bucket}: layer {li} cuts head {h} ({budgets[li][h].pattern.value}) "
-                f"over ranks ({len(cut)} such heads in that bucket); a vertical-slash head chooses its blocks from "
-                f"the sequence's last query block, so it must be computed whole. Re-place the plan "
+                f"over ranks ({len(cut)} such heads in that bucket); a vertical-slash head chooses its blocks "
+                f"from the sequence's last query block, so it must be computed whole. Re-place the plan "
                 f"(python -m sglang_shplb place).")
 
 

@@ -109,8 +109,9 @@ def _shape(spec: ModelSpec) -> dict:
 
 def save_head_scales(path: str | Path, spec: ModelSpec, budgets: Sequence[Sequence[HeadBudget]], cost_dict: dict,
                      entries: Sequence[dict], **provenance) -> Path:
-    """Write a head-scales file measured on ``budgets`` priced by ``cost_dict``. ``entries``: ``{"tp", "seq_len", "layer", "scale": one multiplier per query
-    head}`` (more keys are kept as the record); ``provenance`` (device, date, command, ...) goes in as is."""
+    """Write a head-scales file measured on ``budgets`` priced by ``cost_dict``. ``entries``: ``{"tp", "seq_len",
+    "layer", "scale": one multiplier per query head}`` (more keys are kept as the record); ``provenance`` (device,
+    date, command, ...) goes in as is."""
     for e in entries:
         if len(e["scale"]) != spec.num_heads:
             raise ValueError(f"entry {e['tp'], e['seq_len'], e['layer']}: {len(e['scale'])} multipliers for "
@@ -127,10 +128,10 @@ def save_head_scales(path: str | Path, spec: ModelSpec, budgets: Sequence[Sequen
 def load_head_scales(path: str | Path, spec: ModelSpec, budgets: Sequence[Sequence[HeadBudget]], buckets: Buckets,
                      cost_dict: dict) -> tuple[Callable[[int, int, int], np.ndarray | None], dict]:
     """``(head_scale, summary)`` from a head-scales file, checked against the model, its budgets, the plan's
-    buckets and the cost model being placed with (:class:`HeadScalesError` naming the mismatch). ``head_scale(tp, bucket,
-    layer)`` (what ``solve_plan_placements`` takes) gives the file's multipliers, or None where it measured
-    nothing (the model's costs). ``summary`` is for the plan's meta: the file's name, fingerprint, provenance
-    and entry count."""
+    buckets and the cost model being placed with (:class:`HeadScalesError` naming the mismatch).
+    ``head_scale(tp, bucket, layer)`` (what ``solve_plan_placements`` takes) gives the file's multipliers, or None
+    where it measured nothing (the model's costs). ``summary`` is for the plan's meta: the file's name, fingerprint,
+    provenance and entry count."""
     path = Path(path)
     try:
         doc = json.loads(path.read_text())
