@@ -69,7 +69,7 @@ def test_tp3_head_parallel_server_answers_as_tp1_and_as_dense_tp3(model, plans, 
     moved = re.findall(r"shplb head-parallel extend, TP rank \d: bucket \d+, (\d+) units sent away, ([\d.]+) KiB sent",
                        log)
     assert moved and all(int(u) > 0 and float(b) > 0 for u, b in moved), log[-3000:]
-    print(f"TP-3 shplb server up in {t_up:.0f} s; per batch and rank: units, KiB sent {moved}")
+    print(f"TP-3 shplb server up in {t_up:.0f} s; per batch and rank: units, KiB sent {moved}; answers {sparse3}")
     sparse1, _ = answers(m + ["--shplb-plan", str(plans["sparse"])], prompts, tmp_path / "sparse1.log")
     assert sparse3 == sparse1, (sparse3, sparse1)
     dense3, _ = answers(tp3 + ["--shplb-plan", str(plans["dense"])], prompts, tmp_path / "dense3.log", TP3_ENV)
