@@ -37,7 +37,7 @@ from sglang_shplb.planning.cost_model import CostModel, block_pairs  # noqa: E40
 from sglang_shplb.core.model_spec import ModelSpec  # noqa: E402
 from sglang_shplb.core.patterns import HeadBudget  # noqa: E402
 from sglang_shplb.planning.place import (compare_solvers, layer_inputs, placement_for,  # noqa: E402
-                                         placement_for_length, solve_layer, solve_plan_placements)
+                                         placement_for_length, solve_layer, solve_plan_placements, whole_heads)
 
 TPS = (2, 4, 8)
 
@@ -73,10 +73,12 @@ def hp_problems():
             spec = ModelSpec("LlamaForCausalLM", 1, hq, hkv, d, 131072, "bench")
             for n in (32768, 65536, 131072):
                 for plan in ("mixed", "profiled"):
-                    costs, prof = layer_inputs(spec, plan_budgets(plan, hq, hkv, seed=n), cost, n)
+                    budgets = plan_budgets(plan, hq, hkv, seed=n)
+                    costs, prof = layer_inputs(spec, budgets, cost, n)
                     for tp in TPS:
                         yield (cal.name, shape, n, plan, tp), LayerProblem(
-                            costs, hq // hkv, tp, cost.piece_overhead, profiles=prof, transfer=cost.transfer(n, d))
+                            costs, hq // hkv, tp, cost.piece_overhead, profiles=prof, transfer=cost.transfer(n, d),
+                            whole_heads=whole_heads(budgets))
 
 
 def search_widths(out: dict) -> list[str]:
@@ -193,7 +195,8 @@ def main() -> None:
             bound, proven, t_ex, t_h = 0.0, 0, 0.0, 0.0
             for li in ex_layers:
                 costs, prof = layer_inputs(spec, budgets[li], cm, L)
-                kw = dict(profiles=prof, transfer=cm.transfer(L, spec.head_dim), piece_overhead=cm.piece_overhead)
+                kw = dict(profiles=prof, transfer=cm.transfer(L, spec.head_dim), piece_overhead=cm.piece_overhead,
+                          whole_heads=whole_heads(budgets[li]))
                 for s in solvers:
                     t0 = time.perf_counter()
                     if s == "shplb_exact":
