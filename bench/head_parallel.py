@@ -40,7 +40,8 @@ for the model's layers).
   TRITON_INTERPRET=1 python bench/head_parallel.py --cpu-smoke --out /tmp/hp   # logic check on the CPU
 
 ``--plan DIR`` measures a plan's own layers instead (its budgets, model shape and bucket edges; ``--ctx`` names
-bucket edges, ``--tp`` the TP sizes, ``--layers`` a subset) with ``--feedback N`` rounds each, and writes the
+bucket edges, ``--tp`` the TP sizes, ``--layers`` a subset; layers with the same budgets are measured once) with
+``--feedback N`` rounds each, and writes the
 best round's multipliers per (TP, bucket, layer) to a head-scales file (:mod:`sglang_shplb.planning.rank_feedback`)
 that ``python -m sglang_shplb place --head-scales FILE`` solves the served plan with (the same ``--calibration``):
 
@@ -697,30 +698,34 @@ def plan_feedback(a: argparse.Namespace, out: Path) -> None:
     dump = results_writer(res, str(out / f"plan_feedback_{tag}"))
     log(f"plan feedback on {name}: {a.plan} ({spec.num_layers} layers, {hq} q / {hkv} KV heads, d {d}), layers "
         f"{list(layers)}, TP {tps}, {ctxs} tokens, {a.feedback} rounds; solved with {cost!r}")
+    # layers with the same budgets are one problem: measured once (on the first), the entry written for each
+    alike: dict[str, list[int]] = {}
+    for li in layers:
+        alike.setdefault(json.dumps([b.to_dict() for b in plan.budgets[li]], sort_keys=True), []).append(li)
     t0, entries = time.perf_counter(), []
     for n in ctxs:
         q, k, v = layer_qkv(n, hq, hkv, d, dev, dt)
-        for li in layers:
-            budgets = plan.budgets[li]
+        for same in alike.values():
+            li, budgets = same[0], plan.budgets[same[0]]
             ref = single_device_layer(q, k, v, budgets)
             for tp in tps:
                 if a.time_budget_s is not None and time.perf_counter() - t0 > a.time_budget_s:
-                    log(f"layer {li} TP{tp} n={n}: skipped (past --time-budget-s {a.time_budget_s:.0f})")
+                    log(f"layers {same} TP{tp} n={n}: skipped (past --time-budget-s {a.time_budget_s:.0f})")
                     continue
                 lp = solve(budgets, hq, hkv, d, tp, n, cost)
                 e, diff = emulate_checked(lp, budgets, q, k, v, ref, tp, d ** -0.5, smoke, a, cost)
                 e["max_abs_diff"] = float(diff.max())
                 rounds = [e] + feedback_rounds(budgets, q, k, v, ref, tp, d ** -0.5, smoke, a, cost, (lp, e))
                 best = best_checked(rounds, [r["max_abs_diff"] for r in rounds])
-                scale = rounds[best].get("head_scale", [1.0] * hq)
-                entries.append({"tp": tp, "seq_len": n, "layer": li, "scale": scale, "best_round": best,
-                                "slowest_ms": [r["slowest_ms"] for r in rounds],
-                                "compute_slowest_over_mean": [r["compute_slowest_over_mean"] for r in rounds],
-                                "max_abs_diff": max(r["max_abs_diff"] for r in rounds)})
-                res["rows"].append({"tp": tp, "n": n, "layer": li, "rounds": rounds})
-                log(f"layer {li} TP{tp} n={n}: slowest ms " + " -> ".join(f"{r['slowest_ms']:.3f}" for r in rounds)
-                    + f" (best round {best}); max|diff| {entries[-1]['max_abs_diff']:.3g} "
-                    f"[{time.perf_counter() - t0:.0f} s]")
+                entry = {"tp": tp, "seq_len": n, "scale": rounds[best].get("head_scale", [1.0] * hq),
+                         "best_round": best, "slowest_ms": [r["slowest_ms"] for r in rounds],
+                         "compute_slowest_over_mean": [r["compute_slowest_over_mean"] for r in rounds],
+                         "max_abs_diff": max(r["max_abs_diff"] for r in rounds), "measured_on": li}
+                entries += [{**entry, "layer": x} for x in same]
+                res["rows"].append({"tp": tp, "n": n, "layer": li, "layers": same, "rounds": rounds})
+                log(f"layer {li}" + (f" (and {len(same) - 1} alike)" if len(same) > 1 else "") + f" TP{tp} n={n}: "
+                    "slowest ms " + " -> ".join(f"{r['slowest_ms']:.3f}" for r in rounds)
+                    + f" (best round {best}); max|diff| {entry['max_abs_diff']:.3g} [{time.perf_counter() - t0:.0f} s]")
                 dump()
         del q, k, v
     path = save_head_scales(out / f"head_scales_{tag}.json", spec, plan.budgets, cost.to_dict(), entries,
@@ -729,7 +734,7 @@ def plan_feedback(a: argparse.Namespace, out: Path) -> None:
     for tp in tps:
         for n in ctxs:
             es = [e for e in entries if e["tp"] == tp and e["seq_len"] == n]
-            opened, best = sum(e["slowest_ms"][0] for e in es), sum(min(e["slowest_ms"]) for e in es)
+            opened, best = sum(e["slowest_ms"][0] for e in es), sum(e["slowest_ms"][e["best_round"]] for e in es)
             log(f"TP{tp} n={n}: slowest rank summed over {len(es)} layers {opened:.2f} ms open loop, {best:.2f} ms "
                 f"with feedback (x{opened / best:.3f}); {sum(e['best_round'] > 0 for e in es)} layers changed")
     res["head_scales"] = str(path)

@@ -219,3 +219,30 @@ def test_cost_fingerprint_ignores_unit_conversion_rounding_only():
     assert cost_fingerprint(same.to_dict()) == cost_fingerprint(cm.to_dict())
     assert cost_fingerprint(CostModel.analytic(unit_overhead_s=cm.unit_overhead_s * 1.001).to_dict()) \
         != cost_fingerprint(cm.to_dict())
+
+
+def test_bench_measures_layers_with_the_same_budgets_once(tmp_path):
+    """A plan whose two layers have the same budgets: one measurement per (TP, length), an entry for each layer."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from sglang_shplb.core.plan import Plan, save_plan
+    from sglang_shplb.planning.place import solve_plan_placements
+
+    spec = ModelSpec("LlamaForCausalLM", 3, 4, 2, 64, 1024, "x")
+    layer = [HeadBudget.dense(), HeadBudget.topk(0.3, 2), HeadBudget.streaming(64, 64), HeadBudget.vslash(0.3, 1)]
+    budgets = [layer, layer, [HeadBudget.dense()] * 4]
+    buckets = Buckets((256,))
+    save_plan(Plan(spec, buckets, budgets, solve_plan_placements(spec, budgets, buckets, [2], CostModel.analytic())),
+              tmp_path / "plan")
+    root = Path(__file__).resolve().parents[1]
+    r = subprocess.run([sys.executable, "bench/head_parallel.py", "--cpu-smoke", "--plan", str(tmp_path / "plan"),
+                        "--ctx", "256", "--tp", "2", "--feedback", "1", "--reps", "1", "--out", str(tmp_path / "m")],
+                       capture_output=True, text=True, cwd=root)
+    assert r.returncode == 0, r.stderr[-3000:]
+    doc = json.loads((tmp_path / "m" / "head_scales_smoke.json").read_text())
+    assert [(e["layer"], e["measured_on"]) for e in doc["entries"]] == [(0, 0), (1, 0), (2, 2)]
+    assert doc["entries"][0]["scale"] == doc["entries"][1]["scale"]
+    rows = json.loads((tmp_path / "m" / "plan_feedback_smoke.json").read_text())["rows"]
+    assert [row["layers"] for row in rows] == [[0, 1], [2]]
