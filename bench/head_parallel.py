@@ -720,12 +720,14 @@ def plan_feedback(a: argparse.Namespace, out: Path) -> None:
                 entry = {"tp": tp, "seq_len": n, "scale": rounds[best].get("head_scale", [1.0] * hq),
                          "best_round": best, "slowest_ms": [r["slowest_ms"] for r in rounds],
                          "compute_slowest_over_mean": [r["compute_slowest_over_mean"] for r in rounds],
-                         "max_abs_diff": max(r["max_abs_diff"] for r in rounds), "measured_on": li}
+                         "max_abs_diff": rounds[best]["max_abs_diff"],
+                         "worst_abs_diff": max(r["max_abs_diff"] for r in rounds), "measured_on": li}
                 entries += [{**entry, "layer": x} for x in same]
                 res["rows"].append({"tp": tp, "n": n, "layer": li, "layers": same, "rounds": rounds})
                 log(f"layer {li}" + (f" (and {len(same) - 1} alike)" if len(same) > 1 else "") + f" TP{tp} n={n}: "
                     "slowest ms " + " -> ".join(f"{r['slowest_ms']:.3f}" for r in rounds)
-                    + f" (best round {best}); max|diff| {entry['max_abs_diff']:.3g} [{time.perf_counter() - t0:.0f} s]")
+                    + f" (best round {best}); max|diff| {entry['max_abs_diff']:.3g} (worst round "
+                    f"{entry['worst_abs_diff']:.3g}) [{time.perf_counter() - t0:.0f} s]")
                 dump()
         del q, k, v
     path = save_head_scales(out / f"head_scales_{tag}.json", spec, plan.budgets, cost.to_dict(), entries,
