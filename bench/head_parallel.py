@@ -94,11 +94,16 @@ QUICK = {"shapes": "llama8b,llama70b", "ctx": "65536,131072", "tp": "4,8", "plan
          "time_budget_s": 270}
 
 
+def bench_spec(hq: int, hkv: int, d: int) -> ModelSpec:
+    """The one-layer model the benchmark's layer problems are posed on (only its heads and ``d`` matter)."""
+    return ModelSpec("LlamaForCausalLM", 1, hq, hkv, d, 131072, "bench")
+
+
 def plan_budgets(which: str, hq: int, hkv: int, seed: int) -> list[HeadBudget]:
     """One layer's budgets. ``mixed``: the serving benchmark's plan (KV group 0 dense, then streaming 128 +
     2048 and top-k 10 % groups in turn); ``profiled``: heads drawn (seeded) from the committed SmolLM2
     plan's 270 budgets, so the mix of dense / streaming / top-k heads is the profile's."""
-    spec = ModelSpec("LlamaForCausalLM", 1, hq, hkv, 128, 131072, "bench")
+    spec = bench_spec(hq, hkv, 128)
     if which == "mixed":
         f = serving_bench_budget()
         return [f(0, h, spec) for h in range(hq)]
@@ -137,7 +142,7 @@ def rank_qkv(q, k, v, tp: int, r: int) -> tuple:
 def solve(budgets, hq, hkv, d, tp, n, cost, scale=None) -> LayerPlacement:
     """The planner's ``shplb`` placement of one layer under ``cost`` at the bucket holding ``n`` (its head costs
     times ``scale``, measured feedback, when given)."""
-    spec = ModelSpec("LlamaForCausalLM", 1, hq, hkv, d, 131072, "bench")
+    spec = bench_spec(hq, hkv, d)
     edge = 1 << (n - 1).bit_length()
     solved = solve_plan_placements(spec, [budgets], Buckets((edge,)), [tp], cost, "shplb",
                                    head_scale=None if scale is None else lambda *_: scale,
@@ -159,7 +164,7 @@ def placements(budgets, hq, hkv, d, tp, n, cost, prior=None) -> dict[str, LayerP
 
 def layer_problem(budgets, hq, hkv, d, tp, n, cost, scale=None) -> LayerProblem:
     """One layer's placement problem at ``n`` under ``cost`` (head costs times ``scale`` when given)."""
-    spec = ModelSpec("LlamaForCausalLM", 1, hq, hkv, d, 131072, "bench")
+    spec = bench_spec(hq, hkv, d)
     costs, prof = layer_inputs(spec, budgets, cost, n)
     return LayerProblem(costs if scale is None else costs * scale, hq // hkv, tp, cost.piece_overhead,
                         profiles=prof, transfer=cost.transfer(n, d))
@@ -181,10 +186,11 @@ def predicted_ms(lp, budgets, hq, hkv, d, tp, n, cost, scale=None) -> list[float
 def emulate_checked(lp, budgets, q, k, v, ref, tp, sm_scale, smoke, a, cost, scale=None) -> tuple[dict, torch.Tensor]:
     """:func:`emulate` of ``lp`` and its absolute difference from ``ref`` (the single-device layer), the emulation
     holding the cost model's per-rank predictions (``pred``, for the move-calibration fit), the pieces and the
-    objective's per-rank milliseconds (head costs times ``scale`` when given)."""
+    objective's per-rank milliseconds (head costs times ``scale`` when given), and ``max_abs_diff``."""
     n, hq, d, hkv = q.shape[0], q.shape[1], q.shape[2], k.shape[1]
     e = emulate(lp, budgets, q, k, v, tp, sm_scale, smoke, a.link_gbps, a.reps)
     diff = (e.pop("out").float() - ref.float()).abs()
+    e["max_abs_diff"] = float(diff.max())
     for t, p in zip(e["ranks"], rank_predictions(lp, budgets, cost, n, hkv, tp, d, q.element_size())):
         t["pred"] = p
     e["pieces"] = [[[pc.head, pc.start, pc.end] for pc in gpu] for gpu in lp.gpus]
@@ -198,10 +204,10 @@ def emulate_checked(lp, budgets, q, k, v, ref, tp, sm_scale, smoke, a, cost, sca
 MAX_DIFF = 0.02
 
 
-def best_checked(rounds: list[dict], diffs: list[float]) -> int:
-    """Index of the fastest round whose output matched the single-device layer (``diffs``: max |diff| per round;
+def best_checked(rounds: list[dict]) -> int:
+    """Index of the fastest round whose output matched the single-device layer (each round's ``max_abs_diff``;
     round 0, the open loop, always counts: it is the placement served without feedback)."""
-    ok = [i for i, x in enumerate(diffs) if i == 0 or x <= MAX_DIFF]
+    ok = [i for i, r in enumerate(rounds) if i == 0 or r["max_abs_diff"] <= MAX_DIFF]
     return min(ok, key=lambda i: rounds[i]["slowest_ms"])
 
 
@@ -227,8 +233,7 @@ def feedback_rounds(budgets, q, k, v, ref, tp, sm_scale, smoke, a, cost, first: 
             log(f"  feedback round {i + 1}: the solve returns a placement already measured; stop")
             break
         seen.append(lp)
-        e, diff = emulate_checked(lp, budgets, q, k, v, ref, tp, sm_scale, smoke, a, cost, scale)
-        e["max_abs_diff"] = float(diff.max())
+        e, _ = emulate_checked(lp, budgets, q, k, v, ref, tp, sm_scale, smoke, a, cost, scale)
         e["head_scale"] = [float(x) for x in scale]
         log(f"  feedback round {i + 1}: slowest {e['slowest_ms']:.2f} ms (slowest/mean {e['slowest_over_mean']:.2f}, "
             f"compute {e['compute_slowest_over_mean']:.2f}), {e['units_moved']} units, max|diff| "
@@ -585,15 +590,14 @@ def main(argv=None) -> None:
                         lps["shplb_prior"] = forced_moves(hq, tp)
                     for pname, lp in lps.items():
                         e, diff = emulate_checked(lp, budgets, q, k, v, ref, tp, scale, smoke, a, cost)
-                        row[f"{pname}_max_abs_diff"] = float(diff.max())
+                        row[f"{pname}_max_abs_diff"] = e["max_abs_diff"]
                         row[f"{pname}_worst_heads"] = worst_heads(diff, budgets)
                         row[pname] = e
                     if a.feedback:
                         row["feedback"] = feedback_rounds(budgets, q, k, v, ref, tp, scale, smoke, a, cost,
                                                           (lps["shplb"], row["shplb"]))
                         rounds = [row["shplb"]] + row["feedback"]
-                        row["feedback_best_round"] = best_checked(
-                            rounds, [row["shplb_max_abs_diff"]] + [e["max_abs_diff"] for e in row["feedback"]])
+                        row["feedback_best_round"] = best_checked(rounds)
                         row["shplb_feedback"] = rounds[row["feedback_best_round"]]
                     row.update(dense_per_rank(q, k, v, tp, scale, smoke, a.reps, flashinfer))
                     if row.get("sdpa_kernels"):
@@ -675,7 +679,7 @@ def plan_feedback(a: argparse.Namespace, out: Path) -> None:
     """``--plan``: per (TP, bucket edge, layer) of the plan, the open-loop placement and ``--feedback`` rounds
     emulated; the best round's multipliers (ones when the open loop was best) written as a head-scales file."""
     from sglang_shplb.core.plan import load_plan
-    from sglang_shplb.planning.rank_feedback import save_head_scales
+    from sglang_shplb.planning.rank_feedback import budgets_fingerprint, save_head_scales
 
     plan = load_plan(a.plan)
     spec, smoke = plan.model, a.cpu_smoke
@@ -701,7 +705,7 @@ def plan_feedback(a: argparse.Namespace, out: Path) -> None:
     # layers with the same budgets are one problem: measured once (on the first), the entry written for each
     alike: dict[str, list[int]] = {}
     for li in layers:
-        alike.setdefault(json.dumps([b.to_dict() for b in plan.budgets[li]], sort_keys=True), []).append(li)
+        alike.setdefault(budgets_fingerprint([plan.budgets[li]]), []).append(li)
     t0, entries = time.perf_counter(), []
     for n in ctxs:
         q, k, v = layer_qkv(n, hq, hkv, d, dev, dt)
@@ -713,10 +717,9 @@ def plan_feedback(a: argparse.Namespace, out: Path) -> None:
                     log(f"layers {same} TP{tp} n={n}: skipped (past --time-budget-s {a.time_budget_s:.0f})")
                     continue
                 lp = solve(budgets, hq, hkv, d, tp, n, cost)
-                e, diff = emulate_checked(lp, budgets, q, k, v, ref, tp, d ** -0.5, smoke, a, cost)
-                e["max_abs_diff"] = float(diff.max())
+                e, _ = emulate_checked(lp, budgets, q, k, v, ref, tp, d ** -0.5, smoke, a, cost)
                 rounds = [e] + feedback_rounds(budgets, q, k, v, ref, tp, d ** -0.5, smoke, a, cost, (lp, e))
-                best = best_checked(rounds, [r["max_abs_diff"] for r in rounds])
+                best = best_checked(rounds)
                 entry = {"tp": tp, "seq_len": n, "scale": rounds[best].get("head_scale", [1.0] * hq),
                          "best_round": best, "slowest_ms": [r["slowest_ms"] for r in rounds],
                          "compute_slowest_over_mean": [r["compute_slowest_over_mean"] for r in rounds],

@@ -131,7 +131,7 @@ def solve_layer(costs, group_size: int, tp: int, solver: str = "shplb", *, profi
     if solver not in SOLVERS:
         raise ValueError(f"unknown solver {solver!r}; choose from {list(SOLVERS)}")
     prob = LayerProblem(np.asarray(costs, dtype=np.float64), group_size, tp, piece_overhead, max_replicated_kv,
-                        allow_split_heads, equal_heads, time_limit, profiles, transfer, frozenset(whole_heads))
+                        allow_split_heads, equal_heads, time_limit, profiles, transfer, whole_heads)
     res = SOLVERS[solver](prob)
     lp = res.placement or assignment_to_layer(res.assignment, profiles)
     times = layer_times(lp, prob) if res.times is None else res.times

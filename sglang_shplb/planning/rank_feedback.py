@@ -40,7 +40,6 @@ import numpy as np
 from sglang_shplb.core.buckets import Buckets
 from sglang_shplb.core.model_spec import ModelSpec
 from sglang_shplb.core.patterns import HeadBudget
-
 from sglang_shplb.core.placement_types import LayerPlacement
 from sglang_shplb.planning.solvers import LayerProblem, layer_times
 from sglang_shplb.planning.solvers.objective import piece_load
