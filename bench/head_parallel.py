@@ -27,7 +27,8 @@ run ends with a refit written to ``OUT/move_calibration_<gpu>.json`` (residuals 
 ``--fit FILE...`` refits from earlier result files alone (placements re-solved and checked against the
 recorded units and bytes), no GPU. ``--feedback N`` closes the loop per cell instead: up to N re-solves with the
 heads' costs scaled by the measured ranks' mispricing (:mod:`sglang_shplb.planning.rank_feedback`), each
-emulated; the best is ``shplb_feedback``.
+emulated; ``--refine N`` then up to N rounds that keep the best placement's structure and move its cuts to even
+out its measured ranks (``refine_cuts``); the best of all rounds is ``shplb_feedback``.
 
 Decode stays on the home heads: per TP the pages each rank reads per step (slowest / mean), what they
 would be if decode followed the prefill placement, and the bytes per token a replica side pool would
@@ -41,8 +42,8 @@ for the model's layers).
 
 ``--plan DIR`` measures a plan's own layers instead (its budgets, model shape and bucket edges; ``--ctx`` names
 bucket edges, ``--tp`` the TP sizes, ``--layers`` a subset; layers with the same budgets are measured once) with
-``--feedback N`` rounds each, and writes the
-best round's multipliers per (TP, bucket, layer) to a head-scales file (:mod:`sglang_shplb.planning.rank_feedback`)
+``--feedback N`` / ``--refine N`` rounds each, and writes the best round's multipliers (and, where a refine round
+was best, its measured cuts) per (TP, bucket, layer) to a head-scales file (:mod:`sglang_shplb.planning.rank_feedback`)
 that ``python -m sglang_shplb place --head-scales FILE`` solves the served plan with (the same ``--calibration``):
 
   python bench/head_parallel.py --plan bench/results/default_plan --ctx 8192 --tp 3 --feedback 2 \
@@ -79,7 +80,7 @@ from sglang_shplb.planning.cost_model import load_cost_model  # noqa: E402
 from sglang_shplb.planning.move_calibration import (RankRecord, fit_moves, format_fit,  # noqa: E402
                                                     rank_predictions, write_move_calibration)
 from sglang_shplb.planning.place import layer_inputs, resolve_solve_opts, solve_plan_placements  # noqa: E402
-from sglang_shplb.planning.rank_feedback import head_cost_scale  # noqa: E402
+from sglang_shplb.planning.rank_feedback import MAX_CUT_STEP, head_cost_scale, refine_cuts  # noqa: E402
 from sglang_shplb.planning.solvers import LayerProblem, layer_times  # noqa: E402
 from sglang_shplb.planning.synthetic_plans import serving_bench_budget  # noqa: E402
 from sglang_shplb.scheduler.head_schedule import ExtendShape, layer_schedule  # noqa: E402
@@ -234,10 +235,46 @@ def feedback_rounds(budgets, q, k, v, ref, tp, sm_scale, smoke, a, cost, first: 
             break
         seen.append(lp)
         e, _ = emulate_checked(lp, budgets, q, k, v, ref, tp, sm_scale, smoke, a, cost, scale)
-        e["head_scale"] = [float(x) for x in scale]
+        e["head_scale"], e["kind"] = [float(x) for x in scale], "scale"
         log(f"  feedback round {i + 1}: slowest {e['slowest_ms']:.2f} ms (slowest/mean {e['slowest_over_mean']:.2f}, "
             f"compute {e['compute_slowest_over_mean']:.2f}), {e['units_moved']} units, max|diff| "
             f"{e['max_abs_diff']:.3g}; head scale {min(scale):.2f}-{max(scale):.2f}")
+        out.append(e)
+    return out
+
+
+def placement_of(e: dict) -> LayerPlacement:
+    """The placement an emulation record ran (its ``pieces``)."""
+    return LayerPlacement([[Piece(int(h), float(s), float(t)) for h, s, t in gpu] for gpu in e["pieces"]])
+
+
+def refine_rounds(budgets, q, k, v, ref, tp, sm_scale, smoke, a, cost, rounds: list[dict]) -> list[dict]:
+    """``--refine``: up to ``a.refine`` rounds, each from the best checked round so far (``rounds``, then these):
+    its structure kept and its cuts moved to even out its measured ranks
+    (:func:`sglang_shplb.planning.rank_feedback.refine_cuts`, priced with that round's head multipliers), emulated
+    and checked against ``ref``. A round no faster than the one it refined halves the next round's step; stops when
+    the best placement cuts no head or a refinement returns a placement already measured."""
+    n, hq, d, hkv = q.shape[0], q.shape[1], q.shape[2], k.shape[1]
+    per, step = ms_per_model_s(cost), MAX_CUT_STEP
+    seen, out = [placement_of(r) for r in rounds], []
+    for i in range(a.refine):
+        done = rounds + out
+        src = best_checked(done)
+        scale = np.asarray(done[src].get("head_scale", np.ones(hq)))
+        ranks = done[src]["ranks"]
+        lp, pred = refine_cuts(placement_of(done[src]), layer_problem(budgets, hq, hkv, d, tp, n, cost, scale),
+                               [t["total_ms"] / per for t in ranks], [t["compute_ms"] / per for t in ranks], step)
+        if lp in seen:
+            log(f"  refine round {i + 1}: round {src}'s cuts stay (or it cuts no head); stop")
+            break
+        seen.append(lp)
+        e, _ = emulate_checked(lp, budgets, q, k, v, ref, tp, sm_scale, smoke, a, cost, scale)
+        e.update(head_scale=[float(x) for x in scale], kind="cuts", refined_from=src, refine_predicted_ms=pred * per)
+        log(f"  refine round {i + 1} (cuts of round {src}, step {step:.3g}): slowest {e['slowest_ms']:.2f} ms "
+            f"(predicted {pred * per:.2f}; slowest/mean {e['slowest_over_mean']:.2f}, compute "
+            f"{e['compute_slowest_over_mean']:.2f}), {e['units_moved']} units, max|diff| {e['max_abs_diff']:.3g}")
+        if e["slowest_ms"] >= done[src]["slowest_ms"]:
+            step /= 2
         out.append(e)
     return out
 
@@ -461,6 +498,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                          "(sglang_shplb/planning/rank_feedback.py): re-solve with the heads' costs scaled by "
                          "what the measured ranks say the cost model missed, emulate again; the best round is "
                          "reported as shplb_feedback")
+    ap.add_argument("--refine", type=int, default=0, metavar="N",
+                    help="then up to N rounds that keep the best round's structure and move its cuts to even out "
+                         "its measured ranks (rank_feedback.refine_cuts), each emulated; counted with the feedback "
+                         "rounds")
     ap.add_argument("--plan", default=None, metavar="DIR",
                     help="measure this plan's layers (its budgets and shape) at --ctx (bucket edges of the plan) and "
                          "--tp with --feedback N rounds each, and write the head-scales file for place --head-scales")
@@ -469,8 +510,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="no run: refit the move calibration from these result files (their placements "
                          "re-solved with --compare-calibration's kernel table when they lack predictions)")
     a = ap.parse_args(argv)
-    if a.plan and a.feedback < 1:
-        ap.error("--plan measures feedback rounds: give --feedback N (N >= 1)")
+    if a.plan and a.feedback + a.refine < 1:
+        ap.error("--plan measures feedback rounds: give --feedback N or --refine N (N >= 1)")
     if a.quick:
         a.shapes, a.ctx, a.tp, a.plans, a.reps = QUICK["shapes"], QUICK["ctx"], QUICK["tp"], QUICK["plans"], QUICK["reps"]
         a.time_budget_s = a.time_budget_s or QUICK["time_budget_s"]
@@ -593,9 +634,11 @@ def main(argv=None) -> None:
                         row[f"{pname}_max_abs_diff"] = e["max_abs_diff"]
                         row[f"{pname}_worst_heads"] = worst_heads(diff, budgets)
                         row[pname] = e
-                    if a.feedback:
+                    if a.feedback or a.refine:
                         row["feedback"] = feedback_rounds(budgets, q, k, v, ref, tp, scale, smoke, a, cost,
                                                           (lps["shplb"], row["shplb"]))
+                        row["feedback"] += refine_rounds(budgets, q, k, v, ref, tp, scale, smoke, a, cost,
+                                                         [row["shplb"]] + row["feedback"])
                         rounds = [row["shplb"]] + row["feedback"]
                         row["feedback_best_round"] = best_checked(rounds)
                         row["shplb_feedback"] = rounds[row["feedback_best_round"]]
@@ -719,12 +762,15 @@ def plan_feedback(a: argparse.Namespace, out: Path) -> None:
                 lp = solve(budgets, hq, hkv, d, tp, n, cost)
                 e, _ = emulate_checked(lp, budgets, q, k, v, ref, tp, d ** -0.5, smoke, a, cost)
                 rounds = [e] + feedback_rounds(budgets, q, k, v, ref, tp, d ** -0.5, smoke, a, cost, (lp, e))
+                rounds += refine_rounds(budgets, q, k, v, ref, tp, d ** -0.5, smoke, a, cost, rounds)
                 best = best_checked(rounds)
                 entry = {"tp": tp, "seq_len": n, "scale": rounds[best].get("head_scale", [1.0] * hq),
                          "best_round": best, "slowest_ms": [r["slowest_ms"] for r in rounds],
                          "compute_slowest_over_mean": [r["compute_slowest_over_mean"] for r in rounds],
                          "max_abs_diff": rounds[best]["max_abs_diff"],
                          "worst_abs_diff": max(r["max_abs_diff"] for r in rounds), "measured_on": li}
+                if rounds[best].get("kind") == "cuts":   # the measured cuts themselves (place adopts them)
+                    entry["pieces"] = rounds[best]["pieces"]
                 entries += [{**entry, "layer": x} for x in same]
                 res["rows"].append({"tp": tp, "n": n, "layer": li, "layers": same, "rounds": rounds})
                 log(f"layer {li}" + (f" (and {len(same) - 1} alike)" if len(same) > 1 else "") + f" TP{tp} n={n}: "

@@ -246,3 +246,89 @@ def test_bench_measures_layers_with_the_same_budgets_once(tmp_path):
     assert doc["entries"][0]["scale"] == doc["entries"][1]["scale"]
     rows = json.loads((tmp_path / "m" / "plan_feedback_smoke.json").read_text())["rows"]
     assert [row["layers"] for row in rows] == [[0, 1], [2]]
+
+
+# --- refine_cuts: the measured placement's structure kept, its cuts moved ---
+
+def _position_mispriced_device():
+    """One dense KV group of 4 and 28 top-k heads at TP 8, 64K; the device runs every piece that starts after
+    query 0 1.8x slower than the model says (a piece over a staged prefix), which no per-head multiplier can
+    express: the same head is dear in one piece and cheap in the other."""
+    from sglang_shplb.planning.cost_model import CostProfile
+    from sglang_shplb.planning.solvers.objective import piece_load
+    rng = np.random.default_rng(0)
+    hq, g, tp, n = 32, 4, 8, 65536
+    budgets = [HeadBudget.dense() if h // g == 0 else HeadBudget.topk(float(rng.uniform(0.05, 0.3)), 16)
+               for h in range(hq)]
+    profiles = [CostProfile.of(b, n) for b in budgets]
+    model = np.where(np.arange(hq) // g == 0, 4.0, rng.uniform(0.1, 0.6, hq)) * 1e-4
+    prob = LayerProblem(model, g, tp, profiles=profiles, max_replicated_kv=tp - 1)
+
+    def device(lp):
+        return np.array([sum(piece_load(pc, model, 0.0, profiles) * (1.8 if pc.start > 0 else 1.0) for pc in gpu)
+                         for gpu in lp.gpus]) + 3e-5
+
+    lp = solve_layer(model, g, tp, "shplb", profiles=profiles, max_replicated_kv=tp - 1).placement
+    return prob, lp, device
+
+
+def test_refine_cuts_evens_out_pieces_the_model_misprices_by_position():
+    from sglang_shplb.core.placement_types import Placement, check_coverage
+    from sglang_shplb.planning.rank_feedback import cut_heads, refine_cuts
+    prob, lp, device = _position_mispriced_device()
+    m = device(lp)
+    structure = {h: [r for r, _ in ps] for h, ps in cut_heads(lp).items()}
+    assert structure and m.max() / m.mean() > 1.2
+    best = m.max()
+    for _ in range(4):
+        lp, predicted = refine_cuts(lp, prob, m, m)
+        check_coverage(Placement(prob.tp, 65536, "x", [lp]), prob.num_heads)
+        assert {h: [r for r, _ in ps] for h, ps in cut_heads(lp).items()} == structure   # only the cuts moved
+        m = device(lp)
+        assert m.max() <= predicted * 1.05          # the linear model is close to the device near where it measured
+        best = min(best, m.max())
+    assert best / m.mean() <= 1.05
+
+
+def test_refine_cuts_keeps_a_placement_without_cuts_and_moves_toward_the_faster_rank():
+    from sglang_shplb.planning.rank_feedback import MAX_CUT_STEP, refine_cuts
+    costs = np.array([4.0, 1.0, 1.0, 1.0]) * 1e-4
+    prob = LayerProblem(costs, 1, 2)
+    whole = LayerPlacement([[Piece(0), Piece(1)], [Piece(2), Piece(3)]])
+    assert refine_cuts(whole, prob, [1.0, 0.5], [1.0, 0.5])[0] is whole
+    cut = LayerPlacement([[Piece(0, 0.0, 0.5), Piece(1)], [Piece(0, 0.5, 1.0), Piece(2), Piece(3)]])
+    times = layer_times(cut, prob).busy
+    slow1 = times * np.array([1.0, 1.5])          # rank 1 measures 1.5x its prediction
+    out, predicted = refine_cuts(cut, prob, slow1, slow1)
+    new = dict((pc.head, pc) for pc in out.gpus[0])[0]
+    assert 0.5 < new.end <= 0.5 + MAX_CUT_STEP + 1e-9            # rank 0 takes more of head 0, within a step
+    assert out.gpus[0][1] == Piece(1) and out.gpus[1][1:] == [Piece(2), Piece(3)]
+    assert predicted < slow1.max()
+
+
+def test_bench_refine_round_moves_a_cut_and_matches_the_single_device_layer():
+    """bench/head_parallel.py --refine on the CPU (Triton interpreter, 256 tokens, TP 2): from a placement whose
+    rank 1 is slower, the round keeps the structure, moves head 0's cut toward rank 0, and the emulated output
+    equals the single-device layer."""
+    import sys
+    from pathlib import Path
+    import torch
+    from sglang_shplb.planning.cost_model import CostModel
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    import head_parallel as hp
+
+    a = hp.parse_args(["--cpu-smoke", "--refine", "2", "--reps", "1"])
+    hq, hkv, d, tp, n = 8, 2, 64, 2, 256
+    q, k, v = hp.layer_qkv(n, hq, hkv, d, "cpu", torch.float32)
+    bud = [HeadBudget.dense()] * 4 + [HeadBudget.streaming(64, 128)] * 4
+    ref = hp.single_device_layer(q, k, v, bud)
+    cost = CostModel.analytic()
+    lp = hp.forced_moves(hq, tp)         # head 0 cut at 0.5 over ranks 0 / 1, rank 1 holding 5 more heads
+    e, _ = hp.emulate_checked(lp, bud, q, k, v, ref, tp, d ** -0.5, True, a, cost)
+    assert e["ranks"][1]["total_ms"] > e["ranks"][0]["total_ms"]
+    out = hp.refine_rounds(bud, q, k, v, ref, tp, d ** -0.5, True, a, cost, [e])
+    assert out and out[0]["kind"] == "cuts" and out[0]["refined_from"] == 0
+    moved = hp.placement_of(out[0])
+    assert [pc.head for pc in moved.gpus[0]] == [pc.head for pc in lp.gpus[0]]
+    assert moved.gpus[0][0].end > 0.5 and moved.gpus[1][0].start == moved.gpus[0][0].end
+    assert all(r["max_abs_diff"] < 1e-5 for r in out)

@@ -16,6 +16,18 @@ A head computed on one rank takes that rank's ``alpha``; a head cut over ranks t
 ``costs * scale`` back to the solver and measuring again is a fixed-point iteration: its fixed point is a
 placement whose measured ranks are as even as the pieces allow (``bench/head_parallel.py --feedback``).
 
+The solve may answer a corrected head with another structure (other heads cut, other ranks), whose pieces the
+device then misprices anew; per-head multipliers cannot say that a piece after a long prefix runs slower than one
+from query 0. :func:`refine_cuts` therefore also keeps a measured placement's structure and moves only its cuts:
+with ``M_r`` rank ``r``'s measured time and ``alpha_r`` as above (its measured seconds per predicted second), the
+cut points ``y`` (cumulative cost shares of the cut heads) solve the linear program::
+
+    minimise  T    s.t.  M_r + alpha_r * sum_{pieces p on r} var_h(p) (s_p(y) - s_p(y_old)) <= T   for every rank
+                         consecutive cuts of a head at least MIN_PIECE_SHARE apart, |y - y_old| <= MAX_CUT_STEP
+
+(``s_p``: the piece's share, linear in ``y``). Its fixed point is a placement whose ranks joined by cut heads
+measure alike (``bench/head_parallel.py --refine``).
+
 Staging (the gathers a home makes to ship work) and link time are not charged: they are the move calibration's
 (:mod:`.move_calibration`). Charging them to the heads a rank computes points the wrong way: a home slow from
 shipping would look dear, and the next solve would ship more from it. Round 21 charged whole rank times and saw
@@ -36,11 +48,12 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
+from scipy.optimize import linprog
 
 from sglang_shplb.core.buckets import Buckets
 from sglang_shplb.core.model_spec import ModelSpec
 from sglang_shplb.core.patterns import HeadBudget
-from sglang_shplb.core.placement_types import LayerPlacement
+from sglang_shplb.core.placement_types import LayerPlacement, Piece
 from sglang_shplb.planning.solvers import LayerProblem, layer_times
 from sglang_shplb.planning.solvers.objective import piece_load
 
@@ -56,15 +69,21 @@ def rank_mispricing(predicted: Sequence[float], measured: Sequence[float]) -> np
     return (m - m.mean()) - (p - p.mean())
 
 
-def head_cost_scale(lp: LayerPlacement, prob: LayerProblem, measured_busy: Sequence[float]) -> np.ndarray:
-    """Multipliers of ``prob.costs`` (one per query head) from the measured time of each rank's attention calls
-    under ``lp``, in the units of ``prob.costs`` (the module docstring). Heads on no rank (impossible for a
-    valid placement) keep 1."""
+def rank_alpha(lp: LayerPlacement, prob: LayerProblem, measured_busy: Sequence[float]) -> np.ndarray:
+    """``alpha_r`` (the module docstring): rank ``r``'s measured seconds per predicted second of its pieces'
+    compute, from the measured time of its attention calls under ``lp`` (in the units of ``prob.costs``)."""
     if len(measured_busy) != prob.tp or len(lp.gpus) != prob.tp:
         raise ValueError(f"need one measured time per rank of TP {prob.tp}, got {len(measured_busy)}")
     times = layer_times(lp, prob)
     err = rank_mispricing(times.busy, measured_busy)
-    alpha = np.clip(1.0 + err / np.maximum(times.compute, 1e-12), *ALPHA_RANGE)
+    return np.clip(1.0 + err / np.maximum(times.compute, 1e-12), *ALPHA_RANGE)
+
+
+def head_cost_scale(lp: LayerPlacement, prob: LayerProblem, measured_busy: Sequence[float]) -> np.ndarray:
+    """Multipliers of ``prob.costs`` (one per query head) from the measured time of each rank's attention calls
+    under ``lp``, in the units of ``prob.costs`` (the module docstring). Heads on no rank (impossible for a
+    valid placement) keep 1."""
+    alpha = rank_alpha(lp, prob, measured_busy)
     num, den = np.zeros(prob.num_heads), np.zeros(prob.num_heads)
     for r, gpu in enumerate(lp.gpus):
         for pc in gpu:
@@ -72,6 +91,98 @@ def head_cost_scale(lp: LayerPlacement, prob: LayerProblem, measured_busy: Seque
             num[pc.head] += c * alpha[r]
             den[pc.head] += c
     return np.where(den > 0, num / np.maximum(den, 1e-300), 1.0)
+
+
+#: the most one refinement moves a cut, in shares of the head's cost (keeps the linear model near where it was measured)
+MAX_CUT_STEP = 0.25
+#: the least share of a head a piece keeps after a refinement (a piece is not removed: that would change the structure)
+MIN_PIECE_SHARE = 0.02
+#: weight of the cuts' movement in the refinement's objective (in the objective's seconds per share moved): among
+#: cuts that give the same slowest rank, the ones that move least
+_MOVE_WEIGHT = 1e-6
+
+
+def cut_heads(lp: LayerPlacement) -> dict[int, list[tuple[int, Piece]]]:
+    """The heads computed in more than one piece: ``head -> [(rank, piece)]`` in query order."""
+    by_head: dict[int, list[tuple[int, Piece]]] = {}
+    for r, gpu in enumerate(lp.gpus):
+        for pc in gpu:
+            by_head.setdefault(pc.head, []).append((r, pc))
+    return {h: sorted(ps, key=lambda x: x[1].start) for h, ps in sorted(by_head.items()) if len(ps) > 1}
+
+
+def refine_cuts(lp: LayerPlacement, prob: LayerProblem, measured_total: Sequence[float],
+                measured_busy: Sequence[float], max_step: float = MAX_CUT_STEP) -> tuple[LayerPlacement, float]:
+    """``lp`` with its cut points moved to even out the measured ranks (the linear program of the module
+    docstring; ``measured_total``: each rank's layer time, ``measured_busy``: its attention calls, both in the
+    units of ``prob.costs``), and the slowest rank the program predicts. Whole heads stay where they are; a head
+    whose new cuts round to an empty piece at the profile's query blocks keeps its old cuts. ``lp`` itself when it
+    cuts no head."""
+    cuts = cut_heads(lp)
+    if not cuts:
+        return lp, float(max(measured_total))
+    if len(measured_total) != prob.tp:
+        raise ValueError(f"need one measured time per rank of TP {prob.tp}, got {len(measured_total)}")
+    alpha = rank_alpha(lp, prob, measured_busy)
+    # variables: the interior cuts of every cut head (cumulative cost share), then T
+    var_of: dict[tuple[int, int], int] = {}
+    y_old: list[float] = []
+    for h, ps in cuts.items():
+        prof = prob.profile(h)
+        for j, (_, pc) in enumerate(ps[1:], start=1):
+            var_of[(h, j)] = len(y_old)
+            y_old.append(prof.share(0.0, pc.start) if prof is not None else pc.start)
+    nv = len(y_old)
+    t_col = nv
+    a_ub, b_ub = [], []
+    for r in range(prob.tp):
+        row, const = np.zeros(nv + 1), float(measured_total[r])
+        for h, ps in cuts.items():
+            for j, (g, _) in enumerate(ps):
+                if g != r:
+                    continue
+                w = alpha[r] * prob.var[h]      # share s_p = y_end - y_start (y_0 = 0, y_k = 1)
+                for idx, sign in (((h, j + 1), 1.0), ((h, j), -1.0)):
+                    if idx in var_of:
+                        row[var_of[idx]] += sign * w
+                        const -= sign * w * y_old[var_of[idx]]
+        row[t_col] = -1.0
+        a_ub.append(row)
+        b_ub.append(-const)
+    for h, ps in cuts.items():           # consecutive cuts at least MIN_PIECE_SHARE apart
+        for j in range(1, len(ps) + 1):
+            row, lo, hi = np.zeros(nv + 1), var_of.get((h, j - 1)), var_of.get((h, j))
+            rhs = -MIN_PIECE_SHARE
+            if hi is not None:
+                row[hi] -= 1.0
+            else:
+                rhs += 1.0
+            if lo is not None:
+                row[lo] += 1.0
+            a_ub.append(row)
+            b_ub.append(rhs)
+    # |y - y_old| as two non-negative parts, weighted lightly: x = [y, T, d+, d-], y = y_old + d+ - d-
+    a = np.hstack([np.array(a_ub), np.zeros((len(a_ub), 2 * nv))])
+    a_eq = np.hstack([np.eye(nv), np.zeros((nv, 1)), -np.eye(nv), np.eye(nv)])
+    bounds = ([(max(MIN_PIECE_SHARE, y - max_step), min(1.0 - MIN_PIECE_SHARE, y + max_step)) for y in y_old]
+              + [(None, None)] + [(0.0, None)] * (2 * nv))
+    c = np.concatenate([np.zeros(nv), [1.0], np.full(2 * nv, _MOVE_WEIGHT * float(prob.costs.max()))])
+    res = linprog(c, A_ub=a, b_ub=np.array(b_ub), A_eq=a_eq, b_eq=np.array(y_old), bounds=bounds, method="highs")
+    if res.status != 0:
+        return lp, float(max(measured_total))
+    y = res.x[:nv]
+    moved: dict[tuple[int, int], Piece] = {}         # (rank, old piece) -> new piece
+    for h, ps in cuts.items():
+        prof = prob.profile(h)
+        xs = [0.0] + [prof.query_fraction(float(y[var_of[(h, j)]])) if prof is not None else float(y[var_of[(h, j)]])
+                      for j in range(1, len(ps))] + [1.0]
+        if any(b <= a_ for a_, b in zip(xs, xs[1:])):
+            continue
+        for j, (g, pc) in enumerate(ps):
+            moved[(g, pc)] = Piece(h, xs[j], xs[j + 1])
+    gpus = [sorted((moved.get((r, pc), pc) for pc in gpu), key=lambda p: (p.head, p.start))
+            for r, gpu in enumerate(lp.gpus)]
+    return LayerPlacement(gpus), float(res.x[t_col])
 
 
 HEAD_SCALES_SCHEMA = "shplb-head-scales/1"
