@@ -128,7 +128,8 @@ def _add_place(p: argparse.ArgumentParser) -> None:
     p.add_argument("--head-scales", default=None, metavar="JSON",
                    help="measured per-head cost multipliers (schema shplb-head-scales/1, written by "
                         "bench/head_parallel.py --plan on a GPU against the same cost model): the placement corrects "
-                        "the cost model's prices where the device measured them")
+                        "the cost model's prices where the device measured them, and takes the cuts a refinement "
+                        "measured best where the file has them")
     _add_stock(p)
 
 
@@ -331,6 +332,7 @@ def cmd_place(a) -> Path:
     from sglang_shplb.planning.budget import load_budgets
     from sglang_shplb.planning.cost_model import load_cost_model
     from sglang_shplb.planning.place import place_budgets
+    from sglang_shplb.planning.rank_feedback import HeadScalesError, load_head_scales
 
     budgets = load_budgets(a.budgets)
     buckets = Buckets(tuple(a.buckets))
@@ -340,13 +342,13 @@ def cmd_place(a) -> Path:
     cost = load_cost_model(a.calibration, link_bytes_per_s=a.link_gbps * 1e9, unit_overhead_s=a.unit_overhead_us * 1e-6)
     head_scales = None
     if a.head_scales:
-        from sglang_shplb.planning.rank_feedback import HeadScalesError, load_head_scales
         try:
             head_scales = load_head_scales(a.head_scales, budgets.spec, budgets.budgets, buckets, cost.to_dict())
         except HeadScalesError as e:
             raise SystemExit(f"--head-scales: {e}") from None
-        print(f"--head-scales: {head_scales[1]['entries']} measured (TP, bucket, layer) cost corrections from "
-              f"{head_scales[1].get('device', 'an unnamed device')}")
+        print(f"--head-scales: {head_scales.summary['entries']} measured (TP, bucket, layer) cost corrections, "
+              f"{head_scales.summary['measured_cuts']} with measured cuts, from "
+              f"{head_scales.summary.get('device', 'an unnamed device')}")
     bar = tqdm(total=len(a.tp) * len(buckets), desc="placing")
 
     def progress(jobs):
@@ -355,8 +357,11 @@ def cmd_place(a) -> Path:
             yield tp, b
             bar.update()
 
-    plan = place_budgets(budgets, buckets, a.tp, cost, a.solver, _solve_opts(a), progress=progress,
-                         stock_options=_stock_opts(a), head_scales=head_scales)
+    try:
+        plan = place_budgets(budgets, buckets, a.tp, cost, a.solver, _solve_opts(a), progress=progress,
+                             stock_options=_stock_opts(a), head_scales=head_scales)
+    except HeadScalesError as e:
+        raise SystemExit(f"--head-scales: {e}") from None
     bar.close()
     path = save_plan(plan, a.out)
     for phase in ("prefill", "decode"):

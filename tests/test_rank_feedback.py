@@ -116,10 +116,11 @@ def test_head_scales_round_trip_and_refusals(tmp_path):
     scale = [1.0, 1.5, 1.0, 1.0, 0.7, 0.7, 1.0, 1.0]
     path = save_head_scales(tmp_path / "s.json", spec, budgets, cm.to_dict(),
                             [{"tp": 2, "seq_len": 65536, "layer": 1, "scale": scale, "best_round": 1}], device="GPU X")
-    head_scale, summary = load_head_scales(path, spec, budgets, buckets, cm.to_dict())
-    assert np.array_equal(head_scale(2, 1, 1), scale)
-    assert head_scale(2, 0, 1) is None and head_scale(4, 1, 1) is None and head_scale(2, 1, 0) is None
-    assert summary["entries"] == 1 and summary["device"] == "GPU X" and summary["file"] == "s.json"
+    hs = load_head_scales(path, spec, budgets, buckets, cm.to_dict())
+    assert np.array_equal(hs.scale(2, 1, 1), scale) and hs.measured_cuts(2, 1, 1) is None
+    assert hs.scale(2, 0, 1) is None and hs.scale(4, 1, 1) is None and hs.scale(2, 1, 0) is None
+    assert hs.summary["entries"] == 1 and hs.summary["device"] == "GPU X" and hs.summary["file"] == "s.json"
+    assert hs.summary["measured_cuts"] == 0
     # a cost model read from another path prices alike: accepted
     moved = {**cm.to_dict(), "calibration": {"path": "/elsewhere/t.json"}}
     assert cost_fingerprint(moved) == cost_fingerprint({**cm.to_dict(), "calibration": {"path": "t.json"}})
@@ -145,6 +146,18 @@ def test_head_scales_round_trip_and_refusals(tmp_path):
     refused("layer in", entries=[{"tp": 2, "seq_len": 65536, "layer": 2, "scale": scale}])
     refused("finite positive", entries=[{"tp": 2, "seq_len": 65536, "layer": 0, "scale": [0.0] + scale[1:]}])
     refused("twice", entries=[{"tp": 2, "seq_len": 65536, "layer": 0, "scale": scale}] * 2)
+    whole = [[[h, 0.0, 1.0] for h in range(4)], [[h, 0.0, 1.0] for h in range(4, 8)]]
+    refused("not a placement", entries=[{"tp": 2, "seq_len": 65536, "layer": 0, "scale": scale,
+                                         "pieces": [whole[0][:3], whole[1]]}])          # head 3 on no rank
+    refused("not a placement", entries=[{"tp": 2, "seq_len": 65536, "layer": 0, "scale": scale,
+                                         "pieces": whole + [[]]}])                      # three ranks at TP 2
+    vs = [list(layer) for layer in budgets]
+    vs[0][4] = HeadBudget.vslash(0.05)
+    cut4 = [whole[0] + [[4, 0.0, 0.5]], [[4, 0.5, 1.0]] + whole[1][1:]]
+    with pytest.raises(HeadScalesError, match=r"cut heads \[4\]"):
+        p = save_head_scales(tmp_path / "v.json", spec, vs, cm.to_dict(),
+                             [{"tp": 2, "seq_len": 65536, "layer": 0, "scale": scale, "pieces": cut4}])
+        load_head_scales(p, spec, vs, buckets, cm.to_dict())
     with pytest.raises(ValueError, match="multipliers for"):
         save_head_scales(tmp_path / "x.json", spec, budgets, cm.to_dict(),
                          [{"tp": 2, "seq_len": 65536, "layer": 0, "scale": scale[:3]}])
@@ -170,6 +183,43 @@ def test_place_solves_the_measured_layers_with_their_multipliers(tmp_path):
     want = solve_layer(costs * scale, spec.group_size, 2, "shplb", profiles=prof, transfer=cm.transfer(65536, 64),
                        piece_overhead=cm.piece_overhead, max_replicated_kv=1).placement
     assert fed.placements[2][1].layers[0] == want
+
+
+def test_place_adopts_the_measured_cuts_of_its_own_solve_only(tmp_path):
+    """An entry with the cuts a refinement measured best: place keeps the solve's structure and takes those cuts
+    (the plan's predicted times are theirs); cuts of another structure, or the same file placed with other solver
+    options, are refused, naming the layer."""
+    from sglang_shplb.planning.rank_feedback import refine_cuts
+    spec, budgets, buckets, cm = _small_plan_inputs()
+    bf = BudgetsFile({**spec.to_dict(), "checkpoint": "/m"}, "tau=0.9", 8192, 0.9, budgets,
+                     np.ones((2, 8)), np.ones((2, 8)))
+    opts = {"max_replicated_kv": "auto"}
+    plain = place_budgets(bf, buckets, [2], cm, "shplb", opts)
+    solved = plain.placements[2][1].layers[0]
+    costs, prof = layer_inputs(spec, budgets[0], cm, 65536)
+    prob = LayerProblem(costs, 4, 2, cm.piece_overhead, profiles=prof, transfer=cm.transfer(65536, 64))
+    measured = layer_times(solved, prob).busy * np.array([1.0, 1.4])
+    refined, _ = refine_cuts(solved, prob, measured, measured)
+    assert refined != solved
+
+    def entry(lp, layer=0):
+        return {"tp": 2, "seq_len": 65536, "layer": layer, "scale": [1.0] * 8,
+                "pieces": [[[p.head, p.start, p.end] for p in g] for g in lp.gpus]}
+
+    path = save_head_scales(tmp_path / "s.json", spec, budgets, cm.to_dict(), [entry(refined)])
+    hs = load_head_scales(path, spec, budgets, buckets, cm.to_dict())
+    fed = place_budgets(bf, buckets, [2], cm, "shplb", opts, head_scales=hs)
+    assert fed.meta["head_scales"]["measured_cuts"] == 1
+    assert fed.placements[2][1].layers[0] == refined
+    assert fed.placements[2][1].layers[1] == plain.placements[2][1].layers[1]
+    assert fed.placements[2][1].predicted != plain.placements[2][1].predicted
+    swapped = LayerPlacement(refined.gpus[::-1])            # the same cuts on the other ranks
+    path = save_head_scales(tmp_path / "w.json", spec, budgets, cm.to_dict(), [entry(swapped, layer=1)])
+    with pytest.raises(HeadScalesError, match="layer 1: the measured cuts refined another placement"):
+        place_budgets(bf, buckets, [2], cm, "shplb", opts, head_scales=load_head_scales(path, spec, budgets, buckets,
+                                                                                         cm.to_dict()))
+    with pytest.raises(HeadScalesError, match="another placement"):      # no moves allowed: another solve
+        place_budgets(bf, buckets, [2], cm, "shplb", {"max_replicated_kv": 0}, head_scales=hs)
 
 
 def test_bench_measures_a_plan_and_place_solves_with_what_it_wrote(tmp_path):

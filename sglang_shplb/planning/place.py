@@ -68,6 +68,7 @@ from sglang_shplb.core.placement_types import LayerPlacement, Placement
 from sglang_shplb.core.plan import Plan
 from sglang_shplb.planning.budget import BudgetsFile
 from sglang_shplb.planning.cost_model import CostModel, CostProfile, Transfer
+from sglang_shplb.planning.rank_feedback import HeadScales, HeadScalesError, structure
 from sglang_shplb.planning.solvers import SOLVERS, LayerProblem
 from sglang_shplb.planning.solvers.common import LayerTimes, Profiles, feasible
 from sglang_shplb.planning.solvers.greedy import sglang_kv_heads  # noqa: F401  (re-exported)
@@ -125,9 +126,12 @@ class LayerResult:
 def solve_layer(costs, group_size: int, tp: int, solver: str = "shplb", *, profiles: Profiles = None,
                 transfer: Transfer | None = None, max_replicated_kv: int | None = None,
                 allow_split_heads: bool = True, equal_heads: bool = False, piece_overhead: float = 0.0,
-                time_limit: float = 10.0, whole_heads=frozenset()) -> LayerResult:
+                time_limit: float = 10.0, whole_heads=frozenset(),
+                measured_cuts: LayerPlacement | None = None) -> LayerResult:
     """Place one layer's query heads on ``tp`` GPUs (see the module docstring); ``whole_heads`` are never cut
-    (:func:`whole_heads`). Deterministic."""
+    (:func:`whole_heads`). Deterministic. ``measured_cuts``: cuts a device measured best for this solve's placement
+    (:func:`~.rank_feedback.refine_cuts`), adopted in its place; :class:`~.rank_feedback.HeadScalesError` when the
+    solve gives another placement than the one they refined (:func:`~.rank_feedback.structure`)."""
     if solver not in SOLVERS:
         raise ValueError(f"unknown solver {solver!r}; choose from {list(SOLVERS)}")
     prob = LayerProblem(np.asarray(costs, dtype=np.float64), group_size, tp, piece_overhead, max_replicated_kv,
@@ -145,6 +149,12 @@ def solve_layer(costs, group_size: int, tp: int, solver: str = "shplb", *, profi
             if bt.key() < times.key():
                 lp, times = blp, bt
                 res.info["fallback"] = "contiguous"
+    if measured_cuts is not None:
+        if structure(measured_cuts) != structure(lp):
+            raise HeadScalesError("the measured cuts refined another placement than this solve's (solved with other "
+                                  "options than the measurement: --solver, --max-replicated-kv); measure again")
+        lp, times = measured_cuts, layer_times(measured_cuts, prob)
+        res.info["measured_cuts"] = True
     return LayerResult(lp, times, lp.replicated_kv(group_size), solver, res.optimal, res.bound, res.info)
 
 
@@ -262,12 +272,14 @@ def solve_plan_placements(spec: ModelSpec, budgets: list[list[HeadBudget]], buck
                           tp_sizes: Sequence[int], cost_model: CostModel, solver: str = "shplb", *,
                           kv_dtype_bytes: int | None = None, progress: Callable | None = None,
                           head_scale: Callable[[int, int, int], np.ndarray | None] | None = None,
+                          measured_cuts: Callable[[int, int, int], LayerPlacement | None] | None = None,
                           **options) -> dict[int, list[Placement]]:
     """Solve every (TP size, bucket, layer). Options as :func:`solve_layer`; ``piece_overhead`` defaults to
     ``cost_model.piece_overhead``, the transfer term is ``cost_model.transfer`` at the bucket's length.
     ``kv_dtype_bytes`` (e.g. 2 for bf16) adds the replicated KV bytes per token to ``predicted``.
     ``progress``: optional callable wrapping an iterable (e.g. ``tqdm``). ``head_scale(tp, bucket, layer)``:
-    per-head cost multipliers from measured feedback (:mod:`.rank_feedback`), or None for the model's costs."""
+    per-head cost multipliers from measured feedback (:mod:`.rank_feedback`), or None for the model's costs;
+    ``measured_cuts(tp, bucket, layer)``: a refinement of that solve measured best, or None (:func:`solve_layer`)."""
     _check_budgets(spec, budgets)
     unknown = set(options) - set(_OPTION_NAMES)
     if unknown:
@@ -288,8 +300,12 @@ def solve_plan_placements(spec: ModelSpec, budgets: list[list[HeadBudget]], buck
             scale = head_scale(tp, b, li) if head_scale is not None else None
             if scale is not None:
                 costs = costs * np.asarray(scale, dtype=np.float64)
-            results.append(solve_layer(costs, spec.group_size, tp, solver, profiles=prof, transfer=transfer,
-                                       whole_heads=whole_heads(budgets[li]), **options))
+            cuts = measured_cuts(tp, b, li) if measured_cuts is not None else None
+            try:
+                results.append(solve_layer(costs, spec.group_size, tp, solver, profiles=prof, transfer=transfer,
+                                           whole_heads=whole_heads(budgets[li]), measured_cuts=cuts, **options))
+            except HeadScalesError as e:
+                raise HeadScalesError(f"TP {tp}, bucket {seq_len}, layer {li}: {e}") from None
         layers = [r.placement for r in results]
         ev = PlacementEval.of(layers, [r.times for r in results], spec.group_size, kv_dtype_bytes, spec.head_dim)
         optimal = [r.optimal for r in results]
@@ -318,14 +334,14 @@ def decide_stock_at_tps(spec: ModelSpec, budgets: list[list[HeadBudget]], bucket
 def place_budgets(budgets: BudgetsFile, buckets: Buckets, tp_sizes: Sequence[int], cost_model: CostModel,
                   solver: str = "shplb", solve_options: dict | None = None, *,
                   progress: Callable | None = None, stock_options: StockOptions | None = None,
-                  head_scales: tuple[Callable, dict] | None = None) -> Plan:
+                  head_scales: HeadScales | None = None) -> Plan:
     """The plan of a budgets file: every TP size solved with ``resolve_solve_opts(solve_options, tp)``,
     replicated KV bytes for a bf16 cache in ``predicted``; ``meta`` records the inputs, solver, options and
     time. ``progress``: optional callable wrapping each TP size's (TP size, bucket) jobs. ``stock_options``
     (default :class:`StockOptions()`: margin 0.95): the layers run on the stock backend per phase and
-    bucket (``enabled=False``: none). ``head_scales``: ``(head_scale, summary)`` of
-    :func:`~sglang_shplb.planning.rank_feedback.load_head_scales` (measured feedback; the summary goes in
-    ``meta['head_scales']``)."""
+    bucket (``enabled=False``: none). ``head_scales``: measured feedback
+    (:func:`~sglang_shplb.planning.rank_feedback.load_head_scales`: multipliers, and cuts where a refinement measured
+    best; its summary goes in ``meta['head_scales']``)."""
     stock_options = stock_options or StockOptions()
     solve_options = dict(solve_options or {})
     spec = budgets.spec
@@ -334,14 +350,15 @@ def place_budgets(budgets: BudgetsFile, buckets: Buckets, tp_sizes: Sequence[int
     for tp in tp_sizes:
         placements.update(solve_plan_placements(spec, budgets.budgets, buckets, [tp], cost_model, solver,
                                                 kv_dtype_bytes=2, progress=progress,
-                                                head_scale=head_scales[0] if head_scales else None,
+                                                head_scale=head_scales.scale if head_scales else None,
+                                                measured_cuts=head_scales.measured_cuts if head_scales else None,
                                                 **resolve_solve_opts(solve_options, tp)))
     decision = decide_stock_at_tps(spec, budgets.budgets, buckets, cost_model, stock_options, placements)
     meta = {"created": time.strftime("%Y-%m-%d %H:%M:%S"), "budget_mode": budgets.mode, "tau": budgets.tau,
             "ref_len": budgets.ref_len, "solver": solver, "solve_s": time.perf_counter() - t0,
             "cost_model": cost_model.to_dict(), "solve_options": solve_options,
             "checkpoint": budgets.model.get("checkpoint"), "stock_decision": stock_options.to_dict(),
-            "head_scales": head_scales[1] if head_scales else None}
+            "head_scales": head_scales.summary if head_scales else None}
     if budgets.stability is not None:
         st = budgets.stability
         meta["stability"] = {"spearman": st.spearman, "pvalue": st.pvalue, "same_family": st.same_family,

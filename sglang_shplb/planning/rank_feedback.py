@@ -33,19 +33,21 @@ Staging (the gathers a home makes to ship work) and link time are not charged: t
 shipping would look dear, and the next solve would ship more from it. Round 21 charged whole rank times and saw
 this (H100, llama70b 64K mixed TP 8: a home's gathers 2.11 ms against 0.80 predicted, then more moved off it).
 
-A served plan takes the multipliers from a **head-scales file** (:func:`save_head_scales`, JSON, schema
+A served plan takes the multipliers (and, where a refinement measured best, its cuts) from a **head-scales file** (:func:`save_head_scales`, JSON, schema
 :data:`HEAD_SCALES_SCHEMA`): ``bench/head_parallel.py --plan`` measures the plan's own layers on a GPU, and
 ``place --head-scales`` solves with them (:func:`load_head_scales`). The file names the model's shape and the
 cost model and budgets it was measured with; placing with others is refused, since the multipliers correct that
-model's prices of those heads and nothing else.
+model's prices of those heads and nothing else. An entry's measured cuts (``pieces``) are adopted only where the
+solve with its multipliers gives the placement they refined (:func:`structure`); anything else is refused.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import math
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 from scipy.optimize import linprog
@@ -53,7 +55,7 @@ from scipy.optimize import linprog
 from sglang_shplb.core.buckets import Buckets
 from sglang_shplb.core.model_spec import ModelSpec
 from sglang_shplb.core.patterns import HeadBudget
-from sglang_shplb.core.placement_types import LayerPlacement, Piece
+from sglang_shplb.core.placement_types import LayerPlacement, Piece, Placement, PlacementCoverageError, check_coverage
 from sglang_shplb.planning.solvers import LayerProblem, layer_times
 from sglang_shplb.planning.solvers.objective import piece_load
 
@@ -109,6 +111,12 @@ def cut_heads(lp: LayerPlacement) -> dict[int, list[tuple[int, Piece]]]:
         for pc in gpu:
             by_head.setdefault(pc.head, []).append((r, pc))
     return {h: sorted(ps, key=lambda x: x[1].start) for h, ps in sorted(by_head.items()) if len(ps) > 1}
+
+
+def structure(lp: LayerPlacement) -> tuple:
+    """What :func:`refine_cuts` keeps: the rank of every whole head and, per cut head, its ranks in query order."""
+    whole = tuple(sorted((pc.head, r) for r, gpu in enumerate(lp.gpus) for pc in gpu if pc.whole))
+    return whole, tuple((h, tuple(r for r, _ in ps)) for h, ps in cut_heads(lp).items())
 
 
 def refine_cuts(lp: LayerPlacement, prob: LayerProblem, measured_total: Sequence[float],
@@ -235,13 +243,45 @@ def save_head_scales(path: str | Path, spec: ModelSpec, budgets: Sequence[Sequen
     return path
 
 
+@dataclass(frozen=True)
+class HeadScales:
+    """A head-scales file read for one plan (:func:`load_head_scales`). ``scale(tp, bucket, layer)`` (what
+    ``solve_plan_placements`` takes as ``head_scale``) gives the file's multipliers, or None where it measured
+    nothing (the model's costs); ``measured_cuts(tp, bucket, layer)`` the placement a refinement measured best
+    there, or None. ``summary`` is for the plan's meta: the file's name, fingerprint, provenance and entry count."""
+
+    buckets: Buckets
+    scales: dict = field(repr=False)      # (tp, bucket edge, layer) -> multipliers
+    cuts: dict = field(repr=False)        # (tp, bucket edge, layer) -> LayerPlacement
+    summary: dict
+
+    def scale(self, tp: int, bucket: int, layer: int) -> np.ndarray | None:
+        return self.scales.get((tp, self.buckets.upper(bucket), layer))
+
+    def measured_cuts(self, tp: int, bucket: int, layer: int) -> LayerPlacement | None:
+        return self.cuts.get((tp, self.buckets.upper(bucket), layer))
+
+
+def _entry_cuts(pieces, key, spec: ModelSpec, layer_budgets: Sequence[HeadBudget]) -> LayerPlacement:
+    """An entry's measured cuts (``[[head, start, end], ...]`` per rank), checked: one list per rank, every head
+    covered once, no head cut that may not be (:attr:`HeadBudget.splittable`)."""
+    tp, edge, layer = key
+    try:
+        lp = LayerPlacement([[Piece(int(h), float(a), float(b)) for h, a, b in gpu] for gpu in pieces])
+        check_coverage(Placement(tp, edge, "measured", [lp]), spec.num_heads)
+    except (TypeError, ValueError, PlacementCoverageError) as e:
+        raise HeadScalesError(f"entry {key}: pieces are not a placement of the {spec.num_heads} heads at TP {tp} "
+                              f"({e})") from None
+    bad = [h for h in cut_heads(lp) if not layer_budgets[h].splittable]
+    if bad:
+        raise HeadScalesError(f"entry {key}: pieces cut heads {bad}, whose pattern may not be cut")
+    return lp
+
+
 def load_head_scales(path: str | Path, spec: ModelSpec, budgets: Sequence[Sequence[HeadBudget]], buckets: Buckets,
-                     cost_dict: dict) -> tuple[Callable[[int, int, int], np.ndarray | None], dict]:
-    """``(head_scale, summary)`` from a head-scales file, checked against the model, its budgets, the plan's
-    buckets and the cost model being placed with (:class:`HeadScalesError` naming the mismatch).
-    ``head_scale(tp, bucket, layer)`` (what ``solve_plan_placements`` takes) gives the file's multipliers, or None
-    where it measured nothing (the model's costs). ``summary`` is for the plan's meta: the file's name, fingerprint,
-    provenance and entry count."""
+                     cost_dict: dict) -> HeadScales:
+    """A head-scales file, checked against the model, its budgets, the plan's buckets and the cost model being
+    placed with (:class:`HeadScalesError` naming the mismatch)."""
     path = Path(path)
     try:
         doc = json.loads(path.read_text())
@@ -261,6 +301,7 @@ def load_head_scales(path: str | Path, spec: ModelSpec, budgets: Sequence[Sequen
             f"calibration {(doc.get('cost_model', {}).get('calibration') or {}).get('path')}); place with the "
             f"same --calibration / --link-gbps / --unit-overhead-us as the measurement, or measure again")
     table: dict[tuple[int, int, int], np.ndarray] = {}
+    cuts: dict[tuple[int, int, int], LayerPlacement] = {}
     for e in doc.get("entries", []):
         key = (e.get("tp"), e.get("seq_len"), e.get("layer"))
         if e.get("seq_len") not in buckets.edges:
@@ -276,10 +317,11 @@ def load_head_scales(path: str | Path, spec: ModelSpec, budgets: Sequence[Sequen
         if key in table:
             raise HeadScalesError(f"{path}: entry {key} appears twice")
         table[key] = np.asarray(s, dtype=np.float64)
-
-    def head_scale(tp: int, bucket: int, layer: int) -> np.ndarray | None:
-        return table.get((tp, buckets.upper(bucket), layer))
-
+        if e.get("pieces") is not None:
+            try:
+                cuts[key] = _entry_cuts(e["pieces"], key, spec, budgets[e["layer"]])
+            except HeadScalesError as err:
+                raise HeadScalesError(f"{path}: {err}") from None
     summary = {"file": path.name, "cost_fingerprint": doc["cost_fingerprint"], "entries": len(table),
-               **{k: doc[k] for k in ("device", "date", "command") if k in doc}}
-    return head_scale, summary
+               "measured_cuts": len(cuts), **{k: doc[k] for k in ("device", "date", "command") if k in doc}}
+    return HeadScales(buckets, table, cuts, summary)
