@@ -382,3 +382,28 @@ def test_bench_refine_round_moves_a_cut_and_matches_the_single_device_layer():
     assert [pc.head for pc in moved.gpus[0]] == [pc.head for pc in lp.gpus[0]]
     assert moved.gpus[0][0].end > 0.5 and moved.gpus[1][0].start == moved.gpus[0][0].end
     assert all(r["max_abs_diff"] < 1e-5 for r in out)
+
+
+def test_the_gpu_measured_file_for_the_llama_serving_plan_places_with_its_cuts():
+    """Round 23's head-scales file (H100, bench/head_parallel.py --plan on the serving benchmark's Llama-3-8B plan,
+    --feedback 2 --refine 2) read back with that plan's budgets and calibration: accepted, and the plan takes the
+    measured cuts where a refinement was best (TP 4 and 8 at 128K), every solve having the structure they refined."""
+    from pathlib import Path
+    from sglang_shplb.planning.cost_model import load_cost_model
+    from sglang_shplb.planning.synthetic_plans import serving_bench_budget
+    root = Path(__file__).resolve().parents[1]
+    spec = ModelSpec("LlamaForCausalLM", 32, 32, 8, 128, 131200, "llama8b")
+    f = serving_bench_budget()
+    budgets = [[f(li, h, spec) for h in range(32)] for li in range(32)]
+    cost = load_cost_model(str(root / "bench/results/head_parallel/move_calibration_round13_h100.json"))
+    buckets = Buckets((65536, 131072))
+    hs = load_head_scales(root / "bench/results/head_parallel/round23_head_scales_llama8b_h100.json", spec, budgets,
+                          buckets, cost.to_dict())
+    assert hs.summary["entries"] == 128 and hs.summary["measured_cuts"] == 64
+    bf = BudgetsFile({**spec.to_dict(), "checkpoint": None}, "synthetic", 8192, 0.0, budgets, np.ones((32, 32)),
+                     np.ones((32, 32)))
+    fed = place_budgets(bf, buckets, [4, 8], cost, "shplb", {"max_replicated_kv": "auto"}, head_scales=hs)
+    for tp in (4, 8):
+        cuts = hs.measured_cuts(tp, 1, 0)
+        assert cuts is not None and all(lp == cuts for lp in fed.placements[tp][1].layers)
+        assert hs.measured_cuts(tp, 0, 0) is None

@@ -31,11 +31,11 @@ from sglang_shplb.planning.synthetic_plans import serving_bench_budget, syntheti
 open('$O/pf/cfg/config.json', 'w').write(json.dumps({**LLAMA8B, 'max_position_embeddings': 131200}))
 synthetic_plan('$O/pf/cfg', serving_bench_budget(), '$O/pf/plan', meta={'source': 'gpu_round23 pf'})" \
         && PYTHONPATH=$PWD TRITON_INTERPRET=0 python3 bench/head_parallel.py --plan $O/pf/plan \
-          --ctx 65536,131072 --tp 4,8 --feedback 2 --refine 2 --reps 20 --calibration $CAL --time-budget-s 300 \
+          --ctx 65536,131072 --tp 4,8 --feedback 2 --refine 2 --reps 20 --calibration $CAL --time-budget-s 200 \
           --out $O/pf > $O/pf_run.log 2>&1 ;;
     hp) PYTHONPATH=$PWD TRITON_INTERPRET=0 python3 bench/head_parallel.py --shapes llama8b,llama70b \
           --ctx 65536,131072 --tp 4,8 --plans profiled,mixed --reps 20 --compare-calibration "" \
-          --calibration $CAL --feedback 2 --refine 3 --time-budget-s 560 --out $O/hp > $O/hp_run.log 2>&1 ;;
+          --calibration $CAL --feedback 2 --refine 3 --time-budget-s 480 --out $O/hp > $O/hp_run.log 2>&1 ;;
     *) echo "unknown step $step (hp, pf, llama)" ;;
   esac
   echo "round23 step $step rc=$? $(( $(date +%s) - t0 )) s"
