@@ -706,6 +706,8 @@ def main(argv=None) -> None:
     dump()
     summary(res)
     plot(res, out / f"head_parallel_{tag}.png")
+    if any(r.get("feedback") is not None for r in res["rows"]):
+        plot_rounds(res, out / f"head_parallel_rounds_{tag}.png")
 
 
 def single_device_layer(q, k, v, budgets) -> torch.Tensor:
@@ -832,6 +834,39 @@ def plot(res: dict, path: Path) -> None:
         ax.set_title(f"{shape}, {plan} plan")
         ax.legend(fontsize=7)
     fig.suptitle(f"{res['device']}: TP emulated on one GPU, links at {res['link_gbps']} GB/s (assumed)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def plot_rounds(res: dict, path: Path) -> None:
+    """Per cell, every emulated round's slowest rank over the open loop's (multiplier rounds, refine rounds, the
+    best marked) and its compute slowest/mean: what ``--feedback`` / ``--refine`` did, cell by cell."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = [r for r in res["rows"] if r.get("feedback") is not None]
+    fig, (top, bot) = plt.subplots(2, 1, figsize=(max(8, 0.75 * len(rows)), 7), sharex=True)
+    for i, r in enumerate(rows):
+        rounds = [r["shplb"]] + r["feedback"]
+        base = rounds[0]["slowest_ms"]
+        for j, e in enumerate(rounds):
+            style = {"scale": ("o", "tab:blue"), "cuts": ("^", "tab:orange")}.get(e.get("kind"), ("s", "black"))
+            top.plot(i, e["slowest_ms"] / base, style[0], color=style[1], ms=5, alpha=0.8)
+            bot.plot(i, e["compute_slowest_over_mean"], style[0], color=style[1], ms=5, alpha=0.8)
+        b = rounds[r["feedback_best_round"]]
+        top.plot(i, b["slowest_ms"] / base, "*", color="tab:red", ms=12, mfc="none")
+        bot.plot(i, b["compute_slowest_over_mean"], "*", color="tab:red", ms=12, mfc="none")
+    for label, (m, c) in (("open loop", ("s", "black")), ("per-head multipliers (--feedback)", ("o", "tab:blue")),
+                          ("cuts moved (--refine)", ("^", "tab:orange")), ("best round", ("*", "tab:red"))):
+        top.plot([], [], m, color=c, label=label, mfc="none" if m == "*" else None)
+    top.axhline(1.0, color="gray", lw=0.8)
+    top.set_ylabel("slowest rank / open loop's")
+    top.legend(fontsize=7, ncol=4)
+    bot.axhline(1.05, color="gray", lw=0.8, ls="--")
+    bot.set_ylabel("compute slowest / mean")
+    bot.set_xticks(range(len(rows)), [f"{r['shape']} {r['n'] // 1024}K\n{r['plan']} TP{r['tp']}" for r in rows],
+                   fontsize=7, rotation=60)
+    fig.suptitle(f"{res['device']}: measured feedback rounds per cell (TP emulated on one GPU)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
