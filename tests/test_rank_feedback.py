@@ -210,6 +210,9 @@ def test_place_adopts_the_measured_cuts_of_its_own_solve_only(tmp_path):
     hs = load_head_scales(path, spec, budgets, buckets, cm.to_dict())
     fed = place_budgets(bf, buckets, [2], cm, "shplb", opts, head_scales=hs)
     assert fed.meta["head_scales"]["measured_cuts"] == 1
+    from sglang_shplb.planning.report import write_report
+    text = (write_report(tmp_path / "report", fed, cm, log=lambda *_: None).parent / "report.txt").read_text()
+    assert "1 of them holding the cuts a refinement measured best" in text
     assert fed.placements[2][1].layers[0] == refined
     assert fed.placements[2][1].layers[1] == plain.placements[2][1].layers[1]
     assert fed.placements[2][1].predicted != plain.placements[2][1].predicted

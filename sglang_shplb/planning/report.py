@@ -208,9 +208,11 @@ def write_report(out_dir: Path, plan: Plan, cost: CostModel, budgets: BudgetResu
         lines.append(note)
     hs = plan.meta.get("head_scales")
     if hs:
+        cuts = hs.get("measured_cuts", 0)
         lines.append(f"the plan's placements were solved with measured head-cost corrections ({hs['entries']} "
-                     f"(TP, bucket, layer) entries of {hs['file']}, {hs.get('device', 'device not named')}); the "
-                     f"solver comparison below prices with the cost model alone")
+                     f"(TP, bucket, layer) entries of {hs['file']}, {hs.get('device', 'device not named')})"
+                     + (f", {cuts} of them holding the cuts a refinement measured best" if cuts else "")
+                     + "; the solver comparison below prices with the cost model alone")
     lines.append(comparison_table(rows, bk, spec))
     text = "\n".join(lines) + "\n"
     (out_dir / "report.txt").write_text(text)
