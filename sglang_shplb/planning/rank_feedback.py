@@ -33,8 +33,9 @@ Staging (the gathers a home makes to ship work) and link time are not charged: t
 shipping would look dear, and the next solve would ship more from it. Round 21 charged whole rank times and saw
 this (H100, llama70b 64K mixed TP 8: a home's gathers 2.11 ms against 0.80 predicted, then more moved off it).
 
-A served plan takes the multipliers (and, where a refinement measured best, its cuts) from a **head-scales file** (:func:`save_head_scales`, JSON, schema
-:data:`HEAD_SCALES_SCHEMA`): ``bench/head_parallel.py --plan`` measures the plan's own layers on a GPU, and
+A served plan takes the multipliers (and, where a refinement measured best, its cuts) from a **head-scales
+file** (:func:`save_head_scales`, JSON, schema :data:`HEAD_SCALES_SCHEMA`): ``bench/head_parallel.py --plan``
+measures the plan's own layers on a GPU, and
 ``place --head-scales`` solves with them (:func:`load_head_scales`). The file names the model's shape and the
 cost model and budgets it was measured with; placing with others is refused, since the multipliers correct that
 model's prices of those heads and nothing else. An entry's measured cuts (``pieces``) are adopted only where the
@@ -179,7 +180,7 @@ def refine_cuts(lp: LayerPlacement, prob: LayerProblem, measured_total: Sequence
     if res.status != 0:
         return lp, float(max(measured_total))
     y = res.x[:nv]
-    moved: dict[tuple[int, int], Piece] = {}         # (rank, old piece) -> new piece
+    moved: dict[tuple[int, Piece], Piece] = {}       # (rank, old piece) -> new piece
     for h, ps in cuts.items():
         prof = prob.profile(h)
         xs = [0.0] + [prof.query_fraction(float(y[var_of[(h, j)]])) if prof is not None else float(y[var_of[(h, j)]])
