@@ -849,7 +849,7 @@ def plot_rounds(res: dict, path: Path) -> None:
     for i, r in enumerate(rows):
         rounds = [r["shplb"]] + r["feedback"]
         base = rounds[0]["slowest_ms"]
-        for j, e in enumerate(rounds):
+        for e in rounds:
             style = {"scale": ("o", "tab:blue"), "cuts": ("^", "tab:orange")}.get(e.get("kind"), ("s", "black"))
             top.plot(i, e["slowest_ms"] / base, style[0], color=style[1], ms=5, alpha=0.8)
             bot.plot(i, e["compute_slowest_over_mean"], style[0], color=style[1], ms=5, alpha=0.8)

@@ -9,6 +9,10 @@ needs that head's KV head: a KV head on more than one GPU is a replica that cost
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Sequence
+
+if TYPE_CHECKING:
+    from sglang_shplb.core.patterns import HeadBudget
 
 
 @dataclass(frozen=True)
@@ -34,6 +38,11 @@ class LayerPlacement:
 
     def kv_heads_on(self, rank: int, group_size: int) -> list[int]:
         return sorted({p.head // group_size for p in self.gpus[rank]})
+
+    def cut_not_splittable(self, budgets: Sequence["HeadBudget"]) -> list[int]:
+        """The heads this layer cuts over pieces although their budget may not be cut
+        (:attr:`~sglang_shplb.core.patterns.HeadBudget.splittable`), ascending: what no served placement may hold."""
+        return sorted({p.head for g in self.gpus for p in g if not p.whole and not budgets[p.head].splittable})
 
     def replicated_kv(self, group_size: int) -> int:
         """KV heads held beyond one copy each (0 when every KV head lives on one GPU)."""

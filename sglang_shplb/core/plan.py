@@ -249,8 +249,7 @@ def _check_uncut(placements: list[Placement], budgets: list[list[HeadBudget]], p
     :attr:`~sglang_shplb.core.patterns.HeadBudget.splittable` (the planner never does; a plan written before
     2026-12-06 may, and would answer unlike TP 1)."""
     for p in placements:
-        cut = sorted({(li, pc.head) for li, lp in enumerate(p.layers) for g in lp.gpus for pc in g
-                      if not pc.whole and not budgets[li][pc.head].splittable})
+        cut = [(li, h) for li, lp in enumerate(p.layers) for h in lp.cut_not_splittable(budgets[li])]
         if cut:
             li, h = cut[0]
             raise PlanCoverageError(

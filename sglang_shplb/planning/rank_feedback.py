@@ -273,7 +273,7 @@ def _entry_cuts(pieces, key, spec: ModelSpec, layer_budgets: Sequence[HeadBudget
     except (TypeError, ValueError, PlacementCoverageError) as e:
         raise HeadScalesError(f"entry {key}: pieces are not a placement of the {spec.num_heads} heads at TP {tp} "
                               f"({e})") from None
-    bad = [h for h in cut_heads(lp) if not layer_budgets[h].splittable]
+    bad = lp.cut_not_splittable(layer_budgets)
     if bad:
         raise HeadScalesError(f"entry {key}: pieces cut heads {bad}, whose pattern may not be cut")
     return lp
