@@ -5,6 +5,7 @@ log-sum-exp, merged. This is how SGLang's FlashInfer backend runs an extend over
 from __future__ import annotations
 
 from contextlib import contextmanager
+from functools import lru_cache
 
 import torch
 
@@ -24,6 +25,8 @@ _CUDNN_OK: dict = {}
 _FORCED: list[str | None] = [None]
 #: the call shapes (:func:`_shape_key`) cuDNN may build a plan for, None: any (:func:`keep_cudnn_to`)
 _CUDNN_KEPT: list[frozenset | None] = [None]
+#: whether :func:`piece_after_prefix` splits a prefix by itself (:func:`unsplit_prefixes` turns it off)
+_SPLITTING = [True]
 #: the sets :func:`recording_shapes` fills, innermost last
 _RECORDING: list[set] = []
 #: natural-log units per unit of the log-sum-exp cuDNN returns (1: natural log, as torch documents; the
@@ -52,6 +55,61 @@ def _attention_with_lse(q, k, v, causal: bool, scale: float, backend: str) -> tu
     return torch.matmul(torch.exp(s - lse[..., None]), v.float()).to(q.dtype), lse
 
 
+#: query rows one program of cuDNN's or FlashAttention's forward kernel holds (head dim <= 128 on Hopper): the
+#: unit :func:`prefix_splits` counts a grid in
+KERNEL_Q_TILE = 128
+#: the fewest keys a chunk of a split prefix holds (a shorter chunk spends its program on set-up and merge)
+MIN_SPLIT_KEYS = 4096
+
+
+def prefix_splits(rows: int, heads: int, prefix: int, programs: int) -> int:
+    """Into how many key chunks the prefix rectangle of a dense piece is cut (split-KV, as flash-decoding does
+    for decode): 1 when its grid, ``heads x ceil(rows / KERNEL_Q_TILE)`` programs, already fills the
+    ``programs`` a wave of the GPU runs (its SMs); else enough chunks to fill them, each at least
+    :data:`MIN_SPLIT_KEYS` keys. Why: every program of the rectangle walks all ``prefix`` keys, so a short piece
+    after a long prefix (a moved or split unit, a small last chunk) ran on a few SMs while the rest idled
+    (round 23, H100: 1,408 rows after 104K keys took 11 programs, 1.27 ms where the FLOPs price 0.14 ms)."""
+    grid = heads * -(-rows // KERNEL_Q_TILE)
+    if grid >= programs:
+        return 1
+    return max(1, min(-(-programs // grid), prefix // MIN_SPLIT_KEYS))
+
+
+@lru_cache(maxsize=None)
+def _sm_count(index: int | None) -> int:
+    return torch.cuda.get_device_properties(torch.cuda.current_device() if index is None else index).multi_processor_count
+
+
+def merge_states(o: torch.Tensor, lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention over the union of ``N`` disjoint key sets from each set's output ``o [N, ..., d]`` and
+    log-sum-exp ``lse [N, ...]``: ``l = log Σ_c e^{l_c}``, ``o = Σ_c e^{l_c - l} o_c`` (float32)."""
+    lse = lse.float()
+    total = torch.logsumexp(lse, 0)
+    return (torch.exp(lse - total)[..., None] * o.float()).sum(0), total
+
+
+def _prefix_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, backend: str,
+                      splits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unmasked attention of ``q [1, G, m, d]`` (a BSHD view) over ``k/v [p, G, d]`` (token-major): output
+    ``[1, G, m, d]`` and log-sum-exp ``[1, G, m]``. ``splits > 1``: the keys cut into ``splits`` chunks of
+    ``s = p // splits`` that run as the batch of one kernel call (q repeated per chunk), the ``p - splits s``
+    keys left over (fewer than ``splits``) as a second call, all merged (:func:`merge_states`)."""
+    p, G, d = k.shape
+    splits = min(splits, p)
+    if splits <= 1:
+        return _attention_with_lse(q, _bshd(k), _bshd(v), False, scale, backend)
+    s = p // splits
+    kc = k[:splits * s].reshape(splits, s, G, d).transpose(1, 2)                         # [C, G, s, d], BSHD
+    vc = v[:splits * s].reshape(splits, s, G, d).transpose(1, 2)
+    qc = q.expand(splits, -1, -1, -1).transpose(1, 2).contiguous().transpose(1, 2)       # [C, G, m, d], BSHD
+    o, lse = _attention_with_lse(qc, kc, vc, False, scale, backend)
+    if p > splits * s:
+        o_r, l_r = _attention_with_lse(q, _bshd(k[splits * s:]), _bshd(v[splits * s:]), False, scale, backend)
+        o, lse = torch.cat([o, o_r.to(o.dtype)]), torch.cat([lse, l_r])
+    o, lse = merge_states(o, lse)
+    return o[None], lse[None]
+
+
 def _bshd(x: torch.Tensor) -> torch.Tensor:
     """``x [T, H, d]`` (token-major, as SGLang's pool and q hold rows) as the ``[1, H, T, d]`` operand of an
     attention kernel, memory left token-major (BSHD): copied only when ``x`` is not contiguous."""
@@ -59,7 +117,7 @@ def _bshd(x: torch.Tensor) -> torch.Tensor:
 
 
 def piece_after_prefix(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
-                       backend: str) -> torch.Tensor:
+                       backend: str, splits: int | None = None) -> torch.Tensor:
     """Dense attention of ``S`` q heads sharing one KV head, queries the last ``n`` of ``L`` keys (lower-right
     causal): ``q [S, n, d]``, ``k/v [L, d]`` → ``[S, n, d]`` (float32); or of ``G`` such KV groups at once,
     ``q [G, S, n, d]``, ``k/v [G, L, d]`` → ``[G, S, n, d]``.
@@ -73,7 +131,9 @@ def piece_after_prefix(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale:
     causal call over the ``G S`` heads (its ``n`` K/V rows expanded to them). Each part is one kernel call of
     ``backend`` (:data:`PIECE_BACKENDS`) returning its log-sum-exp. Every operand is laid out token-major
     (BSHD: ``[1, H, T, d]`` whose ``transpose(1, 2)`` is contiguous), the layout
-    :data:`CUDNN_BUCKETED_PLANS_ENV` asks for."""
+    :data:`CUDNN_BUCKETED_PLANS_ENV` asks for. ``P``'s keys are cut into ``splits`` chunks merged by their
+    log-sum-exp (:func:`_prefix_attention`); None: :func:`prefix_splits` for the GPU's SMs on CUDA (unless
+    :func:`unsplit_prefixes`), 1 elsewhere."""
     grouped = q.dim() == 4
     if not grouped:
         q, k, v = q[None], k[None], v[None]
@@ -87,8 +147,10 @@ def piece_after_prefix(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale:
     o2 = o2[0].transpose(0, 1).reshape(n, G, S, d).permute(1, 2, 0, 3).float()           # [G, S, n, d]
     if p > 0:
         qp = q.permute(1, 2, 0, 3).reshape(S * n, G, d)                                 # rows (s, i) per group
-        o1, l1 = _attention_with_lse(_bshd(qp), _bshd(k[:, :p].transpose(0, 1)), _bshd(v[:, :p].transpose(0, 1)),
-                                     False, scale, backend)
+        if splits is None:
+            splits = prefix_splits(S * n, G, p, _sm_count(q.device.index)) if q.is_cuda and _SPLITTING[0] else 1
+        o1, l1 = _prefix_attention(_bshd(qp), k[:, :p].transpose(0, 1), v[:, :p].transpose(0, 1), scale, backend,
+                                   splits)
         o1 = o1[0].transpose(0, 1).reshape(S, n, G, d).permute(2, 0, 1, 3)             # [G, S, n, d]
         w = torch.sigmoid(l1.reshape(G, S, n) - l2.reshape(G, S, n))[..., None]
         o2 = o2 + w * (o1.float() - o2)
@@ -123,6 +185,17 @@ def forced_pieces(backend: str):
         yield
     finally:
         _FORCED[0] = prev
+
+
+@contextmanager
+def unsplit_prefixes():
+    """Within the block every prefix runs as one call (``splits=1``): the baseline ``bench/unit_cost.py`` times
+    split-KV against."""
+    prev, _SPLITTING[0] = _SPLITTING[0], False
+    try:
+        yield
+    finally:
+        _SPLITTING[0] = prev
 
 
 def _shape_key(kind: str, q: torch.Tensor, k: torch.Tensor) -> tuple:
