@@ -55,6 +55,7 @@ import argparse
 import json
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -73,7 +74,7 @@ from sglang_shplb.core.model_spec import ModelSpec  # noqa: E402
 from sglang_shplb.core.patterns import HeadBudget  # noqa: E402
 from sglang_shplb.core.placement_types import LayerPlacement, Piece  # noqa: E402
 from sglang_shplb.kernels.dense_tail import dense_tail  # noqa: E402
-from sglang_shplb.kernels.dense_pieces import causal_sdpa, piece_backend  # noqa: E402
+from sglang_shplb.kernels.dense_pieces import causal_sdpa, piece_backend, unsplit_prefixes  # noqa: E402
 from sglang_shplb.kernels.head_parallel import HeadParallelExtend, KVRows, RankLayout, attend_heads  # noqa: E402
 from sglang_shplb.kernels.layer_reference import sparse_heads  # noqa: E402
 from sglang_shplb.planning.cost_model import load_cost_model  # noqa: E402
@@ -509,6 +510,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--fit", nargs="+", default=None, metavar="JSON",
                     help="no run: refit the move calibration from these result files (their placements "
                          "re-solved with --compare-calibration's kernel table when they lack predictions)")
+    ap.add_argument("--unsplit-prefixes", action="store_true",
+                    help="dense pieces run their prefix in one call (dense_pieces.unsplit_prefixes; default split-KV)")
     a = ap.parse_args(argv)
     if a.plan and a.feedback + a.refine < 1:
         ap.error("--plan measures feedback rounds: give --feedback N or --refine N (N >= 1)")
@@ -587,6 +590,11 @@ def refit(files: list[str], out: Path, kernel_table: str) -> None:
 
 def main(argv=None) -> None:
     a = parse_args(argv)
+    with unsplit_prefixes() if a.unsplit_prefixes else nullcontext():
+        run(a)
+
+
+def run(a: argparse.Namespace) -> None:
     out = Path(a.out)
     if a.fit:
         refit(a.fit, out, a.compare_calibration or str(KERNEL_TABLE))
