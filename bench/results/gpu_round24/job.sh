@@ -9,11 +9,12 @@
 #   uc      bench/unit_cost.py: one moved piece (dense, top-k) after 32K-96K keys, 1K-16K rows, by kernel, against its
 #           price; dense pieces split-KV vs the prefix in one call, ~2 min
 #   hpu     bench/head_parallel.py, llama8b 64K / 128K TP 8 (the cells where round 23's refine moved most), both plans,
-#           --unsplit-prefixes: the baseline of the same cells in hp on this machine, ~2 min
-#   hp      bench/head_parallel.py over round 18's 16 cells as round 23 ran them (--feedback 2 --refine 3), now with
-#           split-KV, ~6 min
+#           --unsplit-prefixes: the prefix of every dense piece in one call, as before, ~2 min
+#   hps     the same cells with split-KV (the default), ~2 min
+#   hp      (not by default) bench/head_parallel.py over round 18's 16 cells as round 23 ran them (--feedback 2
+#           --refine 3), now with split-KV, ~6 min
 set -u
-steps=${*:-ps uc hpu hp}
+steps=${*:-ps uc hpu hps}
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
 export PYTHONPATH=$PWD TRITON_INTERPRET=0
 O=/tmp/out
@@ -26,13 +27,13 @@ for step in $steps; do
   case $step in
     ps) python3 bench/prefix_splits.py --out $O/ps > $O/ps_run.log 2>&1 ;;
     uc) python3 bench/unit_cost.py --out $O/uc > $O/uc_run.log 2>&1 ;;
-    hpu) python3 bench/head_parallel.py --shapes llama8b --ctx 65536,131072 --tp 8 --plans profiled,mixed --reps 20 \
-          --compare-calibration "" --calibration $CAL --feedback 2 --refine 3 --time-budget-s 200 --unsplit-prefixes \
-          --out $O/hpu > $O/hpu_run.log 2>&1 ;;
+    hpu|hps) python3 bench/head_parallel.py --shapes llama8b --ctx 65536,131072 --tp 8 --plans profiled,mixed \
+          --reps 20 --compare-calibration "" --calibration $CAL --feedback 2 --refine 3 --time-budget-s 200 \
+          $([ $step = hpu ] && echo --unsplit-prefixes) --out $O/$step > $O/${step}_run.log 2>&1 ;;
     hp) python3 bench/head_parallel.py --shapes llama8b,llama70b \
           --ctx 65536,131072 --tp 4,8 --plans profiled,mixed --reps 20 --compare-calibration "" \
           --calibration $CAL --feedback 2 --refine 3 --time-budget-s 420 --out $O/hp > $O/hp_run.log 2>&1 ;;
-    *) echo "unknown step $step (ps, uc, hpu, hp)" ;;
+    *) echo "unknown step $step (ps, uc, hpu, hps, hp)" ;;
   esac
   echo "round24 step $step rc=$? $(( $(date +%s) - t0 )) s"
 done
