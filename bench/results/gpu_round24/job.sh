@@ -14,7 +14,7 @@
 #   hp      (not by default) bench/head_parallel.py over round 18's 16 cells as round 23 ran them (--feedback 2
 #           --refine 3), now with split-KV, ~6 min
 set -u
-steps=${*:-ps uc hpu hps}
+steps=${*:-uc ps hpu hps}
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
 export PYTHONPATH=$PWD TRITON_INTERPRET=0
 O=/tmp/out
@@ -28,7 +28,7 @@ for step in $steps; do
     ps) python3 bench/prefix_splits.py --out $O/ps > $O/ps_run.log 2>&1 ;;
     uc) python3 bench/unit_cost.py --out $O/uc > $O/uc_run.log 2>&1 ;;
     hpu|hps) python3 bench/head_parallel.py --shapes llama8b --ctx 65536,131072 --tp 8 --plans profiled,mixed \
-          --reps 20 --compare-calibration "" --calibration $CAL --feedback 2 --refine 3 --time-budget-s 200 \
+          --reps 20 --compare-calibration "" --calibration $CAL --feedback 2 --refine 3 --time-budget-s 150 \
           $([ $step = hpu ] && echo --unsplit-prefixes) --out $O/$step > $O/${step}_run.log 2>&1 ;;
     hp) python3 bench/head_parallel.py --shapes llama8b,llama70b \
           --ctx 65536,131072 --tp 4,8 --plans profiled,mixed --reps 20 --compare-calibration "" \
