@@ -256,6 +256,14 @@ def test_split_prefix_equals_the_dense_reference(G, S, n, L, splits):
         assert got.shape == (G, S, n, D)
         for i in range(G):
             assert (got[i].double() - lower_right_reference(q[i], k[i], v[i], SCALE)).abs().max().item() < ATOL
+    if torch.cuda.is_available():
+        from sglang_shplb.kernels.dense_pieces import PIECE_BACKENDS
+        qc, kc, vc = (x.to("cuda", torch.bfloat16) for x in (q, k, v))
+        for backend in PIECE_BACKENDS:
+            got = piece_after_prefix(qc, kc, vc, SCALE, backend, splits).float().cpu()
+            for i in range(G):
+                ref = lower_right_reference(qc[i].float().cpu(), kc[i].float().cpu(), vc[i].float().cpu(), SCALE)
+                assert (got[i].double() - ref).abs().max().item() < 2e-2, backend
 
 
 def test_prefix_splits_fill_one_wave_and_no_more():

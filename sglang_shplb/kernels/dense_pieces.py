@@ -267,18 +267,20 @@ def dense_piece(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float)
 
 
 def _check_cudnn(device, dtype, d: int) -> bool:
-    """cuDNN's split + merge equals the math reference on a small piece (once per device, dtype, head dim),
-    its log-sum-exp read as natural log (or else base 2); otherwise flash is used."""
+    """cuDNN's split + merge equals the math reference on a small piece, its prefix in one call and in three
+    key chunks with keys left over (once per device, dtype, head dim), its log-sum-exp read as natural log (or
+    else base 2); otherwise flash is used."""
     import math
     try:
         g = torch.Generator(device=device).manual_seed(0)
         q = torch.randn(2, 96, d, device=device, dtype=dtype, generator=g) * 2
         k = torch.randn(224, d, device=device, dtype=dtype, generator=g)
         v = torch.randn(224, d, device=device, dtype=dtype, generator=g)
-        ref = piece_after_prefix(q, k, v, d ** -0.5, "math")
+        ref = piece_after_prefix(q, k, v, d ** -0.5, "math", 1)
         for unit in (1.0, math.log(2.0)):
             _CUDNN_LSE_SCALE[0] = unit
-            if bool((piece_after_prefix(q, k, v, d ** -0.5, "cudnn") - ref).abs().max() < 2e-2):
+            if all(bool((piece_after_prefix(q, k, v, d ** -0.5, "cudnn", splits) - ref).abs().max() < 2e-2)
+                   for splits in (1, 3)):
                 return True
         _CUDNN_LSE_SCALE[0] = 1.0
         return False
