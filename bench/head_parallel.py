@@ -74,7 +74,7 @@ from sglang_shplb.core.model_spec import ModelSpec  # noqa: E402
 from sglang_shplb.core.patterns import HeadBudget  # noqa: E402
 from sglang_shplb.core.placement_types import LayerPlacement, Piece  # noqa: E402
 from sglang_shplb.kernels.dense_tail import dense_tail  # noqa: E402
-from sglang_shplb.kernels.dense_pieces import causal_sdpa, piece_backend, unsplit_prefixes  # noqa: E402
+from sglang_shplb.kernels.dense_pieces import causal_sdpa, piece_backend, unrouted_prefixes  # noqa: E402
 from sglang_shplb.kernels.head_parallel import HeadParallelExtend, KVRows, RankLayout, attend_heads  # noqa: E402
 from sglang_shplb.kernels.layer_reference import sparse_heads  # noqa: E402
 from sglang_shplb.planning.cost_model import load_cost_model  # noqa: E402
@@ -510,8 +510,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--fit", nargs="+", default=None, metavar="JSON",
                     help="no run: refit the move calibration from these result files (their placements "
                          "re-solved with --compare-calibration's kernel table when they lack predictions)")
-    ap.add_argument("--unsplit-prefixes", action="store_true",
-                    help="dense pieces run their prefix in one call (dense_pieces.unsplit_prefixes; default split-KV)")
+    ap.add_argument("--unrouted-prefixes", action="store_true",
+                    help="dense pieces run their prefix on cuDNN however small its grid (dense_pieces.unrouted_prefixes;"
+                         " default: dense_pieces.prefix_backend, flash for a small grid)")
     a = ap.parse_args(argv)
     if a.plan and a.feedback + a.refine < 1:
         ap.error("--plan measures feedback rounds: give --feedback N or --refine N (N >= 1)")
@@ -590,7 +591,7 @@ def refit(files: list[str], out: Path, kernel_table: str) -> None:
 
 def main(argv=None) -> None:
     a = parse_args(argv)
-    with unsplit_prefixes() if a.unsplit_prefixes else nullcontext():
+    with unrouted_prefixes() if a.unrouted_prefixes else nullcontext():
         run(a)
 
 

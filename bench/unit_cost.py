@@ -6,8 +6,9 @@ price of that unit.
 Round 23's records (``bench/results/head_parallel/round23_refine_h100.json``) put small pieces after long
 prefixes at 5-10x their price (a 1,408-row dense piece after 104K tokens: 1.27 ms measured, 0.14 ms priced; a
 1,600-row top-k piece after 49K: 0.95 ms against 0.10). This script says which launch holds that time, and
-times dense pieces with their prefix split into key chunks (:func:`.dense_pieces.prefix_splits`, the default)
-against the prefix in one call (:func:`.dense_pieces.unsplit_prefixes`).
+times dense pieces with their prefix on :func:`.dense_pieces.prefix_backend`'s kernel (the default) against
+cuDNN however small the grid (:func:`.dense_pieces.unrouted_prefixes`). Round 24 (H100): a unit's wall time was
+2-8x the sum of its kernels for pieces under 4K rows.
 
   python bench/unit_cost.py --out $OUT                       # dense and top-k, prefixes 32K-96K, 1K-16K rows (GPU)
   TRITON_INTERPRET=1 python bench/unit_cost.py --cpu-smoke --out /tmp/uc   # logic check on the CPU
@@ -31,7 +32,7 @@ from timing import bench, device_name, device_tag, kernel_ms, log, results_write
 from sglang_shplb.core.head_map import layer_work  # noqa: E402
 from sglang_shplb.core.patterns import HeadBudget  # noqa: E402
 from sglang_shplb.core.placement_types import LayerPlacement, Piece  # noqa: E402
-from sglang_shplb.kernels.dense_pieces import unsplit_prefixes  # noqa: E402
+from sglang_shplb.kernels.dense_pieces import unrouted_prefixes  # noqa: E402
 from sglang_shplb.kernels.head_parallel import HeadParallelExtend, RankLayout  # noqa: E402
 from sglang_shplb.planning.cost_model import load_cost_model  # noqa: E402
 from sglang_shplb.planning.move_calibration import rank_predictions  # noqa: E402
@@ -62,18 +63,18 @@ def unit_case(pattern: str, prefix: int, rows: int, d: int, dev, dt, smoke: bool
 
     got = units()
     ms = bench(units, smoke, reps)
-    unsplit_ms = None
-    if pattern == "dense":          # the same piece with its prefix in one call (before split-KV)
-        with unsplit_prefixes():
-            unsplit_ms = bench(units, smoke, reps)
+    unrouted_ms = None
+    if pattern == "dense":          # the same piece with its prefix on cuDNN however small its grid (before round 24)
+        with unrouted_prefixes():
+            unrouted_ms = bench(units, smoke, reps)
     pred = rank_predictions(lp, budgets, cost, n, hkv, tp, d, q.element_size())[1]
     pred_ms = sum(u["pred_s"] for u in pred["units"] if u["home"] == 0) * 1e3
     out = {"pattern": pattern, "prefix": prefix, "rows": rows, "ms": ms, "pred_ms": pred_ms,
-           "rows_out": int(got.numel() // d), "unsplit_ms": unsplit_ms}
+           "rows_out": int(got.numel() // d), "unrouted_ms": unrouted_ms}
     if not smoke:
         out["kernels"] = kernel_ms(units)
     log(f"{pattern:5s} prefix {prefix:6d} rows {rows:6d}: {ms:.3f} ms (priced {pred_ms:.3f}, x{ms / pred_ms:.2f})"
-        + (f", prefix in one call {unsplit_ms:.3f} ms (split-KV x{unsplit_ms / ms:.2f})" if unsplit_ms else "")
+        + (f", prefix on the piece's kernel {unrouted_ms:.3f} ms (routed x{unrouted_ms / ms:.2f})" if unrouted_ms else "")
         + ("; " + ", ".join(f"{kk} {vv:.3f}" for kk, vv in list(out.get("kernels", {}).items())[:6])
            if "kernels" in out else ""))
     return out

@@ -242,49 +242,16 @@ def test_piece_after_prefix_equals_the_dense_reference(S, n, L):
             assert (got.double() - ref).abs().max().item() < 2e-2, backend
 
 
-@pytest.mark.parametrize("G,S,n,L,splits", [(1, 1, 64, 1000, 3), (2, 3, 50, 777, 7), (1, 4, 1, 300, 2),
-                                             (1, 2, 40, 45, 9)])
-def test_split_prefix_equals_the_dense_reference(G, S, n, L, splits):
-    """A prefix cut into ``splits`` key chunks (one batched call, the leftover keys as a second call: 960 = 3 x 320
-    has none, 727 = 7 x 103 + 6 has six; 5 prefix keys under 9 splits run as 5 one-key chunks), merged by
-    log-sum-exp, equals one lower-right causal softmax per KV group."""
-    from sglang_shplb.kernels.dense_pieces import piece_after_prefix
-    g = torch.Generator().manual_seed(G * 100 + splits)
-    q, k, v = torch.randn(G, S, n, D, generator=g), torch.randn(G, L, D, generator=g), torch.randn(G, L, D, generator=g)
-    for backend in ("math", "flash"):
-        got = piece_after_prefix(q, k, v, SCALE, backend, splits)
-        assert got.shape == (G, S, n, D)
-        for i in range(G):
-            assert (got[i].double() - lower_right_reference(q[i], k[i], v[i], SCALE)).abs().max().item() < ATOL
-    if torch.cuda.is_available():
-        from sglang_shplb.kernels.dense_pieces import PIECE_BACKENDS
-        qc, kc, vc = (x.to("cuda", torch.bfloat16) for x in (q, k, v))
-        for backend in PIECE_BACKENDS:
-            got = piece_after_prefix(qc, kc, vc, SCALE, backend, splits).float().cpu()
-            for i in range(G):
-                ref = lower_right_reference(qc[i].float().cpu(), kc[i].float().cpu(), vc[i].float().cpu(), SCALE)
-                assert (got[i].double() - ref).abs().max().item() < 2e-2, backend
-
-
-def test_prefix_splits_fill_one_wave_and_no_more():
-    """Split-KV only where the rectangle's grid leaves SMs idle, into enough chunks to fill them, never chunks under
-    MIN_SPLIT_KEYS keys."""
-    from sglang_shplb.kernels.dense_pieces import KERNEL_Q_TILE, MIN_SPLIT_KEYS, prefix_splits
-    assert prefix_splits(132 * KERNEL_Q_TILE, 1, 10 ** 6, 132) == 1                 # a full wave already
-    assert prefix_splits(1408, 1, 104448, 132) == 12                                # 11 programs -> 12 chunks
-    assert prefix_splits(1408, 4, 104448, 132) == 3                                 # 44 programs -> 3 chunks
-    assert prefix_splits(1408, 1, 3 * MIN_SPLIT_KEYS + 5, 132) == 3                 # chunks >= MIN_SPLIT_KEYS
-    assert prefix_splits(64, 1, MIN_SPLIT_KEYS - 1, 132) == 1                       # too short a prefix to split
-
-
-def test_merge_states_is_attention_over_the_union():
-    from sglang_shplb.kernels.dense_pieces import _attention_with_lse, merge_states
-    g = torch.Generator().manual_seed(3)
-    q, k, v = torch.randn(1, 2, 5, D, generator=g), torch.randn(1, 2, 30, D, generator=g), torch.randn(1, 2, 30, D, generator=g)
-    whole = _attention_with_lse(q, k, v, False, SCALE, "math")
-    parts = [_attention_with_lse(q, k[:, :, a:b], v[:, :, a:b], False, SCALE, "math") for a, b in ((0, 7), (7, 30))]
-    o, lse = merge_states(torch.stack([x[0] for x in parts]), torch.stack([x[1] for x in parts]))
-    assert (o - whole[0]).abs().max() < 1e-5 and (lse - whole[1]).abs().max() < 1e-5
+def test_prefix_backend_sends_only_small_cudnn_grids_to_flash():
+    """A prefix rectangle goes to flash only from cuDNN and only while its grid fills at most a third of the SMs;
+    every other backend is kept."""
+    from sglang_shplb.kernels.dense_pieces import KERNEL_Q_TILE, prefix_backend
+    assert prefix_backend(1408, 1, 132, "cudnn") == "flash"                 # 11 programs
+    assert prefix_backend(44 * KERNEL_Q_TILE, 1, 132, "cudnn") == "flash"   # 44 = a third of 132
+    assert prefix_backend(45 * KERNEL_Q_TILE, 1, 132, "cudnn") == "cudnn"
+    assert prefix_backend(1024, 8, 132, "cudnn") == "cudnn"                 # 64 programs over 8 KV groups
+    assert prefix_backend(64, 1, 132, "math") == "math"
+    assert prefix_backend(64, 1, 132, "flash") == "flash"
 
 
 def test_dense_heads_after_a_prefix_through_attend_heads():

@@ -16,17 +16,17 @@ def test_unit_cost_smoke_computes_each_piece_from_the_packed_buffer(tmp_path):
     cases = doc["cases"]
     assert {(c["pattern"], c["rows"]) for c in cases} == {(p, r) for p in ("dense", "topk") for r in (64, 128)}
     assert all(c["rows_out"] == c["rows"] and c["ms"] > 0 and c["pred_ms"] > 0 for c in cases)
-    assert all((c["unsplit_ms"] or 0) > 0 for c in cases if c["pattern"] == "dense")
+    assert all((c["unrouted_ms"] or 0) > 0 for c in cases if c["pattern"] == "dense")
 
 
-def test_prefix_splits_smoke_equals_one_call_at_every_count(tmp_path):
-    """bench/prefix_splits.py on the CPU: every split count it sweeps gives the one-call output."""
+def test_prefix_kernel_smoke_equals_across_kernels(tmp_path):
+    """bench/prefix_kernel.py on the CPU: each kernel and the package's own route give the same piece."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-    import prefix_splits
+    import prefix_kernel
 
-    prefix_splits.main(["--cpu-smoke", "--out", str(tmp_path)])
-    cases = json.loads((tmp_path / "prefix_splits_smoke.json").read_text())["cases"]
+    prefix_kernel.main(["--cpu-smoke", "--out", str(tmp_path)])
+    cases = json.loads((tmp_path / "prefix_kernel_smoke.json").read_text())["cases"]
     assert len(cases) == 2
     for c in cases:
-        assert len(c["ms"]) >= 4 and all(t > 0 for t in c["ms"].values())
+        assert set(c["ms"]) == {"math", "flash", "package"} and all(t > 0 for t in c["ms"].values())
         assert max(c["max_diff"].values()) < 1e-5

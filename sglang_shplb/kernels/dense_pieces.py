@@ -25,8 +25,9 @@ _CUDNN_OK: dict = {}
 _FORCED: list[str | None] = [None]
 #: the call shapes (:func:`_shape_key`) cuDNN may build a plan for, None: any (:func:`keep_cudnn_to`)
 _CUDNN_KEPT: list[frozenset | None] = [None]
-#: whether :func:`piece_after_prefix` splits a prefix by itself (:func:`unsplit_prefixes` turns it off)
-_SPLITTING = [True]
+#: whether :func:`piece_after_prefix` routes a small prefix rectangle to flash (:func:`prefix_backend`;
+#: :func:`unrouted_prefixes` turns it off)
+_ROUTING = [True]
 #: the sets :func:`recording_shapes` fills, innermost last
 _RECORDING: list[set] = []
 #: natural-log units per unit of the log-sum-exp cuDNN returns (1: natural log, as torch documents; the
@@ -55,59 +56,33 @@ def _attention_with_lse(q, k, v, causal: bool, scale: float, backend: str) -> tu
     return torch.matmul(torch.exp(s - lse[..., None]), v.float()).to(q.dtype), lse
 
 
-#: query rows one program of cuDNN's or FlashAttention's forward kernel holds (head dim <= 128 on Hopper): the
-#: unit :func:`prefix_splits` counts a grid in
+#: query rows one program of cuDNN's attention forward holds (head dim <= 128 on Hopper): the unit
+#: :func:`prefix_backend` counts a grid in
 KERNEL_Q_TILE = 128
-#: the fewest keys a chunk of a split prefix holds (a shorter chunk spends its program on set-up and merge)
-MIN_SPLIT_KEYS = 4096
+#: a prefix rectangle whose grid fills at most this share of the GPU's SMs runs on flash (:func:`prefix_backend`)
+FLASH_GRID_SHARE = 1 / 3
 
 
-def prefix_splits(rows: int, heads: int, prefix: int, programs: int) -> int:
-    """Into how many key chunks the prefix rectangle of a dense piece is cut (split-KV, as flash-decoding does
-    for decode): 1 when its grid, ``heads x ceil(rows / KERNEL_Q_TILE)`` programs, already fills the
-    ``programs`` a wave of the GPU runs (its SMs); else enough chunks to fill them, each at least
-    :data:`MIN_SPLIT_KEYS` keys. Why: every program of the rectangle walks all ``prefix`` keys, so a short piece
-    after a long prefix (a moved or split unit, a small last chunk) ran on a few SMs while the rest idled
-    (round 23, H100: 1,408 rows after 104K keys took 11 programs, 1.27 ms where the FLOPs price 0.14 ms)."""
-    grid = heads * -(-rows // KERNEL_Q_TILE)
-    if grid >= programs:
-        return 1
-    return max(1, min(-(-programs // grid), prefix // MIN_SPLIT_KEYS))
+def prefix_backend(rows: int, heads: int, programs: int, backend: str) -> str:
+    """The kernel of a dense piece's prefix rectangle (``rows`` query rows of ``heads`` KV groups): flash where
+    ``backend`` is cuDNN and the rectangle's grid, ``heads x ceil(rows / KERNEL_Q_TILE)`` programs, fills at most
+    :data:`FLASH_GRID_SHARE` of the ``programs`` a wave runs (the GPU's SMs); else ``backend``.
+
+    Why: each program of cuDNN's kernel walks every prefix key, so a short piece after a long prefix (a moved or
+    split unit, a small last chunk) ran on a few SMs while the rest idled; torch's FlashAttention-2 forward
+    splits the keys itself when its grid is small (flash-decoding's split-KV, ``num_splits_heuristic``).
+    Measured (``bench/prefix_kernel.py``, H100, 2026-12-07, one dense piece, cuDNN vs flash): grids of 8-32
+    programs 0.43 vs 0.14, 1.25 vs 0.30, 0.62 vs 0.20, 0.83 vs 0.50 ms; 44: 1.27 vs 1.03; 64: 0.52 vs 0.57;
+    102-256: cuDNN 1.7-2.3x faster. Splitting the keys for cuDNN ourselves (chunks as the batch of one call,
+    merged by log-sum-exp) ran 0.6-2.2x, unevenly by chunk count, and lost at the layer level (round 24)."""
+    if backend == "cudnn" and heads * -(-rows // KERNEL_Q_TILE) <= programs * FLASH_GRID_SHARE:
+        return "flash"
+    return backend
 
 
 @lru_cache(maxsize=None)
 def _sm_count(index: int | None) -> int:
     return torch.cuda.get_device_properties(torch.cuda.current_device() if index is None else index).multi_processor_count
-
-
-def merge_states(o: torch.Tensor, lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Attention over the union of ``N`` disjoint key sets from each set's output ``o [N, ..., d]`` and
-    log-sum-exp ``lse [N, ...]``: ``l = log Σ_c e^{l_c}``, ``o = Σ_c e^{l_c - l} o_c`` (float32)."""
-    lse = lse.float()
-    total = torch.logsumexp(lse, 0)
-    return (torch.exp(lse - total)[..., None] * o.float()).sum(0), total
-
-
-def _prefix_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, backend: str,
-                      splits: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Unmasked attention of ``q [1, G, m, d]`` (a BSHD view) over ``k/v [p, G, d]`` (token-major): output
-    ``[1, G, m, d]`` and log-sum-exp ``[1, G, m]``. ``splits > 1``: the keys cut into ``splits`` chunks of
-    ``s = p // splits`` that run as the batch of one kernel call (q repeated per chunk), the ``p - splits s``
-    keys left over (fewer than ``splits``) as a second call, all merged (:func:`merge_states`)."""
-    p, G, d = k.shape
-    splits = min(splits, p)
-    if splits <= 1:
-        return _attention_with_lse(q, _bshd(k), _bshd(v), False, scale, backend)
-    s = p // splits
-    kc = k[:splits * s].reshape(splits, s, G, d).transpose(1, 2)                         # [C, G, s, d], BSHD
-    vc = v[:splits * s].reshape(splits, s, G, d).transpose(1, 2)
-    qc = q.expand(splits, -1, -1, -1).transpose(1, 2).contiguous().transpose(1, 2)       # [C, G, m, d], BSHD
-    o, lse = _attention_with_lse(qc, kc, vc, False, scale, backend)
-    if p > splits * s:
-        o_r, l_r = _attention_with_lse(q, _bshd(k[splits * s:]), _bshd(v[splits * s:]), False, scale, backend)
-        o, lse = torch.cat([o, o_r.to(o.dtype)]), torch.cat([lse, l_r])
-    o, lse = merge_states(o, lse)
-    return o[None], lse[None]
 
 
 def _bshd(x: torch.Tensor) -> torch.Tensor:
@@ -117,7 +92,7 @@ def _bshd(x: torch.Tensor) -> torch.Tensor:
 
 
 def piece_after_prefix(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
-                       backend: str, splits: int | None = None) -> torch.Tensor:
+                       backend: str) -> torch.Tensor:
     """Dense attention of ``S`` q heads sharing one KV head, queries the last ``n`` of ``L`` keys (lower-right
     causal): ``q [S, n, d]``, ``k/v [L, d]`` → ``[S, n, d]`` (float32); or of ``G`` such KV groups at once,
     ``q [G, S, n, d]``, ``k/v [G, L, d]`` → ``[G, S, n, d]``.
@@ -131,9 +106,8 @@ def piece_after_prefix(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale:
     causal call over the ``G S`` heads (its ``n`` K/V rows expanded to them). Each part is one kernel call of
     ``backend`` (:data:`PIECE_BACKENDS`) returning its log-sum-exp. Every operand is laid out token-major
     (BSHD: ``[1, H, T, d]`` whose ``transpose(1, 2)`` is contiguous), the layout
-    :data:`CUDNN_BUCKETED_PLANS_ENV` asks for. ``P``'s keys are cut into ``splits`` chunks merged by their
-    log-sum-exp (:func:`_prefix_attention`); None: :func:`prefix_splits` for the GPU's SMs on CUDA (unless
-    :func:`unsplit_prefixes`), 1 elsewhere."""
+    :data:`CUDNN_BUCKETED_PLANS_ENV` asks for. On CUDA ``P`` runs on :func:`prefix_backend`'s kernel (unless
+    :func:`unrouted_prefixes`)."""
     grouped = q.dim() == 4
     if not grouped:
         q, k, v = q[None], k[None], v[None]
@@ -147,10 +121,9 @@ def piece_after_prefix(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale:
     o2 = o2[0].transpose(0, 1).reshape(n, G, S, d).permute(1, 2, 0, 3).float()           # [G, S, n, d]
     if p > 0:
         qp = q.permute(1, 2, 0, 3).reshape(S * n, G, d)                                 # rows (s, i) per group
-        if splits is None:
-            splits = prefix_splits(S * n, G, p, _sm_count(q.device.index)) if q.is_cuda and _SPLITTING[0] else 1
-        o1, l1 = _prefix_attention(_bshd(qp), k[:, :p].transpose(0, 1), v[:, :p].transpose(0, 1), scale, backend,
-                                   splits)
+        pb = prefix_backend(S * n, G, _sm_count(q.device.index), backend) if q.is_cuda and _ROUTING[0] else backend
+        o1, l1 = _attention_with_lse(_bshd(qp), _bshd(k[:, :p].transpose(0, 1)), _bshd(v[:, :p].transpose(0, 1)),
+                                     False, scale, pb)
         o1 = o1[0].transpose(0, 1).reshape(S, n, G, d).permute(2, 0, 1, 3)             # [G, S, n, d]
         w = torch.sigmoid(l1.reshape(G, S, n) - l2.reshape(G, S, n))[..., None]
         o2 = o2 + w * (o1.float() - o2)
@@ -188,14 +161,15 @@ def forced_pieces(backend: str):
 
 
 @contextmanager
-def unsplit_prefixes():
-    """Within the block every prefix runs as one call (``splits=1``): the baseline ``bench/unit_cost.py`` times
-    split-KV against."""
-    prev, _SPLITTING[0] = _SPLITTING[0], False
+def unrouted_prefixes():
+    """Within the block every prefix rectangle runs on the piece's own backend, however small its grid (as before
+    :func:`prefix_backend`): the baseline ``bench/unit_cost.py`` and ``bench/head_parallel.py
+    --unrouted-prefixes`` time."""
+    prev, _ROUTING[0] = _ROUTING[0], False
     try:
         yield
     finally:
-        _SPLITTING[0] = prev
+        _ROUTING[0] = prev
 
 
 def _shape_key(kind: str, q: torch.Tensor, k: torch.Tensor) -> tuple:
@@ -267,21 +241,20 @@ def dense_piece(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float)
 
 
 def _check_cudnn(device, dtype, d: int) -> bool:
-    """cuDNN's split + merge equals the math reference on a small piece, its prefix in one call and in three
-    key chunks with keys left over (once per device, dtype, head dim), its log-sum-exp read as natural log (or
-    else base 2); otherwise flash is used."""
+    """cuDNN's split + merge equals the math reference on a small piece (once per device, dtype, head dim),
+    its log-sum-exp read as natural log (or else base 2); otherwise flash is used."""
     import math
     try:
         g = torch.Generator(device=device).manual_seed(0)
         q = torch.randn(2, 96, d, device=device, dtype=dtype, generator=g) * 2
         k = torch.randn(224, d, device=device, dtype=dtype, generator=g)
         v = torch.randn(224, d, device=device, dtype=dtype, generator=g)
-        ref = piece_after_prefix(q, k, v, d ** -0.5, "math", 1)
-        for unit in (1.0, math.log(2.0)):
-            _CUDNN_LSE_SCALE[0] = unit
-            if all(bool((piece_after_prefix(q, k, v, d ** -0.5, "cudnn", splits) - ref).abs().max() < 2e-2)
-                   for splits in (1, 3)):
-                return True
+        ref = piece_after_prefix(q, k, v, d ** -0.5, "math")
+        with unrouted_prefixes():                   # both calls on cuDNN, however small the piece
+            for unit in (1.0, math.log(2.0)):
+                _CUDNN_LSE_SCALE[0] = unit
+                if bool((piece_after_prefix(q, k, v, d ** -0.5, "cudnn") - ref).abs().max() < 2e-2):
+                    return True
         _CUDNN_LSE_SCALE[0] = 1.0
         return False
     except (RuntimeError, NotImplementedError):
