@@ -74,8 +74,8 @@ def prefix_backend(rows: int, heads: int, programs: int, backend: str) -> str:
     Measured (``bench/prefix_kernel.py``, H100, 2026-12-07, one dense piece, cuDNN vs flash): grids of 8-32
     programs 0.43 vs 0.14, 1.25 vs 0.30, 0.62 vs 0.20, 0.83 vs 0.50 ms; 44: 1.27 vs 1.03; 64: 0.52 vs 0.57;
     102-256: cuDNN 1.7-2.3x faster. Splitting the keys for cuDNN ourselves (chunks as the batch of one call,
-    merged by log-sum-exp) ran 0.7-2.2x as fast as one call, unevenly by chunk count, and slowed the head-parallel ranks whose
-    pieces it split (round 24, ``bench/results/gpu_round24/README.md``)."""
+    merged by log-sum-exp) ran 0.7-2.2x as fast as one call, unevenly by chunk count, and slowed the
+    head-parallel ranks whose pieces it split (round 24, ``bench/results/gpu_round24/README.md``)."""
     if backend == "cudnn" and heads * -(-rows // KERNEL_Q_TILE) <= programs * FLASH_GRID_SHARE:
         return "flash"
     return backend
