@@ -74,7 +74,8 @@ def unit_case(pattern: str, prefix: int, rows: int, d: int, dev, dt, smoke: bool
     if not smoke:
         out["kernels"] = kernel_ms(units)
     log(f"{pattern:5s} prefix {prefix:6d} rows {rows:6d}: {ms:.3f} ms (priced {pred_ms:.3f}, x{ms / pred_ms:.2f})"
-        + (f", prefix on the piece's kernel {unrouted_ms:.3f} ms (routed x{unrouted_ms / ms:.2f})" if unrouted_ms else "")
+        + (f", prefix on the piece's kernel {unrouted_ms:.3f} ms (routed x{unrouted_ms / ms:.2f})"
+           if unrouted_ms else "")
         + ("; " + ", ".join(f"{kk} {vv:.3f}" for kk, vv in list(out.get("kernels", {}).items())[:6])
            if "kernels" in out else ""))
     return out

@@ -83,7 +83,8 @@ def prefix_backend(rows: int, heads: int, programs: int, backend: str) -> str:
 
 @lru_cache(maxsize=None)
 def _sm_count(index: int | None) -> int:
-    return torch.cuda.get_device_properties(torch.cuda.current_device() if index is None else index).multi_processor_count
+    index = torch.cuda.current_device() if index is None else index
+    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def _bshd(x: torch.Tensor) -> torch.Tensor:
