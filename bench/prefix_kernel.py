@@ -21,7 +21,7 @@ import torch  # noqa: E402
 
 from timing import bench, device_name, device_tag, log, results_writer  # noqa: E402
 
-from sglang_shplb.kernels.dense_pieces import (KERNEL_Q_TILE, piece_after_prefix, prefix_backend,  # noqa: E402
+from sglang_shplb.kernels.dense_pieces import (piece_after_prefix, prefix_backend, prefix_grid,  # noqa: E402
                                                unrouted_prefixes)
 
 #: (KV groups G, q heads per group S, rows n, prefix p): round 23's slow pieces (1,408 rows after 104K, 1,600 after
@@ -36,7 +36,7 @@ def case(G: int, S: int, n: int, p: int, programs: int, dev, dt, d: int, smoke: 
          backends: list[str]) -> dict:
     q = torch.randn(G, S, n, d, device=dev, dtype=dt)
     k, v = (torch.randn(G, p + n, d, device=dev, dtype=dt) for _ in range(2))
-    grid = G * -(-S * n // KERNEL_Q_TILE)
+    grid = prefix_grid(S * n, G)
     row = {"G": G, "S": S, "n": n, "prefix": p, "grid": grid,
            "routed_to": prefix_backend(S * n, G, programs, backends[0]), "ms": {}, "max_diff": {}}
 

@@ -57,15 +57,21 @@ def _attention_with_lse(q, k, v, causal: bool, scale: float, backend: str) -> tu
 
 
 #: query rows one program of cuDNN's attention forward holds (head dim <= 128 on Hopper): the unit
-#: :func:`prefix_backend` counts a grid in
+#: :func:`prefix_grid` counts a grid in
 KERNEL_Q_TILE = 128
 #: a prefix rectangle whose grid fills at most this share of the GPU's SMs runs on flash (:func:`prefix_backend`)
 FLASH_GRID_SHARE = 1 / 3
 
 
+def prefix_grid(rows: int, heads: int) -> int:
+    """Programs of cuDNN's grid for a prefix rectangle of ``rows`` query rows in each of ``heads`` KV groups:
+    ``heads x ceil(rows / KERNEL_Q_TILE)``."""
+    return heads * -(-rows // KERNEL_Q_TILE)
+
+
 def prefix_backend(rows: int, heads: int, programs: int, backend: str) -> str:
     """The kernel of a dense piece's prefix rectangle (``rows`` query rows of ``heads`` KV groups): flash where
-    ``backend`` is cuDNN and the rectangle's grid, ``heads x ceil(rows / KERNEL_Q_TILE)`` programs, fills at most
+    ``backend`` is cuDNN and the rectangle's grid (:func:`prefix_grid`) fills at most
     :data:`FLASH_GRID_SHARE` of the ``programs`` a wave runs (the GPU's SMs); else ``backend``.
 
     Why: each program of cuDNN's kernel walks every prefix key, so a short piece after a long prefix (a moved or
@@ -76,7 +82,7 @@ def prefix_backend(rows: int, heads: int, programs: int, backend: str) -> str:
     102-256: cuDNN 1.7-2.3x faster. Splitting the keys for cuDNN ourselves (chunks as the batch of one call,
     merged by log-sum-exp) ran 0.7-2.2x as fast as one call, unevenly by chunk count, and slowed the
     head-parallel ranks whose pieces it split (round 24, ``bench/results/gpu_round24/README.md``)."""
-    if backend == "cudnn" and heads * -(-rows // KERNEL_Q_TILE) <= programs * FLASH_GRID_SHARE:
+    if backend == "cudnn" and prefix_grid(rows, heads) <= programs * FLASH_GRID_SHARE:
         return "flash"
     return backend
 
