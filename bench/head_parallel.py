@@ -280,6 +280,22 @@ def refine_rounds(budgets, q, k, v, ref, tp, sm_scale, smoke, a, cost, rounds: l
     return out
 
 
+def routing_pair(row: dict, budgets, q, k, v, ref, tp, sm_scale, smoke, a, cost) -> dict:
+    """``--routing-pair``: the row's best placement (``shplb_feedback``, else ``shplb``) emulated twice more, back to
+    back in this process: dense pieces' prefixes on cuDNN however small the grid
+    (:func:`.dense_pieces.unrouted_prefixes`), then as :func:`.dense_pieces.prefix_backend` routes them."""
+    best = row.get("shplb_feedback", row["shplb"])
+    lp = placement_of(best)
+    with unrouted_prefixes():
+        eu, _ = emulate_checked(lp, budgets, q, k, v, ref, tp, sm_scale, smoke, a, cost)
+    er, _ = emulate_checked(lp, budgets, q, k, v, ref, tp, sm_scale, smoke, a, cost)
+    log(f"  routing pair (the best placement again): slowest {eu['slowest_ms']:.2f} ms unrouted, "
+        f"{er['slowest_ms']:.2f} ms routed (x{eu['slowest_ms'] / er['slowest_ms']:.3f}); per rank unrouted/routed "
+        + ", ".join(f"{x['total_ms']:.2f}/{y['total_ms']:.2f}" for x, y in zip(eu["ranks"], er["ranks"]))
+        + f"; max|diff| {eu['max_abs_diff']:.3g} / {er['max_abs_diff']:.3g}")
+    return {"unrouted": eu, "routed": er}
+
+
 def forced_moves(hq: int, tp: int) -> LayerPlacement:
     """Home, except rank 0's first head split (its query blocks [0.5, 1) on rank 1, a dense piece after a
     prefix when the head is dense) and its second head moved whole to rank 1 (the smoke run's moves)."""
@@ -513,7 +529,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--unrouted-prefixes", action="store_true",
                     help="dense pieces run their prefix on cuDNN however small its grid (dense_pieces.unrouted_prefixes;"
                          " default: dense_pieces.prefix_backend, flash for a small grid)")
+    ap.add_argument("--routing-pair", action="store_true",
+                    help="emulate each row's best placement again with every prefix on cuDNN and then routed, back "
+                         "to back (the same placement, the same process)")
     a = ap.parse_args(argv)
+    if a.routing_pair and a.unrouted_prefixes:
+        ap.error("--routing-pair times both routings itself: leave out --unrouted-prefixes")
     if a.plan and a.feedback + a.refine < 1:
         ap.error("--plan measures feedback rounds: give --feedback N or --refine N (N >= 1)")
     if a.quick:
@@ -651,6 +672,8 @@ def run(a: argparse.Namespace) -> None:
                         rounds = [row["shplb"]] + row["feedback"]
                         row["feedback_best_round"] = best_checked(rounds)
                         row["shplb_feedback"] = rounds[row["feedback_best_round"]]
+                    if a.routing_pair:
+                        row["routing_pair"] = routing_pair(row, budgets, q, k, v, ref, tp, scale, smoke, a, cost)
                     row.update(dense_per_rank(q, k, v, tp, scale, smoke, a.reps, flashinfer))
                     if row.get("sdpa_kernels"):
                         log("  dense SDPA competitor's kernels (ms per call): " + ", ".join(

@@ -27,7 +27,8 @@ sys.path.insert(0, str(HERE))
 import torch  # noqa: E402
 
 from head_parallel import H100_REFIT, layer_qkv  # noqa: E402
-from timing import bench, device_name, device_tag, kernel_ms, log, results_writer  # noqa: E402
+from home_calls import host_profile  # noqa: E402
+from timing import bench, device_gaps, device_name, device_tag, kernel_ms, log, results_writer  # noqa: E402
 
 from sglang_shplb.core.head_map import layer_work  # noqa: E402
 from sglang_shplb.core.patterns import HeadBudget  # noqa: E402
@@ -41,7 +42,8 @@ from sglang_shplb.scheduler.head_schedule import ExtendShape, layer_schedule  # 
 PATTERNS = {"dense": HeadBudget.dense(), "topk": HeadBudget.topk(0.1, 16)}
 
 
-def unit_case(pattern: str, prefix: int, rows: int, d: int, dev, dt, smoke: bool, reps: int, cost) -> dict:
+def unit_case(pattern: str, prefix: int, rows: int, d: int, dev, dt, smoke: bool, reps: int, cost,
+              out_dir: Path) -> dict:
     """One piece ``[prefix, prefix + rows)`` of head 0 (``pattern``) computed on rank 1 from rank 0's buffer."""
     n, hq, hkv, tp = prefix + rows, 2, 2, 2
     q, k, v = layer_qkv(n, hq, hkv, d, dev, dt)
@@ -73,11 +75,15 @@ def unit_case(pattern: str, prefix: int, rows: int, d: int, dev, dt, smoke: bool
            "rows_out": int(got.numel() // d), "unrouted_ms": unrouted_ms}
     if not smoke:
         out["kernels"] = kernel_ms(units)
+        out["gaps"] = device_gaps(units)      # host ahead and L2 flushed, as do_bench times it
+        out["host_ms"] = host_profile(units, out_dir / f"host_{pattern}_{prefix}_{rows}.txt")
     log(f"{pattern:5s} prefix {prefix:6d} rows {rows:6d}: {ms:.3f} ms (priced {pred_ms:.3f}, x{ms / pred_ms:.2f})"
         + (f", prefix on the piece's kernel {unrouted_ms:.3f} ms (routed x{unrouted_ms / ms:.2f})"
            if unrouted_ms else "")
         + ("; " + ", ".join(f"{kk} {vv:.3f}" for kk, vv in list(out.get("kernels", {}).items())[:6])
-           if "kernels" in out else ""))
+           if "kernels" in out else "")
+        + (", device span {span_ms:.3f} busy {busy_ms:.3f} gaps {gaps_ms:.3f} ms".format(**out["gaps"])
+           + f", host {out['host_ms']:.3f} ms" if "gaps" in out else ""))
     return out
 
 
@@ -106,7 +112,7 @@ def main(argv=None) -> None:
     for pattern in a.patterns.split(","):
         for p in prefixes:
             for r in rows:
-                res["cases"].append(unit_case(pattern, p, r, d, dev, dt, smoke, a.reps, cost))
+                res["cases"].append(unit_case(pattern, p, r, d, dev, dt, smoke, a.reps, cost, out))
                 dump()
 
 
