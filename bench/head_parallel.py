@@ -80,8 +80,9 @@ from sglang_shplb.kernels.layer_reference import sparse_heads  # noqa: E402
 from sglang_shplb.planning.cost_model import load_cost_model  # noqa: E402
 from sglang_shplb.planning.move_calibration import (RankRecord, fit_moves, format_fit,  # noqa: E402
                                                     rank_predictions, write_move_calibration)
-from sglang_shplb.planning.place import layer_inputs, resolve_solve_opts, solve_plan_placements  # noqa: E402
-from sglang_shplb.planning.rank_feedback import MAX_CUT_STEP, head_cost_scale, refine_cuts  # noqa: E402
+from sglang_shplb.planning.place import (layer_inputs, resolve_solve_opts, solve_plan_placements,  # noqa: E402
+                                         whole_heads)
+from sglang_shplb.planning.rank_feedback import MAX_CUT_STEP, head_cost_scale, open_cut, refine_cuts  # noqa: E402
 from sglang_shplb.planning.solvers import LayerProblem, layer_times  # noqa: E402
 from sglang_shplb.planning.synthetic_plans import serving_bench_budget  # noqa: E402
 from sglang_shplb.scheduler.head_schedule import ExtendShape, layer_schedule  # noqa: E402
@@ -169,7 +170,7 @@ def layer_problem(budgets, hq, hkv, d, tp, n, cost, scale=None) -> LayerProblem:
     spec = bench_spec(hq, hkv, d)
     costs, prof = layer_inputs(spec, budgets, cost, n)
     return LayerProblem(costs if scale is None else costs * scale, hq // hkv, tp, cost.piece_overhead,
-                        profiles=prof, transfer=cost.transfer(n, d))
+                        profiles=prof, transfer=cost.transfer(n, d), whole_heads=whole_heads(budgets))
 
 
 def ms_per_model_s(cost) -> float:
@@ -263,15 +264,22 @@ def refine_rounds(budgets, q, k, v, ref, tp, sm_scale, smoke, a, cost, rounds: l
         src = best_checked(done)
         scale = np.asarray(done[src].get("head_scale", np.ones(hq)))
         ranks = done[src]["ranks"]
-        lp, pred = refine_cuts(placement_of(done[src]), layer_problem(budgets, hq, hkv, d, tp, n, cost, scale),
-                               [t["total_ms"] / per for t in ranks], [t["compute_ms"] / per for t in ranks], step)
+        prob = layer_problem(budgets, hq, hkv, d, tp, n, cost, scale)
+        total, busy = [t["total_ms"] / per for t in ranks], [t["compute_ms"] / per for t in ranks]
+        kind = "cuts"
+        lp, pred = refine_cuts(placement_of(done[src]), prob, total, busy, step)
+        if lp in seen and a.open_cuts:      # no cut to move on the slowest rank: cut one of its heads
+            kind = "open"
+            lp, pred = open_cut(placement_of(done[src]), prob, total, busy)
         if lp in seen:
-            log(f"  refine round {i + 1}: round {src}'s cuts stay (or it cuts no head); stop")
+            log(f"  refine round {i + 1}: round {src}'s cuts stay (or it cuts no head)"
+                + (" and no new cut is predicted to help" if a.open_cuts else "") + "; stop")
             break
         seen.append(lp)
         e, _ = emulate_checked(lp, budgets, q, k, v, ref, tp, sm_scale, smoke, a, cost, scale)
-        e.update(head_scale=[float(x) for x in scale], kind="cuts", refined_from=src, refine_predicted_ms=pred * per)
-        log(f"  refine round {i + 1} (cuts of round {src}, step {step:.3g}): slowest {e['slowest_ms']:.2f} ms "
+        e.update(head_scale=[float(x) for x in scale], kind=kind, refined_from=src, refine_predicted_ms=pred * per)
+        log(f"  refine round {i + 1} ({'a new cut' if kind == 'open' else 'cuts'} of round {src}, step {step:.3g}): "
+            f"slowest {e['slowest_ms']:.2f} ms "
             f"(predicted {pred * per:.2f}; slowest/mean {e['slowest_over_mean']:.2f}, compute "
             f"{e['compute_slowest_over_mean']:.2f}), {e['units_moved']} units, max|diff| {e['max_abs_diff']:.3g}")
         if e["slowest_ms"] >= done[src]["slowest_ms"]:
@@ -519,6 +527,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="then up to N rounds that keep the best round's structure and move its cuts to even out "
                          "its measured ranks (rank_feedback.refine_cuts), each emulated; counted with the feedback "
                          "rounds")
+    ap.add_argument("--open-cuts", action="store_true",
+                    help="with --refine: where no cut can be moved (the slowest rank holds none), cut one of the "
+                         "slowest rank's heads instead (rank_feedback.open_cut)")
     ap.add_argument("--plan", default=None, metavar="DIR",
                     help="measure this plan's layers (its budgets and shape) at --ctx (bucket edges of the plan) and "
                          "--tp with --feedback N rounds each, and write the head-scales file for place --head-scales")

@@ -387,6 +387,36 @@ def test_bench_refine_round_moves_a_cut_and_matches_the_single_device_layer():
     assert all(r["max_abs_diff"] < 1e-5 for r in out)
 
 
+def test_bench_open_cut_round_cuts_a_head_of_the_slowest_rank_and_matches_the_single_device_layer():
+    """bench/head_parallel.py --refine --open-cuts on the CPU (Triton interpreter, 256 tokens, TP 2): from whole
+    heads only (nothing for refine_cuts to move), the round cuts a head of the slower rank, its first part on the
+    other rank, and the emulated output equals the single-device layer. The model is slowed to the interpreter's
+    milliseconds, so that a cut can pay in it."""
+    import sys
+    from pathlib import Path
+    import torch
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    import head_parallel as hp
+
+    a = hp.parse_args(["--cpu-smoke", "--refine", "1", "--open-cuts", "--reps", "1"])
+    hq, hkv, d, tp, n = 8, 2, 64, 2, 256
+    q, k, v = hp.layer_qkv(n, hq, hkv, d, "cpu", torch.float32)
+    bud = [HeadBudget.dense()] * 4 + [HeadBudget.streaming(64, 128)] * 4
+    ref = hp.single_device_layer(q, k, v, bud)
+    cost = CostModel.analytic({"dense": 1e-3, "streaming": 1e-3}, unit_overhead_s=1e-5)
+    lp = LayerPlacement([[Piece(h) for h in range(4)], [Piece(h) for h in range(4, 8)]])
+    e, _ = hp.emulate_checked(lp, bud, q, k, v, ref, tp, d ** -0.5, True, a, cost)
+    slow = max(range(tp), key=lambda r: e["ranks"][r]["total_ms"])
+    out = hp.refine_rounds(bud, q, k, v, ref, tp, d ** -0.5, True, a, cost, [e])
+    assert len(out) == 1 and out[0]["kind"] == "open" and out[0]["refined_from"] == 0
+    new = hp.placement_of(out[0])
+    cut = [pc for gpu in new.gpus for pc in gpu if not pc.whole]
+    assert len(cut) == 2 and cut[0].head == cut[1].head and cut[0].head in [pc.head for pc in lp.gpus[slow]]
+    first = min(cut, key=lambda pc: pc.start)
+    assert first.start == 0.0 and first in new.gpus[1 - slow]
+    assert out[0]["max_abs_diff"] < 1e-5
+
+
 def test_the_gpu_measured_file_for_the_llama_serving_plan_places_with_its_cuts():
     """Round 23's head-scales file (H100, bench/head_parallel.py --plan on the serving benchmark's Llama-3-8B plan,
     --feedback 2 --refine 2) read back with that plan's budgets and calibration: accepted, and the plan takes the
@@ -410,3 +440,57 @@ def test_the_gpu_measured_file_for_the_llama_serving_plan_places_with_its_cuts()
         cuts = hs.measured_cuts(tp, 1, 0)
         assert cuts is not None and all(lp == cuts for lp in fed.placements[tp][1].layers)
         assert hs.measured_cuts(tp, 0, 0) is None
+
+
+def _rank_mispriced_device():
+    """A dense KV group and 12 top-k heads at TP 4, 64K, placed whole (the model balances them); the device runs
+    rank 0's calls 1.3x slower than the model says (a cold-L2 mix, round 17), so its ranks measure uneven and
+    no head is cut for :func:`refine_cuts` to move."""
+    from sglang_shplb.planning.cost_model import CostProfile
+    from sglang_shplb.planning.solvers.objective import piece_load
+    hq, g, tp, n = 16, 4, 4, 65536
+    budgets = [HeadBudget.dense() if h // g == 0 else HeadBudget.topk(0.1, 16) for h in range(hq)]
+    profiles = [CostProfile.of(b, n) for b in budgets]
+    model = np.where(np.arange(hq) // g == 0, 3.0, 1.0) * 1e-4
+    prob = LayerProblem(model, g, tp, profiles=profiles, max_replicated_kv=tp - 1,
+                        whole_heads=frozenset({1}))          # head 1 may not be cut (as a vertical-slash head)
+    lp = LayerPlacement([[Piece(0), Piece(1)], [Piece(2), Piece(4), Piece(5), Piece(6)],
+                         [Piece(3), Piece(7), Piece(8), Piece(9)], [Piece(10), Piece(11), Piece(12), Piece(13),
+                                                                    Piece(14), Piece(15)]])
+
+    def device(lp):
+        return np.array([sum(piece_load(pc, model, 0.0, profiles) for pc in gpu) * (1.3 if r == 0 else 1.0)
+                         for r, gpu in enumerate(lp.gpus)])
+    return prob, lp, device
+
+
+def test_open_cut_gives_the_slowest_ranks_first_share_to_a_faster_rank():
+    from sglang_shplb.core.placement_types import Placement, check_coverage
+    from sglang_shplb.planning.rank_feedback import OPEN_CUT_SHARES, cut_heads, open_cut, refine_cuts
+    prob, lp, device = _rank_mispriced_device()
+    m = device(lp)
+    assert refine_cuts(lp, prob, m, m)[0] is lp and m.max() / m.mean() > 1.1
+    out, predicted = open_cut(lp, prob, m, m)
+    check_coverage(Placement(prob.tp, 65536, "x", [out]), prob.num_heads)
+    cuts = cut_heads(out)
+    assert list(cuts) == [0]                                   # head 1 stays whole: not cuttable
+    (r0, first), (r1, rest) = cuts[0]
+    assert r1 == 0 and r0 != 0 and first.start == 0.0 and rest.end == 1.0      # its first part went away
+    assert prob.profile(0).share(0.0, first.end) <= OPEN_CUT_SHARES[-1] + 0.05
+    assert predicted < m.max() and device(out).max() < m.max()   # predicted lower, and lower on the device
+    # then the cut is refined like any other; a measured-even placement opens nothing
+    lp2, _ = refine_cuts(out, prob, device(out), device(out))
+    assert device(lp2).max() <= device(out).max() + 1e-12
+    even = np.full(prob.tp, m.mean())
+    assert open_cut(lp, prob, even, even) == (lp, float(even.max()))
+
+
+def test_open_cut_refuses_bad_measurements_and_cuts_nothing_it_may_not():
+    from sglang_shplb.planning.rank_feedback import open_cut
+    prob, lp, device = _rank_mispriced_device()
+    with pytest.raises(ValueError, match="one measured time per rank"):
+        open_cut(lp, prob, [1.0, 2.0], [1.0, 2.0])
+    fixed = LayerProblem(prob.costs, prob.group_size, prob.tp, profiles=prob.profiles,
+                         whole_heads=frozenset(range(prob.num_heads)))
+    m = device(lp)
+    assert open_cut(lp, fixed, m, m)[0] is lp

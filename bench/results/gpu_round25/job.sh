@@ -6,7 +6,7 @@
 # Steps (name a subset as arguments; default `pk uc hp`):
 #   pk   bench/prefix_kernel.py: a dense piece after a prefix on cuDNN, on flash and as prefix_backend routes it, ~15 s
 #   uc   bench/unit_cost.py: one moved piece by kernel, its device span / busy / gaps with a flushed L2, host ms, ~60 s
-#   hp   bench/head_parallel.py, round 23's 16 cells (feedback 2, refine 3) as the package runs them now, each
+#   hp   bench/head_parallel.py, round 23's 16 cells (feedback 2, refine 3, --open-cuts: a head of the slowest rank cut where no cut can move), each
 #        row's best placement timed again unrouted and routed back to back (--routing-pair), ~6 min
 set -u
 steps=${*:-pk uc hp}
@@ -22,8 +22,8 @@ for step in $steps; do
     pk) python3 bench/prefix_kernel.py --out $O/pk > $O/pk_run.log 2>&1 ;;
     uc) python3 bench/unit_cost.py --out $O/uc > $O/uc_run.log 2>&1 ;;
     hp) python3 bench/head_parallel.py --shapes llama8b,llama70b --ctx 65536,131072 --tp 4,8 --plans profiled,mixed \
-          --reps 20 --compare-calibration "" --calibration $CAL --feedback 2 --refine 3 --routing-pair \
-          --time-budget-s 390 --out $O/hp > $O/hp_run.log 2>&1 ;;
+          --reps 20 --compare-calibration "" --calibration $CAL --feedback 2 --refine 3 --open-cuts --routing-pair \
+          --time-budget-s 400 --out $O/hp > $O/hp_run.log 2>&1 ;;
     *) echo "unknown step $step (pk, uc, hp)" ;;
   esac
   echo "round25 step $step rc=$? $(( $(date +%s) - t0 )) s"
