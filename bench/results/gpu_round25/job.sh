@@ -6,8 +6,9 @@
 # Steps (name a subset as arguments; default `pk uc hp`):
 #   pk   bench/prefix_kernel.py: a dense piece after a prefix on cuDNN, on flash and as prefix_backend routes it, ~15 s
 #   uc   bench/unit_cost.py: one moved piece by kernel, its device span / busy / gaps with a flushed L2, host ms, ~60 s
-#   hp   bench/head_parallel.py, round 23's 16 cells (feedback 2, refine 3, --open-cuts: a head of the slowest rank cut where no cut can move), each
-#        row's best placement timed again unrouted and routed back to back (--routing-pair), ~6 min
+#   hp   bench/head_parallel.py, round 23's 16 cells (feedback 2, refine 3; --open-cuts: a head of the slowest
+#        rank cut where no cut can move), each row's best placement timed again unrouted and routed back to back
+#        (--routing-pair), ~6 min
 set -u
 steps=${*:-pk uc hp}
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
