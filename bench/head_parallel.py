@@ -853,7 +853,9 @@ def summary(res: dict) -> None:
             + (f" | feedback: x{r['feedback_vs_contiguous']:.2f} contiguous, x{r['feedback_vs_dense_sdpa']:.2f} dense, "
                f"slowest/mean {r['shplb_feedback']['slowest_over_mean']:.2f} "
                f"({r['shplb_feedback']['compute_slowest_over_mean']:.2f}), round {r['feedback_best_round']}"
-               if "shplb_feedback" in r else ""))
+               if "shplb_feedback" in r else "")
+            + (f" | prefixes unrouted / routed {r['routing_pair']['unrouted']['slowest_ms']:.2f} / "
+               f"{r['routing_pair']['routed']['slowest_ms']:.2f} ms" if "routing_pair" in r else ""))
 
 
 def plot(res: dict, path: Path) -> None:
