@@ -24,7 +24,7 @@ for step in $steps; do
     uc) python3 bench/unit_cost.py --out $O/uc > $O/uc_run.log 2>&1 ;;
     hp) python3 bench/head_parallel.py --shapes llama8b,llama70b --ctx 65536,131072 --tp 4,8 --plans profiled,mixed \
           --reps 20 --compare-calibration "" --calibration $CAL --feedback 2 --refine 3 --open-cuts --routing-pair \
-          --time-budget-s 400 --out $O/hp > $O/hp_run.log 2>&1 ;;
+          --time-budget-s 330 --out $O/hp > $O/hp_run.log 2>&1 ;;
     *) echo "unknown step $step (pk, uc, hp)" ;;
   esac
   echo "round25 step $step rc=$? $(( $(date +%s) - t0 )) s"
