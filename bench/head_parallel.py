@@ -814,7 +814,7 @@ def plan_feedback(a: argparse.Namespace, out: Path) -> None:
                          "compute_slowest_over_mean": [r["compute_slowest_over_mean"] for r in rounds],
                          "max_abs_diff": rounds[best]["max_abs_diff"],
                          "worst_abs_diff": max(r["max_abs_diff"] for r in rounds), "measured_on": li}
-                if rounds[best].get("kind") == "cuts":   # the measured cuts themselves (place adopts them)
+                if rounds[best].get("kind") in ("cuts", "open"):   # the measured cuts themselves (place adopts them)
                     entry["pieces"] = rounds[best]["pieces"]
                 entries += [{**entry, "layer": x} for x in same]
                 res["rows"].append({"tp": tp, "n": n, "layer": li, "layers": same, "rounds": rounds})

@@ -494,3 +494,56 @@ def test_open_cut_refuses_bad_measurements_and_cuts_nothing_it_may_not():
                          whole_heads=frozenset(range(prob.num_heads)))
     m = device(lp)
     assert open_cut(lp, fixed, m, m)[0] is lp
+
+
+def test_derives_accepts_moved_and_opened_cuts_only():
+    from sglang_shplb.planning.rank_feedback import derives, open_cut, refine_cuts
+    prob, solved, device = _rank_mispriced_device()
+    m = device(solved)
+    opened, _ = open_cut(solved, prob, m, m)
+    moved, _ = refine_cuts(opened, prob, device(opened), device(opened))
+    assert derives(solved, solved) and derives(opened, solved) and derives(moved, solved)
+    assert not derives(solved, opened)                                 # a cut head made whole again
+    gpus = [list(g) for g in solved.gpus]
+    gpus[1], gpus[2] = gpus[1] + [gpus[2][-1]], gpus[2][:-1]          # a whole head on another rank
+    assert not derives(LayerPlacement(gpus), solved)
+    (g, first), (r, rest) = sorted(((i, pc) for i, gpu in enumerate(opened.gpus) for pc in gpu if not pc.whole),
+                                   key=lambda x: x[1].start)
+    gpus = [[pc for pc in gpu if pc.whole] for gpu in opened.gpus]    # the head cut with its first piece at home
+    gpus[r].append(first)
+    gpus[g].append(rest)
+    assert not derives(LayerPlacement(gpus), solved)
+    assert not derives(LayerPlacement(solved.gpus[:-1]), solved)
+
+
+def test_place_adopts_an_opened_cut_of_its_own_solve(tmp_path):
+    """A head-scales entry whose pieces cut a head the solve keeps whole (``open_cut``), first piece elsewhere:
+    place takes it for that layer, and refuses the same cut with the pieces' ranks swapped."""
+    from sglang_shplb.planning.rank_feedback import open_cut
+    spec, budgets, buckets, cm = _small_plan_inputs()
+    bf = BudgetsFile({**spec.to_dict(), "checkpoint": "/m"}, "tau=0.9", 8192, 0.9, budgets,
+                     np.ones((2, 8)), np.ones((2, 8)))
+    opts = {"max_replicated_kv": "auto"}
+    plain = place_budgets(bf, buckets, [2], cm, "shplb", opts)
+    solved = plain.placements[2][1].layers[0]
+    costs, prof = layer_inputs(spec, budgets[0], cm, 65536)
+    prob = LayerProblem(costs, 4, 2, cm.piece_overhead, profiles=prof, transfer=cm.transfer(65536, 64))
+    slow = int(np.argmax(layer_times(solved, prob).busy))
+    measured = layer_times(solved, prob).busy * np.where(np.arange(2) == slow, 1.5, 1.0)
+    opened, _ = open_cut(solved, prob, measured, measured)
+    assert opened != solved and len({pc.head for gpu in opened.gpus for pc in gpu if not pc.whole}) > \
+        len({pc.head for gpu in solved.gpus for pc in gpu if not pc.whole})
+
+    def entry(lp):
+        return {"tp": 2, "seq_len": 65536, "layer": 0, "scale": [1.0] * 8,
+                "pieces": [[[p.head, p.start, p.end] for p in g] for g in lp.gpus]}
+
+    hs = load_head_scales(save_head_scales(tmp_path / "o.json", spec, budgets, cm.to_dict(), [entry(opened)]),
+                          spec, budgets, buckets, cm.to_dict())
+    fed = place_budgets(bf, buckets, [2], cm, "shplb", opts, head_scales=hs)
+    assert fed.placements[2][1].layers[0] == opened
+    swapped = LayerPlacement(opened.gpus[::-1])
+    hs = load_head_scales(save_head_scales(tmp_path / "s.json", spec, budgets, cm.to_dict(), [entry(swapped)]),
+                          spec, budgets, buckets, cm.to_dict())
+    with pytest.raises(HeadScalesError, match="another placement"):
+        place_budgets(bf, buckets, [2], cm, "shplb", opts, head_scales=hs)

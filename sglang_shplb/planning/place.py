@@ -68,7 +68,7 @@ from sglang_shplb.core.placement_types import LayerPlacement, Placement
 from sglang_shplb.core.plan import Plan
 from sglang_shplb.planning.budget import BudgetsFile
 from sglang_shplb.planning.cost_model import CostModel, CostProfile, Transfer
-from sglang_shplb.planning.rank_feedback import HeadScales, HeadScalesError, structure
+from sglang_shplb.planning.rank_feedback import HeadScales, HeadScalesError, derives
 from sglang_shplb.planning.solvers import SOLVERS, LayerProblem
 from sglang_shplb.planning.solvers.common import LayerTimes, Profiles, feasible
 from sglang_shplb.planning.solvers.greedy import sglang_kv_heads  # noqa: F401  (re-exported)
@@ -130,8 +130,9 @@ def solve_layer(costs, group_size: int, tp: int, solver: str = "shplb", *, profi
                 measured_cuts: LayerPlacement | None = None) -> LayerResult:
     """Place one layer's query heads on ``tp`` GPUs (see the module docstring); ``whole_heads`` are never cut
     (:func:`whole_heads`). Deterministic. ``measured_cuts``: cuts a device measured best for this solve's placement
-    (:func:`~.rank_feedback.refine_cuts`), adopted in its place; :class:`~.rank_feedback.HeadScalesError` when the
-    solve gives another placement than the one they refined (:func:`~.rank_feedback.structure`)."""
+    (:func:`~.rank_feedback.refine_cuts`, :func:`~.rank_feedback.open_cut`), adopted in its place;
+    :class:`~.rank_feedback.HeadScalesError` when the solve gives another placement than the one they were made
+    from (:func:`~.rank_feedback.derives`)."""
     if solver not in SOLVERS:
         raise ValueError(f"unknown solver {solver!r}; choose from {list(SOLVERS)}")
     prob = LayerProblem(np.asarray(costs, dtype=np.float64), group_size, tp, piece_overhead, max_replicated_kv,
@@ -150,7 +151,7 @@ def solve_layer(costs, group_size: int, tp: int, solver: str = "shplb", *, profi
                 lp, times = blp, bt
                 res.info["fallback"] = "contiguous"
     if measured_cuts is not None:
-        if structure(measured_cuts) != structure(lp):
+        if not derives(measured_cuts, lp):
             raise HeadScalesError("the measured cuts refined another placement than this solve's (solved with other "
                                   "options than the measurement: --solver, --max-replicated-kv); measure again")
         lp, times = measured_cuts, layer_times(measured_cuts, prob)

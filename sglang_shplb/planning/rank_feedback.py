@@ -39,7 +39,8 @@ measures the plan's own layers on a GPU, and
 ``place --head-scales`` solves with them (:func:`load_head_scales`). The file names the model's shape and the
 cost model and budgets it was measured with; placing with others is refused, since the multipliers correct that
 model's prices of those heads and nothing else. An entry's measured cuts (``pieces``) are adopted only where the
-solve with its multipliers gives the placement they refined (:func:`structure`); anything else is refused.
+solve with its multipliers gives the placement they were made from (:func:`derives`: their cuts moved, whole
+heads of its cut where no cut could move); anything else is refused.
 """
 from __future__ import annotations
 
@@ -118,6 +119,22 @@ def structure(lp: LayerPlacement) -> tuple:
     """What :func:`refine_cuts` keeps: the rank of every whole head and, per cut head, its ranks in query order."""
     whole = tuple(sorted((pc.head, r) for r, gpu in enumerate(lp.gpus) for pc in gpu if pc.whole))
     return whole, tuple((h, tuple(r for r, _ in ps)) for h, ps in cut_heads(lp).items())
+
+
+def derives(measured: LayerPlacement, solved: LayerPlacement) -> bool:
+    """Could feedback rounds have made ``measured`` from ``solved``? :func:`refine_cuts` keeps the
+    :func:`structure` and :func:`open_cut` cuts a whole head on its rank ``r`` into pieces whose last is on ``r``:
+    so every cut head of ``solved`` is cut over the same ranks in ``measured``, and every whole head is whole on
+    the same rank or cut with its last piece there."""
+    if len(measured.gpus) != len(solved.gpus):
+        return False
+    (whole_s, cuts_s), (whole_m, cuts_m) = structure(solved), structure(measured)
+    cuts_m, on_m = dict(cuts_m), dict(whole_m)
+    if any(cuts_m.get(h) != ranks for h, ranks in cuts_s):
+        return False
+    opened = {h for h in cuts_m if h not in dict(cuts_s)}
+    return (len(whole_m) + len(opened) == len(whole_s)
+            and all(on_m.get(h) == r if h not in opened else cuts_m[h][-1] == r for h, r in whole_s))
 
 
 def refine_cuts(lp: LayerPlacement, prob: LayerProblem, measured_total: Sequence[float],
