@@ -191,7 +191,7 @@ def emulate_checked(lp, budgets, q, k, v, ref, tp, sm_scale, smoke, a, cost, sca
     holding the cost model's per-rank predictions (``pred``, for the move-calibration fit), the pieces and the
     objective's per-rank milliseconds (head costs times ``scale`` when given), and ``max_abs_diff``."""
     n, hq, d, hkv = q.shape[0], q.shape[1], q.shape[2], k.shape[1]
-    e = emulate(lp, budgets, q, k, v, tp, sm_scale, smoke, a.link_gbps, a.reps)
+    e = emulate(lp, budgets, q, k, v, tp, sm_scale, smoke, a.link_gbps, a.reps, a.pipelined)
     diff = (e.pop("out").float() - ref.float()).abs()
     e["max_abs_diff"] = float(diff.max())
     for t, p in zip(e["ranks"], rank_predictions(lp, budgets, cost, n, hkv, tp, d, q.element_size())):
@@ -240,7 +240,7 @@ def feedback_rounds(budgets, q, k, v, ref, tp, sm_scale, smoke, a, cost, first: 
         e["head_scale"], e["kind"] = [float(x) for x in scale], "scale"
         log(f"  feedback round {i + 1}: slowest {e['slowest_ms']:.2f} ms (slowest/mean {e['slowest_over_mean']:.2f}, "
             f"compute {e['compute_slowest_over_mean']:.2f}), {e['units_moved']} units, max|diff| "
-            f"{e['max_abs_diff']:.3g}; head scale {min(scale):.2f}-{max(scale):.2f}")
+            f"{e['max_abs_diff']:.3g}; head scale {min(scale):.2f}-{max(scale):.2f}" + pipelined_note(e))
         out.append(e)
     return out
 
@@ -281,7 +281,8 @@ def refine_rounds(budgets, q, k, v, ref, tp, sm_scale, smoke, a, cost, rounds: l
         log(f"  refine round {i + 1} ({'a new cut' if kind == 'open' else 'cuts'} of round {src}, step {step:.3g}): "
             f"slowest {e['slowest_ms']:.2f} ms "
             f"(predicted {pred * per:.2f}; slowest/mean {e['slowest_over_mean']:.2f}, compute "
-            f"{e['compute_slowest_over_mean']:.2f}), {e['units_moved']} units, max|diff| {e['max_abs_diff']:.3g}")
+            f"{e['compute_slowest_over_mean']:.2f}), {e['units_moved']} units, max|diff| {e['max_abs_diff']:.3g}"
+            + pipelined_note(e))
         if e["slowest_ms"] >= done[src]["slowest_ms"]:
             step /= 2
         out.append(e)
@@ -314,8 +315,12 @@ def forced_moves(hq: int, tp: int) -> LayerPlacement:
     return LayerPlacement(gpus)
 
 
-def emulate(lp, budgets, q, k, v, tp, scale, smoke, link_gbps, reps) -> dict:
-    """Per-rank times (ms) of one layer under placement ``lp`` (see the module docstring)."""
+def emulate(lp, budgets, q, k, v, tp, scale, smoke, link_gbps, reps, pipelined: int = 0) -> dict:
+    """Per-rank times (ms) of one layer under placement ``lp`` (see the module docstring). ``pipelined = L``: each
+    rank's whole layer (its parts but the links) also run as L layers back to back in one timed call, the L2
+    flushed between them (``pipelined_ms``: per layer, the flushes taken off), as a forward issues them: the host
+    runs ahead, so a part whose launches outlast its kernels costs its kernels only while the rank's device work
+    outlasts its host work. The parts timed alone each pay their own host time when it is the longer."""
     n, hq, d = q.shape[0], q.shape[1], q.shape[2]
     hkv = k.shape[1]
     dev = q.device
@@ -390,6 +395,12 @@ def emulate(lp, budgets, q, k, v, tp, scale, smoke, link_gbps, reps) -> dict:
         local_units()
         hp.scatter_outputs(sched, ret, split, outs[r])
         tail()
+        if pipelined:
+            t["pipelined_ms"] = pipelined_ms(lambda r=r: (
+                moved_out and hps[r].pack_inputs(sched, qs[r], ks[r], vs[r], r2t, rpi), home(), local_units(),
+                [hps[r].compute_units(sched, s, budgets, scale, None, recv=recv_from(s, r)) for s in srcs],
+                back_in and hp.scatter_outputs(sched, ret, split, outs[r]), sparse_heads(local) and tail()),
+                pipelined, smoke, reps)
         t["link_in_ms"] = max(moved_in, moved_out) / bw * 1e3
         t["link_out_ms"] = max(back_in, back_out) / bw * 1e3
         t["compute_ms"] = (t["home_ms"] + t.get("local_units_ms", 0.0) + t.get("units_ms", 0.0)
@@ -403,9 +414,32 @@ def emulate(lp, budgets, q, k, v, tp, scale, smoke, link_gbps, reps) -> dict:
     mean = sum(x["total_ms"] for x in ranks) / tp
     cslow = max(x["compute_ms"] for x in ranks)
     cmean = sum(x["compute_ms"] for x in ranks) / tp
-    return {"ranks": ranks, "slowest_ms": slow, "slowest_over_mean": slow / mean,
-            "compute_slowest_over_mean": cslow / cmean, "moved_bytes": sched.moved_elems(d, tp) * q.element_size(),
-            "units_moved": len(work.moved_units()), "out": torch.cat(outs, 1)}
+    out = {"ranks": ranks, "slowest_ms": slow, "slowest_over_mean": slow / mean,
+           "compute_slowest_over_mean": cslow / cmean, "moved_bytes": sched.moved_elems(d, tp) * q.element_size(),
+           "units_moved": len(work.moved_units()), "out": torch.cat(outs, 1)}
+    if pipelined:
+        pl = [x["pipelined_ms"] for x in ranks]
+        out["pipelined_slowest_ms"], out["pipelined_slowest_over_mean"] = max(pl), max(pl) * tp / sum(pl)
+    return out
+
+
+def pipelined_note(e: dict) -> str:
+    """The pipelined slowest rank of an emulation, for a log line ('' without ``--pipelined``)."""
+    if "pipelined_slowest_ms" not in e:
+        return ""
+    return f"; pipelined {e['pipelined_slowest_ms']:.2f} ms (slowest/mean {e['pipelined_slowest_over_mean']:.2f})"
+
+
+def pipelined_ms(layer, layers: int, smoke: bool, reps: int) -> float:
+    """Milliseconds per layer of ``layer()`` issued ``layers`` times back to back with the L2 flushed before each
+    (a 256 MiB write, timed alone and taken off)."""
+    flush = torch.empty((1 if smoke else 256) << 20, dtype=torch.int8, device="cpu" if smoke else "cuda")
+
+    def forward():
+        for _ in range(layers):
+            flush.zero_()
+            layer()
+    return (bench(forward, smoke, reps) - layers * bench(flush.zero_, smoke, reps)) / layers
 
 
 def worst_heads(diff: torch.Tensor, budgets, top: int = 4) -> list[dict]:
@@ -540,6 +574,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--unrouted-prefixes", action="store_true",
                     help="dense pieces run their prefix on cuDNN however small its grid (dense_pieces.unrouted_prefixes;"
                          " default: dense_pieces.prefix_backend, flash for a small grid)")
+    ap.add_argument("--pipelined", type=int, default=0, metavar="L",
+                    help="also time each rank's layer as L layers back to back in one call, the L2 flushed between "
+                         "them (pipelined_ms: the host running ahead, as in a forward; links not included)")
     ap.add_argument("--routing-pair", action="store_true",
                     help="emulate each row's best placement again with every prefix on cuDNN and then routed, back "
                          "to back (the same placement, the same process)")
@@ -709,7 +746,7 @@ def run(a: argparse.Namespace) -> None:
                             f"{row['shplb_feedback']['slowest_over_mean']:.2f} (compute "
                             f"{row['shplb_feedback']['compute_slowest_over_mean']:.2f}), x"
                             f"{row['feedback_vs_contiguous']:.2f} vs contiguous, x{row['feedback_vs_dense_sdpa']:.2f} "
-                            f"vs dense SDPA")
+                            f"vs dense SDPA" + pipelined_note(row["shplb_feedback"]))
                     if "flashinfer_ms" in row:
                         row["speedup_vs_flashinfer"] = row["flashinfer_ms"] / s
                     res["rows"].append(row)
@@ -725,6 +762,8 @@ def run(a: argparse.Namespace) -> None:
                         + (f"; shplb_prior {row['shplb_prior']['slowest_ms']:.2f} ms ({row['shplb_prior']['units_moved']}"
                            f" units, slowest/mean {row['shplb_prior']['slowest_over_mean']:.2f}): x"
                            f"{row['speedup_vs_prior']:.2f}" if "shplb_prior" in row else "; shplb_prior = shplb")
+                        + pipelined_note(row["shplb"]) + (f" (contiguous {row['contiguous']['pipelined_slowest_ms']:.2f})"
+                                                           if a.pipelined else "")
                         + f"; max|diff| {row['shplb_max_abs_diff']:.3g}; the calibrated objective predicted "
                         + ", ".join(f"{p} {row[p]['predicted_slowest_ms']:.2f}" for p in lps) + " ms")
                     if row["contiguous_max_abs_diff"] > 0.05:

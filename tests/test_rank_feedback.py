@@ -417,6 +417,33 @@ def test_bench_open_cut_round_cuts_a_head_of_the_slowest_rank_and_matches_the_si
     assert out[0]["max_abs_diff"] < 1e-5
 
 
+def test_bench_pipelined_ranks_and_routing_pair_keep_the_single_device_output():
+    """bench/head_parallel.py --pipelined 2 --routing-pair on the CPU (Triton interpreter, 256 tokens, TP 2, a
+    placement that moves work): every rank has a per-layer pipelined time, the slowest is reported, and the
+    emulated output (after the pipelined calls, and in both runs of the routing pair) equals the single-device
+    layer."""
+    import sys
+    from pathlib import Path
+    import torch
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    import head_parallel as hp
+
+    a = hp.parse_args(["--cpu-smoke", "--pipelined", "2", "--routing-pair", "--reps", "1"])
+    hq, hkv, d, tp, n = 8, 2, 64, 2, 256
+    q, k, v = hp.layer_qkv(n, hq, hkv, d, "cpu", torch.float32)
+    bud = [HeadBudget.dense()] * 4 + [HeadBudget.streaming(64, 128)] * 4
+    ref = hp.single_device_layer(q, k, v, bud)
+    cost = CostModel.analytic()
+    e, _ = hp.emulate_checked(hp.forced_moves(hq, tp), bud, q, k, v, ref, tp, d ** -0.5, True, a, cost)
+    pl = [t["pipelined_ms"] for t in e["ranks"]]
+    assert all(x > 0 for x in pl) and e["pipelined_slowest_ms"] == max(pl) and e["max_abs_diff"] < 1e-5
+    pair = hp.routing_pair({"shplb": e}, bud, q, k, v, ref, tp, d ** -0.5, True, a, cost)
+    assert hp.placement_of(pair["routed"]) == hp.placement_of(e) == hp.placement_of(pair["unrouted"])
+    assert max(pair["routed"]["max_abs_diff"], pair["unrouted"]["max_abs_diff"]) < 1e-5
+    with pytest.raises(SystemExit):
+        hp.parse_args(["--routing-pair", "--unrouted-prefixes"])
+
+
 def test_the_gpu_measured_file_for_the_llama_serving_plan_places_with_its_cuts():
     """Round 23's head-scales file (H100, bench/head_parallel.py --plan on the serving benchmark's Llama-3-8B plan,
     --feedback 2 --refine 2) read back with that plan's budgets and calibration: accepted, and the plan takes the
