@@ -922,6 +922,11 @@ def plot(res: dict, path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+#: marker and colour of each kind of round in :func:`plot_rounds` (None: the open loop)
+ROUND_STYLES = {None: ("s", "black"), "scale": ("o", "tab:blue"), "cuts": ("^", "tab:orange"),
+                "open": ("D", "tab:green")}
+
+
 def plot_rounds(res: dict, path: Path) -> None:
     """Per cell, every emulated round's slowest rank over the open loop's (multiplier rounds, refine rounds, the
     best marked) and its compute slowest/mean: what ``--feedback`` / ``--refine`` did, cell by cell."""
@@ -934,18 +939,20 @@ def plot_rounds(res: dict, path: Path) -> None:
         rounds = [r["shplb"]] + r["feedback"]
         base = rounds[0]["slowest_ms"]
         for e in rounds:
-            style = {"scale": ("o", "tab:blue"), "cuts": ("^", "tab:orange")}.get(e.get("kind"), ("s", "black"))
+            style = ROUND_STYLES.get(e.get("kind"), ROUND_STYLES[None])
             top.plot(i, e["slowest_ms"] / base, style[0], color=style[1], ms=5, alpha=0.8)
             bot.plot(i, e["compute_slowest_over_mean"], style[0], color=style[1], ms=5, alpha=0.8)
         b = rounds[r["feedback_best_round"]]
         top.plot(i, b["slowest_ms"] / base, "*", color="tab:red", ms=12, mfc="none")
         bot.plot(i, b["compute_slowest_over_mean"], "*", color="tab:red", ms=12, mfc="none")
-    for label, (m, c) in (("open loop", ("s", "black")), ("per-head multipliers (--feedback)", ("o", "tab:blue")),
-                          ("cuts moved (--refine)", ("^", "tab:orange")), ("best round", ("*", "tab:red"))):
+    for label, (m, c) in (("open loop", ROUND_STYLES[None]),
+                          ("per-head multipliers (--feedback)", ROUND_STYLES["scale"]),
+                          ("cuts moved (--refine)", ROUND_STYLES["cuts"]),
+                          ("a head cut (--open-cuts)", ROUND_STYLES["open"]), ("best round", ("*", "tab:red"))):
         top.plot([], [], m, color=c, label=label, mfc="none" if m == "*" else None)
     top.axhline(1.0, color="gray", lw=0.8)
     top.set_ylabel("slowest rank / open loop's")
-    top.legend(fontsize=7, ncol=4)
+    top.legend(fontsize=7, ncol=5)
     bot.axhline(1.05, color="gray", lw=0.8, ls="--")
     bot.set_ylabel("compute slowest / mean")
     bot.set_xticks(range(len(rows)), [f"{r['shape']} {r['n'] // 1024}K\n{r['plan']} TP{r['tp']}" for r in rows],
