@@ -9,7 +9,7 @@
 #   hp   bench/head_parallel.py, round 23's 16 cells (feedback 2, refine 3; --open-cuts: a head of the slowest
 #        rank cut where no cut can move), each row's best placement timed again unrouted and routed back to back
 #        (--routing-pair), ~6 min
-#   hpp  the llama8b cells and rounds, each rank also timed as 4 layers back to back (--pipelined 4), ~3 min
+#   hpp  the llama8b TP 8 cells and rounds, each rank also timed as 4 layers back to back (--pipelined 4), ~2 min
 set -u
 steps=${*:-pk uc hp}
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
@@ -26,9 +26,9 @@ for step in $steps; do
     hp) python3 bench/head_parallel.py --shapes llama8b,llama70b --ctx 65536,131072 --tp 4,8 --plans profiled,mixed \
           --reps 20 --compare-calibration "" --calibration $CAL --feedback 2 --refine 3 --open-cuts --routing-pair \
           --time-budget-s 330 --out $O/hp > $O/hp_run.log 2>&1 ;;
-    hpp) python3 bench/head_parallel.py --shapes llama8b --ctx 65536,131072 --tp 4,8 --plans profiled,mixed \
+    hpp) python3 bench/head_parallel.py --shapes llama8b --ctx 65536,131072 --tp 8 --plans profiled,mixed \
           --reps 20 --compare-calibration "" --calibration $CAL --feedback 2 --refine 3 --open-cuts --pipelined 4 \
-          --time-budget-s 200 --out $O/hpp > $O/hpp_run.log 2>&1 ;;
+          --time-budget-s 120 --out $O/hpp > $O/hpp_run.log 2>&1 ;;
     *) echo "unknown step $step (pk, uc, hp, hpp)" ;;
   esac
   echo "round25 step $step rc=$? $(( $(date +%s) - t0 )) s"
