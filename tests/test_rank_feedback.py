@@ -185,19 +185,25 @@ def test_place_solves_the_measured_layers_with_their_multipliers(tmp_path):
     assert fed.placements[2][1].layers[0] == want
 
 
+def _placed_small_plan():
+    """:func:`_small_plan_inputs` placed at TP 2 (``max_replicated_kv`` auto) and layer 0's problem at 64K:
+    ``(spec, budgets, buckets, cost model, budgets file, options, placed plan, problem)``."""
+    spec, budgets, buckets, cm = _small_plan_inputs()
+    bf = BudgetsFile({**spec.to_dict(), "checkpoint": "/m"}, "tau=0.9", 8192, 0.9, budgets,
+                     np.ones((2, 8)), np.ones((2, 8)))
+    opts = {"max_replicated_kv": "auto"}
+    costs, prof = layer_inputs(spec, budgets[0], cm, 65536)
+    prob = LayerProblem(costs, 4, 2, cm.piece_overhead, profiles=prof, transfer=cm.transfer(65536, 64))
+    return spec, budgets, buckets, cm, bf, opts, place_budgets(bf, buckets, [2], cm, "shplb", opts), prob
+
+
 def test_place_adopts_the_measured_cuts_of_its_own_solve_only(tmp_path):
     """An entry with the cuts a refinement measured best: place keeps the solve's structure and takes those cuts
     (the plan's predicted times are theirs); cuts of another structure, or the same file placed with other solver
     options, are refused, naming the layer."""
     from sglang_shplb.planning.rank_feedback import refine_cuts
-    spec, budgets, buckets, cm = _small_plan_inputs()
-    bf = BudgetsFile({**spec.to_dict(), "checkpoint": "/m"}, "tau=0.9", 8192, 0.9, budgets,
-                     np.ones((2, 8)), np.ones((2, 8)))
-    opts = {"max_replicated_kv": "auto"}
-    plain = place_budgets(bf, buckets, [2], cm, "shplb", opts)
+    spec, budgets, buckets, cm, bf, opts, plain, prob = _placed_small_plan()
     solved = plain.placements[2][1].layers[0]
-    costs, prof = layer_inputs(spec, budgets[0], cm, 65536)
-    prob = LayerProblem(costs, 4, 2, cm.piece_overhead, profiles=prof, transfer=cm.transfer(65536, 64))
     measured = layer_times(solved, prob).busy * np.array([1.0, 1.4])
     refined, _ = refine_cuts(solved, prob, measured, measured)
     assert refined != solved
@@ -359,22 +365,28 @@ def test_refine_cuts_keeps_a_placement_without_cuts_and_moves_toward_the_faster_
     assert predicted < slow1.max()
 
 
+def _bench_layer(*argv):
+    """``bench/head_parallel.py`` imported, its arguments ``--cpu-smoke --reps 1 *argv``, and a 256-token layer of 8
+    q / 2 KV heads (4 dense, 4 streaming) on the CPU with its single-device output: ``(hp, a, (q, k, v), budgets,
+    ref)``."""
+    import sys
+    from pathlib import Path
+    import torch
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    import head_parallel as hp
+
+    a = hp.parse_args(["--cpu-smoke", "--reps", "1", *argv])
+    q, k, v = hp.layer_qkv(256, 8, 2, 64, "cpu", torch.float32)
+    bud = [HeadBudget.dense()] * 4 + [HeadBudget.streaming(64, 128)] * 4
+    return hp, a, (q, k, v), bud, hp.single_device_layer(q, k, v, bud)
+
+
 def test_bench_refine_round_moves_a_cut_and_matches_the_single_device_layer():
     """bench/head_parallel.py --refine on the CPU (Triton interpreter, 256 tokens, TP 2): from a placement whose
     rank 1 is slower, the round keeps the structure, moves head 0's cut toward rank 0, and the emulated output
     equals the single-device layer."""
-    import sys
-    from pathlib import Path
-    import torch
-    from sglang_shplb.planning.cost_model import CostModel
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-    import head_parallel as hp
-
-    a = hp.parse_args(["--cpu-smoke", "--refine", "2", "--reps", "1"])
-    hq, hkv, d, tp, n = 8, 2, 64, 2, 256
-    q, k, v = hp.layer_qkv(n, hq, hkv, d, "cpu", torch.float32)
-    bud = [HeadBudget.dense()] * 4 + [HeadBudget.streaming(64, 128)] * 4
-    ref = hp.single_device_layer(q, k, v, bud)
+    hp, a, (q, k, v), bud, ref = _bench_layer("--refine", "2")
+    hq, d, tp = 8, 64, 2
     cost = CostModel.analytic()
     lp = hp.forced_moves(hq, tp)         # head 0 cut at 0.5 over ranks 0 / 1, rank 1 holding 5 more heads
     e, _ = hp.emulate_checked(lp, bud, q, k, v, ref, tp, d ** -0.5, True, a, cost)
@@ -392,17 +404,8 @@ def test_bench_open_cut_round_cuts_a_head_of_the_slowest_rank_and_matches_the_si
     heads only (nothing for refine_cuts to move), the round cuts a head of the slower rank, its first part on the
     other rank, and the emulated output equals the single-device layer. The model is slowed to the interpreter's
     milliseconds, so that a cut can pay in it."""
-    import sys
-    from pathlib import Path
-    import torch
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-    import head_parallel as hp
-
-    a = hp.parse_args(["--cpu-smoke", "--refine", "1", "--open-cuts", "--reps", "1"])
-    hq, hkv, d, tp, n = 8, 2, 64, 2, 256
-    q, k, v = hp.layer_qkv(n, hq, hkv, d, "cpu", torch.float32)
-    bud = [HeadBudget.dense()] * 4 + [HeadBudget.streaming(64, 128)] * 4
-    ref = hp.single_device_layer(q, k, v, bud)
+    hp, a, (q, k, v), bud, ref = _bench_layer("--refine", "1", "--open-cuts")
+    d, tp = 64, 2
     cost = CostModel.analytic({"dense": 1e-3, "streaming": 1e-3}, unit_overhead_s=1e-5)
     lp = LayerPlacement([[Piece(h) for h in range(4)], [Piece(h) for h in range(4, 8)]])
     e, _ = hp.emulate_checked(lp, bud, q, k, v, ref, tp, d ** -0.5, True, a, cost)
@@ -422,17 +425,8 @@ def test_bench_pipelined_ranks_and_routing_pair_keep_the_single_device_output():
     placement that moves work): every rank has a per-layer pipelined time, the slowest is reported, and the
     emulated output (after the pipelined calls, and in both runs of the routing pair) equals the single-device
     layer."""
-    import sys
-    from pathlib import Path
-    import torch
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-    import head_parallel as hp
-
-    a = hp.parse_args(["--cpu-smoke", "--pipelined", "2", "--routing-pair", "--reps", "1"])
-    hq, hkv, d, tp, n = 8, 2, 64, 2, 256
-    q, k, v = hp.layer_qkv(n, hq, hkv, d, "cpu", torch.float32)
-    bud = [HeadBudget.dense()] * 4 + [HeadBudget.streaming(64, 128)] * 4
-    ref = hp.single_device_layer(q, k, v, bud)
+    hp, a, (q, k, v), bud, ref = _bench_layer("--pipelined", "2", "--routing-pair")
+    hq, d, tp = 8, 64, 2
     cost = CostModel.analytic()
     e, _ = hp.emulate_checked(hp.forced_moves(hq, tp), bud, q, k, v, ref, tp, d ** -0.5, True, a, cost)
     pl = [t["pipelined_ms"] for t in e["ranks"]]
@@ -547,14 +541,8 @@ def test_place_adopts_an_opened_cut_of_its_own_solve(tmp_path):
     """A head-scales entry whose pieces cut a head the solve keeps whole (``open_cut``), first piece elsewhere:
     place takes it for that layer, and refuses the same cut with the pieces' ranks swapped."""
     from sglang_shplb.planning.rank_feedback import open_cut
-    spec, budgets, buckets, cm = _small_plan_inputs()
-    bf = BudgetsFile({**spec.to_dict(), "checkpoint": "/m"}, "tau=0.9", 8192, 0.9, budgets,
-                     np.ones((2, 8)), np.ones((2, 8)))
-    opts = {"max_replicated_kv": "auto"}
-    plain = place_budgets(bf, buckets, [2], cm, "shplb", opts)
+    spec, budgets, buckets, cm, bf, opts, plain, prob = _placed_small_plan()
     solved = plain.placements[2][1].layers[0]
-    costs, prof = layer_inputs(spec, budgets[0], cm, 65536)
-    prob = LayerProblem(costs, 4, 2, cm.piece_overhead, profiles=prof, transfer=cm.transfer(65536, 64))
     slow = int(np.argmax(layer_times(solved, prob).busy))
     measured = layer_times(solved, prob).busy * np.where(np.arange(2) == slow, 1.5, 1.0)
     opened, _ = open_cut(solved, prob, measured, measured)
