@@ -28,7 +28,11 @@ run ends with a refit written to ``OUT/move_calibration_<gpu>.json`` (residuals 
 recorded units and bytes), no GPU. ``--feedback N`` closes the loop per cell instead: up to N re-solves with the
 heads' costs scaled by the measured ranks' mispricing (:mod:`sglang_shplb.planning.rank_feedback`), each
 emulated; ``--refine N`` then up to N rounds that keep the best placement's structure and move its cuts to even
-out its measured ranks (``refine_cuts``); the best of all rounds is ``shplb_feedback``.
+out its measured ranks (``refine_cuts``), or with ``--open-cuts`` cut a head of the slowest rank where no cut can
+move (``open_cut``); the best of all rounds is ``shplb_feedback``. ``--routing-pair`` times that placement again
+with every dense prefix on cuDNN and as routed (``dense_pieces.prefix_backend``); ``--pipelined L`` also times each
+rank's layer as L layers back to back in one call (the host ahead, as in a forward; the parts timed alone each
+pay their host time where it outlasts their kernels).
 
 Decode stays on the home heads: per TP the pages each rank reads per step (slowest / mean), what they
 would be if decode followed the prefill placement, and the bytes per token a replica side pool would
