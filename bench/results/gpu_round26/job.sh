@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Round 26's GPU job (2026-12-07). No bundle: the device's own torch 2.11 / Triton 3.6, plus cuDNN's block-sparse
+# attention as an SGLang 0.5.17 install would have it (nvidia-cudnn-frontend 1.28.0, the newest whose
+# nvidia-cutlass-dsl need meets SGLang's pin 4.6.0; apache-tvm-ffi 0.1.11), carried as wheels in two calls:
+#   call 1, carry [".whl/a"]: mkdir -p /tmp/parts && cp .whl/a/* /tmp/parts/
+#   call 2, carry [".whl/b", "bench/results/gpu_round26/job.sh", CAL]: cp .whl/b/* /tmp/parts/ &&
+#     rm -rf /tmp/repo && mkdir -p /tmp/repo /tmp/out && tar cf - . | tar xf - -C /tmp/repo && cd /tmp/repo &&
+#     (setsid nohup bash bench/results/gpu_round26/job.sh > /tmp/run.log 2>&1 < /dev/null &); bash bench/gpu_poll.sh 560 "round26 done"
+# (bench/results is left out of the tree for these calls: 57 MiB of it would not fit the 64 MiB a call carries.)
+# Steps (name a subset as arguments; default `cb hpp`):
+#   cb   bench/cudnn_blocks.py: cuDNN's block-sparse route vs the Triton kernels vs dense SDPA, 16K-128K, ~3 min
+#   hpp  the llama8b TP 8 head-parallel cells, each rank also timed as 4 layers back to back (--pipelined 4), ~2 min
+set -u
+steps=${*:-cb hpp}
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
+O=/tmp/out
+CAL=bench/results/head_parallel/move_calibration_round13_h100.json
+mkdir -p $O
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee $O/gpu.txt
+t0=$(date +%s)
+cat /tmp/parts/cu13.part* > /tmp/parts/nvidia_cutlass_dsl_libs_cu13-4.6.0-cp312-cp312-manylinux_2_28_x86_64.whl
+(cd /tmp/parts && sha256sum -c cu13.sha256) || echo "cu13 wheel checksum FAILED"
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site /tmp/parts/*.whl \
+  > $O/pip.log 2>&1 || echo "pip install failed (see pip.log)"
+export PYTHONPATH=/tmp/site:/tmp/site/nvidia_cutlass_dsl/dsl_packages:$PWD TRITON_INTERPRET=0
+python3 -c "import cudnn, cutlass; from cudnn.block_sparse_attention import block_sparse_attention_forward; \
+print('cudnn frontend', cudnn.__version__, 'backend', cudnn.backend_version(), 'cutlass-dsl', cutlass.__version__)" \
+  2>&1 | tail -n 5 | tee $O/probe.txt
+echo "install $(( $(date +%s) - t0 )) s"
+for step in $steps; do
+  t0=$(date +%s)
+  case $step in
+    cb) python3 bench/cudnn_blocks.py --out $O/cb --budget-s 240 > $O/cb_run.log 2>&1 ;;
+    hpp) python3 bench/head_parallel.py --shapes llama8b --ctx 65536,131072 --tp 8 --plans profiled,mixed \
+          --reps 20 --compare-calibration "" --calibration $CAL --feedback 2 --refine 3 --open-cuts --pipelined 4 \
+          --time-budget-s 120 --out $O/hpp > $O/hpp_run.log 2>&1 ;;
+    *) echo "unknown step $step (cb, hpp)" ;;
+  esac
+  echo "round26 step $step rc=$? $(( $(date +%s) - t0 )) s"
+done
+echo "round26 done"

@@ -1,0 +1,106 @@
+"""Sparse prefill heads on cuDNN's block-sparse attention (the cuDNN frontend's CuTe DSL kernel for SM90, 64-token
+blocks: ``cudnn.block_sparse_attention``), the causal diagonal on :mod:`.triton_diagonal`.
+
+The package's :class:`.block_index.BlockIndex` lists each query block's KV blocks in ascending order, the
+diagonal last. cuDNN's kernel takes such lists per (batch, q head, query block) with a count per row; it is not
+causal and wants the query rows in whole 64-row blocks. One call covers every listed head of one sequence's chunk:
+
+    counts     = block_cnt - 1 for the heads asked for (the diagonal dropped), 0 for the others
+    o_p, lse_p = cuDNN(q, k, v, block_idx, counts)          every head, over its listed blocks, not causal
+    out[:, heads] = diagonal_merge(q, k, v, o_p, lse_p)     the diagonal, causal, merged by log-sum-exp
+
+It runs on CUDA at SM 9.x, bf16 / fp16, d = 64 or 128, where ``cudnn.block_sparse_attention`` imports
+(nvidia-cudnn-frontend >= 1.28 with nvidia-cutlass-dsl: FlashInfer 0.6 requires the first, SGLang 0.5.17 pins
+the second). :func:`listed_blocks_reference` is the torch stand-in of cuDNN's call (tests on the CPU). No SGLang.
+"""
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+from typing import Callable
+
+import torch
+
+from sglang_shplb.core.patterns import BLOCK
+from sglang_shplb.kernels.triton_diagonal import diagonal_merge
+
+#: ``(q, k, v, block_idx, counts, scale) -> (o_p, lse_p)``: attention over listed blocks, not causal
+ListedBlocks = Callable[..., tuple[torch.Tensor, torch.Tensor]]
+
+
+@lru_cache(maxsize=None)
+def _cudnn_forward():
+    """cuDNN's ``block_sparse_attention_forward``, or the reason it cannot be imported."""
+    try:
+        from cudnn.block_sparse_attention import block_sparse_attention_forward
+    except Exception as e:  # noqa: BLE001  (ImportError, or the DSL failing to load its libraries)
+        return f"cudnn.block_sparse_attention does not import: {type(e).__name__}: {e}"
+    return block_sparse_attention_forward
+
+
+def cudnn_blocks_unavailable(q: torch.Tensor) -> str | None:
+    """Why :func:`block_sparse_heads` cannot use cuDNN for ``q``, or None where it can."""
+    if not q.is_cuda:
+        return "not on CUDA"
+    if torch.cuda.get_device_capability(q.device)[0] != 9:
+        return f"SM {torch.cuda.get_device_capability(q.device)}: cuDNN's block-sparse forward here is SM90's"
+    if q.dtype not in (torch.float16, torch.bfloat16):
+        return f"dtype {q.dtype}"
+    if q.shape[-1] not in (64, 128):
+        return f"head dim {q.shape[-1]}"
+    f = _cudnn_forward()
+    return f if isinstance(f, str) else None
+
+
+def cudnn_listed_blocks(q4: torch.Tensor, k4: torch.Tensor, v4: torch.Tensor, block_idx: torch.Tensor,
+                        counts: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cuDNN's call: ``q4 [1, n_q, Hq, d]`` (``n_q`` a multiple of 64), ``k4, v4 [1, n_kv, Hkv, d]``,
+    ``block_idx [1, Hq, n_q / 64, MAXK]``, ``counts [1, Hq, n_q / 64]`` → ``o [1, n_q, Hq, d]``,
+    ``lse [1, Hq, n_q]`` (float32, natural log, -inf where a row lists nothing)."""
+    r = _cudnn_forward()(q4, k4, v4, block_idx, q2k_block_nums=counts, allow_empty_block_nums=True,
+                         softmax_scale=scale, layout="bshd")
+    return r["o_tensor"], r["lse_tensor"]
+
+
+def listed_blocks_reference(q4: torch.Tensor, k4: torch.Tensor, v4: torch.Tensor, block_idx: torch.Tensor,
+                            counts: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`cudnn_listed_blocks` in float32 torch ops: each row of query block ``j`` attends every key of the
+    blocks ``block_idx[0, h, j, :counts[0, h, j]]``, none other, no causal mask."""
+    _, n_q, hq, d = q4.shape
+    n_kv, hkv = k4.shape[1], k4.shape[2]
+    group = hq // hkv
+    o = torch.zeros(1, n_q, hq, d, dtype=q4.dtype, device=q4.device)
+    lse = torch.full((1, hq, n_q), float("-inf"), dtype=torch.float32, device=q4.device)
+    for h in range(hq):
+        for j in range(n_q // BLOCK):
+            c = int(counts[0, h, j])
+            if c == 0:
+                continue
+            keys = (block_idx[0, h, j, :c].long()[:, None] * BLOCK + torch.arange(BLOCK)).flatten()
+            keys = keys[keys < n_kv]
+            rows = slice(j * BLOCK, (j + 1) * BLOCK)
+            s = (q4[0, rows, h].float() @ k4[0, keys, h // group].float().T) * scale
+            lse[0, h, rows] = torch.logsumexp(s, -1)
+            o[0, rows, h] = (torch.softmax(s, -1) @ v4[0, keys, h // group].float()).to(o.dtype)
+    return o, lse
+
+
+def block_sparse_heads(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_idx: torch.Tensor,
+                       block_cnt: torch.Tensor, heads: torch.Tensor, out: torch.Tensor, scale: float,
+                       listed: ListedBlocks = cudnn_listed_blocks) -> torch.Tensor:
+    """The heads ``heads`` (int32 on ``q``'s device) of one sequence's chunk, written into ``out [n_q, Hq, d]``.
+
+    ``q [n_q, Hq, d]``: the last ``n_q`` of the sequence's ``n_kv`` positions (``n_kv - n_q`` a multiple of 64);
+    ``k, v [n_kv, Hkv, d]``: its keys and values, contiguous rows; ``block_idx [Hq, NB, MAXK]``,
+    ``block_cnt [Hq, NB]``: the sequence's rows of a :class:`.block_index.BlockIndex` (absolute query blocks).
+    ``listed``: the attention over the listed blocks (cuDNN's, or :func:`listed_blocks_reference`)."""
+    n_q, hq, d = q.shape
+    first = (k.shape[0] - n_q) // BLOCK
+    nqb = math.ceil(n_q / BLOCK)
+    if n_q % BLOCK:              # cuDNN takes whole query blocks: zero rows past the chunk, dropped after
+        q = torch.cat([q, q.new_zeros(nqb * BLOCK - n_q, hq, d)])
+    listed_head = torch.zeros(hq, dtype=torch.int32, device=q.device)
+    listed_head[heads.long()] = 1
+    counts = (block_cnt[:, first:first + nqb] - 1).clamp(min=0) * listed_head[:, None]
+    o_p, lse_p = listed(q[None], k[None], v[None], block_idx[None, :, first:first + nqb], counts[None].int(), scale)
+    return diagonal_merge(q[:n_q], k, v, o_p[:, :n_q], lse_p[:, :, :n_q], heads, out, scale)

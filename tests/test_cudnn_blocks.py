@@ -1,0 +1,71 @@
+"""The cuDNN block-sparse route's own parts on the CPU: the diagonal-merge kernel (Triton interpreter) against its
+torch reference, and the whole route (:func:`block_sparse_heads`, cuDNN's call replaced by its torch stand-in)
+against the masked dense reference of the same block index, full prefills and chunks after a prefix."""
+import math
+
+import pytest
+import torch
+from conftest import DEV, tol
+
+from sglang_shplb.core.patterns import BLOCK, HeadBudget, Pattern
+from sglang_shplb.kernels import build_block_index
+from sglang_shplb.kernels.cudnn_blocks import (block_sparse_heads, cudnn_blocks_unavailable,
+                                               listed_blocks_reference)
+from sglang_shplb.kernels.reference import masked_attention, relative_error
+from sglang_shplb.kernels.triton_diagonal import diagonal_merge, diagonal_merge_reference
+
+BUDGETS = [HeadBudget.topk(0.3, 2), HeadBudget.streaming(64, 128), HeadBudget.dense(), HeadBudget.topk(0.5, 1),
+           HeadBudget.vslash(0.3, 2), HeadBudget.streaming(0, 64)]
+
+
+def _qkv(n_q: int, n_kv: int, hq: int, hkv: int, d: int, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(n_q, hq, d, generator=g).to(DEV), torch.randn(n_kv, hkv, d, generator=g).to(DEV),
+            torch.randn(n_kv, hkv, d, generator=g).to(DEV))
+
+
+@pytest.mark.parametrize("n_q,n_kv", [(256, 256), (128, 320), (100, 292)])
+def test_diagonal_merge_equals_reference(n_q, n_kv):
+    q, k, v = _qkv(n_q, n_kv, 4, 2, 64, 1)
+    g = torch.Generator().manual_seed(2)
+    o_p = torch.randn(1, n_q, 4, 64, generator=g).to(DEV)
+    lse_p = torch.randn(1, 4, n_q, generator=g).to(DEV) * 3
+    lse_p[0, 1, :70] = float("-inf")                     # rows that listed nothing but the diagonal
+    heads = torch.tensor([0, 1, 3], dtype=torch.int32, device=DEV)
+    out = torch.full_like(q, 7.0)
+    ref = torch.full_like(q, 7.0)
+    diagonal_merge(q, k, v, o_p, lse_p, heads, out, 0.125)
+    diagonal_merge_reference(q, k, v, o_p, lse_p, heads, ref, 0.125)
+    assert relative_error(out, ref) < tol(torch.float32)
+    assert bool((out[:, 2] == 7.0).all())                # a head not asked for is left alone
+    assert bool(torch.isfinite(out).all())
+
+
+def test_diagonal_merge_refuses_an_unaligned_prefix():
+    q, k, v = _qkv(64, 100, 2, 1, 64, 3)
+    with pytest.raises(ValueError, match="multiple of 64"):
+        diagonal_merge(q, k, v, torch.zeros(1, 64, 2, 64), torch.zeros(1, 2, 64), torch.tensor([0], dtype=torch.int32),
+                       torch.empty_like(q), 0.125)
+
+
+@pytest.mark.parametrize("n_q,n_kv", [(384, 384), (192, 448), (130, 386)])
+def test_block_sparse_heads_equals_masked_reference(n_q, n_kv):
+    """Every sparse head of a mixed layer (top-k, streaming with and without sinks, vertical-slash) through the
+    route equals the masked dense reference of the index the route read; the dense head stays untouched."""
+    hq, hkv, d = len(BUDGETS), 3, 64
+    q, k, v = _qkv(n_q, n_kv, hq, hkv, d, 4)
+    cu = torch.tensor([0, n_q], dtype=torch.int32, device=DEV)
+    kvl = torch.tensor([n_kv], dtype=torch.int32, device=DEV)
+    index = build_block_index(BUDGETS, q, k, cu, kvl, n_kv, cu_seqlens_k=torch.tensor([0, n_kv], device=DEV))
+    sparse = [h for h, b in enumerate(BUDGETS) if b.pattern is not Pattern.DENSE]
+    heads = torch.tensor(sparse, dtype=torch.int32, device=DEV)
+    out = torch.full_like(q, float("nan"))
+    block_sparse_heads(q, k, v, index.block_idx[0], index.block_cnt[0], heads, out, d ** -0.5,
+                       listed=listed_blocks_reference)
+    ref = masked_attention(q, k, v, index.masks(0, math.ceil(n_kv / BLOCK)))
+    assert relative_error(out[:, sparse], ref[:, sparse]) < tol(torch.float32)
+    assert bool(out[:, [h for h in range(hq) if h not in sparse]].isnan().all())
+
+
+def test_cudnn_unavailable_on_the_cpu_says_why():
+    assert cudnn_blocks_unavailable(torch.zeros(1, 1, 64)) == "not on CUDA"
