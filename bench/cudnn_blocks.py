@@ -40,8 +40,8 @@ BUDGETS = {"topk0.1": HeadBudget.topk(0.1, 2), "topk0.2": HeadBudget.topk(0.2, 2
 HOST_CALLS = 20
 
 
-def main():
-    args = parser(__doc__, "16384,32768,65536,131072").parse_args()
+def main(argv: list[str] | None = None):
+    args = parser(__doc__, "16384,32768,65536,131072").parse_args(argv)
     run = start_run(args, "cudnn_blocks.py", "cudnn_blocks", [384])
     why = cudnn_blocks_unavailable(torch.empty(1, 1, run.d, device=run.dev, dtype=run.dtype))
     run.res["cudnn"] = why or "available"

@@ -1,7 +1,10 @@
 """The cuDNN block-sparse route's own parts on the CPU: the diagonal-merge kernel (Triton interpreter) against its
 torch reference, and the whole route (:func:`block_sparse_heads`, cuDNN's call replaced by its torch stand-in)
 against the masked dense reference of the same block index, full prefills and chunks after a prefix."""
+import json
 import math
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -69,3 +72,19 @@ def test_block_sparse_heads_equals_masked_reference(n_q, n_kv):
 
 def test_cudnn_unavailable_on_the_cpu_says_why():
     assert cudnn_blocks_unavailable(torch.zeros(1, 1, 64)) == "not on CUDA"
+
+
+def test_bench_smoke_route_equals_the_triton_kernels(tmp_path):
+    """bench/cudnn_blocks.py on the CPU (cuDNN's call on its stand-in): its checks pass and, per budget, the route
+    gives the package's own kernels' output on the same index."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    import cudnn_blocks
+
+    cudnn_blocks.main(["--cpu-smoke", "--out", str(tmp_path)])
+    doc = json.loads((tmp_path / "cudnn_blocks_smoke.json").read_text())
+    assert len(doc["checks"]) == 3 and max(c["rel_err"] for c in doc["checks"]) < 1e-5
+    configs = doc["prefill"][0]["configs"]
+    assert {c["name"] for c in configs} == set(cudnn_blocks.BUDGETS)
+    for c in configs:
+        assert c["variants"]["cudnn_route"]["max_abs_diff_vs_ours"] < 1e-4
+        assert c["variants"]["ours"]["ms"] > 0 and c["route_speedup_vs_ours"] > 0
