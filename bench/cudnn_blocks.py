@@ -5,6 +5,8 @@ head (issue 15's goal: sparse heads at >= 0.85 of SDPA's per-head efficiency at 
 Per context and budget (every head of a Llama-3-8B-shaped layer the same budget), on one index:
 * ``ours``: the kernel :class:`~sglang_shplb.kernels.SparsePrefill` runs for that budget (the block-index kernel
   for top-k / vertical-slash at 64-token blocks, the rule kernel for streaming);
+* ``ours_paged`` / ``cudnn_route_paged``: the same two with the K/V in a pool of 64-slot pages in shuffled order
+  (SGLang's ``--page-size 64`` pool, which the server runs), read in place through ``req_to_token``;
 * ``ours_tile128``: top-k at 128-token superblocks on the tile kernel (its own index; the package's fastest top-k);
 * ``cudnn_route``: :func:`~sglang_shplb.kernels.cudnn_blocks.block_sparse_heads` (cuDNN over the listed blocks but
   the diagonal, then the diagonal merged by :mod:`~sglang_shplb.kernels.triton_diagonal`), and its two parts
@@ -99,16 +101,30 @@ def check(run: PrefillRun, listed) -> None:
         run.res["checks"].append({"what": what, "rel_err": err})
 
 
-def _ours(budget: HeadBudget, q, k, v, index, cu, kvl, n: int, heads):
+def _ours(budget: HeadBudget, q, k, v, index, cu, kvl, n: int, heads, **kv):
     """The kernel the package runs for ``budget`` (every head): the rule kernel for streaming, else the
-    block-index kernel."""
+    block-index kernel; ``kv``: the KV layout keywords."""
     if budget.pattern.value == "streaming":
         hq = q.shape[1]
         sinks = torch.full((hq,), budget.sink_blocks, dtype=torch.int32, device=q.device)
         wins = torch.full((hq,), budget.window_blocks, dtype=torch.int32, device=q.device)
-        return lambda o: rule_prefill(q, k, v, heads, sinks, wins, cu, kvl, n, cu_seqlens_k=cu, out=o)
+        return lambda o: rule_prefill(q, k, v, heads, sinks, wins, cu, kvl, n, out=o, **kv)
     return lambda o: sparse_prefill(q, k, v, index.block_idx, index.block_cnt, index.head_dense, cu, kvl, n,
-                                    cu_seqlens_k=cu, out=o)
+                                    out=o, **kv)
+
+
+def paged_pool(k: torch.Tensor, v: torch.Tensor, seed: int):
+    """``k, v`` of one sequence moved into a pool of 64-slot pages in shuffled order, as SGLang's ``--page-size
+    64`` pool holds a request: the pool's K, V and the request's ``req_to_token`` table ``[1, n]``."""
+    n = k.shape[0]
+    npg = -(-n // BLOCK)
+    g = torch.Generator(device=k.device).manual_seed(seed)
+    pages = torch.randperm(npg + 3, device=k.device, generator=g)[:npg]
+    rows = (pages[:, None] * BLOCK + torch.arange(BLOCK, device=k.device)).flatten()[:n]
+    pk = k.new_zeros((npg + 3) * BLOCK, *k.shape[1:])
+    pv = torch.zeros_like(pk)
+    pk[rows], pv[rows] = k, v
+    return pk, pv, rows.int()[None]
 
 
 def _host_ms(fn, smoke: bool) -> float:
@@ -141,9 +157,16 @@ def time_context(run: PrefillRun, n: int, listed) -> dict:
         nqb = n // BLOCK
         counts = (index.block_cnt[:, :, :nqb] - 1).clamp(min=0).int()
         o_p, lse_p = listed(q[None], k[None], v[None], index.block_idx[:, :, :nqb], counts, scale)
-        variants = [("ours", _ours(budget, q, k, v, index, cu, kvl, n, heads)),
+        pk, pv, r2t = paged_pool(k, v, n)
+        rpi = torch.zeros(1, dtype=torch.int32, device=dev)
+        variants = [("ours", _ours(budget, q, k, v, index, cu, kvl, n, heads, cu_seqlens_k=cu)),
                     ("cudnn_route", lambda o: block_sparse_heads(q, k, v, index.block_idx[0], index.block_cnt[0],
                                                                  heads, o, scale, listed=listed)),
+                    ("ours_paged", _ours(budget, q, pk, pv, index, cu, kvl, n, heads, req_to_token=r2t,
+                                         req_pool_indices=rpi)),
+                    ("cudnn_route_paged", lambda o: block_sparse_heads(q, pk, pv, index.block_idx[0],
+                                                                       index.block_cnt[0], heads, o, scale,
+                                                                       listed=listed, kv_rows=r2t[0], n_kv=n)),
                     ("cudnn_listed", lambda o: listed(q[None], k[None], v[None], index.block_idx[:, :, :nqb],
                                                       counts, scale)),
                     ("diagonal_merge", lambda o: diagonal_merge(q, k, v, o_p, lse_p, heads, o, scale))]
@@ -164,21 +187,24 @@ def time_context(run: PrefillRun, n: int, listed) -> dict:
                 continue
             outs[vname] = o
             ve = {"ms": t, "eff_vs_sdpa": dens * sdpa / t}
-            if vname == "cudnn_route":
+            if vname in ("cudnn_route", "cudnn_route_paged", "ours_paged"):
                 ve["max_abs_diff_vs_ours"] = float((o.float() - outs["ours"].float()).abs().max()) \
                     if "ours" in outs else None
                 ve["host_ms"] = _host_ms(lambda: fn(o), smoke)
             ent["variants"][vname] = ve
-            log(f"  {vname:15s} {t:9.3f} ms  eff {ve['eff_vs_sdpa']:.3f}"
+            log(f"  {vname:17s} {t:9.3f} ms  eff {ve['eff_vs_sdpa']:.3f}"
                 + (f"  max|diff| vs ours {ve['max_abs_diff_vs_ours']:.1e}  host {ve['host_ms']:.3f} ms"
-                   if vname == "cudnn_route" and ve["max_abs_diff_vs_ours"] is not None else ""))
+                   if ve.get("max_abs_diff_vs_ours") is not None else ""))
         vs = ent["variants"]
         if "ours" in vs and "cudnn_route" in vs:
             ent["route_speedup_vs_ours"] = vs["ours"]["ms"] / vs["cudnn_route"]["ms"]
             best = min(vs[x]["ms"] for x in ("ours", "ours_tile128") if x in vs)
             ent["route_speedup_vs_best_ours"] = best / vs["cudnn_route"]["ms"]
+            if "ours_paged" in vs and "cudnn_route_paged" in vs:
+                ent["paged_route_speedup_vs_ours_paged"] = vs["ours_paged"]["ms"] / vs["cudnn_route_paged"]["ms"]
             log(f"  {name}: density {dens:.3f}; cudnn route {ent['route_speedup_vs_ours']:.2f}x ours, "
-                f"{ent['route_speedup_vs_best_ours']:.2f}x our best")
+                f"{ent['route_speedup_vs_best_ours']:.2f}x our best, paged "
+                f"{ent.get('paged_route_speedup_vs_ours_paged', float('nan')):.2f}x ours paged")
         row["configs"].append(ent)
         del outs
         if not smoke:
@@ -194,7 +220,8 @@ def summary(run: PrefillRun) -> None:
             eff = lambda x: vs[x]["eff_vs_sdpa"] if x in vs else float("nan")  # noqa: E731
             best = max(eff("ours"), eff("ours_tile128") if "ours_tile128" in vs else 0.0)
             log(f"{row['ctx']:7d} {e['name']:17s} eff ours {eff('ours'):.3f}  best ours {best:.3f}  "
-                f"cudnn route {eff('cudnn_route'):.3f}  speed-up vs ours {e.get('route_speedup_vs_ours', 0):.2f}x")
+                f"cudnn route {eff('cudnn_route'):.3f}  speed-up vs ours {e.get('route_speedup_vs_ours', 0):.2f}x, "
+                f"paged {e.get('paged_route_speedup_vs_ours_paged', 0):.2f}x")
 
 
 def plot(res: dict, path: str) -> None:

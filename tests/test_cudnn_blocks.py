@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import DEV, tol
+from conftest import DEV, PagedPool, tol
 
 from sglang_shplb.core.patterns import BLOCK, HeadBudget, Pattern
 from sglang_shplb.kernels import build_block_index
@@ -70,6 +70,40 @@ def test_block_sparse_heads_equals_masked_reference(n_q, n_kv):
     assert bool(out[:, [h for h in range(hq) if h not in sparse]].isnan().all())
 
 
+@pytest.mark.parametrize("n_q,n_kv", [(256, 256), (130, 386)])
+def test_block_sparse_heads_reads_a_paged_pool_in_place(n_q, n_kv):
+    """The sequence's K/V in SGLang's pool of 64-slot pages handed out in shuffled order (``--page-size 64``):
+    read in place through its ``req_to_token`` row, the route gives what it gives on the contiguous rows."""
+    hq, hkv, d = len(BUDGETS), 3, 64
+    q, k, v = _qkv(n_q, n_kv, hq, hkv, d, 5)
+    pool = PagedPool(2048, 3, 512, hkv, d, seed=6)
+    pool.put(2, 0, k, v)
+    cu = torch.tensor([0, n_q], dtype=torch.int32, device=DEV)
+    kvl = torch.tensor([n_kv], dtype=torch.int32, device=DEV)
+    index = build_block_index(BUDGETS, q, k, cu, kvl, n_kv, cu_seqlens_k=torch.tensor([0, n_kv], device=DEV))
+    heads = torch.tensor([h for h, b in enumerate(BUDGETS) if b.pattern is not Pattern.DENSE], dtype=torch.int32,
+                         device=DEV)
+    paged, flat = torch.zeros_like(q), torch.zeros_like(q)
+    block_sparse_heads(q, pool.k, pool.v, index.block_idx[0], index.block_cnt[0], heads, paged, d ** -0.5,
+                       listed=listed_blocks_reference, kv_rows=pool.req_to_token[2], n_kv=n_kv)
+    block_sparse_heads(q, k, v, index.block_idx[0], index.block_cnt[0], heads, flat, d ** -0.5,
+                       listed=listed_blocks_reference)
+    assert relative_error(paged, flat) < 1e-6 and float(flat.abs().sum()) > 0
+
+
+def test_diagonal_merge_paged_equals_reference():
+    q, k, v = _qkv(128, 320, 4, 2, 64, 7)
+    pool = PagedPool(1024, 2, 512, 2, 64, seed=8)
+    pool.put(1, 0, k, v)
+    g = torch.Generator().manual_seed(9)
+    o_p, lse_p = torch.randn(1, 128, 4, 64, generator=g).to(DEV), torch.randn(1, 4, 128, generator=g).to(DEV)
+    heads = torch.tensor([1, 2], dtype=torch.int32, device=DEV)
+    out, ref = torch.zeros_like(q), torch.zeros_like(q)
+    diagonal_merge(q, pool.k, pool.v, o_p, lse_p, heads, out, 0.125, kv_rows=pool.req_to_token[1], n_kv=320)
+    diagonal_merge_reference(q, k, v, o_p, lse_p, heads, ref, 0.125)
+    assert relative_error(out, ref) < tol(torch.float32)
+
+
 def test_cudnn_unavailable_on_the_cpu_says_why():
     assert cudnn_blocks_unavailable(torch.zeros(1, 1, 64)) == "not on CUDA"
 
@@ -87,4 +121,5 @@ def test_bench_smoke_route_equals_the_triton_kernels(tmp_path):
     assert {c["name"] for c in configs} == set(cudnn_blocks.BUDGETS)
     for c in configs:
         assert c["variants"]["cudnn_route"]["max_abs_diff_vs_ours"] < 1e-4
+        assert c["variants"]["cudnn_route_paged"]["max_abs_diff_vs_ours"] < 1e-4
         assert c["variants"]["ours"]["ms"] > 0 and c["route_speedup_vs_ours"] > 0

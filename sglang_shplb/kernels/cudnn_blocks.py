@@ -87,20 +87,29 @@ def listed_blocks_reference(q4: torch.Tensor, k4: torch.Tensor, v4: torch.Tensor
 
 def block_sparse_heads(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_idx: torch.Tensor,
                        block_cnt: torch.Tensor, heads: torch.Tensor, out: torch.Tensor, scale: float,
-                       listed: ListedBlocks = cudnn_listed_blocks) -> torch.Tensor:
+                       listed: ListedBlocks = cudnn_listed_blocks, kv_rows: torch.Tensor | None = None,
+                       n_kv: int | None = None) -> torch.Tensor:
     """The heads ``heads`` (int32 on ``q``'s device) of one sequence's chunk, written into ``out [n_q, Hq, d]``.
 
     ``q [n_q, Hq, d]``: the last ``n_q`` of the sequence's ``n_kv`` positions (``n_kv - n_q`` a multiple of 64);
-    ``k, v [n_kv, Hkv, d]``: its keys and values, contiguous rows; ``block_idx [Hq, NB, MAXK]``,
-    ``block_cnt [Hq, NB]``: the sequence's rows of a :class:`.block_index.BlockIndex` (absolute query blocks).
+    ``k, v [n_kv, Hkv, d]``: its keys and values, contiguous rows, or with ``kv_rows`` (its ``req_to_token`` row:
+    position -> pool slot) and ``n_kv`` SGLang's pool of 64-slot pages (``--page-size 64``: every 64-token block
+    of the sequence is one page, so block ``j`` is the pool's block ``kv_rows[64 j] / 64``);
+    ``block_idx [Hq, NB, MAXK]``, ``block_cnt [Hq, NB]``: the sequence's rows of a
+    :class:`.block_index.BlockIndex` (absolute query blocks).
     ``listed``: the attention over the listed blocks (cuDNN's, or :func:`listed_blocks_reference`)."""
     n_q, hq, d = q.shape
-    first = (k.shape[0] - n_q) // BLOCK
+    n_kv = k.shape[0] if kv_rows is None else n_kv
+    first = (n_kv - n_q) // BLOCK
     nqb = math.ceil(n_q / BLOCK)
+    qq = q
     if n_q % BLOCK:              # cuDNN takes whole query blocks: zero rows past the chunk, dropped after
-        q = torch.cat([q, q.new_zeros(nqb * BLOCK - n_q, hq, d)])
+        qq = torch.cat([q, q.new_zeros(nqb * BLOCK - n_q, hq, d)])
     listed_head = torch.zeros(hq, dtype=torch.int32, device=q.device)
     listed_head[heads.long()] = 1
     counts = (block_cnt[:, first:first + nqb] - 1).clamp(min=0) * listed_head[:, None]
-    o_p, lse_p = listed(q[None], k[None], v[None], block_idx[None, :, first:first + nqb], counts[None].int(), scale)
-    return diagonal_merge(q[:n_q], k, v, o_p[:, :n_q], lse_p[:, :, :n_q], heads, out, scale)
+    idx = block_idx[:, first:first + nqb]
+    if kv_rows is not None:      # the sequence's blocks -> the pool's 64-slot blocks
+        idx = torch.div(kv_rows[0:n_kv:BLOCK].long(), BLOCK, rounding_mode="floor")[idx.long()].int()
+    o_p, lse_p = listed(qq[None], k[None], v[None], idx[None], counts[None].int(), scale)
+    return diagonal_merge(q, k, v, o_p[:, :n_q], lse_p[:, :, :n_q], heads, out, scale, kv_rows=kv_rows, n_kv=n_kv)

@@ -11,7 +11,8 @@ and merged with cuDNN's partial output ``o_p`` by the two log-sum-exps (natural 
 
 One program per (query block, head): rows ``64 j .. 64 j + 63`` of the chunk ``q [n_q, Hq, d]``, at positions
 ``off + 64 j + r`` of the sequence (``off = n_kv - n_q``, a multiple of 64), reading keys at the same positions
-of ``k, v [n_kv, Hkv, d]``. Its reference is :func:`diagonal_merge_reference`. No SGLang.
+of ``k, v [n_kv, Hkv, d]``, or of a paged pool through a position -> row table (SGLang's ``req_to_token`` row).
+Its reference is :func:`diagonal_merge_reference`. No SGLang.
 """
 from __future__ import annotations
 
@@ -29,11 +30,11 @@ def _kernel():
     triton, tl = import_triton()
 
     @triton.jit(do_not_specialize=["n_q", "off"])
-    def _diagonal_merge_kernel(Q, K, V, OP, LSEP, OUT, HEADS, n_q, off, scale_log2, log2e,
+    def _diagonal_merge_kernel(Q, K, V, OP, LSEP, OUT, HEADS, ROWS, n_q, off, scale_log2, log2e,
                                stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
                                stride_pt, stride_ph, stride_lh, stride_ot, stride_oh,
                                GROUP: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
-                               BLOCK_D: tl.constexpr):
+                               BLOCK_D: tl.constexpr, PAGED: tl.constexpr):
         j = tl.program_id(0)
         h = tl.load(HEADS + tl.program_id(1))
         hk = h // GROUP
@@ -44,6 +45,8 @@ def _kernel():
         m2 = ok[:, None] & (dd < D)[None, :]
         q = tl.load(Q + rows[:, None] * stride_qt + h * stride_qh + dd[None, :], mask=m2, other=0.0)
         pos = off + rows                                         # the diagonal block's keys: the same positions
+        if PAGED:
+            pos = tl.load(ROWS + pos, mask=ok, other=0)          # their rows in the pool
         k = tl.load(K + pos[:, None] * stride_kt + hk * stride_kh + dd[None, :], mask=m2, other=0.0)
         v = tl.load(V + pos[:, None] * stride_vt + hk * stride_vh + dd[None, :], mask=m2, other=0.0)
         s = tl.dot(q, tl.trans(k)) * scale_log2                  # base 2
@@ -66,12 +69,12 @@ def _kernel():
     return _diagonal_merge_kernel
 
 
-def _check(q: torch.Tensor, k: torch.Tensor, o_p: torch.Tensor, lse_p: torch.Tensor, out: torch.Tensor) -> int:
+def _check(q: torch.Tensor, n_kv: int, o_p: torch.Tensor, lse_p: torch.Tensor, out: torch.Tensor) -> int:
     """``off = n_kv - n_q`` after checking the shapes of :func:`diagonal_merge`'s arguments."""
     n_q, hq, d = q.shape
-    off = k.shape[0] - n_q
+    off = n_kv - n_q
     if off < 0 or off % BLOCK:
-        raise ValueError(f"the chunk's {n_q} rows must end the {k.shape[0]} keys at a multiple of {BLOCK} "
+        raise ValueError(f"the chunk's {n_q} rows must end the {n_kv} keys at a multiple of {BLOCK} "
                          f"(prefix {off})")
     if o_p.shape[-3:] != (n_q, hq, d) or out.shape != q.shape:
         raise ValueError(f"o_p {tuple(o_p.shape)} / out {tuple(out.shape)} disagree with q {tuple(q.shape)}")
@@ -81,34 +84,42 @@ def _check(q: torch.Tensor, k: torch.Tensor, o_p: torch.Tensor, lse_p: torch.Ten
 
 
 def diagonal_merge(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o_p: torch.Tensor, lse_p: torch.Tensor,
-                   heads: torch.Tensor, out: torch.Tensor, scale: float) -> torch.Tensor:
+                   heads: torch.Tensor, out: torch.Tensor, scale: float,
+                   kv_rows: torch.Tensor | None = None, n_kv: int | None = None) -> torch.Tensor:
     """Write ``out[:, h]`` for each head ``h`` of ``heads`` (int32, on ``q``'s device): the diagonal blocks of the
-    chunk ``q [n_q, Hq, d]`` over ``k, v [n_kv, Hkv, d]`` merged with ``o_p [(1,) n_q, Hq, d]`` and
-    ``lse_p [(1,) Hq, n_q]`` (float32, natural log, -inf for rows with nothing else listed). Other heads of ``out``
-    are left as they are."""
-    off = _check(q, k, o_p, lse_p, out)
+    chunk ``q [n_q, Hq, d]`` merged with ``o_p [(1,) n_q, Hq, d]`` and ``lse_p [(1,) Hq, n_q]`` (float32, natural
+    log, -inf for rows with nothing else listed). Keys: position ``p`` of the sequence is row ``p`` of
+    ``k, v [n_kv, Hkv, d]``, or with ``kv_rows`` (int32, position -> row, e.g. a ``req_to_token`` row) and
+    ``n_kv`` row ``kv_rows[p]`` of a pool. Other heads of ``out`` are left as they are."""
+    n_kv = k.shape[0] if kv_rows is None else n_kv
+    off = _check(q, n_kv, o_p, lse_p, out)
     n_q, hq, d = q.shape
     o2, l2 = o_p.reshape(n_q, hq, d), lse_p.reshape(hq, n_q)
     if heads.numel() == 0 or n_q == 0:
         return out
     block_d = max(16, 1 << (d - 1).bit_length())
     grid = ((n_q + BLOCK - 1) // BLOCK, heads.numel())
-    _kernel()[grid](q, k, v, o2, l2, out, heads, n_q, off, scale * LOG2E, LOG2E,
-                    q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+    _kernel()[grid](q, k, v, o2, l2, out, heads, heads if kv_rows is None else kv_rows, n_q, off, scale * LOG2E,
+                    LOG2E, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
                     o2.stride(0), o2.stride(1), l2.stride(0), out.stride(0), out.stride(1),
-                    GROUP=hq // k.shape[1], D=d, BLOCK_M=BLOCK, BLOCK_D=block_d, num_warps=4)
+                    GROUP=hq // k.shape[1], D=d, BLOCK_M=BLOCK, BLOCK_D=block_d, PAGED=kv_rows is not None,
+                    num_warps=4)
     return out
 
 
 def diagonal_merge_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o_p: torch.Tensor,
-                             lse_p: torch.Tensor, heads: torch.Tensor, out: torch.Tensor, scale: float) -> torch.Tensor:
+                             lse_p: torch.Tensor, heads: torch.Tensor, out: torch.Tensor, scale: float,
+                             kv_rows: torch.Tensor | None = None, n_kv: int | None = None) -> torch.Tensor:
     """:func:`diagonal_merge` in float32 torch ops (the same arguments and effect)."""
-    off = _check(q, k, o_p, lse_p, out)
+    n_kv = k.shape[0] if kv_rows is None else n_kv
+    off = _check(q, n_kv, o_p, lse_p, out)
+    if kv_rows is not None:
+        rows = kv_rows[:n_kv].long()
+        k, v = k[rows], v[rows]
     n_q, hq, d = q.shape
     group = hq // k.shape[1]
     o2, l2 = o_p.reshape(n_q, hq, d).float(), lse_p.reshape(hq, n_q).float()
-    rows = torch.arange(n_q, device=q.device)
-    pos = rows + off
+    pos = torch.arange(n_q, device=q.device) + off
     same_block = (pos[:, None] // BLOCK == pos[None, :] // BLOCK) & (pos[None, :] <= pos[:, None])
     for h in heads.tolist():
         s = (q[:, h].float() @ k[off:, h // group].float().T) * scale            # [n_q, n_q]: the chunk's keys
