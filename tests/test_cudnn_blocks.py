@@ -123,3 +123,74 @@ def test_bench_smoke_route_equals_the_triton_kernels(tmp_path):
         assert c["variants"]["cudnn_route"]["max_abs_diff_vs_ours"] < 1e-4
         assert c["variants"]["cudnn_route_paged"]["max_abs_diff_vs_ours"] < 1e-4
         assert c["variants"]["ours"]["ms"] > 0 and c["route_speedup_vs_ours"] > 0
+
+
+@pytest.fixture
+def cudnn_stand_in(monkeypatch):
+    """cuDNN's route "available" on this device, its call on the torch stand-in; yields the calls made."""
+    import sglang_shplb.kernels.api as api
+    import sglang_shplb.kernels.cudnn_blocks as cb
+    calls = []
+
+    def listed(*a):
+        calls.append(a[0].shape[1])
+        return listed_blocks_reference(*a)
+    monkeypatch.setattr(api, "cudnn_blocks_unavailable", lambda q: None)
+    monkeypatch.setattr(cb, "cudnn_listed_blocks", listed)
+    return calls
+
+
+MIXED = [HeadBudget.dense(), HeadBudget.topk(0.3, 2), HeadBudget.streaming(64, 128), HeadBudget.vslash(0.3, 2),
+         HeadBudget.topk(0.3, 2, tile=128), HeadBudget.streaming(0, 64)]
+
+
+@pytest.mark.parametrize("paged", [False, True])
+def test_sparse_prefill_routes_listed_heads_to_cudnn(cudnn_stand_in, paged):
+    """SparsePrefill with cuDNN's route on (its call on the stand-in): a two-sequence batch, one a chunk after an
+    aligned prefix, contiguous or in a pool of 64-slot pages: one route call per sequence, and every head equals
+    the masked reference of the run's index (the dense head on SDPA, the tile-128 head on the tile kernel)."""
+    from sglang_shplb.kernels import SparsePrefill
+    from sglang_shplb.kernels.reference import reference_sparse_prefill
+
+    hq, hkv, d = len(MIXED), 3, 64
+    lens, q_lens = [320, 200], [128, 200]
+    g = torch.Generator().manual_seed(10)
+    q = torch.randn(sum(q_lens), hq, d, generator=g).to(DEV)
+    ks = [torch.randn(n, hkv, d, generator=g).to(DEV) for n in lens]
+    vs = [torch.randn(n, hkv, d, generator=g).to(DEV) for n in lens]
+    cu = torch.tensor([0, q_lens[0], sum(q_lens)], dtype=torch.int32, device=DEV)
+    kvl = torch.tensor(lens, dtype=torch.int32, device=DEV)
+    if paged:
+        pool = PagedPool(2048, 3, 512, hkv, d, seed=11)
+        for r, (kk, vv) in enumerate(zip(ks, vs)):
+            pool.put(r, 0, kk, vv)
+        k, v = pool.k, pool.v
+        kw = dict(req_to_token=pool.req_to_token, req_pool_indices=torch.tensor([0, 1], dtype=torch.int32,
+                                                                               device=DEV))
+    else:
+        k, v = torch.cat(ks), torch.cat(vs)
+        kw = dict(cu_seqlens_k=torch.tensor([0, lens[0], sum(lens)], dtype=torch.int32, device=DEV))
+    sp = SparsePrefill(MIXED, hkv, d).plan(cu, kvl, max(q_lens), max(lens), q_lens_cpu=q_lens, kv_lens_cpu=lens,
+                                           kv_page_size=64 if paged else 1, **kw)
+    out = sp.run(q, k, v)
+    assert cudnn_stand_in == [128, 256]       # one call per sequence, whole 64-row query blocks
+    masks = [sp.last_index.masks(b, math.ceil(n / BLOCK)).to(DEV) for b, n in enumerate(lens)]
+    ref = reference_sparse_prefill(q, k, v, masks, cu, kvl, **kw)
+    assert relative_error(out, ref) < tol(torch.float32)
+
+
+def test_sparse_prefill_keeps_triton_where_cudnn_cannot_take_the_batch(cudnn_stand_in):
+    """A prefix that is not a multiple of 64, or a pool of 1-slot pages: no route call, the same output."""
+    from sglang_shplb.kernels import SparsePrefill
+
+    hq, hkv, d = len(MIXED), 3, 64
+    q, k, v = _qkv(100, 300, hq, hkv, d, 12)
+    cu = torch.tensor([0, 100], dtype=torch.int32, device=DEV)
+    kvl = torch.tensor([300], dtype=torch.int32, device=DEV)
+    kw = dict(cu_seqlens_k=torch.tensor([0, 300], dtype=torch.int32, device=DEV))
+    out = SparsePrefill(MIXED, hkv, d).plan(cu, kvl, 100, 300, q_lens_cpu=[100], kv_lens_cpu=[300], **kw).run(q, k, v)
+    assert cudnn_stand_in == [] and bool(torch.isfinite(out).all())
+    r2t = torch.arange(300, dtype=torch.int32, device=DEV)[None]
+    SparsePrefill(MIXED, hkv, d).plan(cu, kvl, 100, 300, q_lens_cpu=[100], kv_lens_cpu=[300], req_to_token=r2t,
+                                      req_pool_indices=torch.zeros(1, dtype=torch.int32, device=DEV)).run(q, k, v)
+    assert cudnn_stand_in == []

@@ -6,13 +6,18 @@ from typing import Sequence
 
 import torch
 
-from sglang_shplb.core.patterns import HeadBudget
+from sglang_shplb.core.patterns import BLOCK, HeadBudget, Pattern
 from sglang_shplb.kernels.block_index import BlockIndex
 from sglang_shplb.kernels.checks import check_qkv
+from sglang_shplb.kernels.cudnn_blocks import block_sparse_heads, cudnn_blocks_unavailable
 from sglang_shplb.kernels.dense_pieces import dense_heads_by_group, piece_backend
 from sglang_shplb.kernels.index import build_block_index
 from sglang_shplb.kernels.layer_heads import LayerHeads
 from sglang_shplb.kernels.triton_prefill import RULE_DENSE_WINDOW, rule_prefill, sparse_prefill, tile_prefill
+
+
+#: the patterns whose heads :class:`SparsePrefill` hands to cuDNN's block-sparse attention where it can
+CUDNN_PATTERNS: frozenset[Pattern] = frozenset({Pattern.TOPK, Pattern.VSLASH, Pattern.STREAMING})
 
 
 class SparsePrefill:
@@ -33,7 +38,11 @@ class SparsePrefill:
       128-row query tiles, no index;
     * **top-k (``tile=128``)** heads: :func:`.triton_prefill.tile_prefill`, 128 x 128 tiles over superblock
       lists (TMA loads of contiguous KV on sm90+);
-    * **top-k (``tile=64``) / vertical-slash** heads: the block-index kernel :func:`.triton_prefill.sparse_prefill`.
+    * **top-k (``tile=64``) / vertical-slash** heads: the block-index kernel :func:`.triton_prefill.sparse_prefill`;
+    * heads of the patterns in :data:`CUDNN_PATTERNS` instead go to cuDNN's block-sparse attention
+      (:func:`.cudnn_blocks.block_sparse_heads`, one call per sequence, over the same index) where it runs (SM90,
+      bf16 / fp16, the package importable), the host knows the lengths, every prefix is a multiple of 64 tokens
+      and the keys are contiguous or in a pool of 64-slot pages (``plan(..., kv_page_size=64)``).
 
     ``run(..., index=BlockIndex)`` skips the index builders and runs every head through the block-index
     kernel (explicit masks: :func:`block_index_from_masks`).
@@ -73,10 +82,11 @@ class SparsePrefill:
     def plan(self, cu_seqlens_q: torch.Tensor, kv_lens: torch.Tensor, max_q_len: int, max_kv_len: int, *,
              cu_seqlens_k: torch.Tensor | None = None, req_to_token: torch.Tensor | None = None,
              req_pool_indices: torch.Tensor | None = None, q_lens_cpu: Sequence[int] | None = None,
-             kv_lens_cpu: Sequence[int] | None = None) -> "SparsePrefill":
+             kv_lens_cpu: Sequence[int] | None = None, kv_page_size: int = 1) -> "SparsePrefill":
         """``q_lens_cpu`` / ``kv_lens_cpu``: optional host copies of the per-sequence lengths (SGLang has
         them as ``extend_seq_lens_cpu`` / ``seq_lens_cpu``); they let dense heads use SDPA on a varlen batch
-        without a host sync. A contiguous KV layout is then assumed packed (``cu_seqlens_k`` = cumsum)."""
+        without a host sync. A contiguous KV layout is then assumed packed (``cu_seqlens_k`` = cumsum).
+        ``kv_page_size``: the pool's page size (``req_to_token``); 64 lets cuDNN read it in place."""
         if (cu_seqlens_k is None) == (req_to_token is None):
             raise ValueError("plan needs exactly one KV layout: cu_seqlens_k or req_to_token + req_pool_indices")
         if req_to_token is not None and req_pool_indices is None:
@@ -101,6 +111,7 @@ class SparsePrefill:
                                                              (len(q_lens_cpu) != bsz or len(kv_lens_cpu) != bsz)):
             raise ValueError("give both q_lens_cpu and kv_lens_cpu, one entry per sequence")
         self._host_lens = None if q_lens_cpu is None else (list(map(int, q_lens_cpu)), list(map(int, kv_lens_cpu)))
+        self.kv_page_size = int(kv_page_size)
         self._planned = True
         return self
 
@@ -160,20 +171,24 @@ class SparsePrefill:
                                   self.kv_lens, self.max_q_len, sm_scale=self.sm_scale, out=o, **kvkw)
         heads = self.heads
         segs = self._dense_segments(q, k) if heads.dense else None
+        routed = self._cudnn_heads(q)
         self.last_index = index = (build_block_index(heads.budgets, q, k, self.cu_seqlens_q, self.kv_lens,
                                                      self.max_kv_len, max_q_len=self.max_q_len, **kvkw)
-                                   if heads.selected else None)
+                                   if heads.selected or routed else None)
         if segs is not None:
             self._run_dense_sdpa(q, k, v, o, segs)
+        if routed:
+            self._run_cudnn(q, k, v, o, index, routed)
         if heads.tiled:
             tile_prefill(q, k, v, index.block_idx, index.block_cnt, index.head_dense,
                          self._t(("tiled", heads.tiled), heads.tiled, q.device), self.cu_seqlens_q, self.kv_lens,
                          self.max_q_len, sm_scale=self.sm_scale, out=o, **kvkw)
-        if self.indexed:
+        indexed = [h for h in self.indexed if h not in routed]
+        if indexed:
             sparse_prefill(q, k, v, index.block_idx, index.block_cnt, index.head_dense, self.cu_seqlens_q,
                            self.kv_lens, self.max_q_len, sm_scale=self.sm_scale, out=o,
-                           heads=self._t(("listed", tuple(self.indexed)), self.indexed, q.device), **kvkw)
-        rule = sorted(heads.streaming + (heads.dense if segs is None else ()))
+                           heads=self._t(("listed", tuple(indexed)), indexed, q.device), **kvkw)
+        rule = sorted([h for h in heads.streaming if h not in routed] + list(heads.dense if segs is None else ()))
         if rule:
             # a dense head is the rule (sink 0, window RULE_DENSE_WINDOW)
             sinks = [0 if h in heads.dense else heads.budgets[h].sink_blocks for h in rule]
@@ -183,6 +198,36 @@ class SparsePrefill:
                          self._t(("win", key), wins, q.device), self.cu_seqlens_q, self.kv_lens, self.max_q_len,
                          sm_scale=self.sm_scale, out=o, **kvkw)
         return o
+
+    def _cudnn_heads(self, q: torch.Tensor) -> tuple[int, ...]:
+        """The heads this run hands to cuDNN (see the class): the 64-token-block heads of
+        :data:`CUDNN_PATTERNS`, or none where cuDNN's route cannot take this batch."""
+        heads = self.heads
+        routed = tuple(h for h in heads.sparse if heads.budgets[h].pattern in CUDNN_PATTERNS and h not in heads.tiled)
+        if not routed or self._host_lens is None or cudnn_blocks_unavailable(q) is not None:
+            return ()
+        if self.req_to_token is not None and self.kv_page_size != BLOCK:
+            return ()
+        ql, kl = self._host_lens
+        return routed if all((L - n) % BLOCK == 0 for n, L in zip(ql, kl)) else ()
+
+    def _run_cudnn(self, q, k, v, out, index: BlockIndex, routed: tuple[int, ...]) -> None:
+        """:func:`.cudnn_blocks.block_sparse_heads` per sequence with queries."""
+        scale = self.sm_scale if self.sm_scale is not None else self.head_dim ** -0.5
+        hs = self._t(("cudnn", routed), routed, q.device)
+        qs = ks = 0
+        for b, (n, L) in enumerate(zip(*self._host_lens)):
+            if n > 0:
+                if self.req_to_token is not None:
+                    row = self.req_to_token.index_select(0, self.req_pool_indices[b:b + 1].long())[0]
+                    kv = dict(kv_rows=row, n_kv=L)
+                    kb, vb = k, v
+                else:
+                    kv, kb, vb = {}, k[ks:ks + L], v[ks:ks + L]
+                block_sparse_heads(q[qs:qs + n], kb, vb, index.block_idx[b], index.block_cnt[b], hs,
+                                   out[qs:qs + n], scale, **kv)
+            qs += n
+            ks += L
 
     def index(self, q: torch.Tensor, k: torch.Tensor) -> BlockIndex:
         """The block index of every head (dense heads unlisted), e.g. to inspect or to compare masks."""

@@ -42,12 +42,19 @@ def cudnn_blocks_unavailable(q: torch.Tensor) -> str | None:
     """Why :func:`block_sparse_heads` cannot use cuDNN for ``q``, or None where it can."""
     if not q.is_cuda:
         return "not on CUDA"
-    if torch.cuda.get_device_capability(q.device)[0] != 9:
-        return f"SM {torch.cuda.get_device_capability(q.device)}: cuDNN's block-sparse forward here is SM90's"
-    if q.dtype not in (torch.float16, torch.bfloat16):
-        return f"dtype {q.dtype}"
-    if q.shape[-1] not in (64, 128):
-        return f"head dim {q.shape[-1]}"
+    return _unavailable(q.device.index if q.device.index is not None else torch.cuda.current_device(), q.dtype,
+                        q.shape[-1])
+
+
+@lru_cache(maxsize=None)
+def _unavailable(device: int, dtype: torch.dtype, d: int) -> str | None:
+    sm = torch.cuda.get_device_capability(device)
+    if sm[0] != 9:
+        return f"SM {sm}: cuDNN's block-sparse forward here is SM90's"
+    if dtype not in (torch.float16, torch.bfloat16):
+        return f"dtype {dtype}"
+    if d not in (64, 128):
+        return f"head dim {d}"
     f = _cudnn_forward()
     return f if isinstance(f, str) else None
 
@@ -87,7 +94,7 @@ def listed_blocks_reference(q4: torch.Tensor, k4: torch.Tensor, v4: torch.Tensor
 
 def block_sparse_heads(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_idx: torch.Tensor,
                        block_cnt: torch.Tensor, heads: torch.Tensor, out: torch.Tensor, scale: float,
-                       listed: ListedBlocks = cudnn_listed_blocks, kv_rows: torch.Tensor | None = None,
+                       listed: ListedBlocks | None = None, kv_rows: torch.Tensor | None = None,
                        n_kv: int | None = None) -> torch.Tensor:
     """The heads ``heads`` (int32 on ``q``'s device) of one sequence's chunk, written into ``out [n_q, Hq, d]``.
 
@@ -97,7 +104,8 @@ def block_sparse_heads(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_
     of the sequence is one page, so block ``j`` is the pool's block ``kv_rows[64 j] / 64``);
     ``block_idx [Hq, NB, MAXK]``, ``block_cnt [Hq, NB]``: the sequence's rows of a
     :class:`.block_index.BlockIndex` (absolute query blocks).
-    ``listed``: the attention over the listed blocks (cuDNN's, or :func:`listed_blocks_reference`)."""
+    ``listed``: the attention over the listed blocks (default cuDNN's :func:`cudnn_listed_blocks`, or
+    :func:`listed_blocks_reference`)."""
     n_q, hq, d = q.shape
     n_kv = k.shape[0] if kv_rows is None else n_kv
     first = (n_kv - n_q) // BLOCK
@@ -111,5 +119,5 @@ def block_sparse_heads(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_
     idx = block_idx[:, first:first + nqb]
     if kv_rows is not None:      # the sequence's blocks -> the pool's 64-slot blocks
         idx = torch.div(kv_rows[0:n_kv:BLOCK].long(), BLOCK, rounding_mode="floor")[idx.long()].int()
-    o_p, lse_p = listed(qq[None], k[None], v[None], idx[None], counts[None].int(), scale)
+    o_p, lse_p = (listed or cudnn_listed_blocks)(qq[None], k[None], v[None], idx[None], counts[None].int(), scale)
     return diagonal_merge(q, k, v, o_p[:, :n_q], lse_p[:, :, :n_q], heads, out, scale, kv_rows=kv_rows, n_kv=n_kv)

@@ -184,7 +184,7 @@ class LayerKernels:
         if batch.has_prefix:
             sp.plan(batch.cu_seqlens_q, batch.seq_lens, max_q, max_kv, req_to_token=batch.req_to_token,
                     req_pool_indices=batch.req_pool_indices, q_lens_cpu=batch.q_lens_cpu,
-                    kv_lens_cpu=batch.kv_lens_cpu)
+                    kv_lens_cpu=batch.kv_lens_cpu, kv_page_size=self.pool_page_size)
             sp.run(q, k_buffer, v_buffer, out=out)
         else:
             sp.plan(batch.cu_seqlens_q, batch.seq_lens, max_q, max_kv, cu_seqlens_k=batch.cu_seqlens_q,
