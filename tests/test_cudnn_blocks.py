@@ -108,6 +108,11 @@ def test_cudnn_unavailable_on_the_cpu_says_why():
     assert cudnn_blocks_unavailable(torch.zeros(1, 1, 64)) == "not on CUDA"
 
 
+def test_cudnn_switch_turns_the_route_off(monkeypatch):
+    monkeypatch.setenv("SHPLB_CUDNN_BLOCKS", "0")
+    assert cudnn_blocks_unavailable(torch.zeros(1, 1, 64)) == "turned off (SHPLB_CUDNN_BLOCKS=0)"
+
+
 def test_bench_smoke_route_equals_the_triton_kernels(tmp_path):
     """bench/cudnn_blocks.py on the CPU (cuDNN's call on its stand-in): its checks pass and, per budget, the route
     gives the package's own kernels' output on the same index."""

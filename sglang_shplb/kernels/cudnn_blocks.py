@@ -11,11 +11,13 @@ causal and wants the query rows in whole 64-row blocks. One call covers every li
 
 It runs on CUDA at SM 9.x, bf16 / fp16, d = 64 or 128, where ``cudnn.block_sparse_attention`` imports
 (nvidia-cudnn-frontend >= 1.28 with nvidia-cutlass-dsl: FlashInfer 0.6 requires the first, SGLang 0.5.17 pins
-the second). :func:`listed_blocks_reference` is the torch stand-in of cuDNN's call (tests on the CPU). No SGLang.
+the second); ``SHPLB_CUDNN_BLOCKS=0`` turns it off. :func:`listed_blocks_reference` is the torch stand-in of
+cuDNN's call (tests on the CPU). No SGLang.
 """
 from __future__ import annotations
 
 import math
+import os
 from functools import lru_cache
 from typing import Callable
 
@@ -23,6 +25,9 @@ import torch
 
 from sglang_shplb.core.patterns import BLOCK
 from sglang_shplb.kernels.triton_diagonal import diagonal_merge
+
+#: the environment variable that turns the route off (``0``; any other value or none: on where it runs)
+SWITCH = "SHPLB_CUDNN_BLOCKS"
 
 #: ``(q, k, v, block_idx, counts, scale) -> (o_p, lse_p)``: attention over listed blocks, not causal
 ListedBlocks = Callable[..., tuple[torch.Tensor, torch.Tensor]]
@@ -40,6 +45,8 @@ def _cudnn_forward():
 
 def cudnn_blocks_unavailable(q: torch.Tensor) -> str | None:
     """Why :func:`block_sparse_heads` cannot use cuDNN for ``q``, or None where it can."""
+    if os.environ.get(SWITCH, "1") == "0":
+        return f"turned off ({SWITCH}=0)"
     if not q.is_cuda:
         return "not on CUDA"
     return _unavailable(q.device.index if q.device.index is not None else torch.cuda.current_device(), q.dtype,

@@ -7,11 +7,13 @@
 #     rm -rf /tmp/repo && mkdir -p /tmp/repo /tmp/out && tar cf - . | tar xf - -C /tmp/repo && cd /tmp/repo &&
 #     (setsid nohup bash bench/results/gpu_round26/job.sh > /tmp/run.log 2>&1 < /dev/null &); bash bench/gpu_poll.sh 560 "round26 done"
 # (bench/results is left out of the tree for these calls: 57 MiB of it would not fit the 64 MiB a call carries.)
-# Steps (name a subset as arguments; default `cb hpp`):
+# Steps (name a subset as arguments; default `cb hpg`):
 #   cb   bench/cudnn_blocks.py: cuDNN's block-sparse route vs the Triton kernels vs dense SDPA, 16K-128K, ~3 min
+#   hpg  issue 13's goal cells (mixed plan, llama8b / llama70b, 64K / 128K, TP 4 / 8) with the route on, then off
+#        (SHPLB_CUDNN_BLOCKS=0), feedback 2, refine 2, ~2 x 2.5 min
 #   hpp  the llama8b TP 8 head-parallel cells, each rank also timed as 4 layers back to back (--pipelined 4), ~2 min
 set -u
-steps=${*:-cb hpp}
+steps=${*:-cb hpg}
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
 O=/tmp/out
 CAL=bench/results/head_parallel/move_calibration_round13_h100.json
@@ -31,10 +33,15 @@ for step in $steps; do
   t0=$(date +%s)
   case $step in
     cb) python3 bench/cudnn_blocks.py --out $O/cb --budget-s 240 > $O/cb_run.log 2>&1 ;;
+    hpg) for sw in 1 0; do
+          SHPLB_CUDNN_BLOCKS=$sw python3 bench/head_parallel.py --shapes llama8b,llama70b --ctx 65536,131072 --tp 4,8 \
+            --plans mixed --reps 20 --compare-calibration "" --calibration $CAL --feedback 2 --refine 2 \
+            --time-budget-s 130 --out $O/hpg$sw > $O/hpg${sw}_run.log 2>&1
+        done ;;
     hpp) python3 bench/head_parallel.py --shapes llama8b --ctx 65536,131072 --tp 8 --plans profiled,mixed \
           --reps 20 --compare-calibration "" --calibration $CAL --feedback 2 --refine 3 --open-cuts --pipelined 4 \
           --time-budget-s 120 --out $O/hpp > $O/hpp_run.log 2>&1 ;;
-    *) echo "unknown step $step (cb, hpp)" ;;
+    *) echo "unknown step $step (cb, hpg, hpp)" ;;
   esac
   echo "round26 step $step rc=$? $(( $(date +%s) - t0 )) s"
 done
