@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Round 26's GPU job (2026-12-07). No bundle: the device's own torch 2.11 / Triton 3.6, plus cuDNN's block-sparse
 # attention as an SGLang 0.5.17 install would have it (nvidia-cudnn-frontend 1.28.0, the newest whose
-# nvidia-cutlass-dsl need meets SGLang's pin 4.6.0; apache-tvm-ffi 0.1.11), carried as wheels in two calls:
-#   call 1, carry [".whl/a"]: mkdir -p /tmp/parts && cp .whl/a/* /tmp/parts/
-#   call 2, carry [".whl/b", "bench/results/gpu_round26/job.sh", CAL]: cp .whl/b/* /tmp/parts/ &&
+# nvidia-cutlass-dsl need meets SGLang's pin 4.6.0; apache-tvm-ffi 0.1.11). The five wheels unpacked into one
+# site directory, less what the block-sparse forward does not import (headers, static and aarch64 libraries,
+# tvm-ffi's testing library, cudnn's gemm / linear / DeepSeek / native sparse attention modules), xz -9e:
+# 62.0 MiB, carried in one call as .whl/one/site.tar.xz (else as wheels in two calls: .whl/a, then .whl/b):
+#   carry [".whl/one", "bench/results/gpu_round26/job.sh", CAL]:
 #     rm -rf /tmp/repo && mkdir -p /tmp/repo /tmp/out && tar cf - . | tar xf - -C /tmp/repo && cd /tmp/repo &&
 #     (setsid nohup bash bench/results/gpu_round26/job.sh > /tmp/run.log 2>&1 < /dev/null &); bash bench/gpu_poll.sh 560 "round26 done"
 # (bench/results is left out of the tree for these calls: 57 MiB of it would not fit the 64 MiB a call carries.)
@@ -20,10 +22,14 @@ CAL=bench/results/head_parallel/move_calibration_round13_h100.json
 mkdir -p $O
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee $O/gpu.txt
 t0=$(date +%s)
-cat /tmp/parts/cu13.part* > /tmp/parts/nvidia_cutlass_dsl_libs_cu13-4.6.0-cp312-cp312-manylinux_2_28_x86_64.whl
-(cd /tmp/parts && sha256sum -c cu13.sha256) || echo "cu13 wheel checksum FAILED"
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site /tmp/parts/*.whl \
-  > $O/pip.log 2>&1 || echo "pip install failed (see pip.log)"
+if [ -f .whl/one/site.tar.xz ]; then
+  mkdir -p /tmp/site && tar xJf .whl/one/site.tar.xz -C /tmp/site
+else
+  cat /tmp/parts/cu13.part* > /tmp/parts/nvidia_cutlass_dsl_libs_cu13-4.6.0-cp312-cp312-manylinux_2_28_x86_64.whl
+  (cd /tmp/parts && sha256sum -c cu13.sha256) || echo "cu13 wheel checksum FAILED"
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+    /tmp/parts/*.whl > $O/pip.log 2>&1 || echo "pip install failed (see pip.log)"
+fi
 export PYTHONPATH=/tmp/site:/tmp/site/nvidia_cutlass_dsl/dsl_packages:$PWD TRITON_INTERPRET=0
 python3 -c "import cudnn, cutlass; from cudnn.block_sparse_attention import block_sparse_attention_forward; \
 print('cudnn frontend', cudnn.__version__, 'backend', cudnn.backend_version(), 'cutlass-dsl', cutlass.__version__)" \
