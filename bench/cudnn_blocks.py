@@ -23,7 +23,8 @@ from __future__ import annotations
 import math
 import time
 
-from prefill_setup import PrefillRun, attended_pairs_tokens, one_sequence, parser, start_run, time_sdpa  # noqa: I001
+from prefill_setup import (PrefillRun, attended_pairs_tokens, finish_efficiency_plot, one_sequence, parser,
+                           start_run, time_sdpa)  # noqa: I001
 
 import torch
 
@@ -239,14 +240,7 @@ def plot(res: dict, path: str) -> None:
                         xs.append(row["ctx"] // 1024)
                         ys.append(e["variants"][var]["eff_vs_sdpa"])
             ax.plot(xs, ys, marker="o", ls=ls, color=f"C{i}", label=f"{nm} {var}")
-    ax.axhline(0.85, color="gray", lw=0.8, ls=":")
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("context (K tokens)")
-    ax.set_ylabel("per-head efficiency vs SDPA")
-    ax.set_title(f"cuDNN block-sparse vs Triton, {res['device']}, {res['date']}")
-    ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    finish_efficiency_plot(fig, ax, f"cuDNN block-sparse vs Triton, {res['device']}, {res['date']}", path)
 
 
 if __name__ == "__main__":

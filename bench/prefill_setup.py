@@ -160,3 +160,15 @@ def layer_sets(hq: int) -> dict[str, list[HeadBudget]]:
     sets["stream(128+2048)"] = [HeadBudget.streaming(128, 2048)] * hq
     sets["vslash0.1"] = [HeadBudget.vslash(0.1, 2)] * hq
     return sets
+
+
+def finish_efficiency_plot(fig, ax, title: str, path: str) -> None:
+    """The per-head efficiency plots' frame: issue 15's 0.85 goal line, log2 context axis, labels, legend, saved."""
+    ax.axhline(0.85, color="gray", lw=0.8, ls=":")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("context (K tokens)")
+    ax.set_ylabel("per-head efficiency vs SDPA")
+    ax.set_title(title)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import math
 
-from prefill_setup import PrefillRun, attended_pairs_tokens, check_batch, one_sequence, parser, start_run, time_sdpa  # noqa: I001
+from prefill_setup import (PrefillRun, attended_pairs_tokens, finish_efficiency_plot, check_batch,
+                           one_sequence, parser, start_run, time_sdpa)  # noqa: I001
 
 import torch
 
@@ -171,14 +172,7 @@ def plot(res: dict, path: str) -> None:
                     xs.append(row["ctx"] // 1024)
                     ys.append(max(v["eff_vs_sdpa"] for v in e["variants"].values()))
         ax.plot(xs, ys, marker="o", ls="-" if nm.endswith("/128") or nm == "dense" else "--", label=nm)
-    ax.axhline(0.85, color="gray", lw=0.8, ls=":")
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("context (K tokens)")
-    ax.set_ylabel("per-head efficiency vs SDPA")
-    ax.set_title(f"prefill, {res['device']}, {res['date']}")
-    ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    finish_efficiency_plot(fig, ax, f"prefill, {res['device']}, {res['date']}", path)
 
 
 if __name__ == "__main__":
