@@ -12,7 +12,7 @@
 # Steps (name a subset as arguments; default `cb hpg`):
 #   cb   bench/cudnn_blocks.py: cuDNN's block-sparse route vs the Triton kernels vs dense SDPA, 16K-128K, ~3 min
 #   hpg  issue 13's goal cells (mixed plan, llama8b / llama70b, 64K / 128K, TP 4 / 8) with the route on, then off
-#        (SHPLB_CUDNN_BLOCKS=0), feedback 2, refine 2, ~2 x 2.5 min
+#        (SHPLB_CUDNN_BLOCKS=0), feedback 2, refine 2, ~2 x 2 min
 #   hpp  the llama8b TP 8 head-parallel cells, each rank also timed as 4 layers back to back (--pipelined 4), ~2 min
 set -u
 steps=${*:-cb hpg}
@@ -38,11 +38,11 @@ echo "install $(( $(date +%s) - t0 )) s"
 for step in $steps; do
   t0=$(date +%s)
   case $step in
-    cb) python3 bench/cudnn_blocks.py --out $O/cb --budget-s 240 > $O/cb_run.log 2>&1 ;;
+    cb) python3 bench/cudnn_blocks.py --out $O/cb --budget-s 180 > $O/cb_run.log 2>&1 ;;
     hpg) for sw in 1 0; do
           SHPLB_CUDNN_BLOCKS=$sw python3 bench/head_parallel.py --shapes llama8b,llama70b --ctx 65536,131072 --tp 4,8 \
             --plans mixed --reps 20 --compare-calibration "" --calibration $CAL --feedback 2 --refine 2 \
-            --time-budget-s 130 --out $O/hpg$sw > $O/hpg${sw}_run.log 2>&1
+            --time-budget-s 90 --out $O/hpg$sw > $O/hpg${sw}_run.log 2>&1
         done ;;
     hpp) python3 bench/head_parallel.py --shapes llama8b --ctx 65536,131072 --tp 8 --plans profiled,mixed \
           --reps 20 --compare-calibration "" --calibration $CAL --feedback 2 --refine 3 --open-cuts --pipelined 4 \
