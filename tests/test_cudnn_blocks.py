@@ -108,9 +108,20 @@ def test_cudnn_unavailable_on_the_cpu_says_why():
     assert cudnn_blocks_unavailable(torch.zeros(1, 1, 64)) == "not on CUDA"
 
 
-def test_cudnn_switch_turns_the_route_off(monkeypatch):
-    monkeypatch.setenv("SHPLB_CUDNN_BLOCKS", "0")
-    assert cudnn_blocks_unavailable(torch.zeros(1, 1, 64)) == "turned off (SHPLB_CUDNN_BLOCKS=0)"
+def test_sparse_prefill_takes_the_route_only_when_switched_on(cudnn_stand_in, monkeypatch):
+    """Without ``SHPLB_CUDNN_BLOCKS=1`` (the default: unset) SparsePrefill makes no route call."""
+    from sglang_shplb.kernels import SparsePrefill
+
+    monkeypatch.delenv("SHPLB_CUDNN_BLOCKS")
+    q, k, v = _qkv(128, 128, len(MIXED), 3, 64, 13)
+    cu = torch.tensor([0, 128], dtype=torch.int32, device=DEV)
+    SparsePrefill(MIXED, 3, 64).plan(cu, cu[1:], 128, 128, q_lens_cpu=[128], kv_lens_cpu=[128],
+                                     cu_seqlens_k=cu).run(q, k, v)
+    assert cudnn_stand_in == []
+    monkeypatch.setenv("SHPLB_CUDNN_BLOCKS", "1")
+    SparsePrefill(MIXED, 3, 64).plan(cu, cu[1:], 128, 128, q_lens_cpu=[128], kv_lens_cpu=[128],
+                                     cu_seqlens_k=cu).run(q, k, v)
+    assert cudnn_stand_in == [128]
 
 
 def test_bench_smoke_route_equals_the_triton_kernels(tmp_path):
@@ -141,6 +152,7 @@ def cudnn_stand_in(monkeypatch):
         calls.append(a[0].shape[1])
         return listed_blocks_reference(*a)
     monkeypatch.setattr(api, "cudnn_blocks_unavailable", lambda q: None)
+    monkeypatch.setenv("SHPLB_CUDNN_BLOCKS", "1")
     monkeypatch.setattr(cb, "cudnn_listed_blocks", listed)
     return calls
 

@@ -9,7 +9,7 @@ import torch
 from sglang_shplb.core.patterns import BLOCK, HeadBudget, Pattern
 from sglang_shplb.kernels.block_index import BlockIndex
 from sglang_shplb.kernels.checks import check_qkv
-from sglang_shplb.kernels.cudnn_blocks import block_sparse_heads, cudnn_blocks_unavailable
+from sglang_shplb.kernels.cudnn_blocks import block_sparse_heads, cudnn_blocks_unavailable, route_on
 from sglang_shplb.kernels.dense_pieces import dense_heads_by_group, piece_backend
 from sglang_shplb.kernels.index import build_block_index
 from sglang_shplb.kernels.layer_heads import LayerHeads
@@ -41,7 +41,7 @@ class SparsePrefill:
     * **top-k (``tile=64``) / vertical-slash** heads: the block-index kernel :func:`.triton_prefill.sparse_prefill`;
     * heads of the patterns in :data:`CUDNN_PATTERNS` instead go to cuDNN's block-sparse attention
       (:func:`.cudnn_blocks.block_sparse_heads`, one call per sequence, over the same index) where it runs (SM90,
-      bf16 / fp16, the package importable), the host knows the lengths, every prefix is a multiple of 64 tokens
+      bf16 / fp16, the package importable) and ``SHPLB_CUDNN_BLOCKS=1`` is set, the host knows the lengths, every prefix is a multiple of 64 tokens
       and the keys are contiguous or in a pool of 64-slot pages (``plan(..., kv_page_size=64)``).
 
     ``run(..., index=BlockIndex)`` skips the index builders and runs every head through the block-index
@@ -204,7 +204,7 @@ class SparsePrefill:
         :data:`CUDNN_PATTERNS`, or none where cuDNN's route cannot take this batch."""
         heads = self.heads
         routed = tuple(h for h in heads.sparse if heads.budgets[h].pattern in CUDNN_PATTERNS and h not in heads.tiled)
-        if not routed or self._host_lens is None or cudnn_blocks_unavailable(q) is not None:
+        if not routed or not route_on() or self._host_lens is None or cudnn_blocks_unavailable(q) is not None:
             return ()
         if self.req_to_token is not None and self.kv_page_size != BLOCK:
             return ()

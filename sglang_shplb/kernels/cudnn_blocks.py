@@ -11,8 +11,8 @@ causal and wants the query rows in whole 64-row blocks. One call covers every li
 
 It runs on CUDA at SM 9.x, bf16 / fp16, d = 64 or 128, where ``cudnn.block_sparse_attention`` imports
 (nvidia-cudnn-frontend >= 1.28 with nvidia-cutlass-dsl: FlashInfer 0.6 requires the first, SGLang 0.5.17 pins
-the second); ``SHPLB_CUDNN_BLOCKS=0`` turns it off. :func:`listed_blocks_reference` is the torch stand-in of
-cuDNN's call (tests on the CPU). No SGLang.
+the second). ``SparsePrefill`` takes this route only with ``SHPLB_CUDNN_BLOCKS=1`` (:func:`route_on`).
+:func:`listed_blocks_reference` is the torch stand-in of cuDNN's call (tests on the CPU). No SGLang.
 """
 from __future__ import annotations
 
@@ -26,7 +26,8 @@ import torch
 from sglang_shplb.core.patterns import BLOCK
 from sglang_shplb.kernels.triton_diagonal import diagonal_merge
 
-#: the environment variable that turns the route off (``0``; any other value or none: on where it runs)
+#: the environment variable that turns :class:`~.api.SparsePrefill`'s use of this route on (``1``); off by
+#: default until ``bench/cudnn_blocks.py`` has measured it on a GPU
 SWITCH = "SHPLB_CUDNN_BLOCKS"
 
 #: ``(q, k, v, block_idx, counts, scale) -> (o_p, lse_p)``: attention over listed blocks, not causal
@@ -43,10 +44,13 @@ def _cudnn_forward():
     return block_sparse_attention_forward
 
 
+def route_on() -> bool:
+    """Whether :class:`~.api.SparsePrefill` may hand heads to this route (``SHPLB_CUDNN_BLOCKS=1``)."""
+    return os.environ.get(SWITCH, "0") == "1"
+
+
 def cudnn_blocks_unavailable(q: torch.Tensor) -> str | None:
     """Why :func:`block_sparse_heads` cannot use cuDNN for ``q``, or None where it can."""
-    if os.environ.get(SWITCH, "1") == "0":
-        return f"turned off ({SWITCH}=0)"
     if not q.is_cuda:
         return "not on CUDA"
     return _unavailable(q.device.index if q.device.index is not None else torch.cuda.current_device(), q.dtype,

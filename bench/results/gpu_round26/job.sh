@@ -11,8 +11,8 @@
 # (bench/results is left out of the tree for these calls: 57 MiB of it would not fit the 64 MiB a call carries.)
 # Steps (name a subset as arguments; default `cb hpg`):
 #   cb   bench/cudnn_blocks.py: cuDNN's block-sparse route vs the Triton kernels vs dense SDPA, 16K-128K, ~3 min
-#   hpg  issue 13's goal cells (mixed plan, llama8b / llama70b, 64K / 128K, TP 4 / 8) with the route on, then off
-#        (SHPLB_CUDNN_BLOCKS=0), feedback 2, refine 2, ~2 x 2 min
+#   hpg  issue 13's goal cells (mixed plan, llama8b / llama70b, 64K / 128K, TP 4 / 8) with the route on
+#        (SHPLB_CUDNN_BLOCKS=1), then off (=0), feedback 2, refine 2, ~2 x 2 min
 #   hpp  the llama8b TP 8 head-parallel cells, each rank also timed as 4 layers back to back (--pipelined 4), ~2 min
 set -u
 steps=${*:-cb hpg}
