@@ -38,7 +38,8 @@ echo "install $(( $(date +%s) - t0 )) s"
 for step in $steps; do
   t0=$(date +%s)
   case $step in
-    cb) python3 bench/cudnn_blocks.py --out $O/cb --budget-s 180 > $O/cb_run.log 2>&1 ;;
+    cb) python3 bench/cudnn_blocks.py --out $O/cb --budget-s ${CB_BUDGET:-180} --ctx ${CB_CTX:-16384,32768,65536,131072} \
+          > $O/cb_run.log 2>&1 ;;
     hpg) for sw in 1 0; do
           SHPLB_CUDNN_BLOCKS=$sw python3 bench/head_parallel.py --shapes llama8b,llama70b --ctx 65536,131072 --tp 4,8 \
             --plans mixed --reps 20 --compare-calibration "" --calibration $CAL --feedback 2 --refine 2 \
