@@ -8,7 +8,8 @@
 #   carry [".whl/one", "bench/results/gpu_round26/job.sh", CAL]:
 #     rm -rf /tmp/repo && mkdir -p /tmp/repo /tmp/out && tar cf - . | tar xf - -C /tmp/repo && cd /tmp/repo &&
 #     (setsid nohup bash bench/results/gpu_round26/job.sh > /tmp/run.log 2>&1 < /dev/null &); bash bench/gpu_poll.sh 560 "round26 done"
-# (bench/results is left out of the tree for these calls: 57 MiB of it would not fit the 64 MiB a call carries.)
+# (bench/results is left out of the tree for these calls, `bash bench/device_tree.sh on`: its 57 MiB would not fit
+# the 64 MiB a call carries.)
 # Steps (name a subset as arguments; default `cb hpg`):
 #   cb   bench/cudnn_blocks.py: cuDNN's block-sparse route vs the Triton kernels vs dense SDPA, 16K-128K, ~3 min
 #   hpg  issue 13's goal cells (mixed plan, llama8b / llama70b, 64K / 128K, TP 4 / 8) with the route on
