@@ -4,7 +4,7 @@
 # nvidia-cutlass-dsl need meets SGLang's pin 4.6.0; apache-tvm-ffi 0.1.11). The five wheels unpacked into one
 # site directory, less what the block-sparse forward does not import (headers, static and aarch64 libraries,
 # tvm-ffi's testing library, cudnn's gemm / linear / DeepSeek / native sparse attention modules), xz -9e:
-# 62.0 MiB, carried in one call as .whl/one/site.tar.xz (else as wheels in two calls: .whl/a, then .whl/b):
+# 62.0 MiB, carried in one call as .whl/one/site.tar.xz (built by make_site.sh beside this file):
 #   carry [".whl/one", "bench/results/gpu_round26/job.sh", CAL]:
 #     rm -rf /tmp/repo && mkdir -p /tmp/repo /tmp/out && tar cf - . | tar xf - -C /tmp/repo && cd /tmp/repo &&
 #     (setsid nohup bash bench/results/gpu_round26/job.sh > /tmp/run.log 2>&1 < /dev/null &); bash bench/gpu_poll.sh 560 "round26 done"
@@ -23,14 +23,7 @@ CAL=bench/results/head_parallel/move_calibration_round13_h100.json
 mkdir -p $O
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee $O/gpu.txt
 t0=$(date +%s)
-if [ -f .whl/one/site.tar.xz ]; then
-  mkdir -p /tmp/site && tar xJf .whl/one/site.tar.xz -C /tmp/site
-else
-  cat /tmp/parts/cu13.part* > /tmp/parts/nvidia_cutlass_dsl_libs_cu13-4.6.0-cp312-cp312-manylinux_2_28_x86_64.whl
-  (cd /tmp/parts && sha256sum -c cu13.sha256) || echo "cu13 wheel checksum FAILED"
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
-    /tmp/parts/*.whl > $O/pip.log 2>&1 || echo "pip install failed (see pip.log)"
-fi
+mkdir -p /tmp/site && tar xJf .whl/one/site.tar.xz -C /tmp/site
 export PYTHONPATH=/tmp/site:/tmp/site/nvidia_cutlass_dsl/dsl_packages:$PWD TRITON_INTERPRET=0
 python3 -c "import cudnn, cutlass; from cudnn.block_sparse_attention import block_sparse_attention_forward; \
 print('cudnn frontend', cudnn.__version__, 'backend', cudnn.backend_version(), 'cutlass-dsl', cutlass.__version__)" \
