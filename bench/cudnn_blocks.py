@@ -11,8 +11,10 @@ Per context and budget (every head of a Llama-3-8B-shaped layer the same budget)
 * ``cudnn_route``: :func:`~sglang_shplb.kernels.cudnn_blocks.block_sparse_heads` (cuDNN over the listed blocks but
   the diagonal, then the diagonal merged by :mod:`~sglang_shplb.kernels.triton_diagonal`), and its two parts
   alone (``cudnn_listed``, ``diagonal_merge``); also its host time per call.
-Per-head efficiency = density x SDPA time / time. The checks first: the route against the masked dense
-reference (a full prefill, a chunk after an aligned prefix, a length not a multiple of 64).
+Per-head efficiency = density x SDPA time / time. Then the serving benchmark's mixed layer through
+``SparsePrefill.run`` with the route off and on (``SHPLB_CUDNN_BLOCKS``): a full prefill, and a chunk after a
+prefix in a pool of 64-slot pages. The checks first: the route against the masked dense reference (a full
+prefill, a chunk after an aligned prefix, a length not a multiple of 64).
 
     PYTHONUNBUFFERED=1 python bench/cudnn_blocks.py --out $OUT        # GPU, cudnn + cutlass-dsl importable
     python bench/cudnn_blocks.py --cpu-smoke --out /tmp/cb              # logic check: Triton interpreter, cuDNN's
@@ -21,6 +23,7 @@ reference (a full prefill, a chunk after an aligned prefix, a length not a multi
 from __future__ import annotations
 
 import math
+import os
 import time
 
 from prefill_setup import (PrefillRun, attended_pairs_tokens, finish_efficiency_plot, one_sequence, parser,
@@ -28,10 +31,12 @@ from prefill_setup import (PrefillRun, attended_pairs_tokens, finish_efficiency_
 
 import torch
 
+import sglang_shplb.kernels.api as api
+import sglang_shplb.kernels.cudnn_blocks as cudnn_blocks
 from sglang_shplb.core.patterns import BLOCK, HeadBudget
-from sglang_shplb.kernels import build_block_index, sparse_prefill
-from sglang_shplb.kernels.cudnn_blocks import (block_sparse_heads, cudnn_blocks_unavailable, cudnn_listed_blocks,
-                                               listed_blocks_reference)
+from sglang_shplb.kernels import SparsePrefill, build_block_index, sparse_prefill
+from sglang_shplb.kernels.cudnn_blocks import (SWITCH, block_sparse_heads, cudnn_blocks_unavailable,
+                                               cudnn_listed_blocks, listed_blocks_reference)
 from sglang_shplb.kernels.reference import reference_sparse_prefill, relative_error
 from sglang_shplb.kernels.triton_diagonal import diagonal_merge
 from sglang_shplb.kernels.triton_prefill import rule_prefill, tile_prefill
@@ -53,13 +58,18 @@ def main(argv: list[str] | None = None):
         run.dump()
         raise SystemExit(f"cuDNN's block-sparse attention cannot run here: {why}")
     listed = listed_blocks_reference if why else cudnn_listed_blocks
+    if why:     # the CPU logic check: SparsePrefill's route on cuDNN's stand-in
+        api.cudnn_blocks_unavailable = lambda q: None
+        cudnn_blocks.cudnn_listed_blocks = listed_blocks_reference
     check(run, listed)
+    run.res["layer"] = []
     run.dump()
     for n in run.ctxs:
         if run.elapsed() > args.budget_s:
             log(f"time budget reached: skipping ctx {n}")
             continue
         run.res["prefill"].append(time_context(run, n, listed))
+        run.res["layer"].append(time_layer(run, n))
         run.dump()
     summary(run)
     run.res["wall_s"] = run.elapsed()
@@ -213,8 +223,57 @@ def time_context(run: PrefillRun, n: int, listed) -> dict:
     return row
 
 
+def mixed_layer(hq: int, hkv: int) -> list[HeadBudget]:
+    """The serving benchmark's mixed layer (``planning.synthetic_plans.serving_bench_budget``): KV group 0 dense,
+    then streaming (128 + 2048 tokens) and top-k 10 % groups in turn (one head a group when ``hkv == 1``)."""
+    out = []
+    for h in range(hq):
+        g = h // (hq // hkv) if hkv > 1 else h
+        out.append(HeadBudget.dense() if g == 0 else HeadBudget.streaming(128, 2048) if g % 2 == 0
+                   else HeadBudget.topk(0.1, 2))
+    return out
+
+
+def time_layer(run: PrefillRun, n: int) -> dict:
+    """The whole mixed layer through ``SparsePrefill.run`` with the route off, then on (``SHPLB_CUDNN_BLOCKS``),
+    back to back: a full prefill (keys contiguous), and the last chunk of a chunked prefill (8K rows, or half
+    the context, after the rest) over a pool of 64-slot pages, as the server runs it."""
+    hq, hkv, d, dev, smoke = run.hq, run.hkv, run.d, run.dev, run.smoke
+    budgets = mixed_layer(hq, hkv)
+    q, k, v, cu, kvl = one_sequence(n, hq, hkv, d, dev, run.dtype)
+    c = min(8192, n // 2) // BLOCK * BLOCK
+    pk, pv, r2t = paged_pool(k, v, n + 1)
+    rpi = torch.zeros(1, dtype=torch.int32, device=dev)
+    cu_c = torch.tensor([0, c], dtype=torch.int32, device=dev)
+    cases = {"full prefill": (SparsePrefill(budgets, hkv, d).plan(cu, kvl, n, n, cu_seqlens_k=cu, q_lens_cpu=[n],
+                                                                  kv_lens_cpu=[n]), q, k, v),
+             f"last {c}-row chunk, paged": (SparsePrefill(budgets, hkv, d).plan(
+                 cu_c, kvl, c, n, req_to_token=r2t, req_pool_indices=rpi, q_lens_cpu=[c], kv_lens_cpu=[n],
+                 kv_page_size=BLOCK), q[n - c:], pk, pv)}
+    row = {"ctx": n, "cases": {}}
+    for name, (sp, qq, kk, vv) in cases.items():
+        ent = {}
+        outs = {}
+        for sw in ("0", "1"):
+            os.environ[SWITCH] = sw
+            o = torch.empty_like(qq)
+            sp.run(qq, kk, vv, out=o)
+            ent[f"ms_route_{sw}"] = bench(lambda: sp.run(qq, kk, vv, out=o), smoke)
+            ent[f"routed_heads_{sw}"] = len(sp._cudnn_heads(qq))
+            outs[sw] = o
+        os.environ.pop(SWITCH)
+        ent["speedup"] = ent["ms_route_0"] / ent["ms_route_1"]
+        ent["max_abs_diff"] = float((outs["0"].float() - outs["1"].float()).abs().max())
+        row["cases"][name] = ent
+        log(f"  layer, {name}: route off {ent['ms_route_0']:.3f} ms, on {ent['ms_route_1']:.3f} ms "
+            f"({ent['routed_heads_1']} heads routed): {ent['speedup']:.2f}x, max|diff| {ent['max_abs_diff']:.1e}")
+    return row
+
+
 def summary(run: PrefillRun) -> None:
     log("\n# summary: per-head efficiency vs SDPA (ours / our best / cudnn route) and the route's speed-up")
+    for row in run.res.get("layer", []):
+        log(f"{row['ctx']:7d} mixed layer: " + "; ".join(f"{k} {e['speedup']:.2f}x" for k, e in row["cases"].items()))
     for row in run.res["prefill"]:
         for e in row["configs"]:
             vs = e["variants"]

@@ -124,12 +124,18 @@ def test_sparse_prefill_takes_the_route_only_when_switched_on(cudnn_stand_in, mo
     assert cudnn_stand_in == [128]
 
 
-def test_bench_smoke_route_equals_the_triton_kernels(tmp_path):
-    """bench/cudnn_blocks.py on the CPU (cuDNN's call on its stand-in): its checks pass and, per budget, the route
-    gives the package's own kernels' output on the same index."""
+def test_bench_smoke_route_equals_the_triton_kernels(tmp_path, monkeypatch):
+    """bench/cudnn_blocks.py on the CPU (cuDNN's call on its stand-in): its checks pass; per budget, the route
+    gives the package's own kernels' output on the same index; the mixed layer through SparsePrefill takes the
+    route only when switched on, with the same output."""
+    import sglang_shplb.kernels.api as api
+    import sglang_shplb.kernels.cudnn_blocks as cb
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
     import cudnn_blocks
 
+    # the smoke run points the route at the stand-in; put it back afterwards
+    monkeypatch.setattr(api, "cudnn_blocks_unavailable", api.cudnn_blocks_unavailable)
+    monkeypatch.setattr(cb, "cudnn_listed_blocks", cb.cudnn_listed_blocks)
     cudnn_blocks.main(["--cpu-smoke", "--out", str(tmp_path)])
     doc = json.loads((tmp_path / "cudnn_blocks_smoke.json").read_text())
     assert len(doc["checks"]) == 3 and max(c["rel_err"] for c in doc["checks"]) < 1e-5
@@ -139,6 +145,10 @@ def test_bench_smoke_route_equals_the_triton_kernels(tmp_path):
         assert c["variants"]["cudnn_route"]["max_abs_diff_vs_ours"] < 1e-4
         assert c["variants"]["cudnn_route_paged"]["max_abs_diff_vs_ours"] < 1e-4
         assert c["variants"]["ours"]["ms"] > 0 and c["route_speedup_vs_ours"] > 0
+    cases = doc["layer"][0]["cases"]
+    assert len(cases) == 2
+    for e in cases.values():
+        assert e["routed_heads_0"] == 0 and e["routed_heads_1"] == 3 and e["max_abs_diff"] < 1e-4
 
 
 @pytest.fixture
