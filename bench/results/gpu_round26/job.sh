@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Round 26's GPU job (2026-12-07). No bundle: the device's own torch 2.11 / Triton 3.6, plus cuDNN's block-sparse
 # attention as an SGLang 0.5.17 install would have it (nvidia-cudnn-frontend 1.28.0, the newest whose
-# nvidia-cutlass-dsl need meets SGLang's pin 4.6.0; apache-tvm-ffi 0.1.11). The five wheels unpacked into one
+# nvidia-cutlass-dsl need meets SGLang's pin 4.6.0; apache-tvm-ffi 0.1.11). The six wheels unpacked into one
 # site directory, less what the block-sparse forward does not import (headers, static and aarch64 libraries,
 # tvm-ffi's testing library, cudnn's gemm / linear / DeepSeek / native sparse attention modules), xz -9e:
 # 62.0 MiB, carried in one call as .whl/one/site.tar.xz (built by make_site.sh beside this file):
