@@ -39,10 +39,11 @@ class SparsePrefill:
     * **top-k (``tile=128``)** heads: :func:`.triton_prefill.tile_prefill`, 128 x 128 tiles over superblock
       lists (TMA loads of contiguous KV on sm90+);
     * **top-k (``tile=64``) / vertical-slash** heads: the block-index kernel :func:`.triton_prefill.sparse_prefill`;
-    * heads of the patterns in :data:`CUDNN_PATTERNS` instead go to cuDNN's block-sparse attention
-      (:func:`.cudnn_blocks.block_sparse_heads`, one call per sequence, over the same index) where it runs (SM90,
-      bf16 / fp16, the package importable) and ``SHPLB_CUDNN_BLOCKS=1`` is set, the host knows the lengths, every prefix is a multiple of 64 tokens
-      and the keys are contiguous or in a pool of 64-slot pages (``plan(..., kv_page_size=64)``).
+    * heads of the patterns in :data:`CUDNN_PATTERNS` (but tile-128 top-k) instead go to cuDNN's block-sparse
+      attention (:func:`.cudnn_blocks.block_sparse_heads`, one call per sequence, over the same index) when
+      ``SHPLB_CUDNN_BLOCKS=1`` is set, cuDNN's kernel runs (SM90, bf16 / fp16, the package importable), the host
+      knows the lengths, every prefix is a multiple of 64 tokens and the keys are contiguous or in a pool of
+      64-slot pages (``plan(..., kv_page_size=64)``).
 
     ``run(..., index=BlockIndex)`` skips the index builders and runs every head through the block-index
     kernel (explicit masks: :func:`block_index_from_masks`).

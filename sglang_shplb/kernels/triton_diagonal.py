@@ -40,13 +40,14 @@ def _kernel():
         hk = h // GROUP
         r = tl.arange(0, BLOCK_M)
         rows = j * BLOCK_M + r                                   # chunk rows of this query block
+        qrow = rows.to(tl.int64)
         dd = tl.arange(0, BLOCK_D)
         ok = rows < n_q
         m2 = ok[:, None] & (dd < D)[None, :]
-        q = tl.load(Q + rows[:, None] * stride_qt + h * stride_qh + dd[None, :], mask=m2, other=0.0)
-        pos = off + rows                                         # the diagonal block's keys: the same positions
+        q = tl.load(Q + qrow[:, None] * stride_qt + h * stride_qh + dd[None, :], mask=m2, other=0.0)
+        pos = (off + rows).to(tl.int64)                          # the diagonal block's keys: the same positions
         if PAGED:
-            pos = tl.load(ROWS + pos, mask=ok, other=0)          # their rows in the pool
+            pos = tl.load(ROWS + pos, mask=ok, other=0).to(tl.int64)   # their rows in the pool
         k = tl.load(K + pos[:, None] * stride_kt + hk * stride_kh + dd[None, :], mask=m2, other=0.0)
         v = tl.load(V + pos[:, None] * stride_vt + hk * stride_vh + dd[None, :], mask=m2, other=0.0)
         s = tl.dot(q, tl.trans(k)) * scale_log2                  # base 2
@@ -62,9 +63,9 @@ def _kernel():
         top = tl.maximum(lse_p, lse_d)
         w_p = tl.exp2(lse_p - top)
         w_d = tl.exp2(lse_d - top)
-        o_p = tl.load(OP + rows[:, None] * stride_pt + h * stride_ph + dd[None, :], mask=m2, other=0.0)
+        o_p = tl.load(OP + qrow[:, None] * stride_pt + h * stride_ph + dd[None, :], mask=m2, other=0.0)
         o = (o_p.to(tl.float32) * w_p[:, None] + o_d * w_d[:, None]) / (w_p + w_d)[:, None]
-        tl.store(OUT + rows[:, None] * stride_ot + h * stride_oh + dd[None, :], o.to(OUT.dtype.element_ty), mask=m2)
+        tl.store(OUT + qrow[:, None] * stride_ot + h * stride_oh + dd[None, :], o.to(OUT.dtype.element_ty), mask=m2)
 
     return _diagonal_merge_kernel
 
