@@ -33,6 +33,7 @@ import torch
 
 import sglang_shplb.kernels.api as api
 import sglang_shplb.kernels.cudnn_blocks as cudnn_blocks
+from sglang_shplb.core.model_spec import ModelSpec
 from sglang_shplb.core.patterns import BLOCK, HeadBudget
 from sglang_shplb.kernels import SparsePrefill, build_block_index, sparse_prefill
 from sglang_shplb.kernels.cudnn_blocks import (SWITCH, block_sparse_heads, cudnn_blocks_unavailable,
@@ -40,6 +41,7 @@ from sglang_shplb.kernels.cudnn_blocks import (SWITCH, block_sparse_heads, cudnn
 from sglang_shplb.kernels.reference import reference_sparse_prefill, relative_error
 from sglang_shplb.kernels.triton_diagonal import diagonal_merge
 from sglang_shplb.kernels.triton_prefill import rule_prefill, tile_prefill
+from sglang_shplb.planning.synthetic_plans import serving_bench_budget
 
 from timing import bench, log
 
@@ -223,23 +225,17 @@ def time_context(run: PrefillRun, n: int, listed) -> dict:
     return row
 
 
-def mixed_layer(hq: int, hkv: int) -> list[HeadBudget]:
-    """The serving benchmark's mixed layer (``planning.synthetic_plans.serving_bench_budget``): KV group 0 dense,
-    then streaming (128 + 2048 tokens) and top-k 10 % groups in turn (one head a group when ``hkv == 1``)."""
-    out = []
-    for h in range(hq):
-        g = h // (hq // hkv) if hkv > 1 else h
-        out.append(HeadBudget.dense() if g == 0 else HeadBudget.streaming(128, 2048) if g % 2 == 0
-                   else HeadBudget.topk(0.1, 2))
-    return out
-
-
 def time_layer(run: PrefillRun, n: int) -> dict:
-    """The whole mixed layer through ``SparsePrefill.run`` with the route off, then on (``SHPLB_CUDNN_BLOCKS``),
-    back to back: a full prefill (keys contiguous), and the last chunk of a chunked prefill (8K rows, or half
-    the context, after the rest) over a pool of 64-slot pages, as the server runs it."""
-    hq, hkv, d, dev, smoke = run.hq, run.hkv, run.d, run.dev, run.smoke
-    budgets = mixed_layer(hq, hkv)
+    """The serving benchmark's mixed layer (``planning.synthetic_plans.serving_bench_budget``: KV group 0 dense,
+    then streaming 128 + 2048 and top-k 10 % groups in turn) through ``SparsePrefill.run`` with the route off,
+    then on (``SHPLB_CUDNN_BLOCKS``), back to back: a full prefill (keys contiguous), and the last chunk of a
+    chunked prefill (8K rows, or half the context, after the rest) over a pool of 64-slot pages, as the server
+    runs it."""
+    hq, d, dev, smoke = run.hq, run.d, run.dev, run.smoke
+    hkv = hq if smoke else run.hkv            # the smoke shape's one KV group would make every head dense
+    f = serving_bench_budget()
+    spec = ModelSpec("LlamaForCausalLM", 1, hq, hkv, d, n, "bench")
+    budgets = [f(0, h, spec) for h in range(hq)]
     q, k, v, cu, kvl = one_sequence(n, hq, hkv, d, dev, run.dtype)
     c = min(8192, n // 2) // BLOCK * BLOCK
     pk, pv, r2t = paged_pool(k, v, n + 1)
