@@ -221,3 +221,30 @@ def test_sparse_prefill_keeps_triton_where_cudnn_cannot_take_the_batch(cudnn_sta
     SparsePrefill(MIXED, hkv, d).plan(cu, kvl, 100, 300, q_lens_cpu=[100], kv_lens_cpu=[300], req_to_token=r2t,
                                       req_pool_indices=torch.zeros(1, dtype=torch.int32, device=DEV)).run(q, k, v)
     assert cudnn_stand_in == []
+
+
+def test_head_parallel_home_heads_take_the_route_from_a_64_slot_pool(cudnn_stand_in):
+    """The head-parallel executor's sparse heads read from SGLang's pool (``KVRows`` with the pool's page size):
+    with 64-slot pages the route reads them in place and equals the reference; with 1-slot pages it is not
+    taken."""
+    from sglang_shplb.kernels.head_parallel import KVRows, _sparse_kernels
+    from sglang_shplb.kernels.layer_reference import sparse_attention
+
+    hq, hkv, d = len(MIXED), 3, 64
+    n_q, n_kv = 128, 320
+    q, k, v = _qkv(n_q, n_kv, hq, hkv, d, 14)
+    pool = PagedPool(2048, 2, 512, hkv, d, seed=15)
+    pool.put(1, 0, k, v)
+    rpi = torch.tensor([1], dtype=torch.int32, device=DEV)
+    heads = [1, 2, 3, 5]
+    out = torch.zeros_like(q)
+    _sparse_kernels(q, pool.k, pool.v, KVRows(pool.req_to_token, rpi, page_size=64), [n_q], [n_kv], MIXED, heads,
+                    d ** -0.5, out)
+    assert cudnn_stand_in == [n_q]
+    ref = torch.zeros_like(q)
+    only = [b if h in heads else HeadBudget.dense() for h, b in enumerate(MIXED)]
+    sparse_attention(q, pool.k, pool.v, pool.req_to_token, rpi, torch.tensor([n_kv], device=DEV),
+                     torch.tensor([n_q], device=DEV), only, d ** -0.5, ref, max_kv_len=n_kv)
+    assert relative_error(out[:, heads], ref[:, heads]) < tol(torch.float32)
+    _sparse_kernels(q, pool.k, pool.v, KVRows(pool.req_to_token, rpi), [n_q], [n_kv], MIXED, heads, d ** -0.5, out)
+    assert cudnn_stand_in == [n_q]

@@ -34,11 +34,13 @@ from sglang_shplb.kernels.layer_reference import CHEAP, sparse_attention
 # ---------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class KVRows:
-    """Request ``i``'s keys: paged, ``buffer[req_to_token[req_pool_indices[i], :kv_len]]`` (SGLang's pool), or
-    contiguous, ``buffer[starts[i] : starts[i] + kv_len]`` (a staged prefix, a batch's new tokens)."""
+    """Request ``i``'s keys: paged, ``buffer[req_to_token[req_pool_indices[i], :kv_len]]`` (SGLang's pool, in
+    pages of ``page_size`` slots), or contiguous, ``buffer[starts[i] : starts[i] + kv_len]`` (a staged prefix, a
+    batch's new tokens)."""
     req_to_token: torch.Tensor | None = None
     req_pool_indices: torch.Tensor | None = None
     starts: tuple[int, ...] | None = None
+    page_size: int = 1
 
     @staticmethod
     def back_to_back(lens: Sequence[int]) -> "KVRows":
@@ -137,7 +139,8 @@ def _sparse_kernels(q, k_buffer, v_buffer, kv: KVRows, q_lens, kv_lens, budgets,
     else:
         r2t, rpi = kv.paged(kv_lens, dev)
         sp.plan(cu, kvl, max(q_lens), max(kv_lens), req_to_token=r2t, req_pool_indices=rpi,
-                q_lens_cpu=list(q_lens), kv_lens_cpu=list(kv_lens))
+                q_lens_cpu=list(q_lens), kv_lens_cpu=list(kv_lens),
+                kv_page_size=kv.page_size if kv.starts is None else 1)
     o = sp.run(q, k_buffer, v_buffer)
     hs = head_index(heads, dev)
     out[:, hs] = o[:, hs].to(out.dtype)
@@ -240,9 +243,11 @@ def _gather_prefix(k_buffer, req_to_token, req_pool_indices, kv_local: int, lens
 class HeadParallelExtend:
     """Runs one layer's :class:`LayerSchedule` on this rank (see the module docstring)."""
 
-    def __init__(self, layout: RankLayout, group=None) -> None:
+    def __init__(self, layout: RankLayout, group=None, pool_page_size: int = 1) -> None:
+        """``pool_page_size``: the slots of the KV pool's pages (SGLang's ``--page-size``)."""
         self.lay = layout
         self.group = group
+        self.pool_page_size = pool_page_size
         self.stats = ExchangeStats()
 
     # -- the whole layer ----------------------------------------------------------------------------
@@ -272,8 +277,8 @@ class HeadParallelExtend:
             else:
                 rpi = req_pool_indices if len(live) == len(shape.extend_lens) else \
                     req_pool_indices[to_device(torch.tensor(live), req_pool_indices.device)]
-                attend_heads(q, k_buffer, v_buffer, KVRows(req_to_token, rpi), q_lens, kv_lens,
-                             local_budgets, whole, scale, out)
+                attend_heads(q, k_buffer, v_buffer, KVRows(req_to_token, rpi, page_size=self.pool_page_size),
+                             q_lens, kv_lens, local_budgets, whole, scale, out)
         # units whose home and target are this rank: staged from the home pool, no transfer
         self.compute_units(sched, r, budgets, scale, out, q=q, k_buffer=k_buffer, v_buffer=v_buffer,
                             req_to_token=req_to_token, req_pool_indices=req_pool_indices)

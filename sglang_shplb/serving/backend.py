@@ -150,6 +150,11 @@ def register_summary_budget_hook() -> None:
     _budget_hook_registered = True
 
 
+def server_page_size(model_runner) -> int:
+    """The KV pool's page size (SGLang's ``--page-size``, 1 when unset)."""
+    return int(getattr(model_runner, "page_size", None) or getattr(model_runner.server_args, "page_size", None) or 1)
+
+
 def check_summary_page_size(page_size, what: str = "the shplb kernel path") -> None:
     """The decode page summaries are indexed by 64-slot pool page: refuse any other ``--page-size``."""
     if int(page_size or 1) != SUMMARY_PAGE_SIZE:
@@ -269,7 +274,7 @@ class ShplbAttnBackend(AttentionBackend):
         if any(moved):
             from sglang.srt.distributed import get_tp_group
             lay = RankLayout(self.tp_rank, self.tp_size, spec.num_heads, spec.num_kv_heads, spec.head_dim)
-            self.head_parallel = HeadParallelExtend(lay, get_tp_group().device_group)
+            self.head_parallel = HeadParallelExtend(lay, get_tp_group().device_group, server_page_size(model_runner))
         logger.info("shplb head-parallel placement, TP rank %d/%d: layers computing work away from home per bucket "
                     "%s", self.tp_rank, self.tp_size, dict(zip(self.plan.buckets.edges, moved)))
 
@@ -281,11 +286,11 @@ class ShplbAttnBackend(AttentionBackend):
         keep = summary_layers(self.plan, self.max_context)   # the layers budgeted by cell_size_with_summaries
         # a layer stock in both phases in every bucket this server can meet never takes the kernel path
         never = self.stock_everywhere["prefill"] & self.stock_everywhere["decode"]
-        page_size = getattr(model_runner, "page_size", None) or getattr(model_runner.server_args, "page_size", None)
+        page_size = server_page_size(model_runner)
         if any(LayerHeads.of(b).selected for li, b in self.layer_decode_budgets.items() if li in keep):
             check_summary_page_size(page_size)
         # decode reads one slot per 64-slot pool page (--page-size 64), else one per token
-        pool_page = SUMMARY_PAGE_SIZE if int(page_size or 1) == SUMMARY_PAGE_SIZE else 1
+        pool_page = SUMMARY_PAGE_SIZE if page_size == SUMMARY_PAGE_SIZE else 1
         for li, budgets in self.layer_budgets.items():
             if sparse_heads(budgets) and li not in never:
                 self.kernels[li] = LayerKernels(budgets, hkv, mc.head_dim, self.max_context, k0.dtype, self.device,
