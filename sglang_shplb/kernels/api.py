@@ -7,7 +7,7 @@ from typing import Sequence
 import torch
 
 from sglang_shplb.core.patterns import BLOCK, HeadBudget, Pattern
-from sglang_shplb.kernels.block_index import BlockIndex
+from sglang_shplb.kernels.block_index import BlockIndex, pool_rows
 from sglang_shplb.kernels.checks import check_qkv
 from sglang_shplb.kernels.cudnn_blocks import block_sparse_heads, cudnn_blocks_unavailable, route_on
 from sglang_shplb.kernels.dense_pieces import dense_heads_by_group, piece_backend
@@ -58,6 +58,9 @@ class SparsePrefill:
         self.sm_scale = sm_scale
         # the block-index kernel's heads: the selected ones but the tile-128 top-k heads (the tile kernel's)
         self.indexed = [h for h in heads.selected if h not in heads.tiled]
+        # the heads cuDNN's route may take: 64-token-block heads of CUDNN_PATTERNS
+        self._cudnn_candidates = tuple(h for h in heads.sparse
+                                       if heads.budgets[h].pattern in CUDNN_PATTERNS and h not in heads.tiled)
         g = self.num_q_heads // num_kv_heads
         # dense heads grouped for SDPA: KV heads with the same number c of dense q heads share one call
         per_kv: dict[int, list[int]] = {}
@@ -136,7 +139,7 @@ class SparsePrefill:
         for b, (n, L) in enumerate(zip(ql, kl)):
             if n > 0:
                 if self.req_to_token is not None:
-                    rows = self.req_to_token[self.req_pool_indices[b:b + 1].long(), :L].view(-1).long()
+                    rows = pool_rows(self.req_to_token, self.req_pool_indices, b, L)
                 else:
                     rows = slice(ks, ks + L)
                 segs.append((qs, n, L, rows))
@@ -203,8 +206,7 @@ class SparsePrefill:
     def _cudnn_heads(self, q: torch.Tensor) -> tuple[int, ...]:
         """The heads this run hands to cuDNN (see the class): the 64-token-block heads of
         :data:`CUDNN_PATTERNS`, or none where cuDNN's route cannot take this batch."""
-        heads = self.heads
-        routed = tuple(h for h in heads.sparse if heads.budgets[h].pattern in CUDNN_PATTERNS and h not in heads.tiled)
+        routed = self._cudnn_candidates
         if not routed or not route_on() or self._host_lens is None or cudnn_blocks_unavailable(q) is not None:
             return ()
         if self.req_to_token is not None and self.kv_page_size != BLOCK:
@@ -220,8 +222,7 @@ class SparsePrefill:
         for b, (n, L) in enumerate(zip(*self._host_lens)):
             if n > 0:
                 if self.req_to_token is not None:
-                    row = self.req_to_token.index_select(0, self.req_pool_indices[b:b + 1].long())[0]
-                    kv = dict(kv_rows=row, n_kv=L)
+                    kv = dict(kv_rows=pool_rows(self.req_to_token, self.req_pool_indices, b, L), n_kv=L)
                     kb, vb = k, v
                 else:
                     kv, kb, vb = {}, k[ks:ks + L], v[ks:ks + L]

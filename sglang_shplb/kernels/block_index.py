@@ -107,3 +107,9 @@ def int_tensor(vals: tuple[int, ...], device: str, dtype: torch.dtype = torch.in
     """Tensor of ``vals`` on ``device`` (int32, or ``dtype``: int64 for an index), cached (head lists and flags
     of the builders)."""
     return torch.tensor(vals, dtype=dtype, device=device)
+
+
+def pool_rows(req_to_token: torch.Tensor, req_pool_indices: torch.Tensor, i: int, n: int) -> torch.Tensor:
+    """Pool indices of request ``i``'s first ``n`` tokens, ``req_to_token[req_pool_indices[i], :n]`` (int64),
+    indexed on the device (``int(req_pool_indices[i])`` would synchronise)."""
+    return req_to_token[req_pool_indices[i:i + 1].long(), :n][0].long()

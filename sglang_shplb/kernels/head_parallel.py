@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 
 from sglang_shplb.core.patterns import HeadBudget, Pattern
-from sglang_shplb.kernels.block_index import int_tensor, to_device
+from sglang_shplb.kernels.block_index import int_tensor, pool_rows, to_device
 from sglang_shplb.kernels.dense_pieces import dense_heads_by_group
 from sglang_shplb.kernels.layer_reference import CHEAP, sparse_attention
 
@@ -84,12 +84,6 @@ def head_index(heads: Sequence[int], device) -> slice | torch.Tensor:
     if hs == tuple(range(hs[0], hs[0] + len(hs))):
         return slice(hs[0], hs[0] + len(hs))
     return int_tensor(hs, str(device), torch.long)
-
-
-def pool_rows(req_to_token: torch.Tensor, req_pool_indices: torch.Tensor, i: int, n: int) -> torch.Tensor:
-    """Pool indices of request ``i``'s first ``n`` tokens, ``req_to_token[req_pool_indices[i], :n]`` (int64),
-    indexed on the device (``int(req_pool_indices[i])`` would synchronise)."""
-    return req_to_token[req_pool_indices[i:i + 1].long(), :n][0].long()
 
 
 def dense_heads(q, k_buffer, v_buffer, kv: KVRows, q_lens, kv_lens, heads, scale, out) -> None:
