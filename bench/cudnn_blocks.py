@@ -12,7 +12,7 @@ Per context and budget (every head of a Llama-3-8B-shaped layer the same budget)
   the diagonal, then the diagonal merged by :mod:`~sglang_shplb.kernels.triton_diagonal`), and its two parts
   alone (``cudnn_listed``, ``diagonal_merge``); also its host time per call.
 Per-head efficiency = density x SDPA time / time. Then the serving benchmark's mixed layer through
-``SparsePrefill.run`` with the route off and on (``SHPLB_CUDNN_BLOCKS``): a full prefill, and a chunk after a
+``SparsePrefill.run`` with the route off, on and ``auto`` (``SHPLB_CUDNN_BLOCKS``): a full prefill, and a chunk after a
 prefix in a pool of 64-slot pages. The checks first: the route against the masked dense reference (a full
 prefill, a chunk after an aligned prefix, a length not a multiple of 64).
 
@@ -105,7 +105,13 @@ def check(run: PrefillRun, listed) -> None:
         v = torch.randn(n_kv, hkv, d, device=dev, dtype=run.dtype, generator=g)
         index, cu, kvl = _index(mix, q, k, n_kv)
         out = torch.full_like(q, float("nan"))
+        t0 = time.perf_counter()
         block_sparse_heads(q, k, v, index.block_idx[0], index.block_cnt[0], heads, out, d ** -0.5, listed=listed)
+        if dev == "cuda":
+            torch.cuda.synchronize()
+        if not run.res["checks"]:      # the process's first call: cuDNN's kernel compiles (CuTe DSL), once per
+            run.res["first_call_s"] = time.perf_counter() - t0      # dtype, head dim and GQA ratio
+            log(f"the route's first call (compiles): {run.res['first_call_s']:.2f} s")
         ref = reference_sparse_prefill(q, k, v, [index.masks(0, math.ceil(n_kv / BLOCK)).to(dev)], cu, kvl,
                                        cu_seqlens_k=torch.tensor([0, n_kv], dtype=torch.int32, device=dev))
         err = relative_error(out, ref)
@@ -228,9 +234,9 @@ def time_context(run: PrefillRun, n: int, listed) -> dict:
 def time_layer(run: PrefillRun, n: int) -> dict:
     """The serving benchmark's mixed layer (``planning.synthetic_plans.serving_bench_budget``: KV group 0 dense,
     then streaming 128 + 2048 and top-k 10 % groups in turn) through ``SparsePrefill.run`` with the route off,
-    then on (``SHPLB_CUDNN_BLOCKS``), back to back: a full prefill (keys contiguous), and the last chunk of a
-    chunked prefill (8K rows, or half the context, after the rest) over a pool of 64-slot pages, as the server
-    runs it."""
+    then on, then ``auto`` (``SHPLB_CUDNN_BLOCKS``), back to back: a full prefill (keys contiguous), and the last
+    chunk of a chunked prefill (8K rows, or half the context, after the rest) over a pool of 64-slot pages, as
+    the server runs it."""
     hq, d, dev, smoke = run.hq, run.d, run.dev, run.smoke
     hkv = hq if smoke else run.hkv            # the smoke shape's one KV group would make every head dense
     f = serving_bench_budget()
@@ -250,7 +256,7 @@ def time_layer(run: PrefillRun, n: int) -> dict:
     for name, (sp, qq, kk, vv) in cases.items():
         ent = {}
         outs = {}
-        for sw in ("0", "1"):
+        for sw in ("0", "1", "auto"):
             os.environ[SWITCH] = sw
             o = torch.empty_like(qq)
             sp.run(qq, kk, vv, out=o)
@@ -259,10 +265,12 @@ def time_layer(run: PrefillRun, n: int) -> dict:
             outs[sw] = o
         os.environ.pop(SWITCH)
         ent["speedup"] = ent["ms_route_0"] / ent["ms_route_1"]
+        ent["speedup_auto"] = ent["ms_route_0"] / ent["ms_route_auto"]
         ent["max_abs_diff"] = float((outs["0"].float() - outs["1"].float()).abs().max())
         row["cases"][name] = ent
         log(f"  layer, {name}: route off {ent['ms_route_0']:.3f} ms, on {ent['ms_route_1']:.3f} ms "
-            f"({ent['routed_heads_1']} heads routed): {ent['speedup']:.2f}x, max|diff| {ent['max_abs_diff']:.1e}")
+            f"({ent['routed_heads_1']} heads routed): {ent['speedup']:.2f}x, max|diff| {ent['max_abs_diff']:.1e}; "
+            f"auto {ent['routed_heads_auto']} heads routed, {ent['speedup_auto']:.2f}x")
     return row
 
 

@@ -108,20 +108,55 @@ def test_cudnn_unavailable_on_the_cpu_says_why():
     assert cudnn_blocks_unavailable(torch.zeros(1, 1, 64)) == "not on CUDA"
 
 
-def test_sparse_prefill_takes_the_route_only_when_switched_on(cudnn_stand_in, monkeypatch):
-    """Without ``SHPLB_CUDNN_BLOCKS=1`` (the default: unset) SparsePrefill makes no route call."""
+def test_sparse_prefill_takes_the_route_where_it_pays_or_when_switched(cudnn_stand_in, monkeypatch):
+    """``SHPLB_CUDNN_BLOCKS`` unset (``auto``): no route call while the call's head x row x key pairs stay under
+    ``ROUTE_MIN_PAIRS``, one from it; ``1``: a call whatever the size; ``0``: none; anything else refused."""
+    import sglang_shplb.kernels.cudnn_blocks as cb
     from sglang_shplb.kernels import SparsePrefill
 
     monkeypatch.delenv("SHPLB_CUDNN_BLOCKS")
     q, k, v = _qkv(128, 128, len(MIXED), 3, 64, 13)
     cu = torch.tensor([0, 128], dtype=torch.int32, device=DEV)
-    SparsePrefill(MIXED, 3, 64).plan(cu, cu[1:], 128, 128, q_lens_cpu=[128], kv_lens_cpu=[128],
-                                     cu_seqlens_k=cu).run(q, k, v)
+
+    def run():
+        sp = SparsePrefill(MIXED, 3, 64).plan(cu, cu[1:], 128, 128, q_lens_cpu=[128], kv_lens_cpu=[128],
+                                              cu_seqlens_k=cu)
+        return sp, sp.run(q, k, v)
+
+    sp, _ = run()
     assert cudnn_stand_in == []
-    monkeypatch.setenv("SHPLB_CUDNN_BLOCKS", "1")
-    SparsePrefill(MIXED, 3, 64).plan(cu, cu[1:], 128, 128, q_lens_cpu=[128], kv_lens_cpu=[128],
-                                     cu_seqlens_k=cu).run(q, k, v)
+    pairs = len(sp._cudnn_candidates) * 128 * 128
+    monkeypatch.setattr(cb, "ROUTE_MIN_PAIRS", pairs + 1)
+    run()
+    assert cudnn_stand_in == []
+    monkeypatch.setattr(cb, "ROUTE_MIN_PAIRS", pairs)
+    run()
     assert cudnn_stand_in == [128]
+    monkeypatch.setattr(cb, "ROUTE_MIN_PAIRS", 1e10)
+    monkeypatch.setenv("SHPLB_CUDNN_BLOCKS", "1")
+    run()
+    assert cudnn_stand_in == [128, 128]
+    monkeypatch.setenv("SHPLB_CUDNN_BLOCKS", "0")
+    monkeypatch.setattr(cb, "ROUTE_MIN_PAIRS", 0)
+    run()
+    assert cudnn_stand_in == [128, 128]
+    monkeypatch.setenv("SHPLB_CUDNN_BLOCKS", "on")
+    with pytest.raises(ValueError, match="SHPLB_CUDNN_BLOCKS='on'"):
+        run()
+
+
+def test_route_pays_counts_work_per_call():
+    """The mean work per call (sequences without queries make no call) against ROUTE_MIN_PAIRS."""
+    from sglang_shplb.kernels.cudnn_blocks import ROUTE_MIN_PAIRS, route_pays
+
+    n = 8192
+    per_call = 28 * n * 65536
+    assert per_call >= ROUTE_MIN_PAIRS > 28 * n * 32768      # the measured winner and loser (H100, 2026-12-07)
+    assert route_pays(28, [n], [65536])
+    assert not route_pays(28, [n], [32768])
+    assert route_pays(28, [n, 0], [65536, 100])            # the empty sequence makes no call
+    assert not route_pays(28, [n, n], [65536, 128])        # two calls, the second small: the mean is under
+    assert not route_pays(28, [0], [65536])
 
 
 def test_bench_smoke_route_equals_the_triton_kernels(tmp_path, monkeypatch):

@@ -9,7 +9,7 @@ import torch
 from sglang_shplb.core.patterns import BLOCK, HeadBudget, Pattern
 from sglang_shplb.kernels.block_index import BlockIndex, pool_rows
 from sglang_shplb.kernels.checks import check_qkv
-from sglang_shplb.kernels.cudnn_blocks import block_sparse_heads, cudnn_blocks_unavailable, route_on
+from sglang_shplb.kernels.cudnn_blocks import block_sparse_heads, cudnn_blocks_unavailable, route_mode, route_pays
 from sglang_shplb.kernels.dense_pieces import dense_heads_by_group, piece_backend
 from sglang_shplb.kernels.index import build_block_index
 from sglang_shplb.kernels.layer_heads import LayerHeads
@@ -41,9 +41,10 @@ class SparsePrefill:
     * **top-k (``tile=64``) / vertical-slash** heads: the block-index kernel :func:`.triton_prefill.sparse_prefill`;
     * heads of the patterns in :data:`CUDNN_PATTERNS` (but tile-128 top-k) instead go to cuDNN's block-sparse
       attention (:func:`.cudnn_blocks.block_sparse_heads`, one call per sequence, over the same index) when
-      ``SHPLB_CUDNN_BLOCKS=1`` is set, cuDNN's kernel runs (SM90, bf16 / fp16, the package importable), the host
-      knows the lengths, every prefix is a multiple of 64 tokens and the keys are contiguous or in a pool of
-      64-slot pages (``plan(..., kv_page_size=64)``).
+      cuDNN's kernel runs (SM90, bf16 / fp16, the package importable), the host knows the lengths, every prefix
+      is a multiple of 64 tokens, the keys are contiguous or in a pool of 64-slot pages
+      (``plan(..., kv_page_size=64)``) and the calls' work pays for their fixed cost
+      (:func:`.cudnn_blocks.route_pays`; ``SHPLB_CUDNN_BLOCKS=1`` / ``0``: always / never).
 
     ``run(..., index=BlockIndex)`` skips the index builders and runs every head through the block-index
     kernel (explicit masks: :func:`block_index_from_masks`).
@@ -206,13 +207,15 @@ class SparsePrefill:
     def _cudnn_heads(self, q: torch.Tensor) -> tuple[int, ...]:
         """The heads this run hands to cuDNN (see the class): the 64-token-block heads of
         :data:`CUDNN_PATTERNS`, or none where cuDNN's route cannot take this batch."""
-        routed = self._cudnn_candidates
-        if not routed or not route_on() or self._host_lens is None or cudnn_blocks_unavailable(q) is not None:
+        routed, mode = self._cudnn_candidates, route_mode()
+        if not routed or mode == "0" or self._host_lens is None or cudnn_blocks_unavailable(q) is not None:
             return ()
         if self.req_to_token is not None and self.kv_page_size != BLOCK:
             return ()
         ql, kl = self._host_lens
-        return routed if all((L - n) % BLOCK == 0 for n, L in zip(ql, kl)) else ()
+        if any((L - n) % BLOCK for n, L in zip(ql, kl)):
+            return ()
+        return routed if mode == "1" or route_pays(len(routed), ql, kl) else ()
 
     def _run_cudnn(self, q, k, v, out, index: BlockIndex, routed: tuple[int, ...]) -> None:
         """:func:`.cudnn_blocks.block_sparse_heads` per sequence with queries."""

@@ -11,7 +11,8 @@ causal and wants the query rows in whole 64-row blocks. One call covers every li
 
 It runs on CUDA at SM 9.x, bf16 / fp16, d = 64 or 128, where ``cudnn.block_sparse_attention`` imports
 (nvidia-cudnn-frontend >= 1.28 with nvidia-cutlass-dsl: FlashInfer 0.6 requires the first, SGLang 0.5.17 pins
-the second). ``SparsePrefill`` takes this route only with ``SHPLB_CUDNN_BLOCKS=1`` (:func:`route_on`).
+the second). ``SparsePrefill`` takes this route where a call's work pays for its fixed cost (:func:`route_pays`;
+``SHPLB_CUDNN_BLOCKS``: ``auto`` by default, ``1`` wherever it can run, ``0`` never: :func:`route_mode`).
 :func:`listed_blocks_reference` is the torch stand-in of cuDNN's call (tests on the CPU). No SGLang.
 """
 from __future__ import annotations
@@ -26,9 +27,18 @@ import torch
 from sglang_shplb.core.patterns import BLOCK
 from sglang_shplb.kernels.triton_diagonal import diagonal_merge
 
-#: the environment variable that turns :class:`~.api.SparsePrefill`'s use of this route on (``1``); off by
-#: default until ``bench/cudnn_blocks.py`` has measured it on a GPU
+#: the environment variable that sets :class:`~.api.SparsePrefill`'s use of this route: ``auto`` (the default:
+#: where :func:`route_pays`), ``1`` (wherever the route can run), ``0`` (never)
 SWITCH = "SHPLB_CUDNN_BLOCKS"
+ROUTE_MODES = ("auto", "1", "0")
+
+#: head x query row x key pairs per call (the routed heads times the chunk's rows times the sequence's keys) from
+#: which ``auto`` takes the route. Each call has a fixed cost (host work ~0.5-1.5 ms, the diagonal merge) that
+#: the faster listed blocks must earn back. Measured, the serving benchmark's mixed layer through
+#: ``SparsePrefill.run`` (28 routed heads of 32, H100, 2026-12-07, ``bench/results/gpu_round26``): the route vs
+#: the Triton kernels 0.70x at 28 x 16K x 16K (7.5e9) and 0.79x at 28 x 8K x 32K (7.5e9, an 8K chunk in a
+#: 64-slot pool), 1.03x at 28 x 8K x 64K (1.5e10), 1.02-1.09x from there to 28 x 128K x 128K.
+ROUTE_MIN_PAIRS = 1.0e10
 
 #: ``(q, k, v, block_idx, counts, scale) -> (o_p, lse_p)``: attention over listed blocks, not causal
 ListedBlocks = Callable[..., tuple[torch.Tensor, torch.Tensor]]
@@ -44,9 +54,19 @@ def _cudnn_forward():
     return block_sparse_attention_forward
 
 
-def route_on() -> bool:
-    """Whether :class:`~.api.SparsePrefill` may hand heads to this route (``SHPLB_CUDNN_BLOCKS=1``)."""
-    return os.environ.get(SWITCH, "0") == "1"
+def route_mode() -> str:
+    """``SHPLB_CUDNN_BLOCKS``: ``auto`` (unset), ``1`` or ``0``; anything else is refused."""
+    mode = os.environ.get(SWITCH, "auto")
+    if mode not in ROUTE_MODES:
+        raise ValueError(f"{SWITCH}={mode!r}: expected one of {', '.join(ROUTE_MODES)}")
+    return mode
+
+
+def route_pays(n_heads: int, q_lens: list[int], kv_lens: list[int]) -> bool:
+    """Whether ``auto`` takes the route for ``n_heads`` heads of a batch: one call per sequence with queries,
+    each doing on average ``n_heads * sum(n_q * n_kv) / calls`` head x row x key pairs >= :data:`ROUTE_MIN_PAIRS`."""
+    calls = sum(1 for n in q_lens if n > 0)
+    return calls > 0 and n_heads * sum(n * L for n, L in zip(q_lens, kv_lens)) >= ROUTE_MIN_PAIRS * calls
 
 
 def cudnn_blocks_unavailable(q: torch.Tensor) -> str | None:

@@ -5,7 +5,8 @@
 # site directory, less what the block-sparse forward does not import (headers, static and aarch64 libraries,
 # tvm-ffi's testing library, cudnn's gemm / linear / DeepSeek / native sparse attention modules), xz -9e:
 # 62.0 MiB, carried in one call as .whl/one/site.tar.xz (built by make_site.sh beside this file):
-#   carry [".whl/one", "bench/results/gpu_round26/job.sh", CAL]:
+#   carry [".whl/one", "bench/results/gpu_round26/job.sh", CAL, "bench/results/calibration_h100_tiles.json",
+#          "bench/results/default_plan"]:
 #     rm -rf /tmp/repo && mkdir -p /tmp/repo /tmp/out && tar cf - . | tar xf - -C /tmp/repo && cd /tmp/repo &&
 #     (setsid nohup bash bench/results/gpu_round26/job.sh > /tmp/run.log 2>&1 < /dev/null &); bash bench/gpu_poll.sh 560 "round26 done"
 # (bench/results is left out of the tree for these calls, `bash bench/device_tree.sh on`: its 57 MiB would not fit
@@ -24,6 +25,11 @@ mkdir -p $O
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee $O/gpu.txt
 t0=$(date +%s)
 mkdir -p /tmp/site && tar xJf .whl/one/site.tar.xz -C /tmp/site
+# the site tar of 2026-12-07 pruned tvm-ffi's testing library, which tvm_ffi.core links against (one symbol): a
+# stub in its place (make_site.sh now keeps the library)
+lib=/tmp/site/tvm_ffi/lib
+[ -e $lib/libtvm_ffi_testing.so ] || { nm -D --undefined-only /tmp/site/tvm_ffi/core.abi3.so | awk '{print $2}' |
+  grep -i testing | sed 's/.*/int &(void) { return 0; }/' > /tmp/stub.c && gcc -shared -fPIC -o $lib/libtvm_ffi_testing.so /tmp/stub.c; }
 export PYTHONPATH=/tmp/site:/tmp/site/nvidia_cutlass_dsl/dsl_packages:$PWD TRITON_INTERPRET=0
 python3 -c "import torch, cudnn, cutlass; from cudnn.block_sparse_attention import block_sparse_attention_forward; \
 print('cudnn frontend', cudnn.__version__, 'backend', cudnn.backend_version(), 'cutlass-dsl', cutlass.__version__)" \

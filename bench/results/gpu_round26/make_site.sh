@@ -12,7 +12,7 @@ for p in nvidia-cudnn-frontend==1.28.0 nvidia-cutlass-dsl==4.6.0 nvidia-cutlass-
 done
 mkdir -p $w/site
 for f in $w/whl/*.whl; do unzip -q -o $f -d $w/site; done
-(cd $w/site && rm -rf include tvm_ffi/include tvm_ffi/src tvm_ffi/3rdparty tvm_ffi/lib/libtvm_ffi_testing.so \
+(cd $w/site && rm -rf include tvm_ffi/include tvm_ffi/src tvm_ffi/3rdparty \
    nvidia_cutlass_dsl/dsl_packages/iket/profiler/libsmodel_injection.so nvidia_cutlass_dsl/cu13/lib/stubs \
    nvidia_cutlass_dsl/cu13/lib/*.a cudnn/gemm cudnn/linear_attention cudnn/deepseek_sparse_attention \
    cudnn/native_sparse_attention)
