@@ -11,7 +11,7 @@ causal and wants the query rows in whole 64-row blocks. One call covers every li
 
 It runs on CUDA at SM 9.x, bf16 / fp16, d = 64 or 128, where ``cudnn.block_sparse_attention`` imports
 (nvidia-cudnn-frontend >= 1.28 with nvidia-cutlass-dsl: FlashInfer 0.6 requires the first, SGLang 0.5.17 pins
-the second). ``SparsePrefill`` takes this route where a call's work pays for its fixed cost (:func:`route_pays`;
+the second). ``SparsePrefill`` takes this route where it was measured to win (:func:`route_pays`: from 96K keys;
 ``SHPLB_CUDNN_BLOCKS``: ``auto`` by default, ``1`` wherever it can run, ``0`` never: :func:`route_mode`).
 :func:`listed_blocks_reference` is the torch stand-in of cuDNN's call (tests on the CPU). No SGLang.
 """
@@ -32,16 +32,22 @@ from sglang_shplb.kernels.triton_diagonal import diagonal_merge
 SWITCH = "SHPLB_CUDNN_BLOCKS"
 ROUTE_MODES = ("auto", "1", "0")
 
+#: the shortest sequence (keys, prefix included) for which ``auto`` takes the route. Measured with the route on
+#: against off, the same index, H100, 2026-12-07 (``bench/results/gpu_round26``):
+#:  * the serving benchmark's mixed layer through ``SparsePrefill.run`` (28 routed heads of 32; two runs, the
+#:    second with ``auto`` too): at 128K keys 1.04-1.06x (full prefill) and 1.06-1.09x (the last 8K chunk in a
+#:    64-slot pool); at 64K 0.96-1.08x and 0.89-1.03x; at 32K 0.95-1.02x and 0.66-0.79x; at 16K 0.68-0.70x and
+#:    0.73-0.81x;
+#:  * issue 13's head-parallel cells (mixed plan, Llama-3-8B / 70B shapes, TP 4 / 8, each rank's full prefill):
+#:    at 128K 1.00-1.06x, at 64K 0.90-1.00x.
+#: Per head the listed blocks run 1.2-1.5x faster from 64K (top-k, vertical-slash in a page pool); what the
+#: layer keeps of it shrinks with the diagonal merge (linear in the rows: 5-9 % of the route at 64K-128K) and
+#: the call's host work (0.5-1.5 ms).
+ROUTE_MIN_KEYS = 96 * 1024
 #: head x query row x key pairs per call (the routed heads times the chunk's rows times the sequence's keys) from
-#: which ``auto`` takes the route. Each call has a fixed cost (host work ~0.5-1.5 ms, the diagonal merge) that
-#: the faster listed blocks must earn back. Measured, the serving benchmark's mixed layer through
-#: ``SparsePrefill.run`` (28 routed heads of 32, H100, 2026-12-07, ``bench/results/gpu_round26``): the route vs
-#: the Triton kernels 0.70x at 28 x 16K x 16K (7.5e9) and 0.79x at 28 x 8K x 32K (7.5e9, an 8K chunk in a
-#: 64-slot pool), 1.03x at 28 x 8K x 64K (1.5e10), 1.02-1.09x from there to 28 x 128K x 128K.
+#: which ``auto`` takes the route: a short extend over a long prefix (a radix hit, a few rows) does not pay for
+#: the call's fixed cost. Every winning call measured did >= 3e10 (28 heads x 8K rows x 128K keys).
 ROUTE_MIN_PAIRS = 1.0e10
-
-#: ``(q, k, v, block_idx, counts, scale) -> (o_p, lse_p)``: attention over listed blocks, not causal
-ListedBlocks = Callable[..., tuple[torch.Tensor, torch.Tensor]]
 
 
 @lru_cache(maxsize=None)
@@ -63,10 +69,12 @@ def route_mode() -> str:
 
 
 def route_pays(n_heads: int, q_lens: list[int], kv_lens: list[int]) -> bool:
-    """Whether ``auto`` takes the route for ``n_heads`` heads of a batch: one call per sequence with queries,
-    each doing on average ``n_heads * sum(n_q * n_kv) / calls`` head x row x key pairs >= :data:`ROUTE_MIN_PAIRS`."""
-    calls = sum(1 for n in q_lens if n > 0)
-    return calls > 0 and n_heads * sum(n * L for n, L in zip(q_lens, kv_lens)) >= ROUTE_MIN_PAIRS * calls
+    """Whether ``auto`` takes the route for ``n_heads`` heads of a batch (one call per sequence with queries):
+    every such sequence has at least :data:`ROUTE_MIN_KEYS` keys, and the calls do on average at least
+    :data:`ROUTE_MIN_PAIRS` head x row x key pairs (``n_heads * sum(n_q * n_kv) / calls``)."""
+    seqs = [(n, L) for n, L in zip(q_lens, kv_lens) if n > 0]
+    return (bool(seqs) and all(L >= ROUTE_MIN_KEYS for _, L in seqs)
+            and n_heads * sum(n * L for n, L in seqs) >= ROUTE_MIN_PAIRS * len(seqs))
 
 
 def cudnn_blocks_unavailable(q: torch.Tensor) -> str | None:
