@@ -109,9 +109,8 @@ def test_cudnn_unavailable_on_the_cpu_says_why():
 
 
 def test_sparse_prefill_takes_the_route_where_it_pays_or_when_switched(cudnn_stand_in, monkeypatch):
-    """``SHPLB_CUDNN_BLOCKS`` unset (``auto``): no route call below ``ROUTE_MIN_KEYS`` keys or while the call's
-    head x row x key pairs stay under ``ROUTE_MIN_PAIRS``, one from both; ``1``: a call whatever the size;
-    ``0``: none; anything else refused."""
+    """``SHPLB_CUDNN_BLOCKS`` unset (``auto``): no route call while the call's head x row x key pairs stay under
+    ``ROUTE_MIN_PAIRS``, one from it; ``1``: a call whatever the size; ``0``: none; anything else refused."""
     import sglang_shplb.kernels.cudnn_blocks as cb
     from sglang_shplb.kernels import SparsePrefill
 
@@ -127,10 +126,6 @@ def test_sparse_prefill_takes_the_route_where_it_pays_or_when_switched(cudnn_sta
     sp, _ = run()
     assert cudnn_stand_in == []
     pairs = len(sp._cudnn_candidates) * 128 * 128
-    monkeypatch.setattr(cb, "ROUTE_MIN_PAIRS", pairs)
-    run()
-    assert cudnn_stand_in == []                    # 128 keys < ROUTE_MIN_KEYS
-    monkeypatch.setattr(cb, "ROUTE_MIN_KEYS", 128)
     monkeypatch.setattr(cb, "ROUTE_MIN_PAIRS", pairs + 1)
     run()
     assert cudnn_stand_in == []
@@ -138,7 +133,6 @@ def test_sparse_prefill_takes_the_route_where_it_pays_or_when_switched(cudnn_sta
     run()
     assert cudnn_stand_in == [128]
     monkeypatch.setattr(cb, "ROUTE_MIN_PAIRS", 1e10)
-    monkeypatch.setattr(cb, "ROUTE_MIN_KEYS", 96 * 1024)
     monkeypatch.setenv("SHPLB_CUDNN_BLOCKS", "1")
     run()
     assert cudnn_stand_in == [128, 128]
@@ -151,21 +145,19 @@ def test_sparse_prefill_takes_the_route_where_it_pays_or_when_switched(cudnn_sta
         run()
 
 
-def test_route_pays_from_the_measured_keys_and_work_per_call():
-    """Every sequence with queries at ROUTE_MIN_KEYS keys or more, and the mean work per call (sequences without
-    queries make no call) at ROUTE_MIN_PAIRS or more."""
-    from sglang_shplb.kernels.cudnn_blocks import ROUTE_MIN_KEYS, ROUTE_MIN_PAIRS, route_pays
+def test_route_pays_from_the_measured_work_per_call():
+    """The mean work per call (sequences without queries make no call) against ROUTE_MIN_PAIRS, which sits between
+    the measured loser and winners (H100, 2026-12-07)."""
+    from sglang_shplb.kernels.cudnn_blocks import ROUTE_MIN_PAIRS, route_pays
 
     n = 8192
-    assert 65536 < ROUTE_MIN_KEYS <= 131072           # the measured loser and winner (H100, 2026-12-07)
-    assert 28 * n * 131072 >= ROUTE_MIN_PAIRS
-    assert route_pays(28, [n], [131072])
-    assert not route_pays(28, [n], [65536])
+    assert 28 * n * 16384 < ROUTE_MIN_PAIRS <= 28 * n * 32768
+    assert route_pays(28, [n], [32768])
+    assert route_pays(28, [2 * n], [2 * n])
+    assert not route_pays(28, [n], [2 * n])
     assert not route_pays(28, [64], [131072])           # a short extend over a long prefix
-    assert route_pays(28, [n, 0], [131072, 100])        # the empty sequence makes no call
-    assert not route_pays(28, [n, n], [131072, 8192])   # one sequence too short
-    assert route_pays(28, [n // 2], [131072])
-    assert not route_pays(28, [n // 2, 64], [131072, 131072])  # two calls, the second small: the mean is under
+    assert route_pays(28, [n, 0], [32768, 100])         # the empty sequence makes no call
+    assert not route_pays(28, [n, 64], [32768, 32768])  # two calls, the second small: the mean is under
     assert not route_pays(28, [0], [131072])
 
 

@@ -43,7 +43,7 @@ class SparsePrefill:
       attention (:func:`.cudnn_blocks.block_sparse_heads`, one call per sequence, over the same index) when
       cuDNN's kernel runs (SM90, bf16 / fp16, the package importable), the host knows the lengths, every prefix
       is a multiple of 64 tokens, the keys are contiguous or in a pool of 64-slot pages
-      (``plan(..., kv_page_size=64)``) and where it was measured to win: from 96K keys, with enough rows per
+      (``plan(..., kv_page_size=64)``) and where it was measured to win: enough head x row x key pairs per
       call (:func:`.cudnn_blocks.route_pays`; ``SHPLB_CUDNN_BLOCKS=1`` / ``0``: always / never).
 
     ``run(..., index=BlockIndex)`` skips the index builders and runs every head through the block-index

@@ -11,7 +11,7 @@ causal and wants the query rows in whole 64-row blocks. One call covers every li
 
 It runs on CUDA at SM 9.x, bf16 / fp16, d = 64 or 128, where ``cudnn.block_sparse_attention`` imports
 (nvidia-cudnn-frontend >= 1.28 with nvidia-cutlass-dsl: FlashInfer 0.6 requires the first, SGLang 0.5.17 pins
-the second). ``SparsePrefill`` takes this route where it was measured to win (:func:`route_pays`: from 96K keys;
+the second). ``SparsePrefill`` takes this route where it was measured to win (:func:`route_pays`: enough work per call;
 ``SHPLB_CUDNN_BLOCKS``: ``auto`` by default, ``1`` wherever it can run, ``0`` never: :func:`route_mode`).
 :func:`listed_blocks_reference` is the torch stand-in of cuDNN's call (tests on the CPU). No SGLang.
 """
@@ -32,22 +32,14 @@ from sglang_shplb.kernels.triton_diagonal import diagonal_merge
 SWITCH = "SHPLB_CUDNN_BLOCKS"
 ROUTE_MODES = ("auto", "1", "0")
 
-#: the shortest sequence (keys, prefix included) for which ``auto`` takes the route. Measured with the route on
-#: against off, the same index, H100, 2026-12-07 (``bench/results/gpu_round26``):
-#:  * the serving benchmark's mixed layer through ``SparsePrefill.run`` (28 routed heads of 32; two runs, the
-#:    second with ``auto`` too): at 128K keys 1.04-1.06x (full prefill) and 1.06-1.09x (the last 8K chunk in a
-#:    64-slot pool); at 64K 0.96-1.08x and 0.89-1.03x; at 32K 0.95-1.02x and 0.66-0.79x; at 16K 0.68-0.70x and
-#:    0.73-0.81x;
-#:  * issue 13's head-parallel cells (mixed plan, Llama-3-8B / 70B shapes, TP 4 / 8, each rank's full prefill):
-#:    at 128K 1.00-1.06x, at 64K 0.90-1.00x.
-#: Per head the listed blocks run 1.2-1.5x faster from 64K (top-k, vertical-slash in a page pool); what the
-#: layer keeps of it shrinks with the diagonal merge (linear in the rows: 5-9 % of the route at 64K-128K) and
-#: the call's host work (0.5-1.5 ms).
-ROUTE_MIN_KEYS = 96 * 1024
 #: head x query row x key pairs per call (the routed heads times the chunk's rows times the sequence's keys) from
-#: which ``auto`` takes the route: a short extend over a long prefix (a radix hit, a few rows) does not pay for
-#: the call's fixed cost. Every winning call measured did >= 3e10 (28 heads x 8K rows x 128K keys).
-ROUTE_MIN_PAIRS = 1.0e10
+#: which ``auto`` takes the route: each call has a fixed cost (its host work, ~0.5-1.5 ms; the diagonal merge,
+#: linear in the rows) that the faster listed blocks must earn back. Measured, route on against off on the same
+#: index, H100, 2026-12-07 (``bench/results/gpu_round26/h100/run3``): the serving benchmark's mixed layer through
+#: ``SparsePrefill.run`` (28 routed heads of 32) 0.98x at 28 x 8K x 16K (3.8e9: an 8K chunk after 8K, 64-slot
+#: pool), 1.04x at 28 x 16K x 16K (7.5e9), 1.11x at 28 x 8K x 32K (7.5e9), 1.07-1.13x from there to 128K;
+#: per head 1.0-1.3x (contiguous keys) and 1.1-1.5x (page pool) from 16K.
+ROUTE_MIN_PAIRS = 5.0e9
 
 
 @lru_cache(maxsize=None)
@@ -69,12 +61,11 @@ def route_mode() -> str:
 
 
 def route_pays(n_heads: int, q_lens: list[int], kv_lens: list[int]) -> bool:
-    """Whether ``auto`` takes the route for ``n_heads`` heads of a batch (one call per sequence with queries):
-    every such sequence has at least :data:`ROUTE_MIN_KEYS` keys, and the calls do on average at least
-    :data:`ROUTE_MIN_PAIRS` head x row x key pairs (``n_heads * sum(n_q * n_kv) / calls``)."""
+    """Whether ``auto`` takes the route for ``n_heads`` heads of a batch (one call per sequence with queries): the
+    calls do on average at least :data:`ROUTE_MIN_PAIRS` head x row x key pairs (``n_heads * sum(n_q * n_kv) /
+    calls``)."""
     seqs = [(n, L) for n, L in zip(q_lens, kv_lens) if n > 0]
-    return (bool(seqs) and all(L >= ROUTE_MIN_KEYS for _, L in seqs)
-            and n_heads * sum(n * L for n, L in seqs) >= ROUTE_MIN_PAIRS * len(seqs))
+    return bool(seqs) and n_heads * sum(n * L for n, L in seqs) >= ROUTE_MIN_PAIRS * len(seqs)
 
 
 def cudnn_blocks_unavailable(q: torch.Tensor) -> str | None:
@@ -152,8 +143,8 @@ def block_sparse_heads(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_
     qq = q
     if n_q % BLOCK:              # cuDNN takes whole query blocks: zero rows past the chunk, dropped after
         qq = torch.cat([q, q.new_zeros(nqb * BLOCK - n_q, hq, d)])
-    listed_head = torch.zeros(hq, dtype=torch.int32, device=q.device)
-    listed_head[heads.long()] = 1
+    # 1 for the heads asked for, elementwise (an index_put_ of a host scalar made the host wait for the GPU)
+    listed_head = (torch.arange(hq, device=q.device)[:, None] == heads.long()[None, :]).any(1).int()
     counts = (block_cnt[:, first:first + nqb] - 1).clamp(min=0) * listed_head[:, None]
     idx = block_idx[:, first:first + nqb]
     if kv_rows is not None:      # the sequence's blocks -> the pool's 64-slot blocks
