@@ -14,6 +14,8 @@ Servers (one at a time, the same flags but the backend):
 * ``shplb_sparse``: the same budgets, every layer with sparse heads sparse in every bucket (where sparse loses);
 * ``shplb_tile128`` (Llama-3-8B only): ``shplb`` with its top-k heads selecting per 128-row query pair among
   128-token superblocks (``HeadBudget.topk(..., tile=128)``, the 128 x 128 tile kernel) instead of 64-token blocks;
+* ``shplb_triton``: ``shplb`` with the sparse heads on the Triton kernels only (``SHPLB_CUDNN_BLOCKS=0``: no cuDNN
+  block-sparse route, :mod:`sglang_shplb.kernels.cudnn_blocks`), what ``shplb`` was before round 26;
 * ``shplb_routed`` (Llama-3-8B only): the same budgets with the stock decision's earlier decode fit (18 us per
   layer, 3 TB/s), which decodes stock up to the 16K bucket and sparse from the 32K one: every layer's decode route
   follows the bucket inside the decode CUDA graphs by a route flag (our dense Triton decode where stock), so its
@@ -276,12 +278,16 @@ def main() -> None:
     path = out / f"serve_{a.which}{'_cpu_smoke' if a.cpu_smoke else ''}.json"
     for name in a.servers.split(","):
         kind = server_kind(name)
-        if kind not in plans and kind != "flashinfer":
-            ap.error(f"unknown server {name!r} for {a.which}: flashinfer, {', '.join(plans)} (a repeat: NAME#2)")
-        plan = plans.get(kind, plans["shplb"])
+        base, env = ENV_VARIANTS.get(kind, (kind, {}))
+        if base not in plans and kind != "flashinfer":
+            ap.error(f"unknown server {name!r} for {a.which}: flashinfer, {', '.join([*plans, *ENV_VARIANTS])} "
+                     "(a repeat: NAME#2)")
+        plan = plans.get(base, plans["shplb"])
         dense, (sparse,) = server_specs(model, [plan], device, "float32" if a.cpu_smoke else "bfloat16", ctx,
                                         concurrency=conc, extra=extra)
         spec = dense if kind == "flashinfer" else sparse
+        if env:
+            spec = dataclasses.replace(spec, env={**spec.env, **env})
         with tempfile.TemporaryDirectory() as caches:
             if a.fresh_caches:
                 spec = dataclasses.replace(spec, env={**spec.env, "TRITON_CACHE_DIR": f"{caches}/triton",
@@ -293,6 +299,10 @@ def main() -> None:
         path.write_text(json.dumps(result, indent=1))
     print("wrote", path, flush=True)
     report([result], out)
+
+
+#: servers that are another server's plan with environment variables set: name -> (plan, env)
+ENV_VARIANTS = {"shplb_triton": ("shplb", {"SHPLB_CUDNN_BLOCKS": "0"})}
 
 
 def server_kind(name: str) -> str:

@@ -8,13 +8,15 @@
 #   again after ours, whose ratios to the first are the noise floor): which servers, in order.
 # decode: bench/decode.py sized for a 131,200-token server (as serve's) against sized for each request.
 # tests: the kernel-path and kernel tests compiled on the GPU (the machine's own pytest).
+# PYTHONPATH_EXTRA: more import paths after /tmp/site (e.g. cutlass-dsl's dsl_packages, which a pip install
+#   reaches by a .pth file that PYTHONPATH entries do not read).
 # ablate: bench/decode_ablation.py on the GPU in bf16 (ABLATE_TASK, default multivalue, at 2K).
 # cold: bench/cold_start.py on SmolLM2's all-sparse plan (after smollm2, which writes it; or COLD_PLAN): what our kernels add to a
 #   fresh server's start and first requests, with and without the shipped launch configs.
 # routed: the Llama-3-8B shape with a plan whose decode route follows the bucket (the CUDA-graph branches) against
 #   stock FlashInfer, last because it is the one most likely to fail (a failed server is recorded, not fatal).
 set -uo pipefail
-export PYTHONPATH=/tmp/site NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
+export PYTHONPATH=/tmp/site${PYTHONPATH_EXTRA:+:$PYTHONPATH_EXTRA} NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-build-isolation --target /tmp/site --upgrade . >/dev/null 2>&1 \
   || python3 -m pip install -q --no-index --no-deps --no-build-isolation --target /tmp/site --upgrade .

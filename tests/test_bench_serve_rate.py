@@ -105,3 +105,19 @@ def test_the_smollm2_plans_place_the_shipped_default_budgets(tmp_path):
     for plan in plans.values():
         assert [[b.to_dict() for b in layer] for layer in plan.budgets] == shipped
     assert plans["shplb"].stock_layers("prefill", 0) and not plans["shplb_sparse"].stock_layers("prefill", 0)
+
+
+def test_env_variants_name_an_existing_plan_and_the_switch_the_kernels_read(tmp_path, monkeypatch):
+    """``shplb_triton`` is the Llama-3-8B ``shplb`` plan with the cuDNN route's switch set to ``0`` (the value that
+    :func:`sglang_shplb.kernels.cudnn_blocks.route_mode` reads as never)."""
+    from serve_gpu import ENV_VARIANTS
+
+    from sglang_shplb.kernels.cudnn_blocks import SWITCH, route_mode
+    model = tmp_path / "llama8b_cfg"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({**LLAMA8B, "max_position_embeddings": 131200}))
+    base, env = ENV_VARIANTS["shplb_triton"]
+    assert base in make_plans("llama8b", model, tmp_path) and env == {SWITCH: "0"}
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    assert route_mode() == "0"

@@ -285,3 +285,22 @@ def test_head_parallel_home_heads_take_the_route_from_a_64_slot_pool(cudnn_stand
     assert relative_error(out[:, heads], ref[:, heads]) < tol(torch.float32)
     _sparse_kernels(q, pool.k, pool.v, KVRows(pool.req_to_token, rpi), [n_q], [n_kv], MIXED, heads, d ** -0.5, out)
     assert cudnn_stand_in == [n_q]
+
+
+def test_route_status_names_the_mode_and_why_not(monkeypatch):
+    """The server's log line: off with the switch at 0, the reason where cuDNN cannot run (here: no SM90 GPU, or
+    the package), the rule otherwise; a bad switch value is refused."""
+    import sglang_shplb.kernels.cudnn_blocks as cb
+
+    monkeypatch.setenv("SHPLB_CUDNN_BLOCKS", "0")
+    assert cb.route_status(0, torch.bfloat16, 128) == "off (SHPLB_CUDNN_BLOCKS=0)"
+    monkeypatch.delenv("SHPLB_CUDNN_BLOCKS", raising=False)
+    monkeypatch.setattr(cb, "_unavailable", lambda dev, dt, d: "SM (8, 0): cuDNN's block-sparse forward here is SM90's")
+    assert cb.route_status(0, torch.bfloat16, 128).startswith("unavailable: SM (8, 0)")
+    monkeypatch.setattr(cb, "_unavailable", lambda dev, dt, d: None)
+    assert cb.route_status(0, torch.bfloat16, 128) == "auto: calls of >= 5e+09 head x row x key pairs"
+    monkeypatch.setenv("SHPLB_CUDNN_BLOCKS", "1")
+    assert "wherever it can run" in cb.route_status(0, torch.bfloat16, 128)
+    monkeypatch.setenv("SHPLB_CUDNN_BLOCKS", "yes")
+    with pytest.raises(ValueError, match="expected one of auto, 1, 0"):
+        cb.route_status(0, torch.bfloat16, 128)

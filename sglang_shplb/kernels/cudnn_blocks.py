@@ -68,6 +68,19 @@ def route_pays(n_heads: int, q_lens: list[int], kv_lens: list[int]) -> bool:
     return bool(seqs) and n_heads * sum(n * L for n, L in seqs) >= ROUTE_MIN_PAIRS * len(seqs)
 
 
+def route_status(device: int, dtype: torch.dtype, head_dim: int) -> str:
+    """One line for a server's log: whether :class:`~.api.SparsePrefill` takes the route on ``device`` for this
+    dtype and head dim, and when."""
+    mode = route_mode()
+    if mode == "0":
+        return f"off ({SWITCH}=0)"
+    why = _unavailable(device, dtype, head_dim)
+    if why:
+        return f"unavailable: {why}"
+    return (f"on wherever it can run ({SWITCH}=1)" if mode == "1"
+            else f"auto: calls of >= {ROUTE_MIN_PAIRS:.0e} head x row x key pairs")
+
+
 def cudnn_blocks_unavailable(q: torch.Tensor) -> str | None:
     """Why :func:`block_sparse_heads` cannot use cuDNN for ``q``, or None where it can."""
     if not q.is_cuda:

@@ -59,6 +59,7 @@ from sglang.srt.layers.attention.base_attn_backend import AttentionBackend
 from sglang_shplb.core.head_map import LayerWork, placement_work, rank_heads
 from sglang_shplb.core.plan import always_stock
 from sglang_shplb.core.patterns import HeadBudget, Pattern, decode_budgets
+from sglang_shplb.kernels.cudnn_blocks import route_status
 from sglang_shplb.kernels.dense_pieces import keep_cudnn_to
 from sglang_shplb.kernels.dense_tail import dense_tail
 from sglang_shplb.kernels.head_parallel import ExchangeStats, HeadParallelExtend, KVRows, RankLayout
@@ -298,6 +299,9 @@ class ShplbAttnBackend(AttentionBackend):
                                                 request_slots=self.req_to_token_pool.req_to_token.shape[0],
                                                 reselect_every=self.cfg.decode_reselect_every,
                                                 decode_budgets=self.layer_decode_budgets[li])
+        if self.kernels:
+            logger.info("shplb: sparse prefill heads on cuDNN's block-sparse attention: %s",
+                        route_status(torch.cuda.current_device(), k0.dtype, mc.head_dim))
         # buckets whose extend batches reach a kernel (a sparse layer, or summaries rebuilt after a stock one)
         self.kernel_extend_buckets = frozenset(
             b for b in range(len(self.stock_layers["prefill"]))
