@@ -41,6 +41,9 @@ ROUTE_MODES = ("auto", "1", "0")
 #: per head 1.0-1.3x (contiguous keys) and 1.1-1.5x (page pool) from 16K.
 ROUTE_MIN_PAIRS = 5.0e9
 
+#: ``(q, k, v, block_idx, counts, scale) -> (o_p, lse_p)``: attention over listed blocks, not causal
+ListedBlocks = Callable[..., tuple[torch.Tensor, torch.Tensor]]
+
 
 @lru_cache(maxsize=None)
 def _cudnn_forward():
