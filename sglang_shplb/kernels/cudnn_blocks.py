@@ -38,7 +38,7 @@ ROUTE_MODES = ("auto", "1", "0")
 #: index, H100, 2026-12-07 (``bench/results/gpu_round26/h100/run3``): the serving benchmark's mixed layer through
 #: ``SparsePrefill.run`` (28 routed heads of 32) 0.98x at 28 x 8K x 16K (3.8e9: an 8K chunk after 8K, 64-slot
 #: pool), 1.04x at 28 x 16K x 16K (7.5e9), 1.11x at 28 x 8K x 32K (7.5e9), 1.07-1.13x from there to 128K;
-#: per head 1.0-1.3x (contiguous keys) and 1.1-1.5x (page pool) from 16K.
+#: per head 0.93-1.30x (contiguous keys) and 1.11-1.50x (page pool) from 16K.
 ROUTE_MIN_PAIRS = 5.0e9
 
 #: ``(q, k, v, block_idx, counts, scale) -> (o_p, lse_p)``: attention over listed blocks, not causal
