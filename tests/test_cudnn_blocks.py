@@ -304,3 +304,17 @@ def test_route_status_names_the_mode_and_why_not(monkeypatch):
     monkeypatch.setenv("SHPLB_CUDNN_BLOCKS", "yes")
     with pytest.raises(ValueError, match="expected one of auto, 1, 0"):
         cb.route_status(0, torch.bfloat16, 128)
+
+
+def test_the_server_warm_up_reaches_the_route_where_serving_would():
+    """The route's kernel compiles on its first call (1.2-3.4 s on an H100): a server whose requests can take it
+    (the serving benchmark's layer: 28 routed heads, 8K chunks, 131,200 tokens) has a warm-up shape that takes it,
+    and an 8K-context server (SmolLM2: 9 heads, none routed by a request) has none."""
+    from sglang_shplb.kernels.cudnn_blocks import route_pays
+    from sglang_shplb.kernels.warmup import extend_warmup
+
+    shapes, _ = extend_warmup(8192, 131200)
+    assert any(route_pays(28, [m], [p + m]) for m, p in shapes)
+    small, _ = extend_warmup(8192, 8192)
+    assert not any(route_pays(9, [m], [p + m]) for m, p in small)
+    assert not any(route_pays(9, [m], [L]) for m in range(64, 8193, 64) for L in (m, 8192))
