@@ -288,22 +288,23 @@ def test_head_parallel_home_heads_take_the_route_from_a_64_slot_pool(cudnn_stand
 
 
 def test_route_status_names_the_mode_and_why_not(monkeypatch):
-    """The server's log line: off with the switch at 0, the reason where cuDNN cannot run (here: no SM90 GPU, or
-    the package), the rule otherwise; a bad switch value is refused."""
+    """The server's log line: off with the switch at 0, the reason where cuDNN cannot run (here: not on CUDA), the
+    rule where it can; a bad switch value is refused."""
     import sglang_shplb.kernels.cudnn_blocks as cb
 
+    kv = torch.zeros(4, 2, 128, dtype=torch.bfloat16)
     monkeypatch.setenv("SHPLB_CUDNN_BLOCKS", "0")
-    assert cb.route_status(0, torch.bfloat16, 128) == "off (SHPLB_CUDNN_BLOCKS=0)"
+    assert cb.route_status(kv, 128) == "off (SHPLB_CUDNN_BLOCKS=0)"
     monkeypatch.delenv("SHPLB_CUDNN_BLOCKS", raising=False)
-    monkeypatch.setattr(cb, "_unavailable", lambda dev, dt, d: "SM (8, 0): cuDNN's block-sparse forward here is SM90's")
-    assert cb.route_status(0, torch.bfloat16, 128).startswith("unavailable: SM (8, 0)")
-    monkeypatch.setattr(cb, "_unavailable", lambda dev, dt, d: None)
-    assert cb.route_status(0, torch.bfloat16, 128) == "auto: calls of >= 5e+09 head x row x key pairs"
+    assert cb.route_status(kv, 128) == "unavailable: not on CUDA"
+    monkeypatch.setattr(cb, "cudnn_blocks_unavailable", lambda q: None if q.shape[-1] == 128 else "head dim")
+    assert cb.route_status(kv, 128) == "auto: calls of >= 5e+09 head x row x key pairs"
+    assert cb.route_status(kv, 96) == "unavailable: head dim"
     monkeypatch.setenv("SHPLB_CUDNN_BLOCKS", "1")
-    assert "wherever it can run" in cb.route_status(0, torch.bfloat16, 128)
+    assert "wherever it can run" in cb.route_status(kv, 128)
     monkeypatch.setenv("SHPLB_CUDNN_BLOCKS", "yes")
     with pytest.raises(ValueError, match="expected one of auto, 1, 0"):
-        cb.route_status(0, torch.bfloat16, 128)
+        cb.route_status(kv, 128)
 
 
 def test_the_server_warm_up_reaches_the_route_where_serving_would():

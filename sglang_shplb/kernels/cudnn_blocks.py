@@ -71,13 +71,13 @@ def route_pays(n_heads: int, q_lens: list[int], kv_lens: list[int]) -> bool:
     return bool(seqs) and n_heads * sum(n * L for n, L in seqs) >= ROUTE_MIN_PAIRS * len(seqs)
 
 
-def route_status(device: int, dtype: torch.dtype, head_dim: int) -> str:
-    """One line for a server's log: whether :class:`~.api.SparsePrefill` takes the route on ``device`` for this
-    dtype and head dim, and when."""
+def route_status(kv: torch.Tensor, head_dim: int) -> str:
+    """One line for a server's log: whether :class:`~.api.SparsePrefill` takes the route for keys like ``kv``
+    (their device and dtype) and this head dim, and when."""
     mode = route_mode()
     if mode == "0":
         return f"off ({SWITCH}=0)"
-    why = _unavailable(device, dtype, head_dim)
+    why = cudnn_blocks_unavailable(kv.new_empty(1, 1, head_dim))
     if why:
         return f"unavailable: {why}"
     return (f"on wherever it can run ({SWITCH}=1)" if mode == "1"

@@ -301,7 +301,7 @@ class ShplbAttnBackend(AttentionBackend):
                                                 decode_budgets=self.layer_decode_budgets[li])
         if self.kernels:
             logger.info("shplb: sparse prefill heads on cuDNN's block-sparse attention: %s",
-                        route_status(torch.cuda.current_device(), k0.dtype, mc.head_dim))
+                        route_status(k0, mc.head_dim))
         # buckets whose extend batches reach a kernel (a sparse layer, or summaries rebuilt after a stock one)
         self.kernel_extend_buckets = frozenset(
             b for b in range(len(self.stock_layers["prefill"]))
