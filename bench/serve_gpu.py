@@ -278,13 +278,13 @@ def main() -> None:
     path = out / f"serve_{a.which}{'_cpu_smoke' if a.cpu_smoke else ''}.json"
     for name in a.servers.split(","):
         kind = server_kind(name)
-        base, env = ENV_VARIANTS.get(kind, (kind, {}))
+        base, env, flags = VARIANTS.get(kind, (kind, {}, ()))
         if base not in plans and kind != "flashinfer":
-            ap.error(f"unknown server {name!r} for {a.which}: flashinfer, {', '.join([*plans, *ENV_VARIANTS])} "
+            ap.error(f"unknown server {name!r} for {a.which}: flashinfer, {', '.join([*plans, *VARIANTS])} "
                      "(a repeat: NAME#2)")
         plan = plans.get(base, plans["shplb"])
         dense, (sparse,) = server_specs(model, [plan], device, "float32" if a.cpu_smoke else "bfloat16", ctx,
-                                        concurrency=conc, extra=extra)
+                                        concurrency=conc, extra=extra + flags)
         spec = dense if kind == "flashinfer" else sparse
         if env:
             spec = dataclasses.replace(spec, env={**spec.env, **env})
@@ -301,8 +301,11 @@ def main() -> None:
     report([result], out)
 
 
-#: servers that are another server's plan with environment variables set: name -> (plan, env)
-ENV_VARIANTS = {"shplb_triton": ("shplb", {"SHPLB_CUDNN_BLOCKS": "0"})}
+#: servers that are another server's plan with environment variables or flags set: name -> (plan, env, flags).
+#: With cuDNN's block-sparse route off the launcher leaves SGLang's page size (1) alone; ``shplb`` (the route on
+#: ``auto``) gets ``--page-size 64``, so ``shplb_p64_triton`` tells the route from the page size.
+VARIANTS = {"shplb_triton": ("shplb", {"SHPLB_CUDNN_BLOCKS": "0"}, ()),
+            "shplb_p64_triton": ("shplb", {"SHPLB_CUDNN_BLOCKS": "0"}, ("--page-size", "64"))}
 
 
 def server_kind(name: str) -> str:

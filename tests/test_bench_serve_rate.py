@@ -107,17 +107,20 @@ def test_the_smollm2_plans_place_the_shipped_default_budgets(tmp_path):
     assert plans["shplb"].stock_layers("prefill", 0) and not plans["shplb_sparse"].stock_layers("prefill", 0)
 
 
-def test_env_variants_name_an_existing_plan_and_the_switch_the_kernels_read(tmp_path, monkeypatch):
-    """``shplb_triton`` is the Llama-3-8B ``shplb`` plan with the cuDNN route's switch set to ``0`` (the value that
-    :func:`sglang_shplb.kernels.cudnn_blocks.route_mode` reads as never)."""
-    from serve_gpu import ENV_VARIANTS
+def test_variants_name_an_existing_plan_and_the_switch_the_kernels_read(tmp_path, monkeypatch):
+    """``shplb_triton`` / ``shplb_p64_triton`` are the Llama-3-8B ``shplb`` plan with the cuDNN route's switch set to
+    ``0`` (the value that :func:`sglang_shplb.kernels.cudnn_blocks.route_mode` reads as never), the second with
+    ``--page-size 64``, a flag SGLang's parser takes."""
+    from serve_gpu import VARIANTS
 
     from sglang_shplb.kernels.cudnn_blocks import SWITCH, route_mode
     model = tmp_path / "llama8b_cfg"
     model.mkdir()
     (model / "config.json").write_text(json.dumps({**LLAMA8B, "max_position_embeddings": 131200}))
-    base, env = ENV_VARIANTS["shplb_triton"]
-    assert base in make_plans("llama8b", model, tmp_path) and env == {SWITCH: "0"}
+    plans = make_plans("llama8b", model, tmp_path)
+    for name, flags in (("shplb_triton", ()), ("shplb_p64_triton", ("--page-size", "64"))):
+        base, env, got = VARIANTS[name]
+        assert base in plans and env == {SWITCH: "0"} and got == flags
     for k, v in env.items():
         monkeypatch.setenv(k, v)
     assert route_mode() == "0"

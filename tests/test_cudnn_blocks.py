@@ -288,8 +288,8 @@ def test_head_parallel_home_heads_take_the_route_from_a_64_slot_pool(cudnn_stand
 
 
 def test_route_status_names_the_mode_and_why_not(monkeypatch):
-    """The server's log line: off with the switch at 0, the reason where cuDNN cannot run (here: not on CUDA), the
-    rule where it can; a bad switch value is refused."""
+    """The server's log line: off with the switch at 0, the reason where cuDNN cannot run (here: not on CUDA, or a
+    KV pool whose pages are not 64 slots), the rule where it can; a bad switch value is refused."""
     import sglang_shplb.kernels.cudnn_blocks as cb
 
     kv = torch.zeros(4, 2, 128, dtype=torch.bfloat16)
@@ -300,6 +300,8 @@ def test_route_status_names_the_mode_and_why_not(monkeypatch):
     monkeypatch.setattr(cb, "cudnn_blocks_unavailable", lambda q: None if q.shape[-1] == 128 else "head dim")
     assert cb.route_status(kv, 128) == "auto: calls of >= 5e+09 head x row x key pairs"
     assert cb.route_status(kv, 96) == "unavailable: head dim"
+    assert cb.route_status(kv, 128, page_size=1).startswith("unavailable: the KV pool's pages hold 1 slot(s)")
+    assert "--page-size 64" in cb.route_status(kv, 128, page_size=16)
     monkeypatch.setenv("SHPLB_CUDNN_BLOCKS", "1")
     assert "wherever it can run" in cb.route_status(kv, 128)
     monkeypatch.setenv("SHPLB_CUDNN_BLOCKS", "yes")

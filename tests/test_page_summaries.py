@@ -283,15 +283,42 @@ def test_another_page_size_is_refused_naming_the_flag(monkeypatch):
         _backend_with_kernels(monkeypatch, _plan(), 5, 64 * 10, page_size=1)
     plan = _plan()
     ns = lambda **kw: argparse.Namespace(**{"device": "cuda", "page_size": None, **kw})  # noqa: E731
-    assert page_size_args(plan, ns(), []) == ["--page-size", "64"]                 # set when not given
-    assert page_size_args(plan, ns(page_size=64), ["--page-size", "64"]) == []
+    extra, why = page_size_args(plan, ns(), [])                                    # set when not given
+    assert extra == ["--page-size", "64"] and "page summaries" in why
+    assert page_size_args(plan, ns(page_size=64), ["--page-size", "64"]) == ([], "")
     with pytest.raises(ShplbPageSizeError, match="--page-size 64"):
         page_size_args(plan, ns(page_size=16), ["--page-size=16"])
-    assert page_size_args(plan, ns(device="cpu", page_size=1), ["--page-size", "1"]) == []   # CPU reference path
+    assert page_size_args(plan, ns(device="cpu", page_size=1), ["--page-size", "1"]) == ([], "")  # CPU reference
+    assert page_size_args(None, ns(), []) == ([], "")
+
+
+def test_the_cudnn_route_asks_for_64_slot_pages_without_requiring_them(monkeypatch):
+    """A plan with no decode selection but streaming prefill heads (which cuDNN's route may take) gets
+    ``--page-size 64`` when no page size is given, unless ``SHPLB_CUDNN_BLOCKS=0``; another page size is kept (the
+    route is then off, and the server's log line says why); a dense-only plan asks for nothing."""
+    from sglang_shplb.kernels.cudnn_blocks import SWITCH
+    from sglang_shplb.serving.backend import cudnn_route_layers, summary_layers
+    from sglang_shplb.serving.launch import page_size_args
+    ns = lambda **kw: argparse.Namespace(**{"device": "cuda", "page_size": None, **kw})  # noqa: E731
     no_select = _plan()
     no_select.budgets = [[HeadBudget.streaming(64, 1024)] * 9] * 4   # windows at the decode floor: no selection
-    assert page_size_args(no_select, ns(page_size=1), ["--page-size", "1"]) == []
-    assert page_size_args(None, ns(), []) == []
+    assert summary_layers(no_select) == frozenset() and cudnn_route_layers(no_select) == {0, 1, 2, 3}
+    monkeypatch.delenv(SWITCH, raising=False)
+    extra, why = page_size_args(no_select, ns(), [])
+    assert extra == ["--page-size", "64"] and "cuDNN's block-sparse prefill" in why and "summaries" not in why
+    assert page_size_args(no_select, ns(page_size=1), ["--page-size", "1"]) == ([], "")
+    monkeypatch.setenv(SWITCH, "0")
+    assert page_size_args(no_select, ns(), []) == ([], "")
+    monkeypatch.setenv(SWITCH, "2")
+    with pytest.raises(ValueError, match=SWITCH):
+        page_size_args(no_select, ns(), [])
+    monkeypatch.setenv(SWITCH, "1")
+    tiled = _plan()
+    tiled.budgets = [[HeadBudget.dense()] * 3 + [HeadBudget.topk(0.1, 2, tile=128)] * 6] * 4   # tile kernel's
+    assert cudnn_route_layers(tiled) == frozenset()
+    dense = _plan()
+    dense.budgets = [[HeadBudget.dense()] * 9] * 4
+    assert page_size_args(dense, ns(), []) == ([], "")
 
 
 def test_layers_stock_in_some_decode_buckets_follow_the_bucket_in_graphs(monkeypatch):
@@ -347,5 +374,6 @@ def test_buckets_above_the_servers_context_do_not_count(monkeypatch):
     assert short.kernels == {} and short.decode_ws is None
     assert short.stock_everywhere["prefill"] == {0, 1, 2, 3}
     ns = types.SimpleNamespace
-    assert page_size_args(plan, ns(device="cuda", page_size=None, context_length=4096), []) == []
-    assert page_size_args(plan, ns(device="cuda", page_size=None, context_length=None), []) == ["--page-size", "64"]
+    monkeypatch.setenv("SHPLB_CUDNN_BLOCKS", "0")    # the summaries alone (the route would ask for 64 at 4K too)
+    assert page_size_args(plan, ns(device="cuda", page_size=None, context_length=4096), []) == ([], "")
+    assert page_size_args(plan, ns(device="cuda", page_size=None, context_length=None), [])[0] == ["--page-size", "64"]

@@ -20,6 +20,12 @@ from sglang_shplb.kernels.triton_prefill import RULE_DENSE_WINDOW, rule_prefill,
 CUDNN_PATTERNS: frozenset[Pattern] = frozenset({Pattern.TOPK, Pattern.VSLASH, Pattern.STREAMING})
 
 
+def cudnn_candidates(heads: LayerHeads) -> tuple[int, ...]:
+    """The heads cuDNN's route may take: the sparse heads of :data:`CUDNN_PATTERNS` at 64-token blocks (a tile-128
+    top-k head stays on the tile kernel)."""
+    return tuple(h for h in heads.sparse if heads.budgets[h].pattern in CUDNN_PATTERNS and h not in heads.tiled)
+
+
 class SparsePrefill:
     """Sparse causal prefill / extend with per-head budgets.
 
@@ -59,9 +65,7 @@ class SparsePrefill:
         self.sm_scale = sm_scale
         # the block-index kernel's heads: the selected ones but the tile-128 top-k heads (the tile kernel's)
         self.indexed = [h for h in heads.selected if h not in heads.tiled]
-        # the heads cuDNN's route may take: 64-token-block heads of CUDNN_PATTERNS
-        self._cudnn_candidates = tuple(h for h in heads.sparse
-                                       if heads.budgets[h].pattern in CUDNN_PATTERNS and h not in heads.tiled)
+        self._cudnn_candidates = cudnn_candidates(heads)
         g = self.num_q_heads // num_kv_heads
         # dense heads grouped for SDPA: KV heads with the same number c of dense q heads share one call
         per_kv: dict[int, list[int]] = {}

@@ -71,15 +71,18 @@ def route_pays(n_heads: int, q_lens: list[int], kv_lens: list[int]) -> bool:
     return bool(seqs) and n_heads * sum(n * L for n, L in seqs) >= ROUTE_MIN_PAIRS * len(seqs)
 
 
-def route_status(kv: torch.Tensor, head_dim: int) -> str:
+def route_status(kv: torch.Tensor, head_dim: int, page_size: int = BLOCK) -> str:
     """One line for a server's log: whether :class:`~.api.SparsePrefill` takes the route for keys like ``kv``
-    (their device and dtype) and this head dim, and when."""
+    (their device and dtype) in a pool of ``page_size``-slot pages and this head dim, and when."""
     mode = route_mode()
     if mode == "0":
         return f"off ({SWITCH}=0)"
     why = cudnn_blocks_unavailable(kv.new_empty(1, 1, head_dim))
     if why:
         return f"unavailable: {why}"
+    if page_size != BLOCK:
+        return (f"unavailable: the KV pool's pages hold {page_size} slot(s); the route reads {BLOCK}-slot pages in "
+                f"place (--page-size {BLOCK})")
     return (f"on wherever it can run ({SWITCH}=1)" if mode == "1"
             else f"auto: calls of >= {ROUTE_MIN_PAIRS:.0e} head x row x key pairs")
 

@@ -59,6 +59,7 @@ from sglang.srt.layers.attention.base_attn_backend import AttentionBackend
 from sglang_shplb.core.head_map import LayerWork, placement_work, rank_heads
 from sglang_shplb.core.plan import always_stock
 from sglang_shplb.core.patterns import HeadBudget, Pattern, decode_budgets
+from sglang_shplb.kernels.api import cudnn_candidates
 from sglang_shplb.kernels.cudnn_blocks import route_status
 from sglang_shplb.kernels.dense_pieces import keep_cudnn_to
 from sglang_shplb.kernels.dense_tail import dense_tail
@@ -100,6 +101,16 @@ def summary_layers(plan, max_context: int | None = None) -> frozenset[int]:
         return frozenset()
     sel = {li for li, layer in enumerate(plan.budgets) if LayerHeads.of(decode_budgets(layer)).selected}
     return frozenset(sel) - plan.stock_everywhere("decode", max_context)
+
+
+def cudnn_route_layers(plan, max_context: int | None = None) -> frozenset[int]:
+    """Layers whose sparse prefill cuDNN's block-sparse route may take
+    (:func:`~sglang_shplb.kernels.api.cudnn_candidates`) in some bucket a server of context length ``max_context`` can meet (all buckets when ``None``); the route
+    reads the KV pool in place only in 64-slot pages."""
+    if plan is None:
+        return frozenset()
+    routed = {li for li, layer in enumerate(plan.budgets) if cudnn_candidates(LayerHeads.of(layer))}
+    return frozenset(routed) - plan.stock_everywhere("prefill", max_context)
 
 
 def summary_cell_bytes(layers: frozenset[int], num_kv_heads: int, head_dim: int, kv_dtype: torch.dtype) -> int:
@@ -301,7 +312,7 @@ class ShplbAttnBackend(AttentionBackend):
                                                 decode_budgets=self.layer_decode_budgets[li])
         if self.kernels:
             logger.info("shplb: sparse prefill heads on cuDNN's block-sparse attention: %s",
-                        route_status(k0, mc.head_dim))
+                        route_status(k0, mc.head_dim, page_size))
         # buckets whose extend batches reach a kernel (a sparse layer, or summaries rebuilt after a stock one)
         self.kernel_extend_buckets = frozenset(
             b for b in range(len(self.stock_layers["prefill"]))

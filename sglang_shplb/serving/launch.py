@@ -4,8 +4,9 @@ Takes every ``sglang.launch_server`` flag plus ours (see ``--help``, group "sgla
 load and validate the plan against the model's config and TP size (exit 3 naming the cause; no plan and
 no ``--shplb-dense-fallback``: exit 4) before SGLang is even imported; parse every flag with SGLang's
 parser (an unknown flag exits 2 naming it); select ``--attention-backend shplb``; on CUDA, when the plan
-decodes top-k / vertical-slash heads, add ``--page-size 64`` if no page size is given (their decode page
-summaries are indexed by 64-slot KV-pool page) and refuse another one (exit 2 naming the flag); unless set,
+decodes top-k / vertical-slash heads (their decode page summaries are indexed by 64-slot KV-pool page) or has
+prefill heads cuDNN's block-sparse route may take (it reads 64-slot pages in place), add ``--page-size 64`` if
+no page size is given, and refuse another one where the summaries need it (exit 2 naming the flag); unless set,
 set ``TORCH_CUDNN_SDPA_AVOID_RECOMPILE=1`` (:func:`bucketed_cudnn_plans`); hand over to SGLang's launcher in
 this process.
 """
@@ -97,23 +98,35 @@ def split_argv(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     return ours, rest + ["--attention-backend", "shplb"], args
 
 
-def page_size_args(plan, args: argparse.Namespace, argv: list[str]) -> list[str]:
-    """``["--page-size", "64"]`` when the plan keeps decode page summaries on the CUDA kernel path and no
-    ``--page-size`` is given; ``[]`` when none is needed or 64 is given. Raises ``ShplbPageSizeError``
-    (naming the flag) for another page size."""
-    from sglang_shplb.serving.backend import SUMMARY_PAGE_SIZE, check_summary_page_size, summary_layers
-    if plan is None or not summary_layers(plan, getattr(args, "context_length", None) or plan.model.max_context):
-        return []
+def page_size_args(plan, args: argparse.Namespace, argv: list[str]) -> tuple[list[str], str]:
+    """``(["--page-size", "64"], why)`` on CUDA when no ``--page-size`` is given and the plan keeps decode page
+    summaries or has prefill heads cuDNN's block-sparse route may take (unless ``SHPLB_CUDNN_BLOCKS=0``): both read
+    the KV pool in 64-slot pages; else ``([], "")``. Raises ``ShplbPageSizeError`` (naming the flag) for another
+    page size where the summaries need 64; the route does without it (the server logs it unavailable)."""
+    from sglang_shplb.kernels.cudnn_blocks import route_mode
+    from sglang_shplb.serving.backend import (SUMMARY_PAGE_SIZE, check_summary_page_size, cudnn_route_layers,
+                                              summary_layers)
+    if plan is None:
+        return [], ""
+    ctx = getattr(args, "context_length", None) or plan.model.max_context
     device = getattr(args, "device", None)
     if device is None:
         import torch
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if not str(device).startswith("cuda"):
-        return []                                  # the CPU reference path computes its summaries per step
+        return [], ""                              # the CPU reference path reads the pool per token
+    why = [what for what, needs in (
+        ("the plan decodes top-k / vertical-slash heads from page summaries indexed by 64-slot KV-pool page",
+         summary_layers(plan, ctx)),
+        ("cuDNN's block-sparse prefill reads 64-slot KV-pool pages in place; SHPLB_CUDNN_BLOCKS=0 turns it off",
+         route_mode() != "0" and cudnn_route_layers(plan, ctx))) if needs]
+    if not why:
+        return [], ""
     if any(a == "--page-size" or a.startswith("--page-size=") for a in argv):
-        check_summary_page_size(getattr(args, "page_size", None), "this plan")
-        return []
-    return ["--page-size", str(SUMMARY_PAGE_SIZE)]
+        if summary_layers(plan, ctx):
+            check_summary_page_size(getattr(args, "page_size", None), "this plan")
+        return [], ""
+    return ["--page-size", str(SUMMARY_PAGE_SIZE)], "; ".join(why)
 
 
 def validate_plan(plan_path: str, model_path: str, tp_size: int):
@@ -202,15 +215,13 @@ def main(argv: list[str] | None = None) -> int:
     note = bucketed_cudnn_plans(os.environ)
     if note:
         print(note, file=sys.stderr)
-    from sglang_shplb.serving.backend import ShplbPageSizeError
     try:
-        extra = page_size_args(plan, args, argv)
-    except ShplbPageSizeError as e:
+        extra, why = page_size_args(plan, args, argv)
+    except ValueError as e:                      # ShplbPageSizeError, or a bad SHPLB_CUDNN_BLOCKS
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_ARGS
     if extra:
-        print("sglang_shplb: --page-size 64 (the plan decodes top-k / vertical-slash heads from page summaries "
-              "indexed by 64-slot KV-pool page)", file=sys.stderr)
+        print(f"sglang_shplb: {' '.join(extra)} ({why})", file=sys.stderr)
         sgl_argv = sgl_argv + extra
 
     # 3. SGLang's launcher, in this process
