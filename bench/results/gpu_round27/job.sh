@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Round 27's GPU job, prepared in round 26 (2026-12-07), not yet run: the Llama-3-8B-shaped server (dummy weights,
+# Round 27's GPU job (ran 2026-12-07, README.md beside it): the Llama-3-8B-shaped server (dummy weights,
 # TP 1, the serving benchmark's mixed plan) with cuDNN's block-sparse route (`shplb`, SHPLB_CUDNN_BLOCKS auto),
 # without it (`shplb_triton`, =0) and stock FlashInfer, 16K-128K batch 1: what round 26's 1.04-1.13x per layer
 # (../gpu_round26/README.md) gives in TTFT. Then (hpg70) round 26's Llama-3-70B head-parallel cells, which ran only
