@@ -91,6 +91,43 @@ def test_block_sparse_heads_reads_a_paged_pool_in_place(n_q, n_kv):
     assert relative_error(paged, flat) < 1e-6 and float(flat.abs().sum()) > 0
 
 
+@pytest.mark.parametrize("n_q,n_kv,paged", [(384, 384, False), (130, 386, False), (320, 448, True)])
+def test_a_long_chunk_runs_as_pieces_of_at_most_max_rows(n_q, n_kv, paged):
+    """``max_rows`` bounds the query rows of every cuDNN call (its partial output is rows x every q head): a chunk
+    longer than that runs as pieces, each the end of a shorter sequence, and gives what one call gives."""
+    hq, hkv, d = len(BUDGETS), 3, 64
+    q, k, v = _qkv(n_q, n_kv, hq, hkv, d, 10)
+    cu = torch.tensor([0, n_q], dtype=torch.int32, device=DEV)
+    kvl = torch.tensor([n_kv], dtype=torch.int32, device=DEV)
+    index = build_block_index(BUDGETS, q, k, cu, kvl, n_kv, cu_seqlens_k=torch.tensor([0, n_kv], device=DEV))
+    heads = torch.tensor([h for h, b in enumerate(BUDGETS) if b.pattern is not Pattern.DENSE], dtype=torch.int32,
+                         device=DEV)
+    kv = dict(kv_rows=None)
+    kb, vb = k, v
+    if paged:
+        pool = PagedPool(2048, 3, 512, hkv, d, seed=11)
+        pool.put(1, 0, k, v)
+        kb, vb, kv = pool.k, pool.v, dict(kv_rows=pool.req_to_token[1], n_kv=n_kv)
+    rows = []
+
+    def listed(q4, *rest):
+        rows.append(q4.shape[1])
+        return listed_blocks_reference(q4, *rest)
+
+    whole, cut = torch.zeros_like(q), torch.zeros_like(q)
+    block_sparse_heads(q, kb, vb, index.block_idx[0], index.block_cnt[0], heads, whole, d ** -0.5, listed=listed,
+                       **kv)
+    assert rows == [math.ceil(n_q / BLOCK) * BLOCK]
+    rows.clear()
+    block_sparse_heads(q, kb, vb, index.block_idx[0], index.block_cnt[0], heads, cut, d ** -0.5, listed=listed,
+                       max_rows=128, **kv)
+    assert len(rows) == math.ceil(n_q / 128) and max(rows) <= 128
+    assert relative_error(cut, whole) < 1e-6 and float(whole.abs().sum()) > 0
+    with pytest.raises(ValueError, match="multiple of 64"):
+        block_sparse_heads(q, kb, vb, index.block_idx[0], index.block_cnt[0], heads, cut, d ** -0.5,
+                           listed=listed, max_rows=100, **kv)
+
+
 def test_diagonal_merge_paged_equals_reference():
     q, k, v = _qkv(128, 320, 4, 2, 64, 7)
     pool = PagedPool(1024, 2, 512, 2, 64, seed=8)

@@ -294,8 +294,10 @@ def test_another_page_size_is_refused_naming_the_flag(monkeypatch):
 
 def test_the_cudnn_route_asks_for_64_slot_pages_without_requiring_them(monkeypatch):
     """A plan with no decode selection but streaming prefill heads (which cuDNN's route may take) gets
-    ``--page-size 64`` when no page size is given, unless ``SHPLB_CUDNN_BLOCKS=0``; another page size is kept (the
-    route is then off, and the server's log line says why); a dense-only plan asks for nothing."""
+    ``--page-size 64`` when no page size is given: with ``SHPLB_CUDNN_BLOCKS=1``, or at ``auto`` (the default) where
+    a whole prefill of the server's context pays (9 heads x 32K x 32K = 9.7e9 pairs; 8K: 6.0e8 does not), never with
+    ``0``; another page size is kept (the route is then off, and the server's log line says why); a dense-only plan
+    asks for nothing."""
     from sglang_shplb.kernels.cudnn_blocks import SWITCH
     from sglang_shplb.serving.backend import cudnn_route_layers, summary_layers
     from sglang_shplb.serving.launch import page_size_args
@@ -303,10 +305,16 @@ def test_the_cudnn_route_asks_for_64_slot_pages_without_requiring_them(monkeypat
     no_select = _plan()
     no_select.budgets = [[HeadBudget.streaming(64, 1024)] * 9] * 4   # windows at the decode floor: no selection
     assert summary_layers(no_select) == frozenset() and cudnn_route_layers(no_select) == {0, 1, 2, 3}
+    assert cudnn_route_layers(no_select, 8192, "auto") == frozenset()
+    assert cudnn_route_layers(no_select, 32768, "auto") == {0, 1, 2, 3}
+    assert cudnn_route_layers(no_select, 32768, "0") == frozenset()
     monkeypatch.delenv(SWITCH, raising=False)
-    extra, why = page_size_args(no_select, ns(), [])
+    assert page_size_args(no_select, ns(), []) == ([], "")                            # auto at the plan's 8K
+    extra, why = page_size_args(no_select, ns(context_length=32768), [])
     assert extra == ["--page-size", "64"] and "cuDNN's block-sparse prefill" in why and "summaries" not in why
-    assert page_size_args(no_select, ns(page_size=1), ["--page-size", "1"]) == ([], "")
+    assert page_size_args(no_select, ns(page_size=1, context_length=32768), ["--page-size", "1"]) == ([], "")
+    monkeypatch.setenv(SWITCH, "1")
+    assert page_size_args(no_select, ns(), [])[0] == ["--page-size", "64"]
     monkeypatch.setenv(SWITCH, "0")
     assert page_size_args(no_select, ns(), []) == ([], "")
     monkeypatch.setenv(SWITCH, "2")
@@ -374,6 +382,6 @@ def test_buckets_above_the_servers_context_do_not_count(monkeypatch):
     assert short.kernels == {} and short.decode_ws is None
     assert short.stock_everywhere["prefill"] == {0, 1, 2, 3}
     ns = types.SimpleNamespace
-    monkeypatch.setenv("SHPLB_CUDNN_BLOCKS", "0")    # the summaries alone (the route would ask for 64 at 4K too)
+    monkeypatch.setenv("SHPLB_CUDNN_BLOCKS", "0")    # the summaries alone
     assert page_size_args(plan, ns(device="cuda", page_size=None, context_length=4096), []) == ([], "")
     assert page_size_args(plan, ns(device="cuda", page_size=None, context_length=None), [])[0] == ["--page-size", "64"]

@@ -41,6 +41,12 @@ ROUTE_MODES = ("auto", "1", "0")
 #: per head 0.93-1.30x (contiguous keys) and 1.11-1.50x (page pool) from 16K.
 ROUTE_MIN_PAIRS = 5.0e9
 
+#: query rows per cuDNN call: a longer chunk is cut into pieces of at most this many rows (each the end of a
+#: shorter sequence), which bounds the call's partial output ``o_p`` (every q head: 16K x 32 x 128 in bf16 is
+#: 128 MiB, where an unchunked 128K prefill would hold 1 GiB outside SGLang's memory budget). At 16K rows a call
+#: does >= 28 x 16K x 16K = 7.5e9 pairs, past :data:`ROUTE_MIN_PAIRS`, so the cut costs a few host launches.
+ROUTE_MAX_ROWS = 16384
+
 #: ``(q, k, v, block_idx, counts, scale) -> (o_p, lse_p)``: attention over listed blocks, not causal
 ListedBlocks = Callable[..., tuple[torch.Tensor, torch.Tensor]]
 
@@ -144,7 +150,7 @@ def listed_blocks_reference(q4: torch.Tensor, k4: torch.Tensor, v4: torch.Tensor
 def block_sparse_heads(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_idx: torch.Tensor,
                        block_cnt: torch.Tensor, heads: torch.Tensor, out: torch.Tensor, scale: float,
                        listed: ListedBlocks | None = None, kv_rows: torch.Tensor | None = None,
-                       n_kv: int | None = None) -> torch.Tensor:
+                       n_kv: int | None = None, max_rows: int = ROUTE_MAX_ROWS) -> torch.Tensor:
     """The heads ``heads`` (int32 on ``q``'s device) of one sequence's chunk, written into ``out [n_q, Hq, d]``.
 
     ``q [n_q, Hq, d]``: the last ``n_q`` of the sequence's ``n_kv`` positions (``n_kv - n_q`` a multiple of 64);
@@ -154,9 +160,20 @@ def block_sparse_heads(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_
     ``block_idx [Hq, NB, MAXK]``, ``block_cnt [Hq, NB]``: the sequence's rows of a
     :class:`.block_index.BlockIndex` (absolute query blocks).
     ``listed``: the attention over the listed blocks (default cuDNN's :func:`cudnn_listed_blocks`, or
-    :func:`listed_blocks_reference`)."""
+    :func:`listed_blocks_reference`). ``max_rows`` (a multiple of 64): query rows per call; a longer chunk runs
+    as pieces, rows ``[a, b)`` being the last ``b - a`` positions of a sequence of ``n_kv - n_q + b``."""
     n_q, hq, d = q.shape
     n_kv = k.shape[0] if kv_rows is None else n_kv
+    if max_rows % BLOCK or max_rows <= 0:
+        raise ValueError(f"max_rows must be a positive multiple of {BLOCK}, got {max_rows}")
+    if n_q > max_rows:
+        for a in range(0, n_q, max_rows):
+            b = min(a + max_rows, n_q)
+            L = n_kv - n_q + b
+            kv = dict(kv_rows=kv_rows, n_kv=L) if kv_rows is not None else {}
+            block_sparse_heads(q[a:b], k if kv_rows is not None else k[:L], v if kv_rows is not None else v[:L],
+                               block_idx, block_cnt, heads, out[a:b], scale, listed, max_rows=max_rows, **kv)
+        return out
     first = (n_kv - n_q) // BLOCK
     nqb = math.ceil(n_q / BLOCK)
     qq = q

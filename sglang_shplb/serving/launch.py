@@ -100,9 +100,10 @@ def split_argv(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
 
 def page_size_args(plan, args: argparse.Namespace, argv: list[str]) -> tuple[list[str], str]:
     """``(["--page-size", "64"], why)`` on CUDA when no ``--page-size`` is given and the plan keeps decode page
-    summaries or has prefill heads cuDNN's block-sparse route may take (unless ``SHPLB_CUDNN_BLOCKS=0``): both read
-    the KV pool in 64-slot pages; else ``([], "")``. Raises ``ShplbPageSizeError`` (naming the flag) for another
-    page size where the summaries need 64; the route does without it (the server logs it unavailable)."""
+    summaries or has prefill heads cuDNN's block-sparse route may take at this context under ``SHPLB_CUDNN_BLOCKS``
+    (:func:`~sglang_shplb.serving.backend.cudnn_route_layers`): both read the KV pool in 64-slot pages; else
+    ``([], "")``. Raises ``ShplbPageSizeError`` (naming the flag) for another page size where the summaries need
+    64; the route does without it (the server logs it unavailable)."""
     from sglang_shplb.kernels.cudnn_blocks import route_mode
     from sglang_shplb.serving.backend import (SUMMARY_PAGE_SIZE, check_summary_page_size, cudnn_route_layers,
                                               summary_layers)
@@ -119,7 +120,7 @@ def page_size_args(plan, args: argparse.Namespace, argv: list[str]) -> tuple[lis
         ("the plan decodes top-k / vertical-slash heads from page summaries indexed by 64-slot KV-pool page",
          summary_layers(plan, ctx)),
         ("cuDNN's block-sparse prefill reads 64-slot KV-pool pages in place; SHPLB_CUDNN_BLOCKS=0 turns it off",
-         route_mode() != "0" and cudnn_route_layers(plan, ctx))) if needs]
+         cudnn_route_layers(plan, ctx, route_mode()))) if needs]
     if not why:
         return [], ""
     if any(a == "--page-size" or a.startswith("--page-size=") for a in argv):
