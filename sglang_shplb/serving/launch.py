@@ -116,15 +116,16 @@ def page_size_args(plan, args: argparse.Namespace, argv: list[str]) -> tuple[lis
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if not str(device).startswith("cuda"):
         return [], ""                              # the CPU reference path reads the pool per token
+    summaries = summary_layers(plan, ctx)
     why = [what for what, needs in (
         ("the plan decodes top-k / vertical-slash heads from page summaries indexed by 64-slot KV-pool page",
-         summary_layers(plan, ctx)),
+         summaries),
         ("cuDNN's block-sparse prefill reads 64-slot KV-pool pages in place; SHPLB_CUDNN_BLOCKS=0 turns it off",
          cudnn_route_layers(plan, ctx, route_mode()))) if needs]
     if not why:
         return [], ""
     if any(a == "--page-size" or a.startswith("--page-size=") for a in argv):
-        if summary_layers(plan, ctx):
+        if summaries:
             check_summary_page_size(getattr(args, "page_size", None), "this plan")
         return [], ""
     return ["--page-size", str(SUMMARY_PAGE_SIZE)], "; ".join(why)
