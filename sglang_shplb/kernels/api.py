@@ -9,7 +9,7 @@ import torch
 from sglang_shplb.core.patterns import BLOCK, HeadBudget, Pattern
 from sglang_shplb.kernels.block_index import BlockIndex, pool_rows
 from sglang_shplb.kernels.checks import check_qkv
-from sglang_shplb.kernels.cudnn_blocks import block_sparse_heads, cudnn_blocks_unavailable, route_mode, route_pays
+from sglang_shplb.kernels.cudnn_blocks import block_sparse_heads, cudnn_blocks_unavailable, route_mode, route_takes
 from sglang_shplb.kernels.dense_pieces import dense_heads_by_group, piece_backend
 from sglang_shplb.kernels.index import build_block_index
 from sglang_shplb.kernels.layer_heads import LayerHeads
@@ -219,7 +219,7 @@ class SparsePrefill:
         ql, kl = self._host_lens
         if any((L - n) % BLOCK for n, L in zip(ql, kl)):
             return ()
-        return routed if mode == "1" or route_pays(len(routed), ql, kl) else ()
+        return routed if route_takes(mode, len(routed), ql, kl) else ()
 
     def _run_cudnn(self, q, k, v, out, index: BlockIndex, routed: tuple[int, ...]) -> None:
         """:func:`.cudnn_blocks.block_sparse_heads` per sequence with queries."""

@@ -77,6 +77,12 @@ def route_pays(n_heads: int, q_lens: list[int], kv_lens: list[int]) -> bool:
     return bool(seqs) and n_heads * sum(n * L for n, L in seqs) >= ROUTE_MIN_PAIRS * len(seqs)
 
 
+def route_takes(mode: str, n_heads: int, q_lens: list[int], kv_lens: list[int]) -> bool:
+    """The switch's rule for a batch the route can run: never at ``0``, always at ``1``, at ``auto`` where
+    :func:`route_pays`."""
+    return mode == "1" or (mode == "auto" and route_pays(n_heads, q_lens, kv_lens))
+
+
 def route_status(kv: torch.Tensor, head_dim: int, page_size: int = BLOCK) -> str:
     """One line for a server's log: whether :class:`~.api.SparsePrefill` takes the route for keys like ``kv``
     (their device and dtype) in a pool of ``page_size``-slot pages and this head dim, and when."""
@@ -170,9 +176,9 @@ def block_sparse_heads(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_
         for a in range(0, n_q, max_rows):
             b = min(a + max_rows, n_q)
             L = n_kv - n_q + b
-            kv = dict(kv_rows=kv_rows, n_kv=L) if kv_rows is not None else {}
-            block_sparse_heads(q[a:b], k if kv_rows is not None else k[:L], v if kv_rows is not None else v[:L],
-                               block_idx, block_cnt, heads, out[a:b], scale, listed, max_rows=max_rows, **kv)
+            kb, vb, kv = (k, v, dict(kv_rows=kv_rows, n_kv=L)) if kv_rows is not None else (k[:L], v[:L], {})
+            block_sparse_heads(q[a:b], kb, vb, block_idx, block_cnt, heads, out[a:b], scale, listed,
+                               max_rows=max_rows, **kv)
         return out
     first = (n_kv - n_q) // BLOCK
     nqb = math.ceil(n_q / BLOCK)

@@ -60,7 +60,7 @@ from sglang_shplb.core.head_map import LayerWork, placement_work, rank_heads
 from sglang_shplb.core.plan import always_stock
 from sglang_shplb.core.patterns import HeadBudget, Pattern, decode_budgets
 from sglang_shplb.kernels.api import cudnn_candidates
-from sglang_shplb.kernels.cudnn_blocks import route_pays, route_status
+from sglang_shplb.kernels.cudnn_blocks import route_status, route_takes
 from sglang_shplb.kernels.dense_pieces import keep_cudnn_to
 from sglang_shplb.kernels.dense_tail import dense_tail
 from sglang_shplb.kernels.head_parallel import ExchangeStats, HeadParallelExtend, KVRows, RankLayout
@@ -108,12 +108,12 @@ def cudnn_route_layers(plan, max_context: int | None = None, mode: str = "1") ->
     (:func:`~sglang_shplb.kernels.api.cudnn_candidates`) in some bucket a server of context length ``max_context``
     (default the plan's) can meet, under ``SHPLB_CUDNN_BLOCKS`` ``mode``: none at ``0``; at ``auto`` only where the
     largest call, a whole prefill of ``max_context`` tokens, pays
-    (:func:`~sglang_shplb.kernels.cudnn_blocks.route_pays`). The route reads the KV pool in 64-slot pages."""
-    if plan is None or mode == "0":
+    (:func:`~sglang_shplb.kernels.cudnn_blocks.route_takes`). The route reads the KV pool in 64-slot pages."""
+    if plan is None:
         return frozenset()
     ctx = max_context or plan.model.max_context
     routed = {li for li, layer in enumerate(plan.budgets)
-              if (n := len(cudnn_candidates(LayerHeads.of(layer)))) and (mode == "1" or route_pays(n, [ctx], [ctx]))}
+              if (n := len(cudnn_candidates(LayerHeads.of(layer)))) and route_takes(mode, n, [ctx], [ctx])}
     return frozenset(routed) - plan.stock_everywhere("prefill", max_context)
 
 
