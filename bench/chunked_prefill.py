@@ -1,7 +1,8 @@
 """Benchmark: one attention layer through a chunked prefill (SGLang's ``--chunked-prefill-size``), the way the
 server runs it: every chunk after the first reads its prefix from the paged pool. Side by side in one process:
 
-* ``shplb``: :class:`sglang_shplb.kernels.SparsePrefill` as the server plans it (host lengths given): dense
+* ``shplb``: :class:`sglang_shplb.kernels.SparsePrefill` as the server plans it (host lengths given, the pool's
+  64-slot pages, so cuDNN's block-sparse route takes the sparse heads where ``SHPLB_CUDNN_BLOCKS`` says): dense
   heads after a prefix as two cuDNN calls merged (:func:`sglang_shplb.kernels.dense_pieces.dense_piece`), the
   top-k index built for the chunk's query rows only;
 * ``shplb, dense on Triton``: the same, planned without host lengths, so its dense heads run on the 128-row
@@ -36,8 +37,9 @@ import torch  # noqa: E402
 from layer_path import SHAPES, paged_pool, plan_budgets  # noqa: E402  (bench/layer_path.py)
 from timing import bench, device_tag, flashinfer_or_none, kernel_ms, log, results_writer  # noqa: E402  (bench/timing.py)
 
-from sglang_shplb.core.patterns import HeadBudget, Pattern  # noqa: E402
+from sglang_shplb.core.patterns import BLOCK, HeadBudget, Pattern  # noqa: E402
 from sglang_shplb.kernels import SparsePrefill, build_block_index  # noqa: E402
+from sglang_shplb.kernels.cudnn_blocks import route_mode  # noqa: E402
 
 
 def chunks(n: int, size: int) -> list[tuple[int, int]]:
@@ -95,12 +97,12 @@ def main() -> None:
     kinds = {k: sum(b.pattern is k for b in budgets) for k in Pattern}
     res = {"which": a.which, "device": name, "date": _dt.date.today().isoformat(), "chunk": a.chunk,
            "torch": torch.__version__, "layer": a.layer, "topk_tile": a.topk_tile,
-           "heads": {k.value: n for k, n in kinds.items() if n}, "rows": []}
+           "heads": {k.value: n for k, n in kinds.items() if n}, "cudnn_blocks": route_mode(), "rows": []}
     os.makedirs(a.out, exist_ok=True)
     tile = "" if a.topk_tile == 64 else f"_tile{a.topk_tile}"
     dump = results_writer(res, os.path.join(a.out, f"chunked_prefill_{a.which}{tile}_{device_tag(name)}"))
     log(f"# bench/chunked_prefill.py  {a.which}  device={name}  date={res['date']}  chunk={a.chunk}  "
-        f"heads {res['heads']}  top-k tile {a.topk_tile}  {dt}")
+        f"heads {res['heads']}  top-k tile {a.topk_tile}  SHPLB_CUDNN_BLOCKS={res['cudnn_blocks']}  {dt}")
     sparse = SparsePrefill(budgets, hkv, d, sm_scale=scale)
     dense = SparsePrefill([HeadBudget.dense()] * hq, hkv, d, sm_scale=scale)
     dense_heads = [h for h, b in enumerate(budgets) if b.pattern is Pattern.DENSE]
@@ -124,7 +126,7 @@ def main() -> None:
             paged = dict(req_to_token=r2t, req_pool_indices=rpi)
             host = dict(q_lens_cpu=[m], kv_lens_cpu=[L])
             o1, o2, o3 = (torch.empty_like(q) for _ in range(3))
-            sparse.plan(cu, kvl, m, L, **paged, **host)
+            sparse.plan(cu, kvl, m, L, **paged, **host, kv_page_size=BLOCK)
             per["shplb"].append(bench(lambda: sparse.run(q, kb, vb, out=o1), a.cpu_smoke))
             sparse.run(q, kb, vb, out=o1)
             dense.plan(cu, kvl, m, L, **paged, **host)
@@ -150,7 +152,8 @@ def main() -> None:
         row = {"n": n, "chunks": len(chunks(n, a.chunk)), **{k + "_ms": v for k, v in tot.items()},
                "chunk_ms": per,
                **({"last_chunk": profile_chunk(lambda: sparse.run(q, kb, vb, out=o1),
-                                               lambda: sparse.plan(cu, kvl, m, L, **paged, **host))}
+                                               lambda: sparse.plan(cu, kvl, m, L, **paged, **host,
+                                                                   kv_page_size=BLOCK))}
                   if a.profile and not a.cpu_smoke else {}),
                "rule_dense_over_shplb": tot["rule_dense"] / tot["shplb"],
                "index_all_over_query_rows": tot["index_all_rows"] / tot["index_query_rows"],

@@ -68,6 +68,18 @@ def test_topk_rows_match_build_block_index(case):
     assert torch.equal(full.block_cnt[:, other], ref.block_cnt[:, other])
 
 
+def test_kv_heads_without_topk_heads_are_not_pooled():
+    """The pool reads only KV heads holding a top-k head: here KV heads 1 and 2 of 3 (KV head 0 has none), so a
+    wrong map from program to KV head selects from the wrong keys."""
+    budgets = [HeadBudget.dense(), HeadBudget.streaming(64, 64), HeadBudget.topk(0.2, 2), HeadBudget.dense(),
+               HeadBudget.vslash(0.2, 1), HeadBudget.topk(0.1, 3)]
+    lens, q_lens = [900, 333], [500, 333]
+    q, k, _, cu_q, kvl, kw = make_batch(lens, q_lens, 6, 3, 64, torch.float32, True, 7)
+    ref = build_block_index(budgets, q, k, cu_q, kvl, max(lens), builder="torch", **kw)
+    got = build_topk_index(budgets, q, k, cu_q, kvl, max(lens), **kw)
+    assert compare(budgets, lens, q_lens, got, ref, 1.0) == 1.0
+
+
 def test_fills_out_in_place_and_leaves_other_heads():
     budgets = [HeadBudget.topk(0.3, 2), HeadBudget.dense(), HeadBudget.streaming(64, 64), HeadBudget.topk(0.1, 4)]
     lens = [390, 150]

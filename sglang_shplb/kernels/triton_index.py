@@ -3,12 +3,14 @@
 Same output as the top-k part of :func:`.index.build_block_index` (ties may resolve differently: this
 builder keeps the lowest block ids among exactly tied scores), in two launches and no big intermediate:
 
-1. ``_pool_kernel``, one program per (64-token block ``j``, sequence ``b``, KV head ``hk``)::
+1. ``_pool_kernel``, one program per (64-token block ``j``, sequence ``b``, KV head ``hk`` holding a top-k head)::
 
        kp[b, hk, j] = mean_{t in block j, t < n_kv}              K[b, t, hk]     (float32, [B, Hkv, NB, d])
        qp[b, s,  j] = mean_{t in block j, prefix <= t < n_kv}    Q[b, t, h_s]    (float32, [B, T, NB, d])
 
-   for the top-k heads ``h_s`` of the KV head's group (slot ``s``); K is read through ``req_to_token``
+   for the top-k heads ``h_s`` of the KV head's group (slot ``s``); KV heads without a top-k head are not read
+   (their ``kp`` rows are never selected from: the mixed plan's 4 top-k groups of 8 read half the keys); K is read
+   through ``req_to_token``
    (paged) or ``cu_seqlens_k`` (contiguous); an empty block pools to 0 (mean over ``max(count, 1)``),
    exactly like ``index._pool``. Queries exist only for the last ``n_q`` positions (chunked prefill).
 
@@ -65,12 +67,12 @@ def _kernels():
 
     @length_free_jit(triton)
     def _pool_kernel(Q, K, QP, KP, stride_qt, stride_qh, stride_kt, stride_kh,
-                     cu_q, kv_lens, cu_k, req_to_token, req_pool_idx, stride_r2t, head_slot, NB, T,
+                     cu_q, kv_lens, cu_k, req_to_token, req_pool_idx, stride_r2t, head_slot, kv_heads, NB, T,
                      HKV: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
                      PAGED: tl.constexpr):
         j = tl.program_id(0)
         b = tl.program_id(1)
-        hk = tl.program_id(2)
+        hk = tl.load(kv_heads + tl.program_id(2))     # a KV head with a top-k head of this tile
         n_kv = tl.load(kv_lens + b)
         q_start = tl.load(cu_q + b)
         prefix = n_kv - (tl.load(cu_q + b + 1) - q_start)
@@ -179,12 +181,14 @@ def _kernels():
 
 
 @lru_cache(maxsize=64)
-def _head_maps(heads: LayerHeads, tile: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(top-k heads of this tile ``[T]``, slot of each query head ``[Hq]`` (-1 if not one of them))."""
+def _head_maps(heads: LayerHeads, tile: int, group: int,
+               device: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(top-k heads of this tile ``[T]``, slot of each query head ``[Hq]`` (-1 if not one of them), the KV heads
+    holding them, ascending)."""
     topk = heads.topk_by_tile[tile]
     slot = tuple(topk.index(h) if h in topk else -1 for h in range(heads.num_heads))
-    return (torch.tensor(topk, dtype=torch.int32, device=device),
-            torch.tensor(slot, dtype=torch.int32, device=device))
+    kv = sorted({h // group for h in topk})
+    return tuple(torch.tensor(x, dtype=torch.int32, device=device) for x in (topk, slot, kv))
 
 
 def column_warps(nbp: int, cuda: bool) -> int:
@@ -255,17 +259,17 @@ def build_topk_index(budgets: Sequence[HeadBudget], q: torch.Tensor, k: torch.Te
     cast = {torch.bfloat16: 1, torch.float16: 2}.get(q.dtype, 0) if cuda else 0   # CPU: float32 like the reference
     bi, bc = out.block_idx, out.block_cnt
     for tile, topk in heads.topk_by_tile.items():
-        topk_t, slot = _head_maps(heads, tile, str(dev))
+        topk_t, slot, kv_heads = _head_maps(heads, tile, group, str(dev))
         t = len(topk)
         ns = nb if tile == BLOCK else math.ceil(nb * BLOCK / tile)     # selection rows (and KV units)
         counts = topk_counts_tensor(tuple(budgets[h] for h in topk), ns, str(dev))
         kp = torch.empty(bsz, hkv, ns, d, dtype=torch.float32, device=dev)
         qp = torch.empty(bsz, t, ns, d, dtype=torch.float32, device=dev)
-        pool_k[(ns, bsz, hkv)](
+        pool_k[(ns, bsz, kv_heads.shape[0])](
             q, k, qp, kp, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
             cu_seqlens_q, kv_lens, cu_seqlens_k if not paged else dummy,
             req_to_token if paged else dummy, req_pool_indices if paged else dummy,
-            req_to_token.stride(0) if paged else 0, slot, ns, t,
+            req_to_token.stride(0) if paged else 0, slot, kv_heads, ns, t,
             HKV=hkv, GROUP=group, D=d, BLOCK_N=tile, PAGED=paged, num_warps=4 if cuda else 1)
         nbp = max(16, triton_next_pow2(ns))
         select_k[(math.ceil(launched_rows(ns, max_q_len, tile) / BM), t, bsz)](
