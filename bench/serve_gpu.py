@@ -60,7 +60,8 @@ sys.path.insert(0, str(HERE.parent))
 
 from sglang_shplb.core.patterns import BLOCK  # noqa: E402
 from sglang_shplb.core.plan import load_plan  # noqa: E402
-from sglang_shplb.evaluation.servers import Server, server_specs  # noqa: E402
+from sglang_shplb.evaluation.servers import Server, ServerSpec, server_specs  # noqa: E402
+from sglang_shplb.serving.config import BACKEND_NAME, ENV_PLAN  # noqa: E402
 from sglang_shplb.planning.calibration_data import passkey_prompt  # noqa: E402
 
 DEFAULT_BUDGETS = HERE / "results" / "default_plan"
@@ -278,14 +279,15 @@ def main() -> None:
     path = out / f"serve_{a.which}{'_cpu_smoke' if a.cpu_smoke else ''}.json"
     for name in a.servers.split(","):
         kind = server_kind(name)
-        base, env, flags = VARIANTS.get(kind, (kind, {}, ()))
+        base, env, flags = VARIANTS.get(kind, (VIA_SGLANG.get(kind, kind), {}, ()))
         if base not in plans and kind != "flashinfer":
-            ap.error(f"unknown server {name!r} for {a.which}: flashinfer, {', '.join([*plans, *VARIANTS])} "
+            known = ", ".join([*plans, *VARIANTS, *VIA_SGLANG])
+            ap.error(f"unknown server {name!r} for {a.which}: flashinfer, {known} "
                      "(a repeat: NAME#2)")
         plan = plans.get(base, plans["shplb"])
         dense, (sparse,) = server_specs(model, [plan], device, "float32" if a.cpu_smoke else "bfloat16", ctx,
                                         concurrency=conc, extra=extra + flags)
-        spec = dense if kind == "flashinfer" else sparse
+        spec = dense if kind == "flashinfer" else via_sglang(dense, Path(plan)) if kind in VIA_SGLANG else sparse
         if env:
             spec = dataclasses.replace(spec, env={**spec.env, **env})
         with tempfile.TemporaryDirectory() as caches:
@@ -306,6 +308,18 @@ def main() -> None:
 #: ``auto``) gets ``--page-size 64``, so ``shplb_p64_triton`` tells the route from the page size.
 VARIANTS = {"shplb_triton": ("shplb", {"SHPLB_CUDNN_BLOCKS": "0"}, ()),
             "shplb_p64_triton": ("shplb", {"SHPLB_CUDNN_BLOCKS": "0"}, ("--page-size", "64"))}
+
+
+#: servers that run a plan through SGLang's own launcher, the plugin's path: name -> plan.
+VIA_SGLANG = {"shplb_sglang": "shplb"}
+
+
+def via_sglang(dense: ServerSpec, plan: Path) -> ServerSpec:
+    """The stock server's command with ``--attention-backend shplb`` and ``SHPLB_PLAN`` set: ``python -m
+    sglang.launch_server`` with our plugin (no ``--page-size``: the plugin's hook on SGLang's default decides)."""
+    args = list(dense.args)
+    args[args.index("--attention-backend") + 1] = BACKEND_NAME
+    return dataclasses.replace(dense, name="sparse", args=tuple(args), env={**dense.env, ENV_PLAN: str(plan)})
 
 
 def server_kind(name: str) -> str:

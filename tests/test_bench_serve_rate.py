@@ -124,3 +124,19 @@ def test_variants_name_an_existing_plan_and_the_switch_the_kernels_read(tmp_path
     for k, v in env.items():
         monkeypatch.setenv(k, v)
     assert route_mode() == "0"
+
+
+def test_a_plan_through_sglang_own_launcher():
+    """``shplb_sglang``: the stock server's command (``sglang.launch_server``, same flags) with ``--attention-backend
+    shplb`` and the plan in ``SHPLB_PLAN``, the variables the plugin reads."""
+    from serve_gpu import VIA_SGLANG, via_sglang
+
+    from sglang_shplb.evaluation.servers import server_specs
+    from sglang_shplb.serving.config import ENV_PLAN, ServingConfig
+    dense, (ours,) = server_specs(Path("m"), [Path("p")], "cuda", "bfloat16", 4096, extra=("--page-size", "16"))
+    spec = via_sglang(dense, Path("plans/shplb"))
+    assert VIA_SGLANG["shplb_sglang"] == "shplb" and spec.module == dense.module == "sglang.launch_server"
+    args = list(spec.args)
+    assert args[args.index("--attention-backend") + 1] == "shplb" and "--shplb-plan" not in args
+    assert len(args) == len(dense.args) and "--page-size" in args
+    assert ServingConfig.from_env(spec.env).plan_path == "plans/shplb" and ENV_PLAN not in dense.env

@@ -274,7 +274,7 @@ def test_streaming_heads_below_the_decode_floor_keep_summaries(monkeypatch):
 
 def test_another_page_size_is_refused_naming_the_flag(monkeypatch):
     from sglang_shplb.serving.backend import ShplbPageSizeError, check_summary_page_size
-    from sglang_shplb.serving.launch import page_size_args
+    from sglang_shplb.serving.backend import page_size_args
     check_summary_page_size(64)
     for ps in (None, 1, 16, 128):
         with pytest.raises(ShplbPageSizeError, match="--page-size 64"):
@@ -300,7 +300,7 @@ def test_the_cudnn_route_asks_for_64_slot_pages_without_requiring_them(monkeypat
     asks for nothing."""
     from sglang_shplb.kernels.cudnn_blocks import SWITCH
     from sglang_shplb.serving.backend import cudnn_route_layers, summary_layers
-    from sglang_shplb.serving.launch import page_size_args
+    from sglang_shplb.serving.backend import page_size_args
     ns = lambda **kw: argparse.Namespace(**{"device": "cuda", "page_size": None, **kw})  # noqa: E731
     no_select = _plan()
     no_select.budgets = [[HeadBudget.streaming(64, 1024)] * 9] * 4   # windows at the decode floor: no selection
@@ -366,7 +366,7 @@ def test_buckets_above_the_servers_context_do_not_count(monkeypatch):
     kernels; at the plan's full 8K context the same plan keeps them."""
     import numpy as np
     from sglang_shplb.serving import backend as be_mod
-    from sglang_shplb.serving.launch import page_size_args
+    from sglang_shplb.serving.backend import page_size_args
     stock = np.zeros((2, 2, 4), dtype=bool)
     stock[:, 0, :] = True               # bucket 0 (up to 4K): every layer stock in both phases
     stock[0, 1, 2] = True               # bucket 1: layer 2 prefills stock
@@ -385,3 +385,43 @@ def test_buckets_above_the_servers_context_do_not_count(monkeypatch):
     monkeypatch.setenv("SHPLB_CUDNN_BLOCKS", "0")    # the summaries alone
     assert page_size_args(plan, ns(device="cuda", page_size=None, context_length=4096), []) == ([], "")
     assert page_size_args(plan, ns(device="cuda", page_size=None, context_length=None), [])[0] == ["--page-size", "64"]
+
+
+def test_sglang_own_launcher_gets_the_page_size_our_launcher_asks_for(monkeypatch, tmp_path):
+    """The plugin hooks SGLang's page-size default: a ``shplb`` server started by ``sglang.launch_server`` with
+    ``SHPLB_PLAN`` set and no ``--page-size`` gets 64 on CUDA where :func:`page_size_args` would add it; SGLang's
+    default stands on CPU, for another backend, for a page size given, for a plan that asks for none."""
+    from types import SimpleNamespace
+
+    from sglang.srt.plugins import load_plugins
+    from sglang.srt.plugins.hook_registry import HookRegistry
+
+    from sglang_shplb.core.plan import save_plan
+    from sglang_shplb.kernels.cudnn_blocks import SWITCH
+    from sglang_shplb.serving.config import ENV_PLAN
+    from sglang_shplb.serving.plugin import register
+    load_plugins()
+    register()
+    HookRegistry.apply_hooks()
+    import sglang.srt.arg_groups.overrides as overrides
+    view = lambda **kw: SimpleNamespace(**{"page_size": None, "attention_backend": "shplb", "device": "cuda",  # noqa: E731
+                                           "context_length": None, **kw})
+    sel = _plan()                                        # decodes top-k heads: page summaries
+    monkeypatch.setenv(ENV_PLAN, str(save_plan(sel, tmp_path / "sel")))
+    assert overrides._page_size_default(view()) == {"page_size": 64}
+    assert overrides._page_size_default(view(device="cpu")) == {"page_size": 1}
+    assert overrides._page_size_default(view(attention_backend="flashinfer")) == {"page_size": 1}
+    assert overrides._page_size_default(view(page_size=16)) == {}
+    dense = _plan()
+    dense.budgets = [[HeadBudget.dense()] * 9] * 4
+    monkeypatch.setenv(ENV_PLAN, str(save_plan(dense, tmp_path / "dense")))
+    assert overrides._page_size_default(view()) == {"page_size": 1}
+    no_select = _plan()                                  # streaming heads only: the cuDNN route's pages
+    no_select.budgets = [[HeadBudget.streaming(64, 1024)] * 9] * 4
+    monkeypatch.setenv(ENV_PLAN, str(save_plan(no_select, tmp_path / "stream")))
+    monkeypatch.setenv(SWITCH, "1")
+    assert overrides._page_size_default(view()) == {"page_size": 64}
+    monkeypatch.setenv(SWITCH, "0")
+    assert overrides._page_size_default(view()) == {"page_size": 1}
+    monkeypatch.delenv(ENV_PLAN)
+    assert overrides._page_size_default(view()) == {"page_size": 1}

@@ -60,7 +60,7 @@ from sglang_shplb.core.head_map import LayerWork, placement_work, rank_heads
 from sglang_shplb.core.plan import always_stock
 from sglang_shplb.core.patterns import HeadBudget, Pattern, decode_budgets
 from sglang_shplb.kernels.api import cudnn_candidates
-from sglang_shplb.kernels.cudnn_blocks import route_status, route_takes
+from sglang_shplb.kernels.cudnn_blocks import route_mode, route_status, route_takes
 from sglang_shplb.kernels.dense_pieces import keep_cudnn_to
 from sglang_shplb.kernels.dense_tail import dense_tail
 from sglang_shplb.kernels.head_parallel import ExchangeStats, HeadParallelExtend, KVRows, RankLayout
@@ -123,7 +123,7 @@ def summary_cell_bytes(layers: frozenset[int], num_kv_heads: int, head_dim: int,
     return math.ceil(len(layers) * page_summary_bytes_per_token(num_kv_heads, head_dim, kv_dtype))
 
 
-def _serves_shplb(server_args) -> bool:
+def serves_shplb(server_args) -> bool:
     return BACKEND_NAME in {getattr(server_args, a, None) for a in
                             ("attention_backend", "decode_attention_backend", "prefill_attention_backend")}
 
@@ -132,7 +132,7 @@ def cell_size_with_summaries(result, configurator, kvc, num_layers, *args, **kwa
     """AFTER hook on ``DefaultPoolConfigurator._compute_cell_size``: a ``shplb`` server on CUDA (the kernel
     path) adds its decode page summaries to the per-token cell size, so the pool is sized with them."""
     sa = kvc.server_args
-    if not result or not _serves_shplb(sa) or not str(getattr(sa, "device", "") or "").startswith("cuda"):
+    if not result or not serves_shplb(sa) or not str(getattr(sa, "device", "") or "").startswith("cuda"):
         return None
     cfg = ServingConfig.from_env()
     if not cfg.plan_path:
@@ -180,6 +180,35 @@ def check_summary_page_size(page_size, what: str = "the shplb kernel path") -> N
             f"--page-size {SUMMARY_PAGE_SIZE} (got --page-size {page_size or 1}): start the server with "
             f"--page-size {SUMMARY_PAGE_SIZE} (python -m sglang_shplb.launch_server sets it when the flag is "
             f"not given)")
+
+
+def page_size_args(plan, args, argv: list[str]) -> tuple[list[str], str]:
+    """``(["--page-size", "64"], why)`` on CUDA when no ``--page-size`` is given and the plan keeps decode page
+    summaries or has prefill heads cuDNN's block-sparse route may take at this context under ``SHPLB_CUDNN_BLOCKS``
+    (:func:`cudnn_route_layers`): both read the KV pool in 64-slot pages; else
+    ``([], "")``. Raises ``ShplbPageSizeError`` (naming the flag) for another page size where the summaries need
+    64; the route does without it (the server logs it unavailable)."""
+    if plan is None:
+        return [], ""
+    ctx = getattr(args, "context_length", None) or plan.model.max_context
+    device = getattr(args, "device", None)
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if not str(device).startswith("cuda"):
+        return [], ""                              # the CPU reference path reads the pool per token
+    summaries = summary_layers(plan, ctx)
+    why = [what for what, needs in (
+        ("the plan decodes top-k / vertical-slash heads from page summaries indexed by 64-slot KV-pool page",
+         summaries),
+        ("cuDNN's block-sparse prefill reads 64-slot KV-pool pages in place; SHPLB_CUDNN_BLOCKS=0 turns it off",
+         cudnn_route_layers(plan, ctx, route_mode()))) if needs]
+    if not why:
+        return [], ""
+    if any(a == "--page-size" or a.startswith("--page-size=") for a in argv):
+        if summaries:
+            check_summary_page_size(getattr(args, "page_size", None), "this plan")
+        return [], ""
+    return ["--page-size", str(SUMMARY_PAGE_SIZE)], "; ".join(why)
 
 
 def default_dense_backend(device: str) -> str:

@@ -98,39 +98,6 @@ def split_argv(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     return ours, rest + ["--attention-backend", "shplb"], args
 
 
-def page_size_args(plan, args: argparse.Namespace, argv: list[str]) -> tuple[list[str], str]:
-    """``(["--page-size", "64"], why)`` on CUDA when no ``--page-size`` is given and the plan keeps decode page
-    summaries or has prefill heads cuDNN's block-sparse route may take at this context under ``SHPLB_CUDNN_BLOCKS``
-    (:func:`~sglang_shplb.serving.backend.cudnn_route_layers`): both read the KV pool in 64-slot pages; else
-    ``([], "")``. Raises ``ShplbPageSizeError`` (naming the flag) for another page size where the summaries need
-    64; the route does without it (the server logs it unavailable)."""
-    from sglang_shplb.kernels.cudnn_blocks import route_mode
-    from sglang_shplb.serving.backend import (SUMMARY_PAGE_SIZE, check_summary_page_size, cudnn_route_layers,
-                                              summary_layers)
-    if plan is None:
-        return [], ""
-    ctx = getattr(args, "context_length", None) or plan.model.max_context
-    device = getattr(args, "device", None)
-    if device is None:
-        import torch
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if not str(device).startswith("cuda"):
-        return [], ""                              # the CPU reference path reads the pool per token
-    summaries = summary_layers(plan, ctx)
-    why = [what for what, needs in (
-        ("the plan decodes top-k / vertical-slash heads from page summaries indexed by 64-slot KV-pool page",
-         summaries),
-        ("cuDNN's block-sparse prefill reads 64-slot KV-pool pages in place; SHPLB_CUDNN_BLOCKS=0 turns it off",
-         cudnn_route_layers(plan, ctx, route_mode()))) if needs]
-    if not why:
-        return [], ""
-    if any(a == "--page-size" or a.startswith("--page-size=") for a in argv):
-        if summaries:
-            check_summary_page_size(getattr(args, "page_size", None), "this plan")
-        return [], ""
-    return ["--page-size", str(SUMMARY_PAGE_SIZE)], "; ".join(why)
-
-
 def validate_plan(plan_path: str, model_path: str, tp_size: int):
     """Load + validate, the head map included; raises PlanError / HeadMapError with the cause."""
     from sglang_shplb.core.head_map import placement_work
@@ -217,6 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     note = bucketed_cudnn_plans(os.environ)
     if note:
         print(note, file=sys.stderr)
+    from sglang_shplb.serving.backend import page_size_args
     try:
         extra, why = page_size_args(plan, args, argv)
     except ValueError as e:                      # ShplbPageSizeError, or a bad SHPLB_CUDNN_BLOCKS

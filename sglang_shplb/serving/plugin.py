@@ -11,6 +11,9 @@ TP worker). It registers the ``shplb`` attention backend and its CLI choice, and
 * ``DefaultPoolConfigurator._compute_cell_size`` (AFTER): count the decode page summaries in SGLang's per-token
   KV cell size (:func:`sglang_shplb.serving.backend.register_summary_budget_hook`), so the pool is sized with
   them. Registered here explicitly, before ``load_plugins()`` applies the hooks (idempotent).
+* ``arg_groups.overrides._page_size_default`` (AFTER): SGLang's page-size default, so that a ``shplb`` server
+  started by SGLang's own launcher (``SHPLB_PLAN`` set, no ``--page-size``) gets the 64-slot pages our launcher
+  would ask for (:func:`page_size_default_hook`).
 """
 from __future__ import annotations
 
@@ -69,6 +72,33 @@ def after_scheduler_init(result, sched, *args, **kwargs):
     return None
 
 
+PAGE_SIZE_DEFAULT_TARGET = "sglang.srt.arg_groups.overrides._page_size_default"
+
+
+def page_size_default_hook(result, view, *args, **kwargs):
+    """After SGLang's page-size default: a ``shplb`` server without ``--page-size`` (``python -m
+    sglang.launch_server --attention-backend shplb`` with ``SHPLB_PLAN`` set) gets ``--page-size 64`` where our
+    launcher would add it (:func:`~sglang_shplb.serving.backend.page_size_args`, the one rule: CUDA, and the plan's
+    decode page summaries or prefill heads cuDNN's block-sparse route may take); the log says why. A page size the
+    user gives, another backend, no plan or a plan that does not load (the backend reports it, with the model): SGLang's
+    default stands."""
+    from sglang_shplb.core.plan import PlanError, load_plan
+    from sglang_shplb.serving.backend import page_size_args, serves_shplb
+    from sglang_shplb.serving.config import ServingConfig
+    path = ServingConfig.from_env().plan_path
+    if view.page_size is not None or not serves_shplb(view) or not path:
+        return None
+    try:
+        plan = load_plan(path)
+    except PlanError:
+        return None
+    extra, why = page_size_args(plan, view, [])
+    if not extra:
+        return None
+    logger.info("sglang_shplb: --page-size %s (%s)", extra[1], why)
+    return {**(result or {}), "page_size": int(extra[1])}
+
+
 def register() -> None:
     """Entry point named in pyproject: ``shplb = "sglang_shplb.serving.plugin:register"``."""
     global _registered
@@ -89,6 +119,7 @@ def register() -> None:
         add_attention_backend_choices([BACKEND_NAME])
     HookRegistry.register("sglang.srt.utils.common.support_triton", support_triton_hook, HookType.AROUND)
     HookRegistry.register("sglang.srt.managers.scheduler.Scheduler.__init__", after_scheduler_init, HookType.AFTER)
+    HookRegistry.register(PAGE_SIZE_DEFAULT_TARGET, page_size_default_hook, HookType.AFTER)
     install_hooks()
     register_summary_budget_hook()   # idempotent: a no-op when importing backend already registered it
     _registered = True

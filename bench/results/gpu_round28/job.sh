@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
-# Round 28's GPU job (README.md beside it). Steps as arguments (default `cp grid smol`):
+# Round 28's GPU job (README.md beside it). Steps as arguments (default `cp grid plug smol`):
 #   cp    one Llama-3-8B layer through a chunked prefill (bench/chunked_prefill.py --profile, 8K chunks over a 64-slot
 #         page pool, as the server now runs it on CUDA), cuDNN's route at auto then off: where a chunk's time goes
 #         with the route, and the top-k pool kernel reading only the KV heads that hold top-k heads (this round).
 #   grid  issue 15's never-slower grid on HEAD (the launcher's --page-size 64 since round 27 had run at batch 1 only):
 #         stock FlashInfer then shplb, Llama-3-8B shape (dummy weights), 2K-128K x batch 1/4/16, 131,200-token
 #         context, two measured passes per server.
+#   plug  the same plan through SGLang's own launcher (`shplb_sglang`: `python -m sglang.launch_server
+#         --attention-backend shplb`, SHPLB_PLAN set, no --page-size): the plugin's page-size hook, 64K and 128K.
 #   smol  SmolLM2, the default plan: flashinfer, shplb, flashinfer#2 (the A/A pair), 2K-8K x batch 1/4/16.
 # Calls, one warm machine, back to back, after `bash bench/device_tree.sh on`:
 #   1-4  ../shared/gpu/README.md's bundle parts d00..d03, the last with `bash /tmp/parts/install-on-device`
@@ -27,7 +29,7 @@ export PYTHONPATH_EXTRA=/tmp/site/nvidia_cutlass_dsl/dsl_packages
 PYTHONPATH=/tmp/site:$PYTHONPATH_EXTRA python3 -c "import cudnn, cutlass; \
 from cudnn.block_sparse_attention import block_sparse_attention_forward; print('cudnn frontend', cudnn.__version__)" \
   2>&1 | tail -n 3 | tee $O/probe.txt
-for step in ${*:-cp grid smol}; do
+for step in ${*:-cp grid plug smol}; do
   t0=$(date +%s)
   case $step in
     cp) for sw in auto 0; do
@@ -36,8 +38,10 @@ for step in ${*:-cp grid smol}; do
         done ;;
     grid) OUT=$O/llama LLAMA_SERVERS=flashinfer,shplb LLAMA_FLAGS="--context-length 131200 --repeats 2" \
             bash bench/serve_gpu.sh llama8b > $O/llama_run.log 2>&1 ;;
+    plug) OUT=$O/plug LLAMA_SERVERS=shplb_sglang LLAMA_FLAGS="--lengths 65536,131072 --batches 1 --context-length 131200" \
+            bash bench/serve_gpu.sh llama8b > $O/plug_run.log 2>&1 ;;
     smol) OUT=$O bash bench/serve_gpu.sh smollm2 > $O/smol_run.log 2>&1 ;;
-    *) echo "unknown step $step (cp, grid, smol)" ;;
+    *) echo "unknown step $step (cp, grid, plug, smol)" ;;
   esac
   echo "round28 step $step rc=$? $(( $(date +%s) - t0 )) s"
 done
