@@ -2,7 +2,8 @@
 # Round 28's GPU job (README.md beside it). Steps as arguments (default `cp grid plug smol`):
 #   cp    one Llama-3-8B layer through a chunked prefill (bench/chunked_prefill.py --profile, 8K chunks over a 64-slot
 #         page pool, as the server now runs it on CUDA), cuDNN's route at auto then off: where a chunk's time goes
-#         with the route, and the top-k pool kernel reading only the KV heads that hold top-k heads (this round).
+#         with the route, and the top-k pool kernel reading only the KV heads that hold top-k heads (this round);
+#         then one unchunked 64K prefill, the route in 16K-row pieces against the Triton kernels.
 #   grid  issue 15's never-slower grid on HEAD (the launcher's --page-size 64 since round 27 had run at batch 1 only):
 #         stock FlashInfer then shplb, Llama-3-8B shape (dummy weights), 2K-128K x batch 1/4/16, 131,200-token
 #         context, two measured passes per server.
@@ -35,7 +36,10 @@ for step in ${*:-cp grid plug smol}; do
     cp) for sw in auto 0; do
           SHPLB_CUDNN_BLOCKS=$sw PYTHONPATH=/tmp/site:$PYTHONPATH_EXTRA:$PWD TRITON_INTERPRET=0 \
             python3 bench/chunked_prefill.py llama8b --profile --out $O/cp_$sw > $O/cp_${sw}.log 2>&1
-        done ;;
+        done
+        # one unchunked 64K prefill: the route in 16K-row pieces (ROUTE_MAX_ROWS), checked against the Triton route
+        PYTHONPATH=/tmp/site:$PYTHONPATH_EXTRA:$PWD TRITON_INTERPRET=0 python3 bench/chunked_prefill.py llama8b \
+          --ctx 65536 --chunk 65536 --out $O/cp_whole > $O/cp_whole.log 2>&1 ;;
     grid) OUT=$O/llama LLAMA_SERVERS=flashinfer,shplb LLAMA_FLAGS="--context-length 131200 --repeats 2" \
             bash bench/serve_gpu.sh llama8b > $O/llama_run.log 2>&1 ;;
     plug) OUT=$O/plug LLAMA_SERVERS=shplb_sglang LLAMA_FLAGS="--lengths 65536,131072 --batches 1 --context-length 131200" \
