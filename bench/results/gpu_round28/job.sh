@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Round 28's GPU job (README.md beside it). Steps as arguments (default `cp grid plug smol`):
+# Round 28's GPU job (README.md beside it). Steps as arguments (default `grid cp plug smol`):
 #   cp    one Llama-3-8B layer through a chunked prefill (bench/chunked_prefill.py --profile, 8K chunks over a 64-slot
 #         page pool, as the server now runs it on CUDA), cuDNN's route at auto then off: where a chunk's time goes
 #         with the route, and the top-k pool kernel reading only the KV heads that hold top-k heads (this round);
@@ -30,7 +30,7 @@ export PYTHONPATH_EXTRA=/tmp/site/nvidia_cutlass_dsl/dsl_packages
 PYTHONPATH=/tmp/site:$PYTHONPATH_EXTRA python3 -c "import cudnn, cutlass; \
 from cudnn.block_sparse_attention import block_sparse_attention_forward; print('cudnn frontend', cudnn.__version__)" \
   2>&1 | tail -n 3 | tee $O/probe.txt
-for step in ${*:-cp grid plug smol}; do
+for step in ${*:-grid cp plug smol}; do
   t0=$(date +%s)
   case $step in
     cp) for sw in auto 0; do
