@@ -47,12 +47,3 @@ def test_launcher_refuses_a_tp_size_sglang_would_pad(capsys):
     assert rc == EXIT_BAD_PLAN and "HeadMapError" in err and "9 query heads" in err, err
 
 
-def test_the_launcher_asks_cuda_for_bucketed_attention_plans_unless_told():
-    """``launch_server`` sets torch's cuDNN switch (plans by power-of-two length bucket) in the environment the
-    scheduler processes inherit, and keeps a value the user gave."""
-    from sglang_shplb.kernels.dense_pieces import CUDNN_BUCKETED_PLANS_ENV
-    from sglang_shplb.serving.launch import bucketed_cudnn_plans
-    env: dict[str, str] = {}
-    assert CUDNN_BUCKETED_PLANS_ENV in bucketed_cudnn_plans(env) and env[CUDNN_BUCKETED_PLANS_ENV] == "1"
-    env = {CUDNN_BUCKETED_PLANS_ENV: "0"}
-    assert bucketed_cudnn_plans(env) is None and env[CUDNN_BUCKETED_PLANS_ENV] == "0"

@@ -14,12 +14,6 @@ import torch
 #: "math" (explicit softmax, the reference). ``SHPLB_PIECE_BACKEND`` forces one; on CUDA cuDNN is taken
 #: after a one-time check against "math" (:func:`piece_backend`), else flash.
 PIECE_BACKENDS = ("cudnn", "flash", "math")
-#: torch's switch (read once per process, at its first cuDNN attention call), documented to key cuDNN's
-#: attention plans by power-of-two sequence buckets for token-major (BSHD) operands without a bias instead of
-#: building one per new length. ``sglang_shplb.launch_server`` sets it unless it is set. Measured (H100,
-#: 2026-12-06): a new chunk shape cost a merged piece 1.1-3.1 s without it, 59-125 ms with it, so plans were
-#: still built per shape; the server therefore also keeps cuDNN to its warm-up's shapes (:func:`keep_cudnn_to`).
-CUDNN_BUCKETED_PLANS_ENV = "TORCH_CUDNN_SDPA_AVOID_RECOMPILE"
 _CUDNN_OK: dict = {}
 #: the backend :func:`forced_pieces` sets for a block of code (None: the usual choice)
 _FORCED: list[str | None] = [None]
@@ -113,8 +107,7 @@ def piece_after_prefix(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale:
     are folded into its query axis (``S n`` rows against the ``G`` K/V heads: no GQA expansion); ``D`` is one
     causal call over the ``G S`` heads (its ``n`` K/V rows expanded to them). Each part is one kernel call of
     ``backend`` (:data:`PIECE_BACKENDS`) returning its log-sum-exp. Every operand is laid out token-major
-    (BSHD: ``[1, H, T, d]`` whose ``transpose(1, 2)`` is contiguous), the layout
-    :data:`CUDNN_BUCKETED_PLANS_ENV` asks for. On CUDA ``P`` runs on :func:`prefix_backend`'s kernel (unless
+    (BSHD: ``[1, H, T, d]`` whose ``transpose(1, 2)`` is contiguous), as SGLang's pool holds rows. On CUDA ``P`` runs on :func:`prefix_backend`'s kernel (unless
     :func:`unrouted_prefixes`)."""
     grouped = q.dim() == 4
     if not grouped:

@@ -6,9 +6,8 @@ no ``--shplb-dense-fallback``: exit 4) before SGLang is even imported; parse eve
 parser (an unknown flag exits 2 naming it); select ``--attention-backend shplb``; on CUDA, when the plan
 decodes top-k / vertical-slash heads (their decode page summaries are indexed by 64-slot KV-pool page) or has
 prefill heads cuDNN's block-sparse route may take (it reads 64-slot pages in place), add ``--page-size 64`` if
-no page size is given, and refuse another one where the summaries need it (exit 2 naming the flag); unless set,
-set ``TORCH_CUDNN_SDPA_AVOID_RECOMPILE=1`` (:func:`bucketed_cudnn_plans`); hand over to SGLang's launcher in
-this process.
+no page size is given, and refuse another one where the summaries need it (exit 2 naming the flag); hand over to
+SGLang's launcher in this process.
 """
 from __future__ import annotations
 
@@ -119,20 +118,6 @@ def _pre_parse(argv: list[str]) -> argparse.Namespace:
     return ns
 
 
-def bucketed_cudnn_plans(environ) -> str | None:
-    """Set :data:`~sglang_shplb.kernels.dense_pieces.CUDNN_BUCKETED_PLANS_ENV` to 1 in ``environ`` (this process
-    and the scheduler processes SGLang starts from it) unless the user set it; the line to log, or None. Our
-    dense heads run on torch's cuDNN attention, which builds an execution plan for a new shape on the request
-    that brings it: 1.1-3.1 s per new chunk shape without the switch, 59-125 ms with it (H100, 2026-12-06;
-    the server's warm-up then keeps cuDNN to the shapes it planned)."""
-    from sglang_shplb.kernels.dense_pieces import CUDNN_BUCKETED_PLANS_ENV
-    if CUDNN_BUCKETED_PLANS_ENV in environ:
-        return None
-    environ[CUDNN_BUCKETED_PLANS_ENV] = "1"
-    return (f"sglang_shplb: {CUDNN_BUCKETED_PLANS_ENV}=1 (cuDNN attention plans keyed by length bucket where "
-            f"torch can, which makes a new sequence length's plan cheaper; set it to 0 to opt out)")
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     from sglang_shplb.serving.version import SGLangVersionError, check_sglang_version
@@ -181,9 +166,6 @@ def main(argv: list[str] | None = None) -> int:
         from sglang_shplb.serving import stock_warmup
         stock_warmup.register()                       # SGLang runs it before serving (--warmups)
         sgl_argv = stock_warmup.with_warmup(sgl_argv)
-    note = bucketed_cudnn_plans(os.environ)
-    if note:
-        print(note, file=sys.stderr)
     from sglang_shplb.serving.backend import page_size_args
     try:
         extra, why = page_size_args(plan, args, argv)
