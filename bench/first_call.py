@@ -13,8 +13,8 @@ call (synchronised wall clock) and the steady call (``triton.testing.do_bench``)
   on cuDNN, and on torch's FlashAttention-2 (no per-shape plan);
 * ``flashinfer``: FlashInfer's paged prefill of every head (plan + run: the stock backend), where installed.
 
-torch reads ``TORCH_CUDNN_SDPA_AVOID_RECOMPILE`` once per process (the server set it to 1 from round 16 to round
-28, which found it costing steady TTFT): run the script once with it unset and once with 1.
+torch reads ``TORCH_CUDNN_SDPA_AVOID_RECOMPILE`` once per process (the server sets it to 1 only without its warm-up,
+:func:`sglang_shplb.serving.launch.bucketed_cudnn_plans`): run the script once with it unset and once with 1.
 
     python bench/first_call.py --out $OUT                                             # GPU, ~1 min
     TORCH_CUDNN_SDPA_AVOID_RECOMPILE=1 python bench/first_call.py --out $OUT          # cuDNN plans by length bucket
@@ -45,10 +45,7 @@ from timing import bench, device_tag, flashinfer_or_none, log, results_writer  #
 from sglang_shplb.core.patterns import Pattern  # noqa: E402
 from sglang_shplb.kernels.paged_layer import LayerKernels  # noqa: E402
 from sglang_shplb.kernels.warmup import extend_warmup, warm_up_extend  # noqa: E402
-from sglang_shplb.kernels.dense_pieces import keep_cudnn_to, piece_after_prefix  # noqa: E402
-
-#: torch's switch: cuDNN attention plans by power-of-two length bucket (token-major operands, no bias)
-CUDNN_BUCKETED_PLANS_ENV = "TORCH_CUDNN_SDPA_AVOID_RECOMPILE"
+from sglang_shplb.kernels.dense_pieces import CUDNN_BUCKETED_PLANS_ENV, keep_cudnn_to, piece_after_prefix  # noqa: E402
 
 
 class CompileLog:

@@ -47,3 +47,14 @@ def test_launcher_refuses_a_tp_size_sglang_would_pad(capsys):
     assert rc == EXIT_BAD_PLAN and "HeadMapError" in err and "9 query heads" in err, err
 
 
+def test_the_launcher_asks_cuda_for_bucketed_attention_plans_only_without_the_warm_up():
+    """``launch_server`` sets torch's cuDNN switch (plans by power-of-two length bucket, slower at steady state) in the
+    environment the scheduler processes inherit only with ``--shplb-no-warmup`` (no shapes planned ahead, so any
+    new length may plan), and keeps a value the user gave."""
+    from sglang_shplb.kernels.dense_pieces import CUDNN_BUCKETED_PLANS_ENV
+    from sglang_shplb.serving.launch import bucketed_cudnn_plans
+    env: dict[str, str] = {}
+    assert bucketed_cudnn_plans(env, warmup=True) is None and CUDNN_BUCKETED_PLANS_ENV not in env
+    assert "no warm-up" in bucketed_cudnn_plans(env, warmup=False) and env[CUDNN_BUCKETED_PLANS_ENV] == "1"
+    env = {CUDNN_BUCKETED_PLANS_ENV: "0"}
+    assert bucketed_cudnn_plans(env, warmup=False) is None and env[CUDNN_BUCKETED_PLANS_ENV] == "0"

@@ -14,6 +14,10 @@ import torch
 #: "math" (explicit softmax, the reference). ``SHPLB_PIECE_BACKEND`` forces one; on CUDA cuDNN is taken
 #: after a one-time check against "math" (:func:`piece_backend`), else flash.
 PIECE_BACKENDS = ("cudnn", "flash", "math")
+#: torch's switch (read once per process, at its first cuDNN attention call): cuDNN's attention plans keyed by
+#: power-of-two length bucket for token-major (BSHD) operands without a bias, through cuDNN's ragged-offset path,
+#: instead of one plan per new length (``sglang_shplb.launch_server`` sets it only without its warm-up)
+CUDNN_BUCKETED_PLANS_ENV = "TORCH_CUDNN_SDPA_AVOID_RECOMPILE"
 _CUDNN_OK: dict = {}
 #: the backend :func:`forced_pieces` sets for a block of code (None: the usual choice)
 _FORCED: list[str | None] = [None]

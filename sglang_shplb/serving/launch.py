@@ -6,8 +6,9 @@ no ``--shplb-dense-fallback``: exit 4) before SGLang is even imported; parse eve
 parser (an unknown flag exits 2 naming it); select ``--attention-backend shplb``; on CUDA, when the plan
 decodes top-k / vertical-slash heads (their decode page summaries are indexed by 64-slot KV-pool page) or has
 prefill heads cuDNN's block-sparse route may take (it reads 64-slot pages in place), add ``--page-size 64`` if
-no page size is given, and refuse another one where the summaries need it (exit 2 naming the flag); hand over to
-SGLang's launcher in this process.
+no page size is given, and refuse another one where the summaries need it (exit 2 naming the flag); with
+``--shplb-no-warmup`` set ``TORCH_CUDNN_SDPA_AVOID_RECOMPILE=1`` unless set (:func:`bucketed_cudnn_plans`); hand
+over to SGLang's launcher in this process.
 """
 from __future__ import annotations
 
@@ -118,6 +119,23 @@ def _pre_parse(argv: list[str]) -> argparse.Namespace:
     return ns
 
 
+def bucketed_cudnn_plans(environ, warmup: bool) -> str | None:
+    """Without the start-up warm-up, set :data:`~sglang_shplb.kernels.dense_pieces.CUDNN_BUCKETED_PLANS_ENV` to 1 in
+    ``environ`` (this process and the scheduler processes SGLang starts from it) unless the user set it; the line to
+    log, or None. With the warm-up, cuDNN's plans of the chunk-aligned shapes are built at start-up and cuDNN is
+    kept to them (every other dense call on flash), so no request builds a plan and the switch is left off: it
+    slows cuDNN's calls at steady state (the merged pieces 12-36 %, H100, ``bench/results/first_call/round17_*``;
+    TTFT 1.8 / 2.6 % at 64K / 128K, ``bench/results/gpu_round28/``). Without the warm-up cuDNN plans any shape on
+    the request that brings it: 1.1-3.1 s per new chunk shape without the switch, 59-125 ms with it (H100,
+    2026-12-06)."""
+    from sglang_shplb.kernels.dense_pieces import CUDNN_BUCKETED_PLANS_ENV
+    if warmup or CUDNN_BUCKETED_PLANS_ENV in environ:
+        return None
+    environ[CUDNN_BUCKETED_PLANS_ENV] = "1"
+    return (f"sglang_shplb: {CUDNN_BUCKETED_PLANS_ENV}=1 (no warm-up: cuDNN attention plans keyed by length bucket "
+            f"where torch can, so a new sequence length's plan is cheaper; set it to 0 to opt out)")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     from sglang_shplb.serving.version import SGLangVersionError, check_sglang_version
@@ -162,6 +180,9 @@ def main(argv: list[str] | None = None) -> int:
                         ours.shplb_dense_backend, ours.shplb_group_prefill_by_bucket, ours.shplb_bucket_log_every,
                         ours.shplb_decode_reselect_every, not ours.shplb_no_warmup)
     os.environ.update(cfg.to_env())
+    note = bucketed_cudnn_plans(os.environ, cfg.warmup)
+    if note:
+        print(note, file=sys.stderr)
     if cfg.warmup:
         from sglang_shplb.serving import stock_warmup
         stock_warmup.register()                       # SGLang runs it before serving (--warmups)
