@@ -404,8 +404,8 @@ def test_sglang_own_launcher_gets_the_page_size_our_launcher_asks_for(monkeypatc
     register()
     HookRegistry.apply_hooks()
     import sglang.srt.arg_groups.overrides as overrides
-    view = lambda **kw: SimpleNamespace(**{"page_size": None, "attention_backend": "shplb", "device": "cuda",  # noqa: E731
-                                           "context_length": None, **kw})
+    base = {"page_size": None, "attention_backend": "shplb", "device": "cuda", "context_length": None}
+    view = lambda **kw: SimpleNamespace(**{**base, **kw})  # noqa: E731
     sel = _plan()                                        # decodes top-k heads: page summaries
     monkeypatch.setenv(ENV_PLAN, str(save_plan(sel, tmp_path / "sel")))
     assert overrides._page_size_default(view()) == {"page_size": 64}

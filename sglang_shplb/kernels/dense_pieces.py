@@ -111,8 +111,8 @@ def piece_after_prefix(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale:
     are folded into its query axis (``S n`` rows against the ``G`` K/V heads: no GQA expansion); ``D`` is one
     causal call over the ``G S`` heads (its ``n`` K/V rows expanded to them). Each part is one kernel call of
     ``backend`` (:data:`PIECE_BACKENDS`) returning its log-sum-exp. Every operand is laid out token-major
-    (BSHD: ``[1, H, T, d]`` whose ``transpose(1, 2)`` is contiguous), as SGLang's pool holds rows. On CUDA ``P`` runs on :func:`prefix_backend`'s kernel (unless
-    :func:`unrouted_prefixes`)."""
+    (BSHD: ``[1, H, T, d]`` whose ``transpose(1, 2)`` is contiguous), as SGLang's pool holds rows. On CUDA ``P``
+    runs on :func:`prefix_backend`'s kernel (unless :func:`unrouted_prefixes`)."""
     grouped = q.dim() == 4
     if not grouped:
         q, k, v = q[None], k[None], v[None]
