@@ -38,11 +38,12 @@ ROUTE_MODES = ("auto", "1", "0")
 #: index, H100, 2026-12-07 (``bench/results/gpu_round26/h100/run3``): the serving benchmark's mixed layer through
 #: ``SparsePrefill.run`` (28 routed heads of 32) 0.98x at 28 x 8K x 16K (3.8e9: an 8K chunk after 8K, 64-slot
 #: pool), 1.04x at 28 x 16K x 16K (7.5e9), 1.11x at 28 x 8K x 32K (7.5e9), 1.07-1.13x from there to 128K;
-#: per head 0.93-1.30x (contiguous keys) and 1.11-1.50x (page pool) from 16K. Round 28 (H100, 2026-12-07,
-#: ``bench/results/gpu_round28/h100/cp``, the chunks of ``bench/chunked_prefill.py``) found the first threshold,
-#: 5e9, too low: the 8K chunk after 16K (28 x 8K x 24K = 5.6e9) ran 0.66-0.79x on the route in all three
-#: contexts, the chunk after 24K (7.5e9) 1.07-1.12x.
-ROUTE_MIN_PAIRS = 6.5e9
+#: per head 0.93-1.30x (contiguous keys) and 1.11-1.50x (page pool) from 16K. Round 28 timed each chunk of a
+#: chunked prefill alone (``bench/results/gpu_round28/h100/cp``): the 8K chunk after 16K (5.6e9) took 2.3-2.75 ms
+#: on the route against 1.81 ms off, but a call alone is host-bound there (the route's host work 1.7-2.2 ms a call
+#: against 1.1-1.3 ms), while a server's forward keeps the host ahead of the GPU (the GEMMs take ~5 ms a layer), so
+#: that is not the server's cost and the threshold stays until a server says otherwise.
+ROUTE_MIN_PAIRS = 5.0e9
 
 #: query rows per cuDNN call: a longer chunk is cut into pieces of at most this many rows (each the end of a
 #: shorter sequence), which bounds the call's partial output ``o_p`` (every q head: 16K x 32 x 128 in bf16 is
@@ -99,7 +100,7 @@ def route_status(kv: torch.Tensor, head_dim: int, page_size: int = BLOCK) -> str
         return (f"unavailable: the KV pool's pages hold {page_size} slot(s); the route reads {BLOCK}-slot pages in "
                 f"place (--page-size {BLOCK})")
     return (f"on wherever it can run ({SWITCH}=1)" if mode == "1"
-            else f"auto: calls of >= {ROUTE_MIN_PAIRS:.2g} head x row x key pairs")
+            else f"auto: calls of >= {ROUTE_MIN_PAIRS:.0e} head x row x key pairs")
 
 
 def cudnn_blocks_unavailable(q: torch.Tensor) -> str | None:
