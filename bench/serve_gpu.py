@@ -305,9 +305,13 @@ def main() -> None:
 
 #: servers that are another server's plan with environment variables or flags set: name -> (plan, env, flags).
 #: With cuDNN's block-sparse route off the launcher leaves SGLang's page size (1) alone; ``shplb`` (the route on
-#: ``auto``) gets ``--page-size 64``, so ``shplb_p64_triton`` tells the route from the page size.
+#: ``auto``) gets ``--page-size 64``, so ``shplb_p64_triton`` tells the route from the page size. ``shplb_route1``:
+#: the route at every call it can run (against ``auto``'s threshold); ``shplb_bucketed``: torch's cuDNN bucketing
+#: switch on, as the launcher set it with its warm-up until round 28 (the launcher keeps a value it is given).
 VARIANTS = {"shplb_triton": ("shplb", {"SHPLB_CUDNN_BLOCKS": "0"}, ()),
-            "shplb_p64_triton": ("shplb", {"SHPLB_CUDNN_BLOCKS": "0"}, ("--page-size", "64"))}
+            "shplb_p64_triton": ("shplb", {"SHPLB_CUDNN_BLOCKS": "0"}, ("--page-size", "64")),
+            "shplb_route1": ("shplb", {"SHPLB_CUDNN_BLOCKS": "1"}, ()),
+            "shplb_bucketed": ("shplb", {"TORCH_CUDNN_SDPA_AVOID_RECOMPILE": "1"}, ())}
 
 
 #: servers that run a plan through SGLang's own launcher, the plugin's path: name -> plan.

@@ -140,3 +140,21 @@ def test_a_plan_through_sglang_own_launcher():
     assert args[args.index("--attention-backend") + 1] == "shplb" and "--shplb-plan" not in args
     assert len(args) == len(dense.args) and "--page-size" in args
     assert ServingConfig.from_env(spec.env).plan_path == "plans/shplb" and ENV_PLAN not in dense.env
+
+
+def test_the_route_and_bucketing_variants_set_the_variables_their_readers_read(tmp_path, monkeypatch):
+    """``shplb_route1`` sets the route's switch to ``1`` (always, for ``route_mode``); ``shplb_bucketed`` sets torch's
+    cuDNN bucketing switch, the variable the launcher leaves alone once it is given."""
+    from serve_gpu import VARIANTS
+
+    from sglang_shplb.kernels.cudnn_blocks import SWITCH, route_mode
+    from sglang_shplb.kernels.dense_pieces import CUDNN_BUCKETED_PLANS_ENV
+    from sglang_shplb.serving.launch import bucketed_cudnn_plans
+    base, env, flags = VARIANTS["shplb_route1"]
+    assert base == "shplb" and flags == () and env == {SWITCH: "1"}
+    monkeypatch.setenv(SWITCH, env[SWITCH])
+    assert route_mode() == "1"
+    base, env, flags = VARIANTS["shplb_bucketed"]
+    assert base == "shplb" and flags == () and env == {CUDNN_BUCKETED_PLANS_ENV: "1"}
+    given = dict(env)
+    assert bucketed_cudnn_plans(given, warmup=True) is None and given == env

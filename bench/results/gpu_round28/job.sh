@@ -9,6 +9,9 @@
 #         context, two measured passes per server.
 #   plug  the same plan through SGLang's own launcher (`shplb_sglang`: `python -m sglang.launch_server
 #         --attention-backend shplb`, SHPLB_PLAN set, no --page-size): the plugin's page-size hook, 64K and 128K.
+#   ab    (added after the run, for the next session) one process, batch 1, 32K-128K: flashinfer, shplb (the
+#         launcher as now: no bucketing switch), shplb_bucketed (the switch on, as before round 28) and shplb_route1
+#         (the route at every call it can run, against auto's 5e9 threshold): the two A/Bs round 28 could not run.
 #   smol  SmolLM2, the default plan: flashinfer, shplb, flashinfer#2 (the A/A pair), 2K-8K x batch 1/4/16.
 # Calls, one warm machine, back to back, after `bash bench/device_tree.sh on`:
 #   1-4  ../shared/gpu/README.md's bundle parts d00..d03, the last with `bash /tmp/parts/install-on-device`
@@ -44,8 +47,11 @@ for step in ${*:-grid cp plug smol}; do
             bash bench/serve_gpu.sh llama8b > $O/llama_run.log 2>&1 ;;
     plug) OUT=$O/plug LLAMA_SERVERS=shplb_sglang LLAMA_FLAGS="--lengths 65536,131072 --batches 1 --context-length 131200" \
             bash bench/serve_gpu.sh llama8b > $O/plug_run.log 2>&1 ;;
+    ab) OUT=$O/ab LLAMA_SERVERS=flashinfer,shplb,shplb_bucketed,shplb_route1 \
+          LLAMA_FLAGS="--lengths 32768,65536,131072 --batches 1 --context-length 131200 --repeats 2" \
+          bash bench/serve_gpu.sh llama8b > $O/ab_run.log 2>&1 ;;
     smol) OUT=$O bash bench/serve_gpu.sh smollm2 > $O/smol_run.log 2>&1 ;;
-    *) echo "unknown step $step (cp, grid, plug, smol)" ;;
+    *) echo "unknown step $step (cp, grid, plug, ab, smol)" ;;
   esac
   echo "round28 step $step rc=$? $(( $(date +%s) - t0 )) s"
 done
