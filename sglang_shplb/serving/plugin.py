@@ -83,7 +83,7 @@ def page_size_default_hook(result, view, *args, **kwargs):
     user gives, another backend, no plan or a plan that does not load (the backend reports it, with the model): SGLang's
     default stands."""
     from sglang_shplb.core.plan import PlanError, load_plan
-    from sglang_shplb.serving.backend import page_size_args, serves_shplb
+    from sglang_shplb.serving.backend import SUMMARY_PAGE_SIZE, page_size_args, serves_shplb
     from sglang_shplb.serving.config import ServingConfig
     path = ServingConfig.from_env().plan_path
     if view.page_size is not None or not serves_shplb(view) or not path:
@@ -95,8 +95,8 @@ def page_size_default_hook(result, view, *args, **kwargs):
     extra, why = page_size_args(plan, view, [])
     if not extra:
         return None
-    logger.info("sglang_shplb: --page-size %s (%s)", extra[1], why)
-    return {**(result or {}), "page_size": int(extra[1])}
+    logger.info("sglang_shplb: --page-size %d (%s)", SUMMARY_PAGE_SIZE, why)
+    return {**(result or {}), "page_size": SUMMARY_PAGE_SIZE}
 
 
 def register() -> None:
