@@ -16,12 +16,13 @@ from sglang_shplb.kernels.head_parallel import KVRows
 from sglang_shplb.kernels.reference import dense_tail_rows
 
 
-def tail_positions(q_lens):
-    """Rows of a packed batch in the tail (each request's last tail_rows(n)), and the tail lengths."""
+def tail_positions(q_lens, ends=None):
+    """Rows of a packed batch in the tail (each request's last tail_rows(n, ends[i])), and the tail lengths."""
     rows, tails, c = [], [], 0
-    for n in q_lens:
-        rows += range(c + n - tail_rows(n), c + n)
-        tails.append(tail_rows(n))
+    for i, n in enumerate(q_lens):
+        t = tail_rows(n, ends is None or ends[i])
+        rows += range(c + n - t, c + n)
+        tails.append(t)
         c += n
     return rows, tails
 
@@ -152,6 +153,54 @@ def test_triton_tail_equals_the_torch_route(hkv, heads, dtype):
     assert (got.float()[touched] - want[touched]).abs().max().item() < tol(dtype)   # TF32 dots on a GPU
     assert torch.equal(got[~touched], before[~touched])
     assert not torch.allclose(got.float()[touched], before.float()[touched])
+
+
+def test_tail_rows_only_where_the_extend_ends_the_prompt():
+    """The rule: an extend that ends its prompt has min(q_len, DENSE_TAIL) tail rows, an earlier chunk none."""
+    assert tail_rows(8192) == tail_rows(8192, True) == DENSE_TAIL
+    assert tail_rows(10) == 10
+    assert tail_rows(8192, False) == tail_rows(10, False) == 0
+
+
+@pytest.mark.parametrize("ends", [(False, True, True), (True, False, False), (False, False, False)])
+def test_requests_that_do_not_end_their_prompt_get_no_tail(ends):
+    """``ends``: a request whose extend is an earlier chunk of its prompt keeps what the sparse route wrote in
+    every row, on both routes (the CUDA route on the interpreter here; its longest request need not have a tail);
+    the others' tail rows equal the tail computed with every request ending its prompt; nothing else is
+    written, and with no request ending its prompt nothing at all."""
+    from sglang_shplb.kernels.triton_tail import tail_attention
+
+    torch.manual_seed(3)
+    hkv, hq, d, heads = 2, 4, 32, [1, 2]
+    scale = d ** -0.5
+    lens, q_lens = [400, 150, 300], [100, 150, 40]
+    pool = 1000
+    kb, vb = torch.randn(pool, hkv, d), torch.randn(pool, hkv, d)
+    perm = torch.randperm(pool)
+    req_to_token = torch.zeros(3, 512, dtype=torch.int32)
+    req_to_token[0, :400] = perm[:400].int()
+    req_to_token[1, :150] = perm[400:550].int()
+    req_to_token[2, :300] = perm[550:850].int()
+    rpi = torch.tensor([0, 1, 2], dtype=torch.int32)
+    kv = KVRows(req_to_token, rpi)
+    q = torch.randn(sum(q_lens), hq, d)
+    before = torch.randn(q.shape[0], hq, d)
+    every = before.clone()
+    gathered_tail(q, kb, vb, kv, q_lens, lens, heads, scale, every)            # every request ends its prompt
+    rows, tails = tail_positions(q_lens, ends)
+    assert tails == [DENSE_TAIL if e else 0 for e in ends[:2]] + [40 if ends[2] else 0]
+    touched = torch.zeros(q.shape[0], hq, dtype=torch.bool)
+    if rows:
+        touched[torch.tensor(rows)[:, None], torch.tensor(heads)[None, :]] = True
+    torch_route = before.clone()
+    dense_tail(q, kb, vb, kv, q_lens, lens, heads, scale, torch_route, ends)
+    triton_route = before.to(DEV, copy=True)
+    tail_attention(*(x.to(DEV) for x in (q, kb, vb, req_to_token, rpi)), q_lens, lens, heads, scale, triton_route,
+                   ends)
+    for got in (torch_route, triton_route.cpu()):
+        assert torch.equal(got[~touched], before[~touched])
+        assert (got[touched] - every[touched]).abs().max().item() < 1e-4 if rows else True
+    assert not any(ends) or not torch.allclose(torch_route[touched], before[touched])
 
 
 def test_tail_slices_fill_the_gpu_and_cover_the_keys():

@@ -35,6 +35,53 @@ def test_hook_attaches_bucket_and_counts():
     bh._STATE.update(buckets=None, stats=None)
 
 
+def _req(n_prompt: int, start: int, end: int):
+    """A real SGLang 0.5.17 ``Req`` of ``n_prompt`` prompt tokens, its extend range set as the ``PrefillAdder``
+    sets it (``(prefix, prefix + chunk)`` truncated, ``(prefix, len(fill ids))`` for the last chunk)."""
+    from array import array
+
+    from sglang.srt.managers.schedule_batch import Req
+    from sglang.srt.sampling.sampling_params import SamplingParams
+    req = Req(f"r{n_prompt}-{start}", "", array("q", range(1, n_prompt + 1)), SamplingParams(max_new_tokens=4))
+    req._refresh_fill_ids()
+    req.set_extend_range(start, end)
+    return req
+
+
+def test_prompt_ends_on_sglang_requests():
+    """A 20K-token prompt in 8K chunks: the first two chunks do not end it, the third does; a whole 3K prompt
+    and a request extending to its end after a cached prefix do; a request without SGLang's fields: unknown."""
+    chunks = [_req(20000, 0, 8192), _req(20000, 8192, 16384), _req(20000, 16384, 20000)]
+    assert bh.prompt_ends(chunks) == (False, False, True)
+    assert bh.prompt_ends([_req(3000, 0, 3000), _req(5000, 4096, 5000), chunks[0]]) == (True, True, False)
+    assert bh.prompt_ends([_req(3000, 0, 3000), types.SimpleNamespace()]) is None
+    assert bh.prompt_ends([]) == ()
+
+
+def test_hook_keeps_prompt_ends_of_extend_batches_only():
+    """The hook keeps an extend batch's :func:`prompt_ends` (SGLang's ForwardMode) with its host sequence lengths;
+    :func:`batch_prompt_ends` gives them for those lengths only; a decode batch or a batch without requests
+    leaves the kept ones; the batch's bucket is attached as before."""
+    from sglang.srt.model_executor.forward_batch_info import ForwardMode
+    bh.configure_buckets(B, log_every=0)
+    reqs = [_req(20000, 0, 8192), _req(3000, 0, 3000)]
+    fb = types.SimpleNamespace()
+    bh.after_forward_batch_init_new(fb, object, types.SimpleNamespace(
+        seq_lens_cpu=torch.tensor([8192, 3000]), forward_mode=ForwardMode.EXTEND, reqs=reqs))
+    assert fb.shplb_bucket == 1
+    assert bh.batch_prompt_ends([8192, 3000]) == (False, True)
+    assert bh.batch_prompt_ends([8192, 3001]) is None and bh.batch_prompt_ends([8192]) is None
+    for batch in (types.SimpleNamespace(seq_lens_cpu=torch.tensor([8193, 3001]), forward_mode=ForwardMode.DECODE,
+                                        reqs=reqs),
+                  types.SimpleNamespace(seq_lens_cpu=torch.tensor([5]), forward_mode=ForwardMode.EXTEND)):
+        bh.after_forward_batch_init_new(types.SimpleNamespace(), object, batch)
+        assert bh.batch_prompt_ends([8192, 3000]) == (False, True)
+    bh.after_forward_batch_init_new(types.SimpleNamespace(), object, types.SimpleNamespace(
+        seq_lens_cpu=torch.tensor([16384]), forward_mode=ForwardMode.EXTEND, reqs=[_req(20000, 8192, 16384)]))
+    assert bh.batch_prompt_ends([16384]) == (False,) and bh.batch_prompt_ends([8192, 3000]) is None
+    bh._STATE.update(buckets=None, stats=None, prompt_ends=None)
+
+
 def test_group_prefill_by_bucket_is_stable():
     def req(n, name):
         return types.SimpleNamespace(origin_input_ids=[0] * n, output_ids=[], name=name)

@@ -61,7 +61,7 @@ def test_dense_plan_equals_torch_native_token_for_token(model, plans, tmp_path):
 @pytest.fixture(scope="module")
 def server(model, plans, tmp_path_factory):
     log = tmp_path_factory.mktemp("srv") / "server.log"
-    s = Server(["--model-path", str(model), "--shplb-plan", str(plans["mixed"]),
+    s = Server(["--model-path", str(model), "--shplb-plan", str(plans["mixed"]), "--chunked-prefill-size", "512",
                 "--shplb-bucket-log-every", "1", "--context-length", "2048", "--log-level", "info"], log)
     yield s
     s.stop()
@@ -85,6 +85,9 @@ def test_openai_client_and_passkey_with_plan_budgets(server, model):
     log = server.log.read_text()
     assert "180 of 270 rank-local heads sparse" in log, log[-3000:]
     assert "shplb bucket histogram" in log
+    # the passkey prompt came in 512-token chunks: the scheduler hook marked the first one mid-prompt, so only
+    # the chunk that ends the prompt had the dense tail, and the key was still found
+    assert "1 of 1 requests of this extend batch end mid-prompt" in log, log[-3000:]
     print(f"passkey prompt {n} tokens answered in {time.time() - t0:.2f}s")
 
 

@@ -18,6 +18,7 @@ from sglang_shplb.core.plan import PHASES, Plan, load_plan, save_plan
 from sglang_shplb.planning.cost_model import CostModel
 from sglang_shplb.planning.place import solve_plan_placements
 from sglang_shplb.planning.stock_decision import StockOptions, choose_stock, decide_stock, layer_times, sparse_vs_stock
+from sglang_shplb.scheduler import bucket_hook as bh
 
 CFG = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "num_hidden_layers": 4,
        "num_attention_heads": 9, "num_key_value_heads": 3, "hidden_size": 576, "head_dim": 64,
@@ -314,8 +315,9 @@ def _layer(li):
                                  scaling=SCALE, is_cross_attention=False)
 
 
-def _run(monkeypatch, plan):
-    """A prefill of two requests (300 and 700 tokens) then one decode step, every layer; the outputs."""
+def _run(monkeypatch, plan, ends=None):
+    """A prefill of two requests (300 and 700 tokens) then one decode step, every layer; the outputs. ``ends``:
+    which requests' extends end their prompt, kept as the scheduler hook keeps them (none: nothing kept)."""
     be, pool = _backend(monkeypatch, plan)
     lens = [300, 700]
     slots = torch.randperm(2000, generator=torch.Generator().manual_seed(1))[:sum(lens) + 2] + 1
@@ -328,6 +330,7 @@ def _run(monkeypatch, plan):
                                seq_lens=torch.tensor(lens), req_pool_indices=torch.tensor([0, 1]),
                                extend_seq_lens=torch.tensor(lens), out_cache_loc=torch.cat([slots[:300], slots[301:1001]]),
                                shplb_bucket=1)
+    bh._STATE["prompt_ends"] = None if ends is None else (tuple(lens), ends)   # as the hook keeps them
     be.init_forward_metadata(fb)
     for li in range(NL):
         q, k, v = (torch.randn(T, h * D, generator=g) for h in (HQ, HKV, HKV))
@@ -363,6 +366,27 @@ def test_backend_all_stock_plan_gives_exactly_the_stock_output(monkeypatch):
     sparse_out, stats = _run(monkeypatch, _sparse_plan())     # no stock array: every layer sparse, and it differs
     assert stats["extend_layers_sparse"] == NL and stats["decode_layers_sparse"] == NL
     assert not torch.allclose(sparse_out[0], want[0])
+
+
+def test_backend_computes_the_dense_tail_where_the_extend_ends_the_prompt(monkeypatch):
+    """What the scheduler hook keeps reaches the dense tail: with request 0's extend an earlier chunk of its prompt,
+    its last 64 rows keep the sparse heads' sparse output (they differ from the unmarked run's, where every
+    request has a tail), and every other row, head and decode output is the unmarked run's; marking both as
+    ending their prompt is the unmarked run exactly."""
+    plan = _sparse_plan()
+    unmarked, _ = _run(monkeypatch, plan)
+    both, _ = _run(monkeypatch, plan, ends=(True, True))
+    assert all(torch.equal(a, b) for a, b in zip(unmarked, both))
+    first_chunk, stats = _run(monkeypatch, plan, ends=(False, True))
+    assert stats["extend_mid_prompt"] == 1
+    tail = torch.zeros(1000, HQ, dtype=torch.bool)
+    tail[300 - 64:300, 3:] = True                                       # request 0's tail rows, sparse heads
+    for li in range(NL):
+        got, want = first_chunk[li].reshape(1000, HQ, D), unmarked[li].reshape(1000, HQ, D)
+        assert torch.equal(got[~tail], want[~tail])
+        assert not torch.allclose(got[tail], want[tail], atol=1e-3)
+    assert all(torch.equal(a, b) for a, b in zip(first_chunk[NL:], unmarked[NL:]))   # decode
+    bh._STATE["prompt_ends"] = None
 
 
 def test_backend_follows_the_plan_per_phase_bucket_and_layer(monkeypatch):

@@ -45,19 +45,23 @@ DECODE_MIN_PAGES = 16
 #: score, which at batch 1 weighs as much as the pages read (``bench/decode.py --profile``). A step selects anew
 #: when :func:`reselect_due`; 1 selects at every step.
 DECODE_RESELECT_EVERY = 4
-#: The last query rows of every prefill / extend (chunk) attend to every earlier key in every head, whatever its
-#: pattern: the question and the answer prefix at the end of a prompt, whose last row gives the first answer
-#: token. A pooled top-k estimate of the last query block averages the question with the text before it, and a
-#: streaming head's last rows see the sinks and the window only; with them sparse, the SmolLM2 plan at density
-#: 0.30 (``refined8_d30``) answered the eval's fact-list question at 2K 5.9 % right against dense's 38.2 %
-#: (H200, bf16), and with these rows dense (CPU, float32) it answered like dense. 64 rows over ``n`` keys cost
-#: one query block's row of ``nb`` block pairs (:meth:`HeadBudget.row_pairs`): 1.6 % of a dense head at 8K.
+#: The last query rows of every prompt attend to every earlier key in every head, whatever its pattern: the
+#: question and the answer prefix at the end of a prompt, whose last row gives the first answer token. A pooled
+#: top-k estimate of the last query block averages the question with the text before it, and a streaming head's
+#: last rows see the sinks and the window only; with them sparse, the SmolLM2 plan at density 0.30
+#: (``refined8_d30``) answered the eval's fact-list question at 2K 5.9 % right against dense's 38.2 % (H200, bf16),
+#: and with these rows dense (CPU, float32) it answered like dense. 64 rows over ``n`` keys cost one query block's
+#: row of ``nb`` block pairs (:meth:`HeadBudget.row_pairs`): 1.6 % of a dense head at 8K. A chunked prefill's
+#: earlier chunks end mid-prompt and have none (:func:`tail_rows`).
 DENSE_TAIL = 64
 
 
-def tail_rows(q_len: int) -> int:
-    """How many of an extend's ``q_len`` query rows (its last ones) attend densely: :data:`DENSE_TAIL`."""
-    return min(q_len, DENSE_TAIL)
+def tail_rows(q_len: int, ends_prompt: bool = True) -> int:
+    """How many of an extend's ``q_len`` query rows (its last ones) attend densely: :data:`DENSE_TAIL` where the
+    extend ends its request's prompt, none where it is an earlier chunk of a chunked prefill (``ends_prompt``
+    false: its last rows are mid-prompt text, and the tail there cost 0.75 ms per layer at 128K keys on an H100,
+    ``bench/results/tail``)."""
+    return min(q_len, DENSE_TAIL) if ends_prompt else 0
 
 
 def reselect_due(n: int, n_sel: int, every: int) -> bool:

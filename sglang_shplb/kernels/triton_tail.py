@@ -151,22 +151,35 @@ def tail_slices(num_tiles: int, max_kv: int, sms: int) -> tuple[int, int]:
     return slice_len, -(-max(max_kv, 1) // slice_len)
 
 
+def tail_keys(q_lens: Sequence[int], kv_lens: Sequence[int],
+              ends: Sequence[bool] | None) -> tuple[list[int], list[int]]:
+    """Per request its tail rows (:func:`~sglang_shplb.core.patterns.tail_rows`; ``ends`` none: every request ends
+    its prompt) and the keys its tail reads: none for a request without a tail, so its programs do nothing."""
+    ends = [True] * len(q_lens) if ends is None else ends
+    tails = [tail_rows(n, e) for n, e in zip(q_lens, ends)]
+    return tails, [L if t else 0 for t, L in zip(tails, kv_lens)]
+
+
 @lru_cache(maxsize=8)
-def _batch_lens(q_lens: tuple[int, ...], kv_lens: tuple[int, ...], device: str) -> torch.Tensor:
-    """``[3, B]`` int32 on ``device``: each request's last q row + 1, tail rows, keys. Built once per batch (every
-    layer of a forward passes the same lengths), copied without a sync."""
+def _batch_lens(q_lens: tuple[int, ...], kv_lens: tuple[int, ...], ends: tuple[bool, ...] | None,
+                device: str) -> torch.Tensor:
+    """``[3, B]`` int32 on ``device``: each request's last q row + 1, tail rows, keys its tail reads
+    (:func:`tail_keys`). Built once per batch (every layer of a forward passes the same lengths), copied without a
+    sync."""
     qend = list(accumulate(q_lens))
-    return to_device(torch.tensor([qend, [tail_rows(n) for n in q_lens], list(kv_lens)], dtype=torch.int32), device)
+    return to_device(torch.tensor([qend, *tail_keys(q_lens, kv_lens, ends)], dtype=torch.int32), device)
 
 
 def tail_attention(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tensor, req_to_token: torch.Tensor,
                    req_pool_indices: torch.Tensor, q_lens: Sequence[int], kv_lens: Sequence[int],
-                   heads: Sequence[int], scale: float, out: torch.Tensor) -> None:
-    """Overwrite ``out [T, H, d]`` at request ``i``'s last ``tail_rows(q_lens[i])`` rows, columns ``heads``, with
-    dense causal attention of ``q [T, H, d]`` over its ``kv_lens[i]`` keys at ``k_buffer/v_buffer[req_to_token[
-    req_pool_indices[i], :kv_lens[i]]]`` (``[pool, Hkv, d]``). Host lengths; two launches, no device sync."""
+                   heads: Sequence[int], scale: float, out: torch.Tensor, ends: Sequence[bool] | None = None) -> None:
+    """Overwrite ``out [T, H, d]`` at request ``i``'s last ``tail_rows(q_lens[i], ends[i])`` rows (``ends`` none:
+    every request ends its prompt), columns ``heads``, with dense causal attention of ``q [T, H, d]`` over its
+    ``kv_lens[i]`` keys at ``k_buffer/v_buffer[req_to_token[req_pool_indices[i], :kv_lens[i]]]`` (``[pool, Hkv,
+    d]``). Host lengths; two launches, no device sync."""
     heads = tuple(int(h) for h in heads)
-    if not heads or not q_lens:
+    ends = None if ends is None else tuple(bool(e) for e in ends)
+    if not heads or not q_lens or (ends is not None and not any(ends)):
         return
     if any(x.stride(-1) != 1 for x in (q, k_buffer, v_buffer, out)):
         raise ValueError("tail_attention: q, k_buffer, v_buffer and out need a contiguous head dimension")
@@ -174,9 +187,9 @@ def tail_attention(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tens
     dev = q.device
     d = q.shape[-1]
     group = q.shape[1] // k_buffer.shape[1]
-    lens = _batch_lens(tuple(q_lens), tuple(kv_lens), str(dev))
+    lens = _batch_lens(tuple(q_lens), tuple(kv_lens), ends, str(dev))
     b, nh = len(q_lens), len(heads)
-    slice_len, ns = tail_slices(b * nh, max(kv_lens), _sm_count(str(dev)))
+    slice_len, ns = tail_slices(b * nh, max(tail_keys(q_lens, kv_lens, ends)[1]), _sm_count(str(dev)))
     block_d = max(16, 1 << (d - 1).bit_length())
     acc = torch.empty(b, nh, ns, DENSE_TAIL, block_d, dtype=torch.float32, device=dev)
     ml = torch.empty(b, nh, ns, 2, DENSE_TAIL, dtype=torch.float32, device=dev)

@@ -1,5 +1,6 @@
 """Bucket of a batch, attached to SGLang's ForwardBatch, plus the bucket histogram and the prefill
-grouping policy.
+grouping policy; and, for an extend batch, which of its requests end their prompt (:func:`prompt_ends`, kept for
+the backend: :func:`batch_prompt_ends`).
 
 Rule (documented in docs/serving.md): a batch's bucket is the bucket of its LONGEST context
 (``max(seq_lens)``, the prefix and the new tokens included): a mixed batch runs the plan of its longest
@@ -14,7 +15,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections import Counter
-from typing import Iterable
+from typing import Iterable, Sequence
 
 from sglang_shplb.core.buckets import Buckets
 
@@ -38,6 +39,20 @@ def batch_bucket(buckets: Buckets, seq_lens: Iterable[int] | None, max_len: int 
                 return 0
             max_len = max(int(x) for x in seq_lens)
     return buckets.index(max_len)
+
+
+def prompt_ends(reqs: Sequence) -> tuple[bool, ...] | None:
+    """Per request of an extend batch (SGLang 0.5.17's ``Req``), whether this extend ends its prompt: its extend
+    range reaches the end of its fill ids (the prompt, and the outputs of a retracted request). False only for the
+    earlier chunks of a chunked prefill, which SGLang's ``PrefillAdder`` truncates; a decode request mixed into an
+    extend batch extends to its end. None when a request lacks those fields (another SGLang): unknown."""
+    out = []
+    for req in reqs:
+        rng, ids = getattr(req, "extend_range", None), getattr(req, "full_untruncated_fill_ids", None)
+        if rng is None or ids is None:
+            return None
+        out.append(rng.end >= len(ids))
+    return tuple(out)
 
 
 class BucketStats:
@@ -74,7 +89,7 @@ class BucketStats:
         return ", ".join(f"<= {self.buckets.upper(b)}: {c}" for b, c in sorted(self.hist.items()))
 
 
-_STATE: dict = {"buckets": None, "stats": None, "group_prefill": False}
+_STATE: dict = {"buckets": None, "stats": None, "group_prefill": False, "prompt_ends": None}
 
 
 def state() -> dict:
@@ -90,10 +105,20 @@ def configure_buckets(buckets: Buckets, log_every: int = 200, group_prefill: boo
     return stats
 
 
+def batch_prompt_ends(seq_lens: Sequence[int]) -> tuple[bool, ...] | None:
+    """:func:`prompt_ends` of the extend batch of these host sequence lengths, the last one the hook saw in this
+    process (a TP worker builds a ForwardBatch and runs it before the next), else None (unknown)."""
+    kept = _STATE["prompt_ends"]
+    return kept[1] if kept is not None and kept[0] == tuple(seq_lens) else None
+
+
 # ---- HookRegistry hooks ---------------------------------------------------------------------------
 def after_forward_batch_init_new(result, cls=None, batch=None, *args, **kwargs):
     """AFTER hook on the classmethod ``ForwardBatch.init_new(batch, model_runner, ...)``: attach the
-    batch's bucket to the ForwardBatch it returns."""
+    batch's bucket to the ForwardBatch it returns, and for an extend batch keep :func:`prompt_ends` with its host
+    sequence lengths (:func:`batch_prompt_ends`). SGLang 0.5.17's eager runner hands the backend a
+    ``dataclasses.replace`` copy of the ForwardBatch, which drops attributes set here; the backend's bucket falls
+    back to the same rule on the copy's host lengths (``ShplbAttnBackend._bucket``)."""
     batch = kwargs.get("batch", batch)
     buckets = _STATE["buckets"]
     if buckets is None or result is None:
@@ -101,6 +126,10 @@ def after_forward_batch_init_new(result, cls=None, batch=None, *args, **kwargs):
     seq_lens_cpu = getattr(batch, "seq_lens_cpu", None)
     b = batch_bucket(buckets, seq_lens_cpu) if seq_lens_cpu is not None else 0
     setattr(result, ATTR, b)
+    mode, reqs = getattr(batch, "forward_mode", None), getattr(batch, "reqs", None)
+    if mode is not None and mode.is_extend() and reqs is not None and seq_lens_cpu is not None:
+        ends = prompt_ends(reqs)
+        _STATE["prompt_ends"] = None if ends is None else (tuple(seq_lens_cpu.tolist()), ends)
     stats = _STATE["stats"]
     if stats is not None and len(seq_lens_cpu if seq_lens_cpu is not None else ()) > 0:
         stats.record(b)

@@ -13,9 +13,9 @@ backend are used as they are. A layer with sparse heads takes:
   heads are recomputed from the pool through ``req_to_token`` by the PyTorch reference
   (:mod:`sglang_shplb.kernels.layer_reference`) and their columns replaced.
 
-On either path, after the sparse heads are written, every request's last query rows (the dense tail,
-:data:`~sglang_shplb.core.patterns.DENSE_TAIL`: the question a prompt ends with) are recomputed dense in those
-heads (:mod:`sglang_shplb.kernels.dense_tail`).
+On either path, after the sparse heads are written, the last query rows of every request whose extend ends its
+prompt (the dense tail, :data:`~sglang_shplb.core.patterns.DENSE_TAIL`: the question a prompt ends with; not the
+earlier chunks of a chunked prefill) are recomputed dense in those heads (:mod:`sglang_shplb.kernels.dense_tail`).
 
 At TP ≥ 2, a layer whose placement (the plan's, for the batch's bucket) moves work between ranks runs its
 extend through :class:`~sglang_shplb.kernels.head_parallel.HeadParallelExtend` on SGLang's TP group (see
@@ -72,7 +72,7 @@ from sglang_shplb.kernels.paged_layer import (DecodeWorkspace, ExtendBatch, Laye
 from sglang_shplb.kernels.triton_decode import page_summary_bytes_per_token, update_page_summaries
 from sglang_shplb.kernels.tuned import device_identity, table_note
 from sglang_shplb.kernels.warmup import POOL_INDEX_DTYPE, distinct_layers, extend_warmup, warm_up_extend
-from sglang_shplb.scheduler.bucket_hook import ATTR as BUCKET_ATTR, batch_bucket
+from sglang_shplb.scheduler.bucket_hook import ATTR as BUCKET_ATTR, batch_bucket, batch_prompt_ends
 from sglang_shplb.scheduler.head_schedule import ExtendShape, layer_schedule
 from sglang_shplb.serving.config import BACKEND_NAME, ServingConfig
 from sglang_shplb.serving.modes import check_supported
@@ -269,6 +269,7 @@ class ShplbAttnBackend(AttentionBackend):
         self.decode_ws: DecodeWorkspace | None = None
         self.extend_batch: ExtendBatch | None = None
         self.extend_lens: tuple[list[int], list[int]] | None = None   # (q, kv) host lengths of this extend batch
+        self.extend_ends: tuple[bool, ...] | None = None   # which of its requests end their prompt (None: all)
         self.route_by_bucket: torch.Tensor | None = None
         self.kernel_extend_buckets: frozenset[int] = frozenset()
         if str(self.device).startswith("cuda"):
@@ -282,7 +283,7 @@ class ShplbAttnBackend(AttentionBackend):
                     self.cfg.plan_path or "none: dense fallback", self.tp_rank, self.tp_size,
                     self.dense_backend_name, "kernel" if str(self.device).startswith("cuda") else "reference")
         self.stats = {"extend_layers_sparse": 0, "decode_layers_sparse": 0, "extend_layers_head_parallel": 0,
-                      "extend_layers_stock": 0, "decode_layers_stock": 0}
+                      "extend_layers_stock": 0, "decode_layers_stock": 0, "extend_mid_prompt": 0}
         if self.plan is not None and self.plan.stock is not None:
             logger.info("shplb stock fallback: layers on %s per bucket, prefill %s, decode %s; in decode CUDA "
                         "graphs %d layers stock (those stock in every bucket)", self.dense_backend_name,
@@ -400,8 +401,9 @@ class ShplbAttnBackend(AttentionBackend):
 
     # ---- per-batch metadata ----------------------------------------------------------------------------
     def _bucket(self, forward_batch) -> int:
-        """The batch's bucket: the hook's attribute, else (the decode CUDA-graph replay view) from its host
-        lengths, whose padding (the fill value) never exceeds the real maximum."""
+        """The batch's bucket: the hook's attribute, else from its host lengths by the same rule (SGLang 0.5.17
+        hands the backend copies without the attribute: the eager runner's ``dataclasses.replace``, the decode
+        CUDA-graph replay view, whose padding, the fill value, never exceeds the real maximum)."""
         b = getattr(forward_batch, BUCKET_ATTR, None)
         if b is not None or self.plan is None:
             return b or 0
@@ -436,11 +438,18 @@ class ShplbAttnBackend(AttentionBackend):
 
     def init_forward_metadata(self, forward_batch):
         self._set_bucket(forward_batch)
-        self.extend_batch = self.extend_shape = self.extend_lens = None
+        self.extend_batch = self.extend_shape = self.extend_lens = self.extend_ends = None
         mode = forward_batch.forward_mode
         if mode.is_extend() and forward_batch.extend_seq_lens_cpu:
             seq_lens = forward_batch.seq_lens_cpu.tolist()
             self.extend_lens = (list(forward_batch.extend_seq_lens_cpu), seq_lens)   # host lengths, once a forward
+            self.extend_ends = batch_prompt_ends(seq_lens)
+            if self.extend_ends is not None and not all(self.extend_ends) and not self.stats["extend_mid_prompt"]:
+                logger.info("shplb: chunked prefill: %d of %d requests of this extend batch end mid-prompt; their "
+                            "dense tails wait for the chunk that ends the prompt", self.extend_ends.count(False),
+                            len(self.extend_ends))
+            if self.extend_ends is not None:
+                self.stats["extend_mid_prompt"] += self.extend_ends.count(False)
             if not self.kernels and self.selections.kept:   # the slots this batch (re)fills
                 self.selections.forget(forward_batch.req_pool_indices.tolist())
             if self.current_bucket in self.kernel_extend_buckets:
@@ -591,9 +600,10 @@ class ShplbAttnBackend(AttentionBackend):
         return o
 
     def _dense_tail(self, q3, o3, layer, forward_batch) -> None:
-        """Every request's last :data:`~sglang_shplb.core.patterns.DENSE_TAIL` query rows in this layer's sparse
-        heads (home heads on this rank) recomputed dense over the pool (:func:`~sglang_shplb.kernels.dense_tail.
-        dense_tail`), after whichever route wrote them."""
+        """The last :data:`~sglang_shplb.core.patterns.DENSE_TAIL` query rows of every request whose extend ends
+        its prompt (the scheduler hook's :func:`~sglang_shplb.scheduler.bucket_hook.prompt_ends`; without it,
+        every request) in this layer's sparse heads (home heads on this rank) recomputed dense over the pool
+        (:func:`~sglang_shplb.kernels.dense_tail.dense_tail`), after whichever route wrote them."""
         heads = sparse_heads(self.layer_budgets.get(layer.layer_id) or [])
         if not heads:
             return
@@ -601,7 +611,7 @@ class ShplbAttnBackend(AttentionBackend):
         dense_tail(q3, self.token_to_kv_pool.get_key_buffer(layer.layer_id),
                    self.token_to_kv_pool.get_value_buffer(layer.layer_id),
                    KVRows(self.req_to_token_pool.req_to_token, forward_batch.req_pool_indices.to(POOL_INDEX_DTYPE)),
-                   q_lens, kv_lens, heads, layer.scaling, o3)   # the warm-up's dtype (SGLang's: no copy)
+                   q_lens, kv_lens, heads, layer.scaling, o3, self.extend_ends)   # the warm-up's dtype (no copy)
 
     def _extend_stock(self, q, k, v, layer, forward_batch, save_kv_cache, **kwargs):
         """The plan marks this layer stock for prefill in this bucket: the stock backend for every head, then
