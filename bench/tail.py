@@ -6,6 +6,8 @@ scale, one dense head's whole causal prefill over the same ``n`` keys (SDPA).
 
     python bench/tail.py --out DIR            # GPU: writes DIR/tail_<gpu>.{json,log}
     python bench/tail.py --cpu-smoke          # the logic on a small shape under the Triton interpreter
+    python bench/tail.py --shapes llama8b_tp1 --batches 1 --lengths 8192,16384,...,131072 --out DIR
+                                              # + what a chunked prefill's tails cost: every chunk, or the last only
 
 Shapes are the per-rank head layouts of ``bench/head_parallel.py`` (Llama-3-8B at TP 1 / 4 / 8 with one dense KV
 group per layer at TP 1, a 70B rank at TP 8), bf16, a scattered pool, one request whose last 8192-token chunk
@@ -84,6 +86,24 @@ def run_cell(shape: str, n: int, batch: int, chunk: int, smoke: bool) -> dict:
     return cell
 
 
+def prompt_sums(cells: list[dict], chunk: int) -> list[dict]:
+    """Per shape and batch, for every prompt length ``n`` whose chunk ends (``chunk``, ``2 chunk``, ... ``n``) were
+    all measured: the Triton tail summed over the chunks of a chunked prefill of ``n`` tokens, as served until
+    2026-12-07 (a tail in every chunk) and now (in the chunk that ends the prompt only)."""
+    by = {(c["shape"], c["batch"], c["n"]): c["triton_ms"] for c in cells}
+    out = []
+    for (shape, batch, n), last in sorted(by.items()):
+        ends = range(chunk, n + 1, chunk)
+        if n % chunk or any((shape, batch, e) not in by for e in ends):
+            continue
+        every = sum(by[(shape, batch, e)] for e in ends)
+        out.append(dict(shape=shape, batch=batch, n=n, chunks=len(ends), every_chunk_ms=every, last_chunk_ms=last,
+                        saved_ms=every - last))
+        log(f"{shape:13s} b={batch} prompt {n:6d} in {len(ends):2d} chunks: tails {every:7.3f} ms a layer in every "
+            f"chunk, {last:6.3f} ms in the last only (saves {every - last:7.3f} ms a layer)")
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="bench/results")
@@ -91,6 +111,7 @@ def main() -> None:
     ap.add_argument("--lengths", default="8192,32768,65536,131072")
     ap.add_argument("--batches", default="1,4")
     ap.add_argument("--chunk", type=int, default=8192, help="new tokens of each request (the extend)")
+    ap.add_argument("--shapes", default=",".join(SHAPES), help=f"of {', '.join(SHAPES)}")
     a = ap.parse_args()
     smoke = a.cpu_smoke
     if smoke:
@@ -102,13 +123,16 @@ def main() -> None:
     os.makedirs(a.out, exist_ok=True)
     dump = results_writer(res, os.path.join(a.out, f"tail_{device_tag(name)}"))
     log(f"dense tail, one layer, on {name}")
-    for shape in (["llama8b_tp8"] if smoke else SHAPES):
+    chunk = 64 if smoke else a.chunk
+    for shape in (["llama8b_tp8"] if smoke else a.shapes.split(",")):
         for n in lengths:
             for batch in batches:
                 if batch * n > 262144:
                     continue
-                res["cells"].append(run_cell(shape, n, batch, 64 if smoke else a.chunk, smoke))
+                res["cells"].append(run_cell(shape, n, batch, chunk, smoke))
                 dump()
+    res["prompt_sums"] = prompt_sums(res["cells"], chunk)
+    dump()
 
 
 if __name__ == "__main__":
