@@ -16,6 +16,20 @@ from sglang_shplb.kernels.head_parallel import KVRows
 from sglang_shplb.kernels.reference import dense_tail_rows
 
 
+def scattered_pool(pool, hkv, d, lens, slots, dtype=torch.float32):
+    """K/V of a ``pool``-slot pool and its ``req_to_token`` (512 columns, rows up to the largest slot): request
+    ``i`` (``lens[i]`` tokens) in request slot ``slots[i]``, its tokens at consecutive entries of a random
+    permutation of the pool; and the request slots as ``req_pool_indices``."""
+    kb, vb = torch.randn(pool, hkv, d).to(dtype), torch.randn(pool, hkv, d).to(dtype)
+    perm = torch.randperm(pool)
+    req_to_token = torch.zeros(max(slots) + 1, 512, dtype=torch.int32)
+    c = 0
+    for r, n in zip(slots, lens):
+        req_to_token[r, :n] = perm[c:c + n].int()
+        c += n
+    return kb, vb, req_to_token, torch.tensor(slots, dtype=torch.int32)
+
+
 def tail_positions(q_lens, ends=None):
     """Rows of a packed batch in the tail (each request's last tail_rows(n, ends[i])), and the tail lengths."""
     rows, tails, c = [], [], 0
@@ -37,13 +51,7 @@ def test_dense_tail_over_a_scattered_pool_with_a_prefix(hkv, heads):
     hq, d = 6, 32
     scale = d ** -0.5
     lens, q_lens = [150, 300], [150, 40]
-    pool = 1000
-    kb, vb = torch.randn(pool, hkv, d), torch.randn(pool, hkv, d)
-    perm = torch.randperm(pool)
-    req_to_token = torch.zeros(4, 512, dtype=torch.int32)
-    req_to_token[1, :150] = perm[:150].int()
-    req_to_token[3, :300] = perm[150:450].int()
-    rpi = torch.tensor([1, 3], dtype=torch.int32)
+    kb, vb, req_to_token, rpi = scattered_pool(1000, hkv, d, lens, [1, 3])
     q_full = [torch.randn(n, hq, d) for n in lens]                       # every position's query
     q = torch.cat([qf[n - m:] for qf, n, m in zip(q_full, lens, q_lens)])  # the extend's queries
     out = torch.randn(q.shape[0], hq, d)
@@ -131,14 +139,7 @@ def test_triton_tail_equals_the_torch_route(hkv, heads, dtype):
     hq, d = 6, 32
     scale = d ** -0.5
     lens, q_lens = [150, 300, 400], [150, 40, 7]
-    pool = 1200
-    kb, vb = torch.randn(pool, hkv, d).to(dtype), torch.randn(pool, hkv, d).to(dtype)
-    perm = torch.randperm(pool)
-    req_to_token = torch.zeros(5, 512, dtype=torch.int32)
-    req_to_token[4, :150] = perm[:150].int()
-    req_to_token[0, :300] = perm[150:450].int()
-    req_to_token[2, :400] = perm[450:850].int()
-    rpi = torch.tensor([4, 0, 2], dtype=torch.int32)
+    kb, vb, req_to_token, rpi = scattered_pool(1200, hkv, d, lens, [4, 0, 2], dtype)
     q = torch.randn(sum(q_lens), hq, d).to(dtype)
     before = torch.randn(q.shape[0], hq, d).to(dtype)
     want, got = before.float(), before.to(DEV, copy=True)
@@ -174,14 +175,7 @@ def test_requests_that_do_not_end_their_prompt_get_no_tail(ends):
     hkv, hq, d, heads = 2, 4, 32, [1, 2]
     scale = d ** -0.5
     lens, q_lens = [400, 150, 300], [100, 150, 40]
-    pool = 1000
-    kb, vb = torch.randn(pool, hkv, d), torch.randn(pool, hkv, d)
-    perm = torch.randperm(pool)
-    req_to_token = torch.zeros(3, 512, dtype=torch.int32)
-    req_to_token[0, :400] = perm[:400].int()
-    req_to_token[1, :150] = perm[400:550].int()
-    req_to_token[2, :300] = perm[550:850].int()
-    rpi = torch.tensor([0, 1, 2], dtype=torch.int32)
+    kb, vb, req_to_token, rpi = scattered_pool(1000, hkv, d, lens, [0, 1, 2])
     kv = KVRows(req_to_token, rpi)
     q = torch.randn(sum(q_lens), hq, d)
     before = torch.randn(q.shape[0], hq, d)
