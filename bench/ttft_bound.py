@@ -2,12 +2,12 @@
 FlashInfer's own batch-1 TTFT curve in a ``bench/serve_gpu.py`` result, with the plan's densities.
 
 * **Fit.** FlashInfer's TTFT over the lengths is ``t(n) = c + a n + b P(n)``: ``P(n)`` the causal (query block,
-  key block) pairs of a chunked prefill of ``n`` tokens (``--chunked-prefill-size`` chunks, each over the whole
-  prefix), ``b P(n)`` the attention, ``c + a n`` the rest of the forward (GEMMs, norms, sampling), which no
+  key block) pairs of a prefill of ``n`` tokens (chunked or not: each chunk attends to the whole prefix), ``b P(n)``
+  the attention, ``c + a n`` the rest of the forward (GEMMs, norms, sampling), which no
   attention backend changes. Least squares over the cells.
-* **Plan.** Head ``h``'s pairs ``P_h(n)`` in the same chunks: its pattern's blocks per query block
-  (:meth:`HeadBudget.blocks_for_query_blocks`), the last query block of every chunk over all keys (the server's
-  dense tail), dense heads ``P(n)``. At a per-pair efficiency ``e`` of sparse heads relative to dense ones
+* **Plan.** Head ``h``'s pairs ``P_h(n)``: :meth:`HeadBudget.block_pairs`, its pattern's blocks per query block
+  and the prompt's last query block over all keys (the server's dense tail, in the chunk that ends the prompt;
+  until 2026-12-07 every chunk had one, which this bound counted then), dense heads ``P(n)``. At a per-pair efficiency ``e`` of sparse heads relative to dense ones
   (dense heads run at FlashInfer's: cuDNN, measured at 1.00 of SDPA), the plan's TTFT is
   ``c + a n + b P(n) (D + S / e) / H``, ``D`` the dense heads' share and ``S`` the sparse heads' summed pair shares.
 * **Printed, per length:** FlashInfer's TTFT and the fit, the plan's measured TTFT, the bound at ``e = 1`` (sparse
@@ -25,43 +25,27 @@ from pathlib import Path
 
 import numpy as np
 
-from sglang_shplb.core.patterns import BLOCK, HeadBudget, Pattern
+from sglang_shplb.core.patterns import HeadBudget, Pattern
 
 DENSE = HeadBudget.dense()
 
 
-def chunk_ends(n: int, chunk: int) -> list[int]:
-    """Query blocks that end a chunk of a prefill of ``n`` tokens in ``chunk``-token chunks (the last included)."""
-    nb = -(-n // BLOCK)
-    per = max(1, chunk // BLOCK)
-    return sorted({min(nb, e) - 1 for e in range(per, nb + per, per)})
-
-
-def pairs(budget: HeadBudget, n: int, chunk: int) -> int:
-    """(query block, key block) pairs of one head over a chunked prefill of ``n`` tokens."""
-    nb = -(-n // BLOCK)
-    rows = budget.blocks_for_query_blocks(np.arange(nb), nb)
-    ends = np.array(chunk_ends(n, chunk))
-    rows[ends] = ends + 1       # the dense tail: each chunk's last rows over every key
-    return int(rows.sum())
-
-
-def fit(ns: list[int], ts: list[float], chunk: int) -> tuple[float, float, float]:
+def fit(ns: list[int], ts: list[float]) -> tuple[float, float, float]:
     """``(c, a, b)`` of ``t = c + a n + b P(n)`` by least squares; with two lengths only, ``c = 0``."""
     if len(ns) < 2:
         raise SystemExit(f"FlashInfer ran {len(ns)} length(s) at batch 1: the fit needs two or more")
-    x = np.array([[1.0, n, pairs(DENSE, n, chunk)] for n in ns])[:, (0 if len(ns) > 2 else 1):]
+    x = np.array([[1.0, n, DENSE.block_pairs(n)] for n in ns])[:, (0 if len(ns) > 2 else 1):]
     coef = np.linalg.lstsq(x, np.array(ts), rcond=None)[0]
     c, a, b = ([0.0] * (3 - len(coef))) + [float(v) for v in coef]
     return c, a, b
 
 
-def shares(budgets: list[list[HeadBudget]], n: int, chunk: int) -> tuple[float, float]:
+def shares(budgets: list[list[HeadBudget]], n: int) -> tuple[float, float]:
     """``(D, S)``: the dense heads' share of all heads and the sparse heads' summed pair shares, per head."""
-    full = pairs(DENSE, n, chunk)
+    full = DENSE.block_pairs(n)
     flat = [b for layer in budgets for b in layer]
     dense = sum(b.pattern is Pattern.DENSE for b in flat)
-    sparse = sum(pairs(b, n, chunk) / full for b in flat if b.pattern is not Pattern.DENSE)
+    sparse = sum(b.block_pairs(n) / full for b in flat if b.pattern is not Pattern.DENSE)
     return dense / len(flat), sparse / len(flat)
 
 
@@ -81,13 +65,13 @@ def bound_rows(doc: dict, budgets: list[list[HeadBudget]], goals: dict[int, floa
     chunk = chunk_size(doc)
     fi, ours = cells(doc, "flashinfer"), cells(doc, "shplb")
     ns = sorted(fi)
-    c, a, b = fit(ns, [fi[n] for n in ns], chunk)
+    c, a, b = fit(ns, [fi[n] for n in ns])
     rows = []
     for n in sorted(set(fi) | set(ours)):
         if n < show_from:
             continue
-        rest, attn = c + a * n, b * pairs(DENSE, n, chunk)
-        d, s = shares(budgets, n, chunk)
+        rest, attn = c + a * n, b * DENSE.block_pairs(n)
+        d, s = shares(budgets, n)
         row = {"length": n, "flashinfer_s": fi.get(n), "fit_s": rest + attn, "rest_s": rest, "attention_s": attn,
                "dense_share": d, "sparse_pair_share": s, "bound_e1_s": rest + attn * (d + s),
                "bound_free_s": rest + attn * d, "shplb_s": ours.get(n)}

@@ -1,4 +1,4 @@
-"""bench/ttft_bound.py: block pairs of a chunked prefill, the fit, and the bound's arithmetic."""
+"""bench/ttft_bound.py: the plan's pair shares, the fit, and the bound's arithmetic."""
 import sys
 from pathlib import Path
 
@@ -19,31 +19,27 @@ def _heads():
                                   "min_blocks": 2})]
 
 
-def test_chunk_ends_are_each_chunks_last_query_block():
-    assert tb.chunk_ends(16384, 8192) == [127, 255]
-    assert tb.chunk_ends(20000, 8192) == [127, 255, 312]      # a short last chunk
-    assert tb.chunk_ends(4096, 8192) == [63]                  # one chunk
-
-
-@pytest.mark.parametrize("n", [4096, 8192 + 640, 65536])
-def test_pairs_in_one_chunk_are_the_cost_models(n):
-    """One chunk: the head's pairs are HeadBudget.block_pairs (the last query block over every key); dense heads
-    the whole causal triangle; 4K chunks add a dense tail row per chunk where the pattern skips keys."""
-    nb = -(-n // 64)
-    assert tb.pairs(tb.DENSE, n, n) == nb * (nb + 1) // 2
-    for h in _heads():
-        assert tb.pairs(h, n, n) == h.block_pairs(n)
-        extra = tb.pairs(h, n, 4096) - tb.pairs(h, n, n)
-        assert extra == 0 if n <= 4096 else extra > 0
+def test_shares_count_the_prompts_tail_once():
+    """The sparse heads' pair shares are HeadBudget.block_pairs (the prompt's last query block over every key,
+    the server's dense tail since it is computed in the last chunk only); one dense head of eight: D = 1/8."""
+    n = 65536
+    budgets = [[HeadBudget.dense()] + _heads() * 3 + [_heads()[1]]]
+    d, s = tb.shares(budgets, n)
+    full = HeadBudget.dense().block_pairs(n)
+    assert d == pytest.approx(1 / 8)
+    assert s == pytest.approx(sum(h.block_pairs(n) for h in budgets[0][1:]) / full / 8)
+    nb = n // 64
+    tail_free = sum(int(h.blocks_for_query_blocks(np.arange(nb), nb).sum()) for h in budgets[0][1:])
+    assert 0 < s * 8 * full - tail_free <= 7 * nb                    # one tail row per sparse head
 
 
 def test_fit_recovers_a_known_curve():
     c, a, b = 0.01, 2e-5, 6e-6
     ns = [2048, 8192, 32768, 131072]
-    ts = [c + a * n + b * tb.pairs(tb.DENSE, n, 8192) for n in ns]
-    got = tb.fit(ns, ts, 8192)
+    ts = [c + a * n + b * tb.DENSE.block_pairs(n) for n in ns]
+    got = tb.fit(ns, ts)
     assert np.allclose(got, (c, a, b), rtol=1e-6)
-    _, a2, b2 = tb.fit(ns[-2:], ts[-2:], 8192)         # two lengths: c = 0, the rest absorbs it
+    _, a2, b2 = tb.fit(ns[-2:], ts[-2:])         # two lengths: c = 0, the rest absorbs it
     assert b2 == pytest.approx(b, rel=0.01) and a2 > a
 
 
@@ -51,7 +47,7 @@ def test_bound_rows_price_the_goal():
     """Sparse heads at the dense efficiency give the e = 1 bound; a goal above the free-sparse bound needs no e."""
     ns = [16384, 32768, 65536, 131072]
     c, a, b, chunk = 0.0, 2e-5, 6e-6, 8192
-    fi = [{"length": n, "batch": 1, "ttft_s": c + a * n + b * tb.pairs(tb.DENSE, n, chunk)} for n in ns]
+    fi = [{"length": n, "batch": 1, "ttft_s": c + a * n + b * tb.DENSE.block_pairs(n)} for n in ns]
     budgets = [[HeadBudget.dense()] + _heads() * 3 + [_heads()[1]]]          # 1 dense of 8
     ours = [{"length": n, "batch": 1, "ttft_s": r["ttft_s"] / 2} for n, r in zip(ns, fi)]
     doc = {"runs": [{"server": "flashinfer", "cmd": f"x --chunked-prefill-size {chunk}", "cells": fi},
