@@ -291,7 +291,7 @@ class FakeStock:
         return self._attend(q, layer, fb, [1] * len(fb.seq_lens))
 
 
-def _backend(monkeypatch, plan):
+def _backend(monkeypatch, plan, pp_size=1):
     from sglang.srt.layers.attention.attention_registry import ATTENTION_BACKENDS
     from sglang_shplb.serving.backend import ShplbAttnBackend
     from sglang_shplb.serving.config import ServingConfig
@@ -299,7 +299,7 @@ def _backend(monkeypatch, plan):
     pool = Pool()
     runner = types.SimpleNamespace(
         device="cpu", req_to_token_pool=types.SimpleNamespace(req_to_token=pool.req_to_token), token_to_kv_pool=pool,
-        server_args=types.SimpleNamespace(), ps=types.SimpleNamespace(tp_size=1, tp_rank=0),
+        server_args=types.SimpleNamespace(), ps=types.SimpleNamespace(tp_size=1, tp_rank=0, pp_size=pp_size),
         model_config=types.SimpleNamespace(context_len=1024, model_path=None))
     cfg = ServingConfig(plan_path=None, dense_fallback=False, dense_backend=None, group_prefill_by_bucket=False,
                         bucket_log_every=0)
@@ -315,10 +315,10 @@ def _layer(li):
                                  scaling=SCALE, is_cross_attention=False)
 
 
-def _run(monkeypatch, plan, ends=None):
+def _run(monkeypatch, plan, ends=None, pp_size=1):
     """A prefill of two requests (300 and 700 tokens) then one decode step, every layer; the outputs. ``ends``:
     which requests' extends end their prompt, kept as the scheduler hook keeps them (none: nothing kept)."""
-    be, pool = _backend(monkeypatch, plan)
+    be, pool = _backend(monkeypatch, plan, pp_size)
     lens = [300, 700]
     slots = torch.randperm(2000, generator=torch.Generator().manual_seed(1))[:sum(lens) + 2] + 1
     pool.req_to_token[0, :301] = slots[:301].int()
@@ -386,6 +386,9 @@ def test_backend_computes_the_dense_tail_where_the_extend_ends_the_prompt(monkey
         assert torch.equal(got[~tail], want[~tail])
         assert not torch.allclose(got[tail], want[tail], atol=1e-3)
     assert all(torch.equal(a, b) for a, b in zip(first_chunk[NL:], unmarked[NL:]))   # decode
+    # pipeline parallelism builds micro-batches ahead of their forwards: what the hook kept is not taken there
+    staged, stats = _run(monkeypatch, plan, ends=(False, True), pp_size=2)
+    assert all(torch.equal(a, b) for a, b in zip(staged, unmarked)) and stats["extend_mid_prompt"] == 0
     bh._STATE["prompt_ends"] = None
 
 

@@ -162,12 +162,12 @@ def tail_keys(q_lens: Sequence[int], kv_lens: Sequence[int],
 
 @lru_cache(maxsize=8)
 def _batch_lens(q_lens: tuple[int, ...], kv_lens: tuple[int, ...], ends: tuple[bool, ...] | None,
-                device: str) -> torch.Tensor:
+                device: str) -> tuple[torch.Tensor, int]:
     """``[3, B]`` int32 on ``device``: each request's last q row + 1, tail rows, keys its tail reads
-    (:func:`tail_keys`). Built once per batch (every layer of a forward passes the same lengths), copied without a
-    sync."""
-    qend = list(accumulate(q_lens))
-    return to_device(torch.tensor([qend, *tail_keys(q_lens, kv_lens, ends)], dtype=torch.int32), device)
+    (:func:`tail_keys`); and the most keys a tail reads. Built once per batch (every layer of a forward passes the
+    same lengths), copied without a sync."""
+    tails, keys = tail_keys(q_lens, kv_lens, ends)
+    return to_device(torch.tensor([list(accumulate(q_lens)), tails, keys], dtype=torch.int32), device), max(keys)
 
 
 def tail_attention(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tensor, req_to_token: torch.Tensor,
@@ -187,9 +187,9 @@ def tail_attention(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tens
     dev = q.device
     d = q.shape[-1]
     group = q.shape[1] // k_buffer.shape[1]
-    lens = _batch_lens(tuple(q_lens), tuple(kv_lens), ends, str(dev))
+    lens, max_keys = _batch_lens(tuple(q_lens), tuple(kv_lens), ends, str(dev))
     b, nh = len(q_lens), len(heads)
-    slice_len, ns = tail_slices(b * nh, max(tail_keys(q_lens, kv_lens, ends)[1]), _sm_count(str(dev)))
+    slice_len, ns = tail_slices(b * nh, max_keys, _sm_count(str(dev)))
     block_d = max(16, 1 << (d - 1).bit_length())
     acc = torch.empty(b, nh, ns, DENSE_TAIL, block_d, dtype=torch.float32, device=dev)
     ml = torch.empty(b, nh, ns, 2, DENSE_TAIL, dtype=torch.float32, device=dev)

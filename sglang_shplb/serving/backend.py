@@ -242,6 +242,7 @@ class ShplbAttnBackend(AttentionBackend):
         self.inner: AttentionBackend = ATTENTION_BACKENDS[self.dense_backend_name](model_runner)
         check_supported(model_runner.server_args)
         self.tp_size, self.tp_rank = model_runner.ps.tp_size, model_runner.ps.tp_rank
+        self.pp_size = getattr(model_runner.ps, "pp_size", 1)
         self.max_context = int(model_runner.model_config.context_len)
         self.plan = plan if plan is not None else load_runner_plan(
             self.cfg, model_runner.model_config.model_path, self.tp_size)
@@ -443,7 +444,9 @@ class ShplbAttnBackend(AttentionBackend):
         if mode.is_extend() and forward_batch.extend_seq_lens_cpu:
             seq_lens = forward_batch.seq_lens_cpu.tolist()
             self.extend_lens = (list(forward_batch.extend_seq_lens_cpu), seq_lens)   # host lengths, once a forward
-            self.extend_ends = batch_prompt_ends(seq_lens)
+            # pipeline parallelism builds micro-batches ahead of their forwards, so the hook's last batch need not be
+            # this one: there every request keeps its tail
+            self.extend_ends = batch_prompt_ends(seq_lens) if self.pp_size == 1 else None
             if self.extend_ends is not None and not all(self.extend_ends) and not self.stats["extend_mid_prompt"]:
                 logger.info("shplb: chunked prefill: %d of %d requests of this extend batch end mid-prompt; their "
                             "dense tails wait for the chunk that ends the prompt", self.extend_ends.count(False),
