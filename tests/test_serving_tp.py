@@ -4,8 +4,9 @@ The TP-3 placement moves work in every layer (whole GQA groups, a split group, h
 pieces over every rank, in turn) at the committed default plan's budgets. Greedy answers must equal
 (a) at the plan's budgets, the TP-1 ``shplb`` server's on the same plan;
 (b) at full budgets with the same placement, the TP-3 ``torch_native`` server's.
-The TP-3 ``shplb`` server's log shows the units and bytes moved per batch. Slow (~8 min on 2 cores): run
-in the serving pytest invocation (tests/run.sh)."""
+The TP-3 ``shplb`` server's log shows the units and bytes moved per batch. Both ``shplb`` servers cut prompts
+into 512-token chunks, so the passkey prompt's second chunk moves work after a prefix and only its last chunk has
+the dense tail. Slow (~8 min on 2 cores): run in the serving pytest invocation (tests/run.sh)."""
 from __future__ import annotations
 
 import re
@@ -64,13 +65,16 @@ def answers(args: list[str], prompts: list[str], log, env_extra=None, module="sg
 def test_tp3_head_parallel_server_answers_as_tp1_and_as_dense_tp3(model, plans, prompts, tmp_path):
     m = ["--model-path", str(model)]
     tp3 = m + ["--tp-size", "3"]
-    sparse3, t_up = answers(tp3 + ["--shplb-plan", str(plans["sparse"])], prompts, tmp_path / "sparse3.log", TP3_ENV)
+    chunked = ["--chunked-prefill-size", "512"]
+    sparse3, t_up = answers(tp3 + chunked + ["--shplb-plan", str(plans["sparse"])], prompts, tmp_path / "sparse3.log",
+                            TP3_ENV)
     log = (tmp_path / "sparse3.log").read_text()
+    assert "1 of 1 requests of this extend batch end mid-prompt" in log, log[-3000:]
     moved = re.findall(r"shplb head-parallel extend, TP rank \d: bucket \d+, (\d+) units sent away, ([\d.]+) KiB sent",
                        log)
     assert moved and all(int(u) > 0 and float(b) > 0 for u, b in moved), log[-3000:]
     print(f"TP-3 shplb server up in {t_up:.0f} s; per batch and rank: units, KiB sent {moved}; answers {sparse3}")
-    sparse1, _ = answers(m + ["--shplb-plan", str(plans["sparse"])], prompts, tmp_path / "sparse1.log")
+    sparse1, _ = answers(m + chunked + ["--shplb-plan", str(plans["sparse"])], prompts, tmp_path / "sparse1.log")
     assert sparse3 == sparse1, (sparse3, sparse1)
     dense3, _ = answers(tp3 + ["--shplb-plan", str(plans["dense"])], prompts, tmp_path / "dense3.log", TP3_ENV)
     stock3, _ = answers(tp3 + ["--attention-backend", "torch_native"], prompts, tmp_path / "stock3.log", TP3_ENV,
