@@ -8,7 +8,8 @@
 tar xJf .whl/one/site.tar.xz -C /tmp/site
 lib=/tmp/site/tvm_ffi/lib
 [ -e $lib/libtvm_ffi_testing.so ] || { nm -D --undefined-only /tmp/site/tvm_ffi/core.abi3.so | awk '{print $2}' |
-  grep -i testing | sed 's/.*/int &(void) { return 0; }/' > /tmp/stub.c && gcc -shared -fPIC -o $lib/libtvm_ffi_testing.so /tmp/stub.c; }
+  grep -i testing | sed 's/.*/int &(void) { return 0; }/' > /tmp/stub.c &&
+  gcc -shared -fPIC -o $lib/libtvm_ffi_testing.so /tmp/stub.c; }
 export PYTHONPATH_EXTRA=/tmp/site/nvidia_cutlass_dsl/dsl_packages
 PYTHONPATH=/tmp/site:$PYTHONPATH_EXTRA python3 -c "import cudnn, cutlass; \
 from cudnn.block_sparse_attention import block_sparse_attention_forward; print('cudnn frontend', cudnn.__version__)" \

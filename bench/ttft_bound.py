@@ -7,8 +7,9 @@ FlashInfer's own batch-1 TTFT curve in a ``bench/serve_gpu.py`` result, with the
   attention backend changes. Least squares over the cells.
 * **Plan.** Head ``h``'s pairs ``P_h(n)``: :meth:`HeadBudget.block_pairs`, its pattern's blocks per query block
   and the prompt's last query block over all keys (the server's dense tail, in the chunk that ends the prompt;
-  until 2026-12-07 every chunk had one, which this bound counted then), dense heads ``P(n)``. At a per-pair efficiency ``e`` of sparse heads relative to dense ones
-  (dense heads run at FlashInfer's: cuDNN, measured at 1.00 of SDPA), the plan's TTFT is
+  until 2026-12-07 every chunk had one, which this bound counted then), dense heads ``P(n)``. At a per-pair
+  efficiency ``e`` of sparse heads relative to dense ones (dense heads run at FlashInfer's: cuDNN, measured at
+  1.00 of SDPA), the plan's TTFT is
   ``c + a n + b P(n) (D + S / e) / H``, ``D`` the dense heads' share and ``S`` the sparse heads' summed pair shares.
 * **Printed, per length:** FlashInfer's TTFT and the fit, the plan's measured TTFT, the bound at ``e = 1`` (sparse
   work as efficient as dense) and with sparse heads free (``e = ∞``), the efficiency the measured TTFT implies,
