@@ -162,6 +162,35 @@ def test_a_batch_builds_its_page_rows_once_for_every_layer():
     assert len(batch._summary_rows) == 1                                # built once, kept for the second layer
 
 
+def test_a_chunk_summarizes_the_pages_it_wrote_and_leaves_the_prefix_pages():
+    """Chunked prefill: an extend after a prefix rebuilds the pages from the one holding its first new token
+    (the prefix's partial last page included) to its last, and leaves the earlier prefix pages as the earlier
+    chunk summarized them; a request without a prefix in the same batch is summarized whole. The result equals
+    the reference summaries of the whole requests."""
+    pool = make_pool(seed=5)
+    k, v = sequence(330, HQ, HKV, D, 21)[1:]
+    k2, v2 = sequence(150, HQ, HKV, D, 22)[1:]
+    kmin, kmax = alloc_page_summaries(POOL, HKV, D, dtype=torch.float32, device=DEV)
+    pool.put(1, 0, k[:200], v[:200])                                     # chunk 1 of request 1: 200 tokens
+    first = ExtendBatch.build(pool.req_to_token, torch.tensor([1], device=DEV), [200], [200])
+    build_page_summaries(pool.k, pool.req_to_token, first.req_pool_indices, first.seq_lens, kmin, kmax,
+                         rows=first.summary_rows(kmin.shape[0] - 1))
+    done = pool.pages[1][:3]                                             # pages 0-2 (tokens 0-191) are full
+    kept = kmin[done].clone(), kmax[done].clone()
+    kmin[done], kmax[done] = -7.0, 7.0                                   # a mark: a rebuild would overwrite it
+    pool.put(1, 200, k[200:], v[200:])                                   # chunk 2: 130 tokens after 200
+    pool.put(2, 0, k2, v2)                                               # and request 2, whole, in one batch
+    batch = ExtendBatch.build(pool.req_to_token, torch.tensor([1, 2], device=DEV), [130, 150], [330, 150])
+    rows = batch.summary_rows(kmin.shape[0] - 1)
+    assert rows.locs.shape == (2, 3 * BLOCK)                             # 3 pages each: 3-5 and 0-2
+    build_page_summaries(pool.k, pool.req_to_token, batch.req_pool_indices, batch.seq_lens, kmin, kmax, rows=rows)
+    assert (kmin[done] == -7).all() and (kmax[done] == 7).all()         # the prefix's full pages: not rewritten
+    kmin[done], kmax[done] = kept                                        # as chunk 1 left them
+    for r, n in ((1, 330), (2, 150)):
+        lo, hi = reference_page_summaries(pool.k, pool.req_to_token, r, n)
+        assert torch.equal(by_slot(kmin, pool, r, n), lo) and torch.equal(by_slot(kmax, pool, r, n), hi)
+
+
 # ---- memory ----------------------------------------------------------------------------------------------
 
 class _Pool:

@@ -144,6 +144,29 @@ def test_decode_steps_keep_summaries_and_match_reference(pool_page):
             assert torch.allclose(out[b, 0], torch.softmax(s, 0) @ pool.v[loc, 0], atol=LAYER_TOL)
 
 
+def test_chunked_prefill_then_decode_keeps_summaries():
+    """A prompt extended in two chunks (the second summarizes only the pages from its first new token on) then
+    decoded: the summaries equal the whole requests' at every step and decode equals the reference path."""
+    budgets = budgets_mixed()
+    pool, lk = make_pool(), layer(budgets, BLOCK)
+    lens, cut = [300, 129], [200, 100]                                   # chunk ends: 200 (mid page), 100
+    reqs = [3, 2]
+    full = [seq(n + 2, 30 + r) for r, n in enumerate(lens)]
+    for a, b in (([0, 0], cut), (cut, lens)):                           # chunk 1, then chunk 2 after it
+        parts = [[f[i][x:y] for f, x, y in zip(full, a, b)] for i in range(3)]
+        extend(lk, pool, reqs, *parts, a)
+    ws = DecodeWorkspace(HQ, HKV, D, MAX_CTX // BLOCK, layer_max_selected(budgets, MAX_CTX), DEV,
+                         selected_heads(budgets))
+    ws.ensure(8)
+    rpi = torch.tensor(reqs, device=DEV)
+    for step in range(2):
+        seq_lens, q, out = decode_step(lk, pool, reqs, full, lens, step, ws)
+        sets = [reference_decode_pages(budgets, q[b], pool.k, pool.req_to_token, reqs[b], int(seq_lens[b]))[0]
+                for b in range(2)]
+        ref = reference_sparse_decode(q, pool.k, pool.v, pool.req_to_token, rpi, seq_lens, sets, SCALE)
+        assert relative_error(out, ref) < LAYER_TOL, step
+
+
 def test_streaming_heads_below_the_decode_floor_decode_on_quest_pages(monkeypatch):
     """The server's decode rule (``decode_budgets``): the layer prefills by the streaming rules and decodes its
     short-window streaming heads as top-k heads at the decode floor, on the kernels as in the reference. The

@@ -7,7 +7,8 @@ heads, instead of letting the stock backend compute all heads and recomputing th
   for all heads of the layer. A batch without cached prefixes reads the new tokens' K/V directly
   (contiguous layout; dense heads on torch SDPA / cuDNN); a batch with prefixes reads the pool through
   ``req_to_token`` (dense heads on the 128-row Triton kernel). Layers with top-k / vertical-slash heads
-  then (re)build the per-page key min/max of the batch's requests for decode. These page summaries are
+  then (re)build the per-page key min/max of the pages the batch wrote (from each request's first new token)
+  for decode. These page summaries are
   indexed by KV-pool page (one row per 64 pool slots, ``--page-size 64``; a request's page ``j`` is pool
   page ``req_to_token[req, 64j] // 64``), so they cost 1/64 of the layer's K+V whatever the number of
   request slots.
@@ -60,11 +61,16 @@ class ExtendBatch:
         return any(a != b for a, b in zip(self.q_lens_cpu, self.kv_lens_cpu))
 
     def summary_rows(self, scratch_page: int) -> SummaryRows:
-        """Where this batch's request pages are (:func:`~.triton_decode.summary_rows`), built on the first
-        layer that summarizes and kept for the others."""
+        """Where the pages this batch writes are (:func:`~.triton_decode.summary_rows`): per request from the
+        page holding its first new token (``prefix // 64``) to its last page, so a chunk of a long prompt
+        summarizes its own pages, not the whole prompt again. Built on the first layer that summarizes and kept
+        for the others."""
         if scratch_page not in self._summary_rows:
-            self._summary_rows[scratch_page] = summary_rows(self.req_to_token, self.req_pool_indices, self.seq_lens,
-                                                            scratch_page, math.ceil(max(self.kv_lens_cpu) / BLOCK))
+            first = [(kv - q) // BLOCK for q, kv in zip(self.q_lens_cpu, self.kv_lens_cpu)]
+            width = max(math.ceil(kv / BLOCK) - f for f, kv in zip(first, self.kv_lens_cpu))
+            self._summary_rows[scratch_page] = summary_rows(
+                self.req_to_token, self.req_pool_indices, self.seq_lens, scratch_page, width,
+                first_page=to_device(torch.tensor(first, dtype=torch.int64), self.req_pool_indices.device))
         return self._summary_rows[scratch_page]
 
     @staticmethod
@@ -192,8 +198,8 @@ class LayerKernels:
             sp.run(q, k, v, out=out)
 
     def summarize(self, k_buffer: torch.Tensor, batch: ExtendBatch) -> None:
-        """(Re)build the key min/max of the pool pages that hold the batch's requests, which decode's page
-        selection reads (through ``req_to_token``), and forget the selections their slots kept."""
+        """(Re)build the key min/max of the pool pages the batch wrote, which decode's page selection reads
+        (through ``req_to_token``), and forget the selections their slots kept."""
         if self.kmin is not None:
             build_page_summaries(k_buffer, batch.req_to_token, batch.req_pool_indices, batch.seq_lens,
                                  self.kmin, self.kmax, rows=batch.summary_rows(self.kmin.shape[0] - 1))

@@ -331,15 +331,19 @@ def alloc_page_summaries(pool_tokens: int, num_kv_heads: int, head_dim: int,
 
 
 def request_pool_pages(req_to_token: torch.Tensor, req_pool_indices: torch.Tensor, seq_lens: torch.Tensor,
-                       num_pages: int, scratch_page: int, held: torch.Tensor | None = None) -> torch.Tensor:
-    """int64 ``[B, num_pages]``: the pool page of each request's pages ``0 .. num_pages-1``
-    (``req_to_token[req, 64j] // 64``), ``scratch_page`` where ``held`` is False (default: pages past
-    ``seq_lens``). Sync-free."""
-    j = torch.arange(num_pages, device=req_to_token.device)
+                       num_pages: int, scratch_page: int, held: torch.Tensor | None = None,
+                       first_page: torch.Tensor | None = None) -> torch.Tensor:
+    """int64 ``[B, num_pages]``: the pool page of each request's pages ``f .. f + num_pages - 1``
+    (``req_to_token[req, 64j] // 64``; ``f = first_page[b]``, default 0), ``scratch_page`` where ``held`` is
+    False (default: pages past ``seq_lens``). Sync-free."""
+    j = torch.arange(num_pages, device=req_to_token.device)[None, :]
+    if first_page is not None:
+        j = j + first_page.long()[:, None]
     first = (j * BLOCK).clamp(max=req_to_token.shape[1] - 1)
-    pid = req_to_token[req_pool_indices.long()][:, first].long() // BLOCK       # [B, P]
+    pid = torch.gather(req_to_token[req_pool_indices.long()].long(), 1,
+                       first.expand(req_pool_indices.shape[0], -1)) // BLOCK         # [B, P]
     if held is None:
-        held = j[None, :] * BLOCK < seq_lens.long()[:, None]
+        held = j * BLOCK < seq_lens.long()[:, None]
     return torch.where(held, pid, torch.full_like(pid, scratch_page))
 
 
@@ -353,16 +357,21 @@ class SummaryRows:
 
 
 def summary_rows(req_to_token: torch.Tensor, req_pool_indices: torch.Tensor, seq_lens: torch.Tensor,
-                 scratch_page: int, num_pages: int | None = None) -> SummaryRows:
-    """The listed requests' pages ``0 .. num_pages-1`` (default: all of ``req_to_token``'s width). Sync-free."""
+                 scratch_page: int, num_pages: int | None = None,
+                 first_page: torch.Tensor | None = None) -> SummaryRows:
+    """The listed requests' pages ``f .. f + num_pages - 1`` (``f = first_page[b]``, default 0; ``num_pages``
+    default: all of ``req_to_token``'s width). An extend after a prefix of ``p`` tokens changes only the pages
+    from ``p // 64`` on: the earlier ones were summarized when their tokens were written. Sync-free."""
     bsz = req_pool_indices.shape[0]
     width = -(-req_to_token.shape[1] // BLOCK)
     maxp = width if num_pages is None else min(num_pages, width)
     pos = torch.arange(maxp * BLOCK, device=req_to_token.device)[None, :]
+    if first_page is not None:
+        pos = pos + first_page.long()[:, None] * BLOCK
     valid = pos < seq_lens.long()[:, None]
     loc = torch.gather(req_to_token[req_pool_indices.long()].long(), 1,
                        pos.clamp(max=req_to_token.shape[1] - 1).expand(bsz, -1))
-    pages = request_pool_pages(req_to_token, req_pool_indices, seq_lens, maxp, scratch_page)
+    pages = request_pool_pages(req_to_token, req_pool_indices, seq_lens, maxp, scratch_page, first_page=first_page)
     return SummaryRows(torch.where(valid, loc, torch.zeros_like(loc)), valid[:, :, None, None], pages.flatten())
 
 
