@@ -7,7 +7,9 @@ the delegation is timed), side by side in one process. CPU only; needs SGLang in
 
 The question it answers: whether the host work of our backend class explains a gap to stock SGLang on a model
 whose forward is host-bound (SmolLM2, every layer stock): per forward it is the per-call difference times the
-layers, plus one metadata call."""
+layers, plus one metadata call. A decode step replayed from a CUDA graph runs no layer call on the host: it adds
+``init_forward_metadata_out_graph`` (on SGLang's replay view, without the hook's attribute) and the scheduler's
+``ForwardBatch.init_new`` hook (the batch's bucket, the histogram)."""
 from __future__ import annotations
 
 import argparse
@@ -28,6 +30,7 @@ from sglang_shplb.core.patterns import HeadBudget  # noqa: E402
 from sglang_shplb.core.plan import Plan  # noqa: E402
 from sglang_shplb.planning.cost_model import CostModel  # noqa: E402
 from sglang_shplb.planning.place import solve_plan_placements  # noqa: E402
+from sglang_shplb.scheduler.bucket_hook import after_forward_batch_init_new, configure_buckets  # noqa: E402
 
 # SmolLM2's attention: 30 layers, 9 q / 3 KV heads of 64
 CFG = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "num_hidden_layers": 30,
@@ -42,6 +45,9 @@ class ReturnsAtOnce:
         self.forward_metadata = None
 
     def init_forward_metadata(self, fb):
+        return None
+
+    def init_forward_metadata_out_graph(self, fb, in_capture=False):
         return None
 
     def forward_extend(self, q, k, v, layer, fb, save_kv_cache=True, **kw):
@@ -109,6 +115,17 @@ def main() -> None:
         res[f"{phase}_shplb_us"] = per_call_us(lambda i: ours(q, q, q, layers[i % nl], fb), a.calls)
         res[f"{phase}_stock_us"] = per_call_us(lambda i: stock(q, q, q, layers[i % nl], fb), a.calls)
     res["init_forward_metadata_us"] = per_call_us(lambda i: be.init_forward_metadata(fb), a.calls // 10)
+    # a decode step replayed from a CUDA graph: the replay view (host lengths, no bucket attribute) and the hook
+    dec = types.SimpleNamespace(is_extend=lambda: False, is_decode=lambda: True)
+    view = types.SimpleNamespace(seq_lens_cpu=torch.tensor(lens), forward_mode=dec)
+    res["replay_metadata_shplb_us"] = per_call_us(lambda i: be.init_forward_metadata_out_graph(view), a.calls)
+    res["replay_metadata_stock_us"] = per_call_us(lambda i: be.inner.init_forward_metadata_out_graph(view), a.calls)
+    configure_buckets(plan.buckets, log_every=0)
+    sched_batch, made = types.SimpleNamespace(seq_lens_cpu=torch.tensor(lens), forward_mode=dec, reqs=[]), \
+        types.SimpleNamespace()
+    res["init_new_hook_us"] = per_call_us(lambda i: after_forward_batch_init_new(made, batch=sched_batch), a.calls)
+    res["added_per_replayed_decode_step_us"] = res["replay_metadata_shplb_us"] - res["replay_metadata_stock_us"] \
+        + res["init_new_hook_us"]
     res["added_per_extend_forward_us"] = (res["extend_shplb_us"] - res["extend_stock_us"]) * nl \
         + res["init_forward_metadata_us"]
     for phase in ("extend", "decode"):
@@ -116,6 +133,9 @@ def main() -> None:
               f"{res[f'{phase}_stock_us']:.2f} us ({res[f'{phase}_shplb_us'] / res[f'{phase}_stock_us']:.1f}x)")
     print(f"init_forward_metadata {res['init_forward_metadata_us']:.2f} us; added per {nl}-layer extend forward: "
           f"{res['added_per_extend_forward_us']:.1f} us")
+    print(f"replayed decode step: metadata {res['replay_metadata_shplb_us']:.2f} us (stock "
+          f"{res['replay_metadata_stock_us']:.2f} us), ForwardBatch.init_new hook {res['init_new_hook_us']:.2f} us; "
+          f"added per step: {res['added_per_replayed_decode_step_us']:.1f} us")
     os.makedirs(a.out, exist_ok=True)
     with open(os.path.join(a.out, "cpu.json"), "w") as f:
         json.dump(res, f, indent=1)
