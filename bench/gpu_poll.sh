@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
-# Poll a detached GPU job for up to $1 seconds (default 500): every 30 s, tar what exists (plans' weights and the
-# dummy model's tokenizer left out) into $OUT/r.tgz, atomically, so a call cut at its limit still brings back the
-# newest copy; stops early once /tmp/run.log shows $2 (default "job done").
+# Poll a detached GPU job for up to $1 seconds (default 500): every 30 s, tar what exists (plans' weights, the
+# dummy model's tokenizer and torch profiler traces left out: a returned file is at most 16 MiB) into $OUT/r.tgz,
+# atomically, so a call cut at its limit still brings back the newest copy; stops early once /tmp/run.log shows $2
+# (default "job done").
 #   bash bench/gpu_poll.sh 480 ["job done"]
 end=$(( $(date +%s) + ${1:-500} ))
 marker=${2:-job done}
 snap() {
-  tar czf /tmp/r.tgz --exclude='*.safetensors' --exclude='jit_warm.log' --exclude='llama8b_cfg' /tmp/out \
+  tar czf /tmp/r.tgz --exclude='*.safetensors' --exclude='jit_warm.log' --exclude='llama8b_cfg' \
+    --exclude='*.trace.json.gz' /tmp/out \
     /tmp/eval_run /tmp/refine_run /tmp/run.log 2>/dev/null
   cp /tmp/r.tgz "$OUT/r.tgz.part" && mv "$OUT/r.tgz.part" "$OUT/r.tgz"
 }

@@ -13,6 +13,8 @@
 # ablate: bench/decode_ablation.py on the GPU in bf16 (ABLATE_TASK, default multivalue, at 2K).
 # cold: bench/cold_start.py on SmolLM2's all-sparse plan (after smollm2, which writes it; or COLD_PLAN): what our kernels add to a
 #   fresh server's start and first requests, with and without the shipped launch configs.
+# onebatch: bench/one_batch.py, SmolLM2's model runner alone (SGLang's one_batch), FlashInfer against shplb on the default
+#   plan, rounds alternating (ONEBATCH_FLAGS: more of its flags, e.g. "--rounds 2 --batches 1 -- --profile").
 # routed: the Llama-3-8B shape with a plan whose decode route follows the bucket (the CUDA-graph branches) against
 #   stock FlashInfer, last because it is the one most likely to fail (a failed server is recorded, not fatal).
 set -uo pipefail
@@ -37,6 +39,7 @@ for w in ${what//,/ }; do
         tests/test_triton_select.py tests/test_decode_fused.py tests/test_kernels.py 2>&1 \
         | tee "$OUT/gpu_tests.log" | tail -40 ;;
     routed) python3 bench/serve_gpu.py llama8b --out "$OUT/llama8b_routed" --servers "${ROUTED_SERVERS:-shplb_routed,flashinfer}" ;;
+    onebatch) python3 bench/one_batch.py --model /tmp/smollm2 --out "$OUT/one_batch" ${ONEBATCH_FLAGS:-} ;;
     ablate)   # which heads' sparse decode loses the multi-value needle in bf16 (in-process, the round-5 plan at 0.30)
       python3 bench/decode_ablation.py --device cuda --model /tmp/smollm2 \
         --plan bench/results/eval_h200_round5/plans/refined5_d30 --task "${ABLATE_TASK:-multivalue}" --length 2048 \
