@@ -51,11 +51,12 @@ def run_args(model: str, backend: str, device: str, dtype: str, batches: list[in
             *extra]
 
 
-def backend_env(backend: str, plan: Path | None, dense_backend: str) -> dict[str, str]:
+def backend_env(backend: str, plan: Path, dense_backend: str) -> dict[str, str]:
     """This process's environment, plus the plan's for ``shplb`` (the stock backend the plan's stock layers use)."""
     env = dict(os.environ)
     if backend == SHPLB:
-        env.update(ServingConfig(str(plan) if plan else None, plan is None, dense_backend, False, 0).to_env())
+        env.update(ServingConfig(plan_path=str(plan), dense_fallback=False, dense_backend=dense_backend,
+                                 group_prefill_by_bucket=False, bucket_log_every=0).to_env())
     return env
 
 

@@ -8,10 +8,9 @@ heads, instead of letting the stock backend compute all heads and recomputing th
   (contiguous layout; dense heads on torch SDPA / cuDNN); a batch with prefixes reads the pool through
   ``req_to_token`` (dense heads on the 128-row Triton kernel). Layers with top-k / vertical-slash heads
   then (re)build the per-page key min/max of the pages the batch wrote (from each request's first new token)
-  for decode. These page summaries are
-  indexed by KV-pool page (one row per 64 pool slots, ``--page-size 64``; a request's page ``j`` is pool
-  page ``req_to_token[req, 64j] // 64``), so they cost 1/64 of the layer's K+V whatever the number of
-  request slots.
+  for decode. These page summaries are indexed by KV-pool page (one row per 64 pool slots, ``--page-size 64``;
+  a request's page ``j`` is pool page ``req_to_token[req, 64j] // 64``), so they cost 1/64 of the layer's K+V
+  whatever the number of request slots.
 * **Decode**: fold the new token into its page summary and choose the pages of top-k / vertical-slash
   heads (Quest / LServe upper bound) and build the union lists of KV groups that mix budgets, all in one
   Triton launch (:func:`~sglang_shplb.kernels.triton_select.update_and_select_pages`), then run
