@@ -8,8 +8,9 @@
 #             server paid in its passes.
 #   prof      the same, 2 rounds at batch 1 and 16 x 2K, torch profiler (CPU + GPU) over 5 decode steps from step 32:
 #             per run a trace in one_batch/<backend>_round<r>_profile and the key-averages table in its log.
-#   smol      SmolLM2's serving grid, servers alternating (shplb,flashinfer,shplb#2,flashinfer#2), 2K-8K x batch
-#             1/4/16, five passes: round 30's again, on a machine whose JIT cache onebatch filled.
+#   smol      SmolLM2's serving grid, servers alternating with FlashInfer first (flashinfer,shplb,flashinfer#2,shplb#2:
+#             round 30 had shplb first in each pair), 2K-8K x batch 1/4/16, five passes, on a machine whose JIT
+#             cache onebatch filled (round 30's first server paid it in its passes).
 # Calls, one warm machine, back to back, after `bash bench/device_tree.sh on`:
 #   1-4  ../shared/gpu/README.md's bundle parts d00..d03, the last with `bash /tmp/parts/install-on-device`
 #   5    carry ["bench/results/gpu_round30/job.sh", "bench/results/default_plan/budgets.json"]:
@@ -27,7 +28,7 @@ for step in ${*:-onebatch prof smol}; do
     onebatch) OUT=$O ONEBATCH_FLAGS="--rounds 3" bash bench/serve_gpu.sh onebatch > $O/onebatch_run.log 2>&1 ;;
     prof) OUT=$O/prof ONEBATCH_FLAGS="--rounds 2 --batches 1,16 --input-lens 2048 -- --profile --profile-stage decode
             --profile-steps 5" bash bench/serve_gpu.sh onebatch > $O/prof_run.log 2>&1 ;;
-    smol) OUT=$O SMOL_SERVERS=shplb,flashinfer,shplb#2,flashinfer#2 bash bench/serve_gpu.sh smollm2 \
+    smol) OUT=$O SMOL_SERVERS=flashinfer,shplb,flashinfer#2,shplb#2 bash bench/serve_gpu.sh smollm2 \
             > $O/smol_run.log 2>&1 ;;
     *) echo "unknown step $step (onebatch, prof, smol)" ;;
   esac
