@@ -286,7 +286,7 @@ def main() -> None:
                      "(a repeat: NAME#2)")
         plan = plans.get(base, plans["shplb"])
         dense, (sparse,) = server_specs(model, [plan], device, "float32" if a.cpu_smoke else "bfloat16", ctx,
-                                        concurrency=conc, extra=extra + flags)
+                                        concurrency=conc, extra=extra + flags, always_backend=False)
         spec = dense if kind == "flashinfer" else via_sglang(dense, Path(plan)) if kind in VIA_SGLANG else sparse
         if env:
             spec = dataclasses.replace(spec, env={**spec.env, **env})
@@ -308,7 +308,10 @@ def main() -> None:
 #: ``auto``) gets ``--page-size 64``, so ``shplb_p64_triton`` tells the route from the page size. ``shplb_route1``:
 #: the route at every call it can run (against ``auto``'s threshold); ``shplb_bucketed``: torch's cuDNN bucketing
 #: switch on, as the launcher set it with its warm-up until round 28 (the launcher keeps a value it is given).
-VARIANTS = {"shplb_triton": ("shplb", {"SHPLB_CUDNN_BLOCKS": "0"}, ()),
+#: ``shplb_always``: through the shplb backend where the launcher would serve the stock one outright (a plan stock
+#: in every layer at the server's context, e.g. SmolLM2's default plan at 8K).
+VARIANTS = {"shplb_always": ("shplb", {}, ("--shplb-always-backend",)),
+            "shplb_triton": ("shplb", {"SHPLB_CUDNN_BLOCKS": "0"}, ()),
             "shplb_p64_triton": ("shplb", {"SHPLB_CUDNN_BLOCKS": "0"}, ("--page-size", "64")),
             "shplb_route1": ("shplb", {"SHPLB_CUDNN_BLOCKS": "1"}, ()),
             "shplb_bucketed": ("shplb", {"TORCH_CUDNN_SDPA_AVOID_RECOMPILE": "1"}, ())}

@@ -48,10 +48,14 @@ def test_launcher_splits_our_flags():
     ours, rest, args = split_argv(["--model-path", "m", "--shplb-plan", "p", "--shplb-dense-backend=triton",
                                    "--shplb-group-prefill-by-bucket", "--port", "1234"])
     assert ours.shplb_plan == "p" and ours.shplb_dense_backend == "triton" and ours.shplb_group_prefill_by_bucket
-    assert rest == ["--model-path", "m", "--port", "1234", "--attention-backend", "shplb"]
-    assert not ours.shplb_no_warmup
-    ours, rest, _ = split_argv(["--model-path", "m", "--shplb-no-warmup"])
-    assert ours.shplb_no_warmup and "--shplb-no-warmup" not in rest
+    assert rest == ["--model-path", "m", "--port", "1234"]
+    assert not ours.shplb_no_warmup and not ours.shplb_always_backend
+    # every switch of ours takes no value: the flag after it stays SGLang's (until 2026-12-07 --shplb-no-warmup
+    # swallowed it)
+    ours, rest, _ = split_argv(["--model-path", "m", "--shplb-no-warmup", "--port", "1234", "--shplb-always-backend",
+                                "--shplb-dense-fallback", "--host", "h", "--shplb-group-prefill-by-bucket"])
+    assert ours.shplb_no_warmup and ours.shplb_always_backend and ours.shplb_dense_fallback
+    assert rest == ["--model-path", "m", "--port", "1234", "--host", "h"]
 
 
 def test_warmup_switch_reaches_the_scheduler_processes_env():

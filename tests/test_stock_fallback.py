@@ -480,3 +480,26 @@ def test_stock_everywhere_is_the_layers_stock_in_every_bucket():
     plan = Plan(SPEC, buckets, [[DENSE] * SPEC.num_heads] * SPEC.num_layers, {}, {}, stock)
     assert plan.stock_everywhere("decode") == {3} and plan.stock_everywhere("prefill") == frozenset()
     assert Plan(SPEC, buckets, plan.budgets, {}, {}, None).stock_everywhere("decode") == frozenset()
+
+
+def test_all_stock_and_the_launcher_serving_the_stock_backend_outright():
+    """Every layer stock in both phases in every bucket the server's context reaches: the launcher serves the stock
+    backend itself (``stock_outright``); one layer, one phase or one reachable bucket short of it: ``shplb``."""
+    from sglang_shplb.serving.backend import stock_outright
+    buckets = Buckets((4096, 8192, 16384))
+    stock = np.ones((len(PHASES), 3, SPEC.num_layers), dtype=bool)
+    stock[0, 2, 1] = False                          # layer 1 prefills sparse in the 16K bucket only
+    plan = Plan(SPEC, buckets, [[DENSE] * SPEC.num_heads] * SPEC.num_layers, {}, {}, stock)
+    assert plan.all_stock(8192) and plan.all_stock(4096)
+    assert not plan.all_stock(16384) and not plan.all_stock()
+    ctx = lambda n, device="cuda": types.SimpleNamespace(context_length=n, device=device)   # noqa: E731
+    assert stock_outright(plan, ctx(8192), None) == "flashinfer"
+    assert stock_outright(plan, ctx(8192, "cpu"), None) == "torch_native"
+    assert stock_outright(plan, ctx(8192), "triton") == "triton"
+    assert stock_outright(plan, ctx(16384), None) is None
+    # no --context-length: the model's (8192 here, the plan's model)
+    assert stock_outright(plan, ctx(None), None) == "flashinfer"
+    stock[1, 0, 3] = False                          # layer 3 decodes sparse in the first bucket
+    assert not plan.all_stock(4096) and stock_outright(plan, ctx(8192), None) is None
+    assert not Plan(SPEC, buckets, plan.budgets, {}, {}, None).all_stock(4096)   # no stock array: all sparse
+    assert stock_outright(None, ctx(8192), None) is None                        # dense fallback: no plan

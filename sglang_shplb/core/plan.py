@@ -111,6 +111,11 @@ class Plan:
         ``max_context`` can meet (one route for any batch there)."""
         return always_stock([self.stock_layers(phase, b) for b in self.reachable_buckets(max_context)])
 
+    def all_stock(self, max_context: int | None = None) -> bool:
+        """Whether the plan runs every layer on the stock backend, prefill and decode, in every bucket a server of
+        context length ``max_context`` can meet (then the shplb backend would only delegate)."""
+        return all(len(self.stock_everywhere(ph, max_context)) == self.model.num_layers for ph in PHASES)
+
 
 def always_stock(stock_by_bucket) -> frozenset[int]:
     """The layers stock in every bucket of ``stock_by_bucket`` (per bucket, a set of layers; none: empty)."""

@@ -1,8 +1,10 @@
 """The two servers the eval compares, each a real SGLang HTTP server in a process group of its own.
 
 dense:  ``python -m sglang.launch_server --attention-backend torch_native`` (CPU) / ``flashinfer`` (CUDA)
-sparse: ``python -m sglang_shplb.launch_server --shplb-plan PLAN`` (the shplb backend: sparse prefill and
-        decode per the plan; its dense heads run on the same stock backend), one per plan
+sparse: ``python -m sglang_shplb.launch_server --shplb-plan PLAN --shplb-always-backend`` (the shplb backend:
+        sparse prefill and decode per the plan; its dense heads and the layers the plan marks stock run on the same
+        stock backend; through shplb even where the plan marks every layer stock, where the launcher would
+        otherwise serve the stock backend outright), one per plan
 
 Same model, device, dtype and flags otherwise; the radix cache is off so every prompt is a cold
 prefill on both. Generation is greedy (temperature 0) and streamed: TTFT is the time from sending the
@@ -48,10 +50,13 @@ class Generation:
 
 
 def server_specs(model: Path, plans: list[Path], device: str, dtype: str, context_length: int, concurrency: int = 1,
-                 extra: tuple[str, ...] = (), dense_backend: str | None = None) -> tuple[ServerSpec, list[ServerSpec]]:
+                 extra: tuple[str, ...] = (), dense_backend: str | None = None,
+                 always_backend: bool = True) -> tuple[ServerSpec, list[ServerSpec]]:
     """The dense server and one sparse server per plan: the same flags but the backend. Sparse servers are
     named ``sparse`` (one plan) or ``sparse:<plan folder>``. ``dense_backend`` (default
-    :data:`DENSE_BACKEND` of the device) is the dense server's backend and the sparse servers' stock one."""
+    :data:`DENSE_BACKEND` of the device) is the dense server's backend and the sparse servers' stock one.
+    ``always_backend``: through shplb even for a plan stock everywhere (the eval's sparse side); False: as a user's
+    launcher would serve it (the stock backend outright there)."""
     dense_backend = dense_backend or DENSE_BACKEND[device]
     common = ["--model-path", str(model), "--device", device, "--dtype", dtype, "--context-length",
               str(context_length), "--disable-radix-cache", "--random-seed", "0",
@@ -66,7 +71,8 @@ def server_specs(model: Path, plans: list[Path], device: str, dtype: str, contex
     dense = ServerSpec("dense", "sglang.launch_server", (*common, "--attention-backend", dense_backend), env)
     names = ["sparse"] if len(plans) == 1 else [f"sparse:{Path(p).parent.name}" for p in plans]
     stock = () if dense_backend == DENSE_BACKEND[device] else ("--shplb-dense-backend", dense_backend)
-    return dense, [ServerSpec(n, "sglang_shplb.launch_server", (*common, *stock, "--shplb-plan", str(p)), env)
+    always = ("--shplb-always-backend",) if always_backend else ()
+    return dense, [ServerSpec(n, "sglang_shplb.launch_server", (*common, *stock, "--shplb-plan", str(p), *always), env)
                    for n, p in zip(names, plans)]
 
 

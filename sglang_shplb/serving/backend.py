@@ -190,11 +190,8 @@ def page_size_args(plan, args, argv: list[str]) -> tuple[list[str], str]:
     64; the route does without it (the server logs it unavailable)."""
     if plan is None:
         return [], ""
-    ctx = getattr(args, "context_length", None) or plan.model.max_context
-    device = getattr(args, "device", None)
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if not str(device).startswith("cuda"):
+    ctx = server_context(plan, args)
+    if not server_device(args).startswith("cuda"):
         return [], ""                              # the CPU reference path reads the pool per token
     summaries = summary_layers(plan, ctx)
     why = [what for what, needs in (
@@ -211,8 +208,30 @@ def page_size_args(plan, args, argv: list[str]) -> tuple[list[str], str]:
     return ["--page-size", str(SUMMARY_PAGE_SIZE)], "; ".join(why)
 
 
+def server_context(plan, args) -> int:
+    """The context length a server started with SGLang's parsed ``args`` will have (``--context-length``, else the
+    model's, which the plan was validated against)."""
+    return int(getattr(args, "context_length", None) or plan.model.max_context)
+
+
+def server_device(args) -> str:
+    """The device a server started with ``args`` runs on (``--device``, else CUDA where there is one)."""
+    device = getattr(args, "device", None)
+    return str(device) if device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def default_dense_backend(device: str) -> str:
     return "torch_native" if str(device).startswith("cpu") else "flashinfer"
+
+
+def stock_outright(plan, args, dense_backend: str | None) -> str | None:
+    """The stock backend a server should run outright, or None for ``shplb``: when the plan runs every layer on the
+    stock backend, prefill and decode, in every bucket this server's context can reach (:meth:`Plan.all_stock`),
+    the shplb backend would only delegate to it (measured: 4.5 µs of host time per replayed decode step,
+    17 µs per extend, ``bench/delegation_overhead.py``), so SGLang serves the stock one itself."""
+    if plan is None or not plan.all_stock(server_context(plan, args)):
+        return None
+    return dense_backend or default_dense_backend(server_device(args))
 
 
 def load_runner_plan(cfg: ServingConfig, model_path: str, tp_size: int):

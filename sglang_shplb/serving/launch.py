@@ -3,7 +3,10 @@
 Takes every ``sglang.launch_server`` flag plus ours (see ``--help``, group "sglang_shplb"). Order:
 load and validate the plan against the model's config and TP size (exit 3 naming the cause; no plan and
 no ``--shplb-dense-fallback``: exit 4) before SGLang is even imported; parse every flag with SGLang's
-parser (an unknown flag exits 2 naming it); select ``--attention-backend shplb``; on CUDA, when the plan
+parser (an unknown flag exits 2 naming it); where the plan runs every layer on the stock backend at the server's
+context (prefill and decode, every bucket it reaches), serve that stock backend outright unless
+``--shplb-always-backend`` (:func:`~sglang_shplb.serving.backend.stock_outright`); else select
+``--attention-backend shplb``; on CUDA, when the plan
 decodes top-k / vertical-slash heads (their decode page summaries are indexed by 64-slot KV-pool page) or has
 prefill heads cuDNN's block-sparse route may take (it reads 64-slot pages in place), add ``--page-size 64`` if
 no page size is given, and refuse another one where the summaries need it (exit 2 naming the flag); with
@@ -42,6 +45,10 @@ def add_shplb_args(parser: argparse.ArgumentParser) -> None:
                    help="decode steps a top-k / vertical-slash head keeps the pages it selected (LServe's "
                         "reusable page selector; the steps between skip the selection launch's scoring); 1: "
                         "select at every step (default %(default)s)")
+    g.add_argument("--shplb-always-backend", action="store_true",
+                   help="serve through the shplb backend even where the plan runs every layer on the stock backend "
+                        "at this server's context, prefill and decode (without it the launcher then serves the "
+                        "stock backend outright, as `sglang.launch_server --attention-backend NAME` would)")
     g.add_argument("--shplb-no-warmup", action="store_true",
                    help="skip the start-up warm-ups (CUDA): of the sparse extend kernels (every distinct layer run "
                         "once per query / prefix length bucket, so that no request pays a Triton compile or a "
@@ -68,11 +75,12 @@ def build_parser():
 
 
 _OURS = ("shplb_plan", "shplb_dense_fallback", "shplb_dense_backend", "shplb_group_prefill_by_bucket",
-         "shplb_bucket_log_every", "shplb_decode_reselect_every", "shplb_no_warmup")
+         "shplb_bucket_log_every", "shplb_decode_reselect_every", "shplb_no_warmup", "shplb_always_backend")
 
 
-def split_argv(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
-    """(our options, SGLang's argv with ``--attention-backend shplb``). Exits 2 on an unknown flag."""
+def split_argv(argv: list[str]) -> tuple[argparse.Namespace, list[str], argparse.Namespace]:
+    """(our options, SGLang's argv without ``--attention-backend``, every option parsed). Exits 2 on an unknown
+    flag."""
     parser = build_parser()
     args = parser.parse_args(argv)  # full parse: unknown flags and bad values exit 2 with argparse's message
     ours = argparse.Namespace(**{k: getattr(args, k) for k in _OURS})
@@ -87,7 +95,7 @@ def split_argv(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
             continue
         name = a.split("=", 1)[0]
         if name.replace("-", "_").lstrip("_") in _OURS:
-            if "=" not in a and name not in ("--shplb-dense-fallback", "--shplb-group-prefill-by-bucket"):
+            if "=" not in a and parser._option_string_actions[name].nargs != 0:   # a switch takes no value
                 skip = 1
             continue
         if name == "--attention-backend":
@@ -95,7 +103,7 @@ def split_argv(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
                 skip = 1
             continue
         rest.append(a)
-    return ours, rest + ["--attention-backend", "shplb"], args
+    return ours, rest, args
 
 
 def validate_plan(plan_path: str, model_path: str, tp_size: int):
@@ -148,7 +156,6 @@ def main(argv: list[str] | None = None) -> int:
     from sglang_shplb.core.head_map import HeadMapError
     from sglang_shplb.core.plan import PlanError
     from sglang_shplb.serving.config import ServingConfig
-    from sglang_shplb.serving.modes import UnsupportedModeError, check_supported
     pre = None if any(a in ("-h", "--help") for a in argv) else _pre_parse(argv)
     plan = None
     if pre is not None and pre.shplb_plan:
@@ -175,7 +182,15 @@ def main(argv: list[str] | None = None) -> int:
     load_plugins()  # registers the shplb backend choice (the installed entry point) before parsing
     from sglang_shplb.serving.plugin import register
     register()       # when running from a source tree without the entry point installed
-    ours, sgl_argv, args = split_argv(argv)
+    ours, rest, args = split_argv(argv)
+    from sglang_shplb.serving.backend import page_size_args, server_context, stock_outright
+    stock = None if ours.shplb_always_backend else stock_outright(plan, args, ours.shplb_dense_backend)
+    if stock is not None:
+        print(f"sglang_shplb: the plan runs every layer on the stock backend at context {server_context(plan, args)} "
+              f"(prefill and decode, every bucket it reaches): serving with --attention-backend {stock} outright "
+              f"(--shplb-always-backend serves through shplb)", file=sys.stderr)
+        return serve(rest + ["--attention-backend", stock], shplb=False)
+    sgl_argv = rest + ["--attention-backend", "shplb"]
     cfg = ServingConfig(os.path.abspath(ours.shplb_plan) if ours.shplb_plan else None, ours.shplb_dense_fallback,
                         ours.shplb_dense_backend, ours.shplb_group_prefill_by_bucket, ours.shplb_bucket_log_every,
                         ours.shplb_decode_reselect_every, not ours.shplb_no_warmup)
@@ -187,7 +202,6 @@ def main(argv: list[str] | None = None) -> int:
         from sglang_shplb.serving import stock_warmup
         stock_warmup.register()                       # SGLang runs it before serving (--warmups)
         sgl_argv = stock_warmup.with_warmup(sgl_argv)
-    from sglang_shplb.serving.backend import page_size_args
     try:
         extra, why = page_size_args(plan, args, argv)
     except ValueError as e:                      # ShplbPageSizeError, or a bad SHPLB_CUDNN_BLOCKS
@@ -196,17 +210,23 @@ def main(argv: list[str] | None = None) -> int:
     if extra:
         print(f"sglang_shplb: {' '.join(extra)} ({why})", file=sys.stderr)
         sgl_argv = sgl_argv + extra
+    return serve(sgl_argv, shplb=True)
 
-    # 3. SGLang's launcher, in this process
+
+def serve(sgl_argv: list[str], shplb: bool) -> int:
+    """3. SGLang's launcher, in this process (for ``shplb``, after refusing the SGLang modes it does not support)."""
     from sglang.launch_server import run_server
     from sglang.srt.server_args import prepare_server_args
     from sglang.srt.utils import kill_process_tree
+
+    from sglang_shplb.serving.modes import UnsupportedModeError, check_supported
     server_args = prepare_server_args(sgl_argv)
-    try:
-        check_supported(server_args)
-    except UnsupportedModeError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_BAD_ARGS
+    if shplb:
+        try:
+            check_supported(server_args)
+        except UnsupportedModeError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return EXIT_BAD_ARGS
     try:
         run_server(server_args)
     finally:
