@@ -62,6 +62,7 @@ from sglang_shplb.core.patterns import BLOCK  # noqa: E402
 from sglang_shplb.core.plan import load_plan  # noqa: E402
 from sglang_shplb.evaluation.servers import Server, ServerSpec, server_specs  # noqa: E402
 from sglang_shplb.serving.config import BACKEND_NAME, ENV_PLAN  # noqa: E402
+from sglang_shplb.serving.launch import OUTRIGHT_MARK  # noqa: E402
 from sglang_shplb.planning.calibration_data import passkey_prompt  # noqa: E402
 
 DEFAULT_BUDGETS = HERE / "results" / "default_plan"
@@ -147,14 +148,20 @@ def serve_grid(name: str, spec, grid: dict, new_tokens: int, out: Path, plan_dir
     the medians, :func:`median_cell`), then, with ``fresh``, per cell that many requests at lengths the server
     has not served (:func:`fresh_offsets`), each timed once (``fresh_ttft_s``: what a shape's first request
     pays, as in real traffic whose lengths rarely repeat). Errors are recorded, not raised. ``plan_dir`` (shplb
-    servers): each cell records its stock layers per phase (:func:`stock_layers_by_phase`)."""
+    servers): each cell records its stock layers per phase (:func:`stock_layers_by_phase`), unless the launcher
+    served the stock backend outright (``stock_outright``, read from its log)."""
     res = {"server": name, "cmd": " ".join(spec.command(0)), "cells": []}
     plan = load_plan(plan_dir) if plan_dir is not None else None
     t0 = time.time()
     try:
-        with Server(spec, out / f"server_{name.replace('#', '_')}.log", timeout_s=900) as s:
+        log = out / f"server_{name.replace('#', '_')}.log"
+        with Server(spec, log, timeout_s=900) as s:
             res["startup_s"] = round(s.startup_s, 1)
-            print(f"{name}: healthy after {s.startup_s:.0f} s", flush=True)
+            if plan is not None and OUTRIGHT_MARK in log.read_text(errors="replace"):
+                res["stock_outright"], plan = True, None
+            print(f"{name}: healthy after {s.startup_s:.0f} s"
+                  + (" (the launcher serves the stock backend outright)" if res.get("stock_outright") else ""),
+                  flush=True)
             warm = {key: run_cell(s, c["prompts"], new_tokens)["ttft_s"] for key, c in grid.items()}
             passes = [{key: run_cell(s, c["prompts"], new_tokens) for key, c in grid.items()} for _ in range(repeats)]
             for (n, b), c in grid.items():
@@ -368,6 +375,7 @@ def report(results: list[dict], out: Path) -> None:
     for res in results:
         runs = {r["server"]: {(c["length"], c["batch"]): c for c in r.get("cells", [])} for r in res["runs"]}
         stock = runs.get("flashinfer", {})
+        outright = {r["server"]: r.get("stock_outright", False) for r in res["runs"]}
         others = [k for k in runs if k != "flashinfer"]
         print(f"\n{res['which']} ({res['device']}, {res['date']}): TTFT s / decode tok/s; ratios > 1 = shplb faster")
         print("| length | batch | flashinfer | " + " | ".join(f"{k} | × TTFT | × decode" for k in others) + " |")
@@ -379,7 +387,8 @@ def report(results: list[dict], out: Path) -> None:
                     row += ["–", "–", "–"]
                     continue
                 sl = c.get("stock_layers")
-                route = f" (stock layers {sl['prefill']} / {sl['decode']} of {sl['layers']})" if sl else ""
+                route = f" (stock layers {sl['prefill']} / {sl['decode']} of {sl['layers']})" if sl else \
+                    " (stock outright)" if outright.get(k) else ""
                 row += [f"{c['ttft_s']:.3f} / {c['decode_tok_s']:.0f}{route}",
                         f"{stock[key]['ttft_s'] / c['ttft_s']:.2f}", f"{c['decode_tok_s'] / stock[key]['decode_tok_s']:.2f}"]
             print("| " + " | ".join(row) + " |")

@@ -158,3 +158,24 @@ def test_the_route_and_bucketing_variants_set_the_variables_their_readers_read(t
     assert base == "shplb" and flags == () and env == {CUDNN_BUCKETED_PLANS_ENV: "1"}
     given = dict(env)
     assert bucketed_cudnn_plans(given, warmup=True) is None and given == env
+
+
+def test_a_server_the_launcher_served_stock_outright_is_labelled_so(tmp_path, capsys):
+    """``shplb_always`` is the ``shplb`` plan through our backend (the launcher's switch); a run whose log showed the
+    launcher serving the stock backend outright (``stock_outright``) is labelled so in the table, not with its plan's
+    stock layers."""
+    from serve_gpu import VARIANTS, report
+
+    from sglang_shplb.serving.launch import OUTRIGHT_MARK, build_parser
+    base, env, flags = VARIANTS["shplb_always"]
+    assert base == "shplb" and env == {} and build_parser().parse_args(["--model-path", "m", *flags]).shplb_always_backend
+    assert "--shplb-always-backend" in OUTRIGHT_MARK
+    cell = {"length": 2048, "batch": 1, "ttft_s": 0.04, "decode_tok_s": 500.0}
+    res = {"which": "smollm2", "device": "cuda", "date": "d", "runs": [
+        {"server": "flashinfer", "cells": [cell]},
+        {"server": "shplb", "stock_outright": True, "cells": [dict(cell, ttft_s=0.05)]},
+        {"server": "shplb_always", "cells": [dict(cell, stock_layers={"prefill": 30, "decode": 30, "layers": 30})]}]}
+    report([res], tmp_path)
+    out = capsys.readouterr().out
+    assert "0.050 / 500 (stock outright) | 0.80 | 1.00" in out, out
+    assert "0.040 / 500 (stock layers 30 / 30 of 30)" in out and out.count("stock outright") == 1, out

@@ -24,6 +24,8 @@ from sglang_shplb.core.patterns import DECODE_RESELECT_EVERY
 EXIT_BAD_PLAN = 3
 EXIT_NO_PLAN = 4
 EXIT_BAD_ARGS = 2
+#: ends the line the launcher logs where it serves the stock backend outright (benchmarks read the server log for it)
+OUTRIGHT_MARK = "outright (--shplb-always-backend serves through shplb)"
 
 
 def add_shplb_args(parser: argparse.ArgumentParser) -> None:
@@ -187,8 +189,8 @@ def main(argv: list[str] | None = None) -> int:
     stock = None if ours.shplb_always_backend else stock_outright(plan, args, ours.shplb_dense_backend)
     if stock is not None:
         print(f"sglang_shplb: the plan runs every layer on the stock backend at context {server_context(plan, args)} "
-              f"(prefill and decode, every bucket it reaches): serving with --attention-backend {stock} outright "
-              f"(--shplb-always-backend serves through shplb)", file=sys.stderr)
+              f"(prefill and decode, every bucket it reaches): serving with --attention-backend {stock} "
+              f"{OUTRIGHT_MARK}", file=sys.stderr)
         return serve(rest + ["--attention-backend", stock], shplb=False)
     sgl_argv = rest + ["--attention-backend", "shplb"]
     cfg = ServingConfig(os.path.abspath(ours.shplb_plan) if ours.shplb_plan else None, ours.shplb_dense_fallback,
