@@ -4,9 +4,11 @@ lengths and batch sizes: TTFT and decode tokens/s as a client sees them, with th
     python bench/serve_gpu.py llama8b --servers flashinfer,shplb_sparse,shplb --out $OUT   # Llama-3-8B shape, dummy
     python bench/serve_gpu.py smollm2 --servers flashinfer,shplb --out $OUT                # SmolLM2, pass-key prompts
     python bench/serve_gpu.py smollm2 --cpu-smoke --out /tmp/smoke                          # the logic, on this CPU
+    python bench/serve_gpu.py smollm2 --servers flashinfer,shplb_always --interleave --out $OUT   # side by side
     python bench/serve_gpu.py --plot RUN.json [RUN.json ...] --out DIR                     # table + PNG from results
 
-Servers (one at a time, the same flags but the backend):
+Servers (one at a time, or with ``--interleave`` all up at once with their passes taking turns,
+:func:`serve_interleaved`; the same flags but the backend):
 
 * ``flashinfer``: ``sglang.launch_server --attention-backend flashinfer`` (``torch_native`` with ``--cpu-smoke``);
 * ``shplb``: the plan as ``place`` ships it, layers marked stock per phase and bucket where the cost model does
@@ -44,6 +46,7 @@ the warm-up pass's first requests took over the measured ones (:func:`cold_start
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -142,6 +145,39 @@ def fresh_offsets(n: int, k: int) -> list[int]:
     return [o for o in (61 + step * j for j in range(k)) if o < n // 2]
 
 
+def started(name: str, server: Server, plan):
+    """A healthy server's run record, and the plan whose stock layers its cells record: None where the launcher served
+    the stock backend outright (its log says so; the record's ``stock_outright``)."""
+    res = {"server": name, "cmd": " ".join(server.spec.command(0)), "startup_s": round(server.startup_s, 1),
+           "cells": []}
+    if plan is not None and OUTRIGHT_MARK in server.log.read_text(errors="replace"):
+        res["stock_outright"], plan = True, None
+    print(f"{name}: healthy after {server.startup_s:.0f} s"
+          + (" (the launcher serves the stock backend outright)" if res.get("stock_outright") else ""), flush=True)
+    return res, plan
+
+
+def grid_pass(server: Server, grid: dict, new_tokens: int) -> dict:
+    """One pass over the grid: (length, batch) → :func:`run_cell`."""
+    return {key: run_cell(server, c["prompts"], new_tokens) for key, c in grid.items()}
+
+
+def grid_cell(name: str, key: tuple[int, int], c: dict, warm_ttft: float, passes: list[dict], plan,
+              new_tokens: int) -> dict:
+    """A cell's record over its measured passes (:func:`median_cell`), with the warm-up's TTFT, the plan's stock
+    layers and, on pass-key prompts, which keys the answers hold."""
+    n, b = key
+    cell = {"length": n, "batch": b, "prompt_tokens": len(c["prompts"][0]), "first_ttft_s": warm_ttft,
+            **median_cell(passes)}
+    if plan is not None:
+        cell["stock_layers"] = stock_layers_by_phase(plan, n, new_tokens)
+    if c["keys"]:
+        cell["passkey_found"] = [str(k) in t for k, t in zip(c["keys"], cell["texts"])]
+    print(f"{name} n={n:>6} b={b:>2}: ttft {cell['ttft_s']:.4f} s (first {cell['first_ttft_s']:.3f}), "
+          f"decode {cell['decode_tok_s']:.1f} tok/s", flush=True)
+    return cell
+
+
 def serve_grid(name: str, spec, grid: dict, new_tokens: int, out: Path, plan_dir: Path | None = None,
                repeats: int = 1, fresh: int = 0) -> dict:
     """One server over the grid: warm-up pass, ``repeats`` measured passes (each over the whole grid; per cell
@@ -149,43 +185,92 @@ def serve_grid(name: str, spec, grid: dict, new_tokens: int, out: Path, plan_dir
     has not served (:func:`fresh_offsets`), each timed once (``fresh_ttft_s``: what a shape's first request
     pays, as in real traffic whose lengths rarely repeat). Errors are recorded, not raised. ``plan_dir`` (shplb
     servers): each cell records its stock layers per phase (:func:`stock_layers_by_phase`), unless the launcher
-    served the stock backend outright (``stock_outright``, read from its log)."""
+    served the stock backend outright (:func:`started`)."""
     res = {"server": name, "cmd": " ".join(spec.command(0)), "cells": []}
     plan = load_plan(plan_dir) if plan_dir is not None else None
     t0 = time.time()
     try:
-        log = out / f"server_{name.replace('#', '_')}.log"
-        with Server(spec, log, timeout_s=900) as s:
-            res["startup_s"] = round(s.startup_s, 1)
-            if plan is not None and OUTRIGHT_MARK in log.read_text(errors="replace"):
-                res["stock_outright"], plan = True, None
-            print(f"{name}: healthy after {s.startup_s:.0f} s"
-                  + (" (the launcher serves the stock backend outright)" if res.get("stock_outright") else ""),
-                  flush=True)
+        with Server(spec, out / f"server_{name.replace('#', '_')}.log", timeout_s=900) as s:
+            res, plan = started(name, s, plan)
             warm = {key: run_cell(s, c["prompts"], new_tokens)["ttft_s"] for key, c in grid.items()}
-            passes = [{key: run_cell(s, c["prompts"], new_tokens) for key, c in grid.items()} for _ in range(repeats)]
-            for (n, b), c in grid.items():
-                cell = {"length": n, "batch": b, "prompt_tokens": len(c["prompts"][0]), "first_ttft_s": warm[(n, b)],
-                        **median_cell([p[(n, b)] for p in passes])}
-                if plan is not None:
-                    cell["stock_layers"] = stock_layers_by_phase(plan, n, new_tokens)
-                if c["keys"]:
-                    cell["passkey_found"] = [str(k) in t for k, t in zip(c["keys"], cell["texts"])]
+            passes = [grid_pass(s, grid, new_tokens) for _ in range(repeats)]
+            for key, c in grid.items():
+                cell = grid_cell(name, key, c, warm[key], [p[key] for p in passes], plan, new_tokens)
                 if fresh:
-                    offs = fresh_offsets(n, fresh)
-                    cell["fresh_lengths"] = [n - o for o in offs]
+                    offs = fresh_offsets(key[0], fresh)
+                    cell["fresh_lengths"] = [key[0] - o for o in offs]
                     cell["fresh_ttft_s"] = [run_cell(s, [p[o:] for p in c["prompts"]], new_tokens)["ttft_s"]
                                             for o in offs]
+                    print(f"{name} n={key[0]:>6} b={key[1]:>2}: fresh lengths ttft "
+                          f"{', '.join(f'{t:.3f}' for t in cell['fresh_ttft_s'])} s", flush=True)
                 res["cells"].append(cell)
-                print(f"{name} n={n:>6} b={b:>2}: ttft {cell['ttft_s']:.4f} s (first {cell['first_ttft_s']:.3f}), "
-                      f"decode {cell['decode_tok_s']:.1f} tok/s"
-                      + (f"; fresh lengths ttft {', '.join(f'{t:.3f}' for t in cell['fresh_ttft_s'])} s"
-                         if cell.get("fresh_ttft_s") else ""), flush=True)
     except Exception as e:   # a failed server is a result too; the next one still runs
         res["error"] = f"{type(e).__name__}: {e}"[-3000:]
         print(f"{name}: ERROR {res['error']}", flush=True)
     res["wall_s"] = round(time.time() - t0, 1)
     return res
+
+
+@dataclasses.dataclass
+class Live:
+    """A server of an interleaved run while it is up: its record, plan, warm-up TTFTs and measured passes."""
+    name: str
+    server: Server
+    res: dict
+    plan: object
+    warm: dict
+    passes: list = dataclasses.field(default_factory=list)
+
+
+def rotated(items: list, r: int) -> list:
+    """``items`` starting from its ``r``-th (modulo its length): round ``r``'s order of an interleaved run."""
+    k = r % len(items) if items else 0
+    return items[k:] + items[:k]
+
+
+def serve_interleaved(servers: list[tuple[str, ServerSpec, Path | None]], grid: dict, new_tokens: int, out: Path,
+                      repeats: int) -> list[dict]:
+    """Every server up at once (started one after another, each healthy before the next starts), a warm-up pass each,
+    then ``repeats`` rounds in which every server takes one measured pass over the grid, in an order rotated by one
+    each round (:func:`rotated`): the machine's drift over time falls on every server alike (round 31: one server's
+    SmolLM2 decode moved 430 → 711 tok/s from pass to pass, more than servers differ). Per cell the medians over the
+    passes, as :func:`serve_grid`. A server that fails to start or errors is recorded and left out of later rounds."""
+    records, live = [], []
+    t0 = time.time()
+    with contextlib.ExitStack() as stack:
+        for name, spec, plan_dir in servers:
+            try:
+                s = stack.enter_context(Server(spec, out / f"server_{name.replace('#', '_')}.log", timeout_s=900))
+                res, plan = started(name, s, load_plan(plan_dir) if plan_dir is not None else None)
+                live.append(Live(name, s, res, plan, grid_pass(s, grid, new_tokens)))
+            except Exception as e:
+                records.append({"server": name, "cmd": " ".join(spec.command(0)), "cells": [],
+                                "error": f"{type(e).__name__}: {e}"[-3000:]})
+                print(f"{name}: ERROR {records[-1]['error']}", flush=True)
+        for r in range(repeats):
+            order = rotated([x for x in live if "error" not in x.res], r)
+            print(f"interleaved round {r + 1}/{repeats}: {', '.join(x.name for x in order)}", flush=True)
+            for x in order:
+                try:
+                    x.passes.append(grid_pass(x.server, grid, new_tokens))
+                except Exception as e:   # recorded; the others go on
+                    x.res["error"] = f"{type(e).__name__}: {e}"[-3000:]
+                    print(f"{x.name}: ERROR {x.res['error']}", flush=True)
+    for x in live:
+        x.res.update(interleaved=True, rounds=len(x.passes), wall_s=round(time.time() - t0, 1))
+        x.res["cells"] = [grid_cell(x.name, key, c, x.warm[key]["ttft_s"], [p[key] for p in x.passes], x.plan,
+                                    new_tokens) for key, c in grid.items()] if x.passes else []
+        records.append(x.res)
+    order = [name for name, _, _ in servers]
+    return sorted(records, key=lambda r: order.index(r["server"]))
+
+
+def share_memory(extra: tuple[str, ...], n: int) -> tuple[str, ...]:
+    """``extra`` with its ``--mem-fraction-static`` split among ``n`` servers up at once (unchanged without one)."""
+    if "--mem-fraction-static" not in extra:
+        return extra
+    i = extra.index("--mem-fraction-static") + 1
+    return (*extra[:i], f"{float(extra[i]) / n:.3f}", *extra[i + 1:])
 
 
 def build_grid(which: str, tok, lengths, batches, max_batch_tokens) -> dict:
@@ -242,6 +327,10 @@ def main() -> None:
                     help="per cell, this many more requests at lengths never served before, timed once each")
     ap.add_argument("--fresh-caches", action="store_true",
                     help="each server with empty Triton and FlashInfer JIT caches (a fresh machine's cold start)")
+    ap.add_argument("--interleave", action="store_true",
+                    help="every server up at once, their measured passes taking turns (serve_interleaved): drift of "
+                         "the machine falls on all alike; each gets 1/N of --mem-fraction-static and, on CUDA, "
+                         "--sleep-on-idle")
     ap.add_argument("--cpu-smoke", action="store_true", help="CPU, float32, torch_native, tiny grid: the logic")
     ap.add_argument("--plot", nargs="+", default=None, help="result JSONs: print the ratio table, write a PNG")
     a = ap.parse_args()
@@ -276,6 +365,13 @@ def main() -> None:
         ctx = 8192
         if not a.cpu_smoke:
             extra = ("--mem-fraction-static", "0.5")
+    names = a.servers.split(",")
+    if a.interleave:
+        if a.fresh_lengths or a.fresh_caches:
+            ap.error("--interleave measures servers side by side: without --fresh-lengths / --fresh-caches")
+        # idle servers wait on their sockets instead of spinning a core each (a request wakes them at once; the CPU
+        # servers of server_specs already do)
+        extra = share_memory(extra, len(names)) + (() if a.cpu_smoke else ("--sleep-on-idle",))
     grid = build_grid(a.which, tok, lengths, batches, a.max_batch_tokens)
     plans = make_plans(a.which, model, out)
     conc = max(batches)
@@ -284,7 +380,8 @@ def main() -> None:
                                                                                             plans.items()},
               "runs": []}
     path = out / f"serve_{a.which}{'_cpu_smoke' if a.cpu_smoke else ''}.json"
-    for name in a.servers.split(","):
+    specs = []
+    for name in names:
         kind = server_kind(name)
         base, env, flags = VARIANTS.get(kind, (VIA_SGLANG.get(kind, kind), {}, ()))
         if base not in plans and kind != "flashinfer":
@@ -297,15 +394,21 @@ def main() -> None:
         spec = dense if kind == "flashinfer" else via_sglang(dense, Path(plan)) if kind in VIA_SGLANG else sparse
         if env:
             spec = dataclasses.replace(spec, env={**spec.env, **env})
-        with tempfile.TemporaryDirectory() as caches:
-            if a.fresh_caches:
-                spec = dataclasses.replace(spec, env={**spec.env, "TRITON_CACHE_DIR": f"{caches}/triton",
-                                                      "FLASHINFER_WORKSPACE_BASE": f"{caches}/flashinfer"})
-            run = serve_grid(name, spec, grid, a.new_tokens, out, None if kind == "flashinfer" else Path(plan),
-                             a.repeats or (1 if a.which == "llama8b" else 5), a.fresh_lengths)
-        run["fresh_caches"] = a.fresh_caches
-        result["runs"].append(run)
+        specs.append((name, spec, None if kind == "flashinfer" else Path(plan)))
+    repeats = a.repeats or (1 if a.which == "llama8b" else 5)
+    if a.interleave:
+        result["runs"] = serve_interleaved(specs, grid, a.new_tokens, out, repeats)
         path.write_text(json.dumps(result, indent=1))
+    else:
+        for name, spec, plan in specs:
+            with tempfile.TemporaryDirectory() as caches:
+                if a.fresh_caches:
+                    spec = dataclasses.replace(spec, env={**spec.env, "TRITON_CACHE_DIR": f"{caches}/triton",
+                                                          "FLASHINFER_WORKSPACE_BASE": f"{caches}/flashinfer"})
+                run = serve_grid(name, spec, grid, a.new_tokens, out, plan, repeats, a.fresh_lengths)
+            run["fresh_caches"] = a.fresh_caches
+            result["runs"].append(run)
+            path.write_text(json.dumps(result, indent=1))
     print("wrote", path, flush=True)
     report([result], out)
 

@@ -5,7 +5,8 @@
 # serve: the Llama-3-8B shape then SmolLM2, each against stock FlashInfer (bench/serve_gpu.py's grid).
 #   LLAMA_SERVERS (default shplb,flashinfer), LLAMA_FLAGS (more bench/serve_gpu.py flags, e.g. "--lengths 2048,4096
 #   --context-length 131200 --repeats 3"), SMOL_SERVERS (default flashinfer,shplb,flashinfer#2: the stock server
-#   again after ours, whose ratios to the first are the noise floor): which servers, in order.
+#   again after ours, whose ratios to the first are the noise floor): which servers, in order; SMOL_FLAGS (more
+#   bench/serve_gpu.py flags, e.g. "--interleave": every server up at once, passes taking turns).
 # decode: bench/decode.py sized for a 131,200-token server (as serve's) against sized for each request.
 # tests: the kernel-path and kernel tests compiled on the GPU (the machine's own pytest).
 # PYTHONPATH_EXTRA: more import paths after /tmp/site (e.g. cutlass-dsl's dsl_packages, which a pip install
@@ -30,7 +31,8 @@ for w in ${what//,/ }; do
   case "$w" in
     llama8b) python3 bench/serve_gpu.py llama8b --out "$OUT/llama8b" --servers "${LLAMA_SERVERS:-shplb,flashinfer}" \
                ${LLAMA_FLAGS:-} ;;
-    smollm2) python3 bench/serve_gpu.py smollm2 --out "$OUT/smollm2" --servers "${SMOL_SERVERS:-flashinfer,shplb,flashinfer#2}" ;;
+    smollm2) python3 bench/serve_gpu.py smollm2 --out "$OUT/smollm2" --servers "${SMOL_SERVERS:-flashinfer,shplb,flashinfer#2}" \
+               ${SMOL_FLAGS:-} ;;
     decode)
       python3 bench/decode.py --ctx 32768,65536 --batch 1,4 --server-ctx 131200 --budget-s 90 --out "$OUT/decode_server_ctx"
       python3 bench/decode.py --ctx 32768,65536 --batch 1,4 --budget-s 90 --out "$OUT/decode_request_ctx" ;;

@@ -179,3 +179,52 @@ def test_a_server_the_launcher_served_stock_outright_is_labelled_so(tmp_path, ca
     out = capsys.readouterr().out
     assert "0.050 / 500 (stock outright) | 0.80 | 1.00" in out, out
     assert "0.040 / 500 (stock layers 30 / 30 of 30)" in out and out.count("stock outright") == 1, out
+
+
+class _FakeServer:
+    """Stands in for a started server in ``serve_interleaved``: records which server each request went to."""
+    calls: list[str] = []
+
+    def __init__(self, spec, log, timeout_s=900):
+        if spec.name == "broken":
+            raise RuntimeError("did not start")
+        self.spec, self.log, self.startup_s, self.requests = spec, log, 1.0, 0
+        log.write_text("healthy\n")
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return None
+
+    def generate(self, ids, new_tokens, ignore_eos=False):
+        self.requests += 1
+        if self.spec.name == "flaky" and self.requests > 2:          # the warm-up and one measured pass, then fails
+            raise RuntimeError("server died")
+        _FakeServer.calls.append(self.spec.name)
+        return gen(0.0, 0.01 * len(ids), new_tokens, 0.002)
+
+
+def test_interleaved_servers_take_turns_rotated_each_round(tmp_path, monkeypatch):
+    import serve_gpu
+    from serve_gpu import rotated, serve_interleaved, share_memory
+
+    from sglang_shplb.evaluation.servers import ServerSpec
+    assert rotated([1, 2, 3], 0) == [1, 2, 3] and rotated([1, 2, 3], 1) == [2, 3, 1] and rotated([1, 2, 3], 4) == \
+        [2, 3, 1] and rotated([], 2) == []
+    assert share_memory(("--x", "1", "--mem-fraction-static", "0.5"), 2) == ("--x", "1", "--mem-fraction-static",
+                                                                            "0.250")
+    assert share_memory(("--x", "1"), 3) == ("--x", "1")
+    monkeypatch.setattr(serve_gpu, "Server", _FakeServer)
+    _FakeServer.calls = []
+    grid = {(4, 1): {"prompts": [[1, 2, 3, 4]], "keys": None}}
+    servers = [(n, ServerSpec(n, "m", ()), None) for n in ("a", "b", "broken", "flaky")]
+    runs = serve_interleaved(servers, grid, 8, tmp_path, repeats=3)
+    assert [r["server"] for r in runs] == ["a", "b", "broken", "flaky"]
+    # warm-ups in start order, then round 1 a b flaky, round 2 b flaky(dies) a, round 3 (flaky out) a b
+    assert _FakeServer.calls == ["a", "b", "flaky", "a", "b", "flaky", "b", "a", "a", "b"]
+    a, b, broken, flaky = runs
+    assert "did not start" in broken["error"] and not broken["cells"]
+    assert "server died" in flaky["error"] and flaky["rounds"] == 1 and len(flaky["cells"]) == 1
+    assert a["rounds"] == b["rounds"] == 3 and a["interleaved"] and "error" not in a
+    assert len(a["cells"][0]["ttft_all_s"]) == 3 and a["cells"][0]["ttft_s"] == pytest.approx(0.04)
