@@ -145,6 +145,11 @@ def fresh_offsets(n: int, k: int) -> list[int]:
     return [o for o in (61 + step * j for j in range(k)) if o < n // 2]
 
 
+def server_log(out: Path, name: str) -> Path:
+    """Where a server's log goes (``flashinfer#2`` → ``server_flashinfer_2.log``)."""
+    return out / f"server_{name.replace('#', '_')}.log"
+
+
 def started(name: str, server: Server, plan):
     """A healthy server's run record, and the plan whose stock layers its cells record: None where the launcher served
     the stock backend outright (its log says so; the record's ``stock_outright``)."""
@@ -190,7 +195,7 @@ def serve_grid(name: str, spec, grid: dict, new_tokens: int, out: Path, plan_dir
     plan = load_plan(plan_dir) if plan_dir is not None else None
     t0 = time.time()
     try:
-        with Server(spec, out / f"server_{name.replace('#', '_')}.log", timeout_s=900) as s:
+        with Server(spec, server_log(out, name), timeout_s=900) as s:
             res, plan = started(name, s, plan)
             warm = {key: run_cell(s, c["prompts"], new_tokens)["ttft_s"] for key, c in grid.items()}
             passes = [grid_pass(s, grid, new_tokens) for _ in range(repeats)]
@@ -240,7 +245,7 @@ def serve_interleaved(servers: list[tuple[str, ServerSpec, Path | None]], grid: 
     with contextlib.ExitStack() as stack:
         for name, spec, plan_dir in servers:
             try:
-                s = stack.enter_context(Server(spec, out / f"server_{name.replace('#', '_')}.log", timeout_s=900))
+                s = stack.enter_context(Server(spec, server_log(out, name), timeout_s=900))
                 res, plan = started(name, s, load_plan(plan_dir) if plan_dir is not None else None)
                 live.append(Live(name, s, res, plan, grid_pass(s, grid, new_tokens)))
             except Exception as e:

@@ -228,3 +228,4 @@ def test_interleaved_servers_take_turns_rotated_each_round(tmp_path, monkeypatch
     assert "server died" in flaky["error"] and flaky["rounds"] == 1 and len(flaky["cells"]) == 1
     assert a["rounds"] == b["rounds"] == 3 and a["interleaved"] and "error" not in a
     assert len(a["cells"][0]["ttft_all_s"]) == 3 and a["cells"][0]["ttft_s"] == pytest.approx(0.04)
+    assert sorted(p.name for p in tmp_path.glob("server_*.log")) == ["server_a.log", "server_b.log", "server_flaky.log"]
