@@ -52,11 +52,13 @@ def run_args(model: str, backend: str, device: str, dtype: str, batches: list[in
 
 
 def backend_env(backend: str, plan: Path, dense_backend: str) -> dict[str, str]:
-    """This process's environment, plus the plan's for ``shplb`` (the stock backend the plan's stock layers use)."""
+    """This process's environment, plus the plan's for ``shplb`` (the stock backend the plan's stock layers use),
+    through our backend even for a plan stock everywhere (the factory would serve such a plan's stock backend
+    outright, and there would be nothing to compare)."""
     env = dict(os.environ)
     if backend == SHPLB:
         env.update(ServingConfig(plan_path=str(plan), dense_fallback=False, dense_backend=dense_backend,
-                                 group_prefill_by_bucket=False, bucket_log_every=0).to_env())
+                                 group_prefill_by_bucket=False, bucket_log_every=0, always_backend=True).to_env())
     return env
 
 

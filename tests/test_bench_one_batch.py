@@ -9,7 +9,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
 from one_batch import SHPLB, backend_env, run_args, summarize, table  # noqa: E402
 
-from sglang_shplb.serving.config import ENV_DENSE_BACKEND, ENV_PLAN  # noqa: E402
+from sglang_shplb.serving.config import ENV_ALWAYS, ENV_DENSE_BACKEND, ENV_PLAN  # noqa: E402
 
 
 def row(bs, il, prefill, step):
@@ -33,7 +33,7 @@ def test_only_shplb_runs_get_the_plan(monkeypatch, tmp_path):
     monkeypatch.delenv(ENV_PLAN, raising=False)
     assert ENV_PLAN not in backend_env("flashinfer", tmp_path, "flashinfer")
     env = backend_env(SHPLB, tmp_path, "flashinfer")
-    assert env[ENV_PLAN] == str(tmp_path) and env[ENV_DENSE_BACKEND] == "flashinfer"
+    assert env[ENV_PLAN] == str(tmp_path) and env[ENV_DENSE_BACKEND] == "flashinfer" and env[ENV_ALWAYS] == "1"
     cmd = run_args("/m", SHPLB, "cuda", "bfloat16", [1, 4], [2048], 64, tmp_path / "r.jsonl", ["--x"])
     assert cmd[cmd.index("--attention-backend") + 1] == SHPLB and cmd[-1] == "--x"
     assert cmd[cmd.index("--batch-size") + 1:cmd.index("--batch-size") + 3] == ["1", "4"]

@@ -496,6 +496,7 @@ def test_all_stock_and_the_launcher_serving_the_stock_backend_outright():
     assert stock_outright(plan, ctx(8192), None) == "flashinfer"
     assert stock_outright(plan, ctx(8192, "cpu"), None) == "torch_native"
     assert stock_outright(plan, ctx(8192), "triton") == "triton"
+    assert stock_outright(plan, ctx(8192), None, always=True) is None            # --shplb-always-backend
     assert stock_outright(plan, ctx(16384), None) is None
     # no --context-length: the model's (8192 here, the plan's model)
     assert stock_outright(plan, ctx(None), None) == "flashinfer"
@@ -503,3 +504,40 @@ def test_all_stock_and_the_launcher_serving_the_stock_backend_outright():
     assert not plan.all_stock(4096) and stock_outright(plan, ctx(8192), None) is None
     assert not Plan(SPEC, buckets, plan.budgets, {}, {}, None).all_stock(4096)   # no stock array: all sparse
     assert stock_outright(None, ctx(8192), None) is None                        # dense fallback: no plan
+
+
+def test_the_backend_factory_and_the_bucket_hook_serve_an_all_stock_plan_outright(monkeypatch):
+    """A server SGLang's own launcher started with ``--attention-backend shplb`` and ``SHPLB_PLAN`` (the plugin):
+    the backend factory builds the stock backend itself where our launcher would serve it outright, and the
+    scheduler's bucket hook stays off there; past the plan's stock context, or with ``SHPLB_ALWAYS_BACKEND=1``,
+    both are ours (the same rule, ``stock_outright``)."""
+    from sglang.srt.layers.attention import attention_registry
+    from sglang_shplb.scheduler import bucket_hook
+    from sglang_shplb.serving import backend, plugin
+    from sglang_shplb.serving.config import ENV_ALWAYS, ENV_PLAN
+    stock = np.ones((len(PHASES), 3, SPEC.num_layers), dtype=bool)
+    stock[0, 2, 1] = False                          # layer 1 prefills sparse in the 16K bucket only
+    plan = Plan(SPEC, Buckets((4096, 8192, 16384)), [[DENSE] * SPEC.num_heads] * SPEC.num_layers, {}, {}, stock)
+    monkeypatch.setenv(ENV_PLAN, "plan-dir")
+    monkeypatch.setattr(backend, "load_runner_plan", lambda cfg, model_path, tp_size: plan)
+    monkeypatch.setattr(plugin, "_configured_plan", lambda: plan)
+    monkeypatch.setitem(attention_registry.ATTENTION_BACKENDS, "torch_native", lambda runner: "torch_native")
+    monkeypatch.setattr(backend, "ShplbAttnBackend", lambda runner, cfg, plan: "shplb")
+    hooked = []
+    monkeypatch.setattr(bucket_hook, "configure_buckets", lambda buckets, *a, **k: hooked.append(buckets) or
+                        types.SimpleNamespace(buckets=buckets, _counter=None))
+
+    def serve(ctx: int) -> tuple[str, bool]:
+        args = types.SimpleNamespace(context_length=ctx, device="cpu", attention_backend="shplb")
+        runner = types.SimpleNamespace(model_config=types.SimpleNamespace(model_path="m"),
+                                       ps=types.SimpleNamespace(tp_size=1), server_args=args)
+        n = len(hooked)
+        built = backend.create_shplb_backend(runner)
+        plugin.after_scheduler_init(None, types.SimpleNamespace(server_args=args))
+        return built, len(hooked) > n
+
+    monkeypatch.delenv(ENV_ALWAYS, raising=False)
+    assert serve(8192) == ("torch_native", False)
+    assert serve(16384) == ("shplb", True) and hooked[-1] is plan.buckets
+    monkeypatch.setenv(ENV_ALWAYS, "1")
+    assert serve(8192) == ("shplb", True)

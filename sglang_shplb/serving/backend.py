@@ -224,12 +224,14 @@ def default_dense_backend(device: str) -> str:
     return "torch_native" if str(device).startswith("cpu") else "flashinfer"
 
 
-def stock_outright(plan, args, dense_backend: str | None) -> str | None:
+def stock_outright(plan, args, dense_backend: str | None, always: bool = False) -> str | None:
     """The stock backend a server should run outright, or None for ``shplb``: when the plan runs every layer on the
     stock backend, prefill and decode, in every bucket this server's context can reach (:meth:`Plan.all_stock`),
     the shplb backend would only delegate to it (measured: 4.5 µs of host time per replayed decode step,
-    17 µs per extend, ``bench/delegation_overhead.py``), so SGLang serves the stock one itself."""
-    if plan is None or not plan.all_stock(server_context(plan, args)):
+    17 µs per extend, ``bench/delegation_overhead.py``), so SGLang serves the stock one itself. ``always``
+    (``--shplb-always-backend``, ``SHPLB_ALWAYS_BACKEND=1``) keeps ``shplb``. The one rule for our launcher, the
+    backend factory and the scheduler hook of a server SGLang's own launcher started."""
+    if always or plan is None or not plan.all_stock(server_context(plan, args)):
         return None
     return dense_backend or default_dense_backend(server_device(args))
 
@@ -733,7 +735,18 @@ def _per_head(q, o, layer):
 
 
 def create_shplb_backend(runner):
-    return ShplbAttnBackend(runner)
+    """SGLang's factory for ``--attention-backend shplb``. A plan stock everywhere this server reaches
+    (:func:`stock_outright`) gets the stock backend itself, as our launcher would have served it: this is the path of
+    a server SGLang's own launcher started with ``SHPLB_PLAN`` set (the plugin), or of SGLang's ``one_batch``."""
+    from sglang.srt.layers.attention.attention_registry import ATTENTION_BACKENDS
+    cfg = ServingConfig.from_env()
+    plan = load_runner_plan(cfg, runner.model_config.model_path, runner.ps.tp_size)
+    stock = stock_outright(plan, runner.server_args, cfg.dense_backend, cfg.always_backend)
+    if stock is not None:
+        logger.info("shplb: the plan runs every layer on the stock backend at context %d: %s serves this server "
+                    "outright (SHPLB_ALWAYS_BACKEND=1 keeps shplb)", server_context(plan, runner.server_args), stock)
+        return ATTENTION_BACKENDS[stock](runner)
+    return ShplbAttnBackend(runner, cfg, plan)
 
 
 register_summary_budget_hook()   # also on import (tests and direct users rely on it); plugin.register() calls it too

@@ -186,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     register()       # when running from a source tree without the entry point installed
     ours, rest, args = split_argv(argv)
     from sglang_shplb.serving.backend import page_size_args, server_context, stock_outright
-    stock = None if ours.shplb_always_backend else stock_outright(plan, args, ours.shplb_dense_backend)
+    stock = stock_outright(plan, args, ours.shplb_dense_backend, ours.shplb_always_backend)
     if stock is not None:
         print(f"sglang_shplb: the plan runs every layer on the stock backend at context {server_context(plan, args)} "
               f"(prefill and decode, every bucket it reaches): serving with --attention-backend {stock} "
@@ -195,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     sgl_argv = rest + ["--attention-backend", "shplb"]
     cfg = ServingConfig(os.path.abspath(ours.shplb_plan) if ours.shplb_plan else None, ours.shplb_dense_fallback,
                         ours.shplb_dense_backend, ours.shplb_group_prefill_by_bucket, ours.shplb_bucket_log_every,
-                        ours.shplb_decode_reselect_every, not ours.shplb_no_warmup)
+                        ours.shplb_decode_reselect_every, not ours.shplb_no_warmup, ours.shplb_always_backend)
     os.environ.update(cfg.to_env())
     note = bucketed_cudnn_plans(os.environ, cfg.warmup)
     if note:

@@ -7,7 +7,8 @@ TP worker). It registers the ``shplb`` attention backend and its CLI choice, and
   answers, so on CPU SGLang treats ``shplb`` like ``torch_native`` (no Triton cache-index kernels).
 * ``ForwardBatch.init_new`` (AFTER) and ``SchedulePolicy.calc_priority`` (AFTER): the context-bucket
   hook and the group-prefill-by-bucket policy (:mod:`sglang_shplb.scheduler.bucket_hook`).
-* ``Scheduler.__init__`` (AFTER): turn the bucket hook on in schedulers that serve ``shplb``.
+* ``Scheduler.__init__`` (AFTER): turn the bucket hook on in schedulers that serve ``shplb`` (not where the backend
+  factory serves a plan stock everywhere on the stock backend outright).
 * ``DefaultPoolConfigurator._compute_cell_size`` (AFTER): count the decode page summaries in SGLang's per-token
   KV cell size (:func:`sglang_shplb.serving.backend.register_summary_budget_hook`), so the pool is sized with
   them. Registered here explicitly, before ``load_plugins()`` applies the hooks (idempotent).
@@ -40,22 +41,24 @@ def support_triton_hook(original_fn, backend, *args, **kwargs):
     return original_fn(backend, *args, **kwargs)
 
 
-def _plan_buckets():
-    """Bucket edges of the configured plan (through the one plan reader), or the default edges."""
-    from sglang_shplb.core.buckets import Buckets
+def _configured_plan():
+    """The configured plan (through the one plan reader), or None: no plan, or one that does not load (the backend's
+    load_plan, with the model, reports it as the server's error)."""
     from sglang_shplb.core.plan import PlanError, load_plan
     from sglang_shplb.serving.config import ServingConfig
     cfg = ServingConfig.from_env()
     if cfg.plan_path:
         try:
-            return load_plan(cfg.plan_path).buckets
-        except PlanError as e:  # the backend's load_plan, with the model, reports it as the server's error
-            logger.warning("shplb: could not read bucket edges from %s: %s", cfg.plan_path, e)
-    return Buckets()
+            return load_plan(cfg.plan_path)
+        except PlanError as e:
+            logger.warning("shplb: could not read the plan %s: %s", cfg.plan_path, e)
+    return None
 
 
 def after_scheduler_init(result, sched, *args, **kwargs):
+    from sglang_shplb.core.buckets import Buckets
     from sglang_shplb.scheduler.bucket_hook import configure_buckets
+    from sglang_shplb.serving.backend import stock_outright
     from sglang_shplb.serving.config import BACKEND_NAME, ServingConfig
     sa = getattr(sched, "server_args", None)
     if sa is None:
@@ -65,8 +68,11 @@ def after_scheduler_init(result, sched, *args, **kwargs):
     if BACKEND_NAME not in names:
         return None
     cfg = ServingConfig.from_env()
-    stats = configure_buckets(_plan_buckets(), cfg.bucket_log_every, cfg.group_prefill_by_bucket,
-                              metrics=bool(getattr(sa, "enable_metrics", False)))
+    plan = _configured_plan()
+    if stock_outright(plan, sa, cfg.dense_backend, cfg.always_backend) is not None:
+        return None                                 # the backend factory serves the stock backend outright
+    stats = configure_buckets(plan.buckets if plan is not None else Buckets(), cfg.bucket_log_every,
+                              cfg.group_prefill_by_bucket, metrics=bool(getattr(sa, "enable_metrics", False)))
     logger.info("shplb: bucket hook on (edges %s, group prefill by bucket: %s, metrics: %s)",
                 stats.buckets.edges, cfg.group_prefill_by_bucket, stats._counter is not None)
     return None
