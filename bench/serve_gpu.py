@@ -270,12 +270,17 @@ def serve_interleaved(servers: list[tuple[str, ServerSpec, Path | None]], grid: 
     return sorted(records, key=lambda r: order.index(r["server"]))
 
 
-def share_memory(extra: tuple[str, ...], n: int) -> tuple[str, ...]:
-    """``extra`` with its ``--mem-fraction-static`` split among ``n`` servers up at once (unchanged without one)."""
+def share_memory(extra: tuple[str, ...], n: int, k: int) -> tuple[str, ...]:
+    """``extra`` for the ``k``-th (from 0) of ``n`` servers started one after another to be up at once, its
+    ``--mem-fraction-static`` f giving each about f/n of the card (unchanged without one). SGLang 0.5.17 sizes a
+    server's pool from the memory free when it starts, keeping (1 - fraction) of that free memory as slack
+    (``kv_cache_configurator._profile_available_bytes``), so the k-th server, which finds about 1 - k f/n of the card
+    free, gets (f/n) / (1 - k f/n)."""
     if "--mem-fraction-static" not in extra:
         return extra
     i = extra.index("--mem-fraction-static") + 1
-    return (*extra[:i], f"{float(extra[i]) / n:.3f}", *extra[i + 1:])
+    share = float(extra[i]) / n
+    return (*extra[:i], f"{share / (1 - k * share):.3f}", *extra[i + 1:])
 
 
 def build_grid(which: str, tok, lengths, batches, max_batch_tokens) -> dict:
@@ -376,7 +381,7 @@ def main() -> None:
             ap.error("--interleave measures servers side by side: without --fresh-lengths / --fresh-caches")
         # idle servers wait on their sockets instead of spinning a core each (a request wakes them at once; the CPU
         # servers of server_specs already do)
-        extra = share_memory(extra, len(names)) + (() if a.cpu_smoke else ("--sleep-on-idle",))
+        extra = extra + (() if a.cpu_smoke else ("--sleep-on-idle",))
     grid = build_grid(a.which, tok, lengths, batches, a.max_batch_tokens)
     plans = make_plans(a.which, model, out)
     conc = max(batches)
@@ -386,7 +391,7 @@ def main() -> None:
               "runs": []}
     path = out / f"serve_{a.which}{'_cpu_smoke' if a.cpu_smoke else ''}.json"
     specs = []
-    for name in names:
+    for k, name in enumerate(names):
         kind = server_kind(name)
         base, env, flags = VARIANTS.get(kind, (VIA_SGLANG.get(kind, kind), {}, ()))
         if base not in plans and kind != "flashinfer":
@@ -395,7 +400,8 @@ def main() -> None:
                      "(a repeat: NAME#2)")
         plan = plans.get(base, plans["shplb"])
         dense, (sparse,) = server_specs(model, [plan], device, "float32" if a.cpu_smoke else "bfloat16", ctx,
-                                        concurrency=conc, extra=extra + flags, always_backend=False)
+                                        concurrency=conc, always_backend=False,
+                                        extra=(share_memory(extra, len(names), k) if a.interleave else extra) + flags)
         spec = dense if kind == "flashinfer" else via_sglang(dense, Path(plan)) if kind in VIA_SGLANG else sparse
         if env:
             spec = dataclasses.replace(spec, env={**spec.env, **env})

@@ -212,9 +212,15 @@ def test_interleaved_servers_take_turns_rotated_each_round(tmp_path, monkeypatch
     from sglang_shplb.evaluation.servers import ServerSpec
     assert rotated([1, 2, 3], 0) == [1, 2, 3] and rotated([1, 2, 3], 1) == [2, 3, 1] and rotated([1, 2, 3], 4) == \
         [2, 3, 1] and rotated([], 2) == []
-    assert share_memory(("--x", "1", "--mem-fraction-static", "0.5"), 2) == ("--x", "1", "--mem-fraction-static",
-                                                                            "0.250")
-    assert share_memory(("--x", "1"), 3) == ("--x", "1")
+    # each of n servers gets f/n of the card: the k-th sees (1 - k f/n) of it free and SGLang takes its fraction of that
+    mem = ("--x", "1", "--mem-fraction-static", "0.85")
+    fractions = [float(share_memory(mem, 2, k)[-1]) for k in range(2)]
+    assert share_memory(mem, 2, 0)[:3] == mem[:3] and fractions == [0.425, 0.739]
+    free = 1.0
+    for f in fractions:                                # the share of the whole card each one's static memory takes
+        assert abs(free * f - 0.425) < 1e-3
+        free -= free * f
+    assert share_memory(("--x", "1"), 3, 2) == ("--x", "1")
     monkeypatch.setattr(serve_gpu, "Server", _FakeServer)
     _FakeServer.calls = []
     grid = {(4, 1): {"prompts": [[1, 2, 3, 4]], "keys": None}}
