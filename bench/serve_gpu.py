@@ -65,7 +65,7 @@ from sglang_shplb.core.patterns import BLOCK  # noqa: E402
 from sglang_shplb.core.plan import load_plan  # noqa: E402
 from sglang_shplb.evaluation.servers import Server, ServerSpec, server_specs  # noqa: E402
 from sglang_shplb.serving.config import BACKEND_NAME, ENV_PLAN  # noqa: E402
-from sglang_shplb.serving.launch import OUTRIGHT_MARK  # noqa: E402
+from sglang_shplb.serving.config import OUTRIGHT_MARK  # noqa: E402
 from sglang_shplb.planning.calibration_data import passkey_prompt  # noqa: E402
 
 DEFAULT_BUDGETS = HERE / "results" / "default_plan"
@@ -151,8 +151,8 @@ def server_log(out: Path, name: str) -> Path:
 
 
 def started(name: str, server: Server, plan):
-    """A healthy server's run record, and the plan whose stock layers its cells record: None where the launcher served
-    the stock backend outright (its log says so; the record's ``stock_outright``)."""
+    """A healthy server's run record, and the plan whose stock layers its cells record: None where the launcher or the
+    backend factory served the stock backend outright (its log says so; the record's ``stock_outright``)."""
     res = {"server": name, "cmd": " ".join(server.spec.command(0)), "startup_s": round(server.startup_s, 1),
            "cells": []}
     if plan is not None and OUTRIGHT_MARK in server.log.read_text(errors="replace"):

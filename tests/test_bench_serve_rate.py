@@ -166,7 +166,8 @@ def test_a_server_the_launcher_served_stock_outright_is_labelled_so(tmp_path, ca
     stock layers."""
     from serve_gpu import VARIANTS, report
 
-    from sglang_shplb.serving.launch import OUTRIGHT_MARK, build_parser
+    from sglang_shplb.serving.config import OUTRIGHT_MARK
+    from sglang_shplb.serving.launch import build_parser
     base, env, flags = VARIANTS["shplb_always"]
     assert base == "shplb" and env == {} and build_parser().parse_args(["--model-path", "m", *flags]).shplb_always_backend
     assert "--shplb-always-backend" in OUTRIGHT_MARK

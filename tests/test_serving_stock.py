@@ -16,7 +16,7 @@ import sglang  # noqa: F401  (tests/run.sh installs it; a missing SGLang must fa
 
 from serving_helpers import ROOT, greedy_answers, model_dir, passkey_prompt  # noqa: E402
 
-from sglang_shplb.serving.config import ENV_PLAN  # noqa: E402
+from sglang_shplb.serving.config import ENV_PLAN, OUTRIGHT_MARK  # noqa: E402
 
 MAX_NEW = 12
 
@@ -50,13 +50,13 @@ def test_all_stock_plan_serves_the_stock_backend_outright_or_through_shplb(model
     m = ["--model-path", str(model), "--shplb-plan", str(all_stock_plan)]
     outright = answers(m, prompts, tmp_path / "outright.log")
     log = (tmp_path / "outright.log").read_text()
-    assert "serving with --attention-backend torch_native outright" in log, log[-3000:]
+    assert f"serving with --attention-backend torch_native {OUTRIGHT_MARK}" in log, log[-3000:]
     assert "attention_backend='torch_native'" in log and "shplb backend:" not in log, log[-3000:]
     assert "shplb: bucket hook on" not in log and "shplb stock-path warm-up" not in log, log[-3000:]
     plugin = answers(["--model-path", str(model), "--attention-backend", "shplb"], prompts, tmp_path / "plugin.log",
                      {ENV_PLAN: str(all_stock_plan)}, module="sglang.launch_server")
     log = (tmp_path / "plugin.log").read_text()
-    assert "torch_native serves this server outright" in log, log[-3000:]
+    assert f"torch_native serves this server {OUTRIGHT_MARK}" in log, log[-3000:]
     assert "shplb backend:" not in log and "shplb: bucket hook on" not in log, log[-3000:]
     assert plugin == outright, (plugin, outright)
     ours = answers(m + ["--shplb-always-backend"], prompts, tmp_path / "shplb.log")

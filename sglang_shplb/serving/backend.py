@@ -74,7 +74,7 @@ from sglang_shplb.kernels.tuned import device_identity, table_note
 from sglang_shplb.kernels.warmup import POOL_INDEX_DTYPE, distinct_layers, extend_warmup, warm_up_extend
 from sglang_shplb.scheduler.bucket_hook import ATTR as BUCKET_ATTR, batch_bucket, batch_prompt_ends
 from sglang_shplb.scheduler.head_schedule import ExtendShape, layer_schedule
-from sglang_shplb.serving.config import BACKEND_NAME, ServingConfig
+from sglang_shplb.serving.config import BACKEND_NAME, OUTRIGHT_MARK, ServingConfig
 from sglang_shplb.serving.modes import check_supported
 
 logger = logging.getLogger(__name__)
@@ -743,8 +743,8 @@ def create_shplb_backend(runner):
     plan = load_runner_plan(cfg, runner.model_config.model_path, runner.ps.tp_size)
     stock = stock_outright(plan, runner.server_args, cfg.dense_backend, cfg.always_backend)
     if stock is not None:
-        logger.info("shplb: the plan runs every layer on the stock backend at context %d: %s serves this server "
-                    "outright (SHPLB_ALWAYS_BACKEND=1 keeps shplb)", server_context(plan, runner.server_args), stock)
+        logger.info("shplb: the plan runs every layer on the stock backend at context %d: %s serves this server %s",
+                    server_context(plan, runner.server_args), stock, OUTRIGHT_MARK)
         return ATTENTION_BACKENDS[stock](runner)
     return ShplbAttnBackend(runner, cfg, plan)
 

@@ -17,6 +17,9 @@ ENV_WARMUP = "SHPLB_WARMUP"                  # "0": no extend warm-up at start (
 ENV_ALWAYS = "SHPLB_ALWAYS_BACKEND"          # "1": the shplb backend even for a plan stock everywhere (no outright)
 
 BACKEND_NAME = "shplb"
+#: ends the line a server logs where the launcher or the backend factory serves the stock backend outright (a plan
+#: stock everywhere the server reaches); benchmarks read the server log for it
+OUTRIGHT_MARK = "outright (--shplb-always-backend / SHPLB_ALWAYS_BACKEND=1 keeps shplb)"
 
 
 @dataclass(frozen=True)

@@ -24,9 +24,6 @@ from sglang_shplb.core.patterns import DECODE_RESELECT_EVERY
 EXIT_BAD_PLAN = 3
 EXIT_NO_PLAN = 4
 EXIT_BAD_ARGS = 2
-#: ends the line the launcher logs where it serves the stock backend outright (benchmarks read the server log for it)
-OUTRIGHT_MARK = "outright (--shplb-always-backend serves through shplb)"
-
 
 def add_shplb_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("sglang_shplb", "head-adaptive sparse attention (the shplb attention backend)")
@@ -157,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     # 1. the plan, before anything of SGLang is imported or started
     from sglang_shplb.core.head_map import HeadMapError
     from sglang_shplb.core.plan import PlanError
-    from sglang_shplb.serving.config import ServingConfig
+    from sglang_shplb.serving.config import OUTRIGHT_MARK, ServingConfig
     pre = None if any(a in ("-h", "--help") for a in argv) else _pre_parse(argv)
     plan = None
     if pre is not None and pre.shplb_plan:
