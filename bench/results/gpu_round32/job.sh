@@ -7,7 +7,7 @@
 #             floor) up at once, each holding a third of the card's
 #             --mem-fraction-static 0.5 (serve_gpu.share_memory) and --sleep-on-idle; a warm-up pass
 #             each, then 6 rounds in which every server takes one pass over 2K-8K x batch 1/4/16, the order rotated
-#             each round (6 rounds: each server first twice). Medians per cell.
+#             each round (SMOL_ROUNDS, default 6: each server first twice). Medians per cell.
 #   llamai    the Llama-3-8B shape (dummy weights) the same way, flashinfer and shplb (the mixed plan) up at once, each
 #             holding half of --mem-fraction-static 0.85: 2K-64K at batch 1, 2K-16K at batch 4 (--max-batch-tokens 65536:
 #             an H100's half holds 16 GB of weights and ~17 GB of KV, too little for 128K), 4 rounds. The stock
@@ -27,7 +27,7 @@ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee $O/gpu.txt
 for step in ${*:-smoli llamai}; do
   t0=$(date +%s)
   case $step in
-    smoli) OUT=$O SMOL_SERVERS=${SMOL_SERVERS:-flashinfer,shplb_always,shplb} SMOL_FLAGS="--interleave --repeats 6" \
+    smoli) OUT=$O SMOL_SERVERS=${SMOL_SERVERS:-flashinfer,shplb_always,shplb} SMOL_FLAGS="--interleave --repeats ${SMOL_ROUNDS:-6}" \
              bash bench/serve_gpu.sh smollm2 > $O/smol_run.log 2>&1 ;;
     llamai) OUT=$O LLAMA_SERVERS=flashinfer,shplb LLAMA_FLAGS="--interleave --repeats 4 --batches 1,4
               --lengths 2048,4096,8192,16384,32768,65536 --max-batch-tokens 65536" \
