@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Round 32's GPU job, for the next session: SmolLM2 side by side, the machine's drift cancelled.
+# Round 32's GPU job: SmolLM2 side by side, the machine's drift cancelled (what ran: README.md beside this file).
 # Round 31 (../gpu_round31/README.md) found that a SmolLM2 server's decode moves 430 -> 711 tok/s from pass to pass with
 # the clock, more than servers differ, so servers run one after the other compare times, not servers. Step:
 #   smoli     bench/serve_gpu.py smollm2 --interleave: flashinfer, shplb_always (through our backend, every layer
