@@ -25,6 +25,7 @@ EXIT_BAD_PLAN = 3
 EXIT_NO_PLAN = 4
 EXIT_BAD_ARGS = 2
 
+
 def add_shplb_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("sglang_shplb", "head-adaptive sparse attention (the shplb attention backend)")
     g.add_argument("--shplb-plan", metavar="PATH", default=None,
