@@ -237,7 +237,7 @@ def test_server_specs_one_dense_and_a_sparse_server_per_plan(tmp_path):
     for s in sparse:  # the same flags but the backend
         assert s.args[:-3] == dense.args[:-2] and s.args[-3] == "--shplb-plan"
         assert s.args[-1] == "--shplb-always-backend"   # a plan stock everywhere is still served through shplb
-    assert dense.args[dense.args.index("--max-running-requests") + 1] == "16"
+    assert dense.args[dense.args.index("--max-running-requests") + 1] == "17"   # a slot for the prompt in chunks
     assert dense.args[dense.args.index("--cuda-graph-max-bs") + 1] == "16" and "--disable-prefill-cuda-graph" in dense.args
     assert dense.args[-4:-2] == ("--mem-fraction-static", "0.1")
     _, (one,) = server_specs(tmp_path, [tmp_path / "a" / "plan.json"], "cpu", "float32", 2048)

@@ -58,9 +58,13 @@ def server_specs(model: Path, plans: list[Path], device: str, dtype: str, contex
     ``always_backend``: through shplb even for a plan stock everywhere (the eval's sparse side); False: as a user's
     launcher would serve it (the stock backend outright there)."""
     dense_backend = dense_backend or DENSE_BACKEND[device]
+    # one request slot over the concurrency: while SGLang 0.5.17 chunks a prompt, that request holds a slot of its own,
+    # and at --max-running-requests == concurrency the last request waited for the others' whole decode (a CPU
+    # server, 4 requests of 300 tokens, 256-token chunks: three ran together, the fourth took 5.7 s against 3.9, in
+    # two rounds; with 5 slots all four ran together; round 32's GPU logs: one of 16 queued in every batch-16 cell)
     common = ["--model-path", str(model), "--device", device, "--dtype", dtype, "--context-length",
               str(context_length), "--disable-radix-cache", "--random-seed", "0",
-              "--max-running-requests", str(max(concurrency, 1))]
+              "--max-running-requests", str(max(concurrency, 1) + 1)]
     env = {"TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
     if device == "cpu":  # SGLang's CPU engine; a KV pool sized for the requests in flight
         common += ["--max-total-tokens", str((concurrency + 1) * context_length), "--sleep-on-idle"]
