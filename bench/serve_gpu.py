@@ -64,8 +64,7 @@ sys.path.insert(0, str(HERE.parent))
 from sglang_shplb.core.patterns import BLOCK  # noqa: E402
 from sglang_shplb.core.plan import load_plan  # noqa: E402
 from sglang_shplb.evaluation.servers import Server, ServerSpec, server_specs  # noqa: E402
-from sglang_shplb.serving.config import BACKEND_NAME, ENV_PLAN  # noqa: E402
-from sglang_shplb.serving.config import OUTRIGHT_MARK  # noqa: E402
+from sglang_shplb.serving.config import BACKEND_NAME, ENV_PLAN, OUTRIGHT_MARK  # noqa: E402
 from sglang_shplb.planning.calibration_data import passkey_prompt  # noqa: E402
 
 DEFAULT_BUDGETS = HERE / "results" / "default_plan"
@@ -150,6 +149,11 @@ def server_log(out: Path, name: str) -> Path:
     return out / f"server_{name.replace('#', '_')}.log"
 
 
+def error_text(e: Exception) -> str:
+    """A failed server's or pass's error as its record keeps it (the tail of a long message)."""
+    return f"{type(e).__name__}: {e}"[-3000:]
+
+
 def started(name: str, server: Server, plan):
     """A healthy server's run record, and the plan whose stock layers its cells record: None where the launcher or the
     backend factory served the stock backend outright (its log says so; the record's ``stock_outright``)."""
@@ -158,7 +162,7 @@ def started(name: str, server: Server, plan):
     if plan is not None and OUTRIGHT_MARK in server.log.read_text(errors="replace"):
         res["stock_outright"], plan = True, None
     print(f"{name}: healthy after {server.startup_s:.0f} s"
-          + (" (the launcher serves the stock backend outright)" if res.get("stock_outright") else ""), flush=True)
+          + (" (the stock backend served outright)" if res.get("stock_outright") else ""), flush=True)
     return res, plan
 
 
@@ -210,7 +214,7 @@ def serve_grid(name: str, spec, grid: dict, new_tokens: int, out: Path, plan_dir
                           f"{', '.join(f'{t:.3f}' for t in cell['fresh_ttft_s'])} s", flush=True)
                 res["cells"].append(cell)
     except Exception as e:   # a failed server is a result too; the next one still runs
-        res["error"] = f"{type(e).__name__}: {e}"[-3000:]
+        res["error"] = error_text(e)
         print(f"{name}: ERROR {res['error']}", flush=True)
     res["wall_s"] = round(time.time() - t0, 1)
     return res
@@ -250,7 +254,7 @@ def serve_interleaved(servers: list[tuple[str, ServerSpec, Path | None]], grid: 
                 live.append(Live(name, s, res, plan, grid_pass(s, grid, new_tokens)))
             except Exception as e:
                 records.append({"server": name, "cmd": " ".join(spec.command(0)), "cells": [],
-                                "error": f"{type(e).__name__}: {e}"[-3000:]})
+                                "error": error_text(e)})
                 print(f"{name}: ERROR {records[-1]['error']}", flush=True)
         for r in range(repeats):
             order = rotated([x for x in live if "error" not in x.res], r)
@@ -259,7 +263,7 @@ def serve_interleaved(servers: list[tuple[str, ServerSpec, Path | None]], grid: 
                 try:
                     x.passes.append(grid_pass(x.server, grid, new_tokens))
                 except Exception as e:   # recorded; the others go on
-                    x.res["error"] = f"{type(e).__name__}: {e}"[-3000:]
+                    x.res["error"] = error_text(e)
                     print(f"{x.name}: ERROR {x.res['error']}", flush=True)
     for x in live:
         x.res.update(interleaved=True, rounds=len(x.passes), wall_s=round(time.time() - t0, 1))
@@ -339,8 +343,8 @@ def main() -> None:
                     help="each server with empty Triton and FlashInfer JIT caches (a fresh machine's cold start)")
     ap.add_argument("--interleave", action="store_true",
                     help="every server up at once, their measured passes taking turns (serve_interleaved): drift of "
-                         "the machine falls on all alike; each gets 1/N of --mem-fraction-static and, on CUDA, "
-                         "--sleep-on-idle")
+                         "the machine falls on all alike; each holds 1/N of the card's --mem-fraction-static "
+                         "(share_memory) and, on CUDA, --sleep-on-idle")
     ap.add_argument("--cpu-smoke", action="store_true", help="CPU, float32, torch_native, tiny grid: the logic")
     ap.add_argument("--plot", nargs="+", default=None, help="result JSONs: print the ratio table, write a PNG")
     a = ap.parse_args()
