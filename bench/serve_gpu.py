@@ -237,13 +237,36 @@ def rotated(items: list, r: int) -> list:
     return items[k:] + items[:k]
 
 
+def profile_cell(server: Server, name: str, key: tuple[int, int], c: dict, new_tokens: int, out: Path) -> dict:
+    """One more run of a cell under SGLang's torch profiler (``/start_profile`` .. ``/stop_profile``, CPU and GPU
+    activities, no stacks or shapes): the trace under ``out/profile`` and its :func:`trace_summary.summarize` (GPU busy
+    against idle, the longest idle gaps, the runtime calls that wait on the device), printed in one line."""
+    from trace_summary import load_trace, summarize
+    pid = f"{name.replace('#', '_')}_{key[0]}x{key[1]}"
+    tdir = out / "profile"
+    body = {"output_dir": str(tdir), "activities": ["CPU", "GPU"], "with_stack": False, "record_shapes": False,
+            "profile_id": pid}
+    server.post("/start_profile", body)
+    cell = run_cell(server, c["prompts"], new_tokens)
+    server.post("/stop_profile", {})
+    trace = next(tdir.glob(f"{pid}*.trace.json*"))
+    summary = {"ttft_s": cell["ttft_s"], "trace": trace.name, **summarize(load_trace(trace))}
+    g = summary["gpu"]
+    print(f"{name} profile n={key[0]} b={key[1]}: ttft {cell['ttft_s']:.4f} s; GPU span {g.get('span_ms')} ms, busy "
+          f"{g.get('busy_ms')} ms, idle {g.get('idle_ms')} ms; gaps >= 0.5 ms: "
+          f"{g.get('idle_gaps_over_ms', {}).get('0.5')}; top runtime {summary['runtime'][:3]}", flush=True)
+    return summary
+
+
 def serve_interleaved(servers: list[tuple[str, ServerSpec, Path | None]], grid: dict, new_tokens: int, out: Path,
-                      repeats: int) -> list[dict]:
+                      repeats: int, profile: list[tuple[int, int]] = ()) -> list[dict]:
     """Every server up at once (started one after another, each healthy before the next starts), a warm-up pass each,
     then ``repeats`` rounds in which every server takes one measured pass over the grid, in an order rotated by one
     each round (:func:`rotated`): the machine's drift over time falls on every server alike (round 31: one server's
     SmolLM2 decode moved 430 → 711 tok/s from pass to pass, more than servers differ). Per cell the medians over the
-    passes, as :func:`serve_grid`. A server that fails to start or errors is recorded and left out of later rounds."""
+    passes, as :func:`serve_grid`. A server that fails to start or errors is recorded and left out of later rounds.
+    ``profile``: after the rounds, each server runs these cells once more under the profiler (:func:`profile_cell`;
+    the record's ``profile``)."""
     records, live = [], []
     t0 = time.time()
     with contextlib.ExitStack() as stack:
@@ -265,6 +288,14 @@ def serve_interleaved(servers: list[tuple[str, ServerSpec, Path | None]], grid: 
                 except Exception as e:   # recorded; the others go on
                     x.res["error"] = error_text(e)
                     print(f"{x.name}: ERROR {x.res['error']}", flush=True)
+        for key in profile:
+            for x in [x for x in live if "error" not in x.res]:
+                try:
+                    x.res.setdefault("profile", {})[f"{key[0]}x{key[1]}"] = profile_cell(
+                        x.server, x.name, key, grid[key], new_tokens, out)
+                except Exception as e:   # a profile is a diagnosis: its failure is recorded, the results stand
+                    x.res.setdefault("profile", {})[f"{key[0]}x{key[1]}"] = {"error": error_text(e)}
+                    print(f"{x.name}: profile ERROR {error_text(e)}", flush=True)
     for x in live:
         x.res.update(interleaved=True, rounds=len(x.passes), wall_s=round(time.time() - t0, 1))
         x.res["cells"] = [grid_cell(x.name, key, c, x.warm[key]["ttft_s"], [p[key] for p in x.passes], x.plan,
@@ -345,6 +376,9 @@ def main() -> None:
                     help="every server up at once, their measured passes taking turns (serve_interleaved): drift of "
                          "the machine falls on all alike; each holds 1/N of the card's --mem-fraction-static "
                          "(share_memory) and, on CUDA, --sleep-on-idle")
+    ap.add_argument("--profile", default="",
+                    help="with --interleave: cells LENGTHxBATCH (comma-separated) each server runs once more after the "
+                         "rounds under SGLang's torch profiler; trace summaries in the record (bench/trace_summary.py)")
     ap.add_argument("--cpu-smoke", action="store_true", help="CPU, float32, torch_native, tiny grid: the logic")
     ap.add_argument("--plot", nargs="+", default=None, help="result JSONs: print the ratio table, write a PNG")
     a = ap.parse_args()
@@ -383,10 +417,15 @@ def main() -> None:
     if a.interleave:
         if a.fresh_lengths or a.fresh_caches:
             ap.error("--interleave measures servers side by side: without --fresh-lengths / --fresh-caches")
+    elif a.profile:
+        ap.error("--profile runs with --interleave")
         # idle servers wait on their sockets instead of spinning a core each (a request wakes them at once; the CPU
         # servers of server_specs already do)
         extra = extra + (() if a.cpu_smoke else ("--sleep-on-idle",))
     grid = build_grid(a.which, tok, lengths, batches, a.max_batch_tokens)
+    profile = [tuple(int(x) for x in c.split("x")) for c in a.profile.split(",") if c]
+    if missing := [c for c in profile if c not in grid]:
+        ap.error(f"--profile {missing}: not cells of the grid {sorted(grid)}")
     plans = make_plans(a.which, model, out)
     conc = max(batches)
     result = {"which": a.which, "device": device, "lengths": lengths, "batches": batches,
@@ -412,7 +451,7 @@ def main() -> None:
         specs.append((name, spec, None if kind == "flashinfer" else Path(plan)))
     repeats = a.repeats or (1 if a.which == "llama8b" else 5)
     if a.interleave:
-        result["runs"] = serve_interleaved(specs, grid, a.new_tokens, out, repeats)
+        result["runs"] = serve_interleaved(specs, grid, a.new_tokens, out, repeats, profile)
         path.write_text(json.dumps(result, indent=1))
     else:
         for name, spec, plan in specs:

@@ -1,5 +1,6 @@
 """``bench/serve_gpu.py``'s decode rate of a batch sent at once, on hand-made stream timings; its cold-start sum and
 its Llama-3-8B plans."""
+import gzip
 import json
 import math
 import sys
@@ -205,6 +206,18 @@ class _FakeServer:
         _FakeServer.calls.append(self.spec.name)
         return gen(0.0, 0.01 * len(ids), new_tokens, 0.002)
 
+    def post(self, path, body):
+        """SGLang's profiler endpoints: at ``/stop_profile`` the trace of the kernels run since ``/start_profile``."""
+        if path == "/start_profile":
+            self.profiling = body
+            return "Start profiling.\n"
+        b = self.profiling
+        kernels = [{"ph": "X", "cat": "kernel", "name": "gemm", "ts": 1000.0 * i, "dur": 400.0} for i in range(3)]
+        Path(b["output_dir"]).mkdir(parents=True, exist_ok=True)
+        with gzip.open(Path(b["output_dir"]) / f"{b['profile_id']}-TP-0.trace.json.gz", "wt") as f:
+            json.dump({"traceEvents": kernels}, f)
+        return "Stop profiling.\n"
+
 
 def test_interleaved_servers_take_turns_rotated_each_round(tmp_path, monkeypatch):
     import serve_gpu
@@ -236,3 +249,35 @@ def test_interleaved_servers_take_turns_rotated_each_round(tmp_path, monkeypatch
     assert a["rounds"] == b["rounds"] == 3 and a["interleaved"] and "error" not in a
     assert len(a["cells"][0]["ttft_all_s"]) == 3 and a["cells"][0]["ttft_s"] == pytest.approx(0.04)
     assert sorted(p.name for p in tmp_path.glob("server_*.log")) == ["server_a.log", "server_b.log", "server_flaky.log"]
+    # --profile: after the rounds, each server that is still up runs the cell once more under the profiler
+    _FakeServer.calls = []
+    (tmp_path / "p").mkdir()
+    runs = serve_interleaved(servers[:2], grid, 8, tmp_path / "p", repeats=1, profile=[(4, 1)])
+    assert _FakeServer.calls == ["a", "b", "a", "b", "a", "b"]
+    for r in runs:
+        prof = r["profile"]["4x1"]
+        assert prof["trace"] == f"{r['server']}_4x1-TP-0.trace.json.gz" and prof["ttft_s"] == pytest.approx(0.04)
+        assert prof["gpu"]["busy_ms"] == pytest.approx(1.2) and prof["gpu"]["idle_ms"] == pytest.approx(1.2)
+
+
+def test_trace_summary_tells_gpu_busy_from_idle_and_names_the_gaps():
+    """bench/trace_summary.py on a hand-made trace: overlapping kernels count once, the idle gaps between them are
+    listed with the kernels around them, runtime calls and CPU ops are totalled by name."""
+    from trace_summary import busy_intervals, summarize
+    ev = [{"ph": "X", "cat": "kernel", "name": "a", "ts": 0.0, "dur": 100.0},
+          {"ph": "X", "cat": "kernel", "name": "b", "ts": 50.0, "dur": 100.0},     # overlaps a (another stream)
+          {"ph": "X", "cat": "kernel", "name": "c", "ts": 1150.0, "dur": 50.0},    # after 1 ms idle
+          {"ph": "X", "cat": "kernel", "name": "a", "ts": 1230.0, "dur": 10.0},    # after 30 us: idle, not listed
+          {"ph": "X", "cat": "cuda_runtime", "name": "cudaStreamSynchronize", "ts": 160.0, "dur": 900.0},
+          {"ph": "X", "cat": "cuda_runtime", "name": "cudaLaunchKernel", "ts": 10.0, "dur": 5.0},
+          {"ph": "X", "cat": "cpu_op", "name": "aten::item", "ts": 150.0, "dur": 950.0},
+          {"ph": "i", "name": "marker", "ts": 3.0}]
+    assert busy_intervals(ev[:3]) == [(0.0, 150.0), (1150.0, 1200.0)]
+    s = summarize({"traceEvents": ev})
+    g = s["gpu"]
+    assert g["kernels"] == 4 and g["span_ms"] == pytest.approx(1.24) and g["busy_ms"] == pytest.approx(0.21)
+    assert g["idle_ms"] == pytest.approx(1.03) and g["idle_gaps_over_ms"] == {"0.05": 1, "0.5": 1, "2.0": 0}
+    assert g["longest_gaps"] == [{"ms": 1.0, "at_ms": 0.15, "after": "b", "before": "c"}]
+    assert s["kernels"][0] == {"name": "a", "count": 2, "ms": 0.11}
+    assert s["runtime"][0] == {"name": "cudaStreamSynchronize", "count": 1, "ms": 0.9}
+    assert s["cpu_ops"] == [{"name": "aten::item", "count": 1, "ms": 0.95}]

@@ -136,6 +136,13 @@ class Server:
         return Generation(last["text"], ttft, time.perf_counter() - t0,
                           int(last.get("meta_info", {}).get("completion_tokens", 0)), t0, tuple(chunks))
 
+    def post(self, path: str, body: dict, timeout_s: float = 600) -> str:
+        """POST ``body`` as JSON to one of the server's endpoints (e.g. ``/start_profile``); its reply's text."""
+        req = urllib.request.Request(self.url + path, data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=timeout_s) as r:
+            return r.read().decode(errors="replace")
+
     def stop(self) -> None:
         try:
             os.killpg(self.proc.pid, signal.SIGTERM)
