@@ -240,7 +240,8 @@ def rotated(items: list, r: int) -> list:
 def profile_cell(server: Server, name: str, key: tuple[int, int], c: dict, new_tokens: int, out: Path) -> dict:
     """One more run of a cell under SGLang's torch profiler (``/start_profile`` .. ``/stop_profile``, CPU and GPU
     activities, no stacks or shapes): the trace under ``out/profile`` and its :func:`trace_summary.summarize` (GPU busy
-    against idle, the longest idle gaps, the runtime calls that wait on the device), printed in one line."""
+    against idle, the longest idle gaps, the runtime calls that wait on the device; also up to the cell's last first
+    token, its prefill), printed in one line."""
     from trace_summary import load_trace, summarize
     pid = f"{name.replace('#', '_')}_{key[0]}x{key[1]}"
     tdir = out / "profile"
@@ -250,11 +251,13 @@ def profile_cell(server: Server, name: str, key: tuple[int, int], c: dict, new_t
     cell = run_cell(server, c["prompts"], new_tokens)
     server.post("/stop_profile", {})
     trace = next(tdir.glob(f"{pid}*.trace.json*"))
-    summary = {"ttft_s": cell["ttft_s"], "trace": trace.name, **summarize(load_trace(trace))}
-    g = summary["gpu"]
-    print(f"{name} profile n={key[0]} b={key[1]}: ttft {cell['ttft_s']:.4f} s; GPU span {g.get('span_ms')} ms, busy "
-          f"{g.get('busy_ms')} ms, idle {g.get('idle_ms')} ms; gaps >= 0.5 ms: "
-          f"{g.get('idle_gaps_over_ms', {}).get('0.5')}; top runtime {summary['runtime'][:3]}", flush=True)
+    summary = {"ttft_s": cell["ttft_s"], "ttft_max_s": cell["ttft_max_s"], "trace": trace.name,
+               **summarize(load_trace(trace), window_ms=cell["ttft_max_s"] * 1e3)}
+    g = summary.get("window", summary["gpu"])
+    print(f"{name} profile n={key[0]} b={key[1]}: ttft {cell['ttft_s']:.4f} s (last {cell['ttft_max_s']:.4f}); up to "
+          f"the last first token: GPU span {g.get('span_ms')} ms, busy {g.get('busy_ms')} ms, idle {g.get('idle_ms')} "
+          f"ms, gaps >= 0.5 ms: {g.get('idle_gaps_over_ms', {}).get('0.5')}; top runtime {summary['runtime'][:3]}",
+          flush=True)
     return summary
 
 

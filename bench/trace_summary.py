@@ -45,31 +45,41 @@ def top_by_time(events: list[dict], n: int = TOP) -> list[dict]:
     return [{"name": k[:100], "count": c, "ms": round(ms, 3)} for k, (c, ms) in rows]
 
 
-def summarize(trace: dict) -> dict:
-    """Summary of one trace: ``gpu`` (kernels, busy / span / idle ms between the first kernel's start and the last one's
-    end, the longest idle gaps with the kernels before and after), ``kernels``, ``runtime`` (CUDA runtime calls: a long
-    ``cudaStreamSynchronize`` or ``cudaMemcpyAsync`` is the host waiting on the device) and ``cpu_ops``, each the
-    largest totals first."""
+def gpu_stats(kernels: list[dict]) -> dict:
+    """GPU kernels (sorted by start): their number, busy / span / idle ms between the first one's start and the last
+    one's end, how many idle gaps pass 0.05 / 0.5 / 2 ms, and the longest ones with the kernels before and after."""
+    busy = busy_intervals(kernels)
+    out: dict = {"kernels": len(kernels)}
+    if not busy:
+        return out
+    span = busy[-1][1] - busy[0][0]
+    busy_us = sum(t - s for s, t in busy)
+    gaps = [(busy[i + 1][0] - busy[i][1], busy[i][1], busy[i + 1][0]) for i in range(len(busy) - 1)]
+    long = sorted((g for g in gaps if g[0] >= GAP_MS * 1e3), reverse=True)[:TOP]
+    ends = {round(e["ts"] + e.get("dur", 0), 3): e["name"] for e in kernels}
+    starts: dict[float, str] = {}
+    for e in kernels:
+        starts.setdefault(e["ts"], e["name"])
+    out.update(span_ms=round(span / 1e3, 3), busy_ms=round(busy_us / 1e3, 3), idle_ms=round((span - busy_us) / 1e3, 3),
+               idle_gaps_over_ms={str(x): sum(1 for g in gaps if g[0] >= x * 1e3) for x in (0.05, 0.5, 2.0)},
+               longest_gaps=[{"ms": round(g / 1e3, 3), "at_ms": round((at - busy[0][0]) / 1e3, 3),
+                              "after": ends.get(round(at, 3), "?")[:60], "before": starts.get(nxt, "?")[:60]}
+                             for g, at, nxt in long])
+    return out
+
+
+def summarize(trace: dict, window_ms: float | None = None) -> dict:
+    """Summary of one trace: ``gpu`` (:func:`gpu_stats` of every kernel), with ``window_ms`` also ``window`` (those
+    starting within that many ms of the first: e.g. a batch's prefill, up to its last first token), ``kernels``,
+    ``runtime`` (CUDA runtime calls: a long ``cudaStreamSynchronize`` or ``cudaMemcpyAsync`` is the host waiting on
+    the device) and ``cpu_ops``, each the largest totals first."""
     ev = [e for e in trace.get("traceEvents", []) if e.get("ph") == "X" and "ts" in e]
     kernels = sorted((e for e in ev if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")), key=lambda e: e["ts"])
-    busy = busy_intervals(kernels)
-    gpu: dict = {"kernels": len(kernels)}
-    if busy:
-        span = busy[-1][1] - busy[0][0]
-        busy_us = sum(t - s for s, t in busy)
-        gaps = [(busy[i + 1][0] - busy[i][1], busy[i][1]) for i in range(len(busy) - 1)]
-        long = sorted((g for g in gaps if g[0] >= GAP_MS * 1e3), reverse=True)[:TOP]
-        ends = {round(e["ts"] + e.get("dur", 0), 3): e["name"] for e in kernels}
-        starts: dict[float, str] = {}
-        for e in kernels:
-            starts.setdefault(e["ts"], e["name"])
-        gpu.update(span_ms=round(span / 1e3, 3), busy_ms=round(busy_us / 1e3, 3), idle_ms=round((span - busy_us) / 1e3, 3),
-                   idle_gaps_over_ms={str(x): sum(1 for g, _ in gaps if g >= x * 1e3) for x in (0.05, 0.5, 2.0)},
-                   longest_gaps=[{"ms": round(g / 1e3, 3), "at_ms": round((at - busy[0][0]) / 1e3, 3),
-                                  "after": ends.get(round(at, 3), "?")[:60],
-                                  "before": starts.get(min((s for s, _ in busy if s > at), default=at), "?")[:60]}
-                                 for g, at in long])
-    return {"gpu": gpu, "kernels": top_by_time(kernels),
+    out = {"gpu": gpu_stats(kernels)}
+    if window_ms is not None and kernels:
+        t0 = kernels[0]["ts"]
+        out["window"] = {"ms": window_ms, **gpu_stats([e for e in kernels if e["ts"] < t0 + window_ms * 1e3])}
+    return {**out, "kernels": top_by_time(kernels),
             "runtime": top_by_time([e for e in ev if e.get("cat") == "cuda_runtime"]),
             "cpu_ops": top_by_time([e for e in ev if e.get("cat") == "cpu_op"])}
 

@@ -258,6 +258,7 @@ def test_interleaved_servers_take_turns_rotated_each_round(tmp_path, monkeypatch
         prof = r["profile"]["4x1"]
         assert prof["trace"] == f"{r['server']}_4x1-TP-0.trace.json.gz" and prof["ttft_s"] == pytest.approx(0.04)
         assert prof["gpu"]["busy_ms"] == pytest.approx(1.2) and prof["gpu"]["idle_ms"] == pytest.approx(1.2)
+        assert prof["window"]["ms"] == pytest.approx(40) and prof["window"]["kernels"] == 3
 
 
 def test_trace_summary_tells_gpu_busy_from_idle_and_names_the_gaps():
@@ -280,4 +281,6 @@ def test_trace_summary_tells_gpu_busy_from_idle_and_names_the_gaps():
     assert g["longest_gaps"] == [{"ms": 1.0, "at_ms": 0.15, "after": "b", "before": "c"}]
     assert s["kernels"][0] == {"name": "a", "count": 2, "ms": 0.11}
     assert s["runtime"][0] == {"name": "cudaStreamSynchronize", "count": 1, "ms": 0.9}
-    assert s["cpu_ops"] == [{"name": "aten::item", "count": 1, "ms": 0.95}]
+    assert s["cpu_ops"] == [{"name": "aten::item", "count": 1, "ms": 0.95}] and "window" not in s
+    w = summarize({"traceEvents": ev}, window_ms=1.2)["window"]    # kernels starting in the first 1.2 ms: a, b, c
+    assert w["kernels"] == 3 and w["busy_ms"] == pytest.approx(0.2) and w["span_ms"] == pytest.approx(1.2)
