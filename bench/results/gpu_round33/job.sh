@@ -5,9 +5,9 @@
 #   smoli     bench/serve_gpu.py smollm2 --interleave: flashinfer, shplb_always (our backend, every layer delegated) and
 #             shplb (the launcher serves FlashInfer outright: an A/A pair with flashinfer, the noise floor) up at once,
 #             each a third of --mem-fraction-static 0.5 (serve_gpu.share_memory), --sleep-on-idle; a warm-up pass
-#             each, then SMOL_ROUNDS (default 3) rounds, the order rotated; then each server runs 2048 x 16 and
-#             8000 x 16 once more under SGLang's torch profiler (--profile: GPU busy against idle, the longest idle
-#             gaps, the runtime calls that wait on the device; bench/trace_summary.py).
+#             each, then SMOL_ROUNDS (default 3) rounds, the order rotated; then each server runs the cells of
+#             SMOL_PROFILE (default 2048x16,8000x16) once more under SGLang's torch profiler (--profile: GPU busy
+#             against idle, the longest idle gaps, the runtime calls that wait on the device; bench/trace_summary.py).
 #   llamai    the Llama-3-8B shape (dummy weights), flashinfer and shplb (the mixed plan) up at once, each half of
 #             --mem-fraction-static 0.85: 2K-64K at batch 1, 2K-16K at batch 4, LLAMA_ROUNDS (default 3) rounds.
 # Calls, one warm machine, back to back, after `bash bench/device_tree.sh on`:
@@ -27,7 +27,7 @@ for step in ${*:-smoli llamai}; do
   t0=$(date +%s)
   case $step in
     smoli) OUT=$O SMOL_SERVERS=${SMOL_SERVERS:-flashinfer,shplb_always,shplb} \
-             SMOL_FLAGS="--interleave --repeats ${SMOL_ROUNDS:-3} --profile 2048x16,8000x16" \
+             SMOL_FLAGS="--interleave --repeats ${SMOL_ROUNDS:-3} --profile ${SMOL_PROFILE:-2048x16,8000x16}" \
              bash bench/serve_gpu.sh smollm2 > $O/smol_run.log 2>&1 ;;
     llamai) OUT=$O LLAMA_SERVERS=flashinfer,shplb LLAMA_FLAGS="--interleave --repeats ${LLAMA_ROUNDS:-3} --batches 1,4
               --lengths 2048,4096,8192,16384,32768,65536 --max-batch-tokens 65536" \
