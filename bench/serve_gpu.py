@@ -420,11 +420,11 @@ def main() -> None:
     if a.interleave:
         if a.fresh_lengths or a.fresh_caches:
             ap.error("--interleave measures servers side by side: without --fresh-lengths / --fresh-caches")
-    elif a.profile:
-        ap.error("--profile runs with --interleave")
         # idle servers wait on their sockets instead of spinning a core each (a request wakes them at once; the CPU
         # servers of server_specs already do)
         extra = extra + (() if a.cpu_smoke else ("--sleep-on-idle",))
+    elif a.profile:
+        ap.error("--profile runs with --interleave")
     grid = build_grid(a.which, tok, lengths, batches, a.max_batch_tokens)
     profile = [tuple(int(x) for x in c.split("x")) for c in a.profile.split(",") if c]
     if missing := [c for c in profile if c not in grid]:
