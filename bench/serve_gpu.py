@@ -144,9 +144,14 @@ def fresh_offsets(n: int, k: int) -> list[int]:
     return [o for o in (61 + step * j for j in range(k)) if o < n // 2]
 
 
+def file_stem(name: str) -> str:
+    """A server's name as its files name it (``flashinfer#2`` → ``flashinfer_2``)."""
+    return name.replace("#", "_")
+
+
 def server_log(out: Path, name: str) -> Path:
     """Where a server's log goes (``flashinfer#2`` → ``server_flashinfer_2.log``)."""
-    return out / f"server_{name.replace('#', '_')}.log"
+    return out / f"server_{file_stem(name)}.log"
 
 
 def error_text(e: Exception) -> str:
@@ -243,7 +248,7 @@ def profile_cell(server: Server, name: str, key: tuple[int, int], c: dict, new_t
     against idle, the longest idle gaps, the runtime calls that wait on the device; also up to the cell's last first
     token, its prefill), printed in one line."""
     from trace_summary import load_trace, summarize
-    pid = f"{name.replace('#', '_')}_{key[0]}x{key[1]}"
+    pid = f"{file_stem(name)}_{key[0]}x{key[1]}"
     tdir = out / "profile"
     body = {"output_dir": str(tdir), "activities": ["CPU", "GPU"], "with_stack": False, "record_shapes": False,
             "profile_id": pid}

@@ -117,8 +117,7 @@ class Server:
         """Greedy, streamed. ``ignore_eos``: always ``max_new_tokens`` tokens (timing runs)."""
         payload = {"input_ids": input_ids, "stream": True,
                    "sampling_params": {"temperature": 0, "max_new_tokens": max_new_tokens, "ignore_eos": ignore_eos}}
-        req = urllib.request.Request(self.url + "/generate", data=json.dumps(payload).encode(),
-                                     headers={"Content-Type": "application/json"})
+        req = self._json_request("/generate", payload)
         t0, ttft, last, chunks = time.perf_counter(), None, None, []
         with urllib.request.urlopen(req, timeout=timeout_s) as r:
             for line in r:
@@ -136,11 +135,13 @@ class Server:
         return Generation(last["text"], ttft, time.perf_counter() - t0,
                           int(last.get("meta_info", {}).get("completion_tokens", 0)), t0, tuple(chunks))
 
+    def _json_request(self, path: str, body: dict) -> urllib.request.Request:
+        return urllib.request.Request(self.url + path, data=json.dumps(body).encode(),
+                                      headers={"Content-Type": "application/json"})
+
     def post(self, path: str, body: dict, timeout_s: float = 600) -> str:
         """POST ``body`` as JSON to one of the server's endpoints (e.g. ``/start_profile``); its reply's text."""
-        req = urllib.request.Request(self.url + path, data=json.dumps(body).encode(),
-                                     headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(req, timeout=timeout_s) as r:
+        with urllib.request.urlopen(self._json_request(path, body), timeout=timeout_s) as r:
             return r.read().decode(errors="replace")
 
     def stop(self) -> None:
